@@ -60,3 +60,101 @@ def pg_cluster(pg_base_dir, pg_template):
 def pg_cluster_module(pg_base_dir, pg_template):
     """A running throwaway cluster shared by the tests of one module."""
     yield from _running_cluster(pg_base_dir, pg_template)
+
+
+# --- The portal: users with roles, encryption, storage, a registered server. ---------------
+
+DEMO_PASSWORD = "correct horse battery staple 42"
+
+
+@pytest.fixture(autouse=True)
+def _private_journal_head(settings, tmp_path):
+    """Each test gets its own journal head file: rolled-back entries never reach another test."""
+    settings.JOURNAL_HEAD_FILE = tmp_path / "journal.head"
+
+
+def make_user(username, group=None, superuser=False):
+    from django.contrib.auth.models import Group, User
+
+    user = User.objects.create_user(
+        username, f"{username}@example.mv", DEMO_PASSWORD, is_staff=True, is_superuser=superuser
+    )
+    if group:
+        user.groups.add(Group.objects.get(name=group))
+    return user
+
+
+@pytest.fixture
+def alice(db):
+    """Alice is a DBA."""
+    return make_user("alice", "DBA")
+
+
+@pytest.fixture
+def bob(db):
+    """Bob is a DBA too: he approves Alice's requests."""
+    return make_user("bob", "DBA")
+
+
+@pytest.fixture
+def charlie(db):
+    """Charlie is an auditor and may change nothing."""
+    return make_user("charlie", "Auditor")
+
+
+@pytest.fixture
+def sam(db):
+    """Sam is a sysadmin: servers and storage locations."""
+    return make_user("sam", "Sysadmin")
+
+
+@pytest.fixture
+def passphrase_file(settings, tmp_path):
+    path = tmp_path / "passphrase"
+    path.write_text("s3cret-Passphrase-for-tests\n")
+    path.chmod(0o600)
+    settings.BACKUP_PASSPHRASE_FILE = str(path)
+    return path
+
+
+@pytest.fixture
+def backup_root(settings, db):
+    """A private primary location for this test."""
+    from backups.models import StorageLocation
+
+    root = Path(tempfile.mkdtemp(prefix="bp-backups-"))
+    settings.BACKUP_ROOT = root
+    settings.WAL_ROOT = root / "wal"
+    StorageLocation.sync_from_settings()
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def load_sample(cluster, dbname="reliabilitymaldives", **sizes):
+    from backupportal.lib import sampledata
+
+    cluster.create_database(dbname)
+    with cluster.connect(dbname) as conn:
+        sampledata.create(conn, **sizes)
+
+
+def register(cluster, name="maldives", dbname="reliabilitymaldives"):
+    from backups.models import Server
+
+    server = Server(name=name, dsn=cluster.dsn(dbname))
+    server.pg_version = server.probe()
+    server.save()
+    return server
+
+
+@pytest.fixture
+def sample_cluster(pg_cluster):
+    """A running cluster holding a small reliabilitymaldives database."""
+    load_sample(pg_cluster, users=200, audit_logs=2000, financial_records=1000)
+    return pg_cluster
+
+
+@pytest.fixture
+def server(sample_cluster, db):
+    """The sample cluster, registered with the portal as 'maldives'."""
+    return register(sample_cluster)

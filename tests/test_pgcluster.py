@@ -70,10 +70,7 @@ def test_cluster_accepts_connection_and_query(pg_cluster):
     # The DSN is usable as is, by libpq and anything else that takes a URI.
     with psycopg.connect(pg_cluster.dsn()) as conn:
         assert conn.execute("SELECT 1 + 1").fetchone() == (2,)
-    assert (
-        pg_cluster.dsn("some db")
-        == f"postgresql://postgres@127.0.0.1:{pg_cluster.port}/some%20db"
-    )
+    assert pg_cluster.dsn("some db") == f"postgresql://postgres@127.0.0.1:{pg_cluster.port}/some%20db"
     assert pg_cluster.execute("CREATE TABLE t (i int)") == []
 
 
@@ -83,9 +80,9 @@ def test_wal_and_server_settings(pg_cluster):
 
     assert show("wal_level") == "replica"
     assert show("wal_segment_size") == "1MB"
-    assert pg_cluster.execute(
-        "SELECT setting, unit FROM pg_settings WHERE name = 'wal_segment_size'"
-    ) == [(str(1024 * 1024), "B")]
+    assert pg_cluster.execute("SELECT setting, unit FROM pg_settings WHERE name = 'wal_segment_size'") == [
+        (str(1024 * 1024), "B")
+    ]
     assert show("listen_addresses") == "127.0.0.1"
     assert show("port") == str(pg_cluster.port)
     assert show("archive_mode") == "off"
@@ -99,9 +96,7 @@ def test_wal_and_server_settings(pg_cluster):
     assert encoding == "UTF8"
 
 
-def test_second_cluster_from_template_is_fast_and_independent(
-    pg_cluster, pg_template, pg_base_dir
-):
+def test_second_cluster_from_template_is_fast_and_independent(pg_cluster, pg_template, pg_base_dir):
     started = time.monotonic()
     other = Cluster.create(base_dir=pg_base_dir, template=pg_template)
     try:
@@ -112,28 +107,15 @@ def test_second_cluster_from_template_is_fast_and_independent(
 
         assert other.port != pg_cluster.port
         assert other.datadir != pg_cluster.datadir
-        [(sysid_a,)] = pg_cluster.execute(
-            "SELECT system_identifier FROM pg_control_system()"
-        )
-        [(sysid_b,)] = other.execute(
-            "SELECT system_identifier FROM pg_control_system()"
-        )
-        assert (
-            sysid_a == sysid_b
-        )  # copies of one initdb share it; data is still separate:
+        [(sysid_a,)] = pg_cluster.execute("SELECT system_identifier FROM pg_control_system()")
+        [(sysid_b,)] = other.execute("SELECT system_identifier FROM pg_control_system()")
+        assert sysid_a == sysid_b  # copies of one initdb share it; data is still separate:
 
         pg_cluster.execute("CREATE TABLE only_in_first (i int)")
         other.create_database("only_in_second")
         assert other.execute("SELECT to_regclass('only_in_first')") == [(None,)]
-        assert (
-            pg_cluster.execute(
-                "SELECT 1 FROM pg_database WHERE datname = 'only_in_second'"
-            )
-            == []
-        )
-        assert other.execute("SELECT current_database()", dbname="only_in_second") == [
-            ("only_in_second",)
-        ]
+        assert pg_cluster.execute("SELECT 1 FROM pg_database WHERE datname = 'only_in_second'") == []
+        assert other.execute("SELECT current_database()", dbname="only_in_second") == [("only_in_second",)]
 
         other.stop()
         assert pg_cluster.execute("SELECT count(*) FROM only_in_first") == [(0,)]
@@ -186,14 +168,10 @@ def test_context_manager_starts_and_destroys(pg_template, pg_base_dir):
 
 def test_password_role_over_tcp(pg_cluster):
     pg_cluster.create_role("alice", password="right horse battery")
-    [(verifier,)] = pg_cluster.execute(
-        "SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'"
-    )
+    [(verifier,)] = pg_cluster.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'alice'")
     assert verifier.startswith("SCRAM-SHA-256$")
 
-    with pytest.raises(
-        psycopg.OperationalError, match="password authentication failed"
-    ):
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         pg_cluster.connect(user="alice", password="wrong")
     with pytest.raises(psycopg.OperationalError):
         pg_cluster.connect(user="alice")  # no password at all
@@ -210,17 +188,12 @@ def test_configure_quotes_values_and_restart_applies_them(pg_cluster):
     name = "it's a \\ test"
     pg_cluster.configure(cluster_name=name, work_mem="8MB", log_min_messages="warning")
     pg_cluster.restart()
-    assert pg_cluster.execute(
-        "SELECT current_setting('cluster_name'), current_setting('work_mem')"
-    ) == [(name, "8MB")]
+    assert pg_cluster.execute("SELECT current_setting('cluster_name'), current_setting('work_mem')") == [(name, "8MB")]
     # None removes our setting: back to the server default after a reload.
     pg_cluster.configure(work_mem=None)
     pg_cluster.reload()
     deadline = time.monotonic() + 10
-    while (
-        pg_cluster.execute("SHOW work_mem") != [("4MB",)]
-        and time.monotonic() < deadline
-    ):
+    while pg_cluster.execute("SHOW work_mem") != [("4MB",)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert pg_cluster.execute("SHOW work_mem") == [("4MB",)]
     with pytest.raises(ValueError, match="not a setting name"):
@@ -228,9 +201,7 @@ def test_configure_quotes_values_and_restart_applies_them(pg_cluster):
 
 
 def test_start_failure_raises_with_log_tail(pg_template, pg_base_dir):
-    cluster = Cluster.create(
-        base_dir=pg_base_dir, template=pg_template, settings={"shared_buffers": "lots"}
-    )
+    cluster = Cluster.create(base_dir=pg_base_dir, template=pg_template, settings={"shared_buffers": "lots"})
     try:
         with pytest.raises(ClusterError) as excinfo:
             cluster.start(timeout=30)
@@ -290,9 +261,7 @@ def test_unreachable_base_dir_is_refused_with_a_clear_error():
         shutil.rmtree(private)
 
 
-def test_process_exit_stops_its_clusters_but_a_forked_child_does_not(
-    pg_template, pg_base_dir
-):
+def test_process_exit_stops_its_clusters_but_a_forked_child_does_not(pg_template, pg_base_dir):
     """The atexit hook stops what this process started, and only in this process."""
     script = textwrap.dedent(
         f"""
@@ -321,8 +290,6 @@ def test_process_exit_stops_its_clusters_but_a_forked_child_does_not(
     assert proc.returncode == 0, proc.stderr
     pid_text, base = proc.stdout.split()
     try:
-        assert not live(int(pid_text)), (
-            "the server outlived the process that started it"
-        )
+        assert not live(int(pid_text)), "the server outlived the process that started it"
     finally:
         Cluster(Path(base) / "data").destroy()

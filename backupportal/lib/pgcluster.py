@@ -88,9 +88,7 @@ MARKER_FILE = ".bp-pgcluster"
 PORT_RETRIES = 3
 
 # Lines of the server log that mean "the TCP port is already in use".
-_PORT_IN_USE = re.compile(
-    r"could not bind IPv4 address|Address already in use|could not create any TCP/IP sockets"
-)
+_PORT_IN_USE = re.compile(r"could not bind IPv4 address|Address already in use|could not create any TCP/IP sockets")
 
 # A setting name as postgresql.conf accepts it (custom settings contain a dot).
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
@@ -137,9 +135,7 @@ def _pg_config_bindir() -> Path | None:
     if not exe:
         return None
     try:
-        out = subprocess.run(
-            [exe, "--bindir"], capture_output=True, text=True, timeout=30, check=True
-        )
+        out = subprocess.run([exe, "--bindir"], capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     path = Path(out.stdout.strip())
@@ -229,9 +225,7 @@ def _make_base_dir(parent, prefix: str) -> Path:
 def _initdb_locale() -> str:
     """``C.UTF-8`` when the system has it, else ``C`` (both sort bytewise)."""
     try:
-        out = subprocess.run(
-            ["locale", "-a"], check=False, capture_output=True, text=True, timeout=30
-        ).stdout
+        out = subprocess.run(["locale", "-a"], check=False, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return "C"
     names = {line.strip().lower().replace("-", "") for line in out.splitlines()}
@@ -255,9 +249,7 @@ def _run(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProc
             timeout=timeout,
         )
     except subprocess.TimeoutExpired as exc:
-        raise ClusterError(
-            f"{Path(argv[0]).name} did not finish within {timeout}s: {argv}"
-        ) from exc
+        raise ClusterError(f"{Path(argv[0]).name} did not finish within {timeout}s: {argv}") from exc
 
 
 def _render(value) -> str:
@@ -380,9 +372,7 @@ class Cluster:
                 _copy_template(Path(template), datadir)
             else:
                 _initdb(datadir, wal_segsize_mb, cwd=base)
-            (base / MARKER_FILE).write_text(
-                "made by backupportal.lib.pgcluster; removed by destroy()\n"
-            )
+            (base / MARKER_FILE).write_text("made by backupportal.lib.pgcluster; removed by destroy()\n")
             cluster = cls(datadir, port=port)
             cluster._prepare()
             cluster._apply(
@@ -441,9 +431,7 @@ class Cluster:
                 self._settings.pop(name, None)
             else:
                 self._settings[name] = _render(value)
-        lines = [
-            "# Written by backupportal.lib.pgcluster; Cluster.configure() rewrites it."
-        ]
+        lines = ["# Written by backupportal.lib.pgcluster; Cluster.configure() rewrites it."]
         lines += [f"{name} = {value}" for name, value in self._settings.items()]
         _write_as_db_user(self.conf_file, "\n".join(lines) + "\n", mode=0o600)
 
@@ -576,9 +564,7 @@ class Cluster:
             timeout=60,
         )
         if proc.returncode != 0:
-            raise ClusterError(
-                f"could not reload PostgreSQL in {self.datadir}: {(proc.stdout + proc.stderr).strip()}"
-            )
+            raise ClusterError(f"could not reload PostgreSQL in {self.datadir}: {(proc.stdout + proc.stderr).strip()}")
 
     def postmaster_pid(self) -> int | None:
         """PID of the running postmaster, from postmaster.pid, or None."""
@@ -739,9 +725,7 @@ def _initdb(datadir: Path, wal_segsize_mb: int, cwd: Path) -> None:
     ]
     proc = _run(argv, cwd=cwd, timeout=300)
     if proc.returncode != 0:
-        raise ClusterError(
-            f"initdb failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()}"
-        )
+        raise ClusterError(f"initdb failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()}")
     _write_as_db_user(datadir / "pg_hba.conf", _PG_HBA, mode=0o600)
     _ensure_include(datadir)
 
@@ -751,9 +735,7 @@ def _copy_template(template: Path, datadir: Path) -> None:
     if not (template / "PG_VERSION").is_file():
         raise ClusterError(f"not a data directory: {template}")
     if (template / "postmaster.pid").exists():
-        raise ClusterError(
-            f"template {template} has a postmaster.pid: copying a running cluster corrupts it"
-        )
+        raise ClusterError(f"template {template} has a postmaster.pid: copying a running cluster corrupts it")
     shutil.copytree(template, datadir, symlinks=True)
     chown_to_db_user(datadir)
 

@@ -1,0 +1,43 @@
+"""What every management command shares: --json output and one-line errors."""
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+
+class PortalCommand(BaseCommand):
+    """A command that prints one JSON object as its last stdout line with --json.
+
+    Subclasses implement `run(**options)` returning a dict, and `describe(result)` for
+    the human-readable lines. Errors are CommandError: Django prints them as one line on
+    stderr and exits 1.
+    """
+
+    json_option = True
+
+    def create_parser(self, prog_name, subcommand, **kwargs):
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        if self.json_option:
+            parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        return parser
+
+    def handle(self, *args, **options):
+        result = self.run(**options)
+        if options.get("json"):
+            self.stdout.write(json.dumps(result, default=str))
+        else:
+            for line in self.describe(result):
+                self.stdout.write(line)
+        if result.get("exit_code"):
+            raise SystemExit(result["exit_code"])
+
+    def run(self, **options):
+        raise NotImplementedError
+
+    def describe(self, result):
+        return [json.dumps(result, default=str, indent=2)]
+
+
+def fail(message):
+    """One line: what is wrong and what to do."""
+    raise CommandError(message.replace("\n", " "))

@@ -1,0 +1,41 @@
+"""Turn libpq's and the client tools' errors into one line a DBA can act on."""
+
+import re
+
+from backupportal.lib.redact import redact
+
+_RULES = [
+    (
+        r"password authentication failed for user \"?([^\"\s]+)",
+        "password authentication failed for user {0} on {where}: check the password",
+    ),
+    (
+        r"no password supplied|fe_sendauth",
+        "{where} asks for a password: give one (--password-file, PGPASSWORD or the admin's Password field)",
+    ),
+    (r"database \"([^\"]+)\" does not exist", "database {0} does not exist on {where}: check the DSN's database name"),
+    (r"role \"([^\"]+)\" does not exist", "role {0} does not exist on {where}: check the DSN's user"),
+    (
+        r"Connection refused",
+        "cannot connect to {where}: connection refused; is PostgreSQL running and listening there?",
+    ),
+    (r"timeout expired|timed out", "cannot connect to {where}: timed out; check the host, the port and the firewall"),
+    (
+        r"could not translate host name \"?([^\"\s]+)|Name or service not known|nodename nor servname",
+        "cannot resolve the host name of {where}: check the DSN's host",
+    ),
+    (r"the database system is (starting up|shutting down)", "{where} is {0}: try again in a moment"),
+    (r"no pg_hba.conf entry", "{where} refuses this client (no pg_hba.conf entry): allow it in pg_hba.conf"),
+]
+
+
+def explain(exc, server=None, host=None, port=None) -> str:
+    """One line: what went wrong and what to do. Never carries a password."""
+    text = str(exc)
+    where = f"{server.host}:{server.port}" if server is not None else f"{host}:{port}"
+    for pattern, message in _RULES:
+        m = re.search(pattern, text, re.I)
+        if m:
+            return message.format(*m.groups(), where=where)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "unknown error")
+    return redact(f"{where}: {first}")

@@ -1,0 +1,134 @@
+"""What every app shares: the operations journal, alerts and the maintenance calendar."""
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class JournalEntry(models.Model):
+    """One line of the operations journal. Append-only and HMAC-chained (see journal.py)."""
+
+    class Outcome(models.TextChoices):
+        OK = "ok", "OK"
+        FAILED = "failed", "Failed"
+        REFUSED = "refused", "Refused"
+        INFO = "info", "Info"
+
+    at = models.DateTimeField(default=timezone.now)
+    actor = models.CharField(max_length=150, help_text="a user name, or job:<name>, or os:<user>")
+    action = models.CharField(max_length=64)
+    object_type = models.CharField(max_length=64, blank=True)
+    object_id = models.CharField(max_length=64, blank=True)
+    object_repr = models.CharField(max_length=200, blank=True)
+    server = models.CharField(max_length=63, blank=True)
+    outcome = models.CharField(max_length=7, choices=Outcome.choices, default=Outcome.OK)
+    details = models.JSONField(default=dict, blank=True)
+    prev_hmac = models.CharField(max_length=64)
+    hmac = models.CharField(max_length=64)
+
+    class Meta:
+        verbose_name_plural = "journal entries"
+        ordering = ["-id"]
+        indexes = [
+            # Used by the auditor's filters (date range, user, action, server), newest first.
+            models.Index(fields=["-at"], name="journal_at"),
+            models.Index(fields=["actor", "-at"], name="journal_actor"),
+            models.Index(fields=["action", "-at"], name="journal_action"),
+            models.Index(fields=["server", "-at"], name="journal_server"),
+        ]
+
+    def __str__(self):
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.object_repr}"
+
+
+class Alert(models.Model):
+    """One alert condition holding for one server or location. One open alert per subject."""
+
+    class Condition(models.TextChoices):
+        BACKUP_MISSING = "backup_missing", "Daily backup missing"
+        BACKUP_FAILED = "backup_failed", "Backup job failure or timeout"
+        CORRUPTION = "corruption", "Backup corruption detected"
+        STORAGE_LOW = "storage_low", "Insufficient storage space"
+        UPLOAD_FAILED = "upload_failed", "Cloud upload failure"
+        RESTORE_TEST_FAILED = "restore_test_failed", "Restore test failure"
+        RPO_BREACHED = "rpo_breached", "RPO breached"
+        WAL_GAP = "wal_gap", "WAL gap"
+        ARCHIVE_FAILING = "archive_failing", "WAL archiving failing"
+        RECEIVER_DOWN = "receiver_down", "Replication slot or pg_receivewal down"
+        MAINTENANCE_OVERDUE = "maintenance_overdue", "Maintenance task overdue"
+
+    class State(models.TextChoices):
+        OPEN = "open", "Open"
+        ACKNOWLEDGED = "acknowledged", "Acknowledged"
+        RESOLVED = "resolved", "Resolved"
+
+    condition = models.CharField(max_length=24, choices=Condition.choices)
+    # "server:<name>", "location:<name>" or "task:<id>": a string, so that the one-open-alert
+    # rule is a plain unique constraint on every database.
+    subject = models.CharField(max_length=100)
+    server = models.ForeignKey("backups.Server", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts")
+    location = models.ForeignKey(
+        "backups.StorageLocation", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts"
+    )
+    state = models.CharField(max_length=12, choices=State.choices, default=State.OPEN)
+    message = models.TextField()
+    opened_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    ack_note = models.TextField(blank=True)
+    # Mail is tracked on the row so that an SMTP outage delays it and never loses it.
+    opened_mail_sent_at = models.DateTimeField(null=True, blank=True)
+    resolved_mail_sent_at = models.DateTimeField(null=True, blank=True)
+    mail_attempts = models.PositiveIntegerField(default=0)
+    mail_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-opened_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["condition", "subject"],
+                condition=~models.Q(state="resolved"),
+                name="one_open_alert_per_condition_subject",
+            )
+        ]
+        indexes = [models.Index(fields=["state", "-opened_at"], name="alert_state")]
+        permissions = [("acknowledge_alert", "Can acknowledge an alert")]
+
+    def __str__(self):
+        return f"{self.get_condition_display()} ({self.subject})"
+
+
+class MaintenanceTask(models.Model):
+    """A recurring task of the strategy's maintenance calendar."""
+
+    class Kind(models.TextChoices):
+        WEEKLY_VERIFY = "weekly_verify", "Weekly: verify backup completion and integrity"
+        MONTHLY_RESTORE_TEST = "monthly_restore_test", "Monthly: test restore procedures"
+        QUARTERLY_RETENTION_REVIEW = "quarterly_retention_review", "Quarterly: review retention policies"
+        ANNUAL_DR_DRILL = "annual_dr_drill", "Annually: DR drill and documentation update"
+        STRATEGY_REVIEW = "strategy_review", "Review of the backup strategy document"
+
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    due_at = models.DateTimeField()
+    completed_at = models.DateTimeField(null=True, blank=True)
+    completed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    evidence = models.CharField(max_length=300, blank=True, help_text="a link to the verify run, restore test or drill")
+    notes = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["due_at"]
+        indexes = [models.Index(fields=["completed_at", "due_at"], name="task_due")]
+        permissions = [("complete_maintenance", "Can complete a maintenance task")]
+
+    def __str__(self):
+        return f"{self.get_kind_display()} due {self.due_at:%Y-%m-%d}"
+
+    @property
+    def overdue(self):
+        return self.completed_at is None and self.due_at < timezone.now()

@@ -1,0 +1,94 @@
+"""The three roles of DESIGN.md's table, as Django groups with model permissions.
+
+Auditors read everything and change nothing. DBAs run backups, request and approve restores,
+edit schedules, acknowledge alerts, log drills. Sysadmins edit servers and storage locations,
+acknowledge alerts, log drills. django-q2's own admin (it can run any callable) and the
+journal's change/delete are given to nobody: superusers only, and nobody, respectively.
+"""
+
+from functools import wraps
+
+from django.core.exceptions import PermissionDenied
+
+DBA, SYSADMIN, AUDITOR = "DBA", "Sysadmin", "Auditor"
+
+# Apps whose models every role may view.
+VIEW_APPS = ["backups", "restores", "backupportal"]
+
+EXTRA = {
+    DBA: [
+        "backups.run_backup",
+        "backups.change_backupschedule",
+        "backups.add_backupschedule",
+        "restores.request_restore",
+        "restores.approve_restore",
+        "backupportal.acknowledge_alert",
+        "restores.log_drill",
+        "restores.add_drdrill",
+        "restores.change_drdrill",
+        "restores.add_drdrillstep",
+        "restores.change_drdrillstep",
+        "backupportal.complete_maintenance",
+    ],
+    SYSADMIN: [
+        "backups.add_server",
+        "backups.change_server",
+        "backups.add_storagelocation",
+        "backups.change_storagelocation",
+        "backupportal.acknowledge_alert",
+        "restores.log_drill",
+        "restores.add_drdrill",
+        "restores.change_drdrill",
+        "restores.add_drdrillstep",
+        "restores.change_drdrillstep",
+        "backupportal.complete_maintenance",
+    ],
+    AUDITOR: [],
+}
+
+
+def sync_groups(apps=None, **kwargs):
+    """Create the groups and give them exactly their permissions. Idempotent."""
+    if apps is None:
+        from django.apps import apps
+    Group = apps.get_model("auth", "Group")
+    Permission = apps.get_model("auth", "Permission")
+    views = list(Permission.objects.filter(content_type__app_label__in=VIEW_APPS, codename__startswith="view_"))
+    for name, extra in EXTRA.items():
+        group, _ = Group.objects.get_or_create(name=name)
+        perms = list(views)
+        for dotted in extra:
+            app_label, codename = dotted.split(".")
+            perms += list(Permission.objects.filter(content_type__app_label=app_label, codename=codename))
+        group.permissions.set(perms)
+
+
+def role_of(user):
+    """The user's role name for pages ('DBA', 'Sysadmin', 'Auditor'), or ''."""
+    if not user.is_authenticated:
+        return ""
+    names = {g.name for g in user.groups.all()}
+    for name in (DBA, SYSADMIN, AUDITOR):
+        if name in names:
+            return name
+    return "Superuser" if user.is_superuser else ""
+
+
+def context_processor(request):
+    user = getattr(request, "user", None)
+    return {"role": role_of(user) if user is not None else ""}
+
+
+def require_perm(perm):
+    """View decorator: 403 (not a login redirect) for a logged-in user without `perm`."""
+
+    def decorator(view):
+        @wraps(view)
+        def wrapped(request, *args, **kwargs):
+            if not request.user.has_perm(perm):
+                raise PermissionDenied(f"Your role may not do this ({perm}).")
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorator

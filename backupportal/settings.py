@@ -1,0 +1,226 @@
+"""Settings for backupportal, read from the environment (and `.env` when present).
+
+Every variable is documented in `.env.example`. With nothing set, the portal runs on
+SQLite under var/ with django-q2's ORM broker, so it needs no service at all.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
+
+env = environ.Env()
+if (BASE_DIR / ".env").exists():
+    environ.Env.read_env(BASE_DIR / ".env")
+
+
+def _secret_key():
+    """SECRET_KEY from the environment, else one generated once and kept in var/ (0600)."""
+    if env.str("SECRET_KEY", default=""):
+        return env.str("SECRET_KEY")
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(64))
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env.bool("DEBUG", default=False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
+SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000").rstrip("/")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django_q",
+    "axes",
+    "backupportal",
+    "backups",
+    "restores",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Every page needs a login; the few public views say so with @login_not_required.
+    "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it locks out repeated failed logins.
+    "axes.middleware.AxesMiddleware",
+]
+
+ROOT_URLCONF = "backupportal.urls"
+WSGI_APPLICATION = "backupportal.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "backupportal.roles.context_processor",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'portal.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Workers and the web server write at once: wait for the lock instead of failing, and
+    # take it at BEGIN so that a read-then-write transaction cannot deadlock.
+    DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 30, "transaction_mode": "IMMEDIATE"})
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
+# Login attempts: five failures lock the username from that address for 15 minutes.
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = 0.25  # hours
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_ENABLED = env.bool("AXES_ENABLED", default=True)
+AXES_VERBOSE = False
+
+LANGUAGE_CODE = "en-gb"
+TIME_ZONE = env.str("TIME_ZONE", default="Indian/Maldives")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if not DEBUG
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+if env.bool("WHITENOISE_USE_FINDERS", default=False):
+    # Tests and the demo serve static files without running collectstatic first.
+    WHITENOISE_USE_FINDERS = True
+    STORAGES["staticfiles"]["BACKEND"] = "django.contrib.staticfiles.storage.StaticFilesStorage"
+
+# Security. Production is https; the demo on http://127.0.0.1 turns SECURE_SSL_REDIRECT off,
+# and the cookie flags follow it so that the login works there.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=not DEBUG)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000 if SECURE_SSL_REDIRECT else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_SECONDS > 0
+SECURE_HSTS_PRELOAD = SECURE_HSTS_SECONDS > 0
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_AGE = env.int("SESSION_COOKIE_AGE", default=8 * 3600)  # one working day
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+
+# PostgreSQL client binaries; None means "ask pg_config" (backupportal.lib.pgcluster.pg_bin).
+PG_BIN = env.str("PG_BIN", default="")
+
+# pg_dump's own gzip level (custom format); gpg never compresses again. See bench/RESULTS.md.
+PG_DUMP_COMPRESS = env.int("PG_DUMP_COMPRESS", default=1)
+# A backup still running after this many seconds is stopped and failed.
+BACKUP_TIMEOUT = env.int("BACKUP_TIMEOUT", default=6 * 3600)
+
+# Storage.
+BACKUP_ROOT = Path(env.str("BACKUP_ROOT", default=str(VAR_DIR / "backups")))
+WAL_ROOT = Path(env.str("WAL_ROOT", default=str(BACKUP_ROOT / "wal")))
+WAL_SPOOL = Path(env.str("WAL_SPOOL", default=str(VAR_DIR / "walspool")))
+NAS_ROOT = env.str("NAS_ROOT", default="")
+S3_BUCKET = env.str("S3_BUCKET", default="")
+S3_ENDPOINT_URL = env.str("S3_ENDPOINT_URL", default="")
+S3_PREFIX = env.str("S3_PREFIX", default="backupportal/")
+S3_SSE = env.str("S3_SSE", default="")
+S3_STORAGE_CLASS = env.str("S3_STORAGE_CLASS", default="")
+# AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION are read by boto3 itself
+# from the environment, so the secret never passes through settings or the database.
+
+# Encryption: a passphrase file (0600) for symmetric AES-256, or public-key recipients.
+BACKUP_PASSPHRASE_FILE = env.str("BACKUP_PASSPHRASE_FILE", default="")
+GPG_RECIPIENTS = env.list("GPG_RECIPIENTS", default=[])
+GNUPGHOME = env.str("GNUPGHOME", default="")
+
+# The journal's HMAC key and the newest entry's HMAC live outside the database.
+JOURNAL_KEY_FILE = Path(env.str("JOURNAL_KEY_FILE", default=str(VAR_DIR / "journal.key")))
+JOURNAL_HEAD_FILE = Path(env.str("JOURNAL_HEAD_FILE", default=str(VAR_DIR / "journal.head")))
+
+# Alert mail.
+EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
+vars().update(EMAIL_CONFIG)
+ALERT_EMAILS = env.list("ALERT_EMAILS", default=[])
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="backupportal@localhost")
+EMAIL_TIMEOUT = 10
+
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
+# django-q2: one dict. The ORM broker needs no service; Q_BROKER_URL=redis://... for Redis.
+Q_BROKER_URL = env.str("Q_BROKER_URL", default="")
+Q_CLUSTER = {
+    "name": "backupportal",
+    "workers": env.int("Q_WORKERS", default=2),
+    # A base backup of a large database runs for hours; the lock and the run's heartbeat,
+    # not this timeout, find a dead worker. retry must stay above timeout.
+    "timeout": env.int("Q_TIMEOUT", default=6 * 3600),
+    "retry": env.int("Q_TIMEOUT", default=6 * 3600) + 600,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "catch_up": False,
+    "save_limit": 1000,
+    "poll": 1,
+    "label": "Task queue (superusers only)",
+}
+if Q_BROKER_URL.startswith("redis"):
+    Q_CLUSTER["redis"] = Q_BROKER_URL
+elif Q_BROKER_URL:
+    raise ImproperlyConfigured(
+        f"Q_BROKER_URL must be empty (ORM broker) or redis://...; got {Q_BROKER_URL.split(':')[0]}://"
+    )
+else:
+    Q_CLUSTER["orm"] = "default"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact": {"()": "backupportal.lib.redact.RedactFilter"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "filters": ["redact"]},
+    },
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django": {"handlers": ["console"], "level": "WARNING", "propagate": False}},
+}

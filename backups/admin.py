@@ -1,0 +1,266 @@
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db.models import Count, Q
+from django.template.defaultfilters import filesizeformat
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.timesince import timesince
+
+from backupportal import journal
+from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, WalSegment
+
+
+class ReadOnlyHistoryAdmin(admin.ModelAdmin):
+    """Runs, copies and segments are history: viewable, never added or edited by hand."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class ServerForm(forms.ModelForm):
+    # Write-only: the stored password is never rendered back into the page.
+    new_password = forms.CharField(
+        label="Password",
+        required=False,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="Leave empty to keep the current password.",
+    )
+
+    class Meta:
+        model = Server
+        # Listed, not "__all__": a field added to Server must be chosen to appear here.
+        fields = [
+            "name",
+            "dsn",
+            "pg_bin",
+            "archiving",
+            "enabled",
+            "rpo_minutes",
+            "rto_critical_minutes",
+            "rto_full_minutes",
+            "logical_retention_days",
+            "base_retention_days",
+            "wal_retention_days",
+            "critical_tables",
+            "shrink_threshold_pct",
+            "sandbox",
+        ]
+
+    def _post_clean(self):
+        super()._post_clean()  # the model's clean(): the DSN's form
+        if self.errors:
+            return
+        data = self.cleaned_data
+        probe = Server(dsn=data["dsn"], password=self.cleaned_data.get("new_password") or self.instance.password)
+        try:
+            self.instance.pg_version = probe.probe()
+        except ValidationError as e:
+            self.add_error(None, e.messages[0])
+
+    def save(self, commit=True):
+        if self.cleaned_data.get("new_password"):
+            self.instance.password = self.cleaned_data["new_password"]
+        return super().save(commit)
+
+
+@admin.register(Server)
+class ServerAdmin(admin.ModelAdmin):
+    form = ServerForm
+    list_display = ["name", "dsn", "version", "archiving", "enabled", "rpo_minutes", "last_logical"]
+    list_filter = ["archiving", "enabled"]
+    search_fields = ["name", "dsn"]
+    readonly_fields = ["pg_version", "created_at"]
+    actions = ["back_up_now"]
+
+    @admin.display(description="PostgreSQL")
+    def version(self, obj):
+        return obj.version_display
+
+    @admin.display(description="Newest good logical backup")
+    def last_logical(self, obj):
+        run = obj.latest_good_backup(BackupRun.Kind.LOGICAL)
+        return f"{timesince(run.finished_at)} ago" if run else "never"
+
+    def has_run_backup_permission(self, request):
+        return request.user.has_perm("backups.run_backup")
+
+    @admin.action(description="Back up now (logical)", permissions=["run_backup"])
+    def back_up_now(self, request, queryset):
+        from backups.tasks import enqueue_backup
+
+        for server in queryset:
+            result = enqueue_backup(server, BackupRun.Kind.LOGICAL, actor=request.user.get_username())
+            level = messages.SUCCESS if result.ok else messages.WARNING
+            self.message_user(request, result.message, level)
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        journal.record(
+            "server_changed" if change else "server_added",
+            actor=request.user.get_username(),
+            obj=obj,
+            fields=sorted(f for f in form.changed_data if f != "new_password"),
+            password_changed="new_password" in form.changed_data,
+        )
+
+
+@admin.register(BackupSchedule)
+class BackupScheduleAdmin(admin.ModelAdmin):
+    list_display = ["server", "job", "cron", "enabled", "next_run"]
+    list_filter = ["job", "enabled", "server"]
+    list_select_related = ["server"]
+
+    @admin.display(description="Next run")
+    def next_run(self, obj):
+        from croniter import croniter
+
+        if not obj.enabled:
+            return "disabled"
+        return timezone.localtime(croniter(obj.cron, timezone.localtime()).get_next(timezone.datetime))
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        from backups.tasks import sync_schedule
+
+        sync_schedule(obj)
+        journal.record(
+            "schedule_changed",
+            actor=request.user.get_username(),
+            obj=obj,
+            server=obj.server.name,
+            cron=obj.cron,
+            enabled=obj.enabled,
+        )
+
+
+@admin.register(StorageLocation)
+class StorageLocationAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind", "where", "capacity", "enabled"]
+    list_filter = ["kind", "enabled"]
+
+    @admin.display(description="Where")
+    def where(self, obj):
+        if obj.kind == StorageLocation.Kind.S3:
+            return f"s3://{obj.bucket}/{obj.prefix}"
+        return obj.path
+
+    @admin.display(description="Capacity")
+    def capacity(self, obj):
+        return filesizeformat(obj.capacity_bytes) if obj.capacity_bytes else "the filesystem"
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        journal.record(
+            "location_changed" if change else "location_added",
+            actor=request.user.get_username(),
+            obj=obj,
+            fields=form.changed_data,
+        )
+
+
+class CopyInline(admin.TabularInline):
+    model = BackupCopy
+    extra = 0
+    fields = ["location", "artifact", "key", "size", "short_sha256", "status", "attempts", "last_error", "verified_at"]
+    readonly_fields = fields
+    can_delete = False
+
+    @admin.display(description="sha256")
+    def short_sha256(self, obj):
+        return obj.sha256[:12]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(BackupRun)
+class BackupRunAdmin(ReadOnlyHistoryAdmin):
+    list_display = [
+        "id",
+        "server",
+        "kind",
+        "status_badge",
+        "created_at",
+        "age",
+        "human_size",
+        "duration_display",
+        "short_sha256",
+        "copies_ok",
+    ]
+    list_filter = ["server", "kind", "status", "trigger", ("created_at", admin.DateFieldListFilter)]
+    search_fields = ["=id", "server__name", "sha256", "key"]
+    list_select_related = ["server"]
+    date_hierarchy = "created_at"
+    inlines = [CopyInline]
+    show_full_result_count = False
+
+    def get_queryset(self, request):
+        # Copy counts in the same query: no query per row.
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                n_copies_ok=Count("copies", filter=Q(copies__status=BackupCopy.Status.OK)),
+                n_copies=Count("copies"),
+            )
+        )
+
+    @admin.display(description="Status", ordering="status")
+    def status_badge(self, obj):
+        return format_html('<span class="status status-{}">{}</span>', obj.status, obj.get_status_display())
+
+    @admin.display(description="Age")
+    def age(self, obj):
+        return timesince(obj.finished_at or obj.created_at)
+
+    @admin.display(description="Size", ordering="size")
+    def human_size(self, obj):
+        return filesizeformat(obj.size) if obj.size is not None else "-"
+
+    @admin.display(description="Duration")
+    def duration_display(self, obj):
+        d = obj.duration
+        return f"{d.total_seconds():.1f} s" if d is not None else "-"
+
+    @admin.display(description="sha256")
+    def short_sha256(self, obj):
+        return obj.sha256[:12]
+
+    @admin.display(description="Copies OK")
+    def copies_ok(self, obj):
+        return f"{obj.n_copies_ok}/{obj.n_copies}"
+
+
+@admin.register(BackupCopy)
+class BackupCopyAdmin(ReadOnlyHistoryAdmin):
+    list_display = ["id", "location", "artifact", "key", "status", "attempts", "copied_at", "verified_at"]
+    list_filter = ["location", "status", "artifact"]
+    search_fields = ["key", "sha256"]
+    list_select_related = ["location"]
+    show_full_result_count = False
+
+
+@admin.register(WalSegment)
+class WalSegmentAdmin(ReadOnlyHistoryAdmin):
+    list_display = ["name", "server", "timeline", "human_size", "archived_at", "source", "short_sha256"]
+    list_filter = ["server", "source", ("archived_at", admin.DateFieldListFilter)]
+    search_fields = ["=name"]
+    list_select_related = ["server"]
+    date_hierarchy = "archived_at"
+    # A million rows: never COUNT(*) the whole table for the paginator's "of N".
+    show_full_result_count = False
+
+    @admin.display(description="Size", ordering="size")
+    def human_size(self, obj):
+        return filesizeformat(obj.size)
+
+    @admin.display(description="sha256")
+    def short_sha256(self, obj):
+        return obj.sha256[:12]

@@ -1,0 +1,135 @@
+"""GPG encryption of artifacts, through python-gnupg and the real gpg binary.
+
+Symmetric AES-256 with the passphrase from BACKUP_PASSPHRASE_FILE, or public-key encryption
+to GPG_RECIPIENTS (then the backup host cannot decrypt). The passphrase reaches gpg on its
+stdin (--passphrase-fd 0), never in argv. Files decrypt with a plain `gpg --decrypt`.
+"""
+
+import ctypes
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import gnupg
+from django.conf import settings
+
+# The strategy's key derivation: strong, and cheap once per artifact.
+S2K_ARGS = ["--s2k-cipher-algo", "AES256", "--s2k-digest-algo", "SHA512", "--s2k-mode", "3", "--s2k-count", "65011712"]
+# Compression lives inside pg_dump's format (or pg_basebackup's); gpg compressing it again is
+# slow for no gain, and gpg compressing is the only other form `gpg --decrypt` undoes.
+NO_COMPRESSION = ["--compress-algo", "none", "-z", "0"]
+CHUNK = 1024 * 1024
+
+
+class EncryptionError(Exception):
+    """Misconfigured encryption, or gpg failed: the message says what to do."""
+
+
+def die_with_parent():
+    """preexec_fn: the child gets SIGKILL when the process that started it dies.
+
+    A worker killed mid-backup must not leave pg_dump or gpg writing on (no orphans).
+    """
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class PortalGPG(gnupg.GPG):
+    """python-gnupg, with children that die with the worker and large I/O buffers."""
+
+    buffer_size = CHUNK
+
+    def _open_subprocess(self, args, passphrase=False):
+        cmd = self.make_args(args, passphrase)
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            preexec_fn=die_with_parent,
+        )
+
+
+def gnupg_home() -> Path:
+    home = Path(settings.GNUPGHOME or settings.VAR_DIR / "gnupg")
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home, 0o700)
+    return home
+
+
+def read_passphrase(path=None) -> str:
+    """The passphrase file must exist, be private (no group/other bits) and not be empty."""
+    path = Path(path or settings.BACKUP_PASSPHRASE_FILE)
+    if not path.is_file():
+        raise EncryptionError(f"passphrase file {path} does not exist: create it with mode 0600, or set GPG_RECIPIENTS")
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise EncryptionError(f"passphrase file {path} can be read by others (mode {mode & 0o777:o}): chmod 600 {path}")
+    passphrase = path.read_text().strip("\r\n")
+    if not passphrase:
+        raise EncryptionError(f"passphrase file {path} is empty: write the passphrase in it")
+    return passphrase
+
+
+class Encryption:
+    """How this portal encrypts: decided once from settings, checked before any work starts."""
+
+    def __init__(self, passphrase_file=None, recipients=None):
+        self.recipients = list(recipients if recipients is not None else settings.GPG_RECIPIENTS)
+        self.passphrase_file = passphrase_file if passphrase_file is not None else settings.BACKUP_PASSPHRASE_FILE
+        if not self.recipients and not self.passphrase_file:
+            raise EncryptionError("no encryption configured: set BACKUP_PASSPHRASE_FILE (mode 0600) or GPG_RECIPIENTS")
+        self.gpg = PortalGPG(gnupghome=str(gnupg_home()))
+        if self.recipients:
+            known = {k["fingerprint"] for k in self.gpg.list_keys()} | {
+                uid for k in self.gpg.list_keys() for uid in k["uids"]
+            }
+            known |= {k["keyid"] for k in self.gpg.list_keys()}
+            missing = [r for r in self.recipients if not any(r in k for k in known)]
+            if missing:
+                raise EncryptionError(
+                    f"GPG recipient {missing[0]} has no public key in {gnupg_home()}: import it with gpg --homedir {gnupg_home()} --import"
+                )
+            self.passphrase = None
+        else:
+            self.passphrase = read_passphrase(self.passphrase_file)
+
+    @property
+    def method(self):
+        return "gpg-pubkey" if self.recipients else "gpg-aes256"
+
+    def encrypt_stream(self, source, on_data):
+        """Encrypt the binary stream `source`; `on_data(chunk)` gets each ciphertext chunk.
+
+        Returns python-gnupg's result; the caller checks `.ok` / `.returncode`.
+        """
+        self.gpg.on_data = on_data
+        if self.recipients:
+            return self.gpg.encrypt_file(
+                source, self.recipients, armor=False, always_trust=True, extra_args=NO_COMPRESSION
+            )
+        return self.gpg.encrypt_file(
+            source,
+            None,
+            symmetric="AES256",
+            passphrase=self.passphrase,
+            armor=False,
+            extra_args=S2K_ARGS + NO_COMPRESSION,
+        )
+
+    def decrypt_stream(self, source, on_data):
+        """Decrypt `source`, handing plaintext chunks to `on_data`. Result has `.ok`, `.status`."""
+        self.gpg.on_data = on_data
+        return self.gpg.decrypt_file(source, passphrase=self.passphrase)
+
+
+def gpg_failure(result) -> str:
+    """One line from gpg's status for an error message."""
+    status = getattr(result, "status", "") or ""
+    if "decryption failed" in status.lower() or "bad passphrase" in (result.stderr or "").lower():
+        return "gpg could not decrypt: wrong passphrase or key"
+    lines = [line for line in (result.stderr or "").splitlines() if line.startswith("gpg:")]
+    return f"gpg failed ({status or 'exit ' + str(result.returncode)}){': ' + lines[-1] if lines else ''}"

@@ -1,0 +1,117 @@
+"""Logical backups: pg_dump (custom format) of the server's database, and its globals beside it.
+
+The dump is taken from a snapshot exported by our own connection, which also counts the
+critical tables: the recorded row counts are exactly what the dump holds.
+"""
+
+from django.utils import timezone
+
+from backups.crypto import Encryption, EncryptionError
+from backups.models import BackupCopy, BackupRun, StorageLocation
+from backups.pipeline import BackupFailed, Tool, dump_compression_level, encrypt_to, heartbeat, snapshot_and_counts
+from backups.storage import store_for
+
+
+def keys_for(run):
+    stamp = timezone.localtime(run.created_at).strftime("%Y%m%dT%H%M%S%z")
+    base = f"{run.server.name}/logical/{stamp}-{run.pk}"
+    return f"{base}.dump.gpg", f"{base}.globals.sql.gpg"
+
+
+def primary_location():
+    location = StorageLocation.objects.filter(kind=StorageLocation.Kind.PRIMARY, enabled=True).first()
+    if location is None:
+        raise BackupFailed(
+            "no enabled primary storage location: set BACKUP_ROOT and run migrate, or add one in the admin"
+        )
+    return location
+
+
+def take(run):
+    server = run.server
+    try:
+        encryption = Encryption()
+    except EncryptionError as e:
+        raise BackupFailed(str(e)) from None
+    location = primary_location()
+    store = store_for(location)
+    dump_key, globals_key = keys_for(run)
+    # Recorded before any byte is written, so a killed run's leftovers can be found and removed.
+    run.key = dump_key
+    run.details.update({"keys": [dump_key, globals_key], "encryption": encryption.method})
+    run.save(update_fields=["key", "details"])
+
+    bindir = server.bin_dir()
+    conn, snapshot, counts = snapshot_and_counts(server, server.critical_tables)
+    try:
+        dump = Tool(
+            [
+                str(bindir / "pg_dump"),
+                "--format=custom",
+                f"--compress={dump_compression_level()}",
+                "--blobs",
+                f"--snapshot={snapshot}",
+                "--no-password",
+            ],
+            server.libpq_env(),
+        )
+        size, sha256 = encrypt_to(
+            store, dump_key, dump, encryption, on_tick=heartbeat(BackupRun, run.pk), timeout=_timeout(), server=server
+        )
+    finally:
+        conn.close()
+    run.size, run.sha256, run.bytes_done = size, sha256, size
+    run.details["row_counts"] = counts
+    run.details["pg_dump_compress"] = dump_compression_level()
+    BackupCopy.objects.create(
+        run=run,
+        location=location,
+        artifact="main",
+        key=dump_key,
+        size=size,
+        sha256=sha256,
+        status=BackupCopy.Status.OK,
+        copied_at=timezone.now(),
+        attempts=1,
+    )
+
+    g_size, g_sha256, note = take_globals(server, store, globals_key, encryption)
+    run.details["globals"] = {"key": globals_key, "size": g_size, "sha256": g_sha256}
+    if note:
+        run.notes = note
+    BackupCopy.objects.create(
+        run=run,
+        location=location,
+        artifact="globals",
+        key=globals_key,
+        size=g_size,
+        sha256=g_sha256,
+        status=BackupCopy.Status.OK,
+        copied_at=timezone.now(),
+        attempts=1,
+    )
+
+
+def take_globals(server, store, key, encryption):
+    """pg_dumpall --globals-only: roles and tablespaces, which pg_dump leaves out.
+
+    A non-superuser cannot read role passwords; then the roles are dumped without them and
+    the run says so, rather than failing the backup.
+    """
+    argv = [str(server.bin_dir() / "pg_dumpall"), "--globals-only", "--no-password", f"--database={server.dbname}"]
+    try:
+        size, sha256 = encrypt_to(store, key, Tool(argv, server.libpq_env()), encryption, server=server)
+        return size, sha256, ""
+    except BackupFailed as e:
+        if "pg_authid" not in str(e) and "permission denied" not in str(e):
+            raise
+    size, sha256 = encrypt_to(
+        store, key, Tool(argv + ["--no-role-passwords"], server.libpq_env()), encryption, server=server
+    )
+    return size, sha256, "globals dumped without role passwords: the backup user is not a superuser"
+
+
+def _timeout():
+    from django.conf import settings
+
+    return settings.BACKUP_TIMEOUT

@@ -1,0 +1,517 @@
+"""The backup catalog: protected servers, storage locations, backup runs, copies, WAL."""
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from croniter import croniter
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
+from django.db import models
+from django.urls import reverse
+from django.utils import timezone
+
+name_validator = RegexValidator(
+    r"^[a-z0-9][a-z0-9_.-]{0,62}$",
+    "Use lower-case letters, digits, '.', '_' or '-' (at most 63 characters).",
+)
+
+
+def default_critical_tables():
+    return ["users", "roles", "audit_logs", "financial_records"]
+
+
+class Server(models.Model):
+    """A PostgreSQL database that the portal protects."""
+
+    class Archiving(models.TextChoices):
+        NONE = "none", "None"
+        PUSH = "push", "Push (archive_command)"
+        PULL = "pull", "Pull (pg_receivewal)"
+
+    name = models.CharField(max_length=63, unique=True, validators=[name_validator])
+    # The DSN never holds the password: it is split off into `password` on the way in, so
+    # the DSN can be shown on every page and in every log.
+    dsn = models.CharField("DSN", max_length=500, help_text="postgresql://USER@HOST:PORT/DBNAME")
+    password = models.CharField(max_length=500, blank=True, editable=False)
+    pg_bin = models.CharField(
+        "PostgreSQL bin directory", max_length=300, blank=True, help_text="Empty: PG_BIN or pg_config --bindir."
+    )
+    pg_version = models.IntegerField(null=True, editable=False, help_text="server_version_num at registration")
+    archiving = models.CharField(max_length=4, choices=Archiving.choices, default=Archiving.NONE)
+    enabled = models.BooleanField(default=True)
+
+    rpo_minutes = models.PositiveIntegerField("RPO objective (minutes)", default=15)
+    rto_critical_minutes = models.PositiveIntegerField("RTO objective, critical functions (minutes)", default=240)
+    rto_full_minutes = models.PositiveIntegerField("RTO objective, full system (minutes)", default=480)
+
+    logical_retention_days = models.PositiveIntegerField(default=30)
+    base_retention_days = models.PositiveIntegerField(default=30)
+    wal_retention_days = models.PositiveIntegerField(default=7)
+
+    critical_tables = models.JSONField(
+        default=default_critical_tables,
+        blank=True,
+        help_text="Tables whose row counts are recorded at backup time and compared by restore tests.",
+    )
+    shrink_threshold_pct = models.PositiveIntegerField(
+        default=20,
+        help_text="A restore test fails when a critical table shrank more than this against the previous backup.",
+    )
+    sandbox = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Where restore tests restore; empty: this server, as the strategy does.",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def get_absolute_url(self):
+        return reverse("server", args=[self.name])
+
+    def clean(self):
+        from backupportal.lib.redact import strip_password
+
+        if strip_password(self.dsn)[1]:
+            raise ValidationError({"dsn": "The DSN holds a password: give the password separately, never in the DSN."})
+        if not self.dsn.startswith(("postgresql://", "postgres://")):
+            raise ValidationError({"dsn": f"malformed DSN {self.dsn!r}: use postgresql://USER@HOST:PORT/DBNAME"})
+        try:
+            self._url.port  # noqa: B018  urlsplit raises here on a port that is not a number
+        except ValueError:
+            raise ValidationError({"dsn": f"malformed DSN {self.dsn!r}: the port must be a number"}) from None
+
+    # What the DSN says, for pages and for the client tools.
+    @property
+    def _url(self):
+        return urlsplit(self.dsn)
+
+    @property
+    def host(self):
+        return self._url.hostname or "localhost"
+
+    @property
+    def port(self):
+        return self._url.port or 5432
+
+    @property
+    def user(self):
+        return self._url.username or "postgres"
+
+    @property
+    def dbname(self):
+        return self._url.path.lstrip("/") or "postgres"
+
+    @property
+    def version_display(self):
+        if not self.pg_version:
+            return "unknown"
+        return f"{self.pg_version // 10000}.{self.pg_version % 10000}"
+
+    def bin_dir(self) -> Path:
+        from backupportal.lib.pgcluster import pg_bin
+
+        return Path(self.pg_bin) if self.pg_bin else pg_bin()
+
+    def libpq_env(self, dbname=None) -> dict:
+        """Environment for libpq clients: no secret in argv, the password via PGPASSWORD."""
+        env = {
+            "PGHOST": self.host,
+            "PGPORT": str(self.port),
+            "PGUSER": self.user,
+            "PGDATABASE": dbname or self.dbname,
+            "PGCONNECT_TIMEOUT": "10",
+            "PGAPPNAME": "backupportal",
+        }
+        if self.password:
+            env["PGPASSWORD"] = self.password
+        return env
+
+    def connect(self, dbname=None, autocommit=True, **kwargs):
+        """A psycopg connection (autocommit unless asked otherwise) to this server."""
+        import psycopg
+
+        return psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            dbname=dbname or self.dbname,
+            password=self.password or None,
+            connect_timeout=10,
+            application_name="backupportal",
+            autocommit=autocommit,
+            **kwargs,
+        )
+
+    def probe(self) -> int:
+        """Connect and return server_version_num; a ValidationError with one line if we cannot use it."""
+        import psycopg
+
+        from backupportal.lib.pgerrors import explain
+
+        try:
+            with self.connect() as conn:
+                # Reported by the server at connection start (ParameterStatus server_version).
+                version = conn.info.server_version
+        except psycopg.Error as e:
+            raise ValidationError(explain(e, self)) from None
+        if version < 150000:
+            raise ValidationError(
+                f"{self.host}:{self.port} runs PostgreSQL {version // 10000}, older than 15: "
+                "upgrade it, or protect it with another tool."
+            )
+        return version
+
+    def ensure_schedules(self):
+        """The default schedules of the strategy, created once; DBAs edit them afterwards."""
+        from backups.tasks import sync_schedule
+
+        for job in BackupSchedule.DEFAULT_JOBS:
+            schedule, _ = BackupSchedule.objects.get_or_create(
+                server=self, job=job, defaults={"cron": BackupSchedule.DEFAULT_CRON[job]}
+            )
+            sync_schedule(schedule)
+
+    def latest_good_backup(self, kind):
+        return self.runs.good().filter(kind=kind).order_by("-finished_at").first()
+
+    def health(self):
+        """What the dashboard shows for this server, each figure with a colour."""
+        now = timezone.now()
+        backups = []
+        for kind in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE):
+            run = self.latest_good_backup(kind)
+            age = (now - run.finished_at) if run else None
+            # A daily job: green within a day (and a bit), amber within two, red after.
+            if age is None:
+                colour = "red" if kind == BackupRun.Kind.LOGICAL else "grey"
+            else:
+                colour = "green" if age < timedelta(hours=26) else "amber" if age < timedelta(hours=50) else "red"
+            backups.append(
+                {"kind": kind, "label": BackupRun.Kind(kind).label, "run": run, "age": age, "colour": colour}
+            )
+        running = list(self.runs.active().order_by("created_at"))
+        failed_last = (
+            self.runs.filter(kind=BackupRun.Kind.LOGICAL)
+            .exclude(status__in=["queued", "running"])
+            .order_by("-created_at")
+            .first()
+        )
+        return {
+            "server": self,
+            "backups": backups,
+            "running": running,
+            "last_failed": failed_last if failed_last and failed_last.status == BackupRun.Status.FAILED else None,
+            "open_alerts": self.alerts.exclude(state="resolved").count(),
+        }
+
+
+class BackupSchedule(models.Model):
+    """When a job runs for a server: cron fields in the portal's TIME_ZONE (Indian/Maldives).
+
+    DBAs edit these; a django-q2 Schedule row (superusers only) is kept in step by name.
+    """
+
+    class Job(models.TextChoices):
+        LOGICAL = "logical", "Logical backup"
+        BASE = "base", "Base backup"
+        INCREMENTAL = "incremental", "WAL switch and chain check"
+        RESTORE_TEST = "restoretest", "Weekly restore test"
+        MONTHLY_RESTORE_TEST = "restoretest_monthly", "Monthly full restore test"
+
+    DEFAULT_CRON = {
+        Job.LOGICAL: "0 2 * * *",
+        Job.BASE: "30 2 * * *",
+        Job.INCREMENTAL: "0 8,14,20 * * *",
+        Job.RESTORE_TEST: "0 5 * * 3",
+        Job.MONTHLY_RESTORE_TEST: "0 3 * * 0#1",
+    }
+
+    # The jobs every new server gets. Each is added here when its job exists.
+    DEFAULT_JOBS = [Job.LOGICAL]
+
+    server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="schedules")
+    job = models.CharField(max_length=20, choices=Job.choices)
+    cron = models.CharField(max_length=100, help_text="minute hour day-of-month month day-of-week")
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["server", "job"], name="one_schedule_per_server_job")]
+        ordering = ["server__name", "job"]
+
+    def __str__(self):
+        return f"{self.server} {self.get_job_display()} ({self.cron})"
+
+    def clean(self):
+        if not croniter.is_valid(self.cron or ""):
+            raise ValidationError({"cron": f"'{self.cron}' is not a cron expression: use five fields, e.g. 0 2 * * *."})
+
+    @property
+    def q_name(self):
+        """The django-q2 Schedule's name: unique, so creating it is idempotent."""
+        return f"{self.job}:{self.server.name}"
+
+
+class StorageLocation(models.Model):
+    """Where artifacts are kept: the primary directory, a NAS mirror, S3-compatible storage."""
+
+    class Kind(models.TextChoices):
+        PRIMARY = "primary", "Primary (local)"
+        NAS = "nas", "NAS mirror"
+        S3 = "s3", "S3-compatible offsite"
+
+    # Restores read the first healthy copy in this order.
+    READ_ORDER = {Kind.PRIMARY: 0, Kind.NAS: 1, Kind.S3: 2}
+
+    name = models.CharField(max_length=63, unique=True, validators=[name_validator])
+    kind = models.CharField(max_length=7, choices=Kind.choices)
+    path = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Filesystem locations: a directory under BACKUP_ROOT, WAL_ROOT or NAS_ROOT.",
+    )
+    bucket = models.CharField(max_length=255, blank=True)
+    prefix = models.CharField(max_length=255, blank=True)
+    endpoint_url = models.CharField(max_length=255, blank=True)
+    region = models.CharField(max_length=64, blank=True)
+    sse = models.CharField("server-side encryption", max_length=32, blank=True)
+    storage_class = models.CharField(max_length=32, blank=True)
+    capacity_bytes = models.BigIntegerField(
+        null=True, blank=True, help_text="The space the portal may use here; counted against the 20% free rule."
+    )
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def clean(self):
+        if self.kind == self.Kind.S3:
+            if not self.bucket:
+                raise ValidationError({"bucket": "An S3 location needs a bucket name."})
+            return
+        if not self.path:
+            raise ValidationError({"path": "A filesystem location needs a directory path."})
+        check_storage_path(self.path)
+
+    @property
+    def read_order(self):
+        return self.READ_ORDER[self.kind]
+
+    @classmethod
+    def sync_from_settings(cls):
+        """Create or update the locations that BACKUP_ROOT, NAS_ROOT and S3_BUCKET describe."""
+        cls.objects.update_or_create(
+            name="primary", defaults={"kind": cls.Kind.PRIMARY, "path": str(settings.BACKUP_ROOT)}
+        )
+        if settings.NAS_ROOT:
+            cls.objects.update_or_create(name="nas", defaults={"kind": cls.Kind.NAS, "path": settings.NAS_ROOT})
+        if settings.S3_BUCKET:
+            cls.objects.update_or_create(
+                name="s3",
+                defaults={
+                    "kind": cls.Kind.S3,
+                    "bucket": settings.S3_BUCKET,
+                    "prefix": settings.S3_PREFIX,
+                    "endpoint_url": settings.S3_ENDPOINT_URL,
+                    "region": os.environ.get("AWS_DEFAULT_REGION", ""),
+                    "sse": settings.S3_SSE,
+                    "storage_class": settings.S3_STORAGE_CLASS,
+                },
+            )
+
+
+def allowed_storage_roots():
+    roots = [settings.BACKUP_ROOT, settings.WAL_ROOT]
+    if settings.NAS_ROOT:
+        roots.append(Path(settings.NAS_ROOT))
+    return [Path(r).resolve() for r in roots]
+
+
+def check_storage_path(path):
+    """Refuse a storage path outside the configured roots, or one that climbs with '..'."""
+    if ".." in Path(path).parts:
+        raise ValidationError(f"Storage path {path} contains '..': give the directory itself.")
+    if not Path(path).is_absolute():
+        raise ValidationError(f"Storage path {path} is relative: give an absolute directory.")
+    resolved = Path(path).resolve()
+    roots = allowed_storage_roots()
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise ValidationError(
+            f"Storage path {path} is outside the allowed roots ({allowed}): set BACKUP_ROOT or NAS_ROOT."
+        )
+
+
+class BackupRunQuerySet(models.QuerySet):
+    def good(self):
+        """Complete, checksummed, catalogued, and not deleted by retention."""
+        return self.filter(status=BackupRun.Status.SUCCEEDED, deleted_at=None)
+
+    def active(self):
+        return self.filter(status__in=[BackupRun.Status.QUEUED, BackupRun.Status.RUNNING])
+
+
+class BackupRun(models.Model):
+    class Kind(models.TextChoices):
+        LOGICAL = "logical", "Logical (pg_dump)"
+        BASE = "base", "Base (pg_basebackup)"
+        INCREMENTAL = "incremental", "Incremental (WAL chain)"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    class Trigger(models.TextChoices):
+        MANUAL = "manual", "Manual"
+        SCHEDULED = "scheduled", "Scheduled"
+
+    server = models.ForeignKey(Server, on_delete=models.PROTECT, related_name="runs")
+    kind = models.CharField(max_length=11, choices=Kind.choices)
+    status = models.CharField(max_length=9, choices=Status.choices, default=Status.QUEUED)
+    trigger = models.CharField(max_length=9, choices=Trigger.choices, default=Trigger.MANUAL)
+    requested_by = models.CharField(max_length=150, blank=True, help_text="user, or job:<name>")
+
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # The worker touches this while it streams; a run whose heartbeat stopped was orphaned.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    pid = models.IntegerField(null=True, blank=True)
+
+    key = models.CharField(max_length=500, blank=True, help_text="the artifact's path relative to each location")
+    size = models.BigIntegerField(null=True, blank=True)
+    bytes_done = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    error = models.TextField(blank=True)
+    notes = models.TextField(blank=True)
+    details = models.JSONField(default=dict, blank=True, help_text="row counts, tool versions, compression")
+
+    # Physical and WAL-chain runs: where in the WAL they start and end.
+    timeline = models.IntegerField(null=True, blank=True)
+    start_lsn = models.CharField(max_length=32, blank=True)
+    end_lsn = models.CharField(max_length=32, blank=True)
+    start_wal = models.CharField(max_length=24, blank=True)
+    end_wal = models.CharField(max_length=24, blank=True)
+
+    deleted_at = models.DateTimeField(null=True, blank=True, help_text="set when retention removed the artifact")
+
+    objects = BackupRunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # Used by the dashboard, the runs list and latest_good_backup().
+            models.Index(fields=["server", "kind", "status", "-finished_at"], name="run_server_kind_status"),
+            models.Index(fields=["-created_at"], name="run_created"),
+            # Used by the orphan sweep and the lock check.
+            models.Index(fields=["status"], name="run_active", condition=models.Q(status__in=["queued", "running"])),
+        ]
+        permissions = [("run_backup", "Can back up now, verify and run restore tests")]
+
+    def __str__(self):
+        return f"#{self.pk} {self.server} {self.kind} {self.status}"
+
+    def get_absolute_url(self):
+        return reverse("run", args=[self.pk])
+
+    @property
+    def duration(self) -> timedelta | None:
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        if self.started_at:
+            return timezone.now() - self.started_at
+        return None
+
+    @property
+    def is_good(self):
+        return self.status == self.Status.SUCCEEDED and self.deleted_at is None
+
+
+class WalSegment(models.Model):
+    """One archived WAL segment (or history file) of a server."""
+
+    server = models.ForeignKey(Server, on_delete=models.PROTECT, related_name="wal_segments")
+    timeline = models.IntegerField()
+    name = models.CharField(max_length=40, help_text="000000010000000000000001, or a .history / .partial file")
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    key = models.CharField(max_length=500, blank=True)
+    archived_at = models.DateTimeField(help_text="when PostgreSQL (or pg_receivewal) handed it over")
+    ingested_at = models.DateTimeField(default=timezone.now)
+    source = models.CharField(max_length=4, choices=[("push", "push"), ("pull", "pull")], default="push")
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["server", "timeline", "name"]
+        constraints = [models.UniqueConstraint(fields=["server", "name"], name="one_segment_per_name")]
+        indexes = [
+            # Used by the WAL list filtered by server and day, and by retention.
+            models.Index(fields=["server", "archived_at"], name="wal_server_archived"),
+            models.Index(fields=["archived_at"], name="wal_archived"),
+        ]
+
+    def __str__(self):
+        return f"{self.server} {self.name}"
+
+
+class BackupCopy(models.Model):
+    """One file of a run (or one WAL segment) in one storage location, with its own sha256."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        COPYING = "copying", "Copying"
+        OK = "ok", "OK"
+        FAILED = "failed", "Failed"
+        BAD = "bad", "Bad (checksum or missing)"
+        DELETED = "deleted", "Deleted"
+
+    run = models.ForeignKey(BackupRun, null=True, blank=True, on_delete=models.CASCADE, related_name="copies")
+    wal_segment = models.ForeignKey(WalSegment, null=True, blank=True, on_delete=models.CASCADE, related_name="copies")
+    location = models.ForeignKey(StorageLocation, on_delete=models.PROTECT, related_name="copies")
+    artifact = models.CharField(max_length=16, default="main", help_text="main, globals, manifest or wal")
+    key = models.CharField(max_length=500, help_text="path relative to the location, or the object key")
+    size = models.BigIntegerField(null=True, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True)
+    status = models.CharField(max_length=7, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    copied_at = models.DateTimeField(null=True, blank=True)
+    verified_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "backup copies"
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "location", "artifact"], name="one_copy_per_run_location_artifact"),
+            models.UniqueConstraint(fields=["wal_segment", "location"], name="one_copy_per_segment_location"),
+            models.CheckConstraint(
+                condition=models.Q(run__isnull=False) | models.Q(wal_segment__isnull=False), name="copy_of_something"
+            ),
+        ]
+        indexes = [
+            # Used by the copy worker: what is left to copy or retry.
+            models.Index(
+                fields=["next_attempt_at"], name="copy_todo", condition=models.Q(status__in=["pending", "failed"])
+            ),
+            models.Index(fields=["location", "status"], name="copy_location_status"),
+        ]
+
+    def __str__(self):
+        return f"{self.location}:{self.key} ({self.status})"

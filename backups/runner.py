@@ -1,0 +1,189 @@
+"""Starting, running and finishing backup runs: the lock per server and kind, orphans, alerts.
+
+The management command and the django-q2 tasks both come here, so a backup behaves the
+same in the foreground and on a worker.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from backupportal import journal
+from backups.models import BackupCopy, BackupRun, Server, StorageLocation
+from backups.pipeline import BackupFailed
+
+# A run whose heartbeat is older than this was left by a dead worker.
+ORPHAN_AFTER = timedelta(minutes=2)
+# How long a scheduled run waits for the run holding the lock.
+SCHEDULED_WAIT = timedelta(hours=2)
+
+
+class RunRefused(Exception):
+    """A manual run found the lock taken: the message says which run holds it."""
+
+    def __init__(self, message, run=None):
+        super().__init__(message)
+        self.run = run
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    message: str
+    run: BackupRun | None = None
+
+
+def fail_orphans(server=None):
+    """Fail runs whose worker died (no heartbeat, or a pid that no longer exists here)."""
+    now = timezone.now()
+    qs = BackupRun.objects.filter(status=BackupRun.Status.RUNNING)
+    if server is not None:
+        qs = qs.filter(server=server)
+    failed = []
+    for run in qs:
+        beat = run.heartbeat_at or run.started_at or run.created_at
+        dead_pid = run.pid and not _alive(run.pid)
+        if dead_pid or now - beat > ORPHAN_AFTER:
+            why = (
+                f"the process running it (pid {run.pid}) died"
+                if dead_pid
+                else f"no heartbeat since {timezone.localtime(beat):%Y-%m-%d %H:%M:%S}"
+            )
+            if finish_failed(run, f"interrupted: {why}; nothing it wrote is kept"):
+                failed.append(run)
+    return failed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def claim(server, kind, *, trigger, actor, scheduled_for=None):
+    """Create a queued run if no run of this server and kind is active; else RunRefused.
+
+    Serialised on the server row, so two callers can never both get the lock.
+    """
+    fail_orphans(server)
+    with transaction.atomic():
+        Server.objects.select_for_update().get(pk=server.pk)
+        if scheduled_for is not None:
+            done = BackupRun.objects.filter(server=server, kind=kind, details__scheduled_for=scheduled_for).first()
+            if done is not None:
+                raise RunRefused(
+                    f"the {kind} backup of {server} scheduled for {scheduled_for} was already taken by run #{done.pk}",
+                    done,
+                )
+        holder = BackupRun.objects.active().filter(server=server, kind=kind).first()
+        if holder is not None:
+            raise RunRefused(
+                f"a {kind} backup of {server} is already {holder.status} (run #{holder.pk}): wait for it to finish",
+                holder,
+            )
+        details = {"scheduled_for": scheduled_for} if scheduled_for else {}
+        return BackupRun.objects.create(server=server, kind=kind, trigger=trigger, requested_by=actor, details=details)
+
+
+def claim_waiting(server, kind, *, actor, scheduled_for=None, wait=SCHEDULED_WAIT, poll=10):
+    """A scheduled run waits for the lock instead of being refused."""
+    deadline = time.monotonic() + wait.total_seconds()
+    while True:
+        try:
+            return claim(server, kind, trigger=BackupRun.Trigger.SCHEDULED, actor=actor, scheduled_for=scheduled_for)
+        except RunRefused as e:
+            if scheduled_for is not None and e.run is not None and e.run.details.get("scheduled_for") == scheduled_for:
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(poll)
+
+
+def execute(run):
+    """Run a claimed backup to its end. Returns the run, succeeded or failed; never raises."""
+    from backups import logical
+
+    started = BackupRun.objects.filter(pk=run.pk, status=BackupRun.Status.QUEUED).update(
+        status=BackupRun.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), pid=os.getpid()
+    )
+    run.refresh_from_db()
+    if not started:
+        return run  # another worker took it, or it was failed meanwhile
+    journal.record("backup_started", actor=run.requested_by or "job:backup", obj=run, kind=run.kind)
+    handlers = {BackupRun.Kind.LOGICAL: logical.take}
+    try:
+        handlers[run.kind](run)
+    except BackupFailed as e:
+        finish_failed(run, str(e))
+    except Exception as e:  # a bug must still fail the run visibly, not leave it running
+        finish_failed(run, f"internal error: {type(e).__name__}: {e}")
+        raise
+    else:
+        finish_succeeded(run)
+    run.refresh_from_db()
+    return run
+
+
+def finish_succeeded(run):
+    run.status, run.finished_at = BackupRun.Status.SUCCEEDED, timezone.now()
+    run.save(
+        update_fields=[
+            "status",
+            "finished_at",
+            "size",
+            "sha256",
+            "key",
+            "details",
+            "bytes_done",
+            "timeline",
+            "start_lsn",
+            "end_lsn",
+            "start_wal",
+            "end_wal",
+            "notes",
+        ]
+    )
+    journal.record(
+        "backup_succeeded", actor=run.requested_by or "job:backup", obj=run, size=run.size, sha256=run.sha256
+    )
+
+
+def finish_failed(run, message):
+    """Mark failed (only a run not already finished), remove what it left, journal, alert."""
+    from backups.storage import store_for
+
+    updated = BackupRun.objects.filter(
+        pk=run.pk, status__in=[BackupRun.Status.QUEUED, BackupRun.Status.RUNNING]
+    ).update(status=BackupRun.Status.FAILED, finished_at=timezone.now(), error=message[:2000])
+    if not updated:
+        return False
+    run.refresh_from_db()
+    # Nothing of a failed run may look like an artifact: drop its partial and any committed file.
+    for location in StorageLocation.objects.filter(kind=StorageLocation.Kind.PRIMARY, enabled=True):
+        store = store_for(location)
+        for key in run.details.get("keys", []):
+            store.delete(key)
+            (store.path(key).with_name(f".{store.path(key).name}.partial")).unlink(missing_ok=True)
+    run.copies.exclude(status=BackupCopy.Status.DELETED).update(status=BackupCopy.Status.DELETED)
+    journal.record("backup_failed", actor=run.requested_by or "job:backup", obj=run, outcome="failed", error=message)
+    from backupportal.alerts import raise_alert
+
+    raise_alert(
+        "backup_failed",
+        server=run.server,
+        message=f"{run.get_kind_display()} backup #{run.pk} of {run.server} failed: {message}",
+    )
+    return True

@@ -1,0 +1,160 @@
+"""Reading and writing artifacts in a storage location.
+
+A file is written under a temporary name (`.name.partial`, never mistaken for an artifact),
+hashed as bytes pass, fsynced, then renamed into place: a reader sees a whole file or none.
+"""
+
+import hashlib
+import os
+import shutil
+from pathlib import Path, PurePosixPath
+
+from django.conf import settings
+
+PARTIAL_SUFFIX = ".partial"
+
+
+class StorageError(Exception):
+    """A location cannot take or give a file; the message names it and what to do."""
+
+
+def safe_key(key: str) -> str:
+    """Keys are relative POSIX paths without '..': they can never leave the location's root."""
+    parts = PurePosixPath(key).parts
+    if not key or PurePosixPath(key).is_absolute() or ".." in parts:
+        raise StorageError(f"refusing storage key {key!r}: it must be a relative path without '..'")
+    return key
+
+
+class AtomicWriter:
+    """Write-hash-fsync-rename. Use as a context manager; call commit() when complete."""
+
+    def __init__(self, final: Path, capacity_left=None):
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.capacity_left = capacity_left
+        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # 0600: only the service user reads artifacts, even though they are encrypted.
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.file = os.fdopen(fd, "wb", buffering=0)
+
+    def write(self, chunk: bytes):
+        if self.capacity_left is not None and self.size + len(chunk) > self.capacity_left:
+            raise StorageError(
+                f"{self.final.parent} reached the location's configured capacity: raise it in the admin or free space"
+            )
+        self.file.write(chunk)
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+
+    def commit(self):
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if self.final.exists():
+            raise StorageError(f"{self.final} already exists: refusing to overwrite an artifact")
+        os.rename(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+        return self.size, self.sha256.hexdigest()
+
+    def abort(self):
+        if not self.file.closed:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None or not self.file.closed:
+            self.abort()
+        return False
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """A primary or NAS location: a directory under the configured roots."""
+
+    def __init__(self, location):
+        self.location = location
+        self.root = Path(location.path)
+
+    def path(self, key) -> Path:
+        return self.root / safe_key(key)
+
+    def uri(self, key) -> str:
+        return f"file://{self.path(key)}"
+
+    def writer(self, key) -> AtomicWriter:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
+
+    def open(self, key):
+        try:
+            return open(self.path(key), "rb")
+        except FileNotFoundError:
+            raise StorageError(f"{self.path(key)} is missing from location {self.location.name}") from None
+
+    def exists(self, key) -> bool:
+        return self.path(key).is_file()
+
+    def delete(self, key):
+        self.path(key).unlink(missing_ok=True)
+
+    def used_bytes(self) -> int:
+        from backups.models import BackupCopy
+
+        total = BackupCopy.objects.filter(location=self.location, status=BackupCopy.Status.OK).aggregate(
+            n=models_sum("size")
+        )["n"]
+        return total or 0
+
+    def capacity_left(self):
+        if not self.location.capacity_bytes:
+            return None
+        return max(self.location.capacity_bytes - self.used_bytes(), 0)
+
+    def usage(self):
+        """(free bytes, total bytes): the configured capacity when set, else the filesystem's."""
+        if self.location.capacity_bytes:
+            total = self.location.capacity_bytes
+            return max(total - self.used_bytes(), 0), total
+        probe = self.root
+        while not probe.exists():
+            probe = probe.parent
+        du = shutil.disk_usage(probe)
+        return du.free, du.total
+
+
+def models_sum(field):
+    from django.db.models import Sum
+
+    return Sum(field)
+
+
+def store_for(location):
+    if location.kind == "s3":
+        from backups.s3 import S3Store
+
+        return S3Store(location)
+    return FileStore(location)
+
+
+def clean_partials(root=None):
+    """Remove temporary files left by killed writers: they were never artifacts."""
+    root = Path(root or settings.BACKUP_ROOT)
+    removed = 0
+    if root.exists():
+        for tmp in root.rglob(f".*{PARTIAL_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -1,0 +1,66 @@
+"""django-q2 tasks: thin wrappers over the runner, named by dotted path in schedules."""
+
+from django_q.models import Schedule
+from django_q.tasks import async_task
+
+from backups.models import BackupRun, BackupSchedule, Server
+from backups.runner import Outcome, RunRefused, claim, claim_waiting, execute
+
+
+def enqueue_backup(server, kind, actor):
+    """A DBA's "Back up now": claim the lock now (so a second click is told), run on a worker."""
+    try:
+        run = claim(server, kind, trigger=BackupRun.Trigger.MANUAL, actor=actor)
+    except RunRefused as e:
+        return Outcome(False, str(e), e.run)
+    async_task("backups.tasks.run_backup", run.pk, task_name=f"backup {server.name} {kind} #{run.pk}")
+    return Outcome(True, f"{BackupRun.Kind(kind).label} backup of {server} queued as run #{run.pk}.", run)
+
+
+def run_backup(run_id):
+    run = execute(BackupRun.objects.select_related("server").get(pk=run_id))
+    return {"id": run.pk, "status": run.status, "error": run.error}
+
+
+def scheduled_job(server_name, job, scheduled_for=None):
+    """What every per-server schedule calls. Two workers handed the same occurrence run it once."""
+    server = Server.objects.get(name=server_name)
+    if not server.enabled:
+        return "server disabled"
+    if job in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE, BackupRun.Kind.INCREMENTAL):
+        try:
+            run = claim_waiting(server, job, actor=f"job:{job}", scheduled_for=scheduled_for)
+        except RunRefused as e:
+            return str(e)
+        return execute(run).status
+    if job in (BackupSchedule.Job.RESTORE_TEST, BackupSchedule.Job.MONTHLY_RESTORE_TEST):
+        from restores.tasks import run_restore_test
+
+        return run_restore_test(server.name, monthly=job == BackupSchedule.Job.MONTHLY_RESTORE_TEST)
+    raise ValueError(f"unknown job {job!r}")
+
+
+def sync_schedule(schedule):
+    """Keep django-q2's Schedule row in step with our BackupSchedule (idempotent by name)."""
+    q = Schedule.objects.filter(name=schedule.q_name).first()
+    if not schedule.enabled:
+        if q is not None:
+            q.delete()
+        return None
+    fields = {
+        "func": "backups.tasks.scheduled_job",
+        "args": repr((schedule.server.name, schedule.job)),
+        "schedule_type": Schedule.CRON,
+        "cron": schedule.cron,
+        "repeats": -1,
+        "intended_date_kwarg": "scheduled_for",
+    }
+    if q is None:
+        return Schedule.objects.create(name=schedule.q_name, **fields)
+    changed = any(getattr(q, k) != v for k, v in fields.items())
+    if changed:
+        for k, v in fields.items():
+            setattr(q, k, v)
+        q.next_run = None  # recomputed from the new cron on save
+        q.save()
+    return q

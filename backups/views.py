@@ -1,0 +1,64 @@
+from django.contrib import messages
+from django.http import JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from backupportal.roles import require_perm
+from backups.models import BackupRun, Server
+
+
+def server_detail(request, name):
+    server = get_object_or_404(Server, name=name)
+    runs = server.runs.order_by("-created_at")[:20]
+    return render(
+        request,
+        "backups/server.html",
+        {
+            "health": server.health(),
+            "server": server,
+            "runs": runs,
+            "schedules": server.schedules.all(),
+            "kinds": BackupRun.Kind,
+        },
+    )
+
+
+@require_POST
+@require_perm("backups.run_backup")
+def backup_now(request, name):
+    from backups.tasks import enqueue_backup
+
+    server = get_object_or_404(Server, name=name)
+    kind = request.POST.get("kind", BackupRun.Kind.LOGICAL)
+    if kind not in BackupRun.Kind.values:
+        messages.error(request, f"Unknown backup kind {kind!r}: choose logical, base or incremental.")
+        return redirect(server)
+    result = enqueue_backup(server, kind, actor=request.user.get_username())
+    if not result.ok:
+        messages.warning(request, result.message)
+        return redirect(result.run or server)
+    messages.success(request, result.message)
+    return redirect(result.run)
+
+
+def run_detail(request, run_id):
+    run = get_object_or_404(BackupRun.objects.select_related("server"), pk=run_id)
+    copies = run.copies.select_related("location").order_by("location__name", "artifact")
+    return render(request, "backups/run.html", {"run": run, "copies": copies})
+
+
+def run_progress(request, run_id):
+    """Polled by the run page while the run is active: no manual reload."""
+    run = get_object_or_404(BackupRun, pk=run_id)
+    duration = run.duration
+    return JsonResponse(
+        {
+            "id": run.pk,
+            "status": run.status,
+            "bytes_done": run.bytes_done,
+            "size": run.size,
+            "elapsed_s": round(duration.total_seconds(), 1) if duration else 0,
+            "error": run.error,
+            "done": run.status in (BackupRun.Status.SUCCEEDED, BackupRun.Status.FAILED),
+        }
+    )

@@ -1,0 +1,47 @@
+from django.contrib import admin
+
+from backups.admin import ReadOnlyHistoryAdmin
+from restores.models import DrDrill, DrDrillStep, RestoreRequest, RestoreRun, RestoreTest
+
+
+@admin.register(RestoreRequest)
+class RestoreRequestAdmin(ReadOnlyHistoryAdmin):
+    # Requests are made, approved and rejected on the portal's pages, where the four-eyes
+    # rule is enforced; here they are read.
+    list_display = ["id", "server", "destination", "status", "requested_by", "requested_at", "decided_by", "decided_at"]
+    list_filter = ["status", "destination", "server"]
+    list_select_related = ["server", "requested_by", "decided_by"]
+
+
+@admin.register(RestoreRun)
+class RestoreRunAdmin(ReadOnlyHistoryAdmin):
+    list_display = ["id", "kind", "server", "status", "into_database", "into_datadir", "created_at", "duration_s"]
+    list_filter = ["kind", "status", "server"]
+    list_select_related = ["server"]
+
+
+@admin.register(RestoreTest)
+class RestoreTestAdmin(ReadOnlyHistoryAdmin):
+    list_display = ["id", "server", "backup_run", "status", "monthly", "started_at", "duration_s"]
+    list_filter = ["status", "monthly", "server"]
+    list_select_related = ["server"]
+
+
+class DrDrillStepInline(admin.TabularInline):
+    model = DrDrillStep
+    extra = 0
+
+
+@admin.register(DrDrill)
+class DrDrillAdmin(admin.ModelAdmin):
+    list_display = ["title", "server", "started_at", "finished_at", "logged_by"]
+    inlines = [DrDrillStepInline]
+    readonly_fields = ["logged_by"]
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            obj.logged_by = request.user
+        super().save_model(request, obj, form, change)

@@ -1,0 +1,188 @@
+"""Restores (requested by one DBA, approved by another), restore tests and DR drills."""
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.utils import timezone
+
+
+class RestoreRequest(models.Model):
+    """A DBA's request to restore; only an approved request runs, and never by its author."""
+
+    class Destination(models.TextChoices):
+        NEW_DATABASE = "new_database", "A new database"
+        SANDBOX_CLUSTER = "sandbox_cluster", "A new sandbox cluster (PITR)"
+        REPLACE = "replace", "Replace the production database"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Waiting for approval"
+        APPROVED = "approved", "Approved"
+        REJECTED = "rejected", "Rejected"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    server = models.ForeignKey("backups.Server", on_delete=models.PROTECT, related_name="restore_requests")
+    backup_run = models.ForeignKey(
+        "backups.BackupRun", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    target_time = models.DateTimeField(null=True, blank=True, help_text="PITR: the moment to recover to")
+    destination = models.CharField(max_length=16, choices=Destination.choices)
+    target_database = models.CharField(max_length=63, blank=True)
+    into_server = models.ForeignKey("backups.Server", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    reason = models.TextField()
+
+    status = models.CharField(max_length=9, choices=Status.choices, default=Status.PENDING)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    requested_at = models.DateTimeField(default=timezone.now)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-requested_at"]
+        indexes = [models.Index(fields=["status", "-requested_at"], name="request_status")]
+        permissions = [
+            ("request_restore", "Can request a restore"),
+            ("approve_restore", "Can approve or reject another DBA's restore request"),
+        ]
+
+    def __str__(self):
+        return f"Restore request #{self.pk} ({self.server}, {self.get_destination_display()})"
+
+
+class RestoreRun(models.Model):
+    """One execution of a restore: logical into a new database, PITR into a new cluster, or a swap."""
+
+    class Kind(models.TextChoices):
+        LOGICAL = "logical", "Logical into a new database"
+        PITR = "pitr", "Point in time into a new cluster"
+        REPLACE = "replace", "Replace production"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    kind = models.CharField(max_length=7, choices=Kind.choices)
+    status = models.CharField(max_length=9, choices=Status.choices, default=Status.QUEUED)
+    server = models.ForeignKey("backups.Server", on_delete=models.PROTECT, related_name="restore_runs")
+    backup_run = models.ForeignKey(
+        "backups.BackupRun", null=True, blank=True, on_delete=models.PROTECT, related_name="restores"
+    )
+    request = models.ForeignKey(RestoreRequest, null=True, blank=True, on_delete=models.PROTECT, related_name="runs")
+    into_server = models.ForeignKey("backups.Server", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    into_database = models.CharField(max_length=63, blank=True)
+    into_datadir = models.CharField(max_length=500, blank=True)
+    port = models.IntegerField(null=True, blank=True)
+    target = models.CharField(max_length=100, blank=True, help_text="time, latest, LSN or restore point")
+    recovered_to = models.CharField(max_length=100, blank=True)
+    requested_by = models.CharField(max_length=150, blank=True)
+
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    bytes_done = models.BigIntegerField(default=0)
+    error = models.TextField(blank=True)
+    notes = models.TextField(blank=True, help_text="e.g. which copy was read, fallbacks")
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["server", "-created_at"], name="restore_server_created")]
+
+    def __str__(self):
+        return f"Restore #{self.pk} {self.kind} {self.status}"
+
+    @property
+    def duration_s(self):
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+class RestoreTest(models.Model):
+    """Proof that a backup restores: restore it somewhere scratch, check it, time it."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "Running"
+        PASSED = "passed", "Passed"
+        FAILED = "failed", "Failed"
+
+    server = models.ForeignKey("backups.Server", on_delete=models.PROTECT, related_name="restore_tests")
+    backup_run = models.ForeignKey(
+        "backups.BackupRun", null=True, blank=True, on_delete=models.PROTECT, related_name="restore_tests"
+    )
+    status = models.CharField(max_length=7, choices=Status.choices, default=Status.RUNNING)
+    monthly = models.BooleanField(default=False, help_text="the strategy's monthly full restore test")
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration_s = models.FloatField(null=True, blank=True, help_text="the measured RTO")
+    checks = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        indexes = [models.Index(fields=["server", "-started_at"], name="restoretest_server_started")]
+
+    def __str__(self):
+        return f"Restore test #{self.pk} {self.server} {self.status}"
+
+
+class DrDrill(models.Model):
+    """A disaster-recovery drill, following the strategy's eight steps."""
+
+    STEPS = [
+        ("assessment", "Assessment"),
+        ("communication", "Communication"),
+        ("recovery_environment", "Recovery environment"),
+        ("database_restore", "Database restore"),
+        ("application_deployment", "Application deployment"),
+        ("validation", "Validation"),
+        ("go_live", "Go-live"),
+        ("post_recovery", "Post-recovery"),
+    ]
+
+    title = models.CharField(max_length=200)
+    server = models.ForeignKey("backups.Server", null=True, blank=True, on_delete=models.PROTECT, related_name="drills")
+    scenario = models.TextField(blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    critical_restored_at = models.DateTimeField(
+        null=True, blank=True, help_text="when user authentication and core operations were back"
+    )
+    finished_at = models.DateTimeField(null=True, blank=True, help_text="when the full system was back")
+    restore_runs = models.ManyToManyField(RestoreRun, blank=True, related_name="drills")
+    lessons_learned = models.TextField(blank=True)
+    logged_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+
+    class Meta:
+        ordering = ["-started_at"]
+        permissions = [("log_drill", "Can log a DR drill")]
+
+    def __str__(self):
+        return self.title
+
+    def clean(self):
+        if self.finished_at and self.finished_at < self.started_at:
+            raise ValidationError({"finished_at": "The drill cannot finish before it started."})
+
+
+class DrDrillStep(models.Model):
+    drill = models.ForeignKey(DrDrill, on_delete=models.CASCADE, related_name="steps")
+    step = models.CharField(max_length=32, choices=DrDrill.STEPS)
+    who = models.CharField(max_length=150, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(
+        max_length=10, choices=[("ok", "OK"), ("issues", "With issues"), ("failed", "Failed")], blank=True
+    )
+    notes = models.TextField(blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["drill", "step"], name="one_row_per_drill_step")]
+
+    def __str__(self):
+        return f"{self.drill}: {self.get_step_display()}"

@@ -1,0 +1,17 @@
+"""Settings for the test suite: the real settings, pointed at a throwaway var/ directory."""
+
+import os
+import tempfile
+
+_var = tempfile.mkdtemp(prefix="bp-test-var-")
+os.chmod(_var, 0o755)  # the postgres OS user (archive command, restored clusters) must traverse it
+os.environ.setdefault("VAR_DIR", _var)
+os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
+os.environ.setdefault("WHITENOISE_USE_FINDERS", "true")
+os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
+
+from backupportal.settings import *  # noqa: E402,F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+Q_CLUSTER = {**Q_CLUSTER, "sync": True}  # noqa: F405  tasks run inline unless a test starts a real worker
