@@ -7,8 +7,8 @@ import subprocess
 import pytest
 from django.core.management import call_command
 
-from backups.models import BackupCopy, BackupRun
 from backupportal.lib import sampledata
+from backups.models import BackupCopy, BackupRun
 
 
 def backup_json(name="maldives", kind="logical"):
