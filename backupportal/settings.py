@@ -170,6 +170,14 @@ S3_SSE = env.str("S3_SSE", default="")
 S3_STORAGE_CLASS = env.str("S3_STORAGE_CLASS", default="")
 # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION are read by boto3 itself
 # from the environment, so the secret never passes through settings or the database.
+# Objects past the threshold go up by multipart upload, one part in memory at a time.
+S3_MULTIPART_THRESHOLD = env.int("S3_MULTIPART_THRESHOLD", default=8 * 1024 * 1024)
+S3_PART_SIZE = env.int("S3_PART_SIZE", default=8 * 1024 * 1024)
+# A dead endpoint must fail a copy in seconds (the worker retries it later), not hang a worker:
+# refused at once; no answer to connect, 3 x 5 s; connected but silent, 3 x 10 s.
+S3_CONNECT_TIMEOUT = env.int("S3_CONNECT_TIMEOUT", default=5)
+S3_READ_TIMEOUT = env.int("S3_READ_TIMEOUT", default=10)
+S3_MAX_ATTEMPTS = env.int("S3_MAX_ATTEMPTS", default=3)
 
 # Encryption: a passphrase file (0600) for symmetric AES-256, or public-key recipients.
 BACKUP_PASSPHRASE_FILE = env.str("BACKUP_PASSPHRASE_FILE", default="")

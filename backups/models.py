@@ -301,6 +301,9 @@ class StorageLocation(models.Model):
         if self.kind == self.Kind.S3:
             if not self.bucket:
                 raise ValidationError({"bucket": "An S3 location needs a bucket name."})
+            from backups.s3 import check_options
+
+            check_options(self)
             return
         if not self.path:
             raise ValidationError({"path": "A filesystem location needs a directory path."})

@@ -37,7 +37,8 @@ class Tool:
     stderr_tail: deque = field(default_factory=lambda: deque(maxlen=30))
 
     def start(self):
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        # Neither our own libpq settings nor the S3 credentials are any business of the client tool.
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "AWS_"))}
         full_env.update(self.env)
         try:
             self.proc = subprocess.Popen(

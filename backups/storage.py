@@ -18,6 +18,10 @@ class StorageError(Exception):
     """A location cannot take or give a file; the message names it and what to do."""
 
 
+class MissingArtifact(StorageError):
+    """The catalog has a copy here, but the location does not have the file."""
+
+
 def safe_key(key: str) -> str:
     """Keys are relative POSIX paths without '..': they can never leave the location's root."""
     parts = PurePosixPath(key).parts
@@ -81,11 +85,26 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-class FileStore:
-    """A primary or NAS location: a directory under the configured roots."""
+class Store:
+    """What every kind of location shares: the space the catalog says the portal uses there."""
 
     def __init__(self, location):
         self.location = location
+
+    def used_bytes(self) -> int:
+        return catalogued_bytes(self.location)
+
+    def capacity_left(self):
+        if not self.location.capacity_bytes:
+            return None
+        return max(self.location.capacity_bytes - self.used_bytes(), 0)
+
+
+class FileStore(Store):
+    """A primary or NAS location: a directory under the configured roots."""
+
+    def __init__(self, location):
+        super().__init__(location)
         self.root = Path(location.path)
 
     def path(self, key) -> Path:
@@ -94,7 +113,19 @@ class FileStore:
     def uri(self, key) -> str:
         return f"file://{self.path(key)}"
 
+    def check(self):
+        """The directory is under the configured roots (settings may have changed since it was saved)."""
+        from django.core.exceptions import ValidationError
+
+        from backups.models import check_storage_path
+
+        try:
+            check_storage_path(self.location.path)
+        except ValidationError as e:
+            raise StorageError(f"location {self.location.name}: {e.messages[0]}") from None
+
     def writer(self, key) -> AtomicWriter:
+        self.check()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
 
@@ -102,7 +133,7 @@ class FileStore:
         try:
             return open(self.path(key), "rb")
         except FileNotFoundError:
-            raise StorageError(f"{self.path(key)} is missing from location {self.location.name}") from None
+            raise MissingArtifact(f"{self.path(key)} is missing from location {self.location.name}") from None
 
     def exists(self, key) -> bool:
         return self.path(key).is_file()
@@ -110,35 +141,30 @@ class FileStore:
     def delete(self, key):
         self.path(key).unlink(missing_ok=True)
 
-    def used_bytes(self) -> int:
-        from backups.models import BackupCopy
-
-        total = BackupCopy.objects.filter(location=self.location, status=BackupCopy.Status.OK).aggregate(
-            n=models_sum("size")
-        )["n"]
-        return total or 0
-
-    def capacity_left(self):
-        if not self.location.capacity_bytes:
-            return None
-        return max(self.location.capacity_bytes - self.used_bytes(), 0)
-
     def usage(self):
-        """(free bytes, total bytes): the configured capacity when set, else the filesystem's."""
-        if self.location.capacity_bytes:
-            total = self.location.capacity_bytes
-            return max(total - self.used_bytes(), 0), total
+        """(free bytes, total bytes).
+
+        With a configured capacity, the total is that capacity and the free space is what is
+        left of it, or the filesystem's free space when that is smaller.
+        """
         probe = self.root
         while not probe.exists():
             probe = probe.parent
-        du = shutil.disk_usage(probe)
-        return du.free, du.total
+        disk = shutil.disk_usage(probe)
+        if self.location.capacity_bytes:
+            return min(self.capacity_left(), disk.free), self.location.capacity_bytes
+        return disk.free, disk.total
 
 
-def models_sum(field):
+def catalogued_bytes(location) -> int:
+    """What the catalog says the portal keeps in a location (copies not yet deleted)."""
     from django.db.models import Sum
 
-    return Sum(field)
+    from backups.models import BackupCopy
+
+    kept = [BackupCopy.Status.OK, BackupCopy.Status.BAD]
+    total = BackupCopy.objects.filter(location=location, status__in=kept).aggregate(n=Sum("size"))["n"]
+    return total or 0
 
 
 def store_for(location):
@@ -158,3 +184,40 @@ def clean_partials(root=None):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+# The strategy's alert: "Insufficient storage space (< 20% free)".
+MIN_FREE_FRACTION = 0.20
+
+
+def check_storage():
+    """Measure every enabled location; open or resolve its "storage_low" alert. One dict per location.
+
+    Filesystem locations count their filesystem (or their configured capacity); an S3 bucket
+    counts only against a configured capacity, and is otherwise unbounded.
+    """
+    from backupportal.alerts import raise_alert, resolve_alert
+    from backups.models import StorageLocation
+
+    results = []
+    for location in StorageLocation.objects.filter(enabled=True):
+        usage = store_for(location).usage()
+        if usage is None:
+            results.append({"location": location.name, "free": None, "total": None, "free_pct": None, "ok": True})
+            continue
+        free, total = usage
+        fraction = free / total if total else 0.0
+        ok = fraction >= MIN_FREE_FRACTION
+        if ok:
+            resolve_alert("storage_low", location=location)
+        else:
+            raise_alert(
+                "storage_low",
+                location=location,
+                message=f"Location {location.name} has {fraction:.0%} free ({free} of {total} bytes): "
+                f"under {MIN_FREE_FRACTION:.0%}. Free space, raise its capacity, or let retention run.",
+            )
+        results.append(
+            {"location": location.name, "free": free, "total": total, "free_pct": round(100 * fraction, 1), "ok": ok}
+        )
+    return results

@@ -158,3 +158,100 @@ def sample_cluster(pg_cluster):
 def server(sample_cluster, db):
     """The sample cluster, registered with the portal as 'maldives'."""
     return register(sample_cluster)
+
+
+# --- Storage tiers: a NAS directory and a real S3-compatible server (moto, over HTTP). ------
+
+# Distinctive, so a test can prove it never shows up anywhere.
+S3_SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRETKEY-4242"
+
+
+class MotoS3:
+    """moto's S3 in server mode on 127.0.0.1, reached over HTTP by real boto3; stoppable and restartable.
+
+    Its state lives in this process, so buckets and objects survive a stop/start on the same
+    port: an endpoint that went down and came back.
+    """
+
+    def __init__(self):
+        from backupportal.lib.pgcluster import free_port
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop()
+            self.server._server.server_close()  # release the port: connections are refused, as when a host is down
+            self.server = None
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
+    server = MotoS3()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """Dummy credentials in the environment, where boto3's own chain finds them."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTBACKUPPORTAL")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def s3_client(s3_server, s3_env):
+    """A plain boto3 client, as an operator would use: no portal code."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_server.endpoint)
+
+
+@pytest.fixture
+def nas_root(settings):
+    root = Path(tempfile.mkdtemp(prefix="bp-nas-"))
+    settings.NAS_ROOT = str(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def tiers(settings, backup_root, nas_root, s3_server, s3_client):
+    """Primary, NAS and S3 locations, created from the environment settings as in production."""
+    import uuid
+    from types import SimpleNamespace
+
+    from backups.models import StorageLocation
+
+    bucket = f"backups-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket)
+    settings.S3_BUCKET = bucket
+    settings.S3_ENDPOINT_URL = s3_server.endpoint
+    settings.S3_PREFIX = "backupportal/"
+    StorageLocation.sync_from_settings()
+    yield SimpleNamespace(
+        primary=backup_root,
+        nas=nas_root,
+        bucket=bucket,
+        s3=s3_client,
+        server=s3_server,
+        locations={loc.kind: loc for loc in StorageLocation.objects.all()},
+    )
+    if s3_server.server is None:  # a test that stopped the endpoint leaves it running for the next
+        s3_server.start()

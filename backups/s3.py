@@ -1,0 +1,271 @@
+"""S3-compatible offsite storage (AWS S3, DigitalOcean Spaces, MinIO) through boto3.
+
+S3Store has FileStore's interface. A writer streams a multipart upload, holding one part in
+memory at a time, and aborts the upload on any failure, so a half-written object is never
+visible. Credentials come only from boto3's own chain (AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY in the environment, a profile, an instance role): never from the
+database, settings or argv. Timeouts and retries are bounded so that a dead endpoint fails
+a copy in seconds; the copy is then retried later by the worker.
+"""
+
+import functools
+import hashlib
+import io
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from django.conf import settings
+
+from backupportal.lib.redact import redact
+from backups.storage import MissingArtifact, StorageError, Store, safe_key
+
+# S3 refuses parts under 5 MiB (all but the last) and more than 10,000 parts per object.
+MIN_PART_SIZE = 5 * 1024 * 1024
+# The part size doubles every this many parts: 8 MiB parts carry the first 8 GiB, and a
+# stream of unknown length still fits in 10,000 parts up to about 8 TiB.
+PARTS_PER_SIZE = 1000
+# Objects written in these classes cannot be read back without a restore request, so they
+# could neither be verified weekly nor restored from in an emergency.
+UNREADABLE_STORAGE_CLASSES = {"GLACIER", "DEEP_ARCHIVE"}
+SSE_CHOICES = {"AES256", "aws:kms", "aws:kms:dsse"}
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_BAD_CREDENTIALS = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
+
+
+@functools.lru_cache(maxsize=16)
+def _client(endpoint_url, region, addressing_style, connect_timeout, read_timeout, max_attempts):
+    # A session per client: boto3's default session is not thread-safe, clients are.
+    config = Config(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        s3={"addressing_style": addressing_style},
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
+    )
+
+
+class S3Store(Store):
+    """An S3-compatible location: bucket, prefix, endpoint and options from its StorageLocation."""
+
+    def __init__(self, location):
+        super().__init__(location)
+        self.bucket = location.bucket
+        prefix = location.prefix.strip("/")
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.endpoint = location.endpoint_url or "AWS S3"
+        # MinIO and most S3-compatible services want path-style URLs; AWS prefers virtual hosts.
+        self.client = _client(
+            location.endpoint_url,
+            location.region,
+            "path" if location.endpoint_url else "auto",
+            settings.S3_CONNECT_TIMEOUT,
+            settings.S3_READ_TIMEOUT,
+            settings.S3_MAX_ATTEMPTS,
+        )
+
+    def object_key(self, key) -> str:
+        return self.prefix + safe_key(key)
+
+    def uri(self, key) -> str:
+        return f"s3://{self.bucket}/{self.object_key(key)}"
+
+    def object_options(self) -> dict:
+        options = {}
+        if self.location.sse:
+            options["ServerSideEncryption"] = self.location.sse
+        if self.location.storage_class:
+            options["StorageClass"] = self.location.storage_class
+        return options
+
+    def call(self, operation, **kwargs):
+        """One S3 API call; any failure becomes a StorageError with one line saying what to do."""
+        try:
+            return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
+        except (ClientError, BotoCoreError) as e:
+            raise self.error(e, operation, kwargs.get("Key")) from None
+
+    def error(self, e, operation, key=None):
+        where = f"s3://{self.bucket}" + (f"/{key}" if key else "")
+        if isinstance(e, NoCredentialsError):
+            return StorageError(
+                f"no S3 credentials for location {self.location.name}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY in the worker's environment (or give it an instance role)"
+            )
+        if not isinstance(e, ClientError):
+            return StorageError(redact(f"cannot reach the S3 endpoint {self.endpoint} ({operation} {where}): {e}"))
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code == "NoSuchBucket" or (code in _NOT_FOUND and key is None):
+            return StorageError(
+                f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}: create it, or correct the "
+                f"bucket of storage location {self.location.name}"
+            )
+        if code in _NOT_FOUND:
+            return MissingArtifact(f"{where} is missing from location {self.location.name}")
+        if code in _BAD_CREDENTIALS:
+            return StorageError(
+                f"S3 refused access to {where} ({code}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "in the worker's environment and the bucket's policy"
+            )
+        message = e.response.get("Error", {}).get("Message", "")
+        return StorageError(redact(f"S3 {operation} of {where} failed: {code} {message}".strip()))
+
+    def check(self):
+        """Is the bucket there and ours to use? A StorageError with one line when not."""
+        self.call("head_bucket")
+
+    def writer(self, key):
+        return S3Writer(self, self.object_key(key))
+
+    def open(self, key):
+        """A streaming GET: a file-like object read in chunks, never the whole object at once."""
+        response = self.call("get_object", Key=self.object_key(key))
+        return S3Body(self, response["Body"], self.object_key(key))
+
+    def exists(self, key) -> bool:
+        try:
+            self.call("head_object", Key=self.object_key(key))
+        except MissingArtifact:
+            return False
+        return True
+
+    def delete(self, key):
+        # Deleting a key that is not there succeeds in S3: deletion is idempotent.
+        self.call("delete_object", Key=self.object_key(key))
+
+    def usage(self):
+        """(free, total) against the configured capacity; None when the bucket is unbounded."""
+        if not self.location.capacity_bytes:
+            return None
+        return self.capacity_left(), self.location.capacity_bytes
+
+
+class S3Body(io.IOBase):
+    """A GET's body as a binary file: read(n), close(), a context manager; errors as StorageError."""
+
+    def __init__(self, store, body, object_key):
+        super().__init__()
+        self.store, self.body, self.object_key = store, body, object_key
+
+    def read(self, n=-1):
+        try:
+            return self.body.read(n if n and n > 0 else None)
+        except (BotoCoreError, OSError) as e:
+            raise self.store.error(e, "get_object", self.object_key) from None
+
+    def close(self):
+        self.body.close()
+        super().close()
+
+
+class S3Writer:
+    """write(chunk) / commit() -> (size, sha256) / abort(), like AtomicWriter.
+
+    Small objects go up in one PUT at commit. Past the multipart threshold, each full part
+    is uploaded as soon as it is buffered, so memory holds one part whatever the file's size.
+    """
+
+    def __init__(self, store, object_key):
+        self.store, self.object_key = store, object_key
+        self.threshold = settings.S3_MULTIPART_THRESHOLD
+        self.base_part_size = max(settings.S3_PART_SIZE, MIN_PART_SIZE)
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.buffer = bytearray()
+        self.upload_id = None
+        self.parts = []
+        self.done = False
+        self.capacity_left = store.capacity_left()
+
+    def write(self, chunk: bytes):
+        if self.capacity_left is not None and self.size + len(chunk) > self.capacity_left:
+            raise StorageError(
+                f"location {self.store.location.name} reached its configured capacity: raise it in the admin or free space"
+            )
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+        self.buffer += chunk
+        if len(self.buffer) >= max(self.threshold, self.part_size) or (
+            self.upload_id and len(self.buffer) >= self.part_size
+        ):
+            self._upload_parts(final=False)
+
+    @property
+    def part_size(self):
+        return self.base_part_size * 2 ** (len(self.parts) // PARTS_PER_SIZE)
+
+    def _upload_parts(self, final):
+        if self.upload_id is None:
+            response = self.store.call("create_multipart_upload", Key=self.object_key, **self.store.object_options())
+            self.upload_id = response["UploadId"]
+        while len(self.buffer) >= self.part_size or (final and self.buffer):
+            with memoryview(self.buffer) as view:
+                body = bytes(view[: self.part_size])  # one copy, not a slice and then a copy
+            del self.buffer[: self.part_size]
+            number = len(self.parts) + 1
+            response = self.store.call(
+                "upload_part", Key=self.object_key, UploadId=self.upload_id, PartNumber=number, Body=body
+            )
+            self.parts.append({"PartNumber": number, "ETag": response["ETag"]})
+
+    def commit(self):
+        if self.upload_id is None and self.size < self.threshold:
+            self.store.call("put_object", Key=self.object_key, Body=bytes(self.buffer), **self.store.object_options())
+        else:
+            self._upload_parts(final=True)
+            self.store.call(
+                "complete_multipart_upload",
+                Key=self.object_key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self.parts},
+            )
+        self.done = True
+        self.buffer = bytearray()
+        return self.size, self.sha256.hexdigest()
+
+    @property
+    def multipart(self):
+        return self.upload_id is not None
+
+    def abort(self):
+        """Drop the upload: S3 keeps no object and discards the parts sent so far."""
+        self.buffer = bytearray()
+        if self.upload_id is not None and not self.done:
+            try:
+                self.store.call("abort_multipart_upload", Key=self.object_key, UploadId=self.upload_id)
+            except StorageError:
+                # The endpoint is gone too: the parts stay invisible (never an object) until the
+                # bucket's lifecycle rule for incomplete uploads removes them.
+                pass
+        self.done = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.done:
+            self.abort()
+        return False
+
+
+def check_options(location):
+    """Static checks of an S3 location's fields (no network): a ValidationError naming the field."""
+    from django.core.exceptions import ValidationError
+
+    if location.sse and location.sse not in SSE_CHOICES:
+        raise ValidationError(
+            {"sse": f"Unknown server-side encryption {location.sse!r}: use AES256 or aws:kms, or leave it empty."}
+        )
+    if location.storage_class.upper() in UNREADABLE_STORAGE_CLASSES:
+        raise ValidationError(
+            {
+                "storage_class": f"{location.storage_class} objects cannot be read without a restore request, so "
+                "they could not be verified or restored from: use STANDARD_IA or GLACIER_IR."
+            }
+        )
+    if location.endpoint_url and not location.endpoint_url.startswith(("https://", "http://")):
+        raise ValidationError(
+            {"endpoint_url": "The endpoint URL must start with https:// (or http:// for a local test)."}
+        )
