@@ -8,6 +8,12 @@ def sync_locations(sender, **kwargs):
     StorageLocation.sync_from_settings()
 
 
+def sync_storage_schedules(sender, **kwargs):
+    from backups.tasks import ensure_storage_schedules
+
+    ensure_storage_schedules()
+
+
 class BackupsConfig(AppConfig):
     name = "backups"
     verbose_name = "Backups"
@@ -15,3 +21,5 @@ class BackupsConfig(AppConfig):
     def ready(self):
         # The locations the environment describes exist after every migrate.
         post_migrate.connect(sync_locations, sender=self, dispatch_uid="backups.sync_locations")
+        # Copy retries every minute and the weekly verification: rows of django-q2's Schedule.
+        post_migrate.connect(sync_storage_schedules, sender=self, dispatch_uid="backups.sync_storage_schedules")

@@ -1,64 +1,291 @@
-"""Copies of artifacts to the other tiers (NAS, S3), each with its own state and sha256.
+"""Copies of artifacts in every storage location (primary, NAS, S3), each with its own state and sha256.
 
-A copy never fails or blocks the backup it copies: its failure is on the copy row.
+Every artifact of a run (the dump, its globals; a base backup's files) and every WAL segment
+is a BackupCopy row per location. The primary copy is written by the backup itself; the
+others are made here, by the worker or in the foreground, and retried with exponential
+backoff. A copy never fails or blocks the backup it copies: its failure is on the copy row
+and in the "upload_failed" alert of its location.
+
+Reading goes through open_first_healthy(): the first healthy copy in the order primary →
+NAS → S3, hashed while it streams, so a corrupt copy is caught and marked bad.
+Retention goes through delete_run_artifacts(): every copy in every location, S3 included.
 """
 
+import hashlib
+import io
+import time
+from datetime import timedelta
+
+from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import journal
-from backups.models import BackupCopy, StorageLocation
-from backups.storage import StorageError, store_for
+from backupportal.alerts import raise_alert, resolve_alert
+from backups.models import BackupCopy, BackupRun, StorageLocation, WalSegment
+from backups.storage import MissingArtifact, StorageError, store_for
 
 CHUNK = 1024 * 1024
+# Retries: 1, 2, 4 ... minutes after each failed attempt, never more than an hour apart.
+RETRY_BASE = timedelta(minutes=1)
+RETRY_MAX = timedelta(hours=1)
+# A copy being made is leased to its worker; the lease is renewed while bytes flow, so a
+# copy whose worker died is taken up again once the lease runs out.
+LEASE = timedelta(minutes=10)
+RENEW_EVERY = 30  # seconds
+
+
+class ChecksumMismatch(StorageError):
+    """A copy's bytes do not hash to the sha256 catalogued for it."""
+
+
+# --- Whose copies: a backup run, or a WAL segment. -----------------------------------------
+
+
+def owner_of(copy):
+    return copy.run if copy.run_id else copy.wal_segment
+
+
+def owner_filter(owner):
+    return {"wal_segment": owner} if isinstance(owner, WalSegment) else {"run": owner}
+
+
+def owner_is_live(owner):
+    if isinstance(owner, WalSegment):
+        return owner.deleted_at is None
+    return owner.is_good
 
 
 def secondary_locations():
     return StorageLocation.objects.filter(enabled=True).exclude(kind=StorageLocation.Kind.PRIMARY)
 
 
-def plan_copies(run):
-    """One pending copy row per artifact of the run and secondary location."""
-    sources = list(run.copies.filter(status=BackupCopy.Status.OK, location__kind=StorageLocation.Kind.PRIMARY))
+def in_read_order(copies):
+    return sorted(copies, key=lambda c: (c.location.read_order, c.location.name))
+
+
+def healthy_copies(owner, artifact):
+    qs = BackupCopy.objects.filter(artifact=artifact, status=BackupCopy.Status.OK, location__enabled=True)
+    return in_read_order(qs.filter(**owner_filter(owner)).select_related("location"))
+
+
+# --- Reading: the first healthy copy, verified as it streams. -----------------------------
+
+
+class VerifiedReader(io.IOBase):
+    """A copy's bytes as a binary file; at EOF the sha256 (and size) must match the catalog.
+
+    On a mismatch the copy is marked bad and read() raises ChecksumMismatch; the error is
+    also kept in `.error` for callers (such as python-gnupg's feeder thread) that swallow it.
+    `.note` says which copies were skipped to get here; empty when the first one was read.
+    """
+
+    def __init__(self, copy, stream, note="", actor="job:verify"):
+        super().__init__()
+        self.copy, self.stream, self.note, self.actor = copy, stream, note, actor
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.verified = False
+        self.error = None
+
+    def read(self, n=CHUNK):
+        if self.error is not None:
+            raise self.error
+        chunk = self.stream.read(n)
+        if chunk:
+            self.sha256.update(chunk)
+            self.size += len(chunk)
+        elif not self.verified:
+            self._check()
+        return chunk
+
+    def _check(self):
+        digest, expected = self.sha256.hexdigest(), self.copy.sha256
+        if digest == expected and (self.copy.size is None or self.size == self.copy.size):
+            self.verified = True
+            return
+        self.error = ChecksumMismatch(
+            f"{self.copy.location.name} copy {self.copy.key}: sha256 {digest[:12]}… over {self.size} bytes, "
+            f"catalogued {expected[:12]}… over {self.copy.size} bytes"
+        )
+        mark_bad(self.copy, str(self.error), actor=self.actor)
+        raise self.error
+
+    def close(self):
+        self.stream.close()
+        super().close()
+
+
+def open_first_healthy(owner, artifact="main", exclude=None, actor="job:restore"):
+    """Open the first healthy copy of `owner`'s artifact (primary → NAS → S3) as a VerifiedReader.
+
+    A copy that is missing is marked bad and skipped; one that cannot be reached (S3 down)
+    is skipped. The reader's `.note` tells the restore which copy it read and why.
+    A mismatch found at EOF cannot fall back mid-stream: the caller starts again, and this
+    function then skips the copy just marked bad.
+    """
+    skipped = []
+    for copy in healthy_copies(owner, artifact):
+        if exclude is not None and copy.pk == exclude.pk:
+            continue
+        try:
+            stream = store_for(copy.location).open(copy.key)
+        except MissingArtifact as e:
+            mark_bad(copy, str(e), actor=actor)
+            skipped.append(f"{copy.location.name} copy missing")
+            continue
+        except (OSError, StorageError) as e:
+            skipped.append(f"{copy.location.name} unreadable ({e})")
+            continue
+        note = ""
+        if skipped:
+            note = f"read from {copy.location.name}: " + "; ".join(skipped)
+            record("copy_fallback", copy, actor, note=note)
+        return VerifiedReader(copy, stream, note, actor=actor)
+    why = "; ".join(skipped) or "no healthy copy is catalogued"
+    raise StorageError(f"no healthy copy of {owner} ({artifact}) in any location: {why}")
+
+
+def record(action, copy, actor, outcome="ok", **details):
+    """Journal what happened to one copy, naming its server and location."""
+    journal.record(
+        action,
+        actor=actor,
+        obj=copy,
+        server=owner_of(copy).server.name,
+        outcome=outcome,
+        location=copy.location.name,
+        key=copy.key,
+        **details,
+    )
+
+
+def mark_bad(copy, why, actor="job:verify"):
+    """A copy that is missing or corrupt: bad in the catalog, journaled, "corruption" raised."""
+    owner = owner_of(copy)
+    BackupCopy.objects.filter(pk=copy.pk).update(status=BackupCopy.Status.BAD, last_error=why[:2000])
+    copy.status, copy.last_error = BackupCopy.Status.BAD, why[:2000]
+    record("copy_bad", copy, actor, outcome="failed", error=why)
+    raise_alert("corruption", server=owner.server, message=f"Bad copy of {owner} in {copy.location.name}: {why}")
+
+
+# --- Copying: plan a row per artifact and location, then make it, retrying with backoff. ----
+
+
+def plan_copies(owner):
+    """One copy row per artifact of `owner` and enabled secondary location (idempotent)."""
+    if not owner_is_live(owner):
+        return
+    sources = {}
+    for copy in in_read_order(
+        BackupCopy.objects.filter(status=BackupCopy.Status.OK, **owner_filter(owner)).select_related("location")
+    ):
+        sources.setdefault(copy.artifact, copy)
     for location in secondary_locations():
-        for source in sources:
+        for artifact, source in sources.items():
             BackupCopy.objects.get_or_create(
-                run=run, location=location, artifact=source.artifact, defaults={"key": source.key, "size": source.size}
+                location=location,
+                artifact=artifact,
+                **owner_filter(owner),
+                defaults={"key": source.key, "size": source.size},
             )
 
 
-def copy_one(copy):
-    """Stream the primary's file to the copy's location, hashing on the way. Returns the copy."""
-    source = BackupCopy.objects.select_related("location").get(
-        run=copy.run, artifact=copy.artifact, location__kind=StorageLocation.Kind.PRIMARY, status=BackupCopy.Status.OK
+def backoff(attempts):
+    return min(RETRY_BASE * 2 ** max(attempts - 1, 0), RETRY_MAX)
+
+
+def _claimable(now):
+    todo = Q(status__in=[BackupCopy.Status.PENDING, BackupCopy.Status.FAILED])
+    return todo | Q(status=BackupCopy.Status.COPYING, next_attempt_at__lte=now)
+
+
+def _claim(copy, now):
+    """Take the copy for this worker; False if another worker has it (or it is done)."""
+    claimed = (
+        BackupCopy.objects.filter(_claimable(now), pk=copy.pk, attempts=copy.attempts)
+        .filter(**{"run__deleted_at": None} if copy.run_id else {"wal_segment__deleted_at": None})
+        .update(status=BackupCopy.Status.COPYING, attempts=copy.attempts + 1, next_attempt_at=now + LEASE)
     )
-    copy.status, copy.attempts = BackupCopy.Status.COPYING, copy.attempts + 1
-    copy.save(update_fields=["status", "attempts"])
+    if claimed:
+        copy.status, copy.attempts = BackupCopy.Status.COPYING, copy.attempts + 1
+    return bool(claimed)
+
+
+def copy_one(copy, actor="job:copy", now=None):
+    """Stream the first healthy copy into this copy's location, verifying both ends. Returns the copy."""
+    now = now or timezone.now()
+    if not _claim(copy, now):
+        copy.refresh_from_db()
+        return copy
+    owner = owner_of(copy)
+    store = store_for(copy.location)
     try:
-        with store_for(source.location).open(source.key) as src, store_for(copy.location).writer(copy.key) as out:
+        if store.exists(copy.key):
+            # Left by an attempt that wrote the file but died before recording it: not an artifact yet.
+            store.delete(copy.key)
+        with open_first_healthy(owner, copy.artifact, exclude=copy, actor=actor) as src, store.writer(copy.key) as out:
+            renewed = time.monotonic()
             while chunk := src.read(CHUNK):
                 out.write(chunk)
+                if time.monotonic() - renewed > RENEW_EVERY:
+                    _renew_lease(copy)
+                    renewed = time.monotonic()
             size, sha256 = out.commit()
-        if sha256 != source.sha256:
-            raise StorageError(f"sha256 of the copy ({sha256[:12]}) differs from the primary's ({source.sha256[:12]})")
     except (OSError, StorageError) as e:
-        copy.status, copy.last_error = BackupCopy.Status.FAILED, str(e)[:2000]
-        copy.save(update_fields=["status", "last_error"])
-        journal.record(
-            "copy_failed", actor="job:copy", obj=copy, server=copy.run.server.name, outcome="failed", error=str(e)
-        )
-        return copy
-    copy.status, copy.size, copy.sha256, copy.copied_at, copy.last_error = (
-        BackupCopy.Status.OK,
-        size,
-        sha256,
-        timezone.now(),
-        "",
+        return _copy_failed(copy, owner, e, actor)
+    return _copy_made(copy, owner, store, size, sha256, src.copy, actor)
+
+
+def _renew_lease(copy):
+    BackupCopy.objects.filter(pk=copy.pk, status=BackupCopy.Status.COPYING).update(
+        next_attempt_at=timezone.now() + LEASE
     )
-    copy.save(update_fields=["status", "size", "sha256", "copied_at", "last_error"])
-    journal.record(
-        "copy_made", actor="job:copy", obj=copy, server=copy.run.server.name, location=copy.location.name, sha256=sha256
+
+
+def _copy_made(copy, owner, store, size, sha256, source, actor):
+    owner.refresh_from_db(fields=["deleted_at"])
+    made = BackupCopy.objects.filter(pk=copy.pk, status=BackupCopy.Status.COPYING).update(
+        status=BackupCopy.Status.OK,
+        size=size,
+        sha256=sha256,
+        copied_at=timezone.now(),
+        next_attempt_at=None,
+        last_error="",
+    )
+    if not made or owner.deleted_at is not None:
+        # Retention removed the artifact while it was being copied: take the new copy away too.
+        store.delete(copy.key)
+        BackupCopy.objects.filter(pk=copy.pk).update(status=BackupCopy.Status.DELETED)
+        copy.refresh_from_db()
+        return copy
+    copy.refresh_from_db()
+    record("copy_made", copy, actor, source=source.location.name, size=size, sha256=sha256, attempt=copy.attempts)
+    if not BackupCopy.objects.filter(location=copy.location, status=BackupCopy.Status.FAILED).exists():
+        resolve_alert("upload_failed", location=copy.location)
+    return copy
+
+
+def _copy_failed(copy, owner, error, actor):
+    retry_at = timezone.now() + backoff(copy.attempts)
+    BackupCopy.objects.filter(pk=copy.pk, status=BackupCopy.Status.COPYING).update(
+        status=BackupCopy.Status.FAILED, last_error=str(error)[:2000], next_attempt_at=retry_at
+    )
+    copy.refresh_from_db()
+    record("copy_failed", copy, actor, outcome="failed", attempt=copy.attempts, retry_at=retry_at, error=str(error))
+    raise_alert(
+        "upload_failed",
+        location=copy.location,
+        message=f"Copy of {owner} ({copy.artifact}) to {copy.location.name} failed on attempt {copy.attempts}: "
+        f"{error}. Next attempt at {timezone.localtime(retry_at):%Y-%m-%d %H:%M:%S}.",
     )
     return copy
+
+
+def copy_pending(owner, actor="job:copy"):
+    """Make every copy of `owner` that is not made yet, now. Returns the copies tried."""
+    todo = BackupCopy.objects.filter(_claimable(timezone.now()), location__enabled=True, **owner_filter(owner))
+    todo = todo.select_related("location")
+    return [copy_one(c, actor=actor) for c in todo]
 
 
 def copy_run_foreground(run):
@@ -66,7 +293,104 @@ def copy_run_foreground(run):
     if not run.is_good:
         return []
     plan_copies(run)
-    return [
-        copy_one(c)
-        for c in run.copies.exclude(location__kind=StorageLocation.Kind.PRIMARY).exclude(status=BackupCopy.Status.OK)
-    ]
+    return copy_pending(run, actor=run.requested_by or "job:copy")
+
+
+def enqueue_copies(owner):
+    """After a backup (or a WAL ingest) on a worker: plan its copies and queue them."""
+    from django_q.tasks import async_task
+
+    if not owner_is_live(owner):
+        return
+    plan_copies(owner)
+    kind = "wal" if isinstance(owner, WalSegment) else "run"
+    async_task("backups.tasks.make_copies", kind, owner.pk, task_name=f"copies of {kind} #{owner.pk}")
+
+
+def plan_missing_copies(limit=100):
+    """Artifacts a newly enabled location does not have yet: plan their copies (a few per call)."""
+    planned = 0
+    for location in secondary_locations():
+        runs = BackupRun.objects.good().exclude(copies__location=location).filter(copies__status="ok")
+        segments = WalSegment.objects.filter(deleted_at=None).exclude(copies__location=location)
+        for owner in [*runs.distinct()[:limit], *segments.filter(copies__status="ok").distinct()[:limit]]:
+            plan_copies(owner)
+            planned += 1
+    return planned
+
+
+def retry_due_copies(now=None, limit=200):
+    """The minute schedule: copies and deletions whose next attempt is due. Returns a summary."""
+    now = now or timezone.now()
+    plan_missing_copies()
+    live = Q(run__deleted_at=None, run__isnull=False) | Q(wal_segment__deleted_at=None, wal_segment__isnull=False)
+    due = Q(next_attempt_at=None) | Q(next_attempt_at__lte=now)
+    copies = (
+        BackupCopy.objects.filter(_claimable(now), live, due, location__enabled=True)
+        .select_related("location")
+        .order_by("next_attempt_at")[:limit]
+    )
+    made = [copy_one(c, now=now) for c in copies]
+    deleted = retry_deletions(now, limit)
+    return {
+        "copied": sum(c.status == BackupCopy.Status.OK for c in made),
+        "failed": sum(c.status == BackupCopy.Status.FAILED for c in made),
+        "deleted": deleted,
+    }
+
+
+# --- Retention: every copy in every location. ----------------------------------------------
+
+
+def delete_copy(copy, actor):
+    """Remove one copy from its location; on failure keep the row for a later retry. True when gone."""
+    if copy.attempts or copy.status in (BackupCopy.Status.OK, BackupCopy.Status.BAD):
+        try:
+            store_for(copy.location).delete(copy.key)
+        except (OSError, StorageError) as e:
+            retry_at = timezone.now() + backoff(copy.attempts or 1)
+            BackupCopy.objects.filter(pk=copy.pk).update(
+                last_error=f"delete failed: {e}"[:2000], next_attempt_at=retry_at
+            )
+            record("copy_delete_failed", copy, actor, outcome="failed", error=str(e))
+            return False
+    BackupCopy.objects.filter(pk=copy.pk).update(status=BackupCopy.Status.DELETED, next_attempt_at=None)
+    copy.status = BackupCopy.Status.DELETED
+    record("copy_deleted", copy, actor)
+    return True
+
+
+def delete_artifacts(owner, actor):
+    """Retire `owner` (a run or a WAL segment) and delete every copy of it from every location.
+
+    The owner is marked deleted first, so nothing restores from it or copies it again; a copy
+    whose location is unreachable stays catalogued and is deleted by the retry schedule.
+    """
+    if owner.deleted_at is None:
+        owner.deleted_at = timezone.now()
+        owner.save(update_fields=["deleted_at"])
+        action = "wal_deleted" if isinstance(owner, WalSegment) else "run_deleted"
+        journal.record(action, actor=actor, obj=owner, server=owner.server.name)
+    copies = BackupCopy.objects.filter(**owner_filter(owner)).exclude(status=BackupCopy.Status.DELETED)
+    results = {c.location.name + ":" + c.artifact: delete_copy(c, actor) for c in copies.select_related("location")}
+    return {
+        "deleted": sorted(k for k, ok in results.items() if ok),
+        "failed": sorted(k for k, ok in results.items() if not ok),
+    }
+
+
+def delete_run_artifacts(run, actor):
+    """Retention's entry point for a backup run: see delete_artifacts()."""
+    return delete_artifacts(run, actor)
+
+
+def retry_deletions(now, limit=200):
+    """Copies of retired runs and segments that a location refused to delete before."""
+    retired = Q(run__deleted_at__isnull=False) | Q(wal_segment__deleted_at__isnull=False)
+    due = Q(next_attempt_at=None) | Q(next_attempt_at__lte=now)
+    todo = (
+        BackupCopy.objects.filter(retired, due)
+        .exclude(status=BackupCopy.Status.DELETED)
+        .select_related("location")[:limit]
+    )
+    return sum(delete_copy(c, "job:retention") for c in todo)

@@ -19,7 +19,16 @@ def enqueue_backup(server, kind, actor):
 
 def run_backup(run_id):
     run = execute(BackupRun.objects.select_related("server").get(pk=run_id))
+    after_backup(run)
     return {"id": run.pk, "status": run.status, "error": run.error}
+
+
+def after_backup(run):
+    """A good run's copies to the other tiers are queued; they never hold up the backup."""
+    from backups.copies import enqueue_copies
+
+    if run.is_good:
+        enqueue_copies(run)
 
 
 def scheduled_job(server_name, job, scheduled_for=None):
@@ -32,7 +41,9 @@ def scheduled_job(server_name, job, scheduled_for=None):
             run = claim_waiting(server, job, actor=f"job:{job}", scheduled_for=scheduled_for)
         except RunRefused as e:
             return str(e)
-        return execute(run).status
+        run = execute(run)
+        after_backup(run)
+        return run.status
     if job in (BackupSchedule.Job.RESTORE_TEST, BackupSchedule.Job.MONTHLY_RESTORE_TEST):
         from restores.tasks import run_restore_test
 
@@ -64,3 +75,65 @@ def sync_schedule(schedule):
         q.next_run = None  # recomputed from the new cron on save
         q.save()
     return q
+
+
+# --- Storage tiers: copies, verification, free space. ------------------------------------
+
+
+def make_copies(kind, owner_id):
+    """Make the copies of one run ("run") or WAL segment ("wal") now."""
+    from backups.copies import copy_pending
+    from backups.models import WalSegment
+
+    model = WalSegment if kind == "wal" else BackupRun
+    owner = model.objects.filter(pk=owner_id).first()
+    if owner is None:
+        return "gone"
+    return [c.status for c in copy_pending(owner)]
+
+
+def retry_copies():
+    from backups.copies import retry_due_copies
+
+    return retry_due_copies()
+
+
+def enqueue_verify(run, actor):
+    """The portal's "Verify copies now" (run page and admin action)."""
+    if run.deleted_at is not None or not run.copies.exists():
+        return Outcome(False, f"Run #{run.pk} has no copies to verify (failed, or deleted by retention).", run)
+    async_task("backups.tasks.verify_copies", run.pk, actor, task_name=f"verify run #{run.pk}")
+    return Outcome(True, f"Verification of run #{run.pk} queued: each copy's status and time show below.", run)
+
+
+def verify_copies(run_id=None, actor="job:verify"):
+    """The weekly integrity check (every copy), or one run's when a DBA asks for it."""
+    from backups.verify import verify_all, verify_run
+
+    if run_id is None:
+        return verify_all(actor=actor)
+    return verify_run(BackupRun.objects.get(pk=run_id), actor=actor)
+
+
+# The schedules of the storage tiers, created by name after every migrate.
+STORAGE_SCHEDULES = {
+    "storage:retry_copies": {"func": "backups.tasks.retry_copies", "schedule_type": Schedule.MINUTES, "minutes": 1},
+    # Weekly, Sunday 04:00 (TIME_ZONE), after the night's backups: the strategy's integrity check.
+    "storage:verify_weekly": {
+        "func": "backups.tasks.verify_copies",
+        "schedule_type": Schedule.CRON,
+        "cron": "0 4 * * 0",
+    },
+}
+
+
+def ensure_storage_schedules():
+    for name, fields in STORAGE_SCHEDULES.items():
+        q = Schedule.objects.filter(name=name).first()
+        if q is None:
+            Schedule.objects.create(name=name, repeats=-1, **fields)
+        elif any(getattr(q, k) != v for k, v in fields.items()):
+            for k, v in fields.items():
+                setattr(q, k, v)
+            q.next_run = None
+            q.save()

@@ -7,4 +7,5 @@ urlpatterns = [
     path("servers/<str:name>/backup/", views.backup_now, name="backup-now"),
     path("runs/<int:run_id>/", views.run_detail, name="run"),
     path("runs/<int:run_id>/progress.json", views.run_progress, name="run-progress"),
+    path("runs/<int:run_id>/verify/", views.verify_run, name="verify-run"),
 ]

@@ -62,3 +62,15 @@ def run_progress(request, run_id):
             "done": run.status in (BackupRun.Status.SUCCEEDED, BackupRun.Status.FAILED),
         }
     )
+
+
+@require_POST
+@require_perm("backups.run_backup")
+def verify_run(request, run_id):
+    """A DBA asks for one run's copies to be re-read now, on a worker."""
+    from backups.tasks import enqueue_verify
+
+    run = get_object_or_404(BackupRun, pk=run_id)
+    result = enqueue_verify(run, actor=request.user.get_username())
+    (messages.success if result.ok else messages.warning)(request, result.message)
+    return redirect(run)

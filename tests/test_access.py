@@ -19,6 +19,7 @@ EDITABLE = {
 # POST actions of the portal and who may do them.
 ACTIONS = {
     "backup-now": {"DBA"},
+    "verify-run": {"DBA"},
 }
 ROLES = ["DBA", "Sysadmin", "Auditor"]
 
@@ -65,6 +66,7 @@ def portal_urls(catalog):
         "backup-now": [catalog["server"].name],
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
+        "verify-run": [catalog["run"].pk],
     }
     urls = []
     for name in named_patterns():

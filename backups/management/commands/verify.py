@@ -1,0 +1,44 @@
+"""Re-read copies on every tier and compare their sha256: manage.py verify [RUN_ID] [--json]."""
+
+import getpass
+
+from backupportal.lib.commands import PortalCommand, fail
+from backups.models import BackupRun
+from backups.verify import verify_all, verify_run
+
+
+class Command(PortalCommand):
+    help = "Re-read every copy (or one run's) in every storage location and compare its sha256."
+
+    def add_arguments(self, parser):
+        parser.add_argument("run_id", nargs="?", type=int, help="verify only this backup run's copies")
+
+    def run(self, run_id=None, **options):
+        actor = f"os:{getpass.getuser()}"
+        if run_id is None:
+            result = verify_all(actor=actor)
+        else:
+            run = BackupRun.objects.filter(pk=run_id).first()
+            if run is None:
+                fail(f"unknown run #{run_id}: see the runs list for the ids")
+            if run.deleted_at is not None:
+                fail(f"run #{run_id} was deleted by retention on {run.deleted_at:%Y-%m-%d}: nothing is left to verify")
+            if not run.copies.exists():
+                fail(f"run #{run_id} is {run.status} and has no copies to verify")
+            result = verify_run(run, actor=actor)
+        if result["bad"] or result["unreachable"]:
+            self.stderr.write(
+                f"verify: {result['bad']} bad and {result['unreachable']} unreachable of {result['checked']} copies"
+            )
+            result["exit_code"] = 1
+        return result
+
+    def describe(self, result):
+        what = f"run #{result['run']}" if result["run"] else "all copies"
+        lines = [
+            f"Verified {what}: {result['ok']} ok, {result['bad']} bad, {result['unreachable']} unreachable "
+            f"of {result['checked']} in {result['duration_s']} s"
+        ]
+        for c in result["copies"]:
+            lines.append(f"  {c['location']} {c['artifact']} {c['key']}: {c['status']} {c['error']}".rstrip())
+        return lines

@@ -1,0 +1,153 @@
+"""Storage locations in the admin (Sysadmins), verifying from the portal (DBAs), and the S3 secret kept out of sight."""
+
+import logging
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.urls import reverse
+
+from backupportal.models import Alert, JournalEntry
+from backups.models import BackupCopy, BackupRun, StorageLocation
+from backups.storage import StorageError, store_for
+from tests.conftest import S3_SECRET
+from tests.test_logical_backup import backup_json
+
+
+def location_form(**fields):
+    data = {
+        "name": "",
+        "kind": "nas",
+        "path": "",
+        "bucket": "",
+        "prefix": "",
+        "endpoint_url": "",
+        "region": "",
+        "sse": "",
+        "storage_class": "",
+        "capacity_bytes": "",
+        "enabled": "on",
+    }
+    return data | fields
+
+
+def add_location(client, **fields):
+    return client.post(reverse("admin:backups_storagelocation_add"), location_form(**fields))
+
+
+def test_the_nas_location_comes_from_nas_root(tiers):
+    nas = StorageLocation.objects.get(name="nas")
+    assert nas.kind == "nas" and nas.path == str(tiers.nas)
+    assert store_for(nas).uri("maldives/x.gpg") == f"file://{tiers.nas}/maldives/x.gpg"
+
+
+def test_a_sysadmin_adds_a_nas_location_under_nas_root(client, sam, tiers):
+    client.force_login(sam)
+    response = add_location(client, name="nas2", path=str(tiers.nas / "second"))
+    assert response.status_code == 302, response.content.decode()[:3000]
+    location = StorageLocation.objects.get(name="nas2")
+    assert JournalEntry.objects.get(action="location_added", actor="sam").object_id == str(location.pk)
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/etc/backups", "is outside the allowed roots"),
+        ("{nas}/../escape", "contains &#x27;..&#x27;"),
+        ("relative/dir", "is relative"),
+    ],
+)
+def test_a_storage_path_outside_the_roots_is_refused(client, sam, tiers, path, message):
+    client.force_login(sam)
+    response = add_location(client, name="bad", path=path.format(nas=tiers.nas))
+    assert response.status_code == 200 and message in response.content.decode()
+    assert not StorageLocation.objects.filter(name="bad").exists()
+
+
+def test_a_location_left_outside_the_roots_by_a_settings_change_refuses_writes(tiers, settings):
+    nas = StorageLocation.objects.get(name="nas")
+    settings.NAS_ROOT = ""
+    with pytest.raises(StorageError, match="location nas: Storage path .* is outside the allowed roots"):
+        store_for(nas).writer("x")
+
+
+def test_an_s3_bucket_that_does_not_exist_is_refused_when_the_location_is_saved(client, sam, tiers):
+    client.force_login(sam)
+    response = add_location(
+        client, name="offsite2", kind="s3", bucket="no-such-bucket", endpoint_url=tiers.server.endpoint
+    )
+    assert response.status_code == 200
+    assert "S3 bucket &#x27;no-such-bucket&#x27; does not exist at" in response.content.decode()
+    assert not StorageLocation.objects.filter(name="offsite2").exists()
+    response = add_location(client, name="offsite2", kind="s3", bucket=tiers.bucket, endpoint_url=tiers.server.endpoint)
+    assert response.status_code == 302
+    assert StorageLocation.objects.filter(name="offsite2", kind="s3").exists()
+
+
+def test_a_dba_verifies_a_run_from_the_portal_and_from_the_admin(
+    client, alice, charlie, sam, server, passphrase_file, tiers
+):
+    run = BackupRun.objects.get(pk=backup_json()["id"])
+    url = reverse("verify-run", args=[run.pk])
+
+    client.force_login(charlie)
+    assert client.post(url).status_code == 403
+    assert not JournalEntry.objects.filter(action="verify").exists()
+
+    client.force_login(alice)
+    assert b"Verify copies now" in client.get(run.get_absolute_url()).content
+    response = client.post(url, follow=True)
+    assert b"Verification of run" in response.content
+    entry = JournalEntry.objects.get(action="verify", actor="alice")
+    assert entry.details == {"checked": 6, "bad": 0, "unreachable": 0}
+    assert run.copies.filter(verified_at__isnull=False).count() == 6
+
+    changelist = reverse("admin:backups_backuprun_changelist")
+    response = client.post(changelist, {"action": "verify_copies", "_selected_action": [run.pk]}, follow=True)
+    assert response.status_code == 200
+    assert JournalEntry.objects.filter(action="verify", actor="alice").count() == 2
+
+    # A Sysadmin does not run verifications.
+    client.force_login(sam)
+    assert b"verify_copies" not in client.get(changelist).content
+    client.post(changelist, {"action": "verify_copies", "_selected_action": [run.pk]})
+    assert not JournalEntry.objects.filter(action="verify", actor="sam").exists()
+
+
+def test_the_s3_secret_key_never_appears_anywhere(client, sam, server, passphrase_file, tiers, caplog, capfd):
+    caplog.set_level(logging.DEBUG)  # boto3's own debug log included
+    out, err = StringIO(), StringIO()
+    call_command("backup", "maldives", "--json", stdout=out, stderr=err)
+    tiers.server.stop()  # failures: their messages, alerts and journal entries too
+    try:
+        call_command("backup", "maldives", "--json", stdout=out, stderr=err)
+    except SystemExit:
+        pass
+    try:
+        call_command("verify", "--json", stdout=out, stderr=err)
+    except SystemExit:
+        pass
+    tiers.server.start()
+
+    assert BackupCopy.objects.filter(status="failed").exists(), "the failure path was exercised"
+    texts = [out.getvalue(), err.getvalue(), caplog.text, "".join(capfd.readouterr())]
+    texts += [str(e.__dict__) for e in JournalEntry.objects.all()]
+    texts += [a.message for a in Alert.objects.all()]
+    texts += list(BackupCopy.objects.values_list("last_error", flat=True))
+    texts += [r.error + r.notes + str(r.details) for r in BackupRun.objects.all()]
+    client.force_login(sam)
+    s3 = StorageLocation.objects.get(name="s3")
+    for url in [
+        reverse("admin:backups_storagelocation_changelist"),
+        reverse("admin:backups_storagelocation_change", args=[s3.pk]),
+        reverse("admin:backups_backupcopy_changelist"),
+        reverse("admin:backupportal_journalentry_changelist"),
+        reverse("admin:backupportal_alert_changelist"),
+        BackupRun.objects.first().get_absolute_url(),
+    ]:
+        response = client.get(url)
+        assert response.status_code == 200, url
+        texts.append(response.content.decode())
+    assert "Making request" in caplog.text, "boto3's debug log was captured"
+    for text in texts:
+        assert S3_SECRET not in text
