@@ -70,3 +70,19 @@ def copy_run_foreground(run):
         copy_one(c)
         for c in run.copies.exclude(location__kind=StorageLocation.Kind.PRIMARY).exclude(status=BackupCopy.Status.OK)
     ]
+
+
+def delete_run_artifacts(run, actor):
+    """Delete every copy of a run from every location, then mark the run deleted. Journaled."""
+    for copy in run.copies.exclude(status=BackupCopy.Status.DELETED).select_related("location"):
+        store_for(copy.location).delete(copy.key)
+        copy.status = BackupCopy.Status.DELETED
+        copy.save(update_fields=["status"])
+        journal.record(
+            "copy_deleted", actor=actor, obj=copy, server=run.server.name, location=copy.location.name, key=copy.key
+        )
+    run.deleted_at = timezone.now()
+    run.save(update_fields=["deleted_at"])
+    journal.record(
+        "backup_deleted", actor=actor, obj=run, kind=run.kind, age_days=(run.deleted_at - run.finished_at).days
+    )
