@@ -28,16 +28,41 @@ def pipeline(cluster, passfile, level, gpg_compress):
     """pg_dump | gpg > /dev/null-like file; returns (seconds, bytes)."""
     out = Path(tempfile.mkdtemp()) / "out.gpg"
     dump = subprocess.Popen(
-        [str(pg_bin() / "pg_dump"), "-Fc", f"-Z{level}", "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres",
-         "reliabilitymaldives"],
+        [
+            str(pg_bin() / "pg_dump"),
+            "-Fc",
+            f"-Z{level}",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(cluster.port),
+            "-U",
+            "postgres",
+            "reliabilitymaldives",
+        ],
         stdout=subprocess.PIPE,
     )
     compress = ["--compress-algo", "zlib", "-z", "6"] if gpg_compress else ["--compress-algo", "none", "-z", "0"]
     start = time.monotonic()
     subprocess.run(
-        ["gpg", "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase-file", str(passfile), "--symmetric",
-         "--cipher-algo", "AES256", *S2K, *compress, "-o", str(out)],
-        stdin=dump.stdout, check=True,
+        [
+            "gpg",
+            "--batch",
+            "--yes",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase-file",
+            str(passfile),
+            "--symmetric",
+            "--cipher-algo",
+            "AES256",
+            *S2K,
+            *compress,
+            "-o",
+            str(out),
+        ],
+        stdin=dump.stdout,
+        check=True,
     )
     dump.wait()
     seconds = time.monotonic() - start
@@ -56,12 +81,20 @@ def main():
         cluster.start()
         cluster.create_database("reliabilitymaldives")
         with cluster.connect("reliabilitymaldives") as conn:
-            sampledata.create(conn, users=int(20000 * s), audit_logs=int(400000 * s), financial_records=int(200000 * s), attachment_every=5)
+            sampledata.create(
+                conn,
+                users=int(20000 * s),
+                audit_logs=int(400000 * s),
+                financial_records=int(200000 * s),
+                attachment_every=5,
+            )
             db_size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
         passfile = Path(tempfile.mkdtemp()) / "pass"
         passfile.write_text("bench-passphrase")
         os.chmod(passfile, 0o600)
-        variants = [("pg_dump -Z0, gpg zlib 6", 0, True)] + [(f"pg_dump -Z{z}, gpg none", z, False) for z in (6, 3, 1, 0, 3, 1)]
+        variants = [("pg_dump -Z0, gpg zlib 6", 0, True)] + [
+            (f"pg_dump -Z{z}, gpg none", z, False) for z in (6, 3, 1, 0, 3, 1)
+        ]
         rows = []
         for label, level, gpg_compress in variants:
             results = [pipeline(cluster, passfile, level, gpg_compress) for _ in range(args.runs)]

@@ -186,3 +186,19 @@ class DrDrillStep(models.Model):
 
     def __str__(self):
         return f"{self.drill}: {self.get_step_display()}"
+
+
+class ValidationCheck(models.Model):
+    """A DBA's own SQL check, run against every restored copy of a server's database."""
+
+    server = models.ForeignKey("backups.Server", on_delete=models.CASCADE, related_name="validation_checks")
+    name = models.CharField(max_length=100)
+    sql = models.TextField(help_text="A read-only query whose first column of the first row is compared.")
+    expected = models.CharField(max_length=200, help_text="The expected value, as text (e.g. 0, t, 5).")
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["server", "name"], name="one_check_name_per_server")]
+
+    def __str__(self):
+        return f"{self.server}: {self.name}"
