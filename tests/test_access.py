@@ -19,6 +19,7 @@ EDITABLE = {
 # POST actions of the portal and who may do them.
 ACTIONS = {
     "backup-now": {"DBA"},
+    "restore-test-now": {"DBA"},
     "restore-request-approve": {"DBA"},
     "restore-request-reject": {"DBA"},
 }
@@ -70,6 +71,7 @@ def portal_urls(catalog):
     args = {
         "server": [catalog["server"].name],
         "backup-now": [catalog["server"].name],
+        "restore-test-now": [catalog["server"].name],
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
         "restore-request": [request.pk],

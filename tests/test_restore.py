@@ -6,6 +6,7 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.urls import reverse
 
 from backupportal.lib import sampledata
 from backupportal.models import Alert
@@ -223,3 +224,18 @@ def test_the_monthly_test_runs_on_the_first_sunday_of_each_month_and_only_then()
     for d in fired:
         assert d.weekday() == 6 and d.day <= 7 and (d.hour, d.minute) == (3, 0), d
     assert [d.month for d in fired] == list(range(1, 13))
+
+
+def test_the_server_page_shows_the_last_test_its_rto_and_the_untested_backups(
+    client, alice, server, passphrase_file, backup_root
+):
+    first = take_backup()
+    client.force_login(alice)
+    client.post(reverse("restore-test-now", args=[server.name]))  # tasks run inline in tests
+    second = take_backup()
+    page = client.get(reverse("server", args=[server.name])).content.decode()
+    test = RestoreTest.objects.get()
+    assert test.status == "passed" and test.backup_run == first
+    assert "s against 240 min (critical)" in page and f"{test.duration_s:.0f}" in page.split("Measured RTO")[1][:60]
+    untested = page.split("Never restore-tested")[1].split("</tr>")[0]
+    assert f"#{second.pk}<" in untested and f"#{first.pk}<" not in untested
