@@ -175,7 +175,7 @@ def _restore_piped(reader, target, dbname, encryption, restore):
 
 def _restore_parallel(reader, target, dbname, encryption, restore):
     """pg_restore -j needs a seekable file: decrypt into a private scratch directory, removed after."""
-    scratch = Path(tempfile.mkdtemp(prefix="restore-", dir=_scratch_root()))
+    scratch = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=_scratch_root()))
     try:
         path = scratch / "dump"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -202,8 +202,13 @@ def _restore_parallel(reader, target, dbname, encryption, restore):
 
 
 def _scratch_root():
+    """The private scratch directory, cleared of what a killed restore left behind."""
     root = Path(settings.VAR_DIR) / "scratch"
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for leftover in root.glob("restore-*"):
+        pid = leftover.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(leftover, ignore_errors=True)
     return root
 
 

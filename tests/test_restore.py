@@ -2,6 +2,7 @@
 
 import json
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -34,13 +35,15 @@ def databases(cluster):
 
 
 def test_restore_into_a_new_database_has_every_row(server, sample_cluster, passphrase_file, backup_root, settings):
+    settings.RESTORE_JOBS = 1  # piped: no plaintext on disk at all
     run = take_backup()
     result = restore(str(run.pk), "--into-database", "restored_copy")
     assert result["status"] == "succeeded", result
     assert "sha256 verified" in result["notes"]
     with sample_cluster.connect("reliabilitymaldives") as a, sample_cluster.connect("restored_copy") as b:
         assert sampledata.counts(a) == sampledata.counts(b)
-    assert not list((settings.VAR_DIR / "scratch").glob("*")) if (settings.VAR_DIR / "scratch").exists() else True
+    scratch = Path(settings.VAR_DIR) / "scratch"
+    assert not scratch.exists() or not list(scratch.iterdir())
 
 
 def test_parallel_restore_uses_a_private_scratch_file_and_removes_it(
@@ -51,7 +54,19 @@ def test_parallel_restore_uses_a_private_scratch_file_and_removes_it(
     assert restore(str(run.pk), "--into-database", "restored_j2")["status"] == "succeeded"
     with sample_cluster.connect("restored_j2") as b:
         assert sampledata.counts(b)["audit_logs"] == run.details["row_counts"]["audit_logs"]
-    assert list((settings.VAR_DIR / "scratch").iterdir()) == []
+    assert list((Path(settings.VAR_DIR) / "scratch").iterdir()) == []
+
+
+def test_a_scratch_file_left_by_a_killed_restore_is_removed_by_the_next(server, passphrase_file, backup_root, settings):
+    settings.RESTORE_JOBS = 2
+    scratch = Path(settings.VAR_DIR) / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    dead = scratch / "restore-999999999-abc"
+    dead.mkdir()
+    (dead / "dump").write_bytes(b"PGDMP plaintext left by a SIGKILLed worker")
+    run = take_backup()
+    assert restore(str(run.pk), "--into-database", "after_kill")["status"] == "succeeded"
+    assert list(scratch.iterdir()) == []
 
 
 def test_restore_onto_another_server_brings_the_globals_first(
