@@ -34,8 +34,19 @@ LEASE = timedelta(minutes=10)
 RENEW_EVERY = 30  # seconds
 
 
-class ChecksumMismatch(StorageError):
+class CopyCorrupt(StorageError):
     """A copy's bytes do not hash to the sha256 catalogued for it."""
+
+    def __init__(self, copy, message):
+        super().__init__(message)
+        self.copy = copy
+        self.marked = False
+
+    def mark_bad(self, actor="job:restore"):
+        """Record it (once): called from the reader's close() or by the caller, never from gpg's thread."""
+        if not self.marked:
+            self.marked = True
+            mark_bad(self.copy, str(self), actor=actor)
 
 
 # --- Whose copies: a backup run, or a WAL segment. -----------------------------------------
@@ -63,7 +74,7 @@ def in_read_order(copies):
     return sorted(copies, key=lambda c: (c.location.read_order, c.location.name))
 
 
-def healthy_copies(owner, artifact):
+def healthy_copies(owner, artifact="main"):
     qs = BackupCopy.objects.filter(artifact=artifact, status=BackupCopy.Status.OK, location__enabled=True)
     return in_read_order(qs.filter(**owner_filter(owner)).select_related("location"))
 
@@ -74,8 +85,10 @@ def healthy_copies(owner, artifact):
 class VerifiedReader(io.IOBase):
     """A copy's bytes as a binary file; at EOF the sha256 (and size) must match the catalog.
 
-    On a mismatch the copy is marked bad and read() raises ChecksumMismatch; the error is
-    also kept in `.error` for callers (such as python-gnupg's feeder thread) that swallow it.
+    On a mismatch read() raises CopyCorrupt, also kept in `.error` for callers (such as
+    python-gnupg's feeder thread) that swallow it; close() marks the copy bad. The catalog is
+    written on close, not in read(), because read() may run in a thread of gpg's where a
+    database write would wait on the caller's own transaction.
     `.note` says which copies were skipped to get here; empty when the first one was read.
     """
 
@@ -103,14 +116,29 @@ class VerifiedReader(io.IOBase):
         if digest == expected and (self.copy.size is None or self.size == self.copy.size):
             self.verified = True
             return
-        self.error = ChecksumMismatch(
+        self.error = CopyCorrupt(
+            self.copy,
             f"{self.copy.location.name} copy {self.copy.key}: sha256 {digest[:12]}… over {self.size} bytes, "
-            f"catalogued {expected[:12]}… over {self.copy.size} bytes"
+            f"catalogued {expected[:12]}… over {self.copy.size} bytes",
         )
-        mark_bad(self.copy, str(self.error), actor=self.actor)
         raise self.error
 
+    def corrupt(self):
+        """After a failed read (gpg may stop first): the CopyCorrupt if the whole copy does not hash right, else None."""
+        if self.error is not None:
+            return self.error
+        try:
+            while self.read(CHUNK):  # hash what the consumer left unread
+                pass
+        except CopyCorrupt as e:
+            return e
+        except (OSError, StorageError):
+            return None
+        return None
+
     def close(self):
+        if self.error is not None:
+            self.error.mark_bad(self.actor)
         self.stream.close()
         super().close()
 
@@ -369,8 +397,11 @@ def delete_artifacts(owner, actor):
     if owner.deleted_at is None:
         owner.deleted_at = timezone.now()
         owner.save(update_fields=["deleted_at"])
-        action = "wal_deleted" if isinstance(owner, WalSegment) else "run_deleted"
-        journal.record(action, actor=actor, obj=owner, server=owner.server.name)
+        if isinstance(owner, WalSegment):
+            journal.record("wal_deleted", actor=actor, obj=owner, server=owner.server.name)
+        else:
+            age = (owner.deleted_at - (owner.finished_at or owner.created_at)).days
+            journal.record("backup_deleted", actor=actor, obj=owner, kind=owner.kind, age_days=age)
     copies = BackupCopy.objects.filter(**owner_filter(owner)).exclude(status=BackupCopy.Status.DELETED)
     results = {c.location.name + ":" + c.artifact: delete_copy(c, actor) for c in copies.select_related("location")}
     return {

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.alerts import resolve_alert
-from backups.copies import CHUNK, ChecksumMismatch, VerifiedReader, mark_bad, owner_of
+from backups.copies import CHUNK, CopyCorrupt, VerifiedReader, mark_bad, owner_of, record
 from backups.models import BackupCopy, Server
 from backups.storage import MissingArtifact, StorageError, store_for
 
@@ -27,13 +27,13 @@ def verify_copy(copy, actor="job:verify"):
     except MissingArtifact as e:
         mark_bad(copy, str(e), actor=actor)
         return "bad", str(e)
-    except ChecksumMismatch as e:  # the reader marked it bad
+    except CopyCorrupt as e:  # the reader marked it bad
         return "bad", str(e)
     except (OSError, StorageError) as e:
         return "unreachable", str(e)
     BackupCopy.objects.filter(pk=copy.pk).update(status=BackupCopy.Status.OK, verified_at=timezone.now(), last_error="")
     if copy.status == BackupCopy.Status.BAD:
-        journal.record("copy_good_again", actor=actor, obj=copy, server=owner_of(copy).server.name)
+        record("copy_good_again", copy, actor)
     return "ok", ""
 
 

@@ -20,6 +20,13 @@ EDITABLE = {
 ACTIONS = {
     "backup-now": {"DBA"},
     "verify-run": {"DBA"},
+    "restore-test-now": {"DBA"},
+    "restore-request-approve": {"DBA"},
+    "restore-request-reject": {"DBA"},
+}
+# GET pages only some roles may open (the rest: 403).
+RESTRICTED_PAGES = {
+    "restore-request-new": {"DBA"},
 }
 ROLES = ["DBA", "Sysadmin", "Auditor"]
 
@@ -61,12 +68,18 @@ def catalog(db, settings, tmp_path):
 
 def portal_urls(catalog):
     """(name, method, url) for every named pattern outside the admin."""
+    request, restore = catalog[RestoreRequest], catalog[RestoreRun]
     args = {
         "server": [catalog["server"].name],
         "backup-now": [catalog["server"].name],
+        "restore-test-now": [catalog["server"].name],
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
         "verify-run": [catalog["run"].pk],
+        "restore-request": [request.pk],
+        "restore-request-approve": [request.pk],
+        "restore-request-reject": [request.pk],
+        "restore-progress": [restore.pk],
     }
     urls = []
     for name in named_patterns():
@@ -105,7 +118,8 @@ def admin_urls(catalog):
 
 def test_every_portal_page_is_covered_by_the_matrix(catalog):
     names = set(named_patterns()) - {"login", "logout"}
-    assert names == {"dashboard", *ACTIONS, "server", "run", "run-progress"}, "a new page needs a line in this test"
+    pages = {"dashboard", "server", "run", "run-progress", "restore-requests", "restore-request", "restore-progress"}
+    assert names == pages | set(ACTIONS) | set(RESTRICTED_PAGES), "a new page needs a line in this test"
 
 
 def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
@@ -125,7 +139,8 @@ def test_each_role_gets_exactly_its_portal_access(client, catalog, role):
     for name, method, url in portal_urls(catalog):
         response = getattr(client, method)(url, {"kind": "logical"} if method == "post" else None)
         if method == "get":
-            assert response.status_code == 200, (role, url)
+            allowed = role in RESTRICTED_PAGES.get(name, {role})
+            assert response.status_code == (200 if allowed else 403), (role, url)
         elif role in ACTIONS[name]:
             assert response.status_code == 302, (role, url)
         else:

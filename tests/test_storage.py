@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from backupportal.lib import sampledata
 from backupportal.models import Alert, JournalEntry
-from backups.copies import ChecksumMismatch, delete_run_artifacts, open_first_healthy, retry_due_copies
+from backups.copies import CopyCorrupt, delete_run_artifacts, open_first_healthy, retry_due_copies
 from backups.models import BackupCopy, BackupRun
 from backups.storage import check_storage
 from tests.test_logical_backup import backup_json
@@ -162,9 +162,9 @@ def test_a_backup_on_a_worker_queues_its_copies(server, passphrase_file, tiers, 
 def test_the_storage_schedules_exist(db):
     from django_q.models import Schedule
 
-    retry = Schedule.objects.get(name="storage:retry_copies")
-    assert (retry.func, retry.schedule_type, retry.minutes) == ("backups.tasks.retry_copies", "I", 1)
-    weekly = Schedule.objects.get(name="storage:verify_weekly")
+    retry = Schedule.objects.get(name="copies-retry")
+    assert (retry.func, retry.schedule_type, retry.cron) == ("backups.tasks.retry_copies", "C", "* * * * *")
+    weekly = Schedule.objects.get(name="verify-weekly")
     assert (weekly.func, weekly.schedule_type, weekly.cron) == ("backups.tasks.verify_copies", "C", "0 4 * * 0")
 
 
@@ -264,7 +264,7 @@ def test_a_corrupt_primary_is_caught_while_streaming_and_the_next_read_falls_bac
     path.write_bytes(flip_byte(path.read_bytes()))
     reader = open_first_healthy(run)
     assert reader.copy.location.name == "primary"
-    with pytest.raises(ChecksumMismatch, match="primary copy"), reader:
+    with pytest.raises(CopyCorrupt, match="primary copy"), reader:
         while reader.read(65536):
             pass
     assert run.copies.get(location__kind="primary", artifact="main").status == "bad"
@@ -306,7 +306,7 @@ def test_retention_deletes_a_run_from_every_tier_and_journals_each_deletion(serv
     assert set(run.copies.values_list("status", flat=True)) == {"deleted"}
     entries = JournalEntry.objects.filter(action="copy_deleted", actor="job:retention")
     assert sorted(e.details["location"] for e in entries) == ["nas", "nas", "primary", "primary", "s3", "s3"]
-    assert JournalEntry.objects.filter(action="run_deleted", object_id=str(run.pk)).exists()
+    assert JournalEntry.objects.filter(action="backup_deleted", object_id=str(run.pk)).exists()
 
 
 def test_retention_with_s3_down_deletes_the_rest_and_retries_s3(server, passphrase_file, tiers):
