@@ -3,6 +3,7 @@ from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from backupportal.charts import server_charts
 from backupportal.roles import require_perm
 from backups.models import BackupRun, Server
 
@@ -19,6 +20,7 @@ def server_detail(request, name):
         "tests": tests,
         "last_test": tests[0] if tests else None,
         "untested": server.runs.good().filter(restore_tests=None).order_by("-finished_at")[:20],
+        "charts": server_charts(server),
     }
     return render(request, "backups/server.html", context)
 
