@@ -20,6 +20,7 @@ EDITABLE = {
 ACTIONS = {
     "backup-now": {"DBA"},
     "restore-test-now": {"DBA"},
+    "schedule-edit": {"DBA"},
     "restore-request-approve": {"DBA"},
     "restore-request-reject": {"DBA"},
 }
@@ -28,6 +29,7 @@ RESTRICTED_PAGES = {
     "restore-request-new": {"DBA"},
 }
 ROLES = ["DBA", "Sysadmin", "Auditor"]
+POST_DATA = {"kind": "logical", "job": "logical", "cron": "0 2 * * *", "enabled": "on"}
 
 
 @pytest.fixture
@@ -72,6 +74,7 @@ def portal_urls(catalog):
         "server": [catalog["server"].name],
         "backup-now": [catalog["server"].name],
         "restore-test-now": [catalog["server"].name],
+        "schedule-edit": [catalog["server"].name],
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
         "restore-request": [request.pk],
@@ -135,7 +138,7 @@ def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
 def test_each_role_gets_exactly_its_portal_access(client, catalog, role):
     client.force_login(make_user(f"user-{role.lower()}", role))
     for name, method, url in portal_urls(catalog):
-        response = getattr(client, method)(url, {"kind": "logical"} if method == "post" else None)
+        response = getattr(client, method)(url, POST_DATA if method == "post" else None)
         if method == "get":
             allowed = role in RESTRICTED_PAGES.get(name, {role})
             assert response.status_code == (200 if allowed else 403), (role, url)
