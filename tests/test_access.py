@@ -20,6 +20,29 @@ EDITABLE = {
 ACTIONS = {
     "backup-now": {"DBA"},
 }
+# Pages whose form only some roles get: both the GET and the POST need the right.
+FORMS = {
+    "drill-new": {"DBA", "Sysadmin"},
+    "drill-edit": {"DBA", "Sysadmin"},
+    "drill-step": {"DBA", "Sysadmin"},
+    "maintenance-complete": {"DBA", "Sysadmin"},
+}
+# Pages that send every reader on to another page.
+REDIRECTS = {"journal-object"}
+# Pages every role reads.
+READ = {
+    "dashboard",
+    "server",
+    "run",
+    "run-progress",
+    "journal",
+    "journal-export",
+    "journal-entry",
+    "drills",
+    "drill",
+    "drill-report",
+    "maintenance",
+}
 ROLES = ["DBA", "Sysadmin", "Auditor"]
 
 
@@ -48,31 +71,58 @@ def catalog(db, settings, tmp_path):
     )
     restore = RestoreRun.objects.create(kind="logical", server=server, backup_run=run)
     test = RestoreTest.objects.create(server=server, backup_run=run, status="passed")
-    drill = DrDrill.objects.create(title="drill", logged_by=owner)
+    drill = DrDrill.objects.create(title="drill", logged_by=owner, server=server)
     alert = Alert.objects.create(condition="backup_failed", subject="server:maldives", server=server, message="m")
-    task = MaintenanceTask.objects.create(kind="weekly_verify", due_at=timezone.now())
+    task = MaintenanceTask.objects.create(kind="weekly_verify", due_on=timezone.localdate())
     from backupportal import journal
 
-    entry = journal.record("test", actor="owner")
+    entry = journal.record("test", actor="owner", obj=server)
     objects = [server, schedule, run, location, copy, segment, request, restore, test, drill, alert, task, entry]
     return {type(o): o for o in objects} | {"server": server, "run": run}
 
 
 def portal_urls(catalog):
     """(name, method, url) for every named pattern outside the admin."""
+    drill, entry = catalog[DrDrill], catalog[JournalEntry]
     args = {
         "server": [catalog["server"].name],
         "backup-now": [catalog["server"].name],
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
+        "journal-entry": [entry.pk],
+        "journal-object": [entry.pk],
+        "drill": [drill.pk],
+        "drill-edit": [drill.pk],
+        "drill-report": [drill.pk],
+        "drill-step": [drill.pk, "assessment"],
+        "maintenance-complete": [catalog[MaintenanceTask].pk],
     }
     urls = []
     for name in named_patterns():
         if name in ("login", "logout"):
             continue
-        method = "post" if name in ACTIONS else "get"
-        urls.append((name, method, reverse(name, args=args.get(name, []))))
+        url = reverse(name, args=args.get(name, []))
+        if name not in ACTIONS:
+            urls.append((name, "get", url))
+        if name in ACTIONS or name in FORMS:
+            urls.append((name, "post", url))
     return urls
+
+
+def post_data(name, catalog):
+    """A valid POST for each action: the roles allowed must get through to the redirect."""
+    from django.utils import timezone
+
+    drill = catalog[DrDrill]
+    later = timezone.localtime(drill.started_at + timezone.timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M")
+    declared = timezone.localtime(drill.started_at).strftime("%Y-%m-%dT%H:%M")
+    return {
+        "backup-now": {"kind": "logical"},
+        "drill-new": {"title": "Annual drill", "started_at": declared},
+        "drill-edit": {"title": "drill, renamed", "started_at": declared, "lessons_learned": "keep the runbook"},
+        "drill-step": {"who": "alice", "started_at": later, "outcome": "ok"},
+        "maintenance-complete": {"evidence": f"restore_test:{catalog[RestoreTest].pk}"},
+    }[name]
 
 
 def named_patterns(resolver=None, namespace=None):
@@ -103,7 +153,7 @@ def admin_urls(catalog):
 
 def test_every_portal_page_is_covered_by_the_matrix(catalog):
     names = set(named_patterns()) - {"login", "logout"}
-    assert names == {"dashboard", *ACTIONS, "server", "run", "run-progress"}, "a new page needs a line in this test"
+    assert names == {*READ, *ACTIONS, *FORMS, *REDIRECTS}, "a new page needs a line in this test"
 
 
 def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
@@ -121,13 +171,26 @@ def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
 def test_each_role_gets_exactly_its_portal_access(client, catalog, role):
     client.force_login(make_user(f"user-{role.lower()}", role))
     for name, method, url in portal_urls(catalog):
-        response = getattr(client, method)(url, {"kind": "logical"} if method == "post" else None)
-        if method == "get":
-            assert response.status_code == 200, (role, url)
-        elif role in ACTIONS[name]:
-            assert response.status_code == 302, (role, url)
+        response = getattr(client, method)(url, post_data(name, catalog) if method == "post" else None)
+        if method == "get" and name in FORMS:
+            assert response.status_code == (200 if role in FORMS[name] else 403), (role, url)
+        elif method == "get":
+            assert response.status_code == (302 if name in REDIRECTS else 200), (role, url)
+        elif role in ACTIONS.get(name, FORMS.get(name, ())):
+            assert response.status_code == 302, (role, url, response.content[-2000:])
         else:
             assert response.status_code == 403, (role, url)
+
+
+def test_an_auditor_gets_403_on_every_change_anywhere(client, catalog):
+    """Every POST, to every portal page and every admin page, whatever it would do."""
+    client.force_login(make_user("audrey", "Auditor"))
+    count = JournalEntry.objects.count()
+    for _name, _method, url in portal_urls(catalog):
+        assert client.post(url, {"title": "x", "kind": "logical"}).status_code == 403, url
+    for _label, _page, url in admin_urls(catalog):
+        assert client.post(url, {"post": "yes", "action": "delete_selected"}).status_code == 403, url
+    assert JournalEntry.objects.count() == count  # nothing happened
 
 
 @pytest.mark.parametrize("role", ROLES)
