@@ -37,7 +37,7 @@ def complete(request, task_id):
             request, f"“{task}” was already completed by {task.completed_by} on {task.completed_at:%Y-%m-%d}."
         )
         return redirect(task)
-    form = CompleteTask(request.POST or None, task=task)
+    form = CompleteTask(request.POST if request.method == "POST" else None, task=task)
     if request.method == "POST" and form.is_valid():
         try:
             done, following = maintenance.complete(

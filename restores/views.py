@@ -39,14 +39,14 @@ def _report_context(drill):
 
 @require_perm("restores.log_drill")
 def drill_new(request):
-    form = DrillForm(request.POST or None)
+    form = DrillForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid():
         with transaction.atomic():
             drill = form.save(commit=False)
             drill.logged_by = request.user
             drill.save()
             form.save_m2m()
-            journal.record("drill_logged", actor=request.user.get_username(), obj=drill, server=drill.server or "")
+            journal.record("drill_logged", actor=request.user.get_username(), obj=drill)
         messages.success(request, f"Drill “{drill}” logged with its eight steps: record each as it happens.")
         return redirect(drill)
     return render(request, "drills/form.html", {"form": form, "title": "Log a DR drill"})
@@ -55,7 +55,7 @@ def drill_new(request):
 @require_perm("restores.log_drill")
 def drill_edit(request, drill_id):
     drill = _drill(drill_id)
-    form = DrillForm(request.POST or None, instance=drill)
+    form = DrillForm(request.POST if request.method == "POST" else None, instance=drill)
     if request.method == "POST" and form.is_valid():
         with transaction.atomic():
             form.save()
@@ -63,7 +63,6 @@ def drill_edit(request, drill_id):
                 "drill_changed",
                 actor=request.user.get_username(),
                 obj=drill,
-                server=drill.server or "",
                 fields=form.changed_data,
                 restore_runs=[r.pk for r in drill.restore_runs.all()],
             )
@@ -79,7 +78,7 @@ def drill_step(request, drill_id, step):
     if instance is None:
         messages.error(request, f"A drill has no step {step!r}: choose one of its eight steps.")
         return redirect(drill)
-    form = StepForm(request.POST or None, instance=instance)
+    form = StepForm(request.POST if request.method == "POST" else None, instance=instance)
     if request.method == "POST" and form.is_valid():
         with transaction.atomic():
             form.save()
@@ -87,7 +86,6 @@ def drill_step(request, drill_id, step):
                 "drill_step_recorded",
                 actor=request.user.get_username(),
                 obj=drill,
-                server=drill.server or "",
                 step=step,
                 who=instance.who,
                 started_at=instance.started_at,
