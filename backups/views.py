@@ -10,17 +10,17 @@ from backups.models import BackupRun, Server
 def server_detail(request, name):
     server = get_object_or_404(Server, name=name)
     runs = server.runs.order_by("-created_at")[:20]
-    return render(
-        request,
-        "backups/server.html",
-        {
-            "health": server.health(),
-            "server": server,
-            "runs": runs,
-            "schedules": server.schedules.all(),
-            "kinds": BackupRun.Kind,
-        },
-    )
+    tests = list(server.restore_tests.order_by("-started_at")[:10])
+    context = {
+        "health": server.health(),
+        "server": server,
+        "runs": runs,
+        "schedules": server.schedules.all(),
+        "tests": tests,
+        "last_test": tests[0] if tests else None,
+        "untested": server.runs.good().filter(restore_tests=None).order_by("-finished_at")[:20],
+    }
+    return render(request, "backups/server.html", context)
 
 
 @require_POST
@@ -62,3 +62,14 @@ def run_progress(request, run_id):
             "done": run.status in (BackupRun.Status.SUCCEEDED, BackupRun.Status.FAILED),
         }
     )
+
+
+@require_POST
+@require_perm("backups.run_backup")
+def restore_test_now(request, name):
+    from django_q.tasks import async_task
+
+    server = get_object_or_404(Server, name=name)
+    async_task("restores.tasks.run_restore_test", server.name, task_name=f"restore test {server.name}")
+    messages.success(request, f"Restore test of {server} queued; it appears below when it starts.")
+    return redirect(server)

@@ -1,56 +1,48 @@
-"""Forms of the DR drill pages."""
-
-from datetime import timedelta
-
 from django import forms
-from django.utils import timezone
 
-from restores.models import DrDrill, DrDrillStep, RestoreRun
-
-
-class LocalDateTimeInput(forms.DateTimeInput):
-    input_type = "datetime-local"
-
-    def __init__(self, **kwargs):
-        super().__init__(format="%Y-%m-%dT%H:%M", **kwargs)
+from backups.models import BackupRun, Server
+from restores.logical import RestoreFailed, check_database_name
+from restores.models import RestoreRequest
 
 
-class DrillForm(forms.ModelForm):
+class RestoreRequestForm(forms.ModelForm):
     class Meta:
-        model = DrDrill
-        fields = [
-            "title",
-            "server",
-            "scenario",
-            "started_at",
-            "critical_restored_at",
-            "restore_runs",
-            "lessons_learned",
-        ]
-        widgets = {
-            "started_at": LocalDateTimeInput(),
-            "critical_restored_at": LocalDateTimeInput(),
-            "scenario": forms.Textarea(attrs={"rows": 3}),
-            "lessons_learned": forms.Textarea(attrs={"rows": 5}),
+        model = RestoreRequest
+        fields = ["server", "backup_run", "destination", "target_database", "into_server", "reason"]
+        widgets = {"reason": forms.Textarea(attrs={"rows": 3})}
+        help_texts = {
+            "target_database": "For a new database: its name (it must not exist yet).",
+            "into_server": "For a new database on another registered server; empty: the same server.",
         }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # The restore runs a drill can have used: this past year's, and any it already names.
-        since = timezone.now() - timedelta(days=400)
-        runs = RestoreRun.objects.filter(created_at__gte=since)
-        if self.instance.pk:
-            runs = runs | RestoreRun.objects.filter(drills=self.instance)
-        self.fields["restore_runs"].queryset = runs.select_related("server").distinct().order_by("-created_at")
-        self.fields["restore_runs"].required = False
+        self.fields["backup_run"].queryset = (
+            BackupRun.objects.good().filter(kind=BackupRun.Kind.LOGICAL).select_related("server")
+        )
+        self.fields["backup_run"].required = True
+        self.fields["into_server"].queryset = Server.objects.all()
+        # Point-in-time restores into a sandbox cluster are requested once PITR is enabled.
+        self.fields["destination"].choices = [
+            c for c in RestoreRequest.Destination.choices if c[0] != RestoreRequest.Destination.SANDBOX_CLUSTER
+        ]
+
+    def clean(self):
+        data = super().clean()
+        run, server = data.get("backup_run"), data.get("server")
+        if run and server and run.server_id != server.pk:
+            self.add_error("backup_run", f"Run #{run.pk} is a backup of {run.server}, not of {server}.")
+        if data.get("destination") == RestoreRequest.Destination.NEW_DATABASE:
+            try:
+                check_database_name(data.get("target_database", ""))
+            except RestoreFailed as e:
+                self.add_error("target_database", str(e))
+        elif data.get("destination") == RestoreRequest.Destination.REPLACE and server:
+            data["target_database"] = server.dbname
+            data["into_server"] = None
+        return data
 
 
-class StepForm(forms.ModelForm):
-    class Meta:
-        model = DrDrillStep
-        fields = ["who", "started_at", "finished_at", "outcome", "notes"]
-        widgets = {
-            "started_at": LocalDateTimeInput(),
-            "finished_at": LocalDateTimeInput(),
-            "notes": forms.Textarea(attrs={"rows": 4}),
-        }
+class DecisionForm(forms.Form):
+    note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    confirm_database = forms.CharField(required=False, help_text="To replace production, type its database name.")

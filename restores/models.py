@@ -3,7 +3,7 @@
 from datetime import timedelta
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models
 from django.urls import reverse
 from django.utils import timezone
@@ -43,6 +43,9 @@ class RestoreRequest(models.Model):
     )
     decided_at = models.DateTimeField(null=True, blank=True)
     decision_note = models.TextField(blank=True)
+    confirm_database = models.CharField(
+        max_length=63, blank=True, help_text="what the approver typed to confirm replacing production"
+    )
 
     class Meta:
         ordering = ["-requested_at"]
@@ -54,6 +57,37 @@ class RestoreRequest(models.Model):
 
     def __str__(self):
         return f"Restore request #{self.pk} ({self.server}, {self.get_destination_display()})"
+
+    def get_absolute_url(self):
+        return reverse("restore-request", args=[self.pk])
+
+    def approve(self, user, confirm_database="", note=""):
+        """Four eyes: never one's own request; replacing production needs the name typed."""
+        if user.pk == self.requested_by_id:
+            raise PermissionDenied("You cannot approve your own restore request: another DBA must.")
+        if self.status != self.Status.PENDING:
+            raise ValidationError(f"Request #{self.pk} is {self.status}, not waiting for approval.")
+        if self.destination == self.Destination.REPLACE and confirm_database != self.server.dbname:
+            raise ValidationError(f"Type the production database name ({self.server.dbname}) to confirm replacing it.")
+        self._decide(user, self.Status.APPROVED, note, confirm_database)
+
+    def reject(self, user, note=""):
+        if user.pk == self.requested_by_id:
+            raise PermissionDenied("You cannot decide on your own restore request: another DBA must.")
+        if self.status != self.Status.PENDING:
+            raise ValidationError(f"Request #{self.pk} is {self.status}, not waiting for a decision.")
+        self._decide(user, self.Status.REJECTED, note)
+
+    def _decide(self, user, status, note, confirm_database=""):
+        self.status, self.decided_by, self.decided_at = status, user, timezone.now()
+        self.decision_note, self.confirm_database = note, confirm_database
+        self.save(update_fields=["status", "decided_by", "decided_at", "decision_note", "confirm_database"])
+
+    def start(self):
+        """Claim an approved request for running, once: returns False if it is not (or no longer) approved."""
+        return bool(
+            RestoreRequest.objects.filter(pk=self.pk, status=self.Status.APPROVED).update(status=self.Status.RUNNING)
+        )
 
 
 class RestoreRun(models.Model):
@@ -303,3 +337,19 @@ class DrDrillStep(models.Model):
         if self.started_at and self.finished_at:
             return self.finished_at - self.started_at
         return None
+
+
+class ValidationCheck(models.Model):
+    """A DBA's own SQL check, run against every restored copy of a server's database."""
+
+    server = models.ForeignKey("backups.Server", on_delete=models.CASCADE, related_name="validation_checks")
+    name = models.CharField(max_length=100)
+    sql = models.TextField(help_text="A read-only query whose first column of the first row is compared.")
+    expected = models.CharField(max_length=200, help_text="The expected value, as text (e.g. 0, t, 5).")
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["server", "name"], name="one_check_name_per_server")]
+
+    def __str__(self):
+        return f"{self.server}: {self.name}"

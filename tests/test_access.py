@@ -19,6 +19,13 @@ EDITABLE = {
 # POST actions of the portal and who may do them.
 ACTIONS = {
     "backup-now": {"DBA"},
+    "restore-test-now": {"DBA"},
+    "restore-request-approve": {"DBA"},
+    "restore-request-reject": {"DBA"},
+}
+# GET pages only some roles may open (the rest: 403).
+RESTRICTED_PAGES = {
+    "restore-request-new": {"DBA"},
 }
 # Pages whose form only some roles get: both the GET and the POST need the right.
 FORMS = {
@@ -42,6 +49,9 @@ READ = {
     "drill",
     "drill-report",
     "maintenance",
+    "restore-requests",
+    "restore-request",
+    "restore-progress",
 }
 ROLES = ["DBA", "Sysadmin", "Auditor"]
 
@@ -84,9 +94,11 @@ def catalog(db, settings, tmp_path):
 def portal_urls(catalog):
     """(name, method, url) for every named pattern outside the admin."""
     drill, entry = catalog[DrDrill], catalog[JournalEntry]
+    request, restore = catalog[RestoreRequest], catalog[RestoreRun]
     args = {
         "server": [catalog["server"].name],
         "backup-now": [catalog["server"].name],
+        "restore-test-now": [catalog["server"].name],
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
         "journal-entry": [entry.pk],
@@ -96,6 +108,10 @@ def portal_urls(catalog):
         "drill-report": [drill.pk],
         "drill-step": [drill.pk, "assessment"],
         "maintenance-complete": [catalog[MaintenanceTask].pk],
+        "restore-request": [request.pk],
+        "restore-request-approve": [request.pk],
+        "restore-request-reject": [request.pk],
+        "restore-progress": [restore.pk],
     }
     urls = []
     for name in named_patterns():
@@ -122,7 +138,7 @@ def post_data(name, catalog):
         "drill-edit": {"title": "drill, renamed", "started_at": declared, "lessons_learned": "keep the runbook"},
         "drill-step": {"who": "alice", "started_at": later, "outcome": "ok"},
         "maintenance-complete": {"evidence": f"restore_test:{catalog[RestoreTest].pk}"},
-    }[name]
+    }.get(name, {"kind": "logical"})
 
 
 def named_patterns(resolver=None, namespace=None):
@@ -153,7 +169,8 @@ def admin_urls(catalog):
 
 def test_every_portal_page_is_covered_by_the_matrix(catalog):
     names = set(named_patterns()) - {"login", "logout"}
-    assert names == {*READ, *ACTIONS, *FORMS, *REDIRECTS}, "a new page needs a line in this test"
+    pages = READ | set(ACTIONS) | set(RESTRICTED_PAGES) | set(FORMS) | REDIRECTS
+    assert names == pages, "a new page needs a line in this test"
 
 
 def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
@@ -175,7 +192,9 @@ def test_each_role_gets_exactly_its_portal_access(client, catalog, role):
         if method == "get" and name in FORMS:
             assert response.status_code == (200 if role in FORMS[name] else 403), (role, url)
         elif method == "get":
-            assert response.status_code == (302 if name in REDIRECTS else 200), (role, url)
+            allowed = role in RESTRICTED_PAGES.get(name, {role})
+            expected = 302 if name in REDIRECTS else 200
+            assert response.status_code == (expected if allowed else 403), (role, url)
         elif role in ACTIONS.get(name, FORMS.get(name, ())):
             assert response.status_code == 302, (role, url, response.content[-2000:])
         else:

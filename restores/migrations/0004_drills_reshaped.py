@@ -34,7 +34,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('backups', '0001_initial'),
-        ('restores', '0001_initial'),
+        ('restores', '0003_request_confirmation'),
     ]
 
     operations = [
