@@ -5,8 +5,8 @@ import pytest
 from django.contrib import admin
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
-from backupportal.models import JournalEntry
-from restores.models import RestoreRequest, RestoreRun
+from backupportal.models import JournalEntry, MaintenanceTask
+from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
 from tests.conftest import DEMO_PASSWORD, make_user
 
 # Models each role may add and change in the admin (the rest it may only view).
@@ -27,12 +27,38 @@ ACTIONS = {
 RESTRICTED_PAGES = {
     "restore-request-new": {"DBA"},
 }
+# Pages whose form only some roles get: both the GET and the POST need the right.
+FORMS = {
+    "drill-new": {"DBA", "Sysadmin"},
+    "drill-edit": {"DBA", "Sysadmin"},
+    "drill-step": {"DBA", "Sysadmin"},
+    "maintenance-complete": {"DBA", "Sysadmin"},
+}
+# Pages that send every reader on to another page.
+REDIRECTS = {"journal-object"}
+# Pages every role reads.
+READ = {
+    "dashboard",
+    "server",
+    "run",
+    "run-progress",
+    "journal",
+    "journal-export",
+    "journal-entry",
+    "drills",
+    "drill",
+    "drill-report",
+    "maintenance",
+    "restore-requests",
+    "restore-request",
+    "restore-progress",
+}
 ROLES = ["DBA", "Sysadmin", "Auditor"]
-POST_DATA = {"kind": "logical", "job": "logical", "cron": "0 2 * * *", "enabled": "on"}
 
 
 def portal_urls(catalog):
     """(name, method, url) for every named pattern outside the admin."""
+    drill, entry = catalog[DrDrill], catalog[JournalEntry]
     request, restore = catalog[RestoreRequest], catalog[RestoreRun]
     args = {
         "server": [catalog["server"].name],
@@ -41,6 +67,13 @@ def portal_urls(catalog):
         "schedule-edit": [catalog["server"].name],
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
+        "journal-entry": [entry.pk],
+        "journal-object": [entry.pk],
+        "drill": [drill.pk],
+        "drill-edit": [drill.pk],
+        "drill-report": [drill.pk],
+        "drill-step": [drill.pk, "assessment"],
+        "maintenance-complete": [catalog[MaintenanceTask].pk],
         "restore-request": [request.pk],
         "restore-request-approve": [request.pk],
         "restore-request-reject": [request.pk],
@@ -50,9 +83,29 @@ def portal_urls(catalog):
     for name in named_patterns():
         if name in ("login", "logout"):
             continue
-        method = "post" if name in ACTIONS else "get"
-        urls.append((name, method, reverse(name, args=args.get(name, []))))
+        url = reverse(name, args=args.get(name, []))
+        if name not in ACTIONS:
+            urls.append((name, "get", url))
+        if name in ACTIONS or name in FORMS:
+            urls.append((name, "post", url))
     return urls
+
+
+def post_data(name, catalog):
+    """A valid POST for each action: the roles allowed must get through to the redirect."""
+    from django.utils import timezone
+
+    drill = catalog[DrDrill]
+    later = timezone.localtime(drill.started_at + timezone.timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M")
+    declared = timezone.localtime(drill.started_at).strftime("%Y-%m-%dT%H:%M")
+    return {
+        "backup-now": {"kind": "logical"},
+        "drill-new": {"title": "Annual drill", "started_at": declared},
+        "drill-edit": {"title": "drill, renamed", "started_at": declared, "lessons_learned": "keep the runbook"},
+        "drill-step": {"who": "alice", "started_at": later, "outcome": "ok"},
+        "maintenance-complete": {"evidence": f"restore_test:{catalog[RestoreTest].pk}"},
+        "schedule-edit": {"job": "logical", "cron": "0 2 * * *", "enabled": "on"},
+    }.get(name, {"kind": "logical"})
 
 
 def named_patterns(resolver=None, namespace=None):
@@ -83,8 +136,8 @@ def admin_urls(catalog):
 
 def test_every_portal_page_is_covered_by_the_matrix(catalog):
     names = set(named_patterns()) - {"login", "logout"}
-    pages = {"dashboard", "server", "run", "run-progress", "restore-requests", "restore-request", "restore-progress"}
-    assert names == pages | set(ACTIONS) | set(RESTRICTED_PAGES), "a new page needs a line in this test"
+    pages = READ | set(ACTIONS) | set(RESTRICTED_PAGES) | set(FORMS) | REDIRECTS
+    assert names == pages, "a new page needs a line in this test"
 
 
 def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
@@ -102,14 +155,28 @@ def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
 def test_each_role_gets_exactly_its_portal_access(client, catalog, role):
     client.force_login(make_user(f"user-{role.lower()}", role))
     for name, method, url in portal_urls(catalog):
-        response = getattr(client, method)(url, POST_DATA if method == "post" else None)
-        if method == "get":
+        response = getattr(client, method)(url, post_data(name, catalog) if method == "post" else None)
+        if method == "get" and name in FORMS:
+            assert response.status_code == (200 if role in FORMS[name] else 403), (role, url)
+        elif method == "get":
             allowed = role in RESTRICTED_PAGES.get(name, {role})
-            assert response.status_code == (200 if allowed else 403), (role, url)
-        elif role in ACTIONS[name]:
-            assert response.status_code == 302, (role, url)
+            expected = 302 if name in REDIRECTS else 200
+            assert response.status_code == (expected if allowed else 403), (role, url)
+        elif role in ACTIONS.get(name, FORMS.get(name, ())):
+            assert response.status_code == 302, (role, url, response.content[-2000:])
         else:
             assert response.status_code == 403, (role, url)
+
+
+def test_an_auditor_gets_403_on_every_change_anywhere(client, catalog):
+    """Every POST, to every portal page and every admin page, whatever it would do."""
+    client.force_login(make_user("audrey", "Auditor"))
+    count = JournalEntry.objects.count()
+    for _name, _method, url in portal_urls(catalog):
+        assert client.post(url, {"title": "x", "kind": "logical"}).status_code == 403, url
+    for _label, _page, url in admin_urls(catalog):
+        assert client.post(url, {"post": "yes", "action": "delete_selected"}).status_code == 403, url
+    assert JournalEntry.objects.count() == count  # nothing happened
 
 
 @pytest.mark.parametrize("role", ROLES)

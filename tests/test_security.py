@@ -11,7 +11,7 @@ from django.urls import reverse
 from backupportal.models import JournalEntry
 from backups.models import BackupRun, Server
 from tests.conftest import DEMO_PASSWORD
-from tests.test_access import POST_DATA, portal_urls
+from tests.test_access import portal_urls, post_data
 
 DSN_PASSWORD = "Dsn-Secret-7f3a9"
 
@@ -19,9 +19,9 @@ DSN_PASSWORD = "Dsn-Secret-7f3a9"
 def test_every_state_changing_view_refuses_a_post_without_csrf_token(catalog, alice):
     client = Client(enforce_csrf_checks=True)
     client.force_login(alice)
-    for _name, method, url in portal_urls(catalog):
+    for name, method, url in portal_urls(catalog):
         if method == "post":
-            assert client.post(url, POST_DATA).status_code == 403, url
+            assert client.post(url, post_data(name, catalog)).status_code == 403, url
     server = catalog["server"]
     assert client.post(reverse("admin:backups_backupschedule_add"), {}).status_code == 403
     assert (

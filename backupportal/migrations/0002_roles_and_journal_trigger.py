@@ -25,12 +25,13 @@ DROP FUNCTION IF EXISTS backupportal_journal_append_only();
 
 def create_trigger(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(TRIGGER)
+        # params=None: the function's own '%' must not be read as a query placeholder.
+        schema_editor.execute(TRIGGER, params=None)
 
 
 def drop_trigger(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(DROP)
+        schema_editor.execute(DROP, params=None)
 
 
 def create_groups(apps, schema_editor):
