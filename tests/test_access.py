@@ -19,7 +19,10 @@ EDITABLE = {
 # POST actions of the portal and who may do them.
 ACTIONS = {
     "backup-now": {"DBA"},
+    "alert-acknowledge": {"DBA", "Sysadmin"},
 }
+# The documented exception to the login: Prometheus reads /metrics with METRICS_TOKEN, nobody else.
+TOKEN_ONLY = {"metrics"}
 ROLES = ["DBA", "Sysadmin", "Auditor"]
 
 
@@ -65,10 +68,12 @@ def portal_urls(catalog):
         "backup-now": [catalog["server"].name],
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
+        "alert": [catalog[Alert].pk],
+        "alert-acknowledge": [catalog[Alert].pk],
     }
     urls = []
     for name in named_patterns():
-        if name in ("login", "logout"):
+        if name in ("login", "logout") or name in TOKEN_ONLY:
             continue
         method = "post" if name in ACTIONS else "get"
         urls.append((name, method, reverse(name, args=args.get(name, []))))
@@ -103,7 +108,9 @@ def admin_urls(catalog):
 
 def test_every_portal_page_is_covered_by_the_matrix(catalog):
     names = set(named_patterns()) - {"login", "logout"}
-    assert names == {"dashboard", *ACTIONS, "server", "run", "run-progress"}, "a new page needs a line in this test"
+    assert names == {"dashboard", *ACTIONS, *TOKEN_ONLY, "server", "run", "run-progress", "alerts", "alert"}, (
+        "a new page needs a line in this test"
+    )
 
 
 def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
@@ -121,7 +128,7 @@ def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
 def test_each_role_gets_exactly_its_portal_access(client, catalog, role):
     client.force_login(make_user(f"user-{role.lower()}", role))
     for name, method, url in portal_urls(catalog):
-        response = getattr(client, method)(url, {"kind": "logical"} if method == "post" else None)
+        response = getattr(client, method)(url, {"kind": "logical", "note": "seen"} if method == "post" else None)
         if method == "get":
             assert response.status_code == 200, (role, url)
         elif role in ACTIONS[name]:
@@ -166,6 +173,19 @@ def test_the_journal_cannot_be_changed_even_by_a_superuser(client, catalog):
     assert client.post(reverse("admin:backupportal_journalentry_change", args=[entry.pk]), {}).status_code == 403
     assert client.get(reverse("admin:backupportal_journalentry_delete", args=[entry.pk])).status_code == 403
     assert client.get(reverse("admin:backupportal_journalentry_add")).status_code == 403
+
+
+@pytest.mark.parametrize("role", [None, *ROLES])
+def test_metrics_answer_the_token_only_never_a_login(client, catalog, settings, role):
+    if role:
+        client.force_login(make_user(f"user-{role.lower()}", role))
+    url = reverse("metrics")
+    settings.METRICS_TOKEN = ""
+    assert client.get(url).status_code == 404  # no token configured: no metrics for anyone
+    settings.METRICS_TOKEN = "t0ken-for-prometheus"
+    assert client.get(url).status_code == 401
+    assert client.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get(url, headers={"Authorization": "Bearer t0ken-for-prometheus"}).status_code == 200
 
 
 def test_a_login_works_and_shows_the_role(client, catalog):
