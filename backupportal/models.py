@@ -36,6 +36,8 @@ class JournalEntry(models.Model):
             models.Index(fields=["actor", "-at"], name="journal_actor"),
             models.Index(fields=["action", "-at"], name="journal_action"),
             models.Index(fields=["server", "-at"], name="journal_server"),
+            # Used by the history of one object on its page (an alert's, a run's).
+            models.Index(fields=["object_type", "object_id"], name="journal_object"),
         ]
 
     def __str__(self):

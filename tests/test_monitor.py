@@ -41,6 +41,20 @@ def take_backup():
     return BackupRun.objects.latest("created_at")
 
 
+def failing_restore_test(server):
+    return RestoreTest.objects.create(server=server, status="failed", error="boom", finished_at=timezone.now())
+
+
+def passing_restore_test(server, later=1):
+    """A restore test that passed, started `later` seconds after the ones before it."""
+    return RestoreTest.objects.create(
+        server=server,
+        status="passed",
+        started_at=timezone.now() + timedelta(seconds=later),
+        finished_at=timezone.now(),
+    )
+
+
 def subjects(smtp):
     return [m["Subject"] for m in smtp.messages]
 
@@ -154,12 +168,7 @@ def test_a_failed_restore_test_alerts_and_a_passed_one_resolves(catalog_server, 
     alert = only_alert("restore_test_failed")
     assert f"Restore test #{failed.pk}" in alert.message and "users: 0 rows" in alert.message
     assert subjects(smtp_server) == ["[backupportal] maldives: Restore test failure"]
-    RestoreTest.objects.create(
-        server=catalog_server,
-        status="passed",
-        started_at=timezone.now() + timedelta(seconds=2),
-        finished_at=timezone.now(),
-    )
+    passing_restore_test(catalog_server, later=2)
     run_once()
     assert only_alert("restore_test_failed").state == "resolved"
     assert len(smtp_server.messages) == 2
@@ -197,7 +206,7 @@ def test_a_location_without_a_capacity_is_judged_by_its_filesystem(backup_root, 
 
 def test_an_smtp_outage_delays_the_mail_and_never_loses_it(catalog_server, smtp_server, client, alice):
     smtp_server.stop()
-    RestoreTest.objects.create(server=catalog_server, status="failed", error="boom", finished_at=timezone.now())
+    failing_restore_test(catalog_server)
     with pytest.raises(SystemExit) as exit:
         call_command("monitor", "--once", stdout=StringIO(), stderr=(err := StringIO()))
     assert exit.value.code == 1
@@ -222,14 +231,9 @@ def test_an_smtp_outage_delays_the_mail_and_never_loses_it(catalog_server, smtp_
     assert alert.opened_mail_sent_at is not None and alert.mail_error == "" and alert.mail_attempts == 3
     assert JournalEntry.objects.filter(action="alert_mail_sent", object_id=str(alert.pk)).count() == 1
 
-    # Resolved during an outage: the resolved mail goes when the catalog_server is back.
+    # Resolved during an outage: the resolved mail goes when the SMTP server is back.
     smtp_server.stop()
-    RestoreTest.objects.create(
-        server=catalog_server,
-        status="passed",
-        started_at=timezone.now() + timedelta(seconds=1),
-        finished_at=timezone.now(),
-    )
+    passing_restore_test(catalog_server)
     run_once()
     alert.refresh_from_db()
     assert alert.state == "resolved" and alert.resolved_mail_sent_at is None and alert.mail_error
@@ -241,7 +245,7 @@ def test_an_smtp_outage_delays_the_mail_and_never_loses_it(catalog_server, smtp_
 
 def test_without_alert_emails_the_mail_waits_and_says_why(catalog_server, smtp_server, settings):
     settings.ALERT_EMAILS = []
-    RestoreTest.objects.create(server=catalog_server, status="failed", error="boom", finished_at=timezone.now())
+    failing_restore_test(catalog_server)
     result = run_once()
     assert result["mail"]["error"] == "ALERT_EMAILS is empty: no one to mail"
     assert only_alert("restore_test_failed").opened_mail_sent_at is None
@@ -251,10 +255,6 @@ def test_without_alert_emails_the_mail_waits_and_says_why(catalog_server, smtp_s
 
 
 # --- Acknowledging ---------------------------------------------------------------------------
-
-
-def failing_restore_test(server):
-    return RestoreTest.objects.create(server=server, status="failed", error="boom", finished_at=timezone.now())
 
 
 def test_a_dba_acknowledges_with_a_note_and_the_alert_still_resolves_by_itself(
@@ -282,12 +282,7 @@ def test_a_dba_acknowledges_with_a_note_and_the_alert_still_resolves_by_itself(
     page = client.get(reverse("alert", args=[alert.pk])).content.decode()
     assert "restoring into the sandbox" in page and "alert_acknowledged" in page
 
-    RestoreTest.objects.create(
-        server=catalog_server,
-        status="passed",
-        started_at=timezone.now() + timedelta(seconds=1),
-        finished_at=timezone.now(),
-    )
+    passing_restore_test(catalog_server)
     run_once()
     alert.refresh_from_db()
     assert alert.state == "resolved" and len(smtp_server.messages) == 2
@@ -419,3 +414,37 @@ def test_a_disabled_server_has_its_alerts_resolved(catalog_server, smtp_server):
     run_once()
     assert only_alert("restore_test_failed").state == "resolved"
     assert len(smtp_server.messages) == 2
+
+
+def test_a_second_pass_while_one_runs_is_skipped_so_no_mail_goes_twice(catalog_server, smtp_server, settings):
+    import fcntl
+    import os
+
+    import psycopg
+    from django.db import connection
+
+    from backupportal.monitor import _PG_LOCK_ID
+
+    failing_restore_test(catalog_server)
+    if connection.vendor == "postgresql":  # another session holds the advisory lock
+        db = connection.settings_dict
+        holder = psycopg.connect(
+            host=db["HOST"], port=db["PORT"], user=db["USER"], password=db["PASSWORD"], dbname=db["NAME"]
+        )
+        holder.execute("SELECT pg_advisory_lock(%s)", [_PG_LOCK_ID])
+
+        def release():  # at once: closing alone lets the server drop the lock a moment later
+            holder.execute("SELECT pg_advisory_unlock(%s)", [_PG_LOCK_ID])
+            holder.close()
+
+    else:  # another process holds the lock file
+        holder = open(os.path.join(settings.VAR_DIR, "monitor.lock"), "a")
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        release = holder.close
+    try:
+        assert run_once()["skipped"] == "another monitor pass is running"
+        assert not Alert.objects.exists()
+    finally:
+        release()
+    run_once()
+    assert len(smtp_server.messages) == 1
