@@ -317,7 +317,7 @@ class BackupSchedule(models.Model):
     }
 
     # The jobs every new server gets. Each is added here when its job exists.
-    DEFAULT_JOBS = [Job.LOGICAL]
+    DEFAULT_JOBS = [Job.LOGICAL, Job.RESTORE_TEST, Job.MONTHLY_RESTORE_TEST]
 
     server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="schedules")
     job = models.CharField(max_length=20, choices=Job.choices)

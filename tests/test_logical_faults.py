@@ -216,3 +216,27 @@ def test_public_key_recipients_the_backup_host_cannot_decrypt(server, settings, 
     assert portal_try.returncode != 0  # the portal holds no secret key
     plain = subprocess.run(gpg + ["--decrypt", str(artifact)], capture_output=True, check=True).stdout
     assert plain[:5] == b"PGDMP"  # pg_dump's custom format
+
+
+def test_a_backup_past_its_timeout_is_stopped_and_failed(big_server, passphrase_file, backup_root, settings):
+    from django.core.management import call_command
+
+    settings.BACKUP_TIMEOUT = 1
+    with pytest.raises(SystemExit):
+        call_command("backup", "maldives")
+    run = BackupRun.objects.get()
+    assert run.status == "failed" and "timed out after 1 s" in run.error
+    assert files_under(backup_root) == []
+
+
+def test_a_location_whose_capacity_is_reached_fails_the_run_cleanly(big_server, passphrase_file, backup_root):
+    from django.core.management import call_command
+
+    from backups.models import StorageLocation
+
+    StorageLocation.objects.filter(name="primary").update(capacity_bytes=5 * 2**20)
+    with pytest.raises(SystemExit):
+        call_command("backup", "maldives")
+    run = BackupRun.objects.get()
+    assert run.status == "failed" and "configured capacity" in run.error
+    assert files_under(backup_root) == []

@@ -55,8 +55,18 @@ def passing_restore_test(server, later=1):
     )
 
 
+# The maintenance calendar's own check runs in every pass too, and its strategy review
+# (due 2025-12-02) is overdue: test_maintenance.py tests that alert; these tests look at theirs.
+def ours():
+    return Alert.objects.exclude(condition=Alert.Condition.MAINTENANCE_OVERDUE)
+
+
+def mails(smtp):
+    return [m for m in smtp.messages if "Maintenance task overdue" not in m["Subject"]]
+
+
 def subjects(smtp):
-    return [m["Subject"] for m in smtp.messages]
+    return [m["Subject"] for m in mails(smtp)]
 
 
 def only_alert(condition):
@@ -73,7 +83,7 @@ def test_the_daily_backup_is_missing_at_four_maldives_time_and_not_a_minute_befo
 
     with time_machine.travel(maldives(10, 3, 59), tick=False):
         run_once()
-    assert not Alert.objects.exists() and smtp_server.messages == []
+    assert not ours().exists() and mails(smtp_server) == []
 
     with time_machine.travel(maldives(10, 4, 0), tick=False):
         run_once()
@@ -81,14 +91,14 @@ def test_the_daily_backup_is_missing_at_four_maldives_time_and_not_a_minute_befo
     assert alert.state == "open" and alert.server == server
     assert "since its scheduled time 2026-03-10 02:00" in alert.message
     assert subjects(smtp_server) == ["[backupportal] maldives: Daily backup missing"]
-    body = smtp_server.messages[0].get_content()
+    body = mails(smtp_server)[0].get_content()
     assert "Since: 2026-03-10 04:00:00 (Indian/Maldives)" in body
     assert f"https://backups.reliabilitymaldives.com/alerts/{alert.pk}/" in body
-    assert smtp_server.messages[0]["To"] == "dba@reliabilitymaldives.com, sysadmin@reliabilitymaldives.com"
+    assert mails(smtp_server)[0]["To"] == "dba@reliabilitymaldives.com, sysadmin@reliabilitymaldives.com"
 
     with time_machine.travel(maldives(10, 4, 1), tick=False):
         run_once()
-    assert len(smtp_server.messages) == 1  # the condition holds: no second mail
+    assert len(mails(smtp_server)) == 1  # the condition holds: no second mail
     alert.refresh_from_db()
     assert alert.state == "open" and alert.last_seen_at == maldives(10, 4, 1)
 
@@ -98,11 +108,11 @@ def test_the_daily_backup_is_missing_at_four_maldives_time_and_not_a_minute_befo
     alert.refresh_from_db()
     assert alert.state == "resolved" and alert.resolved_at == maldives(10, 4, 30)
     assert subjects(smtp_server)[1:] == ["[backupportal] RESOLVED maldives: Daily backup missing"]
-    assert "the condition cleared by itself after 30" in smtp_server.messages[1].get_content()
+    assert "the condition cleared by itself after 30" in mails(smtp_server)[1].get_content()
 
     with time_machine.travel(maldives(11, 3, 0), tick=False):
         run_once()
-    assert len(smtp_server.messages) == 2 and Alert.objects.count() == 1
+    assert len(mails(smtp_server)) == 2 and ours().count() == 1
 
 
 def test_the_deadline_follows_the_servers_own_schedule():
@@ -117,7 +127,7 @@ def test_a_server_registered_after_the_scheduled_time_is_not_missing_a_backup(se
     Server.objects.filter(pk=server.pk).update(created_at=maldives(10, 3, 0))
     with time_machine.travel(maldives(10, 4, 10), tick=False):
         run_once()
-    assert not Alert.objects.exists()
+    assert not ours().exists()
 
 
 def test_a_failed_backup_alerts_once_and_resolves_when_the_next_backup_succeeds(
@@ -150,13 +160,13 @@ def test_a_backup_left_running_by_a_dead_worker_is_a_timeout_the_monitor_finds(c
     stale.refresh_from_db()
     assert stale.status == "failed" and "no heartbeat since" in stale.error
     assert "no heartbeat since" in only_alert("backup_failed").message
-    assert len(smtp_server.messages) == 1
+    assert len(mails(smtp_server)) == 1
 
 
 def test_a_failed_restore_test_alerts_and_a_passed_one_resolves(catalog_server, smtp_server):
     RestoreTest.objects.create(server=catalog_server, status="passed", duration_s=40, finished_at=timezone.now())
     run_once()
-    assert not Alert.objects.exists()
+    assert not ours().exists()
     failed = RestoreTest.objects.create(
         server=catalog_server, status="failed", error="users: 0 rows, expected 200", finished_at=timezone.now()
     )
@@ -171,7 +181,7 @@ def test_a_failed_restore_test_alerts_and_a_passed_one_resolves(catalog_server, 
     passing_restore_test(catalog_server, later=2)
     run_once()
     assert only_alert("restore_test_failed").state == "resolved"
-    assert len(smtp_server.messages) == 2
+    assert len(mails(smtp_server)) == 2
 
 
 def test_storage_under_twenty_percent_free_alerts_for_the_location(server, passphrase_file, backup_root, smtp_server):
@@ -251,7 +261,7 @@ def test_without_alert_emails_the_mail_waits_and_says_why(catalog_server, smtp_s
     assert only_alert("restore_test_failed").opened_mail_sent_at is None
     settings.ALERT_EMAILS = ["dba@reliabilitymaldives.com"]
     run_once()
-    assert len(smtp_server.messages) == 1
+    assert len(mails(smtp_server)) == 1
 
 
 # --- Acknowledging ---------------------------------------------------------------------------
@@ -278,14 +288,14 @@ def test_a_dba_acknowledges_with_a_note_and_the_alert_still_resolves_by_itself(
 
     run_once()  # still failing: still acknowledged, no new mail
     alert.refresh_from_db()
-    assert alert.state == "acknowledged" and len(smtp_server.messages) == 1
+    assert alert.state == "acknowledged" and len(mails(smtp_server)) == 1
     page = client.get(reverse("alert", args=[alert.pk])).content.decode()
     assert "restoring into the sandbox" in page and "alert_acknowledged" in page
 
     passing_restore_test(catalog_server)
     run_once()
     alert.refresh_from_db()
-    assert alert.state == "resolved" and len(smtp_server.messages) == 2
+    assert alert.state == "resolved" and len(mails(smtp_server)) == 2
 
 
 def test_a_sysadmin_acknowledges_and_an_auditor_may_not(catalog_server, client, sam, charlie):
@@ -334,12 +344,13 @@ def test_monitor_once_prints_a_summary_and_json(catalog_server, smtp_server):
     failing_restore_test(catalog_server)
     out = StringIO()
     call_command("monitor", "--once", stdout=out, stderr=StringIO())
-    assert "opened 1, resolved 0, active 1; mail sent 1, failed 0" in out.getvalue()
+    n = Alert.objects.count()  # the restore test's, and the calendar's overdue tasks
+    assert f"opened {n}, resolved 0, active {n}; mail sent {n}, failed 0" in out.getvalue()
     out = StringIO()
     call_command("monitor", "--once", "--json", stdout=out, stderr=StringIO())
     result = json.loads(out.getvalue().splitlines()[-1])
-    assert result["opened"] == 0 and result["active"] == 1 and result["mail"]["sent"] == 0
-    assert "daily backup" in result["checks"] and "storage" in result["checks"]
+    assert result["opened"] == 0 and result["active"] == n and result["mail"]["sent"] == 0
+    assert {"daily backup", "restore tests", "RPO", "storage", "maintenance"} <= set(result["checks"])
     assert JournalEntry.objects.filter(action="monitor_run").count() == 2
 
 
@@ -407,13 +418,25 @@ def test_checks_of_other_parts_run_only_where_their_code_exists(tmp_path, monkey
     assert {"daily backup", "backup failures", "restore tests", "RPO", "storage"} <= set(names)
 
 
+def test_overdue_maintenance_is_alerted_by_the_monitor(db, smtp_server):
+    from backupportal.models import MaintenanceTask
+
+    run_once()  # puts the calendar in place; the strategy's own review date (2025-12-02) has passed
+    task = MaintenanceTask.objects.get(kind="strategy_review", completed_at=None)
+    alert = Alert.objects.get(condition="maintenance_overdue", subject=f"task:{task.pk}")
+    assert alert.state == "open"
+    assert [m["Subject"] for m in smtp_server.messages] == [
+        f"[backupportal] maintenance task #{task.pk}: Maintenance task overdue"
+    ]
+
+
 def test_a_disabled_server_has_its_alerts_resolved(catalog_server, smtp_server):
     failing_restore_test(catalog_server)
     run_once()
     Server.objects.filter(pk=catalog_server.pk).update(enabled=False)
     run_once()
     assert only_alert("restore_test_failed").state == "resolved"
-    assert len(smtp_server.messages) == 2
+    assert len(mails(smtp_server)) == 2
 
 
 def test_a_second_pass_while_one_runs_is_skipped_so_no_mail_goes_twice(catalog_server, smtp_server, settings):
@@ -447,4 +470,4 @@ def test_a_second_pass_while_one_runs_is_skipped_so_no_mail_goes_twice(catalog_s
     finally:
         release()
     run_once()
-    assert len(smtp_server.messages) == 1
+    assert len(mails(smtp_server)) == 1

@@ -16,6 +16,7 @@ from backupportal.monitor import run_once
 from backupportal.rpo import segment_end_lsn
 from backups.models import Server
 from tests.conftest import register
+from tests.test_monitor import mails, ours
 
 
 def wait_for(predicate, timeout=30, what="a condition"):
@@ -63,12 +64,12 @@ def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_
     run_once()
     status = RpoStatus.objects.get(server=server)
     assert status.seconds == 0 and status.pending_since is not None  # first seen now: not old yet
-    assert not Alert.objects.exists()
+    assert not ours().exists()
     start = status.pending_since
 
     with time_machine.travel(start + timedelta(seconds=59), tick=False):
         run_once()
-    assert not Alert.objects.exists()  # 59 s old: within the objective of 1 min
+    assert not ours().exists()  # 59 s old: within the objective of 1 min
     with time_machine.travel(start + timedelta(seconds=90), tick=False):
         run_once()
         run_once()
@@ -77,7 +78,7 @@ def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_
     alert = Alert.objects.get(condition="rpo_breached")
     assert "achieved RPO 1.5 min against an objective of 1 min" in alert.message
     assert "The archive command fails on 0000000" in alert.message
-    assert [m["Subject"] for m in smtp_server.messages] == ["[backupportal] maldives: RPO breached"]
+    assert [m["Subject"] for m in mails(smtp_server)] == ["[backupportal] maldives: RPO breached"]
 
     # Unreachable: the RPO is unknown, and an unknown is neither a breach nor a recovery.
     pg_cluster.stop()
@@ -100,7 +101,7 @@ def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_
     status.refresh_from_db()
     assert status.seconds == 0 and status.pending_lsn is None
     assert Alert.objects.get(condition="rpo_breached").state == "resolved"
-    assert len(smtp_server.messages) == 2 and smtp_server.messages[1]["Subject"].startswith("[backupportal] RESOLVED")
+    assert len(mails(smtp_server)) == 2 and mails(smtp_server)[1]["Subject"].startswith("[backupportal] RESOLVED")
 
     # Idle for hours with everything archived: never in breach.
     for hours in (1, 5):
@@ -108,7 +109,7 @@ def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_
             run_once()
         status.refresh_from_db()
         assert status.seconds == 0
-    assert Alert.objects.filter(state="open").count() == 0 and len(smtp_server.messages) == 2
+    assert ours().filter(state="open").count() == 0 and len(mails(smtp_server)) == 2
 
 
 def test_a_server_without_wal_archiving_is_not_measured(db, smtp_server):
@@ -153,7 +154,7 @@ def test_pull_rpo_follows_what_pg_receivewal_has_flushed(pg_cluster, db, smtp_se
     status = RpoStatus.objects.get(server=server)
     assert status.seconds >= 120
     assert Alert.objects.get(condition="rpo_breached").state == "open"
-    assert len(smtp_server.messages) == 1
+    assert len(mails(smtp_server)) == 1
 
 
 def test_a_segment_name_gives_the_lsn_just_past_it():
