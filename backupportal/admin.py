@@ -1,10 +1,9 @@
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.contrib.admin.actions import delete_selected
 from django.contrib.admin.models import DELETION, LogEntry
 from django.utils import timezone
 from django.utils.html import format_html
 
-from backupportal import journal
 from backupportal.models import Alert, JournalEntry, MaintenanceTask
 
 admin.site.site_header = "backupportal"
@@ -65,8 +64,8 @@ class AlertAdmin(admin.ModelAdmin):
     ]
     list_filter = ["state", "condition"]
     search_fields = ["subject", "message"]
-    actions = ["acknowledge"]
 
+    # Acknowledging needs a note: it is done on the alert's own page ("View on site").
     def has_add_permission(self, request):
         return False
 
@@ -75,25 +74,6 @@ class AlertAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
-
-    def has_acknowledge_permission(self, request):
-        return request.user.has_perm("backupportal.acknowledge_alert")
-
-    @admin.action(description="Acknowledge", permissions=["acknowledge"])
-    def acknowledge(self, request, queryset):
-        n = 0
-        for alert in queryset.filter(state=Alert.State.OPEN):
-            alert.state, alert.acknowledged_by, alert.acknowledged_at = (
-                Alert.State.ACKNOWLEDGED,
-                request.user,
-                timezone.now(),
-            )
-            alert.save(update_fields=["state", "acknowledged_by", "acknowledged_at"])
-            journal.record(
-                "alert_acknowledged", actor=request.user.get_username(), obj=alert, server=alert.server or ""
-            )
-            n += 1
-        self.message_user(request, f"{n} alert(s) acknowledged.", messages.SUCCESS)
 
 
 @admin.register(MaintenanceTask)

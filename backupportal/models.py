@@ -36,6 +36,8 @@ class JournalEntry(models.Model):
             models.Index(fields=["actor", "at", "id"], name="journal_actor_at_id"),
             models.Index(fields=["action", "at", "id"], name="journal_action_at_id"),
             models.Index(fields=["server", "at", "id"], name="journal_server_at_id"),
+            # Used by the history of one object on its page (an alert's).
+            models.Index(fields=["object_type", "object_id"], name="journal_object"),
         ]
 
     def __str__(self):
@@ -47,6 +49,10 @@ class JournalEntry(models.Model):
     def get_object_url(self):
         """Where the link to the entry's object goes; it is resolved when followed."""
         return reverse("journal-object", args=[self.pk]) if self.object_type else ""
+
+
+# An alert that still owes the admins a mail (see alerts.send_pending_mail).
+MAIL_PENDING = models.Q(opened_mail_sent_at=None) | models.Q(state="resolved", resolved_mail_sent_at=None)
 
 
 class Alert(models.Model):
@@ -103,11 +109,89 @@ class Alert(models.Model):
                 name="one_open_alert_per_condition_subject",
             )
         ]
-        indexes = [models.Index(fields=["state", "-opened_at"], name="alert_state")]
+        indexes = [
+            models.Index(fields=["state", "-opened_at"], name="alert_state"),
+            # Used by the monitor's mail pass: what still has a mail to send.
+            models.Index(fields=["id"], name="alert_mail_pending", condition=MAIL_PENDING),
+        ]
         permissions = [("acknowledge_alert", "Can acknowledge an alert")]
 
     def __str__(self):
         return f"{self.get_condition_display()} ({self.subject})"
+
+    def get_absolute_url(self):
+        return reverse("alert", args=[self.pk])
+
+    @property
+    def subject_label(self):
+        """What the alert is about, as an admin reads it: a server, a location, or the subject."""
+        if self.server_id:
+            return self.server.name
+        if self.location_id:
+            return f"location {self.location.name}"
+        kind, _, ref = self.subject.partition(":")
+        return f"maintenance task #{ref}" if kind == "task" else self.subject
+
+    @property
+    def is_active(self):
+        return self.state != self.State.RESOLVED
+
+    def acknowledge(self, user, note):
+        """A DBA or Sysadmin has seen it: it stays until its condition clears. False if not open."""
+        now = timezone.now()
+        updated = Alert.objects.filter(pk=self.pk, state=self.State.OPEN).update(
+            state=self.State.ACKNOWLEDGED, acknowledged_by=user, acknowledged_at=now, ack_note=note
+        )
+        self.refresh_from_db()
+        if updated:
+            from backupportal import journal
+
+            journal.record(
+                "alert_acknowledged",
+                actor=user.get_username(),
+                obj=self,
+                server=self.server or "",
+                condition=self.condition,
+                note=note,
+            )
+        return bool(updated)
+
+    def pending_mails(self):
+        """The mails this alert still owes the admins, in order: "opened", then "resolved"."""
+        pending = []
+        if self.opened_mail_sent_at is None:
+            pending.append("opened")
+        if self.state == self.State.RESOLVED and self.resolved_mail_sent_at is None:
+            pending.append("resolved")
+        return pending
+
+
+class RpoStatus(models.Model):
+    """The monitor's newest measurement of a server's achieved RPO: one row per server.
+
+    Achieved RPO is the age of the oldest WAL written but not yet archived (0 when all is
+    archived). PostgreSQL does not date WAL, so the monitor dates it itself: the first pass
+    that sees WAL beyond the archive's end notes the write position and the time
+    (`pending_lsn`, `pending_since`); while the archive has not reached that position, the
+    unarchived WAL is at least that old. Pages and /metrics read this row and never connect
+    to a production server themselves.
+    """
+
+    server = models.OneToOneField("backups.Server", on_delete=models.CASCADE, related_name="rpo_status")
+    measured_at = models.DateTimeField(default=timezone.now)
+    seconds = models.FloatField(null=True, blank=True, help_text="empty: could not be measured (see error)")
+    error = models.TextField(blank=True)
+    current_wal = models.CharField(max_length=40, blank=True, help_text="the WAL file being written")
+    archived_wal = models.CharField(max_length=40, blank=True, help_text="the newest WAL file archived")
+    pending_lsn = models.BigIntegerField(null=True, blank=True)
+    pending_since = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "RPO status"
+        verbose_name_plural = "RPO statuses"
+
+    def __str__(self):
+        return f"{self.server} RPO {self.seconds}"
 
 
 class MaintenanceTask(models.Model):

@@ -6,6 +6,10 @@ from backupportal import journal_views, maintenance_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
+    path("alerts/", views.alert_list, name="alerts"),
+    path("alerts/<int:alert_id>/", views.alert_detail, name="alert"),
+    path("alerts/<int:alert_id>/acknowledge/", views.acknowledge_alert, name="alert-acknowledge"),
+    path("metrics", views.metrics, name="metrics"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("journal/", journal_views.journal_list, name="journal"),

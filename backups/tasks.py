@@ -43,6 +43,7 @@ def scheduled_job(server_name, job, scheduled_for=None):
 # Portal-wide jobs (not per server): name -> (function, cron in TIME_ZONE).
 GLOBAL_SCHEDULES = {
     "retention": ("backups.tasks.apply_retention", "30 4 * * *"),
+    "monitor": ("backupportal.tasks.monitor_once", "* * * * *"),
 }
 
 

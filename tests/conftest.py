@@ -294,3 +294,50 @@ def catalog(db, settings, tmp_path):
     entry = journal.record("test", actor="owner", obj=server)
     objects = [server, schedule, run, location, copy, segment, request, restore, test, drill, alert, task, entry]
     return {type(o): o for o in objects} | {"server": server, "run": run}
+
+
+# --- Mail: a real SMTP server (aiosmtpd) on 127.0.0.1 ---------------------------------------
+
+
+class SmtpServer:
+    """aiosmtpd on a free port of 127.0.0.1, collecting what it receives; stop() is an outage."""
+
+    def __init__(self):
+        from backupportal.lib.pgcluster import free_port
+
+        self.port = free_port()
+        self.messages = []
+        self.controller = None
+
+    async def handle_DATA(self, server, session, envelope):
+        import email
+        from email import policy
+
+        self.messages.append(email.message_from_bytes(envelope.content, policy=policy.default))
+        return "250 Message accepted for delivery"
+
+    def start(self):
+        from aiosmtpd.controller import Controller
+
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def stop(self):
+        self.controller.stop()
+        self.controller = None
+
+
+@pytest.fixture
+def smtp_server(settings):
+    """A running SMTP server; the portal mails it as EMAIL_URL=smtp://127.0.0.1:PORT would say."""
+    import environ
+
+    smtp = SmtpServer()
+    smtp.start()
+    for name, value in environ.Env.email_url_config(f"smtp://127.0.0.1:{smtp.port}").items():
+        setattr(settings, name, value)
+    settings.ALERT_EMAILS = ["dba@reliabilitymaldives.com", "sysadmin@reliabilitymaldives.com"]
+    settings.SITE_URL = "https://backups.reliabilitymaldives.com"
+    yield smtp
+    if smtp.controller is not None:
+        smtp.stop()

@@ -5,7 +5,7 @@ import pytest
 from django.contrib import admin
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
-from backupportal.models import JournalEntry, MaintenanceTask
+from backupportal.models import Alert, JournalEntry, MaintenanceTask
 from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
 from tests.conftest import DEMO_PASSWORD, make_user
 
@@ -18,6 +18,7 @@ EDITABLE = {
 # POST actions of the portal and who may do them.
 ACTIONS = {
     "backup-now": {"DBA"},
+    "alert-acknowledge": {"DBA", "Sysadmin"},
     "restore-test-now": {"DBA"},
     "schedule-edit": {"DBA"},
     "restore-request-approve": {"DBA"},
@@ -52,7 +53,11 @@ READ = {
     "restore-requests",
     "restore-request",
     "restore-progress",
+    "alerts",
+    "alert",
 }
+# The documented exception to the login: Prometheus reads /metrics with METRICS_TOKEN, nobody else.
+TOKEN_ONLY = {"metrics"}
 ROLES = ["DBA", "Sysadmin", "Auditor"]
 
 
@@ -78,10 +83,12 @@ def portal_urls(catalog):
         "restore-request-approve": [request.pk],
         "restore-request-reject": [request.pk],
         "restore-progress": [restore.pk],
+        "alert": [catalog[Alert].pk],
+        "alert-acknowledge": [catalog[Alert].pk],
     }
     urls = []
     for name in named_patterns():
-        if name in ("login", "logout"):
+        if name in ("login", "logout") or name in TOKEN_ONLY:
             continue
         url = reverse(name, args=args.get(name, []))
         if name not in ACTIONS:
@@ -105,6 +112,7 @@ def post_data(name, catalog):
         "drill-step": {"who": "alice", "started_at": later, "outcome": "ok"},
         "maintenance-complete": {"evidence": f"restore_test:{catalog[RestoreTest].pk}"},
         "schedule-edit": {"job": "logical", "cron": "0 2 * * *", "enabled": "on"},
+        "alert-acknowledge": {"note": "seen, on it"},
     }.get(name, {"kind": "logical"})
 
 
@@ -136,7 +144,7 @@ def admin_urls(catalog):
 
 def test_every_portal_page_is_covered_by_the_matrix(catalog):
     names = set(named_patterns()) - {"login", "logout"}
-    pages = READ | set(ACTIONS) | set(RESTRICTED_PAGES) | set(FORMS) | REDIRECTS
+    pages = READ | set(ACTIONS) | set(RESTRICTED_PAGES) | set(FORMS) | REDIRECTS | TOKEN_ONLY
     assert names == pages, "a new page needs a line in this test"
 
 
@@ -215,6 +223,19 @@ def test_the_journal_cannot_be_changed_even_by_a_superuser(client, catalog):
     assert client.post(reverse("admin:backupportal_journalentry_change", args=[entry.pk]), {}).status_code == 403
     assert client.get(reverse("admin:backupportal_journalentry_delete", args=[entry.pk])).status_code == 403
     assert client.get(reverse("admin:backupportal_journalentry_add")).status_code == 403
+
+
+@pytest.mark.parametrize("role", [None, *ROLES])
+def test_metrics_answer_the_token_only_never_a_login(client, catalog, settings, role):
+    if role:
+        client.force_login(make_user(f"user-{role.lower()}", role))
+    url = reverse("metrics")
+    settings.METRICS_TOKEN = ""
+    assert client.get(url).status_code == 404  # no token configured: no metrics for anyone
+    settings.METRICS_TOKEN = "t0ken-for-prometheus"
+    assert client.get(url).status_code == 401
+    assert client.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get(url, headers={"Authorization": "Bearer t0ken-for-prometheus"}).status_code == 200
 
 
 def test_a_login_works_and_shows_the_role(client, catalog):

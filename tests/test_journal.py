@@ -154,8 +154,8 @@ def test_alerts_opened_acknowledged_and_resolved_are_journaled(client, db, alice
     assert opened
     raise_alert("backup_failed", server=server, message="still failing")  # the same alert: no new entry
     client.force_login(alice)
-    ack = {"action": "acknowledge", "_selected_action": [alert.pk]}
-    assert client.post(reverse("admin:backupportal_alert_changelist"), ack).status_code == 302
+    ack = {"note": "rerunning it by hand"}
+    assert client.post(reverse("alert-acknowledge", args=[alert.pk]), ack).status_code == 302
     resolve_alert("backup_failed", server=server)
     entries = list(JournalEntry.objects.filter(object_type="backupportal.Alert").order_by("id"))
     assert [(e.action, e.actor, e.server) for e in entries] == [
@@ -163,8 +163,9 @@ def test_alerts_opened_acknowledged_and_resolved_are_journaled(client, db, alice
         ("alert_acknowledged", "alice", "atoll"),
         ("alert_resolved", "job:monitor", "atoll"),
     ]
-    client.force_login(charlie)  # Alerts have no page of their own: the link is the admin's
-    assert follow_object(client, entries[0]) == reverse("admin:backupportal_alert_change", args=[alert.pk])
+    assert entries[1].details["note"] == "rerunning it by hand"
+    client.force_login(charlie)
+    assert follow_object(client, entries[0]) == reverse("alert", args=[alert.pk])
 
 
 def test_details_never_carry_a_secret_and_survive_odd_values(db):
