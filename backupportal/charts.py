@@ -91,6 +91,7 @@ def server_charts(server, now=None):
         .order_by("hour")
     )
     tests = list(server.restore_tests.filter(duration_s__isnull=False).order_by("-started_at")[:20])[::-1]
+    rpo = server.rpo_samples.filter(hour__gte=now - timedelta(hours=48)).order_by("hour")
     return [
         Chart("Logical backup size per day", [(f"{r['day']:%d %b}", (r["size"] or 0) / 2**20) for r in runs], " MiB"),
         Chart(
@@ -102,6 +103,13 @@ def server_charts(server, now=None):
             "WAL archived per hour (48 h)",
             [(f"{timezone.localtime(r['hour']):%d %H:00}", r["size"] / 2**20) for r in wal],
             " MiB",
+        ),
+        Chart(
+            "Worst achieved RPO per hour (48 h)",
+            [(f"{timezone.localtime(s.hour):%d %H:00}", s.worst_seconds / 60) for s in rpo],
+            " min",
+            objective=server.rpo_minutes,
+            objective_label=f"RPO objective {server.rpo_minutes} min",
         ),
         Chart(
             "Restore test duration (measured RTO)",

@@ -281,3 +281,27 @@ class MaintenanceTask(models.Model):
         if self.evidence_url:
             return self.evidence_url, self.evidence_url
         return None
+
+
+class RpoSample(models.Model):
+    """The worst achieved RPO the monitor saw in one hour: the history behind the RPO chart.
+
+    One row per server and hour (the monitor runs every minute), so a year is under 9,000 rows.
+    """
+
+    server = models.ForeignKey("backups.Server", on_delete=models.CASCADE, related_name="rpo_samples")
+    hour = models.DateTimeField()
+    worst_seconds = models.FloatField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["server", "hour"], name="one_rpo_sample_per_hour")]
+
+    def __str__(self):
+        return f"{self.server} {self.hour:%Y-%m-%d %H}:00 {self.worst_seconds:.0f} s"
+
+    @classmethod
+    def record(cls, server, at, seconds):
+        hour = at.replace(minute=0, second=0, microsecond=0)
+        sample, created = cls.objects.get_or_create(server=server, hour=hour, defaults={"worst_seconds": seconds})
+        if not created and seconds > sample.worst_seconds:
+            cls.objects.filter(pk=sample.pk).update(worst_seconds=seconds)

@@ -16,7 +16,7 @@ import psycopg
 from django.utils import timezone
 
 from backupportal.lib.pgerrors import explain
-from backupportal.models import RpoStatus
+from backupportal.models import RpoSample, RpoStatus
 
 # pg_receivewal names itself so unless told otherwise; the portal's libpq clients say "backupportal".
 RECEIVER_NAMES = ("pg_receivewal", "backupportal")
@@ -97,6 +97,7 @@ def measure(server):
         status.pending_lsn, status.pending_since, status.seconds = current_lsn, now, 0.0
     status.facts = facts
     status.save()
+    RpoSample.record(server, now, status.seconds)
     return status
 
 

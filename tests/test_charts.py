@@ -35,8 +35,16 @@ def test_charts_aggregate_per_day_and_hour_and_flag_what_crosses_the_objective(d
         )
     RestoreTest.objects.create(server=server, status="passed", duration_s=120)
     RestoreTest.objects.create(server=server, status="passed", duration_s=server.rto_critical_minutes * 60 + 1)
-    with django_assert_max_num_queries(3):
-        size, duration, wal, tests = server_charts(server, now=now)
+    from backupportal.models import RpoSample
+
+    RpoSample.record(server, now - timedelta(hours=2), 60)
+    RpoSample.record(server, now - timedelta(hours=2), 1200)  # the worst of the hour is kept
+    RpoSample.record(server, now - timedelta(hours=2), 30)
+    RpoSample.record(server, now, 0)
+    with django_assert_max_num_queries(4):
+        size, duration, wal, rpo, tests = server_charts(server, now=now)
+    assert [v for _, v in rpo.points] == [20.0, 0.0]
+    assert str(rpo.svg()).count('class="bar over"') == 1  # 20 min against the 15 min objective
     assert [v for _, v in size.points] == [1.0, 4.0]  # MiB per day, oldest first
     assert [v for _, v in duration.points] == [31.0, 30.0]
     assert sum(v for _, v in wal.points) == 5.0
