@@ -1,8 +1,103 @@
-from django.shortcuts import render
+import hmac
 
-from backups.models import Server
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_not_required
+from django.core.paginator import Paginator
+from django.db.models import Case, IntegerField, Value, When
+from django.http import Http404, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from backupportal.metrics import CatalogCollector
+from backupportal.models import Alert, JournalEntry
+from backupportal.roles import require_perm
+from backups.models import Server, StorageLocation
+
+ALERT_STATES = {
+    "active": ["open", "acknowledged"],
+    "open": ["open"],
+    "acknowledged": ["acknowledged"],
+    "resolved": ["resolved"],
+    "all": None,
+}
 
 
 def dashboard(request):
-    servers = Server.objects.all()
-    return render(request, "dashboard.html", {"servers": [s.health() for s in servers]})
+    return render(
+        request,
+        "dashboard.html",
+        {
+            "servers": [s.health() for s in Server.objects.for_dashboard()],
+            "locations": [location.health() for location in StorageLocation.objects.filter(enabled=True)],
+        },
+    )
+
+
+def alert_list(request):
+    """Open alerts first (unacknowledged, then acknowledged), newest first; filters in the query string."""
+    state = request.GET.get("state", "active")
+    alerts = Alert.objects.select_related("server", "location", "acknowledged_by")
+    if ALERT_STATES.get(state):
+        alerts = alerts.filter(state__in=ALERT_STATES[state])
+    for field, lookup in (("condition", "condition"), ("server", "server__name"), ("location", "location__name")):
+        if request.GET.get(field):
+            alerts = alerts.filter(**{lookup: request.GET[field]})
+    rank = Case(
+        When(state="open", then=Value(0)),
+        When(state="acknowledged", then=Value(1)),
+        default=Value(2),
+        output_field=IntegerField(),
+    )
+    alerts = alerts.annotate(rank=rank).order_by("rank", "-opened_at", "-pk")
+    page = Paginator(alerts, 50).get_page(request.GET.get("page"))
+    return render(
+        request,
+        "alerts/list.html",
+        {
+            "page": page,
+            "state": state,
+            "states": list(ALERT_STATES),
+            "conditions": Alert.Condition.choices,
+            "servers": Server.objects.values_list("name", flat=True),
+            "filters": {k: request.GET.get(k, "") for k in ("condition", "server", "location")},
+        },
+    )
+
+
+def alert_detail(request, alert_id):
+    alert = get_object_or_404(Alert.objects.select_related("server", "location", "acknowledged_by"), pk=alert_id)
+    history = JournalEntry.objects.filter(object_type=Alert._meta.label, object_id=str(alert.pk)).order_by("id")
+    return render(request, "alerts/detail.html", {"alert": alert, "history": history})
+
+
+@require_POST
+@require_perm("backupportal.acknowledge_alert")
+def acknowledge_alert(request, alert_id):
+    alert = get_object_or_404(Alert, pk=alert_id)
+    note = request.POST.get("note", "").strip()
+    if not note:
+        messages.error(request, "Write a note to acknowledge: what you are doing about it, or why it can wait.")
+    elif alert.acknowledge(request.user, note[:2000]):
+        messages.success(request, f"Alert #{alert.pk} acknowledged; it resolves by itself when its condition clears.")
+    else:
+        messages.warning(request, f"Alert #{alert.pk} is {alert.get_state_display().lower()}: nothing to acknowledge.")
+    return redirect(alert)
+
+
+@login_not_required  # Prometheus has no session: the bearer token is the login (DESIGN.md, who may do what)
+def metrics(request):
+    token = settings.METRICS_TOKEN
+    if not token:
+        raise Http404("metrics are off: set METRICS_TOKEN")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        response = HttpResponse("Send Authorization: Bearer <METRICS_TOKEN>.\n", status=401, content_type="text/plain")
+        response["WWW-Authenticate"] = 'Bearer realm="backupportal metrics"'
+        return response
+    registry = CollectorRegistry()
+    registry.register(CatalogCollector())
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return HttpResponse(encoder(registry), content_type=content_type)

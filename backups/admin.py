@@ -106,7 +106,7 @@ class ServerAdmin(admin.ModelAdmin):
             actor=request.user.get_username(),
             obj=obj,
             fields=sorted(f for f in form.changed_data if f != "new_password"),
-            password_changed="new_password" in form.changed_data,
+            credentials_changed="new_password" in form.changed_data,
         )
 
 

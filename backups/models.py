@@ -10,6 +10,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
+from django.db.models import F, OuterRef, Prefetch, Subquery, Window
+from django.db.models.functions import RowNumber
 from django.urls import reverse
 from django.utils import timezone
 
@@ -21,6 +23,35 @@ name_validator = RegexValidator(
 
 def default_critical_tables():
     return ["users", "roles", "audit_logs", "financial_records"]
+
+
+class ServerQuerySet(models.QuerySet):
+    def for_dashboard(self):
+        """Servers with what health() reads, in the same few queries whatever their number."""
+        from backupportal.models import Alert
+        from restores.models import RestoreTest
+
+        passed = RestoreTest.objects.filter(server=OuterRef("pk"), status="passed", duration_s__isnull=False).order_by(
+            "-started_at"
+        )
+        runs = BackupRun.objects.order_by()
+        return (
+            self.select_related("rpo_status")
+            .annotate(
+                last_rto_s=Subquery(passed.values("duration_s")[:1]),
+                last_rto_at=Subquery(passed.values("finished_at")[:1]),
+            )
+            .prefetch_related(
+                Prefetch("runs", queryset=runs.good().newest_per_kind(), to_attr="newest_good_runs"),
+                Prefetch("runs", queryset=runs.finished().newest_per_kind(), to_attr="newest_finished_runs"),
+                Prefetch("runs", queryset=runs.active().order_by("created_at"), to_attr="active_runs"),
+                Prefetch(
+                    "alerts",
+                    queryset=Alert.objects.exclude(state="resolved").order_by("-opened_at"),
+                    to_attr="active_alerts",
+                ),
+            )
+        )
 
 
 class Server(models.Model):
@@ -69,6 +100,8 @@ class Server(models.Model):
         help_text="Where restore tests restore; empty: this server, as the strategy does.",
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = ServerQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
@@ -186,34 +219,80 @@ class Server(models.Model):
         return self.runs.good().filter(kind=kind).order_by("-finished_at").first()
 
     def health(self):
-        """What the dashboard shows for this server, each figure with a colour."""
+        """What the dashboard shows for this server, each figure with a colour.
+
+        Reads what Server.objects.for_dashboard() fetched for every server at once; a plain
+        instance fetches it for itself.
+        """
+        if not hasattr(self, "newest_good_runs"):
+            return Server.objects.for_dashboard().get(pk=self.pk).health()
         now = timezone.now()
-        backups = []
-        for kind in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE):
-            run = self.latest_good_backup(kind)
-            age = (now - run.finished_at) if run else None
-            # A daily job: green within a day (and a bit), amber within two, red after.
-            if age is None:
-                colour = "red" if kind == BackupRun.Kind.LOGICAL else "grey"
-            else:
-                colour = "green" if age < timedelta(hours=26) else "amber" if age < timedelta(hours=50) else "red"
-            backups.append(
-                {"kind": kind, "label": BackupRun.Kind(kind).label, "run": run, "age": age, "colour": colour}
-            )
-        running = list(self.runs.active().order_by("created_at"))
-        failed_last = (
-            self.runs.filter(kind=BackupRun.Kind.LOGICAL)
-            .exclude(status__in=["queued", "running"])
-            .order_by("-created_at")
-            .first()
-        )
+        newest = {run.kind: run for run in self.newest_good_runs}
+        alerts = self.active_alerts
+        unacknowledged = [a for a in alerts if a.state == "open"]
         return {
             "server": self,
-            "backups": backups,
-            "running": running,
-            "last_failed": failed_last if failed_last and failed_last.status == BackupRun.Status.FAILED else None,
-            "open_alerts": self.alerts.exclude(state="resolved").count(),
+            "backups": [
+                backup_health(kind, newest.get(kind), now) for kind in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE)
+            ],
+            "running": self.active_runs,
+            "failed": [run for run in self.newest_finished_runs if run.status == BackupRun.Status.FAILED],
+            "rpo": self.rpo_health(now),
+            "rto": self.rto_health(),
+            "alerts": alerts,
+            "open_alerts": len(alerts),
+            "alerts_colour": "red" if unacknowledged else "amber" if alerts else "green",
         }
+
+    def rpo_health(self, now):
+        """Achieved RPO (measured by the monitor, see RpoStatus) against the objective."""
+        objective = self.rpo_minutes * 60
+        figure = {"seconds": None, "objective_s": objective, "colour": "grey", "note": "", "status": None}
+        if self.archiving == self.Archiving.NONE:
+            return figure | {"note": "no WAL archiving: the newest backup is the recovery point"}
+        status = getattr(self, "rpo_status", None)
+        if status is None:
+            return figure | {"note": "not measured yet: is the monitor running?"}
+        figure |= {"status": status, "seconds": status.seconds}
+        if status.seconds is None:
+            return figure | {"colour": "amber", "note": f"could not measure: {status.error}"}
+        if now - status.measured_at > RPO_STALE_AFTER:
+            return figure | {"colour": "amber", "note": "measurement is old: is the monitor running?"}
+        return figure | {"colour": colour_against(status.seconds, objective)}
+
+    def rto_health(self):
+        """The last measured RTO (the newest passed restore test) against the critical objective."""
+        objective = self.rto_critical_minutes * 60
+        seconds = getattr(self, "last_rto_s", None)
+        return {
+            "seconds": seconds,
+            "objective_s": objective,
+            "at": getattr(self, "last_rto_at", None),
+            "colour": colour_against(seconds, objective),
+        }
+
+
+# The monitor measures every minute; a measurement older than this means it stopped.
+RPO_STALE_AFTER = timedelta(minutes=5)
+
+
+def colour_against(value, objective):
+    """Green within 80% of an objective, amber up to it, red past it; grey when never measured."""
+    if value is None:
+        return "grey"
+    if value > objective:
+        return "red"
+    return "amber" if value > 0.8 * objective else "green"
+
+
+def backup_health(kind, run, now):
+    """A daily job: green within a day (and a bit), amber within two, red after."""
+    age = (now - run.finished_at) if run else None
+    if age is None:
+        colour = "red" if kind == BackupRun.Kind.LOGICAL else "grey"
+    else:
+        colour = "green" if age < timedelta(hours=26) else "amber" if age < timedelta(hours=50) else "red"
+    return {"kind": kind, "label": BackupRun.Kind(kind).label, "run": run, "age": age, "colour": colour}
 
 
 class BackupSchedule(models.Model):
@@ -272,6 +351,8 @@ class StorageLocation(models.Model):
 
     # Restores read the first healthy copy in this order.
     READ_ORDER = {Kind.PRIMARY: 0, Kind.NAS: 1, Kind.S3: 2}
+    # The strategy's alert condition: less than 20% free.
+    LOW_FREE = 0.20
 
     name = models.CharField(max_length=63, unique=True, validators=[name_validator])
     kind = models.CharField(max_length=7, choices=Kind.choices)
@@ -312,6 +393,26 @@ class StorageLocation(models.Model):
     @property
     def read_order(self):
         return self.READ_ORDER[self.kind]
+
+    def usage(self):
+        """(free bytes, total bytes), or None where it cannot be told (S3 without a configured capacity)."""
+        from backups.storage import store_for
+
+        return store_for(self).usage()
+
+    def health(self):
+        """Free space for the dashboard: red under the strategy's 20%, amber under 30%."""
+        figure = {"location": self, "free": None, "total": None, "ratio": None, "colour": "grey", "error": ""}
+        try:
+            usage = self.usage()
+        except OSError as e:
+            return figure | {"colour": "red", "error": f"cannot read its free space: {e}"}
+        if not usage or not usage[1]:
+            return figure
+        free, total = usage
+        ratio = free / total
+        colour = "red" if ratio < self.LOW_FREE else "amber" if ratio < 1.5 * self.LOW_FREE else "green"
+        return figure | {"free": free, "total": total, "ratio": ratio, "colour": colour}
 
     @classmethod
     def sync_from_settings(cls):
@@ -365,6 +466,15 @@ class BackupRunQuerySet(models.QuerySet):
 
     def active(self):
         return self.filter(status__in=[BackupRun.Status.QUEUED, BackupRun.Status.RUNNING])
+
+    def finished(self):
+        return self.filter(status__in=[BackupRun.Status.SUCCEEDED, BackupRun.Status.FAILED])
+
+    def newest_per_kind(self):
+        """Of these runs, the newest to finish of each server and kind: one query for all servers."""
+        newest_first = [F("finished_at").desc(nulls_last=True), F("pk").desc()]
+        rank = Window(RowNumber(), partition_by=[F("server_id"), F("kind")], order_by=newest_first)
+        return self.annotate(rank=rank).filter(rank=1)
 
 
 class BackupRun(models.Model):

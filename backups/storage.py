@@ -186,38 +186,33 @@ def clean_partials(root=None):
     return removed
 
 
-# The strategy's alert: "Insufficient storage space (< 20% free)".
-MIN_FREE_FRACTION = 0.20
-
-
 def check_storage():
-    """Measure every enabled location; open or resolve its "storage_low" alert. One dict per location.
+    """Measure every location; open or resolve its "storage_low" alert. One dict per location.
 
     Filesystem locations count their filesystem (or their configured capacity); an S3 bucket
-    counts only against a configured capacity, and is otherwise unbounded.
+    counts only against a configured capacity, and is otherwise unbounded. A location whose
+    free space cannot be read keeps its alert as it is, and says why.
     """
     from backupportal.alerts import raise_alert, resolve_alert
     from backups.models import StorageLocation
 
     results = []
-    for location in StorageLocation.objects.filter(enabled=True):
-        usage = store_for(location).usage()
-        if usage is None:
-            results.append({"location": location.name, "free": None, "total": None, "free_pct": None, "ok": True})
-            continue
-        free, total = usage
-        fraction = free / total if total else 0.0
-        ok = fraction >= MIN_FREE_FRACTION
+    for location in StorageLocation.objects.all():
+        figure = location.health() if location.enabled else {"free": None, "total": None, "ratio": None, "error": ""}
+        ratio = figure["ratio"]
+        ok = not figure["error"] and (ratio is None or ratio >= StorageLocation.LOW_FREE)
         if ok:
             resolve_alert("storage_low", location=location)
-        else:
+        elif not figure["error"]:
             raise_alert(
                 "storage_low",
                 location=location,
-                message=f"Location {location.name} has {fraction:.0%} free ({free} of {total} bytes): "
-                f"under {MIN_FREE_FRACTION:.0%}. Free space, raise its capacity, or let retention run.",
+                message=f"Location {location.name} has {ratio:.0%} free ({figure['free']} of {figure['total']} bytes): "
+                f"under {StorageLocation.LOW_FREE:.0%}. Free space, raise its capacity, or let retention run.",
             )
+        free_pct = round(100 * ratio, 1) if ratio is not None else None
         results.append(
-            {"location": location.name, "free": free, "total": total, "free_pct": round(100 * fraction, 1), "ok": ok}
+            {"location": location.name, "free": figure["free"], "total": figure["total"], "free_pct": free_pct}
+            | {"ok": ok, "error": figure["error"]}
         )
     return results

@@ -58,6 +58,7 @@ GLOBAL_SCHEDULES = {
     "copies-retry": ("backups.tasks.retry_copies", "* * * * *"),
     # Sunday 04:00, after the night's backups: the strategy's weekly integrity check of every copy.
     "verify-weekly": ("backups.tasks.verify_copies", "0 4 * * 0"),
+    "monitor": ("backupportal.tasks.monitor_once", "* * * * *"),
 }
 
 

@@ -353,3 +353,88 @@ def big_cluster(pg_base_dir, pg_template):
         yield cluster
     finally:
         cluster.destroy()
+
+
+@pytest.fixture
+def catalog(db, settings, tmp_path):
+    """One row of every model, so that every detail page has something to show."""
+    from django.utils import timezone
+
+    from backupportal import journal
+    from backupportal.models import Alert, MaintenanceTask
+    from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, WalSegment
+    from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
+
+    settings.BACKUP_ROOT = tmp_path
+    StorageLocation.sync_from_settings()
+    owner = make_user("owner", "DBA")
+    server = Server.objects.create(
+        name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives", pg_version=150004
+    )
+    schedule = BackupSchedule.objects.create(server=server, job="logical", cron="0 2 * * *")
+    run = BackupRun.objects.create(
+        server=server, kind="logical", status="succeeded", size=10, sha256="a" * 64, finished_at=timezone.now()
+    )
+    location = StorageLocation.objects.get(name="primary")
+    copy = BackupCopy.objects.create(run=run, location=location, key="k", size=10, sha256="a" * 64, status="ok")
+    segment = WalSegment.objects.create(
+        server=server, timeline=1, name="000000010000000000000001", size=1, sha256="b" * 64, archived_at=timezone.now()
+    )
+    request = RestoreRequest.objects.create(
+        server=server, backup_run=run, destination="new_database", target_database="x", reason="r", requested_by=owner
+    )
+    restore = RestoreRun.objects.create(kind="logical", server=server, backup_run=run)
+    test = RestoreTest.objects.create(server=server, backup_run=run, status="passed")
+    drill = DrDrill.objects.create(title="drill", logged_by=owner, server=server)
+    alert = Alert.objects.create(condition="backup_failed", subject="server:maldives", server=server, message="m")
+    task = MaintenanceTask.objects.create(kind="weekly_verify", due_on=timezone.localdate())
+    entry = journal.record("test", actor="owner", obj=server)
+    objects = [server, schedule, run, location, copy, segment, request, restore, test, drill, alert, task, entry]
+    return {type(o): o for o in objects} | {"server": server, "run": run}
+
+
+# --- Mail: a real SMTP server (aiosmtpd) on 127.0.0.1 ---------------------------------------
+
+
+class SmtpServer:
+    """aiosmtpd on a free port of 127.0.0.1, collecting what it receives; stop() is an outage."""
+
+    def __init__(self):
+        from backupportal.lib.pgcluster import free_port
+
+        self.port = free_port()
+        self.messages = []
+        self.controller = None
+
+    async def handle_DATA(self, server, session, envelope):
+        import email
+        from email import policy
+
+        self.messages.append(email.message_from_bytes(envelope.content, policy=policy.default))
+        return "250 Message accepted for delivery"
+
+    def start(self):
+        from aiosmtpd.controller import Controller
+
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def stop(self):
+        self.controller.stop()
+        self.controller = None
+
+
+@pytest.fixture
+def smtp_server(settings):
+    """A running SMTP server; the portal mails it as EMAIL_URL=smtp://127.0.0.1:PORT would say."""
+    import environ
+
+    smtp = SmtpServer()
+    smtp.start()
+    for name, value in environ.Env.email_url_config(f"smtp://127.0.0.1:{smtp.port}").items():
+        setattr(settings, name, value)
+    settings.ALERT_EMAILS = ["dba@reliabilitymaldives.com", "sysadmin@reliabilitymaldives.com"]
+    settings.SITE_URL = "https://backups.reliabilitymaldives.com"
+    yield smtp
+    if smtp.controller is not None:
+        smtp.stop()

@@ -159,3 +159,32 @@ def test_a_run_left_running_by_a_dead_worker_is_failed(server):
     stale.refresh_from_db(), fresh.refresh_from_db()
     assert stale.status == "failed" and "no heartbeat since" in stale.error
     assert fresh.status == "running"
+
+
+def test_a_dba_edits_a_schedule_on_the_server_page_with_validation(client, alice, server):
+    from django_q.models import Schedule
+
+    server.ensure_schedules()
+    client.force_login(alice)
+    response = client.post(
+        reverse("schedule-edit", args=[server.name]),
+        {"job": "logical", "cron": "0 25 * * *", "enabled": "on"},
+        follow=True,
+    )
+    assert b"not a cron expression" in response.content
+    assert BackupSchedule.objects.get(server=server, job="logical").cron == "0 2 * * *"
+    client.post(reverse("schedule-edit", args=[server.name]), {"job": "logical", "cron": "15 1 * * *", "enabled": "on"})
+    assert Schedule.objects.get(name="logical:maldives").cron == "15 1 * * *"
+    client.post(reverse("schedule-edit", args=[server.name]), {"job": "logical", "cron": "15 1 * * *"})
+    assert not Schedule.objects.filter(name="logical:maldives").exists()  # disabled: no django-q2 schedule
+    assert JournalEntry.objects.filter(action="schedule_changed", actor="alice").count() == 2
+
+
+def test_a_sysadmin_cannot_edit_schedules(client, sam, server):
+    server.ensure_schedules()
+    client.force_login(sam)
+    response = client.post(
+        reverse("schedule-edit", args=[server.name]), {"job": "logical", "cron": "0 3 * * *", "enabled": "on"}
+    )
+    assert response.status_code == 403
+    assert b"Not allowed" in response.content
