@@ -26,11 +26,19 @@ def plan_copies(run):
             )
 
 
-def copy_one(copy):
-    """Stream the primary's file to the copy's location, hashing on the way. Returns the copy."""
+def copy_one(copy, journal_it=True):
+    """Stream the primary's file to the copy's location, hashing on the way. Returns the copy.
+
+    WAL segments are copies too; their ingest journals them by batch (journal_it=False).
+    """
     source = BackupCopy.objects.select_related("location").get(
-        run=copy.run, artifact=copy.artifact, location__kind=StorageLocation.Kind.PRIMARY, status=BackupCopy.Status.OK
+        run=copy.run,
+        wal_segment=copy.wal_segment,
+        artifact=copy.artifact,
+        location__kind=StorageLocation.Kind.PRIMARY,
+        status=BackupCopy.Status.OK,
     )
+    server = (copy.run or copy.wal_segment).server.name
     copy.status, copy.attempts = BackupCopy.Status.COPYING, copy.attempts + 1
     copy.save(update_fields=["status", "attempts"])
     try:
@@ -43,9 +51,8 @@ def copy_one(copy):
     except (OSError, StorageError) as e:
         copy.status, copy.last_error = BackupCopy.Status.FAILED, str(e)[:2000]
         copy.save(update_fields=["status", "last_error"])
-        journal.record(
-            "copy_failed", actor="job:copy", obj=copy, server=copy.run.server.name, outcome="failed", error=str(e)
-        )
+        if journal_it:
+            journal.record("copy_failed", actor="job:copy", obj=copy, server=server, outcome="failed", error=str(e))
         return copy
     copy.status, copy.size, copy.sha256, copy.copied_at, copy.last_error = (
         BackupCopy.Status.OK,
@@ -55,9 +62,10 @@ def copy_one(copy):
         "",
     )
     copy.save(update_fields=["status", "size", "sha256", "copied_at", "last_error"])
-    journal.record(
-        "copy_made", actor="job:copy", obj=copy, server=copy.run.server.name, location=copy.location.name, sha256=sha256
-    )
+    if journal_it:
+        journal.record(
+            "copy_made", actor="job:copy", obj=copy, server=server, location=copy.location.name, sha256=sha256
+        )
     return copy
 
 

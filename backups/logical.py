@@ -7,7 +7,7 @@ critical tables: the recorded row counts are exactly what the dump holds.
 from django.utils import timezone
 
 from backups.crypto import Encryption, EncryptionError
-from backups.models import BackupCopy, BackupRun, StorageLocation
+from backups.models import WAL_LOCATION, BackupCopy, BackupRun, StorageLocation
 from backups.pipeline import BackupFailed, Tool, dump_compression_level, encrypt_to, heartbeat, snapshot_and_counts
 from backups.storage import store_for
 
@@ -19,7 +19,9 @@ def keys_for(run):
 
 
 def primary_location():
-    location = StorageLocation.objects.filter(kind=StorageLocation.Kind.PRIMARY, enabled=True).first()
+    # The WAL archive is a primary location too (WAL_ROOT), but never where runs go.
+    primary = StorageLocation.objects.filter(kind=StorageLocation.Kind.PRIMARY, enabled=True)
+    location = primary.exclude(name=WAL_LOCATION).first()
     if location is None:
         raise BackupFailed(
             "no enabled primary storage location: set BACKUP_ROOT and run migrate, or add one in the admin"

@@ -1,9 +1,9 @@
 """Restore: a logical backup into a new database, production by approved swap, or PITR into a new cluster.
 
-    restore RUN_ID --into-database NEWDB [--into-server OTHER]
-    restore RUN_ID --replace --request REQUEST_ID
-    restore --server NAME (--target-time T | --target latest | --target-lsn LSN | --target-name NAME)
-            --into-datadir DIR --port PORT
+restore RUN_ID --into-database NEWDB [--into-server OTHER]
+restore RUN_ID --replace --request REQUEST_ID
+restore --server NAME (--target-time T | --target latest | --target-lsn LSN | --target-name NAME)
+        --into-datadir DIR --port PORT
 """
 
 import getpass
