@@ -55,7 +55,7 @@ class Receiver:
         self.create_slot()
         wal.segment_size(self.server)
         self.child = Tool(
-            self.argv("--directory", str(self.directory), "--no-loop", "--no-password", "--verbose"),
+            self.argv("--directory", str(self.directory), "--no-loop", "--synchronous", "--no-password", "--verbose"),
             self.server.libpq_env(),
         ).start()
         self.started_at = time.monotonic()

@@ -1,11 +1,15 @@
 """Point-in-time recovery against real clusters: push archiving, a base backup, PITR into a new cluster."""
 
 import time
+from datetime import timedelta
+from pathlib import Path
 
 from django.utils import timezone
 
 from backupportal.lib.pgcluster import free_port
-from backups.models import BackupRun
+from backupportal.models import Alert, JournalEntry
+from backups import wal
+from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRun
 
 from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
@@ -50,7 +54,6 @@ def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
         str(port),
     )
     assert result["status"] == "succeeded", result
-    print(result)
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",)]
     assert result["recovered_to"] and result["recovered_to"] <= target.isoformat(sep=" ")
     assert RestoreRun.objects.get(pk=result["id"]).kind == "pitr"
@@ -65,3 +68,100 @@ def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
     )
     assert result["status"] == "succeeded", result
     assert rows(port2, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+
+
+def archive_some_wal(cluster, tables=3):
+    """A few transactions, each in its own archived segment."""
+    for i in range(tables):
+        write(cluster, f"CREATE TABLE t{i}(x int); INSERT INTO t{i} VALUES ({i})")
+        name = switch_wal(cluster)
+    wait_archived(cluster, name)
+    return name
+
+
+def restore(datadir, port, *target):
+    return run_command("restore", "--server", "maldives", *target, "--into-datadir", str(datadir), "--port", str(port))
+
+
+def test_a_restore_is_refused_before_anything_is_written(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(sample_cluster)
+    datadir, port = restored(), free_port()
+    now = timezone.localtime()
+    cases = [
+        (["--target-time", now.strftime("%Y-%m-%d %H:%M:%S")], "has no timezone"),
+        (["--target-time", "yesterday at noon"], "cannot read the target time"),
+        (["--target-time", (now + timedelta(hours=1)).isoformat(sep=" ")], "is in the future"),
+        (["--target-time", (now - timedelta(days=1)).isoformat(sep=" ")], "before the oldest moment"),
+        (["--target-lsn", "not-an-lsn"], "is not an LSN"),
+        (["--target-lsn", "0/1"], "before the end of the oldest kept base backup"),
+        (["--target-lsn", "FF/0"], "beyond the archived WAL"),
+        (["--target", "latest", "--target-name", "x"], "exactly one target"),
+    ]
+    for target, message in cases:
+        result = restore(datadir, port, *target)
+        assert result["_exit"] == 1 and message in result["_stderr"], (target, result)
+    result = restore(datadir, sample_cluster.port, "--target", "latest")
+    assert f"port {sample_cluster.port} is in use" in result["_stderr"]
+    datadir.mkdir()
+    (datadir / "precious").write_text("do not touch")
+    result = restore(datadir, port, "--target", "latest")
+    assert "is not empty" in result["_stderr"]
+    assert [p.name for p in datadir.iterdir()] == ["precious"]
+    assert not RestoreRun.objects.exists()
+    assert JournalEntry.objects.filter(action="pitr_refused").count() == len(cases) + 2
+
+
+def test_a_gap_in_the_wal_catalog_refuses_the_restore_naming_the_segment(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(sample_cluster)
+    wal.ingest(server)
+    lost = WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno")[1]
+    lost.delete()
+    datadir = restored()
+    result = restore(datadir, free_port(), "--target", "latest")
+    assert result["_exit"] == 1 and f"WAL segment {lost.name} is missing" in result["_stderr"], result
+    assert not datadir.exists()
+    # The incremental run finds the same gap, and the alert says which segment.
+    chain = run_command("backup", "maldives", "--kind", "incremental")
+    assert chain["status"] == "failed" and lost.name in chain["error"]
+    assert lost.name in Alert.objects.get(condition="wal_gap").message
+
+
+def test_a_deleted_or_corrupted_wal_file_makes_the_restore_refuse_naming_it(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(sample_cluster)
+    wal.ingest(server)
+    segments = list(WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno"))
+    victim = segments[1]
+    copy = victim.copies.get(location__name="wal")
+    path = Path(copy.location.path) / copy.key
+    original = path.read_bytes()
+
+    path.unlink()
+    datadir = restored()
+    result = restore(datadir, free_port(), "--target", "latest")
+    assert result["_exit"] == 1, result
+    assert f"WAL segment {victim.name} is missing from every location" in result["_stderr"]
+    assert not datadir.exists()
+
+    corrupted = bytearray(original)
+    corrupted[len(corrupted) // 2] ^= 0xFF
+    path.write_bytes(bytes(corrupted))
+    result = restore(datadir, free_port(), "--target", "latest")
+    assert result["_exit"] == 1 and result["status"] == "failed", result
+    assert f"WAL segment {victim.name} cannot be read intact" in result["error"]
+    assert "corrupt: sha256" in result["error"]
+    assert not datadir.exists()  # what the failed restore wrote is gone
+
+    path.write_bytes(original)
+    assert restore(datadir, free_port(), "--target", "latest")["status"] == "succeeded"

@@ -7,7 +7,7 @@ import time
 from io import StringIO
 from pathlib import Path
 
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 
 def run_command(*args):
@@ -18,6 +18,9 @@ def run_command(*args):
         call_command(*args, "--json", stdout=out, stderr=err)
     except SystemExit as e:
         code = e.code
+    except CommandError as e:  # what manage.py prints as one line on stderr, exiting 1
+        code = 1
+        err.write(str(e))
     lines = out.getvalue().strip().splitlines()
     result = json.loads(lines[-1]) if lines else {}
     result["_exit"], result["_stderr"] = code, err.getvalue()
