@@ -165,3 +165,81 @@ def test_a_deleted_or_corrupted_wal_file_makes_the_restore_refuse_naming_it(
 
     path.write_bytes(original)
     assert restore(datadir, free_port(), "--target", "latest")["status"] == "succeeded"
+
+
+def test_pitr_to_a_restore_point_or_an_lsn_stops_there(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    sample_cluster.execute("SELECT pg_create_restore_point('before_b')")
+    lsn = sample_cluster.execute("SELECT pg_current_wal_lsn()")[0][0]
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+
+    port = free_port()
+    result = restore(restored(), port, "--target-name", "before_b")
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe") == [("A",)]
+
+    port = free_port()
+    result = restore(restored(), port, "--target-lsn", str(lsn))
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe") == [("A",)]
+    assert result["recovered_lsn"] and wal.lsn_to_int(result["recovered_lsn"]) >= wal.lsn_to_int(str(lsn))
+
+    result = restore(restored(), free_port(), "--target-name", "never_created")
+    assert result["status"] == "failed" and "restore point 'never_created' is not in the WAL" in result["error"]
+
+
+def test_a_restored_cluster_adds_nothing_to_the_production_archive(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(sample_cluster, tables=1)
+    port = free_port()
+    assert restore(restored(), port, "--target", "latest")["status"] == "succeeded"
+    before = {s.name for s in WalSegment.objects.filter(server=server)}
+    spool = wal.spool_dir(server)
+    spooled = sorted(p.name for p in spool.iterdir())
+
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname=DB, autocommit=True) as copy:
+        assert copy.execute("SHOW archive_mode").fetchone()[0] == "off"
+        for i in range(3):  # the copy's new timeline writes and switches WAL...
+            copy.execute(f"CREATE TABLE on_the_copy_{i}(x int)")
+            copy.execute("SELECT pg_switch_wal()")
+        assert copy.execute("SELECT archived_count, failed_count FROM pg_stat_archiver").fetchone() == (0, 0)
+    time.sleep(1)
+    assert sorted(p.name for p in spool.iterdir()) == spooled  # ...and none of it reaches the production spool
+    wal.ingest(server)
+    assert {s.name for s in WalSegment.objects.filter(server=server)} == before
+    assert not WalSegment.objects.filter(server=server, timeline__gt=1).exists()
+
+
+def test_the_incremental_runs_prove_the_chain_and_name_their_wal_range(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    enable_push(sample_cluster)
+    refused = run_command("backup", "maldives", "--kind", "incremental")
+    assert refused["status"] == "failed" and "no base backup" in refused["error"]
+    base = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "base")["id"])
+    write(sample_cluster, "CREATE TABLE one(x int)")
+    first = run_command("backup", "maldives", "--kind", "incremental")
+    assert first["status"] == "succeeded", first
+    run = BackupRun.objects.get(pk=first["id"])
+    assert run.start_wal == base.start_wal and run.end_wal > base.end_wal
+    assert run.details["chain_base_run"] == base.pk and run.details["segments"] >= 2
+    assert WalSegment.objects.filter(server=server, name=run.end_wal).exists()  # switched, archived, ingested
+
+    write(sample_cluster, "CREATE TABLE two(x int)")
+    second = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "incremental")["id"])
+    assert second.status == "succeeded"
+    server.refresh_from_db()
+    assert (
+        wal.segno_of(second.start_wal, server.wal_segment_size)
+        == wal.segno_of(run.end_wal, server.wal_segment_size) + 1
+    )
