@@ -91,3 +91,49 @@ def test_a_pull_server_restores_the_newest_commit_from_the_partial_segment(
         assert rows(port, "SELECT tx FROM probe") == [("C",)]
     finally:
         receiver.stop_child()
+
+
+def test_the_monitor_sees_a_receiver_down_and_a_gap(server, sample_cluster, passphrase_file, backup_root, wal_spool):
+    from backupportal.models import Alert
+
+    receiver = pull(server)
+    assert "does not exist" in wal.check_wal_health(server)["receiver_down"]
+    receiver.start_child()
+    try:
+        wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
+        assert "receiver_down" not in wal.check_wal_health(server)
+        assert Alert.objects.get(condition="receiver_down").state == "resolved"
+        assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+        for i in range(3):
+            sample_cluster.execute(f"CREATE TABLE g{i}(x int)", dbname=DB)
+            last = switch_wal(sample_cluster)
+        wait_for(lambda: receiver.ingest() and WalSegment.objects.filter(name=last).exists(), what="ingest")
+    finally:
+        receiver.stop_child()
+    assert "nothing streams from slot" in wal.check_wal_health(server)["receiver_down"]
+    lost = WalSegment.objects.filter(segno__isnull=False).order_by("-segno")[1]
+    lost.delete()
+    assert lost.name in wal.check_wal_health(server)["wal_gap"]
+    assert lost.name in Alert.objects.get(condition="wal_gap", state="open").message
+
+
+def test_receivewal_runs_until_sigterm_and_leaves_no_pg_receivewal_behind(sample_cluster, portal_cli):
+    portal_cli.run("addserver", "maldives", "--dsn", sample_cluster.dsn(DB))
+    receiver = portal_cli.popen("receivewal", "maldives")
+    streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
+    wait_for(lambda: sample_cluster.execute(streaming)[0][0] == 1, what="pg_receivewal streaming")
+    sample_cluster.execute("CREATE TABLE x(x int)", dbname=DB)
+    name = switch_wal(sample_cluster)
+    wait_for(lambda: portal_cli.query("SELECT 1 FROM backups_walsegment WHERE name = ?", [name]), what="ingest")
+    receiver.send_signal(signal.SIGTERM)
+    out, err = receiver.communicate(timeout=30)
+    assert receiver.returncode == 0, err
+    assert "pg_receivewal stopped" in out
+    assert sample_cluster.execute(streaming)[0][0] == 0
+
+    # Killed outright, it takes its pg_receivewal with it: no orphan streams on.
+    receiver = portal_cli.popen("receivewal", "maldives")
+    wait_for(lambda: sample_cluster.execute(streaming)[0][0] == 1, what="pg_receivewal streaming again")
+    receiver.kill()
+    receiver.wait()
+    wait_for(lambda: sample_cluster.execute(streaming)[0][0] == 0, what="pg_receivewal to die with its supervisor")
