@@ -157,6 +157,8 @@ PG_BIN = env.str("PG_BIN", default="")
 PG_DUMP_COMPRESS = env.int("PG_DUMP_COMPRESS", default=1)
 # A backup still running after this many seconds is stopped and failed.
 BACKUP_TIMEOUT = env.int("BACKUP_TIMEOUT", default=6 * 3600)
+# A base backup or an incremental run waits this long for its WAL to be archived and ingested.
+WAL_WAIT_SECONDS = env.int("WAL_WAIT_SECONDS", default=300)
 
 # Storage.
 BACKUP_ROOT = Path(env.str("BACKUP_ROOT", default=str(VAR_DIR / "backups")))

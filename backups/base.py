@@ -25,13 +25,10 @@ from backups.pipeline import BackupFailed, Tool, encrypt_to, heartbeat
 from backups.storage import store_for
 
 # gpg's compression, level 1: base backups are uncompressed tars that `gpg --decrypt` alone
-# turns back into a plain tar. Measured in tests/test_base_backup.py's note and bench.
+# turns back into a plain tar. Measured on a 68 MB tar of realistic data (sampledata), two
+# busy cores: level 1 3.2x at 24 MB/s, level 6 3.4x at 14 MB/s, none 108 MB/s.
 BASE_COMPRESS_LEVEL = 1
 MANIFEST_TAIL = 256 * 1024
-
-
-def wal_wait_seconds():
-    return getattr(settings, "WAL_WAIT_SECONDS", 300)
 
 
 class TarSniffer:
@@ -213,7 +210,7 @@ def take(run):
         server,
         wal.segno_of(run.start_wal, size_of_segment),
         wal.segno_of(run.end_wal, size_of_segment),
-        wal_wait_seconds(),
+        settings.WAL_WAIT_SECONDS,
     )
 
 
@@ -254,7 +251,7 @@ def wal_chain(run):
             f"take one with manage.py backup {server.name} --kind base"
         )
     first = wal.segno_of(base.start_wal, size_of_segment)
-    wal.wait_for_wal(server, end, end, wal_wait_seconds())
+    wal.wait_for_wal(server, end, end, settings.WAL_WAIT_SECONDS)
     gaps = wal.missing_segments(server, first, end)
     if gaps:
         message = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"

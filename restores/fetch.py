@@ -38,10 +38,10 @@ class FileSink:
         self.tmp.unlink(missing_ok=True)
 
 
-def ordered_copies(qs):
+def ordered_copies(copies):
     """Copies believed good, in read order: primary first, then NAS, then S3."""
-    copies = list(qs.filter(status=BackupCopy.Status.OK).select_related("location"))
-    return sorted((c for c in copies if c.location.enabled), key=lambda c: (c.location.read_order, c.location.name))
+    good = [c for c in copies if c.status == BackupCopy.Status.OK and c.location.enabled]
+    return sorted(good, key=lambda c: (c.location.read_order, c.location.name))
 
 
 def fetch(copies, sink, encryption, what, plain_sha256=None):
