@@ -184,17 +184,7 @@ def take(run):
         compress_level=BASE_COMPRESS_LEVEL,
     )
     stop_time = timezone.now()
-    BackupCopy.objects.create(
-        run=run,
-        location=location,
-        artifact="main",
-        key=key,
-        size=size,
-        sha256=sha256,
-        status=BackupCopy.Status.OK,
-        copied_at=timezone.now(),
-        attempts=1,
-    )
+    BackupCopy.record_made(location, key, size, sha256, run=run, artifact="main")
     record_positions(run, tool.sniffer, size_of_segment)
     run.size, run.sha256, run.bytes_done = size, sha256, size
     run.details.update(

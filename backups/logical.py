@@ -65,33 +65,13 @@ def take(run):
     run.size, run.sha256, run.bytes_done = size, sha256, size
     run.details["row_counts"] = counts
     run.details["pg_dump_compress"] = dump_compression_level()
-    BackupCopy.objects.create(
-        run=run,
-        location=location,
-        artifact="main",
-        key=dump_key,
-        size=size,
-        sha256=sha256,
-        status=BackupCopy.Status.OK,
-        copied_at=timezone.now(),
-        attempts=1,
-    )
+    BackupCopy.record_made(location, dump_key, size, sha256, run=run, artifact="main")
 
     g_size, g_sha256, note = take_globals(server, store, globals_key, encryption)
     run.details["globals"] = {"key": globals_key, "size": g_size, "sha256": g_sha256}
     if note:
         run.notes = note
-    BackupCopy.objects.create(
-        run=run,
-        location=location,
-        artifact="globals",
-        key=globals_key,
-        size=g_size,
-        sha256=g_sha256,
-        status=BackupCopy.Status.OK,
-        copied_at=timezone.now(),
-        attempts=1,
-    )
+    BackupCopy.record_made(location, globals_key, g_size, g_sha256, run=run, artifact="globals")
 
 
 def take_globals(server, store, key, encryption):

@@ -543,3 +543,17 @@ class BackupCopy(models.Model):
 
     def __str__(self):
         return f"{self.location}:{self.key} ({self.status})"
+
+    @classmethod
+    def record_made(cls, location, key, size, sha256, **of):
+        """The copy a run or an ingest just wrote and hashed (of: run=, or wal_segment=; artifact=)."""
+        return cls.objects.create(
+            location=location,
+            key=key,
+            size=size,
+            sha256=sha256,
+            status=cls.Status.OK,
+            copied_at=timezone.now(),
+            attempts=1,
+            **of,
+        )

@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.alerts import raise_alert, resolve_alert
+from backups import archive_wal
 from backups.crypto import Encryption, EncryptionError, gpg_failure
 from backups.models import WAL_LOCATION, BackupCopy, BackupRun, Server, StorageLocation, WalSegment
 from backups.pipeline import BackupFailed
@@ -352,17 +353,7 @@ def ingest_one(server, path: Path, source, store, location, encryption):
     try:
         with transaction.atomic():
             segment = catalogue(server, name, reader, key, archived_at, source)
-            BackupCopy.objects.create(
-                wal_segment=segment,
-                location=location,
-                artifact="wal",
-                key=key,
-                size=size,
-                sha256=sha256,
-                status=BackupCopy.Status.OK,
-                copied_at=timezone.now(),
-                attempts=1,
-            )
+            BackupCopy.record_made(location, key, size, sha256, wal_segment=segment, artifact="wal")
             plan_wal_copies(segment, key)
     except IntegrityError:  # another ingest catalogued it a moment ago
         return _already_archived(server, path, WalSegment.objects.get(server=server, name=name))
@@ -416,7 +407,7 @@ def encrypt_into(store, key, reader, encryption):
 
 
 def _already_archived(server, path, existing):
-    sha256 = sha256_file(path)
+    sha256 = archive_wal.sha256_of(path)  # the archive program's own: the same rule on both sides
     if sha256 == existing.sha256:
         mark_ingested(path.parent, path.name, sha256)
         path.unlink()
@@ -428,14 +419,6 @@ def _already_archived(server, path, existing):
     write_error_marker(path.parent, path.name, "conflict", message)
     raise_alert("archive_failing", server=server, message=message)
     return "conflicts"
-
-
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def mark_ingested(spool: Path, name, sha256):

@@ -79,6 +79,14 @@ def archive_some_wal(cluster, tables=3):
     return name
 
 
+def push_with_base(cluster, server):
+    """Push archiving, a base backup, then a few archived and ingested segments."""
+    enable_push(cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(cluster)
+    wal.ingest(server)
+
+
 def restore(datadir, port, *target):
     return run_command("restore", "--server", "maldives", *target, "--into-datadir", str(datadir), "--port", str(port))
 
@@ -86,9 +94,7 @@ def restore(datadir, port, *target):
 def test_a_restore_is_refused_before_anything_is_written(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):
-    enable_push(sample_cluster)
-    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
-    archive_some_wal(sample_cluster)
+    push_with_base(sample_cluster, server)
     datadir, port = restored(), free_port()
     now = timezone.localtime()
     cases = [
@@ -118,10 +124,7 @@ def test_a_restore_is_refused_before_anything_is_written(
 def test_a_gap_in_the_wal_catalog_refuses_the_restore_naming_the_segment(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):
-    enable_push(sample_cluster)
-    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
-    archive_some_wal(sample_cluster)
-    wal.ingest(server)
+    push_with_base(sample_cluster, server)
     lost = WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno")[1]
     lost.delete()
     datadir = restored()
@@ -137,10 +140,7 @@ def test_a_gap_in_the_wal_catalog_refuses_the_restore_naming_the_segment(
 def test_a_deleted_or_corrupted_wal_file_makes_the_restore_refuse_naming_it(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):
-    enable_push(sample_cluster)
-    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
-    archive_some_wal(sample_cluster)
-    wal.ingest(server)
+    push_with_base(sample_cluster, server)
     segments = list(WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno"))
     victim = segments[1]
     copy = victim.copies.get(location__name="wal")

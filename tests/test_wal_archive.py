@@ -225,3 +225,21 @@ def test_a_worker_killed_mid_ingest_loses_no_segment(sample_cluster, portal_cli)
         assert plain.returncode == 0, plain.stderr
         plain = plain.stdout
         assert hashlib.sha256(plain).hexdigest() == catalogued[name]
+
+
+def test_archivecommand_refuses_a_spool_postgres_cannot_reach(server, passphrase_file, backup_root, settings):
+    closed = Path(tempfile.mkdtemp(prefix="bp-closed-"))  # 0700, root's: like a checkout under /root
+    settings.WAL_SPOOL = closed / "walspool"
+    result = run_command("archivecommand", "maldives")
+    assert result["_exit"] == 1 and "the postgres user cannot reach" in result["_stderr"], result
+    assert "set WAL_SPOOL" in result["_stderr"]
+    server.refresh_from_db()
+    assert server.archiving == "none"
+
+
+def test_a_base_backup_of_a_server_that_does_not_archive_is_refused_with_what_to_do(
+    server, passphrase_file, backup_root
+):
+    result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "failed" and "does not archive WAL" in result["error"]
+    assert "archivecommand maldives" in result["error"] and not list(Path(backup_root).rglob("*.gpg"))

@@ -7,6 +7,7 @@ from django.db import transaction
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
 from backups import wal
+from backups.management.commands._server import server_named
 from backups.models import Server
 
 
@@ -21,9 +22,7 @@ class Command(PortalCommand):
         parser.add_argument("--db-user", default="postgres", help="the OS user PostgreSQL runs as (default postgres)")
 
     def run(self, name, db_user, **options):
-        server = Server.objects.filter(name=name).first()
-        if server is None:
-            fail(f"unknown server {name!r}: register it with addserver first")
+        server = server_named(name)
         if server.archiving == Server.Archiving.PULL:
             fail(
                 f"{name} pulls its WAL with receivewal: switch its Archiving to push in the admin first "

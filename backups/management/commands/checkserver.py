@@ -8,10 +8,11 @@ Exit 0 when nothing fails (warnings allowed), 1 otherwise.
 import getpass
 
 from backupportal import journal
-from backupportal.lib.commands import PortalCommand, fail
+from backupportal.lib.commands import PortalCommand
 from backupportal.lib.pgerrors import explain
 from backups import wal
 from backups.crypto import Encryption, EncryptionError
+from backups.management.commands._server import server_named
 from backups.models import Server, StorageLocation
 from backups.storage import store_for
 
@@ -29,9 +30,7 @@ class Command(PortalCommand):
         parser.add_argument("name", help="the server's name (addserver NAME)")
 
     def run(self, name, **options):
-        server = Server.objects.filter(name=name).first()
-        if server is None:
-            fail(f"unknown server {name!r}: register it with addserver first")
+        server = server_named(name)
         checks = server_checks(server) + [encryption_check()] + location_checks()
         failed = [c["check"] for c in checks if c["verdict"] == "fail"]
         journal.record(

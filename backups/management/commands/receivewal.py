@@ -11,6 +11,7 @@ from django.db import transaction
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
 from backups import wal
+from backups.management.commands._server import server_named
 from backups.models import Server
 from backups.receiver import Receiver
 
@@ -23,9 +24,7 @@ class Command(PortalCommand):
         parser.add_argument("name", help="the server's name (addserver NAME)")
 
     def run(self, name, **options):
-        server = Server.objects.filter(name=name).first()
-        if server is None:
-            fail(f"unknown server {name!r}: register it with addserver first")
+        server = server_named(name)
         if server.archiving == Server.Archiving.PUSH:
             fail(f"{name} pushes its WAL with archive_command: switch its Archiving to pull in the admin first")
         if server.archiving == Server.Archiving.NONE:
