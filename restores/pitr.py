@@ -82,6 +82,7 @@ class Plan:
     staged: dict = field(default_factory=dict)  # segno -> staged segment name
     time_target_reached: bool = True
     recovered: dict = field(default_factory=dict)
+    threads: threading.local = field(default_factory=threading.local)
 
     @property
     def staging(self):
@@ -425,14 +426,12 @@ def empty(directory, keep=()):
             child.unlink()
 
 
-_local = threading.local()
-
-
-def _encryption():
-    # python-gnupg keeps the on_data callback on the object: one per thread.
-    if not hasattr(_local, "encryption"):
-        _local.encryption = Encryption()
-    return _local.encryption
+def encryption_of(plan):
+    # python-gnupg keeps the on_data callback on the object: one per thread (and per restore,
+    # so that a changed passphrase file is read again).
+    if not hasattr(plan.threads, "encryption"):
+        plan.threads.encryption = Encryption()
+    return plan.threads.encryption
 
 
 def stage_wal(plan, first, last):
@@ -452,7 +451,7 @@ def stage_wal(plan, first, last):
         notes = fetch(
             ordered_copies(copies.get(segment.pk, [])),
             sink,
-            _encryption(),
+            encryption_of(plan),
             f"WAL segment {segment.name}",
             plain_sha256=segment.sha256,
         )
@@ -473,7 +472,7 @@ def stage_history_files(plan):
             fetch(
                 ordered_copies(segment.copies.select_related("location")),
                 FileSink(path),
-                _encryption(),
+                encryption_of(plan),
                 f"history file {segment.name}",
                 segment.sha256,
             )
@@ -615,7 +614,7 @@ class TarSink:
 
 def extract_base(plan):
     copies = ordered_copies(plan.base.copies.filter(artifact="main").select_related("location"))
-    plan.notes += fetch(copies, TarSink(plan.datadir), _encryption(), f"base backup #{plan.base.pk}")
+    plan.notes += fetch(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
     if not (plan.datadir / "backup_manifest").exists():
         raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
 

@@ -134,6 +134,7 @@ def test_archived_segments_are_ingested_encrypted_and_catalogued(
     wait_archived(sample_cluster, name)
     # What the worker's every-minute schedule (ingestwal:maldives) runs.
     assert scheduled_job("maldives", "ingestwal")["last"] == name
+    server.refresh_from_db()
     segment = WalSegment.objects.get(server=server, name=name)
     size = sample_cluster.execute("SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size'")[0][0]
     assert segment.size == size and server.wal_segment_size == size
