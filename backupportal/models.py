@@ -2,6 +2,7 @@
 
 from django.conf import settings
 from django.db import models
+from django.urls import reverse
 from django.utils import timezone
 
 
@@ -30,15 +31,22 @@ class JournalEntry(models.Model):
         verbose_name_plural = "journal entries"
         ordering = ["-id"]
         indexes = [
-            # Used by the auditor's filters (date range, user, action, server), newest first.
-            models.Index(fields=["-at"], name="journal_at"),
-            models.Index(fields=["actor", "-at"], name="journal_actor"),
-            models.Index(fields=["action", "-at"], name="journal_action"),
-            models.Index(fields=["server", "-at"], name="journal_server"),
+            # Used by the auditor's pages: each filter, newest first, paged by (at, id).
+            models.Index(fields=["at", "id"], name="journal_at_id"),
+            models.Index(fields=["actor", "at", "id"], name="journal_actor_at_id"),
+            models.Index(fields=["action", "at", "id"], name="journal_action_at_id"),
+            models.Index(fields=["server", "at", "id"], name="journal_server_at_id"),
         ]
 
     def __str__(self):
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.object_repr}"
+
+    def get_absolute_url(self):
+        return reverse("journal-entry", args=[self.pk])
+
+    def get_object_url(self):
+        """Where the link to the entry's object goes; it is resolved when followed."""
+        return reverse("journal-object", args=[self.pk]) if self.object_type else ""
 
 
 class Alert(models.Model):
@@ -103,7 +111,11 @@ class Alert(models.Model):
 
 
 class MaintenanceTask(models.Model):
-    """A recurring task of the strategy's maintenance calendar."""
+    """One occurrence of a recurring task of the strategy's maintenance calendar.
+
+    backupportal/maintenance.py puts tasks on the calendar, raises the overdue alert and,
+    when one is completed, schedules the next occurrence.
+    """
 
     class Kind(models.TextChoices):
         WEEKLY_VERIFY = "weekly_verify", "Weekly: verify backup completion and integrity"
@@ -113,22 +125,75 @@ class MaintenanceTask(models.Model):
         STRATEGY_REVIEW = "strategy_review", "Review of the backup strategy document"
 
     kind = models.CharField(max_length=32, choices=Kind.choices)
-    due_at = models.DateTimeField()
+    due_on = models.DateField(help_text="done by the end of this day (TIME_ZONE), or it is overdue")
     completed_at = models.DateTimeField(null=True, blank=True)
     completed_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
-    evidence = models.CharField(max_length=300, blank=True, help_text="a link to the verify run, restore test or drill")
+    # The evidence: one of these, as maintenance.EVIDENCE allows for the kind.
+    evidence_entry = models.ForeignKey(
+        JournalEntry,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="a journal entry, e.g. of a verify run",
+    )
+    evidence_restore_test = models.ForeignKey(
+        "restores.RestoreTest", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    evidence_drill = models.ForeignKey(
+        "restores.DrDrill", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    evidence_url = models.CharField(
+        max_length=500, blank=True, help_text="a link to a document or ticket (https://...) or a portal page (/...)"
+    )
     notes = models.TextField(blank=True)
 
     class Meta:
-        ordering = ["due_at"]
-        indexes = [models.Index(fields=["completed_at", "due_at"], name="task_due")]
+        ordering = ["due_on", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["kind"], condition=models.Q(completed_at=None), name="one_open_task_per_kind"
+            )
+        ]
+        indexes = [
+            # Used by check_overdue() every minute and by the calendar page.
+            models.Index(fields=["due_on"], name="task_open_due", condition=models.Q(completed_at=None)),
+        ]
         permissions = [("complete_maintenance", "Can complete a maintenance task")]
 
     def __str__(self):
-        return f"{self.get_kind_display()} due {self.due_at:%Y-%m-%d}"
+        return f"{self.get_kind_display()} due {self.due_on:%Y-%m-%d}"
 
-    @property
-    def overdue(self):
-        return self.completed_at is None and self.due_at < timezone.now()
+    def get_absolute_url(self):
+        return reverse("maintenance") + f"#task-{self.pk}"
+
+    def is_overdue(self, today=None):
+        return self.completed_at is None and self.due_on < (today or timezone.localdate())
+
+    def days_overdue(self, today=None):
+        return max(0, ((today or timezone.localdate()) - self.due_on).days) if self.completed_at is None else 0
+
+    def completed_late(self):
+        return self.completed_at is not None and timezone.localdate(self.completed_at) > self.due_on
+
+    def evidence_accepted(self):
+        """What may prove this task done, in words (maintenance.EVIDENCE)."""
+        from backupportal.maintenance import EVIDENCE, EVIDENCE_NAMES
+
+        return " or ".join(sorted(EVIDENCE_NAMES[e] for e in EVIDENCE[self.kind]))
+
+    def evidence_object(self):
+        return self.evidence_entry or self.evidence_restore_test or self.evidence_drill
+
+    def evidence_link(self):
+        """(url, label) of the evidence, or None."""
+        from backupportal.lib.links import url_for
+
+        obj = self.evidence_object()
+        if obj is not None:
+            return url_for(obj), str(obj)
+        if self.evidence_url:
+            return self.evidence_url, self.evidence_url
+        return None

@@ -49,8 +49,18 @@ EXTRA = {
 
 def sync_groups(apps=None, **kwargs):
     """Create the groups and give them exactly their permissions. Idempotent."""
+    from django.contrib.auth.management import create_permissions
+
     if apps is None:
         from django.apps import apps
+    # post_migrate reaches the apps one by one: make sure every app's permissions exist
+    # before the groups are given them (after a flush, later apps' are not there yet).
+    for app_config in apps.get_app_configs():
+        if app_config.label in VIEW_APPS:
+            models_module = getattr(app_config, "models_module", None)
+            app_config.models_module = True  # create_permissions skips an app without it
+            create_permissions(app_config, apps=apps, verbosity=0)
+            app_config.models_module = models_module
     Group = apps.get_model("auth", "Group")
     Permission = apps.get_model("auth", "Permission")
     views = list(Permission.objects.filter(content_type__app_label__in=VIEW_APPS, codename__startswith="view_"))

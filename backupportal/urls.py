@@ -2,12 +2,18 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from backupportal import views
+from backupportal import journal_views, maintenance_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("journal/", journal_views.journal_list, name="journal"),
+    path("journal/export.csv", journal_views.journal_export, name="journal-export"),
+    path("journal/<int:entry_id>/", journal_views.journal_entry, name="journal-entry"),
+    path("journal/<int:entry_id>/object/", journal_views.journal_object, name="journal-object"),
+    path("maintenance/", maintenance_views.calendar, name="maintenance"),
+    path("maintenance/<int:task_id>/complete/", maintenance_views.complete, name="maintenance-complete"),
     path("", include("backups.urls")),
     path("", include("restores.urls")),
     path("admin/", admin.site.urls),

@@ -3,7 +3,6 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import Count, Q
 from django.template.defaultfilters import filesizeformat
-from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
@@ -107,7 +106,7 @@ class ServerAdmin(admin.ModelAdmin):
             actor=request.user.get_username(),
             obj=obj,
             fields=sorted(f for f in form.changed_data if f != "new_password"),
-            password_changed="new_password" in form.changed_data,
+            credentials_changed="new_password" in form.changed_data,
         )
 
 
@@ -119,11 +118,9 @@ class BackupScheduleAdmin(admin.ModelAdmin):
 
     @admin.display(description="Next run")
     def next_run(self, obj):
-        from croniter import croniter
+        from backups.tasks import next_cron_time
 
-        if not obj.enabled:
-            return "disabled"
-        return timezone.localtime(croniter(obj.cron, timezone.localtime()).get_next(timezone.datetime))
+        return next_cron_time(obj.cron) if obj.enabled else "disabled"
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)

@@ -4,8 +4,10 @@ from django.db.models.signals import post_migrate
 
 def sync_locations(sender, **kwargs):
     from backups.models import StorageLocation
+    from backups.tasks import ensure_global_schedules
 
     StorageLocation.sync_from_settings()
+    ensure_global_schedules()
 
 
 class BackupsConfig(AppConfig):

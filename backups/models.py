@@ -251,7 +251,7 @@ class BackupSchedule(models.Model):
     }
 
     # The jobs every new server gets. Each is added here when its job exists.
-    DEFAULT_JOBS = [Job.LOGICAL]
+    DEFAULT_JOBS = [Job.LOGICAL, Job.RESTORE_TEST, Job.MONTHLY_RESTORE_TEST]
     # And those of a server that archives WAL (push or pull).
     ARCHIVING_JOBS = [Job.BASE, Job.INCREMENTAL, Job.INGEST_WAL]
 

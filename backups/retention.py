@@ -1,28 +1,72 @@
-"""Retention of base backups and archived WAL, on every tier.
+"""Retention: which backups and WAL have outlived their server's policy, and their deletion on every tier.
 
-Base backups are kept `base_retention_days` (30), the newest always. WAL is kept
-`wal_retention_days` (7), but never a segment that a kept base backup needs to become
-consistent, nor one on the way from the base backup that reaches the start of the window
-to now: any moment of the window stays recoverable. History files are tiny and kept.
+Never deleted, whatever its age: the newest good backup of each server and kind, a backup
+that a restore or restore test is reading right now (it goes on the next pass), and the
+base backup from which the WAL window starts.
+
+WAL is kept `wal_retention_days` (7), but never a segment that a kept base backup needs to
+become consistent, nor one on the way from the base backup that reaches the start of the
+window to now: any moment of the window stays recoverable. History files are tiny and kept.
 """
 
 from datetime import datetime, timedelta
 
+from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import journal
 from backups import wal
+from backups.copies import delete_run_artifacts
 from backups.models import BackupCopy, BackupRun, Server, WalSegment
 from backups.storage import StorageError, store_for
 
+DAYS_FIELD = {BackupRun.Kind.LOGICAL: "logical_retention_days", BackupRun.Kind.BASE: "base_retention_days"}
+
+
+def expired_runs(server, kind, now=None):
+    """Good runs of this server and kind older than its retention, newest good excluded."""
+    now = now or timezone.now()
+    good = server.runs.good().filter(kind=kind)
+    newest = good.order_by("-finished_at").values_list("pk", flat=True).first()
+    cutoff = now - timedelta(days=getattr(server, DAYS_FIELD[kind]))
+    expired = good.filter(finished_at__lt=cutoff).exclude(pk=newest).exclude(_being_read())
+    if kind == BackupRun.Kind.BASE:
+        anchor = window_anchor(list(good), now - timedelta(days=server.wal_retention_days))
+        if anchor is not None:
+            expired = expired.exclude(pk=anchor.pk)
+    return expired.order_by("finished_at")
+
+
+def _being_read():
+    """Runs a restore or restore test is reading now (see restores.models)."""
+    return Q(restores__status__in=["queued", "running"]) | Q(restore_tests__status="running")
+
+
+def apply(now=None, dry_run=False, actor="job:retention"):
+    """Delete what has expired. Returns [{"id", "server", "kind", "finished_at"}] of what was (or would be) deleted."""
+    deleted = []
+    for server in Server.objects.all():
+        for kind in DAYS_FIELD:
+            for run in expired_runs(server, kind, now):
+                deleted.append(
+                    {"id": run.pk, "server": server.name, "kind": kind, "finished_at": run.finished_at.isoformat()}
+                )
+                if not dry_run:
+                    delete_run_artifacts(run, actor)
+    return deleted
+
+
+def apply_wal(now=None, dry_run=False, actor="job:retention"):
+    """WAL retention of every server that has archived WAL: {server: what was (or would be) deleted}."""
+    now = now or timezone.now()
+    servers = Server.objects.filter(pk__in=WalSegment.objects.values("server").distinct())
+    return {server.name: wal_retention(server, now, dry_run, actor) for server in servers}
+
 
 def apply_wal_and_base_retention(now=None, dry_run=False, actor="job:retention"):
-    """Delete what retention allows for every server. Returns what was (or would be) deleted."""
+    """Backups first (so the WAL only they needed goes with them), then WAL."""
     now = now or timezone.now()
-    report = {"dry_run": dry_run, "servers": {}}
-    for server in Server.objects.all():
-        report["servers"][server.name] = server_retention(server, now, dry_run, actor)
-    return report
+    return {"dry_run": dry_run, "deleted": apply(now, dry_run, actor), "wal": apply_wal(now, dry_run, actor)}
 
 
 def stop_time(run):
@@ -30,17 +74,9 @@ def stop_time(run):
     return datetime.fromisoformat(stamp) if stamp else run.finished_at
 
 
-def doomed_base_backups(server, now):
-    """Base backups past retention, except the newest and the one that anchors the WAL window."""
-    bases = list(server.runs.good().filter(kind=BackupRun.Kind.BASE).order_by("-finished_at"))
-    cutoff = now - timedelta(days=server.base_retention_days)
-    anchor = window_anchor(bases, now - timedelta(days=server.wal_retention_days))
-    return [b for b in bases[1:] if b.finished_at < cutoff and b != anchor], bases
-
-
 def window_anchor(bases, window_start):
     """The newest base backup consistent before the window starts: PITR to that moment starts there."""
-    before = [b for b in bases if stop_time(b) <= window_start]
+    before = [b for b in bases if b.start_wal and stop_time(b) <= window_start]
     return max(before, key=stop_time) if before else None
 
 
@@ -68,50 +104,40 @@ def doomed_segments(server, kept_bases, now):
     return doomed, anchor
 
 
-def server_retention(server, now, dry_run, actor):
-    doomed_bases, bases = doomed_base_backups(server, now)
-    kept = [b for b in bases if b not in doomed_bases]
+def wal_retention(server, now, dry_run, actor):
+    expired = set(expired_runs(server, BackupRun.Kind.BASE, now).values_list("pk", flat=True))
+    kept = [b for b in server.runs.good().filter(kind=BackupRun.Kind.BASE) if b.pk not in expired]
     segments, anchor = doomed_segments(server, kept, now)
     result = {
-        "base_deleted": [b.pk for b in doomed_bases],
-        "wal_deleted": len(segments),
-        "wal_first_deleted": segments[0].name if segments else None,
-        "wal_last_deleted": segments[-1].name if segments else None,
-        "wal_kept_from": anchor.start_wal if anchor else None,
+        "deleted": len(segments),
+        "first_deleted": segments[0].name if segments else None,
+        "last_deleted": segments[-1].name if segments else None,
+        "kept_from": anchor.start_wal if anchor else None,
     }
-    if dry_run:
+    if dry_run or not segments:
         return result
-    for run in doomed_bases:
-        if not delete_copies(run.copies.exclude(status=BackupCopy.Status.DELETED)):
-            continue
-        BackupRun.objects.filter(pk=run.pk).update(deleted_at=now)
-        journal.record(
-            "backup_deleted",
-            actor=actor,
-            obj=run,
-            reason=f"older than {server.base_retention_days} days",
-            finished_at=run.finished_at,
-        )
-    if segments:
-        gone = [s.pk for s in segments if delete_copies(s.copies.exclude(status=BackupCopy.Status.DELETED))]
-        WalSegment.objects.filter(pk__in=gone).update(deleted_at=now)
-        for segment in segments:
-            (wal.spool_dir(server) / "ingested" / segment.name).unlink(missing_ok=True)
-        journal.record(
-            "wal_deleted",
-            actor=actor,
-            obj=server,
-            count=len(segments),
-            first=result["wal_first_deleted"],
-            last=result["wal_last_deleted"],
-            kept_from=result["wal_kept_from"],
-            reason=f"older than {server.wal_retention_days} days and needed by no kept base backup",
-        )
+    gone = [s.pk for s in segments if delete_copies(s.copies.exclude(status=BackupCopy.Status.DELETED))]
+    WalSegment.objects.filter(pk__in=gone).update(deleted_at=now)
+    for segment in segments:
+        (wal.spool_dir(server) / "ingested" / segment.name).unlink(missing_ok=True)
+    journal.record(
+        "wal_deleted",
+        actor=actor,
+        obj=server,
+        count=len(gone),
+        first=result["first_deleted"],
+        last=result["last_deleted"],
+        kept_from=result["kept_from"],
+        reason=f"older than {server.wal_retention_days} days and needed by no kept base backup",
+    )
     return result
 
 
 def delete_copies(copies):
-    """Delete each copy's file or object on its tier. False when a tier failed: retried next time."""
+    """Delete each copy's file or object on its tier. False when a tier failed: retried next time.
+
+    WAL is journaled by batch (wal_deleted), not one entry per segment and tier.
+    """
     all_gone = True
     for copy in copies.select_related("location"):
         try:

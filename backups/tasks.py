@@ -49,6 +49,27 @@ def ingest_wal(server_name):
     return wal.ingest(Server.objects.get(name=server_name)).as_dict()
 
 
+# Portal-wide jobs (not per server): name -> (function, cron in TIME_ZONE).
+GLOBAL_SCHEDULES = {
+    "retention": ("backups.tasks.apply_retention", "30 4 * * *"),
+}
+
+
+def ensure_global_schedules():
+    """Create the portal-wide schedules once; superusers may retune them in django-q2's admin."""
+    for name, (func, cron) in GLOBAL_SCHEDULES.items():
+        if not Schedule.objects.filter(name=name).exists():
+            Schedule.objects.create(
+                name=name, func=func, schedule_type=Schedule.CRON, cron=cron, repeats=-1, next_run=next_cron_time(cron)
+            )
+
+
+def apply_retention():
+    from backups import retention
+
+    return retention.apply_wal_and_base_retention(actor="job:retention")
+
+
 def sync_schedule(schedule):
     """Keep django-q2's Schedule row in step with our BackupSchedule (idempotent by name)."""
     q = Schedule.objects.filter(name=schedule.q_name).first()
@@ -65,11 +86,21 @@ def sync_schedule(schedule):
         "intended_date_kwarg": "scheduled_for",
     }
     if q is None:
-        return Schedule.objects.create(name=schedule.q_name, **fields)
-    changed = any(getattr(q, k) != v for k, v in fields.items())
-    if changed:
+        return Schedule.objects.create(name=schedule.q_name, next_run=next_cron_time(schedule.cron), **fields)
+    if any(getattr(q, k) != v for k, v in fields.items()):
         for k, v in fields.items():
             setattr(q, k, v)
-        q.next_run = None  # recomputed from the new cron on save
+        q.next_run = next_cron_time(schedule.cron)
         q.save()
     return q
+
+
+def next_cron_time(cron, after=None):
+    """The next time the cron fields match, in TIME_ZONE. django-q2 would otherwise run a new
+    schedule at once (its next_run defaults to now)."""
+    from datetime import datetime
+
+    from croniter import croniter
+    from django.utils import timezone
+
+    return croniter(cron, timezone.localtime(after)).get_next(datetime)

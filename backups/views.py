@@ -3,6 +3,7 @@ from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from backupportal.charts import server_charts
 from backupportal.roles import require_perm
 from backups.models import BackupRun, Server
 
@@ -10,17 +11,18 @@ from backups.models import BackupRun, Server
 def server_detail(request, name):
     server = get_object_or_404(Server, name=name)
     runs = server.runs.order_by("-created_at")[:20]
-    return render(
-        request,
-        "backups/server.html",
-        {
-            "health": server.health(),
-            "server": server,
-            "runs": runs,
-            "schedules": server.schedules.all(),
-            "kinds": BackupRun.Kind,
-        },
-    )
+    tests = list(server.restore_tests.order_by("-started_at")[:10])
+    context = {
+        "health": server.health(),
+        "server": server,
+        "runs": runs,
+        "schedules": server.schedules.all(),
+        "tests": tests,
+        "last_test": tests[0] if tests else None,
+        "untested": server.runs.good().filter(restore_tests=None).order_by("-finished_at")[:20],
+        "charts": server_charts(server),
+    }
+    return render(request, "backups/server.html", context)
 
 
 @require_POST
@@ -62,3 +64,50 @@ def run_progress(request, run_id):
             "done": run.status in (BackupRun.Status.SUCCEEDED, BackupRun.Status.FAILED),
         }
     )
+
+
+@require_POST
+@require_perm("backups.run_backup")
+def restore_test_now(request, name):
+    from django_q.tasks import async_task
+
+    server = get_object_or_404(Server, name=name)
+    async_task("restores.tasks.run_restore_test", server.name, task_name=f"restore test {server.name}")
+    messages.success(request, f"Restore test of {server} queued; it appears below when it starts.")
+    return redirect(server)
+
+
+@require_POST
+@require_perm("backups.change_backupschedule")
+def schedule_edit(request, name):
+    """DBAs edit a server's cron fields here; django-q2's raw Schedule admin stays superusers-only."""
+    from django.core.exceptions import ValidationError
+
+    from backupportal import journal
+    from backups.models import BackupSchedule
+    from backups.tasks import sync_schedule
+
+    server = get_object_or_404(Server, name=name)
+    schedule = get_object_or_404(BackupSchedule, server=server, job=request.POST.get("job", ""))
+    schedule.cron = request.POST.get("cron", "").strip()
+    schedule.enabled = request.POST.get("enabled") == "on"
+    try:
+        schedule.full_clean()
+    except ValidationError as e:
+        messages.error(request, " ".join(e.messages))
+        return redirect(server)
+    schedule.save()
+    sync_schedule(schedule)
+    journal.record(
+        "schedule_changed",
+        actor=request.user.get_username(),
+        obj=schedule,
+        server=server.name,
+        cron=schedule.cron,
+        enabled=schedule.enabled,
+    )
+    messages.success(
+        request,
+        f"{schedule.get_job_display()} of {server} now runs at '{schedule.cron}' ({'enabled' if schedule.enabled else 'disabled'}).",
+    )
+    return redirect(server)

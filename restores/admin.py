@@ -28,13 +28,19 @@ class RestoreTestAdmin(ReadOnlyHistoryAdmin):
 
 
 class DrDrillStepInline(admin.TabularInline):
+    # A drill is created with its eight steps; here they are filled in, never added or removed.
     model = DrDrillStep
     extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(DrDrill)
 class DrDrillAdmin(admin.ModelAdmin):
-    list_display = ["title", "server", "started_at", "finished_at", "logged_by"]
+    list_display = ["title", "server", "started_at", "critical_restored_at", "logged_by"]
+    list_select_related = ["server", "logged_by"]
     inlines = [DrDrillStepInline]
     readonly_fields = ["logged_by"]
 

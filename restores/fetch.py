@@ -1,17 +1,22 @@
-"""Reading an artifact back: the first healthy copy (primary, NAS, S3), sha256 checked while
-it streams through gpg into a sink. A bad or missing copy falls back to the next one."""
+"""Reading artifacts back for PITR: the first healthy copy (primary, NAS, S3), sha256 checked
+while it streams through gpg into a sink. A missing or corrupt copy is marked bad and the
+next one is tried, as the logical restore does (backups.copies)."""
 
 import hashlib
 import os
 from pathlib import Path
 
+from backups.copies import VerifyingReader
 from backups.models import BackupCopy
 from backups.storage import StorageError, store_for
-from backups.wal import HashingReader
 
 
 class FetchFailed(Exception):
     """No copy of an artifact could be read intact; the message names it and each copy's fault."""
+
+    def __init__(self, message, marks=()):
+        super().__init__(message)
+        self.marks = list(marks)
 
 
 class FileSink:
@@ -45,23 +50,31 @@ def ordered_copies(copies):
 
 
 def fetch(copies, sink, encryption, what, plain_sha256=None):
-    """Decrypt the first healthy copy into `sink` (open/write/commit/abort). Returns notes."""
-    faults = []
+    """Decrypt the first healthy copy into `sink` (open/write/commit/abort).
+
+    Returns (notes, marks): `marks` are callables that mark the bad copies met on the way;
+    the caller runs them on its own thread (fetches run in a pool, the catalog does not).
+    """
+    faults, marks = [], []
     for copy in copies:
-        fault = _try_copy(copy, sink, encryption, plain_sha256)
+        fault, mark = _try_copy(copy, sink, encryption, plain_sha256)
         if fault is None:
-            return [f"{what}: read from {copy.location.name} after {'; '.join(faults)}"] if faults else []
+            notes = [f"{what}: read from {copy.location.name} after {'; '.join(faults)}"] if faults else []
+            return notes, marks
         faults.append(f"{copy.location.name}: {fault}")
+        marks.append(mark)
     if not faults:
-        raise FetchFailed(f"{what} has no copy in any enabled location")
-    raise FetchFailed(f"{what} cannot be read intact from any location ({'; '.join(faults)})")
+        raise FetchFailed(f"{what} has no healthy copy in any enabled location")
+    raise FetchFailed(f"{what} cannot be read intact from any location ({'; '.join(faults)})", marks)
 
 
 def _try_copy(copy, sink, encryption, plain_sha256):
     try:
-        source = store_for(copy.location).open(copy.key)
+        stream = store_for(copy.location).open(copy.key)
     except (StorageError, OSError) as e:
-        return f"missing ({e})"
+        error = f"missing ({e})"
+        return error, lambda: mark_bad(copy, error)
+    reader = VerifyingReader(stream, copy)
     errors = []
 
     def on_data(chunk):
@@ -74,15 +87,17 @@ def _try_copy(copy, sink, encryption, plain_sha256):
 
     sink.open()
     try:
-        with source:
-            hashing = HashingReader(source)  # the ciphertext, hashed on its way to gpg
-            result = encryption.decrypt_stream(hashing, on_data)
+        result = encryption.decrypt_stream(reader, on_data)
+        corrupt = reader.corrupt()  # the hash of every byte, including any gpg left unread
     except Exception:
         sink.abort()
         raise
-    if hashing.sha256.hexdigest() != copy.sha256:
-        fault = f"corrupt: sha256 {hashing.sha256.hexdigest()[:12]} differs from the catalog's {copy.sha256[:12]}"
-    elif errors:
+    finally:
+        reader.close()
+    if corrupt is not None:
+        sink.abort()
+        return f"corrupt: {corrupt}", corrupt.mark_bad
+    if errors:
         fault = f"cannot write the plaintext: {errors[0]}"
     elif not result.ok:
         fault = f"gpg cannot decrypt it ({result.status or 'failed'})"
@@ -90,6 +105,11 @@ def _try_copy(copy, sink, encryption, plain_sha256):
         fault = "decrypts to other bytes than were archived"
     else:
         sink.commit()
-        return None
+        return None, None
     sink.abort()
-    return fault
+    return fault, lambda: None
+
+
+def mark_bad(copy, error):
+    copy.status, copy.last_error = BackupCopy.Status.BAD, error[:2000]
+    copy.save(update_fields=["status", "last_error"])

@@ -1,8 +1,11 @@
 """Restores (requested by one DBA, approved by another), restore tests and DR drills."""
 
+from datetime import timedelta
+
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import models
+from django.urls import reverse
 from django.utils import timezone
 
 
@@ -40,6 +43,9 @@ class RestoreRequest(models.Model):
     )
     decided_at = models.DateTimeField(null=True, blank=True)
     decision_note = models.TextField(blank=True)
+    confirm_database = models.CharField(
+        max_length=63, blank=True, help_text="what the approver typed to confirm replacing production"
+    )
 
     class Meta:
         ordering = ["-requested_at"]
@@ -51,6 +57,37 @@ class RestoreRequest(models.Model):
 
     def __str__(self):
         return f"Restore request #{self.pk} ({self.server}, {self.get_destination_display()})"
+
+    def get_absolute_url(self):
+        return reverse("restore-request", args=[self.pk])
+
+    def approve(self, user, confirm_database="", note=""):
+        """Four eyes: never one's own request; replacing production needs the name typed."""
+        if user.pk == self.requested_by_id:
+            raise PermissionDenied("You cannot approve your own restore request: another DBA must.")
+        if self.status != self.Status.PENDING:
+            raise ValidationError(f"Request #{self.pk} is {self.status}, not waiting for approval.")
+        if self.destination == self.Destination.REPLACE and confirm_database != self.server.dbname:
+            raise ValidationError(f"Type the production database name ({self.server.dbname}) to confirm replacing it.")
+        self._decide(user, self.Status.APPROVED, note, confirm_database)
+
+    def reject(self, user, note=""):
+        if user.pk == self.requested_by_id:
+            raise PermissionDenied("You cannot decide on your own restore request: another DBA must.")
+        if self.status != self.Status.PENDING:
+            raise ValidationError(f"Request #{self.pk} is {self.status}, not waiting for a decision.")
+        self._decide(user, self.Status.REJECTED, note)
+
+    def _decide(self, user, status, note, confirm_database=""):
+        self.status, self.decided_by, self.decided_at = status, user, timezone.now()
+        self.decision_note, self.confirm_database = note, confirm_database
+        self.save(update_fields=["status", "decided_by", "decided_at", "decision_note", "confirm_database"])
+
+    def start(self):
+        """Claim an approved request for running, once: returns False if it is not (or no longer) approved."""
+        return bool(
+            RestoreRequest.objects.filter(pk=self.pk, status=self.Status.APPROVED).update(status=self.Status.RUNNING)
+        )
 
 
 class RestoreRun(models.Model):
@@ -132,8 +169,18 @@ class RestoreTest(models.Model):
         return f"Restore test #{self.pk} {self.server} {self.status}"
 
 
+# The strategy's objectives, for a drill that names no server.
+DEFAULT_RTO_CRITICAL_MINUTES = 240
+DEFAULT_RTO_FULL_MINUTES = 480
+
+
 class DrDrill(models.Model):
-    """A disaster-recovery drill, following the strategy's eight steps."""
+    """A disaster-recovery drill, following the strategy's eight steps.
+
+    The recovery clock starts when the disaster is declared (`started_at`). The full system is
+    back when the go-live step ends; critical functions (user authentication, core operations)
+    when `critical_restored_at` says, or at go-live when it is not recorded.
+    """
 
     STEPS = [
         ("assessment", "Assessment"),
@@ -145,18 +192,37 @@ class DrDrill(models.Model):
         ("go_live", "Go-live"),
         ("post_recovery", "Post-recovery"),
     ]
+    STEP_HELP = {
+        "assessment": "Identify scope and nature of disaster",
+        "communication": "Notify stakeholders and users",
+        "recovery_environment": "Provision replacement infrastructure",
+        "database_restore": "Execute appropriate restore procedure",
+        "application_deployment": "Deploy application stack",
+        "validation": "Comprehensive functionality testing",
+        "go_live": "Switch users to recovered system",
+        "post_recovery": "Monitor and document lessons learned",
+    }
 
     title = models.CharField(max_length=200)
-    server = models.ForeignKey("backups.Server", null=True, blank=True, on_delete=models.PROTECT, related_name="drills")
+    server = models.ForeignKey(
+        "backups.Server",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="drills",
+        help_text="whose RTO objectives the drill is measured against; empty: the strategy's 4 h and 8 h",
+    )
     scenario = models.TextField(blank=True)
-    started_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(
+        default=timezone.now, help_text="when the disaster was declared: the recovery clock starts"
+    )
     critical_restored_at = models.DateTimeField(
         null=True, blank=True, help_text="when user authentication and core operations were back"
     )
-    finished_at = models.DateTimeField(null=True, blank=True, help_text="when the full system was back")
     restore_runs = models.ManyToManyField(RestoreRun, blank=True, related_name="drills")
     lessons_learned = models.TextField(blank=True)
     logged_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
         ordering = ["-started_at"]
@@ -165,24 +231,125 @@ class DrDrill(models.Model):
     def __str__(self):
         return self.title
 
+    def save(self, *args, **kwargs):
+        adding = self._state.adding
+        super().save(*args, **kwargs)
+        if adding:
+            DrDrillStep.objects.bulk_create(
+                DrDrillStep(drill=self, step=step, position=i) for i, (step, _) in enumerate(self.STEPS)
+            )
+
+    def get_absolute_url(self):
+        return reverse("drill", args=[self.pk])
+
     def clean(self):
-        if self.finished_at and self.finished_at < self.started_at:
-            raise ValidationError({"finished_at": "The drill cannot finish before it started."})
+        if self.critical_restored_at and self.critical_restored_at < self.started_at:
+            raise ValidationError(
+                {"critical_restored_at": "Critical functions cannot be back before the disaster was declared."}
+            )
+
+    def step(self, name):
+        return next((s for s in self.steps.all() if s.step == name), None)
+
+    @property
+    def full_restored_at(self):
+        go_live = self.step("go_live")
+        return go_live.finished_at if go_live else None
+
+    @property
+    def status(self):
+        steps = list(self.steps.all())
+        if all(s.finished_at for s in steps):
+            return "complete"
+        if any(s.started_at for s in steps):
+            return "in progress"
+        return "planned"
+
+    def objectives(self):
+        """(critical, full) RTO objectives in minutes: the server's, else the strategy's."""
+        if self.server is not None:
+            return self.server.rto_critical_minutes, self.server.rto_full_minutes
+        return DEFAULT_RTO_CRITICAL_MINUTES, DEFAULT_RTO_FULL_MINUTES
+
+    def recovery_times(self):
+        """The measured recovery times against the RTO objectives, for the report."""
+        critical_minutes, full_minutes = self.objectives()
+        full_at = self.full_restored_at
+        critical_at = self.critical_restored_at or full_at
+        return [
+            _measure("Critical functions", critical_minutes, self.started_at, critical_at),
+            _measure("Full system", full_minutes, self.started_at, full_at),
+        ]
+
+
+def _measure(label, objective_minutes, start, end):
+    objective = timedelta(minutes=objective_minutes)
+    measured = end - start if end else None
+    return {
+        "label": label,
+        "objective": objective,
+        "measured": measured,
+        "met": None if measured is None else measured <= objective,
+        "margin": None if measured is None else objective - measured,
+    }
 
 
 class DrDrillStep(models.Model):
+    class Outcome(models.TextChoices):
+        OK = "ok", "OK"
+        ISSUES = "issues", "With issues"
+        FAILED = "failed", "Failed"
+
     drill = models.ForeignKey(DrDrill, on_delete=models.CASCADE, related_name="steps")
     step = models.CharField(max_length=32, choices=DrDrill.STEPS)
+    position = models.PositiveSmallIntegerField(default=0, editable=False)
     who = models.CharField(max_length=150, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
-    outcome = models.CharField(
-        max_length=10, choices=[("ok", "OK"), ("issues", "With issues"), ("failed", "Failed")], blank=True
-    )
+    outcome = models.CharField(max_length=10, choices=Outcome.choices, blank=True)
     notes = models.TextField(blank=True)
 
     class Meta:
+        ordering = ["drill", "position"]
         constraints = [models.UniqueConstraint(fields=["drill", "step"], name="one_row_per_drill_step")]
 
     def __str__(self):
         return f"{self.drill}: {self.get_step_display()}"
+
+    def clean(self):
+        if self.finished_at and not self.started_at:
+            raise ValidationError({"started_at": "Give the start too: a step that finished had started."})
+        if self.started_at and self.finished_at and self.finished_at < self.started_at:
+            raise ValidationError({"finished_at": "The step cannot finish before it started."})
+        if self.started_at and self.started_at < self.drill.started_at:
+            raise ValidationError(
+                {
+                    "started_at": f"The step cannot start before the disaster was declared ({self.drill.started_at:%Y-%m-%d %H:%M})."
+                }
+            )
+
+    @property
+    def help(self):
+        return DrDrill.STEP_HELP[self.step]
+
+    @property
+    def duration(self):
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+
+class ValidationCheck(models.Model):
+    """A DBA's own SQL check, run against every restored copy of a server's database."""
+
+    server = models.ForeignKey("backups.Server", on_delete=models.CASCADE, related_name="validation_checks")
+    name = models.CharField(max_length=100)
+    sql = models.TextField(help_text="A read-only query whose first column of the first row is compared.")
+    expected = models.CharField(max_length=200, help_text="The expected value, as text (e.g. 0, t, 5).")
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["server", "name"], name="one_check_name_per_server")]
+
+    def __str__(self):
+        return f"{self.server}: {self.name}"

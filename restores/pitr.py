@@ -448,20 +448,44 @@ def stage_wal(plan, first, last):
 
     def one(segment):
         sink = FileSink(plan.staging / segment.name)
-        notes = fetch(
-            ordered_copies(copies.get(segment.pk, [])),
-            sink,
-            encryption_of(plan),
-            f"WAL segment {segment.name}",
-            plain_sha256=segment.sha256,
-        )
-        return segment, notes
+        try:
+            notes, marks = fetch(
+                ordered_copies(copies.get(segment.pk, [])),
+                sink,
+                encryption_of(plan),
+                f"WAL segment {segment.name}",
+                plain_sha256=segment.sha256,
+            )
+        except FetchFailed as e:
+            return segment, e, e.marks
+        return segment, notes, marks
 
+    failure = None
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        for segment, notes in pool.map(one, segments):
+        for segment, outcome, marks in pool.map(one, segments):
+            for mark in marks:
+                mark()
+            if isinstance(outcome, FetchFailed):
+                failure = failure or outcome
+                continue
             plan.staged[segment.segno] = segment.name
-            plan.notes += notes
+            plan.notes += outcome
+    if failure is not None:
+        raise failure
     stage_history_files(plan)
+
+
+def fetch_here(*args, **kwargs):
+    """fetch() on this thread: bad copies are marked at once. Returns the notes."""
+    try:
+        notes, marks = fetch(*args, **kwargs)
+    except FetchFailed as e:
+        for mark in e.marks:
+            mark()
+        raise
+    for mark in marks:
+        mark()
+    return notes
 
 
 def stage_history_files(plan):
@@ -469,7 +493,7 @@ def stage_history_files(plan):
     for segment in WalSegment.objects.filter(server=plan.server, deleted_at=None, name__endswith=".history"):
         path = plan.staging / segment.name
         if not path.exists():
-            fetch(
+            fetch_here(
                 ordered_copies(segment.copies.select_related("location")),
                 FileSink(path),
                 encryption_of(plan),
@@ -614,7 +638,7 @@ class TarSink:
 
 def extract_base(plan):
     copies = ordered_copies(plan.base.copies.filter(artifact="main").select_related("location"))
-    plan.notes += fetch(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
+    plan.notes += fetch_here(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
     if not (plan.datadir / "backup_manifest").exists():
         raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
 

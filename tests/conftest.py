@@ -158,3 +158,139 @@ def sample_cluster(pg_cluster):
 def server(sample_cluster, db):
     """The sample cluster, registered with the portal as 'maldives'."""
     return register(sample_cluster)
+
+
+def portal_env(settings, **extra):
+    """The environment for a subprocess (manage.py, a worker) that must share this test's database and files."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        url = f"sqlite:///{db['NAME']}"
+    else:
+        auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+        url = f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        DATABASE_URL=url,
+        VAR_DIR=str(settings.VAR_DIR),
+        BACKUP_ROOT=str(settings.BACKUP_ROOT),
+        WAL_ROOT=str(settings.WAL_ROOT),
+        BACKUP_PASSPHRASE_FILE=str(settings.BACKUP_PASSPHRASE_FILE),
+        JOURNAL_HEAD_FILE=str(settings.JOURNAL_HEAD_FILE),
+        JOURNAL_KEY_FILE=str(settings.JOURNAL_KEY_FILE),
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def manage(settings, *args, **popen):
+    """Start `manage.py ARGS` in a subprocess sharing this test's database."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.Popen(
+        [sys.executable, str(root / "manage.py"), *args],
+        env=portal_env(settings),
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def descendants(pid):
+    """Every live process below pid (by /proc), for orphan checks."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def processes_named(name):
+    """Live (non-zombie) pids whose command line starts with `name`'s path or name."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and os.path.basename(argv0) == name:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def big_cluster(pg_base_dir, pg_template):
+    """A cluster with a database of ~110 MB of incompressible rows: long enough to kill a backup mid-stream."""
+    cluster = Cluster.create(base_dir=pg_base_dir, template=pg_template)
+    cluster.start()
+    try:
+        load_sample(cluster, users=200, audit_logs=2000, financial_records=1000)
+        with cluster.connect("reliabilitymaldives") as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
+            conn.execute("CREATE TABLE scans (id int PRIMARY KEY, image bytea)")
+            conn.execute(
+                "ALTER TABLE scans ALTER image SET STORAGE EXTERNAL"
+            )  # no TOAST compression: real size on disk
+            conn.execute("INSERT INTO scans SELECT g, gen_random_bytes(1024) FROM generate_series(1, 110000) g")
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def catalog(db, settings, tmp_path):
+    """One row of every model, so that every detail page has something to show."""
+    from django.utils import timezone
+
+    from backupportal import journal
+    from backupportal.models import Alert, MaintenanceTask
+    from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, WalSegment
+    from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
+
+    settings.BACKUP_ROOT = tmp_path
+    StorageLocation.sync_from_settings()
+    owner = make_user("owner", "DBA")
+    server = Server.objects.create(
+        name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives", pg_version=150004
+    )
+    schedule = BackupSchedule.objects.create(server=server, job="logical", cron="0 2 * * *")
+    run = BackupRun.objects.create(
+        server=server, kind="logical", status="succeeded", size=10, sha256="a" * 64, finished_at=timezone.now()
+    )
+    location = StorageLocation.objects.get(name="primary")
+    copy = BackupCopy.objects.create(run=run, location=location, key="k", size=10, sha256="a" * 64, status="ok")
+    segment = WalSegment.objects.create(
+        server=server, timeline=1, name="000000010000000000000001", size=1, sha256="b" * 64, archived_at=timezone.now()
+    )
+    request = RestoreRequest.objects.create(
+        server=server, backup_run=run, destination="new_database", target_database="x", reason="r", requested_by=owner
+    )
+    restore = RestoreRun.objects.create(kind="logical", server=server, backup_run=run)
+    test = RestoreTest.objects.create(server=server, backup_run=run, status="passed")
+    drill = DrDrill.objects.create(title="drill", logged_by=owner, server=server)
+    alert = Alert.objects.create(condition="backup_failed", subject="server:maldives", server=server, message="m")
+    task = MaintenanceTask.objects.create(kind="weekly_verify", due_on=timezone.localdate())
+    entry = journal.record("test", actor="owner", obj=server)
+    objects = [server, schedule, run, location, copy, segment, request, restore, test, drill, alert, task, entry]
+    return {type(o): o for o in objects} | {"server": server, "run": run}

@@ -12,6 +12,13 @@ os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
 
 from backupportal.settings import *  # noqa: E402,F403
 
+# A file, not :memory:, so that subprocesses (manage.py under strace, a real qcluster worker)
+# see the same test database.
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
+    DATABASES["default"]["TEST"] = {"NAME": os.path.join(_var, "test.sqlite3")}  # noqa: F405
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
-Q_CLUSTER = {**Q_CLUSTER, "sync": True}  # noqa: F405  tasks run inline unless a test starts a real worker
+# Tasks run inline in the test process; the portal and worker that browser tests start as
+# subprocesses get Q_SYNC=0 and use the real broker.
+Q_CLUSTER = {**Q_CLUSTER, "sync": os.environ.get("Q_SYNC", "1") == "1"}  # noqa: F405

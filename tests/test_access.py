@@ -5,8 +5,7 @@ import pytest
 from django.contrib import admin
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
-from backupportal.models import Alert, JournalEntry, MaintenanceTask
-from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, WalSegment
+from backupportal.models import JournalEntry, MaintenanceTask
 from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
 from tests.conftest import DEMO_PASSWORD, make_user
 
@@ -19,60 +18,94 @@ EDITABLE = {
 # POST actions of the portal and who may do them.
 ACTIONS = {
     "backup-now": {"DBA"},
+    "restore-test-now": {"DBA"},
+    "schedule-edit": {"DBA"},
+    "restore-request-approve": {"DBA"},
+    "restore-request-reject": {"DBA"},
+}
+# GET pages only some roles may open (the rest: 403).
+RESTRICTED_PAGES = {
+    "restore-request-new": {"DBA"},
+}
+# Pages whose form only some roles get: both the GET and the POST need the right.
+FORMS = {
+    "drill-new": {"DBA", "Sysadmin"},
+    "drill-edit": {"DBA", "Sysadmin"},
+    "drill-step": {"DBA", "Sysadmin"},
+    "maintenance-complete": {"DBA", "Sysadmin"},
+}
+# Pages that send every reader on to another page.
+REDIRECTS = {"journal-object"}
+# Pages every role reads.
+READ = {
+    "dashboard",
+    "server",
+    "run",
+    "run-progress",
+    "journal",
+    "journal-export",
+    "journal-entry",
+    "drills",
+    "drill",
+    "drill-report",
+    "maintenance",
+    "restore-requests",
+    "restore-request",
+    "restore-progress",
 }
 ROLES = ["DBA", "Sysadmin", "Auditor"]
 
 
-@pytest.fixture
-def catalog(db, settings, tmp_path):
-    """One row of every model, so that every detail page has something to show."""
-    from django.utils import timezone
-
-    settings.BACKUP_ROOT = tmp_path
-    StorageLocation.sync_from_settings()
-    owner = make_user("owner", "DBA")
-    server = Server.objects.create(
-        name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives", pg_version=150004
-    )
-    schedule = BackupSchedule.objects.create(server=server, job="logical", cron="0 2 * * *")
-    run = BackupRun.objects.create(
-        server=server, kind="logical", status="succeeded", size=10, sha256="a" * 64, finished_at=timezone.now()
-    )
-    location = StorageLocation.objects.get(name="primary")
-    copy = BackupCopy.objects.create(run=run, location=location, key="k", size=10, sha256="a" * 64, status="ok")
-    segment = WalSegment.objects.create(
-        server=server, timeline=1, name="000000010000000000000001", size=1, sha256="b" * 64, archived_at=timezone.now()
-    )
-    request = RestoreRequest.objects.create(
-        server=server, backup_run=run, destination="new_database", target_database="x", reason="r", requested_by=owner
-    )
-    restore = RestoreRun.objects.create(kind="logical", server=server, backup_run=run)
-    test = RestoreTest.objects.create(server=server, backup_run=run, status="passed")
-    drill = DrDrill.objects.create(title="drill", logged_by=owner)
-    alert = Alert.objects.create(condition="backup_failed", subject="server:maldives", server=server, message="m")
-    task = MaintenanceTask.objects.create(kind="weekly_verify", due_at=timezone.now())
-    from backupportal import journal
-
-    entry = journal.record("test", actor="owner")
-    objects = [server, schedule, run, location, copy, segment, request, restore, test, drill, alert, task, entry]
-    return {type(o): o for o in objects} | {"server": server, "run": run}
-
-
 def portal_urls(catalog):
     """(name, method, url) for every named pattern outside the admin."""
+    drill, entry = catalog[DrDrill], catalog[JournalEntry]
+    request, restore = catalog[RestoreRequest], catalog[RestoreRun]
     args = {
         "server": [catalog["server"].name],
         "backup-now": [catalog["server"].name],
+        "restore-test-now": [catalog["server"].name],
+        "schedule-edit": [catalog["server"].name],
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
+        "journal-entry": [entry.pk],
+        "journal-object": [entry.pk],
+        "drill": [drill.pk],
+        "drill-edit": [drill.pk],
+        "drill-report": [drill.pk],
+        "drill-step": [drill.pk, "assessment"],
+        "maintenance-complete": [catalog[MaintenanceTask].pk],
+        "restore-request": [request.pk],
+        "restore-request-approve": [request.pk],
+        "restore-request-reject": [request.pk],
+        "restore-progress": [restore.pk],
     }
     urls = []
     for name in named_patterns():
         if name in ("login", "logout"):
             continue
-        method = "post" if name in ACTIONS else "get"
-        urls.append((name, method, reverse(name, args=args.get(name, []))))
+        url = reverse(name, args=args.get(name, []))
+        if name not in ACTIONS:
+            urls.append((name, "get", url))
+        if name in ACTIONS or name in FORMS:
+            urls.append((name, "post", url))
     return urls
+
+
+def post_data(name, catalog):
+    """A valid POST for each action: the roles allowed must get through to the redirect."""
+    from django.utils import timezone
+
+    drill = catalog[DrDrill]
+    later = timezone.localtime(drill.started_at + timezone.timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M")
+    declared = timezone.localtime(drill.started_at).strftime("%Y-%m-%dT%H:%M")
+    return {
+        "backup-now": {"kind": "logical"},
+        "drill-new": {"title": "Annual drill", "started_at": declared},
+        "drill-edit": {"title": "drill, renamed", "started_at": declared, "lessons_learned": "keep the runbook"},
+        "drill-step": {"who": "alice", "started_at": later, "outcome": "ok"},
+        "maintenance-complete": {"evidence": f"restore_test:{catalog[RestoreTest].pk}"},
+        "schedule-edit": {"job": "logical", "cron": "0 2 * * *", "enabled": "on"},
+    }.get(name, {"kind": "logical"})
 
 
 def named_patterns(resolver=None, namespace=None):
@@ -103,7 +136,8 @@ def admin_urls(catalog):
 
 def test_every_portal_page_is_covered_by_the_matrix(catalog):
     names = set(named_patterns()) - {"login", "logout"}
-    assert names == {"dashboard", *ACTIONS, "server", "run", "run-progress"}, "a new page needs a line in this test"
+    pages = READ | set(ACTIONS) | set(RESTRICTED_PAGES) | set(FORMS) | REDIRECTS
+    assert names == pages, "a new page needs a line in this test"
 
 
 def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
@@ -121,13 +155,28 @@ def test_anonymous_visitors_get_the_login_page_everywhere(client, catalog):
 def test_each_role_gets_exactly_its_portal_access(client, catalog, role):
     client.force_login(make_user(f"user-{role.lower()}", role))
     for name, method, url in portal_urls(catalog):
-        response = getattr(client, method)(url, {"kind": "logical"} if method == "post" else None)
-        if method == "get":
-            assert response.status_code == 200, (role, url)
-        elif role in ACTIONS[name]:
-            assert response.status_code == 302, (role, url)
+        response = getattr(client, method)(url, post_data(name, catalog) if method == "post" else None)
+        if method == "get" and name in FORMS:
+            assert response.status_code == (200 if role in FORMS[name] else 403), (role, url)
+        elif method == "get":
+            allowed = role in RESTRICTED_PAGES.get(name, {role})
+            expected = 302 if name in REDIRECTS else 200
+            assert response.status_code == (expected if allowed else 403), (role, url)
+        elif role in ACTIONS.get(name, FORMS.get(name, ())):
+            assert response.status_code == 302, (role, url, response.content[-2000:])
         else:
             assert response.status_code == 403, (role, url)
+
+
+def test_an_auditor_gets_403_on_every_change_anywhere(client, catalog):
+    """Every POST, to every portal page and every admin page, whatever it would do."""
+    client.force_login(make_user("audrey", "Auditor"))
+    count = JournalEntry.objects.count()
+    for _name, _method, url in portal_urls(catalog):
+        assert client.post(url, {"title": "x", "kind": "logical"}).status_code == 403, url
+    for _label, _page, url in admin_urls(catalog):
+        assert client.post(url, {"post": "yes", "action": "delete_selected"}).status_code == 403, url
+    assert JournalEntry.objects.count() == count  # nothing happened
 
 
 @pytest.mark.parametrize("role", ROLES)

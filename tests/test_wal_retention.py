@@ -23,6 +23,12 @@ def archive_tables(cluster, *names):
     wait_archived(cluster, last)
 
 
+def call_command_json(*args):
+    result = run_command(*args)
+    assert result["_exit"] == 0, result
+    return result
+
+
 def age(run, days, now):
     """Make a run look `days` old in the catalog (and the WAL it needs with it)."""
     when = now - timedelta(days=days)
@@ -60,12 +66,12 @@ def test_retention_keeps_every_segment_a_kept_base_backup_or_the_window_needs(
     # The window (7 days) starts after the newer backup: only the WAL between the two goes,
     # and the older backup (kept 30 days) keeps the segments it needs to be consistent.
     doomed = list(between.order_by("segno"))
-    dry = retention.apply_wal_and_base_retention(now=now, dry_run=True)["servers"]["maldives"]
-    assert dry["wal_deleted"] >= len(doomed) and dry["base_deleted"] == []
+    dry = retention.apply_wal_and_base_retention(now=now, dry_run=True)
+    assert dry["wal"]["maldives"]["deleted"] >= len(doomed) and dry["deleted"] == []
     assert WalSegment.objects.filter(deleted_at__isnull=False).count() == 0 and all(f.exists() for f in files(doomed))
 
-    done = retention.apply_wal_and_base_retention(now=now)["servers"]["maldives"]
-    assert done == dry
+    done = retention.apply_wal_and_base_retention(now=now)
+    assert done == {**dry, "dry_run": False}
     assert all(s.deleted_at for s in WalSegment.objects.filter(pk__in=[s.pk for s in doomed]))
     assert not any(f.exists() for f in files(doomed))
     assert not BackupCopy.objects.filter(wal_segment__in=doomed).exclude(status="deleted").exists()
@@ -77,15 +83,15 @@ def test_retention_keeps_every_segment_a_kept_base_backup_or_the_window_needs(
     # Base backups kept 15 days: the older one goes, and with it the WAL only it needed.
     server.base_retention_days = 15
     server.save(update_fields=["base_retention_days"])
-    done = retention.apply_wal_and_base_retention(now=now)["servers"]["maldives"]
-    assert done["base_deleted"] == [old.pk]
+    done = call_command_json("retention")
+    assert [d["id"] for d in done["deleted"]] == [old.pk] and done["wal"]["maldives"]["deleted"] > 0
     old.refresh_from_db()
     assert old.deleted_at and not (Path(backup_root) / old.key).exists()
     assert not WalSegment.objects.filter(segno__in=list(old_range), deleted_at=None, segno__isnull=False).exists()
     # The newest base backup is never deleted, whatever its age.
     server.base_retention_days = 1
     server.save(update_fields=["base_retention_days"])
-    assert retention.apply_wal_and_base_retention(now=now)["servers"]["maldives"]["base_deleted"] == []
+    assert retention.apply_wal_and_base_retention(now=now)["deleted"] == []
 
     # What is left still restores: the newer base backup and its WAL to now.
     port = free_port()

@@ -25,24 +25,19 @@ DROP FUNCTION IF EXISTS backupportal_journal_append_only();
 
 def create_trigger(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(TRIGGER)
+        # params=None: the function's own '%' must not be read as a query placeholder.
+        schema_editor.execute(TRIGGER, params=None)
 
 
 def drop_trigger(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(DROP)
+        schema_editor.execute(DROP, params=None)
 
 
 def create_groups(apps, schema_editor):
-    from django.contrib.auth.management import create_permissions
-
     from backupportal.roles import sync_groups
 
-    # Permissions are normally created after all migrations; the groups need them now.
-    for app_config in apps.get_app_configs():
-        app_config.models_module = True
-        create_permissions(app_config, apps=apps, verbosity=0)
-        app_config.models_module = None
+    # sync_groups creates our apps' permissions first: normally that happens after all migrations.
     sync_groups(apps)
 
 

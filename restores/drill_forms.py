@@ -1,0 +1,56 @@
+"""Forms of the DR drill pages."""
+
+from datetime import timedelta
+
+from django import forms
+from django.utils import timezone
+
+from restores.models import DrDrill, DrDrillStep, RestoreRun
+
+
+class LocalDateTimeInput(forms.DateTimeInput):
+    input_type = "datetime-local"
+
+    def __init__(self, **kwargs):
+        super().__init__(format="%Y-%m-%dT%H:%M", **kwargs)
+
+
+class DrillForm(forms.ModelForm):
+    class Meta:
+        model = DrDrill
+        fields = [
+            "title",
+            "server",
+            "scenario",
+            "started_at",
+            "critical_restored_at",
+            "restore_runs",
+            "lessons_learned",
+        ]
+        widgets = {
+            "started_at": LocalDateTimeInput(),
+            "critical_restored_at": LocalDateTimeInput(),
+            "scenario": forms.Textarea(attrs={"rows": 3}),
+            "lessons_learned": forms.Textarea(attrs={"rows": 5}),
+        }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The restore runs a drill can have used: this past year's, and any it already names.
+        since = timezone.now() - timedelta(days=400)
+        runs = RestoreRun.objects.filter(created_at__gte=since)
+        if self.instance.pk:
+            runs = runs | RestoreRun.objects.filter(drills=self.instance)
+        self.fields["restore_runs"].queryset = runs.select_related("server").distinct().order_by("-created_at")
+        self.fields["restore_runs"].required = False
+
+
+class StepForm(forms.ModelForm):
+    class Meta:
+        model = DrDrillStep
+        fields = ["who", "started_at", "finished_at", "outcome", "notes"]
+        widgets = {
+            "started_at": LocalDateTimeInput(),
+            "finished_at": LocalDateTimeInput(),
+            "notes": forms.Textarea(attrs={"rows": 4}),
+        }

@@ -1,0 +1,342 @@
+"""Logical restores: a pg_dump backup into a new database, checked, never over an existing one.
+
+The copy is read from the first healthy location, its sha256 checked as it streams, decrypted
+by gpg and piped into pg_restore (one job; see RESTORE_JOBS for the parallel variant). On any
+failure the new database is dropped: a failed restore changes nothing.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import psycopg
+from django.conf import settings
+from django.utils import timezone
+from psycopg import sql
+
+from backupportal import journal
+from backupportal.lib.commands import fail
+from backupportal.lib.pgerrors import explain
+from backups.copies import CopyCorrupt, healthy_copies, open_first_healthy
+from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
+from backups.models import BackupRun, Server
+from backups.pipeline import Tool
+from backups.storage import StorageError, store_for
+from restores.models import RestoreRun
+
+IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class RestoreFailed(Exception):
+    """The restore failed; the message is one line a DBA can act on."""
+
+
+def check_database_name(name):
+    if not name or not IDENTIFIER.match(name):
+        raise RestoreFailed(
+            f"{name!r} is not a valid database name here: use lower-case letters, digits and _ (at most 63), starting with a letter"
+        )
+
+
+def restorable_run(run_id):
+    run = BackupRun.objects.select_related("server").filter(pk=run_id).first()
+    if run is None:
+        raise RestoreFailed(f"there is no backup run #{run_id}: pick one from the runs list")
+    if run.kind != BackupRun.Kind.LOGICAL:
+        raise RestoreFailed(f"run #{run_id} is a {run.kind} backup: restore it with --server NAME (PITR)")
+    if run.status != BackupRun.Status.SUCCEEDED:
+        raise RestoreFailed(f"run #{run_id} {run.status}: it has no artifact to restore; pick a succeeded run")
+    if run.deleted_at:
+        raise RestoreFailed(f"run #{run_id} was deleted by retention on {run.deleted_at:%Y-%m-%d}: pick a newer run")
+    return run
+
+
+def database_exists(server, name):
+    try:
+        with server.connect("postgres") as conn:
+            return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is not None
+    except psycopg.Error as e:
+        raise RestoreFailed(explain(e, server)) from None
+
+
+def create_database(server, name):
+    with server.connect("postgres") as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def drop_database(server, name):
+    with server.connect("postgres") as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def restore_into(run, target, dbname, restore=None):
+    """Restore `run` into a new database `dbname` on `target`. Returns notes; raises RestoreFailed.
+
+    Checks everything that can be checked before anything is created.
+    """
+    check_database_name(dbname)
+    try:
+        encryption = Encryption()
+    except EncryptionError as e:
+        raise RestoreFailed(str(e)) from None
+    if database_exists(target, dbname):
+        raise RestoreFailed(
+            f"database {dbname} already exists on {target}: choose a new name (a restore never overwrites)"
+        )
+    if not healthy_copies(run):
+        raise RestoreFailed(f"run #{run.pk} has no healthy copy left in any location")
+    notes = []
+    if target.pk != run.server_id:
+        notes += restore_globals(run, target, encryption)
+    create_database(target, dbname)
+    try:
+        notes += _restore_dump(run, target, dbname, encryption, restore)
+    except BaseException:
+        drop_database(target, dbname)
+        raise
+    return notes
+
+
+def _restore_dump(run, target, dbname, encryption, restore):
+    """Try the healthy copies in order; a corrupt one is marked bad and the next is tried."""
+    notes = []
+    while True:
+        try:
+            reader, copy, open_notes = open_first_healthy(run)
+        except StorageError as e:
+            raise RestoreFailed(str(e)) from None
+        notes += open_notes
+        try:
+            if settings.RESTORE_JOBS > 1:
+                _restore_parallel(reader, target, dbname, encryption, restore)
+            else:
+                _restore_piped(reader, target, dbname, encryption, restore)
+            notes.append(f"read from {copy.location.name} ({store_for(copy.location).uri(copy.key)}), sha256 verified")
+            return notes
+        except (StorageError, RestoreFailed) as e:
+            # gpg's integrity check may trip before the hash does: a copy that does not decrypt
+            # while its hash is wrong is corrupt, whichever noticed first.
+            corrupt = e if isinstance(e, CopyCorrupt) else reader.corrupt()
+            if corrupt is None:
+                raise
+            corrupt.mark_bad()
+            notes.append(str(corrupt))
+            drop_database(target, dbname)
+            create_database(target, dbname)
+        finally:
+            reader.close()
+
+
+def _pg_restore(target, dbname, *args):
+    argv = [str(target.bin_dir() / "pg_restore"), "--exit-on-error", "--no-password", f"--dbname={dbname}", *args]
+    return Tool(argv, target.libpq_env(dbname))
+
+
+def _restore_piped(reader, target, dbname, encryption, restore):
+    tool = _pg_restore(target, dbname)
+    tool.proc = subprocess.Popen(
+        tool.argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, **tool.env},
+        preexec_fn=die_with_parent,
+    )
+    threading.Thread(target=tool._drain_stderr, daemon=True).start()
+    state = {"bytes": 0, "error": None}
+
+    def on_data(chunk):
+        if not chunk or state["error"]:
+            return False
+        try:
+            tool.proc.stdin.write(chunk)
+            state["bytes"] += len(chunk)
+        except BrokenPipeError as e:  # pg_restore stopped reading: its stderr says why
+            state["error"] = e
+        return False
+
+    result = _decrypt_with_progress(encryption, reader, on_data, state, restore)
+    try:
+        tool.proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    rc = tool.proc.wait()
+    if "exception" in result:
+        raise result["exception"]
+    if not result["result"].ok:
+        raise RestoreFailed(gpg_failure(result["result"]))
+    if rc != 0:
+        raise RestoreFailed(tool.error_line(target))
+
+
+def _restore_parallel(reader, target, dbname, encryption, restore):
+    """pg_restore -j needs a seekable file: decrypt into a private scratch directory, removed after."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=_scratch_root()))
+    try:
+        path = scratch / "dump"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        state = {"bytes": 0, "error": None}
+        with os.fdopen(fd, "wb") as out:
+
+            def on_data(chunk):
+                if chunk and not state["error"]:
+                    out.write(chunk)
+                    state["bytes"] += len(chunk)
+                return False
+
+            result = _decrypt_with_progress(encryption, reader, on_data, state, restore)
+        if "exception" in result:
+            raise result["exception"]
+        if not result["result"].ok:
+            raise RestoreFailed(gpg_failure(result["result"]))
+        tool = _pg_restore(target, dbname, f"--jobs={settings.RESTORE_JOBS}", str(path))
+        tool.start()
+        if tool.proc.wait() != 0:
+            raise RestoreFailed(tool.error_line(target))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scratch_root():
+    """The private scratch directory, cleared of what a killed restore left behind."""
+    root = Path(settings.VAR_DIR) / "scratch"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for leftover in root.glob("restore-*"):
+        pid = leftover.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+    return root
+
+
+def _decrypt_with_progress(encryption, reader, on_data, state, restore):
+    """Run gpg in a thread; the calling thread records progress on the RestoreRun."""
+    box = {}
+
+    def work():
+        try:
+            box["result"] = encryption.decrypt_stream(reader, on_data)
+        except StorageError as e:
+            box["exception"] = e
+        except Exception as e:
+            box["exception"] = RestoreFailed(f"gpg: {e}")
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(2.0)
+        if restore is not None:
+            RestoreRun.objects.filter(pk=restore.pk).update(bytes_done=state["bytes"], heartbeat_at=timezone.now())
+    # A sha256 mismatch is raised by the reader at EOF in python-gnupg's copy thread, which
+    # hands it back to decrypt_stream: it arrives here as box["exception"].
+    return box
+
+
+def restore_globals(run, target, encryption):
+    """Roles and tablespaces first, so that the dump's owners and grants exist on a new server."""
+    notes = []
+    try:
+        reader, copy, _ = open_first_healthy(run, "globals")
+    except StorageError as e:
+        raise RestoreFailed(f"the globals of run #{run.pk} cannot be read: {e}") from None
+    chunks = []
+    with reader:
+        result = encryption.decrypt_stream(reader, lambda c: chunks.append(c) or False)
+    if not result.ok:
+        raise RestoreFailed(gpg_failure(result))
+    done = subprocess.run(
+        [str(target.bin_dir() / "psql"), "--no-password", "-X", "-q", "-d", "postgres", "-v", "ON_ERROR_STOP=0"],
+        input=b"".join(chunks),
+        capture_output=True,
+        env={**os.environ, **target.libpq_env("postgres")},
+        timeout=600,
+    )
+    errors = [line for line in done.stderr.decode(errors="replace").splitlines() if "ERROR" in line]
+    unexpected = [e for e in errors if "already exists" not in e]
+    if unexpected:
+        raise RestoreFailed(f"restoring the globals on {target} failed: {unexpected[0]}")
+    notes.append(f"globals restored on {target} ({len(errors)} already present)")
+    return notes
+
+
+# --- The management command's entry point -----------------------------------------------------
+
+
+def restore_from_command(run_id, actor, into_database=None, into_server=None, replace=False, request=None, **ignored):
+    try:
+        run = restorable_run(run_id)
+    except RestoreFailed as e:
+        fail(str(e))
+    if replace:
+        from restores.replace import replace_from_command
+
+        return replace_from_command(run, request, actor)
+    if request:
+        fail("--request goes with --replace; a restore into a new database needs no approval")
+    if not into_database:
+        fail("say where to restore: --into-database NEWDB (a new database), or --replace --request ID")
+    target = run.server
+    if into_server:
+        target = Server.objects.filter(name=into_server).first()
+        if target is None:
+            fail(f"unknown server {into_server!r}: register it with addserver first")
+    restore = run_logical(run, target, into_database, actor)
+    result = summary(restore)
+    if restore.status != RestoreRun.Status.SUCCEEDED:
+        result["exit_code"] = 1
+    return result
+
+
+def run_logical(run, target, dbname, actor, request=None):
+    """Create the RestoreRun, restore, and record the outcome. Never raises RestoreFailed."""
+    restore = RestoreRun.objects.create(
+        kind=RestoreRun.Kind.LOGICAL,
+        server=run.server,
+        backup_run=run,
+        into_server=target,
+        into_database=dbname,
+        requested_by=actor,
+        request=request,
+        status=RestoreRun.Status.RUNNING,
+        started_at=timezone.now(),
+    )
+    journal.record(
+        "restore_started", actor=actor, obj=restore, server=run.server.name, run=run.pk, into=f"{target}/{dbname}"
+    )
+    try:
+        notes = restore_into(run, target, dbname, restore)
+    except (RestoreFailed, StorageError) as e:
+        return _finish(restore, RestoreRun.Status.FAILED, actor, error=str(e))
+    restore.notes = "; ".join(notes)
+    return _finish(restore, RestoreRun.Status.SUCCEEDED, actor)
+
+
+def _finish(restore, status, actor, error=""):
+    restore.status, restore.error, restore.finished_at = status, error[:2000], timezone.now()
+    restore.save(update_fields=["status", "error", "finished_at", "notes"])
+    journal.record(
+        "restore_succeeded" if status == RestoreRun.Status.SUCCEEDED else "restore_failed",
+        actor=actor,
+        obj=restore,
+        server=restore.server.name,
+        outcome="ok" if status == "succeeded" else "failed",
+        error=error,
+        into=restore.into_database,
+    )
+    return restore
+
+
+def summary(restore):
+    return {
+        "id": restore.pk,
+        "status": restore.status,
+        "duration_s": round(restore.duration_s, 3) if restore.duration_s is not None else None,
+        "backup_run": restore.backup_run_id,
+        "into_server": restore.into_server.name if restore.into_server else None,
+        "into_database": restore.into_database,
+        "notes": restore.notes,
+        "error": restore.error,
+    }

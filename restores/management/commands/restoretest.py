@@ -1,0 +1,34 @@
+"""Prove that the newest good backup restores: manage.py restoretest NAME [--json]."""
+
+import getpass
+
+from backupportal.lib.commands import PortalCommand, fail
+from backups.models import Server
+from restores.restoretest import run_restore_test, summary
+
+
+class Command(PortalCommand):
+    help = "Restore the newest good logical backup into a scratch database, check it, time it, drop it."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name", help="the server's name")
+        parser.add_argument(
+            "--monthly", action="store_true", help="record it as the strategy's monthly full restore test"
+        )
+
+    def run(self, name, monthly=False, **options):
+        server = Server.objects.filter(name=name).first()
+        if server is None:
+            fail(f"unknown server {name!r}: list them in the admin, or register one with addserver")
+        test = run_restore_test(server, monthly=monthly, actor=f"os:{getpass.getuser()}")
+        result = summary(test)
+        if test.status != "passed":
+            result["exit_code"] = 1
+        return result
+
+    def describe(self, result):
+        lines = [
+            f"Restore test #{result['id']} of {result['server']} (run #{result['backup_run']}): {result['status']} in {result['duration_s']} s"
+        ]
+        lines += [f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['detail']}" for c in result["checks"]]
+        return lines

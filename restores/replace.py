@@ -1,0 +1,128 @@
+"""Replacing a production database from a backup, the safe way round.
+
+The strategy drops production first, so a failed restore leaves nothing. Here: restore into a
+new database, validate it, take a safety backup of production, and only then swap the names
+in one transaction. If any step fails, production is exactly as it was; the previous
+database is kept under another name for the DBA to drop when satisfied.
+"""
+
+from django.utils import timezone
+from psycopg import sql
+
+from backupportal import journal
+from backupportal.lib.commands import fail
+from backups.models import BackupRun
+from backups.runner import RunRefused, claim, execute
+from restores.logical import RestoreFailed, _finish, drop_database, restore_into, summary
+from restores.models import RestoreRequest, RestoreRun
+from restores.validation import run_checks
+
+
+def replace_from_command(run, request_id, actor):
+    if not request_id:
+        fail("replacing production needs an approved request: --request ID (request it in the portal)")
+    request = RestoreRequest.objects.filter(pk=request_id).first()
+    if request is None:
+        fail(f"there is no restore request #{request_id}")
+    if request.destination != RestoreRequest.Destination.REPLACE or request.backup_run_id != run.pk:
+        fail(f"request #{request_id} does not approve replacing production from run #{run.pk}")
+    if not request.start():
+        fail(f"request #{request_id} is {request.status}: only an approved request runs, once")
+    restore = replace_production(run, request, actor)
+    result = summary(restore)
+    if restore.status != RestoreRun.Status.SUCCEEDED:
+        result["exit_code"] = 1
+    return result
+
+
+def replace_production(run, request, actor):
+    server = run.server
+    prod = server.dbname
+    stamp = timezone.localtime().strftime("%Y%m%d%H%M%S")
+    new, old = f"{prod[:40]}_restore_{stamp}", f"{prod[:40]}_before_{stamp}"
+    restore = RestoreRun.objects.create(
+        kind=RestoreRun.Kind.REPLACE,
+        server=server,
+        backup_run=run,
+        request=request,
+        into_server=server,
+        into_database=prod,
+        requested_by=actor,
+        status=RestoreRun.Status.RUNNING,
+        started_at=timezone.now(),
+    )
+    journal.record(
+        "restore_started", actor=actor, obj=restore, server=server.name, run=run.pk, replace=prod, request=request.pk
+    )
+    notes = []
+    try:
+        notes += restore_into(run, server, new, restore)
+        try:
+            _validate(run, server, new)
+            safety = _safety_backup(server, actor, restore)
+            notes.append(f"safety backup of {prod}: run #{safety.pk}")
+            _swap(server, prod, new, old)
+        except BaseException:
+            drop_database(server, new)
+            raise
+    except RestoreFailed as e:
+        restore.notes = "; ".join(notes)
+        _close_request(request, failed=True)
+        return _finish(restore, RestoreRun.Status.FAILED, actor, error=f"{e}; production {prod} is unchanged")
+    notes.append(f"{prod} now holds run #{run.pk}; the previous database is kept as {old}")
+    restore.notes = "; ".join(notes)
+    _close_request(request, failed=False)
+    return _finish(restore, RestoreRun.Status.SUCCEEDED, actor)
+
+
+def _validate(run, server, dbname):
+    failures = [c for c in run_checks(run, server, dbname) if not c["ok"]]
+    if failures:
+        raise RestoreFailed(
+            "validation of the restored copy failed: " + "; ".join(f"{c['name']}: {c['detail']}" for c in failures)
+        )
+
+
+def _safety_backup(server, actor, restore):
+    try:
+        run = claim(
+            server,
+            BackupRun.Kind.LOGICAL,
+            trigger=BackupRun.Trigger.MANUAL,
+            actor=f"{actor} (safety, restore #{restore.pk})",
+        )
+    except RunRefused as e:
+        raise RestoreFailed(f"cannot take the safety backup: {e}") from None
+    run = execute(run)
+    if run.status != BackupRun.Status.SUCCEEDED:
+        raise RestoreFailed(f"the safety backup of production failed (run #{run.pk}): {run.error}")
+    return run
+
+
+def _swap(server, prod, new, old):
+    """Rename production away and the restored copy in, in one transaction."""
+    import psycopg
+
+    with server.connect("postgres") as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(prod)))
+        try:
+            for db in (prod, new):
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                    [db],
+                )
+            with conn.transaction():
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(prod), sql.Identifier(old))
+                )
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(prod))
+                )
+        except psycopg.Error as e:
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(prod)))
+            raise RestoreFailed(f"swapping the databases failed: {str(e).splitlines()[0]}") from None
+
+
+def _close_request(request, failed):
+    request.status = RestoreRequest.Status.FAILED if failed else RestoreRequest.Status.SUCCEEDED
+    request.save(update_fields=["status"])

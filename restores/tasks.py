@@ -1,0 +1,29 @@
+"""django-q2 tasks for restores: thin wrappers, named by dotted path."""
+
+from backups.models import Server
+
+
+def run_restore_test(server_name, monthly=False):
+    from restores.restoretest import run_restore_test as run
+
+    return run(Server.objects.get(name=server_name), monthly=monthly).status
+
+
+def run_request(request_id):
+    """Run an approved request once (the approval enqueued it)."""
+    from restores.logical import run_logical
+    from restores.models import RestoreRequest
+    from restores.replace import replace_production
+
+    request = RestoreRequest.objects.select_related("server", "backup_run", "into_server").get(pk=request_id)
+    if not request.start():
+        return f"request #{request_id} is {request.status}: not run"
+    actor = f"{request.requested_by.get_username()} (approved by {request.decided_by.get_username()})"
+    if request.destination == RestoreRequest.Destination.REPLACE:
+        return replace_production(request.backup_run, request, actor).status
+    restore = run_logical(
+        request.backup_run, request.into_server or request.server, request.target_database, actor, request=request
+    )
+    request.status = RestoreRequest.Status.SUCCEEDED if restore.status == "succeeded" else RestoreRequest.Status.FAILED
+    request.save(update_fields=["status"])
+    return restore.status

@@ -1,0 +1,113 @@
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.paginator import Paginator
+from django.http import JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+from django_q.tasks import async_task
+
+from backupportal import journal
+from backupportal.roles import require_perm
+from restores.forms import DecisionForm, RestoreRequestForm
+from restores.models import RestoreRequest, RestoreRun
+
+
+def restore_requests(request):
+    qs = RestoreRequest.objects.select_related("server", "requested_by", "decided_by").order_by("-requested_at")
+    page = Paginator(qs, 50).get_page(request.GET.get("page"))
+    return render(request, "restores/requests.html", {"page": page})
+
+
+@require_perm("restores.request_restore")
+def restore_request_new(request):
+    form = RestoreRequestForm(request.POST or None, initial=request.GET.dict())
+    if request.method == "POST" and form.is_valid():
+        req = form.save(commit=False)
+        req.requested_by = request.user
+        req.save()
+        journal.record(
+            "restore_requested",
+            actor=request.user.get_username(),
+            obj=req,
+            server=req.server.name,
+            destination=req.destination,
+            run=req.backup_run_id,
+            reason=req.reason,
+        )
+        messages.success(request, f"Restore request #{req.pk} sent: another DBA must approve it.")
+        return redirect(req)
+    return render(request, "restores/request_form.html", {"form": form})
+
+
+def restore_request_detail(request, pk):
+    req = get_object_or_404(
+        RestoreRequest.objects.select_related("server", "backup_run", "requested_by", "decided_by"), pk=pk
+    )
+    runs = req.runs.order_by("-created_at")
+    can_decide = request.user.has_perm("restores.approve_restore") and req.requested_by_id != request.user.pk
+    return render(
+        request,
+        "restores/request_detail.html",
+        {"req": req, "runs": runs, "form": DecisionForm(), "can_decide": can_decide},
+    )
+
+
+@require_POST
+@require_perm("restores.approve_restore")
+def restore_request_approve(request, pk):
+    req = get_object_or_404(RestoreRequest, pk=pk)
+    form = DecisionForm(request.POST)
+    form.is_valid()
+    try:
+        req.approve(request.user, form.cleaned_data.get("confirm_database", ""), form.cleaned_data.get("note", ""))
+    except PermissionDenied as e:
+        journal.record(
+            "restore_approval_refused",
+            actor=request.user.get_username(),
+            obj=req,
+            server=req.server.name,
+            outcome="refused",
+            reason=str(e),
+        )
+        raise
+    except ValidationError as e:
+        messages.error(request, e.messages[0])
+        return redirect(req)
+    journal.record(
+        "restore_approved", actor=request.user.get_username(), obj=req, server=req.server.name, note=req.decision_note
+    )
+    async_task("restores.tasks.run_request", req.pk, task_name=f"restore request #{req.pk}")
+    messages.success(request, f"Request #{req.pk} approved; the restore runs on a worker.")
+    return redirect(req)
+
+
+@require_POST
+@require_perm("restores.approve_restore")
+def restore_request_reject(request, pk):
+    req = get_object_or_404(RestoreRequest, pk=pk)
+    form = DecisionForm(request.POST)
+    form.is_valid()
+    try:
+        req.reject(request.user, form.cleaned_data.get("note", ""))
+    except ValidationError as e:
+        messages.error(request, e.messages[0])
+        return redirect(req)
+    journal.record(
+        "restore_rejected", actor=request.user.get_username(), obj=req, server=req.server.name, note=req.decision_note
+    )
+    messages.success(request, f"Request #{req.pk} rejected; it will never run.")
+    return redirect(req)
+
+
+def restore_progress(request, pk):
+    restore = get_object_or_404(RestoreRun, pk=pk)
+    return JsonResponse(
+        {
+            "id": restore.pk,
+            "status": restore.status,
+            "bytes_done": restore.bytes_done,
+            "error": restore.error,
+            "elapsed_s": round(restore.duration_s or 0, 1),
+            "done": restore.status in ("succeeded", "failed"),
+        }
+    )

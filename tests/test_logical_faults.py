@@ -1,0 +1,242 @@
+"""Logical backups under faults: kills mid-stream, argv tracing, bad encryption settings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backups.models import BackupRun
+from backups.runner import fail_orphans
+from tests.conftest import descendants, manage, register
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def wait_for(predicate, timeout=60, every=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def files_under(root):
+    return [p for p in Path(root).rglob("*") if p.is_file()]
+
+
+def child_named(pid, name):
+    for child in descendants(pid):
+        try:
+            if os.path.basename(Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode()) == name:
+                return child
+        except OSError:
+            continue
+    return None
+
+
+def streaming_run():
+    run = BackupRun.objects.filter(status="running", bytes_done__gt=0).first()
+    return run
+
+
+@pytest.fixture
+def big_server(big_cluster, db):
+    server = register(big_cluster)
+    yield server
+
+
+def test_sigkill_of_pg_dump_mid_stream_fails_the_run_and_leaves_nothing(
+    big_server, passphrase_file, backup_root, settings
+):
+    proc = manage(settings, "backup", "maldives", "--json")
+    pg_dump = wait_for(lambda: child_named(proc.pid, "pg_dump"), what="pg_dump to start")
+    wait_for(streaming_run, what="bytes to stream")
+    tree = descendants(proc.pid)
+    os.kill(pg_dump, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "pg_dump was killed by SIGKILL" in err
+    result = json.loads(out.strip().splitlines()[-1])
+    run = BackupRun.objects.get(pk=result["id"])
+    assert run.status == "failed" and "killed by SIGKILL" in run.error
+    assert files_under(backup_root) == []  # neither an artifact nor a partial file
+    time.sleep(0.2)
+    assert [p for p in tree if Path(f"/proc/{p}").exists() and _not_zombie(p)] == []
+
+
+def test_sigkill_of_the_worker_mid_stream_leaves_no_orphan_and_no_good_looking_file(
+    big_server, passphrase_file, backup_root, settings
+):
+    proc = manage(settings, "backup", "maldives", "--json")
+    wait_for(lambda: child_named(proc.pid, "pg_dump") and child_named(proc.pid, "gpg"), what="pg_dump and gpg")
+    run = wait_for(streaming_run, what="bytes to stream")
+    tree = descendants(proc.pid)
+    assert len(tree) >= 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    # pg_dump and gpg die with their parent: nothing goes on writing.
+    wait_for(
+        lambda: not [p for p in tree if Path(f"/proc/{p}").exists() and _not_zombie(p)],
+        timeout=10,
+        what="children to die",
+    )
+    # What is on disk is a temporary file that no one can mistake for a backup.
+    assert all(p.name.startswith(".") and p.name.endswith(".partial") for p in files_under(backup_root))
+    # The run is found and failed (its pid is dead), and its leftovers are removed.
+    assert BackupRun.objects.get(pk=run.pk).status == "running"
+    assert [r.pk for r in fail_orphans()] == [run.pk]
+    run.refresh_from_db()
+    assert run.status == "failed" and "died" in run.error
+    assert files_under(backup_root) == []
+    # The next run succeeds.
+    proc = manage(settings, "backup", "maldives", "--json")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "succeeded"
+
+
+def _not_zombie(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_no_secret_in_any_argv_during_a_whole_backup(sample_cluster, passphrase_file, backup_root, settings, tmp_path):
+    from backups.models import Server
+
+    sample_cluster.create_role("backup_user", password="Dsn-Pa55word-xyz", superuser=True)
+    server = Server(
+        name="maldives", dsn=sample_cluster.dsn("reliabilitymaldives", user="backup_user"), password="Dsn-Pa55word-xyz"
+    )
+    server.pg_version = server.probe()
+    server.save()
+    trace = tmp_path / "execve.trace"
+    root = Path(__file__).resolve().parent.parent
+    from tests.conftest import portal_env
+
+    done = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=execve",
+            "-s",
+            "100000",
+            "-o",
+            str(trace),
+            sys.executable,
+            str(root / "manage.py"),
+            "backup",
+            "maldives",
+            "--json",
+        ],
+        env=portal_env(settings),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    text = trace.read_text()
+    execs = [line for line in text.splitlines() if "execve(" in line]
+    # The trace saw the whole pipeline...
+    assert any("pg_dump" in line for line in execs) and any("gpg" in line for line in execs)
+    assert any("pg_dumpall" in line for line in execs)
+    # ...and neither the passphrase nor the DSN password was ever in an argv.
+    passphrase = passphrase_file.read_text().strip()
+    assert passphrase not in text
+    assert "Dsn-Pa55word-xyz" not in text
+
+
+def test_a_world_readable_passphrase_file_fails_the_run_and_writes_nothing(server, passphrase_file, backup_root):
+    from django.core.management import call_command
+
+    passphrase_file.chmod(0o644)
+    with pytest.raises(SystemExit):
+        call_command("backup", "maldives")
+    run = BackupRun.objects.get()
+    assert run.status == "failed"
+    assert "can be read by others" in run.error and "chmod 600" in run.error
+    assert files_under(backup_root) == []
+
+
+def test_a_missing_passphrase_file_fails_the_run(server, settings, backup_root):
+    from django.core.management import call_command
+
+    settings.BACKUP_PASSPHRASE_FILE = "/nonexistent/passphrase"
+    with pytest.raises(SystemExit):
+        call_command("backup", "maldives")
+    assert "does not exist" in BackupRun.objects.get().error
+
+
+def test_public_key_recipients_the_backup_host_cannot_decrypt(server, settings, backup_root, tmp_path):
+    """GPG_RECIPIENTS: only the holder of the secret key (not the portal) can read the backup."""
+    from django.core.management import call_command
+
+    owner_home = tmp_path / "owner-gnupg"
+    owner_home.mkdir(mode=0o700)
+    gpg = ["gpg", "--batch", "--homedir", str(owner_home), "--pinentry-mode", "loopback", "--passphrase", ""]
+    subprocess.run(
+        gpg + ["--quick-gen-key", "dr-officer@reliabilitymaldives.mv", "ed25519", "cert", "never"],
+        check=True,
+        capture_output=True,
+    )
+    fpr = (
+        subprocess.run(gpg + ["--list-keys", "--with-colons"], capture_output=True, text=True)
+        .stdout.split("fpr:::::::::")[1]
+        .split(":")[0]
+    )
+    subprocess.run(gpg + ["--quick-add-key", fpr, "cv25519", "encr", "never"], check=True, capture_output=True)
+    public = subprocess.run(gpg + ["--export", "--armor", fpr], capture_output=True, check=True).stdout
+    portal_home = tmp_path / "portal-gnupg"
+    settings.GNUPGHOME = str(portal_home)
+    settings.GPG_RECIPIENTS = [fpr]
+    settings.BACKUP_PASSPHRASE_FILE = ""
+    portal_home.mkdir(mode=0o700)
+    subprocess.run(
+        ["gpg", "--batch", "--homedir", str(portal_home), "--import"], input=public, check=True, capture_output=True
+    )
+
+    call_command("backup", "maldives")
+    run = BackupRun.objects.get()
+    assert run.status == "succeeded", run.error
+    artifact = backup_root / run.key
+    portal_try = subprocess.run(
+        ["gpg", "--batch", "--homedir", str(portal_home), "--decrypt", str(artifact)], capture_output=True
+    )
+    assert portal_try.returncode != 0  # the portal holds no secret key
+    plain = subprocess.run(gpg + ["--decrypt", str(artifact)], capture_output=True, check=True).stdout
+    assert plain[:5] == b"PGDMP"  # pg_dump's custom format
+
+
+def test_a_backup_past_its_timeout_is_stopped_and_failed(big_server, passphrase_file, backup_root, settings):
+    from django.core.management import call_command
+
+    settings.BACKUP_TIMEOUT = 1
+    with pytest.raises(SystemExit):
+        call_command("backup", "maldives")
+    run = BackupRun.objects.get()
+    assert run.status == "failed" and "timed out after 1 s" in run.error
+    assert files_under(backup_root) == []
+
+
+def test_a_location_whose_capacity_is_reached_fails_the_run_cleanly(big_server, passphrase_file, backup_root):
+    from django.core.management import call_command
+
+    from backups.models import StorageLocation
+
+    StorageLocation.objects.filter(name="primary").update(capacity_bytes=5 * 2**20)
+    with pytest.raises(SystemExit):
+        call_command("backup", "maldives")
+    run = BackupRun.objects.get()
+    assert run.status == "failed" and "configured capacity" in run.error
+    assert files_under(backup_root) == []

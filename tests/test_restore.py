@@ -1,0 +1,258 @@
+"""Logical restores and restore tests against real clusters."""
+
+import json
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.urls import reverse
+
+from backupportal.lib import sampledata
+from backupportal.models import Alert
+from backups.models import BackupCopy, BackupRun
+from restores.models import RestoreTest, ValidationCheck
+from tests.conftest import register
+
+
+def take_backup():
+    call_command("backup", "maldives", stdout=StringIO())
+    return BackupRun.objects.filter(status="succeeded").latest("created_at")
+
+
+def restore(*args):
+    out = StringIO()
+    try:
+        call_command("restore", *args, "--json", stdout=out)
+    except SystemExit:
+        pass
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def databases(cluster):
+    return {r[0] for r in cluster.execute("SELECT datname FROM pg_database")}
+
+
+def test_restore_into_a_new_database_has_every_row(server, sample_cluster, passphrase_file, backup_root, settings):
+    settings.RESTORE_JOBS = 1  # piped: no plaintext on disk at all
+    run = take_backup()
+    result = restore(str(run.pk), "--into-database", "restored_copy")
+    assert result["status"] == "succeeded", result
+    assert "sha256 verified" in result["notes"]
+    with sample_cluster.connect("reliabilitymaldives") as a, sample_cluster.connect("restored_copy") as b:
+        assert sampledata.counts(a) == sampledata.counts(b)
+    scratch = Path(settings.VAR_DIR) / "scratch"
+    assert not scratch.exists() or not list(scratch.iterdir())
+
+
+def test_parallel_restore_uses_a_private_scratch_file_and_removes_it(
+    server, sample_cluster, passphrase_file, backup_root, settings
+):
+    settings.RESTORE_JOBS = 2
+    run = take_backup()
+    assert restore(str(run.pk), "--into-database", "restored_j2")["status"] == "succeeded"
+    with sample_cluster.connect("restored_j2") as b:
+        assert sampledata.counts(b)["audit_logs"] == run.details["row_counts"]["audit_logs"]
+    assert list((Path(settings.VAR_DIR) / "scratch").iterdir()) == []
+
+
+def test_a_scratch_file_left_by_a_killed_restore_is_removed_by_the_next(server, passphrase_file, backup_root, settings):
+    settings.RESTORE_JOBS = 2
+    scratch = Path(settings.VAR_DIR) / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    dead = scratch / "restore-999999999-abc"
+    dead.mkdir()
+    (dead / "dump").write_bytes(b"PGDMP plaintext left by a SIGKILLed worker")
+    run = take_backup()
+    assert restore(str(run.pk), "--into-database", "after_kill")["status"] == "succeeded"
+    assert list(scratch.iterdir()) == []
+
+
+def test_restore_onto_another_server_brings_the_globals_first(
+    server, sample_cluster, pg_base_dir, pg_template, passphrase_file, backup_root
+):
+    from backupportal.lib.pgcluster import Cluster
+
+    sample_cluster.execute("CREATE ROLE ledger_owner NOLOGIN")
+    sample_cluster.execute("ALTER TABLE financial_records OWNER TO ledger_owner", dbname="reliabilitymaldives")
+    run = take_backup()
+    other = Cluster.create(base_dir=pg_base_dir, template=pg_template)
+    other.start()
+    try:
+        register(other, name="standby", dbname="postgres")
+        result = restore(str(run.pk), "--into-database", "reliabilitymaldives", "--into-server", "standby")
+        assert result["status"] == "succeeded", result
+        owner = other.execute(
+            "SELECT tableowner FROM pg_tables WHERE tablename = 'financial_records'", dbname="reliabilitymaldives"
+        )
+        assert owner == [("ledger_owner",)]
+    finally:
+        other.destroy()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["999999", "--into-database", "x"], "there is no backup run #999999"),
+        (["{run}", "--into-database", "reliabilitymaldives"], "database reliabilitymaldives already exists"),
+        (["{run}", "--into-database", "Bad-Name"], "not a valid database name"),
+        (["{run}"], "say where to restore"),
+        (["{run}", "--into-database", "x", "--into-server", "nope"], "unknown server 'nope'"),
+    ],
+)
+def test_bad_restore_requests_are_refused_and_change_nothing(
+    server, sample_cluster, passphrase_file, backup_root, args, message
+):
+    run = take_backup()
+    before = databases(sample_cluster)
+    args = [a.format(run=run.pk) for a in args]
+    result = None
+    try:
+        result = restore(*args)
+    except CommandError as e:
+        assert message in str(e)
+    else:
+        assert result["status"] == "failed" and message in result["error"]
+    assert databases(sample_cluster) == before
+
+
+def test_a_failed_or_deleted_run_is_refused(server, passphrase_file, backup_root):
+    failed = BackupRun.objects.create(server=server, kind="logical", status="failed")
+    with pytest.raises(CommandError, match="it has no artifact"):
+        call_command("restore", str(failed.pk), "--into-database", "x")
+    run = take_backup()
+    from backups.copies import delete_run_artifacts
+
+    delete_run_artifacts(run, "test")
+    with pytest.raises(CommandError, match="deleted by retention"):
+        call_command("restore", str(run.pk), "--into-database", "x")
+
+
+def test_a_wrong_passphrase_is_refused_and_changes_nothing(server, sample_cluster, passphrase_file, backup_root):
+    run = take_backup()
+    passphrase_file.write_text("not the passphrase")
+    before = databases(sample_cluster)
+    result = restore(str(run.pk), "--into-database", "x")
+    assert result["status"] == "failed" and "wrong passphrase or key" in result["error"]
+    assert databases(sample_cluster) == before
+
+
+def test_an_unreachable_server_is_refused(server, sample_cluster, passphrase_file, backup_root):
+    run = take_backup()
+    sample_cluster.stop()
+    result = restore(str(run.pk), "--into-database", "x")
+    assert result["status"] == "failed" and "connection refused" in result["error"]
+
+
+def test_a_flipped_byte_is_caught_and_the_copy_marked_bad(server, sample_cluster, passphrase_file, backup_root):
+    run = take_backup()
+    artifact = backup_root / run.key
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    artifact.write_bytes(bytes(data))
+    before = databases(sample_cluster)
+    result = restore(str(run.pk), "--into-database", "x")
+    assert result["status"] == "failed"
+    assert databases(sample_cluster) == before
+    assert run.copies.get(artifact="main").status == BackupCopy.Status.BAD
+
+
+def test_restoretest_passes_on_a_good_backup(server, passphrase_file, backup_root, sample_cluster):
+    take_backup()
+    ValidationCheck.objects.create(
+        server=server, name="admins exist", sql="SELECT count(*) > 0 FROM users WHERE role_id = 1", expected="t"
+    )
+    out = StringIO()
+    call_command("restoretest", "maldives", "--json", stdout=out)
+    result = json.loads(out.getvalue().splitlines()[-1])
+    assert result["status"] == "passed", result
+    assert {c["name"] for c in result["checks"]} >= {
+        "restore",
+        "rows in users",
+        "rows in audit_logs",
+        "check: admins exist",
+    }
+    assert result["duration_s"] > 0
+    assert not [d for d in databases(sample_cluster) if d.startswith("restoretest_")]  # scratch dropped
+    assert not Alert.objects.filter(condition="restore_test_failed").exists()
+
+
+def test_restoretest_fails_with_an_alert_on_a_backup_whose_table_was_emptied(
+    server, sample_cluster, passphrase_file, backup_root
+):
+    take_backup()
+    sample_cluster.execute("DELETE FROM audit_logs", dbname="reliabilitymaldives")
+    take_backup()
+    with pytest.raises(SystemExit):
+        call_command("restoretest", "maldives", stdout=StringIO())
+    test = RestoreTest.objects.latest("started_at")
+    assert test.status == "failed"
+    assert "audit_logs is empty" in test.error
+    alert = Alert.objects.get(condition="restore_test_failed", state="open")
+    assert "audit_logs" in alert.message
+
+
+def test_restoretest_fails_when_a_table_shrank_past_the_threshold(server, sample_cluster, passphrase_file, backup_root):
+    take_backup()
+    sample_cluster.execute("DELETE FROM financial_records WHERE id % 2 = 0", dbname="reliabilitymaldives")
+    take_backup()
+    with pytest.raises(SystemExit):
+        call_command("restoretest", "maldives", stdout=StringIO())
+    assert "down 50%" in RestoreTest.objects.latest("started_at").error
+
+
+def test_restoretest_fails_on_a_corrupted_artifact_and_resolves_when_fixed(server, passphrase_file, backup_root):
+    run = take_backup()
+    artifact = backup_root / run.key
+    good = artifact.read_bytes()
+    artifact.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
+    with pytest.raises(SystemExit):
+        call_command("restoretest", "maldives", stdout=StringIO())
+    assert RestoreTest.objects.latest("started_at").status == "failed"
+    assert Alert.objects.get(condition="restore_test_failed").state == "open"
+    take_backup()
+    call_command("restoretest", "maldives", stdout=StringIO())
+    assert RestoreTest.objects.latest("started_at").status == "passed"
+    assert Alert.objects.get(condition="restore_test_failed").state == "resolved"
+
+
+def test_restoretest_with_no_backup_fails_clearly(server):
+    with pytest.raises(SystemExit):
+        call_command("restoretest", "maldives", stdout=StringIO())
+    assert "no good logical backup" in RestoreTest.objects.get().error
+
+
+def test_the_monthly_test_runs_on_the_first_sunday_of_each_month_and_only_then():
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from croniter import croniter
+
+    from backups.models import BackupSchedule
+
+    cron = BackupSchedule.DEFAULT_CRON[BackupSchedule.Job.MONTHLY_RESTORE_TEST]
+    tz = ZoneInfo("Indian/Maldives")
+    it = croniter(cron, datetime(2026, 12, 31, 12, 0, tzinfo=tz))
+    fired = [it.get_next(datetime) for _ in range(12)]
+    assert all(d.year == 2027 for d in fired)
+    for d in fired:
+        assert d.weekday() == 6 and d.day <= 7 and (d.hour, d.minute) == (3, 0), d
+    assert [d.month for d in fired] == list(range(1, 13))
+
+
+def test_the_server_page_shows_the_last_test_its_rto_and_the_untested_backups(
+    client, alice, server, passphrase_file, backup_root
+):
+    first = take_backup()
+    client.force_login(alice)
+    client.post(reverse("restore-test-now", args=[server.name]))  # tasks run inline in tests
+    second = take_backup()
+    page = client.get(reverse("server", args=[server.name])).content.decode()
+    test = RestoreTest.objects.get()
+    assert test.status == "passed" and test.backup_run == first
+    from django.template.defaultfilters import floatformat
+
+    assert f"{floatformat(test.duration_s, 1)} s against 240 min (critical)" in page
+    untested = page.split("Never restore-tested")[1].split("</tr>")[0]
+    assert f"#{second.pk}<" in untested and f"#{first.pk}<" not in untested
