@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from backups.copies import VerifyingReader
+from backups.copies import CopyCorrupt, VerifyingReader
 from backups.models import BackupCopy
 from backups.storage import StorageError, store_for
 
@@ -87,8 +87,11 @@ def _try_copy(copy, sink, encryption, plain_sha256):
 
     sink.open()
     try:
-        result = encryption.decrypt_stream(reader, on_data)
-        corrupt = reader.corrupt()  # the hash of every byte, including any gpg left unread
+        try:
+            result = encryption.decrypt_stream(reader, on_data)
+            corrupt = reader.corrupt()  # the hash of every byte, including any gpg left unread
+        except CopyCorrupt as e:  # noticed at the end of the file by gpg's feeder, re-raised here
+            result, corrupt = None, e
     except Exception:
         sink.abort()
         raise

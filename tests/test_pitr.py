@@ -247,3 +247,35 @@ def test_the_incremental_runs_prove_the_chain_and_name_their_wal_range(
         wal.segno_of(second.start_wal, server.wal_segment_size)
         == wal.segno_of(run.end_wal, server.wal_segment_size) + 1
     )
+
+
+def test_a_bad_primary_copy_falls_back_to_the_nas_copy(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, settings
+):
+    import shutil
+    import tempfile
+
+    from backups.models import BackupCopy, StorageLocation
+
+    nas = Path(tempfile.mkdtemp(prefix="bp-nas-"))
+    settings.NAS_ROOT = str(nas)
+    StorageLocation.sync_from_settings()
+    try:
+        push_with_base(sample_cluster, server)
+        segment = WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno")[1]
+        assert {c.location.name: c.status for c in segment.copies.all()} == {"wal": "ok", "nas": "ok"}
+        primary_wal = segment.copies.get(location__name="wal")
+        (Path(primary_wal.location.path) / primary_wal.key).write_bytes(b"not what was archived")
+        base = BackupRun.objects.get(kind="base")
+        (backup_root / base.key).unlink()
+
+        port = free_port()
+        result = restore(restored(), port, "--target", "latest")
+        assert result["status"] == "succeeded", result
+        assert f"WAL segment {segment.name}: read from nas after wal: corrupt" in result["notes"]
+        assert f"base backup #{base.pk}: read from nas after primary: missing" in result["notes"]
+        assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
+        primary_wal.refresh_from_db()
+        assert primary_wal.status == BackupCopy.Status.BAD
+    finally:
+        shutil.rmtree(nas, ignore_errors=True)

@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from backupportal.lib.pgcluster import as_db_user, chown_to_db_user
 from backupportal.models import Alert
 from backups import wal
 from backups.models import BackupCopy, BackupSchedule, WalSegment
 from backups.tasks import scheduled_job
+from tests.conftest import descendants, manage
 
 from .walhelpers import enable_push, run_command, switch_wal, wait_archived, wait_for
 
@@ -25,13 +27,9 @@ DB = "reliabilitymaldives"
 
 
 def kill_tree(proc):
-    """SIGKILL a process and its children (runuser -> sh -> python, or manage.py -> gpg)."""
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    for child in children:
-        grandchildren = Path(f"/proc/{child}/task/{child}/children")
-        for pid in grandchildren.read_text().split() if grandchildren.exists() else []:
-            os.kill(int(pid), signal.SIGKILL)
-        os.kill(int(child), signal.SIGKILL)
+    """SIGKILL a process and everything below it (runuser -> sh -> python, or manage.py -> gpg)."""
+    for pid in descendants(proc.pid):
+        os.kill(pid, signal.SIGKILL)
     proc.kill()
     proc.wait()
 
@@ -175,38 +173,31 @@ def test_killing_postgresqls_archiver_loses_no_segment(server, sample_cluster, p
     assert set(names) <= set(WalSegment.objects.values_list("name", flat=True))
 
 
-def test_a_worker_killed_mid_ingest_loses_no_segment(sample_cluster, portal_cli):
-    portal_cli.run("addserver", "maldives", "--dsn", sample_cluster.dsn(DB))
-    lines = [
-        line for line in portal_cli.run("archivecommand", "maldives").stdout.splitlines() if not line.startswith("#")
-    ]
-    with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:
-        conf.write("\n" + "\n".join(lines) + "\n")
-    sample_cluster.restart()
+@pytest.mark.django_db(transaction=True)  # the worker is another process: it must see committed rows
+def test_a_worker_killed_mid_ingest_loses_no_segment(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, tmp_path
+):
+    enable_push(sample_cluster)
     names = []
     for i in range(12):
         sample_cluster.execute(f"CREATE TABLE t{i}(x int)", dbname=DB)
         names.append(switch_wal(sample_cluster))
     wait_archived(sample_cluster, names[-1])
-    spool = portal_cli.var / "spool" / "maldives"
+    spool = wal.spool_dir(server)
 
-    worker = portal_cli.popen("ingestwal", "maldives")
-    wait_for(lambda: len(portal_cli.query("SELECT name FROM backups_walsegment")) >= 2, what="the ingest to start")
+    worker = manage(settings, "ingestwal", "maldives")
+    wait_for(lambda: WalSegment.objects.count() >= 2, what="the ingest to start")
     kill_tree(worker)  # its gpg too, mid-stream
-    left = [n for n in os.listdir(spool) if wal.SEGMENT.match(n)]
-    assert left, "the kill came too late to land mid-ingest"
+    assert [n for n in os.listdir(spool) if wal.SEGMENT.match(n)], "the kill came too late to land mid-ingest"
 
-    portal_cli.run("ingestwal", "maldives")
-    catalogued = dict(portal_cli.query("SELECT name, sha256 FROM backups_walsegment"))
+    again = manage(settings, "ingestwal", "maldives")
+    assert again.wait(120) == 0, again.stderr.read()
+    catalogued = dict(WalSegment.objects.values_list("name", "sha256"))
     assert set(names) <= set(catalogued)
     assert not [n for n in os.listdir(spool) if wal.SEGMENT.match(n)]
     # Every archived file decrypts (plain gpg) to exactly the bytes that were catalogued.
-    for name in names:
-        (key,) = portal_cli.query(
-            "SELECT c.key FROM backups_backupcopy c JOIN backups_walsegment s ON s.id = c.wal_segment_id "
-            "WHERE s.name = ?",
-            [name],
-        )[0]
+    (tmp_path / "gnupg").mkdir(mode=0o700)
+    for copy in BackupCopy.objects.filter(wal_segment__name__in=names).select_related("wal_segment", "location"):
         plain = subprocess.run(
             [
                 "gpg",
@@ -215,17 +206,16 @@ def test_a_worker_killed_mid_ingest_loses_no_segment(sample_cluster, portal_cli)
                 "--pinentry-mode",
                 "loopback",
                 "--homedir",
-                str(portal_cli.var / "gnupg"),
+                str(tmp_path / "gnupg"),
                 "--passphrase-file",
-                portal_cli.env["BACKUP_PASSPHRASE_FILE"],
+                str(passphrase_file),
                 "--decrypt",
-                str(portal_cli.var / "wal" / key),
+                str(Path(copy.location.path) / copy.key),
             ],
             capture_output=True,
         )
         assert plain.returncode == 0, plain.stderr
-        plain = plain.stdout
-        assert hashlib.sha256(plain).hexdigest() == catalogued[name]
+        assert hashlib.sha256(plain.stdout).hexdigest() == catalogued[copy.wal_segment.name]
 
 
 def test_archivecommand_refuses_a_spool_postgres_cannot_reach(server, passphrase_file, backup_root, settings):

@@ -4,9 +4,12 @@ import os
 import signal
 import threading
 
+import pytest
+
 from backups import wal
 from backups.models import Server, WalSegment
 from backups.receiver import Receiver
+from tests.conftest import manage
 
 from .walhelpers import rows, run_command, switch_wal, wait_for
 
@@ -117,14 +120,16 @@ def test_the_monitor_sees_a_receiver_down_and_a_gap(server, sample_cluster, pass
     assert lost.name in Alert.objects.get(condition="wal_gap", state="open").message
 
 
-def test_receivewal_runs_until_sigterm_and_leaves_no_pg_receivewal_behind(sample_cluster, portal_cli):
-    portal_cli.run("addserver", "maldives", "--dsn", sample_cluster.dsn(DB))
-    receiver = portal_cli.popen("receivewal", "maldives")
+@pytest.mark.django_db(transaction=True)  # receivewal is another process: it must see committed rows
+def test_receivewal_runs_until_sigterm_and_leaves_no_pg_receivewal_behind(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
+):
+    receiver = manage(settings, "receivewal", "maldives")
     streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
     wait_for(lambda: sample_cluster.execute(streaming)[0][0] == 1, what="pg_receivewal streaming")
     sample_cluster.execute("CREATE TABLE x(x int)", dbname=DB)
     name = switch_wal(sample_cluster)
-    wait_for(lambda: portal_cli.query("SELECT 1 FROM backups_walsegment WHERE name = ?", [name]), what="ingest")
+    wait_for(lambda: WalSegment.objects.filter(name=name).exists(), what="ingest")
     receiver.send_signal(signal.SIGTERM)
     out, err = receiver.communicate(timeout=30)
     assert receiver.returncode == 0, err
@@ -132,7 +137,7 @@ def test_receivewal_runs_until_sigterm_and_leaves_no_pg_receivewal_behind(sample
     assert sample_cluster.execute(streaming)[0][0] == 0
 
     # Killed outright, it takes its pg_receivewal with it: no orphan streams on.
-    receiver = portal_cli.popen("receivewal", "maldives")
+    receiver = manage(settings, "receivewal", "maldives")
     wait_for(lambda: sample_cluster.execute(streaming)[0][0] == 1, what="pg_receivewal streaming again")
     receiver.kill()
     receiver.wait()
