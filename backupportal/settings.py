@@ -159,6 +159,8 @@ PG_BIN = env.str("PG_BIN", default="")
 PG_DUMP_COMPRESS = env.int("PG_DUMP_COMPRESS", default=1)
 # A backup still running after this many seconds is stopped and failed.
 BACKUP_TIMEOUT = env.int("BACKUP_TIMEOUT", default=6 * 3600)
+# A base backup or an incremental run waits this long for its WAL to be archived and ingested.
+WAL_WAIT_SECONDS = env.int("WAL_WAIT_SECONDS", default=300)
 
 # pg_restore jobs for logical restores: 1 pipes the decrypted stream (no plaintext on disk);
 # more decrypts into a private scratch file first (0600, removed afterwards), as pg_restore -j

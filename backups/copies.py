@@ -239,8 +239,12 @@ def _claim(copy, now):
     return bool(claimed)
 
 
-def copy_one(copy, actor="job:copy", now=None):
-    """Stream the first healthy copy into this copy's location, verifying both ends. Returns the copy."""
+def copy_one(copy, actor="job:copy", now=None, journal_it=True):
+    """Stream the first healthy copy into this copy's location, verifying both ends. Returns the copy.
+
+    WAL segments are copies too; their ingest journals them by batch (journal_it=False).
+    Failures are always journaled.
+    """
     now = now or timezone.now()
     if not _claim(copy, now):
         copy.refresh_from_db()
@@ -261,7 +265,7 @@ def copy_one(copy, actor="job:copy", now=None):
             size, sha256 = out.commit()
     except (OSError, StorageError) as e:
         return _copy_failed(copy, owner, e, actor)
-    return _copy_made(copy, owner, store, size, sha256, src.copy, actor)
+    return _copy_made(copy, owner, store, size, sha256, src.copy, actor, journal_it)
 
 
 def _renew_lease(copy):
@@ -270,7 +274,7 @@ def _renew_lease(copy):
     )
 
 
-def _copy_made(copy, owner, store, size, sha256, source, actor):
+def _copy_made(copy, owner, store, size, sha256, source, actor, journal_it=True):
     owner.refresh_from_db(fields=["deleted_at"])
     made = BackupCopy.objects.filter(pk=copy.pk, status=BackupCopy.Status.COPYING).update(
         status=BackupCopy.Status.OK,
@@ -287,7 +291,8 @@ def _copy_made(copy, owner, store, size, sha256, source, actor):
         copy.refresh_from_db()
         return copy
     copy.refresh_from_db()
-    record("copy_made", copy, actor, source=source.location.name, size=size, sha256=sha256, attempt=copy.attempts)
+    if journal_it:
+        record("copy_made", copy, actor, source=source.location.name, size=size, sha256=sha256, attempt=copy.attempts)
     if not BackupCopy.objects.filter(location=copy.location, status=BackupCopy.Status.FAILED).exists():
         resolve_alert("upload_failed", location=copy.location)
     return copy

@@ -101,15 +101,18 @@ class Encryption:
     def method(self):
         return "gpg-pubkey" if self.recipients else "gpg-aes256"
 
-    def encrypt_stream(self, source, on_data):
+    def encrypt_stream(self, source, on_data, compress_level=None):
         """Encrypt the binary stream `source`; `on_data(chunk)` gets each ciphertext chunk.
 
+        `compress_level` (1-9) compresses inside gpg, for data that nothing compressed before
+        (WAL, base backup tars): `gpg --decrypt` undoes it in the same step.
         Returns python-gnupg's result; the caller checks `.ok` / `.returncode`.
         """
         self.gpg.on_data = on_data
+        compression = ["--compress-algo", "zip", "-z", str(compress_level)] if compress_level else NO_COMPRESSION
         if self.recipients:
             return self.gpg.encrypt_file(
-                source, self.recipients, armor=False, always_trust=True, extra_args=NO_COMPRESSION
+                source, self.recipients, armor=False, always_trust=True, extra_args=compression
             )
         return self.gpg.encrypt_file(
             source,
@@ -117,7 +120,7 @@ class Encryption:
             symmetric="AES256",
             passphrase=self.passphrase,
             armor=False,
-            extra_args=S2K_ARGS + NO_COMPRESSION,
+            extra_args=S2K_ARGS + compression,
         )
 
     def decrypt_stream(self, source, on_data):

@@ -7,7 +7,7 @@ critical tables: the recorded row counts are exactly what the dump holds.
 from django.utils import timezone
 
 from backups.crypto import Encryption, EncryptionError
-from backups.models import BackupCopy, BackupRun, StorageLocation
+from backups.models import WAL_LOCATION, BackupCopy, BackupRun, StorageLocation
 from backups.pipeline import BackupFailed, Tool, dump_compression_level, encrypt_to, heartbeat, snapshot_and_counts
 from backups.storage import store_for
 
@@ -19,7 +19,9 @@ def keys_for(run):
 
 
 def primary_location():
-    location = StorageLocation.objects.filter(kind=StorageLocation.Kind.PRIMARY, enabled=True).first()
+    # The WAL archive is a primary location too (WAL_ROOT), but never where runs go.
+    primary = StorageLocation.objects.filter(kind=StorageLocation.Kind.PRIMARY, enabled=True)
+    location = primary.exclude(name=WAL_LOCATION).first()
     if location is None:
         raise BackupFailed(
             "no enabled primary storage location: set BACKUP_ROOT and run migrate, or add one in the admin"
@@ -63,33 +65,13 @@ def take(run):
     run.size, run.sha256, run.bytes_done = size, sha256, size
     run.details["row_counts"] = counts
     run.details["pg_dump_compress"] = dump_compression_level()
-    BackupCopy.objects.create(
-        run=run,
-        location=location,
-        artifact="main",
-        key=dump_key,
-        size=size,
-        sha256=sha256,
-        status=BackupCopy.Status.OK,
-        copied_at=timezone.now(),
-        attempts=1,
-    )
+    BackupCopy.record_made(location, dump_key, size, sha256, run=run, artifact="main")
 
     g_size, g_sha256, note = take_globals(server, store, globals_key, encryption)
     run.details["globals"] = {"key": globals_key, "size": g_size, "sha256": g_sha256}
     if note:
         run.notes = note
-    BackupCopy.objects.create(
-        run=run,
-        location=location,
-        artifact="globals",
-        key=globals_key,
-        size=g_size,
-        sha256=g_sha256,
-        status=BackupCopy.Status.OK,
-        copied_at=timezone.now(),
-        attempts=1,
-    )
+    BackupCopy.record_made(location, globals_key, g_size, g_sha256, run=run, artifact="globals")
 
 
 def take_globals(server, store, key, encryption):

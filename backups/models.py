@@ -1,6 +1,7 @@
 """The backup catalog: protected servers, storage locations, backup runs, copies, WAL."""
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -72,6 +73,8 @@ class Server(models.Model):
     )
     pg_version = models.IntegerField(null=True, editable=False, help_text="server_version_num at registration")
     archiving = models.CharField(max_length=4, choices=Archiving.choices, default=Archiving.NONE)
+    # Read from the server (initdb --wal-segsize), never assumed: segment names and numbers depend on it.
+    wal_segment_size = models.IntegerField(null=True, blank=True, editable=False, help_text="bytes")
     enabled = models.BooleanField(default=True)
 
     rpo_minutes = models.PositiveIntegerField("RPO objective (minutes)", default=15)
@@ -209,11 +212,19 @@ class Server(models.Model):
         """The default schedules of the strategy, created once; DBAs edit them afterwards."""
         from backups.tasks import sync_schedule
 
-        for job in BackupSchedule.DEFAULT_JOBS:
+        jobs = list(BackupSchedule.DEFAULT_JOBS)
+        if self.archiving != Server.Archiving.NONE:
+            jobs += BackupSchedule.ARCHIVING_JOBS
+        for job in jobs:
             schedule, _ = BackupSchedule.objects.get_or_create(
                 server=self, job=job, defaults={"cron": BackupSchedule.DEFAULT_CRON[job]}
             )
             sync_schedule(schedule)
+
+    @property
+    def replication_slot(self):
+        """The slot pg_receivewal streams from: the server keeps WAL while the receiver is down."""
+        return ("backupportal_" + re.sub(r"[^a-z0-9_]", "_", self.name))[:63]
 
     def latest_good_backup(self, kind):
         return self.runs.good().filter(kind=kind).order_by("-finished_at").first()
@@ -307,6 +318,7 @@ class BackupSchedule(models.Model):
         INCREMENTAL = "incremental", "WAL switch and chain check"
         RESTORE_TEST = "restoretest", "Weekly restore test"
         MONTHLY_RESTORE_TEST = "restoretest_monthly", "Monthly full restore test"
+        INGEST_WAL = "ingestwal", "WAL spool ingest"
 
     DEFAULT_CRON = {
         Job.LOGICAL: "0 2 * * *",
@@ -314,10 +326,13 @@ class BackupSchedule(models.Model):
         Job.INCREMENTAL: "0 8,14,20 * * *",
         Job.RESTORE_TEST: "0 5 * * 3",
         Job.MONTHLY_RESTORE_TEST: "0 3 * * 0#1",
+        Job.INGEST_WAL: "* * * * *",
     }
 
     # The jobs every new server gets. Each is added here when its job exists.
     DEFAULT_JOBS = [Job.LOGICAL, Job.RESTORE_TEST, Job.MONTHLY_RESTORE_TEST]
+    # And those of a server that archives WAL (push or pull).
+    ARCHIVING_JOBS = [Job.BASE, Job.INCREMENTAL, Job.INGEST_WAL]
 
     server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="schedules")
     job = models.CharField(max_length=20, choices=Job.choices)
@@ -420,6 +435,10 @@ class StorageLocation(models.Model):
         cls.objects.update_or_create(
             name="primary", defaults={"kind": cls.Kind.PRIMARY, "path": str(settings.BACKUP_ROOT)}
         )
+        # The WAL archive's own primary location (the strategy's separate partition).
+        cls.objects.update_or_create(
+            name=WAL_LOCATION, defaults={"kind": cls.Kind.PRIMARY, "path": str(settings.WAL_ROOT)}
+        )
         if settings.NAS_ROOT:
             cls.objects.update_or_create(name="nas", defaults={"kind": cls.Kind.NAS, "path": settings.NAS_ROOT})
         if settings.S3_BUCKET:
@@ -435,6 +454,10 @@ class StorageLocation(models.Model):
                     "storage_class": settings.S3_STORAGE_CLASS,
                 },
             )
+
+
+# The name of the primary location that holds the WAL archive (WAL_ROOT).
+WAL_LOCATION = "wal"
 
 
 def allowed_storage_roots():
@@ -561,6 +584,9 @@ class WalSegment(models.Model):
     server = models.ForeignKey(Server, on_delete=models.PROTECT, related_name="wal_segments")
     timeline = models.IntegerField()
     name = models.CharField(max_length=40, help_text="000000010000000000000001, or a .history / .partial file")
+    # The segment's position in the WAL (whatever the timeline); empty for history, backup
+    # and partial files. Gap checks and retention compare these numbers.
+    segno = models.BigIntegerField(null=True, blank=True)
     size = models.BigIntegerField()
     sha256 = models.CharField(max_length=64)
     key = models.CharField(max_length=500, blank=True)
@@ -576,6 +602,8 @@ class WalSegment(models.Model):
             # Used by the WAL list filtered by server and day, and by retention.
             models.Index(fields=["server", "archived_at"], name="wal_server_archived"),
             models.Index(fields=["archived_at"], name="wal_archived"),
+            # Used by the gap check, the incremental runs, restores and retention.
+            models.Index(fields=["server", "segno"], name="wal_server_segno"),
         ]
 
     def __str__(self):
@@ -628,3 +656,17 @@ class BackupCopy(models.Model):
 
     def __str__(self):
         return f"{self.location}:{self.key} ({self.status})"
+
+    @classmethod
+    def record_made(cls, location, key, size, sha256, **of):
+        """The copy a run or an ingest just wrote and hashed (of: run=, or wal_segment=; artifact=)."""
+        return cls.objects.create(
+            location=location,
+            key=key,
+            size=size,
+            sha256=sha256,
+            status=cls.Status.OK,
+            copied_at=timezone.now(),
+            attempts=1,
+            **of,
+        )

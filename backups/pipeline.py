@@ -36,10 +36,17 @@ class Tool:
     proc: subprocess.Popen = None
     stderr_tail: deque = field(default_factory=lambda: deque(maxlen=30))
 
+    def full_env(self):
+        """The environment without the caller's PG* variables, plus the server's.
+
+        Neither our own libpq settings nor the S3 credentials are any business of the client tool.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "AWS_"))}
+        env.update(self.env)
+        return env
+
     def start(self):
-        # Neither our own libpq settings nor the S3 credentials are any business of the client tool.
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "AWS_"))}
-        full_env.update(self.env)
+        full_env = self.full_env()
         try:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -82,7 +89,9 @@ class Progress:
         self.error = None
 
 
-def encrypt_to(store, key, tool: Tool, encryption: Encryption, on_tick=None, timeout=None, server=None):
+def encrypt_to(
+    store, key, tool: Tool, encryption: Encryption, on_tick=None, timeout=None, server=None, compress_level=None
+):
     """Stream `tool`'s stdout through gpg into `store` under `key`. Returns (size, sha256).
 
     On any failure nothing is left under `key` (the temporary file is removed) and
@@ -106,7 +115,7 @@ def encrypt_to(store, key, tool: Tool, encryption: Encryption, on_tick=None, tim
 
     def run_gpg():
         try:
-            result_box["result"] = encryption.encrypt_stream(tool.proc.stdout, on_data)
+            result_box["result"] = encryption.encrypt_stream(tool.proc.stdout, on_data, compress_level)
         except Exception as e:  # broken pipe and the like: reported below
             result_box["exception"] = e
 

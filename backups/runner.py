@@ -114,7 +114,7 @@ def claim_waiting(server, kind, *, actor, scheduled_for=None, wait=SCHEDULED_WAI
 
 def execute(run):
     """Run a claimed backup to its end. Returns the run, succeeded or failed; never raises."""
-    from backups import logical
+    from backups import base, logical
 
     started = BackupRun.objects.filter(pk=run.pk, status=BackupRun.Status.QUEUED).update(
         status=BackupRun.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), pid=os.getpid()
@@ -123,7 +123,11 @@ def execute(run):
     if not started:
         return run  # another worker took it, or it was failed meanwhile
     journal.record("backup_started", actor=run.requested_by or "job:backup", obj=run, kind=run.kind)
-    handlers = {BackupRun.Kind.LOGICAL: logical.take}
+    handlers = {
+        BackupRun.Kind.LOGICAL: logical.take,
+        BackupRun.Kind.BASE: base.take,
+        BackupRun.Kind.INCREMENTAL: base.wal_chain,
+    }
     try:
         handlers[run.kind](run)
     except BackupFailed as e:

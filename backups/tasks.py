@@ -48,7 +48,16 @@ def scheduled_job(server_name, job, scheduled_for=None):
         from restores.tasks import run_restore_test
 
         return run_restore_test(server.name, monthly=job == BackupSchedule.Job.MONTHLY_RESTORE_TEST)
+    if job == BackupSchedule.Job.INGEST_WAL:
+        return ingest_wal(server.name)
     raise ValueError(f"unknown job {job!r}")
+
+
+def ingest_wal(server_name):
+    """Catalogue, encrypt and copy what the archive program left in the server's spool."""
+    from backups import wal
+
+    return wal.ingest(Server.objects.get(name=server_name)).as_dict()
 
 
 # Portal-wide jobs (not per server): name -> (function, cron in TIME_ZONE).
@@ -74,7 +83,7 @@ def ensure_global_schedules():
 def apply_retention():
     from backups import retention
 
-    return retention.apply(actor="job:retention")
+    return retention.apply_wal_and_base_retention(actor="job:retention")
 
 
 def sync_schedule(schedule):

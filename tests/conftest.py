@@ -274,6 +274,7 @@ def portal_env(settings, **extra):
         VAR_DIR=str(settings.VAR_DIR),
         BACKUP_ROOT=str(settings.BACKUP_ROOT),
         WAL_ROOT=str(settings.WAL_ROOT),
+        WAL_SPOOL=str(settings.WAL_SPOOL),
         BACKUP_PASSPHRASE_FILE=str(settings.BACKUP_PASSPHRASE_FILE),
         JOURNAL_HEAD_FILE=str(settings.JOURNAL_HEAD_FILE),
         JOURNAL_KEY_FILE=str(settings.JOURNAL_KEY_FILE),

@@ -1,0 +1,148 @@
+"""backupportal's archive_command: put one WAL file into the spool, durably and idempotently.
+
+PostgreSQL runs it as its own OS user, once per segment, with none of the portal's
+environment (the command `archivecommand NAME` prints wraps it in `env -i`):
+
+    /usr/bin/env -i /usr/bin/python3 -I -S archive_wal.py SPOOL_DIR %p %f
+
+Standard library only, no Django and no database, so that it starts in milliseconds and
+works wherever `manage.py archivecommand` installed it (a virtualenv under /root is
+unreadable to postgres). Exit 0 means the file is safely in the spool (or was already,
+with the same content); any other exit makes PostgreSQL keep the segment and retry.
+
+A file of that name that is already in the spool, or that the portal already ingested
+(SPOOL/ingested/NAME holds its sha256), is accepted when identical and refused when
+different: then SPOOL/errors/NAME.json says why, and the portal's monitor raises an alert.
+"""
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+
+VERSION = 1
+NAME = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$")
+CHUNK = 1 << 20
+
+
+class Conflict(Exception):
+    """A different file of the same name was archived before: never overwrite it."""
+
+
+def same_bytes(path_a, path_b):
+    if os.path.getsize(path_a) != os.path.getsize(path_b):
+        return False
+    with open(path_a, "rb") as a, open(path_b, "rb") as b:
+        while True:
+            chunk_a, chunk_b = a.read(CHUNK), b.read(CHUNK)
+            if chunk_a != chunk_b:
+                return False
+            if not chunk_a:
+                return True
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def already_there(spool, source, name):
+    """True when the spool (or the portal's archive) has this very file; Conflict when another."""
+    dest = os.path.join(spool, name)
+    if os.path.exists(dest):
+        if same_bytes(source, dest):
+            return True
+        raise Conflict(f"{name} is already in the spool with different content")
+    marker = os.path.join(spool, "ingested", name)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            archived = f.read().strip()
+        if sha256_of(source) == archived:
+            return True
+        raise Conflict(f"{name} was already archived with different content (sha256 {archived[:12]}...)")
+    return False
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_into_spool(spool, source, name):
+    """Copy under a temporary name, fsync, then link to the final name (never overwriting)."""
+    dest = os.path.join(spool, name)
+    tmp = os.path.join(spool, f".{name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        with open(source, "rb") as src:
+            while chunk := src.read(CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
+        try:
+            os.link(tmp, dest)
+        except FileExistsError:
+            if not same_bytes(source, dest):
+                raise Conflict(f"{name} appeared in the spool with different content") from None
+        fsync_dir(spool)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        os.unlink(tmp)
+
+
+def write_marker(spool, name, reason, message):
+    """Leave SPOOL/errors/NAME.json for the monitor; best effort (the disk may be full)."""
+    errors = os.path.join(spool, "errors")
+    try:
+        tmp = os.path.join(errors, f".{name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"segment": name, "reason": reason, "message": message, "at": time.time()}, f)
+        os.rename(tmp, os.path.join(errors, f"{name}.json"))
+    except OSError:
+        pass
+
+
+def clear_marker(spool, name):
+    try:
+        os.unlink(os.path.join(spool, "errors", f"{name}.json"))
+    except OSError:
+        pass  # none (the usual case), or not ours to remove: the segment is archived anyway
+
+
+def main(argv):
+    if len(argv) != 4:
+        print("usage: archive_wal.py SPOOL_DIR %p %f", file=sys.stderr)
+        return 2
+    spool, source, name = argv[1:]
+    if not NAME.match(name):
+        print(f"archive_wal: refusing {name!r}: not a WAL file name", file=sys.stderr)
+        return 2
+    try:
+        if not already_there(spool, source, name):
+            copy_into_spool(spool, source, name)
+        clear_marker(spool, name)
+        return 0
+    except Conflict as e:
+        message = f"archive_wal: {e}; the archive keeps the first one: investigate before anything else"
+        write_marker(spool, name, "conflict", message)
+    except OSError as e:
+        message = f"archive_wal: cannot archive {name} into {spool}: {e.strerror} ({e.filename})"
+        write_marker(spool, name, "failed", message)
+    print(message, file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

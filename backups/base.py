@@ -1,0 +1,268 @@
+"""Physical base backups for PITR, and the WAL-chain runs that prove PITR can reach now.
+
+A base backup is `pg_basebackup` in tar format (with its backup manifest inside the tar)
+streamed through gpg into the primary location: plaintext never touches disk. It takes no
+WAL itself (-X none): it becomes consistent with the archived WAL from its start to its
+end segment, and the run succeeds only once those segments are in the catalog.
+
+The strategy's "incremental every 6 hours" is not a backup (archiving is continuous): at
+08:00, 14:00 and 20:00 a run of kind incremental switches WAL, waits until that segment is
+archived, and proves the chain has no gap since the oldest kept base backup.
+"""
+
+import json
+import re
+
+from django.conf import settings
+from django.utils import timezone
+
+from backupportal.alerts import raise_alert, resolve_alert
+from backups import wal
+from backups.crypto import Encryption, EncryptionError
+from backups.logical import primary_location
+from backups.models import BackupCopy, BackupRun, Server
+from backups.pipeline import BackupFailed, Tool, encrypt_to, heartbeat
+from backups.storage import store_for
+
+# gpg's compression, level 1: base backups are uncompressed tars that `gpg --decrypt` alone
+# turns back into a plain tar. Measured on a 68 MB tar of realistic data (sampledata), two
+# busy cores: level 1 3.2x at 24 MB/s, level 6 3.4x at 14 MB/s, none 108 MB/s.
+BASE_COMPRESS_LEVEL = 1
+MANIFEST_TAIL = 256 * 1024
+
+
+class TarSniffer:
+    """Reads a tar stream as it flows past, keeping backup_label and the manifest's tail.
+
+    pg_basebackup writes names shorter than 100 bytes and no extended headers, so a plain
+    ustar reader suffices; anything else is skipped over by its size like any member.
+    """
+
+    def __init__(self):
+        self.header = bytearray()
+        self.remaining = 0  # data bytes left in the current member, then its padding
+        self.padding = 0
+        self.current = None
+        self.members = {}
+
+    def feed(self, data: bytes):
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.remaining:
+                n = min(self.remaining, end - pos)
+                if self.current is not None:
+                    self._keep(data[pos : pos + n])
+                pos, self.remaining = pos + n, self.remaining - n
+            elif self.padding:
+                n = min(self.padding, end - pos)
+                pos, self.padding = pos + n, self.padding - n
+            else:
+                n = min(512 - len(self.header), end - pos)
+                self.header += data[pos : pos + n]
+                pos += n
+                if len(self.header) == 512:
+                    self._start_member(bytes(self.header))
+                    self.header.clear()
+
+    def _start_member(self, h: bytes):
+        self.current = None
+        if not h.strip(b"\0"):
+            return  # the end-of-archive blocks
+        name = h[0:100].split(b"\0", 1)[0].decode(errors="replace")
+        if h[257:262] == b"ustar" and h[345] != 0:
+            name = h[345:500].split(b"\0", 1)[0].decode(errors="replace") + "/" + name
+        size_field = h[124:136]
+        if size_field[0] & 0x80:  # base-256, for members of 8 GB and more
+            size = int.from_bytes(size_field[1:], "big")
+        else:
+            size = int(size_field.strip(b"\0 ") or b"0", 8)
+        self.remaining, self.padding = size, (-size) % 512
+        if name in ("backup_label", "backup_manifest"):
+            self.current = name
+            self.members[name] = bytearray()
+
+    def _keep(self, chunk):
+        kept = self.members[self.current]
+        kept += chunk
+        if len(kept) > MANIFEST_TAIL:
+            del kept[: len(kept) - MANIFEST_TAIL]
+
+    def label(self) -> dict:
+        text = bytes(self.members.get("backup_label", b"")).decode(errors="replace")
+        return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+
+    def wal_range(self):
+        """(timeline, start LSN, end LSN) from the manifest's WAL-Ranges, or None."""
+        tail = bytes(self.members.get("backup_manifest", b"")).decode(errors="replace")
+        m = re.search(r'"WAL-Ranges"\s*:\s*\[\s*(\{.*?\})\s*\]', tail, re.S)
+        if not m:
+            return None
+        first = json.loads(m.group(1))
+        return first["Timeline"], first["Start-LSN"], first["End-LSN"]
+
+    def manifest_checksum(self):
+        tail = bytes(self.members.get("backup_manifest", b"")).decode(errors="replace")
+        m = re.search(r'"Manifest-Checksum"\s*:\s*"([0-9a-f]+)"', tail)
+        return m.group(1) if m else ""
+
+
+class SniffedStdout:
+    def __init__(self, raw, sniffer):
+        self.raw, self.sniffer = raw, sniffer
+
+    def read(self, n=-1):
+        chunk = self.raw.read(n)
+        self.sniffer.feed(chunk)
+        return chunk
+
+
+class BaseBackupTool(Tool):
+    """pg_basebackup, its tar stream read in passing for the backup's WAL positions."""
+
+    def start(self):
+        super().start()
+        self.sniffer = TarSniffer()
+        self.proc.stdout = SniffedStdout(self.proc.stdout, self.sniffer)
+        return self
+
+
+def key_for(run):
+    stamp = timezone.localtime(run.created_at).strftime("%Y%m%dT%H%M%S%z")
+    return f"{run.server.name}/base/{stamp}-{run.pk}.tar.gpg"
+
+
+def require_archiving(server, kind):
+    if server.archiving == Server.Archiving.NONE:
+        raise BackupFailed(
+            f"{server} does not archive WAL, so a {kind} run has nothing to stand on: set up push archiving "
+            f"(manage.py archivecommand {server.name}) or pull (manage.py receivewal {server.name})"
+        )
+    problem = (
+        wal.archiver_failure(server) if server.archiving == Server.Archiving.PUSH else wal.receiver_problem(server)
+    )
+    if problem:
+        raise BackupFailed(f"{problem}: fix archiving first (manage.py checkserver {server.name})")
+
+
+def take(run):
+    """The base backup of a run of kind base."""
+    server = run.server
+    require_archiving(server, "base backup")
+    try:
+        encryption = Encryption()
+        size_of_segment = wal.segment_size(server)
+    except (EncryptionError, wal.WalError) as e:
+        raise BackupFailed(str(e)) from None
+    location = primary_location()
+    store = store_for(location)
+    key = key_for(run)
+    # Recorded before any byte is written, so a killed run's leftovers can be found and removed.
+    run.key = key
+    run.details.update({"keys": [key], "encryption": encryption.method, "compress": f"gpg zip {BASE_COMPRESS_LEVEL}"})
+    run.save(update_fields=["key", "details"])
+
+    tool = BaseBackupTool(
+        [
+            str(server.bin_dir() / "pg_basebackup"),
+            "--pgdata=-",
+            "--format=tar",
+            "--wal-method=none",
+            "--checkpoint=fast",  # a spread checkpoint would hold the nightly backup for minutes
+            f"--label=backupportal run {run.pk}",
+            "--no-password",
+        ],
+        server.libpq_env(),
+    )
+    size, sha256 = encrypt_to(
+        store,
+        key,
+        tool,
+        encryption,
+        on_tick=heartbeat(BackupRun, run.pk),
+        timeout=settings.BACKUP_TIMEOUT,
+        server=server,
+        compress_level=BASE_COMPRESS_LEVEL,
+    )
+    stop_time = timezone.now()
+    BackupCopy.record_made(location, key, size, sha256, run=run, artifact="main")
+    record_positions(run, tool.sniffer, size_of_segment)
+    run.size, run.sha256, run.bytes_done = size, sha256, size
+    run.details.update(
+        {
+            "stop_time": stop_time.isoformat(),
+            "wal_segment_size": size_of_segment,
+            "manifest_checksum": tool.sniffer.manifest_checksum(),
+            "label": tool.sniffer.label().get("LABEL", ""),
+        }
+    )
+    # The backup is only restorable once its WAL is archived: wait for it before saying so.
+    wal.wait_for_wal(
+        server,
+        wal.segno_of(run.start_wal, size_of_segment),
+        wal.segno_of(run.end_wal, size_of_segment),
+        settings.WAL_WAIT_SECONDS,
+    )
+
+
+def record_positions(run, sniffer, size_of_segment):
+    wal_range = sniffer.wal_range()
+    if not sniffer.label() or wal_range is None:
+        raise BackupFailed(
+            "pg_basebackup's tar holds no backup_label or backup manifest: is this PostgreSQL 13 or newer?"
+        )
+    timeline, start_lsn, end_lsn = wal_range
+    run.timeline, run.start_lsn, run.end_lsn = timeline, start_lsn, end_lsn
+    run.start_wal = wal.segment_name(timeline, wal.segno_of_lsn(start_lsn, size_of_segment), size_of_segment)
+    # The end LSN may sit exactly on a segment boundary: the segment needed is the one before it.
+    run.end_wal = wal.segment_name(timeline, (wal.lsn_to_int(end_lsn) - 1) // size_of_segment, size_of_segment)
+
+
+def wal_chain(run):
+    """A run of kind incremental: switch WAL, wait for the segment, prove no gap since the oldest base."""
+    import psycopg
+
+    from backupportal.lib.pgerrors import explain
+
+    server = run.server
+    require_archiving(server, "WAL chain")
+    try:
+        size_of_segment = wal.segment_size(server)
+        with server.connect() as conn:
+            lsn, name = conn.execute("SELECT lsn, pg_walfile_name(lsn) FROM pg_switch_wal() AS lsn").fetchone()
+    except wal.WalError as e:
+        raise BackupFailed(str(e)) from None
+    except psycopg.Error as e:
+        raise BackupFailed(f"cannot switch WAL: {explain(e, server)}") from None
+    end = wal.segno_of(name, size_of_segment)
+    base = wal.oldest_kept_base(server)
+    if base is None:
+        raise BackupFailed(
+            f"{server} has no base backup yet, so archived WAL cannot be replayed: "
+            f"take one with manage.py backup {server.name} --kind base"
+        )
+    first = wal.segno_of(base.start_wal, size_of_segment)
+    wal.wait_for_wal(server, end, end, settings.WAL_WAIT_SECONDS)
+    gaps = wal.missing_segments(server, first, end)
+    if gaps:
+        message = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
+        raise_alert("wal_gap", server=server, message=message)
+        raise BackupFailed(message)
+    resolve_alert("wal_gap", server=server)
+    previous = (
+        server.runs.good().filter(kind=BackupRun.Kind.INCREMENTAL).exclude(end_wal="").order_by("-finished_at").first()
+    )
+    start = first
+    if previous is not None and wal.segno_of(previous.end_wal, size_of_segment) < end:
+        start = max(first, wal.segno_of(previous.end_wal, size_of_segment) + 1)
+    segments = wal.chain_segments(server, start, end)
+    run.timeline = int(name[:8], 16)
+    run.start_wal, run.end_wal, run.end_lsn = segments[0].name, name, str(lsn)
+    run.size = sum(s.size for s in segments)
+    run.details.update(
+        {
+            "segments": len(segments),
+            "chain_from": base.start_wal,
+            "chain_base_run": base.pk,
+            "chain_segments": end - first + 1,
+        }
+    )

@@ -1,0 +1,214 @@
+"""Is a server ready to be protected? Each check with a verdict and what to do.
+
+    manage.py checkserver NAME [--json]
+
+Exit 0 when nothing fails (warnings allowed), 1 otherwise.
+"""
+
+import getpass
+
+from backupportal import journal
+from backupportal.lib.commands import PortalCommand
+from backupportal.lib.pgerrors import explain
+from backups import wal
+from backups.crypto import Encryption, EncryptionError
+from backups.management.commands._server import server_named
+from backups.models import Server, StorageLocation
+from backups.storage import store_for
+
+FREE_SPACE_MIN = 0.20  # the strategy's "insufficient storage space (< 20% free)"
+
+
+def check(name, verdict, detail, todo=""):
+    return {"check": name, "verdict": verdict, "detail": detail, "todo": todo}
+
+
+class Command(PortalCommand):
+    help = "Check whether a server is ready to be protected: connection, WAL settings, archiving, slot, space."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name", help="the server's name (addserver NAME)")
+
+    def run(self, name, **options):
+        server = server_named(name)
+        checks = server_checks(server) + [encryption_check()] + location_checks()
+        failed = [c["check"] for c in checks if c["verdict"] == "fail"]
+        journal.record(
+            "server_checked",
+            actor=f"os:{getpass.getuser()}",
+            obj=server,
+            outcome="failed" if failed else "ok",
+            failed=failed,
+        )
+        result = {"server": server.name, "ready": not failed, "checks": checks}
+        if failed:
+            self.stderr.write(f"{server.name} is not ready: {', '.join(failed)} failed")
+            result["exit_code"] = 1
+        return result
+
+    def describe(self, result):
+        lines = [f"{result['server']}: {'ready' if result['ready'] else 'NOT READY'}"]
+        for c in result["checks"]:
+            lines.append(f"  {c['verdict']:<4} {c['check']}: {c['detail']}")
+            if c["todo"] and c["verdict"] != "ok":
+                lines.append(f"       -> {c['todo']}")
+        return lines
+
+
+def server_checks(server):
+    import psycopg
+
+    try:
+        conn = server.connect()
+    except psycopg.Error as e:
+        return [check("connection", "fail", explain(e, server), "fix the DSN, the password or pg_hba.conf")]
+    with conn:
+        settings = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('wal_level', 'archive_mode', "
+                "'archive_command', 'archive_timeout', 'max_wal_senders', 'wal_segment_size', 'server_version')"
+            ).fetchall()
+        )
+        may_replicate = conn.execute(
+            "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()[0]
+        slot = conn.execute(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = %s", [server.replication_slot]
+        ).fetchone()
+        size = wal.segment_size(server, conn)
+        version = conn.info.server_version
+    checks = [
+        check("connection", "ok", f"PostgreSQL {settings['server_version']} on {server.host}:{server.port}"),
+        version_check(version),
+        wal_level_check(settings["wal_level"]),
+        senders_check(int(settings["max_wal_senders"])),
+        check(
+            "replication privilege",
+            "ok" if may_replicate else "fail",
+            f"{server.user} {'may' if may_replicate else 'may not'} open replication connections",
+            f"ALTER ROLE {server.user} REPLICATION (pg_basebackup and pg_receivewal need it)",
+        ),
+        check("wal_segment_size", "ok", f"{size // 1024 // 1024} MB segments"),
+    ]
+    if server.archiving == Server.Archiving.PUSH:
+        checks += push_checks(server, settings)
+    elif server.archiving == Server.Archiving.PULL:
+        checks.append(slot_check(server, slot))
+    else:
+        checks.append(
+            check(
+                "archiving",
+                "warn",
+                "WAL is not archived: logical backups only, no point-in-time recovery",
+                f"manage.py archivecommand {server.name} (push) or manage.py receivewal {server.name} (pull)",
+            )
+        )
+    return checks
+
+
+def version_check(version):
+    if version >= 150000:
+        return check("version", "ok", f"{version // 10000}.{version % 10000}")
+    return check("version", "fail", f"{version // 10000} is older than 15", "upgrade PostgreSQL")
+
+
+def wal_level_check(level):
+    if level in ("replica", "logical"):
+        return check("wal_level", "ok", level)
+    return check(
+        "wal_level", "fail", f"{level}: too little WAL for base backups and PITR", "wal_level = replica, restart"
+    )
+
+
+def senders_check(senders):
+    if senders >= 2:
+        return check("max_wal_senders", "ok", str(senders))
+    return check(
+        "max_wal_senders",
+        "fail",
+        f"{senders}: pg_basebackup and pg_receivewal each need a WAL sender",
+        "max_wal_senders = 10, restart",
+    )
+
+
+def push_checks(server, settings):
+    expected = wal.archive_command(server)
+    checks = [
+        check(
+            "archive_mode",
+            "ok" if settings["archive_mode"] in ("on", "always") else "fail",
+            settings["archive_mode"],
+            "archive_mode = on, restart",
+        ),
+        check(
+            "archive_command",
+            "ok" if settings["archive_command"] == expected else "fail",
+            settings["archive_command"] or "(empty)",
+            f"set it to what `manage.py archivecommand {server.name}` prints, then reload",
+        ),
+    ]
+    timeout = int(settings["archive_timeout"])
+    objective = server.rpo_minutes * 60
+    checks.append(
+        check(
+            "archive_timeout",
+            "ok" if 0 < timeout <= objective else "warn",
+            f"{timeout} s against an RPO objective of {server.rpo_minutes} min",
+            f"archive_timeout = {min(60, objective)}: a quiet server otherwise holds its last changes unarchived",
+        )
+    )
+    problems = [m.get("message", m.get("segment")) for m in wal.error_markers(server)]
+    failure = wal.archiver_failure(server)
+    if failure:
+        problems.append(failure)
+    checks.append(
+        check(
+            "archiving failures",
+            "fail" if problems else "ok",
+            "; ".join(problems) or "none (pg_stat_archiver and the spool)",
+            "see the server log and the spool's errors/ directory",
+        )
+    )
+    return checks
+
+
+def slot_check(server, slot):
+    if slot is None:
+        return check(
+            "replication slot",
+            "warn",
+            f"{server.replication_slot} does not exist yet",
+            f"manage.py receivewal {server.name} creates it",
+        )
+    if not slot[0]:
+        return check(
+            "replication slot",
+            "fail",
+            f"{server.replication_slot} exists but nothing streams from it: the server keeps WAL for it",
+            f"start manage.py receivewal {server.name}",
+        )
+    return check("replication slot", "ok", f"{server.replication_slot}, streaming")
+
+
+def encryption_check():
+    try:
+        method = Encryption().method
+    except EncryptionError as e:
+        return check("encryption", "fail", str(e), "set BACKUP_PASSPHRASE_FILE or GPG_RECIPIENTS")
+    return check("encryption", "ok", method)
+
+
+def location_checks():
+    checks = []
+    for location in StorageLocation.objects.filter(enabled=True).exclude(kind=StorageLocation.Kind.S3):
+        free, total = store_for(location).usage()
+        share = free / total if total else 0
+        checks.append(
+            check(
+                f"free space of {location.name}",
+                "ok" if share >= FREE_SPACE_MIN else "fail",
+                f"{share:.0%} free ({free // 2**20} MB of {total // 2**20} MB) at {location.path}",
+                "free space or add capacity",
+            )
+        )
+    return checks

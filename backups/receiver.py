@@ -1,0 +1,141 @@
+"""Pull archiving: pg_receivewal supervised beside the worker (`manage.py receivewal NAME`).
+
+pg_receivewal streams from a replication slot, so the server keeps the WAL while the
+receiver is down, and writes into the server's spool; completed segments are ingested like
+pushed ones. It is restarted whenever it dies (with a growing pause while it keeps dying);
+after a few failures in a row the receiver_down alert opens, and it resolves once the stream
+has held for a while. It dies with the supervisor (no orphan streaming on).
+"""
+
+import signal
+import subprocess
+import time
+
+from backupportal import journal
+from backupportal.alerts import raise_alert, resolve_alert
+from backups import wal
+from backups.crypto import die_with_parent
+from backups.pipeline import BackupFailed, Tool
+
+RESTART_PAUSES = [1, 2, 5, 10, 30]
+ALERT_AFTER_FAILURES = 3
+STEADY_AFTER = 10  # seconds of streaming that count as recovered
+INGEST_EVERY = 1.0
+
+
+class Receiver:
+    def __init__(self, server, log=print, poll=0.2):
+        self.server, self.log, self.poll = server, log, poll
+        self.directory = wal.prepare_pull_spool(server)
+        self.child = None
+        self.started_at = None
+        self.failures = 0
+        self.restarts = 0
+
+    def argv(self, *extra):
+        return [str(self.server.bin_dir() / "pg_receivewal"), "--slot", self.server.replication_slot, *extra]
+
+    def create_slot(self):
+        """The slot, created once: from then on the server keeps WAL for us."""
+        proc = subprocess.run(
+            self.argv("--create-slot", "--if-not-exists", "--no-password"),
+            env=Tool([], self.server.libpq_env()).full_env(),
+            preexec_fn=die_with_parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if proc.returncode != 0:
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            raise BackupFailed(
+                f"cannot create replication slot {self.server.replication_slot}: {lines[-1] if lines else ''}"
+            )
+
+    def start_child(self):
+        self.create_slot()
+        wal.segment_size(self.server)
+        self.child = Tool(
+            self.argv("--directory", str(self.directory), "--no-loop", "--synchronous", "--no-password", "--verbose"),
+            self.server.libpq_env(),
+        ).start()
+        self.started_at = time.monotonic()
+        self.log(f"pg_receivewal started (pid {self.child.proc.pid}) into {self.directory}")
+
+    def child_died(self):
+        rc = self.child.proc.poll()
+        error = self.child.error_line(self.server)
+        self.child, self.failures, self.restarts = None, self.failures + 1, self.restarts + 1
+        self.log(f"pg_receivewal exited with code {rc}: {error}")
+        journal.record(
+            "receiver_restarted", actor="job:receivewal", obj=self.server, outcome="failed", code=rc, error=error
+        )
+        if self.failures >= ALERT_AFTER_FAILURES:
+            raise_alert(
+                "receiver_down",
+                server=self.server,
+                message=f"pg_receivewal for {self.server} keeps dying ({self.failures} times in a row): {error}",
+            )
+
+    def run(self, should_stop):
+        """Supervise until should_stop() is true; then stop pg_receivewal cleanly and ingest."""
+        journal.record("receiver_started", actor="job:receivewal", obj=self.server, slot=self.server.replication_slot)
+        last_ingest = 0.0
+        try:
+            while not should_stop():
+                if self.child is not None and self.child.proc.poll() is not None:
+                    self.child_died()
+                if self.child is None and not self._pause_then_start(should_stop):
+                    continue
+                if self.failures and time.monotonic() - self.started_at > STEADY_AFTER:
+                    self.failures = 0
+                    resolve_alert("receiver_down", server=self.server)
+                if time.monotonic() - last_ingest >= INGEST_EVERY:
+                    self.ingest()
+                    last_ingest = time.monotonic()
+                time.sleep(self.poll)
+        finally:
+            self.stop_child()
+            self.ingest()
+            journal.record("receiver_stopped", actor="job:receivewal", obj=self.server, restarts=self.restarts)
+
+    def _pause_then_start(self, should_stop):
+        if self.failures:
+            pause = RESTART_PAUSES[min(self.failures, len(RESTART_PAUSES)) - 1]
+            deadline = time.monotonic() + pause
+            while time.monotonic() < deadline and not should_stop():
+                time.sleep(self.poll)
+            if should_stop():
+                return False
+        try:
+            self.start_child()
+            return True
+        except (BackupFailed, wal.WalError) as e:
+            self.failures += 1
+            self.log(f"cannot start pg_receivewal: {e}")
+            if self.failures >= ALERT_AFTER_FAILURES:
+                raise_alert("receiver_down", server=self.server, message=f"pg_receivewal for {self.server}: {e}")
+            return False
+
+    def ingest(self):
+        try:
+            result = wal.ingest(self.server, actor="job:receivewal")
+        except wal.WalError as e:
+            # Received WAL stays in the directory (and on the server, thanks to the slot) until fixed.
+            self.log(f"cannot ingest: {e}")
+            raise_alert("archive_failing", server=self.server, message=f"WAL of {self.server} cannot be ingested: {e}")
+            return None
+        if result.ingested:
+            self.log(f"ingested {len(result.ingested)} segment(s) up to {result.ingested[-1]}")
+        return result
+
+    def stop_child(self):
+        """SIGINT: pg_receivewal flushes what it has and exits; the .partial stays for next time."""
+        if self.child is None or self.child.proc.poll() is not None:
+            return
+        self.child.proc.send_signal(signal.SIGINT)
+        try:
+            self.child.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.child.proc.kill()
+            self.child.proc.wait()
+        self.log("pg_receivewal stopped")

@@ -1,0 +1,633 @@
+"""The WAL archive: the spool, ingest into WAL_ROOT, the catalog, continuity and health.
+
+Segments reach the spool (WAL_SPOOL/<server>/) from the archive program (push) or from
+pg_receivewal (pull). `ingest()` catalogues each one (timeline, name, size, sha256, archive
+time), encrypts it through gpg into the WAL location, records the copy, and only then
+removes it from the spool: a worker killed at any moment loses nothing, it ingests again.
+
+Segment names depend on wal_segment_size, which is read from each server (never assumed).
+"""
+
+import fcntl
+import grp
+import hashlib
+import json
+import os
+import pwd
+import re
+import shlex
+import shutil
+import stat
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from backupportal import journal
+from backupportal.alerts import raise_alert, resolve_alert
+from backups import archive_wal
+from backups.crypto import Encryption, EncryptionError, gpg_failure
+from backups.models import WAL_LOCATION, BackupCopy, BackupRun, Server, StorageLocation, WalSegment
+from backups.pipeline import BackupFailed
+from backups.storage import StorageError, store_for
+
+SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+WAL_FILE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$")
+PROGRAM_NAME = "archive_wal.py"
+SYSTEM_PYTHON = "/usr/bin/python3"
+# WAL compresses well (a switched segment is mostly zeros); gpg's own compression is undone
+# by the same `gpg --decrypt`. Level 1: nearly all of the gain at a fraction of the cost.
+WAL_COMPRESS_LEVEL = 1
+CHUNK = 1024 * 1024
+# Temporary files a killed archive program left behind are removed after this long.
+STALE_TMP = timedelta(minutes=10)
+
+
+class WalError(Exception):
+    """A WAL operation cannot go on; the message names the segment and what to do."""
+
+
+# --------------------------------------------------------------------------- names
+
+
+def lsn_to_int(lsn: str) -> int:
+    high, _, low = lsn.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def int_to_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def segments_per_id(segment_size: int) -> int:
+    return 0x100000000 // segment_size
+
+
+def segno_of(name: str, segment_size: int) -> int:
+    return int(name[8:16], 16) * segments_per_id(segment_size) + int(name[16:24], 16)
+
+
+def segment_name(timeline: int, segno: int, segment_size: int) -> str:
+    per_id = segments_per_id(segment_size)
+    return f"{timeline:08X}{segno // per_id:08X}{segno % per_id:08X}"
+
+
+def segno_of_lsn(lsn, segment_size: int) -> int:
+    return (lsn_to_int(lsn) if isinstance(lsn, str) else lsn) // segment_size
+
+
+def timeline_of(name: str) -> int:
+    return int(name[:8], 16)
+
+
+def wal_key(server, name):
+    """Where a WAL file lives in every location: one directory per 4 GB of WAL."""
+    folder = name[:16] if len(name) >= 24 else name[:8]
+    return f"{server.name}/wal/{folder}/{name}.gpg"
+
+
+def segment_size(server, conn=None) -> int:
+    """wal_segment_size in bytes, read from the server once and kept on the row."""
+    if server.wal_segment_size:
+        return server.wal_segment_size
+    import psycopg
+
+    from backupportal.lib.pgerrors import explain
+
+    try:
+        if conn is None:
+            with server.connect() as own:
+                size = read_segment_size(own)
+        else:
+            size = read_segment_size(conn)
+    except psycopg.Error as e:
+        raise WalError(explain(e, server)) from None
+    Server.objects.filter(pk=server.pk).update(wal_segment_size=size)
+    server.wal_segment_size = size
+    return size
+
+
+def read_segment_size(conn) -> int:
+    # pg_settings reports it in bytes (unit B) on PostgreSQL 11 and newer.
+    return int(conn.execute("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'").fetchone()[0])
+
+
+# --------------------------------------------------------------------------- the spool
+
+
+def spool_root() -> Path:
+    return Path(settings.WAL_SPOOL)
+
+
+def spool_dir(server) -> Path:
+    return spool_root() / server.name
+
+
+def program_path() -> Path:
+    return spool_root() / PROGRAM_NAME
+
+
+def db_user_ids(db_user):
+    try:
+        pw = pwd.getpwnam(db_user)
+    except KeyError:
+        raise WalError(f"there is no OS user {db_user!r} on this host: give the database server's user") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def unreachable_by(path: Path, uid: int, gid: int):
+    """The first of `path` and its parents that the user cannot traverse, or None."""
+    groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    for p in (path, *path.parents):
+        st = p.stat()
+        bit = stat.S_IXUSR if st.st_uid == uid else stat.S_IXGRP if st.st_gid in groups else stat.S_IXOTH
+        if uid != 0 and not st.st_mode & bit:
+            return p
+    return None
+
+
+def _make_dir(path: Path, mode: int, owner_uid=None, gid=None):
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0 and owner_uid is not None:
+        os.chown(path, owner_uid, gid)
+    elif gid is not None and os.stat(path).st_gid != gid:
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            raise WalError(
+                f"cannot give {path} to group {grp.getgrgid(gid).gr_name}: add the portal's service user "
+                f"to that group (usermod -aG {grp.getgrgid(gid).gr_name} USER)"
+            ) from None
+    os.chmod(path, mode)
+
+
+def prepare_push_spool(server, db_user="postgres") -> Path:
+    """The server's spool and the archive program, installed where `db_user` can use them.
+
+    The spool belongs to the database server's user and group (setgid, 2770): postgres writes
+    segments, the portal (root, or a member of that group) reads and removes them. Nobody
+    else can read WAL. The program is copied out of the portal's checkout (which may be under
+    /root, unreadable to postgres) next to the spool.
+    """
+    uid, gid = db_user_ids(db_user)
+    root = spool_root()
+    _make_dir(root, 0o755)
+    blocked = unreachable_by(root, uid, gid)
+    if blocked is not None:
+        raise WalError(
+            f"the {db_user} user cannot reach {root} ({blocked} is closed to it): "
+            "set WAL_SPOOL to a directory it can traverse, such as /var/lib/backupportal/walspool"
+        )
+    install_program()
+    spool = spool_dir(server)
+    _make_dir(spool, 0o2770, uid, gid)
+    _make_dir(spool / "errors", 0o2770, uid, gid)
+    _make_dir(spool / "ingested", 0o2750, None, gid)
+    return spool
+
+
+def prepare_pull_spool(server) -> Path:
+    """pg_receivewal runs as the portal's own user: its directory is private."""
+    spool = spool_dir(server)
+    spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(spool, 0o700)
+    (spool / "ingested").mkdir(exist_ok=True, mode=0o700)
+    return spool
+
+
+def install_program() -> Path:
+    """Copy archive_wal.py next to the spool (atomically; readable, never writable, by others)."""
+    source = Path(__file__).with_name(PROGRAM_NAME)
+    target = program_path()
+    if target.exists() and target.read_bytes() == source.read_bytes():
+        return target
+    tmp = target.with_name(f".{PROGRAM_NAME}.tmp")
+    shutil.copyfile(source, tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+    return target
+
+
+def archive_command(server) -> str:
+    """The archive_command line: the system Python, an empty environment, no site packages."""
+    program = shlex.quote(str(program_path()))
+    spool = shlex.quote(str(spool_dir(server)))
+    # `%` is archive_command's escape character: a literal one in a path must be doubled.
+    return f"/usr/bin/env -i {SYSTEM_PYTHON} -I -S {program} {spool} %p %f".replace("%", "%%").replace(
+        "%%p %%f", "%p %f"
+    )
+
+
+def conf_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def archive_settings(server):
+    """The postgresql.conf lines for push archiving, in order, with why."""
+    timeout = min(60, server.rpo_minutes * 60 // 4)
+    return [
+        ("wal_level", "replica", "restart"),
+        ("archive_mode", "on", "restart"),
+        ("archive_command", conf_quote(archive_command(server)), "reload"),
+        ("archive_timeout", str(timeout), "reload"),
+        ("max_wal_senders", "10", "restart"),
+    ]
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+@dataclass
+class IngestResult:
+    ingested: list = field(default_factory=list)
+    duplicates: list = field(default_factory=list)
+    conflicts: list = field(default_factory=list)
+    busy: bool = False
+
+    def as_dict(self):
+        return {
+            "ingested": len(self.ingested),
+            "first": self.ingested[0] if self.ingested else None,
+            "last": self.ingested[-1] if self.ingested else None,
+            "duplicates": len(self.duplicates),
+            "conflicts": self.conflicts,
+            "busy": self.busy,
+        }
+
+
+class HashingReader:
+    """A file wrapper that hashes what is read through it (the plaintext, on its way to gpg)."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n=-1):
+        chunk = self.f.read(n)
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+
+def wal_location():
+    location = StorageLocation.objects.filter(name=WAL_LOCATION, enabled=True).first()
+    if location is None:
+        StorageLocation.sync_from_settings()
+        location = StorageLocation.objects.get(name=WAL_LOCATION)
+    return location
+
+
+def pending_names(spool: Path, source):
+    """WAL files ready to ingest, oldest first. The newest .partial of pg_receivewal is still
+    being written; an older one was left behind by a timeline switch and is final."""
+    names = sorted(n for n in os.listdir(spool) if WAL_FILE.match(n))
+    partials = [n for n in names if n.endswith(".partial")]
+    if source == "pull" and partials:
+        names.remove(partials[-1])
+    return names
+
+
+def ingest(server, actor="job:ingestwal"):
+    """Ingest everything in the server's spool. One ingest per spool at a time (flock)."""
+    spool = spool_dir(server)
+    result = IngestResult()
+    if not spool.is_dir():
+        return result
+    source = "pull" if server.archiving == Server.Archiving.PULL else "push"
+    lock_fd = os.open(spool / ".ingest.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            result.busy = True
+            return result
+        names = pending_names(spool, source)
+        if names:
+            _ingest_names(server, spool, names, source, result)
+            copy_pending(server)  # a failed copy stays pending for the copy worker; never fails the ingest
+        _remove_stale_tmp(spool)
+    finally:
+        os.close(lock_fd)
+    if result.ingested:
+        journal.record(
+            "wal_ingested",
+            actor=actor,
+            obj=server,
+            count=len(result.ingested),
+            first=result.ingested[0],
+            last=result.ingested[-1],
+        )
+    return result
+
+
+def _ingest_names(server, spool, names, source, result):
+    try:
+        encryption = Encryption()
+    except EncryptionError as e:
+        raise WalError(str(e)) from None
+    location = wal_location()
+    store = store_for(location)
+    for name in names:
+        outcome = ingest_one(server, spool / name, source, store, location, encryption)
+        getattr(result, outcome).append(name)
+
+
+def ingest_one(server, path: Path, source, store, location, encryption):
+    """Catalogue and encrypt one file; returns "ingested", "duplicates" or "conflicts"."""
+    name = path.name
+    existing = WalSegment.objects.filter(server=server, name=name, deleted_at=None).first()
+    if existing is not None:
+        return _already_archived(server, path, existing)
+    key = wal_key(server, name)
+    if store.exists(key):
+        store.delete(key)  # left by an ingest killed before it catalogued the file: nothing refers to it
+    archived_at = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+    with open(path, "rb") as f:
+        reader = HashingReader(f)
+        size, sha256 = encrypt_into(store, key, reader, encryption)
+    if SEGMENT.match(name) and not server.wal_segment_size:
+        learn_segment_size(server, reader.size)
+    try:
+        with transaction.atomic():
+            segment = catalogue(server, name, reader, key, archived_at, source)
+            BackupCopy.record_made(location, key, size, sha256, wal_segment=segment, artifact="wal")
+            plan_wal_copies(segment, key)
+    except IntegrityError:  # another ingest catalogued it a moment ago
+        return _already_archived(server, path, WalSegment.objects.get(server=server, name=name))
+    mark_ingested(path.parent, name, segment.sha256)
+    path.unlink()
+    return "ingested"
+
+
+def catalogue(server, name, reader, key, archived_at, source):
+    fields = {
+        "timeline": timeline_of(name),
+        "segno": segno_of(name, server.wal_segment_size) if SEGMENT.match(name) else None,
+        "size": reader.size,
+        "sha256": reader.sha256.hexdigest(),
+        "key": key,
+        "archived_at": archived_at,
+        "ingested_at": timezone.now(),
+        "source": source,
+        "deleted_at": None,
+    }
+    # A name retention deleted long ago can come back (re-archived): the row is reused.
+    segment, _ = WalSegment.objects.update_or_create(server=server, name=name, defaults=fields)
+    return segment
+
+
+def learn_segment_size(server, size):
+    if size >= 1024 * 1024 and size & (size - 1) == 0:
+        Server.objects.filter(pk=server.pk).update(wal_segment_size=size)
+        server.wal_segment_size = size
+
+
+def encrypt_into(store, key, reader, encryption):
+    """Stream `reader` through gpg into an atomic file. Returns (size, sha256) of the ciphertext."""
+    errors = []
+    with store.writer(key) as writer:
+
+        def on_data(chunk):
+            if chunk and not errors:
+                try:
+                    writer.write(chunk)
+                except (OSError, StorageError) as e:
+                    errors.append(e)
+            return False
+
+        result = encryption.encrypt_stream(reader, on_data, WAL_COMPRESS_LEVEL)
+        if errors:
+            raise WalError(f"cannot write {key} into the WAL archive: {errors[0]}")
+        if result.returncode != 0:
+            raise WalError(gpg_failure(result))
+        return writer.commit()
+
+
+def _already_archived(server, path, existing):
+    sha256 = archive_wal.sha256_of(path)  # the archive program's own: the same rule on both sides
+    if sha256 == existing.sha256:
+        mark_ingested(path.parent, path.name, sha256)
+        path.unlink()
+        return "duplicates"
+    message = (
+        f"WAL file {path.name} of {server} arrived again with different content (sha256 {sha256[:12]}, "
+        f"archived {existing.sha256[:12]}): the archive keeps the first; it is left in {path.parent} to investigate"
+    )
+    write_error_marker(path.parent, path.name, "conflict", message)
+    raise_alert("archive_failing", server=server, message=message)
+    return "conflicts"
+
+
+def mark_ingested(spool: Path, name, sha256):
+    """SPOOL/ingested/NAME holds the sha256: the archive program compares a re-archived file with it."""
+    folder = spool / "ingested"
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with os.fdopen(fd, "w") as f:
+        f.write(sha256 + "\n")
+    os.replace(tmp, folder / name)
+
+
+def write_error_marker(spool: Path, name, reason, message):
+    folder = spool / "errors"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({"segment": name, "reason": reason, "message": message}))
+
+
+def _remove_stale_tmp(spool: Path):
+    cutoff = time.time() - STALE_TMP.total_seconds()
+    for entry in os.scandir(spool):
+        if entry.name.endswith(".tmp") and entry.name.startswith(".") and entry.stat().st_mtime < cutoff:
+            os.unlink(entry.path)
+
+
+def plan_wal_copies(segment, key):
+    """A pending copy on every secondary location (NAS, S3); the copy worker makes them."""
+    for location in StorageLocation.objects.filter(enabled=True).exclude(kind=StorageLocation.Kind.PRIMARY):
+        BackupCopy.objects.get_or_create(
+            wal_segment=segment, location=location, defaults={"artifact": "wal", "key": key}
+        )
+
+
+def copy_pending(server, limit=1000):
+    """Make the pending WAL copies of a server now (the foreground ingest calls this)."""
+    from backups.copies import copy_one
+
+    todo = BackupCopy.objects.filter(
+        wal_segment__server=server, status__in=[BackupCopy.Status.PENDING, BackupCopy.Status.FAILED]
+    ).select_related("location", "wal_segment")
+    return [copy_one(c, journal_it=False) for c in todo.order_by("wal_segment__name")[:limit]]
+
+
+# --------------------------------------------------------------------------- continuity
+
+
+def present_segnos(server, first, last):
+    return set(
+        WalSegment.objects.filter(server=server, deleted_at=None, segno__gte=first, segno__lte=last).values_list(
+            "segno", flat=True
+        )
+    )
+
+
+def missing_segments(server, first, last):
+    """Names of the segments absent from the catalog between two segment numbers, inclusive."""
+    if last < first:
+        return []
+    present = present_segnos(server, first, last)
+    missing = [s for s in range(first, last + 1) if s not in present]
+    if not missing:
+        return []
+    size = server.wal_segment_size
+    names = []
+    for segno in missing[:20]:
+        before = (
+            WalSegment.objects.filter(server=server, deleted_at=None, segno__lt=segno)
+            .order_by("-segno", "-timeline")
+            .values_list("timeline", flat=True)
+            .first()
+        )
+        names.append(segment_name(before or 1, segno, size))
+    return names
+
+
+def chain_segments(server, first, last):
+    """The catalogued segment for each number from first to last: on the newest timeline that
+    has it. Raises WalError naming the first missing one."""
+    missing = missing_segments(server, first, last)
+    if missing:
+        raise WalError(f"WAL segment {missing[0]} is missing from the archive")
+    rows = (
+        WalSegment.objects.filter(server=server, deleted_at=None, segno__gte=first, segno__lte=last)
+        .order_by("segno", "timeline")
+        .only("id", "name", "segno", "timeline", "size", "sha256", "archived_at")
+    )
+    chosen = {}
+    for row in rows:
+        chosen[row.segno] = row  # ordered by timeline: the newest wins
+    return [chosen[s] for s in range(first, last + 1)]
+
+
+def last_segno(server):
+    return (
+        WalSegment.objects.filter(server=server, deleted_at=None, segno__isnull=False)
+        .order_by("-segno")
+        .values_list("segno", flat=True)
+        .first()
+    )
+
+
+def oldest_kept_base(server):
+    return (
+        server.runs.good()
+        .filter(kind=BackupRun.Kind.BASE)
+        .exclude(start_wal="")
+        .order_by("start_wal", "finished_at")
+        .first()
+    )
+
+
+def chain_gaps(server):
+    """Missing segments since the oldest kept base backup (the window PITR can reach)."""
+    base = oldest_kept_base(server)
+    last = last_segno(server)
+    if base is None or last is None or not server.wal_segment_size:
+        return []
+    return missing_segments(server, segno_of(base.start_wal, server.wal_segment_size), last)
+
+
+def wait_for_wal(server, first, last, timeout):
+    """Until every segment from first to last is catalogued (ingesting the spool meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ingest(server)
+        missing = missing_segments(server, first, last)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise BackupFailed(
+                f"WAL segment {missing[0]} was not archived within {timeout} s: "
+                f"check archiving with `manage.py checkserver {server.name}`"
+            )
+        time.sleep(0.3)
+
+
+# --------------------------------------------------------------------------- health
+
+
+def error_markers(server):
+    folder = spool_dir(server) / "errors"
+    markers = []
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.json")):
+            try:
+                markers.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                markers.append({"segment": path.stem, "reason": "failed", "message": f"unreadable marker {path}"})
+    return markers
+
+
+def archiver_failure(server):
+    """pg_stat_archiver's last failure when it is newer than its last success, else None."""
+    import psycopg
+
+    try:
+        with server.connect() as conn:
+            row = conn.execute(
+                "SELECT failed_count, last_failed_wal, last_failed_time, last_archived_time FROM pg_stat_archiver"
+            ).fetchone()
+    except psycopg.Error:
+        return None  # unreachable: the monitor's own connection check reports that
+    failed_count, failed_wal, failed_at, archived_at = row
+    if failed_count and failed_at and (archived_at is None or failed_at > archived_at):
+        return f"PostgreSQL's archiver fails on {failed_wal} (last failure {timezone.localtime(failed_at):%Y-%m-%d %H:%M:%S})"
+    return None
+
+
+def receiver_problem(server):
+    """Pull: the replication slot must exist and be in use by pg_receivewal."""
+    import psycopg
+
+    try:
+        with server.connect() as conn:
+            row = conn.execute(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = %s", [server.replication_slot]
+            ).fetchone()
+    except psycopg.Error:
+        return None
+    if row is None:
+        return f"replication slot {server.replication_slot} does not exist: start `manage.py receivewal {server.name}`"
+    if not row[0]:
+        return (
+            f"nothing streams from slot {server.replication_slot}: `manage.py receivewal {server.name}` is not running"
+        )
+    return None
+
+
+def check_wal_health(server):
+    """What the monitor calls every minute: opens or resolves wal_gap, archive_failing, receiver_down."""
+    findings = {}
+    gaps = chain_gaps(server)
+    if gaps:
+        findings["wal_gap"] = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
+    if server.archiving == Server.Archiving.PUSH:
+        problems = [m.get("message") or f"{m.get('segment')}: {m.get('reason')}" for m in error_markers(server)]
+        failure = archiver_failure(server)
+        if failure:
+            problems.append(failure)
+        if problems:
+            findings["archive_failing"] = "; ".join(problems)[:2000]
+    if server.archiving == Server.Archiving.PULL:
+        problem = receiver_problem(server)
+        if problem:
+            findings["receiver_down"] = problem
+    for condition in ("wal_gap", "archive_failing", "receiver_down"):
+        if condition in findings:
+            raise_alert(condition, server=server, message=findings[condition])
+        else:
+            resolve_alert(condition, server=server)
+    return findings

@@ -1,0 +1,808 @@
+"""Point-in-time recovery into a new cluster: a base backup, the archived WAL, a target.
+
+    restore --server NAME (--target-time T | --target latest | --target-lsn LSN | --target-name RP)
+            --into-datadir DIR --port PORT
+
+Everything that can be refused is refused from the catalog before anything is written. Then:
+the WAL the recovery needs is fetched from the first healthy copy, its sha256 checked, and
+decrypted into DIR/bp_restore_wal; the base backup is streamed through gpg into `tar -x`;
+pg_verifybackup checks the files (and the backup's WAL) against the manifest; recovery is set
+up the PostgreSQL 12+ way (recovery.signal, postgresql.auto.conf: restore_command,
+recovery_target_*, recovery_target_action = promote) with archive_mode = off, so the new
+timeline never reaches the production archive; the cluster starts as the database OS user,
+recovers, promotes, and is left running. Any failure removes what the restore wrote.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from backupportal import journal
+from backupportal.lib.commands import fail
+from backupportal.lib.pgcluster import DB_OS_USER, as_db_user, chown_to_db_user
+from backups import wal
+from backups.crypto import Encryption, EncryptionError
+from backups.models import BackupCopy, BackupRun, Server, WalSegment
+from backups.storage import store_for
+from restores.fetch import FetchFailed, FileSink, fetch, ordered_copies
+from restores.models import RestoreRun
+
+STAGING = "bp_restore_wal"
+# Archive times and commit times come from different clocks (pull: the portal's): a segment
+# archived this long before the target is still scanned for commits after it.
+CLOCK_MARGIN = timedelta(minutes=5)
+COMMIT_LINE = re.compile(
+    r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: (?:COMMIT|ABORT)\S*(?: \d+:)? "
+    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC"
+)
+RESTORE_POINT_LINE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.*)$")
+LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+
+
+class Refused(Exception):
+    """Refused before anything was written: the message says why and what to do."""
+
+
+class RestoreFailed(Exception):
+    """The restore started and failed; everything it wrote is removed."""
+
+
+@dataclass
+class Target:
+    kind: str  # time, latest, lsn or name
+    value: object = None
+    text: str = ""
+
+
+@dataclass
+class Plan:
+    server: Server
+    target: Target
+    datadir: Path
+    port: int
+    base: BackupRun
+    bases: list
+    segment_size: int
+    last: int  # the last segment number known to be needed (more may be staged for a time target)
+    created_dir: bool = False
+    notes: list = field(default_factory=list)
+    staged: dict = field(default_factory=dict)  # segno -> staged segment name
+    time_target_reached: bool = True
+    recovered: dict = field(default_factory=dict)
+    threads: threading.local = field(default_factory=threading.local)
+
+    @property
+    def staging(self):
+        return self.datadir / STAGING
+
+    def segno(self, name):
+        return wal.segno_of(name, self.segment_size)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def restore_from_command(
+    server_name,
+    actor,
+    target_time=None,
+    target=None,
+    target_lsn=None,
+    target_name=None,
+    into_datadir=None,
+    port=None,
+    **ignored,
+):
+    server = Server.objects.filter(name=server_name).first()
+    if server is None:
+        fail(f"unknown server {server_name!r}: list them in the admin, or register one with addserver")
+    try:
+        parsed = parse_target(target_time, target, target_lsn, target_name)
+        plan = make_plan(server, parsed, into_datadir, port)
+    except Refused as e:
+        journal.record(
+            "pitr_refused",
+            actor=actor,
+            obj=server,
+            outcome="refused",
+            reason=str(e),
+            target=target_time or target or target_lsn or target_name or "",
+            into_datadir=into_datadir or "",
+        )
+        fail(f"restore refused: {e}")
+    run = RestoreRun.objects.create(
+        kind=RestoreRun.Kind.PITR,
+        status=RestoreRun.Status.RUNNING,
+        server=server,
+        backup_run=plan.base,
+        into_datadir=str(plan.datadir),
+        port=plan.port,
+        target=plan.target.text,
+        requested_by=actor,
+        started_at=timezone.now(),
+        heartbeat_at=timezone.now(),
+    )
+    journal.record("pitr_started", actor=actor, obj=run, server=server.name, base_run=plan.base.pk, target=run.target)
+    try:
+        execute(plan, run)
+    except (RestoreFailed, Refused, FetchFailed, OSError) as e:
+        discard(plan)
+        return finish(run, plan, actor, error=str(e))
+    except Exception as e:  # a bug must still fail the run visibly and leave nothing behind
+        discard(plan)
+        finish(run, plan, actor, error=f"internal error: {type(e).__name__}: {e}")
+        raise
+    return finish(run, plan, actor)
+
+
+def finish(run, plan, actor, error=""):
+    run.status = RestoreRun.Status.FAILED if error else RestoreRun.Status.SUCCEEDED
+    run.finished_at, run.error = timezone.now(), error[:2000]
+    run.recovered_to = plan.recovered.get("recovered_to", "")
+    run.backup_run = plan.base
+    run.notes = "\n".join(plan.notes)[:5000]
+    run.save(update_fields=["status", "finished_at", "error", "backup_run", "notes", "recovered_to"])
+    journal.record(
+        "pitr_failed" if error else "pitr_succeeded",
+        actor=actor,
+        obj=run,
+        server=plan.server.name,
+        outcome="failed" if error else "ok",
+        recovered_to=run.recovered_to,
+        error=error,
+    )
+    result = {
+        "id": run.pk,
+        "status": run.status,
+        "duration_s": run.duration_s,
+        "server": plan.server.name,
+        "base_backup": plan.base.pk,
+        "target": run.target,
+        "recovered_to": run.recovered_to,
+        "into_datadir": run.into_datadir,
+        "port": run.port,
+        "wal_segments": len(plan.staged),
+        "notes": run.notes,
+        "error": run.error,
+    }
+    result.update(plan.recovered)
+    if error:
+        sys.stderr.write(f"restore failed: {error}\n")
+        result["exit_code"] = 1
+    return result
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def parse_target(target_time, target, target_lsn, target_name) -> Target:
+    given = [t for t in (target_time, target, target_lsn, target_name) if t]
+    if len(given) != 1:
+        raise Refused("give exactly one target: --target-time, --target latest, --target-lsn or --target-name")
+    if target:
+        return Target("latest", None, "latest")
+    if target_lsn:
+        if not LSN.match(target_lsn):
+            raise Refused(f"{target_lsn!r} is not an LSN: write it as 0/3000028")
+        return Target("lsn", target_lsn.upper(), f"lsn {target_lsn.upper()}")
+    if target_name:
+        if len(target_name) > 63:
+            raise Refused("a restore point name has at most 63 characters")
+        return Target("name", target_name, f"restore point {target_name}")
+    return Target("time", parse_time(target_time), target_time)
+
+
+def parse_time(text):
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise Refused(f"cannot read the target time {text!r}: write it as YYYY-MM-DD HH:MM:SS+05:00") from None
+    if moment.tzinfo is None:
+        raise Refused(f"the target time {text!r} has no timezone: write it with its offset, e.g. {text.strip()}+05:00")
+    now = timezone.now()
+    if moment > now:
+        raise Refused(f"the target time {text} is in the future (now is {timezone.localtime(now):%Y-%m-%d %H:%M:%S%z})")
+    return moment
+
+
+def make_plan(server, target, into_datadir, port) -> Plan:
+    datadir = check_datadir(into_datadir)
+    port = check_port(port)
+    try:
+        Encryption()
+    except EncryptionError as e:
+        raise Refused(str(e)) from None
+    try:
+        wal.ingest(server, actor="job:restore")  # the newest archived WAL first
+    except wal.WalError:
+        pass  # what is catalogued already is all there is
+    bases = sorted(
+        server.runs.good().filter(kind=BackupRun.Kind.BASE).exclude(start_wal=""),
+        key=lambda r: r.details.get("stop_time", ""),
+    )
+    if not bases:
+        raise Refused(f"{server} has no base backup to recover from: take one with backup {server.name} --kind base")
+    size = bases[-1].details.get("wal_segment_size") or server.wal_segment_size
+    base = choose_base(bases, target)
+    plan = Plan(server, target, datadir, port, base, bases, size, wal.segno_of(base.end_wal, size))
+    plan.last = needed_through(plan)
+    check_chain(plan)
+    return plan
+
+
+def check_datadir(into_datadir) -> Path:
+    if not into_datadir:
+        raise Refused("give --into-datadir: an empty or missing directory for the new cluster")
+    datadir = Path(into_datadir).absolute()
+    if datadir.exists():
+        if not datadir.is_dir():
+            raise Refused(f"{datadir} is a file: give an empty or missing directory")
+        if any(datadir.iterdir()):
+            raise Refused(f"{datadir} is not empty: give an empty or missing directory (a restore never overwrites)")
+    elif not datadir.parent.is_dir():
+        raise Refused(f"{datadir.parent} does not exist: create it, or choose another place")
+    if os.geteuid() == 0:
+        uid, gid = wal.db_user_ids(DB_OS_USER)
+        existing = datadir if datadir.exists() else datadir.parent
+        blocked = wal.unreachable_by(existing, uid, gid)
+        if blocked is not None:
+            raise Refused(
+                f"the {DB_OS_USER} user cannot reach {datadir} ({blocked} is closed to it): choose another place"
+            )
+    return datadir
+
+
+def check_port(port) -> int:
+    if port is None:
+        raise Refused("give --port: a free TCP port for the new cluster")
+    if not 1 <= int(port) <= 65535:
+        raise Refused(f"port {port} is not a TCP port (1-65535)")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", int(port)))
+        except OSError:
+            raise Refused(f"port {port} is in use: choose a free port") from None
+    return int(port)
+
+
+def stop_time(run):
+    return datetime.fromisoformat(run.details["stop_time"])
+
+
+def choose_base(bases, target):
+    """The newest base backup that is consistent before the target."""
+    if target.kind == "time":
+        before = [b for b in bases if stop_time(b) <= target.value]
+        if not before:
+            oldest = bases[0]
+            raise Refused(
+                f"{target.text} is before the oldest moment the kept backups reach: "
+                f"{timezone.localtime(stop_time(oldest)):%Y-%m-%d %H:%M:%S%z} (base backup #{oldest.pk})"
+            )
+        return before[-1]
+    if target.kind == "lsn":
+        before = [b for b in bases if wal.lsn_to_int(b.end_lsn) <= wal.lsn_to_int(target.value)]
+        if not before:
+            raise Refused(
+                f"LSN {target.value} is before the end of the oldest kept base backup "
+                f"(#{bases[0].pk}, consistent from {bases[0].end_lsn})"
+            )
+        return before[-1]
+    return bases[-1]
+
+
+def needed_through(plan):
+    """The last segment number the catalog says the target surely needs."""
+    server, last = plan.server, wal.last_segno(plan.server)
+    floor = plan.last  # the base backup's end segment: needed to be consistent at all
+    if last is None or last < floor:
+        return floor  # check_chain names the missing segment
+    if plan.target.kind == "time":
+        after = (
+            WalSegment.objects.filter(
+                server=server, deleted_at=None, segno__gte=floor, archived_at__gt=plan.target.value
+            )
+            .order_by("segno")
+            .values_list("segno", flat=True)
+            .first()
+        )
+        return max(floor, after if after is not None else last)
+    if plan.target.kind == "lsn":
+        wanted = wal.segno_of_lsn(plan.target.value, plan.segment_size)
+        if wanted > last and not partial_for(plan, wanted):
+            name = wal.segment_name(plan.base.timeline or 1, last, plan.segment_size)
+            raise Refused(f"LSN {plan.target.value} is beyond the archived WAL, which ends with segment {name}")
+        return max(floor, min(wanted, last))
+    return max(floor, last)
+
+
+def check_chain(plan):
+    """No gap, and a readable copy of every segment, from the base backup to the target."""
+    first = plan.segno(plan.base.start_wal)
+    try:
+        segments = wal.chain_segments(plan.server, first, plan.last)
+    except wal.WalError as e:
+        window = timezone.now() - timedelta(days=plan.server.wal_retention_days)
+        if plan.target.kind == "time" and plan.target.value < window:
+            raise Refused(
+                f"{plan.target.text} is outside the kept window: WAL is kept {plan.server.wal_retention_days} days "
+                f"and only what base backups need beyond that ({e})"
+            ) from None
+        raise Refused(f"{e}: the WAL chain from base backup #{plan.base.pk} to the target has a gap") from None
+    copies = BackupCopy.objects.filter(
+        wal_segment__in=segments, status=BackupCopy.Status.OK, location__enabled=True
+    ).select_related("location")
+    readable = set()
+    for copy in copies:
+        # A file is looked at (a stat); object storage is only checked while fetching.
+        if copy.location.kind == "s3" or store_for(copy.location).exists(copy.key):
+            readable.add(copy.wal_segment_id)
+    for segment in segments:
+        if segment.pk not in readable:
+            raise Refused(f"WAL segment {segment.name} is missing from every location: the chain has a gap there")
+
+
+def partial_for(plan, segno):
+    """Pull: the segment pg_receivewal is still writing, when it is the one after the archive."""
+    if plan.server.archiving != Server.Archiving.PULL:
+        return None
+    spool = wal.spool_dir(plan.server)
+    if not spool.is_dir():
+        return None
+    for path in sorted(spool.glob("*.partial"), reverse=True):
+        if wal.SEGMENT.match(path.name[:24]) and wal.segno_of(path.name, plan.segment_size) == segno:
+            return path
+    return None
+
+
+# ----------------------------------------------------------------------------- the restore
+
+
+def execute(plan, run):
+    prepare_datadir(plan)
+    stage_wal(plan, plan.segno(plan.base.start_wal), plan.last)
+    if plan.target.kind == "time":
+        extend_for_time(plan)
+    elif plan.target.kind == "name":
+        find_restore_point(plan, run)
+    elif plan.target.kind in ("latest", "lsn"):
+        stage_partial(plan)
+    heartbeat(run)
+    extract_base(plan)
+    heartbeat(run)
+    chown_to_db_user(plan.staging)  # the WAL was decrypted by the portal's user
+    verify_base(plan)
+    write_recovery_settings(plan)
+    chown_to_db_user(plan.datadir)
+    start_and_wait(plan, run)
+    shutil.rmtree(plan.staging, ignore_errors=True)
+
+
+def heartbeat(run):
+    RestoreRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
+
+
+def prepare_datadir(plan):
+    if not plan.datadir.exists():
+        plan.datadir.mkdir(mode=0o700)
+        plan.created_dir = True
+    os.chmod(plan.datadir, 0o700)
+    plan.staging.mkdir(mode=0o700)
+    chown_to_db_user(plan.datadir)
+
+
+def discard(plan):
+    """Remove everything this restore wrote (and stop its cluster if it got that far)."""
+    if not plan.datadir.exists():
+        return
+    if (plan.datadir / "postmaster.pid").exists():
+        pg_ctl(plan, "stop", "-m", "immediate", "-w")
+    if plan.created_dir:
+        shutil.rmtree(plan.datadir, ignore_errors=True)
+    else:
+        empty(plan.datadir)
+
+
+def empty(directory, keep=()):
+    for child in directory.iterdir():
+        if child.name in keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def encryption_of(plan):
+    # python-gnupg keeps the on_data callback on the object: one per thread (and per restore,
+    # so that a changed passphrase file is read again).
+    if not hasattr(plan.threads, "encryption"):
+        plan.threads.encryption = Encryption()
+    return plan.threads.encryption
+
+
+def stage_wal(plan, first, last):
+    """Fetch, verify and decrypt segments first..last into the staging directory, in parallel."""
+    if last < first:
+        return
+    try:
+        segments = [s for s in wal.chain_segments(plan.server, first, last) if s.segno not in plan.staged]
+    except wal.WalError as e:
+        raise RestoreFailed(str(e)) from None
+    copies = {}
+    for copy in BackupCopy.objects.filter(wal_segment__in=segments).select_related("location"):
+        copies.setdefault(copy.wal_segment_id, []).append(copy)
+
+    def one(segment):
+        sink = FileSink(plan.staging / segment.name)
+        try:
+            notes, marks = fetch(
+                ordered_copies(copies.get(segment.pk, [])),
+                sink,
+                encryption_of(plan),
+                f"WAL segment {segment.name}",
+                plain_sha256=segment.sha256,
+            )
+        except FetchFailed as e:
+            return segment, e, e.marks
+        return segment, notes, marks
+
+    failure = None
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        for segment, outcome, marks in pool.map(one, segments):
+            for mark in marks:
+                mark()
+            if isinstance(outcome, FetchFailed):
+                failure = failure or outcome
+                continue
+            plan.staged[segment.segno] = segment.name
+            plan.notes += outcome
+    if failure is not None:
+        raise failure
+    stage_history_files(plan)
+
+
+def fetch_here(*args, **kwargs):
+    """fetch() on this thread: bad copies are marked at once. Returns the notes."""
+    try:
+        notes, marks = fetch(*args, **kwargs)
+    except FetchFailed as e:
+        for mark in e.marks:
+            mark()
+        raise
+    for mark in marks:
+        mark()
+    return notes
+
+
+def stage_history_files(plan):
+    """Timeline history files: recovery reads them to follow the server's timelines."""
+    for segment in WalSegment.objects.filter(server=plan.server, deleted_at=None, name__endswith=".history"):
+        path = plan.staging / segment.name
+        if not path.exists():
+            fetch_here(
+                ordered_copies(segment.copies.select_related("location")),
+                FileSink(path),
+                encryption_of(plan),
+                f"history file {segment.name}",
+                segment.sha256,
+            )
+
+
+def stage_partial(plan):
+    """Pull: the segment pg_receivewal is still writing carries the newest WAL (RPO in seconds)."""
+    last = max(plan.staged) if plan.staged else plan.last
+    partial = partial_for(plan, last + 1)
+    if partial is None:
+        return False
+    shutil.copyfile(partial, plan.staging / partial.name[:24])
+    plan.staged[last + 1] = partial.name[:24]
+    plan.notes.append(f"used {partial.name}, the segment pg_receivewal is still receiving")
+    return True
+
+
+def waldump(plan, first, last, rmgr):
+    """pg_waldump's lines for staged segments first..last (times in UTC)."""
+    names = [plan.staged[s] for s in (first, last)]
+    proc = subprocess.run(
+        [str(plan.server.bin_dir() / "pg_waldump"), "--path", str(plan.staging), f"--rmgr={rmgr}", *names],
+        capture_output=True,
+        text=True,
+        env={"TZ": "UTC", "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        timeout=600,
+    )
+    # It exits non-zero at the end of the last segment's valid records: that is expected.
+    return proc.stdout.splitlines()
+
+
+def commits_after(plan, segno, moment):
+    start = segno - 1 if segno - 1 in plan.staged else segno
+    for line in waldump(plan, start, segno, "Transaction"):
+        m = COMMIT_LINE.search(line)
+        if m and datetime.fromisoformat(m.group(2) + "+00:00") > moment:
+            return True
+    return False
+
+
+def extend_for_time(plan):
+    """Stage segments until one holds a commit after the target: recovery must see one to stop.
+
+    When the archive ends first, nothing after the target was archived: recovery then replays
+    all of it, which is the same state, and the run says so.
+    """
+    moment = plan.target.value
+    scan_from = (
+        WalSegment.objects.filter(
+            server=plan.server, deleted_at=None, segno__in=list(plan.staged), archived_at__gte=moment - CLOCK_MARGIN
+        )
+        .order_by("segno")
+        .values_list("segno", flat=True)
+        .first()
+    )
+    segno = scan_from if scan_from is not None else plan.last + 1
+    while True:
+        if segno in plan.staged:
+            if commits_after(plan, segno, moment):
+                return
+            segno += 1
+            continue
+        if WalSegment.objects.filter(server=plan.server, deleted_at=None, segno=segno).exists():
+            stage_wal(plan, segno, segno)
+            continue
+        later = WalSegment.objects.filter(server=plan.server, deleted_at=None, segno__gt=segno).exists()
+        if later:
+            name = wal.segment_name(plan.base.timeline or 1, segno, plan.segment_size)
+            raise RestoreFailed(
+                f"WAL segment {name} is missing from the archive: it may hold transactions before the target"
+            )
+        if stage_partial(plan) and commits_after(plan, segno, moment):
+            return
+        plan.time_target_reached = False
+        plan.notes.append(
+            f"no transaction after {plan.target.text} was archived: recovered to the end of the archived WAL"
+        )
+        return
+
+
+def find_restore_point(plan, run):
+    """Find the restore point in the WAL, going back base backup by base backup.
+
+    Recovery stops at the first restore point of that name after the base backup is
+    consistent: the newest base backup with one after its end is the one to use.
+    """
+    upper, found = wal.last_segno(plan.server), []
+    for base in reversed(plan.bases):
+        first = plan.segno(base.start_wal)
+        stage_wal(plan, first, upper)
+        found += restore_point_lsns(plan, first, upper)
+        if any(wal.lsn_to_int(lsn) >= wal.lsn_to_int(base.end_lsn) for lsn in found):
+            plan.base = base
+            RestoreRun.objects.filter(pk=run.pk).update(backup_run=base)
+            return
+        upper = first - 1
+    raise RestoreFailed(f"restore point {plan.target.value!r} is not in the WAL archived since the oldest base backup")
+
+
+def restore_point_lsns(plan, first, last):
+    found = []
+    for segno in range(first, last + 1):
+        for line in waldump(plan, segno, segno, "XLOG"):
+            m = RESTORE_POINT_LINE.search(line)
+            if m and m.group(2).strip() == plan.target.value:
+                found.append(m.group(1))
+    return found
+
+
+class TarSink:
+    """Plaintext into `tar -x`, run as the database OS user so that it owns every file."""
+
+    def __init__(self, datadir: Path):
+        self.datadir = datadir
+
+    def open(self):
+        self.errors = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            as_db_user(["tar", "--extract", "--file=-", f"--directory={self.datadir}"]),
+            stdin=subprocess.PIPE,
+            stderr=self.errors,
+            cwd=self.datadir,
+        )
+
+    def write(self, chunk):
+        self.proc.stdin.write(chunk)
+
+    def commit(self):
+        self.proc.stdin.close()
+        if self.proc.wait() != 0:
+            self.errors.seek(0)
+            raise RestoreFailed(f"tar could not extract the base backup: {self.errors.read().decode()[-300:]}")
+
+    def abort(self):
+        self.proc.kill()
+        self.proc.wait()
+        empty(self.datadir, keep=(STAGING,))
+
+
+def extract_base(plan):
+    copies = ordered_copies(plan.base.copies.filter(artifact="main").select_related("location"))
+    plan.notes += fetch_here(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
+    if not (plan.datadir / "backup_manifest").exists():
+        raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
+
+
+def verify_base(plan):
+    """pg_verifybackup: every file against the manifest, and the backup's own WAL, before recovery."""
+    proc = subprocess.run(
+        as_db_user(
+            [
+                str(plan.server.bin_dir() / "pg_verifybackup"),
+                f"--wal-directory={plan.staging}",
+                f"--ignore={STAGING}",
+                str(plan.datadir),
+            ]
+        ),
+        capture_output=True,
+        text=True,
+        cwd=plan.datadir,
+        timeout=3600,
+    )
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise RestoreFailed(
+            f"base backup #{plan.base.pk} does not match its manifest: {lines[0] if lines else 'pg_verifybackup failed'}"
+        )
+    plan.notes.append(f"pg_verifybackup: {proc.stdout.strip() or 'backup successfully verified'}")
+
+
+def recovery_settings(plan):
+    staging = str(plan.staging).replace("%", "%%")
+    settings_ = {
+        "restore_command": f'cp "{staging}/%f" "%p"',
+        "recovery_target_timeline": "latest",
+        # The restored cluster's new timeline must never reach the production archive.
+        "archive_mode": "off",
+        "port": str(plan.port),
+        "listen_addresses": "localhost",
+        # A production with synchronous standbys would hang every commit of the copy.
+        "synchronous_standby_names": "",
+        # tar wrote without fsync, so recovery first syncs the data directory: one syncfs()
+        # instead of an fsync per file (seconds even for a small cluster).
+        "recovery_init_sync_method": "syncfs",
+    }
+    target = plan.target
+    if target.kind == "time" and plan.time_target_reached:
+        settings_["recovery_target_time"] = target.value.isoformat(sep=" ")
+    elif target.kind == "lsn":
+        settings_["recovery_target_lsn"] = target.value
+    elif target.kind == "name":
+        settings_["recovery_target_name"] = target.value
+    # Without a target, recovery replays all the WAL and promotes by itself.
+    settings_["recovery_target_action"] = "promote"
+    return settings_
+
+
+def write_recovery_settings(plan):
+    """recovery.signal and postgresql.auto.conf: recovery.conf no longer exists (PostgreSQL 12+)."""
+    if not (plan.datadir / "postgresql.conf").exists():
+        # Debian keeps it in /etc: a copy of the data directory has none.
+        (plan.datadir / "postgresql.conf").write_text("# written by backupportal's PITR restore\n")
+        plan.notes.append(
+            "the backup had no postgresql.conf (kept outside the data directory): an empty one was written"
+        )
+    if not (plan.datadir / "pg_hba.conf").exists():
+        (plan.datadir / "pg_hba.conf").write_text(
+            "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
+        )
+        plan.notes.append("the backup had no pg_hba.conf: one allowing local connections was written")
+    lines = [f"\n# PITR restore by backupportal, {timezone.localtime():%Y-%m-%d %H:%M:%S%z}, target {plan.target.text}"]
+    lines += [f"{name} = {wal.conf_quote(value)}" for name, value in recovery_settings(plan).items()]
+    with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
+        conf.write("\n".join(lines) + "\n")
+    (plan.datadir / "recovery.signal").touch()
+    (plan.datadir / "log").mkdir(exist_ok=True)
+
+
+def pg_ctl(plan, *args):
+    return subprocess.run(
+        as_db_user([str(plan.server.bin_dir() / "pg_ctl"), *args, "-D", str(plan.datadir)]),
+        capture_output=True,
+        text=True,
+        cwd=plan.datadir,
+        timeout=120,
+    )
+
+
+def start_and_wait(plan, run):
+    logfile = plan.datadir / "log" / "pitr-restore.log"
+    proc = pg_ctl(plan, "start", "-W", "-l", str(logfile))
+    if proc.returncode != 0:
+        raise RestoreFailed(f"pg_ctl could not start the restored cluster: {(proc.stderr or proc.stdout).strip()}")
+    deadline = time.monotonic() + settings.BACKUP_TIMEOUT
+    started = time.monotonic()
+    # PostgreSQL removes recovery.signal when recovery reached its target and it promotes.
+    while (plan.datadir / "recovery.signal").exists():
+        if not postmaster_alive(plan) and time.monotonic() - started > 2:
+            raise RestoreFailed(startup_failure(plan, logfile))
+        if time.monotonic() > deadline:
+            raise RestoreFailed(f"recovery did not finish within {settings.BACKUP_TIMEOUT} s: see {logfile}")
+        heartbeat(run)
+        time.sleep(0.3)
+    plan.recovered = recovered_position(plan, logfile)
+
+
+def postmaster_alive(plan):
+    try:
+        pid = int((plan.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def recovered_position(plan, logfile, wait=30):
+    """Where recovery stopped: asked of the promoted cluster, else read from its log."""
+    import psycopg
+
+    server = plan.server
+    host = server.host if server.host.startswith("/") else "127.0.0.1"
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and postmaster_alive(plan):
+        try:
+            with psycopg.connect(
+                host=host,
+                port=plan.port,
+                user=server.user,
+                password=server.password or None,
+                dbname=server.dbname,
+                connect_timeout=3,
+                autocommit=True,
+            ) as conn:
+                in_recovery, replayed_at, lsn, walfile = conn.execute(
+                    "SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn(), "
+                    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END"
+                ).fetchone()
+        except psycopg.OperationalError as e:
+            if "authentication" in str(e) or "pg_hba.conf" in str(e):
+                break  # the restored cluster lets us in no more than production's rules say
+            time.sleep(0.3)
+            continue
+        if in_recovery:
+            time.sleep(0.3)
+            continue
+        return {
+            "recovered_to": timezone.localtime(replayed_at).isoformat(sep=" ") if replayed_at else f"LSN {lsn}",
+            "recovered_lsn": str(lsn or ""),
+            "timeline": int(walfile[:8], 16),
+        }
+    return {"recovered_to": logged_position(logfile)}
+
+
+def logged_position(logfile):
+    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    m = re.findall(r"last completed transaction was at log time (.+)$", text, re.M)
+    return m[-1].strip() if m else f"see {logfile}"
+
+
+def startup_failure(plan, logfile):
+    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    fatal = [line for line in text.splitlines() if "FATAL:" in line or "PANIC:" in line]
+    if any("recovery ended before configured recovery target was reached" in line for line in fatal):
+        return f"the archived WAL ends before the target {plan.target.text} was reached (see {logfile})"
+    if fatal:
+        return (
+            f"the restored cluster stopped: {fatal[-1].split('FATAL:')[-1].split('PANIC:')[-1].strip()} (see {logfile})"
+        )
+    return f"the restored cluster stopped during recovery: see {logfile}"

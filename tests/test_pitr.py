@@ -1,0 +1,281 @@
+"""Point-in-time recovery against real clusters: push archiving, a base backup, PITR into a new cluster."""
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from django.utils import timezone
+
+from backupportal.lib.pgcluster import free_port
+from backupportal.models import Alert, JournalEntry
+from backups import wal
+from backups.models import BackupRun, WalSegment
+from restores.models import RestoreRun
+
+from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+
+pytest_plugins = ["tests.walfixtures"]
+
+DB = "reliabilitymaldives"
+
+
+def write(cluster, sql):
+    cluster.execute(sql, dbname=DB)
+
+
+def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    base = run_command("backup", "maldives", "--kind", "base")
+    assert base["status"] == "succeeded", base
+    run = BackupRun.objects.get(pk=base["id"])
+    assert run.start_wal and run.end_wal and run.timeline == 1 and run.start_lsn and run.end_lsn
+
+    write(sample_cluster, "CREATE TABLE probe(tx text, at timestamptz DEFAULT now())")
+    write(sample_cluster, "INSERT INTO probe(tx) VALUES ('A')")
+    time.sleep(1.05)
+    target = timezone.localtime().replace(microsecond=0)
+    time.sleep(0.05)
+    write(sample_cluster, "INSERT INTO probe(tx) VALUES ('B')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+
+    at_t = restored()
+    port = free_port()
+    result = run_command(
+        "restore",
+        "--server",
+        "maldives",
+        "--target-time",
+        target.strftime("%Y-%m-%d %H:%M:%S%z")[:-2] + ":" + target.strftime("%z")[-2:],
+        "--into-datadir",
+        str(at_t),
+        "--port",
+        str(port),
+    )
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",)]
+    assert result["recovered_to"] and result["recovered_to"] <= target.isoformat(sep=" ")
+    assert RestoreRun.objects.get(pk=result["id"]).kind == "pitr"
+    assert not (at_t / "recovery.signal").exists() and not (at_t / "recovery.conf").exists()
+    auto_conf = (at_t / "postgresql.auto.conf").read_text()
+    assert "recovery_target_time" in auto_conf and "archive_mode = 'off'" in auto_conf
+
+    latest = restored()
+    port2 = free_port()
+    result = run_command(
+        "restore", "--server", "maldives", "--target", "latest", "--into-datadir", str(latest), "--port", str(port2)
+    )
+    assert result["status"] == "succeeded", result
+    assert rows(port2, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+
+
+def archive_some_wal(cluster, tables=3):
+    """A few transactions, each in its own archived segment."""
+    for i in range(tables):
+        write(cluster, f"CREATE TABLE t{i}(x int); INSERT INTO t{i} VALUES ({i})")
+        name = switch_wal(cluster)
+    wait_archived(cluster, name)
+    return name
+
+
+def push_with_base(cluster, server):
+    """Push archiving, a base backup, then a few archived and ingested segments."""
+    enable_push(cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(cluster)
+    wal.ingest(server)
+
+
+def restore(datadir, port, *target):
+    return run_command("restore", "--server", "maldives", *target, "--into-datadir", str(datadir), "--port", str(port))
+
+
+def test_a_restore_is_refused_before_anything_is_written(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    push_with_base(sample_cluster, server)
+    datadir, port = restored(), free_port()
+    now = timezone.localtime()
+    cases = [
+        (["--target-time", now.strftime("%Y-%m-%d %H:%M:%S")], "has no timezone"),
+        (["--target-time", "yesterday at noon"], "cannot read the target time"),
+        (["--target-time", (now + timedelta(hours=1)).isoformat(sep=" ")], "is in the future"),
+        (["--target-time", (now - timedelta(days=1)).isoformat(sep=" ")], "before the oldest moment"),
+        (["--target-lsn", "not-an-lsn"], "is not an LSN"),
+        (["--target-lsn", "0/1"], "before the end of the oldest kept base backup"),
+        (["--target-lsn", "FF/0"], "beyond the archived WAL"),
+        (["--target", "latest", "--target-name", "x"], "exactly one target"),
+    ]
+    for target, message in cases:
+        result = restore(datadir, port, *target)
+        assert result["_exit"] == 1 and message in result["_stderr"], (target, result)
+    result = restore(datadir, sample_cluster.port, "--target", "latest")
+    assert f"port {sample_cluster.port} is in use" in result["_stderr"]
+    datadir.mkdir()
+    (datadir / "precious").write_text("do not touch")
+    result = restore(datadir, port, "--target", "latest")
+    assert "is not empty" in result["_stderr"]
+    assert [p.name for p in datadir.iterdir()] == ["precious"]
+    assert not RestoreRun.objects.exists()
+    assert JournalEntry.objects.filter(action="pitr_refused").count() == len(cases) + 2
+
+
+def test_a_gap_in_the_wal_catalog_refuses_the_restore_naming_the_segment(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    push_with_base(sample_cluster, server)
+    lost = WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno")[1]
+    lost.delete()
+    datadir = restored()
+    result = restore(datadir, free_port(), "--target", "latest")
+    assert result["_exit"] == 1 and f"WAL segment {lost.name} is missing" in result["_stderr"], result
+    assert not datadir.exists()
+    # The incremental run finds the same gap, and the alert says which segment.
+    chain = run_command("backup", "maldives", "--kind", "incremental")
+    assert chain["status"] == "failed" and lost.name in chain["error"]
+    assert lost.name in Alert.objects.get(condition="wal_gap").message
+
+
+def test_a_deleted_or_corrupted_wal_file_makes_the_restore_refuse_naming_it(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    push_with_base(sample_cluster, server)
+    segments = list(WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno"))
+    victim = segments[1]
+    copy = victim.copies.get(location__name="wal")
+    path = Path(copy.location.path) / copy.key
+    original = path.read_bytes()
+
+    path.unlink()
+    datadir = restored()
+    result = restore(datadir, free_port(), "--target", "latest")
+    assert result["_exit"] == 1, result
+    assert f"WAL segment {victim.name} is missing from every location" in result["_stderr"]
+    assert not datadir.exists()
+
+    corrupted = bytearray(original)
+    corrupted[len(corrupted) // 2] ^= 0xFF
+    path.write_bytes(bytes(corrupted))
+    result = restore(datadir, free_port(), "--target", "latest")
+    assert result["_exit"] == 1 and result["status"] == "failed", result
+    assert f"WAL segment {victim.name} cannot be read intact" in result["error"]
+    assert "corrupt: sha256" in result["error"]
+    assert not datadir.exists()  # what the failed restore wrote is gone
+
+
+def test_pitr_to_a_restore_point_an_lsn_or_past_the_last_commit(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    sample_cluster.execute("SELECT pg_create_restore_point('before_b')")
+    lsn = sample_cluster.execute("SELECT pg_current_wal_lsn()")[0][0]
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+
+    port = free_port()
+    result = restore(restored(), port, "--target-name", "before_b")
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe") == [("A",)]
+
+    port = free_port()
+    result = restore(restored(), port, "--target-lsn", str(lsn))
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe") == [("A",)]
+    assert result["recovered_lsn"] and wal.lsn_to_int(result["recovered_lsn"]) >= wal.lsn_to_int(str(lsn))
+
+    # A moment after the last archived commit: recovery replays everything there is.
+    time.sleep(1)
+    port = free_port()
+    result = restore(restored(), port, "--target-time", timezone.localtime().isoformat(sep=" "))
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+
+    result = restore(restored(), free_port(), "--target-name", "never_created")
+    assert result["status"] == "failed" and "restore point 'never_created' is not in the WAL" in result["error"]
+
+
+def test_a_restored_cluster_adds_nothing_to_the_production_archive(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(sample_cluster, tables=1)
+    port = free_port()
+    assert restore(restored(), port, "--target", "latest")["status"] == "succeeded"
+    before = {s.name for s in WalSegment.objects.filter(server=server)}
+    spool = wal.spool_dir(server)
+    spooled = sorted(p.name for p in spool.iterdir())
+
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname=DB, autocommit=True) as copy:
+        assert copy.execute("SHOW archive_mode").fetchone()[0] == "off"
+        for i in range(3):  # the copy's new timeline writes and switches WAL...
+            copy.execute(f"CREATE TABLE on_the_copy_{i}(x int)")
+            copy.execute("SELECT pg_switch_wal()")
+        assert copy.execute("SELECT archived_count, failed_count FROM pg_stat_archiver").fetchone() == (0, 0)
+    time.sleep(1)
+    assert sorted(p.name for p in spool.iterdir()) == spooled  # ...and none of it reaches the production spool
+    wal.ingest(server)
+    assert {s.name for s in WalSegment.objects.filter(server=server)} == before
+    assert not WalSegment.objects.filter(server=server, timeline__gt=1).exists()
+
+
+def test_the_incremental_runs_prove_the_chain_and_name_their_wal_range(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    enable_push(sample_cluster)
+    refused = run_command("backup", "maldives", "--kind", "incremental")
+    assert refused["status"] == "failed" and "no base backup" in refused["error"]
+    base = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "base")["id"])
+    write(sample_cluster, "CREATE TABLE one(x int)")
+    first = run_command("backup", "maldives", "--kind", "incremental")
+    assert first["status"] == "succeeded", first
+    run = BackupRun.objects.get(pk=first["id"])
+    assert run.start_wal == base.start_wal and run.end_wal > base.end_wal
+    assert run.details["chain_base_run"] == base.pk and run.details["segments"] >= 2
+    assert WalSegment.objects.filter(server=server, name=run.end_wal).exists()  # switched, archived, ingested
+
+    write(sample_cluster, "CREATE TABLE two(x int)")
+    second = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "incremental")["id"])
+    assert second.status == "succeeded"
+    server.refresh_from_db()
+    assert (
+        wal.segno_of(second.start_wal, server.wal_segment_size)
+        == wal.segno_of(run.end_wal, server.wal_segment_size) + 1
+    )
+
+
+def test_a_bad_primary_copy_falls_back_to_the_nas_copy(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, settings
+):
+    import shutil
+    import tempfile
+
+    from backups.models import BackupCopy, StorageLocation
+
+    nas = Path(tempfile.mkdtemp(prefix="bp-nas-"))
+    settings.NAS_ROOT = str(nas)
+    StorageLocation.sync_from_settings()
+    try:
+        push_with_base(sample_cluster, server)
+        segment = WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno")[1]
+        assert {c.location.name: c.status for c in segment.copies.all()} == {"wal": "ok", "nas": "ok"}
+        primary_wal = segment.copies.get(location__name="wal")
+        (Path(primary_wal.location.path) / primary_wal.key).write_bytes(b"not what was archived")
+        base = BackupRun.objects.get(kind="base")
+        (backup_root / base.key).unlink()
+
+        port = free_port()
+        result = restore(restored(), port, "--target", "latest")
+        assert result["status"] == "succeeded", result
+        assert f"WAL segment {segment.name}: read from nas after wal: corrupt" in result["notes"]
+        assert f"base backup #{base.pk}: read from nas after primary: missing" in result["notes"]
+        assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
+        primary_wal.refresh_from_db()
+        assert primary_wal.status == BackupCopy.Status.BAD
+    finally:
+        shutil.rmtree(nas, ignore_errors=True)

@@ -1,0 +1,236 @@
+"""Push archiving against real clusters: the archive program as PostgreSQL runs it, the spool, the ingest."""
+
+import hashlib
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from backupportal.lib.pgcluster import as_db_user, chown_to_db_user
+from backupportal.models import Alert
+from backups import wal
+from backups.models import BackupCopy, BackupSchedule, WalSegment
+from backups.tasks import scheduled_job
+from tests.conftest import descendants, manage
+
+from .walhelpers import enable_push, run_command, switch_wal, wait_archived, wait_for
+
+pytest_plugins = ["tests.walfixtures"]
+DB = "reliabilitymaldives"
+
+
+def kill_tree(proc):
+    """SIGKILL a process and everything below it (runuser -> sh -> python, or manage.py -> gpg)."""
+    for pid in descendants(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+
+
+def archive_as_postgres(server, source, name):
+    """Run the printed archive_command exactly as PostgreSQL does: `sh -c` as postgres, %p and %f filled in."""
+    command = wal.archive_command(server).replace("%p", shlex.quote(str(source))).replace("%f", name)
+    return subprocess.run(as_db_user(["sh", "-c", command]), capture_output=True, text=True, cwd="/")
+
+
+def segment_file(data: bytes):
+    folder = Path(tempfile.mkdtemp(prefix="bp-seg-"))
+    folder.chmod(0o755)
+    path = folder / "segment"
+    path.write_bytes(data)
+    chown_to_db_user(folder)
+    return path
+
+
+def test_archivecommand_prints_the_lines_and_installs_a_program_postgres_can_run(
+    server, passphrase_file, backup_root, wal_spool
+):
+    result = run_command("archivecommand", "maldives")
+    assert result["_exit"] == 0, result
+    command = result["settings"]["archive_command"]
+    assert command.startswith("'/usr/bin/env -i /usr/bin/python3 -I -S ") and command.endswith(" %p %f'")
+    assert result["settings"]["archive_mode"] == "on" and result["settings"]["wal_level"] == "replica"
+    assert int(result["settings"]["archive_timeout"]) <= server.rpo_minutes * 60
+    program = Path(result["program"])
+    assert program.parent == wal_spool and stat.S_IMODE(program.stat().st_mode) == 0o644
+    spool = Path(result["spool"])
+    # Only postgres (owner) and its group (the portal) can read the spool; setgid keeps the group.
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o2770 and spool.stat().st_uid == wal.db_user_ids("postgres")[0]
+    server.refresh_from_db()
+    assert server.archiving == "push"
+    jobs = set(BackupSchedule.objects.filter(server=server).values_list("job", flat=True))
+    assert {"logical", "base", "incremental", "ingestwal"} <= jobs
+
+
+def test_the_archive_program_is_idempotent_and_refuses_other_content(server, passphrase_file, backup_root, wal_spool):
+    run_command("archivecommand", "maldives")
+    server.refresh_from_db()
+    name = "000000010000000000000042"
+    first = segment_file(os.urandom(1024 * 1024))
+    ok = archive_as_postgres(server, first, name)
+    assert ok.returncode == 0, ok.stderr
+    spooled = wal.spool_dir(server) / name
+    assert spooled.read_bytes() == first.read_bytes()
+    assert stat.S_IMODE(spooled.stat().st_mode) == 0o640
+    assert archive_as_postgres(server, first, name).returncode == 0  # an identical duplicate
+
+    other = segment_file(os.urandom(1024 * 1024))
+    refused = archive_as_postgres(server, other, name)
+    assert refused.returncode == 1 and "different content" in refused.stderr
+    assert spooled.read_bytes() == first.read_bytes()  # never overwritten
+
+    assert wal.ingest(server).ingested == [name]
+    assert not spooled.exists()
+    # After ingest the program compares with the sha256 the portal left behind.
+    assert archive_as_postgres(server, first, name).returncode == 0
+    assert archive_as_postgres(server, other, name).returncode == 1
+    findings = wal.check_wal_health(server)
+    assert name in findings["archive_failing"]
+    assert Alert.objects.get(condition="archive_failing").state == "open"
+
+
+def test_an_archive_program_killed_mid_segment_leaves_nothing_that_looks_archived(
+    server, passphrase_file, backup_root, wal_spool
+):
+    run_command("archivecommand", "maldives")
+    name = "000000010000000000000007"
+    data = os.urandom(1024 * 1024)
+    fifo_dir = segment_file(b"").parent
+    fifo = fifo_dir / "fifo"
+    os.mkfifo(fifo)
+    chown_to_db_user(fifo)
+    command = wal.archive_command(server).replace("%p", str(fifo)).replace("%f", name)
+    program = subprocess.Popen(as_db_user(["sh", "-c", "exec " + command]), cwd="/")
+    with open(fifo, "wb") as writer:
+        writer.write(data[: len(data) // 2])
+        writer.flush()
+        spool = wal.spool_dir(server)
+        wait_for(lambda: [n for n in os.listdir(spool) if n.endswith(".tmp")], what="the copy to start")
+        kill_tree(program)
+    program.wait()
+    assert not (spool / name).exists()
+    assert wal.ingest(server).ingested == []  # a temporary file is never taken for a segment
+    # PostgreSQL retries: the whole segment arrives.
+    assert archive_as_postgres(server, segment_file(data), name).returncode == 0
+    assert wal.ingest(server).ingested == [name]
+    assert WalSegment.objects.get(name=name).sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_archived_segments_are_ingested_encrypted_and_catalogued(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    enable_push(sample_cluster)
+    sample_cluster.execute("CREATE TABLE a(x int)", dbname=DB)
+    name = switch_wal(sample_cluster)
+    wait_archived(sample_cluster, name)
+    # What the worker's every-minute schedule (ingestwal:maldives) runs.
+    assert scheduled_job("maldives", "ingestwal")["last"] == name
+    server.refresh_from_db()
+    segment = WalSegment.objects.get(server=server, name=name)
+    size = sample_cluster.execute("SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size'")[0][0]
+    assert segment.size == size and server.wal_segment_size == size
+    assert segment.segno == wal.segno_of(name, size) and segment.timeline == 1
+    copy = BackupCopy.objects.get(wal_segment=segment)
+    stored = Path(copy.location.path) / copy.key
+    assert stored.read_bytes()[:1] != b"\0" and copy.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert copy.size < segment.size  # compressed inside gpg (uncompressed, gpg only adds bytes)
+
+
+def execute_retrying(cluster, sql, timeout=30):
+    """Through a crash restart: the server refuses connections for a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return cluster.execute(sql, dbname=DB)
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_killing_postgresqls_archiver_loses_no_segment(server, sample_cluster, passphrase_file, backup_root, wal_spool):
+    enable_push(sample_cluster)
+    names = []
+    for i in range(6):
+        if i == 3:
+            archiver = sample_cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'archiver'")[0][0]
+            os.kill(archiver, signal.SIGKILL)
+        execute_retrying(sample_cluster, f"CREATE TABLE t{i}(x int)")
+        names.append(execute_retrying(sample_cluster, "SELECT pg_walfile_name(pg_switch_wal())")[0][0])
+    wait_archived(sample_cluster, names[-1], timeout=60)
+    assert archiver not in [r[0] for r in sample_cluster.execute("SELECT pid FROM pg_stat_activity")]
+    wal.ingest(server)
+    first, last = (wal.segno_of(n, server.wal_segment_size) for n in (names[0], names[-1]))
+    assert wal.missing_segments(server, first, last) == []
+    assert set(names) <= set(WalSegment.objects.values_list("name", flat=True))
+
+
+@pytest.mark.django_db(transaction=True)  # the worker is another process: it must see committed rows
+def test_a_worker_killed_mid_ingest_loses_no_segment(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, tmp_path
+):
+    enable_push(sample_cluster)
+    names = []
+    for i in range(12):
+        sample_cluster.execute(f"CREATE TABLE t{i}(x int)", dbname=DB)
+        names.append(switch_wal(sample_cluster))
+    wait_archived(sample_cluster, names[-1])
+    spool = wal.spool_dir(server)
+
+    worker = manage(settings, "ingestwal", "maldives")
+    wait_for(lambda: WalSegment.objects.count() >= 2, what="the ingest to start")
+    kill_tree(worker)  # its gpg too, mid-stream
+    assert [n for n in os.listdir(spool) if wal.SEGMENT.match(n)], "the kill came too late to land mid-ingest"
+
+    again = manage(settings, "ingestwal", "maldives")
+    assert again.wait(120) == 0, again.stderr.read()
+    catalogued = dict(WalSegment.objects.values_list("name", "sha256"))
+    assert set(names) <= set(catalogued)
+    assert not [n for n in os.listdir(spool) if wal.SEGMENT.match(n)]
+    # Every archived file decrypts (plain gpg) to exactly the bytes that were catalogued.
+    (tmp_path / "gnupg").mkdir(mode=0o700)
+    for copy in BackupCopy.objects.filter(wal_segment__name__in=names).select_related("wal_segment", "location"):
+        plain = subprocess.run(
+            [
+                "gpg",
+                "--batch",
+                "--quiet",
+                "--pinentry-mode",
+                "loopback",
+                "--homedir",
+                str(tmp_path / "gnupg"),
+                "--passphrase-file",
+                str(passphrase_file),
+                "--decrypt",
+                str(Path(copy.location.path) / copy.key),
+            ],
+            capture_output=True,
+        )
+        assert plain.returncode == 0, plain.stderr
+        assert hashlib.sha256(plain.stdout).hexdigest() == catalogued[copy.wal_segment.name]
+
+
+def test_archivecommand_refuses_a_spool_postgres_cannot_reach(server, passphrase_file, backup_root, settings):
+    closed = Path(tempfile.mkdtemp(prefix="bp-closed-"))  # 0700, root's: like a checkout under /root
+    settings.WAL_SPOOL = closed / "walspool"
+    result = run_command("archivecommand", "maldives")
+    assert result["_exit"] == 1 and "the postgres user cannot reach" in result["_stderr"], result
+    assert "set WAL_SPOOL" in result["_stderr"]
+    server.refresh_from_db()
+    assert server.archiving == "none"
+
+
+def test_a_base_backup_of_a_server_that_does_not_archive_is_refused_with_what_to_do(
+    server, passphrase_file, backup_root
+):
+    result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "failed" and "does not archive WAL" in result["error"]
+    assert "archivecommand maldives" in result["error"] and not list(Path(backup_root).rglob("*.gpg"))

@@ -1,0 +1,144 @@
+"""Pull archiving against a real cluster: pg_receivewal supervised, killed, restarted; PITR from it."""
+
+import os
+import signal
+import threading
+
+import pytest
+
+from backups import wal
+from backups.models import Server, WalSegment
+from backups.receiver import Receiver
+from tests.conftest import manage
+
+from .walhelpers import rows, run_command, switch_wal, wait_for
+
+pytest_plugins = ["tests.walfixtures"]
+DB = "reliabilitymaldives"
+
+
+def pull(server):
+    server.archiving = Server.Archiving.PULL
+    server.save(update_fields=["archiving"])
+    return Receiver(server, log=lambda line: None, poll=0.1)
+
+
+def slot_active(cluster, server):
+    got = cluster.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", [server.replication_slot])
+    return got and got[0][0]
+
+
+def test_pg_receivewal_killed_is_restarted_and_the_chain_has_no_gap(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    receiver = pull(server)
+    stop, seen = threading.Event(), {}
+
+    def scenario():  # on another thread: PostgreSQL and signals only, the portal's database stays on this one
+        try:
+            wait_for(lambda: receiver.child and slot_active(sample_cluster, server), what="pg_receivewal streaming")
+            seen["first"] = switch_wal(sample_cluster)
+            killed = receiver.child.proc.pid
+            os.kill(killed, signal.SIGKILL)
+            for i in range(3):  # WAL written while nothing receives it: the slot keeps it on the server
+                sample_cluster.execute(f"CREATE TABLE while_down_{i}(x int)", dbname=DB)
+                seen["last"] = switch_wal(sample_cluster)
+            wait_for(lambda: receiver.child and receiver.child.proc.pid != killed, what="a new pg_receivewal")
+            sample_cluster.execute("CREATE TABLE after_restart(x int)", dbname=DB)
+            seen["last"] = switch_wal(sample_cluster)
+            ingested = wal.spool_dir(server) / "ingested" / seen["last"]
+            wait_for(ingested.exists, what=f"{seen['last']} to be received and ingested")
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=scenario)
+    thread.start()
+    receiver.run(stop.is_set)
+    thread.join()
+
+    assert receiver.restarts == 1
+    first = wal.segno_of(seen["first"], server.wal_segment_size)
+    last = wal.segno_of(seen["last"], server.wal_segment_size)
+    assert wal.missing_segments(server, first, last) == []
+    assert WalSegment.objects.filter(server=server, source="pull", segno__gte=first, segno__lte=last).count() == (
+        last - first + 1
+    )
+    # Stopped cleanly: no pg_receivewal left streaming from the slot.
+    assert not slot_active(sample_cluster, server)
+
+
+def test_a_pull_server_restores_the_newest_commit_from_the_partial_segment(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    from backupportal.lib.pgcluster import free_port
+
+    receiver = pull(server)
+    receiver.start_child()
+    try:
+        wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
+        base = run_command("backup", "maldives", "--kind", "base")
+        assert base["status"] == "succeeded", base
+        sample_cluster.execute("CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('C')", dbname=DB)
+        # No WAL switch: the commit is only in the segment pg_receivewal is still writing.
+        lsn = sample_cluster.execute("SELECT pg_current_wal_lsn()")[0][0]
+        wait_for(
+            lambda: sample_cluster.execute("SELECT flush_lsn >= %s FROM pg_stat_replication", [lsn])[0][0],
+            what="pg_receivewal to flush",
+        )
+        datadir, port = restored(), free_port()
+        result = run_command(
+            "restore", "--server", "maldives", "--target", "latest", "--into-datadir", str(datadir), "--port", str(port)
+        )
+        assert result["status"] == "succeeded", result
+        assert ".partial" in result["notes"]
+        assert rows(port, "SELECT tx FROM probe") == [("C",)]
+    finally:
+        receiver.stop_child()
+
+
+def test_the_monitor_sees_a_receiver_down_and_a_gap(server, sample_cluster, passphrase_file, backup_root, wal_spool):
+    from backupportal.models import Alert
+
+    receiver = pull(server)
+    assert "does not exist" in wal.check_wal_health(server)["receiver_down"]
+    receiver.start_child()
+    try:
+        wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
+        assert "receiver_down" not in wal.check_wal_health(server)
+        assert Alert.objects.get(condition="receiver_down").state == "resolved"
+        assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+        for i in range(3):
+            sample_cluster.execute(f"CREATE TABLE g{i}(x int)", dbname=DB)
+            last = switch_wal(sample_cluster)
+        wait_for(lambda: receiver.ingest() and WalSegment.objects.filter(name=last).exists(), what="ingest")
+    finally:
+        receiver.stop_child()
+    assert "nothing streams from slot" in wal.check_wal_health(server)["receiver_down"]
+    lost = WalSegment.objects.filter(segno__isnull=False).order_by("-segno")[1]
+    lost.delete()
+    assert lost.name in wal.check_wal_health(server)["wal_gap"]
+    assert lost.name in Alert.objects.get(condition="wal_gap", state="open").message
+
+
+@pytest.mark.django_db(transaction=True)  # receivewal is another process: it must see committed rows
+def test_receivewal_runs_until_sigterm_and_leaves_no_pg_receivewal_behind(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
+):
+    receiver = manage(settings, "receivewal", "maldives")
+    streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
+    wait_for(lambda: sample_cluster.execute(streaming)[0][0] == 1, what="pg_receivewal streaming")
+    sample_cluster.execute("CREATE TABLE x(x int)", dbname=DB)
+    name = switch_wal(sample_cluster)
+    wait_for(lambda: WalSegment.objects.filter(name=name).exists(), what="ingest")
+    receiver.send_signal(signal.SIGTERM)
+    out, err = receiver.communicate(timeout=30)
+    assert receiver.returncode == 0, err
+    assert "pg_receivewal stopped" in out
+    assert sample_cluster.execute(streaming)[0][0] == 0
+
+    # Killed outright, it takes its pg_receivewal with it: no orphan streams on.
+    receiver = manage(settings, "receivewal", "maldives")
+    wait_for(lambda: sample_cluster.execute(streaming)[0][0] == 1, what="pg_receivewal streaming again")
+    receiver.kill()
+    receiver.wait()
+    wait_for(lambda: sample_cluster.execute(streaming)[0][0] == 0, what="pg_receivewal to die with its supervisor")

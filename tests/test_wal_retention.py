@@ -1,0 +1,102 @@
+"""Retention of base backups and WAL against a real archive: nothing a kept base backup needs goes."""
+
+from datetime import timedelta
+from pathlib import Path
+
+from django.utils import timezone
+
+from backupportal.lib.pgcluster import free_port
+from backupportal.models import JournalEntry
+from backups import retention, wal
+from backups.models import BackupCopy, BackupRun, WalSegment
+
+from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+
+pytest_plugins = ["tests.walfixtures"]
+DB = "reliabilitymaldives"
+
+
+def archive_tables(cluster, *names):
+    for name in names:
+        cluster.execute(f"CREATE TABLE {name}(x int)", dbname=DB)
+        last = switch_wal(cluster)
+    wait_archived(cluster, last)
+
+
+def call_command_json(*args):
+    result = run_command(*args)
+    assert result["_exit"] == 0, result
+    return result
+
+
+def age(run, days, now):
+    """Make a run look `days` old in the catalog (and the WAL it needs with it)."""
+    when = now - timedelta(days=days)
+    run.finished_at = when
+    run.details["stop_time"] = when.isoformat()
+    run.save(update_fields=["finished_at", "details"])
+
+
+def files(segments):
+    return [Path(c.location.path) / c.key for s in segments for c in s.copies.all()]
+
+
+def test_retention_keeps_every_segment_a_kept_base_backup_or_the_window_needs(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    old = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "base")["id"])
+    archive_tables(sample_cluster, "a1", "a2", "a3")
+    new = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "base")["id"])
+    archive_tables(sample_cluster, "b1", "b2")
+    wal.ingest(server)
+    server.refresh_from_db()
+    size, now = server.wal_segment_size, timezone.now()
+    old_range = range(wal.segno_of(old.start_wal, size), wal.segno_of(old.end_wal, size) + 1)
+    new_start = wal.segno_of(new.start_wal, size)
+    between = WalSegment.objects.filter(segno__gt=old_range[-1], segno__lt=new_start)
+    assert between.exists()
+
+    # Base backups of 20 and 9 days ago; the WAL before the newer one was archived 15 days ago.
+    age(old, 20, now)
+    age(new, 9, now)
+    WalSegment.objects.filter(segno__lt=new_start).update(archived_at=now - timedelta(days=15))
+    WalSegment.objects.filter(name__endswith=".backup").update(archived_at=now - timedelta(days=15))
+
+    # The window (7 days) starts after the newer backup: only the WAL between the two goes,
+    # and the older backup (kept 30 days) keeps the segments it needs to be consistent.
+    doomed = list(between.order_by("segno"))
+    dry = retention.apply_wal_and_base_retention(now=now, dry_run=True)
+    assert dry["wal"]["maldives"]["deleted"] >= len(doomed) and dry["deleted"] == []
+    assert WalSegment.objects.filter(deleted_at__isnull=False).count() == 0 and all(f.exists() for f in files(doomed))
+
+    done = retention.apply_wal_and_base_retention(now=now)
+    assert done == {**dry, "dry_run": False}
+    assert all(s.deleted_at for s in WalSegment.objects.filter(pk__in=[s.pk for s in doomed]))
+    assert not any(f.exists() for f in files(doomed))
+    assert not BackupCopy.objects.filter(wal_segment__in=doomed).exclude(status="deleted").exists()
+    kept = WalSegment.objects.filter(segno__isnull=False, deleted_at=None)
+    assert set(old_range) <= set(kept.values_list("segno", flat=True))
+    assert wal.missing_segments(server, new_start, wal.last_segno(server)) == []
+    assert JournalEntry.objects.filter(action="wal_deleted").count() == 1
+
+    # Base backups kept 15 days: the older one goes, and with it the WAL only it needed.
+    server.base_retention_days = 15
+    server.save(update_fields=["base_retention_days"])
+    done = call_command_json("retention")
+    assert [d["id"] for d in done["deleted"]] == [old.pk] and done["wal"]["maldives"]["deleted"] > 0
+    old.refresh_from_db()
+    assert old.deleted_at and not (Path(backup_root) / old.key).exists()
+    assert not WalSegment.objects.filter(segno__in=list(old_range), deleted_at=None, segno__isnull=False).exists()
+    # The newest base backup is never deleted, whatever its age.
+    server.base_retention_days = 1
+    server.save(update_fields=["base_retention_days"])
+    assert retention.apply_wal_and_base_retention(now=now)["deleted"] == []
+
+    # What is left still restores: the newer base backup and its WAL to now.
+    port = free_port()
+    result = run_command(
+        "restore", "--server", "maldives", "--target", "latest", "--into-datadir", str(restored()), "--port", str(port)
+    )
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT count(*) FROM b2") == [(0,)]
