@@ -81,6 +81,8 @@ def main(argv=None):
             return stop_background(paths)
         refuse_if_running(paths)
         check_prerequisites()
+        if not args.setup_only:
+            _check_port_free(args.port)
         configure(paths, args.port)
         cluster = set_up(paths, SIZES[args.size])
         if args.setup_only:
@@ -345,7 +347,6 @@ def serve(paths, cluster, port):
     say("collecting static files")
     call_command("collectstatic", interactive=False, verbosity=0)
     connections.close_all()
-    _check_port_free(port)
     # Ctrl-C, kill and a closed terminal all stop the demo in order. (SIGINT explicitly:
     # Python leaves it ignored when the demo was started in the background.)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -386,6 +387,8 @@ def _interrupt(signum, frame):
 
 def _check_port_free(port):
     with socket.socket() as s:
+        # As gunicorn binds: connections of a previous run in TIME_WAIT do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -107,6 +107,19 @@ def test_env_example_documents_every_setting_and_changes_nothing():
     assert all(line.startswith("#") for line in lines if line.strip())  # copied to .env, it sets nothing
 
 
+def test_readme_quick_start_is_two_make_targets_and_works_marks_only_real_commands():
+    from django.core.management import get_commands
+
+    readme = (BASE_DIR / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("```", 2)[1]
+    makefile = (BASE_DIR / "Makefile").read_text()
+    working = re.findall(r"^manage\.py (\w+) .*\bWorks\b", readme, flags=re.MULTILINE)
+
+    assert quick_start.split("\n") == ["", "make demo", "make test", ""]
+    assert re.search(r"^demo:", makefile, re.MULTILINE) and re.search(r"^test:", makefile, re.MULTILINE)
+    assert working and set(working) <= set(get_commands())
+
+
 # --- The demo -----------------------------------------------------------------------------
 
 
