@@ -389,7 +389,9 @@ def catalog(db, settings, tmp_path):
     test = RestoreTest.objects.create(server=server, backup_run=run, status="passed")
     drill = DrDrill.objects.create(title="drill", logged_by=owner, server=server)
     alert = Alert.objects.create(condition="backup_failed", subject="server:maldives", server=server, message="m")
-    task = MaintenanceTask.objects.create(kind="weekly_verify", due_on=timezone.localdate())
+    task, _ = MaintenanceTask.objects.get_or_create(
+        kind="weekly_verify", completed_at=None, defaults={"due_on": timezone.localdate()}
+    )
     entry = journal.record("test", actor="owner", obj=server)
     objects = [server, schedule, run, location, copy, segment, request, restore, test, drill, alert, task, entry]
     return {type(o): o for o in objects} | {"server": server, "run": run}

@@ -106,7 +106,9 @@ def test_a_backup_reaches_all_three_tiers_with_matching_sha256(
         )
         assert cli.read_bytes() == primary_bytes
 
-    made = JournalEntry.objects.filter(action="copy_made", object_id__in=run.copies.values("pk"))
+    made = JournalEntry.objects.filter(
+        action="copy_made", object_id__in=[str(pk) for pk in run.copies.values_list("pk", flat=True)]
+    )
     assert made.count() == 4  # main and globals, to the NAS and to S3
 
 
