@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from backups.copies import CopyCorrupt, VerifyingReader
+from backups.copies import CopyCorrupt, VerifiedReader
 from backups.models import BackupCopy
 from backups.storage import StorageError, store_for
 
@@ -74,7 +74,7 @@ def _try_copy(copy, sink, encryption, plain_sha256):
     except (StorageError, OSError) as e:
         error = f"missing ({e})"
         return error, lambda: mark_bad(copy, error)
-    reader = VerifyingReader(stream, copy)
+    reader = VerifiedReader(copy, stream)
     errors = []
 
     def on_data(chunk):
@@ -96,7 +96,9 @@ def _try_copy(copy, sink, encryption, plain_sha256):
         sink.abort()
         raise
     finally:
-        reader.close()
+        # Only the stream: the reader's own close() would mark the copy bad from this pool
+        # thread; the caller runs the returned mark on its thread instead.
+        reader.stream.close()
     if corrupt is not None:
         sink.abort()
         return f"corrupt: {corrupt}", corrupt.mark_bad

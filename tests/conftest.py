@@ -251,7 +251,8 @@ def tiers(settings, backup_root, nas_root, s3_server, s3_client):
         bucket=bucket,
         s3=s3_client,
         server=s3_server,
-        locations={loc.kind: loc for loc in StorageLocation.objects.all()},
+        # By kind; "primary" is the backups location (the WAL archive is a primary-kind location too).
+        locations={loc.kind: loc for loc in StorageLocation.objects.exclude(name="wal")},
     )
     if s3_server.server is None:  # a test that stopped the endpoint leaves it running for the next
         s3_server.start()

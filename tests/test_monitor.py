@@ -361,7 +361,9 @@ def test_monitor_refuses_a_nonsense_interval():
         call_command("monitor", "--interval", "0", stdout=StringIO())
 
 
-def test_monitor_loops_until_sigterm(db, settings):
+def test_monitor_loops_until_sigterm(transactional_db, settings):
+    # transactional_db: on PostgreSQL the subprocess commits alerts and maintenance tasks into
+    # the test database; the flush afterwards keeps them from leaking into later tests.
     proc = manage(settings, "monitor", "--interval", "1")
     lines = []
     for line in proc.stdout:

@@ -160,7 +160,7 @@ def test_a_deleted_or_corrupted_wal_file_makes_the_restore_refuse_naming_it(
     result = restore(datadir, free_port(), "--target", "latest")
     assert result["_exit"] == 1 and result["status"] == "failed", result
     assert f"WAL segment {victim.name} cannot be read intact" in result["error"]
-    assert "corrupt: sha256" in result["error"]
+    assert "corrupt: " in result["error"] and "sha256" in result["error"]
     assert not datadir.exists()  # what the failed restore wrote is gone
 
 

@@ -1,0 +1,40 @@
+# make demo       the portal protecting a sample database on http://127.0.0.1:8000 (Ctrl-C stops it)
+# make test       the whole test suite
+# make demo-stop  stop a demo left running in the background
+# make lint       ruff, as before every commit
+#
+# PYTHON picks the interpreter for the venv (3.11 or newer); PORT the demo's web port.
+
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 8000
+PYTEST_ARGS ?= -q
+# A copy of the requirements the venv was built from: a changed requirements.txt reinstalls.
+STAMP := $(VENV)/.requirements.txt
+
+.PHONY: venv demo demo-stop test lint
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "make: backupportal needs Python 3.11 or newer as '$(PYTHON)': install it, or make PYTHON=python3.11 ..." >&2; exit 1; }
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "make: could not create $(VENV): on Debian, apt-get install python3-venv" >&2; exit 1; }
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@cp requirements.txt $@
+
+demo: venv
+	$(VENV)/bin/python scripts/demo.py --port $(PORT)
+
+demo-stop:
+	@if [ -x $(VENV)/bin/python ]; then $(VENV)/bin/python scripts/demo.py --stop; else echo "demo: nothing was running"; fi
+
+# pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
+test: venv
+	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
