@@ -82,7 +82,7 @@ def healthy_copies(owner, artifact="main"):
 # --- Reading: the first healthy copy, verified as it streams. -----------------------------
 
 
-class VerifyingReader(io.IOBase):
+class VerifiedReader(io.IOBase):
     """A copy's bytes as a binary file; at EOF the sha256 (and size) must match the catalog.
 
     On a mismatch read() raises CopyCorrupt, also kept in `.error` for callers (such as
@@ -92,9 +92,9 @@ class VerifyingReader(io.IOBase):
     `.note` says which copies were skipped to get here; empty when the first one was read.
     """
 
-    def __init__(self, stream, copy, note=""):
+    def __init__(self, copy, stream, note=""):
         super().__init__()
-        self.stream, self.copy, self.note = stream, copy, note
+        self.copy, self.stream, self.note = copy, stream, note
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.verified = False
@@ -118,8 +118,8 @@ class VerifyingReader(io.IOBase):
             return
         self.error = CopyCorrupt(
             self.copy,
-            f"{self.copy.location.name} copy {self.copy.key}: sha256 {digest[:12]}… over {self.size} bytes, "
-            f"catalogued {expected[:12]}… over {self.copy.size} bytes",
+            f"sha256 {digest[:12]}… over {self.size} bytes, catalogued {expected[:12]}… over {self.copy.size} "
+            f"bytes ({self.copy.location.name} copy {self.copy.key})",
         )
         raise self.error
 
@@ -142,7 +142,7 @@ class VerifyingReader(io.IOBase):
 
 
 def open_first_healthy(owner, artifact="main", exclude=None, actor="job:restore"):
-    """Open the first healthy copy of `owner`'s artifact (primary → NAS → S3) as a VerifyingReader.
+    """Open the first healthy copy of `owner`'s artifact (primary → NAS → S3) as a VerifiedReader.
 
     A copy that is missing is marked bad and skipped; one that cannot be reached (S3 down)
     is skipped. The reader's `.note` tells the restore which copy it read and why.
@@ -166,7 +166,7 @@ def open_first_healthy(owner, artifact="main", exclude=None, actor="job:restore"
         if skipped:
             note = f"read from {copy.location.name}: " + "; ".join(skipped)
             record("copy_fallback", copy, actor, note=note)
-        return VerifyingReader(stream, copy, note)
+        return VerifiedReader(copy, stream, note)
     why = "; ".join(skipped) or "no healthy copy is catalogued"
     raise StorageError(f"no healthy copy of {owner} ({artifact}) in any location: {why}")
 

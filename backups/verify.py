@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.alerts import resolve_alert
-from backups.copies import CHUNK, CopyCorrupt, VerifyingReader, mark_bad, owner_of, record
+from backups.copies import CHUNK, CopyCorrupt, VerifiedReader, mark_bad, owner_of, record
 from backups.models import BackupCopy, Server
 from backups.storage import MissingArtifact, StorageError, store_for
 
@@ -21,7 +21,7 @@ CHECKED = [BackupCopy.Status.OK, BackupCopy.Status.BAD]
 def verify_copy(copy, actor="job:verify"):
     """Re-read one copy. Returns (verdict, error): "ok", "bad", or "unreachable" (not checked)."""
     try:
-        with VerifyingReader(store_for(copy.location).open(copy.key), copy) as reader:
+        with VerifiedReader(copy, store_for(copy.location).open(copy.key)) as reader:
             while reader.read(CHUNK):
                 pass
     except MissingArtifact as e:
