@@ -43,7 +43,7 @@ class CopyCorrupt(StorageError):
         self.marked = False
 
     def mark_bad(self, actor="job:restore"):
-        """Record it (once): called from the reader's close() or by the caller, never from gpg's thread."""
+        """Record it (once), on the caller's thread: bad in the catalog, journaled, "corruption" raised."""
         if not self.marked:
             self.marked = True
             mark_bad(self.copy, str(self), actor=actor)
@@ -86,15 +86,15 @@ class VerifiedReader(io.IOBase):
     """A copy's bytes as a binary file; at EOF the sha256 (and size) must match the catalog.
 
     On a mismatch read() raises CopyCorrupt, also kept in `.error` for callers (such as
-    python-gnupg's feeder thread) that swallow it; close() marks the copy bad. The catalog is
-    written on close, not in read(), because read() may run in a thread of gpg's where a
-    database write would wait on the caller's own transaction.
+    python-gnupg's feeder thread) that swallow it. The reader never writes the catalog: it may
+    run in gpg's thread or a fetch pool, where a database write would wait on the caller's
+    transaction. The caller marks the copy with `CopyCorrupt.mark_bad()` on its own thread.
     `.note` says which copies were skipped to get here; empty when the first one was read.
     """
 
-    def __init__(self, copy, stream, note="", actor="job:verify"):
+    def __init__(self, copy, stream, note=""):
         super().__init__()
-        self.copy, self.stream, self.note, self.actor = copy, stream, note, actor
+        self.copy, self.stream, self.note = copy, stream, note
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.verified = False
@@ -118,8 +118,8 @@ class VerifiedReader(io.IOBase):
             return
         self.error = CopyCorrupt(
             self.copy,
-            f"{self.copy.location.name} copy {self.copy.key}: sha256 {digest[:12]}… over {self.size} bytes, "
-            f"catalogued {expected[:12]}… over {self.copy.size} bytes",
+            f"sha256 {digest[:12]}… over {self.size} bytes, catalogued {expected[:12]}… over {self.copy.size} "
+            f"bytes ({self.copy.location.name} copy {self.copy.key})",
         )
         raise self.error
 
@@ -137,8 +137,6 @@ class VerifiedReader(io.IOBase):
         return None
 
     def close(self):
-        if self.error is not None:
-            self.error.mark_bad(self.actor)
         self.stream.close()
         super().close()
 
@@ -148,8 +146,8 @@ def open_first_healthy(owner, artifact="main", exclude=None, actor="job:restore"
 
     A copy that is missing is marked bad and skipped; one that cannot be reached (S3 down)
     is skipped. The reader's `.note` tells the restore which copy it read and why.
-    A mismatch found at EOF cannot fall back mid-stream: the caller starts again, and this
-    function then skips the copy just marked bad.
+    A mismatch found at EOF cannot fall back mid-stream: the caller marks the copy bad
+    (CopyCorrupt.mark_bad()) and starts again, and this function then skips it.
     """
     skipped = []
     for copy in healthy_copies(owner, artifact):
@@ -168,7 +166,7 @@ def open_first_healthy(owner, artifact="main", exclude=None, actor="job:restore"
         if skipped:
             note = f"read from {copy.location.name}: " + "; ".join(skipped)
             record("copy_fallback", copy, actor, note=note)
-        return VerifiedReader(copy, stream, note, actor=actor)
+        return VerifiedReader(copy, stream, note)
     why = "; ".join(skipped) or "no healthy copy is catalogued"
     raise StorageError(f"no healthy copy of {owner} ({artifact}) in any location: {why}")
 
@@ -264,6 +262,8 @@ def copy_one(copy, actor="job:copy", now=None, journal_it=True):
                     renewed = time.monotonic()
             size, sha256 = out.commit()
     except (OSError, StorageError) as e:
+        if isinstance(e, CopyCorrupt):  # the source was read to its end and is corrupt
+            e.mark_bad(actor)
         return _copy_failed(copy, owner, e, actor)
     return _copy_made(copy, owner, store, size, sha256, src.copy, actor, journal_it)
 

@@ -21,13 +21,14 @@ CHECKED = [BackupCopy.Status.OK, BackupCopy.Status.BAD]
 def verify_copy(copy, actor="job:verify"):
     """Re-read one copy. Returns (verdict, error): "ok", "bad", or "unreachable" (not checked)."""
     try:
-        with VerifiedReader(copy, store_for(copy.location).open(copy.key), actor=actor) as reader:
+        with VerifiedReader(copy, store_for(copy.location).open(copy.key)) as reader:
             while reader.read(CHUNK):
                 pass
     except MissingArtifact as e:
         mark_bad(copy, str(e), actor=actor)
         return "bad", str(e)
-    except CopyCorrupt as e:  # the reader marked it bad
+    except CopyCorrupt as e:
+        e.mark_bad(actor)
         return "bad", str(e)
     except (OSError, StorageError) as e:
         return "unreachable", str(e)

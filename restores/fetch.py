@@ -96,9 +96,8 @@ def _try_copy(copy, sink, encryption, plain_sha256):
         sink.abort()
         raise
     finally:
-        # Only the stream: the reader's own close() would mark the copy bad from this pool
-        # thread; the caller runs the returned mark on its thread instead.
-        reader.stream.close()
+        # The reader writes no catalog row; the caller runs the returned mark on its own thread.
+        reader.close()
     if corrupt is not None:
         sink.abort()
         return f"corrupt: {corrupt}", corrupt.mark_bad
