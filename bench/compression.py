@@ -81,14 +81,7 @@ def main():
         cluster.start()
         cluster.create_database("reliabilitymaldives")
         with cluster.connect("reliabilitymaldives") as conn:
-            sampledata.create(
-                conn,
-                users=int(20000 * s),
-                audit_logs=int(400000 * s),
-                financial_records=int(200000 * s),
-                attachment_every=5,
-            )
-            db_size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+            db_size = sampledata.create_scaled(conn, s)
         passfile = Path(tempfile.mkdtemp()) / "pass"
         passfile.write_text("bench-passphrase")
         os.chmod(passfile, 0o600)

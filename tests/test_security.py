@@ -16,6 +16,27 @@ from tests.test_access import portal_urls, post_data
 DSN_PASSWORD = "Dsn-Secret-7f3a9"
 
 
+def server_form(server, **changes):
+    """The admin's server change form as a browser posts it, with `changes` applied."""
+    data = {
+        "name": server.name,
+        "dsn": server.dsn,
+        "pg_bin": "",
+        "archiving": "none",
+        "enabled": "on",
+        "rpo_minutes": 15,
+        "rto_critical_minutes": 240,
+        "rto_full_minutes": 480,
+        "logical_retention_days": 30,
+        "base_retention_days": 30,
+        "wal_retention_days": 7,
+        "critical_tables": '["users"]',
+        "shrink_threshold_pct": 20,
+        "sandbox": "",
+    }
+    return data | changes
+
+
 def test_every_state_changing_view_refuses_a_post_without_csrf_token(catalog, alice):
     client = Client(enforce_csrf_checks=True)
     client.force_login(alice)
@@ -109,23 +130,7 @@ def test_a_sysadmin_changes_the_password_without_seeing_it_and_the_journal_says_
 ):
     sample_cluster.execute("ALTER ROLE backup_user PASSWORD 'Rotated-Secret-2'")
     client.force_login(sam)
-    data = {
-        "name": "maldives",
-        "dsn": secret_server.dsn,
-        "pg_bin": "",
-        "archiving": "none",
-        "enabled": "on",
-        "rpo_minutes": 15,
-        "rto_critical_minutes": 240,
-        "rto_full_minutes": 480,
-        "logical_retention_days": 30,
-        "base_retention_days": 30,
-        "wal_retention_days": 7,
-        "critical_tables": '["users"]',
-        "shrink_threshold_pct": 20,
-        "sandbox": "",
-        "new_password": "Rotated-Secret-2",
-    }
+    data = server_form(secret_server, new_password="Rotated-Secret-2")
     response = client.post(reverse("admin:backups_server_change", args=[secret_server.pk]), data)
     assert response.status_code == 302, response.content.decode()[:2000]
     secret_server.refresh_from_db()
@@ -136,23 +141,7 @@ def test_a_sysadmin_changes_the_password_without_seeing_it_and_the_journal_says_
 
 def test_a_wrong_password_in_the_admin_is_refused_with_one_line(client, sam, secret_server):
     client.force_login(sam)
-    data = {
-        "name": "maldives",
-        "dsn": secret_server.dsn,
-        "pg_bin": "",
-        "archiving": "none",
-        "enabled": "on",
-        "rpo_minutes": 15,
-        "rto_critical_minutes": 240,
-        "rto_full_minutes": 480,
-        "logical_retention_days": 30,
-        "base_retention_days": 30,
-        "wal_retention_days": 7,
-        "critical_tables": '["users"]',
-        "shrink_threshold_pct": 20,
-        "sandbox": "",
-        "new_password": "wrong-one",
-    }
+    data = server_form(secret_server, new_password="wrong-one")
     response = client.post(reverse("admin:backups_server_change", args=[secret_server.pk]), data)
     assert response.status_code == 200
     assert b"password authentication failed for user backup_user" in response.content

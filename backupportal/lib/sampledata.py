@@ -115,3 +115,15 @@ def create(conn, users=1000, audit_logs=20000, financial_records=10000, attachme
 
 def counts(conn, tables=("users", "roles", "audit_logs", "financial_records")):
     return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
+
+
+def create_scaled(conn, scale=1.0):
+    """The benchmarks' dataset: at scale 1, about 200 MiB on disk. Returns the database's size in bytes."""
+    create(
+        conn,
+        users=int(20000 * scale),
+        audit_logs=int(400000 * scale),
+        financial_records=int(200000 * scale),
+        attachment_every=5,
+    )
+    return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
