@@ -20,12 +20,13 @@ from datetime import datetime, timedelta
 from croniter import croniter
 from django.conf import settings
 from django.db import connection
+from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import alerts, rpo
 from backupportal.alerts import raise_alert, resolve_alert
 from backupportal.models import Alert
-from backups.models import BackupRun, BackupSchedule, Server, StorageLocation
+from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,8 @@ CHECKS = [
     Check("RPO", ("backupportal.monitor.check_rpo",), per_server=True),
     # WAL gap, archiving failing, pg_receivewal or its slot down: the WAL archiving code.
     Check("WAL", ("backups.wal.check_wal_health",), per_server=True),
-    # Storage under 20% free (and upload failures, corruption): the storage tiers' own check.
-    Check(
-        "storage",
-        (
-            "backups.storage.check_storage",
-            "backups.copies.check_storage",
-            "backupportal.monitor.check_storage_free",
-        ),
-    ),
+    Check("storage", ("backupportal.monitor.check_storage",)),
+    Check("copies", ("backupportal.monitor.check_copies",)),
     Check("maintenance", ("backupportal.maintenance.check_overdue",)),
 ]
 
@@ -235,35 +229,81 @@ def check_rpo(server):
         resolve_alert(Alert.Condition.RPO_BREACHED, server=server)
 
 
-def check_storage_free():
-    """Filesystem locations under 20% free (of their capacity_bytes, or of their filesystem)."""
-    unreadable = []
-    for location in StorageLocation.objects.exclude(kind=StorageLocation.Kind.S3):
-        figure = location.health() if location.enabled else {"ratio": None, "error": ""}
-        if figure["error"]:
-            unreadable.append(f"{location.name}: {figure['error']}")  # unknown: its alert is left as is
-        elif figure["ratio"] is None or figure["ratio"] >= StorageLocation.LOW_FREE:
-            resolve_alert(Alert.Condition.STORAGE_LOW, location=location)
-        else:
-            raise_alert(Alert.Condition.STORAGE_LOW, location=location, message=_low_storage_message(figure))
+def check_storage():
+    """Storage under 20% free: the storage tiers' own check, which opens and resolves the alerts.
+
+    A location whose free space cannot be read keeps its alert as it is; it is this check's
+    error, so that the monitor's output and journal show it.
+    """
+    from backups import storage
+
+    unreadable = [f"{r['location']}: {r['error']}" for r in storage.check_storage() if r["error"]]
     if unreadable:
         raise OSError("; ".join(unreadable))
 
 
-def _low_storage_message(figure):
-    location = figure["location"]
-    return (
-        f"Storage location {location.name} ({location.path}) has {figure['ratio']:.0%} free: "
-        f"{_size(figure['free'])} of {_size(figure['total'])}; the strategy asks for at least "
-        f"{StorageLocation.LOW_FREE:.0%}."
+def check_copies():
+    """Cloud upload failure per location, backup corruption per server, judged on the catalog.
+
+    backups.copies opens both the moment a copy fails or is found bad. The monitor holds them
+    while any kept artifact is still affected and resolves them once none is: also when the
+    run was retired or the location disabled, which no later copy would ever resolve. It opens
+    corruption for a copy marked bad without an alert (a PITR fetch that finds a WAL file
+    missing marks its copy bad and nothing more).
+    """
+    from backups.verify import bad_copies
+
+    for location in StorageLocation.objects.all():
+        failing = failing_copies(location)
+        if newest := _newest(failing):
+            raise_alert(Alert.Condition.UPLOAD_FAILED, location=location, message=_failing_message(newest, failing))
+        else:
+            resolve_alert(Alert.Condition.UPLOAD_FAILED, location=location)
+    for server in Server.objects.filter(enabled=True):  # a disabled server's alerts are resolved
+        bad = bad_copies(server)
+        if newest := _newest(bad):
+            raise_alert(Alert.Condition.CORRUPTION, server=server, message=_bad_message(newest, bad))
+        else:
+            resolve_alert(Alert.Condition.CORRUPTION, server=server)
+
+
+def failing_copies(location):
+    """Copies of kept artifacts into an enabled location whose last attempt failed.
+
+    A failed copy being retried right now (copying, its error not yet cleared) still counts:
+    resolving for the length of a retry would mail "resolved", then "opened" on its next failure.
+    """
+    if not location.enabled:
+        return BackupCopy.objects.none()
+    live = Q(run__isnull=False, run__deleted_at=None) | Q(wal_segment__isnull=False, wal_segment__deleted_at=None)
+    failed = Q(status=BackupCopy.Status.FAILED) | (Q(status=BackupCopy.Status.COPYING) & ~Q(last_error=""))
+    return BackupCopy.objects.filter(live, failed, location=location)
+
+
+def _newest(copies):
+    return copies.select_related("location", "run__server", "wal_segment__server").order_by("-pk").first()
+
+
+def _failing_message(newest, copies):
+    from backups.copies import owner_of
+
+    text = (
+        f"Copy of {owner_of(newest)} ({newest.artifact}) to {newest.location.name} failed on attempt "
+        f"{newest.attempts}: {newest.last_error}."
     )
+    if newest.status == BackupCopy.Status.FAILED and newest.next_attempt_at:
+        text += f" Next attempt at {timezone.localtime(newest.next_attempt_at):%Y-%m-%d %H:%M:%S}."
+    count = copies.count()
+    return text + (f" {count} copies to {newest.location.name} are waiting for a retry." if count > 1 else "")
+
+
+def _bad_message(newest, copies):
+    from backups.copies import owner_of
+
+    count = copies.count()
+    more = f" ({count} bad copies in all)" if count > 1 else ""
+    return f"Bad copy of {owner_of(newest)} in {newest.location.name}: {newest.last_error}{more}"
 
 
 def _local(when):
     return f"{timezone.localtime(when):%Y-%m-%d %H:%M}"
-
-
-def _size(n):
-    from django.template.defaultfilters import filesizeformat
-
-    return filesizeformat(n)

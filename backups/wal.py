@@ -571,7 +571,12 @@ def error_markers(server):
     return markers
 
 
-def archiver_failure(server):
+# What archiver_failure() and receiver_problem() return, when asked to, for a server they
+# cannot reach: the condition is unknown, which is neither a failure nor a recovery.
+UNREACHABLE = object()
+
+
+def archiver_failure(server, unreachable=None):
     """pg_stat_archiver's last failure when it is newer than its last success, else None."""
     import psycopg
 
@@ -581,14 +586,14 @@ def archiver_failure(server):
                 "SELECT failed_count, last_failed_wal, last_failed_time, last_archived_time FROM pg_stat_archiver"
             ).fetchone()
     except psycopg.Error:
-        return None  # unreachable: the monitor's own connection check reports that
+        return unreachable  # the RPO check reports the server unreachable
     failed_count, failed_wal, failed_at, archived_at = row
     if failed_count and failed_at and (archived_at is None or failed_at > archived_at):
         return f"PostgreSQL's archiver fails on {failed_wal} (last failure {timezone.localtime(failed_at):%Y-%m-%d %H:%M:%S})"
     return None
 
 
-def receiver_problem(server):
+def receiver_problem(server, unreachable=None):
     """Pull: the replication slot must exist and be in use by pg_receivewal."""
     import psycopg
 
@@ -598,7 +603,7 @@ def receiver_problem(server):
                 "SELECT active FROM pg_replication_slots WHERE slot_name = %s", [server.replication_slot]
             ).fetchone()
     except psycopg.Error:
-        return None
+        return unreachable
     if row is None:
         return f"replication slot {server.replication_slot} does not exist: start `manage.py receivewal {server.name}`"
     if not row[0]:
@@ -610,24 +615,30 @@ def receiver_problem(server):
 
 def check_wal_health(server):
     """What the monitor calls every minute: opens or resolves wal_gap, archive_failing, receiver_down."""
-    findings = {}
+    findings, unknown = {}, set()
     gaps = chain_gaps(server)
     if gaps:
         findings["wal_gap"] = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
     if server.archiving == Server.Archiving.PUSH:
         problems = [m.get("message") or f"{m.get('segment')}: {m.get('reason')}" for m in error_markers(server)]
-        failure = archiver_failure(server)
-        if failure:
+        failure = archiver_failure(server, unreachable=UNREACHABLE)
+        if failure is UNREACHABLE:
+            unknown.add("archive_failing")
+        elif failure:
             problems.append(failure)
         if problems:
             findings["archive_failing"] = "; ".join(problems)[:2000]
     if server.archiving == Server.Archiving.PULL:
-        problem = receiver_problem(server)
-        if problem:
+        problem = receiver_problem(server, unreachable=UNREACHABLE)
+        if problem is UNREACHABLE:
+            unknown.add("receiver_down")
+        elif problem:
             findings["receiver_down"] = problem
     for condition in ("wal_gap", "archive_failing", "receiver_down"):
         if condition in findings:
             raise_alert(condition, server=server, message=findings[condition])
-        else:
+        elif condition not in unknown:
+            # A server that cannot be asked has not recovered: resolving its alert would
+            # mail "resolved", then "opened" again once it answers (a storm on a flaky link).
             resolve_alert(condition, server=server)
     return findings

@@ -1,0 +1,305 @@
+"""The alert conditions of WAL archiving and storage tiers, end to end through the monitor and a
+real SMTP server: each is made true for real (a segment lost from the spool, a spool PostgreSQL
+cannot write, its archive program gone, pg_receivewal killed, the S3 endpoint down, a flipped
+byte in a stored copy, a WAL file gone from every tier); `monitor --once` then opens one alert
+and sends one mail, a second pass sends nothing more; the condition is put right for real and
+the next pass resolves the alert with one mail. A server that cannot be asked resolves nothing.
+"""
+
+import os
+import signal
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+
+from django.core.management import call_command
+from django.utils import timezone
+
+from backupportal.lib.pgcluster import free_port
+from backupportal.models import Alert
+from backups import wal
+from backups.copies import retry_due_copies
+from backups.models import BackupRun, WalSegment
+from tests.test_pitr import push_with_base
+from tests.test_pitr import restore as pitr
+from tests.test_storage import flip_byte
+from tests.test_wal_archive import archive_as_postgres
+from tests.test_wal_pull import pull, slot_active
+
+from .walhelpers import enable_push, run_command, switch_wal, wait_archived, wait_for
+
+pytest_plugins = ["tests.walfixtures"]
+DB = "reliabilitymaldives"
+SITE = "https://backups.reliabilitymaldives.com"
+
+
+# --- The monitor, as the schedule runs it, and what reached the SMTP server --------------------
+
+
+def monitor():
+    """One `manage.py monitor --once` pass; it exits 0 (no check broke, all mail went)."""
+    out = StringIO()
+    call_command("monitor", "--once", stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def mails_about(smtp, condition):
+    """The mails received about one condition (other conditions, such as the calendar's, aside)."""
+    label = Alert.Condition(condition).label
+    return [m for m in smtp.messages if m["Subject"].endswith(f": {label}")]
+
+
+def alerts_of(condition, subject):
+    return Alert.objects.filter(condition=condition, subject=subject)
+
+
+def opens_once(smtp, condition, subject, named):
+    """Two monitor passes while the condition holds: one alert, one mail saying what, since when, where."""
+    monitor()
+    alert = alerts_of(condition, subject).get()
+    assert alert.state == "open"
+    sent = mails_about(smtp, condition)
+    assert [m["Subject"] for m in sent] == [f"[backupportal] {named}: {alert.get_condition_display()}"]
+    body = sent[0].get_content()
+    assert f"What happened: {alert.message}" in body
+    assert f"Since: {timezone.localtime(alert.opened_at):%Y-%m-%d %H:%M:%S} (Indian/Maldives)" in body
+    assert f"{SITE}/alerts/{alert.pk}/" in body
+
+    monitor()  # it still holds: the same alert, seen again, and no second mail
+    assert alerts_of(condition, subject).get().state == "open"
+    assert len(mails_about(smtp, condition)) == 1
+    return alert
+
+
+def resolves_once(smtp, alert, named):
+    """The condition was put right: the next pass resolves the alert and mails that once."""
+    monitor()
+    alert.refresh_from_db()
+    assert alert.state == "resolved" and alert.resolved_at is not None
+    assert alerts_of(alert.condition, alert.subject).count() == 1  # resolved, nothing new opened
+    sent = mails_about(smtp, alert.condition)
+    assert [m["Subject"] for m in sent[1:]] == [f"[backupportal] RESOLVED {named}: {alert.get_condition_display()}"]
+    assert "the condition cleared by itself" in sent[1].get_content()
+    monitor()
+    assert len(mails_about(smtp, alert.condition)) == 2
+
+
+# --- WAL ------------------------------------------------------------------------------------
+
+
+def write_and_switch(cluster, table):
+    cluster.execute(f"CREATE TABLE {table} AS SELECT g AS x FROM generate_series(1, 1000) g", dbname=DB)
+    return switch_wal(cluster)
+
+
+def test_a_segment_lost_from_the_archive_is_a_wal_gap_until_it_is_archived_again(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, smtp_server
+):
+    enable_push(sample_cluster)
+    server.refresh_from_db()
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    names = [write_and_switch(sample_cluster, f"t{i}") for i in range(3)]
+    wait_archived(sample_cluster, names[-1])
+    # The middle segment vanishes from the spool before the portal ingests it: PostgreSQL
+    # counts it archived, the archive never had it.
+    lost = names[1]
+    (wal.spool_dir(server) / lost).unlink()
+    wal.ingest(server)
+
+    alert = opens_once(smtp_server, "wal_gap", "server:maldives", "maldives")
+    assert alert.message == f"WAL gap in the archive of maldives: segment {lost} is missing; PITR cannot cross it"
+
+    # The DBA archives it again from pg_wal (no checkpoint has recycled it yet), with the
+    # archive_command PostgreSQL runs; the next ingest fills the gap.
+    again = archive_as_postgres(server, sample_cluster.datadir / "pg_wal" / lost, lost)
+    assert again.returncode == 0, again.stderr
+    assert lost in wal.ingest(server).ingested
+    resolves_once(smtp_server, alert, "maldives")
+
+
+def test_a_spool_postgres_cannot_write_is_wal_archiving_failing_until_it_catches_up(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, smtp_server
+):
+    enable_push(sample_cluster)
+    server.refresh_from_db()
+    spool = wal.spool_dir(server)
+    spool.chmod(0o2550)  # read-only for postgres, as after a wrong chmod or a read-only mount
+    try:
+        failing = write_and_switch(sample_cluster, "t1")
+        wait_for(
+            lambda: sample_cluster.execute("SELECT last_failed_wal FROM pg_stat_archiver")[0][0] == failing,
+            what=f"the archiver to fail on {failing}",
+        )
+        alert = opens_once(smtp_server, "archive_failing", "server:maldives", "maldives")
+        assert f"cannot archive {failing} into {spool}: Permission denied" in alert.message
+        assert f"PostgreSQL's archiver fails on {failing}" in alert.message
+        assert sample_cluster.execute("SELECT failed_count FROM pg_stat_archiver")[0][0] >= 1
+    finally:
+        spool.chmod(0o2770)
+
+    # Writable again: a new segment wakes the archiver, which archives the backlog in order.
+    latest = write_and_switch(sample_cluster, "t2")
+    wait_archived(sample_cluster, latest)
+    assert not wal.error_markers(server)
+    resolves_once(smtp_server, alert, "maldives")
+
+
+def test_an_archive_program_gone_is_wal_archiving_failing_and_a_server_down_leaves_it_open(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, smtp_server
+):
+    enable_push(sample_cluster)
+    server.refresh_from_db()
+    # The program archive_command runs is gone (someone cleaned up its directory): python
+    # cannot even start it, so no marker is left; only PostgreSQL's own statistics tell.
+    wal.program_path().unlink()
+    failing = write_and_switch(sample_cluster, "t1")
+    wait_for(
+        lambda: sample_cluster.execute("SELECT last_failed_wal FROM pg_stat_archiver")[0][0] == failing,
+        what=f"the archiver to fail on {failing}",
+    )
+    assert not wal.error_markers(server)
+    alert = opens_once(smtp_server, "archive_failing", "server:maldives", "maldives")
+    assert alert.message.startswith(f"PostgreSQL's archiver fails on {failing} (last failure ")
+
+    # The server down: whether it archives is unknown, which is no recovery (and no mail).
+    sample_cluster.stop()
+    monitor()
+    alert.refresh_from_db()
+    assert alert.state == "open" and len(mails_about(smtp_server, "archive_failing")) == 1
+    sample_cluster.start()
+
+    assert run_command("archivecommand", "maldives")["_exit"] == 0  # installs the program again
+    latest = write_and_switch(sample_cluster, "t2")
+    wait_archived(sample_cluster, latest)
+    resolves_once(smtp_server, alert, "maldives")
+
+
+def test_pg_receivewal_killed_is_receiver_down_until_it_streams_again(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, smtp_server
+):
+    receiver = pull(server)
+    try:
+        receiver.start_child()
+        wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
+        monitor()
+        assert not alerts_of("receiver_down", "server:maldives").exists()
+
+        os.kill(receiver.child.proc.pid, signal.SIGKILL)
+        receiver.child.proc.wait()
+        wait_for(lambda: not slot_active(sample_cluster, server), what="the slot to be released")
+        alert = opens_once(smtp_server, "receiver_down", "server:maldives", "maldives")
+        assert alert.message == (
+            "nothing streams from slot backupportal_maldives: `manage.py receivewal maldives` is not running"
+        )
+
+        receiver.start_child()  # what the supervisor does after its pause
+        wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming again")
+        resolves_once(smtp_server, alert, "maldives")
+    finally:
+        receiver.stop_child()
+
+
+# --- Storage tiers ----------------------------------------------------------------------------
+
+
+def backup():
+    result = run_command("backup", "maldives")
+    assert result["status"] == "succeeded", result
+    return BackupRun.objects.get(pk=result["id"])
+
+
+def test_an_s3_endpoint_down_is_a_cloud_upload_failure_until_the_copy_is_made(
+    server, passphrase_file, tiers, smtp_server
+):
+    tiers.server.stop()
+    run = backup()  # the backup succeeds on the primary and the NAS; its copy to S3 fails
+    copy = run.copies.get(location__kind="s3", artifact="main")
+    assert copy.status == "failed"
+
+    alert = opens_once(smtp_server, "upload_failed", "location:s3", "location s3")
+    assert (
+        f"Copy of {run} (" in alert.message
+        and "to s3 failed on attempt 1: cannot reach the S3 endpoint" in alert.message
+    )
+    # Retried while still down: a second failure, the same alert, still one mail.
+    later = timezone.now() + timedelta(minutes=2)
+    assert retry_due_copies(now=later)["failed"] == 2  # the dump and its globals
+    monitor()
+    assert "failed on attempt 2" in alerts_of("upload_failed", "location:s3").get().message
+    assert len(mails_about(smtp_server, "upload_failed")) == 1
+
+    tiers.server.start()
+    assert retry_due_copies(now=later + timedelta(minutes=5))["copied"] == 2
+    copy.refresh_from_db()
+    assert copy.status == "ok" and copy.sha256 == run.sha256
+    resolves_once(smtp_server, alert, "location s3")
+
+
+def test_a_failing_location_disabled_by_the_sysadmin_no_longer_has_an_upload_failure(
+    server, passphrase_file, tiers, smtp_server
+):
+    tiers.server.stop()
+    backup()
+    alert = opens_once(smtp_server, "upload_failed", "location:s3", "location s3")
+    # The cloud tier is retired: its failed copies will never be retried, nothing waits for them.
+    s3 = tiers.locations["s3"]
+    s3.enabled = False
+    s3.save()
+    resolves_once(smtp_server, alert, "location s3")
+
+
+def verify():
+    """The weekly verify (`manage.py verify`): exit 1 when it finds a bad copy."""
+    return run_command("verify")
+
+
+def test_a_flipped_byte_in_a_stored_copy_is_corruption_until_the_copy_is_good_again(
+    server, passphrase_file, tiers, smtp_server
+):
+    run = backup()
+    nas_copy = tiers.nas / run.key
+    good = nas_copy.read_bytes()
+    nas_copy.write_bytes(flip_byte(good))
+    found = verify()
+    assert found["_exit"] == 1 and found["bad"] == 1
+
+    alert = opens_once(smtp_server, "corruption", "server:maldives", "maldives")
+    assert f"Bad copy of {run} in nas: sha256" in alert.message
+    assert verify()["bad"] == 1  # found again next week: still the same alert
+    monitor()
+    assert len(mails_about(smtp_server, "corruption")) == 1
+
+    nas_copy.write_bytes(good)  # put right from the primary
+    assert verify()["_exit"] == 0
+    resolves_once(smtp_server, alert, "maldives")
+
+
+def test_a_wal_file_a_restore_found_missing_is_corruption_until_it_is_back(
+    server, sample_cluster, passphrase_file, tiers, wal_spool, restored, smtp_server
+):
+    push_with_base(sample_cluster, server)
+    segment = WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno")[1]
+    assert set(segment.copies.values_list("location__name", "status")) == {("wal", "ok"), ("nas", "ok"), ("s3", "ok")}
+    # Gone from every tier. The restore looks at files before it starts, not at S3 objects:
+    # it fetches from S3, finds the object missing and marks that copy bad (with no alert).
+    files = [Path(c.location.path) / c.key for c in segment.copies.exclude(location__kind="s3")]
+    kept = [f.read_bytes() for f in files]
+    for f in files:
+        f.unlink()
+    s3_key = "backupportal/" + segment.key
+    body = tiers.s3.get_object(Bucket=tiers.bucket, Key=s3_key)["Body"].read()
+    tiers.s3.delete_object(Bucket=tiers.bucket, Key=s3_key)
+    result = pitr(restored(), free_port(), "--target", "latest")
+    assert f"WAL segment {segment.name} cannot be read intact from any location" in result["error"]
+    assert set(segment.copies.values_list("status", flat=True)) == {"bad"}
+    assert not Alert.objects.filter(condition="corruption").exists()  # the restore raised none
+
+    alert = opens_once(smtp_server, "corruption", "server:maldives", "maldives")
+    assert alert.message.startswith(f"Bad copy of {segment} in ") and "(3 bad copies in all)" in alert.message
+
+    # Put back from the operator's own copies; the weekly verify finds them good again.
+    for f, data in zip(files, kept, strict=True):
+        f.write_bytes(data)
+    tiers.s3.put_object(Bucket=tiers.bucket, Key=s3_key, Body=body)
+    assert verify()["_exit"] == 0
+    resolves_once(smtp_server, alert, "maldives")
