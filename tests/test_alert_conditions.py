@@ -13,6 +13,7 @@ from io import StringIO
 from pathlib import Path
 
 from django.core.management import call_command
+from django.urls import reverse
 from django.utils import timezone
 
 from backupportal.lib.pgcluster import free_port
@@ -303,3 +304,23 @@ def test_a_wal_file_a_restore_found_missing_is_corruption_until_it_is_back(
     tiers.s3.put_object(Bucket=tiers.bucket, Key=s3_key, Body=body)
     assert verify()["_exit"] == 0
     resolves_once(smtp_server, alert, "maldives")
+
+
+# --- The maintenance calendar ------------------------------------------------------------------
+
+
+def test_an_overdue_maintenance_task_alerts_once_and_resolves_when_completed_on_its_page(db, client, sam, smtp_server):
+    from backupportal.models import MaintenanceTask
+
+    monitor()  # puts the calendar in place: the strategy's own review was due on 2025-12-02
+    review = MaintenanceTask.objects.get(kind="strategy_review", completed_at=None)
+    alert = opens_once(smtp_server, "maintenance_overdue", f"task:{review.pk}", f"maintenance task #{review.pk}")
+    assert "Review of the backup strategy document was due on 2025-12-02" in alert.message
+    assert len(smtp_server.messages) == len(Alert.objects.all())  # one mail an overdue task, nothing twice
+
+    client.force_login(sam)
+    page = client.post(reverse("maintenance-complete", args=[review.pk]), {"evidence_url": "/journal/"})
+    assert page.status_code == 302
+    resolves_once(smtp_server, alert, f"maintenance task #{review.pk}")
+    following = MaintenanceTask.objects.get(kind="strategy_review", completed_at=None)
+    assert not alerts_of("maintenance_overdue", f"task:{following.pk}").exists()  # due in a quarter
