@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from backupportal.lib.pgcluster import as_db_user, pg_bin
 from backupportal.models import Alert, JournalEntry
-from backups.models import BackupRun
+from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRequest, RestoreRun, RestoreTest, ValidationCheck
 from restores.tasks import run_request
 
@@ -138,6 +138,19 @@ def test_a_sandbox_from_a_chosen_base_backup_and_a_rejected_request_that_never_r
     assert f"base backup #{base.pk}" in restore.target
     # The state at the end of the backup: the table created after it is not there.
     assert rows(restore.port, "SELECT count(*) FROM pg_tables WHERE tablename = 'probe'") == [(0,)]
+
+    # Approved, but the WAL chain lost a segment since: refused at run time, nothing written.
+    ask_sandbox(client, alice, server, run=base)
+    late = RestoreRequest.objects.filter(status="pending").get()
+    lost = WalSegment.objects.filter(server=server, segno__isnull=False, name__gte=base.start_wal).order_by("segno")[0]
+    lost.delete()
+    client.force_login(bob)
+    client.post(reverse("restore-request-approve", args=[late.pk]))
+    late.refresh_from_db()
+    failed = RestoreRun.objects.get(request=late)
+    assert late.status == "failed" and failed.status == "failed"
+    assert failed.error.startswith("refused: ") and lost.name in failed.error
+    assert [p.name for p in sandbox_root.iterdir()] == [Path(restore.into_datadir).name]
 
 
 def test_a_pitr_request_is_refused_when_the_time_or_backup_cannot_be_restored(
