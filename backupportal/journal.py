@@ -76,6 +76,7 @@ ACTIONS = {
     "restore_started": "a restore started",
     "restore_succeeded": "a restore succeeded",
     "restore_failed": "a restore failed",
+    "restore_test_requested": "a DBA asked for a restore test",
     "restore_test_started": "a restore test started",
     "restore_test_passed": "a restore test passed",
     "restore_test_failed": "a restore test failed",

@@ -172,6 +172,9 @@ RESTORE_JOBS = env.int("RESTORE_JOBS", default=2)
 BACKUP_ROOT = Path(env.str("BACKUP_ROOT", default=str(VAR_DIR / "backups")))
 WAL_ROOT = Path(env.str("WAL_ROOT", default=str(BACKUP_ROOT / "wal")))
 WAL_SPOOL = Path(env.str("WAL_SPOOL", default=str(VAR_DIR / "walspool")))
+# Sandbox clusters of approved PITR requests, and the throwaway clusters of base-backup restore
+# tests, on the portal's host: the postgres OS user must be able to traverse it.
+SANDBOX_ROOT = Path(env.str("SANDBOX_ROOT", default=str(VAR_DIR / "sandboxes")))
 NAS_ROOT = env.str("NAS_ROOT", default="")
 S3_BUCKET = env.str("S3_BUCKET", default="")
 S3_ENDPOINT_URL = env.str("S3_ENDPOINT_URL", default="")

@@ -5,7 +5,6 @@ from backups import views
 urlpatterns = [
     path("servers/<str:name>/", views.server_detail, name="server"),
     path("servers/<str:name>/backup/", views.backup_now, name="backup-now"),
-    path("servers/<str:name>/restoretest/", views.restore_test_now, name="restore-test-now"),
     path("servers/<str:name>/schedule/", views.schedule_edit, name="schedule-edit"),
     path("runs/<int:run_id>/", views.run_detail, name="run"),
     path("runs/<int:run_id>/progress.json", views.run_progress, name="run-progress"),

@@ -92,6 +92,10 @@ def _try_copy(copy, sink, encryption, plain_sha256):
             corrupt = reader.corrupt()  # the hash of every byte, including any gpg left unread
         except CopyCorrupt as e:  # noticed at the end of the file by gpg's feeder, re-raised here
             result, corrupt = None, e
+        except BrokenPipeError:
+            # gpg gave up on bad data before reading it all (a large artifact); python-gnupg
+            # re-raises its feeder's broken pipe. Whether the copy is corrupt, its hash says.
+            result, corrupt = None, reader.corrupt()
     except Exception:
         sink.abort()
         raise
@@ -103,6 +107,8 @@ def _try_copy(copy, sink, encryption, plain_sha256):
         return f"corrupt: {corrupt}", corrupt.mark_bad
     if errors:
         fault = f"cannot write the plaintext: {errors[0]}"
+    elif result is None:
+        fault = "gpg stopped reading it: the data is not what was encrypted"
     elif not result.ok:
         fault = f"gpg cannot decrypt it ({result.status or 'failed'})"
     elif plain_sha256 and getattr(sink, "sha256", None) and sink.sha256.hexdigest() != plain_sha256:

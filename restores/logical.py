@@ -291,7 +291,7 @@ def restore_from_command(run_id, actor, into_database=None, into_server=None, re
     return result
 
 
-def run_logical(run, target, dbname, actor, request=None):
+def run_logical(run, target, dbname, actor, request=None, restore_test=None):
     """Create the RestoreRun, restore, and record the outcome. Never raises RestoreFailed."""
     restore = RestoreRun.objects.create(
         kind=RestoreRun.Kind.LOGICAL,
@@ -301,6 +301,7 @@ def run_logical(run, target, dbname, actor, request=None):
         into_database=dbname,
         requested_by=actor,
         request=request,
+        restore_test=restore_test,
         status=RestoreRun.Status.RUNNING,
         started_at=timezone.now(),
     )

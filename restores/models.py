@@ -118,6 +118,9 @@ class RestoreRun(models.Model):
     target = models.CharField(max_length=100, blank=True, help_text="time, latest, LSN or restore point")
     recovered_to = models.CharField(max_length=100, blank=True)
     requested_by = models.CharField(max_length=150, blank=True)
+    restore_test = models.ForeignKey(
+        "RestoreTest", null=True, blank=True, on_delete=models.SET_NULL, related_name="restores"
+    )
 
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -154,6 +157,8 @@ class RestoreTest(models.Model):
         "backups.BackupRun", null=True, blank=True, on_delete=models.PROTECT, related_name="restore_tests"
     )
     status = models.CharField(max_length=7, choices=Status.choices, default=Status.RUNNING)
+    # What a running test is doing, for its page: queued, restoring, checking, cleaning up.
+    phase = models.CharField(max_length=12, blank=True)
     monthly = models.BooleanField(default=False, help_text="the strategy's monthly full restore test")
     started_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -167,6 +172,38 @@ class RestoreTest(models.Model):
 
     def __str__(self):
         return f"Restore test #{self.pk} {self.server} {self.status}"
+
+    def get_absolute_url(self):
+        return reverse("restore-test", args=[self.pk])
+
+    @property
+    def done(self):
+        return self.status != self.Status.RUNNING
+
+    @property
+    def state(self):
+        """What its page shows: the phase while it runs, then passed or failed."""
+        return self.status if self.done else (self.phase or self.status)
+
+    def elapsed_s(self):
+        """Since it was asked for (the queue included), until it finished."""
+        return ((self.finished_at or timezone.now()) - self.started_at).total_seconds()
+
+    def progress(self):
+        """The JSON its page polls: the same shape as a backup run's progress."""
+        restore = self.restores.order_by("-created_at").first()
+        return {
+            "id": self.pk,
+            "status": self.state,
+            "bytes_done": restore.bytes_done if restore else 0,
+            "elapsed_s": round(self.elapsed_s(), 1),
+            "error": self.error,
+            "done": self.done,
+        }
+
+    def set_phase(self, phase):
+        RestoreTest.objects.filter(pk=self.pk).update(phase=phase)
+        self.phase = phase
 
 
 # The strategy's objectives, for a drill that names no server.

@@ -123,19 +123,28 @@ def restore_from_command(
             into_datadir=into_datadir or "",
         )
         fail(f"restore refused: {e}")
+    return run_plan(plan, actor)
+
+
+def run_plan(plan, actor, request=None, restore_test=None):
+    """Restore as planned, leaving the new cluster running; the result dict (failed: exit_code 1)."""
     run = RestoreRun.objects.create(
         kind=RestoreRun.Kind.PITR,
         status=RestoreRun.Status.RUNNING,
-        server=server,
+        server=plan.server,
         backup_run=plan.base,
         into_datadir=str(plan.datadir),
         port=plan.port,
         target=plan.target.text,
         requested_by=actor,
+        request=request,
+        restore_test=restore_test,
         started_at=timezone.now(),
         heartbeat_at=timezone.now(),
     )
-    journal.record("pitr_started", actor=actor, obj=run, server=server.name, base_run=plan.base.pk, target=run.target)
+    journal.record(
+        "pitr_started", actor=actor, obj=run, server=plan.server.name, base_run=plan.base.pk, target=run.target
+    )
     try:
         execute(plan, run)
     except (RestoreFailed, Refused, FetchFailed, OSError) as e:
@@ -229,18 +238,24 @@ def make_plan(server, target, into_datadir, port) -> Plan:
         wal.ingest(server, actor="job:restore")  # the newest archived WAL first
     except wal.WalError:
         pass  # what is catalogued already is all there is
-    bases = sorted(
-        server.runs.good().filter(kind=BackupRun.Kind.BASE).exclude(start_wal=""),
-        key=lambda r: r.details.get("stop_time", ""),
-    )
-    if not bases:
-        raise Refused(f"{server} has no base backup to recover from: take one with backup {server.name} --kind base")
+    bases = good_bases(server)
     size = bases[-1].details.get("wal_segment_size") or server.wal_segment_size
     base = choose_base(bases, target)
     plan = Plan(server, target, datadir, port, base, bases, size, wal.segno_of(base.end_wal, size))
     plan.last = needed_through(plan)
     check_chain(plan)
     return plan
+
+
+def good_bases(server):
+    """The good base backups, oldest first; refused when there is none."""
+    bases = sorted(
+        server.runs.good().filter(kind=BackupRun.Kind.BASE).exclude(start_wal=""),
+        key=lambda r: r.details.get("stop_time", ""),
+    )
+    if not bases:
+        raise Refused(f"{server} has no base backup to recover from: take one with backup {server.name} --kind base")
+    return bases
 
 
 def check_datadir(into_datadir) -> Path:

@@ -6,7 +6,9 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.alerts import raise_alert, resolve_alert
-from backups.models import BackupRun
+from backupportal.lib.pgcluster import free_port
+from backups.models import BackupRun, Server
+from restores import pitr, sandbox
 from restores.logical import drop_database, run_logical
 from restores.models import RestoreRun, RestoreTest
 from restores.validation import check, run_checks
@@ -14,35 +16,92 @@ from restores.validation import check, run_checks
 CONDITION = "restore_test_failed"
 
 
-def run_restore_test(server, monthly=False, actor="job:restoretest"):
-    """Returns the finished RestoreTest (passed or failed); raises an alert when it failed."""
-    run = server.latest_good_backup(BackupRun.Kind.LOGICAL)
-    test = RestoreTest.objects.create(server=server, backup_run=run, monthly=monthly)
+def run_restore_test(server, monthly=False, actor="job:restoretest", kind=BackupRun.Kind.LOGICAL, test=None):
+    """Returns the finished RestoreTest (passed or failed); raises an alert when it failed.
+
+    `test` is one a DBA's click created (queued, so that its page exists at once); else a new one.
+    """
+    run = server.latest_good_backup(kind)
+    if test is None:
+        test = RestoreTest.objects.create(server=server, backup_run=run, monthly=monthly)
+    else:
+        test.backup_run, test.monthly = run, monthly
+        test.save(update_fields=["backup_run", "monthly"])
+    test.set_phase("restoring")
     journal.record("restore_test_started", actor=actor, obj=test, server=server.name, run=run.pk if run else None)
     if run is None:
-        return _finish(test, [check("backup", False, "no good logical backup to test: take one first")], None, actor)
+        return _finish(test, [check("backup", False, f"no good {kind} backup to test: take one first")], None, actor)
+    if kind == BackupRun.Kind.BASE:
+        return _test_base(test, run, actor)
+    return _test_logical(test, run, actor)
+
+
+def _test_logical(test, run, actor):
+    """Into a scratch database on the server itself, as the strategy does, or on its sandbox server."""
+    server = test.server
     target = server.sandbox or server
     dbname = f"restoretest_{test.pk}_{timezone.localtime():%Y%m%d%H%M%S}"
     started = time.monotonic()
-    restore = run_logical(run, target, dbname, actor)
+    restore = run_logical(run, target, dbname, actor, restore_test=test)
     if restore.status != RestoreRun.Status.SUCCEEDED:
         # A failed restore has already dropped what it created.
         return _finish(test, [check("restore", False, restore.error)], None, actor)
     try:
+        test.set_phase("checking")
         checks = [check("restore", True, restore.notes)] + run_checks(run, target, dbname)
         # The measured RTO: from the start of the restore to a checked, usable database.
         duration = time.monotonic() - started
     finally:
+        test.set_phase("cleaning up")
         drop_database(target, dbname)
     return _finish(test, checks, duration, actor)
+
+
+def _test_base(test, run, actor):
+    """Into a throwaway cluster on the portal's host: recovered to the end of the backup, checked, removed."""
+    datadir = sandbox.throwaway_datadir(test)
+    started = time.monotonic()
+    try:
+        checks = _restore_and_check_base(test, run, actor, datadir)
+        # The measured RTO, when it restored: to a recovered, checked cluster.
+        duration = time.monotonic() - started if checks[0]["ok"] else None
+    finally:
+        test.set_phase("cleaning up")
+        sandbox.remove_throwaway(datadir)
+    return _finish(test, checks, duration, actor)
+
+
+def _restore_and_check_base(test, run, actor, datadir):
+    try:
+        plan = pitr.make_plan(test.server, sandbox.target_for(run), str(datadir), free_port())
+    except pitr.Refused as e:
+        return [check("restore", False, f"refused: {e}")]
+    result = pitr.run_plan(plan, actor, restore_test=test)
+    if result["status"] != RestoreRun.Status.SUCCEEDED:
+        return [check("restore", False, result["error"])]
+    test.set_phase("checking")
+    restored = throwaway_server(test.server, plan.port)
+    return [check("restore", True, f"recovered to {result['recovered_to']}")] + run_checks(
+        run, restored, test.server.dbname
+    )
+
+
+def throwaway_server(server, port):
+    """The restored cluster, as a Server the checks can connect to (never saved)."""
+    # The restore listens on localhost only (pitr.recovery_settings).
+    return Server(
+        name=f"{server.name} (restored)",
+        dsn=f"postgresql://{server.user}@127.0.0.1:{port}/{server.dbname}",
+        password=server.password,
+    )
 
 
 def _finish(test, checks, duration, actor):
     passed = all(c["ok"] for c in checks)
     test.status = RestoreTest.Status.PASSED if passed else RestoreTest.Status.FAILED
-    test.checks, test.duration_s, test.finished_at = checks, duration, timezone.now()
+    test.checks, test.duration_s, test.finished_at, test.phase = checks, duration, timezone.now(), ""
     test.error = "" if passed else "; ".join(f"{c['name']}: {c['detail']}" for c in checks if not c["ok"])[:2000]
-    test.save(update_fields=["status", "checks", "duration_s", "finished_at", "error"])
+    test.save(update_fields=["status", "checks", "duration_s", "finished_at", "error", "phase"])
     journal.record(
         "restore_test_passed" if passed else "restore_test_failed",
         actor=actor,
@@ -67,6 +126,7 @@ def summary(test):
         "id": test.pk,
         "server": test.server.name,
         "backup_run": test.backup_run_id,
+        "kind": test.backup_run.kind if test.backup_run else None,
         "status": test.status,
         "monthly": test.monthly,
         "duration_s": round(test.duration_s, 3) if test.duration_s is not None else None,

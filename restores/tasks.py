@@ -3,10 +3,12 @@
 from backups.models import Server
 
 
-def run_restore_test(server_name, monthly=False):
+def run_restore_test(server_name, monthly=False, kind="logical", test_id=None):
+    from restores.models import RestoreTest
     from restores.restoretest import run_restore_test as run
 
-    return run(Server.objects.get(name=server_name), monthly=monthly).status
+    test = RestoreTest.objects.get(pk=test_id) if test_id else None
+    return run(Server.objects.get(name=server_name), monthly=monthly, kind=kind, test=test).status
 
 
 def run_request(request_id):
@@ -14,6 +16,7 @@ def run_request(request_id):
     from restores.logical import run_logical
     from restores.models import RestoreRequest
     from restores.replace import replace_production
+    from restores.sandbox import restore_request
 
     request = RestoreRequest.objects.select_related("server", "backup_run", "into_server").get(pk=request_id)
     if not request.start():
@@ -21,9 +24,12 @@ def run_request(request_id):
     actor = f"{request.requested_by.get_username()} (approved by {request.decided_by.get_username()})"
     if request.destination == RestoreRequest.Destination.REPLACE:
         return replace_production(request.backup_run, request, actor).status
-    restore = run_logical(
-        request.backup_run, request.into_server or request.server, request.target_database, actor, request=request
-    )
+    if request.destination == RestoreRequest.Destination.SANDBOX_CLUSTER:
+        restore = restore_request(request, actor)
+    else:
+        restore = run_logical(
+            request.backup_run, request.into_server or request.server, request.target_database, actor, request=request
+        )
     request.status = RestoreRequest.Status.SUCCEEDED if restore.status == "succeeded" else RestoreRequest.Status.FAILED
     request.save(update_fields=["status"])
     return restore.status

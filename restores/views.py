@@ -8,8 +8,9 @@ from django_q.tasks import async_task
 
 from backupportal import journal
 from backupportal.roles import require_perm
+from backups.models import BackupRun, Server
 from restores.forms import DecisionForm, RestoreRequestForm
-from restores.models import RestoreRequest, RestoreRun
+from restores.models import RestoreRequest, RestoreRun, RestoreTest
 
 
 def restore_requests(request):
@@ -111,3 +112,32 @@ def restore_progress(request, pk):
             "done": restore.status in ("succeeded", "failed"),
         }
     )
+
+
+@require_POST
+@require_perm("backups.run_backup")
+def restore_test_now(request, name):
+    """A DBA's click: the test exists (queued) at once, so that its page can follow it."""
+    server = get_object_or_404(Server, name=name)
+    kind = request.POST.get("kind", BackupRun.Kind.LOGICAL)
+    if kind not in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE):
+        messages.error(request, f"Unknown backup kind {kind!r}: a restore test is of a logical or a base backup.")
+        return redirect(server)
+    test = RestoreTest.objects.create(server=server, phase="queued")
+    actor = request.user.get_username()
+    journal.record("restore_test_requested", actor=actor, obj=test, server=server.name, kind=kind)
+    async_task(
+        "restores.tasks.run_restore_test", server.name, kind=kind, test_id=test.pk, task_name=f"restore test {server}"
+    )
+    messages.success(request, f"Restore test #{test.pk} of {server} queued; this page follows it.")
+    return redirect(test)
+
+
+def restore_test_detail(request, pk):
+    test = get_object_or_404(RestoreTest.objects.select_related("server", "backup_run"), pk=pk)
+    return render(request, "restores/test_detail.html", {"test": test, "restores": test.restores.all()})
+
+
+def restore_test_progress(request, pk):
+    """Polled by the test's page while it runs (static/js/progress.js): no manual reload."""
+    return JsonResponse(get_object_or_404(RestoreTest, pk=pk).progress())

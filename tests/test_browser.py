@@ -179,3 +179,21 @@ def test_an_auditor_finds_no_action_buttons(portal, browser, server):
     response = page.goto(portal + "/restores/new/")
     assert response.status == 403
     assert "Traceback" not in page.content()
+
+
+def test_a_dba_runs_a_restore_test_and_its_page_follows_it_until_it_passes(portal, browser, db):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    make_user("alice", "DBA")
+    call_command("backup", "maldives", stdout=StringIO())
+    page = log_in(browser, portal, "alice")
+    page.goto(portal + "/servers/maldives/")
+    page.click("button:has-text('Run a restore test')")
+    page.wait_for_url("**/restoretests/*/")
+    assert page.text_content("#run-status") in ("queued", "restoring", "checking", "cleaning up", "passed")
+    # The page polls the test's progress and shows the end by itself: no manual reload.
+    page.wait_for_selector("#run-status:has-text('passed')", timeout=120000)
+    assert "rows in audit_logs" in page.content() and "Measured RTO" in page.content()
+    shot(page, "restore-test")
