@@ -162,6 +162,9 @@ PG_DUMP_COMPRESS = env.int("PG_DUMP_COMPRESS", default=1)
 BACKUP_TIMEOUT = env.int("BACKUP_TIMEOUT", default=6 * 3600)
 # A base backup or an incremental run waits this long for its WAL to be archived and ingested.
 WAL_WAIT_SECONDS = env.int("WAL_WAIT_SECONDS", default=300)
+# pg_receivewal must stream this long before it counts as recovered (receiver_down resolves):
+# a receiver that keeps dying mails no "resolved" between its deaths.
+RECEIVER_STEADY_SECONDS = env.int("RECEIVER_STEADY_SECONDS", default=10)
 
 # pg_restore jobs for logical restores: 1 pipes the decrypted stream (no plaintext on disk);
 # more decrypts into a private scratch file first (0600, removed afterwards), as pg_restore -j

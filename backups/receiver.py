@@ -11,6 +11,8 @@ import signal
 import subprocess
 import time
 
+from django.conf import settings
+
 from backupportal import journal
 from backupportal.alerts import raise_alert, resolve_alert
 from backups import wal
@@ -19,8 +21,16 @@ from backups.pipeline import BackupFailed, Tool
 
 RESTART_PAUSES = [1, 2, 5, 10, 30]
 ALERT_AFTER_FAILURES = 3
-STEADY_AFTER = 10  # seconds of streaming that count as recovered
 INGEST_EVERY = 1.0
+
+
+def steady(streaming_seconds):
+    """A stream that has held this long counts as recovered: receiver_down may resolve.
+
+    The one rule for the supervisor, which times its own child, and for the monitor, which asks
+    the server how long the slot's walsender has been connected (backups.wal.receiver_problem).
+    """
+    return streaming_seconds >= settings.RECEIVER_STEADY_SECONDS
 
 
 class Receiver:
@@ -86,7 +96,7 @@ class Receiver:
                     self.child_died()
                 if self.child is None and not self._pause_then_start(should_stop):
                     continue
-                if self.failures and time.monotonic() - self.started_at > STEADY_AFTER:
+                if self.failures and steady(time.monotonic() - self.started_at):
                     self.failures = 0
                     resolve_alert("receiver_down", server=self.server)
                 if time.monotonic() - last_ingest >= INGEST_EVERY:

@@ -571,45 +571,113 @@ def error_markers(server):
     return markers
 
 
-# What archiver_failure() and receiver_problem() return, when asked to, for a server they
-# cannot reach: the condition is unknown, which is neither a failure nor a recovery.
-UNREACHABLE = object()
+# What archiver_failure(), push_problems() and receiver_problem() return, when asked to, for a
+# condition they cannot tell now: the server does not answer, or pg_receivewal has streamed too
+# briefly to count as recovered. Unknown is neither a failure nor a recovery.
+UNKNOWN = object()
+
+ARCHIVER_SQL = "SELECT failed_count, last_failed_wal, last_failed_time, last_archived_time FROM pg_stat_archiver"
+# The values PostgreSQL runs with (not what its configuration files say until a reload or restart).
+ARCHIVING_SETTINGS_SQL = (
+    "SELECT name, setting, pending_restart FROM pg_settings "
+    "WHERE name IN ('archive_mode', 'archive_command', 'archive_library')"
+)
 
 
-def archiver_failure(server, unreachable=None):
+def archiver_failure(server, unknown=None):
     """pg_stat_archiver's last failure when it is newer than its last success, else None."""
     import psycopg
 
     try:
         with server.connect() as conn:
-            row = conn.execute(
-                "SELECT failed_count, last_failed_wal, last_failed_time, last_archived_time FROM pg_stat_archiver"
-            ).fetchone()
+            return _archiver_failure(conn)
     except psycopg.Error:
-        return unreachable  # the RPO check reports the server unreachable
-    failed_count, failed_wal, failed_at, archived_at = row
+        return unknown  # the RPO check reports the server unreachable
+
+
+def _archiver_failure(conn):
+    failed_count, failed_wal, failed_at, archived_at = conn.execute(ARCHIVER_SQL).fetchone()
     if failed_count and failed_at and (archived_at is None or failed_at > archived_at):
         return f"PostgreSQL's archiver fails on {failed_wal} (last failure {timezone.localtime(failed_at):%Y-%m-%d %H:%M:%S})"
     return None
 
 
-def receiver_problem(server, unreachable=None):
-    """Pull: the replication slot must exist and be in use by pg_receivewal."""
+def push_problems(server, unknown=None):
+    """Push: what the server says keeps its WAL from the portal (its settings, its archiver), as a list."""
     import psycopg
 
     try:
         with server.connect() as conn:
+            running = {name: (value, pending) for name, value, pending in conn.execute(ARCHIVING_SETTINGS_SQL)}
+            problems = [archiving_settings_problem(server, running), _archiver_failure(conn)]
+    except psycopg.Error:
+        return unknown
+    return [p for p in problems if p]
+
+
+def archiving_settings_problem(server, running):
+    """The running setting that sends no WAL to the portal's spool, and what to do; None when all is set.
+
+    `running` maps archive_mode, archive_command and archive_library to (setting, pending_restart)
+    from pg_settings. With archive_mode off, or another archive_command, PostgreSQL reports no
+    archiving failure at all: WAL simply never arrives, and only the RPO would tell, much later.
+    """
+    lines = f"`manage.py archivecommand {server.name}` prints the lines to set"
+    mode, restart_pending = running["archive_mode"]
+    if mode not in ("on", "always"):
+        if restart_pending:
+            return f"archive_mode is {mode} on {server}: a new value is in its configuration; restart PostgreSQL"
+        return f"archive_mode is {mode} on {server}: set archive_mode = on and restart PostgreSQL ({lines})"
+    reload = "then reload (SELECT pg_reload_conf())"
+    library = running.get("archive_library", ("", False))[0]  # PostgreSQL 15 and newer
+    if library:
+        # The library, not archive_command, archives; its name is no secret.
+        return (
+            f"archive_library is {library} on {server}, so the portal's archive_command "
+            f"is not used: ALTER SYSTEM RESET archive_library, {reload}"
+        )
+    command = running["archive_command"][0]
+    if command != archive_command(server):
+        # Someone else's command is not repeated: it may hold a password or a key.
+        what = "empty" if not command else "not the portal's"
+        return (
+            f"archive_command is {what} on {server}: no WAL reaches {spool_dir(server)}; "
+            f"set it to what `manage.py archivecommand {server.name}` prints, {reload}"
+        )
+    return None
+
+
+def receiver_problem(server, unknown=None):
+    """Pull: the replication slot must exist and be in use by pg_receivewal, steadily.
+
+    A stream younger than the supervisor's steadiness window is `unknown`: the receiver may be
+    between two deaths (backups.receiver.steady is the one rule for both).
+    """
+    import psycopg
+
+    from backups.receiver import steady
+
+    try:
+        with server.connect() as conn:
             row = conn.execute(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = %s", [server.replication_slot]
+                # How long the walsender now holding the slot has been connected, by the server's clock.
+                "SELECT s.active, extract(epoch FROM now() - a.backend_start)::float8 "
+                "FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid "
+                "WHERE s.slot_name = %s",
+                [server.replication_slot],
             ).fetchone()
     except psycopg.Error:
-        return unreachable
+        return unknown
     if row is None:
         return f"replication slot {server.replication_slot} does not exist: start `manage.py receivewal {server.name}`"
-    if not row[0]:
+    active, streaming_for = row
+    if not active:
         return (
             f"nothing streams from slot {server.replication_slot}: `manage.py receivewal {server.name}` is not running"
         )
+    # backend_start is hidden only from another role (the portal's own role runs pg_receivewal): then steady.
+    if streaming_for is not None and not steady(streaming_for):
+        return unknown
     return None
 
 
@@ -620,17 +688,16 @@ def check_wal_health(server):
     if gaps:
         findings["wal_gap"] = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
     if server.archiving == Server.Archiving.PUSH:
-        problems = [m.get("message") or f"{m.get('segment')}: {m.get('reason')}" for m in error_markers(server)]
-        failure = archiver_failure(server, unreachable=UNREACHABLE)
-        if failure is UNREACHABLE:
+        problems = push_problems(server, unknown=UNKNOWN)
+        if problems is UNKNOWN:
             unknown.add("archive_failing")
-        elif failure:
-            problems.append(failure)
+            problems = []
+        problems += [m.get("message") or f"{m.get('segment')}: {m.get('reason')}" for m in error_markers(server)]
         if problems:
             findings["archive_failing"] = "; ".join(problems)[:2000]
     if server.archiving == Server.Archiving.PULL:
-        problem = receiver_problem(server, unreachable=UNREACHABLE)
-        if problem is UNREACHABLE:
+        problem = receiver_problem(server, unknown=UNKNOWN)
+        if problem is UNKNOWN:
             unknown.add("receiver_down")
         elif problem:
             findings["receiver_down"] = problem

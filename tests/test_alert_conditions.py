@@ -1,6 +1,7 @@
 """The alert conditions of WAL archiving and storage tiers, end to end through the monitor and a
 real SMTP server: each is made true for real (a segment lost from the spool, a spool PostgreSQL
-cannot write, its archive program gone, pg_receivewal killed, the S3 endpoint down, a flipped
+cannot write, its archive program gone, archive_mode turned off or another archive_command in
+place, pg_receivewal killed again and again, the S3 endpoint down, a flipped
 byte in a stored copy, a WAL file gone from every tier); `monitor --once` then opens one alert
 and sends one mail, a second pass sends nothing more; the condition is put right for real and
 the next pass resolves the alert with one mail. A server that cannot be asked resolves nothing.
@@ -8,6 +9,8 @@ the next pass resolves the alert with one mail. A server that cannot be asked re
 
 import os
 import signal
+import tempfile
+import time
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -16,7 +19,7 @@ from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.pgcluster import chown_to_db_user, free_port
 from backupportal.models import Alert
 from backups import wal
 from backups.copies import retry_due_copies
@@ -175,8 +178,68 @@ def test_an_archive_program_gone_is_wal_archiving_failing_and_a_server_down_leav
     resolves_once(smtp_server, alert, "maldives")
 
 
-def test_pg_receivewal_killed_is_receiver_down_until_it_streams_again(
+def test_archive_mode_off_or_another_archive_command_is_wal_archiving_failing_until_set_for_real(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, smtp_server
+):
+    enable_push(sample_cluster)
+    server.refresh_from_db()
+    # Turned off by someone, restarted: PostgreSQL archives nothing and reports no failure.
+    sample_cluster.execute("ALTER SYSTEM SET archive_mode = off")
+    sample_cluster.restart()
+    wal.ingest(server)  # what was archived until then
+    alert = opens_once(smtp_server, "archive_failing", "server:maldives", "maldives")
+    assert alert.message == (
+        "archive_mode is off on maldives: set archive_mode = on and restart PostgreSQL "
+        "(`manage.py archivecommand maldives` prints the lines to set)"
+    )
+
+    # Set back without the restart it needs (and another tool's archive_command with it):
+    # the running value is still off, and says so.
+    elsewhere = Path(tempfile.mkdtemp(prefix="bp-elsewhere-"))
+    chown_to_db_user(elsewhere)
+    sample_cluster.execute("ALTER SYSTEM SET archive_mode = on")
+    sample_cluster.execute(f"ALTER SYSTEM SET archive_command = 'AWS_SECRET_ACCESS_KEY=hunter2 cp %p {elsewhere}/%f'")
+    sample_cluster.reload()
+    assert still_open(smtp_server, alert).message == (
+        "archive_mode is off on maldives: a new value is in its configuration; restart PostgreSQL"
+    )
+
+    # Restarted: it archives, and PostgreSQL counts every segment archived, but none reaches the portal.
+    sample_cluster.restart()
+    elsewhere_wal = write_and_switch(sample_cluster, "t1")
+    wait_archived(sample_cluster, elsewhere_wal)
+    assert (elsewhere / elsewhere_wal).exists() and not wal.ingest(server).ingested
+    assert still_open(smtp_server, alert).message == (
+        f"archive_command is not the portal's on maldives: no WAL reaches {wal.spool_dir(server)}; set it to "
+        "what `manage.py archivecommand maldives` prints, then reload (SELECT pg_reload_conf())"
+    )
+    assert not any("hunter2" in m.get_content() for m in smtp_server.messages)  # another tool's secret
+
+    sample_cluster.execute("ALTER SYSTEM SET archive_command = ''")
+    sample_cluster.reload()
+    assert still_open(smtp_server, alert).message.startswith(
+        f"archive_command is empty on maldives: no WAL reaches {wal.spool_dir(server)}; set it to "
+    )
+
+    # Put right (the portal's line from postgresql.conf, reloaded): new WAL reaches the portal again.
+    sample_cluster.execute("ALTER SYSTEM RESET archive_command")
+    sample_cluster.reload()
+    latest = write_and_switch(sample_cluster, "t2")
+    wait_archived(sample_cluster, latest)
+    assert latest in wal.ingest(server).ingested
+    resolves_once(smtp_server, alert, "maldives")
+
+
+def still_open(smtp, alert):
+    """A monitor pass while the setting is still wrong: the alert stays open, its message current, no mail."""
+    monitor()
+    alert.refresh_from_db()
+    assert alert.state == "open" and len(mails_about(smtp, alert.condition)) == 1
+    return alert
+
+
+def test_pg_receivewal_that_keeps_dying_is_receiver_down_until_it_streams_steadily(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, smtp_server, settings
 ):
     receiver = pull(server)
     try:
@@ -185,19 +248,36 @@ def test_pg_receivewal_killed_is_receiver_down_until_it_streams_again(
         monitor()
         assert not alerts_of("receiver_down", "server:maldives").exists()
 
-        os.kill(receiver.child.proc.pid, signal.SIGKILL)
-        receiver.child.proc.wait()
-        wait_for(lambda: not slot_active(sample_cluster, server), what="the slot to be released")
+        kill_receiver(receiver, sample_cluster, server)
         alert = opens_once(smtp_server, "receiver_down", "server:maldives", "maldives")
         assert alert.message == (
             "nothing streams from slot backupportal_maldives: `manage.py receivewal maldives` is not running"
         )
 
-        receiver.start_child()  # what the supervisor does after its pause
-        wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming again")
+        # Restarted by its supervisor, it dies again within seconds, over and over: each pass
+        # that finds it streaming (for less than RECEIVER_STEADY_SECONDS, 10 s) resolves nothing.
+        for _ in range(3):
+            receiver.start_child()
+            wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming again")
+            still_open(smtp_server, alert)
+            kill_receiver(receiver, sample_cluster, server)
+            still_open(smtp_server, alert)
+
+        # It holds: once it has streamed for the window (lowered here, so the test need not wait
+        # 10 s), the alert resolves, once.
+        settings.RECEIVER_STEADY_SECONDS = 2
+        receiver.start_child()
+        wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming steadily")
+        time.sleep(settings.RECEIVER_STEADY_SECONDS)
         resolves_once(smtp_server, alert, "maldives")
     finally:
         receiver.stop_child()
+
+
+def kill_receiver(receiver, cluster, server):
+    os.kill(receiver.child.proc.pid, signal.SIGKILL)
+    receiver.child.proc.wait()
+    wait_for(lambda: not slot_active(cluster, server), what="the slot to be released")
 
 
 # --- Storage tiers ----------------------------------------------------------------------------

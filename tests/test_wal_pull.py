@@ -3,6 +3,7 @@
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -96,7 +97,9 @@ def test_a_pull_server_restores_the_newest_commit_from_the_partial_segment(
         receiver.stop_child()
 
 
-def test_the_monitor_sees_a_receiver_down_and_a_gap(server, sample_cluster, passphrase_file, backup_root, wal_spool):
+def test_the_monitor_sees_a_receiver_down_and_a_gap(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
+):
     from backupportal.models import Alert
 
     receiver = pull(server)
@@ -104,6 +107,11 @@ def test_the_monitor_sees_a_receiver_down_and_a_gap(server, sample_cluster, pass
     receiver.start_child()
     try:
         wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
+        # Streaming, but for less than RECEIVER_STEADY_SECONDS (10 s): not yet recovered.
+        assert "receiver_down" not in wal.check_wal_health(server)
+        assert Alert.objects.get(condition="receiver_down").state == "open"
+        settings.RECEIVER_STEADY_SECONDS = 1  # rather than wait 10 s
+        time.sleep(1)
         assert "receiver_down" not in wal.check_wal_health(server)
         assert Alert.objects.get(condition="receiver_down").state == "resolved"
         assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
