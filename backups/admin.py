@@ -7,7 +7,7 @@ from django.utils.html import format_html
 from django.utils.timesince import timesince
 
 from backupportal import journal
-from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, WalSegment
+from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, Verification, WalSegment
 
 
 class ReadOnlyHistoryAdmin(admin.ModelAdmin):
@@ -305,3 +305,31 @@ class WalSegmentAdmin(ReadOnlyHistoryAdmin):
     @admin.display(description="sha256")
     def short_sha256(self, obj):
         return obj.sha256[:12]
+
+
+@admin.register(Verification)
+class VerificationAdmin(ReadOnlyHistoryAdmin):
+    list_display = ["id", "what", "status", "requested_by", "created_at", "copies", "bytes", "duration_display"]
+    list_filter = ["status", ("created_at", admin.DateFieldListFilter)]
+    search_fields = ["=id", "=run__id", "requested_by"]
+    list_select_related = ["run__server"]
+    show_full_result_count = False
+
+    @admin.display(description="Of")
+    def what(self, obj):
+        if obj.run_id is None:
+            return "every copy"
+        return format_html('<a href="{}">run #{} ({})</a>', obj.get_absolute_url(), obj.run_id, obj.run.server)
+
+    @admin.display(description="Copies")
+    def copies(self, obj):
+        return f"{obj.copies_checked}/{obj.copies_total} ({obj.copies_bad} bad, {obj.copies_unreachable} unreachable)"
+
+    @admin.display(description="Bytes checked")
+    def bytes(self, obj):
+        return filesizeformat(obj.bytes_checked)
+
+    @admin.display(description="Duration")
+    def duration_display(self, obj):
+        d = obj.duration
+        return f"{d.total_seconds():.1f} s" if d is not None else "-"
