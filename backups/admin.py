@@ -1,8 +1,14 @@
+from datetime import date, datetime, timedelta
+
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import ShowFacets
 from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
 from django.db.models import Count, Q
 from django.template.defaultfilters import filesizeformat
+from django.utils import timezone
+from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
@@ -21,6 +27,69 @@ class ReadOnlyHistoryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+class CappedPaginator(Paginator):
+    """Counts no further than CAP rows. Over a million WAL segments an exact COUNT(*) reads the
+    whole table for a number nobody needs; past the cap the list says "10000+" and a filter
+    (server, day) narrows it. The count is of a LIMITed subquery, walking the page's own index."""
+
+    CAP = 10_000
+    capped = False
+
+    @cached_property
+    def count(self):
+        n = self.object_list[: self.CAP + 1].count()
+        self.capped = n > self.CAP
+        return min(n, self.CAP)
+
+
+class LargeHistoryAdmin(ReadOnlyHistoryAdmin):
+    """History that grows by the million (WAL segments, their copies): pages that never count it all."""
+
+    paginator = CappedPaginator
+    show_full_result_count = False
+    # "Show counts" would count every filter choice over the whole table.
+    show_facets = ShowFacets.NEVER
+
+
+class ArchivedDayFilter(admin.SimpleListFilter):
+    """One day of segments (in TIME_ZONE): a range on the indexed archived_at; any YYYY-MM-DD works,
+    the last fortnight is offered. No query: the choices are dates, not what the table holds."""
+
+    title = "day archived"
+    parameter_name = "archived_on"
+    OFFERED_DAYS = 14
+
+    def lookups(self, request, model_admin):
+        today = timezone.localdate()
+        days = [today - timedelta(days=i) for i in range(self.OFFERED_DAYS)]
+        return [(d.isoformat(), d.strftime("%a %d %b")) for d in days]
+
+    def queryset(self, request, queryset):
+        if not self.value():
+            return queryset
+        try:
+            day = date.fromisoformat(self.value())
+        except ValueError:
+            messages.warning(request, f"'{self.value()}' is not a day: use YYYY-MM-DD. Showing every day.")
+            return queryset
+        start = timezone.make_aware(datetime.combine(day, datetime.min.time()))
+        return queryset.filter(archived_at__gte=start, archived_at__lt=start + timedelta(days=1))
+
+
+class ArtifactFilter(admin.SimpleListFilter):
+    """The kinds of file a copy holds, listed here: Django's default would SELECT DISTINCT over every copy."""
+
+    title = "artifact"
+    parameter_name = "artifact"
+    KINDS = [("main", "main (dump or base)"), ("globals", "globals"), ("manifest", "manifest"), ("wal", "WAL segment")]
+
+    def lookups(self, request, model_admin):
+        return self.KINDS
+
+    def queryset(self, request, queryset):
+        return queryset.filter(artifact=self.value()) if self.value() else queryset
 
 
 class ServerForm(forms.ModelForm):
@@ -280,25 +349,38 @@ class BackupRunAdmin(ReadOnlyHistoryAdmin):
 
 
 @admin.register(BackupCopy)
-class BackupCopyAdmin(ReadOnlyHistoryAdmin):
+class BackupCopyAdmin(LargeHistoryAdmin):
     list_display = ["id", "location", "artifact", "key", "status", "attempts", "copied_at", "verified_at"]
-    list_filter = ["location", "status", "artifact"]
+    list_filter = ["location", "status", ArtifactFilter]
     search_fields = ["key", "sha256"]
     list_select_related = ["location"]
-    show_full_result_count = False
+    # Newest first on the primary key (created_at has no index: ids grow with it).
+    ordering = ["-id"]
+    sortable_by = ["id"]
 
 
 @admin.register(WalSegment)
-class WalSegmentAdmin(ReadOnlyHistoryAdmin):
+class WalSegmentAdmin(LargeHistoryAdmin):
     list_display = ["name", "server", "timeline", "human_size", "archived_at", "source", "short_sha256"]
-    list_filter = ["server", "source", ("archived_at", admin.DateFieldListFilter)]
-    search_fields = ["=name"]
+    # No date_hierarchy: its year/month/day links are a DISTINCT over every row of the period.
+    list_filter = ["server", ArchivedDayFilter, "source"]
+    search_fields = ["name"]
+    search_help_text = "A segment's exact file name, e.g. 000000010000000A0000003F or 00000002.history."
     list_select_related = ["server"]
-    date_hierarchy = "archived_at"
-    # A million rows: never COUNT(*) the whole table for the paginator's "of N".
-    show_full_result_count = False
+    # Newest first, on the (server, archived_at) and (archived_at) indexes; other sorts would sort it all.
+    ordering = ["-archived_at", "-id"]
+    sortable_by = ["archived_at"]
 
-    @admin.display(description="Size", ordering="size")
+    def get_search_results(self, request, queryset, search_term):
+        """An exact name on the wal_name index (the admin's own search is a case-blind scan);
+        the hex part in upper case as PostgreSQL names it, a suffix (.history, .partial) as it is."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        stem, dot, suffix = term.partition(".")
+        return queryset.filter(name=stem.upper() + dot + suffix), False
+
+    @admin.display(description="Size")
     def human_size(self, obj):
         return filesizeformat(obj.size)
 

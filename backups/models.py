@@ -605,6 +605,8 @@ class WalSegment(models.Model):
             models.Index(fields=["archived_at"], name="wal_archived"),
             # Used by the gap check, the incremental runs, restores and retention.
             models.Index(fields=["server", "segno"], name="wal_server_segno"),
+            # Used by the WAL catalog's search by segment name, whatever the server.
+            models.Index(fields=["name"], name="wal_name"),
         ]
 
     def __str__(self):
@@ -653,6 +655,8 @@ class BackupCopy(models.Model):
                 fields=["next_attempt_at"], name="copy_todo", condition=models.Q(status__in=["pending", "failed"])
             ),
             models.Index(fields=["location", "status"], name="copy_location_status"),
+            # Used by the copies catalog filtered by status (the bad ones, wherever they are).
+            models.Index(fields=["status"], name="copy_status"),
         ]
 
     def __str__(self):
