@@ -4,16 +4,27 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import ShowFacets
 from django.core.exceptions import ValidationError
-from django.core.paginator import Paginator
-from django.db.models import Count, Q
+from django.db.models import OuterRef, Prefetch, Subquery
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
-from django.utils.functional import cached_property
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince
 
 from backupportal import journal
+from backupportal.lib.pagination import CappedPaginator
 from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, Verification, WalSegment
+
+
+class CatalogColumns:
+    """Columns the catalogs share: sizes in human units, sha256 shortened."""
+
+    @admin.display(description="Size", ordering="size")
+    def human_size(self, obj):
+        return filesizeformat(obj.size) if obj.size is not None else "-"
+
+    @admin.display(description="sha256")
+    def short_sha256(self, obj):
+        return obj.sha256[:12]
 
 
 class ReadOnlyHistoryAdmin(admin.ModelAdmin):
@@ -27,21 +38,6 @@ class ReadOnlyHistoryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
-
-
-class CappedPaginator(Paginator):
-    """Counts no further than CAP rows. Over a million WAL segments an exact COUNT(*) reads the
-    whole table for a number nobody needs; past the cap the list says "10000+" and a filter
-    (server, day) narrows it. The count is of a LIMITed subquery, walking the page's own index."""
-
-    CAP = 10_000
-    capped = False
-
-    @cached_property
-    def count(self):
-        n = self.object_list[: self.CAP + 1].count()
-        self.capped = n > self.CAP
-        return min(n, self.CAP)
 
 
 class LargeHistoryAdmin(ReadOnlyHistoryAdmin):
@@ -151,10 +147,15 @@ class ServerAdmin(admin.ModelAdmin):
     def version(self, obj):
         return obj.version_display
 
-    @admin.display(description="Newest good logical backup")
+    def get_queryset(self, request):
+        # The newest good logical backup in the same query: no query per row.
+        newest = BackupRun.objects.good().filter(server=OuterRef("pk"), kind=BackupRun.Kind.LOGICAL)
+        newest = newest.order_by("-finished_at").values("finished_at")[:1]
+        return super().get_queryset(request).annotate(last_logical_at=Subquery(newest))
+
+    @admin.display(description="Newest good logical backup", ordering="last_logical_at")
     def last_logical(self, obj):
-        run = obj.latest_good_backup(BackupRun.Kind.LOGICAL)
-        return f"{timesince(run.finished_at)} ago" if run else "never"
+        return f"{timesince(obj.last_logical_at)} ago" if obj.last_logical_at else "never"
 
     def has_run_backup_permission(self, request):
         return request.user.has_perm("backups.run_backup")
@@ -263,23 +264,34 @@ class StorageLocationAdmin(admin.ModelAdmin):
         )
 
 
-class CopyInline(admin.TabularInline):
+def copies_prefetch():
+    """Each row's copies with their locations, fetched for the whole page in one query."""
+    return Prefetch("copies", queryset=BackupCopy.objects.select_related("location").order_by("location__name"))
+
+
+def copies_where(obj, artifact=None):
+    """Where the copies (of one artifact) are, with their status: "primary ok · nas ok · s3 failed"."""
+    copies = [c for c in obj.copies.all() if artifact is None or c.artifact == artifact]
+    if not copies:
+        return "none"
+    return format_html_join(
+        " · ", '<span class="status status-{}">{} {}</span>', ((c.status, c.location.name, c.status) for c in copies)
+    )
+
+
+class CopyInline(CatalogColumns, admin.TabularInline):
     model = BackupCopy
     extra = 0
     fields = ["location", "artifact", "key", "size", "short_sha256", "status", "attempts", "last_error", "verified_at"]
     readonly_fields = fields
     can_delete = False
 
-    @admin.display(description="sha256")
-    def short_sha256(self, obj):
-        return obj.sha256[:12]
-
     def has_add_permission(self, request, obj=None):
         return False
 
 
 @admin.register(BackupRun)
-class BackupRunAdmin(ReadOnlyHistoryAdmin):
+class BackupRunAdmin(CatalogColumns, ReadOnlyHistoryAdmin):
     list_display = [
         "id",
         "server",
@@ -290,7 +302,7 @@ class BackupRunAdmin(ReadOnlyHistoryAdmin):
         "human_size",
         "duration_display",
         "short_sha256",
-        "copies_ok",
+        "copies",
     ]
     list_filter = ["server", "kind", "status", "trigger", ("created_at", admin.DateFieldListFilter)]
     search_fields = ["=id", "server__name", "sha256", "key"]
@@ -312,15 +324,7 @@ class BackupRunAdmin(ReadOnlyHistoryAdmin):
             self.message_user(request, result.message, messages.SUCCESS if result.ok else messages.WARNING)
 
     def get_queryset(self, request):
-        # Copy counts in the same query: no query per row.
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                n_copies_ok=Count("copies", filter=Q(copies__status=BackupCopy.Status.OK)),
-                n_copies=Count("copies"),
-            )
-        )
+        return super().get_queryset(request).prefetch_related(copies_prefetch())
 
     @admin.display(description="Status", ordering="status")
     def status_badge(self, obj):
@@ -330,27 +334,30 @@ class BackupRunAdmin(ReadOnlyHistoryAdmin):
     def age(self, obj):
         return timesince(obj.finished_at or obj.created_at)
 
-    @admin.display(description="Size", ordering="size")
-    def human_size(self, obj):
-        return filesizeformat(obj.size) if obj.size is not None else "-"
-
     @admin.display(description="Duration")
     def duration_display(self, obj):
         d = obj.duration
         return f"{d.total_seconds():.1f} s" if d is not None else "-"
 
-    @admin.display(description="sha256")
-    def short_sha256(self, obj):
-        return obj.sha256[:12]
-
-    @admin.display(description="Copies OK")
-    def copies_ok(self, obj):
-        return f"{obj.n_copies_ok}/{obj.n_copies}"
+    @admin.display(description="Copies (main file)")
+    def copies(self, obj):
+        return copies_where(obj, "main")
 
 
 @admin.register(BackupCopy)
-class BackupCopyAdmin(LargeHistoryAdmin):
-    list_display = ["id", "location", "artifact", "key", "status", "attempts", "copied_at", "verified_at"]
+class BackupCopyAdmin(CatalogColumns, LargeHistoryAdmin):
+    list_display = [
+        "id",
+        "location",
+        "artifact",
+        "key",
+        "human_size",
+        "short_sha256",
+        "status",
+        "attempts",
+        "copied_at",
+        "verified_at",
+    ]
     list_filter = ["location", "status", ArtifactFilter]
     search_fields = ["key", "sha256"]
     list_select_related = ["location"]
@@ -360,8 +367,8 @@ class BackupCopyAdmin(LargeHistoryAdmin):
 
 
 @admin.register(WalSegment)
-class WalSegmentAdmin(LargeHistoryAdmin):
-    list_display = ["name", "server", "timeline", "human_size", "archived_at", "source", "short_sha256"]
+class WalSegmentAdmin(CatalogColumns, LargeHistoryAdmin):
+    list_display = ["name", "server", "timeline", "human_size", "archived_at", "source", "short_sha256", "copies"]
     # No date_hierarchy: its year/month/day links are a DISTINCT over every row of the period.
     list_filter = ["server", ArchivedDayFilter, "source"]
     search_fields = ["name"]
@@ -380,13 +387,12 @@ class WalSegmentAdmin(LargeHistoryAdmin):
         stem, dot, suffix = term.partition(".")
         return queryset.filter(name=stem.upper() + dot + suffix), False
 
-    @admin.display(description="Size")
-    def human_size(self, obj):
-        return filesizeformat(obj.size)
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related(copies_prefetch())
 
-    @admin.display(description="sha256")
-    def short_sha256(self, obj):
-        return obj.sha256[:12]
+    @admin.display(description="Copies")
+    def copies(self, obj):
+        return copies_where(obj)
 
 
 @admin.register(Verification)

@@ -125,6 +125,13 @@ def shot(page, name):
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+def assert_fits_a_tablet(page, width=768):
+    """No sideways scrolling at a tablet's width: wide tables scroll inside their own cards."""
+    page.set_viewport_size({"width": width, "height": 1000})
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"{page.url} is {overflow}px wider than a {width}px tablet"
+
+
 def test_a_dba_backs_up_now_and_watches_it_succeed(portal, browser, db):
     make_user("alice", "DBA")
     page = log_in(browser, portal, "alice")
@@ -134,12 +141,17 @@ def test_a_dba_backs_up_now_and_watches_it_succeed(portal, browser, db):
     # The page follows the run by itself until it succeeds.
     page.wait_for_selector("#run-status:has-text('succeeded')", timeout=120000)
     assert "sha256" in page.content()
+    assert_fits_a_tablet(page)
+    page.set_viewport_size({"width": 1280, "height": 900})
     page.goto(portal + "/")
     shot(page, "dashboard")
     page.click("text=maldives")
     shot(page, "server-page")
-    page.set_viewport_size({"width": 800, "height": 1000})  # a tablet
+    assert_fits_a_tablet(page)
     shot(page, "server-page-tablet")
+    for path in ["/", "/restores/", "/journal/", "/alerts/", "/drills/", "/maintenance/"]:
+        page.goto(portal + path)
+        assert_fits_a_tablet(page)
 
 
 def test_one_dba_requests_a_restore_another_approves_and_it_finishes(portal, browser, db, settings):
@@ -232,6 +244,7 @@ def test_a_dba_verifies_a_run_and_the_page_follows_it_to_verified(portal, browse
     assert page.inner_text("#verify-bytes") not in ("", "0 bytes")
     assert page.query_selector_all("text=ok") and "Traceback" not in page.content()
     shot(page, "verification")
+    assert_fits_a_tablet(page)
     verification_url = page.url
 
     page = log_in(browser, portal, "charlie")
