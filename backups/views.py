@@ -82,12 +82,15 @@ def verify_run(request, run_id):
 
 def verification_detail(request, pk):
     verification = get_object_or_404(Verification.objects.select_related("run__server"), pk=pk)
+    verification.fail_if_stale()  # a dead worker's verification says so, rather than "running" for ever
     return render(request, "backups/verification.html", {"verification": verification})
 
 
 def verification_progress(request, pk):
     """Polled by the verification page until it is done: no manual reload."""
-    return JsonResponse(get_object_or_404(Verification, pk=pk).progress())
+    verification = get_object_or_404(Verification, pk=pk)
+    verification.fail_if_stale()
+    return JsonResponse(verification.progress())
 
 
 @require_POST

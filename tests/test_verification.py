@@ -93,6 +93,17 @@ def test_one_verification_at_a_time_per_run_but_never_behind_a_dead_worker(
     assert run.verifications.first().status == "verified"
 
 
+def test_the_page_of_a_verification_whose_worker_died_stops_waiting(client, charlie, server):
+    from backups.models import BackupRun
+
+    run = BackupRun.objects.create(server=server, kind="logical", status="succeeded")
+    long_ago = timezone.now() - Verification.STALE_AFTER - timedelta(minutes=1)
+    stale = Verification.objects.create(run=run, status="running", started_at=long_ago, heartbeat_at=long_ago)
+    client.force_login(charlie)
+    progress = client.get(reverse("verification-progress", args=[stale.pk])).json()
+    assert progress["done"] and progress["status"] == "failed" and "no progress since" in progress["error"]
+
+
 def test_an_auditor_may_watch_but_not_verify(client, charlie, server, passphrase_file, tiers):
     _, run = good_backup()
     client.force_login(charlie)
