@@ -69,6 +69,7 @@ ACTIONS = {
     "wal_deleted": "retention deleted a WAL segment",
     "verify": "a run's copies were verified",
     "verify_all": "every copy was verified",
+    "verify_requested": "a DBA asked for a run's copies to be verified",
     "restore_requested": "a restore was requested",
     "restore_approved": "a restore request was approved",
     "restore_rejected": "a restore request was rejected",

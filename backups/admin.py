@@ -1,13 +1,30 @@
+from datetime import date, datetime, timedelta
+
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import ShowFacets
 from django.core.exceptions import ValidationError
-from django.db.models import Count, Q
+from django.db.models import OuterRef, Prefetch, Subquery
 from django.template.defaultfilters import filesizeformat
-from django.utils.html import format_html
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince
 
 from backupportal import journal
-from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, WalSegment
+from backupportal.lib.pagination import CappedPaginator
+from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, Verification, WalSegment
+
+
+class CatalogColumns:
+    """Columns the catalogs share: sizes in human units, sha256 shortened."""
+
+    @admin.display(description="Size", ordering="size")
+    def human_size(self, obj):
+        return filesizeformat(obj.size) if obj.size is not None else "-"
+
+    @admin.display(description="sha256")
+    def short_sha256(self, obj):
+        return obj.sha256[:12]
 
 
 class ReadOnlyHistoryAdmin(admin.ModelAdmin):
@@ -21,6 +38,54 @@ class ReadOnlyHistoryAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+class LargeHistoryAdmin(ReadOnlyHistoryAdmin):
+    """History that grows by the million (WAL segments, their copies): pages that never count it all."""
+
+    paginator = CappedPaginator
+    show_full_result_count = False
+    # "Show counts" would count every filter choice over the whole table.
+    show_facets = ShowFacets.NEVER
+
+
+class ArchivedDayFilter(admin.SimpleListFilter):
+    """One day of segments (in TIME_ZONE): a range on the indexed archived_at; any YYYY-MM-DD works,
+    the last fortnight is offered. No query: the choices are dates, not what the table holds."""
+
+    title = "day archived"
+    parameter_name = "archived_on"
+    OFFERED_DAYS = 14
+
+    def lookups(self, request, model_admin):
+        today = timezone.localdate()
+        days = [today - timedelta(days=i) for i in range(self.OFFERED_DAYS)]
+        return [(d.isoformat(), d.strftime("%a %d %b")) for d in days]
+
+    def queryset(self, request, queryset):
+        if not self.value():
+            return queryset
+        try:
+            day = date.fromisoformat(self.value())
+        except ValueError:
+            messages.warning(request, f"'{self.value()}' is not a day: use YYYY-MM-DD. Showing every day.")
+            return queryset
+        start = timezone.make_aware(datetime.combine(day, datetime.min.time()))
+        return queryset.filter(archived_at__gte=start, archived_at__lt=start + timedelta(days=1))
+
+
+class ArtifactFilter(admin.SimpleListFilter):
+    """The kinds of file a copy holds, listed here: Django's default would SELECT DISTINCT over every copy."""
+
+    title = "artifact"
+    parameter_name = "artifact"
+    KINDS = [("main", "main (dump or base)"), ("globals", "globals"), ("manifest", "manifest"), ("wal", "WAL segment")]
+
+    def lookups(self, request, model_admin):
+        return self.KINDS
+
+    def queryset(self, request, queryset):
+        return queryset.filter(artifact=self.value()) if self.value() else queryset
 
 
 class ServerForm(forms.ModelForm):
@@ -82,10 +147,15 @@ class ServerAdmin(admin.ModelAdmin):
     def version(self, obj):
         return obj.version_display
 
-    @admin.display(description="Newest good logical backup")
+    def get_queryset(self, request):
+        # The newest good logical backup in the same query: no query per row.
+        newest = BackupRun.objects.good().filter(server=OuterRef("pk"), kind=BackupRun.Kind.LOGICAL)
+        newest = newest.order_by("-finished_at").values("finished_at")[:1]
+        return super().get_queryset(request).annotate(last_logical_at=Subquery(newest))
+
+    @admin.display(description="Newest good logical backup", ordering="last_logical_at")
     def last_logical(self, obj):
-        run = obj.latest_good_backup(BackupRun.Kind.LOGICAL)
-        return f"{timesince(run.finished_at)} ago" if run else "never"
+        return f"{timesince(obj.last_logical_at)} ago" if obj.last_logical_at else "never"
 
     def has_run_backup_permission(self, request):
         return request.user.has_perm("backups.run_backup")
@@ -194,23 +264,34 @@ class StorageLocationAdmin(admin.ModelAdmin):
         )
 
 
-class CopyInline(admin.TabularInline):
+def copies_prefetch():
+    """Each row's copies with their locations, fetched for the whole page in one query."""
+    return Prefetch("copies", queryset=BackupCopy.objects.select_related("location").order_by("location__name"))
+
+
+def copies_where(obj, artifact=None):
+    """Where the copies (of one artifact) are, with their status: "primary ok · nas ok · s3 failed"."""
+    copies = [c for c in obj.copies.all() if artifact is None or c.artifact == artifact]
+    if not copies:
+        return "none"
+    return format_html_join(
+        " · ", '<span class="status status-{}">{} {}</span>', ((c.status, c.location.name, c.status) for c in copies)
+    )
+
+
+class CopyInline(CatalogColumns, admin.TabularInline):
     model = BackupCopy
     extra = 0
     fields = ["location", "artifact", "key", "size", "short_sha256", "status", "attempts", "last_error", "verified_at"]
     readonly_fields = fields
     can_delete = False
 
-    @admin.display(description="sha256")
-    def short_sha256(self, obj):
-        return obj.sha256[:12]
-
     def has_add_permission(self, request, obj=None):
         return False
 
 
 @admin.register(BackupRun)
-class BackupRunAdmin(ReadOnlyHistoryAdmin):
+class BackupRunAdmin(CatalogColumns, ReadOnlyHistoryAdmin):
     list_display = [
         "id",
         "server",
@@ -221,7 +302,7 @@ class BackupRunAdmin(ReadOnlyHistoryAdmin):
         "human_size",
         "duration_display",
         "short_sha256",
-        "copies_ok",
+        "copies",
     ]
     list_filter = ["server", "kind", "status", "trigger", ("created_at", admin.DateFieldListFilter)]
     search_fields = ["=id", "server__name", "sha256", "key"]
@@ -243,15 +324,7 @@ class BackupRunAdmin(ReadOnlyHistoryAdmin):
             self.message_user(request, result.message, messages.SUCCESS if result.ok else messages.WARNING)
 
     def get_queryset(self, request):
-        # Copy counts in the same query: no query per row.
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                n_copies_ok=Count("copies", filter=Q(copies__status=BackupCopy.Status.OK)),
-                n_copies=Count("copies"),
-            )
-        )
+        return super().get_queryset(request).prefetch_related(copies_prefetch())
 
     @admin.display(description="Status", ordering="status")
     def status_badge(self, obj):
@@ -261,47 +334,90 @@ class BackupRunAdmin(ReadOnlyHistoryAdmin):
     def age(self, obj):
         return timesince(obj.finished_at or obj.created_at)
 
-    @admin.display(description="Size", ordering="size")
-    def human_size(self, obj):
-        return filesizeformat(obj.size) if obj.size is not None else "-"
-
     @admin.display(description="Duration")
     def duration_display(self, obj):
         d = obj.duration
         return f"{d.total_seconds():.1f} s" if d is not None else "-"
 
-    @admin.display(description="sha256")
-    def short_sha256(self, obj):
-        return obj.sha256[:12]
-
-    @admin.display(description="Copies OK")
-    def copies_ok(self, obj):
-        return f"{obj.n_copies_ok}/{obj.n_copies}"
+    @admin.display(description="Copies (main file)")
+    def copies(self, obj):
+        return copies_where(obj, "main")
 
 
 @admin.register(BackupCopy)
-class BackupCopyAdmin(ReadOnlyHistoryAdmin):
-    list_display = ["id", "location", "artifact", "key", "status", "attempts", "copied_at", "verified_at"]
-    list_filter = ["location", "status", "artifact"]
+class BackupCopyAdmin(CatalogColumns, LargeHistoryAdmin):
+    list_display = [
+        "id",
+        "location",
+        "artifact",
+        "key",
+        "human_size",
+        "short_sha256",
+        "status",
+        "attempts",
+        "copied_at",
+        "verified_at",
+    ]
+    list_filter = ["location", "status", ArtifactFilter]
     search_fields = ["key", "sha256"]
     list_select_related = ["location"]
-    show_full_result_count = False
+    # Newest first on the primary key (created_at has no index: ids grow with it).
+    ordering = ["-id"]
+    sortable_by = ["id"]
 
 
 @admin.register(WalSegment)
-class WalSegmentAdmin(ReadOnlyHistoryAdmin):
-    list_display = ["name", "server", "timeline", "human_size", "archived_at", "source", "short_sha256"]
-    list_filter = ["server", "source", ("archived_at", admin.DateFieldListFilter)]
-    search_fields = ["=name"]
+class WalSegmentAdmin(CatalogColumns, LargeHistoryAdmin):
+    list_display = ["name", "server", "timeline", "human_size", "archived_at", "source", "short_sha256", "copies"]
+    # No date_hierarchy: its year/month/day links are a DISTINCT over every row of the period.
+    list_filter = ["server", ArchivedDayFilter, "source"]
+    search_fields = ["name"]
+    search_help_text = "A segment's exact file name, e.g. 000000010000000A0000003F or 00000002.history."
     list_select_related = ["server"]
-    date_hierarchy = "archived_at"
-    # A million rows: never COUNT(*) the whole table for the paginator's "of N".
+    # Newest first, on the (server, archived_at) and (archived_at) indexes; other sorts would sort it all.
+    ordering = ["-archived_at", "-id"]
+    sortable_by = ["archived_at"]
+
+    def get_search_results(self, request, queryset, search_term):
+        """An exact name on the wal_name index (the admin's own search is a case-blind scan);
+        the hex part in upper case as PostgreSQL names it, a suffix (.history, .partial) as it is."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        stem, dot, suffix = term.partition(".")
+        return queryset.filter(name=stem.upper() + dot + suffix), False
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related(copies_prefetch())
+
+    @admin.display(description="Copies")
+    def copies(self, obj):
+        return copies_where(obj)
+
+
+@admin.register(Verification)
+class VerificationAdmin(ReadOnlyHistoryAdmin):
+    list_display = ["id", "what", "status", "requested_by", "created_at", "copies", "bytes", "duration_display"]
+    list_filter = ["status", ("created_at", admin.DateFieldListFilter)]
+    search_fields = ["=id", "=run__id", "requested_by"]
+    list_select_related = ["run__server"]
     show_full_result_count = False
 
-    @admin.display(description="Size", ordering="size")
-    def human_size(self, obj):
-        return filesizeformat(obj.size)
+    @admin.display(description="Of")
+    def what(self, obj):
+        if obj.run_id is None:
+            return "every copy"
+        return format_html('<a href="{}">run #{} ({})</a>', obj.get_absolute_url(), obj.run_id, obj.run.server)
 
-    @admin.display(description="sha256")
-    def short_sha256(self, obj):
-        return obj.sha256[:12]
+    @admin.display(description="Copies")
+    def copies(self, obj):
+        return f"{obj.copies_checked}/{obj.copies_total} ({obj.copies_bad} bad, {obj.copies_unreachable} unreachable)"
+
+    @admin.display(description="Bytes checked")
+    def bytes(self, obj):
+        return filesizeformat(obj.bytes_checked)
+
+    @admin.display(description="Duration")
+    def duration_display(self, obj):
+        d = obj.duration
+        return f"{d.total_seconds():.1f} s" if d is not None else "-"

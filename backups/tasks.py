@@ -133,20 +133,30 @@ def retry_copies():
 
 
 def enqueue_verify(run, actor):
-    """The portal's "Verify copies now" (run page and admin action)."""
+    """The portal's "Verify copies now" (run page and admin action): a Verification its page follows."""
+    from backupportal import journal
+    from backups.models import Verification
+
     if run.deleted_at is not None or not run.copies.exists():
         return Outcome(False, f"Run #{run.pk} has no copies to verify (failed, or deleted by retention).", run)
-    async_task("backups.tasks.verify_copies", run.pk, actor, task_name=f"verify run #{run.pk}")
-    return Outcome(True, f"Verification of run #{run.pk} queued: each copy's status and time show below.", run)
+    current = next((v for v in run.verifications.active() if not v.fail_if_stale()), None)
+    if current is not None:
+        return Outcome(False, f"Run #{run.pk} is already being verified (verification #{current.pk}).", run)
+    verification = Verification.objects.create(run=run, requested_by=actor)
+    journal.record("verify_requested", actor=actor, obj=verification, server=run.server.name, run=run.pk)
+    async_task("backups.tasks.verify_copies", run.pk, actor, verification.pk, task_name=f"verify run #{run.pk}")
+    return Outcome(True, f"Verification of run #{run.pk} queued as #{verification.pk}: this page follows it.", run)
 
 
-def verify_copies(run_id=None, actor="job:verify"):
+def verify_copies(run_id=None, actor="job:verify", verification_id=None):
     """The weekly integrity check (every copy), or one run's when a DBA asks for it."""
-    from backups.verify import verify_all, verify_run
+    from backups.models import Verification
 
-    if run_id is None:
-        return verify_all(actor=actor)
-    return verify_run(BackupRun.objects.get(pk=run_id), actor=actor)
+    if verification_id is not None:
+        verification = Verification.objects.select_related("run").get(pk=verification_id)
+    else:
+        verification = Verification.objects.create(run_id=run_id, requested_by=actor)
+    return verification.execute()
 
 
 def next_cron_time(cron, after=None):

@@ -9,4 +9,6 @@ urlpatterns = [
     path("runs/<int:run_id>/", views.run_detail, name="run"),
     path("runs/<int:run_id>/progress.json", views.run_progress, name="run-progress"),
     path("runs/<int:run_id>/verify/", views.verify_run, name="verify-run"),
+    path("verifications/<int:pk>/", views.verification_detail, name="verification"),
+    path("verifications/<int:pk>/progress.json", views.verification_progress, name="verification-progress"),
 ]

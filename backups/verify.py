@@ -18,12 +18,13 @@ from backups.storage import MissingArtifact, StorageError, store_for
 CHECKED = [BackupCopy.Status.OK, BackupCopy.Status.BAD]
 
 
-def verify_copy(copy, actor="job:verify"):
+def verify_copy(copy, actor="job:verify", progress=None):
     """Re-read one copy. Returns (verdict, error): "ok", "bad", or "unreachable" (not checked)."""
     try:
         with VerifiedReader(copy, store_for(copy.location).open(copy.key)) as reader:
-            while reader.read(CHUNK):
-                pass
+            while chunk := reader.read(CHUNK):
+                if progress:
+                    progress.read(len(chunk))
     except MissingArtifact as e:
         mark_bad(copy, str(e), actor=actor)
         return "bad", str(e)
@@ -38,13 +39,18 @@ def verify_copy(copy, actor="job:verify"):
     return "ok", ""
 
 
-def _verify(copies, actor, list_all):
+def _verify(copies, actor, list_all, progress=None):
+    """progress (a Verification, or None) is told the totals, each chunk read and each verdict."""
     started = time.monotonic()
+    if progress:
+        progress.begin(copies)
     counts = {"ok": 0, "bad": 0, "unreachable": 0}
     listed, servers = [], set()
     for copy in copies.select_related("location", "run__server", "wal_segment__server").iterator(chunk_size=500):
-        verdict, error = verify_copy(copy, actor)
+        verdict, error = verify_copy(copy, actor, progress)
         counts[verdict] += 1
+        if progress:
+            progress.checked(verdict)
         servers.add(owner_of(copy).server_id)
         if list_all or verdict != "ok":
             listed.append(
@@ -75,18 +81,18 @@ def bad_copies(server):
     return BackupCopy.objects.filter(live, status=BackupCopy.Status.BAD)
 
 
-def verify_run(run, actor="job:verify"):
+def verify_run(run, actor="job:verify", progress=None):
     """Every copy of one run, in every location."""
-    result = {"run": run.pk, **_verify(run.copies.filter(status__in=CHECKED), actor, list_all=True)}
+    result = {"run": run.pk, **_verify(run.copies.filter(status__in=CHECKED), actor, True, progress)}
     _journal("verify", result, actor, obj=run)
     return result
 
 
-def verify_all(actor="job:verify"):
+def verify_all(actor="job:verify", progress=None):
     """Every copy of every kept run and WAL segment, in every location: the weekly check."""
     live = Q(run__isnull=False, run__deleted_at=None) | Q(wal_segment__isnull=False, wal_segment__deleted_at=None)
     copies = BackupCopy.objects.filter(live, status__in=CHECKED).order_by("pk")
-    result = {"run": None, **_verify(copies, actor, list_all=False)}
+    result = {"run": None, **_verify(copies, actor, False, progress)}
     _journal("verify_all", result, actor)
     return result
 

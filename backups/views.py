@@ -5,7 +5,7 @@ from django.views.decorators.http import require_POST
 
 from backupportal.charts import server_charts
 from backupportal.roles import require_perm
-from backups.models import BackupRun, Server
+from backups.models import BackupRun, Server, Verification
 
 
 def server_detail(request, name):
@@ -46,7 +46,8 @@ def backup_now(request, name):
 def run_detail(request, run_id):
     run = get_object_or_404(BackupRun.objects.select_related("server"), pk=run_id)
     copies = run.copies.select_related("location").order_by("location__name", "artifact")
-    return render(request, "backups/run.html", {"run": run, "copies": copies})
+    verifications = run.verifications.all()[:5]
+    return render(request, "backups/run.html", {"run": run, "copies": copies, "verifications": verifications})
 
 
 def run_progress(request, run_id):
@@ -75,7 +76,21 @@ def verify_run(request, run_id):
     run = get_object_or_404(BackupRun, pk=run_id)
     result = enqueue_verify(run, actor=request.user.get_username())
     (messages.success if result.ok else messages.warning)(request, result.message)
-    return redirect(run)
+    # To the new verification, or to the one already running: its page follows it.
+    return redirect(run.verifications.first() or run)
+
+
+def verification_detail(request, pk):
+    verification = get_object_or_404(Verification.objects.select_related("run__server"), pk=pk)
+    verification.fail_if_stale()  # a dead worker's verification says so, rather than "running" for ever
+    return render(request, "backups/verification.html", {"verification": verification})
+
+
+def verification_progress(request, pk):
+    """Polled by the verification page until it is done: no manual reload."""
+    verification = get_object_or_404(Verification, pk=pk)
+    verification.fail_if_stale()
+    return JsonResponse(verification.progress())
 
 
 @require_POST

@@ -364,7 +364,7 @@ def catalog(db, settings, tmp_path):
 
     from backupportal import journal
     from backupportal.models import Alert, MaintenanceTask
-    from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, WalSegment
+    from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, Verification, WalSegment
     from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
 
     settings.BACKUP_ROOT = tmp_path
@@ -379,6 +379,7 @@ def catalog(db, settings, tmp_path):
     )
     location = StorageLocation.objects.get(name="primary")
     copy = BackupCopy.objects.create(run=run, location=location, key="k", size=10, sha256="a" * 64, status="ok")
+    verification = Verification.objects.create(run=run, status="verified", requested_by="owner")
     segment = WalSegment.objects.create(
         server=server, timeline=1, name="000000010000000000000001", size=1, sha256="b" * 64, archived_at=timezone.now()
     )
@@ -393,7 +394,22 @@ def catalog(db, settings, tmp_path):
         kind="weekly_verify", completed_at=None, defaults={"due_on": timezone.localdate()}
     )
     entry = journal.record("test", actor="owner", obj=server)
-    objects = [server, schedule, run, location, copy, segment, request, restore, test, drill, alert, task, entry]
+    objects = [
+        server,
+        schedule,
+        run,
+        location,
+        copy,
+        verification,
+        segment,
+        request,
+        restore,
+        test,
+        drill,
+        alert,
+        task,
+        entry,
+    ]
     return {type(o): o for o in objects} | {"server": server, "run": run}
 
 

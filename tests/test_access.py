@@ -6,6 +6,7 @@ from django.contrib import admin
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from backupportal.models import Alert, JournalEntry, MaintenanceTask
+from backups.models import Verification
 from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
 from tests.conftest import DEMO_PASSWORD, make_user
 
@@ -44,6 +45,8 @@ READ = {
     "server",
     "run",
     "run-progress",
+    "verification",
+    "verification-progress",
     "journal",
     "journal-export",
     "journal-entry",
@@ -74,6 +77,8 @@ def portal_urls(catalog):
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
         "verify-run": [catalog["run"].pk],
+        "verification": [catalog[Verification].pk],
+        "verification-progress": [catalog[Verification].pk],
         "journal-entry": [entry.pk],
         "journal-object": [entry.pk],
         "drill": [drill.pk],

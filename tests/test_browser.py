@@ -2,16 +2,19 @@
 (gunicorn) with a real django-q2 worker (qcluster) and a real PostgreSQL cluster."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
+from io import StringIO
 from pathlib import Path
 
 import pytest
 
 from backupportal.lib.pgcluster import free_port
-from tests.conftest import DEMO_PASSWORD, make_user, portal_env
+from tests.conftest import DEMO_PASSWORD, descendants, make_user, portal_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +50,12 @@ def server(browser_cluster, db):
         browser_cluster.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
+class PortalUrl(str):
+    """The running portal's base URL; .worker is its qcluster process."""
+
+    worker = None
+
+
 @pytest.fixture
 def portal(settings, server, passphrase_file, backup_root):
     """gunicorn serving the portal and a qcluster worker, both on this test's database."""
@@ -69,7 +78,8 @@ def portal(settings, server, passphrase_file, backup_root):
         stdout=open(logs / "worker.log", "w"),
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = PortalUrl(f"http://127.0.0.1:{port}")
+    url.worker = worker
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -115,6 +125,13 @@ def shot(page, name):
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+def assert_fits_a_tablet(page, width=768):
+    """No sideways scrolling at a tablet's width: wide tables scroll inside their own cards."""
+    page.set_viewport_size({"width": width, "height": 1000})
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"{page.url} is {overflow}px wider than a {width}px tablet"
+
+
 def test_a_dba_backs_up_now_and_watches_it_succeed(portal, browser, db):
     make_user("alice", "DBA")
     page = log_in(browser, portal, "alice")
@@ -124,17 +141,20 @@ def test_a_dba_backs_up_now_and_watches_it_succeed(portal, browser, db):
     # The page follows the run by itself until it succeeds.
     page.wait_for_selector("#run-status:has-text('succeeded')", timeout=120000)
     assert "sha256" in page.content()
+    assert_fits_a_tablet(page)
+    page.set_viewport_size({"width": 1280, "height": 900})
     page.goto(portal + "/")
     shot(page, "dashboard")
     page.click("text=maldives")
     shot(page, "server-page")
-    page.set_viewport_size({"width": 800, "height": 1000})  # a tablet
+    assert_fits_a_tablet(page)
     shot(page, "server-page-tablet")
+    for path in ["/", "/restores/", "/journal/", "/alerts/", "/drills/", "/maintenance/"]:
+        page.goto(portal + path)
+        assert_fits_a_tablet(page)
 
 
 def test_one_dba_requests_a_restore_another_approves_and_it_finishes(portal, browser, db, settings):
-    from io import StringIO
-
     from django.core.management import call_command
 
     from backups.models import BackupRun
@@ -182,8 +202,6 @@ def test_an_auditor_finds_no_action_buttons(portal, browser, server):
 
 
 def test_a_dba_runs_a_restore_test_and_its_page_follows_it_until_it_passes(portal, browser, db):
-    from io import StringIO
-
     from django.core.management import call_command
 
     make_user("alice", "DBA")
@@ -197,3 +215,59 @@ def test_a_dba_runs_a_restore_test_and_its_page_follows_it_until_it_passes(porta
     page.wait_for_selector("#run-status:has-text('passed')", timeout=120000)
     assert "rows in audit_logs" in page.content() and "Measured RTO" in page.content()
     shot(page, "restore-test")
+
+
+@contextmanager
+def paused(process):
+    """The worker and its children stopped (SIGSTOP), so the page is seen waiting before it moves."""
+    pids = [process.pid, *descendants(process.pid)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def post_as_page(page, url):
+    """A POST with the page's session and CSRF token, as a hand-made form would send it."""
+    token = next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
+    return page.request.post(url, headers={"X-CSRFToken": token}, max_redirects=0)
+
+
+def test_a_dba_verifies_a_run_and_the_page_follows_it_to_verified(portal, browser, db):
+    from django.core.management import call_command
+
+    from backups.models import BackupRun
+
+    make_user("alice", "DBA")
+    make_user("charlie", "Auditor")
+    call_command("backup", "maldives", stdout=StringIO())
+    run = BackupRun.objects.get(status="succeeded")
+
+    page = log_in(browser, portal, "alice")
+    page.goto(portal + run.get_absolute_url())
+    with paused(portal.worker):
+        page.click("#verify")
+        page.wait_for_url("**/verifications/*/")
+        page.wait_for_selector("#verify-status:has-text('queued')")
+        assert "queued as" in page.inner_text(".messages")
+    # The worker takes it up: the page follows it by itself until the verdict.
+    page.wait_for_selector("#verify-status:has-text('verified')", timeout=60000)
+    copies = run.copies.count()
+    assert page.inner_text("#verify-copies") == str(copies)
+    assert page.inner_text("#verify-bytes") not in ("", "0 bytes")
+    assert page.query_selector_all("text=ok") and "Traceback" not in page.content()
+    shot(page, "verification")
+    assert_fits_a_tablet(page)
+    verification_url = page.url
+
+    page = log_in(browser, portal, "charlie")
+    page.goto(portal + run.get_absolute_url())
+    assert page.query_selector("#verify") is None and page.query_selector("main button") is None
+    page.goto(verification_url)  # an auditor may watch one
+    assert page.inner_text("#verify-status") == "verified"
+    response = post_as_page(page, portal + f"/runs/{run.pk}/verify/")
+    assert response.status == 403 and "CSRF" not in response.text()
+    assert run.verifications.count() == 1

@@ -1,4 +1,6 @@
-// Polls a run's progress while it is active, so the page never needs a manual reload.
+// Polls a page's progress JSON (a backup run's, a verification's) while it is active, so the
+// page never needs a manual reload. Inside #progress, an element with data-field="name" shows
+// the JSON's value of that name, formatted by data-format (bytes, seconds, status; else text).
 (function () {
   const box = document.getElementById("progress");
   if (!box || box.dataset.done) return;
@@ -9,17 +11,26 @@
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
     return (i ? n.toFixed(1) : n) + " " + units[i];
   };
+  const formats = {
+    bytes: human,
+    seconds: (s) => s.toFixed(1) + " s",
+    text: (v) => (v === null || v === undefined ? "" : String(v)),
+  };
+  function show(p) {
+    for (const el of box.querySelectorAll("[data-field]")) {
+      const value = p[el.dataset.field];
+      const format = el.dataset.format || "text";
+      el.textContent = (formats[format] || formats.text)(value);
+      if (format === "status") el.className = "status status-" + value;
+    }
+  }
   async function tick() {
     try {
       const r = await fetch(box.dataset.url, { headers: { Accept: "application/json" } });
       if (r.ok) {
         const p = await r.json();
-        const status = document.getElementById("run-status");
-        status.textContent = p.status;
-        status.className = "status status-" + p.status;
-        document.getElementById("run-bytes").textContent = human(p.bytes_done);
-        document.getElementById("run-elapsed").textContent = p.elapsed_s.toFixed(1) + " s";
-        document.getElementById("run-error").textContent = p.error || "";
+        show(p);
+        // Done: reload once for what only the full page shows (copies, results, messages).
         if (p.done) { window.location.reload(); return; }
       }
     } catch (e) { /* the next tick tries again */ }

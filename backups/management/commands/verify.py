@@ -3,8 +3,7 @@
 import getpass
 
 from backupportal.lib.commands import PortalCommand, fail
-from backups.models import BackupRun
-from backups.verify import verify_all, verify_run
+from backups.models import BackupRun, Verification
 
 
 class Command(PortalCommand):
@@ -15,9 +14,8 @@ class Command(PortalCommand):
 
     def run(self, run_id=None, **options):
         actor = f"os:{getpass.getuser()}"
-        if run_id is None:
-            result = verify_all(actor=actor)
-        else:
+        run = None
+        if run_id is not None:
             run = BackupRun.objects.filter(pk=run_id).first()
             if run is None:
                 fail(f"unknown run #{run_id}: see the runs list for the ids")
@@ -25,7 +23,8 @@ class Command(PortalCommand):
                 fail(f"run #{run_id} was deleted by retention on {run.deleted_at:%Y-%m-%d}: nothing is left to verify")
             if not run.copies.exists():
                 fail(f"run #{run_id} is {run.status} and has no copies to verify")
-            result = verify_run(run, actor=actor)
+        # Catalogued like the portal's and the weekly check's: its page shows it afterwards.
+        result = Verification.objects.create(run=run, requested_by=actor).execute()
         if result["bad"] or result["unreachable"]:
             self.stderr.write(
                 f"verify: {result['bad']} bad and {result['unreachable']} unreachable of {result['checked']} copies"
