@@ -57,6 +57,8 @@ READ = {
     "restore-requests",
     "restore-request",
     "restore-progress",
+    "restore-test",
+    "restore-test-progress",
     "alerts",
     "alert",
 }
@@ -90,6 +92,8 @@ def portal_urls(catalog):
         "restore-request-approve": [request.pk],
         "restore-request-reject": [request.pk],
         "restore-progress": [restore.pk],
+        "restore-test": [catalog[RestoreTest].pk],
+        "restore-test-progress": [catalog[RestoreTest].pk],
         "alert": [catalog[Alert].pk],
         "alert-acknowledge": [catalog[Alert].pk],
     }
