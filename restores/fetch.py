@@ -92,6 +92,8 @@ def _try_copy(copy, sink, encryption, plain_sha256):
             corrupt = reader.corrupt()  # the hash of every byte, including any gpg left unread
         except CopyCorrupt as e:  # noticed at the end of the file by gpg's feeder, re-raised here
             result, corrupt = None, e
+        except BrokenPipeError:  # gpg gave up mid-file (a flipped byte breaks its stream) and stopped reading
+            result, corrupt = None, reader.corrupt()
     except Exception:
         sink.abort()
         raise
@@ -103,8 +105,8 @@ def _try_copy(copy, sink, encryption, plain_sha256):
         return f"corrupt: {corrupt}", corrupt.mark_bad
     if errors:
         fault = f"cannot write the plaintext: {errors[0]}"
-    elif not result.ok:
-        fault = f"gpg cannot decrypt it ({result.status or 'failed'})"
+    elif result is None or not result.ok:
+        fault = f"gpg cannot decrypt it ({(result and result.status) or 'failed'})"
     elif plain_sha256 and getattr(sink, "sha256", None) and sink.sha256.hexdigest() != plain_sha256:
         fault = "decrypts to other bytes than were archived"
     else:

@@ -21,13 +21,14 @@ from backups import wal
 from backups.models import BackupCopy, BackupRun, WalSegment
 from backups.tasks import scheduled_job
 from backups.verify import verify_all
-from tests.conftest import child_named, descendants, manage, register
+from tests.conftest import child_named, descendants, manage, portal_env, register
 
 from .walhelpers import enable_push, switch_wal, wait_archived, wait_for
 
 pytest_plugins = ["tests.walfixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)  # manage.py and workers are other processes
 DB = "reliabilitymaldives"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- The five checks. ---------------------------------------------------------------------
@@ -75,7 +76,7 @@ def assert_next_scheduled_run_succeeds(kind):
         "created_at"
     ).error
     run = BackupRun.objects.get(details__scheduled_for=occurrence)
-    path = Path(run.copies.get(artifact="main").location.path) / run.key
+    path = Path(run.copies.get(artifact="main", location__kind="primary").location.path) / run.key
     assert path.is_file() and run.sha256 == sha256_file(path)
     return run
 
@@ -186,3 +187,276 @@ def test_the_database_stopped_mid_backup_fails_the_run_and_the_next_one_succeeds
     big_cluster.start()
     assert_next_scheduled_run_succeeds(kind)
     assert_nothing_archived_is_lost(big_server, archived)
+
+
+# --- 3. Two live workers taking the same scheduled job. --------------------------------------
+
+
+@pytest.fixture
+def workers(settings):
+    """Start real `manage.py qcluster` processes on this test's database and broker; stopped after."""
+    import subprocess
+    import sys
+
+    started = []
+
+    def start(count):
+        for _ in range(count):
+            log = open(Path(settings.VAR_DIR) / f"qcluster-{os.getpid()}-{len(started)}.log", "w")
+            started.append(
+                subprocess.Popen(
+                    [sys.executable, "manage.py", "qcluster"],
+                    cwd=ROOT,
+                    env=portal_env(settings, Q_SYNC="0"),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        return started
+
+    yield start
+    for proc in started:
+        proc.terminate()  # qcluster stops cleanly on SIGTERM to its main process
+    for proc in started:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            for pid in descendants(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+
+
+def test_two_workers_on_one_due_schedule_take_one_backup(server, passphrase_file, backup_root, workers, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+    from django_q.conf import Conf
+    from django_q.models import Schedule, Task
+    from django_q.tasks import async_task
+
+    from backups.models import BackupSchedule
+    from backups.tasks import sync_schedule
+
+    Schedule.objects.all().delete()  # the portal-wide ones (monitor, copies): only the backup is due here
+    due = sync_schedule(BackupSchedule.objects.create(server=server, job="logical", cron="0 2 * * *"))
+    due.next_run = timezone.now().replace(microsecond=0) - timedelta(seconds=1)
+    due.save()
+    occurrence = Schedule.objects.get(pk=due.pk).next_run.isoformat()  # what the scheduler passes on
+    # At-least-once delivery: the same occurrence also sits twice in the broker, as a redelivery would put it.
+    monkeypatch.setattr(Conf, "SYNC", False)
+    for _ in range(2):
+        async_task("backups.tasks.scheduled_job", "maldives", "logical", scheduled_for=occurrence, sync=False)
+
+    procs = workers(2)
+    done = wait_for(
+        lambda: (
+            Task.objects.filter(func="backups.tasks.scheduled_job").count() == 3
+            and list(Task.objects.filter(func="backups.tasks.scheduled_job"))
+        ),
+        timeout=90,
+        what="both deliveries and the scheduler's own to be worked",
+    )
+    assert all(p.poll() is None for p in procs)  # both workers lived through it
+    results = sorted(str(t.result) for t in done)
+    assert results.count("succeeded") == 1, results
+    assert all("already taken by run #" in r for r in results if r != "succeeded"), results
+
+    run = BackupRun.objects.get(details__scheduled_for=occurrence)
+    assert BackupRun.objects.count() == 1
+    assert run.status == "succeeded" and run.trigger == "scheduled"
+    assert Schedule.objects.get(pk=due.pk).next_run > timezone.now()
+    assert_nothing_good_looking_is_bad(backup_root)
+    trees = [descendants(p.pid) for p in procs]
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert_no_orphans([pid for tree in trees for pid in tree])
+    assert_next_scheduled_run_succeeds("logical")
+    assert verify_all()["bad"] == 0
+
+
+def test_a_run_on_another_host_is_judged_by_its_heartbeat_not_by_a_local_pid(server):
+    from django.utils import timezone
+
+    from backups.runner import HOST, fail_orphans
+
+    dead_pid = 2**22 + 7  # above pid_max's default: no such process here
+    elsewhere = BackupRun.objects.create(
+        server=server, kind="logical", status="running", pid=dead_pid, heartbeat_at=timezone.now(), details={}
+    )
+    elsewhere.details["host"] = f"not-{HOST}"
+    elsewhere.save()
+    here = BackupRun.objects.create(
+        server=server, kind="base", status="running", pid=dead_pid, heartbeat_at=timezone.now(), details={"host": HOST}
+    )
+    assert fail_orphans() == [here]
+    elsewhere.refresh_from_db()
+    assert elsewhere.status == "running"  # its worker, on the other host, is beating
+
+
+# --- 4. The portal's own database unreachable while the archive command runs. -------------------
+
+
+@pytest.fixture
+def portal_db(pg_base_dir, pg_template):
+    """A PostgreSQL cluster of its own holding the portal's catalog: one this test can stop."""
+    from backupportal.lib.pgcluster import Cluster
+
+    cluster = Cluster.create(base_dir=pg_base_dir, template=pg_template)
+    cluster.start()
+    cluster.create_database("portal")
+    yield cluster
+    cluster.destroy()
+
+
+def test_archiving_goes_on_while_the_portals_database_is_down_and_ingest_catches_up(
+    sample_cluster, portal_db, passphrase_file, backup_root, wal_spool, settings
+):
+    """The archive command never touches the catalog: WAL waits in the spool and is ingested later."""
+    import subprocess
+    import sys
+
+    env = portal_env(settings, DATABASE_URL=f"postgres://postgres@127.0.0.1:{portal_db.port}/portal", Q_BROKER_URL="")
+
+    def portal(*args):
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    def catalog(sql):
+        return portal_db.execute(sql, dbname="portal")
+
+    assert portal("migrate", "--noinput")[0] == 0
+    assert portal("addserver", "maldives", "--dsn", sample_cluster.dsn(DB))[0] == 0
+    code, out, err = portal("archivecommand", "maldives")
+    assert code == 0, err
+    with open(sample_cluster.datadir / "postgresql.conf", "a") as f:
+        f.write("\n".join(line for line in out.splitlines() if not line.startswith("#")) + "\n")
+    sample_cluster.restart()
+    before = [switch_wal(sample_cluster) for _ in range(2)]
+    wait_archived(sample_cluster, before[-1])
+    assert portal("ingestwal", "maldives")[0] == 0
+
+    portal_db.stop("fast")  # the portal's catalog goes down
+    during = []
+    for i in range(3):
+        sample_cluster.execute(f"CREATE TABLE during_{i}(x int)", dbname=DB)
+        during.append(switch_wal(sample_cluster))
+    wait_archived(sample_cluster, during[-1])
+    # PostgreSQL's archiver never saw a failure: each segment is durably in the spool.
+    assert sample_cluster.execute("SELECT failed_count FROM pg_stat_archiver")[0][0] == 0
+    spool = Path(settings.WAL_SPOOL) / "maldives"
+    size = sample_cluster.execute("SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size'")[0][0]
+    assert all((spool / name).stat().st_size == size for name in during)
+    # The worker's ingest fails in one clear line and takes nothing out of the spool.
+    code, out, err = portal("ingestwal", "maldives")
+    assert code == 1 and "the portal's own database cannot be used" in err and "Connection refused" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert all((spool / name).exists() for name in during)
+    archiver_children = [p for p in descendants(sample_cluster.postmaster_pid()) if b"archive_wal" in cmdline(p)]
+    assert_no_orphans(archiver_children)
+
+    portal_db.start()
+    code, out, err = portal("ingestwal", "maldives", "--json")  # what the every-minute schedule runs
+    assert code == 0, err
+    assert json_result(out)["servers"]["maldives"]["ingested"] >= len(during)
+    catalogued = dict(catalog("SELECT name, segno FROM backups_walsegment WHERE deleted_at IS NULL"))
+    assert set(before + during) <= set(catalogued)
+    first, last = catalogued[min(before)], catalogued[max(during)]
+    assert set(range(first, last + 1)) <= set(catalogued.values())  # no segment lost in between
+    assert not [n for n in os.listdir(spool) if n.endswith(".tmp") or n in during]
+    good = {
+        Path(path) / key: sha256
+        for path, key, sha256 in catalog(
+            "SELECT l.path, c.key, c.sha256 FROM backups_backupcopy c "
+            "JOIN backups_storagelocation l ON l.id = c.location_id WHERE c.status = 'ok'"
+        )
+    }
+    files = {p for p in Path(backup_root).rglob("*") if p.is_file()}
+    assert files == set(good) and all(sha256_file(p) == good[p] for p in files)
+    # The portal is whole again: the next backup, which waits for its WAL to be ingested, succeeds.
+    code, out, err = portal("backup", "maldives", "--kind", "base", "--json")
+    assert code == 0 and json_result(out)["status"] == "succeeded", err
+
+
+def cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+# --- 5. A flipped byte in a base backup. ---------------------------------------------------------
+
+
+def flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def pitr_latest(datadir, port):
+    from .walhelpers import run_command
+
+    return run_command(
+        "restore", "--server", "maldives", "--target", "latest", "--into-datadir", str(datadir), "--port", str(port)
+    )
+
+
+def test_a_flipped_byte_in_a_base_backup_is_caught_and_never_restored(
+    server, sample_cluster, passphrase_file, backup_root, nas_root, wal_spool, restored
+):
+    from backupportal.lib.pgcluster import free_port
+    from backups.models import StorageLocation
+
+    from .walhelpers import rows, run_command
+
+    StorageLocation.sync_from_settings()  # the NAS mirror
+    enable_push(sample_cluster)
+    base = run_command("backup", "maldives", "--kind", "base")
+    assert base["status"] == "succeeded" and {c["status"] for c in base["copies"]} == {"ok"}, base
+    run = BackupRun.objects.get(pk=base["id"])
+    archived = archive_some(sample_cluster, server)
+    primary, nas = (run.copies.get(artifact="main", location__name=name) for name in ("primary", "nas"))
+    flip_byte(Path(primary.location.path) / primary.key)
+
+    # The weekly verify (or a DBA's) marks the copy corrupt and alerts.
+    result = run_command("verify", str(run.pk))
+    assert result["_exit"] == 1 and result["bad"] == 1, result
+    primary.refresh_from_db()
+    assert primary.status == "bad" and "sha256" in primary.last_error
+    assert Alert.objects.get(condition="corruption", state="open").server == server
+
+    # PITR reads the good NAS copy instead, and the data is right.
+    port = free_port()
+    result = pitr_latest(restored(), port)
+    assert result["status"] == "succeeded", result
+    assert result["base_backup"] == run.pk
+    assert rows(port, "SELECT count(*) FROM before_2") == [(0,)]
+
+    # Now the last good copy rots too, unseen by verify: the restore catches it while streaming.
+    flip_byte(Path(nas.location.path) / nas.key)
+    datadir, port = restored(), free_port()
+    result = pitr_latest(datadir, port)
+    assert result["_exit"] == 1 and result["status"] == "failed", result
+    assert f"base backup #{run.pk} cannot be read intact from any location" in result["error"]
+    assert "nas: corrupt: sha256" in result["error"]
+    assert not datadir.exists()  # nothing restored, nothing started
+    nas.refresh_from_db()
+    assert nas.status == "bad"
+    assert child_named(os.getpid(), "tar") is None and child_named(os.getpid(), "gpg") is None
+
+    # Every copy the catalog still calls good hashes right; the next scheduled base backup restores.
+    for copy in BackupCopy.objects.filter(status="ok").select_related("location"):
+        assert sha256_file(Path(copy.location.path) / copy.key) == copy.sha256, copy.key
+    fresh = assert_next_scheduled_run_succeeds("base")
+    port = free_port()
+    result = pitr_latest(restored(), port)
+    assert result["status"] == "succeeded" and result["base_backup"] == fresh.pk, result
+    assert rows(port, "SELECT count(*) FROM before_2") == [(0,)]
+    present = set(WalSegment.objects.filter(server=server, deleted_at=None).values_list("name", flat=True))
+    assert set(archived) <= present
+    first, last = (wal.segno_of(n, server.wal_segment_size) for n in (min(archived), max(archived)))
+    assert wal.missing_segments(server, first, last) == []
