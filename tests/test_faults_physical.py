@@ -11,12 +11,13 @@ succeeds, and nothing already archived is lost.
 import json
 import os
 import signal
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
-from backupportal.models import Alert
+from backupportal.models import Alert, JournalEntry
 from backups import wal
 from backups.models import BackupCopy, BackupRun, WalSegment
 from backups.tasks import scheduled_job
@@ -43,6 +44,7 @@ def assert_failed_clearly(run_id, *phrases):
         assert phrase in run.error, run.error
     alert = Alert.objects.get(condition="backup_failed", state="open")
     assert f"#{run.pk}" in alert.message
+    assert JournalEntry.objects.filter(action="backup_failed", object_id=str(run.pk), outcome="failed").exists()
     assert not run.copies.exclude(status=BackupCopy.Status.DELETED).exists()
     return run
 
@@ -71,7 +73,7 @@ def alive(pid):
 
 def assert_next_scheduled_run_succeeds(kind):
     """What the worker runs for the next occurrence of the schedule."""
-    occurrence = f"2031-01-01T02:{time.time_ns() % 60:02d}:00+05:00"
+    occurrence = (timezone.now() + timedelta(days=1)).replace(microsecond=0).isoformat()
     assert scheduled_job("maldives", kind, scheduled_for=occurrence) == "succeeded", BackupRun.objects.latest(
         "created_at"
     ).error
@@ -209,16 +211,16 @@ def workers(settings):
 
     def start(count):
         for _ in range(count):
-            log = open(Path(settings.VAR_DIR) / f"qcluster-{os.getpid()}-{len(started)}.log", "w")
-            started.append(
-                subprocess.Popen(
-                    [sys.executable, "manage.py", "qcluster"],
-                    cwd=ROOT,
-                    env=portal_env(settings, Q_SYNC="0"),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+            with open(Path(settings.VAR_DIR) / f"qcluster-{os.getpid()}-{len(started)}.log", "w") as log:
+                started.append(
+                    subprocess.Popen(
+                        [sys.executable, "manage.py", "qcluster"],
+                        cwd=ROOT,
+                        env=portal_env(settings, Q_SYNC="0"),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
                 )
-            )
         return started
 
     yield start
@@ -235,9 +237,6 @@ def workers(settings):
 
 
 def test_two_workers_on_one_due_schedule_take_one_backup(server, passphrase_file, backup_root, workers, monkeypatch):
-    from datetime import timedelta
-
-    from django.utils import timezone
     from django_q.conf import Conf
     from django_q.models import Schedule, Task
     from django_q.tasks import async_task
@@ -284,8 +283,6 @@ def test_two_workers_on_one_due_schedule_take_one_backup(server, passphrase_file
 
 
 def test_a_run_on_another_host_is_judged_by_its_heartbeat_not_by_a_local_pid(server):
-    from django.utils import timezone
-
     from backups.runner import HOST, fail_orphans
 
     dead_pid = 2**22 + 7  # above pid_max's default: no such process here
