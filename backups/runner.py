@@ -5,6 +5,7 @@ same in the foreground and on a worker.
 """
 
 import os
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +21,7 @@ from backups.pipeline import BackupFailed
 ORPHAN_AFTER = timedelta(minutes=2)
 # How long a scheduled run waits for the run holding the lock.
 SCHEDULED_WAIT = timedelta(hours=2)
+HOST = socket.gethostname()
 
 
 class RunRefused(Exception):
@@ -46,7 +48,8 @@ def fail_orphans(server=None):
     failed = []
     for run in qs:
         beat = run.heartbeat_at or run.started_at or run.created_at
-        dead_pid = run.pid and not _alive(run.pid)
+        # A pid means something only on the host that started the run: workers run on many hosts.
+        dead_pid = run.pid and run.details.get("host", HOST) == HOST and not _alive(run.pid)
         if dead_pid or now - beat > ORPHAN_AFTER:
             why = (
                 f"the process running it (pid {run.pid}) died"
@@ -117,7 +120,11 @@ def execute(run):
     from backups import base, logical
 
     started = BackupRun.objects.filter(pk=run.pk, status=BackupRun.Status.QUEUED).update(
-        status=BackupRun.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), pid=os.getpid()
+        status=BackupRun.Status.RUNNING,
+        started_at=timezone.now(),
+        heartbeat_at=timezone.now(),
+        pid=os.getpid(),
+        details={**run.details, "host": HOST},  # a queued run's details are only what claim() wrote
     )
     run.refresh_from_db()
     if not started:

@@ -322,6 +322,17 @@ def descendants(pid):
     return found
 
 
+def child_named(pid, name):
+    """The first live process below pid whose program is `name` (pg_dump, gpg...), or None."""
+    for child in descendants(pid):
+        try:
+            if os.path.basename(Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode()) == name:
+                return child
+        except OSError:
+            continue
+    return None
+
+
 def processes_named(name):
     """Live (non-zombie) pids whose command line starts with `name`'s path or name."""
     pids = []

@@ -12,7 +12,7 @@ import pytest
 
 from backups.models import BackupRun
 from backups.runner import fail_orphans
-from tests.conftest import descendants, manage, register
+from tests.conftest import child_named, descendants, manage, register
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,16 +29,6 @@ def wait_for(predicate, timeout=60, every=0.05, what="condition"):
 
 def files_under(root):
     return [p for p in Path(root).rglob("*") if p.is_file()]
-
-
-def child_named(pid, name):
-    for child in descendants(pid):
-        try:
-            if os.path.basename(Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode()) == name:
-                return child
-        except OSError:
-            continue
-    return None
 
 
 def streaming_run():

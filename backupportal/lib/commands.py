@@ -3,6 +3,9 @@
 import json
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import InterfaceError, OperationalError
+
+from backupportal.lib.redact import redact
 
 
 class PortalCommand(BaseCommand):
@@ -22,7 +25,15 @@ class PortalCommand(BaseCommand):
         return parser
 
     def handle(self, *args, **options):
-        result = self.run(**options)
+        try:
+            result = self.run(**options)
+        except (OperationalError, InterfaceError) as e:
+            # The portal's own catalog is down (not a protected server: those raise psycopg's errors).
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            fail(
+                f"the portal's own database cannot be used ({redact(first)}): "
+                "check that it is running and that DATABASE_URL points at it, then try again"
+            )
         if options.get("json"):
             self.stdout.write(json.dumps(result, default=str))
         else:

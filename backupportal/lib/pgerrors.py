@@ -25,6 +25,13 @@ _RULES = [
         "cannot resolve the host name of {where}: check the DSN's host",
     ),
     (r"the database system is (starting up|shutting down)", "{where} is {0}: try again in a moment"),
+    (
+        # The server went away mid-stream: pg_dump and pg_basebackup say it in these words.
+        r"server closed the connection unexpectedly|terminating connection due to administrator command"
+        r"|COPY stream ended before last file was finished",
+        "{where} closed the connection mid-way (was PostgreSQL stopped or restarted?): "
+        "check that it is running, then try again",
+    ),
     (r"no pg_hba.conf entry", "{where} refuses this client (no pg_hba.conf entry): allow it in pg_hba.conf"),
 ]
 

@@ -1,0 +1,462 @@
+"""Faults against real processes: base backups killed or cut off, the protected server stopped
+mid-backup, two workers on one occurrence, the portal's database down while WAL is archived,
+and a flipped byte in a base backup.
+
+Every test ends with the same five checks: the catalog tells the truth (the run failed, with
+a clear message), nothing that looks like a good artifact is bad (no final-named file without
+a good catalog row, no partial left), no orphaned child process, the next scheduled run
+succeeds, and nothing already archived is lost.
+"""
+
+import json
+import os
+import signal
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from backupportal.models import Alert, JournalEntry
+from backups import wal
+from backups.models import BackupCopy, BackupRun, WalSegment
+from backups.tasks import scheduled_job
+from backups.verify import verify_all
+from tests.conftest import child_named, descendants, manage, portal_env, register
+
+from .walhelpers import enable_push, switch_wal, wait_archived, wait_for
+
+pytest_plugins = ["tests.walfixtures"]
+pytestmark = pytest.mark.django_db(transaction=True)  # manage.py and workers are other processes
+DB = "reliabilitymaldives"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- The five checks. ---------------------------------------------------------------------
+
+
+def assert_failed_clearly(run_id, *phrases):
+    """The catalog tells the truth: failed, with a one-line reason, journaled and alerted."""
+    run = BackupRun.objects.get(pk=run_id)
+    assert run.status == BackupRun.Status.FAILED, run.status
+    assert run.finished_at is not None and "\n" not in run.error
+    for phrase in phrases:
+        assert phrase in run.error, run.error
+    alert = Alert.objects.get(condition="backup_failed", state="open")
+    assert f"#{run.pk}" in alert.message
+    assert JournalEntry.objects.filter(action="backup_failed", object_id=str(run.pk), outcome="failed").exists()
+    assert not run.copies.exclude(status=BackupCopy.Status.DELETED).exists()
+    return run
+
+
+def assert_nothing_good_looking_is_bad(root):
+    """Every file under the location is a copy the catalog calls good; nothing partial is left."""
+    good = set()
+    for copy in BackupCopy.objects.filter(status=BackupCopy.Status.OK).select_related("location", "run", "wal_segment"):
+        owner_good = copy.run.is_good if copy.run_id else copy.wal_segment.deleted_at is None
+        if owner_good and copy.location.kind != "s3":
+            good.add(Path(copy.location.path) / copy.key)
+    files = {p for p in Path(root).rglob("*") if p.is_file()}
+    assert files <= good, f"files the catalog does not call good: {sorted(files - good)}"
+
+
+def assert_no_orphans(pids, timeout=10):
+    wait_for(lambda: not [p for p in pids if alive(p)], timeout, f"processes {pids} to die")
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def assert_next_scheduled_run_succeeds(kind):
+    """What the worker runs for the next occurrence of the schedule."""
+    occurrence = (timezone.now() + timedelta(days=1)).replace(microsecond=0).isoformat()
+    assert scheduled_job("maldives", kind, scheduled_for=occurrence) == "succeeded", BackupRun.objects.latest(
+        "created_at"
+    ).error
+    run = BackupRun.objects.get(details__scheduled_for=occurrence)
+    path = Path(run.copies.get(artifact="main", location__kind="primary").location.path) / run.key
+    assert path.is_file() and run.sha256 == sha256_file(path)
+    return run
+
+
+def assert_nothing_archived_is_lost(server, archived):
+    """Every segment and backup archived before the fault still reads back with its sha256, and no gap."""
+    present = set(WalSegment.objects.filter(server=server, deleted_at=None).values_list("name", flat=True))
+    assert set(archived) <= present
+    result = verify_all()
+    assert result["bad"] == 0 and result["unreachable"] == 0, result
+    first, last = (wal.segno_of(n, server.wal_segment_size) for n in (min(archived), max(archived)))
+    assert wal.missing_segments(server, first, last) == []
+
+
+def sha256_file(path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- Helpers. ------------------------------------------------------------------------------
+
+
+def streaming(root, kind):
+    """Ciphertext is arriving in the run's temporary file: the backup is mid-stream."""
+    for partial in (Path(root) / "maldives" / kind).glob(".*.partial"):
+        try:
+            if partial.stat().st_size > 0:
+                return partial
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def archive_some(cluster, server, count=3):
+    """A few archived and ingested segments: what must survive the fault."""
+    names = []
+    for i in range(count):
+        cluster.execute(f"CREATE TABLE IF NOT EXISTS before_{i}(x int)", dbname=DB)
+        names.append(switch_wal(cluster))
+    wait_archived(cluster, names[-1], timeout=60)
+    wal.ingest(server)
+    assert set(names) <= set(WalSegment.objects.values_list("name", flat=True))
+    return names
+
+
+def start_backup(settings, kind, tool):
+    """`manage.py backup` in its own process, once `tool` streams into the primary location."""
+    proc = manage(settings, "backup", "maldives", "--kind", kind, "--json")
+    pid = wait_for(lambda: child_named(proc.pid, tool), timeout=60, what=f"{tool} to start")
+    wait_for(lambda: streaming(settings.BACKUP_ROOT, kind), timeout=60, what="bytes to stream")
+    return proc, pid
+
+
+def json_result(out):
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def big_server(big_cluster, passphrase_file, backup_root, wal_spool):
+    """The ~110 MB cluster, registered and archiving by push into this test's spool."""
+    server = register(big_cluster)
+    enable_push(big_cluster)
+    server.refresh_from_db()
+    yield server
+    if not big_cluster.is_running():
+        big_cluster.start()
+
+
+# --- 1. SIGKILL of pg_basebackup mid base backup. -------------------------------------------
+
+
+def test_sigkill_of_pg_basebackup_mid_stream_fails_the_run_and_loses_nothing(big_server, big_cluster, settings):
+    archived = archive_some(big_cluster, big_server)
+    proc, pg_basebackup = start_backup(settings, "base", "pg_basebackup")
+    tree = descendants(proc.pid)
+    os.kill(pg_basebackup, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == 1 and "pg_basebackup was killed by SIGKILL" in err
+    assert_failed_clearly(json_result(out)["id"], "pg_basebackup was killed by SIGKILL", "nothing of this run is kept")
+    assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
+    assert_no_orphans(tree)
+    # The server let go of the aborted backup: no base backup is in progress there.
+    wait_for(lambda: not big_cluster.execute("SELECT 1 FROM pg_stat_progress_basebackup"), what="the walsender to end")
+    assert_next_scheduled_run_succeeds("base")
+    assert_nothing_archived_is_lost(big_server, archived)
+
+
+# --- 2. The protected database stopped mid-backup. -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, tool",
+    [("logical", "pg_dump"), ("base", "pg_basebackup")],
+)
+def test_the_database_stopped_mid_backup_fails_the_run_and_the_next_one_succeeds(
+    big_server, big_cluster, settings, kind, tool
+):
+    archived = archive_some(big_cluster, big_server)
+    proc, _ = start_backup(settings, kind, tool)
+    tree = descendants(proc.pid)
+    big_cluster.stop("fast")  # pg_ctl stop -m fast, as an operator (or a failover script) does
+    out, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == 1, err
+    assert_failed_clearly(json_result(out)["id"], f"{tool}: 127.0.0.1:{big_cluster.port} closed the connection mid-way")
+    assert "was PostgreSQL stopped or restarted?" in err
+    assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
+    assert_no_orphans(tree)
+    big_cluster.start()
+    assert_next_scheduled_run_succeeds(kind)
+    assert_nothing_archived_is_lost(big_server, archived)
+
+
+# --- 3. Two live workers taking the same scheduled job. --------------------------------------
+
+
+@pytest.fixture
+def workers(settings):
+    """Start real `manage.py qcluster` processes on this test's database and broker; stopped after."""
+    import subprocess
+    import sys
+
+    started = []
+
+    def start(count):
+        for _ in range(count):
+            with open(Path(settings.VAR_DIR) / f"qcluster-{os.getpid()}-{len(started)}.log", "w") as log:
+                started.append(
+                    subprocess.Popen(
+                        [sys.executable, "manage.py", "qcluster"],
+                        cwd=ROOT,
+                        env=portal_env(settings, Q_SYNC="0"),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        return started
+
+    yield start
+    for proc in started:
+        proc.terminate()  # qcluster stops cleanly on SIGTERM to its main process
+    for proc in started:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            for pid in descendants(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+
+
+def test_two_workers_on_one_due_schedule_take_one_backup(server, passphrase_file, backup_root, workers, monkeypatch):
+    from django_q.conf import Conf
+    from django_q.models import Schedule, Task
+    from django_q.tasks import async_task
+
+    from backups.models import BackupSchedule
+    from backups.tasks import sync_schedule
+
+    Schedule.objects.all().delete()  # the portal-wide ones (monitor, copies): only the backup is due here
+    due = sync_schedule(BackupSchedule.objects.create(server=server, job="logical", cron="0 2 * * *"))
+    due.next_run = timezone.now().replace(microsecond=0) - timedelta(seconds=1)
+    due.save()
+    occurrence = Schedule.objects.get(pk=due.pk).next_run.isoformat()  # what the scheduler passes on
+    # At-least-once delivery: the same occurrence also sits twice in the broker, as a redelivery would put it.
+    monkeypatch.setattr(Conf, "SYNC", False)
+    for _ in range(2):
+        async_task("backups.tasks.scheduled_job", "maldives", "logical", scheduled_for=occurrence, sync=False)
+
+    procs = workers(2)
+    done = wait_for(
+        lambda: (
+            Task.objects.filter(func="backups.tasks.scheduled_job").count() == 3
+            and list(Task.objects.filter(func="backups.tasks.scheduled_job"))
+        ),
+        timeout=90,
+        what="both deliveries and the scheduler's own to be worked",
+    )
+    assert all(p.poll() is None for p in procs)  # both workers lived through it
+    results = sorted(str(t.result) for t in done)
+    assert results.count("succeeded") == 1, results
+    assert all("already taken by run #" in r for r in results if r != "succeeded"), results
+
+    run = BackupRun.objects.get(details__scheduled_for=occurrence)
+    assert BackupRun.objects.count() == 1
+    assert run.status == "succeeded" and run.trigger == "scheduled"
+    assert Schedule.objects.get(pk=due.pk).next_run > timezone.now()
+    assert_nothing_good_looking_is_bad(backup_root)
+    trees = [descendants(p.pid) for p in procs]
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert_no_orphans([pid for tree in trees for pid in tree])
+    assert_next_scheduled_run_succeeds("logical")
+    assert verify_all()["bad"] == 0
+
+
+def test_a_run_on_another_host_is_judged_by_its_heartbeat_not_by_a_local_pid(server):
+    from backups.runner import HOST, fail_orphans
+
+    dead_pid = 2**22 + 7  # above pid_max's default: no such process here
+    elsewhere = BackupRun.objects.create(
+        server=server, kind="logical", status="running", pid=dead_pid, heartbeat_at=timezone.now(), details={}
+    )
+    elsewhere.details["host"] = f"not-{HOST}"
+    elsewhere.save()
+    here = BackupRun.objects.create(
+        server=server, kind="base", status="running", pid=dead_pid, heartbeat_at=timezone.now(), details={"host": HOST}
+    )
+    assert fail_orphans() == [here]
+    elsewhere.refresh_from_db()
+    assert elsewhere.status == "running"  # its worker, on the other host, is beating
+
+
+# --- 4. The portal's own database unreachable while the archive command runs. -------------------
+
+
+@pytest.fixture
+def portal_db(pg_base_dir, pg_template):
+    """A PostgreSQL cluster of its own holding the portal's catalog: one this test can stop."""
+    from backupportal.lib.pgcluster import Cluster
+
+    cluster = Cluster.create(base_dir=pg_base_dir, template=pg_template)
+    cluster.start()
+    cluster.create_database("portal")
+    yield cluster
+    cluster.destroy()
+
+
+def test_archiving_goes_on_while_the_portals_database_is_down_and_ingest_catches_up(
+    sample_cluster, portal_db, passphrase_file, backup_root, wal_spool, settings
+):
+    """The archive command never touches the catalog: WAL waits in the spool and is ingested later."""
+    import subprocess
+    import sys
+
+    env = portal_env(settings, DATABASE_URL=f"postgres://postgres@127.0.0.1:{portal_db.port}/portal", Q_BROKER_URL="")
+
+    def portal(*args):
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    def catalog(sql):
+        return portal_db.execute(sql, dbname="portal")
+
+    assert portal("migrate", "--noinput")[0] == 0
+    assert portal("addserver", "maldives", "--dsn", sample_cluster.dsn(DB))[0] == 0
+    code, out, err = portal("archivecommand", "maldives")
+    assert code == 0, err
+    with open(sample_cluster.datadir / "postgresql.conf", "a") as f:
+        f.write("\n".join(line for line in out.splitlines() if not line.startswith("#")) + "\n")
+    sample_cluster.restart()
+    before = [switch_wal(sample_cluster) for _ in range(2)]
+    wait_archived(sample_cluster, before[-1])
+    assert portal("ingestwal", "maldives")[0] == 0
+
+    portal_db.stop("fast")  # the portal's catalog goes down
+    during = []
+    for i in range(3):
+        sample_cluster.execute(f"CREATE TABLE during_{i}(x int)", dbname=DB)
+        during.append(switch_wal(sample_cluster))
+    wait_archived(sample_cluster, during[-1])
+    # PostgreSQL's archiver never saw a failure: each segment is durably in the spool.
+    assert sample_cluster.execute("SELECT failed_count FROM pg_stat_archiver")[0][0] == 0
+    spool = Path(settings.WAL_SPOOL) / "maldives"
+    size = sample_cluster.execute("SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size'")[0][0]
+    assert all((spool / name).stat().st_size == size for name in during)
+    # The worker's ingest fails in one clear line and takes nothing out of the spool.
+    code, out, err = portal("ingestwal", "maldives")
+    assert code == 1 and "the portal's own database cannot be used" in err and "Connection refused" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert all((spool / name).exists() for name in during)
+    archiver_children = [p for p in descendants(sample_cluster.postmaster_pid()) if b"archive_wal" in cmdline(p)]
+    assert_no_orphans(archiver_children)
+
+    portal_db.start()
+    code, out, err = portal("ingestwal", "maldives", "--json")  # what the every-minute schedule runs
+    assert code == 0, err
+    assert json_result(out)["servers"]["maldives"]["ingested"] >= len(during)
+    catalogued = dict(catalog("SELECT name, segno FROM backups_walsegment WHERE deleted_at IS NULL"))
+    assert set(before + during) <= set(catalogued)
+    first, last = catalogued[min(before)], catalogued[max(during)]
+    assert set(range(first, last + 1)) <= set(catalogued.values())  # no segment lost in between
+    assert not [n for n in os.listdir(spool) if n.endswith(".tmp") or n in during]
+    good = {
+        Path(path) / key: sha256
+        for path, key, sha256 in catalog(
+            "SELECT l.path, c.key, c.sha256 FROM backups_backupcopy c "
+            "JOIN backups_storagelocation l ON l.id = c.location_id WHERE c.status = 'ok'"
+        )
+    }
+    files = {p for p in Path(backup_root).rglob("*") if p.is_file()}
+    assert files == set(good) and all(sha256_file(p) == good[p] for p in files)
+    # The portal is whole again: the next backup, which waits for its WAL to be ingested, succeeds.
+    code, out, err = portal("backup", "maldives", "--kind", "base", "--json")
+    assert code == 0 and json_result(out)["status"] == "succeeded", err
+
+
+def cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+# --- 5. A flipped byte in a base backup. ---------------------------------------------------------
+
+
+def flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def pitr_latest(datadir, port):
+    from .walhelpers import run_command
+
+    return run_command(
+        "restore", "--server", "maldives", "--target", "latest", "--into-datadir", str(datadir), "--port", str(port)
+    )
+
+
+def test_a_flipped_byte_in_a_base_backup_is_caught_and_never_restored(
+    server, sample_cluster, passphrase_file, backup_root, nas_root, wal_spool, restored
+):
+    from backupportal.lib.pgcluster import free_port
+    from backups.models import StorageLocation
+
+    from .walhelpers import rows, run_command
+
+    StorageLocation.sync_from_settings()  # the NAS mirror
+    enable_push(sample_cluster)
+    base = run_command("backup", "maldives", "--kind", "base")
+    assert base["status"] == "succeeded" and {c["status"] for c in base["copies"]} == {"ok"}, base
+    run = BackupRun.objects.get(pk=base["id"])
+    archived = archive_some(sample_cluster, server)
+    primary, nas = (run.copies.get(artifact="main", location__name=name) for name in ("primary", "nas"))
+    flip_byte(Path(primary.location.path) / primary.key)
+
+    # The weekly verify (or a DBA's) marks the copy corrupt and alerts.
+    result = run_command("verify", str(run.pk))
+    assert result["_exit"] == 1 and result["bad"] == 1, result
+    primary.refresh_from_db()
+    assert primary.status == "bad" and "sha256" in primary.last_error
+    assert Alert.objects.get(condition="corruption", state="open").server == server
+
+    # PITR reads the good NAS copy instead, and the data is right.
+    port = free_port()
+    result = pitr_latest(restored(), port)
+    assert result["status"] == "succeeded", result
+    assert result["base_backup"] == run.pk
+    assert rows(port, "SELECT count(*) FROM before_2") == [(0,)]
+
+    # Now the last good copy rots too, unseen by verify: the restore catches it while streaming.
+    flip_byte(Path(nas.location.path) / nas.key)
+    datadir, port = restored(), free_port()
+    result = pitr_latest(datadir, port)
+    assert result["_exit"] == 1 and result["status"] == "failed", result
+    assert f"base backup #{run.pk} cannot be read intact from any location" in result["error"]
+    assert "nas: corrupt: sha256" in result["error"]
+    assert not datadir.exists()  # nothing restored, nothing started
+    nas.refresh_from_db()
+    assert nas.status == "bad"
+    assert child_named(os.getpid(), "tar") is None and child_named(os.getpid(), "gpg") is None
+
+    # Every copy the catalog still calls good hashes right; the next scheduled base backup succeeds.
+    for copy in BackupCopy.objects.filter(status="ok").select_related("location"):
+        assert sha256_file(Path(copy.location.path) / copy.key) == copy.sha256, copy.key
+    assert_next_scheduled_run_succeeds("base")
+    present = set(WalSegment.objects.filter(server=server, deleted_at=None).values_list("name", flat=True))
+    assert set(archived) <= present
+    first, last = (wal.segno_of(n, server.wal_segment_size) for n in (min(archived), max(archived)))
+    assert wal.missing_segments(server, first, last) == []
