@@ -99,7 +99,10 @@ def encrypt_to(
     """
     progress = Progress()
     result_box = {}
-    writer = store.writer(key)
+    try:
+        writer = store.writer(key)
+    except (OSError, StorageError) as e:  # a read-only or unwritable location: one line, nothing started
+        raise BackupFailed(_storage_message(e)) from None
 
     def on_data(chunk):
         if progress.error is not None or not chunk:

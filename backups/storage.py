@@ -4,6 +4,7 @@ A file is written under a temporary name (`.name.partial`, never mistaken for an
 hashed as bytes pass, fsynced, then renamed into place: a reader sees a whole file or none.
 """
 
+import errno
 import hashlib
 import os
 import shutil
@@ -77,6 +78,15 @@ class AtomicWriter:
         return False
 
 
+def _os_user():
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 def _fsync_dir(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -126,8 +136,17 @@ class FileStore(Store):
 
     def writer(self, key) -> AtomicWriter:
         self.check()
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise StorageError(
+                f"location {self.location.name} ({self.root}) is not writable by the OS user "
+                f"{_os_user()} that runs the backups ({e.strerror}: {e.filename}): make it writable by that "
+                "user (chown/chmod, or remount read-write), or point the location at another directory"
+            ) from None
 
     def open(self, key):
         try:
