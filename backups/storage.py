@@ -31,6 +31,16 @@ def safe_key(key: str) -> str:
     return key
 
 
+def private_dirs(path: Path):
+    """mkdir -p, each new directory 0700 (pathlib's parents=True gives the parents the default mode)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+
+
 class AtomicWriter:
     """Write-hash-fsync-rename. Use as a context manager; call commit() when complete."""
 
@@ -40,7 +50,7 @@ class AtomicWriter:
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.capacity_left = capacity_left
-        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dirs(final.parent)
         # 0600: only the service user reads artifacts, even though they are encrypted.
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self.file = os.fdopen(fd, "wb", buffering=0)
@@ -137,7 +147,7 @@ class FileStore(Store):
     def writer(self, key) -> AtomicWriter:
         self.check()
         try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dirs(self.root)
             return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
