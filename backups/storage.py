@@ -7,6 +7,7 @@ hashed as bytes pass, fsynced, then renamed into place: a reader sees a whole fi
 import errno
 import hashlib
 import os
+import pwd
 import shutil
 from pathlib import Path, PurePosixPath
 
@@ -89,8 +90,6 @@ class AtomicWriter:
 
 
 def _os_user():
-    import pwd
-
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
