@@ -14,6 +14,8 @@ from pathlib import Path
 import gnupg
 from django.conf import settings
 
+from backupportal.lib.childenv import child_env
+
 # The strategy's key derivation: strong, and cheap once per artifact.
 S2K_ARGS = ["--s2k-cipher-algo", "AES256", "--s2k-digest-algo", "SHA512", "--s2k-mode", "3", "--s2k-count", "65011712"]
 # Compression lives inside pg_dump's format (or pg_basebackup's); gpg compressing it again is
@@ -48,7 +50,7 @@ class PortalGPG(gnupg.GPG):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=self.env,
+            env=child_env(self.env),  # never the portal's secrets (S3 keys ...): gpg gets its passphrase on a pipe
             preexec_fn=die_with_parent,
         )
 

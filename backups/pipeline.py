@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.utils import timezone
 
+from backupportal.lib.childenv import child_env
 from backupportal.lib.pgerrors import explain
 from backups.crypto import Encryption, die_with_parent, gpg_failure
 from backups.storage import StorageError
@@ -37,13 +38,11 @@ class Tool:
     stderr_tail: deque = field(default_factory=lambda: deque(maxlen=30))
 
     def full_env(self):
-        """The environment without the caller's PG* variables, plus the server's.
+        """The server's libpq settings and a clean environment (child_env): nothing of the portal's own.
 
         Neither our own libpq settings nor the S3 credentials are any business of the client tool.
         """
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "AWS_"))}
-        env.update(self.env)
-        return env
+        return child_env(self.env)
 
     def start(self):
         full_env = self.full_env()
@@ -99,7 +98,10 @@ def encrypt_to(
     """
     progress = Progress()
     result_box = {}
-    writer = store.writer(key)
+    try:
+        writer = store.writer(key)
+    except (OSError, StorageError) as e:  # a read-only or unwritable location: one line, nothing started
+        raise BackupFailed(_storage_message(e)) from None
 
     def on_data(chunk):
         if progress.error is not None or not chunk:

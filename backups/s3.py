@@ -95,8 +95,22 @@ class S3Store(Store):
                 "AWS_SECRET_ACCESS_KEY in the worker's environment (or give it an instance role)"
             )
         if not isinstance(e, ClientError):
-            return StorageError(redact(f"cannot reach the S3 endpoint {self.endpoint} ({operation} {where}): {e}"))
+            return StorageError(
+                redact(
+                    f"cannot reach the S3 endpoint {self.endpoint} ({operation} {where}): {e}: "
+                    "check the endpoint URL and the network to it"
+                )
+            )
         code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if status >= 500:
+            # Still failing after boto3's own retries: the provider's fault, not the artifact's.
+            return StorageError(
+                redact(
+                    f"the S3 endpoint {self.endpoint} answered {status} {code} to {operation} of {where}: "
+                    "a fault at the storage provider; try again later and check its status page if it lasts"
+                )
+            )
         if code == "NoSuchBucket" or (code in _NOT_FOUND and key is None):
             return StorageError(
                 f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}: create it, or correct the "

@@ -4,8 +4,10 @@ A file is written under a temporary name (`.name.partial`, never mistaken for an
 hashed as bytes pass, fsynced, then renamed into place: a reader sees a whole file or none.
 """
 
+import errno
 import hashlib
 import os
+import pwd
 import shutil
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +32,16 @@ def safe_key(key: str) -> str:
     return key
 
 
+def private_dirs(path: Path):
+    """mkdir -p, each new directory 0700 (pathlib's parents=True gives the parents the default mode)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+
+
 class AtomicWriter:
     """Write-hash-fsync-rename. Use as a context manager; call commit() when complete."""
 
@@ -39,7 +51,7 @@ class AtomicWriter:
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.capacity_left = capacity_left
-        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dirs(final.parent)
         # 0600: only the service user reads artifacts, even though they are encrypted.
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self.file = os.fdopen(fd, "wb", buffering=0)
@@ -75,6 +87,13 @@ class AtomicWriter:
         if exc_type is not None or not self.file.closed:
             self.abort()
         return False
+
+
+def _os_user():
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _fsync_dir(path: Path):
@@ -126,8 +145,17 @@ class FileStore(Store):
 
     def writer(self, key) -> AtomicWriter:
         self.check()
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
+        try:
+            private_dirs(self.root)
+            return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise StorageError(
+                f"location {self.location.name} ({self.root}) is not writable by the OS user "
+                f"{_os_user()} that runs the backups ({e.strerror}: {e.filename}): make it writable by that "
+                "user (chown/chmod, or remount read-write), or point the location at another directory"
+            ) from None
 
     def open(self, key):
         try:

@@ -1,6 +1,7 @@
 """Reading artifacts back for PITR: the first healthy copy (primary, NAS, S3), sha256 checked
 while it streams through gpg into a sink. A missing or corrupt copy is marked bad and the
-next one is tried, as the logical restore does (backups.copies)."""
+next one is tried, as the logical restore does (backups.copies). A copy that cannot be reached
+(S3 down, timing out, answering 500) is skipped and left as it is."""
 
 import hashlib
 import os
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from backups.copies import CopyCorrupt, VerifiedReader
 from backups.models import BackupCopy
-from backups.storage import StorageError, store_for
+from backups.storage import MissingArtifact, StorageError, store_for
 
 
 class FetchFailed(Exception):
@@ -71,9 +72,12 @@ def fetch(copies, sink, encryption, what, plain_sha256=None):
 def _try_copy(copy, sink, encryption, plain_sha256):
     try:
         stream = store_for(copy.location).open(copy.key)
-    except (StorageError, OSError) as e:
+    except MissingArtifact as e:
         error = f"missing ({e})"
         return error, lambda: mark_bad(copy, error)
+    except (StorageError, OSError) as e:
+        # S3 down, timing out or answering 500: the copy may be fine; it is skipped, never condemned.
+        return f"unreachable ({e})", lambda: None
     reader = VerifiedReader(copy, stream)
     errors = []
 
@@ -96,6 +100,10 @@ def _try_copy(copy, sink, encryption, plain_sha256):
             # gpg gave up on bad data before reading it all (a large artifact); python-gnupg
             # re-raises its feeder's broken pipe. Whether the copy is corrupt, its hash says.
             result, corrupt = None, reader.corrupt()
+        # After BrokenPipeError (an OSError too): the location went away mid-stream, try the next copy.
+        except (StorageError, OSError) as e:
+            sink.abort()
+            return f"unreachable ({e})", lambda: None
     except Exception:
         sink.abort()
         raise

@@ -19,6 +19,7 @@ from django.utils import timezone
 from psycopg import sql
 
 from backupportal import journal
+from backupportal.lib.childenv import child_env
 from backupportal.lib.commands import fail
 from backupportal.lib.pgerrors import explain
 from backups.copies import CopyCorrupt, healthy_copies, open_first_healthy
@@ -144,7 +145,7 @@ def _restore_piped(reader, target, dbname, encryption, restore):
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, **tool.env},
+        env=tool.full_env(),  # not the portal's environment: no S3 keys for pg_restore
         preexec_fn=die_with_parent,
     )
     threading.Thread(target=tool._drain_stderr, daemon=True).start()
@@ -252,7 +253,7 @@ def restore_globals(run, target, encryption):
         [str(target.bin_dir() / "psql"), "--no-password", "-X", "-q", "-d", "postgres", "-v", "ON_ERROR_STOP=0"],
         input=b"".join(chunks),
         capture_output=True,
-        env={**os.environ, **target.libpq_env("postgres")},
+        env=child_env(target.libpq_env("postgres")),
         timeout=600,
     )
     errors = [line for line in done.stderr.decode(errors="replace").splitlines() if "ERROR" in line]

@@ -31,6 +31,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal import journal
+from backupportal.lib.childenv import child_env
 from backupportal.lib.commands import fail
 from backupportal.lib.pgcluster import DB_OS_USER, as_db_user, chown_to_db_user
 from backups import wal
@@ -634,6 +635,7 @@ class TarSink:
             stdin=subprocess.PIPE,
             stderr=self.errors,
             cwd=self.datadir,
+            env=child_env(),
         )
 
     def write(self, chunk):
@@ -672,6 +674,7 @@ def verify_base(plan):
         capture_output=True,
         text=True,
         cwd=plan.datadir,
+        env=child_env(),
         timeout=3600,
     )
     if proc.returncode != 0:
@@ -736,6 +739,7 @@ def pg_ctl(plan, *args):
         capture_output=True,
         text=True,
         cwd=plan.datadir,
+        env=child_env(),  # the restored server runs on as another OS user: none of our secrets
         timeout=120,
     )
 

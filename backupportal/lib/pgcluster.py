@@ -58,6 +58,8 @@ from typing import Self
 import psycopg
 from psycopg import sql
 
+from backupportal.lib.childenv import child_env
+
 __all__ = [
     "DB_OS_USER",
     "Cluster",
@@ -135,7 +137,8 @@ def _pg_config_bindir() -> Path | None:
     if not exe:
         return None
     try:
-        out = subprocess.run([exe, "--bindir"], capture_output=True, text=True, timeout=30, check=True)
+        # A clean environment: the portal's secrets are no business of pg_config.
+        out = subprocess.run([exe, "--bindir"], capture_output=True, text=True, timeout=30, check=True, env=child_env())
     except (OSError, subprocess.SubprocessError):
         return None
     path = Path(out.stdout.strip())
