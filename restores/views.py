@@ -123,7 +123,7 @@ def restore_test_now(request, name):
     if kind not in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE):
         messages.error(request, f"Unknown backup kind {kind!r}: a restore test is of a logical or a base backup.")
         return redirect(server)
-    test = RestoreTest.objects.create(server=server, phase="queued")
+    test = RestoreTest.objects.create(server=server, kind=kind, phase="queued")
     actor = request.user.get_username()
     journal.record("restore_test_requested", actor=actor, obj=test, server=server.name, kind=kind)
     async_task(
