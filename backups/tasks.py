@@ -68,6 +68,8 @@ GLOBAL_SCHEDULES = {
     # Sunday 04:00, after the night's backups: the strategy's weekly integrity check of every copy.
     "verify-weekly": ("backups.tasks.verify_copies", "0 4 * * 0"),
     "monitor": ("backupportal.tasks.monitor_once", "* * * * *"),
+    # Request sandboxes older than SANDBOX_MAX_AGE stopped and removed: hourly, as ages are in hours.
+    "sandboxes-expire": ("restores.tasks.expire_sandboxes", "20 * * * *"),
 }
 
 
