@@ -24,6 +24,7 @@ ACTIONS = {
     "schedule-edit": {"DBA"},
     "restore-request-approve": {"DBA"},
     "restore-request-reject": {"DBA"},
+    "sandbox-remove": {"DBA"},
 }
 # GET pages only some roles may open (the rest: 403).
 RESTRICTED_PAGES = {
@@ -54,6 +55,8 @@ READ = {
     "restore-requests",
     "restore-request",
     "restore-progress",
+    "restore-test",
+    "restore-test-progress",
     "alerts",
     "alert",
 }
@@ -85,6 +88,9 @@ def portal_urls(catalog):
         "restore-request-approve": [request.pk],
         "restore-request-reject": [request.pk],
         "restore-progress": [restore.pk],
+        "sandbox-remove": [restore.pk],
+        "restore-test": [catalog[RestoreTest].pk],
+        "restore-test-progress": [catalog[RestoreTest].pk],
         "alert": [catalog[Alert].pk],
         "alert-acknowledge": [catalog[Alert].pk],
     }
