@@ -77,6 +77,7 @@ ACTIONS = {
     "restore_started": "a restore started",
     "restore_succeeded": "a restore succeeded",
     "restore_failed": "a restore failed",
+    "sandbox_removed": "a restore request's sandbox cluster was stopped and removed",
     "restore_test_requested": "a DBA asked for a restore test",
     "restore_test_started": "a restore test started",
     "restore_test_passed": "a restore test passed",

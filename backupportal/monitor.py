@@ -27,6 +27,7 @@ from backupportal import alerts, rpo
 from backupportal.alerts import raise_alert, resolve_alert
 from backupportal.models import Alert
 from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation
+from restores.models import RestoreTest
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +204,17 @@ def check_backup_failures(server):
 
 
 def check_restore_tests(server):
-    """The newest finished restore test failed: alert; it passed (or none ran): resolved."""
-    newest = server.restore_tests.exclude(status="running").order_by("-started_at", "-pk").first()
-    if newest is None or newest.status != "failed":
+    """The newest finished restore test of a kind (logical, base) failed: alert; each passed (or none ran): resolved."""
+    failing = RestoreTest.objects.failing(server)
+    if not failing:
         resolve_alert(Alert.Condition.RESTORE_TEST_FAILED, server=server)
         return
     raise_alert(
         Alert.Condition.RESTORE_TEST_FAILED,
         server=server,
-        message=f"Restore test #{newest.pk} of {server} ({_local(newest.started_at)}) failed: {newest.error}",
+        message="; ".join(
+            f"Restore test #{t.pk} of {server} ({_local(t.started_at)}) failed: {t.error}" for t in failing
+        ),
     )
 
 

@@ -178,6 +178,10 @@ WAL_SPOOL = Path(env.str("WAL_SPOOL", default=str(VAR_DIR / "walspool")))
 # Sandbox clusters of approved PITR requests, and the throwaway clusters of base-backup restore
 # tests, on the portal's host: the postgres OS user must be able to traverse it.
 SANDBOX_ROOT = Path(env.str("SANDBOX_ROOT", default=str(VAR_DIR / "sandboxes")))
+# A request's sandbox is stopped and removed this many seconds after it was restored (the hourly
+# "sandboxes-expire" schedule): three days to look around, then its disk, port and copy of
+# production data are given back.
+SANDBOX_MAX_AGE = env.int("SANDBOX_MAX_AGE", default=72 * 3600)
 NAS_ROOT = env.str("NAS_ROOT", default="")
 S3_BUCKET = env.str("S3_BUCKET", default="")
 S3_ENDPOINT_URL = env.str("S3_ENDPOINT_URL", default="")

@@ -45,9 +45,9 @@ def scheduled_job(server_name, job, scheduled_for=None):
         after_backup(run)
         return run.status
     if job in (BackupSchedule.Job.RESTORE_TEST, BackupSchedule.Job.MONTHLY_RESTORE_TEST):
-        from restores.tasks import run_restore_test
+        from restores.tasks import scheduled_restore_test
 
-        return run_restore_test(server.name, monthly=job == BackupSchedule.Job.MONTHLY_RESTORE_TEST)
+        return scheduled_restore_test(server.name, monthly=job == BackupSchedule.Job.MONTHLY_RESTORE_TEST)
     if job == BackupSchedule.Job.INGEST_WAL:
         return ingest_wal(server.name)
     raise ValueError(f"unknown job {job!r}")
@@ -68,6 +68,8 @@ GLOBAL_SCHEDULES = {
     # Sunday 04:00, after the night's backups: the strategy's weekly integrity check of every copy.
     "verify-weekly": ("backups.tasks.verify_copies", "0 4 * * 0"),
     "monitor": ("backupportal.tasks.monitor_once", "* * * * *"),
+    # Request sandboxes older than SANDBOX_MAX_AGE stopped and removed: hourly, as ages are in hours.
+    "sandboxes-expire": ("restores.tasks.expire_sandboxes", "20 * * * *"),
 }
 
 
@@ -95,7 +97,8 @@ def sync_schedule(schedule):
         return None
     fields = {
         "func": "backups.tasks.scheduled_job",
-        "args": repr((schedule.server.name, schedule.job)),
+        # str(): a fresh row's job is a TextChoices member, whose repr django-q2's literal_eval refuses.
+        "args": repr((schedule.server.name, str(schedule.job))),
         "schedule_type": Schedule.CRON,
         "cron": schedule.cron,
         "repeats": -1,

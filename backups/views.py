@@ -94,17 +94,6 @@ def verification_progress(request, pk):
 
 
 @require_POST
-@require_perm("backups.run_backup")
-def restore_test_now(request, name):
-    from django_q.tasks import async_task
-
-    server = get_object_or_404(Server, name=name)
-    async_task("restores.tasks.run_restore_test", server.name, task_name=f"restore test {server.name}")
-    messages.success(request, f"Restore test of {server} queued; it appears below when it starts.")
-    return redirect(server)
-
-
-@require_POST
 @require_perm("backups.change_backupschedule")
 def schedule_edit(request, name):
     """DBAs edit a server's cron fields here; django-q2's raw Schedule admin stays superusers-only."""

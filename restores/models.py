@@ -144,8 +144,21 @@ class RestoreRun(models.Model):
         return None
 
 
+class RestoreTestQuerySet(models.QuerySet):
+    def failing(self, server):
+        """The newest finished test of each kind, where it failed: a logical test that passes
+        says nothing of a failed base test, so the alert stays open until each kind passes."""
+        finished = self.filter(server=server).exclude(status=RestoreTest.Status.RUNNING)
+        newest = (finished.filter(kind=kind).order_by("-started_at", "-pk").first() for kind in RestoreTest.Kind)
+        return [test for test in newest if test is not None and test.status == RestoreTest.Status.FAILED]
+
+
 class RestoreTest(models.Model):
     """Proof that a backup restores: restore it somewhere scratch, check it, time it."""
+
+    class Kind(models.TextChoices):
+        LOGICAL = "logical", "Logical backup, into a scratch database"
+        BASE = "base", "Base backup, into a throwaway cluster"
 
     class Status(models.TextChoices):
         RUNNING = "running", "Running"
@@ -153,6 +166,8 @@ class RestoreTest(models.Model):
         FAILED = "failed", "Failed"
 
     server = models.ForeignKey("backups.Server", on_delete=models.PROTECT, related_name="restore_tests")
+    # Known before a backup is chosen: a test that found no good backup of its kind still says which.
+    kind = models.CharField(max_length=7, choices=Kind.choices, default=Kind.LOGICAL)
     backup_run = models.ForeignKey(
         "backups.BackupRun", null=True, blank=True, on_delete=models.PROTECT, related_name="restore_tests"
     )
@@ -165,6 +180,8 @@ class RestoreTest(models.Model):
     duration_s = models.FloatField(null=True, blank=True, help_text="the measured RTO")
     checks = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
+
+    objects = RestoreTestQuerySet.as_manager()
 
     class Meta:
         ordering = ["-started_at"]

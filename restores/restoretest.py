@@ -23,17 +23,44 @@ def run_restore_test(server, monthly=False, actor="job:restoretest", kind=Backup
     """
     run = server.latest_good_backup(kind)
     if test is None:
-        test = RestoreTest.objects.create(server=server, backup_run=run, monthly=monthly)
+        test = RestoreTest.objects.create(server=server, kind=kind, backup_run=run, monthly=monthly)
     else:
-        test.backup_run, test.monthly = run, monthly
-        test.save(update_fields=["backup_run", "monthly"])
+        test.kind, test.backup_run, test.monthly = kind, run, monthly
+        test.save(update_fields=["kind", "backup_run", "monthly"])
     test.set_phase("restoring")
-    journal.record("restore_test_started", actor=actor, obj=test, server=server.name, run=run.pk if run else None)
+    journal.record(
+        "restore_test_started", actor=actor, obj=test, server=server.name, kind=kind, run=run.pk if run else None
+    )
     if run is None:
         return _finish(test, [check("backup", False, f"no good {kind} backup to test: take one first")], None, actor)
     if kind == BackupRun.Kind.BASE:
         return _test_base(test, run, actor)
     return _test_logical(test, run, actor)
+
+
+def kinds_to_test(server, monthly):
+    """Which backups a scheduled test restores.
+
+    Weekly: the newest logical backup into a scratch database, the strategy's validate_backup.sh.
+    Monthly (first Sunday): the strategy's "full restore to isolated test environment" is, for a
+    server with base backups, the newest base backup recovered into a throwaway cluster, the very
+    path of a disaster recovery and of PITR, and the newest logical backup as well. The base test
+    is monthly, not weekly, because it costs a full copy of the cluster on the portal's host and
+    its WAL replay; the integrity of every base backup's copies is already re-read every week
+    (the "verify-weekly" schedule). A server that archives WAL but has no good base backup gets a
+    failing base test: nothing could recover it to a point in time.
+    """
+    kinds = [BackupRun.Kind.LOGICAL]
+    if monthly and (server.archiving != Server.Archiving.NONE or server.latest_good_backup(BackupRun.Kind.BASE)):
+        kinds.append(BackupRun.Kind.BASE)
+    return kinds
+
+
+def scheduled_restore_tests(server, monthly, actor="job:restoretest"):
+    """The tests of a weekly or monthly schedule, one per kind; each journals and alerts itself."""
+    return [
+        run_restore_test(server, monthly=monthly, actor=actor, kind=kind) for kind in kinds_to_test(server, monthly)
+    ]
 
 
 def _test_logical(test, run, actor):
@@ -109,15 +136,16 @@ def _finish(test, checks, duration, actor):
         server=test.server.name,
         outcome="ok" if passed else "failed",
         monthly=test.monthly,
+        kind=test.kind,
         duration_s=duration,
         error=test.error,
     )
-    if passed:
+    failing = RestoreTest.objects.failing(test.server)
+    if not failing:
         resolve_alert(CONDITION, server=test.server)
     else:
-        raise_alert(
-            CONDITION, server=test.server, message=f"Restore test #{test.pk} of {test.server} failed: {test.error}"
-        )
+        message = "; ".join(f"Restore test #{t.pk} of {t.server} ({t.kind}) failed: {t.error}" for t in failing)
+        raise_alert(CONDITION, server=test.server, message=message)
     return test
 
 
@@ -126,7 +154,7 @@ def summary(test):
         "id": test.pk,
         "server": test.server.name,
         "backup_run": test.backup_run_id,
-        "kind": test.backup_run.kind if test.backup_run else None,
+        "kind": test.kind,
         "status": test.status,
         "monthly": test.monthly,
         "duration_s": round(test.duration_s, 3) if test.duration_s is not None else None,

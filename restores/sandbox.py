@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -91,10 +92,99 @@ def clear_leftovers():
 def remove_throwaway(datadir: Path):
     """Stop the cluster (if it runs) and remove its directory."""
     if (datadir / "postmaster.pid").exists():
-        subprocess.run(
-            as_db_user([str(pg_bin() / "pg_ctl"), "stop", "-m", "immediate", "-w", "-D", str(datadir)]),
-            capture_output=True,
-            cwd="/",
-            timeout=120,
-        )
+        _pg_ctl(datadir, "stop", "-m", "immediate", "-w")
     shutil.rmtree(datadir.parent, ignore_errors=True)
+
+
+# --- Sandboxes of requests: their state, stopping and removing them, expiry. ----------------
+
+
+def request_sandboxes():
+    """Restores of requests that left a cluster for a DBA (whether or not it still exists)."""
+    from restores.models import RestoreRun
+
+    return RestoreRun.objects.filter(
+        kind=RestoreRun.Kind.PITR, status=RestoreRun.Status.SUCCEEDED, request__isnull=False
+    ).exclude(into_datadir="")
+
+
+def existing():
+    """(restore, state) of every request sandbox still on disk, the oldest first."""
+    runs = request_sandboxes().select_related("server").order_by("finished_at")
+    return [(run, s) for run in runs if is_sandbox(run) and (s := state(run)) != "removed"]
+
+
+def is_sandbox(run) -> bool:
+    """Only a request's cluster directly under SANDBOX_ROOT is ours to remove, never a DBA's own
+    --into-datadir."""
+    datadir = Path(run.into_datadir) if run.into_datadir else None
+    return (
+        run.kind == RestoreRun.Kind.PITR
+        and run.request_id is not None
+        and datadir is not None
+        and datadir.parent == Path(settings.SANDBOX_ROOT)
+    )
+
+
+def state(run) -> str:
+    """ "running", "stopped" (its directory is still there) or "removed"."""
+    datadir = Path(run.into_datadir)
+    # The directory itself can be stat'ed (SANDBOX_ROOT is traversable); inside it is the
+    # postgres OS user's, so pg_ctl (run as that user) answers whether the postmaster lives.
+    if not datadir.exists():
+        return "removed"
+    return "running" if _pg_ctl(datadir, "status").returncode == 0 else "stopped"
+
+
+def stop_and_remove(run, actor, reason):
+    """Stop the sandbox's postmaster (fast: sessions are ended, nothing is kept) and remove its
+    directory; journaled. Returns False when there was nothing left to remove."""
+    if not is_sandbox(run):
+        raise ValueError(f"restore #{run.pk} did not leave a sandbox under SANDBOX_ROOT: nothing of it is removed")
+    datadir = Path(run.into_datadir)
+    if not datadir.exists():
+        return False
+    was = state(run)
+    if was == "running":
+        stopped = _pg_ctl(datadir, "stop", "-m", "fast", "-w")
+        if stopped.returncode != 0 and state(run) == "running":
+            raise OSError(f"pg_ctl could not stop the sandbox in {datadir}: {stopped.stderr.strip()}")
+    shutil.rmtree(datadir)
+    journal.record(
+        "sandbox_removed",
+        actor=actor,
+        obj=run,
+        server=run.server.name,
+        request=run.request_id,
+        datadir=str(datadir),
+        port=run.port,
+        was=was,
+        reason=reason,
+    )
+    return True
+
+
+def expires_at(run):
+    return run.finished_at + timedelta(seconds=settings.SANDBOX_MAX_AGE) if run.finished_at else None
+
+
+def expire(actor="job:sandboxes", now=None):
+    """Stop and remove the sandboxes older than SANDBOX_MAX_AGE: a forgotten cluster would hold
+    its disk, its port and a copy of production data for ever. Returns what was removed."""
+    max_age = settings.SANDBOX_MAX_AGE
+    cutoff = (now or timezone.now()) - timedelta(seconds=max_age)
+    removed = []
+    for run in request_sandboxes().filter(finished_at__lt=cutoff).select_related("server").order_by("finished_at"):
+        if is_sandbox(run) and stop_and_remove(run, actor, f"older than SANDBOX_MAX_AGE ({max_age // 3600} h)"):
+            removed.append(run)
+    return removed
+
+
+def _pg_ctl(datadir, *args):
+    return subprocess.run(
+        as_db_user([str(pg_bin() / "pg_ctl"), *args, "-D", str(datadir)]),
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=120,
+    )

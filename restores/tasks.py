@@ -11,6 +11,20 @@ def run_restore_test(server_name, monthly=False, kind="logical", test_id=None):
     return run(Server.objects.get(name=server_name), monthly=monthly, kind=kind, test=test).status
 
 
+def scheduled_restore_test(server_name, monthly=False):
+    """The weekly and the monthly schedules' job (backups.tasks.scheduled_job): the statuses."""
+    from restores.restoretest import scheduled_restore_tests
+
+    return [test.status for test in scheduled_restore_tests(Server.objects.get(name=server_name), monthly)]
+
+
+def expire_sandboxes():
+    """The hourly sweep of "sandboxes-expire": what `manage.py sandboxes --expire` does."""
+    from restores.sandbox import expire
+
+    return [run.into_datadir for run in expire(actor="job:sandboxes")]
+
+
 def run_request(request_id):
     """Run an approved request once (the approval enqueued it)."""
     from restores.logical import run_logical

@@ -9,6 +9,7 @@ urlpatterns = [
     path("restores/<int:pk>/approve/", views.restore_request_approve, name="restore-request-approve"),
     path("restores/<int:pk>/reject/", views.restore_request_reject, name="restore-request-reject"),
     path("restores/runs/<int:pk>/progress.json", views.restore_progress, name="restore-progress"),
+    path("restores/runs/<int:pk>/sandbox/remove/", views.sandbox_remove, name="sandbox-remove"),
     path("servers/<str:name>/restoretest/", views.restore_test_now, name="restore-test-now"),
     path("restoretests/<int:pk>/", views.restore_test_detail, name="restore-test"),
     path("restoretests/<int:pk>/progress.json", views.restore_test_progress, name="restore-test-progress"),

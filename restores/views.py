@@ -9,6 +9,7 @@ from django_q.tasks import async_task
 from backupportal import journal
 from backupportal.roles import require_perm
 from backups.models import BackupRun, Server
+from restores import sandbox
 from restores.forms import DecisionForm, RestoreRequestForm
 from restores.models import RestoreRequest, RestoreRun, RestoreTest
 
@@ -44,13 +45,38 @@ def restore_request_detail(request, pk):
     req = get_object_or_404(
         RestoreRequest.objects.select_related("server", "backup_run", "requested_by", "decided_by"), pk=pk
     )
-    runs = req.runs.order_by("-created_at")
+    runs = list(req.runs.order_by("-created_at"))
+    for run in runs:
+        # Asked of the filesystem and pg_ctl, not recorded: a sandbox stopped by hand shows stopped.
+        run.sandbox_state = sandbox.state(run) if sandbox.is_sandbox(run) else None
+        run.sandbox_expires_at = sandbox.expires_at(run)
     can_decide = request.user.has_perm("restores.approve_restore") and req.requested_by_id != request.user.pk
     return render(
         request,
         "restores/request_detail.html",
         {"req": req, "runs": runs, "form": DecisionForm(), "can_decide": can_decide},
     )
+
+
+@require_POST
+@require_perm("restores.request_restore")
+def sandbox_remove(request, pk):
+    """A DBA is done with a request's sandbox: its postmaster stopped, its directory removed."""
+    restore = get_object_or_404(RestoreRun.objects.select_related("server", "request"), pk=pk)
+    back = restore.request or restore.server
+    if not sandbox.is_sandbox(restore):
+        messages.error(request, f"Restore #{restore.pk} left no sandbox cluster: there is nothing to remove.")
+    elif request.POST.get("confirm") != "remove":
+        messages.error(request, "Tick the box to confirm: the sandbox and everything done in it are deleted.")
+    else:
+        try:
+            removed = sandbox.stop_and_remove(restore, request.user.get_username(), "asked for on the request's page")
+        except OSError as e:
+            messages.error(request, str(e))
+        else:
+            done = "stopped and removed" if removed else "already gone"
+            messages.success(request, f"The sandbox of restore #{restore.pk} ({restore.into_datadir}) is {done}.")
+    return redirect(back)
 
 
 @require_POST
@@ -123,7 +149,7 @@ def restore_test_now(request, name):
     if kind not in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE):
         messages.error(request, f"Unknown backup kind {kind!r}: a restore test is of a logical or a base backup.")
         return redirect(server)
-    test = RestoreTest.objects.create(server=server, phase="queued")
+    test = RestoreTest.objects.create(server=server, kind=kind, phase="queued")
     actor = request.user.get_username()
     journal.record("restore_test_requested", actor=actor, obj=test, server=server.name, kind=kind)
     async_task(

@@ -25,6 +25,7 @@ ACTIONS = {
     "schedule-edit": {"DBA"},
     "restore-request-approve": {"DBA"},
     "restore-request-reject": {"DBA"},
+    "sandbox-remove": {"DBA"},
 }
 # GET pages only some roles may open (the rest: 403).
 RESTRICTED_PAGES = {
@@ -92,6 +93,7 @@ def portal_urls(catalog):
         "restore-request-approve": [request.pk],
         "restore-request-reject": [request.pk],
         "restore-progress": [restore.pk],
+        "sandbox-remove": [restore.pk],
         "restore-test": [catalog[RestoreTest].pk],
         "restore-test-progress": [catalog[RestoreTest].pk],
         "alert": [catalog[Alert].pk],

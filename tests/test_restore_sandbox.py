@@ -1,70 +1,38 @@
 """Sandbox clusters on the portal's host, against real clusters: PITR through a four-eyes
 request, and restore tests of base backups in a throwaway cluster that never outlives the test."""
 
-import shutil
-import subprocess
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import as_db_user, pg_bin
 from backupportal.models import Alert, JournalEntry
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRequest, RestoreRun, RestoreTest, ValidationCheck
 from restores.tasks import run_request
 
-from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+from .walhelpers import (
+    ask_sandbox,
+    base_backup,
+    enable_push,
+    postgres_running_in,
+    rows,
+    run_command,
+    switch_wal,
+    wait_archived,
+)
 
 pytest_plugins = ["tests.walfixtures"]
 
 DB = "reliabilitymaldives"
 
 
-@pytest.fixture
-def sandbox_root(settings):
-    """SANDBOX_ROOT of its own, so the test can see what is left in it; running clusters stopped after."""
-    root = Path(tempfile.mkdtemp(prefix="bp-sandboxes-"))
-    root.chmod(0o755)
-    settings.SANDBOX_ROOT = root
-    yield root
-    for pid_file in root.glob("*/postmaster.pid"):
-        subprocess.run(
-            as_db_user([str(pg_bin() / "pg_ctl"), "stop", "-m", "immediate", "-w", "-D", str(pid_file.parent)]),
-            capture_output=True,
-            cwd="/",
-        )
-    shutil.rmtree(root, ignore_errors=True)
-
-
 def with_offset(moment):
     """'YYYY-MM-DD HH:MM:SS+05:00', as a DBA types it."""
     text = timezone.localtime(moment).strftime("%Y-%m-%d %H:%M:%S%z")
     return text[:-2] + ":" + text[-2:]
-
-
-def ask_sandbox(client, user, server, target_time="", run=None):
-    client.force_login(user)
-    return client.post(
-        reverse("restore-request-new"),
-        {
-            "server": server.pk,
-            "backup_run": run.pk if run else "",
-            "target_time": target_time,
-            "destination": "sandbox_cluster",
-            "reason": "what did the table look like before the bad deploy?",
-        },
-    )
-
-
-def base_backup():
-    result = run_command("backup", "maldives", "--kind", "base")
-    assert result["status"] == "succeeded", result
-    return BackupRun.objects.get(pk=result["id"])
 
 
 def test_a_pitr_request_approved_by_another_dba_recovers_a_sandbox_to_the_target(
@@ -180,19 +148,6 @@ def test_a_pitr_request_is_refused_when_the_time_or_backup_cannot_be_restored(
         response = ask_sandbox(client, alice, server, target_time, run)
         assert response.status_code == 200 and message in response.content.decode(), (target_time, message)
     assert not RestoreRequest.objects.exists()
-
-
-def postgres_running_in(root):
-    """Postmasters whose data directory is under root."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"postgres") and any(str(root).encode() in a for a in argv):
-            found.append(int(entry.name))
-    return found
 
 
 def test_restoretest_of_a_base_backup_passes_then_fails_with_an_alert_on_a_corrupted_artifact(

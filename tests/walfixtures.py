@@ -1,10 +1,13 @@
 """Fixtures for the WAL and PITR tests (a pytest plugin: `pytest_plugins = ["tests.walfixtures"]`)."""
 
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from backupportal.lib.pgcluster import as_db_user, pg_bin
 
 from .walhelpers import restore_dir, stop_restored
 
@@ -32,3 +35,19 @@ def restored():
     yield make
     for datadir in made:
         stop_restored(datadir)
+
+
+@pytest.fixture
+def sandbox_root(settings):
+    """SANDBOX_ROOT of its own, so the test can see what is left in it; running clusters stopped after."""
+    root = Path(tempfile.mkdtemp(prefix="bp-sandboxes-"))
+    root.chmod(0o755)
+    settings.SANDBOX_ROOT = root
+    yield root
+    for pid_file in list(root.glob("*/postmaster.pid")):
+        subprocess.run(
+            as_db_user([str(pg_bin() / "pg_ctl"), "stop", "-m", "immediate", "-w", "-D", str(pid_file.parent)]),
+            capture_output=True,
+            cwd="/",
+        )
+    shutil.rmtree(root, ignore_errors=True)

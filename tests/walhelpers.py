@@ -8,6 +8,7 @@ from io import StringIO
 from pathlib import Path
 
 from django.core.management import CommandError, call_command
+from django.urls import reverse
 
 
 def run_command(*args):
@@ -90,3 +91,41 @@ def rows(port, query, dbname="reliabilitymaldives"):
 
     with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname=dbname, autocommit=True) as conn:
         return conn.execute(query).fetchall()
+
+
+# --- Sandbox clusters of restore requests. ---
+
+
+def ask_sandbox(client, user, server, target_time="", run=None):
+    client.force_login(user)
+    return client.post(
+        reverse("restore-request-new"),
+        {
+            "server": server.pk,
+            "backup_run": run.pk if run else "",
+            "target_time": target_time,
+            "destination": "sandbox_cluster",
+            "reason": "what did the table look like before the bad deploy?",
+        },
+    )
+
+
+def base_backup():
+    from backups.models import BackupRun
+
+    result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "succeeded", result
+    return BackupRun.objects.get(pk=result["id"])
+
+
+def postgres_running_in(root):
+    """Postmasters whose data directory is under root."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"postgres") and any(str(root).encode() in a for a in argv):
+            found.append(int(entry.name))
+    return found
