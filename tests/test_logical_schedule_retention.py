@@ -112,6 +112,21 @@ def test_the_schedule_is_editable_and_validated(server):
         schedule.full_clean()
 
 
+def test_migrate_mends_a_schedule_row_whose_arguments_django_q2_cannot_read(server):
+    import ast
+
+    from django.apps import apps
+    from django_q.models import Schedule
+
+    from backups.apps import sync_locations
+
+    server.ensure_schedules()
+    # As rows were written before the fix: the repr of a TextChoices member, which literal_eval refuses.
+    Schedule.objects.filter(name="logical:maldives").update(args="('maldives', BackupSchedule.Job.LOGICAL)")
+    sync_locations(sender=apps.get_app_config("backups"))  # what every migrate runs
+    assert ast.literal_eval(Schedule.objects.get(name="logical:maldives").args) == ("maldives", "logical")
+
+
 def test_a_dba_backs_up_from_the_admin_and_the_run_page_shows_progress(
     client, alice, server, passphrase_file, backup_root
 ):
