@@ -160,6 +160,9 @@ PG_BIN = env.str("PG_BIN", default="")
 PG_DUMP_COMPRESS = env.int("PG_DUMP_COMPRESS", default=1)
 # A backup still running after this many seconds is stopped and failed.
 BACKUP_TIMEOUT = env.int("BACKUP_TIMEOUT", default=6 * 3600)
+# A run still queued after this many seconds was lost by the broker or no worker is running:
+# it is failed, which frees the lock. Above the longest wait for a free worker.
+QUEUED_RUN_TIMEOUT = env.int("QUEUED_RUN_TIMEOUT", default=3600)
 # A base backup or an incremental run waits this long for its WAL to be archived and ingested.
 WAL_WAIT_SECONDS = env.int("WAL_WAIT_SECONDS", default=300)
 # pg_receivewal must stream this long before it counts as recovered (receiver_down resolves):

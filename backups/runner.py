@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -40,7 +41,12 @@ class Outcome:
 
 
 def fail_orphans(server=None):
-    """Fail runs whose worker died (no heartbeat, or a pid that no longer exists here)."""
+    """Fail runs whose worker died (no heartbeat, or a pid that no longer exists here), and
+    queued runs that no worker ever started."""
+    return _fail_dead(server) + _fail_never_started(server)
+
+
+def _fail_dead(server):
     now = timezone.now()
     qs = BackupRun.objects.filter(status=BackupRun.Status.RUNNING)
     if server is not None:
@@ -59,6 +65,27 @@ def fail_orphans(server=None):
             if finish_failed(run, f"interrupted: {why}; nothing it wrote is kept"):
                 failed.append(run)
     return failed
+
+
+def _fail_never_started(server):
+    """A queued run whose task the broker lost (or that no worker takes) would hold the lock forever."""
+    limit = timedelta(seconds=settings.QUEUED_RUN_TIMEOUT)
+    qs = BackupRun.objects.filter(status=BackupRun.Status.QUEUED, created_at__lt=timezone.now() - limit)
+    if server is not None:
+        qs = qs.filter(server=server)
+    failed = []
+    for run in qs:
+        waited = _minutes(timezone.now() - run.created_at)
+        message = f"queued for {waited} and never started: is the worker (manage.py qcluster) running?"
+        # Only while still queued: a worker that takes it meanwhile runs it to its end.
+        if finish_failed(run, message, only=[BackupRun.Status.QUEUED]):
+            failed.append(run)
+    return failed
+
+
+def _minutes(delta):
+    seconds = int(delta.total_seconds())
+    return f"{seconds // 60} minutes" if seconds >= 120 else f"{seconds} s"
 
 
 def _alive(pid):
@@ -172,13 +199,13 @@ def finish_succeeded(run):
     )
 
 
-def finish_failed(run, message):
-    """Mark failed (only a run not already finished), remove what it left, journal, alert."""
+def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.RUNNING)):
+    """Mark failed (only a run still in one of the `only` states), remove what it left, journal, alert."""
     from backups.storage import store_for
 
-    updated = BackupRun.objects.filter(
-        pk=run.pk, status__in=[BackupRun.Status.QUEUED, BackupRun.Status.RUNNING]
-    ).update(status=BackupRun.Status.FAILED, finished_at=timezone.now(), error=message[:2000])
+    updated = BackupRun.objects.filter(pk=run.pk, status__in=list(only)).update(
+        status=BackupRun.Status.FAILED, finished_at=timezone.now(), error=message[:2000]
+    )
     if not updated:
         return False
     run.refresh_from_db()

@@ -104,12 +104,13 @@ def restore_into(run, target, dbname, restore=None):
 
 def _restore_dump(run, target, dbname, encryption, restore):
     """Try the healthy copies in order; a corrupt one is marked bad and the next is tried."""
-    notes = []
+    notes, corrupt_copies = [], []
     while True:
         try:
             reader = open_first_healthy(run)
         except StorageError as e:
-            raise RestoreFailed(str(e)) from None
+            # Say why no copy is left when this restore found the last ones corrupt.
+            raise RestoreFailed("; ".join([*corrupt_copies, str(e)])) from None
         copy = reader.copy
         notes += [reader.note] if reader.note else []
         try:
@@ -127,6 +128,7 @@ def _restore_dump(run, target, dbname, encryption, restore):
                 raise
             corrupt.mark_bad()
             notes.append(str(corrupt))
+            corrupt_copies.append(f"corrupt: {corrupt}")
             drop_database(target, dbname)
             create_database(target, dbname)
         finally:

@@ -82,6 +82,7 @@ class Plan:
     notes: list = field(default_factory=list)
     staged: dict = field(default_factory=dict)  # segno -> staged segment name
     time_target_reached: bool = True
+    fallback: bool = True  # an unreadable base backup may be replaced by an older one
     recovered: dict = field(default_factory=dict)
     threads: threading.local = field(default_factory=threading.local)
 
@@ -228,7 +229,9 @@ def parse_time(text):
     return moment
 
 
-def make_plan(server, target, into_datadir, port) -> Plan:
+def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
+    """The plan, or Refused. `fallback`: when the base backup the target needs has no healthy
+    copy left, use an older one (a restore test, which proves one backup, passes False)."""
     datadir = check_datadir(into_datadir)
     port = check_port(port)
     try:
@@ -242,8 +245,15 @@ def make_plan(server, target, into_datadir, port) -> Plan:
     bases = good_bases(server)
     size = bases[-1].details.get("wal_segment_size") or server.wal_segment_size
     base = choose_base(bases, target)
-    plan = Plan(server, target, datadir, port, base, bases, size, wal.segno_of(base.end_wal, size))
+    healthy = with_healthy_copy(bases)
+    # Bases already known unreadable are never planned on (find_restore_point walks plan.bases).
+    readable = [b for b in bases if b.pk in healthy] if fallback else bases
+    plan = Plan(
+        server, target, datadir, port, base, readable, size, wal.segno_of(base.end_wal, size), fallback=fallback
+    )
     plan.last = needed_through(plan)
+    if base.pk not in healthy and fallback:
+        fall_back(plan, f"base backup #{base.pk} has no healthy copy in any enabled location", error=Refused)
     check_chain(plan)
     return plan
 
@@ -257,6 +267,46 @@ def good_bases(server):
     if not bases:
         raise Refused(f"{server} has no base backup to recover from: take one with backup {server.name} --kind base")
     return bases
+
+
+def with_healthy_copy(bases):
+    """The pks of the base backups with a copy believed good in an enabled location."""
+    return set(
+        BackupCopy.objects.filter(
+            run__in=bases, artifact="main", status=BackupCopy.Status.OK, location__enabled=True
+        ).values_list("run_id", flat=True)
+    )
+
+
+def fall_back(plan, fault, run=None, error=RestoreFailed):
+    """Replace an unreadable base backup by the next older one whose WAL chain to the target is
+    complete: it replays more WAL to reach the same target. `error` when there is none."""
+    unreadable = plan.base
+    plan.bases = [b for b in plan.bases if stop_time(b) < stop_time(unreadable)]
+    tried = []
+    for older in reversed(plan.bases):
+        plan.base = older
+        try:
+            check_chain(plan)
+        except Refused as e:
+            tried.append(f"#{older.pk}: {e}")
+            continue
+        note = f"base backup #{unreadable.pk} unreadable on every location; using #{older.pk}"
+        plan.notes.append(note)
+        sys.stderr.write(f"restore: {note}\n")
+        journal.record(
+            "pitr_base_fallback",
+            actor=getattr(run, "requested_by", "") or "job:restore",
+            obj=run,
+            server=plan.server.name,
+            unreadable=unreadable.pk,
+            using=older.pk,
+            reason=str(fault),
+        )
+        return older
+    plan.base = unreadable
+    why = "; ".join(tried) if tried else "there is no older base backup"
+    raise error(f"{fault}; no base backup with a complete WAL chain to the target is readable ({why})")
 
 
 def check_datadir(into_datadir) -> Path:
@@ -397,7 +447,7 @@ def execute(plan, run):
     elif plan.target.kind in ("latest", "lsn"):
         stage_partial(plan)
     heartbeat(run)
-    extract_base(plan)
+    extract_readable_base(plan, run)
     heartbeat(run)
     chown_to_db_user(plan.staging)  # the WAL was decrypted by the portal's user
     verify_base(plan)
@@ -651,6 +701,22 @@ class TarSink:
         self.proc.kill()
         self.proc.wait()
         empty(self.datadir, keep=(STAGING,))
+
+
+def extract_readable_base(plan, run):
+    """The planned base backup, or, when no copy of it reads intact, an older one (fall_back)."""
+    while True:
+        try:
+            return extract_base(plan)
+        except FetchFailed as e:  # the bad copies are marked already
+            if not plan.fallback:
+                raise
+            fall_back(plan, e, run)
+        RestoreRun.objects.filter(pk=run.pk).update(backup_run=plan.base)
+        if plan.target.kind == "name":
+            find_restore_point(plan, run)  # over the older bases only: it stages their WAL
+        else:
+            stage_wal(plan, plan.segno(plan.base.start_wal), plan.last)
 
 
 def extract_base(plan):

@@ -100,7 +100,7 @@ def _test_base(test, run, actor):
 
 def _restore_and_check_base(test, run, actor, datadir):
     try:
-        plan = pitr.make_plan(test.server, sandbox.target_for(run), str(datadir), free_port())
+        plan = pitr.make_plan(test.server, sandbox.target_for(run), str(datadir), free_port(), fallback=False)
     except pitr.Refused as e:
         return [check("restore", False, f"refused: {e}")]
     result = pitr.run_plan(plan, actor, restore_test=test)

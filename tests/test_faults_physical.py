@@ -460,3 +460,54 @@ def test_a_flipped_byte_in_a_base_backup_is_caught_and_never_restored(
     assert set(archived) <= present
     first, last = (wal.segno_of(n, server.wal_segment_size) for n in (min(archived), max(archived)))
     assert wal.missing_segments(server, first, last) == []
+
+
+# --- 6. A run whose task the broker lost. ---------------------------------------------------------
+
+
+def test_a_queued_run_whose_task_was_lost_is_failed_and_frees_the_lock(
+    server, passphrase_file, backup_root, workers, monkeypatch, settings
+):
+    """ "Back up now" claims the lock, then the broker loses the task: no worker will ever start it."""
+    import time
+
+    from django_q.brokers import get_broker
+    from django_q.conf import Conf
+
+    from backups.tasks import enqueue_backup, run_backup
+
+    settings.QUEUED_RUN_TIMEOUT = 3
+    monkeypatch.setattr(Conf, "SYNC", False)
+    broker = get_broker()
+    broker.purge_queue()  # Redis outlives a test: what earlier tests left there is not ours
+    lost = enqueue_backup(server, "logical", "alice")
+    assert lost.ok, lost.message
+    assert broker.queue_size() == 1
+    broker.purge_queue()  # lost: a broker restarted without persistence, a flushed queue
+    assert broker.queue_size() == 0
+    procs = workers(1)  # a live worker does not help: it never hears of the run
+
+    # Within the limit the lock holds, and the DBA is told which run holds it.
+    refused = enqueue_backup(server, "logical", "bob")
+    assert not refused.ok and f"already queued (run #{lost.run.pk})" in refused.message
+    time.sleep(settings.QUEUED_RUN_TIMEOUT + 0.5)
+    lost.run.refresh_from_db()
+    assert lost.run.status == "queued"
+
+    # Past it, the next claim fails the stale run (journaled, alerted) and goes ahead on the worker.
+    following = enqueue_backup(server, "logical", "bob")
+    assert following.ok, following.message
+    run = assert_failed_clearly(lost.run.pk, "queued for ", "and never started: is the worker")
+    assert run.started_at is None
+    done = wait_for(
+        lambda: BackupRun.objects.filter(pk=following.run.pk, status__in=["succeeded", "failed"]).first(),
+        timeout=90,
+        what="the next run to finish on the worker",
+    )
+    assert done.status == "succeeded", done.error
+    assert all(p.poll() is None for p in procs)
+
+    # Redelivered at last, the lost task runs nothing: the run stays failed and writes nothing.
+    assert run_backup(lost.run.pk)["status"] == "failed"
+    assert BackupRun.objects.get(pk=lost.run.pk).error == run.error
+    assert_nothing_good_looking_is_bad(backup_root)

@@ -1,0 +1,231 @@
+"""Restores under faults: every copy of a base backup rotten (PITR falls back to an older one),
+and a flipped byte in the middle of a large logical dump (the copy is marked bad, the next
+location is read, and a restore with no good copy left leaves nothing behind)."""
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from backupportal.lib import sampledata
+from backupportal.lib.pgcluster import free_port
+from backupportal.models import JournalEntry
+from backups import wal
+from backups.models import BackupCopy, BackupRun, StorageLocation
+from restores.models import RestoreRun
+from tests.conftest import child_named, register
+
+from .test_faults_physical import flip_byte
+from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+
+pytest_plugins = ["tests.walfixtures"]
+pytestmark = pytest.mark.django_db(transaction=True)
+DB = "reliabilitymaldives"
+
+
+def write(cluster, sql):
+    cluster.execute(sql, dbname=DB)
+
+
+def base_backup():
+    result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "succeeded", result
+    assert {c["location"] for c in result["copies"] if c["status"] == "ok"} >= {"primary", "nas"}, result
+    return BackupRun.objects.get(pk=result["id"])
+
+
+def file_of(copy):
+    return Path(copy.location.path) / copy.key
+
+
+def a_second_later():
+    """A target time (whole seconds) after the commits so far and before the next one."""
+    time.sleep(1.05)
+    moment = timezone.localtime().replace(microsecond=0)
+    time.sleep(0.05)
+    return moment
+
+
+def pitr_to(datadir, port, moment):
+    return run_command(
+        "restore", "--server", "maldives", "--target-time", moment.isoformat(sep=" "),
+        "--into-datadir", str(datadir), "--port", str(port),
+    )  # fmt: skip
+
+
+def hide_segment(name, into):
+    """The segment vanishes from every location (the catalog still lists it): a gap in the chain."""
+    moved = []
+    for copy in BackupCopy.objects.filter(wal_segment__name=name).select_related("location"):
+        target = Path(into) / f"{copy.location.name}-{name}"
+        shutil.move(file_of(copy), target)
+        moved.append((target, file_of(copy)))
+    assert moved
+    return moved
+
+
+def gpg_stopped_reading(caplog):
+    """python-gnupg logs its feeder's broken pipe: gpg quit before the end of the copy."""
+    return any(r.name == "gnupg" and "Error sending data" in r.getMessage() for r in caplog.records)
+
+
+def no_helper_left():
+    return child_named(os.getpid(), "tar") is None and child_named(os.getpid(), "gpg") is None
+
+
+def test_pitr_falls_back_to_an_older_base_backup_when_every_copy_of_the_newer_is_bad(
+    server, sample_cluster, passphrase_file, backup_root, nas_root, wal_spool, restored, caplog
+):
+    StorageLocation.sync_from_settings()  # the NAS mirror: two copies of everything
+    enable_push(sample_cluster)
+    older = base_backup()
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    gap = switch_wal(sample_cluster)  # a segment only the older base backup's chain needs
+    wait_archived(sample_cluster, gap)
+    wal.ingest(server)
+    newer = base_backup()
+    size = server.wal_segment_size
+    assert wal.segno_of(older.end_wal, size) < wal.segno_of(gap, size) < wal.segno_of(newer.start_wal, size)
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    target = a_second_later()
+    write(sample_cluster, "INSERT INTO probe VALUES ('C')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    wal.ingest(server)
+    rotten = list(newer.copies.filter(artifact="main").select_related("location"))
+    assert len(rotten) == 2
+    for copy in rotten:
+        flip_byte(file_of(copy))  # unseen by verify: the restore finds out while streaming
+
+    # 1. Every copy of the newer base backup fails its sha256: the older one, and more WAL, reach the target.
+    datadir, port = restored(), free_port()
+    result = pitr_to(datadir, port, target)
+    assert result["status"] == "succeeded", result
+    # gpg decompresses a base backup: it stops at the bad byte, before the end (fetch.py's BrokenPipeError).
+    assert gpg_stopped_reading(caplog)
+    fallback = f"base backup #{newer.pk} unreadable on every location; using #{older.pk}"
+    assert fallback in result["notes"]
+    assert result["base_backup"] == older.pk and RestoreRun.objects.get(pk=result["id"]).backup_run == older
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+    assert {c.status for c in newer.copies.filter(artifact="main")} == {"bad"}
+    assert JournalEntry.objects.filter(action="pitr_base_fallback", details__using=older.pk).exists()
+
+    # 2. The older base backup's chain has a gap now: refused before anything is written, saying why.
+    hidden = Path(tempfile.mkdtemp(prefix="bp-hidden-"))
+    moved = hide_segment(gap, hidden)
+    datadir, port = restored(), free_port()
+    result = pitr_to(datadir, port, target)
+    assert result["_exit"] == 1, result
+    error = result["_stderr"]
+    assert f"base backup #{newer.pk} has no healthy copy in any enabled location" in error
+    assert "no base backup with a complete WAL chain to the target is readable" in error
+    assert f"#{older.pk}: WAL segment {gap} is missing from every location" in error
+    assert not datadir.exists()
+    assert JournalEntry.objects.filter(action="pitr_refused").exists()
+
+    # 3. The same gap found only while restoring (the rot not yet known): failed, nothing left behind.
+    BackupCopy.objects.filter(pk__in=[c.pk for c in rotten]).update(status="ok", last_error="")
+    datadir, port = restored(), free_port()
+    result = pitr_to(datadir, port, target)
+    assert result["_exit"] == 1 and result["status"] == "failed", result
+    assert f"base backup #{newer.pk} cannot be read intact from any location" in result["error"]
+    assert f"#{older.pk}: WAL segment {gap} is missing from every location" in result["error"]
+    assert not datadir.exists() and no_helper_left()
+    assert {c.status for c in newer.copies.filter(artifact="main")} == {"bad"}
+
+    # 4. The segment back: the plan skips the known-bad base backup at once.
+    for source, back in moved:
+        shutil.move(source, back)
+    shutil.rmtree(hidden)
+    datadir, port = restored(), free_port()
+    result = pitr_to(datadir, port, target)
+    assert result["status"] == "succeeded", result
+    assert fallback in result["notes"] and result["base_backup"] == older.pk
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+
+
+def test_a_restore_test_of_a_rotten_base_backup_fails_and_does_not_fall_back(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
+):
+    """A restore test proves one backup: restoring another one instead would be a lie."""
+    from restores.restoretest import run_restore_test
+
+    settings.SANDBOX_ROOT = Path(tempfile.mkdtemp(prefix="bp-sandboxes-"))
+    settings.SANDBOX_ROOT.chmod(0o755)
+    enable_push(sample_cluster)
+    older = base_backup_primary()
+    newer = base_backup_primary()
+    flip_byte(file_of(newer.copies.get(artifact="main")))
+    test = run_restore_test(server, actor="alice", kind="base")
+    assert test.status == "failed", test.error
+    assert f"base backup #{newer.pk} cannot be read intact" in test.error
+    assert RestoreRun.objects.get(restore_test=test).backup_run_id == newer.pk != older.pk
+    assert list(settings.SANDBOX_ROOT.iterdir()) == []
+    shutil.rmtree(settings.SANDBOX_ROOT)
+
+
+def base_backup_primary():
+    result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "succeeded", result
+    return BackupRun.objects.get(pk=result["id"])
+
+
+# --- A flipped byte in the middle of a large logical dump. -----------------------------------------
+
+
+def databases(cluster):
+    return {r[0] for r in cluster.execute("SELECT datname FROM pg_database")}
+
+
+def scratch_files(settings):
+    root = Path(settings.VAR_DIR) / "scratch"
+    return [p for p in root.rglob("*")] if root.exists() else []
+
+
+def test_a_flipped_byte_in_a_large_dump_is_caught_the_next_copy_read_and_nothing_left(
+    big_cluster, passphrase_file, backup_root, nas_root, settings
+):
+    """gpg does not compress a dump (pg_dump did), so it reads a rotten one to its end, where its
+    MDC and the sha256 catch the flip; pg_restore, fed the bad bytes, may give up first (piped)."""
+    register(big_cluster)
+    StorageLocation.sync_from_settings()
+    backup = run_command("backup", "maldives")
+    assert backup["status"] == "succeeded", backup
+    run = BackupRun.objects.get(pk=backup["id"])
+    primary, nas = (run.copies.get(artifact="main", location__name=name) for name in ("primary", "nas"))
+    assert run.size > 64 << 20  # the bad byte lies tens of MB in, far past every pipe and buffer
+    before = databases(big_cluster)
+
+    # The primary copy rots: the restore (piped into pg_restore) marks it bad and reads the NAS copy.
+    flip_byte(file_of(primary))
+    settings.RESTORE_JOBS = 1
+    result = run_command("restore", str(run.pk), "--into-database", "restored_big")
+    assert result["status"] == "succeeded", result
+    primary.refresh_from_db()
+    assert primary.status == "bad" and "sha256" in primary.last_error
+    assert "from nas" in result["notes"], result["notes"]
+    with big_cluster.connect(DB) as a, big_cluster.connect("restored_big") as b:
+        assert sampledata.counts(a) == sampledata.counts(b)
+        assert b.execute("SELECT count(*) FROM scans").fetchone() == (110000,)
+    big_cluster.execute("DROP DATABASE restored_big")
+
+    # The NAS copy rots too: through the scratch file (pg_restore -j) it fails as corrupt,
+    # the copy is marked bad, the new database is dropped, the scratch file removed.
+    flip_byte(file_of(nas))
+    settings.RESTORE_JOBS = 2
+    result = run_command("restore", str(run.pk), "--into-database", "restored_big")
+    assert result["_exit"] == 1 and result["status"] == "failed", result
+    assert "corrupt: sha256" in result["error"] and f"(nas copy {nas.key})" in result["error"], result["error"]
+    nas.refresh_from_db()
+    assert nas.status == "bad"
+    assert databases(big_cluster) == before
+    assert scratch_files(settings) == []
+    assert child_named(os.getpid(), "gpg") is None and child_named(os.getpid(), "pg_restore") is None
+
+    # With no healthy copy left, the next restore is refused before anything is created.
+    result = run_command("restore", str(run.pk), "--into-database", "restored_big")
+    assert result["_exit"] == 1 and "no healthy copy left" in (result.get("error", "") + result["_stderr"])
+    assert databases(big_cluster) == before
