@@ -242,6 +242,11 @@ def worker_home(settings, passphrase_file, user):
 
 
 def backup_as(user, settings, home):
+    return manage_as(user, settings, home, "backup", "maldives", "--json")
+
+
+def manage_as(user, settings, home, *args):
+    """manage.py ARGS run by `user` (runuser), with the worker's own home of worker_home()."""
     root = Path(__file__).resolve().parent.parent
     env = portal_env(
         settings,
@@ -253,7 +258,7 @@ def backup_as(user, settings, home):
         JOURNAL_HEAD_FILE=home / "journal.head",
         PYTHONDONTWRITEBYTECODE=1,
     )
-    argv = ["runuser", "-u", user, "--", sys.executable, str(root / "manage.py"), "backup", "maldives", "--json"]
+    argv = ["runuser", "-u", user, "--", sys.executable, str(root / "manage.py"), *args]
     return subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True, timeout=180)
 
 
