@@ -103,12 +103,15 @@ def restore_into(run, target, dbname, restore=None):
 
 
 def _restore_dump(run, target, dbname, encryption, restore):
-    """Try the healthy copies in order; a corrupt one is marked bad and the next is tried."""
-    notes = []
+    """Try the healthy copies in order; a corrupt one is marked bad and the next is tried, and so
+    is one whose location fails mid-stream (kept good: the location may only be down)."""
+    notes, failed, why = [], [], []
     while True:
         try:
-            reader = open_first_healthy(run)
+            reader = open_first_healthy(run, exclude=failed)
         except StorageError as e:
+            if failed:  # the last healthy copies broke off: say how, not "none is catalogued"
+                raise RestoreFailed(f"no copy of run #{run.pk} could be read to the end: {'; '.join(why)}") from None
             raise RestoreFailed(str(e)) from None
         copy = reader.copy
         notes += [reader.note] if reader.note else []
@@ -123,10 +126,15 @@ def _restore_dump(run, target, dbname, encryption, restore):
             # gpg's integrity check may trip before the hash does: a copy that does not decrypt
             # while its hash is wrong is corrupt, whichever noticed first.
             corrupt = e if isinstance(e, CopyCorrupt) else reader.corrupt()
-            if corrupt is None:
+            if corrupt is not None:
+                corrupt.mark_bad()
+                notes.append(str(corrupt))
+            elif reader.read_error is not None:
+                failed.append(copy)
+                why.append(f"{copy.location.name} failed mid-stream ({reader.read_error})")
+                notes.append(f"{why[-1]}: reading the next copy")
+            else:
                 raise
-            corrupt.mark_bad()
-            notes.append(str(corrupt))
             drop_database(target, dbname)
             create_database(target, dbname)
         finally:
