@@ -82,6 +82,9 @@ def copy_into_spool(spool, source, name):
     tmp = os.path.join(spool, f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
+        # PostgreSQL runs its archive_command under umask 077: without this the file is 0600
+        # and a portal that is not root (a member of postgres's group) cannot read it.
+        os.fchmod(fd, 0o640)
         with open(source, "rb") as src:
             while chunk := src.read(CHUNK):
                 view = memoryview(chunk)
@@ -108,6 +111,7 @@ def write_marker(spool, name, reason, message):
     try:
         tmp = os.path.join(errors, f".{name}.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
+            os.fchmod(f.fileno(), 0o640)  # readable by the portal's group, whatever the umask
             json.dump({"segment": name, "reason": reason, "message": message, "at": time.time()}, f)
         os.rename(tmp, os.path.join(errors, f"{name}.json"))
     except OSError:

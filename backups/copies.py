@@ -99,11 +99,16 @@ class VerifiedReader(io.IOBase):
         self.size = 0
         self.verified = False
         self.error = None
+        self.read_error = None  # the location failed mid-stream (I/O error, S3 timeout): not corruption
 
     def read(self, n=CHUNK):
         if self.error is not None:
             raise self.error
-        chunk = self.stream.read(n)
+        try:
+            chunk = self.stream.read(n)
+        except (OSError, StorageError) as e:
+            self.read_error = self.read_error or e
+            raise
         if chunk:
             self.sha256.update(chunk)
             self.size += len(chunk)
@@ -141,7 +146,7 @@ class VerifiedReader(io.IOBase):
         super().close()
 
 
-def open_first_healthy(owner, artifact="main", exclude=None, actor="job:restore"):
+def open_first_healthy(owner, artifact="main", exclude=(), actor="job:restore"):
     """Open the first healthy copy of `owner`'s artifact (primary → NAS → S3) as a VerifiedReader.
 
     A copy that is missing is marked bad and skipped; one that cannot be reached (S3 down)
@@ -150,8 +155,9 @@ def open_first_healthy(owner, artifact="main", exclude=None, actor="job:restore"
     (CopyCorrupt.mark_bad()) and starts again, and this function then skips it.
     """
     skipped = []
+    excluded = {c.pk for c in exclude}
     for copy in healthy_copies(owner, artifact):
-        if exclude is not None and copy.pk == exclude.pk:
+        if copy.pk in excluded:
             continue
         try:
             stream = store_for(copy.location).open(copy.key)
@@ -253,7 +259,10 @@ def copy_one(copy, actor="job:copy", now=None, journal_it=True):
         if store.exists(copy.key):
             # Left by an attempt that wrote the file but died before recording it: not an artifact yet.
             store.delete(copy.key)
-        with open_first_healthy(owner, copy.artifact, exclude=copy, actor=actor) as src, store.writer(copy.key) as out:
+        with (
+            open_first_healthy(owner, copy.artifact, exclude=[copy], actor=actor) as src,
+            store.writer(copy.key) as out,
+        ):
             renewed = time.monotonic()
             while chunk := src.read(CHUNK):
                 out.write(chunk)

@@ -9,6 +9,7 @@ import hashlib
 import os
 import pwd
 import shutil
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
@@ -143,11 +144,11 @@ class FileStore(Store):
         except ValidationError as e:
             raise StorageError(f"location {self.location.name}: {e.messages[0]}") from None
 
-    def writer(self, key) -> AtomicWriter:
-        self.check()
+    @contextmanager
+    def writable(self):
+        """A directory the service user may not write (modes, a read-only mount): one line saying so."""
         try:
-            private_dirs(self.root)
-            return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
+            yield
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
@@ -156,6 +157,12 @@ class FileStore(Store):
                 f"{_os_user()} that runs the backups ({e.strerror}: {e.filename}): make it writable by that "
                 "user (chown/chmod, or remount read-write), or point the location at another directory"
             ) from None
+
+    def writer(self, key) -> AtomicWriter:
+        self.check()
+        with self.writable():
+            private_dirs(self.root)
+            return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
 
     def open(self, key):
         try:
@@ -167,7 +174,8 @@ class FileStore(Store):
         return self.path(key).is_file()
 
     def delete(self, key):
-        self.path(key).unlink(missing_ok=True)
+        with self.writable():
+            self.path(key).unlink(missing_ok=True)
 
     def usage(self):
         """(free bytes, total bytes).

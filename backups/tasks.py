@@ -57,7 +57,11 @@ def ingest_wal(server_name):
     """Catalogue, encrypt and copy what the archive program left in the server's spool."""
     from backups import wal
 
-    return wal.ingest(Server.objects.get(name=server_name)).as_dict()
+    try:
+        return wal.ingest(Server.objects.get(name=server_name)).as_dict()
+    except wal.WalError as e:
+        # One line for the task's result; the spool keeps the WAL, the marker keeps the alert open.
+        return {"error": str(e)}
 
 
 # Portal-wide jobs (not per server): name -> (function, cron in TIME_ZONE).

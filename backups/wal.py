@@ -43,6 +43,8 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 # by the same `gpg --decrypt`. Level 1: nearly all of the gain at a fraction of the cost.
 WAL_COMPRESS_LEVEL = 1
 CHUNK = 1024 * 1024
+# SPOOL/errors/ingest.json: the last ingest failed (the WAL location refused); removed by the next good one.
+INGEST_MARKER = "ingest"
 # Temporary files a killed archive program left behind are removed after this long.
 STALE_TMP = timedelta(minutes=10)
 
@@ -306,8 +308,13 @@ def ingest(server, actor="job:ingestwal"):
             return result
         names = pending_names(spool, source)
         if names:
-            _ingest_names(server, spool, names, source, result)
+            try:
+                _ingest_names(server, spool, names, source, result)
+            except WalError as e:
+                ingest_failed(server, spool, result, e)
+                raise
             copy_pending(server)  # a failed copy stays pending for the copy worker; never fails the ingest
+        clear_error_marker(spool, INGEST_MARKER)
         _remove_stale_tmp(spool)
     finally:
         os.close(lock_fd)
@@ -331,8 +338,24 @@ def _ingest_names(server, spool, names, source, result):
     location = wal_location()
     store = store_for(location)
     for name in names:
-        outcome = ingest_one(server, spool / name, source, store, location, encryption)
+        try:
+            outcome = ingest_one(server, spool / name, source, store, location, encryption)
+        except StorageError as e:
+            # Before the catalog and the unlink: the file stays in the spool for the next ingest.
+            raise WalError(f"{e}; {name} and the WAL after it wait in {spool}, nothing is lost") from None
         getattr(result, outcome).append(name)
+
+
+def ingest_failed(server, spool, result, error):
+    """What the monitor must keep seeing until an ingest succeeds: a marker, and the alert now."""
+    message = f"WAL of {server} cannot be ingested: {error}"
+    if result.ingested:
+        message += f" (ingested up to {result.ingested[-1]} before it failed)"
+    try:
+        write_error_marker(spool, INGEST_MARKER, "ingest_failed", message)
+    except OSError:
+        pass  # the spool itself refuses: the alert below still says it
+    raise_alert("archive_failing", server=server, message=message)
 
 
 def ingest_one(server, path: Path, source, store, location, encryption):
@@ -436,6 +459,10 @@ def write_error_marker(spool: Path, name, reason, message):
     folder = spool / "errors"
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps({"segment": name, "reason": reason, "message": message}))
+
+
+def clear_error_marker(spool: Path, name):
+    (spool / "errors" / f"{name}.json").unlink(missing_ok=True)
 
 
 def _remove_stale_tmp(spool: Path):
@@ -692,9 +719,11 @@ def check_wal_health(server):
         if problems is UNKNOWN:
             unknown.add("archive_failing")
             problems = []
-        problems += [m.get("message") or f"{m.get('segment')}: {m.get('reason')}" for m in error_markers(server)]
-        if problems:
-            findings["archive_failing"] = "; ".join(problems)[:2000]
+    else:
+        problems = []
+    problems += [m.get("message") or f"{m.get('segment')}: {m.get('reason')}" for m in error_markers(server)]
+    if problems:
+        findings["archive_failing"] = "; ".join(problems)[:2000]
     if server.archiving == Server.Archiving.PULL:
         problem = receiver_problem(server, unknown=UNKNOWN)
         if problem is UNKNOWN:

@@ -103,14 +103,16 @@ def restore_into(run, target, dbname, restore=None):
 
 
 def _restore_dump(run, target, dbname, encryption, restore):
-    """Try the healthy copies in order; a corrupt one is marked bad and the next is tried."""
-    notes, corrupt_copies = [], []
+    """Try the healthy copies in order; a corrupt one is marked bad and the next is tried, and so
+    is one whose location fails mid-stream (kept good: the location may only be down)."""
+    notes, failed, why = [], [], []
     while True:
         try:
-            reader = open_first_healthy(run)
+            reader = open_first_healthy(run, exclude=failed)
         except StorageError as e:
-            # Say why no copy is left when this restore found the last ones corrupt.
-            raise RestoreFailed("; ".join([*corrupt_copies, str(e)])) from None
+            if why:  # this restore found the last copies corrupt or broken off: say how
+                raise RestoreFailed(f"no copy of run #{run.pk} could be read to the end: {'; '.join(why)}") from None
+            raise RestoreFailed(str(e)) from None
         copy = reader.copy
         notes += [reader.note] if reader.note else []
         try:
@@ -124,11 +126,16 @@ def _restore_dump(run, target, dbname, encryption, restore):
             # gpg's integrity check may trip before the hash does: a copy that does not decrypt
             # while its hash is wrong is corrupt, whichever noticed first.
             corrupt = e if isinstance(e, CopyCorrupt) else reader.corrupt()
-            if corrupt is None:
+            if corrupt is not None:
+                corrupt.mark_bad()
+                notes.append(str(corrupt))
+                why.append(f"corrupt: {corrupt}")
+            elif reader.read_error is not None:
+                failed.append(copy)
+                why.append(f"{copy.location.name} failed mid-stream ({reader.read_error})")
+                notes.append(f"{why[-1]}: reading the next copy")
+            else:
                 raise
-            corrupt.mark_bad()
-            notes.append(str(corrupt))
-            corrupt_copies.append(f"corrupt: {corrupt}")
             drop_database(target, dbname)
             create_database(target, dbname)
         finally:

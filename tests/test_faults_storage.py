@@ -242,6 +242,11 @@ def worker_home(settings, passphrase_file, user):
 
 
 def backup_as(user, settings, home):
+    return manage_as(user, settings, home, "backup", "maldives", "--json")
+
+
+def manage_as(user, settings, home, *args):
+    """manage.py ARGS run by `user` (runuser), with the worker's own home of worker_home()."""
     root = Path(__file__).resolve().parent.parent
     env = portal_env(
         settings,
@@ -253,7 +258,7 @@ def backup_as(user, settings, home):
         JOURNAL_HEAD_FILE=home / "journal.head",
         PYTHONDONTWRITEBYTECODE=1,
     )
-    argv = ["runuser", "-u", user, "--", sys.executable, str(root / "manage.py"), "backup", "maldives", "--json"]
+    argv = ["runuser", "-u", user, "--", sys.executable, str(root / "manage.py"), *args]
     return subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True, timeout=180)
 
 
@@ -517,3 +522,39 @@ def test_pitr_fetch_skips_an_unreachable_s3_copy_without_condemning_it(
         "nas": "bad",
         "s3": "ok",
     }
+
+
+def test_a_logical_restore_falls_back_to_the_next_copy_when_one_breaks_off_mid_stream(
+    server, sample_cluster, passphrase_file, tiers, faulty, settings, s3_client
+):
+    """Primary and NAS gone; the S3 copy stalls after its first bytes: the restore reads the
+    replica bucket (the next location in read order) instead of failing, and condemns nothing."""
+    from backups.copies import copy_one, plan_copies
+
+    run = good_backup_everywhere()
+    replica = f"{tiers.bucket}-replica"
+    s3_client.create_bucket(Bucket=replica)
+    s3 = tiers.locations["s3"]
+    StorageLocation.objects.create(
+        name="s3-replica", kind="s3", bucket=replica, prefix=s3.prefix, endpoint_url=tiers.server.endpoint
+    )
+    plan_copies(run)
+    for copy in run.copies.filter(location__name="s3-replica"):
+        assert copy_one(copy).status == "ok"
+    (tiers.primary / run.key).unlink()
+    (tiers.nas / run.key).unlink()
+    faulty.set("stall", {"GET"})
+
+    result = restore_json(run, "restored_from_replica")
+
+    assert result["status"] == "succeeded", result
+    notes = result["notes"]
+    assert "s3 failed mid-stream (" in notes and "Read timeout" in notes, notes
+    assert f"read from s3-replica (s3://{replica}/" in notes, notes
+    assert faulty.faulted  # the stall did hit the S3 copy's download
+    copies = dict(run.copies.filter(artifact="main").values_list("location__name", "status"))
+    assert copies == {"primary": "bad", "nas": "bad", "s3": "ok", "s3-replica": "ok"}
+    with sample_cluster.connect("restored_from_replica") as conn:
+        from backupportal.lib import sampledata
+
+        assert sampledata.counts(conn) == run.details["row_counts"]
