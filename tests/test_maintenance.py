@@ -102,7 +102,11 @@ def test_completing_a_task_resolves_its_alert_and_schedules_the_next_one(client,
     assert response["Location"] == following.get_absolute_url()
     done = JournalEntry.objects.get(action="maintenance_completed")
     assert done.actor == "alice" and done.details["next_due_on"] == "2026-03-05"
-    assert done.details["evidence_link"] == reverse("admin:restores_restoretest_change", args=[restore_test.pk])
+    assert (
+        done.details["evidence_link"]
+        == restore_test.get_absolute_url()
+        == reverse("restore-test", args=[restore_test.pk])
+    )
     # The calendar links the evidence.
     page = client.get(reverse("maintenance")).content.decode()
     assert done.details["evidence_link"] in page and "late" in page
