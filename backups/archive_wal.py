@@ -13,6 +13,10 @@ with the same content); any other exit makes PostgreSQL keep the segment and ret
 A file of that name that is already in the spool, or that the portal already ingested
 (SPOOL/ingested/NAME holds its sha256), is accepted when identical and refused when
 different: then SPOOL/errors/NAME.json says why, and the portal's monitor raises an alert.
+
+A full segment (24 hex digits, no suffix) of the wrong size is refused the same way: a
+truncated segment in the archive would stop every PITR that needs it, and PostgreSQL still
+holds the whole one, which it archives on its next try once the cause is fixed.
 """
 
 import hashlib
@@ -24,11 +28,50 @@ import time
 
 VERSION = 1
 NAME = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$")
+SEGMENT = re.compile(r"^[0-9A-F]{24}$")
 CHUNK = 1 << 20
+# Written by the portal (backups.wal.publish_segment_size) once it knows the server's
+# wal_segment_size: one line, the size in bytes.
+SIZE_FILE = "segment_size"
 
 
 class Conflict(Exception):
     """A different file of the same name was archived before: never overwrite it."""
+
+
+class WrongSize(Exception):
+    """A full segment whose size is not the server's segment size: truncated, or not a segment."""
+
+
+def plausible_segment_size(size):
+    """What initdb --wal-segsize allows: a power of two from 1 MiB to 1 GiB."""
+    return 1 << 20 <= size <= 1 << 30 and size & (size - 1) == 0
+
+
+def published_size(spool):
+    """The segment size the portal learned, or None when it has not (yet) written it.
+
+    Without a database the program cannot know the server's wal_segment_size: the portal
+    leaves it in the spool. Until it does (a new server), only a size no segment can have is
+    refused here, and the portal's ingest, which checks again, is the backstop. An unreadable
+    or garbled file is ignored the same way rather than stopping all archiving.
+    """
+    try:
+        with open(os.path.join(spool, SIZE_FILE)) as f:
+            size = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return size if plausible_segment_size(size) else None
+
+
+def check_size(spool, name, size):
+    if not SEGMENT.match(name):
+        return  # .partial, .backup and .history files have sizes of their own
+    expected = published_size(spool)
+    if expected is None and not plausible_segment_size(size):
+        raise WrongSize(f"it is {size} bytes, which no WAL segment is (a power of two from 1 MiB to 1 GiB)")
+    if expected is not None and size != expected:
+        raise WrongSize(f"it is {size} bytes, not the server's segment size of {expected} bytes")
 
 
 def same_bytes(path_a, path_b):
@@ -81,6 +124,7 @@ def copy_into_spool(spool, source, name):
     dest = os.path.join(spool, name)
     tmp = os.path.join(spool, f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    copied = 0
     try:
         # PostgreSQL runs its archive_command under umask 077: without this the file is 0600
         # and a portal that is not root (a member of postgres's group) cannot read it.
@@ -88,8 +132,10 @@ def copy_into_spool(spool, source, name):
         with open(source, "rb") as src:
             while chunk := src.read(CHUNK):
                 view = memoryview(chunk)
+                copied += len(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
+        check_size(spool, name, copied)  # what was read, whatever stat said (a file shrinking meanwhile)
         os.fsync(fd)
         os.close(fd)
         fd = None
@@ -134,6 +180,9 @@ def main(argv):
         print(f"archive_wal: refusing {name!r}: not a WAL file name", file=sys.stderr)
         return 2
     try:
+        # Before comparing with what is archived: a truncated copy is named as such, not as a conflict.
+        if os.path.isfile(source):
+            check_size(spool, name, os.path.getsize(source))
         if not already_there(spool, source, name):
             copy_into_spool(spool, source, name)
         clear_marker(spool, name)
@@ -141,6 +190,11 @@ def main(argv):
     except Conflict as e:
         message = f"archive_wal: {e}; the archive keeps the first one: investigate before anything else"
         write_marker(spool, name, "conflict", message)
+    except WrongSize as e:
+        message = (
+            f"archive_wal: refusing {name}: {e}; PostgreSQL keeps the segment and retries: check pg_wal and the disk"
+        )
+        write_marker(spool, name, "wrong_size", message)
     except OSError as e:
         message = f"archive_wal: cannot archive {name} into {spool}: {e.strerror} ({e.filename})"
         write_marker(spool, name, "failed", message)

@@ -110,6 +110,7 @@ def segment_size(server, conn=None) -> int:
         raise WalError(explain(e, server)) from None
     Server.objects.filter(pk=server.pk).update(wal_segment_size=size)
     server.wal_segment_size = size
+    publish_segment_size(server)
     return size
 
 
@@ -189,7 +190,32 @@ def prepare_push_spool(server, db_user="postgres") -> Path:
     _make_dir(spool, 0o2770, uid, gid)
     _make_dir(spool / "errors", 0o2770, uid, gid)
     _make_dir(spool / "ingested", 0o2750, None, gid)
+    publish_segment_size(server)
     return spool
+
+
+def publish_segment_size(server):
+    """SPOOL/segment_size for the archive program, which has no database: it refuses a segment
+    of another size (truncated) while PostgreSQL still has the whole one. Atomic, 0640 (postgres
+    reads it through the spool's group); rewritten only when missing or different."""
+    spool = spool_dir(server)
+    if not server.wal_segment_size or not spool.is_dir():
+        return
+    path = spool / archive_wal.SIZE_FILE
+    text = f"{server.wal_segment_size}\n"
+    try:
+        if path.read_text() == text:
+            return
+    except (OSError, ValueError):
+        pass
+    tmp = spool / f".{archive_wal.SIZE_FILE}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a spool the portal cannot write fails its ingest, which says so; ingest checks sizes anyway
 
 
 def prepare_pull_spool(server) -> Path:
@@ -306,6 +332,7 @@ def ingest(server, actor="job:ingestwal"):
         except BlockingIOError:
             result.busy = True
             return result
+        publish_segment_size(server)  # for a server whose size was learned before the file existed
         names = pending_names(spool, source)
         if names:
             try:
@@ -367,10 +394,17 @@ def ingest_one(server, path: Path, source, store, location, encryption):
     key = wal_key(server, name)
     if store.exists(key):
         store.delete(key)  # left by an ingest killed before it catalogued the file: nothing refers to it
-    archived_at = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+    stat_ = path.stat()
+    check_segment_size(server, path, stat_.st_size)
+    archived_at = datetime.fromtimestamp(stat_.st_mtime, tz=UTC)
     with open(path, "rb") as f:
         reader = HashingReader(f)
         size, sha256 = encrypt_into(store, key, reader, encryption)
+    try:
+        check_segment_size(server, path, reader.size)  # what gpg got, whatever stat said
+    except WalError:
+        store.delete(key)  # never catalogued: nothing may look archived
+        raise
     if SEGMENT.match(name) and not server.wal_segment_size:
         learn_segment_size(server, reader.size)
     try:
@@ -402,10 +436,27 @@ def catalogue(server, name, reader, key, archived_at, source):
     return segment
 
 
+def check_segment_size(server, path: Path, size):
+    """A full segment must be wal_segment_size long: a shorter one is truncated, and catalogued
+    it would look good until a PITR needed it. It stays in the spool (and the WAL after it)."""
+    if not SEGMENT.match(path.name):
+        return
+    expected = server.wal_segment_size
+    if expected == size or (not expected and archive_wal.plausible_segment_size(size)):
+        return  # an unknown size is learned from the first plausible segment (learn_segment_size)
+    what = f"the {expected} bytes of {server}'s segments" if expected else "a power of two from 1 MiB to 1 GiB"
+    raise WalError(
+        f"WAL segment {path.name} is {size} bytes, not {what}: it is truncated or not a segment; "
+        f"replace {path} with the whole segment from pg_wal on {server} (if it is gone, remove it and take a "
+        "base backup: PITR cannot cross it); nothing after it is ingested until then"
+    )
+
+
 def learn_segment_size(server, size):
-    if size >= 1024 * 1024 and size & (size - 1) == 0:
+    if archive_wal.plausible_segment_size(size):
         Server.objects.filter(pk=server.pk).update(wal_segment_size=size)
         server.wal_segment_size = size
+        publish_segment_size(server)
 
 
 def encrypt_into(store, key, reader, encryption):

@@ -1,0 +1,120 @@
+"""A truncated WAL segment, on a real cluster archiving by push: the archive program refuses it
+(PostgreSQL keeps the whole one and retries), the ingest never catalogues one, and a stored copy
+truncated later is found corrupt by verify."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from django.core.management import call_command
+
+from backupportal.models import Alert
+from backups import archive_wal, wal
+from backups.models import BackupCopy, WalSegment
+from tests.test_wal_archive import archive_as_postgres, segment_file
+
+from .walhelpers import enable_push, run_command, switch_wal, wait_archived
+
+pytest_plugins = ["tests.walfixtures"]
+DB = "reliabilitymaldives"
+
+
+def archive_segments(cluster, count):
+    names = []
+    for _ in range(count):
+        cluster.execute("CREATE TABLE IF NOT EXISTS tr(x int); INSERT INTO tr VALUES (1)", dbname=DB)
+        names.append(switch_wal(cluster))
+    wait_archived(cluster, names[-1])
+    return names
+
+
+def spooled(spool):
+    return sorted(n for n in os.listdir(spool) if wal.SEGMENT.match(n) or n.endswith(".tmp"))
+
+
+def test_the_archive_program_refuses_a_truncated_segment_and_takes_the_whole_one_on_the_retry(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    enable_push(sample_cluster)
+    first, name = archive_segments(sample_cluster, 2)
+    spool = wal.spool_dir(server)
+    whole = (spool / name).read_bytes()
+    (spool / name).unlink()  # as if PostgreSQL had not archived it yet: it still has it in pg_wal
+
+    # The portal has not learned the size yet: only a size no segment can have is refused.
+    odd = archive_as_postgres(server, segment_file(whole[:-8192]), name)
+    assert odd.returncode == 1 and f"refusing {name}: it is {len(whole) - 8192} bytes, which no WAL" in odd.stderr
+
+    assert wal.ingest(server).ingested == [first]  # learns the size and leaves it for the program
+    assert (spool / archive_wal.SIZE_FILE).read_text() == f"{len(whole)}\n"
+    half = archive_as_postgres(server, segment_file(whole[: len(whole) // 2]), name)
+    [line] = half.stderr.strip().splitlines()
+    assert half.returncode == 1, half.stderr
+    assert f"refusing {name}: it is {len(whole) // 2} bytes, not the server's segment size of {len(whole)}" in line
+    marker = json.loads((spool / "errors" / f"{name}.json").read_text())
+    assert marker["reason"] == "wrong_size" and marker["message"] == line
+    assert spooled(spool) == []  # nothing under that name, no temporary file left
+    assert name in wal.check_wal_health(server)["archive_failing"]  # the monitor's minute
+
+    ok = archive_as_postgres(server, segment_file(whole), name)
+    assert ok.returncode == 0, ok.stderr
+    assert (spool / name).read_bytes() == whole and not (spool / "errors" / f"{name}.json").exists()
+    assert wal.ingest(server).ingested == [name]
+    assert WalSegment.objects.get(name=name).size == len(whole)
+
+
+def test_the_ingest_refuses_a_truncated_segment_in_the_spool_until_the_whole_one_is_back(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, tmp_path
+):
+    enable_push(sample_cluster)
+    [first] = archive_segments(sample_cluster, 1)
+    assert wal.ingest(server).ingested == [first]
+    server.refresh_from_db()
+    size = server.wal_segment_size
+    victim, after = archive_segments(sample_cluster, 2)
+    spool = wal.spool_dir(server)
+    kept = tmp_path / victim
+    shutil.copy2(spool / victim, kept)
+    os.truncate(spool / victim, 5 * 1024 * 1024 + 123)  # damaged in the spool, after the program took it
+
+    refused = run_command("ingestwal", "maldives")
+    assert refused["_exit"] == 1, refused
+    [line] = refused["_stderr"].strip().splitlines()
+    assert f"WAL segment {victim} is {5 * 1024 * 1024 + 123} bytes, not the {size} bytes of maldives's segments" in line
+    assert "truncated" in line and f"replace {spool / victim} with the whole segment from pg_wal" in line
+    assert not WalSegment.objects.filter(name__in=[victim, after]).exists()
+    assert spooled(spool) == [victim, after]  # nothing taken out of the spool
+    assert not list(Path(wal.wal_location().path).rglob(f"{victim}*"))  # nor half-written
+    assert json.loads((spool / "errors" / "ingest.json").read_text())["reason"] == "ingest_failed"
+    call_command("monitor", "--once")
+    alert = Alert.objects.get(condition="archive_failing", server=server)
+    assert alert.state == "open" and f"WAL segment {victim} is " in alert.message
+
+    shutil.copy2(kept, spool / victim)  # the whole segment, from pg_wal
+    assert wal.ingest(server).ingested == [victim, after]
+    first_no, last_no = (wal.segno_of(n, size) for n in (first, after))
+    assert wal.missing_segments(server, first_no, last_no) == []
+    assert WalSegment.objects.get(name=victim).size == size
+    assert not (spool / "errors" / "ingest.json").exists()
+    call_command("monitor", "--once")
+    assert Alert.objects.get(condition="archive_failing", server=server).state == "resolved"
+
+
+def test_verify_finds_a_stored_segment_truncated_after_archiving(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    enable_push(sample_cluster)
+    [name] = archive_segments(sample_cluster, 1)
+    wal.ingest(server)
+    copy = BackupCopy.objects.get(wal_segment__name=name, location__name="wal")
+    path = Path(copy.location.path) / copy.key
+    os.truncate(path, path.stat().st_size // 2)
+
+    found = run_command("verify")
+    assert found["_exit"] == 1 and found["bad"] == 1, found
+    [listed] = found["copies"]
+    assert listed["wal_segment"] == name and "sha256" in listed["error"], listed
+    copy.refresh_from_db()
+    assert copy.status == "bad"
+    assert Alert.objects.get(condition="corruption", server=server).state == "open"
