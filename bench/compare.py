@@ -35,6 +35,10 @@ class Rows:
         row.update(sample.extra)
         return row
 
+    def set(self, method, key, value):
+        if method in self.rows:
+            self.rows[method][key] = value
+
     def fail(self, method, error):
         self.rows.setdefault(method, {"method": method, "times": [], "tree_rss": [], "own_rss": [], "artifact": None})
         self.rows[method]["note"] = f"failed: {error}"[:300]
@@ -58,6 +62,38 @@ def portal_run(portal, *args):
     if result.get("status") not in ("succeeded", None):
         raise CommandFailed(f"portal {args[0]}: {result.get('status')} {result.get('error', '')}")
     return sample, result
+
+
+# Entry points that only wrap the work: left out of the profile lists.
+WRAPPERS = ("manage.py", "backupportal/lib/commands.py", "/__init__.py")
+
+
+def profile(portal, *args, top=10):
+    """One extra, untimed run of a portal command under cProfile: where its wall time goes.
+
+    py-spy is not installed here; cProfile sees the main thread, which waits on the
+    subprocesses (pg_dump, gpg, pg_restore, pg_ctl) and on the WAL staging pool, so the
+    cumulative times of the portal's own functions read as a breakdown per pipeline stage.
+    """
+    import pstats
+    import tempfile
+
+    out = Path(tempfile.mkstemp(prefix="bench-profile-", suffix=".prof")[1])
+    try:
+        argv = portal.argv(*args, "--json")
+        run([argv[0], "-m", "cProfile", "-o", str(out), *argv[1:]], env=portal.env, cwd=portal.env["PYTHONPATH"])
+        stats = pstats.Stats(str(out)).stats
+    except (CommandFailed, OSError) as e:
+        return [("profile failed", str(e)[:200])]
+    finally:
+        out.unlink(missing_ok=True)
+    root = portal.env["PYTHONPATH"]
+    ours = [
+        (f"{Path(file).relative_to(root)}:{func}", ct)
+        for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.items()
+        if file.startswith(root) and "/.venv/" not in file and not file.endswith(WRAPPERS) and func != "<module>"
+    ]
+    return sorted(ours, key=lambda x: -x[1])[:top]
 
 
 def attempt(rows, method, fn, *args):
@@ -117,6 +153,8 @@ def logical(ws, portal, cluster, server, dbname, rounds, stages=True):
         attempt(rows, PLAIN, plain)
         if stages:
             attempt(rows, STAGE_DUMP, stage)
+    if stages:
+        rows.set(PORTAL_LOGICAL, "profile", profile(portal, "backup", server, "--kind", "logical"))
     return rows.list()
 
 
@@ -148,6 +186,9 @@ def physical(ws, portal, cluster, pgbr, server, rounds):
     for _ in range(rounds):
 
         def portal_base():
+            # What the worker's every-minute ingestwal schedule keeps done: this bench runs no worker,
+            # so WAL written meanwhile waits in the spool and would be ingested inside the timed backup.
+            portal.manage("ingestwal", server)
             sample, result = portal_run(portal, "backup", server, "--kind", "base")
             rows.add(PORTAL_BASE, sample, artifact=result["size"])
 
@@ -171,6 +212,7 @@ def physical(ws, portal, cluster, pgbr, server, rounds):
         attempt(rows, BR_LZ4, lambda: pgbackrest(BR_LZ4, "lz4"))
         attempt(rows, BR_ZSTD, lambda: pgbackrest(BR_ZSTD, "zst"))
         attempt(rows, STAGE_BB, read_floor)
+    rows.set(PORTAL_BASE, "profile", profile(portal, "backup", server, "--kind", "base"))
     return rows.list()
 
 
@@ -232,6 +274,8 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
         attempt(rows, PG_RESTORE_1, pg_restore, PG_RESTORE_1, 1, i)
         attempt(rows, PG_RESTORE_2, pg_restore, PG_RESTORE_2, 2, i)
         attempt(rows, STRATEGY_RESTORE, strategy, i)
+    rows.set(PORTAL_RESTORE, "profile", profile(portal, "restore", str(run_id), "--into-database", "r_profile"))
+    drop(cluster, "r_profile")
     plain.unlink()
     enc.unlink()
     return rows.list()
@@ -284,6 +328,7 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
 
         def portal_pitr(i):
             datadir, port = restored_dir(ws, f"portal{i}"), free_port()
+            portal.manage("ingestwal", server)  # as the worker's schedule would have (see portal_base)
             try:
                 args = ("restore", "--server", server, "--target", "latest", "--into-datadir", str(datadir))
                 sample, _ = portal_run(portal, *args, "--port", str(port))
@@ -314,6 +359,12 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
 
         attempt(rows, PORTAL_PITR, portal_pitr, i)
         attempt(rows, BR_RESTORE, pgbackrest_restore, i)
+    datadir = restored_dir(ws, "profile")
+    try:
+        args = ("restore", "--server", server, "--target", "latest", "--into-datadir", str(datadir))
+        rows.set(PORTAL_PITR, "profile", profile(portal, *args, "--port", str(free_port())))
+    finally:
+        stop_and_remove(datadir)
     return rows.list()
 
 
@@ -360,6 +411,40 @@ def archived_files(folder):
     return sum(1 for p in Path(folder).iterdir() if len(p.name) == 24 and p.is_file())
 
 
+WAL_STAGES = {
+    "python": "stage: /usr/bin/python3 -I -S starting (the archive program's fixed cost per segment)",
+    "s2k": "stage: gpg --symmetric of one segment, the strategy's s2k (65,011,712 SHA-512 iterations)",
+    "s2k-low": "stage: gpg --symmetric of one segment, --s2k-count 65536",
+    "pubkey": "stage: gpg --encrypt of one segment to a public key (GPG_RECIPIENTS)",
+}
+
+
+def wal_stages(ws, segment_size, rounds):
+    """Where the per-segment time goes: interpreter start, and gpg's key derivation per file."""
+    rows, home = Rows(), ws.root / "gnupg"
+    segment = ws.root / "files" / "segment"
+    segment.write_bytes(os.urandom(segment_size))
+    gpg = f"gpg --homedir {home} --batch --yes --pinentry-mode loopback"
+    sym = f"{gpg} --passphrase-file {ws.passphrase} --symmetric --cipher-algo AES256 --compress-algo 1 -z 1"
+    low = S2K.replace("65011712", "65536")
+    subprocess.run(
+        [*gpg.split(), "--passphrase", "", "--quick-gen-key", "bench-wal <wal@bench.invalid>", "default", "default"],
+        check=True,
+        capture_output=True,
+    )
+    scripts = {
+        "python": "/usr/bin/python3 -I -S -c pass",
+        "s2k": f"{sym} {S2K} -o {segment}.gpg {segment}",
+        "s2k-low": f"{sym} {low} -o {segment}.gpg {segment}",
+        "pubkey": f"{gpg} --trust-model always --encrypt -r wal@bench.invalid -z 1 -o {segment}.gpg {segment}",
+    }
+    for _ in range(rounds):
+        for key, script in scripts.items():
+            attempt(rows, WAL_STAGES[key], lambda s=script, k=key: rows.add(WAL_STAGES[k], shell(s)))
+    segment.unlink()
+    return rows.list()
+
+
 def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, timeout=900):
     rows = Rows()
     spool = Path(portal.env["WAL_SPOOL"]) / server
@@ -392,7 +477,7 @@ def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, t
                 sample = Sample(seconds, 0, 0, extra={"segments": waiting, "segment_size": seg_size})
                 rows.add(method, sample)
                 rows.rows[method].setdefault("rates", []).append(waiting / seconds)
-                if method == PORTAL_WAL:
+                if method == PORTAL_WAL and not lag:
                     # What the worker's ingestwal schedule does next: catalogue, encrypt, copy.
                     ingest = run(portal.argv("ingestwal", server), env=portal.env)
                     lag.append({"segments": waiting, "seconds": ingest.seconds, "own_rss": ingest.own_hwm})

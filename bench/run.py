@@ -115,8 +115,11 @@ def main(argv=None):
     return 0
 
 
+STARTED = time.monotonic()
+
+
 def say(message):
-    print(f"bench: {message}", flush=True)
+    print(f"bench: [{(time.monotonic() - STARTED) / 60:4.1f} min] {message}", flush=True)
 
 
 def build(ws, args, results):
@@ -183,18 +186,20 @@ def measure_all(ws, args, results):
     if "physical" not in args.skip:
         say("2. base backups")
         parts["physical"] = compare.physical(ws, p, ws.db, ws.pgbr, "maldives", rounds)
+    if "pitr" not in args.skip and "physical" not in args.skip:
+        # Right after the base backups: little WAL to replay, so the restores themselves are compared.
+        say("3. PITR restores")
+        parts["pitr"] = compare.pitr(ws, p, ws.db, ws.pgbr, "maldives", rounds)
     if "restore" not in args.skip and "logical" not in args.skip:
         say("3. logical restores")
         run_id = next(r for r in parts["logical"] if r["method"] == compare.PORTAL_LOGICAL)["run_id"]
         parts["restore"] = compare.logical_restore(ws, p, ws.db, run_id, DB, rounds)
-    if "pitr" not in args.skip and "physical" not in args.skip:
-        say("3. PITR restores")
-        parts["pitr"] = compare.pitr(ws, p, ws.db, ws.pgbr, "maldives", rounds)
     if "wal" not in args.skip:
         say(f"4. WAL archiving, {args.wal_segments} segments of {args.wal_segsize} MB")
         parts["wal"], parts["ingest"] = compare.wal_archiving(
             ws, p, ws.walc, ws.pgbr, "walc", "walc", args.wal_segments, rounds
         )
+        parts["wal_stages"] = compare.wal_stages(ws, args.wal_segsize * 2**20, rounds)
     if "scale" not in args.skip:
         say(f"5. the portal at scale: {args.catalog_segments} segments, {args.catalog_journal} journal entries")
         out = ws.root / "scale.json"

@@ -164,7 +164,7 @@ def measure(client, urls, requests):
     for label, url in urls.items():
         for _ in range(2):  # warm caches, as a page that is in use has
             assert client.get(url).status_code == 200, url
-        times, queries = [], 0
+        times, queries, sql_ms, slowest = [], 0, [], {}
         for _ in range(requests):
             t0 = time.perf_counter()
             with CaptureQueriesContext(connection) as captured:
@@ -172,14 +172,54 @@ def measure(client, urls, requests):
             times.append((time.perf_counter() - t0) * 1000)
             assert response.status_code == 200, (url, response.status_code)
             queries = len(captured)
+            # The profile: how much of the page is SQL, and which query costs most.
+            spent = [(float(q["time"]) * 1000, q["sql"]) for q in captured.captured_queries]
+            sql_ms.append(sum(ms for ms, _ in spent))
+            for ms, text in spent:
+                slowest[text[:160]] = max(slowest.get(text[:160], 0), ms)
         times.sort()
+        top = max(slowest.items(), key=lambda kv: kv[1]) if slowest else ("", 0)
         results[label] = {
             "url": url,
             "p50_ms": statistics.median(times),
             "p95_ms": times[max(0, round(0.95 * len(times)) - 1)],
             "queries": queries,
+            "sql_ms_median": statistics.median(sql_ms),
+            "slowest_sql": top[0],
+            "slowest_sql_ms": top[1],
         }
     return results
+
+
+def runs_list_alternatives():
+    """The runs list's query as the admin builds it (Count of copies) against per-row subqueries.
+
+    Best of five, first page of 100; shows whether counting copies is what grows with the runs.
+    """
+    from django.db.models import Count, IntegerField, OuterRef, Q, Subquery
+
+    from backups.models import BackupCopy, BackupRun
+
+    def best(qs):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            list(qs[:100])
+            times.append((time.perf_counter() - t0) * 1000)
+        return min(times)
+
+    def count(**only):
+        copies = BackupCopy.objects.filter(run=OuterRef("pk"), **only).order_by().values("run")
+        return Subquery(copies.annotate(n=Count("*")).values("n"), output_field=IntegerField())
+
+    runs = BackupRun.objects.select_related("server").order_by("-created_at", "-id")
+    return {
+        "Count() annotation (as the admin does now)": best(
+            runs.annotate(ok=Count("copies", filter=Q(copies__status="ok")), n=Count("copies"))
+        ),
+        "correlated Subquery counts (per row on the page)": best(runs.annotate(ok=count(status="ok"), n=count())),
+        "no counts at all": best(runs),
+    }
 
 
 def main():
@@ -225,6 +265,7 @@ def main():
                         "journal": target[2],
                         "load_seconds": loaded,
                         "pages": measure(client, pages(servers, target[0]), args.requests),
+                        "runs_query_ms": runs_list_alternatives(),
                     }
                 )
         result["database_bytes"] = cluster.execute("SELECT pg_database_size('portal')")[0][0]
