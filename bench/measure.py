@@ -59,14 +59,36 @@ def _status_kb(pid, field_name):
     return 0
 
 
+def _children(pid):
+    """Direct children from /proc/PID/task/*/children (cheap), or None when the kernel lacks it."""
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            return None
+        except OSError:
+            pass
+    return found
+
+
 def tree_rss(pid):
     """Sum of VmRSS over pid and its descendants, in bytes."""
-    children = _children_map()
+    scan = None
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         total += _status_kb(p, "VmRSS")
-        todo.extend(children.get(p, []))
+        kids = _children(p)
+        if kids is None:  # no children files: one scan of /proc for the whole tree
+            scan = scan if scan is not None else _children_map()
+            kids = scan.get(p, [])
+        todo.extend(kids)
     return total
 
 

@@ -387,7 +387,9 @@ CLOSE = {
         " every run with Count() of its copies, so PostgreSQL aggregates all runs before the LIMIT and the"
         " page grows with the number of runs (EXPLAIN: GroupAggregate over every run, then a top-N sort)."
         " Closing that: correlated Subquery counts, evaluated for the page's rows only (the runs-list query"
-        " table above measures both)."
+        " table above measures both). The dashboard grows with the runs too, more slowly: its newest run per"
+        " server and kind is a ROW_NUMBER() window over every run; DISTINCT ON (server, kind) over an index on"
+        " (server, kind, finished_at), or the newest run kept on the server row, would keep it flat."
     ),
 }
 
