@@ -212,6 +212,7 @@ def physical(ws, portal, cluster, pgbr, server, rounds):
         attempt(rows, BR_LZ4, lambda: pgbackrest(BR_LZ4, "lz4"))
         attempt(rows, BR_ZSTD, lambda: pgbackrest(BR_ZSTD, "zst"))
         attempt(rows, STAGE_BB, read_floor)
+    portal.manage("ingestwal", server)  # as before each timed run
     rows.set(PORTAL_BASE, "profile", profile(portal, "backup", server, "--kind", "base"))
     return rows.list()
 

@@ -164,8 +164,9 @@ def render(results):
     ]
     if info["args"].get("shared"):
         lines += [
-            "**The machine was shared** with other engineers' test runs while this ran: absolute times are noisy;",
-            "the ratios between methods of one round are the figures to read.",
+            "**The machine was shared** with five other engineers running their tests (2 cores in all; load",
+            f"averages at start {m['load at start (1/5/15 min)']}, at the end {info.get('load_end', '?')}): absolute",
+            "times are noisy; the ratios between methods of one round are the figures to read.",
             "",
         ]
     lines += ["## Machine", "", "| | |", "|---|---|"]

@@ -13,6 +13,7 @@ directory. Must run as root (PostgreSQL runs as the postgres OS user, as in the 
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -110,6 +111,7 @@ def main(argv=None):
         ws.destroy()
 
     info["seconds"] = time.monotonic() - started
+    info["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     Path(args.output).write_text(report.render(results))
     print(f"bench: wrote {args.output} in {info['seconds']:.0f} s")
     return 0
