@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -272,6 +273,7 @@ def main():
         Path(args.out).write_text(json.dumps(result, indent=1))
     finally:
         cluster.destroy()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
