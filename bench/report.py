@@ -171,6 +171,7 @@ def render(results):
         ]
     lines += ["## Machine", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in m.items()]
+    lines += [f"| load at the end (1/5/15 min) | {info.get('load_end', '?')} |"]
     lines += [
         f"| disk budget of this run | {info['budget'] / 2**30:.1f} GiB (free at start: {info['free'] / 2**30:.1f} GiB) |",
         "",
@@ -350,7 +351,7 @@ CLOSE = {
     "logical backup": (
         "The portal's own overhead is Python and Django starting plus the snapshot's row counts, globals"
         " and catalog writes: fixed costs that weigh most on a small database. pg_dump -Z1 into gpg without"
-        " compression is already the cheapest stock format; a larger database amortises the fixed part."
+        " compression is already the cheapest stock format; a larger database should amortise the fixed part (the full-size run, not made here yet, would show it)."
     ),
     "base backup": (
         "pg_basebackup reads the cluster fast (the read-alone stage row); the rest is gpg deflating the tar"
