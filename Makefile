@@ -2,6 +2,7 @@
 # make test       the whole test suite
 # make demo-stop  stop a demo left running in the background
 # make lint       ruff, as before every commit
+# make bench       the full benchmark (~1 GB dataset; see bench/RESULTS.md), make bench-quick under 15 min
 #
 # PYTHON picks the interpreter for the venv (3.11 or newer); PORT the demo's web port.
 
@@ -12,7 +13,7 @@ PYTEST_ARGS ?= -q
 # A copy of the requirements the venv was built from: a changed requirements.txt reinstalls.
 STAMP := $(VENV)/.requirements.txt
 
-.PHONY: venv demo demo-stop test lint
+.PHONY: venv demo demo-stop test lint bench bench-quick
 
 venv: $(STAMP)
 
@@ -38,3 +39,10 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+
+# Both write bench/RESULTS.md; BENCH_ARGS adds options (python bench/run.py --help).
+bench: venv
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+bench-quick: venv
+	$(VENV)/bin/python bench/run.py --quick $(BENCH_ARGS)

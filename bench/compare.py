@@ -1,0 +1,489 @@
+"""The comparisons: each method run in rounds (interleaved, so noise hits all alike), on one database.
+
+Every function returns rows for the report: {"method", "times", "tree_rss", "own_rss",
+"artifact", "note"}; `Rows.add` collects a Sample per round.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+
+from backupportal.lib.pgcluster import as_db_user, chown_to_db_user, free_port, pg_bin
+
+from .measure import CommandFailed, Sample, dir_size, run, shell
+from .setup import S2K, wait_until
+
+
+class Rows:
+    def __init__(self):
+        self.rows = {}
+
+    def add(self, method, sample, artifact=None, note=""):
+        row = self.rows.setdefault(
+            method, {"method": method, "times": [], "tree_rss": [], "own_rss": [], "artifact": None, "note": note}
+        )
+        row["times"].append(sample.seconds)
+        row["tree_rss"].append(sample.tree_rss)
+        row["own_rss"].append(sample.own_hwm)
+        if artifact is not None:
+            row["artifact"] = artifact
+        row.update(sample.extra)
+        return row
+
+    def set(self, method, key, value):
+        if method in self.rows:
+            self.rows[method][key] = value
+
+    def fail(self, method, error):
+        self.rows.setdefault(method, {"method": method, "times": [], "tree_rss": [], "own_rss": [], "artifact": None})
+        self.rows[method]["note"] = f"failed: {error}"[:300]
+
+    def list(self):
+        return list(self.rows.values())
+
+
+def pg(cluster, tool):
+    return f"{pg_bin() / tool} -h {cluster.host} -p {cluster.port} -U postgres"
+
+
+def pg_env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def portal_run(portal, *args):
+    """A portal command measured; its --json result in sample.extra['result']."""
+    sample = run(portal.argv(*args, "--json"), env=portal.env, cwd=portal.env["PYTHONPATH"])
+    result = json.loads(sample.stdout.strip().splitlines()[-1])
+    if result.get("status") not in ("succeeded", None):
+        raise CommandFailed(f"portal {args[0]}: {result.get('status')} {result.get('error', '')}")
+    return sample, result
+
+
+# Entry points that only wrap the work: left out of the profile lists.
+WRAPPERS = ("manage.py", "backupportal/lib/commands.py", "/__init__.py")
+
+
+def profile(portal, *args, top=10):
+    """One extra, untimed run of a portal command under cProfile: where its wall time goes.
+
+    py-spy is not installed here; cProfile sees the main thread, which waits on the
+    subprocesses (pg_dump, gpg, pg_restore, pg_ctl) and on the WAL staging pool, so the
+    cumulative times of the portal's own functions read as a breakdown per pipeline stage.
+    """
+    import pstats
+    import tempfile
+
+    out = Path(tempfile.mkstemp(prefix="bench-profile-", suffix=".prof")[1])
+    try:
+        argv = portal.argv(*args, "--json")
+        run([argv[0], "-m", "cProfile", "-o", str(out), *argv[1:]], env=portal.env, cwd=portal.env["PYTHONPATH"])
+        stats = pstats.Stats(str(out)).stats
+    except (CommandFailed, OSError) as e:
+        return [("profile failed", str(e)[:200])]
+    finally:
+        out.unlink(missing_ok=True)
+    root = portal.env["PYTHONPATH"]
+    ours = [
+        (f"{Path(file).relative_to(root)}:{func}", ct)
+        for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.items()
+        if file.startswith(root) and "/.venv/" not in file and not file.endswith(WRAPPERS) and func != "<module>"
+    ]
+    return sorted(ours, key=lambda x: -x[1])[:top]
+
+
+def attempt(rows, method, fn, *args):
+    """One measured round of one method; a failure becomes a note on the row, never a number."""
+    try:
+        fn(*args)
+    except (CommandFailed, RuntimeError, OSError, psycopg.Error) as e:
+        rows.fail(method, e)
+
+
+# ---------------------------------------------------------------------------- 1. logical
+
+
+STRATEGY = "the strategy's pipeline (pg_dump -Fc -b to a file, gpg --symmetric AES256 --compress-algo 1, rm)"
+PLAIN = "plain pg_dump -Fc (default compression, no encryption)"
+PORTAL_LOGICAL = "**portal** backup --kind logical (pg_dump -Z1 piped to gpg, catalogued)"
+STAGE_DUMP = "stage: pg_dump -Fc -Z1 to a file (the portal's dump alone)"
+
+
+def logical(ws, portal, cluster, server, dbname, rounds, stages=True):
+    rows = Rows()
+    files = ws.root / "files"
+    gpg_home = ws.root / "gnupg"
+    for _ in range(rounds):
+
+        def portal_backup():
+            sample, result = portal_run(portal, "backup", server, "--kind", "logical")
+            rows.add(PORTAL_LOGICAL, sample, artifact=result["size"])
+            rows.rows[PORTAL_LOGICAL]["run_id"] = result["id"]
+
+        def strategy():
+            f = files / "strategy.dump"
+            sample = shell(
+                f"{pg(cluster, 'pg_dump')} -Fc -b -f {f} {dbname}\n"
+                f"gpg --homedir {gpg_home} --batch --yes --pinentry-mode loopback --passphrase-file {ws.passphrase}"
+                f" --cipher-algo AES256 --compress-algo 1 {S2K} --output {f}.gpg --symmetric {f}\n"
+                f"rm {f}\n",
+                env=pg_env(),
+            )
+            rows.add(STRATEGY, sample, artifact=os.path.getsize(f"{f}.gpg"))
+            os.unlink(f"{f}.gpg")
+
+        def plain():
+            f = files / "plain.dump"
+            sample = shell(f"{pg(cluster, 'pg_dump')} -Fc -f {f} {dbname}", env=pg_env())
+            rows.add(PLAIN, sample, artifact=f.stat().st_size)
+            f.unlink()
+
+        def stage():
+            f = files / "z1.dump"
+            sample = shell(f"{pg(cluster, 'pg_dump')} -Fc -Z1 -f {f} {dbname}", env=pg_env())
+            rows.add(STAGE_DUMP, sample, artifact=f.stat().st_size)
+            f.unlink()
+
+        attempt(rows, PORTAL_LOGICAL, portal_backup)
+        attempt(rows, STRATEGY, strategy)
+        attempt(rows, PLAIN, plain)
+        if stages:
+            attempt(rows, STAGE_DUMP, stage)
+    if stages:
+        rows.set(PORTAL_LOGICAL, "profile", profile(portal, "backup", server, "--kind", "logical"))
+    return rows.list()
+
+
+BOOT = "stage: manage.py check (Python + Django start)"
+
+
+def django_boot(portal, rounds):
+    """The fixed cost every portal command pays: Python and Django starting."""
+    rows = Rows()
+    for _ in range(rounds):
+        attempt(rows, BOOT, lambda: rows.add(BOOT, run(portal.argv("check"), env=portal.env)))
+    return rows.list()
+
+
+# ---------------------------------------------------------------------------- 2. physical
+
+
+PORTAL_BASE = "**portal** backup --kind base (pg_basebackup tar piped to gpg zlib 1)"
+BB_GZIP = "pg_basebackup -Ft -z (client gzip, no encryption)"
+BB_ZSTD = "pg_basebackup -Ft --compress=server-zstd:workers=2 (no encryption)"
+BR_LZ4 = "pgBackRest full, process-max 2, lz4, aes-256-cbc"
+BR_ZSTD = "pgBackRest full, process-max 2, zstd, aes-256-cbc"
+STAGE_BB = "stage: pg_basebackup -Ft -X none to /dev/null (the portal's read alone)"
+
+
+def physical(ws, portal, cluster, pgbr, server, rounds):
+    rows = Rows()
+    out = ws.root / "files" / "basebackup"
+    for _ in range(rounds):
+
+        def portal_base():
+            # What the worker's every-minute ingestwal schedule keeps done: this bench runs no worker,
+            # so WAL written meanwhile waits in the spool and would be ingested inside the timed backup.
+            portal.manage("ingestwal", server)
+            sample, result = portal_run(portal, "backup", server, "--kind", "base")
+            rows.add(PORTAL_BASE, sample, artifact=result["size"])
+
+        def basebackup(method, compress):
+            shutil.rmtree(out, ignore_errors=True)
+            sample = shell(f"{pg(cluster, 'pg_basebackup')} -D {out} -Ft {compress} -c fast", env=pg_env())
+            rows.add(method, sample, artifact=dir_size(out))
+            shutil.rmtree(out, ignore_errors=True)
+
+        def pgbackrest(method, kind):
+            sample = run(pgbr.argv(server, "--type=full", f"--compress-type={kind}", "backup"), cwd="/")
+            rows.add(method, sample, artifact=pgbr.last_backup_size(server))
+
+        def read_floor():
+            sample = shell(f"{pg(cluster, 'pg_basebackup')} -D - -Ft -X none -c fast > /dev/null", env=pg_env())
+            rows.add(STAGE_BB, sample)
+
+        attempt(rows, PORTAL_BASE, portal_base)
+        attempt(rows, BB_GZIP, lambda: basebackup(BB_GZIP, "-z"))
+        attempt(rows, BB_ZSTD, lambda: basebackup(BB_ZSTD, "--compress=server-zstd:workers=2"))
+        attempt(rows, BR_LZ4, lambda: pgbackrest(BR_LZ4, "lz4"))
+        attempt(rows, BR_ZSTD, lambda: pgbackrest(BR_ZSTD, "zst"))
+        attempt(rows, STAGE_BB, read_floor)
+    portal.manage("ingestwal", server)  # as before each timed run
+    rows.set(PORTAL_BASE, "profile", profile(portal, "backup", server, "--kind", "base"))
+    return rows.list()
+
+
+# ---------------------------------------------------------------------------- 3. restore
+
+
+PORTAL_RESTORE = "**portal** restore RUN --into-database (gpg -d to scratch, pg_restore -j 2)"
+PG_RESTORE_1 = "pg_restore, one job, of the strategy's (decrypted) file"
+PG_RESTORE_2 = "pg_restore -j 2 of the strategy's (decrypted) file"
+STRATEGY_RESTORE = "the strategy's restore (gpg --decrypt to a file, pg_restore, rm)"
+
+
+def drop(cluster, dbname):
+    cluster.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
+    rows = Rows()
+    files, gpg_home = ws.root / "files", ws.root / "gnupg"
+    plain = files / "strategy-restore.dump"
+    subprocess.run([*pg(cluster, "pg_dump").split(), "-Fc", "-b", "-f", str(plain), dbname], check=True, env=pg_env())
+    enc = Path(f"{plain}.gpg")
+    subprocess.run(
+        ["gpg", "--homedir", str(gpg_home), "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase-file"]
+        + [str(ws.passphrase), "--cipher-algo", "AES256", "--compress-algo", "1", *S2K.split()]
+        + ["--output", str(enc), "--symmetric", str(plain)],
+        check=True,
+    )
+    for i in range(rounds):
+
+        def portal_restore(i):
+            target = f"r_portal_{i}"
+            sample, _ = portal_run(portal, "restore", str(run_id), "--into-database", target)
+            rows.add(PORTAL_RESTORE, sample)
+            drop(cluster, target)
+
+        def pg_restore(method, jobs, i):
+            target = f"r_pgr{jobs}_{i}"
+            cluster.create_database(target)
+            sample = shell(f"{pg(cluster, 'pg_restore')} -j {jobs} -d {target} {plain}", env=pg_env())
+            rows.add(method, sample)
+            drop(cluster, target)
+
+        def strategy(i):
+            target = f"r_strategy_{i}"
+            dec = files / "backup_decrypted.dump"
+            sample = shell(
+                f"gpg --homedir {gpg_home} --batch --yes --pinentry-mode loopback --passphrase-file {ws.passphrase}"
+                f" --decrypt {enc} > {dec} 2>/dev/null\n"
+                f"{pg(cluster, 'createdb')} {target}\n"
+                f"{pg(cluster, 'pg_restore')} -d {target} {dec}\n"
+                f"rm {dec}\n",
+                env=pg_env(),
+            )
+            rows.add(STRATEGY_RESTORE, sample)
+            drop(cluster, target)
+
+        attempt(rows, PORTAL_RESTORE, portal_restore, i)
+        attempt(rows, PG_RESTORE_1, pg_restore, PG_RESTORE_1, 1, i)
+        attempt(rows, PG_RESTORE_2, pg_restore, PG_RESTORE_2, 2, i)
+        attempt(rows, STRATEGY_RESTORE, strategy, i)
+    rows.set(PORTAL_RESTORE, "profile", profile(portal, "restore", str(run_id), "--into-database", "r_profile"))
+    drop(cluster, "r_profile")
+    plain.unlink()
+    enc.unlink()
+    return rows.list()
+
+
+PORTAL_PITR = "**portal** restore --target latest --into-datadir (fetch, verify, extract, replay)"
+BR_RESTORE = "pgBackRest restore (type default: end of archive), then start and replay"
+
+
+def restored_dir(ws, name):
+    parent = ws.root / "restored" / name
+    parent.mkdir(parents=True)
+    chown_to_db_user(parent)
+    return parent / "data"
+
+
+def stop_and_remove(datadir):
+    if (datadir / "postmaster.pid").exists():
+        subprocess.run(
+            as_db_user([str(pg_bin() / "pg_ctl"), "stop", "-m", "immediate", "-w", "-D", str(datadir)]),
+            capture_output=True,
+            cwd="/",
+        )
+    shutil.rmtree(datadir.parent, ignore_errors=True)
+
+
+def wait_promoted(port, timeout=600):
+    def promoted():
+        try:
+            with psycopg.connect(
+                host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2
+            ) as c:
+                return not c.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+        except psycopg.OperationalError:
+            return False
+
+    wait_until(promoted, timeout, f"the restored cluster on port {port} to finish recovery")
+
+
+def pitr(ws, portal, cluster, pgbr, server, rounds):
+    rows = Rows()
+    # Both archives hold the same WAL: switch, and wait until the archiver has pushed it.
+    name = cluster.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    wait_until(
+        lambda: (cluster.execute("SELECT last_archived_wal FROM pg_stat_archiver")[0][0] or "") >= name,
+        120,
+        f"{name} to be archived",
+    )
+    for i in range(rounds):
+
+        def portal_pitr(i):
+            datadir, port = restored_dir(ws, f"portal{i}"), free_port()
+            portal.manage("ingestwal", server)  # as the worker's schedule would have (see portal_base)
+            try:
+                args = ("restore", "--server", server, "--target", "latest", "--into-datadir", str(datadir))
+                sample, _ = portal_run(portal, *args, "--port", str(port))
+                wait_promoted(port, 10)  # already so when the command returns; not timed
+                rows.add(PORTAL_PITR, sample)
+            finally:
+                stop_and_remove(datadir)
+
+        def pgbackrest_restore(i):
+            datadir, port = restored_dir(ws, f"pgbr{i}"), free_port()
+            try:
+                start = time.monotonic()
+                restore = run(pgbr.argv(server, f"--pg1-path={datadir}", "restore"), cwd="/")
+                with open(datadir / "postgresql.auto.conf", "a") as f:
+                    f.write(f"\nport = {port}\narchive_mode = 'off'\n")
+                log = datadir.parent / "postgres.log"
+                started = run(
+                    as_db_user(
+                        [str(pg_bin() / "pg_ctl"), "start", "-w", "-t", "600", "-D", str(datadir), "-l", str(log)]
+                    ),
+                    cwd="/",
+                )
+                wait_promoted(port)
+                seconds = time.monotonic() - start
+                rows.add(BR_RESTORE, Sample(seconds, max(restore.tree_rss, started.tree_rss), restore.own_hwm))
+            finally:
+                stop_and_remove(datadir)
+
+        attempt(rows, PORTAL_PITR, portal_pitr, i)
+        attempt(rows, BR_RESTORE, pgbackrest_restore, i)
+    datadir = restored_dir(ws, "profile")
+    try:
+        args = ("restore", "--server", server, "--target", "latest", "--into-datadir", str(datadir))
+        rows.set(PORTAL_PITR, "profile", profile(portal, *args, "--port", str(free_port())))
+    finally:
+        stop_and_remove(datadir)
+    return rows.list()
+
+
+# ---------------------------------------------------------------------------- 4. WAL archiving
+
+
+PORTAL_WAL = "**portal** archive_command (archive_wal.py: copy, fsync, link into the spool)"
+CP_WAL = "cp (the strategy's wal_archive.sh; no fsync: not durable)"
+BR_SYNC = "pgBackRest archive-push, synchronous (lz4, aes-256-cbc)"
+BR_ASYNC = "pgBackRest archive-push --archive-async, process-max 2 (counted until in the repo)"
+
+
+def make_backlog(cluster, segments):
+    """`segments` full WAL segments waiting to be archived (archive_command is empty: none is)."""
+    size = int(cluster.execute("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'")[0][0])
+    # Half random bytes, half hex text, stored without TOAST compression: WAL that compresses about 1.5x.
+    rows = max(1, int(size * 0.9) // 1100)
+    with cluster.connect() as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
+        conn.execute("CREATE TABLE IF NOT EXISTS walgen (b bytea)")
+        conn.execute("ALTER TABLE walgen ALTER b SET STORAGE EXTERNAL")
+        conn.execute("TRUNCATE walgen")
+        conn.execute("SELECT pg_switch_wal()")
+        for _ in range(segments):
+            conn.execute(
+                "INSERT INTO walgen SELECT gen_random_bytes(500) || convert_to(repeat(md5(random()::text), 16), 'UTF8')"
+                " FROM generate_series(1, %s)",
+                [rows],
+            )
+            conn.execute("SELECT pg_switch_wal()")
+    return size
+
+
+def ready_count(cluster):
+    return sum(1 for p in (cluster.datadir / "pg_wal" / "archive_status").iterdir() if p.name.endswith(".ready"))
+
+
+def set_archive_command(cluster, command):
+    cluster.configure(archive_command=command)
+    cluster.reload()
+
+
+def archived_files(folder):
+    return sum(1 for p in Path(folder).iterdir() if len(p.name) == 24 and p.is_file())
+
+
+WAL_STAGES = {
+    "python": "stage: /usr/bin/python3 -I -S starting (the archive program's fixed cost per segment)",
+    "s2k": "stage: gpg --symmetric of one segment, the strategy's s2k (65,011,712 SHA-512 iterations)",
+    "s2k-low": "stage: gpg --symmetric of one segment, --s2k-count 65536",
+    "pubkey": "stage: gpg --encrypt of one segment to a public key (GPG_RECIPIENTS)",
+}
+
+
+def wal_stages(ws, segment_size, rounds):
+    """Where the per-segment time goes: interpreter start, and gpg's key derivation per file."""
+    rows, home = Rows(), ws.root / "gnupg"
+    segment = ws.root / "files" / "segment"
+    segment.write_bytes(os.urandom(segment_size))
+    gpg = f"gpg --homedir {home} --batch --yes --pinentry-mode loopback"
+    sym = f"{gpg} --passphrase-file {ws.passphrase} --symmetric --cipher-algo AES256 --compress-algo 1 -z 1"
+    low = S2K.replace("65011712", "65536")
+    subprocess.run(
+        [*gpg.split(), "--passphrase", "", "--quick-gen-key", "bench-wal <wal@bench.invalid>", "default", "default"],
+        check=True,
+        capture_output=True,
+    )
+    scripts = {
+        "python": "/usr/bin/python3 -I -S -c pass",
+        "s2k": f"{sym} {S2K} -o {segment}.gpg {segment}",
+        "s2k-low": f"{sym} {low} -o {segment}.gpg {segment}",
+        "pubkey": f"{gpg} --trust-model always --encrypt -r wal@bench.invalid -z 1 -o {segment}.gpg {segment}",
+    }
+    for _ in range(rounds):
+        for key, script in scripts.items():
+            attempt(rows, WAL_STAGES[key], lambda s=script, k=key: rows.add(WAL_STAGES[k], shell(s)))
+    segment.unlink()
+    return rows.list()
+
+
+def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, timeout=900):
+    rows = Rows()
+    spool = Path(portal.env["WAL_SPOOL"]) / server
+    portal_command = portal.manage_json("archivecommand", server)["archive_command"]
+    script = ws.root / "wal_archive.sh"
+    script.write_text(
+        f'#!/bin/bash\nWAL_ARCHIVE_DIR="{ws.root / "walcp"}"\nmkdir -p $WAL_ARCHIVE_DIR\ncp $1 $WAL_ARCHIVE_DIR/\n'
+    )
+    script.chmod(0o755)
+    methods = [
+        (PORTAL_WAL, portal_command, lambda: archived_files(spool)),
+        (CP_WAL, f"{script} %p", lambda: archived_files(ws.root / "walcp")),
+        (BR_SYNC, pgbr.archive_command(stanza), lambda: pgbr.archived_count(stanza)),
+        (BR_ASYNC, pgbr.archive_command(stanza, asynchronous=True), lambda: pgbr.archived_count(stanza)),
+    ]
+    lag = []
+    for _ in range(rounds):
+        for method, command, count in methods:
+
+            def one(method, command, count):
+                set_archive_command(cluster, "")
+                seg_size = make_backlog(cluster, segments)
+                waiting = ready_count(cluster)
+                before = count()
+                start = time.monotonic()
+                set_archive_command(cluster, command)
+                wait_until(lambda: count() - before >= waiting, timeout, f"{waiting} segments archived by {method}")
+                seconds = time.monotonic() - start
+                set_archive_command(cluster, "")
+                sample = Sample(seconds, 0, 0, extra={"segments": waiting, "segment_size": seg_size})
+                rows.add(method, sample)
+                rows.rows[method].setdefault("rates", []).append(waiting / seconds)
+                if method == PORTAL_WAL and not lag:
+                    # What the worker's ingestwal schedule does next: catalogue, encrypt, copy.
+                    ingest = run(portal.argv("ingestwal", server), env=portal.env)
+                    lag.append({"segments": waiting, "seconds": ingest.seconds, "own_rss": ingest.own_hwm})
+                for f in (ws.root / "walcp").iterdir():
+                    f.unlink()
+
+            attempt(rows, method, one, method, command, count)
+    return rows.list(), lag

@@ -1,0 +1,218 @@
+"""The benchmark: the portal against the strategy's pipeline, the stock tools and pgBackRest.
+
+    python bench/run.py --quick          # < 15 min, needs QUICK_DISK_GIB free (make bench-quick)
+    python bench/run.py                  # full size: a ~1 GB dataset, pgbench scale 50 (make bench)
+    python bench/run.py --scale 0.02 --runs 1 ... --output /tmp/r.md   # tiny, as the smoke test does
+
+Builds everything itself in a work directory under /var/tmp (throwaway clusters, the datasets,
+a portal with its own SQLite catalog, a pgBackRest repository with encryption; a second
+throwaway cluster for the portal's PostgreSQL catalog at scale), runs every comparison in
+interleaved rounds on the same loaded database, writes RESULTS.md, and removes the work
+directory. Must run as root (PostgreSQL runs as the postgres OS user, as in the tests).
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backupportal.lib.pgcluster import Cluster, pg_bin  # noqa: E402
+from bench import compare, report  # noqa: E402
+from bench.measure import free_bytes, machine, run  # noqa: E402
+from bench.setup import (  # noqa: E402  # noqa: E402
+    DB,
+    PGBENCH_DB,
+    SMALL_DB,
+    PgBackRest,
+    Portal,
+    Workspace,
+    cluster_size,
+    compressibility,
+    load_pgbench,
+    load_strategy,
+)
+
+PRESETS = {
+    # strategy-shaped scale (1 = ~200 MiB), pgbench scale, WAL segment size (MB)
+    "quick": {"scale": 0.5, "pgbench_scale": 5, "wal_segsize": 1},
+    "full": {"scale": 5.0, "pgbench_scale": 50, "wal_segsize": 16},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the quick preset (under 15 minutes)")
+    p.add_argument("--scale", type=float, help="strategy-shaped dataset scale (1 = about 200 MiB on disk)")
+    p.add_argument("--pgbench-scale", type=int, help="pgbench -i scale (1 = about 15 MiB)")
+    p.add_argument("--runs", type=int, default=3, help="rounds of each comparison (medians are quoted)")
+    p.add_argument("--wal-segments", type=int, default=200)
+    p.add_argument("--wal-segsize", type=int, help="WAL segment size in MB of the archiving cluster")
+    p.add_argument("--catalog-segments", type=int, default=1_000_000)
+    p.add_argument("--catalog-runs", type=int, default=20_000)
+    p.add_argument("--catalog-journal", type=int, default=1_000_000)
+    p.add_argument("--page-requests", type=int, default=20)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: logical,physical,restore,pitr,wal,scale")
+    p.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"))
+    p.add_argument("--workdir", default="/var/tmp", help="where the work directory is made")
+    p.add_argument("--shared", action="store_true", help="say in RESULTS.md that the machine was shared")
+    args = p.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.mode = "quick" if args.quick else "custom" if any(a.startswith("--scale") for a in sys.argv) else "full"
+    return args
+
+
+def disk_budget(args):
+    """Bytes the run may write at most, with room to spare (stated in RESULTS.md)."""
+    mib = 2**20
+    db = (200 * args.scale + 15 * args.pgbench_scale) * mib * 1.15  # both datasets and the small one
+    artifacts = db * (1 + args.runs * 1.0 + 3)  # backups kept, two pgBackRest fulls, restores in flight
+    wal = args.wal_segments * args.wal_segsize * mib * (2 + args.runs * 2)  # backlog, spool, repo, encrypted
+    catalog = (args.catalog_segments + args.catalog_journal) * 1500 + args.catalog_runs * 4000
+    return int(artifacts + wal + catalog + 1024 * mib)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    budget = disk_budget(args)
+    free = free_bytes(args.workdir)
+    if free < budget:
+        print(
+            f"bench: {args.workdir} has {free / 2**30:.1f} GiB free but this run needs up to "
+            f"{budget / 2**30:.1f} GiB: free some space, pick another --workdir, or use a smaller --scale",
+            file=sys.stderr,
+        )
+        return 2
+    started = time.monotonic()
+    info = {
+        "command": "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(pg_bin()),
+        "budget": budget,
+        "free": free,
+        "args": vars(args) | {"skip": sorted(args.skip)},
+    }
+    ws = Workspace(args.workdir)
+    results = {"info": info}
+    try:
+        build(ws, args, results)
+        measure_all(ws, args, results)
+    finally:
+        ws.destroy()
+
+    info["seconds"] = time.monotonic() - started
+    info["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    Path(args.output).write_text(report.render(results))
+    print(f"bench: wrote {args.output} in {info['seconds']:.0f} s")
+    return 0
+
+
+STARTED = time.monotonic()
+
+
+def say(message):
+    print(f"bench: [{(time.monotonic() - STARTED) / 60:4.1f} min] {message}", flush=True)
+
+
+def build(ws, args, results):
+    say(f"building in {ws.root}")
+    t16 = Cluster.template(base_dir=ws.root / "pg", wal_segsize_mb=16)
+    twal = t16 if args.wal_segsize == 16 else Cluster.template(base_dir=ws.root / "pg", wal_segsize_mb=args.wal_segsize)
+    tuned = {"shared_buffers": "256MB", "max_wal_size": "2GB", "checkpoint_timeout": "15min"}
+    ws.db = ws.cluster(t16, **tuned)
+    ws.pgb = ws.cluster(t16, **tuned)
+    ws.walc = ws.cluster(twal, **tuned)
+    datasets = []
+    t0 = time.monotonic()
+    size = load_strategy(ws.db, DB, args.scale)
+    datasets.append(dataset("strategy-shaped (b)", ws.db, DB, size, time.monotonic() - t0, judged=True))
+    t0 = time.monotonic()
+    small = load_strategy(ws.db, SMALL_DB, args.scale / 8)
+    datasets.append(dataset("strategy-shaped, 1/8 (memory check)", ws.db, SMALL_DB, small, time.monotonic() - t0))
+    t0 = time.monotonic()
+    size = load_pgbench(ws.pgb, args.pgbench_scale)
+    datasets.append(dataset(f"pgbench -i -s {args.pgbench_scale} (a)", ws.pgb, PGBENCH_DB, size, time.monotonic() - t0))
+    results["datasets"] = datasets
+    results["cluster_bytes"] = cluster_size(ws.db)
+    say("datasets loaded: " + ", ".join(f"{d['name']} {d['bytes'] / 2**20:.0f} MiB" for d in datasets))
+
+    ws.portal = Portal(ws)
+    ws.portal.register("maldives", ws.db, DB)
+    ws.portal.register("small", ws.db, SMALL_DB)
+    ws.portal.register("pgbench", ws.pgb, PGBENCH_DB)
+    ws.portal.register("walc", ws.walc, "postgres")
+    ws.pgbr = PgBackRest(ws, {"maldives": ws.db, "walc": ws.walc})
+    ws.portal.enable_push("maldives", ws.db, extra_command=ws.pgbr.archive_command("maldives"))
+    ws.portal.manage("archivecommand", "walc")
+    ws.walc.configure(archive_mode="on", archive_command="", wal_level="replica")
+    ws.walc.restart()
+    ws.pgbr.run("maldives", "stanza-create")
+    ws.pgbr.run("walc", "stanza-create")
+
+
+def dataset(name, cluster, dbname, size, seconds, judged=False):
+    tables = cluster.execute(
+        "SELECT relname, n_live_tup FROM pg_stat_user_tables ORDER BY n_live_tup DESC LIMIT 4", dbname=dbname
+    )
+    return {
+        "name": name,
+        "db": dbname,
+        "bytes": size,
+        "load_seconds": seconds,
+        "rows": {t: n for t, n in tables},
+        "compressibility": compressibility(cluster, dbname),
+        "judged": judged,
+    }
+
+
+def measure_all(ws, args, results):
+    p, rounds = ws.portal, args.runs
+    parts = results.setdefault("parts", {})
+    if "logical" not in args.skip:
+        say("1. logical backups")
+        parts["logical"] = compare.logical(ws, p, ws.db, "maldives", DB, rounds)
+        parts["logical_pgbench"] = compare.logical(ws, p, ws.pgb, "pgbench", PGBENCH_DB, rounds, stages=False)
+        parts["boot"] = compare.django_boot(p, rounds)
+        say("6. memory at two sizes")
+        parts["memory_small"] = compare.logical(ws, p, ws.db, "small", SMALL_DB, rounds, stages=False)
+    if "physical" not in args.skip:
+        say("2. base backups")
+        parts["physical"] = compare.physical(ws, p, ws.db, ws.pgbr, "maldives", rounds)
+    if "pitr" not in args.skip and "physical" not in args.skip:
+        # Right after the base backups: little WAL to replay, so the restores themselves are compared.
+        say("3. PITR restores")
+        parts["pitr"] = compare.pitr(ws, p, ws.db, ws.pgbr, "maldives", rounds)
+    if "restore" not in args.skip and "logical" not in args.skip:
+        say("3. logical restores")
+        run_id = next(r for r in parts["logical"] if r["method"] == compare.PORTAL_LOGICAL)["run_id"]
+        parts["restore"] = compare.logical_restore(ws, p, ws.db, run_id, DB, rounds)
+    if "wal" not in args.skip:
+        say(f"4. WAL archiving, {args.wal_segments} segments of {args.wal_segsize} MB")
+        parts["wal"], parts["ingest"] = compare.wal_archiving(
+            ws, p, ws.walc, ws.pgbr, "walc", "walc", args.wal_segments, rounds
+        )
+        parts["wal_stages"] = compare.wal_stages(ws, args.wal_segsize * 2**20, rounds)
+    if "scale" not in args.skip:
+        say(f"5. the portal at scale: {args.catalog_segments} segments, {args.catalog_journal} journal entries")
+        out = ws.root / "scale.json"
+        sample = run(
+            [sys.executable, str(ROOT / "bench" / "scale.py"), "--out", str(out)]
+            + ["--segments", str(args.catalog_segments), "--runs", str(args.catalog_runs)]
+            + ["--journal", str(args.catalog_journal), "--requests", str(args.page_requests)],
+            cwd=ROOT,
+        )
+        parts["scale"] = json.loads(out.read_text()) | {"seconds": sample.seconds}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
