@@ -385,11 +385,10 @@ CLOSE = {
     ),
     "portal at scale: p95": (
         "The profile table shows, per page, how much is SQL and which query costs most; where SQL is a small"
-        " share the time is Python and templates, and p95 follows the machine's load. The runs list annotates"
-        " every run with Count() of its copies, so PostgreSQL aggregates all runs before the LIMIT and the"
-        " page grows with the number of runs (EXPLAIN: GroupAggregate over every run, then a top-N sort)."
-        " Closing that: correlated Subquery counts, evaluated for the page's rows only (the runs-list query"
-        " table above measures both). The dashboard grows with the runs too, more slowly: its newest run per"
+        " share the time is Python and templates, and p95 follows the machine's load. An earlier runs list"
+        " annotated every run with Count() of its copies, so PostgreSQL aggregated all runs before the LIMIT;"
+        " it now prefetches the page's copies in one query (the runs-list query table above measures all"
+        " three). The dashboard grows with the runs too, more slowly: its newest run per"
         " server and kind is a ROW_NUMBER() window over every run; DISTINCT ON (server, kind) over an index on"
         " (server, kind, finished_at), or the newest run kept on the server row, would keep it flat."
     ),
