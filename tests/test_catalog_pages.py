@@ -246,7 +246,8 @@ def test_every_catalog_list_runs_the_same_queries_for_a_few_rows_or_many(client)
         assert len(many[name][1]) == len(few[name][1]), (name, many[name][1])
 
     runs = many["backuprun"][0].content.decode()
-    assert "20.0\xa0KB" in runs and "0001cccccccc" in runs and "c" * 13 not in runs  # human size, short sha256
+    # Human sizes and shortened sha256 (whichever runs are newest, on the first page).
+    assert re.search(r"\d+\.\d\xa0KB", runs) and re.search(r"\d{4}c{8}", runs) and "c" * 13 not in runs
     assert "primary ok" in runs and "wal failed" in runs  # where the copies are
     assert "wal ok" in many["walsegment"][0].content.decode() and "16.0\xa0MB" in many["walsegment"][0].content.decode()
     assert "1\xa0minute ago" in many["server"][0].content.decode()  # the newest good logical backup
