@@ -150,8 +150,8 @@ def pages(servers, segments):
         "server page (newest runs)": f"/servers/{servers[3].name}/",
         "runs list (admin)": "/admin/backups/backuprun/",
         "WAL list, one server and day (admin)": (
-            f"/admin/backups/walsegment/?server__id__exact={sid}"
-            f"&archived_at__year={day.year}&archived_at__month={day.month}&archived_at__day={day.day}"
+            # The list's own "day archived" filter (a range on the indexed archived_at).
+            f"/admin/backups/walsegment/?server__id__exact={sid}&archived_on={day.isoformat()}"
         ),
         "journal, one user": "/journal/?actor=bob",
     }
