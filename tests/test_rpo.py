@@ -3,7 +3,6 @@ server whose WAL is all archived never does, however long it stays idle."""
 
 import subprocess
 import tempfile
-import time
 from datetime import timedelta
 
 import pytest
@@ -17,6 +16,7 @@ from backupportal.rpo import segment_end_lsn
 from backups.models import Server
 from tests.conftest import register
 from tests.test_monitor import mails, ours
+from tests.walhelpers import wait_for
 
 
 def rpo_alerts():
@@ -26,16 +26,6 @@ def rpo_alerts():
 
 def rpo_mails(smtp):
     return [m for m in mails(smtp) if "RPO breached" in m["Subject"]]
-
-
-def wait_for(predicate, timeout=30, what="a condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_wal(cluster, switch=True):
@@ -69,7 +59,9 @@ def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_
 ):
     server = failing_archive
     write_wal(pg_cluster)
-    wait_for(lambda: pg_cluster.execute("SELECT failed_count FROM pg_stat_archiver")[0][0] > 0, what="a failure")
+    wait_for(
+        lambda: pg_cluster.execute("SELECT failed_count FROM pg_stat_archiver")[0][0] > 0, timeout=30, what="a failure"
+    )
     run_once()
     status = RpoStatus.objects.get(server=server)
     assert status.seconds == 0 and status.pending_since is not None  # first seen now: not old yet
@@ -104,7 +96,7 @@ def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_
     pg_cluster.reload()
     pg_cluster.execute("CHECKPOINT")
     pg_cluster.execute("SELECT pg_switch_wal()")
-    wait_for(lambda: all_archived(pg_cluster), what="the archive to catch up")
+    wait_for(lambda: all_archived(pg_cluster), timeout=30, what="the archive to catch up")
     with time_machine.travel(start + timedelta(seconds=180), tick=False):
         run_once()
     status.refresh_from_db()
@@ -150,6 +142,7 @@ def test_pull_rpo_follows_what_pg_receivewal_has_flushed(pg_cluster, db, smtp_se
             lambda: pg_cluster.execute("SELECT count(*) FROM pg_stat_replication WHERE flush_lsn >= %s", [current])[0][
                 0
             ],
+            timeout=30,
             what="pg_receivewal to flush",
         )
         start = timezone.now()
