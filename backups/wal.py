@@ -241,13 +241,31 @@ def install_program() -> Path:
 
 
 def archive_command(server) -> str:
-    """The archive_command line: the system Python, an empty environment, no site packages."""
-    program = shlex.quote(str(program_path()))
-    spool = shlex.quote(str(spool_dir(server)))
+    """The archive_command line.
+
+    A segment already in the spool byte for byte (the program's look-ahead copied it there
+    during the previous call) is acknowledged by cmp, after sync has fsynced it and the spool
+    directory, without starting Python: that halves the cost of each segment of a backlog.
+    Anything else goes to the program, which alone decides (conflicts, sizes, error markers):
+    the system Python, an empty environment, no site packages.
+    """
     # `%` is archive_command's escape character: a literal one in a path must be doubled.
-    return f"/usr/bin/env -i {SYSTEM_PYTHON} -I -S {program} {spool} %p %f".replace("%", "%%").replace(
-        "%%p %%f", "%p %f"
-    )
+    program = shlex.quote(str(program_path())).replace("%", "%%")
+    spool = shlex.quote(str(spool_dir(server))).replace("%", "%%")
+    # `test` is a shell builtin: a segment not in the spool costs no process, and cmp never opens %p.
+    already = f"test -f {spool}/%f && /usr/bin/cmp -s {spool}/%f %p && /usr/bin/sync {spool}/%f {spool}"
+    return f"{already} || exec {program_command(program, spool)}"
+
+
+def program_command(program, spool):
+    return f"/usr/bin/env -i {SYSTEM_PYTHON} -I -S {program} {spool} %p %f"
+
+
+def is_portal_command(server, command):
+    """The current archive_command, or the earlier one without the cmp shortcut (still correct)."""
+    program = shlex.quote(str(program_path())).replace("%", "%%")
+    spool = shlex.quote(str(spool_dir(server))).replace("%", "%%")
+    return command in (archive_command(server), program_command(program, spool))
 
 
 def conf_quote(value: str) -> str:
@@ -715,7 +733,7 @@ def archiving_settings_problem(server, running):
             f"is not used: ALTER SYSTEM RESET archive_library, {reload}"
         )
     command = running["archive_command"][0]
-    if command != archive_command(server):
+    if not is_portal_command(server, command):
         # Someone else's command is not repeated: it may hold a password or a key.
         what = "empty" if not command else "not the portal's"
         return (

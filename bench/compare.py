@@ -372,7 +372,10 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
 # ---------------------------------------------------------------------------- 4. WAL archiving
 
 
-PORTAL_WAL = "**portal** archive_command (archive_wal.py: copy, fsync, link into the spool)"
+PORTAL_WAL = (
+    "**portal** archive_command (archive_wal.py: copy, fsync, link into the spool; copies ready segments ahead,"
+    " which cmp then acknowledges)"
+)
 CP_WAL = "cp (the strategy's wal_archive.sh; no fsync: not durable)"
 BR_SYNC = "pgBackRest archive-push, synchronous (lz4, aes-256-cbc)"
 BR_ASYNC = "pgBackRest archive-push --archive-async, process-max 2 (counted until in the repo)"
@@ -406,6 +409,11 @@ def ready_count(cluster):
 def set_archive_command(cluster, command):
     cluster.configure(archive_command=command)
     cluster.reload()
+
+
+def acknowledged(cluster):
+    """Segments PostgreSQL was told are archived: the portal says so only once they are durable."""
+    return int(cluster.execute("SELECT archived_count FROM pg_stat_archiver")[0][0])
 
 
 def archived_files(folder):
@@ -448,7 +456,6 @@ def wal_stages(ws, segment_size, rounds):
 
 def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, timeout=900):
     rows = Rows()
-    spool = Path(portal.env["WAL_SPOOL"]) / server
     portal_command = portal.manage_json("archivecommand", server)["archive_command"]
     script = ws.root / "wal_archive.sh"
     script.write_text(
@@ -456,7 +463,9 @@ def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, t
     )
     script.chmod(0o755)
     methods = [
-        (PORTAL_WAL, portal_command, lambda: archived_files(spool)),
+        # Counted as PostgreSQL's acknowledgements, not files in the spool: a segment the
+        # look-ahead copied is in the spool before the directory's fsync makes it durable.
+        (PORTAL_WAL, portal_command, lambda: acknowledged(cluster)),
         (CP_WAL, f"{script} %p", lambda: archived_files(ws.root / "walcp")),
         (BR_SYNC, pgbr.archive_command(stanza), lambda: pgbr.archived_count(stanza)),
         (BR_ASYNC, pgbr.archive_command(stanza, asynchronous=True), lambda: pgbr.archived_count(stanza)),

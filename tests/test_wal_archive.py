@@ -55,7 +55,8 @@ def test_archivecommand_prints_the_lines_and_installs_a_program_postgres_can_run
     result = run_command("archivecommand", "maldives")
     assert result["_exit"] == 0, result
     command = result["settings"]["archive_command"]
-    assert command.startswith("'/usr/bin/env -i /usr/bin/python3 -I -S ") and command.endswith(" %p %f'")
+    assert command.startswith("'test -f ") and " || exec /usr/bin/env -i /usr/bin/python3 -I -S " in command
+    assert command.endswith(" %p %f'")
     assert result["settings"]["archive_mode"] == "on" and result["settings"]["wal_level"] == "replica"
     assert int(result["settings"]["archive_timeout"]) <= server.rpo_minutes * 60
     program = Path(result["program"])
@@ -107,7 +108,7 @@ def test_an_archive_program_killed_mid_segment_leaves_nothing_that_looks_archive
     os.mkfifo(fifo)
     chown_to_db_user(fifo)
     command = wal.archive_command(server).replace("%p", str(fifo)).replace("%f", name)
-    program = subprocess.Popen(as_db_user(["sh", "-c", "exec " + command]), cwd="/")
+    program = subprocess.Popen(as_db_user(["sh", "-c", command]), cwd="/")
     with open(fifo, "wb") as writer:
         writer.write(data[: len(data) // 2])
         writer.flush()
@@ -121,6 +122,47 @@ def test_an_archive_program_killed_mid_segment_leaves_nothing_that_looks_archive
     assert archive_as_postgres(server, segment_file(data), name).returncode == 0
     assert wal.ingest(server).ingested == [name]
     assert WalSegment.objects.get(name=name).sha256 == hashlib.sha256(data).hexdigest()
+
+
+def ready_segments(cluster, count):
+    """`count` full segments waiting in pg_wal, marked ready, with nothing archiving them yet."""
+    cluster.configure(archive_mode="on", archive_command="")  # PostgreSQL 15: .ready files pile up
+    cluster.restart()
+    for i in range(count):
+        cluster.execute(f"CREATE TABLE backlog{i}(x int)", dbname=DB)
+        switch_wal(cluster)
+    status = cluster.datadir / "pg_wal" / "archive_status"
+    return sorted(p.name.removesuffix(".ready") for p in status.iterdir() if p.name.endswith(".ready"))
+
+
+def test_one_call_copies_the_next_ready_segments_and_their_calls_need_no_python(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    ready = ready_segments(sample_cluster, 8)
+    assert len(ready) >= 8
+    result = run_command("archivecommand", "maldives")
+    spool, pg_wal = wal.spool_dir(server), sample_cluster.datadir / "pg_wal"
+    planted = os.urandom((pg_wal / ready[5]).stat().st_size)  # another file under a ready segment's name
+    (spool / ready[5]).write_bytes(planted)
+
+    assert archive_as_postgres(server, pg_wal / ready[0], ready[0]).returncode == 0
+    for name in ready[:5]:  # its own segment and those after it, up to the one it must not touch
+        assert (spool / name).read_bytes() == (pg_wal / name).read_bytes()
+        assert stat.S_IMODE((spool / name).stat().st_mode) == 0o640
+    assert (spool / ready[5]).read_bytes() == planted and not (spool / ready[6]).exists()
+    assert not [n for n in os.listdir(spool) if n.endswith(".tmp")]
+
+    # Those copied ahead are acknowledged by the shell's cmp alone; the others still need the program.
+    program = Path(result["program"])
+    program.rename(program.with_name("moved-away"))
+    try:
+        assert archive_as_postgres(server, pg_wal / ready[1], ready[1]).returncode == 0
+        assert archive_as_postgres(server, pg_wal / ready[6], ready[6]).returncode != 0
+    finally:
+        program.with_name("moved-away").rename(program)
+    refused = archive_as_postgres(server, pg_wal / ready[5], ready[5])
+    assert refused.returncode == 1 and "different content" in refused.stderr
+    assert (spool / ready[5]).read_bytes() == planted  # never overwritten
 
 
 def test_archived_segments_are_ingested_encrypted_and_catalogued(

@@ -131,8 +131,17 @@ def senders_check(senders):
     )
 
 
+def archive_command_check(server, command):
+    fix = f"set it to what `manage.py archivecommand {server.name}` prints, then reload"
+    if command == wal.archive_command(server):
+        return check("archive_command", "ok", command, fix)
+    if wal.is_portal_command(server, command):
+        # Still archives correctly, only slower: every segment of a backlog starts Python.
+        return check("archive_command", "warn", f"{command} (the portal's earlier form, without the cmp shortcut)", fix)
+    return check("archive_command", "fail", command or "(empty)", fix)
+
+
 def push_checks(server, settings):
-    expected = wal.archive_command(server)
     checks = [
         check(
             "archive_mode",
@@ -140,12 +149,7 @@ def push_checks(server, settings):
             settings["archive_mode"],
             "archive_mode = on, restart",
         ),
-        check(
-            "archive_command",
-            "ok" if settings["archive_command"] == expected else "fail",
-            settings["archive_command"] or "(empty)",
-            f"set it to what `manage.py archivecommand {server.name}` prints, then reload",
-        ),
+        archive_command_check(server, settings["archive_command"]),
     ]
     timeout = int(settings["archive_timeout"])
     objective = server.rpo_minutes * 60
