@@ -42,6 +42,7 @@ class PortalGPG(gnupg.GPG):
     """python-gnupg, with children that die with the worker and large I/O buffers."""
 
     buffer_size = CHUNK
+    pass_fds = ()  # a descriptor gpg writes to itself (Encryption.decrypt_to_fd)
 
     def _open_subprocess(self, args, passphrase=False):
         cmd = self.make_args(args, passphrase)
@@ -52,6 +53,7 @@ class PortalGPG(gnupg.GPG):
             stderr=subprocess.PIPE,
             env=child_env(self.env),  # never the portal's secrets (S3 keys ...): gpg gets its passphrase on a pipe
             preexec_fn=die_with_parent,
+            pass_fds=self.pass_fds,
         )
 
 
@@ -129,6 +131,15 @@ class Encryption:
         """Decrypt `source`, handing plaintext chunks to `on_data`. Result has `.ok`, `.status`."""
         self.gpg.on_data = on_data
         return self.gpg.decrypt_file(source, passphrase=self.passphrase)
+
+    def decrypt_to_fd(self, source, fd):
+        """Decrypt `source` straight into the open descriptor `fd` (a pipe into tar): gpg writes
+        it itself, so gigabytes of plaintext do not pass through Python on their way."""
+        self.gpg.on_data, self.gpg.pass_fds = None, (fd,)
+        try:
+            return self.gpg.decrypt_file(source, passphrase=self.passphrase, output=f"/dev/fd/{fd}")
+        finally:
+            self.gpg.pass_fds = ()
 
 
 def gpg_failure(result) -> str:

@@ -224,6 +224,7 @@ PORTAL_RESTORE = "**portal** restore RUN --into-database (gpg -d to scratch, pg_
 PG_RESTORE_1 = "pg_restore, one job, of the strategy's (decrypted) file"
 PG_RESTORE_2 = "pg_restore -j 2 of the strategy's (decrypted) file"
 STRATEGY_RESTORE = "the strategy's restore (gpg --decrypt to a file, pg_restore, rm)"
+DECRYPT_JOBS_2 = "the strategy's file as stored: gpg --decrypt to a file, createdb, pg_restore -j 2, rm"
 
 
 def drop(cluster, dbname):
@@ -257,24 +258,25 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
             rows.add(method, sample)
             drop(cluster, target)
 
-        def strategy(i):
-            target = f"r_strategy_{i}"
+        def strategy(i, method=STRATEGY_RESTORE, jobs=1):
+            target = f"r_strategy{jobs}_{i}"
             dec = files / "backup_decrypted.dump"
             sample = shell(
                 f"gpg --homedir {gpg_home} --batch --yes --pinentry-mode loopback --passphrase-file {ws.passphrase}"
                 f" --decrypt {enc} > {dec} 2>/dev/null\n"
                 f"{pg(cluster, 'createdb')} {target}\n"
-                f"{pg(cluster, 'pg_restore')} -d {target} {dec}\n"
+                f"{pg(cluster, 'pg_restore')} -j {jobs} -d {target} {dec}\n"
                 f"rm {dec}\n",
                 env=pg_env(),
             )
-            rows.add(STRATEGY_RESTORE, sample)
+            rows.add(method, sample)
             drop(cluster, target)
 
         attempt(rows, PORTAL_RESTORE, portal_restore, i)
         attempt(rows, PG_RESTORE_1, pg_restore, PG_RESTORE_1, 1, i)
         attempt(rows, PG_RESTORE_2, pg_restore, PG_RESTORE_2, 2, i)
         attempt(rows, STRATEGY_RESTORE, strategy, i)
+        attempt(rows, DECRYPT_JOBS_2, strategy, i, DECRYPT_JOBS_2, 2)
     rows.set(PORTAL_RESTORE, "profile", profile(portal, "restore", str(run_id), "--into-database", "r_profile"))
     drop(cluster, "r_profile")
     plain.unlink()

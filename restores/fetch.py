@@ -92,7 +92,7 @@ def _try_copy(copy, sink, encryption, plain_sha256):
     sink.open()
     try:
         try:
-            result = encryption.decrypt_stream(reader, on_data)
+            result = _decrypt(encryption, reader, sink, on_data, errors)
             corrupt = reader.corrupt()  # the hash of every byte, including any gpg left unread
         except CopyCorrupt as e:  # noticed at the end of the file by gpg's feeder, re-raised here
             result, corrupt = None, e
@@ -126,6 +126,16 @@ def _try_copy(copy, sink, encryption, plain_sha256):
         return None, None
     sink.abort()
     return fault, lambda: None
+
+
+def _decrypt(encryption, reader, sink, on_data, errors):
+    """Through on_data, or, for a sink with a descriptor (tar's stdin), by gpg writing into it."""
+    if not hasattr(sink, "fileno"):
+        return encryption.decrypt_stream(reader, on_data)
+    result = encryption.decrypt_to_fd(reader, sink.fileno())
+    if not result.ok and (failure := sink.failure()):
+        errors.append(failure)  # gpg failed because the sink stopped reading: say why it stopped
+    return result
 
 
 def mark_bad(copy, error):

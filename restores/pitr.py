@@ -688,14 +688,23 @@ class TarSink:
             env=child_env(),
         )
 
-    def write(self, chunk):
-        self.proc.stdin.write(chunk)
+    def fileno(self):
+        return self.proc.stdin.fileno()
+
+    def failure(self):
+        """Why tar stopped early (a full disk ...), or None while it runs or when it succeeded."""
+        if self.proc.poll() in (None, 0):
+            return None
+        return f"tar could not extract the base backup: {self.stderr()}"
+
+    def stderr(self):
+        self.errors.seek(0)
+        return self.errors.read().decode(errors="replace")[-300:]
 
     def commit(self):
         self.proc.stdin.close()
         if self.proc.wait() != 0:
-            self.errors.seek(0)
-            raise RestoreFailed(f"tar could not extract the base backup: {self.errors.read().decode()[-300:]}")
+            raise RestoreFailed(f"tar could not extract the base backup: {self.stderr()}")
 
     def abort(self):
         self.proc.kill()
