@@ -254,7 +254,9 @@ def archive_command(server) -> str:
     spool = shlex.quote(str(spool_dir(server))).replace("%", "%%")
     # `test` is a shell builtin: a segment not in the spool costs no process, and cmp never opens %p.
     already = f"test -f {spool}/%f && /usr/bin/cmp -s {spool}/%f %p && /usr/bin/sync {spool}/%f {spool}"
-    return f"{already} || exec {program_command(program, spool)}"
+    # In braces, one command: chained with another tool's (`A && B`, `B && A`), a failure of
+    # either fails the line. No `exec`: it would skip whatever is chained after it.
+    return f"{{ {already} || {program_command(program, spool)}; }}"
 
 
 def program_command(program, spool):

@@ -55,8 +55,8 @@ def test_archivecommand_prints_the_lines_and_installs_a_program_postgres_can_run
     result = run_command("archivecommand", "maldives")
     assert result["_exit"] == 0, result
     command = result["settings"]["archive_command"]
-    assert command.startswith("'test -f ") and " || exec /usr/bin/env -i /usr/bin/python3 -I -S " in command
-    assert command.endswith(" %p %f'")
+    assert command.startswith("'{ test -f ") and " || /usr/bin/env -i /usr/bin/python3 -I -S " in command
+    assert command.endswith(" %p %f; }'")
     assert result["settings"]["archive_mode"] == "on" and result["settings"]["wal_level"] == "replica"
     assert int(result["settings"]["archive_timeout"]) <= server.rpo_minutes * 60
     program = Path(result["program"])
@@ -160,6 +160,11 @@ def test_one_call_copies_the_next_ready_segments_and_their_calls_need_no_python(
         assert archive_as_postgres(server, pg_wal / ready[6], ready[6]).returncode != 0
     finally:
         program.with_name("moved-away").rename(program)
+    # Chained with another tool, the line fails when either fails, whichever path it takes.
+    for name in (ready[2], ready[7]):  # acknowledged by cmp; through the program (nothing ahead)
+        for chained, expected in (("{} && exit 7", 7), ("false && {}", 1), ("{} && true", 0)):
+            line = chained.format(wal.archive_command(server)).replace("%p", str(pg_wal / name)).replace("%f", name)
+            assert subprocess.run(as_db_user(["sh", "-c", line]), cwd="/").returncode == expected, (name, chained)
     refused = archive_as_postgres(server, pg_wal / ready[5], ready[5])
     assert refused.returncode == 1 and "different content" in refused.stderr
     assert (spool / ready[5]).read_bytes() == planted  # never overwritten
