@@ -363,7 +363,8 @@ CLOSE = {
     "logical backup": (
         "The portal's own overhead is Python and Django starting plus the snapshot's row counts, globals"
         " and catalog writes: fixed costs that weigh most on a small database. pg_dump -Z1 into gpg without"
-        " compression is already the cheapest stock format; a larger database should amortise the fixed part (the full-size run, not made here yet, would show it)."
+        " compression is already the cheapest stock format; on a larger database the fixed part weighs less"
+        " (compare the quick and the full-size run)."
     ),
     "base backup": (
         "pg_basebackup reads the cluster fast (the read-alone stage row); the rest is gpg deflating the tar"
@@ -375,25 +376,26 @@ CLOSE = {
     "logical restore": (
         "pg_restore -j 2 here reads a file that is already decrypted; the portal first decrypts to its"
         " private scratch file (a pipe cannot feed -j 2), starts Python and Django, and checks the restored"
-        " row counts. Compare with the strategy's whole restore (decryption included) in the same table."
-        " Closing the rest: overlap decryption with the restore of the first tables (pg_restore --list, then"
-        " -L of the pre-data section while gpg still writes)."
+        " row counts. The second row counts the decryption that the strategy's stored file needs too."
+        " Closing the rest: overlap decryption with the restore (pg_restore --section=pre-data reads only the"
+        " TOC and could run from the stream while gpg still writes the scratch file), and start the restore"
+        " from the worker, already running, rather than a new manage.py."
     ),
     "PITR": (
         "The cProfile list splits the portal's PITR into staging WAL (fetch, sha256, gpg per segment),"
         " extracting the base (gpg inflating one stream on one core), pg_verifybackup, and start-up."
         " pgBackRest restores files with two processes and fetches WAL only as recovery asks for it."
-        " Closing it: decrypt/extract the base while WAL is staged (both now run one after the other),"
-        " and make each segment cheaper to decrypt (see the WAL stage rows: the strategy's s2k count costs"
-        " a full key derivation per segment)."
+        " gpg already writes the base's plaintext straight into tar (no Python in between). Closing it:"
+        " extract the base while WAL is staged (both now run one after the other), a base compressed by"
+        " the server with two zstd workers (see the base backup rows) so that inflating is not one core's"
+        " zlib, and cheaper decryption per segment (the strategy's s2k count costs a key derivation each)."
     ),
     "WAL": (
-        "archive_command starts one program per segment: the stage rows show /usr/bin/python3 starting and,"
-        " for ingest, gpg's key derivation per segment dominating. pgBackRest async batches segments in a"
-        " long-lived process. Closing it: an asynchronous mode for archive_wal.py (acknowledge from a"
-        " spool written by a resident helper, as pgBackRest does) or pull archiving (receivewal, no process"
-        " per segment); for ingest, public-key encryption (GPG_RECIPIENTS: no key derivation per file) or"
-        " a lower s2k count for WAL."
+        "archive_command starts a shell per segment, and Python for each segment not already copied ahead"
+        " (the stage rows show /usr/bin/python3 starting); pgBackRest async pushes from a long-lived"
+        " process. Closing it: a resident helper that copies ahead continuously, or pull archiving"
+        " (receivewal, no process per segment); for ingest, public-key encryption (GPG_RECIPIENTS: no key"
+        " derivation per file) or a lower s2k count for WAL."
     ),
     "portal at scale: p95": (
         "The profile table shows, per page, how much is SQL and which query costs most; where SQL is a small"
