@@ -54,7 +54,7 @@ def test_the_benchmark_writes_every_table_with_a_number_in_each_measured_row(tmp
         wal_median_s = r"^\| [^|]+ \| \d+ \| \d+ \| \d+\.\d\d \|"  # segments, segment MB, then the median
         assert re.match(median_s, line) or re.match(wal_median_s, line), line
     targets = text.split("## Targets")[1].split("##")[0]
-    assert len(re.findall(r"\*\*(PASS|MISS)\*\*", targets)) == 8
+    assert len(re.findall(r"\*\*(PASS|MISS)\*\*", targets)) == 9
     assert work_dirs() == before, "work directory left behind"
 
 
