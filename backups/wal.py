@@ -18,7 +18,10 @@ import re
 import shlex
 import shutil
 import stat
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,6 +50,8 @@ CHUNK = 1024 * 1024
 INGEST_MARKER = "ingest"
 # Temporary files a killed archive program left behind are removed after this long.
 STALE_TMP = timedelta(minutes=10)
+# Segments encrypted at once by an ingest: one gpg each, so about one per core.
+INGEST_WORKERS = max(2, min(4, os.cpu_count() or 2))
 
 
 class WalError(Exception):
@@ -378,19 +383,51 @@ def ingest(server, actor="job:ingestwal"):
 
 
 def _ingest_names(server, spool, names, source, result):
+    """Ingest `names` in order. gpg encrypts up to INGEST_WORKERS of them at once (one process,
+    one core each: with the strategy's key derivation and compression a segment costs a tenth
+    of a second or more); this thread alone checks and catalogues them, in order."""
     try:
-        encryption = Encryption()
+        Encryption()  # a misconfiguration is one message, before any file is touched
     except EncryptionError as e:
         raise WalError(str(e)) from None
     location = wal_location()
     store = store_for(location)
-    for name in names:
+    local = threading.local()  # python-gnupg keeps its on_data callback on the object
+
+    def encrypt(path, key):
+        if not hasattr(local, "encryption"):
+            local.encryption = Encryption()
+        with open(path, "rb") as f:
+            reader = HashingReader(f)
+            size, sha256 = encrypt_into(store, key, reader, local.encryption)
+        return reader, size, sha256
+
+    window = deque()  # (name, key, future) in name order
+    with ThreadPoolExecutor(max_workers=INGEST_WORKERS) as pool:
         try:
-            outcome = ingest_one(server, spool / name, source, store, location, encryption)
-        except StorageError as e:
-            # Before the catalog and the unlink: the file stays in the spool for the next ingest.
-            raise WalError(f"{e}; {name} and the WAL after it wait in {spool}, nothing is lost") from None
-        getattr(result, outcome).append(name)
+            for name in names:
+                try:
+                    outcome = prepare(server, spool / name, store)
+                except (WalError, StorageError) as e:
+                    while window:  # those before it are good: catalogued before it stops the ingest
+                        _catalogue_next(server, spool, window, source, store, location, result)
+                    if isinstance(e, StorageError):
+                        raise stays_in_spool(e, name, spool) from None
+                    raise
+                if outcome:
+                    getattr(result, outcome).append(name)
+                    continue
+                key = wal_key(server, name)
+                window.append((name, key, pool.submit(encrypt, spool / name, key)))
+                while len(window) >= INGEST_WORKERS:
+                    _catalogue_next(server, spool, window, source, store, location, result)
+            while window:
+                _catalogue_next(server, spool, window, source, store, location, result)
+        except BaseException:
+            for _, key, future in window:  # encrypted ahead, never catalogued: nothing refers to them
+                if future.exception() is None:
+                    store.delete(key)
+            raise
 
 
 def ingest_failed(server, spool, result, error):
@@ -405,36 +442,52 @@ def ingest_failed(server, spool, result, error):
     raise_alert("archive_failing", server=server, message=message)
 
 
-def ingest_one(server, path: Path, source, store, location, encryption):
-    """Catalogue and encrypt one file; returns "ingested", "duplicates" or "conflicts"."""
-    name = path.name
-    existing = WalSegment.objects.filter(server=server, name=name, deleted_at=None).first()
-    if existing is not None:
-        return _already_archived(server, path, existing)
-    key = wal_key(server, name)
-    if store.exists(key):
-        store.delete(key)  # left by an ingest killed before it catalogued the file: nothing refers to it
-    stat_ = path.stat()
-    check_segment_size(server, path, stat_.st_size)
-    archived_at = datetime.fromtimestamp(stat_.st_mtime, tz=UTC)
-    with open(path, "rb") as f:
-        reader = HashingReader(f)
-        size, sha256 = encrypt_into(store, key, reader, encryption)
+def stays_in_spool(error, name, spool):
+    # Before the catalog and the unlink: the file stays in the spool for the next ingest.
+    return WalError(f"{error}; {name} and the WAL after it wait in {spool}, nothing is lost")
+
+
+def _catalogue_next(server, spool, window, source, store, location, result):
+    name, key, future = window.popleft()
+    path = spool / name
+    try:
+        reader, size, sha256 = future.result()
+    except StorageError as e:
+        raise stays_in_spool(e, name, spool) from None
     try:
         check_segment_size(server, path, reader.size)  # what gpg got, whatever stat said
     except WalError:
         store.delete(key)  # never catalogued: nothing may look archived
         raise
-    if SEGMENT.match(name) and not server.wal_segment_size:
+    getattr(result, record(server, path, source, location, key, reader, size, sha256)).append(name)
+
+
+def prepare(server, path: Path, store):
+    """Before encrypting: "duplicates" or "conflicts" when the name is catalogued, else None.
+    Raises WalError for a segment of the wrong size."""
+    existing = WalSegment.objects.filter(server=server, name=path.name, deleted_at=None).first()
+    if existing is not None:
+        return _already_archived(server, path, existing)
+    key = wal_key(server, path.name)
+    if store.exists(key):
+        store.delete(key)  # left by an ingest killed before it catalogued the file: nothing refers to it
+    check_segment_size(server, path, path.stat().st_size)
+    return None
+
+
+def record(server, path: Path, source, location, key, reader, size, sha256):
+    """Catalogue one encrypted file; returns "ingested" (or "duplicates" after a race)."""
+    archived_at = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+    if SEGMENT.match(path.name) and not server.wal_segment_size:
         learn_segment_size(server, reader.size)
     try:
         with transaction.atomic():
-            segment = catalogue(server, name, reader, key, archived_at, source)
+            segment = catalogue(server, path.name, reader, key, archived_at, source)
             BackupCopy.record_made(location, key, size, sha256, wal_segment=segment, artifact="wal")
             plan_wal_copies(segment, key)
     except IntegrityError:  # another ingest catalogued it a moment ago
-        return _already_archived(server, path, WalSegment.objects.get(server=server, name=name))
-    mark_ingested(path.parent, name, segment.sha256)
+        return _already_archived(server, path, WalSegment.objects.get(server=server, name=path.name))
+    mark_ingested(path.parent, path.name, segment.sha256)
     path.unlink()
     return "ingested"
 

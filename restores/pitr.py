@@ -439,15 +439,24 @@ def partial_for(plan, segno):
 
 def execute(plan, run):
     prepare_datadir(plan)
-    stage_wal(plan, plan.segno(plan.base.start_wal), plan.last)
-    if plan.target.kind == "time":
-        extend_for_time(plan)
-    elif plan.target.kind == "name":
-        find_restore_point(plan, run)
-    elif plan.target.kind in ("latest", "lsn"):
-        stage_partial(plan)
+    # The base is extracted (gpg into tar) while its WAL is staged: both take about as long on
+    # a busy day. A restore point's name decides the base only once its WAL is read: that kind
+    # extracts afterwards.
+    early = Extraction(plan) if plan.target.kind != "name" else None
+    try:
+        stage_wal(plan, plan.segno(plan.base.start_wal), plan.last)
+        if plan.target.kind == "time":
+            extend_for_time(plan)
+        elif plan.target.kind == "name":
+            find_restore_point(plan, run)
+        elif plan.target.kind in ("latest", "lsn"):
+            stage_partial(plan)
+    except BaseException:
+        if early is not None:
+            early.stop()  # before discard() removes what it writes
+        raise
     heartbeat(run)
-    extract_readable_base(plan, run)
+    extract_readable_base(plan, run, early)
     heartbeat(run)
     chown_to_db_user(plan.staging)  # the WAL was decrypted by the portal's user
     verify_base(plan)
@@ -543,8 +552,13 @@ def stage_wal(plan, first, last):
 
 def fetch_here(*args, **kwargs):
     """fetch() on this thread: bad copies are marked at once. Returns the notes."""
+    return settled(lambda: fetch(*args, **kwargs))
+
+
+def settled(fetched):
+    """The notes of `fetched()` (a fetch, or a finished one's result), its bad copies marked."""
     try:
-        notes, marks = fetch(*args, **kwargs)
+        notes, marks = fetched()
     except FetchFailed as e:
         for mark in e.marks:
             mark()
@@ -712,15 +726,43 @@ class TarSink:
         empty(self.datadir, keep=(STAGING,))
 
 
-def extract_readable_base(plan, run):
+class Extraction:
+    """The planned base backup's extraction, started on a thread of its own."""
+
+    def __init__(self, plan):
+        copies = ordered_copies(plan.base.copies.filter(artifact="main").select_related("location"))
+        self.sink = TarSink(plan.datadir)
+        # Its own Encryption: python-gnupg keeps the on_data callback on the object.
+        args = (copies, self.sink, Encryption(), f"base backup #{plan.base.pk}")
+        pool = ThreadPoolExecutor(max_workers=1)
+        self.future = pool.submit(fetch, *args)
+        pool.shutdown(wait=False)  # the thread ends with the fetch
+
+    def notes(self):
+        """Its notes, the bad copies it met marked here (the catalog stays on this thread)."""
+        return settled(self.future.result)
+
+    def stop(self):
+        """Kill tar (gpg stops on the broken pipe) and wait, marking any bad copy it met."""
+        proc = getattr(self.sink, "proc", None)
+        if proc is not None:
+            proc.kill()
+        try:
+            self.notes()
+        except FetchFailed:
+            pass
+
+
+def extract_readable_base(plan, run, early=None):
     """The planned base backup, or, when no copy of it reads intact, an older one (fall_back)."""
     while True:
         try:
-            return extract_base(plan)
+            return extract_base(plan, early)
         except FetchFailed as e:  # the bad copies are marked already
             if not plan.fallback:
                 raise
             fall_back(plan, e, run)
+        early = None
         RestoreRun.objects.filter(pk=run.pk).update(backup_run=plan.base)
         if plan.target.kind == "name":
             find_restore_point(plan, run)  # over the older bases only: it stages their WAL
@@ -728,9 +770,12 @@ def extract_readable_base(plan, run):
             stage_wal(plan, plan.segno(plan.base.start_wal), plan.last)
 
 
-def extract_base(plan):
-    copies = ordered_copies(plan.base.copies.filter(artifact="main").select_related("location"))
-    plan.notes += fetch_here(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
+def extract_base(plan, early=None):
+    if early is not None:
+        plan.notes += early.notes()
+    else:
+        copies = ordered_copies(plan.base.copies.filter(artifact="main").select_related("location"))
+        plan.notes += fetch_here(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
     if not (plan.datadir / "backup_manifest").exists():
         raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
 

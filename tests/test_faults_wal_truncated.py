@@ -72,7 +72,7 @@ def test_the_ingest_refuses_a_truncated_segment_in_the_spool_until_the_whole_one
     assert wal.ingest(server).ingested == [first]
     server.refresh_from_db()
     size = server.wal_segment_size
-    victim, after = archive_segments(sample_cluster, 2)
+    *before, victim, after = archive_segments(sample_cluster, 4)
     spool = wal.spool_dir(server)
     kept = tmp_path / victim
     shutil.copy2(spool / victim, kept)
@@ -84,8 +84,10 @@ def test_the_ingest_refuses_a_truncated_segment_in_the_spool_until_the_whole_one
     assert f"WAL segment {victim} is {5 * 1024 * 1024 + 123} bytes, not the {size} bytes of maldives's segments" in line
     assert "truncated" in line and f"replace {spool / victim} with the whole segment from pg_wal" in line
     assert not WalSegment.objects.filter(name__in=[victim, after]).exists()
+    assert WalSegment.objects.filter(name__in=before).count() == 2  # those before it (encrypted together)
     assert spooled(spool) == [victim, after]  # nothing taken out of the spool
-    assert not list(Path(wal.wal_location().path).rglob(f"{victim}*"))  # nor half-written
+    for name in (victim, after):  # nor half-written, nor encrypted ahead and left uncatalogued
+        assert not list(Path(wal.wal_location().path).rglob(f"{name}*"))
     assert json.loads((spool / "errors" / "ingest.json").read_text())["reason"] == "ingest_failed"
     call_command("monitor", "--once")
     alert = Alert.objects.get(condition="archive_failing", server=server)
