@@ -743,13 +743,15 @@ class Extraction:
         return settled(self.future.result)
 
     def stop(self):
-        """Kill tar (gpg stops on the broken pipe) and wait, marking any bad copy it met."""
+        """Kill tar (gpg stops on the broken pipe) and wait, marking any bad copy it met.
+
+        Called while another error propagates: that one is what the restore reports."""
         proc = getattr(self.sink, "proc", None)
         if proc is not None:
             proc.kill()
         try:
             self.notes()
-        except FetchFailed:
+        except Exception:  # noqa: BLE001 - its own failure (tar killed, say) is a consequence
             pass
 
 

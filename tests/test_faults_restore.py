@@ -68,6 +68,14 @@ def hide_segment(name, into):
     return moved
 
 
+def bad_sector(path):
+    """4 KiB of garbage in the middle. One flipped byte may still inflate (to wrong bytes, which
+    gpg's MDC catches only at the end); garbage this long stops the inflate where it starts."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(os.urandom(4096))
+
+
 def gpg_stopped_reading(caplog):
     """python-gnupg logs its feeder's broken pipe: gpg quit before the end of the copy."""
     return any(r.name == "gnupg" and "Error sending data" in r.getMessage() for r in caplog.records)
@@ -98,13 +106,13 @@ def test_pitr_falls_back_to_an_older_base_backup_when_every_copy_of_the_newer_is
     rotten = list(newer.copies.filter(artifact="main").select_related("location"))
     assert len(rotten) == 2
     for copy in rotten:
-        flip_byte(file_of(copy))  # unseen by verify: the restore finds out while streaming
+        bad_sector(file_of(copy))  # unseen by verify: the restore finds out while streaming
 
     # 1. Every copy of the newer base backup fails its sha256: the older one, and more WAL, reach the target.
     datadir, port = restored(), free_port()
     result = pitr_to(datadir, port, target)
     assert result["status"] == "succeeded", result
-    # gpg decompresses a base backup: it stops at the bad byte, before the end (fetch.py's BrokenPipeError).
+    # gpg decompresses a base backup: it stops at the bad sector, before the end (fetch.py's BrokenPipeError).
     assert gpg_stopped_reading(caplog)
     fallback = f"base backup #{newer.pk} unreadable on every location; using #{older.pk}"
     assert fallback in result["notes"]
