@@ -367,16 +367,19 @@ CLOSE = {
         " (compare the quick and the full-size run)."
     ),
     "base backup": (
-        "pg_basebackup reads the cluster fast (the read-alone stage row); the rest is gpg deflating the tar"
-        " on one core (zlib level 1), while pgBackRest compresses with two processes. Closing it: let the"
-        " server compress with several workers (pg_basebackup --compress=server-zstd:workers=N, measured"
-        " above) and gpg only encrypt (--compress-algo none); the artifact stays stock (gpg --decrypt, then"
-        " tar and zstd), at the price of DESIGN.md's 'gpg --decrypt alone gives the plain tar'."
+        "pg_basebackup reads the cluster fast (the read-alone stage row); the rest is gpg deflating the"
+        " tar on one core (zlib level 1), while pgBackRest compresses with two processes. Closing it:"
+        " compress with two zstd workers (the server-zstd row) and let gpg only encrypt (--compress-algo"
+        " none). To standard output pg_basebackup 15 refuses a server-compressed tar ('cannot inject"
+        " manifest into a compressed tar file'): client-zstd:workers=2 it accepts, and the WAL positions"
+        " then come from pg_basebackup -v rather than from reading the tar as it passes. The artifact"
+        " stays stock (gpg --decrypt | tar --zstd -x), at the price of DESIGN.md's 'gpg --decrypt alone"
+        " gives the plain tar' and of zstd on the restoring host."
     ),
     "logical restore": (
         "pg_restore -j 2 here reads a file that is already decrypted; the portal first decrypts to its"
-        " private scratch file (a pipe cannot feed -j 2), starts Python and Django, and checks the restored"
-        " row counts. The second row counts the decryption that the strategy's stored file needs too."
+        " private scratch file (a pipe cannot feed -j 2) and starts Python and"
+        " Django. The second row counts the decryption that the strategy's stored file needs too."
         " Closing the rest: overlap decryption with the restore (pg_restore --section=pre-data reads only the"
         " TOC and could run from the stream while gpg still writes the scratch file), and start the restore"
         " from the worker, already running, rather than a new manage.py."
@@ -384,11 +387,12 @@ CLOSE = {
     "PITR": (
         "The cProfile list splits the portal's PITR into staging WAL (fetch, sha256, gpg per segment),"
         " extracting the base (gpg inflating one stream on one core), pg_verifybackup, and start-up."
-        " pgBackRest restores files with two processes and fetches WAL only as recovery asks for it."
-        " gpg already writes the base's plaintext straight into tar (no Python in between). Closing it:"
-        " extract the base while WAL is staged (both now run one after the other), a base compressed by"
-        " the server with two zstd workers (see the base backup rows) so that inflating is not one core's"
-        " zlib, and cheaper decryption per segment (the strategy's s2k count costs a key derivation each)."
+        " pgBackRest restores files with two processes and fetches WAL only as recovery asks for it. gpg"
+        " already writes the base's plaintext straight into tar (no Python in between), and the base is"
+        " extracted while the WAL is staged. What is left is gpg inflating one zlib stream on one core"
+        " (extract_base); closing it: the zstd base of the line above (zstd inflates several times faster"
+        " than zlib), and cheaper decryption per segment (the strategy's s2k count costs a key derivation"
+        " each)."
     ),
     "WAL": (
         "archive_command starts a shell per segment, and Python for each segment not already copied ahead"
