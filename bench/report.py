@@ -212,6 +212,11 @@ def render(results):
         ("boot", "The portal's fixed cost per command", 0),
         ("physical", "2. Physical backup of the cluster of (b)", cluster),
         ("restore", "3. Logical restore of (b) into a new database", ds.get("reliabilitymaldives", 0)),
+        (
+            "restore_pgbench",
+            "3. Logical restore of the pgbench dataset (a): reported, not judged",
+            ds.get("pgbench", 0),
+        ),
         ("pitr", "3. PITR restore of the cluster of (b), to the end of the archive", cluster),
     ]
     for key, title, size in sections:

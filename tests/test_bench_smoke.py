@@ -36,6 +36,7 @@ def test_the_benchmark_writes_every_table_with_a_number_in_each_measured_row(tmp
         "## 1. Logical backup, strategy-shaped dataset (b)",
         "## 2. Physical backup",
         "## 3. Logical restore",
+        "## 3. Logical restore of the pgbench dataset (a)",
         "## 3. PITR restore",
         "## 4. WAL archiving",
         "## 5. The portal at scale",
