@@ -254,14 +254,17 @@ def archive_command(server) -> str:
     Anything else goes to the program, which alone decides (conflicts, sizes, error markers):
     the system Python, an empty environment, no site packages.
     """
-    # `%` is archive_command's escape character: a literal one in a path must be doubled.
-    program = shlex.quote(str(program_path())).replace("%", "%%")
-    spool = shlex.quote(str(spool_dir(server))).replace("%", "%%")
+    program, spool = _command_paths(server)
     # `test` is a shell builtin: a segment not in the spool costs no process, and cmp never opens %p.
     already = f"test -f {spool}/%f && /usr/bin/cmp -s {spool}/%f %p && /usr/bin/sync {spool}/%f {spool}"
     # In braces, one command: chained with another tool's (`A && B`, `B && A`), a failure of
     # either fails the line. No `exec`: it would skip whatever is chained after it.
     return f"{{ {already} || {program_command(program, spool)}; }}"
+
+
+def _command_paths(server):
+    # `%` is archive_command's escape character: a literal one in a path must be doubled.
+    return tuple(shlex.quote(str(p)).replace("%", "%%") for p in (program_path(), spool_dir(server)))
 
 
 def program_command(program, spool):
@@ -270,9 +273,7 @@ def program_command(program, spool):
 
 def is_portal_command(server, command):
     """The current archive_command, or the earlier one without the cmp shortcut (still correct)."""
-    program = shlex.quote(str(program_path())).replace("%", "%%")
-    spool = shlex.quote(str(spool_dir(server))).replace("%", "%%")
-    return command in (archive_command(server), program_command(program, spool))
+    return command in (archive_command(server), program_command(*_command_paths(server)))
 
 
 def conf_quote(value: str) -> str:
@@ -403,14 +404,18 @@ def _ingest_names(server, spool, names, source, result):
         return reader, size, sha256
 
     window = deque()  # (name, key, future) in name order
+
+    def catalogue_until(size):
+        while len(window) > size:
+            _catalogue_next(server, spool, window, source, store, location, result)
+
     with ThreadPoolExecutor(max_workers=INGEST_WORKERS) as pool:
         try:
             for name in names:
                 try:
                     outcome = prepare(server, spool / name, store)
                 except (WalError, StorageError) as e:
-                    while window:  # those before it are good: catalogued before it stops the ingest
-                        _catalogue_next(server, spool, window, source, store, location, result)
+                    catalogue_until(0)  # those before it are good: catalogued before it stops the ingest
                     if isinstance(e, StorageError):
                         raise stays_in_spool(e, name, spool) from None
                     raise
@@ -419,10 +424,8 @@ def _ingest_names(server, spool, names, source, result):
                     continue
                 key = wal_key(server, name)
                 window.append((name, key, pool.submit(encrypt, spool / name, key)))
-                while len(window) >= INGEST_WORKERS:
-                    _catalogue_next(server, spool, window, source, store, location, result)
-            while window:
-                _catalogue_next(server, spool, window, source, store, location, result)
+                catalogue_until(INGEST_WORKERS - 1)
+            catalogue_until(0)
         except BaseException:
             for _, key, future in window:  # encrypted ahead, never catalogued: nothing refers to them
                 if future.exception() is None:
