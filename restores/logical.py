@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,15 +21,17 @@ from django.utils import timezone
 from psycopg import sql
 
 from backupportal import journal
-from backupportal.lib.childenv import child_env
 from backupportal.lib.commands import fail
 from backupportal.lib.pgerrors import explain
+from backups.binaries import client_tool
 from backups.copies import CopyCorrupt, healthy_copies, open_first_healthy
 from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
 from backups.models import BackupRun, Server
-from backups.pipeline import Tool
+from backups.pipeline import BackupFailed, Tool
 from backups.storage import StorageError, store_for
+from restores import cluster_globals, dbprops
 from restores.models import RestoreRun
+from restores.tablespaces import check_tablespaces, parse_tablespace_map, relocate
 
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -65,9 +68,10 @@ def database_exists(server, name):
         raise RestoreFailed(explain(e, server)) from None
 
 
-def create_database(server, name):
+def create_database(server, name, statement=None):
+    """CREATE DATABASE name; `statement` says how (the dump's encoding, locale, template)."""
     with server.connect("postgres") as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        conn.execute(statement or sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def created(creation, server):
@@ -83,8 +87,10 @@ def drop_database(server, name):
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def restore_into(run, target, dbname, restore=None):
-    """Restore `run` into a new database `dbname` on `target`. Returns notes; raises RestoreFailed.
+def restore_into(run, target, dbname, restore=None, with_role_passwords=False, tablespace_map=None):
+    """Restore `run` into a new database `dbname` on `target`, as `pg_restore --create` would
+    have made it under that name. Returns notes; what could not be applied goes to
+    `restore.warnings`. Raises RestoreFailed, after dropping whatever it created.
 
     Checks everything that can be checked before anything is created.
     """
@@ -99,23 +105,54 @@ def restore_into(run, target, dbname, restore=None):
         )
     if not healthy_copies(run):
         raise RestoreFailed(f"run #{run.pk} has no healthy copy left in any location")
-    notes = []
-    if target.pk != run.server_id:
-        notes += restore_globals(run, target, encryption)
+    tablespace_map = tablespace_map or {}
+    try:
+        check_tablespaces(target, tablespace_map)
+    except ValueError as e:
+        raise RestoreFailed(str(e)) from None
+    except psycopg.Error as e:
+        raise RestoreFailed(explain(e, target)) from None
+    notes, warnings = [], []
+    props = read_properties(run, target, encryption, warnings)
+    elsewhere = target.pk != run.server_id
+    statement = _create_statement(props, dbname, elsewhere, tablespace_map, warnings)
+    # Onto another cluster its tablespaces do not exist: the objects go to the default one.
+    extra = ["--no-tablespaces"] if elsewhere or tablespace_map else []
+    roles = []
+    if elsewhere:
+        roles = restore_globals(run, target, encryption, notes, warnings, with_role_passwords)
+    made = False
+    try:
+        notes += _create_and_restore(run, target, dbname, encryption, restore, statement, extra)
+        made = True
+        if props is not None:
+            notes.append(_apply_properties(props, target, dbname, warnings))
+        if tablespace_map:
+            notes += relocate(props, target, dbname, tablespace_map, warnings)
+    except BaseException:
+        if made:  # a database that failed to be made was dropped where it failed
+            drop_database(target, dbname)
+        _drop_roles(target, roles)
+        raise
+    if restore is not None:
+        restore.warnings = warnings
+    return notes
+
+
+def _create_and_restore(run, target, dbname, encryption, restore, statement, extra):
     # CREATE DATABASE copies template1 through the WAL (a quarter of a second on a small
     # server): it runs while gpg decrypts, and pg_restore waits for it.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        creation = pool.submit(create_database, target, dbname)
+        creation = pool.submit(create_database, target, dbname, statement)
         try:
-            notes += _restore_dump(run, target, dbname, encryption, restore, creation)
+            return _restore_dump(run, target, dbname, encryption, restore, creation, statement, extra)
         except BaseException:
             if creation.exception() is None:  # waits for it: a database half made is dropped too
                 drop_database(target, dbname)
             raise
-    return notes
 
 
-def _restore_dump(run, target, dbname, encryption, restore, creation):
+def _restore_dump(run, target, dbname, encryption, restore, creation, statement=None, extra=()):
     """Try the healthy copies in order; a corrupt one is marked bad and the next is tried, and so
     is one whose location fails mid-stream (kept good: the location may only be down)."""
     notes, failed, why = [], [], []
@@ -130,9 +167,9 @@ def _restore_dump(run, target, dbname, encryption, restore, creation):
         notes += [reader.note] if reader.note else []
         try:
             if settings.RESTORE_JOBS > 1:
-                _restore_parallel(reader, target, dbname, encryption, restore, creation)
+                _restore_parallel(reader, target, dbname, encryption, restore, creation, extra)
             else:
-                _restore_piped(reader, target, dbname, encryption, restore, creation)
+                _restore_piped(reader, target, dbname, encryption, restore, creation, extra)
             notes.append(f"read from {copy.location.name} ({store_for(copy.location).uri(copy.key)}), sha256 verified")
             return notes
         except (StorageError, RestoreFailed) as e:
@@ -151,19 +188,19 @@ def _restore_dump(run, target, dbname, encryption, restore, creation):
                 raise
             created(creation, target)
             drop_database(target, dbname)
-            create_database(target, dbname)
+            create_database(target, dbname, statement)
         finally:
             reader.close()
 
 
 def _pg_restore(target, dbname, *args):
-    argv = [str(target.bin_dir() / "pg_restore"), "--exit-on-error", "--no-password", f"--dbname={dbname}", *args]
+    argv = [str(client_tool(target, "pg_restore")), "--exit-on-error", "--no-password", f"--dbname={dbname}", *args]
     return Tool(argv, target.libpq_env(dbname))
 
 
-def _restore_piped(reader, target, dbname, encryption, restore, creation):
+def _restore_piped(reader, target, dbname, encryption, restore, creation, extra=()):
     created(creation, target)
-    tool = _pg_restore(target, dbname)
+    tool = _pg_restore(target, dbname, *extra)
     tool.proc = subprocess.Popen(
         tool.argv,
         stdin=subprocess.PIPE,
@@ -199,7 +236,7 @@ def _restore_piped(reader, target, dbname, encryption, restore, creation):
         raise RestoreFailed(tool.error_line(target))
 
 
-def _restore_parallel(reader, target, dbname, encryption, restore, creation):
+def _restore_parallel(reader, target, dbname, encryption, restore, creation, extra=()):
     """pg_restore -j needs a seekable file: decrypt into a private scratch directory, removed after.
 
     gpg writes the file itself: the plaintext does not pass through Python."""
@@ -218,7 +255,7 @@ def _restore_parallel(reader, target, dbname, encryption, restore, creation):
         if not result["result"].ok:
             raise RestoreFailed(gpg_failure(result["result"]))
         created(creation, target)
-        tool = _pg_restore(target, dbname, f"--jobs={settings.RESTORE_JOBS}", str(path))
+        tool = _pg_restore(target, dbname, f"--jobs={settings.RESTORE_JOBS}", *extra, str(path))
         tool.start()
         if tool.proc.wait() != 0:
             raise RestoreFailed(tool.error_line(target))
@@ -260,9 +297,60 @@ def _decrypt_with_progress(decrypt, bytes_done, restore):
     return box
 
 
-def restore_globals(run, target, encryption):
-    """Roles and tablespaces first, so that the dump's owners and grants exist on a new server."""
-    notes = []
+def read_properties(run, target, encryption, warnings):
+    """The dump's own database entries (dbprops), from the first copy whose start decrypts.
+
+    None when no copy's start can be read: the restore itself then meets the same fault
+    and says what it is (a wrong passphrase, every copy corrupt); should it succeed anyway,
+    the missing properties are a warning.
+    """
+    tried, why = [], []
+    while True:
+        try:
+            reader = open_first_healthy(run, exclude=tried)
+        except StorageError:
+            warnings.append(f"the database's own properties could not be read from the dump: {'; '.join(why)}")
+            return None
+        try:
+            pg_restore = client_tool(target, "pg_restore")
+            listing, head = dbprops.read_toc(reader, encryption, pg_restore)
+            props = dbprops.DatabaseProperties.parse(listing, dbprops.database_script(listing, head, pg_restore))
+            props.head = head  # the table of contents, for --tablespace-map
+            return props
+        except (dbprops.TocUnreadable, StorageError) as e:
+            # A corrupt copy or a location failing mid-stream: the restore itself will meet
+            # it again, mark it and say so; here the next copy is tried.
+            tried.append(reader.copy)
+            why.append(f"{reader.copy.location.name}: {e}")
+        finally:
+            reader.close()
+
+
+def _create_statement(props, dbname, elsewhere, tablespace_map, warnings):
+    """CREATE DATABASE as the dump's DATABASE entry says (encoding, locale, template0), in the
+    dump's tablespace on its own server, a mapped one, or else the target's default."""
+    if props is None:
+        return None
+    old = props.tablespace
+    tablespace = tablespace_map.get(old, None if elsewhere or tablespace_map else old) if old else None
+    if old and tablespace is None:
+        warnings.append(f"the database's tablespace {old} is not used here: it is in the default tablespace")
+    return props.create_statement(dbname, tablespace)
+
+
+def _apply_properties(props, target, dbname, warnings):
+    try:
+        with target.connect("postgres") as conn:
+            applied, missed = props.apply(conn, dbname)
+    except psycopg.Error as e:
+        raise RestoreFailed(explain(e, target)) from None
+    warnings += missed
+    return f"database properties of {props.source} re-issued for {dbname} ({applied} statements)"
+
+
+def restore_globals(run, target, encryption, notes, warnings, with_role_passwords=False):
+    """The roles of the source, brought safely (cluster_globals) so that the dump's owners and
+    grants exist on another server. Returns the roles created, for a failed restore to drop."""
     try:
         reader = open_first_healthy(run, "globals")
     except StorageError as e:
@@ -272,28 +360,43 @@ def restore_globals(run, target, encryption):
         result = encryption.decrypt_stream(reader, lambda c: chunks.append(c) or False)
     if not result.ok:
         raise RestoreFailed(gpg_failure(result))
-    done = subprocess.run(
-        [str(target.bin_dir() / "psql"), "--no-password", "-X", "-q", "-d", "postgres", "-v", "ON_ERROR_STOP=0"],
-        input=b"".join(chunks),
-        capture_output=True,
-        env=child_env(target.libpq_env("postgres")),
-        timeout=600,
-    )
-    errors = [line for line in done.stderr.decode(errors="replace").splitlines() if "ERROR" in line]
-    unexpected = [e for e in errors if "already exists" not in e]
-    if unexpected:
-        raise RestoreFailed(f"restoring the globals on {target} failed: {unexpected[0]}")
-    notes.append(f"globals restored on {target} ({len(errors)} already present)")
-    return notes
+    script = b"".join(chunks).decode()
+    try:
+        with target.connect("postgres") as conn:
+            created, more_notes, more_warnings = cluster_globals.apply(conn, script, target, with_role_passwords)
+    except cluster_globals.GlobalsRefused as e:
+        raise RestoreFailed(f"restoring the globals on {target} failed: {e}") from None
+    except psycopg.Error as e:
+        raise RestoreFailed(f"restoring the globals on {target} failed: {explain(e, target)}") from None
+    notes += more_notes
+    warnings += more_warnings
+    return created
+
+
+def _drop_roles(target, roles):
+    if roles:
+        with target.connect("postgres") as conn:
+            cluster_globals.drop_roles(conn, roles)
 
 
 # --- The management command's entry point -----------------------------------------------------
 
 
-def restore_from_command(run_id, actor, into_database=None, into_server=None, replace=False, request=None, **ignored):
+def restore_from_command(
+    run_id,
+    actor,
+    into_database=None,
+    into_server=None,
+    replace=False,
+    request=None,
+    tablespace_map=(),
+    with_role_passwords=False,
+    **ignored,
+):
     try:
         run = restorable_run(run_id)
-    except RestoreFailed as e:
+        mapping = parse_tablespace_map(tablespace_map or ())
+    except (RestoreFailed, ValueError) as e:
         fail(str(e))
     if replace:
         from restores.replace import replace_from_command
@@ -301,6 +404,8 @@ def restore_from_command(run_id, actor, into_database=None, into_server=None, re
         return replace_from_command(run, request, actor)
     if request:
         fail("--request goes with --replace; a restore into a new database needs no approval")
+    if with_role_passwords and not into_server:
+        fail("--with-role-passwords goes with --into-server: on the backup's own server its roles are already there")
     if not into_database:
         fail("say where to restore: --into-database NEWDB (a new database), or --replace --request ID")
     target = run.server
@@ -308,14 +413,17 @@ def restore_from_command(run_id, actor, into_database=None, into_server=None, re
         target = Server.objects.filter(name=into_server).first()
         if target is None:
             fail(f"unknown server {into_server!r}: register it with addserver first")
-    restore = run_logical(run, target, into_database, actor)
+    restore = run_logical(
+        run, target, into_database, actor, tablespace_map=mapping, with_role_passwords=with_role_passwords
+    )
     result = summary(restore)
-    if restore.status != RestoreRun.Status.SUCCEEDED:
+    if not restore.succeeded:
+        sys.stderr.write(f"restore failed: {restore.error}\n")  # the contract: one line on stderr
         result["exit_code"] = 1
     return result
 
 
-def run_logical(run, target, dbname, actor, request=None, restore_test=None):
+def run_logical(run, target, dbname, actor, request=None, restore_test=None, **options):
     """Create the RestoreRun, restore, and record the outcome. Never raises RestoreFailed."""
     restore = RestoreRun.objects.create(
         kind=RestoreRun.Kind.LOGICAL,
@@ -333,24 +441,27 @@ def run_logical(run, target, dbname, actor, request=None, restore_test=None):
         "restore_started", actor=actor, obj=restore, server=run.server.name, run=run.pk, into=f"{target}/{dbname}"
     )
     try:
-        notes = restore_into(run, target, dbname, restore)
-    except (RestoreFailed, StorageError) as e:
+        notes = restore_into(run, target, dbname, restore, **options)
+    except (RestoreFailed, StorageError, BackupFailed) as e:  # BackupFailed: the tools' libpq_env refused
         return _finish(restore, RestoreRun.Status.FAILED, actor, error=str(e))
     restore.notes = "; ".join(notes)
     return _finish(restore, RestoreRun.Status.SUCCEEDED, actor)
 
 
 def _finish(restore, status, actor, error=""):
+    if status == RestoreRun.Status.SUCCEEDED and restore.warnings:
+        status = RestoreRun.Status.SUCCEEDED_WITH_WARNINGS  # never a plain success that hides them
     restore.status, restore.error, restore.finished_at = status, error[:2000], timezone.now()
-    restore.save(update_fields=["status", "error", "finished_at", "notes"])
+    restore.save(update_fields=["status", "error", "finished_at", "notes", "warnings"])
     journal.record(
-        "restore_succeeded" if status == RestoreRun.Status.SUCCEEDED else "restore_failed",
+        "restore_succeeded" if restore.succeeded else "restore_failed",
         actor=actor,
         obj=restore,
         server=restore.server.name,
-        outcome="ok" if status == "succeeded" else "failed",
+        outcome="ok" if restore.succeeded else "failed",
         error=error,
         into=restore.into_database,
+        warnings=restore.warnings,
     )
     return restore
 
@@ -364,5 +475,6 @@ def summary(restore):
         "into_server": restore.into_server.name if restore.into_server else None,
         "into_database": restore.into_database,
         "notes": restore.notes,
+        "warnings": restore.warnings,
         "error": restore.error,
     }

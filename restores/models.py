@@ -8,6 +8,8 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
+from backupportal.roles import is_dba
+
 
 class RestoreRequest(models.Model):
     """A DBA's request to restore; only an approved request runs, and never by its author."""
@@ -63,6 +65,8 @@ class RestoreRequest(models.Model):
 
     def approve(self, user, confirm_database="", note=""):
         """Four eyes: never one's own request; replacing production needs the name typed."""
+        if not is_dba(user):
+            raise PermissionDenied("Only a DBA approves a restore request (being a superuser is not enough).")
         if user.pk == self.requested_by_id:
             raise PermissionDenied("You cannot approve your own restore request: another DBA must.")
         if self.status != self.Status.PENDING:
@@ -72,6 +76,8 @@ class RestoreRequest(models.Model):
         self._decide(user, self.Status.APPROVED, note, confirm_database)
 
     def reject(self, user, note=""):
+        if not is_dba(user):
+            raise PermissionDenied("Only a DBA decides on a restore request (being a superuser is not enough).")
         if user.pk == self.requested_by_id:
             raise PermissionDenied("You cannot decide on your own restore request: another DBA must.")
         if self.status != self.Status.PENDING:
@@ -102,10 +108,13 @@ class RestoreRun(models.Model):
         QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
         SUCCEEDED = "succeeded", "Succeeded"
+        # Restored, but something of the backup could not be applied (an owner role missing on
+        # the target, a role's password left out): `warnings` names each one.
+        SUCCEEDED_WITH_WARNINGS = "succeeded with warnings", "Succeeded with warnings"
         FAILED = "failed", "Failed"
 
     kind = models.CharField(max_length=7, choices=Kind.choices)
-    status = models.CharField(max_length=9, choices=Status.choices, default=Status.QUEUED)
+    status = models.CharField(max_length=23, choices=Status.choices, default=Status.QUEUED)
     server = models.ForeignKey("backups.Server", on_delete=models.PROTECT, related_name="restore_runs")
     backup_run = models.ForeignKey(
         "backups.BackupRun", null=True, blank=True, on_delete=models.PROTECT, related_name="restores"
@@ -129,6 +138,7 @@ class RestoreRun(models.Model):
     bytes_done = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
     notes = models.TextField(blank=True, help_text="e.g. which copy was read, fallbacks")
+    warnings = models.JSONField(default=list, blank=True, help_text="what of the backup could not be applied")
 
     class Meta:
         ordering = ["-created_at"]
@@ -142,6 +152,15 @@ class RestoreRun(models.Model):
         if self.started_at and self.finished_at:
             return (self.finished_at - self.started_at).total_seconds()
         return None
+
+    @property
+    def succeeded(self):
+        """Restored, with or without warnings."""
+        return self.status in (self.Status.SUCCEEDED, self.Status.SUCCEEDED_WITH_WARNINGS)
+
+    @property
+    def done(self):
+        return self.succeeded or self.status == self.Status.FAILED
 
 
 class RestoreTestQuerySet(models.QuerySet):

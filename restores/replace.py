@@ -30,7 +30,7 @@ def replace_from_command(run, request_id, actor):
         fail(f"request #{request_id} is {request.status}: only an approved request runs, once")
     restore = replace_production(run, request, actor)
     result = summary(restore)
-    if restore.status != RestoreRun.Status.SUCCEEDED:
+    if not restore.succeeded:
         result["exit_code"] = 1
     return result
 

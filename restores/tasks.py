@@ -44,6 +44,7 @@ def run_request(request_id):
         restore = run_logical(
             request.backup_run, request.into_server or request.server, request.target_database, actor, request=request
         )
-    request.status = RestoreRequest.Status.SUCCEEDED if restore.status == "succeeded" else RestoreRequest.Status.FAILED
+    # Succeeded with warnings is a restore done: the run names what was left out.
+    request.status = RestoreRequest.Status.SUCCEEDED if restore.succeeded else RestoreRequest.Status.FAILED
     request.save(update_fields=["status"])
     return restore.status

@@ -124,7 +124,7 @@ def test_an_approved_swap_replaces_production_after_a_safety_backup(client, alic
     assert restore.status == "succeeded", restore.error
     assert production_rows(sample_cluster) == good_run.details["row_counts"]
     safety = BackupRun.objects.filter(status="succeeded").exclude(pk=good_run.pk).get()
-    assert safety.details["row_counts"]["audit_logs"] == 100  # production as it was, kept
+    assert safety.details["row_counts"]["public.audit_logs"] == 100  # production as it was, kept
     kept = [
         r[0]
         for r in sample_cluster.execute(

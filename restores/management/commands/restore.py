@@ -1,6 +1,6 @@
 """Restore: a logical backup into a new database, production by approved swap, or PITR into a new cluster.
 
-restore RUN_ID --into-database NEWDB [--into-server OTHER]
+restore RUN_ID --into-database NEWDB [--into-server OTHER] [--tablespace-map OLD=NEW ...] [--with-role-passwords]
 restore RUN_ID --replace --request REQUEST_ID
 restore --server NAME (--target-time T | --target latest | --target-lsn LSN | --target-name NAME)
         --into-datadir DIR --port PORT
@@ -19,6 +19,17 @@ class Command(PortalCommand):
         logical = parser.add_argument_group("logical restore")
         logical.add_argument("--into-database", help="a new database name (it must not exist)")
         logical.add_argument("--into-server", help="another registered server (default: the run's)")
+        logical.add_argument(
+            "--tablespace-map",
+            action="append",
+            metavar="OLD=NEW",
+            help="onto another server: put what was in the source's tablespace OLD into NEW (repeatable)",
+        )
+        logical.add_argument(
+            "--with-role-passwords",
+            action="store_true",
+            help="onto another server: give the roles it creates their passwords from the backup",
+        )
         logical.add_argument("--replace", action="store_true", help="replace the production database (needs --request)")
         logical.add_argument("--request", type=int, help="the approved restore request")
         pitr = parser.add_argument_group("point-in-time recovery into a new cluster")
@@ -49,4 +60,5 @@ class Command(PortalCommand):
         for key in ("into_database", "into_datadir", "port", "recovered_to", "error", "notes"):
             if result.get(key):
                 lines.append(f"  {key.replace('_', ' ')}: {result[key]}")
+        lines += [f"  warning: {warning}" for warning in result.get("warnings") or []]
         return lines

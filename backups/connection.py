@@ -1,0 +1,197 @@
+"""How the portal reaches a protected server: its DSN, its stored password, its connections.
+
+The DSN is read as libpq reads it (backupportal/lib/libpq.py) and every parameter it carries
+(sslmode and the like) reaches every connection and every client tool. The password is sealed
+at rest (backupportal/lib/sealed.py) for the user, host and port it was entered for, and goes
+nowhere else: change any of the three without giving a new password and it is forgotten.
+"""
+
+import psycopg
+from django.core.exceptions import ValidationError
+from django.db import models
+from psycopg.types.string import TextLoader
+
+from backupportal.lib.libpq import SAFE_AUTH, Dsn, DsnError, parse
+from backupportal.lib.pgerrors import explain
+from backupportal.lib.sealed import SealError, seal, unseal
+from backups.pipeline import BackupFailed
+
+# What pages and messages show of a DSN that cannot be read (one registered before the rules
+# got stricter); nothing connects with it: connect() and libpq_env() refuse such a DSN.
+UNREADABLE = Dsn(host="(unreadable DSN)", port=0, user="", dbname="")
+
+
+class SqlAsciiText(TextLoader):
+    """Text from a SQL_ASCII database is bytes in no known encoding: psycopg returns them as
+    bytes, which the code reading settings, snapshot names and catalogs does not expect. They
+    come back as text here, any byte that is not UTF-8 written as a \\x escape.
+    """
+
+    def load(self, data):
+        return bytes(data).decode("utf-8", "backslashreplace")
+
+
+class ServerConnection(models.Model):
+    """The connection half of Server: an abstract model, so Server's module stays readable."""
+
+    # The DSN never holds the password, so it can be shown on every page and in every log.
+    dsn = models.CharField(
+        "DSN",
+        max_length=500,
+        help_text="postgresql://USER@HOST:PORT/DBNAME, optionally ?sslmode=require and other libpq "
+        "parameters (sslrootcert, sslcert, sslkey, connect_timeout, target_session_attrs, application_name)",
+    )
+    # Sealed with SECRETS_KEY_FILE for password_target: never the password itself.
+    password_sealed = models.TextField(blank=True, editable=False)
+    password_target = models.CharField(
+        max_length=600, blank=True, editable=False, help_text="USER@HOST:PORT the stored password was entered for"
+    )
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args, **kwargs):
+        # Whatever changed the DSN (the admin, a shell, a script), a password entered for another
+        # user, host or port is dropped here rather than sent to the new one.
+        if self.password_sealed and self.password_target != self._target():
+            self.password_sealed = self.password_target = ""
+            self.password_forgotten = True
+            if kwargs.get("update_fields") is not None:
+                kwargs["update_fields"] = {*kwargs["update_fields"], "password_sealed", "password_target"}
+        super().save(*args, **kwargs)
+
+    def clean_dsn(self):
+        """The DSN's form: a ValidationError on the dsn field naming what to change."""
+        try:
+            parse(self.dsn)
+        except DsnError as e:
+            raise ValidationError({"dsn": f"malformed DSN: {e}."}) from None
+        if parse(self.dsn).password:
+            raise ValidationError({"dsn": "The DSN holds a password: give the password separately, never in the DSN."})
+
+    # --- What the DSN says, for pages and for the client tools.
+
+    def _parts(self) -> Dsn:
+        try:
+            return parse(self.dsn)
+        except DsnError:
+            return UNREADABLE
+
+    def _target(self) -> str:
+        parts = self._parts()
+        return "" if parts is UNREADABLE else parts.target
+
+    @property
+    def host(self):
+        return self._parts().host
+
+    @property
+    def port(self):
+        return self._parts().port
+
+    @property
+    def user(self):
+        return self._parts().user
+
+    @property
+    def dbname(self):
+        return self._parts().dbname
+
+    # --- The password: sealed at rest, only for whom it was entered.
+
+    @property
+    def password(self) -> str:
+        """The stored password, for this DSN's user, host and port only ('' for any other)."""
+        target = self._target()
+        if not self.password_sealed or not target or self.password_target != target:
+            return ""
+        return unseal(self.password_sealed, target)
+
+    @password.setter
+    def password(self, value):
+        target = self._target()
+        if value and target:
+            self.password_sealed, self.password_target = seal(value, target), target
+        else:
+            self.password_sealed = self.password_target = ""
+
+    # --- Connections.
+
+    def connection_settings(self, dbname=None) -> dict:
+        """psycopg's keywords: the DSN's, the stored password, and no password sent in clear text."""
+        try:
+            parts = parse(self.dsn)
+            password = self.password
+        except (DsnError, SealError) as e:
+            # Raised as what a failed connection raises, so every caller's error path says it.
+            raise psycopg.OperationalError(f"server {self}: {e}") from None
+        return {
+            "host": parts.host,
+            "port": parts.port,
+            "user": parts.user,
+            "dbname": dbname or parts.dbname,
+            "password": password or None,
+            "require_auth": SAFE_AUTH,
+        } | parts.settings()
+
+    def connect(self, dbname=None, autocommit=True, **kwargs):
+        """A psycopg connection (autocommit unless asked otherwise) to this server."""
+        conn = psycopg.connect(**(self.connection_settings(dbname) | kwargs), autocommit=autocommit)
+        if conn.info.encoding == "ascii":  # a SQL_ASCII database
+            for type_name in ("text", "name", "varchar", "bpchar"):
+                conn.adapters.register_loader(type_name, SqlAsciiText)
+        return conn
+
+    def libpq_env(self, dbname=None) -> dict:
+        """Environment for the client tools: the DSN's settings as PG* variables, the password via PGPASSWORD.
+
+        The tools' libpq (15 here) cannot refuse to send a password in clear text, as the portal's
+        own connections do (require_auth). So before a password is handed to one, a connection
+        that can refuse asks the same host and port: one asking for a cleartext or md5 password
+        gets nothing, and the tool is not started. (PGREQUIREAUTH does the same in a libpq 16+.)
+        """
+        try:
+            settings = self.connection_settings(dbname)
+        except psycopg.Error as e:  # the DSN or the sealed password cannot be used
+            raise BackupFailed(str(e)) from None
+        env = {"PGHOST": settings["host"], "PGPORT": str(settings["port"]), "PGUSER": settings["user"]}
+        env |= {"PGDATABASE": settings["dbname"], "PGREQUIREAUTH": SAFE_AUTH} | parse(self.dsn).environment()
+        if settings["password"]:
+            self.refuse_weak_authentication(settings)
+            env["PGPASSWORD"] = settings["password"]
+        return env
+
+    def refuse_weak_authentication(self, settings):
+        """BackupFailed unless the server takes a connection that never sends the password in clear.
+
+        pg_basebackup and pg_receivewal connect for replication, which pg_hba.conf may allow a
+        user who may not connect to the database: either kind of connection will do.
+        """
+        try:
+            psycopg.connect(**settings).close()
+        except psycopg.Error as e:
+            if "authentication method requirement" in str(e) or not _replication_connects(settings):
+                raise BackupFailed(explain(e, self)) from None
+
+    def probe(self) -> int:
+        """Connect and return server_version_num; a ValidationError with one line if we cannot use it."""
+        try:
+            with self.connect() as conn:
+                # Reported by the server at connection start (ParameterStatus server_version).
+                version = conn.info.server_version
+        except psycopg.Error as e:
+            raise ValidationError(explain(e, self)) from None
+        if version < 150000:
+            raise ValidationError(
+                f"{self.host}:{self.port} runs PostgreSQL {version // 10000}, older than 15: "
+                "upgrade it, or protect it with another tool."
+            )
+        return version
+
+
+def _replication_connects(settings):
+    try:
+        psycopg.connect(**settings, replication="true").close()
+    except psycopg.Error:
+        return False
+    return True

@@ -1,0 +1,386 @@
+"""Exact logical restores (issue 16): the database as `pg_restore --create` would have made it,
+under the new name, and globals on another server that never take it over.
+
+Every cluster here has a superuser with a password, and the portal connects as `portal`, a
+password superuser over SCRAM (pg_hba trusts only `postgres` on 127.0.0.1), as in production.
+"""
+
+import json
+import os
+import subprocess
+from io import StringIO
+
+import psycopg
+import pytest
+from django.core.management import call_command
+
+from backupportal.lib.pgcluster import Cluster, pg_bin
+from backups.models import BackupRun, Server
+from restores.models import RestoreRun
+from tests import awkward_schema
+from tests.conftest import manage
+
+PORTAL_PASSWORD = {"source": "portal-on-source-Pw1", "target": "portal-on-target-Pw2"}
+POSTGRES_PASSWORD = {"source": "postgres-source-Pw3", "target": "postgres-target-Pw4"}
+
+
+def protect(cluster, side):
+    """A password on `postgres`, and the portal's own password superuser."""
+    cluster.execute(
+        psycopg.sql.SQL("ALTER ROLE postgres PASSWORD {}").format(psycopg.sql.Literal(POSTGRES_PASSWORD[side]))
+    )
+    cluster.create_role("portal", password=PORTAL_PASSWORD[side], superuser=True)
+
+
+def register(cluster, name, dbname, side):
+    server = Server(name=name, dsn=cluster.dsn(dbname, user="portal"), password=PORTAL_PASSWORD[side])
+    with cluster.connect() as conn:
+        server.pg_version = conn.info.server_version
+    server.save()
+    return server
+
+
+@pytest.fixture
+def source(pg_cluster):
+    protect(pg_cluster, "source")
+    awkward_schema.make_roles(pg_cluster)
+    return pg_cluster
+
+
+@pytest.fixture
+def target(pg_base_dir, pg_template, db):
+    """Another cluster: its own portal password, and a role `no_grant` that exists already."""
+    cluster = Cluster.create(base_dir=pg_base_dir, template=pg_template)
+    cluster.start()
+    try:
+        protect(cluster, "target")
+        cluster.create_role("no_grant", password="target-own-pw", login=True)
+        register(cluster, "standby", "postgres", "target")
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def backup(name):
+    call_command("backup", name, stdout=StringIO())
+    return BackupRun.objects.filter(server__name=name, status="succeeded").latest("created_at")
+
+
+def restore(*args):
+    out = StringIO()
+    try:
+        call_command("restore", *args, "--json", stdout=out)
+    except SystemExit:
+        pass
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def roles(cluster):
+    return {
+        row[0]: row[1:]
+        for row in cluster.execute(
+            "SELECT rolname, rolsuper, rolcreaterole, rolreplication, rolbypassrls, rolcanlogin, rolpassword IS NOT NULL"
+            " FROM pg_authid"
+        )
+    }
+
+
+def member_of(cluster, role):
+    return {
+        r
+        for (r,) in cluster.execute(
+            "SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid"
+            " JOIN pg_roles u ON u.oid = m.member WHERE u.rolname = %s",
+            [role],
+        )
+    }
+
+
+def can_connect(cluster, dbname, user, password):
+    try:
+        with cluster.connect(dbname, user=user, password=password):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def test_a_restore_into_a_new_name_gives_the_database_as_pg_restore_create_would(
+    source, passphrase_file, backup_root, settings
+):
+    settings.RESTORE_JOBS = 1
+    original = awkward_schema.make_awkward(source)
+    register(source, "awkward", original, "source")
+    run = backup("awkward")
+    result = restore(str(run.pk), "--into-database", "awkward_copy")
+    assert result["status"] == "succeeded", result
+    assert result["warnings"] == []
+    assert awkward_schema.fingerprint(source, "awkward_copy") == awkward_schema.fingerprint(source, original)
+    owner, acl, comment, encoding, collate = source.execute(
+        "SELECT pg_get_userbyid(datdba), datacl::text, shobj_description(oid, 'pg_database'),"
+        " pg_encoding_to_char(encoding), datcollate FROM pg_database WHERE datname = 'awkward_copy'"
+    )[0]
+    assert (owner, encoding, collate) == ("Owner With Space", "LATIN1", "C")
+    assert comment == 'Sales "EU" Dept.: it\'s the; real one'
+    # The REVOKE CONNECT ... FROM PUBLIC came along: a role with no grant cannot connect.
+    assert "=Tc/" not in acl and not acl.startswith("{=")
+    assert not can_connect(source, "awkward_copy", "no_grant", awkward_schema.ROLE_PASSWORD)
+    assert can_connect(source, "awkward_copy", "app_reader", awkward_schema.ROLE_PASSWORD)
+    # The application's search_path comes from the database and from the role in the database.
+    with source.connect("awkward_copy", user="app_reader", password=awkward_schema.ROLE_PASSWORD) as conn:
+        assert conn.execute("SHOW search_path").fetchone() == ("app",)
+        # Column grants (id, email, mood) and row-level security (readers see the north only).
+        assert conn.execute("SELECT count(*) FROM customers").fetchone() == (150,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT salary FROM customers")
+
+
+def test_a_sql_ascii_database_with_bytes_in_no_encoding_is_backed_up_restored_and_tested(
+    source, passphrase_file, backup_root
+):
+    # Old databases are SQL_ASCII: names and text are bytes, valid in no particular encoding.
+    source.execute("CREATE DATABASE legacy TEMPLATE template0 ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'")
+    script = (
+        b'CREATE TABLE "caf\xe9" (id int, note text);\n'
+        b"INSERT INTO \"caf\xe9\" SELECT g, 'cr\xe8me \xff' FROM generate_series(1, 40) g;\n"
+        b"CREATE TABLE plain (id int); INSERT INTO plain SELECT generate_series(1, 7);\n"
+    )
+    psql = [str(pg_bin() / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d"]
+    subprocess.run([*psql, source.dsn("legacy")], input=script, check=True, capture_output=True)
+    register(source, "legacy", "legacy", "source")
+    run = backup("legacy")
+    assert run.details["row_counts"] == {'public."caf\\xe9"': 40, "public.plain": 7}
+
+    result = restore(str(run.pk), "--into-database", "legacy_copy")
+    assert result["status"] == "succeeded", result
+    note = b'SELECT note FROM "caf\xe9" LIMIT 1'
+    copied = subprocess.run([*psql, source.dsn("legacy_copy")], input=note, capture_output=True)
+    assert copied.stdout.strip() == b"cr\xe8me \xff", copied.stderr
+
+    out = StringIO()
+    call_command("restoretest", "legacy", "--json", stdout=out)
+    tested = json.loads(out.getvalue().splitlines()[-1])
+    assert tested["status"] == "passed", tested
+
+
+def test_onto_another_server_the_globals_never_change_an_existing_role_nor_hand_over_powers(
+    source, target, passphrase_file, backup_root
+):
+    original = awkward_schema.make_shop(source)
+    register(source, "shop", original, "source")
+    run = backup("shop")
+    before = roles(target)
+    result = restore(str(run.pk), "--into-database", "shop_copy", "--into-server", "standby")
+    assert result["status"] == "succeeded with warnings", result
+    warnings = "\n".join(result["warnings"])
+    assert "SCRAM-SHA-256" not in json.dumps(result)  # no password hash in what the run says
+    assert "role boss created without SUPERUSER, CREATEROLE, REPLICATION, BYPASSRLS, its password" in warnings
+    assert "membership of auditor in pg_read_all_data skipped" in warnings
+    assert "role postgres already exists on standby: left unchanged (the backup has PASSWORD)" in warnings
+    assert "role portal already exists on standby: left unchanged (the backup has PASSWORD)" in warnings
+    assert "role no_grant already exists on standby: left unchanged (the backup has PASSWORD)" in warnings
+
+    # Nothing of an existing role changed; the portal and postgres keep their own passwords.
+    after = roles(target)
+    assert {name: after[name] for name in before} == before
+    assert can_connect(target, "postgres", "portal", PORTAL_PASSWORD["target"])
+    assert not can_connect(target, "postgres", "portal", PORTAL_PASSWORD["source"])
+    # Created roles: no powers, no pg_* membership, no password.
+    assert after["boss"][:4] == (False, False, False, False)
+    assert not any(row[5] for name, row in after.items() if name not in before)
+    assert member_of(target, "app_reader") == {"readers"}
+    assert member_of(target, "auditor") == set()
+    assert after["app_reader"][4] is True  # LOGIN kept, but no password: it cannot log in yet
+    assert not can_connect(target, "shop_copy", "app_reader", awkward_schema.ROLE_PASSWORD)
+    assert target.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = 'app_reader'") == [(7,)]
+
+    mine, theirs = awkward_schema.fingerprint(target, "shop_copy"), awkward_schema.fingerprint(source, original)
+    assert mine == theirs
+    assert mine["database"][0] == "app_owner"
+
+    # The awkward one too, now that its roles are there: RLS, column grants, large objects' ACLs.
+    awkward = awkward_schema.make_awkward(source)
+    register(source, "awkward", awkward, "source")
+    second = restore(str(backup("awkward").pk), "--into-database", "awkward_copy", "--into-server", "standby")
+    assert second["status"] == "succeeded with warnings", second  # the existing roles, again
+    assert all("already exist" in w for w in second["warnings"]), second["warnings"]
+    assert "membership of auditor in pg_read_all_data skipped: auditor already existed" in "\n".join(second["warnings"])
+    assert awkward_schema.fingerprint(target, "awkward_copy") == awkward_schema.fingerprint(source, awkward)
+    assert roles(target) == after  # nothing changed by the second restore either
+
+
+def test_with_role_passwords_the_created_roles_can_log_in(source, target, passphrase_file, backup_root):
+    original = awkward_schema.make_shop(source)
+    register(source, "shop", original, "source")
+    run = backup("shop")
+    result = restore(str(run.pk), "--into-database", "shop_copy", "--into-server", "standby", "--with-role-passwords")
+    assert result["status"] == "succeeded with warnings", result
+    assert can_connect(target, "shop_copy", "app_reader", awkward_schema.ROLE_PASSWORD)
+    assert not can_connect(target, "shop_copy", "no_grant", awkward_schema.ROLE_PASSWORD)  # existed: unchanged
+    assert roles(target)["boss"][0] is False
+
+
+def test_an_owner_role_gone_since_the_backup_is_a_named_warning(source, passphrase_file, backup_root):
+    source.execute("CREATE ROLE gone LOGIN")
+    source.execute("CREATE DATABASE ledger OWNER gone")
+    register(source, "ledger", "ledger", "source")
+    run = backup("ledger")
+    source.execute("ALTER DATABASE ledger OWNER TO postgres")
+    source.execute("DROP ROLE gone")
+    result = restore(str(run.pk), "--into-database", "ledger_copy")
+    assert result["status"] == "succeeded with warnings", result
+    assert any(w.startswith('owner gone not applied: role "gone" does not exist') for w in result["warnings"])
+    assert RestoreRun.objects.get(pk=result["id"]).warnings == result["warnings"]
+    assert source.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'ledger_copy'") == [
+        ("portal",)
+    ]
+
+
+def test_a_failed_restore_onto_another_server_leaves_it_as_it_was(source, target, passphrase_file, backup_root):
+    original = awkward_schema.make_shop(source)
+    with source.connect(original) as conn:  # data enough that the table of contents is read before the damage
+        conn.execute(
+            "CREATE TABLE public.blob AS SELECT g, md5(g::text) || md5((g * 7)::text) AS h FROM generate_series(1, 200000) g"
+        )
+    register(source, "shop", original, "source")
+    run = backup("shop")
+    artifact = backup_root / run.key
+    data = bytearray(artifact.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = os.urandom(4096)
+    artifact.write_bytes(bytes(data))
+    before_roles = roles(target)
+    before_dbs = target.execute("SELECT datname FROM pg_database ORDER BY 1")
+    result = restore(str(run.pk), "--into-database", "shop_copy", "--into-server", "standby")
+    assert result["status"] == "failed", result
+    assert roles(target) == before_roles
+    assert target.execute("SELECT datname FROM pg_database ORDER BY 1") == before_dbs
+
+
+def tablespace_dir(cluster, name):
+    path = cluster.datadir.parent / name
+    path.mkdir()
+    os.chown(path, *[os.stat(cluster.datadir)[i] for i in (4, 5)])
+    return path
+
+
+def test_tablespaces_go_to_the_default_or_where_the_map_says(source, target, passphrase_file, backup_root):
+    source.execute(f"CREATE TABLESPACE fast LOCATION '{tablespace_dir(source, 'fast')}'")
+    source.execute("CREATE DATABASE spaced")
+    with source.connect("spaced") as conn:
+        conn.execute("CREATE TABLE hot (id int PRIMARY KEY USING INDEX TABLESPACE fast, v text) TABLESPACE fast")
+        conn.execute("CREATE INDEX hot_v ON hot (v) TABLESPACE fast")
+        conn.execute("CREATE TABLE cold (id int)")
+        conn.execute("INSERT INTO hot SELECT g, g::text FROM generate_series(1, 100) g")
+    register(source, "spaced", "spaced", "source")
+    run = backup("spaced")
+
+    refused = restore(str(run.pk), "--into-database", "x", "--into-server", "standby", "--tablespace-map", "fast=nope")
+    assert refused["status"] == "failed" and "tablespace nope does not exist on standby" in refused["error"]
+    assert target.execute("SELECT 1 FROM pg_database WHERE datname = 'x'") == []
+
+    plain = restore(str(run.pk), "--into-database", "plain", "--into-server", "standby")
+    assert plain["status"] in ("succeeded", "succeeded with warnings"), plain
+    assert "tablespaces of the source not created on standby: fast" in plain["notes"]
+    placed = "SELECT relname, coalesce(t.spcname, '-') FROM pg_class c LEFT JOIN pg_tablespace t ON t.oid = c.reltablespace WHERE relname IN ('hot', 'hot_pkey', 'hot_v', 'cold') ORDER BY 1"
+    assert target.execute(placed, dbname="plain") == [("cold", "-"), ("hot", "-"), ("hot_pkey", "-"), ("hot_v", "-")]
+
+    target.execute(f"CREATE TABLESPACE quick LOCATION '{tablespace_dir(target, 'quick')}'")
+    mapped = restore(
+        str(run.pk), "--into-database", "mapped", "--into-server", "standby", "--tablespace-map", "fast=quick"
+    )
+    assert mapped["status"] in ("succeeded", "succeeded with warnings"), mapped
+    assert "3 objects moved by --tablespace-map" in mapped["notes"]
+    assert target.execute(placed, dbname="mapped") == [
+        ("cold", "-"),
+        ("hot", "quick"),
+        ("hot_pkey", "quick"),
+        ("hot_v", "quick"),
+    ]
+    assert target.execute("SELECT count(*) FROM hot", dbname="mapped") == [(100,)]
+
+
+def gpg_decrypt(path, passphrase_file, home):
+    """The plain gpg CLI, as the README's recipe runs it: no portal code."""
+    home.mkdir(exist_ok=True, mode=0o700)
+    return subprocess.run(
+        ["gpg", "--batch", "--quiet", "--pinentry-mode", "loopback", "--passphrase-file", str(passphrase_file)]
+        + ["--homedir", str(home), "--decrypt", str(path)],
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
+def test_the_readme_stock_recipe_recreates_the_database_exactly(source, target, passphrase_file, backup_root, tmp_path):
+    originals = [awkward_schema.make_awkward(source), awkward_schema.make_shop(source)]
+    register(source, "awkward", originals[0], "source")
+    register(source, "shop", originals[1], "source")
+    runs = [backup("awkward"), backup("shop")]
+    env = {"PGHOST": target.host, "PGPORT": str(target.port), "PGUSER": "postgres", "PATH": os.environ["PATH"]}
+    # Globals first (on a fresh cluster the roles are missing: their errors for existing roles are expected).
+    globals_sql = gpg_decrypt(backup_root / runs[0].details["globals"]["key"], passphrase_file, tmp_path / "gnupg")
+    subprocess.run(
+        [str(pg_bin() / "psql"), "-X", "-q", "-d", "postgres"], input=globals_sql, env=env, capture_output=True
+    )
+    for run, original in zip(runs, originals, strict=True):
+        dump = gpg_decrypt(backup_root / run.key, passphrase_file, tmp_path / "gnupg")
+        done = subprocess.run(
+            [str(pg_bin() / "pg_restore"), "--create", "--exit-on-error", "-d", "postgres"],
+            input=dump,
+            env=env,
+            capture_output=True,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert awkward_schema.fingerprint(target, original) == awkward_schema.fingerprint(source, original)
+
+
+@pytest.mark.django_db(transaction=True)  # manage.py runs in a subprocess: it must see the run
+def test_a_failed_restore_says_so_in_one_line_on_stderr_and_exits_non_zero(
+    source, passphrase_file, backup_root, settings
+):
+    source.execute("CREATE DATABASE small")
+    register(source, "small", "small", "source")
+    run = backup("small")
+    for extra in ([], ["--json"]):
+        proc = manage(settings, "restore", str(run.pk), "--into-database", "small", *extra)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "database small already exists" in lines[0], err
+        if extra:
+            assert json.loads(out.strip().splitlines()[-1])["status"] == "failed"
+
+
+def test_scripts_are_split_on_statements_never_inside_quotes():
+    from restores.sqlscript import statements
+
+    script = (
+        "\\connect -reuse-previous=on \"dbname='x'\"\n-- a comment; with a semicolon\n"
+        'COMMENT ON DATABASE "a;""b" IS \'one; two\n-- not a comment\';\nSET x = 1;\n'
+    )
+    assert statements(script) == ['COMMENT ON DATABASE "a;""b" IS \'one; two\n-- not a comment\'', "SET x = 1"]
+
+
+def test_database_entries_for_another_database_or_unknown_forms_are_warnings_not_guesses():
+    from restores.dbprops import DatabaseProperties
+
+    listing = ';     dbname: My "db"\n'
+    script = (
+        'CREATE DATABASE "My ""db""" WITH TEMPLATE = template0 ENCODING = \'UTF8\' LOCALE = \'C\';\n'
+        'ALTER DATABASE "My ""db""" OWNER TO app;\n'
+        "ALTER DATABASE other SET work_mem TO '1MB';\n"
+        'ALTER DATABASE "My ""db""" RENAME TO x;\n'
+    )
+    props = DatabaseProperties.parse(listing, script)
+    assert [form for form, _ in props.actions] == ["owner"]
+    assert props.options == [("TEMPLATE", "template0"), ("ENCODING", "'UTF8'"), ("LOCALE", "'C'")]
+    assert len(props.warnings) == 2 and all("not understood" in w for w in props.warnings)
+
+
+def test_globals_statements_not_understood_are_warnings_and_never_run():
+    from restores.cluster_globals import parse
+
+    recognised, warnings = parse(
+        "CREATE ROLE app;\nALTER ROLE app WITH LOGIN;\nDROP DATABASE prod;\nCREATE TABLESPACE t LOCATION '/x';\n"
+    )
+    assert [form for form, _ in recognised] == ["create role", "role options", "tablespace"]
+    assert warnings == ["globals statement not applied (not understood): DROP DATABASE prod"]
