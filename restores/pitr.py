@@ -11,6 +11,10 @@ up the PostgreSQL 12+ way (recovery.signal, postgresql.auto.conf: restore_comman
 recovery_target_*, recovery_target_action = promote) with archive_mode = off, so the new
 timeline never reaches the production archive; the cluster starts as the database OS user,
 recovers, promotes, and is left running. Any failure removes what the restore wrote.
+
+A time target needs a commit after it in the archive: pitr_reach finds one, or has the source
+make one (or refuses). The run succeeds only when the recovered cluster shows it reached the
+target (pitr_verdict); the cluster's start and recovery are in pitr_recovery.
 """
 
 import os
@@ -20,14 +24,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from django.conf import settings
 from django.utils import timezone
 
 from backupportal import journal
@@ -35,63 +35,21 @@ from backupportal.lib.childenv import child_env
 from backupportal.lib.commands import fail
 from backupportal.lib.pgcluster import DB_OS_USER, as_db_user, chown_to_db_user
 from backups import wal
+from backups.binaries import backup_major, cluster_dir, cluster_tool
 from backups.crypto import Encryption, EncryptionError
 from backups.models import BackupCopy, BackupRun, Server, WalSegment
 from backups.storage import store_for
+from restores import pitr_reach
 from restores.fetch import FetchFailed, FileSink, fetch, ordered_copies
 from restores.models import RestoreRun
+from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target
+from restores.pitr_reach import partial_for
+from restores.pitr_recovery import heartbeat, pg_ctl, start_and_wait, write_recovery_settings
 
-STAGING = "bp_restore_wal"
-# Archive times and commit times come from different clocks (pull: the portal's): a segment
-# archived this long before the target is still scanned for commits after it.
-CLOCK_MARGIN = timedelta(minutes=5)
-COMMIT_LINE = re.compile(
-    r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: (?:COMMIT|ABORT)\S*(?: \d+:)? "
-    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC"
-)
+__all__ = ["STAGING", "Plan", "Refused", "RestoreFailed", "Target"]  # used through this module too
+
 RESTORE_POINT_LINE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.*)$")
 LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
-
-
-class Refused(Exception):
-    """Refused before anything was written: the message says why and what to do."""
-
-
-class RestoreFailed(Exception):
-    """The restore started and failed; everything it wrote is removed."""
-
-
-@dataclass
-class Target:
-    kind: str  # time, latest, lsn or name
-    value: object = None
-    text: str = ""
-
-
-@dataclass
-class Plan:
-    server: Server
-    target: Target
-    datadir: Path
-    port: int
-    base: BackupRun
-    bases: list
-    segment_size: int
-    last: int  # the last segment number known to be needed (more may be staged for a time target)
-    created_dir: bool = False
-    notes: list = field(default_factory=list)
-    staged: dict = field(default_factory=dict)  # segno -> staged segment name
-    time_target_reached: bool = True
-    fallback: bool = True  # an unreadable base backup may be replaced by an older one
-    recovered: dict = field(default_factory=dict)
-    threads: threading.local = field(default_factory=threading.local)
-
-    @property
-    def staging(self):
-        return self.datadir / STAGING
-
-    def segno(self, name):
-        return wal.segno_of(name, self.segment_size)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -181,6 +139,7 @@ def finish(run, plan, actor, error=""):
         "duration_s": run.duration_s,
         "server": plan.server.name,
         "base_backup": plan.base.pk,
+        "chain": [plan.base.pk],
         "target": run.target,
         "recovered_to": run.recovered_to,
         "into_datadir": run.into_datadir,
@@ -252,6 +211,8 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
         server, target, datadir, port, base, readable, size, wal.segno_of(base.end_wal, size), fallback=fallback
     )
     plan.last = needed_through(plan)
+    if target.kind == "time":
+        pitr_reach.cover(plan)  # through the first archived commit after it, or the source will make one
     if base.pk not in healthy and fallback:
         fall_back(plan, f"base backup #{base.pk} has no healthy copy in any enabled location", error=Refused)
     check_chain(plan)
@@ -337,6 +298,9 @@ def check_port(port) -> int:
     if not 1 <= int(port) <= 65535:
         raise Refused(f"port {port} is not a TCP port (1-65535)")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As postgres binds: connections of a cluster that stopped on this port linger in
+        # TIME_WAIT for a minute and do not keep it from starting; a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", int(port)))
         except OSError:
@@ -421,23 +385,13 @@ def check_chain(plan):
             raise Refused(f"WAL segment {segment.name} is missing from every location: the chain has a gap there")
 
 
-def partial_for(plan, segno):
-    """Pull: the segment pg_receivewal is still writing, when it is the one after the archive."""
-    if plan.server.archiving != Server.Archiving.PULL:
-        return None
-    spool = wal.spool_dir(plan.server)
-    if not spool.is_dir():
-        return None
-    for path in sorted(spool.glob("*.partial"), reverse=True):
-        if wal.SEGMENT.match(path.name[:24]) and wal.segno_of(path.name, plan.segment_size) == segno:
-            return path
-    return None
-
-
 # ----------------------------------------------------------------------------- the restore
 
 
 def execute(plan, run):
+    if plan.switch:  # before anything is written: the source may still refuse
+        pitr_reach.archive_past_target(plan, run)
+        check_chain(plan)
     prepare_datadir(plan)
     # The base is extracted (gpg into tar) while its WAL is staged: both take about as long on
     # a busy day. A restore point's name decides the base only once its WAL is read: that kind
@@ -445,8 +399,8 @@ def execute(plan, run):
     early = Extraction(plan) if plan.target.kind != "name" else None
     try:
         stage_wal(plan, plan.segno(plan.base.start_wal), plan.last)
-        if plan.target.kind == "time":
-            extend_for_time(plan)
+        if plan.target.kind == "time" and plan.use_partial:
+            stage_partial(plan)
         elif plan.target.kind == "name":
             find_restore_point(plan, run)
         elif plan.target.kind in ("latest", "lsn"):
@@ -464,10 +418,6 @@ def execute(plan, run):
     chown_to_db_user(plan.datadir)
     start_and_wait(plan, run)
     shutil.rmtree(plan.staging, ignore_errors=True)
-
-
-def heartbeat(run):
-    RestoreRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
 
 
 def prepare_datadir(plan):
@@ -596,65 +546,8 @@ def stage_partial(plan):
 
 def waldump(plan, first, last, rmgr):
     """pg_waldump's lines for staged segments first..last (times in UTC)."""
-    names = [plan.staged[s] for s in (first, last)]
-    proc = subprocess.run(
-        [str(plan.server.bin_dir() / "pg_waldump"), "--path", str(plan.staging), f"--rmgr={rmgr}", *names],
-        capture_output=True,
-        text=True,
-        env={"TZ": "UTC", "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        timeout=600,
-    )
-    # It exits non-zero at the end of the last segment's valid records: that is expected.
-    return proc.stdout.splitlines()
-
-
-def commits_after(plan, segno, moment):
-    start = segno - 1 if segno - 1 in plan.staged else segno
-    for line in waldump(plan, start, segno, "Transaction"):
-        m = COMMIT_LINE.search(line)
-        if m and datetime.fromisoformat(m.group(2) + "+00:00") > moment:
-            return True
-    return False
-
-
-def extend_for_time(plan):
-    """Stage segments until one holds a commit after the target: recovery must see one to stop.
-
-    When the archive ends first, nothing after the target was archived: recovery then replays
-    all of it, which is the same state, and the run says so.
-    """
-    moment = plan.target.value
-    scan_from = (
-        WalSegment.objects.filter(
-            server=plan.server, deleted_at=None, segno__in=list(plan.staged), archived_at__gte=moment - CLOCK_MARGIN
-        )
-        .order_by("segno")
-        .values_list("segno", flat=True)
-        .first()
-    )
-    segno = scan_from if scan_from is not None else plan.last + 1
-    while True:
-        if segno in plan.staged:
-            if commits_after(plan, segno, moment):
-                return
-            segno += 1
-            continue
-        if WalSegment.objects.filter(server=plan.server, deleted_at=None, segno=segno).exists():
-            stage_wal(plan, segno, segno)
-            continue
-        later = WalSegment.objects.filter(server=plan.server, deleted_at=None, segno__gt=segno).exists()
-        if later:
-            name = wal.segment_name(plan.base.timeline or 1, segno, plan.segment_size)
-            raise RestoreFailed(
-                f"WAL segment {name} is missing from the archive: it may hold transactions before the target"
-            )
-        if stage_partial(plan) and commits_after(plan, segno, moment):
-            return
-        plan.time_target_reached = False
-        plan.notes.append(
-            f"no transaction after {plan.target.text} was archived: recovered to the end of the archived WAL"
-        )
-        return
+    bin_dir = cluster_dir(backup_major(plan.base), f"reading the WAL of {plan.server}")
+    return pitr_reach.waldump(bin_dir, plan.staging, plan.staged[first], plan.staged[last], rmgr)
 
 
 def find_restore_point(plan, run):
@@ -787,7 +680,7 @@ def verify_base(plan):
     proc = subprocess.run(
         as_db_user(
             [
-                str(plan.server.bin_dir() / "pg_verifybackup"),
+                str(cluster_tool(backup_major(plan.base), "pg_verifybackup", f"checking base backup #{plan.base.pk}")),
                 f"--wal-directory={plan.staging}",
                 f"--ignore={STAGING}",
                 str(plan.datadir),
@@ -805,145 +698,3 @@ def verify_base(plan):
             f"base backup #{plan.base.pk} does not match its manifest: {lines[0] if lines else 'pg_verifybackup failed'}"
         )
     plan.notes.append(f"pg_verifybackup: {proc.stdout.strip() or 'backup successfully verified'}")
-
-
-def recovery_settings(plan):
-    staging = str(plan.staging).replace("%", "%%")
-    settings_ = {
-        "restore_command": f'cp "{staging}/%f" "%p"',
-        "recovery_target_timeline": "latest",
-        # The restored cluster's new timeline must never reach the production archive.
-        "archive_mode": "off",
-        "port": str(plan.port),
-        "listen_addresses": "localhost",
-        # A production with synchronous standbys would hang every commit of the copy.
-        "synchronous_standby_names": "",
-        # tar wrote without fsync, so recovery first syncs the data directory: one syncfs()
-        # instead of an fsync per file (seconds even for a small cluster).
-        "recovery_init_sync_method": "syncfs",
-    }
-    target = plan.target
-    if target.kind == "time" and plan.time_target_reached:
-        settings_["recovery_target_time"] = target.value.isoformat(sep=" ")
-    elif target.kind == "lsn":
-        settings_["recovery_target_lsn"] = target.value
-    elif target.kind == "name":
-        settings_["recovery_target_name"] = target.value
-    # Without a target, recovery replays all the WAL and promotes by itself.
-    settings_["recovery_target_action"] = "promote"
-    return settings_
-
-
-def write_recovery_settings(plan):
-    """recovery.signal and postgresql.auto.conf: recovery.conf no longer exists (PostgreSQL 12+)."""
-    if not (plan.datadir / "postgresql.conf").exists():
-        # Debian keeps it in /etc: a copy of the data directory has none.
-        (plan.datadir / "postgresql.conf").write_text("# written by backupportal's PITR restore\n")
-        plan.notes.append(
-            "the backup had no postgresql.conf (kept outside the data directory): an empty one was written"
-        )
-    if not (plan.datadir / "pg_hba.conf").exists():
-        (plan.datadir / "pg_hba.conf").write_text(
-            "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
-        )
-        plan.notes.append("the backup had no pg_hba.conf: one allowing local connections was written")
-    lines = [f"\n# PITR restore by backupportal, {timezone.localtime():%Y-%m-%d %H:%M:%S%z}, target {plan.target.text}"]
-    lines += [f"{name} = {wal.conf_quote(value)}" for name, value in recovery_settings(plan).items()]
-    with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
-        conf.write("\n".join(lines) + "\n")
-    (plan.datadir / "recovery.signal").touch()
-    (plan.datadir / "log").mkdir(exist_ok=True)
-
-
-def pg_ctl(plan, *args):
-    return subprocess.run(
-        as_db_user([str(plan.server.bin_dir() / "pg_ctl"), *args, "-D", str(plan.datadir)]),
-        capture_output=True,
-        text=True,
-        cwd=plan.datadir,
-        env=child_env(),  # the restored server runs on as another OS user: none of our secrets
-        timeout=120,
-    )
-
-
-def start_and_wait(plan, run):
-    logfile = plan.datadir / "log" / "pitr-restore.log"
-    proc = pg_ctl(plan, "start", "-W", "-l", str(logfile))
-    if proc.returncode != 0:
-        raise RestoreFailed(f"pg_ctl could not start the restored cluster: {(proc.stderr or proc.stdout).strip()}")
-    deadline = time.monotonic() + settings.BACKUP_TIMEOUT
-    started = time.monotonic()
-    # PostgreSQL removes recovery.signal when recovery reached its target and it promotes.
-    while (plan.datadir / "recovery.signal").exists():
-        if not postmaster_alive(plan) and time.monotonic() - started > 2:
-            raise RestoreFailed(startup_failure(plan, logfile))
-        if time.monotonic() > deadline:
-            raise RestoreFailed(f"recovery did not finish within {settings.BACKUP_TIMEOUT} s: see {logfile}")
-        heartbeat(run)
-        time.sleep(0.3)
-    plan.recovered = recovered_position(plan, logfile)
-
-
-def postmaster_alive(plan):
-    try:
-        pid = int((plan.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
-        os.kill(pid, 0)
-    except (ValueError, OSError):
-        return False
-    return True
-
-
-def recovered_position(plan, logfile, wait=30):
-    """Where recovery stopped: asked of the promoted cluster, else read from its log."""
-    import psycopg
-
-    server = plan.server
-    host = server.host if server.host.startswith("/") else "127.0.0.1"
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and postmaster_alive(plan):
-        try:
-            with psycopg.connect(
-                host=host,
-                port=plan.port,
-                user=server.user,
-                password=server.password or None,
-                dbname=server.dbname,
-                connect_timeout=3,
-                autocommit=True,
-            ) as conn:
-                in_recovery, replayed_at, lsn, walfile = conn.execute(
-                    "SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn(), "
-                    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END"
-                ).fetchone()
-        except psycopg.OperationalError as e:
-            if "authentication" in str(e) or "pg_hba.conf" in str(e):
-                break  # the restored cluster lets us in no more than production's rules say
-            time.sleep(0.3)
-            continue
-        if in_recovery:
-            time.sleep(0.3)
-            continue
-        return {
-            "recovered_to": timezone.localtime(replayed_at).isoformat(sep=" ") if replayed_at else f"LSN {lsn}",
-            "recovered_lsn": str(lsn or ""),
-            "timeline": int(walfile[:8], 16),
-        }
-    return {"recovered_to": logged_position(logfile)}
-
-
-def logged_position(logfile):
-    text = logfile.read_text(errors="replace") if logfile.exists() else ""
-    m = re.findall(r"last completed transaction was at log time (.+)$", text, re.M)
-    return m[-1].strip() if m else f"see {logfile}"
-
-
-def startup_failure(plan, logfile):
-    text = logfile.read_text(errors="replace") if logfile.exists() else ""
-    fatal = [line for line in text.splitlines() if "FATAL:" in line or "PANIC:" in line]
-    if any("recovery ended before configured recovery target was reached" in line for line in fatal):
-        return f"the archived WAL ends before the target {plan.target.text} was reached (see {logfile})"
-    if fatal:
-        return (
-            f"the restored cluster stopped: {fatal[-1].split('FATAL:')[-1].split('PANIC:')[-1].strip()} (see {logfile})"
-        )
-    return f"the restored cluster stopped during recovery: see {logfile}"

@@ -70,7 +70,7 @@ def _test_logical(test, run, actor):
     dbname = f"restoretest_{test.pk}_{timezone.localtime():%Y%m%d%H%M%S}"
     started = time.monotonic()
     restore = run_logical(run, target, dbname, actor, restore_test=test)
-    if restore.status != RestoreRun.Status.SUCCEEDED:
+    if not restore.succeeded:
         # A failed restore has already dropped what it created.
         return _finish(test, [check("restore", False, restore.error)], None, actor)
     try:
@@ -115,7 +115,7 @@ def _restore_and_check_base(test, run, actor, datadir):
 
 def throwaway_server(server, port):
     """The restored cluster, as a Server the checks can connect to (never saved)."""
-    # The restore listens on localhost only (pitr.recovery_settings).
+    # The restore listens on localhost only (pitr_recovery.recovery_settings).
     return Server(
         name=f"{server.name} (restored)",
         dsn=f"postgresql://{server.user}@127.0.0.1:{port}/{server.dbname}",

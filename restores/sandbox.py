@@ -18,7 +18,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.lib.pgcluster import as_db_user, chown_to_db_user, free_port, pg_bin
+from backupportal.lib.pgcluster import as_db_user, chown_to_db_user, free_port
+from backups.binaries import MissingBinaries, cluster_tool, datadir_major, server_major
 from restores import pitr
 from restores.models import RestoreRun
 
@@ -133,7 +134,7 @@ def state(run) -> str:
     # postgres OS user's, so pg_ctl (run as that user) answers whether the postmaster lives.
     if not datadir.exists():
         return "removed"
-    return "running" if _pg_ctl(datadir, "status").returncode == 0 else "stopped"
+    return "running" if _pg_ctl(datadir, "status", major=server_major(run.server)).returncode == 0 else "stopped"
 
 
 def stop_and_remove(run, actor, reason):
@@ -146,7 +147,7 @@ def stop_and_remove(run, actor, reason):
         return False
     was = state(run)
     if was == "running":
-        stopped = _pg_ctl(datadir, "stop", "-m", "fast", "-w")
+        stopped = _pg_ctl(datadir, "stop", "-m", "fast", "-w", major=server_major(run.server))
         if stopped.returncode != 0 and state(run) == "running":
             raise OSError(f"pg_ctl could not stop the sandbox in {datadir}: {stopped.stderr.strip()}")
     shutil.rmtree(datadir)
@@ -180,9 +181,14 @@ def expire(actor="job:sandboxes", now=None):
     return removed
 
 
-def _pg_ctl(datadir, *args):
+def _pg_ctl(datadir, *args, major=None):
+    """pg_ctl of the cluster's own major version (its PG_VERSION; else `major`, its server's):
+    never whatever PG_BIN says, which may be another version's."""
+    major = datadir_major(datadir) or major
+    if major is None:
+        raise MissingBinaries(f"cannot tell which PostgreSQL version runs {datadir}: its PG_VERSION is unreadable")
     return subprocess.run(
-        as_db_user([str(pg_bin() / "pg_ctl"), *args, "-D", str(datadir)]),
+        as_db_user([str(cluster_tool(major, "pg_ctl", f"the cluster in {datadir}")), *args, "-D", str(datadir)]),
         capture_output=True,
         text=True,
         cwd="/",

@@ -68,6 +68,9 @@ def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
     )
     assert result["status"] == "succeeded", result
     assert rows(port2, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+    # latest keeps its meaning (all the archived WAL) and says which moment that was.
+    assert result["reached"].startswith("--target latest: recovered to the end of the archived WAL (0000")
+    assert f"its last transaction committed at {result['recovered_to']}" in result["reached"]
 
 
 def archive_some_wal(cluster, tables=3):

@@ -1,0 +1,63 @@
+"""What a point-in-time recovery is asked for and how it will run: its target, its plan, and the
+two ways it stops (refused before anything is written, or failed with everything removed).
+
+Kept apart from restores/pitr.py so that the modules it uses (pitr_reach, pitr_verdict) share
+these without importing the restore itself.
+"""
+
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from backups import wal
+from backups.models import BackupRun, Server
+
+STAGING = "bp_restore_wal"
+
+
+class Refused(Exception):
+    """Refused before anything was written: the message says why and what to do."""
+
+
+class RestoreFailed(Exception):
+    """The restore started and failed; everything it wrote is removed."""
+
+
+@dataclass
+class Target:
+    kind: str  # time, latest, lsn or name
+    value: object = None
+    text: str = ""
+
+
+@dataclass
+class Plan:
+    server: Server
+    target: Target
+    datadir: Path
+    port: int
+    base: BackupRun
+    bases: list
+    segment_size: int
+    last: int  # the last segment number known to be needed
+    created_dir: bool = False
+    notes: list = field(default_factory=list)
+    staged: dict = field(default_factory=dict)  # segno -> staged segment name
+    fallback: bool = True  # an unreadable base backup may be replaced by an older one
+    recovered: dict = field(default_factory=dict)
+    threads: threading.local = field(default_factory=threading.local)
+    # A time target: the first archived commit after it (recovery stops right before it) ...
+    after_lsn: str = ""
+    after_time: datetime | None = None
+    use_partial: bool = False  # ... found in the segment pg_receivewal is still receiving
+    # ... or none yet: the source is asked for one (pitr_reach.archive_past_target).
+    switch: bool = False
+    reach: str = ""  # how far the archived WAL reaches, for the messages when that is too short
+
+    @property
+    def staging(self):
+        return self.datadir / STAGING
+
+    def segno(self, name):
+        return wal.segno_of(name, self.segment_size)

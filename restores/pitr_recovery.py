@@ -1,0 +1,181 @@
+"""The restored cluster's recovery: its settings (recovery.signal and postgresql.auto.conf, the
+PostgreSQL 12+ way), pg_ctl as the database OS user, waiting until it promotes, and where
+recovery stopped, asked of the cluster and judged by pitr_verdict. Split from restores/pitr.py.
+"""
+
+import os
+import re
+import subprocess
+import time
+
+from django.conf import settings
+from django.utils import timezone
+
+from backupportal.lib.childenv import child_env
+from backupportal.lib.libpq import SAFE_AUTH
+from backupportal.lib.pgcluster import as_db_user
+from backups import wal
+from backups.binaries import backup_major, cluster_tool
+from restores import pitr_verdict
+from restores.models import RestoreRun
+from restores.pitr_plan import RestoreFailed
+
+
+def heartbeat(run):
+    RestoreRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
+
+
+def recovery_settings(plan):
+    staging = str(plan.staging).replace("%", "%%")
+    settings_ = {
+        "restore_command": f'cp "{staging}/%f" "%p"',
+        "recovery_target_timeline": "latest",
+        # The restored cluster's new timeline must never reach the production archive.
+        "archive_mode": "off",
+        "port": str(plan.port),
+        "listen_addresses": "localhost",
+        # A production with synchronous standbys would hang every commit of the copy.
+        "synchronous_standby_names": "",
+        # tar wrote without fsync, so recovery first syncs the data directory: one syncfs()
+        # instead of an fsync per file (seconds even for a small cluster).
+        "recovery_init_sync_method": "syncfs",
+        # Whether recovery reached its target is read from its log (pitr_verdict): in one known
+        # file, in the words the verdict looks for, whatever production's logging settings are.
+        "logging_collector": "off",
+        "log_destination": "stderr",
+        "lc_messages": "C",
+    }
+    target = plan.target
+    if target.kind == "time":
+        settings_["recovery_target_time"] = target.value.isoformat(sep=" ")
+    elif target.kind == "lsn":
+        settings_["recovery_target_lsn"] = target.value
+    elif target.kind == "name":
+        settings_["recovery_target_name"] = target.value
+    # Without a target, recovery replays all the WAL and promotes by itself.
+    settings_["recovery_target_action"] = "promote"
+    return settings_
+
+
+def write_recovery_settings(plan):
+    """recovery.signal and postgresql.auto.conf: recovery.conf no longer exists (PostgreSQL 12+)."""
+    if not (plan.datadir / "postgresql.conf").exists():
+        # Debian keeps it in /etc: a copy of the data directory has none.
+        (plan.datadir / "postgresql.conf").write_text("# written by backupportal's PITR restore\n")
+        plan.notes.append(
+            "the backup had no postgresql.conf (kept outside the data directory): an empty one was written"
+        )
+    if not (plan.datadir / "pg_hba.conf").exists():
+        (plan.datadir / "pg_hba.conf").write_text(
+            "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
+        )
+        plan.notes.append("the backup had no pg_hba.conf: one allowing local connections was written")
+    lines = [f"\n# PITR restore by backupportal, {timezone.localtime():%Y-%m-%d %H:%M:%S%z}, target {plan.target.text}"]
+    lines += [f"{name} = {wal.conf_quote(value)}" for name, value in recovery_settings(plan).items()]
+    with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
+        conf.write("\n".join(lines) + "\n")
+    (plan.datadir / "recovery.signal").touch()
+    (plan.datadir / "log").mkdir(exist_ok=True)
+
+
+def pg_ctl(plan, *args):
+    return subprocess.run(
+        as_db_user(
+            [
+                str(cluster_tool(backup_major(plan.base), "pg_ctl", f"a restore of {plan.server}")),
+                *args,
+                "-D",
+                str(plan.datadir),
+            ]
+        ),
+        capture_output=True,
+        text=True,
+        cwd=plan.datadir,
+        env=child_env(),  # the restored server runs on as another OS user: none of our secrets
+        timeout=120,
+    )
+
+
+def start_and_wait(plan, run):
+    logfile = plan.datadir / "log" / "pitr-restore.log"
+    proc = pg_ctl(plan, "start", "-W", "-l", str(logfile))
+    if proc.returncode != 0:
+        raise RestoreFailed(f"pg_ctl could not start the restored cluster: {(proc.stderr or proc.stdout).strip()}")
+    deadline = time.monotonic() + settings.BACKUP_TIMEOUT
+    started = time.monotonic()
+    # PostgreSQL removes recovery.signal when recovery reached its target and it promotes.
+    while (plan.datadir / "recovery.signal").exists():
+        if not postmaster_alive(plan) and time.monotonic() - started > 2:
+            raise RestoreFailed(startup_failure(plan, logfile))
+        if time.monotonic() > deadline:
+            raise RestoreFailed(f"recovery did not finish within {settings.BACKUP_TIMEOUT} s: see {logfile}")
+        heartbeat(run)
+        time.sleep(0.3)
+    plan.recovered = recovered_position(plan, logfile)
+    pitr_verdict.judge(plan, logfile)
+
+
+def postmaster_alive(plan):
+    try:
+        pid = int((plan.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def recovered_position(plan, logfile, wait=30):
+    """Where recovery stopped: asked of the promoted cluster, else read from its log."""
+    import psycopg
+
+    server = plan.server
+    host = server.host if server.host.startswith("/") else "127.0.0.1"
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and postmaster_alive(plan):
+        try:
+            with psycopg.connect(
+                host=host,
+                port=plan.port,
+                user=server.user,
+                password=server.password or None,
+                require_auth=SAFE_AUTH,  # never the password in clear text, to whatever holds the port
+                dbname=server.dbname,
+                connect_timeout=3,
+                autocommit=True,
+            ) as conn:
+                in_recovery, replayed_at, lsn, walfile = conn.execute(
+                    "SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn(), "
+                    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END"
+                ).fetchone()
+        except psycopg.OperationalError as e:
+            if "authentication" in str(e) or "pg_hba.conf" in str(e):
+                break  # the restored cluster lets us in no more than production's rules say
+            time.sleep(0.3)
+            continue
+        if in_recovery:
+            time.sleep(0.3)
+            continue
+        return {
+            "recovered_to": timezone.localtime(replayed_at).isoformat(sep=" ") if replayed_at else f"LSN {lsn}",
+            "recovered_lsn": str(lsn or ""),
+            "timeline": int(walfile[:8], 16),
+        }
+    return {"recovered_to": logged_position(logfile)}
+
+
+def logged_position(logfile):
+    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    m = re.findall(r"last completed transaction was at log time (.+)$", text, re.M)
+    return m[-1].strip() if m else f"see {logfile}"
+
+
+def startup_failure(plan, logfile):
+    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    fatal = [line for line in text.splitlines() if "FATAL:" in line or "PANIC:" in line]
+    if any("recovery ended before configured recovery target was reached" in line for line in fatal):
+        return pitr_verdict.shortfall(plan, text)  # the log goes with the directory: the line says it all
+    if fatal:
+        return (
+            f"the restored cluster stopped: {fatal[-1].split('FATAL:')[-1].split('PANIC:')[-1].strip()} (see {logfile})"
+        )
+    return f"the restored cluster stopped during recovery: see {logfile}"

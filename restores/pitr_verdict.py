@@ -1,0 +1,113 @@
+"""Did recovery reach its target? Judged from the recovered cluster itself, never assumed.
+
+PostgreSQL logs where recovery stopped: "recovery stopping before commit of transaction N,
+time T" (a time target), "... after WAL location (LSN) ..." (an LSN), "... at restore point
+..." (a name). Recovery that finds no such record ends where its WAL ends, short of the
+target. A PITR succeeds only when the log says it stopped at the target, or (an LSN target)
+replay passed it; otherwise it fails, naming where recovery ended and what was missing.
+"""
+
+import re
+from datetime import datetime
+
+from backups import wal
+from restores.pitr_plan import RestoreFailed
+
+STOPPING = re.compile(r"recovery stopping (.*)$", re.M)
+TIME_STOP = re.compile(r"^before (?:commit|abort) of transaction (\d+), time (.+)$")
+LSN_STOP = re.compile(r'^(?:after|before) WAL location \(LSN\) "([0-9A-F]+/[0-9A-F]+)"')
+NAME_STOP = re.compile(r'^at restore point "(.*)", time (.+)$')
+REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
+LAST_XACT = re.compile(r"last completed transaction was at log time (.+)$", re.M | re.I)
+RESTORED = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
+# What PostgreSQL says when the WAL it was given stops making sense (xlogreader.c).
+INVALID = re.compile(
+    r"(?:LOG|WARNING):\s+((?:invalid|unexpected pageaddr|record with|contrecord is requested|"
+    r"missing contrecord|could not read|archive file).*)$",
+    re.M,
+)
+
+
+def log_text(logfile):
+    return logfile.read_text(errors="replace") if logfile.exists() else ""
+
+
+def judge(plan, logfile):
+    """After promotion: RestoreFailed unless the log (or the replayed LSN) shows the target reached.
+    What proves it goes into plan.recovered["reached"] and the notes."""
+    text, target = log_text(logfile), plan.target
+    stops = STOPPING.findall(text)
+    stop = stops[-1].strip() if stops else ""
+    if target.kind == "latest":
+        reached = latest_moment(plan)
+    else:
+        reached = proof(plan, stop)
+    if reached is None:
+        raise RestoreFailed(shortfall(plan, text))
+    plan.recovered["reached"] = reached
+    plan.notes.append(reached)
+
+
+def proof(plan, stop):
+    """The sentence that proves the target reached, or None."""
+    target = plan.target
+    if target.kind == "time":
+        m = TIME_STOP.match(stop)
+        if m and datetime.fromisoformat(m.group(2).strip()) > target.value:
+            return (
+                f"recovery stopped at {target.text}: right before transaction {m.group(1)}, committed at {m.group(2)}"
+            )
+    if target.kind == "name":
+        m = NAME_STOP.match(stop)
+        if m and m.group(1) == target.value:
+            return f"recovery stopped at restore point {target.value!r}, created at {m.group(2)}"
+    if target.kind == "lsn":
+        m = LSN_STOP.match(stop)
+        replayed = plan.recovered.get("recovered_lsn", "")
+        if m and wal.lsn_to_int(m.group(1)) >= wal.lsn_to_int(target.value):
+            return f"recovery stopped at LSN {m.group(1)}, at or past the target {target.value}"
+        if replayed and wal.lsn_to_int(replayed) >= wal.lsn_to_int(target.value):
+            return f"replay passed the target LSN {target.value}: it reached {replayed}"
+    return None
+
+
+def latest_moment(plan):
+    """--target latest replays all the archived WAL: which moment that was."""
+    last = plan.staged[max(plan.staged)] if plan.staged else "the base backup's own WAL"
+    return (
+        f"--target latest: recovered to the end of the archived WAL ({last}); its last transaction "
+        f"committed at {plan.recovered.get('recovered_to') or 'an unknown time'}"
+    )
+
+
+def shortfall(plan, text):
+    """Where recovery really ended and what it missed: one line for the run's error."""
+    done = REDO_DONE.findall(text)
+    lsn = plan.recovered.get("recovered_lsn") or (done[-1] if done else "")
+    last = LAST_XACT.findall(text)
+    ended = f"recovery ended at LSN {lsn}" if lsn else "recovery ended"
+    if last:
+        ended += f", after a transaction committed at {last[-1].strip()}"
+        plan.recovered.setdefault("recovered_to", last[-1].strip())
+    elif lsn:
+        plan.recovered.setdefault("recovered_to", f"LSN {lsn}")
+    plan.recovered["recovered_lsn"] = lsn
+    return f"{ended}, short of the target {plan.target.text}: {missing(plan, text)}"
+
+
+def missing(plan, text):
+    restored = RESTORED.findall(text)
+    invalid = INVALID.findall(text)
+    wanted = {
+        "time": f"no commit after {plan.target.text} was replayed",
+        "lsn": f"LSN {plan.target.value} was not replayed",
+        "name": f"restore point {plan.target.value!r} was not replayed",
+    }.get(plan.target.kind, "the target was not replayed")
+    if not restored:
+        return f"{wanted}; no archived WAL segment could be replayed"
+    after = restored[-1]
+    following = wal.segment_name(wal.timeline_of(after), plan.segno(after) + 1, plan.segment_size)
+    why = f"the WAL after {after} (segment {following}) was missing or unreadable"
+    if invalid:
+        why = f"{after} was replayed up to where PostgreSQL found {invalid[-1].strip()}"
+    return f"{wanted}; {why}"

@@ -1,0 +1,227 @@
+"""PITR reaches its target or fails: judged from the recovered cluster, never assumed.
+
+Real clusters, push archiving. A target past the archived WAL makes the source commit one
+transaction and switch WAL (or refuses, naming how far the archive reaches); recovery that ends
+short of the target fails, saying where it ended and what was missing.
+"""
+
+import re
+import shutil
+import socket
+import subprocess
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from backupportal.lib.pgcluster import free_port, pg_bin
+from backupportal.models import JournalEntry
+from backups import wal
+from backups.models import WalSegment
+from restores import pitr
+from restores.models import RestoreRun
+
+from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+
+pytest_plugins = ["tests.walfixtures"]
+
+DB = "reliabilitymaldives"
+
+
+def write(cluster, sql):
+    cluster.execute(sql, dbname=DB)
+
+
+def a_second_later():
+    """A target time (whole seconds) after the commits so far and before the next one."""
+    time.sleep(1.05)
+    moment = timezone.localtime().replace(microsecond=0)
+    time.sleep(0.05)
+    return moment
+
+
+def restore(datadir, port, moment):
+    return run_command(
+        "restore", "--server", "maldives", "--target-time", moment.isoformat(sep=" "),
+        "--into-datadir", str(datadir), "--port", str(port),
+    )  # fmt: skip
+
+
+def archived(cluster, server):
+    """Switch WAL, wait for the archiver, ingest: everything so far is in the catalog."""
+    name = switch_wal(cluster)
+    wait_archived(cluster, name)
+    wal.ingest(server)
+    return name
+
+
+def with_a_base_and_row_a(cluster, server):
+    enable_push(cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    write(cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    return archived(cluster, server)
+
+
+def leave_time_wait(port):
+    """Close a connection from the listening side first, as a stopping postgres does: the port
+    keeps a TIME_WAIT socket for a minute, with no listener."""
+    listener = socket.create_server(("127.0.0.1", port))
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()
+    client.recv(1)  # the listener's FIN
+    client.close()
+    listener.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # what the old check did: it said "in use"
+
+
+def test_a_port_left_in_time_wait_is_free_and_a_listened_one_is_not():
+    port = free_port()
+    leave_time_wait(port)
+    assert pitr.check_port(port) == port
+    with socket.create_server(("127.0.0.1", port)):
+        with pytest.raises(pitr.Refused, match=f"port {port} is in use"):
+            pitr.check_port(port)
+
+
+def test_a_target_between_two_commits_recovers_exactly_the_rows_before_it(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    with_a_base_and_row_a(sample_cluster, server)
+    write(sample_cluster, "INSERT INTO probe VALUES ('A2')")
+    target = a_second_later()
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    archived(sample_cluster, server)
+
+    port = free_port()
+    leave_time_wait(port)  # a cluster stopped on it a moment ago: postgres can bind it, so may we
+    result = restore(restored(), port, target)
+    assert result["status"] == "succeeded" and result["_exit"] == 0, result
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("A2",)]
+    assert result["reached"].startswith(f"recovery stopped at {target.isoformat(sep=' ')}: right before transaction")
+    assert datetime.fromisoformat(result["recovered_to"]) <= target
+    assert result["chain"] == [result["base_backup"]]
+    assert "switched WAL" not in result["notes"]  # the archive held a commit after the target
+    assert not JournalEntry.objects.filter(action="pitr_wal_switched").exists()
+
+
+def test_a_target_after_the_archived_wal_has_the_source_switch_and_recovers_every_row_before_it(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    last_archived = with_a_base_and_row_a(sample_cluster, server)
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")  # committed, not archived
+    target = a_second_later()
+    assert wal.last_segno(server) == wal.segno_of(last_archived, server.wal_segment_size)
+
+    port = free_port()
+    result = restore(restored(), port, target)
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+    assert datetime.fromisoformat(result["recovered_to"]) <= target
+    assert f"{server}'s clock read" in result["notes"]
+    switched = JournalEntry.objects.get(action="pitr_wal_switched")
+    xid, segment = switched.details["xid"], switched.details["segment"]
+    assert f"committed transaction {xid} on maldives and switched WAL" in result["notes"]
+    assert f"segment {segment} archived and ingested" in result["notes"]
+    # The portal's transaction wrote a commit record (a switch alone writes none) ...
+    dump = subprocess.run(
+        [str(pg_bin() / "pg_waldump"), "--path", str(sample_cluster.datadir / "pg_wal"), "--rmgr=Transaction", segment],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert re.search(rf"tx: +{xid}, .*desc: COMMIT", dump), dump
+    # ... and recovery stopped at the first commit after the target: that one, or one before it.
+    stopped = re.match(r"recovery stopped at .*: right before transaction (\d+)", result["reached"])
+    assert stopped and int(stopped.group(1)) <= int(xid), result["reached"]
+    run = RestoreRun.objects.get(pk=result["id"])
+    assert run.status == "succeeded" and "switched WAL" in run.notes
+
+
+def test_a_target_past_the_archive_is_refused_when_the_source_cannot_help(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    with_a_base_and_row_a(sample_cluster, server)
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")  # committed, not archived
+    datadir = restored()
+
+    future = timezone.localtime() + timedelta(hours=1)
+    result = restore(datadir, free_port(), future)
+    assert result["_exit"] == 1 and "is in the future" in result["_stderr"], result
+
+    # A role that may not switch WAL is told the grant it needs.
+    write(sample_cluster, "CREATE ROLE viewer LOGIN")
+    hba = sample_cluster.datadir / "pg_hba.conf"
+    hba.write_text("host all viewer 127.0.0.1/32 trust\n" + hba.read_text())
+    sample_cluster.reload()
+    superuser_dsn = server.dsn
+    server.dsn = sample_cluster.dsn(DB, user="viewer")
+    server.save()
+    target = a_second_later()
+    result = restore(datadir, free_port(), target)
+    assert result["_exit"] == 1, result
+    assert "GRANT EXECUTE ON FUNCTION pg_switch_wal() TO viewer" in result["_stderr"]
+    assert f"the archived WAL of maldives ends before {target.isoformat(sep=' ')}" in result["_stderr"]
+    server.dsn = superuser_dsn
+    server.save()
+
+    # A source that cannot be reached: refused, naming the last moment the archive reaches.
+    sample_cluster.stop()
+    result = restore(datadir, free_port(), target)
+    assert result["_exit"] == 1 and "cannot be reached" in result["_stderr"], result
+    reach = re.search(r"it reaches targets before (\S+ \S+), when its last archived transaction", result["_stderr"])
+    assert reach, result["_stderr"]
+    assert datetime.fromisoformat(reach.group(1)) < target
+
+    assert not datadir.exists() and not RestoreRun.objects.exists()
+    assert JournalEntry.objects.filter(action="pitr_refused").count() == 3
+    assert not JournalEntry.objects.filter(action="pitr_wal_switched").exists()
+
+
+def test_recovery_that_ends_short_of_the_target_fails_saying_where_it_ended(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    holds_a = with_a_base_and_row_a(sample_cluster, server)
+    target = a_second_later()
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    holds_b = archived(sample_cluster, server)
+    # The archive holds other WAL under B's segment name (say, an archive_command that copied
+    # the wrong file): every checksum matches what was catalogued, replay stops there.
+    good, bad = (WalSegment.objects.get(server=server, name=n) for n in (holds_a, holds_b))
+    for copy in bad.copies.select_related("location"):
+        source = good.copies.get(location=copy.location)
+        shutil.copyfile(Path(copy.location.path) / source.key, Path(copy.location.path) / copy.key)
+        copy.sha256, copy.size = source.sha256, source.size
+        copy.save(update_fields=["sha256", "size"])
+    bad.sha256, bad.size = good.sha256, good.size
+    bad.save(update_fields=["sha256", "size"])
+
+    datadir = restored()
+    result = restore(datadir, free_port(), target)
+    assert result["status"] == "failed" and result["_exit"] == 1, result
+    error = result["error"]
+    assert error.startswith("recovery ended at LSN "), error
+    assert f"short of the target {target.isoformat(sep=' ')}: no commit after" in error
+    assert holds_b in error  # what was missing
+    assert result["recovered_to"] and result["recovered_lsn"]
+    assert not datadir.exists()  # nothing left that could be mistaken for a good restore
+    assert RestoreRun.objects.get(pk=result["id"]).status == "failed"
+    assert JournalEntry.objects.filter(action="pitr_failed").count() == 1
+
+
+def test_a_segment_lost_from_the_end_of_the_catalog_fails_the_restore_naming_it(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    with_a_base_and_row_a(sample_cluster, server)
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    lost = archived(sample_cluster, server)
+    WalSegment.objects.filter(server=server, name=lost).delete()  # the catalog now ends before B
+    target = a_second_later()
+
+    datadir = restored()
+    result = restore(datadir, free_port(), target)
+    assert result["status"] == "failed" and f"WAL segment {lost} is missing" in result["error"], result
+    assert JournalEntry.objects.filter(action="pitr_wal_switched").count() == 1  # it asked for the WAL after
+    assert not datadir.exists()
