@@ -1,11 +1,12 @@
 """Logical backups: pg_dump (custom format) of the server's database, and its globals beside it.
 
-The dump is taken from a snapshot exported by our own connection, which also counts the
-critical tables: the recorded row counts are exactly what the dump holds.
+The dump is taken from a snapshot exported by our own connection, which also counts the rows
+of every table: the recorded row counts are exactly what the dump holds.
 """
 
 from django.utils import timezone
 
+from backups.binaries import client_tool
 from backups.crypto import Encryption, EncryptionError
 from backups.models import WAL_LOCATION, BackupCopy, BackupRun, StorageLocation
 from backups.pipeline import BackupFailed, Tool, dump_compression_level, encrypt_to, heartbeat, snapshot_and_counts
@@ -43,12 +44,11 @@ def take(run):
     run.details.update({"keys": [dump_key, globals_key], "encryption": encryption.method})
     run.save(update_fields=["key", "details"])
 
-    bindir = server.bin_dir()
-    conn, snapshot, counts = snapshot_and_counts(server, server.critical_tables)
+    conn, snapshot, counts = snapshot_and_counts(server)
     try:
         dump = Tool(
             [
-                str(bindir / "pg_dump"),
+                str(client_tool(server, "pg_dump")),
                 "--format=custom",
                 f"--compress={dump_compression_level()}",
                 "--blobs",
@@ -80,7 +80,7 @@ def take_globals(server, store, key, encryption):
     A non-superuser cannot read role passwords; then the roles are dumped without them and
     the run says so, rather than failing the backup.
     """
-    argv = [str(server.bin_dir() / "pg_dumpall"), "--globals-only", "--no-password", f"--database={server.dbname}"]
+    argv = [str(client_tool(server, "pg_dumpall")), "--globals-only", "--no-password", f"--database={server.dbname}"]
     try:
         size, sha256 = encrypt_to(store, key, Tool(argv, server.libpq_env()), encryption, server=server)
         return size, sha256, ""

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from backupportal.lib.childenv import child_env
 from backupportal.lib.pgerrors import explain
+from backups import tables
 from backups.crypto import Encryption, die_with_parent, gpg_failure
 from backups.storage import StorageError
 
@@ -159,30 +160,27 @@ def _storage_message(error):
     return str(error)
 
 
-def snapshot_and_counts(server, tables):
-    """Export a snapshot and count the critical tables in it.
+def snapshot_and_counts(server):
+    """Export a snapshot and count the rows of every user table in it.
 
-    Returns (connection, snapshot id, counts). The caller keeps the connection open until
-    pg_dump has finished, so the snapshot stays valid and the counts match the dump exactly.
+    Returns (connection, snapshot id, counts keyed by schema.table). The caller keeps the
+    connection open until pg_dump has finished, so the snapshot stays valid and the counts
+    match the dump exactly. Counting reads every table once more: bench/ROWCOUNTS.md measures
+    what that costs next to the dump itself.
     """
     import psycopg
-    from psycopg import sql
 
     try:
         conn = server.connect(autocommit=False)
     except psycopg.Error as e:
         raise BackupFailed(explain(e, server)) from None
-    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-    snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
-    counts = {}
-    for table in tables or []:
-        schema, _, name = table.rpartition(".")
-        exists = conn.execute("SELECT to_regclass(%s)", [table]).fetchone()[0]
-        if exists is None:
-            counts[table] = None  # recorded as missing: a restore test reports it
-            continue
-        ident = sql.Identifier(schema, name) if schema else sql.Identifier(name)
-        counts[table] = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()[0]
+    try:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        counts = tables.count_all(conn)
+    except psycopg.Error as e:
+        conn.close()
+        raise BackupFailed(f"counting the rows of every table failed: {explain(e, server)}") from None
     return conn, snapshot, counts
 
 

@@ -1,19 +1,20 @@
 """Checks run on a restored database: the strategy's validate_backup.sh, done right.
 
 Its script printed COUNT(*) and compared nothing, so a backup of empty tables passed. Here
-each critical table's count must equal the count recorded from the dump's own snapshot, must
-not be zero, and must not have shrunk past the server's threshold against the previous good
-backup; and each of the server's own SQL checks must return its expected value.
+every table's count must equal the count recorded from the dump's own snapshot (a restore
+test that compared no table fails); each critical table the DBAs chose must also not be
+empty and not have shrunk past the server's threshold against the previous good backup; and
+each of the server's own SQL checks must return its expected value.
 """
 
 from datetime import datetime
 
 import psycopg
-from psycopg import sql
 
+from backups import tables
 from backups.models import BackupRun
 
-MISSING = object()  # a critical table the backup's recorded counts do not name
+SHOWN_AT_MOST = 10  # problems named in one check's detail; the rest are counted
 
 
 def check(name, ok, detail):
@@ -55,44 +56,120 @@ def run_checks(run, target, dbname):
         recorded = None  # nothing exact to compare with: see logical_counts_before()
         prev_id, prev_counts = logical_counts_before(run)
     else:
-        recorded = run.details.get("row_counts", {})
+        recorded = tables.normalized(run.details.get("row_counts", {}))
         prev_id, prev_counts = previous_counts(run)
+    previous = Previous(prev_id, tables.normalized(prev_counts), server.shrink_threshold_pct)
     results = []
     with target.connect(dbname) as conn:
-        for table in server.critical_tables:
-            expected = None if recorded is None else recorded.get(table, MISSING)
-            results.append(
-                _table_check(conn, table, expected, prev_id, prev_counts.get(table), server.shrink_threshold_pct)
-            )
+        errors = {}
+        restored = tables.normalized(tables.count_all(conn, errors))
+        unreadable = tables.normalized(errors)
+        for name in server.critical_tables or []:
+            results.append(_critical_check(conn, name, recorded, restored, unreadable, previous))
+        if recorded is None:
+            results.append(_every_table_read(conn, restored, unreadable))
+        else:
+            results.append(_every_table_compared(conn, recorded, restored, unreadable))
         for custom in server.validation_checks.filter(enabled=True).order_by("name"):
             results.append(_custom_check(conn, custom))
     return results
 
 
-def _table_check(conn, table, expected, prev_id, prev, threshold_pct):
-    name = f"rows in {table}"
-    schema, _, bare = table.rpartition(".")
-    ident = sql.Identifier(schema, bare) if schema else sql.Identifier(bare)
-    try:
-        actual = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()[0]
-    except psycopg.Error as e:
-        conn.rollback() if not conn.autocommit else None
-        return check(name, False, f"cannot count {table} in the restored copy: {str(e).splitlines()[0]}")
-    if expected is MISSING:
-        return check(name, False, f"{table} was not in the database when the backup was taken")
-    if expected is not None and actual != expected:
-        return check(name, False, f"{actual} rows restored, {expected} recorded at backup time")
-    if actual == 0:
-        return check(name, False, f"{table} is empty: a critical table must hold rows")
-    if prev and actual < prev * (100 - threshold_pct) / 100:
+class Previous:
+    """The counts of the backup a critical table is held against, and how much it may shrink."""
+
+    def __init__(self, run_id, counts, threshold_pct):
+        self.run_id, self.counts, self.threshold_pct = run_id, counts, threshold_pct
+
+    def shrank(self, conn, name, actual):
+        """A one-line complaint when `actual` is down past the threshold, else ''."""
+        prev = tables.total(conn, name, self.counts)
+        if not prev or actual >= prev * (100 - self.threshold_pct) / 100:
+            return ""
         shrink = 100 - actual * 100 // prev
-        return check(
-            name, False, f"{actual} rows, down {shrink}% from {prev} in backup #{prev_id} (threshold {threshold_pct}%)"
+        return f"{actual} rows, down {shrink}% from {prev} in backup #{self.run_id} (threshold {self.threshold_pct}%)"
+
+    def against(self, conn, name):
+        prev = tables.total(conn, name, self.counts)
+        return (
+            f"logical backup #{self.run_id} recorded {prev}" if prev else "no logical backup before it to compare with"
         )
+
+
+def _critical_check(conn, name, recorded, restored, unreadable, previous):
+    shown = tables.qualified(conn, name)
+    label = f"rows in {shown}"
+    if tables.key_of(name) in unreadable:
+        return check(label, False, f"cannot count {shown} in the restored copy: {unreadable[tables.key_of(name)]}")
+    actual = tables.total(conn, name, restored)
+    expected = None if recorded is None else tables.total(conn, name, recorded)
+    if recorded is not None and expected is None:
+        return check(
+            label,
+            False,
+            f"{shown} was not in the database when the backup was taken: "
+            "if it is gone for good, take it off the server's critical tables",
+        )
+    if actual is None:
+        return check(label, False, f"{shown} is not in the restored copy")
+    if expected is not None and actual != expected:
+        return check(label, False, f"{actual} rows restored, {expected} recorded at backup time")
+    if actual == 0:
+        return check(label, False, f"{shown} is empty: a critical table must hold rows")
+    shrank = previous.shrank(conn, name, actual)
+    if shrank:
+        return check(label, False, shrank)
     if expected is not None:
-        return check(name, True, f"{actual} rows, as recorded at backup time")
-    against = f"logical backup #{prev_id} recorded {prev}" if prev else "no logical backup before it to compare with"
-    return check(name, True, f"{actual} rows ({against})")
+        return check(label, True, f"{actual} rows, as recorded at backup time")
+    return check(label, True, f"{actual} rows ({previous.against(conn, name)})")
+
+
+def _every_table_compared(conn, recorded, restored, unreadable):
+    """Each table the backup counted holds, restored, exactly the rows counted in its snapshot."""
+    label = "row counts of every table"
+    compared = {key: n for key, n in recorded.items() if n is not None}
+    if not compared:
+        return check(label, False, "no tables checked: the backup recorded no row counts to compare with")
+    problems = []
+    for key, expected in sorted(compared.items()):
+        if key in unreadable:
+            problems.append(f"{_name(conn, key)} cannot be counted ({unreadable[key]})")
+            continue
+        actual = restored[key] if key in restored else tables.total(conn, _quoted(key), restored)
+        if actual is None:
+            problems.append(f"{_name(conn, key)} is not in the restored copy ({expected} rows recorded)")
+        elif actual != expected:
+            problems.append(f"{_name(conn, key)}: {actual} rows restored, {expected} recorded")
+    if problems:
+        return check(
+            label, False, f"{len(problems)} of {len(compared)} tables differ from the backup: " + _some(problems)
+        )
+    return check(label, True, f"{len(compared)} tables, each with the rows recorded at backup time")
+
+
+def _every_table_read(conn, restored, unreadable):
+    """A base backup records no counts: every table of the recovered copy must at least read."""
+    label = "every table readable"
+    if unreadable:
+        problems = [f"{_name(conn, key)}: {error}" for key, error in sorted(unreadable.items())]
+        return check(label, False, f"{len(problems)} tables cannot be read: " + _some(problems))
+    if not restored:
+        return check(label, False, "no tables checked: the recovered database holds no table")
+    rows = sum(restored.values())
+    return check(label, True, f"{len(restored)} tables read to the end, {rows} rows in all")
+
+
+def _some(problems):
+    more = len(problems) - SHOWN_AT_MOST
+    return "; ".join(problems[:SHOWN_AT_MOST]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _quoted(key):
+    return ".".join('"' + part.replace('"', '""') + '"' for part in key)
+
+
+def _name(conn, key):
+    return tables.qualified(conn, _quoted(key))
 
 
 def _custom_check(conn, custom):

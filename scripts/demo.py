@@ -251,7 +251,8 @@ def register(cluster):
     server = Server.objects.filter(name=SERVER).first()
     if server is None:
         try:
-            call_command("addserver", SERVER, dsn=dsn)
+            # The strategy's own four: the tables that must never be empty or shrink.
+            call_command("addserver", SERVER, dsn=dsn, critical_tables="users,roles,audit_logs,financial_records")
         except CommandError as e:
             raise DemoError(f"addserver refused the sample database: {e}") from None
     elif server.dsn != dsn:

@@ -114,7 +114,8 @@ def create(conn, users=1000, audit_logs=20000, financial_records=10000, attachme
 
 
 def counts(conn, tables=("users", "roles", "audit_logs", "financial_records")):
-    return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
+    """Rows per table, keyed as a logical backup records them (schema.table)."""
+    return {f"public.{t}": conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
 
 
 def create_scaled(conn, scale=1.0):

@@ -1,0 +1,211 @@
+"""The tables of a protected database: their qualified names and their exact row counts.
+
+A logical backup counts every user table in the dump's own snapshot, and a restore test
+counts them again in the restored copy. Tables are named `schema.table` as PostgreSQL's
+format('%I.%I') writes them (`public.users`, `sales."Order Items"`), so a name is never
+ambiguous, whatever the search_path or the characters in it. Runs catalogued before every
+table was counted name only the critical tables, unqualified (`users`): such a name means
+`public.users`, as it did on the databases they were taken from.
+"""
+
+import string
+
+import psycopg
+from django.core.exceptions import ValidationError
+
+# What pg_dump puts data of: ordinary tables and leaf partitions (relkind 'r'); partitioned
+# parents hold no rows of their own, so each row is counted once, in its leaf. Temporary
+# tables, extension members (their rows come back with CREATE EXTENSION) and the system
+# schemas are not the database's data.
+# The FROM clause comes back as bytes in the connection's encoding, ready to be sent back:
+# names in a SQL_ASCII database need not be valid in any encoding Python knows.
+USER_TABLES = """
+SELECT format('%I.%I', n.nspname, c.relname),
+       convert_to(format('FROM ONLY %I.%I', n.nspname, c.relname), pg_client_encoding())
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%'
+  AND NOT EXISTS (
+    SELECT 1 FROM pg_depend d
+    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+  )
+ORDER BY 1
+"""
+
+FIND_TABLE = """
+SELECT format('%%I.%%I', n.nspname, c.relname), c.relkind
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relname = %s
+"""
+
+# The leaves under a partitioned table (or the table itself when it is not partitioned).
+LEAVES = """
+SELECT format('%%I.%%I', n.nspname, c.relname)
+FROM pg_class p JOIN pg_namespace pn ON pn.oid = p.relnamespace
+CROSS JOIN LATERAL pg_partition_tree(p.oid::regclass) t
+JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE pn.nspname = %s AND p.relname = %s AND t.isleaf AND c.relkind = 'r'
+"""
+
+BATCH = 200  # tables counted per query
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def parse_name(text):
+    """(schema, table) from `table`, `schema.table` or their quoted forms, as PostgreSQL reads them.
+
+    Unquoted parts fold to lower case, quoted ones keep their case and dots; a bare name is
+    in `public`. Raises ValueError with a line that says what is wrong.
+    """
+    parts, part, quoted, i = [], "", False, 0
+    text = text.strip()
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            end = text.find('"', i + 1)
+            while end != -1 and text[end + 1 : end + 2] == '"':  # "" is a quote inside a quoted name
+                end = text.find('"', end + 2)
+            if end == -1:
+                raise ValueError(f"{text!r} has an unclosed double quote")
+            part += text[i + 1 : end].replace('""', '"')
+            quoted, i = True, end + 1
+        elif ch == ".":
+            parts.append(_finish_part(text, part, quoted))
+            part, quoted, i = "", False, i + 1
+        else:
+            part += ch.translate(_ASCII_LOWER)
+            i += 1
+    parts.append(_finish_part(text, part, quoted))
+    if len(parts) > 2:
+        raise ValueError(f"{text!r} has too many dots")
+    return ("public", parts[0]) if len(parts) == 1 else tuple(parts)
+
+
+def _finish_part(text, part, quoted):
+    part = part if quoted else part.strip()
+    if not part:
+        raise ValueError(f"{text!r} is not a table name")
+    return part
+
+
+def key_of(name):
+    """The (schema, table) a recorded or configured name stands for, for comparisons.
+
+    Names come from the catalog, written by us or by older versions: one that does not parse
+    is taken as older versions took it, split at its last dot.
+    """
+    try:
+        return parse_name(name)
+    except ValueError:
+        schema, _, table = name.rpartition(".")
+        return (schema or "public", table)
+
+
+def split_list(text):
+    """Table names from "a, b" or one a line, commas inside double quotes kept."""
+    names, current, quoted = [], "", False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch in ",\n" and not quoted:
+            names.append(current)
+            current = ""
+        else:
+            current += ch
+    names.append(current)
+    return [n.strip() for n in names if n.strip()]
+
+
+def validate_table_list(value):
+    """The field's own check: a list of table names (the admin edits it as JSON)."""
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ValidationError('Critical tables are a list of names, e.g. ["public.users", "sales.orders"].')
+    for name in value:
+        try:
+            parse_name(name)
+        except ValueError as e:
+            raise ValidationError(f"{e}: name a table as table or schema.table") from None
+
+
+def resolve(conn, names):
+    """The qualified names of `names` in the database of `conn`, or ValueError naming what is wrong.
+
+    Every name must be an existing table (partitioned or not), not a view or anything else.
+    """
+    qualified, problems = [], []
+    for name in names:
+        try:
+            schema, table = parse_name(name)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        row = conn.execute(FIND_TABLE, [schema, table]).fetchone()
+        if row is None:
+            problems.append(f"{name} does not exist in database {conn.info.dbname}")
+        elif row[1] not in ("r", "p"):
+            problems.append(f"{name} is not a table")
+        elif row[0] not in qualified:
+            qualified.append(row[0])
+    if problems:
+        raise ValueError("; ".join(problems) + ": give existing tables as table or schema.table")
+    return qualified
+
+
+def count_all(conn, errors=None):
+    """{qualified name: exact row count} of every user table, each table's own rows (ONLY).
+
+    With an `errors` dict (on an autocommit connection), a table that cannot be read is noted
+    there and the others are still counted; without one, the first error is raised.
+    """
+    listed = [_text_row(row) for row in conn.execute(USER_TABLES).fetchall()]
+    counts = {}
+    for start in range(0, len(listed), BATCH):
+        batch = listed[start : start + BATCH]
+        try:
+            counts.update(_count_batch(conn, batch))
+        except psycopg.Error:
+            if errors is None:
+                raise
+            for one in batch:  # find the tables that cannot be read, count the rest
+                try:
+                    counts.update(_count_batch(conn, [one]))
+                except psycopg.Error as e:
+                    errors[one[0]] = str(e).splitlines()[0]
+    return counts
+
+
+def _text_row(row):
+    """A SQL_ASCII database hands names over as bytes: name them as text, undecodable bytes escaped."""
+    name, from_clause = row
+    return (name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name), from_clause
+
+
+def _count_batch(conn, batch):
+    # One query for many tables: with thousands of small tables the round trips, not the
+    # scans, are the cost (bench/ROWCOUNTS.md).
+    parts = [b"SELECT %d::int, count(*) %s" % (i, from_clause) for i, (_, from_clause) in enumerate(batch)]
+    rows = conn.execute(b" UNION ALL ".join(parts)).fetchall()
+    return {batch[i][0]: n for i, n in rows}
+
+
+def normalized(counts):
+    """Recorded counts keyed by (schema, table), whichever way they were named."""
+    return {key_of(name): n for name, n in (counts or {}).items()}
+
+
+def total(conn, name, counts):
+    """Rows of table `name` according to `counts` (keyed by (schema, table)): a partitioned
+    table's are the sum of its leaves. None when neither it nor any leaf of it is counted.
+    """
+    key = key_of(name)
+    if key in counts:
+        return counts[key]
+    leaves = [key_of(r[0]) for r in conn.execute(LEAVES, list(key)).fetchall()]
+    counted = [counts[leaf] for leaf in leaves if counts.get(leaf) is not None]
+    return sum(counted) if counted else None
+
+
+def qualified(conn, name):
+    """schema.table as PostgreSQL quotes it: the name checks and pages show, old names included."""
+    return conn.execute("SELECT format('%%I.%%I', %s::text, %s::text)", list(key_of(name))).fetchone()[0]
