@@ -15,6 +15,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from backupportal import journal
+from backups.anchors import anchor_after_backup
 from backups.models import BackupCopy, BackupRun, Server, StorageLocation
 from backups.pipeline import BackupFailed
 
@@ -172,6 +173,7 @@ def execute(run):
     else:
         finish_succeeded(run)
     run.refresh_from_db()
+    anchor_after_backup()  # the journal's head, with this run's entries, in every location
     return run
 
 

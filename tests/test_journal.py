@@ -9,6 +9,7 @@ the portal runs exactly as deployed), and with raw SQL on SQLite.
 import csv
 import datetime
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -95,9 +96,10 @@ def test_admin_changes_to_servers_locations_and_schedules_are_journaled(client, 
     assert client.post(reverse("admin:backups_storagelocation_change", args=[raid.pk]), location).status_code == 302
 
     client.force_login(alice)
-    schedule = {"server": server.pk, "job": "logical", "cron": "0 2 * * *", "enabled": "on"}
+    # Not logical: the server came with its default schedules; a base backup's is added by hand.
+    schedule = {"server": server.pk, "job": "base", "cron": "0 2 * * *", "enabled": "on"}
     assert client.post(reverse("admin:backups_backupschedule_add"), schedule).status_code == 302
-    pk = BackupSchedule.objects.get(server=server, job="logical").pk
+    pk = BackupSchedule.objects.get(server=server, job="base").pk
     schedule["cron"] = "15 1 * * *"
     assert client.post(reverse("admin:backups_backupschedule_change", args=[pk]), schedule).status_code == 302
 
@@ -195,7 +197,7 @@ tampers_on_sqlite = pytest.mark.skipif(
 
 @pytest.fixture
 def chain(db, django_capture_on_commit_callbacks):
-    """Twelve entries, committed as far as the head file is concerned."""
+    """The journal's start and twelve entries, committed as far as the head file is concerned."""
     with django_capture_on_commit_callbacks(execute=True):
         for i in range(12):
             journal.record("backup_succeeded", actor="job:backup", server="maldives", size=1000 + i, seconds=i / 3)
@@ -217,13 +219,42 @@ def sql(statement, params=()):
         cur.execute(statement, params)
 
 
+SQLITE_TRIGGERS = importlib.import_module("backupportal.migrations.0007_journal_sqlite_trigger")
+
+
+def drop_sqlite_triggers():
+    """What an attacker who can write the SQLite file does first (rolled back with the test)."""
+    for statement in SQLITE_TRIGGERS.DROP:
+        sql(statement)
+
+
+@tampers_on_sqlite
+def test_sqlite_the_triggers_refuse_update_and_delete_but_let_record_sign(chain):
+    from django.db import IntegrityError, transaction
+
+    for statement in (
+        "UPDATE backupportal_journalentry SET actor = 'mallory' WHERE id = %s",
+        "UPDATE backupportal_journalentry SET hmac = '' WHERE id = %s",
+        "DELETE FROM backupportal_journalentry WHERE id = %s",
+    ):
+        with pytest.raises(IntegrityError, match="append-only: (UPDATE|DELETE) refused"), transaction.atomic():
+            sql(statement, [chain[4]])
+    with pytest.raises(IntegrityError, match="append-only: DELETE refused"), transaction.atomic():
+        JournalEntry.objects.all().delete()
+    assert JournalEntry.objects.count() == 13 and verifyjournal()[0] == 0
+
+
 def test_sqlite_an_intact_journal_verifies(chain):
     code, text = verifyjournal()
-    assert code == 0 and "12 entries" in text
+    assert code == 0 and "13 entries" in text
+    started = JournalEntry.objects.get(pk=chain[0])
+    assert started.action == "journal_started" and started.prev_hmac == journal.GENESIS
+    assert f"journal {started.details['journal']} intact" in text
 
 
 @tampers_on_sqlite
 def test_sqlite_an_update_is_caught(chain):
+    drop_sqlite_triggers()
     sql("UPDATE backupportal_journalentry SET actor = 'mallory' WHERE id = %s", [chain[4]])
     code, text = verifyjournal()
     assert code == 1 and f"entry #{chain[4]}: its HMAC does not match" in text
@@ -231,6 +262,7 @@ def test_sqlite_an_update_is_caught(chain):
 
 @tampers_on_sqlite
 def test_sqlite_a_delete_is_caught(chain):
+    drop_sqlite_triggers()
     sql("DELETE FROM backupportal_journalentry WHERE id = %s", [chain[4]])
     code, text = verifyjournal()
     assert code == 1 and f"entry #{chain[5]}: it does not follow entry #{chain[3]}" in text
@@ -240,9 +272,10 @@ def test_sqlite_a_delete_is_caught(chain):
 def test_sqlite_cutting_off_the_newest_entries_is_caught_even_after_new_appends(
     chain, django_capture_on_commit_callbacks
 ):
+    drop_sqlite_triggers()
     sql("DELETE FROM backupportal_journalentry WHERE id >= %s", [chain[9]])
     code, text = verifyjournal()
-    assert code == 1 and f"after #{chain[8]} are missing" in text and f"#{chain[11]}" in text
+    assert code == 1 and f"after #{chain[8]} are missing" in text and f"names #{chain[-1]} as the newest" in text
     with django_capture_on_commit_callbacks(execute=True):
         newer = journal.record("login", actor="alice")
     code, text = verifyjournal()
@@ -251,6 +284,7 @@ def test_sqlite_cutting_off_the_newest_entries_is_caught_even_after_new_appends(
 
 @tampers_on_sqlite
 def test_sqlite_a_forged_insert_with_a_correct_sha256_is_caught_and_one_with_the_key_is_not(chain):
+    drop_sqlite_triggers()
     forged = forge_row(chain[-1] + 1, JournalEntry.objects.get(pk=chain[-1]).hmac)
     insert(forged, hashlib.sha256(journal.canonical(forged)).hexdigest())
     code, text = verifyjournal()
@@ -271,7 +305,8 @@ def test_verifyjournal_speaks_json(chain):
     out = io.StringIO()
     call_command("verifyjournal", "--json", stdout=out)
     result = json.loads(out.getvalue().splitlines()[-1])
-    assert result["ok"] is True and result["entries_checked"] == 12 and result["exit_code"] == 0
+    assert result["ok"] is True and result["entries_checked"] == 13 and result["exit_code"] == 0
+    assert result["journal"] == JournalEntry.objects.get(pk=chain[0]).details["journal"]
 
 
 class Row:
@@ -394,7 +429,7 @@ BYPASS = "SET session_replication_role = replica; "
 
 def test_postgres_an_intact_journal_verifies(pg_portal, pg_db):
     code, text = check(pg_portal, pg_db)
-    assert code == 0 and "10 entries" in text, text
+    assert code == 0 and "11 entries" in text, text  # the journal's start and the ten
 
 
 def test_postgres_the_trigger_refuses_update_and_delete(pg_portal, pg_db):
@@ -434,14 +469,14 @@ def test_postgres_a_delete_is_caught(pg_portal, pg_db):
 def test_postgres_cutting_off_the_newest_entries_is_caught(pg_portal, pg_db):
     assert pg_portal.psql(pg_db, f"{BYPASS}DELETE FROM backupportal_journalentry WHERE id >= 8").returncode == 0
     code, text = check(pg_portal, pg_db)
-    assert code == 1 and "entries after #7 are missing" in text and "#10" in text, text
+    assert code == 1 and "entries after #7 are missing" in text and "names #11 as the newest" in text, text
     # The portal goes on writing: the cut stays visible.
     assert (
         pg_portal.manage(pg_db, "shell", "-c", "from backupportal import journal; journal.record('login')").returncode
         == 0
     )
     code, text = check(pg_portal, pg_db)
-    assert code == 1 and "entry #11: it does not follow entry #7" in text, text
+    assert code == 1 and "entry #12: it does not follow entry #7" in text, text
 
 
 def test_postgres_a_forged_insert_with_a_recomputed_sha256_is_caught(pg_portal, pg_db):
