@@ -11,7 +11,10 @@ from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince
 
 from backupportal import journal
+from backupportal.lib.cron import cron_problem, next_run
 from backupportal.lib.pagination import CappedPaginator
+from backupportal.lib.sealed import SealError
+from backups import binaries, schedules
 from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, Verification, WalSegment
 
 
@@ -96,6 +99,13 @@ class ServerForm(forms.ModelForm):
         widget=forms.PasswordInput(render_value=False),
         help_text="Leave empty to keep the current password.",
     )
+    # A choice among PG_BIN_DIRS (read at each page), never a typed path: see backups.binaries.
+    pg_bin = forms.ChoiceField(
+        label="PostgreSQL bin directory",
+        choices=binaries.dir_choices,
+        required=False,
+        help_text="The directories the operator listed in PG_BIN_DIRS.",
+    )
 
     class Meta:
         model = Server
@@ -117,16 +127,32 @@ class ServerForm(forms.ModelForm):
             "sandbox",
         ]
 
+    def clean_critical_tables(self):
+        # An emptied field or `null` both mean "none": the column holds a list, never NULL.
+        return self.cleaned_data.get("critical_tables") or []
+
     def _post_clean(self):
         super()._post_clean()  # the model's clean(): the DSN's form
         if self.errors:
             return
-        data = self.cleaned_data
-        probe = Server(dsn=data["dsn"], password=self.cleaned_data.get("new_password") or self.instance.password)
+        # The new password, else the stored one: the instance (its DSN already the new one) gives
+        # it only while the user, host and port are those it was entered for, so a changed port
+        # never receives it, even here.
+        probe = Server(dsn=self.instance.dsn)
         try:
+            probe.password = self.cleaned_data.get("new_password") or self.instance.password
             self.instance.pg_version = probe.probe()
+        except SealError as e:
+            self.add_error(None, str(e))
         except ValidationError as e:
-            self.add_error(None, e.messages[0])
+            self.add_error(None, e.messages[0] + self._withheld_note(probe))
+
+    def _withheld_note(self, probe):
+        """Why a password the Sysadmin did not retype was not sent, when that is why it failed."""
+        if not self.instance.password_sealed or probe.password_sealed:
+            return ""
+        stored_for = self.instance.password_target
+        return f" (the stored password is only ever sent to {stored_for}: type it again for the new one)"
 
     def save(self, commit=True):
         if self.cleaned_data.get("new_password"):
@@ -177,7 +203,15 @@ class ServerAdmin(admin.ModelAdmin):
             obj=obj,
             fields=sorted(f for f in form.changed_data if f != "new_password"),
             credentials_changed="new_password" in form.changed_data,
+            credentials_forgotten=getattr(obj, "password_forgotten", False),
         )
+        if getattr(obj, "password_forgotten", False):
+            self.message_user(
+                request,
+                f"The stored password of {obj} was forgotten: it was for another user, host or port. "
+                "Type it again if the new one needs it.",
+                messages.WARNING,
+            )
 
 
 @admin.register(BackupSchedule)
@@ -186,25 +220,20 @@ class BackupScheduleAdmin(admin.ModelAdmin):
     list_filter = ["job", "enabled", "server"]
     list_select_related = ["server"]
 
+    def get_readonly_fields(self, request, obj=None):
+        # django-q2's row is named after the server and the job: a schedule keeps both.
+        return ["server", "job"] if obj is not None else []
+
     @admin.display(description="Next run")
     def next_run(self, obj):
-        from backups.tasks import next_cron_time
-
-        return next_cron_time(obj.cron) if obj.enabled else "disabled"
+        if not obj.enabled:
+            return "disabled"
+        # A row saved before crons were checked must not break the page for everyone.
+        return next_run(obj.cron) or f"never: {cron_problem(obj.cron)}"
 
     def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        from backups.tasks import sync_schedule
-
-        sync_schedule(obj)
-        journal.record(
-            "schedule_changed",
-            actor=request.user.get_username(),
-            obj=obj,
-            server=obj.server.name,
-            cron=obj.cron,
-            enabled=obj.enabled,
-        )
+        # The form checked the cron (the model's clean); saved, synced and journaled together.
+        schedules.change(obj, actor=request.user.get_username())
 
 
 class StorageLocationForm(forms.ModelForm):

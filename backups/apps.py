@@ -1,16 +1,34 @@
 from django.apps import AppConfig
 from django.db.models.signals import post_migrate
 
+from backupportal.lib.sealed import create_key, key_path
+
 
 def sync_locations(sender, **kwargs):
-    from backups.models import BackupSchedule, StorageLocation
-    from backups.tasks import ensure_global_schedules, sync_schedule
+    from backups.models import StorageLocation
+    from backups.schedules import mend_all
+    from backups.tasks import ensure_global_schedules
 
     StorageLocation.sync_from_settings()
     ensure_global_schedules()
-    # Rows written before their arguments were plain strings never ran: an upgrade's migrate mends them.
-    for schedule in BackupSchedule.objects.select_related("server"):
-        sync_schedule(schedule)
+    # Rows written before their arguments were plain strings never ran, and rows of a server
+    # renamed before schedules followed it fail: an upgrade's migrate mends them.
+    mend_all()
+
+
+def create_secrets_key_on_migrate(sender, verbosity=1, stdout=None, **kwargs):
+    """A new portal's migrate makes the key that seals passwords; a portal that has sealed ones never
+    gets a new key (they would no longer open): the missing one must be put back."""
+    server = kwargs.get("apps", sender.apps).get_model("backups", "Server")  # as migrated so far
+    if key_path().exists() or not hasattr(server, "password_sealed"):
+        return  # a key already, or a migrate that stopped short of sealed passwords
+    if server.objects.exclude(password_sealed="").exists():
+        return
+    if create_key() and verbosity and stdout:
+        stdout.write(
+            f"Created the secrets key {key_path()} (mode 0600) that seals the servers' passwords: keep a copy "
+            "away from the database and its backups, and copy it to every worker host"
+        )
 
 
 class BackupsConfig(AppConfig):
@@ -20,3 +38,13 @@ class BackupsConfig(AppConfig):
     def ready(self):
         # The locations the environment describes exist after every migrate.
         post_migrate.connect(sync_locations, sender=self, dispatch_uid="backups.sync_locations")
+        post_migrate.connect(create_secrets_key_on_migrate, sender=self, dispatch_uid="backups.secrets_key")
+        # The journal (the ground) writes and reads its anchors in our locations through its registry.
+        from backupportal import journal_anchors
+        from backups.anchors import anchor_stores
+
+        journal_anchors.register(anchor_stores)
+        # A server's schedules follow it through every save, rename and delete.
+        from backups import binaries, schedules  # noqa: F401  (schedules: its signal receivers)
+
+        binaries.warn_missing()

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from backupportal.alerts import raise_alert, resolve_alert
 from backups import wal
+from backups.binaries import client_tool
 from backups.crypto import Encryption, EncryptionError
 from backups.logical import primary_location
 from backups.models import BackupCopy, BackupRun, Server
@@ -163,7 +164,7 @@ def take(run):
 
     tool = BaseBackupTool(
         [
-            str(server.bin_dir() / "pg_basebackup"),
+            str(client_tool(server, "pg_basebackup")),
             "--pgdata=-",
             "--format=tar",
             "--wal-method=none",

@@ -5,9 +5,7 @@ import re
 import time
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from croniter import croniter
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
@@ -17,6 +15,11 @@ from django.db.models.functions import RowNumber
 from django.urls import reverse
 from django.utils import timezone
 
+from backupportal.lib.cron import cron_problem
+from backups import binaries
+from backups.connection import ServerConnection
+from backups.tables import validate_table_list
+
 name_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9_.-]{0,62}$",
     "Use lower-case letters, digits, '.', '_' or '-' (at most 63 characters).",
@@ -24,7 +27,10 @@ name_validator = RegexValidator(
 
 
 def default_critical_tables():
-    return ["users", "roles", "audit_logs", "financial_records"]
+    # None: every table is counted and compared anyway; the DBAs name the ones that must
+    # also never be empty or shrink (the strategy's were users, roles, audit_logs and
+    # financial_records, which other databases do not have).
+    return []
 
 
 class ServerQuerySet(models.QuerySet):
@@ -56,7 +62,7 @@ class ServerQuerySet(models.QuerySet):
         )
 
 
-class Server(models.Model):
+class Server(ServerConnection):
     """A PostgreSQL database that the portal protects."""
 
     class Archiving(models.TextChoices):
@@ -65,12 +71,14 @@ class Server(models.Model):
         PULL = "pull", "Pull (pg_receivewal)"
 
     name = models.CharField(max_length=63, unique=True, validators=[name_validator])
-    # The DSN never holds the password: it is split off into `password` on the way in, so
-    # the DSN can be shown on every page and in every log.
-    dsn = models.CharField("DSN", max_length=500, help_text="postgresql://USER@HOST:PORT/DBNAME")
-    password = models.CharField(max_length=500, blank=True, editable=False)
+    # dsn and the sealed password: backups/connection.py.
+    # Chosen among PG_BIN_DIRS, never typed: whoever names the directory runs code as the worker.
     pg_bin = models.CharField(
-        "PostgreSQL bin directory", max_length=300, blank=True, help_text="Empty: PG_BIN or pg_config --bindir."
+        "PostgreSQL bin directory",
+        max_length=300,
+        blank=True,
+        validators=[binaries.validate_bin_dir],
+        help_text="One of PG_BIN_DIRS; empty: that of the server's major version, else the newest at least as new.",
     )
     pg_version = models.IntegerField(null=True, editable=False, help_text="server_version_num at registration")
     archiving = models.CharField(max_length=4, choices=Archiving.choices, default=Archiving.NONE)
@@ -89,7 +97,11 @@ class Server(models.Model):
     critical_tables = models.JSONField(
         default=default_critical_tables,
         blank=True,
-        help_text="Tables whose row counts are recorded at backup time and compared by restore tests.",
+        validators=[validate_table_list],
+        help_text=(
+            'Tables that must never be empty or shrink past the threshold, as a list: ["public.users", '
+            '"sales.orders"]. Empty: none (every table\'s row count is compared by restore tests anyway).'
+        ),
     )
     shrink_threshold_pct = models.PositiveIntegerField(
         default=20,
@@ -109,6 +121,7 @@ class Server(models.Model):
 
     class Meta:
         ordering = ["name"]
+        permissions = [("change_critical_tables", "Can choose a server's critical tables")]
 
     def __str__(self):
         return self.name
@@ -117,37 +130,7 @@ class Server(models.Model):
         return reverse("server", args=[self.name])
 
     def clean(self):
-        from backupportal.lib.redact import strip_password
-
-        if strip_password(self.dsn)[1]:
-            raise ValidationError({"dsn": "The DSN holds a password: give the password separately, never in the DSN."})
-        if not self.dsn.startswith(("postgresql://", "postgres://")):
-            raise ValidationError({"dsn": f"malformed DSN {self.dsn!r}: use postgresql://USER@HOST:PORT/DBNAME"})
-        try:
-            self._url.port  # noqa: B018  urlsplit raises here on a port that is not a number
-        except ValueError:
-            raise ValidationError({"dsn": f"malformed DSN {self.dsn!r}: the port must be a number"}) from None
-
-    # What the DSN says, for pages and for the client tools.
-    @property
-    def _url(self):
-        return urlsplit(self.dsn)
-
-    @property
-    def host(self):
-        return self._url.hostname or "localhost"
-
-    @property
-    def port(self):
-        return self._url.port or 5432
-
-    @property
-    def user(self):
-        return self._url.username or "postgres"
-
-    @property
-    def dbname(self):
-        return self._url.path.lstrip("/") or "postgres"
+        self.clean_dsn()
 
     @property
     def version_display(self):
@@ -156,71 +139,15 @@ class Server(models.Model):
         return f"{self.pg_version // 10000}.{self.pg_version % 10000}"
 
     def bin_dir(self) -> Path:
-        from backupportal.lib.pgcluster import pg_bin
-
-        return Path(self.pg_bin) if self.pg_bin else pg_bin()
-
-    def libpq_env(self, dbname=None) -> dict:
-        """Environment for libpq clients: no secret in argv, the password via PGPASSWORD."""
-        env = {
-            "PGHOST": self.host,
-            "PGPORT": str(self.port),
-            "PGUSER": self.user,
-            "PGDATABASE": dbname or self.dbname,
-            "PGCONNECT_TIMEOUT": "10",
-            "PGAPPNAME": "backupportal",
-        }
-        if self.password:
-            env["PGPASSWORD"] = self.password
-        return env
-
-    def connect(self, dbname=None, autocommit=True, **kwargs):
-        """A psycopg connection (autocommit unless asked otherwise) to this server."""
-        import psycopg
-
-        return psycopg.connect(
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            dbname=dbname or self.dbname,
-            password=self.password or None,
-            connect_timeout=10,
-            application_name="backupportal",
-            autocommit=autocommit,
-            **kwargs,
-        )
-
-    def probe(self) -> int:
-        """Connect and return server_version_num; a ValidationError with one line if we cannot use it."""
-        import psycopg
-
-        from backupportal.lib.pgerrors import explain
-
-        try:
-            with self.connect() as conn:
-                # Reported by the server at connection start (ParameterStatus server_version).
-                version = conn.info.server_version
-        except psycopg.Error as e:
-            raise ValidationError(explain(e, self)) from None
-        if version < 150000:
-            raise ValidationError(
-                f"{self.host}:{self.port} runs PostgreSQL {version // 10000}, older than 15: "
-                "upgrade it, or protect it with another tool."
-            )
-        return version
+        """The directory of this server's client tools (backups.binaries chooses it)."""
+        return binaries.client_dir(self)
 
     def ensure_schedules(self):
-        """The default schedules of the strategy, created once; DBAs edit them afterwards."""
-        from backups.tasks import sync_schedule
+        """The default schedules of the strategy, created once (DBAs edit them afterwards), and
+        django-q2's rows in step with them. Runs after every save of a server (backups.schedules)."""
+        from backups.schedules import ensure_for  # it imports this module
 
-        jobs = list(BackupSchedule.DEFAULT_JOBS)
-        if self.archiving != Server.Archiving.NONE:
-            jobs += BackupSchedule.ARCHIVING_JOBS
-        for job in jobs:
-            schedule, _ = BackupSchedule.objects.get_or_create(
-                server=self, job=job, defaults={"cron": BackupSchedule.DEFAULT_CRON[job]}
-            )
-            sync_schedule(schedule)
+        ensure_for(self)
 
     @property
     def replication_slot(self):
@@ -348,8 +275,10 @@ class BackupSchedule(models.Model):
         return f"{self.server} {self.get_job_display()} ({self.cron})"
 
     def clean(self):
-        if not croniter.is_valid(self.cron or ""):
-            raise ValidationError({"cron": f"'{self.cron}' is not a cron expression: use five fields, e.g. 0 2 * * *."})
+        # As django-q2 will run it: five fields in range, firing within four years.
+        problem = cron_problem(self.cron)
+        if problem:
+            raise ValidationError({"cron": problem})
 
     @property
     def q_name(self):

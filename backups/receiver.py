@@ -16,6 +16,7 @@ from django.conf import settings
 from backupportal import journal
 from backupportal.alerts import raise_alert, resolve_alert
 from backups import wal
+from backups.binaries import client_tool
 from backups.crypto import die_with_parent
 from backups.pipeline import BackupFailed, Tool
 
@@ -43,7 +44,7 @@ class Receiver:
         self.restarts = 0
 
     def argv(self, *extra):
-        return [str(self.server.bin_dir() / "pg_receivewal"), "--slot", self.server.replication_slot, *extra]
+        return [str(client_tool(self.server, "pg_receivewal")), "--slot", self.server.replication_slot, *extra]
 
     def create_slot(self):
         """The slot, created once: from then on the server keeps WAL for us."""

@@ -3,8 +3,10 @@
 from django_q.models import Schedule
 from django_q.tasks import async_task
 
+from backupportal.lib.cron import next_run
 from backups.models import BackupRun, BackupSchedule, Server
 from backups.runner import Outcome, RunRefused, claim, claim_waiting, execute
+from backups.schedules import sync_schedule  # noqa: F401  (named here by earlier callers)
 
 
 def enqueue_backup(server, kind, actor):
@@ -33,7 +35,12 @@ def after_backup(run):
 
 def scheduled_job(server_name, job, scheduled_for=None):
     """What every per-server schedule calls. Two workers handed the same occurrence run it once."""
-    server = Server.objects.get(name=server_name)
+    server = Server.objects.filter(name=server_name).first()
+    if server is None:
+        # A django-q2 row that no schedule owns (left by a rename or a delete before schedules
+        # followed servers): removed, so it does not fail the same way every night.
+        Schedule.objects.filter(name=f"{job}:{server_name}").delete()
+        raise LookupError(f"no server is named {server_name}: its {job} schedule was left behind and is now removed")
     if not server.enabled:
         return "server disabled"
     if job in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE, BackupRun.Kind.INCREMENTAL):
@@ -74,6 +81,9 @@ GLOBAL_SCHEDULES = {
     "monitor": ("backupportal.tasks.monitor_once", "* * * * *"),
     # Request sandboxes older than SANDBOX_MAX_AGE stopped and removed: hourly, as ages are in hours.
     "sandboxes-expire": ("restores.tasks.expire_sandboxes", "20 * * * *"),
+    # The journal's head as an anchor in every location, so that a cut journal is caught even by
+    # someone who rewrote VAR_DIR: hourly (and after every backup, backups/runner.py).
+    "journal-anchors": ("backups.anchors.anchor_journal", "5 * * * *"),
 }
 
 
@@ -82,7 +92,7 @@ def ensure_global_schedules():
     for name, (func, cron) in GLOBAL_SCHEDULES.items():
         if not Schedule.objects.filter(name=name).exists():
             Schedule.objects.create(
-                name=name, func=func, schedule_type=Schedule.CRON, cron=cron, repeats=-1, next_run=next_cron_time(cron)
+                name=name, func=func, schedule_type=Schedule.CRON, cron=cron, repeats=-1, next_run=next_run(cron)
             )
 
 
@@ -90,32 +100,6 @@ def apply_retention():
     from backups import retention
 
     return retention.apply_wal_and_base_retention(actor="job:retention")
-
-
-def sync_schedule(schedule):
-    """Keep django-q2's Schedule row in step with our BackupSchedule (idempotent by name)."""
-    q = Schedule.objects.filter(name=schedule.q_name).first()
-    if not schedule.enabled:
-        if q is not None:
-            q.delete()
-        return None
-    fields = {
-        "func": "backups.tasks.scheduled_job",
-        # str(): a fresh row's job is a TextChoices member, whose repr django-q2's literal_eval refuses.
-        "args": repr((schedule.server.name, str(schedule.job))),
-        "schedule_type": Schedule.CRON,
-        "cron": schedule.cron,
-        "repeats": -1,
-        "intended_date_kwarg": "scheduled_for",
-    }
-    if q is None:
-        return Schedule.objects.create(name=schedule.q_name, next_run=next_cron_time(schedule.cron), **fields)
-    if any(getattr(q, k) != v for k, v in fields.items()):
-        for k, v in fields.items():
-            setattr(q, k, v)
-        q.next_run = next_cron_time(schedule.cron)
-        q.save()
-    return q
 
 
 # --- Storage tiers: copies, verification, free space. ------------------------------------
@@ -164,14 +148,3 @@ def verify_copies(run_id=None, actor="job:verify", verification_id=None):
     else:
         verification = Verification.objects.create(run_id=run_id, requested_by=actor)
     return verification.execute()
-
-
-def next_cron_time(cron, after=None):
-    """The next time the cron fields match, in TIME_ZONE. django-q2 would otherwise run a new
-    schedule at once (its next_run defaults to now)."""
-    from datetime import datetime
-
-    from croniter import croniter
-    from django.utils import timezone
-
-    return croniter(cron, timezone.localtime(after)).get_next(datetime)

@@ -6,6 +6,12 @@ from backupportal.lib.redact import redact
 
 _RULES = [
     (
+        # The portal's own connections refuse (require_auth) to send a password in clear text or as md5.
+        r"authentication method requirement .* server requested an? (cleartext|hashed) password",
+        "{where} asked for a {0} password, which the portal never sends (whoever listens there would keep it): "
+        "check the DSN's host and port, and have that server use scram-sha-256 (pg_hba.conf, password_encryption)",
+    ),
+    (
         r"password authentication failed for user \"?([^\"\s]+)",
         "password authentication failed for user {0} on {where}: check the password",
     ),

@@ -6,7 +6,6 @@ portal prints or stores passes through here first.
 
 import logging
 import re
-from urllib.parse import urlsplit, urlunsplit
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
 _KEYWORD_PASSWORD = re.compile(r"\b(password|passphrase|secret|aws_secret_access_key)\s*=\s*('[^']*'|\S+)", re.I)
@@ -18,21 +17,6 @@ def redact(text: str) -> str:
         return text
     text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
     return _KEYWORD_PASSWORD.sub(lambda m: f"{m.group(1)}=***", text)
-
-
-def strip_password(dsn: str) -> tuple[str, str]:
-    """Split a URL DSN into (dsn without password, password)."""
-    parts = urlsplit(dsn)
-    password = parts.password or ""
-    if not password:
-        return dsn, ""
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{parts.username}@{host}" if parts.username else host
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), password
 
 
 class RedactFilter(logging.Filter):

@@ -8,7 +8,10 @@ from django.db import transaction
 
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
-from backupportal.lib.redact import strip_password
+from backupportal.lib.libpq import DsnError, parse
+from backupportal.lib.sealed import SealError
+from backups import binaries, tables
+from backups.critical import check_tables
 from backups.models import Server
 
 
@@ -22,15 +25,26 @@ class Command(PortalCommand):
             "--password-file", help="a file (0600) holding the password; PGPASSWORD in the environment also works"
         )
         parser.add_argument("--archiving", choices=Server.Archiving.values, default=Server.Archiving.NONE)
+        parser.add_argument(
+            "--pg-bin", default="", help="one of PG_BIN_DIRS; default: that of the server's major version"
+        )
+        parser.add_argument(
+            "--critical-tables",
+            default="",
+            help="a,b,c: tables (table or schema.table) that must never be empty or shrink; default none",
+        )
 
-    def run(self, name, dsn, password_file=None, archiving="none", **options):
-        dsn, inline_password = strip_password(dsn)
-        if inline_password:
+    def run(self, name, dsn, password_file=None, archiving="none", critical_tables="", **options):
+        if _inline_password(dsn):
             # A password in argv is visible to every user of the host (ps, /proc).
             fail("the DSN holds a password, which would show in the process list: use --password-file or PGPASSWORD")
-        server = Server(name=name, dsn=dsn, archiving=archiving, password=self._password(password_file))
         try:
-            server.full_clean(exclude=["password"], validate_unique=False)
+            server = Server(name=name, dsn=dsn, archiving=archiving, password=self._password(password_file))
+        except SealError as e:
+            fail(str(e))
+        server.pg_bin = options.get("pg_bin") or ""  # checked against PG_BIN_DIRS by full_clean
+        try:
+            server.full_clean(validate_unique=False)
         except ValidationError as e:
             fail(
                 "; ".join(
@@ -43,14 +57,38 @@ class Command(PortalCommand):
             server.pg_version = server.probe()
         except ValidationError as e:
             fail(e.messages[0])
+        try:
+            binaries.client_dir(server)  # client tools of its version (or newer) are listed
+        except binaries.MissingBinaries as e:
+            fail(str(e))
+        try:
+            server.critical_tables = check_tables(server, tables.split_list(critical_tables))
+        except ValueError as e:
+            fail(f"--critical-tables: {e}")
         with transaction.atomic():
-            server.save()
-            server.ensure_schedules()
-            journal.record("server_added", actor=f"os:{_os_user()}", obj=server, dsn=dsn, version=server.pg_version)
-        return {"id": server.pk, "name": server.name, "dsn": server.dsn, "version": server.version_display}
+            server.save()  # its schedules come with it (backups.schedules)
+            journal.record(
+                "server_added",
+                actor=f"os:{_os_user()}",
+                obj=server,
+                dsn=dsn,
+                version=server.pg_version,
+                critical_tables=server.critical_tables,
+            )
+        return {
+            "id": server.pk,
+            "name": server.name,
+            "dsn": server.dsn,
+            "version": server.version_display,
+            "critical_tables": server.critical_tables,
+        }
 
     def describe(self, result):
-        return [f"Registered {result['name']} ({result['dsn']}), PostgreSQL {result['version']}."]
+        critical = ", ".join(result["critical_tables"]) or "none (every table's row count is still compared)"
+        return [
+            f"Registered {result['name']} ({result['dsn']}), PostgreSQL {result['version']}.",
+            f"Critical tables: {critical}.",
+        ]
 
     def _password(self, password_file):
         if password_file:
@@ -61,6 +99,13 @@ class Command(PortalCommand):
                 fail(f"password file {path} can be read by others: chmod 600 {path}")
             return path.read_text().strip()
         return os.environ.get("PGPASSWORD", "")
+
+
+def _inline_password(dsn):
+    try:
+        return parse(dsn).password
+    except DsnError:
+        return ""  # full_clean says what is wrong with it
 
 
 def _os_user():

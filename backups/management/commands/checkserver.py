@@ -10,7 +10,7 @@ import getpass
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand
 from backupportal.lib.pgerrors import explain
-from backups import wal
+from backups import binaries, wal
 from backups.crypto import Encryption, EncryptionError
 from backups.management.commands._server import server_named
 from backups.models import Server, StorageLocation
@@ -31,7 +31,7 @@ class Command(PortalCommand):
 
     def run(self, name, **options):
         server = server_named(name)
-        checks = server_checks(server) + [encryption_check()] + location_checks()
+        checks = server_checks(server) + [binaries_check(server), encryption_check()] + location_checks()
         failed = [c["check"] for c in checks if c["verdict"] == "fail"]
         journal.record(
             "server_checked",
@@ -192,6 +192,21 @@ def slot_check(server, slot):
             f"start manage.py receivewal {server.name}",
         )
     return check("replication slot", "ok", f"{server.replication_slot}, streaming")
+
+
+def binaries_check(server):
+    """Which directory of PG_BIN_DIRS runs the client tools, and whether restores have theirs."""
+    listed = ", ".join(f"{d} (PostgreSQL {m})" for d, m in binaries.usable_dirs()) or "none usable"
+    todo = "install the PostgreSQL packages of the server's version and list their bin directory in PG_BIN_DIRS"
+    try:
+        binaries.client_dir(server)
+    except binaries.MissingBinaries as e:
+        return check("PostgreSQL binaries", "fail", f"{e} (PG_BIN_DIRS: {listed})", todo)
+    major = binaries.server_major(server)
+    exact = major is None or any(m == major for _, m in binaries.usable_dirs())
+    return check(
+        "PostgreSQL binaries", "ok" if exact else "warn", f"{binaries.describe(server)}; PG_BIN_DIRS: {listed}", todo
+    )
 
 
 def encryption_check():

@@ -1,0 +1,68 @@
+"""Cron fields checked as django-q2 runs them (with croniter), so a schedule that is saved runs.
+
+croniter alone accepts more than a schedule should hold: six or seven fields (seconds, years:
+django-q2 would fire a job every few seconds), and expressions that never match (30 February),
+on which it raises only when the next run is computed: after the row was saved.
+"""
+
+import re
+from datetime import datetime, timedelta
+
+from croniter import CroniterBadDateError, CroniterError, croniter
+from django.utils import timezone
+
+# (name, lowest, highest) of the five fields, in order. Day-of-week 7 is Sunday, as 0.
+FIELDS = [("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12), ("day-of-week", 0, 7)]
+# A schedule must fire within this long: four years and a day covers 29 February.
+HORIZON = timedelta(days=1462)
+EXAMPLE = "minute hour day-of-month month day-of-week, e.g. 0 2 * * *"
+
+
+def cron_problem(cron, now=None):
+    """None when django-q2 will run `cron`; else one line that names what is wrong."""
+    fields = (cron or "").split()
+    if len(fields) != len(FIELDS):
+        count = f"{len(fields)} field{'s' if len(fields) != 1 else ''}"
+        return f"'{cron}' is not a cron expression: it has {count}, use five ({EXAMPLE})"
+    for index, text in enumerate(fields):
+        problem = field_problem(index, text)
+        if problem:
+            return f"'{cron}' is not a cron expression: {problem}"
+    if next_run(cron, now) is None:
+        return f"'{cron}' never fires: {never_why(fields)} (none in the next {HORIZON.days:,} days)"
+    return None
+
+
+def field_problem(index, text):
+    """What is wrong with one field, read alone (the others as *), or None."""
+    name, lowest, highest = FIELDS[index]
+    for item in text.split(","):
+        # The step (*/15) and the nth weekday (0#1) are not values of the field.
+        for number in re.findall(r"\d+", item.split("/")[0].split("#")[0]):
+            if not lowest <= int(number) <= highest:
+                return f"{name} {int(number)} is out of range {lowest}-{highest}"
+    alone = ["*"] * len(FIELDS)
+    alone[index] = text
+    try:
+        croniter.expand(" ".join(alone))
+    except (CroniterError, ValueError):
+        return f"{name} '{text}' is not understood: use numbers, ranges (1-5), lists (1,3) or steps (*/15)"
+    return None
+
+
+def never_why(fields):
+    day, month = fields[2], fields[3]
+    if day != "*" and month != "*":
+        return f"month {month} has no day {day}; for the last day of a month use L"
+    return "no time matches it"
+
+
+def next_run(cron, after=None):
+    """The next time `cron` fires after `after` (default now) in TIME_ZONE, as django-q2 computes
+    it; None when it does not fire within HORIZON."""
+    start = timezone.localtime(after)
+    try:
+        moment = croniter(cron, start, max_years_between_matches=HORIZON.days // 365 + 1).get_next(datetime)
+    except CroniterBadDateError:
+        return None
+    return moment if moment - start <= HORIZON else None
