@@ -8,10 +8,11 @@ from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import journal, maintenance
+from backupportal.lib.inputs import SaneInputsMixin
 from backupportal.models import JournalEntry
 
 
-class JournalFilter(forms.Form):
+class JournalFilter(SaneInputsMixin, forms.Form):
     """The auditor's filters. Every field is optional; dates are whole days in TIME_ZONE."""
 
     date_from = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))

@@ -1,13 +1,64 @@
-"""Auditors read everything and change nothing: every request that could change something is
-refused for them here, whatever page it is sent to, including pages added later."""
+"""Access rules that hold on every page, including pages added later.
+
+- A logged-in user with none of the three roles gets a page saying so, and nothing else: no
+  dashboard, no server names or DSNs. Superusers keep the admin (django-q2's task admin and
+  the users are theirs alone), but the portal's pages need a role for them too.
+- Auditors read everything and change nothing: every request that could change something is
+  refused for them.
+- Every response carries a Content-Security-Policy: scripts and styles from our own static
+  files only, never inline.
+- A query string the database cannot take (a NUL character, a date in the year 1) is a 400.
+"""
+
+import logging
 
 from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseBadRequest
+from django.shortcuts import render
 
-from backupportal.roles import AUDITOR, role_of
+from backupportal.roles import AUDITOR, has_role, role_of
+
+logger = logging.getLogger(__name__)
 
 # What an auditor may still send: logging in and out, and changing their own password.
 ALLOWED = {"login", "logout", "admin:logout", "admin:password_change"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
+# What a user without a role may still reach: the way out.
+NO_ROLE_ALLOWED = {"logout", "admin:logout"}
+
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+
+
+class RoleRequiredMiddleware:
+    """After LoginRequiredMiddleware: the anonymous were sent to the login page already."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_view(self, request, view_func, view_args, view_kwargs):
+        if not getattr(view_func, "login_required", True) or not request.user.is_authenticated:
+            return None  # public views (login, /metrics with its token), or the login redirect's job
+        match = request.resolver_match
+        name = match.view_name if match is not None else ""
+        if name in NO_ROLE_ALLOWED or has_role(request.user):
+            return None
+        if request.user.is_superuser and match is not None and "admin" in match.namespaces:
+            return None
+        return render(request, "no_role.html", status=403)
 
 
 class AuditorsChangeNothingMiddleware:
@@ -26,3 +77,49 @@ class AuditorsChangeNothingMiddleware:
         if role_of(request.user) == AUDITOR:
             raise PermissionDenied("Auditors read the portal and change nothing.")
         return None
+
+
+class BadQueryMiddleware:
+    """A query string the database cannot take (a filter, the admin's search) is refused with 400.
+
+    PostgreSQL cannot compare text with a NUL character in it, and a date in the year 1 shifted
+    to UTC overflows: both were 500s. The filters that read the query string are plain
+    parameters and the admin's, with no form to show an error on, so one line says what to
+    correct. Forms (POST) give form errors instead: an overflow there is still a bug to fix."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if "\x00" in request.path_info:  # a server's or a run's name in the path
+            return HttpResponseBadRequest(
+                "The address holds a NUL character (%00): remove it and try again.\n",
+                content_type="text/plain; charset=utf-8",
+            )
+        for name, values in request.GET.lists():
+            if "\x00" in name or any("\x00" in value for value in values):
+                shown = name.replace("\x00", "%00")[:60]
+                return HttpResponseBadRequest(
+                    f"The address holds a NUL character (%00) in {shown!r}: remove it and try again.\n",
+                    content_type="text/plain; charset=utf-8",
+                )
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if request.method not in ("GET", "HEAD") or not isinstance(exception, OverflowError):
+            return None
+        logger.warning("Bad Request (out of range): %s?%s", request.path, request.META.get("QUERY_STRING", "")[:200])
+        return HttpResponseBadRequest(
+            "A value in the address is out of range (a date before 1900, a number too large?): correct it.\n",
+            content_type="text/plain; charset=utf-8",
+        )
+
+
+class ContentSecurityPolicyMiddleware:
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        response.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        return response

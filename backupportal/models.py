@@ -1,5 +1,7 @@
 """What every app shares: the operations journal, alerts and the maintenance calendar."""
 
+import math
+
 from django.conf import settings
 from django.db import models
 from django.urls import reverse
@@ -305,3 +307,66 @@ class RpoSample(models.Model):
         sample, created = cls.objects.get_or_create(server=server, hour=hour, defaults={"worst_seconds": seconds})
         if not created and seconds > sample.worst_seconds:
             cls.objects.filter(pk=sample.pk).update(worst_seconds=seconds)
+
+
+class LoginFailure(models.Model):
+    """A failed login, kept for LOGIN_FAILURE_WINDOW seconds: what the login limits count.
+
+    Per user name, failures slow the next attempt down (a growing wait, capped): never a
+    lock-out, so an outsider cannot keep the approvers out during an incident. Per address,
+    too many failures refuse that address until the window passes: one password sprayed
+    against many user names comes from one address (behind a proxy: see TRUSTED_PROXIES).
+    """
+
+    username = models.CharField(max_length=150)
+    address = models.CharField(max_length=45, blank=True)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            # Used by the login limits on every attempt, and by the pruning of old rows.
+            models.Index(fields=["username", "at"], name="loginfailure_username_at"),
+            models.Index(fields=["address", "at"], name="loginfailure_address_at"),
+            models.Index(fields=["at"], name="loginfailure_at"),
+        ]
+
+    def __str__(self):
+        return f"{self.username} from {self.address or 'unknown'} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+    @staticmethod
+    def key(username):
+        return str(username or "").strip().lower()[:150]
+
+    @classmethod
+    def refusal(cls, username, address, now=None):
+        """Why this attempt may not be checked now (one line), or ''."""
+        now = now or timezone.now()
+        recent = cls.objects.filter(at__gte=now - timezone.timedelta(seconds=settings.LOGIN_FAILURE_WINDOW))
+        if address and recent.filter(address=address).count() >= settings.LOGIN_ADDRESS_LIMIT:
+            minutes = -(-settings.LOGIN_FAILURE_WINDOW // 60)
+            return f"Too many failed logins from your address ({address}): try again in {minutes} minutes."
+        wait = cls.wait_for(recent.filter(username=cls.key(username)), now)
+        if wait > 0:
+            return f"Too many failed logins for this user name: wait {wait} seconds, then try again."
+        return ""
+
+    @staticmethod
+    def wait_for(failures, now):
+        """Seconds still to wait: none after the first few failures, then 1, 2, 4... up to the cap."""
+        stats = failures.aggregate(n=models.Count("id"), last=models.Max("at"))
+        over = stats["n"] - settings.LOGIN_FREE_ATTEMPTS
+        if over <= 0:
+            return 0
+        delay = min(2 ** min(over - 1, 16), settings.LOGIN_MAX_DELAY)
+        return max(0, math.ceil((stats["last"] + timezone.timedelta(seconds=delay) - now).total_seconds()))
+
+    @classmethod
+    def record(cls, username, address):
+        now = timezone.now()
+        cls.objects.filter(at__lt=now - timezone.timedelta(seconds=settings.LOGIN_FAILURE_WINDOW)).delete()
+        cls.objects.create(username=cls.key(username), address=address[:45], at=now)
+
+    @classmethod
+    def forget(cls, username):
+        """A successful login ends the wait its user name was under."""
+        cls.objects.filter(username=cls.key(username)).delete()

@@ -8,9 +8,11 @@ journal's change/delete are given to nobody: superusers only, and nobody, respec
 
 from functools import wraps
 
+from django.contrib.auth.models import Permission
 from django.core.exceptions import PermissionDenied
 
 DBA, SYSADMIN, AUDITOR = "DBA", "Sysadmin", "Auditor"
+ROLES = (DBA, SYSADMIN, AUDITOR)
 
 # Apps whose models every role may view.
 VIEW_APPS = ["backups", "restores", "backupportal"]
@@ -20,6 +22,7 @@ EXTRA = {
         "backups.run_backup",
         "backups.change_backupschedule",
         "backups.add_backupschedule",
+        "backups.change_critical_tables",
         "restores.request_restore",
         "restores.approve_restore",
         "backupportal.acknowledge_alert",
@@ -73,12 +76,44 @@ def sync_groups(apps=None, **kwargs):
         group.permissions.set(perms)
 
 
+def role_names(user):
+    """The roles (DBA, Sysadmin, Auditor) the user holds; being a superuser is none of them."""
+    if not user.is_authenticated:
+        return set()
+    if not hasattr(user, "_role_names"):
+        user._role_names = set(user.groups.filter(name__in=ROLES).values_list("name", flat=True))
+    return user._role_names
+
+
+def has_role(user):
+    """Every page but the login needs one of the three roles (DESIGN.md's role table)."""
+    return bool(role_names(user))
+
+
+def is_dba(user):
+    """Approving a restore needs DBA membership: a superuser without it may not."""
+    return DBA in role_names(user)
+
+
+def role_may(user, perm):
+    """`perm` ("app.codename") as given by the user's roles only. Django's has_perm gives a
+    superuser every permission; in the portal a superuser may do what their role may."""
+    if not role_names(user):
+        return False
+    if not hasattr(user, "_role_perms"):
+        perms = Permission.objects.filter(group__user=user, group__name__in=ROLES)
+        user._role_perms = {
+            f"{app}.{codename}" for app, codename in perms.values_list("content_type__app_label", "codename")
+        }
+    return perm in user._role_perms
+
+
 def role_of(user):
     """The user's role name for pages ('DBA', 'Sysadmin', 'Auditor'), or ''."""
     if not user.is_authenticated:
         return ""
-    names = {g.name for g in user.groups.all()}
-    for name in (DBA, SYSADMIN, AUDITOR):
+    names = role_names(user)
+    for name in ROLES:
         if name in names:
             return name
     return "Superuser" if user.is_superuser else ""
@@ -95,7 +130,7 @@ def require_perm(perm):
     def decorator(view):
         @wraps(view)
         def wrapped(request, *args, **kwargs):
-            if not request.user.has_perm(perm):
+            if not role_may(request.user, perm):
                 raise PermissionDenied(f"Your role may not do this ({perm}).")
             return view(request, *args, **kwargs)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from backupportal.lib.clientaddr import parse_networks
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -47,7 +49,6 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "django_q",
-    "axes",
     "backupportal",
     "backups",
     "restores",
@@ -55,19 +56,23 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Scripts and styles from our static files only: no inline script runs, injected or not.
+    "backupportal.middleware.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # A NUL or an out-of-range date in a filter or a search: 400 with one line, not a 500.
+    "backupportal.middleware.BadQueryMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     # Every page needs a login; the few public views say so with @login_not_required.
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    # ...and one of the three roles: a user with none gets a page saying so (403).
+    "backupportal.middleware.RoleRequiredMiddleware",
     # Auditors get 403 on every POST, on every page (DESIGN.md's role table).
     "backupportal.middleware.AuditorsChangeNothingMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # Last, as django-axes asks: it locks out repeated failed logins.
-    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "backupportal.urls"
@@ -96,10 +101,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 30, "transaction_mode": "IMMEDIATE"})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-AUTHENTICATION_BACKENDS = [
-    "axes.backends.AxesStandaloneBackend",
-    "django.contrib.auth.backends.ModelBackend",
-]
+# Django's backend behind the login limits (backupportal/logins.py).
+AUTHENTICATION_BACKENDS = ["backupportal.logins.LimitedModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -110,13 +113,18 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"
 LOGOUT_REDIRECT_URL = "login"
 
-# Login attempts: five failures lock the username from that address for 15 minutes.
-AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
-AXES_COOLOFF_TIME = 0.25  # hours
-AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
-AXES_RESET_ON_SUCCESS = True
-AXES_ENABLED = env.bool("AXES_ENABLED", default=True)
-AXES_VERBOSE = False
+# Login limits (backupportal.models.LoginFailure), over failures of the last window: per user
+# name, after LOGIN_FREE_ATTEMPTS failures each attempt waits 1, 2, 4... up to LOGIN_MAX_DELAY
+# seconds after the last failure (a wait, never a lock-out); per address, LOGIN_ADDRESS_LIMIT
+# failures refuse the address until the window passes.
+LOGIN_FAILURE_WINDOW = env.int("LOGIN_FAILURE_WINDOW", default=15 * 60)
+LOGIN_FREE_ATTEMPTS = env.int("LOGIN_FREE_ATTEMPTS", default=3)
+LOGIN_MAX_DELAY = env.int("LOGIN_MAX_DELAY", default=60)
+LOGIN_ADDRESS_LIMIT = env.int("LOGIN_ADDRESS_LIMIT", default=20)
+# Proxies (addresses or CIDRs) whose X-Forwarded-For is believed: behind the TLS proxy every
+# client has the proxy's address. Nobody's, by default.
+TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
+parse_networks(TRUSTED_PROXIES)  # fail at start on a typo, not at the first login
 
 LANGUAGE_CODE = "en-gb"
 TIME_ZONE = env.str("TIME_ZONE", default="Indian/Maldives")
@@ -124,7 +132,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -153,8 +161,28 @@ SESSION_EXPIRE_AT_BROWSER_CLOSE = True
 SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
 
-# PostgreSQL client binaries; None means "ask pg_config" (backupportal.lib.pgcluster.pg_bin).
+
+def _pg_bin_dirs(listed, single):
+    """The only directories whose PostgreSQL programs the portal runs (backups.binaries picks
+    among them): PG_BIN_DIRS (colon-separated), else PG_BIN, else every Debian-style one present.
+    A directory listed but missing is kept here and skipped with a warning at startup."""
+    dirs = [d for d in listed.split(":") if d.strip()] or ([single] if single else [])
+    if not dirs:
+        return sorted(str(p) for p in Path("/usr/lib/postgresql").glob("*/bin"))
+    for d in dirs:
+        if not os.path.isabs(d):
+            raise ImproperlyConfigured(
+                f"PG_BIN_DIRS: {d!r} is not an absolute path: list directories such as /usr/lib/postgresql/15/bin"
+            )
+    if listed and single and os.path.normpath(single) not in [os.path.normpath(d) for d in dirs]:
+        raise ImproperlyConfigured(f"PG_BIN={single} is not one of PG_BIN_DIRS={listed}: set one of the two")
+    return [os.path.normpath(d) for d in dirs]
+
+
+# PostgreSQL binaries. PG_BIN is the single-directory form of PG_BIN_DIRS (also read by
+# backupportal.lib.pgcluster for throwaway clusters).
 PG_BIN = env.str("PG_BIN", default="")
+PG_BIN_DIRS = _pg_bin_dirs(env.str("PG_BIN_DIRS", default=""), PG_BIN)
 
 # pg_dump's own gzip level (custom format); gpg never compresses again. See bench/RESULTS.md.
 PG_DUMP_COMPRESS = env.int("PG_DUMP_COMPRESS", default=1)
@@ -210,6 +238,11 @@ GNUPGHOME = env.str("GNUPGHOME", default="")
 # The journal's HMAC key and the newest entry's HMAC live outside the database.
 JOURNAL_KEY_FILE = Path(env.str("JOURNAL_KEY_FILE", default=str(VAR_DIR / "journal.key")))
 JOURNAL_HEAD_FILE = Path(env.str("JOURNAL_HEAD_FILE", default=str(VAR_DIR / "journal.head")))
+# The head is also written as an anchor to every storage location hourly (the "journal-anchors"
+# schedule) and when a backup finishes. Not from the environment: production keeps it on.
+JOURNAL_ANCHORS = True
+# The key that seals the servers' passwords in the catalog (backupportal/lib/sealed.py).
+SECRETS_KEY_FILE = Path(env.str("SECRETS_KEY_FILE", default=str(VAR_DIR / "secrets.key")))
 
 # Alert mail.
 EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
@@ -248,10 +281,17 @@ else:
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"redact": {"()": "backupportal.lib.redact.RedactFilter"}},
+    "filters": {
+        "redact": {"()": "backupportal.lib.redact.RedactFilter"},
+        "forbidden_in_one_line": {"()": "backupportal.lib.logfilters.ForbiddenInOneLine"},
+    },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "filters": ["redact"]},
     },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    "loggers": {"django": {"handlers": ["console"], "level": "WARNING", "propagate": False}},
+    "loggers": {
+        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+        # Where Django logs each 403 with its traceback.
+        "django.request": {"filters": ["forbidden_in_one_line"]},
+    },
 }

@@ -6,10 +6,11 @@ from django.db.models.signals import post_save
 from django.dispatch import receiver
 
 from backupportal import journal
+from backupportal.lib.clientaddr import client_address
 
 
 def _client(request):
-    return request.META.get("REMOTE_ADDR", "") if request is not None else ""
+    return client_address(request)
 
 
 @receiver(user_logged_in)

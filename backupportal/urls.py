@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from backupportal import journal_views, maintenance_views, views
+from backupportal import journal_views, logins, maintenance_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -10,7 +10,7 @@ urlpatterns = [
     path("alerts/<int:alert_id>/", views.alert_detail, name="alert"),
     path("alerts/<int:alert_id>/acknowledge/", views.acknowledge_alert, name="alert-acknowledge"),
     path("metrics", views.metrics, name="metrics"),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", logins.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("journal/", journal_views.journal_list, name="journal"),
     path("journal/export.csv", journal_views.journal_export, name="journal-export"),

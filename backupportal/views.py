@@ -80,6 +80,8 @@ def acknowledge_alert(request, alert_id):
     note = request.POST.get("note", "").strip()
     if not note:
         messages.error(request, "Write a note to acknowledge: what you are doing about it, or why it can wait.")
+    elif "\x00" in note:
+        messages.error(request, "The note holds a NUL character, which the database cannot store: remove it.")
     elif alert.acknowledge(request.user, note[:2000]):
         messages.success(request, f"Alert #{alert.pk} acknowledged; it resolves by itself when its condition clears.")
     else:

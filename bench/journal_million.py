@@ -42,7 +42,6 @@ def main(n):
             "ALLOWED_HOSTS": "testserver",
             "SECURE_SSL_REDIRECT": "false",
             "WHITENOISE_USE_FINDERS": "true",
-            "AXES_ENABLED": "false",
         }
         subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
         os.environ.update(env)

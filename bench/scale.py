@@ -44,7 +44,6 @@ def boot(cluster, work):
         ALLOWED_HOSTS="testserver",
         SECURE_SSL_REDIRECT="false",
         WHITENOISE_USE_FINDERS="true",
-        AXES_ENABLED="false",
     )
     subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
     os.environ.update(env)

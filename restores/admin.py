@@ -1,6 +1,7 @@
 from django.contrib import admin
 
 from backups.admin import ReadOnlyHistoryAdmin
+from restores.drill_forms import DrillAdminForm, StepAdminForm
 from restores.models import DrDrill, DrDrillStep, RestoreRequest, RestoreRun, RestoreTest
 
 
@@ -30,6 +31,7 @@ class RestoreTestAdmin(ReadOnlyHistoryAdmin):
 class DrDrillStepInline(admin.TabularInline):
     # A drill is created with its eight steps; here they are filled in, never added or removed.
     model = DrDrillStep
+    form = StepAdminForm
     extra = 0
     can_delete = False
 
@@ -39,6 +41,7 @@ class DrDrillStepInline(admin.TabularInline):
 
 @admin.register(DrDrill)
 class DrDrillAdmin(admin.ModelAdmin):
+    form = DrillAdminForm
     list_display = ["title", "server", "started_at", "critical_restored_at", "logged_by"]
     list_select_related = ["server", "logged_by"]
     inlines = [DrDrillStepInline]

@@ -5,6 +5,7 @@ from datetime import timedelta
 from django import forms
 from django.utils import timezone
 
+from backupportal.lib.inputs import ModelMultipleChoiceField, SaneInputsMixin
 from restores.models import DrDrill, DrDrillStep, RestoreRun
 
 
@@ -15,7 +16,7 @@ class LocalDateTimeInput(forms.DateTimeInput):
         super().__init__(format="%Y-%m-%dT%H:%M", **kwargs)
 
 
-class DrillForm(forms.ModelForm):
+class DrillForm(SaneInputsMixin, forms.ModelForm):
     class Meta:
         model = DrDrill
         fields = [
@@ -33,6 +34,7 @@ class DrillForm(forms.ModelForm):
             "scenario": forms.Textarea(attrs={"rows": 3}),
             "lessons_learned": forms.Textarea(attrs={"rows": 5}),
         }
+        field_classes = {"restore_runs": ModelMultipleChoiceField}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -45,7 +47,7 @@ class DrillForm(forms.ModelForm):
         self.fields["restore_runs"].required = False
 
 
-class StepForm(forms.ModelForm):
+class StepForm(SaneInputsMixin, forms.ModelForm):
     class Meta:
         model = DrDrillStep
         fields = ["who", "started_at", "finished_at", "outcome", "notes"]
@@ -54,3 +56,14 @@ class StepForm(forms.ModelForm):
             "finished_at": LocalDateTimeInput(),
             "notes": forms.Textarea(attrs={"rows": 4}),
         }
+
+
+class DrillAdminForm(SaneInputsMixin, forms.ModelForm):
+    """The admin's drill form: the same checks as the portal's."""
+
+    class Meta:
+        field_classes = {"restore_runs": ModelMultipleChoiceField}
+
+
+class StepAdminForm(SaneInputsMixin, forms.ModelForm):
+    pass

@@ -1,5 +1,6 @@
 from django import forms
 
+from backupportal.lib.inputs import validate_moment
 from backups.models import BackupRun, Server
 from restores import pitr, sandbox
 from restores.logical import RestoreFailed, check_database_name
@@ -43,9 +44,11 @@ class RestoreRequestForm(forms.ModelForm):
         if not text:
             return None
         try:
-            return pitr.parse_time(text)
+            moment = pitr.parse_time(text)
         except pitr.Refused as e:
             raise forms.ValidationError(str(e)) from None
+        validate_moment(moment)  # year 1 parses, but shifted to UTC it cannot be saved or shown
+        return moment
 
     def clean(self):
         data = super().clean()

@@ -23,6 +23,7 @@ ACTIONS = {
     "alert-acknowledge": {"DBA", "Sysadmin"},
     "restore-test-now": {"DBA"},
     "schedule-edit": {"DBA"},
+    "critical-tables-edit": {"DBA"},
     "restore-request-approve": {"DBA"},
     "restore-request-reject": {"DBA"},
     "sandbox-remove": {"DBA"},
@@ -77,6 +78,7 @@ def portal_urls(catalog):
         "backup-now": [catalog["server"].name],
         "restore-test-now": [catalog["server"].name],
         "schedule-edit": [catalog["server"].name],
+        "critical-tables-edit": [catalog["server"].name],
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
         "verify-run": [catalog["run"].pk],
@@ -125,6 +127,7 @@ def post_data(name, catalog):
         "drill-step": {"who": "alice", "started_at": later, "outcome": "ok"},
         "maintenance-complete": {"evidence": f"restore_test:{catalog[RestoreTest].pk}"},
         "schedule-edit": {"job": "logical", "cron": "0 2 * * *", "enabled": "on"},
+        "critical-tables-edit": {"tables": ""},  # none: checked without reaching the server
         "alert-acknowledge": {"note": "seen, on it"},
     }.get(name, {"kind": "logical"})
 

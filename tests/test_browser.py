@@ -213,7 +213,7 @@ def test_a_dba_runs_a_restore_test_and_its_page_follows_it_until_it_passes(porta
     assert page.text_content("#run-status") in ("queued", "restoring", "checking", "cleaning up", "passed")
     # The page polls the test's progress and shows the end by itself: no manual reload.
     page.wait_for_selector("#run-status:has-text('passed')", timeout=120000)
-    assert "rows in audit_logs" in page.content() and "Measured RTO" in page.content()
+    assert "row counts of every table" in page.content() and "Measured RTO" in page.content()
     shot(page, "restore-test")
 
 

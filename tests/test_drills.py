@@ -1,7 +1,10 @@
 """DR drills: logged on the portal's pages step by step, measured against the server's RTO
 objectives, linked to the restore runs they used, and printed as a report."""
 
+from pathlib import Path
+
 import pytest
+from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 
@@ -91,7 +94,9 @@ def test_a_drill_with_its_eight_steps_reports_its_recovery_time_against_the_obje
     assert all(label in page for _, label in DrDrill.STEPS)
     assert reverse("admin:restores_restorerun_change", args=[restore_run.pk]) in page  # links to the restore run
     assert "The NAS copy was faster" in page and "complete" in page
-    assert "@media print" in page  # printable: no navigation on paper
+    # Printable, no navigation on paper: the rules are in a static file (the CSP allows no inline style).
+    assert "css/report.css" in page
+    assert "@media print" in (Path(settings.BASE_DIR) / "static" / "css" / "report.css").read_text()
     assert client.get(reverse("drill", args=[drill.pk])).status_code == 200
 
 

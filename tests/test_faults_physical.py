@@ -245,7 +245,7 @@ def test_two_workers_on_one_due_schedule_take_one_backup(server, passphrase_file
     from backups.tasks import sync_schedule
 
     Schedule.objects.all().delete()  # the portal-wide ones (monitor, copies): only the backup is due here
-    due = sync_schedule(BackupSchedule.objects.create(server=server, job="logical", cron="0 2 * * *"))
+    due = sync_schedule(BackupSchedule.objects.get(server=server, job="logical"))  # made with the server, 0 2 * * *
     due.next_run = timezone.now().replace(microsecond=0) - timedelta(seconds=1)
     due.save()
     occurrence = Schedule.objects.get(pk=due.pk).next_run.isoformat()  # what the scheduler passes on
