@@ -6,14 +6,20 @@
 #
 # PYTHON picks the interpreter for the venv (3.11 or newer); PORT the demo's web port.
 
-PYTHON ?= python3
+# The system's Python when it is new enough: the tests run the venv's interpreter as unprivileged
+# users, who cannot reach one under root's home directory (pyenv); else python3 from PATH.
+PYTHON ?= $(shell for p in /usr/bin/python3 python3; do $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
 VENV ?= .venv
 PORT ?= 8000
 PYTEST_ARGS ?= -q
 # A copy of the requirements the venv was built from: a changed requirements.txt reinstalls.
 STAMP := $(VENV)/.requirements.txt
 
-.PHONY: venv demo demo-stop test lint bench bench-quick
+.PHONY: system venv demo demo-stop test lint bench bench-quick
+
+# The Debian packages (scripts/system-packages installs what is missing, as root).
+system:
+	@scripts/system-packages
 
 venv: $(STAMP)
 
@@ -25,14 +31,14 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	@cp requirements.txt $@
 
-demo: venv
+demo: system venv
 	$(VENV)/bin/python scripts/demo.py --port $(PORT)
 
 demo-stop:
 	@if [ -x $(VENV)/bin/python ]; then $(VENV)/bin/python scripts/demo.py --stop; else echo "demo: nothing was running"; fi
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
-test: venv
+test: system venv
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from backupportal.lib.pgcluster import Cluster, chown_to_db_user, stop_all
+from tests import leftovers, prerequisites
 
 
 @pytest.fixture(scope="session")
@@ -384,7 +385,7 @@ def catalog(db, settings, tmp_path):
     server = Server.objects.create(
         name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives", pg_version=150004
     )
-    schedule = BackupSchedule.objects.create(server=server, job="logical", cron="0 2 * * *")
+    schedule = BackupSchedule.objects.get(server=server, job="logical")  # made with the server: 0 2 * * *
     run = BackupRun.objects.create(
         server=server, kind="logical", status="succeeded", size=10, sha256="a" * 64, finished_at=timezone.now()
     )
@@ -469,3 +470,16 @@ def smtp_server(settings):
     yield smtp
     if smtp.controller is not None:
         smtp.stop()
+
+
+# Before the first test: the machine has what the suite needs (tests/prerequisites.py).
+# After the last: nothing left behind, processes, temporary directories, test databases
+# (tests/leftovers.py).
+def pytest_sessionstart(session):
+    prerequisites.check()
+    leftovers.start()
+
+
+@pytest.hookimpl(trylast=True)  # after the runner has torn the session's fixtures down
+def pytest_sessionfinish(session, exitstatus):
+    leftovers.finish(session)

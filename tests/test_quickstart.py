@@ -198,8 +198,10 @@ def test_the_demo_setup_registers_a_sample_server_with_users_and_a_first_backup(
         assert PBKDF2PasswordHasher().verify(password, hashes[name])  # ...and the login works
         assert password not in json.dumps(rows(db, "SELECT * FROM backupportal_journalentry"))
 
-    (dsn,) = rows(db, "SELECT dsn FROM backups_server WHERE name = 'maldives'")[0]
+    (dsn, critical) = rows(db, "SELECT dsn, critical_tables FROM backups_server WHERE name = 'maldives'")[0]
     assert dsn == cluster.dsn("reliabilitymaldives")
+    # The strategy's four, passed explicitly: a server registered without them has none.
+    assert json.loads(critical) == ["public.users", "public.roles", "public.audit_logs", "public.financial_records"]
     runs = rows(db, "SELECT kind, status, key, size FROM backups_backuprun")
     assert [(kind, status) for kind, status, _, _ in runs] == [("logical", "succeeded")]
     actions = {a for (a,) in rows(db, "SELECT action FROM backupportal_journalentry")}

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -40,13 +41,22 @@ def archive_as_postgres(server, source, name):
     return subprocess.run(as_db_user(["sh", "-c", command]), capture_output=True, text=True, cwd="/")
 
 
-def segment_file(data: bytes):
-    folder = Path(tempfile.mkdtemp(prefix="bp-seg-"))
-    folder.chmod(0o755)
-    path = folder / "segment"
-    path.write_bytes(data)
-    chown_to_db_user(folder)
-    return path
+@pytest.fixture
+def segment_file():
+    """Makes a file PostgreSQL's archiver could hand over, in a folder postgres owns; removed after."""
+    folders = []
+
+    def make(data: bytes):
+        folders.append(Path(tempfile.mkdtemp(prefix="bp-seg-")))
+        folders[-1].chmod(0o755)
+        path = folders[-1] / "segment"
+        path.write_bytes(data)
+        chown_to_db_user(folders[-1])
+        return path
+
+    yield make
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_archivecommand_prints_the_lines_and_installs_a_program_postgres_can_run(
@@ -70,7 +80,9 @@ def test_archivecommand_prints_the_lines_and_installs_a_program_postgres_can_run
     assert {"logical", "base", "incremental", "ingestwal"} <= jobs
 
 
-def test_the_archive_program_is_idempotent_and_refuses_other_content(server, passphrase_file, backup_root, wal_spool):
+def test_the_archive_program_is_idempotent_and_refuses_other_content(
+    server, passphrase_file, backup_root, wal_spool, segment_file
+):
     run_command("archivecommand", "maldives")
     server.refresh_from_db()
     name = "000000010000000000000042"
@@ -98,7 +110,7 @@ def test_the_archive_program_is_idempotent_and_refuses_other_content(server, pas
 
 
 def test_an_archive_program_killed_mid_segment_leaves_nothing_that_looks_archived(
-    server, passphrase_file, backup_root, wal_spool
+    server, passphrase_file, backup_root, wal_spool, segment_file
 ):
     run_command("archivecommand", "maldives")
     name = "000000010000000000000007"
@@ -269,7 +281,10 @@ def test_a_worker_killed_mid_ingest_loses_no_segment(
 def test_archivecommand_refuses_a_spool_postgres_cannot_reach(server, passphrase_file, backup_root, settings):
     closed = Path(tempfile.mkdtemp(prefix="bp-closed-"))  # 0700, root's: like a checkout under /root
     settings.WAL_SPOOL = closed / "walspool"
-    result = run_command("archivecommand", "maldives")
+    try:
+        result = run_command("archivecommand", "maldives")
+    finally:
+        shutil.rmtree(closed)
     assert result["_exit"] == 1 and "the postgres user cannot reach" in result["_stderr"], result
     assert "set WAL_SPOOL" in result["_stderr"]
     server.refresh_from_db()
