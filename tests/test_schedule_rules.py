@@ -12,11 +12,11 @@ from django.apps import apps
 from django.core.management import call_command
 from django.db.models import ProtectedError
 from django.urls import reverse
-from django.utils import timezone
+from django.utils import dateformat, timezone
 from django_q.models import Schedule
 from django_q.scheduler import scheduler
 
-from backupportal.lib.cron import cron_problem
+from backupportal.lib.cron import cron_problem, in_words, next_runs
 from backupportal.models import JournalEntry
 from backups.apps import sync_locations
 from backups.models import BackupRun, BackupSchedule, Server
@@ -200,3 +200,48 @@ def test_a_job_left_behind_by_an_earlier_rename_says_so_and_goes(db):
 def test_addserver_s_schedules_come_from_the_same_place(sample_cluster, db):
     call_command("addserver", "atoll", "--dsn", sample_cluster.dsn("reliabilitymaldives"), stdout=StringIO())
     assert set(q_rows("atoll")) == DEFAULT_JOBS
+
+
+@pytest.mark.parametrize(
+    "cron, words",
+    [
+        ("0 2 * * *", "at 02:00, every day"),
+        ("30 3 * * 0", "at 03:30, on Sunday"),
+        ("*/15 * * * *", "every 15 minutes, every day"),
+        ("15 */6 * * 1-5", "every 6 hours at minute 15, on Monday to Friday"),
+        ("0 1,13 * * *", "at 01:00 and 13:00, every day"),
+        ("0 5 1,15 1,7 *", "at 05:00, on days 1 and 15 of the month, in January and July"),
+        ("0 0 L * *", "at 00:00, on the last day of the month"),
+        ("0 3 1 * 0", "at 03:00, on day 1 of the month or on Sunday"),
+        ("0-10 2 * * *", "at minute 0-10 of hour 2, every day"),
+    ],
+)
+def test_a_cron_is_said_in_words(cron, words):
+    assert in_words(cron) == words
+
+
+def test_the_server_page_says_each_schedule_in_words_with_its_next_three_runs(client, alice, server):
+    schedule = BackupSchedule.objects.get(server=server, job="logical")
+    schedule.cron = "30 3 * * 0"
+    schedule.save()
+    after = timezone.localtime().replace(year=2026, month=12, day=3, hour=12, minute=0)
+    assert [t.strftime("%a %d %b %H:%M") for t in next_runs(schedule.cron, after=after)] == [
+        "Sun 06 Dec 03:30",
+        "Sun 13 Dec 03:30",
+        "Sun 20 Dec 03:30",
+    ]
+    client.force_login(alice)
+    page = client.get(reverse("server", args=[server.name])).content.decode()
+    assert "at 03:30, on Sunday" in page
+    for moment in next_runs(schedule.cron):  # its next three runs, in the portal's time zone
+        assert dateformat.format(moment, "j M Y, H:i") in page
+    schedule.enabled = False
+    schedule.save()
+    page = client.get(reverse("server", args=[server.name])).content.decode()
+    assert "at 03:30, on Sunday (disabled)" in page
+
+
+def test_a_refused_cron_names_the_field_that_is_wrong():
+    assert "hour 25 is out of range 0-23" in cron_problem("0 25 * * *")
+    assert "minute 60 is out of range 0-59" in cron_problem("60 1 * * *")
+    assert "day-of-week 8 is out of range 0-7" in cron_problem("0 1 * * 8")

@@ -66,3 +66,67 @@ def next_run(cron, after=None):
     except CroniterBadDateError:
         return None
     return moment if moment - start <= HORIZON else None
+
+
+def next_runs(cron, count=3, after=None):
+    """The next `count` times `cron` fires (TIME_ZONE), for a person to check a schedule by."""
+    runs, moment = [], after
+    for _ in range(count):
+        moment = next_run(cron, moment)
+        if moment is None:
+            break
+        runs.append(moment)
+    return runs
+
+
+# --- In words: "at 02:00, every day", "every 15 minutes, on Monday to Friday". ---------------
+
+DAYS = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = [None, "January", "February", "March", "April", "May", "June", "July", "August", "September"]
+MONTHS += ["October", "November", "December"]
+
+
+def in_words(cron):
+    """A valid five-field cron said as a DBA would say it; the fields themselves when unusual."""
+    minute, hour, day, month, weekday = cron.split()
+    days = []
+    if day == "L":
+        days.append("on the last day of the month")
+    elif day != "*":
+        days.append(f"on day{'s' if ',' in day or '-' in day else ''} {_listed(day, str)} of the month")
+    if weekday != "*":
+        days.append(f"on {_listed(weekday, lambda n: DAYS[int(n)])}")
+    # With both set, cron fires on either (its day-of-month OR its day-of-week).
+    parts = [_time_words(minute, hour), " or ".join(days) or "every day"]
+    if month != "*":
+        parts.append(f"in {_listed(month, lambda n: MONTHS[int(n)])}")
+    return ", ".join(parts)
+
+
+def _time_words(minute, hour):
+    if minute.isdigit() and all(h.isdigit() for h in hour.split(",")):
+        return "at " + _and([f"{int(h):02d}:{int(minute):02d}" for h in hour.split(",")])
+    if minute == "*" and hour == "*":
+        return "every minute"
+    if minute.startswith("*/") and hour == "*":
+        return f"every {minute[2:]} minutes"
+    if minute.isdigit() and hour == "*":
+        return f"every hour at minute {int(minute)}"
+    if minute.isdigit() and hour.startswith("*/"):
+        return f"every {hour[2:]} hours at minute {int(minute)}"
+    return f"at minute {minute} of hour {hour}"
+
+
+def _listed(field, name):
+    """'1-5' -> 'Monday to Friday', '1,3' -> 'Monday and Wednesday'; anything else as written."""
+    items = []
+    for item in field.split(","):
+        ends = item.split("-")
+        if not all(e.isdigit() for e in ends) or len(ends) > 2:
+            return f"'{field}'"
+        items.append(" to ".join(name(e) for e in ends))
+    return _and(items)
+
+
+def _and(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
