@@ -3,7 +3,7 @@ from django import forms
 from backupportal.lib.inputs import validate_moment
 from backups.models import BackupRun, Server
 from restores import pitr, sandbox
-from restores.logical import RestoreFailed, check_database_name
+from restores.logical import RestoreFailed, check_database_name, database_exists
 from restores.models import RestoreRequest
 
 SANDBOX = RestoreRequest.Destination.SANDBOX_CLUSTER
@@ -65,14 +65,24 @@ class RestoreRequestForm(forms.ModelForm):
         elif run.kind != BackupRun.Kind.LOGICAL:
             self.add_error("backup_run", f"Run #{run.pk} is a base backup: it restores into a sandbox cluster only.")
         if data.get("destination") == RestoreRequest.Destination.NEW_DATABASE:
-            try:
-                check_database_name(data.get("target_database", ""))
-            except RestoreFailed as e:
-                self.add_error("target_database", str(e))
+            self._clean_new_database(data)
         elif data.get("destination") == RestoreRequest.Destination.REPLACE and server:
             data["target_database"] = server.dbname
             data["into_server"] = None
         return data
+
+    def _clean_new_database(self, data):
+        """A valid name that does not exist on the target yet: found out now, not after approval.
+        The restore checks again when it runs (a restore never overwrites)."""
+        name, target = data.get("target_database", ""), data.get("into_server") or data.get("server")
+        try:
+            check_database_name(name)
+            if target and name == target.dbname:
+                raise RestoreFailed(f"{name} is {target}'s own database: a new database needs a new name")
+            if target and database_exists(target, name):
+                raise RestoreFailed(f"database {name} already exists on {target}: choose a new name")
+        except RestoreFailed as e:
+            self.add_error("target_database", str(e))
 
     def _clean_sandbox(self, data):
         """A point in time or a base backup (one of them), that the server's base backups can reach."""

@@ -141,8 +141,33 @@ def test_a_dba_backs_up_from_the_admin_and_the_run_page_shows_progress(
     assert run.status == "succeeded" and run.requested_by == "alice"  # the test settings run tasks inline
     progress = client.get(reverse("run-progress", args=[run.pk])).json()
     assert progress["done"] and progress["bytes_done"] == run.size
-    page = client.get(reverse("run", args=[run.pk]))
-    assert run.sha256.encode() in page.content
+    page = client.get(reverse("run", args=[run.pk])).content.decode()
+    assert run.sha256 in page
+    # Its times, no empty Error row, and the way to restore it, the form filled in.
+    assert "<th>Started</th>" in page and "<th>Finished</th>" in page and "<th>Error</th>" not in page
+    restore = (
+        f"{reverse('restore-request-new')}?server={server.pk}&amp;backup_run={run.pk}&amp;destination=new_database"
+    )
+    assert f'href="{restore}"' in page
+    form = client.get(restore.replace("&amp;", "&")).content.decode()
+    assert f'<option value="{run.pk}" selected>{run}</option>' in form
+    assert str(run).startswith(f"#{run.pk} maldives logical, ") and "B" in str(run).rsplit(", ", 1)[1]
+
+
+def test_the_run_page_of_a_failed_backup_shows_its_error_and_offers_no_restore(client, alice, server):
+    run = BackupRun.objects.create(server=server, kind="logical", status="failed", error="pg_dump: connection refused")
+    client.force_login(alice)
+    page = client.get(reverse("run", args=[run.pk])).content.decode()
+    assert "pg_dump: connection refused" in page and "Restore this backup" not in page
+    assert str(run) == f"#{run.pk} maldives logical, {timezone.localtime(run.created_at):%-d %b %Y %H:%M} (failed)"
+
+
+def test_an_auditor_sees_a_run_but_no_restore_button(client, charlie, server):
+    run = BackupRun.objects.create(
+        server=server, kind="logical", status="succeeded", size=10, finished_at=timezone.now()
+    )
+    client.force_login(charlie)
+    assert "Restore this backup" not in client.get(reverse("run", args=[run.pk])).content.decode()
 
 
 def test_an_auditor_cannot_back_up_from_the_admin(client, charlie, server, passphrase_file, backup_root):

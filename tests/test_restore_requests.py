@@ -10,7 +10,7 @@ from django.urls import reverse
 
 from backupportal.lib import sampledata
 from backupportal.models import JournalEntry
-from backups.models import BackupRun
+from backups.models import BackupRun, Server
 from restores.models import RestoreRequest, RestoreRun, ValidationCheck
 
 
@@ -175,3 +175,27 @@ def test_the_command_line_swap_needs_an_approved_request(alice, bob, good_run, s
     assert json.loads(out.getvalue().splitlines()[-1])["status"] == "succeeded"
     with pytest.raises(CommandError, match="only an approved request runs, once"):
         call_command("restore", str(good_run.pk), "--replace", "--request", str(request.pk))
+
+
+def test_a_new_database_that_exists_or_is_production_is_refused_when_asked_not_after_approval(
+    client, alice, good_run, sample_cluster
+):
+    sample_cluster.execute("CREATE DATABASE already_here")
+    for name, says in (
+        ("reliabilitymaldives", "is maldives's own database: a new database needs a new name"),
+        ("already_here", "database already_here already exists on maldives: choose a new name"),
+        ("Bad-Name", "is not a valid database name"),
+    ):
+        response = ask(client, alice, good_run, database=name)
+        assert response.status_code == 200, name
+        assert says in response.context["form"].errors["target_database"][0]
+    assert not RestoreRequest.objects.exists()
+
+
+def test_a_new_database_on_a_server_that_cannot_be_reached_is_refused_with_why(client, alice, good_run):
+    Server.objects.filter(pk=good_run.server_id).update(dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives")
+    response = ask(client, alice, good_run)
+    assert response.status_code == 200
+    error = response.context["form"].errors["target_database"][0]
+    assert "127.0.0.1" in error and "\n" not in error
+    assert not RestoreRequest.objects.exists()
