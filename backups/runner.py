@@ -6,9 +6,8 @@ same in the foreground and on a worker.
 
 import os
 import socket
-import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -21,8 +20,11 @@ from backups.pipeline import BackupFailed
 
 # A run whose heartbeat is older than this was left by a dead worker.
 ORPHAN_AFTER = timedelta(minutes=2)
-# How long a scheduled run waits for the run holding the lock.
+# A scheduled run that finds the lock taken gives its worker back and is queued again after
+# LOCKED_RETRY, for up to SCHEDULED_WAIT. Waiting inside the worker let a few busy servers hold
+# every worker and delay every other server's schedule.
 SCHEDULED_WAIT = timedelta(hours=2)
+LOCKED_RETRY = timedelta(minutes=1)
 HOST = socket.gethostname()
 
 
@@ -129,18 +131,34 @@ def claim(server, kind, *, trigger, actor, scheduled_for=None):
         return BackupRun.objects.create(server=server, kind=kind, trigger=trigger, requested_by=actor, details=details)
 
 
-def claim_waiting(server, kind, *, actor, scheduled_for=None, wait=SCHEDULED_WAIT, poll=10):
-    """A scheduled run waits for the lock instead of being refused."""
-    deadline = time.monotonic() + wait.total_seconds()
-    while True:
-        try:
-            return claim(server, kind, trigger=BackupRun.Trigger.SCHEDULED, actor=actor, scheduled_for=scheduled_for)
-        except RunRefused as e:
-            if scheduled_for is not None and e.run is not None and e.run.details.get("scheduled_for") == scheduled_for:
-                raise
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(poll)
+def claim_scheduled(server, kind, *, actor, scheduled_for=None, waiting_since=None):
+    """A scheduled run's claim: the run, or None when it was queued again for later (the lock
+    is taken). RunRefused when its occurrence already ran, or it has waited SCHEDULED_WAIT."""
+    from django_q.models import Schedule
+    from django_q.tasks import schedule
+
+    try:
+        return claim(server, kind, trigger=BackupRun.Trigger.SCHEDULED, actor=actor, scheduled_for=scheduled_for)
+    except RunRefused as e:
+        now = timezone.now()
+        since = datetime.fromisoformat(waiting_since) if waiting_since else now
+        if scheduled_for is not None and e.run.details.get("scheduled_for") == scheduled_for:
+            raise  # this occurrence ran already (handed to two workers): nothing to retry
+        if now - since >= SCHEDULED_WAIT:
+            raise RunRefused(
+                f"{e} (waited {_minutes(now - since)} for it; this occurrence is skipped)", e.run
+            ) from None
+        schedule(
+            "backups.tasks.scheduled_job",
+            server.name,
+            kind,
+            scheduled_for,
+            since.isoformat(),
+            name=None,
+            schedule_type=Schedule.ONCE,
+            next_run=now + LOCKED_RETRY,
+        )
+        return None
 
 
 def execute(run):

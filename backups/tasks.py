@@ -5,7 +5,7 @@ from django_q.tasks import async_task
 
 from backupportal.lib.cron import next_run
 from backups.models import BackupRun, BackupSchedule, Server
-from backups.runner import Outcome, RunRefused, claim, claim_waiting, execute
+from backups.runner import LOCKED_RETRY, Outcome, RunRefused, claim, claim_scheduled, execute
 from backups.schedules import sync_schedule  # noqa: F401  (named here by earlier callers)
 
 
@@ -33,8 +33,11 @@ def after_backup(run):
         enqueue_copies(run)
 
 
-def scheduled_job(server_name, job, scheduled_for=None):
-    """What every per-server schedule calls. Two workers handed the same occurrence run it once."""
+def scheduled_job(server_name, job, scheduled_for=None, waiting_since=None):
+    """What every per-server schedule calls. Two workers handed the same occurrence run it once.
+
+    `waiting_since`: set when a backup found its lock taken and was queued again (runner.claim_scheduled).
+    """
     server = Server.objects.filter(name=server_name).first()
     if server is None:
         # A django-q2 row that no schedule owns (left by a rename or a delete before schedules
@@ -45,9 +48,13 @@ def scheduled_job(server_name, job, scheduled_for=None):
         return "server disabled"
     if job in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE, BackupRun.Kind.INCREMENTAL):
         try:
-            run = claim_waiting(server, job, actor=f"job:{job}", scheduled_for=scheduled_for)
+            run = claim_scheduled(
+                server, job, actor=f"job:{job}", scheduled_for=scheduled_for, waiting_since=waiting_since
+            )
         except RunRefused as e:
             return str(e)
+        if run is None:
+            return f"the {job} backup of {server} is locked by another run: tried again in {LOCKED_RETRY.seconds} s"
         run = execute(run)
         after_backup(run)
         return run.status

@@ -209,14 +209,14 @@ def workers(settings):
 
     started = []
 
-    def start(count):
+    def start(count, **env):
         for _ in range(count):
             with open(Path(settings.VAR_DIR) / f"qcluster-{os.getpid()}-{len(started)}.log", "w") as log:
                 started.append(
                     subprocess.Popen(
                         [sys.executable, "manage.py", "qcluster"],
                         cwd=ROOT,
-                        env=portal_env(settings, Q_SYNC="0"),
+                        env=portal_env(settings, Q_SYNC="0", **env),
                         stdout=log,
                         stderr=subprocess.STDOUT,
                     )
@@ -280,6 +280,46 @@ def test_two_workers_on_one_due_schedule_take_one_backup(server, passphrase_file
     assert_no_orphans([pid for tree in trees for pid in tree])
     assert_next_scheduled_run_succeeds("logical")
     assert verify_all()["bad"] == 0
+
+
+def test_a_locked_server_gives_its_worker_back_and_the_other_servers_run_on_time(
+    server, sample_cluster, passphrase_file, backup_root, workers, monkeypatch
+):
+    import ast
+
+    from django_q.conf import Conf
+    from django_q.models import Schedule, Task
+    from django_q.tasks import async_task
+
+    from backups.runner import HOST
+
+    others = [register(sample_cluster, name=f"other{i}") for i in range(2)]
+    Schedule.objects.all().delete()  # only the jobs queued below run
+    held = BackupRun.objects.create(
+        server=server,
+        kind="logical",
+        status="running",
+        pid=os.getpid(),
+        heartbeat_at=timezone.now(),
+        details={"host": HOST},
+    )
+    # Three servers due, one worker, and the first in the queue is the locked one: waiting for
+    # its lock inside the worker held the worker, and the others, for up to two hours.
+    monkeypatch.setattr(Conf, "SYNC", False)
+    for name in ["maldives", *(o.name for o in others)]:
+        async_task("backups.tasks.scheduled_job", name, "logical", sync=False)
+    workers(1, Q_WORKERS="1")
+    wait_for(
+        lambda: BackupRun.objects.filter(server__in=others, status="succeeded").count() == 2,
+        timeout=120,
+        what="the two unlocked servers' backups, on the one worker",
+    )
+    [locked] = [t for t in Task.objects.filter(func="backups.tasks.scheduled_job") if t.args[0] == "maldives"]
+    assert "locked by another run: tried again in 60 s" in str(locked.result)
+    retry = Schedule.objects.get(func="backups.tasks.scheduled_job", schedule_type=Schedule.ONCE)
+    assert ast.literal_eval(retry.args)[:3] == ("maldives", "logical", None)
+    assert timezone.now() < retry.next_run <= timezone.now() + timedelta(seconds=60)
+    assert list(BackupRun.objects.filter(server=server)) == [held]  # nothing ran beside the holder
 
 
 def test_a_run_on_another_host_is_judged_by_its_heartbeat_not_by_a_local_pid(server):

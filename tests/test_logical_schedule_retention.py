@@ -1,6 +1,7 @@
 """Schedules, the lock per server and kind, progress, and retention of logical backups."""
 
 import json
+import os
 from datetime import timedelta
 from io import StringIO
 
@@ -72,6 +73,41 @@ def test_retention_keeps_a_backup_that_a_restore_is_reading(server, passphrase_f
     call_command("retention", stdout=StringIO())
     reading.refresh_from_db()
     assert reading.deleted_at is not None and not (backup_root / reading.key).exists()
+
+
+def test_a_scheduled_backup_finding_its_lock_taken_is_queued_again_not_waited_for(server, passphrase_file, backup_root):
+    import ast
+
+    from django_q.models import Schedule
+
+    from backups.runner import HOST
+
+    held = BackupRun.objects.create(
+        server=server,
+        kind="logical",
+        status="running",
+        pid=os.getpid(),
+        heartbeat_at=timezone.now(),
+        details={"host": HOST},
+    )
+    Schedule.objects.filter(schedule_type=Schedule.ONCE).delete()
+    assert "locked by another run: tried again in 60 s" in scheduled_job(
+        "maldives", "logical", "2026-12-03T02:00:00+05:00"
+    )
+    retry = Schedule.objects.get(schedule_type=Schedule.ONCE)
+    name, job, occurrence, since = ast.literal_eval(retry.args)
+    assert (name, job, occurrence) == ("maldives", "logical", "2026-12-03T02:00:00+05:00")
+
+    # Two hours later it is still locked: this occurrence is skipped, said so, not queued again.
+    long_ago = (timezone.now() - timedelta(hours=2, minutes=1)).isoformat()
+    result = scheduled_job("maldives", "logical", occurrence, long_ago)
+    assert "is already running" in result and "this occurrence is skipped" in result
+    assert Schedule.objects.filter(schedule_type=Schedule.ONCE).count() == 1
+
+    # The lock is released: the retry takes the backup, for the occurrence it was queued for.
+    BackupRun.objects.filter(pk=held.pk).update(status="succeeded", finished_at=timezone.now())
+    assert scheduled_job(*ast.literal_eval(retry.args)) == "succeeded"
+    assert BackupRun.objects.get(details__scheduled_for=occurrence).trigger == "scheduled"
 
 
 def test_retention_days_are_per_server(server, passphrase_file, backup_root):
