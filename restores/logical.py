@@ -300,6 +300,8 @@ def _decrypt_with_progress(decrypt, bytes_done, restore):
 def read_properties(run, target, encryption, warnings):
     """The dump's own database entries (dbprops), from the first copy whose start decrypts.
 
+    When no copy can be opened at all, the restore fails here, saying why of each copy (the
+    missing ones are marked bad on the way, so a later read would no longer name them).
     None when no copy's start can be read: the restore itself then meets the same fault
     and says what it is (a wrong passphrase, every copy corrupt); should it succeed anyway,
     the missing properties are a warning.
@@ -308,7 +310,9 @@ def read_properties(run, target, encryption, warnings):
     while True:
         try:
             reader = open_first_healthy(run, exclude=tried)
-        except StorageError:
+        except StorageError as e:
+            if not tried:
+                raise RestoreFailed(str(e)) from None
             warnings.append(f"the database's own properties could not be read from the dump: {'; '.join(why)}")
             return None
         try:
