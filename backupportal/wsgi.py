@@ -1,10 +1,10 @@
 import os
 import sys
 
+import django
 from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "backupportal.settings")
-application = get_wsgi_application()
 
 
 def static_files_missing():
@@ -25,5 +25,9 @@ def static_files_missing():
     )
 
 
+# Before the application is made: its static-files middleware warns about the missing
+# directory first, and the reason would no longer be the one line printed.
+django.setup(set_prefix=False)
 if problem := static_files_missing():
     sys.exit(problem)
+application = get_wsgi_application()

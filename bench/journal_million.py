@@ -92,13 +92,14 @@ def load(cluster, n, work):
 
 
 def measure(n):
-    from django.contrib.auth.models import User
+    from django.contrib.auth.models import Group, User
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext, setup_test_environment
 
     setup_test_environment()  # so that responses carry their template context
     user = User.objects.create_superuser("bench", "b@example.mv", "x" * 20)
+    user.groups.add(Group.objects.get(name="Auditor"))  # the journal is a portal page: it needs a role
     client = Client()
     client.force_login(user)
     cases = {

@@ -242,13 +242,14 @@ def main():
     cluster.start()
     try:
         boot(cluster, work)
-        from django.contrib.auth.models import User
+        from django.contrib.auth.models import Group, User
         from django.test import Client
         from django.test.utils import setup_test_environment
 
         setup_test_environment()
         servers = make_servers()
         user = User.objects.create_superuser("bench", "bench@example.mv", secrets.token_urlsafe(16))
+        user.groups.add(Group.objects.get(name="DBA"))  # the portal's pages need a role, superuser or not
         client = Client()
         client.force_login(user)
         result = {"sizes": [], "server": cluster.execute("SHOW server_version")[0][0]}

@@ -36,6 +36,15 @@ def pg_base_dir():
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture
+def postgres_dir():
+    """A directory the postgres OS user owns (an archive_command's target), removed after the test."""
+    path = Path(tempfile.mkdtemp(prefix="bp-pgdir-"))
+    chown_to_db_user(path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_template(pg_base_dir):
     """Path of a stopped, initdb'd data directory (1 MB WAL segments) to copy."""
@@ -477,7 +486,7 @@ def smtp_server(settings):
 # (tests/leftovers.py).
 def pytest_sessionstart(session):
     prerequisites.check()
-    leftovers.start()
+    leftovers.start(session)
 
 
 @pytest.hookimpl(trylast=True)  # after the runner has torn the session's fixtures down

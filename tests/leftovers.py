@@ -27,7 +27,10 @@ PREFIX = "bp-"  # every temporary directory the suite makes starts with it
 _start = {}
 
 
-def start():
+def start(session):
+    # pytest's own tmp_path root stays where pytest keeps it (it cleans up after itself): the
+    # gpg homes under it must keep their agent's socket path short (108 bytes at most).
+    session.config._tmp_path_factory.getbasetemp()
     os.environ[MARK] = uuid.uuid4().hex
     _start["pids"] = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
     session_dir = tempfile.mkdtemp(prefix=f"{PREFIX}session-")
@@ -67,7 +70,7 @@ def stop_gpg_agents():
 
 
 def _temp_entries():
-    """What the suite made in its directory (pytest's own basetemp and browser profiles aside)."""
+    """What the suite made in its directory (browser profiles and the like aside)."""
     return sorted(str(p) for p in Path(_start["dir"]).glob(f"{PREFIX}*"))
 
 

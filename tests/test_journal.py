@@ -114,7 +114,7 @@ def test_admin_changes_to_servers_locations_and_schedules_are_journaled(client, 
 
 
 def test_admin_deletions_and_changes_to_users_are_journaled_with_the_superuser(client, db):
-    root = make_user("root", superuser=True)
+    root = make_user("root", "Sysadmin", superuser=True)  # a role: the journal is a portal page
     client.force_login(root)
     doomed = Server.objects.create(name="doomed", dsn="postgresql://postgres@127.0.0.1:1/x")
     response = client.post(reverse("admin:backups_server_delete", args=[doomed.pk]), {"post": "yes"})

@@ -2,14 +2,12 @@
 server whose WAL is all archived never does, however long it stays idle."""
 
 import subprocess
-import tempfile
 from datetime import timedelta
 
 import pytest
 import time_machine
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import chown_to_db_user
 from backupportal.models import Alert, RpoStatus
 from backupportal.monitor import run_once
 from backupportal.rpo import segment_end_lsn
@@ -55,7 +53,7 @@ def failing_archive(pg_cluster, db):
 
 
 def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_it_resolves(
-    failing_archive, pg_cluster, smtp_server
+    failing_archive, pg_cluster, smtp_server, postgres_dir
 ):
     server = failing_archive
     write_wal(pg_cluster)
@@ -90,8 +88,7 @@ def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_
     assert Alert.objects.get(condition="rpo_breached").state == "open"
     pg_cluster.start()
 
-    archive = tempfile.mkdtemp(prefix="bp-archive-")
-    chown_to_db_user(archive)
+    archive = postgres_dir
     pg_cluster.configure(archive_command=f"cp %p {archive}/%f")
     pg_cluster.reload()
     pg_cluster.execute("CHECKPOINT")
@@ -122,11 +119,11 @@ def test_a_server_without_wal_archiving_is_not_measured(db, smtp_server):
     assert server.health()["rpo"]["note"].startswith("no WAL archiving")
 
 
-def test_pull_rpo_follows_what_pg_receivewal_has_flushed(pg_cluster, db, smtp_server):
+def test_pull_rpo_follows_what_pg_receivewal_has_flushed(pg_cluster, db, smtp_server, postgres_dir):
     server = register(pg_cluster, dbname="postgres")
     server.archiving, server.rpo_minutes = "pull", 1
     server.save()
-    target = tempfile.mkdtemp(prefix="bp-receivewal-")
+    target = str(postgres_dir)
     receiver = subprocess.Popen(
         [
             str(server.bin_dir() / "pg_receivewal"),
