@@ -143,7 +143,9 @@ def configure(paths, port):
             "SITE_URL": f"http://127.0.0.1:{port}",
             "BACKUP_ROOT": str(paths.var / "backups"),
             "WAL_ROOT": str(paths.var / "backups" / "wal"),
-            "WAL_SPOOL": str(paths.var / "walspool"),
+            # PostgreSQL's archive program (run as postgres) writes here: beside the cluster
+            # when the checkout is out of its reach.
+            "WAL_SPOOL": str((paths.var if _reachable_by_db_user(paths.var) else _fallback_parent()) / "walspool"),
             "NAS_ROOT": "",
             "S3_BUCKET": "",
             "BACKUP_PASSPHRASE_FILE": str(paths.passphrase),
@@ -175,6 +177,8 @@ def set_up(paths, sizes):
     register(cluster)
     users(paths)
     first_backup()
+    archive_wal(cluster)
+    first_backup(kind="base")
     return cluster
 
 
@@ -312,17 +316,44 @@ def write_passwords(path, logins):
     os.replace(tmp, path)
 
 
-def first_backup():
-    """A first logical backup, so the dashboard has one to show; later runs reuse it."""
+def archive_wal(cluster):
+    """WAL archiving (push), as a DBA sets it up: the lines `archivecommand` prints go into
+    postgresql.conf and PostgreSQL restarts. With a base backup, the dashboard shows an achieved
+    RPO and a point-in-time restore can be asked for."""
+    from io import StringIO
+
     from django.core.management import CommandError, call_command
 
-    from backups.models import BackupRun, Server
+    from backups.models import Server
 
-    if Server.objects.get(name=SERVER).latest_good_backup(BackupRun.Kind.LOGICAL) is not None:
+    if Server.objects.get(name=SERVER).archiving != "none":
         return
-    say(f"taking a first logical backup of {SERVER}")
+    say(f"archiving {SERVER}'s WAL (manage.py archivecommand {SERVER}, pasted into postgresql.conf)")
+    out = StringIO()
     try:
-        call_command("backup", SERVER, kind="logical")
+        call_command("archivecommand", SERVER, stdout=out)
+    except CommandError as e:
+        raise DemoError(f"archivecommand refused the sample cluster: {e}") from None
+    lines = [line for line in out.getvalue().splitlines() if line and not line.startswith("#")]
+    with open(cluster.datadir / "postgresql.conf", "a") as conf:
+        conf.write("\n# pasted from manage.py archivecommand (the demo)\n" + "\n".join(lines) + "\n")
+    try:
+        cluster.restart()
+    except ClusterError as e:
+        raise DemoError(f"the sample cluster did not restart with WAL archiving: {_first_line(e)}") from None
+
+
+def first_backup(kind="logical"):
+    """A first backup of each kind, so the dashboard has them to show; later runs reuse them."""
+    from django.core.management import CommandError, call_command
+
+    from backups.models import Server
+
+    if Server.objects.get(name=SERVER).latest_good_backup(kind) is not None:
+        return
+    say(f"taking a first {kind} backup of {SERVER}")
+    try:
+        call_command("backup", SERVER, kind=kind)
     except CommandError as e:
         raise DemoError(f"the first backup failed: {e}") from None
     except SystemExit:

@@ -202,8 +202,13 @@ def test_the_demo_setup_registers_a_sample_server_with_users_and_a_first_backup(
     assert dsn == cluster.dsn("reliabilitymaldives")
     # The strategy's four, passed explicitly: a server registered without them has none.
     assert json.loads(critical) == ["public.users", "public.roles", "public.audit_logs", "public.financial_records"]
-    runs = rows(db, "SELECT kind, status, key, size FROM backups_backuprun")
-    assert [(kind, status) for kind, status, _, _ in runs] == [("logical", "succeeded")]
+    runs = rows(db, "SELECT kind, status, key, size FROM backups_backuprun ORDER BY id")
+    # A logical backup, and a base backup of the cluster that archives its WAL: the dashboard
+    # shows an achieved RPO, and a point-in-time restore can be asked for from the start.
+    assert [(kind, status) for kind, status, _, _ in runs] == [("logical", "succeeded"), ("base", "succeeded")]
+    assert rows(db, "SELECT archiving FROM backups_server") == [("push",)]
+    conf = (cluster.datadir / "postgresql.conf").read_text()
+    assert "archive_mode = on" in conf and "archive_command = " in conf
     actions = {a for (a,) in rows(db, "SELECT action FROM backupportal_journalentry")}
     assert {"server_added", "user_created"} <= actions
 
@@ -284,7 +289,7 @@ def test_the_demo_serves_the_portal_and_ctrl_c_stops_everything(demo_var):
         # A second run reused the cluster, the users and the first backup.
         assert recorded_cluster(demo_var).datadir == datadir_before
         assert read_logins(demo_var) == logins
-        assert len(rows(demo_var / "portal.sqlite3", "SELECT id FROM backups_backuprun")) == 1
+        assert len(rows(demo_var / "portal.sqlite3", "SELECT id FROM backups_backuprun")) == 2  # logical, base
 
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=90) == 0
