@@ -331,10 +331,15 @@ class DrDrill(models.Model):
 
     @property
     def status(self):
+        """planned, in progress, complete, or complete with failed steps: from what was recorded.
+
+        A step with only an outcome, a name or notes entered was still entered: the drill is
+        under way. A step is done when it finished or has an outcome."""
         steps = list(self.steps.all())
-        if all(s.finished_at for s in steps):
-            return "complete"
-        if any(s.started_at for s in steps):
+        if steps and all(s.done for s in steps):
+            failed = [s for s in steps if s.outcome == DrDrillStep.Outcome.FAILED]
+            return f"complete, {len(failed)} step{'s' if len(failed) > 1 else ''} failed" if failed else "complete"
+        if self.critical_restored_at or any(s.entered for s in steps):
             return "in progress"
         return "planned"
 
@@ -404,6 +409,14 @@ class DrDrillStep(models.Model):
     @property
     def help(self):
         return DrDrill.STEP_HELP[self.step]
+
+    @property
+    def entered(self):
+        return bool(self.started_at or self.finished_at or self.outcome or self.who or self.notes)
+
+    @property
+    def done(self):
+        return bool(self.finished_at or self.outcome)
 
     @property
     def duration(self):

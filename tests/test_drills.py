@@ -187,3 +187,22 @@ def test_a_drill_added_in_the_admin_gets_its_eight_steps_and_is_journaled(client
     assert drill.steps.count() == 8 and drill.logged_by == sam
     assert JournalEntry.objects.filter(action="admin_added", object_type="restores.DrDrill", actor="sam").exists()
     assert make_user("x").has_perm("restores.log_drill") is False
+
+
+def test_a_drill_moves_through_its_states_as_steps_are_recorded(client, alice, atoll):
+    client.force_login(alice)
+    drill = log_drill(client, atoll)
+
+    def state():
+        return DrDrill.objects.prefetch_related("steps").get(pk=drill.pk).status
+
+    assert state() == "planned"
+    # Only who and an outcome, no times: the step was entered all the same.
+    client.post(reverse("drill-step", args=[drill.pk, "assessment"]), {"who": "alice", "outcome": "ok"})
+    assert state() == "in progress"
+    page = client.get(reverse("drills")).content.decode()
+    assert "<td>in progress</td>" in page
+    for step, _ in DrDrill.STEPS:
+        outcome = "failed" if step == "validation" else "ok"
+        client.post(reverse("drill-step", args=[drill.pk, step]), {"who": "alice", "outcome": outcome})
+    assert state() == "complete, 1 step failed"
