@@ -14,6 +14,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("journal/", journal_views.journal_list, name="journal"),
     path("journal/export.csv", journal_views.journal_export, name="journal-export"),
+    path("journal/verify/", journal_views.journal_verify, name="journal-verify"),
     path("journal/<int:entry_id>/", journal_views.journal_entry, name="journal-entry"),
     path("journal/<int:entry_id>/object/", journal_views.journal_object, name="journal-object"),
     path("maintenance/", maintenance_views.calendar, name="maintenance"),

@@ -51,6 +51,7 @@ READ = {
     "verification-progress",
     "journal",
     "journal-export",
+    "journal-verify",
     "journal-entry",
     "drills",
     "drill",

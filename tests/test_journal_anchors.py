@@ -425,3 +425,49 @@ def test_a_worker_without_the_key_journals_nothing_and_makes_no_key(db, settings
     with pytest.raises(journal.JournalKeyMissing, match="is missing: copy it from the portal's host"):
         journal.record("backup_started", actor="job:backup")
     assert not settings.JOURNAL_KEY_FILE.exists() and not JournalEntry.objects.exists()
+
+
+# --- The auditor's check in the browser, and the export that lets them re-check. ------------
+
+
+def test_an_auditor_checks_the_chain_from_the_journal_page_and_the_check_changes_nothing(
+    client, backup_root, django_capture_on_commit_callbacks
+):
+    from django.urls import reverse
+
+    from tests.conftest import make_user
+
+    entries = record(5, django_capture_on_commit_callbacks)
+    client.force_login(make_user("carol", "Auditor"))
+    assert 'href="/journal/verify/"' in client.get(reverse("journal")).content.decode()
+    count = JournalEntry.objects.count()
+    assert "Check the chain now" in client.get(reverse("journal-verify")).content.decode()
+    page = client.get(reverse("journal-verify"), {"run": "1"}).content.decode()
+    assert ">intact<" in page and f"<td>{count}</td>" in page
+    assert JournalEntry.objects.count() == count  # a read: nothing journaled, nothing changed
+
+    tamper("UPDATE backupportal_journalentry SET actor = 'mallory' WHERE id = %s", [entries[2].pk])
+    page = client.get(reverse("journal-verify"), {"run": "1"}).content.decode()
+    assert "NOT intact" in page and f"entry #{entries[2].pk}: its HMAC does not match its content" in page
+    assert client.post(reverse("journal-verify"), {"run": "1"}).status_code in (403, 405)
+
+
+def test_the_csv_carries_each_entry_s_hmac_and_its_predecessor_s(client, db, django_capture_on_commit_callbacks):
+    import csv
+
+    from django.urls import reverse
+
+    from tests.conftest import make_user
+
+    record(4, django_capture_on_commit_callbacks)
+    client.force_login(make_user("carol", "Auditor"))
+    response = client.get(reverse("journal-export"))
+    rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    by_id = {e.pk: e for e in JournalEntry.objects.all()}
+    assert rows and all(r["hmac"] == by_id[int(r["id"])].hmac for r in rows)
+    chain = sorted(rows, key=lambda r: int(r["id"]))
+    for before, after in zip(chain, chain[1:], strict=False):
+        assert after["prev_hmac"] == before["hmac"]  # re-checkable outside the portal
+    assert chain[0]["prev_hmac"] == journal.GENESIS
+    for row in chain:
+        assert journal.compute_hmac(by_id[int(row["id"])]) == row["hmac"]
