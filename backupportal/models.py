@@ -43,7 +43,8 @@ class JournalEntry(models.Model):
         ]
 
     def __str__(self):
-        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.object_repr}"
+        # In the portal's time zone, as every page shows times (the maintenance form lists entries by it).
+        return f"{timezone.localtime(self.at):%Y-%m-%d %H:%M:%S} {self.actor} {self.action} {self.object_repr}"
 
     def get_absolute_url(self):
         return reverse("journal-entry", args=[self.pk])

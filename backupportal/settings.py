@@ -127,6 +127,8 @@ TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
 parse_networks(TRUSTED_PROXIES)  # fail at start on a typo, not at the first login
 
 LANGUAGE_CODE = "en-gb"
+# One date and time format everywhere (backupportal/formats/en_GB/formats.py).
+FORMAT_MODULE_PATH = ["backupportal.formats"]
 TIME_ZONE = env.str("TIME_ZONE", default="Indian/Maldives")
 USE_I18N = True
 USE_TZ = True

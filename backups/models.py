@@ -499,11 +499,11 @@ class BackupRun(models.Model):
         permissions = [("run_backup", "Can back up now, verify and run restore tests")]
 
     def __str__(self):
-        """What a DBA picks a backup by: when, what, how big ("#12 maldives logical, 3 Dec 2026 02:00, 41.2 MB")."""
+        """What a DBA picks a backup by: what, when, how big ("#12 maldives logical, 2026-12-03 02:00, 41.2 MB")."""
         when = self.finished_at or self.created_at
         text = f"#{self.pk} {self.server} {self.kind}"
         if when:
-            text += f", {date_format(timezone.localtime(when), 'j M Y H:i')}"
+            text += f", {date_format(timezone.localtime(when), 'DATETIME_FORMAT')}"
         if self.size:
             text += f", {filesizeformat(self.size)}"
         return text if self.status == self.Status.SUCCEEDED else f"{text} ({self.status})"

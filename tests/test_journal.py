@@ -629,3 +629,22 @@ def test_an_auditor_cannot_change_the_journal_by_any_route(client, charlie, busy
     )
     assert JournalEntry.objects.count() == count
     assert User.objects.get(username="charlie").groups.get().name == "Auditor"
+
+
+def test_details_read_as_labels_and_rounded_values_and_times_in_one_format_in_the_portals_zone(client, charlie):
+    entry = journal.record(
+        "restore_test_passed", actor="job:restoretest", duration_s=0.5867414599999847, tables=["a", "b"]
+    )
+    client.force_login(charlie)
+    page = client.get(reverse("journal")).content.decode()
+    assert "<b>duration</b> 0.587 s" in page and "<b>tables</b> a, b" in page and "0.58674" not in page
+    assert "Times are in Indian/Maldives (+0500)" in page
+    detail = client.get(entry.get_absolute_url()).content.decode()
+    assert "<th>Duration</th><td>0.587 s</td>" in detail
+    assert "&quot;duration_s&quot;: 0.5867414599999847" in detail  # and exactly as signed, for the auditor
+    # Django's en-GB default ("3 Dec 2026, 2:30 p.m.") is gone: a template without a format writes ISO.
+    from django.template import Context, Template
+
+    moment = timezone.make_aware(datetime.datetime(2026, 12, 3, 14, 30))
+    assert Template("{{ t }} {{ t|date }}").render(Context({"t": moment})) == "2026-12-03 14:30 2026-12-03"
+    assert str(entry).startswith(f"{timezone.localtime(entry.at):%Y-%m-%d %H:%M:%S} job:restoretest")

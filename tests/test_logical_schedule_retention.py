@@ -195,7 +195,7 @@ def test_the_run_page_of_a_failed_backup_shows_its_error_and_offers_no_restore(c
     client.force_login(alice)
     page = client.get(reverse("run", args=[run.pk])).content.decode()
     assert "pg_dump: connection refused" in page and "Restore this backup" not in page
-    assert str(run) == f"#{run.pk} maldives logical, {timezone.localtime(run.created_at):%-d %b %Y %H:%M} (failed)"
+    assert str(run) == f"#{run.pk} maldives logical, {timezone.localtime(run.created_at):%Y-%m-%d %H:%M} (failed)"
 
 
 def test_an_auditor_sees_a_run_but_no_restore_button(client, charlie, server):

@@ -234,7 +234,7 @@ def test_the_server_page_says_each_schedule_in_words_with_its_next_three_runs(cl
     page = client.get(reverse("server", args=[server.name])).content.decode()
     assert "at 03:30, on Sunday" in page
     for moment in next_runs(schedule.cron):  # its next three runs, in the portal's time zone
-        assert dateformat.format(moment, "j M Y, H:i") in page
+        assert dateformat.format(moment, "D Y-m-d H:i") in page
     schedule.enabled = False
     schedule.save()
     page = client.get(reverse("server", args=[server.name])).content.decode()

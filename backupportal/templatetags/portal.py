@@ -28,3 +28,32 @@ def duration(value):
 @register.filter
 def percent(ratio):
     return "" if ratio is None else f"{ratio:.0%}"
+
+
+@register.filter
+def labelled(details):
+    """A details dict as (label, value) pairs a person reads: "duration" "0.59 s", not
+    duration_s=0.5867414599999847; lists joined, nested dicts as key: value."""
+    return [(_label(key), _human(key, value)) for key, value in (details or {}).items()]
+
+
+def _label(key):
+    for unit in ("_s", "_bytes", "_pct"):
+        if key.endswith(unit):
+            key = key[: -len(unit)]
+    return key.replace("_", " ")
+
+
+def _human(key, value):
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "—"}[value]
+    if isinstance(value, float):
+        value = f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    elif isinstance(value, int) and abs(value) >= 10000:
+        value = f"{value:,}"
+    elif isinstance(value, list):
+        return ", ".join(_human("", v) for v in value) or "—"
+    elif isinstance(value, dict):
+        return "; ".join(f"{_label(k)}: {_human(k, v)}" for k, v in value.items()) or "—"
+    suffix = {"_s": " s", "_bytes": " bytes", "_pct": "%"}
+    return f"{value}{next((u for k, u in suffix.items() if key.endswith(k)), '')}"
