@@ -21,13 +21,13 @@ class JournalEntry(models.Model):
     actor = models.CharField(max_length=150, help_text="a user name, or job:<name>, or os:<user>")
     action = models.CharField(max_length=64)
     object_type = models.CharField(max_length=64, blank=True)
-    object_id = models.CharField(max_length=64, blank=True)
+    object_id = models.CharField(max_length=64, blank=True, verbose_name="object id")
     object_repr = models.CharField(max_length=200, blank=True)
     server = models.CharField(max_length=63, blank=True)
     outcome = models.CharField(max_length=7, choices=Outcome.choices, default=Outcome.OK)
     details = models.JSONField(default=dict, blank=True)
-    prev_hmac = models.CharField(max_length=64)
-    hmac = models.CharField(max_length=64)
+    prev_hmac = models.CharField(max_length=64, verbose_name="previous entry's HMAC")
+    hmac = models.CharField(max_length=64, verbose_name="HMAC")
 
     class Meta:
         verbose_name_plural = "journal entries"

@@ -82,10 +82,14 @@ class Server(ServerConnection):
         validators=[binaries.validate_bin_dir],
         help_text="One of PG_BIN_DIRS; empty: that of the server's major version, else the newest at least as new.",
     )
-    pg_version = models.IntegerField(null=True, editable=False, help_text="server_version_num at registration")
+    pg_version = models.IntegerField(
+        null=True, editable=False, help_text="server_version_num at registration", verbose_name="PostgreSQL version"
+    )
     archiving = models.CharField(max_length=4, choices=Archiving.choices, default=Archiving.NONE)
     # Read from the server (initdb --wal-segsize), never assumed: segment names and numbers depend on it.
-    wal_segment_size = models.IntegerField(null=True, blank=True, editable=False, help_text="bytes")
+    wal_segment_size = models.IntegerField(
+        null=True, blank=True, editable=False, help_text="bytes", verbose_name="WAL segment size (bytes)"
+    )
     enabled = models.BooleanField(default=True)
 
     rpo_minutes = models.PositiveIntegerField("RPO objective (minutes)", default=15)
@@ -94,7 +98,7 @@ class Server(ServerConnection):
 
     logical_retention_days = models.PositiveIntegerField(default=30)
     base_retention_days = models.PositiveIntegerField(default=30)
-    wal_retention_days = models.PositiveIntegerField(default=7)
+    wal_retention_days = models.PositiveIntegerField(default=7, verbose_name="WAL retention (days)")
 
     critical_tables = models.JSONField(
         default=default_critical_tables,
@@ -106,6 +110,7 @@ class Server(ServerConnection):
         ),
     )
     shrink_threshold_pct = models.PositiveIntegerField(
+        verbose_name="shrink threshold (%)",
         default=20,
         help_text="A restore test fails when a critical table shrank more than this against the previous backup.",
     )
@@ -266,7 +271,11 @@ class BackupSchedule(models.Model):
 
     server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="schedules")
     job = models.CharField(max_length=20, choices=Job.choices)
-    cron = models.CharField(max_length=100, help_text="minute hour day-of-month month day-of-week")
+    cron = models.CharField(
+        max_length=100,
+        help_text="minute hour day-of-month month day-of-week",
+        verbose_name="cron (minute hour day month weekday)",
+    )
     enabled = models.BooleanField(default=True)
 
     class Meta:
@@ -317,12 +326,15 @@ class StorageLocation(models.Model):
     )
     bucket = models.CharField(max_length=255, blank=True)
     prefix = models.CharField(max_length=255, blank=True)
-    endpoint_url = models.CharField(max_length=255, blank=True)
+    endpoint_url = models.CharField(max_length=255, blank=True, verbose_name="endpoint URL")
     region = models.CharField(max_length=64, blank=True)
     sse = models.CharField("server-side encryption", max_length=32, blank=True)
     storage_class = models.CharField(max_length=32, blank=True)
     capacity_bytes = models.BigIntegerField(
-        null=True, blank=True, help_text="The space the portal may use here; counted against the 20% free rule."
+        verbose_name="capacity (bytes)",
+        null=True,
+        blank=True,
+        help_text="The space the portal may use here; counted against the 20% free rule.",
     )
     enabled = models.BooleanField(default=True)
 
@@ -466,22 +478,22 @@ class BackupRun(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     # The worker touches this while it streams; a run whose heartbeat stopped was orphaned.
     heartbeat_at = models.DateTimeField(null=True, blank=True)
-    pid = models.IntegerField(null=True, blank=True)
+    pid = models.IntegerField(null=True, blank=True, verbose_name="worker process id")
 
     key = models.CharField(max_length=500, blank=True, help_text="the artifact's path relative to each location")
     size = models.BigIntegerField(null=True, blank=True)
-    bytes_done = models.BigIntegerField(default=0)
-    sha256 = models.CharField(max_length=64, blank=True)
+    bytes_done = models.BigIntegerField(default=0, verbose_name="bytes written")
+    sha256 = models.CharField(max_length=64, blank=True, verbose_name="SHA-256")
     error = models.TextField(blank=True)
     notes = models.TextField(blank=True)
     details = models.JSONField(default=dict, blank=True, help_text="row counts, tool versions, compression")
 
     # Physical and WAL-chain runs: where in the WAL they start and end.
     timeline = models.IntegerField(null=True, blank=True)
-    start_lsn = models.CharField(max_length=32, blank=True)
-    end_lsn = models.CharField(max_length=32, blank=True)
-    start_wal = models.CharField(max_length=24, blank=True)
-    end_wal = models.CharField(max_length=24, blank=True)
+    start_lsn = models.CharField(max_length=32, blank=True, verbose_name="start LSN")
+    end_lsn = models.CharField(max_length=32, blank=True, verbose_name="end LSN")
+    start_wal = models.CharField(max_length=24, blank=True, verbose_name="first WAL segment")
+    end_wal = models.CharField(max_length=24, blank=True, verbose_name="last WAL segment")
 
     deleted_at = models.DateTimeField(null=True, blank=True, help_text="set when retention removed the artifact")
 
@@ -534,7 +546,7 @@ class WalSegment(models.Model):
     # and partial files. Gap checks and retention compare these numbers.
     segno = models.BigIntegerField(null=True, blank=True)
     size = models.BigIntegerField()
-    sha256 = models.CharField(max_length=64)
+    sha256 = models.CharField(max_length=64, verbose_name="SHA-256")
     key = models.CharField(max_length=500, blank=True)
     archived_at = models.DateTimeField(help_text="when PostgreSQL (or pg_receivewal) handed it over")
     ingested_at = models.DateTimeField(default=timezone.now)
@@ -544,6 +556,7 @@ class WalSegment(models.Model):
     class Meta:
         ordering = ["server", "timeline", "name"]
         constraints = [models.UniqueConstraint(fields=["server", "name"], name="one_segment_per_name")]
+        verbose_name = "WAL segment"
         indexes = [
             # Used by the WAL list filtered by server and day, and by retention.
             models.Index(fields=["server", "archived_at"], name="wal_server_archived"),
@@ -570,12 +583,14 @@ class BackupCopy(models.Model):
         DELETED = "deleted", "Deleted"
 
     run = models.ForeignKey(BackupRun, null=True, blank=True, on_delete=models.CASCADE, related_name="copies")
-    wal_segment = models.ForeignKey(WalSegment, null=True, blank=True, on_delete=models.CASCADE, related_name="copies")
+    wal_segment = models.ForeignKey(
+        WalSegment, null=True, blank=True, on_delete=models.CASCADE, related_name="copies", verbose_name="WAL segment"
+    )
     location = models.ForeignKey(StorageLocation, on_delete=models.PROTECT, related_name="copies")
     artifact = models.CharField(max_length=16, default="main", help_text="main, globals, manifest or wal")
     key = models.CharField(max_length=500, help_text="path relative to the location, or the object key")
     size = models.BigIntegerField(null=True, blank=True)
-    sha256 = models.CharField(max_length=64, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True, verbose_name="SHA-256")
     status = models.CharField(max_length=7, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
@@ -660,8 +675,8 @@ class Verification(models.Model):
     copies_checked = models.PositiveIntegerField(default=0)
     copies_bad = models.PositiveIntegerField(default=0)
     copies_unreachable = models.PositiveIntegerField(default=0)
-    bytes_total = models.BigIntegerField(default=0)
-    bytes_checked = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0, verbose_name="bytes to check")
+    bytes_checked = models.BigIntegerField(default=0, verbose_name="bytes checked")
     error = models.TextField(blank=True)
     result = models.JSONField(default=dict, blank=True, help_text="what verify returned: the copies listed")
 

@@ -135,7 +135,7 @@ class RestoreRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
-    bytes_done = models.BigIntegerField(default=0)
+    bytes_done = models.BigIntegerField(default=0, verbose_name="bytes restored")
     error = models.TextField(blank=True)
     notes = models.TextField(blank=True, help_text="e.g. which copy was read, fallbacks")
     warnings = models.JSONField(default=list, blank=True, help_text="what of the backup could not be applied")
@@ -196,7 +196,7 @@ class RestoreTest(models.Model):
     monthly = models.BooleanField(default=False, help_text="the strategy's monthly full restore test")
     started_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
-    duration_s = models.FloatField(null=True, blank=True, help_text="the measured RTO")
+    duration_s = models.FloatField(null=True, blank=True, help_text="the measured RTO", verbose_name="duration (s)")
     checks = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
 
@@ -300,6 +300,7 @@ class DrDrill(models.Model):
     class Meta:
         ordering = ["-started_at"]
         permissions = [("log_drill", "Can log a DR drill")]
+        verbose_name, verbose_name_plural = "DR drill", "DR drills"
 
     def __str__(self):
         return self.title
@@ -390,6 +391,7 @@ class DrDrillStep(models.Model):
     class Meta:
         ordering = ["drill", "position"]
         constraints = [models.UniqueConstraint(fields=["drill", "step"], name="one_row_per_drill_step")]
+        verbose_name = "DR drill step"
 
     def __str__(self):
         return f"{self.drill}: {self.get_step_display()}"
@@ -430,7 +432,9 @@ class ValidationCheck(models.Model):
 
     server = models.ForeignKey("backups.Server", on_delete=models.CASCADE, related_name="validation_checks")
     name = models.CharField(max_length=100)
-    sql = models.TextField(help_text="A read-only query whose first column of the first row is compared.")
+    sql = models.TextField(
+        help_text="A read-only query whose first column of the first row is compared.", verbose_name="SQL"
+    )
     expected = models.CharField(max_length=200, help_text="The expected value, as text (e.g. 0, t, 5).")
     enabled = models.BooleanField(default=True)
 
