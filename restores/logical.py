@@ -24,11 +24,12 @@ from backupportal import journal
 from backupportal.lib.commands import fail
 from backupportal.lib.pgerrors import explain
 from backups.binaries import client_tool
-from backups.copies import CopyCorrupt, healthy_copies, open_first_healthy
+from backups.copies import healthy_copies, mark_faults, open_first_healthy
 from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
 from backups.models import BackupRun, Server
 from backups.pipeline import BackupFailed, Tool
 from backups.storage import StorageError, store_for
+from backups.streams import CopyCorrupt
 from restores import cluster_globals, dbprops
 from restores.models import RestoreRun
 from restores.tablespaces import check_tablespaces, parse_tablespace_map, relocate
@@ -177,7 +178,7 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statement=
             # while its hash is wrong is corrupt, whichever noticed first.
             corrupt = e if isinstance(e, CopyCorrupt) else reader.corrupt()
             if corrupt is not None:
-                corrupt.mark_bad()
+                mark_faults([corrupt])
                 notes.append(str(corrupt))
                 why.append(f"corrupt: {corrupt}")
             elif reader.read_error is not None:

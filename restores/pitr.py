@@ -36,11 +36,12 @@ from backupportal.lib.commands import fail
 from backupportal.lib.pgcluster import DB_OS_USER, as_db_user, chown_to_db_user
 from backups import wal
 from backups.binaries import backup_major, cluster_dir, cluster_tool
+from backups.copies import decrypt_here, mark_faults, settled
 from backups.crypto import Encryption, EncryptionError
 from backups.models import BackupCopy, BackupRun, Server, WalSegment
 from backups.storage import store_for
+from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from restores import pitr_reach
-from restores.fetch import FetchFailed, FileSink, fetch, ordered_copies
 from restores.models import RestoreRun
 from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target
 from restores.pitr_reach import partial_for
@@ -452,11 +453,10 @@ def empty(directory, keep=()):
 
 
 def encryption_of(plan):
-    # python-gnupg keeps the on_data callback on the object: one per thread (and per restore,
-    # so that a changed passphrase file is read again).
-    if not hasattr(plan.threads, "encryption"):
-        plan.threads.encryption = Encryption()
-    return plan.threads.encryption
+    # One per restore, so that a changed passphrase file is read again; it serves every thread.
+    if plan.encryption is None:
+        plan.encryption = Encryption()
+    return plan.encryption
 
 
 def stage_wal(plan, first, last):
@@ -474,22 +474,21 @@ def stage_wal(plan, first, last):
     def one(segment):
         sink = FileSink(plan.staging / segment.name)
         try:
-            notes, marks = fetch(
-                ordered_copies(copies.get(segment.pk, [])),
+            notes, faults = decrypt_first_healthy(
+                readable(copies.get(segment.pk, [])),
                 sink,
                 encryption_of(plan),
                 f"WAL segment {segment.name}",
                 plain_sha256=segment.sha256,
             )
         except FetchFailed as e:
-            return segment, e, e.marks
-        return segment, notes, marks
+            return segment, e, e.faults
+        return segment, notes, faults
 
     failure = None
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        for segment, outcome, marks in pool.map(one, segments):
-            for mark in marks:
-                mark()
+        for segment, outcome, faults in pool.map(one, segments):
+            mark_faults(faults)  # here: the catalog stays on this thread
             if isinstance(outcome, FetchFailed):
                 failure = failure or outcome
                 continue
@@ -500,31 +499,13 @@ def stage_wal(plan, first, last):
     stage_history_files(plan)
 
 
-def fetch_here(*args, **kwargs):
-    """fetch() on this thread: bad copies are marked at once. Returns the notes."""
-    return settled(lambda: fetch(*args, **kwargs))
-
-
-def settled(fetched):
-    """The notes of `fetched()` (a fetch, or a finished one's result), its bad copies marked."""
-    try:
-        notes, marks = fetched()
-    except FetchFailed as e:
-        for mark in e.marks:
-            mark()
-        raise
-    for mark in marks:
-        mark()
-    return notes
-
-
 def stage_history_files(plan):
     """Timeline history files: recovery reads them to follow the server's timelines."""
     for segment in WalSegment.objects.filter(server=plan.server, deleted_at=None, name__endswith=".history"):
         path = plan.staging / segment.name
         if not path.exists():
-            fetch_here(
-                ordered_copies(segment.copies.select_related("location")),
+            decrypt_here(
+                readable(segment.copies.select_related("location")),
                 FileSink(path),
                 encryption_of(plan),
                 f"history file {segment.name}",
@@ -623,12 +604,11 @@ class Extraction:
     """The planned base backup's extraction, started on a thread of its own."""
 
     def __init__(self, plan):
-        copies = ordered_copies(plan.base.copies.filter(artifact="main").select_related("location"))
+        copies = readable(plan.base.copies.filter(artifact="main").select_related("location"))
         self.sink = TarSink(plan.datadir)
-        # Its own Encryption: python-gnupg keeps the on_data callback on the object.
-        args = (copies, self.sink, Encryption(), f"base backup #{plan.base.pk}")
+        args = (copies, self.sink, encryption_of(plan), f"base backup #{plan.base.pk}")
         pool = ThreadPoolExecutor(max_workers=1)
-        self.future = pool.submit(fetch, *args)
+        self.future = pool.submit(decrypt_first_healthy, *args)
         pool.shutdown(wait=False)  # the thread ends with the fetch
 
     def notes(self):
@@ -669,8 +649,8 @@ def extract_base(plan, early=None):
     if early is not None:
         plan.notes += early.notes()
     else:
-        copies = ordered_copies(plan.base.copies.filter(artifact="main").select_related("location"))
-        plan.notes += fetch_here(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
+        copies = readable(plan.base.copies.filter(artifact="main").select_related("location"))
+        plan.notes += decrypt_here(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
     if not (plan.datadir / "backup_manifest").exists():
         raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
 

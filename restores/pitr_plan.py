@@ -5,12 +5,12 @@ Kept apart from restores/pitr.py so that the modules it uses (pitr_reach, pitr_v
 these without importing the restore itself.
 """
 
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from backups import wal
+from backups.crypto import Encryption
 from backups.models import BackupRun, Server
 
 STAGING = "bp_restore_wal"
@@ -46,7 +46,7 @@ class Plan:
     staged: dict = field(default_factory=dict)  # segno -> staged segment name
     fallback: bool = True  # an unreadable base backup may be replaced by an older one
     recovered: dict = field(default_factory=dict)
-    threads: threading.local = field(default_factory=threading.local)
+    encryption: Encryption | None = None  # one per restore (restores.pitr.encryption_of)
     # A time target: the first archived commit after it (recovery stops right before it) ...
     after_lsn: str = ""
     after_time: datetime | None = None

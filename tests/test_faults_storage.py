@@ -492,27 +492,30 @@ def test_a_restore_with_only_s3_left_fails_cleanly_while_it_fails_and_succeeds_a
 def test_pitr_fetch_skips_an_unreachable_s3_copy_without_condemning_it(
     fault, only, server, passphrase_file, tiers, faulty, tmp_path
 ):
-    """restores.fetch, as PITR reads base backups and WAL: S3 faulty → the next copy, or a clear failure."""
+    """backups.streams, as PITR reads base backups and WAL: S3 faulty → the next copy, or a clear failure."""
+    from backups.copies import mark_faults
     from backups.crypto import Encryption
-    from restores.fetch import FetchFailed, FileSink, fetch, ordered_copies
+    from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 
     run = good_backup_everywhere()
     copies = {c.location.name: c for c in run.copies.filter(artifact="main").select_related("location")}
     faulty.set(fault, only)
     # S3 first (as a remote restore host that has no local tier would read it): it falls back to the NAS.
     sink = FileSink(tmp_path / "fallback.dump")
-    notes, marks = fetch([copies["s3"], copies["nas"]], sink, Encryption(), f"run #{run.pk}")
+    notes, faults = decrypt_first_healthy([copies["s3"], copies["nas"]], sink, Encryption(), f"run #{run.pk}")
     assert notes == [f"run #{run.pk}: read from nas after s3: unreachable ({notes[0].split('unreachable (', 1)[1]}"]
     assert MESSAGES.get(fault, "Read timeout") in notes[0]
-    [mark() for mark in marks]
+    mark_faults(faults)
     assert (tmp_path / "fallback.dump").read_bytes()[:5] == b"PGDMP"
 
     # Only S3 left: a clear failure, no plaintext left behind, the S3 copy still believed good.
     for gone in ("primary", "nas"):
         (getattr(tiers, gone) / run.key).unlink()
     with pytest.raises(FetchFailed) as failed:
-        fetch(ordered_copies(copies.values()), FileSink(tmp_path / "only_s3.dump"), Encryption(), f"run #{run.pk}")
-    [mark() for mark in failed.value.marks]
+        decrypt_first_healthy(
+            readable(copies.values()), FileSink(tmp_path / "only_s3.dump"), Encryption(), f"run #{run.pk}"
+        )
+    mark_faults(failed.value.faults)
     message = str(failed.value)
     assert message.startswith(f"run #{run.pk} cannot be read intact from any location (primary: missing (")
     assert "; s3: unreachable (" in message and "\n" not in message

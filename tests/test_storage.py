@@ -13,9 +13,10 @@ from django.utils import timezone
 
 from backupportal.lib import sampledata
 from backupportal.models import Alert, JournalEntry
-from backups.copies import CopyCorrupt, delete_run_artifacts, open_first_healthy, retry_due_copies
+from backups.copies import delete_run_artifacts, mark_faults, open_first_healthy, retry_due_copies
 from backups.models import BackupCopy, BackupRun
 from backups.storage import check_storage
+from backups.streams import CopyCorrupt
 from tests.test_logical_backup import backup_json
 
 
@@ -270,7 +271,7 @@ def test_a_corrupt_primary_is_caught_while_streaming_and_the_next_read_falls_bac
         while reader.read(65536):
             pass
     assert run.copies.get(location__kind="primary", artifact="main").status == "ok"  # the reader writes nothing
-    caught.value.mark_bad()  # the restore does this on its own thread
+    mark_faults([caught.value])  # the restore does this on its own thread
     assert run.copies.get(location__kind="primary", artifact="main").status == "bad"
     assert Alert.objects.filter(condition="corruption", subject="server:maldives", state="open").exists()
     with open_first_healthy(run) as again:
