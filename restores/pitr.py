@@ -33,7 +33,7 @@ from django.utils import timezone
 from backupportal import journal
 from backupportal.lib.childenv import child_env
 from backupportal.lib.commands import fail
-from backupportal.lib.pgcluster import DB_OS_USER, as_db_user, chown_to_db_user
+from backupportal.lib.osuser import DB_OS_USER, as_db_user, chown_to_db_user
 from backups import wal
 from backups.binaries import backup_major, cluster_dir, cluster_tool
 from backups.copies import decrypt_here, mark_faults, settled

@@ -36,7 +36,9 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
 from backupportal.lib import sampledata  # noqa: E402
-from backupportal.lib.pgcluster import DB_OS_USER, Cluster, ClusterError, as_db_user, pg_bin  # noqa: E402
+from backupportal.lib.osuser import DB_OS_USER, as_db_user  # noqa: E402
+from backupportal.lib.pgcluster import Cluster, ClusterError  # noqa: E402
+from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
 
 SERVER = "maldives"
 DBNAME = "reliabilitymaldives"

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from backupportal.lib.pgcluster import Cluster, chown_to_db_user, stop_all
+from backupportal.lib.osuser import chown_to_db_user
+from backupportal.lib.pgcluster import Cluster, stop_all
 from tests import leftovers, prerequisites
 
 
@@ -175,7 +176,7 @@ class MotoS3:
     """
 
     def __init__(self):
-        from backupportal.lib.pgcluster import free_port
+        from backupportal.lib.osuser import free_port
 
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -432,7 +433,7 @@ class SmtpServer:
     """aiosmtpd on a free port of 127.0.0.1, collecting what it receives; stop() is an outage."""
 
     def __init__(self):
-        from backupportal.lib.pgcluster import free_port
+        from backupportal.lib.osuser import free_port
 
         self.port = free_port()
         self.messages = []

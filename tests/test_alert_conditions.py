@@ -19,7 +19,7 @@ from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import chown_to_db_user, free_port
+from backupportal.lib.osuser import chown_to_db_user, free_port
 from backupportal.models import Alert
 from backups import wal
 from backups.copies import retry_due_copies

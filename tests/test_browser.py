@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from tests.conftest import DEMO_PASSWORD, descendants, make_user, portal_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]

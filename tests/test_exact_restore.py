@@ -14,7 +14,8 @@ import psycopg
 import pytest
 from django.core.management import call_command
 
-from backupportal.lib.pgcluster import Cluster, pg_bin
+from backupportal.lib.pgcluster import Cluster
+from backupportal.lib.pgdatadir import pg_bin
 from backups.models import BackupRun, Server
 from restores.models import RestoreRun
 from tests import awkward_schema

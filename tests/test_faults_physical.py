@@ -412,7 +412,7 @@ def pitr_latest(datadir, port):
 def test_a_flipped_byte_in_a_base_backup_is_caught_and_never_restored(
     server, sample_cluster, passphrase_file, backup_root, nas_root, wal_spool, restored
 ):
-    from backupportal.lib.pgcluster import free_port
+    from backupportal.lib.osuser import free_port
     from backups.models import StorageLocation
 
     from .walhelpers import rows, run_command

@@ -12,7 +12,7 @@ import pytest
 from django.utils import timezone
 
 from backupportal.lib import sampledata
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
 from backups import wal
 from backups.models import BackupCopy, BackupRun, StorageLocation

@@ -24,7 +24,7 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import Alert, JournalEntry
 from backups.copies import retry_due_copies
 from backups.models import BackupCopy, BackupRun, StorageLocation

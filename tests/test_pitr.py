@@ -6,7 +6,7 @@ from pathlib import Path
 
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import Alert, JournalEntry
 from backups import wal
 from backups.models import BackupRun, WalSegment

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import free_port, pg_bin
+from backupportal.lib.osuser import free_port
+from backupportal.lib.pgdatadir import pg_bin
 from backupportal.models import JournalEntry
 from backups import wal
 from backups.models import WalSegment

@@ -9,7 +9,7 @@ import pytest
 import time_machine
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import chown_to_db_user
+from backupportal.lib.osuser import chown_to_db_user
 from backupportal.models import Alert, RpoStatus
 from backupportal.monitor import run_once
 from backupportal.rpo import segment_end_lsn

@@ -202,7 +202,7 @@ def test_a_whole_logical_backup_and_restore_pass_no_secret_on(
 def test_a_whole_pitr_job_passes_no_secret_on(
     settings, sample_cluster, secret_passphrase, tiers, wal_spool, restored, tmp_path
 ):
-    from backupportal.lib.pgcluster import free_port
+    from backupportal.lib.osuser import free_port
 
     lines = enable_push(sample_cluster)
     assert_no_secret("\n".join(lines), "the archive_command lines")  # the archiver's argv, run by postgres

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from backupportal.lib.pgcluster import as_db_user, chown_to_db_user
+from backupportal.lib.osuser import as_db_user, chown_to_db_user
 from backupportal.models import Alert
 from backups import wal
 from backups.models import BackupCopy, BackupSchedule, WalSegment

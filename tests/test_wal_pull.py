@@ -71,7 +71,7 @@ def test_pg_receivewal_killed_is_restarted_and_the_chain_has_no_gap(
 def test_a_pull_server_restores_the_newest_commit_from_the_partial_segment(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):
-    from backupportal.lib.pgcluster import free_port
+    from backupportal.lib.osuser import free_port
 
     receiver = pull(server)
     receiver.start_child()

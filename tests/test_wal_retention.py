@@ -5,7 +5,7 @@ from pathlib import Path
 
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
 from backups import retention, wal
 from backups.models import BackupCopy, BackupRun, WalSegment

@@ -73,16 +73,9 @@ def restore_dir():
 
 def stop_restored(datadir):
     """Stop a cluster a restore left running, and remove it."""
-    import subprocess
+    from backupportal.lib.pgcluster import stop_left_running
 
-    from backupportal.lib.pgcluster import as_db_user, pg_bin
-
-    if (Path(datadir) / "postmaster.pid").exists():
-        subprocess.run(
-            as_db_user([str(pg_bin() / "pg_ctl"), "stop", "-m", "immediate", "-w", "-D", str(datadir)]),
-            capture_output=True,
-            cwd="/",
-        )
+    stop_left_running(datadir)
     shutil.rmtree(Path(datadir).parent, ignore_errors=True)
 
 
