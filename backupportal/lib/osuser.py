@@ -8,6 +8,7 @@ without Django. backups.binaries.pg_ctl chooses the binaries of a cluster's own 
 backupportal.lib.pgcluster (the throwaway clusters of tests, demo and benchmarks) passes its own.
 """
 
+import getpass
 import os
 import pwd
 import socket
@@ -105,3 +106,12 @@ def run_as_db_user(argv, cwd="/", timeout=120) -> subprocess.CompletedProcess:
 def pg_ctl(program, datadir, *args, cwd="/", timeout=120) -> subprocess.CompletedProcess:
     """``program`` (a pg_ctl) ``args -D datadir`` as the database OS user (run_as_db_user)."""
     return run_as_db_user([program, *args, "-D", datadir], cwd=cwd, timeout=timeout)
+
+
+def os_actor() -> str:
+    """The journal's actor for a command run from a shell: "os:" and the OS user who ran it
+    (its uid when the name cannot be told, as in a container without a passwd entry)."""
+    try:
+        return f"os:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - getpass raises OSError or KeyError depending on the platform
+        return f"os:{os.getuid()}"
