@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -21,18 +20,17 @@ from django.utils import timezone
 from psycopg import sql
 
 from backupportal import journal
-from backupportal.lib.commands import fail
 from backupportal.lib.pgerrors import explain
 from backups.binaries import client_tool
 from backups.copies import healthy_copies, mark_faults, open_first_healthy
 from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
-from backups.models import BackupRun, Server
+from backups.models import BackupRun
 from backups.pipeline import BackupFailed, Tool
 from backups.storage import StorageError, store_for
 from backups.streams import CopyCorrupt
 from restores import cluster_globals, dbprops
 from restores.models import RestoreRun
-from restores.tablespaces import check_tablespaces, parse_tablespace_map, relocate
+from restores.tablespaces import check_tablespaces, relocate
 
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -378,50 +376,6 @@ def _drop_roles(target, roles):
     if roles:
         with target.connect("postgres") as conn:
             cluster_globals.drop_roles(conn, roles)
-
-
-# --- The management command's entry point -----------------------------------------------------
-
-
-def restore_from_command(
-    run_id,
-    actor,
-    into_database=None,
-    into_server=None,
-    replace=False,
-    request=None,
-    tablespace_map=(),
-    with_role_passwords=False,
-    **ignored,
-):
-    try:
-        run = restorable_run(run_id)
-        mapping = parse_tablespace_map(tablespace_map or ())
-    except (RestoreFailed, ValueError) as e:
-        fail(str(e))
-    if replace:
-        from restores.replace import replace_from_command
-
-        return replace_from_command(run, request, actor)
-    if request:
-        fail("--request goes with --replace; a restore into a new database needs no approval")
-    if with_role_passwords and not into_server:
-        fail("--with-role-passwords goes with --into-server: on the backup's own server its roles are already there")
-    if not into_database:
-        fail("say where to restore: --into-database NEWDB (a new database), or --replace --request ID")
-    target = run.server
-    if into_server:
-        target = Server.objects.filter(name=into_server).first()
-        if target is None:
-            fail(f"unknown server {into_server!r}: register it with addserver first")
-    restore = run_logical(
-        run, target, into_database, actor, tablespace_map=mapping, with_role_passwords=with_role_passwords
-    )
-    result = summary(restore)
-    if not restore.succeeded:
-        sys.stderr.write(f"restore failed: {restore.error}\n")  # the contract: one line on stderr
-        result["exit_code"] = 1
-    return result
 
 
 def run_logical(run, target, dbname, actor, request=None, restore_test=None, **options):

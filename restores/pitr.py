@@ -22,7 +22,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -32,13 +31,12 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.lib.childenv import child_env
-from backupportal.lib.commands import fail
 from backupportal.lib.osuser import DB_OS_USER, as_db_user, chown_to_db_user
 from backups import wal
 from backups.binaries import backup_major, cluster_dir, cluster_tool
 from backups.copies import decrypt_here, mark_faults, settled
 from backups.crypto import Encryption, EncryptionError
-from backups.models import BackupCopy, BackupRun, Server, WalSegment
+from backups.models import BackupCopy, BackupRun, WalSegment
 from backups.storage import store_for
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from restores import pitr_reach
@@ -56,35 +54,23 @@ LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 # ----------------------------------------------------------------------------- the command
 
 
-def restore_from_command(
-    server_name,
-    actor,
-    target_time=None,
-    target=None,
-    target_lsn=None,
-    target_name=None,
-    into_datadir=None,
-    port=None,
-    **ignored,
-):
-    server = Server.objects.filter(name=server_name).first()
-    if server is None:
-        fail(f"unknown server {server_name!r}: list them in the admin, or register one with addserver")
+def plan_for(server, actor, into_datadir=None, port=None, **targets):
+    """The plan of a PITR asked for with the command's options (target_time, target, target_lsn,
+    target_name); a refusal is journaled and raised (Refused) before anything is written."""
     try:
-        parsed = parse_target(target_time, target, target_lsn, target_name)
-        plan = make_plan(server, parsed, into_datadir, port)
+        return make_plan(server, parse_target(**targets), into_datadir, port)
     except Refused as e:
+        given = [t for t in targets.values() if t]
         journal.record(
             "pitr_refused",
             actor=actor,
             obj=server,
             outcome="refused",
             reason=str(e),
-            target=target_time or target or target_lsn or target_name or "",
+            target=given[0] if given else "",
             into_datadir=into_datadir or "",
         )
-        fail(f"restore refused: {e}")
-    return run_plan(plan, actor)
+        raise
 
 
 def run_plan(plan, actor, request=None, restore_test=None):
@@ -151,7 +137,6 @@ def finish(run, plan, actor, error=""):
     }
     result.update(plan.recovered)
     if error:
-        sys.stderr.write(f"restore failed: {error}\n")
         result["exit_code"] = 1
     return result
 
@@ -255,7 +240,7 @@ def fall_back(plan, fault, run=None, error=RestoreFailed):
             continue
         note = f"base backup #{unreadable.pk} unreadable on every location; using #{older.pk}"
         plan.notes.append(note)
-        sys.stderr.write(f"restore: {note}\n")
+        plan.report(note)
         journal.record(
             "pitr_base_fallback",
             actor=getattr(run, "requested_by", "") or "job:restore",

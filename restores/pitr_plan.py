@@ -5,6 +5,7 @@ Kept apart from restores/pitr.py so that the modules it uses (pitr_reach, pitr_v
 these without importing the restore itself.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +48,8 @@ class Plan:
     fallback: bool = True  # an unreadable base backup may be replaced by an older one
     recovered: dict = field(default_factory=dict)
     encryption: Encryption | None = None  # one per restore (restores.pitr.encryption_of)
+    # What the restore is waiting for, as it happens: the restore command writes it on stderr.
+    report: Callable[[str], None] = lambda line: None
     # A time target: the first archived commit after it (recovery stops right before it) ...
     after_lsn: str = ""
     after_time: datetime | None = None

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -339,8 +338,8 @@ def wait_catalogued(plan, run, name, segno):
 
 
 def progress(run, plan, line):
-    """What the restore waits for: on stderr and on the run (its notes), which a DBA can read."""
-    sys.stderr.write(f"restore: {line}\n")
+    """What the restore waits for: to whoever runs it (plan.report) and on the run (its notes)."""
+    plan.report(line)
     RestoreRun.objects.filter(pk=run.pk).update(
         notes="\n".join([*plan.notes, line])[:5000], heartbeat_at=timezone.now()
     )

@@ -10,29 +10,29 @@ from django.utils import timezone
 from psycopg import sql
 
 from backupportal import journal
-from backupportal.lib.commands import fail
 from backups.models import BackupRun
 from backups.runner import RunRefused, claim, execute
-from restores.logical import RestoreFailed, _finish, drop_database, restore_into, summary
+from restores.logical import RestoreFailed, _finish, drop_database, restore_into
 from restores.models import RestoreRequest, RestoreRun
 from restores.validation import run_checks
 
 
-def replace_from_command(run, request_id, actor):
+class NotApproved(Exception):
+    """No approved request lets this replacement run: nothing was touched; the message says why."""
+
+
+def approved_request(run, request_id):
+    """The approved request to replace production from `run`, started (it runs once); NotApproved else."""
     if not request_id:
-        fail("replacing production needs an approved request: --request ID (request it in the portal)")
+        raise NotApproved("replacing production needs an approved request: --request ID (request it in the portal)")
     request = RestoreRequest.objects.filter(pk=request_id).first()
     if request is None:
-        fail(f"there is no restore request #{request_id}")
+        raise NotApproved(f"there is no restore request #{request_id}")
     if request.destination != RestoreRequest.Destination.REPLACE or request.backup_run_id != run.pk:
-        fail(f"request #{request_id} does not approve replacing production from run #{run.pk}")
+        raise NotApproved(f"request #{request_id} does not approve replacing production from run #{run.pk}")
     if not request.start():
-        fail(f"request #{request_id} is {request.status}: only an approved request runs, once")
-    restore = replace_production(run, request, actor)
-    result = summary(restore)
-    if not restore.succeeded:
-        result["exit_code"] = 1
-    return result
+        raise NotApproved(f"request #{request_id} is {request.status}: only an approved request runs, once")
+    return request
 
 
 def replace_production(run, request, actor):
