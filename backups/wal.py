@@ -33,7 +33,7 @@ from backupportal import journal
 from backupportal.alerts import raise_alert, resolve_alert
 from backups import archive_wal, streams
 from backups.crypto import Encryption, EncryptionError
-from backups.models import WAL_LOCATION, BackupCopy, BackupRun, Server, StorageLocation, WalSegment
+from backups.models import WAL_LOCATION, BackupCopy, Server, StorageLocation, WalSegment
 from backups.pipeline import BackupFailed
 from backups.storage import StorageError, store_for
 
@@ -657,13 +657,7 @@ def last_segno(server):
 
 
 def oldest_kept_base(server):
-    return (
-        server.runs.good()
-        .filter(kind=BackupRun.Kind.BASE)
-        .exclude(start_wal="")
-        .order_by("start_wal", "finished_at")
-        .first()
-    )
+    return server.runs.restorable_bases().order_by("start_wal", "finished_at").first()
 
 
 def chain_gaps(server):

@@ -380,17 +380,15 @@ def _drop_roles(target, roles):
 
 def run_logical(run, target, dbname, actor, request=None, restore_test=None, **options):
     """Create the RestoreRun, restore, and record the outcome. Never raises RestoreFailed."""
-    restore = RestoreRun.objects.create(
-        kind=RestoreRun.Kind.LOGICAL,
+    restore = RestoreRun.begin(
+        RestoreRun.Kind.LOGICAL,
+        actor,
         server=run.server,
         backup_run=run,
         into_server=target,
         into_database=dbname,
-        requested_by=actor,
         request=request,
         restore_test=restore_test,
-        status=RestoreRun.Status.RUNNING,
-        started_at=timezone.now(),
     )
     journal.record(
         "restore_started", actor=actor, obj=restore, server=run.server.name, run=run.pk, into=f"{target}/{dbname}"
@@ -398,23 +396,22 @@ def run_logical(run, target, dbname, actor, request=None, restore_test=None, **o
     try:
         notes = restore_into(run, target, dbname, restore, **options)
     except (RestoreFailed, StorageError, BackupFailed) as e:  # BackupFailed: the tools' libpq_env refused
-        return _finish(restore, RestoreRun.Status.FAILED, actor, error=str(e))
+        return finish(restore, actor, error=str(e))
     restore.notes = "; ".join(notes)
-    return _finish(restore, RestoreRun.Status.SUCCEEDED, actor)
+    return finish(restore, actor)
 
 
-def _finish(restore, status, actor, error=""):
-    if status == RestoreRun.Status.SUCCEEDED and restore.warnings:
-        status = RestoreRun.Status.SUCCEEDED_WITH_WARNINGS  # never a plain success that hides them
-    restore.status, restore.error, restore.finished_at = status, error[:2000], timezone.now()
-    restore.save(update_fields=["status", "error", "finished_at", "notes", "warnings"])
+def finish(restore, actor, error=None):
+    """Record the outcome of a logical restore (or a replacement), failed when `error` is a
+    string, and journal it."""
+    restore.finish(error, fields=("notes", "warnings"))
     journal.record(
         "restore_succeeded" if restore.succeeded else "restore_failed",
         actor=actor,
         obj=restore,
         server=restore.server.name,
         outcome="ok" if restore.succeeded else "failed",
-        error=error,
+        error=error or "",
         into=restore.into_database,
         warnings=restore.warnings,
     )

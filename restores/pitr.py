@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from operator import attrgetter
 from pathlib import Path
 
 from django.utils import timezone
@@ -36,7 +37,7 @@ from backups import wal
 from backups.binaries import backup_major, cluster_dir, cluster_tool
 from backups.copies import decrypt_here, mark_faults, settled
 from backups.crypto import Encryption, EncryptionError
-from backups.models import BackupCopy, BackupRun, WalSegment
+from backups.models import BackupCopy, WalSegment
 from backups.storage import store_for
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from restores import pitr_reach
@@ -75,19 +76,16 @@ def plan_for(server, actor, into_datadir=None, port=None, **targets):
 
 def run_plan(plan, actor, request=None, restore_test=None):
     """Restore as planned, leaving the new cluster running; the result dict (failed: exit_code 1)."""
-    run = RestoreRun.objects.create(
-        kind=RestoreRun.Kind.PITR,
-        status=RestoreRun.Status.RUNNING,
+    run = RestoreRun.begin(
+        RestoreRun.Kind.PITR,
+        actor,
         server=plan.server,
         backup_run=plan.base,
         into_datadir=str(plan.datadir),
         port=plan.port,
         target=plan.target.text,
-        requested_by=actor,
         request=request,
         restore_test=restore_test,
-        started_at=timezone.now(),
-        heartbeat_at=timezone.now(),
     )
     journal.record(
         "pitr_started", actor=actor, obj=run, server=plan.server.name, base_run=plan.base.pk, target=run.target
@@ -105,12 +103,10 @@ def run_plan(plan, actor, request=None, restore_test=None):
 
 
 def finish(run, plan, actor, error=""):
-    run.status = RestoreRun.Status.FAILED if error else RestoreRun.Status.SUCCEEDED
-    run.finished_at, run.error = timezone.now(), error[:2000]
     run.recovered_to = plan.recovered.get("recovered_to", "")
     run.backup_run = plan.base
     run.notes = "\n".join(plan.notes)[:5000]
-    run.save(update_fields=["status", "finished_at", "error", "backup_run", "notes", "recovered_to"])
+    run.finish(error or None, fields=("backup_run", "notes", "recovered_to"))
     journal.record(
         "pitr_failed" if error else "pitr_succeeded",
         actor=actor,
@@ -207,10 +203,7 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
 
 def good_bases(server):
     """The good base backups, oldest first; refused when there is none."""
-    bases = sorted(
-        server.runs.good().filter(kind=BackupRun.Kind.BASE).exclude(start_wal=""),
-        key=lambda r: r.details.get("stop_time", ""),
-    )
+    bases = sorted(server.runs.restorable_bases(), key=attrgetter("stop_time"))
     if not bases:
         raise Refused(f"{server} has no base backup to recover from: take one with backup {server.name} --kind base")
     return bases
@@ -229,7 +222,7 @@ def fall_back(plan, fault, run=None, error=RestoreFailed):
     """Replace an unreadable base backup by the next older one whose WAL chain to the target is
     complete: it replays more WAL to reach the same target. `error` when there is none."""
     unreadable = plan.base
-    plan.bases = [b for b in plan.bases if stop_time(b) < stop_time(unreadable)]
+    plan.bases = [b for b in plan.bases if b.stop_time < unreadable.stop_time]
     tried = []
     for older in reversed(plan.bases):
         plan.base = older
@@ -294,19 +287,15 @@ def check_port(port) -> int:
     return int(port)
 
 
-def stop_time(run):
-    return datetime.fromisoformat(run.details["stop_time"])
-
-
 def choose_base(bases, target):
     """The newest base backup that is consistent before the target."""
     if target.kind == "time":
-        before = [b for b in bases if stop_time(b) <= target.value]
+        before = [b for b in bases if b.stop_time <= target.value]
         if not before:
             oldest = bases[0]
             raise Refused(
                 f"{target.text} is before the oldest moment the kept backups reach: "
-                f"{timezone.localtime(stop_time(oldest)):%Y-%m-%d %H:%M:%S%z} (base backup #{oldest.pk})"
+                f"{timezone.localtime(oldest.stop_time):%Y-%m-%d %H:%M:%S%z} (base backup #{oldest.pk})"
             )
         return before[-1]
     if target.kind == "lsn":

@@ -12,7 +12,7 @@ from psycopg import sql
 from backupportal import journal
 from backups.models import BackupRun
 from backups.runner import RunRefused, claim, execute
-from restores.logical import RestoreFailed, _finish, drop_database, restore_into
+from restores.logical import RestoreFailed, drop_database, finish, restore_into
 from restores.models import RestoreRequest, RestoreRun
 from restores.validation import run_checks
 
@@ -40,16 +40,14 @@ def replace_production(run, request, actor):
     prod = server.dbname
     stamp = timezone.localtime().strftime("%Y%m%d%H%M%S")
     new, old = f"{prod[:40]}_restore_{stamp}", f"{prod[:40]}_before_{stamp}"
-    restore = RestoreRun.objects.create(
-        kind=RestoreRun.Kind.REPLACE,
+    restore = RestoreRun.begin(
+        RestoreRun.Kind.REPLACE,
+        actor,
         server=server,
         backup_run=run,
         request=request,
         into_server=server,
         into_database=prod,
-        requested_by=actor,
-        status=RestoreRun.Status.RUNNING,
-        started_at=timezone.now(),
     )
     journal.record(
         "restore_started", actor=actor, obj=restore, server=server.name, run=run.pk, replace=prod, request=request.pk
@@ -68,11 +66,11 @@ def replace_production(run, request, actor):
     except RestoreFailed as e:
         restore.notes = "; ".join(notes)
         _close_request(request, failed=True)
-        return _finish(restore, RestoreRun.Status.FAILED, actor, error=f"{e}; production {prod} is unchanged")
+        return finish(restore, actor, error=f"{e}; production {prod} is unchanged")
     notes.append(f"{prod} now holds run #{run.pk}; the previous database is kept as {old}")
     restore.notes = "; ".join(notes)
     _close_request(request, failed=False)
-    return _finish(restore, RestoreRun.Status.SUCCEEDED, actor)
+    return finish(restore, actor)
 
 
 def _validate(run, server, dbname):
