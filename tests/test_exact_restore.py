@@ -19,7 +19,7 @@ from backupportal.lib.pgdatadir import pg_bin
 from backups.models import BackupRun, Server
 from restores.models import RestoreRun
 from tests import awkward_schema
-from tests.conftest import manage
+from tests.helpers import manage
 
 PORTAL_PASSWORD = {"source": "portal-on-source-Pw1", "target": "portal-on-target-Pw2"}
 POSTGRES_PASSWORD = {"source": "postgres-source-Pw3", "target": "postgres-target-Pw4"}

@@ -6,16 +6,11 @@ are untouched, the proxy only decides what the wire does.
 """
 
 import json
-import os
 import pwd
 import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -28,7 +23,7 @@ from backupportal.lib.osuser import free_port
 from backupportal.models import Alert, JournalEntry
 from backups.copies import retry_due_copies
 from backups.models import BackupCopy, BackupRun, StorageLocation
-from tests.conftest import portal_env
+from tests.helpers import UNPRIVILEGED, catalog_files, lent_to, manage_as, worker_home
 
 ERROR_500 = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
@@ -199,67 +194,9 @@ def _close(sock):
 
 # --- A read-only location, with a worker that is not root -------------------------------------
 
-UNPRIVILEGED = "nobody"  # root ignores file modes: only an unprivileged worker meets a read-only directory
-
-
-@contextmanager
-def lent_to(user, *paths):
-    """Chown `paths` to `user` for the block; their owners are put back after."""
-    entry = pwd.getpwnam(user)
-    before = [(path, os.stat(path)) for path in paths]
-    try:
-        for path in paths:
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-        yield
-    finally:
-        for path, st in before:
-            os.chown(path, st.st_uid, st.st_gid)
-
-
-def catalog_files():
-    """What an unprivileged worker must write to reach the catalog: a SQLite file and its directory (journal files)."""
-    from django.db import connection
-
-    if not connection.settings_dict["ENGINE"].endswith("sqlite3"):
-        return []  # PostgreSQL: reached over TCP
-    name = Path(connection.settings_dict["NAME"])
-    return [name.parent, name]
-
-
-def worker_home(settings, passphrase_file, user):
-    """The worker's own private directory: its passphrase file (its own, 0600), gpg home, journal key."""
-    home = Path(tempfile.mkdtemp(prefix="bp-worker-"))
-    (home / "passphrase").write_text(passphrase_file.read_text())
-    (home / "passphrase").chmod(0o600)
-    key = Path(settings.JOURNAL_KEY_FILE)
-    if key.exists():
-        shutil.copy(key, home / "journal.key")
-        (home / "journal.key").chmod(0o600)
-    entry = pwd.getpwnam(user)
-    for path in [home, *home.iterdir()]:
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    return home
-
 
 def backup_as(user, settings, home):
     return manage_as(user, settings, home, "backup", "maldives", "--json")
-
-
-def manage_as(user, settings, home, *args):
-    """manage.py ARGS run by `user` (runuser), with the worker's own home of worker_home()."""
-    root = Path(__file__).resolve().parent.parent
-    env = portal_env(
-        settings,
-        HOME=home,
-        VAR_DIR=home,
-        GNUPGHOME=home / "gnupg",
-        BACKUP_PASSPHRASE_FILE=home / "passphrase",
-        JOURNAL_KEY_FILE=home / "journal.key",
-        JOURNAL_HEAD_FILE=home / "journal.head",
-        PYTHONDONTWRITEBYTECODE=1,
-    )
-    argv = ["runuser", "-u", user, "--", sys.executable, str(root / "manage.py"), *args]
-    return subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.django_db(transaction=True)

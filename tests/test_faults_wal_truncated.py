@@ -12,9 +12,7 @@ from django.core.management import call_command
 from backupportal.models import Alert
 from backups import archive_wal, wal
 from backups.models import BackupCopy, WalSegment
-from tests.test_wal_archive import archive_as_postgres, segment_file
-
-from .walhelpers import enable_push, run_command, switch_wal, wait_archived
+from tests.helpers import archive_as_postgres, enable_push, run_command, segment_file, switch_wal, wait_archived
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"

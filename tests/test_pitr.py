@@ -11,16 +11,20 @@ from backupportal.models import Alert, JournalEntry
 from backups import wal
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRun
-
-from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+from tests.helpers import (
+    DB,
+    archive_some_wal,
+    enable_push,
+    push_with_base,
+    restore,
+    rows,
+    run_command,
+    switch_wal,
+    wait_archived,
+    write,
+)
 
 pytest_plugins = ["tests.walfixtures"]
-
-DB = "reliabilitymaldives"
-
-
-def write(cluster, sql):
-    cluster.execute(sql, dbname=DB)
 
 
 def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
@@ -71,27 +75,6 @@ def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
     # latest keeps its meaning (all the archived WAL) and says which moment that was.
     assert result["reached"].startswith("--target latest: recovered to the end of the archived WAL (0000")
     assert f"its last transaction committed at {result['recovered_to']}" in result["reached"]
-
-
-def archive_some_wal(cluster, tables=3):
-    """A few transactions, each in its own archived segment."""
-    for i in range(tables):
-        write(cluster, f"CREATE TABLE t{i}(x int); INSERT INTO t{i} VALUES ({i})")
-        name = switch_wal(cluster)
-    wait_archived(cluster, name)
-    return name
-
-
-def push_with_base(cluster, server):
-    """Push archiving, a base backup, then a few archived and ingested segments."""
-    enable_push(cluster)
-    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
-    archive_some_wal(cluster)
-    wal.ingest(server)
-
-
-def restore(datadir, port, *target):
-    return run_command("restore", "--server", "maldives", *target, "--into-datadir", str(datadir), "--port", str(port))
 
 
 def test_a_restore_is_refused_before_anything_is_written(

@@ -23,8 +23,7 @@ from backups import wal
 from backups.models import WalSegment
 from restores import pitr
 from restores.models import RestoreRun
-
-from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+from tests.helpers import enable_push, rows, run_command, switch_wal, wait_archived
 
 pytest_plugins = ["tests.walfixtures"]
 

@@ -13,7 +13,7 @@ from backupportal.lib import sampledata
 from backupportal.models import Alert
 from backups.models import BackupCopy, BackupRun
 from restores.models import RestoreTest, ValidationCheck
-from tests.conftest import register
+from tests.helpers import register
 
 
 def take_backup():

@@ -23,10 +23,7 @@ from django.urls import reverse
 
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRun
-from tests.conftest import S3_SECRET, portal_env
-from tests.test_security import DSN_PASSWORD, secret_server  # noqa: F401 (a fixture)
-
-from .walhelpers import enable_push, rows, switch_wal, wait_archived
+from tests.helpers import DSN_PASSWORD, S3_SECRET, enable_push, portal_env, rows, switch_wal, wait_archived
 
 pytest_plugins = ["tests.walfixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -320,7 +320,7 @@ def test_a_bad_dsn_is_refused_with_one_line_by_addserver_and_the_admin(client, s
 
 
 def test_addserver_on_the_command_line_says_what_is_wrong_without_a_traceback(settings, db):
-    from tests.conftest import manage
+    from tests.helpers import manage
 
     proc = manage(settings, "addserver", "x", "--dsn", "postgresql://u@[::1/db")
     out, err = proc.communicate(timeout=60)

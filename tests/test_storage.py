@@ -1,11 +1,9 @@
 """Storage tiers end to end: primary, NAS and S3 (moto over HTTP), copies, verify, fallback, retention."""
 
 import hashlib
-import json
 import shutil
 import subprocess
 from datetime import timedelta
-from io import StringIO
 
 import pytest
 from django.core.management import call_command
@@ -17,7 +15,7 @@ from backups.copies import delete_run_artifacts, mark_faults, open_first_healthy
 from backups.models import BackupCopy, BackupRun
 from backups.storage import check_storage
 from backups.streams import CopyCorrupt
-from tests.test_logical_backup import backup_json
+from tests.helpers import flip_byte, good_backup, verify_json
 
 
 def gpg(*args, passphrase_file, stdin=None, tmp_path):
@@ -44,18 +42,6 @@ def pg_restore(cluster, server, dbname, dump):
 
 def s3_key(run, artifact="main"):
     return "backupportal/" + run.copies.get(artifact=artifact, location__kind="primary").key
-
-
-def flip_byte(data: bytes, at=-100) -> bytes:
-    data = bytearray(data)
-    data[at] ^= 0xFF
-    return bytes(data)
-
-
-def good_backup():
-    result = backup_json()
-    assert result["status"] == "succeeded", result
-    return result, BackupRun.objects.get(pk=result["id"])
 
 
 def test_a_backup_reaches_all_three_tiers_with_matching_sha256(
@@ -169,16 +155,6 @@ def test_the_storage_schedules_exist(db):
     assert (retry.func, retry.schedule_type, retry.cron) == ("backups.tasks.retry_copies", "C", "* * * * *")
     weekly = Schedule.objects.get(name="verify-weekly")
     assert (weekly.func, weekly.schedule_type, weekly.cron) == ("backups.tasks.verify_copies", "C", "0 4 * * 0")
-
-
-def verify_json(*args):
-    out, err = StringIO(), StringIO()
-    code = 0
-    try:
-        call_command("verify", *args, "--json", stdout=out, stderr=err)
-    except SystemExit as e:
-        code = e.code
-    return code, json.loads(out.getvalue().strip().splitlines()[-1]), err.getvalue()
 
 
 def test_verify_finds_a_flipped_byte_on_the_nas_and_in_s3(server, passphrase_file, tiers):

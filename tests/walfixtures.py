@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from backupportal.lib.pgcluster import stop_left_running
-
-from .walhelpers import restore_dir, stop_restored
+from tests.helpers import restore_dir, stop_restored
 
 
 @pytest.fixture
