@@ -381,3 +381,21 @@ def secret_server(sample_cluster, db):
     server.pg_version = server.probe()
     server.save()
     return server
+
+
+@pytest.fixture
+def segment_file():
+    """Makes a file PostgreSQL's archiver could hand over, in a folder postgres owns; removed after."""
+    folders = []
+
+    def make(data: bytes):
+        folders.append(Path(tempfile.mkdtemp(prefix="bp-seg-")))
+        folders[-1].chmod(0o755)
+        path = folders[-1] / "segment"
+        path.write_bytes(data)
+        chown_to_db_user(folders[-1])
+        return path
+
+    yield make
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)

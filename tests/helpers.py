@@ -19,13 +19,12 @@ from io import StringIO
 from pathlib import Path
 
 import psycopg
-import pytest
 from django.core.management import CommandError, call_command
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 
 from backupportal.lib import sampledata
-from backupportal.lib.osuser import as_db_user, chown_to_db_user
+from backupportal.lib.osuser import as_db_user
 from backupportal.models import Alert, JournalEntry, MaintenanceTask
 from backups import wal
 from backups.models import BackupRun, Server, Verification
@@ -334,24 +333,6 @@ def archive_as_postgres(server, source, name):
     """Run the printed archive_command exactly as PostgreSQL does: `sh -c` as postgres, %p and %f filled in."""
     command = wal.archive_command(server).replace("%p", shlex.quote(str(source))).replace("%f", name)
     return subprocess.run(as_db_user(["sh", "-c", command]), capture_output=True, text=True, cwd="/")
-
-
-@pytest.fixture
-def segment_file():
-    """Makes a file PostgreSQL's archiver could hand over, in a folder postgres owns; removed after."""
-    folders = []
-
-    def make(data: bytes):
-        folders.append(Path(tempfile.mkdtemp(prefix="bp-seg-")))
-        folders[-1].chmod(0o755)
-        path = folders[-1] / "segment"
-        path.write_bytes(data)
-        chown_to_db_user(folders[-1])
-        return path
-
-    yield make
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- pull archiving ---
