@@ -89,23 +89,25 @@ def decrypt_here(copies, sink, encryption, what, plain_sha256=None, actor="job:r
 
 
 def settled(fetched, actor="job:restore"):
-    """The notes of `fetched()` (a decrypt_first_healthy, or a finished one's result), its faults marked."""
+    """The notes of `fetched()` (a decrypt_first_healthy, or a finished one's result), its faults
+    marked. PITR reads this way, and leaves the "corruption" alert to the monitor."""
     try:
         notes, faults = fetched()
     except streams.FetchFailed as e:
-        mark_faults(e.faults, actor)
+        mark_faults(e.faults, actor, alert=False)
         raise
-    mark_faults(faults, actor)
+    mark_faults(faults, actor, alert=False)
     return notes
 
 
-def mark_faults(faults, actor="job:restore"):
+def mark_faults(faults, actor="job:restore", alert=True):
     """Mark bad, once each, the copies a read found missing or corrupt (streams hands them back
-    instead of writing the catalog from gpg's thread or a fetch pool)."""
+    instead of writing the catalog from gpg's thread or a fetch pool). Without `alert`, the
+    monitor raises "corruption" from the catalog on its next minute."""
     for fault in faults:
         if not fault.marked:
             fault.marked = True
-            mark_bad(fault.copy, str(fault), actor=actor)
+            (mark_bad if alert else record_bad)(fault.copy, str(fault), actor=actor)
 
 
 def record(action, copy, actor, outcome="ok", **details):
@@ -122,12 +124,17 @@ def record(action, copy, actor, outcome="ok", **details):
     )
 
 
-def mark_bad(copy, why, actor="job:verify"):
-    """A copy that is missing or corrupt: bad in the catalog, journaled, "corruption" raised."""
-    owner = owner_of(copy)
+def record_bad(copy, why, actor="job:verify"):
+    """A copy that is missing or corrupt: bad in the catalog and journaled. Returns its owner."""
     BackupCopy.objects.filter(pk=copy.pk).update(status=BackupCopy.Status.BAD, last_error=why[:2000])
     copy.status, copy.last_error = BackupCopy.Status.BAD, why[:2000]
     record("copy_bad", copy, actor, outcome="failed", error=why)
+    return owner_of(copy)
+
+
+def mark_bad(copy, why, actor="job:verify"):
+    """record_bad(), and "corruption" raised."""
+    owner = record_bad(copy, why, actor)
     raise_alert("corruption", server=owner.server, message=f"Bad copy of {owner} in {copy.location.name}: {why}")
 
 

@@ -462,7 +462,7 @@ def stage_wal(plan, first, last):
     failure = None
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         for segment, outcome, faults in pool.map(one, segments):
-            mark_faults(faults)  # here: the catalog stays on this thread
+            mark_faults(faults, alert=False)  # here: the catalog stays on this thread; alerts: the monitor
             if isinstance(outcome, FetchFailed):
                 failure = failure or outcome
                 continue
