@@ -371,7 +371,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture
 def secret_server(sample_cluster, db):
-    """A server whose DSN carries a password (backup_user's): the secret tests look for it everywhere."""
+    """maldives, reached as backup_user with a SCRAM password, as most production servers are; the
+    secret tests look for that password everywhere."""
     from backups.models import Server
 
     sample_cluster.create_role("backup_user", password=DSN_PASSWORD, superuser=True)

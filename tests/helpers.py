@@ -436,8 +436,6 @@ def mails(smtp):
 
 
 def backup_json(name="maldives", kind="logical"):
-    from io import StringIO
-
     out = StringIO()
     try:
         call_command("backup", name, "--kind", kind, "--json", stdout=out, stderr=StringIO())
