@@ -297,8 +297,31 @@ def push_with_base(cluster, server):
     wal.ingest(server)
 
 
-def restore(datadir, port, *target):
+def pitr(datadir, port, *target):
+    """The restore command's PITR of maldives into a new cluster, as run_command returns it."""
     return run_command("restore", "--server", "maldives", *target, "--into-datadir", str(datadir), "--port", str(port))
+
+
+def pitr_to(datadir, port, moment):
+    return pitr(datadir, port, "--target-time", moment.isoformat(sep=" "))
+
+
+def a_second_later():
+    """A target time (whole seconds) after the commits so far and before the next one."""
+    time.sleep(1.05)
+    moment = timezone.localtime().replace(microsecond=0)
+    time.sleep(0.05)
+    return moment
+
+
+def restore_json(*args):
+    """The restore command's JSON result, whatever it exits with (a refusal raises CommandError)."""
+    out = StringIO()
+    try:
+        call_command("restore", *args, "--json", stdout=out)
+    except SystemExit:
+        pass
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 # --- backups in every tier, and corrupting them ---

@@ -28,6 +28,7 @@ from tests.helpers import (
     archive_as_postgres,
     enable_push,
     flip_byte,
+    pitr,
     pull,
     push_with_base,
     run_command,
@@ -36,7 +37,6 @@ from tests.helpers import (
     wait_archived,
     wait_for,
 )
-from tests.helpers import restore as pitr
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"

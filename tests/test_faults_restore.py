@@ -5,11 +5,9 @@ location is read, and a restore with no good copy left leaves nothing behind).""
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from django.utils import timezone
 
 from backupportal.lib import sampledata
 from backupportal.lib.osuser import free_port
@@ -17,7 +15,18 @@ from backupportal.models import JournalEntry
 from backups import wal
 from backups.models import BackupCopy, BackupRun, StorageLocation
 from restores.models import RestoreRun
-from tests.helpers import child_named, enable_push, flip_byte_in, register, rows, run_command, switch_wal, wait_archived
+from tests.helpers import (
+    a_second_later,
+    child_named,
+    enable_push,
+    flip_byte_in,
+    pitr_to,
+    register,
+    rows,
+    run_command,
+    switch_wal,
+    wait_archived,
+)
 
 pytest_plugins = ["tests.walfixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -37,21 +46,6 @@ def base_backup():
 
 def file_of(copy):
     return Path(copy.location.path) / copy.key
-
-
-def a_second_later():
-    """A target time (whole seconds) after the commits so far and before the next one."""
-    time.sleep(1.05)
-    moment = timezone.localtime().replace(microsecond=0)
-    time.sleep(0.05)
-    return moment
-
-
-def pitr_to(datadir, port, moment):
-    return run_command(
-        "restore", "--server", "maldives", "--target-time", moment.isoformat(sep=" "),
-        "--into-datadir", str(datadir), "--port", str(port),
-    )  # fmt: skip
 
 
 def hide_segment(name, into):
