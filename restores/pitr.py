@@ -14,15 +14,14 @@ recovers, promotes, and is left running. Any failure removes what the restore wr
 
 A time target needs a commit after it in the archive: pitr_reach finds one, or has the source
 make one (or refuses). The run succeeds only when the recovered cluster shows it reached the
-target (pitr_verdict); the cluster's start and recovery are in pitr_recovery.
+target (pitr_verdict); the cluster's start and recovery are in pitr_recovery, the base backup's
+extraction and its check against the manifest in pitr_extract.
 """
 
 import os
 import re
 import shutil
 import socket
-import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from operator import attrgetter
@@ -31,18 +30,18 @@ from pathlib import Path
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.lib.childenv import child_env
-from backupportal.lib.osuser import DB_OS_USER, as_db_user, chown_to_db_user
+from backupportal.lib.osuser import DB_OS_USER, chown_to_db_user
 from backups import wal
-from backups.binaries import backup_major, cluster_dir, cluster_tool
-from backups.copies import decrypt_here, mark_faults, settled
+from backups.binaries import backup_major, cluster_dir
+from backups.copies import decrypt_here, mark_faults
 from backups.crypto import Encryption, EncryptionError
 from backups.models import BackupCopy, WalSegment
 from backups.storage import store_for
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from restores import pitr_reach
 from restores.models import RestoreRun
-from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target
+from restores.pitr_extract import Extraction, empty, extract_base, verify_base
+from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target, encryption_of
 from restores.pitr_reach import partial_for
 from restores.pitr_recovery import heartbeat, pg_ctl, start_and_wait, write_recovery_settings
 
@@ -416,23 +415,6 @@ def discard(plan):
         empty(plan.datadir)
 
 
-def empty(directory, keep=()):
-    for child in directory.iterdir():
-        if child.name in keep:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
-def encryption_of(plan):
-    # One per restore, so that a changed passphrase file is read again; it serves every thread.
-    if plan.encryption is None:
-        plan.encryption = Encryption()
-    return plan.encryption
-
-
 def stage_wal(plan, first, last):
     """Fetch, verify and decrypt segments first..last into the staging directory, in parallel."""
     if last < first:
@@ -534,74 +516,6 @@ def restore_point_lsns(plan, first, last):
     return found
 
 
-class TarSink:
-    """Plaintext into `tar -x`, run as the database OS user so that it owns every file."""
-
-    def __init__(self, datadir: Path):
-        self.datadir = datadir
-
-    def open(self):
-        self.errors = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            as_db_user(["tar", "--extract", "--file=-", f"--directory={self.datadir}"]),
-            stdin=subprocess.PIPE,
-            stderr=self.errors,
-            cwd=self.datadir,
-            env=child_env(),
-        )
-
-    def fileno(self):
-        return self.proc.stdin.fileno()
-
-    def failure(self):
-        """Why tar stopped early (a full disk ...), or None while it runs or when it succeeded."""
-        if self.proc.poll() in (None, 0):
-            return None
-        return f"tar could not extract the base backup: {self.stderr()}"
-
-    def stderr(self):
-        self.errors.seek(0)
-        return self.errors.read().decode(errors="replace")[-300:]
-
-    def commit(self):
-        self.proc.stdin.close()
-        if self.proc.wait() != 0:
-            raise RestoreFailed(f"tar could not extract the base backup: {self.stderr()}")
-
-    def abort(self):
-        self.proc.kill()
-        self.proc.wait()
-        empty(self.datadir, keep=(STAGING,))
-
-
-class Extraction:
-    """The planned base backup's extraction, started on a thread of its own."""
-
-    def __init__(self, plan):
-        copies = readable(plan.base.copies.filter(artifact="main").select_related("location"))
-        self.sink = TarSink(plan.datadir)
-        args = (copies, self.sink, encryption_of(plan), f"base backup #{plan.base.pk}")
-        pool = ThreadPoolExecutor(max_workers=1)
-        self.future = pool.submit(decrypt_first_healthy, *args)
-        pool.shutdown(wait=False)  # the thread ends with the fetch
-
-    def notes(self):
-        """Its notes, the bad copies it met marked here (the catalog stays on this thread)."""
-        return settled(self.future.result)
-
-    def stop(self):
-        """Kill tar (gpg stops on the broken pipe) and wait, marking any bad copy it met.
-
-        Called while another error propagates: that one is what the restore reports."""
-        proc = getattr(self.sink, "proc", None)
-        if proc is not None:
-            proc.kill()
-        try:
-            self.notes()
-        except Exception:  # noqa: BLE001 - its own failure (tar killed, say) is a consequence
-            pass
-
-
 def extract_readable_base(plan, run, early=None):
     """The planned base backup, or, when no copy of it reads intact, an older one (fall_back)."""
     while True:
@@ -617,38 +531,3 @@ def extract_readable_base(plan, run, early=None):
             find_restore_point(plan, run)  # over the older bases only: it stages their WAL
         else:
             stage_wal(plan, plan.segno(plan.base.start_wal), plan.last)
-
-
-def extract_base(plan, early=None):
-    if early is not None:
-        plan.notes += early.notes()
-    else:
-        copies = readable(plan.base.copies.filter(artifact="main").select_related("location"))
-        plan.notes += decrypt_here(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
-    if not (plan.datadir / "backup_manifest").exists():
-        raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
-
-
-def verify_base(plan):
-    """pg_verifybackup: every file against the manifest, and the backup's own WAL, before recovery."""
-    proc = subprocess.run(
-        as_db_user(
-            [
-                str(cluster_tool(backup_major(plan.base), "pg_verifybackup", f"checking base backup #{plan.base.pk}")),
-                f"--wal-directory={plan.staging}",
-                f"--ignore={STAGING}",
-                str(plan.datadir),
-            ]
-        ),
-        capture_output=True,
-        text=True,
-        cwd=plan.datadir,
-        env=child_env(),
-        timeout=3600,
-    )
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        raise RestoreFailed(
-            f"base backup #{plan.base.pk} does not match its manifest: {lines[0] if lines else 'pg_verifybackup failed'}"
-        )
-    plan.notes.append(f"pg_verifybackup: {proc.stdout.strip() or 'backup successfully verified'}")

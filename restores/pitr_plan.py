@@ -47,7 +47,7 @@ class Plan:
     staged: dict = field(default_factory=dict)  # segno -> staged segment name
     fallback: bool = True  # an unreadable base backup may be replaced by an older one
     recovered: dict = field(default_factory=dict)
-    encryption: Encryption | None = None  # one per restore (restores.pitr.encryption_of)
+    encryption: Encryption | None = None  # one per restore (encryption_of)
     # What the restore is waiting for, as it happens: the restore command writes it on stderr.
     report: Callable[[str], None] = lambda line: None
     # A time target: the first archived commit after it (recovery stops right before it) ...
@@ -64,3 +64,10 @@ class Plan:
 
     def segno(self, name):
         return wal.segno_of(name, self.segment_size)
+
+
+def encryption_of(plan: Plan) -> Encryption:
+    # One per restore, so that a changed passphrase file is read again; it serves every thread.
+    if plan.encryption is None:
+        plan.encryption = Encryption()
+    return plan.encryption
