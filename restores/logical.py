@@ -301,13 +301,16 @@ def read_properties(run, target, encryption, warnings):
 
     None when no copy's start can be read: the restore itself then meets the same fault
     and says what it is (a wrong passphrase, every copy corrupt); should it succeed anyway,
-    the missing properties are a warning.
+    the missing properties are a warning. When no copy can even be opened, RestoreFailed says
+    why for each now: the restore would meet them marked bad already, and say less.
     """
     tried, why = [], []
     while True:
         try:
             reader = open_first_healthy(run, exclude=tried)
-        except StorageError:
+        except StorageError as e:
+            if not why:
+                raise RestoreFailed(str(e)) from None
             warnings.append(f"the database's own properties could not be read from the dump: {'; '.join(why)}")
             return None
         try:
