@@ -20,6 +20,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
+from backupportal.lib import osuser
 from backupportal.lib.childenv import child_env
 from backups.pipeline import BackupFailed
 
@@ -167,6 +168,15 @@ def datadir_major(datadir) -> int | None:
         return int((Path(datadir) / "PG_VERSION").read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def pg_ctl(datadir, *args, major=None):
+    """pg_ctl ARGS on `datadir` as the database OS user, of the cluster's own major version (its
+    PG_VERSION; else `major`, its server's): never whatever PG_BIN says, which may be another's."""
+    major = datadir_major(datadir) or major
+    if major is None:
+        raise MissingBinaries(f"cannot tell which PostgreSQL version runs {datadir}: its PG_VERSION is unreadable")
+    return osuser.pg_ctl(cluster_tool(major, "pg_ctl", f"the cluster in {datadir}"), datadir, *args)
 
 
 def describe(server) -> str:

@@ -6,13 +6,12 @@ others are made here, by the worker or in the foreground, and retried with expon
 backoff. A copy never fails or blocks the backup it copies: its failure is on the copy row
 and in the "upload_failed" alert of its location.
 
-Reading goes through open_first_healthy(): the first healthy copy in the order primary →
-NAS → S3, hashed while it streams, so a corrupt copy is caught and marked bad.
+Reading goes through open_first_healthy() and decrypt_here(), on top of backups.streams: the
+first healthy copy in the order primary → NAS → S3, hashed while it streams; a copy found
+missing or corrupt is marked bad here (mark_bad, the one definition), on the caller's thread.
 Retention goes through delete_run_artifacts(): every copy in every location, S3 included.
 """
 
-import hashlib
-import io
 import time
 from datetime import timedelta
 
@@ -21,10 +20,11 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.alerts import raise_alert, resolve_alert
+from backups import streams
 from backups.models import BackupCopy, BackupRun, StorageLocation, WalSegment
-from backups.storage import MissingArtifact, StorageError, store_for
+from backups.storage import StorageError, store_for
+from backups.streams import CHUNK, CopyCorrupt, in_read_order
 
-CHUNK = 1024 * 1024
 # Retries: 1, 2, 4 ... minutes after each failed attempt, never more than an hour apart.
 RETRY_BASE = timedelta(minutes=1)
 RETRY_MAX = timedelta(hours=1)
@@ -32,21 +32,6 @@ RETRY_MAX = timedelta(hours=1)
 # copy whose worker died is taken up again once the lease runs out.
 LEASE = timedelta(minutes=10)
 RENEW_EVERY = 30  # seconds
-
-
-class CopyCorrupt(StorageError):
-    """A copy's bytes do not hash to the sha256 catalogued for it."""
-
-    def __init__(self, copy, message):
-        super().__init__(message)
-        self.copy = copy
-        self.marked = False
-
-    def mark_bad(self, actor="job:restore"):
-        """Record it (once), on the caller's thread: bad in the catalog, journaled, "corruption" raised."""
-        if not self.marked:
-            self.marked = True
-            mark_bad(self.copy, str(self), actor=actor)
 
 
 # --- Whose copies: a backup run, or a WAL segment. -----------------------------------------
@@ -70,80 +55,12 @@ def secondary_locations():
     return StorageLocation.objects.filter(enabled=True).exclude(kind=StorageLocation.Kind.PRIMARY)
 
 
-def in_read_order(copies):
-    return sorted(copies, key=lambda c: (c.location.read_order, c.location.name))
-
-
 def healthy_copies(owner, artifact="main"):
     qs = BackupCopy.objects.filter(artifact=artifact, status=BackupCopy.Status.OK, location__enabled=True)
     return in_read_order(qs.filter(**owner_filter(owner)).select_related("location"))
 
 
-# --- Reading: the first healthy copy, verified as it streams. -----------------------------
-
-
-class VerifiedReader(io.IOBase):
-    """A copy's bytes as a binary file; at EOF the sha256 (and size) must match the catalog.
-
-    On a mismatch read() raises CopyCorrupt, also kept in `.error` for callers (such as
-    python-gnupg's feeder thread) that swallow it. The reader never writes the catalog: it may
-    run in gpg's thread or a fetch pool, where a database write would wait on the caller's
-    transaction. The caller marks the copy with `CopyCorrupt.mark_bad()` on its own thread.
-    `.note` says which copies were skipped to get here; empty when the first one was read.
-    """
-
-    def __init__(self, copy, stream, note=""):
-        super().__init__()
-        self.copy, self.stream, self.note = copy, stream, note
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-        self.verified = False
-        self.error = None
-        self.read_error = None  # the location failed mid-stream (I/O error, S3 timeout): not corruption
-
-    def read(self, n=CHUNK):
-        if self.error is not None:
-            raise self.error
-        try:
-            chunk = self.stream.read(n)
-        except (OSError, StorageError) as e:
-            self.read_error = self.read_error or e
-            raise
-        if chunk:
-            self.sha256.update(chunk)
-            self.size += len(chunk)
-        elif not self.verified:
-            self._check()
-        return chunk
-
-    def _check(self):
-        digest, expected = self.sha256.hexdigest(), self.copy.sha256
-        if digest == expected and (self.copy.size is None or self.size == self.copy.size):
-            self.verified = True
-            return
-        self.error = CopyCorrupt(
-            self.copy,
-            f"sha256 {digest[:12]}… over {self.size} bytes, catalogued {expected[:12]}… over {self.copy.size} "
-            f"bytes ({self.copy.location.name} copy {self.copy.key})",
-        )
-        raise self.error
-
-    def corrupt(self):
-        """After a failed read (gpg may stop first): the CopyCorrupt if the whole copy does not hash right, else None."""
-        if self.error is not None:
-            return self.error
-        try:
-            while self.read(CHUNK):  # hash what the consumer left unread
-                pass
-        except CopyCorrupt as e:
-            return e
-        except (OSError, StorageError):
-            return None
-        return None
-
-    def close(self):
-        self.stream.close()
-        super().close()
+# --- Reading: the first healthy copy (backups.streams), its faults marked here. ------------
 
 
 def open_first_healthy(owner, artifact="main", exclude=(), actor="job:restore"):
@@ -152,29 +69,45 @@ def open_first_healthy(owner, artifact="main", exclude=(), actor="job:restore"):
     A copy that is missing is marked bad and skipped; one that cannot be reached (S3 down)
     is skipped. The reader's `.note` tells the restore which copy it read and why.
     A mismatch found at EOF cannot fall back mid-stream: the caller marks the copy bad
-    (CopyCorrupt.mark_bad()) and starts again, and this function then skips it.
+    (mark_faults) and starts again, and this function then skips it.
     """
-    skipped = []
     excluded = {c.pk for c in exclude}
-    for copy in healthy_copies(owner, artifact):
-        if copy.pk in excluded:
-            continue
-        try:
-            stream = store_for(copy.location).open(copy.key)
-        except MissingArtifact as e:
-            mark_bad(copy, str(e), actor=actor)
-            skipped.append(f"{copy.location.name} copy missing")
-            continue
-        except (OSError, StorageError) as e:
-            skipped.append(f"{copy.location.name} unreadable ({e})")
-            continue
-        note = ""
-        if skipped:
-            note = f"read from {copy.location.name}: " + "; ".join(skipped)
-            record("copy_fallback", copy, actor, note=note)
-        return VerifiedReader(copy, stream, note)
-    why = "; ".join(skipped) or "no healthy copy is catalogued"
-    raise StorageError(f"no healthy copy of {owner} ({artifact}) in any location: {why}")
+    try:
+        reader, faults = streams.open_first(c for c in healthy_copies(owner, artifact) if c.pk not in excluded)
+    except streams.NoReadableCopy as e:
+        mark_faults(e.faults, actor)
+        raise StorageError(f"no healthy copy of {owner} ({artifact}) in any location: {e}") from None
+    mark_faults(faults, actor)
+    if reader.note:
+        record("copy_fallback", reader.copy, actor, note=reader.note)
+    return reader
+
+
+def decrypt_here(copies, sink, encryption, what, plain_sha256=None, actor="job:restore"):
+    """streams.decrypt_first_healthy() on this thread, the bad copies it met marked. Returns the notes."""
+    return settled(lambda: streams.decrypt_first_healthy(copies, sink, encryption, what, plain_sha256), actor)
+
+
+def settled(fetched, actor="job:restore"):
+    """The notes of `fetched()` (a decrypt_first_healthy, or a finished one's result), its faults
+    marked. PITR reads this way, and leaves the "corruption" alert to the monitor."""
+    try:
+        notes, faults = fetched()
+    except streams.FetchFailed as e:
+        mark_faults(e.faults, actor, alert=False)
+        raise
+    mark_faults(faults, actor, alert=False)
+    return notes
+
+
+def mark_faults(faults, actor="job:restore", alert=True):
+    """Mark bad, once each, the copies a read found missing or corrupt (streams hands them back
+    instead of writing the catalog from gpg's thread or a fetch pool). Without `alert`, the
+    monitor raises "corruption" from the catalog on its next minute."""
+    for fault in faults:
+        if not fault.marked:
+            fault.marked = True
+            (mark_bad if alert else record_bad)(fault.copy, str(fault), actor=actor)
 
 
 def record(action, copy, actor, outcome="ok", **details):
@@ -191,12 +124,17 @@ def record(action, copy, actor, outcome="ok", **details):
     )
 
 
-def mark_bad(copy, why, actor="job:verify"):
-    """A copy that is missing or corrupt: bad in the catalog, journaled, "corruption" raised."""
-    owner = owner_of(copy)
+def record_bad(copy, why, actor="job:verify"):
+    """A copy that is missing or corrupt: bad in the catalog and journaled. Returns its owner."""
     BackupCopy.objects.filter(pk=copy.pk).update(status=BackupCopy.Status.BAD, last_error=why[:2000])
     copy.status, copy.last_error = BackupCopy.Status.BAD, why[:2000]
     record("copy_bad", copy, actor, outcome="failed", error=why)
+    return owner_of(copy)
+
+
+def mark_bad(copy, why, actor="job:verify"):
+    """record_bad(), and "corruption" raised."""
+    owner = record_bad(copy, why, actor)
     raise_alert("corruption", server=owner.server, message=f"Bad copy of {owner} in {copy.location.name}: {why}")
 
 
@@ -272,7 +210,7 @@ def copy_one(copy, actor="job:copy", now=None, journal_it=True):
             size, sha256 = out.commit()
     except (OSError, StorageError) as e:
         if isinstance(e, CopyCorrupt):  # the source was read to its end and is corrupt
-            e.mark_bad(actor)
+            mark_faults([e], actor)
         return _copy_failed(copy, owner, e, actor)
     return _copy_made(copy, owner, store, size, sha256, src.copy, actor, journal_it)
 

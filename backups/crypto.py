@@ -9,6 +9,8 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import gnupg
@@ -87,6 +89,7 @@ class Encryption:
         if not self.recipients and not self.passphrase_file:
             raise EncryptionError("no encryption configured: set BACKUP_PASSPHRASE_FILE (mode 0600) or GPG_RECIPIENTS")
         self.gpg = PortalGPG(gnupghome=str(gnupg_home()))
+        self._idle, self._lock = [self.gpg], threading.Lock()
         if self.recipients:
             known = {k["fingerprint"] for k in self.gpg.list_keys()} | {
                 uid for k in self.gpg.list_keys() for uid in k["uids"]
@@ -112,34 +115,44 @@ class Encryption:
         (WAL, base backup tars): `gpg --decrypt` undoes it in the same step.
         Returns python-gnupg's result; the caller checks `.ok` / `.returncode`.
         """
-        self.gpg.on_data = on_data
         compression = ["--compress-algo", "zip", "-z", str(compress_level)] if compress_level else NO_COMPRESSION
-        if self.recipients:
-            return self.gpg.encrypt_file(
-                source, self.recipients, armor=False, always_trust=True, extra_args=compression
+        with self._borrowed(on_data) as gpg:
+            if self.recipients:
+                return gpg.encrypt_file(source, self.recipients, armor=False, always_trust=True, extra_args=compression)
+            return gpg.encrypt_file(
+                source,
+                None,
+                symmetric="AES256",
+                passphrase=self.passphrase,
+                armor=False,
+                extra_args=S2K_ARGS + compression,
             )
-        return self.gpg.encrypt_file(
-            source,
-            None,
-            symmetric="AES256",
-            passphrase=self.passphrase,
-            armor=False,
-            extra_args=S2K_ARGS + compression,
-        )
 
     def decrypt_stream(self, source, on_data):
         """Decrypt `source`, handing plaintext chunks to `on_data`. Result has `.ok`, `.status`."""
-        self.gpg.on_data = on_data
-        return self.gpg.decrypt_file(source, passphrase=self.passphrase)
+        with self._borrowed(on_data) as gpg:
+            return gpg.decrypt_file(source, passphrase=self.passphrase)
 
     def decrypt_to_fd(self, source, fd):
         """Decrypt `source` straight into the open descriptor `fd` (a pipe into tar): gpg writes
         it itself, so gigabytes of plaintext do not pass through Python on their way."""
-        self.gpg.on_data, self.gpg.pass_fds = None, (fd,)
+        with self._borrowed(None, pass_fds=(fd,)) as gpg:
+            return gpg.decrypt_file(source, passphrase=self.passphrase, output=f"/dev/fd/{fd}")
+
+    @contextmanager
+    def _borrowed(self, on_data, pass_fds=()):
+        """A python-gnupg object for one stream. It keeps on_data (and our pass_fds) on the object,
+        so two streams at once (WAL ingest, PITR fetch pools) must not share one: each borrows
+        an idle one, or a new one, and gives it back. One Encryption serves every thread."""
+        with self._lock:
+            gpg = self._idle.pop() if self._idle else PortalGPG(gnupghome=str(gnupg_home()))
+        gpg.on_data, gpg.pass_fds = on_data, pass_fds
         try:
-            return self.gpg.decrypt_file(source, passphrase=self.passphrase, output=f"/dev/fd/{fd}")
+            yield gpg
         finally:
-            self.gpg.pass_fds = ()
+            gpg.on_data, gpg.pass_fds = None, ()
+            with self._lock:
+                self._idle.append(gpg)
 
 
 def gpg_failure(result) -> str:

@@ -3,7 +3,7 @@
 import os
 import re
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -444,6 +444,10 @@ class BackupRunQuerySet(models.QuerySet):
     def finished(self):
         return self.filter(status__in=[BackupRun.Status.SUCCEEDED, BackupRun.Status.FAILED])
 
+    def restorable_bases(self):
+        """Good base backups a PITR can start from: their WAL range is known (start_wal)."""
+        return self.good().filter(kind=BackupRun.Kind.BASE).exclude(start_wal="")
+
     def newest_per_kind(self):
         """Of these runs, the newest to finish of each server and kind: one query for all servers."""
         newest_first = [F("finished_at").desc(nulls_last=True), F("pk").desc()]
@@ -534,6 +538,13 @@ class BackupRun(models.Model):
     @property
     def is_good(self):
         return self.status == self.Status.SUCCEEDED and self.deleted_at is None
+
+    @property
+    def stop_time(self):
+        """When a base backup became consistent (pg_basebackup's end): what PITR and retention
+        compare a target with. Runs from before it was recorded: their finish."""
+        stamp = self.details.get("stop_time")
+        return datetime.fromisoformat(stamp) if stamp else self.finished_at
 
 
 class WalSegment(models.Model):

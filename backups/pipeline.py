@@ -1,4 +1,5 @@
-"""The backup pipeline: a client tool's stdout → gpg → an atomic file in the primary location.
+"""The backup pipeline: a client tool's stdout → gpg → an atomic file in the primary location
+(through backups.streams, as WAL ingest goes).
 
 Plaintext never touches disk. Each external tool is started here and only here, with the
 password in its environment (never argv), dying with its parent, and its errors turned
@@ -9,7 +10,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,10 +19,9 @@ from django.utils import timezone
 from backupportal.lib.childenv import child_env
 from backupportal.lib.pgerrors import explain
 from backups import tables
-from backups.crypto import Encryption, die_with_parent, gpg_failure
+from backups.crypto import Encryption, die_with_parent
 from backups.storage import StorageError
-
-HEARTBEAT_EVERY = 2.0  # seconds between progress/heartbeat writes to the catalog
+from backups.streams import EncryptFailed, Source, WriteFailed, encrypt_into
 
 
 class BackupFailed(Exception):
@@ -81,75 +80,41 @@ class Tool:
         return f"{name}: {explain(errors[-1], server)}" if server else f"{name}: {errors[-1]}"
 
 
-class Progress:
-    """Bytes written so far; the calling thread writes it to the run every few seconds."""
+class ToolSource(Source):
+    """A client tool's stdout as what gpg encrypts; killed when the location fails."""
 
-    def __init__(self):
-        self.bytes = 0
-        self.error = None
+    def __init__(self, tool: Tool, server=None):
+        super().__init__()
+        self.tool, self.server = tool, server
+        self.name = os.path.basename(tool.argv[0])
+
+    def open(self):
+        return self.tool.start().proc.stdout
+
+    def stop(self):
+        self.tool.kill()
+
+    def finish(self):
+        self.tool.proc.wait()
+
+    def check(self):
+        if self.tool.proc.returncode != 0:
+            raise EncryptFailed(self.tool.error_line(self.server))
 
 
 def encrypt_to(
     store, key, tool: Tool, encryption: Encryption, on_tick=None, timeout=None, server=None, compress_level=None
 ):
-    """Stream `tool`'s stdout through gpg into `store` under `key`. Returns (size, sha256).
-
-    On any failure nothing is left under `key` (the temporary file is removed) and
-    BackupFailed says why. `on_tick(progress)` runs in the calling thread every few seconds.
-    """
-    progress = Progress()
-    result_box = {}
+    """Stream `tool`'s stdout through gpg into `store` under `key` (streams.encrypt_into).
+    Returns (size, sha256); on any failure nothing is left under `key` and BackupFailed says why."""
     try:
-        writer = store.writer(key)
-    except (OSError, StorageError) as e:  # a read-only or unwritable location: one line, nothing started
+        return encrypt_into(store, key, ToolSource(tool, server), encryption, compress_level, on_tick, timeout)
+    except WriteFailed as e:
+        raise BackupFailed(_storage_message(e.error)) from None
+    except EncryptFailed as e:
+        raise BackupFailed(str(e)) from None
+    except (OSError, StorageError) as e:  # opening or committing the file: one line
         raise BackupFailed(_storage_message(e)) from None
-
-    def on_data(chunk):
-        if progress.error is not None or not chunk:
-            return False
-        try:
-            writer.write(chunk)
-            progress.bytes += len(chunk)
-        except (OSError, StorageError) as e:
-            # Disk full or capacity reached: stop the producer now instead of dumping into the void.
-            progress.error = e
-            tool.kill()
-        return False  # never buffer the ciphertext in memory
-
-    def run_gpg():
-        try:
-            result_box["result"] = encryption.encrypt_stream(tool.proc.stdout, on_data, compress_level)
-        except Exception as e:  # broken pipe and the like: reported below
-            result_box["exception"] = e
-
-    with writer:
-        tool.start()
-        gpg_thread = threading.Thread(target=run_gpg, daemon=True)
-        gpg_thread.start()
-        started = time.monotonic()
-        while gpg_thread.is_alive():
-            gpg_thread.join(HEARTBEAT_EVERY)
-            if on_tick:
-                on_tick(progress)
-            if timeout and time.monotonic() - started > timeout:
-                tool.kill()
-                progress.error = progress.error or BackupFailed(f"timed out after {timeout} s: the run was stopped")
-        rc = tool.proc.wait()
-        if progress.error is not None:
-            raise BackupFailed(_storage_message(progress.error))
-        if rc != 0:
-            raise BackupFailed(tool.error_line(server))
-        if "exception" in result_box:
-            raise BackupFailed(f"gpg: {result_box['exception']}")
-        result = result_box["result"]
-        if result.returncode != 0 or getattr(result, "on_data_failure", None):
-            raise BackupFailed(gpg_failure(result))
-        if writer.size == 0:
-            raise BackupFailed(f"{os.path.basename(tool.argv[0])} produced no output")
-        try:
-            return writer.commit()
-        except OSError as e:
-            raise BackupFailed(_storage_message(e)) from None
 
 
 def _storage_message(error):

@@ -9,7 +9,8 @@ become consistent, nor one on the way from the base backup that reaches the star
 window to now: any moment of the window stays recoverable. History files are tiny and kept.
 """
 
-from datetime import datetime, timedelta
+from datetime import timedelta
+from operator import attrgetter
 
 from django.db.models import Q
 from django.utils import timezone
@@ -69,15 +70,10 @@ def apply_wal_and_base_retention(now=None, dry_run=False, actor="job:retention")
     return {"dry_run": dry_run, "deleted": apply(now, dry_run, actor), "wal": apply_wal(now, dry_run, actor)}
 
 
-def stop_time(run):
-    stamp = run.details.get("stop_time")
-    return datetime.fromisoformat(stamp) if stamp else run.finished_at
-
-
 def window_anchor(bases, window_start):
     """The newest base backup consistent before the window starts: PITR to that moment starts there."""
-    before = [b for b in bases if b.start_wal and stop_time(b) <= window_start]
-    return max(before, key=stop_time) if before else None
+    before = [b for b in bases if b.start_wal and b.stop_time <= window_start]
+    return max(before, key=attrgetter("stop_time")) if before else None
 
 
 def doomed_segments(server, kept_bases, now):
@@ -85,7 +81,7 @@ def doomed_segments(server, kept_bases, now):
     size = server.wal_segment_size
     window_start = now - timedelta(days=server.wal_retention_days)
     with_wal = [b for b in kept_bases if b.start_wal and size]
-    anchor = window_anchor(with_wal, window_start) or (min(with_wal, key=stop_time) if with_wal else None)
+    anchor = window_anchor(with_wal, window_start) or (min(with_wal, key=attrgetter("stop_time")) if with_wal else None)
     keep_from = wal.segno_of(anchor.start_wal, size) if anchor else None
     ranges = [(wal.segno_of(b.start_wal, size), wal.segno_of(b.end_wal, size)) for b in with_wal]
     doomed = []

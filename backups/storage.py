@@ -12,8 +12,6 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from django.conf import settings
-
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -209,17 +207,6 @@ def store_for(location):
 
         return S3Store(location)
     return FileStore(location)
-
-
-def clean_partials(root=None):
-    """Remove temporary files left by killed writers: they were never artifacts."""
-    root = Path(root or settings.BACKUP_ROOT)
-    removed = 0
-    if root.exists():
-        for tmp in root.rglob(f".*{PARTIAL_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
 
 
 def check_storage():

@@ -11,9 +11,10 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.alerts import resolve_alert
-from backups.copies import CHUNK, CopyCorrupt, VerifiedReader, mark_bad, owner_of, record
+from backups.copies import mark_bad, mark_faults, owner_of, record
 from backups.models import BackupCopy, Server
-from backups.storage import MissingArtifact, StorageError, store_for
+from backups.storage import MissingArtifact, StorageError
+from backups.streams import CHUNK, CopyCorrupt, open_copy
 
 CHECKED = [BackupCopy.Status.OK, BackupCopy.Status.BAD]
 
@@ -21,7 +22,7 @@ CHECKED = [BackupCopy.Status.OK, BackupCopy.Status.BAD]
 def verify_copy(copy, actor="job:verify", progress=None):
     """Re-read one copy. Returns (verdict, error): "ok", "bad", or "unreachable" (not checked)."""
     try:
-        with VerifiedReader(copy, store_for(copy.location).open(copy.key)) as reader:
+        with open_copy(copy) as reader:
             while chunk := reader.read(CHUNK):
                 if progress:
                     progress.read(len(chunk))
@@ -29,7 +30,7 @@ def verify_copy(copy, actor="job:verify", progress=None):
         mark_bad(copy, str(e), actor=actor)
         return "bad", str(e)
     except CopyCorrupt as e:
-        e.mark_bad(actor)
+        mark_faults([e], actor)
         return "bad", str(e)
     except (OSError, StorageError) as e:
         return "unreachable", str(e)

@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import stat
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -32,9 +31,9 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.alerts import raise_alert, resolve_alert
-from backups import archive_wal
-from backups.crypto import Encryption, EncryptionError, gpg_failure
-from backups.models import WAL_LOCATION, BackupCopy, BackupRun, Server, StorageLocation, WalSegment
+from backups import archive_wal, streams
+from backups.crypto import Encryption, EncryptionError
+from backups.models import WAL_LOCATION, BackupCopy, Server, StorageLocation, WalSegment
 from backups.pipeline import BackupFailed
 from backups.storage import StorageError, store_for
 
@@ -64,10 +63,6 @@ class WalError(Exception):
 def lsn_to_int(lsn: str) -> int:
     high, _, low = lsn.partition("/")
     return (int(high, 16) << 32) | int(low, 16)
-
-
-def int_to_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def segments_per_id(segment_size: int) -> int:
@@ -388,19 +383,16 @@ def _ingest_names(server, spool, names, source, result):
     one core each: with the strategy's key derivation and compression a segment costs a tenth
     of a second or more); this thread alone checks and catalogues them, in order."""
     try:
-        Encryption()  # a misconfiguration is one message, before any file is touched
+        encryption = Encryption()  # a misconfiguration is one message, before any file is touched
     except EncryptionError as e:
         raise WalError(str(e)) from None
     location = wal_location()
     store = store_for(location)
-    local = threading.local()  # python-gnupg keeps its on_data callback on the object
 
     def encrypt(path, key):
-        if not hasattr(local, "encryption"):
-            local.encryption = Encryption()
         with open(path, "rb") as f:
             reader = HashingReader(f)
-            size, sha256 = encrypt_into(store, key, reader, local.encryption)
+            size, sha256 = encrypt_into(store, key, reader, encryption)
         return reader, size, sha256
 
     window = deque()  # (name, key, future) in name order
@@ -536,24 +528,13 @@ def learn_segment_size(server, size):
 
 
 def encrypt_into(store, key, reader, encryption):
-    """Stream `reader` through gpg into an atomic file. Returns (size, sha256) of the ciphertext."""
-    errors = []
-    with store.writer(key) as writer:
-
-        def on_data(chunk):
-            if chunk and not errors:
-                try:
-                    writer.write(chunk)
-                except (OSError, StorageError) as e:
-                    errors.append(e)
-            return False
-
-        result = encryption.encrypt_stream(reader, on_data, WAL_COMPRESS_LEVEL)
-        if errors:
-            raise WalError(f"cannot write {key} into the WAL archive: {errors[0]}")
-        if result.returncode != 0:
-            raise WalError(gpg_failure(result))
-        return writer.commit()
+    """Stream `reader` through gpg into an atomic file (backups.streams). Returns (size, sha256) of the ciphertext."""
+    try:
+        return streams.encrypt_into(store, key, streams.Source(reader), encryption, WAL_COMPRESS_LEVEL)
+    except streams.WriteFailed as e:
+        raise WalError(f"cannot write {key} into the WAL archive: {e.error}") from None
+    except streams.EncryptFailed as e:
+        raise WalError(str(e)) from None
 
 
 def _already_archived(server, path, existing):
@@ -676,13 +657,7 @@ def last_segno(server):
 
 
 def oldest_kept_base(server):
-    return (
-        server.runs.good()
-        .filter(kind=BackupRun.Kind.BASE)
-        .exclude(start_wal="")
-        .order_by("start_wal", "finished_at")
-        .first()
-    )
+    return server.runs.restorable_bases().order_by("start_wal", "finished_at").first()
 
 
 def chain_gaps(server):

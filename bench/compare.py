@@ -13,7 +13,9 @@ from pathlib import Path
 
 import psycopg
 
-from backupportal.lib.pgcluster import as_db_user, chown_to_db_user, free_port, pg_bin
+from backupportal.lib.osuser import as_db_user, chown_to_db_user, free_port
+from backupportal.lib.pgcluster import stop_left_running
+from backupportal.lib.pgdatadir import pg_bin
 
 from .measure import CommandFailed, Sample, dir_size, run, shell
 from .setup import S2K, wait_until
@@ -296,12 +298,7 @@ def restored_dir(ws, name):
 
 
 def stop_and_remove(datadir):
-    if (datadir / "postmaster.pid").exists():
-        subprocess.run(
-            as_db_user([str(pg_bin() / "pg_ctl"), "stop", "-m", "immediate", "-w", "-D", str(datadir)]),
-            capture_output=True,
-            cwd="/",
-        )
+    stop_left_running(datadir)
     shutil.rmtree(datadir.parent, ignore_errors=True)
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backupportal.lib import sampledata  # noqa: E402
-from backupportal.lib.pgcluster import Cluster, pg_bin  # noqa: E402
+from backupportal.lib.pgcluster import Cluster  # noqa: E402
+from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
 
 S2K = "--s2k-cipher-algo AES256 --s2k-digest-algo SHA512 --s2k-mode 3 --s2k-count 65011712".split()
 

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backupportal.lib import sampledata  # noqa: E402
-from backupportal.lib.pgcluster import Cluster, pg_bin  # noqa: E402
+from backupportal.lib.pgcluster import Cluster  # noqa: E402
+from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
 
 GPG = ["gpg", "--batch", "--yes", "--pinentry-mode", "loopback"]
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from psycopg import sql  # noqa: E402
 
 from backupportal.lib import sampledata  # noqa: E402
-from backupportal.lib.pgcluster import Cluster, pg_bin  # noqa: E402
+from backupportal.lib.pgcluster import Cluster  # noqa: E402
+from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
 from backups import tables  # noqa: E402
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backupportal.lib.pgcluster import Cluster, pg_bin  # noqa: E402
+from backupportal.lib.pgcluster import Cluster  # noqa: E402
+from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
 from bench import compare, report  # noqa: E402
 from bench.measure import free_bytes, machine, run  # noqa: E402
 from bench.setup import (  # noqa: E402  # noqa: E402

@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backupportal.lib import sampledata  # noqa: E402
-from backupportal.lib.pgcluster import Cluster, as_db_user, chown_to_db_user, pg_bin  # noqa: E402
+from backupportal.lib.osuser import as_db_user, chown_to_db_user  # noqa: E402
+from backupportal.lib.pgcluster import Cluster  # noqa: E402
+from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
 
 DB = "reliabilitymaldives"
 SMALL_DB = "reliabilitymaldives_small"

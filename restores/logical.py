@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -21,17 +20,17 @@ from django.utils import timezone
 from psycopg import sql
 
 from backupportal import journal
-from backupportal.lib.commands import fail
 from backupportal.lib.pgerrors import explain
 from backups.binaries import client_tool
-from backups.copies import CopyCorrupt, healthy_copies, open_first_healthy
+from backups.copies import healthy_copies, mark_faults, open_first_healthy
 from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
-from backups.models import BackupRun, Server
+from backups.models import BackupRun
 from backups.pipeline import BackupFailed, Tool
 from backups.storage import StorageError, store_for
+from backups.streams import CopyCorrupt
 from restores import cluster_globals, dbprops
 from restores.models import RestoreRun
-from restores.tablespaces import check_tablespaces, parse_tablespace_map, relocate
+from restores.tablespaces import check_tablespaces, relocate
 
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -177,7 +176,7 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statement=
             # while its hash is wrong is corrupt, whichever noticed first.
             corrupt = e if isinstance(e, CopyCorrupt) else reader.corrupt()
             if corrupt is not None:
-                corrupt.mark_bad()
+                mark_faults([corrupt])
                 notes.append(str(corrupt))
                 why.append(f"corrupt: {corrupt}")
             elif reader.read_error is not None:
@@ -300,11 +299,10 @@ def _decrypt_with_progress(decrypt, bytes_done, restore):
 def read_properties(run, target, encryption, warnings):
     """The dump's own database entries (dbprops), from the first copy whose start decrypts.
 
-    When no copy can be opened at all, the restore fails here, saying why of each copy (the
-    missing ones are marked bad on the way, so a later read would no longer name them).
     None when no copy's start can be read: the restore itself then meets the same fault
     and says what it is (a wrong passphrase, every copy corrupt); should it succeed anyway,
-    the missing properties are a warning.
+    the missing properties are a warning. When no copy can even be opened, RestoreFailed says
+    why for each now: the restore would meet them marked bad already, and say less.
     """
     tried, why = [], []
     while True:
@@ -383,63 +381,17 @@ def _drop_roles(target, roles):
             cluster_globals.drop_roles(conn, roles)
 
 
-# --- The management command's entry point -----------------------------------------------------
-
-
-def restore_from_command(
-    run_id,
-    actor,
-    into_database=None,
-    into_server=None,
-    replace=False,
-    request=None,
-    tablespace_map=(),
-    with_role_passwords=False,
-    **ignored,
-):
-    try:
-        run = restorable_run(run_id)
-        mapping = parse_tablespace_map(tablespace_map or ())
-    except (RestoreFailed, ValueError) as e:
-        fail(str(e))
-    if replace:
-        from restores.replace import replace_from_command
-
-        return replace_from_command(run, request, actor)
-    if request:
-        fail("--request goes with --replace; a restore into a new database needs no approval")
-    if with_role_passwords and not into_server:
-        fail("--with-role-passwords goes with --into-server: on the backup's own server its roles are already there")
-    if not into_database:
-        fail("say where to restore: --into-database NEWDB (a new database), or --replace --request ID")
-    target = run.server
-    if into_server:
-        target = Server.objects.filter(name=into_server).first()
-        if target is None:
-            fail(f"unknown server {into_server!r}: register it with addserver first")
-    restore = run_logical(
-        run, target, into_database, actor, tablespace_map=mapping, with_role_passwords=with_role_passwords
-    )
-    result = summary(restore)
-    if not restore.succeeded:
-        sys.stderr.write(f"restore failed: {restore.error}\n")  # the contract: one line on stderr
-        result["exit_code"] = 1
-    return result
-
-
 def run_logical(run, target, dbname, actor, request=None, restore_test=None, **options):
     """Create the RestoreRun, restore, and record the outcome. Never raises RestoreFailed."""
-    restore = RestoreRun.objects.create(
-        kind=RestoreRun.Kind.LOGICAL,
+    restore = RestoreRun.begin(
+        RestoreRun.Kind.LOGICAL,
+        actor,
         server=run.server,
         backup_run=run,
         into_server=target,
         into_database=dbname,
-        requested_by=actor,
         request=request,
         restore_test=restore_test,
-        status=RestoreRun.Status.RUNNING,
-        started_at=timezone.now(),
     )
     journal.record(
         "restore_started", actor=actor, obj=restore, server=run.server.name, run=run.pk, into=f"{target}/{dbname}"
@@ -447,23 +399,22 @@ def run_logical(run, target, dbname, actor, request=None, restore_test=None, **o
     try:
         notes = restore_into(run, target, dbname, restore, **options)
     except (RestoreFailed, StorageError, BackupFailed) as e:  # BackupFailed: the tools' libpq_env refused
-        return _finish(restore, RestoreRun.Status.FAILED, actor, error=str(e))
+        return finish(restore, actor, error=str(e))
     restore.notes = "; ".join(notes)
-    return _finish(restore, RestoreRun.Status.SUCCEEDED, actor)
+    return finish(restore, actor)
 
 
-def _finish(restore, status, actor, error=""):
-    if status == RestoreRun.Status.SUCCEEDED and restore.warnings:
-        status = RestoreRun.Status.SUCCEEDED_WITH_WARNINGS  # never a plain success that hides them
-    restore.status, restore.error, restore.finished_at = status, error[:2000], timezone.now()
-    restore.save(update_fields=["status", "error", "finished_at", "notes", "warnings"])
+def finish(restore, actor, error=None):
+    """Record the outcome of a logical restore (or a replacement), failed when `error` is a
+    string, and journal it."""
+    restore.finish(error, fields=("notes", "warnings"))
     journal.record(
         "restore_succeeded" if restore.succeeded else "restore_failed",
         actor=actor,
         obj=restore,
         server=restore.server.name,
         outcome="ok" if restore.succeeded else "failed",
-        error=error,
+        error=error or "",
         into=restore.into_database,
         warnings=restore.warnings,
     )

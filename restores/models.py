@@ -162,6 +162,24 @@ class RestoreRun(models.Model):
     def done(self):
         return self.succeeded or self.status == self.Status.FAILED
 
+    @classmethod
+    def begin(cls, kind, actor, **fields):
+        """A restore running from now on; the caller journals what it restores."""
+        now = timezone.now()
+        return cls.objects.create(
+            kind=kind, status=cls.Status.RUNNING, requested_by=actor, started_at=now, heartbeat_at=now, **fields
+        )
+
+    def finish(self, error=None, fields=()):
+        """Failed with `error` (a string), or, when None, succeeded (with warnings when it has
+        any: never a plain success that hides them); saved with the `fields` the caller has set."""
+        if error is not None:
+            self.status = self.Status.FAILED
+        else:
+            self.status = self.Status.SUCCEEDED_WITH_WARNINGS if self.warnings else self.Status.SUCCEEDED
+        self.error, self.finished_at = (error or "")[:2000], timezone.now()
+        self.save(update_fields=["status", "error", "finished_at", *fields])
+
 
 class RestoreTestQuerySet(models.QuerySet):
     def failing(self, server):

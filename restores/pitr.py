@@ -14,35 +14,34 @@ recovers, promotes, and is left running. Any failure removes what the restore wr
 
 A time target needs a commit after it in the archive: pitr_reach finds one, or has the source
 make one (or refuses). The run succeeds only when the recovered cluster shows it reached the
-target (pitr_verdict); the cluster's start and recovery are in pitr_recovery.
+target (pitr_verdict); the cluster's start and recovery are in pitr_recovery, the base backup's
+extraction and its check against the manifest in pitr_extract.
 """
 
 import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from operator import attrgetter
 from pathlib import Path
 
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.lib.childenv import child_env
-from backupportal.lib.commands import fail
-from backupportal.lib.pgcluster import DB_OS_USER, as_db_user, chown_to_db_user
+from backupportal.lib.osuser import DB_OS_USER, chown_to_db_user
 from backups import wal
-from backups.binaries import backup_major, cluster_dir, cluster_tool
+from backups.binaries import backup_major, cluster_dir
+from backups.copies import decrypt_here, mark_faults
 from backups.crypto import Encryption, EncryptionError
-from backups.models import BackupCopy, BackupRun, Server, WalSegment
+from backups.models import BackupCopy, WalSegment
 from backups.storage import store_for
+from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from restores import pitr_reach
-from restores.fetch import FetchFailed, FileSink, fetch, ordered_copies
 from restores.models import RestoreRun
-from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target
+from restores.pitr_extract import Extraction, empty, extract_base, verify_base
+from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target, encryption_of
 from restores.pitr_reach import partial_for
 from restores.pitr_recovery import heartbeat, pg_ctl, start_and_wait, write_recovery_settings
 
@@ -55,52 +54,37 @@ LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 # ----------------------------------------------------------------------------- the command
 
 
-def restore_from_command(
-    server_name,
-    actor,
-    target_time=None,
-    target=None,
-    target_lsn=None,
-    target_name=None,
-    into_datadir=None,
-    port=None,
-    **ignored,
-):
-    server = Server.objects.filter(name=server_name).first()
-    if server is None:
-        fail(f"unknown server {server_name!r}: list them in the admin, or register one with addserver")
+def plan_for(server, actor, into_datadir=None, port=None, **targets):
+    """The plan of a PITR asked for with the command's options (target_time, target, target_lsn,
+    target_name); a refusal is journaled and raised (Refused) before anything is written."""
     try:
-        parsed = parse_target(target_time, target, target_lsn, target_name)
-        plan = make_plan(server, parsed, into_datadir, port)
+        return make_plan(server, parse_target(**targets), into_datadir, port)
     except Refused as e:
+        given = [t for t in targets.values() if t]
         journal.record(
             "pitr_refused",
             actor=actor,
             obj=server,
             outcome="refused",
             reason=str(e),
-            target=target_time or target or target_lsn or target_name or "",
+            target=given[0] if given else "",
             into_datadir=into_datadir or "",
         )
-        fail(f"restore refused: {e}")
-    return run_plan(plan, actor)
+        raise
 
 
 def run_plan(plan, actor, request=None, restore_test=None):
     """Restore as planned, leaving the new cluster running; the result dict (failed: exit_code 1)."""
-    run = RestoreRun.objects.create(
-        kind=RestoreRun.Kind.PITR,
-        status=RestoreRun.Status.RUNNING,
+    run = RestoreRun.begin(
+        RestoreRun.Kind.PITR,
+        actor,
         server=plan.server,
         backup_run=plan.base,
         into_datadir=str(plan.datadir),
         port=plan.port,
         target=plan.target.text,
-        requested_by=actor,
         request=request,
         restore_test=restore_test,
-        started_at=timezone.now(),
-        heartbeat_at=timezone.now(),
     )
     journal.record(
         "pitr_started", actor=actor, obj=run, server=plan.server.name, base_run=plan.base.pk, target=run.target
@@ -118,12 +102,10 @@ def run_plan(plan, actor, request=None, restore_test=None):
 
 
 def finish(run, plan, actor, error=""):
-    run.status = RestoreRun.Status.FAILED if error else RestoreRun.Status.SUCCEEDED
-    run.finished_at, run.error = timezone.now(), error[:2000]
     run.recovered_to = plan.recovered.get("recovered_to", "")
     run.backup_run = plan.base
     run.notes = "\n".join(plan.notes)[:5000]
-    run.save(update_fields=["status", "finished_at", "error", "backup_run", "notes", "recovered_to"])
+    run.finish(error or None, fields=("backup_run", "notes", "recovered_to"))
     journal.record(
         "pitr_failed" if error else "pitr_succeeded",
         actor=actor,
@@ -150,7 +132,6 @@ def finish(run, plan, actor, error=""):
     }
     result.update(plan.recovered)
     if error:
-        sys.stderr.write(f"restore failed: {error}\n")
         result["exit_code"] = 1
     return result
 
@@ -221,10 +202,7 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
 
 def good_bases(server):
     """The good base backups, oldest first; refused when there is none."""
-    bases = sorted(
-        server.runs.good().filter(kind=BackupRun.Kind.BASE).exclude(start_wal=""),
-        key=lambda r: r.details.get("stop_time", ""),
-    )
+    bases = sorted(server.runs.restorable_bases(), key=attrgetter("stop_time"))
     if not bases:
         raise Refused(f"{server} has no base backup to recover from: take one with backup {server.name} --kind base")
     return bases
@@ -243,7 +221,7 @@ def fall_back(plan, fault, run=None, error=RestoreFailed):
     """Replace an unreadable base backup by the next older one whose WAL chain to the target is
     complete: it replays more WAL to reach the same target. `error` when there is none."""
     unreadable = plan.base
-    plan.bases = [b for b in plan.bases if stop_time(b) < stop_time(unreadable)]
+    plan.bases = [b for b in plan.bases if b.stop_time < unreadable.stop_time]
     tried = []
     for older in reversed(plan.bases):
         plan.base = older
@@ -254,7 +232,7 @@ def fall_back(plan, fault, run=None, error=RestoreFailed):
             continue
         note = f"base backup #{unreadable.pk} unreadable on every location; using #{older.pk}"
         plan.notes.append(note)
-        sys.stderr.write(f"restore: {note}\n")
+        plan.report(note)
         journal.record(
             "pitr_base_fallback",
             actor=getattr(run, "requested_by", "") or "job:restore",
@@ -308,19 +286,15 @@ def check_port(port) -> int:
     return int(port)
 
 
-def stop_time(run):
-    return datetime.fromisoformat(run.details["stop_time"])
-
-
 def choose_base(bases, target):
     """The newest base backup that is consistent before the target."""
     if target.kind == "time":
-        before = [b for b in bases if stop_time(b) <= target.value]
+        before = [b for b in bases if b.stop_time <= target.value]
         if not before:
             oldest = bases[0]
             raise Refused(
                 f"{target.text} is before the oldest moment the kept backups reach: "
-                f"{timezone.localtime(stop_time(oldest)):%Y-%m-%d %H:%M:%S%z} (base backup #{oldest.pk})"
+                f"{timezone.localtime(oldest.stop_time):%Y-%m-%d %H:%M:%S%z} (base backup #{oldest.pk})"
             )
         return before[-1]
     if target.kind == "lsn":
@@ -441,24 +415,6 @@ def discard(plan):
         empty(plan.datadir)
 
 
-def empty(directory, keep=()):
-    for child in directory.iterdir():
-        if child.name in keep:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
-def encryption_of(plan):
-    # python-gnupg keeps the on_data callback on the object: one per thread (and per restore,
-    # so that a changed passphrase file is read again).
-    if not hasattr(plan.threads, "encryption"):
-        plan.threads.encryption = Encryption()
-    return plan.threads.encryption
-
-
 def stage_wal(plan, first, last):
     """Fetch, verify and decrypt segments first..last into the staging directory, in parallel."""
     if last < first:
@@ -474,22 +430,21 @@ def stage_wal(plan, first, last):
     def one(segment):
         sink = FileSink(plan.staging / segment.name)
         try:
-            notes, marks = fetch(
-                ordered_copies(copies.get(segment.pk, [])),
+            notes, faults = decrypt_first_healthy(
+                readable(copies.get(segment.pk, [])),
                 sink,
                 encryption_of(plan),
                 f"WAL segment {segment.name}",
                 plain_sha256=segment.sha256,
             )
         except FetchFailed as e:
-            return segment, e, e.marks
-        return segment, notes, marks
+            return segment, e, e.faults
+        return segment, notes, faults
 
     failure = None
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        for segment, outcome, marks in pool.map(one, segments):
-            for mark in marks:
-                mark()
+        for segment, outcome, faults in pool.map(one, segments):
+            mark_faults(faults, alert=False)  # here: the catalog stays on this thread; alerts: the monitor
             if isinstance(outcome, FetchFailed):
                 failure = failure or outcome
                 continue
@@ -500,31 +455,13 @@ def stage_wal(plan, first, last):
     stage_history_files(plan)
 
 
-def fetch_here(*args, **kwargs):
-    """fetch() on this thread: bad copies are marked at once. Returns the notes."""
-    return settled(lambda: fetch(*args, **kwargs))
-
-
-def settled(fetched):
-    """The notes of `fetched()` (a fetch, or a finished one's result), its bad copies marked."""
-    try:
-        notes, marks = fetched()
-    except FetchFailed as e:
-        for mark in e.marks:
-            mark()
-        raise
-    for mark in marks:
-        mark()
-    return notes
-
-
 def stage_history_files(plan):
     """Timeline history files: recovery reads them to follow the server's timelines."""
     for segment in WalSegment.objects.filter(server=plan.server, deleted_at=None, name__endswith=".history"):
         path = plan.staging / segment.name
         if not path.exists():
-            fetch_here(
-                ordered_copies(segment.copies.select_related("location")),
+            decrypt_here(
+                readable(segment.copies.select_related("location")),
                 FileSink(path),
                 encryption_of(plan),
                 f"history file {segment.name}",
@@ -579,75 +516,6 @@ def restore_point_lsns(plan, first, last):
     return found
 
 
-class TarSink:
-    """Plaintext into `tar -x`, run as the database OS user so that it owns every file."""
-
-    def __init__(self, datadir: Path):
-        self.datadir = datadir
-
-    def open(self):
-        self.errors = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            as_db_user(["tar", "--extract", "--file=-", f"--directory={self.datadir}"]),
-            stdin=subprocess.PIPE,
-            stderr=self.errors,
-            cwd=self.datadir,
-            env=child_env(),
-        )
-
-    def fileno(self):
-        return self.proc.stdin.fileno()
-
-    def failure(self):
-        """Why tar stopped early (a full disk ...), or None while it runs or when it succeeded."""
-        if self.proc.poll() in (None, 0):
-            return None
-        return f"tar could not extract the base backup: {self.stderr()}"
-
-    def stderr(self):
-        self.errors.seek(0)
-        return self.errors.read().decode(errors="replace")[-300:]
-
-    def commit(self):
-        self.proc.stdin.close()
-        if self.proc.wait() != 0:
-            raise RestoreFailed(f"tar could not extract the base backup: {self.stderr()}")
-
-    def abort(self):
-        self.proc.kill()
-        self.proc.wait()
-        empty(self.datadir, keep=(STAGING,))
-
-
-class Extraction:
-    """The planned base backup's extraction, started on a thread of its own."""
-
-    def __init__(self, plan):
-        copies = ordered_copies(plan.base.copies.filter(artifact="main").select_related("location"))
-        self.sink = TarSink(plan.datadir)
-        # Its own Encryption: python-gnupg keeps the on_data callback on the object.
-        args = (copies, self.sink, Encryption(), f"base backup #{plan.base.pk}")
-        pool = ThreadPoolExecutor(max_workers=1)
-        self.future = pool.submit(fetch, *args)
-        pool.shutdown(wait=False)  # the thread ends with the fetch
-
-    def notes(self):
-        """Its notes, the bad copies it met marked here (the catalog stays on this thread)."""
-        return settled(self.future.result)
-
-    def stop(self):
-        """Kill tar (gpg stops on the broken pipe) and wait, marking any bad copy it met.
-
-        Called while another error propagates: that one is what the restore reports."""
-        proc = getattr(self.sink, "proc", None)
-        if proc is not None:
-            proc.kill()
-        try:
-            self.notes()
-        except Exception:  # noqa: BLE001 - its own failure (tar killed, say) is a consequence
-            pass
-
-
 def extract_readable_base(plan, run, early=None):
     """The planned base backup, or, when no copy of it reads intact, an older one (fall_back)."""
     while True:
@@ -663,38 +531,3 @@ def extract_readable_base(plan, run, early=None):
             find_restore_point(plan, run)  # over the older bases only: it stages their WAL
         else:
             stage_wal(plan, plan.segno(plan.base.start_wal), plan.last)
-
-
-def extract_base(plan, early=None):
-    if early is not None:
-        plan.notes += early.notes()
-    else:
-        copies = ordered_copies(plan.base.copies.filter(artifact="main").select_related("location"))
-        plan.notes += fetch_here(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
-    if not (plan.datadir / "backup_manifest").exists():
-        raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
-
-
-def verify_base(plan):
-    """pg_verifybackup: every file against the manifest, and the backup's own WAL, before recovery."""
-    proc = subprocess.run(
-        as_db_user(
-            [
-                str(cluster_tool(backup_major(plan.base), "pg_verifybackup", f"checking base backup #{plan.base.pk}")),
-                f"--wal-directory={plan.staging}",
-                f"--ignore={STAGING}",
-                str(plan.datadir),
-            ]
-        ),
-        capture_output=True,
-        text=True,
-        cwd=plan.datadir,
-        env=child_env(),
-        timeout=3600,
-    )
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        raise RestoreFailed(
-            f"base backup #{plan.base.pk} does not match its manifest: {lines[0] if lines else 'pg_verifybackup failed'}"
-        )
-    plan.notes.append(f"pg_verifybackup: {proc.stdout.strip() or 'backup successfully verified'}")

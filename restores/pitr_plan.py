@@ -5,12 +5,13 @@ Kept apart from restores/pitr.py so that the modules it uses (pitr_reach, pitr_v
 these without importing the restore itself.
 """
 
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from backups import wal
+from backups.crypto import Encryption
 from backups.models import BackupRun, Server
 
 STAGING = "bp_restore_wal"
@@ -46,7 +47,9 @@ class Plan:
     staged: dict = field(default_factory=dict)  # segno -> staged segment name
     fallback: bool = True  # an unreadable base backup may be replaced by an older one
     recovered: dict = field(default_factory=dict)
-    threads: threading.local = field(default_factory=threading.local)
+    encryption: Encryption | None = None  # one per restore (encryption_of)
+    # What the restore is waiting for, as it happens: the restore command writes it on stderr.
+    report: Callable[[str], None] = lambda line: None
     # A time target: the first archived commit after it (recovery stops right before it) ...
     after_lsn: str = ""
     after_time: datetime | None = None
@@ -61,3 +64,10 @@ class Plan:
 
     def segno(self, name):
         return wal.segno_of(name, self.segment_size)
+
+
+def encryption_of(plan: Plan) -> Encryption:
+    # One per restore, so that a changed passphrase file is read again; it serves every thread.
+    if plan.encryption is None:
+        plan.encryption = Encryption()
+    return plan.encryption

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,9 +29,10 @@ from backupportal import journal
 from backupportal.lib.pgerrors import explain
 from backups import wal
 from backups.binaries import MissingBinaries, backup_major, cluster_dir
+from backups.copies import decrypt_here
 from backups.crypto import Encryption
 from backups.models import Server, WalSegment
-from restores.fetch import FetchFailed, FileSink, fetch, ordered_copies
+from backups.streams import FetchFailed, FileSink, readable
 from restores.models import RestoreRun
 from restores.pitr_plan import Refused, RestoreFailed
 
@@ -97,19 +97,14 @@ class Scratch:
     def fetch(self, segment):
         """The segment's plaintext (sha256 checked) in the scratch directory; bad copies marked."""
         self.encryption = self.encryption or Encryption()
-        copies = ordered_copies(segment.copies.select_related("location"))
+        copies = readable(segment.copies.select_related("location"))
+        sink = FileSink(self.path / segment.name)
         try:
-            notes, marks = fetch(
-                copies, FileSink(self.path / segment.name), self.encryption, f"WAL segment {segment.name}",
-                plain_sha256=segment.sha256,
-            )  # fmt: skip
+            self.plan.notes += decrypt_here(
+                copies, sink, self.encryption, f"WAL segment {segment.name}", segment.sha256
+            )
         except FetchFailed as e:
-            for mark in e.marks:
-                mark()
             raise Refused(str(e)) from None
-        for mark in marks:
-            mark()
-        self.plan.notes += notes
 
     def commits(self, first_name, last_name):
         try:
@@ -343,8 +338,8 @@ def wait_catalogued(plan, run, name, segno):
 
 
 def progress(run, plan, line):
-    """What the restore waits for: on stderr and on the run (its notes), which a DBA can read."""
-    sys.stderr.write(f"restore: {line}\n")
+    """What the restore waits for: to whoever runs it (plan.report) and on the run (its notes)."""
+    plan.report(line)
     RestoreRun.objects.filter(pk=run.pk).update(
         notes="\n".join([*plan.notes, line])[:5000], heartbeat_at=timezone.now()
     )

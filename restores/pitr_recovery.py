@@ -5,17 +5,14 @@ recovery stopped, asked of the cluster and judged by pitr_verdict. Split from re
 
 import os
 import re
-import subprocess
 import time
 
 from django.conf import settings
 from django.utils import timezone
 
-from backupportal.lib.childenv import child_env
 from backupportal.lib.libpq import SAFE_AUTH
-from backupportal.lib.pgcluster import as_db_user
-from backups import wal
-from backups.binaries import backup_major, cluster_tool
+from backups import binaries, wal
+from backups.binaries import backup_major
 from restores import pitr_verdict
 from restores.models import RestoreRun
 from restores.pitr_plan import RestoreFailed
@@ -79,21 +76,8 @@ def write_recovery_settings(plan):
 
 
 def pg_ctl(plan, *args):
-    return subprocess.run(
-        as_db_user(
-            [
-                str(cluster_tool(backup_major(plan.base), "pg_ctl", f"a restore of {plan.server}")),
-                *args,
-                "-D",
-                str(plan.datadir),
-            ]
-        ),
-        capture_output=True,
-        text=True,
-        cwd=plan.datadir,
-        env=child_env(),  # the restored server runs on as another OS user: none of our secrets
-        timeout=120,
-    )
+    """binaries.pg_ctl on the restored cluster (of the backup's version until it has a PG_VERSION)."""
+    return binaries.pg_ctl(plan.datadir, *args, major=backup_major(plan.base))
 
 
 def start_and_wait(plan, run):

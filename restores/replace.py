@@ -10,29 +10,29 @@ from django.utils import timezone
 from psycopg import sql
 
 from backupportal import journal
-from backupportal.lib.commands import fail
 from backups.models import BackupRun
 from backups.runner import RunRefused, claim, execute
-from restores.logical import RestoreFailed, _finish, drop_database, restore_into, summary
+from restores.logical import RestoreFailed, drop_database, finish, restore_into
 from restores.models import RestoreRequest, RestoreRun
 from restores.validation import run_checks
 
 
-def replace_from_command(run, request_id, actor):
+class NotApproved(Exception):
+    """No approved request lets this replacement run: nothing was touched; the message says why."""
+
+
+def approved_request(run, request_id):
+    """The approved request to replace production from `run`, started (it runs once); NotApproved else."""
     if not request_id:
-        fail("replacing production needs an approved request: --request ID (request it in the portal)")
+        raise NotApproved("replacing production needs an approved request: --request ID (request it in the portal)")
     request = RestoreRequest.objects.filter(pk=request_id).first()
     if request is None:
-        fail(f"there is no restore request #{request_id}")
+        raise NotApproved(f"there is no restore request #{request_id}")
     if request.destination != RestoreRequest.Destination.REPLACE or request.backup_run_id != run.pk:
-        fail(f"request #{request_id} does not approve replacing production from run #{run.pk}")
+        raise NotApproved(f"request #{request_id} does not approve replacing production from run #{run.pk}")
     if not request.start():
-        fail(f"request #{request_id} is {request.status}: only an approved request runs, once")
-    restore = replace_production(run, request, actor)
-    result = summary(restore)
-    if not restore.succeeded:
-        result["exit_code"] = 1
-    return result
+        raise NotApproved(f"request #{request_id} is {request.status}: only an approved request runs, once")
+    return request
 
 
 def replace_production(run, request, actor):
@@ -40,16 +40,14 @@ def replace_production(run, request, actor):
     prod = server.dbname
     stamp = timezone.localtime().strftime("%Y%m%d%H%M%S")
     new, old = f"{prod[:40]}_restore_{stamp}", f"{prod[:40]}_before_{stamp}"
-    restore = RestoreRun.objects.create(
-        kind=RestoreRun.Kind.REPLACE,
+    restore = RestoreRun.begin(
+        RestoreRun.Kind.REPLACE,
+        actor,
         server=server,
         backup_run=run,
         request=request,
         into_server=server,
         into_database=prod,
-        requested_by=actor,
-        status=RestoreRun.Status.RUNNING,
-        started_at=timezone.now(),
     )
     journal.record(
         "restore_started", actor=actor, obj=restore, server=server.name, run=run.pk, replace=prod, request=request.pk
@@ -68,11 +66,11 @@ def replace_production(run, request, actor):
     except RestoreFailed as e:
         restore.notes = "; ".join(notes)
         _close_request(request, failed=True)
-        return _finish(restore, RestoreRun.Status.FAILED, actor, error=f"{e}; production {prod} is unchanged")
+        return finish(restore, actor, error=f"{e}; production {prod} is unchanged")
     notes.append(f"{prod} now holds run #{run.pk}; the previous database is kept as {old}")
     restore.notes = "; ".join(notes)
     _close_request(request, failed=False)
-    return _finish(restore, RestoreRun.Status.SUCCEEDED, actor)
+    return finish(restore, actor)
 
 
 def _validate(run, server, dbname):

@@ -6,7 +6,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.alerts import raise_alert, resolve_alert
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backups.models import BackupRun, Server
 from restores import pitr, sandbox
 from restores.logical import drop_database, run_logical

@@ -9,7 +9,6 @@ whatever happens, and one left by a killed worker is removed by the next test.
 
 import os
 import shutil
-import subprocess
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -18,8 +17,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.lib.pgcluster import as_db_user, chown_to_db_user, free_port
-from backups.binaries import MissingBinaries, cluster_tool, datadir_major, server_major
+from backupportal.lib.osuser import chown_to_db_user, free_port
+from backups.binaries import pg_ctl, server_major
 from restores import pitr
 from restores.models import RestoreRun
 
@@ -93,7 +92,7 @@ def clear_leftovers():
 def remove_throwaway(datadir: Path):
     """Stop the cluster (if it runs) and remove its directory."""
     if (datadir / "postmaster.pid").exists():
-        _pg_ctl(datadir, "stop", "-m", "immediate", "-w")
+        pg_ctl(datadir, "stop", "-m", "immediate", "-w")
     shutil.rmtree(datadir.parent, ignore_errors=True)
 
 
@@ -134,7 +133,7 @@ def state(run) -> str:
     # postgres OS user's, so pg_ctl (run as that user) answers whether the postmaster lives.
     if not datadir.exists():
         return "removed"
-    return "running" if _pg_ctl(datadir, "status", major=server_major(run.server)).returncode == 0 else "stopped"
+    return "running" if pg_ctl(datadir, "status", major=server_major(run.server)).returncode == 0 else "stopped"
 
 
 def stop_and_remove(run, actor, reason):
@@ -147,7 +146,7 @@ def stop_and_remove(run, actor, reason):
         return False
     was = state(run)
     if was == "running":
-        stopped = _pg_ctl(datadir, "stop", "-m", "fast", "-w", major=server_major(run.server))
+        stopped = pg_ctl(datadir, "stop", "-m", "fast", "-w", major=server_major(run.server))
         if stopped.returncode != 0 and state(run) == "running":
             raise OSError(f"pg_ctl could not stop the sandbox in {datadir}: {stopped.stderr.strip()}")
     shutil.rmtree(datadir)
@@ -179,18 +178,3 @@ def expire(actor="job:sandboxes", now=None):
         if is_sandbox(run) and stop_and_remove(run, actor, f"older than SANDBOX_MAX_AGE ({max_age // 3600} h)"):
             removed.append(run)
     return removed
-
-
-def _pg_ctl(datadir, *args, major=None):
-    """pg_ctl of the cluster's own major version (its PG_VERSION; else `major`, its server's):
-    never whatever PG_BIN says, which may be another version's."""
-    major = datadir_major(datadir) or major
-    if major is None:
-        raise MissingBinaries(f"cannot tell which PostgreSQL version runs {datadir}: its PG_VERSION is unreadable")
-    return subprocess.run(
-        as_db_user([str(cluster_tool(major, "pg_ctl", f"the cluster in {datadir}")), *args, "-D", str(datadir)]),
-        capture_output=True,
-        text=True,
-        cwd="/",
-        timeout=120,
-    )

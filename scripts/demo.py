@@ -17,7 +17,6 @@ Run it with the project's venv python (`make demo` does).
 """
 
 import argparse
-import getpass
 import hashlib
 import json
 import os
@@ -36,7 +35,9 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
 from backupportal.lib import sampledata  # noqa: E402
-from backupportal.lib.pgcluster import DB_OS_USER, Cluster, ClusterError, as_db_user, pg_bin  # noqa: E402
+from backupportal.lib.osuser import DB_OS_USER, as_db_user, os_actor  # noqa: E402
+from backupportal.lib.pgcluster import Cluster, ClusterError  # noqa: E402
+from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
 
 SERVER = "maldives"
 DBNAME = "reliabilitymaldives"
@@ -264,7 +265,7 @@ def register(cluster):
         server.dsn = dsn
         server.pg_version = server.probe()
         server.save(update_fields=["dsn", "pg_version"])
-        journal.record("server_changed", actor=_actor(), obj=server, dsn=dsn, reason="the demo cluster moved port")
+        journal.record("server_changed", actor=os_actor(), obj=server, dsn=dsn, reason="the demo cluster moved port")
         say(f"server {SERVER} now at {dsn}")
 
 
@@ -286,12 +287,12 @@ def users(paths):
             password = secrets.token_urlsafe(12)
             user.set_password(password)
             if not created:
-                journal.record("password_reset", actor=_actor(), obj=user, reason="demo set-up")
+                journal.record("password_reset", actor=os_actor(), obj=user, reason="demo set-up")
         user.is_staff = user.is_active = True
         user.save()
         user.groups.set([Group.objects.get(name=role)])
         if created:
-            journal.record("user_created", actor=_actor(), obj=user, role=role)
+            journal.record("user_created", actor=os_actor(), obj=user, role=role)
         logins.append((name, role, password))
     write_passwords(paths.passwords, logins)
 
@@ -358,10 +359,6 @@ def first_backup(kind="logical"):
         raise DemoError(f"the first backup failed: {e}") from None
     except SystemExit:
         raise DemoError("the first backup failed (see above)") from None
-
-
-def _actor():
-    return f"os:{getpass.getuser()}"
 
 
 def _first_line(error):

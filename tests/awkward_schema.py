@@ -15,7 +15,7 @@ import subprocess
 
 from psycopg import sql
 
-from backupportal.lib.pgcluster import pg_bin
+from backupportal.lib.pgdatadir import pg_bin
 
 # Roles of the source cluster. "Owner With Space" needs quoting; app_owner owns the database
 # of its own name; boss is a superuser whose powers must never reach another cluster.

@@ -19,8 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from backupportal.lib.pgcluster import Cluster, chown_to_db_user, stop_all
+from backupportal.lib.osuser import chown_to_db_user
+from backupportal.lib.pgcluster import Cluster, stop_all
 from tests import leftovers, prerequisites
+from tests.helpers import (
+    DSN_PASSWORD,
+    S3_SECRET,
+    load_sample,
+    make_user,
+    register,
+)
 
 
 @pytest.fixture(scope="session")
@@ -74,24 +82,11 @@ def pg_cluster_module(pg_base_dir, pg_template):
 
 # --- The portal: users with roles, encryption, storage, a registered server. ---------------
 
-DEMO_PASSWORD = "correct horse battery staple 42"
-
 
 @pytest.fixture(autouse=True)
 def _private_journal_head(settings, tmp_path):
     """Each test gets its own journal head file: rolled-back entries never reach another test."""
     settings.JOURNAL_HEAD_FILE = tmp_path / "journal.head"
-
-
-def make_user(username, group=None, superuser=False):
-    from django.contrib.auth.models import Group, User
-
-    user = User.objects.create_user(
-        username, f"{username}@example.mv", DEMO_PASSWORD, is_staff=True, is_superuser=superuser
-    )
-    if group:
-        user.groups.add(Group.objects.get(name=group))
-    return user
 
 
 @pytest.fixture
@@ -140,23 +135,6 @@ def backup_root(settings, db):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def load_sample(cluster, dbname="reliabilitymaldives", **sizes):
-    from backupportal.lib import sampledata
-
-    cluster.create_database(dbname)
-    with cluster.connect(dbname) as conn:
-        sampledata.create(conn, **sizes)
-
-
-def register(cluster, name="maldives", dbname="reliabilitymaldives"):
-    from backups.models import Server
-
-    server = Server(name=name, dsn=cluster.dsn(dbname))
-    server.pg_version = server.probe()
-    server.save()
-    return server
-
-
 @pytest.fixture
 def sample_cluster(pg_cluster):
     """A running cluster holding a small reliabilitymaldives database."""
@@ -172,9 +150,6 @@ def server(sample_cluster, db):
 
 # --- Storage tiers: a NAS directory and a real S3-compatible server (moto, over HTTP). ------
 
-# Distinctive, so a test can prove it never shows up anywhere.
-S3_SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRETKEY-4242"
-
 
 class MotoS3:
     """moto's S3 in server mode on 127.0.0.1, reached over HTTP by real boto3; stoppable and restartable.
@@ -184,7 +159,7 @@ class MotoS3:
     """
 
     def __init__(self):
-        from backupportal.lib.pgcluster import free_port
+        from backupportal.lib.osuser import free_port
 
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -266,97 +241,6 @@ def tiers(settings, backup_root, nas_root, s3_server, s3_client):
     )
     if s3_server.server is None:  # a test that stopped the endpoint leaves it running for the next
         s3_server.start()
-
-
-def portal_env(settings, **extra):
-    """The environment for a subprocess (manage.py, a worker) that must share this test's database and files."""
-    from django.db import connection
-
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        url = f"sqlite:///{db['NAME']}"
-    else:
-        auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-        url = f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(
-        DJANGO_SETTINGS_MODULE="tests.settings",
-        DATABASE_URL=url,
-        VAR_DIR=str(settings.VAR_DIR),
-        BACKUP_ROOT=str(settings.BACKUP_ROOT),
-        WAL_ROOT=str(settings.WAL_ROOT),
-        WAL_SPOOL=str(settings.WAL_SPOOL),
-        BACKUP_PASSPHRASE_FILE=str(settings.BACKUP_PASSPHRASE_FILE),
-        JOURNAL_HEAD_FILE=str(settings.JOURNAL_HEAD_FILE),
-        JOURNAL_KEY_FILE=str(settings.JOURNAL_KEY_FILE),
-        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
-    )
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def manage(settings, *args, **popen):
-    """Start `manage.py ARGS` in a subprocess sharing this test's database."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parent.parent
-    return subprocess.Popen(
-        [sys.executable, str(root / "manage.py"), *args],
-        env=portal_env(settings),
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
-    )
-
-
-def descendants(pid):
-    """Every live process below pid (by /proc), for orphan checks."""
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def child_named(pid, name):
-    """The first live process below pid whose program is `name` (pg_dump, gpg...), or None."""
-    for child in descendants(pid):
-        try:
-            if os.path.basename(Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode()) == name:
-                return child
-        except OSError:
-            continue
-    return None
-
-
-def processes_named(name):
-    """Live (non-zombie) pids whose command line starts with `name`'s path or name."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and os.path.basename(argv0) == name:
-            pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +325,7 @@ class SmtpServer:
     """aiosmtpd on a free port of 127.0.0.1, collecting what it receives; stop() is an outage."""
 
     def __init__(self):
-        from backupportal.lib.pgcluster import free_port
+        from backupportal.lib.osuser import free_port
 
         self.port = free_port()
         self.messages = []
@@ -492,3 +376,36 @@ def pytest_sessionstart(session):
 @pytest.hookimpl(trylast=True)  # after the runner has torn the session's fixtures down
 def pytest_sessionfinish(session, exitstatus):
     leftovers.finish(session)
+
+
+@pytest.fixture
+def secret_server(sample_cluster, db):
+    """maldives, reached as backup_user with a SCRAM password, as most production servers are; the
+    secret tests look for that password everywhere."""
+    from backups.models import Server
+
+    sample_cluster.create_role("backup_user", password=DSN_PASSWORD, superuser=True)
+    server = Server(
+        name="maldives", dsn=sample_cluster.dsn("reliabilitymaldives", user="backup_user"), password=DSN_PASSWORD
+    )
+    server.pg_version = server.probe()
+    server.save()
+    return server
+
+
+@pytest.fixture
+def segment_file():
+    """Makes a file PostgreSQL's archiver could hand over, in a folder postgres owns; removed after."""
+    folders = []
+
+    def make(data: bytes):
+        folders.append(Path(tempfile.mkdtemp(prefix="bp-seg-")))
+        folders[-1].chmod(0o755)
+        path = folders[-1] / "segment"
+        path.write_bytes(data)
+        chown_to_db_user(folders[-1])
+        return path
+
+    yield make
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -3,12 +3,10 @@ DESIGN.md's role table. The expectations are written out here, not derived from 
 
 import pytest
 from django.contrib import admin
-from django.urls import URLPattern, URLResolver, get_resolver, reverse
+from django.urls import reverse
 
-from backupportal.models import Alert, JournalEntry, MaintenanceTask
-from backups.models import Verification
-from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
-from tests.conftest import DEMO_PASSWORD, make_user
+from backupportal.models import JournalEntry
+from tests.helpers import ACTIONS, DEMO_PASSWORD, FORMS, TOKEN_ONLY, make_user, named_patterns, portal_urls, post_data
 
 # Models each role may add and change in the admin (the rest it may only view).
 EDITABLE = {
@@ -16,28 +14,9 @@ EDITABLE = {
     "Sysadmin": {"backups.server", "backups.storagelocation", "restores.drdrill"},
     "Auditor": set(),
 }
-# POST actions of the portal and who may do them.
-ACTIONS = {
-    "backup-now": {"DBA"},
-    "verify-run": {"DBA"},
-    "alert-acknowledge": {"DBA", "Sysadmin"},
-    "restore-test-now": {"DBA"},
-    "schedule-edit": {"DBA"},
-    "critical-tables-edit": {"DBA"},
-    "restore-request-approve": {"DBA"},
-    "restore-request-reject": {"DBA"},
-    "sandbox-remove": {"DBA"},
-}
 # GET pages only some roles may open (the rest: 403).
 RESTRICTED_PAGES = {
     "restore-request-new": {"DBA"},
-}
-# Pages whose form only some roles get: both the GET and the POST need the right.
-FORMS = {
-    "drill-new": {"DBA", "Sysadmin"},
-    "drill-edit": {"DBA", "Sysadmin"},
-    "drill-step": {"DBA", "Sysadmin"},
-    "maintenance-complete": {"DBA", "Sysadmin"},
 }
 # Pages that send every reader on to another page.
 REDIRECTS = {"journal-object"}
@@ -65,83 +44,7 @@ READ = {
     "alerts",
     "alert",
 }
-# The documented exception to the login: Prometheus reads /metrics with METRICS_TOKEN, nobody else.
-TOKEN_ONLY = {"metrics"}
 ROLES = ["DBA", "Sysadmin", "Auditor"]
-
-
-def portal_urls(catalog):
-    """(name, method, url) for every named pattern outside the admin."""
-    drill, entry = catalog[DrDrill], catalog[JournalEntry]
-    request, restore = catalog[RestoreRequest], catalog[RestoreRun]
-    args = {
-        "server": [catalog["server"].name],
-        "backup-now": [catalog["server"].name],
-        "restore-test-now": [catalog["server"].name],
-        "schedule-edit": [catalog["server"].name],
-        "critical-tables-edit": [catalog["server"].name],
-        "run": [catalog["run"].pk],
-        "run-progress": [catalog["run"].pk],
-        "verify-run": [catalog["run"].pk],
-        "verification": [catalog[Verification].pk],
-        "verification-progress": [catalog[Verification].pk],
-        "journal-entry": [entry.pk],
-        "journal-object": [entry.pk],
-        "drill": [drill.pk],
-        "drill-edit": [drill.pk],
-        "drill-report": [drill.pk],
-        "drill-step": [drill.pk, "assessment"],
-        "maintenance-complete": [catalog[MaintenanceTask].pk],
-        "restore-request": [request.pk],
-        "restore-request-approve": [request.pk],
-        "restore-request-reject": [request.pk],
-        "restore-progress": [restore.pk],
-        "sandbox-remove": [restore.pk],
-        "restore-test": [catalog[RestoreTest].pk],
-        "restore-test-progress": [catalog[RestoreTest].pk],
-        "alert": [catalog[Alert].pk],
-        "alert-acknowledge": [catalog[Alert].pk],
-    }
-    urls = []
-    for name in named_patterns():
-        if name in ("login", "logout") or name in TOKEN_ONLY:
-            continue
-        url = reverse(name, args=args.get(name, []))
-        if name not in ACTIONS:
-            urls.append((name, "get", url))
-        if name in ACTIONS or name in FORMS:
-            urls.append((name, "post", url))
-    return urls
-
-
-def post_data(name, catalog):
-    """A valid POST for each action: the roles allowed must get through to the redirect."""
-    from django.utils import timezone
-
-    drill = catalog[DrDrill]
-    later = timezone.localtime(drill.started_at + timezone.timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M")
-    declared = timezone.localtime(drill.started_at).strftime("%Y-%m-%dT%H:%M")
-    return {
-        "backup-now": {"kind": "logical"},
-        "drill-new": {"title": "Annual drill", "started_at": declared},
-        "drill-edit": {"title": "drill, renamed", "started_at": declared, "lessons_learned": "keep the runbook"},
-        "drill-step": {"who": "alice", "started_at": later, "outcome": "ok"},
-        "maintenance-complete": {"evidence": f"restore_test:{catalog[RestoreTest].pk}"},
-        "schedule-edit": {"job": "logical", "cron": "0 2 * * *", "enabled": "on"},
-        "critical-tables-edit": {"tables": ""},  # none: checked without reaching the server
-        "alert-acknowledge": {"note": "seen, on it"},
-    }.get(name, {"kind": "logical"})
-
-
-def named_patterns(resolver=None, namespace=None):
-    resolver = resolver or get_resolver()
-    for p in resolver.url_patterns:
-        if isinstance(p, URLResolver):
-            if p.namespace == "admin":
-                continue
-            yield from named_patterns(p)
-        elif isinstance(p, URLPattern) and p.name:
-            yield p.name
 
 
 def admin_urls(catalog):

@@ -8,7 +8,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
 from backups.models import BackupSchedule, Server
 

@@ -18,18 +18,24 @@ from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import Alert
 from backups import wal
 from backups.copies import retry_due_copies
 from backups.models import BackupRun, WalSegment
-from tests.test_pitr import push_with_base
-from tests.test_pitr import restore as pitr
-from tests.test_storage import flip_byte
-from tests.test_wal_archive import archive_as_postgres
-from tests.test_wal_pull import pull, slot_active
-
-from .walhelpers import enable_push, run_command, switch_wal, wait_archived, wait_for
+from tests.helpers import (
+    archive_as_postgres,
+    enable_push,
+    flip_byte,
+    pitr,
+    pull,
+    push_with_base,
+    run_command,
+    slot_active,
+    switch_wal,
+    wait_archived,
+    wait_for,
+)
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from backupportal.lib.pgcluster import free_port
-from tests.conftest import DEMO_PASSWORD, descendants, make_user, portal_env
+from backupportal.lib.osuser import free_port
+from tests.helpers import DEMO_PASSWORD, descendants, make_user, portal_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ CHROMIUM_ARGS = [
 def browser_cluster(pg_base_dir, pg_template):
     """One sample cluster for the module: loading it is the slow part of each test."""
     from backupportal.lib.pgcluster import Cluster
-    from tests.conftest import load_sample
+    from tests.helpers import load_sample
 
     cluster = Cluster.create(base_dir=pg_base_dir, template=pg_template)
     cluster.start()
@@ -43,7 +43,7 @@ def browser_cluster(pg_base_dir, pg_template):
 
 @pytest.fixture
 def server(browser_cluster, db):
-    from tests.conftest import register
+    from tests.helpers import register
 
     yield register(browser_cluster)
     for (name,) in browser_cluster.execute("SELECT datname FROM pg_database WHERE datname LIKE 'restored%'"):
@@ -271,3 +271,52 @@ def test_a_dba_verifies_a_run_and_the_page_follows_it_to_verified(portal, browse
     response = post_as_page(page, portal + f"/runs/{run.pk}/verify/")
     assert response.status == 403 and "CSRF" not in response.text()
     assert run.verifications.count() == 1
+
+
+# --- The Content-Security-Policy in a real browser: the portal's pages and the admin run with no
+# violation, the drill report's Print button works from its static script, and an injected
+# inline script is refused.
+
+# Before any script of the page: count the violations the browser reports, and record a print.
+WATCH = """
+window.__violations = [];
+document.addEventListener("securitypolicyviolation", (e) => window.__violations.push(e.violatedDirective + " " + e.blockedURI));
+window.print = () => { window.__printed = true; };
+"""
+
+
+def test_pages_run_under_the_policy_and_inline_script_is_refused(portal, browser, server):
+    from restores.models import DrDrill
+
+    dora = make_user("dora", "DBA")
+    drill = DrDrill.objects.create(title="Annual drill", logged_by=dora, server=server)
+    page = log_in(browser, portal, "dora")
+    page.add_init_script(WATCH)
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
+    for path in [
+        "/",
+        f"/servers/{server.name}/",
+        "/journal/",
+        "/drills/new/",
+        f"/drills/{drill.pk}/",
+        "/admin/",
+        f"/admin/restores/drdrill/{drill.pk}/change/",
+    ]:
+        page.goto(portal + path)
+        page.wait_for_load_state("load")
+        assert page.evaluate("window.__violations") == [], path
+    page.goto(portal + f"/drills/{drill.pk}/report/")
+    page.click("button[data-print]")
+    assert page.evaluate("window.__printed") is True  # the static print.js ran
+    assert errors == []
+
+    # An inline script that made it into a page (say, by an injection) does not run.
+    page.evaluate("""() => {
+        const s = document.createElement("script");
+        s.textContent = "window.__injected = true";
+        document.body.appendChild(s);
+    }""")
+    page.wait_for_function("window.__violations.length > 0")
+    assert page.evaluate("window.__injected") is None
+    assert any(v.startswith("script-src") for v in page.evaluate("window.__violations"))

@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backups.models import BackupCopy, Server, StorageLocation, WalSegment
-from tests.conftest import make_user
+from tests.helpers import make_user
 
 pytestmark = pytest.mark.django_db
 POSTGRES = connection.vendor == "postgresql"

@@ -1,8 +1,7 @@
 """checkserver against real clusters: each check with a verdict and what to do."""
 
 from backups import wal
-
-from .walhelpers import enable_push, run_command
+from tests.helpers import enable_push, run_command
 
 pytest_plugins = ["tests.walfixtures"]
 

@@ -17,7 +17,7 @@ from django.urls import reverse
 from backupportal.models import JournalEntry
 from backups.models import BackupRun, Server
 from restores.models import RestoreTest
-from tests.conftest import register
+from tests.helpers import register
 
 SHOP = """
 CREATE TABLE customers (id int PRIMARY KEY, name text);

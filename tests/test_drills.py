@@ -11,7 +11,7 @@ from django.utils import timezone
 from backupportal.models import JournalEntry
 from backups.models import Server
 from restores.models import DrDrill, DrDrillStep, RestoreRun
-from tests.conftest import make_user
+from tests.helpers import make_user
 
 DAY = "2026-03-01"
 # The eight steps of one drill, local times (Indian/Maldives): start, end.

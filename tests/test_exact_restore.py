@@ -14,11 +14,12 @@ import psycopg
 import pytest
 from django.core.management import call_command
 
-from backupportal.lib.pgcluster import Cluster, pg_bin
+from backupportal.lib.pgcluster import Cluster
+from backupportal.lib.pgdatadir import pg_bin
 from backups.models import BackupRun, Server
 from restores.models import RestoreRun
 from tests import awkward_schema
-from tests.conftest import manage
+from tests.helpers import manage, restore_json
 
 PORTAL_PASSWORD = {"source": "portal-on-source-Pw1", "target": "portal-on-target-Pw2"}
 POSTGRES_PASSWORD = {"source": "postgres-source-Pw3", "target": "postgres-target-Pw4"}
@@ -66,15 +67,6 @@ def backup(name):
     return BackupRun.objects.filter(server__name=name, status="succeeded").latest("created_at")
 
 
-def restore(*args):
-    out = StringIO()
-    try:
-        call_command("restore", *args, "--json", stdout=out)
-    except SystemExit:
-        pass
-    return json.loads(out.getvalue().strip().splitlines()[-1])
-
-
 def roles(cluster):
     return {
         row[0]: row[1:]
@@ -111,7 +103,7 @@ def test_a_restore_into_a_new_name_gives_the_database_as_pg_restore_create_would
     original = awkward_schema.make_awkward(source)
     register(source, "awkward", original, "source")
     run = backup("awkward")
-    result = restore(str(run.pk), "--into-database", "awkward_copy")
+    result = restore_json(str(run.pk), "--into-database", "awkward_copy")
     assert result["status"] == "succeeded", result
     assert result["warnings"] == []
     assert awkward_schema.fingerprint(source, "awkward_copy") == awkward_schema.fingerprint(source, original)
@@ -150,7 +142,7 @@ def test_a_sql_ascii_database_with_bytes_in_no_encoding_is_backed_up_restored_an
     run = backup("legacy")
     assert run.details["row_counts"] == {'public."caf\\xe9"': 40, "public.plain": 7}
 
-    result = restore(str(run.pk), "--into-database", "legacy_copy")
+    result = restore_json(str(run.pk), "--into-database", "legacy_copy")
     assert result["status"] == "succeeded", result
     note = b'SELECT note FROM "caf\xe9" LIMIT 1'
     copied = subprocess.run([*psql, source.dsn("legacy_copy")], input=note, capture_output=True)
@@ -169,7 +161,7 @@ def test_onto_another_server_the_globals_never_change_an_existing_role_nor_hand_
     register(source, "shop", original, "source")
     run = backup("shop")
     before = roles(target)
-    result = restore(str(run.pk), "--into-database", "shop_copy", "--into-server", "standby")
+    result = restore_json(str(run.pk), "--into-database", "shop_copy", "--into-server", "standby")
     assert result["status"] == "succeeded with warnings", result
     warnings = "\n".join(result["warnings"])
     assert "SCRAM-SHA-256" not in json.dumps(result)  # no password hash in what the run says
@@ -200,7 +192,7 @@ def test_onto_another_server_the_globals_never_change_an_existing_role_nor_hand_
     # The awkward one too, now that its roles are there: RLS, column grants, large objects' ACLs.
     awkward = awkward_schema.make_awkward(source)
     register(source, "awkward", awkward, "source")
-    second = restore(str(backup("awkward").pk), "--into-database", "awkward_copy", "--into-server", "standby")
+    second = restore_json(str(backup("awkward").pk), "--into-database", "awkward_copy", "--into-server", "standby")
     assert second["status"] == "succeeded with warnings", second  # the existing roles, again
     assert all("already exist" in w for w in second["warnings"]), second["warnings"]
     assert "membership of auditor in pg_read_all_data skipped: auditor already existed" in "\n".join(second["warnings"])
@@ -212,7 +204,9 @@ def test_with_role_passwords_the_created_roles_can_log_in(source, target, passph
     original = awkward_schema.make_shop(source)
     register(source, "shop", original, "source")
     run = backup("shop")
-    result = restore(str(run.pk), "--into-database", "shop_copy", "--into-server", "standby", "--with-role-passwords")
+    result = restore_json(
+        str(run.pk), "--into-database", "shop_copy", "--into-server", "standby", "--with-role-passwords"
+    )
     assert result["status"] == "succeeded with warnings", result
     assert can_connect(target, "shop_copy", "app_reader", awkward_schema.ROLE_PASSWORD)
     assert not can_connect(target, "shop_copy", "no_grant", awkward_schema.ROLE_PASSWORD)  # existed: unchanged
@@ -226,7 +220,7 @@ def test_an_owner_role_gone_since_the_backup_is_a_named_warning(source, passphra
     run = backup("ledger")
     source.execute("ALTER DATABASE ledger OWNER TO postgres")
     source.execute("DROP ROLE gone")
-    result = restore(str(run.pk), "--into-database", "ledger_copy")
+    result = restore_json(str(run.pk), "--into-database", "ledger_copy")
     assert result["status"] == "succeeded with warnings", result
     assert any(w.startswith('owner gone not applied: role "gone" does not exist') for w in result["warnings"])
     assert RestoreRun.objects.get(pk=result["id"]).warnings == result["warnings"]
@@ -250,7 +244,7 @@ def test_a_failed_restore_onto_another_server_leaves_it_as_it_was(source, target
     artifact.write_bytes(bytes(data))
     before_roles = roles(target)
     before_dbs = target.execute("SELECT datname FROM pg_database ORDER BY 1")
-    result = restore(str(run.pk), "--into-database", "shop_copy", "--into-server", "standby")
+    result = restore_json(str(run.pk), "--into-database", "shop_copy", "--into-server", "standby")
     assert result["status"] == "failed", result
     assert roles(target) == before_roles
     assert target.execute("SELECT datname FROM pg_database ORDER BY 1") == before_dbs
@@ -274,18 +268,20 @@ def test_tablespaces_go_to_the_default_or_where_the_map_says(source, target, pas
     register(source, "spaced", "spaced", "source")
     run = backup("spaced")
 
-    refused = restore(str(run.pk), "--into-database", "x", "--into-server", "standby", "--tablespace-map", "fast=nope")
+    refused = restore_json(
+        str(run.pk), "--into-database", "x", "--into-server", "standby", "--tablespace-map", "fast=nope"
+    )
     assert refused["status"] == "failed" and "tablespace nope does not exist on standby" in refused["error"]
     assert target.execute("SELECT 1 FROM pg_database WHERE datname = 'x'") == []
 
-    plain = restore(str(run.pk), "--into-database", "plain", "--into-server", "standby")
+    plain = restore_json(str(run.pk), "--into-database", "plain", "--into-server", "standby")
     assert plain["status"] in ("succeeded", "succeeded with warnings"), plain
     assert "tablespaces of the source not created on standby: fast" in plain["notes"]
     placed = "SELECT relname, coalesce(t.spcname, '-') FROM pg_class c LEFT JOIN pg_tablespace t ON t.oid = c.reltablespace WHERE relname IN ('hot', 'hot_pkey', 'hot_v', 'cold') ORDER BY 1"
     assert target.execute(placed, dbname="plain") == [("cold", "-"), ("hot", "-"), ("hot_pkey", "-"), ("hot_v", "-")]
 
     target.execute(f"CREATE TABLESPACE quick LOCATION '{tablespace_dir(target, 'quick')}'")
-    mapped = restore(
+    mapped = restore_json(
         str(run.pk), "--into-database", "mapped", "--into-server", "standby", "--tablespace-map", "fast=quick"
     )
     assert mapped["status"] in ("succeeded", "succeeded with warnings"), mapped

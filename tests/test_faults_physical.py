@@ -22,9 +22,18 @@ from backups import wal
 from backups.models import BackupCopy, BackupRun, WalSegment
 from backups.tasks import scheduled_job
 from backups.verify import verify_all
-from tests.conftest import child_named, descendants, manage, portal_env, register
-
-from .walhelpers import enable_push, switch_wal, wait_archived, wait_for
+from tests.helpers import (
+    child_named,
+    descendants,
+    enable_push,
+    flip_byte_in,
+    manage,
+    portal_env,
+    register,
+    switch_wal,
+    wait_archived,
+    wait_for,
+)
 
 pytest_plugins = ["tests.walfixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)  # manage.py and workers are other processes
@@ -435,14 +444,8 @@ def cmdline(pid):
 # --- 5. A flipped byte in a base backup. ---------------------------------------------------------
 
 
-def flip_byte(path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 def pitr_latest(datadir, port):
-    from .walhelpers import run_command
+    from tests.helpers import run_command
 
     return run_command(
         "restore", "--server", "maldives", "--target", "latest", "--into-datadir", str(datadir), "--port", str(port)
@@ -452,10 +455,9 @@ def pitr_latest(datadir, port):
 def test_a_flipped_byte_in_a_base_backup_is_caught_and_never_restored(
     server, sample_cluster, passphrase_file, backup_root, nas_root, wal_spool, restored
 ):
-    from backupportal.lib.pgcluster import free_port
+    from backupportal.lib.osuser import free_port
     from backups.models import StorageLocation
-
-    from .walhelpers import rows, run_command
+    from tests.helpers import rows, run_command
 
     StorageLocation.sync_from_settings()  # the NAS mirror
     enable_push(sample_cluster)
@@ -464,7 +466,7 @@ def test_a_flipped_byte_in_a_base_backup_is_caught_and_never_restored(
     run = BackupRun.objects.get(pk=base["id"])
     archived = archive_some(sample_cluster, server)
     primary, nas = (run.copies.get(artifact="main", location__name=name) for name in ("primary", "nas"))
-    flip_byte(Path(primary.location.path) / primary.key)
+    flip_byte_in(Path(primary.location.path) / primary.key)
 
     # The weekly verify (or a DBA's) marks the copy corrupt and alerts.
     result = run_command("verify", str(run.pk))
@@ -481,7 +483,7 @@ def test_a_flipped_byte_in_a_base_backup_is_caught_and_never_restored(
     assert rows(port, "SELECT count(*) FROM before_2") == [(0,)]
 
     # Now the last good copy rots too, unseen by verify: the restore catches it while streaming.
-    flip_byte(Path(nas.location.path) / nas.key)
+    flip_byte_in(Path(nas.location.path) / nas.key)
     datadir, port = restored(), free_port()
     result = pitr_latest(datadir, port)
     assert result["_exit"] == 1 and result["status"] == "failed", result

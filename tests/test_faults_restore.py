@@ -5,22 +5,28 @@ location is read, and a restore with no good copy left leaves nothing behind).""
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from django.utils import timezone
 
 from backupportal.lib import sampledata
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
 from backups import wal
 from backups.models import BackupCopy, BackupRun, StorageLocation
 from restores.models import RestoreRun
-from tests.conftest import child_named, register
-
-from .test_faults_physical import flip_byte
-from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+from tests.helpers import (
+    a_second_later,
+    child_named,
+    enable_push,
+    flip_byte_in,
+    pitr_to,
+    register,
+    rows,
+    run_command,
+    switch_wal,
+    wait_archived,
+)
 
 pytest_plugins = ["tests.walfixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -40,21 +46,6 @@ def base_backup():
 
 def file_of(copy):
     return Path(copy.location.path) / copy.key
-
-
-def a_second_later():
-    """A target time (whole seconds) after the commits so far and before the next one."""
-    time.sleep(1.05)
-    moment = timezone.localtime().replace(microsecond=0)
-    time.sleep(0.05)
-    return moment
-
-
-def pitr_to(datadir, port, moment):
-    return run_command(
-        "restore", "--server", "maldives", "--target-time", moment.isoformat(sep=" "),
-        "--into-datadir", str(datadir), "--port", str(port),
-    )  # fmt: skip
 
 
 def hide_segment(name, into):
@@ -166,7 +157,7 @@ def test_a_restore_test_of_a_rotten_base_backup_fails_and_does_not_fall_back(
     enable_push(sample_cluster)
     older = base_backup_primary()
     newer = base_backup_primary()
-    flip_byte(file_of(newer.copies.get(artifact="main")))
+    flip_byte_in(file_of(newer.copies.get(artifact="main")))
     test = run_restore_test(server, actor="alice", kind="base")
     assert test.status == "failed", test.error
     assert f"base backup #{newer.pk} cannot be read intact" in test.error
@@ -208,7 +199,7 @@ def test_a_flipped_byte_in_a_large_dump_is_caught_the_next_copy_read_and_nothing
     before = databases(big_cluster)
 
     # The primary copy rots: the restore (piped into pg_restore) marks it bad and reads the NAS copy.
-    flip_byte(file_of(primary))
+    flip_byte_in(file_of(primary))
     settings.RESTORE_JOBS = 1
     result = run_command("restore", str(run.pk), "--into-database", "restored_big")
     assert result["status"] == "succeeded", result
@@ -222,7 +213,7 @@ def test_a_flipped_byte_in_a_large_dump_is_caught_the_next_copy_read_and_nothing
 
     # The NAS copy rots too: through the scratch file (pg_restore -j) it fails as corrupt,
     # the copy is marked bad, the new database is dropped, the scratch file removed.
-    flip_byte(file_of(nas))
+    flip_byte_in(file_of(nas))
     settings.RESTORE_JOBS = 2
     result = run_command("restore", str(run.pk), "--into-database", "restored_big")
     assert result["_exit"] == 1 and result["status"] == "failed", result

@@ -6,16 +6,11 @@ are untouched, the proxy only decides what the wire does.
 """
 
 import json
-import os
 import pwd
 import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -24,11 +19,11 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import Alert, JournalEntry
 from backups.copies import retry_due_copies
 from backups.models import BackupCopy, BackupRun, StorageLocation
-from tests.conftest import portal_env
+from tests.helpers import UNPRIVILEGED, catalog_files, lent_to, manage_as, worker_home
 
 ERROR_500 = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
@@ -199,67 +194,9 @@ def _close(sock):
 
 # --- A read-only location, with a worker that is not root -------------------------------------
 
-UNPRIVILEGED = "nobody"  # root ignores file modes: only an unprivileged worker meets a read-only directory
-
-
-@contextmanager
-def lent_to(user, *paths):
-    """Chown `paths` to `user` for the block; their owners are put back after."""
-    entry = pwd.getpwnam(user)
-    before = [(path, os.stat(path)) for path in paths]
-    try:
-        for path in paths:
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-        yield
-    finally:
-        for path, st in before:
-            os.chown(path, st.st_uid, st.st_gid)
-
-
-def catalog_files():
-    """What an unprivileged worker must write to reach the catalog: a SQLite file and its directory (journal files)."""
-    from django.db import connection
-
-    if not connection.settings_dict["ENGINE"].endswith("sqlite3"):
-        return []  # PostgreSQL: reached over TCP
-    name = Path(connection.settings_dict["NAME"])
-    return [name.parent, name]
-
-
-def worker_home(settings, passphrase_file, user):
-    """The worker's own private directory: its passphrase file (its own, 0600), gpg home, journal key."""
-    home = Path(tempfile.mkdtemp(prefix="bp-worker-"))
-    (home / "passphrase").write_text(passphrase_file.read_text())
-    (home / "passphrase").chmod(0o600)
-    key = Path(settings.JOURNAL_KEY_FILE)
-    if key.exists():
-        shutil.copy(key, home / "journal.key")
-        (home / "journal.key").chmod(0o600)
-    entry = pwd.getpwnam(user)
-    for path in [home, *home.iterdir()]:
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    return home
-
 
 def backup_as(user, settings, home):
     return manage_as(user, settings, home, "backup", "maldives", "--json")
-
-
-def manage_as(user, settings, home, *args):
-    """manage.py ARGS run by `user` (runuser), with the worker's own home of worker_home()."""
-    root = Path(__file__).resolve().parent.parent
-    env = portal_env(
-        settings,
-        HOME=home,
-        VAR_DIR=home,
-        GNUPGHOME=home / "gnupg",
-        BACKUP_PASSPHRASE_FILE=home / "passphrase",
-        JOURNAL_KEY_FILE=home / "journal.key",
-        JOURNAL_HEAD_FILE=home / "journal.head",
-        PYTHONDONTWRITEBYTECODE=1,
-    )
-    argv = ["runuser", "-u", user, "--", sys.executable, str(root / "manage.py"), *args]
-    return subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -492,27 +429,30 @@ def test_a_restore_with_only_s3_left_fails_cleanly_while_it_fails_and_succeeds_a
 def test_pitr_fetch_skips_an_unreachable_s3_copy_without_condemning_it(
     fault, only, server, passphrase_file, tiers, faulty, tmp_path
 ):
-    """restores.fetch, as PITR reads base backups and WAL: S3 faulty → the next copy, or a clear failure."""
+    """backups.streams, as PITR reads base backups and WAL: S3 faulty → the next copy, or a clear failure."""
+    from backups.copies import mark_faults
     from backups.crypto import Encryption
-    from restores.fetch import FetchFailed, FileSink, fetch, ordered_copies
+    from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 
     run = good_backup_everywhere()
     copies = {c.location.name: c for c in run.copies.filter(artifact="main").select_related("location")}
     faulty.set(fault, only)
     # S3 first (as a remote restore host that has no local tier would read it): it falls back to the NAS.
     sink = FileSink(tmp_path / "fallback.dump")
-    notes, marks = fetch([copies["s3"], copies["nas"]], sink, Encryption(), f"run #{run.pk}")
+    notes, faults = decrypt_first_healthy([copies["s3"], copies["nas"]], sink, Encryption(), f"run #{run.pk}")
     assert notes == [f"run #{run.pk}: read from nas after s3: unreachable ({notes[0].split('unreachable (', 1)[1]}"]
     assert MESSAGES.get(fault, "Read timeout") in notes[0]
-    [mark() for mark in marks]
+    mark_faults(faults)
     assert (tmp_path / "fallback.dump").read_bytes()[:5] == b"PGDMP"
 
     # Only S3 left: a clear failure, no plaintext left behind, the S3 copy still believed good.
     for gone in ("primary", "nas"):
         (getattr(tiers, gone) / run.key).unlink()
     with pytest.raises(FetchFailed) as failed:
-        fetch(ordered_copies(copies.values()), FileSink(tmp_path / "only_s3.dump"), Encryption(), f"run #{run.pk}")
-    [mark() for mark in failed.value.marks]
+        decrypt_first_healthy(
+            readable(copies.values()), FileSink(tmp_path / "only_s3.dump"), Encryption(), f"run #{run.pk}"
+        )
+    mark_faults(failed.value.faults)
     message = str(failed.value)
     assert message.startswith(f"run #{run.pk} cannot be read intact from any location (primary: missing (")
     assert "; s3: unreachable (" in message and "\n" not in message

@@ -12,9 +12,16 @@ import pytest
 from backupportal.models import Alert
 from backups import wal
 from backups.models import WalSegment
-from tests.test_faults_storage import UNPRIVILEGED, catalog_files, lent_to, manage_as, worker_home
-
-from .walhelpers import enable_push, switch_wal, wait_archived
+from tests.helpers import (
+    UNPRIVILEGED,
+    catalog_files,
+    enable_push,
+    lent_to,
+    manage_as,
+    switch_wal,
+    wait_archived,
+    worker_home,
+)
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"

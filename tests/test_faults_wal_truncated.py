@@ -12,9 +12,7 @@ from django.core.management import call_command
 from backupportal.models import Alert
 from backups import archive_wal, wal
 from backups.models import BackupCopy, WalSegment
-from tests.test_wal_archive import archive_as_postgres, segment_file
-
-from .walhelpers import enable_push, run_command, switch_wal, wait_archived
+from tests.helpers import archive_as_postgres, enable_push, run_command, switch_wal, wait_archived
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"
@@ -34,7 +32,7 @@ def spooled(spool):
 
 
 def test_the_archive_program_refuses_a_truncated_segment_and_takes_the_whole_one_on_the_retry(
-    server, sample_cluster, passphrase_file, backup_root, wal_spool
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, segment_file
 ):
     enable_push(sample_cluster)
     first, name = archive_segments(sample_cluster, 2)

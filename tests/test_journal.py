@@ -29,10 +29,11 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.alerts import raise_alert, resolve_alert
-from backupportal.lib.pgcluster import free_port, pg_bin
+from backupportal.lib.osuser import free_port
+from backupportal.lib.pgdatadir import pg_bin
 from backupportal.models import JournalEntry
 from backups.models import BackupSchedule, Server, StorageLocation
-from tests.conftest import DEMO_PASSWORD, make_user
+from tests.helpers import DEMO_PASSWORD, make_user
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,5 @@
 """Logical backups end to end against a real cluster: pg_dump → gpg → the primary location."""
 
-import json
 import os
 import subprocess
 
@@ -9,17 +8,7 @@ from django.core.management import call_command
 
 from backupportal.lib import sampledata
 from backups.models import BackupCopy, BackupRun
-
-
-def backup_json(name="maldives", kind="logical"):
-    from io import StringIO
-
-    out = StringIO()
-    try:
-        call_command("backup", name, "--kind", kind, "--json", stdout=out, stderr=StringIO())
-    except SystemExit:
-        pass
-    return json.loads(out.getvalue().strip().splitlines()[-1])
+from tests.helpers import backup_json
 
 
 def gpg_decrypt(path, passphrase_file, out):

@@ -12,7 +12,7 @@ import pytest
 
 from backups.models import BackupRun
 from backups.runner import fail_orphans
-from tests.conftest import child_named, descendants, manage, register
+from tests.helpers import child_named, descendants, manage, register
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -110,7 +110,7 @@ def test_no_secret_in_any_argv_during_a_whole_backup(sample_cluster, passphrase_
     server.save()
     trace = tmp_path / "execve.trace"
     root = Path(__file__).resolve().parent.parent
-    from tests.conftest import portal_env
+    from tests.helpers import portal_env
 
     done = subprocess.run(
         [

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from backupportal.lib.clientaddr import client_address, parse_networks
 from backupportal.models import JournalEntry, LoginFailure
-from tests.conftest import DEMO_PASSWORD, make_user
+from tests.helpers import DEMO_PASSWORD, make_user
 
 START = datetime.datetime(2026, 11, 25, 9, 0, tzinfo=datetime.UTC)
 

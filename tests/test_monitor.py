@@ -18,7 +18,7 @@ from backupportal.models import Alert, JournalEntry
 from backupportal.monitor import last_due_occurrence, run_once
 from backups.models import BackupRun, Server, StorageLocation
 from restores.models import RestoreTest
-from tests.conftest import manage
+from tests.helpers import mails, manage, ours
 
 MALDIVES = ZoneInfo("Indian/Maldives")
 
@@ -53,16 +53,6 @@ def passing_restore_test(server, later=1):
         started_at=timezone.now() + timedelta(seconds=later),
         finished_at=timezone.now(),
     )
-
-
-# The maintenance calendar's own check runs in every pass too, and its strategy review
-# (due 2025-12-02) is overdue: test_maintenance.py tests that alert; these tests look at theirs.
-def ours():
-    return Alert.objects.exclude(condition=Alert.Condition.MAINTENANCE_OVERDUE)
-
-
-def mails(smtp):
-    return [m for m in smtp.messages if "Maintenance task overdue" not in m["Subject"]]
 
 
 def subjects(smtp):

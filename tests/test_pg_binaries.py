@@ -19,7 +19,7 @@ from django.urls import reverse
 from backups import binaries
 from backups.models import BackupRun, Server
 from tests.adminform_helpers import admin_form_data
-from tests.conftest import portal_env
+from tests.helpers import portal_env
 
 PG15 = Path("/usr/lib/postgresql/15/bin")
 

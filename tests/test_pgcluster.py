@@ -14,7 +14,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from backupportal.lib.pgcluster import Cluster, ClusterError, as_db_user, pg_bin
+from backupportal.lib.osuser import as_db_user
+from backupportal.lib.pgcluster import Cluster, ClusterError
+from backupportal.lib.pgdatadir import pg_bin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,21 +6,25 @@ from pathlib import Path
 
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import Alert, JournalEntry
 from backups import wal
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRun
-
-from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+from tests.helpers import (
+    DB,
+    archive_some_wal,
+    enable_push,
+    pitr,
+    push_with_base,
+    rows,
+    run_command,
+    switch_wal,
+    wait_archived,
+    write,
+)
 
 pytest_plugins = ["tests.walfixtures"]
-
-DB = "reliabilitymaldives"
-
-
-def write(cluster, sql):
-    cluster.execute(sql, dbname=DB)
 
 
 def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
@@ -73,27 +77,6 @@ def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
     assert f"its last transaction committed at {result['recovered_to']}" in result["reached"]
 
 
-def archive_some_wal(cluster, tables=3):
-    """A few transactions, each in its own archived segment."""
-    for i in range(tables):
-        write(cluster, f"CREATE TABLE t{i}(x int); INSERT INTO t{i} VALUES ({i})")
-        name = switch_wal(cluster)
-    wait_archived(cluster, name)
-    return name
-
-
-def push_with_base(cluster, server):
-    """Push archiving, a base backup, then a few archived and ingested segments."""
-    enable_push(cluster)
-    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
-    archive_some_wal(cluster)
-    wal.ingest(server)
-
-
-def restore(datadir, port, *target):
-    return run_command("restore", "--server", "maldives", *target, "--into-datadir", str(datadir), "--port", str(port))
-
-
 def test_a_restore_is_refused_before_anything_is_written(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):
@@ -111,13 +94,13 @@ def test_a_restore_is_refused_before_anything_is_written(
         (["--target", "latest", "--target-name", "x"], "exactly one target"),
     ]
     for target, message in cases:
-        result = restore(datadir, port, *target)
+        result = pitr(datadir, port, *target)
         assert result["_exit"] == 1 and message in result["_stderr"], (target, result)
-    result = restore(datadir, sample_cluster.port, "--target", "latest")
+    result = pitr(datadir, sample_cluster.port, "--target", "latest")
     assert f"port {sample_cluster.port} is in use" in result["_stderr"]
     datadir.mkdir()
     (datadir / "precious").write_text("do not touch")
-    result = restore(datadir, port, "--target", "latest")
+    result = pitr(datadir, port, "--target", "latest")
     assert "is not empty" in result["_stderr"]
     assert [p.name for p in datadir.iterdir()] == ["precious"]
     assert not RestoreRun.objects.exists()
@@ -131,7 +114,7 @@ def test_a_gap_in_the_wal_catalog_refuses_the_restore_naming_the_segment(
     lost = WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno")[1]
     lost.delete()
     datadir = restored()
-    result = restore(datadir, free_port(), "--target", "latest")
+    result = pitr(datadir, free_port(), "--target", "latest")
     assert result["_exit"] == 1 and f"WAL segment {lost.name} is missing" in result["_stderr"], result
     assert not datadir.exists()
     # The incremental run finds the same gap, and the alert says which segment.
@@ -152,7 +135,7 @@ def test_a_deleted_or_corrupted_wal_file_makes_the_restore_refuse_naming_it(
 
     path.unlink()
     datadir = restored()
-    result = restore(datadir, free_port(), "--target", "latest")
+    result = pitr(datadir, free_port(), "--target", "latest")
     assert result["_exit"] == 1, result
     assert f"WAL segment {victim.name} is missing from every location" in result["_stderr"]
     assert not datadir.exists()
@@ -160,7 +143,7 @@ def test_a_deleted_or_corrupted_wal_file_makes_the_restore_refuse_naming_it(
     corrupted = bytearray(original)
     corrupted[len(corrupted) // 2] ^= 0xFF
     path.write_bytes(bytes(corrupted))
-    result = restore(datadir, free_port(), "--target", "latest")
+    result = pitr(datadir, free_port(), "--target", "latest")
     assert result["_exit"] == 1 and result["status"] == "failed", result
     assert f"WAL segment {victim.name} cannot be read intact" in result["error"]
     assert "corrupt: " in result["error"] and "sha256" in result["error"]
@@ -179,12 +162,12 @@ def test_pitr_to_a_restore_point_an_lsn_or_past_the_last_commit(
     wait_archived(sample_cluster, switch_wal(sample_cluster))
 
     port = free_port()
-    result = restore(restored(), port, "--target-name", "before_b")
+    result = pitr(restored(), port, "--target-name", "before_b")
     assert result["status"] == "succeeded", result
     assert rows(port, "SELECT tx FROM probe") == [("A",)]
 
     port = free_port()
-    result = restore(restored(), port, "--target-lsn", str(lsn))
+    result = pitr(restored(), port, "--target-lsn", str(lsn))
     assert result["status"] == "succeeded", result
     assert rows(port, "SELECT tx FROM probe") == [("A",)]
     assert result["recovered_lsn"] and wal.lsn_to_int(result["recovered_lsn"]) >= wal.lsn_to_int(str(lsn))
@@ -192,11 +175,11 @@ def test_pitr_to_a_restore_point_an_lsn_or_past_the_last_commit(
     # A moment after the last archived commit: recovery replays everything there is.
     time.sleep(1)
     port = free_port()
-    result = restore(restored(), port, "--target-time", timezone.localtime().isoformat(sep=" "))
+    result = pitr(restored(), port, "--target-time", timezone.localtime().isoformat(sep=" "))
     assert result["status"] == "succeeded", result
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
 
-    result = restore(restored(), free_port(), "--target-name", "never_created")
+    result = pitr(restored(), free_port(), "--target-name", "never_created")
     assert result["status"] == "failed" and "restore point 'never_created' is not in the WAL" in result["error"]
 
 
@@ -207,7 +190,7 @@ def test_a_restored_cluster_adds_nothing_to_the_production_archive(
     assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
     archive_some_wal(sample_cluster, tables=1)
     port = free_port()
-    assert restore(restored(), port, "--target", "latest")["status"] == "succeeded"
+    assert pitr(restored(), port, "--target", "latest")["status"] == "succeeded"
     before = {s.name for s in WalSegment.objects.filter(server=server)}
     spool = wal.spool_dir(server)
     spooled = sorted(p.name for p in spool.iterdir())
@@ -273,7 +256,7 @@ def test_a_bad_primary_copy_falls_back_to_the_nas_copy(
         (backup_root / base.key).unlink()
 
         port = free_port()
-        result = restore(restored(), port, "--target", "latest")
+        result = pitr(restored(), port, "--target", "latest")
         assert result["status"] == "succeeded", result
         assert f"WAL segment {segment.name}: read from nas after wal: corrupt" in result["notes"]
         assert f"base backup #{base.pk}: read from nas after primary: missing" in result["notes"]

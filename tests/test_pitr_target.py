@@ -9,21 +9,20 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import free_port, pg_bin
+from backupportal.lib.osuser import free_port
+from backupportal.lib.pgdatadir import pg_bin
 from backupportal.models import JournalEntry
 from backups import wal
 from backups.models import WalSegment
 from restores import pitr
 from restores.models import RestoreRun
-
-from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+from tests.helpers import a_second_later, enable_push, pitr_to, rows, run_command, switch_wal, wait_archived
 
 pytest_plugins = ["tests.walfixtures"]
 
@@ -32,21 +31,6 @@ DB = "reliabilitymaldives"
 
 def write(cluster, sql):
     cluster.execute(sql, dbname=DB)
-
-
-def a_second_later():
-    """A target time (whole seconds) after the commits so far and before the next one."""
-    time.sleep(1.05)
-    moment = timezone.localtime().replace(microsecond=0)
-    time.sleep(0.05)
-    return moment
-
-
-def restore(datadir, port, moment):
-    return run_command(
-        "restore", "--server", "maldives", "--target-time", moment.isoformat(sep=" "),
-        "--into-datadir", str(datadir), "--port", str(port),
-    )  # fmt: skip
 
 
 def archived(cluster, server):
@@ -98,7 +82,7 @@ def test_a_target_between_two_commits_recovers_exactly_the_rows_before_it(
 
     port = free_port()
     leave_time_wait(port)  # a cluster stopped on it a moment ago: postgres can bind it, so may we
-    result = restore(restored(), port, target)
+    result = pitr_to(restored(), port, target)
     assert result["status"] == "succeeded" and result["_exit"] == 0, result
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("A2",)]
     assert result["reached"].startswith(f"recovery stopped at {target.isoformat(sep=' ')}: right before transaction")
@@ -117,7 +101,7 @@ def test_a_target_after_the_archived_wal_has_the_source_switch_and_recovers_ever
     assert wal.last_segno(server) == wal.segno_of(last_archived, server.wal_segment_size)
 
     port = free_port()
-    result = restore(restored(), port, target)
+    result = pitr_to(restored(), port, target)
     assert result["status"] == "succeeded", result
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
     assert datetime.fromisoformat(result["recovered_to"]) <= target
@@ -148,7 +132,7 @@ def test_a_target_past_the_archive_is_refused_when_the_source_cannot_help(
     datadir = restored()
 
     future = timezone.localtime() + timedelta(hours=1)
-    result = restore(datadir, free_port(), future)
+    result = pitr_to(datadir, free_port(), future)
     assert result["_exit"] == 1 and "is in the future" in result["_stderr"], result
 
     # A role that may not switch WAL is told the grant it needs.
@@ -160,7 +144,7 @@ def test_a_target_past_the_archive_is_refused_when_the_source_cannot_help(
     server.dsn = sample_cluster.dsn(DB, user="viewer")
     server.save()
     target = a_second_later()
-    result = restore(datadir, free_port(), target)
+    result = pitr_to(datadir, free_port(), target)
     assert result["_exit"] == 1, result
     assert "GRANT EXECUTE ON FUNCTION pg_switch_wal() TO viewer" in result["_stderr"]
     assert f"the archived WAL of maldives ends before {target.isoformat(sep=' ')}" in result["_stderr"]
@@ -169,7 +153,7 @@ def test_a_target_past_the_archive_is_refused_when_the_source_cannot_help(
 
     # A source that cannot be reached: refused, naming the last moment the archive reaches.
     sample_cluster.stop()
-    result = restore(datadir, free_port(), target)
+    result = pitr_to(datadir, free_port(), target)
     assert result["_exit"] == 1 and "cannot be reached" in result["_stderr"], result
     reach = re.search(r"it reaches targets before (\S+ \S+), when its last archived transaction", result["_stderr"])
     assert reach, result["_stderr"]
@@ -199,7 +183,7 @@ def test_recovery_that_ends_short_of_the_target_fails_saying_where_it_ended(
     bad.save(update_fields=["sha256", "size"])
 
     datadir = restored()
-    result = restore(datadir, free_port(), target)
+    result = pitr_to(datadir, free_port(), target)
     assert result["status"] == "failed" and result["_exit"] == 1, result
     error = result["error"]
     assert error.startswith("recovery ended at LSN "), error
@@ -221,7 +205,7 @@ def test_a_segment_lost_from_the_end_of_the_catalog_fails_the_restore_naming_it(
     target = a_second_later()
 
     datadir = restored()
-    result = restore(datadir, free_port(), target)
+    result = pitr_to(datadir, free_port(), target)
     assert result["status"] == "failed" and f"WAL segment {lost} is missing" in result["error"], result
     assert JournalEntry.objects.filter(action="pitr_wal_switched").count() == 1  # it asked for the WAL after
     assert not datadir.exists()

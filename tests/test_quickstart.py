@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
-from backupportal.lib.pgcluster import Cluster, free_port, pg_bin
+from backupportal.lib.osuser import free_port
+from backupportal.lib.pgcluster import Cluster
+from backupportal.lib.pgdatadir import pg_bin
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DEMO = [sys.executable, str(BASE_DIR / "scripts" / "demo.py")]

@@ -13,21 +13,12 @@ from backupportal.lib import sampledata
 from backupportal.models import Alert
 from backups.models import BackupCopy, BackupRun
 from restores.models import RestoreTest, ValidationCheck
-from tests.conftest import register
+from tests.helpers import register, restore_json
 
 
 def take_backup():
     call_command("backup", "maldives", stdout=StringIO())
     return BackupRun.objects.filter(status="succeeded").latest("created_at")
-
-
-def restore(*args):
-    out = StringIO()
-    try:
-        call_command("restore", *args, "--json", stdout=out)
-    except SystemExit:
-        pass
-    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def databases(cluster):
@@ -37,7 +28,7 @@ def databases(cluster):
 def test_restore_into_a_new_database_has_every_row(server, sample_cluster, passphrase_file, backup_root, settings):
     settings.RESTORE_JOBS = 1  # piped: no plaintext on disk at all
     run = take_backup()
-    result = restore(str(run.pk), "--into-database", "restored_copy")
+    result = restore_json(str(run.pk), "--into-database", "restored_copy")
     assert result["status"] == "succeeded", result
     assert "sha256 verified" in result["notes"]
     with sample_cluster.connect("reliabilitymaldives") as a, sample_cluster.connect("restored_copy") as b:
@@ -51,7 +42,7 @@ def test_parallel_restore_uses_a_private_scratch_file_and_removes_it(
 ):
     settings.RESTORE_JOBS = 2
     run = take_backup()
-    assert restore(str(run.pk), "--into-database", "restored_j2")["status"] == "succeeded"
+    assert restore_json(str(run.pk), "--into-database", "restored_j2")["status"] == "succeeded"
     with sample_cluster.connect("restored_j2") as b:
         assert sampledata.counts(b)["public.audit_logs"] == run.details["row_counts"]["public.audit_logs"]
     assert list((Path(settings.VAR_DIR) / "scratch").iterdir()) == []
@@ -65,7 +56,7 @@ def test_a_scratch_file_left_by_a_killed_restore_is_removed_by_the_next(server, 
     dead.mkdir()
     (dead / "dump").write_bytes(b"PGDMP plaintext left by a SIGKILLed worker")
     run = take_backup()
-    assert restore(str(run.pk), "--into-database", "after_kill")["status"] == "succeeded"
+    assert restore_json(str(run.pk), "--into-database", "after_kill")["status"] == "succeeded"
     assert list(scratch.iterdir()) == []
 
 
@@ -81,7 +72,7 @@ def test_restore_onto_another_server_brings_the_globals_first(
     other.start()
     try:
         register(other, name="standby", dbname="postgres")
-        result = restore(str(run.pk), "--into-database", "reliabilitymaldives", "--into-server", "standby")
+        result = restore_json(str(run.pk), "--into-database", "reliabilitymaldives", "--into-server", "standby")
         assert result["status"] == "succeeded", result
         owner = other.execute(
             "SELECT tableowner FROM pg_tables WHERE tablename = 'financial_records'", dbname="reliabilitymaldives"
@@ -109,7 +100,7 @@ def test_bad_restore_requests_are_refused_and_change_nothing(
     args = [a.format(run=run.pk) for a in args]
     result = None
     try:
-        result = restore(*args)
+        result = restore_json(*args)
     except CommandError as e:
         assert message in str(e)
     else:
@@ -133,7 +124,7 @@ def test_a_wrong_passphrase_is_refused_and_changes_nothing(server, sample_cluste
     run = take_backup()
     passphrase_file.write_text("not the passphrase")
     before = databases(sample_cluster)
-    result = restore(str(run.pk), "--into-database", "x")
+    result = restore_json(str(run.pk), "--into-database", "x")
     assert result["status"] == "failed" and "wrong passphrase or key" in result["error"]
     assert databases(sample_cluster) == before
 
@@ -141,7 +132,7 @@ def test_a_wrong_passphrase_is_refused_and_changes_nothing(server, sample_cluste
 def test_an_unreachable_server_is_refused(server, sample_cluster, passphrase_file, backup_root):
     run = take_backup()
     sample_cluster.stop()
-    result = restore(str(run.pk), "--into-database", "x")
+    result = restore_json(str(run.pk), "--into-database", "x")
     assert result["status"] == "failed" and "connection refused" in result["error"]
 
 
@@ -152,7 +143,7 @@ def test_a_flipped_byte_is_caught_and_the_copy_marked_bad(server, sample_cluster
     data[len(data) // 2] ^= 0x01
     artifact.write_bytes(bytes(data))
     before = databases(sample_cluster)
-    result = restore(str(run.pk), "--into-database", "x")
+    result = restore_json(str(run.pk), "--into-database", "x")
     assert result["status"] == "failed"
     assert databases(sample_cluster) == before
     assert run.copies.get(artifact="main").status == BackupCopy.Status.BAD

@@ -12,8 +12,7 @@ from backupportal.models import Alert, JournalEntry
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRequest, RestoreRun, RestoreTest, ValidationCheck
 from restores.tasks import run_request
-
-from .walhelpers import (
+from tests.helpers import (
     ask_sandbox,
     base_backup,
     enable_push,

@@ -20,8 +20,7 @@ from backupportal.models import Alert, JournalEntry
 from backups.models import BackupRun, Server
 from restores.models import RestoreTest
 from restores.restoretest import kinds_to_test
-
-from .walhelpers import base_backup, enable_push, postgres_running_in
+from tests.helpers import base_backup, enable_push, postgres_running_in
 
 pytest_plugins = ["tests.walfixtures"]
 

@@ -16,7 +16,7 @@ from django.urls.converters import IntConverter, PathConverter, SlugConverter, S
 
 from backupportal.models import JournalEntry
 from restores.models import RestoreRequest
-from tests.conftest import make_user
+from tests.helpers import make_user
 
 # The public pages: the login, and /metrics, which answers its bearer token only.
 PUBLIC = {"login", "metrics"}

@@ -12,9 +12,7 @@ from backupportal.models import Alert, RpoStatus
 from backupportal.monitor import run_once
 from backupportal.rpo import segment_end_lsn
 from backups.models import Server
-from tests.conftest import register
-from tests.test_monitor import mails, ours
-from tests.walhelpers import wait_for
+from tests.helpers import mails, ours, register, wait_for
 
 
 def rpo_alerts():

@@ -10,8 +10,7 @@ from django.utils import timezone
 
 from backupportal.models import JournalEntry
 from restores.models import RestoreRequest, RestoreRun
-
-from .walhelpers import ask_sandbox, base_backup, enable_push, postgres_running_in, rows, run_command
+from tests.helpers import ask_sandbox, base_backup, enable_push, postgres_running_in, rows, run_command
 
 pytest_plugins = ["tests.walfixtures"]
 

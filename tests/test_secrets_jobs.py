@@ -23,10 +23,7 @@ from django.urls import reverse
 
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRun
-from tests.conftest import S3_SECRET, portal_env
-from tests.test_security import DSN_PASSWORD, secret_server  # noqa: F401 (a fixture)
-
-from .walhelpers import enable_push, rows, switch_wal, wait_archived
+from tests.helpers import DSN_PASSWORD, S3_SECRET, enable_push, portal_env, rows, switch_wal, wait_archived
 
 pytest_plugins = ["tests.walfixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -202,7 +199,7 @@ def test_a_whole_logical_backup_and_restore_pass_no_secret_on(
 def test_a_whole_pitr_job_passes_no_secret_on(
     settings, sample_cluster, secret_passphrase, tiers, wal_spool, restored, tmp_path
 ):
-    from backupportal.lib.pgcluster import free_port
+    from backupportal.lib.osuser import free_port
 
     lines = enable_push(sample_cluster)
     assert_no_secret("\n".join(lines), "the archive_command lines")  # the archiver's argv, run by postgres

@@ -3,17 +3,13 @@
 import logging
 from io import StringIO
 
-import pytest
 from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 
 from backupportal.models import JournalEntry
-from backups.models import BackupRun, Server
-from tests.conftest import DEMO_PASSWORD
-from tests.test_access import portal_urls, post_data
-
-DSN_PASSWORD = "Dsn-Secret-7f3a9"
+from backups.models import BackupRun
+from tests.helpers import DEMO_PASSWORD, DSN_PASSWORD, portal_urls, post_data
 
 
 def server_form(server, **changes):
@@ -70,17 +66,6 @@ def test_sessions_expire(settings, catalog, alice):
     Session.objects.update(expire_date=timezone.now())
     response = client.get(reverse("dashboard"))
     assert response.status_code == 302 and response["Location"].startswith(reverse("login"))
-
-
-@pytest.fixture
-def secret_server(sample_cluster, db):
-    sample_cluster.create_role("backup_user", password=DSN_PASSWORD, superuser=True)
-    server = Server(
-        name="maldives", dsn=sample_cluster.dsn("reliabilitymaldives", user="backup_user"), password=DSN_PASSWORD
-    )
-    server.pg_version = server.probe()
-    server.save()
-    return server
 
 
 def test_no_secret_in_the_journal_logs_admin_pages_or_errors(

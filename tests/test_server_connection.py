@@ -8,7 +8,6 @@ arrives (tests/pgauth_helpers.py).
 """
 
 import subprocess
-from io import StringIO
 
 import psycopg
 import pytest
@@ -24,21 +23,8 @@ from backupportal.lib.sealed import SealError
 from backupportal.models import JournalEntry
 from backups.models import BackupRun, Server
 from backups.pipeline import BackupFailed
+from tests.helpers import DSN_PASSWORD, backup_json
 from tests.pgauth_helpers import CLEARTEXT, MD5, PasswordListener
-
-DSN_PASSWORD = "Sealed-Dsn-Secret-7731"
-
-
-@pytest.fixture
-def secret_server(sample_cluster, db):
-    """maldives, reached as backup_user with a SCRAM password, as most production servers are."""
-    sample_cluster.create_role("backup_user", password=DSN_PASSWORD, superuser=True)
-    server = Server(
-        name="maldives", dsn=sample_cluster.dsn("reliabilitymaldives", user="backup_user"), password=DSN_PASSWORD
-    )
-    server.pg_version = server.probe()
-    server.save()
-    return server
 
 
 @pytest.fixture
@@ -72,17 +58,6 @@ def change_in_admin(client, server, **changes):
 def dsn_at(server, port=None, user=None, dbname=None):
     parts = parse(server.dsn)
     return f"postgresql://{user or parts.user}@{parts.host}:{port or parts.port}/{dbname or parts.dbname}"
-
-
-def backup_json(name="maldives", kind="logical"):
-    import json
-
-    out = StringIO()
-    try:
-        call_command("backup", name, "--kind", kind, "--json", stdout=out, stderr=StringIO())
-    except SystemExit:
-        pass
-    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 # --- 1. The stored password goes only to the user, host and port it was entered for. ----------
@@ -320,7 +295,7 @@ def test_a_bad_dsn_is_refused_with_one_line_by_addserver_and_the_admin(client, s
 
 
 def test_addserver_on_the_command_line_says_what_is_wrong_without_a_traceback(settings, db):
-    from tests.conftest import manage
+    from tests.helpers import manage
 
     proc = manage(settings, "addserver", "x", "--dsn", "postgresql://u@[::1/db")
     out, err = proc.communicate(timeout=60)

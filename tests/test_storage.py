@@ -1,11 +1,9 @@
 """Storage tiers end to end: primary, NAS and S3 (moto over HTTP), copies, verify, fallback, retention."""
 
 import hashlib
-import json
 import shutil
 import subprocess
 from datetime import timedelta
-from io import StringIO
 
 import pytest
 from django.core.management import call_command
@@ -13,10 +11,11 @@ from django.utils import timezone
 
 from backupportal.lib import sampledata
 from backupportal.models import Alert, JournalEntry
-from backups.copies import CopyCorrupt, delete_run_artifacts, open_first_healthy, retry_due_copies
+from backups.copies import delete_run_artifacts, mark_faults, open_first_healthy, retry_due_copies
 from backups.models import BackupCopy, BackupRun
 from backups.storage import check_storage
-from tests.test_logical_backup import backup_json
+from backups.streams import CopyCorrupt
+from tests.helpers import flip_byte, good_backup, verify_json
 
 
 def gpg(*args, passphrase_file, stdin=None, tmp_path):
@@ -43,18 +42,6 @@ def pg_restore(cluster, server, dbname, dump):
 
 def s3_key(run, artifact="main"):
     return "backupportal/" + run.copies.get(artifact=artifact, location__kind="primary").key
-
-
-def flip_byte(data: bytes, at=-100) -> bytes:
-    data = bytearray(data)
-    data[at] ^= 0xFF
-    return bytes(data)
-
-
-def good_backup():
-    result = backup_json()
-    assert result["status"] == "succeeded", result
-    return result, BackupRun.objects.get(pk=result["id"])
 
 
 def test_a_backup_reaches_all_three_tiers_with_matching_sha256(
@@ -170,16 +157,6 @@ def test_the_storage_schedules_exist(db):
     assert (weekly.func, weekly.schedule_type, weekly.cron) == ("backups.tasks.verify_copies", "C", "0 4 * * 0")
 
 
-def verify_json(*args):
-    out, err = StringIO(), StringIO()
-    code = 0
-    try:
-        call_command("verify", *args, "--json", stdout=out, stderr=err)
-    except SystemExit as e:
-        code = e.code
-    return code, json.loads(out.getvalue().strip().splitlines()[-1]), err.getvalue()
-
-
 def test_verify_finds_a_flipped_byte_on_the_nas_and_in_s3(server, passphrase_file, tiers):
     result, run = good_backup()
     code, clean, _ = verify_json()
@@ -270,7 +247,7 @@ def test_a_corrupt_primary_is_caught_while_streaming_and_the_next_read_falls_bac
         while reader.read(65536):
             pass
     assert run.copies.get(location__kind="primary", artifact="main").status == "ok"  # the reader writes nothing
-    caught.value.mark_bad()  # the restore does this on its own thread
+    mark_faults([caught.value])  # the restore does this on its own thread
     assert run.copies.get(location__kind="primary", artifact="main").status == "bad"
     assert Alert.objects.filter(condition="corruption", subject="server:maldives", state="open").exists()
     with open_first_healthy(run) as again:

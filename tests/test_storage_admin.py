@@ -10,8 +10,7 @@ from django.urls import reverse
 from backupportal.models import Alert, JournalEntry
 from backups.models import BackupCopy, BackupRun, StorageLocation
 from backups.storage import StorageError, store_for
-from tests.conftest import S3_SECRET
-from tests.test_logical_backup import backup_json
+from tests.helpers import S3_SECRET, backup_json
 
 
 def location_form(**fields):

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from backupportal.models import JournalEntry
 from backups.models import Verification
-from tests.test_storage import flip_byte, good_backup, verify_json
+from tests.helpers import flip_byte, good_backup, verify_json
 
 
 def test_a_dba_verifies_a_run_and_its_page_counts_every_copy_and_byte(client, alice, server, passphrase_file, tiers):

@@ -2,7 +2,6 @@
 
 import hashlib
 import os
-import shlex
 import shutil
 import signal
 import stat
@@ -14,14 +13,21 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from backupportal.lib.pgcluster import as_db_user, chown_to_db_user
+from backupportal.lib.osuser import as_db_user, chown_to_db_user
 from backupportal.models import Alert
 from backups import wal
 from backups.models import BackupCopy, BackupSchedule, WalSegment
 from backups.tasks import scheduled_job
-from tests.conftest import descendants, manage
-
-from .walhelpers import enable_push, run_command, switch_wal, wait_archived, wait_for
+from tests.helpers import (
+    archive_as_postgres,
+    descendants,
+    enable_push,
+    manage,
+    run_command,
+    switch_wal,
+    wait_archived,
+    wait_for,
+)
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"
@@ -33,30 +39,6 @@ def kill_tree(proc):
         os.kill(pid, signal.SIGKILL)
     proc.kill()
     proc.wait()
-
-
-def archive_as_postgres(server, source, name):
-    """Run the printed archive_command exactly as PostgreSQL does: `sh -c` as postgres, %p and %f filled in."""
-    command = wal.archive_command(server).replace("%p", shlex.quote(str(source))).replace("%f", name)
-    return subprocess.run(as_db_user(["sh", "-c", command]), capture_output=True, text=True, cwd="/")
-
-
-@pytest.fixture
-def segment_file():
-    """Makes a file PostgreSQL's archiver could hand over, in a folder postgres owns; removed after."""
-    folders = []
-
-    def make(data: bytes):
-        folders.append(Path(tempfile.mkdtemp(prefix="bp-seg-")))
-        folders[-1].chmod(0o755)
-        path = folders[-1] / "segment"
-        path.write_bytes(data)
-        chown_to_db_user(folders[-1])
-        return path
-
-    yield make
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_archivecommand_prints_the_lines_and_installs_a_program_postgres_can_run(

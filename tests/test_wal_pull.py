@@ -8,25 +8,11 @@ import time
 import pytest
 
 from backups import wal
-from backups.models import Server, WalSegment
-from backups.receiver import Receiver
-from tests.conftest import manage
-
-from .walhelpers import rows, run_command, switch_wal, wait_for
+from backups.models import WalSegment
+from tests.helpers import manage, pull, rows, run_command, slot_active, switch_wal, wait_for
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"
-
-
-def pull(server):
-    server.archiving = Server.Archiving.PULL
-    server.save(update_fields=["archiving"])
-    return Receiver(server, log=lambda line: None, poll=0.1)
-
-
-def slot_active(cluster, server):
-    got = cluster.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", [server.replication_slot])
-    return got and got[0][0]
 
 
 def test_pg_receivewal_killed_is_restarted_and_the_chain_has_no_gap(
@@ -71,7 +57,7 @@ def test_pg_receivewal_killed_is_restarted_and_the_chain_has_no_gap(
 def test_a_pull_server_restores_the_newest_commit_from_the_partial_segment(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):
-    from backupportal.lib.pgcluster import free_port
+    from backupportal.lib.osuser import free_port
 
     receiver = pull(server)
     receiver.start_child()

@@ -5,12 +5,11 @@ from pathlib import Path
 
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
 from backups import retention, wal
 from backups.models import BackupCopy, BackupRun, WalSegment
-
-from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
+from tests.helpers import enable_push, rows, run_command, switch_wal, wait_archived
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"

@@ -1,15 +1,13 @@
 """Fixtures for the WAL and PITR tests (a pytest plugin: `pytest_plugins = ["tests.walfixtures"]`)."""
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from backupportal.lib.pgcluster import as_db_user, pg_bin
-
-from .walhelpers import restore_dir, stop_restored
+from backupportal.lib.pgcluster import stop_left_running
+from tests.helpers import restore_dir, stop_restored
 
 
 @pytest.fixture
@@ -45,9 +43,5 @@ def sandbox_root(settings):
     settings.SANDBOX_ROOT = root
     yield root
     for pid_file in list(root.glob("*/postmaster.pid")):
-        subprocess.run(
-            as_db_user([str(pg_bin() / "pg_ctl"), "stop", "-m", "immediate", "-w", "-D", str(pid_file.parent)]),
-            capture_output=True,
-            cwd="/",
-        )
+        stop_left_running(pid_file.parent)
     shutil.rmtree(root, ignore_errors=True)

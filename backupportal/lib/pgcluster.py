@@ -1,5 +1,9 @@
 """Throwaway PostgreSQL clusters for tests, the demo and the benchmarks.
 
+Production code never imports this harness: what both need (the database OS user, a free
+port, the one pg_ctl wrapper) is in backupportal.lib.osuser; the files of a throwaway cluster
+(pg_bin, initdb, the template, our settings file) are in backupportal.lib.pgdatadir.
+
 This module starts real PostgreSQL servers (never mocks): ``initdb`` once into a
 *template* data directory, then copy that template for every cluster, which is
 much faster than running ``initdb`` again.
@@ -40,15 +44,11 @@ from __future__ import annotations
 import atexit
 import functools
 import os
-import pwd
 import re
 import shutil
 import signal
-import socket
-import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -58,30 +58,23 @@ from typing import Self
 import psycopg
 from psycopg import sql
 
-from backupportal.lib.childenv import child_env
+from backupportal.lib.osuser import chown_to_db_user, free_port, pg_ctl
+from backupportal.lib.pgdatadir import (
+    CONF_FILE,
+    SUPERUSER,
+    ClusterError,
+    copy_template,
+    ensure_include,
+    initdb,
+    make_base_dir,
+    pg_bin,
+    process_alive,
+    render,
+    wait_gone,
+    write_as_db_user,
+)
 
-__all__ = [
-    "DB_OS_USER",
-    "Cluster",
-    "ClusterError",
-    "as_db_user",
-    "chown_to_db_user",
-    "free_port",
-    "pg_bin",
-    "stop_all",
-]
-
-#: OS user that owns data directories and runs the server when we are root.
-DB_OS_USER = "postgres"
-
-#: Database superuser created by initdb.
-SUPERUSER = "postgres"
-
-#: Last resort when neither PG_BIN nor pg_config says where the binaries are.
-DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-#: Name of the settings file we own inside the data directory.
-CONF_FILE = "pgcluster.conf"
+__all__ = ["Cluster", "ClusterError", "stop_all", "stop_left_running"]
 
 #: Marker written into base directories this module created (see destroy()).
 MARKER_FILE = ".bp-pgcluster"
@@ -94,179 +87,6 @@ _PORT_IN_USE = re.compile(r"could not bind IPv4 address|Address already in use|c
 
 # A setting name as postgresql.conf accepts it (custom settings contain a dot).
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
-
-# The include line appended to postgresql.conf; postgresql.auto.conf (ALTER SYSTEM,
-# recovery settings written by restores) is read after it and still wins.
-_INCLUDE_LINE = f"include_if_exists = '{CONF_FILE}'"
-
-# pg_hba.conf for every cluster: see the module docstring.
-_PG_HBA = f"""\
-# Written by backupportal.lib.pgcluster (throwaway cluster).
-# TYPE  DATABASE     USER      ADDRESS        METHOD
-local   all          all                      trust
-host    all          {SUPERUSER}  127.0.0.1/32   trust
-host    replication  {SUPERUSER}  127.0.0.1/32   trust
-host    all          all       127.0.0.1/32   scram-sha-256
-host    replication  all       127.0.0.1/32   scram-sha-256
-"""
-
-
-class ClusterError(RuntimeError):
-    """A cluster could not be created, started or stopped (message has the log tail)."""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def pg_bin() -> Path:
-    """Directory of the PostgreSQL binaries.
-
-    ``PG_BIN`` from the environment, else ``pg_config --bindir``, else
-    :data:`DEFAULT_PG_BIN`. The environment is read on every call; the
-    ``pg_config`` answer is cached (on Debian it is a Perl wrapper).
-    """
-    env = os.environ.get("PG_BIN")
-    if env:
-        return Path(env)
-    return _pg_config_bindir() or DEFAULT_PG_BIN
-
-
-@functools.cache
-def _pg_config_bindir() -> Path | None:
-    exe = shutil.which("pg_config")
-    if not exe:
-        return None
-    try:
-        # A clean environment: the portal's secrets are no business of pg_config.
-        out = subprocess.run([exe, "--bindir"], capture_output=True, text=True, timeout=30, check=True, env=child_env())
-    except (OSError, subprocess.SubprocessError):
-        return None
-    path = Path(out.stdout.strip())
-    return path if path.is_dir() else None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0).
-
-    Another process may take it before the server binds it; Cluster.start()
-    retries with a new port when that happens.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def as_db_user(argv: list[str]) -> list[str]:
-    """``argv`` to run as the database OS user: prefixed with runuser when we are root."""
-    if _is_root():
-        return ["runuser", "-u", DB_OS_USER, "--", *argv]
-    return list(argv)
-
-
-def chown_to_db_user(path) -> None:
-    """``chown -R`` ``path`` to the database OS user when root; no-op otherwise.
-
-    Symlinks are changed themselves, never followed.
-    """
-    if not _is_root():
-        return
-    pw = pwd.getpwnam(DB_OS_USER)
-    root = Path(path)
-    os.lchown(root, pw.pw_uid, pw.pw_gid)
-    if root.is_symlink() or not root.is_dir():
-        return
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            os.lchown(os.path.join(dirpath, name), pw.pw_uid, pw.pw_gid)
-
-
-def _unreachable_ancestor(path: Path) -> Path | None:
-    """First directory in ``path`` and its parents the db user cannot traverse (root only).
-
-    Root can enter any directory, so a mistake here (e.g. pytest's 0700
-    ``/tmp/pytest-of-root``) would otherwise surface later as an obscure
-    initdb or pg_ctl "Permission denied".
-    """
-    if not _is_root():
-        return None
-    pw = pwd.getpwnam(DB_OS_USER)
-    gids = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
-    for p in (path, *path.parents):
-        st = p.stat()
-        if st.st_uid == pw.pw_uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid in gids:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not st.st_mode & bit:
-            return p
-    return None
-
-
-def _make_base_dir(parent, prefix: str) -> Path:
-    """mkdtemp under ``parent`` (or the temp dir), owned by the db user."""
-    parent_path = Path(parent) if parent is not None else Path(tempfile.gettempdir())
-    parent_path = parent_path.absolute()
-    blocked = _unreachable_ancestor(parent_path)
-    if blocked is not None:
-        raise ClusterError(
-            f"the {DB_OS_USER!r} OS user cannot traverse {blocked} (mode "
-            f"{stat.S_IMODE(blocked.stat().st_mode):o}), so it cannot reach {parent_path}; "
-            "use base_dir=None or a directory it can reach (pytest's tmp_path is not one)"
-        )
-    base = Path(tempfile.mkdtemp(prefix=prefix, dir=parent_path))
-    chown_to_db_user(base)
-    return base
-
-
-@functools.cache
-def _initdb_locale() -> str:
-    """``C.UTF-8`` when the system has it, else ``C`` (both sort bytewise)."""
-    try:
-        out = subprocess.run(["locale", "-a"], check=False, capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "C"
-    names = {line.strip().lower().replace("-", "") for line in out.splitlines()}
-    return "C.UTF-8" if "c.utf8" in names else "C"
-
-
-def _run(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run a server-side program as the db user; output captured as text.
-
-    ``cwd`` must be a directory the db user can enter (the caller's cwd, say
-    /root, may not be).
-    """
-    try:
-        return subprocess.run(
-            as_db_user(argv),
-            check=False,  # callers read returncode and raise with context
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ClusterError(f"{Path(argv[0]).name} did not finish within {timeout}s: {argv}") from exc
-
-
-def _render(value) -> str:
-    """A Python value as a postgresql.conf value.
-
-    bool -> on/off, int/float -> bare number, anything else -> a quoted string
-    (``'`` doubled and ``\\`` escaped, as the config file parser reads them).
-    """
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, int | float):
-        return str(value)
-    text = str(value).replace("\\", "\\\\").replace("'", "''")
-    return f"'{text}'"
 
 
 # ---------------------------------------------------------------------- clean-up
@@ -297,6 +117,12 @@ def stop_all() -> None:
 
 
 atexit.register(stop_all)
+
+
+def stop_left_running(datadir) -> None:
+    """Stop (immediate) a server that something else left running in ``datadir``: a restore's."""
+    if (Path(datadir) / "postmaster.pid").exists():
+        pg_ctl(pg_bin() / "pg_ctl", datadir, "stop", "-m", "immediate", "-w")
 
 
 # ----------------------------------------------------------------------- cluster
@@ -347,9 +173,9 @@ class Cluster:
         Pass the result as ``template=`` to :meth:`create`. The template is
         never started; the caller removes it (its parent directory) when done.
         """
-        base = _make_base_dir(base_dir, "bp-pg-template-")
+        base = make_base_dir(base_dir, "bp-pg-template-")
         datadir = base / "data"
-        _initdb(datadir, wal_segsize_mb, cwd=base)
+        initdb(datadir, wal_segsize_mb, cwd=base)
         return datadir
 
     @classmethod
@@ -368,13 +194,13 @@ class Cluster:
         template's and the argument is ignored. ``settings`` are applied on top
         of the defaults with :meth:`configure`.
         """
-        base = _make_base_dir(base_dir, "bp-pg-")
+        base = make_base_dir(base_dir, "bp-pg-")
         try:
             datadir = base / "data"
             if template is not None:
-                _copy_template(Path(template), datadir)
+                copy_template(Path(template), datadir)
             else:
-                _initdb(datadir, wal_segsize_mb, cwd=base)
+                initdb(datadir, wal_segsize_mb, cwd=base)
             (base / MARKER_FILE).write_text("made by backupportal.lib.pgcluster; removed by destroy()\n")
             cluster = cls(datadir, port=port)
             cluster._prepare()
@@ -406,7 +232,7 @@ class Cluster:
         if not self.socket_dir.is_dir():
             self.socket_dir.mkdir(mode=0o700)
             chown_to_db_user(self.socket_dir)
-        _ensure_include(self.datadir)
+        ensure_include(self.datadir)
 
     # ---------------------------------------------------------------- settings
 
@@ -433,10 +259,10 @@ class Cluster:
             if value is None:
                 self._settings.pop(name, None)
             else:
-                self._settings[name] = _render(value)
+                self._settings[name] = render(value)
         lines = ["# Written by backupportal.lib.pgcluster; Cluster.configure() rewrites it."]
         lines += [f"{name} = {value}" for name, value in self._settings.items()]
-        _write_as_db_user(self.conf_file, "\n".join(lines) + "\n", mode=0o600)
+        write_as_db_user(self.conf_file, "\n".join(lines) + "\n", mode=0o600)
 
     def _read_settings(self) -> dict[str, str]:
         """Our include file as {name: rendered value} (empty when absent)."""
@@ -475,20 +301,8 @@ class Cluster:
         for attempt in range(PORT_RETRIES + 1):
             log_offset = self.logfile.stat().st_size if self.logfile.exists() else 0
             deadline = time.monotonic() + timeout
-            proc = _run(
-                [
-                    str(pg_bin() / "pg_ctl"),
-                    "start",
-                    "-w",
-                    "-t",
-                    str(int(timeout)),
-                    "-D",
-                    str(self.datadir),
-                    "-l",
-                    str(self.logfile),
-                ],
-                cwd=self.base_dir,
-                timeout=timeout + 30,
+            proc = self._pg_ctl(
+                "start", "-w", "-t", str(int(timeout)), "-l", str(self.logfile), cwd=self.base_dir, timeout=timeout + 30
             )
             if proc.returncode == 0:
                 self._register()
@@ -532,18 +346,13 @@ class Cluster:
         if not self.is_running():
             self._unregister()
             return
-        proc = _run(
-            [
-                str(pg_bin() / "pg_ctl"),
-                "stop",
-                "-w",
-                "-t",
-                str(int(timeout)),
-                "-m",
-                mode,
-                "-D",
-                str(self.datadir),
-            ],
+        proc = self._pg_ctl(
+            "stop",
+            "-w",
+            "-t",
+            str(int(timeout)),
+            "-m",
+            mode,
             cwd=self.base_dir if self.base_dir.is_dir() else Path("/"),
             timeout=timeout + 30,
         )
@@ -561,13 +370,16 @@ class Cluster:
 
     def reload(self) -> None:
         """Tell the server to re-read its configuration files (pg_ctl reload)."""
-        proc = _run(
-            [str(pg_bin() / "pg_ctl"), "reload", "-D", str(self.datadir)],
-            cwd=self.base_dir,
-            timeout=60,
-        )
+        proc = self._pg_ctl("reload", cwd=self.base_dir, timeout=60)
         if proc.returncode != 0:
             raise ClusterError(f"could not reload PostgreSQL in {self.datadir}: {(proc.stdout + proc.stderr).strip()}")
+
+    def _pg_ctl(self, *args, cwd, timeout):
+        """PG_BIN's pg_ctl on this cluster (osuser.pg_ctl, the one wrapper); a timeout is a ClusterError."""
+        try:
+            return pg_ctl(pg_bin() / "pg_ctl", self.datadir, *args, cwd=cwd, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise ClusterError(f"pg_ctl {args[0]} did not finish within {timeout}s in {self.datadir}") from exc
 
     def postmaster_pid(self) -> int | None:
         """PID of the running postmaster, from postmaster.pid, or None."""
@@ -576,7 +388,7 @@ class Cluster:
             pid = int(first)
         except (FileNotFoundError, NotADirectoryError, ValueError):
             return None
-        return pid if _process_alive(pid) else None
+        return pid if process_alive(pid) else None
 
     def is_running(self) -> bool:
         """True when a live postmaster holds this data directory."""
@@ -594,7 +406,7 @@ class Cluster:
                 if pid is not None:
                     # Backends exit on their own once the postmaster is gone.
                     os.kill(pid, signal.SIGKILL)
-                    _wait_gone(pid, 30)
+                    wait_gone(pid, 30)
                 self._unregister()
 
     def destroy(self) -> None:
@@ -702,95 +514,3 @@ class Cluster:
                 return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
-
-
-# ------------------------------------------------------------- data directories
-
-
-def _initdb(datadir: Path, wal_segsize_mb: int, cwd: Path) -> None:
-    """initdb a new data directory with our pg_hba.conf and include line."""
-    argv = [
-        str(pg_bin() / "initdb"),
-        "-D",
-        str(datadir),
-        "-U",
-        SUPERUSER,
-        "-E",
-        "UTF8",
-        f"--locale={_initdb_locale()}",
-        f"--wal-segsize={int(wal_segsize_mb)}",
-        "--auth-local=trust",
-        "--auth-host=scram-sha-256",
-        # Skip initdb's final fsync: a throwaway cluster does not outlive a crash
-        # of the machine. The server itself keeps fsync on.
-        "--no-sync",
-        "--no-instructions",
-    ]
-    proc = _run(argv, cwd=cwd, timeout=300)
-    if proc.returncode != 0:
-        raise ClusterError(f"initdb failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()}")
-    _write_as_db_user(datadir / "pg_hba.conf", _PG_HBA, mode=0o600)
-    _ensure_include(datadir)
-
-
-def _copy_template(template: Path, datadir: Path) -> None:
-    """Copy a stopped template data directory (modes kept), then chown it."""
-    if not (template / "PG_VERSION").is_file():
-        raise ClusterError(f"not a data directory: {template}")
-    if (template / "postmaster.pid").exists():
-        raise ClusterError(f"template {template} has a postmaster.pid: copying a running cluster corrupts it")
-    shutil.copytree(template, datadir, symlinks=True)
-    chown_to_db_user(datadir)
-
-
-def _ensure_include(datadir: Path) -> None:
-    """Append the include line for our settings file to postgresql.conf once."""
-    conf = datadir / "postgresql.conf"
-    text = conf.read_text()
-    if _INCLUDE_LINE not in text.splitlines():
-        if text and not text.endswith("\n"):
-            text += "\n"
-        text += f"\n# Settings managed by backupportal.lib.pgcluster\n{_INCLUDE_LINE}\n"
-        _write_as_db_user(conf, text, mode=0o600)
-
-
-def _write_as_db_user(path: Path, text: str, mode: int) -> None:
-    """Replace a file atomically, owned by the db user."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    chown_to_db_user(tmp)
-    os.replace(tmp, path)
-
-
-# -------------------------------------------------------------------- processes
-
-
-def _process_alive(pid: int) -> bool:
-    """True when ``pid`` exists and is not a zombie.
-
-    The postmaster is reparented to PID 1 after pg_ctl exits; in containers
-    PID 1 may not reap, so an exited server can linger as a zombie.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by another user
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except OSError:
-        return True
-    # Format: "pid (comm) state ..."; comm may contain spaces and parentheses.
-    state = stat_line.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while _process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)

@@ -9,6 +9,7 @@ from django.db import transaction
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
 from backupportal.lib.libpq import DsnError, parse
+from backupportal.lib.osuser import os_actor
 from backupportal.lib.sealed import SealError
 from backups import binaries, tables
 from backups.critical import check_tables
@@ -69,7 +70,7 @@ class Command(PortalCommand):
             server.save()  # its schedules come with it (backups.schedules)
             journal.record(
                 "server_added",
-                actor=f"os:{_os_user()}",
+                actor=os_actor(),
                 obj=server,
                 dsn=dsn,
                 version=server.pg_version,
@@ -106,12 +107,3 @@ def _inline_password(dsn):
         return parse(dsn).password
     except DsnError:
         return ""  # full_clean says what is wrong with it
-
-
-def _os_user():
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except Exception:
-        return str(os.getuid())

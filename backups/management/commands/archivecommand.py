@@ -1,11 +1,10 @@
 """Set a server up for push archiving: install the archive program and its spool, print the lines."""
 
-import getpass
-
 from django.db import transaction
 
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
+from backupportal.lib.osuser import os_actor
 from backups import wal
 from backups.management.commands._server import server_named
 from backups.models import Server
@@ -37,7 +36,7 @@ class Command(PortalCommand):
                 server.archiving = Server.Archiving.PUSH
                 server.save(update_fields=["archiving"])
             server.ensure_schedules()
-            journal.record("archiving_set_up", actor=f"os:{getpass.getuser()}", obj=server, mode="push", spool=spool)
+            journal.record("archiving_set_up", actor=os_actor(), obj=server, mode="push", spool=spool)
         lines = wal.archive_settings(server)
         return {
             "server": server.name,

@@ -1,6 +1,7 @@
 """Take a backup now, in the foreground: manage.py backup NAME --kind logical|base|incremental."""
 
 from backupportal.lib.commands import PortalCommand, fail
+from backupportal.lib.osuser import os_actor
 from backups.models import BackupRun, Server
 from backups.runner import RunRefused, claim, execute
 
@@ -17,7 +18,7 @@ class Command(PortalCommand):
         if server is None:
             fail(f"unknown server {name!r}: list them in the admin, or register one with addserver")
         try:
-            run = claim(server, kind, trigger=BackupRun.Trigger.MANUAL, actor=f"os:{_os_user()}")
+            run = claim(server, kind, trigger=BackupRun.Trigger.MANUAL, actor=os_actor())
         except RunRefused as e:
             fail(str(e))
         run = execute(run)
@@ -64,9 +65,3 @@ def run_summary(run):
         "copies": copies,
         "error": run.error,
     }
-
-
-def _os_user():
-    import getpass
-
-    return getpass.getuser()

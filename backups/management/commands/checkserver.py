@@ -5,10 +5,9 @@
 Exit 0 when nothing fails (warnings allowed), 1 otherwise.
 """
 
-import getpass
-
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand
+from backupportal.lib.osuser import os_actor
 from backupportal.lib.pgerrors import explain
 from backups import binaries, wal
 from backups.crypto import Encryption, EncryptionError
@@ -35,7 +34,7 @@ class Command(PortalCommand):
         failed = [c["check"] for c in checks if c["verdict"] == "fail"]
         journal.record(
             "server_checked",
-            actor=f"os:{getpass.getuser()}",
+            actor=os_actor(),
             obj=server,
             outcome="failed" if failed else "ok",
             failed=failed,

@@ -3,13 +3,13 @@
 Run it under systemd (or the demo's supervisor); SIGTERM or SIGINT stops it cleanly.
 """
 
-import getpass
 import signal
 
 from django.db import transaction
 
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
+from backupportal.lib.osuser import os_actor
 from backups import wal
 from backups.management.commands._server import server_named
 from backups.models import Server
@@ -32,7 +32,7 @@ class Command(PortalCommand):
                 server.archiving = Server.Archiving.PULL
                 server.save(update_fields=["archiving"])
                 server.ensure_schedules()
-                journal.record("archiving_set_up", actor=f"os:{getpass.getuser()}", obj=server, mode="pull")
+                journal.record("archiving_set_up", actor=os_actor(), obj=server, mode="pull")
         try:
             receiver = Receiver(server, log=self.stdout.write)
         except wal.WalError as e:

@@ -1,8 +1,7 @@
 """Apply retention on every tier: manage.py retention [--dry-run] [--json]."""
 
-import getpass
-
 from backupportal.lib.commands import PortalCommand
+from backupportal.lib.osuser import os_actor
 from backups import retention
 
 
@@ -13,7 +12,7 @@ class Command(PortalCommand):
         parser.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
 
     def run(self, dry_run=False, **options):
-        return retention.apply_wal_and_base_retention(dry_run=dry_run, actor=f"os:{getpass.getuser()}")
+        return retention.apply_wal_and_base_retention(dry_run=dry_run, actor=os_actor())
 
     def describe(self, result):
         verb = "Would delete" if result["dry_run"] else "Deleted"

@@ -1,8 +1,7 @@
 """Re-read copies on every tier and compare their sha256: manage.py verify [RUN_ID] [--json]."""
 
-import getpass
-
 from backupportal.lib.commands import PortalCommand, fail
+from backupportal.lib.osuser import os_actor
 from backups.models import BackupRun, Verification
 
 
@@ -13,7 +12,7 @@ class Command(PortalCommand):
         parser.add_argument("run_id", nargs="?", type=int, help="verify only this backup run's copies")
 
     def run(self, run_id=None, **options):
-        actor = f"os:{getpass.getuser()}"
+        actor = os_actor()
         run = None
         if run_id is not None:
             run = BackupRun.objects.filter(pk=run_id).first()

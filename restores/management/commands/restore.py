@@ -6,9 +6,8 @@ restore --server NAME (--target-time T | --target latest | --target-lsn LSN | --
         --into-datadir DIR --port PORT
 """
 
-import getpass
-
 from backupportal.lib.commands import PortalCommand, fail
+from backupportal.lib.osuser import os_actor
 
 
 class Command(PortalCommand):
@@ -42,18 +41,76 @@ class Command(PortalCommand):
         pitr.add_argument("--port", type=int, help="a free port for the new cluster")
 
     def run(self, run_id=None, server=None, **options):
-        actor = f"os:{getpass.getuser()}"
+        actor = os_actor()
         if server and run_id:
             fail("give either RUN_ID (logical restore) or --server (PITR), not both")
         if server:
-            from restores.pitr import restore_from_command
-
-            return restore_from_command(server, actor=actor, **options)
-        if run_id is None:
+            result = self.pitr(server, actor, **options)
+        elif run_id is None:
             fail("nothing to restore: give a RUN_ID, or --server NAME with a target for PITR")
-        from restores.logical import restore_from_command
+        else:
+            result = self.logical(run_id, actor, **options)
+        if result.get("exit_code") and result.get("error"):
+            self.stderr.write(f"restore failed: {result['error']}")  # the contract: one line on stderr
+        return result
 
-        return restore_from_command(run_id, actor=actor, **options)
+    def logical(self, run_id, actor, into_database=None, into_server=None, replace=False, request=None, **options):
+        from restores import logical
+        from restores import replace as replacing
+        from restores.tablespaces import parse_tablespace_map
+
+        try:
+            run = logical.restorable_run(run_id)
+            mapping = parse_tablespace_map(options["tablespace_map"] or ())
+            if replace:
+                restore = replacing.replace_production(run, replacing.approved_request(run, request), actor)
+        except (logical.RestoreFailed, replacing.NotApproved, ValueError) as e:
+            fail(str(e))
+        if not replace:
+            target = self.target(run, into_database, into_server, request, options["with_role_passwords"])
+            restore = logical.run_logical(
+                run,
+                target,
+                into_database,
+                actor,
+                tablespace_map=mapping,
+                with_role_passwords=options["with_role_passwords"],
+            )
+        return {**logical.summary(restore), **({} if restore.succeeded else {"exit_code": 1})}
+
+    def target(self, run, into_database, into_server, request, with_role_passwords):
+        """The server to restore into, after the refusals of options that do not go together."""
+        from backups.models import Server
+
+        if request:
+            fail("--request goes with --replace; a restore into a new database needs no approval")
+        if with_role_passwords and not into_server:
+            fail(
+                "--with-role-passwords goes with --into-server: on the backup's own server its roles are already there"
+            )
+        if not into_database:
+            fail("say where to restore: --into-database NEWDB (a new database), or --replace --request ID")
+        if not into_server:
+            return run.server
+        target = Server.objects.filter(name=into_server).first()
+        if target is None:
+            fail(f"unknown server {into_server!r}: register it with addserver first")
+        return target
+
+    def pitr(self, server_name, actor, into_datadir=None, port=None, **options):
+        from backups.models import Server
+        from restores import pitr
+
+        server = Server.objects.filter(name=server_name).first()
+        if server is None:
+            fail(f"unknown server {server_name!r}: list them in the admin, or register one with addserver")
+        targets = {k: options[k] for k in ("target_time", "target", "target_lsn", "target_name")}
+        try:
+            plan = pitr.plan_for(server, actor, into_datadir, port, **targets)
+        except pitr.Refused as e:
+            fail(f"restore refused: {e}")
+        plan.report = lambda line: self.stderr.write(f"restore: {line}")
+        return pitr.run_plan(plan, actor)
 
     def describe(self, result):
         lines = [f"Restore #{result['id']}: {result['status']} in {result.get('duration_s')} s"]

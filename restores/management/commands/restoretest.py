@@ -1,8 +1,7 @@
 """Prove that the newest good backup restores: manage.py restoretest NAME [--kind logical|base] [--json]."""
 
-import getpass
-
 from backupportal.lib.commands import PortalCommand, fail
+from backupportal.lib.osuser import os_actor
 from backups.models import Server
 from restores.restoretest import run_restore_test, summary
 
@@ -26,7 +25,7 @@ class Command(PortalCommand):
         server = Server.objects.filter(name=name).first()
         if server is None:
             fail(f"unknown server {name!r}: list them in the admin, or register one with addserver")
-        test = run_restore_test(server, monthly=monthly, actor=f"os:{getpass.getuser()}", kind=kind)
+        test = run_restore_test(server, monthly=monthly, actor=os_actor(), kind=kind)
         result = summary(test)
         if test.status != "passed":
             result["exit_code"] = 1

@@ -1,11 +1,10 @@
 """The sandbox clusters of restore requests: manage.py sandboxes [--expire] [--json]."""
 
-import getpass
-
 from django.conf import settings
 from django.utils import timezone
 
 from backupportal.lib.commands import PortalCommand
+from backupportal.lib.osuser import os_actor
 from restores import sandbox
 
 
@@ -21,7 +20,7 @@ class Command(PortalCommand):
         )
 
     def run(self, expire=False, **options):
-        removed = sandbox.expire(actor=f"os:{getpass.getuser()}") if expire else []
+        removed = sandbox.expire(actor=os_actor()) if expire else []
         return {
             "max_age_h": settings.SANDBOX_MAX_AGE / 3600,
             "removed": [describe(run, "removed") for run in removed],

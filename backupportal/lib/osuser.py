@@ -1,0 +1,117 @@
+"""The database OS user, for production and tests alike: run a program as that user, give it
+files, find a free port, and the one wrapper of pg_ctl.
+
+The portal runs as root or as its own user; PostgreSQL refuses to run as root, so a server's
+programs (pg_ctl, tar into a data directory, pg_verifybackup) run as ``postgres`` through
+``runuser`` when we are root. Standard library only: the demo and the benchmarks use it
+without Django. backups.binaries.pg_ctl chooses the binaries of a cluster's own version;
+backupportal.lib.pgcluster (the throwaway clusters of tests, demo and benchmarks) passes its own.
+"""
+
+import getpass
+import os
+import pwd
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+from backupportal.lib.childenv import child_env
+
+#: OS user that owns data directories and runs the server when we are root.
+DB_OS_USER = "postgres"
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def as_db_user(argv: list[str]) -> list[str]:
+    """``argv`` to run as the database OS user: prefixed with runuser when we are root."""
+    if is_root():
+        return ["runuser", "-u", DB_OS_USER, "--", *argv]
+    return list(argv)
+
+
+def chown_to_db_user(path) -> None:
+    """``chown -R`` ``path`` to the database OS user when root; no-op otherwise.
+
+    Symlinks are changed themselves, never followed.
+    """
+    if not is_root():
+        return
+    pw = pwd.getpwnam(DB_OS_USER)
+    root = Path(path)
+    os.lchown(root, pw.pw_uid, pw.pw_gid)
+    if root.is_symlink() or not root.is_dir():
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), pw.pw_uid, pw.pw_gid)
+
+
+def unreachable_ancestor(path: Path) -> Path | None:
+    """First directory in ``path`` and its parents the db user cannot traverse (root only).
+
+    Root can enter any directory, so a mistake here (e.g. pytest's 0700
+    ``/tmp/pytest-of-root``) would otherwise surface later as an obscure
+    initdb or pg_ctl "Permission denied".
+    """
+    if not is_root():
+        return None
+    pw = pwd.getpwnam(DB_OS_USER)
+    gids = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    for p in (path, *path.parents):
+        st = p.stat()
+        if st.st_uid == pw.pw_uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in gids:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return p
+    return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0).
+
+    Another process may take it before the server binds it; Cluster.start()
+    retries with a new port when that happens.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_as_db_user(argv, cwd="/", timeout=120) -> subprocess.CompletedProcess:
+    """Run ``argv`` as the database OS user, output captured as text.
+
+    From ``cwd`` (the caller's own, say /root, may be closed to that user), with a clean
+    environment: a server it starts runs on as another user and gets none of our secrets.
+    """
+    return subprocess.run(
+        as_db_user([str(a) for a in argv]),
+        check=False,  # callers read returncode and raise with context
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=timeout,
+    )
+
+
+def pg_ctl(program, datadir, *args, cwd="/", timeout=120) -> subprocess.CompletedProcess:
+    """``program`` (a pg_ctl) ``args -D datadir`` as the database OS user (run_as_db_user)."""
+    return run_as_db_user([program, *args, "-D", datadir], cwd=cwd, timeout=timeout)
+
+
+def os_actor() -> str:
+    """The journal's actor for a command run from a shell: "os:" and the OS user who ran it
+    (its uid when the name cannot be told, as in a container without a passwd entry)."""
+    try:
+        return f"os:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - getpass raises OSError or KeyError depending on the platform
+        return f"os:{os.getuid()}"
