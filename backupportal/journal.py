@@ -24,6 +24,7 @@ import secrets
 from collections import namedtuple
 from pathlib import Path
 
+from django.apps import apps
 from django.conf import settings
 from django.core.management.base import CommandError
 from django.db import connection, connections, transaction
@@ -114,6 +115,42 @@ ACTIONS = {
 
 # An object the entry is about when only its name is at hand (say, after it was deleted).
 Ref = namedtuple("Ref", "label pk text")
+
+# Entries are signed with the label of their object's model (obj._meta.label), so an entry
+# written before a model moved to another app names its old label for ever: this says where
+# each old label lives now. The watching app's models were born in backupportal/.
+MOVED_LABELS = {
+    "backupportal.Alert": "watching.Alert",
+    "backupportal.RpoStatus": "watching.RpoStatus",
+    "backupportal.RpoSample": "watching.RpoSample",
+    "backupportal.MaintenanceTask": "watching.MaintenanceTask",
+}
+
+
+def model_for(label):
+    """The model an entry's object_type names, old labels included. LookupError or ValueError when none."""
+    return apps.get_model(MOVED_LABELS.get(label, label))
+
+
+def labels_of(model):
+    """Every label the entries about `model` may carry: its own, and those it had before a move."""
+    label = model._meta.label
+    return [label, *sorted(old for old, new in MOVED_LABELS.items() if new == label)]
+
+
+# Who can name the servers, for the auditor's server filter: the ground knows no server, so
+# backups registers a source (backups/apps.py), as it does for the journal's anchors.
+_server_name_sources = []
+
+
+def register_server_names(source):
+    """`source()` returns server names to suggest in the journal's filter. Idempotent."""
+    if source not in _server_name_sources:
+        _server_name_sources.append(source)
+
+
+def server_names():
+    return sorted({name for source in _server_name_sources for name in source()})
 
 
 class JournalKeyMissing(CommandError):

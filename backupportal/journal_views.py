@@ -4,7 +4,6 @@ import csv
 import io
 import json
 
-from django.apps import apps
 from django.core.exceptions import ValidationError
 from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -16,7 +15,6 @@ from backupportal.forms import JournalFilter, keyset
 from backupportal.lib.links import url_for
 from backupportal.models import JournalEntry
 from backupportal.roles import require_perm
-from backups.models import Server
 
 PAGE_SIZE = 50
 CSV_FIELDS = ["id", "at", "actor", "action", "object_type", "object_id", "object_repr", "server", "outcome", "details"]
@@ -58,7 +56,7 @@ def journal_list(request):
             "older": older,
             "query": form.query_string() if form.is_bound else "",
             "actions": JournalFilter.known_actions(),
-            "servers": Server.objects.values_list("name", flat=True),
+            "servers": journal.server_names(),
         },
     )
 
@@ -133,7 +131,7 @@ def journal_object(request, entry_id):
     the journal page itself needs no query per row."""
     entry = get_object_or_404(JournalEntry, pk=entry_id)
     try:
-        model = apps.get_model(entry.object_type)
+        model = journal.model_for(entry.object_type)  # an old label too, after its model moved
     except (LookupError, ValueError):
         raise Http404(f"Entry #{entry.pk} is about no object the portal knows.") from None
     try:

@@ -19,8 +19,7 @@ from datetime import timedelta
 from django.db.models import Q
 from django.utils import timezone
 
-from backupportal import journal
-from backupportal.alerts import raise_alert, resolve_alert
+from backupportal import conditions, journal
 from backups.models import BackupCopy, BackupRun, StorageLocation, WalSegment
 from backups.storage import MissingArtifact, StorageError, store_for
 
@@ -192,12 +191,12 @@ def record(action, copy, actor, outcome="ok", **details):
 
 
 def mark_bad(copy, why, actor="job:verify"):
-    """A copy that is missing or corrupt: bad in the catalog, journaled, "corruption" raised."""
+    """A copy that is missing or corrupt: bad in the catalog, journaled; the monitor alerts "corruption"."""
     owner = owner_of(copy)
     BackupCopy.objects.filter(pk=copy.pk).update(status=BackupCopy.Status.BAD, last_error=why[:2000])
     copy.status, copy.last_error = BackupCopy.Status.BAD, why[:2000]
     record("copy_bad", copy, actor, outcome="failed", error=why)
-    raise_alert("corruption", server=owner.server, message=f"Bad copy of {owner} in {copy.location.name}: {why}")
+    conditions.changed("corruption", server=owner.server)
 
 
 # --- Copying: plan a row per artifact and location, then make it, retrying with backoff. ----
@@ -302,8 +301,7 @@ def _copy_made(copy, owner, store, size, sha256, source, actor, journal_it=True)
     copy.refresh_from_db()
     if journal_it:
         record("copy_made", copy, actor, source=source.location.name, size=size, sha256=sha256, attempt=copy.attempts)
-    if not BackupCopy.objects.filter(location=copy.location, status=BackupCopy.Status.FAILED).exists():
-        resolve_alert("upload_failed", location=copy.location)
+    conditions.changed("upload_failed", location=copy.location)  # may be the last failure resolved
     return copy
 
 
@@ -314,12 +312,7 @@ def _copy_failed(copy, owner, error, actor):
     )
     copy.refresh_from_db()
     record("copy_failed", copy, actor, outcome="failed", attempt=copy.attempts, retry_at=retry_at, error=str(error))
-    raise_alert(
-        "upload_failed",
-        location=copy.location,
-        message=f"Copy of {owner} ({copy.artifact}) to {copy.location.name} failed on attempt {copy.attempts}: "
-        f"{error}. Next attempt at {timezone.localtime(retry_at):%Y-%m-%d %H:%M:%S}.",
-    )
+    conditions.changed("upload_failed", location=copy.location)
     return copy
 
 

@@ -4,8 +4,7 @@ import time
 
 from django.utils import timezone
 
-from backupportal import journal
-from backupportal.alerts import raise_alert, resolve_alert
+from backupportal import conditions, journal
 from backupportal.lib.pgcluster import free_port
 from backups.models import BackupRun, Server
 from restores import pitr, sandbox
@@ -140,12 +139,7 @@ def _finish(test, checks, duration, actor):
         duration_s=duration,
         error=test.error,
     )
-    failing = RestoreTest.objects.failing(test.server)
-    if not failing:
-        resolve_alert(CONDITION, server=test.server)
-    else:
-        message = "; ".join(f"Restore test #{t.pk} of {t.server} ({t.kind}) failed: {t.error}" for t in failing)
-        raise_alert(CONDITION, server=test.server, message=message)
+    conditions.changed(CONDITION, server=test.server)  # the monitor reads the tests' rows
     return test
 
 

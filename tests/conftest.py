@@ -375,9 +375,9 @@ def catalog(db, settings, tmp_path):
     from django.utils import timezone
 
     from backupportal import journal
-    from backupportal.models import Alert, MaintenanceTask
     from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, Verification, WalSegment
     from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
+    from watching.models import Alert, MaintenanceTask
 
     settings.BACKUP_ROOT = tmp_path
     StorageLocation.sync_from_settings()

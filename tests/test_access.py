@@ -5,10 +5,11 @@ import pytest
 from django.contrib import admin
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
-from backupportal.models import Alert, JournalEntry, MaintenanceTask
+from backupportal.models import JournalEntry
 from backups.models import Verification
 from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
 from tests.conftest import DEMO_PASSWORD, make_user
+from watching.models import Alert, MaintenanceTask
 
 # Models each role may add and change in the admin (the rest it may only view).
 EDITABLE = {
@@ -208,7 +209,7 @@ def test_each_role_gets_exactly_its_admin_access(client, catalog, role):
     client.force_login(make_user(f"user-{role.lower()}", role))
     for label, page, url in admin_urls(catalog):
         response = client.get(url)
-        ours = label.split(".")[0] in ("backups", "restores", "backupportal")
+        ours = label.split(".")[0] in ("backups", "restores", "watching", "backupportal")
         if not ours:
             # django-q2's admin can run any callable; auth's holds the users: superusers only.
             assert response.status_code == 403, (role, url)

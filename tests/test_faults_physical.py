@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from backupportal.models import Alert, JournalEntry
+from backupportal.models import JournalEntry
 from backups import wal
 from backups.models import BackupCopy, BackupRun, WalSegment
 from backups.tasks import scheduled_job
 from backups.verify import verify_all
 from tests.conftest import child_named, descendants, manage, portal_env, register
+from watching.models import Alert
 
 from .walhelpers import enable_push, switch_wal, wait_archived, wait_for
 

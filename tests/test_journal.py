@@ -28,11 +28,11 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.alerts import raise_alert, resolve_alert
 from backupportal.lib.pgcluster import free_port, pg_bin
 from backupportal.models import JournalEntry
 from backups.models import BackupSchedule, Server, StorageLocation
 from tests.conftest import DEMO_PASSWORD, make_user
+from watching.alerts import raise_alert, resolve_alert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,7 +160,7 @@ def test_alerts_opened_acknowledged_and_resolved_are_journaled(client, db, alice
     ack = {"note": "rerunning it by hand"}
     assert client.post(reverse("alert-acknowledge", args=[alert.pk]), ack).status_code == 302
     resolve_alert("backup_failed", server=server)
-    entries = list(JournalEntry.objects.filter(object_type="backupportal.Alert").order_by("id"))
+    entries = list(JournalEntry.objects.filter(object_type="watching.Alert").order_by("id"))
     assert [(e.action, e.actor, e.server) for e in entries] == [
         ("alert_opened", "job:monitor", "atoll"),
         ("alert_acknowledged", "alice", "atoll"),

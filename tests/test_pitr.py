@@ -7,10 +7,11 @@ from pathlib import Path
 from django.utils import timezone
 
 from backupportal.lib.pgcluster import free_port
-from backupportal.models import Alert, JournalEntry
+from backupportal.models import JournalEntry
 from backups import wal
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRun
+from watching.models import Alert
 
 from .walhelpers import enable_push, rows, run_command, switch_wal, wait_archived
 

@@ -8,10 +8,11 @@ from pathlib import Path
 from django.urls import reverse
 from django.utils import timezone
 
-from backupportal.models import Alert, JournalEntry
+from backupportal.models import JournalEntry
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRequest, RestoreRun, RestoreTest, ValidationCheck
 from restores.tasks import run_request
+from watching.models import Alert
 
 from .walhelpers import (
     ask_sandbox,

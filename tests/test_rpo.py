@@ -10,13 +10,14 @@ import time_machine
 from django.utils import timezone
 
 from backupportal.lib.pgcluster import chown_to_db_user
-from backupportal.models import Alert, RpoStatus
-from backupportal.monitor import run_once
-from backupportal.rpo import segment_end_lsn
 from backups.models import Server
 from tests.conftest import register
 from tests.test_monitor import mails, ours
 from tests.walhelpers import wait_for
+from watching.dashboard import server_health
+from watching.models import Alert, RpoStatus
+from watching.monitor import run_once
+from watching.rpo import segment_end_lsn
 
 
 def rpo_alerts():
@@ -119,7 +120,7 @@ def test_a_server_without_wal_archiving_is_not_measured(db, smtp_server):
     server = Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives")
     run_once()
     assert not RpoStatus.objects.exists()
-    assert server.health()["rpo"]["note"].startswith("no WAL archiving")
+    assert server_health(server)["rpo"]["note"].startswith("no WAL archiving")
 
 
 def test_pull_rpo_follows_what_pg_receivewal_has_flushed(pg_cluster, db, smtp_server):
