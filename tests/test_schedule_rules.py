@@ -200,3 +200,32 @@ def test_a_job_left_behind_by_an_earlier_rename_says_so_and_goes(db):
 def test_addserver_s_schedules_come_from_the_same_place(sample_cluster, db):
     call_command("addserver", "atoll", "--dsn", sample_cluster.dsn("reliabilitymaldives"), stdout=StringIO())
     assert set(q_rows("atoll")) == DEFAULT_JOBS
+
+
+def test_a_server_added_in_the_admin_is_set_up_as_addserver_sets_one_up(client, sam, sample_cluster, db):
+    """One registration path: whichever way a server comes in, the same schedules, probe and journal."""
+    from watching.models import Alert
+    from watching.monitor import check_daily_backup
+
+    dsn = sample_cluster.dsn("reliabilitymaldives")
+    call_command("addserver", "bycommand", "--dsn", dsn, stdout=StringIO())
+    client.force_login(sam)
+    url = reverse("admin:backups_server_add")
+    assert client.post(url, admin_form_data(client, url, name="byadmin", dsn=dsn)).status_code == 302
+
+    def setup(name):
+        server = Server.objects.get(name=name)
+        schedules = sorted(server.schedules.values_list("job", "cron", "enabled"))
+        rows = {job: (cron, args.replace(name, "NAME")) for job, (cron, args) in q_rows(name).items()}
+        funcs = set(Schedule.objects.filter(name__endswith=f":{name}").values_list("func", flat=True))
+        added = JournalEntry.objects.filter(action="server_added", server=name).count()
+        return schedules, rows, funcs, added, server.pg_version
+
+    assert setup("byadmin") == setup("bycommand")
+    assert setup("byadmin")[2] == {"backups.tasks.scheduled_job"} and setup("byadmin")[4]
+    # So the monitor expects its nightly backup: missing once 04:00 has passed without one.
+    byadmin = Server.objects.get(name="byadmin")
+    Server.objects.filter(pk=byadmin.pk).update(created_at=timezone.now() - timedelta(days=3))
+    byadmin.refresh_from_db()
+    check_daily_backup(byadmin)
+    assert Alert.objects.get(condition="backup_missing", subject="server:byadmin").state == "open"
