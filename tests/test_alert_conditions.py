@@ -9,7 +9,6 @@ the next pass resolves the alert with one mail. A server that cannot be asked re
 
 import os
 import signal
-import tempfile
 import time
 from datetime import timedelta
 from io import StringIO
@@ -19,7 +18,7 @@ from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import chown_to_db_user, free_port
+from backupportal.lib.pgcluster import free_port
 from backups import wal
 from backups.copies import retry_due_copies
 from backups.models import BackupRun, WalSegment
@@ -179,7 +178,7 @@ def test_an_archive_program_gone_is_wal_archiving_failing_and_a_server_down_leav
 
 
 def test_archive_mode_off_or_another_archive_command_is_wal_archiving_failing_until_set_for_real(
-    server, sample_cluster, passphrase_file, backup_root, wal_spool, smtp_server
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, smtp_server, db_user_dir
 ):
     enable_push(sample_cluster)
     server.refresh_from_db()
@@ -195,8 +194,7 @@ def test_archive_mode_off_or_another_archive_command_is_wal_archiving_failing_un
 
     # Set back without the restart it needs (and another tool's archive_command with it):
     # the running value is still off, and says so.
-    elsewhere = Path(tempfile.mkdtemp(prefix="bp-elsewhere-"))
-    chown_to_db_user(elsewhere)
+    elsewhere = db_user_dir("bp-elsewhere-")
     sample_cluster.execute("ALTER SYSTEM SET archive_mode = on")
     sample_cluster.execute(f"ALTER SYSTEM SET archive_command = 'AWS_SECRET_ACCESS_KEY=hunter2 cp %p {elsewhere}/%f'")
     sample_cluster.reload()

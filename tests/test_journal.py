@@ -132,7 +132,9 @@ def test_admin_deletions_and_changes_to_users_are_journaled_with_the_superuser(c
     assert set(deleted.values_list("object_type", flat=True)) == {"backups.Server"}
     role_change = JournalEntry.objects.get(action="admin_changed", actor="root", object_type="auth.User")
     assert role_change.object_repr == "bob" and "Groups" in json.dumps(role_change.details)
-    # A deleted object's link says so instead of failing.
+    # A deleted object's link says so instead of failing (to an auditor: a superuser without
+    # a role sees only the admin).
+    client.force_login(make_user("charlie", "Auditor"))
     response = client.get(deleted.first().get_object_url())
     assert response.status_code == 404 and b"no longer exists" in response.content
 

@@ -2,14 +2,12 @@
 server whose WAL is all archived never does, however long it stays idle."""
 
 import subprocess
-import tempfile
 from datetime import timedelta
 
 import pytest
 import time_machine
 from django.utils import timezone
 
-from backupportal.lib.pgcluster import chown_to_db_user
 from backups.models import Server
 from tests.conftest import register
 from tests.test_monitor import mails, ours
@@ -56,7 +54,7 @@ def failing_archive(pg_cluster, db):
 
 
 def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_it_resolves(
-    failing_archive, pg_cluster, smtp_server
+    failing_archive, pg_cluster, smtp_server, db_user_dir
 ):
     server = failing_archive
     write_wal(pg_cluster)
@@ -91,8 +89,7 @@ def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_
     assert Alert.objects.get(condition="rpo_breached").state == "open"
     pg_cluster.start()
 
-    archive = tempfile.mkdtemp(prefix="bp-archive-")
-    chown_to_db_user(archive)
+    archive = db_user_dir("bp-archive-")
     pg_cluster.configure(archive_command=f"cp %p {archive}/%f")
     pg_cluster.reload()
     pg_cluster.execute("CHECKPOINT")
@@ -123,11 +120,11 @@ def test_a_server_without_wal_archiving_is_not_measured(db, smtp_server):
     assert server_health(server)["rpo"]["note"].startswith("no WAL archiving")
 
 
-def test_pull_rpo_follows_what_pg_receivewal_has_flushed(pg_cluster, db, smtp_server):
+def test_pull_rpo_follows_what_pg_receivewal_has_flushed(pg_cluster, db, smtp_server, db_user_dir):
     server = register(pg_cluster, dbname="postgres")
     server.archiving, server.rpo_minutes = "pull", 1
     server.save()
-    target = tempfile.mkdtemp(prefix="bp-receivewal-")
+    target = db_user_dir("bp-receivewal-")
     receiver = subprocess.Popen(
         [
             str(server.bin_dir() / "pg_receivewal"),
