@@ -3,8 +3,8 @@
 Every artifact of a run (the dump, its globals; a base backup's files) and every WAL segment
 is a BackupCopy row per location. The primary copy is written by the backup itself; the
 others are made here, by the worker or in the foreground, and retried with exponential
-backoff. A copy never fails or blocks the backup it copies: its failure is on the copy row
-and in the "upload_failed" alert of its location.
+backoff. A copy never fails or blocks the backup it copies: its failure is on the copy row,
+from which the monitor (watching) opens the "upload_failed" alert of its location.
 
 Reading goes through open_first_healthy(): the first healthy copy in the order primary →
 NAS → S3, hashed while it streams, so a corrupt copy is caught and marked bad.

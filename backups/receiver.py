@@ -3,8 +3,8 @@
 pg_receivewal streams from a replication slot, so the server keeps the WAL while the
 receiver is down, and writes into the server's spool; completed segments are ingested like
 pushed ones. It is restarted whenever it dies (with a growing pause while it keeps dying);
-after a few failures in a row the receiver_down alert opens, and it resolves once the stream
-has held for a while. It dies with the supervisor (no orphan streaming on).
+after a few failures in a row (journaled) the monitor is told to look, finds the slot idle and
+opens receiver_down; it resolves once the stream has held for a while. It dies with the supervisor (no orphan streaming on).
 """
 
 import signal

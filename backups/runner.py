@@ -202,7 +202,7 @@ def finish_succeeded(run):
 
 
 def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.RUNNING)):
-    """Mark failed (only a run still in one of the `only` states), remove what it left, journal, alert."""
+    """Mark failed (only a run still in one of the `only` states), remove what it left, journal; the monitor alerts."""
     from backups.storage import store_for
 
     updated = BackupRun.objects.filter(pk=run.pk, status__in=list(only)).update(

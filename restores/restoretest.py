@@ -16,7 +16,7 @@ CONDITION = "restore_test_failed"
 
 
 def run_restore_test(server, monthly=False, actor="job:restoretest", kind=BackupRun.Kind.LOGICAL, test=None):
-    """Returns the finished RestoreTest (passed or failed); raises an alert when it failed.
+    """Returns the finished RestoreTest (passed or failed); a failure on its row, which the monitor alerts.
 
     `test` is one a DBA's click created (queued, so that its page exists at once); else a new one.
     """
@@ -56,7 +56,7 @@ def kinds_to_test(server, monthly):
 
 
 def scheduled_restore_tests(server, monthly, actor="job:restoretest"):
-    """The tests of a weekly or monthly schedule, one per kind; each journals and alerts itself."""
+    """The tests of a weekly or monthly schedule, one per kind; each journals itself and tells the monitor."""
     return [
         run_restore_test(server, monthly=monthly, actor=actor, kind=kind) for kind in kinds_to_test(server, monthly)
     ]
