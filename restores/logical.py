@@ -387,7 +387,6 @@ def restore_from_command(
     actor,
     into_database=None,
     into_server=None,
-    replace=False,
     request=None,
     tablespace_map=(),
     with_role_passwords=False,
@@ -398,10 +397,6 @@ def restore_from_command(
         mapping = parse_tablespace_map(tablespace_map or ())
     except (RestoreFailed, ValueError) as e:
         fail(str(e))
-    if replace:
-        from restores.replace import replace_from_command
-
-        return replace_from_command(run, request, actor)
     if request:
         fail("--request goes with --replace; a restore into a new database needs no approval")
     if with_role_passwords and not into_server:

@@ -51,6 +51,8 @@ class Command(PortalCommand):
             return restore_from_command(server, actor=actor, **options)
         if run_id is None:
             fail("nothing to restore: give a RUN_ID, or --server NAME with a target for PITR")
+        if options.get("replace"):
+            return replace(run_id, actor, options)
         from restores.logical import restore_from_command
 
         return restore_from_command(run_id, actor=actor, **options)
@@ -62,3 +64,18 @@ class Command(PortalCommand):
                 lines.append(f"  {key.replace('_', ' ')}: {result[key]}")
         lines += [f"  warning: {warning}" for warning in result.get("warnings") or []]
         return lines
+
+
+def replace(run_id, actor, options):
+    """restore RUN_ID --replace --request ID: here, so that logical restores never import replace
+    (which builds on them)."""
+    from restores.logical import RestoreFailed, restorable_run
+    from restores.replace import replace_from_command
+    from restores.tablespaces import parse_tablespace_map
+
+    try:
+        run = restorable_run(run_id)
+        parse_tablespace_map(options.get("tablespace_map") or ())  # refused as before, even here
+    except (RestoreFailed, ValueError) as e:
+        fail(str(e))
+    return replace_from_command(run, options.get("request"), actor)
