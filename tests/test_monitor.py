@@ -458,3 +458,36 @@ def test_a_second_pass_while_one_runs_is_skipped_so_no_mail_goes_twice(catalog_s
         release()
     run_once()
     assert len(mails(smtp_server)) == 1
+
+
+def test_a_condition_recorded_on_its_row_is_alerted_at_once_with_the_monitors_message(catalog_server):
+    from backupportal import conditions
+
+    test = failing_restore_test(catalog_server)
+    assert not Alert.objects.exists()  # the row alone alerts nobody until the monitor looks
+    conditions.changed("restore_test_failed", server=catalog_server)  # what restoretest does after a run
+    alert = only_alert("restore_test_failed")
+    assert alert.state == "open" and alert.message.startswith(f"Restore test #{test.pk} of maldives (")
+    run_once()  # the minute's pass writes the same words: one message per condition
+    assert only_alert("restore_test_failed").message == alert.message
+    passing_restore_test(catalog_server)
+    conditions.changed("restore_test_failed", server=catalog_server)
+    assert only_alert("restore_test_failed").state == "resolved"
+
+
+def test_a_check_that_breaks_on_a_recorded_condition_never_fails_its_writer(catalog_server, monkeypatch):
+    from backupportal import conditions
+    from watching import monitor
+
+    called = []
+
+    def broken(server):
+        called.append(server)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(monitor, "checks_on_record", lambda: {"backup_failed": broken})
+    conditions.changed("backup_failed", server=catalog_server)  # the failed backup's own work goes on
+    assert called == [catalog_server]
+    catalog_server.enabled = False
+    conditions.changed("backup_failed", server=catalog_server)
+    assert called == [catalog_server]  # a disabled server is no longer watched

@@ -1,7 +1,7 @@
 """The monitor: every alert condition of the strategy, evaluated in one pass, then the mail.
 
 `manage.py monitor --once` and the django-q2 schedule "monitor" (every minute) both call
-run_once(). Each condition is a check in CHECKS, called once per enabled server
+run_once(). Each condition is a check in checks(), called once per enabled server
 (`per_server`) or once per pass. The monitor is the only writer of alerts: backups and
 restores record what happened on their own rows (a failed run, a failed restore test, a bad
 copy, a WAL error marker), and the checks here derive the alerts from those rows, one
