@@ -3,11 +3,11 @@ from django.contrib.admin.actions import delete_selected
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.admin.options import ShowFacets
 from django.utils import timezone
-from django.utils.html import format_html
 
 from backupportal import journal
+from backupportal.lib.admin import ReadOnlyAdmin
 from backupportal.lib.pagination import CappedPaginator
-from backupportal.models import Alert, JournalEntry, MaintenanceTask
+from backupportal.models import JournalEntry
 
 admin.site.site_header = "backupportal"
 admin.site.site_title = "backupportal"
@@ -48,7 +48,7 @@ class JournalActionFilter(admin.SimpleListFilter):
 
 
 @admin.register(JournalEntry)
-class JournalEntryAdmin(admin.ModelAdmin):
+class JournalEntryAdmin(ReadOnlyAdmin):
     """The journal is append-only: nobody adds, changes or deletes here, superusers included.
 
     A million entries: a capped count, no facets and no date_hierarchy (a DISTINCT over the
@@ -60,61 +60,3 @@ class JournalEntryAdmin(admin.ModelAdmin):
     paginator = CappedPaginator
     show_full_result_count = False
     show_facets = ShowFacets.NEVER
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
-
-@admin.register(Alert)
-class AlertAdmin(admin.ModelAdmin):
-    list_display = [
-        "id",
-        "condition",
-        "subject",
-        "state",
-        "opened_at",
-        "last_seen_at",
-        "resolved_at",
-        "opened_mail_sent_at",
-    ]
-    list_filter = ["state", "condition"]
-    search_fields = ["subject", "message"]
-
-    # Acknowledging needs a note: it is done on the alert's own page ("View on site").
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
-
-@admin.register(MaintenanceTask)
-class MaintenanceTaskAdmin(admin.ModelAdmin):
-    # Tasks are completed on the calendar page (with their evidence); a superuser may move a due date here.
-    list_display = ["kind", "due_on", "completed_at", "completed_by", "evidence"]
-    list_filter = ["kind", ("completed_at", admin.EmptyFieldListFilter)]
-    list_select_related = ["completed_by", "evidence_entry", "evidence_restore_test", "evidence_drill"]
-    raw_id_fields = ["evidence_entry", "evidence_restore_test", "evidence_drill"]
-
-    @admin.display(description="Evidence")
-    def evidence(self, obj):
-        link = obj.evidence_link()
-        return format_html('<a href="{}">{}</a>', *link) if link else "-"
-
-    def has_add_permission(self, request):
-        return request.user.is_superuser
-
-    def has_change_permission(self, request, obj=None):
-        return request.user.is_superuser
-
-    def has_delete_permission(self, request, obj=None):
-        return False

@@ -24,6 +24,7 @@ import secrets
 from collections import namedtuple
 from pathlib import Path
 
+from django.apps import apps
 from django.conf import settings
 from django.core.management.base import CommandError
 from django.db import connection, connections, transaction
@@ -67,7 +68,11 @@ ACTIONS = {
     "server_changed": "a server's settings were changed",
     "location_added": "a storage location was added",
     "location_changed": "a storage location was changed",
+    "server_checked": "checkserver judged whether a server is ready to be protected",
+    "archiving_set_up": "WAL archiving was set up for a server (archivecommand, receivewal)",
     "schedule_changed": "a backup schedule was changed",
+    "schedules_renamed": "a renamed server's schedules followed its new name",
+    "schedules_removed": "a deleted server's schedules were removed",
     "critical_tables_changed": "a DBA chose a server's critical tables",
     "admin_added": "an object was added in the admin",
     "admin_changed": "an object was changed in the admin",
@@ -84,6 +89,10 @@ ACTIONS = {
     "copy_deleted": "retention deleted a copy",
     "copy_delete_failed": "a location refused to delete a copy (retried)",
     "wal_deleted": "retention deleted a WAL segment",
+    "wal_ingested": "WAL segments were catalogued into the archive",
+    "receiver_started": "pg_receivewal's supervisor started",
+    "receiver_restarted": "pg_receivewal died and was restarted",
+    "receiver_stopped": "pg_receivewal's supervisor stopped",
     "verify": "a run's copies were verified",
     "verify_all": "every copy was verified",
     "verify_requested": "a DBA asked for a run's copies to be verified",
@@ -94,6 +103,12 @@ ACTIONS = {
     "restore_started": "a restore started",
     "restore_succeeded": "a restore succeeded",
     "restore_failed": "a restore failed",
+    "pitr_started": "a point-in-time recovery started",
+    "pitr_succeeded": "a point-in-time recovery reached its target",
+    "pitr_failed": "a point-in-time recovery failed",
+    "pitr_refused": "a point-in-time recovery was refused before it started",
+    "pitr_base_fallback": "a point-in-time recovery fell back to an older base backup",
+    "pitr_wal_switched": "a recovery to the latest point switched WAL on the server to reach it",
     "sandbox_removed": "a restore request's sandbox cluster was stopped and removed",
     "restore_test_requested": "a DBA asked for a restore test",
     "restore_test_started": "a restore test started",
@@ -102,6 +117,9 @@ ACTIONS = {
     "alert_opened": "an alert was raised",
     "alert_acknowledged": "an alert was acknowledged",
     "alert_resolved": "an alert was resolved",
+    "alert_mail_sent": "an alert's mail went to the admins",
+    "alert_mail_failed": "an alert's mail could not be sent (retried every minute)",
+    "monitor_run": "someone ran the monitor by hand (monitor --once)",
     "drill_logged": "a DR drill was logged",
     "drill_changed": "a DR drill was changed",
     "drill_step_recorded": "a DR drill step was recorded",
@@ -114,6 +132,42 @@ ACTIONS = {
 
 # An object the entry is about when only its name is at hand (say, after it was deleted).
 Ref = namedtuple("Ref", "label pk text")
+
+# Entries are signed with the label of their object's model (obj._meta.label), so an entry
+# written before a model moved to another app names its old label for ever: this says where
+# each old label lives now. The watching app's models were born in backupportal/.
+MOVED_LABELS = {
+    "backupportal.Alert": "watching.Alert",
+    "backupportal.RpoStatus": "watching.RpoStatus",
+    "backupportal.RpoSample": "watching.RpoSample",
+    "backupportal.MaintenanceTask": "watching.MaintenanceTask",
+}
+
+
+def model_for(label):
+    """The model an entry's object_type names, old labels included. LookupError or ValueError when none."""
+    return apps.get_model(MOVED_LABELS.get(label, label))
+
+
+def labels_of(model):
+    """Every label the entries about `model` may carry: its own, and those it had before a move."""
+    label = model._meta.label
+    return [label, *sorted(old for old, new in MOVED_LABELS.items() if new == label)]
+
+
+# Who can name the servers, for the auditor's server filter: the ground knows no server, so
+# backups registers a source (backups/apps.py), as it does for the journal's anchors.
+_server_name_sources = []
+
+
+def register_server_names(source):
+    """`source()` returns server names to suggest in the journal's filter. Idempotent."""
+    if source not in _server_name_sources:
+        _server_name_sources.append(source)
+
+
+def server_names():
+    return sorted({name for source in _server_name_sources for name in source()})
 
 
 class JournalKeyMissing(CommandError):

@@ -5,7 +5,6 @@ import io
 import json
 import time
 
-from django.apps import apps
 from django.core.exceptions import ValidationError
 from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -17,7 +16,6 @@ from backupportal.forms import JournalFilter, keyset
 from backupportal.lib.links import url_for
 from backupportal.models import JournalEntry
 from backupportal.roles import require_perm
-from backups.models import Server
 
 PAGE_SIZE = 50
 # Each row with its HMAC and its predecessor's: an auditor can re-check the chain outside the
@@ -65,7 +63,7 @@ def journal_list(request):
             "older": older,
             "query": form.query_string() if form.is_bound else "",
             "actions": JournalFilter.known_actions(),
-            "servers": Server.objects.values_list("name", flat=True),
+            "servers": journal.server_names(),
         },
     )
 
@@ -154,7 +152,7 @@ def journal_object(request, entry_id):
     the journal page itself needs no query per row."""
     entry = get_object_or_404(JournalEntry, pk=entry_id)
     try:
-        model = apps.get_model(entry.object_type)
+        model = journal.model_for(entry.object_type)  # an old label too, after its model moved
     except (LookupError, ValueError):
         raise Http404(f"Entry #{entry.pk} is about no object the portal knows.") from None
     try:

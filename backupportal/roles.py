@@ -15,7 +15,7 @@ DBA, SYSADMIN, AUDITOR = "DBA", "Sysadmin", "Auditor"
 ROLES = (DBA, SYSADMIN, AUDITOR)
 
 # Apps whose models every role may view.
-VIEW_APPS = ["backups", "restores", "backupportal"]
+VIEW_APPS = ["backups", "restores", "watching", "backupportal"]
 
 EXTRA = {
     DBA: [
@@ -25,26 +25,26 @@ EXTRA = {
         "backups.change_critical_tables",
         "restores.request_restore",
         "restores.approve_restore",
-        "backupportal.acknowledge_alert",
+        "watching.acknowledge_alert",
         "restores.log_drill",
         "restores.add_drdrill",
         "restores.change_drdrill",
         "restores.add_drdrillstep",
         "restores.change_drdrillstep",
-        "backupportal.complete_maintenance",
+        "watching.complete_maintenance",
     ],
     SYSADMIN: [
         "backups.add_server",
         "backups.change_server",
         "backups.add_storagelocation",
         "backups.change_storagelocation",
-        "backupportal.acknowledge_alert",
+        "watching.acknowledge_alert",
         "restores.log_drill",
         "restores.add_drdrill",
         "restores.change_drdrill",
         "restores.add_drdrillstep",
         "restores.change_drdrillstep",
-        "backupportal.complete_maintenance",
+        "watching.complete_maintenance",
     ],
     AUDITOR: [],
 }

@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "backupportal",
     "backups",
     "restores",
+    "watching",
 ]
 
 MIDDLEWARE = [

@@ -2,14 +2,9 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from backupportal import journal_views, logins, maintenance_views, views
+from backupportal import journal_views, logins
 
 urlpatterns = [
-    path("", views.dashboard, name="dashboard"),
-    path("alerts/", views.alert_list, name="alerts"),
-    path("alerts/<int:alert_id>/", views.alert_detail, name="alert"),
-    path("alerts/<int:alert_id>/acknowledge/", views.acknowledge_alert, name="alert-acknowledge"),
-    path("metrics", views.metrics, name="metrics"),
     path("login/", logins.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("journal/", journal_views.journal_list, name="journal"),
@@ -17,8 +12,7 @@ urlpatterns = [
     path("journal/verify/", journal_views.journal_verify, name="journal-verify"),
     path("journal/<int:entry_id>/", journal_views.journal_entry, name="journal-entry"),
     path("journal/<int:entry_id>/object/", journal_views.journal_object, name="journal-object"),
-    path("maintenance/", maintenance_views.calendar, name="maintenance"),
-    path("maintenance/<int:task_id>/complete/", maintenance_views.complete, name="maintenance-complete"),
+    path("", include("watching.urls")),
     path("", include("backups.urls")),
     path("", include("restores.urls")),
     path("admin/", admin.site.urls),

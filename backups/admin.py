@@ -11,6 +11,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince
 
 from backupportal import journal
+from backupportal.lib.admin import ReadOnlyAdmin
 from backupportal.lib.cron import cron_problem, next_run
 from backupportal.lib.pagination import CappedPaginator
 from backupportal.lib.sealed import SealError
@@ -30,17 +31,8 @@ class CatalogColumns:
         return obj.sha256[:12]
 
 
-class ReadOnlyHistoryAdmin(admin.ModelAdmin):
+class ReadOnlyHistoryAdmin(ReadOnlyAdmin):
     """Runs, copies and segments are history: viewable, never added or edited by hand."""
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 class LargeHistoryAdmin(ReadOnlyHistoryAdmin):

@@ -31,6 +31,13 @@ def create_secrets_key_on_migrate(sender, verbosity=1, stdout=None, **kwargs):
         )
 
 
+def server_names():
+    """The registered servers, for the journal's server filter (the ground cannot ask us)."""
+    from backups.models import Server
+
+    return list(Server.objects.values_list("name", flat=True))
+
+
 class BackupsConfig(AppConfig):
     name = "backups"
     verbose_name = "Backups"
@@ -40,10 +47,11 @@ class BackupsConfig(AppConfig):
         post_migrate.connect(sync_locations, sender=self, dispatch_uid="backups.sync_locations")
         post_migrate.connect(create_secrets_key_on_migrate, sender=self, dispatch_uid="backups.secrets_key")
         # The journal (the ground) writes and reads its anchors in our locations through its registry.
-        from backupportal import journal_anchors
+        from backupportal import journal, journal_anchors
         from backups.anchors import anchor_stores
 
         journal_anchors.register(anchor_stores)
+        journal.register_server_names(server_names)
         # A server's schedules follow it through every save, rename and delete.
         from backups import binaries, schedules  # noqa: F401  (schedules: its signal receivers)
 

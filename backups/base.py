@@ -16,7 +16,7 @@ import re
 from django.conf import settings
 from django.utils import timezone
 
-from backupportal.alerts import raise_alert, resolve_alert
+from backupportal import conditions
 from backups import wal
 from backups.binaries import client_tool
 from backups.crypto import Encryption, EncryptionError
@@ -246,9 +246,9 @@ def wal_chain(run):
     gaps = wal.missing_segments(server, first, end)
     if gaps:
         message = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
-        raise_alert("wal_gap", server=server, message=message)
+        conditions.changed("wal_gap", server=server)  # the failed run is recorded too (backup_failed)
         raise BackupFailed(message)
-    resolve_alert("wal_gap", server=server)
+    conditions.changed("wal_gap", server=server)
     previous = (
         server.runs.good().filter(kind=BackupRun.Kind.INCREMENTAL).exclude(end_wal="").order_by("-finished_at").first()
     )

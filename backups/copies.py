@@ -3,8 +3,8 @@
 Every artifact of a run (the dump, its globals; a base backup's files) and every WAL segment
 is a BackupCopy row per location. The primary copy is written by the backup itself; the
 others are made here, by the worker or in the foreground, and retried with exponential
-backoff. A copy never fails or blocks the backup it copies: its failure is on the copy row
-and in the "upload_failed" alert of its location.
+backoff. A copy never fails or blocks the backup it copies: its failure is on the copy row,
+from which the monitor (watching) opens the "upload_failed" alert of its location.
 
 Reading goes through open_first_healthy() and decrypt_here(), on top of backups.streams: the
 first healthy copy in the order primary → NAS → S3, hashed while it streams; a copy found
@@ -18,8 +18,7 @@ from datetime import timedelta
 from django.db.models import Q
 from django.utils import timezone
 
-from backupportal import journal
-from backupportal.alerts import raise_alert, resolve_alert
+from backupportal import conditions, journal
 from backups import streams
 from backups.models import BackupCopy, BackupRun, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
@@ -133,9 +132,9 @@ def record_bad(copy, why, actor="job:verify"):
 
 
 def mark_bad(copy, why, actor="job:verify"):
-    """record_bad(), and "corruption" raised."""
+    """record_bad(); the monitor alerts "corruption"."""
     owner = record_bad(copy, why, actor)
-    raise_alert("corruption", server=owner.server, message=f"Bad copy of {owner} in {copy.location.name}: {why}")
+    conditions.changed("corruption", server=owner.server)
 
 
 # --- Copying: plan a row per artifact and location, then make it, retrying with backoff. ----
@@ -240,8 +239,7 @@ def _copy_made(copy, owner, store, size, sha256, source, actor, journal_it=True)
     copy.refresh_from_db()
     if journal_it:
         record("copy_made", copy, actor, source=source.location.name, size=size, sha256=sha256, attempt=copy.attempts)
-    if not BackupCopy.objects.filter(location=copy.location, status=BackupCopy.Status.FAILED).exists():
-        resolve_alert("upload_failed", location=copy.location)
+    conditions.changed("upload_failed", location=copy.location)  # may be the last failure resolved
     return copy
 
 
@@ -252,12 +250,7 @@ def _copy_failed(copy, owner, error, actor):
     )
     copy.refresh_from_db()
     record("copy_failed", copy, actor, outcome="failed", attempt=copy.attempts, retry_at=retry_at, error=str(error))
-    raise_alert(
-        "upload_failed",
-        location=copy.location,
-        message=f"Copy of {owner} ({copy.artifact}) to {copy.location.name} failed on attempt {copy.attempts}: "
-        f"{error}. Next attempt at {timezone.localtime(retry_at):%Y-%m-%d %H:%M:%S}.",
-    )
+    conditions.changed("upload_failed", location=copy.location)
     return copy
 
 

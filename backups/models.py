@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
-from django.db.models import F, OuterRef, Prefetch, Subquery, Window
+from django.db.models import F, Window
 from django.db.models.functions import RowNumber
 from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
@@ -33,35 +33,6 @@ def default_critical_tables():
     # also never be empty or shrink (the strategy's were users, roles, audit_logs and
     # financial_records, which other databases do not have).
     return []
-
-
-class ServerQuerySet(models.QuerySet):
-    def for_dashboard(self):
-        """Servers with what health() reads, in the same few queries whatever their number."""
-        from backupportal.models import Alert
-        from restores.models import RestoreTest
-
-        passed = RestoreTest.objects.filter(server=OuterRef("pk"), status="passed", duration_s__isnull=False).order_by(
-            "-started_at"
-        )
-        runs = BackupRun.objects.order_by()
-        return (
-            self.select_related("rpo_status")
-            .annotate(
-                last_rto_s=Subquery(passed.values("duration_s")[:1]),
-                last_rto_at=Subquery(passed.values("finished_at")[:1]),
-            )
-            .prefetch_related(
-                Prefetch("runs", queryset=runs.good().newest_per_kind(), to_attr="newest_good_runs"),
-                Prefetch("runs", queryset=runs.finished().newest_per_kind(), to_attr="newest_finished_runs"),
-                Prefetch("runs", queryset=runs.active().order_by("created_at"), to_attr="active_runs"),
-                Prefetch(
-                    "alerts",
-                    queryset=Alert.objects.exclude(state="resolved").order_by("-opened_at"),
-                    to_attr="active_alerts",
-                ),
-            )
-        )
 
 
 class Server(ServerConnection):
@@ -124,8 +95,6 @@ class Server(ServerConnection):
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
-    objects = ServerQuerySet.as_manager()
-
     class Meta:
         ordering = ["name"]
         permissions = [("change_critical_tables", "Can choose a server's critical tables")]
@@ -163,82 +132,6 @@ class Server(ServerConnection):
 
     def latest_good_backup(self, kind):
         return self.runs.good().filter(kind=kind).order_by("-finished_at").first()
-
-    def health(self):
-        """What the dashboard shows for this server, each figure with a colour.
-
-        Reads what Server.objects.for_dashboard() fetched for every server at once; a plain
-        instance fetches it for itself.
-        """
-        if not hasattr(self, "newest_good_runs"):
-            return Server.objects.for_dashboard().get(pk=self.pk).health()
-        now = timezone.now()
-        newest = {run.kind: run for run in self.newest_good_runs}
-        alerts = self.active_alerts
-        unacknowledged = [a for a in alerts if a.state == "open"]
-        return {
-            "server": self,
-            "backups": [
-                backup_health(kind, newest.get(kind), now) for kind in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE)
-            ],
-            "running": self.active_runs,
-            "failed": [run for run in self.newest_finished_runs if run.status == BackupRun.Status.FAILED],
-            "rpo": self.rpo_health(now),
-            "rto": self.rto_health(),
-            "alerts": alerts,
-            "open_alerts": len(alerts),
-            "alerts_colour": "red" if unacknowledged else "amber" if alerts else "green",
-        }
-
-    def rpo_health(self, now):
-        """Achieved RPO (measured by the monitor, see RpoStatus) against the objective."""
-        objective = self.rpo_minutes * 60
-        figure = {"seconds": None, "objective_s": objective, "colour": "grey", "note": "", "status": None}
-        if self.archiving == self.Archiving.NONE:
-            return figure | {"note": "no WAL archiving: the newest backup is the recovery point"}
-        status = getattr(self, "rpo_status", None)
-        if status is None:
-            return figure | {"note": "not measured yet: is the monitor running?"}
-        figure |= {"status": status, "seconds": status.seconds}
-        if status.seconds is None:
-            return figure | {"colour": "amber", "note": f"could not measure: {status.error}"}
-        if now - status.measured_at > RPO_STALE_AFTER:
-            return figure | {"colour": "amber", "note": "measurement is old: is the monitor running?"}
-        return figure | {"colour": colour_against(status.seconds, objective)}
-
-    def rto_health(self):
-        """The last measured RTO (the newest passed restore test) against the critical objective."""
-        objective = self.rto_critical_minutes * 60
-        seconds = getattr(self, "last_rto_s", None)
-        return {
-            "seconds": seconds,
-            "objective_s": objective,
-            "at": getattr(self, "last_rto_at", None),
-            "colour": colour_against(seconds, objective),
-        }
-
-
-# The monitor measures every minute; a measurement older than this means it stopped.
-RPO_STALE_AFTER = timedelta(minutes=5)
-
-
-def colour_against(value, objective):
-    """Green within 80% of an objective, amber up to it, red past it; grey when never measured."""
-    if value is None:
-        return "grey"
-    if value > objective:
-        return "red"
-    return "amber" if value > 0.8 * objective else "green"
-
-
-def backup_health(kind, run, now):
-    """A daily job: green within a day (and a bit), amber within two, red after."""
-    age = (now - run.finished_at) if run else None
-    if age is None:
-        colour = "red" if kind == BackupRun.Kind.LOGICAL else "grey"
-    else:
-        colour = "green" if age < timedelta(hours=26) else "amber" if age < timedelta(hours=50) else "red"
-    return {"kind": kind, "label": BackupRun.Kind(kind).label, "run": run, "age": age, "colour": colour}
 
 
 class BackupSchedule(models.Model):

@@ -3,8 +3,8 @@
 pg_receivewal streams from a replication slot, so the server keeps the WAL while the
 receiver is down, and writes into the server's spool; completed segments are ingested like
 pushed ones. It is restarted whenever it dies (with a growing pause while it keeps dying);
-after a few failures in a row the receiver_down alert opens, and it resolves once the stream
-has held for a while. It dies with the supervisor (no orphan streaming on).
+after a few failures in a row (journaled) the monitor is told to look, finds the slot idle and
+opens receiver_down; it resolves once the stream has held for a while. It dies with the supervisor (no orphan streaming on).
 """
 
 import signal
@@ -13,8 +13,7 @@ import time
 
 from django.conf import settings
 
-from backupportal import journal
-from backupportal.alerts import raise_alert, resolve_alert
+from backupportal import conditions, journal
 from backups import wal
 from backups.binaries import client_tool
 from backups.crypto import die_with_parent
@@ -81,11 +80,8 @@ class Receiver:
             "receiver_restarted", actor="job:receivewal", obj=self.server, outcome="failed", code=rc, error=error
         )
         if self.failures >= ALERT_AFTER_FAILURES:
-            raise_alert(
-                "receiver_down",
-                server=self.server,
-                message=f"pg_receivewal for {self.server} keeps dying ({self.failures} times in a row): {error}",
-            )
+            # Journaled above; the monitor finds the slot idle and opens receiver_down.
+            conditions.changed("receiver_down", server=self.server)
 
     def run(self, should_stop):
         """Supervise until should_stop() is true; then stop pg_receivewal cleanly and ingest."""
@@ -99,7 +95,7 @@ class Receiver:
                     continue
                 if self.failures and steady(time.monotonic() - self.started_at):
                     self.failures = 0
-                    resolve_alert("receiver_down", server=self.server)
+                    conditions.changed("receiver_down", server=self.server)  # steady again: may resolve
                 if time.monotonic() - last_ingest >= INGEST_EVERY:
                     self.ingest()
                     last_ingest = time.monotonic()
@@ -124,7 +120,7 @@ class Receiver:
             self.failures += 1
             self.log(f"cannot start pg_receivewal: {e}")
             if self.failures >= ALERT_AFTER_FAILURES:
-                raise_alert("receiver_down", server=self.server, message=f"pg_receivewal for {self.server}: {e}")
+                conditions.changed("receiver_down", server=self.server)
             return False
 
     def ingest(self):

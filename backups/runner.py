@@ -1,4 +1,4 @@
-"""Starting, running and finishing backup runs: the lock per server and kind, orphans, alerts.
+"""Starting, running and finishing backup runs: the lock per server and kind, orphans, failures.
 
 The management command and the django-q2 tasks both come here, so a backup behaves the
 same in the foreground and on a worker.
@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from backupportal import journal
+from backupportal import conditions, journal
 from backups.anchors import anchor_after_backup
 from backups.models import BackupCopy, BackupRun, Server, StorageLocation
 from backups.pipeline import BackupFailed
@@ -220,7 +220,7 @@ def finish_succeeded(run):
 
 
 def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.RUNNING)):
-    """Mark failed (only a run still in one of the `only` states), remove what it left, journal, alert."""
+    """Mark failed (only a run still in one of the `only` states), remove what it left, journal; the monitor alerts."""
     from backups.storage import store_for
 
     updated = BackupRun.objects.filter(pk=run.pk, status__in=list(only)).update(
@@ -237,11 +237,5 @@ def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.
             (store.path(key).with_name(f".{store.path(key).name}.partial")).unlink(missing_ok=True)
     run.copies.exclude(status=BackupCopy.Status.DELETED).update(status=BackupCopy.Status.DELETED)
     journal.record("backup_failed", actor=run.requested_by or "job:backup", obj=run, outcome="failed", error=message)
-    from backupportal.alerts import raise_alert
-
-    raise_alert(
-        "backup_failed",
-        server=run.server,
-        message=f"{run.get_kind_display()} backup #{run.pk} of {run.server} failed: {message}",
-    )
+    conditions.changed("backup_failed", server=run.server)  # the monitor reads the failed run
     return True

@@ -210,13 +210,12 @@ def store_for(location):
 
 
 def check_storage():
-    """Measure every location; open or resolve its "storage_low" alert. One dict per location.
+    """Measure every location's free space: one dict per location ("ok": not under LOW_FREE).
 
     Filesystem locations count their filesystem (or their configured capacity); an S3 bucket
     counts only against a configured capacity, and is otherwise unbounded. A location whose
-    free space cannot be read keeps its alert as it is, and says why.
+    free space cannot be read says why ("error"). The monitor turns these into storage_low.
     """
-    from backupportal.alerts import raise_alert, resolve_alert
     from backups.models import StorageLocation
 
     results = []
@@ -224,18 +223,9 @@ def check_storage():
         figure = location.health() if location.enabled else {"free": None, "total": None, "ratio": None, "error": ""}
         ratio = figure["ratio"]
         ok = not figure["error"] and (ratio is None or ratio >= StorageLocation.LOW_FREE)
-        if ok:
-            resolve_alert("storage_low", location=location)
-        elif not figure["error"]:
-            raise_alert(
-                "storage_low",
-                location=location,
-                message=f"Location {location.name} has {ratio:.0%} free ({figure['free']} of {figure['total']} bytes): "
-                f"under {StorageLocation.LOW_FREE:.0%}. Free space, raise its capacity, or let retention run.",
-            )
         free_pct = round(100 * ratio, 1) if ratio is not None else None
         results.append(
             {"location": location.name, "free": figure["free"], "total": figure["total"], "free_pct": free_pct}
-            | {"ok": ok, "error": figure["error"]}
+            | {"ok": ok, "error": figure["error"], "ratio": ratio}
         )
     return results

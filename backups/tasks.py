@@ -1,5 +1,6 @@
 """django-q2 tasks: thin wrappers over the runner, named by dotted path in schedules."""
 
+from django.utils.module_loading import import_string
 from django_q.models import Schedule
 from django_q.tasks import async_task
 
@@ -7,6 +8,8 @@ from backupportal.lib.cron import next_run
 from backups.models import BackupRun, BackupSchedule, Server
 from backups.runner import LOCKED_RETRY, Outcome, RunRefused, claim, claim_scheduled, execute
 from backups.schedules import sync_schedule  # noqa: F401  (named here by earlier callers)
+
+RESTORE_TEST_JOB = "restores.tasks.scheduled_restore_test"
 
 
 def enqueue_backup(server, kind, actor):
@@ -59,9 +62,9 @@ def scheduled_job(server_name, job, scheduled_for=None, waiting_since=None):
         after_backup(run)
         return run.status
     if job in (BackupSchedule.Job.RESTORE_TEST, BackupSchedule.Job.MONTHLY_RESTORE_TEST):
-        from restores.tasks import scheduled_restore_test
-
-        return scheduled_restore_test(server.name, monthly=job == BackupSchedule.Job.MONTHLY_RESTORE_TEST)
+        # Restores stand above backups: named by dotted path, as a schedule names a task.
+        restore_test = import_string(RESTORE_TEST_JOB)
+        return restore_test(server.name, monthly=job == BackupSchedule.Job.MONTHLY_RESTORE_TEST)
     if job == BackupSchedule.Job.INGEST_WAL:
         return ingest_wal(server.name)
     raise ValueError(f"unknown job {job!r}")
@@ -78,14 +81,14 @@ def ingest_wal(server_name):
         return {"error": str(e)}
 
 
-# Portal-wide jobs (not per server): name -> (function, cron in TIME_ZONE).
+# Portal-wide jobs (not per server): name -> (function, cron in TIME_ZONE). The monitor's
+# schedule is watching's own (watching.tasks.ensure_schedules).
 GLOBAL_SCHEDULES = {
     "retention": ("backups.tasks.apply_retention", "30 4 * * *"),
     # Copies whose next attempt is due (and deletions a location refused): every minute.
     "copies-retry": ("backups.tasks.retry_copies", "* * * * *"),
     # Sunday 04:00, after the night's backups: the strategy's weekly integrity check of every copy.
     "verify-weekly": ("backups.tasks.verify_copies", "0 4 * * 0"),
-    "monitor": ("backupportal.tasks.monitor_once", "* * * * *"),
     # Request sandboxes older than SANDBOX_MAX_AGE stopped and removed: hourly, as ages are in hours.
     "sandboxes-expire": ("restores.tasks.expire_sandboxes", "20 * * * *"),
     # The journal's head as an anchor in every location, so that a cut journal is caught even by

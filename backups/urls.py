@@ -2,11 +2,11 @@ from django.urls import path
 
 from backups import views
 
+# The server page itself (health, charts, critical tables) is watching's: it shows alerts.
+
 urlpatterns = [
-    path("servers/<str:name>/", views.server_detail, name="server"),
     path("servers/<str:name>/backup/", views.backup_now, name="backup-now"),
     path("servers/<str:name>/schedule/", views.schedule_edit, name="schedule-edit"),
-    path("servers/<str:name>/critical-tables/", views.critical_tables_edit, name="critical-tables-edit"),
     path("runs/<int:run_id>/", views.run_detail, name="run"),
     path("runs/<int:run_id>/progress.json", views.run_progress, name="run-progress"),
     path("runs/<int:run_id>/verify/", views.verify_run, name="verify-run"),

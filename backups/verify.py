@@ -9,8 +9,7 @@ import time
 from django.db.models import Q
 from django.utils import timezone
 
-from backupportal import journal
-from backupportal.alerts import resolve_alert
+from backupportal import conditions, journal
 from backups.copies import mark_bad, mark_faults, owner_of, record
 from backups.models import BackupCopy, Server
 from backups.storage import MissingArtifact, StorageError
@@ -66,8 +65,7 @@ def _verify(copies, actor, list_all, progress=None):
                 }
             )
     for server in Server.objects.filter(pk__in=servers):
-        if not bad_copies(server).exists():
-            resolve_alert("corruption", server=server)
+        conditions.changed("corruption", server=server)  # the monitor reads the copies' rows
     return {
         "checked": sum(counts.values()),
         **counts,

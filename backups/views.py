@@ -3,44 +3,8 @@ from django.http import Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from backupportal.charts import server_charts
 from backupportal.roles import require_perm
-from backups import binaries
-from backups.critical import CriticalTablesForm, set_critical_tables
 from backups.models import BackupRun, Server, Verification
-
-
-def server_detail(request, name, critical_form=None):
-    server = get_object_or_404(Server, name=name)
-    runs = server.runs.order_by("-created_at")[:20]
-    tests = list(server.restore_tests.order_by("-started_at")[:10])
-    context = {
-        "health": server.health(),
-        "server": server,
-        "runs": runs,
-        "schedules": server.schedules.all(),
-        "binaries": binaries.describe(server),
-        "tests": tests,
-        "last_test": tests[0] if tests else None,
-        "untested": server.runs.good().filter(restore_tests=None).order_by("-finished_at")[:20],
-        "charts": server_charts(server),
-        "critical_form": critical_form or CriticalTablesForm(server),
-    }
-    return render(request, "backups/server.html", context)
-
-
-@require_POST
-@require_perm("backups.change_critical_tables")
-def critical_tables_edit(request, name):
-    """DBAs choose the tables that must never be empty or shrink; each is checked on the database."""
-    server = get_object_or_404(Server, name=name)
-    form = CriticalTablesForm(server, request.POST)
-    if not form.is_valid():
-        return server_detail(request, name, critical_form=form)
-    set_critical_tables(server, form.cleaned_data["tables"], actor=request.user.get_username())
-    chosen = ", ".join(server.critical_tables) or "none"
-    messages.success(request, f"Critical tables of {server}: {chosen}.")
-    return redirect(server)
 
 
 @require_POST

@@ -29,8 +29,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from backupportal import journal
-from backupportal.alerts import raise_alert, resolve_alert
+from backupportal import conditions, journal
 from backups import archive_wal, streams
 from backups.crypto import Encryption, EncryptionError
 from backups.models import WAL_LOCATION, BackupCopy, Server, StorageLocation, WalSegment
@@ -426,15 +425,15 @@ def _ingest_names(server, spool, names, source, result):
 
 
 def ingest_failed(server, spool, result, error):
-    """What the monitor must keep seeing until an ingest succeeds: a marker, and the alert now."""
+    """What the monitor must keep seeing until an ingest succeeds: a marker, which it reads now."""
     message = f"WAL of {server} cannot be ingested: {error}"
     if result.ingested:
         message += f" (ingested up to {result.ingested[-1]} before it failed)"
     try:
         write_error_marker(spool, INGEST_MARKER, "ingest_failed", message)
     except OSError:
-        pass  # the spool itself refuses: the alert below still says it
-    raise_alert("archive_failing", server=server, message=message)
+        pass  # the spool itself refuses: so does the archive command, which the server reports
+    conditions.changed("archive_failing", server=server)
 
 
 def stays_in_spool(error, name, spool):
@@ -548,7 +547,7 @@ def _already_archived(server, path, existing):
         f"archived {existing.sha256[:12]}): the archive keeps the first; it is left in {path.parent} to investigate"
     )
     write_error_marker(path.parent, path.name, "conflict", message)
-    raise_alert("archive_failing", server=server, message=message)
+    conditions.changed("archive_failing", server=server)
     return "conflicts"
 
 
@@ -810,8 +809,13 @@ def receiver_problem(server, unknown=None):
     return None
 
 
-def check_wal_health(server):
-    """What the monitor calls every minute: opens or resolves wal_gap, archive_failing, receiver_down."""
+def health(server):
+    """What keeps the server's WAL from the archive: ({condition: message}, {conditions unknown}).
+
+    The monitor (watching) calls it every minute and opens or resolves wal_gap,
+    archive_failing and receiver_down from it; a condition that cannot be told now (the server
+    does not answer) is unknown, neither found nor cleared.
+    """
     findings, unknown = {}, set()
     gaps = chain_gaps(server)
     if gaps:
@@ -832,11 +836,4 @@ def check_wal_health(server):
             unknown.add("receiver_down")
         elif problem:
             findings["receiver_down"] = problem
-    for condition in ("wal_gap", "archive_failing", "receiver_down"):
-        if condition in findings:
-            raise_alert(condition, server=server, message=findings[condition])
-        elif condition not in unknown:
-            # A server that cannot be asked has not recovered: resolving its alert would
-            # mail "resolved", then "opened" again once it answers (a storm on a flaky link).
-            resolve_alert(condition, server=server)
-    return findings
+    return findings, unknown

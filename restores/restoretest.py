@@ -4,8 +4,7 @@ import time
 
 from django.utils import timezone
 
-from backupportal import journal
-from backupportal.alerts import raise_alert, resolve_alert
+from backupportal import conditions, journal
 from backupportal.lib.osuser import free_port
 from backups.models import BackupRun, Server
 from restores import pitr, sandbox
@@ -17,7 +16,7 @@ CONDITION = "restore_test_failed"
 
 
 def run_restore_test(server, monthly=False, actor="job:restoretest", kind=BackupRun.Kind.LOGICAL, test=None):
-    """Returns the finished RestoreTest (passed or failed); raises an alert when it failed.
+    """Returns the finished RestoreTest (passed or failed); a failure on its row, which the monitor alerts.
 
     `test` is one a DBA's click created (queued, so that its page exists at once); else a new one.
     """
@@ -57,7 +56,7 @@ def kinds_to_test(server, monthly):
 
 
 def scheduled_restore_tests(server, monthly, actor="job:restoretest"):
-    """The tests of a weekly or monthly schedule, one per kind; each journals and alerts itself."""
+    """The tests of a weekly or monthly schedule, one per kind; each journals itself and tells the monitor."""
     return [
         run_restore_test(server, monthly=monthly, actor=actor, kind=kind) for kind in kinds_to_test(server, monthly)
     ]
@@ -140,12 +139,7 @@ def _finish(test, checks, duration, actor):
         duration_s=duration,
         error=test.error,
     )
-    failing = RestoreTest.objects.failing(test.server)
-    if not failing:
-        resolve_alert(CONDITION, server=test.server)
-    else:
-        message = "; ".join(f"Restore test #{t.pk} of {t.server} ({t.kind}) failed: {t.error}" for t in failing)
-        raise_alert(CONDITION, server=test.server, message=message)
+    conditions.changed(CONDITION, server=test.server)  # the monitor reads the tests' rows
     return test
 
 

@@ -25,11 +25,12 @@ from django.utils import timezone
 
 from backupportal.lib import sampledata
 from backupportal.lib.osuser import as_db_user
-from backupportal.models import Alert, JournalEntry, MaintenanceTask
+from backupportal.models import JournalEntry
 from backups import wal
 from backups.models import BackupRun, Server, Verification
 from backups.receiver import Receiver
 from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
+from watching.models import Alert, MaintenanceTask
 
 
 def run_command(*args):

@@ -112,7 +112,7 @@ def test_each_role_gets_exactly_its_admin_access(client, catalog, role):
     client.force_login(make_user(f"user-{role.lower()}", role))
     for label, page, url in admin_urls(catalog):
         response = client.get(url)
-        ours = label.split(".")[0] in ("backups", "restores", "backupportal")
+        ours = label.split(".")[0] in ("backups", "restores", "watching", "backupportal")
         if not ours:
             # django-q2's admin can run any callable; auth's holds the users: superusers only.
             assert response.status_code == 403, (role, url)

@@ -19,7 +19,6 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
-from backupportal.models import Alert
 from backups import wal
 from backups.copies import retry_due_copies
 from backups.models import BackupRun, WalSegment
@@ -36,6 +35,7 @@ from tests.helpers import (
     wait_archived,
     wait_for,
 )
+from watching.models import Alert
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"
@@ -394,7 +394,7 @@ def test_a_wal_file_a_restore_found_missing_is_corruption_until_it_is_back(
 
 
 def test_an_overdue_maintenance_task_alerts_once_and_resolves_when_completed_on_its_page(db, client, sam, smtp_server):
-    from backupportal.models import MaintenanceTask
+    from watching.models import MaintenanceTask
 
     monitor()  # puts the calendar in place: the strategy's own review was due on 2025-12-02
     review = MaintenanceTask.objects.get(kind="strategy_review", completed_at=None)

@@ -60,9 +60,9 @@ MUST_SHOW = {
 def long_catalog(server):  # noqa: F811
     """Rows with long names, errors and notes on every page a DBA reads daily."""
     from backupportal import journal
-    from backupportal.models import Alert, MaintenanceTask
     from backups.models import BackupRun, Server
     from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
+    from watching.models import Alert, MaintenanceTask
 
     dora = make_user("dora", "DBA")
     other = Server.objects.create(name=LONG_NAME, dsn="postgresql://postgres@127.0.0.1:1/" + "d" * 60)

@@ -4,9 +4,9 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from backupportal.charts import Chart, server_charts
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreTest
+from watching.charts import Chart, server_charts
 
 
 def test_charts_aggregate_per_day_and_hour_and_flag_what_crosses_the_objective(db, django_assert_max_num_queries):
@@ -35,7 +35,7 @@ def test_charts_aggregate_per_day_and_hour_and_flag_what_crosses_the_objective(d
         )
     RestoreTest.objects.create(server=server, status="passed", duration_s=120)
     RestoreTest.objects.create(server=server, status="passed", duration_s=server.rto_critical_minutes * 60 + 1)
-    from backupportal.models import RpoSample
+    from watching.models import RpoSample
 
     RpoSample.record(server, now - timedelta(hours=2), 60)
     RpoSample.record(server, now - timedelta(hours=2), 1200)  # the worst of the hour is kept

@@ -10,9 +10,10 @@ from django.urls import reverse
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from backupportal.models import Alert, RpoStatus
 from backups.models import BackupCopy, BackupRun, Server, StorageLocation
 from restores.models import RestoreTest
+from watching.dashboard import server_health
+from watching.models import Alert, RpoStatus
 
 TOKEN = "prometheus-0nly-t0ken"
 
@@ -52,7 +53,7 @@ def row_colour(html, server, row):
 def test_each_figure_has_its_colour_against_its_objective(client, charlie, backup_root):
     maldives = furnish("maldives")  # RPO 800 s of 900: amber; RTO 5000 s of 14400: green
     furnish("addu", rpo_s=1000, rto_s=None, alert=False)  # RPO past the objective: red; RTO never measured
-    health = maldives.health()
+    health = server_health(maldives)
     assert [(b["kind"], b["colour"]) for b in health["backups"]] == [("logical", "green"), ("base", "amber")]
     assert health["backups"][1]["age"] > timedelta(hours=29)
     assert [r.kind for r in health["failed"]] == ["base"]
@@ -75,7 +76,7 @@ def test_an_acknowledged_alert_is_amber_and_an_old_rpo_measurement_is_not_truste
     server = furnish("maldives", rpo_s=10)
     Alert.objects.filter(server=server).update(state="acknowledged")
     RpoStatus.objects.filter(server=server).update(measured_at=timezone.now() - timedelta(minutes=10))
-    health = server.health()
+    health = server_health(server)
     assert health["alerts_colour"] == "amber"
     assert health["rpo"]["colour"] == "amber" and "is the monitor running" in health["rpo"]["note"]
 

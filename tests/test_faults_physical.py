@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from backupportal.models import Alert, JournalEntry
+from backupportal.models import JournalEntry
 from backups import wal
 from backups.models import BackupCopy, BackupRun, WalSegment
 from backups.tasks import scheduled_job
@@ -34,6 +34,7 @@ from tests.helpers import (
     wait_archived,
     wait_for,
 )
+from watching.models import Alert
 
 pytest_plugins = ["tests.walfixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)  # manage.py and workers are other processes

@@ -20,10 +20,11 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
-from backupportal.models import Alert, JournalEntry
+from backupportal.models import JournalEntry
 from backups.copies import retry_due_copies
 from backups.models import BackupCopy, BackupRun, StorageLocation
 from tests.helpers import UNPRIVILEGED, catalog_files, lent_to, manage_as, worker_home
+from watching.models import Alert
 
 ERROR_500 = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from backupportal.models import Alert
 from backups import wal
 from backups.models import WalSegment
 from tests.helpers import (
@@ -22,6 +21,8 @@ from tests.helpers import (
     wait_archived,
     worker_home,
 )
+from watching.models import Alert
+from watching.monitor import check_wal
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"
@@ -73,17 +74,17 @@ def test_ingest_into_a_read_only_wal_location_keeps_the_spool_alerts_and_catches
             refused = manage_as(UNPRIVILEGED, settings, home, "ingestwal", "maldives", "--json")
             assert spooled(spool) == first, refused.stderr  # nothing taken out of the spool
             marker = json.loads((spool / "errors" / "ingest.json").read_text())
-            findings = wal.check_wal_health(server)  # the monitor's minute
+            findings = check_wal(server)  # the monitor's minute
             catalogued = WalSegment.objects.filter(server=server).count()
             written = [p for p in wal_root.rglob("*") if p.is_file()]
             # WAL keeps arriving while the location refuses; the scheduled task fails the same way.
             later = archive_segments(sample_cluster, 2)
             task = ingest_task_as(UNPRIVILEGED, settings, home)
-            still = wal.check_wal_health(server)
+            still = check_wal(server)
             alert = Alert.objects.get(condition="archive_failing", server=server)
             with lent_to(UNPRIVILEGED, wal_root):  # the location made writable again
                 done = manage_as(UNPRIVILEGED, settings, home, "ingestwal", "maldives", "--json")
-                after = wal.check_wal_health(server)
+                after = check_wal(server)
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from django.core.management import call_command
 
-from backupportal.models import Alert
 from backups import archive_wal, wal
 from backups.models import BackupCopy, WalSegment
 from tests.helpers import archive_as_postgres, enable_push, run_command, switch_wal, wait_archived
+from watching.models import Alert
+from watching.monitor import check_wal
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"
@@ -53,7 +54,7 @@ def test_the_archive_program_refuses_a_truncated_segment_and_takes_the_whole_one
     marker = json.loads((spool / "errors" / f"{name}.json").read_text())
     assert marker["reason"] == "wrong_size" and marker["message"] == line
     assert spooled(spool) == []  # nothing under that name, no temporary file left
-    assert name in wal.check_wal_health(server)["archive_failing"]  # the monitor's minute
+    assert name in check_wal(server)["archive_failing"]  # the monitor's minute
 
     ok = archive_as_postgres(server, segment_file(whole), name)
     assert ok.returncode == 0, ok.stderr

@@ -353,7 +353,7 @@ def test_a_nul_in_a_filter_or_a_search_is_refused_in_one_line(client, catalog):
 
 
 def test_an_acknowledgement_note_with_a_nul_is_refused_with_a_message(client, catalog):
-    from backupportal.models import Alert
+    from watching.models import Alert
 
     alert = catalog[Alert]
     client.force_login(make_user("dora", "DBA"))

@@ -28,12 +28,12 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.alerts import raise_alert, resolve_alert
 from backupportal.lib.osuser import free_port
 from backupportal.lib.pgdatadir import pg_bin
 from backupportal.models import JournalEntry
 from backups.models import BackupSchedule, Server, StorageLocation
 from tests.helpers import DEMO_PASSWORD, make_user
+from watching.alerts import raise_alert, resolve_alert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,7 +133,9 @@ def test_admin_deletions_and_changes_to_users_are_journaled_with_the_superuser(c
     assert set(deleted.values_list("object_type", flat=True)) == {"backups.Server"}
     role_change = JournalEntry.objects.get(action="admin_changed", actor="root", object_type="auth.User")
     assert role_change.object_repr == "bob" and "Groups" in json.dumps(role_change.details)
-    # A deleted object's link says so instead of failing.
+    # A deleted object's link says so instead of failing (to an auditor: a superuser without
+    # a role sees only the admin).
+    client.force_login(make_user("charlie", "Auditor"))
     response = client.get(deleted.first().get_object_url())
     assert response.status_code == 404 and b"no longer exists" in response.content
 
@@ -161,7 +163,7 @@ def test_alerts_opened_acknowledged_and_resolved_are_journaled(client, db, alice
     ack = {"note": "rerunning it by hand"}
     assert client.post(reverse("alert-acknowledge", args=[alert.pk]), ack).status_code == 302
     resolve_alert("backup_failed", server=server)
-    entries = list(JournalEntry.objects.filter(object_type="backupportal.Alert").order_by("id"))
+    entries = list(JournalEntry.objects.filter(object_type="watching.Alert").order_by("id"))
     assert [(e.action, e.actor, e.server) for e in entries] == [
         ("alert_opened", "job:monitor", "atoll"),
         ("alert_acknowledged", "alice", "atoll"),

@@ -12,10 +12,12 @@ from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.urls import reverse
 
-from backupportal import journal, maintenance
-from backupportal.models import Alert, JournalEntry, MaintenanceTask
+from backupportal import journal
+from backupportal.models import JournalEntry
 from backups.models import Server
 from restores.models import DrDrill, RestoreTest
+from watching import maintenance
+from watching.models import Alert, MaintenanceTask
 
 MALE = ZoneInfo("Indian/Maldives")
 Kind = MaintenanceTask.Kind

@@ -14,11 +14,12 @@ from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from backupportal.models import Alert, JournalEntry
-from backupportal.monitor import last_due_occurrence, run_once
+from backupportal.models import JournalEntry
 from backups.models import BackupRun, Server, StorageLocation
 from restores.models import RestoreTest
 from tests.helpers import mails, manage, ours
+from watching.models import Alert
+from watching.monitor import last_due_occurrence, run_once
 
 MALDIVES = ZoneInfo("Indian/Maldives")
 
@@ -370,23 +371,20 @@ def test_the_monitor_runs_every_minute_on_django_q(db):
     from django_q.models import Schedule
     from django_q.tasks import async_task, result
 
-    from backups.tasks import ensure_global_schedules
+    from watching.tasks import ensure_schedules
 
-    ensure_global_schedules()
+    ensure_schedules()
     schedule = Schedule.objects.get(name="monitor")
-    assert schedule.func == "backupportal.tasks.monitor_once" and schedule.cron == "* * * * *"
+    assert schedule.func == "watching.tasks.monitor_once" and schedule.cron == "* * * * *"
     task_id = async_task(schedule.func)  # the test settings run tasks inline
     assert result(task_id)["errors"] == []
 
 
 def test_a_check_that_breaks_does_not_silence_the_others(catalog_server, smtp_server, monkeypatch):
-    from backupportal import monitor
+    from watching import monitor
 
-    monkeypatch.setattr(
-        monitor,
-        "CHECKS",
-        [monitor.Check("broken", ("tests.test_monitor.broken_check",), per_server=True), *monitor.CHECKS],
-    )
+    every = monitor.checks()
+    monkeypatch.setattr(monitor, "checks", lambda: [monitor.Check("broken", broken_check, per_server=True), *every])
     failing_restore_test(catalog_server)
     result = run_once()
     assert result["errors"] == ["check broken for maldives failed: RuntimeError: a bug"]
@@ -397,21 +395,8 @@ def broken_check(server):
     raise RuntimeError("a bug")
 
 
-def test_checks_of_other_parts_run_only_where_their_code_exists(tmp_path, monkeypatch):
-    from backupportal.monitor import active_checks, resolve
-
-    assert resolve("backups.no_such_module.check") is None
-    assert resolve("backups.storage.no_such_function") is None
-    (tmp_path / "broken_check_module.py").write_text("import no_such_package\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ModuleNotFoundError):
-        resolve("broken_check_module.check")  # present but broken: that must be seen
-    names = {check.name: function.__module__ for check, function in active_checks()}
-    assert {"daily backup", "backup failures", "restore tests", "RPO", "storage"} <= set(names)
-
-
 def test_overdue_maintenance_is_alerted_by_the_monitor(db, smtp_server):
-    from backupportal.models import MaintenanceTask
+    from watching.models import MaintenanceTask
 
     run_once()  # puts the calendar in place; the strategy's own review date (2025-12-02) has passed
     task = MaintenanceTask.objects.get(kind="strategy_review", completed_at=None)
@@ -438,7 +423,7 @@ def test_a_second_pass_while_one_runs_is_skipped_so_no_mail_goes_twice(catalog_s
     import psycopg
     from django.db import connection
 
-    from backupportal.monitor import _PG_LOCK_ID
+    from watching.monitor import _PG_LOCK_ID
 
     failing_restore_test(catalog_server)
     if connection.vendor == "postgresql":  # another session holds the advisory lock
@@ -463,3 +448,36 @@ def test_a_second_pass_while_one_runs_is_skipped_so_no_mail_goes_twice(catalog_s
         release()
     run_once()
     assert len(mails(smtp_server)) == 1
+
+
+def test_a_condition_recorded_on_its_row_is_alerted_at_once_with_the_monitors_message(catalog_server):
+    from backupportal import conditions
+
+    test = failing_restore_test(catalog_server)
+    assert not Alert.objects.exists()  # the row alone alerts nobody until the monitor looks
+    conditions.changed("restore_test_failed", server=catalog_server)  # what restoretest does after a run
+    alert = only_alert("restore_test_failed")
+    assert alert.state == "open" and alert.message.startswith(f"Restore test #{test.pk} of maldives (")
+    run_once()  # the minute's pass writes the same words: one message per condition
+    assert only_alert("restore_test_failed").message == alert.message
+    passing_restore_test(catalog_server)
+    conditions.changed("restore_test_failed", server=catalog_server)
+    assert only_alert("restore_test_failed").state == "resolved"
+
+
+def test_a_check_that_breaks_on_a_recorded_condition_never_fails_its_writer(catalog_server, monkeypatch):
+    from backupportal import conditions
+    from watching import monitor
+
+    called = []
+
+    def broken(server):
+        called.append(server)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(monitor, "checks_on_record", lambda: {"backup_failed": broken})
+    conditions.changed("backup_failed", server=catalog_server)  # the failed backup's own work goes on
+    assert called == [catalog_server]
+    catalog_server.enabled = False
+    conditions.changed("backup_failed", server=catalog_server)
+    assert called == [catalog_server]  # a disabled server is no longer watched

@@ -7,7 +7,7 @@ from pathlib import Path
 from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
-from backupportal.models import Alert, JournalEntry
+from backupportal.models import JournalEntry
 from backups import wal
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRun
@@ -23,6 +23,7 @@ from tests.helpers import (
     wait_archived,
     write,
 )
+from watching.models import Alert
 
 pytest_plugins = ["tests.walfixtures"]
 

@@ -10,10 +10,10 @@ from django.core.management.base import CommandError
 from django.urls import reverse
 
 from backupportal.lib import sampledata
-from backupportal.models import Alert
 from backups.models import BackupCopy, BackupRun
 from restores.models import RestoreTest, ValidationCheck
 from tests.helpers import register, restore_json
+from watching.models import Alert
 
 
 def take_backup():

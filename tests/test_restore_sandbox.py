@@ -8,7 +8,7 @@ from pathlib import Path
 from django.urls import reverse
 from django.utils import timezone
 
-from backupportal.models import Alert, JournalEntry
+from backupportal.models import JournalEntry
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRequest, RestoreRun, RestoreTest, ValidationCheck
 from restores.tasks import run_request
@@ -22,6 +22,7 @@ from tests.helpers import (
     switch_wal,
     wait_archived,
 )
+from watching.models import Alert
 
 pytest_plugins = ["tests.walfixtures"]
 

@@ -16,11 +16,12 @@ from django.utils import timezone
 from django_q.models import Schedule
 from django_q.scheduler import scheduler
 
-from backupportal.models import Alert, JournalEntry
+from backupportal.models import JournalEntry
 from backups.models import BackupRun, Server
 from restores.models import RestoreTest
 from restores.restoretest import kinds_to_test
 from tests.helpers import base_backup, enable_push, postgres_running_in
+from watching.models import Alert
 
 pytest_plugins = ["tests.walfixtures"]
 

@@ -8,11 +8,12 @@ import pytest
 import time_machine
 from django.utils import timezone
 
-from backupportal.models import Alert, RpoStatus
-from backupportal.monitor import run_once
-from backupportal.rpo import segment_end_lsn
 from backups.models import Server
 from tests.helpers import mails, ours, register, wait_for
+from watching.dashboard import server_health
+from watching.models import Alert, RpoStatus
+from watching.monitor import run_once
+from watching.rpo import segment_end_lsn
 
 
 def rpo_alerts():
@@ -114,7 +115,7 @@ def test_a_server_without_wal_archiving_is_not_measured(db, smtp_server):
     server = Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives")
     run_once()
     assert not RpoStatus.objects.exists()
-    assert server.health()["rpo"]["note"].startswith("no WAL archiving")
+    assert server_health(server)["rpo"]["note"].startswith("no WAL archiving")
 
 
 def test_pull_rpo_follows_what_pg_receivewal_has_flushed(pg_cluster, db, smtp_server, postgres_dir):

@@ -7,10 +7,11 @@ import pytest
 from django.core.management import call_command
 from django.urls import reverse
 
-from backupportal.models import Alert, JournalEntry
+from backupportal.models import JournalEntry
 from backups.models import BackupCopy, BackupRun, StorageLocation
 from backups.storage import StorageError, store_for
 from tests.helpers import S3_SECRET, backup_json
+from watching.models import Alert
 
 
 def location_form(**fields):
@@ -141,7 +142,7 @@ def test_the_s3_secret_key_never_appears_anywhere(client, sam, server, passphras
         reverse("admin:backups_storagelocation_change", args=[s3.pk]),
         reverse("admin:backups_backupcopy_changelist"),
         reverse("admin:backupportal_journalentry_changelist"),
-        reverse("admin:backupportal_alert_changelist"),
+        reverse("admin:watching_alert_changelist"),
         BackupRun.objects.first().get_absolute_url(),
     ]:
         response = client.get(url)

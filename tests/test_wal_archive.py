@@ -14,7 +14,6 @@ import psycopg
 import pytest
 
 from backupportal.lib.osuser import as_db_user, chown_to_db_user
-from backupportal.models import Alert
 from backups import wal
 from backups.models import BackupCopy, BackupSchedule, WalSegment
 from backups.tasks import scheduled_job
@@ -28,6 +27,8 @@ from tests.helpers import (
     wait_archived,
     wait_for,
 )
+from watching.models import Alert
+from watching.monitor import check_wal
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"
@@ -86,7 +87,7 @@ def test_the_archive_program_is_idempotent_and_refuses_other_content(
     # After ingest the program compares with the sha256 the portal left behind.
     assert archive_as_postgres(server, first, name).returncode == 0
     assert archive_as_postgres(server, other, name).returncode == 1
-    findings = wal.check_wal_health(server)
+    findings = check_wal(server)
     assert name in findings["archive_failing"]
     assert Alert.objects.get(condition="archive_failing").state == "open"
 

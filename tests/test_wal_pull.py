@@ -10,6 +10,7 @@ import pytest
 from backups import wal
 from backups.models import WalSegment
 from tests.helpers import manage, pull, rows, run_command, slot_active, switch_wal, wait_for
+from watching.monitor import check_wal
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"
@@ -86,19 +87,19 @@ def test_a_pull_server_restores_the_newest_commit_from_the_partial_segment(
 def test_the_monitor_sees_a_receiver_down_and_a_gap(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
 ):
-    from backupportal.models import Alert
+    from watching.models import Alert
 
     receiver = pull(server)
-    assert "does not exist" in wal.check_wal_health(server)["receiver_down"]
+    assert "does not exist" in check_wal(server)["receiver_down"]
     receiver.start_child()
     try:
         wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
         # Streaming, but for less than RECEIVER_STEADY_SECONDS (10 s): not yet recovered.
-        assert "receiver_down" not in wal.check_wal_health(server)
+        assert "receiver_down" not in check_wal(server)
         assert Alert.objects.get(condition="receiver_down").state == "open"
         settings.RECEIVER_STEADY_SECONDS = 1  # rather than wait 10 s
         time.sleep(1)
-        assert "receiver_down" not in wal.check_wal_health(server)
+        assert "receiver_down" not in check_wal(server)
         assert Alert.objects.get(condition="receiver_down").state == "resolved"
         assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
         for i in range(3):
@@ -107,10 +108,10 @@ def test_the_monitor_sees_a_receiver_down_and_a_gap(
         wait_for(lambda: receiver.ingest() and WalSegment.objects.filter(name=last).exists(), what="ingest")
     finally:
         receiver.stop_child()
-    assert "nothing streams from slot" in wal.check_wal_health(server)["receiver_down"]
+    assert "nothing streams from slot" in check_wal(server)["receiver_down"]
     lost = WalSegment.objects.filter(segno__isnull=False).order_by("-segno")[1]
     lost.delete()
-    assert lost.name in wal.check_wal_health(server)["wal_gap"]
+    assert lost.name in check_wal(server)["wal_gap"]
     assert lost.name in Alert.objects.get(condition="wal_gap", state="open").message
 
 

@@ -6,8 +6,9 @@ import threading
 
 from django.db import close_old_connections
 
-from backupportal import journal, monitor
+from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
+from watching import monitor
 
 
 class Command(PortalCommand):

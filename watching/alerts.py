@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.lib.redact import redact
-from backupportal.models import MAIL_PENDING, Alert
+from watching.models import MAIL_PENDING, Alert
 
 
 def subject_of(server=None, location=None, subject=None):

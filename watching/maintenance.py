@@ -26,8 +26,8 @@ from django.urls import Resolver404, resolve
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.alerts import raise_alert, resolve_alert
-from backupportal.models import Alert, MaintenanceTask
+from watching.alerts import raise_alert, resolve_alert
+from watching.models import EVIDENCE, EVIDENCE_NAMES, Alert, MaintenanceTask
 
 Kind = MaintenanceTask.Kind
 
@@ -41,15 +41,6 @@ INTERVAL = {
 # "Next Review: December 2, 2025" in the strategy document.
 STRATEGY_NEXT_REVIEW = datetime.date(2025, 12, 2)
 
-# Which evidence each kind accepts: entry (a journal entry), restore_test, drill, url.
-EVIDENCE = {
-    Kind.WEEKLY_VERIFY: {"entry", "restore_test"},
-    Kind.MONTHLY_RESTORE_TEST: {"restore_test"},
-    Kind.QUARTERLY_RETENTION_REVIEW: {"entry", "url"},
-    Kind.ANNUAL_DR_DRILL: {"drill"},
-    Kind.STRATEGY_REVIEW: {"url", "entry"},
-}
-EVIDENCE_NAMES = {"entry": "a journal entry", "restore_test": "a restore test", "drill": "a DR drill", "url": "a link"}
 # The journal entries offered as evidence of a weekly verification: what the verify command writes.
 VERIFY_ACTION_PREFIX = "verify"
 

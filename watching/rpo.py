@@ -16,7 +16,7 @@ import psycopg
 from django.utils import timezone
 
 from backupportal.lib.pgerrors import explain
-from backupportal.models import RpoSample, RpoStatus
+from watching.models import RpoSample, RpoStatus
 
 # pg_receivewal names itself so unless told otherwise; the portal's libpq clients say "backupportal".
 RECEIVER_NAMES = ("pg_receivewal", "backupportal")

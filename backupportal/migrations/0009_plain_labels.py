@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('backupportal', '0007_journal_sqlite_trigger'),
+        ('backupportal', '0008_watching_moved_out'),
     ]
 
     operations = [

@@ -9,14 +9,15 @@ from django.db.models import Count
 from django.utils import timezone
 from prometheus_client.core import GaugeMetricFamily
 
-from backupportal.models import Alert
 from backups.models import BackupCopy, Server, StorageLocation
+from watching import dashboard
+from watching.models import Alert
 
 
 class CatalogCollector:
     def collect(self):
         now = timezone.now()
-        servers = list(Server.objects.for_dashboard())
+        servers = list(dashboard.servers())
         yield from self.backups(servers, now)
         yield from self.objectives(servers)
         yield from self.alerts(servers)

@@ -1,18 +1,18 @@
 """The monitor: every alert condition of the strategy, evaluated in one pass, then the mail.
 
 `manage.py monitor --once` and the django-q2 schedule "monitor" (every minute) both call
-run_once(). Each condition is a check in CHECKS: a dotted path, called once per enabled
-server (`per_server`) or once per pass. A check opens and resolves its own alerts with
-backupportal.alerts.raise_alert / resolve_alert; run_once() then sends the mail they owe.
-
-Checks that other parts of the portal provide are listed by their dotted paths and run
-where that code exists; a check whose module is not installed is skipped, never an error.
+run_once(). Each condition is a check in checks(), called once per enabled server
+(`per_server`) or once per pass. The monitor is the only writer of alerts: backups and
+restores record what happened on their own rows (a failed run, a failed restore test, a bad
+copy, a WAL error marker), and the checks here derive the alerts from those rows, one
+message per condition. When a writer records such a row it says so
+(backupportal.conditions.changed), and the check of that condition runs at once.
 """
 
 import fcntl
-import importlib
 import logging
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,11 +23,16 @@ from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
-from backupportal import alerts, rpo
-from backupportal.alerts import raise_alert, resolve_alert
-from backupportal.models import Alert
+from backupportal import conditions
+from backups import storage, wal
+from backups.copies import owner_of
 from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation
+from backups.runner import fail_orphans
+from backups.verify import bad_copies
 from restores.models import RestoreTest
+from watching import alerts, maintenance, rpo
+from watching.alerts import raise_alert, resolve_alert
+from watching.models import Alert
 
 log = logging.getLogger(__name__)
 
@@ -41,44 +46,38 @@ _PG_LOCK_ID = 0x6D6F6E69746F72  # "monitor"
 @dataclass(frozen=True)
 class Check:
     name: str
-    # Candidates, in order: the first that exists runs (a later one is this module's fallback).
-    paths: tuple[str, ...]
+    function: Callable
     per_server: bool = False
 
 
-CHECKS = [
-    Check("daily backup", ("backupportal.monitor.check_daily_backup",), per_server=True),
-    Check("backup failures", ("backupportal.monitor.check_backup_failures",), per_server=True),
-    Check("restore tests", ("backupportal.monitor.check_restore_tests",), per_server=True),
-    Check("RPO", ("backupportal.monitor.check_rpo",), per_server=True),
-    # WAL gap, archiving failing, pg_receivewal or its slot down: the WAL archiving code.
-    Check("WAL", ("backups.wal.check_wal_health",), per_server=True),
-    Check("storage", ("backupportal.monitor.check_storage",)),
-    Check("copies", ("backupportal.monitor.check_copies",)),
-    Check("maintenance", ("backupportal.maintenance.check_overdue",)),
-]
+def checks():
+    """Every check of a pass, in order."""
+    return [
+        Check("daily backup", check_daily_backup, per_server=True),
+        Check("backup failures", check_backup_failures, per_server=True),
+        Check("restore tests", check_restore_tests, per_server=True),
+        Check("RPO", check_rpo, per_server=True),
+        # WAL gap, archiving failing, pg_receivewal or its slot down.
+        Check("WAL", check_wal, per_server=True),
+        Check("storage", check_storage),
+        Check("copies", check_copies),
+        Check("maintenance", maintenance.check_overdue),
+    ]
 
 
-def resolve(dotted):
-    """The function at `dotted`, or None when its module or attribute does not exist here."""
-    module_path, _, name = dotted.rpartition(".")
-    try:
-        module = importlib.import_module(module_path)
-    except ModuleNotFoundError as e:
-        if e.name and (module_path == e.name or module_path.startswith(e.name + ".")):
-            return None
-        raise  # the module exists but is broken: that must be seen
-    return getattr(module, name, None)
-
-
-def active_checks():
-    """[(check, function)] for the checks whose code exists on this installation."""
-    found = []
-    for check in CHECKS:
-        function = next((f for f in map(resolve, check.paths) if f is not None), None)
-        if function is not None:
-            found.append((check, function))
-    return found
+def checks_on_record():
+    """condition -> the narrowest check of it, called with the server (the location for uploads)
+    whose row was just written: what on_condition_recorded runs between two passes."""
+    C = Alert.Condition
+    return {
+        C.BACKUP_FAILED: alert_backup_failures,
+        C.RESTORE_TEST_FAILED: check_restore_tests,
+        C.WAL_GAP: check_wal,
+        C.ARCHIVE_FAILING: check_wal,
+        C.RECEIVER_DOWN: check_wal,
+        C.CORRUPTION: check_corruption,
+        C.UPLOAD_FAILED: check_uploads,
+    }
 
 
 def run_once():
@@ -104,11 +103,11 @@ def evaluate():
     servers = list(Server.objects.filter(enabled=True))
     resolve_disabled_servers()
     errors, ran = [], []
-    for check, function in active_checks():
+    for check in checks():
         ran.append(check.name)
         for args in [(s,) for s in servers] if check.per_server else [()]:
             try:
-                function(*args)
+                check.function(*args)
             except Exception as e:  # noqa: BLE001  a bug in one check must not silence the rest
                 where = f" for {args[0]}" if args else ""
                 log.exception("monitor check %s%s failed", check.name, where)
@@ -120,6 +119,27 @@ def resolve_disabled_servers():
     """A disabled server is no longer protected: nothing about it is expected any more."""
     for alert in Alert.objects.filter(server__enabled=False).exclude(state=Alert.State.RESOLVED):
         resolve_alert(alert.condition, subject=alert.subject, server=alert.server)
+
+
+def listen():
+    """Run the check of a condition as soon as a writer records it (watching/apps.py)."""
+    conditions.recorded.connect(on_condition_recorded, dispatch_uid="watching.monitor.on_condition_recorded")
+
+
+def on_condition_recorded(sender, condition, server=None, location=None, **kwargs):
+    """A row that a condition is read from was written: its check runs now, not a minute later.
+
+    Never fails its sender (a backup, a restore test): a check that breaks here is logged, and
+    the minute's pass runs it again. A disabled server is no longer watched.
+    """
+    subject = location if condition == Alert.Condition.UPLOAD_FAILED else server
+    check = checks_on_record().get(condition)
+    if check is None or subject is None or (server is not None and not server.enabled):
+        return
+    try:
+        check(subject)
+    except Exception:  # noqa: BLE001  the writer's own work must go on; the next pass retries
+        log.exception("monitor check of %s for %s failed", condition, subject)
 
 
 @contextmanager
@@ -191,9 +211,12 @@ def check_daily_backup(server):
 
 def check_backup_failures(server):
     """A failed or timed-out backup holds until the next backup of that server and kind succeeds."""
-    from backups.runner import fail_orphans
+    fail_orphans(server)  # runs whose worker died are failed by the runner, then alerted here
+    alert_backup_failures(server)
 
-    fail_orphans(server)  # runs whose worker died are failed (and alerted) by the runner
+
+def alert_backup_failures(server):
+    """backup_failed from the newest finished run of each kind (the runner records the failure on it)."""
     latest = BackupRun.objects.filter(server=server).finished().newest_per_kind()
     failed = [run for run in latest if run.status == BackupRun.Status.FAILED]
     if not failed:
@@ -233,41 +256,71 @@ def check_rpo(server):
 
 
 def check_storage():
-    """Storage under 20% free: the storage tiers' own check, which opens and resolves the alerts.
+    """Storage under 20% free, per location (backups.storage measures it).
 
     A location whose free space cannot be read keeps its alert as it is; it is this check's
     error, so that the monitor's output and journal show it.
     """
-    from backups import storage
-
-    unreadable = [f"{r['location']}: {r['error']}" for r in storage.check_storage() if r["error"]]
+    figures = storage.check_storage()
+    locations = {location.name: location for location in StorageLocation.objects.all()}
+    for figure in figures:
+        location = locations[figure["location"]]
+        if figure["ok"]:
+            resolve_alert(Alert.Condition.STORAGE_LOW, location=location)
+        elif not figure["error"]:
+            raise_alert(Alert.Condition.STORAGE_LOW, location=location, message=_storage_message(location, figure))
+    unreadable = [f"{r['location']}: {r['error']}" for r in figures if r["error"]]
     if unreadable:
         raise OSError("; ".join(unreadable))
+
+
+def _storage_message(location, figure):
+    return (
+        f"Location {location.name} has {figure['ratio']:.0%} free ({figure['free']} of {figure['total']} bytes): "
+        f"under {StorageLocation.LOW_FREE:.0%}. Free space, raise its capacity, or let retention run."
+    )
+
+
+def check_wal(server):
+    """WAL gap, archiving failing, receiver down: what backups.wal.health finds. Returns the findings."""
+    findings, unknown = wal.health(server)
+    for condition in (Alert.Condition.WAL_GAP, Alert.Condition.ARCHIVE_FAILING, Alert.Condition.RECEIVER_DOWN):
+        if condition in findings:
+            raise_alert(condition, server=server, message=findings[condition])
+        elif condition not in unknown:
+            # A server that cannot be asked has not recovered: resolving its alert would
+            # mail "resolved", then "opened" again once it answers (a storm on a flaky link).
+            resolve_alert(condition, server=server)
+    return findings
 
 
 def check_copies():
     """Cloud upload failure per location, backup corruption per server, judged on the catalog.
 
-    backups.copies opens both the moment a copy fails or is found bad. The monitor holds them
-    while any kept artifact is still affected and resolves them once none is: also when the
-    run was retired or the location disabled, which no later copy would ever resolve. It opens
-    corruption for a copy marked bad without an alert (a PITR fetch that finds a WAL file
-    missing marks its copy bad and nothing more).
+    A copy that fails or is found bad is marked so on its row (backups.copies), which runs the
+    check of its location or server at once. The alerts hold while any kept artifact is still
+    affected and resolve once none is: also when the run was retired or the location disabled.
     """
-    from backups.verify import bad_copies
-
     for location in StorageLocation.objects.all():
-        failing = failing_copies(location)
-        if newest := _newest(failing):
-            raise_alert(Alert.Condition.UPLOAD_FAILED, location=location, message=_failing_message(newest, failing))
-        else:
-            resolve_alert(Alert.Condition.UPLOAD_FAILED, location=location)
+        check_uploads(location)
     for server in Server.objects.filter(enabled=True):  # a disabled server's alerts are resolved
-        bad = bad_copies(server)
-        if newest := _newest(bad):
-            raise_alert(Alert.Condition.CORRUPTION, server=server, message=_bad_message(newest, bad))
-        else:
-            resolve_alert(Alert.Condition.CORRUPTION, server=server)
+        check_corruption(server)
+
+
+def check_uploads(location):
+    failing = failing_copies(location)
+    if newest := _newest(failing):
+        raise_alert(Alert.Condition.UPLOAD_FAILED, location=location, message=_failing_message(newest, failing))
+    else:
+        resolve_alert(Alert.Condition.UPLOAD_FAILED, location=location)
+
+
+def check_corruption(server):
+    bad = bad_copies(server)
+    if newest := _newest(bad):
+        raise_alert(Alert.Condition.CORRUPTION, server=server, message=_bad_message(newest, bad))
+    else:
+        resolve_alert(Alert.Condition.CORRUPTION, server=server)
 
 
 def failing_copies(location):
@@ -288,8 +341,6 @@ def _newest(copies):
 
 
 def _failing_message(newest, copies):
-    from backups.copies import owner_of
-
     text = (
         f"Copy of {owner_of(newest)} ({newest.artifact}) to {newest.location.name} failed on attempt "
         f"{newest.attempts}: {newest.last_error}."
@@ -301,8 +352,6 @@ def _failing_message(newest, copies):
 
 
 def _bad_message(newest, copies):
-    from backups.copies import owner_of
-
     count = copies.count()
     more = f" ({count} bad copies in all)" if count > 1 else ""
     return f"Bad copy of {owner_of(newest)} in {newest.location.name}: {newest.last_error}{more}"

@@ -1,3 +1,5 @@
+"""The watching pages: the dashboard, each server's page, the alerts, and /metrics for Prometheus."""
+
 import hmac
 
 from django.conf import settings
@@ -11,10 +13,16 @@ from django.views.decorators.http import require_POST
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from backupportal.metrics import CatalogCollector
-from backupportal.models import Alert, JournalEntry
+from backupportal import journal
+from backupportal.models import JournalEntry
 from backupportal.roles import require_perm
+from backups import binaries
+from backups.critical import CriticalTablesForm, set_critical_tables
 from backups.models import Server, StorageLocation
+from watching import dashboard as figures
+from watching.charts import server_charts
+from watching.metrics import CatalogCollector
+from watching.models import Alert
 
 ALERT_STATES = {
     "active": ["open", "acknowledged"],
@@ -30,7 +38,7 @@ def dashboard(request):
         request,
         "dashboard.html",
         {
-            "servers": [s.health() for s in Server.objects.for_dashboard()],
+            "servers": [figures.server_health(s) for s in figures.servers()],
             "locations": [location.health() for location in StorageLocation.objects.filter(enabled=True)],
         },
     )
@@ -69,12 +77,15 @@ def alert_list(request):
 
 def alert_detail(request, alert_id):
     alert = get_object_or_404(Alert.objects.select_related("server", "location", "acknowledged_by"), pk=alert_id)
-    history = JournalEntry.objects.filter(object_type=Alert._meta.label, object_id=str(alert.pk)).order_by("id")
+    # Entries written before the model moved name it by its old label (journal.MOVED_LABELS).
+    history = JournalEntry.objects.filter(object_type__in=journal.labels_of(Alert), object_id=str(alert.pk)).order_by(
+        "id"
+    )
     return render(request, "alerts/detail.html", {"alert": alert, "history": history})
 
 
 @require_POST
-@require_perm("backupportal.acknowledge_alert")
+@require_perm("watching.acknowledge_alert")
 def acknowledge_alert(request, alert_id):
     alert = get_object_or_404(Alert, pk=alert_id)
     note = request.POST.get("note", "").strip()
@@ -87,6 +98,41 @@ def acknowledge_alert(request, alert_id):
     else:
         messages.warning(request, f"Alert #{alert.pk} is {alert.get_state_display().lower()}: nothing to acknowledge.")
     return redirect(alert)
+
+
+def server_detail(request, name, critical_form=None):
+    """A server's page: its health and charts, runs, schedules, restore tests, critical tables."""
+    server = get_object_or_404(Server, name=name)
+    tests = list(server.restore_tests.order_by("-started_at")[:10])
+    context = {
+        "health": figures.server_health(server),
+        "server": server,
+        "runs": server.runs.order_by("-created_at")[:20],
+        "schedules": server.schedules.all(),
+        "binaries": binaries.describe(server),
+        "tests": tests,
+        "last_test": tests[0] if tests else None,
+        "untested": server.runs.good().filter(restore_tests=None).order_by("-finished_at")[:20],
+        "charts": server_charts(server),
+        "critical_form": critical_form or CriticalTablesForm(server),
+    }
+    return render(request, "backups/server.html", context)
+
+
+@require_POST
+@require_perm("backups.change_critical_tables")
+def critical_tables_edit(request, name):
+    """DBAs choose the tables that must never be empty or shrink; each is checked on the database.
+
+    Here beside the server page, which shows the form again with its errors."""
+    server = get_object_or_404(Server, name=name)
+    form = CriticalTablesForm(server, request.POST)
+    if not form.is_valid():
+        return server_detail(request, name, critical_form=form)
+    set_critical_tables(server, form.cleaned_data["tables"], actor=request.user.get_username())
+    chosen = ", ".join(server.critical_tables) or "none"
+    messages.success(request, f"Critical tables of {server}: {chosen}.")
+    return redirect(server)
 
 
 @login_not_required  # Prometheus has no session: the bearer token is the login (DESIGN.md, who may do what)

@@ -3,9 +3,9 @@ overdue alerts (what the monitor does every minute), and list what is due."""
 
 from django.utils import timezone
 
-from backupportal import maintenance
 from backupportal.lib.commands import PortalCommand
-from backupportal.models import MaintenanceTask
+from watching import maintenance
+from watching.models import MaintenanceTask
 
 
 class Command(PortalCommand):

@@ -5,15 +5,15 @@ from django.core.exceptions import ValidationError
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 
-from backupportal import maintenance
-from backupportal.forms import CompleteTask
-from backupportal.models import MaintenanceTask
 from backupportal.roles import require_perm
+from watching import maintenance
+from watching.forms import CompleteTask
+from watching.models import MaintenanceTask
 
 RELATED = ["completed_by", "evidence_entry", "evidence_restore_test", "evidence_drill"]
 
 
-@require_perm("backupportal.view_maintenancetask")
+@require_perm("watching.view_maintenancetask")
 def calendar(request):
     today = timezone.localdate()
     return render(
@@ -29,7 +29,7 @@ def calendar(request):
     )
 
 
-@require_perm("backupportal.complete_maintenance")
+@require_perm("watching.complete_maintenance")
 def complete(request, task_id):
     task = get_object_or_404(MaintenanceTask, pk=task_id)
     if task.completed_at is not None:

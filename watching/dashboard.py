@@ -1,0 +1,117 @@
+"""The dashboard's figures: each server's backups, RPO, RTO and alerts, each with a colour.
+
+servers() fetches what server_health() reads for every server in the same few queries, whatever
+their number; the dashboard, the server page and /metrics read it.
+"""
+
+from datetime import timedelta
+
+from django.db.models import OuterRef, Prefetch, Subquery
+from django.utils import timezone
+
+from backups.models import BackupRun, Server
+from restores.models import RestoreTest
+from watching.models import Alert
+
+# The monitor measures every minute; a measurement older than this means it stopped.
+RPO_STALE_AFTER = timedelta(minutes=5)
+
+
+def servers(queryset=None):
+    """Servers with what server_health() reads, in the same few queries whatever their number."""
+    passed = RestoreTest.objects.filter(server=OuterRef("pk"), status="passed", duration_s__isnull=False).order_by(
+        "-started_at"
+    )
+    runs = BackupRun.objects.order_by()
+    return (
+        (Server.objects.all() if queryset is None else queryset)
+        .select_related("rpo_status")
+        .annotate(
+            last_rto_s=Subquery(passed.values("duration_s")[:1]),
+            last_rto_at=Subquery(passed.values("finished_at")[:1]),
+        )
+        .prefetch_related(
+            Prefetch("runs", queryset=runs.good().newest_per_kind(), to_attr="newest_good_runs"),
+            Prefetch("runs", queryset=runs.finished().newest_per_kind(), to_attr="newest_finished_runs"),
+            Prefetch("runs", queryset=runs.active().order_by("created_at"), to_attr="active_runs"),
+            Prefetch(
+                "alerts",
+                queryset=Alert.objects.exclude(state="resolved").order_by("-opened_at"),
+                to_attr="active_alerts",
+            ),
+        )
+    )
+
+
+def server_health(server):
+    """What the dashboard shows for this server, each figure with a colour.
+
+    Reads what servers() fetched for every server at once; a plain instance fetches it for itself.
+    """
+    if not hasattr(server, "newest_good_runs"):
+        server = servers().get(pk=server.pk)
+    now = timezone.now()
+    newest = {run.kind: run for run in server.newest_good_runs}
+    alerts = server.active_alerts
+    unacknowledged = [a for a in alerts if a.state == "open"]
+    return {
+        "server": server,
+        "backups": [
+            backup_health(kind, newest.get(kind), now) for kind in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE)
+        ],
+        "running": server.active_runs,
+        "failed": [run for run in server.newest_finished_runs if run.status == BackupRun.Status.FAILED],
+        "rpo": rpo_health(server, now),
+        "rto": rto_health(server),
+        "alerts": alerts,
+        "open_alerts": len(alerts),
+        "alerts_colour": "red" if unacknowledged else "amber" if alerts else "green",
+    }
+
+
+def rpo_health(server, now):
+    """Achieved RPO (measured by the monitor, see RpoStatus) against the objective."""
+    objective = server.rpo_minutes * 60
+    figure = {"seconds": None, "objective_s": objective, "colour": "grey", "note": "", "status": None}
+    if server.archiving == Server.Archiving.NONE:
+        return figure | {"note": "no WAL archiving: the newest backup is the recovery point"}
+    status = getattr(server, "rpo_status", None)
+    if status is None:
+        return figure | {"note": "not measured yet: is the monitor running?"}
+    figure |= {"status": status, "seconds": status.seconds}
+    if status.seconds is None:
+        return figure | {"colour": "amber", "note": f"could not measure: {status.error}"}
+    if now - status.measured_at > RPO_STALE_AFTER:
+        return figure | {"colour": "amber", "note": "measurement is old: is the monitor running?"}
+    return figure | {"colour": colour_against(status.seconds, objective)}
+
+
+def rto_health(server):
+    """The last measured RTO (the newest passed restore test) against the critical objective."""
+    objective = server.rto_critical_minutes * 60
+    seconds = getattr(server, "last_rto_s", None)
+    return {
+        "seconds": seconds,
+        "objective_s": objective,
+        "at": getattr(server, "last_rto_at", None),
+        "colour": colour_against(seconds, objective),
+    }
+
+
+def colour_against(value, objective):
+    """Green within 80% of an objective, amber up to it, red past it; grey when never measured."""
+    if value is None:
+        return "grey"
+    if value > objective:
+        return "red"
+    return "amber" if value > 0.8 * objective else "green"
+
+
+def backup_health(kind, run, now):
+    """A daily job: green within a day (and a bit), amber within two, red after."""
+    age = (now - run.finished_at) if run else None
+    if age is None:
+        colour = "red" if kind == BackupRun.Kind.LOGICAL else "grey"
+    else:
+        colour = "green" if age < timedelta(hours=26) else "amber" if age < timedelta(hours=50) else "red"
+    return {"kind": kind, "label": BackupRun.Kind(kind).label, "run": run, "age": age, "colour": colour}

@@ -1,0 +1,15 @@
+from django.urls import path
+
+from watching import maintenance_views, views
+
+urlpatterns = [
+    path("", views.dashboard, name="dashboard"),
+    path("alerts/", views.alert_list, name="alerts"),
+    path("alerts/<int:alert_id>/", views.alert_detail, name="alert"),
+    path("alerts/<int:alert_id>/acknowledge/", views.acknowledge_alert, name="alert-acknowledge"),
+    path("metrics", views.metrics, name="metrics"),
+    path("servers/<str:name>/", views.server_detail, name="server"),
+    path("servers/<str:name>/critical-tables/", views.critical_tables_edit, name="critical-tables-edit"),
+    path("maintenance/", maintenance_views.calendar, name="maintenance"),
+    path("maintenance/<int:task_id>/complete/", maintenance_views.complete, name="maintenance-complete"),
+]
