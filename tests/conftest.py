@@ -209,23 +209,6 @@ def s3_client(s3_server, s3_env):
 
 
 @pytest.fixture
-def db_user_dir():
-    """make(prefix) -> a new directory the database's OS user may write (an archive_command's
-    target, say); every one made is removed after the test, whatever its outcome."""
-    made = []
-
-    def make(prefix="bp-scratch-"):
-        path = Path(tempfile.mkdtemp(prefix=prefix))
-        chown_to_db_user(path)
-        made.append(path)
-        return path
-
-    yield make
-    for path in made:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def nas_root(settings):
     root = Path(tempfile.mkdtemp(prefix="bp-nas-"))
     settings.NAS_ROOT = str(root)
