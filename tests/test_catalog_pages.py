@@ -132,7 +132,7 @@ def test_the_wal_catalog_runs_the_same_few_queries_for_two_thousand_or_a_million
     assert "10000+" in large["server"][0].content.decode()  # counted no further than the cap
     assert "addu" in large["other server"][0].content.decode()
     found = large["search"][0].content.decode()
-    assert found.count("00000001000000000000000A") == 2 and "2 wal segments" in found  # one per server
+    assert found.count("00000001000000000000000A") == 2 and "2 WAL segments" in found  # one per server
 
     filtered = ["everything", "server", "server and day", "day", "deep page", "other server", "search"]
     assert_index_scans(large, filtered, "backups_walsegment")
