@@ -11,7 +11,7 @@ from tests.test_browser import browser, browser_cluster, log_in, portal, server 
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-LONG_NAME = "maldives-production-primary-" + "x" * 40
+LONG_NAME = "maldives-production-primary-" + "x" * 34  # 62: names are at most 63 characters
 # An error as PostgreSQL and the tools write them: long, partly without spaces.
 LONG_ERROR = (
     "pg_restore: error: could not execute query: ERROR:  relation "
