@@ -67,6 +67,8 @@ class Paths:
         self.passwords = self.var / "demo-passwords.txt"
         self.web_log = self.demo / "web.log"
         self.worker_log = self.demo / "worker.log"
+        # SANDBOX_ROOT's default: the clusters that approved point-in-time restores leave running.
+        self.sandboxes = self.var / "sandboxes"
 
 
 def main(argv=None):
@@ -401,11 +403,12 @@ def serve(paths, cluster, port):
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
-        say("stopping the web server, the worker and the sample cluster")
+        say("stopping the web server, the worker, the sample cluster and any sandbox")
         for name in ("web", "worker"):
             if name in children:
                 stop_group(children[name].pid)
         cluster.stop()
+        stop_sandboxes(paths)
         paths.state.unlink(missing_ok=True)
         say("stopped")
 
@@ -546,9 +549,22 @@ def stop_background(paths):
     if datadir and Cluster(datadir).is_running():
         Cluster(datadir).stop()
         stopped.append(f"sample cluster ({datadir})")
+    stopped += [f"sandbox ({datadir})" for datadir in stop_sandboxes(paths)]
     paths.state.unlink(missing_ok=True)
     say(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     return 0
+
+
+def stop_sandboxes(paths):
+    """Stop (never remove) the sandbox clusters of point-in-time restores: the portal shows them
+    stopped, and removes them when they expire or a DBA says so. Returns their directories."""
+    stopped = []
+    for datadir in sorted(paths.sandboxes.iterdir()) if paths.sandboxes.is_dir() else []:
+        sandbox = Cluster(datadir)
+        if sandbox.is_running():
+            sandbox.stop()
+            stopped.append(datadir)
+    return stopped
 
 
 def stop_group(pid):

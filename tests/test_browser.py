@@ -14,18 +14,12 @@ from pathlib import Path
 import pytest
 
 from backupportal.lib.osuser import free_port
+from tests.chromium import chromium
 from tests.helpers import DEMO_PASSWORD, descendants, make_user, portal_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +95,8 @@ def portal(settings, server, passphrase_file, backup_root):
 
 @pytest.fixture
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def log_in(browser, url, username, width=1280):

@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from backupportal.lib.osuser import free_port
 from backupportal.lib.pgcluster import Cluster
 from backupportal.lib.pgdatadir import pg_bin
+from tests.chromium import chromium
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DEMO = [sys.executable, str(BASE_DIR / "scripts" / "demo.py")]
@@ -263,6 +265,42 @@ def alive(pid):
     return state not in ("Z", "X")
 
 
+def point_in_time_restore_in_a_browser(base, logins):
+    """Alice asks for the sample database as it was a moment ago, in a sandbox cluster; Bob
+    approves; the page follows the restore until it succeeds. Returns the sandbox's directory."""
+    moment = datetime.now(UTC).isoformat(sep=" ", timespec="seconds")
+    with chromium() as browser:
+        page = browser_log_in(browser, base, "alice", logins)
+        page.goto(base + "restores/new/")
+        page.select_option("select[name=server]", label="maldives")
+        page.select_option("select[name=destination]", value="sandbox_cluster")
+        page.fill("input[name=target_time]", moment)
+        page.fill("textarea[name=reason]", "what did financial_records hold a minute ago?")
+        page.click("button:has-text('Send the request')")
+        page.wait_for_selector("text=another DBA must approve it")
+        request_url = page.url
+
+        page = browser_log_in(browser, base, "bob", logins)
+        page.goto(request_url)
+        page.click("#approve")
+        page.wait_for_selector("#request-status:has-text('Succeeded')", timeout=240000)
+        page.reload()
+        assert "sandbox running" in page.inner_text(".restore-run")
+        datadir = page.inner_text(".restore-run").split("a new cluster in ", 1)[1].split(",", 1)[0]
+    return Path(datadir.strip())
+
+
+def browser_log_in(browser, base, username, logins):
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    page.set_default_timeout(30000)
+    page.goto(base + "login/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", logins[username][1])
+    page.click("button[type=submit]")
+    page.wait_for_url(base)
+    return page
+
+
 def test_the_demo_serves_the_portal_and_ctrl_c_stops_everything(demo_var):
     port = free_port()
     base = f"http://127.0.0.1:{port}/"
@@ -293,6 +331,11 @@ def test_the_demo_serves_the_portal_and_ctrl_c_stops_everything(demo_var):
         assert read_logins(demo_var) == logins
         assert len(rows(demo_var / "portal.sqlite3", "SELECT id FROM backups_backuprun")) == 2  # logical, base
 
+        # The headline from the start: a point-in-time restore into a sandbox, asked for by one
+        # DBA and approved by the other in a browser, runs and leaves a cluster for them.
+        sandbox = point_in_time_restore_in_a_browser(base, logins)
+        assert Cluster(sandbox).is_running()
+
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=90) == 0
     finally:
@@ -301,5 +344,6 @@ def test_the_demo_serves_the_portal_and_ctrl_c_stops_everything(demo_var):
     for name in ("web", "worker"):
         assert not alive(state[name]), f"the {name} (pid {state[name]}) outlived Ctrl-C"
     assert not recorded_cluster(demo_var).is_running()
+    assert not Cluster(sandbox).is_running()  # stopped, kept: the portal removes it when it expires
     assert not (demo_var / "demo" / "running.json").exists()
     assert not answers(base + "login/")
