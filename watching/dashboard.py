@@ -11,7 +11,7 @@ from django.db.models import OuterRef, Prefetch, Subquery
 from django.utils import timezone
 
 from backupportal.roles import role_may
-from backups.models import BackupRun, Server
+from backups.models import BackupRun, Server, StorageLocation
 from restores.models import RestoreRequest, RestoreTest
 from watching.models import Alert, MaintenanceTask
 
@@ -138,3 +138,14 @@ def backup_health(kind, run, now):
     else:
         colour = "green" if age < timedelta(hours=26) else "amber" if age < timedelta(hours=50) else "red"
     return {"kind": kind, "label": BackupRun.Kind(kind).label, "run": run, "age": age, "colour": colour}
+
+
+def storage_legend():
+    """What each dot of the storage table means, in the thresholds StorageLocation.health() uses."""
+    red, amber = StorageLocation.LOW_FREE, StorageLocation.WARN_FREE
+    return [
+        ("green", f"{amber:.0%} free or more"),
+        ("amber", f"under {amber:.0%} free"),
+        ("red", f"under {red:.0%} free (the minimum the strategy sets), or free space unreadable"),
+        ("grey", "not measured: no capacity known"),
+    ]

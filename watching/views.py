@@ -34,6 +34,7 @@ def dashboard(request):
             "alert_counts": Alert.objects.tally(),  # as the alerts page counts them
             "servers": [figures.server_health(s) for s in figures.servers()],
             "locations": [location.health() for location in StorageLocation.objects.filter(enabled=True)],
+            "storage_legend": figures.storage_legend(),
         },
     )
 
