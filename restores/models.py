@@ -11,6 +11,11 @@ from django.utils import timezone
 from backupportal.roles import is_dba
 
 
+class RestoreRequestQuerySet(models.QuerySet):
+    def pending(self):
+        return self.filter(status=RestoreRequest.Status.PENDING)
+
+
 class RestoreRequest(models.Model):
     """A DBA's request to restore; only an approved request runs, and never by its author."""
 
@@ -49,6 +54,8 @@ class RestoreRequest(models.Model):
         max_length=63, blank=True, help_text="what the approver typed to confirm replacing production"
     )
 
+    objects = RestoreRequestQuerySet.as_manager()
+
     class Meta:
         ordering = ["-requested_at"]
         indexes = [models.Index(fields=["status", "-requested_at"], name="request_status")]
@@ -62,6 +69,10 @@ class RestoreRequest(models.Model):
 
     def get_absolute_url(self):
         return reverse("restore-request", args=[self.pk])
+
+    def awaits_decision_by(self, user):
+        """Pending, and the user may decide on it: a DBA who is not its author (four eyes)."""
+        return self.status == self.Status.PENDING and is_dba(user) and user.pk != self.requested_by_id
 
     def approve(self, user, confirm_database="", note=""):
         """Four eyes: never one's own request; replacing production needs the name typed."""

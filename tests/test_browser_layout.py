@@ -3,6 +3,8 @@ and long notes, no element that hides its overflow holds more than it shows, eve
 that scrolls sideways shows that it does, and at 1366 px the columns that matter (who, what,
 the outcome, the error) are in view without scrolling."""
 
+from datetime import timedelta
+
 import pytest
 from django.utils import timezone
 
@@ -48,6 +50,10 @@ OUT_OF_VIEW = """(wanted) => {
   return out;
 }"""
 
+# The selectors whose elements scroll sideways at all: the dashboard's panel and legend must not.
+FITS = """(selectors) => selectors.filter((s) =>
+  [...document.querySelectorAll(s)].some((el) => el.scrollWidth > el.clientWidth + 1))"""
+
 # Page -> the column headers that must be in view at 1366 px.
 MUST_SHOW = {
     "journal": ["Who", "Action", "Server", "Outcome", "Details"],
@@ -88,7 +94,21 @@ def long_catalog(server):  # noqa: F811
     Alert.objects.create(condition="backup_failed", subject=f"server:{LONG_NAME}", server=other, message=LONG_ERROR)
     drill = DrDrill.objects.create(title="Annual drill: " + LONG_NOTE[:120], logged_by=dora, server=other)
     drill.steps.update(notes=LONG_NOTE, who="dora")
-    MaintenanceTask.objects.get_or_create(kind="weekly_verify", completed_at=None, defaults={"due_on": now.date()})
+    # Something for each of its page's charts to draw.
+    BackupRun.objects.create(
+        server=other, kind="logical", status="succeeded", size=5 * 2**20, started_at=now, finished_at=now
+    )
+    RestoreTest.objects.create(server=other, status="passed", duration_s=0.6, started_at=now, finished_at=now)
+    # Overdue, and a request by another DBA: both wait for dora on the dashboard.
+    overdue = now.date() - timedelta(days=3)
+    MaintenanceTask.objects.update_or_create(kind="weekly_verify", completed_at=None, defaults={"due_on": overdue})
+    RestoreRequest.objects.create(
+        server=other,
+        destination="new_database",
+        target_database="restored_" + "y" * 50,
+        reason=LONG_NOTE,
+        requested_by=make_user("erin", "DBA"),
+    )
     for _ in range(3):
         journal.record(
             "backup_failed", actor="job:backup", obj=failed, server=LONG_NAME, outcome="failed", error=LONG_ERROR
@@ -125,6 +145,12 @@ def test_nothing_is_cut_off_and_what_scrolls_shows_it(portal, browser, long_cata
             problems.append(f"{label}: scrolls without showing it in {found['unmarked']}")
         if found["sideways"] > 0:
             problems.append(f"{label}: the page is {found['sideways']} px wider than the window")
+        if label == "dashboard":
+            # A request to decide, an alert to acknowledge, a task overdue: the panel is not empty.
+            assert page.locator("#waiting li").count() >= 3
+            wide = page.evaluate(FITS, ["#waiting", "#waiting li", "#storage p.legend"])
+            if wide:
+                problems.append(f"dashboard: {wide} wider than they show at {width} px")
         if width == 1366 and label in MUST_SHOW:
             out = page.evaluate(OUT_OF_VIEW, MUST_SHOW[label])
             if out:

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backups.models import BackupCopy, BackupRun, Server, StorageLocation
 from restores.models import RestoreTest
-from watching.dashboard import server_health
+from watching.dashboard import server_health, storage_legend
 from watching.models import Alert, RpoStatus
 
 TOKEN = "prometheus-0nly-t0ken"
@@ -93,6 +93,31 @@ def test_storage_free_is_red_under_twenty_percent(backup_root):
     assert primary.health()["colour"] == "amber"  # 23% free
     primary.capacity_bytes = 2000
     assert primary.health()["colour"] == "green"
+
+
+def test_the_storage_legend_names_the_thresholds_the_dots_are_drawn_with(client, charlie, backup_root):
+    primary = StorageLocation.objects.get(name="primary")
+    copy = BackupCopy.objects.create(run=furnish("maldives").runs.first(), location=primary, key="k", status="ok")
+    primary.capacity_bytes = 1000
+    primary.save()
+    legend = dict(storage_legend())
+    amber_under = int(re.match(r"(\d+)% free or more", legend["green"])[1]) * 10  # bytes free of 1000
+    red_under = int(re.match(r"under (\d+)% free", legend["red"])[1]) * 10
+    assert legend["amber"] == f"under {amber_under // 10}% free" and (amber_under, red_under) == (300, 200)
+    for free, colour in [
+        (amber_under, "green"),
+        (amber_under - 1, "amber"),
+        (red_under, "amber"),
+        (red_under - 1, "red"),
+    ]:
+        copy.size = 1000 - free
+        copy.save()
+        assert primary.health()["colour"] == colour, free
+
+    client.force_login(charlie)
+    storage = re.search(r'id="storage">(.*?)</section>', client.get(reverse("dashboard")).content.decode(), re.S)[1]
+    assert "<th>Free space</th><th>Capacity</th>" in storage and "<th>of</th>" not in storage
+    assert re.findall(r'<span class="dot (\w+)"></span>([^<]+)</span>', storage) == list(legend.items())
 
 
 def count_queries(client, url, **kwargs):

@@ -170,6 +170,8 @@ def test_alerts_opened_acknowledged_and_resolved_are_journaled(client, db, alice
         ("alert_resolved", "job:monitor", "atoll"),
     ]
     assert entries[1].details["note"] == "rerunning it by hand"
+    # An alert being opened is news, not a failed action: what failed is on the row it is about.
+    assert [e.outcome for e in entries] == ["info", "ok", "ok"]
     client.force_login(charlie)
     assert follow_object(client, entries[0]) == reverse("alert", args=[alert.pk])
 

@@ -305,6 +305,24 @@ def test_a_sysadmin_acknowledges_and_an_auditor_may_not(catalog_server, client, 
     assert b"nothing to acknowledge" in response.content
 
 
+def test_an_alerts_history_reads_as_labels_and_values(catalog_server, client, alice, charlie):
+    from watching.alerts import raise_alert
+
+    alert, _ = raise_alert("backup_failed", server=catalog_server, message="pg_dump: connection refused")
+    client.force_login(alice)
+    client.post(reverse("alert-acknowledge", args=[alert.pk]), {"note": "the server is being patched"})
+    client.force_login(charlie)
+    html = client.get(reverse("alert", args=[alert.pk])).content.decode()
+    history = html[html.index("<h2>History</h2>") :]
+    assert "{&#x27;" not in history and "{'" not in history  # no Python dict
+    assert '<span class="pair"><b>condition</b> backup_failed</span>' in history
+    assert '<span class="pair"><b>message</b> pg_dump: connection refused</span>' in history
+    assert '<span class="pair"><b>note</b> the server is being patched</span>' in history
+    assert '<span class="status status-info">Info</span>' in history  # opened: news, not a failure
+    opened = JournalEntry.objects.get(action="alert_opened", object_id=str(alert.pk))
+    assert f'<a href="{opened.get_absolute_url()}">alert_opened</a>' in history
+
+
 def test_the_alerts_list_puts_open_alerts_first_and_filters(catalog_server, client, charlie):
     old = Alert.objects.create(
         condition="backup_failed", subject="server:maldives", server=catalog_server, message="old", state="resolved"

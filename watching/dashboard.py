@@ -1,7 +1,8 @@
 """The dashboard's figures: each server's backups, RPO, RTO and alerts, each with a colour.
 
 servers() fetches what server_health() reads for every server in the same few queries, whatever
-their number; the dashboard, the server page and /metrics read it.
+their number; the dashboard, the server page and /metrics read it. waiting_for() is the
+dashboard's first panel: what the logged-in user is to act on.
 """
 
 from datetime import timedelta
@@ -9,12 +10,32 @@ from datetime import timedelta
 from django.db.models import OuterRef, Prefetch, Subquery
 from django.utils import timezone
 
-from backups.models import BackupRun, Server
-from restores.models import RestoreTest
-from watching.models import Alert
+from backupportal.roles import role_may
+from backups.models import BackupRun, Server, StorageLocation
+from restores.models import RestoreRequest, RestoreTest
+from watching.models import Alert, MaintenanceTask
 
 # The monitor measures every minute; a measurement older than this means it stopped.
 RPO_STALE_AFTER = timedelta(minutes=5)
+# The panel lists this many open alerts; the alerts page has the rest.
+WAITING_ALERTS_SHOWN = 10
+
+
+def waiting_for(user):
+    """What waits for this user, each item with the page where it is handled.
+
+    Restore requests another DBA must approve (the requester sees his own as waiting), open
+    alerts to acknowledge, overdue maintenance: each only to a role that may act on it.
+    """
+    pending = list(RestoreRequest.objects.pending().select_related("server", "requested_by").order_by("requested_at"))
+    may_acknowledge = role_may(user, "watching.acknowledge_alert")
+    alerts = Alert.objects.in_state("open").select_related("server", "location").order_by("opened_at", "pk")
+    return {
+        "to_decide": [r for r in pending if r.awaits_decision_by(user)],
+        "own_requests": [r for r in pending if r.requested_by_id == user.pk],
+        "to_acknowledge": list(alerts[:WAITING_ALERTS_SHOWN]) if may_acknowledge else [],
+        "overdue": list(MaintenanceTask.objects.overdue()) if role_may(user, "watching.complete_maintenance") else [],
+    }
 
 
 def servers(queryset=None):
@@ -36,7 +57,7 @@ def servers(queryset=None):
             Prefetch("runs", queryset=runs.active().order_by("created_at"), to_attr="active_runs"),
             Prefetch(
                 "alerts",
-                queryset=Alert.objects.exclude(state="resolved").order_by("-opened_at"),
+                queryset=Alert.objects.active().order_by("-opened_at"),
                 to_attr="active_alerts",
             ),
         )
@@ -53,7 +74,7 @@ def server_health(server):
     now = timezone.now()
     newest = {run.kind: run for run in server.newest_good_runs}
     alerts = server.active_alerts
-    unacknowledged = [a for a in alerts if a.state == "open"]
+    unacknowledged = [a for a in alerts if a.state == Alert.State.OPEN]
     return {
         "server": server,
         "backups": [
@@ -64,7 +85,9 @@ def server_health(server):
         "rpo": rpo_health(server, now),
         "rto": rto_health(server),
         "alerts": alerts,
-        "open_alerts": len(alerts),
+        # Counted as the alerts page counts them: "open" is not yet acknowledged.
+        "open_alerts": len(unacknowledged),
+        "acknowledged_alerts": len(alerts) - len(unacknowledged),
         "alerts_colour": "red" if unacknowledged else "amber" if alerts else "green",
     }
 
@@ -115,3 +138,14 @@ def backup_health(kind, run, now):
     else:
         colour = "green" if age < timedelta(hours=26) else "amber" if age < timedelta(hours=50) else "red"
     return {"kind": kind, "label": BackupRun.Kind(kind).label, "run": run, "age": age, "colour": colour}
+
+
+def storage_legend():
+    """What each dot of the storage table means, in the thresholds StorageLocation.health() uses."""
+    red, amber = StorageLocation.LOW_FREE, StorageLocation.WARN_FREE
+    return [
+        ("green", f"{amber:.0%} free or more"),
+        ("amber", f"under {amber:.0%} free"),
+        ("red", f"under {red:.0%} free (the minimum the strategy sets), or free space unreadable"),
+        ("grey", "not measured: no capacity known"),
+    ]

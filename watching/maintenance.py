@@ -88,7 +88,7 @@ def check_overdue(today=None):
     """
     today = today or timezone.localdate()
     ensure_calendar(today)
-    overdue = list(MaintenanceTask.objects.filter(completed_at=None, due_on__lt=today))
+    overdue = list(MaintenanceTask.objects.overdue(today))
     for task in overdue:
         raise_alert(
             Alert.Condition.MAINTENANCE_OVERDUE,

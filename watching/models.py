@@ -16,6 +16,30 @@ from backupportal.models import JournalEntry
 # An alert that still owes the admins a mail (see alerts.send_pending_mail).
 MAIL_PENDING = models.Q(opened_mail_sent_at=None) | models.Q(state="resolved", resolved_mail_sent_at=None)
 
+# The alerts page's state filter, and the dashboard's counts: one definition, so the two agree.
+ALERT_STATES = {
+    "active": ~models.Q(state="resolved"),  # open or acknowledged: the condition still holds
+    "open": models.Q(state="open"),  # nobody has said yet that they are on it
+    "acknowledged": models.Q(state="acknowledged"),
+    "resolved": models.Q(state="resolved"),
+    "all": models.Q(),
+}
+
+
+class AlertQuerySet(models.QuerySet):
+    def in_state(self, name):
+        """The alerts one of ALERT_STATES names ("active", "open", ...)."""
+        return self.filter(ALERT_STATES[name])
+
+    def active(self):
+        return self.in_state("active")
+
+    def tally(self):
+        """{"open": n, "acknowledged": n}, in one query, as the alerts page counts them."""
+        return self.aggregate(
+            **{name: models.Count("pk", filter=ALERT_STATES[name]) for name in ("open", "acknowledged")}
+        )
+
 
 class Alert(models.Model):
     """One alert condition holding for one server or location. One open alert per subject."""
@@ -61,6 +85,8 @@ class Alert(models.Model):
     resolved_mail_sent_at = models.DateTimeField(null=True, blank=True)
     mail_attempts = models.PositiveIntegerField(default=0)
     mail_error = models.TextField(blank=True)
+
+    objects = AlertQuerySet.as_manager()
 
     class Meta:
         db_table = "backupportal_alert"  # its table from before the move: no row moved
@@ -156,6 +182,12 @@ class RpoStatus(models.Model):
         return f"{self.server} RPO {self.seconds}"
 
 
+class MaintenanceTaskQuerySet(models.QuerySet):
+    def overdue(self, today=None):
+        """Open tasks past their due day: the day itself still counts as in time."""
+        return self.filter(completed_at=None, due_on__lt=today or timezone.localdate())
+
+
 class MaintenanceTask(models.Model):
     """One occurrence of a recurring task of the strategy's maintenance calendar.
 
@@ -195,6 +227,8 @@ class MaintenanceTask(models.Model):
         max_length=500, blank=True, help_text="a link to a document or ticket (https://...) or a portal page (/...)"
     )
     notes = models.TextField(blank=True)
+
+    objects = MaintenanceTaskQuerySet.as_manager()
 
     class Meta:
         db_table = "backupportal_maintenancetask"  # its table from before the move: no row moved

@@ -22,15 +22,7 @@ from backups.models import Server, StorageLocation
 from watching import dashboard as figures
 from watching.charts import server_charts
 from watching.metrics import CatalogCollector
-from watching.models import Alert
-
-ALERT_STATES = {
-    "active": ["open", "acknowledged"],
-    "open": ["open"],
-    "acknowledged": ["acknowledged"],
-    "resolved": ["resolved"],
-    "all": None,
-}
+from watching.models import ALERT_STATES, Alert
 
 
 def dashboard(request):
@@ -38,8 +30,11 @@ def dashboard(request):
         request,
         "dashboard.html",
         {
+            "waiting": figures.waiting_for(request.user),
+            "alert_counts": Alert.objects.tally(),  # as the alerts page counts them
             "servers": [figures.server_health(s) for s in figures.servers()],
             "locations": [location.health() for location in StorageLocation.objects.filter(enabled=True)],
+            "storage_legend": figures.storage_legend(),
         },
     )
 
@@ -47,9 +42,9 @@ def dashboard(request):
 def alert_list(request):
     """Open alerts first (unacknowledged, then acknowledged), newest first; filters in the query string."""
     state = request.GET.get("state", "active")
-    alerts = Alert.objects.select_related("server", "location", "acknowledged_by")
-    if ALERT_STATES.get(state):
-        alerts = alerts.filter(state__in=ALERT_STATES[state])
+    if state not in ALERT_STATES:
+        state = "active"
+    alerts = Alert.objects.in_state(state).select_related("server", "location", "acknowledged_by")
     for field, lookup in (("condition", "condition"), ("server", "server__name"), ("location", "location__name")):
         if request.GET.get(field):
             alerts = alerts.filter(**{lookup: request.GET[field]})

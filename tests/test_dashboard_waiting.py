@@ -1,0 +1,123 @@
+"""The dashboard's "Waiting for you": restore requests another DBA must decide on, open alerts to
+acknowledge, overdue maintenance; and its alert counts, which are the alerts page's counts."""
+
+import datetime
+import re
+from zoneinfo import ZoneInfo
+
+import pytest
+import time_machine
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from backups.models import Server
+from restores.models import RestoreRequest
+from watching import maintenance
+from watching.models import Alert, MaintenanceTask
+
+TODAY = datetime.date(2026, 1, 20)
+NOON = datetime.datetime.combine(TODAY, datetime.time(12), tzinfo=ZoneInfo("Indian/Maldives"))
+
+
+@pytest.fixture
+def maldives(db):
+    return Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/maldives")
+
+
+def request_restore(server, user):
+    return RestoreRequest.objects.create(
+        server=server,
+        destination="new_database",
+        target_database="copy",
+        reason="a table was dropped",
+        requested_by=user,
+    )
+
+
+def panel(client, user):
+    client.force_login(user)
+    with time_machine.travel(NOON, tick=False):
+        response = client.get(reverse("dashboard"))
+    assert response.status_code == 200
+    return re.search(r'<section class="card" id="waiting">(.*?)</section>', response.content.decode(), re.S)[1]
+
+
+def items(html, kind):
+    """The links of one kind of item in the panel."""
+    return re.findall(rf'<li class="{kind}">.*?<a href="([^"]+)"', html, re.S)
+
+
+def test_a_dba_sees_the_other_dbas_request_to_decide_and_his_own_as_waiting(client, alice, bob, charlie, maldives):
+    mine, theirs = request_restore(maldives, alice), request_restore(maldives, bob)
+    RestoreRequest.objects.create(
+        server=maldives, destination="new_database", reason="done", requested_by=bob, status="approved"
+    )
+    html = panel(client, alice)
+    assert items(html, "to-decide") == [theirs.get_absolute_url()]
+    assert items(html, "own-request") == [mine.get_absolute_url()]
+    assert "approve or reject" in html and "waiting for another DBA" in html
+    assert items(panel(client, bob), "to-decide") == [mine.get_absolute_url()]
+    # Charlie audits: nothing waits for him, though he reads the requests on their page.
+    html = panel(client, charlie)
+    assert items(html, "to-decide") == items(html, "own-request") == []
+    assert "Nothing waits for you." in html
+
+
+def test_open_alerts_and_overdue_maintenance_link_to_where_they_are_handled(client, sam, charlie, maldives):
+    with time_machine.travel(NOON, tick=False):
+        maintenance.check_overdue()  # the strategy review was due on 2025-12-02
+    review = MaintenanceTask.objects.get(kind="strategy_review")
+    overdue_alert = Alert.objects.get(condition="maintenance_overdue")
+    rpo = Alert.objects.create(condition="rpo_breached", subject="server:maldives", server=maldives, message="m")
+    Alert.objects.create(
+        condition="backup_failed", subject="server:maldives", server=maldives, message="m", state="acknowledged"
+    )
+    html = panel(client, sam)
+    assert items(html, "to-acknowledge") == [overdue_alert.get_absolute_url(), rpo.get_absolute_url()]
+    assert items(html, "overdue") == [reverse("maintenance-complete", args=[review.pk])]
+    assert "due 2025-12-02, 49 days ago" in html
+    # An auditor acknowledges nothing and completes nothing.
+    html = panel(client, charlie)
+    assert items(html, "to-acknowledge") == items(html, "overdue") == []
+
+
+def test_the_open_alerts_count_is_what_the_alerts_page_lists_as_open(client, charlie, maldives):
+    with time_machine.travel(NOON, tick=False):
+        maintenance.check_overdue()  # an alert about a task: no server, so no server card counts it
+    Alert.objects.create(condition="rpo_breached", subject="server:maldives", server=maldives, message="m")
+    Alert.objects.create(
+        condition="backup_failed", subject="server:maldives", server=maldives, message="m", state="acknowledged"
+    )
+    Alert.objects.create(condition="wal_gap", subject="server:maldives", server=maldives, message="m", state="resolved")
+    html = panel(client, charlie)
+    assert "2 open</a>, " in html and "1 acknowledged</a>" in html
+    listed = client.get(reverse("alerts"), {"state": "open"}).context["page"]
+    assert listed.paginator.count == 2
+    assert {a.condition for a in listed} == {"maintenance_overdue", "rpo_breached"}
+    assert client.get(reverse("alerts"), {"state": "acknowledged"}).context["page"].paginator.count == 1
+    # The server's card counts its own the same way: the acknowledged one is not open.
+    card = client.get(reverse("dashboard")).content.decode()
+    assert re.search(r'<tr class="alerts">.*?>1 open</a>, 1 acknowledged', card, re.S)
+
+
+def count_queries(client):
+    with CaptureQueriesContext(connection) as queries, time_machine.travel(NOON, tick=False):
+        assert client.get(reverse("dashboard")).status_code == 200
+    return len(queries)
+
+
+def test_the_panel_costs_the_same_queries_for_one_item_of_each_kind_or_many(client, alice, bob, maldives):
+    request_restore(maldives, bob)
+    request_restore(maldives, alice)
+    Alert.objects.create(condition="rpo_breached", subject="server:maldives", server=maldives, message="m")
+    MaintenanceTask.objects.create(kind="weekly_verify", due_on=TODAY - datetime.timedelta(days=3))
+    client.force_login(alice)
+    one = count_queries(client)
+    for n in range(2, 6):
+        request_restore(maldives, bob)
+        request_restore(maldives, alice)
+        Alert.objects.create(condition="wal_gap", subject=f"server:s{n}", message="m")
+    for kind in ("monthly_restore_test", "annual_dr_drill", "strategy_review"):
+        MaintenanceTask.objects.create(kind=kind, due_on=TODAY - datetime.timedelta(days=1))
+    assert count_queries(client) == one
