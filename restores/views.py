@@ -7,7 +7,7 @@ from django.views.decorators.http import require_POST
 from django_q.tasks import async_task
 
 from backupportal import journal
-from backupportal.roles import require_perm, role_may
+from backupportal.roles import require_perm
 from backups.models import BackupRun, Server
 from restores import sandbox
 from restores.forms import DecisionForm, RestoreRequestForm
@@ -50,7 +50,7 @@ def restore_request_detail(request, pk):
         # Asked of the filesystem and pg_ctl, not recorded: a sandbox stopped by hand shows stopped.
         run.sandbox_state = sandbox.state(run) if sandbox.is_sandbox(run) else None
         run.sandbox_expires_at = sandbox.expires_at(run)
-    can_decide = role_may(request.user, "restores.approve_restore") and req.requested_by_id != request.user.pk
+    can_decide = req.awaits_decision_by(request.user)  # the dashboard's "waiting for you" asks the same
     return render(
         request,
         "restores/request_detail.html",
