@@ -72,11 +72,11 @@ def scheduled_job(server_name, job, scheduled_for=None, waiting_since=None):
 
 def ingest_wal(server_name):
     """Catalogue, encrypt and copy what the archive program left in the server's spool."""
-    from backups import wal
+    from backups import walingest, walnames
 
     try:
-        return wal.ingest(Server.objects.get(name=server_name)).as_dict()
-    except wal.WalError as e:
+        return walingest.ingest(Server.objects.get(name=server_name)).as_dict()
+    except walnames.WalError as e:
         # One line for the task's result; the spool keeps the WAL, the marker keeps the alert open.
         return {"error": str(e)}
 

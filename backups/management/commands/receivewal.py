@@ -10,7 +10,7 @@ from django.db import transaction
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
 from backupportal.lib.osuser import os_actor
-from backups import wal
+from backups import walnames
 from backups.management.commands._server import server_named
 from backups.models import Server
 from backups.receiver import Receiver
@@ -35,7 +35,7 @@ class Command(PortalCommand):
                 journal.record("archiving_set_up", actor=os_actor(), obj=server, mode="pull")
         try:
             receiver = Receiver(server, log=self.stdout.write)
-        except wal.WalError as e:
+        except walnames.WalError as e:
             fail(str(e))
         self.stopping = False
 
