@@ -151,10 +151,11 @@ def enqueue_verify(run, actor):
 
 def verify_copies(run_id=None, actor="job:verify", verification_id=None):
     """The weekly integrity check (every copy), or one run's when a DBA asks for it."""
+    from backups import verify
     from backups.models import Verification
 
     if verification_id is not None:
         verification = Verification.objects.select_related("run").get(pk=verification_id)
     else:
         verification = Verification.objects.create(run_id=run_id, requested_by=actor)
-    return verification.execute()
+    return verify.execute(verification)

@@ -5,7 +5,7 @@ from django.db import transaction
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
 from backupportal.lib.osuser import os_actor
-from backups import walnames, walspool
+from backups import schedules, walnames, walspool
 from backups.management.commands._server import server_named
 from backups.models import Server
 
@@ -35,7 +35,7 @@ class Command(PortalCommand):
             if server.archiving != Server.Archiving.PUSH:
                 server.archiving = Server.Archiving.PUSH
                 server.save(update_fields=["archiving"])
-            server.ensure_schedules()
+            schedules.ensure_for(server)
             journal.record("archiving_set_up", actor=os_actor(), obj=server, mode="push", spool=spool)
         lines = walspool.archive_settings(server)
         return {
