@@ -37,7 +37,7 @@ import time
 VERSION = 1
 HEX = frozenset("0123456789ABCDEF")
 CHUNK = 1 << 20
-# Written by the portal (backups.wal.publish_segment_size) once it knows the server's
+# Written by the portal (backups.walspool.publish_segment_size) once it knows the server's
 # wal_segment_size: one line, the size in bytes.
 SIZE_FILE = "segment_size"
 # At most this many extra segments, and bytes, per call: enough to spread the fixed costs, small

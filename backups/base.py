@@ -17,7 +17,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal import conditions
-from backups import wal
+from backups import walchain, walhealth, walnames, walspool
 from backups.binaries import client_tool
 from backups.crypto import Encryption, EncryptionError
 from backups.logical import primary_location
@@ -139,7 +139,9 @@ def require_archiving(server, kind):
             f"(manage.py archivecommand {server.name}) or pull (manage.py receivewal {server.name})"
         )
     problem = (
-        wal.archiver_failure(server) if server.archiving == Server.Archiving.PUSH else wal.receiver_problem(server)
+        walhealth.archiver_failure(server)
+        if server.archiving == Server.Archiving.PUSH
+        else walhealth.receiver_problem(server)
     )
     if problem:
         raise BackupFailed(f"{problem}: fix archiving first (manage.py checkserver {server.name})")
@@ -151,8 +153,8 @@ def take(run):
     require_archiving(server, "base backup")
     try:
         encryption = Encryption()
-        size_of_segment = wal.segment_size(server)
-    except (EncryptionError, wal.WalError) as e:
+        size_of_segment = walspool.segment_size(server)
+    except (EncryptionError, walnames.WalError) as e:
         raise BackupFailed(str(e)) from None
     location = primary_location()
     store = store_for(location)
@@ -197,10 +199,10 @@ def take(run):
         }
     )
     # The backup is only restorable once its WAL is archived: wait for it before saying so.
-    wal.wait_for_wal(
+    walchain.wait_for_wal(
         server,
-        wal.segno_of(run.start_wal, size_of_segment),
-        wal.segno_of(run.end_wal, size_of_segment),
+        walnames.segno_of(run.start_wal, size_of_segment),
+        walnames.segno_of(run.end_wal, size_of_segment),
         settings.WAL_WAIT_SECONDS,
     )
 
@@ -213,9 +215,11 @@ def record_positions(run, sniffer, size_of_segment):
         )
     timeline, start_lsn, end_lsn = wal_range
     run.timeline, run.start_lsn, run.end_lsn = timeline, start_lsn, end_lsn
-    run.start_wal = wal.segment_name(timeline, wal.segno_of_lsn(start_lsn, size_of_segment), size_of_segment)
+    run.start_wal = walnames.segment_name(timeline, walnames.segno_of_lsn(start_lsn, size_of_segment), size_of_segment)
     # The end LSN may sit exactly on a segment boundary: the segment needed is the one before it.
-    run.end_wal = wal.segment_name(timeline, (wal.lsn_to_int(end_lsn) - 1) // size_of_segment, size_of_segment)
+    run.end_wal = walnames.segment_name(
+        timeline, (walnames.lsn_to_int(end_lsn) - 1) // size_of_segment, size_of_segment
+    )
 
 
 def wal_chain(run):
@@ -227,23 +231,23 @@ def wal_chain(run):
     server = run.server
     require_archiving(server, "WAL chain")
     try:
-        size_of_segment = wal.segment_size(server)
+        size_of_segment = walspool.segment_size(server)
         with server.connect() as conn:
             lsn, name = conn.execute("SELECT lsn, pg_walfile_name(lsn) FROM pg_switch_wal() AS lsn").fetchone()
-    except wal.WalError as e:
+    except walnames.WalError as e:
         raise BackupFailed(str(e)) from None
     except psycopg.Error as e:
         raise BackupFailed(f"cannot switch WAL: {explain(e, server)}") from None
-    end = wal.segno_of(name, size_of_segment)
-    base = wal.oldest_kept_base(server)
+    end = walnames.segno_of(name, size_of_segment)
+    base = walchain.oldest_kept_base(server)
     if base is None:
         raise BackupFailed(
             f"{server} has no base backup yet, so archived WAL cannot be replayed: "
             f"take one with manage.py backup {server.name} --kind base"
         )
-    first = wal.segno_of(base.start_wal, size_of_segment)
-    wal.wait_for_wal(server, end, end, settings.WAL_WAIT_SECONDS)
-    gaps = wal.missing_segments(server, first, end)
+    first = walnames.segno_of(base.start_wal, size_of_segment)
+    walchain.wait_for_wal(server, end, end, settings.WAL_WAIT_SECONDS)
+    gaps = walchain.missing_segments(server, first, end)
     if gaps:
         message = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
         conditions.changed("wal_gap", server=server)  # the failed run is recorded too (backup_failed)
@@ -253,9 +257,9 @@ def wal_chain(run):
         server.runs.good().filter(kind=BackupRun.Kind.INCREMENTAL).exclude(end_wal="").order_by("-finished_at").first()
     )
     start = first
-    if previous is not None and wal.segno_of(previous.end_wal, size_of_segment) < end:
-        start = max(first, wal.segno_of(previous.end_wal, size_of_segment) + 1)
-    segments = wal.chain_segments(server, start, end)
+    if previous is not None and walnames.segno_of(previous.end_wal, size_of_segment) < end:
+        start = max(first, walnames.segno_of(previous.end_wal, size_of_segment) + 1)
+    segments = walchain.chain_segments(server, start, end)
     run.timeline = int(name[:8], 16)
     run.start_wal, run.end_wal, run.end_lsn = segments[0].name, name, str(lsn)
     run.size = sum(s.size for s in segments)

@@ -14,7 +14,7 @@ import time
 from django.conf import settings
 
 from backupportal import conditions, journal
-from backups import wal
+from backups import walingest, walnames, walspool
 from backups.binaries import client_tool
 from backups.crypto import die_with_parent
 from backups.pipeline import BackupFailed, Tool
@@ -28,7 +28,7 @@ def steady(streaming_seconds):
     """A stream that has held this long counts as recovered: receiver_down may resolve.
 
     The one rule for the supervisor, which times its own child, and for the monitor, which asks
-    the server how long the slot's walsender has been connected (backups.wal.receiver_problem).
+    the server how long the slot's walsender has been connected (backups.walhealth.receiver_problem).
     """
     return streaming_seconds >= settings.RECEIVER_STEADY_SECONDS
 
@@ -36,7 +36,7 @@ def steady(streaming_seconds):
 class Receiver:
     def __init__(self, server, log=print, poll=0.2):
         self.server, self.log, self.poll = server, log, poll
-        self.directory = wal.prepare_pull_spool(server)
+        self.directory = walspool.prepare_pull_spool(server)
         self.child = None
         self.started_at = None
         self.failures = 0
@@ -63,7 +63,7 @@ class Receiver:
 
     def start_child(self):
         self.create_slot()
-        wal.segment_size(self.server)
+        walspool.segment_size(self.server)
         self.child = Tool(
             self.argv("--directory", str(self.directory), "--no-loop", "--synchronous", "--no-password", "--verbose"),
             self.server.libpq_env(),
@@ -116,7 +116,7 @@ class Receiver:
         try:
             self.start_child()
             return True
-        except (BackupFailed, wal.WalError) as e:
+        except (BackupFailed, walnames.WalError) as e:
             self.failures += 1
             self.log(f"cannot start pg_receivewal: {e}")
             if self.failures >= ALERT_AFTER_FAILURES:
@@ -125,8 +125,8 @@ class Receiver:
 
     def ingest(self):
         try:
-            result = wal.ingest(self.server, actor="job:receivewal")
-        except wal.WalError as e:
+            result = walingest.ingest(self.server, actor="job:receivewal")
+        except walnames.WalError as e:
             # Received WAL stays in the directory (and on the server, thanks to the slot) until fixed;
             # ingest() left the marker and the archive_failing alert the monitor keeps open.
             self.log(f"cannot ingest: {e}")

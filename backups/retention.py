@@ -16,7 +16,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import journal
-from backups import wal
+from backups import walnames, walspool
 from backups.copies import delete_run_artifacts
 from backups.models import BackupCopy, BackupRun, Server, WalSegment
 from backups.storage import StorageError, store_for
@@ -82,14 +82,16 @@ def doomed_segments(server, kept_bases, now):
     window_start = now - timedelta(days=server.wal_retention_days)
     with_wal = [b for b in kept_bases if b.start_wal and size]
     anchor = window_anchor(with_wal, window_start) or (min(with_wal, key=attrgetter("stop_time")) if with_wal else None)
-    keep_from = wal.segno_of(anchor.start_wal, size) if anchor else None
-    ranges = [(wal.segno_of(b.start_wal, size), wal.segno_of(b.end_wal, size)) for b in with_wal]
+    keep_from = walnames.segno_of(anchor.start_wal, size) if anchor else None
+    ranges = [(walnames.segno_of(b.start_wal, size), walnames.segno_of(b.end_wal, size)) for b in with_wal]
     doomed = []
     old = WalSegment.objects.filter(server=server, deleted_at=None, archived_at__lt=window_start).order_by("name")
     for segment in old.only("id", "name", "segno"):
         if segment.name.endswith(".history"):
             continue
-        segno = segment.segno if segment.segno is not None else (wal.segno_of(segment.name, size) if size else None)
+        segno = (
+            segment.segno if segment.segno is not None else (walnames.segno_of(segment.name, size) if size else None)
+        )
         if segno is None:
             continue  # the segment size is unknown yet: nothing can be proven unneeded
         if keep_from is not None and segno >= keep_from:
@@ -115,7 +117,7 @@ def wal_retention(server, now, dry_run, actor):
     gone = [s.pk for s in segments if delete_copies(s.copies.exclude(status=BackupCopy.Status.DELETED))]
     WalSegment.objects.filter(pk__in=gone).update(deleted_at=now)
     for segment in segments:
-        (wal.spool_dir(server) / "ingested" / segment.name).unlink(missing_ok=True)
+        (walspool.spool_dir(server) / "ingested" / segment.name).unlink(missing_ok=True)
     journal.record(
         "wal_deleted",
         actor=actor,

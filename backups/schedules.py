@@ -1,6 +1,6 @@
 """A server's schedules, kept in step with the server and with django-q2's Schedule rows.
 
-One place does it: Server.ensure_schedules(), run after every save of a server (the signal
+One place does it: ensure_for(server), run after every save of a server (the signal
 below), however the server was made or changed: the admin, addserver, the shell. So a server
 added in the admin gets the strategy's schedules, a renamed one keeps its jobs (django-q2's
 rows name the server, by name), and a deleted one takes its jobs with it.
@@ -115,7 +115,7 @@ def follow_server(sender, instance, created, raw=False, update_fields=None, **kw
     # A save of other fields (critical tables, say) changes nothing the schedules hold.
     if raw or (update_fields is not None and not {"name", "archiving"} & set(update_fields)):
         return
-    instance.ensure_schedules()
+    ensure_for(instance)
     old = getattr(instance, "_saved_name", None)
     if old and old != instance.name:
         Schedule.objects.filter(name__in=q_names(old)).delete()

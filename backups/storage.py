@@ -12,6 +12,9 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -29,6 +32,28 @@ def safe_key(key: str) -> str:
     if not key or PurePosixPath(key).is_absolute() or ".." in parts:
         raise StorageError(f"refusing storage key {key!r}: it must be a relative path without '..'")
     return key
+
+
+def allowed_storage_roots():
+    roots = [settings.BACKUP_ROOT, settings.WAL_ROOT]
+    if settings.NAS_ROOT:
+        roots.append(Path(settings.NAS_ROOT))
+    return [Path(r).resolve() for r in roots]
+
+
+def check_storage_path(path):
+    """Refuse a storage path outside the configured roots, or one that climbs with '..'."""
+    if ".." in Path(path).parts:
+        raise ValidationError(f"Storage path {path} contains '..': give the directory itself.")
+    if not Path(path).is_absolute():
+        raise ValidationError(f"Storage path {path} is relative: give an absolute directory.")
+    resolved = Path(path).resolve()
+    roots = allowed_storage_roots()
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise ValidationError(
+            f"Storage path {path} is outside the allowed roots ({allowed}): set BACKUP_ROOT or NAS_ROOT."
+        )
 
 
 def private_dirs(path: Path):
@@ -110,7 +135,7 @@ class Store:
         self.location = location
 
     def used_bytes(self) -> int:
-        return catalogued_bytes(self.location)
+        return self.location.catalogued_bytes()
 
     def capacity_left(self):
         if not self.location.capacity_bytes:
@@ -133,10 +158,6 @@ class FileStore(Store):
 
     def check(self):
         """The directory is under the configured roots (settings may have changed since it was saved)."""
-        from django.core.exceptions import ValidationError
-
-        from backups.models import check_storage_path
-
         try:
             check_storage_path(self.location.path)
         except ValidationError as e:
@@ -190,42 +211,9 @@ class FileStore(Store):
         return disk.free, disk.total
 
 
-def catalogued_bytes(location) -> int:
-    """What the catalog says the portal keeps in a location (copies not yet deleted)."""
-    from django.db.models import Sum
-
-    from backups.models import BackupCopy
-
-    kept = [BackupCopy.Status.OK, BackupCopy.Status.BAD]
-    total = BackupCopy.objects.filter(location=location, status__in=kept).aggregate(n=Sum("size"))["n"]
-    return total or 0
-
-
 def store_for(location):
     if location.kind == "s3":
         from backups.s3 import S3Store
 
         return S3Store(location)
     return FileStore(location)
-
-
-def check_storage():
-    """Measure every location's free space: one dict per location ("ok": not under LOW_FREE).
-
-    Filesystem locations count their filesystem (or their configured capacity); an S3 bucket
-    counts only against a configured capacity, and is otherwise unbounded. A location whose
-    free space cannot be read says why ("error"). The monitor turns these into storage_low.
-    """
-    from backups.models import StorageLocation
-
-    results = []
-    for location in StorageLocation.objects.all():
-        figure = location.health() if location.enabled else {"free": None, "total": None, "ratio": None, "error": ""}
-        ratio = figure["ratio"]
-        ok = not figure["error"] and (ratio is None or ratio >= StorageLocation.LOW_FREE)
-        free_pct = round(100 * ratio, 1) if ratio is not None else None
-        results.append(
-            {"location": location.name, "free": figure["free"], "total": figure["total"], "free_pct": free_pct}
-            | {"ok": ok, "error": figure["error"], "ratio": ratio}
-        )
-    return results

@@ -72,11 +72,11 @@ def scheduled_job(server_name, job, scheduled_for=None, waiting_since=None):
 
 def ingest_wal(server_name):
     """Catalogue, encrypt and copy what the archive program left in the server's spool."""
-    from backups import wal
+    from backups import walingest, walnames
 
     try:
-        return wal.ingest(Server.objects.get(name=server_name)).as_dict()
-    except wal.WalError as e:
+        return walingest.ingest(Server.objects.get(name=server_name)).as_dict()
+    except walnames.WalError as e:
         # One line for the task's result; the spool keeps the WAL, the marker keeps the alert open.
         return {"error": str(e)}
 
@@ -151,10 +151,11 @@ def enqueue_verify(run, actor):
 
 def verify_copies(run_id=None, actor="job:verify", verification_id=None):
     """The weekly integrity check (every copy), or one run's when a DBA asks for it."""
+    from backups import verify
     from backups.models import Verification
 
     if verification_id is not None:
         verification = Verification.objects.select_related("run").get(pk=verification_id)
     else:
         verification = Verification.objects.create(run_id=run_id, requested_by=actor)
-    return verification.execute()
+    return verify.execute(verification)

@@ -100,3 +100,20 @@ def _journal(action, result, actor, obj=None):
     counts = {k: result[k] for k in ("checked", "bad", "unreachable")}
     outcome = "ok" if result["checked"] == result["ok"] else "failed"
     journal.record(action, actor=actor, obj=obj, outcome=outcome, **counts)
+
+
+def execute(verification):
+    """Read every copy now (on a worker, or in the foreground) and return verify's result; the
+    Verification row follows it (its page polls the row)."""
+    verification.start()
+    actor = verification.requested_by or "job:verify"
+    try:
+        if verification.run_id:
+            result = verify_run(verification.run, actor, progress=verification)
+        else:
+            result = verify_all(actor, progress=verification)
+    except Exception as e:
+        verification.finish_failed(f"the verification stopped: {e}")
+        raise
+    verification.finish(result)
+    return result | {"verification": verification.pk}

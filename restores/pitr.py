@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.lib.osuser import DB_OS_USER, chown_to_db_user
-from backups import wal
+from backups import walchain, walingest, walnames, walspool
 from backups.binaries import backup_major, cluster_dir
 from backups.copies import decrypt_here, mark_faults
 from backups.crypto import Encryption, EncryptionError
@@ -179,8 +179,8 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
     except EncryptionError as e:
         raise Refused(str(e)) from None
     try:
-        wal.ingest(server, actor="job:restore")  # the newest archived WAL first
-    except wal.WalError:
+        walingest.ingest(server, actor="job:restore")  # the newest archived WAL first
+    except walnames.WalError:
         pass  # what is catalogued already is all there is
     bases = good_bases(server)
     size = bases[-1].details.get("wal_segment_size") or server.wal_segment_size
@@ -189,7 +189,7 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
     # Bases already known unreadable are never planned on (find_restore_point walks plan.bases).
     readable = [b for b in bases if b.pk in healthy] if fallback else bases
     plan = Plan(
-        server, target, datadir, port, base, readable, size, wal.segno_of(base.end_wal, size), fallback=fallback
+        server, target, datadir, port, base, readable, size, walnames.segno_of(base.end_wal, size), fallback=fallback
     )
     plan.last = needed_through(plan)
     if target.kind == "time":
@@ -260,9 +260,9 @@ def check_datadir(into_datadir) -> Path:
     elif not datadir.parent.is_dir():
         raise Refused(f"{datadir.parent} does not exist: create it, or choose another place")
     if os.geteuid() == 0:
-        uid, gid = wal.db_user_ids(DB_OS_USER)
+        uid, gid = walspool.db_user_ids(DB_OS_USER)
         existing = datadir if datadir.exists() else datadir.parent
-        blocked = wal.unreachable_by(existing, uid, gid)
+        blocked = walspool.unreachable_by(existing, uid, gid)
         if blocked is not None:
             raise Refused(
                 f"the {DB_OS_USER} user cannot reach {datadir} ({blocked} is closed to it): choose another place"
@@ -298,7 +298,7 @@ def choose_base(bases, target):
             )
         return before[-1]
     if target.kind == "lsn":
-        before = [b for b in bases if wal.lsn_to_int(b.end_lsn) <= wal.lsn_to_int(target.value)]
+        before = [b for b in bases if walnames.lsn_to_int(b.end_lsn) <= walnames.lsn_to_int(target.value)]
         if not before:
             raise Refused(
                 f"LSN {target.value} is before the end of the oldest kept base backup "
@@ -310,7 +310,7 @@ def choose_base(bases, target):
 
 def needed_through(plan):
     """The last segment number the catalog says the target surely needs."""
-    server, last = plan.server, wal.last_segno(plan.server)
+    server, last = plan.server, walchain.last_segno(plan.server)
     floor = plan.last  # the base backup's end segment: needed to be consistent at all
     if last is None or last < floor:
         return floor  # check_chain names the missing segment
@@ -325,9 +325,9 @@ def needed_through(plan):
         )
         return max(floor, after if after is not None else last)
     if plan.target.kind == "lsn":
-        wanted = wal.segno_of_lsn(plan.target.value, plan.segment_size)
+        wanted = walnames.segno_of_lsn(plan.target.value, plan.segment_size)
         if wanted > last and not partial_for(plan, wanted):
-            name = wal.segment_name(plan.base.timeline or 1, last, plan.segment_size)
+            name = walnames.segment_name(plan.base.timeline or 1, last, plan.segment_size)
             raise Refused(f"LSN {plan.target.value} is beyond the archived WAL, which ends with segment {name}")
         return max(floor, min(wanted, last))
     return max(floor, last)
@@ -337,8 +337,8 @@ def check_chain(plan):
     """No gap, and a readable copy of every segment, from the base backup to the target."""
     first = plan.segno(plan.base.start_wal)
     try:
-        segments = wal.chain_segments(plan.server, first, plan.last)
-    except wal.WalError as e:
+        segments = walchain.chain_segments(plan.server, first, plan.last)
+    except walnames.WalError as e:
         window = timezone.now() - timedelta(days=plan.server.wal_retention_days)
         if plan.target.kind == "time" and plan.target.value < window:
             raise Refused(
@@ -420,8 +420,8 @@ def stage_wal(plan, first, last):
     if last < first:
         return
     try:
-        segments = [s for s in wal.chain_segments(plan.server, first, last) if s.segno not in plan.staged]
-    except wal.WalError as e:
+        segments = [s for s in walchain.chain_segments(plan.server, first, last) if s.segno not in plan.staged]
+    except walnames.WalError as e:
         raise RestoreFailed(str(e)) from None
     copies = {}
     for copy in BackupCopy.objects.filter(wal_segment__in=segments).select_related("location"):
@@ -493,12 +493,12 @@ def find_restore_point(plan, run):
     Recovery stops at the first restore point of that name after the base backup is
     consistent: the newest base backup with one after its end is the one to use.
     """
-    upper, found = wal.last_segno(plan.server), []
+    upper, found = walchain.last_segno(plan.server), []
     for base in reversed(plan.bases):
         first = plan.segno(base.start_wal)
         stage_wal(plan, first, upper)
         found += restore_point_lsns(plan, first, upper)
-        if any(wal.lsn_to_int(lsn) >= wal.lsn_to_int(base.end_lsn) for lsn in found):
+        if any(walnames.lsn_to_int(lsn) >= walnames.lsn_to_int(base.end_lsn) for lsn in found):
             plan.base = base
             RestoreRun.objects.filter(pk=run.pk).update(backup_run=base)
             return

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from backups import wal
+from backups import walnames
 from backups.crypto import Encryption
 from backups.models import BackupRun, Server
 
@@ -63,7 +63,7 @@ class Plan:
         return self.datadir / STAGING
 
     def segno(self, name):
-        return wal.segno_of(name, self.segment_size)
+        return walnames.segno_of(name, self.segment_size)
 
 
 def encryption_of(plan: Plan) -> Encryption:

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.lib.pgerrors import explain
-from backups import wal
+from backups import walchain, walingest, walnames, walspool
 from backups.binaries import MissingBinaries, backup_major, cluster_dir
 from backups.copies import decrypt_here
 from backups.crypto import Encryption
@@ -116,8 +116,8 @@ class Scratch:
 
 def chain(plan, first, last):
     try:
-        return wal.chain_segments(plan.server, first, last)
-    except wal.WalError as e:
+        return walchain.chain_segments(plan.server, first, last)
+    except walnames.WalError as e:
         raise Refused(f"{e}: the WAL chain to the target {plan.target.text} has a gap there") from None
 
 
@@ -136,7 +136,7 @@ def scan(plan, first, last):
                 # pg_waldump stops at the first bad record: an unreadable segment before this
                 # one must not hide this one's commits.
                 found += scratch.commits(segment.name, segment.name)
-            for lsn, at in sorted(found, key=lambda c: wal.lsn_to_int(c[0])):
+            for lsn, at in sorted(found, key=lambda c: walnames.lsn_to_int(c[0])):
                 if lsn in seen:
                     continue
                 seen.add(lsn)
@@ -150,7 +150,7 @@ def scan(plan, first, last):
 
 
 def in_segment(plan, lsn, segment):
-    return wal.segno_of_lsn(lsn, plan.segment_size) == segment.segno
+    return walnames.segno_of_lsn(lsn, plan.segment_size) == segment.segno
 
 
 def scan_partial(plan, partial):
@@ -192,13 +192,13 @@ def scan_start(plan):
         .values_list("segno", flat=True)
         .first()
     )
-    return first if first is not None else (wal.last_segno(plan.server) or floor) + 1
+    return first if first is not None else (walchain.last_segno(plan.server) or floor) + 1
 
 
 def cover(plan):
     """A time target: plan.last through the first archived commit after it; or, when the archive
     holds none, plan.switch (the restore asks the source for one). Refused when neither can be had."""
-    first, last = scan_start(plan), wal.last_segno(plan.server)
+    first, last = scan_start(plan), walchain.last_segno(plan.server)
     after, before = scan(plan, first, last)
     if after is None:
         partial = partial_for(plan, (last or 0) + 1)
@@ -254,11 +254,11 @@ def partial_for(plan, segno):
     """Pull: the segment pg_receivewal is still writing, when it is the one after the archive."""
     if plan.server.archiving != Server.Archiving.PULL:
         return None
-    spool = wal.spool_dir(plan.server)
+    spool = walspool.spool_dir(plan.server)
     if not spool.is_dir():
         return None
     for path in sorted(spool.glob("*.partial"), reverse=True):
-        if wal.SEGMENT.match(path.name[:24]) and wal.segno_of(path.name, plan.segment_size) == segno:
+        if walnames.SEGMENT.match(path.name[:24]) and walnames.segno_of(path.name, plan.segment_size) == segno:
             return path
     return None
 
@@ -277,7 +277,7 @@ def archive_past_target(plan, run):
         "pitr_wal_switched", actor=run.requested_by or "job:restore", obj=run, server=server.name, xid=xid, lsn=lsn,
         segment=name, target=plan.target.text,
     )  # fmt: skip
-    end = wal.segno_of(name, plan.segment_size)
+    end = walnames.segno_of(name, plan.segment_size)
     wait_catalogued(plan, run, name, end)
     after, _ = scan(plan, min(scan_start(plan), end), end)
     if after is None:
@@ -330,8 +330,8 @@ def wait_catalogued(plan, run, name, segno):
                 run, plan, f"waiting for WAL segment {name} to be archived and ingested: {waited:.0f} s of {limit}"
             )
         try:
-            wal.ingest(server, actor="job:restore")  # busy when a worker ingests it: then it is the worker's
-        except wal.WalError as e:
+            walingest.ingest(server, actor="job:restore")  # busy when a worker ingests it: then it is the worker's
+        except walnames.WalError as e:
             raise RestoreFailed(f"the WAL after the target cannot be ingested: {e}") from None
         time.sleep(0.3)
     plan.notes.append(f"segment {name} archived and ingested after {time.monotonic() - started:.1f} s")

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal.lib.libpq import SAFE_AUTH
-from backups import binaries, wal
+from backups import binaries, walspool
 from backups.binaries import backup_major
 from restores import pitr_verdict
 from restores.models import RestoreRun
@@ -68,7 +68,7 @@ def write_recovery_settings(plan):
         )
         plan.notes.append("the backup had no pg_hba.conf: one allowing local connections was written")
     lines = [f"\n# PITR restore by backupportal, {timezone.localtime():%Y-%m-%d %H:%M:%S%z}, target {plan.target.text}"]
-    lines += [f"{name} = {wal.conf_quote(value)}" for name, value in recovery_settings(plan).items()]
+    lines += [f"{name} = {walspool.conf_quote(value)}" for name, value in recovery_settings(plan).items()]
     with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
         conf.write("\n".join(lines) + "\n")
     (plan.datadir / "recovery.signal").touch()

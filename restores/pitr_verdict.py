@@ -10,7 +10,7 @@ replay passed it; otherwise it fails, naming where recovery ended and what was m
 import re
 from datetime import datetime
 
-from backups import wal
+from backups import walnames
 from restores.pitr_plan import RestoreFailed
 
 STOPPING = re.compile(r"recovery stopping (.*)$", re.M)
@@ -64,9 +64,9 @@ def proof(plan, stop):
     if target.kind == "lsn":
         m = LSN_STOP.match(stop)
         replayed = plan.recovered.get("recovered_lsn", "")
-        if m and wal.lsn_to_int(m.group(1)) >= wal.lsn_to_int(target.value):
+        if m and walnames.lsn_to_int(m.group(1)) >= walnames.lsn_to_int(target.value):
             return f"recovery stopped at LSN {m.group(1)}, at or past the target {target.value}"
-        if replayed and wal.lsn_to_int(replayed) >= wal.lsn_to_int(target.value):
+        if replayed and walnames.lsn_to_int(replayed) >= walnames.lsn_to_int(target.value):
             return f"replay passed the target LSN {target.value}: it reached {replayed}"
     return None
 
@@ -106,7 +106,7 @@ def missing(plan, text):
     if not restored:
         return f"{wanted}; no archived WAL segment could be replayed"
     after = restored[-1]
-    following = wal.segment_name(wal.timeline_of(after), plan.segno(after) + 1, plan.segment_size)
+    following = walnames.segment_name(walnames.timeline_of(after), plan.segno(after) + 1, plan.segment_size)
     why = f"the WAL after {after} (segment {following}) was missing or unreadable"
     if invalid:
         why = f"{after} was replayed up to where PostgreSQL found {invalid[-1].strip()}"

@@ -26,7 +26,7 @@ from django.utils import timezone
 from backupportal.lib import sampledata
 from backupportal.lib.osuser import as_db_user
 from backupportal.models import JournalEntry
-from backups import wal
+from backups import walingest, walspool
 from backups.models import BackupRun, Server, Verification
 from backups.receiver import Receiver
 from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
@@ -295,7 +295,7 @@ def push_with_base(cluster, server):
     enable_push(cluster)
     assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
     archive_some_wal(cluster)
-    wal.ingest(server)
+    walingest.ingest(server)
 
 
 def pitr(datadir, port, *target):
@@ -355,7 +355,7 @@ def verify_json(*args):
 
 def archive_as_postgres(server, source, name):
     """Run the printed archive_command exactly as PostgreSQL does: `sh -c` as postgres, %p and %f filled in."""
-    command = wal.archive_command(server).replace("%p", shlex.quote(str(source))).replace("%f", name)
+    command = walspool.archive_command(server).replace("%p", shlex.quote(str(source))).replace("%f", name)
     return subprocess.run(as_db_user(["sh", "-c", command]), capture_output=True, text=True, cwd="/")
 
 

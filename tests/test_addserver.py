@@ -11,6 +11,7 @@ from django.core.management.base import CommandError
 from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
 from backups.models import BackupSchedule, Server
+from backups.schedules import ensure_for
 
 
 def addserver(*args, **env):
@@ -34,7 +35,7 @@ def test_it_registers_a_server_and_reads_its_version(sample_cluster, db, capsys)
 
 def test_registering_twice_keeps_one_schedule(sample_cluster, db):
     addserver("maldives", "--dsn", sample_cluster.dsn("reliabilitymaldives"))
-    Server.objects.get(name="maldives").ensure_schedules()
+    ensure_for(Server.objects.get(name="maldives"))
     from django_q.models import Schedule
 
     assert Schedule.objects.filter(name="logical:maldives").count() == 1

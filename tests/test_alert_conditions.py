@@ -19,7 +19,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
-from backups import wal
+from backups import walhealth, walingest, walspool
 from backups.copies import retry_due_copies
 from backups.models import BackupRun, WalSegment
 from tests.helpers import (
@@ -112,8 +112,8 @@ def test_a_segment_lost_from_the_archive_is_a_wal_gap_until_it_is_archived_again
     # The middle segment vanishes from the spool before the portal ingests it: PostgreSQL
     # counts it archived, the archive never had it.
     lost = names[1]
-    (wal.spool_dir(server) / lost).unlink()
-    wal.ingest(server)
+    (walspool.spool_dir(server) / lost).unlink()
+    walingest.ingest(server)
 
     alert = opens_once(smtp_server, "wal_gap", "server:maldives", "maldives")
     assert alert.message == f"WAL gap in the archive of maldives: segment {lost} is missing; PITR cannot cross it"
@@ -122,7 +122,7 @@ def test_a_segment_lost_from_the_archive_is_a_wal_gap_until_it_is_archived_again
     # archive_command PostgreSQL runs; the next ingest fills the gap.
     again = archive_as_postgres(server, sample_cluster.datadir / "pg_wal" / lost, lost)
     assert again.returncode == 0, again.stderr
-    assert lost in wal.ingest(server).ingested
+    assert lost in walingest.ingest(server).ingested
     resolves_once(smtp_server, alert, "maldives")
 
 
@@ -131,7 +131,7 @@ def test_a_spool_postgres_cannot_write_is_wal_archiving_failing_until_it_catches
 ):
     enable_push(sample_cluster)
     server.refresh_from_db()
-    spool = wal.spool_dir(server)
+    spool = walspool.spool_dir(server)
     spool.chmod(0o2550)  # read-only for postgres, as after a wrong chmod or a read-only mount
     try:
         failing = write_and_switch(sample_cluster, "t1")
@@ -149,7 +149,7 @@ def test_a_spool_postgres_cannot_write_is_wal_archiving_failing_until_it_catches
     # Writable again: a new segment wakes the archiver, which archives the backlog in order.
     latest = write_and_switch(sample_cluster, "t2")
     wait_archived(sample_cluster, latest)
-    assert not wal.error_markers(server)
+    assert not walhealth.error_markers(server)
     resolves_once(smtp_server, alert, "maldives")
 
 
@@ -160,13 +160,13 @@ def test_an_archive_program_gone_is_wal_archiving_failing_and_a_server_down_leav
     server.refresh_from_db()
     # The program archive_command runs is gone (someone cleaned up its directory): python
     # cannot even start it, so no marker is left; only PostgreSQL's own statistics tell.
-    wal.program_path().unlink()
+    walspool.program_path().unlink()
     failing = write_and_switch(sample_cluster, "t1")
     wait_for(
         lambda: sample_cluster.execute("SELECT last_failed_wal FROM pg_stat_archiver")[0][0] == failing,
         what=f"the archiver to fail on {failing}",
     )
-    assert not wal.error_markers(server)
+    assert not walhealth.error_markers(server)
     alert = opens_once(smtp_server, "archive_failing", "server:maldives", "maldives")
     assert alert.message.startswith(f"PostgreSQL's archiver fails on {failing} (last failure ")
 
@@ -191,7 +191,7 @@ def test_archive_mode_off_or_another_archive_command_is_wal_archiving_failing_un
     # Turned off by someone, restarted: PostgreSQL archives nothing and reports no failure.
     sample_cluster.execute("ALTER SYSTEM SET archive_mode = off")
     sample_cluster.restart()
-    wal.ingest(server)  # what was archived until then
+    walingest.ingest(server)  # what was archived until then
     alert = opens_once(smtp_server, "archive_failing", "server:maldives", "maldives")
     assert alert.message == (
         "archive_mode is off on maldives: set archive_mode = on and restart PostgreSQL "
@@ -212,9 +212,9 @@ def test_archive_mode_off_or_another_archive_command_is_wal_archiving_failing_un
     sample_cluster.restart()
     elsewhere_wal = write_and_switch(sample_cluster, "t1")
     wait_archived(sample_cluster, elsewhere_wal)
-    assert (elsewhere / elsewhere_wal).exists() and not wal.ingest(server).ingested
+    assert (elsewhere / elsewhere_wal).exists() and not walingest.ingest(server).ingested
     assert still_open(smtp_server, alert).message == (
-        f"archive_command is not the portal's on maldives: no WAL reaches {wal.spool_dir(server)}; set it to "
+        f"archive_command is not the portal's on maldives: no WAL reaches {walspool.spool_dir(server)}; set it to "
         "what `manage.py archivecommand maldives` prints, then reload (SELECT pg_reload_conf())"
     )
     assert not any("hunter2" in m.get_content() for m in smtp_server.messages)  # another tool's secret
@@ -222,7 +222,7 @@ def test_archive_mode_off_or_another_archive_command_is_wal_archiving_failing_un
     sample_cluster.execute("ALTER SYSTEM SET archive_command = ''")
     sample_cluster.reload()
     assert still_open(smtp_server, alert).message.startswith(
-        f"archive_command is empty on maldives: no WAL reaches {wal.spool_dir(server)}; set it to "
+        f"archive_command is empty on maldives: no WAL reaches {walspool.spool_dir(server)}; set it to "
     )
 
     # Put right (the portal's line from postgresql.conf, reloaded): new WAL reaches the portal again.
@@ -230,7 +230,7 @@ def test_archive_mode_off_or_another_archive_command_is_wal_archiving_failing_un
     sample_cluster.reload()
     latest = write_and_switch(sample_cluster, "t2")
     wait_archived(sample_cluster, latest)
-    assert latest in wal.ingest(server).ingested
+    assert latest in walingest.ingest(server).ingested
     resolves_once(smtp_server, alert, "maldives")
 
 

@@ -1,6 +1,6 @@
 """checkserver against real clusters: each check with a verdict and what to do."""
 
-from backups import wal
+from backups import walhealth, walspool
 from tests.helpers import enable_push, run_command
 
 pytest_plugins = ["tests.walfixtures"]
@@ -39,14 +39,14 @@ def test_push_archiving_set_up_by_hand_is_checked_against_what_archivecommand_pr
     assert verdicts(result)["archiving failures"] == "ok" and verdicts(result)["archive_timeout"] == "ok"
 
     # The earlier form (every segment through Python) still archives: a warning, not a failure.
-    earlier = wal.archive_command(server).split(" || ", 1)[1].removesuffix("; }")
-    assert wal.is_portal_command(server, earlier)
+    earlier = walspool.archive_command(server).split(" || ", 1)[1].removesuffix("; }")
+    assert walspool.is_portal_command(server, earlier)
     sample_cluster.execute(f"ALTER SYSTEM SET archive_command = '{earlier}'")
     sample_cluster.execute("SELECT pg_reload_conf()")
     result = run_command("checkserver", "maldives")
     command = next(c for c in result["checks"] if c["check"] == "archive_command")
     assert result["ready"] and command["verdict"] == "warn" and "earlier form" in command["detail"], command
-    assert wal.push_problems(server) == []  # the monitor raises no "wrong archive settings"
+    assert walhealth.push_problems(server) == []  # the monitor raises no "wrong archive settings"
 
 
 def test_an_unreachable_server_fails_the_connection_check_with_what_to_do(server, sample_cluster, passphrase_file):

@@ -18,7 +18,7 @@ import pytest
 from django.utils import timezone
 
 from backupportal.models import JournalEntry
-from backups import wal
+from backups import walchain, walingest, walnames
 from backups.models import BackupCopy, BackupRun, WalSegment
 from backups.tasks import scheduled_job
 from backups.verify import verify_all
@@ -99,8 +99,8 @@ def assert_nothing_archived_is_lost(server, archived):
     assert set(archived) <= present
     result = verify_all()
     assert result["bad"] == 0 and result["unreachable"] == 0, result
-    first, last = (wal.segno_of(n, server.wal_segment_size) for n in (min(archived), max(archived)))
-    assert wal.missing_segments(server, first, last) == []
+    first, last = (walnames.segno_of(n, server.wal_segment_size) for n in (min(archived), max(archived)))
+    assert walchain.missing_segments(server, first, last) == []
 
 
 def sha256_file(path):
@@ -134,7 +134,7 @@ def archive_some(cluster, server, count=3):
         cluster.execute(f"CREATE TABLE IF NOT EXISTS before_{i}(x int)", dbname=DB)
         names.append(switch_wal(cluster))
     wait_archived(cluster, names[-1], timeout=60)
-    wal.ingest(server)
+    walingest.ingest(server)
     assert set(names) <= set(WalSegment.objects.values_list("name", flat=True))
     return names
 
@@ -501,8 +501,8 @@ def test_a_flipped_byte_in_a_base_backup_is_caught_and_never_restored(
     assert_next_scheduled_run_succeeds("base")
     present = set(WalSegment.objects.filter(server=server, deleted_at=None).values_list("name", flat=True))
     assert set(archived) <= present
-    first, last = (wal.segno_of(n, server.wal_segment_size) for n in (min(archived), max(archived)))
-    assert wal.missing_segments(server, first, last) == []
+    first, last = (walnames.segno_of(n, server.wal_segment_size) for n in (min(archived), max(archived)))
+    assert walchain.missing_segments(server, first, last) == []
 
 
 # --- 6. A run whose task the broker lost. ---------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from backupportal.lib import sampledata
 from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
-from backups import wal
+from backups import walingest, walnames
 from backups.models import BackupCopy, BackupRun, StorageLocation
 from restores.models import RestoreRun
 from tests.helpers import (
@@ -85,15 +85,17 @@ def test_pitr_falls_back_to_an_older_base_backup_when_every_copy_of_the_newer_is
     write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
     gap = switch_wal(sample_cluster)  # a segment only the older base backup's chain needs
     wait_archived(sample_cluster, gap)
-    wal.ingest(server)
+    walingest.ingest(server)
     newer = base_backup()
     size = server.wal_segment_size
-    assert wal.segno_of(older.end_wal, size) < wal.segno_of(gap, size) < wal.segno_of(newer.start_wal, size)
+    assert (
+        walnames.segno_of(older.end_wal, size) < walnames.segno_of(gap, size) < walnames.segno_of(newer.start_wal, size)
+    )
     write(sample_cluster, "INSERT INTO probe VALUES ('B')")
     target = a_second_later()
     write(sample_cluster, "INSERT INTO probe VALUES ('C')")
     wait_archived(sample_cluster, switch_wal(sample_cluster))
-    wal.ingest(server)
+    walingest.ingest(server)
     rotten = list(newer.copies.filter(artifact="main").select_related("location"))
     assert len(rotten) == 2
     for copy in rotten:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backups import wal
+from backups import walchain, walnames, walspool
 from backups.models import WalSegment
 from tests.helpers import (
     UNPRIVILEGED,
@@ -48,7 +48,7 @@ def archive_segments(cluster, count):
 
 
 def spooled(spool):
-    return sorted(n for n in os.listdir(spool) if wal.SEGMENT.match(n))
+    return sorted(n for n in os.listdir(spool) if walnames.SEGMENT.match(n))
 
 
 def ingest_task_as(user, settings, home):
@@ -62,7 +62,7 @@ def test_ingest_into_a_read_only_wal_location_keeps_the_spool_alerts_and_catches
     server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
 ):
     enable_push(sample_cluster)
-    spool = wal.spool_dir(server)
+    spool = walspool.spool_dir(server)
     share_spool_with(UNPRIVILEGED, spool)
     backup_root.chmod(0o755)
     wal_root = Path(settings.WAL_ROOT)
@@ -107,8 +107,8 @@ def test_ingest_into_a_read_only_wal_location_keeps_the_spool_alerts_and_catches
     names = set(WalSegment.objects.filter(server=server).values_list("name", flat=True))
     assert set(first + later) <= names and result["ingested"] == len(names)
     server.refresh_from_db()
-    first_no, last_no = (wal.segno_of(n, server.wal_segment_size) for n in (first[0], later[-1]))
-    assert wal.missing_segments(server, first_no, last_no) == []
+    first_no, last_no = (walnames.segno_of(n, server.wal_segment_size) for n in (first[0], later[-1]))
+    assert walchain.missing_segments(server, first_no, last_no) == []
     assert spooled(spool) == [] and not (spool / "errors" / "ingest.json").exists()
     assert "archive_failing" not in after
     assert Alert.objects.get(condition="archive_failing", server=server).state == "resolved"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from django.core.management import call_command
 
-from backups import archive_wal, wal
+from backups import archive_wal, walchain, walingest, walnames, walspool
 from backups.models import BackupCopy, WalSegment
 from tests.helpers import archive_as_postgres, enable_push, run_command, switch_wal, wait_archived
 from watching.models import Alert
@@ -29,7 +29,7 @@ def archive_segments(cluster, count):
 
 
 def spooled(spool):
-    return sorted(n for n in os.listdir(spool) if wal.SEGMENT.match(n) or n.endswith(".tmp"))
+    return sorted(n for n in os.listdir(spool) if walnames.SEGMENT.match(n) or n.endswith(".tmp"))
 
 
 def test_the_archive_program_refuses_a_truncated_segment_and_takes_the_whole_one_on_the_retry(
@@ -37,7 +37,7 @@ def test_the_archive_program_refuses_a_truncated_segment_and_takes_the_whole_one
 ):
     enable_push(sample_cluster)
     first, name = archive_segments(sample_cluster, 2)
-    spool = wal.spool_dir(server)
+    spool = walspool.spool_dir(server)
     whole = (spool / name).read_bytes()
     (spool / name).unlink()  # as if PostgreSQL had not archived it yet: it still has it in pg_wal
 
@@ -45,7 +45,7 @@ def test_the_archive_program_refuses_a_truncated_segment_and_takes_the_whole_one
     odd = archive_as_postgres(server, segment_file(whole[:-8192]), name)
     assert odd.returncode == 1 and f"refusing {name}: it is {len(whole) - 8192} bytes, which no WAL" in odd.stderr
 
-    assert wal.ingest(server).ingested == [first]  # learns the size and leaves it for the program
+    assert walingest.ingest(server).ingested == [first]  # learns the size and leaves it for the program
     assert (spool / archive_wal.SIZE_FILE).read_text() == f"{len(whole)}\n"
     half = archive_as_postgres(server, segment_file(whole[: len(whole) // 2]), name)
     [line] = half.stderr.strip().splitlines()
@@ -59,7 +59,7 @@ def test_the_archive_program_refuses_a_truncated_segment_and_takes_the_whole_one
     ok = archive_as_postgres(server, segment_file(whole), name)
     assert ok.returncode == 0, ok.stderr
     assert (spool / name).read_bytes() == whole and not (spool / "errors" / f"{name}.json").exists()
-    assert wal.ingest(server).ingested == [name]
+    assert walingest.ingest(server).ingested == [name]
     assert WalSegment.objects.get(name=name).size == len(whole)
 
 
@@ -68,11 +68,11 @@ def test_the_ingest_refuses_a_truncated_segment_in_the_spool_until_the_whole_one
 ):
     enable_push(sample_cluster)
     [first] = archive_segments(sample_cluster, 1)
-    assert wal.ingest(server).ingested == [first]
+    assert walingest.ingest(server).ingested == [first]
     server.refresh_from_db()
     size = server.wal_segment_size
     *before, victim, after = archive_segments(sample_cluster, 4)
-    spool = wal.spool_dir(server)
+    spool = walspool.spool_dir(server)
     kept = tmp_path / victim
     shutil.copy2(spool / victim, kept)
     os.truncate(spool / victim, 5 * 1024 * 1024 + 123)  # damaged in the spool, after the program took it
@@ -86,16 +86,16 @@ def test_the_ingest_refuses_a_truncated_segment_in_the_spool_until_the_whole_one
     assert WalSegment.objects.filter(name__in=before).count() == 2  # those before it (encrypted together)
     assert spooled(spool) == [victim, after]  # nothing taken out of the spool
     for name in (victim, after):  # nor half-written, nor encrypted ahead and left uncatalogued
-        assert not list(Path(wal.wal_location().path).rglob(f"{name}*"))
+        assert not list(Path(walingest.wal_location().path).rglob(f"{name}*"))
     assert json.loads((spool / "errors" / "ingest.json").read_text())["reason"] == "ingest_failed"
     call_command("monitor", "--once")
     alert = Alert.objects.get(condition="archive_failing", server=server)
     assert alert.state == "open" and f"WAL segment {victim} is " in alert.message
 
     shutil.copy2(kept, spool / victim)  # the whole segment, from pg_wal
-    assert wal.ingest(server).ingested == [victim, after]
-    first_no, last_no = (wal.segno_of(n, size) for n in (first, after))
-    assert wal.missing_segments(server, first_no, last_no) == []
+    assert walingest.ingest(server).ingested == [victim, after]
+    first_no, last_no = (walnames.segno_of(n, size) for n in (first, after))
+    assert walchain.missing_segments(server, first_no, last_no) == []
     assert WalSegment.objects.get(name=victim).size == size
     assert not (spool / "errors" / "ingest.json").exists()
     call_command("monitor", "--once")
@@ -107,7 +107,7 @@ def test_verify_finds_a_stored_segment_truncated_after_archiving(
 ):
     enable_push(sample_cluster)
     [name] = archive_segments(sample_cluster, 1)
-    wal.ingest(server)
+    walingest.ingest(server)
     copy = BackupCopy.objects.get(wal_segment__name=name, location__name="wal")
     path = Path(copy.location.path) / copy.key
     os.truncate(path, path.stat().st_size // 2)

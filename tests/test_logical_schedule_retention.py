@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from backupportal.models import JournalEntry
 from backups.models import BackupCopy, BackupRun, BackupSchedule
+from backups.schedules import ensure_for
 from backups.tasks import scheduled_job, sync_schedule
 from restores.models import RestoreRun
 
@@ -131,7 +132,7 @@ def test_two_workers_handed_the_same_occurrence_run_it_once(server, passphrase_f
 
 
 def test_the_schedule_is_editable_and_validated(server):
-    server.ensure_schedules()
+    ensure_for(server)
     schedule = BackupSchedule.objects.get(server=server, job="logical")
     schedule.cron = "0 3 * * *"
     schedule.full_clean()
@@ -156,7 +157,7 @@ def test_migrate_mends_a_schedule_row_whose_arguments_django_q2_cannot_read(serv
 
     from backups.apps import sync_locations
 
-    server.ensure_schedules()
+    ensure_for(server)
     # As rows were written before the fix: the repr of a TextChoices member, which literal_eval refuses.
     Schedule.objects.filter(name="logical:maldives").update(args="('maldives', BackupSchedule.Job.LOGICAL)")
     sync_locations(sender=apps.get_app_config("backups"))  # what every migrate runs
@@ -240,7 +241,7 @@ def test_a_run_left_running_by_a_dead_worker_is_failed(server):
 def test_a_dba_edits_a_schedule_on_the_server_page_with_validation(client, alice, server):
     from django_q.models import Schedule
 
-    server.ensure_schedules()
+    ensure_for(server)
     client.force_login(alice)
     response = client.post(
         reverse("schedule-edit", args=[server.name]),
@@ -257,7 +258,7 @@ def test_a_dba_edits_a_schedule_on_the_server_page_with_validation(client, alice
 
 
 def test_a_sysadmin_cannot_edit_schedules(client, sam, server):
-    server.ensure_schedules()
+    ensure_for(server)
     client.force_login(sam)
     response = client.post(
         reverse("schedule-edit", args=[server.name]), {"job": "logical", "cron": "0 3 * * *", "enabled": "on"}

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from backupportal.models import JournalEntry
 from backups.models import BackupRun, Server, StorageLocation
+from backups.schedules import ensure_for
 from restores.models import RestoreTest
 from tests.helpers import mails, manage, ours
 from watching.models import Alert
@@ -67,7 +68,7 @@ def only_alert(condition):
 def test_the_daily_backup_is_missing_at_four_maldives_time_and_not_a_minute_before(
     server, passphrase_file, backup_root, smtp_server
 ):
-    server.ensure_schedules()  # the logical backup at 02:00
+    ensure_for(server)  # the logical backup at 02:00
     Server.objects.filter(pk=server.pk).update(created_at=maldives(1, 12, 0))
     with time_machine.travel(maldives(9, 2, 5), tick=False):
         take_backup()  # yesterday's backup
@@ -114,7 +115,7 @@ def test_the_deadline_follows_the_servers_own_schedule():
 
 
 def test_a_server_registered_after_the_scheduled_time_is_not_missing_a_backup(server, smtp_server):
-    server.ensure_schedules()
+    ensure_for(server)
     Server.objects.filter(pk=server.pk).update(created_at=maldives(10, 3, 0))
     with time_machine.travel(maldives(10, 4, 10), tick=False):
         run_once()

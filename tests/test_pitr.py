@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
-from backups import wal
+from backups import walingest, walnames, walspool
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRun
 from tests.helpers import (
@@ -171,7 +171,7 @@ def test_pitr_to_a_restore_point_an_lsn_or_past_the_last_commit(
     result = pitr(restored(), port, "--target-lsn", str(lsn))
     assert result["status"] == "succeeded", result
     assert rows(port, "SELECT tx FROM probe") == [("A",)]
-    assert result["recovered_lsn"] and wal.lsn_to_int(result["recovered_lsn"]) >= wal.lsn_to_int(str(lsn))
+    assert result["recovered_lsn"] and walnames.lsn_to_int(result["recovered_lsn"]) >= walnames.lsn_to_int(str(lsn))
 
     # A moment after the last archived commit: recovery replays everything there is.
     time.sleep(1)
@@ -193,7 +193,7 @@ def test_a_restored_cluster_adds_nothing_to_the_production_archive(
     port = free_port()
     assert pitr(restored(), port, "--target", "latest")["status"] == "succeeded"
     before = {s.name for s in WalSegment.objects.filter(server=server)}
-    spool = wal.spool_dir(server)
+    spool = walspool.spool_dir(server)
     spooled = sorted(p.name for p in spool.iterdir())
 
     import psycopg
@@ -206,7 +206,7 @@ def test_a_restored_cluster_adds_nothing_to_the_production_archive(
         assert copy.execute("SELECT archived_count, failed_count FROM pg_stat_archiver").fetchone() == (0, 0)
     time.sleep(1)
     assert sorted(p.name for p in spool.iterdir()) == spooled  # ...and none of it reaches the production spool
-    wal.ingest(server)
+    walingest.ingest(server)
     assert {s.name for s in WalSegment.objects.filter(server=server)} == before
     assert not WalSegment.objects.filter(server=server, timeline__gt=1).exists()
 
@@ -231,8 +231,8 @@ def test_the_incremental_runs_prove_the_chain_and_name_their_wal_range(
     assert second.status == "succeeded"
     server.refresh_from_db()
     assert (
-        wal.segno_of(second.start_wal, server.wal_segment_size)
-        == wal.segno_of(run.end_wal, server.wal_segment_size) + 1
+        walnames.segno_of(second.start_wal, server.wal_segment_size)
+        == walnames.segno_of(run.end_wal, server.wal_segment_size) + 1
     )
 
 

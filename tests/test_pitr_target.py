@@ -18,7 +18,7 @@ from django.utils import timezone
 from backupportal.lib.osuser import free_port
 from backupportal.lib.pgdatadir import pg_bin
 from backupportal.models import JournalEntry
-from backups import wal
+from backups import walchain, walingest, walnames
 from backups.models import WalSegment
 from restores import pitr
 from restores.models import RestoreRun
@@ -37,7 +37,7 @@ def archived(cluster, server):
     """Switch WAL, wait for the archiver, ingest: everything so far is in the catalog."""
     name = switch_wal(cluster)
     wait_archived(cluster, name)
-    wal.ingest(server)
+    walingest.ingest(server)
     return name
 
 
@@ -98,7 +98,7 @@ def test_a_target_after_the_archived_wal_has_the_source_switch_and_recovers_ever
     last_archived = with_a_base_and_row_a(sample_cluster, server)
     write(sample_cluster, "INSERT INTO probe VALUES ('B')")  # committed, not archived
     target = a_second_later()
-    assert wal.last_segno(server) == wal.segno_of(last_archived, server.wal_segment_size)
+    assert walchain.last_segno(server) == walnames.segno_of(last_archived, server.wal_segment_size)
 
     port = free_port()
     result = pitr_to(restored(), port, target)

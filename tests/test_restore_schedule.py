@@ -18,6 +18,7 @@ from django_q.scheduler import scheduler
 
 from backupportal.models import JournalEntry
 from backups.models import BackupRun, Server
+from backups.schedules import ensure_for
 from restores.models import RestoreTest
 from restores.restoretest import kinds_to_test
 from tests.helpers import base_backup, enable_push, postgres_running_in
@@ -43,7 +44,7 @@ def restore_tests_of_2027(server):
 @pytest.mark.django_db
 def test_base_backups_are_restore_tested_on_every_first_sunday_of_a_year_and_only_then():
     archiving = Server.objects.create(name="archiving", dsn="postgresql://postgres@127.0.0.1:9/app", archiving="push")
-    archiving.ensure_schedules()
+    ensure_for(archiving)
     tested = restore_tests_of_2027(archiving)
 
     base_days = sorted(moment for moment, kinds in tested.items() if "base" in kinds)
@@ -55,7 +56,7 @@ def test_base_backups_are_restore_tested_on_every_first_sunday_of_a_year_and_onl
 
     # A server without WAL archiving or base backups: logical tests only, all year.
     plain = Server.objects.create(name="plain", dsn="postgresql://postgres@127.0.0.1:9/app")
-    plain.ensure_schedules()
+    ensure_for(plain)
     assert all(kinds == ["logical"] for kinds in restore_tests_of_2027(plain).values())
     # ...until it has a good base backup: then the monthly test restores it too.
     BackupRun.objects.create(server=plain, kind="base", status="succeeded")
@@ -78,7 +79,7 @@ def test_the_monthly_full_test_restores_the_base_and_the_logical_backup_and_the_
     base = base_backup()
 
     # The first Sunday comes: django-q2's scheduler finds the monthly schedule due and runs it.
-    server.ensure_schedules()
+    ensure_for(server)
     Schedule.objects.filter(name="restoretest_monthly:maldives").update(next_run=timezone.now() - timedelta(minutes=1))
     scheduler()  # the test settings run the task inline
     assert RestoreTest.objects.count() == 2, Schedule.objects.get(name="restoretest_monthly:maldives").args

@@ -12,8 +12,7 @@ from django.utils import timezone
 from backupportal.lib import sampledata
 from backupportal.models import JournalEntry
 from backups.copies import delete_run_artifacts, mark_faults, open_first_healthy, retry_due_copies
-from backups.models import BackupCopy, BackupRun
-from backups.storage import check_storage
+from backups.models import BackupCopy, BackupRun, StorageLocation
 from backups.streams import CopyCorrupt
 from tests.helpers import flip_byte, good_backup, verify_json
 from watching import monitor
@@ -312,11 +311,16 @@ def test_free_space_under_20_percent_raises_storage_low_for_the_location(server,
     nas = tiers.locations["nas"]
     used = sum(c.size for c in run.copies.filter(location=nas))
     # "wal" is the WAL archive at WAL_ROOT, a location of its own.
-    assert {r["location"]: r["ok"] for r in check_storage()} == {"primary": True, "wal": True, "nas": True, "s3": True}
+    assert {r["location"]: r["ok"] for r in StorageLocation.check_storage()} == {
+        "primary": True,
+        "wal": True,
+        "nas": True,
+        "s3": True,
+    }
 
     nas.capacity_bytes = int(used / 0.85)  # 15% left of what the portal may use there
     nas.save()
-    report = {r["location"]: r for r in check_storage()}
+    report = {r["location"]: r for r in StorageLocation.check_storage()}
     assert not report["nas"]["ok"] and 14 <= report["nas"]["free_pct"] <= 16
     monitor.check_storage()  # the monitor's minute: it alone opens the alert
     alert = Alert.objects.get(condition="storage_low", subject="location:nas", state="open")
@@ -324,7 +328,7 @@ def test_free_space_under_20_percent_raises_storage_low_for_the_location(server,
 
     nas.capacity_bytes = used * 10
     nas.save()
-    assert {r["location"]: r["ok"] for r in check_storage()}["nas"]
+    assert {r["location"]: r["ok"] for r in StorageLocation.check_storage()}["nas"]
     monitor.check_storage()
     alert.refresh_from_db()
     assert alert.state == "resolved"

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from backupportal.lib.osuser import as_db_user, chown_to_db_user
-from backups import wal
+from backups import walchain, walingest, walnames, walspool
 from backups.models import BackupCopy, BackupSchedule, WalSegment
 from backups.tasks import scheduled_job
 from tests.helpers import (
@@ -56,7 +56,7 @@ def test_archivecommand_prints_the_lines_and_installs_a_program_postgres_can_run
     assert program.parent == wal_spool and stat.S_IMODE(program.stat().st_mode) == 0o644
     spool = Path(result["spool"])
     # Only postgres (owner) and its group (the portal) can read the spool; setgid keeps the group.
-    assert stat.S_IMODE(spool.stat().st_mode) == 0o2770 and spool.stat().st_uid == wal.db_user_ids("postgres")[0]
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o2770 and spool.stat().st_uid == walspool.db_user_ids("postgres")[0]
     server.refresh_from_db()
     assert server.archiving == "push"
     jobs = set(BackupSchedule.objects.filter(server=server).values_list("job", flat=True))
@@ -72,7 +72,7 @@ def test_the_archive_program_is_idempotent_and_refuses_other_content(
     first = segment_file(os.urandom(1024 * 1024))
     ok = archive_as_postgres(server, first, name)
     assert ok.returncode == 0, ok.stderr
-    spooled = wal.spool_dir(server) / name
+    spooled = walspool.spool_dir(server) / name
     assert spooled.read_bytes() == first.read_bytes()
     assert stat.S_IMODE(spooled.stat().st_mode) == 0o640
     assert archive_as_postgres(server, first, name).returncode == 0  # an identical duplicate
@@ -82,7 +82,7 @@ def test_the_archive_program_is_idempotent_and_refuses_other_content(
     assert refused.returncode == 1 and "different content" in refused.stderr
     assert spooled.read_bytes() == first.read_bytes()  # never overwritten
 
-    assert wal.ingest(server).ingested == [name]
+    assert walingest.ingest(server).ingested == [name]
     assert not spooled.exists()
     # After ingest the program compares with the sha256 the portal left behind.
     assert archive_as_postgres(server, first, name).returncode == 0
@@ -102,20 +102,20 @@ def test_an_archive_program_killed_mid_segment_leaves_nothing_that_looks_archive
     fifo = fifo_dir / "fifo"
     os.mkfifo(fifo)
     chown_to_db_user(fifo)
-    command = wal.archive_command(server).replace("%p", str(fifo)).replace("%f", name)
+    command = walspool.archive_command(server).replace("%p", str(fifo)).replace("%f", name)
     program = subprocess.Popen(as_db_user(["sh", "-c", command]), cwd="/")
     with open(fifo, "wb") as writer:
         writer.write(data[: len(data) // 2])
         writer.flush()
-        spool = wal.spool_dir(server)
+        spool = walspool.spool_dir(server)
         wait_for(lambda: [n for n in os.listdir(spool) if n.endswith(".tmp")], what="the copy to start")
         kill_tree(program)
     program.wait()
     assert not (spool / name).exists()
-    assert wal.ingest(server).ingested == []  # a temporary file is never taken for a segment
+    assert walingest.ingest(server).ingested == []  # a temporary file is never taken for a segment
     # PostgreSQL retries: the whole segment arrives.
     assert archive_as_postgres(server, segment_file(data), name).returncode == 0
-    assert wal.ingest(server).ingested == [name]
+    assert walingest.ingest(server).ingested == [name]
     assert WalSegment.objects.get(name=name).sha256 == hashlib.sha256(data).hexdigest()
 
 
@@ -136,7 +136,7 @@ def test_one_call_copies_the_next_ready_segments_and_their_calls_need_no_python(
     ready = ready_segments(sample_cluster, 8)
     assert len(ready) >= 8
     result = run_command("archivecommand", "maldives")
-    spool, pg_wal = wal.spool_dir(server), sample_cluster.datadir / "pg_wal"
+    spool, pg_wal = walspool.spool_dir(server), sample_cluster.datadir / "pg_wal"
     planted = os.urandom((pg_wal / ready[5]).stat().st_size)  # another file under a ready segment's name
     (spool / ready[5]).write_bytes(planted)
 
@@ -158,7 +158,9 @@ def test_one_call_copies_the_next_ready_segments_and_their_calls_need_no_python(
     # Chained with another tool, the line fails when either fails, whichever path it takes.
     for name in (ready[2], ready[7]):  # acknowledged by cmp; through the program (nothing ahead)
         for chained, expected in (("{} && exit 7", 7), ("false && {}", 1), ("{} && true", 0)):
-            line = chained.format(wal.archive_command(server)).replace("%p", str(pg_wal / name)).replace("%f", name)
+            line = (
+                chained.format(walspool.archive_command(server)).replace("%p", str(pg_wal / name)).replace("%f", name)
+            )
             assert subprocess.run(as_db_user(["sh", "-c", line]), cwd="/").returncode == expected, (name, chained)
     refused = archive_as_postgres(server, pg_wal / ready[5], ready[5])
     assert refused.returncode == 1 and "different content" in refused.stderr
@@ -178,7 +180,7 @@ def test_archived_segments_are_ingested_encrypted_and_catalogued(
     segment = WalSegment.objects.get(server=server, name=name)
     size = sample_cluster.execute("SELECT setting::int FROM pg_settings WHERE name = 'wal_segment_size'")[0][0]
     assert segment.size == size and server.wal_segment_size == size
-    assert segment.segno == wal.segno_of(name, size) and segment.timeline == 1
+    assert segment.segno == walnames.segno_of(name, size) and segment.timeline == 1
     copy = BackupCopy.objects.get(wal_segment=segment)
     stored = Path(copy.location.path) / copy.key
     assert stored.read_bytes()[:1] != b"\0" and copy.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
@@ -210,9 +212,9 @@ def test_killing_postgresqls_archiver_loses_no_segment(server, sample_cluster, p
         names.append(execute_retrying(sample_cluster, "SELECT pg_walfile_name(pg_switch_wal())")[0][0])
     wait_archived(sample_cluster, names[-1], timeout=60)
     assert archiver not in [r[0] for r in sample_cluster.execute("SELECT pid FROM pg_stat_activity")]
-    wal.ingest(server)
-    first, last = (wal.segno_of(n, server.wal_segment_size) for n in (names[0], names[-1]))
-    assert wal.missing_segments(server, first, last) == []
+    walingest.ingest(server)
+    first, last = (walnames.segno_of(n, server.wal_segment_size) for n in (names[0], names[-1]))
+    assert walchain.missing_segments(server, first, last) == []
     assert set(names) <= set(WalSegment.objects.values_list("name", flat=True))
 
 
@@ -226,18 +228,18 @@ def test_a_worker_killed_mid_ingest_loses_no_segment(
         sample_cluster.execute(f"CREATE TABLE t{i}(x int)", dbname=DB)
         names.append(switch_wal(sample_cluster))
     wait_archived(sample_cluster, names[-1])
-    spool = wal.spool_dir(server)
+    spool = walspool.spool_dir(server)
 
     worker = manage(settings, "ingestwal", "maldives")
     wait_for(lambda: WalSegment.objects.count() >= 2, what="the ingest to start")
     kill_tree(worker)  # its gpg too, mid-stream
-    assert [n for n in os.listdir(spool) if wal.SEGMENT.match(n)], "the kill came too late to land mid-ingest"
+    assert [n for n in os.listdir(spool) if walnames.SEGMENT.match(n)], "the kill came too late to land mid-ingest"
 
     again = manage(settings, "ingestwal", "maldives")
     assert again.wait(120) == 0, again.stderr.read()
     catalogued = dict(WalSegment.objects.values_list("name", "sha256"))
     assert set(names) <= set(catalogued)
-    assert not [n for n in os.listdir(spool) if wal.SEGMENT.match(n)]
+    assert not [n for n in os.listdir(spool) if walnames.SEGMENT.match(n)]
     # Every archived file decrypts (plain gpg) to exactly the bytes that were catalogued.
     (tmp_path / "gnupg").mkdir(mode=0o700)
     for copy in BackupCopy.objects.filter(wal_segment__name__in=names).select_related("wal_segment", "location"):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from backups import wal
+from backups import walchain, walnames, walspool
 from backups.models import WalSegment
 from tests.helpers import manage, pull, rows, run_command, slot_active, switch_wal, wait_for
 from watching.monitor import check_wal
@@ -34,7 +34,7 @@ def test_pg_receivewal_killed_is_restarted_and_the_chain_has_no_gap(
             wait_for(lambda: receiver.child and receiver.child.proc.pid != killed, what="a new pg_receivewal")
             sample_cluster.execute("CREATE TABLE after_restart(x int)", dbname=DB)
             seen["last"] = switch_wal(sample_cluster)
-            ingested = wal.spool_dir(server) / "ingested" / seen["last"]
+            ingested = walspool.spool_dir(server) / "ingested" / seen["last"]
             wait_for(ingested.exists, what=f"{seen['last']} to be received and ingested")
         finally:
             stop.set()
@@ -45,9 +45,9 @@ def test_pg_receivewal_killed_is_restarted_and_the_chain_has_no_gap(
     thread.join()
 
     assert receiver.restarts == 1
-    first = wal.segno_of(seen["first"], server.wal_segment_size)
-    last = wal.segno_of(seen["last"], server.wal_segment_size)
-    assert wal.missing_segments(server, first, last) == []
+    first = walnames.segno_of(seen["first"], server.wal_segment_size)
+    last = walnames.segno_of(seen["last"], server.wal_segment_size)
+    assert walchain.missing_segments(server, first, last) == []
     assert WalSegment.objects.filter(server=server, source="pull", segno__gte=first, segno__lte=last).count() == (
         last - first + 1
     )

@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
-from backups import retention, wal
+from backups import retention, walchain, walingest, walnames
 from backups.models import BackupCopy, BackupRun, WalSegment
 from tests.helpers import enable_push, rows, run_command, switch_wal, wait_archived
 
@@ -48,11 +48,11 @@ def test_retention_keeps_every_segment_a_kept_base_backup_or_the_window_needs(
     archive_tables(sample_cluster, "a1", "a2", "a3")
     new = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "base")["id"])
     archive_tables(sample_cluster, "b1", "b2")
-    wal.ingest(server)
+    walingest.ingest(server)
     server.refresh_from_db()
     size, now = server.wal_segment_size, timezone.now()
-    old_range = range(wal.segno_of(old.start_wal, size), wal.segno_of(old.end_wal, size) + 1)
-    new_start = wal.segno_of(new.start_wal, size)
+    old_range = range(walnames.segno_of(old.start_wal, size), walnames.segno_of(old.end_wal, size) + 1)
+    new_start = walnames.segno_of(new.start_wal, size)
     between = WalSegment.objects.filter(segno__gt=old_range[-1], segno__lt=new_start)
     assert between.exists()
 
@@ -76,7 +76,7 @@ def test_retention_keeps_every_segment_a_kept_base_backup_or_the_window_needs(
     assert not BackupCopy.objects.filter(wal_segment__in=doomed).exclude(status="deleted").exists()
     kept = WalSegment.objects.filter(segno__isnull=False, deleted_at=None)
     assert set(old_range) <= set(kept.values_list("segno", flat=True))
-    assert wal.missing_segments(server, new_start, wal.last_segno(server)) == []
+    assert walchain.missing_segments(server, new_start, walchain.last_segno(server)) == []
     assert JournalEntry.objects.filter(action="wal_deleted").count() == 1
 
     # Base backups kept 15 days: the older one goes, and with it the WAL only it needed.

@@ -24,7 +24,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import conditions
-from backups import storage, wal
+from backups import walhealth
 from backups.copies import owner_of
 from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation
 from backups.runner import fail_orphans
@@ -261,7 +261,7 @@ def check_storage():
     A location whose free space cannot be read keeps its alert as it is; it is this check's
     error, so that the monitor's output and journal show it.
     """
-    figures = storage.check_storage()
+    figures = StorageLocation.check_storage()
     locations = {location.name: location for location in StorageLocation.objects.all()}
     for figure in figures:
         location = locations[figure["location"]]
@@ -282,8 +282,8 @@ def _storage_message(location, figure):
 
 
 def check_wal(server):
-    """WAL gap, archiving failing, receiver down: what backups.wal.health finds. Returns the findings."""
-    findings, unknown = wal.health(server)
+    """WAL gap, archiving failing, receiver down: what backups.walhealth.health finds. Returns the findings."""
+    findings, unknown = walhealth.health(server)
     for condition in (Alert.Condition.WAL_GAP, Alert.Condition.ARCHIVE_FAILING, Alert.Condition.RECEIVER_DOWN):
         if condition in findings:
             raise_alert(condition, server=server, message=findings[condition])

@@ -5,7 +5,7 @@ from django.db import transaction
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
 from backupportal.lib.osuser import os_actor
-from backups import wal
+from backups import schedules, walnames, walspool
 from backups.management.commands._server import server_named
 from backups.models import Server
 
@@ -28,21 +28,21 @@ class Command(PortalCommand):
                 "(and stop receivewal), or keep pull"
             )
         try:
-            spool = wal.prepare_push_spool(server, db_user)
-        except wal.WalError as e:
+            spool = walspool.prepare_push_spool(server, db_user)
+        except walnames.WalError as e:
             fail(str(e))
         with transaction.atomic():
             if server.archiving != Server.Archiving.PUSH:
                 server.archiving = Server.Archiving.PUSH
                 server.save(update_fields=["archiving"])
-            server.ensure_schedules()
+            schedules.ensure_for(server)
             journal.record("archiving_set_up", actor=os_actor(), obj=server, mode="push", spool=spool)
-        lines = wal.archive_settings(server)
+        lines = walspool.archive_settings(server)
         return {
             "server": server.name,
             "spool": str(spool),
-            "program": str(wal.program_path()),
-            "archive_command": wal.archive_command(server),
+            "program": str(walspool.program_path()),
+            "archive_command": walspool.archive_command(server),
             "settings": {setting: value for setting, value, _ in lines},
             "needs": {setting: needs for setting, _, needs in lines},
         }

@@ -9,7 +9,7 @@ from backupportal import journal
 from backupportal.lib.commands import PortalCommand
 from backupportal.lib.osuser import os_actor
 from backupportal.lib.pgerrors import explain
-from backups import binaries, wal
+from backups import binaries, walhealth, walspool
 from backups.crypto import Encryption, EncryptionError
 from backups.management.commands._server import server_named
 from backups.models import Server, StorageLocation
@@ -74,7 +74,7 @@ def server_checks(server):
         slot = conn.execute(
             "SELECT active FROM pg_replication_slots WHERE slot_name = %s", [server.replication_slot]
         ).fetchone()
-        size = wal.segment_size(server, conn)
+        size = walspool.segment_size(server, conn)
         version = conn.info.server_version
     checks = [
         check("connection", "ok", f"PostgreSQL {settings['server_version']} on {server.host}:{server.port}"),
@@ -132,9 +132,9 @@ def senders_check(senders):
 
 def archive_command_check(server, command):
     fix = f"set it to what `manage.py archivecommand {server.name}` prints, then reload"
-    if command == wal.archive_command(server):
+    if command == walspool.archive_command(server):
         return check("archive_command", "ok", command, fix)
-    if wal.is_portal_command(server, command):
+    if walspool.is_portal_command(server, command):
         # Still archives correctly, only slower: every segment of a backlog starts Python.
         return check("archive_command", "warn", f"{command} (the portal's earlier form, without the cmp shortcut)", fix)
     return check("archive_command", "fail", command or "(empty)", fix)
@@ -160,8 +160,8 @@ def push_checks(server, settings):
             f"archive_timeout = {min(60, objective)}: a quiet server otherwise holds its last changes unarchived",
         )
     )
-    problems = [m.get("message", m.get("segment")) for m in wal.error_markers(server)]
-    failure = wal.archiver_failure(server)
+    problems = [m.get("message", m.get("segment")) for m in walhealth.error_markers(server)]
+    failure = walhealth.archiver_failure(server)
     if failure:
         problems.append(failure)
     checks.append(

@@ -4,7 +4,7 @@ The worker does this every minute (schedule `ingestwal:NAME`); this is the same 
 """
 
 from backupportal.lib.commands import PortalCommand, fail
-from backups import wal
+from backups import walingest, walnames
 from backups.models import Server
 
 
@@ -24,8 +24,8 @@ class Command(PortalCommand):
         results = {}
         for server in servers:
             try:
-                results[server.name] = wal.ingest(server, actor="os:ingestwal").as_dict()
-            except wal.WalError as e:
+                results[server.name] = walingest.ingest(server, actor="os:ingestwal").as_dict()
+            except walnames.WalError as e:
                 fail(f"{server.name}: {e}")
         return {"servers": results}
 

@@ -10,7 +10,7 @@ from django.db import transaction
 from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
 from backupportal.lib.osuser import os_actor
-from backups import wal
+from backups import schedules, walnames
 from backups.management.commands._server import server_named
 from backups.models import Server
 from backups.receiver import Receiver
@@ -31,11 +31,11 @@ class Command(PortalCommand):
             with transaction.atomic():
                 server.archiving = Server.Archiving.PULL
                 server.save(update_fields=["archiving"])
-                server.ensure_schedules()
+                schedules.ensure_for(server)
                 journal.record("archiving_set_up", actor=os_actor(), obj=server, mode="pull")
         try:
             receiver = Receiver(server, log=self.stdout.write)
-        except wal.WalError as e:
+        except walnames.WalError as e:
             fail(str(e))
         self.stopping = False
 

@@ -3,6 +3,7 @@
 from backupportal.lib.commands import PortalCommand, fail
 from backupportal.lib.osuser import os_actor
 from backups.models import BackupRun, Verification
+from backups.verify import execute
 
 
 class Command(PortalCommand):
@@ -23,7 +24,7 @@ class Command(PortalCommand):
             if not run.copies.exists():
                 fail(f"run #{run_id} is {run.status} and has no copies to verify")
         # Catalogued like the portal's and the weekly check's: its page shows it afterwards.
-        result = Verification.objects.create(run=run, requested_by=actor).execute()
+        result = execute(Verification.objects.create(run=run, requested_by=actor))
         if result["bad"] or result["unreachable"]:
             self.stderr.write(
                 f"verify: {result['bad']} bad and {result['unreachable']} unreachable of {result['checked']} copies"

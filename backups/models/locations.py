@@ -1,0 +1,140 @@
+"""Storage locations: the primary directory, the WAL archive, a NAS mirror, S3-compatible storage."""
+
+import os
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+
+from backups.models.servers import name_validator
+from backups.storage import check_storage_path, store_for
+
+# The name of the primary location that holds the WAL archive (WAL_ROOT).
+WAL_LOCATION = "wal"
+
+
+class StorageLocation(models.Model):
+    """Where artifacts are kept: the primary directory, a NAS mirror, S3-compatible storage."""
+
+    class Kind(models.TextChoices):
+        PRIMARY = "primary", "Primary (local)"
+        NAS = "nas", "NAS mirror"
+        S3 = "s3", "S3-compatible offsite"
+
+    # Restores read the first healthy copy in this order.
+    READ_ORDER = {Kind.PRIMARY: 0, Kind.NAS: 1, Kind.S3: 2}
+    # The strategy's alert condition: less than 20% free.
+    LOW_FREE = 0.20
+
+    name = models.CharField(max_length=63, unique=True, validators=[name_validator])
+    kind = models.CharField(max_length=7, choices=Kind.choices)
+    path = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Filesystem locations: a directory under BACKUP_ROOT, WAL_ROOT or NAS_ROOT.",
+    )
+    bucket = models.CharField(max_length=255, blank=True)
+    prefix = models.CharField(max_length=255, blank=True)
+    endpoint_url = models.CharField(max_length=255, blank=True, verbose_name="endpoint URL")
+    region = models.CharField(max_length=64, blank=True)
+    sse = models.CharField("server-side encryption", max_length=32, blank=True)
+    storage_class = models.CharField(max_length=32, blank=True)
+    capacity_bytes = models.BigIntegerField(
+        verbose_name="capacity (bytes)",
+        null=True,
+        blank=True,
+        help_text="The space the portal may use here; counted against the 20% free rule.",
+    )
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def clean(self):
+        if self.kind == self.Kind.S3:
+            if not self.bucket:
+                raise ValidationError({"bucket": "An S3 location needs a bucket name."})
+            from backups.s3 import check_options  # boto3 is loaded only where an S3 location is used
+
+            check_options(self)
+            return
+        if not self.path:
+            raise ValidationError({"path": "A filesystem location needs a directory path."})
+        check_storage_path(self.path)
+
+    @property
+    def read_order(self):
+        return self.READ_ORDER[self.kind]
+
+    def usage(self):
+        """(free bytes, total bytes), or None where it cannot be told (S3 without a configured capacity)."""
+        return store_for(self).usage()
+
+    def catalogued_bytes(self) -> int:
+        """What the catalog says the portal keeps here (copies not yet deleted)."""
+        return self.copies.kept().aggregate(n=models.Sum("size"))["n"] or 0
+
+    def health(self):
+        """Free space for the dashboard: red under the strategy's 20%, amber under 30%."""
+        figure = {"location": self, "free": None, "total": None, "ratio": None, "colour": "grey", "error": ""}
+        try:
+            usage = self.usage()
+        except OSError as e:
+            return figure | {"colour": "red", "error": f"cannot read its free space: {e}"}
+        if not usage or not usage[1]:
+            return figure
+        free, total = usage
+        ratio = free / total
+        colour = "red" if ratio < self.LOW_FREE else "amber" if ratio < 1.5 * self.LOW_FREE else "green"
+        return figure | {"free": free, "total": total, "ratio": ratio, "colour": colour}
+
+    @classmethod
+    def check_storage(cls):
+        """Measure every location's free space: one dict per location ("ok": not under LOW_FREE).
+
+        Filesystem locations count their filesystem (or their configured capacity); an S3 bucket
+        counts only against a configured capacity, and is otherwise unbounded. A location whose
+        free space cannot be read says why ("error"). The monitor turns these into storage_low.
+        """
+        results = []
+        for location in cls.objects.all():
+            figure = (
+                location.health() if location.enabled else {"free": None, "total": None, "ratio": None, "error": ""}
+            )
+            ratio = figure["ratio"]
+            ok = not figure["error"] and (ratio is None or ratio >= cls.LOW_FREE)
+            free_pct = round(100 * ratio, 1) if ratio is not None else None
+            results.append(
+                {"location": location.name, "free": figure["free"], "total": figure["total"], "free_pct": free_pct}
+                | {"ok": ok, "error": figure["error"], "ratio": ratio}
+            )
+        return results
+
+    @classmethod
+    def sync_from_settings(cls):
+        """Create or update the locations that BACKUP_ROOT, NAS_ROOT and S3_BUCKET describe."""
+        cls.objects.update_or_create(
+            name="primary", defaults={"kind": cls.Kind.PRIMARY, "path": str(settings.BACKUP_ROOT)}
+        )
+        # The WAL archive's own primary location (the strategy's separate partition).
+        cls.objects.update_or_create(
+            name=WAL_LOCATION, defaults={"kind": cls.Kind.PRIMARY, "path": str(settings.WAL_ROOT)}
+        )
+        if settings.NAS_ROOT:
+            cls.objects.update_or_create(name="nas", defaults={"kind": cls.Kind.NAS, "path": settings.NAS_ROOT})
+        if settings.S3_BUCKET:
+            cls.objects.update_or_create(
+                name="s3",
+                defaults={
+                    "kind": cls.Kind.S3,
+                    "bucket": settings.S3_BUCKET,
+                    "prefix": settings.S3_PREFIX,
+                    "endpoint_url": settings.S3_ENDPOINT_URL,
+                    "region": os.environ.get("AWS_DEFAULT_REGION", ""),
+                    "sse": settings.S3_SSE,
+                    "storage_class": settings.S3_STORAGE_CLASS,
+                },
+            )

@@ -1,0 +1,127 @@
+"""Backup runs: a logical, base or incremental backup of a server, from queued to succeeded or failed."""
+
+from datetime import datetime, timedelta
+
+from django.db import models
+from django.db.models import F, Window
+from django.db.models.functions import RowNumber
+from django.template.defaultfilters import filesizeformat
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.formats import date_format
+
+from backups.models.servers import Server
+
+
+class BackupRunQuerySet(models.QuerySet):
+    def good(self):
+        """Complete, checksummed, catalogued, and not deleted by retention."""
+        return self.filter(status=BackupRun.Status.SUCCEEDED, deleted_at=None)
+
+    def active(self):
+        return self.filter(status__in=[BackupRun.Status.QUEUED, BackupRun.Status.RUNNING])
+
+    def finished(self):
+        return self.filter(status__in=[BackupRun.Status.SUCCEEDED, BackupRun.Status.FAILED])
+
+    def restorable_bases(self):
+        """Good base backups a PITR can start from: their WAL range is known (start_wal)."""
+        return self.good().filter(kind=BackupRun.Kind.BASE).exclude(start_wal="")
+
+    def newest_per_kind(self):
+        """Of these runs, the newest to finish of each server and kind: one query for all servers."""
+        newest_first = [F("finished_at").desc(nulls_last=True), F("pk").desc()]
+        rank = Window(RowNumber(), partition_by=[F("server_id"), F("kind")], order_by=newest_first)
+        return self.annotate(rank=rank).filter(rank=1)
+
+
+class BackupRun(models.Model):
+    class Kind(models.TextChoices):
+        LOGICAL = "logical", "Logical (pg_dump)"
+        BASE = "base", "Base (pg_basebackup)"
+        INCREMENTAL = "incremental", "Incremental (WAL chain)"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    class Trigger(models.TextChoices):
+        MANUAL = "manual", "Manual"
+        SCHEDULED = "scheduled", "Scheduled"
+
+    server = models.ForeignKey(Server, on_delete=models.PROTECT, related_name="runs")
+    kind = models.CharField(max_length=11, choices=Kind.choices)
+    status = models.CharField(max_length=9, choices=Status.choices, default=Status.QUEUED)
+    trigger = models.CharField(max_length=9, choices=Trigger.choices, default=Trigger.MANUAL)
+    requested_by = models.CharField(max_length=150, blank=True, help_text="user, or job:<name>")
+
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # The worker touches this while it streams; a run whose heartbeat stopped was orphaned.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    pid = models.IntegerField(null=True, blank=True, verbose_name="worker process id")
+
+    key = models.CharField(max_length=500, blank=True, help_text="the artifact's path relative to each location")
+    size = models.BigIntegerField(null=True, blank=True)
+    bytes_done = models.BigIntegerField(default=0, verbose_name="bytes written")
+    sha256 = models.CharField(max_length=64, blank=True, verbose_name="SHA-256")
+    error = models.TextField(blank=True)
+    notes = models.TextField(blank=True)
+    details = models.JSONField(default=dict, blank=True, help_text="row counts, tool versions, compression")
+
+    # Physical and WAL-chain runs: where in the WAL they start and end.
+    timeline = models.IntegerField(null=True, blank=True)
+    start_lsn = models.CharField(max_length=32, blank=True, verbose_name="start LSN")
+    end_lsn = models.CharField(max_length=32, blank=True, verbose_name="end LSN")
+    start_wal = models.CharField(max_length=24, blank=True, verbose_name="first WAL segment")
+    end_wal = models.CharField(max_length=24, blank=True, verbose_name="last WAL segment")
+
+    deleted_at = models.DateTimeField(null=True, blank=True, help_text="set when retention removed the artifact")
+
+    objects = BackupRunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # Used by the dashboard, the runs list and latest_good_backup().
+            models.Index(fields=["server", "kind", "status", "-finished_at"], name="run_server_kind_status"),
+            models.Index(fields=["-created_at"], name="run_created"),
+            # Used by the orphan sweep and the lock check.
+            models.Index(fields=["status"], name="run_active", condition=models.Q(status__in=["queued", "running"])),
+        ]
+        permissions = [("run_backup", "Can back up now, verify and run restore tests")]
+
+    def __str__(self):
+        """What a DBA picks a backup by: what, when, how big ("#12 maldives logical, 2026-12-03 02:00, 41.2 MB")."""
+        when = self.finished_at or self.created_at
+        text = f"#{self.pk} {self.server} {self.kind}"
+        if when:
+            text += f", {date_format(timezone.localtime(when), 'DATETIME_FORMAT')}"
+        if self.size:
+            text += f", {filesizeformat(self.size)}"
+        return text if self.status == self.Status.SUCCEEDED else f"{text} ({self.status})"
+
+    def get_absolute_url(self):
+        return reverse("run", args=[self.pk])
+
+    @property
+    def duration(self) -> timedelta | None:
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        if self.started_at:
+            return timezone.now() - self.started_at
+        return None
+
+    @property
+    def is_good(self):
+        return self.status == self.Status.SUCCEEDED and self.deleted_at is None
+
+    @property
+    def stop_time(self):
+        """When a base backup became consistent (pg_basebackup's end): what PITR and retention
+        compare a target with. Runs from before it was recorded: their finish."""
+        stamp = self.details.get("stop_time")
+        return datetime.fromisoformat(stamp) if stamp else self.finished_at

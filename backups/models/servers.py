@@ -1,0 +1,182 @@
+"""The protected servers (PostgreSQL clusters) and when each one's jobs run."""
+
+import re
+from pathlib import Path
+
+from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
+from django.db import models
+from django.urls import reverse
+from django.utils import timezone
+
+from backupportal.lib.cron import cron_problem, in_words, next_runs
+from backups import binaries
+from backups.connection import ServerConnection
+from backups.tables import validate_table_list
+
+name_validator = RegexValidator(
+    r"^[a-z0-9][a-z0-9_.-]{0,62}$",
+    "Use lower-case letters, digits, '.', '_' or '-' (at most 63 characters).",
+)
+
+
+def default_critical_tables():
+    # None: every table is counted and compared anyway; the DBAs name the ones that must
+    # also never be empty or shrink (the strategy's were users, roles, audit_logs and
+    # financial_records, which other databases do not have).
+    return []
+
+
+class Server(ServerConnection):
+    """A PostgreSQL database that the portal protects."""
+
+    class Archiving(models.TextChoices):
+        NONE = "none", "None"
+        PUSH = "push", "Push (archive_command)"
+        PULL = "pull", "Pull (pg_receivewal)"
+
+    name = models.CharField(max_length=63, unique=True, validators=[name_validator])
+    # dsn and the sealed password: backups/connection.py.
+    # Chosen among PG_BIN_DIRS, never typed: whoever names the directory runs code as the worker.
+    pg_bin = models.CharField(
+        "PostgreSQL bin directory",
+        max_length=300,
+        blank=True,
+        validators=[binaries.validate_bin_dir],
+        help_text="One of PG_BIN_DIRS; empty: that of the server's major version, else the newest at least as new.",
+    )
+    pg_version = models.IntegerField(
+        null=True, editable=False, help_text="server_version_num at registration", verbose_name="PostgreSQL version"
+    )
+    archiving = models.CharField(max_length=4, choices=Archiving.choices, default=Archiving.NONE)
+    # Read from the server (initdb --wal-segsize), never assumed: segment names and numbers depend on it.
+    wal_segment_size = models.IntegerField(
+        null=True, blank=True, editable=False, help_text="bytes", verbose_name="WAL segment size (bytes)"
+    )
+    enabled = models.BooleanField(default=True)
+
+    rpo_minutes = models.PositiveIntegerField("RPO objective (minutes)", default=15)
+    rto_critical_minutes = models.PositiveIntegerField("RTO objective, critical functions (minutes)", default=240)
+    rto_full_minutes = models.PositiveIntegerField("RTO objective, full system (minutes)", default=480)
+
+    logical_retention_days = models.PositiveIntegerField(default=30)
+    base_retention_days = models.PositiveIntegerField(default=30)
+    wal_retention_days = models.PositiveIntegerField(default=7, verbose_name="WAL retention (days)")
+
+    critical_tables = models.JSONField(
+        default=default_critical_tables,
+        blank=True,
+        validators=[validate_table_list],
+        help_text=(
+            'Tables that must never be empty or shrink past the threshold, as a list: ["public.users", '
+            '"sales.orders"]. Empty: none (every table\'s row count is compared by restore tests anyway).'
+        ),
+    )
+    shrink_threshold_pct = models.PositiveIntegerField(
+        verbose_name="shrink threshold (%)",
+        default=20,
+        help_text="A restore test fails when a critical table shrank more than this against the previous backup.",
+    )
+    sandbox = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Where restore tests restore; empty: this server, as the strategy does.",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+        permissions = [("change_critical_tables", "Can choose a server's critical tables")]
+
+    def __str__(self):
+        return self.name
+
+    def get_absolute_url(self):
+        return reverse("server", args=[self.name])
+
+    def clean(self):
+        self.clean_dsn()
+
+    @property
+    def version_display(self):
+        if not self.pg_version:
+            return "unknown"
+        return f"{self.pg_version // 10000}.{self.pg_version % 10000}"
+
+    def bin_dir(self) -> Path:
+        """The directory of this server's client tools (backups.binaries chooses it)."""
+        return binaries.client_dir(self)
+
+    @property
+    def replication_slot(self):
+        """The slot pg_receivewal streams from: the server keeps WAL while the receiver is down."""
+        return ("backupportal_" + re.sub(r"[^a-z0-9_]", "_", self.name))[:63]
+
+    def latest_good_backup(self, kind):
+        return self.runs.good().filter(kind=kind).order_by("-finished_at").first()
+
+
+class BackupSchedule(models.Model):
+    """When a job runs for a server: cron fields in the portal's TIME_ZONE (Indian/Maldives).
+
+    DBAs edit these; a django-q2 Schedule row (superusers only) is kept in step by name.
+    """
+
+    class Job(models.TextChoices):
+        LOGICAL = "logical", "Logical backup"
+        BASE = "base", "Base backup"
+        INCREMENTAL = "incremental", "WAL switch and chain check"
+        RESTORE_TEST = "restoretest", "Weekly restore test"
+        MONTHLY_RESTORE_TEST = "restoretest_monthly", "Monthly full restore test"
+        INGEST_WAL = "ingestwal", "WAL spool ingest"
+
+    DEFAULT_CRON = {
+        Job.LOGICAL: "0 2 * * *",
+        Job.BASE: "30 2 * * *",
+        Job.INCREMENTAL: "0 8,14,20 * * *",
+        Job.RESTORE_TEST: "0 5 * * 3",
+        Job.MONTHLY_RESTORE_TEST: "0 3 * * 0#1",
+        Job.INGEST_WAL: "* * * * *",
+    }
+
+    # The jobs every new server gets. Each is added here when its job exists.
+    DEFAULT_JOBS = [Job.LOGICAL, Job.RESTORE_TEST, Job.MONTHLY_RESTORE_TEST]
+    # And those of a server that archives WAL (push or pull).
+    ARCHIVING_JOBS = [Job.BASE, Job.INCREMENTAL, Job.INGEST_WAL]
+
+    server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="schedules")
+    job = models.CharField(max_length=20, choices=Job.choices)
+    cron = models.CharField(
+        max_length=100,
+        help_text="minute hour day-of-month month day-of-week",
+        verbose_name="cron (minute hour day month weekday)",
+    )
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["server", "job"], name="one_schedule_per_server_job")]
+        ordering = ["server__name", "job"]
+
+    def __str__(self):
+        return f"{self.server} {self.get_job_display()} ({self.cron})"
+
+    def clean(self):
+        # As django-q2 will run it: five fields in range, firing within four years.
+        problem = cron_problem(self.cron)
+        if problem:
+            raise ValidationError({"cron": problem})
+
+    def in_words(self):
+        return in_words(self.cron) if not cron_problem(self.cron) else self.cron
+
+    def next_runs(self):
+        """When it fires next, for the server page: a DBA checks a cron by its times."""
+        return next_runs(self.cron) if self.enabled and not cron_problem(self.cron) else []
+
+    @property
+    def q_name(self):
+        """The django-q2 Schedule's name: unique, so creating it is idempotent."""
+        return f"{self.job}:{self.server.name}"

@@ -1,0 +1,158 @@
+"""What keeps a server's WAL from the archive: a gap, a failing archiver or archive_command,
+an error marker in the spool, an idle replication slot.
+
+The monitor (watching) turns health() into the wal_gap, archive_failing and receiver_down alerts.
+"""
+
+import json
+
+import psycopg
+from django.utils import timezone
+
+from backups.models import Server
+from backups.receiver import steady
+from backups.walchain import chain_gaps
+from backups.walspool import is_portal_command, spool_dir
+
+
+def error_markers(server):
+    folder = spool_dir(server) / "errors"
+    markers = []
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.json")):
+            try:
+                markers.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                markers.append({"segment": path.stem, "reason": "failed", "message": f"unreadable marker {path}"})
+    return markers
+
+
+# What archiver_failure(), push_problems() and receiver_problem() return, when asked to, for a
+# condition they cannot tell now: the server does not answer, or pg_receivewal has streamed too
+# briefly to count as recovered. Unknown is neither a failure nor a recovery.
+UNKNOWN = object()
+ARCHIVER_SQL = "SELECT failed_count, last_failed_wal, last_failed_time, last_archived_time FROM pg_stat_archiver"
+# The values PostgreSQL runs with (not what its configuration files say until a reload or restart).
+ARCHIVING_SETTINGS_SQL = (
+    "SELECT name, setting, pending_restart FROM pg_settings "
+    "WHERE name IN ('archive_mode', 'archive_command', 'archive_library')"
+)
+
+
+def archiver_failure(server, unknown=None):
+    """pg_stat_archiver's last failure when it is newer than its last success, else None."""
+    try:
+        with server.connect() as conn:
+            return _archiver_failure(conn)
+    except psycopg.Error:
+        return unknown  # the RPO check reports the server unreachable
+
+
+def _archiver_failure(conn):
+    failed_count, failed_wal, failed_at, archived_at = conn.execute(ARCHIVER_SQL).fetchone()
+    if failed_count and failed_at and (archived_at is None or failed_at > archived_at):
+        return f"PostgreSQL's archiver fails on {failed_wal} (last failure {timezone.localtime(failed_at):%Y-%m-%d %H:%M:%S})"
+    return None
+
+
+def push_problems(server, unknown=None):
+    """Push: what the server says keeps its WAL from the portal (its settings, its archiver), as a list."""
+    try:
+        with server.connect() as conn:
+            running = {name: (value, pending) for name, value, pending in conn.execute(ARCHIVING_SETTINGS_SQL)}
+            problems = [archiving_settings_problem(server, running), _archiver_failure(conn)]
+    except psycopg.Error:
+        return unknown
+    return [p for p in problems if p]
+
+
+def archiving_settings_problem(server, running):
+    """The running setting that sends no WAL to the portal's spool, and what to do; None when all is set.
+
+    `running` maps archive_mode, archive_command and archive_library to (setting, pending_restart)
+    from pg_settings. With archive_mode off, or another archive_command, PostgreSQL reports no
+    archiving failure at all: WAL simply never arrives, and only the RPO would tell, much later.
+    """
+    lines = f"`manage.py archivecommand {server.name}` prints the lines to set"
+    mode, restart_pending = running["archive_mode"]
+    if mode not in ("on", "always"):
+        if restart_pending:
+            return f"archive_mode is {mode} on {server}: a new value is in its configuration; restart PostgreSQL"
+        return f"archive_mode is {mode} on {server}: set archive_mode = on and restart PostgreSQL ({lines})"
+    reload = "then reload (SELECT pg_reload_conf())"
+    library = running.get("archive_library", ("", False))[0]  # PostgreSQL 15 and newer
+    if library:
+        # The library, not archive_command, archives; its name is no secret.
+        return (
+            f"archive_library is {library} on {server}, so the portal's archive_command "
+            f"is not used: ALTER SYSTEM RESET archive_library, {reload}"
+        )
+    command = running["archive_command"][0]
+    if not is_portal_command(server, command):
+        # Someone else's command is not repeated: it may hold a password or a key.
+        what = "empty" if not command else "not the portal's"
+        return (
+            f"archive_command is {what} on {server}: no WAL reaches {spool_dir(server)}; "
+            f"set it to what `manage.py archivecommand {server.name}` prints, {reload}"
+        )
+    return None
+
+
+def receiver_problem(server, unknown=None):
+    """Pull: the replication slot must exist and be in use by pg_receivewal, steadily.
+
+    A stream younger than the supervisor's steadiness window is `unknown`: the receiver may be
+    between two deaths (backups.receiver.steady is the one rule for both).
+    """
+    try:
+        with server.connect() as conn:
+            row = conn.execute(
+                # How long the walsender now holding the slot has been connected, by the server's clock.
+                "SELECT s.active, extract(epoch FROM now() - a.backend_start)::float8 "
+                "FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid "
+                "WHERE s.slot_name = %s",
+                [server.replication_slot],
+            ).fetchone()
+    except psycopg.Error:
+        return unknown
+    if row is None:
+        return f"replication slot {server.replication_slot} does not exist: start `manage.py receivewal {server.name}`"
+    active, streaming_for = row
+    if not active:
+        return (
+            f"nothing streams from slot {server.replication_slot}: `manage.py receivewal {server.name}` is not running"
+        )
+    # backend_start is hidden only from another role (the portal's own role runs pg_receivewal): then steady.
+    if streaming_for is not None and not steady(streaming_for):
+        return unknown
+    return None
+
+
+def health(server):
+    """What keeps the server's WAL from the archive: ({condition: message}, {conditions unknown}).
+
+    The monitor (watching) calls it every minute and opens or resolves wal_gap,
+    archive_failing and receiver_down from it; a condition that cannot be told now (the server
+    does not answer) is unknown, neither found nor cleared.
+    """
+    findings, unknown = {}, set()
+    gaps = chain_gaps(server)
+    if gaps:
+        findings["wal_gap"] = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
+    if server.archiving == Server.Archiving.PUSH:
+        problems = push_problems(server, unknown=UNKNOWN)
+        if problems is UNKNOWN:
+            unknown.add("archive_failing")
+            problems = []
+    else:
+        problems = []
+    problems += [m.get("message") or f"{m.get('segment')}: {m.get('reason')}" for m in error_markers(server)]
+    if problems:
+        findings["archive_failing"] = "; ".join(problems)[:2000]
+    if server.archiving == Server.Archiving.PULL:
+        problem = receiver_problem(server, unknown=UNKNOWN)
+        if problem is UNKNOWN:
+            unknown.add("receiver_down")
+        elif problem:
+            findings["receiver_down"] = problem
+    return findings, unknown

@@ -1,0 +1,347 @@
+"""Ingest of a server's WAL spool into the archive (WAL_ROOT), the catalog and the other tiers.
+
+`ingest()` catalogues each file of the spool (timeline, name, size, sha256, archive time),
+encrypts it through gpg into the WAL location, records the copy, and only then removes it
+from the spool: a worker killed at any moment loses nothing, it ingests again. What goes
+wrong is left as a marker in the spool (SPOOL/errors/) for the monitor.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from backupportal import conditions, journal
+from backups import archive_wal, streams
+from backups.copies import copy_one
+from backups.crypto import Encryption, EncryptionError
+from backups.models import WAL_LOCATION, BackupCopy, Server, StorageLocation, WalSegment
+from backups.storage import StorageError, store_for
+from backups.walnames import SEGMENT, WAL_FILE, WalError, segno_of, timeline_of, wal_key
+from backups.walspool import publish_segment_size, spool_dir
+
+# WAL compresses well (a switched segment is mostly zeros); gpg's own compression is undone
+# by the same `gpg --decrypt`. Level 1: nearly all of the gain at a fraction of the cost.
+WAL_COMPRESS_LEVEL = 1
+CHUNK = 1024 * 1024
+# SPOOL/errors/ingest.json: the last ingest failed (the WAL location refused); removed by the next good one.
+INGEST_MARKER = "ingest"
+# Temporary files a killed archive program left behind are removed after this long.
+STALE_TMP = timedelta(minutes=10)
+# Segments encrypted at once by an ingest: one gpg each, so about one per core.
+INGEST_WORKERS = max(2, min(4, os.cpu_count() or 2))
+
+
+@dataclass
+class IngestResult:
+    ingested: list = field(default_factory=list)
+    duplicates: list = field(default_factory=list)
+    conflicts: list = field(default_factory=list)
+    busy: bool = False
+
+    def as_dict(self):
+        return {
+            "ingested": len(self.ingested),
+            "first": self.ingested[0] if self.ingested else None,
+            "last": self.ingested[-1] if self.ingested else None,
+            "duplicates": len(self.duplicates),
+            "conflicts": self.conflicts,
+            "busy": self.busy,
+        }
+
+
+class HashingReader:
+    """A file wrapper that hashes what is read through it (the plaintext, on its way to gpg)."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n=-1):
+        chunk = self.f.read(n)
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+
+def wal_location():
+    location = StorageLocation.objects.filter(name=WAL_LOCATION, enabled=True).first()
+    if location is None:
+        StorageLocation.sync_from_settings()
+        location = StorageLocation.objects.get(name=WAL_LOCATION)
+    return location
+
+
+def pending_names(spool: Path, source):
+    """WAL files ready to ingest, oldest first. The newest .partial of pg_receivewal is still
+    being written; an older one was left behind by a timeline switch and is final."""
+    names = sorted(n for n in os.listdir(spool) if WAL_FILE.match(n))
+    partials = [n for n in names if n.endswith(".partial")]
+    if source == "pull" and partials:
+        names.remove(partials[-1])
+    return names
+
+
+def ingest(server, actor="job:ingestwal"):
+    """Ingest everything in the server's spool. One ingest per spool at a time (flock)."""
+    spool = spool_dir(server)
+    result = IngestResult()
+    if not spool.is_dir():
+        return result
+    source = "pull" if server.archiving == Server.Archiving.PULL else "push"
+    lock_fd = os.open(spool / ".ingest.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            result.busy = True
+            return result
+        publish_segment_size(server)  # for a server whose size was learned before the file existed
+        names = pending_names(spool, source)
+        if names:
+            try:
+                _ingest_names(server, spool, names, source, result)
+            except WalError as e:
+                ingest_failed(server, spool, result, e)
+                raise
+            copy_pending(server)  # a failed copy stays pending for the copy worker; never fails the ingest
+        clear_error_marker(spool, INGEST_MARKER)
+        _remove_stale_tmp(spool)
+    finally:
+        os.close(lock_fd)
+    if result.ingested:
+        journal.record(
+            "wal_ingested",
+            actor=actor,
+            obj=server,
+            count=len(result.ingested),
+            first=result.ingested[0],
+            last=result.ingested[-1],
+        )
+    return result
+
+
+def _ingest_names(server, spool, names, source, result):
+    """Ingest `names` in order. gpg encrypts up to INGEST_WORKERS of them at once (one process,
+    one core each: with the strategy's key derivation and compression a segment costs a tenth
+    of a second or more); this thread alone checks and catalogues them, in order."""
+    try:
+        encryption = Encryption()  # a misconfiguration is one message, before any file is touched
+    except EncryptionError as e:
+        raise WalError(str(e)) from None
+    location = wal_location()
+    store = store_for(location)
+
+    def encrypt(path, key):
+        with open(path, "rb") as f:
+            reader = HashingReader(f)
+            size, sha256 = encrypt_into(store, key, reader, encryption)
+        return reader, size, sha256
+
+    window = deque()  # (name, key, future) in name order
+
+    def catalogue_until(size):
+        while len(window) > size:
+            _catalogue_next(server, spool, window, source, store, location, result)
+
+    with ThreadPoolExecutor(max_workers=INGEST_WORKERS) as pool:
+        try:
+            for name in names:
+                try:
+                    outcome = prepare(server, spool / name, store)
+                except (WalError, StorageError) as e:
+                    catalogue_until(0)  # those before it are good: catalogued before it stops the ingest
+                    if isinstance(e, StorageError):
+                        raise stays_in_spool(e, name, spool) from None
+                    raise
+                if outcome:
+                    getattr(result, outcome).append(name)
+                    continue
+                key = wal_key(server, name)
+                window.append((name, key, pool.submit(encrypt, spool / name, key)))
+                catalogue_until(INGEST_WORKERS - 1)
+            catalogue_until(0)
+        except BaseException:
+            for _, key, future in window:  # encrypted ahead, never catalogued: nothing refers to them
+                if future.exception() is None:
+                    store.delete(key)
+            raise
+
+
+def ingest_failed(server, spool, result, error):
+    """What the monitor must keep seeing until an ingest succeeds: a marker, which it reads now."""
+    message = f"WAL of {server} cannot be ingested: {error}"
+    if result.ingested:
+        message += f" (ingested up to {result.ingested[-1]} before it failed)"
+    try:
+        write_error_marker(spool, INGEST_MARKER, "ingest_failed", message)
+    except OSError:
+        pass  # the spool itself refuses: so does the archive command, which the server reports
+    conditions.changed("archive_failing", server=server)
+
+
+def stays_in_spool(error, name, spool):
+    # Before the catalog and the unlink: the file stays in the spool for the next ingest.
+    return WalError(f"{error}; {name} and the WAL after it wait in {spool}, nothing is lost")
+
+
+def _catalogue_next(server, spool, window, source, store, location, result):
+    name, key, future = window.popleft()
+    path = spool / name
+    try:
+        reader, size, sha256 = future.result()
+    except StorageError as e:
+        raise stays_in_spool(e, name, spool) from None
+    try:
+        check_segment_size(server, path, reader.size)  # what gpg got, whatever stat said
+    except WalError:
+        store.delete(key)  # never catalogued: nothing may look archived
+        raise
+    getattr(result, record(server, path, source, location, key, reader, size, sha256)).append(name)
+
+
+def prepare(server, path: Path, store):
+    """Before encrypting: "duplicates" or "conflicts" when the name is catalogued, else None.
+    Raises WalError for a segment of the wrong size."""
+    existing = WalSegment.objects.filter(server=server, name=path.name, deleted_at=None).first()
+    if existing is not None:
+        return _already_archived(server, path, existing)
+    key = wal_key(server, path.name)
+    if store.exists(key):
+        store.delete(key)  # left by an ingest killed before it catalogued the file: nothing refers to it
+    check_segment_size(server, path, path.stat().st_size)
+    return None
+
+
+def record(server, path: Path, source, location, key, reader, size, sha256):
+    """Catalogue one encrypted file; returns "ingested" (or "duplicates" after a race)."""
+    archived_at = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+    if SEGMENT.match(path.name) and not server.wal_segment_size:
+        learn_segment_size(server, reader.size)
+    try:
+        with transaction.atomic():
+            segment = catalogue(server, path.name, reader, key, archived_at, source)
+            BackupCopy.record_made(location, key, size, sha256, wal_segment=segment, artifact="wal")
+            plan_wal_copies(segment, key)
+    except IntegrityError:  # another ingest catalogued it a moment ago
+        return _already_archived(server, path, WalSegment.objects.get(server=server, name=path.name))
+    mark_ingested(path.parent, path.name, segment.sha256)
+    path.unlink()
+    return "ingested"
+
+
+def catalogue(server, name, reader, key, archived_at, source):
+    fields = {
+        "timeline": timeline_of(name),
+        "segno": segno_of(name, server.wal_segment_size) if SEGMENT.match(name) else None,
+        "size": reader.size,
+        "sha256": reader.sha256.hexdigest(),
+        "key": key,
+        "archived_at": archived_at,
+        "ingested_at": timezone.now(),
+        "source": source,
+        "deleted_at": None,
+    }
+    # A name retention deleted long ago can come back (re-archived): the row is reused.
+    segment, _ = WalSegment.objects.update_or_create(server=server, name=name, defaults=fields)
+    return segment
+
+
+def check_segment_size(server, path: Path, size):
+    """A full segment must be wal_segment_size long: a shorter one is truncated, and catalogued
+    it would look good until a PITR needed it. It stays in the spool (and the WAL after it)."""
+    if not SEGMENT.match(path.name):
+        return
+    expected = server.wal_segment_size
+    if expected == size or (not expected and archive_wal.plausible_segment_size(size)):
+        return  # an unknown size is learned from the first plausible segment (learn_segment_size)
+    what = f"the {expected} bytes of {server}'s segments" if expected else "a power of two from 1 MiB to 1 GiB"
+    raise WalError(
+        f"WAL segment {path.name} is {size} bytes, not {what}: it is truncated or not a segment; "
+        f"replace {path} with the whole segment from pg_wal on {server} (if it is gone, remove it and take a "
+        "base backup: PITR cannot cross it); nothing after it is ingested until then"
+    )
+
+
+def learn_segment_size(server, size):
+    if archive_wal.plausible_segment_size(size):
+        Server.objects.filter(pk=server.pk).update(wal_segment_size=size)
+        server.wal_segment_size = size
+        publish_segment_size(server)
+
+
+def encrypt_into(store, key, reader, encryption):
+    """Stream `reader` through gpg into an atomic file (backups.streams). Returns (size, sha256) of the ciphertext."""
+    try:
+        return streams.encrypt_into(store, key, streams.Source(reader), encryption, WAL_COMPRESS_LEVEL)
+    except streams.WriteFailed as e:
+        raise WalError(f"cannot write {key} into the WAL archive: {e.error}") from None
+    except streams.EncryptFailed as e:
+        raise WalError(str(e)) from None
+
+
+def _already_archived(server, path, existing):
+    sha256 = archive_wal.sha256_of(path)  # the archive program's own: the same rule on both sides
+    if sha256 == existing.sha256:
+        mark_ingested(path.parent, path.name, sha256)
+        path.unlink()
+        return "duplicates"
+    message = (
+        f"WAL file {path.name} of {server} arrived again with different content (sha256 {sha256[:12]}, "
+        f"archived {existing.sha256[:12]}): the archive keeps the first; it is left in {path.parent} to investigate"
+    )
+    write_error_marker(path.parent, path.name, "conflict", message)
+    conditions.changed("archive_failing", server=server)
+    return "conflicts"
+
+
+def mark_ingested(spool: Path, name, sha256):
+    """SPOOL/ingested/NAME holds the sha256: the archive program compares a re-archived file with it."""
+    folder = spool / "ingested"
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with os.fdopen(fd, "w") as f:
+        f.write(sha256 + "\n")
+    os.replace(tmp, folder / name)
+
+
+def write_error_marker(spool: Path, name, reason, message):
+    folder = spool / "errors"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({"segment": name, "reason": reason, "message": message}))
+
+
+def clear_error_marker(spool: Path, name):
+    (spool / "errors" / f"{name}.json").unlink(missing_ok=True)
+
+
+def _remove_stale_tmp(spool: Path):
+    cutoff = time.time() - STALE_TMP.total_seconds()
+    for entry in os.scandir(spool):
+        if entry.name.endswith(".tmp") and entry.name.startswith(".") and entry.stat().st_mtime < cutoff:
+            os.unlink(entry.path)
+
+
+def plan_wal_copies(segment, key):
+    """A pending copy on every secondary location (NAS, S3); the copy worker makes them."""
+    for location in StorageLocation.objects.filter(enabled=True).exclude(kind=StorageLocation.Kind.PRIMARY):
+        BackupCopy.objects.get_or_create(
+            wal_segment=segment, location=location, defaults={"artifact": "wal", "key": key}
+        )
+
+
+def copy_pending(server, limit=1000):
+    """Make the pending WAL copies of a server now (the foreground ingest calls this)."""
+    todo = BackupCopy.objects.filter(
+        wal_segment__server=server, status__in=[BackupCopy.Status.PENDING, BackupCopy.Status.FAILED]
+    ).select_related("location", "wal_segment")
+    return [copy_one(c, journal_it=False) for c in todo.order_by("wal_segment__name")[:limit]]
