@@ -28,6 +28,8 @@ _start = {}
 
 
 def start(session):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a worker works in the session its controller started (mark and TMPDIR inherited)
     # pytest's own tmp_path root stays where pytest keeps it (it cleans up after itself): the
     # gpg homes under it must keep their agent's socket path short (108 bytes at most).
     session.config._tmp_path_factory.getbasetemp()
@@ -127,7 +129,8 @@ def _leftover_databases():
     except psycopg.Error:
         return []
     name = url.rsplit("/", 1)[1].split("?")[0]
-    return [r[0] for r in rows if r[0] == f"test_{name}"]
+    # test_NAME, or test_NAME_gw0, test_NAME_gw1... under pytest-xdist
+    return [r[0] for r in rows if r[0] == f"test_{name}" or r[0].startswith(f"test_{name}_gw")]
 
 
 def _kill(pid):

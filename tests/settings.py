@@ -13,6 +13,14 @@ if "VAR_DIR" not in os.environ:
     os.environ["VAR_DIR"] = _var
     _maker = os.getpid()
     atexit.register(lambda: os.getpid() == _maker and shutil.rmtree(_var, ignore_errors=True))
+# Under pytest-xdist every worker gets a var/ of its own inside the session's (journal key,
+# spools, SQLite database): two workers never share a file. The subprocesses a worker starts
+# inherit both variables and land in the same place.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker and os.path.basename(os.environ["VAR_DIR"]) != _worker:
+    os.environ["VAR_DIR"] = os.path.join(os.environ["VAR_DIR"], _worker)
+    os.makedirs(os.environ["VAR_DIR"], mode=0o755, exist_ok=True)
+    os.chmod(os.environ["VAR_DIR"], 0o755)
 _var = os.environ["VAR_DIR"]
 os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
 os.environ.setdefault("WHITENOISE_USE_FINDERS", "true")
@@ -29,7 +37,12 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast log
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 # Tasks run inline in the test process; the portal and worker that browser tests start as
 # subprocesses get Q_SYNC=0 and use the real broker.
-Q_CLUSTER = {**Q_CLUSTER, "sync": os.environ.get("Q_SYNC", "1") == "1"}  # noqa: F405
+# A queue per xdist worker: the Redis broker is one server for all of them.
+Q_CLUSTER = {  # noqa: F405
+    **Q_CLUSTER,  # noqa: F405
+    "sync": os.environ.get("Q_SYNC", "1") == "1",
+    "name": "-".join(filter(None, (Q_CLUSTER["name"], _worker))),  # noqa: F405
+}
 
 # tests/management/commands/flush.py: transactional tests empty the journal on SQLite too.
 INSTALLED_APPS = [*INSTALLED_APPS, "tests"]  # noqa: F405
