@@ -80,6 +80,27 @@ def pg_cluster_module(pg_base_dir, pg_template):
     yield from _running_cluster(pg_base_dir, pg_template)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _test_database_left_to_drop(django_db_setup, django_db_blocker):
+    """pytest-django drops the test database after this: a session still open on it (a worker
+    thread's connection not yet collected) would stop the drop and leave the database behind.
+    Such sessions are named and ended first."""
+    yield
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        if connection.vendor != "postgresql":
+            return
+        with connection.cursor() as cur:
+            cur.execute(
+                "SELECT pid, application_name, state, left(query, 100) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            for pid, application, state, query in cur.fetchall():
+                print(f"\nending session {pid} left on the test database ({application!r}, {state}): {query}")
+                cur.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
 # --- The portal: users with roles, encryption, storage, a registered server. ---------------
 
 
