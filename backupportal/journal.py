@@ -66,6 +66,8 @@ ACTIONS = {
     "logout": "a user logged out",
     "server_added": "a server was registered",
     "server_changed": "a server's settings were changed",
+    "database_found": "a database of a server's cluster is now backed up (registration or the daily pass)",
+    "database_changed": "a protected database was dropped, came back, or cannot or can again be backed up",
     "location_added": "a storage location was added",
     "location_changed": "a storage location was changed",
     "server_checked": "checkserver judged whether a server is ready to be protected",

@@ -1,5 +1,6 @@
 from datetime import date, datetime, timedelta
 
+import psycopg
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import ShowFacets
@@ -14,9 +15,18 @@ from backupportal import journal
 from backupportal.lib.admin import ReadOnlyAdmin
 from backupportal.lib.cron import cron_problem, next_run
 from backupportal.lib.pagination import CappedPaginator
+from backupportal.lib.pgerrors import explain
 from backupportal.lib.sealed import SealError
-from backups import binaries, schedules
-from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, Verification, WalSegment
+from backups import binaries, databases, schedules
+from backups.models import (
+    BackupCopy,
+    BackupRun,
+    BackupSchedule,
+    Server,
+    StorageLocation,
+    Verification,
+    WalSegment,
+)
 
 
 class CatalogColumns:
@@ -108,6 +118,7 @@ class ServerForm(forms.ModelForm):
             "pg_bin",
             "archiving",
             "enabled",
+            "protect_databases",
             "rpo_minutes",
             "rto_critical_minutes",
             "rto_full_minutes",
@@ -158,8 +169,21 @@ class ServerAdmin(admin.ModelAdmin):
     list_display = ["name", "dsn", "version", "archiving", "enabled", "rpo_minutes", "last_logical"]
     list_filter = ["archiving", "enabled"]
     search_fields = ["name", "dsn"]
-    readonly_fields = ["pg_version", "created_at"]
+    readonly_fields = ["pg_version", "created_at", "databases_seen"]
     actions = ["back_up_now"]
+
+    @admin.display(description="Databases (as last seen)")
+    def databases_seen(self, obj):
+        """Kept by backups.databases at registration, on a change of the choice and each logical pass."""
+        rows = obj.databases.all() if obj.pk else []
+        return (
+            format_html_join(
+                ", ",
+                "{} ({}{})",
+                ((db.name, db.get_state_display(), f": {db.problem}" if db.problem else "") for db in rows),
+            )
+            or "none yet"
+        )
 
     @admin.display(description="PostgreSQL")
     def version(self, obj):
@@ -197,11 +221,23 @@ class ServerAdmin(admin.ModelAdmin):
             credentials_changed="new_password" in form.changed_data,
             credentials_forgotten=getattr(obj, "password_forgotten", False),
         )
+        if "protect_databases" in form.changed_data or not change:
+            self._look_at_databases(request, obj)
         if getattr(obj, "password_forgotten", False):
             self.message_user(
                 request,
                 f"The stored password of {obj} was forgotten: it was for another user, host or port. "
                 "Type it again if the new one needs it.",
+                messages.WARNING,
+            )
+
+    def _look_at_databases(self, request, server):
+        try:
+            databases.discover(server, actor=request.user.get_username())
+        except psycopg.Error as e:
+            self.message_user(
+                request,
+                f"The databases of {server} could not be listed ({explain(e, server)}): the next logical pass looks again.",
                 messages.WARNING,
             )
 

@@ -1,4 +1,4 @@
-"""Logical backups: pg_dump (custom format) of the server's database, and its globals beside it.
+"""Logical backups: pg_dump (custom format) of one database of the server, and the cluster's globals beside it.
 
 The dump is taken from a snapshot exported by our own connection, which also counts the rows
 of every table: the recorded row counts are exactly what the dump holds.
@@ -44,7 +44,9 @@ def take(run):
     run.details.update({"keys": [dump_key, globals_key], "encryption": encryption.method})
     run.save(update_fields=["key", "details"])
 
-    conn, snapshot, counts = snapshot_and_counts(server)
+    dbname = run.database.name if run.database_id else server.dbname
+    run.details["database"] = dbname
+    conn, snapshot, counts = snapshot_and_counts(server, dbname)
     try:
         dump = Tool(
             [
@@ -55,7 +57,7 @@ def take(run):
                 f"--snapshot={snapshot}",
                 "--no-password",
             ],
-            server.libpq_env(),
+            server.libpq_env(dbname),
         )
         size, sha256 = encrypt_to(
             store, dump_key, dump, encryption, on_tick=heartbeat(BackupRun, run.pk), timeout=_timeout(), server=server

@@ -125,7 +125,7 @@ def _storage_message(error):
     return str(error)
 
 
-def snapshot_and_counts(server):
+def snapshot_and_counts(server, dbname=None):
     """Export a snapshot and count the rows of every user table in it.
 
     Returns (connection, snapshot id, counts keyed by schema.table). The caller keeps the
@@ -136,7 +136,7 @@ def snapshot_and_counts(server):
     import psycopg
 
     try:
-        conn = server.connect(autocommit=False)
+        conn = server.connect(dbname, autocommit=False)
     except psycopg.Error as e:
         raise BackupFailed(explain(e, server)) from None
     try:

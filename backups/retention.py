@@ -1,8 +1,8 @@
 """Retention: which backups and WAL have outlived their server's policy, and their deletion on every tier.
 
-Never deleted, whatever its age: the newest good backup of each server and kind, a backup
-that a restore or restore test is reading right now (it goes on the next pass), and the
-base backup from which the WAL window starts.
+Never deleted, whatever its age: the newest good backup of each server and kind (of each
+database, for logical backups), a backup that a restore or restore test is reading right now
+(it goes on the next pass), and the base backup from which the WAL window starts.
 
 WAL is kept `wal_retention_days` (7), but never a segment that a kept base backup needs to
 become consistent, nor one on the way from the base backup that reaches the start of the
@@ -25,17 +25,24 @@ DAYS_FIELD = {BackupRun.Kind.LOGICAL: "logical_retention_days", BackupRun.Kind.B
 
 
 def expired_runs(server, kind, now=None):
-    """Good runs of this server and kind older than its retention, newest good excluded."""
+    """Good runs of this server and kind older than its retention, the newest good one excluded:
+    of the cluster for a base backup, of each database (a dropped one too) for a logical one."""
     now = now or timezone.now()
     good = server.runs.good().filter(kind=kind)
-    newest = good.order_by("-finished_at").values_list("pk", flat=True).first()
     cutoff = now - timedelta(days=getattr(server, DAYS_FIELD[kind]))
-    expired = good.filter(finished_at__lt=cutoff).exclude(pk=newest).exclude(_being_read())
+    expired = good.filter(finished_at__lt=cutoff).exclude(pk__in=_newest(good, kind)).exclude(_being_read())
     if kind == BackupRun.Kind.BASE:
         anchor = window_anchor(list(good), now - timedelta(days=server.wal_retention_days))
         if anchor is not None:
             expired = expired.exclude(pk=anchor.pk)
     return expired.order_by("finished_at")
+
+
+def _newest(good, kind):
+    if kind != BackupRun.Kind.LOGICAL:
+        return [pk for pk in [good.order_by("-finished_at").values_list("pk", flat=True).first()] if pk]
+    databases = good.order_by().values_list("database", flat=True).distinct()  # no ordering: one row each
+    return [good.filter(database=db).order_by("-finished_at").values_list("pk", flat=True)[0] for db in databases]
 
 
 def _being_read():

@@ -1,4 +1,4 @@
-"""Starting, running and finishing backup runs: the lock per server and kind, orphans, failures.
+"""Starting, running and finishing backup runs: the lock per server, kind and database, orphans, failures.
 
 The management command and the django-q2 tasks both come here, so a backup behaves the
 same in the foreground and on a worker.
@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from backupportal import conditions, journal
 from backups.anchors import anchor_after_backup
-from backups.models import BackupCopy, BackupRun, Server, StorageLocation
+from backups.models import BackupCopy, BackupRun, Database, Server, StorageLocation
 from backups.pipeline import BackupFailed
 
 # A run whose heartbeat is older than this was left by a dead worker.
@@ -106,39 +106,58 @@ def _alive(pid):
         return True
 
 
-def claim(server, kind, *, trigger, actor, scheduled_for=None):
+def claim(server, kind, *, trigger, actor, scheduled_for=None, database=None):
     """Create a queued run if no run of this server and kind is active; else RunRefused.
 
-    Serialised on the server row, so two callers can never both get the lock.
+    A logical run is of one database (default: the DSN's) and locks that database only; a
+    physical run locks its server (the cluster) for its kind. Serialised on the server row, so
+    two callers can never both get the lock.
     """
     fail_orphans(server)
+    if kind == BackupRun.Kind.LOGICAL and database is None:
+        database = Database.of_dsn(server)
+    elif kind != BackupRun.Kind.LOGICAL:
+        database = None  # a physical backup is of the whole cluster
     with transaction.atomic():
         Server.objects.select_for_update().get(pk=server.pk)
         if scheduled_for is not None:
-            done = BackupRun.objects.filter(server=server, kind=kind, details__scheduled_for=scheduled_for).first()
+            done = BackupRun.objects.filter(
+                server=server, kind=kind, database=database, details__scheduled_for=scheduled_for
+            ).first()
             if done is not None:
                 raise RunRefused(
-                    f"the {kind} backup of {server} scheduled for {scheduled_for} was already taken by run #{done.pk}",
+                    f"the {kind} backup of {database or server} scheduled for {scheduled_for} "
+                    f"was already taken by run #{done.pk}",
                     done,
                 )
-        holder = BackupRun.objects.active().filter(server=server, kind=kind).first()
+        holder = BackupRun.objects.active().filter(server=server, kind=kind, database=database).first()
         if holder is not None:
             raise RunRefused(
-                f"a {kind} backup of {server} is already {holder.status} (run #{holder.pk}): wait for it to finish",
+                f"a {kind} backup of {database or server} is already {holder.status} (run #{holder.pk}): "
+                "wait for it to finish",
                 holder,
             )
         details = {"scheduled_for": scheduled_for} if scheduled_for else {}
-        return BackupRun.objects.create(server=server, kind=kind, trigger=trigger, requested_by=actor, details=details)
+        return BackupRun.objects.create(
+            server=server, database=database, kind=kind, trigger=trigger, requested_by=actor, details=details
+        )
 
 
-def claim_scheduled(server, kind, *, actor, scheduled_for=None, waiting_since=None):
+def claim_scheduled(server, kind, *, actor, scheduled_for=None, waiting_since=None, database=None):
     """A scheduled run's claim: the run, or None when it was queued again for later (the lock
     is taken). RunRefused when its occurrence already ran, or it has waited SCHEDULED_WAIT."""
     from django_q.models import Schedule
     from django_q.tasks import schedule
 
     try:
-        return claim(server, kind, trigger=BackupRun.Trigger.SCHEDULED, actor=actor, scheduled_for=scheduled_for)
+        return claim(
+            server,
+            kind,
+            trigger=BackupRun.Trigger.SCHEDULED,
+            actor=actor,
+            scheduled_for=scheduled_for,
+            database=database,
+        )
     except RunRefused as e:
         now = timezone.now()
         since = datetime.fromisoformat(waiting_since) if waiting_since else now
@@ -151,7 +170,7 @@ def claim_scheduled(server, kind, *, actor, scheduled_for=None, waiting_since=No
         schedule(
             "backups.tasks.scheduled_job",
             server.name,
-            kind,
+            str(kind),  # a plain string: django-q2 stores the arguments as their repr
             scheduled_for,
             since.isoformat(),
             name=None,

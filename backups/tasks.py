@@ -5,6 +5,8 @@ from django_q.models import Schedule
 from django_q.tasks import async_task
 
 from backupportal.lib.cron import next_run
+from backups import databases
+from backups.databases import logical_pass
 from backups.models import BackupRun, BackupSchedule, Server
 from backups.runner import LOCKED_RETRY, Outcome, RunRefused, claim, claim_scheduled, execute
 from backups.schedules import sync_schedule  # noqa: F401  (named here by earlier callers)
@@ -13,13 +15,28 @@ RESTORE_TEST_JOB = "restores.tasks.scheduled_restore_test"
 
 
 def enqueue_backup(server, kind, actor):
-    """A DBA's "Back up now": claim the lock now (so a second click is told), run on a worker."""
-    try:
-        run = claim(server, kind, trigger=BackupRun.Trigger.MANUAL, actor=actor)
-    except RunRefused as e:
-        return Outcome(False, str(e), e.run)
-    async_task("backups.tasks.run_backup", run.pk, task_name=f"backup {server.name} {kind} #{run.pk}")
-    return Outcome(True, f"{BackupRun.Kind(kind).label} backup of {server} queued as run #{run.pk}.", run)
+    """A DBA's "Back up now": claim the lock now (so a second click is told), run on a worker.
+    A logical backup is a run per database the server backs up, each queued on its own."""
+    targets, gaps = [None], []
+    if kind == BackupRun.Kind.LOGICAL:
+        # As last seen (every logical pass and the daily one look again): a page never waits on
+        # a server that does not answer. None known: the DSN's, whose run says what is wrong.
+        targets, gaps = databases.protected(server) or [None], databases.gaps(server)
+    runs, refused = [], []
+    for database in targets:
+        try:
+            runs.append(claim(server, kind, trigger=BackupRun.Trigger.MANUAL, actor=actor, database=database))
+        except RunRefused as e:
+            refused.append(e)
+    if not runs:
+        return Outcome(False, str(refused[0]), refused[0].run)
+    for run in runs:
+        async_task("backups.tasks.run_backup", run.pk, task_name=f"backup {server.name} {kind} #{run.pk}")
+    names = ", ".join(f"#{run.pk}" + (f" ({run.database.name})" if run.database_id else "") for run in runs)
+    message = f"{BackupRun.Kind(kind).label} backup of {server} queued as run {names}."
+    if not_queued := [str(e) for e in refused] + [f"{db.name}: {db.problem}" for db in gaps]:
+        message += " Not queued: " + "; ".join(not_queued)
+    return Outcome(True, message, runs[0])
 
 
 def run_backup(run_id):
@@ -49,7 +66,9 @@ def scheduled_job(server_name, job, scheduled_for=None, waiting_since=None):
         raise LookupError(f"no server is named {server_name}: its {job} schedule was left behind and is now removed")
     if not server.enabled:
         return "server disabled"
-    if job in (BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE, BackupRun.Kind.INCREMENTAL):
+    if job == BackupRun.Kind.LOGICAL:
+        return scheduled_logical_pass(server, scheduled_for, waiting_since)
+    if job in (BackupRun.Kind.BASE, BackupRun.Kind.INCREMENTAL):
         try:
             run = claim_scheduled(
                 server, job, actor=f"job:{job}", scheduled_for=scheduled_for, waiting_since=waiting_since
@@ -68,6 +87,27 @@ def scheduled_job(server_name, job, scheduled_for=None, waiting_since=None):
     if job == BackupSchedule.Job.INGEST_WAL:
         return ingest_wal(server.name)
     raise ValueError(f"unknown job {job!r}")
+
+
+def scheduled_logical_pass(server, scheduled_for, waiting_since):
+    """Every database the server backs up, one run each (backups.databases.logical_pass)."""
+    try:
+        runs, queued_again = logical_pass(
+            server,
+            trigger=BackupRun.Trigger.SCHEDULED,
+            actor="job:logical",
+            scheduled_for=scheduled_for,
+            waiting_since=waiting_since,
+        )
+    except RunRefused as e:
+        return str(e)
+    for run in runs:
+        after_backup(run)
+    if queued_again:
+        return f"the logical backup of {server} is locked by another run: tried again in {LOCKED_RETRY.seconds} s"
+    if len(runs) == 1:
+        return runs[0].status  # as a base backup's task says it
+    return ", ".join(f"{run.database.name}: {run.status}" for run in runs) or "nothing to back up"
 
 
 def ingest_wal(server_name):

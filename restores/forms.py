@@ -67,7 +67,7 @@ class RestoreRequestForm(forms.ModelForm):
         if data.get("destination") == RestoreRequest.Destination.NEW_DATABASE:
             self._clean_new_database(data)
         elif data.get("destination") == RestoreRequest.Destination.REPLACE and server:
-            data["target_database"] = server.dbname
+            data["target_database"] = run.database_name if run else server.dbname
             data["into_server"] = None
         return data
 

@@ -70,6 +70,11 @@ class RestoreRequest(models.Model):
     def get_absolute_url(self):
         return reverse("restore-request", args=[self.pk])
 
+    @property
+    def production_database(self):
+        """The database a replace request overwrites: the one its backup is of."""
+        return self.backup_run.database_name if self.backup_run_id else self.server.dbname
+
     def awaits_decision_by(self, user):
         """Pending, and the user may decide on it: a DBA who is not its author (four eyes)."""
         return self.status == self.Status.PENDING and is_dba(user) and user.pk != self.requested_by_id
@@ -82,8 +87,10 @@ class RestoreRequest(models.Model):
             raise PermissionDenied("You cannot approve your own restore request: another DBA must.")
         if self.status != self.Status.PENDING:
             raise ValidationError(f"Request #{self.pk} is {self.status}, not waiting for approval.")
-        if self.destination == self.Destination.REPLACE and confirm_database != self.server.dbname:
-            raise ValidationError(f"Type the production database name ({self.server.dbname}) to confirm replacing it.")
+        if self.destination == self.Destination.REPLACE and confirm_database != self.production_database:
+            raise ValidationError(
+                f"Type the production database name ({self.production_database}) to confirm replacing it."
+            )
         self._decide(user, self.Status.APPROVED, note, confirm_database)
 
     def reject(self, user, note=""):

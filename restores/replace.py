@@ -37,7 +37,7 @@ def approved_request(run, request_id):
 
 def replace_production(run, request, actor):
     server = run.server
-    prod = server.dbname
+    prod = run.database_name  # the database this run is of, on the server it came from
     stamp = timezone.localtime().strftime("%Y%m%d%H%M%S")
     new, old = f"{prod[:40]}_restore_{stamp}", f"{prod[:40]}_before_{stamp}"
     restore = RestoreRun.begin(
@@ -57,7 +57,7 @@ def replace_production(run, request, actor):
         notes += restore_into(run, server, new, restore)
         try:
             _validate(run, server, new)
-            safety = _safety_backup(server, actor, restore)
+            safety = _safety_backup(run, actor, restore)
             notes.append(f"safety backup of {prod}: run #{safety.pk}")
             _swap(server, prod, new, old)
         except BaseException:
@@ -81,11 +81,14 @@ def _validate(run, server, dbname):
         )
 
 
-def _safety_backup(server, actor, restore):
+def _safety_backup(restoring, actor, restore):
+    """A backup of the database about to be replaced, taken first: the way back."""
+    server = restoring.server
     try:
         run = claim(
             server,
             BackupRun.Kind.LOGICAL,
+            database=restoring.database,
             trigger=BackupRun.Trigger.MANUAL,
             actor=f"{actor} (safety, restore #{restore.pk})",
         )

@@ -104,7 +104,9 @@ def test_admin_changes_to_servers_locations_and_schedules_are_journaled(client, 
     schedule["cron"] = "15 1 * * *"
     assert client.post(reverse("admin:backups_backupschedule_change", args=[pk]), schedule).status_code == 302
 
-    assert actions(actor="sam") == ["server_added", "server_changed", "location_added", "location_changed"]
+    # Saving a new server looks at its cluster: the DSN's database is the one backed up.
+    expected = ["server_added", "database_found", "server_changed", "location_added", "location_changed"]
+    assert actions(actor="sam") == expected
     assert actions(actor="alice") == ["schedule_changed", "schedule_changed"]
     changed = JournalEntry.objects.get(action="server_changed")
     assert changed.server == "atoll" and changed.details["fields"] == ["rpo_minutes"]

@@ -56,6 +56,7 @@ class Alert(models.Model):
         ARCHIVE_FAILING = "archive_failing", "WAL archiving failing"
         RECEIVER_DOWN = "receiver_down", "Replication slot or pg_receivewal down"
         MAINTENANCE_OVERDUE = "maintenance_overdue", "Maintenance task overdue"
+        DATABASE_UNCOVERED = "database_uncovered", "Database not backed up"
 
     class State(models.TextChoices):
         OPEN = "open", "Open"

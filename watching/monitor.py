@@ -20,13 +20,13 @@ from datetime import datetime, timedelta
 from croniter import croniter
 from django.conf import settings
 from django.db import connection
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from backupportal import conditions
 from backups import walhealth
 from backups.copies import owner_of
-from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation
+from backups.models import BackupCopy, BackupRun, BackupSchedule, Database, Server, StorageLocation
 from backups.runner import fail_orphans
 from backups.verify import bad_copies
 from restores.models import RestoreTest
@@ -54,6 +54,7 @@ def checks():
     """Every check of a pass, in order."""
     return [
         Check("daily backup", check_daily_backup, per_server=True),
+        Check("databases", check_databases, per_server=True),
         Check("backup failures", check_backup_failures, per_server=True),
         Check("restore tests", check_restore_tests, per_server=True),
         Check("RPO", check_rpo, per_server=True),
@@ -207,6 +208,39 @@ def check_daily_backup(server):
             f"(checked at {_local(now)}, {settings.TIME_ZONE}): {last}."
         ),
     )
+
+
+def check_databases(server):
+    """Every database the server should back up has a good backup: one found by the daily pass
+    (or at registration) alerts until its first succeeds, one that cannot be backed up (no
+    CONNECT, datallowconn off, a wrong name) until it can. Dropped ones keep their backups."""
+    condition = Alert.Condition.DATABASE_UNCOVERED
+    has_good = Exists(BackupRun.objects.good().filter(database=OuterRef("pk")))
+    open_subjects = set(
+        Alert.objects.filter(condition=condition, server=server)
+        .exclude(state=Alert.State.RESOLVED)
+        .values_list("subject", flat=True)
+    )
+    uncovered = {}
+    databases = list(server.databases.filter(protected=True).annotate(has_good=has_good))
+    # A database without a backup while its siblings have theirs: the server's own "daily
+    # backup missing" and "backup failed" alerts say the rest, once.
+    siblings_backed_up = any(database.has_good for database in databases)
+    for database in databases:
+        if message := _uncovered(database, server, siblings_backed_up):
+            uncovered[f"database:{database.pk}"] = message
+    for subject, message in uncovered.items():
+        raise_alert(condition, server=server, subject=subject, message=message)
+    for subject in open_subjects - uncovered.keys():  # backed up now, no longer chosen, or dropped
+        resolve_alert(condition, server=server, subject=subject)
+
+
+def _uncovered(database, server, siblings_backed_up):
+    if database.state == Database.State.UNREACHABLE:
+        return f"database {database.name} on {server} cannot be backed up: {database.problem}"
+    if database.state == Database.State.PRESENT and not database.has_good and siblings_backed_up:
+        return f"database {database.name} on {server} has no backup yet (found {_local(database.first_seen_at)})"
+    return ""
 
 
 def check_backup_failures(server):

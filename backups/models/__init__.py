@@ -1,11 +1,12 @@
 """The backup catalog, one module per concept: protected servers and their schedules, storage
-locations, backup runs, WAL segments, copies, verifications.
+the databases of each, locations, backup runs, WAL segments, copies, verifications.
 
 Django registers the app's models from here; the rest of the project imports them from
 `backups.models`.
 """
 
 from backups.models.copies import BackupCopy
+from backups.models.databases import Database
 from backups.models.locations import WAL_LOCATION, StorageLocation
 from backups.models.runs import BackupRun
 from backups.models.servers import BackupSchedule, Server, default_critical_tables
@@ -17,6 +18,7 @@ __all__ = [
     "BackupCopy",
     "BackupRun",
     "BackupSchedule",
+    "Database",
     "Server",
     "StorageLocation",
     "Verification",

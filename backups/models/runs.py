@@ -10,6 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.formats import date_format
 
+from backups.models.databases import Database
 from backups.models.servers import Server
 
 
@@ -52,6 +53,10 @@ class BackupRun(models.Model):
         SCHEDULED = "scheduled", "Scheduled"
 
     server = models.ForeignKey(Server, on_delete=models.PROTECT, related_name="runs")
+    # Logical runs: the database dumped (one run per database). Physical runs: the whole cluster.
+    database = models.ForeignKey(
+        "backups.Database", on_delete=models.PROTECT, null=True, blank=True, related_name="runs"
+    )
     kind = models.CharField(max_length=11, choices=Kind.choices)
     status = models.CharField(max_length=9, choices=Status.choices, default=Status.QUEUED)
     trigger = models.CharField(max_length=9, choices=Trigger.choices, default=Trigger.MANUAL)
@@ -104,6 +109,12 @@ class BackupRun(models.Model):
             text += f", {filesizeformat(self.size)}"
         return text if self.status == self.Status.SUCCEEDED else f"{text} ({self.status})"
 
+    def save(self, *args, **kwargs):
+        # Every logical run is of a database: the DSN's unless the caller named one.
+        if self.kind == self.Kind.LOGICAL and self.database_id is None and self.server_id is not None:
+            self.database = Database.of_dsn(self.server)
+        super().save(*args, **kwargs)
+
     def get_absolute_url(self):
         return reverse("run", args=[self.pk])
 
@@ -114,6 +125,11 @@ class BackupRun(models.Model):
         if self.started_at:
             return timezone.now() - self.started_at
         return None
+
+    @property
+    def database_name(self):
+        """What a logical run dumped: its database (the DSN's for a run from before databases)."""
+        return self.database.name if self.database_id else self.server.dbname
 
     @property
     def is_good(self):

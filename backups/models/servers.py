@@ -27,8 +27,31 @@ def default_critical_tables():
     return []
 
 
+ALL_DATABASES = "all"
+
+
+def parse_protect_databases(value):
+    """A server's protect_databases: "" (the DSN's database only), "all", or "a,b,c". Returns
+    ALL_DATABASES or a list of names (empty: the DSN's); ValidationError naming what is wrong."""
+    text = (value or "").strip()
+    if text.lower() == ALL_DATABASES:
+        return ALL_DATABASES
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if len(name.encode()) > 63 or any(ord(c) < 32 for c in name):
+            raise ValidationError(f"{name[:70]!r} is not a database name: at most 63 bytes, no control characters.")
+    if len(set(names)) != len(names):
+        raise ValidationError("A database is named twice in the list: name each once.")
+    return names
+
+
+def validate_protect_databases(value):
+    parse_protect_databases(value)
+
+
 class Server(ServerConnection):
-    """A PostgreSQL database that the portal protects."""
+    """A PostgreSQL cluster that the portal protects: physically as a whole (base backups, WAL,
+    PITR), and logically database by database (its databases, backups/models/databases.py)."""
 
     class Archiving(models.TextChoices):
         NONE = "none", "None"
@@ -54,6 +77,14 @@ class Server(ServerConnection):
         null=True, blank=True, editable=False, help_text="bytes", verbose_name="WAL segment size (bytes)"
     )
     enabled = models.BooleanField(default=True)
+    protect_databases = models.CharField(
+        "databases to back up",
+        max_length=2000,
+        blank=True,
+        validators=[validate_protect_databases],
+        help_text="Empty: the DSN's database. all: every database that allows connections (templates aside), "
+        "new ones picked up each day. Or names separated by commas.",
+    )
 
     rpo_minutes = models.PositiveIntegerField("RPO objective (minutes)", default=15)
     rto_critical_minutes = models.PositiveIntegerField("RTO objective, critical functions (minutes)", default=240)

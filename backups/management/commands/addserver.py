@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import psycopg
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
@@ -10,9 +11,11 @@ from backupportal import journal
 from backupportal.lib.commands import PortalCommand, fail
 from backupportal.lib.libpq import DsnError, parse
 from backupportal.lib.osuser import os_actor
+from backupportal.lib.pgerrors import explain
 from backupportal.lib.sealed import SealError
 from backups import binaries, tables
 from backups.critical import check_tables
+from backups.databases import discover
 from backups.models import Server
 
 
@@ -30,12 +33,18 @@ class Command(PortalCommand):
             "--pg-bin", default="", help="one of PG_BIN_DIRS; default: that of the server's major version"
         )
         parser.add_argument(
+            "--databases",
+            default="",
+            help="which databases logical backups dump: all (every one that allows connections, new ones "
+            "picked up daily) or a,b,c; default: the DSN's",
+        )
+        parser.add_argument(
             "--critical-tables",
             default="",
             help="a,b,c: tables (table or schema.table) that must never be empty or shrink; default none",
         )
 
-    def run(self, name, dsn, password_file=None, archiving="none", critical_tables="", **options):
+    def run(self, name, dsn, password_file=None, archiving="none", critical_tables="", databases="", **options):
         if _inline_password(dsn):
             # A password in argv is visible to every user of the host (ps, /proc).
             fail("the DSN holds a password, which would show in the process list: use --password-file or PGPASSWORD")
@@ -44,12 +53,14 @@ class Command(PortalCommand):
         except SealError as e:
             fail(str(e))
         server.pg_bin = options.get("pg_bin") or ""  # checked against PG_BIN_DIRS by full_clean
+        server.protect_databases = databases  # checked by full_clean
         try:
             server.full_clean(validate_unique=False)
         except ValidationError as e:
             fail(
                 "; ".join(
-                    f"{field}: {' '.join(v)}" if field == "name" else " ".join(v) for field, v in e.message_dict.items()
+                    f"{field}: {' '.join(v)}" if field == "name" else _option(field) + " ".join(v)
+                    for field, v in e.message_dict.items()
                 )
             )
         if Server.objects.filter(name=name).exists():
@@ -75,21 +86,33 @@ class Command(PortalCommand):
                 dsn=dsn,
                 version=server.pg_version,
                 critical_tables=server.critical_tables,
+                databases=server.protect_databases or "the DSN's",
             )
+            try:
+                discover(server, actor=os_actor())
+            except psycopg.Error as e:  # it answered the probe a moment ago: say what changed
+                fail(f"listing the databases of {server.host}:{server.port} failed: {explain(e, server)}")
         return {
             "id": server.pk,
             "name": server.name,
             "dsn": server.dsn,
             "version": server.version_display,
             "critical_tables": server.critical_tables,
+            "databases": [
+                {"name": db.name, "state": db.state, "problem": db.problem}
+                for db in server.databases.filter(protected=True)
+            ],
         }
 
     def describe(self, result):
         critical = ", ".join(result["critical_tables"]) or "none (every table's row count is still compared)"
-        return [
+        lines = [
             f"Registered {result['name']} ({result['dsn']}), PostgreSQL {result['version']}.",
             f"Critical tables: {critical}.",
+            "Databases backed up: " + (", ".join(db["name"] for db in result["databases"]) or "none") + ".",
         ]
+        lines += [f"  gap: {db['problem']}" for db in result["databases"] if db["state"] != "present"]
+        return lines
 
     def _password(self, password_file):
         if password_file:
@@ -100,6 +123,10 @@ class Command(PortalCommand):
                 fail(f"password file {path} can be read by others: chmod 600 {path}")
             return path.read_text().strip()
         return os.environ.get("PGPASSWORD", "")
+
+
+def _option(field):
+    return "--databases: " if field == "protect_databases" else ""
 
 
 def _inline_password(dsn):

@@ -1,0 +1,164 @@
+"""A server is a cluster holding databases: one physical protection for the cluster, a logical
+backup per database, and nothing left uncovered (a new database, one the portal cannot reach,
+a dropped one). Real clusters throughout."""
+
+import pytest
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+
+from backups.models import BackupRun, Database, Server
+from backups.tasks import scheduled_job
+from tests.helpers import DSN_PASSWORD, enable_push, run_command
+from watching import monitor
+from watching.models import Alert
+
+pytestmark = pytest.mark.django_db
+pytest_plugins = ["tests.walfixtures"]
+
+
+@pytest.fixture
+def cluster_of_three(sample_cluster, passphrase_file, backup_root):
+    """reliabilitymaldives, shop and hr (and postgres) on one cluster, a table in each."""
+    for name in ("shop", "hr"):
+        sample_cluster.create_database(name)
+        sample_cluster.execute(f"CREATE TABLE {name}_rows AS SELECT g AS id FROM generate_series(1, 50) g", dbname=name)
+    yield sample_cluster
+    for (name,) in sample_cluster.execute("SELECT datname FROM pg_database WHERE datname IN ('later', 'secret')"):
+        sample_cluster.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def add(cluster, *extra, user="postgres"):
+    result = run_command("addserver", "maldives", "--dsn", cluster.dsn("reliabilitymaldives", user=user), *extra)
+    assert result["_exit"] == 0, result
+    return result
+
+
+def uncovered_alerts():
+    return {
+        a.message.split(" on ")[0]: a.message
+        for a in Alert.objects.filter(condition="database_uncovered").exclude(state="resolved")
+    }
+
+
+def test_one_cluster_three_databases_one_base_backup_and_a_logical_run_each(cluster_of_three, wal_spool):
+    added = add(cluster_of_three, "--databases", "all")
+    assert [d["name"] for d in added["databases"]] == ["hr", "postgres", "reliabilitymaldives", "shop"]
+    enable_push(cluster_of_three)  # the cluster's WAL is archived once, whatever it holds
+
+    logical = run_command("backup", "maldives", "--kind", "logical")
+    assert logical["_exit"] == 0 and logical["status"] == "succeeded"
+    assert sorted(r["database"] for r in logical["runs"]) == ["hr", "postgres", "reliabilitymaldives", "shop"]
+    base = run_command("backup", "maldives", "--kind", "base")
+    assert base["status"] == "succeeded", base
+    assert base["database"] is None  # the whole cluster, once
+
+    runs = BackupRun.objects.good()
+    assert runs.filter(kind="base").count() == 1 and runs.filter(kind="logical").count() == 4
+    shop = runs.get(database__name="shop")
+    assert shop.details["database"] == "shop" and shop.details["row_counts"] == {"public.shop_rows": 50}
+    # One database alone, by name; a name the server does not back up is refused in one line.
+    assert run_command("backup", "maldives", "--database", "hr")["database"] == "hr"
+    refused = run_command("backup", "maldives", "--database", "nosuch")
+    assert refused["_exit"] == 1 and "does not back up a database named 'nosuch'" in refused["_stderr"]
+    assert "whole cluster" in run_command("backup", "maldives", "--kind", "base", "--database", "hr")["_stderr"]
+
+
+def test_the_default_is_the_dsns_database_alone_as_before(cluster_of_three):
+    add(cluster_of_three)
+    result = run_command("backup", "maldives")
+    assert result["database"] == "reliabilitymaldives" and "runs" not in result
+    assert list(Database.objects.values_list("name", flat=True)) == ["reliabilitymaldives"]
+
+
+def test_a_database_created_later_is_alerted_then_backed_up_at_the_next_pass(cluster_of_three, settings):
+    add(cluster_of_three, "--databases", "all")
+    scheduled_job("maldives", "logical", scheduled_for="2026-12-03T02:00:00+05:00")
+    monitor.check_databases(Server.objects.get())
+    assert uncovered_alerts() == {}
+
+    cluster_of_three.create_database("later")
+    from backups.databases import discover
+
+    discover(Server.objects.get())  # what the daily pass does first
+    monitor.check_databases(Server.objects.get())
+    assert "has no backup yet" in uncovered_alerts()["database later"]
+
+    scheduled_job("maldives", "logical", scheduled_for="2026-12-04T02:00:00+05:00")
+    assert BackupRun.objects.good().filter(database__name="later").count() == 1
+    monitor.check_databases(Server.objects.get())
+    assert uncovered_alerts() == {}
+
+
+def test_a_database_the_portal_cannot_connect_to_is_a_gap_not_skipped(cluster_of_three, monkeypatch):
+    cluster_of_three.create_role("portal", password=DSN_PASSWORD)  # not a superuser: CONNECT applies
+    monkeypatch.setenv("PGPASSWORD", DSN_PASSWORD)
+    cluster_of_three.execute("GRANT pg_read_all_data TO portal")
+    cluster_of_three.create_database("secret")
+    cluster_of_three.execute("REVOKE CONNECT ON DATABASE secret FROM PUBLIC")
+    add(cluster_of_three, "--databases", "all", user="portal")
+    secret = Database.objects.get(name="secret")
+    assert secret.state == "unreachable" and "secret" in secret.problem
+
+    result = run_command("backup", "maldives")
+    assert result["_exit"] == 1 and result["status"] == "failed"
+    failed = BackupRun.objects.get(database=secret)
+    assert failed.status == "failed" and "database secret on maldives cannot be backed up" in failed.error
+    assert BackupRun.objects.good().filter(kind="logical").count() == 4  # the others all went on
+    monitor.check_databases(Server.objects.get())
+    assert "cannot be backed up" in uncovered_alerts()["database secret"]
+
+    cluster_of_three.execute("GRANT CONNECT ON DATABASE secret TO portal")
+    assert run_command("backup", "maldives", "--database", "secret")["status"] == "succeeded"
+    monitor.check_databases(Server.objects.get())
+    assert uncovered_alerts() == {}
+
+
+def test_a_dropped_database_keeps_its_backups_and_shows_as_dropped(cluster_of_three, settings):
+    from backups import retention
+
+    add(cluster_of_three, "--databases", "shop,hr")
+    assert run_command("backup", "maldives")["status"] == "succeeded"
+    cluster_of_three.execute('DROP DATABASE "shop" WITH (FORCE)')
+
+    result = run_command("backup", "maldives")
+    assert result["database"] == "hr" and result["status"] == "succeeded"  # shop is not failed: it is gone
+    shop = Database.objects.get(name="shop")
+    assert shop.state == "gone" and shop.gone_at is not None
+    # Its last backup outlives retention: nothing deletes the last good backup of a database.
+    server = Server.objects.get()
+    server.logical_retention_days = 0
+    server.save()
+    retention.apply()
+    assert BackupRun.objects.good().filter(database=shop).count() == 1
+    assert BackupRun.objects.good().filter(database__name="hr").count() == 1  # its newest of two
+    monitor.check_databases(server)
+    assert uncovered_alerts() == {}
+
+
+def test_a_wrong_databases_option_is_refused_in_one_line(sample_cluster, passphrase_file):
+    dsn = sample_cluster.dsn("reliabilitymaldives")
+    result = run_command("addserver", "maldives", "--dsn", dsn, "--databases", "a,a")
+    assert result["_exit"] == 1 and result["_stderr"].startswith("--databases: A database is named twice")
+    assert not Server.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_catalog_from_before_becomes_a_cluster_with_its_one_database():
+    executor = MigrationExecutor(connection)
+    executor.migrate([("backups", "0008_plain_labels")])
+    old = executor.loader.project_state([("backups", "0008_plain_labels")]).apps
+    server = old.get_model("backups", "Server").objects.create(
+        name="atoll", dsn="postgresql://u@127.0.0.1:1/atolldb?sslmode=disable"
+    )
+    Run = old.get_model("backups", "BackupRun")
+    logical = Run.objects.create(server_id=server.pk, kind="logical", status="succeeded")
+    base = Run.objects.create(server_id=server.pk, kind="base", status="succeeded")
+
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+
+    database = Database.objects.get(server_id=server.pk)
+    assert database.name == "atolldb" and database.protected and database.state == "present"
+    assert BackupRun.objects.get(pk=logical.pk).database == database
+    assert BackupRun.objects.get(pk=base.pk).database is None
