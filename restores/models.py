@@ -201,11 +201,14 @@ class RestoreRun(models.Model):
 
 class RestoreTestQuerySet(models.QuerySet):
     def failing(self, server):
-        """The newest finished test of each kind, where it failed: a logical test that passes
-        says nothing of a failed base test, so the alert stays open until each kind passes."""
+        """The newest finished test of each kind (and database, for logical ones), where it failed:
+        a test that passes says nothing of another kind or database, so the alert stays open
+        until each passes."""
         finished = self.filter(server=server).exclude(status=RestoreTest.Status.RUNNING)
-        newest = (finished.filter(kind=kind).order_by("-started_at", "-pk").first() for kind in RestoreTest.Kind)
-        return [test for test in newest if test is not None and test.status == RestoreTest.Status.FAILED]
+        newest = {}
+        for test in finished.order_by("-started_at", "-pk"):
+            newest.setdefault((test.kind, test.database_id), test)
+        return [test for test in newest.values() if test.status == RestoreTest.Status.FAILED]
 
 
 class RestoreTest(models.Model):
@@ -225,6 +228,10 @@ class RestoreTest(models.Model):
     kind = models.CharField(max_length=7, choices=Kind.choices, default=Kind.LOGICAL)
     backup_run = models.ForeignKey(
         "backups.BackupRun", null=True, blank=True, on_delete=models.PROTECT, related_name="restore_tests"
+    )
+    # A logical test is of one database: known too when it found no backup of it to test.
+    database = models.ForeignKey(
+        "backups.Database", null=True, blank=True, on_delete=models.PROTECT, related_name="restore_tests"
     )
     status = models.CharField(max_length=7, choices=Status.choices, default=Status.RUNNING)
     # What a running test is doing, for its page: queued, restoring, checking, cleaning up.

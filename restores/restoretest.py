@@ -6,32 +6,40 @@ from django.utils import timezone
 
 from backupportal import conditions, journal
 from backupportal.lib.osuser import free_port
-from backups.models import BackupRun, Server
+from backups.models import BackupRun, Database, Server
 from restores import pitr, sandbox
 from restores.logical import drop_database, run_logical
 from restores.models import RestoreRun, RestoreTest
-from restores.validation import check, run_checks
+from restores.validation import check, dbname_of, run_checks
 
 CONDITION = "restore_test_failed"
 
 
-def run_restore_test(server, monthly=False, actor="job:restoretest", kind=BackupRun.Kind.LOGICAL, test=None):
+def run_restore_test(
+    server, monthly=False, actor="job:restoretest", kind=BackupRun.Kind.LOGICAL, test=None, database=None
+):
     """Returns the finished RestoreTest (passed or failed); a failure on its row, which the monitor alerts.
 
     `test` is one a DBA's click created (queued, so that its page exists at once); else a new one.
+    `database`: a logical test of that database's newest backup; else the server's newest.
     """
-    run = server.latest_good_backup(kind)
+    run = database.latest_good_backup() if database is not None else server.latest_good_backup(kind)
+    if database is None and run is not None:
+        database = run.database  # None for a base backup: the whole cluster
     if test is None:
-        test = RestoreTest.objects.create(server=server, kind=kind, backup_run=run, monthly=monthly)
+        test = RestoreTest.objects.create(server=server, kind=kind, backup_run=run, monthly=monthly, database=database)
     else:
-        test.kind, test.backup_run, test.monthly = kind, run, monthly
-        test.save(update_fields=["kind", "backup_run", "monthly"])
+        test.kind, test.backup_run, test.monthly, test.database = kind, run, monthly, database
+        test.save(update_fields=["kind", "backup_run", "monthly", "database"])
     test.set_phase("restoring")
     journal.record(
         "restore_test_started", actor=actor, obj=test, server=server.name, kind=kind, run=run.pk if run else None
     )
     if run is None:
-        return _finish(test, [check("backup", False, f"no good {kind} backup to test: take one first")], None, actor)
+        of = f" of database {database.name}" if database is not None else ""
+        return _finish(
+            test, [check("backup", False, f"no good {kind} backup{of} to test: take one first")], None, actor
+        )
     if kind == BackupRun.Kind.BASE:
         return _test_base(test, run, actor)
     return _test_logical(test, run, actor)
@@ -56,10 +64,25 @@ def kinds_to_test(server, monthly):
 
 
 def scheduled_restore_tests(server, monthly, actor="job:restoretest"):
-    """The tests of a weekly or monthly schedule, one per kind; each journals itself and tells the monitor."""
-    return [
-        run_restore_test(server, monthly=monthly, actor=actor, kind=kind) for kind in kinds_to_test(server, monthly)
-    ]
+    """The tests of a weekly or monthly schedule: the newest logical backup of every database the
+    server backs up (a database without one fails its test), and the base backup when monthly.
+    Each journals itself and tells the monitor."""
+    tests = []
+    for kind in kinds_to_test(server, monthly):
+        if kind == BackupRun.Kind.LOGICAL:
+            tests += [
+                run_restore_test(server, monthly=monthly, actor=actor, kind=kind, database=database)
+                for database in databases_to_test(server)
+            ]
+        else:
+            tests.append(run_restore_test(server, monthly=monthly, actor=actor, kind=kind))
+    return tests
+
+
+def databases_to_test(server):
+    """Every database the server backs up, a gap included (its test fails, saying so); the DSN's
+    alone for a server whose databases were never looked at."""
+    return list(server.databases.filter(protected=True).exclude(state="gone")) or [Database.of_dsn(server)]
 
 
 def _test_logical(test, run, actor):
@@ -108,7 +131,7 @@ def _restore_and_check_base(test, run, actor, datadir):
     test.set_phase("checking")
     restored = throwaway_server(test.server, plan.port)
     return [check("restore", True, f"recovered to {result['recovered_to']}")] + run_checks(
-        run, restored, test.server.dbname
+        run, restored, dbname_of(run)
     )
 
 

@@ -24,7 +24,7 @@ def check(name, ok, detail):
 def previous_counts(run):
     previous = (
         BackupRun.objects.good()
-        .filter(server=run.server_id, kind=run.kind, finished_at__lt=run.finished_at)
+        .filter(server=run.server_id, kind=run.kind, database=run.database_id, finished_at__lt=run.finished_at)
         .order_by("-finished_at")
         .first()
     )
@@ -42,7 +42,10 @@ def logical_counts_before(run):
     none shrunk past the server's threshold.
     """
     stop = run.details.get("stop_time")
-    logical = BackupRun.objects.good().filter(server=run.server_id, kind=BackupRun.Kind.LOGICAL)
+    # Of the database the restored cluster is checked in: the DSN's.
+    logical = BackupRun.objects.good().filter(
+        server=run.server_id, kind=BackupRun.Kind.LOGICAL, database__name=run.server.dbname
+    )
     if stop:
         logical = logical.filter(finished_at__lte=datetime.fromisoformat(stop))
     newest = logical.filter(details__has_key="row_counts").order_by("-finished_at").first()
@@ -64,15 +67,22 @@ def run_checks(run, target, dbname):
         errors = {}
         restored = tables.normalized(tables.count_all(conn, errors))
         unreadable = tables.normalized(errors)
-        for name in server.critical_tables or []:
+        # The DBAs chose the critical tables and the custom checks in the DSN's database.
+        own = dbname_of(run) == server.dbname
+        for name in server.critical_tables if own else []:
             results.append(_critical_check(conn, name, recorded, restored, unreadable, previous))
         if recorded is None:
             results.append(_every_table_read(conn, restored, unreadable))
         else:
             results.append(_every_table_compared(conn, recorded, restored, unreadable))
-        for custom in server.validation_checks.filter(enabled=True).order_by("name"):
+        for custom in server.validation_checks.filter(enabled=True).order_by("name") if own else []:
             results.append(_custom_check(conn, custom))
     return results
+
+
+def dbname_of(run):
+    """The database a run's copy is checked as: a logical run's own, the DSN's for a base backup."""
+    return run.database_name if run.kind == BackupRun.Kind.LOGICAL else run.server.dbname
 
 
 class Previous:
