@@ -35,10 +35,13 @@ def discover(server, actor="job:databases"):
         listed = dict(conn.execute(LIST_SQL).fetchall())
     names = wanted(server, listed)
     known = {db.name: db for db in server.databases.all()}
-    for name in names:
+    # Every database of the cluster gets a row, chosen or not: the coverage page shows them all.
+    for name in [n for n in names if n not in listed] + list(listed):
         if name not in known:
-            known[name] = Database.objects.create(server=server, name=name)
-            journal.record("database_found", actor=actor, obj=known[name], server=server.name, database=name)
+            state = Database.State.PRESENT if name in listed else Database.State.UNREACHABLE
+            known[name] = Database.objects.create(server=server, name=name, protected=name in names, state=state)
+            if name in names:
+                journal.record("database_found", actor=actor, obj=known[name], server=server.name, database=name)
     for db in known.values():
         db.protected = db.name in names
         _set_state(db, *_state_of(server, db, listed), actor=actor)
@@ -48,9 +51,10 @@ def discover(server, actor="job:databases"):
 def _state_of(server, db, listed):
     """(state, problem) of one database as the cluster shows it now."""
     if db.name not in listed:
-        if db.runs.exists() or db.state == Database.State.GONE:
-            return Database.State.GONE, ""
-        return Database.State.UNREACHABLE, f"there is no database {db.name} on the cluster: check the name"
+        # Named by the DBAs but never there: a wrong name. Seen once, or backed up: dropped.
+        if db.state == Database.State.UNREACHABLE and not db.runs.exists():
+            return Database.State.UNREACHABLE, f"there is no database {db.name} on the cluster: check the name"
+        return Database.State.GONE, ""
     if not listed[db.name]:
         return Database.State.UNREACHABLE, f"{db.name} does not allow connections (datallowconn is false)"
     if not db.protected:

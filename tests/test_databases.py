@@ -67,7 +67,9 @@ def test_the_default_is_the_dsns_database_alone_as_before(cluster_of_three):
     add(cluster_of_three)
     result = run_command("backup", "maldives")
     assert result["database"] == "reliabilitymaldives" and "runs" not in result
-    assert list(Database.objects.values_list("name", flat=True)) == ["reliabilitymaldives"]
+    assert list(Database.objects.filter(protected=True).values_list("name", flat=True)) == ["reliabilitymaldives"]
+    # The others are known, and shown as not chosen: nothing on the cluster goes unseen.
+    assert list(Database.objects.filter(protected=False).values_list("name", flat=True)) == ["hr", "postgres", "shop"]
 
 
 def test_a_database_created_later_is_alerted_then_backed_up_at_the_next_pass(cluster_of_three, settings):
@@ -162,3 +164,84 @@ def test_a_catalog_from_before_becomes_a_cluster_with_its_one_database():
     assert database.name == "atolldb" and database.protected and database.state == "present"
     assert BackupRun.objects.get(pk=logical.pk).database == database
     assert BackupRun.objects.get(pk=base.pk).database is None
+
+
+def test_the_weekly_restore_test_restores_every_database_and_a_failure_stays_alerted(cluster_of_three, settings):
+    from restores.models import RestoreTest
+    from restores.restoretest import scheduled_restore_tests
+
+    add(cluster_of_three, "--databases", "shop,hr,reliabilitymaldives")
+    assert run_command("backup", "maldives")["status"] == "succeeded"
+    server = Server.objects.get()
+    tests = scheduled_restore_tests(server, monthly=False)
+    assert sorted(t.database.name for t in tests) == ["hr", "reliabilitymaldives", "shop"]
+    assert {t.status for t in tests} == {"passed"}
+    shop = next(t for t in tests if t.database.name == "shop")
+    assert any("50" in c["detail"] for c in shop.checks)  # shop_rows compared: its own counts
+
+    # A database the server should back up but has no backup of: its test fails, by name, and
+    # the other databases' tests passing do not resolve the alert.
+    cluster_of_three.create_database("later")
+    server.protect_databases = "shop,hr,reliabilitymaldives,later"
+    server.save()
+    from backups.databases import discover
+
+    discover(server)
+    tests = scheduled_restore_tests(server, monthly=False)
+    later = next(t for t in tests if t.database.name == "later")
+    assert later.status == "failed" and "no good logical backup of database later" in later.error
+    assert [t.pk for t in RestoreTest.objects.failing(server)] == [later.pk]
+    monitor.check_restore_tests(server)
+    assert Alert.objects.get(condition="restore_test_failed", state="open").message.count("failed") == 1
+
+
+def test_the_coverage_page_lists_every_database_with_its_gaps_and_an_auditor_reads_it(
+    cluster_of_three, client, charlie, alice, django_assert_max_num_queries
+):
+    from django.urls import reverse
+
+    add(cluster_of_three, "--databases", "shop,reliabilitymaldives")
+    assert run_command("backup", "maldives", "--database", "shop")["status"] == "succeeded"
+
+    client.force_login(charlie)  # an auditor: read-only, and this page is his
+    with django_assert_max_num_queries(20):
+        page = client.get(reverse("coverage")).content.decode()
+    # Every database of the cluster, the chosen ones and the others.
+    for name in ("hr", "postgres", "reliabilitymaldives", "shop"):
+        assert f"<strong>{name}</strong>" in page
+    from watching import coverage
+
+    gaps = {row.database.name: row.gaps for row in coverage.rows()}
+    assert "no backup yet" in gaps["reliabilitymaldives"]
+    assert "no offsite copy" in gaps["shop"] and "no restore test in 35 days" in gaps["shop"]
+    assert "an RPO of 15 min needs WAL archiving" in gaps["shop"]  # declared 15 min, no archiving
+    assert gaps["hr"] == [] and gaps["postgres"] == []  # not chosen: shown, not counted
+    assert "no offsite copy" in page and "not chosen" in page
+
+    client.force_login(alice)
+    dashboard = client.get(reverse("dashboard")).content.decode()
+    assert "2 databases short of their policy" in dashboard
+
+
+def test_the_monitor_alerts_on_a_database_untested_for_35_days_until_a_test_passes(cluster_of_three):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from restores.restoretest import scheduled_restore_tests
+
+    add(cluster_of_three, "--databases", "shop")
+    assert run_command("backup", "maldives")["status"] == "succeeded"
+    server = Server.objects.get()
+    monitor.check_coverage(server)
+    assert not Alert.objects.filter(condition="coverage_gap").exists()  # found today: not owed yet
+
+    Database.objects.filter(name="shop").update(first_seen_at=timezone.now() - timedelta(days=36))
+    monitor.check_coverage(server)
+    alert = Alert.objects.get(condition="coverage_gap", state="open")
+    assert alert.message == "maldives is short of its policy: shop: no restore test in 35 days"
+
+    assert [t.status for t in scheduled_restore_tests(server, monthly=False)] == ["passed"]
+    monitor.check_coverage(server)
+    alert.refresh_from_db()
+    assert alert.state == "resolved"

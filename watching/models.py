@@ -57,6 +57,7 @@ class Alert(models.Model):
         RECEIVER_DOWN = "receiver_down", "Replication slot or pg_receivewal down"
         MAINTENANCE_OVERDUE = "maintenance_overdue", "Maintenance task overdue"
         DATABASE_UNCOVERED = "database_uncovered", "Database not backed up"
+        COVERAGE_GAP = "coverage_gap", "Short of the protection policy"
 
     class State(models.TextChoices):
         OPEN = "open", "Open"

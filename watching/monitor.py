@@ -30,7 +30,7 @@ from backups.models import BackupCopy, BackupRun, BackupSchedule, Database, Serv
 from backups.runner import fail_orphans
 from backups.verify import bad_copies
 from restores.models import RestoreTest
-from watching import alerts, maintenance, rpo
+from watching import alerts, coverage, maintenance, rpo
 from watching.alerts import raise_alert, resolve_alert
 from watching.models import Alert
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 # The strategy's daily backup starts at 02:00 and must be there by 04:00: the scheduled
 # time plus this grace, in the schedule's own time zone (TIME_ZONE, Indian/Maldives).
 DAILY_BACKUP_GRACE = timedelta(hours=2)
+# Copies to the other tiers are queued after a backup: an hour later the offsite one is owed.
+OFFSITE_GRACE = timedelta(hours=1)
 # Serialises monitor passes (the schedule and a manual `monitor --once`): one mail per alert.
 _PG_LOCK_ID = 0x6D6F6E69746F72  # "monitor"
 
@@ -55,6 +57,7 @@ def checks():
     return [
         Check("daily backup", check_daily_backup, per_server=True),
         Check("databases", check_databases, per_server=True),
+        Check("coverage", check_coverage, per_server=True),
         Check("backup failures", check_backup_failures, per_server=True),
         Check("restore tests", check_restore_tests, per_server=True),
         Check("RPO", check_rpo, per_server=True),
@@ -233,6 +236,34 @@ def check_databases(server):
         raise_alert(condition, server=server, subject=subject, message=message)
     for subject in open_subjects - uncovered.keys():  # backed up now, no longer chosen, or dropped
         resolve_alert(condition, server=server, subject=subject)
+
+
+def check_coverage(server):
+    """What the coverage page shows short of the policy and no other alert says: no offsite copy
+    an hour after a backup (copies are queued after it), no restore test of a database in 35
+    days (counted from when the database was found)."""
+    now = timezone.now()
+    short = [
+        f"{row.database.name}: {gap}"
+        for row in coverage.rows([server], now)
+        for gap in row.gaps
+        if _alerted_as_coverage(row, gap, now)
+    ]
+    if short:
+        raise_alert(
+            Alert.Condition.COVERAGE_GAP, server=server, message=f"{server} is short of its policy: " + "; ".join(short)
+        )
+    else:
+        resolve_alert(Alert.Condition.COVERAGE_GAP, server=server)
+
+
+def _alerted_as_coverage(row, gap, now):
+    if gap == "no offsite copy":
+        offsite = StorageLocation.objects.filter(kind=StorageLocation.Kind.S3, enabled=True).exists()
+        return offsite and row.newest.finished_at < now - OFFSITE_GRACE
+    if gap.startswith("no restore test in"):
+        return row.database.first_seen_at < now - coverage.RESTORE_TEST_MAX_AGE
+    return False  # the others have alerts of their own (backups, RPO, restore tests, databases)
 
 
 def _uncovered(database, server, siblings_backed_up):

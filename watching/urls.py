@@ -4,6 +4,7 @@ from watching import maintenance_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
+    path("coverage/", views.coverage_view, name="coverage"),
     path("alerts/", views.alert_list, name="alerts"),
     path("alerts/<int:alert_id>/", views.alert_detail, name="alert"),
     path("alerts/<int:alert_id>/acknowledge/", views.acknowledge_alert, name="alert-acknowledge"),

@@ -19,6 +19,7 @@ from backupportal.roles import require_perm
 from backups import binaries
 from backups.critical import CriticalTablesForm, set_critical_tables
 from backups.models import Server, StorageLocation
+from watching import coverage
 from watching import dashboard as figures
 from watching.charts import server_charts
 from watching.metrics import CatalogCollector
@@ -35,7 +36,18 @@ def dashboard(request):
             "servers": [figures.server_health(s) for s in figures.servers()],
             "locations": [location.health() for location in StorageLocation.objects.filter(enabled=True)],
             "storage_legend": figures.storage_legend(),
+            "coverage_gaps": coverage.gap_count(),
         },
+    )
+
+
+def coverage_view(request):
+    """Every database of every cluster, what protects it and where it falls short (read-only)."""
+    rows = coverage.rows()
+    return render(
+        request,
+        "coverage.html",
+        {"rows": rows, "with_gaps": sum(1 for r in rows if r.gaps), "max_test_age": coverage.RESTORE_TEST_MAX_AGE},
     )
 
 
