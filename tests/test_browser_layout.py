@@ -59,6 +59,7 @@ MUST_SHOW = {
     "journal": ["Who", "Action", "Server", "Outcome", "Details"],
     "alerts": ["Since", "Last seen", "Resolved", "Mail"],
     "restore": ["Status", "Notes"],
+    "coverage": ["Database", "Gaps"],
 }
 
 
@@ -66,7 +67,7 @@ MUST_SHOW = {
 def long_catalog(server):  # noqa: F811
     """Rows with long names, errors and notes on every page a DBA reads daily."""
     from backupportal import journal
-    from backups.models import BackupRun, Server
+    from backups.models import BackupRun, Database, Server
     from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
     from watching.models import Alert, MaintenanceTask
 
@@ -74,6 +75,8 @@ def long_catalog(server):  # noqa: F811
     other = Server.objects.create(name=LONG_NAME, dsn="postgresql://postgres@127.0.0.1:1/" + "d" * 60)
     now = timezone.now()
     failed = BackupRun.objects.create(server=other, kind="logical", status="failed", error=LONG_ERROR, finished_at=now)
+    # A database that cannot be backed up, named as long as PostgreSQL allows: a gap with a long why.
+    Database.objects.create(server=other, name="x" * 63, state="unreachable", problem=LONG_ERROR[:500])
     good = BackupRun.objects.create(
         server=server, kind="logical", status="succeeded", size=123456789, sha256="a" * 64, finished_at=now
     )
@@ -128,6 +131,7 @@ def pages(objects):
         "drills": "/drills/",
         "drill": f"/drills/{objects['drill'].pk}/",
         "maintenance": "/maintenance/",
+        "coverage": "/coverage/",
     }
 
 

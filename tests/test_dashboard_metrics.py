@@ -137,7 +137,7 @@ def test_the_dashboard_and_metrics_cost_the_same_queries_for_one_server_or_five(
         furnish(f"s{n}")
     five = count_queries(client, reverse("dashboard")), count_queries(client, reverse("metrics"), **auth)
     assert one == five
-    assert one[0] <= 12 and one[1] <= 10
+    assert one[0] <= 16 and one[1] <= 10  # the dashboard: 12, and 4 for the coverage count
 
 
 # --- /metrics ------------------------------------------------------------------------------

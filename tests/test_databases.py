@@ -144,26 +144,82 @@ def test_a_wrong_databases_option_is_refused_in_one_line(sample_cluster, passphr
     assert not Server.objects.exists()
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_catalog_from_before_becomes_a_cluster_with_its_one_database():
+BEFORE = [("backups", "0008_plain_labels"), ("restores", "0008_plain_labels")]
+
+
+def migrate(targets):
+    """Migrate to `targets`; returns the models as they were there."""
     executor = MigrationExecutor(connection)
-    executor.migrate([("backups", "0008_plain_labels")])
-    old = executor.loader.project_state([("backups", "0008_plain_labels")]).apps
+    executor.migrate(targets)
+    executor.loader.build_graph()
+    return executor.loader.project_state(targets).apps
+
+
+def fill_catalog_as_before(old):
+    """A server with a history, as the models before databases wrote it."""
+    from django.utils import timezone
+
     server = old.get_model("backups", "Server").objects.create(
         name="atoll", dsn="postgresql://u@127.0.0.1:1/atolldb?sslmode=disable"
     )
+    location = old.get_model("backups", "StorageLocation").objects.get(name="primary")
     Run = old.get_model("backups", "BackupRun")
-    logical = Run.objects.create(server_id=server.pk, kind="logical", status="succeeded")
-    base = Run.objects.create(server_id=server.pk, kind="base", status="succeeded")
+    logical = Run.objects.create(server_id=server.pk, kind="logical", status="succeeded", key="atoll/l.dump.gpg")
+    base = Run.objects.create(server_id=server.pk, kind="base", status="succeeded", key="atoll/b.tar.gpg")
+    copy = old.get_model("backups", "BackupCopy").objects.create(
+        run_id=logical.pk, location_id=location.pk, key=logical.key, status="ok", size=10
+    )
+    segment = old.get_model("backups", "WalSegment").objects.create(
+        server_id=server.pk,
+        timeline=1,
+        name="000000010000000000000001",
+        segno=1,
+        key="atoll/wal/1",
+        size=16,
+        sha256="0" * 64,
+        archived_at=timezone.now(),
+    )
+    restore = old.get_model("restores", "RestoreRun").objects.create(
+        kind="logical", server_id=server.pk, backup_run_id=logical.pk, status="succeeded"
+    )
+    test = old.get_model("restores", "RestoreTest").objects.create(
+        server_id=server.pk, backup_run_id=logical.pk, status="passed"
+    )
+    return {
+        "server": server.pk,
+        "logical": logical.pk,
+        "base": base.pk,
+        "copy": copy.pk,
+        "segment": segment.pk,
+        "restore": restore.pk,
+        "test": test.pk,
+    }
 
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(executor.loader.graph.leaf_nodes())
 
-    database = Database.objects.get(server_id=server.pk)
+@pytest.mark.django_db(transaction=True)
+def test_a_catalog_from_before_becomes_a_cluster_with_its_one_database():
+    from backupportal import journal
+    from backups.models import BackupCopy, WalSegment
+    from restores.models import RestoreRun, RestoreTest
+
+    journal.record("server_added", actor="sam", server="atoll")  # entries from before must still verify
+    try:
+        ids = fill_catalog_as_before(migrate(BEFORE))
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
+
+    database = Database.objects.get(server_id=ids["server"])
     assert database.name == "atolldb" and database.protected and database.state == "present"
-    assert BackupRun.objects.get(pk=logical.pk).database == database
-    assert BackupRun.objects.get(pk=base.pk).database is None
+    assert BackupRun.objects.get(pk=ids["logical"]).database == database
+    assert BackupRun.objects.get(pk=ids["base"]).database is None  # the whole cluster
+    # Every row is still there and still leads where it did.
+    assert BackupCopy.objects.get(pk=ids["copy"]).run_id == ids["logical"]
+    assert WalSegment.objects.get(pk=ids["segment"]).server_id == ids["server"]
+    assert RestoreRun.objects.get(pk=ids["restore"]).backup_run_id == ids["logical"]
+    assert RestoreTest.objects.get(pk=ids["test"]).database == database  # a logical test: of its backup's
+    ok, message, _ = journal.verify()
+    assert ok, message
 
 
 def test_the_weekly_restore_test_restores_every_database_and_a_failure_stays_alerted(cluster_of_three, settings):

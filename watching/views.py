@@ -114,7 +114,8 @@ def server_detail(request, name, critical_form=None):
     context = {
         "health": figures.server_health(server),
         "server": server,
-        "runs": server.runs.order_by("-created_at")[:20],
+        "runs": server.runs.select_related("database").order_by("-created_at")[:20],
+        "coverage": coverage.rows([server]),
         "schedules": server.schedules.all(),
         "binaries": binaries.describe(server),
         "tests": tests,
