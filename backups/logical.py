@@ -69,11 +69,33 @@ def take(run):
     run.details["pg_dump_compress"] = dump_compression_level()
     BackupCopy.record_made(location, dump_key, size, sha256, run=run, artifact="main")
 
-    g_size, g_sha256, note = take_globals(server, store, globals_key, encryption)
-    run.details["globals"] = {"key": globals_key, "size": g_size, "sha256": g_sha256}
-    if note:
-        run.notes = note
-    BackupCopy.record_made(location, globals_key, g_size, g_sha256, run=run, artifact="globals")
+    shared = todays_globals(run)
+    if shared is None:
+        g_size, g_sha256, note = take_globals(server, store, globals_key, encryption)
+        shared = {"key": globals_key, "size": g_size, "sha256": g_sha256, "note": note}
+        BackupCopy.record_made(location, globals_key, g_size, g_sha256, run=run, artifact="globals")
+    run.details["globals"] = shared
+    if shared.get("note"):
+        run.notes = shared["note"]
+
+
+def todays_globals(run):
+    """The cluster's globals as another logical run of this server dumped them today, named by
+    that run ("run"), or None. Roles and tablespaces belong to the cluster, not to a database:
+    a pass over many databases dumps them once a day, and each run says which file it pairs with
+    (restores.logical reads that one; retention keeps it while a kept run names it)."""
+    start = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
+    owner = (
+        BackupRun.objects.good()
+        .filter(server=run.server_id, kind=BackupRun.Kind.LOGICAL, finished_at__gte=start)
+        .filter(copies__artifact="globals", copies__status=BackupCopy.Status.OK)
+        .exclude(pk=run.pk)
+        .order_by("-finished_at")
+        .first()
+    )
+    if owner is None:
+        return None
+    return {**owner.details["globals"], "run": owner.pk}
 
 
 def take_globals(server, store, key, encryption):

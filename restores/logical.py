@@ -354,8 +354,9 @@ def restore_globals(run, target, encryption, notes, warnings, with_role_password
     """The roles of the source, brought safely (cluster_globals) so that the dump's owners and
     grants exist on another server. Returns the roles created, for a failed restore to drop."""
     try:
-        reader = open_first_healthy(run, "globals")
-    except StorageError as e:
+        owner = run.globals_run()  # the day's globals file, maybe another database's run's
+        reader = open_first_healthy(owner, "globals")
+    except (StorageError, BackupRun.DoesNotExist) as e:
         raise RestoreFailed(f"the globals of run #{run.pk} cannot be read: {e}") from None
     chunks = []
     with reader:

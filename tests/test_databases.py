@@ -301,3 +301,52 @@ def test_the_monitor_alerts_on_a_database_untested_for_35_days_until_a_test_pass
     monitor.check_coverage(server)
     alert.refresh_from_db()
     assert alert.state == "resolved"
+
+
+def test_globals_are_dumped_once_a_day_and_kept_while_a_run_pairs_with_them(cluster_of_three, pg_base_dir, pg_template):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from backups import copies, retention
+    from backups.models import BackupCopy
+
+    add(cluster_of_three, "--databases", "shop,hr")
+    for name in ("shop", "hr"):  # each owned by a role that only the globals file holds
+        cluster_of_three.execute(f"CREATE ROLE {name}_owner LOGIN")
+        cluster_of_three.execute(f"ALTER DATABASE {name} OWNER TO {name}_owner")
+    result = run_command("backup", "maldives")
+    assert result["status"] == "succeeded"
+    first, second = (BackupRun.objects.get(pk=r["id"]) for r in result["runs"])
+    # One file of roles and tablespaces for the cluster; both runs name it.
+    assert BackupCopy.objects.filter(artifact="globals").count() == 1
+    assert first.details["globals"]["key"] == second.details["globals"]["key"]
+    assert second.details["globals"]["run"] == first.pk and second.globals_run() == first
+
+    # The run that dumped them expires; the other is kept, and restores with its owner.
+    BackupRun.objects.filter(pk=first.pk).update(finished_at=timezone.now() - timedelta(days=40))
+    BackupRun.objects.filter(pk=second.pk).update(finished_at=timezone.now() - timedelta(days=1))
+    assert run_command("backup", "maldives", "--database", first.database.name)["status"] == "succeeded"
+    retention.apply()
+    copies.retry_deletions(timezone.now())
+    assert BackupRun.objects.get(pk=first.pk).deleted_at is not None
+    assert BackupCopy.objects.get(run=first, artifact="globals").status == "ok"
+    # Onto another cluster, where the database's owner exists only in the globals file.
+    from backupportal.lib.pgcluster import Cluster
+    from tests.helpers import register
+
+    with Cluster.create(base_dir=pg_base_dir, template=pg_template) as island:
+        register(island, name="island", dbname="postgres")
+        restored = run_command(
+            "restore", str(second.pk), "--into-database", second.database.name, "--into-server", "island"
+        )
+        assert restored["status"].startswith("succeeded"), restored
+        owner = island.execute(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", [second.database.name]
+        )
+        assert owner == [(f"{second.database.name}_owner",)]
+
+    # The last run naming them goes: so do they, on the next pass.
+    BackupRun.objects.filter(pk=second.pk).update(deleted_at=timezone.now())
+    copies.retry_deletions(timezone.now())
+    assert BackupCopy.objects.get(run=first, artifact="globals").status == "deleted"

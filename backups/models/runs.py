@@ -29,6 +29,12 @@ class BackupRunQuerySet(models.QuerySet):
         """Good base backups a PITR can start from: their WAL range is known (start_wal)."""
         return self.good().filter(kind=BackupRun.Kind.BASE).exclude(start_wal="")
 
+    def globals_in_use(self):
+        """Ids of runs whose globals file another kept run pairs with (backups.logical): their
+        globals stay on every tier while such a run is kept, whatever becomes of their own dump."""
+        named = self.good().filter(details__globals__has_key="run")
+        return set(named.values_list("details__globals__run", flat=True))
+
     def newest_per_kind(self):
         """Of these runs, the newest to finish of each server and kind: one query for all servers."""
         newest_first = [F("finished_at").desc(nulls_last=True), F("pk").desc()]
@@ -125,6 +131,12 @@ class BackupRun(models.Model):
         if self.started_at:
             return timezone.now() - self.started_at
         return None
+
+    def globals_run(self):
+        """The run whose globals file this one pairs with: itself, or the run that dumped the
+        cluster's globals that day (BackupRun.DoesNotExist if that row is gone)."""
+        owner_id = self.details.get("globals", {}).get("run")
+        return BackupRun.objects.get(pk=owner_id) if owner_id else self
 
     @property
     def database_name(self):
