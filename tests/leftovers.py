@@ -35,6 +35,8 @@ def start(session):
     session.config._tmp_path_factory.getbasetemp()
     os.environ[MARK] = uuid.uuid4().hex
     _start["pids"] = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    # One an earlier run left is not this run's; one dropped and made again has a new oid.
+    _start["databases"] = set(_test_databases())
     session_dir = tempfile.mkdtemp(prefix=f"{PREFIX}session-")
     # Like /tmp itself: PostgreSQL (as postgres) and tools run as nobody inherit TMPDIR.
     os.chmod(session_dir, 0o1777)
@@ -117,7 +119,13 @@ def _leftover_processes():
 
 
 def _leftover_databases():
-    """Test databases pytest-django could not drop (a connection still open at the end)."""
+    """Test databases this run made that pytest-django could not drop (a session still open)."""
+    return [name for oid, name in _test_databases() if (oid, name) not in _start["databases"]]
+
+
+def _test_databases():
+    """(oid, name) of the portal's test databases on its PostgreSQL: test_NAME, test_NAME_gw0...
+    ([] on SQLite)."""
     url = os.environ.get("DATABASE_URL", "")
     if not url.startswith(("postgres://", "postgresql://")):
         return []
@@ -125,12 +133,12 @@ def _leftover_databases():
 
     try:
         with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", connect_timeout=5) as conn:
-            rows = conn.execute("SELECT datname FROM pg_database").fetchall()
+            rows = conn.execute("SELECT oid, datname FROM pg_database").fetchall()
     except psycopg.Error:
         return []
     name = url.rsplit("/", 1)[1].split("?")[0]
     # test_NAME, or test_NAME_gw0, test_NAME_gw1... under pytest-xdist
-    return [r[0] for r in rows if r[0] == f"test_{name}" or r[0].startswith(f"test_{name}_gw")]
+    return [(oid, db) for oid, db in rows if db == f"test_{name}" or db.startswith(f"test_{name}_gw")]
 
 
 def _kill(pid):
