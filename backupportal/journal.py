@@ -75,7 +75,7 @@ ACTIONS = {
     "schedule_changed": "a backup schedule was changed",
     "schedules_renamed": "a renamed server's schedules followed its new name",
     "schedules_removed": "a deleted server's schedules were removed",
-    "critical_tables_changed": "a DBA chose a server's critical tables",
+    "critical_tables_changed": "a DBA chose a database's critical tables",
     "admin_added": "an object was added in the admin",
     "admin_changed": "an object was changed in the admin",
     "admin_deleted": "an object was deleted in the admin",

@@ -125,14 +125,9 @@ class ServerForm(forms.ModelForm):
             "logical_retention_days",
             "base_retention_days",
             "wal_retention_days",
-            "critical_tables",
             "shrink_threshold_pct",
             "sandbox",
         ]
-
-    def clean_critical_tables(self):
-        # An emptied field or `null` both mean "none": the column holds a list, never NULL.
-        return self.cleaned_data.get("critical_tables") or []
 
     def _post_clean(self):
         super()._post_clean()  # the model's clean(): the DSN's form

@@ -1,8 +1,9 @@
-"""Choosing a server's critical tables: checked against its database, then journaled.
+"""Choosing a database's critical tables: checked against that database, then journaled.
 
 Every table's row count is compared by restore tests whatever is chosen here; a critical
 table must also never be empty nor shrink past the server's threshold. DBAs choose them on
-the server page, `addserver --critical-tables` at registration.
+the server page, for each database it backs up; `addserver --critical-tables` at registration,
+for the DSN's database.
 """
 
 import psycopg
@@ -13,24 +14,31 @@ from backupportal.lib.pgerrors import explain
 from backups import tables
 
 
-def check_tables(server, names):
-    """The qualified names of `names` in the server's database; ValueError with one line if one is wrong."""
+def check_tables(server, names, dbname=None):
+    """The qualified names of `names` in the database (default: the DSN's); ValueError with one
+    line if one is wrong."""
     if not names:
         return []
     try:
-        with server.connect() as conn:
+        with server.connect(dbname) as conn:
             return tables.resolve(conn, names)
     except psycopg.Error as e:
         raise ValueError(f"cannot reach {server.name} to check the tables: {explain(e, server)}") from None
 
 
-def set_critical_tables(server, qualified, actor):
+def set_critical_tables(database, qualified, actor):
     """Record the (checked) choice and journal it with what it replaced."""
-    before = list(server.critical_tables or [])
-    server.critical_tables = qualified
-    server.save(update_fields=["critical_tables"])
+    before = list(database.critical_tables or [])
+    database.critical_tables = qualified
+    database.save(update_fields=["critical_tables"])
     journal.record(
-        "critical_tables_changed", actor=actor, obj=server, server=server.name, tables=qualified, before=before
+        "critical_tables_changed",
+        actor=actor,
+        obj=database.server,
+        server=database.server.name,
+        database=database.name,
+        tables=qualified,
+        before=before,
     )
 
 
@@ -42,13 +50,15 @@ class CriticalTablesForm(forms.Form):
         help_text="One a line or comma-separated, as table or schema.table. Empty: none.",
     )
 
-    def __init__(self, server, *args, **kwargs):
-        self.server = server
-        kwargs.setdefault("initial", {"tables": "\n".join(server.critical_tables or [])})
+    def __init__(self, database, *args, **kwargs):
+        self.database = database
+        kwargs.setdefault("initial", {"tables": "\n".join(database.critical_tables or [])})
+        kwargs.setdefault("prefix", f"db{database.pk}")
         super().__init__(*args, **kwargs)
 
     def clean_tables(self):
+        names = tables.split_list(self.cleaned_data["tables"])
         try:
-            return check_tables(self.server, tables.split_list(self.cleaned_data["tables"]))
+            return check_tables(self.database.server, names, self.database.name)
         except ValueError as e:
             raise forms.ValidationError(str(e)) from None

@@ -12,7 +12,7 @@ from datetime import datetime
 import psycopg
 
 from backups import tables
-from backups.models import BackupRun
+from backups.models import BackupRun, Database
 
 SHOWN_AT_MOST = 10  # problems named in one check's detail; the rest are counted
 
@@ -67,9 +67,9 @@ def run_checks(run, target, dbname):
         errors = {}
         restored = tables.normalized(tables.count_all(conn, errors))
         unreadable = tables.normalized(errors)
-        # The DBAs chose the critical tables and the custom checks in the DSN's database.
+        # Critical tables are the database's own; custom checks were written for the DSN's.
         own = dbname_of(run) == server.dbname
-        for name in server.critical_tables if own else []:
+        for name in critical_tables_of(run):
             results.append(_critical_check(conn, name, recorded, restored, unreadable, previous))
         if recorded is None:
             results.append(_every_table_read(conn, restored, unreadable))
@@ -78,6 +78,13 @@ def run_checks(run, target, dbname):
         for custom in server.validation_checks.filter(enabled=True).order_by("name") if own else []:
             results.append(_custom_check(conn, custom))
     return results
+
+
+def critical_tables_of(run):
+    """The critical tables of the database a run's copy is checked as (see dbname_of)."""
+    database = run.database if run.kind == BackupRun.Kind.LOGICAL and run.database_id else None
+    database = database or Database.objects.filter(server=run.server_id, name=run.server.dbname).first()
+    return database.critical_tables if database else []
 
 
 def dbname_of(run):

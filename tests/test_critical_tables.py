@@ -15,7 +15,7 @@ from django.core.management.base import CommandError
 from django.urls import reverse
 
 from backupportal.models import JournalEntry
-from backups.models import BackupRun, Server
+from backups.models import BackupRun, Database, Server
 from restores.models import RestoreTest
 from tests.helpers import register
 
@@ -76,9 +76,20 @@ def checks(result):
     return {c["name"]: c for c in result["checks"]}
 
 
+def critical(server, name=None):
+    """The critical tables of one of the server's databases (default: the DSN's)."""
+    database = Database.objects.get(server=server, name=name) if name else Database.of_dsn(server)
+    return database.critical_tables
+
+
+def choose(server, tables):
+    Database.of_dsn(server)
+    Database.objects.filter(server=server, name=server.dbname).update(critical_tables=tables)
+
+
 def test_a_new_server_has_no_critical_tables(shop):
-    assert shop.critical_tables == []
-    assert Server(name="x", dsn="postgresql://postgres@127.0.0.1:1/x").critical_tables == []
+    assert critical(shop) == []
+    assert Database(server=shop, name="x").critical_tables == []
 
 
 def test_a_backup_records_every_table_by_its_qualified_name(shop, passphrase_file, backup_root, pg_cluster):
@@ -101,7 +112,7 @@ def test_a_critical_table_emptied_before_the_backup_fails_naming_it(shop, pg_clu
         "addserver", "shop2", "--dsn", pg_cluster.dsn("shop"), "--critical-tables", 'customers,sales."Order.Items"'
     )
     server = Server.objects.get(name="shop2")
-    assert server.critical_tables == ["public.customers", 'sales."Order.Items"']
+    assert critical(server) == ["public.customers", 'sales."Order.Items"']
     backup("shop2")
     assert restoretest("shop2")["status"] == "passed"
     pg_cluster.execute('DELETE FROM sales."Order.Items"', dbname="shop")
@@ -125,8 +136,7 @@ def test_a_critical_table_emptied_before_the_backup_fails_naming_it(shop, pg_clu
 def test_a_partitioned_critical_table_is_held_to_the_sum_of_its_partitions(
     shop, pg_cluster, passphrase_file, backup_root
 ):
-    shop.critical_tables = ["public.measurements"]
-    shop.save()
+    choose(shop, ["public.measurements"])
     before = backup("shop")
     pg_cluster.execute("DELETE FROM measurements WHERE value % 2 = 0", dbname="shop")
     backup("shop")
@@ -162,8 +172,7 @@ def test_a_restore_test_that_checked_no_table_fails(pg_cluster, db, passphrase_f
 
 def test_runs_recorded_with_unqualified_names_are_still_compared(server, sample_cluster, passphrase_file, backup_root):
     """Before every table was counted, runs named only the critical tables, without schema."""
-    server.critical_tables = ["users", "audit_logs"]  # as older versions stored them
-    server.save()
+    choose(server, ["users", "audit_logs"])  # as older versions stored them
     older = backup("maldives")
     older.details["row_counts"] = {"users": 200, "audit_logs": 4000}
     older.save(update_fields=["details"])
@@ -197,76 +206,72 @@ def test_addserver_refuses_a_critical_table_that_does_not_exist(pg_cluster, db):
 def test_a_dba_chooses_critical_tables_on_the_server_page_and_it_is_journaled(client, alice, shop):
     client.force_login(alice)
     url = reverse("critical-tables-edit", args=["shop"])
-    response = client.post(url, {"tables": 'customers\nsales."Order.Items", measurements'})
+    database = Database.of_dsn(shop)
+    field = f"db{database.pk}-tables"
+    response = client.post(url, {"database": database.pk, field: 'customers\nsales."Order.Items", measurements'})
     assert response.status_code == 302
-    shop.refresh_from_db()
-    assert shop.critical_tables == ["public.customers", 'sales."Order.Items"', "public.measurements"]
+    assert critical(shop) == ["public.customers", 'sales."Order.Items"', "public.measurements"]
     entry = JournalEntry.objects.get(action="critical_tables_changed")
     assert entry.actor == "alice" and entry.server == "shop"
-    assert entry.details == {"tables": shop.critical_tables, "before": []}
+    assert entry.details == {"tables": critical(shop), "before": [], "database": "shop"}
     page = client.get(reverse("server", args=["shop"])).content.decode()
-    assert "Critical tables of shop: public.customers" in page
+    assert "Critical tables of shop/shop: public.customers" in page
 
-    response = client.post(url, {"tables": "customers, nope, big_customers, a.b.c"})
+    response = client.post(url, {"database": database.pk, field: "customers, nope, big_customers, a.b.c"})
     assert response.status_code == 200
-    error = response.context["critical_form"].errors["tables"][0]
+    form = next(f for f in response.context["critical_forms"] if f.database == database)
+    error = form.errors["tables"][0]
     assert error == (
         "nope does not exist in database shop; big_customers is not a table; "
         "'a.b.c' has too many dots: give existing tables as table or schema.table"
     )
-    shop.refresh_from_db()
-    assert len(shop.critical_tables) == 3  # nothing half-saved
+    assert len(critical(shop)) == 3  # nothing half-saved
 
-    assert client.post(url, {"tables": ""}).status_code == 302
-    shop.refresh_from_db()
-    assert shop.critical_tables == []
+    assert client.post(url, {"database": database.pk, field: ""}).status_code == 302
+    assert critical(shop) == []
+    # A database the server does not back up has no critical tables to choose.
+    assert client.post(url, {"database": 999999, field: "customers"}).status_code == 404
 
 
 def test_only_dbas_choose_critical_tables_on_the_server_page(client, charlie, sam, shop):
     url = reverse("critical-tables-edit", args=["shop"])
+    database = Database.of_dsn(shop)
     for user in (charlie, sam):
         client.force_login(user)
-        assert client.post(url, {"tables": "customers"}).status_code == 403
+        assert client.post(url, {"database": database.pk, f"db{database.pk}-tables": "customers"}).status_code == 403
         page = client.get(reverse("server", args=["shop"])).content.decode()
         assert 'action="/servers/shop/critical-tables/"' not in page
-    shop.refresh_from_db()
-    assert shop.critical_tables == []
+    assert critical(shop) == []
     assert not JournalEntry.objects.filter(action="critical_tables_changed").exists()
 
 
-@pytest.mark.parametrize("typed, stored", [("", []), ("null", []), ('["customers"]', ["customers"])])
-def test_the_admin_takes_empty_or_null_critical_tables_as_none(client, sam, shop, typed, stored):
-    client.force_login(sam)
-    form = {
-        "name": "shop",
-        "dsn": shop.dsn,
-        "pg_bin": "",
-        "archiving": "none",
-        "enabled": "on",
-        "rpo_minutes": 15,
-        "rto_critical_minutes": 240,
-        "rto_full_minutes": 480,
-        "logical_retention_days": 30,
-        "base_retention_days": 30,
-        "wal_retention_days": 7,
-        "critical_tables": typed,
-        "shrink_threshold_pct": 20,
-        "sandbox": "",
-    }
-    response = client.post(reverse("admin:backups_server_change", args=[shop.pk]), form)
-    assert response.status_code == 302, response.content.decode()[:2000]
-    shop.refresh_from_db()
-    assert shop.critical_tables == stored
+def test_each_database_has_its_own_critical_tables_held_by_its_restore_test(
+    client, alice, shop, pg_cluster, passphrase_file, backup_root
+):
+    shop.protect_databases = "shop,ledger"
+    shop.save()
+    pg_cluster.create_database("ledger")
+    pg_cluster.execute("CREATE TABLE entries AS SELECT g AS id FROM generate_series(1, 10) g", dbname="ledger")
+    from backups.databases import discover
 
+    discover(shop)
+    ledger = Database.objects.get(server=shop, name="ledger")
+    client.force_login(alice)
+    url = reverse("critical-tables-edit", args=["shop"])
+    field = f"db{ledger.pk}-tables"
+    refused = client.post(url, {"database": ledger.pk, field: "customers"})  # shop's table, not ledger's
+    assert "customers does not exist in database ledger" in refused.content.decode()
+    assert client.post(url, {"database": ledger.pk, field: "entries"}).status_code == 302
+    assert critical(shop, "ledger") == ["public.entries"] and critical(shop) == []
 
-def test_the_admin_refuses_critical_tables_that_are_not_a_list_of_names(client, sam, shop):
-    client.force_login(sam)
-    form = {"name": "shop", "dsn": shop.dsn, "archiving": "none", "critical_tables": '"customers"'}
-    form |= {"rpo_minutes": 15, "rto_critical_minutes": 240, "rto_full_minutes": 480, "shrink_threshold_pct": 20}
-    form |= {"logical_retention_days": 30, "base_retention_days": 30, "wal_retention_days": 7}
-    response = client.post(reverse("admin:backups_server_change", args=[shop.pk]), form)
-    assert response.status_code == 200
-    assert "Critical tables are a list of names" in response.content.decode()
+    call_command("backup", "shop", stdout=StringIO())
+    pg_cluster.execute("DELETE FROM entries", dbname="ledger")
+    call_command("backup", "shop", stdout=StringIO())
+    from restores.restoretest import scheduled_restore_tests
+
+    tests = {t.database.name: t for t in scheduled_restore_tests(shop, monthly=False)}
+    assert tests["shop"].status == "passed"
+    assert tests["ledger"].status == "failed" and "public.entries is empty" in tests["ledger"].error
 
 
 def test_counting_goes_by_batches_and_notes_a_table_it_cannot_read(pg_cluster):

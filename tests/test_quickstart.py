@@ -202,7 +202,11 @@ def test_the_demo_setup_registers_a_sample_server_with_users_and_a_first_backup(
         assert PBKDF2PasswordHasher().verify(password, hashes[name])  # ...and the login works
         assert password not in json.dumps(rows(db, "SELECT * FROM backupportal_journalentry"))
 
-    (dsn, critical) = rows(db, "SELECT dsn, critical_tables FROM backups_server WHERE name = 'maldives'")[0]
+    (dsn, critical) = rows(
+        db,
+        "SELECT s.dsn, d.critical_tables FROM backups_server s JOIN backups_database d ON d.server_id = s.id "
+        "WHERE s.name = 'maldives' AND d.name = 'reliabilitymaldives'",
+    )[0]
     assert dsn == cluster.dsn("reliabilitymaldives")
     # The strategy's four, passed explicitly: a server registered without them has none.
     assert json.loads(critical) == ["public.users", "public.roles", "public.audit_logs", "public.financial_records"]

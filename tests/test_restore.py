@@ -10,7 +10,7 @@ from django.core.management.base import CommandError
 from django.urls import reverse
 
 from backupportal.lib import sampledata
-from backups.models import BackupCopy, BackupRun
+from backups.models import BackupCopy, BackupRun, Database
 from restores.models import RestoreTest, ValidationCheck
 from tests.helpers import register, restore_json
 from watching.models import Alert
@@ -151,8 +151,9 @@ def test_a_flipped_byte_is_caught_and_the_copy_marked_bad(server, sample_cluster
 
 def strategy_tables_are_critical(server):
     """The strategy's four tables, as the demo registers them (a new server has none)."""
-    server.critical_tables = ["public.users", "public.roles", "public.audit_logs", "public.financial_records"]
-    server.save(update_fields=["critical_tables"])
+    database = Database.of_dsn(server)
+    database.critical_tables = ["public.users", "public.roles", "public.audit_logs", "public.financial_records"]
+    database.save(update_fields=["critical_tables"])
 
 
 def test_restoretest_passes_on_a_good_backup(server, passphrase_file, backup_root, sample_cluster):

@@ -9,7 +9,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backupportal.models import JournalEntry
-from backups.models import BackupRun, WalSegment
+from backups.models import BackupRun, Database, WalSegment
 from restores.models import RestoreRequest, RestoreRun, RestoreTest, ValidationCheck
 from restores.tasks import run_request
 from tests.helpers import (
@@ -170,7 +170,7 @@ def test_restoretest_of_a_base_backup_passes_then_fails_with_an_alert_on_a_corru
     assert result["duration_s"] > 0
     names = [c["name"] for c in result["checks"]]
     assert names[0] == "restore" and "check: admins exist" in names
-    assert {f"rows in {t}" for t in server.critical_tables} <= set(names)
+    assert {f"rows in {t}" for t in Database.of_dsn(server).critical_tables} <= set(names)
     assert not postgres_running_in(sandbox_root) and not list(sandbox_root.iterdir())
     test = RestoreTest.objects.get(pk=result["id"])
     assert test.restores.get().kind == "pitr"

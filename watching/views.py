@@ -18,7 +18,7 @@ from backupportal.models import JournalEntry
 from backupportal.roles import require_perm
 from backups import binaries
 from backups.critical import CriticalTablesForm, set_critical_tables
-from backups.models import Server, StorageLocation
+from backups.models import Database, Server, StorageLocation
 from watching import coverage
 from watching import dashboard as figures
 from watching.charts import server_charts
@@ -122,7 +122,7 @@ def server_detail(request, name, critical_form=None):
         "last_test": tests[0] if tests else None,
         "untested": server.runs.good().filter(restore_tests=None).order_by("-finished_at")[:20],
         "charts": server_charts(server),
-        "critical_form": critical_form or CriticalTablesForm(server),
+        "critical_forms": critical_forms(server, critical_form),
     }
     return render(request, "backups/server.html", context)
 
@@ -134,13 +134,23 @@ def critical_tables_edit(request, name):
 
     Here beside the server page, which shows the form again with its errors."""
     server = get_object_or_404(Server, name=name)
-    form = CriticalTablesForm(server, request.POST)
+    database = get_object_or_404(server.databases, protected=True, pk=request.POST.get("database") or 0)
+    form = CriticalTablesForm(database, request.POST)
     if not form.is_valid():
         return server_detail(request, name, critical_form=form)
-    set_critical_tables(server, form.cleaned_data["tables"], actor=request.user.get_username())
-    chosen = ", ".join(server.critical_tables) or "none"
-    messages.success(request, f"Critical tables of {server}: {chosen}.")
+    set_critical_tables(database, form.cleaned_data["tables"], actor=request.user.get_username())
+    chosen = ", ".join(database.critical_tables) or "none"
+    messages.success(request, f"Critical tables of {database}: {chosen}.")
     return redirect(server)
+
+
+def critical_forms(server, with_errors=None):
+    """A form per database the server backs up (the DSN's one at least), one maybe with errors."""
+    databases = list(server.databases.filter(protected=True)) or [Database.of_dsn(server)]
+    return [
+        with_errors if with_errors is not None and with_errors.database.pk == db.pk else CriticalTablesForm(db)
+        for db in databases
+    ]
 
 
 @login_not_required  # Prometheus has no session: the bearer token is the login (DESIGN.md, who may do what)

@@ -8,7 +8,8 @@ backups under retention and is shown as gone (backups/databases.py keeps the row
 from django.db import models
 from django.utils import timezone
 
-from backups.models.servers import Server
+from backups.models.servers import Server, default_critical_tables
+from backups.tables import validate_table_list
 
 
 class Database(models.Model):
@@ -24,6 +25,15 @@ class Database(models.Model):
     problem = models.CharField(max_length=500, blank=True, help_text="why it cannot be backed up")
     first_seen_at = models.DateTimeField(default=timezone.now)
     gone_at = models.DateTimeField(null=True, blank=True, verbose_name="dropped at")
+    critical_tables = models.JSONField(
+        default=default_critical_tables,
+        blank=True,
+        validators=[validate_table_list],
+        help_text=(
+            'Tables that must never be empty or shrink past the server\'s threshold, as a list: ["public.users", '
+            '"sales.orders"]. Empty: none (every table\'s row count is compared by restore tests anyway).'
+        ),
+    )
 
     class Meta:
         ordering = ["server__name", "name"]

@@ -12,7 +12,6 @@ from django.utils import timezone
 from backupportal.lib.cron import cron_problem, in_words, next_runs
 from backups import binaries
 from backups.connection import ServerConnection
-from backups.tables import validate_table_list
 
 name_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9_.-]{0,62}$",
@@ -94,15 +93,6 @@ class Server(ServerConnection):
     base_retention_days = models.PositiveIntegerField(default=30)
     wal_retention_days = models.PositiveIntegerField(default=7, verbose_name="WAL retention (days)")
 
-    critical_tables = models.JSONField(
-        default=default_critical_tables,
-        blank=True,
-        validators=[validate_table_list],
-        help_text=(
-            'Tables that must never be empty or shrink past the threshold, as a list: ["public.users", '
-            '"sales.orders"]. Empty: none (every table\'s row count is compared by restore tests anyway).'
-        ),
-    )
     shrink_threshold_pct = models.PositiveIntegerField(
         verbose_name="shrink threshold (%)",
         default=20,
@@ -120,7 +110,7 @@ class Server(ServerConnection):
 
     class Meta:
         ordering = ["name"]
-        permissions = [("change_critical_tables", "Can choose a server's critical tables")]
+        permissions = [("change_critical_tables", "Can choose a database's critical tables")]
 
     def __str__(self):
         return self.name

@@ -16,7 +16,7 @@ from backupportal.lib.sealed import SealError
 from backups import binaries, tables
 from backups.critical import check_tables
 from backups.databases import discover
-from backups.models import Server
+from backups.models import Database, Server
 
 
 class Command(PortalCommand):
@@ -74,7 +74,7 @@ class Command(PortalCommand):
         except binaries.MissingBinaries as e:
             fail(str(e))
         try:
-            server.critical_tables = check_tables(server, tables.split_list(critical_tables))
+            critical = check_tables(server, tables.split_list(critical_tables))  # in the DSN's database
         except ValueError as e:
             fail(f"--critical-tables: {e}")
         with transaction.atomic():
@@ -85,19 +85,20 @@ class Command(PortalCommand):
                 obj=server,
                 dsn=dsn,
                 version=server.pg_version,
-                critical_tables=server.critical_tables,
+                critical_tables=critical,
                 databases=server.protect_databases or "the DSN's",
             )
             try:
                 discover(server, actor=os_actor())
             except psycopg.Error as e:  # it answered the probe a moment ago: say what changed
                 fail(f"listing the databases of {server.host}:{server.port} failed: {explain(e, server)}")
+            Database.objects.filter(server=server, name=server.dbname).update(critical_tables=critical)
         return {
             "id": server.pk,
             "name": server.name,
             "dsn": server.dsn,
             "version": server.version_display,
-            "critical_tables": server.critical_tables,
+            "critical_tables": critical,
             "databases": [
                 {"name": db.name, "state": db.state, "problem": db.problem}
                 for db in server.databases.filter(protected=True)
