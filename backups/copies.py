@@ -348,9 +348,6 @@ def delete_artifacts(owner, actor):
             age = (owner.deleted_at - (owner.finished_at or owner.created_at)).days
             journal.record("backup_deleted", actor=actor, obj=owner, kind=owner.kind, age_days=age)
     copies = BackupCopy.objects.filter(**owner_filter(owner)).exclude(status=BackupCopy.Status.DELETED)
-    if isinstance(owner, BackupRun) and owner.pk in BackupRun.objects.globals_in_use():
-        # Another database's kept run pairs with this run's globals: they go with the last of them.
-        copies = copies.exclude(artifact="globals")
     results = {c.location.name + ":" + c.artifact: delete_copy(c, actor) for c in copies.select_related("location")}
     return {
         "deleted": sorted(k for k, ok in results.items() if ok),
@@ -370,7 +367,6 @@ def retry_deletions(now, limit=200):
     todo = (
         BackupCopy.objects.filter(retired, due)
         .exclude(status=BackupCopy.Status.DELETED)
-        .exclude(artifact="globals", run__in=BackupRun.objects.globals_in_use())
         .select_related("location")[:limit]
     )
     return sum(delete_copy(c, "job:retention") for c in todo)

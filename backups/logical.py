@@ -69,7 +69,7 @@ def take(run):
     run.details["pg_dump_compress"] = dump_compression_level()
     BackupCopy.record_made(location, dump_key, size, sha256, run=run, artifact="main")
 
-    shared = todays_globals(run)
+    shared = shared_globals(run)
     if shared is None:
         g_size, g_sha256, note = take_globals(server, store, globals_key, encryption)
         shared = {"key": globals_key, "size": g_size, "sha256": g_sha256, "note": note}
@@ -79,21 +79,15 @@ def take(run):
         run.notes = shared["note"]
 
 
-def todays_globals(run):
-    """The cluster's globals as another logical run of this server dumped them today, named by
-    that run ("run"), or None. Roles and tablespaces belong to the cluster, not to a database:
-    a pass over many databases dumps them once a day, and each run says which file it pairs with
-    (restores.logical reads that one; retention keeps it while a kept run names it)."""
-    start = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
-    owner = (
-        BackupRun.objects.good()
-        .filter(server=run.server_id, kind=BackupRun.Kind.LOGICAL, finished_at__gte=start)
-        .filter(copies__artifact="globals", copies__status=BackupCopy.Status.OK)
-        .exclude(pk=run.pk)
-        .order_by("-finished_at")
-        .first()
-    )
-    if owner is None:
+def shared_globals(run):
+    """The globals file of the run this one pairs with in a pass over several databases
+    (details.globals_from, set by backups.databases), named by that run ("run"); else None.
+    Roles and tablespaces belong to the cluster: a pass dumps them once, and each run says which
+    file it pairs with (restores.logical reads that one; retention keeps that run while it is
+    named)."""
+    owner_id = run.details.get("globals_from")
+    owner = BackupRun.objects.good().filter(pk=owner_id).first() if owner_id else None
+    if owner is None or "run" in owner.details.get("globals", {"run": None}):
         return None
     return {**owner.details["globals"], "run": owner.pk}
 

@@ -2,7 +2,8 @@
 
 Never deleted, whatever its age: the newest good backup of each server and kind (of each
 database, for logical backups), a backup that a restore or restore test is reading right now
-(it goes on the next pass), and the base backup from which the WAL window starts.
+(it goes on the next pass), a logical run whose globals file a kept run pairs with, and the
+base backup from which the WAL window starts.
 
 WAL is kept `wal_retention_days` (7), but never a segment that a kept base backup needs to
 become consistent, nor one on the way from the base backup that reaches the start of the
@@ -31,6 +32,8 @@ def expired_runs(server, kind, now=None):
     good = server.runs.good().filter(kind=kind)
     cutoff = now - timedelta(days=getattr(server, DAYS_FIELD[kind]))
     expired = good.filter(finished_at__lt=cutoff).exclude(pk__in=_newest(good, kind)).exclude(_being_read())
+    # A run whose globals file a kept run of the same pass pairs with stays, whole, until that one goes.
+    expired = expired.exclude(pk__in=BackupRun.objects.globals_in_use())
     if kind == BackupRun.Kind.BASE:
         anchor = window_anchor(list(good), now - timedelta(days=server.wal_retention_days))
         if anchor is not None:

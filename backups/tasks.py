@@ -19,9 +19,13 @@ def enqueue_backup(server, kind, actor):
     A logical backup is a run per database the server backs up, each queued on its own."""
     targets, gaps = [None], []
     if kind == BackupRun.Kind.LOGICAL:
-        # As last seen (every logical pass and the daily one look again): a page never waits on
-        # a server that does not answer. None known: the DSN's, whose run says what is wrong.
-        targets, gaps = databases.protected(server) or [None], databases.gaps(server)
+        # As last seen (every logical pass looks again): a page never waits on a server that does
+        # not answer. Never looked at: the DSN's, whose run says what is wrong.
+        never_looked = not server.databases.exists()
+        targets, gaps = databases.protected(server) or ([None] if never_looked else []), databases.gaps(server)
+        if not targets:
+            problems = "; ".join(f"{db.name}: {db.problem}" for db in gaps) or "none is chosen or present"
+            return Outcome(False, f"{server} has no database that can be backed up now ({problems}).")
     runs, refused = [], []
     for database in targets:
         try:
@@ -90,24 +94,24 @@ def scheduled_job(server_name, job, scheduled_for=None, waiting_since=None):
 
 
 def scheduled_logical_pass(server, scheduled_for, waiting_since):
-    """Every database the server backs up, one run each (backups.databases.logical_pass)."""
-    try:
-        runs, queued_again = logical_pass(
-            server,
-            trigger=BackupRun.Trigger.SCHEDULED,
-            actor="job:logical",
-            scheduled_for=scheduled_for,
-            waiting_since=waiting_since,
-        )
-    except RunRefused as e:
-        return str(e)
-    for run in runs:
-        after_backup(run)
-    if queued_again:
-        return f"the logical backup of {server} is locked by another run: tried again in {LOCKED_RETRY.seconds} s"
-    if len(runs) == 1:
-        return runs[0].status  # as a base backup's task says it
-    return ", ".join(f"{run.database.name}: {run.status}" for run in runs) or "nothing to back up"
+    """Every database the server backs up, one run each (backups.databases.logical_pass); the
+    task's result says what became of each."""
+    done = logical_pass(
+        server,
+        trigger=BackupRun.Trigger.SCHEDULED,
+        actor="job:logical",
+        scheduled_for=scheduled_for,
+        waiting_since=waiting_since,
+        after_each=after_backup,
+    )
+    said = [f"{run.database.name}: {run.status}" for run in done.runs] + done.refused
+    if done.queued_again:
+        said.append(f"the logical backup of {server} is locked by another run: tried again in {LOCKED_RETRY.seconds} s")
+    if not said and done.taken:
+        return done.taken[-1]  # a second worker handed the same occurrence: it says who took it
+    if len(said) == 1 and done.runs:
+        return done.runs[0].status  # as a base backup's task says it
+    return "; ".join(said) or "nothing to back up"
 
 
 def ingest_wal(server_name):

@@ -356,8 +356,14 @@ def restore_globals(run, target, encryption, notes, warnings, with_role_password
     try:
         owner = run.globals_run()  # the day's globals file, maybe another database's run's
         reader = open_first_healthy(owner, "globals")
-    except (StorageError, BackupRun.DoesNotExist) as e:
+    except StorageError as e:
         raise RestoreFailed(f"the globals of run #{run.pk} cannot be read: {e}") from None
+    except BackupRun.DoesNotExist:
+        owner_id = run.details["globals"]["run"]
+        raise RestoreFailed(
+            f"run #{run.pk} pairs with the globals of run #{owner_id}, which is no longer in the catalog: "
+            "restore into this server (roles exist here) or from a run that dumped its own globals"
+        ) from None
     chunks = []
     with reader:
         result = encryption.decrypt_stream(reader, lambda c: chunks.append(c) or False)

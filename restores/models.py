@@ -204,11 +204,11 @@ class RestoreTestQuerySet(models.QuerySet):
         """The newest finished test of each kind (and database, for logical ones), where it failed:
         a test that passes says nothing of another kind or database, so the alert stays open
         until each passes."""
-        finished = self.filter(server=server).exclude(status=RestoreTest.Status.RUNNING)
+        finished = self.filter(server=server).exclude(status=RestoreTest.Status.RUNNING).select_related("database")
         newest = {}
         for test in finished.order_by("-started_at", "-pk"):
             newest.setdefault((test.kind, test.database_id), test)
-        return [test for test in newest.values() if test.status == RestoreTest.Status.FAILED]
+        return [test for test in newest.values() if test.status == RestoreTest.Status.FAILED and test.still_owed]
 
 
 class RestoreTest(models.Model):
@@ -254,6 +254,12 @@ class RestoreTest(models.Model):
 
     def get_absolute_url(self):
         return reverse("restore-test", args=[self.pk])
+
+    @property
+    def still_owed(self):
+        """A test of a database no longer backed up (not chosen, or dropped) owes no pass."""
+        database = self.database
+        return database is None or (database.protected and database.state != "gone")
 
     @property
     def done(self):

@@ -125,7 +125,7 @@ def _critical_check(conn, name, recorded, restored, unreadable, previous):
             label,
             False,
             f"{shown} was not in the database when the backup was taken: "
-            "if it is gone for good, take it off the server's critical tables",
+            "if it is gone for good, take it off the database's critical tables on the server page",
         )
     if actual is None:
         return check(label, False, f"{shown} is not in the restored copy")

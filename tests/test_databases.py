@@ -132,7 +132,10 @@ def test_a_dropped_database_keeps_its_backups_and_shows_as_dropped(cluster_of_th
     server.save()
     retention.apply()
     assert BackupRun.objects.good().filter(database=shop).count() == 1
-    assert BackupRun.objects.good().filter(database__name="hr").count() == 1  # its newest of two
+    # hr: its newest, and the older one only if shop's kept run pairs with its globals file.
+    newest_hr = BackupRun.objects.good().filter(database__name="hr").order_by("-finished_at").first()
+    kept_hr = set(BackupRun.objects.good().filter(database__name="hr").values_list("pk", flat=True))
+    assert kept_hr - {newest_hr.pk} <= BackupRun.objects.globals_in_use()
     monitor.check_databases(server)
     assert uncovered_alerts() == {}
 
@@ -303,12 +306,14 @@ def test_the_monitor_alerts_on_a_database_untested_for_35_days_until_a_test_pass
     assert alert.state == "resolved"
 
 
-def test_globals_are_dumped_once_a_day_and_kept_while_a_run_pairs_with_them(cluster_of_three, pg_base_dir, pg_template):
+def test_globals_are_dumped_once_a_pass_and_kept_while_a_run_pairs_with_them(
+    cluster_of_three, pg_base_dir, pg_template
+):
     from datetime import timedelta
 
     from django.utils import timezone
 
-    from backups import copies, retention
+    from backups import retention
     from backups.models import BackupCopy
 
     add(cluster_of_three, "--databases", "shop,hr")
@@ -323,13 +328,15 @@ def test_globals_are_dumped_once_a_day_and_kept_while_a_run_pairs_with_them(clus
     assert first.details["globals"]["key"] == second.details["globals"]["key"]
     assert second.details["globals"]["run"] == first.pk and second.globals_run() == first
 
-    # The run that dumped them expires; the other is kept, and restores with its owner.
+    # A backup of one database alone dumps its own: roles made since the pass are in it.
+    alone = run_command("backup", "maldives", "--database", first.database.name)
+    assert "run" not in BackupRun.objects.get(pk=alone["id"]).details["globals"]
+
+    # The run that dumped them outlives its retention while the other is kept: it stays, whole.
     BackupRun.objects.filter(pk=first.pk).update(finished_at=timezone.now() - timedelta(days=40))
     BackupRun.objects.filter(pk=second.pk).update(finished_at=timezone.now() - timedelta(days=1))
-    assert run_command("backup", "maldives", "--database", first.database.name)["status"] == "succeeded"
     retention.apply()
-    copies.retry_deletions(timezone.now())
-    assert BackupRun.objects.get(pk=first.pk).deleted_at is not None
+    assert BackupRun.objects.get(pk=first.pk).deleted_at is None
     assert BackupCopy.objects.get(run=first, artifact="globals").status == "ok"
     # Onto another cluster, where the database's owner exists only in the globals file.
     from backupportal.lib.pgcluster import Cluster
@@ -346,7 +353,33 @@ def test_globals_are_dumped_once_a_day_and_kept_while_a_run_pairs_with_them(clus
         )
         assert owner == [(f"{second.database.name}_owner",)]
 
-    # The last run naming them goes: so do they, on the next pass.
+    # The last run naming them goes: so does it, at the next retention pass.
     BackupRun.objects.filter(pk=second.pk).update(deleted_at=timezone.now())
-    copies.retry_deletions(timezone.now())
+    retention.apply()
+    assert BackupRun.objects.get(pk=first.pk).deleted_at is not None
     assert BackupCopy.objects.get(run=first, artifact="globals").status == "deleted"
+
+
+def test_one_databases_failure_stays_alerted_while_others_succeed_and_a_wrong_name_stays_a_gap(cluster_of_three):
+    add(cluster_of_three, "--databases", "hr,shop,shopp")  # shopp: a typo
+    result = run_command("backup", "maldives")
+    assert result["status"] == "failed" and result["_exit"] == 1
+    assert result["_stderr"].count("\n") <= 1 and "there is no database shopp on the cluster" in result["_stderr"]
+    assert run_command("backup", "maldives")["status"] == "failed"  # the next pass: still a gap, not "dropped"
+    shopp = Database.objects.get(name="shopp")
+    assert shopp.state == "unreachable" and "check the name" in shopp.problem
+
+    server = Server.objects.get()
+    monitor.alert_backup_failures(server)
+    alert = Alert.objects.get(condition="backup_failed", state="open")
+    assert "maldives/shopp" in alert.message and "hr" not in alert.message
+
+    # Scratch databases the portal makes itself are never part of "all".
+    cluster_of_three.create_database("restoretest_12_20261203020000")
+    server.protect_databases = "all"
+    server.save()
+    from backups.databases import discover
+
+    names = {db.name for db in discover(server)}
+    assert "restoretest_12_20261203020000" not in names and {"hr", "shop"} <= names
+    cluster_of_three.execute('DROP DATABASE "restoretest_12_20261203020000"')

@@ -198,19 +198,39 @@ def check_daily_backup(server):
         return
     now = timezone.now()
     due = last_due_occurrence(schedule.cron, now, DAILY_BACKUP_GRACE)
-    newest = server.latest_good_backup(BackupRun.Kind.LOGICAL)
-    if due < server.created_at or (newest is not None and newest.finished_at >= due):
+    missing = [] if due < server.created_at else _missing_since(server, due)
+    if not missing:
         resolve_alert(Alert.Condition.BACKUP_MISSING, server=server)
         return
-    last = f"the newest good one finished {_local(newest.finished_at)}" if newest else "there is none yet"
     raise_alert(
         Alert.Condition.BACKUP_MISSING,
         server=server,
-        message=(
-            f"No good logical backup of {server} since its scheduled time {_local(due)} "
-            f"(checked at {_local(now)}, {settings.TIME_ZONE}): {last}."
+        message="; ".join(
+            f"No good logical backup of {what} since its scheduled time {_local(due)} "
+            f"(checked at {_local(now)}, {settings.TIME_ZONE}): "
+            + (f"the newest good one finished {_local(newest.finished_at)}" if newest else "there is none yet")
+            + "."
+            for what, newest in missing
         ),
     )
+
+
+def _missing_since(server, due):
+    """[(what, its newest good run or None)] of each database the server backs up that has no
+    good logical backup since `due`; one found after `due` is alerted as new (check_databases)."""
+    databases = server.databases.filter(protected=True, state=Database.State.PRESENT)
+    # The DSN's was backed up since registration; another one is owed a backup once it was found.
+    databases = [db for db in databases if db.name == server.dbname or db.first_seen_at <= due]
+    if not server.databases.exists():  # never looked at: the server as a whole, as before databases
+        newest = server.latest_good_backup(BackupRun.Kind.LOGICAL)
+        return [] if newest is not None and newest.finished_at >= due else [(str(server), newest)]
+    missing = []
+    for database in databases:
+        newest = database.latest_good_backup()
+        if newest is None or newest.finished_at < due:
+            what = str(server) if database.name == server.dbname else str(database)
+            missing.append((what, newest))
+    return missing
 
 
 def check_databases(server):
@@ -281,14 +301,28 @@ def check_backup_failures(server):
 
 
 def alert_backup_failures(server):
-    """backup_failed from the newest finished run of each kind (the runner records the failure on it)."""
-    latest = BackupRun.objects.filter(server=server).finished().newest_per_kind()
-    failed = [run for run in latest if run.status == BackupRun.Status.FAILED]
+    """backup_failed from the newest finished run of each kind, and of each database for logical
+    ones (the runner records the failure on it): another database's success hides nothing."""
+    latest = BackupRun.objects.filter(server=server).finished().newest_per_target().select_related("database")
+    failed = [run for run in latest if run.status == BackupRun.Status.FAILED and _still_backed_up(run)]
     if not failed:
         resolve_alert(Alert.Condition.BACKUP_FAILED, server=server)
         return
-    message = "; ".join(f"{r.get_kind_display()} backup #{r.pk} of {server} failed: {r.error}" for r in failed)
+    message = "; ".join(f"{r.get_kind_display()} backup #{r.pk} of {_of(r, server)} failed: {r.error}" for r in failed)
     raise_alert(Alert.Condition.BACKUP_FAILED, server=server, message=message)
+
+
+def _still_backed_up(run):
+    """A failure of a database no longer chosen, or dropped, is not owed a success any more."""
+    database = run.database
+    return database is None or (database.protected and database.state != Database.State.GONE)
+
+
+def _of(run, server):
+    """What a run is of, in a message: the server, or server/database when it has several."""
+    if run.database is None or run.database.name == server.dbname:
+        return str(server)
+    return str(run.database)
 
 
 def check_restore_tests(server):

@@ -19,7 +19,15 @@ _RULES = [
         r"no password supplied|fe_sendauth",
         "{where} asks for a password: give one (--password-file, PGPASSWORD or the admin's Password field)",
     ),
-    (r"database \"([^\"]+)\" does not exist", "database {0} does not exist on {where}: check the DSN's database name"),
+    (
+        r"database \"([^\"]+)\" does not exist",
+        "database {0} does not exist on {where}: check the name (the DSN's, or the server's databases to back up)",
+    ),
+    (
+        r"permission denied for database \"?([^\"\s]+)",
+        "the portal's user may not connect to database {0} on {where}: GRANT CONNECT ON DATABASE {0} TO it, "
+        "or leave {0} out of the server's databases to back up",
+    ),
     (r"role \"([^\"]+)\" does not exist", "role {0} does not exist on {where}: check the DSN's user"),
     (
         r"Connection refused",

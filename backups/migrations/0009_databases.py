@@ -7,6 +7,15 @@ from django.db import migrations, models
 from psycopg.conninfo import conninfo_to_dict
 
 
+def dsn_database(dsn):
+    """The database a DSN names, as the portal reads it (backupportal.lib.libpq): "postgres"
+    when it names none, or when it cannot be read (the admin says what is wrong with it)."""
+    try:
+        return conninfo_to_dict(dsn).get("dbname") or "postgres"
+    except Exception:  # noqa: BLE001  psycopg's parser: a DSN the portal could not use either
+        return "postgres"
+
+
 def one_database_per_server(apps, schema_editor):
     """Each server registered before this change becomes a cluster with its one database (the
     DSN's), which every logical run of its history is of."""
@@ -14,10 +23,21 @@ def one_database_per_server(apps, schema_editor):
     Database = apps.get_model("backups", "Database")
     BackupRun = apps.get_model("backups", "BackupRun")
     for server in Server.objects.all():
-        conninfo = conninfo_to_dict(server.dsn)
-        name = conninfo.get("dbname") or conninfo.get("user") or "postgres"
+        name = dsn_database(server.dsn)
         database = Database.objects.create(server=server, name=name, first_seen_at=server.created_at)
         BackupRun.objects.filter(server=server, kind="logical").update(database=database)
+
+
+def refuse_to_forget_databases(apps, schema_editor):
+    """Back to one database per server only while every logical run is of its DSN's: the portal
+    before this would restore any other database's run into the DSN's database."""
+    BackupRun = apps.get_model("backups", "BackupRun")
+    for run in BackupRun.objects.filter(kind="logical", database__isnull=False).select_related("database", "server"):
+        if run.database.name != dsn_database(run.server.dsn):
+            raise RuntimeError(
+                f"run #{run.pk} is of database {run.database.name}, not {run.server.name}'s DSN's: "
+                "a portal before databases would restore it into the wrong one; delete such runs first"
+            )
 
 
 class Migration(migrations.Migration):
@@ -57,5 +77,5 @@ class Migration(migrations.Migration):
             model_name='database',
             constraint=models.UniqueConstraint(fields=('server', 'name'), name='database_per_server'),
         ),
-        migrations.RunPython(one_database_per_server, migrations.RunPython.noop),
+        migrations.RunPython(one_database_per_server, refuse_to_forget_databases),
     ]

@@ -6,6 +6,14 @@ from django.db import migrations, models
 from psycopg.conninfo import conninfo_to_dict
 
 
+def dsn_database(dsn):
+    """As migration 0009 reads it: the DSN's database, "postgres" when none or unreadable."""
+    try:
+        return conninfo_to_dict(dsn).get("dbname") or "postgres"
+    except Exception:  # noqa: BLE001
+        return "postgres"
+
+
 def to_the_dsns_database(apps, schema_editor):
     """A server's critical tables were chosen in its DSN's database: they are that database's now."""
     Server = apps.get_model("backups", "Server")
@@ -13,8 +21,7 @@ def to_the_dsns_database(apps, schema_editor):
     for server in Server.objects.all():
         if not server.critical_tables:
             continue
-        conninfo = conninfo_to_dict(server.dsn)
-        name = conninfo.get("dbname") or conninfo.get("user") or "postgres"
+        name = dsn_database(server.dsn)
         database, _ = Database.objects.get_or_create(server=server, name=name)
         database.critical_tables = server.critical_tables or []
         database.save(update_fields=["critical_tables"])
@@ -24,7 +31,7 @@ def back_to_the_server(apps, schema_editor):
     Server = apps.get_model("backups", "Server")
     Database = apps.get_model("backups", "Database")
     for server in Server.objects.all():
-        name = conninfo_to_dict(server.dsn).get("dbname") or "postgres"
+        name = dsn_database(server.dsn)
         database = Database.objects.filter(server=server, name=name).first()
         if database is not None:
             Server.objects.filter(pk=server.pk).update(critical_tables=database.critical_tables)

@@ -30,10 +30,17 @@ class BackupRunQuerySet(models.QuerySet):
         return self.good().filter(kind=BackupRun.Kind.BASE).exclude(start_wal="")
 
     def globals_in_use(self):
-        """Ids of runs whose globals file another kept run pairs with (backups.logical): their
-        globals stay on every tier while such a run is kept, whatever becomes of their own dump."""
+        """Ids of runs whose globals file another kept run pairs with (backups.logical): retention
+        keeps them, whole, while such a run is kept."""
         named = self.good().filter(details__globals__has_key="run")
         return set(named.values_list("details__globals__run", flat=True))
+
+    def newest_per_target(self):
+        """Of these runs, the newest of each server, kind and database: what the monitor holds
+        each database's logical backups (and the cluster's physical ones) to."""
+        newest_first = [F("finished_at").desc(nulls_last=True), F("pk").desc()]
+        rank = Window(RowNumber(), partition_by=[F("server_id"), F("kind"), F("database_id")], order_by=newest_first)
+        return self.annotate(rank=rank).filter(rank=1)
 
     def newest_per_kind(self):
         """Of these runs, the newest to finish of each server and kind: one query for all servers."""

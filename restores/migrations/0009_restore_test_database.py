@@ -2,13 +2,29 @@
 
 import django.db.models.deletion
 from django.db import migrations, models
+from psycopg.conninfo import conninfo_to_dict
 
 
 def tests_of_their_database(apps, schema_editor):
-    """A logical test from before databases was of its backup's database."""
+    """A logical test from before databases was of its backup's database; one that found no
+    backup, of its server's DSN's database (the only one then backed up)."""
     RestoreTest = apps.get_model("restores", "RestoreTest")
-    for test in RestoreTest.objects.filter(kind="logical", backup_run__isnull=False).select_related("backup_run"):
-        RestoreTest.objects.filter(pk=test.pk).update(database=test.backup_run.database_id)
+    Database = apps.get_model("backups", "Database")
+    for test in RestoreTest.objects.filter(kind="logical").select_related("backup_run", "server"):
+        if test.backup_run_id:
+            database_id = test.backup_run.database_id
+        else:
+            database_id, _ = Database.objects.get_or_create(server=test.server, name=dsn_database(test.server.dsn))
+            database_id = database_id.pk
+        RestoreTest.objects.filter(pk=test.pk).update(database=database_id)
+
+
+def dsn_database(dsn):
+    """As backups' migration 0009 reads it: the DSN's database, "postgres" when none or unreadable."""
+    try:
+        return conninfo_to_dict(dsn).get("dbname") or "postgres"
+    except Exception:  # noqa: BLE001
+        return "postgres"
 
 
 class Migration(migrations.Migration):

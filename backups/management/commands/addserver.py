@@ -17,6 +17,7 @@ from backups import binaries, tables
 from backups.critical import check_tables
 from backups.databases import discover
 from backups.models import Database, Server
+from backups.models.servers import ALL_DATABASES, parse_protect_databases
 
 
 class Command(PortalCommand):
@@ -75,6 +76,11 @@ class Command(PortalCommand):
             fail(str(e))
         try:
             critical = check_tables(server, tables.split_list(critical_tables))  # in the DSN's database
+            if critical and not _backs_up_dsn_database(server):
+                raise ValueError(
+                    f"they are {server.dbname}'s, which --databases leaves out: "
+                    "choose each database's critical tables on the server page"
+                )
         except ValueError as e:
             fail(f"--critical-tables: {e}")
         with transaction.atomic():
@@ -124,6 +130,11 @@ class Command(PortalCommand):
                 fail(f"password file {path} can be read by others: chmod 600 {path}")
             return path.read_text().strip()
         return os.environ.get("PGPASSWORD", "")
+
+
+def _backs_up_dsn_database(server):
+    choice = parse_protect_databases(server.protect_databases)
+    return choice == ALL_DATABASES or not choice or server.dbname in choice
 
 
 def _option(field):

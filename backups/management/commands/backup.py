@@ -25,22 +25,36 @@ class Command(PortalCommand):
             fail(f"unknown server {name!r}: list them in the admin, or register one with addserver")
         if database is not None and kind != BackupRun.Kind.LOGICAL:
             fail(f"--database is for logical backups: a {kind} backup is of the whole cluster")
+        refused = []
         try:
             if kind == BackupRun.Kind.LOGICAL:
-                runs, _ = logical_pass(server, trigger=BackupRun.Trigger.MANUAL, actor=os_actor(), only=database)
+                done = logical_pass(
+                    server,
+                    trigger=BackupRun.Trigger.MANUAL,
+                    actor=os_actor(),
+                    only=database,
+                    after_each=copy_run_foreground,
+                )
+                runs, refused = done.runs, done.refused
             else:
                 runs = [execute(claim(server, kind, trigger=BackupRun.Trigger.MANUAL, actor=os_actor()))]
+                copy_run_foreground(runs[0])
         except (RunRefused, ValueError) as e:
             fail(str(e))
-        for run in runs:
-            copy_run_foreground(run)
+        if not runs:
+            fail("; ".join(refused) or f"{server} has no database that can be backed up now: see its server page")
         results = [run_summary(run) for run in runs]
-        for run in runs:
-            if run.status != BackupRun.Status.SUCCEEDED:
-                self.stderr.write(f"backup failed: {run.error}")
-        result = results[0] if len(results) == 1 else {"runs": results, "status": worst(runs)}
-        if any(run.status != BackupRun.Status.SUCCEEDED for run in runs):
+        failed = [run for run in runs if run.status != BackupRun.Status.SUCCEEDED]
+        problems = [
+            f"run #{run.pk} ({run.database_name if run.database_id else run.kind}): {run.error}" for run in failed
+        ]
+        if problems or refused:
+            self.stderr.write("backup failed: " + "; ".join(problems + refused))  # one line
+        result = results[0] if len(results) == 1 and not refused else {"runs": results, "status": worst(runs, refused)}
+        if problems or refused:
             result["exit_code"] = 1
+            if refused:
+                result["refused"] = refused
         return result
 
     def describe(self, result):
@@ -55,10 +69,11 @@ class Command(PortalCommand):
         return lines
 
 
-def worst(runs):
-    """One word for several runs: failed if any failed."""
+def worst(runs, refused=()):
+    """One word for several runs: failed if any failed or a database was refused."""
     statuses = {run.status for run in runs}
-    return BackupRun.Status.FAILED if BackupRun.Status.FAILED in statuses else BackupRun.Status.SUCCEEDED
+    bad = refused or BackupRun.Status.FAILED in statuses
+    return BackupRun.Status.FAILED if bad else BackupRun.Status.SUCCEEDED
 
 
 def run_summary(run):
