@@ -23,6 +23,7 @@ REDIRECTS = {"journal-object"}
 # Pages every role reads.
 READ = {
     "dashboard",
+    "coverage",
     "server",
     "run",
     "run-progress",

@@ -134,7 +134,7 @@ def critical_tables_edit(request, name):
 
     Here beside the server page, which shows the form again with its errors."""
     server = get_object_or_404(Server, name=name)
-    database = get_object_or_404(server.databases, protected=True, pk=request.POST.get("database") or 0)
+    database = _chosen_database(server, request.POST.get("database", ""))
     form = CriticalTablesForm(database, request.POST)
     if not form.is_valid():
         return server_detail(request, name, critical_form=form)
@@ -142,6 +142,16 @@ def critical_tables_edit(request, name):
     chosen = ", ".join(database.critical_tables) or "none"
     messages.success(request, f"Critical tables of {database}: {chosen}.")
     return redirect(server)
+
+
+def _chosen_database(server, given):
+    """The database a critical-tables form is for: one the server backs up (404 otherwise), the
+    DSN's when none is named."""
+    if not given:
+        return Database.of_dsn(server)
+    if not given.isdigit() or len(given) > 18:
+        raise Http404("no such database: choose one on the server page")
+    return get_object_or_404(server.databases, protected=True, pk=int(given))
 
 
 def critical_forms(server, with_errors=None):
