@@ -45,9 +45,9 @@ class Command(PortalCommand):
             fail("; ".join(refused) or f"{server} has no database that can be backed up now: see its server page")
         results = [run_summary(run) for run in runs]
         failed = [run for run in runs if run.status != BackupRun.Status.SUCCEEDED]
-        problems = [
-            f"run #{run.pk} ({run.database_name if run.database_id else run.kind}): {run.error}" for run in failed
-        ]
+        problems = [run.error for run in failed]
+        if len(runs) > 1:  # several databases: say which run each error is of
+            problems = [f"run #{run.pk} ({run.database_name}): {run.error}" for run in failed]
         if problems or refused:
             self.stderr.write("backup failed: " + "; ".join(problems + refused))  # one line
         result = results[0] if len(results) == 1 and not refused else {"runs": results, "status": worst(runs, refused)}
