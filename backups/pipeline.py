@@ -103,7 +103,7 @@ class ToolSource(Source):
         self.tool, self.server, self.compressor = tool, server, compressor
         self.name = os.path.basename(tool.argv[0])
         self.stopped = False
-        self.feeder = None
+        self.feeder = self.feed_error = None
 
     def open(self):
         stdout = self.tool.start().proc.stdout
@@ -127,6 +127,9 @@ class ToolSource(Source):
                 sink.write(chunk)
         except OSError:
             # The compressor died: the tool must not wait forever on a pipe nobody reads.
+            self.tool.kill()
+        except Exception as e:  # noqa: BLE001 - the tar could not be read (the sniffer): check() says so
+            self.feed_error = e
             self.tool.kill()
         finally:
             try:
@@ -152,6 +155,8 @@ class ToolSource(Source):
         # A compressor that died first took the tool down with it: its own death is the reason.
         if self.compressor is not None and self.compressor.proc.returncode != 0:
             raise EncryptFailed(self.compressor.error_line())
+        if self.feed_error is not None:
+            raise EncryptFailed(f"reading the output of {self.name} failed: {self.feed_error}")
         if self.tool.proc.returncode != 0:
             raise EncryptFailed(self.tool.error_line(self.server))
 
