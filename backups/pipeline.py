@@ -1,5 +1,5 @@
-"""The backup pipeline: a client tool's stdout → gpg → an atomic file in the primary location
-(through backups.streams, as WAL ingest goes).
+"""The backup pipeline: a client tool's stdout → (zstd, for base backups) → gpg → an atomic file
+in the primary location (through backups.streams, as WAL ingest goes).
 
 Plaintext never touches disk. Each external tool is started here and only here, with the
 password in its environment (never argv), dying with its parent, and its errors turned
@@ -21,7 +21,7 @@ from backupportal.lib.pgerrors import explain
 from backups import tables
 from backups.crypto import Encryption, die_with_parent
 from backups.storage import StorageError
-from backups.streams import EncryptFailed, Source, WriteFailed, encrypt_into
+from backups.streams import CHUNK, EncryptFailed, Source, WriteFailed, encrypt_into
 
 
 class BackupFailed(Exception):
@@ -36,6 +36,8 @@ class Tool:
     env: dict
     proc: subprocess.Popen = None
     stderr_tail: deque = field(default_factory=lambda: deque(maxlen=30))
+    stdin = subprocess.DEVNULL
+    missing = "install the PostgreSQL client tools or set PG_BIN"
 
     def full_env(self):
         """The server's libpq settings and a clean environment (child_env): nothing of the portal's own.
@@ -49,14 +51,14 @@ class Tool:
         try:
             self.proc = subprocess.Popen(
                 self.argv,
-                stdin=subprocess.DEVNULL,
+                stdin=self.stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=full_env,
                 preexec_fn=die_with_parent,
             )
         except FileNotFoundError:
-            raise BackupFailed(f"{self.argv[0]} not found: install the PostgreSQL client tools or set PG_BIN") from None
+            raise BackupFailed(f"{self.argv[0]} not found: {self.missing}") from None
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         return self
 
@@ -80,35 +82,93 @@ class Tool:
         return f"{name}: {explain(errors[-1], server)}" if server else f"{name}: {errors[-1]}"
 
 
-class ToolSource(Source):
-    """A client tool's stdout as what gpg encrypts; killed when the location fails."""
+class Zstd(Tool):
+    """zstd compressing what is written to its stdin on every core (-T0), for gpg to encrypt only.
 
-    def __init__(self, tool: Tool, server=None):
+    The stock recovery undoes it with `zstd -d`: base backups are `.tar.zst.gpg`."""
+
+    stdin = subprocess.PIPE
+    missing = "install zstd (apt-get install zstd; scripts/system-packages lists it)"
+
+    def __init__(self, level):
+        super().__init__(["zstd", "-T0", "-q", f"-{level}", "-c"], {})
+
+
+class ToolSource(Source):
+    """A client tool's stdout as what gpg encrypts, through `compressor` (a Zstd) when given;
+    every process of it killed when the location fails, the run times out or gpg fails."""
+
+    def __init__(self, tool: Tool, server=None, compressor: Tool = None):
         super().__init__()
-        self.tool, self.server = tool, server
+        self.tool, self.server, self.compressor = tool, server, compressor
         self.name = os.path.basename(tool.argv[0])
+        self.stopped = False
+        self.feeder = self.feed_error = None
 
     def open(self):
-        return self.tool.start().proc.stdout
+        stdout = self.tool.start().proc.stdout
+        if self.compressor is None:
+            return stdout
+        try:
+            self.compressor.start()
+        except BackupFailed:
+            self.tool.kill()
+            self.tool.proc.wait()
+            raise
+        self.feeder = threading.Thread(target=self._feed, args=(stdout,), daemon=True)
+        self.feeder.start()
+        return self.compressor.proc.stdout
+
+    def _feed(self, stdout):
+        """The tool's stdout (read here, so a BaseBackupTool sniffs it) into the compressor."""
+        sink = self.compressor.proc.stdin
+        try:
+            while chunk := stdout.read(CHUNK):
+                sink.write(chunk)
+        except OSError:
+            # The compressor died: the tool must not wait forever on a pipe nobody reads.
+            self.tool.kill()
+        except Exception as e:  # noqa: BLE001 - the tar could not be read (the sniffer): check() says so
+            self.feed_error = e
+            self.tool.kill()
+        finally:
+            try:
+                sink.close()
+            except OSError:
+                pass
 
     def stop(self):
+        self.stopped = True
         self.tool.kill()
+        if self.compressor is not None:
+            self.compressor.kill()
 
     def finish(self):
         self.tool.proc.wait()
+        if self.compressor is not None:
+            self.feeder.join()
+            self.compressor.proc.wait()
 
     def check(self):
+        if self.stopped:
+            return  # stopped for a failure elsewhere (the location, the timeout, gpg): that one is reported
+        # A compressor that died first took the tool down with it: its own death is the reason.
+        if self.compressor is not None and self.compressor.proc.returncode != 0:
+            raise EncryptFailed(self.compressor.error_line())
+        if self.feed_error is not None:
+            raise EncryptFailed(f"reading the output of {self.name} failed: {self.feed_error}")
         if self.tool.proc.returncode != 0:
             raise EncryptFailed(self.tool.error_line(self.server))
 
 
 def encrypt_to(
-    store, key, tool: Tool, encryption: Encryption, on_tick=None, timeout=None, server=None, compress_level=None
+    store, key, tool: Tool, encryption: Encryption, on_tick=None, timeout=None, server=None, compressor=None
 ):
-    """Stream `tool`'s stdout through gpg into `store` under `key` (streams.encrypt_into).
+    """Stream `tool`'s stdout (through `compressor`, a Zstd, when given) through gpg into `store`
+    under `key` (streams.encrypt_into); gpg compresses nothing.
     Returns (size, sha256); on any failure nothing is left under `key` and BackupFailed says why."""
     try:
-        return encrypt_into(store, key, ToolSource(tool, server), encryption, compress_level, on_tick, timeout)
+        return encrypt_into(store, key, ToolSource(tool, server, compressor), encryption, None, on_tick, timeout)
     except WriteFailed as e:
         raise BackupFailed(_storage_message(e.error)) from None
     except EncryptFailed as e:

@@ -99,6 +99,8 @@ def encrypt_into(store, key, source, encryption, compress_level=None, on_tick=No
     with store.writer(key) as writer:
         out = Ciphertext(writer, source)
         result = _run_gpg(source.open(), encryption, out, compress_level, on_tick, timeout)
+        if isinstance(result, Exception) or result.returncode != 0:
+            source.stop()  # nothing reads the source any more: a tool writing on would wait forever
         source.finish()
         if isinstance(out.error, (OSError, StorageError)):
             raise WriteFailed(out.error)

@@ -174,7 +174,7 @@ def django_boot(portal, rounds):
 # ---------------------------------------------------------------------------- 2. physical
 
 
-PORTAL_BASE = "**portal** backup --kind base (pg_basebackup tar piped to gpg zlib 1)"
+PORTAL_BASE = "**portal** backup --kind base (pg_basebackup tar -> zstd -T0 -> gpg encrypting only)"
 BB_GZIP = "pg_basebackup -Ft -z (client gzip, no encryption)"
 BB_ZSTD = "pg_basebackup -Ft --compress=server-zstd:workers=2 (no encryption)"
 BR_LZ4 = "pgBackRest full, process-max 2, lz4, aes-256-cbc"

@@ -372,14 +372,11 @@ CLOSE = {
         " (compare the quick and the full-size run)."
     ),
     "base backup": (
-        "pg_basebackup reads the cluster fast (the read-alone stage row); the rest is gpg deflating the"
-        " tar on one core (zlib level 1), while pgBackRest compresses with two processes. Closing it:"
-        " compress with two zstd workers (the server-zstd row) and let gpg only encrypt (--compress-algo"
-        " none). To standard output pg_basebackup 15 refuses a server-compressed tar ('cannot inject"
-        " manifest into a compressed tar file'): client-zstd:workers=2 it accepts, and the WAL positions"
-        " then come from pg_basebackup -v rather than from reading the tar as it passes. The artifact"
-        " stays stock (gpg --decrypt | tar --zstd -x), at the price of DESIGN.md's 'gpg --decrypt alone"
-        " gives the plain tar' and of zstd on the restoring host."
+        "pg_basebackup reads the cluster fast (the read-alone stage row); the portal reads its tar in"
+        " passing (WAL positions, manifest), pipes it into zstd -T0 (BASE_ZSTD_LEVEL) and gpg only"
+        " encrypts: pg_basebackup, zstd, gpg and Python share the two cores, where pgBackRest's lz4 is"
+        " cheaper than zstd. What is left: the catalog, the wait for the backup's own WAL, and copying the"
+        " tar through Python on its way to zstd (the sniffer must see it)."
     ),
     "logical restore": (
         "pg_restore -j 2 here reads a file that is already decrypted; the portal first decrypts to its"
@@ -391,13 +388,11 @@ CLOSE = {
     ),
     "PITR": (
         "The cProfile list splits the portal's PITR into staging WAL (fetch, sha256, gpg per segment),"
-        " extracting the base (gpg inflating one stream on one core), pg_verifybackup, and start-up."
+        " extracting the base (gpg decrypting, zstd -d, tar), pg_verifybackup, and start-up."
         " pgBackRest restores files with two processes and fetches WAL only as recovery asks for it. gpg"
-        " already writes the base's plaintext straight into tar (no Python in between), and the base is"
-        " extracted while the WAL is staged. What is left is gpg inflating one zlib stream on one core"
-        " (extract_base); closing it: the zstd base of the line above (zstd inflates several times faster"
-        " than zlib), and cheaper decryption per segment (the strategy's s2k count costs a key derivation"
-        " each)."
+        " decrypts the base straight into zstd -d and tar (no Python in between), and the base is"
+        " extracted while the WAL is staged. What is left: cheaper decryption per segment (the strategy's"
+        " s2k count costs a key derivation each), fetching WAL ahead of replay, and start-up."
     ),
     "WAL": (
         "archive_command starts a shell per segment, and Python for each segment not already copied ahead"

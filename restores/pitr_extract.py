@@ -1,4 +1,5 @@
-"""A PITR's base backup into the new data directory: decrypted from the first healthy copy
+"""A PITR's base backup into the new data directory: decrypted from the first healthy copy,
+decompressed by `zstd -d` when its run says zstd (older runs: gpg undid its own compression),
 straight into `tar -x` run as the database OS user (started early, on a thread of its own,
 while the WAL is staged), then checked against its manifest by pg_verifybackup before
 recovery starts. Split from restores/pitr.py.
@@ -29,10 +30,12 @@ def empty(directory, keep=()):
 
 
 class TarSink:
-    """Plaintext into `tar -x`, run as the database OS user so that it owns every file."""
+    """Plaintext into `tar -x`, run as the database OS user so that it owns every file; through
+    `zstd -d` first when the base backup's run recorded zstd (BackupRun.base_compression)."""
 
-    def __init__(self, datadir: Path):
-        self.datadir = datadir
+    def __init__(self, datadir: Path, compression="gpg"):
+        self.datadir, self.compression = datadir, compression
+        self.unzstd = None
 
     def open(self):
         self.errors = tempfile.TemporaryFile()
@@ -43,28 +46,57 @@ class TarSink:
             cwd=self.datadir,
             env=child_env(),
         )
+        if self.compression == "zstd":
+            self.unzstd_errors = tempfile.TemporaryFile()
+            self.unzstd = subprocess.Popen(
+                ["zstd", "--decompress", "-q", "-c"],
+                stdin=subprocess.PIPE,
+                stdout=self.proc.stdin,
+                stderr=self.unzstd_errors,
+                env=child_env(),
+            )
+            self.proc.stdin.close()  # zstd alone writes into tar: tar sees the end when zstd ends
 
     def fileno(self):
-        return self.proc.stdin.fileno()
+        return (self.unzstd or self.proc).stdin.fileno()
 
     def failure(self):
-        """Why tar stopped early (a full disk ...), or None while it runs or when it succeeded."""
-        if self.proc.poll() in (None, 0):
-            return None
-        return f"tar could not extract the base backup: {self.stderr()}"
+        """Why tar or zstd stopped early (a full disk ...), or None while they run or when they succeeded.
+
+        tar first: when it stops (a full disk), zstd's broken pipe is only the consequence."""
+        if self.proc.poll() not in (None, 0):
+            return f"tar could not extract the base backup: {self.stderr()}"
+        if self.unzstd is not None and self.unzstd.poll() not in (None, 0):
+            return f"zstd could not decompress the base backup: {self.tail(self.unzstd_errors)}"
+        return None
 
     def stderr(self):
-        self.errors.seek(0)
-        return self.errors.read().decode(errors="replace")[-300:]
+        return self.tail(self.errors)
+
+    @staticmethod
+    def tail(errors):
+        errors.seek(0)
+        return errors.read().decode(errors="replace")[-300:]
 
     def commit(self):
+        if self.unzstd is not None:
+            self.unzstd.stdin.close()
+            self.unzstd.wait()
         self.proc.stdin.close()
-        if self.proc.wait() != 0:
-            raise RestoreFailed(f"tar could not extract the base backup: {self.stderr()}")
+        self.proc.wait()
+        if failure := self.failure():
+            raise RestoreFailed(failure)
+
+    def kill(self):
+        for proc in (self.unzstd, getattr(self, "proc", None)):
+            if proc is not None:
+                proc.kill()
 
     def abort(self):
-        self.proc.kill()
-        self.proc.wait()
+        self.kill()
+        for proc in (self.unzstd, self.proc):
+            if proc is not None:
+                proc.wait()
         empty(self.datadir, keep=(STAGING,))
 
 
@@ -73,7 +105,7 @@ class Extraction:
 
     def __init__(self, plan):
         copies = readable(plan.base.copies.filter(artifact="main").select_related("location"))
-        self.sink = TarSink(plan.datadir)
+        self.sink = TarSink(plan.datadir, plan.base.base_compression)
         args = (copies, self.sink, encryption_of(plan), f"base backup #{plan.base.pk}")
         pool = ThreadPoolExecutor(max_workers=1)
         self.future = pool.submit(decrypt_first_healthy, *args)
@@ -84,12 +116,10 @@ class Extraction:
         return settled(self.future.result)
 
     def stop(self):
-        """Kill tar (gpg stops on the broken pipe) and wait, marking any bad copy it met.
+        """Kill zstd and tar (gpg stops on the broken pipe) and wait, marking any bad copy it met.
 
         Called while another error propagates: that one is what the restore reports."""
-        proc = getattr(self.sink, "proc", None)
-        if proc is not None:
-            proc.kill()
+        self.sink.kill()
         try:
             self.notes()
         except Exception:  # noqa: BLE001 - its own failure (tar killed, say) is a consequence
@@ -101,7 +131,12 @@ def extract_base(plan, early=None):
         plan.notes += early.notes()
     else:
         copies = readable(plan.base.copies.filter(artifact="main").select_related("location"))
-        plan.notes += decrypt_here(copies, TarSink(plan.datadir), encryption_of(plan), f"base backup #{plan.base.pk}")
+        plan.notes += decrypt_here(
+            copies,
+            TarSink(plan.datadir, plan.base.base_compression),
+            encryption_of(plan),
+            f"base backup #{plan.base.pk}",
+        )
     if not (plan.datadir / "backup_manifest").exists():
         raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
 

@@ -1,4 +1,4 @@
-"""Faults against real processes: base backups killed or cut off, the protected server stopped
+"""Faults against real processes: base backups killed or cut off (pg_basebackup or zstd), the protected server stopped
 mid-backup, two workers on one occurrence, the portal's database down while WAL is archived,
 and a flipped byte in a base backup.
 
@@ -177,6 +177,26 @@ def test_sigkill_of_pg_basebackup_mid_stream_fails_the_run_and_loses_nothing(big
     assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
     assert_no_orphans(tree)
     # The server let go of the aborted backup: no base backup is in progress there.
+    wait_for(lambda: not big_cluster.execute("SELECT 1 FROM pg_stat_progress_basebackup"), what="the walsender to end")
+    assert_next_scheduled_run_succeeds("base")
+    assert_nothing_archived_is_lost(big_server, archived)
+
+
+def test_sigkill_of_zstd_mid_stream_fails_the_run_and_leaves_no_artifact_and_no_process(
+    big_server, big_cluster, settings
+):
+    archived = archive_some(big_cluster, big_server)
+    proc, zstd = start_backup(settings, "base", "zstd")
+    tree = descendants(proc.pid)
+    assert child_named(proc.pid, "pg_basebackup") and child_named(proc.pid, "gpg")
+    os.kill(zstd, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+
+    # zstd's death is the reason given, not pg_basebackup's (stopped because nothing read it).
+    assert proc.returncode == 1 and "zstd was killed by SIGKILL" in err
+    assert_failed_clearly(json_result(out)["id"], "zstd was killed by SIGKILL", "nothing of this run is kept")
+    assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
+    assert_no_orphans(tree)
     wait_for(lambda: not big_cluster.execute("SELECT 1 FROM pg_stat_progress_basebackup"), what="the walsender to end")
     assert_next_scheduled_run_succeeds("base")
     assert_nothing_archived_is_lost(big_server, archived)
@@ -493,7 +513,7 @@ def test_a_flipped_byte_in_a_base_backup_is_caught_and_never_restored(
     assert not datadir.exists()  # nothing restored, nothing started
     nas.refresh_from_db()
     assert nas.status == "bad"
-    assert child_named(os.getpid(), "tar") is None and child_named(os.getpid(), "gpg") is None
+    assert all(child_named(os.getpid(), name) is None for name in ("tar", "zstd", "gpg"))
 
     # Every copy the catalog still calls good hashes right; the next scheduled base backup succeeds.
     for copy in BackupCopy.objects.filter(status="ok").select_related("location"):

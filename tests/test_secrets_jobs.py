@@ -205,7 +205,7 @@ def test_a_whole_pitr_job_passes_no_secret_on(
     assert_no_secret("\n".join(lines), "the archive_command lines")  # the archiver's argv, run by postgres
     base, output, found = traced(settings, tmp_path / "base.trace", "backup", "maldives", "--kind", "base")
     assert base["status"] == "succeeded", output
-    assert {"pg_basebackup", "gpg"} <= programs(found)
+    assert {"pg_basebackup", "zstd", "gpg"} <= programs(found)
     assert_no_secret_passed_on(found)
     assert_no_secret(output, "the base backup's output")
 
@@ -231,7 +231,7 @@ def test_a_whole_pitr_job_passes_no_secret_on(
     )
     assert restore["status"] == "succeeded", output
     assert rows(port, "SELECT x FROM probe") == [("after the base",)]
-    assert {"pg_ctl", "postgres", "tar", "gpg"} <= programs(found)
+    assert {"pg_ctl", "postgres", "zstd", "tar", "gpg"} <= programs(found)
     assert_no_secret_passed_on(found)
     assert_no_secret(output, "the restore's output")
 

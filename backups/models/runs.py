@@ -155,6 +155,13 @@ class BackupRun(models.Model):
         return self.status == self.Status.SUCCEEDED and self.deleted_at is None
 
     @property
+    def base_compression(self):
+        """How a base backup's tar is compressed under gpg, as its run recorded it: "zstd"
+        (`gpg --decrypt | zstd -d`), or "gpg" for runs from before zstd, whose tar gpg
+        compressed itself (`gpg --decrypt` alone). Never guessed from the bytes."""
+        return self.details.get("compression", "gpg")
+
+    @property
     def stop_time(self):
         """When a base backup became consistent (pg_basebackup's end): what PITR and retention
         compare a target with. Runs from before it was recorded: their finish."""

@@ -1,0 +1,112 @@
+"""A base backup's artifact: zstd under gpg, recoverable with the stock tools alone, and the
+runs from before zstd (tars that gpg compressed itself) still restored, by what their run
+recorded, never by guessing from the bytes."""
+
+import subprocess
+from pathlib import Path
+
+from backupportal.lib.osuser import free_port
+from backupportal.lib.pgdatadir import pg_bin
+from backups import walingest
+from backups.models import BackupRun, WalSegment
+from tests.helpers import archive_some_wal, enable_push, pitr, rows, run_command
+
+pytest_plugins = ["tests.walfixtures"]
+
+
+def stock(script, tmp_path, passphrase_file):
+    """A bash pipeline with a fresh GNUPGHOME and P the passphrase file: no portal code."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700, exist_ok=True)
+    done = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\n{script}"],
+        env={"PATH": "/usr/bin:/bin", "GNUPGHOME": str(home), "P": str(passphrase_file)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+GPG = "gpg --batch --quiet --pinentry-mode loopback --passphrase-file $P"
+
+
+def artifact(run):
+    copy = run.copies.get(artifact="main", location__kind="primary")
+    return Path(copy.location.path) / copy.key
+
+
+def test_a_base_backup_restores_with_gpg_zstd_tar_and_pg_verifybackup_alone(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, tmp_path
+):
+    enable_push(sample_cluster)
+    base = run_command("backup", "maldives", "--kind", "base")
+    assert base["status"] == "succeeded", base
+    run = BackupRun.objects.get(pk=base["id"])
+    assert run.key.endswith(".tar.zst.gpg") and run.details["compression"] == "zstd"
+    path = artifact(run)
+    assert path.read_bytes()[:4] != b"\x28\xb5\x2f\xfd"  # encrypted: no zstd frame shows through
+
+    # The README's stock recovery, word for word.
+    datadir, wal = tmp_path / "base", tmp_path / "wal"
+    datadir.mkdir()
+    wal.mkdir()
+    stock(f"{GPG} --decrypt {path} | zstd -d | tar -x -C {datadir}", tmp_path, passphrase_file)
+    assert (datadir / "backup_manifest").is_file() and (datadir / "backup_label").is_file()
+    # The backup's own WAL (taken with -X none: it is in the archive), decrypted by plain gpg.
+    segments = WalSegment.objects.filter(server=server, name__gte=run.start_wal, name__lte=run.end_wal)
+    assert segments.exists()
+    for segment in segments:
+        copy = segment.copies.filter(status="ok").select_related("location").first()
+        stock(
+            f"{GPG} --decrypt --output {wal / segment.name} {Path(copy.location.path) / copy.key}",
+            tmp_path,
+            passphrase_file,
+        )
+    verified = subprocess.run(
+        [str(pg_bin() / "pg_verifybackup"), f"--wal-directory={wal}", str(datadir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert "backup successfully verified" in verified.stdout
+
+
+def test_a_base_run_from_before_zstd_still_restores_by_pitr(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, tmp_path
+):
+    enable_push(sample_cluster)
+    base = run_command("backup", "maldives", "--kind", "base")
+    assert base["status"] == "succeeded", base
+    run = BackupRun.objects.get(pk=base["id"])
+    # Made into what runs wrote before zstd: a plain tar that gpg compressed (zip, level 1),
+    # keyed .tar.gpg, with no "compression" in its details.
+    new = artifact(run)
+    old = new.with_name(new.name.replace(".tar.zst.gpg", ".tar.gpg"))
+    stock(
+        f"{GPG} --decrypt {new} | zstd -d | "
+        f"{GPG} --symmetric --cipher-algo AES256 --compress-algo zip -z 1 --output {old}",
+        tmp_path,
+        passphrase_file,
+    )
+    new.unlink()
+    copy = run.copies.get(artifact="main")
+    copy.key = run.key = run.key.replace(".tar.zst.gpg", ".tar.gpg")
+    copy.size = run.size = old.stat().st_size
+    copy.sha256 = run.sha256 = stock(f"sha256sum {old}", tmp_path, passphrase_file).split()[0]
+    copy.save()
+    for gone in ("compression", "zstd_level"):
+        del run.details[gone]
+    run.details.update({"keys": [run.key], "compress": "gpg zip 1"})
+    run.save()
+    assert run.base_compression == "gpg"
+
+    archive_some_wal(sample_cluster)
+    walingest.ingest(server)
+    port = free_port()
+    result = pitr(restored(), port, "--target", "latest")
+    assert result["status"] == "succeeded", result
+    assert result["base_backup"] == run.pk
+    assert rows(port, "SELECT x FROM t2") == [(2,)]
