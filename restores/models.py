@@ -258,8 +258,7 @@ class RestoreTest(models.Model):
     @property
     def still_owed(self):
         """A test of a database no longer backed up (not chosen, or dropped) owes no pass."""
-        database = self.database
-        return database is None or (database.protected and database.state != "gone")
+        return self.database is None or self.database.is_backed_up
 
     @property
     def done(self):

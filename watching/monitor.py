@@ -218,18 +218,18 @@ def check_daily_backup(server):
 def _missing_since(server, due):
     """[(what, its newest good run or None)] of each database the server backs up that has no
     good logical backup since `due`; one found after `due` is alerted as new (check_databases)."""
-    databases = server.databases.filter(protected=True, state=Database.State.PRESENT)
-    # The DSN's was backed up since registration; another one is owed a backup once it was found.
-    databases = [db for db in databases if db.name == server.dbname or db.first_seen_at <= due]
     if not server.databases.exists():  # never looked at: the server as a whole, as before databases
         newest = server.latest_good_backup(BackupRun.Kind.LOGICAL)
         return [] if newest is not None and newest.finished_at >= due else [(str(server), newest)]
+    protected = server.databases.filter(protected=True, state=Database.State.PRESENT)
+    # The DSN's was backed up since registration; another one is owed a backup once it was found.
+    owing = {db.pk: db for db in protected if db.name == server.dbname or db.first_seen_at <= due}
+    newest = {run.database_id: run for run in BackupRun.objects.good().filter(database__in=list(owing)).newest_per_target()}
     missing = []
-    for database in databases:
-        newest = database.latest_good_backup()
-        if newest is None or newest.finished_at < due:
-            what = str(server) if database.name == server.dbname else str(database)
-            missing.append((what, newest))
+    for pk, database in owing.items():
+        run = newest.get(pk)
+        if run is None or run.finished_at < due:
+            missing.append((str(server) if database.name == server.dbname else str(database), run))
     return missing
 
 
@@ -263,11 +263,12 @@ def check_coverage(server):
     an hour after a backup (copies are queued after it), no restore test of a database in 35
     days (counted from when the database was found)."""
     now = timezone.now()
+    offsite = StorageLocation.objects.filter(kind=StorageLocation.Kind.S3, enabled=True).exists()
     short = [
         f"{row.database.name}: {gap}"
         for row in coverage.rows([server], now)
         for gap in row.gaps
-        if _alerted_as_coverage(row, gap, now)
+        if _alerted_as_coverage(row, gap, now, offsite)
     ]
     if short:
         raise_alert(
@@ -277,9 +278,8 @@ def check_coverage(server):
         resolve_alert(Alert.Condition.COVERAGE_GAP, server=server)
 
 
-def _alerted_as_coverage(row, gap, now):
+def _alerted_as_coverage(row, gap, now, offsite):
     if gap == "no offsite copy":
-        offsite = StorageLocation.objects.filter(kind=StorageLocation.Kind.S3, enabled=True).exists()
         return offsite and row.newest.finished_at < now - OFFSITE_GRACE
     if gap.startswith("no restore test in"):
         return row.database.first_seen_at < now - coverage.RESTORE_TEST_MAX_AGE
@@ -314,8 +314,7 @@ def alert_backup_failures(server):
 
 def _still_backed_up(run):
     """A failure of a database no longer chosen, or dropped, is not owed a success any more."""
-    database = run.database
-    return database is None or (database.protected and database.state != Database.State.GONE)
+    return run.database is None or run.database.is_backed_up
 
 
 def _of(run, server):

@@ -4,16 +4,8 @@ import backups.models.servers
 import django.db.models.deletion
 import django.utils.timezone
 from django.db import migrations, models
-from psycopg.conninfo import conninfo_to_dict
 
-
-def dsn_database(dsn):
-    """The database a DSN names, as the portal reads it (backupportal.lib.libpq): "postgres"
-    when it names none, or when it cannot be read (the admin says what is wrong with it)."""
-    try:
-        return conninfo_to_dict(dsn).get("dbname") or "postgres"
-    except Exception:  # noqa: BLE001  psycopg's parser: a DSN the portal could not use either
-        return "postgres"
+from backups.migrations._dsn import dsn_database
 
 
 def one_database_per_server(apps, schema_editor):

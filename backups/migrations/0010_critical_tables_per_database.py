@@ -3,15 +3,8 @@
 import backups.models.servers
 import backups.tables
 from django.db import migrations, models
-from psycopg.conninfo import conninfo_to_dict
 
-
-def dsn_database(dsn):
-    """As migration 0009 reads it: the DSN's database, "postgres" when none or unreadable."""
-    try:
-        return conninfo_to_dict(dsn).get("dbname") or "postgres"
-    except Exception:  # noqa: BLE001
-        return "postgres"
+from backups.migrations._dsn import dsn_database
 
 
 def to_the_dsns_database(apps, schema_editor):

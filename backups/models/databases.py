@@ -48,6 +48,11 @@ class Database(models.Model):
         return cls.objects.get_or_create(server=server, name=server.dbname)[0]
 
     @property
+    def is_backed_up(self):
+        """Chosen and not dropped: owed good backups and passing restore tests."""
+        return self.protected and self.state != self.State.GONE
+
+    @property
     def is_gap(self):
         """Protected, still there, and yet not backed up: shown, alerted, never skipped silently."""
         return self.protected and self.state == self.State.UNREACHABLE

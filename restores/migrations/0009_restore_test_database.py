@@ -2,7 +2,8 @@
 
 import django.db.models.deletion
 from django.db import migrations, models
-from psycopg.conninfo import conninfo_to_dict
+
+from backups.migrations._dsn import dsn_database
 
 
 def tests_of_their_database(apps, schema_editor):
@@ -14,17 +15,9 @@ def tests_of_their_database(apps, schema_editor):
         if test.backup_run_id:
             database_id = test.backup_run.database_id
         else:
-            database_id, _ = Database.objects.get_or_create(server=test.server, name=dsn_database(test.server.dsn))
-            database_id = database_id.pk
+            database = Database.objects.get_or_create(server=test.server, name=dsn_database(test.server.dsn))[0]
+            database_id = database.pk
         RestoreTest.objects.filter(pk=test.pk).update(database=database_id)
-
-
-def dsn_database(dsn):
-    """As backups' migration 0009 reads it: the DSN's database, "postgres" when none or unreadable."""
-    try:
-        return conninfo_to_dict(dsn).get("dbname") or "postgres"
-    except Exception:  # noqa: BLE001
-        return "postgres"
 
 
 class Migration(migrations.Migration):
