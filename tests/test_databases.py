@@ -144,6 +144,8 @@ def test_a_wrong_databases_option_is_refused_in_one_line(sample_cluster, passphr
     dsn = sample_cluster.dsn("reliabilitymaldives")
     result = run_command("addserver", "maldives", "--dsn", dsn, "--databases", "a,a")
     assert result["_exit"] == 1 and result["_stderr"].startswith("--databases: A database is named twice")
+    mixed = run_command("addserver", "maldives", "--dsn", dsn, "--databases", "all,shop")
+    assert mixed["_exit"] == 1 and mixed["_stderr"].startswith('--databases: "all" stands alone')
     assert not Server.objects.exists()
 
 

@@ -224,7 +224,9 @@ def _missing_since(server, due):
     protected = server.databases.filter(protected=True, state=Database.State.PRESENT)
     # The DSN's was backed up since registration; another one is owed a backup once it was found.
     owing = {db.pk: db for db in protected if db.name == server.dbname or db.first_seen_at <= due}
-    newest = {run.database_id: run for run in BackupRun.objects.good().filter(database__in=list(owing)).newest_per_target()}
+    newest = {
+        run.database_id: run for run in BackupRun.objects.good().filter(database__in=list(owing)).newest_per_target()
+    }
     missing = []
     for pk, database in owing.items():
         run = newest.get(pk)

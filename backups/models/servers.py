@@ -39,6 +39,8 @@ def parse_protect_databases(value):
     for name in names:
         if len(name.encode()) > 63 or any(ord(c) < 32 for c in name):
             raise ValidationError(f"{name[:70]!r} is not a database name: at most 63 bytes, no control characters.")
+    if ALL_DATABASES in (n.lower() for n in names):
+        raise ValidationError('"all" stands alone: give all, or the names of the databases, not both.')
     if len(set(names)) != len(names):
         raise ValidationError("A database is named twice in the list: name each once.")
     return names
