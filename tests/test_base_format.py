@@ -5,8 +5,9 @@ recorded, never by guessing from the bytes."""
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from backupportal.lib.osuser import free_port
-from backupportal.lib.pgdatadir import pg_bin
 from backups import walingest
 from backups.models import BackupRun, WalSegment
 from tests.helpers import archive_some_wal, enable_push, pitr, rows, run_command
@@ -37,6 +38,7 @@ def artifact(run):
     return Path(copy.location.path) / copy.key
 
 
+@pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py
 def test_a_base_backup_restores_with_gpg_zstd_tar_and_pg_verifybackup_alone(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, tmp_path
 ):
@@ -65,7 +67,7 @@ def test_a_base_backup_restores_with_gpg_zstd_tar_and_pg_verifybackup_alone(
             passphrase_file,
         )
     verified = subprocess.run(
-        [str(pg_bin() / "pg_verifybackup"), f"--wal-directory={wal}", str(datadir)],
+        [str(sample_cluster.bin_dir / "pg_verifybackup"), f"--wal-directory={wal}", str(datadir)],
         capture_output=True,
         text=True,
         timeout=600,

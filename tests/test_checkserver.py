@@ -1,5 +1,7 @@
 """checkserver against real clusters: each check with a verdict and what to do."""
 
+import pytest
+
 from backups import walhealth, walspool
 from tests.helpers import enable_push, run_command
 
@@ -21,6 +23,7 @@ def test_a_server_without_archiving_is_ready_for_logical_backups_only(server, pa
     assert server.wal_segment_size == 1024 * 1024
 
 
+@pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py
 def test_push_archiving_set_up_by_hand_is_checked_against_what_archivecommand_prints(
     server, sample_cluster, passphrase_file, backup_root, wal_spool
 ):

@@ -34,6 +34,7 @@ def gpg_decrypt(path, passphrase_file, out):
     )
 
 
+@pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py
 def test_backup_decrypts_with_gpg_and_restores_with_pg_restore(
     server, sample_cluster, passphrase_file, backup_root, tmp_path
 ):

@@ -4,6 +4,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
@@ -28,6 +29,7 @@ from watching.models import Alert
 pytest_plugins = ["tests.walfixtures"]
 
 
+@pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py
 def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):

@@ -25,6 +25,7 @@ def databases(cluster):
     return {r[0] for r in cluster.execute("SELECT datname FROM pg_database")}
 
 
+@pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py
 def test_restore_into_a_new_database_has_every_row(server, sample_cluster, passphrase_file, backup_root, settings):
     settings.RESTORE_JOBS = 1  # piped: no plaintext on disk at all
     run = take_backup()
@@ -156,6 +157,7 @@ def strategy_tables_are_critical(server):
     database.save(update_fields=["critical_tables"])
 
 
+@pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py
 def test_restoretest_passes_on_a_good_backup(server, passphrase_file, backup_root, sample_cluster):
     strategy_tables_are_critical(server)
     take_backup()

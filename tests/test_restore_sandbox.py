@@ -5,6 +5,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from django.urls import reverse
 from django.utils import timezone
 
@@ -150,6 +151,7 @@ def test_a_pitr_request_is_refused_when_the_time_or_backup_cannot_be_restored(
     assert not RestoreRequest.objects.exists()
 
 
+@pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py
 def test_restoretest_of_a_base_backup_passes_then_fails_with_an_alert_on_a_corrupted_artifact(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, sandbox_root
 ):

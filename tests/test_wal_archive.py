@@ -167,6 +167,7 @@ def test_one_call_copies_the_next_ready_segments_and_their_calls_need_no_python(
     assert (spool / ready[5]).read_bytes() == planted  # never overwritten
 
 
+@pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py
 def test_archived_segments_are_ingested_encrypted_and_catalogued(
     server, sample_cluster, passphrase_file, backup_root, wal_spool
 ):

@@ -55,6 +55,7 @@ def test_pg_receivewal_killed_is_restarted_and_the_chain_has_no_gap(
     assert not slot_active(sample_cluster, server)
 
 
+@pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py
 def test_a_pull_server_restores_the_newest_commit_from_the_partial_segment(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):

@@ -140,14 +140,16 @@ class Cluster:
     host = "127.0.0.1"
     user = SUPERUSER
 
-    def __init__(self, datadir, port: int | None = None):
+    def __init__(self, datadir, port: int | None = None, bin_dir=None):
         """Wrap the data directory ``datadir`` (nothing is written until start/configure).
 
         The base directory is ``datadir``'s parent: the socket directory and the
         log file live there. ``port`` defaults to the one in our settings file
         if present, else a free port. An explicit ``port`` is never changed by
-        start(); a chosen one is replaced when found taken.
+        start(); a chosen one is replaced when found taken. ``bin_dir`` is the directory of the
+        binaries that run it (another major version's); default pg_bin().
         """
+        self._bin_dir = Path(bin_dir) if bin_dir else None
         self.datadir = Path(datadir).absolute()
         self.base_dir = self.datadir.parent
         self.socket_dir = self.base_dir / "run"
@@ -161,13 +163,18 @@ class Cluster:
         self.port = int(port)
         self._started_by_pid: int | None = None
 
+    @property
+    def bin_dir(self) -> Path:
+        """Where this cluster's programs are (initdb, pg_ctl, and the matching client tools)."""
+        return self._bin_dir or pg_bin()
+
     def __repr__(self) -> str:
         return f"<Cluster {self.datadir} port={self.port}>"
 
     # ---------------------------------------------------------------- creation
 
     @classmethod
-    def template(cls, base_dir=None, wal_segsize_mb: int = 1) -> Path:
+    def template(cls, base_dir=None, wal_segsize_mb: int = 1, bin_dir=None) -> Path:
         """``initdb`` once into a new directory under ``base_dir``; return the data directory.
 
         Pass the result as ``template=`` to :meth:`create`. The template is
@@ -175,7 +182,7 @@ class Cluster:
         """
         base = make_base_dir(base_dir, "bp-pg-template-")
         datadir = base / "data"
-        initdb(datadir, wal_segsize_mb, cwd=base)
+        initdb(datadir, wal_segsize_mb, cwd=base, bin_dir=bin_dir)
         return datadir
 
     @classmethod
@@ -186,13 +193,15 @@ class Cluster:
         wal_segsize_mb: int = 1,
         port: int | None = None,
         settings: dict | None = None,
+        bin_dir=None,
     ) -> Cluster:
         """A new, stopped cluster in a private directory under ``base_dir`` (default: temp dir).
 
         With ``template`` (a stopped data directory from :meth:`template`) the
         data directory is copied, not initdb'd; ``wal_segsize_mb`` is then the
         template's and the argument is ignored. ``settings`` are applied on top
-        of the defaults with :meth:`configure`.
+        of the defaults with :meth:`configure`. ``bin_dir``: binaries of another major version
+        (the template must be of that version too).
         """
         base = make_base_dir(base_dir, "bp-pg-")
         try:
@@ -200,9 +209,9 @@ class Cluster:
             if template is not None:
                 copy_template(Path(template), datadir)
             else:
-                initdb(datadir, wal_segsize_mb, cwd=base)
+                initdb(datadir, wal_segsize_mb, cwd=base, bin_dir=bin_dir)
             (base / MARKER_FILE).write_text("made by backupportal.lib.pgcluster; removed by destroy()\n")
-            cluster = cls(datadir, port=port)
+            cluster = cls(datadir, port=port, bin_dir=bin_dir)
             cluster._prepare()
             cluster._apply(
                 listen_addresses=cls.host,
@@ -377,7 +386,7 @@ class Cluster:
     def _pg_ctl(self, *args, cwd, timeout):
         """PG_BIN's pg_ctl on this cluster (osuser.pg_ctl, the one wrapper); a timeout is a ClusterError."""
         try:
-            return pg_ctl(pg_bin() / "pg_ctl", self.datadir, *args, cwd=cwd, timeout=timeout)
+            return pg_ctl(self.bin_dir / "pg_ctl", self.datadir, *args, cwd=cwd, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise ClusterError(f"pg_ctl {args[0]} did not finish within {timeout}s in {self.datadir}") from exc
 

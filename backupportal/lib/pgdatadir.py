@@ -122,10 +122,10 @@ def render(value) -> str:
     return f"'{text}'"
 
 
-def initdb(datadir: Path, wal_segsize_mb: int, cwd: Path) -> None:
-    """initdb a new data directory with our pg_hba.conf and include line."""
+def initdb(datadir: Path, wal_segsize_mb: int, cwd: Path, bin_dir: Path | None = None) -> None:
+    """initdb a new data directory with our pg_hba.conf and include line (``bin_dir``'s initdb, else pg_bin()'s)."""
     argv = [
-        str(pg_bin() / "initdb"),
+        str(Path(bin_dir or pg_bin()) / "initdb"),
         "-D",
         str(datadir),
         "-U",
