@@ -12,10 +12,9 @@ everything that must survive a restore: compare the fingerprints of original and
 
 import re
 import subprocess
+from pathlib import Path
 
 from psycopg import sql
-
-from backupportal.lib.pgdatadir import pg_bin
 
 # Roles of the source cluster. "Owner With Space" needs quoting; app_owner owns the database
 # of its own name; boss is a superuser whose powers must never reach another cluster.
@@ -227,27 +226,29 @@ def table_fingerprints(cluster, dbname):
     return found
 
 
-def schema(cluster, dbname):
-    """pg_dump --schema-only, without what differs between any two dumps (the \\restrict key)."""
+def schema(cluster, dbname, bin_dir=None):
+    """pg_dump --schema-only (the cluster's own, or `bin_dir`'s: one pg_dump for two versions),
+    without what differs between any two dumps (the \\restrict key, the server's version)."""
     env = {"PGHOST": cluster.host, "PGPORT": str(cluster.port), "PGUSER": "postgres", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [str(pg_bin() / "pg_dump"), "--schema-only", "--encoding=UTF8", f"--dbname={dbname}"],
+        [str(Path(bin_dir or cluster.bin_dir) / "pg_dump"), "--schema-only", "--encoding=UTF8", f"--dbname={dbname}"],
         capture_output=True,
         text=True,
         env=env,
         check=True,
     )
-    return re.sub(r"^\\(un)?restrict .*$", "", done.stdout, flags=re.M)
+    return re.sub(r"^(\\(un)?restrict .*|-- Dumped from database version .*)$", "", done.stdout, flags=re.M)
 
 
-def fingerprint(cluster, dbname):
-    """Everything a restore must give back, with the database's name left out."""
+def fingerprint(cluster, dbname, bin_dir=None):
+    """Everything a restore must give back, with the database's name left out (the schema as
+    `bin_dir`'s pg_dump reads it, when given)."""
     with _connect(cluster, dbname) as conn:
         large_objects = conn.execute(LARGE_OBJECTS).fetchall()
         extensions = conn.execute("SELECT extname, extversion FROM pg_extension ORDER BY 1").fetchall()
     return {
         "database": database_properties(cluster, dbname),
-        "schema": schema(cluster, dbname),
+        "schema": schema(cluster, dbname, bin_dir),
         "tables": table_fingerprints(cluster, dbname),
         "large objects": large_objects,
         "extensions": extensions,

@@ -96,23 +96,40 @@ def _running_cluster(pg_base_dir, template, bin_dir=None):
         cluster.destroy()
 
 
-@pytest.fixture
-def pg_major_bin(pg_major, request):
-    """The bin directory of the test's clusters (None: pg_bin(), Debian's 15). On 18 the test's
-    PG_BIN_DIRS lists the Debian 15 directory and, beside it, the wheel's 18."""
-    if pg_major == 15:
+def _bin_of(major, request):
+    """The bin directory of `major` for throwaway clusters (None: pg_bin(), Debian's 15). On 18
+    the test's PG_BIN_DIRS lists the Debian 15 directory and, beside it, the wheel's 18."""
+    if major == 15:
         return None
-    if pg_major != 18:
-        raise ValueError(f"pg_major={pg_major}: the tests have PostgreSQL 15 (Debian) and 18 (the wheel) only")
+    if major != 18:
+        raise ValueError(f"PostgreSQL {major}: the tests have 15 (Debian) and 18 (the wheel) only")
     bin_dir = request.getfixturevalue("pg18_bin")
     request.getfixturevalue("settings").PG_BIN_DIRS = [str(pg18.PG15_BIN), str(bin_dir)]
     return bin_dir
 
 
 @pytest.fixture
-def pg_cluster(pg_base_dir, pg_templates, pg_major, pg_major_bin):
+def pg_cluster(pg_base_dir, pg_templates, pg_major, request):
     """A running throwaway cluster for one test (superuser ``postgres``, trust on 127.0.0.1), of pg_major."""
-    yield from _running_cluster(pg_base_dir, pg_templates(pg_major, pg_major_bin), pg_major_bin)
+    bin_dir = _bin_of(pg_major, request)
+    yield from _running_cluster(pg_base_dir, pg_templates(pg_major, bin_dir), bin_dir)
+
+
+@pytest.fixture
+def pg_cluster_of(pg_base_dir, pg_templates, request):
+    """Starts more running clusters for one test, each of the major version asked (15 or 18):
+    `pg_cluster_of(18)`; all destroyed after the test."""
+    made = []
+
+    def make(major):
+        bin_dir = _bin_of(major, request)
+        made.append(Cluster.create(base_dir=pg_base_dir, template=pg_templates(major, bin_dir), bin_dir=bin_dir))
+        made[-1].start()
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        cluster.destroy()
 
 
 @pytest.fixture(scope="module")
