@@ -1,7 +1,9 @@
 """Physical base backups for PITR, and the WAL-chain runs that prove PITR can reach now.
 
 A base backup is `pg_basebackup` in tar format (with its backup manifest inside the tar),
-read here in passing for its WAL positions, compressed by `zstd -T0` on every core and
+read here in passing for its WAL positions and its whole manifest (kept encrypted beside the
+backup as the "manifest" artifact: a block-level incremental on 17+ is taken against it,
+backups.incremental), compressed by `zstd -T0` on every core and
 encrypted (only) by gpg into the primary location: plaintext never touches disk. The stock
 recovery is `gpg --decrypt F | zstd -d | tar -x`. Runs from before zstd (`.tar.gpg`, no
 "compression" in their details) are tars that gpg itself compressed: `gpg --decrypt` alone
@@ -10,9 +12,10 @@ undoes them, and restores still read them (BackupRun.base_compression).
 It takes no WAL itself (-X none): it becomes consistent with the archived WAL from its start
 to its end segment, and the run succeeds only once those segments are in the catalog.
 
-The strategy's "incremental every 6 hours" is not a backup (archiving is continuous): at
-08:00, 14:00 and 20:00 a run of kind incremental switches WAL, waits until that segment is
-archived, and proves the chain has no gap since the oldest kept base backup.
+The strategy's "incremental every 6 hours" on 15 and 16 is not a backup (archiving is
+continuous): at 08:00, 14:00 and 20:00 a run of kind incremental switches WAL, waits until
+that segment is archived, and proves the chain has no gap since the oldest kept base backup.
+On 17+ it is a block-level incremental (backups.incremental).
 """
 
 import json
@@ -27,14 +30,14 @@ from backups.binaries import client_tool
 from backups.crypto import Encryption, EncryptionError
 from backups.logical import primary_location
 from backups.models import BackupCopy, BackupRun, Server
-from backups.pipeline import BackupFailed, Tool, Zstd, encrypt_to, heartbeat
+from backups.pipeline import BackupFailed, Tool, Zstd, encrypt_bytes, encrypt_to, heartbeat
 from backups.storage import store_for
-
-MANIFEST_TAIL = 256 * 1024
 
 
 class TarSniffer:
-    """Reads a tar stream as it flows past, keeping backup_label and the manifest's tail.
+    """Reads a tar stream as it flows past, keeping backup_label and the whole backup_manifest
+    (in memory: about 150 bytes per file of the cluster), which an incremental backup on 17+
+    needs of its parent.
 
     pg_basebackup writes names shorter than 100 bytes and no extended headers, so a plain
     ustar reader suffices; anything else is skipped over by its size like any member.
@@ -84,10 +87,10 @@ class TarSniffer:
             self.members[name] = bytearray()
 
     def _keep(self, chunk):
-        kept = self.members[self.current]
-        kept += chunk
-        if len(kept) > MANIFEST_TAIL:
-            del kept[: len(kept) - MANIFEST_TAIL]
+        self.members[self.current] += chunk
+
+    def manifest(self) -> bytes:
+        return bytes(self.members.get("backup_manifest", b""))
 
     def label(self) -> dict:
         text = bytes(self.members.get("backup_label", b"")).decode(errors="replace")
@@ -148,10 +151,21 @@ def require_archiving(server, kind):
         raise BackupFailed(f"{problem}: fix archiving first (manage.py checkserver {server.name})")
 
 
+def manifest_key(key):
+    """Where a base (or incremental) backup's whole backup_manifest is kept, encrypted, beside it."""
+    return key.removesuffix(".tar.zst.gpg") + ".backup_manifest.gpg"
+
+
 def take(run):
     """The base backup of a run of kind base."""
+    take_tar(run, "base backup", key_for(run))
+
+
+def take_tar(run, what, key, extra_args=()):
+    """pg_basebackup (with `extra_args`) → zstd → gpg under `key`, its manifest kept beside it,
+    and a wait until its WAL is archived: a base backup, or a block-level incremental."""
     server = run.server
-    require_archiving(server, "base backup")
+    require_archiving(server, what)
     try:
         encryption = Encryption()
         size_of_segment = walspool.segment_size(server)
@@ -159,12 +173,13 @@ def take(run):
         raise BackupFailed(str(e)) from None
     location = primary_location()
     store = store_for(location)
-    key = key_for(run)
     # Recorded before any byte is written, so a killed run's leftovers can be found and removed.
     run.key = key
     level = settings.BASE_ZSTD_LEVEL
     # "compression" is what restores decompress by; a run without it is a gpg-compressed tar.
-    run.details.update({"keys": [key], "encryption": encryption.method, "compression": "zstd", "zstd_level": level})
+    run.details.update(
+        {"keys": [key, manifest_key(key)], "encryption": encryption.method, "compression": "zstd", "zstd_level": level}
+    )
     run.save(update_fields=["key", "details"])
 
     tool = BaseBackupTool(
@@ -176,6 +191,7 @@ def take(run):
             "--checkpoint=fast",  # a spread checkpoint would hold the nightly backup for minutes
             f"--label=backupportal run {run.pk}",
             "--no-password",
+            *extra_args,
         ],
         server.libpq_env(),
     )
@@ -192,6 +208,7 @@ def take(run):
     stop_time = timezone.now()
     BackupCopy.record_made(location, key, size, sha256, run=run, artifact="main")
     record_positions(run, tool.sniffer, size_of_segment)
+    keep_manifest(run, store, location, manifest_key(key), encryption, tool.sniffer)
     run.size, run.sha256, run.bytes_done = size, sha256, size
     run.details.update(
         {
@@ -208,6 +225,13 @@ def take(run):
         walnames.segno_of(run.end_wal, size_of_segment),
         settings.WAL_WAIT_SECONDS,
     )
+
+
+def keep_manifest(run, store, location, key, encryption, sniffer):
+    """The whole backup_manifest, encrypted, as the run's "manifest" artifact: the next
+    incremental hands it to pg_basebackup --incremental (copied to every tier like the backup)."""
+    size, sha256 = encrypt_bytes(store, key, sniffer.manifest(), encryption)
+    BackupCopy.record_made(location, key, size, sha256, run=run, artifact="manifest")
 
 
 def record_positions(run, sniffer, size_of_segment):

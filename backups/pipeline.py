@@ -6,6 +6,7 @@ password in its environment (never argv), dying with its parent, and its errors 
 into one line a DBA understands.
 """
 
+import io
 import os
 import signal
 import subprocess
@@ -167,8 +168,18 @@ def encrypt_to(
     """Stream `tool`'s stdout (through `compressor`, a Zstd, when given) through gpg into `store`
     under `key` (streams.encrypt_into); gpg compresses nothing.
     Returns (size, sha256); on any failure nothing is left under `key` and BackupFailed says why."""
+    return _encrypting(store, key, ToolSource(tool, server, compressor), encryption, on_tick, timeout)
+
+
+def encrypt_bytes(store, key, data: bytes, encryption: Encryption):
+    """Small plaintext held in memory (a backup's manifest) through gpg into `store` under `key`;
+    (size, sha256), or BackupFailed with nothing left under `key`."""
+    return _encrypting(store, key, Source(io.BytesIO(data)), encryption)
+
+
+def _encrypting(store, key, source, encryption, on_tick=None, timeout=None):
     try:
-        return encrypt_into(store, key, ToolSource(tool, server, compressor), encryption, None, on_tick, timeout)
+        return encrypt_into(store, key, source, encryption, None, on_tick, timeout)
     except WriteFailed as e:
         raise BackupFailed(_storage_message(e.error)) from None
     except EncryptFailed as e:

@@ -182,7 +182,7 @@ def claim_scheduled(server, kind, *, actor, scheduled_for=None, waiting_since=No
 
 def execute(run):
     """Run a claimed backup to its end. Returns the run, succeeded or failed; never raises."""
-    from backups import base, logical
+    from backups import base, incremental, logical
 
     started = BackupRun.objects.filter(pk=run.pk, status=BackupRun.Status.QUEUED).update(
         status=BackupRun.Status.RUNNING,
@@ -198,7 +198,7 @@ def execute(run):
     handlers = {
         BackupRun.Kind.LOGICAL: logical.take,
         BackupRun.Kind.BASE: base.take,
-        BackupRun.Kind.INCREMENTAL: base.wal_chain,
+        BackupRun.Kind.INCREMENTAL: incremental.take,
     }
     try:
         handlers[run.kind](run)

@@ -223,6 +223,7 @@ def test_the_incremental_runs_prove_the_chain_and_name_their_wal_range(
     write(sample_cluster, "CREATE TABLE one(x int)")
     first = run_command("backup", "maldives", "--kind", "incremental")
     assert first["status"] == "succeeded", first
+    assert first["method"] == "wal-chain" and "parent" not in first  # 15 has no block-level incrementals
     run = BackupRun.objects.get(pk=first["id"])
     assert run.start_wal == base.start_wal and run.end_wal > base.end_wal
     assert run.details["chain_base_run"] == base.pk and run.details["segments"] >= 2

@@ -90,6 +90,8 @@ def run_summary(run):
             }
         )
     duration = run.duration
+    # An incremental says what it was: block-level on 17+ (with its parent), a WAL-chain proof before.
+    chain = {name: run.details[name] for name in ("parent", "method") if name in run.details}
     return {
         "id": run.pk,
         "server": run.server.name,
@@ -101,4 +103,4 @@ def run_summary(run):
         "duration_s": round(duration.total_seconds(), 3) if duration else None,
         "copies": copies,
         "error": run.error,
-    }
+    } | chain

@@ -1,0 +1,123 @@
+"""The strategy's 6-hourly incremental (08:00, 14:00, 20:00).
+
+On PostgreSQL 17 and newer it is a block-level incremental backup: `pg_basebackup
+--incremental=MANIFEST` against the newest backup of the chain (a full base backup or an
+earlier incremental), whose whole backup_manifest every such backup keeps, encrypted, beside
+its artifact. It needs `summarize_wal = on` on the server and the WAL summaries since the
+parent (kept `wal_summary_keep_time`). Stored like a base backup (zstd, gpg, every tier);
+`pg_combinebackup FULL INCR... -o DIR` rebuilds a data directory from the chain.
+
+On 15 and 16 there is nothing of the kind: the run switches WAL and proves the archive chain
+(backups.base.wal_chain), and says so ("method": "wal-chain").
+"""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import psycopg
+from django.conf import settings
+from django.utils import timezone
+
+from backupportal.lib.pgerrors import explain
+from backups import base
+from backups.binaries import server_major
+from backups.copies import decrypt_here, healthy_copies
+from backups.crypto import Encryption, EncryptionError
+from backups.models import BackupRun
+from backups.pipeline import BackupFailed
+from backups.streams import FetchFailed, FileSink
+
+BLOCK_MAJOR = 17  # the first PostgreSQL with pg_basebackup --incremental
+
+
+def take(run):
+    """A run of kind incremental: block-level on 17+, the WAL-chain proof before."""
+    major = server_major(run.server)
+    block = major is not None and major >= BLOCK_MAJOR
+    run.details["method"] = "block" if block else "wal-chain"
+    run.save(update_fields=["details"])  # a failed run says which it was too
+    (take_block if block else base.wal_chain)(run)
+
+
+def parent_of(server):
+    """The newest good backup of the server's chain: a full base backup or a block incremental."""
+    chain = server.runs.good().filter(kind=BackupRun.Kind.BASE) | server.runs.good().filter(
+        kind=BackupRun.Kind.INCREMENTAL, details__method="block"
+    )
+    return chain.order_by("-finished_at", "-pk").first()
+
+
+def key_for(run):
+    stamp = timezone.localtime(run.created_at).strftime("%Y%m%dT%H%M%S%z")
+    return f"{run.server.name}/incremental/{stamp}-{run.pk}.tar.zst.gpg"
+
+
+def take_block(run):
+    server = run.server
+    base.require_archiving(server, "incremental backup")
+    require_summaries(server)
+    parent = parent_of(server)
+    if parent is None:
+        raise BackupFailed(
+            f"{server} has no full base backup for an incremental to build on: "
+            f"take one with manage.py backup {server.name} --kind base"
+        )
+    run.details["parent"] = parent.pk
+    scratch = Path(tempfile.mkdtemp(prefix="manifest-", dir=scratch_root()))
+    try:
+        manifest = fetch_manifest(parent, scratch)
+        try:
+            base.take_tar(run, "incremental backup", key_for(run), [f"--incremental={manifest}"])
+        except BackupFailed as e:
+            raise BackupFailed(summaries_gone(e, server, parent)) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def scratch_root():
+    """A private directory for the parent's decrypted manifest (removed after the run)."""
+    root = Path(settings.VAR_DIR) / "scratch"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return root
+
+
+def require_summaries(server):
+    try:
+        with server.connect() as conn:
+            on = conn.execute("SHOW summarize_wal").fetchone()[0] == "on"
+    except psycopg.Error as e:
+        raise BackupFailed(f"cannot read summarize_wal: {explain(e, server)}") from None
+    if not on:
+        raise BackupFailed(
+            f"summarize_wal is off on {server}: an incremental backup needs it; set summarize_wal = on in "
+            f"postgresql.conf, reload, then take a full base backup (manage.py backup {server.name} --kind base)"
+        )
+
+
+def fetch_manifest(parent, scratch):
+    """The parent's whole backup_manifest, decrypted into `scratch` (0600)."""
+    path = scratch / "backup_manifest"
+    copies = healthy_copies(parent, "manifest")
+    if not copies:
+        raise BackupFailed(
+            f"backup #{parent.pk} kept no backup_manifest (taken before manifests were kept), so nothing can be "
+            f"built on it: take a full base backup (manage.py backup {parent.server.name} --kind base)"
+        )
+    try:
+        decrypt_here(copies, FileSink(path), Encryption(), f"the manifest of backup #{parent.pk}", actor="job:backup")
+    except (FetchFailed, EncryptionError) as e:
+        raise BackupFailed(
+            f"{e}: take a full base backup (manage.py backup {parent.server.name} --kind base)"
+        ) from None
+    return path
+
+
+def summaries_gone(error, server, parent):
+    """pg_basebackup's refusal when the WAL summaries since the parent are missing, said as what to do."""
+    if "WAL summaries are required" not in str(error):
+        return str(error)
+    return (
+        f"the WAL summaries since backup #{parent.pk} are gone (wal_summary_keep_time) or were never made "
+        f"(summarize_wal was off then): take a full base backup (manage.py backup {server.name} --kind base)"
+    )
