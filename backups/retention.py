@@ -5,6 +5,10 @@ database, for logical backups), a backup that a restore or restore test is readi
 (it goes on the next pass), a logical run whose globals file a kept run pairs with, and the
 base backup from which the WAL window starts.
 
+Block-level incrementals (17+) are kept INCREMENTAL_DAYS, and retention keeps whole chains:
+an incremental never outlives its ancestors (a full or an incremental a kept one was taken
+against stays, whatever its age), and a chain goes only when its newest link has expired.
+
 WAL is kept `wal_retention_days` (7), but never a segment that a kept base backup needs to
 become consistent, nor one on the way from the base backup that reaches the start of the
 window to now: any moment of the window stays recoverable. History files are tiny and kept.
@@ -23,15 +27,45 @@ from backups.models import BackupCopy, BackupRun, Server, WalSegment
 from backups.storage import StorageError, store_for
 
 DAYS_FIELD = {BackupRun.Kind.LOGICAL: "logical_retention_days", BackupRun.Kind.BASE: "base_retention_days"}
+# The strategy's: the 6-hourly incrementals are kept 7 days.
+INCREMENTAL_DAYS = 7
+KINDS = [*DAYS_FIELD, BackupRun.Kind.INCREMENTAL]
+
+
+def _days(server, kind):
+    return INCREMENTAL_DAYS if kind == BackupRun.Kind.INCREMENTAL else getattr(server, DAYS_FIELD[kind])
+
+
+def _good(server, kind):
+    good = server.runs.good().filter(kind=kind)
+    # A WAL-chain run (15, 16) has no artifact: nothing to delete.
+    return good.filter(details__method="block") if kind == BackupRun.Kind.INCREMENTAL else good
+
+
+def chain_needs(server, now):
+    """Pks of the ancestors (fulls and incrementals) of every block incremental that is kept."""
+    links = dict(_good(server, BackupRun.Kind.INCREMENTAL).values_list("pk", "details__parent"))
+    cutoff = now - timedelta(days=INCREMENTAL_DAYS)
+    kept = _good(server, BackupRun.Kind.INCREMENTAL).filter(Q(finished_at__gte=cutoff) | _being_read())
+    kept = {*kept.values_list("pk", flat=True), *_newest(_good(server, BackupRun.Kind.INCREMENTAL), "incremental")}
+    needed = set()
+    for pk in kept:
+        while links.get(pk) is not None and links[pk] not in needed:
+            pk = links[pk]
+            needed.add(pk)
+    return needed
 
 
 def expired_runs(server, kind, now=None):
     """Good runs of this server and kind older than its retention, the newest good one excluded:
-    of the cluster for a base backup, of each database (a dropped one too) for a logical one."""
+    of the cluster for a base backup, of each database (a dropped one too) for a logical one;
+    never an ancestor of a kept incremental."""
     now = now or timezone.now()
-    good = server.runs.good().filter(kind=kind)
-    cutoff = now - timedelta(days=getattr(server, DAYS_FIELD[kind]))
+    good = _good(server, kind)
+    cutoff = now - timedelta(days=_days(server, kind))
     expired = good.filter(finished_at__lt=cutoff).exclude(pk__in=_newest(good, kind)).exclude(_being_read())
+    if kind != BackupRun.Kind.LOGICAL:
+        expired = expired.exclude(pk__in=chain_needs(server, now))
     # A run whose globals file a kept run of the same pass pairs with stays, whole, until that one goes.
     expired = expired.exclude(pk__in=BackupRun.objects.globals_in_use())
     if kind == BackupRun.Kind.BASE:
@@ -57,7 +91,7 @@ def apply(now=None, dry_run=False, actor="job:retention"):
     """Delete what has expired. Returns [{"id", "server", "kind", "finished_at"}] of what was (or would be) deleted."""
     deleted = []
     for server in Server.objects.all():
-        for kind in DAYS_FIELD:
+        for kind in KINDS:
             for run in expired_runs(server, kind, now):
                 deleted.append(
                     {"id": run.pk, "server": server.name, "kind": kind, "finished_at": run.finished_at.isoformat()}

@@ -4,17 +4,20 @@ every base and incremental backup keeps encrypted beside it; a chain rebuilt by 
 tools alone (gpg, zstd, tar, pg_combinebackup) holds exactly the rows committed before it."""
 
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from backupportal.lib.osuser import chown_to_db_user, free_port
 from backupportal.lib.pgcluster import Cluster
-from backups.models import BackupRun, WalSegment
+from backups import retention
+from backups.models import BackupRun, Server, WalSegment
 from tests.helpers import base_backup, enable_push, rows, run_command, write
 
 pytest_plugins = ["tests.walfixtures"]
-pytestmark = pytest.mark.parametrize("pg_major", [18])
+on_18 = pytest.mark.parametrize("pg_major", [18])
 
 GPG = "gpg --batch --quiet --pinentry-mode loopback --passphrase-file $P"
 
@@ -45,6 +48,7 @@ def incremental():
     return result, BackupRun.objects.get(pk=result["id"])
 
 
+@on_18
 def test_a_full_and_two_incrementals_rebuild_with_pg_combinebackup_to_exactly_the_committed_rows(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, tmp_path, pg_major
 ):
@@ -92,6 +96,7 @@ def test_a_full_and_two_incrementals_rebuild_with_pg_combinebackup_to_exactly_th
         recovered.stop()
 
 
+@on_18
 def test_without_summarize_wal_an_incremental_fails_naming_the_setting(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, pg_major
 ):
@@ -103,6 +108,7 @@ def test_without_summarize_wal_an_incremental_fails_naming_the_setting(
     assert not any(backup_root.rglob("incremental/*"))
 
 
+@on_18
 def test_a_base_backup_from_before_manifests_were_kept_is_refused_as_a_parent_by_name(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, pg_major
 ):
@@ -113,3 +119,35 @@ def test_a_base_backup_from_before_manifests_were_kept_is_refused_as_a_parent_by
     result = run_command("backup", "maldives", "--kind", "incremental")
     assert result["status"] == "failed"
     assert result["error"].startswith(f"backup #{full.pk} kept no backup_manifest")
+
+
+def test_retention_keeps_whole_chains_and_deletes_a_chain_once_its_newest_link_has_expired(db):
+    server = Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/postgres", pg_version=180006)
+    now = timezone.now()
+
+    def run(kind, days_ago, parent=None):
+        details = {"method": "block", "parent": parent.pk} if parent else {}
+        finished = now - timedelta(days=days_ago)
+        return BackupRun.objects.create(
+            server=server, kind=kind, status="succeeded", finished_at=finished, details=details
+        )
+
+    # An old chain: its full and incrementals all past their days, but for the last link.
+    old_full = run("base", 40)
+    old_1 = run("incremental", 39, old_full)
+    old_2 = run("incremental", 9, old_1)
+    old_3 = run("incremental", 3, old_2)  # kept (3 days): every ancestor stays, the 40-day full too
+    full = run("base", 2)
+    newest = run("incremental", 1, full)
+
+    def doomed():
+        return {d["id"] for d in retention.apply(now=now, dry_run=True)}
+
+    assert doomed() == set()
+    # Five days on, the old chain's newest link has expired: the whole chain goes, the new one stays.
+    now += timedelta(days=5)
+    assert doomed() == {old_full.pk, old_1.pk, old_2.pk, old_3.pk}
+    # Forty days on, the newest full and its incremental are the newest of their kinds: kept.
+    now += timedelta(days=35)
+    assert doomed() == {old_full.pk, old_1.pk, old_2.pk, old_3.pk}
+    assert newest.pk not in doomed() and full.pk not in doomed()
