@@ -40,7 +40,8 @@ pytest_plugins = ["tests.walfixtures"]
 def test_an_18_server_is_served_by_18_s_binaries_and_checkserver_and_its_page_say_so(
     pg_cluster_of, pg18_bin, db, client, alice, passphrase_file
 ):
-    server = register(pg_cluster_of(18), dbname="postgres")
+    cluster = pg_cluster_of(18)
+    server = register(cluster, dbname="postgres")
     assert server.pg_version // 10000 == 18
     assert binaries.client_tool(server, "pg_dump") == pg18_bin / "pg_dump"
     assert binaries.cluster_tool(18, "pg_ctl", "a restore") == pg18_bin / "pg_ctl"
@@ -55,6 +56,19 @@ def test_an_18_server_is_served_by_18_s_binaries_and_checkserver_and_its_page_sa
     )
     client.force_login(alice)
     assert f"client tools from {pg18_bin} (PostgreSQL 18)" in client.get(server.get_absolute_url()).content.decode()
+    # 18 can take block-level incrementals: checkserver says whether WAL is summarized for them.
+    assert checks["summarize_wal"]["verdict"] == "warn"
+    assert checks["summarize_wal"]["detail"].startswith("off: the 6-hourly incremental cannot be a block-level")
+    assert "summarize_wal = on" in checks["summarize_wal"]["todo"]
+    cluster.configure(summarize_wal=True)
+    cluster.reload()
+    out = StringIO()
+    call_command("checkserver", "maldives", "--json", stdout=out)
+    checks = {c["check"]: c for c in json.loads(out.getvalue().splitlines()[-1])["checks"]}
+    assert (checks["summarize_wal"]["verdict"], checks["summarize_wal"]["detail"]) == (
+        "ok",
+        "on, summaries kept 14400 min",
+    )
 
 
 def assert_same_schema_but_view_qualifiers(before, after):

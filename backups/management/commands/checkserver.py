@@ -65,7 +65,8 @@ def server_checks(server):
         settings = dict(
             conn.execute(
                 "SELECT name, setting FROM pg_settings WHERE name IN ('wal_level', 'archive_mode', "
-                "'archive_command', 'archive_timeout', 'max_wal_senders', 'wal_segment_size', 'server_version')"
+                "'archive_command', 'archive_timeout', 'max_wal_senders', 'wal_segment_size', 'server_version', "
+                "'summarize_wal', 'wal_summary_keep_time')"
             ).fetchall()
         )
         may_replicate = conn.execute(
@@ -89,6 +90,8 @@ def server_checks(server):
         ),
         check("wal_segment_size", "ok", f"{size // 1024 // 1024} MB segments"),
     ]
+    if version >= 170000:
+        checks.append(summaries_check(server, settings))
     if server.archiving == Server.Archiving.PUSH:
         checks += push_checks(server, settings)
     elif server.archiving == Server.Archiving.PULL:
@@ -109,6 +112,22 @@ def version_check(version):
     if version >= 150000:
         return check("version", "ok", f"{version // 10000}.{version % 10000}")
     return check("version", "fail", f"{version // 10000} is older than 15", "upgrade PostgreSQL")
+
+
+def summaries_check(server, settings):
+    """17+: the 6-hourly incremental is a block-level backup only with WAL summaries since its parent."""
+    todo = (
+        "summarize_wal = on and wal_summary_keep_time of a day or more (default 10d), reload; "
+        f"then a full base backup (manage.py backup {server.name} --kind base) for the incrementals to build on"
+    )
+    if settings.get("summarize_wal") != "on":
+        return check("summarize_wal", "warn", "off: the 6-hourly incremental cannot be a block-level backup", todo)
+    keep = int(settings["wal_summary_keep_time"])  # minutes; 0 keeps them forever
+    if 0 < keep < 24 * 60:
+        return check(
+            "summarize_wal", "warn", f"on, but summaries kept {keep} min: an incremental may find them gone", todo
+        )
+    return check("summarize_wal", "ok", f"on, summaries kept {f'{keep} min' if keep else 'forever'}", todo)
 
 
 def wal_level_check(level):
