@@ -50,7 +50,7 @@ def incremental():
 
 @on_18
 def test_a_full_and_two_incrementals_rebuild_with_pg_combinebackup_to_exactly_the_committed_rows(
-    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, tmp_path, pg_major
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, tmp_path, pg_major, client, alice
 ):
     sample_cluster.configure(summarize_wal=True)
     enable_push(sample_cluster)  # restarts: summarize_wal is on from here
@@ -63,6 +63,9 @@ def test_a_full_and_two_incrementals_rebuild_with_pg_combinebackup_to_exactly_th
     second_json, second = incremental()
     assert (second_json["method"], second_json["parent"]) == ("block", first.pk)
     assert second.size < full.size / 2, (second.size, full.size)  # only the changed blocks
+    client.force_login(alice)
+    page = client.get(second.get_absolute_url()).content.decode()
+    assert f'block-level, against <a href="{first.get_absolute_url()}">run #{first.pk}</a>' in page
     expected = rows(sample_cluster.port, "SELECT md5(string_agg(u::text, ',' ORDER BY id)) FROM users u")
     write(sample_cluster, "INSERT INTO probe VALUES ('C')")  # after the chain: not in it
 
