@@ -70,6 +70,30 @@ def test_a_parallel_restore_whose_schema_fails_beside_the_decryption_leaves_noth
     assert not [p for p in psutil.Process().children(recursive=True) if p.name() in ("pg_restore", "gpg")]
 
 
+def test_a_table_of_contents_that_differs_from_the_restored_copy_fails_the_restore_and_leaves_nothing(
+    server, sample_cluster, passphrase_file, backup_root, settings, monkeypatch
+):
+    """The schema is restored from the start read_properties decrypted; should the copy's start
+    read differently during the restore, what was made from it is not kept."""
+    from restores import dbprops
+
+    settings.RESTORE_JOBS = 2
+    run = take_backup()
+    read_toc = dbprops.read_toc
+
+    def unstable(*args):
+        listing, head = read_toc(*args)
+        return listing, head[:-1] + bytes([head[-1] ^ 0xFF])  # a byte past what pre-data reads
+
+    monkeypatch.setattr(dbprops, "read_toc", unstable)
+    before = databases(sample_cluster)
+    result = restore_json(str(run.pk), "--into-database", "restored_unstable")
+    assert result["status"] == "failed" and "read differently twice" in result["error"], result
+    assert databases(sample_cluster) == before
+    assert list((Path(settings.VAR_DIR) / "scratch").iterdir()) == []
+    assert BackupCopy.Status.BAD not in set(run.copies.values_list("status", flat=True))
+
+
 def test_the_restore_sessions_sort_in_memory_and_commit_without_waiting(server, settings):
     from restores.logical import _pg_restore
 
