@@ -207,9 +207,13 @@ WAL_WAIT_SECONDS = env.int("WAL_WAIT_SECONDS", default=300)
 RECEIVER_STEADY_SECONDS = env.int("RECEIVER_STEADY_SECONDS", default=10)
 
 # pg_restore jobs for logical restores: 1 pipes the decrypted stream (no plaintext on disk);
-# more decrypts into a private scratch file first (0600, removed afterwards), as pg_restore -j
-# needs. Measured 21% faster with 2 jobs on 2 cores (bench/RESULTS.md), hence the default.
+# more decrypts into a private scratch file (0600, removed afterwards), as pg_restore -j needs,
+# while the schema is restored from the table of contents; data and indexes then run with -j.
+# Measured 21% faster with 2 jobs on 2 cores (bench/RESULTS.md), hence the default.
 RESTORE_JOBS = env.int("RESTORE_JOBS", default=2)
+# maintenance_work_mem of the restore's own sessions (index builds), on the target server: up
+# to RESTORE_JOBS of them build at once.
+RESTORE_MAINTENANCE_WORK_MEM = env.str("RESTORE_MAINTENANCE_WORK_MEM", default="256MB")
 
 # Storage.
 BACKUP_ROOT = Path(env.str("BACKUP_ROOT", default=str(VAR_DIR / "backups")))

@@ -122,7 +122,8 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
         roles = restore_globals(run, target, encryption, notes, warnings, with_role_passwords)
     made = False
     try:
-        notes += _create_and_restore(run, target, dbname, encryption, restore, statement, extra)
+        toc = (props.copy_id, props.head) if props is not None else None
+        notes += _create_and_restore(run, target, dbname, encryption, restore, statement, extra, toc)
         made = True
         if props is not None:
             notes.append(_apply_properties(props, target, dbname, warnings))
@@ -138,22 +139,25 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     return notes
 
 
-def _create_and_restore(run, target, dbname, encryption, restore, statement, extra):
+def _create_and_restore(run, target, dbname, encryption, restore, statement, extra, toc=None):
     # CREATE DATABASE copies template1 through the WAL (a quarter of a second on a small
     # server): it runs while gpg decrypts, and pg_restore waits for it.
     with ThreadPoolExecutor(max_workers=1) as pool:
         creation = pool.submit(create_database, target, dbname, statement)
         try:
-            return _restore_dump(run, target, dbname, encryption, restore, creation, statement, extra)
+            return _restore_dump(run, target, dbname, encryption, restore, creation, statement, extra, toc)
         except BaseException:
             if creation.exception() is None:  # waits for it: a database half made is dropped too
                 drop_database(target, dbname)
             raise
 
 
-def _restore_dump(run, target, dbname, encryption, restore, creation, statement=None, extra=()):
+def _restore_dump(run, target, dbname, encryption, restore, creation, statement=None, extra=(), toc=None):
     """Try the healthy copies in order; a corrupt one is marked bad and the next is tried, and so
-    is one whose location fails mid-stream (kept good: the location may only be down)."""
+    is one whose location fails mid-stream (kept good: the location may only be down).
+
+    `toc` is (copy id, the decrypted start of that copy: its table of contents), as
+    read_properties read it: the parallel restore starts the schema from it."""
     notes, failed, why = [], [], []
     while True:
         try:
@@ -166,7 +170,8 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statement=
         notes += [reader.note] if reader.note else []
         try:
             if settings.RESTORE_JOBS > 1:
-                _restore_parallel(reader, target, dbname, encryption, restore, creation, extra)
+                head = toc[1] if toc is not None and toc[0] == copy.pk else None
+                _restore_parallel(reader, target, dbname, encryption, restore, creation, extra, head)
             else:
                 _restore_piped(reader, target, dbname, encryption, restore, creation, extra)
             notes.append(f"read from {copy.location.name} ({store_for(copy.location).uri(copy.key)}), sha256 verified")
@@ -194,7 +199,16 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statement=
 
 def _pg_restore(target, dbname, *args):
     argv = [str(client_tool(target, "pg_restore")), "--exit-on-error", "--no-password", f"--dbname={dbname}", *args]
-    return Tool(argv, target.libpq_env(dbname))
+    env = target.libpq_env(dbname)
+    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {restore_session()}".strip()  # after any of the environment's
+    return Tool(argv, env)
+
+
+def restore_session():
+    """The restore's own sessions (PGOPTIONS): index builds sort in memory rather than in
+    temporary files, and a commit does not wait for its WAL flush (_flush_wal flushes them all
+    at the end). Both are per session: nothing changes for the server or the restored database."""
+    return f"-c maintenance_work_mem={settings.RESTORE_MAINTENANCE_WORK_MEM} -c synchronous_commit=off"
 
 
 def _restore_piped(reader, target, dbname, encryption, restore, creation, extra=()):
@@ -233,14 +247,22 @@ def _restore_piped(reader, target, dbname, encryption, restore, creation, extra=
         raise RestoreFailed(gpg_failure(result["result"]))
     if rc != 0:
         raise RestoreFailed(tool.error_line(target))
+    _flush_wal(target, dbname)
 
 
-def _restore_parallel(reader, target, dbname, encryption, restore, creation, extra=()):
-    """pg_restore -j needs a seekable file: decrypt into a private scratch directory, removed after.
+def _restore_parallel(reader, target, dbname, encryption, restore, creation, extra=(), head=None):
+    """pg_restore -j needs a seekable file: gpg decrypts into a private scratch file (removed
+    after; the plaintext does not pass through Python). Meanwhile the schema (pre-data) is
+    restored from `head`, the table of contents read_properties decrypted a moment before:
+    pre-data needs nothing else. Data and post-data (indexes, constraints: the bulk of the work)
+    then run with -j from the completed file, once its sha256 and gpg's check have passed.
 
-    gpg writes the file itself: the plaintext does not pass through Python."""
+    bench/restore_jobs.py measured the alternatives (the data streamed into one pg_restore as gpg
+    writes the file, then post-data -j: slower, as one job loads the data)."""
     scratch = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=_scratch_root()))
+    pre_data = None
     try:
+        pre_data = _PreData(target, dbname, head, creation, extra) if head else None
         path = scratch / "dump"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -254,12 +276,72 @@ def _restore_parallel(reader, target, dbname, encryption, restore, creation, ext
         if not result["result"].ok:
             raise RestoreFailed(gpg_failure(result["result"]))
         created(creation, target)
-        tool = _pg_restore(target, dbname, f"--jobs={settings.RESTORE_JOBS}", *extra, str(path))
+        sections = []
+        if pre_data is not None:
+            pre_data.check(path)
+            sections = ["--section=data", "--section=post-data"]
+        tool = _pg_restore(target, dbname, f"--jobs={settings.RESTORE_JOBS}", *sections, *extra, str(path))
         tool.start()
         if tool.proc.wait() != 0:
             raise RestoreFailed(tool.error_line(target))
+        _flush_wal(target, dbname)
     finally:
+        if pre_data is not None:
+            pre_data.join()  # never a pg_restore left behind, whatever failed
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _PreData(threading.Thread):
+    """pg_restore --section=pre-data fed the table of contents alone, beside the decryption."""
+
+    def __init__(self, target, dbname, head, creation, extra):
+        super().__init__(daemon=True)
+        self.target, self.head, self.creation, self.error = target, head, creation, None
+        self.tool = _pg_restore(target, dbname, "--section=pre-data", *extra)
+        self.tool.stdin = subprocess.PIPE
+        self.start()
+
+    def run(self):
+        try:
+            created(self.creation, self.target)
+            self.tool.start()
+            try:
+                self.tool.proc.stdin.write(self.head)
+                self.tool.proc.stdin.close()
+            except BrokenPipeError:  # it read what it needed (or failed: its exit code says)
+                pass
+            if self.tool.proc.wait() != 0:
+                self.error = RestoreFailed(self.tool.error_line(self.target))
+        except (RestoreFailed, BackupFailed) as e:
+            self.error = e
+        except Exception as e:  # noqa: BLE001 - said by check(), never lost with the thread
+            self.error = RestoreFailed(f"pg_restore --section=pre-data could not run: {e}")
+
+    def check(self, path):
+        """Its error, once the copy proved good; and the schema must come from this very copy:
+        the start of the scratch file is what pg_restore was fed."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        with open(path, "rb") as f:
+            if f.read(len(self.head)) != self.head:
+                raise RestoreFailed(
+                    "the start of the copy read differently twice (table of contents, then restore): "
+                    "its location returns unstable data; check it and restore again"
+                )
+
+
+def _flush_wal(target, dbname):
+    """The restore's sessions commit without waiting for the WAL flush (restore_session): one
+    transaction that commits the normal way flushes the WAL up to itself, so every commit of the
+    restore before it is durable when the restore is reported done. No CHECKPOINT: that needs a
+    privilege the portal's role may lack, and durability needs only the flush."""
+    try:
+        with target.connect(dbname) as conn:
+            conn.execute("SET synchronous_commit = on")
+            conn.execute("SELECT pg_current_xact_id()")  # an xid: its commit record is flushed
+    except psycopg.Error as e:
+        raise RestoreFailed(explain(e, target)) from None
 
 
 def _scratch_root():
@@ -317,7 +399,8 @@ def read_properties(run, target, encryption, warnings):
             pg_restore = client_tool(target, "pg_restore")
             listing, head = dbprops.read_toc(reader, encryption, pg_restore)
             props = dbprops.DatabaseProperties.parse(listing, dbprops.database_script(listing, head, pg_restore))
-            props.head = head  # the table of contents, for --tablespace-map
+            props.head = head  # the table of contents, for --tablespace-map and the parallel restore
+            props.copy_id = reader.copy.pk
             return props
         except (dbprops.TocUnreadable, StorageError) as e:
             # A corrupt copy or a location failing mid-stream: the restore itself will meet

@@ -96,10 +96,13 @@ def can_connect(cluster, dbname, user, password):
         return False
 
 
+@pytest.mark.parametrize("jobs", [1, 2], ids=["piped", "overlapped"])
 def test_a_restore_into_a_new_name_gives_the_database_as_pg_restore_create_would(
-    source, passphrase_file, backup_root, settings
+    source, passphrase_file, backup_root, settings, jobs
 ):
-    settings.RESTORE_JOBS = 1
+    """Piped into one pg_restore, or overlapped: pre-data and data from the stream while the
+    scratch file is written, post-data with -j from it; the same database either way."""
+    settings.RESTORE_JOBS = jobs
     original = awkward_schema.make_awkward(source)
     register(source, "awkward", original, "source")
     run = backup("awkward")

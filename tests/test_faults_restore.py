@@ -208,8 +208,9 @@ def test_a_flipped_byte_in_a_large_dump_is_caught_the_next_copy_read_and_nothing
         assert b.execute("SELECT count(*) FROM scans").fetchone() == (110000,)
     big_cluster.execute("DROP DATABASE restored_big")
 
-    # The NAS copy rots too: through the scratch file (pg_restore -j) it fails as corrupt,
-    # the copy is marked bad, the new database is dropped, the scratch file removed.
+    # The NAS copy rots too: overlapped (pg_restore loads the data from the stream while the
+    # scratch file is written, before the hash is known) it fails as corrupt all the same, the
+    # copy is marked bad, the new database with what it had loaded is dropped, the file removed.
     flip_byte_in(file_of(nas))
     settings.RESTORE_JOBS = 2
     result = run_command("restore", str(run.pk), "--into-database", "restored_big")

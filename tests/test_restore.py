@@ -4,6 +4,7 @@ import json
 from io import StringIO
 from pathlib import Path
 
+import psutil
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -47,6 +48,59 @@ def test_parallel_restore_uses_a_private_scratch_file_and_removes_it(
     with sample_cluster.connect("restored_j2") as b:
         assert sampledata.counts(b)["public.audit_logs"] == run.details["row_counts"]["public.audit_logs"]
     assert list((Path(settings.VAR_DIR) / "scratch").iterdir()) == []
+
+
+def test_a_parallel_restore_whose_schema_fails_beside_the_decryption_leaves_nothing_and_keeps_the_copy_good(
+    server, sample_cluster, passphrase_file, backup_root, settings
+):
+    """The schema (pre-data, from the table of contents while gpg writes the scratch file) fails:
+    the table's owner is gone. The copy is not blamed; no database, file or pg_restore is left."""
+    settings.RESTORE_JOBS = 2
+    sample_cluster.execute("CREATE ROLE vanishing_owner NOLOGIN")
+    sample_cluster.execute("ALTER TABLE audit_logs OWNER TO vanishing_owner", dbname="reliabilitymaldives")
+    run = take_backup()
+    sample_cluster.execute("ALTER TABLE audit_logs OWNER TO postgres", dbname="reliabilitymaldives")
+    sample_cluster.execute("DROP ROLE vanishing_owner")
+    before = databases(sample_cluster)
+    result = restore_json(str(run.pk), "--into-database", "restored_no_owner")
+    assert result["status"] == "failed", result
+    assert result["error"].startswith("pg_restore: ") and "vanishing_owner" in result["error"], result["error"]
+    assert databases(sample_cluster) == before
+    assert list((Path(settings.VAR_DIR) / "scratch").iterdir()) == []
+    assert BackupCopy.Status.BAD not in set(run.copies.values_list("status", flat=True))
+    assert not [p for p in psutil.Process().children(recursive=True) if p.name() in ("pg_restore", "gpg")]
+
+
+def test_a_table_of_contents_that_differs_from_the_restored_copy_fails_the_restore_and_leaves_nothing(
+    server, sample_cluster, passphrase_file, backup_root, settings, monkeypatch
+):
+    """The schema is restored from the start read_properties decrypted; should the copy's start
+    read differently during the restore, what was made from it is not kept."""
+    from restores import dbprops
+
+    settings.RESTORE_JOBS = 2
+    run = take_backup()
+    read_toc = dbprops.read_toc
+
+    def unstable(*args):
+        listing, head = read_toc(*args)
+        return listing, head[:-1] + bytes([head[-1] ^ 0xFF])  # a byte past what pre-data reads
+
+    monkeypatch.setattr(dbprops, "read_toc", unstable)
+    before = databases(sample_cluster)
+    result = restore_json(str(run.pk), "--into-database", "restored_unstable")
+    assert result["status"] == "failed" and "read differently twice" in result["error"], result
+    assert databases(sample_cluster) == before
+    assert list((Path(settings.VAR_DIR) / "scratch").iterdir()) == []
+    assert BackupCopy.Status.BAD not in set(run.copies.values_list("status", flat=True))
+
+
+def test_the_restore_sessions_sort_in_memory_and_commit_without_waiting(server, settings):
+    from restores.logical import _pg_restore
+
+    settings.RESTORE_MAINTENANCE_WORK_MEM = "300MB"
+    tool = _pg_restore(server, "somewhere")
+    assert tool.env["PGOPTIONS"] == "-c maintenance_work_mem=300MB -c synchronous_commit=off"
 
 
 def test_a_scratch_file_left_by_a_killed_restore_is_removed_by_the_next(server, passphrase_file, backup_root, settings):
