@@ -125,6 +125,7 @@ class ServerForm(forms.ModelForm):
             "logical_retention_days",
             "base_retention_days",
             "wal_retention_days",
+            "incremental_retention_days",
             "shrink_threshold_pct",
             "sandbox",
         ]
@@ -348,6 +349,7 @@ class BackupRunAdmin(CatalogColumns, ReadOnlyHistoryAdmin):
         "id",
         "server",
         "kind",
+        "method",
         "status_badge",
         "created_at",
         "age",
@@ -383,6 +385,10 @@ class BackupRunAdmin(CatalogColumns, ReadOnlyHistoryAdmin):
     @admin.display(description="Status", ordering="status")
     def status_badge(self, obj):
         return format_html('<span class="status status-{}">{}</span>', obj.status, obj.get_status_display())
+
+    @admin.display(description="Method")
+    def method(self, obj):
+        return obj.method_display
 
     @admin.display(description="Age")
     def age(self, obj):

@@ -21,20 +21,16 @@ from django.utils import timezone
 
 from backupportal.lib.pgerrors import explain
 from backups import base
-from backups.binaries import server_major
 from backups.copies import decrypt_here, healthy_copies
 from backups.crypto import Encryption, EncryptionError
 from backups.models import BackupRun
 from backups.pipeline import BackupFailed
 from backups.streams import FetchFailed, FileSink
 
-BLOCK_MAJOR = 17  # the first PostgreSQL with pg_basebackup --incremental
-
 
 def take(run):
     """A run of kind incremental: block-level on 17+, the WAL-chain proof before."""
-    major = server_major(run.server)
-    block = major is not None and major >= BLOCK_MAJOR
+    block = run.server.takes_block_incrementals
     run.details["method"] = "block" if block else "wal-chain"
     run.save(update_fields=["details"])  # a failed run says which it was too
     (take_block if block else base.wal_chain)(run)

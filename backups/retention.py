@@ -5,9 +5,10 @@ database, for logical backups), a backup that a restore or restore test is readi
 (it goes on the next pass), a logical run whose globals file a kept run pairs with, and the
 base backup from which the WAL window starts.
 
-Block-level incrementals (17+) are kept INCREMENTAL_DAYS, and retention keeps whole chains:
-an incremental never outlives its ancestors (a full or an incremental a kept one was taken
-against stays, whatever its age), and a chain goes only when its newest link has expired.
+Block-level incrementals (17+) are kept their server's `incremental_retention_days` (the
+strategy's 7), and retention keeps whole chains: an incremental never outlives its ancestors
+(a full or an incremental a kept one was taken against stays, whatever its age), and a chain
+goes only when its newest link has expired.
 
 WAL is kept `wal_retention_days` (7), but never a segment that a kept base backup needs to
 become consistent, nor one on the way from the base backup that reaches the start of the
@@ -26,14 +27,16 @@ from backups.copies import delete_run_artifacts
 from backups.models import BackupCopy, BackupRun, Server, WalSegment
 from backups.storage import StorageError, store_for
 
-DAYS_FIELD = {BackupRun.Kind.LOGICAL: "logical_retention_days", BackupRun.Kind.BASE: "base_retention_days"}
-# The strategy's: the 6-hourly incrementals are kept 7 days.
-INCREMENTAL_DAYS = 7
-KINDS = [*DAYS_FIELD, BackupRun.Kind.INCREMENTAL]
+DAYS_FIELD = {
+    BackupRun.Kind.LOGICAL: "logical_retention_days",
+    BackupRun.Kind.BASE: "base_retention_days",
+    BackupRun.Kind.INCREMENTAL: "incremental_retention_days",
+}
+KINDS = list(DAYS_FIELD)
 
 
 def _days(server, kind):
-    return INCREMENTAL_DAYS if kind == BackupRun.Kind.INCREMENTAL else getattr(server, DAYS_FIELD[kind])
+    return getattr(server, DAYS_FIELD[kind])
 
 
 def _good(server, kind):
@@ -45,7 +48,7 @@ def _good(server, kind):
 def chain_needs(server, now):
     """Pks of the ancestors (fulls and incrementals) of every block incremental that is kept."""
     links = dict(_good(server, BackupRun.Kind.INCREMENTAL).values_list("pk", "details__parent"))
-    cutoff = now - timedelta(days=INCREMENTAL_DAYS)
+    cutoff = now - timedelta(days=_days(server, BackupRun.Kind.INCREMENTAL))
     kept = _good(server, BackupRun.Kind.INCREMENTAL).filter(Q(finished_at__gte=cutoff) | _being_read())
     kept = {*kept.values_list("pk", flat=True), *_newest(_good(server, BackupRun.Kind.INCREMENTAL), "incremental")}
     needed = set()

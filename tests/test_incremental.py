@@ -3,11 +3,13 @@
 every base and incremental backup keeps encrypted beside it; a chain rebuilt by the stock
 tools alone (gpg, zstd, tar, pg_combinebackup) holds exactly the rows committed before it."""
 
+import re
 import subprocess
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
 from backupportal.lib.osuser import chown_to_db_user, free_port
@@ -66,6 +68,12 @@ def test_a_full_and_two_incrementals_rebuild_with_pg_combinebackup_to_exactly_th
     client.force_login(alice)
     page = client.get(second.get_absolute_url()).content.decode()
     assert f'block-level, against <a href="{first.get_absolute_url()}">run #{first.pk}</a>' in page
+    chains = client.get(server.get_absolute_url()).content.decode().split('id="chains"')[1].split("</section>")[0]
+    assert re.findall(r'<a href="/runs/(\d+)/">\d+</a>', chains) == [str(r.pk) for r in (full, first, second)]
+    assert (
+        filesizeformat(second.size) in chains
+        and f"the chain: {filesizeformat(full.size + first.size + second.size)}" in chains
+    )
     expected = rows(sample_cluster.port, "SELECT md5(string_agg(u::text, ',' ORDER BY id)) FROM users u")
     write(sample_cluster, "INSERT INTO probe VALUES ('C')")  # after the chain: not in it
 

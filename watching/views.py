@@ -18,7 +18,7 @@ from backupportal.models import JournalEntry
 from backupportal.roles import require_perm
 from backups import binaries
 from backups.critical import CriticalTablesForm, set_critical_tables
-from backups.models import Database, Server, StorageLocation
+from backups.models import BackupSchedule, Database, Server, StorageLocation
 from watching import coverage
 from watching import dashboard as figures
 from watching.charts import server_charts
@@ -108,15 +108,19 @@ def acknowledge_alert(request, alert_id):
 
 
 def server_detail(request, name, critical_form=None):
-    """A server's page: its health and charts, runs, schedules, restore tests, critical tables."""
+    """A server's page: its health and charts, backup chains, runs, schedules, restore tests, critical tables."""
     server = get_object_or_404(Server, name=name)
     tests = list(server.restore_tests.order_by("-started_at")[:10])
+    schedules = {s.job: s for s in server.schedules.all()}
     context = {
         "health": figures.server_health(server),
         "server": server,
         "runs": server.runs.select_related("database").order_by("-created_at")[:20],
         "coverage": coverage.rows([server]),
-        "schedules": server.schedules.all(),
+        "schedules": list(schedules.values()),
+        "chains": server.runs.chains(),
+        "base_schedule": schedules.get(BackupSchedule.Job.BASE),
+        "incremental_schedule": schedules.get(BackupSchedule.Job.INCREMENTAL),
         "binaries": binaries.describe(server),
         "tests": tests,
         "last_test": tests[0] if tests else None,

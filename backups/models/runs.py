@@ -1,5 +1,6 @@
 """Backup runs: a logical, base or incremental backup of a server, from queued to succeeded or failed."""
 
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import models
@@ -42,6 +43,26 @@ class BackupRunQuerySet(models.QuerySet):
         rank = Window(RowNumber(), partition_by=[F("server_id"), F("kind"), F("database_id")], order_by=newest_first)
         return self.annotate(rank=rank).filter(rank=1)
 
+    def chains(self, fulls=5, incrementals=100):
+        """Of one server's runs, the newest `fulls` good full base backups, newest first, each a
+        Chain with the good incrementals on top of it, oldest first (at most the newest
+        `incrementals` of them: WAL-chain checks are never deleted, and a chain grows while no
+        full is taken). Two queries (three when a parent is not shown), whatever the number of runs."""
+        bases = list(self.good().filter(kind=BackupRun.Kind.BASE).order_by("-finished_at", "-pk")[:fulls])
+        if not bases:
+            return []
+        chains = {b.pk: Chain(b) for b in bases}
+        later = self.good().filter(kind=BackupRun.Kind.INCREMENTAL, finished_at__gte=bases[-1].finished_at)
+        for run in reversed(later.order_by("-finished_at", "-pk")[:incrementals]):
+            chain = _chain_of(run, chains, bases)
+            if chain is None:
+                chains.setdefault(None, Chain(None)).incrementals.append(run)
+            else:
+                chain.incrementals.append(run)
+                chains[run.pk] = chain
+        broken = chains.pop(None, None)
+        return [chains[b.pk] for b in bases] + ([broken.with_missing_parents()] if broken else [])
+
     def newest_per_kind(self):
         """Of these runs, the newest to finish of each server and kind: one query for all servers."""
         newest_first = [F("finished_at").desc(nulls_last=True), F("pk").desc()]
@@ -49,11 +70,43 @@ class BackupRunQuerySet(models.QuerySet):
         return self.annotate(rank=rank).filter(rank=1)
 
 
+def _chain_of(run, chains, bases):
+    """The chain a kept incremental belongs to: a block-level one its parent's (None when that is
+    not among those listed), a WAL-chain check that of the newest full finished before it."""
+    if run.method == "block":
+        return chains.get(run.parent_run_id)
+    return next((chains[b.pk] for b in bases if b.finished_at <= run.finished_at), None)
+
+
+@dataclass
+class Chain:
+    """A full base backup and the incrementals taken on top of it, oldest first: what a restore to
+    the newest link reads. `full` is None for incrementals whose parent is not shown: older than
+    what the page lists, or gone (`missing_parents`: a broken link, nothing restores past it)."""
+
+    full: "BackupRun | None"
+    incrementals: list = field(default_factory=list)
+    missing_parents: set = field(default_factory=set)
+
+    @property
+    def block_size(self):
+        """Bytes a restore to the newest block-level link reads (the full and every block incremental)."""
+        blocks = [r.size or 0 for r in self.incrementals if r.method == "block"]
+        return (self.full.size or 0) + sum(blocks) if self.full and blocks else None
+
+    def with_missing_parents(self):
+        """Which parents of these incrementals are gone (deleted, failed), not merely older: one query."""
+        ids = {r.parent_run_id for r in self.incrementals if r.parent_run_id}
+        self.missing_parents = ids - set(BackupRun.objects.good().filter(pk__in=ids).values_list("pk", flat=True))
+        return self
+
+
 class BackupRun(models.Model):
     class Kind(models.TextChoices):
         LOGICAL = "logical", "Logical (pg_dump)"
         BASE = "base", "Base (pg_basebackup)"
-        INCREMENTAL = "incremental", "Incremental (WAL chain)"
+        # Block-level on 17+, a WAL-chain check on 15 and 16: the run's method says which.
+        INCREMENTAL = "incremental", "Incremental"
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -149,6 +202,26 @@ class BackupRun(models.Model):
     def database_name(self):
         """What a logical run dumped: its database (the DSN's for a run from before databases)."""
         return self.database.name if self.database_id else self.server.dbname
+
+    @property
+    def method(self):
+        """How an incremental was taken: "block" (17+, against its parent) or "wal-chain" (15, 16,
+        and runs from before the method was recorded, when only 15 was run); "" for other kinds."""
+        if self.kind != self.Kind.INCREMENTAL:
+            return ""
+        return "block" if self.details.get("method") == "block" else "wal-chain"
+
+    @property
+    def parent_run_id(self):
+        """The run a block-level incremental was taken against (its details' "parent")."""
+        return self.details.get("parent") if self.method == "block" else None
+
+    @property
+    def method_display(self):
+        """An incremental's method as lists say it: "block-level against #12" or "WAL-chain check"."""
+        if self.method == "block":
+            return f"block-level against #{self.parent_run_id}" if self.parent_run_id else "block-level"
+        return "WAL-chain check" if self.method else ""
 
     @property
     def is_good(self):

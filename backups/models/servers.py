@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from django.core.exceptions import ValidationError
-from django.core.validators import RegexValidator
+from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.urls import reverse
 from django.utils import timezone
@@ -27,6 +27,8 @@ def default_critical_tables():
 
 
 ALL_DATABASES = "all"
+# The first PostgreSQL with block-level incrementals (pg_basebackup --incremental, pg_combinebackup).
+BLOCK_INCREMENTAL_MAJOR = 17
 
 
 def parse_protect_databases(value):
@@ -94,6 +96,15 @@ class Server(ServerConnection):
     logical_retention_days = models.PositiveIntegerField(default=30)
     base_retention_days = models.PositiveIntegerField(default=30)
     wal_retention_days = models.PositiveIntegerField(default=7, verbose_name="WAL retention (days)")
+    # The strategy's 7 days. At least one: retention keeps whole chains, so a shorter setting
+    # deletes the incrementals only, never a full a kept one needs.
+    incremental_retention_days = models.PositiveIntegerField(
+        "incremental retention (days)",
+        default=7,
+        validators=[MinValueValidator(1)],
+        help_text="Block-level incrementals (PostgreSQL 17+) are kept this long; their full backups stay while "
+        "a kept incremental needs them.",
+    )
 
     shrink_threshold_pct = models.PositiveIntegerField(
         verbose_name="shrink threshold (%)",
@@ -129,6 +140,11 @@ class Server(ServerConnection):
             return "unknown"
         return f"{self.pg_version // 10000}.{self.pg_version % 10000}"
 
+    @property
+    def takes_block_incrementals(self):
+        """17 and newer: the 6-hourly incremental is block-level; on 15 and 16 it checks the WAL chain."""
+        return bool(self.pg_version) and self.pg_version // 10000 >= BLOCK_INCREMENTAL_MAJOR
+
     def bin_dir(self) -> Path:
         """The directory of this server's client tools (backups.binaries chooses it)."""
         return binaries.client_dir(self)
@@ -151,7 +167,7 @@ class BackupSchedule(models.Model):
     class Job(models.TextChoices):
         LOGICAL = "logical", "Logical backup"
         BASE = "base", "Base backup"
-        INCREMENTAL = "incremental", "WAL switch and chain check"
+        INCREMENTAL = "incremental", "Incremental backup"
         RESTORE_TEST = "restoretest", "Weekly restore test"
         MONTHLY_RESTORE_TEST = "restoretest_monthly", "Monthly full restore test"
         INGEST_WAL = "ingestwal", "WAL spool ingest"
