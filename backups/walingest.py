@@ -25,7 +25,7 @@ from django.utils import timezone
 from backupportal import conditions, journal
 from backups import archive_wal, streams, walkeys
 from backups.copies import copy_one
-from backups.crypto import Encryption, EncryptionError, die_with_parent
+from backups.crypto import Encryption, EncryptionError, PipeSource, die_with_parent
 from backups.models import WAL_LOCATION, BackupCopy, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
 from backups.walnames import SEGMENT, WAL_FILE, WalError, segno_of, timeline_of, wal_key
@@ -42,8 +42,11 @@ CHUNK = 1024 * 1024
 INGEST_MARKER = "ingest"
 # Temporary files a killed archive program left behind are removed after this long.
 STALE_TMP = timedelta(minutes=10)
-# Segments encrypted at once by an ingest: one gpg each, so about one per core.
+# Segments encrypted at once by an ingest: one zstd and one gpg each, so about one per core.
 INGEST_WORKERS = max(2, min(4, os.cpu_count() or 2))
+# In a pass longer than this (seconds), the pending copies to NAS and S3 are made on the way, so a
+# backlog does not hold the offsite copy back: below archive_timeout (checkserver asks <= 60 s).
+COPY_EVERY = 30
 
 
 @dataclass
@@ -78,39 +81,35 @@ class HashingReader:
 
 
 class CompressedSegment(streams.Source):
-    """A spool file through `zstd -1`: what gpg encrypts. Python feeds zstd and hashes the bytes
-    it feeds (`reader`: the plaintext that was archived, whatever stat said)."""
+    """A spool file through `zstd -1`, whose output gpg reads itself (crypto.PipeSource); this
+    process hashes the file meanwhile (`reader`: the archived plaintext, whatever stat said).
+    Spool files are never rewritten (the archive program renames them into place)."""
 
     def __init__(self, path: Path):
         self.path, self.name = path, f"zstd of {path.name}"
-        self.zstd = self.feeder = self.reader = None
+        self.zstd = self.hasher = self.reader = None
         self.error = None
 
     def open(self):
         self.zstd = subprocess.Popen(
-            WAL_ZSTD,
-            stdin=subprocess.PIPE,
+            [*WAL_ZSTD, str(self.path)],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             preexec_fn=die_with_parent,
         )
-        self.feeder = threading.Thread(target=self._feed, daemon=True)
-        self.feeder.start()
-        return self.zstd.stdout
+        self.hasher = threading.Thread(target=self._hash, daemon=True)
+        self.hasher.start()
+        return PipeSource(self.zstd.stdout)
 
-    def _feed(self):
+    def _hash(self):
         try:
             with open(self.path, "rb") as f:
                 self.reader = HashingReader(f)
-                while chunk := self.reader.read(CHUNK):
-                    self.zstd.stdin.write(chunk)
+                while self.reader.read(CHUNK):
+                    pass
         except OSError as e:
             self.error = e
-        finally:
-            try:
-                self.zstd.stdin.close()
-            except OSError:
-                pass
 
     def stop(self):
         if self.zstd and self.zstd.poll() is None:
@@ -119,16 +118,16 @@ class CompressedSegment(streams.Source):
     def finish(self):
         if self.zstd is None:
             return
-        self.feeder.join()
+        self.hasher.join()
         self.zstd.wait()
         self.said = self.zstd.stderr.read().decode(errors="replace").strip()
         self.zstd.stdout.close(), self.zstd.stderr.close()
 
     def check(self):
-        if self.zstd.returncode != 0:
-            raise streams.EncryptFailed(f"zstd failed on {self.path.name} (exit {self.zstd.returncode}): {self.said}")
         if self.error is not None:
             raise streams.EncryptFailed(f"cannot read {self.path}: {self.error}")
+        if self.zstd.returncode != 0:
+            raise streams.EncryptFailed(f"zstd failed on {self.path.name} (exit {self.zstd.returncode}): {self.said}")
 
 
 def wal_location():
@@ -196,8 +195,10 @@ def _ingest_names(server, spool, names, source, result):
     try:
         # A misconfiguration is one message, before any file is touched.
         encryption = walkeys.writing(Encryption(), server, [location, *secondary_locations()])
-    except (EncryptionError, walkeys.WalKeyError) as e:
+    except EncryptionError as e:
         raise WalError(str(e)) from None
+    except walkeys.WalKeyError as e:  # the WAL location refused the key file: as it would the segments
+        raise stays_in_spool(e, names[0], spool) from None
 
     def encrypt(path, key):
         segment = CompressedSegment(path)
@@ -212,7 +213,12 @@ def _ingest_names(server, spool, names, source, result):
 
     with ThreadPoolExecutor(max_workers=INGEST_WORKERS) as pool:
         try:
+            copied_at = time.monotonic()
             for name in names:
+                if time.monotonic() - copied_at > COPY_EVERY:
+                    catalogue_until(0)
+                    copy_pending(server)  # a long pass (a backlog) must not hold back the offsite copies
+                    copied_at = time.monotonic()
                 try:
                     outcome = prepare(server, spool / name, store)
                 except (WalError, StorageError) as e:
@@ -225,7 +231,7 @@ def _ingest_names(server, spool, names, source, result):
                     continue
                 key = wal_key(server, name)
                 window.append((name, key, pool.submit(encrypt, spool / name, key)))
-                catalogue_until(INGEST_WORKERS - 1)
+                catalogue_until(2 * INGEST_WORKERS - 1)  # the workers stay busy while this thread catalogues
             catalogue_until(0)
         except BaseException:
             for _, key, future in window:  # encrypted ahead, never catalogued: nothing refers to them
