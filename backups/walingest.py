@@ -47,6 +47,9 @@ INGEST_WORKERS = max(2, min(4, os.cpu_count() or 2))
 # In a pass longer than this (seconds), the pending copies to NAS and S3 are made on the way, so a
 # backlog does not hold the offsite copy back: below archive_timeout (checkserver asks <= 60 s).
 COPY_EVERY = 30
+# A pass keeps taking the WAL that arrives while it runs for this long (seconds), then leaves the
+# rest to the next one: the pull receiver, which ingests between checks of pg_receivewal, waits no longer.
+PASS_SECONDS = 50
 
 
 @dataclass
@@ -166,7 +169,7 @@ def ingest(server, actor="job:ingestwal"):
         names = pending_names(spool, source)
         if names:
             try:
-                _ingest_names(server, spool, names, source, result)
+                _ingest_while_arriving(server, spool, names, source, result)
             except WalError as e:
                 ingest_failed(server, spool, result, e)
                 raise
@@ -185,6 +188,19 @@ def ingest(server, actor="job:ingestwal"):
             last=result.ingested[-1],
         )
     return result
+
+
+def _ingest_while_arriving(server, spool, names, source, result):
+    """Ingest `names`, then what the archive program added meanwhile, for up to PASS_SECONDS:
+    under sustained load the spool is drained by one pass instead of waiting for the next
+    schedule (a busy pass makes the worker's every-minute run return at once)."""
+    started, seen = time.monotonic(), set()
+    while names:
+        seen.update(names)
+        _ingest_names(server, spool, names, source, result)
+        if time.monotonic() - started > PASS_SECONDS:
+            return
+        names = [n for n in pending_names(spool, source) if n not in seen]  # a conflict is left, not retried
 
 
 def _ingest_names(server, spool, names, source, result):

@@ -3,6 +3,7 @@ copies on its way instead of at its end."""
 
 from backups import walingest, walkeys
 from backups.models import BackupCopy, StorageLocation
+from backups.walspool import spool_dir
 from tests.test_wal_keys import fetch, forget_keys, spool_segments
 
 pytest_plugins = ["tests.walfixtures"]
@@ -43,3 +44,19 @@ def test_a_long_ingest_pass_makes_the_offsite_copies_on_its_way(
     assert walingest.ingest(server).ingested == names
     assert len(copied_during) > 2 and copied_during[-1] >= 2  # before the pass ended, NAS had copies
     assert BackupCopy.objects.filter(location__kind="nas", status="ok").count() == 4
+
+
+def test_wal_archived_while_an_ingest_runs_is_taken_by_the_same_pass(
+    server, passphrase_file, backup_root, wal_spool, monkeypatch
+):
+    forget_keys()
+    first = spool_segments(server, 2)
+    later = "000000010000000000000009"
+    real = walingest.record
+
+    def archive_meanwhile(*args, **kwargs):
+        (spool_dir(server) / later).write_bytes(b"\2" * (server.wal_segment_size or 1 << 20))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(walingest, "record", archive_meanwhile)
+    assert walingest.ingest(server).ingested == [*first, later]
