@@ -94,13 +94,18 @@ class CompressedSegment(streams.Source):
         self.error = None
 
     def open(self):
-        self.zstd = subprocess.Popen(
-            [*WAL_ZSTD, str(self.path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=die_with_parent,
-        )
+        try:
+            self.zstd = subprocess.Popen(
+                [*WAL_ZSTD, str(self.path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                preexec_fn=die_with_parent,
+            )
+        except FileNotFoundError:
+            raise streams.EncryptFailed(
+                "zstd is not installed: apt-get install zstd (WAL is compressed by it)"
+            ) from None
         self.hasher = threading.Thread(target=self._hash, daemon=True)
         self.hasher.start()
         return PipeSource(self.zstd.stdout)

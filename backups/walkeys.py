@@ -18,6 +18,7 @@ encrypted to the recipients, and no data key exists.
 import io
 import os
 import secrets
+import shutil
 import threading
 from pathlib import Path
 
@@ -37,7 +38,7 @@ _published = set()  # URIs of key files known to be on a tier
 
 
 class WalKeyError(Exception):
-    """A WAL key cannot be made, found or unwrapped: the message names the key id."""
+    """A WAL key cannot be made, found or unwrapped (the message names the key id), or zstd is missing."""
 
 
 def keyring() -> Path:
@@ -129,6 +130,8 @@ def reading(encryption, copy):
     """What decrypts `copy`: `encryption` itself for a copy from before the data key, else the
     unwrapped key's, through zstd when zstd compressed it. Raises WalKeyError naming the key."""
     key_id, compression = getattr(copy, "key_id", ""), getattr(copy, "compression", "")
+    if compression == "zstd" and shutil.which("zstd") is None:
+        raise WalKeyError("zstd is not installed, and this WAL copy is compressed by it: apt-get install zstd")
     if key_id:
         encryption = encryption.with_data_key(key_id, unwrap(key_id, encryption, copy))
     return ZstdDecrypting(encryption) if compression == "zstd" else encryption

@@ -1,8 +1,11 @@
 """WAL ingest on every tier: the WAL key travels with the WAL, and a long pass makes the offsite
 copies on its way instead of at its end."""
 
+import pytest
+
 from backups import walingest, walkeys
 from backups.models import BackupCopy, StorageLocation
+from backups.walnames import WalError
 from backups.walspool import spool_dir
 from tests.test_wal_keys import fetch, forget_keys, spool_segments
 
@@ -60,3 +63,17 @@ def test_wal_archived_while_an_ingest_runs_is_taken_by_the_same_pass(
 
     monkeypatch.setattr(walingest, "record", archive_meanwhile)
     assert walingest.ingest(server).ingested == [*first, later]
+
+
+def test_an_ingest_without_zstd_says_so_and_keeps_the_spool(
+    server, passphrase_file, backup_root, wal_spool, monkeypatch
+):
+    forget_keys()
+    names = spool_segments(server, 2)
+    monkeypatch.setattr(walingest, "WAL_ZSTD", ["/nonexistent/zstd", "-q", "-1", "-c"])
+    with pytest.raises(WalError) as refused:
+        walingest.ingest(server)
+    assert "zstd is not installed: apt-get install zstd" in str(refused.value)
+    assert all((spool_dir(server) / name).exists() for name in names)
+    assert not BackupCopy.objects.exists()
+    assert not [p for p in (backup_root / "wal").rglob("*") if p.is_file() and "/keys/" not in str(p)]
