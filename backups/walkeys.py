@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from django.conf import settings
@@ -35,6 +36,8 @@ _lock = threading.Lock()
 _unwrapped = {}  # key id -> data key, for this process only
 _current = {}  # passphrase -> (key id, data key): a new passphrase (rotatekey) gets a new key
 _published = set()  # URIs of key files known to be on a tier
+_failed = {}  # location pk -> when putting a key file there last failed (monotonic)
+RETRY_AFTER = 300  # seconds
 
 
 class WalKeyError(Exception):
@@ -60,12 +63,15 @@ def writing(encryption, server, locations):
         return encryption
     key_id, secret = current_key(encryption)
     for n, location in enumerate(locations):
+        if n and time.monotonic() < _failed.get(location.pk, 0) + RETRY_AFTER:
+            continue
         try:
             publish(server.name, key_id, location)
         except (StorageError, OSError) as e:
             if n == 0:
                 raise WalKeyError(f"cannot store WAL key {key_id} in location {location.name}: {e}") from None
-            # A secondary tier: tried again by the next ingest; its segment copies wait as well.
+            # A secondary tier (S3 down): tried again later, not by every pass, which it would slow.
+            _failed[location.pk] = time.monotonic()
     return encryption.with_data_key(key_id, secret)
 
 
