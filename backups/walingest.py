@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -229,8 +230,25 @@ def _ingest_names(server, spool, names, source, result):
     window = deque()  # (name, key, future) in name order
 
     def catalogue_until(size):
-        while len(window) > size:
-            _catalogue_next(server, spool, window, source, store, location, result)
+        """Catalogue the oldest until `size` remain in flight, and those already encrypted besides,
+        in one transaction: one commit (with SQLite, several fsyncs) for several segments."""
+        ready, failure = [], None
+        while window and (len(window) > size or window[0][2].done()):
+            try:
+                ready.append(_checked_next(server, spool, window, store))
+            except WalError as e:
+                failure = e  # those before it are good: catalogued before it stops the ingest
+                break
+        ingested = []
+        with transaction.atomic() if ready else nullcontext():
+            for name, *encrypted in ready:
+                outcome = record(server, spool / name, source, location, *encrypted)
+                getattr(result, outcome).append(name)
+                ingested += [(spool / name, encrypted[1].sha256.hexdigest())] if outcome == "ingested" else []
+        for path, sha256 in ingested:  # out of the spool only once the catalog has them for good
+            leave_spool(path, sha256)
+        if failure is not None:
+            raise failure
 
     with ThreadPoolExecutor(max_workers=INGEST_WORKERS) as pool:
         try:
@@ -278,7 +296,8 @@ def stays_in_spool(error, name, spool):
     return WalError(f"{error}; {name} and the WAL after it wait in {spool}, nothing is lost")
 
 
-def _catalogue_next(server, spool, window, source, store, location, result):
+def _checked_next(server, spool, window, store):
+    """The oldest segment in flight, encrypted and of the right size: (name, key, reader, size, sha256, key_id)."""
     name, key, future = window.popleft()
     path = spool / name
     try:
@@ -290,8 +309,7 @@ def _catalogue_next(server, spool, window, source, store, location, result):
     except WalError:
         store.delete(key)  # never catalogued: nothing may look archived
         raise
-    made = record(server, path, source, location, key, reader, size, sha256, key_id)
-    getattr(result, made).append(name)
+    return name, key, reader, size, sha256, key_id
 
 
 def prepare(server, path: Path, store):
@@ -308,7 +326,8 @@ def prepare(server, path: Path, store):
 
 
 def record(server, path: Path, source, location, key, reader, size, sha256, key_id=""):
-    """Catalogue one encrypted file; returns "ingested" (or "duplicates" after a race)."""
+    """Catalogue one encrypted file; returns "ingested" (or "duplicates" after a race, then
+    already out of the spool)."""
     archived_at = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
     if SEGMENT.match(path.name) and not server.wal_segment_size:
         learn_segment_size(server, reader.size)
@@ -320,9 +339,12 @@ def record(server, path: Path, source, location, key, reader, size, sha256, key_
             plan_wal_copies(segment, key, encoded)
     except IntegrityError:  # another ingest catalogued it a moment ago
         return _already_archived(server, path, WalSegment.objects.get(server=server, name=path.name))
-    mark_ingested(path.parent, path.name, segment.sha256)
+    return "ingested"  # the caller takes it out of the spool (leave_spool) once its transaction committed
+
+
+def leave_spool(path: Path, sha256):
+    mark_ingested(path.parent, path.name, sha256)
     path.unlink()
-    return "ingested"
 
 
 def catalogue(server, name, reader, key, archived_at, source):
