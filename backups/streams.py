@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from backups import walkeys
 from backups.crypto import gpg_failure
 from backups.storage import MissingArtifact, StorageError, store_for
 
@@ -324,6 +325,10 @@ def decrypt_first_healthy(copies, sink, encryption, what, plain_sha256=None):
 
 def _try_copy(copy, sink, encryption, plain_sha256):
     """(None, None) when the copy was decrypted into the sink, else (what went wrong, a fault or None)."""
+    try:
+        encryption = walkeys.reading(encryption, copy)  # a WAL copy's data key and zstd, when it has them
+    except walkeys.WalKeyError as e:
+        return str(e), None
     try:
         reader = open_copy(copy)
     except MissingArtifact as e:

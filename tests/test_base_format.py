@@ -33,6 +33,20 @@ def stock(script, tmp_path, passphrase_file):
 GPG = "gpg --batch --quiet --pinentry-mode loopback --passphrase-file $P"
 
 
+# README, "Restoring without the portal": the restore_command, one shell line (WALKEY, ARCHIVE and
+# GPGHOME are the DBA's paths: the unwrapped key, the server's copied wal/ folder, an empty 0700 directory).
+RESTORE_COMMAND = (
+    "gpg --homedir GPGHOME --batch --quiet --pinentry-mode loopback --passphrase-file WALKEY "
+    "--decrypt ARCHIVE/*/%f.gpg | zstd -d -q -o %p"
+)
+
+
+def restore_command(walkey, archive, gpghome):
+    return (
+        RESTORE_COMMAND.replace("WALKEY", str(walkey)).replace("ARCHIVE", str(archive)).replace("GPGHOME", str(gpghome))
+    )
+
+
 def artifact(run):
     copy = run.copies.get(artifact="main", location__kind="primary")
     return Path(copy.location.path) / copy.key
@@ -56,16 +70,17 @@ def test_a_base_backup_restores_with_gpg_zstd_tar_and_pg_verifybackup_alone(
     wal.mkdir()
     stock(f"{GPG} --decrypt {path} | zstd -d | tar -x -C {datadir}", tmp_path, passphrase_file)
     assert (datadir / "backup_manifest").is_file() and (datadir / "backup_label").is_file()
-    # The backup's own WAL (taken with -X none: it is in the archive), decrypted by plain gpg.
+    # The backup's own WAL (taken with -X none: it is in the archive), by the restore_command's line
+    # with the WAL key unwrapped from beside the WAL (tests/test_stock_recovery.py recovers with it).
     segments = WalSegment.objects.filter(server=server, name__gte=run.start_wal, name__lte=run.end_wal)
     assert segments.exists()
+    archive = backup_root / "wal" / "maldives" / "wal"
+    (key_file,) = (archive / "keys").glob("*.key.gpg")
+    walkey, gpghome = tmp_path / "walkey", tmp_path / "gnupg"
+    stock(f"umask 077; {GPG} --decrypt --output {walkey} {key_file}", tmp_path, passphrase_file)
+    line = restore_command(walkey, archive, gpghome)
     for segment in segments:
-        copy = segment.copies.filter(status="ok").select_related("location").first()
-        stock(
-            f"{GPG} --decrypt --output {wal / segment.name} {Path(copy.location.path) / copy.key}",
-            tmp_path,
-            passphrase_file,
-        )
+        stock(line.replace("%f", segment.name).replace("%p", str(wal / segment.name)), tmp_path, passphrase_file)
     verified = subprocess.run(
         [str(sample_cluster.bin_dir / "pg_verifybackup"), f"--wal-directory={wal}", str(datadir)],
         capture_output=True,

@@ -241,23 +241,18 @@ def test_a_worker_killed_mid_ingest_loses_no_segment(
     catalogued = dict(WalSegment.objects.values_list("name", "sha256"))
     assert set(names) <= set(catalogued)
     assert not [n for n in os.listdir(spool) if walnames.SEGMENT.match(n)]
-    # Every archived file decrypts (plain gpg) to exactly the bytes that were catalogued.
+    # Every archived file decrypts (gpg with the WAL key, then zstd) to exactly the bytes that were catalogued.
+    gpg = f"gpg --batch --quiet --pinentry-mode loopback --homedir {tmp_path / 'gnupg'}"
     (tmp_path / "gnupg").mkdir(mode=0o700)
+    (key_file,) = (backup_root / "wal" / "maldives" / "wal" / "keys").glob("*.key.gpg")
+    walkey = tmp_path / "walkey"
+    subprocess.run(
+        f"umask 077; {gpg} --passphrase-file {passphrase_file} -o {walkey} -d {key_file}", shell=True, check=True
+    )
     for copy in BackupCopy.objects.filter(wal_segment__name__in=names).select_related("wal_segment", "location"):
         plain = subprocess.run(
-            [
-                "gpg",
-                "--batch",
-                "--quiet",
-                "--pinentry-mode",
-                "loopback",
-                "--homedir",
-                str(tmp_path / "gnupg"),
-                "--passphrase-file",
-                str(passphrase_file),
-                "--decrypt",
-                str(Path(copy.location.path) / copy.key),
-            ],
+            f"{gpg} --passphrase-file {walkey} --decrypt {Path(copy.location.path) / copy.key} | zstd -d",
+            shell=True,
             capture_output=True,
         )
         assert plain.returncode == 0, plain.stderr

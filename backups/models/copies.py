@@ -41,6 +41,11 @@ class BackupCopy(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     copied_at = models.DateTimeField(null=True, blank=True)
     verified_at = models.DateTimeField(null=True, blank=True)
+    # A WAL copy since the WAL data key (backups.walkeys): the key that encrypts it ("" = the
+    # passphrase or the recipients themselves, as before) and what compressed it before gpg
+    # ("" = gpg's own compression, which `gpg --decrypt` undoes). Readers choose by these, never by guessing.
+    key_id = models.CharField(max_length=32, blank=True, verbose_name="WAL key id")
+    compression = models.CharField(max_length=8, blank=True)
 
     objects = BackupCopyQuerySet.as_manager()
 
