@@ -187,23 +187,40 @@ def write_temporary(spool, source, name):
     """Copy `source` to .NAME.PID.tmp in the spool; returns (path, open fd), not yet fsynced."""
     tmp = os.path.join(spool, f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    copied = 0
     try:
         # PostgreSQL runs its archive_command under umask 077: without this the file is 0600
         # and a portal that is not root (a member of postgres's group) cannot read it.
         os.fchmod(fd, 0o640)
         with open(source, "rb") as src:
-            while chunk := src.read(CHUNK):
-                view = memoryview(chunk)
-                copied += len(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+            copied = copy_bytes(src, fd)
         check_size(spool, name, copied)  # what was read, whatever stat said (a file shrinking meanwhile)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
         raise
     return tmp, fd
+
+
+def copy_bytes(src, fd):
+    """Copy the open file `src` to `fd`; returns the bytes copied.
+
+    copy_file_range copies inside the kernel: a segment never passes through Python, which
+    halves the CPU of a backlog. A file system or kernel that refuses it (EXDEV, ENOSYS,
+    EINVAL...) before anything was copied gets the plain read and write loop."""
+    copied = 0
+    try:
+        while n := os.copy_file_range(src.fileno(), fd, 1 << 24):
+            copied += n
+        return copied
+    except OSError:
+        if copied:
+            raise
+    while chunk := src.read(CHUNK):
+        view = memoryview(chunk)
+        copied += len(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+    return copied
 
 
 def ready_segments(source, name):
