@@ -17,6 +17,7 @@ from backupportal.lib.pgcluster import Cluster
 from backups import retention
 from backups.models import BackupRun, Server, WalSegment
 from tests.helpers import base_backup, enable_push, rows, run_command, write
+from tests.test_base_format import restore_command
 
 pytest_plugins = ["tests.walfixtures"]
 on_18 = pytest.mark.parametrize("pg_major", [18])
@@ -91,10 +92,15 @@ def test_a_full_and_two_incrementals_rebuild_with_pg_combinebackup_to_exactly_th
         timeout=600,
     )
     assert combined.returncode == 0, combined.stderr
+    # Its WAL by the README's restore_command line, with the WAL key unwrapped from beside the WAL.
+    archive = backup_root / "wal" / "maldives" / "wal"
+    (key_file,) = (archive / "keys").glob("*.key.gpg")
+    walkey, gpghome = tmp_path / "walkey", tmp_path / "gnupg"
+    stock(f"umask 077; {GPG} --decrypt --output {walkey} {key_file}", tmp_path, passphrase_file)
+    line = restore_command(walkey, archive, gpghome)
     for segment in WalSegment.objects.filter(server=server, name__gte=second.start_wal, name__lte=second.end_wal):
-        copy = segment.copies.filter(status="ok").select_related("location").first()
         wal = datadir / "pg_wal" / segment.name
-        stock(f"{GPG} --decrypt --output {wal} {Path(copy.location.path) / copy.key}", tmp_path, passphrase_file)
+        stock(line.replace("%f", segment.name).replace("%p", str(wal)), tmp_path, passphrase_file)
     with open(datadir / "postgresql.auto.conf", "a") as conf:
         conf.write("archive_mode = 'off'\n")  # never into the production spool
     chown_to_db_user(datadir.parent)
