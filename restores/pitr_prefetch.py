@@ -114,7 +114,7 @@ class Prefetch:
         if self.error is not None:
             raise self.error
         if not self.thread.is_alive() and not self.stopping.is_set():
-            raise RestoreFailed("the WAL prefetcher stopped unexpectedly: see the worker's log")
+            raise RestoreFailed("the WAL prefetcher stopped before the restore ended")
 
     def wait_for(self, segno, timeout=None):
         """Until segment `segno` is staged (the base backup's own WAL, for pg_verifybackup)."""
@@ -141,8 +141,17 @@ class Prefetch:
     # --------------------------------------------------------------------- the prefetch thread
 
     def run(self):
-        queue = [s for s in self.segments]
-        queue.reverse()  # pop() takes the oldest
+        try:
+            self.prefetch()
+        except Exception as e:  # noqa: BLE001 - a bug or a vanished directory: the restore reports it
+            if self.error is None:
+                self.error = RestoreFailed(f"the WAL prefetcher stopped: {type(e).__name__}: {e}")
+        finally:
+            with self.changed:
+                self.changed.notify_all()
+
+    def prefetch(self):
+        queue = list(reversed(self.segments))  # pop() takes the oldest
         pending = {}
         wanted = self.segments[0].segno - 1 if self.segments else 0  # replay's newest segment
         workers = max(2, os.cpu_count() or 2)
@@ -170,8 +179,6 @@ class Prefetch:
                     self.stopping.wait(0.1)
             for future in list(pending):  # the pool waits for these anyway: keep what they say
                 self.settle(pending.pop(future), future)
-        with self.changed:
-            self.changed.notify_all()
 
     def fetch(self, segment):
         path = self.staging / segment.name
