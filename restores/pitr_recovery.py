@@ -93,8 +93,9 @@ def start_and_wait(plan, run, watch=lambda: None):
     if proc.returncode != 0:
         raise RestoreFailed(f"pg_ctl could not start the restored cluster: {(proc.stderr or proc.stdout).strip()}")
     deadline = time.monotonic() + settings.BACKUP_TIMEOUT
-    started = time.monotonic()
-    # PostgreSQL removes recovery.signal when recovery reached its target and it promotes.
+    started = beat = time.monotonic()
+    # PostgreSQL removes recovery.signal when recovery reached its target and it promotes:
+    # looked at often (a short recovery is over in a second), the run's heartbeat written seldom.
     while (plan.datadir / "recovery.signal").exists():
         watch()
         if not postmaster_alive(plan) and time.monotonic() - started > 2:
@@ -102,8 +103,10 @@ def start_and_wait(plan, run, watch=lambda: None):
             raise RestoreFailed(startup_failure(plan, logfile))
         if time.monotonic() > deadline:
             raise RestoreFailed(f"recovery did not finish within {settings.BACKUP_TIMEOUT} s: see {logfile}")
-        heartbeat(run)
-        time.sleep(0.3)
+        if time.monotonic() - beat > 2:
+            heartbeat(run)
+            beat = time.monotonic()
+        time.sleep(0.05)
     plan.recovered = recovered_position(plan, logfile)
     pitr_verdict.judge(plan, logfile)
 
@@ -145,8 +148,8 @@ def recovered_position(plan, logfile, wait=30):
                 break  # the restored cluster lets us in no more than production's rules say
             time.sleep(0.3)
             continue
-        if in_recovery:
-            time.sleep(0.3)
+        if in_recovery:  # promoting: recovery.signal is gone, the end-of-recovery checkpoint is not
+            time.sleep(0.05)
             continue
         return {
             "recovered_to": timezone.localtime(replayed_at).isoformat(sep=" ") if replayed_at else f"LSN {lsn}",
