@@ -98,6 +98,7 @@ class Prefetch:
         self.removed = set()
         self.notes, self.faults = [], []
         self.error = None
+        self.owned = False  # the heartbeat file belongs to the database OS user
         self.stopping = threading.Event()
         self.changed = threading.Condition()
         self.thread = threading.Thread(target=self.run, name="pitr-prefetch", daemon=True)
@@ -241,7 +242,7 @@ class Prefetch:
         alive = self.staging / restore_wal.ALIVE
         try:
             alive.touch()
-            if not getattr(self, "owned", False):
+            if not self.owned:
                 chown_to_db_user(alive)
                 self.owned = True
         except OSError:
