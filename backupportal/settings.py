@@ -202,6 +202,11 @@ BACKUP_TIMEOUT = env.int("BACKUP_TIMEOUT", default=6 * 3600)
 QUEUED_RUN_TIMEOUT = env.int("QUEUED_RUN_TIMEOUT", default=3600)
 # A base backup or an incremental run waits this long for its WAL to be archived and ingested.
 WAL_WAIT_SECONDS = env.int("WAL_WAIT_SECONDS", default=300)
+# A PITR starts the cluster once its base backup is in place and fetches the WAL while recovery
+# runs, at most this many segments and 256 MiB ahead of replay (restores/pitr_prefetch.py): the
+# staging area stays bounded, and the WAL fetched while the base is extracted covers a day's worth
+# of 1 MB segments (16 of 16 MB ones).
+PITR_PREFETCH_SEGMENTS = env.int("PITR_PREFETCH_SEGMENTS", default=256)
 # pg_receivewal must stream this long before it counts as recovered (receiver_down resolves):
 # a receiver that keeps dying mails no "resolved" between its deaths.
 RECEIVER_STEADY_SECONDS = env.int("RECEIVER_STEADY_SECONDS", default=10)

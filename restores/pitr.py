@@ -4,13 +4,15 @@
             --into-datadir DIR --port PORT
 
 Everything that can be refused is refused from the catalog before anything is written. Then:
-the WAL the recovery needs is fetched from the first healthy copy, its sha256 checked, and
-decrypted into DIR/bp_restore_wal; the base backup is streamed through gpg into `tar -x`;
-pg_verifybackup checks the files (and the backup's WAL) against the manifest; recovery is set
-up the PostgreSQL 12+ way (recovery.signal, postgresql.auto.conf: restore_command,
-recovery_target_*, recovery_target_action = promote) with archive_mode = off, so the new
-timeline never reaches the production archive; the cluster starts as the database OS user,
-recovers, promotes, and is left running. Any failure removes what the restore wrote.
+the base backup is streamed through gpg (and zstd) into `tar -x` while the WAL prefetcher
+(pitr_prefetch) fetches the first segments from their first healthy copy, checks their sha256
+and decrypts them into DIR/bp_restore_wal; pg_verifybackup checks the files (and the backup's
+WAL) against the manifest; recovery is set up the PostgreSQL 12+ way (recovery.signal,
+postgresql.auto.conf: restore_command, recovery_target_*, recovery_target_action = promote)
+with archive_mode = off, so the new timeline never reaches the production archive; the cluster
+starts as the database OS user and recovers while the prefetcher stays a bounded window ahead
+of replay (restore_command is restores/restore_wal.py), promotes, and is left running. Any
+failure stops the prefetcher and removes what the restore wrote.
 
 A time target needs a commit after it in the archive: pitr_reach finds one, or has the source
 make one (or refuses). The run succeeds only when the recovered cluster shows it reached the
@@ -42,6 +44,7 @@ from restores import pitr_reach
 from restores.models import RestoreRun
 from restores.pitr_extract import Extraction, empty, extract_base, verify_base
 from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target, encryption_of
+from restores.pitr_prefetch import Prefetch, install
 from restores.pitr_reach import partial_for
 from restores.pitr_recovery import heartbeat, pg_ctl, start_and_wait, write_recovery_settings
 
@@ -367,31 +370,50 @@ def execute(plan, run):
         pitr_reach.archive_past_target(plan, run)
         check_chain(plan)
     prepare_datadir(plan)
-    # The base is extracted (gpg into tar) while its WAL is staged: both take about as long on
-    # a busy day. A restore point's name decides the base only once its WAL is read: that kind
-    # extracts afterwards.
+    # The base is extracted (gpg, zstd, tar) while the first WAL is fetched; the cluster starts
+    # as soon as the base is in place and verified, and the rest of the WAL is fetched ahead of
+    # replay (pitr_prefetch). A restore point's name decides the base only once its WAL is
+    # read: that kind stages all of it first and extracts afterwards.
     early = Extraction(plan) if plan.target.kind != "name" else None
     try:
-        stage_wal(plan, plan.segno(plan.base.start_wal), plan.last)
-        if plan.target.kind == "time" and plan.use_partial:
-            stage_partial(plan)
-        elif plan.target.kind == "name":
-            find_restore_point(plan, run)
-        elif plan.target.kind in ("latest", "lsn"):
-            stage_partial(plan)
+        try:
+            if plan.target.kind == "name":
+                find_restore_point(plan, run)
+            prefetch_wal(plan)
+        except BaseException:
+            if early is not None:
+                early.stop()  # before discard() removes what it writes
+            raise
+        heartbeat(run)
+        extract_readable_base(plan, run, early)
+        heartbeat(run)
+        plan.prefetch.wait_for(plan.segno(plan.base.end_wal))  # pg_verifybackup reads the base's own WAL
+        verify_base(plan)
+        write_recovery_settings(plan)
+        start_and_wait(plan, run, watch=plan.prefetch.check)
     except BaseException:
-        if early is not None:
-            early.stop()  # before discard() removes what it writes
+        stop_prefetch(plan)  # no thread left behind, whatever stopped the restore
         raise
-    heartbeat(run)
-    extract_readable_base(plan, run, early)
-    heartbeat(run)
-    chown_to_db_user(plan.staging)  # the WAL was decrypted by the portal's user
-    verify_base(plan)
-    write_recovery_settings(plan)
-    chown_to_db_user(plan.datadir)
-    start_and_wait(plan, run)
+    stop_prefetch(plan)
     shutil.rmtree(plan.staging, ignore_errors=True)
+
+
+def prefetch_wal(plan):
+    """History files and pg_receivewal's partial segment now (small), the plan's segments from
+    the base backup on ahead of replay, and restore_wal.py with the list of what it may be asked."""
+    stop_prefetch(plan)  # the one of a base backup found unreadable
+    prefetch = Prefetch(plan, plan.segno(plan.base.start_wal), plan.last)
+    if plan.target.kind in ("latest", "lsn") or (plan.target.kind == "time" and plan.use_partial):
+        stage_partial(plan)
+    history = stage_history_files(plan)
+    install(plan.staging, [*plan.staged.values(), *history])
+    plan.prefetch = prefetch.start()
+
+
+def stop_prefetch(plan):
+    if plan.prefetch is not None:
+        prefetch, plan.prefetch = plan.prefetch, None
+        prefetch.finish()
 
 
 def prepare_datadir(plan):
@@ -405,6 +427,13 @@ def prepare_datadir(plan):
 
 def discard(plan):
     """Remove everything this restore wrote (and stop its cluster if it got that far)."""
+    try:
+        stop_prefetch(plan)  # before its directory goes
+    finally:
+        remove(plan)
+
+
+def remove(plan):
     if not plan.datadir.exists():
         return
     if (plan.datadir / "postmaster.pid").exists():
@@ -456,8 +485,10 @@ def stage_wal(plan, first, last):
 
 
 def stage_history_files(plan):
-    """Timeline history files: recovery reads them to follow the server's timelines."""
+    """Timeline history files: recovery reads them to follow the server's timelines. Their names."""
+    names = []
     for segment in WalSegment.objects.filter(server=plan.server, deleted_at=None, name__endswith=".history"):
+        names.append(segment.name)
         path = plan.staging / segment.name
         if not path.exists():
             decrypt_here(
@@ -467,6 +498,7 @@ def stage_history_files(plan):
                 f"history file {segment.name}",
                 segment.sha256,
             )
+    return names
 
 
 def stage_partial(plan):
@@ -529,5 +561,4 @@ def extract_readable_base(plan, run, early=None):
         RestoreRun.objects.filter(pk=run.pk).update(backup_run=plan.base)
         if plan.target.kind == "name":
             find_restore_point(plan, run)  # over the older bases only: it stages their WAL
-        else:
-            stage_wal(plan, plan.segno(plan.base.start_wal), plan.last)
+        prefetch_wal(plan)

@@ -44,7 +44,7 @@ class Plan:
     last: int  # the last segment number known to be needed
     created_dir: bool = False
     notes: list = field(default_factory=list)
-    staged: dict = field(default_factory=dict)  # segno -> staged segment name
+    staged: dict = field(default_factory=dict)  # segno -> segment name, staged or to be (prefetch)
     fallback: bool = True  # an unreadable base backup may be replaced by an older one
     recovered: dict = field(default_factory=dict)
     encryption: Encryption | None = None  # one per restore (encryption_of)
@@ -57,6 +57,7 @@ class Plan:
     # ... or none yet: the source is asked for one (pitr_reach.archive_past_target).
     switch: bool = False
     reach: str = ""  # how far the archived WAL reaches, for the messages when that is too short
+    prefetch: object = None  # pitr_prefetch.Prefetch while the WAL is fetched ahead of replay
 
     @property
     def staging(self):

@@ -11,11 +11,13 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal.lib.libpq import SAFE_AUTH
+from backupportal.lib.osuser import chown_to_db_user
 from backups import binaries, walspool
 from backups.binaries import backup_major
 from restores import pitr_verdict
 from restores.models import RestoreRun
 from restores.pitr_plan import RestoreFailed
+from restores.pitr_prefetch import restore_command
 
 
 def heartbeat(run):
@@ -23,9 +25,9 @@ def heartbeat(run):
 
 
 def recovery_settings(plan):
-    staging = str(plan.staging).replace("%", "%%")
     settings_ = {
-        "restore_command": f'cp "{staging}/%f" "%p"',
+        # Waits for the prefetcher's copy of each file (restores/restore_wal.py).
+        "restore_command": restore_command(plan.staging),
         "recovery_target_timeline": "latest",
         # The restored cluster's new timeline must never reach the production archive.
         "archive_mode": "off",
@@ -73,6 +75,9 @@ def write_recovery_settings(plan):
         conf.write("\n".join(lines) + "\n")
     (plan.datadir / "recovery.signal").touch()
     (plan.datadir / "log").mkdir(exist_ok=True)
+    # One by one: a chown -R of the data directory would race the WAL prefetcher's renames.
+    for name in ("postgresql.conf", "pg_hba.conf", "postgresql.auto.conf", "recovery.signal", "log"):
+        chown_to_db_user(plan.datadir / name)
 
 
 def pg_ctl(plan, *args):
@@ -80,21 +85,28 @@ def pg_ctl(plan, *args):
     return binaries.pg_ctl(plan.datadir, *args, major=backup_major(plan.base))
 
 
-def start_and_wait(plan, run):
+def start_and_wait(plan, run, watch=lambda: None):
+    """Start the cluster and wait until it promotes; `watch()` raises what went wrong meanwhile
+    (the WAL prefetcher's failure), which is then the restore's error."""
     logfile = plan.datadir / "log" / "pitr-restore.log"
     proc = pg_ctl(plan, "start", "-W", "-l", str(logfile))
     if proc.returncode != 0:
         raise RestoreFailed(f"pg_ctl could not start the restored cluster: {(proc.stderr or proc.stdout).strip()}")
     deadline = time.monotonic() + settings.BACKUP_TIMEOUT
-    started = time.monotonic()
-    # PostgreSQL removes recovery.signal when recovery reached its target and it promotes.
+    started = beat = time.monotonic()
+    # PostgreSQL removes recovery.signal when recovery reached its target and it promotes:
+    # looked at often (a short recovery is over in a second), the run's heartbeat written seldom.
     while (plan.datadir / "recovery.signal").exists():
+        watch()
         if not postmaster_alive(plan) and time.monotonic() - started > 2:
+            watch()  # a fetch failure stopped recovery: that is what to report
             raise RestoreFailed(startup_failure(plan, logfile))
         if time.monotonic() > deadline:
             raise RestoreFailed(f"recovery did not finish within {settings.BACKUP_TIMEOUT} s: see {logfile}")
-        heartbeat(run)
-        time.sleep(0.3)
+        if time.monotonic() - beat > 2:
+            heartbeat(run)
+            beat = time.monotonic()
+        time.sleep(0.05)
     plan.recovered = recovered_position(plan, logfile)
     pitr_verdict.judge(plan, logfile)
 
@@ -136,8 +148,8 @@ def recovered_position(plan, logfile, wait=30):
                 break  # the restored cluster lets us in no more than production's rules say
             time.sleep(0.3)
             continue
-        if in_recovery:
-            time.sleep(0.3)
+        if in_recovery:  # promoting: recovery.signal is gone, the end-of-recovery checkpoint is not
+            time.sleep(0.05)
             continue
         return {
             "recovered_to": timezone.localtime(replayed_at).isoformat(sep=" ") if replayed_at else f"LSN {lsn}",
