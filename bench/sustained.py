@@ -80,13 +80,13 @@ def push_mode(ws, portal, cluster, duration, interval):
     name = SERVER[PUSH]
     portal.manage("addserver", name, "--dsn", cluster.dsn(PGBENCH_DB))
     portal.enable_push(name, cluster)
-    only_these_schedules(portal, [f"ingestwal:{name}"])
     spool = Path(portal.env["WAL_SPOOL"]) / name
-    # Start from a caught-up archive: the segment in progress switched, archived and ingested.
-    switched = switch_wal(cluster)
-    wait_until(lambda: (last_archived(cluster) or "") >= switched, 120, f"{switched} to be archived")
-    portal.manage("ingestwal", name)
     try:
+        only_these_schedules(portal, [f"ingestwal:{name}"])
+        # Start from a caught-up archive: the segment in progress switched, archived and ingested.
+        switched = switch_wal(cluster)
+        wait_until(lambda: (last_archived(cluster) or "") >= switched, 120, f"{switched} to be archived")
+        portal.manage("ingestwal", name)
         with Worker(portal, "qcluster") as worker:
             return measure(ws, portal, cluster, name, spool, duration, interval, [worker])
     finally:
