@@ -43,7 +43,8 @@ def panel(x0, y0, title, samples, series, scale, unit):
     for i in range(5):
         t = t_max * i / 4
         x, _ = xy(t, 0)
-        out.append(f'<text x="{x:.1f}" y="{y0 + TOP + ph + 14}" font-size="10" text-anchor="middle">{t:.0f}</text>')
+        label = f"{t:.0f}" if t_max >= 40 else f"{t:.1f}"
+        out.append(f'<text x="{x:.1f}" y="{y0 + TOP + ph + 14}" font-size="10" text-anchor="middle">{label}</text>')
     out.append(
         f'<text x="{x0 + LEFT + pw / 2}" y="{y0 + H - 6}" font-size="10" text-anchor="middle">seconds of load</text>'
     )
