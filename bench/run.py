@@ -3,12 +3,16 @@
     python bench/run.py --quick          # < 15 min, needs QUICK_DISK_GIB free (make bench-quick)
     python bench/run.py                  # full size: a ~1 GB dataset, pgbench scale 50 (make bench)
     python bench/run.py --scale 0.02 --runs 1 ... --output /tmp/r.md   # tiny, as the smoke test does
+    python bench/run.py --skip logical,physical,restore,pitr,wal,memory,scale --sustained-seconds 600
+                                         # only the sustained load, 10 minutes per archiving mode
 
 Builds everything itself in a work directory under /var/tmp (throwaway clusters, the datasets,
 a portal with its own SQLite catalog, a pgBackRest repository with encryption; a second
 throwaway cluster for the portal's PostgreSQL catalog at scale), runs every comparison in
-interleaved rounds on the same loaded database, writes RESULTS.md, and removes the work
-directory. Must run as root (PostgreSQL runs as the postgres OS user, as in the tests).
+interleaved rounds on the same loaded database, measures the worker's memory at two sizes for
+every kind of backup and restore (bench/memory.py) and WAL under pgbench at full speed with push,
+then pull archiving (bench/sustained.py, --sustained-seconds per mode), writes RESULTS.md and
+sustained.svg beside it, and removes the work directory. Must run as root (PostgreSQL runs as the postgres OS user, as in the tests).
 """
 
 import argparse
@@ -25,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from backupportal.lib.pgcluster import Cluster  # noqa: E402
 from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
-from bench import compare, report  # noqa: E402
+from bench import chart, compare, memory, report, sustained  # noqa: E402
 from bench.measure import free_bytes, machine, run  # noqa: E402
 from bench.setup import (  # noqa: E402  # noqa: E402
     DB,
@@ -42,8 +46,9 @@ from bench.setup import (  # noqa: E402  # noqa: E402
 
 PRESETS = {
     # strategy-shaped scale (1 = ~200 MiB), pgbench scale, WAL segment size (MB)
-    "quick": {"scale": 0.5, "pgbench_scale": 5, "wal_segsize": 1},
-    "full": {"scale": 5.0, "pgbench_scale": 50, "wal_segsize": 16},
+    # seconds of pgbench per archiving mode under sustained load
+    "quick": {"scale": 0.5, "pgbench_scale": 5, "wal_segsize": 1, "sustained_seconds": 45},
+    "full": {"scale": 5.0, "pgbench_scale": 50, "wal_segsize": 16, "sustained_seconds": 300},
 }
 
 
@@ -59,7 +64,15 @@ def parse_args(argv=None):
     p.add_argument("--catalog-runs", type=int, default=20_000)
     p.add_argument("--catalog-journal", type=int, default=1_000_000)
     p.add_argument("--page-requests", type=int, default=20)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: logical,physical,restore,pitr,wal,scale")
+    p.add_argument(
+        "--sustained-seconds", type=int, help="seconds of pgbench at full speed per archiving mode (push, pull)"
+    )
+    p.add_argument("--sample-interval", type=float, default=2.0, help="seconds between samples under sustained load")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated parts to skip: logical,physical,restore,pitr,wal,sustained,memory,scale",
+    )
     p.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--workdir", default="/var/tmp", help="where the work directory is made")
     p.add_argument("--shared", action="store_true", help="say in RESULTS.md that the machine was shared")
@@ -80,7 +93,10 @@ def disk_budget(args):
     artifacts = db * (1 + args.runs * 1.0 + 3)  # backups kept, two pgBackRest fulls, restores in flight
     wal = args.wal_segments * args.wal_segsize * mib * (2 + args.runs * 2)  # backlog, spool, repo, encrypted
     catalog = (args.catalog_segments + args.catalog_journal) * 1500 + args.catalog_runs * 4000
-    return int(artifacts + wal + catalog + 1024 * mib)
+    # Sustained load: pgbench's WAL at up to 10 MiB/s per mode (the spool and the compressed archive;
+    # pgbench made 1-2 MiB/s on the shared machine), and pg_wal up to max_wal_size.
+    load = args.sustained_seconds * 10 * mib * 2 + 2048 * mib
+    return int(artifacts + wal + catalog + load + 1024 * mib)
 
 
 def main(argv=None):
@@ -113,7 +129,11 @@ def main(argv=None):
 
     info["seconds"] = time.monotonic() - started
     info["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    Path(args.output).write_text(report.render(results))
+    output = Path(args.output)
+    if results.get("parts", {}).get("sustained"):
+        # Beside RESULTS.md, which links it by this name.
+        output.with_name(report.SUSTAINED_CHART).write_text(chart.render(results["parts"]["sustained"]))
+    output.write_text(report.render(results))
     print(f"bench: wrote {args.output} in {info['seconds']:.0f} s")
     return 0
 
@@ -143,6 +163,14 @@ def build(ws, args, results):
     t0 = time.monotonic()
     size = load_pgbench(ws.pgb, args.pgbench_scale)
     datasets.append(dataset(f"pgbench -i -s {args.pgbench_scale} (a)", ws.pgb, PGBENCH_DB, size, time.monotonic() - t0))
+    if "memory" not in args.skip:
+        # Base backups and PITR copy a whole cluster: the memory check's small side needs its own.
+        ws.smallc = ws.cluster(t16, **tuned)
+        t0 = time.monotonic()
+        size = load_strategy(ws.smallc, DB, args.scale / 8)
+        name = "strategy-shaped, 1/8, a cluster of its own (memory check of base backups and PITR)"
+        datasets.append(dataset(name, ws.smallc, DB, size, time.monotonic() - t0))
+        results["small_cluster_bytes"] = cluster_size(ws.smallc)
     results["datasets"] = datasets
     results["cluster_bytes"] = cluster_size(ws.db)
     say("datasets loaded: " + ", ".join(f"{d['name']} {d['bytes'] / 2**20:.0f} MiB" for d in datasets))
@@ -152,6 +180,9 @@ def build(ws, args, results):
     ws.portal.register("small", ws.db, SMALL_DB)
     ws.portal.register("pgbench", ws.pgb, PGBENCH_DB)
     ws.portal.register("walc", ws.walc, "postgres")
+    if "memory" not in args.skip:
+        ws.portal.register(memory.SMALL_CLUSTER, ws.smallc, DB)
+        ws.portal.enable_push(memory.SMALL_CLUSTER, ws.smallc)
     ws.pgbr = PgBackRest(ws, {"maldives": ws.db, "walc": ws.walc})
     ws.portal.enable_push("maldives", ws.db, extra_command=ws.pgbr.archive_command("maldives"))
     ws.portal.manage("archivecommand", "walc")
@@ -200,12 +231,24 @@ def measure_all(ws, args, results):
         # (a) too, reported beside (b); the targets are judged on (b) alone.
         run_id = next(r for r in parts["logical_pgbench"] if r["method"] == compare.PORTAL_LOGICAL)["run_id"]
         parts["restore_pgbench"] = compare.logical_restore(ws, p, ws.pgb, run_id, PGBENCH_DB, rounds)
+    if "memory" not in args.skip:
+        say("6. memory at two sizes: every kind of backup and restore")
+        sizes = {
+            "db": next(d["bytes"] for d in results["datasets"] if d["judged"]),
+            "small_db": next(d["bytes"] for d in results["datasets"] if d["db"] == SMALL_DB),
+            "cluster": results["cluster_bytes"],
+            "small_cluster": results["small_cluster_bytes"],
+        }
+        parts["memory"] = memory.collect(ws, p, parts, sizes)
     if "wal" not in args.skip:
         say(f"4. WAL archiving, {args.wal_segments} segments of {args.wal_segsize} MB")
         parts["wal"], parts["ingest"] = compare.wal_archiving(
             ws, p, ws.walc, ws.pgbr, "walc", "walc", args.wal_segments, rounds
         )
         parts["wal_stages"] = compare.wal_stages(ws, args.wal_segsize * 2**20, rounds)
+    if "sustained" not in args.skip:
+        say(f"7. sustained load: pgbench for {args.sustained_seconds} s with push, then with pull")
+        parts["sustained"] = sustained.run_modes(ws, p, ws.pgb, args.sustained_seconds, args.sample_interval, log=say)
     if "scale" not in args.skip:
         say(f"5. the portal at scale: {args.catalog_segments} segments, {args.catalog_journal} journal entries")
         out = ws.root / "scale.json"

@@ -37,7 +37,7 @@ class Workspace:
     def __init__(self, parent=None):
         self.root = Path(tempfile.mkdtemp(prefix="bp-bench-", dir=parent or "/var/tmp"))
         self.root.chmod(0o755)  # the postgres user must reach the clusters, the spool and the repo
-        for name in ("pg", "pgbackrest", "walcp", "spool"):
+        for name in ("pg", "pgbackrest", "walcp", "spool", "sandboxes"):
             (self.root / name).mkdir()
             chown_to_db_user(self.root / name)
         for name in ("portal", "files", "gnupg"):
@@ -130,6 +130,7 @@ class Portal:
             BACKUP_ROOT=str(ws.root / "backups"),
             WAL_ROOT=str(ws.root / "backups" / "wal"),
             WAL_SPOOL=str(ws.root / "spool"),
+            SANDBOX_ROOT=str(ws.root / "sandboxes"),  # restore tests' clusters: the postgres user must reach them
             BACKUP_PASSPHRASE_FILE=str(ws.passphrase),
             JOURNAL_KEY_FILE=str(var / "journal.key"),
             WAL_WAIT_SECONDS="300",

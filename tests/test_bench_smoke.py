@@ -4,12 +4,14 @@ import re
 import subprocess
 import sys
 import tempfile
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "--scale", "0.02", "--pgbench-scale", "1", "--runs", "1", "--wal-segments", "3", "--wal-segsize", "1",
     "--catalog-segments", "2000", "--catalog-runs", "200", "--catalog-journal", "2000", "--page-requests", "2",
+    "--sustained-seconds", "6", "--sample-interval", "1",
 ]  # fmt: skip
 
 
@@ -41,6 +43,7 @@ def test_the_benchmark_writes_every_table_with_a_number_in_each_measured_row(tmp
         "## 4. WAL archiving",
         "## 5. The portal at scale",
         "## 6. Memory of the worker",
+        "## 7. WAL under sustained load",
     ):
         assert heading in text, heading
     assert "pgBackRest 2." in text and "PostgreSQL) 15" in text
@@ -55,7 +58,25 @@ def test_the_benchmark_writes_every_table_with_a_number_in_each_measured_row(tmp
         wal_median_s = r"^\| [^|]+ \| \d+ \| \d+ \| \d+\.\d\d \|"  # segments, segment MB, then the median
         assert re.match(median_s, line) or re.match(wal_median_s, line), line
     targets = text.split("## Targets")[1].split("##")[0]
-    assert len(re.findall(r"\*\*(PASS|MISS)\*\*", targets)) == 9
+    assert len(re.findall(r"\*\*(PASS|MISS)\*\*", targets)) == 10
+    assert "WAL ingest keeps up under sustained load (push / pull)" in targets
+    # Memory: every kind of backup and restore measured at both sizes, each with a ratio and a verdict.
+    memory = text.split("## 6. Memory of the worker")[1].split("\n## ")[0]
+    kinds = re.findall(
+        r"^\| ([a-zA-Z, ]+) \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| [\d.]+ / [\d.]+ \| \d+\.\d\d \|", memory, re.M
+    )
+    assert kinds == [
+        "logical backup", "base backup", "logical restore", "PITR", "restore test, logical", "restore test, base"
+    ], memory  # fmt: skip
+    # Sustained load: both modes sampled, with numbers in every column, and the chart beside RESULTS.md.
+    sustained = text.split("## 7. WAL under sustained load")[1].split("\n## ")[0]
+    for mode in ("push", "pull"):
+        assert re.search(
+            rf"^\| {mode} \| \d+ \| \d+ \| [\d.]+ \| \d+ / \d+ \|( [\d.]+ / [\d.]+ \|){{2}}", sustained, re.M
+        ), sustained
+    assert "(sustained.svg)" in sustained
+    svg = ET.parse(tmp_path / "sustained.svg").getroot()
+    assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 8  # 2 modes x (pg_wal, spool, RPO MiB, RPO s)
     assert work_dirs() == before, "work directory left behind"
 
 
@@ -64,3 +85,35 @@ def test_it_refuses_to_start_when_the_disk_budget_does_not_fit():
     assert proc.returncode == 2
     assert re.search(r"GiB free but this run needs up to [\d.]+ GiB", proc.stderr)
     assert proc.stderr.count("\n") == 1
+
+
+def synthetic(seconds, wal_per_s, ingest_every, ingest_rate, seg=16 * 2**20):
+    """Samples of a run where WAL arrives steadily and an ingest every `ingest_every` s catalogues
+    at most `ingest_rate` bytes per second of the period (the rest waits in the spool)."""
+    samples, catalogued = [], 0
+    for t in range(seconds + 1):
+        insert = t * wal_per_s
+        if t and t % ingest_every == 0:
+            complete = insert // seg * seg
+            catalogued = min(complete, catalogued + ingest_rate * ingest_every) // seg * seg
+        archived_end = insert // seg * seg
+        samples.append(
+            {"t": float(t), "insert_lsn": insert, "catalogued_end": catalogued, "spool": archived_end - catalogued}
+            | {"pg_wal": 0, "archived": archived_end // seg, "ingested": catalogued // seg}
+        )
+    return samples
+
+
+def test_the_sustained_verdict_tells_a_bounded_sawtooth_from_a_growing_backlog():
+    from bench.sustained import rpo_seconds, summarize
+
+    seg, rate = 16 * 2**20, 8 * 2**20
+    keeps_up = summarize(synthetic(300, rate, 60, 4 * rate), 300, seg)
+    assert keeps_up["kept_up"] and keeps_up["growing"] == []
+    assert 55 <= keeps_up["rpo_s_max"] <= 65  # a minute between ingests, plus a segment's filling
+    falls_behind = summarize(synthetic(300, rate, 60, rate // 2), 300, seg)
+    assert not falls_behind["kept_up"] and falls_behind["growing"] == ["spool", "rpo_bytes"]
+    # RPO in seconds: when the server wrote the first byte not catalogued, interpolated between samples.
+    samples = [{"t": 0.0, "insert_lsn": 0, "catalogued_end": 0}, {"t": 10.0, "insert_lsn": 100, "catalogued_end": 50}]
+    assert rpo_seconds(samples, 1) == 5.0
+    assert rpo_seconds(samples, 0) == 0.0
