@@ -207,3 +207,34 @@ def test_retention_dry_run_says_what_keeps_each_backup_or_when_it_goes(db):
         (old.pk, None, "2026-12-03"),
     ]
     assert server.runs.good().count() == 2  # a dry run deletes nothing
+
+
+def test_the_run_page_holds_and_the_changes_page_approves_by_a_second_person(db, client, alice, bob, charlie):
+    from django.urls import reverse
+
+    server = make_server()
+    run = backup(server, datetime(2026, 6, 1, 2, tzinfo=MALE))
+    client.force_login(charlie)  # an Auditor sees the run page, with no hold button, and may not hold
+    assert b'id="hold-this"' not in client.get(reverse("run", args=[run.pk])).content
+    assert client.post(reverse("run-hold", args=[run.pk]), {"reason": "x"}).status_code == 403
+
+    client.force_login(alice)
+    assert b'id="hold-this"' in client.get(reverse("run", args=[run.pk])).content
+    client.post(reverse("run-hold", args=[run.pk]), {"reason": "case 2026-114"})
+    page = client.get(reverse("run", args=[run.pk])).content.decode()
+    assert "Legal hold" in page and "case 2026-114" in page and 'id="release"' in page
+    client.post(reverse("run-release", args=[run.pk]), {"reason": "closed"})
+    change = ChangeRequest.objects.get()
+    assert "waiting for" in client.get(reverse("run", args=[run.pk])).content.decode()
+    # Alice sees it waiting but gets no buttons; posting anyway is refused, journaled.
+    assert f'id="approve-{change.pk}"' not in client.get(reverse("changes")).content.decode()
+    assert client.post(reverse("change-approve", args=[change.pk])).status_code == 403
+    assert JournalEntry.objects.filter(action="change_decision_refused", outcome="refused").count() == 1
+    client.force_login(charlie)
+    assert client.post(reverse("change-approve", args=[change.pk])).status_code == 403
+
+    client.force_login(bob)
+    assert f'id="approve-{change.pk}"' in client.get(reverse("changes")).content.decode()
+    assert client.post(reverse("change-approve", args=[change.pk])).status_code == 302
+    assert run.holds.active().count() == 0
+    assert 'id="hold-this"' in client.get(reverse("run", args=[run.pk])).content.decode()
