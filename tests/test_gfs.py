@@ -238,3 +238,33 @@ def test_the_run_page_holds_and_the_changes_page_approves_by_a_second_person(db,
     assert client.post(reverse("change-approve", args=[change.pk])).status_code == 302
     assert run.holds.active().count() == 0
     assert 'id="hold-this"' in client.get(reverse("run", args=[run.pk])).content.decode()
+
+
+def test_the_server_page_shows_the_rule_of_each_backup_in_flat_queries(db, client, alice):
+    import re
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from django.urls import reverse
+
+    server = make_server(keep_monthly=3, retention_floor=1)
+    client.force_login(alice)
+
+    def card():
+        with CaptureQueriesContext(connection) as queries:
+            page = client.get(reverse("server", args=[server.name])).content.decode()
+        return re.search(r'<section class="card" id="retention">(.*?)</section>', page, re.S)[1], len(queries)
+
+    with time_machine.travel(datetime(2026, 12, 3, 3, tzinfo=MALE), tick=False):
+        backup(server, datetime(2026, 12, 2, 2, tzinfo=MALE))
+        backup(server, datetime(2026, 12, 1, 2, tzinfo=MALE), "base")
+        _, few = card()
+        for month in range(1, 12):
+            backup(server, datetime(2026, month, 10, 2, tzinfo=MALE))
+            backup(server, datetime(2026, month, 20, 2, tzinfo=MALE), "base")
+        text, many = card()
+    assert few == many
+    assert "daily 2026-12-02" in text and "<small>until 2027-01-01</small>" in text
+    assert "daily 2026-11-10" in text and "monthly 2026-10" in text  # November's is within the 30 days
+    # 12 of each kind: December's, November's (both daily) and October's (monthly) are kept.
+    assert text.count("goes 2026-12-03") == 9 + 9
