@@ -55,7 +55,8 @@ def plan(server, now=None):
 
     A handful of queries per server, whatever the number of backups."""
     now = now or timezone.now()
-    runs = [r for r in server.runs.good().select_related("database") if r.kind != "incremental" or r.method == "block"]
+    good = server.runs.good().exclude(finished_at=None).select_related("database")
+    runs = [r for r in good if r.kind != BackupRun.Kind.INCREMENTAL or r.method == "block"]
     kept = {}
     for kind, series in _series(runs):
         if kind == BackupRun.Kind.INCREMENTAL:
@@ -64,7 +65,9 @@ def plan(server, now=None):
             kept.update(gfs.keep(series, now, _days(server, kind), floor=1))
         else:
             tiers = (server.keep_weekly, server.keep_monthly, server.keep_yearly)
-            kept.update(gfs.keep(series, now, _days(server, kind), *tiers, floor=server.retention_floor))
+            # At least one, whatever the row says: the newest good backup is never deleted.
+            floor = max(1, server.retention_floor)
+            kept.update(gfs.keep(series, now, _days(server, kind), *tiers, floor=floor))
     by_pk = {r.pk: r for r in runs}
     held = set(BackupHold.objects.active().filter(run__server=server).values_list("run_id", flat=True))
     reading = set(server.runs.filter(_being_read()).values_list("pk", flat=True))
