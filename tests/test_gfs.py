@@ -268,3 +268,28 @@ def test_the_server_page_shows_the_rule_of_each_backup_in_flat_queries(db, clien
     assert "daily 2026-11-10" in text and "monthly 2026-10" in text  # November's is within the 30 days
     # 12 of each kind: December's, November's (both daily) and October's (monthly) are kept.
     assert text.count("goes 2026-12-03") == 9 + 9
+
+
+def test_a_held_backups_files_stay_on_their_location_until_the_release_is_approved(db, settings, tmp_path, alice, bob):
+    from backups.models import BackupCopy, StorageLocation
+
+    settings.BACKUP_ROOT = tmp_path
+    StorageLocation.sync_from_settings()
+    primary = StorageLocation.objects.get(name="primary")
+    server = make_server(retention_floor=1)
+    old = backup(server, datetime(2026, 6, 1, 2, tzinfo=MALE))
+    backup(server, datetime(2026, 12, 2, 2, tzinfo=MALE))
+    dump = tmp_path / "maldives" / "old.dump.gpg"
+    dump.parent.mkdir()
+    dump.write_bytes(b"not really a dump")
+    BackupCopy.objects.create(run=old, location=primary, key="maldives/old.dump.gpg", size=17, status="ok")
+
+    hold = BackupHold.place(old, alice, "case 9")
+    at = datetime(2026, 12, 3, 3, tzinfo=MALE)
+    with time_machine.travel(at, tick=False):
+        call_command("retention", stdout=StringIO())
+    assert dump.exists()
+    hold.request_release(alice, "case closed").approve(bob)
+    with time_machine.travel(at, tick=False):
+        call_command("retention", stdout=StringIO())
+    assert not dump.exists() and old.copies.get().status == "deleted"
