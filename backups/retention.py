@@ -42,12 +42,6 @@ def _days(server, kind):
     return getattr(server, DAYS_FIELD[kind])
 
 
-def _good(server, kind):
-    good = server.runs.good().filter(kind=kind)
-    # A WAL-chain run (15, 16) has no artifact: nothing to delete.
-    return good.filter(details__method="block") if kind == BackupRun.Kind.INCREMENTAL else good
-
-
 def plan(server, now=None):
     """{run: rule} for every good backup of the server (WAL-chain checks aside, which have no
     artifact): why it is kept ("daily 2026-12-01", "weekly 2026-W48", "floor", "legal hold",
