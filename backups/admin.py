@@ -126,6 +126,10 @@ class ServerForm(forms.ModelForm):
             "base_retention_days",
             "wal_retention_days",
             "incremental_retention_days",
+            "keep_weekly",
+            "keep_monthly",
+            "keep_yearly",
+            "retention_floor",
             "shrink_threshold_pct",
             "sandbox",
         ]

@@ -1,9 +1,12 @@
 """Retention: which backups and WAL have outlived their server's policy, and their deletion on every tier.
 
-Never deleted, whatever its age: the newest good backup of each server and kind (of each
-database, for logical backups), a backup that a restore or restore test is reading right now
-(it goes on the next pass), a logical run whose globals file a kept run pairs with, and the
-base backup from which the WAL window starts.
+Logical backups (per database) and base backups (per cluster) are kept by GFS (backups/gfs.py):
+every one younger than the server's days (the strategy's 30), the newest of each of its newest
+N weeks, months and years (off by default), and its newest `retention_floor` (3) whatever their
+age. Never deleted either: a backup under a legal hold (BackupHold) or that a restore or restore
+test is reading right now (it goes on the next pass), what a kept one needs (the ancestors of an
+incremental, the run whose globals file a logical run pairs with), and the base backup from which
+the WAL window starts. plan() says, for each backup, which rule keeps it.
 
 Block-level incrementals (17+) are kept their server's `incremental_retention_days` (the
 strategy's 7), and retention keeps whole chains: an incremental never outlives its ancestors
@@ -22,9 +25,9 @@ from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import journal
-from backups import walnames, walspool
+from backups import gfs, walnames, walspool
 from backups.copies import delete_run_artifacts
-from backups.models import BackupCopy, BackupRun, Server, WalSegment
+from backups.models import BackupCopy, BackupHold, BackupRun, Server, WalSegment
 from backups.storage import StorageError, store_for
 
 DAYS_FIELD = {
@@ -39,50 +42,80 @@ def _days(server, kind):
     return getattr(server, DAYS_FIELD[kind])
 
 
-def _good(server, kind):
-    good = server.runs.good().filter(kind=kind)
-    # A WAL-chain run (15, 16) has no artifact: nothing to delete.
-    return good.filter(details__method="block") if kind == BackupRun.Kind.INCREMENTAL else good
+def plan(server, now=None):
+    """{run: rule} for every good backup of the server (WAL-chain checks aside, which have no
+    artifact): why it is kept ("daily 2026-12-01", "weekly 2026-W48", "floor", "legal hold",
+    "chain of #N", ...), or None when retention deletes it on its next pass.
+
+    A handful of queries per server, whatever the number of backups."""
+    now = now or timezone.now()
+    good = server.runs.good().exclude(finished_at=None).select_related("database")
+    runs = [r for r in good if r.kind != BackupRun.Kind.INCREMENTAL or r.method == "block"]
+    kept = {}
+    for kind, series in _series(runs):
+        if kind == BackupRun.Kind.INCREMENTAL:
+            # Incrementals keep their days and their newest (and chains, below), as before: the
+            # floor and the long-term tiers are the fulls', which a long-term restore starts from.
+            kept.update(gfs.keep(series, now, _days(server, kind), floor=1))
+        else:
+            tiers = (server.keep_weekly, server.keep_monthly, server.keep_yearly)
+            # At least one, whatever the row says: the newest good backup is never deleted.
+            floor = max(1, server.retention_floor)
+            kept.update(gfs.keep(series, now, _days(server, kind), *tiers, floor=floor))
+    by_pk = {r.pk: r for r in runs}
+    held = set(BackupHold.objects.active().filter(run__server=server).values_list("run_id", flat=True))
+    reading = set(server.runs.filter(_being_read()).values_list("pk", flat=True))
+    for pk in held | reading:
+        if pk in by_pk:
+            kept[by_pk[pk]] = "legal hold" if pk in held else "being restored"
+    _keep_chains(kept, by_pk)
+    _keep_globals(kept, by_pk)
+    anchor = window_anchor(
+        [r for r in runs if r.kind == BackupRun.Kind.BASE], now - timedelta(days=server.wal_retention_days)
+    )
+    if anchor is not None:
+        kept.setdefault(anchor, "start of the WAL window")
+    return {r: kept.get(r) for r in sorted(runs, key=lambda r: r.finished_at, reverse=True)}
+
+
+def _series(runs):
+    """The series GFS is applied to, with their kind: each database's logical backups (a dropped
+    one's too), the cluster's base backups, its block incrementals."""
+    series = {}
+    for run in runs:
+        key = (run.kind, run.database_id if run.kind == BackupRun.Kind.LOGICAL else None)
+        series.setdefault(key, []).append(run)
+    return [(kind, series_runs) for (kind, _), series_runs in series.items()]
+
+
+def _keep_chains(kept, by_pk):
+    """An incremental never outlives its ancestors: a kept one keeps its parent, that one its
+    own, up to the full (whatever their age)."""
+    for run in [r for r in kept if r.kind == BackupRun.Kind.INCREMENTAL]:
+        child, seen = run, set()
+        while child.parent_run_id in by_pk and child.pk not in seen:
+            seen.add(child.pk)
+            child = by_pk[child.parent_run_id]
+            kept.setdefault(child, f"chain of #{run.pk}")
+
+
+def _keep_globals(kept, by_pk):
+    """A run whose globals file a kept run pairs with stays, whole, until that one goes."""
+    for run in list(kept):
+        owner = by_pk.get(run.details.get("globals", {}).get("run"))
+        if owner is not None and owner is not run and owner not in kept:
+            kept[owner] = f"globals of #{run.pk}"
 
 
 def chain_needs(server, now):
     """Pks of the ancestors (fulls and incrementals) of every block incremental that is kept."""
-    links = dict(_good(server, BackupRun.Kind.INCREMENTAL).values_list("pk", "details__parent"))
-    cutoff = now - timedelta(days=_days(server, BackupRun.Kind.INCREMENTAL))
-    kept = _good(server, BackupRun.Kind.INCREMENTAL).filter(Q(finished_at__gte=cutoff) | _being_read())
-    kept = {*kept.values_list("pk", flat=True), *_newest(_good(server, BackupRun.Kind.INCREMENTAL), "incremental")}
-    needed = set()
-    for pk in kept:
-        while links.get(pk) is not None and links[pk] not in needed:
-            pk = links[pk]
-            needed.add(pk)
-    return needed
+    return {r.pk for r, rule in plan(server, now).items() if rule and rule.startswith("chain of")}
 
 
 def expired_runs(server, kind, now=None):
-    """Good runs of this server and kind older than its retention, the newest good one excluded:
-    of the cluster for a base backup, of each database (a dropped one too) for a logical one;
-    never an ancestor of a kept incremental."""
-    now = now or timezone.now()
-    good = _good(server, kind)
-    cutoff = now - timedelta(days=_days(server, kind))
-    expired = good.filter(finished_at__lt=cutoff).exclude(pk__in=_newest(good, kind)).exclude(_being_read())
-    if kind != BackupRun.Kind.LOGICAL:
-        expired = expired.exclude(pk__in=chain_needs(server, now))
-    # A run whose globals file a kept run of the same pass pairs with stays, whole, until that one goes.
-    expired = expired.exclude(pk__in=BackupRun.objects.globals_in_use())
-    if kind == BackupRun.Kind.BASE:
-        anchor = window_anchor(list(good), now - timedelta(days=server.wal_retention_days))
-        if anchor is not None:
-            expired = expired.exclude(pk=anchor.pk)
-    return expired.order_by("finished_at")
-
-
-def _newest(good, kind):
-    if kind != BackupRun.Kind.LOGICAL:
-        return [pk for pk in [good.order_by("-finished_at").values_list("pk", flat=True).first()] if pk]
-    databases = good.order_by().values_list("database", flat=True).distinct()  # no ordering: one row each
-    return [good.filter(database=db).order_by("-finished_at").values_list("pk", flat=True)[0] for db in databases]
+    """Good runs of this server and kind that retention deletes (plan() keeps them by no rule)."""
+    gone = [r.pk for r, rule in plan(server, now).items() if rule is None and r.kind == kind]
+    return server.runs.filter(pk__in=gone).order_by("finished_at")
 
 
 def _being_read():
@@ -90,17 +123,41 @@ def _being_read():
     return Q(restores__status__in=["queued", "running"]) | Q(restore_tests__status="running")
 
 
+def describe(server, now=None):
+    """plan() as rows for the dry run and the server page: each backup with the rule that keeps
+    it, or the day it goes (today: on the next pass)."""
+    now = now or timezone.now()
+    rows = []
+    for run, rule in plan(server, now).items():
+        rows.append(
+            {
+                "id": run.pk,
+                "server": server.name,
+                "kind": run.kind,
+                "database": run.database_name if run.kind == BackupRun.Kind.LOGICAL else "",
+                "finished_at": run.finished_at.isoformat(),
+                "kept_by": rule,
+                "goes": None if rule else timezone.localtime(now).date().isoformat(),
+                "daily_until": gfs.goes_on(run, _days(server, run.kind)).isoformat()
+                if rule and rule.startswith("daily")
+                else None,
+            }
+        )
+    return rows
+
+
 def apply(now=None, dry_run=False, actor="job:retention"):
     """Delete what has expired. Returns [{"id", "server", "kind", "finished_at"}] of what was (or would be) deleted."""
     deleted = []
     for server in Server.objects.all():
-        for kind in KINDS:
-            for run in expired_runs(server, kind, now):
-                deleted.append(
-                    {"id": run.pk, "server": server.name, "kind": kind, "finished_at": run.finished_at.isoformat()}
-                )
-                if not dry_run:
-                    delete_run_artifacts(run, actor)
+        for run, rule in reversed(plan(server, now).items()):
+            if rule is not None:
+                continue
+            deleted.append(
+                {"id": run.pk, "server": server.name, "kind": run.kind, "finished_at": run.finished_at.isoformat()}
+            )
+            if not dry_run:
+                delete_run_artifacts(run, actor)
     return deleted
 
 

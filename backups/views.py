@@ -4,7 +4,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from backupportal.roles import require_perm
-from backups.models import BackupRun, Server, Verification
+from backups.models import BackupRun, ChangeRequest, Server, Verification
 
 
 @require_POST
@@ -29,7 +29,13 @@ def run_detail(request, run_id):
     run = get_object_or_404(BackupRun.objects.select_related("server"), pk=run_id)
     copies = run.copies.select_related("location").order_by("location__name", "artifact")
     verifications = run.verifications.all()[:5]
-    return render(request, "backups/run.html", {"run": run, "copies": copies, "verifications": verifications})
+    holds = run.holds.select_related("held_by").all()
+    pending = ChangeRequest.objects.pending().filter(
+        kind=ChangeRequest.Kind.RELEASE_HOLD, target_id__in=[h.pk for h in holds if h.released_at is None]
+    )
+    context = {"run": run, "copies": copies, "verifications": verifications, "holds": holds}
+    context |= {"active_hold": next((h for h in holds if h.released_at is None), None), "release": pending.first()}
+    return render(request, "backups/run.html", context)
 
 
 def run_progress(request, run_id):

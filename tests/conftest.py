@@ -347,7 +347,17 @@ def catalog(db, settings, tmp_path):
     from django.utils import timezone
 
     from backupportal import journal
-    from backups.models import BackupCopy, BackupRun, BackupSchedule, Server, StorageLocation, Verification, WalSegment
+    from backups.models import (
+        BackupCopy,
+        BackupHold,
+        BackupRun,
+        BackupSchedule,
+        ChangeRequest,
+        Server,
+        StorageLocation,
+        Verification,
+        WalSegment,
+    )
     from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
     from watching.models import Alert, MaintenanceTask
 
@@ -377,8 +387,14 @@ def catalog(db, settings, tmp_path):
     task, _ = MaintenanceTask.objects.get_or_create(
         kind="weekly_verify", completed_at=None, defaults={"due_on": timezone.localdate()}
     )
+    hold = BackupHold.objects.create(run=run, reason="case 1", held_by=owner)
+    change = ChangeRequest.objects.create(
+        kind="release_hold", target_id=hold.pk, target_repr=str(hold), reason="r", requested_by=owner
+    )
     entry = journal.record("test", actor="owner", obj=server)
     objects = [
+        hold,
+        change,
         server,
         schedule,
         run,

@@ -27,7 +27,7 @@ from backupportal.lib import sampledata
 from backupportal.lib.osuser import as_db_user
 from backupportal.models import JournalEntry
 from backups import walingest, walspool
-from backups.models import BackupRun, Server, Verification
+from backups.models import BackupRun, ChangeRequest, Server, Verification
 from backups.receiver import Receiver
 from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
 from watching.models import Alert, MaintenanceTask
@@ -481,6 +481,10 @@ ACTIONS = {
     "restore-request-approve": {"DBA"},
     "restore-request-reject": {"DBA"},
     "sandbox-remove": {"DBA"},
+    "run-hold": {"DBA"},
+    "run-release": {"DBA", "Sysadmin"},
+    "change-approve": {"DBA", "Sysadmin"},
+    "change-reject": {"DBA", "Sysadmin"},
 }
 
 
@@ -510,6 +514,10 @@ def portal_urls(catalog):
         "run": [catalog["run"].pk],
         "run-progress": [catalog["run"].pk],
         "verify-run": [catalog["run"].pk],
+        "run-hold": [catalog["run"].pk],
+        "run-release": [catalog["run"].pk],
+        "change-approve": [catalog[ChangeRequest].pk],
+        "change-reject": [catalog[ChangeRequest].pk],
         "verification": [catalog[Verification].pk],
         "verification-progress": [catalog[Verification].pk],
         "journal-entry": [entry.pk],
@@ -556,6 +564,8 @@ def post_data(name, catalog):
         "schedule-edit": {"job": "logical", "cron": "0 2 * * *", "enabled": "on"},
         "critical-tables-edit": {"tables": ""},  # none: checked without reaching the server
         "alert-acknowledge": {"note": "seen, on it"},
+        "run-hold": {"reason": "case 2026-1"},
+        "run-release": {"reason": "the case is closed"},
     }.get(name, {"kind": "logical"})
 
 

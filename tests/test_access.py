@@ -38,6 +38,7 @@ READ = {
     "drill-report",
     "maintenance",
     "restore-requests",
+    "changes",
     "restore-request",
     "restore-progress",
     "restore-test",

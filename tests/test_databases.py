@@ -319,6 +319,8 @@ def test_globals_are_dumped_once_a_pass_and_kept_while_a_run_pairs_with_them(
     from backups.models import BackupCopy
 
     add(cluster_of_three, "--databases", "shop,hr")
+    # Retention by days alone: the floor (test_gfs) keeps only each database's newest.
+    Server.objects.filter(name="maldives").update(retention_floor=1)
     for name in ("shop", "hr"):  # each owned by a role that only the globals file holds
         cluster_of_three.execute(f"CREATE ROLE {name}_owner LOGIN")
         cluster_of_three.execute(f"ALTER DATABASE {name} OWNER TO {name}_owner")

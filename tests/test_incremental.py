@@ -139,7 +139,10 @@ def test_a_base_backup_from_before_manifests_were_kept_is_refused_as_a_parent_by
 
 
 def test_retention_keeps_whole_chains_and_deletes_a_chain_once_its_newest_link_has_expired(db):
-    server = Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/postgres", pg_version=180006)
+    # A floor of one (the newest full): the chains are the point here, test_gfs the floor.
+    server = Server.objects.create(
+        name="maldives", dsn="postgresql://postgres@127.0.0.1:1/postgres", pg_version=180006, retention_floor=1
+    )
     now = timezone.now()
 
     def run(kind, days_ago, parent=None):

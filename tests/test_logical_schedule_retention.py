@@ -22,11 +22,18 @@ def take_backup():
     return BackupRun.objects.latest("created_at")
 
 
+def floor_of_one(server):
+    """Retention by days alone, as these tests were written for: the floor (test_gfs) keeps only the newest."""
+    server.retention_floor = 1
+    server.save(update_fields=["retention_floor"])
+
+
 def age(run, days):
     BackupRun.objects.filter(pk=run.pk).update(finished_at=timezone.now() - timedelta(days=days))
 
 
 def test_retention_deletes_exactly_the_expired_backups_from_every_location(server, passphrase_file, backup_root):
+    floor_of_one(server)
     runs = [take_backup() for _ in range(4)]
     for run, days in zip(runs, [45, 31, 29, 1], strict=True):
         age(run, days)
@@ -62,6 +69,7 @@ def test_retention_never_deletes_the_newest_good_backup(server, passphrase_file,
 
 
 def test_retention_keeps_a_backup_that_a_restore_is_reading(server, passphrase_file, backup_root):
+    floor_of_one(server)
     reading = take_backup()
     take_backup()  # a newer one, so that the old one is not the newest good backup
     age(reading, 60)
@@ -112,6 +120,7 @@ def test_a_scheduled_backup_finding_its_lock_taken_is_queued_again_not_waited_fo
 
 
 def test_retention_days_are_per_server(server, passphrase_file, backup_root):
+    floor_of_one(server)
     server.logical_retention_days = 7
     server.save()
     runs = [take_backup(), take_backup()]

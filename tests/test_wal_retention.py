@@ -43,6 +43,8 @@ def files(segments):
 def test_retention_keeps_every_segment_a_kept_base_backup_or_the_window_needs(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):
+    server.retention_floor = 1  # days alone: the floor has its own tests (test_gfs)
+    server.save(update_fields=["retention_floor"])
     enable_push(sample_cluster)
     old = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "base")["id"])
     archive_tables(sample_cluster, "a1", "a2", "a3")

@@ -16,7 +16,7 @@ from prometheus_client.exposition import choose_encoder
 from backupportal import journal
 from backupportal.models import JournalEntry
 from backupportal.roles import require_perm
-from backups import binaries
+from backups import binaries, retention
 from backups.critical import CriticalTablesForm, set_critical_tables
 from backups.models import BackupSchedule, Database, Server, StorageLocation
 from watching import coverage
@@ -119,6 +119,7 @@ def server_detail(request, name, critical_form=None):
         "coverage": coverage.rows([server]),
         "schedules": list(schedules.values()),
         "chains": server.runs.chains(),
+        "retention": retention.describe(server),
         "base_schedule": schedules.get(BackupSchedule.Job.BASE),
         "incremental_schedule": schedules.get(BackupSchedule.Job.INCREMENTAL),
         "binaries": binaries.describe(server),

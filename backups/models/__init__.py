@@ -7,6 +7,7 @@ Django registers the app's models from here; the rest of the project imports the
 
 from backups.models.copies import BackupCopy
 from backups.models.databases import Database
+from backups.models.holds import BackupHold, ChangeRequest
 from backups.models.locations import WAL_LOCATION, StorageLocation
 from backups.models.runs import BackupRun
 from backups.models.servers import BackupSchedule, Server, default_critical_tables
@@ -16,8 +17,10 @@ from backups.models.walsegments import WalSegment
 __all__ = [
     "WAL_LOCATION",
     "BackupCopy",
+    "BackupHold",
     "BackupRun",
     "BackupSchedule",
+    "ChangeRequest",
     "Database",
     "Server",
     "StorageLocation",

@@ -106,6 +106,26 @@ class Server(ServerConnection):
         "a kept incremental needs them.",
     )
 
+    # GFS on top of the days above (backups/gfs.py), for each database's logical backups and the
+    # cluster's base backups: 0 turns a tier off, so a new server keeps what it kept before.
+    keep_weekly = models.PositiveIntegerField(
+        "weekly backups kept", default=0, help_text="The newest of each of the newest N weeks with one; 0: off."
+    )
+    keep_monthly = models.PositiveIntegerField(
+        "monthly backups kept", default=0, help_text="The newest of each of the newest N months with one; 0: off."
+    )
+    keep_yearly = models.PositiveIntegerField(
+        "yearly backups kept", default=0, help_text="The newest of each of the newest N years with one; 0: off."
+    )
+    # At least one: retention never deletes a database's (or the cluster's) newest good backup.
+    retention_floor = models.PositiveIntegerField(
+        "backups always kept",
+        default=3,
+        validators=[MinValueValidator(1)],
+        help_text="The newest N good backups of each database and of the cluster are kept whatever their age, "
+        "so failing jobs never let retention empty the catalog.",
+    )
+
     shrink_threshold_pct = models.PositiveIntegerField(
         verbose_name="shrink threshold (%)",
         default=20,

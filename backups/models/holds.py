@@ -1,0 +1,187 @@
+"""Legal holds on backups, and change requests: destructive changes that wait for a second person.
+
+A held backup is never deleted by retention (nor what it needs to restore). Releasing a hold is
+a destructive change: a ChangeRequest that another DBA or Sysadmin approves, never its author;
+until then the hold stays. ChangeRequest is generic (a kind and a target) so that the issue's
+other destructive changes (shorter retention, schedule off, deleting a backup or a location)
+can wait for approval the same way.
+"""
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import models, transaction
+from django.utils import timezone
+
+from backupportal import journal
+from backupportal.roles import role_may
+from backups.models.runs import BackupRun
+
+
+class BackupHoldQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(released_at=None)
+
+
+class BackupHold(models.Model):
+    """A DBA's legal hold on one backup, with the reason; released only by an approved request."""
+
+    run = models.ForeignKey(BackupRun, on_delete=models.PROTECT, related_name="holds")
+    reason = models.TextField()
+    held_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    held_at = models.DateTimeField(default=timezone.now)
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    objects = BackupHoldQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-held_at"]
+        permissions = [("hold_backup", "Can put a legal hold on a backup")]
+
+    def __str__(self):
+        return f"Hold on #{self.run_id}: {self.reason[:60]}"
+
+    @classmethod
+    def place(cls, run, user, reason):
+        """Hold `run` (a good backup) for `reason`; journaled. One active hold per backup is enough."""
+        if not role_may(user, "backups.hold_backup"):
+            raise PermissionDenied("Only a DBA puts a legal hold on a backup.")
+        reason = (reason or "").strip()
+        if not reason:
+            raise ValidationError("Give the reason for the hold (a case, a ticket): auditors read it.")
+        if not run.is_good:
+            raise ValidationError(
+                f"Backup #{run.pk} is {run.status if run.deleted_at is None else 'deleted'}: only a kept good backup can be held."
+            )
+        if run.holds.active().exists():
+            raise ValidationError(f"Backup #{run.pk} is already held: its hold stays until a release is approved.")
+        hold = cls.objects.create(run=run, reason=reason, held_by=user)
+        journal.record("backup_held", actor=user.get_username(), obj=run, server=run.server.name, reason=reason)
+        return hold
+
+    def request_release(self, user, reason):
+        """Ask for this hold to be released: a ChangeRequest another DBA or Sysadmin decides."""
+        if self.released_at is not None:
+            raise ValidationError(f"The hold on #{self.run_id} is already released.")
+        if ChangeRequest.objects.pending().filter(kind=ChangeRequest.Kind.RELEASE_HOLD, target_id=self.pk).exists():
+            raise ValidationError(f"A release of the hold on #{self.run_id} is already waiting for approval.")
+        return ChangeRequest.open(ChangeRequest.Kind.RELEASE_HOLD, self, user, reason)
+
+    def release(self, request):
+        """Called once its release request is approved."""
+        self.released_at = timezone.now()
+        self.save(update_fields=["released_at"])
+
+
+class ChangeRequestQuerySet(models.QuerySet):
+    def pending(self):
+        return self.filter(state=ChangeRequest.State.PENDING)
+
+
+class ChangeRequest(models.Model):
+    """A destructive change one person asks for and another (DBA or Sysadmin) approves; journaled
+    at each step. Nothing changes until it is approved: approve() applies it."""
+
+    class Kind(models.TextChoices):
+        RELEASE_HOLD = "release_hold", "Release a legal hold"
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Waiting for approval"
+        APPROVED = "approved", "Approved and applied"
+        REJECTED = "rejected", "Rejected"
+
+    # What each kind's target is, and how an approved request is applied to it.
+    TARGETS = {Kind.RELEASE_HOLD: (BackupHold, "release")}
+
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    target_id = models.BigIntegerField(help_text="the pk of the row the change is about (its kind says which model)")
+    target_repr = models.CharField(max_length=200, help_text="what the target was when the change was requested")
+    reason = models.TextField()
+    state = models.CharField(max_length=8, choices=State.choices, default=State.PENDING)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    requested_at = models.DateTimeField(default=timezone.now)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ChangeRequestQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-requested_at"]
+        indexes = [models.Index(fields=["state", "-requested_at"], name="change_state")]
+        permissions = [
+            ("request_change", "Can request a destructive change"),
+            ("approve_change", "Can approve or reject another's destructive change"),
+        ]
+
+    def __str__(self):
+        return f"Change request #{self.pk}: {self.get_kind_display()} ({self.target_repr})"
+
+    @property
+    def target(self):
+        model, _ = self.TARGETS[self.kind]
+        return model.objects.get(pk=self.target_id)
+
+    @classmethod
+    def open(cls, kind, target, user, reason):
+        if not role_may(user, "backups.request_change"):
+            raise PermissionDenied("Only a DBA or a Sysadmin asks for a destructive change.")
+        reason = (reason or "").strip()
+        if not reason:
+            raise ValidationError("Give the reason for the change: the approver and auditors read it.")
+        change = cls.objects.create(
+            kind=kind, target_id=target.pk, target_repr=str(target)[:200], reason=reason, requested_by=user
+        )
+        journal.record(
+            "change_requested",
+            actor=user.get_username(),
+            obj=change,
+            kind=kind,
+            target=change.target_repr,
+            reason=reason,
+        )
+        return change
+
+    def awaits_decision_by(self, user):
+        """Pending, and the user may decide on it: a DBA or Sysadmin who is not its author."""
+        return (
+            self.state == self.State.PENDING
+            and role_may(user, "backups.approve_change")
+            and user.pk != self.requested_by_id
+        )
+
+    def approve(self, user):
+        """Four eyes: apply the change, journaled. Never by its author, never by an Auditor."""
+        self._check_decider(user)
+        with transaction.atomic():
+            if (
+                not ChangeRequest.objects.pending()
+                .filter(pk=self.pk)
+                .update(state=self.State.APPROVED, decided_by=user, decided_at=timezone.now())
+            ):
+                raise ValidationError(f"Change request #{self.pk} was decided meanwhile.")
+            _, apply = self.TARGETS[self.kind]
+            getattr(self.target, apply)(self)
+            self.refresh_from_db()
+            journal.record(
+                "change_approved", actor=user.get_username(), obj=self, kind=self.kind, target=self.target_repr
+            )
+
+    def reject(self, user):
+        self._check_decider(user)
+        if (
+            not ChangeRequest.objects.pending()
+            .filter(pk=self.pk)
+            .update(state=self.State.REJECTED, decided_by=user, decided_at=timezone.now())
+        ):
+            raise ValidationError(f"Change request #{self.pk} was decided meanwhile.")
+        self.refresh_from_db()
+        journal.record("change_rejected", actor=user.get_username(), obj=self, kind=self.kind, target=self.target_repr)
+
+    def _check_decider(self, user):
+        if not role_may(user, "backups.approve_change"):
+            raise PermissionDenied("Only a DBA or a Sysadmin decides on a destructive change.")
+        if user.pk == self.requested_by_id:
+            raise PermissionDenied("You cannot decide on your own change request: another DBA or Sysadmin must.")
+        if self.state != self.State.PENDING:
+            raise ValidationError(f"Change request #{self.pk} is {self.state}, not waiting for a decision.")
