@@ -147,9 +147,13 @@ def extract_link(plan, run, scratch):
 
 
 def run_combinebackup(plan, parts, output):
-    tool = cluster_tool(backup_major(plan.base), "pg_combinebackup", f"combining the chain of #{plan.base.pk}")
+    major = backup_major(plan.base)
+    tool = cluster_tool(major, "pg_combinebackup", f"combining the chain of #{plan.base.pk}")
+    # 18+: files hard-linked from the unpacked links (the same file system) instead of copied:
+    # no second copy of the cluster on disk; the scratch's removal then only drops their names.
+    link = ["--link"] if (major or 0) >= 18 else []
     proc = subprocess.run(
-        as_db_user([str(tool), *map(str, parts), "-o", str(output)]),
+        as_db_user([str(tool), *link, *map(str, parts), "-o", str(output)]),
         capture_output=True,
         text=True,
         cwd=output.parent,
