@@ -40,7 +40,7 @@ from backups.crypto import Encryption, EncryptionError
 from backups.models import BackupCopy, WalSegment
 from backups.storage import store_for
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
-from restores import pitr_reach
+from restores import pitr_chain, pitr_reach
 from restores.models import RestoreRun
 from restores.pitr_extract import Extraction, empty, extract_base, verify_base
 from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target, encryption_of
@@ -124,7 +124,7 @@ def finish(run, plan, actor, error=""):
         "duration_s": run.duration_s,
         "server": plan.server.name,
         "base_backup": plan.base.pk,
-        "chain": [plan.base.pk],
+        "chain": [r.pk for r in pitr_chain.chain_of(plan)],
         "target": run.target,
         "recovered_to": run.recovered_to,
         "into_datadir": run.into_datadir,
@@ -199,6 +199,8 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
         pitr_reach.cover(plan)  # through the first archived commit after it, or the source will make one
     if base.pk not in healthy and fallback:
         fall_back(plan, f"base backup #{base.pk} has no healthy copy in any enabled location", error=Refused)
+    pitr_chain.choose_links(plan)
+    plan.last = max(plan.last, plan.segno(plan.newest.end_wal))
     check_chain(plan)
     return plan
 
@@ -337,8 +339,9 @@ def needed_through(plan):
 
 
 def check_chain(plan):
-    """No gap, and a readable copy of every segment, from the base backup to the target."""
-    first = plan.segno(plan.base.start_wal)
+    """No gap, and a readable copy of every segment, from the base backup (or the chain's newest
+    link) to the target."""
+    first = plan.segno(plan.newest.start_wal)
     try:
         segments = walchain.chain_segments(plan.server, first, plan.last)
     except walnames.WalError as e:
@@ -348,7 +351,7 @@ def check_chain(plan):
                 f"{plan.target.text} is outside the kept window: WAL is kept {plan.server.wal_retention_days} days "
                 f"and only what base backups need beyond that ({e})"
             ) from None
-        raise Refused(f"{e}: the WAL chain from base backup #{plan.base.pk} to the target has a gap") from None
+        raise Refused(f"{e}: the WAL chain from backup #{plan.newest.pk} to the target has a gap") from None
     copies = BackupCopy.objects.filter(
         wal_segment__in=segments, status=BackupCopy.Status.OK, location__enabled=True
     ).select_related("location")
@@ -374,7 +377,7 @@ def execute(plan, run):
     # as soon as the base is in place and verified, and the rest of the WAL is fetched ahead of
     # replay (pitr_prefetch). A restore point's name decides the base only once its WAL is
     # read: that kind stages all of it first and extracts afterwards.
-    early = Extraction(plan) if plan.target.kind != "name" else None
+    early = Extraction(plan) if plan.target.kind != "name" and not plan.links else None
     try:
         try:
             if plan.target.kind == "name":
@@ -385,9 +388,9 @@ def execute(plan, run):
                 early.stop()  # before discard() removes what it writes
             raise
         heartbeat(run)
-        extract_readable_base(plan, run, early)
+        extract_chain_or_base(plan, run, early)
         heartbeat(run)
-        plan.prefetch.wait_for(plan.segno(plan.base.end_wal))  # pg_verifybackup reads the base's own WAL
+        plan.prefetch.wait_for(plan.segno(plan.newest.end_wal))  # pg_verifybackup reads the base's own WAL
         verify_base(plan)
         write_recovery_settings(plan)
         start_and_wait(plan, run, watch=plan.prefetch.check)
@@ -402,7 +405,7 @@ def prefetch_wal(plan):
     """History files and pg_receivewal's partial segment now (small), the plan's segments from
     the base backup on ahead of replay, and restore_wal.py with the list of what it may be asked."""
     stop_prefetch(plan)  # the one of a base backup found unreadable
-    prefetch = Prefetch(plan, plan.segno(plan.base.start_wal), plan.last)
+    prefetch = Prefetch(plan, plan.segno(plan.newest.start_wal), plan.last)
     if plan.target.kind in ("latest", "lsn") or (plan.target.kind == "time" and plan.use_partial):
         stage_partial(plan)
     history = stage_history_files(plan)
@@ -546,6 +549,22 @@ def restore_point_lsns(plan, first, last):
             if m and m.group(2).strip() == plan.target.value:
                 found.append(m.group(1))
     return found
+
+
+def extract_chain_or_base(plan, run, early):
+    """The chain combined (pitr_chain); when a link reads intact from no copy, the full base
+    backup alone, with the WAL from its start, if that reaches the target."""
+    if plan.links:
+        try:
+            return pitr_chain.combine(plan)
+        except FetchFailed as e:  # the bad copies are marked already
+            note = f"incremental chain refused: {e}; recovering from full base backup #{plan.base.pk} and WAL instead"
+            plan.notes.append(note)
+            plan.report(note)
+            plan.links = []
+            check_chain(plan)
+            prefetch_wal(plan)
+    return extract_readable_base(plan, run, early)
 
 
 def extract_readable_base(plan, run, early=None):

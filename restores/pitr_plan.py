@@ -58,6 +58,13 @@ class Plan:
     switch: bool = False
     reach: str = ""  # how far the archived WAL reaches, for the messages when that is too short
     prefetch: object = None  # pitr_prefetch.Prefetch while the WAL is fetched ahead of replay
+    # Block incrementals on top of `base`, oldest first, combined with it (pitr_chain); [] for none.
+    links: list = field(default_factory=list)
+
+    @property
+    def newest(self):
+        """The backup WAL is replayed from: the chain's newest link, or the base backup."""
+        return self.links[-1] if self.links else self.base
 
     @property
     def staging(self):

@@ -91,7 +91,7 @@ class Prefetch:
         for segment in self.segments:
             plan.staged[segment.segno] = segment.name
         # The base backup's own WAL is checked by pg_verifybackup before recovery asks for anything.
-        base_wal = plan.segno(plan.base.end_wal) - first + 1
+        base_wal = plan.segno(plan.newest.end_wal) - first + 1
         self.window = max(window(plan), base_wal)
         self.by_segno = {s.segno: s for s in self.segments}
         self.present = set()  # segnos staged and not removed
