@@ -128,6 +128,13 @@ ACTIONS = {
     "maintenance_scheduled": "a maintenance task was put on the calendar",
     "maintenance_completed": "a maintenance task was completed",
     "journal_exported": "an auditor exported the journal as CSV",
+    "wal_key_created": "the portal made a new WAL key (wrapped with the passphrase, kept beside the WAL)",
+    "pitr_chain_refused": "a recovery refused a chain of incrementals with a broken link and used the full backup",
+    "backup_held": "a DBA put a legal hold on a backup: retention never deletes it",
+    "change_requested": "someone asked for a destructive change (it waits for a second person)",
+    "change_approved": "a second person approved a destructive change, which was then made",
+    "change_rejected": "a second person rejected a destructive change: nothing changed",
+    "change_decision_refused": "someone not allowed to decide a change request (its requester) tried to",
     STARTED: "the journal was started (its first entry names its id)",
     MOVE_ACKNOWLEDGED: "a person acknowledged that this journal replaces another (a new database)",
 }

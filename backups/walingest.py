@@ -24,6 +24,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from backupportal import conditions, journal
+from backupportal.lib.childenv import child_env
 from backups import archive_wal, streams, walkeys
 from backups.copies import copy_one
 from backups.crypto import Encryption, EncryptionError, PipeSource, die_with_parent
@@ -101,6 +102,7 @@ class CompressedSegment(streams.Source):
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                env=child_env(),  # never the worker's S3 keys or passphrase settings
                 preexec_fn=die_with_parent,
             )
         except FileNotFoundError:

@@ -13,11 +13,11 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='backupcopy',
             name='compression',
-            field=models.CharField(blank=True, max_length=8),
+            field=models.CharField(blank=True, db_default='', max_length=8),
         ),
         migrations.AddField(
             model_name='backupcopy',
             name='key_id',
-            field=models.CharField(blank=True, max_length=32, verbose_name='WAL key id'),
+            field=models.CharField(blank=True, db_default='', max_length=32, verbose_name='WAL key id'),
         ),
     ]

@@ -44,8 +44,8 @@ class BackupCopy(models.Model):
     # A WAL copy since the WAL data key (backups.walkeys): the key that encrypts it ("" = the
     # passphrase or the recipients themselves, as before) and what compressed it before gpg
     # ("" = gpg's own compression, which `gpg --decrypt` undoes). Readers choose by these, never by guessing.
-    key_id = models.CharField(max_length=32, blank=True, verbose_name="WAL key id")
-    compression = models.CharField(max_length=8, blank=True)
+    key_id = models.CharField(max_length=32, blank=True, db_default="", verbose_name="WAL key id")
+    compression = models.CharField(max_length=8, blank=True, db_default="")
 
     objects = BackupCopyQuerySet.as_manager()
 
