@@ -79,6 +79,9 @@ def change(cluster, share, round_):
 
 def archived_through(cluster, portal):
     """Switch WAL, wait for the archiver, catalogue it: both recoveries then see the same archive."""
+    # A commit first: right after a backup the segment is empty, the switch a no-op, and the
+    # segment it names would wait for archive_timeout (a minute) to be completed.
+    cluster.execute("SELECT pg_current_xact_id()")
     name = cluster.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
     wait_until(
         lambda: (cluster.execute("SELECT last_archived_wal FROM pg_stat_archiver")[0][0] or "") >= name,
