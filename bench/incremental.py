@@ -42,7 +42,7 @@ CHANGES["users"] = "email = email || '.'"
 
 FULL = "**portal** backup --kind base (a full at the same point)"
 INCR = "**portal** backup --kind incremental (pg_basebackup --incremental, zstd, gpg)"
-PORTAL_PITR = "**portal** restore --target latest (today: newest full + WAL replay; no chains yet)"
+PORTAL_PITR = "**portal** restore --target latest (the full and its incremental combined by pg_combinebackup, then WAL)"
 CHAIN = "stock chain: gpg+zstd+tar of full and incremental, pg_combinebackup, WAL after it replayed"
 FULL_WAL = "stock full + WAL: gpg+zstd+tar of the full, all the changes replayed from WAL"
 GPG = "gpg --batch --quiet --pinentry-mode loopback --passphrase-file $P"
@@ -148,7 +148,11 @@ def portal_pitr(ws, portal, name, expected):
     datadir, port = restored_dir(ws, name), free_port()
     try:
         args = ("restore", "--server", SERVER, "--target", "latest", "--into-datadir", str(datadir))
-        sample, _ = portal_run(portal, *args, "--port", str(port))
+        sample, result = portal_run(portal, *args, "--port", str(port))
+        if len(result.get("chain", [])) != 2:  # else this row would time another path than its label says
+            raise RuntimeError(
+                f"the portal recovered from {result.get('chain')}, not from the full and its incremental"
+            )
         wait_promoted(port, 10)  # already so when the command returns; not timed
         check_recovered(port, expected)
         return sample
