@@ -6,7 +6,6 @@ tools alone (gpg, zstd, tar, pg_combinebackup) holds exactly the rows committed 
 import re
 import subprocess
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from django.template.defaultfilters import filesizeformat
@@ -17,32 +16,10 @@ from backupportal.lib.pgcluster import Cluster
 from backups import retention
 from backups.models import BackupRun, Server, WalSegment
 from tests.helpers import base_backup, enable_push, rows, run_command, write
-from tests.test_base_format import restore_command
+from tests.stock import GPG, artifact, restore_command, stock
 
 pytest_plugins = ["tests.walfixtures"]
 on_18 = pytest.mark.parametrize("pg_major", [18])
-
-GPG = "gpg --batch --quiet --pinentry-mode loopback --passphrase-file $P"
-
-
-def stock(script, tmp_path, passphrase_file):
-    """A bash pipeline with a fresh GNUPGHOME and P the passphrase file: no portal code."""
-    home = tmp_path / "gnupg"
-    home.mkdir(mode=0o700, exist_ok=True)
-    done = subprocess.run(
-        ["bash", "-c", f"set -euo pipefail\n{script}"],
-        env={"PATH": "/usr/bin:/bin", "GNUPGHOME": str(home), "P": str(passphrase_file)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def artifact(run, name="main"):
-    copy = run.copies.get(artifact=name, location__kind="primary")
-    return Path(copy.location.path) / copy.key
 
 
 def incremental():

@@ -11,7 +11,7 @@ from backupportal.lib.pgdatadir import pg_bin
 from backups import walingest
 from backups.models import BackupRun, WalSegment
 from tests.helpers import a_second_later, enable_push, rows, run_command, switch_wal, wait_archived, write
-from tests.test_base_format import GPG, artifact, restore_command, stock
+from tests.stock import GPG, artifact, restore_command, stock
 
 pytest_plugins = ["tests.walfixtures"]
 

@@ -14,7 +14,7 @@ from backups.crypto import Encryption
 from backups.models import BackupCopy, WalSegment
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from backups.walspool import spool_dir
-from tests.test_base_format import GPG, stock
+from tests.stock import GPG, stock
 
 pytest_plugins = ["tests.walfixtures"]
 SEGMENT = 1 << 20
