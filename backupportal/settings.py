@@ -261,6 +261,9 @@ JOURNAL_HEAD_FILE = Path(env.str("JOURNAL_HEAD_FILE", default=str(VAR_DIR / "jou
 JOURNAL_ANCHORS = True
 # The key that seals the servers' passwords in the catalog (backupportal/lib/sealed.py).
 SECRETS_KEY_FILE = Path(env.str("SECRETS_KEY_FILE", default=str(VAR_DIR / "secrets.key")))
+# The portal's OpenPGP signing key (manifests, evidence packs): a GnuPG home of its own, 0700,
+# never inside a selfbackup; its public half is SIGNING_KEY_DIR/signing-public.asc.
+SIGNING_KEY_DIR = Path(env.str("SIGNING_KEY_DIR", default=str(VAR_DIR / "signing")))
 
 # Alert mail.
 EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
