@@ -120,12 +120,16 @@ def verify(data: bytes, signature: bytes, public_key_armored: str) -> str:
         imported = gpg.import_keys(public_key_armored)
         expected = {fpr for fpr in imported.fingerprints if fpr}
         if not expected:
-            raise SigningError("the public key given is not an OpenPGP public key: give the portal's signing-public.asc")
+            raise SigningError(
+                "the public key given is not an OpenPGP public key: give the portal's signing-public.asc"
+            )
         sig_path = Path(home) / "data.sig"
         sig_path.write_bytes(signature)
         result = gpg.verify_data(str(sig_path), data)
         signer = result.pubkey_fingerprint or result.fingerprint
         if not result.valid or signer not in expected:
             why = result.status or "no valid signature"
-            raise SigningError(f"the signature does not verify with the given public key ({why}): the data was altered or signed by another key")
+            raise SigningError(
+                f"the signature does not verify with the given public key ({why}): the data was altered or signed by another key"
+            )
         return signer
