@@ -113,7 +113,7 @@ class ServerForm(forms.ModelForm):
         required=False,
         help_text="The directories the operator listed in PG_BIN_DIRS.",
     )
-    change_reason = reason_field("Shortening retention (lengthening applies at once)")
+    change_reason = reason_field("Shortening retention (lengthening applies at once) or disabling the server")
 
     class Meta:
         model = Server
@@ -146,6 +146,10 @@ class ServerForm(forms.ModelForm):
         self.shortened = retention_shortened(self.instance, cleaned) if self.instance.pk else {}
         if self.shortened:
             check_request(self, ChangeRequest.Kind.SHORTEN_RETENTION, self.instance)
+        # Disabled, no job of the server runs: as destructive as disabling each schedule.
+        self.disables = bool(self.instance.pk and self.instance.enabled and not cleaned.get("enabled"))
+        if self.disables:
+            check_request(self, ChangeRequest.Kind.DISABLE_SERVER, self.instance)
         return cleaned
 
     def _post_clean(self):
@@ -226,19 +230,25 @@ class ServerAdmin(admin.ModelAdmin):
             self.message_user(request, result.message, level)
 
     def save_model(self, request, obj, form, change):
-        shorter = getattr(form, "shortened", {})
+        shorter, disables = getattr(form, "shortened", {}), getattr(form, "disables", False)
         for field, values in shorter.items():
             setattr(obj, field, values["from"])  # kept until another DBA or Sysadmin approves
+        if disables:
+            obj.enabled = True
         super().save_model(request, obj, form, change)
+        reason = form.cleaned_data.get("change_reason")
+        waiting_enabled = ["enabled"] if disables else []
         if shorter:
-            reason = form.cleaned_data["change_reason"]
             what = f"Shortening the retention of {obj}"
             open_request(self, request, ChangeRequest.Kind.SHORTEN_RETENTION, obj, reason, shorter, what)
+        if disables:
+            changes = {"enabled": {"from": True, "to": False}}
+            open_request(self, request, ChangeRequest.Kind.DISABLE_SERVER, obj, reason, changes, f"Disabling {obj}")
         journal.record(
             "server_changed" if change else "server_added",
             actor=request.user.get_username(),
             obj=obj,
-            fields=sorted(f for f in form.changed_data if f not in ("new_password", "change_reason", *shorter)),
+            fields=sorted(set(form.changed_data) - {"new_password", "change_reason", *shorter, *waiting_enabled}),
             credentials_changed="new_password" in form.changed_data,
             credentials_forgotten=getattr(obj, "password_forgotten", False),
         )

@@ -5,7 +5,7 @@ shorten retention, turn a schedule down, delete a backup or a location without a
 
 - retention shortened: any of RETENTION_FIELDS lowered (lengthening applies at once);
 - a schedule disabled, or changed so that it fires less often over the next 30 days (counted by
-  backupportal.lib.cron.firings; more often applies at once);
+  backupportal.lib.cron.firings; more often applies at once); a server disabled (no job of it runs);
 - a backup deleted by hand;
 - a storage location removed, or retired (disabled);
 - a legal hold released (backups.models.holds).
@@ -77,6 +77,13 @@ def apply_retention(server, change):
     journal.record(
         "server_changed", actor=approved_actor(change), obj=server, fields=sorted(change.changes), change=change.pk
     )
+
+
+@ChangeRequest.applies(Kind.DISABLE_SERVER, Server)
+def apply_disable_server(server, change):
+    server.enabled = False
+    server.save(update_fields=["enabled"])
+    journal.record("server_changed", actor=approved_actor(change), obj=server, fields=["enabled"], change=change.pk)
 
 
 # --- Schedules -------------------------------------------------------------------------------

@@ -159,11 +159,14 @@ def test_disabling_a_schedule_in_the_admin_waits_and_a_rejection_leaves_it(clien
 # --- Retention ----------------------------------------------------------------------------------
 
 
-def test_shortening_retention_in_the_admin_waits_lengthening_applies_at_once(client, pg_cluster, sam, alice, bob):
+def test_shortening_retention_or_disabling_in_the_admin_waits_lengthening_applies_at_once(
+    client, pg_cluster, sam, alice, bob
+):
     server = register(pg_cluster, name="atoll", dbname="postgres")
     url = reverse("admin:backups_server_change", args=[server.pk])
     client.force_login(sam)
     changes = {"logical_retention_days": 60, "base_retention_days": 7, "retention_floor": 1, "rpo_minutes": 10}
+    changes["enabled"] = None  # unticked: no job of the server would run
     response = client.post(url, admin_form_data(client, url, **changes))
     assert response.status_code == 200 and "give its reason" in response.content.decode()
     server.refresh_from_db()
@@ -173,11 +176,13 @@ def test_shortening_retention_in_the_admin_waits_lengthening_applies_at_once(cli
     assert response.status_code == 302
     server.refresh_from_db()
     assert (server.logical_retention_days, server.rpo_minutes) == (60, 10)  # longer, and the rest: at once
-    assert (server.base_retention_days, server.retention_floor) == (30, 3)  # shorter: waits
-    change = ChangeRequest.objects.get()
+    assert (server.base_retention_days, server.retention_floor, server.enabled) == (30, 3, True)  # these wait
+    change = ChangeRequest.objects.get(kind="shorten_retention")
+    disable = ChangeRequest.objects.get(kind="disable_server")
+    assert disable.changes == {"enabled": {"from": True, "to": False}}
     assert change.changes == {"base_retention_days": {"from": 30, "to": 7}, "retention_floor": {"from": 3, "to": 1}}
     assert journal("server_changed")[-1].details["fields"] == ["logical_retention_days", "rpo_minutes"]
-    assert journal("change_requested")[-1].details["changes"] == change.changes
+    assert [e.details["changes"] for e in journal("change_requested")] == [change.changes, disable.changes]
 
     with pytest.raises(PermissionDenied):
         change.approve(sam)
@@ -192,6 +197,10 @@ def test_shortening_retention_in_the_admin_waits_lengthening_applies_at_once(cli
         "base_retention_days",
         "retention_floor",
     ]
+    assert server.enabled
+    disable.approve(bob)
+    server.refresh_from_db()
+    assert not server.enabled and journal("server_changed")[-1].details["fields"] == ["enabled"]
 
 
 def test_a_rejected_retention_change_leaves_the_server_as_it_was(alice, bob):

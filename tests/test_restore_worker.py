@@ -6,9 +6,11 @@ The broker is real (django-q2's ORM broker: tests otherwise run tasks inline), a
 restore worker of the last test: `Q_CLUSTER_NAME=restore manage.py qcluster` in a subprocess."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -126,9 +128,25 @@ def test_the_restore_test_schedules_fire_on_the_restore_cluster_only(settings, b
 # --- End to end: the portal cannot read its backups; the restore worker can. ------------------
 
 
+@pytest.fixture
+def gpg_home():
+    """Short GnuPG homes (gpg-agent's socket path must fit a unix socket's 108 bytes, which
+    pytest's tmp_path under xdist does not); their agents stopped and the homes removed after."""
+    made = []
+
+    def make(name):
+        made.append(Path(tempfile.mkdtemp(prefix=f"bp-{name}-")))
+        made[-1].chmod(0o700)
+        return made[-1]
+
+    yield make
+    for home in made:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def gpg_key_pair(home):
     """A recipient key (sign + encrypt subkey, no passphrase) in `home`: its fingerprint and public key."""
-    home.mkdir(mode=0o700)
     gpg = ["gpg", "--batch", "--homedir", str(home), "--pinentry-mode", "loopback", "--passphrase", ""]
     uid = "dr-officer@reliabilitymaldives.mv"
     subprocess.run(gpg + ["--quick-gen-key", uid, "ed25519", "cert", "never"], check=True, capture_output=True)
@@ -167,12 +185,11 @@ def restore_worker(settings):
 
 @pytest.mark.django_db(transaction=True)  # the restore worker is another process
 def test_the_portal_backs_up_without_the_private_key_and_only_the_restore_worker_restores(
-    client, server, sample_cluster, settings, backup_root, tmp_path, alice, bob, monkeypatch, restore_worker
+    client, server, sample_cluster, settings, backup_root, gpg_home, alice, bob, monkeypatch, restore_worker
 ):
-    worker_home = tmp_path / "restore-host-gnupg"  # the private key: on the restore host only
+    worker_home = gpg_home("restore-host")  # the private key: on the restore host only
     fpr, public = gpg_key_pair(worker_home)
-    portal_home = tmp_path / "portal-gnupg"  # the portal: the public key alone
-    portal_home.mkdir(mode=0o700)
+    portal_home = gpg_home("portal")  # the portal: the public key alone
     subprocess.run(["gpg", "--batch", "--homedir", str(portal_home), "--import"], input=public, check=True)
     secret = subprocess.run(
         ["gpg", "--batch", "--homedir", str(portal_home), "--list-secret-keys", "--with-colons"],

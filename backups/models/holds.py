@@ -86,6 +86,7 @@ class ChangeRequest(models.Model):
         RELEASE_HOLD = "release_hold", "Release a legal hold"
         SHORTEN_RETENTION = "shorten_retention", "Shorten retention"
         SCHEDULE_LESS_OFTEN = "schedule_less_often", "Disable a schedule or make it fire less often"
+        DISABLE_SERVER = "disable_server", "Disable a server (every schedule of it)"
         DELETE_BACKUP = "delete_backup", "Delete a backup by hand"
         REMOVE_LOCATION = "remove_location", "Remove a storage location"
         RETIRE_LOCATION = "retire_location", "Retire (disable) a storage location"
