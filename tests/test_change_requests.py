@@ -198,6 +198,8 @@ def test_shortening_retention_or_disabling_in_the_admin_waits_lengthening_applie
         "retention_floor",
     ]
     assert server.enabled
+    with pytest.raises(PermissionDenied):
+        disable.approve(sam)
     disable.approve(bob)
     server.refresh_from_db()
     assert not server.enabled and journal("server_changed")[-1].details["fields"] == ["enabled"]
@@ -322,6 +324,8 @@ def test_deleting_a_location_in_the_admin_becomes_a_request(client, raid, sam, b
     assert "Removing raid waits for another DBA or Sysadmin" in text and "deleted successfully" not in text
     assert StorageLocation.objects.filter(pk=raid.pk).exists()
     change = ChangeRequest.objects.get(kind="remove_location")
+    with pytest.raises(PermissionDenied):
+        change.approve(root)  # a superuser is no exception: never the requester
     change.approve(bob)
     assert not StorageLocation.objects.filter(pk=raid.pk).exists()
     assert journal("location_removed")[0].actor == "root (approved by bob)"
