@@ -70,6 +70,7 @@ ACTIONS = {
     "database_changed": "a protected database was dropped, came back, or cannot or can again be backed up",
     "location_added": "a storage location was added",
     "location_changed": "a storage location was changed",
+    "location_removed": "a storage location was removed (after a second person approved it)",
     "server_checked": "checkserver judged whether a server is ready to be protected",
     "archiving_set_up": "WAL archiving was set up for a server (archivecommand, receivewal)",
     "schedule_changed": "a backup schedule was changed",

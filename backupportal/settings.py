@@ -290,6 +290,17 @@ Q_CLUSTER = {
     "poll": 1,
     "label": "Task queue (superusers only)",
 }
+# The restore worker: a django-q2 cluster of its own (`Q_CLUSTER_NAME=restore manage.py qcluster`,
+# on the host holding the private key of GPG_RECIPIENTS) that alone takes restore, restore-test
+# and rebuild tasks. Empty: they run on the main cluster, as before.
+RESTORE_CLUSTER = env.str("RESTORE_CLUSTER", default="")
+if RESTORE_CLUSTER == Q_CLUSTER["name"]:
+    raise ImproperlyConfigured(
+        f"RESTORE_CLUSTER must differ from the main cluster's name {Q_CLUSTER['name']!r}: leave it empty for one cluster"
+    )
+# django-q2 reads a started cluster's own options here by its Q_CLUSTER_NAME (and needs the key
+# whenever Q_CLUSTER_NAME names another cluster than the main one).
+Q_CLUSTER["ALT_CLUSTERS"] = {RESTORE_CLUSTER: {}} if RESTORE_CLUSTER else {}
 if Q_BROKER_URL.startswith("redis"):
     Q_CLUSTER["redis"] = Q_BROKER_URL
 elif Q_BROKER_URL:

@@ -6,7 +6,9 @@ from django.contrib import admin, messages
 from django.contrib.admin.options import ShowFacets
 from django.core.exceptions import ValidationError
 from django.db.models import OuterRef, Prefetch, Subquery
+from django.shortcuts import redirect
 from django.template.defaultfilters import filesizeformat
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince
@@ -18,10 +20,13 @@ from backupportal.lib.pagination import CappedPaginator
 from backupportal.lib.pgerrors import explain
 from backupportal.lib.sealed import SealError
 from backups import binaries, databases, schedules
+from backups.admin_changes import RemovalAsRequestAdmin, check_request, open_request, reason_field
+from backups.changes import retention_shortened, schedule_turned_down
 from backups.models import (
     BackupCopy,
     BackupRun,
     BackupSchedule,
+    ChangeRequest,
     Server,
     StorageLocation,
     Verification,
@@ -108,6 +113,7 @@ class ServerForm(forms.ModelForm):
         required=False,
         help_text="The directories the operator listed in PG_BIN_DIRS.",
     )
+    change_reason = reason_field("Shortening retention (lengthening applies at once) or disabling the server")
 
     class Meta:
         model = Server
@@ -133,6 +139,18 @@ class ServerForm(forms.ModelForm):
             "shrink_threshold_pct",
             "sandbox",
         ]
+
+    def clean(self):
+        # Before _post_clean puts the new values on the instance: it holds the stored ones here.
+        cleaned = super().clean()
+        self.shortened = retention_shortened(self.instance, cleaned) if self.instance.pk else {}
+        if self.shortened:
+            check_request(self, ChangeRequest.Kind.SHORTEN_RETENTION, self.instance)
+        # Disabled, no job of the server runs: as destructive as disabling each schedule.
+        self.disables = bool(self.instance.pk and self.instance.enabled and not cleaned.get("enabled"))
+        if self.disables:
+            check_request(self, ChangeRequest.Kind.DISABLE_SERVER, self.instance)
+        return cleaned
 
     def _post_clean(self):
         super()._post_clean()  # the model's clean(): the DSN's form
@@ -212,12 +230,25 @@ class ServerAdmin(admin.ModelAdmin):
             self.message_user(request, result.message, level)
 
     def save_model(self, request, obj, form, change):
+        shorter, disables = getattr(form, "shortened", {}), getattr(form, "disables", False)
+        for field, values in shorter.items():
+            setattr(obj, field, values["from"])  # kept until another DBA or Sysadmin approves
+        if disables:
+            obj.enabled = True
         super().save_model(request, obj, form, change)
+        reason = form.cleaned_data.get("change_reason")
+        waiting_enabled = ["enabled"] if disables else []
+        if shorter:
+            what = f"Shortening the retention of {obj}"
+            open_request(self, request, ChangeRequest.Kind.SHORTEN_RETENTION, obj, reason, shorter, what)
+        if disables:
+            changes = {"enabled": {"from": True, "to": False}}
+            open_request(self, request, ChangeRequest.Kind.DISABLE_SERVER, obj, reason, changes, f"Disabling {obj}")
         journal.record(
             "server_changed" if change else "server_added",
             actor=request.user.get_username(),
             obj=obj,
-            fields=sorted(f for f in form.changed_data if f != "new_password"),
+            fields=sorted(set(form.changed_data) - {"new_password", "change_reason", *shorter, *waiting_enabled}),
             credentials_changed="new_password" in form.changed_data,
             credentials_forgotten=getattr(obj, "password_forgotten", False),
         )
@@ -242,8 +273,27 @@ class ServerAdmin(admin.ModelAdmin):
             )
 
 
+class BackupScheduleForm(forms.ModelForm):
+    change_reason = reason_field("Disabling a schedule, or making it fire less often over the next 30 days,")
+
+    class Meta:
+        model = BackupSchedule
+        fields = ["server", "job", "cron", "enabled"]
+
+    def clean(self):
+        cleaned = super().clean()
+        stored = self.instance
+        self.turned_down = {}
+        if stored.pk and "cron" in cleaned:
+            self.turned_down = schedule_turned_down(stored, cleaned["cron"], cleaned.get("enabled", False))
+        if self.turned_down:
+            check_request(self, ChangeRequest.Kind.SCHEDULE_LESS_OFTEN, stored)
+        return cleaned
+
+
 @admin.register(BackupSchedule)
 class BackupScheduleAdmin(admin.ModelAdmin):
+    form = BackupScheduleForm
     list_display = ["server", "job", "cron", "enabled", "next_run"]
     list_filter = ["job", "enabled", "server"]
     list_select_related = ["server"]
@@ -259,7 +309,31 @@ class BackupScheduleAdmin(admin.ModelAdmin):
         # A row saved before crons were checked must not break the page for everyone.
         return next_run(obj.cron) or f"never: {cron_problem(obj.cron)}"
 
+    # Deleting a schedule stops its job: refused, enabled is unticked instead (which waits for
+    # approval). Not by has_delete_permission: a server without backups still takes its schedules.
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+    def delete_view(self, request, object_id, extra_context=None):
+        obj = self.get_object(request, object_id)
+        if obj is None or not self.has_delete_permission(request, obj):
+            return super().delete_view(request, object_id, extra_context)  # refused as any other
+        self.message_user(
+            request,
+            "A schedule is not deleted: untick enabled instead, which waits for another DBA or Sysadmin's approval.",
+            messages.ERROR,
+        )
+        return redirect(reverse("admin:backups_backupschedule_change", args=[object_id]))
+
     def save_model(self, request, obj, form, change):
+        if getattr(form, "turned_down", None):
+            stored = BackupSchedule.objects.select_related("server").get(pk=obj.pk)
+            reason = form.cleaned_data["change_reason"]
+            kind = ChangeRequest.Kind.SCHEDULE_LESS_OFTEN
+            open_request(self, request, kind, stored, reason, form.turned_down, f"The change of {stored}")
+            return
         # The form checked the cron (the model's clean); saved, synced and journaled together.
         schedules.change(obj, actor=request.user.get_username())
 
@@ -281,6 +355,19 @@ class StorageLocationForm(forms.ModelForm):
             "enabled",
         ]
 
+    change_reason = reason_field("Retiring a location (unticking enabled)")
+
+    def clean(self):
+        cleaned = super().clean()
+        stored = self.instance  # its stored values until _post_clean
+        self.retires = bool(stored.pk and stored.enabled and not cleaned.get("enabled"))
+        if self.retires:
+            others = [f for f in self.changed_data if f not in ("enabled", "change_reason")]
+            if others:
+                self.add_error(None, f"Retire the location alone: save the change of {', '.join(others)} first.")
+            check_request(self, ChangeRequest.Kind.RETIRE_LOCATION, stored)
+        return cleaned
+
     def _post_clean(self):
         super()._post_clean()  # the model's clean(): roots, S3 options
         if self.errors or not self.instance.enabled:
@@ -296,7 +383,7 @@ class StorageLocationForm(forms.ModelForm):
 
 
 @admin.register(StorageLocation)
-class StorageLocationAdmin(admin.ModelAdmin):
+class StorageLocationAdmin(RemovalAsRequestAdmin):
     form = StorageLocationForm
     list_display = ["name", "kind", "where", "capacity", "enabled"]
     list_filter = ["kind", "enabled"]
@@ -312,6 +399,11 @@ class StorageLocationAdmin(admin.ModelAdmin):
         return filesizeformat(obj.capacity_bytes) if obj.capacity_bytes else "the filesystem"
 
     def save_model(self, request, obj, form, change):
+        if getattr(form, "retires", False):
+            reason = form.cleaned_data["change_reason"]
+            kind = ChangeRequest.Kind.RETIRE_LOCATION
+            open_request(self, request, kind, StorageLocation.objects.get(pk=obj.pk), reason, what=f"Retiring {obj}")
+            return
         super().save_model(request, obj, form, change)
         journal.record(
             "location_changed" if change else "location_added",

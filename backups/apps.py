@@ -53,6 +53,7 @@ class BackupsConfig(AppConfig):
         journal_anchors.register(anchor_stores)
         journal.register_server_names(server_names)
         # A server's schedules follow it through every save, rename and delete.
-        from backups import binaries, schedules  # noqa: F401  (schedules: its signal receivers)
+        # changes: how each kind of approved change request is made (registered on import).
+        from backups import binaries, changes, schedules  # noqa: F401  (schedules: its signal receivers)
 
         binaries.warn_missing()

@@ -1,5 +1,5 @@
-"""Legal holds on the run page, and the change requests page where a second DBA or Sysadmin
-approves a destructive change (releasing a hold) or rejects it. Never its requester."""
+"""Legal holds and deleting a backup by hand on the run page, and the change requests page where a
+second DBA or Sysadmin approves a destructive change or rejects it. Never its requester."""
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -9,6 +9,7 @@ from django.views.decorators.http import require_POST
 
 from backupportal import journal
 from backupportal.roles import require_perm
+from backups.changes import delete_problem
 from backups.models import BackupHold, BackupRun, ChangeRequest
 
 
@@ -39,6 +40,24 @@ def request_release(request, run_id):
         messages.error(request, e.messages[0])
     else:
         messages.success(request, "Release requested: the hold stays until another DBA or Sysadmin approves it.")
+    return redirect(run)
+
+
+@require_POST
+@require_perm("backups.request_change")
+def request_delete(request, run_id):
+    """Deleting a backup by hand: a change request; the backup stays until it is approved."""
+    run = get_object_or_404(BackupRun.objects.select_related("server"), pk=run_id)
+    problem = delete_problem(run)
+    if problem:
+        messages.error(request, problem)
+        return redirect(run)
+    try:
+        ChangeRequest.open(ChangeRequest.Kind.DELETE_BACKUP, run, request.user, request.POST.get("reason", ""))
+    except ValidationError as e:
+        messages.error(request, e.messages[0])
+    else:
+        messages.success(request, f"Deletion requested: backup #{run.pk} stays until another DBA or Sysadmin approves.")
     return redirect(run)
 
 

@@ -11,6 +11,7 @@ would break the scheduler, so every cron is checked (backupportal.lib.cron) befo
 
 import logging
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save, pre_delete, pre_save
@@ -22,6 +23,9 @@ from backupportal.lib.cron import cron_problem, next_run
 from backups.models import BackupSchedule, Server
 
 SCHEDULED_JOB = "backups.tasks.scheduled_job"
+# Restore tests read backups with the private key: with RESTORE_CLUSTER, only the restore
+# worker's cluster fires them (django-q2 gives a schedule with a cluster to that cluster alone).
+RESTORE_JOBS = {BackupSchedule.Job.RESTORE_TEST, BackupSchedule.Job.MONTHLY_RESTORE_TEST}
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ def sync_schedule(schedule):
         "cron": schedule.cron,
         "repeats": -1,
         "intended_date_kwarg": "scheduled_for",
+        "cluster": cluster_for(schedule.job),
     }
     if q is None:
         return Schedule.objects.create(name=schedule.q_name, next_run=next_run(schedule.cron), **fields)
@@ -68,6 +73,11 @@ def sync_schedule(schedule):
         q.next_run = next_run(schedule.cron)
         q.save()
     return q
+
+
+def cluster_for(job):
+    """The django-q2 cluster that fires this job: the restore worker's for restore tests, if any."""
+    return (settings.RESTORE_CLUSTER or None) if job in RESTORE_JOBS else None
 
 
 def change(schedule, actor):

@@ -13,6 +13,7 @@ urlpatterns = [
     path("runs/<int:run_id>/verify/", views.verify_run, name="verify-run"),
     path("runs/<int:run_id>/hold/", hold_views.hold_run, name="run-hold"),
     path("runs/<int:run_id>/release/", hold_views.request_release, name="run-release"),
+    path("runs/<int:run_id>/delete/", hold_views.request_delete, name="run-delete"),
     path("changes/", hold_views.change_requests, name="changes"),
     path("changes/<int:pk>/approve/", hold_views.change_approve, name="change-approve"),
     path("changes/<int:pk>/reject/", hold_views.change_reject, name="change-reject"),

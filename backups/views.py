@@ -4,8 +4,10 @@ from django.http import Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from backupportal.lib.cron import cron_problem
 from backupportal.roles import require_perm
 from backups import retention
+from backups.changes import request_problem, schedule_turned_down
 from backups.models import BackupRun, ChangeRequest, Server, Verification
 
 
@@ -37,6 +39,9 @@ def run_detail(request, run_id):
     )
     context = {"run": run, "copies": copies, "verifications": verifications, "holds": holds}
     context |= {"active_hold": next((h for h in holds if h.released_at is None), None), "release": pending.first()}
+    context["deletion"] = (
+        ChangeRequest.objects.pending().filter(kind=ChangeRequest.Kind.DELETE_BACKUP, target_id=run.pk).first()
+    )
     return render(request, "backups/run.html", context)
 
 
@@ -97,8 +102,15 @@ def schedule_edit(request, name):
     if job not in BackupSchedule.Job.values:  # never handed to the database (a NUL is a DataError there)
         raise Http404(f"no job {job[:40]!r}")
     schedule = get_object_or_404(BackupSchedule, server=server, job=job)
-    schedule.cron = request.POST.get("cron", "").strip()
-    schedule.enabled = request.POST.get("enabled") == "on"
+    cron, enabled = request.POST.get("cron", "").strip(), request.POST.get("enabled") == "on"
+    problem = cron_problem(cron)
+    if problem:
+        messages.error(request, problem)
+        return redirect(server)
+    turned_down = schedule_turned_down(schedule, cron, enabled)
+    if turned_down:  # disabled, or fewer firings in 30 days: another DBA or Sysadmin approves it
+        return _request_schedule_change(request, schedule, turned_down)
+    schedule.cron, schedule.enabled = cron, enabled
     try:
         schedule.full_clean()
     except ValidationError as e:
@@ -119,3 +131,18 @@ def server_retention(request, name):
     rows = retention.describe(server)
     page = Paginator(rows, 100).get_page(request.GET.get("page"))
     return render(request, "backups/retention.html", {"server": server, "page": page})
+
+
+def _request_schedule_change(request, schedule, changes):
+    reason = request.POST.get("change_reason", "")
+    problem = request_problem(ChangeRequest.Kind.SCHEDULE_LESS_OFTEN, schedule, reason)
+    if problem:
+        messages.error(request, problem)
+        return redirect(schedule.server)
+    change = ChangeRequest.open(ChangeRequest.Kind.SCHEDULE_LESS_OFTEN, schedule, request.user, reason, changes)
+    messages.warning(
+        request,
+        f"{schedule.get_job_display()} of {schedule.server} is unchanged until another DBA or Sysadmin approves "
+        f"change request #{change.pk} ({change.changes_text}).",
+    )
+    return redirect(schedule.server)

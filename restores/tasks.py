@@ -1,6 +1,24 @@
-"""django-q2 tasks for restores: thin wrappers, named by dotted path."""
+"""django-q2 tasks for restores: thin wrappers, named by dotted path.
+
+They read backups, so they need the key that decrypts them: with RESTORE_CLUSTER set they are
+queued for the restore worker's cluster alone (enqueue below), the one host that holds the
+private key in public-key mode (README: Public-key mode).
+"""
+
+from django.conf import settings
+from django_q.tasks import async_task
 
 from backups.models import Server
+
+
+def restore_cluster():
+    """The django-q2 cluster restore tasks go to: RESTORE_CLUSTER, else None (the main cluster)."""
+    return settings.RESTORE_CLUSTER or None
+
+
+def enqueue(func, *args, **kwargs):
+    """Queue a restore, restore-test or rebuild task where the private key is."""
+    return async_task(func, *args, cluster=restore_cluster(), **kwargs)
 
 
 def run_restore_test(server_name, monthly=False, kind="logical", test_id=None):

@@ -4,7 +4,6 @@ from django.core.paginator import Paginator
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
-from django_q.tasks import async_task
 
 from backupportal import journal
 from backupportal.roles import require_perm
@@ -12,6 +11,7 @@ from backups.models import BackupRun, Server
 from restores import sandbox
 from restores.forms import DecisionForm, RestoreRequestForm
 from restores.models import RestoreRequest, RestoreRun, RestoreTest
+from restores.tasks import enqueue
 
 
 def restore_requests(request):
@@ -103,7 +103,7 @@ def restore_request_approve(request, pk):
     journal.record(
         "restore_approved", actor=request.user.get_username(), obj=req, server=req.server.name, note=req.decision_note
     )
-    async_task("restores.tasks.run_request", req.pk, task_name=f"restore request #{req.pk}")
+    enqueue("restores.tasks.run_request", req.pk, task_name=f"restore request #{req.pk}")
     messages.success(request, f"Request #{req.pk} approved; the restore runs on a worker.")
     return redirect(req)
 
@@ -152,7 +152,7 @@ def restore_test_now(request, name):
     test = RestoreTest.objects.create(server=server, kind=kind, phase="queued")
     actor = request.user.get_username()
     journal.record("restore_test_requested", actor=actor, obj=test, server=server.name, kind=kind)
-    async_task(
+    enqueue(
         "restores.tasks.run_restore_test", server.name, kind=kind, test_id=test.pk, task_name=f"restore test {server}"
     )
     messages.success(request, f"Restore test #{test.pk} of {server} queued; this page follows it.")

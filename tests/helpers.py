@@ -483,6 +483,7 @@ ACTIONS = {
     "sandbox-remove": {"DBA"},
     "run-hold": {"DBA"},
     "run-release": {"DBA", "Sysadmin"},
+    "run-delete": {"DBA", "Sysadmin"},
     "change-approve": {"DBA", "Sysadmin"},
     "change-reject": {"DBA", "Sysadmin"},
 }
@@ -517,6 +518,7 @@ def portal_urls(catalog):
         "verify-run": [catalog["run"].pk],
         "run-hold": [catalog["run"].pk],
         "run-release": [catalog["run"].pk],
+        "run-delete": [catalog["run"].pk],
         "change-approve": [catalog[ChangeRequest].pk],
         "change-reject": [catalog[ChangeRequest].pk],
         "verification": [catalog[Verification].pk],
@@ -567,6 +569,7 @@ def post_data(name, catalog):
         "alert-acknowledge": {"note": "seen, on it"},
         "run-hold": {"reason": "case 2026-1"},
         "run-release": {"reason": "the case is closed"},
+        "run-delete": {"reason": "restored into prod by mistake"},
     }.get(name, {"kind": "logical"})
 
 

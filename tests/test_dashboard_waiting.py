@@ -1,5 +1,6 @@
-"""The dashboard's "Waiting for you": restore requests another DBA must decide on, open alerts to
-acknowledge, overdue maintenance; and its alert counts, which are the alerts page's counts."""
+"""The dashboard's "Waiting for you": restore requests and change requests another DBA or Sysadmin
+must decide on, open alerts to acknowledge, overdue maintenance; and its alert counts, which are the
+alerts page's counts."""
 
 import datetime
 import re
@@ -11,7 +12,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from backups.models import Server
+from backups.models import ChangeRequest, Server
 from restores.models import RestoreRequest
 from watching import maintenance
 from watching.models import Alert, MaintenanceTask
@@ -64,6 +65,33 @@ def test_a_dba_sees_the_other_dbas_request_to_decide_and_his_own_as_waiting(clie
     assert "Nothing waits for you." in html
 
 
+def request_change(server, user, **changes):
+    kind = ChangeRequest.Kind.SHORTEN_RETENTION
+    return ChangeRequest.open(
+        kind, server, user, "disk is full", {k: {"from": 30, "to": v} for k, v in changes.items()}
+    )
+
+
+def test_change_requests_wait_for_another_dba_or_sysadmin_never_their_requester(
+    client, alice, bob, sam, charlie, maldives
+):
+    mine = request_change(maldives, alice, base_retention_days=7)
+    hr = Server.objects.create(name="hr", dsn="postgresql://postgres@127.0.0.1:1/hr")
+    theirs = request_change(hr, sam, logical_retention_days=14)
+    theirs_url = f"{reverse('changes')}#change-{theirs.pk}"
+    mine_url = f"{reverse('changes')}#change-{mine.pk}"
+    html = panel(client, alice)
+    assert items(html, "change-to-decide") == [theirs_url]
+    assert items(html, "own-change") == [mine_url]
+    assert "logical retention days: 30 -&gt; 14" in html
+    assert items(panel(client, bob), "change-to-decide") == [mine_url, theirs_url]
+    assert items(panel(client, sam), "change-to-decide") == [mine_url]
+    html = panel(client, charlie)  # an auditor decides nothing
+    assert items(html, "change-to-decide") == items(html, "own-change") == []
+    theirs.approve(bob)
+    assert items(panel(client, alice), "change-to-decide") == []
+
+
 def test_open_alerts_and_overdue_maintenance_link_to_where_they_are_handled(client, sam, charlie, maldives):
     with time_machine.travel(NOON, tick=False):
         maintenance.check_overdue()  # the strategy review was due on 2025-12-02
@@ -110,6 +138,7 @@ def count_queries(client):
 def test_the_panel_costs_the_same_queries_for_one_item_of_each_kind_or_many(client, alice, bob, maldives):
     request_restore(maldives, bob)
     request_restore(maldives, alice)
+    request_change(maldives, bob, keep_weekly=0)
     Alert.objects.create(condition="rpo_breached", subject="server:maldives", server=maldives, message="m")
     MaintenanceTask.objects.create(kind="weekly_verify", due_on=TODAY - datetime.timedelta(days=3))
     client.force_login(alice)
@@ -117,6 +146,9 @@ def test_the_panel_costs_the_same_queries_for_one_item_of_each_kind_or_many(clie
     for n in range(2, 6):
         request_restore(maldives, bob)
         request_restore(maldives, alice)
+        request_change(
+            Server.objects.create(name=f"s{n}", dsn="postgresql://postgres@127.0.0.1:1/x"), bob, keep_yearly=0
+        )
         Alert.objects.create(condition="wal_gap", subject=f"server:s{n}", message="m")
     for kind in ("monthly_restore_test", "annual_dr_drill", "strategy_review"):
         MaintenanceTask.objects.create(kind=kind, due_on=TODAY - datetime.timedelta(days=1))

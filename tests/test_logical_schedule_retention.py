@@ -11,7 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backupportal.models import JournalEntry
-from backups.models import BackupCopy, BackupRun, BackupSchedule
+from backups.models import BackupCopy, BackupRun, BackupSchedule, ChangeRequest
 from backups.schedules import ensure_for
 from backups.tasks import scheduled_job, sync_schedule
 from restores.models import RestoreRun
@@ -247,7 +247,7 @@ def test_a_run_left_running_by_a_dead_worker_is_failed(server):
     assert fresh.status == "running"
 
 
-def test_a_dba_edits_a_schedule_on_the_server_page_with_validation(client, alice, server):
+def test_a_dba_edits_a_schedule_on_the_server_page_with_validation(client, alice, bob, server):
     from django_q.models import Schedule
 
     ensure_for(server)
@@ -261,9 +261,15 @@ def test_a_dba_edits_a_schedule_on_the_server_page_with_validation(client, alice
     assert BackupSchedule.objects.get(server=server, job="logical").cron == "0 2 * * *"
     client.post(reverse("schedule-edit", args=[server.name]), {"job": "logical", "cron": "15 1 * * *", "enabled": "on"})
     assert Schedule.objects.get(name="logical:maldives").cron == "15 1 * * *"
-    client.post(reverse("schedule-edit", args=[server.name]), {"job": "logical", "cron": "15 1 * * *"})
+    # Disabling waits for another DBA or Sysadmin (tests/test_change_requests.py).
+    client.post(
+        reverse("schedule-edit", args=[server.name]), {"job": "logical", "cron": "15 1 * * *", "change_reason": "x"}
+    )
+    assert Schedule.objects.filter(name="logical:maldives").exists()
+    ChangeRequest.objects.get().approve(bob)
     assert not Schedule.objects.filter(name="logical:maldives").exists()  # disabled: no django-q2 schedule
-    assert JournalEntry.objects.filter(action="schedule_changed", actor="alice").count() == 2
+    assert JournalEntry.objects.filter(action="schedule_changed", actor="alice").count() == 1
+    assert JournalEntry.objects.filter(action="schedule_changed", actor="alice (approved by bob)").count() == 1
 
 
 def test_a_sysadmin_cannot_edit_schedules(client, sam, server):

@@ -11,7 +11,7 @@ from django.db.models import OuterRef, Prefetch, Subquery
 from django.utils import timezone
 
 from backupportal.roles import role_may
-from backups.models import BackupRun, Server, StorageLocation
+from backups.models import BackupRun, ChangeRequest, Server, StorageLocation
 from restores.models import RestoreRequest, RestoreTest
 from watching.models import Alert, MaintenanceTask
 
@@ -24,15 +24,19 @@ WAITING_ALERTS_SHOWN = 10
 def waiting_for(user):
     """What waits for this user, each item with the page where it is handled.
 
-    Restore requests another DBA must approve (the requester sees his own as waiting), open
-    alerts to acknowledge, overdue maintenance: each only to a role that may act on it.
+    Restore requests and change requests (destructive changes) another DBA or Sysadmin must
+    approve (the requester sees his own as waiting), open alerts to acknowledge, overdue
+    maintenance: each only to a role that may act on it.
     """
     pending = list(RestoreRequest.objects.pending().select_related("server", "requested_by").order_by("requested_at"))
+    changes = list(ChangeRequest.objects.pending().select_related("requested_by").order_by("requested_at"))
     may_acknowledge = role_may(user, "watching.acknowledge_alert")
     alerts = Alert.objects.in_state("open").select_related("server", "location").order_by("opened_at", "pk")
     return {
         "to_decide": [r for r in pending if r.awaits_decision_by(user)],
         "own_requests": [r for r in pending if r.requested_by_id == user.pk],
+        "changes_to_decide": [c for c in changes if c.awaits_decision_by(user)],
+        "own_changes": [c for c in changes if c.requested_by_id == user.pk],
         "to_acknowledge": list(alerts[:WAITING_ALERTS_SHOWN]) if may_acknowledge else [],
         "overdue": list(MaintenanceTask.objects.overdue()) if role_may(user, "watching.complete_maintenance") else [],
     }

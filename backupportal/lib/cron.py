@@ -79,6 +79,36 @@ def next_runs(cron, count=3, after=None):
     return runs
 
 
+def firings(cron, days=30, after=None):
+    """How many times `cron` fires in the `days` whole days (TIME_ZONE) from the day of `after`
+    (default today): what a change of schedule is measured by (fewer is a destructive change).
+
+    Counted day by day with croniter's own matching (its day-of-month OR day-of-week rule, L,
+    #n), times the day's minutes: exact, and quick even for every minute (43,200 a month).
+    """
+    _, _, day, month, weekday = cron.split()
+    expanded = croniter.expand(cron)[0]
+    per_day = _count(expanded[0], 60) * _count(expanded[1], 24)
+    first_minute, first_hour = _first(expanded[0]), _first(expanded[1])
+    # The day's first firing stands for the day: it matches when the day does.
+    day_cron = f"{first_minute} {first_hour} {day} {month} {weekday}"
+    start = timezone.localtime(after).date()
+    total = 0
+    for n in range(days):
+        d = start + timedelta(days=n)
+        if croniter.match(day_cron, datetime(d.year, d.month, d.day, first_hour, first_minute)):
+            total += per_day
+    return total
+
+
+def _count(values, whole):
+    return whole if values == ["*"] else len(set(values))
+
+
+def _first(values):
+    return 0 if values == ["*"] else min(values)
+
+
 # --- In words: "at 02:00, every day", "every 15 minutes, on Monday to Friday". ---------------
 
 DAYS = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]

@@ -2,9 +2,10 @@
 
 A held backup is never deleted by retention (nor what it needs to restore). Releasing a hold is
 a destructive change: a ChangeRequest that another DBA or Sysadmin approves, never its author;
-until then the hold stays. ChangeRequest is generic (a kind and a target) so that the issue's
-other destructive changes (shorter retention, schedule off, deleting a backup or a location)
-can wait for approval the same way.
+until then the hold stays. ChangeRequest is generic (a kind, a target and the fields it sets):
+shorter retention, a schedule off or firing less often, deleting a backup by hand, removing or
+retiring a location wait the same way. Each kind is applied by one small function registered
+with ChangeRequest.applies (releasing a hold here, the others in backups.changes).
 """
 
 from django.conf import settings
@@ -83,19 +84,29 @@ class ChangeRequest(models.Model):
 
     class Kind(models.TextChoices):
         RELEASE_HOLD = "release_hold", "Release a legal hold"
+        SHORTEN_RETENTION = "shorten_retention", "Shorten retention"
+        SCHEDULE_LESS_OFTEN = "schedule_less_often", "Disable a schedule or make it fire less often"
+        DISABLE_SERVER = "disable_server", "Disable a server (every schedule of it)"
+        DELETE_BACKUP = "delete_backup", "Delete a backup by hand"
+        REMOVE_LOCATION = "remove_location", "Remove a storage location"
+        RETIRE_LOCATION = "retire_location", "Retire (disable) a storage location"
 
     class State(models.TextChoices):
         PENDING = "pending", "Waiting for approval"
         APPROVED = "approved", "Approved and applied"
         REJECTED = "rejected", "Rejected"
 
-    # What each kind's target is, and how an approved request is applied to it.
-    TARGETS = {Kind.RELEASE_HOLD: (BackupHold, "release")}
+    # Each kind: (the model of its target, the function applying an approved request to it, as
+    # apply(target, change)). Filled by ChangeRequest.applies; a new kind is a Kind and a function.
+    APPLY = {}
 
     kind = models.CharField(max_length=32, choices=Kind.choices)
     target_id = models.BigIntegerField(help_text="the pk of the row the change is about (its kind says which model)")
     target_repr = models.CharField(max_length=200, help_text="what the target was when the change was requested")
     reason = models.TextField()
+    changes = models.JSONField(
+        default=dict, blank=True, help_text='the fields it sets, {field: {"from": old, "to": new}}; empty: none'
+    )
     state = models.CharField(max_length=8, choices=State.choices, default=State.PENDING)
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     requested_at = models.DateTimeField(default=timezone.now)
@@ -117,20 +128,52 @@ class ChangeRequest(models.Model):
     def __str__(self):
         return f"Change request #{self.pk}: {self.get_kind_display()} ({self.target_repr})"
 
+    @classmethod
+    def applies(cls, kind, model):
+        """Register `apply(target, change)` as how an approved request of `kind` (about a `model`) is made."""
+
+        def register(apply):
+            cls.APPLY[kind] = (model, apply)
+            return apply
+
+        return register
+
     @property
     def target(self):
-        model, _ = self.TARGETS[self.kind]
-        return model.objects.get(pk=self.target_id)
+        model, _ = self.APPLY[self.kind]
+        try:
+            return model.objects.get(pk=self.target_id)
+        except model.DoesNotExist:
+            raise ValidationError(
+                f"{self.target_repr} no longer exists: change request #{self.pk} cannot be made."
+            ) from None
+
+    @property
+    def changes_text(self):
+        """The fields it sets, as a DBA reads them: "keep weekly: 4 -> 0"."""
+        return "; ".join(f"{f.replace('_', ' ')}: {c['from']} -> {c['to']}" for f, c in self.changes.items())
 
     @classmethod
-    def open(cls, kind, target, user, reason):
+    def open(cls, kind, target, user, reason, changes=None):
+        """Ask for a change of `target`; one of each kind per target waits at a time. Journaled."""
         if not role_may(user, "backups.request_change"):
             raise PermissionDenied("Only a DBA or a Sysadmin asks for a destructive change.")
         reason = (reason or "").strip()
         if not reason:
             raise ValidationError("Give the reason for the change: the approver and auditors read it.")
+        waiting = cls.objects.pending().filter(kind=kind, target_id=target.pk).first()
+        if waiting is not None:
+            raise ValidationError(
+                f"Change request #{waiting.pk} ({waiting.get_kind_display().lower()} of {target}) is already "
+                "waiting: have it approved or rejected first."
+            )
         change = cls.objects.create(
-            kind=kind, target_id=target.pk, target_repr=str(target)[:200], reason=reason, requested_by=user
+            kind=kind,
+            target_id=target.pk,
+            target_repr=str(target)[:200],
+            reason=reason,
+            changes=changes or {},
+            requested_by=user,
         )
         journal.record(
             "change_requested",
@@ -138,6 +181,7 @@ class ChangeRequest(models.Model):
             obj=change,
             kind=kind,
             target=change.target_repr,
+            changes=change.changes,
             reason=reason,
         )
         return change
@@ -153,6 +197,13 @@ class ChangeRequest(models.Model):
     def approve(self, user):
         """Four eyes: apply the change, journaled. Never by its author, never by an Auditor."""
         self._check_decider(user)
+        try:
+            self._apply(user)
+        except ValidationError:
+            self.refresh_from_db()  # rolled back: still pending
+            raise
+
+    def _apply(self, user):
         with transaction.atomic():
             if (
                 not ChangeRequest.objects.pending()
@@ -160,11 +211,17 @@ class ChangeRequest(models.Model):
                 .update(state=self.State.APPROVED, decided_by=user, decided_at=timezone.now())
             ):
                 raise ValidationError(f"Change request #{self.pk} was decided meanwhile.")
-            _, apply = self.TARGETS[self.kind]
-            getattr(self.target, apply)(self)
             self.refresh_from_db()
+            # Refused by its function (the backup was held meanwhile, say): all rolled back.
+            _, apply = self.APPLY[self.kind]
+            apply(self.target, self)
             journal.record(
-                "change_approved", actor=user.get_username(), obj=self, kind=self.kind, target=self.target_repr
+                "change_approved",
+                actor=user.get_username(),
+                obj=self,
+                kind=self.kind,
+                target=self.target_repr,
+                changes=self.changes,
             )
 
     def reject(self, user):
@@ -185,3 +242,8 @@ class ChangeRequest(models.Model):
             raise PermissionDenied("You cannot decide on your own change request: another DBA or Sysadmin must.")
         if self.state != self.State.PENDING:
             raise ValidationError(f"Change request #{self.pk} is {self.state}, not waiting for a decision.")
+
+
+@ChangeRequest.applies(ChangeRequest.Kind.RELEASE_HOLD, BackupHold)
+def release_hold(hold, change):
+    hold.release(change)
