@@ -7,11 +7,12 @@ dashboard's first panel: what the logged-in user is to act on.
 
 from datetime import timedelta
 
+from django.conf import settings
 from django.db.models import OuterRef, Prefetch, Subquery
 from django.utils import timezone
 
 from backupportal.roles import role_may
-from backups.models import BackupRun, Server, StorageLocation
+from backups.models import BackupRun, PortalBackup, Server, StorageLocation
 from restores.models import RestoreRequest, RestoreTest
 from watching.models import Alert, MaintenanceTask
 
@@ -149,3 +150,20 @@ def storage_legend():
         ("red", f"under {red:.0%} free (the minimum the strategy sets), or free space unreadable"),
         ("grey", "not measured: no capacity known"),
     ]
+
+
+def portal_backup(now=None):
+    """The portal's own database as the dashboard shows it: its newest good selfbackup, a newer
+    failed one, and a colour (red past SELFBACKUP_MAX_AGE_HOURS or never, as the monitor holds it)."""
+    now = now or timezone.now()
+    newest = PortalBackup.objects.newest_good()
+    failed = PortalBackup.objects.filter(status=PortalBackup.Status.FAILED).order_by("-finished_at").first()
+    if failed and newest and failed.finished_at < newest.finished_at:
+        failed = None
+    fresh = newest is not None and newest.age(now) <= timedelta(hours=settings.SELFBACKUP_MAX_AGE_HOURS)
+    return {
+        "newest": newest,
+        "failed": failed,
+        "colour": "green" if fresh and not failed else "amber" if fresh else "red",
+        "max_age_hours": settings.SELFBACKUP_MAX_AGE_HOURS,
+    }
