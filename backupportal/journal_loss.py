@@ -13,6 +13,9 @@ HMAC; those marks are then no longer this journal's to meet, and it verifies aga
 Without a portal_restored entry nothing is set aside: entries cut off the end are tampering.
 """
 
+import hashlib
+import hmac
+
 from django.core.management.base import CommandError
 
 from backupportal import journal_anchors
@@ -21,6 +24,18 @@ from backupportal import journal_anchors
 RESTORED = "portal_restored"
 # A person said the entries the anchors name past the restored end were lost with the host.
 LOSS_ACKNOWLEDGED = "journal_loss_acknowledged"
+
+
+# A selfbackup's `.json` carries the journal key's MAC of this constant: a new host tells that it
+# holds the right JOURNAL_KEY_FILE before it restores anything, and the MAC gives the key away to nobody.
+KEY_CHECK_TEXT = b"backupportal: the journal key that signs this journal"
+
+
+def key_check():
+    """HMAC-SHA256 of KEY_CHECK_TEXT under JOURNAL_KEY_FILE (JournalKeyMissing when there is none)."""
+    from backupportal.journal import _read_key
+
+    return hmac.new(_read_key(), KEY_CHECK_TEXT, hashlib.sha256).hexdigest()
 
 
 class NothingLost(CommandError):

@@ -13,6 +13,7 @@ anchors past that end as entries lost with the host, until a person acknowledges
 """
 
 import hashlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -47,6 +48,7 @@ def restore(path, actor):
     if not path.is_file():
         raise RestoreRefused(f"{path} is not a file: give the selfbackup fetched from a storage location")
     sha256, checked = check_sha256(path)
+    check_journal_key(path)
     try:
         encryption = Encryption()
     except EncryptionError as e:
@@ -61,6 +63,7 @@ def restore(path, actor):
         raise RestoreRefused(
             f"the restored journal does not open with {settings.JOURNAL_KEY_FILE} (JOURNAL_KEY_FILE): "
             "put the old portal's journal key there (it is never in the selfbackup), then run verifyjournal"
+            " (fetch the selfbackup's .json with it next time: restoreportal then checks the key first)"
         )
     moved = _set_old_head_aside()
     count = JournalEntry.objects.count()
@@ -105,6 +108,27 @@ def check_sha256(path):
             "incomplete; fetch it again (or another day's) from a storage location"
         )
     return actual, True
+
+
+def check_journal_key(path):
+    """The `.json` beside the file (when fetched with it) says which journal key signs its journal."""
+    beside = path.with_name(path.name + ".json")
+    if not beside.is_file():
+        return
+    try:
+        expected = json.loads(beside.read_text()).get("journal_key_check", "")
+    except (ValueError, AttributeError):
+        raise RestoreRefused(
+            f"{beside.name} is not the JSON a selfbackup writes: fetch it again, or leave it out"
+        ) from None
+    if expected and expected != journal_loss.key_check():
+        raise RestoreRefused(_WRONG_KEY)
+
+
+_WRONG_KEY = (
+    "the selfbackup's journal was not signed with the key in JOURNAL_KEY_FILE: put the old portal's journal "
+    "key there (it is never in the selfbackup), then run restoreportal again"
+)
 
 
 class _Sink:

@@ -16,6 +16,7 @@ SECRETS_KEY_FILE, SIGNING_KEY_DIR and the passphrase, which live outside the dat
 README says where a restored portal gets them.
 """
 
+import json
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from backupportal import journal
+from backupportal import journal, journal_loss
 from backups import anchors
 from backups.binaries import client_tool
 from backups.crypto import Encryption, EncryptionError
@@ -86,7 +87,7 @@ def _take(row, started):
     dump = _sqlite_into if row.engine == "sqlite" else _postgres_into
     (row.size, row.sha256), (row.journal_entry, row.journal_count) = dump(primary, row.key, encryption)
     row.copies = [_copy_result(targets[0], primary, row, "ok", row.sha256)]
-    _write_sha256_file(primary, row)
+    _write_sidecars(primary, row)
     for location in targets[1:]:
         row.copies.append(_copy_to(location, primary, row))
 
@@ -173,17 +174,33 @@ def _copy_to(location, primary, row):
         if sha256 != row.sha256:
             store.delete(row.key)
             raise StorageError(f"the copy's sha256 {sha256} is not the primary's {row.sha256}: removed")
-        _write_sha256_file(store, row)
+        _write_sidecars(store, row)
     except (OSError, StorageError) as e:
         return _copy_result(location, store, row, "failed", error=str(e))
     return _copy_result(location, store, row, "ok", sha256)
 
 
-def _write_sha256_file(store, row):
-    """`sha256sum -c` reads it: a fresh host checks the file before it restores (no catalog there)."""
-    with store.writer(row.key + ".sha256") as out:
-        out.write(f"{row.sha256}  {Path(row.key).name}\n".encode())
-        out.commit()
+SIDECARS = (".sha256", ".json")
+
+
+def _write_sidecars(store, row):
+    """Beside the file, for a new host that has no catalog yet: `.sha256` (`sha256sum -c` reads it)
+    and `.json` (what it holds, and the journal key's check: restoreportal refuses a wrong key
+    before it restores anything). Neither holds a secret."""
+    about = {
+        "file": Path(row.key).name,
+        "sha256": row.sha256,
+        "engine": row.engine,
+        "taken_at": row.started_at.isoformat(timespec="seconds"),
+        "journal_entry": row.journal_entry,
+        "journal_count": row.journal_count,
+        "journal_key_check": journal_loss.key_check(),
+    }
+    texts = {".sha256": f"{row.sha256}  {Path(row.key).name}\n", ".json": json.dumps(about, indent=1) + "\n"}
+    for suffix in SIDECARS:
+        with store.writer(row.key + suffix) as out:
+            out.write(texts[suffix].encode())
+            out.commit()
 
 
 # --- The journal, and keeping SELFBACKUP_KEEP of them. --------------------------------------
@@ -212,8 +229,8 @@ def remove_old(actor):
         try:
             for copy in old.copies:
                 if copy["location"] in stores and copy["status"] == "ok":
-                    stores[copy["location"]].delete(old.key)
-                    stores[copy["location"]].delete(old.key + ".sha256")
+                    for key in [old.key] + [old.key + suffix for suffix in SIDECARS]:
+                        stores[copy["location"]].delete(key)
         except (OSError, StorageError):
             continue  # kept in the catalog: the next selfbackup tries again
         old.deleted_at = timezone.now()

@@ -101,8 +101,8 @@ def new_host(settings, tiers, passphrase_file):
 
 
 def fetch_from_s3(tiers, key, into):
-    """What a DBA does on the new host: the file and its .sha256, from the bucket with plain boto3."""
-    for name in (key, key + ".sha256"):
+    """What a DBA does on the new host: the file, its .sha256 and .json, from the bucket with plain boto3."""
+    for name in (key, key + ".sha256", key + ".json"):
         tiers.s3.download_file(tiers.bucket, f"backupportal/{name}", str(into / Path(name).name))
     return into / Path(key).name
 
@@ -216,3 +216,48 @@ def test_the_daily_schedule_runs_the_selfbackup(settings, tiers, passphrase_file
     assert selfbackup() == "succeeded"
     assert PortalBackup.objects.get().requested_by == "job:selfbackup"
     assert os.listdir(Path(tiers.nas) / "portal")
+
+
+def test_restoreportal_never_restores_over_a_database_in_use(tiers, passphrase_file, server):
+    result = run_command("selfbackup")
+    again = run_command("restoreportal", str(Path(tiers.primary) / result["key"]))
+    assert again["_exit"] == 1 and "already holds tables" in again["_stderr"]
+    assert "\n" not in again["_stderr"].strip()
+
+
+def test_restoreportal_refuses_a_file_that_does_not_match_its_sha256(tiers, passphrase_file, tmp_path):
+    result = run_command("selfbackup")
+    copy = tmp_path / Path(result["key"]).name
+    data = bytearray((Path(tiers.primary) / result["key"]).read_bytes())
+    data[-100] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    shutil.copy(Path(tiers.primary) / (result["key"] + ".sha256"), tmp_path)
+    refused = run_command("restoreportal", str(copy))
+    assert refused["_exit"] == 1 and "the file is damaged or incomplete" in refused["_stderr"]
+
+
+def test_restoreportal_refuses_a_journal_key_that_does_not_open_the_journal(
+    settings, tiers, passphrase_file, server, new_host
+):
+    env, var = new_host
+    Path(env["JOURNAL_KEY_FILE"]).write_text("0" * 64)
+    journal.record("admin_changed", actor="alice", outcome="info")
+    result = run_command("selfbackup")
+    # Told by the .json beside the file, before anything is restored.
+    refused = portal(env, "restoreportal", str(Path(tiers.primary) / result["key"]), check=False)
+    assert refused.returncode == 1
+    assert "not signed with the key in JOURNAL_KEY_FILE" in refused.stderr.strip().splitlines()[-1]
+    assert (
+        "Tables:[]"
+        in portal(
+            env,
+            "shell",
+            "-c",
+            "from django.db import connection; print('Tables:' + str(connection.introspection.table_names()))",
+        ).stdout
+    )
+    # Without the .json, the restored journal itself is checked: refused all the same.
+    alone = var / Path(result["key"]).name
+    shutil.copy(Path(tiers.primary) / result["key"], alone)
+    refused = portal(env, "restoreportal", str(alone), check=False)
+    assert refused.returncode == 1 and "does not open with" in refused.stderr
