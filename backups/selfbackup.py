@@ -86,8 +86,12 @@ def _take(row, started):
     primary = store_for(targets[0])
     dump = _sqlite_into if row.engine == "sqlite" else _postgres_into
     (row.size, row.sha256), (row.journal_entry, row.journal_count) = dump(primary, row.key, encryption)
+    try:
+        _write_sidecars(primary, row)
+    except (OSError, StorageError) as e:
+        primary.delete(row.key)  # a file no new host could check is no backup
+        raise BackupFailed(f"the .sha256 and .json beside the backup could not be written: {e}") from None
     row.copies = [_copy_result(targets[0], primary, row, "ok", row.sha256)]
-    _write_sidecars(primary, row)
     for location in targets[1:]:
         row.copies.append(_copy_to(location, primary, row))
 
