@@ -8,7 +8,7 @@ dashboard's first panel: what the logged-in user is to act on.
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import OuterRef, Prefetch, Subquery
+from django.db.models import OuterRef, Prefetch, Q, Subquery
 from django.utils import timezone
 
 from backupportal.roles import role_may
@@ -156,10 +156,12 @@ def portal_backup(now=None):
     """The portal's own database as the dashboard shows it: its newest good selfbackup, a newer
     failed one, and a colour (red past SELFBACKUP_MAX_AGE_HOURS or never, as the monitor holds it)."""
     now = now or timezone.now()
-    newest = PortalBackup.objects.newest_good()
-    failed = PortalBackup.objects.filter(status=PortalBackup.Status.FAILED).order_by("-finished_at").first()
-    if failed and newest and failed.finished_at < newest.finished_at:
-        failed = None
+    # One query while the newest attempt succeeded (the usual day); a second only after a failure.
+    shown = Q(status=PortalBackup.Status.FAILED) | Q(deleted_at=None)
+    newest = PortalBackup.objects.filter(shown).order_by("-finished_at", "-pk").first()
+    failed = None
+    if newest is not None and newest.status == PortalBackup.Status.FAILED:
+        failed, newest = newest, PortalBackup.objects.newest_good()
     fresh = newest is not None and newest.age(now) <= timedelta(hours=settings.SELFBACKUP_MAX_AGE_HOURS)
     return {
         "newest": newest,
