@@ -146,3 +146,18 @@ def test_wrong_input_is_refused_in_one_line_and_nothing_is_stored(
     assert not BackupRun.objects.exists() and files_in(tiers.primary, tiers.nas) == before
     assert "Contents" not in tiers.s3.list_objects_v2(Bucket=tiers.bucket)
     assert not JournalEntry.objects.filter(action="backup_imported").exists()
+
+
+def test_an_imported_dump_restores_onto_another_server_with_a_warning_for_its_missing_globals(
+    tiers, passphrase_file, server, sample_cluster, pg_cluster_of, tmp_path
+):
+    from tests.helpers import register, restore_json
+
+    other = pg_cluster_of(15)
+    register(other, "island", "postgres")
+    dump = stock_dump(sample_cluster, tmp_path / "nightly.dump")
+    run_id = run_command("importbackup", str(dump), "--server", "maldives")["id"]
+    result = restore_json(str(run_id), "--into-database", "from_elsewhere", "--into-server", "island")
+    assert result["status"] == "succeeded with warnings", result
+    assert any("imported without its globals" in w for w in result["warnings"])
+    assert table_digests(other, "from_elsewhere") == table_digests(sample_cluster, "reliabilitymaldives")
