@@ -18,6 +18,7 @@ become consistent, nor one on the way from the base backup that reaches the star
 window to now: any moment of the window stays recoverable. History files are tiny and kept.
 """
 
+from collections import Counter
 from datetime import timedelta
 from operator import attrgetter
 
@@ -38,6 +39,22 @@ DAYS_FIELD = {
 KINDS = list(DAYS_FIELD)
 
 
+class PlanRun:
+    """A good run as the rules read it: a few columns, not a model instance, because a server page
+    plans every good backup of the server (thousands on a catalog nobody pruned). The properties
+    the rules use are BackupRun's own."""
+
+    Kind = BackupRun.Kind
+    COLUMNS = ["pk", "kind", "database_id", "database__name", "finished_at", "details", "start_wal"]
+    method = BackupRun.method
+    parent_run_id = BackupRun.parent_run_id
+    stop_time = BackupRun.stop_time
+
+    def __init__(self, pk, kind, database_id, database_name, finished_at, details, start_wal):
+        self.pk, self.kind, self.database_id, self.database_name = pk, kind, database_id, database_name
+        self.finished_at, self.details, self.start_wal = finished_at, details, start_wal
+
+
 def _days(server, kind):
     return getattr(server, DAYS_FIELD[kind])
 
@@ -49,8 +66,8 @@ def plan(server, now=None):
 
     A handful of queries per server, whatever the number of backups."""
     now = now or timezone.now()
-    good = server.runs.good().exclude(finished_at=None).select_related("database")
-    runs = [r for r in good if r.kind != BackupRun.Kind.INCREMENTAL or r.method == "block"]
+    good = server.runs.good().exclude(finished_at=None).values_list(*PlanRun.COLUMNS)
+    runs = [r for r in (PlanRun(*row) for row in good) if r.kind != BackupRun.Kind.INCREMENTAL or r.method == "block"]
     kept = {}
     for kind, series in _series(runs):
         if kind == BackupRun.Kind.INCREMENTAL:
@@ -127,14 +144,16 @@ def describe(server, now=None):
     """plan() as rows for the dry run and the server page: each backup with the rule that keeps
     it, or the day it goes (today: on the next pass)."""
     now = now or timezone.now()
+    dsn_database = server.dbname  # a logical run from before databases dumped the DSN's
     rows = []
     for run, rule in plan(server, now).items():
+        logical = run.kind == BackupRun.Kind.LOGICAL
         rows.append(
             {
                 "id": run.pk,
                 "server": server.name,
                 "kind": run.kind,
-                "database": run.database_name if run.kind == BackupRun.Kind.LOGICAL else "",
+                "database": (run.database_name if run.database_id else dsn_database) if logical else "",
                 "finished_at": run.finished_at.isoformat(),
                 "kept_by": rule,
                 "goes": None if rule else timezone.localtime(now).date().isoformat(),
@@ -144,6 +163,30 @@ def describe(server, now=None):
             }
         )
     return rows
+
+
+def card(server, now=None, newest=10, going=20):
+    """The server page's retention card, the same size whatever the number of backups: how many
+    each rule keeps, the backups the next pass deletes (at most `going`) and the newest `newest`.
+    The server's retention page lists every backup, a page at a time."""
+    rows = describe(server, now)
+    gone = [row for row in rows if not row["kept_by"]]
+    counts = Counter(rule_name(row["kept_by"]) for row in rows)
+    return {
+        "total": len(rows),
+        "counts": sorted(counts.items(), key=lambda item: -item[1]),
+        "going": gone[:going],
+        "going_more": len(gone) - len(gone[:going]),
+        "newest": rows[:newest],
+    }
+
+
+def rule_name(rule):
+    """A rule without its period or run: "daily 2026-12-01" -> "daily", "chain of #12" -> "chain of"."""
+    if not rule:
+        return "goes on the next pass"
+    head, _, tail = rule.rpartition(" ")
+    return head if head and (tail[:1].isdigit() or tail.startswith("#")) else rule
 
 
 def apply(now=None, dry_run=False, actor="job:retention"):
@@ -157,7 +200,7 @@ def apply(now=None, dry_run=False, actor="job:retention"):
                 {"id": run.pk, "server": server.name, "kind": run.kind, "finished_at": run.finished_at.isoformat()}
             )
             if not dry_run:
-                delete_run_artifacts(run, actor)
+                delete_run_artifacts(BackupRun.objects.get(pk=run.pk), actor)
     return deleted
 
 

@@ -7,6 +7,7 @@ from backups import hold_views, views
 urlpatterns = [
     path("servers/<str:name>/backup/", views.backup_now, name="backup-now"),
     path("servers/<str:name>/schedule/", views.schedule_edit, name="schedule-edit"),
+    path("servers/<str:name>/retention/", views.server_retention, name="server-retention"),
     path("runs/<int:run_id>/", views.run_detail, name="run"),
     path("runs/<int:run_id>/progress.json", views.run_progress, name="run-progress"),
     path("runs/<int:run_id>/verify/", views.verify_run, name="verify-run"),

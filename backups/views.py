@@ -1,9 +1,11 @@
 from django.contrib import messages
+from django.core.paginator import Paginator
 from django.http import Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from backupportal.roles import require_perm
+from backups import retention
 from backups.models import BackupRun, ChangeRequest, Server, Verification
 
 
@@ -108,3 +110,12 @@ def schedule_edit(request, name):
         f"{schedule.get_job_display()} of {server} now runs at '{schedule.cron}' ({'enabled' if schedule.enabled else 'disabled'}).",
     )
     return redirect(server)
+
+
+def server_retention(request, name):
+    """Every good backup of a server with the rule that keeps it or the day it goes, 100 a page
+    (the dry run of `retention`, in the browser)."""
+    server = get_object_or_404(Server, name=name)
+    rows = retention.describe(server)
+    page = Paginator(rows, 100).get_page(request.GET.get("page"))
+    return render(request, "backups/retention.html", {"server": server, "page": page})

@@ -507,6 +507,7 @@ def portal_urls(catalog):
     request, restore = catalog[RestoreRequest], catalog[RestoreRun]
     args = {
         "server": [catalog["server"].name],
+        "server-retention": [catalog["server"].name],
         "backup-now": [catalog["server"].name],
         "restore-test-now": [catalog["server"].name],
         "schedule-edit": [catalog["server"].name],

@@ -25,6 +25,7 @@ READ = {
     "dashboard",
     "coverage",
     "server",
+    "server-retention",
     "run",
     "run-progress",
     "verification",

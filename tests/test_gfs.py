@@ -263,11 +263,38 @@ def test_the_server_page_shows_the_rule_of_each_backup_in_flat_queries(db, clien
             backup(server, datetime(2026, month, 10, 2, tzinfo=MALE))
             backup(server, datetime(2026, month, 20, 2, tzinfo=MALE), "base")
         text, many = card()
+        listed = client.get(reverse("server-retention", args=[server.name])).content.decode()
     assert few == many
     assert "daily 2026-12-02" in text and "<small>until 2027-01-01</small>" in text
     assert "daily 2026-11-10" in text and "monthly 2026-10" in text  # November's is within the 30 days
     # 12 of each kind: December's, November's (both daily) and October's (monthly) are kept.
-    assert text.count("goes 2026-12-03") == 9 + 9
+    going = text.split("<h3>Newest</h3>")[0]
+    assert going.count("goes 2026-12-03") == 9 + 9
+    assert "24 good backups: 18 goes on the next pass, 4 daily, 2 monthly." in text
+    # The whole list, on a page of its own: every backup once, with its rule.
+    assert listed.count("goes 2026-12-03") == 18 and listed.count("daily 2026-") == 4
+    assert listed.count("monthly 2026-10") == 2
+
+
+def test_the_retention_card_stays_small_with_thousands_of_backups(db, client, alice):
+    """The card shows the counts, the next pass's deletions (at most 20) and the newest 10;
+    the retention page shows the rest, 100 a page."""
+    from django.urls import reverse
+
+    server = make_server(retention_floor=1)
+    first = datetime(2024, 12, 1, 2, tzinfo=MALE)  # the newest: 2026-10-31, older than the 30 days
+    BackupRun.objects.bulk_create(
+        BackupRun(server=server, kind="logical", status="succeeded", started_at=at, finished_at=at)
+        for at in (first + timedelta(days=n) for n in range(700))
+    )
+    client.force_login(alice)
+    with time_machine.travel(datetime(2026, 12, 3, 3, tzinfo=MALE), tick=False):
+        page = client.get(reverse("server", args=[server.name])).content.decode()
+        second = client.get(reverse("server-retention", args=[server.name]), {"page": 2}).content.decode()
+    card = page.split('id="retention">')[1].split("</section>")[0]
+    assert "700 good backups: 699 goes on the next pass, 1 floor." in card
+    assert card.count("goes 2026-12-03") == 20 + 9 and "and 679 more" in card
+    assert "page 2 of 7" in second and second.count("goes 2026-12-03") == 100
 
 
 def test_a_held_backups_files_stay_on_their_location_until_the_release_is_approved(db, settings, tmp_path, alice, bob):

@@ -11,7 +11,7 @@ them on the coverage page. Computed in a fixed number of queries, whatever the n
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db.models import OuterRef, Prefetch, Subquery
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from backups.models import BackupCopy, BackupRun, BackupSchedule, Database, Server, StorageLocation
@@ -60,6 +60,7 @@ def rows(servers=None, now=None):
     """A Row for every database of `servers` (default: all), chosen ones first, gaps found."""
     now = now or timezone.now()
     databases = list(_databases(servers))
+    schedules = _logical_schedules(servers)
     newest_ids = [db.newest_id for db in databases if db.newest_id]
     runs = BackupRun.objects.in_bulk(newest_ids)
     tiers = {}
@@ -74,7 +75,7 @@ def rows(servers=None, now=None):
     for db in databases:
         row = Row(
             database=db,
-            schedule=next((s for s in db.server.logical_schedules), None),
+            schedule=schedules.get(db.server_id),
             newest=runs.get(db.newest_id),
             tiers=sorted(tiers.get(db.newest_id, ())),
             rpo=rpo_health(db.server, now),
@@ -93,10 +94,8 @@ def _databases(servers):
     passed = tests.filter(status=RestoreTest.Status.PASSED, duration_s__isnull=False)
     base = BackupRun.objects.good().filter(server=OuterRef("server"), kind=BackupRun.Kind.BASE)
     queryset = Database.objects.all() if servers is None else Database.objects.filter(server__in=servers)
-    schedules = BackupSchedule.objects.filter(job=BackupSchedule.Job.LOGICAL, enabled=True)
     return (
         queryset.select_related("server", "server__rpo_status")
-        .prefetch_related(Prefetch("server__schedules", queryset=schedules, to_attr="logical_schedules"))
         .annotate(
             newest_id=Subquery(good.values("pk")[:1]),
             test_id=Subquery(tests.order_by("-started_at", "-pk").values("pk")[:1]),
@@ -105,6 +104,18 @@ def _databases(servers):
         )
         .order_by("server__name", "-protected", "name")
     )
+
+
+def _logical_schedules(servers):
+    """{server id: its enabled logical schedule}. One query, also when there is no database yet
+    (a prefetch would skip it then: the page's query count would depend on the rows)."""
+    schedules = BackupSchedule.objects.filter(job=BackupSchedule.Job.LOGICAL, enabled=True).order_by("pk")
+    if servers is not None:
+        schedules = schedules.filter(server__in=servers)
+    found = {}
+    for schedule in schedules:
+        found.setdefault(schedule.server_id, schedule)
+    return found
 
 
 def gaps_of(row, now):

@@ -120,7 +120,7 @@ def server_detail(request, name, critical_form=None):
         "coverage": coverage.rows([server]),
         "schedules": list(schedules.values()),
         "chains": server.runs.chains(),
-        "retention": retention.describe(server),
+        "retention": retention.card(server),
         "base_schedule": schedules.get(BackupSchedule.Job.BASE),
         "incremental_schedule": schedules.get(BackupSchedule.Job.INCREMENTAL),
         "binaries": binaries.describe(server),

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import models
-from django.db.models import F, Window
+from django.db.models import F, OuterRef, Subquery, Window
 from django.db.models.functions import RowNumber
 from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
@@ -64,10 +64,24 @@ class BackupRunQuerySet(models.QuerySet):
         return [chains[b.pk] for b in bases] + ([broken.with_missing_parents()] if broken else [])
 
     def newest_per_kind(self):
-        """Of these runs, the newest to finish of each server and kind: one query for all servers."""
-        newest_first = [F("finished_at").desc(nulls_last=True), F("pk").desc()]
-        rank = Window(RowNumber(), partition_by=[F("server_id"), F("kind")], order_by=newest_first)
-        return self.annotate(rank=rank).filter(rank=1)
+        """Of these runs, the newest to finish of each server and kind, for all servers, in one query.
+
+        The ids come from an index lookup per server and kind (run_server_kind_finished), united
+        and looked up by primary key. A window over every run, as before, grew with the catalog,
+        and so did the dashboard that reads this."""
+        servers = Server.objects.order_by()
+        per_kind = [
+            servers.annotate(
+                newest=Subquery(
+                    self.filter(server=OuterRef("pk"), kind=kind)
+                    .exclude(finished_at=None)
+                    .order_by("-finished_at", "-pk")
+                    .values("pk")[:1]
+                )
+            ).values("newest")
+            for kind in BackupRun.Kind.values
+        ]
+        return self.filter(pk__in=per_kind[0].union(*per_kind[1:], all=True))
 
 
 def _chain_of(run, chains, bases):
@@ -159,6 +173,8 @@ class BackupRun(models.Model):
         indexes = [
             # Used by the dashboard, the runs list and latest_good_backup().
             models.Index(fields=["server", "kind", "status", "-finished_at"], name="run_server_kind_status"),
+            # Used by newest_per_kind() whatever the statuses asked for (the dashboard's newest finished).
+            models.Index(fields=["server", "kind", "-finished_at"], name="run_server_kind_finished"),
             models.Index(fields=["-created_at"], name="run_created"),
             # Used by the orphan sweep and the lock check.
             models.Index(fields=["status"], name="run_active", condition=models.Q(status__in=["queued", "running"])),
