@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('backups', '0013_gfs_retention_holds_change_requests'),
+        ('backups', '0014_run_server_kind_finished'),
     ]
 
     operations = [
