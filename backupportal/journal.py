@@ -30,7 +30,7 @@ from django.core.management.base import CommandError
 from django.db import connection, connections, transaction
 from django.utils import timezone
 
-from backupportal import journal_anchors
+from backupportal import journal_anchors, journal_loss
 from backupportal.journal_anchors import Mark
 from backupportal.lib.redact import redact
 
@@ -138,6 +138,12 @@ ACTIONS = {
     "change_decision_refused": "someone not allowed to decide a change request (its requester) tried to",
     STARTED: "the journal was started (its first entry names its id)",
     MOVE_ACKNOWLEDGED: "a person acknowledged that this journal replaces another (a new database)",
+    "selfbackup_succeeded": "the portal's own database was backed up to the storage locations (selfbackup)",
+    "selfbackup_failed": "the backup of the portal's own database failed",
+    "selfbackup_deleted": "an old backup of the portal's own database was removed (SELFBACKUP_KEEP)",
+    journal_loss.RESTORED: "the portal's database was restored from a selfbackup (restoreportal)",
+    journal_loss.LOSS_ACKNOWLEDGED: "a person acknowledged the journal entries lost with the old host",
+    "backup_imported": "a backup made elsewhere was registered as a run of a server (importbackup)",
 }
 
 # An object the entry is about when only its name is at hand (say, after it was deleted).
@@ -481,6 +487,7 @@ def check(batch=5000):
     head = read_head()
     # An acknowledged journal's anchors stay in the locations: they are no longer this journal's to meet.
     marks = [m for m in ([head] if head else []) + anchors if m.journal is None or m.journal not in moved_from]
+    marks, lost = journal_loss.set_aside(journal, marks)  # restored from a selfbackup: see journal_loss
     foreign = [m for m in marks if m.journal not in (None, journal)]
     wanted = {}
     for mark in marks:
@@ -494,6 +501,7 @@ def check(batch=5000):
         or journal_anchors.missing_problem(wanted, walked)
         or walked.mismatch
         or journal_anchors.head_problem(head, walked)
+        or journal_loss.problem(lost)
     )
     if problem:
         return Verdict(False, problem, walked.count, journal, summaries)

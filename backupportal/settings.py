@@ -264,6 +264,10 @@ SECRETS_KEY_FILE = Path(env.str("SECRETS_KEY_FILE", default=str(VAR_DIR / "secre
 # The portal's OpenPGP signing key (manifests, evidence packs): a GnuPG home of its own, 0700,
 # never inside a selfbackup; its public half is SIGNING_KEY_DIR/signing-public.asc.
 SIGNING_KEY_DIR = Path(env.str("SIGNING_KEY_DIR", default=str(VAR_DIR / "signing")))
+# The portal's own database backed up daily (selfbackup): alerted when the newest good one is
+# older than this many hours; the newest SELFBACKUP_KEEP are kept in every location.
+SELFBACKUP_MAX_AGE_HOURS = env.int("SELFBACKUP_MAX_AGE_HOURS", default=26)
+SELFBACKUP_KEEP = env.int("SELFBACKUP_KEEP", default=14)
 
 # Alert mail.
 EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")

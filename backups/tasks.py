@@ -138,6 +138,8 @@ GLOBAL_SCHEDULES = {
     # The journal's head as an anchor in every location, so that a cut journal is caught even by
     # someone who rewrote VAR_DIR: hourly (and after every backup, backups/runner.py).
     "journal-anchors": ("backups.anchors.anchor_journal", "5 * * * *"),
+    # The portal's own database (catalog and journal) to every location, after the night's backups.
+    "selfbackup": ("backups.tasks.selfbackup", "15 3 * * *"),
 }
 
 
@@ -148,6 +150,14 @@ def ensure_global_schedules():
             Schedule.objects.create(
                 name=name, func=func, schedule_type=Schedule.CRON, cron=cron, repeats=-1, next_run=next_run(cron)
             )
+
+
+def selfbackup():
+    """The daily backup of the portal's own database: the command's code, on a worker."""
+    from backups import selfbackup
+
+    row = selfbackup.take(actor="job:selfbackup")
+    return row.status if not row.error else f"{row.status}: {row.error}"
 
 
 def apply_retention():

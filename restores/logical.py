@@ -436,6 +436,10 @@ def _apply_properties(props, target, dbname, warnings):
 def restore_globals(run, target, encryption, notes, warnings, with_role_passwords=False):
     """The roles of the source, brought safely (cluster_globals) so that the dump's owners and
     grants exist on another server. Returns the roles created, for a failed restore to drop."""
+    if "imported" in run.details and "globals" not in run.details:
+        # Made elsewhere by a plain pg_dump (importbackup): no globals came with it.
+        warnings.append(f"run #{run.pk} was imported without its globals: its roles must exist on {target} already")
+        return []
     try:
         owner = run.globals_run()  # the day's globals file, maybe another database's run's
         reader = open_first_healthy(owner, "globals")

@@ -58,6 +58,7 @@ class Alert(models.Model):
         MAINTENANCE_OVERDUE = "maintenance_overdue", "Maintenance task overdue"
         DATABASE_UNCOVERED = "database_uncovered", "Database not backed up"
         COVERAGE_GAP = "coverage_gap", "Short of the protection policy"
+        PORTAL_BACKUP_STALE = "portal_backup_stale", "The portal's own backup is missing or old"
 
     class State(models.TextChoices):
         OPEN = "open", "Open"

@@ -26,7 +26,7 @@ from django.utils import timezone
 from backupportal import conditions
 from backups import walhealth
 from backups.copies import owner_of
-from backups.models import BackupCopy, BackupRun, BackupSchedule, Database, Server, StorageLocation
+from backups.models import BackupCopy, BackupRun, BackupSchedule, Database, PortalBackup, Server, StorageLocation
 from backups.runner import fail_orphans
 from backups.verify import bad_copies
 from restores.models import RestoreTest
@@ -66,6 +66,7 @@ def checks():
         Check("storage", check_storage),
         Check("copies", check_copies),
         Check("maintenance", maintenance.check_overdue),
+        Check("portal backup", check_portal_backup),
     ]
 
 
@@ -459,3 +460,39 @@ def _bad_message(newest, copies):
 
 def _local(when):
     return f"{timezone.localtime(when):%Y-%m-%d %H:%M}"
+
+
+# The one alert about the portal itself: its own database (catalog and journal) is not backed up.
+PORTAL_SUBJECT = "portal"
+
+
+def check_portal_backup(now=None):
+    """The newest good selfbackup older than SELFBACKUP_MAX_AGE_HOURS, or only failed ones.
+
+    A portal that has never run selfbackup is not alerted (its first day would alarm; the
+    dashboard says "never"): the daily schedule makes the first within a day of the install.
+    """
+    now = now or timezone.now()
+    newest = PortalBackup.objects.newest_good()
+    limit = timedelta(hours=settings.SELFBACKUP_MAX_AGE_HOURS)
+    if newest is not None and newest.age(now) <= limit:
+        resolve_alert(Alert.Condition.PORTAL_BACKUP_STALE, subject=PORTAL_SUBJECT)
+        return
+    failed = PortalBackup.objects.filter(status=PortalBackup.Status.FAILED).order_by("-finished_at").first()
+    if newest is None and failed is None:
+        return
+    said = f"the newest good one is from {_local(newest.finished_at)}" if newest else "none has succeeded"
+    why = (
+        f"; the last attempt failed: {failed.error}"
+        if failed and (not newest or failed.finished_at > newest.finished_at)
+        else ""
+    )
+    raise_alert(
+        Alert.Condition.PORTAL_BACKUP_STALE,
+        subject=PORTAL_SUBJECT,
+        message=(
+            f"The portal's own database (catalog and journal) has no backup from the last "
+            f"{settings.SELFBACKUP_MAX_AGE_HOURS} hours: {said}{why}. Run manage.py selfbackup and check the "
+            '"selfbackup" schedule and the worker.'
+        ),
+    )

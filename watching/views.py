@@ -37,6 +37,7 @@ def dashboard(request):
             "locations": [location.health() for location in StorageLocation.objects.filter(enabled=True)],
             "storage_legend": figures.storage_legend(),
             "coverage_gaps": coverage.gap_count(),
+            "portal_backup": figures.portal_backup(),
         },
     )
 

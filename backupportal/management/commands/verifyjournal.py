@@ -3,13 +3,15 @@
 The chain is held against the head file and against every anchor found in the storage
 locations. With --start-new-chain --reason "...", a person acknowledges that this database's
 journal replaces the one the head file or the anchors name (the portal was pointed at a new
-database): that is journaled, and the check runs again.
+database): that is journaled, and the check runs again. With --acknowledge-loss --reason "...",
+a person acknowledges that the entries the anchors name past the end of a journal restored
+from a selfbackup (restoreportal) were lost with the old host (backupportal/journal_loss.py).
 """
 
 import getpass
 import time
 
-from backupportal import journal, journal_anchors
+from backupportal import journal, journal_anchors, journal_loss
 from backupportal.lib.commands import PortalCommand, fail
 
 
@@ -22,17 +24,30 @@ class Command(PortalCommand):
             action="store_true",
             help="acknowledge that this database's journal replaces the one the head file or anchors name",
         )
-        parser.add_argument("--reason", default="", help="why (journaled); required with --start-new-chain")
+        parser.add_argument(
+            "--acknowledge-loss",
+            action="store_true",
+            help="acknowledge that the entries after a restored journal's end were lost with the old host",
+        )
+        parser.add_argument(
+            "--reason", default="", help="why (journaled); required with --start-new-chain or --acknowledge-loss"
+        )
 
-    def run(self, start_new_chain=False, reason="", **options):
+    def run(self, start_new_chain=False, acknowledge_loss=False, reason="", **options):
         started = time.monotonic()
-        acknowledged = []
+        acknowledged, loss = [], None
+        if start_new_chain and acknowledge_loss:
+            fail("--start-new-chain and --acknowledge-loss are two different acknowledgments: give one")
+        if start_new_chain and not reason.strip():
+            fail('--start-new-chain needs --reason "...": say why this database now holds a new journal')
+        if acknowledge_loss and not reason.strip():
+            fail('--acknowledge-loss needs --reason "...": say how you know the portal was restored (it is journaled)')
         if start_new_chain:
-            if not reason.strip():
-                fail('--start-new-chain needs --reason "...": say why this database now holds a new journal')
             _, acknowledged = journal.start_new_chain(reason.strip(), actor=f"os:{getpass.getuser()}")
+        elif acknowledge_loss:
+            _, loss = journal_loss.acknowledge(reason.strip(), actor=f"os:{getpass.getuser()}")
         elif reason:
-            fail("--reason goes with --start-new-chain: without it there is nothing to give a reason for")
+            fail("--reason goes with --start-new-chain or --acknowledge-loss: without them it has nothing to explain")
         verdict = journal.check()
         return {
             "ok": verdict.ok,
@@ -41,6 +56,7 @@ class Command(PortalCommand):
             "entries_checked": verdict.count,
             "anchors": verdict.anchors,
             "acknowledged": acknowledged,
+            "loss_acknowledged": loss,
             "duration_s": round(time.monotonic() - started, 3),
             "exit_code": 0 if verdict.ok else 1,
         }
@@ -52,6 +68,10 @@ class Command(PortalCommand):
             self.stdout.write(
                 f"acknowledged: {which} (last known entry #{other['last_entry']}{counted}, "
                 f"seen in {other['seen_in']}) is left behind"
+            )
+        if loss := result["loss_acknowledged"]:
+            self.stdout.write(
+                f"acknowledged: entries after #{loss['restored_up_to']} (up to #{loss['lost_up_to']}) were lost with the host"
             )
         for store in result["anchors"]:
             found = (

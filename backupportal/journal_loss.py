@@ -1,0 +1,115 @@
+"""A journal restored from a selfbackup: entries written after the backup were lost with the host.
+
+The anchors in the storage locations outlive the host: written after the selfbackup, they name
+entries (and counts) the restored journal never held. `manage.py restoreportal` journals where
+the restored journal ends (a "portal_restored" entry: restored_up_to #N). From then on the
+check sets aside the head file and the anchors of this journal that name an entry past #N which
+the journal does not hold with that HMAC, and reports them as one thing, not as tampering:
+"intact up to #N; entries after #N were lost with the host". Everything up to #N is still held
+to every anchor. The verdict stays failed until a person acknowledges the loss
+(verifyjournal --acknowledge-loss --reason "..."), which journals each lost mark by entry and
+HMAC; those marks are then no longer this journal's to meet, and it verifies again.
+
+Without a portal_restored entry nothing is set aside: entries cut off the end are tampering.
+"""
+
+import hashlib
+import hmac
+
+from django.core.management.base import CommandError
+
+from backupportal import journal_anchors
+
+# restoreportal: the journal now in the database was restored from a selfbackup, up to an entry.
+RESTORED = "portal_restored"
+# A person said the entries the anchors name past the restored end were lost with the host.
+LOSS_ACKNOWLEDGED = "journal_loss_acknowledged"
+
+
+# A selfbackup's `.json` carries the journal key's MAC of this constant: a new host tells that it
+# holds the right JOURNAL_KEY_FILE before it restores anything, and the MAC gives the key away to nobody.
+KEY_CHECK_TEXT = b"backupportal: the journal key that signs this journal"
+
+
+def key_check():
+    """HMAC-SHA256 of KEY_CHECK_TEXT under JOURNAL_KEY_FILE (JournalKeyMissing when there is none)."""
+    from backupportal.journal import _read_key
+
+    return hmac.new(_read_key(), KEY_CHECK_TEXT, hashlib.sha256).hexdigest()
+
+
+class NothingLost(CommandError):
+    """--acknowledge-loss found no lost entry to acknowledge."""
+
+
+def restore_points():
+    """The restored_up_to entry id of every portal_restored entry, oldest first."""
+    from backupportal.models import JournalEntry
+
+    rows = JournalEntry.objects.filter(action=RESTORED).order_by("id").values_list("details", flat=True)
+    return [d["restored_up_to"] for d in rows if isinstance(d.get("restored_up_to"), int)]
+
+
+def _acknowledged():
+    from backupportal.models import JournalEntry
+
+    rows = JournalEntry.objects.filter(action=LOSS_ACKNOWLEDGED).values_list("details", flat=True)
+    return {(m["entry"], m["hmac"]) for details in rows for m in details.get("lost", [])}
+
+
+def set_aside(journal, marks):
+    """(marks still to check, lost marks not yet acknowledged); both empty-handed without a restore."""
+    from backupportal.models import JournalEntry
+
+    points = restore_points()
+    if not points:
+        return marks, []
+    after = [m for m in marks if m.journal in (journal, None) and m.entry > points[0]]
+    if not after:
+        return marks, []
+    held = set(JournalEntry.objects.filter(pk__in={m.entry for m in after}).values_list("id", "hmac"))
+    away = [m for m in after if (m.entry, m.hmac) not in held]
+    acknowledged = _acknowledged()
+    return [m for m in marks if m not in away], [m for m in away if (m.entry, m.hmac) not in acknowledged]
+
+
+def intact_up_to():
+    points = restore_points()
+    return points[-1] if points else None
+
+
+def problem(lost):
+    """The verdict's line while lost entries wait for a person's acknowledgment; '' when none."""
+    if not lost:
+        return ""
+    up_to = intact_up_to()
+    newest = max(lost, key=lambda m: (m.count or 0, m.entry))
+    sources = sorted({m.source for m in lost})
+    counted = f", {newest.count} entries" if newest.count else ""
+    return (
+        f"intact up to #{up_to}; entries after #{up_to} were lost with the host: {', '.join(sources)} "
+        f"name entries up to #{newest.entry}{counted}, which the restored journal does not hold. "
+        'Once you have checked that this is the restored portal, run: manage.py verifyjournal --acknowledge-loss --reason "..."'
+    )
+
+
+def acknowledge(reason, actor):
+    """Journal the person's acknowledgment of the lost entries; NothingLost when there are none."""
+    from backupportal import journal
+
+    head = journal.read_head()
+    anchors, _ = journal_anchors.read()
+    _, lost = set_aside(journal.journal_id(), ([head] if head else []) + anchors)
+    if not lost:
+        raise NothingLost(
+            "nothing to acknowledge: no anchor names an entry past the restored end of this journal "
+            "(acknowledging a loss needs a journal restored by manage.py restoreportal)"
+        )
+    newest = max(lost, key=lambda m: (m.count or 0, m.entry))
+    details = {
+        "restored_up_to": intact_up_to(),
+        "lost_up_to": newest.entry,
+        "lost_count": newest.count,
+        "lost": [{"entry": m.entry, "hmac": m.hmac, "count": m.count, "seen_in": m.source} for m in lost],
+    }
+    return journal.record(LOSS_ACKNOWLEDGED, actor=actor, outcome="info", reason=reason, **details), details

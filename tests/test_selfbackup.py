@@ -1,0 +1,263 @@
+"""The portal's own database, protected like any server: selfbackup to every tier, and a portal
+brought back from it on a new host (restoreportal) whose journal verifies up to the entries lost
+with the old host, once a person acknowledges them."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+
+import pytest
+import time_machine
+from django.core.management import call_command
+from django.db import connection
+from django.urls import reverse
+from django.utils import timezone
+
+from backupportal import journal
+from backups.models import BackupRun, PortalBackup
+from tests.helpers import portal_env, run_command
+from tests.stock import GPG, stock
+from watching import monitor
+from watching.models import Alert
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ROOT = Path(__file__).resolve().parent.parent
+# The catalog a restored portal must give back; the selfbackup's own row is written after the
+# backup (it never holds itself), and django-q2's rows are the worker's, not the catalog.
+CATALOG = ["auth.user", "auth.group", "backups", "restores", "watching"]
+
+
+@pytest.fixture
+def anchors_on(settings):
+    settings.JOURNAL_ANCHORS = True
+
+
+def catalog_json(env=None):
+    """dumpdata of the catalog, in this process or (env) in a portal on another host."""
+    args = ["dumpdata", *CATALOG, "--exclude", "backups.PortalBackup", "--indent", "0"]
+    if env is None:
+        out = StringIO()
+        call_command(*args, stdout=out)
+        text = out.getvalue()
+    else:
+        text = portal(env, *args).stdout
+    return sorted(json.loads(text), key=lambda o: (o["model"], str(o["pk"])))
+
+
+def portal(env, *args, check=True):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture
+def new_host(settings, tiers, passphrase_file):
+    """A second host: its own VAR_DIR and an empty database of the same engine; the old host's
+    keys copied in by hand, as the README says (they are never in the selfbackup)."""
+    var = Path(tempfile.mkdtemp(prefix="bp-newhost-"))
+    keys = var / "keys"
+    keys.mkdir(mode=0o700)
+    shutil.copy(settings.JOURNAL_KEY_FILE, keys / "journal.key")
+    shutil.copy(passphrase_file, keys / "passphrase")
+    if connection.vendor == "sqlite":
+        url, dropped = f"sqlite:///{var / 'portal.sqlite3'}", None
+    else:
+        name = f"{connection.settings_dict['NAME']}_newhost"[:63]
+        with connection.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            cur.execute(f'CREATE DATABASE "{name}"')
+        db = connection.settings_dict
+        url, dropped = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{name}", name
+    env = portal_env(
+        settings,
+        VAR_DIR=var,
+        DATABASE_URL=url,
+        DJANGO_SETTINGS_MODULE="backupportal.settings",
+        JOURNAL_KEY_FILE=keys / "journal.key",
+        JOURNAL_HEAD_FILE=var / "journal.head",
+        BACKUP_PASSPHRASE_FILE=keys / "passphrase",
+        SECRETS_KEY_FILE=var / "secrets.key",
+        WAL_SPOOL=var / "walspool",
+        NAS_ROOT=settings.NAS_ROOT,
+        S3_BUCKET=settings.S3_BUCKET,
+        S3_ENDPOINT_URL=settings.S3_ENDPOINT_URL,
+        S3_PREFIX=settings.S3_PREFIX,
+        SECURE_SSL_REDIRECT="false",
+    )
+    yield env, var
+    shutil.rmtree(var, ignore_errors=True)
+    if dropped:
+        with connection.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{dropped}" WITH (FORCE)')
+
+
+def fetch_from_s3(tiers, key, into):
+    """What a DBA does on the new host: the file, its .sha256 and .json, from the bucket with plain boto3."""
+    for name in (key, key + ".sha256", key + ".json"):
+        tiers.s3.download_file(tiers.bucket, f"backupportal/{name}", str(into / Path(name).name))
+    return into / Path(key).name
+
+
+def test_a_restored_selfbackup_gives_the_same_catalog_and_a_journal_intact_up_to_the_lost_entries(
+    settings, tiers, passphrase_file, server, alice, anchors_on, new_host, tmp_path
+):
+    env, var = new_host
+    call_command("backup", "maldives", stdout=StringIO())
+    result = run_command("selfbackup")
+    assert result["_exit"] == 0 and result["status"] == "succeeded", result
+    assert {c["location"]: c["status"] for c in result["copies"]} == {"primary": "ok", "nas": "ok", "s3": "ok"}
+    assert len({c["sha256"] for c in result["copies"]}) == 1
+    before = catalog_json()
+    # Entries after the backup, anchored in every location: the old host then burns.
+    for n in range(3):
+        journal.record("admin_changed", actor="alice", outcome="info", note=f"after the selfbackup {n}")
+    anchored = journal.write_anchors()
+    assert anchored["entry"] > result["journal_entry"]
+
+    backup = fetch_from_s3(tiers, result["key"], var)
+    stock(f"cd {var} && sha256sum -c --quiet {backup.name}.sha256", tmp_path, passphrase_file)
+    restored = json.loads(portal(env, "restoreportal", str(backup), "--json").stdout.splitlines()[-1])
+    assert restored["restored_up_to"] == result["journal_entry"] and restored["sha256_checked"] is True
+    assert catalog_json(env) == before
+
+    # The journal verifies up to the backup's end, and names what the anchors hold beyond it.
+    refused = portal(env, "verifyjournal", check=False)
+    n = result["journal_entry"]
+    assert refused.returncode == 1
+    assert f"intact up to #{n}; entries after #{n} were lost with the host" in refused.stderr
+    said = refused.stderr.strip().splitlines()[-1]  # boto3 logs its credentials' source above it
+    assert said.startswith("journal NOT intact: intact up to") and f"entries up to #{anchored['entry']}" in said
+    portal(env, "verifyjournal", "--acknowledge-loss", "--reason", "host burnt; restored from the 03:15 selfbackup")
+    verdict = json.loads(portal(env, "verifyjournal", "--json").stdout.splitlines()[-1])
+    assert verdict["ok"] is True and verdict["exit_code"] == 0
+    # The restored portal goes on: its new anchors are checked with the rest.
+    portal(env, "shell", "-c", "from backupportal import journal; journal.write_anchors()")
+    assert portal(env, "verifyjournal").returncode == 0
+
+
+def test_the_selfbackup_holds_no_key_and_opens_with_stock_gpg(settings, tiers, passphrase_file, server, tmp_path):
+    result = run_command("selfbackup")
+    plain = tmp_path / "plain"
+    primary = Path(tiers.primary) / result["key"]
+    stock(f"{GPG} --decrypt {primary} > {plain}", tmp_path, passphrase_file)
+    data = plain.read_bytes()
+    if connection.vendor == "sqlite":
+        assert data.startswith(b"SQLite format 3\x00")
+    else:
+        assert data.startswith(b"PGDMP")
+        data = subprocess.run(
+            ["/usr/lib/postgresql/15/bin/pg_restore", "-f", "-", str(plain)], capture_output=True, check=True
+        ).stdout
+        assert b"backupportal_journalentry" in data
+    for secret in (Path(settings.JOURNAL_KEY_FILE).read_text().strip(), passphrase_file.read_text().strip()):
+        assert secret.encode() not in data
+    assert server.name.encode() in data  # the catalog is in it
+
+
+def test_without_a_passphrase_the_selfbackup_fails_in_one_line_and_stores_nothing(settings, tiers, server):
+    settings.BACKUP_PASSPHRASE_FILE = ""
+    result = run_command("selfbackup")
+    assert result["_exit"] == 1 and result["status"] == "failed"
+    assert result["_stderr"].strip().count("\n") == 0 and "BACKUP_PASSPHRASE_FILE" in result["_stderr"]
+    assert not (Path(tiers.primary) / "portal").exists() and not (Path(tiers.nas) / "portal").exists()
+    assert PortalBackup.objects.get().status == "failed"
+
+
+def test_a_location_down_fails_its_copy_not_the_selfbackup(settings, tiers, passphrase_file, server):
+    tiers.server.stop()
+    result = run_command("selfbackup")
+    assert result["_exit"] == 0 and result["status"] == "succeeded"
+    by_location = {c["location"]: c for c in result["copies"]}
+    assert by_location["nas"]["status"] == "ok" and by_location["s3"]["status"] == "failed"
+    assert by_location["s3"]["error"]
+
+
+def test_the_monitor_alerts_when_the_newest_selfbackup_is_older_than_26_hours(
+    client, alice, settings, tiers, passphrase_file
+):
+    assert run_command("selfbackup")["status"] == "succeeded"
+    monitor.check_portal_backup()
+    assert not Alert.objects.filter(condition="portal_backup_stale").exists()
+    with time_machine.travel(timezone.now() + timedelta(hours=27), tick=False):
+        monitor.check_portal_backup()
+        alert = Alert.objects.get(condition="portal_backup_stale", state="open")
+        assert "no backup from the last 26 hours" in alert.message
+        client.force_login(alice)
+        page = client.get(reverse("dashboard")).content.decode()
+        assert 'id="portal-backup"' in page and '<span class="dot red"></span>Last backed up' in page
+        assert run_command("selfbackup")["status"] == "succeeded"
+        monitor.check_portal_backup()
+    alert.refresh_from_db()
+    assert alert.state == "resolved"
+
+
+def test_acknowledging_a_loss_on_a_journal_never_restored_is_refused(tiers, passphrase_file):
+    journal.record("admin_changed", actor="alice", outcome="info")
+    result = run_command("verifyjournal", "--acknowledge-loss", "--reason", "why not")
+    assert result["_exit"] == 1 and "nothing to acknowledge" in result["_stderr"]
+    assert BackupRun.objects.count() == 0
+
+
+def test_the_daily_schedule_runs_the_selfbackup(settings, tiers, passphrase_file):
+    from django_q.models import Schedule
+
+    from backups.tasks import selfbackup
+
+    assert Schedule.objects.get(name="selfbackup").func == "backups.tasks.selfbackup"
+    assert selfbackup() == "succeeded"
+    assert PortalBackup.objects.get().requested_by == "job:selfbackup"
+    assert os.listdir(Path(tiers.nas) / "portal")
+
+
+def test_restoreportal_never_restores_over_a_database_in_use(tiers, passphrase_file, server):
+    result = run_command("selfbackup")
+    again = run_command("restoreportal", str(Path(tiers.primary) / result["key"]))
+    assert again["_exit"] == 1 and "already holds tables" in again["_stderr"]
+    assert "\n" not in again["_stderr"].strip()
+
+
+def test_restoreportal_refuses_a_file_that_does_not_match_its_sha256(tiers, passphrase_file, tmp_path):
+    result = run_command("selfbackup")
+    copy = tmp_path / Path(result["key"]).name
+    data = bytearray((Path(tiers.primary) / result["key"]).read_bytes())
+    data[-100] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    shutil.copy(Path(tiers.primary) / (result["key"] + ".sha256"), tmp_path)
+    refused = run_command("restoreportal", str(copy))
+    assert refused["_exit"] == 1 and "the file is damaged or incomplete" in refused["_stderr"]
+
+
+def test_restoreportal_refuses_a_journal_key_that_does_not_open_the_journal(
+    settings, tiers, passphrase_file, server, new_host
+):
+    env, var = new_host
+    Path(env["JOURNAL_KEY_FILE"]).write_text("0" * 64)
+    journal.record("admin_changed", actor="alice", outcome="info")
+    result = run_command("selfbackup")
+    # Told by the .json beside the file, before anything is restored.
+    refused = portal(env, "restoreportal", str(Path(tiers.primary) / result["key"]), check=False)
+    assert refused.returncode == 1
+    assert "not signed with the key in JOURNAL_KEY_FILE" in refused.stderr.strip().splitlines()[-1]
+    assert (
+        "Tables:[]"
+        in portal(
+            env,
+            "shell",
+            "-c",
+            "from django.db import connection; print('Tables:' + str(connection.introspection.table_names()))",
+        ).stdout
+    )
+    # Without the .json, the restored journal itself is checked: refused all the same.
+    alone = var / Path(result["key"]).name
+    shutil.copy(Path(tiers.primary) / result["key"], alone)
+    refused = portal(env, "restoreportal", str(alone), check=False)
+    assert refused.returncode == 1 and "does not open with" in refused.stderr
