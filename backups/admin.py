@@ -22,6 +22,7 @@ from backups.models import (
     BackupCopy,
     BackupRun,
     BackupSchedule,
+    LockChange,
     Server,
     StorageLocation,
     Verification,
@@ -278,11 +279,31 @@ class StorageLocationForm(forms.ModelForm):
             "sse",
             "storage_class",
             "capacity_bytes",
+            "lock_mode",
+            "lock_days",
             "enabled",
         ]
 
+    lock_change_reason = forms.CharField(
+        required=False,
+        label="Reason for a shorter lock",
+        help_text="A shorter or weaker S3 Object Lock waits for another DBA or Sysadmin to approve it.",
+    )
+
+    def shortens_lock(self):
+        """Does this form lower the lock of an existing location? (The instance holds the new values.)"""
+        if not self.instance.pk or not self.initial:
+            return False
+        old = StorageLocation(lock_mode=self.initial["lock_mode"], lock_days=self.initial["lock_days"])
+        return old.shortens_lock(self.instance.lock_mode, self.instance.lock_days)
+
     def _post_clean(self):
-        super()._post_clean()  # the model's clean(): roots, S3 options
+        super()._post_clean()  # the model's clean(): roots, S3 options, the lock
+        if not self.errors and self.shortens_lock() and not self.cleaned_data.get("lock_change_reason", "").strip():
+            self.add_error(
+                "lock_change_reason",
+                "A shorter lock is a destructive change that another DBA or Sysadmin approves: give the reason for it.",
+            )
         if self.errors or not self.instance.enabled:
             return
         from backups.storage import StorageError, store_for
@@ -298,7 +319,7 @@ class StorageLocationForm(forms.ModelForm):
 @admin.register(StorageLocation)
 class StorageLocationAdmin(admin.ModelAdmin):
     form = StorageLocationForm
-    list_display = ["name", "kind", "where", "capacity", "enabled"]
+    list_display = ["name", "kind", "where", "capacity", "lock", "enabled"]
     list_filter = ["kind", "enabled"]
 
     @admin.display(description="Where")
@@ -307,18 +328,29 @@ class StorageLocationAdmin(admin.ModelAdmin):
             return f"s3://{obj.bucket}/{obj.prefix}"
         return obj.path
 
+    @admin.display(description="Object lock")
+    def lock(self, obj):
+        return f"{obj.get_lock_mode_display()}, {obj.lock_days} days" if obj.locked else "none"
+
     @admin.display(description="Capacity")
     def capacity(self, obj):
         return filesizeformat(obj.capacity_bytes) if obj.capacity_bytes else "the filesystem"
 
     def save_model(self, request, obj, form, change):
+        shorter = form.shortens_lock() and (obj.lock_mode, obj.lock_days)
+        if shorter:
+            # The rest is saved now; the lock stays as it is until another person approves.
+            obj.lock_mode, obj.lock_days = form.initial["lock_mode"], form.initial["lock_days"]
         super().save_model(request, obj, form, change)
         journal.record(
             "location_changed" if change else "location_added",
             actor=request.user.get_username(),
             obj=obj,
-            fields=form.changed_data,
+            fields=[f for f in form.changed_data if not (shorter and f in ("lock_mode", "lock_days"))],
         )
+        if shorter:
+            asked = LockChange.request(obj, request.user, *shorter, form.cleaned_data["lock_change_reason"])
+            self.message_user(request, f"The shorter lock waits for approval: {asked}.", messages.WARNING)
 
 
 def copies_prefetch():

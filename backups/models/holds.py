@@ -83,6 +83,7 @@ class ChangeRequest(models.Model):
 
     class Kind(models.TextChoices):
         RELEASE_HOLD = "release_hold", "Release a legal hold"
+        SHORTEN_LOCK = "shorten_lock", "Shorten a location's S3 Object Lock"  # target: models.lockchanges
 
     class State(models.TextChoices):
         PENDING = "pending", "Waiting for approval"
