@@ -120,7 +120,9 @@ def verify_all(actor="job:verify", progress=None):
 
 
 def _journal(action, result, actor, obj=None):
-    counts = {k: result[k] for k in ("checked", "bad", "unreachable", "locked", "lock_problems")}
+    counts = {k: result[k] for k in ("checked", "bad", "unreachable")}
+    if result["locked"] or result["lock_problems"]:  # only where a location locks its objects
+        counts |= {k: result[k] for k in ("locked", "lock_problems")}
     outcome = "ok" if result["checked"] == result["ok"] and not result["lock_problems"] else "failed"
     journal.record(action, actor=actor, obj=obj, outcome=outcome, **counts)
 
