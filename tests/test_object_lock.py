@@ -25,7 +25,7 @@ from backups.copies import delete_copy, delete_run_artifacts, retry_deletions
 from backups.models import BackupCopy, ChangeRequest, LockChange, StorageLocation
 from backups.storage import ObjectLocked, StorageError, store_for
 from tests.adminform_helpers import admin_form_data
-from tests.helpers import good_backup, restore_json, verify_json
+from tests.helpers import good_backup, restore_json, run_command, verify_json
 from tests.test_wal_keys import forget_keys, spool_segments
 
 pytest_plugins = ["tests.walfixtures"]
@@ -269,6 +269,29 @@ def test_wal_segments_and_their_key_file_uploaded_to_a_locked_location_are_locke
     assert len(key_files) == 1
     lock = locked.s3.head_object(Bucket=locked.bucket, Key=key_files[0]["Key"], VersionId=key_files[0]["VersionId"])
     assert lock["ObjectLockMode"] == "GOVERNANCE"
+
+    # WAL retention waits for the lock too, then deletes the segments by version.
+    server.wal_retention_days = 1
+    server.save(update_fields=["wal_retention_days"])
+    start = timezone.now()
+    assert retention.wal_retention(server, start + timedelta(days=2), False, "job:retention")["deleted"] == 0
+    assert set(copies.values_list("status", flat=True)) == {"ok"}
+    with time_machine.travel(start + timedelta(days=LOCK_DAYS + 1)):
+        assert retention.wal_retention(server, timezone.now(), False, "job:retention")["deleted"] == 2
+    assert set(copies.values_list("status", flat=True)) == {"deleted"}
+    assert {c.version_id for c in copies}.isdisjoint(v["VersionId"] for v in every_version(locked))
+
+
+def test_checkserver_checks_the_buckets_object_lock(server, passphrase_file, locked, wal_spool, s3_client):
+    checks = {c["check"]: c for c in run_command("checkserver", "maldives")["checks"]}
+    assert checks["object lock of s3"]["verdict"] == "ok"
+    assert checks["object lock of s3"]["detail"] == f"governance lock of {LOCK_DAYS} days on s3://{locked.bucket}"
+    s3_client.create_bucket(Bucket="no-lock-" + locked.bucket)
+    StorageLocation.objects.filter(name="s3").update(bucket="no-lock-" + locked.bucket)
+    result = run_command("checkserver", "maldives")
+    check = next(c for c in result["checks"] if c["check"] == "object lock of s3")
+    assert check["verdict"] == "fail" and "does not have Object Lock enabled" in check["detail"]
+    assert result["_exit"] == 1 and not result["ready"]
 
 
 def test_a_shorter_lock_waits_for_another_person(alice, bob, locked):
