@@ -175,9 +175,26 @@ class S3Store(Store):
         return S3Writer(self, self.object_key(key))
 
     def open(self, key, version=""):
-        """A streaming GET (of one version, when given): a file-like object read in chunks."""
-        response = self.call("get_object", Key=self.object_key(key), **_version(version))
+        """A streaming GET (of one version, when given): a file-like object read in chunks.
+
+        Read by key alone (a WAL key file, an anchor: no catalogued version) from a locked
+        location, an object hidden by a delete marker is read from its newest surviving version.
+        """
+        try:
+            response = self.call("get_object", Key=self.object_key(key), **_version(version))
+        except MissingArtifact:
+            survivor = self.surviving_version(key) if not version and self.location.locked else ""
+            if not survivor:
+                raise
+            response = self.call("get_object", Key=self.object_key(key), VersionId=survivor)
         return S3Body(self, response["Body"], self.object_key(key))
+
+    def surviving_version(self, key) -> str:
+        """The newest version of `key` that is an object, not a delete marker; "" when none is."""
+        object_key = self.object_key(key)
+        listed = self.call("list_object_versions", Prefix=object_key).get("Versions", [])
+        versions = [v for v in listed if v["Key"] == object_key]
+        return max(versions, key=lambda v: v["LastModified"])["VersionId"] if versions else ""
 
     def exists(self, key, version="") -> bool:
         try:

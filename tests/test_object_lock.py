@@ -20,13 +20,13 @@ from django.utils import timezone
 
 from backupportal.lib import sampledata
 from backupportal.models import JournalEntry
-from backups import retention, walingest
+from backups import retention, walingest, walkeys
 from backups.copies import delete_copy, delete_run_artifacts, retry_deletions
 from backups.models import BackupCopy, ChangeRequest, LockChange, StorageLocation
 from backups.storage import ObjectLocked, StorageError, store_for
 from tests.adminform_helpers import admin_form_data
 from tests.helpers import good_backup, restore_json, run_command, verify_json
-from tests.test_wal_keys import forget_keys, spool_segments
+from tests.test_wal_keys import fetch, forget_keys, spool_segments
 
 pytest_plugins = ["tests.walfixtures"]
 
@@ -255,7 +255,7 @@ def test_retention_waits_for_the_lock_and_deletes_after_it_expires(server, passp
 
 
 def test_wal_segments_and_their_key_file_uploaded_to_a_locked_location_are_locked(
-    server, passphrase_file, locked, wal_spool
+    server, passphrase_file, locked, wal_spool, tmp_path
 ):
     forget_keys()
     names = spool_segments(server, 2)
@@ -269,6 +269,14 @@ def test_wal_segments_and_their_key_file_uploaded_to_a_locked_location_are_locke
     assert len(key_files) == 1
     lock = locked.s3.head_object(Bucket=locked.bucket, Key=key_files[0]["Key"], VersionId=key_files[0]["VersionId"])
     assert lock["ObjectLockMode"] == "GOVERNANCE"
+
+    # Someone hides the key file behind a delete marker, on a new machine: the WAL still decrypts.
+    locked.s3.delete_object(Bucket=locked.bucket, Key=key_files[0]["Key"])
+    key_id = copies[0].key_id
+    (walkeys.keyring() / f"{key_id}.key.gpg").unlink()
+    forget_keys()
+    s3 = copies.select_related("wal_segment").get(wal_segment__name=names[0])
+    assert fetch(s3, tmp_path) == s3.wal_segment.sha256
 
     # WAL retention waits for the lock too, then deletes the segments by version.
     server.wal_retention_days = 1
