@@ -301,11 +301,12 @@ class StorageLocationForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for name in ("lock_mode", "lock_days"):
-            self.fields[name].required = False
+            if name in self.fields:  # not when the page shows them read-only
+                self.fields[name].required = False
 
     def shortens_lock(self):
         """Does this form lower the lock of an existing location? (The instance holds the new values.)"""
-        if not self.instance.pk or not self.initial:
+        if not self.instance.pk or "lock_mode" not in self.fields or "lock_mode" not in self.initial:
             return False
         old = StorageLocation(lock_mode=self.initial["lock_mode"], lock_days=self.initial["lock_days"])
         return old.shortens_lock(self.instance.lock_mode, self.instance.lock_days)
