@@ -322,7 +322,7 @@ def test_a_shorter_lock_waits_for_another_person(alice, bob, locked):
     assert entry.actor == "bob" and entry.details["change_request"] == change.pk
 
 
-def test_the_admin_sends_a_shorter_lock_to_approval(client, sam, bob, locked):
+def test_the_admin_sends_a_shorter_lock_to_approval(client, sam, alice, locked):
     client.force_login(sam)
     url = reverse("admin:backups_storagelocation_change", args=[locked.locations["s3"].pk])
     response = client.post(url, admin_form_data(client, url, lock_mode="governance", lock_days="2"))
@@ -339,3 +339,8 @@ def test_the_admin_sends_a_shorter_lock_to_approval(client, sam, bob, locked):
     assert client.post(url, data).status_code == 302
     location.refresh_from_db()
     assert (location.lock_mode, location.lock_days) == ("compliance", 10)
+    # A DBA sees the location read-only, its lock included.
+    client.force_login(alice)
+    page = client.get(url)
+    assert page.status_code == 200 and "Compliance" in page.content.decode()
+    assert client.post(url, data).status_code == 403
