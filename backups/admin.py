@@ -27,6 +27,7 @@ from backups.models import (
     BackupRun,
     BackupSchedule,
     ChangeRequest,
+    LockChange,
     Server,
     StorageLocation,
     Verification,
@@ -352,6 +353,8 @@ class StorageLocationForm(forms.ModelForm):
             "sse",
             "storage_class",
             "capacity_bytes",
+            "lock_mode",
+            "lock_days",
             "enabled",
         ]
 
@@ -362,14 +365,46 @@ class StorageLocationForm(forms.ModelForm):
         stored = self.instance  # its stored values until _post_clean
         self.retires = bool(stored.pk and stored.enabled and not cleaned.get("enabled"))
         if self.retires:
-            others = [f for f in self.changed_data if f not in ("enabled", "change_reason")]
+            others = [f for f in self.changed_data if f not in ("enabled", "change_reason", "lock_change_reason")]
             if others:
                 self.add_error(None, f"Retire the location alone: save the change of {', '.join(others)} first.")
             check_request(self, ChangeRequest.Kind.RETIRE_LOCATION, stored)
         return cleaned
 
+    lock_change_reason = forms.CharField(
+        required=False,
+        label="Reason for a shorter lock",
+        help_text="A shorter or weaker S3 Object Lock waits for another DBA or Sysadmin to approve it.",
+    )
+
+    def clean_lock_mode(self):
+        # A form posted without the lock fields (a script, an older page) leaves the lock as it is.
+        return self.cleaned_data.get("lock_mode") or self.instance.lock_mode
+
+    def clean_lock_days(self):
+        days = self.cleaned_data.get("lock_days")
+        return self.instance.lock_days if days is None else days
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("lock_mode", "lock_days"):
+            if name in self.fields:  # not when the page shows them read-only
+                self.fields[name].required = False
+
+    def shortens_lock(self):
+        """Does this form lower the lock of an existing location? (The instance holds the new values.)"""
+        if not self.instance.pk or "lock_mode" not in self.fields or "lock_mode" not in self.initial:
+            return False
+        old = StorageLocation(lock_mode=self.initial["lock_mode"], lock_days=self.initial["lock_days"])
+        return old.shortens_lock(self.instance.lock_mode, self.instance.lock_days)
+
     def _post_clean(self):
-        super()._post_clean()  # the model's clean(): roots, S3 options
+        super()._post_clean()  # the model's clean(): roots, S3 options, the lock
+        if not self.errors and self.shortens_lock() and not self.cleaned_data.get("lock_change_reason", "").strip():
+            self.add_error(
+                "lock_change_reason",
+                "A shorter lock is a destructive change that another DBA or Sysadmin approves: give the reason for it.",
+            )
         if self.errors or not self.instance.enabled:
             return
         from backups.storage import StorageError, store_for
@@ -385,7 +420,7 @@ class StorageLocationForm(forms.ModelForm):
 @admin.register(StorageLocation)
 class StorageLocationAdmin(RemovalAsRequestAdmin):
     form = StorageLocationForm
-    list_display = ["name", "kind", "where", "capacity", "enabled"]
+    list_display = ["name", "kind", "where", "capacity", "lock", "enabled"]
     list_filter = ["kind", "enabled"]
 
     @admin.display(description="Where")
@@ -393,6 +428,10 @@ class StorageLocationAdmin(RemovalAsRequestAdmin):
         if obj.kind == StorageLocation.Kind.S3:
             return f"s3://{obj.bucket}/{obj.prefix}"
         return obj.path
+
+    @admin.display(description="Object lock")
+    def lock(self, obj):
+        return f"{obj.get_lock_mode_display()}, {obj.lock_days} days" if obj.locked else "none"
 
     @admin.display(description="Capacity")
     def capacity(self, obj):
@@ -404,13 +443,20 @@ class StorageLocationAdmin(RemovalAsRequestAdmin):
             kind = ChangeRequest.Kind.RETIRE_LOCATION
             open_request(self, request, kind, StorageLocation.objects.get(pk=obj.pk), reason, what=f"Retiring {obj}")
             return
+        shorter = form.shortens_lock() and (obj.lock_mode, obj.lock_days)
+        if shorter:
+            # The rest is saved now; the lock stays as it is until another person approves.
+            obj.lock_mode, obj.lock_days = form.initial["lock_mode"], form.initial["lock_days"]
         super().save_model(request, obj, form, change)
         journal.record(
             "location_changed" if change else "location_added",
             actor=request.user.get_username(),
             obj=obj,
-            fields=form.changed_data,
+            fields=[f for f in form.changed_data if not (shorter and f in ("lock_mode", "lock_days"))],
         )
+        if shorter:
+            asked = LockChange.request(obj, request.user, *shorter, form.cleaned_data["lock_change_reason"])
+            self.message_user(request, f"The shorter lock waits for approval: {asked}.", messages.WARNING)
 
 
 def copies_prefetch():

@@ -21,7 +21,7 @@ from django.utils import timezone
 from backupportal import conditions, journal
 from backups import streams
 from backups.models import BackupCopy, BackupRun, StorageLocation, WalSegment
-from backups.storage import StorageError, store_for
+from backups.storage import ObjectLocked, StorageError, store_for
 from backups.streams import CHUNK, CopyCorrupt, in_read_order
 
 # Retries: 1, 2, 4 ... minutes after each failed attempt, never more than an hour apart.
@@ -211,7 +211,9 @@ def copy_one(copy, actor="job:copy", now=None, journal_it=True):
         if isinstance(e, CopyCorrupt):  # the source was read to its end and is corrupt
             mark_faults([e], actor)
         return _copy_failed(copy, owner, e, actor)
-    return _copy_made(copy, owner, store, size, sha256, src.copy, actor, journal_it)
+    # An S3 location with Object Lock: the version made and the retain-until S3 holds it under.
+    lock = {"version_id": getattr(out, "version_id", ""), "retain_until": getattr(out, "retain_until", None)}
+    return _copy_made(copy, owner, store, size, sha256, src.copy, actor, journal_it, lock)
 
 
 def _renew_lease(copy):
@@ -220,7 +222,8 @@ def _renew_lease(copy):
     )
 
 
-def _copy_made(copy, owner, store, size, sha256, source, actor, journal_it=True):
+def _copy_made(copy, owner, store, size, sha256, source, actor, journal_it=True, lock=None):
+    lock = lock or {}
     owner.refresh_from_db(fields=["deleted_at"])
     made = BackupCopy.objects.filter(pk=copy.pk, status=BackupCopy.Status.COPYING).update(
         status=BackupCopy.Status.OK,
@@ -229,10 +232,17 @@ def _copy_made(copy, owner, store, size, sha256, source, actor, journal_it=True)
         copied_at=timezone.now(),
         next_attempt_at=None,
         last_error="",
+        **lock,
     )
     if not made or owner.deleted_at is not None:
         # Retention removed the artifact while it was being copied: take the new copy away too.
-        store.delete(copy.key)
+        if lock.get("retain_until"):
+            # Locked: it cannot go yet. Catalogued with its lock, the retry schedule deletes it then.
+            BackupCopy.objects.filter(pk=copy.pk).update(status=BackupCopy.Status.OK, size=size, sha256=sha256, **lock)
+            copy.refresh_from_db()
+            delete_copy(copy, actor)
+            return copy
+        store.delete(copy.key, lock.get("version_id", ""))
         BackupCopy.objects.filter(pk=copy.pk).update(status=BackupCopy.Status.DELETED)
         copy.refresh_from_db()
         return copy
@@ -316,10 +326,20 @@ def retry_due_copies(now=None, limit=200):
 
 
 def delete_copy(copy, actor):
-    """Remove one copy from its location; on failure keep the row for a later retry. True when gone."""
+    """Remove one copy from its location; on failure keep the row for a later retry. True when gone.
+
+    A copy under Object Lock is deleted by its version, and only once its lock has expired: until
+    then it stays catalogued (not deleted, and said why), and the retry schedule comes back for it
+    on its retain-until date. S3 refusing a lock the catalog did not know of is said the same way.
+    """
+    if copy.locked_at(timezone.now()):
+        return _delete_waits(copy, actor, copy.retain_until)
     if copy.attempts or copy.status in (BackupCopy.Status.OK, BackupCopy.Status.BAD):
         try:
-            store_for(copy.location).delete(copy.key)
+            store_for(copy.location).delete(copy.key, copy.version_id)
+        except ObjectLocked as e:
+            BackupCopy.objects.filter(pk=copy.pk).update(retain_until=e.retain_until)
+            return _delete_waits(copy, actor, e.retain_until, str(e))
         except (OSError, StorageError) as e:
             retry_at = timezone.now() + backoff(copy.attempts or 1)
             BackupCopy.objects.filter(pk=copy.pk).update(
@@ -331,6 +351,17 @@ def delete_copy(copy, actor):
     copy.status = BackupCopy.Status.DELETED
     record("copy_deleted", copy, actor)
     return True
+
+
+def _delete_waits(copy, actor, until, why=""):
+    why = why or (
+        f"{copy.location.name} copy {copy.key} is locked by S3 Object Lock until {until:%Y-%m-%d %H:%M} UTC: "
+        "it is deleted after then, not before"
+    )
+    BackupCopy.objects.filter(pk=copy.pk).update(last_error=why[:2000], next_attempt_at=until)
+    copy.retain_until, copy.last_error, copy.next_attempt_at = until, why[:2000], until
+    record("copy_delete_waits", copy, actor, outcome="failed", error=why, retain_until=until)
+    return False
 
 
 def delete_artifacts(owner, actor):

@@ -5,8 +5,10 @@ every one younger than the server's days (the strategy's 30), the newest of each
 N weeks, months and years (off by default), and its newest `retention_floor` (3) whatever their
 age. Never deleted either: a backup under a legal hold (BackupHold) or that a restore or restore
 test is reading right now (it goes on the next pass), what a kept one needs (the ancestors of an
-incremental, the run whose globals file a logical run pairs with), and the base backup from which
-the WAL window starts. plan() says, for each backup, which rule keeps it.
+incremental, the run whose globals file a logical run pairs with), the base backup from which
+the WAL window starts, and a backup with a copy still under S3 Object Lock ("locked until DATE":
+its deletion is planned for the first pass after the lock expires, so retention never asks S3 for
+a delete that would be refused). plan() says, for each backup, which rule keeps it.
 
 Block-level incrementals (17+) are kept their server's `incremental_retention_days` (the
 strategy's 7), and retention keeps whole chains: an incremental never outlives its ancestors
@@ -22,7 +24,7 @@ from collections import Counter
 from datetime import timedelta
 from operator import attrgetter
 
-from django.db.models import Q
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from backupportal import journal
@@ -85,6 +87,10 @@ def plan(server, now=None):
     for pk in held | reading:
         if pk in by_pk:
             kept[by_pk[pk]] = "legal hold" if pk in held else "being restored"
+    # A copy under S3 Object Lock cannot be deleted before its retain-until: retention never asks.
+    for pk, until in _locked_until(server, now).items():
+        if pk in by_pk:
+            kept.setdefault(by_pk[pk], f"locked until {timezone.localtime(until).date().isoformat()}")
     _keep_chains(kept, by_pk)
     _keep_globals(kept, by_pk)
     anchor = window_anchor(
@@ -93,6 +99,14 @@ def plan(server, now=None):
     if anchor is not None:
         kept.setdefault(anchor, "start of the WAL window")
     return {r: kept.get(r) for r in sorted(runs, key=lambda r: r.finished_at, reverse=True)}
+
+
+def _locked_until(server, now):
+    """{run pk: the latest retain-until of its copies} for the runs whose copies are still locked."""
+    locked = BackupCopy.objects.filter(run__server=server, retain_until__gt=now).exclude(
+        status=BackupCopy.Status.DELETED
+    )
+    return dict(locked.order_by().values("run").annotate(until=Max("retain_until")).values_list("run", "until"))
 
 
 def _series(runs):
@@ -233,6 +247,8 @@ def doomed_segments(server, kept_bases, now):
     ranges = [(walnames.segno_of(b.start_wal, size), walnames.segno_of(b.end_wal, size)) for b in with_wal]
     doomed = []
     old = WalSegment.objects.filter(server=server, deleted_at=None, archived_at__lt=window_start).order_by("name")
+    # A segment with a copy under S3 Object Lock goes once the lock expires (a later pass).
+    old = old.exclude(copies__retain_until__gt=now)
     for segment in old.only("id", "name", "segno"):
         if segment.name.endswith(".history"):
             continue
@@ -286,7 +302,7 @@ def delete_copies(copies):
     all_gone = True
     for copy in copies.select_related("location"):
         try:
-            store_for(copy.location).delete(copy.key)
+            store_for(copy.location).delete(copy.key, copy.version_id)
         except (OSError, StorageError) as e:
             BackupCopy.objects.filter(pk=copy.pk).update(last_error=f"retention could not delete it: {e}"[:2000])
             all_gone = False

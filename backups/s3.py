@@ -6,19 +6,26 @@ visible. Credentials come only from boto3's own chain (AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY in the environment, a profile, an instance role): never from the
 database, settings or argv. Timeouts and retries are bounded so that a dead endpoint fails
 a copy in seconds; the copy is then retried later by the worker.
+
+On a location with Object Lock every object is put with its lock (mode and retain-until), and
+the lock is read back from S3 before the write counts: the writer's `version_id` and
+`retain_until` are what the catalog records. Reads and deletes of a catalogued copy name its
+version; a delete refused by the lock is an ObjectLocked, never a credentials problem.
 """
 
 import functools
 import hashlib
 import io
+from datetime import UTC
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from django.conf import settings
+from django.utils import timezone
 
 from backupportal.lib.redact import redact
-from backups.storage import MissingArtifact, StorageError, Store, safe_key
+from backups.storage import MissingArtifact, ObjectLocked, StorageError, Store, safe_key
 
 # S3 refuses parts under 5 MiB (all but the last) and more than 10,000 parts per object.
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -29,7 +36,7 @@ PARTS_PER_SIZE = 1000
 # could neither be verified weekly nor restored from in an emergency.
 UNREADABLE_STORAGE_CLASSES = {"GLACIER", "DEEP_ARCHIVE"}
 SSE_CHOICES = {"AES256", "aws:kms", "aws:kms:dsse"}
-_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchVersion"}
 _BAD_CREDENTIALS = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
 
 
@@ -45,6 +52,10 @@ def _client(endpoint_url, region, addressing_style, connect_timeout, read_timeou
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
     )
+
+
+def _version(version):
+    return {"VersionId": version} if version else {}
 
 
 class S3Store(Store):
@@ -127,27 +138,87 @@ class S3Store(Store):
         return StorageError(redact(f"S3 {operation} of {where} failed: {code} {message}".strip()))
 
     def check(self):
-        """Is the bucket there and ours to use? A StorageError with one line when not."""
+        """Is the bucket there and ours to use (and, for a locked location, does it have Object
+        Lock)? A StorageError with one line when not."""
         self.call("head_bucket")
+        if self.location.locked:
+            self.check_object_lock()
+
+    def check_object_lock(self):
+        try:
+            config = self.call("get_object_lock_configuration")["ObjectLockConfiguration"]
+        except StorageError as e:
+            if "ObjectLockConfigurationNotFound" not in str(e):
+                raise
+            config = {}
+        if config.get("ObjectLockEnabled") != "Enabled":
+            raise StorageError(
+                f"S3 bucket {self.bucket!r} does not have Object Lock enabled, which the {self.location.lock_mode} "
+                f"lock of location {self.location.name} needs: enable it on the bucket (versioning on, then "
+                "put-object-lock-configuration), use a bucket created with it, or set the location's lock to none"
+            )
+
+    def lock_options(self) -> dict:
+        until = self.location.retain_until(timezone.now())
+        if until is None:
+            return {}
+        return {"ObjectLockMode": self.location.lock_mode.upper(), "ObjectLockRetainUntilDate": until}
+
+    def lock_of(self, key, version):
+        """The lock S3 holds one version under, read back by head_object: {"mode", "retain_until"};
+        mode "" and retain_until None when the version is not locked."""
+        head = self.call("head_object", Key=self.object_key(key), **_version(version))
+        until = head.get("ObjectLockRetainUntilDate")
+        return {"mode": head.get("ObjectLockMode", ""), "retain_until": until.astimezone(UTC) if until else None}
 
     def writer(self, key):
         return S3Writer(self, self.object_key(key))
 
-    def open(self, key):
-        """A streaming GET: a file-like object read in chunks, never the whole object at once."""
-        response = self.call("get_object", Key=self.object_key(key))
+    def open(self, key, version=""):
+        """A streaming GET (of one version, when given): a file-like object read in chunks.
+
+        Read by key alone (a WAL key file, an anchor: no catalogued version) from a locked
+        location, an object hidden by a delete marker is read from its newest surviving version.
+        """
+        try:
+            response = self.call("get_object", Key=self.object_key(key), **_version(version))
+        except MissingArtifact:
+            survivor = self.surviving_version(key) if not version and self.location.locked else ""
+            if not survivor:
+                raise
+            response = self.call("get_object", Key=self.object_key(key), VersionId=survivor)
         return S3Body(self, response["Body"], self.object_key(key))
 
-    def exists(self, key) -> bool:
+    def surviving_version(self, key) -> str:
+        """The newest version of `key` that is an object, not a delete marker; "" when none is."""
+        object_key = self.object_key(key)
+        listed = self.call("list_object_versions", Prefix=object_key).get("Versions", [])
+        versions = [v for v in listed if v["Key"] == object_key]
+        return max(versions, key=lambda v: v["LastModified"])["VersionId"] if versions else ""
+
+    def exists(self, key, version="") -> bool:
         try:
-            self.call("head_object", Key=self.object_key(key))
+            self.call("head_object", Key=self.object_key(key), **_version(version))
         except MissingArtifact:
             return False
         return True
 
-    def delete(self, key):
+    def delete(self, key, version=""):
+        """Delete an object, or one version of it. By key alone, a versioned bucket only puts a
+        delete marker in front of it; a version still locked raises ObjectLocked."""
         # Deleting a key that is not there succeeds in S3: deletion is idempotent.
-        self.call("delete_object", Key=self.object_key(key))
+        try:
+            self.call("delete_object", Key=self.object_key(key), **_version(version))
+        except StorageError:
+            lock = self.lock_of(key, version) if version else None
+            if lock and lock["retain_until"] and lock["retain_until"] > timezone.now():
+                raise ObjectLocked(
+                    f"{self.uri(key)} version {version} is locked ({lock['mode']}) until "
+                    f"{lock['retain_until']:%Y-%m-%d %H:%M} UTC by S3 Object Lock in location {self.location.name}: "
+                    "it can be deleted after then, not before",
+                    lock["retain_until"],
+                ) from None
+            raise
 
     def usage(self):
         """(free, total) against the configured capacity; None when the bucket is unbounded."""
@@ -192,6 +263,9 @@ class S3Writer:
         self.parts = []
         self.done = False
         self.capacity_left = store.capacity_left()
+        self.lock = store.lock_options()  # fixed when the upload starts, like its retain-until
+        # After commit: the version S3 made (on a versioned bucket) and the retain-until S3 holds it under.
+        self.version_id, self.retain_until = "", None
 
     def write(self, chunk: bytes):
         if self.capacity_left is not None and self.size + len(chunk) > self.capacity_left:
@@ -212,7 +286,9 @@ class S3Writer:
 
     def _upload_parts(self, final):
         if self.upload_id is None:
-            response = self.store.call("create_multipart_upload", Key=self.object_key, **self.store.object_options())
+            response = self.store.call(
+                "create_multipart_upload", Key=self.object_key, **self.store.object_options(), **self.lock
+            )
             self.upload_id = response["UploadId"]
         while len(self.buffer) >= self.part_size or (final and self.buffer):
             with memoryview(self.buffer) as view:
@@ -226,10 +302,17 @@ class S3Writer:
 
     def commit(self):
         if self.upload_id is None and self.size < self.threshold:
-            self.store.call("put_object", Key=self.object_key, Body=bytes(self.buffer), **self.store.object_options())
+            # boto3 sends a checksum with the PUT, which S3 requires of an upload with a lock.
+            response = self.store.call(
+                "put_object",
+                Key=self.object_key,
+                Body=bytes(self.buffer),
+                **self.store.object_options(),
+                **self.lock,
+            )
         else:
             self._upload_parts(final=True)
-            self.store.call(
+            response = self.store.call(
                 "complete_multipart_upload",
                 Key=self.object_key,
                 UploadId=self.upload_id,
@@ -237,7 +320,29 @@ class S3Writer:
             )
         self.done = True
         self.buffer = bytearray()
+        self.version_id = response.get("VersionId", "")
+        if self.lock:
+            self._confirm_lock()
         return self.size, self.sha256.hexdigest()
+
+    def _confirm_lock(self):
+        """Read the lock back: a copy counts as locked only when S3 says so. A service that took
+        the lock headers of a multipart upload without applying them (moto does) gets the
+        retention set on the version itself."""
+        key = self.object_key.removeprefix(self.store.prefix)
+        where = f"{self.store.uri(key)} in location {self.store.location.name}"
+        if not self.version_id:
+            raise StorageError(
+                f"S3 made no version of {where}, which is set to lock its objects: is Object Lock enabled on the bucket?"
+            )
+        lock = self.store.lock_of(key, self.version_id)
+        if lock["retain_until"] is None:
+            retention = {"Mode": self.lock["ObjectLockMode"], "RetainUntilDate": self.lock["ObjectLockRetainUntilDate"]}
+            self.store.call("put_object_retention", Key=self.object_key, VersionId=self.version_id, Retention=retention)
+            lock = self.store.lock_of(key, self.version_id)
+        if lock["retain_until"] is None:
+            raise StorageError(f"S3 did not lock {where}: check that the bucket has Object Lock enabled")
+        self.retain_until = lock["retain_until"]
 
     @property
     def multipart(self):

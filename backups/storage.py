@@ -27,6 +27,14 @@ class MissingArtifact(StorageError):
     """The catalog has a copy here, but the location does not have the file."""
 
 
+class ObjectLocked(StorageError):
+    """S3 refused to delete a version because its Object Lock holds it; `.retain_until` says until when."""
+
+    def __init__(self, message, retain_until):
+        super().__init__(message)
+        self.retain_until = retain_until
+
+
 def safe_key(key: str) -> str:
     """Keys are relative POSIX paths without '..': they can never leave the location's root."""
     parts = PurePosixPath(key).parts
@@ -184,16 +192,17 @@ class FileStore(Store):
             private_dirs(self.root)
             return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
 
-    def open(self, key):
+    # `version` is S3's (backups.s3): a directory keeps one version of a file, and ignores it.
+    def open(self, key, version=""):
         try:
             return open(self.path(key), "rb")
         except FileNotFoundError:
             raise MissingArtifact(f"{self.path(key)} is missing from location {self.location.name}") from None
 
-    def exists(self, key) -> bool:
+    def exists(self, key, version="") -> bool:
         return self.path(key).is_file()
 
-    def delete(self, key):
+    def delete(self, key, version=""):
         with self.writable():
             self.path(key).unlink(missing_ok=True)
 

@@ -256,7 +256,8 @@ class VerifiedReader(io.IOBase):
 def open_copy(copy, note=""):
     """A VerifiedReader on `copy`: MissingArtifact when the file is gone, OSError or
     StorageError when its location cannot be reached."""
-    return VerifiedReader(copy, store_for(copy.location).open(copy.key), note)
+    # By version on a locked S3 location: a delete marker put by key alone must not hide the copy.
+    return VerifiedReader(copy, store_for(copy.location).open(copy.key, getattr(copy, "version_id", "")), note)
 
 
 def open_first(copies):

@@ -1,7 +1,8 @@
 """Integrity verification: re-read every copy on every tier (S3 by streaming GET) and compare sha256.
 
 A copy that is missing or hashes differently is marked bad and raises "corruption" for its
-server; a location that cannot be reached is reported as unchecked, never as corrupt.
+server; a location that cannot be reached is reported as unchecked, never as corrupt. A copy
+under S3 Object Lock is read by its version, and its lock (mode, retain-until) read back from S3.
 """
 
 import time
@@ -12,7 +13,7 @@ from django.utils import timezone
 from backupportal import conditions, journal
 from backups.copies import mark_bad, mark_faults, owner_of, record
 from backups.models import BackupCopy, Server
-from backups.storage import MissingArtifact, StorageError
+from backups.storage import MissingArtifact, StorageError, store_for
 from backups.streams import CHUNK, CopyCorrupt, open_copy
 
 CHECKED = [BackupCopy.Status.OK, BackupCopy.Status.BAD]
@@ -39,20 +40,40 @@ def verify_copy(copy, actor="job:verify", progress=None):
     return "ok", ""
 
 
+def read_lock(copy):
+    """The S3 Object Lock of a copy's version, read back with head_object: {"mode", "retain_until"
+    (ISO)}, or None for a copy that has no version. "problem" says when S3 holds it for less than
+    the catalog says (a governance lock lifted by someone with the bypass right)."""
+    if not copy.version_id:
+        return None
+    try:
+        lock = store_for(copy.location).lock_of(copy.key, copy.version_id)
+    except (OSError, StorageError) as e:
+        return {"mode": "", "retain_until": None, "problem": f"cannot read its lock: {e}"}
+    until = lock["retain_until"]
+    problem = ""
+    if copy.retain_until and (until is None or until < copy.retain_until):
+        problem = f"S3 holds it {'until ' + until.isoformat() if until else 'unlocked'}, the catalog says until {copy.retain_until.isoformat()}"
+    return {"mode": lock["mode"], "retain_until": until.isoformat() if until else None, "problem": problem}
+
+
 def _verify(copies, actor, list_all, progress=None):
     """progress (a Verification, or None) is told the totals, each chunk read and each verdict."""
     started = time.monotonic()
     if progress:
         progress.begin(copies)
     counts = {"ok": 0, "bad": 0, "unreachable": 0}
-    listed, servers = [], set()
+    listed, servers, locks = [], set(), {"locked": 0, "lock_problems": 0}
     for copy in copies.select_related("location", "run__server", "wal_segment__server").iterator(chunk_size=500):
         verdict, error = verify_copy(copy, actor, progress)
         counts[verdict] += 1
         if progress:
             progress.checked(verdict)
         servers.add(owner_of(copy).server_id)
-        if list_all or verdict != "ok":
+        lock = read_lock(copy) if verdict != "unreachable" else None
+        locks["locked"] += bool(lock and lock["retain_until"])
+        locks["lock_problems"] += bool(lock and lock["problem"])
+        if list_all or verdict != "ok" or (lock and lock["problem"]):
             listed.append(
                 {
                     "run": copy.run_id,
@@ -62,6 +83,7 @@ def _verify(copies, actor, list_all, progress=None):
                     "key": copy.key,
                     "status": verdict,
                     "error": error,
+                    "lock": lock,
                 }
             )
     for server in Server.objects.filter(pk__in=servers):
@@ -69,6 +91,7 @@ def _verify(copies, actor, list_all, progress=None):
     return {
         "checked": sum(counts.values()),
         **counts,
+        **locks,
         "duration_s": round(time.monotonic() - started, 3),
         "copies": listed,
     }
@@ -98,7 +121,9 @@ def verify_all(actor="job:verify", progress=None):
 
 def _journal(action, result, actor, obj=None):
     counts = {k: result[k] for k in ("checked", "bad", "unreachable")}
-    outcome = "ok" if result["checked"] == result["ok"] else "failed"
+    if result["locked"] or result["lock_problems"]:  # only where a location locks its objects
+        counts |= {k: result[k] for k in ("locked", "lock_problems")}
+    outcome = "ok" if result["checked"] == result["ok"] and not result["lock_problems"] else "failed"
     journal.record(action, actor=actor, obj=obj, outcome=outcome, **counts)
 
 

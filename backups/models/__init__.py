@@ -9,6 +9,7 @@ from backups.models.copies import BackupCopy
 from backups.models.databases import Database
 from backups.models.holds import BackupHold, ChangeRequest
 from backups.models.locations import WAL_LOCATION, StorageLocation
+from backups.models.lockchanges import LockChange
 from backups.models.portal import PortalBackup
 from backups.models.runs import BackupRun
 from backups.models.servers import BackupSchedule, Server, default_critical_tables
@@ -24,6 +25,7 @@ __all__ = [
     "ChangeRequest",
     "Database",
     "PortalBackup",
+    "LockChange",
     "Server",
     "StorageLocation",
     "Verification",

@@ -47,6 +47,12 @@ class BackupCopy(models.Model):
     key_id = models.CharField(max_length=32, blank=True, db_default="", verbose_name="WAL key id")
     compression = models.CharField(max_length=8, blank=True, db_default="")
 
+    # On a location with Object Lock (StorageLocation.lock_mode): the S3 version this copy is, and
+    # the date its lock (read back from S3 after the upload) holds it until. Reads, verify and
+    # deletes go by version: a delete by key alone only hides the object behind a delete marker.
+    version_id = models.CharField("S3 version id", max_length=1024, blank=True, default="", db_default="")
+    retain_until = models.DateTimeField("locked until", null=True, blank=True)
+
     objects = BackupCopyQuerySet.as_manager()
 
     class Meta:
@@ -72,8 +78,12 @@ class BackupCopy(models.Model):
     def __str__(self):
         return f"{self.location}:{self.key} ({self.status})"
 
+    def locked_at(self, now) -> bool:
+        """Does its lock still forbid deleting it at `now` (as the catalog knows it)?"""
+        return self.retain_until is not None and self.retain_until > now
+
     @classmethod
-    def record_made(cls, location, key, size, sha256, **of):
+    def record_made(cls, location, key, size, sha256, version_id="", retain_until=None, **of):
         """The copy a run or an ingest just wrote and hashed (of: run=, or wal_segment=; artifact=)."""
         return cls.objects.create(
             location=location,
@@ -83,5 +93,7 @@ class BackupCopy(models.Model):
             status=cls.Status.OK,
             copied_at=timezone.now(),
             attempts=1,
+            version_id=version_id or "",
+            retain_until=retain_until,
             **of,
         )

@@ -90,6 +90,7 @@ class ChangeRequest(models.Model):
         DELETE_BACKUP = "delete_backup", "Delete a backup by hand"
         REMOVE_LOCATION = "remove_location", "Remove a storage location"
         RETIRE_LOCATION = "retire_location", "Retire (disable) a storage location"
+        SHORTEN_LOCK = "shorten_lock", "Shorten a location's S3 Object Lock"  # target: models.lockchanges
 
     class State(models.TextChoices):
         PENDING = "pending", "Waiting for approval"

@@ -1,6 +1,7 @@
 """Storage locations: the primary directory, the WAL archive, a NAS mirror, S3-compatible storage."""
 
 import os
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -20,6 +21,13 @@ class StorageLocation(models.Model):
         PRIMARY = "primary", "Primary (local)"
         NAS = "nas", "NAS mirror"
         S3 = "s3", "S3-compatible offsite"
+
+    class LockMode(models.TextChoices):
+        # S3 Object Lock: governance may be lifted by an account holding s3:BypassGovernanceRetention
+        # (never the portal); compliance by nobody, the root account included, until it expires.
+        NONE = "none", "No lock"
+        GOVERNANCE = "governance", "Governance"
+        COMPLIANCE = "compliance", "Compliance"
 
     # Restores read the first healthy copy in this order.
     READ_ORDER = {Kind.PRIMARY: 0, Kind.NAS: 1, Kind.S3: 2}
@@ -48,7 +56,23 @@ class StorageLocation(models.Model):
         blank=True,
         help_text="The space the portal may use here; counted against the 20% free rule.",
     )
+    lock_mode = models.CharField(
+        "object lock",
+        max_length=10,
+        choices=LockMode.choices,
+        default=LockMode.NONE,
+        db_default=LockMode.NONE,
+        help_text="S3 only: every object the portal puts here is locked (write once, read many) for the lock days.",
+    )
+    lock_days = models.PositiveIntegerField(
+        "lock days", default=0, db_default=0, help_text="How long each object stays locked after it is written."
+    )
     enabled = models.BooleanField(default=True)
+
+    # A lock longer than this is a typo (or a bill for a century of storage).
+    MAX_LOCK_DAYS = 3650
+    # Shortening is a destructive change (models.holds.ChangeRequest): a weaker mode or fewer days.
+    LOCK_STRENGTH = {LockMode.NONE: 0, LockMode.GOVERNANCE: 1, LockMode.COMPLIANCE: 2}
 
     class Meta:
         ordering = ["name"]
@@ -57,6 +81,7 @@ class StorageLocation(models.Model):
         return self.name
 
     def clean(self):
+        self.clean_lock()
         if self.kind == self.Kind.S3:
             if not self.bucket:
                 raise ValidationError({"bucket": "An S3 location needs a bucket name."})
@@ -67,6 +92,36 @@ class StorageLocation(models.Model):
         if not self.path:
             raise ValidationError({"path": "A filesystem location needs a directory path."})
         check_storage_path(self.path)
+
+    def clean_lock(self):
+        if self.lock_mode == self.LockMode.NONE:
+            if self.lock_days:
+                raise ValidationError(
+                    {"lock_days": "Lock days without a lock mode: choose governance or compliance, or set 0."}
+                )
+            return
+        if self.kind != self.Kind.S3:
+            raise ValidationError(
+                {"lock_mode": "Object Lock is an S3 feature: set the lock on an S3 location, or choose no lock."}
+            )
+        if not 1 <= self.lock_days <= self.MAX_LOCK_DAYS:
+            raise ValidationError(
+                {"lock_days": f"A locked location needs between 1 and {self.MAX_LOCK_DAYS} lock days."}
+            )
+
+    @property
+    def locked(self) -> bool:
+        return self.lock_mode != self.LockMode.NONE
+
+    def retain_until(self, now):
+        """The retain-until date of an object written `now`, or None when the location does not lock."""
+        return now + timedelta(days=self.lock_days) if self.locked else None
+
+    def shortens_lock(self, mode, days) -> bool:
+        """Would changing the lock to (mode, days) protect what is written from now on for less?"""
+        if self.LOCK_STRENGTH[mode] != self.LOCK_STRENGTH[self.lock_mode]:
+            return self.LOCK_STRENGTH[mode] < self.LOCK_STRENGTH[self.lock_mode]
+        return self.locked and days < self.lock_days
 
     @property
     def read_order(self):

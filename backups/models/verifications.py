@@ -109,12 +109,16 @@ class Verification(models.Model):
         self._save_progress()
 
     def finish(self, result):
-        clean = result["checked"] > 0 and result["checked"] == result["ok"]
+        # A copy S3 holds for less than the catalog says (a lock lifted) fails it too.
+        lock_problems = result.get("lock_problems", 0)
+        clean = result["checked"] > 0 and result["checked"] == result["ok"] and not lock_problems
         self.status = self.Status.VERIFIED if clean else self.Status.FAILED
         if not result["checked"]:
             self.error = "no copy was in a state to check (each is pending, failed or deleted)"
         elif not clean:
             self.error = f"{result['bad']} bad and {result['unreachable']} unreachable of {result['checked']} copies"
+            if lock_problems:
+                self.error += f"; {lock_problems} with a shorter S3 Object Lock than catalogued"
         self.result = {"copies": result["copies"], "duration_s": result["duration_s"]}
         self.finished_at = timezone.now()
         self._save_progress(force=True, extra=["status", "error", "result", "finished_at"])

@@ -13,7 +13,7 @@ from backups import binaries, walhealth, walspool
 from backups.crypto import Encryption, EncryptionError
 from backups.management.commands._server import server_named
 from backups.models import Server, StorageLocation
-from backups.storage import store_for
+from backups.storage import StorageError, store_for
 
 FREE_SPACE_MIN = 0.20  # the strategy's "insufficient storage space (< 20% free)"
 
@@ -248,4 +248,16 @@ def location_checks():
                 "free space or add capacity",
             )
         )
+    locked = StorageLocation.objects.filter(enabled=True, kind=StorageLocation.Kind.S3)
+    checks += [lock_check(location) for location in locked.exclude(lock_mode=StorageLocation.LockMode.NONE)]
     return checks
+
+
+def lock_check(location):
+    """A location set to lock its objects needs a bucket with Object Lock: its uploads fail without it."""
+    try:
+        store_for(location).check()
+    except StorageError as e:
+        return check(f"object lock of {location.name}", "fail", str(e), "enable Object Lock on the bucket")
+    what = f"{location.lock_mode} lock of {location.lock_days} days on s3://{location.bucket}"
+    return check(f"object lock of {location.name}", "ok", what)

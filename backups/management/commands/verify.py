@@ -25,9 +25,10 @@ class Command(PortalCommand):
                 fail(f"run #{run_id} is {run.status} and has no copies to verify")
         # Catalogued like the portal's and the weekly check's: its page shows it afterwards.
         result = execute(Verification.objects.create(run=run, requested_by=actor))
-        if result["bad"] or result["unreachable"]:
+        if result["bad"] or result["unreachable"] or result["lock_problems"]:
+            locks = f", {result['lock_problems']} lock(s) shorter than catalogued" if result["lock_problems"] else ""
             self.stderr.write(
-                f"verify: {result['bad']} bad and {result['unreachable']} unreachable of {result['checked']} copies"
+                f"verify: {result['bad']} bad and {result['unreachable']} unreachable of {result['checked']} copies{locks}"
             )
             result["exit_code"] = 1
         return result
@@ -40,4 +41,14 @@ class Command(PortalCommand):
         ]
         for c in result["copies"]:
             lines.append(f"  {c['location']} {c['artifact']} {c['key']}: {c['status']} {c['error']}".rstrip())
+            if c.get("lock"):
+                lines.append(f"    {_lock_line(c['lock'])}")
         return lines
+
+
+def _lock_line(lock):
+    if lock["problem"]:
+        return f"object lock: {lock['problem']}"
+    if not lock["retain_until"]:
+        return "object lock: none"
+    return f"object lock: {lock['mode']} until {lock['retain_until']}"
