@@ -184,7 +184,7 @@ class CallbackView(OIDCAuthenticationCallbackView):
             # Not the library's way (it logs out whoever is logged in): a link must not end a session.
             request.session.get("oidc_states", {}).pop(request.GET.get("state", ""), None)
             request.session.modified = True
-            request.sso_refusal = f"the identity provider answered {request.GET['error'][:60]!r}"
+            _refuse(request, f"the identity provider answered {request.GET['error'][:60]!r}")
             return self.login_failure()
         return super().get(request)
 
