@@ -16,8 +16,10 @@ from base64 import b32encode
 
 import segno
 from django.conf import settings
+from django.contrib.auth.signals import user_logged_in
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
+from django.dispatch import receiver
 from django.utils import timezone
 from django_otp import devices_for_user
 from django_otp import login as otp_login
@@ -56,6 +58,13 @@ def remember_enrolment(request):
     """Keep in the session whether the user has a second factor (the middleware reads it)."""
     request.session[ENROLLED_KEY] = has_device(request.user)
     return request.session[ENROLLED_KEY]
+
+
+@receiver(user_logged_in, dispatch_uid="backupportal.twofactor.on_login")
+def on_login(sender, request, user, **kwargs):
+    # Asked once per login, so that the pages after it need no query for it.
+    if request is not None and hasattr(request, "session"):
+        request.session[ENROLLED_KEY] = has_device(user)
 
 
 def session_enrolled(request):

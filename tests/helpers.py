@@ -597,21 +597,3 @@ def named_patterns(resolver=None, namespace=None):
 # --- secrets ---
 
 DSN_PASSWORD = "Dsn-Secret-7f3a9"
-
-
-# --- the second factor ---
-
-
-def totp(secret, at=None):
-    """The 6-digit code an authenticator app shows for `secret` (base32, as the enrolment page
-    shows it, spaces allowed) at `at` (default now): RFC 6238 written out here, not django-otp's."""
-    import base64
-    import hashlib
-    import hmac
-    import struct
-
-    key = base64.b32decode(secret.replace(" ", "").upper() + "=" * (-len(secret.replace(" ", "")) % 8))
-    counter = int((time.time() if at is None else at) // 30)
-    digest = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
-    offset = digest[-1] & 0x0F
-    return f"{(struct.unpack('>I', digest[offset : offset + 4])[0] & 0x7FFFFFFF) % 1_000_000:06d}"
