@@ -1,13 +1,19 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.admin.options import ShowFacets
+from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
+from django_otp.plugins.otp_static.models import StaticDevice
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from backupportal import journal
+from backupportal import journal, twofactor
 from backupportal.lib.admin import ReadOnlyAdmin
 from backupportal.lib.pagination import CappedPaginator
-from backupportal.models import JournalEntry
+from backupportal.models import JournalEntry, SsoIdentity
 
 admin.site.site_header = "backupportal"
 admin.site.site_title = "backupportal"
@@ -60,3 +66,54 @@ class JournalEntryAdmin(ReadOnlyAdmin):
     paginator = CappedPaginator
     show_full_result_count = False
     show_facets = ShowFacets.NEVER
+
+
+# --- accounts: the second factor's reset and single sign-on identities ---
+
+# django-otp's own device pages would show the TOTP secrets and the recovery codes: the portal
+# has none of them. A person manages their own second factor; an administrator resets another's
+# from the user list below.
+for _model in (TOTPDevice, StaticDevice):
+    if admin.site.is_registered(_model):
+        admin.site.unregister(_model)
+
+
+@admin.action(description="Reset the second factor (a lost phone): they enrol again at their next login")
+def reset_second_factor(modeladmin, request, queryset):
+    for user in queryset:
+        try:
+            removed = twofactor.reset(user, request.user)
+        except PermissionDenied as e:
+            modeladmin.message_user(request, str(e), messages.ERROR)
+        else:
+            modeladmin.message_user(request, f"{user.get_username()}: {removed} second-factor device(s) removed.")
+
+
+class PortalUserAdmin(UserAdmin):
+    """Django's user admin (superusers only), with the second factor: whether it is set up, and
+    its reset by another administrator. Never a secret."""
+
+    actions = [reset_second_factor]
+    list_display = [*UserAdmin.list_display, "second_factor"]
+
+    def get_queryset(self, request):
+        confirmed = TOTPDevice.objects.filter(user=OuterRef("pk"), confirmed=True)
+        return super().get_queryset(request).annotate(has_authenticator=Exists(confirmed))
+
+    @admin.display(boolean=True, description="second factor", ordering="has_authenticator")
+    def second_factor(self, obj):
+        return obj.has_authenticator
+
+
+if admin.site.is_registered(User):
+    admin.site.unregister(User)
+admin.site.register(User, PortalUserAdmin)
+
+
+@admin.register(SsoIdentity)
+class SsoIdentityAdmin(ReadOnlyAdmin):
+    """Who logged in through single sign-on, linked by issuer and subject (backupportal/sso.py)."""
+
+    list_display = ["user", "issuer", "subject", "last_groups", "created_at", "last_login_at"]
+    list_select_related = ["user"]
+    search_fields = ["user__username", "=subject"]

@@ -8,7 +8,8 @@ class BackupportalConfig(AppConfig):
     verbose_name = "Operations"
 
     def ready(self):
-        from backupportal import logins, roles, signals  # noqa: F401  (logins and signals register receivers)
+        # logins, signals and twofactor register receivers.
+        from backupportal import logins, roles, signals, twofactor  # noqa: F401
 
         # New models bring new view permissions: keep the groups exact after every migrate.
         post_migrate.connect(roles.sync_groups, sender=self, dispatch_uid="backupportal.sync_groups")

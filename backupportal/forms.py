@@ -1,4 +1,4 @@
-"""The auditor's journal filter."""
+"""The auditor's journal filter, and the second factor's code."""
 
 import datetime
 
@@ -10,6 +10,7 @@ from django.utils import timezone
 from backupportal import journal
 from backupportal.lib.inputs import SaneInputsMixin
 from backupportal.models import JournalEntry
+from backupportal.twofactor import normalise
 
 
 class JournalFilter(SaneInputsMixin, forms.Form):
@@ -67,3 +68,23 @@ def keyset(qs, older_than=None, newer_than=None):
         at, pk = newer_than
         return qs.filter(Q(at__gt=at) | Q(at=at, id__gt=pk), at__gte=at).order_by("at", "id")
     return qs.order_by("-at", "-id")
+
+
+class CodeForm(forms.Form):
+    """A second-factor code: six digits from the authenticator, or a recovery code."""
+
+    otp_token = forms.CharField(
+        label="Code",
+        max_length=32,
+        widget=forms.TextInput(
+            attrs={"autocomplete": "one-time-code", "inputmode": "numeric", "autofocus": True, "size": 12}
+        ),
+    )
+
+    def clean_otp_token(self):
+        code = normalise(self.cleaned_data["otp_token"])
+        if not code:
+            raise ValidationError(
+                "That is not a code: type the 6 digits your authenticator app shows, or a recovery code."
+            )
+        return code

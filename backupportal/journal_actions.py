@@ -88,4 +88,13 @@ ACTIONS = {
     "portal_restored": "the portal's database was restored from a selfbackup (restoreportal)",
     "journal_loss_acknowledged": "a person acknowledged the journal entries lost with the old host",
     "backup_imported": "a backup made elsewhere was registered as a run of a server (importbackup)",
+    "second_factor_enrolled": "a user set up an authenticator (and got recovery codes)",
+    "second_factor_verified": "a user typed a right second-factor code (at login or to approve)",
+    "second_factor_failed": "a second-factor code was wrong, used or throttled",
+    "second_factor_reset": "an administrator removed another user's authenticator and recovery codes",
+    "recovery_codes_made": "a user made new recovery codes (the old ones stopped working)",
+    "approval_needs_second_factor": "an approval was refused: no second factor of the last 5 minutes",
+    "sso_user_created": "a first single sign-on login made an account, linked to its issuer and subject",
+    "sso_roles_changed": "a single sign-on login changed the user's roles (the IdP's groups)",
+    "sso_login_refused": "a single sign-on login was refused (the reason says why)",
 }

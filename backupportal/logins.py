@@ -5,6 +5,7 @@ can be used to go around them; the login page then says why the attempt was refu
 Counting is in LoginFailure (backupportal.models), shared by every web worker.
 """
 
+from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.signals import user_logged_in, user_login_failed
@@ -29,6 +30,11 @@ class LimitedModelBackend(ModelBackend):
 
 
 class LoginView(auth_views.LoginView):
+    def get_context_data(self, **kwargs):
+        # The single sign-on button, when OIDC_RP_CLIENT_ID is set (backupportal/sso.py).
+        sso = settings.OIDC_PROVIDER_NAME if settings.OIDC_RP_CLIENT_ID else ""
+        return super().get_context_data(sso=sso, **kwargs)
+
     def form_invalid(self, form):
         refusal = getattr(self.request, "login_refused", "")
         if refusal:

@@ -8,23 +8,34 @@
 - Every response carries a Content-Security-Policy: scripts and styles from our own static
   files only, never inline.
 - A query string the database cannot take (a NUL character, a date in the year 1) is a 400.
+- A second factor: asked after the password when the account has one; when REQUIRE_2FA
+  requires one and the account has none, the enrolment page is the only page open to it.
 """
 
 import logging
+from urllib.parse import urlencode
 
 from django.core.exceptions import PermissionDenied
-from django.http import HttpResponseBadRequest
+from django.http import HttpResponseBadRequest, HttpResponseRedirect
 from django.shortcuts import render
+from django.urls import reverse
 
+from backupportal import twofactor
 from backupportal.roles import AUDITOR, has_role, role_of
 
 logger = logging.getLogger(__name__)
 
-# What an auditor may still send: logging in and out, and changing their own password.
+# One's own second factor: every account's, whatever its role (an auditor's too).
+TWO_FACTOR_ENROL = {"two-factor", "two-factor-start", "two-factor-enrol", "two-factor-confirm", "two-factor-codes"}
+TWO_FACTOR = TWO_FACTOR_ENROL | {"two-factor-verify", "two-factor-recovery"}
+# What an auditor may still send: logging in and out, changing their own password, and their
+# own second factor.
 ALLOWED = {"login", "logout", "admin:logout", "admin:password_change"}
+ALLOWED |= {"two-factor-start", "two-factor-confirm", "two-factor-recovery", "two-factor-verify"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
-# What a user without a role may still reach: the way out.
-NO_ROLE_ALLOWED = {"logout", "admin:logout"}
+# What a user without a role may still reach: the way out, and the second factor (a superuser
+# without a role enrols before the admin opens).
+NO_ROLE_ALLOWED = {"logout", "admin:logout"} | TWO_FACTOR
 
 CONTENT_SECURITY_POLICY = "; ".join(
     [
@@ -59,6 +70,37 @@ class RoleRequiredMiddleware:
         if request.user.is_superuser and match is not None and "admin" in match.namespaces:
             return None
         return render(request, "no_role.html", status=403)
+
+
+class SecondFactorMiddleware:
+    """After the roles: an account with a second factor proves it once per login (the verify
+    page) before anything else opens; one that REQUIRE_2FA requires it of enrols first."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_view(self, request, view_func, view_args, view_kwargs):
+        user = request.user
+        if not getattr(view_func, "login_required", True) or not user.is_authenticated:
+            return None
+        match = request.resolver_match
+        name = match.view_name if match is not None else ""
+        if name in ("logout", "admin:logout", "two-factor-verify") or user.is_verified():
+            return None
+        if twofactor.session_enrolled(request):
+            return _to("two-factor-verify", request)
+        if twofactor.required_of(user) and name not in TWO_FACTOR_ENROL:
+            return _to("two-factor", request)
+        return None
+
+
+def _to(name, request):
+    """A redirect to the second factor's page that comes back to where the user was going."""
+    back = request.get_full_path() if request.method == "GET" else ""
+    return HttpResponseRedirect(reverse(name) + (f"?{urlencode({'next': back})}" if back else ""))
 
 
 class AuditorsChangeNothingMiddleware:

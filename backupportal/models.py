@@ -90,7 +90,9 @@ class LoginFailure(models.Model):
         if address and recent.filter(address=address).count() >= settings.LOGIN_ADDRESS_LIMIT:
             minutes = -(-settings.LOGIN_FAILURE_WINDOW // 60)
             return f"Too many failed logins from your address ({address}): try again in {minutes} minutes."
-        wait = cls.wait_for(recent.filter(username=cls.key(username)), now)
+        # No user name: single sign-on's callback, limited by address only (its failures carry
+        # no name, and one person's would otherwise slow every other's down).
+        wait = cls.wait_for(recent.filter(username=cls.key(username)), now) if cls.key(username) else 0
         if wait > 0:
             return f"Too many failed logins for this user name: wait {wait} seconds, then try again."
         return ""
@@ -115,3 +117,28 @@ class LoginFailure(models.Model):
     def forget(cls, username):
         """A successful login ends the wait its user name was under."""
         cls.objects.filter(username=cls.key(username)).delete()
+
+
+class SsoIdentity(models.Model):
+    """A portal account's identity at an OpenID Connect provider: (issuer, subject), and only that.
+
+    The email an identity provider sends is not a key: anyone who can set an address there would
+    become the local account that has it. A person who logs in through single sign-on gets an
+    account of their own, linked here at the first login (backupportal/sso.py).
+    """
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="sso_identities")
+    issuer = models.CharField(max_length=255)
+    subject = models.CharField(max_length=255)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_login_at = models.DateTimeField(null=True, blank=True)
+    # The IdP groups of the last login, for the admin's page: the roles were computed from them.
+    last_groups = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        verbose_name = "single sign-on identity"
+        verbose_name_plural = "single sign-on identities"
+        constraints = [models.UniqueConstraint(fields=["issuer", "subject"], name="sso_identity_issuer_subject")]
+
+    def __str__(self):
+        return f"{self.subject} at {self.issuer}"

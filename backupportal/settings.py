@@ -49,6 +49,10 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "django_q",
+    # TOTP devices and recovery codes (backupportal/twofactor.py); their own admin is not used.
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "django_otp.plugins.otp_static",
     "backupportal",
     "backups",
     "restores",
@@ -66,10 +70,14 @@ MIDDLEWARE = [
     "backupportal.middleware.BadQueryMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # request.user.is_verified(): the second factor of this session (django-otp).
+    "django_otp.middleware.OTPMiddleware",
     # Every page needs a login; the few public views say so with @login_not_required.
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     # ...and one of the three roles: a user with none gets a page saying so (403).
     "backupportal.middleware.RoleRequiredMiddleware",
+    # ...and the second factor: asked after the password when enrolled, enrolment when required.
+    "backupportal.middleware.SecondFactorMiddleware",
     # Auditors get 403 on every POST, on every page (DESIGN.md's role table).
     "backupportal.middleware.AuditorsChangeNothingMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -102,8 +110,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 30, "transaction_mode": "IMMEDIATE"})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# Django's backend behind the login limits (backupportal/logins.py).
-AUTHENTICATION_BACKENDS = ["backupportal.logins.LimitedModelBackend"]
+# Django's backend behind the login limits (backupportal/logins.py), and single sign-on
+# (backupportal/sso.py), which does nothing until OIDC_RP_CLIENT_ID is set.
+AUTHENTICATION_BACKENDS = ["backupportal.logins.LimitedModelBackend", "backupportal.sso.SsoBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -126,6 +135,60 @@ LOGIN_ADDRESS_LIMIT = env.int("LOGIN_ADDRESS_LIMIT", default=20)
 # client has the proxy's address. Nobody's, by default.
 TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
 parse_networks(TRUSTED_PROXIES)  # fail at start on a typo, not at the first login
+
+# Second factor (TOTP, django-otp): required of DBAs, Sysadmins and superusers when on, and
+# asked again (a code of the last 5 minutes) before approving a restore or a destructive change
+# whenever it is on or the approver has enrolled. The demo turns it off; production keeps it.
+REQUIRE_2FA = env.bool("REQUIRE_2FA", default=True)
+# The name an authenticator app shows beside the code.
+OTP_TOTP_ISSUER = env.str("OTP_TOTP_ISSUER", default="backupportal")
+
+
+def _role_map(text):
+    """OIDC_ROLE_MAP: "idp-group=Role,..." -> {idp-group: Role}; a role must be one of the three."""
+    mapping = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        group, sep, role = (part.strip() for part in pair.rpartition("="))
+        if not sep or not group or role not in ("DBA", "Sysadmin", "Auditor"):
+            raise ImproperlyConfigured(
+                f"OIDC_ROLE_MAP: {pair!r} is not GROUP=ROLE with ROLE one of DBA, Sysadmin, Auditor "
+                "(e.g. OIDC_ROLE_MAP=pg-dbas=DBA,infra=Sysadmin,audit=Auditor)"
+            )
+        mapping[group] = role
+    return mapping
+
+
+# Single sign-on with OpenID Connect (mozilla-django-oidc; backupportal/sso.py): on when
+# OIDC_RP_CLIENT_ID is set. Accounts are linked by (issuer, subject), never by email; the
+# groups claim gives the roles through OIDC_ROLE_MAP, again at every login.
+OIDC_RP_CLIENT_ID = env.str("OIDC_RP_CLIENT_ID", default="")
+OIDC_RP_CLIENT_SECRET = env.str("OIDC_RP_CLIENT_SECRET", default="")
+OIDC_ISSUER = env.str("OIDC_ISSUER", default="").rstrip("/")
+OIDC_OP_AUTHORIZATION_ENDPOINT = env.str("OIDC_OP_AUTHORIZATION_ENDPOINT", default="")
+OIDC_OP_TOKEN_ENDPOINT = env.str("OIDC_OP_TOKEN_ENDPOINT", default="")
+OIDC_OP_USER_ENDPOINT = env.str("OIDC_OP_USER_ENDPOINT", default="")
+OIDC_OP_JWKS_ENDPOINT = env.str("OIDC_OP_JWKS_ENDPOINT", default="")
+OIDC_RP_SIGN_ALGO = env.str("OIDC_RP_SIGN_ALGO", default="RS256")
+OIDC_RP_SCOPES = env.str("OIDC_RP_SCOPES", default="openid email profile")
+OIDC_GROUPS_CLAIM = env.str("OIDC_GROUPS_CLAIM", default="groups")
+OIDC_ROLE_MAP = _role_map(env.str("OIDC_ROLE_MAP", default=""))
+OIDC_PROVIDER_NAME = env.str("OIDC_PROVIDER_NAME", default="single sign-on")
+OIDC_TIMEOUT = env.int("OIDC_TIMEOUT", default=10)
+OIDC_USE_PKCE = True
+OIDC_CREATE_USER = True
+OIDC_AUTHENTICATION_CALLBACK_URL = "oidc-callback"
+if OIDC_RP_CLIENT_ID:
+    _missing = [
+        name
+        for name in ("OIDC_RP_CLIENT_SECRET", "OIDC_ISSUER", "OIDC_OP_AUTHORIZATION_ENDPOINT", "OIDC_OP_TOKEN_ENDPOINT")
+        + ("OIDC_OP_USER_ENDPOINT", "OIDC_OP_JWKS_ENDPOINT")
+        if not globals()[name]
+    ]
+    if _missing:
+        raise ImproperlyConfigured(
+            f"OIDC_RP_CLIENT_ID is set but {', '.join(_missing)} not: set them from your identity provider's "
+            ".well-known/openid-configuration, or unset OIDC_RP_CLIENT_ID"
+        )
 
 LANGUAGE_CODE = "en-gb"
 # One date and time format everywhere (backupportal/formats/en_GB/formats.py).

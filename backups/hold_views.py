@@ -7,7 +7,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from backupportal import journal
+from backupportal import journal, twofactor
 from backupportal.roles import require_perm
 from backups.changes import delete_problem
 from backups.models import BackupHold, BackupRun, ChangeRequest
@@ -70,7 +70,8 @@ def change_requests(request):
     pending = list(pending)
     for change in pending:
         change.can_decide = change.awaits_decision_by(request.user)
-    return render(request, "backups/changes.html", {"pending": pending, "decided": decided})
+    asks_code = any(c.can_decide for c in pending) and twofactor.asks_code(request)
+    return render(request, "backups/changes.html", {"pending": pending, "decided": decided, "asks_code": asks_code})
 
 
 @require_POST
@@ -87,6 +88,20 @@ def change_reject(request, pk):
 
 def _decide(request, pk, decision):
     change = get_object_or_404(ChangeRequest, pk=pk)
+    refusal = ""
+    if decision == "approve" and change.awaits_decision_by(request.user):
+        refusal = twofactor.approval_refusal(request)
+    if refusal:
+        # A destructive change needs a fresh second factor, as a restore does (DESIGN.md).
+        journal.record(
+            "approval_needs_second_factor",
+            actor=request.user.get_username(),
+            obj=change,
+            outcome="refused",
+            reason=refusal,
+        )
+        messages.error(request, refusal)
+        return redirect(reverse("changes"))
     try:
         getattr(change, decision)(request.user)
     except PermissionDenied as e:

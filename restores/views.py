@@ -5,7 +5,7 @@ from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from backupportal import journal
+from backupportal import journal, twofactor
 from backupportal.roles import require_perm
 from backups.models import BackupRun, Server
 from restores import sandbox
@@ -51,10 +51,11 @@ def restore_request_detail(request, pk):
         run.sandbox_state = sandbox.state(run) if sandbox.is_sandbox(run) else None
         run.sandbox_expires_at = sandbox.expires_at(run)
     can_decide = req.awaits_decision_by(request.user)  # the dashboard's "waiting for you" asks the same
+    asks_code = can_decide and twofactor.asks_code(request)
     return render(
         request,
         "restores/request_detail.html",
-        {"req": req, "runs": runs, "form": DecisionForm(), "can_decide": can_decide},
+        {"req": req, "runs": runs, "form": DecisionForm(), "can_decide": can_decide, "asks_code": asks_code},
     )
 
 
@@ -85,6 +86,19 @@ def restore_request_approve(request, pk):
     req = get_object_or_404(RestoreRequest, pk=pk)
     form = DecisionForm(request.POST)
     form.is_valid()
+    if req.awaits_decision_by(request.user) and (refusal := twofactor.approval_refusal(request)):
+        # Asked only of someone who could approve: the model's own refusals (one's own request,
+        # not a DBA) keep their 403 and their journal line below.
+        journal.record(
+            "approval_needs_second_factor",
+            actor=request.user.get_username(),
+            obj=req,
+            server=req.server.name,
+            outcome="refused",
+            reason=refusal,
+        )
+        messages.error(request, refusal)
+        return redirect(req)
     try:
         req.approve(request.user, form.cleaned_data.get("confirm_database", ""), form.cleaned_data.get("note", ""))
     except PermissionDenied as e:

@@ -486,6 +486,10 @@ ACTIONS = {
     "run-delete": {"DBA", "Sysadmin"},
     "change-approve": {"DBA", "Sysadmin"},
     "change-reject": {"DBA", "Sysadmin"},
+    # One's own second factor: every role (auditors too) manages theirs.
+    "two-factor-start": {"DBA", "Sysadmin", "Auditor"},
+    "two-factor-confirm": {"DBA", "Sysadmin", "Auditor"},
+    "two-factor-recovery": {"DBA", "Sysadmin", "Auditor"},
 }
 
 
@@ -495,7 +499,15 @@ FORMS = {
     "drill-edit": {"DBA", "Sysadmin"},
     "drill-step": {"DBA", "Sysadmin"},
     "maintenance-complete": {"DBA", "Sysadmin"},
+    "two-factor-verify": {"DBA", "Sysadmin", "Auditor"},
 }
+
+# The pages of one's own second factor, which an auditor may post to as to the login.
+OWN_ACCOUNT = {"two-factor-start", "two-factor-confirm", "two-factor-recovery", "two-factor-verify"}
+
+# Open without a login: the login itself, and single sign-on's way there and back (404 until
+# OIDC_RP_CLIENT_ID is set).
+PUBLIC = {"login", "logout", "oidc-login", "oidc-callback"}
 
 
 # The documented exception to the login: Prometheus reads /metrics with METRICS_TOKEN, nobody else.
@@ -542,7 +554,7 @@ def portal_urls(catalog):
     }
     urls = []
     for name in named_patterns():
-        if name in ("login", "logout") or name in TOKEN_ONLY:
+        if name in PUBLIC or name in TOKEN_ONLY:
             continue
         url = reverse(name, args=args.get(name, []))
         if name not in ACTIONS:
@@ -570,6 +582,8 @@ def post_data(name, catalog):
         "run-hold": {"reason": "case 2026-1"},
         "run-release": {"reason": "the case is closed"},
         "run-delete": {"reason": "restored into prod by mistake"},
+        "two-factor-confirm": {"otp_token": "000000"},  # wrong, or nothing pending: back to the form
+        "two-factor-verify": {"otp_token": "000000"},
     }.get(name, {"kind": "logical"})
 
 

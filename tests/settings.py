@@ -25,6 +25,9 @@ _var = os.environ["VAR_DIR"]
 os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
 os.environ.setdefault("WHITENOISE_USE_FINDERS", "true")
 os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
+# The suite logs in with force_login and no authenticator: the tests of the second factor turn
+# it on (tests/test_two_factor.py), as production has it.
+os.environ.setdefault("REQUIRE_2FA", "false")
 
 from backupportal.settings import *  # noqa: E402,F403
 
