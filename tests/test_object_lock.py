@@ -232,7 +232,7 @@ def test_retention_waits_for_the_lock_and_deletes_after_it_expires(server, passp
 
     # Two days on: the old backup is past its day, but its S3 copies are locked for three more.
     with time_machine.travel(start + timedelta(days=2)):
-        assert retention.plan(server)[old] == f"locked until {until.isoformat()}"
+        assert {r.pk: rule for r, rule in retention.plan(server).items()}[old.pk] == f"locked until {until.isoformat()}"
         out = StringIO()
         call_command("retention", "--dry-run", stdout=out)
         assert f"#{old.pk} maldives logical reliabilitymaldives finished" in out.getvalue()
@@ -245,7 +245,9 @@ def test_retention_waits_for_the_lock_and_deletes_after_it_expires(server, passp
     # Past the lock (for S3 too: moto's clock moved with ours): deleted on every tier, by version.
     with time_machine.travel(start + timedelta(days=LOCK_DAYS + 1)):
         assert [d["id"] for d in retention.apply()] == [old.pk]
-        assert retention.plan(server)[newest] == "floor"  # the newest good backup stays, lock or not
+        assert {r.pk: rule for r, rule in retention.plan(server).items()}[
+            newest.pk
+        ] == "floor"  # the newest good backup stays, lock or not
     old.refresh_from_db()
     assert old.deleted_at is not None
     assert set(old.copies.values_list("status", flat=True)) == {"deleted"}
