@@ -155,7 +155,7 @@ def plan_copies(owner):
                 location=location,
                 artifact=artifact,
                 **owner_filter(owner),
-                defaults={"key": source.key, "size": source.size},
+                defaults={"key": source.key, "size": source.size, "encryption_key_id": source.encryption_key_id},
             )
 
 

@@ -8,6 +8,7 @@ Django registers the app's models from here; the rest of the project imports the
 from backups.models.copies import BackupCopy
 from backups.models.databases import Database
 from backups.models.holds import BackupHold, ChangeRequest
+from backups.models.keys import EncryptionKey
 from backups.models.locations import WAL_LOCATION, StorageLocation
 from backups.models.runs import BackupRun
 from backups.models.servers import BackupSchedule, Server, default_critical_tables
@@ -22,6 +23,7 @@ __all__ = [
     "BackupSchedule",
     "ChangeRequest",
     "Database",
+    "EncryptionKey",
     "Server",
     "StorageLocation",
     "Verification",
