@@ -242,6 +242,9 @@ class RestoreTest(models.Model):
     duration_s = models.FloatField(null=True, blank=True, help_text="the measured RTO", verbose_name="duration (s)")
     checks = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
+    # The keyring's key the tested backup was encrypted with: a passed test proves that key opens
+    # it (the key custody page). Recorded at the test, as re-encryption may change the backup's.
+    encryption_key = models.CharField(max_length=16, blank=True, db_default="", verbose_name="key id")
 
     objects = RestoreTestQuerySet.as_manager()
 
