@@ -24,6 +24,8 @@ from backupportal import journal
 from backups.crypto import Encryption, EncryptionError, KeyMissing, keyring_dir
 from backups.models import BackupCopy, EncryptionKey
 
+_of_key = {}  # key id -> Encryption, for this process: a key id's file never changes
+
 
 def current(actor="job:backup") -> Encryption:
     """The Encryption new artifacts are written with, its `custody_key` their key id: the
@@ -31,7 +33,9 @@ def current(actor="job:backup") -> Encryption:
     configured = Encryption()  # the settings are still checked: a bad file is refused as before
     key = EncryptionKey.objects.filter(current=True).first() or _set_up(configured, actor)
     _check_configured(configured, key)
-    return Encryption.of_key(key.pk)
+    if key.pk not in _of_key:
+        _of_key[key.pk] = Encryption.of_key(key.pk)
+    return _of_key[key.pk]
 
 
 def _set_up(configured, actor):

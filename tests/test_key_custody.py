@@ -126,20 +126,33 @@ def test_a_restore_with_its_old_key_missing_fails_naming_the_key(two_keys, sampl
     assert set(before.copies.values_list("status", flat=True)) == {BackupCopy.Status.OK}
 
 
+def s3_objects(tiers):
+    listed = tiers.s3.list_objects_v2(Bucket=tiers.bucket).get("Contents", [])
+    return {o["Key"].removeprefix("backupportal/"): o for o in listed}
+
+
 def test_reencrypt_leaves_every_artifact_readable_with_the_new_key_alone(
-    two_keys, sample_cluster, backup_root, passphrase_file, tmp_path, settings
+    tiers, two_keys, sample_cluster, passphrase_file, tmp_path, settings
 ):
+    """On every tier: primary, NAS, and S3 (moto over HTTP)."""
     before, after, old, new = two_keys
-    old_objects = list(before.copies.values_list("key", flat=True))
+    assert before.copies.filter(status="ok").count() == 6  # the dump and its globals, on three tiers
+    old_objects = set(before.copies.values_list("key", flat=True))
     result = run_command("reencrypt", "--from-key", old)
     assert result["_exit"] == 0 and result["status"] == "succeeded", result
-    assert result["reencrypted"] == 2 and result["old_removed"] == 2  # the dump and its globals
+    assert result["reencrypted"] == 6 and result["old_removed"] == 6
     assert keys_of(before) == {new}
-    for copy in before.copies.all():
+    for copy in before.copies.select_related("location"):
         assert copy.old_key == "" and new in copy.key
-        assert hashlib.sha256((backup_root / copy.key).read_bytes()).hexdigest() == copy.sha256
-        assert gpg_opens(backup_root / copy.key, new_passphrase_file(tmp_path))
-    assert not any((backup_root / key).exists() for key in old_objects)
+        if copy.location.kind == "s3":
+            data = tiers.s3.get_object(Bucket=tiers.bucket, Key=f"backupportal/{copy.key}")["Body"].read()
+        else:
+            data = (Path(copy.location.path) / copy.key).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == copy.sha256
+    main = before.copies.get(location__kind="primary", artifact="main")
+    assert gpg_opens(tiers.primary / main.key, new_passphrase_file(tmp_path))
+    assert not any((root / key).exists() for key in old_objects for root in (tiers.primary, tiers.nas))
+    assert not old_objects & set(s3_objects(tiers))
     again = run_command("reencrypt", "--from-key", old)  # resumable: nothing is left to do
     assert again["_exit"] == 0 and again["reencrypted"] == 0
 
@@ -203,6 +216,8 @@ def test_wrong_key_commands_are_refused_in_one_line(server, passphrase_file, bac
     open_file.chmod(0o644)
     loose = run_command("rotatekey", "--passphrase-file", str(open_file))
     assert loose["_exit"] == 1 and "chmod 600" in loose["_stderr"]
+    stranger = run_command("rotatekey", "--recipients", "nobody@example.mv")
+    assert stranger["_exit"] == 1 and "nobody@example.mv has no public key" in stranger["_stderr"]
     unknown = run_command("reencrypt", "--from-key", "0123456789abcdef")
     assert unknown["_exit"] == 1 and "no key 0123456789abcdef" in unknown["_stderr"]
     current = EncryptionKey.objects.get(current=True).pk
