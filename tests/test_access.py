@@ -45,6 +45,7 @@ READ = {
     "restore-test-progress",
     "alerts",
     "alert",
+    "key-custody",
 }
 ROLES = ["DBA", "Sysadmin", "Auditor"]
 
