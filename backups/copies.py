@@ -320,6 +320,8 @@ def delete_copy(copy, actor):
     if copy.attempts or copy.status in (BackupCopy.Status.OK, BackupCopy.Status.BAD):
         try:
             store_for(copy.location).delete(copy.key)
+            if copy.old_key:  # the object a re-encryption replaced, not removed yet (backups.reencrypt)
+                store_for(copy.location).delete(copy.old_key)
         except (OSError, StorageError) as e:
             retry_at = timezone.now() + backoff(copy.attempts or 1)
             BackupCopy.objects.filter(pk=copy.pk).update(

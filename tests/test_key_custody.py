@@ -228,3 +228,46 @@ def test_wrong_key_commands_are_refused_in_one_line(server, passphrase_file, bac
     with pytest.raises(EncryptionError, match="rotatekey"):
         keyring.current("test")
     assert EncryptionKey.objects.count() == 1
+
+
+def test_rotating_to_recipients_needs_their_secret_key_to_restore_and_keeps_the_passphrase_backups(
+    server, sample_cluster, passphrase_file, backup_root, tmp_path, settings, client, charlie
+):
+    owner = tmp_path / "owner-gnupg"
+    owner.mkdir(mode=0o700)
+    gpg = ["gpg", "--batch", "--homedir", str(owner), "--pinentry-mode", "loopback", "--passphrase", ""]
+    subprocess.run(
+        gpg + ["--quick-gen-key", "dr@reliabilitymaldives.mv", "ed25519", "cert", "never"],
+        check=True,
+        capture_output=True,
+    )
+    listed = subprocess.run(gpg + ["--list-keys", "--with-colons"], capture_output=True, text=True, check=True)
+    fpr = listed.stdout.split("fpr:::::::::")[1].split(":")[0]
+    subprocess.run(gpg + ["--quick-add-key", fpr, "cv25519", "encr", "never"], check=True, capture_output=True)
+    portal = tmp_path / "portal-gnupg"
+    portal.mkdir(mode=0o700)
+    settings.GNUPGHOME = str(portal)
+    public = subprocess.run(gpg + ["--export", fpr], capture_output=True, check=True).stdout
+    subprocess.run(
+        ["gpg", "--batch", "--homedir", str(portal), "--import"], input=public, check=True, capture_output=True
+    )
+
+    before = logical_backup()
+    rotated = run_command("rotatekey", "--recipients", fpr)
+    assert rotated["_exit"] == 0 and rotated["kind"] == "recipients" and rotated["recipients"] == [fpr], rotated
+    after = logical_backup()
+    assert keys_of(after) == {rotated["key_id"]} and after.details["encryption"] == "gpg-pubkey"
+    client.force_login(charlie)
+    page = client.get(reverse("key-custody")).content.decode()
+    assert fpr in page and f"key-{before.details['key_id']}" in page
+
+    # The portal holds no secret key: the new backup is not readable here; the old one still is.
+    refused = restore(after, "restored_recipients")
+    assert refused["status"] == "failed" and "gpg" in refused["error"], refused
+    assert restore(before, "restored_passphrase")["status"] == "succeeded"
+    secret = subprocess.run(gpg + ["--export-secret-keys", fpr], capture_output=True, check=True).stdout
+    subprocess.run(
+        ["gpg", "--batch", "--homedir", str(portal), "--import"], input=secret, check=True, capture_output=True
+    )
+    done = restore(after, "restored_recipients")
+    assert done["status"] == "succeeded", done
