@@ -111,10 +111,15 @@ def rotate(passphrase_file=None, recipients=None, actor="") -> EncryptionKey:
     if _same(new, old):
         raise EncryptionError(f"that is already the current key {old.pk}: give a new passphrase file or recipients")
     key = _new_key(new, actor)
-    with transaction.atomic():
-        EncryptionKey.objects.filter(pk=old.pk).update(current=False, retired_at=timezone.now())
-        key.current = True
-        key.save()
+    try:
+        with transaction.atomic():
+            EncryptionKey.objects.filter(pk=old.pk, current=True).update(current=False, retired_at=timezone.now())
+            key.current = True
+            key.save()
+    except IntegrityError:
+        raise EncryptionError(
+            "another rotation made a key current at the same moment: check /keys/, then run again"
+        ) from None
     journal.record("key_rotated", actor=actor, obj=key, key_id=key.pk, kind=key.kind, retired=old.pk)
     return key
 

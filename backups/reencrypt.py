@@ -88,6 +88,10 @@ def reencrypt(from_key_id, actor):
         if copy.status == BackupCopy.Status.BAD:
             outcome.skipped_bad.append(copy.pk)
             continue
+        if not copy.location.enabled:
+            error = f"location {copy.location.name} is disabled: enable it, then run reencrypt again"
+            outcome.failed.append({"copy": copy.pk, "error": error})
+            continue
         if copy.old_key and not remove_replaced(copy):
             outcome.waiting.append(copy.pk)  # an object already replaced once must go before the next
             continue
@@ -112,9 +116,9 @@ def reencrypt(from_key_id, actor):
 
 
 def _to_move(key):
-    """Kept copies made with `key`, of artifacts the catalog still keeps, on enabled locations."""
+    """Kept copies made with `key`, of artifacts the catalog still keeps."""
     kept = Q(run__deleted_at=None, wal_segment=None) | Q(run=None, wal_segment__deleted_at=None)
-    copies = BackupCopy.objects.kept().filter(kept, encryption_key=key, location__enabled=True)
+    copies = BackupCopy.objects.kept().filter(kept, encryption_key=key)
     return list(copies.select_related("location", "run", "wal_segment__server").order_by("pk"))
 
 

@@ -271,3 +271,21 @@ def test_rotating_to_recipients_needs_their_secret_key_to_restore_and_keeps_the_
     )
     done = restore(after, "restored_recipients")
     assert done["status"] == "succeeded", done
+
+
+def test_reencrypt_continues_where_it_stopped(two_keys, backup_root, settings):
+    """A copy it cannot reach now is left on the old key (exit 1, named); the next run finishes."""
+    from backups.models import StorageLocation
+
+    before, after, old, new = two_keys
+    primary = StorageLocation.objects.get(kind="primary", name="primary")
+    StorageLocation.objects.filter(pk=primary.pk).update(enabled=False)
+    stopped = run_command("reencrypt", "--from-key", old)
+    assert stopped["_exit"] == 1 and stopped["status"] == "failed" and stopped["reencrypted"] == 0
+    assert {f["copy"] for f in stopped["failed"]} == set(before.copies.values_list("pk", flat=True))
+    assert "location primary is disabled" in stopped["failed"][0]["error"]
+    assert keyring.drop_unneeded(actor="test") == []  # still needed
+    StorageLocation.objects.filter(pk=primary.pk).update(enabled=True)
+    finished = run_command("reencrypt", "--from-key", old)
+    assert finished["_exit"] == 0 and finished["reencrypted"] == 2, finished
+    assert keys_of(before) == {new}
