@@ -23,14 +23,17 @@ def run_restore_test(
 
     `test` is one a DBA's click created (queued, so that its page exists at once); else a new one.
     `database`: a logical test of that database's newest backup; else the server's newest.
-    `run`: that backup instead (the monthly test of a key, restores.keytests).
+    `run`: that backup instead (the monthly test of a key, restores.keys).
     """
+    of_key = run is not None  # a backup chosen by the caller: the monthly test of its key (restores.keys)
     if run is None:
         run = database.latest_good_backup() if database is not None else server.latest_good_backup(kind)
     if database is None and run is not None:
         database = run.database  # None for a base backup: the whole cluster
     if test is None:
-        test = RestoreTest.objects.create(server=server, kind=kind, backup_run=run, monthly=monthly, database=database)
+        test = RestoreTest.objects.create(
+            server=server, kind=kind, backup_run=run, monthly=monthly, database=database, of_key=of_key
+        )
     else:
         test.kind, test.backup_run, test.monthly, test.database = kind, run, monthly, database
         test.save(update_fields=["kind", "backup_run", "monthly", "database"])

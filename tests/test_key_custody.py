@@ -16,6 +16,7 @@ from backups import keyring
 from backups.crypto import EncryptionError
 from backups.models import BackupCopy, BackupRun, EncryptionKey, WalSegment
 from restores.keys import monthly_key_tests
+from restores.models import RestoreTest
 from tests.helpers import enable_push, pitr, rows, run_command, switch_wal, wait_archived, write
 
 pytest_plugins = ["tests.walfixtures"]
@@ -98,8 +99,14 @@ def test_backups_before_and_after_rotatekey_restore_each_with_its_own_key(
     assert NEW_PASSPHRASE not in page and "s3cret" not in page
 
 
-def test_the_monthly_key_tests_prove_each_key_on_the_custody_page(two_keys, client, alice):
+def test_the_monthly_key_tests_prove_each_key_on_the_custody_page(two_keys, server, client, alice):
     before, after, old, new = two_keys
+    # The newest backup's own test failed a moment ago: a key test of an older backup must not hide it.
+    failed = RestoreTest.objects.create(
+        server=server, kind="logical", database=after.database, backup_run=after, status="failed", error="checks"
+    )
+    failed.finished_at = failed.started_at
+    failed.save()
     tests = monthly_key_tests()
     assert {(t.encryption_key, t.backup_run_id, t.status) for t in tests} == {
         (old, before.pk, "passed"),
@@ -110,6 +117,8 @@ def test_the_monthly_key_tests_prove_each_key_on_the_custody_page(two_keys, clie
     for test in tests:
         assert reverse("restore-test", args=[test.pk]) in page
     assert "no passed restore test yet" not in page
+    assert all(t.of_key and t.monthly for t in tests)
+    assert RestoreTest.objects.failing(server) == [failed]
 
 
 def test_a_restore_with_its_old_key_missing_fails_naming_the_key(two_keys, sample_cluster, settings):
