@@ -97,4 +97,9 @@ ACTIONS = {
     "sso_user_created": "a first single sign-on login made an account, linked to its issuer and subject",
     "sso_roles_changed": "a single sign-on login changed the user's roles (the IdP's groups)",
     "sso_login_refused": "a single sign-on login was refused (the reason says why)",
+    "key_set_up": "the configured encryption key was set up in the keyring under a random key id",
+    "key_rotated": "someone rotated the encryption key (rotatekey): new backups use the new key",
+    "key_dropped": "retention removed a retired key from the keyring: no kept artifact needed it",
+    "reencrypt_run": "someone re-encrypted kept artifacts from an old key to the current one (reencrypt)",
+    "reencrypt_failed": "re-encrypting an artifact failed: it stays, readable with its old key",
 }

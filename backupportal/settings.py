@@ -315,6 +315,9 @@ S3_MAX_ATTEMPTS = env.int("S3_MAX_ATTEMPTS", default=3)
 BACKUP_PASSPHRASE_FILE = env.str("BACKUP_PASSPHRASE_FILE", default="")
 GPG_RECIPIENTS = env.list("GPG_RECIPIENTS", default=[])
 GNUPGHOME = env.str("GNUPGHOME", default="")
+# The keyring: every key that encrypted a kept artifact, by its random key id (backups.keyring).
+# A directory of 0600 files, 0700; never inside a selfbackup, and to be kept in escrow too.
+KEYRING_DIR = Path(env.str("KEYRING_DIR", default=str(VAR_DIR / "keyring")))
 
 # The journal's HMAC key and the newest entry's HMAC live outside the database.
 JOURNAL_KEY_FILE = Path(env.str("JOURNAL_KEY_FILE", default=str(VAR_DIR / "journal.key")))

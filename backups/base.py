@@ -25,9 +25,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal import conditions
-from backups import walchain, walhealth, walnames, walspool
+from backups import keyring, walchain, walhealth, walnames, walspool
 from backups.binaries import client_tool
-from backups.crypto import Encryption, EncryptionError
+from backups.crypto import EncryptionError
 from backups.logical import primary_location
 from backups.models import BackupCopy, BackupRun, Server
 from backups.pipeline import BackupFailed, Tool, Zstd, encrypt_bytes, encrypt_to, heartbeat
@@ -167,7 +167,7 @@ def take_tar(run, what, key, extra_args=()):
     server = run.server
     require_archiving(server, what)
     try:
-        encryption = Encryption()
+        encryption = keyring.current()
         size_of_segment = walspool.segment_size(server)
     except (EncryptionError, walnames.WalError) as e:
         raise BackupFailed(str(e)) from None
@@ -178,7 +178,13 @@ def take_tar(run, what, key, extra_args=()):
     level = settings.BASE_ZSTD_LEVEL
     # "compression" is what restores decompress by; a run without it is a gpg-compressed tar.
     run.details.update(
-        {"keys": [key, manifest_key(key)], "encryption": encryption.method, "compression": "zstd", "zstd_level": level}
+        {
+            "keys": [key, manifest_key(key)],
+            "encryption": encryption.method,
+            "key_id": encryption.custody_key,
+            "compression": "zstd",
+            "zstd_level": level,
+        }
     )
     run.save(update_fields=["key", "details"])
 
@@ -206,7 +212,9 @@ def take_tar(run, what, key, extra_args=()):
         compressor=Zstd(level),
     )
     stop_time = timezone.now()
-    BackupCopy.record_made(location, key, size, sha256, run=run, artifact="main")
+    BackupCopy.record_made(
+        location, key, size, sha256, run=run, artifact="main", encryption_key_id=encryption.custody_key
+    )
     record_positions(run, tool.sniffer, size_of_segment)
     keep_manifest(run, store, location, manifest_key(key), encryption, tool.sniffer)
     run.size, run.sha256, run.bytes_done = size, sha256, size
@@ -231,7 +239,9 @@ def keep_manifest(run, store, location, key, encryption, sniffer):
     """The whole backup_manifest, encrypted, as the run's "manifest" artifact: the next
     incremental hands it to pg_basebackup --incremental (copied to every tier like the backup)."""
     size, sha256 = encrypt_bytes(store, key, sniffer.manifest(), encryption)
-    BackupCopy.record_made(location, key, size, sha256, run=run, artifact="manifest")
+    BackupCopy.record_made(
+        location, key, size, sha256, run=run, artifact="manifest", encryption_key_id=encryption.custody_key
+    )
 
 
 def record_positions(run, sniffer, size_of_segment):

@@ -155,7 +155,7 @@ def plan_copies(owner):
                 location=location,
                 artifact=artifact,
                 **owner_filter(owner),
-                defaults={"key": source.key, "size": source.size},
+                defaults={"key": source.key, "size": source.size, "encryption_key_id": source.encryption_key_id},
             )
 
 
@@ -337,6 +337,8 @@ def delete_copy(copy, actor):
     if copy.attempts or copy.status in (BackupCopy.Status.OK, BackupCopy.Status.BAD):
         try:
             store_for(copy.location).delete(copy.key, copy.version_id)
+            if copy.old_key:  # the object a re-encryption replaced, not removed yet (backups.reencrypt)
+                store_for(copy.location).delete(copy.old_key)
         except ObjectLocked as e:
             BackupCopy.objects.filter(pk=copy.pk).update(retain_until=e.retain_until)
             return _delete_waits(copy, actor, e.retain_until, str(e))

@@ -35,6 +35,18 @@ class EncryptionError(Exception):
     """Misconfigured encryption, or gpg failed: the message says what to do."""
 
 
+class KeyMissing(EncryptionError):
+    """An artifact's key is not in the keyring: the message names the key id and what to do."""
+
+
+def keyring_dir() -> Path:
+    """KEYRING_DIR (0700): KEYID.passphrase or KEYID.recipients, 0600, one file per key (backups.keyring)."""
+    path = Path(settings.KEYRING_DIR)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
 def die_with_parent():
     """preexec_fn: the child gets SIGKILL when the process that started it dies.
 
@@ -90,6 +102,7 @@ class Encryption:
 
     s2k_args = S2K_ARGS
     key_id = ""  # the WAL data key this one encrypts with (with_data_key), else ""
+    custody_key = ""  # the keyring's key id (of_key), else "": the settings' key, as before the keyring
 
     def __init__(self, passphrase_file=None, recipients=None):
         self.recipients = list(recipients if recipients is not None else settings.GPG_RECIPIENTS)
@@ -99,6 +112,7 @@ class Encryption:
         self.gpg = PortalGPG(gnupghome=str(gnupg_home()))
         self._idle, self._lock = [self.gpg], threading.Lock()
         self._data_keyed = {}  # key id -> Encryption (with_data_key)
+        self._keyed = {}  # keyring key id -> Encryption (for_copy)
         if self.recipients:
             known = {k["fingerprint"] for k in self.gpg.list_keys()} | {
                 uid for k in self.gpg.list_keys() for uid in k["uids"]
@@ -113,6 +127,37 @@ class Encryption:
         else:
             self.passphrase = read_passphrase(self.passphrase_file)
 
+    @classmethod
+    def of_key(cls, key_id):
+        """The keyring's key `key_id`. KeyMissing (naming it and what to do) when it is not there."""
+        ring = keyring_dir()
+        phrase, recipients = ring / f"{key_id}.passphrase", ring / f"{key_id}.recipients"
+        if phrase.is_file():
+            encryption = cls(passphrase_file=str(phrase), recipients=[])
+        elif recipients.is_file():
+            encryption = cls(passphrase_file="", recipients=recipients.read_text().split())
+        else:
+            raise KeyMissing(
+                f"encryption key {key_id} is not in the keyring {ring}: put its passphrase there as "
+                f"{key_id}.passphrase (or its recipients as {key_id}.recipients), mode 0600, from your key escrow"
+            )
+        encryption.custody_key = key_id
+        return encryption
+
+    def for_copy(self, copy):
+        """What decrypts `copy`: the keyring's key its catalog row names (one per process and key),
+        else this one (a copy from before the keyring, or a WAL data key already chosen)."""
+        key_id = getattr(copy, "encryption_key_id", None) or ""
+        if not key_id or self.key_id or key_id == self.custody_key:
+            return self
+        with self._lock:
+            other = self._keyed.get(key_id)
+        if other is None:
+            other = Encryption.of_key(key_id)
+            with self._lock:
+                self._keyed[key_id] = other
+        return other
+
     def with_data_key(self, key_id, secret):
         """The same gpg, with a WAL data key (backups.walkeys) as the passphrase and the salted,
         not iterated, derivation that a random 256-bit secret needs."""
@@ -121,7 +166,7 @@ class Encryption:
             if other is None:
                 other = copy.copy(self)
                 other.recipients, other.passphrase, other.s2k_args, other.key_id = [], secret, WAL_S2K_ARGS, key_id
-                other._idle, other._lock, other._data_keyed = [], threading.Lock(), {}
+                other._idle, other._lock, other._data_keyed, other._keyed = [], threading.Lock(), {}, {}
                 self._data_keyed[key_id] = other
         return other
 
@@ -185,13 +230,20 @@ class Encryption:
         return PipeResult(gpg.wait(), said)
 
     def decrypt_stream(self, source, on_data):
-        """Decrypt `source`, handing plaintext chunks to `on_data`. Result has `.ok`, `.status`."""
+        """Decrypt `source`, handing plaintext chunks to `on_data`. Result has `.ok`, `.status`.
+        A copy's reader (backups.streams.VerifiedReader) is decrypted with its copy's key."""
+        chosen = self.for_copy(_copy_read_by(source))
+        if chosen is not self:
+            return chosen.decrypt_stream(source, on_data)
         with self._borrowed(on_data) as gpg:
             return gpg.decrypt_file(source, passphrase=self.passphrase)
 
     def decrypt_to_fd(self, source, fd):
         """Decrypt `source` straight into the open descriptor `fd` (a pipe into tar): gpg writes
         it itself, so gigabytes of plaintext do not pass through Python on their way."""
+        chosen = self.for_copy(_copy_read_by(source))
+        if chosen is not self:
+            return chosen.decrypt_to_fd(source, fd)
         with self._borrowed(None, pass_fds=(fd,)) as gpg:
             return gpg.decrypt_file(source, passphrase=self.passphrase, output=f"/dev/fd/{fd}")
 
@@ -209,6 +261,15 @@ class Encryption:
             gpg.on_data, gpg.pass_fds = None, ()
             with self._lock:
                 self._idle.append(gpg)
+
+
+def _copy_read_by(source):
+    """The catalog copy a reader reads (a VerifiedReader, or a wrapper's `.reader`), else None."""
+    for _ in range(3):
+        if hasattr(source, "copy"):
+            return source.copy
+        source = getattr(source, "reader", None)
+    return None
 
 
 class PipeSource:

@@ -6,8 +6,9 @@ of every table: the recorded row counts are exactly what the dump holds.
 
 from django.utils import timezone
 
+from backups import keyring
 from backups.binaries import client_tool
-from backups.crypto import Encryption, EncryptionError
+from backups.crypto import EncryptionError
 from backups.models import WAL_LOCATION, BackupCopy, BackupRun, StorageLocation
 from backups.pipeline import BackupFailed, Tool, dump_compression_level, encrypt_to, heartbeat, snapshot_and_counts
 from backups.storage import store_for
@@ -33,7 +34,7 @@ def primary_location():
 def take(run):
     server = run.server
     try:
-        encryption = Encryption()
+        encryption = keyring.current()
     except EncryptionError as e:
         raise BackupFailed(str(e)) from None
     location = primary_location()
@@ -41,7 +42,9 @@ def take(run):
     dump_key, globals_key = keys_for(run)
     # Recorded before any byte is written, so a killed run's leftovers can be found and removed.
     run.key = dump_key
-    run.details.update({"keys": [dump_key, globals_key], "encryption": encryption.method})
+    run.details.update(
+        {"keys": [dump_key, globals_key], "encryption": encryption.method, "key_id": encryption.custody_key}
+    )
     run.save(update_fields=["key", "details"])
 
     dbname = run.database.name if run.database_id else server.dbname
@@ -67,13 +70,14 @@ def take(run):
     run.size, run.sha256, run.bytes_done = size, sha256, size
     run.details["row_counts"] = counts
     run.details["pg_dump_compress"] = dump_compression_level()
-    BackupCopy.record_made(location, dump_key, size, sha256, run=run, artifact="main")
+    made_with = {"encryption_key_id": encryption.custody_key}
+    BackupCopy.record_made(location, dump_key, size, sha256, run=run, artifact="main", **made_with)
 
     shared = shared_globals(run)
     if shared is None:
         g_size, g_sha256, note = take_globals(server, store, globals_key, encryption)
         shared = {"key": globals_key, "size": g_size, "sha256": g_sha256, "note": note}
-        BackupCopy.record_made(location, globals_key, g_size, g_sha256, run=run, artifact="globals")
+        BackupCopy.record_made(location, globals_key, g_size, g_sha256, run=run, artifact="globals", **made_with)
     run.details["globals"] = shared
     if shared.get("note"):
         run.notes = shared["note"]

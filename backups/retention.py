@@ -28,7 +28,7 @@ from django.db.models import Max, Q
 from django.utils import timezone
 
 from backupportal import journal
-from backups import gfs, walnames, walspool
+from backups import gfs, keyring, walnames, walspool
 from backups.copies import delete_run_artifacts
 from backups.models import BackupCopy, BackupHold, BackupRun, Server, WalSegment
 from backups.storage import StorageError, store_for
@@ -226,9 +226,12 @@ def apply_wal(now=None, dry_run=False, actor="job:retention"):
 
 
 def apply_wal_and_base_retention(now=None, dry_run=False, actor="job:retention"):
-    """Backups first (so the WAL only they needed goes with them), then WAL."""
+    """Backups first (so the WAL only they needed goes with them), then WAL, then the retired keys
+    that nothing kept needs any more (backups.keyring)."""
     now = now or timezone.now()
-    return {"dry_run": dry_run, "deleted": apply(now, dry_run, actor), "wal": apply_wal(now, dry_run, actor)}
+    result = {"dry_run": dry_run, "deleted": apply(now, dry_run, actor), "wal": apply_wal(now, dry_run, actor)}
+    result["keys_dropped"] = keyring.drop_unneeded(dry_run, actor)
+    return result
 
 
 def window_anchor(bases, window_start):

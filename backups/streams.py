@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backups import walkeys
-from backups.crypto import gpg_failure
+from backups.crypto import KeyMissing, gpg_failure
 from backups.storage import MissingArtifact, StorageError, store_for
 
 CHUNK = 1024 * 1024
@@ -328,7 +328,7 @@ def _try_copy(copy, sink, encryption, plain_sha256):
     """(None, None) when the copy was decrypted into the sink, else (what went wrong, a fault or None)."""
     try:
         encryption = walkeys.reading(encryption, copy)  # a WAL copy's data key and zstd, when it has them
-    except walkeys.WalKeyError as e:
+    except (walkeys.WalKeyError, KeyMissing) as e:
         return str(e), None
     try:
         reader = open_copy(copy)

@@ -135,6 +135,9 @@ GLOBAL_SCHEDULES = {
     "verify-weekly": ("backups.tasks.verify_copies", "0 4 * * 0"),
     # Request sandboxes older than SANDBOX_MAX_AGE stopped and removed: hourly, as ages are in hours.
     "sandboxes-expire": ("restores.tasks.expire_sandboxes", "20 * * * *"),
+    # The 2nd of each month, 06:00: per key in use, its newest backup restore-tested, so that
+    # every key a kept backup needs is proved to open it (restores.keys).
+    "key-restore-tests": ("restores.tasks.key_restore_tests", "0 6 2 * *"),
     # The journal's head as an anchor in every location, so that a cut journal is caught even by
     # someone who rewrote VAR_DIR: hourly (and after every backup, backups/runner.py).
     "journal-anchors": ("backups.anchors.anchor_journal", "5 * * * *"),

@@ -25,9 +25,9 @@ from django.utils import timezone
 
 from backupportal import conditions, journal
 from backupportal.lib.childenv import child_env
-from backups import archive_wal, streams, walkeys
+from backups import archive_wal, keyring, streams, walkeys
 from backups.copies import copy_one
-from backups.crypto import Encryption, EncryptionError, PipeSource, die_with_parent
+from backups.crypto import EncryptionError, PipeSource, die_with_parent
 from backups.models import WAL_LOCATION, BackupCopy, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
 from backups.walnames import SEGMENT, WAL_FILE, WalError, segno_of, timeline_of, wal_key
@@ -218,7 +218,7 @@ def _ingest_names(server, spool, names, source, result):
     store = store_for(location)
     try:
         # A misconfiguration is one message, before any file is touched.
-        encryption = walkeys.writing(Encryption(), server, [location, *secondary_locations()])
+        encryption = walkeys.writing(keyring.current("job:ingestwal"), server, [location, *secondary_locations()])
     except EncryptionError as e:
         raise WalError(str(e)) from None
     except walkeys.WalKeyError as e:  # the WAL location refused the key file: as it would the segments
@@ -227,7 +227,7 @@ def _ingest_names(server, spool, names, source, result):
     def encrypt(path, key):
         segment = CompressedSegment(path)
         size, sha256 = encrypt_into(store, key, segment, encryption)
-        return segment.reader, size, sha256, encryption.key_id
+        return segment.reader, size, sha256, {"key_id": encryption.key_id, "encryption_key_id": encryption.custody_key}
 
     window = deque()  # (name, key, future) in name order
 
@@ -299,11 +299,11 @@ def stays_in_spool(error, name, spool):
 
 
 def _checked_next(server, spool, window, store):
-    """The oldest segment in flight, encrypted and of the right size: (name, key, reader, size, sha256, key_id)."""
+    """The oldest segment in flight, encrypted and of the right size: (name, key, reader, size, sha256, keys)."""
     name, key, future = window.popleft()
     path = spool / name
     try:
-        reader, size, sha256, key_id = future.result()
+        reader, size, sha256, keys = future.result()
     except StorageError as e:
         raise stays_in_spool(e, name, spool) from None
     try:
@@ -311,7 +311,7 @@ def _checked_next(server, spool, window, store):
     except WalError:
         store.delete(key)  # never catalogued: nothing may look archived
         raise
-    return name, key, reader, size, sha256, key_id
+    return name, key, reader, size, sha256, keys
 
 
 def prepare(server, path: Path, store):
@@ -327,16 +327,21 @@ def prepare(server, path: Path, store):
     return None
 
 
-def record(server, path: Path, source, location, key, reader, size, sha256, key_id=""):
+def record(server, path: Path, source, location, key, reader, size, sha256, keys=None):
     """Catalogue one encrypted file; returns "ingested" (or "duplicates" after a race, then
-    already out of the spool)."""
+    already out of the spool). `keys`: its WAL data key id and the keyring's key that wraps it."""
     archived_at = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
     if SEGMENT.match(path.name) and not server.wal_segment_size:
         learn_segment_size(server, reader.size)
     try:
         with transaction.atomic():
             segment = catalogue(server, path.name, reader, key, archived_at, source)
-            encoded = {"key_id": key_id, "compression": WAL_COMPRESSION}
+            keys = keys or {}
+            encoded = {
+                "key_id": keys.get("key_id", ""),
+                "encryption_key_id": keys.get("encryption_key_id") or None,
+                "compression": WAL_COMPRESSION,
+            }
             BackupCopy.record_made(location, key, size, sha256, wal_segment=segment, artifact="wal", **encoded)
             plan_wal_copies(segment, key, encoded)
     except IntegrityError:  # another ingest catalogued it a moment ago

@@ -135,6 +135,7 @@ def publish(server_name, key_id, location):
 def reading(encryption, copy):
     """What decrypts `copy`: `encryption` itself for a copy from before the data key, else the
     unwrapped key's, through zstd when zstd compressed it. Raises WalKeyError naming the key."""
+    encryption = encryption.for_copy(copy)  # the keyring's key that wrapped its data key (KeyMissing)
     key_id, compression = getattr(copy, "key_id", ""), getattr(copy, "compression", "")
     if compression == "zstd" and shutil.which("zstd") is None:
         raise WalKeyError("zstd is not installed, and this WAL copy is compressed by it: apt-get install zstd")

@@ -21,6 +21,7 @@ from psycopg import sql
 
 from backupportal import journal
 from backupportal.lib.pgerrors import explain
+from backups import keyring
 from backups.binaries import client_tool
 from backups.copies import healthy_copies, mark_faults, open_first_healthy
 from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
@@ -96,6 +97,7 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     check_database_name(dbname)
     try:
         encryption = Encryption()
+        keyring.require_keys(healthy_copies(run), f"backup #{run.pk}")  # a missing key, named, before anything starts
     except EncryptionError as e:
         raise RestoreFailed(str(e)) from None
     if database_exists(target, dbname):

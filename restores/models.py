@@ -9,6 +9,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backupportal.roles import is_dba
+from backups.models import EncryptionKey
 
 
 class RestoreRequestQuerySet(models.QuerySet):
@@ -203,11 +204,16 @@ class RestoreTestQuerySet(models.QuerySet):
     def failing(self, server):
         """The newest finished test of each kind (and database, for logical ones), where it failed:
         a test that passes says nothing of another kind or database, so the alert stays open
-        until each passes."""
+        until each passes. The monthly test of a key (of_key) proves that key's older backup, not
+        the newest one: it stands apart, per key, until that key leaves the keyring."""
         finished = self.filter(server=server).exclude(status=RestoreTest.Status.RUNNING).select_related("database")
+        dropped = set(EncryptionKey.objects.exclude(dropped_at=None).values_list("pk", flat=True))
         newest = {}
         for test in finished.order_by("-started_at", "-pk"):
-            newest.setdefault((test.kind, test.database_id), test)
+            if test.of_key and test.encryption_key in dropped:
+                continue
+            key = test.encryption_key if test.of_key else None
+            newest.setdefault((test.kind, test.database_id, key), test)
         return [test for test in newest.values() if test.status == RestoreTest.Status.FAILED and test.still_owed]
 
 
@@ -242,6 +248,10 @@ class RestoreTest(models.Model):
     duration_s = models.FloatField(null=True, blank=True, help_text="the measured RTO", verbose_name="duration (s)")
     checks = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
+    # The keyring's key the tested backup was encrypted with: a passed test proves that key opens
+    # it (the key custody page). Recorded at the test, as re-encryption may change the backup's.
+    encryption_key = models.CharField(max_length=16, blank=True, db_default="", verbose_name="key id")
+    of_key = models.BooleanField(default=False, db_default=False, help_text="the monthly test of a key (restores.keys)")
 
     objects = RestoreTestQuerySet.as_manager()
 

@@ -33,9 +33,9 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.lib.osuser import DB_OS_USER, chown_to_db_user
-from backups import walchain, walingest, walnames, walspool
+from backups import keyring, walchain, walingest, walnames, walspool
 from backups.binaries import backup_major, cluster_dir
-from backups.copies import decrypt_here, mark_faults
+from backups.copies import decrypt_here, healthy_copies, mark_faults
 from backups.crypto import Encryption, EncryptionError
 from backups.models import BackupCopy, WalSegment
 from backups.storage import store_for
@@ -202,6 +202,10 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
     pitr_chain.choose_links(plan)
     plan.last = max(plan.last, plan.segno(plan.newest.end_wal))
     check_chain(plan)
+    try:  # a key missing from the keyring, named before anything is written
+        keyring.require_keys(healthy_copies(plan.base), f"base backup #{plan.base.pk}")
+    except EncryptionError as e:
+        raise Refused(str(e)) from None
     return plan
 
 

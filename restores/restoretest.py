@@ -6,6 +6,7 @@ from django.utils import timezone
 
 from backupportal import conditions, journal
 from backupportal.lib.osuser import free_port
+from backups.copies import healthy_copies
 from backups.models import BackupRun, Database, Server
 from restores import pitr, sandbox
 from restores.logical import drop_database, run_logical
@@ -16,21 +17,29 @@ CONDITION = "restore_test_failed"
 
 
 def run_restore_test(
-    server, monthly=False, actor="job:restoretest", kind=BackupRun.Kind.LOGICAL, test=None, database=None
+    server, monthly=False, actor="job:restoretest", kind=BackupRun.Kind.LOGICAL, test=None, database=None, run=None
 ):
     """Returns the finished RestoreTest (passed or failed); a failure on its row, which the monitor alerts.
 
     `test` is one a DBA's click created (queued, so that its page exists at once); else a new one.
     `database`: a logical test of that database's newest backup; else the server's newest.
+    `run`: that backup instead (the monthly test of a key, restores.keys).
     """
-    run = database.latest_good_backup() if database is not None else server.latest_good_backup(kind)
+    of_key = run is not None  # a backup chosen by the caller: the monthly test of its key (restores.keys)
+    if run is None:
+        run = database.latest_good_backup() if database is not None else server.latest_good_backup(kind)
     if database is None and run is not None:
         database = run.database  # None for a base backup: the whole cluster
     if test is None:
-        test = RestoreTest.objects.create(server=server, kind=kind, backup_run=run, monthly=monthly, database=database)
+        test = RestoreTest.objects.create(
+            server=server, kind=kind, backup_run=run, monthly=monthly, database=database, of_key=of_key
+        )
     else:
         test.kind, test.backup_run, test.monthly, test.database = kind, run, monthly, database
         test.save(update_fields=["kind", "backup_run", "monthly", "database"])
+    if run is not None:
+        test.encryption_key = key_of(run)
+        test.save(update_fields=["encryption_key"])
     test.set_phase("restoring")
     journal.record(
         "restore_test_started", actor=actor, obj=test, server=server.name, kind=kind, run=run.pk if run else None
@@ -43,6 +52,11 @@ def run_restore_test(
     if kind == BackupRun.Kind.BASE:
         return _test_base(test, run, actor)
     return _test_logical(test, run, actor)
+
+
+def key_of(run):
+    """The keyring's key a restore of `run` decrypts its backup with: its first healthy copy's."""
+    return next((c.encryption_key_id or "" for c in healthy_copies(run)), "")
 
 
 def kinds_to_test(server, monthly):

@@ -36,6 +36,13 @@ def scheduled_restore_test(server_name, monthly=False):
     return [test.status for test in scheduled_restore_tests(Server.objects.get(name=server_name), monthly)]
 
 
+def key_restore_tests():
+    """The monthly "key-restore-tests": per key in use, its newest backup restore-tested."""
+    from restores.keys import monthly_key_tests
+
+    return [(test.encryption_key, test.status) for test in monthly_key_tests()]
+
+
 def expire_sandboxes():
     """The hourly sweep of "sandboxes-expire": what `manage.py sandboxes --expire` does."""
     from restores.sandbox import expire

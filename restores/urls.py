@@ -1,6 +1,6 @@
 from django.urls import path
 
-from restores import drill_views, views
+from restores import drill_views, keys_views, views
 
 urlpatterns = [
     path("restores/", views.restore_requests, name="restore-requests"),
@@ -13,6 +13,7 @@ urlpatterns = [
     path("servers/<str:name>/restoretest/", views.restore_test_now, name="restore-test-now"),
     path("restoretests/<int:pk>/", views.restore_test_detail, name="restore-test"),
     path("restoretests/<int:pk>/progress.json", views.restore_test_progress, name="restore-test-progress"),
+    path("keys/", keys_views.key_custody, name="key-custody"),
     path("drills/", drill_views.drill_list, name="drills"),
     path("drills/new/", drill_views.drill_new, name="drill-new"),
     path("drills/<int:drill_id>/", drill_views.drill_detail, name="drill"),

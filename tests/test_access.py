@@ -60,6 +60,7 @@ READ = {
     "two-factor",
     "two-factor-enrol",
     "two-factor-codes",
+    "key-custody",
 }
 ROLES = ["DBA", "Sysadmin", "Auditor"]
 

@@ -175,9 +175,13 @@ def test_a_failed_or_deleted_run_is_refused(server, passphrase_file, backup_root
         call_command("restore", str(run.pk), "--into-database", "x")
 
 
-def test_a_wrong_passphrase_is_refused_and_changes_nothing(server, sample_cluster, passphrase_file, backup_root):
+def test_a_wrong_passphrase_is_refused_and_changes_nothing(
+    server, sample_cluster, passphrase_file, backup_root, settings
+):
     run = take_backup()
-    passphrase_file.write_text("not the passphrase")
+    # The keyring's copy of the backup's passphrase (what a restore decrypts with) is wrong.
+    key_id = run.copies.get(artifact="main").encryption_key_id
+    (Path(settings.KEYRING_DIR) / f"{key_id}.passphrase").write_text("not the passphrase")
     before = databases(sample_cluster)
     result = restore_json(str(run.pk), "--into-database", "x")
     assert result["status"] == "failed" and "wrong passphrase or key" in result["error"]

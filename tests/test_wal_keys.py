@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backups import walingest, walkeys
+from backups import keyring, walingest, walkeys
 from backups.crypto import Encryption
 from backups.models import BackupCopy, WalSegment
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
@@ -151,7 +151,7 @@ def test_a_new_passphrase_gets_a_new_key_and_the_old_segments_keep_theirs(
     rotated = tmp_path / "rotated"
     rotated.write_text("another-passphrase\n")
     rotated.chmod(0o600)
-    settings.BACKUP_PASSPHRASE_FILE = str(rotated)
+    keyring.rotate(passphrase_file=str(rotated), actor="test")
     spool = spool_dir(server)
     (spool / "000000010000000000000003").write_bytes(b"\1" * size_of(server))
     assert walingest.ingest(server).ingested == ["000000010000000000000003"]

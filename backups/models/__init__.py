@@ -8,6 +8,7 @@ Django registers the app's models from here; the rest of the project imports the
 from backups.models.copies import BackupCopy
 from backups.models.databases import Database
 from backups.models.holds import BackupHold, ChangeRequest
+from backups.models.keys import EncryptionKey
 from backups.models.locations import WAL_LOCATION, StorageLocation
 from backups.models.lockchanges import LockChange
 from backups.models.portal import PortalBackup
@@ -26,6 +27,7 @@ __all__ = [
     "Database",
     "PortalBackup",
     "LockChange",
+    "EncryptionKey",
     "Server",
     "StorageLocation",
     "Verification",

@@ -46,6 +46,19 @@ class BackupCopy(models.Model):
     # ("" = gpg's own compression, which `gpg --decrypt` undoes). Readers choose by these, never by guessing.
     key_id = models.CharField(max_length=32, blank=True, db_default="", verbose_name="WAL key id")
     compression = models.CharField(max_length=8, blank=True, db_default="")
+    # The keyring's key that encrypted it (a WAL copy: the key that wraps its data key); null for
+    # copies from before the keyring, which the configured passphrase or recipients decrypt.
+    encryption_key = models.ForeignKey(
+        "backups.EncryptionKey", null=True, blank=True, on_delete=models.PROTECT, related_name="copies"
+    )
+    # Re-encryption (backups.reencrypt) wrote the artifact anew under `key`; the object it replaced
+    # stays catalogued here, with its key, until it is removed (an Object Lock may forbid that for now).
+    old_key = models.CharField(
+        max_length=500, blank=True, db_default="", help_text="object replaced by re-encryption, not yet removed"
+    )
+    old_encryption_key = models.ForeignKey(
+        "backups.EncryptionKey", null=True, blank=True, on_delete=models.PROTECT, related_name="replaced_copies"
+    )
 
     # On a location with Object Lock (StorageLocation.lock_mode): the S3 version this copy is, and
     # the date its lock (read back from S3 after the upload) holds it until. Reads, verify and

@@ -33,6 +33,11 @@ class Command(PortalCommand):
                 )
             if w["kept_from"]:
                 lines.append(f"  {name}: WAL kept from {w['kept_from']} (the window's base backup)")
+        if result.get("keys_dropped"):
+            verb_keys = "Would remove" if result["dry_run"] else "Removed"
+            lines.append(
+                f"{verb_keys} retired key(s) no kept backup needs from the keyring: {', '.join(result['keys_dropped'])}"
+            )
         if "plan" in result:
             lines.append("Each backup, newest first:")
             lines += [f"  {_plan_line(row)}" for row in result["plan"]]

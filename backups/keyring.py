@@ -1,0 +1,153 @@
+"""Key custody: the keyring of every key that encrypted a kept artifact, and key rotation.
+
+The keyring directory (KEYRING_DIR, 0700) holds one 0600 file per key, named by its random key
+id: KEYID.passphrase (the passphrase itself) or KEYID.recipients (the recipients' key ids).
+The catalog (EncryptionKey) says which key is current; every copy names the key that encrypted
+it, and readers pick the key by that id (Encryption.for_copy), so a rotated key's backups keep
+restoring while its file is in the keyring.
+
+The configured key (BACKUP_PASSPHRASE_FILE or GPG_RECIPIENTS) is set up in the keyring on first
+use. From then on `manage.py rotatekey` changes the current key. The configuration must still
+name a key the keyring knows (the first, or any rotated in): a passphrase file changed behind
+the portal's back is refused by name instead of being used, or silently ignored.
+"""
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from backupportal import journal
+from backups.crypto import Encryption, EncryptionError, KeyMissing, keyring_dir
+from backups.models import BackupCopy, EncryptionKey
+
+_of_key = {}  # key id -> Encryption, for this process: a key id's file never changes
+
+
+def current(actor="job:backup") -> Encryption:
+    """The Encryption new artifacts are written with, its `custody_key` their key id: the
+    keyring's current key, set up from the settings on first use. Raises EncryptionError."""
+    configured = Encryption()  # the settings are still checked: a bad file is refused as before
+    key = EncryptionKey.objects.filter(current=True).first() or _set_up(configured, actor)
+    _check_configured(configured, key)
+    if key.pk not in _of_key:
+        _of_key[key.pk] = Encryption.of_key(key.pk)
+    return _of_key[key.pk]
+
+
+def _set_up(configured, actor):
+    """The configured key as the keyring's first, current key. Copies from before the keyring
+    are adopted by it: they were encrypted with the configuration of their day, this one."""
+    key = _new_key(configured, actor)
+    try:
+        with transaction.atomic():
+            key.current = True
+            key.save()
+            BackupCopy.objects.filter(encryption_key=None).update(encryption_key=key)
+    except IntegrityError:  # another worker set one up a moment before: that one is current
+        return EncryptionKey.objects.get(current=True)
+    journal.record("key_set_up", actor=actor, obj=key, key_id=key.pk, kind=key.kind, recipients=key.recipient_list)
+    return key
+
+
+def _new_key(encryption, actor):
+    """An unsaved EncryptionKey with a random id, its secret (or recipients) written to the keyring."""
+    key_id = secrets.token_hex(8)
+    if encryption.recipients:
+        key = EncryptionKey(
+            key_id=key_id, kind=EncryptionKey.Kind.RECIPIENTS, recipients="\n".join(encryption.recipients)
+        )
+        _write_private(keyring_dir() / f"{key_id}.recipients", key.recipients + "\n")
+    else:
+        key = EncryptionKey(key_id=key_id, kind=EncryptionKey.Kind.PASSPHRASE)
+        _write_private(keyring_dir() / f"{key_id}.passphrase", encryption.passphrase + "\n")
+    key.created_by = actor
+    return key
+
+
+def _write_private(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_configured(configured, key):
+    """The configuration must name a key of the keyring, or nothing changes silently."""
+    if any(_same(configured, known) for known in EncryptionKey.objects.in_keyring().order_by("-created_at")):
+        return
+    setting = "GPG_RECIPIENTS" if configured.recipients else "BACKUP_PASSPHRASE_FILE"
+    raise EncryptionError(
+        f"{setting} names a key the keyring does not hold (current key {key.pk}): "
+        f"switch to it with manage.py rotatekey, or set {setting} back"
+    )
+
+
+def _same(encryption, key):
+    """Whether `encryption` (from the settings or a command) is the keyring's `key`."""
+    if encryption.recipients:
+        return key.kind == key.Kind.RECIPIENTS and sorted(encryption.recipients) == sorted(key.recipient_list)
+    if key.kind != key.Kind.PASSPHRASE:
+        return False
+    try:
+        held = (keyring_dir() / f"{key.pk}.passphrase").read_text().strip("\r\n")
+    except OSError:
+        return False
+    return hmac.compare_digest(held.encode(), encryption.passphrase.encode())
+
+
+def rotate(passphrase_file=None, recipients=None, actor="") -> EncryptionKey:
+    """Make a new key current (new backups use it); the old one stays in the keyring, retired."""
+    new = Encryption(passphrase_file=passphrase_file or "", recipients=recipients or [])
+    old = EncryptionKey.objects.filter(current=True).first()
+    if old is None:
+        old = _set_up(Encryption(), actor)
+    if _same(new, old):
+        raise EncryptionError(f"that is already the current key {old.pk}: give a new passphrase file or recipients")
+    key = _new_key(new, actor)
+    try:
+        with transaction.atomic():
+            EncryptionKey.objects.filter(pk=old.pk, current=True).update(current=False, retired_at=timezone.now())
+            key.current = True
+            key.save()
+    except IntegrityError:
+        raise EncryptionError(
+            "another rotation made a key current at the same moment: check /keys/, then run again"
+        ) from None
+    journal.record("key_rotated", actor=actor, obj=key, key_id=key.pk, kind=key.kind, retired=old.pk)
+    return key
+
+
+def require_keys(copies, what):
+    """KeyMissing (naming the key id) unless the keyring holds the key of one of `copies`."""
+    missing, configured = None, Encryption()
+    for copy in copies:
+        try:
+            configured.for_copy(copy)
+            return
+        except KeyMissing as e:
+            missing = e
+    if missing is not None:
+        raise KeyMissing(f"{what}: {missing}")
+
+
+def drop_unneeded(dry_run=False, actor="job:retention"):
+    """Retired keys that no kept artifact needs any more leave the keyring. Returns their ids."""
+    dropped = []
+    for key in EncryptionKey.objects.in_keyring().filter(current=False).order_by("created_at"):
+        if key.artifacts().exists():
+            continue
+        dropped.append(key.pk)
+        if dry_run:
+            continue
+        for suffix in ("passphrase", "recipients"):
+            (keyring_dir() / f"{key.pk}.{suffix}").unlink(missing_ok=True)
+        EncryptionKey.objects.filter(pk=key.pk).update(dropped_at=timezone.now())
+        journal.record("key_dropped", actor=actor, obj=key, key_id=key.pk, kind=key.kind)
+    return dropped

@@ -1,0 +1,41 @@
+"""Re-encrypt kept artifacts to the current key: manage.py reencrypt --from-key KEYID [--json]."""
+
+from backupportal.lib.commands import PortalCommand, fail
+from backupportal.lib.osuser import os_actor
+from backups.reencrypt import ReencryptError, reencrypt
+
+
+class Command(PortalCommand):
+    help = (
+        "Re-encrypt every kept copy made with KEYID to the current key: streamed (plaintext never on disk), "
+        "each new object's sha256 checked before the old one is removed. Run it again to continue after an "
+        "interruption or a failure."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--from-key", required=True, help="the key id (see the key custody page)")
+
+    def run(self, from_key, **options):
+        try:
+            outcome = reencrypt(from_key.strip(), actor=os_actor())
+        except ReencryptError as e:
+            fail(str(e))
+        result = outcome.as_dict()
+        result["exit_code"] = 1 if outcome.left else 0
+        return result
+
+    def describe(self, result):
+        lines = [
+            f"Re-encrypted {result['reencrypted']} copy(ies) from key {result['from_key']} to {result['to_key']}; "
+            f"{result['old_removed']} old object(s) removed."
+        ]
+        if result["old_waiting"]:
+            lines.append(f"{result['old_waiting']} old object(s) could not be removed yet: run reencrypt again later.")
+        lines += [f"  copy #{f['copy']}: {f['error']}" for f in result["failed"]]
+        if result["skipped_bad"]:
+            lines.append(
+                f"Skipped copies found bad: {result['skipped_bad']} (manage.py verify; retention removes them)."
+            )
+        if result["exit_code"]:
+            lines.append(f"Some copies are still on key {result['from_key']}: fix the above and run reencrypt again.")
+        return lines

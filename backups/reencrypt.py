@@ -1,0 +1,260 @@
+"""Re-encryption: kept artifacts moved from an old key to the current one (manage.py reencrypt).
+
+Each copy is streamed where it lies: read (its sha256 checked as it streams), decrypted by gpg
+with the old key into a pipe, encrypted by another gpg with the current key into a new object
+beside it (KEY with the new key's id in its name). The plaintext is only ever in that pipe.
+The new object is read back and its sha256 compared before the catalog points at it; only then
+is the old object removed (remove_replaced), and until it is, the copy keeps it catalogued
+with its key (old_key, old_encryption_key), so the old key stays in the keyring.
+
+Only the gpg layer changes: what pg_dump or zstd compressed stays as it was, so a restore reads
+the copy as before. WAL copies get the current key's WAL data key (backups.walkeys).
+
+Resumable: a copy is done once its catalog row names the current key; running again continues
+with the rest, and removes old objects an interrupted run left behind.
+"""
+
+import hashlib
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from backupportal import journal
+from backups import keyring, walkeys
+from backups.crypto import Encryption, EncryptionError, PipeSource, gpg_failure
+from backups.models import BackupCopy, BackupRun, EncryptionKey
+from backups.s3 import S3Store
+from backups.storage import StorageError, store_for
+from backups.streams import CopyCorrupt, EncryptFailed, Source, encrypt_into, open_copy
+
+CHUNK = 1024 * 1024
+TAG = re.compile(r"\.k[0-9a-f]{16}(?=\.gpg$)|\.k[0-9a-f]{16}$")
+
+
+class ReencryptError(Exception):
+    """The command cannot start: the message says why and what to do."""
+
+
+@dataclass
+class Outcome:
+    key_id: str
+    to_key: str
+    reencrypted: list = field(default_factory=list)  # copy ids
+    removed: int = 0  # old objects removed
+    waiting: list = field(default_factory=list)  # copy ids whose old object could not be removed yet
+    failed: list = field(default_factory=list)  # {"copy", "error"}
+    skipped_bad: list = field(default_factory=list)  # copies found bad before: nothing to read
+
+    @property
+    def left(self):
+        """Copies still encrypted with the old key that this run could not move."""
+        return len(self.failed) + len(self.skipped_bad)
+
+    def as_dict(self):
+        return {
+            "from_key": self.key_id,
+            "to_key": self.to_key,
+            "reencrypted": len(self.reencrypted),
+            "old_removed": self.removed,
+            "old_waiting": len(self.waiting),
+            "failed": self.failed,
+            "skipped_bad": self.skipped_bad,
+            "status": "failed" if self.left else "succeeded",
+        }
+
+
+def reencrypt(from_key_id, actor):
+    """Re-encrypt every kept copy made with `from_key_id` to the current key. Returns an Outcome."""
+    key = EncryptionKey.objects.filter(pk=from_key_id).first()
+    if key is None:
+        raise ReencryptError(f"no key {from_key_id} in the catalog: the key custody page (/keys/) lists the key ids")
+    if key.dropped_at is not None:
+        raise ReencryptError(f"key {key.pk} left the keyring on {key.dropped_at:%Y-%m-%d}: no kept artifact needs it")
+    try:
+        new = keyring.current(actor)
+        old = Encryption.of_key(key.pk)
+    except EncryptionError as e:
+        raise ReencryptError(str(e)) from None
+    if new.custody_key == key.pk:
+        raise ReencryptError(f"key {key.pk} is the current key: rotate first (manage.py rotatekey), then re-encrypt")
+    outcome = Outcome(key.pk, new.custody_key)
+    for copy in _replaced(key):  # left by an earlier, interrupted run
+        outcome.removed += remove_replaced(copy)
+    for copy in _to_move(key):
+        if copy.status == BackupCopy.Status.BAD:
+            outcome.skipped_bad.append(copy.pk)
+            continue
+        if not copy.location.enabled:
+            error = f"location {copy.location.name} is disabled: enable it, then run reencrypt again"
+            outcome.failed.append({"copy": copy.pk, "error": error})
+            continue
+        if copy.old_key and not remove_replaced(copy):
+            outcome.waiting.append(copy.pk)  # an object already replaced once must go before the next
+            continue
+        try:
+            reencrypt_copy(copy, old, new)
+        except (StorageError, OSError, EncryptFailed, EncryptionError, walkeys.WalKeyError) as e:
+            outcome.failed.append({"copy": copy.pk, "error": str(e)})
+            journal.record(
+                "reencrypt_failed", actor=actor, obj=copy, outcome="failed", key_id=key.pk, error=str(e)[:500]
+            )
+            continue
+        outcome.reencrypted.append(copy.pk)
+        copy.refresh_from_db()
+        if remove_replaced(copy):
+            outcome.removed += 1
+        else:
+            outcome.waiting.append(copy.pk)
+    journal.record(
+        "reencrypt_run", actor=actor, obj=key, outcome="failed" if outcome.left else "ok", **outcome.as_dict()
+    )
+    return outcome
+
+
+def _to_move(key):
+    """Kept copies made with `key`, of artifacts the catalog still keeps."""
+    kept = Q(run__deleted_at=None, wal_segment=None) | Q(run=None, wal_segment__deleted_at=None)
+    copies = BackupCopy.objects.kept().filter(kept, encryption_key=key)
+    return list(copies.select_related("location", "run", "wal_segment__server").order_by("pk"))
+
+
+def _replaced(key):
+    return list(BackupCopy.objects.filter(old_encryption_key=key).exclude(old_key="").select_related("location"))
+
+
+def reencrypt_copy(copy, old, new):
+    """One copy from `old` to `new` (Encryptions of the keyring), verified; the catalog then
+    names the new object, and keeps the old one as old_key until remove_replaced()."""
+    store = store_for(copy.location)
+    target = retagged(copy.key, new.custody_key)
+    reading, writing = old, new
+    if copy.wal_segment_id:
+        if copy.key_id:
+            reading = old.with_data_key(copy.key_id, walkeys.unwrap(copy.key_id, old, copy))
+        writing = walkeys.writing(new, copy.wal_segment.server, [copy.location])
+    reader = open_copy(copy)
+    try:
+        size, sha256 = encrypt_into(store, target, Decrypted(reader, reading), writing)
+    finally:
+        reader.close()
+    if _hash_of(store, target) != (size, sha256):
+        store.delete(target)
+        raise EncryptFailed(f"the new object {target} does not read back as written: the old copy is kept")
+    version_id, retain_until = newest_version(store, target)
+    with transaction.atomic():
+        BackupCopy.objects.filter(pk=copy.pk, key=copy.key, encryption_key=copy.encryption_key_id).update(
+            old_key=copy.key,
+            old_encryption_key=copy.encryption_key_id,
+            key=target,
+            size=size,
+            sha256=sha256,
+            encryption_key=new.custody_key,
+            key_id=writing.key_id,
+            verified_at=timezone.now(),
+            # Reads and deletes of an S3 copy go by its version (S3 Object Lock): the new object's.
+            version_id=version_id,
+            retain_until=retain_until,
+        )
+        # Copies to other locations not made yet copy this one: they get what it now is.
+        owner = {"run": copy.run_id} if copy.run_id else {"wal_segment": copy.wal_segment_id}
+        BackupCopy.objects.filter(
+            status__in=[BackupCopy.Status.PENDING, BackupCopy.Status.FAILED], artifact=copy.artifact, **owner
+        ).update(key=target, size=size, encryption_key=new.custody_key, key_id=writing.key_id)
+        if copy.run_id:
+            _rename_in_run(copy.run, copy.key, target)
+
+
+def _rename_in_run(run, old, new):
+    run = BackupRun.objects.select_for_update().get(pk=run.pk)
+    run.details["keys"] = [new if k == old else k for k in run.details.get("keys", [])]
+    run.key = new if run.key == old else run.key
+    run.save(update_fields=["key", "details"])
+
+
+def remove_replaced(copy):
+    """Remove the object a re-encryption replaced (copy.old_key); True when it is gone.
+
+    The one place such an object is deleted. A version S3 Object Lock still holds stays
+    catalogued, with its key (kept in the keyring), until its retain-until: False until then.
+    """
+    store = store_for(copy.location)
+    version, until = newest_version(store, copy.old_key)
+    if until is not None and until > timezone.now():
+        return False
+    store.delete(copy.old_key, version)
+    BackupCopy.objects.filter(pk=copy.pk, old_key=copy.old_key).update(old_key="", old_encryption_key=None)
+    copy.old_key, copy.old_encryption_key = "", None
+    return True
+
+
+def newest_version(store, key):
+    """(version id, retain-until) of the newest version of `key` on an S3 location; ("", None)
+    on a directory, or where the bucket keeps no versions."""
+    if not isinstance(store, S3Store):
+        return "", None
+    version = store.surviving_version(key)
+    if not version or version == "null":
+        return "", None
+    return version, store.lock_of(key, version)["retain_until"]
+
+
+def retagged(key, key_id):
+    """The object key of a copy re-encrypted with `key_id`: its key with the key id in its name."""
+    bare = TAG.sub("", key)
+    return f"{bare[:-4]}.k{key_id}.gpg" if bare.endswith(".gpg") else f"{bare}.k{key_id}"
+
+
+def _hash_of(store, key):
+    digest, size = hashlib.sha256(), 0
+    f = store.open(key)
+    try:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    finally:
+        f.close()
+    return size, digest.hexdigest()
+
+
+class Decrypted(Source):
+    """What encrypt_into() reads: a copy decrypted by gpg into a pipe, which the encrypting gpg
+    reads itself. Plaintext passes through neither Python nor the disk."""
+
+    name = "the old copy"
+
+    def __init__(self, reader, encryption):
+        super().__init__()
+        self.reader, self.encryption = reader, encryption
+        read_end, self.write_end = os.pipe()
+        self.stream = PipeSource(os.fdopen(read_end, "rb"))
+        self.result, self.error = None, None
+        self.thread = threading.Thread(target=self._decrypt, daemon=True)
+
+    def open(self):
+        self.thread.start()
+        return self.stream
+
+    def _decrypt(self):
+        try:
+            self.result = self.encryption.decrypt_to_fd(self.reader, self.write_end)
+        except Exception as e:  # noqa: BLE001 - reported by check(), in encrypt_into's order
+            self.error = e
+        finally:
+            os.close(self.write_end)
+
+    def finish(self):
+        self.thread.join()
+
+    def check(self):
+        corrupt = self.error if isinstance(self.error, CopyCorrupt) else self.reader.corrupt()
+        if corrupt is not None:
+            raise EncryptFailed(f"the old copy is corrupt ({corrupt}): run manage.py verify")
+        if self.error is not None:
+            raise EncryptFailed(f"decrypting the old copy failed: {self.error}")
+        if not self.result.ok:
+            raise EncryptFailed(f"decrypting the old copy failed: {gpg_failure(self.result)}")
