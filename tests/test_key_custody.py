@@ -4,6 +4,7 @@ page, the monthly test per key, reencrypt, and a missing old key named by its id
 import hashlib
 import stat
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from backups.models import BackupCopy, BackupRun, EncryptionKey, WalSegment
 from restores.keys import monthly_key_tests
 from restores.models import RestoreTest
 from tests.helpers import enable_push, pitr, rows, run_command, switch_wal, wait_archived, write
+from tests.test_object_lock import LOCK_DAYS, every_version, locked  # noqa: F401 (a fixture)
 
 pytest_plugins = ["tests.walfixtures"]
 
@@ -298,3 +300,41 @@ def test_reencrypt_continues_where_it_stopped(two_keys, backup_root, settings):
     finished = run_command("reencrypt", "--from-key", old)
     assert finished["_exit"] == 0 and finished["reencrypted"] == 2, finished
     assert keys_of(before) == {new}
+
+
+def test_reencrypt_on_a_locked_location_keeps_the_old_version_until_its_lock_expires(
+    locked,  # noqa: F811 (the fixture imported above)
+    two_keys,
+    sample_cluster,
+    passphrase_file,
+    tmp_path,
+    settings,
+):
+    """The re-encrypted S3 copy is read by its own new version; the old version (under S3 Object
+    Lock) stays catalogued with its key until its retain-until, then goes by version."""
+    import time_machine
+    from django.utils import timezone
+
+    before, _after, old, new = two_keys
+    s3_before = {c.pk: c.version_id for c in before.copies.filter(location__kind="s3")}
+    assert all(s3_before.values())  # catalogued by version from the start
+    result = run_command("reencrypt", "--from-key", old)
+    assert result["_exit"] == 0 and result["reencrypted"] == 6, result
+    assert result["old_removed"] == 4 and result["old_waiting"] == 2  # primary and NAS gone, S3 locked
+    for copy in before.copies.filter(location__kind="s3"):
+        assert new in copy.key and copy.old_key and copy.old_encryption_key_id == old
+        assert copy.version_id and copy.version_id != s3_before[copy.pk]
+        head = locked.s3.head_object(Bucket=locked.bucket, Key=f"backupportal/{copy.key}", VersionId=copy.version_id)
+        assert head["ObjectLockMode"] == "GOVERNANCE" and copy.retain_until is not None
+    assert keyring.drop_unneeded(actor="test") == []  # the locked old versions still need the old key
+    # The copy reads (by its new version) with the new key alone: verify re-hashes every tier.
+    verified = run_command("verify", str(before.pk))
+    assert verified["_exit"] == 0, verified
+
+    with time_machine.travel(timezone.now() + timedelta(days=LOCK_DAYS + 1)):
+        again = run_command("reencrypt", "--from-key", old)
+        assert again["_exit"] == 0 and again["old_removed"] == 2 and again["reencrypted"] == 0, again
+        assert keyring.drop_unneeded(actor="test") == [old]
+    old_keys = {v["Key"] for v in every_version(locked) if old not in v["Key"] and ".k" not in v["Key"]}
+    assert not {f"backupportal/{c.key}" for c in before.copies.filter(location__kind="s3")} & old_keys
+    assert not before.copies.exclude(old_key="").exists()
