@@ -264,6 +264,8 @@ SECRETS_KEY_FILE = Path(env.str("SECRETS_KEY_FILE", default=str(VAR_DIR / "secre
 # The portal's OpenPGP signing key (manifests, evidence packs): a GnuPG home of its own, 0700,
 # never inside a selfbackup; its public half is SIGNING_KEY_DIR/signing-public.asc.
 SIGNING_KEY_DIR = Path(env.str("SIGNING_KEY_DIR", default=str(VAR_DIR / "signing")))
+# Evidence packs made on the evidence page, kept for download (watching/evidence_pack.py).
+EVIDENCE_DIR = Path(env.str("EVIDENCE_DIR", default=str(VAR_DIR / "evidence")))
 
 # Alert mail.
 EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
@@ -314,5 +316,9 @@ LOGGING = {
         "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
         # Where Django logs each 403 with its traceback.
         "django.request": {"filters": ["forbidden_in_one_line"]},
+        # Apprise's INFO and DEBUG lines quote the URLs it posts to, webhook tokens included.
+        "apprise": {"level": "WARNING"},
+        # urllib3 logs each request line at DEBUG, a webhook's token in its path or query included.
+        "urllib3": {"level": "INFO"},
     },
 }
