@@ -53,7 +53,6 @@ EXTRA = {
         "watching.complete_maintenance",
         "watching.add_alertchannel",
         "watching.change_alertchannel",
-        "watching.delete_alertchannel",
     ],
     AUDITOR: ["watching.make_evidence_pack"],
 }

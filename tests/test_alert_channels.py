@@ -186,6 +186,8 @@ def test_a_failing_channel_is_retried_with_backoff_and_stops_neither_the_mail_no
     client.force_login(sam)
     page = client.get(reverse("admin:watching_alertchannel_changelist")).content.decode()
     assert "failing" in page and "500" in page and WEBHOOK_TOKEN not in page
+    alert_page = client.get(reverse("alert", args=[delivery.alert_id])).content.decode()
+    assert "a broken receiver" in alert_page and "error=500" in alert_page and WEBHOOK_TOKEN not in alert_page
 
     broken_sink.status = 200  # back: the owed message goes, once
     with time_machine.travel(timezone.now() + timedelta(minutes=10)):

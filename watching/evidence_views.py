@@ -44,6 +44,8 @@ def evidence_page(request):
 @require_safe
 @require_perm(PERM)
 def evidence_make(request):
+    if "start" not in request.GET and "end" not in request.GET:
+        return redirect("evidence")  # no period given: the form, with the last quarter filled in
     form = PeriodForm(request.GET)
     if not form.is_valid():
         return render(request, "evidence/page.html", _context(form), status=400)
