@@ -123,6 +123,7 @@ ACTIONS = {
     "alert_mail_failed": "an alert's mail could not be sent (retried every minute)",
     "alert_channel_sent": "an alert's message went to an alert channel (Slack, Teams, Telegram, Discord, webhook)",
     "alert_channel_failed": "an alert's message could not be sent to an alert channel (retried with backoff)",
+    "alert_channel_tested": "a Sysadmin sent a test message to an alert channel",
     "monitor_run": "someone ran the monitor by hand (monitor --once)",
     "drill_logged": "a DR drill was logged",
     "drill_changed": "a DR drill was changed",

@@ -314,3 +314,20 @@ def test_apprise_logs_no_secret(catalog_server, broken_sink, caplog):
     run_once()
     assert broken_sink.received and WEBHOOK_TOKEN not in caplog.text
     assert WEBHOOK_TOKEN not in AlertChannel.objects.get().last_error
+
+
+def test_a_sysadmin_sends_a_test_message_and_sees_how_it_went(client, sam, sink, broken_sink):
+    good, bad = channel("ops webhook", sink.url()), channel("broken", broken_sink.url())
+    client.force_login(sam)
+    url = reverse("admin:watching_alertchannel_changelist")
+    response = client.post(url, {"action": "send_test", "_selected_action": [good.pk, bad.pk]}, follow=True)
+    page = response.content.decode()
+    assert "Ops webhook: the test message was sent." in page  # the admin capitalises its messages
+    assert "Broken: the test message failed: " in page and "error=500" in page and WEBHOOK_TOKEN not in page
+    [test] = bodies(sink)
+    assert test["event"] == "test" and test["title"] == "[backupportal] test message to ops webhook"
+    tested = JournalEntry.objects.filter(action="alert_channel_tested")
+    assert sorted((e.object_repr, e.outcome) for e in tested) == [
+        ("broken (JSON webhook)", "failed"),
+        ("ops webhook (JSON webhook)", "ok"),
+    ]

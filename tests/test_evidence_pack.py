@@ -287,7 +287,8 @@ def test_the_commands_refuse_wrong_input_with_one_line(quarter, tmp_path):
     for args, says in [
         (["--from", "2026-07-01"], "give both --from and --to"),
         (["--from", "2026-07-01", "--to", "2026-13-01"], "--to '2026-13-01' is not a date"),
-        (["--from", "2026-09-30", "--to", "2026-07-01"], "is after --to"),
+        (["--from", "2026-09-30", "--to", "2026-07-01"], "is after the last"),
+        (["--from", "0001-01-01", "--to", "2026-07-01"], "0001-01-01 is out of range"),
         ([*Q3, "--output", str(tmp_path / "nowhere" / "p.zip")], "does not exist"),
     ]:
         output = [] if "--output" in args else ["--output", str(tmp_path / "p.zip")]
@@ -330,6 +331,8 @@ def test_an_auditor_makes_the_pack_on_the_page_and_downloads_both_files(quarter,
     assert client.post(reverse("evidence-make"), {"start": "2026-07-01", "end": "2026-09-30"}).status_code == 403
     bad = client.get(reverse("evidence-make"), {"start": "2026-09-30", "end": "2026-07-01"})
     assert bad.status_code == 400 and "first day first" in bad.content.decode()
+    far = client.get(reverse("evidence-make"), {"start": "0001-01-01", "end": "9999-12-31"})
+    assert far.status_code == 400 and "out of range" in far.content.decode()
 
 
 def test_a_dba_may_make_a_pack_and_a_sysadmin_may_not(quarter, client, alice, sam):

@@ -2,7 +2,7 @@
 alert channels (Sysadmins edit them; their secrets are write-only) and what each is owed."""
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.utils.html import format_html
 
@@ -111,6 +111,16 @@ class AlertChannelAdmin(admin.ModelAdmin):
     list_filter = ["kind", "enabled"]
     readonly_fields = ["secret_hint", "status", "last_sent_at", "last_failed_at", "failures", "last_error"]
     filter_horizontal = ["servers"]
+    actions = ["send_test"]
+
+    @admin.action(description="Send a test message", permissions=["change"])
+    def send_test(self, request, queryset):
+        for channel in queryset:
+            error = channels.send_test(channel, actor=request.user.get_username())
+            if error:
+                self.message_user(request, f"{channel.name}: the test message failed: {error}", messages.ERROR)
+            else:
+                self.message_user(request, f"{channel.name}: the test message was sent.", messages.SUCCESS)
 
     @admin.display(description="Last error")
     def error(self, obj):

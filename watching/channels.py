@@ -221,21 +221,36 @@ def _claim(delivery, now):
 
 def _send(delivery):
     """'' when the channel took the message; else what went wrong, without the secret."""
-    channel, alert = delivery.channel, delivery.alert
+    alert, event = delivery.alert, delivery.event
+    return notify(delivery.channel, title(alert, event), body(alert, event), _type(event), payload_fields(alert, event))
+
+
+def send_test(channel, actor):
+    """A test message, from the admin: '' when the channel took it, else the error. Journaled."""
+    error = notify(
+        channel,
+        f"[backupportal] test message to {channel.name}",
+        f"A test of the alert channel {channel.name}, sent by {actor} from {settings.SITE_URL}.",
+        apprise.NotifyType.INFO,
+        {"event": "test"},
+    )
+    journal.record("alert_channel_tested", actor=actor, obj=channel, outcome="failed" if error else "ok", error=error)
+    return error
+
+
+def notify(channel, subject, text, notify_type, extras):
+    """Send one message through Apprise: '' when the channel took it, else what went wrong, without the secret."""
     try:
         secret = channel.secret
     except SealError as e:
         return str(e)
-    url = apprise_url(channel.kind, channel.target, secret, payload_fields(alert, delivery.event))
-    plugin = apprise.Apprise.instantiate(url)
+    plugin = apprise.Apprise.instantiate(apprise_url(channel.kind, channel.target, secret, extras))
     if plugin is None:
         return f"the {channel.get_kind_display()} settings are not accepted any more: enter the secret again"
     plugin.socket_connect_timeout, plugin.socket_read_timeout = CONNECT_TIMEOUT, READ_TIMEOUT
     with apprise.LogCapture(level=logging.WARNING) as captured:
         try:
-            ok = plugin.notify(
-                body=body(alert, delivery.event), title=title(alert, delivery.event), notify_type=_type(delivery.event)
-            )
+            ok = plugin.notify(body=text, title=subject, notify_type=notify_type)
         except Exception as e:  # noqa: BLE001  a plugin's bug is this channel's failure, not the pass's
             return _without_secret(f"{type(e).__name__}: {e}", secret)
         logged = captured.getvalue()

@@ -47,6 +47,17 @@ class Period:
             day += timedelta(days=1)
 
 
+def period_problem(first, last):
+    """What is wrong with a period a person typed, in one sentence, or ''."""
+    earliest, latest = date(1970, 1, 1), timezone.localdate() + timedelta(days=366)
+    for day in (first, last):
+        if not earliest <= day <= latest:
+            return f"{day.isoformat()} is out of range: give days from {earliest} to {latest}."
+    if first > last:
+        return f"The first day {first} is after the last {last}: give the first day first."
+    return ""
+
+
 def last_quarter(today=None):
     """The last complete calendar quarter before `today`: the page's and the command's default."""
     today = today or timezone.localdate()

@@ -28,8 +28,9 @@ class PeriodForm(forms.Form):
 
     def clean(self):
         cleaned = super().clean()
-        if cleaned.get("start") and cleaned.get("end") and cleaned["start"] > cleaned["end"]:
-            raise forms.ValidationError("The first day is after the last: give the first day first.")
+        if cleaned.get("start") and cleaned.get("end"):
+            if problem := evidence.period_problem(cleaned["start"], cleaned["end"]):
+                raise forms.ValidationError(problem)
         return cleaned
 
 

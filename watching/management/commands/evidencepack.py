@@ -62,6 +62,6 @@ def period_from(first, last):
             days.append(date.fromisoformat(value))
         except ValueError:
             fail(f"{option} {value!r} is not a date: give YYYY-MM-DD")
-    if days[0] > days[1]:
-        fail(f"--from {first} is after --to {last}: give the first day first")
+    if problem := evidence.period_problem(*days):
+        fail(f"--from {first} --to {last}: {problem}")
     return evidence.Period(*days)
