@@ -291,6 +291,13 @@ def test_malformed_settings_are_refused_with_one_line_saying_what_to_give(client
     assert not AlertChannel.objects.exists()
 
 
+def test_a_server_id_too_big_for_the_database_is_a_form_error(client, sam, sink):
+    client.force_login(sam)
+    data = form(new_secret=sink.url()) | {"servers": ["9" * 30]}
+    response = client.post(reverse("admin:watching_alertchannel_add"), data)
+    assert response.status_code == 200 and "is not a valid value" in response.content.decode()
+
+
 def test_changing_the_kind_needs_the_secret_again(client, sam, sink):
     made = channel("team", sink.url())
     client.force_login(sam)

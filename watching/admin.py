@@ -7,6 +7,7 @@ from django.core.exceptions import ValidationError
 from django.utils.html import format_html
 
 from backupportal.lib.admin import ReadOnlyAdmin
+from backupportal.lib.inputs import ModelMultipleChoiceField
 from backupportal.lib.sealed import SealError
 from watching import channels
 from watching.models import Alert, AlertChannel, ChannelDelivery, EvidencePack, MaintenanceTask
@@ -73,6 +74,7 @@ class AlertChannelForm(forms.ModelForm):
     class Meta:
         model = AlertChannel
         fields = ["name", "kind", "enabled", "target", "conditions", "servers"]
+        field_classes = {"servers": ModelMultipleChoiceField}  # a server id too big for an integer: a form error
 
     def clean(self):
         cleaned = super().clean()
