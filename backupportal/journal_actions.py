@@ -102,4 +102,8 @@ ACTIONS = {
     "key_dropped": "retention removed a retired key from the keyring: no kept artifact needed it",
     "reencrypt_run": "someone re-encrypted kept artifacts from an old key to the current one (reencrypt)",
     "reencrypt_failed": "re-encrypting an artifact failed: it stays, readable with its old key",
+    "alert_channel_sent": "an alert's message went to an alert channel (Slack, Teams, Telegram, Discord, webhook)",
+    "alert_channel_failed": "an alert's message could not be sent to an alert channel (retried with backoff)",
+    "alert_channel_tested": "a Sysadmin sent a test message to an alert channel",
+    "evidence_pack_made": "an evidence pack of a period was made and signed (the page or evidencepack)",
 }

@@ -35,6 +35,7 @@ EXTRA = {
         "restores.add_drdrillstep",
         "restores.change_drdrillstep",
         "watching.complete_maintenance",
+        "watching.make_evidence_pack",
     ],
     SYSADMIN: [
         "backups.add_server",
@@ -50,8 +51,10 @@ EXTRA = {
         "restores.add_drdrillstep",
         "restores.change_drdrillstep",
         "watching.complete_maintenance",
+        "watching.add_alertchannel",
+        "watching.change_alertchannel",
     ],
-    AUDITOR: [],
+    AUDITOR: ["watching.make_evidence_pack"],
 }
 
 

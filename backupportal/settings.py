@@ -334,6 +334,8 @@ SIGNING_KEY_DIR = Path(env.str("SIGNING_KEY_DIR", default=str(VAR_DIR / "signing
 # older than this many hours; the newest SELFBACKUP_KEEP are kept in every location.
 SELFBACKUP_MAX_AGE_HOURS = env.int("SELFBACKUP_MAX_AGE_HOURS", default=26)
 SELFBACKUP_KEEP = env.int("SELFBACKUP_KEEP", default=14)
+# Evidence packs made on the evidence page, kept for download (watching/evidence_pack.py).
+EVIDENCE_DIR = Path(env.str("EVIDENCE_DIR", default=str(VAR_DIR / "evidence")))
 
 # Alert mail.
 EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
@@ -395,5 +397,9 @@ LOGGING = {
         "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
         # Where Django logs each 403 with its traceback.
         "django.request": {"filters": ["forbidden_in_one_line"]},
+        # Apprise's INFO and DEBUG lines quote the URLs it posts to, webhook tokens included.
+        "apprise": {"level": "WARNING"},
+        # urllib3 logs each request line at DEBUG, a webhook's token in its path or query included.
+        "urllib3": {"level": "INFO"},
     },
 }

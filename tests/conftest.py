@@ -359,7 +359,7 @@ def catalog(db, settings, tmp_path):
         WalSegment,
     )
     from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
-    from watching.models import Alert, MaintenanceTask
+    from watching.models import Alert, AlertChannel, ChannelDelivery, EvidencePack, MaintenanceTask
 
     settings.BACKUP_ROOT = tmp_path
     StorageLocation.sync_from_settings()
@@ -392,6 +392,23 @@ def catalog(db, settings, tmp_path):
         kind="release_hold", target_id=hold.pk, target_repr=str(hold), reason="r", requested_by=owner
     )
     entry = journal.record("test", actor="owner", obj=server)
+    channel = AlertChannel(name="ops webhook", kind="webhook", enabled=False)  # never sent to by a monitor pass
+    channel.secret = "http://127.0.0.1:9/hook?token=catalog-token"  # the discard port: nothing listens
+    channel.save()
+    delivery = ChannelDelivery.objects.create(alert=alert, channel=channel, event="opened")
+    # An evidence pack's row and files, for its pages (the real pack is tests/test_evidence_pack.py's).
+    settings.EVIDENCE_DIR = tmp_path / "evidence"
+    settings.EVIDENCE_DIR.mkdir()
+    (settings.EVIDENCE_DIR / "evidence-catalog.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty ZIP
+    (settings.EVIDENCE_DIR / "evidence-catalog.zip.sig").write_text("not checked here")
+    pack = EvidencePack.objects.create(
+        period_start=timezone.localdate(),
+        period_end=timezone.localdate(),
+        made_by=owner,
+        file_name="evidence-catalog.zip",
+        sha256="c" * 64,
+        size=22,
+    )
     objects = [
         hold,
         change,
@@ -409,6 +426,9 @@ def catalog(db, settings, tmp_path):
         alert,
         task,
         entry,
+        channel,
+        delivery,
+        pack,
     ]
     return {type(o): o for o in objects} | {"server": server, "run": run}
 

@@ -30,7 +30,7 @@ from backups import walingest, walspool
 from backups.models import BackupRun, ChangeRequest, Server, Verification
 from backups.receiver import Receiver
 from restores.models import DrDrill, RestoreRequest, RestoreRun, RestoreTest
-from watching.models import Alert, MaintenanceTask
+from watching.models import Alert, EvidencePack, MaintenanceTask
 
 
 def run_command(*args):
@@ -551,6 +551,9 @@ def portal_urls(catalog):
         "restore-test-progress": [catalog[RestoreTest].pk],
         "alert": [catalog[Alert].pk],
         "alert-acknowledge": [catalog[Alert].pk],
+        "evidence-pack": [catalog[EvidencePack].pk],
+        "evidence-zip": [catalog[EvidencePack].pk],
+        "evidence-sig": [catalog[EvidencePack].pk],
     }
     urls = []
     for name in named_patterns():

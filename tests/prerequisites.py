@@ -20,6 +20,7 @@ PROGRAMS = {
     "pgbackrest": "pgbackrest",
     "zstd": "zstd",
     "chromium": "chromium",
+    "pdftoppm": "poppler-utils",
 }
 SERVER = "postgresql-15"  # initdb and postgres for the throwaway clusters
 

@@ -22,15 +22,20 @@ from tests.helpers import (
 # Models each role may add and change in the admin (the rest it may only view).
 EDITABLE = {
     "DBA": {"backups.backupschedule", "restores.drdrill"},
-    "Sysadmin": {"backups.server", "backups.storagelocation", "restores.drdrill"},
+    "Sysadmin": {"backups.server", "backups.storagelocation", "restores.drdrill", "watching.alertchannel"},
     "Auditor": set(),
 }
 # GET pages only some roles may open (the rest: 403).
 RESTRICTED_PAGES = {
     "restore-request-new": {"DBA"},
+    "evidence": {"DBA", "Auditor"},
+    "evidence-make": {"DBA", "Auditor"},
+    "evidence-pack": {"DBA", "Auditor"},
+    "evidence-zip": {"DBA", "Auditor"},
+    "evidence-sig": {"DBA", "Auditor"},
 }
-# Pages that send every reader on to another page.
-REDIRECTS = {"journal-object"}
+# Pages that send every reader on to another page (evidence-make without a period: to the form).
+REDIRECTS = {"journal-object", "evidence-make"}
 # Pages every role reads.
 READ = {
     "dashboard",

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.lib.redact import redact
+from watching import channels
 from watching.models import MAIL_PENDING, Alert
 
 
@@ -53,6 +54,7 @@ def raise_alert(condition, *, message, server=None, location=None, subject=None)
         condition=condition,
         message=message,
     )
+    channels.owe(alert, "opened")  # the channels' messages, as the mail's, are sent after the checks
     return alert, True
 
 
@@ -65,6 +67,7 @@ def resolve_alert(condition, *, server=None, location=None, subject=None):
     alert.state, alert.resolved_at = Alert.State.RESOLVED, timezone.now()
     alert.save(update_fields=["state", "resolved_at"])
     journal.record("alert_resolved", actor="job:monitor", obj=alert, server=server or "", condition=condition)
+    channels.owe(alert, "resolved")
     return alert
 
 

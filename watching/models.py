@@ -313,3 +313,30 @@ class RpoSample(models.Model):
         sample, created = cls.objects.get_or_create(server=server, hour=hour, defaults={"worst_seconds": seconds})
         if not created and seconds > sample.worst_seconds:
             cls.objects.filter(pk=sample.pk).update(worst_seconds=seconds)
+
+
+class EvidencePack(models.Model):
+    """An auditor's evidence pack made on the evidence page (watching/evidence_pack.py): the ZIP and
+    its detached signature lie in EVIDENCE_DIR under `file_name` and `file_name`.sig."""
+
+    period_start = models.DateField()
+    period_end = models.DateField(help_text="the last day of the period, included")
+    made_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    made_at = models.DateTimeField(default=timezone.now)
+    file_name = models.CharField(max_length=100, unique=True)
+    sha256 = models.CharField(max_length=64, help_text="of the ZIP")
+    size = models.BigIntegerField()
+
+    class Meta:
+        ordering = ["-made_at", "-id"]
+        permissions = [("make_evidence_pack", "Can make and download an evidence pack")]
+
+    def __str__(self):
+        return f"Evidence pack {self.period_start:%Y-%m-%d} to {self.period_end:%Y-%m-%d}"
+
+    def get_absolute_url(self):
+        return reverse("evidence-pack", args=[self.pk])
+
+
+# The alert channels' models live in their own module; Django finds them through this import.
+from watching.channel_models import AlertChannel, ChannelDelivery  # noqa: E402, F401

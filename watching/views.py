@@ -89,7 +89,8 @@ def alert_detail(request, alert_id):
     history = JournalEntry.objects.filter(object_type__in=journal.labels_of(Alert), object_id=str(alert.pk)).order_by(
         "id"
     )
-    return render(request, "alerts/detail.html", {"alert": alert, "history": history})
+    deliveries = alert.deliveries.select_related("channel").order_by("channel__name", "event")
+    return render(request, "alerts/detail.html", {"alert": alert, "history": history, "deliveries": deliveries})
 
 
 @require_POST

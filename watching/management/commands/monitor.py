@@ -64,16 +64,19 @@ class Command(PortalCommand):
         lines = [
             f"monitor: {len(result['checks'])} checks ({', '.join(result['checks'])}); "
             f"opened {result['opened']}, resolved {result['resolved']}, active {result['active']}; "
-            f"mail sent {mail['sent']}, failed {mail['failed']}"
+            f"mail sent {mail['sent']}, failed {mail['failed']}; "
+            f"channels sent {result['channels']['sent']}, failed {result['channels']['failed']}"
         ]
         return lines
 
     def report_problems(self, result):
         """A check that failed or mail that could not go: on stderr, one line each."""
         mail_error = result.get("mail", {}).get("error")
-        for line in ([f"mail: {mail_error}"] if mail_error else []) + result["errors"]:
+        channel_errors = result.get("channels", {}).get("errors", [])
+        for line in ([f"mail: {mail_error}"] if mail_error else []) + channel_errors + result["errors"]:
             self.stderr.write(line)
 
 
 def _mail_failed(result):
-    return bool(result.get("mail", {}).get("failed"))
+    """Mail or a channel message that could not go: the pass ran, but someone was not told."""
+    return bool(result.get("mail", {}).get("failed") or result.get("channels", {}).get("failed"))

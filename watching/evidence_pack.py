@@ -1,0 +1,161 @@
+"""The auditor's evidence pack: one ZIP per period, signed twice with the portal's signing key.
+
+Inside the ZIP: summary.pdf (watching/evidence_pdf.py), journal.csv (the period's journal
+entries, as the journal page exports them, each with its HMAC and its predecessor's),
+journal-check.json (the chain check of the whole journal when the pack was made), SHA256SUMS
+(`sha256sum -c` reads it) and SHA256SUMS.sig, a detached signature of SHA256SUMS. Beside the
+ZIP, FILE.sig is a detached signature of the ZIP itself.
+
+`verify()` checks both signatures with a public key the auditor brings (never one from the
+pack) and every member against SHA256SUMS; so does stock gpg with sha256sum (README).
+"""
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.utils import timezone
+
+from backupportal import journal
+from backupportal.journal_views import CSV_FIELDS, _csv_lines
+from backupportal.lib import signing
+from backupportal.models import JournalEntry
+from watching import evidence, evidence_pdf
+
+SUMS, SUMS_SIG = "SHA256SUMS", "SHA256SUMS.sig"
+SIGNATURE_SUFFIX = ".sig"
+
+
+@dataclass(frozen=True)
+class Pack:
+    data: bytes  # the ZIP
+    signature: bytes  # of the ZIP, detached and armored
+    sha256: str
+    signer: str
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    ok: bool
+    detail: str
+
+
+def build(period, actor):
+    """Make the pack of `period` (an evidence.Period) and journal that `actor` made it."""
+    signer = signing.ensure_key()
+    verdict = journal.check()
+    extract = JournalEntry.objects.filter(evidence.in_period("at", period)).order_by("at", "id")
+    check = {
+        "ok": verdict.ok,
+        "message": verdict.message,
+        "journal": verdict.journal,
+        "entries_checked": verdict.count,
+        "period": str(period),
+        "entries_in_period": extract.count(),
+        "checked_at": timezone.now().isoformat(),
+    }
+    members = {
+        "summary.pdf": evidence_pdf.render(evidence.figures(period), check, signer),
+        "journal.csv": "".join(_csv_lines(extract.values_list(*CSV_FIELDS).iterator(chunk_size=2000))).encode(),
+        "journal-check.json": (json.dumps(check, indent=2, sort_keys=True) + "\n").encode(),
+    }
+    sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in members.items()).encode()
+    members[SUMS] = sums
+    members[SUMS_SIG] = signing.sign(sums)
+    data = _zip(members)
+    pack = Pack(data, signing.sign(data), hashlib.sha256(data).hexdigest(), signer)
+    journal.record(
+        "evidence_pack_made",
+        actor=actor,
+        period=str(period),
+        sha256=pack.sha256,
+        members=sorted(members),
+        signer=signer,
+        journal_intact=verdict.ok,
+    )
+    return pack
+
+
+def _zip(members):
+    buffer = io.BytesIO()
+    stamp = timezone.localtime().timetuple()[:6]
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name, date_time=stamp)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def write(pack, path):
+    """The ZIP at `path` and its signature at `path`.sig, each complete or not there at all."""
+    path = Path(path)
+    for target, data in ((path, pack.data), (signature_path(path), pack.signature)):
+        temporary = target.with_name(f".{target.name}.tmp")
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        temporary.replace(target)
+
+
+def signature_path(path):
+    path = Path(path)
+    return path.with_name(path.name + SIGNATURE_SUFFIX)
+
+
+# --- Verification --------------------------------------------------------------------------------
+
+
+def verify(data, signature, public_key):
+    """Every check of a pack, in order: the ZIP's signature, SHA256SUMS's, and each member's sha256."""
+    checks = [_signature_check("ZIP signature", data, signature, public_key)]
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError) as e:  # a CRC error, a truncated file
+        return [*checks, Check("ZIP contents", False, f"the ZIP cannot be read: {e}")]
+    if SUMS not in members or SUMS_SIG not in members:
+        return [*checks, Check(SUMS, False, f"the ZIP holds no {SUMS} or no {SUMS_SIG}: it is not an evidence pack")]
+    checks.append(_signature_check(f"{SUMS} signature", members[SUMS], members[SUMS_SIG], public_key))
+    listed = _read_sums(members[SUMS])
+    if listed is None:
+        return [*checks, Check(SUMS, False, f"{SUMS} is not in sha256sum's form")]
+    for name, digest in listed.items():
+        checks.append(_member_check(name, digest, members.get(name)))
+    for name in sorted(set(members) - set(listed) - {SUMS, SUMS_SIG}):
+        checks.append(Check(f"member {name}", False, f"{name} is in the ZIP but not in {SUMS}"))
+    return checks
+
+
+def _signature_check(what, data, signature, public_key):
+    try:
+        signer = signing.verify(data, signature, public_key)
+    except signing.SigningError as e:
+        return Check(what, False, str(e))
+    return Check(what, True, f"good signature by {signer}")
+
+
+def _read_sums(text):
+    listed = {}
+    for line in text.decode("utf-8", "replace").splitlines():
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or not name or name in listed:
+            return None
+        listed[name] = digest.lower()
+    return listed
+
+
+def _member_check(name, digest, data):
+    if data is None:
+        return Check(f"member {name}", False, f"{name} is in {SUMS} but missing from the ZIP")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        return Check(f"member {name}", False, f"{name} has sha256 {actual}, {SUMS} says {digest}: it was altered")
+    return Check(f"member {name}", True, f"sha256 {actual} as {SUMS} says")
