@@ -129,6 +129,8 @@ ACTIONS = {
     "maintenance_completed": "a maintenance task was completed",
     "journal_exported": "an auditor exported the journal as CSV",
     "wal_key_created": "the portal made a new WAL key (wrapped with the passphrase, kept beside the WAL)",
+    "catalog_rebuilt": "the catalog was rebuilt from the signed manifests in a storage location (rebuildcatalog)",
+    "manifest_refused": "rebuildcatalog refused a manifest that does not verify with the portal's public key",
     "pitr_chain_refused": "a recovery refused a chain of incrementals with a broken link and used the full backup",
     "backup_held": "a DBA put a legal hold on a backup: retention never deletes it",
     "change_requested": "someone asked for a destructive change (it waits for a second person)",

@@ -145,6 +145,17 @@ class S3Store(Store):
             return False
         return True
 
+    def list(self, prefix=""):
+        """The keys (without the location's prefix) of every object under `prefix`, page by page."""
+        token = {}
+        while True:
+            page = self.call("list_objects_v2", Prefix=self.prefix + prefix, **token)
+            for item in page.get("Contents", []):
+                yield item["Key"].removeprefix(self.prefix)
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
     def delete(self, key):
         # Deleting a key that is not there succeeds in S3: deletion is idempotent.
         self.call("delete_object", Key=self.object_key(key))
