@@ -38,6 +38,7 @@ from tests.helpers import (
     pitr_to,
     rows,
     run_command,
+    stop_gpg_agent,
     switch_wal,
     wait_archived,
     write,
@@ -51,7 +52,9 @@ TABLES = ["users", "audit_logs", "financial_records"]
 @pytest.fixture
 def signing_dir(settings, tmp_path):
     settings.SIGNING_KEY_DIR = tmp_path / "signing"
-    return settings.SIGNING_KEY_DIR
+    yield settings.SIGNING_KEY_DIR
+    for home in (tmp_path / "signing", tmp_path / "thief"):
+        stop_gpg_agent(home)
 
 
 def fingerprints(port, dbname=DB):
