@@ -317,3 +317,32 @@ def publish_pending(source, secondaries):
                 break  # that tier is down: the next pass tries again
             marker.unlink()
     return left
+
+
+# --- Retention: a WAL manifest goes once none of its segments is kept. -----------------------
+
+
+def first_segment(key):
+    """The first segment a WAL manifest names, from its key (STAMP-FIRST.manifest.json.gpg)."""
+    return key.removesuffix(SUFFIX).rsplit("-", 1)[-1]
+
+
+def prune_wal(server, locations):
+    """Delete, from every location, the WAL manifests none of whose segments is kept any more.
+
+    Ingest goes in name order, so a pass's segments run from its first name to the next pass's
+    first: a manifest goes when no live segment of the server falls in that range. The newest
+    always stays. Returns the keys deleted; a tier that refuses is tried again next time."""
+    keys = sorted(store_for(locations[0]).list(f"{server.name}/wal/manifests/"), key=first_segment)
+    deleted = []
+    for key, following in zip(keys, keys[1:], strict=False):
+        live = WalSegment.objects.filter(server=server, deleted_at=None)
+        if live.filter(name__gte=first_segment(key), name__lt=first_segment(following)).exists():
+            continue
+        try:
+            for location in reversed(locations):  # the listed one last: a refusal leaves it to list again
+                store_for(location).delete(key)
+        except (StorageError, OSError):
+            continue
+        deleted.append(key)
+    return deleted

@@ -25,9 +25,9 @@ from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import journal
-from backups import gfs, walnames, walspool
+from backups import gfs, manifests, walnames, walspool
 from backups.copies import delete_run_artifacts
-from backups.models import BackupCopy, BackupHold, BackupRun, Server, WalSegment
+from backups.models import WAL_LOCATION, BackupCopy, BackupHold, BackupRun, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
 
 DAYS_FIELD = {
@@ -222,6 +222,7 @@ def wal_retention(server, now, dry_run, actor):
     WalSegment.objects.filter(pk__in=gone).update(deleted_at=now)
     for segment in segments:
         (walspool.spool_dir(server) / "ingested" / segment.name).unlink(missing_ok=True)
+    result["manifests_deleted"] = len(prune_wal_manifests(server))
     journal.record(
         "wal_deleted",
         actor=actor,
@@ -233,6 +234,19 @@ def wal_retention(server, now, dry_run, actor):
         reason=f"older than {server.wal_retention_days} days and needed by no kept base backup",
     )
     return result
+
+
+def prune_wal_manifests(server):
+    """The signed manifests of WAL passes whose segments are all gone (backups.manifests), from
+    the WAL location and every secondary tier."""
+    wal = StorageLocation.objects.filter(name=WAL_LOCATION, enabled=True).first()
+    if wal is None:
+        return []
+    others = StorageLocation.objects.filter(enabled=True).exclude(kind=StorageLocation.Kind.PRIMARY)
+    try:
+        return manifests.prune_wal(server, [wal, *others])
+    except (StorageError, OSError):
+        return []  # the WAL location cannot be listed now: next time
 
 
 def delete_copies(copies):

@@ -53,7 +53,7 @@ TABLES = ["users", "audit_logs", "financial_records"]
 def signing_dir(settings, tmp_path):
     settings.SIGNING_KEY_DIR = tmp_path / "signing"
     yield settings.SIGNING_KEY_DIR
-    for home in (tmp_path / "signing", tmp_path / "thief"):
+    for home in (tmp_path / "signing", tmp_path / "thief", tmp_path / "earlier"):
         stop_gpg_agent(home)
 
 
@@ -223,7 +223,13 @@ def test_a_tampered_or_forged_manifest_is_refused_by_name_and_the_rest_rebuilt(
     assert not Server.objects.exists() and not BackupRun.objects.exists()
     assert not JournalEntry.objects.filter(action="catalog_rebuilt").exists()
 
-    result = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
+    # The key of an earlier portal given too (one per key it signed with): the forgery is still refused.
+    settings.SIGNING_KEY_DIR = tmp_path / "earlier"
+    earlier = tmp_path / "earlier.asc"
+    signing.ensure_key()
+    earlier.write_text(signing.public_key())
+    keys = ["--public-key", str(earlier), "--public-key", str(public)]
+    result = run_command("rebuildcatalog", "--location", "s3", *keys)
     assert result["_exit"] == 1
     assert sorted(r["manifest"] for r in result["refused"]) == sorted([tampered, forged])
     assert all("signature does not verify" in r["why"] for r in result["refused"]), result["refused"]
@@ -251,3 +257,40 @@ def test_rebuildcatalog_refuses_what_it_cannot_trust_or_reach_in_one_line(
     result = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(keep_public_key(tmp_path)))
     assert result["_exit"] == 1 and "cannot list location s3" in result["_stderr"], result
     assert "\n" not in result["_stderr"].strip()
+
+
+def test_wal_manifests_are_on_every_tier_and_go_once_none_of_their_segments_is_kept(
+    db, passphrase_file, tiers, signing_dir
+):
+    from django.utils import timezone
+
+    from backups.retention import prune_wal_manifests
+
+    server = Server.objects.create(name="gone", dsn="postgresql://backup@127.0.0.1:5432/app")
+    wal = StorageLocation.objects.get(name="wal")
+    secondaries = list(StorageLocation.objects.exclude(kind="primary"))
+    batches = [[f"0000000100000000000000{n:02X}" for n in ns] for ns in ([1, 2], [3, 4], [5])]
+    keys = []
+    for batch in batches:
+        for name in batch:
+            segment = WalSegment.objects.create(
+                server=server,
+                timeline=1,
+                name=name,
+                segno=int(name[-8:], 16),
+                size=16,
+                sha256="0" * 64,
+                key=f"gone/wal/{name}.gpg",
+                archived_at=timezone.now(),
+            )
+            BackupCopy.record_made(wal, segment.key, 10, "1" * 64, wal_segment=segment, artifact="wal")
+        keys.append(manifests.write_for_wal(server, batch, wal, secondaries))
+    stores = [store_for(location) for location in (wal, *secondaries)]
+    assert all(store.exists(key) for store in stores for key in keys)
+
+    WalSegment.objects.filter(name__in=batches[0] + batches[1][:1]).update(deleted_at=timezone.now())
+    assert prune_wal_manifests(server) == [keys[0]]
+    assert [[store.exists(key) for key in keys] for store in stores] == [[False, True, True]] * 3
+    WalSegment.objects.filter(server=server).update(deleted_at=timezone.now())
+    assert prune_wal_manifests(server) == [keys[1]]  # the newest pass's always stays
+    assert [[store.exists(key) for key in keys] for store in stores] == [[False, False, True]] * 3

@@ -24,7 +24,9 @@ class Command(PortalCommand):
         parser.add_argument("--dry-run", action="store_true", help="read and check everything, catalogue nothing")
         parser.add_argument(
             "--public-key",
-            help="the portal's signing-public.asc, kept with the restore keys (default: SIGNING_KEY_DIR's own)",
+            action="append",
+            help="the portal's signing-public.asc, kept with the restore keys (default: SIGNING_KEY_DIR's own); "
+            "give it again for each key the portal has signed with (a portal rebuilt before made a new one)",
         )
 
     def run(self, location, dry_run=False, public_key=None, **options):
@@ -52,17 +54,20 @@ class Command(PortalCommand):
             result["exit_code"] = 1
         return result
 
-    def public_key(self, path):
-        path = Path(path) if path else signing.public_key_path()
-        if not path.is_file():
-            fail(
-                f"no public signing key at {path}: give --public-key FILE (the signing-public.asc kept with the "
-                "restore keys); without it no manifest can be trusted"
-            )
-        text = path.read_text(errors="replace")
-        if "BEGIN PGP PUBLIC KEY BLOCK" not in text:
-            fail(f"{path} is not an armored OpenPGP public key: give the portal's signing-public.asc")
-        return text
+    def public_key(self, paths):
+        """The armored public keys given, one after the other: a manifest signed by any of them verifies."""
+        texts = []
+        for path in [Path(p) for p in paths or [signing.public_key_path()]]:
+            if not path.is_file():
+                fail(
+                    f"no public signing key at {path}: give --public-key FILE (the signing-public.asc kept with the "
+                    "restore keys); without it no manifest can be trusted"
+                )
+            text = path.read_text(errors="replace")
+            if "BEGIN PGP PUBLIC KEY BLOCK" not in text:
+                fail(f"{path} is not an armored OpenPGP public key: give the portal's signing-public.asc")
+            texts.append(text)
+        return "\n".join(texts)
 
     def describe(self, result):
         verb = "Would rebuild" if result["dry_run"] else "Rebuilt"
