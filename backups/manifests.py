@@ -20,7 +20,8 @@ A run's manifest is written when the run succeeds, as the run's "signed_manifest
 goes to every tier with the run's other artifacts (backups.copies). WAL has one manifest per
 ingest pass (not per segment: a signature and a key derivation per segment would halve the
 ingest), written to the WAL location and put on every other tier at once; a tier that refuses it
-is tried again by the next pass (VAR_DIR/walmanifests/pending).
+is tried again by the next pass (VAR_DIR/walmanifests/pending). A pass killed before its manifest
+leaves its segments to the next pass's manifest (VAR_DIR/walmanifests/SERVER.covered).
 """
 
 import hashlib
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import psycopg
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from backupportal.lib import signing
@@ -43,6 +45,8 @@ from backups.storage import StorageError, store_for
 FORMAT = 1
 SUFFIX = ".manifest.json.gpg"
 ARTIFACT = "signed_manifest"  # BackupCopy.artifact of a run's manifest
+# A WAL manifest names at most this many segments (~300 bytes each); the rest go in the next.
+MAX_WAL_ENTRIES = 10000
 # Fields of a run a rebuilt catalog needs back as they were.
 RUN_FIELDS = [
     "id",
@@ -269,10 +273,15 @@ def write_for_run(run):
 
 
 def write_for_wal(server, names, location, secondaries):
-    """The manifest of one ingest pass (`names`), into the WAL `location` and every secondary.
-    Returns its key (None for no segments). Raises StorageError, EncryptionError or SigningError:
-    the caller leaves a marker, the segments themselves are archived."""
-    segments = list(WalSegment.objects.filter(server=server, name__in=names, deleted_at=None).order_by("name"))
+    """The manifest of one ingest pass (`names`, and what a pass killed before its manifest left
+    uncovered), into the WAL `location` and every secondary. Returns its key (None for no
+    segments). Raises StorageError, EncryptionError or SigningError: the caller leaves a marker,
+    the segments themselves are archived."""
+    covered = _covered(server)
+    since = int(covered.read_text()) if covered.is_file() else None
+    live = WalSegment.objects.filter(server=server, deleted_at=None)
+    todo = live.filter(Q(name__in=names) | (Q(pk__gt=since) if since is not None else Q(pk__in=[])))
+    segments = sorted(todo.order_by("pk")[:MAX_WAL_ENTRIES], key=lambda s: s.name)
     if not segments:
         return None
     key = wal_batch_key(server, segments[0].name, timezone.now())
@@ -282,10 +291,19 @@ def write_for_wal(server, names, location, secondaries):
         encrypt_bytes(store, key, sealed, Encryption())
     except BackupFailed as e:
         raise StorageError(str(e)) from None
+    covered.write_text(str(max(s.pk for s in segments)))
     for other in secondaries:
         _pending(other, key).touch()
     publish_pending(location, secondaries)
     return key
+
+
+def _covered(server) -> Path:
+    """VAR_DIR/walmanifests/SERVER.covered: the newest segment (by catalog id) a manifest names.
+    Missing (a new VAR_DIR), only the pass's own segments are named."""
+    folder = Path(settings.VAR_DIR) / "walmanifests"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder / f"{server.name}.covered"
 
 
 def pending_dir(location) -> Path:

@@ -70,6 +70,7 @@ class Rebuild:
         self.report = Report(location.name, dry_run)
         self.run_ids = {}  # (server name, id on the old portal) -> the run here
         self.keys_present = set()
+        self.seen = set()  # (server, segment) already met in this rebuild
 
     # --- Reading the location.
 
@@ -211,6 +212,9 @@ class Rebuild:
         server = self.server(manifest["server"])
         keys_ok = {}
         for entry in manifest["segments"]:
+            if (server.name, entry["name"]) in self.seen:
+                continue  # named by an earlier pass's manifest too (after a killed pass): counted there
+            self.seen.add((server.name, entry["name"]))
             if WalSegment.objects.filter(server=server, name=entry["name"], deleted_at=None).exists():
                 self.report.wal_known += 1
                 continue

@@ -259,7 +259,7 @@ def test_rebuildcatalog_refuses_what_it_cannot_trust_or_reach_in_one_line(
     assert "\n" not in result["_stderr"].strip()
 
 
-def test_wal_manifests_are_on_every_tier_and_go_once_none_of_their_segments_is_kept(
+def test_wal_manifests_are_on_every_tier_cover_a_killed_pass_and_go_once_no_segment_is_kept(
     db, passphrase_file, tiers, signing_dir
 ):
     from django.utils import timezone
@@ -269,28 +269,41 @@ def test_wal_manifests_are_on_every_tier_and_go_once_none_of_their_segments_is_k
     server = Server.objects.create(name="gone", dsn="postgresql://backup@127.0.0.1:5432/app")
     wal = StorageLocation.objects.get(name="wal")
     secondaries = list(StorageLocation.objects.exclude(kind="primary"))
-    batches = [[f"0000000100000000000000{n:02X}" for n in ns] for ns in ([1, 2], [3, 4], [5])]
-    keys = []
-    for batch in batches:
-        for name in batch:
-            segment = WalSegment.objects.create(
-                server=server,
-                timeline=1,
-                name=name,
-                segno=int(name[-8:], 16),
-                size=16,
-                sha256="0" * 64,
-                key=f"gone/wal/{name}.gpg",
-                archived_at=timezone.now(),
-            )
-            BackupCopy.record_made(wal, segment.key, 10, "1" * 64, wal_segment=segment, artifact="wal")
-        keys.append(manifests.write_for_wal(server, batch, wal, secondaries))
     stores = [store_for(location) for location in (wal, *secondaries)]
+
+    def catalogue(n):
+        name = f"0000000100000000000000{n:02X}"
+        segment = WalSegment.objects.create(
+            server=server,
+            timeline=1,
+            name=name,
+            segno=n,
+            size=16,
+            sha256="0" * 64,
+            key=f"gone/wal/{name}.gpg",
+            archived_at=timezone.now(),
+        )
+        BackupCopy.record_made(wal, segment.key, 10, "1" * 64, wal_segment=segment, artifact="wal")
+        return name
+
+    def named(key):
+        manifest, *_ = manifests.read(stores[0], key, Encryption(), signing.public_key())
+        return [s["name"] for s in manifest["segments"]]
+
+    batches, keys = [], []
+    for numbers in ([1, 2], [3, 4], [5]):
+        batches.append([catalogue(n) for n in numbers])
+        keys.append(manifests.write_for_wal(server, batches[-1], wal, secondaries))
+    # A pass killed before its manifest (6): the next pass's manifest names its segments too.
+    killed = catalogue(6)
+    batches.append([catalogue(7)])
+    keys.append(manifests.write_for_wal(server, batches[-1], wal, secondaries))
+    assert [named(key) for key in keys] == [*batches[:3], [killed, *batches[3]]]
     assert all(store.exists(key) for store in stores for key in keys)
 
     WalSegment.objects.filter(name__in=batches[0] + batches[1][:1]).update(deleted_at=timezone.now())
     assert prune_wal_manifests(server) == [keys[0]]
-    assert [[store.exists(key) for key in keys] for store in stores] == [[False, True, True]] * 3
+    assert [[store.exists(key) for key in keys] for store in stores] == [[False, True, True, True]] * 3
     WalSegment.objects.filter(server=server).update(deleted_at=timezone.now())
-    assert prune_wal_manifests(server) == [keys[1]]  # the newest pass's always stays
-    assert [[store.exists(key) for key in keys] for store in stores] == [[False, False, True]] * 3
+    assert prune_wal_manifests(server) == keys[1:3]  # the newest pass's always stays
+    assert [[store.exists(key) for key in keys] for store in stores] == [[False, False, False, True]] * 3
