@@ -222,7 +222,7 @@ def wal_retention(server, now, dry_run, actor):
     WalSegment.objects.filter(pk__in=gone).update(deleted_at=now)
     for segment in segments:
         (walspool.spool_dir(server) / "ingested" / segment.name).unlink(missing_ok=True)
-    result["manifests_deleted"] = len(prune_wal_manifests(server))
+    pruned = prune_wal_manifests(server)
     journal.record(
         "wal_deleted",
         actor=actor,
@@ -231,6 +231,7 @@ def wal_retention(server, now, dry_run, actor):
         first=result["first_deleted"],
         last=result["last_deleted"],
         kept_from=result["kept_from"],
+        manifests_deleted=len(pruned),
         reason=f"older than {server.wal_retention_days} days and needed by no kept base backup",
     )
     return result
