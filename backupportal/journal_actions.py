@@ -106,4 +106,6 @@ ACTIONS = {
     "alert_channel_failed": "an alert's message could not be sent to an alert channel (retried with backoff)",
     "alert_channel_tested": "a Sysadmin sent a test message to an alert channel",
     "evidence_pack_made": "an evidence pack of a period was made and signed (the page or evidencepack)",
+    "catalog_rebuilt": "the catalog was rebuilt from the signed manifests in a storage location (rebuildcatalog)",
+    "manifest_refused": "rebuildcatalog refused a manifest that does not verify with the portal's public key",
 }

@@ -93,7 +93,13 @@ class ArtifactFilter(admin.SimpleListFilter):
 
     title = "artifact"
     parameter_name = "artifact"
-    KINDS = [("main", "main (dump or base)"), ("globals", "globals"), ("manifest", "manifest"), ("wal", "WAL segment")]
+    KINDS = [
+        ("main", "main (dump or base)"),
+        ("globals", "globals"),
+        ("manifest", "backup_manifest"),
+        ("signed_manifest", "signed manifest"),
+        ("wal", "WAL segment"),
+    ]
 
     def lookups(self, request, model_admin):
         return self.KINDS

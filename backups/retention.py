@@ -28,9 +28,9 @@ from django.db.models import Max, Q
 from django.utils import timezone
 
 from backupportal import journal
-from backups import gfs, keyring, walnames, walspool
+from backups import gfs, keyring, manifests, walnames, walspool
 from backups.copies import delete_run_artifacts
-from backups.models import BackupCopy, BackupHold, BackupRun, Server, WalSegment
+from backups.models import WAL_LOCATION, BackupCopy, BackupHold, BackupRun, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
 
 DAYS_FIELD = {
@@ -284,6 +284,7 @@ def wal_retention(server, now, dry_run, actor):
     WalSegment.objects.filter(pk__in=gone).update(deleted_at=now)
     for segment in segments:
         (walspool.spool_dir(server) / "ingested" / segment.name).unlink(missing_ok=True)
+    pruned = prune_wal_manifests(server)
     journal.record(
         "wal_deleted",
         actor=actor,
@@ -292,9 +293,23 @@ def wal_retention(server, now, dry_run, actor):
         first=result["first_deleted"],
         last=result["last_deleted"],
         kept_from=result["kept_from"],
+        manifests_deleted=len(pruned),
         reason=f"older than {server.wal_retention_days} days and needed by no kept base backup",
     )
     return result
+
+
+def prune_wal_manifests(server):
+    """The signed manifests of WAL passes whose segments are all gone (backups.manifests), from
+    the WAL location and every secondary tier."""
+    wal = StorageLocation.objects.filter(name=WAL_LOCATION, enabled=True).first()
+    if wal is None:
+        return []
+    others = StorageLocation.objects.filter(enabled=True).exclude(kind=StorageLocation.Kind.PRIMARY)
+    try:
+        return manifests.prune_wal(server, [wal, *others])
+    except (StorageError, OSError):
+        return []  # the WAL location cannot be listed now: next time
 
 
 def delete_copies(copies):

@@ -182,7 +182,7 @@ def claim_scheduled(server, kind, *, actor, scheduled_for=None, waiting_since=No
 
 def execute(run):
     """Run a claimed backup to its end. Returns the run, succeeded or failed; never raises."""
-    from backups import base, incremental, logical
+    from backups import base, incremental, logical, manifests
 
     started = BackupRun.objects.filter(pk=run.pk, status=BackupRun.Status.QUEUED).update(
         status=BackupRun.Status.RUNNING,
@@ -202,6 +202,7 @@ def execute(run):
     }
     try:
         handlers[run.kind](run)
+        manifests.write_for_run(run)  # last: it describes the run as it succeeded
     except BackupFailed as e:
         finish_failed(run, str(e))
     except Exception as e:  # a bug must still fail the run visibly, not leave it running
@@ -215,7 +216,8 @@ def execute(run):
 
 
 def finish_succeeded(run):
-    run.status, run.finished_at = BackupRun.Status.SUCCEEDED, timezone.now()
+    # The manifest, written just before, already says when it finished.
+    run.status, run.finished_at = BackupRun.Status.SUCCEEDED, run.finished_at or timezone.now()
     run.save(
         update_fields=[
             "status",

@@ -203,6 +203,17 @@ class S3Store(Store):
             return False
         return True
 
+    def list(self, prefix=""):
+        """The keys (without the location's prefix) of every object under `prefix`, page by page."""
+        token = {}
+        while True:
+            page = self.call("list_objects_v2", Prefix=self.prefix + prefix, **token)
+            for item in page.get("Contents", []):
+                yield item["Key"].removeprefix(self.prefix)
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
     def delete(self, key, version=""):
         """Delete an object, or one version of it. By key alone, a versioned bucket only puts a
         delete marker in front of it; a version still locked raises ObjectLocked."""

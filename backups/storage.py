@@ -206,6 +206,15 @@ class FileStore(Store):
         with self.writable():
             self.path(key).unlink(missing_ok=True)
 
+    def list(self, prefix=""):
+        """The keys of every whole file under `prefix` (a rebuilt catalog reads a location this way)."""
+        start = self.path(prefix) if prefix else self.root
+        if not start.is_dir():
+            return
+        for path in sorted(start.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):  # partials (.NAME.partial) are not artifacts
+                yield path.relative_to(self.root).as_posix()
+
     def usage(self):
         """(free bytes, total bytes).
 

@@ -25,7 +25,8 @@ from django.utils import timezone
 
 from backupportal import conditions, journal
 from backupportal.lib.childenv import child_env
-from backups import archive_wal, keyring, streams, walkeys
+from backupportal.lib.signing import SigningError
+from backups import archive_wal, keyring, manifests, streams, walkeys
 from backups.copies import copy_one
 from backups.crypto import EncryptionError, PipeSource, die_with_parent
 from backups.models import WAL_LOCATION, BackupCopy, Server, StorageLocation, WalSegment
@@ -42,6 +43,8 @@ WAL_COMPRESSION = "zstd"
 CHUNK = 1024 * 1024
 # SPOOL/errors/ingest.json: the last ingest failed (the WAL location refused); removed by the next good one.
 INGEST_MARKER = "ingest"
+# SPOOL/errors/manifest.json: the last pass's signed manifest could not be written.
+MANIFEST_MARKER = "manifest"
 # Temporary files a killed archive program left behind are removed after this long.
 STALE_TMP = timedelta(minutes=10)
 # Segments encrypted at once by an ingest: one zstd and one gpg each, so about one per core.
@@ -162,7 +165,7 @@ def pending_names(spool: Path, source):
 def ingest(server, actor="job:ingestwal"):
     """Ingest everything in the server's spool. One ingest per spool at a time (flock)."""
     spool = spool_dir(server)
-    result = IngestResult()
+    result, manifest = IngestResult(), None
     if not spool.is_dir():
         return result
     source = "pull" if server.archiving == Server.Archiving.PULL else "push"
@@ -181,6 +184,8 @@ def ingest(server, actor="job:ingestwal"):
             except WalError as e:
                 ingest_failed(server, spool, result, e)
                 raise
+            finally:
+                manifest = keep_manifest(server, spool, result.ingested)
             copy_pending(server)  # a failed copy stays pending for the copy worker; never fails the ingest
         clear_error_marker(spool, INGEST_MARKER)
         _remove_stale_tmp(spool)
@@ -194,8 +199,26 @@ def ingest(server, actor="job:ingestwal"):
             count=len(result.ingested),
             first=result.ingested[0],
             last=result.ingested[-1],
+            manifest=manifest,
         )
     return result
+
+
+def keep_manifest(server, spool, names):
+    """The signed manifest of this pass's segments (backups.manifests) on every tier; its key, or
+    None. A failure leaves a marker for the monitor and never fails the ingest: the segments are
+    archived, but a fresh portal could not find them again (rebuildcatalog) until it is fixed."""
+    if not names:
+        return None
+    try:
+        key = manifests.write_for_wal(server, names, wal_location(), secondary_locations())
+    except (StorageError, EncryptionError, SigningError, OSError) as e:
+        message = f"the manifest of WAL {names[0]}..{names[-1]} of {server} cannot be written: {e}"
+        write_error_marker(spool, MANIFEST_MARKER, "manifest_failed", message)
+        conditions.changed("archive_failing", server=server)
+        return None
+    clear_error_marker(spool, MANIFEST_MARKER)
+    return key
 
 
 def _ingest_while_arriving(server, spool, names, source, result):

@@ -28,6 +28,7 @@ from tests.helpers import (
     load_sample,
     make_user,
     register,
+    stop_gpg_agent,
 )
 
 
@@ -136,6 +137,16 @@ def pg_cluster_of(pg_base_dir, pg_templates, request):
 def pg_cluster_module(pg_base_dir, pg_template):
     """A running throwaway cluster shared by the tests of one module."""
     yield from _running_cluster(pg_base_dir, pg_template)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _signing_agent_stopped():
+    """Every backup signs its manifest (backups.manifests) with the key in SIGNING_KEY_DIR, by
+    default VAR_DIR/signing (the manage.py subprocesses the tests start use it too)."""
+    yield
+    from django.conf import settings
+
+    stop_gpg_agent(Path(settings.VAR_DIR) / "signing")
 
 
 @pytest.fixture(scope="session", autouse=True)

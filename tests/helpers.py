@@ -604,3 +604,10 @@ def named_patterns(resolver=None, namespace=None):
 # --- secrets ---
 
 DSN_PASSWORD = "Dsn-Secret-7f3a9"
+
+
+def stop_gpg_agent(home):
+    """The agent gpg starts for a home's private key (the signing key) outlives gpg and, started
+    with child_env, carries no session mark: stopped the way gpg documents."""
+    if Path(home).is_dir():
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], capture_output=True, check=False)

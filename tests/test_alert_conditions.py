@@ -308,13 +308,13 @@ def test_an_s3_endpoint_down_is_a_cloud_upload_failure_until_the_copy_is_made(
     )
     # Retried while still down: a second failure, the same alert, still one mail.
     later = timezone.now() + timedelta(minutes=2)
-    assert retry_due_copies(now=later)["failed"] == 2  # the dump and its globals
+    assert retry_due_copies(now=later)["failed"] == 3  # the dump, its globals, its signed manifest
     monitor()
     assert "failed on attempt 2" in alerts_of("upload_failed", "location:s3").get().message
     assert len(mails_about(smtp_server, "upload_failed")) == 1
 
     tiers.server.start()
-    assert retry_due_copies(now=later + timedelta(minutes=5))["copied"] == 2
+    assert retry_due_copies(now=later + timedelta(minutes=5))["copied"] == 3
     copy.refresh_from_db()
     assert copy.status == "ok" and copy.sha256 == run.sha256
     resolves_once(smtp_server, alert, "location s3")

@@ -60,7 +60,11 @@ def assert_failed_clearly(run_id, *phrases):
 
 
 def is_wal_key_file(path):
-    """SERVER/wal/keys/KEYID.key.gpg: the wrapped WAL key beside the WAL (backups.walkeys), not an artifact."""
+    """SERVER/wal/keys/KEYID.key.gpg: the wrapped WAL key beside the WAL (backups.walkeys), and
+    SERVER/wal/manifests/*.manifest.json.gpg: an ingest pass's signed manifest (backups.manifests).
+    Neither is an artifact the catalog holds a copy of."""
+    if path.parent.name == "manifests" and path.name.endswith(".manifest.json.gpg"):
+        return True
     return path.parent.name == "keys" and path.name.endswith(".key.gpg")
 
 

@@ -303,10 +303,11 @@ def test_s3_failing_during_upload_fails_the_copy_not_the_backup(
     assert result["status"] == "succeeded", result
     status = {(c["location"], c["status"]) for c in result["copies"]}
     assert status == {("primary", "ok"), ("nas", "ok"), ("s3", "failed")}
-    # Bounded: two S3 copies (dump, globals) failed in seconds, each PUT tried S3_MAX_ATTEMPTS times.
-    assert took < bounded(settings, calls=2), took
+    # Bounded: three S3 copies (dump, globals, signed manifest) failed in seconds, each PUT tried
+    # S3_MAX_ATTEMPTS times.
+    assert took < bounded(settings, calls=3), took
     if fault != "refuse":
-        assert len(faulty.faulted) == 2 * settings.S3_MAX_ATTEMPTS, faulty.faulted
+        assert len(faulty.faulted) == 3 * settings.S3_MAX_ATTEMPTS, faulty.faulted
 
     run = BackupRun.objects.get(pk=result["id"])
     s3 = run.copies.get(location__kind="s3", artifact="main")
@@ -321,11 +322,11 @@ def test_s3_failing_during_upload_fails_the_copy_not_the_backup(
     assert "Uploads" not in tiers.s3.list_multipart_uploads(Bucket=tiers.bucket)
     alert = Alert.objects.get(condition="upload_failed", subject="location:s3", state="open")
     assert "to s3 failed on attempt 1" in alert.message and MESSAGES[fault] in alert.message
-    assert JournalEntry.objects.filter(action="copy_failed", outcome="failed").count() == 2
+    assert JournalEntry.objects.filter(action="copy_failed", outcome="failed").count() == 3
 
     # The endpoint recovers: the retry schedule makes the copies and the alert resolves.
     faulty.set("pass")
-    assert retry_due_copies(now=timezone.now() + timedelta(minutes=2))["copied"] == 2
+    assert retry_due_copies(now=timezone.now() + timedelta(minutes=2))["copied"] == 3
     s3.refresh_from_db()
     assert s3.status == "ok" and s3.sha256 == run.sha256
     alert.refresh_from_db()
@@ -361,10 +362,11 @@ def test_s3_failing_during_verify_is_could_not_verify_never_corrupt(
     faulty.set(fault, only)
     started = time.monotonic()
     found, err = verify_json(str(run.pk))
-    assert time.monotonic() - started < bounded(settings, calls=4)
+    assert time.monotonic() - started < bounded(settings, calls=6)
     by_copy = {(c["location"], c["artifact"]): c for c in found["copies"]}
-    # Stalling cuts only what is longer than its budget: the small globals file gets through.
-    unreachable = {("s3", "main")} | ({("s3", "globals")} if fault != "stall" else set())
+    # Stalling cuts only what is longer than its budget: the small globals and manifest files get through.
+    small = {("s3", "globals"), ("s3", "signed_manifest")}
+    unreachable = {("s3", "main")} | (small if fault != "stall" else set())
     assert {k for k, c in by_copy.items() if c["status"] == "unreachable"} == unreachable
     assert {k for k, c in by_copy.items() if c["status"] == "ok"} == set(by_copy) - unreachable
     assert found["bad"] == 0 and f"0 bad and {len(unreachable)} unreachable" in err
@@ -378,7 +380,7 @@ def test_s3_failing_during_verify_is_could_not_verify_never_corrupt(
 
     faulty.set("pass")
     found, _ = verify_json(str(run.pk))
-    assert found["ok"] == found["checked"] == 6
+    assert found["ok"] == found["checked"] == 9  # dump, globals, signed manifest on three tiers
     s3_main.refresh_from_db()
     assert s3_main.verified_at is not None
 

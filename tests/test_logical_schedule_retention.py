@@ -55,7 +55,8 @@ def test_retention_deletes_exactly_the_expired_backups_from_every_location(serve
         assert statuses == ({BackupCopy.Status.OK} if kept else {BackupCopy.Status.DELETED})
     failed.refresh_from_db()
     assert failed.deleted_at is None  # failed runs have no artifact to delete
-    assert JournalEntry.objects.filter(action="copy_deleted").count() == 4  # dump and globals of two runs
+    # dump, globals and signed manifest of two runs
+    assert JournalEntry.objects.filter(action="copy_deleted").count() == 6
     assert JournalEntry.objects.filter(action="backup_deleted").count() == 2
 
 

@@ -18,6 +18,9 @@ from tests.helpers import flip_byte, good_backup, verify_json
 from watching import monitor
 from watching.models import Alert
 
+# A logical run's files on every tier: its globals, its dump, its signed manifest (backups.manifests).
+ARTIFACTS = ["globals", "main", "signed_manifest"]
+
 
 def gpg(*args, passphrase_file, stdin=None, tmp_path):
     """The plain gpg CLI, as a DBA would run it."""
@@ -97,7 +100,7 @@ def test_a_backup_reaches_all_three_tiers_with_matching_sha256(
     made = JournalEntry.objects.filter(
         action="copy_made", object_id__in=[str(pk) for pk in run.copies.values_list("pk", flat=True)]
     )
-    assert made.count() == 4  # main and globals, to the NAS and to S3
+    assert made.count() == 6  # main, globals and the signed manifest, to the NAS and to S3
 
 
 def test_s3_down_during_a_backup_the_copy_is_retried_and_completes_when_it_is_back(server, passphrase_file, tiers):
@@ -123,7 +126,7 @@ def test_s3_down_during_a_backup_the_copy_is_retried_and_completes_when_it_is_ba
 
     tiers.server.start()
     summary = retry_due_copies(now=later + timedelta(minutes=5))
-    assert summary["copied"] == 2  # the dump and its globals
+    assert summary["copied"] == 3  # the dump, its globals and its signed manifest
     copy.refresh_from_db()
     assert copy.status == "ok" and copy.attempts == 3 and copy.sha256 == run.sha256
     body = tiers.s3.get_object(Bucket=tiers.bucket, Key=s3_key(run))["Body"].read()
@@ -139,13 +142,11 @@ def test_a_backup_on_a_worker_queues_its_copies(server, passphrase_file, tiers, 
     outcome = enqueue_backup(server, "logical", actor="alice")  # tasks run inline in the tests
     run = BackupRun.objects.get(pk=outcome.run.pk)
     assert run.status == "succeeded"
+    # The dump, its globals and its signed manifest (backups.manifests) on every tier.
     assert sorted(run.copies.filter(status="ok").values_list("location__name", flat=True)) == [
-        "nas",
-        "nas",
-        "primary",
-        "primary",
-        "s3",
-        "s3",
+        *["nas"] * 3,
+        *["primary"] * 3,
+        *["s3"] * 3,
     ]
 
 
@@ -161,7 +162,7 @@ def test_the_storage_schedules_exist(db):
 def test_verify_finds_a_flipped_byte_on_the_nas_and_in_s3(server, passphrase_file, tiers):
     result, run = good_backup()
     code, clean, _ = verify_json()
-    assert code == 0 and clean["checked"] == clean["ok"] == 6
+    assert code == 0 and clean["checked"] == clean["ok"] == 9  # dump, globals, signed manifest on 3 tiers
 
     nas_file = tiers.nas / run.key
     nas_file.write_bytes(flip_byte(nas_file.read_bytes()))
@@ -170,7 +171,7 @@ def test_verify_finds_a_flipped_byte_on_the_nas_and_in_s3(server, passphrase_fil
 
     code, found, err = verify_json()
     assert code == 1 and "2 bad" in err
-    assert (found["checked"], found["ok"], found["bad"]) == (6, 4, 2)
+    assert (found["checked"], found["ok"], found["bad"]) == (9, 7, 2)
     assert sorted((c["location"], c["artifact"], c["status"]) for c in found["copies"]) == [
         ("nas", "main", "bad"),
         ("s3", "main", "bad"),
@@ -187,13 +188,13 @@ def test_verify_finds_a_flipped_byte_on_the_nas_and_in_s3(server, passphrase_fil
 
     # One run's verify lists every copy of it.
     code, one, _ = verify_json(str(run.pk))
-    assert code == 1 and len(one["copies"]) == 6 and one["run"] == run.pk
+    assert code == 1 and len(one["copies"]) == 9 and one["run"] == run.pk
 
     # Put right (the good bytes back), the copies verify again and the alert resolves.
     nas_file.write_bytes((tiers.primary / run.key).read_bytes())
     tiers.s3.put_object(Bucket=tiers.bucket, Key=s3_key(run), Body=body)
     code, fixed, _ = verify_json()
-    assert code == 0 and fixed["ok"] == 6
+    assert code == 0 and fixed["ok"] == 9
     alert.refresh_from_db()
     assert alert.state == "resolved"
 
@@ -277,7 +278,7 @@ def test_retention_deletes_a_run_from_every_tier_and_journals_each_deletion(serv
     result, run = good_backup()
     deleted = delete_run_artifacts(run, actor="job:retention")
     assert deleted == {
-        "deleted": ["nas:globals", "nas:main", "primary:globals", "primary:main", "s3:globals", "s3:main"],
+        "deleted": [f"{tier}:{artifact}" for tier in ("nas", "primary", "s3") for artifact in ARTIFACTS],
         "failed": [],
     }
     run.refresh_from_db()
@@ -287,7 +288,7 @@ def test_retention_deletes_a_run_from_every_tier_and_journals_each_deletion(serv
     assert "Contents" not in tiers.s3.list_objects_v2(Bucket=tiers.bucket)
     assert set(run.copies.values_list("status", flat=True)) == {"deleted"}
     entries = JournalEntry.objects.filter(action="copy_deleted", actor="job:retention")
-    assert sorted(e.details["location"] for e in entries) == ["nas", "nas", "primary", "primary", "s3", "s3"]
+    assert sorted(e.details["location"] for e in entries) == [*["nas"] * 3, *["primary"] * 3, *["s3"] * 3]
     assert JournalEntry.objects.filter(action="backup_deleted", object_id=str(run.pk)).exists()
 
 
@@ -295,13 +296,13 @@ def test_retention_with_s3_down_deletes_the_rest_and_retries_s3(server, passphra
     result, run = good_backup()
     tiers.server.stop()
     deleted = delete_run_artifacts(run, actor="job:retention")
-    assert deleted["failed"] == ["s3:globals", "s3:main"]
+    assert deleted["failed"] == [f"s3:{artifact}" for artifact in ARTIFACTS]
     assert (
         "delete failed: cannot reach the S3 endpoint" in run.copies.get(location__kind="s3", artifact="main").last_error
     )
     tiers.server.start()
-    assert len(tiers.s3.list_objects_v2(Bucket=tiers.bucket)["Contents"]) == 2
-    assert retry_due_copies(now=timezone.now() + timedelta(minutes=2))["deleted"] == 2
+    assert len(tiers.s3.list_objects_v2(Bucket=tiers.bucket)["Contents"]) == 3
+    assert retry_due_copies(now=timezone.now() + timedelta(minutes=2))["deleted"] == 3
     assert "Contents" not in tiers.s3.list_objects_v2(Bucket=tiers.bucket)
     assert set(run.copies.values_list("status", flat=True)) == {"deleted"}
 

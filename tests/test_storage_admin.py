@@ -99,8 +99,9 @@ def test_a_dba_verifies_a_run_from_the_portal_and_from_the_admin(
     response = client.post(url, follow=True)
     assert b"Verification of run" in response.content
     entry = JournalEntry.objects.get(action="verify", actor="alice")
-    assert entry.details == {"checked": 6, "bad": 0, "unreachable": 0}
-    assert run.copies.filter(verified_at__isnull=False).count() == 6
+    # dump, globals and signed manifest on three tiers
+    assert entry.details == {"checked": 9, "bad": 0, "unreachable": 0}
+    assert run.copies.filter(verified_at__isnull=False).count() == 9
 
     changelist = reverse("admin:backups_backuprun_changelist")
     response = client.post(changelist, {"action": "verify_copies", "_selected_action": [run.pk]}, follow=True)

@@ -21,7 +21,8 @@ def test_a_dba_verifies_a_run_and_its_page_counts_every_copy_and_byte(client, al
 
     copies = run.copies.all()
     assert verification.status == "verified" and verification.requested_by == "alice"
-    assert verification.copies_checked == verification.copies_total == len(copies) == 6
+    # dump, globals and signed manifest on three tiers
+    assert verification.copies_checked == verification.copies_total == len(copies) == 9
     assert verification.bytes_checked == verification.bytes_total == sum(c.size for c in copies)
     assert verification.copies_bad == verification.copies_unreachable == 0
     assert {c["status"] for c in verification.result["copies"]} == {"ok"}
@@ -51,15 +52,15 @@ def test_a_flipped_byte_fails_the_verification_and_names_the_copy(client, alice,
     assert code == 1
     verification = Verification.objects.get(pk=result["verification"])
     assert verification.status == "failed" and verification.requested_by.startswith("os:")
-    assert verification.error == "1 bad and 0 unreachable of 6 copies"
-    assert verification.copies_checked == 6 and verification.copies_bad == 1
+    assert verification.error == "1 bad and 0 unreachable of 9 copies"
+    assert verification.copies_checked == 9 and verification.copies_bad == 1
     bad = [c for c in verification.result["copies"] if c["status"] == "bad"]
     assert [(c["location"], c["artifact"]) for c in bad] == [("nas", "main")]
     assert bad[0]["error"].startswith("sha256 ")
 
     client.force_login(alice)
     page = client.get(verification.get_absolute_url()).content.decode()
-    assert "1 bad and 0 unreachable of 6 copies" in page and "Traceback" not in page
+    assert "1 bad and 0 unreachable of 9 copies" in page and "Traceback" not in page
 
 
 def test_the_weekly_check_is_catalogued_too(server, passphrase_file, tiers):

@@ -37,7 +37,10 @@ DB = "reliabilitymaldives"
 def kill_tree(proc):
     """SIGKILL a process and everything below it (runuser -> sh -> python, or manage.py -> gpg)."""
     for pid in descendants(proc.pid):
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # a short-lived child (zstd, gpg) that ended since it was listed
     proc.kill()
     proc.wait()
 

@@ -37,9 +37,9 @@ def public_key_path() -> Path:
 
 
 def _gpg(home: Path) -> gnupg.GPG:
-    gpg = gnupg.GPG(gnupghome=str(home))
-    gpg.env = child_env(gpg.env or {})
-    return gpg
+    # Given to the constructor: it runs gpg itself (--list-config), which must not inherit the
+    # portal's secrets (S3 keys ...) either.
+    return gnupg.GPG(gnupghome=str(home), env=child_env())
 
 
 def _private_home() -> Path:

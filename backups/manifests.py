@@ -1,0 +1,366 @@
+"""Signed manifests beside every artifact: what a fresh portal rebuilds its catalog from.
+
+When the portal's host burns, its catalog (servers, runs, copies, WAL segments, chains) is gone
+with its database, but the artifacts are still on the NAS and in S3. Beside each of them the
+portal keeps a manifest: what the catalog knew of it (server and identity, kind, times, LSNs,
+timeline, parent, size, sha256, row counts, key id). `manage.py rebuildcatalog` reads them back
+(backups.rebuild).
+
+One file per manifest, SOMETHING.manifest.json.gpg, encrypted like the artifacts (the metadata
+names databases, tables and row counts) and holding a JSON envelope:
+{"format": 1, "manifest": "<the manifest's JSON text>", "signature": "<armored detached
+signature of that text by the portal's signing key>"}. The text is signed as it is, without a
+trailing newline, so a stock check is
+`gpg -d F | jq -j .manifest > m.json; gpg -d F | jq -j .signature > m.asc; gpg --verify m.asc m.json`
+with the portal's public key (signing-public.asc) imported. A portal holding only that public
+half verifies manifests and can refuse a forged one; the passphrase alone can write a manifest
+that decrypts, never one that verifies.
+
+A run's manifest is written when the run succeeds, as the run's "signed_manifest" artifact, and
+goes to every tier with the run's other artifacts (backups.copies). WAL has one manifest per
+ingest pass (not per segment: a signature and a key derivation per segment would halve the
+ingest), written to the WAL location and put on every other tier at once; a tier that refuses it
+is tried again by the next pass (VAR_DIR/walmanifests/pending). A pass killed before its manifest
+leaves its segments to the next pass's manifest (VAR_DIR/walmanifests/SERVER.covered).
+"""
+
+import hashlib
+import io
+import json
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+from django.conf import settings
+from django.db.models import Q
+from django.utils import timezone
+
+from backupportal.lib import signing
+from backups.crypto import Encryption, EncryptionError, gpg_failure
+from backups.logical import primary_location
+from backups.models import BackupCopy, StorageLocation, WalSegment
+from backups.pipeline import BackupFailed, encrypt_bytes
+from backups.storage import StorageError, store_for
+
+FORMAT = 1
+SUFFIX = ".manifest.json.gpg"
+ARTIFACT = "signed_manifest"  # BackupCopy.artifact of a run's manifest
+# A WAL manifest names at most this many segments (~300 bytes each); the rest go in the next.
+MAX_WAL_ENTRIES = 10000
+# Fields of a run a rebuilt catalog needs back as they were.
+RUN_FIELDS = [
+    "id",
+    "kind",
+    "trigger",
+    "requested_by",
+    "key",
+    "size",
+    "sha256",
+    "notes",
+    "timeline",
+    "start_lsn",
+    "end_lsn",
+    "start_wal",
+    "end_wal",
+]
+RUN_TIMES = ["created_at", "started_at", "finished_at"]
+
+
+class ManifestRefused(Exception):
+    """A manifest that cannot be trusted (unreadable, not signed by the key given, altered)."""
+
+
+# --- What a manifest says. -----------------------------------------------------------------
+
+
+def stamp(moment):
+    return timezone.localtime(moment).strftime("%Y%m%dT%H%M%S%z")
+
+
+def run_key(run):
+    """Beside the run's artifacts, with their stem: SERVER/KIND/STAMP-ID.manifest.json.gpg."""
+    return f"{run.server.name}/{run.kind}/{stamp(run.created_at)}-{run.pk}{SUFFIX}"
+
+
+def wal_batch_key(server, first, moment):
+    return f"{server.name}/wal/manifests/{stamp(moment)}-{first}{SUFFIX}"
+
+
+def system_identifier(server):
+    """The cluster's system identifier (pg_control_system()), or "" when it cannot be read now:
+    a manifest is never held back by it."""
+    try:
+        with server.connect() as conn:
+            return str(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
+    except (psycopg.Error, BackupFailed, OSError):
+        return ""
+
+
+def known_system_identifier(server):
+    """The identifier the newest run recorded (WAL ingest does not connect to the server for it)."""
+    recorded = server.runs.good().filter(details__has_key="system_identifier").order_by("-finished_at")
+    return next((r.details["system_identifier"] for r in recorded[:5] if r.details["system_identifier"]), "")
+
+
+def identity(server, sysid):
+    """Who the artifacts are of: enough to register the server again (never its password)."""
+    return {
+        "name": server.name,
+        "dsn": server.dsn,
+        "database": server.dbname,
+        "system_identifier": sysid,
+        "pg_version": server.pg_version,
+        "major": server.pg_version // 10000 if server.pg_version else None,
+        "wal_segment_size": server.wal_segment_size,
+        "archiving": server.archiving,
+    }
+
+
+def run_manifest(run, key):
+    artifacts = [
+        {"artifact": c.artifact, "key": c.key, "size": c.size, "sha256": c.sha256}
+        for c in run.copies.filter(status=BackupCopy.Status.OK, location__kind=StorageLocation.Kind.PRIMARY)
+        .exclude(artifact=ARTIFACT)
+        .order_by("artifact")
+    ]
+    return {
+        "format": FORMAT,
+        "type": "run",
+        "manifest_key": key,
+        "server": identity(run.server, run.details.get("system_identifier", "")),
+        "run": {field: getattr(run, field) for field in RUN_FIELDS}
+        | {field: _iso(getattr(run, field)) for field in RUN_TIMES}
+        | {
+            "database": run.database.name if run.database_id else "",
+            "parent": run.parent_run_id,
+            "row_counts": run.details.get("row_counts"),
+            "encryption": run.details.get("encryption", ""),
+            "key_id": run.details.get("key_id", ""),
+            "details": run.details,
+        },
+        "artifacts": artifacts,
+    }
+
+
+def wal_manifest(server, segments, key):
+    """One ingest pass's segments, each with its copy in the WAL location (key, key id, hashes)."""
+    stored = {
+        c.wal_segment_id: c
+        for c in BackupCopy.objects.filter(wal_segment__in=segments, artifact="wal", status=BackupCopy.Status.OK)
+        .filter(location__kind=StorageLocation.Kind.PRIMARY)
+        .select_related("location")
+    }
+    entries = []
+    for s in segments:
+        copy = stored.get(s.pk)
+        if copy is None:
+            continue
+        entries.append(
+            {
+                "name": s.name,
+                "timeline": s.timeline,
+                "segno": s.segno,
+                "size": s.size,
+                "sha256": s.sha256,
+                "archived_at": _iso(s.archived_at),
+                "ingested_at": _iso(s.ingested_at),
+                "source": s.source,
+                "key": copy.key,
+                "key_id": copy.key_id,
+                "compression": copy.compression,
+                "stored_size": copy.size,
+                "stored_sha256": copy.sha256,
+            }
+        )
+    return {
+        "format": FORMAT,
+        "type": "wal",
+        "manifest_key": key,
+        "server": identity(server, known_system_identifier(server)),
+        "created_at": _iso(timezone.now()),
+        "segments": entries,
+    }
+
+
+def _iso(moment):
+    return moment.isoformat() if moment else None
+
+
+def parse_time(text):
+    return datetime.fromisoformat(text) if text else None
+
+
+# --- Sealing and opening. ------------------------------------------------------------------
+
+
+def seal(manifest: dict) -> bytes:
+    """The envelope: the manifest's JSON text and the portal's signature of exactly that text."""
+    text = json.dumps(manifest, sort_keys=True, indent=1, default=str)
+    signature = signing.sign(text.encode())
+    envelope = {"format": FORMAT, "manifest": text, "signature": signature.decode()}
+    return json.dumps(envelope).encode()
+
+
+def unseal(plain: bytes, public_key: str, where: str) -> dict:
+    """The manifest when its signature verifies with `public_key` and it says it lives at `where`;
+    else ManifestRefused naming it."""
+    try:
+        envelope = json.loads(plain)
+        text, signature = envelope["manifest"], envelope["signature"]
+    except (ValueError, KeyError, TypeError):
+        raise ManifestRefused(f"manifest {where} is not a manifest envelope: refused") from None
+    try:
+        signing.verify(text.encode(), signature.encode(), public_key)
+    except signing.SigningError as e:
+        raise ManifestRefused(f"manifest {where} is refused: {e}") from None
+    manifest = json.loads(text)
+    if manifest.get("manifest_key") != where:
+        # A genuine manifest moved elsewhere would describe artifacts that are not beside it.
+        raise ManifestRefused(f"manifest {where} is refused: it was signed for {manifest.get('manifest_key')}")
+    return manifest
+
+
+def decrypt(data: bytes, encryption: Encryption, where: str) -> bytes:
+    plain = io.BytesIO()
+
+    def collect(chunk):
+        plain.write(chunk or b"")
+        return False
+
+    result = encryption.decrypt_stream(io.BytesIO(data), collect)
+    if not result.ok:
+        raise ManifestRefused(f"manifest {where} cannot be decrypted: {gpg_failure(result)}")
+    return plain.getvalue()
+
+
+def read(store, key, encryption, public_key):
+    """(manifest, size, sha256 of the stored file) of the manifest at `key` in `store`."""
+    try:
+        f = store.open(key)
+        try:
+            data = f.read()
+        finally:
+            f.close()
+    except (StorageError, OSError) as e:
+        raise ManifestRefused(f"manifest {key} cannot be read: {e}") from None
+    manifest = unseal(decrypt(data, encryption, key), public_key, key)
+    return manifest, len(data), hashlib.sha256(data).hexdigest()
+
+
+# --- Writing: a run's, when it succeeds; a WAL ingest pass's. ------------------------------
+
+
+def write_for_run(run):
+    """The run's manifest, encrypted and signed, into the primary location as its "signed_manifest"
+    artifact (copied to the other tiers with the rest). BackupFailed when it cannot be written:
+    a run no fresh portal could find again is not a good run."""
+    try:
+        encryption = Encryption()
+    except EncryptionError as e:
+        raise BackupFailed(str(e)) from None
+    location = primary_location()
+    key = run_key(run)
+    run.details["keys"] = [*run.details.get("keys", []), key]  # removed with the rest if the run fails
+    run.details.setdefault("system_identifier", system_identifier(run.server))
+    run.finished_at = run.finished_at or timezone.now()
+    try:
+        sealed = seal(run_manifest(run, key))
+    except signing.SigningError as e:
+        raise BackupFailed(f"the run's manifest cannot be signed: {e}") from None
+    size, sha256 = encrypt_bytes(store_for(location), key, sealed, encryption)
+    BackupCopy.record_made(location, key, size, sha256, run=run, artifact=ARTIFACT)
+    return key
+
+
+def write_for_wal(server, names, location, secondaries):
+    """The manifest of one ingest pass (`names`, and what a pass killed before its manifest left
+    uncovered), into the WAL `location` and every secondary. Returns its key (None for no
+    segments). Raises StorageError, EncryptionError or SigningError: the caller leaves a marker,
+    the segments themselves are archived."""
+    covered = _covered(server)
+    since = int(covered.read_text()) if covered.is_file() else None
+    live = WalSegment.objects.filter(server=server, deleted_at=None)
+    todo = live.filter(Q(name__in=names) | (Q(pk__gt=since) if since is not None else Q(pk__in=[])))
+    segments = sorted(todo.order_by("pk")[:MAX_WAL_ENTRIES], key=lambda s: s.name)
+    if not segments:
+        return None
+    key = wal_batch_key(server, segments[0].name, timezone.now())
+    sealed = seal(wal_manifest(server, segments, key))
+    store = store_for(location)
+    try:
+        encrypt_bytes(store, key, sealed, Encryption())
+    except BackupFailed as e:
+        raise StorageError(str(e)) from None
+    covered.write_text(str(max(s.pk for s in segments)))
+    for other in secondaries:
+        _pending(other, key).touch()
+    publish_pending(location, secondaries)
+    return key
+
+
+def _covered(server) -> Path:
+    """VAR_DIR/walmanifests/SERVER.covered: the newest segment (by catalog id) a manifest names.
+    Missing (a new VAR_DIR), only the pass's own segments are named."""
+    folder = Path(settings.VAR_DIR) / "walmanifests"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder / f"{server.name}.covered"
+
+
+def pending_dir(location) -> Path:
+    path = Path(settings.VAR_DIR) / "walmanifests" / "pending" / location.name
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _pending(location, key) -> Path:
+    return pending_dir(location) / key.replace("/", "%")
+
+
+def publish_pending(source, secondaries):
+    """Copy the WAL manifests a secondary tier does not have yet from `source` (the WAL location).
+    A tier that refuses keeps its list for the next pass. Returns the keys still pending."""
+    left = []
+    for location in secondaries:
+        for marker in sorted(pending_dir(location).iterdir()):
+            key = marker.name.replace("%", "/")
+            try:
+                if store_for(location).exists(key):  # put there by an earlier pass that died before this
+                    marker.unlink()
+                    continue
+                with store_for(source).open(key) as f, store_for(location).writer(key) as out:
+                    out.write(f.read())
+                    out.commit()
+            except (StorageError, OSError):
+                left.append(f"{location.name}:{key}")
+                break  # that tier is down: the next pass tries again
+            marker.unlink()
+    return left
+
+
+# --- Retention: a WAL manifest goes once none of its segments is kept. -----------------------
+
+
+def first_segment(key):
+    """The first segment a WAL manifest names, from its key (STAMP-FIRST.manifest.json.gpg)."""
+    return key.removesuffix(SUFFIX).rsplit("-", 1)[-1]
+
+
+def prune_wal(server, locations):
+    """Delete, from every location, the WAL manifests none of whose segments is kept any more.
+
+    Ingest goes in name order, so a pass's segments run from its first name to the next pass's
+    first: a manifest goes when no live segment of the server falls in that range. The newest
+    always stays. Returns the keys deleted; a tier that refuses is tried again next time."""
+    keys = sorted(store_for(locations[0]).list(f"{server.name}/wal/manifests/"), key=first_segment)
+    deleted = []
+    for key, following in zip(keys, keys[1:], strict=False):
+        live = WalSegment.objects.filter(server=server, deleted_at=None)
+        if live.filter(name__gte=first_segment(key), name__lt=first_segment(following)).exists():
+            continue
+        try:
+            for location in reversed(locations):  # the listed one last: a refusal leaves it to list again
+                store_for(location).delete(key)
+        except (StorageError, OSError):
+            continue
+        deleted.append(key)
+    return deleted

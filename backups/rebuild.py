@@ -1,0 +1,309 @@
+"""A fresh portal's catalog, rebuilt from the signed manifests in one storage location.
+
+`manage.py rebuildcatalog --location NAME` lists the location, decrypts every manifest
+(backups.manifests) with the passphrase (or private key) at hand, refuses by name any whose
+signature does not verify with the portal's public signing key, and registers again what the
+rest describe: servers (never their passwords: the report says which to set), runs with their
+copies in this location, databases, WAL segments with their copies, and the chains (an
+incremental's parent, a logical run's globals) re-linked to the new run ids. Each artifact is
+read once and its sha256 compared with the manifest's before it is catalogued; a run or segment
+already in the catalog is left alone, so running it again changes nothing.
+"""
+
+import hashlib
+from dataclasses import dataclass, field
+
+from django.db import transaction
+from django.utils import timezone
+
+from backupportal import journal
+from backups import manifests, walkeys
+from backups.manifests import ARTIFACT, SUFFIX, ManifestRefused, parse_time
+from backups.models import BackupCopy, BackupRun, Database, Server, WalSegment
+from backups.storage import StorageError, store_for
+from backups.streams import CHUNK
+
+# Detail fields that name another run by its id on the portal that wrote them.
+RUN_REFERENCES = ("parent", "chain_base_run", "globals_from")
+
+
+@dataclass
+class Report:
+    location: str
+    dry_run: bool = False
+    manifests: int = 0
+    refused: list = field(default_factory=list)  # {"manifest", "why"}
+    servers_created: list = field(default_factory=list)
+    passwords_to_set: list = field(default_factory=list)
+    runs_created: list = field(default_factory=list)  # {"id", "was", "server", "kind"}
+    runs_known: int = 0
+    wal_created: int = 0
+    wal_known: int = 0
+    skipped: list = field(default_factory=list)  # {"what", "why"}
+    unlisted: list = field(default_factory=list)  # artifacts no manifest names
+    checked: int = 0  # artifacts whose sha256 was compared
+    chains: dict = field(default_factory=dict)
+
+    def as_dict(self):
+        return {
+            "location": self.location,
+            "dry_run": self.dry_run,
+            "manifests": self.manifests,
+            "refused": self.refused,
+            "servers_created": self.servers_created,
+            "passwords_to_set": self.passwords_to_set,
+            "runs_created": self.runs_created,
+            "runs_already_catalogued": self.runs_known,
+            "wal_created": self.wal_created,
+            "wal_already_catalogued": self.wal_known,
+            "sha256_checked": self.checked,
+            "skipped": self.skipped,
+            "unlisted": {"count": len(self.unlisted), "first": self.unlisted[:20]},
+            "chains": self.chains,
+        }
+
+
+class Rebuild:
+    def __init__(self, location, encryption, public_key, dry_run=False):
+        self.location, self.encryption, self.public_key = location, encryption, public_key
+        self.store = store_for(location)
+        self.report = Report(location.name, dry_run)
+        self.run_ids = {}  # (server name, id on the old portal) -> the run here
+        self.keys_present = set()
+        self.seen = set()  # (server, segment) already met in this rebuild
+
+    # --- Reading the location.
+
+    def manifests(self):
+        """Every manifest of the location that verifies, runs first (oldest id first), then WAL."""
+        keys = list(self.store.list())  # StorageError: the location cannot be listed, said by the caller
+        self.keys_present = set(keys)
+        runs, wal = [], []
+        for key in (k for k in keys if k.endswith(SUFFIX)):
+            self.report.manifests += 1
+            try:
+                manifest, size, sha256 = manifests.read(self.store, key, self.encryption, self.public_key)
+            except ManifestRefused as e:
+                self.report.refused.append({"manifest": key, "why": str(e)})
+                continue
+            (runs if manifest.get("type") == "run" else wal).append((key, manifest, size, sha256))
+        runs.sort(key=lambda m: (m[1]["server"]["name"], m[1]["run"]["id"]))
+        wal.sort(key=lambda m: (m[1]["server"]["name"], m[1]["created_at"]))
+        return runs, wal
+
+    def hashed(self, key, size, sha256):
+        """Why the file at `key` does not match the manifest, or "" when it does."""
+        if key not in self.keys_present:
+            return f"{key} is missing from location {self.location.name}"
+        digest, length = hashlib.sha256(), 0
+        try:
+            with self.store.open(key) as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+                    length += len(chunk)
+        except (StorageError, OSError) as e:
+            return f"{key} cannot be read: {e}"
+        self.report.checked += 1
+        if (length, digest.hexdigest()) != (size, sha256):
+            return f"{key} does not match its manifest (sha256 {digest.hexdigest()[:12]}, manifest {sha256[:12]})"
+        return ""
+
+    # --- Servers.
+
+    def server(self, identity):
+        server = Server.objects.filter(name=identity["name"]).first()
+        if server is None:
+            server = Server(
+                name=identity["name"],
+                dsn=identity["dsn"],
+                pg_version=identity.get("pg_version"),
+                wal_segment_size=identity.get("wal_segment_size"),
+                archiving=identity.get("archiving") or Server.Archiving.NONE,
+            )
+            server.save()
+            self.report.servers_created.append(server.name)
+        elif not server.wal_segment_size and identity.get("wal_segment_size"):
+            server.wal_segment_size = identity["wal_segment_size"]
+            server.save(update_fields=["wal_segment_size"])
+        if not server.password and server.name not in self.report.passwords_to_set:
+            self.report.passwords_to_set.append(server.name)
+        return server
+
+    # --- Runs.
+
+    def run(self, key, manifest, size, sha256):
+        was = manifest["run"]
+        known = BackupCopy.objects.filter(artifact=ARTIFACT, key=key, run__isnull=False).select_related("run").first()
+        if known is not None:
+            self.run_ids[(manifest["server"]["name"], was["id"])] = known.run
+            self.report.runs_known += 1
+            self.add_copy(known.run, ARTIFACT, key, size, sha256)
+            return
+        for artifact in manifest["artifacts"]:
+            problem = self.hashed(artifact["key"], artifact["size"], artifact["sha256"])
+            if problem:
+                self.report.skipped.append({"what": f"run #{was['id']} ({key})", "why": problem})
+                return
+        server = self.server(manifest["server"])
+        run = BackupRun(
+            server=server,
+            database=Database.objects.get_or_create(server=server, name=was["database"])[0]
+            if was["database"]
+            else None,
+            status=BackupRun.Status.SUCCEEDED,
+            details=self.relinked(server, was, key),
+            bytes_done=was["size"] or 0,
+            **{f: was[f] or "" for f in ("kind", "trigger", "requested_by", "key", "sha256", "notes")},
+            **{f: was[f] for f in ("size", "timeline")},
+            **{f: was[f] or "" for f in ("start_lsn", "end_lsn", "start_wal", "end_wal")},
+            **{f: parse_time(was[f]) for f in manifests.RUN_TIMES},
+        )
+        run.save()
+        self.run_ids[(server.name, was["id"])] = run
+        for artifact in manifest["artifacts"]:
+            self.add_copy(run, artifact["artifact"], artifact["key"], artifact["size"], artifact["sha256"])
+        self.add_copy(run, ARTIFACT, key, size, sha256)
+        self.report.runs_created.append({"id": run.pk, "was": was["id"], "server": server.name, "kind": run.kind})
+
+    def relinked(self, server, was, key):
+        """The run's details with the ids of other runs turned into this catalog's ids (a parent not
+        rebuilt is dropped, and said: nothing restores past a missing link)."""
+        details = dict(was["details"])
+        for name in RUN_REFERENCES:
+            if details.get(name) is not None:
+                details[name] = self.new_id(server, details[name], was, name)
+        if isinstance(details.get("globals"), dict) and details["globals"].get("run") is not None:
+            details["globals"] = {
+                **details["globals"],
+                "run": self.new_id(server, details["globals"]["run"], was, "globals"),
+            }
+        details["rebuilt"] = {
+            "location": self.location.name,
+            "manifest": key,
+            "was": was["id"],
+            "at": timezone.now().isoformat(),
+        }
+        return details
+
+    def new_id(self, server, old, was, what):
+        run = self.run_ids.get((server.name, old))
+        if run is None:
+            self.report.skipped.append(
+                {
+                    "what": f"{what} of run #{was['id']}",
+                    "why": f"run #{old} it names has no manifest that verifies here",
+                }
+            )
+            return None
+        return run.pk
+
+    def add_copy(self, run, artifact, key, size, sha256):
+        BackupCopy.objects.get_or_create(
+            run=run,
+            location=self.location,
+            artifact=artifact,
+            defaults={"key": key, "size": size, "sha256": sha256, "status": BackupCopy.Status.OK, "attempts": 1}
+            | {"copied_at": timezone.now()},
+        )
+
+    # --- WAL.
+
+    def wal(self, key, manifest):
+        server = self.server(manifest["server"])
+        keys_ok = {}
+        for entry in manifest["segments"]:
+            if (server.name, entry["name"]) in self.seen:
+                continue  # named by an earlier pass's manifest too (after a killed pass): counted there
+            self.seen.add((server.name, entry["name"]))
+            if WalSegment.objects.filter(server=server, name=entry["name"], deleted_at=None).exists():
+                self.report.wal_known += 1
+                continue
+            problem = self.wal_key_missing(server, entry["key_id"], keys_ok) or self.hashed(
+                entry["key"], entry["stored_size"], entry["stored_sha256"]
+            )
+            if problem:
+                self.report.skipped.append({"what": f"WAL {entry['name']} of {server} ({key})", "why": problem})
+                continue
+            segment, _ = WalSegment.objects.update_or_create(
+                server=server,
+                name=entry["name"],
+                defaults={
+                    **{f: entry[f] for f in ("timeline", "segno", "size", "sha256", "key", "source")},
+                    "archived_at": parse_time(entry["archived_at"]),
+                    "ingested_at": parse_time(entry["ingested_at"]),
+                    "deleted_at": None,
+                },
+            )
+            BackupCopy.objects.update_or_create(
+                wal_segment=segment,
+                location=self.location,
+                defaults={"artifact": "wal", "key": entry["key"], "size": entry["stored_size"]}
+                | {"sha256": entry["stored_sha256"], "status": BackupCopy.Status.OK, "attempts": 1}
+                | {"key_id": entry["key_id"], "compression": entry["compression"], "copied_at": timezone.now()},
+            )
+            self.report.wal_created += 1
+
+    def wal_key_missing(self, server, key_id, checked):
+        """The WAL data key a segment needs must be beside the WAL here (walkeys): else it cannot be read."""
+        if not key_id:
+            return ""
+        if key_id not in checked:
+            where = walkeys.tier_key(server.name, key_id)
+            checked[key_id] = "" if where in self.keys_present else f"its WAL key file {where} is missing here"
+        return checked[key_id]
+
+    # --- The whole of it.
+
+    def unlisted(self, named):
+        """Artifacts in the location that no verified manifest names (keys, anchors and manifests aside)."""
+        for key in sorted(self.keys_present - named):
+            if key.endswith(SUFFIX) or "/wal/keys/" in key or key.startswith(("anchors/", "journal")):
+                continue
+            self.report.unlisted.append(key)
+
+    def execute(self):
+        runs, wal = self.manifests()
+        named = set()
+        with transaction.atomic():
+            for key, manifest, size, sha256 in runs:
+                self.run(key, manifest, size, sha256)
+                named |= {a["key"] for a in manifest["artifacts"]}
+            for key, manifest, _size, _sha256 in wal:
+                self.wal(key, manifest)
+                named |= {s["key"] for s in manifest["segments"]}
+            self.unlisted(named)
+            self.report.chains = chains_summary({m["server"]["name"] for _, m, *_ in runs + wal})
+            if self.report.dry_run:
+                transaction.set_rollback(True)
+        return self.report
+
+
+def chains_summary(server_names):
+    """Per server: the full base backups a PITR can start from and the incrementals on each."""
+    summary = {}
+    for server in Server.objects.filter(name__in=server_names):
+        chains = server.runs.all().chains()
+        summary[server.name] = [
+            {"full": c.full.pk if c.full else None, "incrementals": [r.pk for r in c.incrementals]} for c in chains
+        ]
+    return summary
+
+
+def rebuild(location, encryption, public_key, dry_run=False, actor="system"):
+    """Rebuild the catalog from `location`'s manifests; the Report. Journaled unless a dry run."""
+    report = Rebuild(location, encryption, public_key, dry_run).execute()
+    if not dry_run:
+        journal.record(
+            "catalog_rebuilt",
+            actor=actor,
+            outcome="failed" if report.refused else "ok",
+            location=location.name,
+            manifests=report.manifests,
+            runs=len(report.runs_created),
+            wal=report.wal_created,
+            servers=report.servers_created,
+            skipped=len(report.skipped),
+        )
+        for refused in report.refused:
+            journal.record("manifest_refused", actor=actor, outcome="failed", location=location.name, **refused)
+    return report

@@ -1,0 +1,309 @@
+"""The portal's host burns: a fresh portal rebuilds its catalog from the signed manifests in S3.
+
+Real clusters, real gpg, the moto S3 server over HTTP. The disaster is simulated the hard way:
+every row of the catalog is deleted, the primary and NAS directories are emptied, and the portal
+gets a new, empty VAR_DIR and signing-key directory (its WAL keys, its private signing key and
+its in-memory key caches gone); only the passphrase file and the public signing key survive.
+"""
+
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from backupportal.lib import signing
+from backupportal.lib.osuser import free_port
+from backupportal.models import JournalEntry
+from backups import manifests, walingest, walkeys
+from backups.crypto import Encryption
+from backups.models import (
+    BackupCopy,
+    BackupRun,
+    BackupSchedule,
+    Database,
+    Server,
+    StorageLocation,
+    Verification,
+    WalSegment,
+)
+from backups.storage import store_for
+from restores.models import RestoreRequest, RestoreRun, RestoreTest, ValidationCheck
+from tests.helpers import (
+    DB,
+    a_second_later,
+    enable_push,
+    pitr_to,
+    rows,
+    run_command,
+    stop_gpg_agent,
+    switch_wal,
+    wait_archived,
+    write,
+)
+
+pytest_plugins = ["tests.walfixtures"]
+
+TABLES = ["users", "audit_logs", "financial_records"]
+
+
+@pytest.fixture
+def signing_dir(settings, tmp_path):
+    settings.SIGNING_KEY_DIR = tmp_path / "signing"
+    yield settings.SIGNING_KEY_DIR
+    for home in (tmp_path / "signing", tmp_path / "thief", tmp_path / "earlier"):
+        stop_gpg_agent(home)
+
+
+def fingerprints(port, dbname=DB):
+    """Each sample table's rows, hashed in a stable order: what "restored identically" compares."""
+    return {
+        table: rows(port, f"SELECT count(*), md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t", dbname)
+        for table in TABLES
+    }
+
+
+def keep_public_key(tmp_path):
+    """What the operator kept with the restore keys: the public half only."""
+    signing.ensure_key()
+    path = tmp_path / "restore-keys" / "signing-public.asc"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(signing.public_key())
+    return path
+
+
+@pytest.fixture
+def burn_the_host(settings, tiers):
+    """The catalog, the local tiers and VAR_DIR gone; a fresh portal on the same settings, whose
+    migrate defines the locations that the environment (S3_BUCKET ...) describes."""
+    made = []
+
+    def burn():
+        for model in (ValidationCheck, RestoreTest, RestoreRun, RestoreRequest, Verification, BackupCopy):
+            model.objects.all().delete()
+        for model in (BackupRun, WalSegment, Database, BackupSchedule, Server, StorageLocation):
+            model.objects.all().delete()
+        for root in (tiers.primary, tiers.nas):
+            for entry in Path(root).iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        made.append(Path(tempfile.mkdtemp(prefix="bp-fresh-var-")))
+        made[-1].chmod(0o755)  # as tests/settings.py makes VAR_DIR: the postgres OS user traverses it
+        settings.VAR_DIR, settings.SIGNING_KEY_DIR, settings.GNUPGHOME = made[-1], made[-1] / "signing", ""
+        for cache in (walkeys._unwrapped, walkeys._current, walkeys._published, walkeys._failed):
+            cache.clear()  # a new process knows no key
+        StorageLocation.sync_from_settings()
+
+    yield burn
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def s3_manifests(tiers, kind):
+    store = store_for(StorageLocation.objects.get(name="s3"))
+    return [k for k in store.list() if k.endswith(manifests.SUFFIX) and f"/{kind}/" in k]
+
+
+def rewrite_on_s3(tiers, key, change):
+    """Decrypt the object, change its plaintext, encrypt it again with the passphrase, put it back."""
+    location = StorageLocation.objects.get(name="s3")
+    store = store_for(location)
+    with store.open(key) as f:
+        plain = manifests.decrypt(f.read(), Encryption(), key)
+    changed = change(plain)
+    out = io.BytesIO()
+    Encryption().encrypt_stream(io.BytesIO(changed), lambda chunk: out.write(chunk or b"") and False)
+    store.delete(key)
+    with store.writer(key) as w:
+        w.write(out.getvalue())
+        w.commit()
+
+
+def test_a_fresh_portal_rebuilds_from_s3_alone_and_restores_pitr_and_logical(
+    server, sample_cluster, passphrase_file, tiers, wal_spool, restored, signing_dir, settings, tmp_path, burn_the_host
+):
+    enable_push(sample_cluster)
+    source = fingerprints(sample_cluster.port)
+    logical = run_command("backup", "maldives", "--kind", "logical")
+    assert logical["status"] == "succeeded", logical
+    base = run_command("backup", "maldives", "--kind", "base")
+    assert base["status"] == "succeeded", base
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    target = a_second_later()
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    walingest.ingest(server)
+    segments = WalSegment.objects.filter(server=server).count()
+    assert not BackupCopy.objects.filter(location__kind="s3").exclude(status="ok").exists()
+    # Every run has its manifest on every tier, WAL one per ingest pass (fewer than the segments).
+    for run in BackupRun.objects.all():
+        assert set(run.copies.filter(artifact=manifests.ARTIFACT).values_list("location__kind", "status")) == {
+            ("primary", "ok"),
+            ("nas", "ok"),
+            ("s3", "ok"),
+        }
+    wal_manifests = s3_manifests(tiers, "wal")
+    assert 1 <= len(wal_manifests) < segments
+    public = keep_public_key(tmp_path)
+
+    burn_the_host()
+    assert not Server.objects.exists() and not (settings.VAR_DIR / "walkeys").exists()
+    rebuilt = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
+    assert rebuilt["_exit"] == 0, rebuilt
+    assert rebuilt["refused"] == [] and rebuilt["skipped"] == [], rebuilt
+    assert rebuilt["servers_created"] == ["maldives"] and rebuilt["passwords_to_set"] == ["maldives"]
+    assert sorted(r["kind"] for r in rebuilt["runs_created"]) == ["base", "logical"]
+    assert rebuilt["wal_created"] == segments
+    assert rebuilt["sha256_checked"] == 4 + segments  # dump, globals, base tar, backup_manifest, each segment
+    assert rebuilt["unlisted"]["count"] == 0
+    server = Server.objects.get(name="maldives")
+    assert server.pg_version and server.wal_segment_size and server.archiving == "push"
+    new_base = BackupRun.objects.get(kind="base")
+    assert new_base.start_wal and new_base.end_lsn and new_base.details["rebuilt"]["was"] == base["id"]
+    assert rebuilt["chains"] == {"maldives": [{"full": new_base.pk, "incrementals": []}]}
+    assert set(BackupCopy.objects.values_list("location__name", flat=True)) == {"s3"}
+    assert JournalEntry.objects.filter(action="catalog_rebuilt").count() == 1
+
+    again = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
+    assert again["_exit"] == 0 and again["runs_created"] == [] and again["wal_created"] == 0, again
+    assert again["runs_already_catalogued"] == 2 and again["wal_already_catalogued"] == segments
+    assert (BackupRun.objects.count(), WalSegment.objects.count()) == (2, segments)
+    assert BackupCopy.objects.count() == 2 + 4 + segments  # two signed manifests, four artifacts, the WAL
+
+    datadir, port = restored(), free_port()
+    result = pitr_to(datadir, port, target)
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",)]
+
+    new_logical = BackupRun.objects.get(kind="logical")
+    restore = run_command("restore", str(new_logical.pk), "--into-database", "rebuilt_copy")
+    assert restore["status"] == "succeeded", restore
+    assert fingerprints(sample_cluster.port, "rebuilt_copy") == source
+
+
+def test_a_tampered_or_forged_manifest_is_refused_by_name_and_the_rest_rebuilt(
+    server, sample_cluster, passphrase_file, tiers, signing_dir, settings, tmp_path, burn_the_host
+):
+    first = run_command("backup", "maldives", "--kind", "logical")
+    second = run_command("backup", "maldives", "--kind", "logical")
+    assert first["status"] == second["status"] == "succeeded"
+    public = keep_public_key(tmp_path)
+    tampered, genuine = sorted(s3_manifests(tiers, "logical"), key=lambda k: int(k.split("-")[-1].split(".")[0]))
+
+    def one_byte(plain):
+        envelope = json.loads(plain)
+        text = envelope["manifest"]
+        at = text.index('"size": ') + len('"size": ')
+        envelope["manifest"] = text[:at] + ("1" if text[at] != "1" else "2") + text[at + 1 :]
+        return json.dumps(envelope).encode()
+
+    rewrite_on_s3(tiers, tampered, one_byte)
+    # A forgery by someone with the passphrase but not the private key: signed by a key of their own.
+    forged = genuine.replace(f"-{second['id']}.", "-999.")
+
+    def forge(plain):
+        manifest = json.loads(json.loads(plain)["manifest"])
+        manifest["manifest_key"], manifest["run"]["id"] = forged, 999
+        settings.SIGNING_KEY_DIR = tmp_path / "thief"
+        try:
+            return manifests.seal(manifest)
+        finally:
+            settings.SIGNING_KEY_DIR = signing_dir
+
+    store = store_for(StorageLocation.objects.get(name="s3"))
+    with store.open(genuine) as f, store.writer(forged) as w:
+        w.write(f.read())
+        w.commit()
+    rewrite_on_s3(tiers, forged, forge)
+
+    burn_the_host()
+    dry = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public), "--dry-run")
+    assert dry["_exit"] == 1 and dry["dry_run"] and len(dry["runs_created"]) == 1, dry
+    assert not Server.objects.exists() and not BackupRun.objects.exists()
+    assert not JournalEntry.objects.filter(action="catalog_rebuilt").exists()
+
+    # The key of an earlier portal given too (one per key it signed with): the forgery is still refused.
+    settings.SIGNING_KEY_DIR = tmp_path / "earlier"
+    earlier = tmp_path / "earlier.asc"
+    signing.ensure_key()
+    earlier.write_text(signing.public_key())
+    keys = ["--public-key", str(earlier), "--public-key", str(public)]
+    result = run_command("rebuildcatalog", "--location", "s3", *keys)
+    assert result["_exit"] == 1
+    assert sorted(r["manifest"] for r in result["refused"]) == sorted([tampered, forged])
+    assert all("signature does not verify" in r["why"] for r in result["refused"]), result["refused"]
+    assert tampered in result["_stderr"] and forged in result["_stderr"]
+    assert [r["was"] for r in result["runs_created"]] == [second["id"]]
+    assert BackupRun.objects.get().details["rebuilt"]["was"] == second["id"]
+    assert JournalEntry.objects.filter(action="manifest_refused").count() == 2
+    # The dump the tampered manifest described is left out, and said to be.
+    assert result["unlisted"]["count"] == 2  # its dump and its globals
+
+
+def test_rebuildcatalog_refuses_what_it_cannot_trust_or_reach_in_one_line(
+    db, passphrase_file, tiers, signing_dir, tmp_path
+):
+    result = run_command("rebuildcatalog", "--location", "nowhere", "--public-key", str(tmp_path / "x"))
+    assert result["_exit"] == 1 and "no storage location named nowhere" in result["_stderr"]
+    result = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(tmp_path / "missing.asc"))
+    assert result["_exit"] == 1 and "no public signing key at" in result["_stderr"]
+    (tmp_path / "not-a-key.asc").write_text("hello")
+    result = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(tmp_path / "not-a-key.asc"))
+    assert result["_exit"] == 1 and "is not an armored OpenPGP public key" in result["_stderr"]
+    location = StorageLocation.objects.get(name="s3")
+    location.bucket = "no-such-bucket"
+    location.save()
+    result = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(keep_public_key(tmp_path)))
+    assert result["_exit"] == 1 and "cannot list location s3" in result["_stderr"], result
+    assert "\n" not in result["_stderr"].strip()
+
+
+def test_wal_manifests_are_on_every_tier_cover_a_killed_pass_and_go_once_no_segment_is_kept(
+    db, passphrase_file, tiers, signing_dir
+):
+    from django.utils import timezone
+
+    from backups.retention import prune_wal_manifests
+
+    server = Server.objects.create(name="gone", dsn="postgresql://backup@127.0.0.1:5432/app")
+    wal = StorageLocation.objects.get(name="wal")
+    secondaries = list(StorageLocation.objects.exclude(kind="primary"))
+    stores = [store_for(location) for location in (wal, *secondaries)]
+
+    def catalogue(n):
+        name = f"0000000100000000000000{n:02X}"
+        segment = WalSegment.objects.create(
+            server=server,
+            timeline=1,
+            name=name,
+            segno=n,
+            size=16,
+            sha256="0" * 64,
+            key=f"gone/wal/{name}.gpg",
+            archived_at=timezone.now(),
+        )
+        BackupCopy.record_made(wal, segment.key, 10, "1" * 64, wal_segment=segment, artifact="wal")
+        return name
+
+    def named(key):
+        manifest, *_ = manifests.read(stores[0], key, Encryption(), signing.public_key())
+        return [s["name"] for s in manifest["segments"]]
+
+    batches, keys = [], []
+    for numbers in ([1, 2], [3, 4], [5]):
+        batches.append([catalogue(n) for n in numbers])
+        keys.append(manifests.write_for_wal(server, batches[-1], wal, secondaries))
+    # A pass killed before its manifest (6): the next pass's manifest names its segments too.
+    killed = catalogue(6)
+    batches.append([catalogue(7)])
+    keys.append(manifests.write_for_wal(server, batches[-1], wal, secondaries))
+    assert [named(key) for key in keys] == [*batches[:3], [killed, *batches[3]]]
+    assert all(store.exists(key) for store in stores for key in keys)
+
+    WalSegment.objects.filter(name__in=batches[0] + batches[1][:1]).update(deleted_at=timezone.now())
+    assert prune_wal_manifests(server) == [keys[0]]
+    assert [[store.exists(key) for key in keys] for store in stores] == [[False, True, True, True]] * 3
+    WalSegment.objects.filter(server=server).update(deleted_at=timezone.now())
+    assert prune_wal_manifests(server) == keys[1:3]  # the newest pass's always stays
+    assert [[store.exists(key) for key in keys] for store in stores] == [[False, False, False, True]] * 3
