@@ -36,6 +36,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from backupportal.lib import signing
+from backups import keyring
 from backups.crypto import Encryption, EncryptionError, gpg_failure
 from backups.logical import primary_location
 from backups.models import BackupCopy, StorageLocation, WalSegment
@@ -255,7 +256,7 @@ def write_for_run(run):
     artifact (copied to the other tiers with the rest). BackupFailed when it cannot be written:
     a run no fresh portal could find again is not a good run."""
     try:
-        encryption = Encryption()
+        encryption = keyring.current()  # the run's own key: custody counts the manifest as its artifact
     except EncryptionError as e:
         raise BackupFailed(str(e)) from None
     location = primary_location()
@@ -268,7 +269,9 @@ def write_for_run(run):
     except signing.SigningError as e:
         raise BackupFailed(f"the run's manifest cannot be signed: {e}") from None
     size, sha256 = encrypt_bytes(store_for(location), key, sealed, encryption)
-    BackupCopy.record_made(location, key, size, sha256, run=run, artifact=ARTIFACT)
+    BackupCopy.record_made(
+        location, key, size, sha256, run=run, artifact=ARTIFACT, encryption_key_id=encryption.custody_key or None
+    )
     return key
 
 

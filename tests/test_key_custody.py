@@ -147,11 +147,11 @@ def test_reencrypt_leaves_every_artifact_readable_with_the_new_key_alone(
 ):
     """On every tier: primary, NAS, and S3 (moto over HTTP)."""
     before, after, old, new = two_keys
-    assert before.copies.filter(status="ok").count() == 6  # the dump and its globals, on three tiers
+    assert before.copies.filter(status="ok").count() == 9  # the dump, its globals and manifest, on three tiers
     old_objects = set(before.copies.values_list("key", flat=True))
     result = run_command("reencrypt", "--from-key", old)
     assert result["_exit"] == 0 and result["status"] == "succeeded", result
-    assert result["reencrypted"] == 6 and result["old_removed"] == 6
+    assert result["reencrypted"] == 9 and result["old_removed"] == 9
     assert keys_of(before) == {new}
     for copy in before.copies.select_related("location"):
         assert copy.old_key == "" and new in copy.key
@@ -202,6 +202,7 @@ def test_pitr_through_a_rotation_and_after_reencrypting_the_base_and_wal(
     assert set(BackupCopy.objects.filter(run=base["id"]).values_list("artifact", "encryption_key_id")) == {
         ("main", old),
         ("manifest", old),
+        ("signed_manifest", old),
     }
 
     result = run_command("reencrypt", "--from-key", old)
@@ -298,7 +299,7 @@ def test_reencrypt_continues_where_it_stopped(two_keys, backup_root, settings):
     assert keyring.drop_unneeded(actor="test") == []  # still needed
     StorageLocation.objects.filter(pk=primary.pk).update(enabled=True)
     finished = run_command("reencrypt", "--from-key", old)
-    assert finished["_exit"] == 0 and finished["reencrypted"] == 2, finished
+    assert finished["_exit"] == 0 and finished["reencrypted"] == 3, finished  # dump, globals, signed manifest
     assert keys_of(before) == {new}
 
 
@@ -319,8 +320,8 @@ def test_reencrypt_on_a_locked_location_keeps_the_old_version_until_its_lock_exp
     s3_before = {c.pk: c.version_id for c in before.copies.filter(location__kind="s3")}
     assert all(s3_before.values())  # catalogued by version from the start
     result = run_command("reencrypt", "--from-key", old)
-    assert result["_exit"] == 0 and result["reencrypted"] == 6, result
-    assert result["old_removed"] == 4 and result["old_waiting"] == 2  # primary and NAS gone, S3 locked
+    assert result["_exit"] == 0 and result["reencrypted"] == 9, result
+    assert result["old_removed"] == 6 and result["old_waiting"] == 3  # primary and NAS gone, S3 locked
     for copy in before.copies.filter(location__kind="s3"):
         assert new in copy.key and copy.old_key and copy.old_encryption_key_id == old
         assert copy.version_id and copy.version_id != s3_before[copy.pk]
@@ -333,7 +334,7 @@ def test_reencrypt_on_a_locked_location_keeps_the_old_version_until_its_lock_exp
 
     with time_machine.travel(timezone.now() + timedelta(days=LOCK_DAYS + 1)):
         again = run_command("reencrypt", "--from-key", old)
-        assert again["_exit"] == 0 and again["old_removed"] == 2 and again["reencrypted"] == 0, again
+        assert again["_exit"] == 0 and again["old_removed"] == 3 and again["reencrypted"] == 0, again
         assert keyring.drop_unneeded(actor="test") == [old]
     old_keys = {v["Key"] for v in every_version(locked) if old not in v["Key"] and ".k" not in v["Key"]}
     assert not {f"backupportal/{c.key}" for c in before.copies.filter(location__kind="s3")} & old_keys

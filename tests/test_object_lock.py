@@ -100,7 +100,7 @@ def test_every_object_the_portal_puts_in_a_locked_location_is_locked_and_catalog
     result, run = good_backup()
     assert {c["status"] for c in result["copies"]} == {"ok"}, result
     copies = list(s3_copies(run))
-    assert [c.artifact for c in copies] == ["globals", "main"]
+    assert [c.artifact for c in copies] == ["globals", "main", "signed_manifest"]
     for copy in copies:
         assert copy.version_id
         assert before + timedelta(days=LOCK_DAYS) <= copy.retain_until <= timezone.now() + timedelta(days=LOCK_DAYS)
@@ -137,14 +137,21 @@ def test_a_locked_object_survives_the_portals_own_versioned_delete(server, passp
 
     # A DBA deletes the backup: the primary and NAS copies go; the locked ones stay catalogued, and say why.
     result = delete_run_artifacts(run, "alice")
-    assert result["failed"] == ["s3:globals", "s3:main"]
-    assert sorted(result["deleted"]) == ["nas:globals", "nas:main", "primary:globals", "primary:main"]
+    assert result["failed"] == ["s3:globals", "s3:main", "s3:signed_manifest"]
+    assert sorted(result["deleted"]) == [
+        "nas:globals",
+        "nas:main",
+        "nas:signed_manifest",
+        "primary:globals",
+        "primary:main",
+        "primary:signed_manifest",
+    ]
     for copy in s3_copies(run):
         assert copy.status == BackupCopy.Status.OK
         assert copy.next_attempt_at == copy.retain_until
         assert f"locked by S3 Object Lock until {copy.retain_until:%Y-%m-%d %H:%M} UTC" in copy.last_error
     waits = JournalEntry.objects.filter(action="copy_delete_waits")
-    assert waits.count() == 2 and {e.outcome for e in waits} == {"failed"}
+    assert waits.count() == 3 and {e.outcome for e in waits} == {"failed"}
     assert retry_deletions(timezone.now()) == 0  # nothing is asked of S3 before the lock expires
 
     # The catalog lost the lock (a copy from before the version was recorded): S3 refuses the
@@ -162,7 +169,7 @@ def test_a_locked_object_survives_the_portals_own_versioned_delete(server, passp
 def test_a_key_only_delete_leaves_the_copy_verifiable_and_restorable(server, sample_cluster, passphrase_file, locked):
     _, run = good_backup()
     code, result, _ = verify_json(str(run.pk))
-    assert code == 0 and result["locked"] == 2 and result["lock_problems"] == 0
+    assert code == 0 and result["locked"] == 3 and result["lock_problems"] == 0
     for listed in result["copies"]:
         if listed["location"] != "s3":
             assert listed["lock"] is None
@@ -193,6 +200,9 @@ def test_a_key_only_delete_leaves_the_copy_verifiable_and_restorable(server, sam
         ("nas", "globals"): "bad",
         ("s3", "main"): "ok",
         ("s3", "globals"): "ok",
+        ("primary", "signed_manifest"): "bad",
+        ("nas", "signed_manifest"): "bad",
+        ("s3", "signed_manifest"): "ok",
     }
     result = restore_json(str(run.pk), "--into-database", "restored_after_marker")
     assert result["status"] == "succeeded", result
