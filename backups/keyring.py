@@ -13,14 +13,13 @@ the portal's back is refused by name instead of being used, or silently ignored.
 """
 
 import hmac
-import os
 import secrets
-from pathlib import Path
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from backupportal import journal
+from backupportal.lib.privatefile import write_private
 from backups.crypto import Encryption, EncryptionError, KeyMissing, keyring_dir
 from backups.models import BackupCopy, EncryptionKey
 
@@ -60,22 +59,12 @@ def _new_key(encryption, actor):
         key = EncryptionKey(
             key_id=key_id, kind=EncryptionKey.Kind.RECIPIENTS, recipients="\n".join(encryption.recipients)
         )
-        _write_private(keyring_dir() / f"{key_id}.recipients", key.recipients + "\n")
+        write_private(keyring_dir() / f"{key_id}.recipients", (key.recipients + "\n").encode())
     else:
         key = EncryptionKey(key_id=key_id, kind=EncryptionKey.Kind.PASSPHRASE)
-        _write_private(keyring_dir() / f"{key_id}.passphrase", encryption.passphrase + "\n")
+        write_private(keyring_dir() / f"{key_id}.passphrase", (encryption.passphrase + "\n").encode())
     key.created_by = actor
     return key
-
-
-def _write_private(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _check_configured(configured, key):

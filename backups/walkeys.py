@@ -26,6 +26,7 @@ from pathlib import Path
 from django.conf import settings
 
 from backupportal import journal
+from backupportal.lib.privatefile import write_private
 from backups.crypto import ZstdDecrypting, gpg_failure
 from backups.storage import StorageError, store_for
 
@@ -103,21 +104,11 @@ def _new_key(encryption):
     result = encryption.encrypt_stream(io.BytesIO(secret.encode()), collect)  # S2K_ARGS: the full derivation
     if result.returncode != 0:
         raise WalKeyError(f"cannot wrap a new WAL key: {gpg_failure(result)}")
-    _write_private(keyring() / f"{key_id}.key.gpg", wrapped.getvalue())
-    _write_private(keyring() / CURRENT, f"{key_id}\n".encode())
+    write_private(keyring() / f"{key_id}.key.gpg", wrapped.getvalue())
+    write_private(keyring() / CURRENT, f"{key_id}\n".encode())
     _unwrapped[key_id] = secret
     journal.record("wal_key_created", actor="job:ingestwal", key_id=key_id)
     return key_id, secret
-
-
-def _write_private(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def publish(server_name, key_id, location):
