@@ -56,8 +56,10 @@ def has_device(user):
 
 def remember_enrolment(request):
     """Keep in the session whether the user has a second factor (the middleware reads it)."""
-    request.session[ENROLLED_KEY] = has_device(request.user)
-    return request.session[ENROLLED_KEY]
+    enrolled = has_device(request.user)
+    if request.session.get(ENROLLED_KEY) != enrolled:  # a session unchanged is not saved again
+        request.session[ENROLLED_KEY] = enrolled
+    return enrolled
 
 
 @receiver(user_logged_in, dispatch_uid="backupportal.twofactor.on_login")

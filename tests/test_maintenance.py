@@ -110,6 +110,8 @@ def test_completing_a_task_resolves_its_alert_and_schedules_the_next_one(client,
         == reverse("restore-test", args=[restore_test.pk])
     )
     # The calendar links the evidence.
+    # The session was last saved in February (time_machine): it has expired by now's clock.
+    client.force_login(alice)
     page = client.get(reverse("maintenance")).content.decode()
     assert done.details["evidence_link"] in page and "late" in page
 

@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def broker(monkeypatch, db):
-    """django-q2 queues for real, in the ORM broker, instead of running each task inline."""
+    """django-q2 queues for real, in the ORM broker, instead of running each task inline (also
+    where the suite's broker is Redis, as in CI: the queues are read back from OrmQ)."""
     monkeypatch.setattr(Conf, "SYNC", False)
+    monkeypatch.setattr(Conf, "ORM", "default")
     OrmQ.objects.all().delete()
 
 
@@ -163,7 +165,10 @@ def restore_worker(settings):
 
     def start(**env):
         log = open(Path(settings.VAR_DIR) / f"restore-worker-{os.getpid()}.log", "w")  # noqa: SIM115
-        env = portal_env(settings, Q_SYNC="0", Q_CLUSTER_NAME="restore", RESTORE_CLUSTER="restore", **env)
+        # The ORM broker, as the test's own queues (Q_BROKER_URL empty), whatever the suite runs on.
+        env = portal_env(
+            settings, Q_SYNC="0", Q_CLUSTER_NAME="restore", RESTORE_CLUSTER="restore", Q_BROKER_URL="", **env
+        )
         proc = subprocess.Popen(
             [sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
         )
@@ -212,6 +217,7 @@ def test_the_portal_backs_up_without_the_private_key_and_only_the_restore_worker
     assert verified["checked"] >= 1 and verified["checked"] == verified["ok"]
 
     monkeypatch.setattr(Conf, "SYNC", False)  # from here on, tasks wait in the broker for their cluster
+    monkeypatch.setattr(Conf, "ORM", "default")  # the ORM broker, as the restore worker's (see broker)
     OrmQ.objects.all().delete()
     request = ask_and_approve(client, alice, bob, run)
     client.force_login(alice)
