@@ -148,6 +148,22 @@ def approval_refusal(request):
     return f"Type the code from your authenticator beside Approve: approvals need a second factor of the last {minutes} minutes."
 
 
+def refused_approval(request, obj, **details):
+    """approval_refusal(), journaled against `obj` (a restore request, a change request) when it
+    refuses: the one place both kinds of approval ask for the second factor."""
+    refusal = approval_refusal(request)
+    if refusal:
+        journal.record(
+            "approval_needs_second_factor",
+            actor=request.user.get_username(),
+            obj=obj,
+            outcome="refused",
+            reason=refusal,
+            **details,
+        )
+    return refusal
+
+
 def asks_code(request):
     """Whether the approval forms show the code field (the check itself is approval_refusal)."""
     return (settings.REQUIRE_2FA or session_enrolled(request)) and not is_fresh(request)

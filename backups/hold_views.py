@@ -90,16 +90,9 @@ def _decide(request, pk, decision):
     change = get_object_or_404(ChangeRequest, pk=pk)
     refusal = ""
     if decision == "approve" and change.awaits_decision_by(request.user):
-        refusal = twofactor.approval_refusal(request)
-    if refusal:
         # A destructive change needs a fresh second factor, as a restore does (DESIGN.md).
-        journal.record(
-            "approval_needs_second_factor",
-            actor=request.user.get_username(),
-            obj=change,
-            outcome="refused",
-            reason=refusal,
-        )
+        refusal = twofactor.refused_approval(request, change)
+    if refusal:
         messages.error(request, refusal)
         return redirect(reverse("changes"))
     try:

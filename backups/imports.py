@@ -10,7 +10,6 @@ primary location: never a plaintext copy on a tier. An encrypted one is stored a
 (it opens with the portal's key, which is what a restore needs). Then copied to every tier.
 """
 
-import hashlib
 import re
 import subprocess
 import tempfile
@@ -24,6 +23,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.lib.childenv import child_env
+from backups import archive_wal
 from backups.binaries import MissingBinaries, client_tool
 from backups.copies import copy_run_foreground
 from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
@@ -171,7 +171,7 @@ def _store(path, server, dbname, toc, encryption, encrypted, actor):
                 "by": actor,
                 "at": timezone.now().isoformat(timespec="seconds"),
                 "came_encrypted": encrypted,
-                "file_sha256": sha256_of(path),
+                "file_sha256": archive_wal.sha256_of(path),
                 "archive_created_at": _first(CREATED, toc),
                 "dumped_from": _first(DUMPED_FROM, toc),
             },
@@ -227,11 +227,3 @@ def _created_at(toc):
         delta = timedelta(hours=int(offset.group(2)), minutes=int(offset.group(3) or 0))
         return moment.replace(tzinfo=dt_timezone(sign * delta))
     return moment.replace(tzinfo=ZoneInfo(settings.TIME_ZONE))
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

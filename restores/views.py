@@ -86,17 +86,11 @@ def restore_request_approve(request, pk):
     req = get_object_or_404(RestoreRequest, pk=pk)
     form = DecisionForm(request.POST)
     form.is_valid()
-    if req.awaits_decision_by(request.user) and (refusal := twofactor.approval_refusal(request)):
-        # Asked only of someone who could approve: the model's own refusals (one's own request,
-        # not a DBA) keep their 403 and their journal line below.
-        journal.record(
-            "approval_needs_second_factor",
-            actor=request.user.get_username(),
-            obj=req,
-            server=req.server.name,
-            outcome="refused",
-            reason=refusal,
-        )
+    # Asked only of someone who could approve: the model's own refusals (one's own request, not a
+    # DBA) keep their 403 and their journal line below.
+    if req.awaits_decision_by(request.user) and (
+        refusal := twofactor.refused_approval(request, req, server=req.server.name)
+    ):
         messages.error(request, refusal)
         return redirect(req)
     try:
