@@ -26,7 +26,7 @@ from backups import (
     schedules,
 )
 from backups.admin_changes import check_request, open_request, reason_field
-from backups.changes import retention_shortened, schedule_turned_down
+from backups.changes import RETENTION_FIELDS, retention_shortened, schedule_turned_down
 from backups.models import (
     BackupCopy,
     BackupRun,
@@ -138,14 +138,7 @@ class ServerForm(forms.ModelForm):
             "rpo_minutes",
             "rto_critical_minutes",
             "rto_full_minutes",
-            "logical_retention_days",
-            "base_retention_days",
-            "wal_retention_days",
-            "incremental_retention_days",
-            "keep_weekly",
-            "keep_monthly",
-            "keep_yearly",
-            "retention_floor",
+            *RETENTION_FIELDS,  # lowering any of them waits for a second person
             "shrink_threshold_pct",
             "sandbox",
         ]
