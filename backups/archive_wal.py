@@ -22,9 +22,11 @@ Look-ahead: PostgreSQL waits for each call before it offers the next segment, so
 (after an outage, a bulk load) would cost a process start and two fsyncs per segment. A call
 that copies its own segment also copies the next full segments that PostgreSQL has already
 marked ready (pg_wal/archive_status/NAME.ready: complete, never rewritten), fsyncs each and the
-spool directory once, and returns; the calls for those segments then find them in the spool,
-identical, and return at once. What the look-ahead cannot take (a conflict, a wrong size, an
-error) it leaves alone: that segment's own call reports it.
+spool directory once, and then leaves an empty SPOOL/ahead/NAME for each. The calls for those
+segments are answered by the shell alone (see backups.walspool.archive_command): the spool has
+NAME and SPOOL/ahead/NAME is newer than %p, so %p has not been written since it was copied and
+made durable. What the look-ahead cannot take (a conflict, a wrong size, an error) it leaves
+alone: that segment's own call reports it.
 """
 
 # Only cheap modules at the top: PostgreSQL starts this program once per segment, and re, json
@@ -40,6 +42,8 @@ CHUNK = 1 << 20
 # Written by the portal (backups.walspool.publish_segment_size) once it knows the server's
 # wal_segment_size: one line, the size in bytes.
 SIZE_FILE = "segment_size"
+# SPOOL/ahead/NAME: NAME was copied ahead and is durable in the spool (see the docstring).
+AHEAD_DIR = "ahead"
 # At most this many extra segments, and bytes, per call: enough to spread the fixed costs, small
 # enough that the call for the oldest segment returns within a second or two on a slow disk.
 LOOKAHEAD_SEGMENTS = 16
@@ -235,11 +239,31 @@ def ready_segments(source, name):
 
 
 def look_ahead(spool, source, name):
-    """Copy the next ready segments too, in one batch (the caller fsyncs the directory)."""
+    """Copy the next ready segments too, in one batch (the caller fsyncs the directory);
+    returns their names, or none when anything went wrong."""
+    batch = ahead_of(spool, source, name)
     try:
-        copy_batch(spool, ahead_of(spool, source, name))
+        copy_batch(spool, batch)
     except (Conflict, WrongSize, OSError):
-        pass  # only a head start: each segment's own call reports what is wrong with it
+        return []  # only a head start: each segment's own call reports what is wrong with it
+    return [extra for _, extra in batch]
+
+
+def mark_ahead(spool, names):
+    """SPOOL/ahead/NAME for each segment copied ahead, written only once the spool directory is
+    fsynced: its mtime is what the shell compares with %p's. Best effort: without a marker the
+    segment's own call goes through this program, which compares the bytes."""
+    folder = os.path.join(spool, AHEAD_DIR)
+    try:
+        if not os.path.isdir(folder):
+            os.mkdir(folder)
+            os.chmod(folder, 0o2770)  # the portal's group removes markers as it ingests (umask 077 here)
+        for extra in names:
+            path = os.path.join(folder, extra)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o660))
+            os.utime(path)  # a marker left from an earlier copy of this name must not look old
+    except OSError:
+        pass
 
 
 def ahead_of(spool, source, name):
@@ -295,13 +319,15 @@ def main(argv):
         # Before comparing with what is archived: a truncated copy is named as such, not as a conflict.
         if os.path.isfile(source):
             check_size(spool, name, os.path.getsize(source))
+        ahead = []
         if not already_there(spool, source, name):
             copy_into_spool(spool, source, name)
             if is_segment(name):
-                look_ahead(spool, source, name)
+                ahead = look_ahead(spool, source, name)
         # Also when it was there: a call that linked it and then failed before this fsync (or a
         # look-ahead still running) must not let its retry say "archived" before it is durable.
         fsync_dir(spool)
+        mark_ahead(spool, ahead)
         clear_marker(spool, name)
         return 0
     except Conflict as e:

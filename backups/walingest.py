@@ -375,6 +375,9 @@ def record(server, path: Path, source, location, key, reader, size, sha256, keys
 def leave_spool(path: Path, sha256):
     mark_ingested(path.parent, path.name, sha256)
     path.unlink()
+    # The archive program's marker (it copied this segment ahead): with the segment gone, a
+    # re-archived file of this name goes through the program and its sha256 check again.
+    (path.parent / "ahead" / path.name).unlink(missing_ok=True)
 
 
 def catalogue(server, name, reader, key, archived_at, source):

@@ -150,6 +150,7 @@ def prepare_push_spool(server, db_user="postgres") -> Path:
     spool = spool_dir(server)
     _make_dir(spool, 0o2770, uid, gid)
     _make_dir(spool / "errors", 0o2770, uid, gid)
+    _make_dir(spool / "ahead", 0o2770, uid, gid)
     _make_dir(spool / "ingested", 0o2750, None, gid)
     publish_segment_size(server)
     return spool
@@ -171,18 +172,25 @@ def install_program() -> Path:
 def archive_command(server) -> str:
     """The archive_command line.
 
-    A segment already in the spool byte for byte (the program's look-ahead copied it there
-    during the previous call) is acknowledged by cmp, after sync has fsynced it and the spool
-    directory, without starting Python: that halves the cost of each segment of a backlog.
-    Anything else goes to the program, which alone decides (conflicts, sizes, error markers):
-    the system Python, an empty environment, no site packages.
+    A segment the program copied ahead during an earlier call (in the spool, fsynced, then
+    marked by SPOOL/ahead/NAME) is acknowledged by the shell alone when that marker is newer
+    than %p: %p was not written after the copy was durable. `test` is a builtin of every
+    /bin/sh, so such a segment costs no process at all (it cost cmp reading both files and a
+    sync before). Anything else goes to the program, which alone decides (conflicts, sizes,
+    error markers): the system Python, an empty environment, no site packages.
     """
     program, spool = _command_paths(server)
-    # `test` is a shell builtin: a segment not in the spool costs no process, and cmp never opens %p.
-    already = f"test -f {spool}/%f && /usr/bin/cmp -s {spool}/%f %p && /usr/bin/sync {spool}/%f {spool}"
+    already = f"test -f {spool}/%f && test {spool}/ahead/%f -nt %p"
     # In braces, one command: chained with another tool's (`A && B`, `B && A`), a failure of
     # either fails the line. No `exec`: it would skip whatever is chained after it.
     return f"{{ {already} || {program_command(program, spool)}; }}"
+
+
+def earlier_archive_commands(server):
+    """Lines an earlier portal wrote; still correct, only slower: checkserver warns about them."""
+    program, spool = _command_paths(server)
+    cmp_form = f"test -f {spool}/%f && /usr/bin/cmp -s {spool}/%f %p && /usr/bin/sync {spool}/%f {spool}"
+    return (f"{{ {cmp_form} || {program_command(program, spool)}; }}", program_command(program, spool))
 
 
 def _command_paths(server):
@@ -195,8 +203,8 @@ def program_command(program, spool):
 
 
 def is_portal_command(server, command):
-    """The current archive_command, or the earlier one without the cmp shortcut (still correct)."""
-    return command in (archive_command(server), program_command(*_command_paths(server)))
+    """The current archive_command, or one an earlier portal wrote (still correct)."""
+    return command == archive_command(server) or command in earlier_archive_commands(server)
 
 
 def conf_quote(value: str) -> str:

@@ -150,16 +150,24 @@ def test_one_call_copies_the_next_ready_segments_and_their_calls_need_no_python(
     assert (spool / ready[5]).read_bytes() == planted and not (spool / ready[6]).exists()
     assert not [n for n in os.listdir(spool) if n.endswith(".tmp")]
 
-    # Those copied ahead are acknowledged by the shell's cmp alone; the others still need the program.
+    # Each segment copied ahead is marked once durable, and none other.
+    assert sorted(os.listdir(spool / "ahead")) == ready[1:5]
+
+    # Those copied ahead are acknowledged by the shell alone; the others still need the program,
+    # and so does one written after its copy was marked (its marker is older than %p).
     program = Path(result["program"])
     program.rename(program.with_name("moved-away"))
     try:
         assert archive_as_postgres(server, pg_wal / ready[1], ready[1]).returncode == 0
         assert archive_as_postgres(server, pg_wal / ready[6], ready[6]).returncode != 0
+        later = (spool / "ahead" / ready[4]).stat().st_mtime + 5
+        os.utime(pg_wal / ready[4], (later, later))
+        assert archive_as_postgres(server, pg_wal / ready[4], ready[4]).returncode != 0
     finally:
         program.with_name("moved-away").rename(program)
+    assert archive_as_postgres(server, pg_wal / ready[4], ready[4]).returncode == 0  # the program compared it
     # Chained with another tool, the line fails when either fails, whichever path it takes.
-    for name in (ready[2], ready[7]):  # acknowledged by cmp; through the program (nothing ahead)
+    for name in (ready[2], ready[7]):  # acknowledged by the shell; through the program (nothing ahead)
         for chained, expected in (("{} && exit 7", 7), ("false && {}", 1), ("{} && true", 0)):
             line = (
                 chained.format(walspool.archive_command(server)).replace("%p", str(pg_wal / name)).replace("%f", name)
@@ -168,6 +176,13 @@ def test_one_call_copies_the_next_ready_segments_and_their_calls_need_no_python(
     refused = archive_as_postgres(server, pg_wal / ready[5], ready[5])
     assert refused.returncode == 1 and "different content" in refused.stderr
     assert (spool / ready[5]).read_bytes() == planted  # never overwritten
+
+    # Ingesting a segment takes its marker away with it: a file archived again under that name
+    # goes through the program, which compares it with the sha256 the ingest kept.
+    (spool / ready[5]).unlink()
+    ingested = walingest.ingest(server).ingested
+    assert ready[1] in ingested and not (spool / "ahead" / ready[1]).exists()
+    assert not set(os.listdir(spool / "ahead")) & set(ingested)
 
 
 @pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py

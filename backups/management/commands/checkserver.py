@@ -154,8 +154,8 @@ def archive_command_check(server, command):
     if command == walspool.archive_command(server):
         return check("archive_command", "ok", command, fix)
     if walspool.is_portal_command(server, command):
-        # Still archives correctly, only slower: every segment of a backlog starts Python.
-        return check("archive_command", "warn", f"{command} (the portal's earlier form, without the cmp shortcut)", fix)
+        # Still archives correctly, only slower: a backlog's segments start cmp or Python each.
+        return check("archive_command", "warn", f"{command} (the portal's earlier form, slower)", fix)
     return check("archive_command", "fail", command or "(empty)", fix)
 
 
