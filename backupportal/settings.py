@@ -255,9 +255,13 @@ PG_DUMP_COMPRESS = env.int("PG_DUMP_COMPRESS", default=1)
 # zstd's level for base backups (zstd -T0 on every core; gpg then only encrypts), 1-19. Quick
 # bench (103 MiB strategy-shaped, shared 2-core machine): level 1 4.76 s and 59.5 MiB, level 3
 # 5.04 s and 58.1 MiB, within the run-to-run noise; 3 is zstd's own default.
-BASE_ZSTD_LEVEL = env.int("BASE_ZSTD_LEVEL", default=3)
-if not 1 <= BASE_ZSTD_LEVEL <= 19:
-    raise ImproperlyConfigured(f"BASE_ZSTD_LEVEL={BASE_ZSTD_LEVEL}: zstd's levels are 1 to 19 (3 is its default)")
+# 1 by measurement (bench/RESULTS.md, base backups): on the strategy-shaped cluster level 3 took
+# half as much CPU again for an artifact 1.7% smaller. -1 to -10 are zstd's --fast=1..10.
+BASE_ZSTD_LEVEL = env.int("BASE_ZSTD_LEVEL", default=1)
+if not (1 <= BASE_ZSTD_LEVEL <= 19 or -10 <= BASE_ZSTD_LEVEL <= -1):
+    raise ImproperlyConfigured(
+        f"BASE_ZSTD_LEVEL={BASE_ZSTD_LEVEL}: zstd's levels are 1 to 19, or -1 to -10 for --fast=1 to 10"
+    )
 # A backup still running after this many seconds is stopped and failed.
 BACKUP_TIMEOUT = env.int("BACKUP_TIMEOUT", default=6 * 3600)
 # A run still queued after this many seconds was lost by the broker or no worker is running:
@@ -314,6 +318,12 @@ S3_MAX_ATTEMPTS = env.int("S3_MAX_ATTEMPTS", default=3)
 # Encryption: a passphrase file (0600) for symmetric AES-256, or public-key recipients.
 BACKUP_PASSPHRASE_FILE = env.str("BACKUP_PASSPHRASE_FILE", default="")
 GPG_RECIPIENTS = env.list("GPG_RECIPIENTS", default=[])
+# The passphrase's key derivation (gpg --s2k-count, SHA-512): the strategy's 65011712, the most
+# gpg encodes, about 0.25 s of CPU per artifact encrypted or decrypted. Lowering it weakens the
+# passphrase against guessing; the test settings lower it, as Django's tests do password hashing.
+GPG_S2K_COUNT = env.int("GPG_S2K_COUNT", default=65011712)
+if not 1024 <= GPG_S2K_COUNT <= 65011712:
+    raise ImproperlyConfigured(f"GPG_S2K_COUNT={GPG_S2K_COUNT}: gpg takes 1024 to 65011712 (the strategy's)")
 GNUPGHOME = env.str("GNUPGHOME", default="")
 # The keyring: every key that encrypted a kept artifact, by its random key id (backups.keyring).
 # A directory of 0600 files, 0700; never inside a selfbackup, and to be kept in escrow too.

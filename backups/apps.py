@@ -54,6 +54,7 @@ class BackupsConfig(AppConfig):
         journal.register_server_names(server_names)
         # A server's schedules follow it through every save, rename and delete.
         # changes: how each kind of approved change request is made (registered on import).
-        from backups import binaries, changes, schedules  # noqa: F401  (schedules: its signal receivers)
+        # checks: registered on import, for `manage.py check --deploy`.
+        from backups import binaries, changes, checks, schedules  # noqa: F401  (schedules: its signal receivers)
 
         binaries.warn_missing()

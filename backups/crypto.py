@@ -19,8 +19,13 @@ from django.conf import settings
 
 from backupportal.lib.childenv import child_env
 
-# The strategy's key derivation: strong, and cheap once per artifact.
-S2K_ARGS = ["--s2k-cipher-algo", "AES256", "--s2k-digest-algo", "SHA512", "--s2k-mode", "3", "--s2k-count", "65011712"]
+
+def s2k_args():
+    """The strategy's key derivation (its count is GPG_S2K_COUNT): strong, and cheap once per artifact."""
+    count = str(settings.GPG_S2K_COUNT)
+    return ["--s2k-cipher-algo", "AES256", "--s2k-digest-algo", "SHA512", "--s2k-mode", "3", "--s2k-count", count]
+
+
 # WAL segments: the passphrase is the portal's WAL data key (backups.walkeys), 256 random bits,
 # so iterating the derivation adds nothing, and mode 3 costs ~0.2 s of CPU per gpg process
 # whatever the count: at one gpg per segment that alone capped ingest at ~8 segments/s.
@@ -100,7 +105,6 @@ def read_passphrase(path=None) -> str:
 class Encryption:
     """How this portal encrypts: decided once from settings, checked before any work starts."""
 
-    s2k_args = S2K_ARGS
     key_id = ""  # the WAL data key this one encrypts with (with_data_key), else ""
     custody_key = ""  # the keyring's key id (of_key), else "": the settings' key, as before the keyring
 
@@ -109,6 +113,7 @@ class Encryption:
         self.passphrase_file = passphrase_file if passphrase_file is not None else settings.BACKUP_PASSPHRASE_FILE
         if not self.recipients and not self.passphrase_file:
             raise EncryptionError("no encryption configured: set BACKUP_PASSPHRASE_FILE (mode 0600) or GPG_RECIPIENTS")
+        self.s2k_args = s2k_args()
         self.gpg = PortalGPG(gnupghome=str(gnupg_home()))
         self._idle, self._lock = [self.gpg], threading.Lock()
         self._data_keyed = {}  # key id -> Encryption (with_data_key)

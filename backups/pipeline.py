@@ -92,7 +92,8 @@ class Zstd(Tool):
     missing = "install zstd (apt-get install zstd; scripts/system-packages lists it)"
 
     def __init__(self, level):
-        super().__init__(["zstd", "-T0", "-q", f"-{level}", "-c"], {})
+        speed = f"--fast={-level}" if level < 0 else f"-{level}"  # BASE_ZSTD_LEVEL -N is --fast=N
+        super().__init__(["zstd", "-T0", "-q", speed, "-c"], {})
 
 
 class ToolSource(Source):

@@ -101,7 +101,7 @@ def _new_key(encryption):
         wrapped.write(chunk or b"")
         return False
 
-    result = encryption.encrypt_stream(io.BytesIO(secret.encode()), collect)  # S2K_ARGS: the full derivation
+    result = encryption.encrypt_stream(io.BytesIO(secret.encode()), collect)  # s2k_args(): the full derivation
     if result.returncode != 0:
         raise WalKeyError(f"cannot wrap a new WAL key: {gpg_failure(result)}")
     write_private(keyring() / f"{key_id}.key.gpg", wrapped.getvalue())

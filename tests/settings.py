@@ -28,6 +28,9 @@ os.environ.setdefault("ALLOWED_HOSTS", "testserver,127.0.0.1,localhost")
 # The suite logs in with force_login and no authenticator: the tests of the second factor turn
 # it on (tests/test_two_factor.py), as production has it.
 os.environ.setdefault("REQUIRE_2FA", "false")
+# A light key derivation, as PASSWORD_HASHERS below: the strategy's costs 0.25 s of CPU per gpg
+# run, thousands of times a suite. tests/test_encryption.py checks what production sets.
+os.environ.setdefault("GPG_S2K_COUNT", "65536")
 
 from backupportal.settings import *  # noqa: E402,F403
 

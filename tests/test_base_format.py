@@ -9,6 +9,7 @@ import pytest
 from backupportal.lib.osuser import free_port
 from backups import walingest
 from backups.models import BackupRun, WalSegment
+from backups.pipeline import Zstd
 from tests.helpers import archive_some_wal, enable_push, pitr, rows, run_command
 from tests.stock import GPG, artifact, restore_command, stock
 
@@ -17,13 +18,16 @@ pytest_plugins = ["tests.walfixtures"]
 
 @pytest.mark.parametrize("pg_major", [15, 18])  # on 18 too: tests/test_pg18.py
 def test_a_base_backup_restores_with_gpg_zstd_tar_and_pg_verifybackup_alone(
-    server, sample_cluster, passphrase_file, backup_root, wal_spool, tmp_path
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, tmp_path, settings, pg_major
 ):
+    # The default level on 15; zstd's --fast (a negative BASE_ZSTD_LEVEL) on 18: both undone by `zstd -d`.
+    settings.BASE_ZSTD_LEVEL = 1 if pg_major == 15 else -3
     enable_push(sample_cluster)
     base = run_command("backup", "maldives", "--kind", "base")
     assert base["status"] == "succeeded", base
     run = BackupRun.objects.get(pk=base["id"])
     assert run.key.endswith(".tar.zst.gpg") and run.details["compression"] == "zstd"
+    assert run.details["zstd_level"] == settings.BASE_ZSTD_LEVEL
     path = artifact(run)
     assert path.read_bytes()[:4] != b"\x28\xb5\x2f\xfd"  # encrypted: no zstd frame shows through
 
@@ -90,3 +94,7 @@ def test_a_base_run_from_before_zstd_still_restores_by_pitr(
     assert result["status"] == "succeeded", result
     assert result["base_backup"] == run.pk
     assert rows(port, "SELECT x FROM t2") == [(2,)]
+
+
+def test_a_negative_level_is_zstds_fast_mode():
+    assert "--fast=3" in Zstd(-3).argv and "-1" in Zstd(1).argv and "-19" in Zstd(19).argv

@@ -87,7 +87,9 @@ def test_backup_decrypts_with_gpg_and_restores_with_pg_restore(
     assert "CREATE ROLE postgres" in globals_sql.read_text()
 
 
-def test_the_dump_is_compressed_once_inside_pg_dump_not_by_gpg(server, passphrase_file, backup_root):
+@pytest.mark.parametrize("count", [65011712, 65536])  # production's default (the strategy's), the suite's
+def test_the_dump_is_compressed_once_inside_pg_dump_not_by_gpg(server, passphrase_file, backup_root, settings, count):
+    settings.GPG_S2K_COUNT = count
     result = backup_json()
     run = BackupRun.objects.get(pk=result["id"])
     packets = subprocess.run(
@@ -106,6 +108,7 @@ def test_the_dump_is_compressed_once_inside_pg_dump_not_by_gpg(server, passphras
     ).stdout
     # cipher 9 is AES-256, hash 10 SHA-512, s2k mode 3 (iterated and salted): the strategy's key derivation.
     assert "cipher 9" in packets and "s2k 3, hash 10" in packets
+    assert f"count {count} " in packets, packets
     assert "compressed packet" not in packets
 
 

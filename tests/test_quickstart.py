@@ -96,6 +96,16 @@ def test_production_settings_pass_check_deploy(tmp_path):
 
 
 @no_dotenv
+def test_a_key_derivation_below_the_strategys_fails_check_deploy(tmp_path):
+    env = production_env(tmp_path, GPG_S2K_COUNT="65536")  # what the test settings use, for speed
+
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=env)
+
+    assert result.returncode != 0
+    assert "backups.W001" in result.stderr and "GPG_S2K_COUNT is 65536" in result.stderr
+
+
+@no_dotenv
 def test_plain_http_as_in_the_demo_fails_check_deploy(tmp_path):
     env = production_env(tmp_path, SECURE_SSL_REDIRECT="false")
 
