@@ -373,7 +373,7 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
 
 PORTAL_WAL = (
     "**portal** archive_command (archive_wal.py: copy, fsync, link into the spool; copies ready segments ahead,"
-    " which cmp then acknowledges)"
+    " which the shell then acknowledges by their markers, no process)"
 )
 CP_WAL = "cp (the strategy's wal_archive.sh; no fsync: not durable)"
 BR_SYNC = "pgBackRest archive-push, synchronous (lz4, aes-256-cbc)"

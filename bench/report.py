@@ -80,11 +80,11 @@ def targets(parts):
         lz4, zstd = (row_median(parts["physical"], m) for m in (compare.BR_LZ4, compare.BR_ZSTD))
         faster = compare.BR_LZ4 if (lz4 or 1e9) <= (zstd or 1e9) else compare.BR_ZSTD
         ratio_row(
-            "base backup: portal ≤ pgBackRest with encryption (its faster)",
+            "base backup: portal ≤ 0.60 × pgBackRest with encryption (its faster)",
             "physical",
             compare.PORTAL_BASE,
             faster,
-            1.0,
+            0.6,
         )
     if "restore" in parts:
         ratio_row(
@@ -93,11 +93,11 @@ def targets(parts):
         # The target read literally times pg_restore on a file someone already decrypted; every
         # encrypted backup (the strategy's too) must be decrypted first: both are reported.
         ratio_row(
-            "logical restore, decryption counted: portal ≤ gpg -d then pg_restore -j 2",
+            "logical restore, decryption counted: portal ≤ 0.80 × (gpg -d then pg_restore -j 2)",
             "restore",
             compare.PORTAL_RESTORE,
             compare.DECRYPT_JOBS_2,
-            1.0,
+            0.8,
         )
     if "pitr" in parts:
         ratio_row("PITR: portal ≤ pgBackRest restore", "pitr", compare.PORTAL_PITR, compare.BR_RESTORE, 1.0)
@@ -107,14 +107,15 @@ def targets(parts):
         if a and b:
             found.append(
                 (
-                    "WAL: portal ≥ pgBackRest async, segments/s",
+                    "WAL: portal ≥ 1.5 × pgBackRest async, segments/s",
                     f"{a:.1f} vs {b:.1f} /s",
                     f"{a / b:.2f}",
-                    verdict(a >= b),
+                    verdict(a >= 1.5 * b),
                 )
             )
         else:
-            found.append(("WAL: portal ≥ pgBackRest async, segments/s", "not measured", "–", "**MISS**"))
+            found.append(("WAL: portal ≥ 1.5 × pgBackRest async, segments/s", "not measured", "–", "**MISS**"))
+        found.append(ingest_row(parts.get("ingest"), a))
     if "scale" in parts:
         big = parts["scale"]["sizes"][-1]
         small = parts["scale"]["sizes"][0]
@@ -159,6 +160,16 @@ def targets(parts):
         ok = all(modes.get(m, {}).get("kept_up") for m in sustained.MODES)
         found.append(("WAL ingest keeps up under sustained load (push / pull)", ", ".join(said), "–", verdict(ok)))
     return found
+
+
+def ingest_row(ingest, archive_rate):
+    """The issue's fifth target: the worker's ingest (catalogue, encrypt, copy) at least as fast
+    as the archive command fills the spool, measured on the same backlog."""
+    name = "WAL ingest: catalogued, encrypted, on every tier ≥ the archive rate, segments/s"
+    if not ingest or not archive_rate:
+        return (name, "not measured", "–", "**MISS**")
+    rate = median([i["segments"] / i["seconds"] for i in ingest])
+    return (name, f"{rate:.1f} vs {archive_rate:.1f} /s", f"{rate / archive_rate:.2f}", verdict(rate >= archive_rate))
 
 
 def breakdown(parts, stage_name, portal_name, part, boot_s):
@@ -273,7 +284,8 @@ def wal_section(parts):
         "and the clock runs until every waiting segment is durable where the method puts it (the portal:",
         "acknowledged to PostgreSQL, which it does only once the segment is fsynced in the spool;",
         "pgBackRest: in the repository, async included). The portal's call copies the next ready segments",
-        "ahead in one batch, and the shell's `cmp` acknowledges those without starting Python; pgBackRest",
+        "ahead in one batch and marks each once fsynced; the shell acknowledges those with two `test` builtins",
+        "(marker newer than the segment), starting no process; pgBackRest",
         "async pushes ahead from a resident process. The quick mode uses 1 MB",
         "segments (initdb --wal-segsize=1) so that 200 segments x 4 methods x the rounds fit its time; with",
         "the default 16 MB the fixed cost per segment (a process start, an fsync) weighs less for every method.",
@@ -463,7 +475,8 @@ def scale_section(scale):
 
 
 # What the profile of each target says when it is missed, and what would close it. Read with
-# the stage rows and cProfile lists above; written from the design (DESIGN.md), not measured.
+# the stage rows and cProfile lists above; the figures quoted are from the focused measurements
+# of 2026-12-03 named in each (the ingest's cProfile, zstd on the judged cluster's tar).
 CLOSE = {
     "logical backup": (
         "The portal's own overhead is Python and Django starting plus the snapshot's row counts, globals"
@@ -472,34 +485,45 @@ CLOSE = {
         " (compare the quick and the full-size run)."
     ),
     "base backup": (
-        "pg_basebackup reads the cluster fast (the read-alone stage row); the portal reads its tar in"
-        " passing (WAL positions, manifest), pipes it into zstd -T0 (BASE_ZSTD_LEVEL) and gpg only"
-        " encrypts: pg_basebackup, zstd, gpg and Python share the two cores, where pgBackRest's lz4 is"
-        " cheaper than zstd. What is left: the catalog, the wait for the backup's own WAL, and copying the"
-        " tar through Python on its way to zstd (the sniffer must see it)."
+        "Most of the CPU is compression. On the judged cluster's 996 MiB tar, zstd -T0 took 6.0-7.0 s of CPU"
+        " at level 1 (now the default BASE_ZSTD_LEVEL; level 3, the earlier default, 9.1-10.3 s for an artifact"
+        " 1.7% smaller; --fast=1, -1 in BASE_ZSTD_LEVEL, 4.9-5.1 s for one 10% larger), gpg encrypting about"
+        " 1.2 s, pg_basebackup about 1.1 s: on two cores that is over 4 s before Python, above 0.60 x"
+        " pgBackRest. The server-zstd row (compression in the server's own threads) is near the bound, but"
+        ' pg_basebackup refuses a server-compressed tar on stdout with its manifest ("cannot inject manifest'
+        ' into a compressed tar file"), and into a directory it writes compressed plaintext to disk, which the'
+        " portal never does. Closing it: read BASE_BACKUP's archives and manifest over the replication"
+        " protocol in the portal itself, so the server compresses and the manifest still arrives; not built."
     ),
     "logical restore": (
-        "pg_restore -j 2 here reads a file that is already decrypted; the portal first decrypts to its"
-        " private scratch file (a pipe cannot feed -j 2) and starts Python and"
-        " Django. The second row counts the decryption that the strategy's stored file needs too."
-        " Closing the rest: overlap decryption with the restore (pg_restore --section=pre-data reads only the"
-        " TOC and could run from the stream while gpg still writes the scratch file), and start the restore"
-        " from the worker, already running, rather than a new manage.py."
+        "The portal restores the schema from the table of contents while gpg still writes its private scratch"
+        " file, then data and post-data with -j 2 once the file is verified; the rest of its time is that"
+        " decryption (one gpg, one core) running beside pg_restore's two jobs on two cores, and starting Python"
+        " and Django (the fixed-cost row). The 0.80 bound asks the restore to be faster than reading the"
+        " decrypted file with -j 2 while it also decrypts it: on two cores, where pg_restore's jobs and the"
+        " server's backends already share them, the cProfile list shows no portal work left to take out."
     ),
     "PITR": (
-        "The cProfile list splits the portal's PITR into staging WAL (fetch, sha256, gpg per segment),"
-        " extracting the base (gpg decrypting, zstd -d, tar), pg_verifybackup, and start-up."
-        " pgBackRest restores files with two processes and fetches WAL only as recovery asks for it. gpg"
-        " decrypts the base straight into zstd -d and tar (no Python in between), and the base is"
-        " extracted while the WAL is staged. What is left: cheaper decryption per segment (the strategy's"
-        " s2k count costs a key derivation each), fetching WAL ahead of replay, and start-up."
+        "The cProfile list splits the portal's PITR into extracting the base (gpg decrypting straight into"
+        " zstd -d and tar, no Python in between), pg_verifybackup, and start-up; the cluster starts as soon"
+        " as the base is in place and the WAL is fetched a bounded window ahead of replay. pgBackRest restores"
+        " files with two processes and checks them as it writes; the portal's decryption is one gpg on one"
+        " core, and pg_verifybackup reads the extracted base again before the cluster may start."
     ),
-    "WAL": (
-        "archive_command starts a shell per segment, and Python for each segment not already copied ahead"
-        " (the stage rows show /usr/bin/python3 starting); pgBackRest async pushes from a long-lived"
-        " process. Closing it: a resident helper that copies ahead continuously, or pull archiving"
-        " (receivewal, no process per segment); for ingest, public-key encryption (GPG_RECIPIENTS: no key"
-        " derivation per file) or a lower s2k count for WAL."
+    "WAL ingest:": (
+        "The ingest's cProfile (100 segments of 16 MB, SQLite catalog): its one cataloguing thread waited"
+        " 5.9 s for the two encrypting workers (a zstd and a gpg process per segment, about 0.13 s of CPU),"
+        " spent 3.6 s in SQL (12 statements and a share of a commit per segment) and 1.1 s unlinking spool"
+        " files. Closing it: catalog writes in bulk per batch, and compression moved out of the ingest (see"
+        " the WAL archive target); not built."
+    ),
+    "WAL:": (
+        "Compare the portal's row with cp's (no fsync, not durable): when they are close the archive is bound"
+        " by the disk's write rate, not by processes (the shell acknowledges each segment copied ahead with"
+        " two builtins, no process). pgBackRest async compresses (lz4) before it writes, so it writes about a"
+        " third fewer bytes; the portal's spool holds segments as PostgreSQL wrote them, compressed later by"
+        " the ingest. Closing it on a slow disk: zstd into the spool in the archive command (the ingest then"
+        " only encrypts); not built."
     ),
     "worker peak RSS": (
         "The memory table names the kind whose worker grows with the database; its code reads or keeps"

@@ -63,8 +63,12 @@ def test_the_benchmark_writes_every_table_with_a_number_in_each_measured_row(tmp
         wal_median_s = r"^\| [^|]+ \| \d+ \| \d+ \| \d+\.\d\d \|"  # segments, segment MB, then the median
         assert re.match(median_s, line) or re.match(wal_median_s, line), line
     targets = text.split("## Targets")[1].split("##")[0]
-    assert len(re.findall(r"\*\*(PASS|MISS)\*\*", targets)) == 10
+    assert len(re.findall(r"\*\*(PASS|MISS)\*\*", targets)) == 11
     assert "WAL ingest keeps up under sustained load (push / pull)" in targets
+    # The goals, not looser ones: each judged target names its bound.
+    for bound in ("≤ 0.60 × pgBackRest", "≤ 0.80 × (gpg -d then pg_restore -j 2)", "≥ 1.5 × pgBackRest async"):
+        assert bound in targets, bound
+    assert re.search(r"WAL ingest: [^|]+≥ the archive rate, segments/s \| [\d.]+ vs [\d.]+ /s \|", targets), targets
     # Memory: every kind of backup and restore measured at both sizes, each with a ratio and a verdict.
     memory = text.split("## 6. Memory of the worker")[1].split("\n## ")[0]
     kinds = re.findall(
