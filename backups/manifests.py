@@ -16,6 +16,12 @@ with the portal's public key (signing-public.asc) imported. A portal holding onl
 half verifies manifests and can refuse a forged one; the passphrase alone can write a manifest
 that decrypts, never one that verifies.
 
+Re-encryption (backups.reencrypt) gives a copy a new object, KEY.kKEYID.gpg, with another sha256,
+and leaves the manifests naming the old one: beside the new object it writes a signed note,
+NEWKEY.reencrypted.json (not encrypted: it holds object names and hashes only, like a listing),
+saying which object it replaces and the new one's size and sha256. A rebuild follows the notes
+from what a manifest names to where the file is now, and refuses a note that does not verify.
+
 A run's manifest is written when the run succeeds, as the run's "signed_manifest" artifact, and
 goes to every tier with the run's other artifacts (backups.copies). WAL has one manifest per
 ingest pass (not per segment: a signature and a key derivation per segment would halve the
@@ -37,7 +43,7 @@ from django.utils import timezone
 
 from backupportal.lib import signing
 from backups import keyring
-from backups.crypto import Encryption, EncryptionError, gpg_failure
+from backups.crypto import Encryption, EncryptionError, gpg_failure, keyring_dir
 from backups.logical import primary_location
 from backups.models import BackupCopy, StorageLocation, WalSegment
 from backups.pipeline import BackupFailed, encrypt_bytes
@@ -45,6 +51,7 @@ from backups.storage import StorageError, store_for
 
 FORMAT = 1
 SUFFIX = ".manifest.json.gpg"
+NOTE_SUFFIX = ".reencrypted.json"  # beside a re-encrypted object (see the docstring)
 ARTIFACT = "signed_manifest"  # BackupCopy.artifact of a run's manifest
 # A WAL manifest names at most this many segments (~300 bytes each); the rest go in the next.
 MAX_WAL_ENTRIES = 10000
@@ -202,50 +209,114 @@ def seal(manifest: dict) -> bytes:
     return json.dumps(envelope).encode()
 
 
-def unseal(plain: bytes, public_key: str, where: str) -> dict:
-    """The manifest when its signature verifies with `public_key` and it says it lives at `where`;
-    else ManifestRefused naming it."""
+def verified(envelope: bytes, field: str, public_key: str, what: str) -> dict:
+    """The JSON text under `field` of a signed envelope, when its signature verifies with
+    `public_key`; else ManifestRefused naming `what`."""
     try:
-        envelope = json.loads(plain)
-        text, signature = envelope["manifest"], envelope["signature"]
+        parsed = json.loads(envelope)
+        text, signature = parsed[field], parsed["signature"]
     except (ValueError, KeyError, TypeError):
-        raise ManifestRefused(f"manifest {where} is not a manifest envelope: refused") from None
+        raise ManifestRefused(f"{what} is not a signed {field} envelope: refused") from None
     try:
         signing.verify(text.encode(), signature.encode(), public_key)
     except signing.SigningError as e:
-        raise ManifestRefused(f"manifest {where} is refused: {e}") from None
-    manifest = json.loads(text)
+        raise ManifestRefused(f"{what} is refused: {e}") from None
+    return json.loads(text)
+
+
+def unseal(plain: bytes, public_key: str, where: str) -> dict:
+    """The manifest when its signature verifies with `public_key` and it says it lives at `where`;
+    else ManifestRefused naming it."""
+    manifest = verified(plain, "manifest", public_key, f"manifest {where}")
     if manifest.get("manifest_key") != where:
         # A genuine manifest moved elsewhere would describe artifacts that are not beside it.
         raise ManifestRefused(f"manifest {where} is refused: it was signed for {manifest.get('manifest_key')}")
     return manifest
 
 
-def decrypt(data: bytes, encryption: Encryption, where: str) -> bytes:
-    plain = io.BytesIO()
+def decrypt(data: bytes, encryption: Encryption, where: str, keyring_too=False) -> bytes:
+    """The plaintext of a manifest. `keyring_too`: when `encryption` cannot open it, every key of
+    KEYRING_DIR is tried (a manifest written before a rotation, read by a fresh portal)."""
+    candidates = [encryption, *(_keyring_keys(encryption) if keyring_too else [])]
+    for candidate in candidates:
+        plain = io.BytesIO()
 
-    def collect(chunk):
-        plain.write(chunk or b"")
-        return False
+        def collect(chunk, plain=plain):
+            plain.write(chunk or b"")
+            return False
 
-    result = encryption.decrypt_stream(io.BytesIO(data), collect)
-    if not result.ok:
-        raise ManifestRefused(f"manifest {where} cannot be decrypted: {gpg_failure(result)}")
-    return plain.getvalue()
+        result = candidate.decrypt_stream(io.BytesIO(data), collect)
+        if result.ok:
+            return plain.getvalue()
+    tried = f" (tried {len(candidates)} keys: the given one and the keyring's)" if keyring_too else ""
+    raise ManifestRefused(f"manifest {where} cannot be decrypted{tried}: {gpg_failure(result)}")
 
 
-def read(store, key, encryption, public_key):
-    """(manifest, size, sha256 of the stored file) of the manifest at `key` in `store`."""
+def _keyring_keys(given):
+    """Encryptions of the keyring's keys other than `given`, as files in KEYRING_DIR."""
+    ids = sorted({p.stem for p in keyring_dir().iterdir() if p.suffix in (".passphrase", ".recipients")})
+    for key_id in ids:
+        if key_id == given.custody_key:
+            continue
+        try:
+            yield Encryption.of_key(key_id)
+        except EncryptionError:
+            continue  # unreadable or empty: the others may still open it
+
+
+def _fetched(store, key, what) -> bytes:
+    """The whole small object at `key` (a manifest, a note); ManifestRefused naming `what`."""
     try:
         f = store.open(key)
         try:
-            data = f.read()
+            return f.read()
         finally:
             f.close()
     except (StorageError, OSError) as e:
-        raise ManifestRefused(f"manifest {key} cannot be read: {e}") from None
-    manifest = unseal(decrypt(data, encryption, key), public_key, key)
+        raise ManifestRefused(f"{what} cannot be read: {e}") from None
+
+
+def read(store, key, encryption, public_key, signed_for=None):
+    """(manifest, size, sha256 of the stored file) of the manifest at `key` in `store`; a manifest
+    re-encrypted since (a note led to `key`) still says where it was written: `signed_for`."""
+    data = _fetched(store, key, f"manifest {key}")
+    manifest = unseal(decrypt(data, encryption, key, keyring_too=True), public_key, signed_for or key)
     return manifest, len(data), hashlib.sha256(data).hexdigest()
+
+
+# --- Re-encryption notes. --------------------------------------------------------------------
+
+
+def write_note(store, replaces, key, size, sha256, encryption_key, key_id):
+    """The signed note beside the re-encrypted object `key` (see the module's docstring).
+    Raises SigningError, StorageError or OSError; an earlier note of that name is replaced."""
+    note = {
+        "replaces": replaces,
+        "key": key,
+        "size": size,
+        "sha256": sha256,
+        "encryption_key": encryption_key,
+        "key_id": key_id,
+        "at": timezone.now().isoformat(),
+    }
+    text = json.dumps(note, sort_keys=True)
+    envelope = json.dumps({"format": FORMAT, "note": text, "signature": signing.sign(text.encode()).decode()})
+    where = key + NOTE_SUFFIX
+    if store.exists(where):
+        store.delete(where)  # left by an interrupted run that wrote this very object before
+    with store.writer(where) as writer:
+        writer.write(envelope.encode())
+        writer.commit()
+
+
+def read_note(store, where, public_key):
+    """The note at `where` when its signature verifies and it describes the object beside it;
+    else ManifestRefused naming it."""
+    what = f"re-encryption note {where}"
+    note = verified(_fetched(store, where, what), "note", public_key, what)
+    if note.get("key", "") + NOTE_SUFFIX != where:
+        raise ManifestRefused(f"re-encryption note {where} is refused: it was signed for {note.get('key')}")
+    return note
 
 
 # --- Writing: a run's, when it succeeds; a WAL ingest pass's. ------------------------------
@@ -291,7 +362,7 @@ def write_for_wal(server, names, location, secondaries):
     sealed = seal(wal_manifest(server, segments, key))
     store = store_for(location)
     try:
-        encrypt_bytes(store, key, sealed, Encryption())
+        encrypt_bytes(store, key, sealed, keyring.current())  # the key a rotation made current, as the runs
     except BackupFailed as e:
         raise StorageError(str(e)) from None
     covered.write_text(str(max(s.pk for s in segments)))

@@ -7,7 +7,9 @@ rest describe: servers (never their passwords: the report says which to set), ru
 copies in this location, databases, WAL segments with their copies, and the chains (an
 incremental's parent, a logical run's globals) re-linked to the new run ids. Each artifact is
 read once and its sha256 compared with the manifest's before it is catalogued; a run or segment
-already in the catalog is left alone, so running it again changes nothing.
+already in the catalog is left alone, so running it again changes nothing. A file re-encrypted
+since its manifest was written is found through the signed note beside its new object
+(backups.manifests), and checked against the note's sha256.
 """
 
 import hashlib
@@ -18,7 +20,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backups import manifests, walkeys
-from backups.manifests import ARTIFACT, SUFFIX, ManifestRefused, parse_time
+from backups.manifests import ARTIFACT, NOTE_SUFFIX, SUFFIX, ManifestRefused, parse_time
 from backups.models import BackupCopy, BackupRun, Database, Server, WalSegment
 from backups.storage import StorageError, store_for
 from backups.streams import CHUNK
@@ -70,6 +72,8 @@ class Rebuild:
         self.report = Report(location.name, dry_run)
         self.run_ids = {}  # (server name, id on the old portal) -> the run here
         self.keys_present = set()
+        self.moved = {}  # a key a manifest names -> the verified note of the object that replaced it
+        self.note_at = {}  # a re-encrypted object's key -> its verified note
         self.seen = set()  # (server, segment) already met in this rebuild
 
     # --- Reading the location.
@@ -78,11 +82,17 @@ class Rebuild:
         """Every manifest of the location that verifies, runs first (oldest id first), then WAL."""
         keys = list(self.store.list())  # StorageError: the location cannot be listed, said by the caller
         self.keys_present = set(keys)
+        self.moved = self.notes(keys)
+        self.note_at = {note["key"]: note for note in self.moved.values()}
         runs, wal = [], []
-        for key in (k for k in keys if k.endswith(SUFFIX)):
+        written = {k for k in keys if k.endswith(SUFFIX)} | {k for k in self.moved if k.endswith(SUFFIX)}
+        for signed_for in sorted(written):
+            key = self.now_at(signed_for)
+            if key is None:
+                continue  # re-encrypted, and the new object is gone too: nothing to read
             self.report.manifests += 1
             try:
-                manifest, size, sha256 = manifests.read(self.store, key, self.encryption, self.public_key)
+                manifest, size, sha256 = manifests.read(self.store, key, self.encryption, self.public_key, signed_for)
             except ManifestRefused as e:
                 self.report.refused.append({"manifest": key, "why": str(e)})
                 continue
@@ -90,6 +100,43 @@ class Rebuild:
         runs.sort(key=lambda m: (m[1]["server"]["name"], m[1]["run"]["id"]))
         wal.sort(key=lambda m: (m[1]["server"]["name"], m[1]["created_at"]))
         return runs, wal
+
+    def notes(self, keys):
+        """The re-encryption notes that verify, by the key they replace; the others refused by name."""
+        moved = {}
+        for where in (k for k in keys if k.endswith(NOTE_SUFFIX)):
+            try:
+                note = manifests.read_note(self.store, where, self.public_key)
+            except ManifestRefused as e:
+                self.report.refused.append({"manifest": where, "why": str(e)})
+                continue
+            moved[note["replaces"]] = note
+        return moved
+
+    def now_at(self, key):
+        """Where the file a manifest names as `key` is now: the newest object here that the notes
+        lead to (re-encrypted once or more; the old one may still be here, held by an S3 lock),
+        else `key` itself; None when none of them is here."""
+        found, seen = (key if key in self.keys_present else None), set()
+        while key in self.moved and key not in seen:
+            seen.add(key)
+            key = self.moved[key]["key"]
+            found = key if key in self.keys_present else found
+        return found
+
+    def located(self, key, size, sha256):
+        """(why the file a manifest names does not check out or "", (key, size, sha256) where it is now).
+        A re-encrypted file is checked against its note instead of the manifest."""
+        now = self.now_at(key)
+        if now is not None and now != key:
+            note = self.note_at[now]
+            key, size, sha256 = now, note["size"], note["sha256"]
+        return self.hashed(key, size, sha256), (key, size, sha256)
+
+    def data_key_of(self, key, key_id):
+        """The WAL data key a segment's object is encrypted with: the note's when re-encrypted."""
+        note = self.note_at.get(key)
+        return note["key_id"] if note is not None else key_id
 
     def hashed(self, key, size, sha256):
         """Why the file at `key` does not match the manifest, or "" when it does."""
@@ -139,8 +186,9 @@ class Rebuild:
             self.report.runs_known += 1
             self.add_copy(known.run, ARTIFACT, key, size, sha256)
             return
+        found = {}  # the key each artifact had when the manifest was written -> where it is now
         for artifact in manifest["artifacts"]:
-            problem = self.hashed(artifact["key"], artifact["size"], artifact["sha256"])
+            problem, found[artifact["key"]] = self.located(artifact["key"], artifact["size"], artifact["sha256"])
             if problem:
                 self.report.skipped.append({"what": f"run #{was['id']} ({key})", "why": problem})
                 return
@@ -151,9 +199,10 @@ class Rebuild:
             if was["database"]
             else None,
             status=BackupRun.Status.SUCCEEDED,
-            details=self.relinked(server, was, key),
+            details=self.relinked(server, was, key, found, manifest["manifest_key"]),
             bytes_done=was["size"] or 0,
-            **{f: was[f] or "" for f in ("kind", "trigger", "requested_by", "key", "sha256", "notes")},
+            key=found.get(was["key"], (was["key"] or "",))[0],
+            **{f: was[f] or "" for f in ("kind", "trigger", "requested_by", "sha256", "notes")},
             **{f: was[f] for f in ("size", "timeline")},
             **{f: was[f] or "" for f in ("start_lsn", "end_lsn", "start_wal", "end_wal")},
             **{f: parse_time(was[f]) for f in manifests.RUN_TIMES},
@@ -161,14 +210,18 @@ class Rebuild:
         run.save()
         self.run_ids[(server.name, was["id"])] = run
         for artifact in manifest["artifacts"]:
-            self.add_copy(run, artifact["artifact"], artifact["key"], artifact["size"], artifact["sha256"])
+            self.add_copy(run, artifact["artifact"], *found[artifact["key"]])
         self.add_copy(run, ARTIFACT, key, size, sha256)
         self.report.runs_created.append({"id": run.pk, "was": was["id"], "server": server.name, "kind": run.kind})
 
-    def relinked(self, server, was, key):
+    def relinked(self, server, was, key, found, signed_for):
         """The run's details with the ids of other runs turned into this catalog's ids (a parent not
-        rebuilt is dropped, and said: nothing restores past a missing link)."""
+        rebuilt is dropped, and said: nothing restores past a missing link), and its files' keys
+        where they are now (re-encrypted since, under the manifest's own key too)."""
         details = dict(was["details"])
+        if isinstance(details.get("keys"), list):
+            moved = {k: where[0] for k, where in found.items()} | {signed_for: key}
+            details["keys"] = [moved.get(k, k) for k in details["keys"]]
         for name in RUN_REFERENCES:
             if details.get(name) is not None:
                 details[name] = self.new_id(server, details[name], was, name)
@@ -218,9 +271,9 @@ class Rebuild:
             if WalSegment.objects.filter(server=server, name=entry["name"], deleted_at=None).exists():
                 self.report.wal_known += 1
                 continue
-            problem = self.wal_key_missing(server, entry["key_id"], keys_ok) or self.hashed(
-                entry["key"], entry["stored_size"], entry["stored_sha256"]
-            )
+            problem, (stored, size, sha256) = self.located(entry["key"], entry["stored_size"], entry["stored_sha256"])
+            key_id = self.data_key_of(stored, entry["key_id"])
+            problem = problem or self.wal_key_missing(server, key_id, keys_ok)
             if problem:
                 self.report.skipped.append({"what": f"WAL {entry['name']} of {server} ({key})", "why": problem})
                 continue
@@ -228,7 +281,8 @@ class Rebuild:
                 server=server,
                 name=entry["name"],
                 defaults={
-                    **{f: entry[f] for f in ("timeline", "segno", "size", "sha256", "key", "source")},
+                    **{f: entry[f] for f in ("timeline", "segno", "size", "sha256", "source")},
+                    "key": stored,
                     "archived_at": parse_time(entry["archived_at"]),
                     "ingested_at": parse_time(entry["ingested_at"]),
                     "deleted_at": None,
@@ -237,9 +291,9 @@ class Rebuild:
             BackupCopy.objects.update_or_create(
                 wal_segment=segment,
                 location=self.location,
-                defaults={"artifact": "wal", "key": entry["key"], "size": entry["stored_size"]}
-                | {"sha256": entry["stored_sha256"], "status": BackupCopy.Status.OK, "attempts": 1}
-                | {"key_id": entry["key_id"], "compression": entry["compression"], "copied_at": timezone.now()},
+                defaults={"artifact": "wal", "key": stored, "size": size}
+                | {"sha256": sha256, "status": BackupCopy.Status.OK, "attempts": 1}
+                | {"key_id": key_id, "compression": entry["compression"], "copied_at": timezone.now()},
             )
             self.report.wal_created += 1
 
@@ -257,7 +311,7 @@ class Rebuild:
     def unlisted(self, named):
         """Artifacts in the location that no verified manifest names (keys, anchors and manifests aside)."""
         for key in sorted(self.keys_present - named):
-            if key.endswith(SUFFIX) or "/wal/keys/" in key or key.startswith(("anchors/", "journal")):
+            if key.endswith((SUFFIX, NOTE_SUFFIX)) or "/wal/keys/" in key or key.startswith(("anchors/", "journal")):
                 continue
             self.report.unlisted.append(key)
 
@@ -267,10 +321,10 @@ class Rebuild:
         with transaction.atomic():
             for key, manifest, size, sha256 in runs:
                 self.run(key, manifest, size, sha256)
-                named |= {a["key"] for a in manifest["artifacts"]}
+                named |= {key} | {k for a in manifest["artifacts"] for k in (a["key"], self.now_at(a["key"]))}
             for key, manifest, _size, _sha256 in wal:
                 self.wal(key, manifest)
-                named |= {s["key"] for s in manifest["segments"]}
+                named |= {key} | {k for e in manifest["segments"] for k in (e["key"], self.now_at(e["key"]))}
             self.unlisted(named)
             self.report.chains = chains_summary({m["server"]["name"] for _, m, *_ in runs + wal})
             if self.report.dry_run:

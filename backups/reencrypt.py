@@ -25,9 +25,11 @@ from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import journal
-from backups import keyring, walkeys
+from backupportal.lib import signing
+from backups import keyring, manifests, walkeys
 from backups.crypto import Encryption, EncryptionError, PipeSource, gpg_failure
-from backups.models import BackupCopy, BackupRun, EncryptionKey
+from backups.models import BackupCopy, BackupRun, EncryptionKey, Server, StorageLocation
+from backups.pipeline import BackupFailed, encrypt_bytes
 from backups.s3 import S3Store
 from backups.storage import StorageError, store_for
 from backups.streams import CopyCorrupt, EncryptFailed, Source, encrypt_into, open_copy
@@ -45,6 +47,7 @@ class Outcome:
     key_id: str
     to_key: str
     reencrypted: list = field(default_factory=list)  # copy ids
+    wal_manifests: int = 0  # WAL passes' manifests moved (not catalogued: found by listing)
     removed: int = 0  # old objects removed
     waiting: list = field(default_factory=list)  # copy ids whose old object could not be removed yet
     failed: list = field(default_factory=list)  # {"copy", "error"}
@@ -60,6 +63,7 @@ class Outcome:
             "from_key": self.key_id,
             "to_key": self.to_key,
             "reencrypted": len(self.reencrypted),
+            "wal_manifests": self.wal_manifests,
             "old_removed": self.removed,
             "old_waiting": len(self.waiting),
             "failed": self.failed,
@@ -110,10 +114,61 @@ def reencrypt(from_key_id, actor):
             outcome.removed += 1
         else:
             outcome.waiting.append(copy.pk)
+    move_wal_manifests(old, new, outcome, actor)
     journal.record(
         "reencrypt_run", actor=actor, obj=key, outcome="failed" if outcome.left else "ok", **outcome.as_dict()
     )
     return outcome
+
+
+def move_wal_manifests(old, new, outcome, actor):
+    """The WAL passes' manifests `old` encrypted, on every location, to `new` (with their notes).
+
+    They are not catalogued (one per pass, found by listing SERVER/wal/manifests/), so which key
+    wrote one is learnt by trying `old` on it; those of the other keys are left as they are."""
+    for location in StorageLocation.objects.filter(enabled=True):
+        store = store_for(location)
+        for server in Server.objects.values_list("name", flat=True):
+            try:
+                listed = [k for k in store.list(f"{server}/wal/manifests/") if k.endswith(manifests.SUFFIX)]
+            except StorageError as e:
+                outcome.failed.append({"copy": None, "error": f"{location.name}: cannot list WAL manifests: {e}"})
+                continue
+            for key in listed:
+                try:
+                    moved = move_wal_manifest(store, key, old, new)
+                except (StorageError, OSError, EncryptFailed, signing.SigningError) as e:
+                    outcome.failed.append({"copy": None, "error": f"{location.name}: {key}: {e}"})
+                    journal.record(
+                        "reencrypt_failed", actor=actor, outcome="failed", key_id=old.custody_key, error=str(e)[:500]
+                    )
+                    continue
+                outcome.wal_manifests += moved
+
+
+def move_wal_manifest(store, key, old, new):
+    """1 when `old` opened the manifest at `key` and it now lies, under `new`, beside its note; else 0."""
+    with store.open(key) as f:
+        data = f.read()
+    try:
+        plain = manifests.decrypt(data, old, key)
+    except manifests.ManifestRefused:
+        return 0  # another key's
+    target = retagged(key, new.custody_key)
+    if store.exists(target):
+        store.delete(target)  # left by an interrupted run: written again from the old one
+    try:
+        size, sha256 = encrypt_bytes(store, target, plain, new)
+    except BackupFailed as e:
+        raise EncryptFailed(str(e)) from None
+    if _hash_of(store, target) != (size, sha256):
+        store.delete(target)
+        raise EncryptFailed(f"the new object {target} does not read back as written: the old one is kept")
+    manifests.write_note(store, key, target, size, sha256, new.custody_key, "")
+    version, until = newest_version(store, key)
+    if until is None or until <= timezone.now():
+        store.delete(key, version)  # held by a lock, it stays: the note leads a rebuild past it
+    return 1
 
 
 def _to_move(key):
@@ -145,6 +200,15 @@ def reencrypt_copy(copy, old, new):
     if _hash_of(store, target) != (size, sha256):
         store.delete(target)
         raise EncryptFailed(f"the new object {target} does not read back as written: the old copy is kept")
+    try:
+        # Before the catalog moves: the manifests still name the old object, and a rebuilt
+        # catalog finds the new one only through this note.
+        manifests.write_note(store, copy.key, target, size, sha256, new.custody_key, writing.key_id)
+    except (signing.SigningError, StorageError, OSError) as e:
+        store.delete(target)
+        raise EncryptFailed(
+            f"the re-encryption note of {target} cannot be written ({e}): the old copy is kept"
+        ) from None
     version_id, retain_until = newest_version(store, target)
     with transaction.atomic():
         BackupCopy.objects.filter(pk=copy.pk, key=copy.key, encryption_key=copy.encryption_key_id).update(

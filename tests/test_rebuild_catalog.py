@@ -17,7 +17,7 @@ import pytest
 from backupportal.lib import signing
 from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
-from backups import manifests, walingest, walkeys
+from backups import keyring, manifests, walingest, walkeys
 from backups.crypto import Encryption
 from backups.models import (
     BackupCopy,
@@ -35,6 +35,7 @@ from tests.helpers import (
     DB,
     a_second_later,
     enable_push,
+    pitr,
     pitr_to,
     rows,
     run_command,
@@ -307,3 +308,65 @@ def test_wal_manifests_are_on_every_tier_cover_a_killed_pass_and_go_once_no_segm
     WalSegment.objects.filter(server=server).update(deleted_at=timezone.now())
     assert prune_wal_manifests(server) == keys[1:3]  # the newest pass's always stays
     assert [[store.exists(key) for key in keys] for store in stores] == [[False, False, False, True]] * 3
+
+
+def test_a_catalog_rebuilt_after_reencrypt_finds_every_file_through_the_signed_notes(
+    server, sample_cluster, passphrase_file, tiers, wal_spool, restored, signing_dir, settings, tmp_path, burn_the_host
+):
+    """Rotated and re-encrypted: every file has a new name and sha256, and every manifest a new
+    name, on each tier. A fresh portal with only the new passphrase and the public key gets all back."""
+    from tests.test_key_custody import new_passphrase_file
+
+    enable_push(sample_cluster)
+    source = fingerprints(sample_cluster.port)
+    assert run_command("backup", "maldives", "--kind", "logical")["status"] == "succeeded"
+    base = run_command("backup", "maldives", "--kind", "base")
+    assert base["status"] == "succeeded", base
+    old = BackupRun.objects.get(pk=base["id"]).details["key_id"]
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    walingest.ingest(server)
+    rotated = new_passphrase_file(tmp_path)
+    assert run_command("rotatekey", "--passphrase-file", str(rotated))["_exit"] == 0
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    walingest.ingest(server)
+    moved = run_command("reencrypt", "--from-key", old)
+    assert moved["status"] == "succeeded" and moved["old_removed"] == moved["reencrypted"] > 0, moved
+    assert moved["wal_manifests"] >= 3  # the pass before the rotation's, on each of the three tiers
+    assert keyring.drop_unneeded(actor="test") == [old]  # the old passphrase is gone for good
+    segments = WalSegment.objects.filter(server=server).count()
+    store = store_for(StorageLocation.objects.get(name="s3"))
+    notes = {k.removesuffix(manifests.NOTE_SUFFIX) for k in store.list() if k.endswith(manifests.NOTE_SUFFIX)}
+    moved_copies = set(BackupCopy.objects.filter(location__kind="s3", key__contains=".k").values_list("key", flat=True))
+    assert moved_copies and moved_copies <= notes
+    # Every manifest left under its first name was written after the rotation (the newer WAL pass).
+    assert [k for k in store.list() if k.endswith(manifests.SUFFIX)] == [
+        k for k in store.list("maldives/wal/manifests/") if k.endswith(manifests.SUFFIX)
+    ]
+    # A note forged by someone without the signing key: refused by name, the genuine ones followed.
+    genuine = manifests.read_note(store, sorted(notes)[0] + manifests.NOTE_SUFFIX, signing.public_key())
+    settings.SIGNING_KEY_DIR = tmp_path / "thief"
+    manifests.write_note(store, genuine["replaces"], "maldives/base/elsewhere.gpg", 1, "0" * 64, "", "")
+    settings.SIGNING_KEY_DIR = signing_dir
+    forged = "maldives/base/elsewhere.gpg" + manifests.NOTE_SUFFIX
+    public = keep_public_key(tmp_path)
+
+    burn_the_host()
+    settings.BACKUP_PASSPHRASE_FILE = str(rotated)  # the old passphrase is not needed any more
+    rebuilt = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
+    assert [r["manifest"] for r in rebuilt["refused"]] == [forged], rebuilt
+    assert rebuilt["skipped"] == [] and rebuilt["unlisted"]["count"] == 0, rebuilt
+    assert sorted(r["kind"] for r in rebuilt["runs_created"]) == ["base", "logical"]
+    assert rebuilt["wal_created"] == segments
+    for run in BackupRun.objects.all():  # the run's key and its files' keys: where they are now
+        assert run.key in run.details["keys"] and all(store.exists(k) for k in run.details["keys"])
+        assert all(".k" in k for k in run.copies.values_list("key", flat=True))
+
+    datadir, port = restored(), free_port()
+    result = pitr(datadir, port, "--target", "latest")
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+    restore = run_command("restore", str(BackupRun.objects.get(kind="logical").pk), "--into-database", "after_keys")
+    assert restore["status"] == "succeeded", restore
+    assert fingerprints(sample_cluster.port, "after_keys") == source
