@@ -415,8 +415,9 @@ def publish_pending(source, secondaries):
 
 
 def first_segment(key):
-    """The first segment a WAL manifest names, from its key (STAMP-FIRST.manifest.json.gpg)."""
-    return key.removesuffix(SUFFIX).rsplit("-", 1)[-1]
+    """The first segment a WAL manifest names, from its key: STAMP-FIRST.manifest.json.gpg, or
+    STAMP-FIRST.manifest.json.kKEYID.gpg once re-encrypted (and its note beside it)."""
+    return key.split(".manifest.json", 1)[0].rsplit("-", 1)[-1]
 
 
 def prune_wal(server, locations):
@@ -425,16 +426,20 @@ def prune_wal(server, locations):
     Ingest goes in name order, so a pass's segments run from its first name to the next pass's
     first: a manifest goes when no live segment of the server falls in that range. The newest
     always stays. Returns the keys deleted; a tier that refuses is tried again next time."""
-    keys = sorted(store_for(locations[0]).list(f"{server.name}/wal/manifests/"), key=first_segment)
+    passes = {}  # first segment -> the pass's objects: its manifest, re-encrypted ones, their notes
+    for key in store_for(locations[0]).list(f"{server.name}/wal/manifests/"):
+        passes.setdefault(first_segment(key), []).append(key)
+    firsts = sorted(passes)
     deleted = []
-    for key, following in zip(keys, keys[1:], strict=False):
+    for first, following in zip(firsts, firsts[1:], strict=False):
         live = WalSegment.objects.filter(server=server, deleted_at=None)
-        if live.filter(name__gte=first_segment(key), name__lt=first_segment(following)).exists():
+        if live.filter(name__gte=first, name__lt=following).exists():
             continue
         try:
-            for location in reversed(locations):  # the listed one last: a refusal leaves it to list again
-                store_for(location).delete(key)
+            for key in sorted(passes[first], key=lambda k: k.endswith(SUFFIX)):  # the listed name last
+                for location in reversed(locations):  # the listed one last: a refusal leaves it to list again
+                    store_for(location).delete(key)
+                deleted.append(key)
         except (StorageError, OSError):
             continue
-        deleted.append(key)
     return deleted

@@ -8,6 +8,7 @@ its in-memory key caches gone); only the passphrase file and the public signing 
 
 import io
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -344,6 +345,10 @@ def test_a_catalog_rebuilt_after_reencrypt_finds_every_file_through_the_signed_n
     assert [k for k in store.list() if k.endswith(manifests.SUFFIX)] == [
         k for k in store.list("maldives/wal/manifests/") if k.endswith(manifests.SUFFIX)
     ]
+    # Retention prunes a pass's manifest with its re-encrypted form and note: one pass, by its first segment.
+    wal_objects = list(store.list("maldives/wal/manifests/"))
+    assert len(wal_objects) > len({manifests.first_segment(k) for k in wal_objects}) >= 2
+    assert all(re.fullmatch("[0-9A-F]{24}", manifests.first_segment(k)) for k in wal_objects), wal_objects
     # A note forged by someone without the signing key: refused by name, the genuine ones followed.
     genuine = manifests.read_note(store, sorted(notes)[0] + manifests.NOTE_SUFFIX, signing.public_key())
     settings.SIGNING_KEY_DIR = tmp_path / "thief"
