@@ -258,6 +258,8 @@ def mark_ahead(spool, names):
         if not os.path.isdir(folder):
             os.mkdir(folder)
             os.chmod(folder, 0o2770)  # the portal's group removes markers as it ingests (umask 077 here)
+        for old in set(os.listdir(folder)) - set(os.listdir(spool)):
+            os.unlink(os.path.join(folder, old))  # ingested meanwhile, by a portal that could not remove it
         for extra in names:
             path = os.path.join(folder, extra)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o660))
