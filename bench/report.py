@@ -194,6 +194,12 @@ def render(results):
         "Regenerate with `make bench-quick` (under 15 minutes) or `make bench` (full size); see the README.",
         "",
     ]
+    if info.get("failed"):
+        lines += [
+            f"**This run failed before it finished** ({info['failed'][:300]}): the parts measured before",
+            "it are below, the others are missing and their targets say so.",
+            "",
+        ]
     if info["args"].get("shared"):
         lines += [
             "**The machine was shared** with five other engineers running their tests (2 cores in all; load",

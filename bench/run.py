@@ -130,21 +130,28 @@ def main(argv=None):
     }
     ws = Workspace(args.workdir)
     results = {"info": info}
+    failed = None
     try:
         build(ws, args, results)
         measure_all(ws, args, results)
+    except Exception as e:  # noqa: BLE001 - the parts measured so far are still written, the failure said
+        failed = f"{type(e).__name__}: {e}"
+        info["failed"] = failed
+        print(f"bench: failed: {failed}", file=sys.stderr)
     finally:
         ws.destroy()
 
     info["seconds"] = time.monotonic() - started
     info["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     output = Path(args.output)
+    if "datasets" not in results:
+        return 1  # failed while building: nothing measured to write
     if results.get("parts", {}).get("sustained"):
         # Beside RESULTS.md, which links it by this name.
         output.with_name(report.SUSTAINED_CHART).write_text(chart.render(results["parts"]["sustained"]))
     output.write_text(report.render(results))
     print(f"bench: wrote {args.output} in {info['seconds']:.0f} s")
-    return 0
+    return 1 if failed else 0
 
 
 STARTED = time.monotonic()
