@@ -253,6 +253,8 @@ def mark_ahead(spool, names):
     """SPOOL/ahead/NAME for each segment copied ahead, written only once the spool directory is
     fsynced: its mtime is what the shell compares with %p's. Best effort: without a marker the
     segment's own call goes through this program, which compares the bytes."""
+    if not names:
+        return  # most calls: nothing copied ahead, and no listing on this per-segment path
     folder = os.path.join(spool, AHEAD_DIR)
     try:
         if not os.path.isdir(folder):
