@@ -16,6 +16,7 @@ SECRETS_KEY_FILE, SIGNING_KEY_DIR and the passphrase, which live outside the dat
 README says where a restored portal gets them.
 """
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -34,7 +35,7 @@ from backups.binaries import client_tool
 from backups.crypto import Encryption, EncryptionError
 from backups.models import WAL_LOCATION, PortalBackup, StorageLocation
 from backups.pipeline import BackupFailed, Tool, encrypt_to
-from backups.storage import StorageError, store_for
+from backups.storage import MissingArtifact, StorageError, store_for
 from backups.streams import CHUNK, EncryptFailed, Source, WriteFailed, encrypt_into
 
 PREFIX = "portal/"
@@ -63,9 +64,18 @@ def engine():
     return "sqlite" if connection.vendor == "sqlite" else "postgresql"
 
 
-def key_for(started, engine_name):
-    stamp = timezone.localtime(started).strftime("%Y%m%dT%H%M%S%z")
+def key_for(started, engine_name, nth=1):
+    stamp = timezone.localtime(started).strftime("%Y%m%dT%H%M%S%z") + (f"-{nth}" if nth > 1 else "")
     return f"{PREFIX}selfbackup-{stamp}.{'sqlite3' if engine_name == 'sqlite' else 'dump'}.gpg"
+
+
+def free_key(store, started, engine_name):
+    """The name of a new selfbackup: its start to the second, then -2, -3... when one taken in the
+    same second has it already; the older file must never be replaced under its own row."""
+    nth = 1
+    while store.exists(key := key_for(started, engine_name, nth)):
+        nth += 1
+    return key
 
 
 def locations():
@@ -82,8 +92,8 @@ def _take(row, started):
     targets = locations()
     if not targets or targets[0].kind != StorageLocation.Kind.PRIMARY:
         raise BackupFailed("no enabled primary storage location: set BACKUP_ROOT and run migrate")
-    row.key, row.encryption = key_for(started, row.engine), encryption.method
     primary = store_for(targets[0])
+    row.key, row.encryption = free_key(primary, started, row.engine), encryption.method
     dump = _sqlite_into if row.engine == "sqlite" else _postgres_into
     (row.size, row.sha256), (row.journal_entry, row.journal_count) = dump(primary, row.key, encryption)
     try:
@@ -227,12 +237,14 @@ def _journal(row, actor):
 
 
 def remove_old(actor):
-    """The good selfbackups past the newest SELFBACKUP_KEEP: their files removed from every location."""
+    """The good selfbackups older than the newest SELFBACKUP_KEEP that can still be read: their
+    files removed from every location. One whose every copy the weekly verify found bad does not
+    count towards the kept ones, so the last readable backups are never the ones removed."""
     removed, stores = [], {loc.name: store_for(loc) for loc in StorageLocation.objects.all()}
-    for old in PortalBackup.objects.good().order_by("-finished_at", "-pk")[settings.SELFBACKUP_KEEP :]:
+    for old in _past_the_kept():
         try:
             for copy in old.copies:
-                if copy["location"] in stores and copy["status"] == "ok":
+                if copy["location"] in stores and copy["status"] in KEPT_FILES:
                     for key in [old.key] + [old.key + suffix for suffix in SIDECARS]:
                         stores[copy["location"]].delete(key)
         except (OSError, StorageError):
@@ -242,6 +254,64 @@ def remove_old(actor):
         journal.record("selfbackup_deleted", actor=actor, obj=old, key=old.key)
         removed.append(old.pk)
     return removed
+
+
+def _past_the_kept():
+    readable = 0
+    for row in PortalBackup.objects.good().order_by("-finished_at", "-pk"):
+        if readable >= settings.SELFBACKUP_KEEP:
+            yield row
+        readable += bool(row.good_copies)
+
+
+# --- The weekly verify reads the portal's own backups too (backups/verify.py). --------------
+
+# A copy's status on the row: "ok" and "bad" ones have a file (a bad one may have been put
+# right); a "failed" copy was never written.
+KEPT_FILES = ("ok", "bad")
+
+
+def kept_copies():
+    """[(row, copy)] for every copy with a file of every kept selfbackup: what verify reads."""
+    rows = PortalBackup.objects.good().order_by("pk")
+    return [(row, copy) for row in rows for copy in row.copies if copy.get("status") in KEPT_FILES]
+
+
+def verify_copy(row, copy, actor="job:verify", progress=None):
+    """Re-read one copy of a selfbackup and compare its sha256 with the row's; the copy's status
+    on the row follows. Returns (verdict, error) as verify.verify_copy: "ok", "bad", or
+    "unreachable" (not checked, never condemned)."""
+    location = StorageLocation.objects.filter(name=copy["location"]).first()
+    if location is None:
+        return "unreachable", f"location {copy['location']} is no longer configured: not checked"
+    digest = hashlib.sha256()
+    try:
+        with store_for(location).open(row.key) as reader:
+            while chunk := reader.read(CHUNK):
+                digest.update(chunk)
+                if progress:
+                    progress.read(len(chunk))
+    except MissingArtifact as e:
+        error = str(e)
+    except (OSError, StorageError) as e:
+        return "unreachable", str(e)
+    else:
+        found = digest.hexdigest()
+        error = "" if found == row.sha256 else f"{row.key} in {location.name} hashes to {found}, not {row.sha256}"
+    was, verdict = copy["status"], "bad" if error else "ok"
+    copy.update(status=verdict, error=error, verified_at=timezone.now().isoformat(timespec="seconds"))
+    row.save(update_fields=["copies"])
+    if verdict != was:
+        journal.record(
+            "selfbackup_copy_bad" if error else "selfbackup_copy_good_again",
+            actor=actor,
+            obj=row,
+            outcome="failed" if error else "ok",
+            location=location.name,
+            key=row.key,
+            error=error,
+        )
+    return verdict, error
 
 
 def as_dict(row):

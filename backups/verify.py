@@ -3,6 +3,8 @@
 A copy that is missing or hashes differently is marked bad and raises "corruption" for its
 server; a location that cannot be reached is reported as unchecked, never as corrupt. A copy
 under S3 Object Lock is read by its version, and its lock (mode, retain-until) read back from S3.
+The weekly check reads the portal's own kept backups too (selfbackup.verify_copy): their copies
+are listed on their PortalBackup row, not in the catalog's copies.
 """
 
 import time
@@ -11,6 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import conditions, journal
+from backups import selfbackup
 from backups.copies import mark_bad, mark_faults, owner_of, record
 from backups.models import BackupCopy, Server
 from backups.storage import MissingArtifact, StorageError, store_for
@@ -57,11 +60,12 @@ def read_lock(copy):
     return {"mode": lock["mode"], "retain_until": until.isoformat() if until else None, "problem": problem}
 
 
-def _verify(copies, actor, list_all, progress=None):
-    """progress (a Verification, or None) is told the totals, each chunk read and each verdict."""
+def _verify(copies, actor, list_all, progress=None, portal=()):
+    """progress (a Verification, or None) is told the totals, each chunk read and each verdict.
+    portal: [(row, copy)] of the portal's own backups (selfbackup.kept_copies()) read as well."""
     started = time.monotonic()
     if progress:
-        progress.begin(copies)
+        progress.begin(copies, portal)
     counts = {"ok": 0, "bad": 0, "unreachable": 0}
     listed, servers, locks = [], set(), {"locked": 0, "lock_problems": 0}
     for copy in copies.select_related("location", "run__server", "wal_segment__server").iterator(chunk_size=500):
@@ -85,6 +89,16 @@ def _verify(copies, actor, list_all, progress=None):
                     "error": error,
                     "lock": lock,
                 }
+            )
+    for row, copy in portal:
+        verdict, error = selfbackup.verify_copy(row, copy, actor, progress)
+        counts[verdict] += 1
+        if progress:
+            progress.checked(verdict)
+        if list_all or verdict != "ok":
+            listed.append(
+                {"run": None, "wal_segment": None, "location": copy["location"], "artifact": f"portal backup #{row.pk}"}
+                | {"key": row.key, "status": verdict, "error": error, "lock": None}
             )
     for server in Server.objects.filter(pk__in=servers):
         conditions.changed("corruption", server=server)  # the monitor reads the copies' rows
@@ -111,10 +125,11 @@ def verify_run(run, actor="job:verify", progress=None):
 
 
 def verify_all(actor="job:verify", progress=None):
-    """Every copy of every kept run and WAL segment, in every location: the weekly check."""
+    """Every copy of every kept run and WAL segment, in every location, and of the portal's own
+    kept backups (selfbackup): the weekly check."""
     live = Q(run__isnull=False, run__deleted_at=None) | Q(wal_segment__isnull=False, wal_segment__deleted_at=None)
     copies = BackupCopy.objects.filter(live, status__in=CHECKED).order_by("pk")
-    result = {"run": None, **_verify(copies, actor, False, progress)}
+    result = {"run": None, **_verify(copies, actor, False, progress, selfbackup.kept_copies())}
     _journal("verify_all", result, actor)
     return result
 

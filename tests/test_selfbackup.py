@@ -20,6 +20,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backupportal import journal
+from backupportal.models import JournalEntry
 from backups.models import BackupRun, PortalBackup
 from tests.helpers import portal_env, run_command
 from tests.stock import GPG, stock
@@ -196,6 +197,60 @@ def test_the_monitor_alerts_when_the_newest_selfbackup_is_older_than_26_hours(
         assert 'id="portal-backup"' in page and '<span class="dot red"></span>Last backed up' in page
         assert run_command("selfbackup")["status"] == "succeeded"
         monitor.check_portal_backup()
+    alert.refresh_from_db()
+    assert alert.state == "resolved"
+
+
+def test_the_weekly_verify_reads_the_portals_own_backups_and_alerts_on_a_bad_copy(
+    settings, tiers, passphrase_file, server
+):
+    """A corrupt NAS file and a deleted S3 object are found by verify, marked on the row,
+    journalled and alerted; retention of selfbackups never counts an unreadable one as kept."""
+    settings.SELFBACKUP_KEEP = 2
+    older = PortalBackup.objects.get(pk=run_command("selfbackup")["id"])
+    row = PortalBackup.objects.get(pk=run_command("selfbackup")["id"])
+    assert older.key != row.key  # taken within the same second, each has its own file
+    assert run_command("verify")["_exit"] == 0  # every copy of both reads back
+    nas_file = Path(tiers.nas) / row.key
+    original = nas_file.read_bytes()
+    nas_file.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    tiers.s3.delete_object(Bucket=tiers.bucket, Key=f"backupportal/{row.key}")
+
+    result = run_command("verify")
+    assert result["_exit"] == 1 and result["bad"] == 2 and result["unreachable"] == 0
+    listed = {c["location"]: c for c in result["copies"]}
+    assert set(listed) == {"nas", "s3"} and listed["nas"]["artifact"] == f"portal backup #{row.pk}"
+    assert "hashes to" in listed["nas"]["error"] and "missing" in listed["s3"]["error"].lower()
+    row.refresh_from_db()
+    assert {c["location"]: c["status"] for c in row.copies} == {"primary": "ok", "nas": "bad", "s3": "bad"}
+    bad = JournalEntry.objects.filter(action="selfbackup_copy_bad", object_id=str(row.pk))
+    assert bad.count() == 2 and all(e.outcome == "failed" for e in bad)
+
+    monitor.check_portal_backup_copies()
+    alert = Alert.objects.get(condition="corruption", subject="portal", state="open")
+    assert "2 copies of the portal's own backups read back bad" in alert.message
+    assert PortalBackup.objects.newest_good() == row  # its primary copy still reads
+
+    # Every copy of the newest bad: it is not the newest good one, and it does not count towards
+    # the kept ones, so the older, readable one stays.
+    primary_file = Path(tiers.primary) / row.key
+    primary_file.write_bytes(b"not the backup")
+    assert run_command("verify")["bad"] == 3
+    assert PortalBackup.objects.newest_good() == older
+    settings.SELFBACKUP_KEEP = 1
+    from backups import selfbackup
+
+    assert selfbackup.remove_old("test") == []
+    older.refresh_from_db()
+    assert older.deleted_at is None and (Path(tiers.primary) / older.key).exists()
+
+    # Put right (the files copied back by hand): good again, journalled, the alert resolves.
+    for path in (nas_file, primary_file):
+        path.write_bytes(original)
+    tiers.s3.put_object(Bucket=tiers.bucket, Key=f"backupportal/{row.key}", Body=original)
+    assert run_command("verify")["_exit"] == 0
+    assert JournalEntry.objects.filter(action="selfbackup_copy_good_again", object_id=str(row.pk)).count() == 3
+    monitor.check_portal_backup_copies()
     alert.refresh_from_db()
     assert alert.state == "resolved"
 

@@ -166,6 +166,8 @@ def portal_backup(now=None):
     failed = None
     if newest is not None and newest.status == PortalBackup.Status.FAILED:
         failed, newest = newest, PortalBackup.objects.newest_good()
+    elif newest is not None and not newest.good_copies:
+        newest = PortalBackup.objects.newest_good()  # every copy read back bad: alerted as corruption
     fresh = newest is not None and newest.age(now) <= timedelta(hours=settings.SELFBACKUP_MAX_AGE_HOURS)
     return {
         "newest": newest,

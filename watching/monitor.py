@@ -24,7 +24,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from backupportal import conditions
-from backups import walhealth
+from backups import selfbackup, walhealth
 from backups.copies import owner_of
 from backups.models import BackupCopy, BackupRun, BackupSchedule, Database, PortalBackup, Server, StorageLocation
 from backups.runner import fail_orphans
@@ -67,6 +67,7 @@ def checks():
         Check("copies", check_copies),
         Check("maintenance", maintenance.check_overdue),
         Check("portal backup", check_portal_backup),
+        Check("portal backup copies", check_portal_backup_copies),
     ]
 
 
@@ -505,5 +506,24 @@ def check_portal_backup(now=None):
             f"The portal's own database (catalog and journal) has no backup from the last "
             f"{settings.SELFBACKUP_MAX_AGE_HOURS} hours: {said}{why}. Run manage.py selfbackup and check the "
             '"selfbackup" schedule and the worker.'
+        ),
+    )
+
+
+def check_portal_backup_copies():
+    """A copy of a kept selfbackup that the weekly verify read back missing or corrupt: the
+    "corruption" alert, for the portal itself (resolved once no kept copy is bad)."""
+    bad = [(row, copy) for row, copy in selfbackup.kept_copies() if copy["status"] == "bad"]
+    if not bad:
+        resolve_alert(Alert.Condition.CORRUPTION, subject=PORTAL_SUBJECT)
+        return
+    row, copy = max(bad, key=lambda found: found[0].pk)
+    raise_alert(
+        Alert.Condition.CORRUPTION,
+        subject=PORTAL_SUBJECT,
+        message=(
+            f"{len(bad)} cop{'y' if len(bad) == 1 else 'ies'} of the portal's own backups read back bad; the newest: "
+            f"{row} in {copy['location']}: {copy['error']}. Take a new one (manage.py selfbackup) and check that "
+            "location."
         ),
     )

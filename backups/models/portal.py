@@ -18,7 +18,12 @@ class PortalBackupQuerySet(models.QuerySet):
         return self.filter(status=PortalBackup.Status.SUCCEEDED, deleted_at=None)
 
     def newest_good(self):
-        return self.good().order_by("-finished_at", "-pk").first()
+        """The newest succeeded selfbackup with a copy left that the weekly verify has not found
+        bad: one whose every copy is corrupt or missing is nothing to restore from."""
+        for row in self.good().order_by("-finished_at", "-pk").iterator():
+            if row.good_copies:
+                return row
+        return None
 
 
 class PortalBackup(models.Model):

@@ -93,9 +93,11 @@ class Verification(models.Model):
         self._save_progress(force=True, extra=["status", "started_at"])
 
     # The progress hooks verify.py calls while it reads.
-    def begin(self, copies):
+    def begin(self, copies, portal=()):
+        """copies: the catalog's; portal: [(row, copy)] of the portal's own backups."""
         totals = copies.aggregate(n=models.Count("pk"), size=models.Sum("size"))
-        self.copies_total, self.bytes_total = totals["n"], totals["size"] or 0
+        self.copies_total = totals["n"] + len(portal)
+        self.bytes_total = (totals["size"] or 0) + sum(row.size or 0 for row, _ in portal)
         self._save_progress(force=True, extra=["copies_total", "bytes_total"])
 
     def read(self, nbytes):
