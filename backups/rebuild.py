@@ -65,6 +65,20 @@ class Report:
         }
 
 
+class Pinned:
+    """A versioned location's store whose reads by key go to the version the rebuild listed: the
+    newest object, past any delete marker in front of it."""
+
+    def __init__(self, store, versions):
+        self.store, self.versions = store, versions
+
+    def open(self, key, version=""):
+        return self.store.open(key, version or self.versions.get(key, ""))
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
 class Rebuild:
     def __init__(self, location, encryption, public_key, dry_run=False):
         self.location, self.encryption, self.public_key = location, encryption, public_key
@@ -75,12 +89,19 @@ class Rebuild:
         self.moved = {}  # a key a manifest names -> the verified note of the object that replaced it
         self.note_at = {}  # a re-encrypted object's key -> its verified note
         self.seen = set()  # (server, segment) already met in this rebuild
+        self.versions = {}  # on a versioned S3 bucket: key -> the version id of its newest object
 
     # --- Reading the location.
 
     def manifests(self):
         """Every manifest of the location that verifies, runs first (oldest id first), then WAL."""
-        keys = list(self.store.list())  # StorageError: the location cannot be listed, said by the caller
+        # StorageError: the location cannot be listed, said by the caller. A versioned bucket (as
+        # Object Lock makes it) is read by version: a delete marker put by key alone hides an
+        # object that is still there. The fresh portal's location may not say it locks yet.
+        if self.store.versioned():
+            self.versions = self.store.surviving()
+            self.store = Pinned(self.store, self.versions)
+        keys = list(self.versions) if self.versions else list(self.store.list())
         self.keys_present = set(keys)
         self.moved = self.notes(keys)
         self.note_at = {note["key"]: note for note in self.moved.values()}
@@ -154,6 +175,17 @@ class Rebuild:
         if (length, digest.hexdigest()) != (size, sha256):
             return f"{key} does not match its manifest (sha256 {digest.hexdigest()[:12]}, manifest {sha256[:12]})"
         return ""
+
+    def lock_of(self, key):
+        """The copy's S3 version and lock on a versioned bucket (reads and deletes go by version,
+        and retention never asks S3 to delete an object it still locks), else nothing."""
+        version = self.versions.get(key, "")
+        if not version or version == "null":
+            return {}
+        try:
+            return {"version_id": version, "retain_until": self.store.lock_of(key, version)["retain_until"]}
+        except StorageError:
+            return {"version_id": version}  # retention learns the lock when S3 refuses the delete
 
     # --- Servers.
 
@@ -256,7 +288,7 @@ class Rebuild:
             location=self.location,
             artifact=artifact,
             defaults={"key": key, "size": size, "sha256": sha256, "status": BackupCopy.Status.OK, "attempts": 1}
-            | {"copied_at": timezone.now()},
+            | {"copied_at": timezone.now(), **self.lock_of(key)},
         )
 
     # --- WAL.
@@ -293,7 +325,8 @@ class Rebuild:
                 location=self.location,
                 defaults={"artifact": "wal", "key": stored, "size": size}
                 | {"sha256": sha256, "status": BackupCopy.Status.OK, "attempts": 1}
-                | {"key_id": key_id, "compression": entry["compression"], "copied_at": timezone.now()},
+                | {"key_id": key_id, "compression": entry["compression"], "copied_at": timezone.now()}
+                | self.lock_of(stored),
             )
             self.report.wal_created += 1
 

@@ -214,6 +214,28 @@ class S3Store(Store):
                 return
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
+    def versioned(self) -> bool:
+        # Credentials without s3:GetBucketVersioning read the bucket as unversioned: by key.
+        try:
+            return self.call("get_bucket_versioning").get("Status") == "Enabled"
+        except StorageError:
+            return False
+
+    def surviving(self, prefix=""):
+        """{key: the version id of its newest object (not a delete marker)} of every key under
+        `prefix`, page by page: on a locked location, what survives whatever the delete markers
+        hide from list(), which a rebuilt catalog reads."""
+        found, page_at = {}, {}
+        while True:
+            page = self.call("list_object_versions", Prefix=self.prefix + prefix, **page_at)
+            for version in page.get("Versions", []):  # newest first within a key
+                key = version["Key"].removeprefix(self.prefix)
+                if key not in found or version["LastModified"] > found[key]["LastModified"]:
+                    found[key] = version
+            if not page.get("IsTruncated"):
+                return {key: version["VersionId"] for key, version in found.items()}
+            page_at = {"KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
+
     def delete(self, key, version=""):
         """Delete an object, or one version of it. By key alone, a versioned bucket only puts a
         delete marker in front of it; a version still locked raises ObjectLocked."""

@@ -151,6 +151,11 @@ class Store:
             return None
         return max(self.location.capacity_bytes - self.used_bytes(), 0)
 
+    def versioned(self) -> bool:
+        """Whether the location keeps earlier versions of its objects (an S3 bucket with
+        versioning on): only then can an object outlive its deletion by key."""
+        return False
+
 
 class FileStore(Store):
     """A primary or NAS location: a directory under the configured roots."""

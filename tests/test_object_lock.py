@@ -22,10 +22,11 @@ from backupportal.lib import sampledata
 from backupportal.models import JournalEntry
 from backups import retention, walingest, walkeys
 from backups.copies import delete_copy, delete_run_artifacts, retry_deletions
-from backups.models import BackupCopy, ChangeRequest, LockChange, StorageLocation
+from backups.models import BackupCopy, BackupRun, ChangeRequest, LockChange, StorageLocation
 from backups.storage import ObjectLocked, StorageError, store_for
 from tests.adminform_helpers import admin_form_data
 from tests.helpers import good_backup, restore_json, run_command, verify_json
+from tests.test_rebuild_catalog import burn_the_host, keep_public_key, signing_dir  # noqa: F401 (fixtures)
 from tests.test_wal_keys import fetch, forget_keys, spool_segments
 
 pytest_plugins = ["tests.walfixtures"]
@@ -209,6 +210,32 @@ def test_a_key_only_delete_leaves_the_copy_verifiable_and_restorable(server, sam
     assert f"read from s3 (s3://{locked.bucket}/" in result["notes"]
     with sample_cluster.connect("restored_after_marker") as conn:
         assert sampledata.counts(conn) == run.details["row_counts"]
+
+
+@pytest.mark.usefixtures("signing_dir")
+def test_a_catalog_rebuilt_from_a_locked_bucket_sees_past_delete_markers_and_keeps_versions_and_locks(
+    server, passphrase_file, locked, settings, tmp_path, request
+):
+    """The host burns, and whoever burnt it deleted every object of the bucket by key (S3 put a
+    delete marker in front of each). The fresh portal's location does not even say it locks yet."""
+    settings.S3_BUCKET = locked.bucket  # the fresh portal's environment names the locked bucket
+    _, run = good_backup()
+    made = {c.artifact: (c.version_id, c.retain_until) for c in s3_copies(run)}
+    public = keep_public_key(tmp_path)
+    for key in {v["Key"] for v in every_version(locked)}:
+        assert locked.s3.delete_object(Bucket=locked.bucket, Key=key)["DeleteMarker"] is True
+    assert "Contents" not in locked.s3.list_objects_v2(Bucket=locked.bucket)
+
+    request.getfixturevalue("burn_the_host")()
+    assert not StorageLocation.objects.get(name="s3").locked
+    rebuilt = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
+    assert rebuilt["_exit"] == 0 and rebuilt["refused"] == [] and rebuilt["skipped"] == [], rebuilt
+    [new_run] = BackupRun.objects.all()
+    assert {c.artifact: (c.version_id, c.retain_until) for c in s3_copies(new_run)} == made
+    assert all(version and until for version, until in made.values())
+    assert verify_json(str(new_run.pk))[0] == 0  # read by version, past the markers
+    restored = restore_json(str(new_run.pk), "--into-database", "rebuilt_past_markers")
+    assert restored["status"] == "succeeded", restored
 
 
 def test_verify_fails_a_lock_lifted_behind_the_portals_back(server, passphrase_file, locked):
