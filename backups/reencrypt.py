@@ -161,9 +161,7 @@ def move_wal_manifest(store, key, old, new):
         size, sha256 = encrypt_bytes(store, target, plain, new)
     except BackupFailed as e:
         raise EncryptFailed(str(e)) from None
-    if _hash_of(store, target) != (size, sha256):
-        store.delete(target)
-        raise EncryptFailed(f"the new object {target} does not read back as written: the old one is kept")
+    _read_back(store, target, (size, sha256))
     manifests.write_note(store, key, target, size, sha256, new.custody_key, "")
     version, until = newest_version(store, key)
     if until is None or until <= timezone.now():
@@ -197,9 +195,7 @@ def reencrypt_copy(copy, old, new):
         size, sha256 = encrypt_into(store, target, Decrypted(reader, reading), writing)
     finally:
         reader.close()
-    if _hash_of(store, target) != (size, sha256):
-        store.delete(target)
-        raise EncryptFailed(f"the new object {target} does not read back as written: the old copy is kept")
+    _read_back(store, target, (size, sha256))
     try:
         # Before the catalog moves: the manifests still name the old object, and a rebuilt
         # catalog finds the new one only through this note.
@@ -271,6 +267,14 @@ def retagged(key, key_id):
     """The object key of a copy re-encrypted with `key_id`: its key with the key id in its name."""
     bare = TAG.sub("", key)
     return f"{bare[:-4]}.k{key_id}.gpg" if bare.endswith(".gpg") else f"{bare}.k{key_id}"
+
+
+def _read_back(store, target, written):
+    """The new object must read back as it was written, or it is removed (the old one is kept,
+    and this one fails)."""
+    if _hash_of(store, target) != written:
+        store.delete(target)
+        raise EncryptFailed(f"the new object {target} does not read back as written: the old one is kept")
 
 
 def _hash_of(store, key):
