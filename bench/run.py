@@ -80,6 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--workdir", default="/var/tmp", help="where the work directory is made")
     p.add_argument("--shared", action="store_true", help="say in RESULTS.md that the machine was shared")
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="measure nothing: write RESULTS.md again from the figures a run saved (bench/results.json)",
+    )
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
     for name, value in preset.items():
@@ -110,6 +115,8 @@ def disk_budget(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        return write(json.loads(Path(args.render).read_text()), Path(args.output))
     budget = disk_budget(args)
     free = free_bytes(args.workdir)
     if free < budget:
@@ -143,15 +150,27 @@ def main(argv=None):
 
     info["seconds"] = time.monotonic() - started
     info["load_end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    output = Path(args.output)
     if "datasets" not in results:
         return 1  # failed while building: nothing measured to write
+    output = Path(args.output)
+    # The figures as measured, beside RESULTS.md: --render writes the report again from them
+    # (its explanations corrected, say) without another hour of measuring.
+    output.with_name(RESULTS_JSON).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write(json.loads(output.with_name(RESULTS_JSON).read_text()), output)
+    return 1 if failed else 0
+
+
+RESULTS_JSON = "results.json"
+
+
+def write(results, output):
+    """RESULTS.md (and the sustained-load chart beside it, which it links) from a run's figures.
+    Always from the figures as saved, so that a run and a --render of it write the same."""
     if results.get("parts", {}).get("sustained"):
-        # Beside RESULTS.md, which links it by this name.
         output.with_name(report.SUSTAINED_CHART).write_text(chart.render(results["parts"]["sustained"]))
     output.write_text(report.render(results))
-    print(f"bench: wrote {args.output} in {info['seconds']:.0f} s")
-    return 1 if failed else 0
+    print(f"bench: wrote {output} from a run of {results['info']['seconds']:.0f} s")
+    return 1 if results["info"].get("failed") else 0
 
 
 STARTED = time.monotonic()

@@ -99,6 +99,15 @@ def test_the_benchmark_writes_every_table_with_a_number_in_each_measured_row(tmp
     svg = ET.parse(tmp_path / "sustained.svg").getroot()
     assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 8  # 2 modes x (pg_wal, spool, RPO MiB, RPO s)
     assert work_dirs() == before, "work directory left behind"
+    # The figures are saved beside it, and --render writes the same report from them, measuring nothing.
+    again = tmp_path / "again" / "RESULTS.md"
+    again.parent.mkdir()
+    proc = bench("--render", str(tmp_path / "results.json"), "--output", str(again))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (
+        again.read_text() == text
+        and (again.parent / "sustained.svg").read_bytes() == (tmp_path / "sustained.svg").read_bytes()
+    )
 
 
 def test_the_incrementals_section_measures_both_shares_on_postgresql_18(tmp_path):
