@@ -85,6 +85,7 @@ ACTIONS = {
     "selfbackup_succeeded": "the portal's own database was backed up to the storage locations (selfbackup)",
     "selfbackup_failed": "the backup of the portal's own database failed",
     "selfbackup_deleted": "an old backup of the portal's own database was removed (SELFBACKUP_KEEP)",
+    "manifests_backfilled": "signed manifests written for runs and WAL taken before manifests existed (writemanifests)",
     "selfbackup_copy_bad": "a copy of the portal's own backup read back missing or with the wrong sha256 (verify)",
     "selfbackup_copy_good_again": "a bad copy of the portal's own backup verified good again",
     "portal_restored": "the portal's database was restored from a selfbackup (restoreportal)",

@@ -38,14 +38,14 @@ from pathlib import Path
 
 import psycopg
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from backupportal.lib import signing
 from backups import keyring
 from backups.crypto import Encryption, EncryptionError, gpg_failure, keyring_dir
 from backups.logical import primary_location
-from backups.models import BackupCopy, StorageLocation, WalSegment
+from backups.models import BackupCopy, BackupRun, StorageLocation, WalSegment
 from backups.pipeline import BackupFailed, encrypt_bytes
 from backups.storage import StorageError, store_for
 
@@ -358,17 +358,22 @@ def write_for_wal(server, names, location, secondaries):
     segments = sorted(todo.order_by("pk")[:MAX_WAL_ENTRIES], key=lambda s: s.name)
     if not segments:
         return None
-    key = wal_batch_key(server, segments[0].name, timezone.now())
-    sealed = seal(wal_manifest(server, segments, key))
-    store = store_for(location)
-    try:
-        encrypt_bytes(store, key, sealed, keyring.current())  # the key a rotation made current, as the runs
-    except BackupFailed as e:
-        raise StorageError(str(e)) from None
+    key = _write_wal(server, segments, location)
     covered.write_text(str(max(s.pk for s in segments)))
     for other in secondaries:
         _pending(other, key).touch()
     publish_pending(location, secondaries)
+    return key
+
+
+def _write_wal(server, segments, location):
+    """The manifest of `segments` (in name order) into the WAL location; its key."""
+    key = wal_batch_key(server, segments[0].name, timezone.now())
+    sealed = seal(wal_manifest(server, segments, key))
+    try:
+        encrypt_bytes(store_for(location), key, sealed, keyring.current())  # the key a rotation made current
+    except BackupFailed as e:
+        raise StorageError(str(e)) from None
     return key
 
 
@@ -443,3 +448,50 @@ def prune_wal(server, locations):
         except (StorageError, OSError):
             continue
     return deleted
+
+
+# --- Backfill: manifests for what was backed up before manifests existed (writemanifests). ----
+
+
+def runs_without_manifest():
+    """Good runs with artifacts in the primary location and no manifest: taken before manifests
+    existed, so a rebuilt catalog would not find them."""
+    artifacts = BackupCopy.objects.filter(
+        run=OuterRef("pk"), status=BackupCopy.Status.OK, location__kind=StorageLocation.Kind.PRIMARY
+    ).exclude(artifact=ARTIFACT)
+    manifest = BackupCopy.objects.filter(run=OuterRef("pk"), artifact=ARTIFACT)
+    runs = BackupRun.objects.good().filter(Exists(artifacts)).exclude(Exists(manifest))
+    return runs.select_related("server", "database").order_by("pk")
+
+
+def backfill_run(run):
+    """The manifest a run taken before manifests never got, as write_for_run() writes it after a
+    backup (with the cluster's identifier as the newest run recorded it: never a connection)."""
+    run.details.setdefault("system_identifier", known_system_identifier(run.server))
+    key = write_for_run(run)
+    BackupRun.objects.filter(pk=run.pk).update(details=run.details)  # the manifest among its keys
+    return key
+
+
+def wal_before_manifests(server, location):
+    """Kept segments of `server` named before the first segment of any WAL manifest in `location`
+    (every kept one when there is none): ingested before manifests existed. One a pass killed
+    before its manifest is left to the next pass (SERVER.covered), never here."""
+    firsts = [first_segment(key) for key in store_for(location).list(f"{server.name}/wal/manifests/")]
+    live = WalSegment.objects.filter(server=server, deleted_at=None)
+    return (live.filter(name__lt=min(firsts)) if firsts else live).order_by("name")
+
+
+def backfill_wal(server, location, secondaries):
+    """Manifests for those segments, MAX_WAL_ENTRIES each, in name order, on every tier; their keys.
+
+    Each manifest's segments run from its first name up to the next manifest's first, as
+    prune_wal() reads a pass, so retention removes each once none of its segments is kept."""
+    segments = list(wal_before_manifests(server, location))
+    keys = []
+    for start in range(0, len(segments), MAX_WAL_ENTRIES):
+        keys.append(_write_wal(server, segments[start : start + MAX_WAL_ENTRIES], location))
+        for other in secondaries:
+            _pending(other, keys[-1]).touch()
+    publish_pending(location, secondaries)
+    return keys

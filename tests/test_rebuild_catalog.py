@@ -375,3 +375,50 @@ def test_a_catalog_rebuilt_after_reencrypt_finds_every_file_through_the_signed_n
     restore = run_command("restore", str(BackupRun.objects.get(kind="logical").pk), "--into-database", "after_keys")
     assert restore["status"] == "succeeded", restore
     assert fingerprints(sample_cluster.port, "after_keys") == source
+
+
+def test_runs_and_wal_from_before_manifests_get_them_from_writemanifests_and_are_rebuilt(
+    server, sample_cluster, passphrase_file, tiers, wal_spool, signing_dir, tmp_path, burn_the_host
+):
+    enable_push(sample_cluster)
+    logical = run_command("backup", "maldives", "--kind", "logical")
+    base = run_command("backup", "maldives", "--kind", "base")
+    assert logical["status"] == base["status"] == "succeeded", (logical, base)
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    walingest.ingest(server)
+    segments = WalSegment.objects.filter(server=server).count()
+    # What a portal upgraded from a version without manifests holds: no manifest anywhere.
+    for copy in BackupCopy.objects.filter(artifact=manifests.ARTIFACT).select_related("location"):
+        store_for(copy.location).delete(copy.key)
+        copy.delete()
+    for location in StorageLocation.objects.all():
+        store = store_for(location)
+        for key in list(store.list("maldives/wal/manifests/")):
+            store.delete(key)
+
+    dry = run_command("writemanifests", "--dry-run")
+    assert dry["_exit"] == 0 and sorted(r["id"] for r in dry["runs"]) == sorted([logical["id"], base["id"]]), dry
+    assert dry["wal"] == [{"server": "maldives", "segments": segments, "manifests": ["(dry run)"]}]
+    assert not BackupCopy.objects.filter(artifact=manifests.ARTIFACT).exists() and not s3_manifests(tiers, "wal")
+
+    done = run_command("writemanifests")
+    assert done["_exit"] == 0 and done["failed"] == [] and len(done["runs"]) == 2, done
+    assert done["wal"][0]["segments"] == segments and len(done["wal"][0]["manifests"]) == 1
+    for run in BackupRun.objects.all():
+        assert set(run.copies.filter(artifact=manifests.ARTIFACT).values_list("location__kind", "status")) == {
+            ("primary", "ok"),
+            ("nas", "ok"),
+            ("s3", "ok"),
+        }
+    assert s3_manifests(tiers, "wal") == done["wal"][0]["manifests"]
+    again = run_command("writemanifests")
+    assert again["_exit"] == 0 and again["runs"] == [] and again["wal"] == [], again
+    assert JournalEntry.objects.filter(action="manifests_backfilled").count() == 1
+
+    # A fresh portal finds them all.
+    public = keep_public_key(tmp_path)
+    burn_the_host()
+    rebuilt = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
+    assert rebuilt["_exit"] == 0 and rebuilt["refused"] == [] and rebuilt["skipped"] == [], rebuilt
+    assert sorted(r["kind"] for r in rebuilt["runs_created"]) == ["base", "logical"]
+    assert rebuilt["wal_created"] == segments
