@@ -10,9 +10,9 @@ before the first pass that wrote one. Running it again writes nothing.
 from backupportal import journal
 from backupportal.lib.signing import SigningError
 from backups import manifests
-from backups.copies import copy_pending, plan_copies
+from backups.copies import copy_one, plan_copies
 from backups.crypto import EncryptionError
-from backups.models import Server
+from backups.models import BackupCopy, Server
 from backups.pipeline import BackupFailed
 from backups.storage import StorageError
 from backups.walingest import secondary_locations, wal_location
@@ -24,14 +24,16 @@ def backfill(dry_run=False, actor="system"):
     result = {"dry_run": dry_run, "runs": [], "wal": [], "failed": []}
     for run in manifests.runs_without_manifest():
         listed = {"id": run.pk, "server": run.server.name, "kind": run.kind, "manifest": ""}
+        if missing := manifests.not_in_primary(run):
+            result["failed"].append({"what": f"run #{run.pk}", "error": _not_in_primary(missing)})
+            continue
         if not dry_run:
             try:
                 listed["manifest"] = manifests.backfill_run(run)
             except BackupFailed as e:
                 result["failed"].append({"what": f"run #{run.pk}", "error": str(e)})
                 continue
-            plan_copies(run)
-            copy_pending(run, actor=actor)  # a copy that fails now is retried by the copy schedule
+            _copy_manifest(run, actor)
         result["runs"].append(listed)
     location, secondaries = wal_location(), secondary_locations()
     for server in Server.objects.order_by("name"):
@@ -46,6 +48,21 @@ def backfill(dry_run=False, actor="system"):
             failed=result["failed"],
         )
     return result
+
+
+def _not_in_primary(artifacts):
+    return (
+        f"its {', '.join(artifacts)} has no good copy in the primary location, and a manifest must list every "
+        "artifact: run manage.py verify, and copy it back from another location"
+    )
+
+
+def _copy_manifest(run, actor):
+    """The new manifest to every other tier now; a tier that fails is retried by the copy
+    schedule. Only the manifest: the run's other copies keep their own retry times."""
+    plan_copies(run)
+    for copy in BackupCopy.objects.filter(run=run, artifact=manifests.ARTIFACT, status=BackupCopy.Status.PENDING):
+        copy_one(copy, actor=actor)
 
 
 def _backfill_wal(server, location, secondaries, result):

@@ -443,11 +443,19 @@ def prune_wal(server, locations):
         try:
             for key in sorted(passes[first], key=lambda k: k.endswith(SUFFIX)):  # the listed name last
                 for location in reversed(locations):  # the listed one last: a refusal leaves it to list again
-                    store_for(location).delete(key)
+                    _delete(store_for(location), key)
                 deleted.append(key)
         except (StorageError, OSError):
             continue
     return deleted
+
+
+def _delete(store, key):
+    """On a locked location by version, as every copy is: a delete by key alone would only hide
+    the object behind a marker, and a rebuild would find it again while it is locked. A version
+    still locked refuses (ObjectLocked), and the next pass tries again."""
+    version = store.surviving_version(key) if store.location.locked else ""
+    store.delete(key, version)
 
 
 # --- Backfill: manifests for what was backed up before manifests existed (writemanifests). ----
@@ -464,10 +472,19 @@ def runs_without_manifest():
     return runs.select_related("server", "database").order_by("pk")
 
 
+def not_in_primary(run):
+    """The artifacts of `run` with no good copy in the primary location, which its manifest lists
+    (run_manifest): a manifest without them would rebuild a run that cannot be restored."""
+    artifacts = set(run.copies.exclude(artifact=ARTIFACT).values_list("artifact", flat=True))
+    primary = run.copies.filter(status=BackupCopy.Status.OK, location__kind=StorageLocation.Kind.PRIMARY)
+    return sorted(artifacts - set(primary.values_list("artifact", flat=True)))
+
+
 def backfill_run(run):
     """The manifest a run taken before manifests never got, as write_for_run() writes it after a
-    backup (with the cluster's identifier as the newest run recorded it: never a connection)."""
-    run.details.setdefault("system_identifier", known_system_identifier(run.server))
+    backup. No system identifier: the cluster's may have been initialised again since (a rebuild
+    registers the server from the name and DSN)."""
+    run.details.setdefault("system_identifier", "")
     key = write_for_run(run)
     BackupRun.objects.filter(pk=run.pk).update(details=run.details)  # the manifest among its keys
     return key
@@ -483,15 +500,17 @@ def wal_before_manifests(server, location):
 
 
 def backfill_wal(server, location, secondaries):
-    """Manifests for those segments, MAX_WAL_ENTRIES each, in name order, on every tier; their keys.
+    """Manifests for those segments, MAX_WAL_ENTRIES each, on every tier; their keys.
 
     Each manifest's segments run from its first name up to the next manifest's first, as
     prune_wal() reads a pass, so retention removes each once none of its segments is kept."""
     segments = list(wal_before_manifests(server, location))
     keys = []
-    for start in range(0, len(segments), MAX_WAL_ENTRIES):
+    # Newest first: when a run stops half way, the segments left lie below the lowest manifest
+    # written, where the next run looks for them.
+    for start in reversed(range(0, len(segments), MAX_WAL_ENTRIES)):
         keys.append(_write_wal(server, segments[start : start + MAX_WAL_ENTRIES], location))
         for other in secondaries:
             _pending(other, keys[-1]).touch()
-    publish_pending(location, secondaries)
+        publish_pending(location, secondaries)  # each on every tier before the next is written
     return keys

@@ -89,7 +89,7 @@ class Rebuild:
         self.moved = {}  # a key a manifest names -> the verified note of the object that replaced it
         self.note_at = {}  # a re-encrypted object's key -> its verified note
         self.seen = set()  # (server, segment) already met in this rebuild
-        self.versions = {}  # on a versioned S3 bucket: key -> the version id of its newest object
+        self.versions = {}  # on a versioned S3 bucket: key -> the version id to read (S3Store.surviving)
 
     # --- Reading the location.
 
@@ -97,7 +97,7 @@ class Rebuild:
         """Every manifest of the location that verifies, runs first (oldest id first), then WAL."""
         # StorageError: the location cannot be listed, said by the caller. A versioned bucket (as
         # Object Lock makes it) is read by version: a delete marker put by key alone hides an
-        # object that is still there. The fresh portal's location may not say it locks yet.
+        # object still locked there. The fresh portal's location may not say it locks yet.
         if self.store.versioned():
             self.versions = self.store.surviving()
             self.store = Pinned(self.store, self.versions)

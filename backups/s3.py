@@ -178,12 +178,14 @@ class S3Store(Store):
         """A streaming GET (of one version, when given): a file-like object read in chunks.
 
         Read by key alone (a WAL key file, an anchor: no catalogued version) from a locked
-        location, an object hidden by a delete marker is read from its newest surviving version.
+        location or a versioned bucket, an object hidden by a delete marker is read from its newest
+        surviving version.
         """
         try:
             response = self.call("get_object", Key=self.object_key(key), **_version(version))
         except MissingArtifact:
-            survivor = self.surviving_version(key) if not version and self.location.locked else ""
+            # A fresh portal's location may not say it locks yet: the bucket's versioning does.
+            survivor = self.surviving_version(key) if not version and (self.location.locked or self.versioned()) else ""
             if not survivor:
                 raise
             response = self.call("get_object", Key=self.object_key(key), VersionId=survivor)
@@ -222,19 +224,32 @@ class S3Store(Store):
             return False
 
     def surviving(self, prefix=""):
-        """{key: the version id of its newest object (not a delete marker)} of every key under
-        `prefix`, page by page: on a locked location, what survives whatever the delete markers
-        hide from list(), which a rebuilt catalog reads."""
-        found, page_at = {}, {}
+        """{key: version id} of what a rebuilt catalog may read under `prefix`: every object list()
+        shows, and each one hidden by a delete marker whose newest version S3 still locks. The
+        portal deletes a locked copy by version, so a locked object behind a marker was removed
+        by key alone by someone else; an unlocked one behind a marker was deleted, by the portal
+        (retention, pruning) or anyone, and stays deleted."""
+        newest, hidden, page_at = {}, set(), {}
         while True:
             page = self.call("list_object_versions", Prefix=self.prefix + prefix, **page_at)
-            for version in page.get("Versions", []):  # newest first within a key
+            for version in page.get("Versions", []):
                 key = version["Key"].removeprefix(self.prefix)
-                if key not in found or version["LastModified"] > found[key]["LastModified"]:
-                    found[key] = version
+                if key not in newest or version["LastModified"] > newest[key]["LastModified"]:
+                    newest[key] = version
+            hidden |= {m["Key"].removeprefix(self.prefix) for m in page.get("DeleteMarkers", []) if m["IsLatest"]}
             if not page.get("IsTruncated"):
-                return {key: version["VersionId"] for key, version in found.items()}
+                break
             page_at = {"KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
+        now = timezone.now()
+        return {
+            key: version["VersionId"]
+            for key, version in newest.items()
+            if key not in hidden or self._locked_at(key, version["VersionId"], now)
+        }
+
+    def _locked_at(self, key, version, now):
+        until = self.lock_of(key, version)["retain_until"]
+        return until is not None and until > now
 
     def delete(self, key, version=""):
         """Delete an object, or one version of it. By key alone, a versioned bucket only puts a

@@ -65,12 +65,13 @@ def engine():
 
 
 def key_for(started, engine_name, nth=1):
-    stamp = timezone.localtime(started).strftime("%Y%m%dT%H%M%S%z") + (f"-{nth}" if nth > 1 else "")
+    # "_2" sorts after the first of that second ("." < "_"), so the newest is listed last.
+    stamp = timezone.localtime(started).strftime("%Y%m%dT%H%M%S%z") + (f"_{nth}" if nth > 1 else "")
     return f"{PREFIX}selfbackup-{stamp}.{'sqlite3' if engine_name == 'sqlite' else 'dump'}.gpg"
 
 
 def free_key(store, started, engine_name):
-    """The name of a new selfbackup: its start to the second, then -2, -3... when one taken in the
+    """The name of a new selfbackup: its start to the second, then _2, _3... when one taken in the
     same second has it already; the older file must never be replaced under its own row."""
     nth = 1
     while store.exists(key := key_for(started, engine_name, nth)):
@@ -280,7 +281,11 @@ def kept_copies():
 def verify_copy(row, copy, actor="job:verify", progress=None):
     """Re-read one copy of a selfbackup and compare its sha256 with the row's; the copy's status
     on the row follows. Returns (verdict, error) as verify.verify_copy: "ok", "bad", or
-    "unreachable" (not checked, never condemned)."""
+    "unreachable" (not checked, never condemned); None when the daily selfbackup removed the
+    backup's files since the verify listed it (a weekly verify reads for hours)."""
+    row, copy = _still_kept(row, copy)
+    if row is None:
+        return None
     location = StorageLocation.objects.filter(name=copy["location"]).first()
     if location is None:
         return "unreachable", f"location {copy['location']} is no longer configured: not checked"
@@ -292,6 +297,8 @@ def verify_copy(row, copy, actor="job:verify", progress=None):
                 if progress:
                     progress.read(len(chunk))
     except MissingArtifact as e:
+        if _still_kept(row, copy)[0] is None:
+            return None  # removed while it was read
         error = str(e)
     except (OSError, StorageError) as e:
         return "unreachable", str(e)
@@ -312,6 +319,15 @@ def verify_copy(row, copy, actor="job:verify", progress=None):
             error=error,
         )
     return verdict, error
+
+
+def _still_kept(row, copy):
+    """(row, copy) as the catalog holds them now, or (None, None) once the backup is removed."""
+    row = PortalBackup.objects.filter(pk=row.pk, deleted_at=None).first()
+    now = next((c for c in row.copies if c["location"] == copy["location"]), None) if row else None
+    if now is None or now.get("status") not in KEPT_FILES:
+        return None, None
+    return row, now
 
 
 def as_dict(row):

@@ -91,7 +91,10 @@ def _verify(copies, actor, list_all, progress=None, portal=()):
                 }
             )
     for row, copy in portal:
-        verdict, error = selfbackup.verify_copy(row, copy, actor, progress)
+        found = selfbackup.verify_copy(row, copy, actor, progress)
+        if found is None:
+            continue  # removed by the daily selfbackup since it was listed
+        verdict, error = found
         counts[verdict] += 1
         if progress:
             progress.checked(verdict)

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from backupportal.lib import sampledata
 from backupportal.models import JournalEntry
-from backups import retention, walingest, walkeys
+from backups import manifests, retention, walingest, walkeys
 from backups.copies import delete_copy, delete_run_artifacts, retry_deletions
 from backups.models import BackupCopy, BackupRun, ChangeRequest, LockChange, StorageLocation
 from backups.storage import ObjectLocked, StorageError, store_for
@@ -214,13 +214,19 @@ def test_a_key_only_delete_leaves_the_copy_verifiable_and_restorable(server, sam
 
 @pytest.mark.usefixtures("signing_dir")
 def test_a_catalog_rebuilt_from_a_locked_bucket_sees_past_delete_markers_and_keeps_versions_and_locks(
-    server, passphrase_file, locked, settings, tmp_path, request
+    server, passphrase_file, locked, wal_spool, settings, tmp_path, request
 ):
     """The host burns, and whoever burnt it deleted every object of the bucket by key (S3 put a
     delete marker in front of each). The fresh portal's location does not even say it locks yet."""
     settings.S3_BUCKET = locked.bucket  # the fresh portal's environment names the locked bucket
     _, run = good_backup()
+    forget_keys()
+    names = spool_segments(server, 2)
+    assert walingest.ingest(server).ingested == names
     made = {c.artifact: (c.version_id, c.retain_until) for c in s3_copies(run)}
+    wal_made = {c.key: c.version_id for c in BackupCopy.objects.filter(wal_segment__isnull=False, location__kind="s3")}
+    # An object nobody locked, deleted by key too (as the portal prunes): it stays deleted.
+    locked.s3.put_object(Bucket=locked.bucket, Key=f"{PREFIX}maldives/logical/gone{manifests.SUFFIX}", Body=b"x")
     public = keep_public_key(tmp_path)
     for key in {v["Key"] for v in every_version(locked)}:
         assert locked.s3.delete_object(Bucket=locked.bucket, Key=key)["DeleteMarker"] is True
@@ -230,12 +236,18 @@ def test_a_catalog_rebuilt_from_a_locked_bucket_sees_past_delete_markers_and_kee
     assert not StorageLocation.objects.get(name="s3").locked
     rebuilt = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
     assert rebuilt["_exit"] == 0 and rebuilt["refused"] == [] and rebuilt["skipped"] == [], rebuilt
+    assert rebuilt["wal_created"] == 2
     [new_run] = BackupRun.objects.all()
     assert {c.artifact: (c.version_id, c.retain_until) for c in s3_copies(new_run)} == made
     assert all(version and until for version, until in made.values())
+    wal = BackupCopy.objects.filter(wal_segment__isnull=False).select_related("location", "wal_segment")
+    assert {c.key: c.version_id for c in wal} == wal_made and all(c.retain_until for c in wal)
     assert verify_json(str(new_run.pk))[0] == 0  # read by version, past the markers
     restored = restore_json(str(new_run.pk), "--into-database", "rebuilt_past_markers")
     assert restored["status"] == "succeeded", restored
+    # The WAL's key file too is read past its marker (by key: it has no catalogued version).
+    forget_keys()
+    assert all(fetch(copy, tmp_path) == copy.wal_segment.sha256 for copy in wal)
 
 
 def test_verify_fails_a_lock_lifted_behind_the_portals_back(server, passphrase_file, locked):

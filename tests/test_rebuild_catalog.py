@@ -30,7 +30,7 @@ from backups.models import (
     Verification,
     WalSegment,
 )
-from backups.storage import store_for
+from backups.storage import StorageError, store_for
 from restores.models import RestoreRequest, RestoreRun, RestoreTest, ValidationCheck
 from tests.helpers import (
     DB,
@@ -378,7 +378,7 @@ def test_a_catalog_rebuilt_after_reencrypt_finds_every_file_through_the_signed_n
 
 
 def test_runs_and_wal_from_before_manifests_get_them_from_writemanifests_and_are_rebuilt(
-    server, sample_cluster, passphrase_file, tiers, wal_spool, signing_dir, tmp_path, burn_the_host
+    server, sample_cluster, passphrase_file, tiers, wal_spool, signing_dir, tmp_path, burn_the_host, monkeypatch
 ):
     enable_push(sample_cluster)
     logical = run_command("backup", "maldives", "--kind", "logical")
@@ -396,24 +396,52 @@ def test_runs_and_wal_from_before_manifests_get_them_from_writemanifests_and_are
         for key in list(store.list("maldives/wal/manifests/")):
             store.delete(key)
 
+    # A run whose primary copy verify found bad: a manifest would rebuild it without that file.
+    bad = BackupCopy.objects.get(run_id=base["id"], artifact="main", location__kind="primary")
+    BackupCopy.objects.filter(pk=bad.pk).update(status="bad")
+    refused = run_command("writemanifests", "--dry-run")
+    assert refused["_exit"] == 1 and [r["id"] for r in refused["runs"]] == [logical["id"]], refused
+    assert refused["failed"][0]["what"] == f"run #{base['id']}"
+    assert "its main has no good copy in the primary location" in refused["_stderr"]
+    BackupCopy.objects.filter(pk=bad.pk).update(status="ok")
+
     dry = run_command("writemanifests", "--dry-run")
     assert dry["_exit"] == 0 and sorted(r["id"] for r in dry["runs"]) == sorted([logical["id"], base["id"]]), dry
     assert dry["wal"] == [{"server": "maldives", "segments": segments, "manifests": ["(dry run)"]}]
     assert not BackupCopy.objects.filter(artifact=manifests.ARTIFACT).exists() and not s3_manifests(tiers, "wal")
 
+    # A manifest per segment here (10,000 in production), and the run stopped after the first:
+    # written newest first, the next run finds the rest below it.
+    monkeypatch.setattr(manifests, "MAX_WAL_ENTRIES", 1)
+    write_wal, calls = manifests._write_wal, []
+
+    def fails_after_one(*args):
+        calls.append(args)
+        if len(calls) > 1:
+            raise StorageError("the location went away")
+        return write_wal(*args)
+
+    monkeypatch.setattr(manifests, "_write_wal", fails_after_one)
+    stopped = run_command("writemanifests")
+    assert stopped["_exit"] == 1 and len(stopped["runs"]) == 2 and stopped["wal"] == [], stopped
+    assert "WAL of maldives: the location went away" in stopped["_stderr"]
+    newest = WalSegment.objects.filter(server=server).order_by("-name").first()
+    assert [manifests.first_segment(k) for k in s3_manifests(tiers, "wal")] == [newest.name]
+    monkeypatch.setattr(manifests, "_write_wal", write_wal)
+
     done = run_command("writemanifests")
-    assert done["_exit"] == 0 and done["failed"] == [] and len(done["runs"]) == 2, done
-    assert done["wal"][0]["segments"] == segments and len(done["wal"][0]["manifests"]) == 1
+    assert done["_exit"] == 0 and done["failed"] == [] and done["runs"] == [], done
+    assert done["wal"][0]["segments"] == segments - 1 and len(done["wal"][0]["manifests"]) == segments - 1
     for run in BackupRun.objects.all():
         assert set(run.copies.filter(artifact=manifests.ARTIFACT).values_list("location__kind", "status")) == {
             ("primary", "ok"),
             ("nas", "ok"),
             ("s3", "ok"),
         }
-    assert s3_manifests(tiers, "wal") == done["wal"][0]["manifests"]
+    assert len(s3_manifests(tiers, "wal")) == segments
     again = run_command("writemanifests")
     assert again["_exit"] == 0 and again["runs"] == [] and again["wal"] == [], again
-    assert JournalEntry.objects.filter(action="manifests_backfilled").count() == 1
+    assert JournalEntry.objects.filter(action="manifests_backfilled").count() == 2
 
     # A fresh portal finds them all.
     public = keep_public_key(tmp_path)

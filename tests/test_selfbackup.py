@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.models import JournalEntry
+from backups import selfbackup
 from backups.models import BackupRun, PortalBackup
 from tests.helpers import portal_env, run_command
 from tests.stock import GPG, stock
@@ -207,9 +208,10 @@ def test_the_weekly_verify_reads_the_portals_own_backups_and_alerts_on_a_bad_cop
     """A corrupt NAS file and a deleted S3 object are found by verify, marked on the row,
     journalled and alerted; retention of selfbackups never counts an unreadable one as kept."""
     settings.SELFBACKUP_KEEP = 2
-    older = PortalBackup.objects.get(pk=run_command("selfbackup")["id"])
-    row = PortalBackup.objects.get(pk=run_command("selfbackup")["id"])
-    assert older.key != row.key  # taken within the same second, each has its own file
+    with time_machine.travel(timezone.now(), tick=False):  # both within the same second
+        older = PortalBackup.objects.get(pk=run_command("selfbackup")["id"])
+        row = PortalBackup.objects.get(pk=run_command("selfbackup")["id"])
+    assert older.key < row.key and row.key.endswith("_2.sqlite3.gpg" if older.engine == "sqlite" else "_2.dump.gpg")
     assert run_command("verify")["_exit"] == 0  # every copy of both reads back
     nas_file = Path(tiers.nas) / row.key
     original = nas_file.read_bytes()
@@ -238,8 +240,6 @@ def test_the_weekly_verify_reads_the_portals_own_backups_and_alerts_on_a_bad_cop
     assert run_command("verify")["bad"] == 3
     assert PortalBackup.objects.newest_good() == older
     settings.SELFBACKUP_KEEP = 1
-    from backups import selfbackup
-
     assert selfbackup.remove_old("test") == []
     older.refresh_from_db()
     assert older.deleted_at is None and (Path(tiers.primary) / older.key).exists()
@@ -253,6 +253,13 @@ def test_the_weekly_verify_reads_the_portals_own_backups_and_alerts_on_a_bad_cop
     monitor.check_portal_backup_copies()
     alert.refresh_from_db()
     assert alert.state == "resolved"
+
+    # Removed by the daily selfbackup after the weekly verify listed it: not read, not condemned.
+    listed = selfbackup.kept_copies()
+    older.deleted_at = timezone.now()
+    older.save(update_fields=["deleted_at"])
+    (Path(tiers.primary) / older.key).unlink()
+    assert [selfbackup.verify_copy(r, c) for r, c in listed if r.pk == older.pk] == [None, None, None]
 
 
 def test_acknowledging_a_loss_on_a_journal_never_restored_is_refused(tiers, passphrase_file):

@@ -523,7 +523,8 @@ def check_portal_backup_copies():
         subject=PORTAL_SUBJECT,
         message=(
             f"{len(bad)} cop{'y' if len(bad) == 1 else 'ies'} of the portal's own backups read back bad; the newest: "
-            f"{row} in {copy['location']}: {copy['error']}. Take a new one (manage.py selfbackup) and check that "
-            "location."
+            f"{row} in {copy['location']}: {copy['error']}. Check that location and run manage.py verify: the "
+            "alert resolves when no kept selfbackup has a bad copy (a bad one is removed once SELFBACKUP_KEEP "
+            "newer ones can be read)."
         ),
     )
