@@ -401,8 +401,40 @@ def sustained_section(modes):
             f" | {mb(r['pg_wal_max'])} / {mb(r['pg_wal_last'])} | {mb(r['spool_max'])} / {mb(r['spool_last'])}"
             f" | {mb(r['rpo_bytes_max'])} | {r['rpo_s_max']:.1f} | {r['rpo_s_p95']:.1f} | {kept} |"
         )
+    lines += [behind_note(mode, r) for mode, r in modes.items() if r.get("samples") and not r["kept_up"]]
     lines += ["", f"![pg_wal, spool and RPO over time, per mode]({SUSTAINED_CHART})"]
     return lines
+
+
+def behind_note(mode, r, window=30):
+    """For a mode judged behind: when its last third's spool peak came, how fast the server wrote
+    WAL in the `window` seconds before it, and the spool each ingest pass left (the samples say
+    whether the level after a pass rises, or a burst merely waited for the next pass)."""
+    samples, duration = r["samples"], r["duration"]
+    peak = max((s for s in samples if s["t"] >= 2 * duration / 3), key=lambda s: s["spool"])
+    before = [s for s in samples if peak["t"] - window <= s["t"] <= peak["t"]]
+    burst = (before[-1]["insert_lsn"] - before[0]["insert_lsn"]) / max(before[-1]["t"] - before[0]["t"], 1)
+    average = r["wal_bytes"] / max(r["seconds"], 1)
+    passes = ingest_passes(samples)
+    left = ", ".join(f"{s['spool'] / MiB:.0f} MiB at {s['t']:.0f} s" for s in passes) or "no pass seen"
+    return (
+        f"\n{mode}: the last third's spool peak, {peak['spool'] / MiB:.0f} MiB at {peak['t']:.0f} s, followed"
+        f" {burst / MiB:.1f} MiB/s of WAL in the {window} s before it ({burst / max(average, 1):.1f}x the run's"
+        f" average of {average / MiB:.1f} MiB/s). What each ingest pass left in the spool: {left}."
+    )
+
+
+def ingest_passes(samples, gap=5.0):
+    """The sample at the end of each ingest pass: consecutive samples whose catalogued count rose,
+    less than `gap` seconds apart, are one pass."""
+    ends = []
+    for before, s in zip(samples, samples[1:], strict=False):
+        if s["ingested"] > before["ingested"]:
+            if ends and s["t"] - ends[-1]["t"] < gap:
+                ends[-1] = s
+            else:
+                ends.append(s)
+    return ends
 
 
 def incremental_section(part):
@@ -536,9 +568,11 @@ CLOSE = {
         " something per row, per file or per segment instead of streaming in fixed-size chunks."
     ),
     "WAL ingest keeps up": (
-        "Section 7's table says what grew (the spool or the RPO) and its chart when: the archive (push) or"
-        " pg_receivewal (pull) delivered segments faster than the worker catalogued, encrypted and copied"
-        " them; the WAL part's stage rows say what each segment costs."
+        "Section 7 says, for each mode judged behind, when its last third's peak came, how fast the server"
+        " wrote WAL just before it, and where each ingest pass left the spool. A level after each pass that"
+        " rises is an ingest slower than the WAL; a level that stays low with a late peak is a burst of WAL"
+        " (a checkpoint's full-page writes) still waiting for the next pass of push's every-minute ingest"
+        " when the load stopped: pull, which ingests each segment as it completes, has no such wait."
     ),
     "portal at scale: p95": (
         "The profile table shows, per page, how much of its time is SQL and which query costs most; where SQL"

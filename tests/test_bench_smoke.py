@@ -165,3 +165,21 @@ def test_the_sustained_verdict_tells_a_bounded_sawtooth_from_a_growing_backlog()
     samples = [{"t": 0.0, "insert_lsn": 0, "catalogued_end": 0}, {"t": 10.0, "insert_lsn": 100, "catalogued_end": 50}]
     assert rpo_seconds(samples, 1) == 5.0
     assert rpo_seconds(samples, 0) == 0.0
+
+
+def test_a_mode_judged_behind_says_when_its_peak_came_and_what_each_ingest_pass_left():
+    """Section 7's note, from samples: a pass empties the spool each minute, then a burst in the
+    last seconds waits for the next pass."""
+    sys.path.insert(0, str(ROOT))
+    from bench.report import MiB, behind_note
+
+    def sample(t, lsn_mib, spool_mib, ingested):
+        return {"t": t, "insert_lsn": lsn_mib * MiB, "spool": spool_mib * MiB, "ingested": ingested}
+
+    samples = [sample(0, 0, 0, 0), sample(30, 30, 30, 0), sample(32, 31, 16, 1), sample(34, 32, 0, 2)]
+    samples += [sample(60, 60, 26, 2), sample(90, 90, 56, 2), sample(92, 91, 0, 4), sample(120, 300, 209, 4)]
+    run = {"samples": samples, "duration": 120, "seconds": 120, "wal_bytes": 300 * MiB}
+    note = behind_note("push", run)
+    assert "the last third's spool peak, 209 MiB at 120 s, followed 7.0 MiB/s of WAL in the 30 s before it" in note
+    assert "(2.8x the run's average of 2.5 MiB/s)" in note
+    assert note.endswith("What each ingest pass left in the spool: 0 MiB at 34 s, 0 MiB at 92 s.")
