@@ -183,3 +183,21 @@ def test_a_mode_judged_behind_says_when_its_peak_came_and_what_each_ingest_pass_
     assert "the last third's spool peak, 209 MiB at 120 s, followed 7.0 MiB/s of WAL in the 30 s before it" in note
     assert "(2.8x the run's average of 2.5 MiB/s)" in note
     assert note.endswith("What each ingest pass left in the spool: 0 MiB at 34 s, 0 MiB at 92 s.")
+
+
+def test_a_bound_below_pg_restore_alone_is_named_as_out_of_reach_with_the_runs_figures():
+    sys.path.insert(0, str(ROOT))
+    from bench import compare
+    from bench.report import restore_floor
+
+    def rows(stored, one, two):
+        return [
+            {"method": compare.DECRYPT_JOBS_2, "times": [stored]},
+            {"method": compare.PG_RESTORE_1, "times": [one]},
+            {"method": compare.PG_RESTORE_2, "times": [two]},
+        ]
+
+    said = restore_floor(rows(16.68, 15.06, 15.22), 0.8)
+    assert "the bound, 0.80 × 16.68 s = 13.34 s, is below what pg_restore alone takes" in said
+    assert "(15.06 s, the faster of one job and two)" in said
+    assert restore_floor(rows(20.0, 12.0, 10.0), 0.8) == ""  # 16 s is within reach of a 10 s pg_restore
