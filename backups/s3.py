@@ -223,7 +223,7 @@ class S3Store(Store):
         except StorageError:
             return False
 
-    def surviving(self, prefix=""):
+    def surviving(self, prefix="", page_size=1000):
         """{key: version id} of what a rebuilt catalog may read under `prefix`: every object list()
         shows, and each one hidden by a delete marker whose newest version S3 still locks. The
         portal deletes a locked copy by version, so a locked object behind a marker was removed
@@ -231,7 +231,7 @@ class S3Store(Store):
         (retention, pruning) or anyone, and stays deleted."""
         newest, hidden, page_at = {}, set(), {}
         while True:
-            page = self.call("list_object_versions", Prefix=self.prefix + prefix, **page_at)
+            page = self.call("list_object_versions", Prefix=self.prefix + prefix, MaxKeys=page_size, **page_at)
             for version in page.get("Versions", []):
                 key = version["Key"].removeprefix(self.prefix)
                 if key not in newest or version["LastModified"] > newest[key]["LastModified"]:

@@ -233,7 +233,10 @@ def test_a_catalog_rebuilt_from_a_locked_bucket_sees_past_delete_markers_and_kee
     assert "Contents" not in locked.s3.list_objects_v2(Bucket=locked.bucket)
 
     request.getfixturevalue("burn_the_host")()
-    assert not StorageLocation.objects.get(name="s3").locked
+    location = StorageLocation.objects.get(name="s3")
+    assert not location.locked
+    listed = store_for(location).surviving()
+    assert store_for(location).surviving(page_size=1) == listed and len(listed) > 5  # page by page, the same
     rebuilt = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
     assert rebuilt["_exit"] == 0 and rebuilt["refused"] == [] and rebuilt["skipped"] == [], rebuilt
     assert rebuilt["wal_created"] == 2
