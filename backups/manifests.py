@@ -360,9 +360,7 @@ def write_for_wal(server, names, location, secondaries):
         return None
     key = _write_wal(server, segments, location)
     covered.write_text(str(max(s.pk for s in segments)))
-    for other in secondaries:
-        _pending(other, key).touch()
-    publish_pending(location, secondaries)
+    _to_every_tier(key, location, secondaries)
     return key
 
 
@@ -375,6 +373,14 @@ def _write_wal(server, segments, location):
     except BackupFailed as e:
         raise StorageError(str(e)) from None
     return key
+
+
+def _to_every_tier(key, location, secondaries):
+    """A WAL manifest just written into `location` marked pending for each secondary tier, then
+    published: a tier that refuses keeps its marker for the next pass."""
+    for other in secondaries:
+        _pending(other, key).touch()
+    publish_pending(location, secondaries)
 
 
 def _covered(server) -> Path:
@@ -510,7 +516,5 @@ def backfill_wal(server, location, secondaries):
     # written, where the next run looks for them.
     for start in reversed(range(0, len(segments), MAX_WAL_ENTRIES)):
         keys.append(_write_wal(server, segments[start : start + MAX_WAL_ENTRIES], location))
-        for other in secondaries:
-            _pending(other, keys[-1]).touch()
-        publish_pending(location, secondaries)  # each on every tier before the next is written
+        _to_every_tier(keys[-1], location, secondaries)  # each before the next is written
     return keys
