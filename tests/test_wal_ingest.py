@@ -1,13 +1,22 @@
 """WAL ingest on every tier: the WAL key travels with the WAL, and a long pass makes the offsite
 copies on its way instead of at its end."""
 
-import pytest
+import hashlib
+import os
+import subprocess
 
-from backups import walingest, walkeys
-from backups.models import BackupCopy, StorageLocation
-from backups.walnames import WalError
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from backups import walingest, walkeys, walseal
+from backups.crypto import Encryption
+from backups.models import BackupCopy, StorageLocation, WalSegment
+from backups.walnames import WAL_FILE, WalError
 from backups.walspool import spool_dir
-from tests.test_wal_keys import fetch, forget_keys, spool_segments
+from tests.stock import GPG, stock
+from tests.test_wal_keys import fetch, forget_keys, path_of, primary_copy, size_of, spool_segments
 
 pytest_plugins = ["tests.walfixtures"]
 
@@ -65,15 +74,93 @@ def test_wal_archived_while_an_ingest_runs_is_taken_by_the_same_pass(
     assert walingest.ingest(server).ingested == [*first, later]
 
 
-def test_an_ingest_without_zstd_says_so_and_keeps_the_spool(
-    server, passphrase_file, backup_root, wal_spool, monkeypatch
+def test_under_a_data_key_the_ingest_compresses_and_encrypts_in_process_for_stock_gpg_and_zstd(
+    server, passphrase_file, backup_root, wal_spool, monkeypatch, tmp_path
 ):
+    """No zstd or gpg process per segment (backups.openpgp), yet `gpg -d | zstd -d` gives the file
+    back: a full segment, and the small files that share the path (a history file, a .partial)."""
+    forget_keys()
+    names = spool_segments(server, 1)
+    spool = spool_dir(server)
+    (spool / "00000002.history").write_text("1\t0/3000000\tbefore 2026-12-03 10:00:00+05\n")
+    (spool / "000000010000000000000002.partial").write_bytes(os.urandom(size_of(server) // 3))
+    plain = {p.name: p.read_bytes() for p in spool.iterdir() if p.is_file() and not p.name.startswith(".")}
+    monkeypatch.setattr(walseal, "WAL_ZSTD", ["/nonexistent/zstd"])  # not needed under a data key
+    assert sorted(walingest.ingest(server).ingested) == sorted(
+        [*names, "00000002.history", "000000010000000000000002.partial"]
+    )
+    for name, data in plain.items():
+        copy = primary_copy(name)
+        walkey = tmp_path / "walkey"
+        walkey.write_text(walkeys.unwrap(copy.key_id, Encryption()))
+        stock(f"{GPG} -d {path_of(copy)} | zstd -d -q -o {tmp_path / name}", tmp_path, walkey)
+        out = (tmp_path / name).read_bytes()
+        assert out == data and copy.wal_segment.sha256 == hashlib.sha256(data).hexdigest(), name
+
+
+def test_with_recipients_an_ingest_without_zstd_says_so_and_keeps_the_spool(
+    server, settings, backup_root, wal_spool, monkeypatch, tmp_path
+):
+    settings.GNUPGHOME, settings.GPG_RECIPIENTS, settings.BACKUP_PASSPHRASE_FILE = (
+        recipient_home(tmp_path),
+        ["wal@example.mv"],
+        "",
+    )
     forget_keys()
     names = spool_segments(server, 2)
-    monkeypatch.setattr(walingest, "WAL_ZSTD", ["/nonexistent/zstd", "-q", "-1", "-c"])
+    monkeypatch.setattr(walseal, "WAL_ZSTD", ["/nonexistent/zstd", "-q", "--fast=1", "-c"])
     with pytest.raises(WalError) as refused:
         walingest.ingest(server)
     assert "zstd is not installed: apt-get install zstd" in str(refused.value)
     assert all((spool_dir(server) / name).exists() for name in names)
     assert not BackupCopy.objects.exists()
     assert not [p for p in (backup_root / "wal").rglob("*") if p.is_file() and "/keys/" not in str(p)]
+
+
+def recipient_home(tmp_path):
+    """A GNUPGHOME holding a public key (with its secret, which the portal never uses here)."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    gpg = ["gpg", "--batch", "--homedir", str(home), "--pinentry-mode", "loopback", "--passphrase", ""]
+    subprocess.run(
+        [*gpg, "--quick-gen-key", "wal@example.mv", "ed25519", "cert", "never"], check=True, capture_output=True
+    )
+    fpr = subprocess.run([*gpg, "--list-keys", "--with-colons"], capture_output=True, text=True).stdout
+    fpr = fpr.split("fpr:::::::::")[1].split(":")[0]
+    subprocess.run([*gpg, "--quick-add-key", fpr, "cv25519", "encr", "never"], check=True, capture_output=True)
+    return str(home)
+
+
+def test_a_batch_mixes_new_names_with_one_retention_deleted_and_one_already_archived(
+    server, passphrase_file, backup_root, wal_spool
+):
+    """New names are catalogued in bulk; a name whose row retention deleted comes back on that row;
+    a name archived already (same content) is a duplicate, taken out of the spool."""
+    forget_keys()
+    first = spool_segments(server, 1)
+    assert walingest.ingest(server).ingested == first
+    names = spool_segments(server, 5)  # the first again, byte for byte, and four new ones
+    plain = {name: (spool_dir(server) / name).read_bytes() for name in names}
+    deleted = WalSegment.objects.create(
+        server=server,
+        name=names[2],
+        timeline=1,
+        segno=3,
+        size=1,
+        sha256="0" * 64,
+        key="gone",
+        archived_at=timezone.now(),
+        deleted_at=timezone.now(),
+    )
+    with CaptureQueriesContext(connection) as queries:
+        result = walingest.ingest(server)
+    assert result.duplicates == first and result.ingested == names[1:]
+    deleted.refresh_from_db()
+    assert deleted.deleted_at is None and deleted.key != "gone"
+    for name in names:
+        segment = WalSegment.objects.get(server=server, name=name)
+        assert segment.sha256 == hashlib.sha256(plain[name]).hexdigest() and segment.size == len(plain[name])
+        assert BackupCopy.objects.get(wal_segment=segment).status == "ok"
+    assert not [p for p in spool_dir(server).iterdir() if p.is_file() and WAL_FILE.match(p.name)]
+    # one by one it took 13 statements a segment; in bulk the pass's fixed cost dominates
+    assert len(queries) < 60, len(queries)

@@ -98,7 +98,14 @@ class BackupCopy(models.Model):
     @classmethod
     def record_made(cls, location, key, size, sha256, version_id="", retain_until=None, **of):
         """The copy a run or an ingest just wrote and hashed (of: run=, or wal_segment=; artifact=)."""
-        return cls.objects.create(
+        made = cls.made(location, key, size, sha256, version_id, retain_until, **of)
+        made.save(force_insert=True)
+        return made
+
+    @classmethod
+    def made(cls, location, key, size, sha256, version_id="", retain_until=None, **of):
+        """record_made's row, not saved yet (the WAL ingest saves a batch of them at once)."""
+        return cls(
             location=location,
             key=key,
             size=size,
