@@ -1,5 +1,6 @@
 """django-q2 tasks: thin wrappers over the runner, named by dotted path in schedules."""
 
+from django.conf import settings
 from django.utils.module_loading import import_string
 from django_q.models import Schedule
 from django_q.tasks import async_task
@@ -119,7 +120,8 @@ def ingest_wal(server_name):
     from backups import walingest, walnames
 
     try:
-        return walingest.ingest(Server.objects.get(name=server_name)).as_dict()
+        server = Server.objects.get(name=server_name)
+        return walingest.ingest(server, linger=settings.WAL_INGEST_LINGER).as_dict()
     except walnames.WalError as e:
         # One line for the task's result; the spool keeps the WAL, the marker keeps the alert open.
         return {"error": str(e)}

@@ -44,6 +44,7 @@ COPY_EVERY = 30
 # A pass keeps taking the WAL that arrives while it runs for this long (seconds), then leaves the
 # rest to the next one: the pull receiver, which ingests between checks of pg_receivewal, waits no longer.
 PASS_SECONDS = 50
+LINGER_POLL = 0.5  # seconds between looks at a lingering pass's spool
 
 
 @dataclass
@@ -82,8 +83,9 @@ def pending_names(spool: Path, source):
     return names
 
 
-def ingest(server, actor="job:ingestwal"):
-    """Ingest everything in the server's spool. One ingest per spool at a time (flock)."""
+def ingest(server, actor="job:ingestwal", linger=0):
+    """Ingest everything in the server's spool. One ingest per spool at a time (flock). `linger`:
+    the worker's schedule watches the spool that many seconds for more (WAL_INGEST_LINGER)."""
     spool = spool_dir(server)
     result, manifest = IngestResult(), None
     if not spool.is_dir():
@@ -100,7 +102,7 @@ def ingest(server, actor="job:ingestwal"):
         names = pending_names(spool, source)
         if names:
             try:
-                _ingest_while_arriving(server, spool, names, source, result)
+                _ingest_while_arriving(server, spool, names, source, result, linger if source == "push" else 0)
             except WalError as e:
                 ingest_failed(server, spool, result, e)
                 raise
@@ -141,16 +143,22 @@ def keep_manifest(server, spool, names):
     return key
 
 
-def _ingest_while_arriving(server, spool, names, source, result):
+def _ingest_while_arriving(server, spool, names, source, result, linger=0):
     """Ingest `names`, then what the archive program added meanwhile, for up to PASS_SECONDS:
     under sustained load the spool is drained by one pass instead of waiting for the next
-    schedule (a busy pass makes the worker's every-minute run return at once)."""
-    started, seen = time.monotonic(), set()
-    while names:
-        seen.update(names)
-        _ingest_names(server, spool, names, source, result)
-        if time.monotonic() - started > PASS_SECONDS:
+    schedule (a busy pass makes the worker's every-minute run return at once). With `linger`,
+    an empty spool is watched that many seconds for more before the pass ends."""
+    started = last_arrival = time.monotonic()
+    seen = set()
+    while time.monotonic() - started <= PASS_SECONDS:
+        if names:
+            seen.update(names)
+            _ingest_names(server, spool, names, source, result)
+            last_arrival = time.monotonic()
+        elif time.monotonic() - last_arrival >= linger:
             return
+        else:
+            time.sleep(LINGER_POLL)
         names = [n for n in pending_names(spool, source) if n not in seen]  # a conflict is left, not retried
 
 

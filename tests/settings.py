@@ -55,3 +55,5 @@ INSTALLED_APPS = [*INSTALLED_APPS, "tests"]  # noqa: F405
 # Tests that count the files in a location see only artifacts (also when a worker they start
 # meets the hourly schedule); tests/test_journal_anchors.py turns the anchors back on.
 JOURNAL_ANCHORS = False
+# The worker's ingest returns as soon as the spool is empty (test_wal_ingest sets it where it tests the wait).
+WAL_INGEST_LINGER = 0

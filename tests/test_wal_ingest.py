@@ -4,13 +4,15 @@ copies on its way instead of at its end."""
 import hashlib
 import os
 import subprocess
+import threading
+import time
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from backups import walingest, walkeys, walseal
+from backups import tasks, walingest, walkeys, walseal
 from backups.crypto import Encryption
 from backups.models import BackupCopy, StorageLocation, WalSegment
 from backups.walnames import WAL_FILE, WalError
@@ -164,3 +166,41 @@ def test_a_batch_mixes_new_names_with_one_retention_deleted_and_one_already_arch
     assert not [p for p in spool_dir(server).iterdir() if p.is_file() and WAL_FILE.match(p.name)]
     # one by one it took 13 statements a segment; in bulk the pass's fixed cost dominates
     assert len(queries) < 60, len(queries)
+
+
+def test_the_workers_ingest_waits_a_while_for_more_wal_and_takes_it_in_the_same_pass(
+    server, passphrase_file, backup_root, wal_spool, settings
+):
+    """Push under load: a segment archived a moment after the spool emptied is ingested by the
+    running pass (the worker's schedule, WAL_INGEST_LINGER), not a minute later; then it ends."""
+    forget_keys()
+    settings.WAL_INGEST_LINGER = 2
+    first = spool_segments(server, 1)
+    later = "000000010000000000000002"
+    spool = spool_dir(server)
+
+    def archive_later():
+        while (spool / first[0]).exists():  # the first one ingested: the spool is empty
+            time.sleep(0.05)
+        time.sleep(0.7)
+        tmp = spool / f".{later}.tmp"
+        tmp.write_bytes(b"\3" * size_of(server))
+        tmp.rename(spool / later)  # as the archive program puts a segment in place
+
+    archiver = threading.Thread(target=archive_later)
+    archiver.start()
+    started = time.monotonic()
+    result = tasks.ingest_wal(server.name)
+    archiver.join()
+    assert result["ingested"] == 2 and result["last"] == later, result
+    assert 2.6 < time.monotonic() - started < walingest.PASS_SECONDS  # it waited 2 s after the last, then ended
+
+
+def test_a_foreground_ingest_and_an_idle_spool_do_not_wait(server, passphrase_file, backup_root, wal_spool, settings):
+    forget_keys()
+    settings.WAL_INGEST_LINGER = 30
+    spool_segments(server, 1)
+    started = time.monotonic()
+    assert walingest.ingest(server).as_dict()["ingested"] == 1  # manage.py ingestwal, a backup waiting for its WAL
+    assert tasks.ingest_wal(server.name)["ingested"] == 0  # nothing in the spool: the schedule's pass ends at once
+    assert time.monotonic() - started < 10
