@@ -15,9 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import gnupg
+import zstandard
 from django.conf import settings
 
 from backupportal.lib.childenv import child_env
+from backups import openpgp
 
 
 def s2k_args():
@@ -240,6 +242,9 @@ class Encryption:
         chosen = self.for_copy(_copy_read_by(source))
         if chosen is not self:
             return chosen.decrypt_stream(source, on_data)
+        result, source = self._decrypt_here(source, on_data)
+        if result is not None:
+            return result
         with self._borrowed(on_data) as gpg:
             return gpg.decrypt_file(source, passphrase=self.passphrase)
 
@@ -251,6 +256,24 @@ class Encryption:
             return chosen.decrypt_to_fd(source, fd)
         with self._borrowed(None, pass_fds=(fd,)) as gpg:
             return gpg.decrypt_file(source, passphrase=self.passphrase, output=f"/dev/fd/{fd}")
+
+    def _decrypt_here(self, source, write):
+        """Under a WAL data key, decrypt in this thread (backups.openpgp): no gpg process for a
+        segment (~20 ms of CPU with zstandard against ~48 ms for gpg and zstd, on 16 MB). Larger
+        artifacts keep gpg, faster on them (0.7 s against 1.2 s on 531 MB, and in a process of its
+        own). (result, source); result None when gpg must read it (a public key's, what gpg
+        compressed), and source then gives back from the start what was read already."""
+        if self.recipients or not self.key_id:
+            return None, source
+        try:
+            openpgp.decrypt(source.read, self.passphrase, write)
+        except openpgp.Unsupported as e:
+            return None, Replayed(e.replay, source)
+        except openpgp.BadMessage as e:
+            return DecryptedHere(str(e)), source
+        except WriteStopped as e:
+            return DecryptedHere(f"zstd cannot decompress it ({e.__cause__})"), source
+        return DecryptedHere(), source
 
     @contextmanager
     def _borrowed(self, on_data, pass_fds=()):
@@ -277,6 +300,34 @@ def _copy_read_by(source):
     return None
 
 
+class DecryptedHere:
+    """python-gnupg's result, as far as callers read it, of a decryption in this process."""
+
+    def __init__(self, failure=""):
+        self.ok, self.returncode, self.stderr = not failure, 2 if failure else 0, ""
+        if "passphrase" in failure:
+            self.status = f"decryption failed: {failure}"  # gpg_failure: wrong passphrase or key
+        else:
+            self.status = failure or "decryption ok"
+
+
+class WriteStopped(Exception):
+    """The plaintext could not be taken (zstd found it corrupt): its cause says why."""
+
+
+class Replayed:
+    """A source read again from its start: what openpgp read before handing it to gpg, then the rest."""
+
+    def __init__(self, head, reader):
+        self.head, self.reader = head, reader
+
+    def read(self, n=CHUNK):
+        if self.head:
+            data, self.head = self.head[:n], self.head[n:]
+            return data
+        return self.reader.read(n)
+
+
 class PipeSource:
     """A pipe for Encryption.encrypt_stream that gpg reads itself (its writer is another process)."""
 
@@ -301,6 +352,8 @@ class ZstdDecrypting:
         self.encryption = encryption
 
     def decrypt_stream(self, source, on_data):
+        if self.encryption.key_id and not self.encryption.recipients:
+            return self._decompress_here(source, on_data)
         zstd = subprocess.Popen(
             ["zstd", "-d", "-q", "-c"],
             stdin=subprocess.PIPE,
@@ -327,6 +380,21 @@ class ZstdDecrypting:
             result.status = f"zstd cannot decompress it ({said[-1] if said else 'exit ' + str(zstd.returncode)})"
         return result
 
+    def _decompress_here(self, source, on_data):
+        """zstandard in this thread, after openpgp (or gpg) decrypted: no process per segment."""
+        unzstd = zstandard.ZstdDecompressor().decompressobj()
+
+        def write(chunk):
+            try:
+                on_data(unzstd.decompress(chunk))
+            except zstandard.ZstdError as e:
+                raise WriteStopped from e
+
+        result = self.encryption.decrypt_stream(source, write)
+        if result.ok and (not unzstd.eof or unzstd.unused_data):
+            result.ok, result.status = False, "zstd cannot decompress it (the data is cut short, or more follows)"
+        return result
+
 
 class _Feeder:
     """python-gnupg's on_data: plaintext into zstd's stdin; a closed pipe stops the writing."""
@@ -351,6 +419,8 @@ def _pump(pipe, on_data):
 def gpg_failure(result) -> str:
     """One line from gpg's status for an error message."""
     status = getattr(result, "status", "") or ""
+    if isinstance(result, DecryptedHere) and not status.startswith("decryption failed"):
+        return f"cannot decrypt: {status}"
     if "decryption failed" in status.lower() or "bad passphrase" in (result.stderr or "").lower():
         return "gpg could not decrypt: wrong passphrase or key"
     lines = [line for line in (result.stderr or "").splitlines() if line.startswith("gpg:")]

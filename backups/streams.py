@@ -379,7 +379,7 @@ def _problem(corrupt, errors, result, sink, plain_sha256):
     if result is None:
         return "gpg stopped reading it: the data is not what was encrypted"
     if not result.ok:
-        return f"gpg cannot decrypt it ({result.status or 'failed'})"
+        return f"it does not decrypt ({result.status or 'gpg failed'})"
     if plain_sha256 and getattr(sink, "sha256", None) and sink.sha256.hexdigest() != plain_sha256:
         return "decrypts to other bytes than were archived"
     return None

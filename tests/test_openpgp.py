@@ -1,6 +1,7 @@
 """backups.openpgp writes what the real gpg decrypts (and refuses when it was altered), at every
 length where the packet encoding changes."""
 
+import io
 import os
 import subprocess
 
@@ -73,3 +74,63 @@ def test_a_cut_file_is_refused(tmp_path):
 def test_the_wrong_key_is_refused(tmp_path):
     done = gpg_decrypt(sealed(b"secret rows"), os.urandom(32).hex(), tmp_path)
     assert done.returncode != 0 and done.stdout != b"secret rows"
+
+
+def gpg_encrypt(data, passphrase, tmp_path, *options, from_file=False):
+    """What the real gpg writes: from a file (definite lengths) or from stdin (partial bodies)."""
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "pw").write_text(passphrase)
+    args = ["gpg", "--homedir", str(home), "--batch", "--quiet", "--pinentry-mode", "loopback"]
+    args += ["--passphrase-file", str(tmp_path / "pw"), "--symmetric", "--cipher-algo", "AES256", *options, "-o", "-"]
+    if from_file:
+        (tmp_path / "plain").write_bytes(data)
+        return subprocess.run([*args, str(tmp_path / "plain")], capture_output=True, check=True).stdout
+    return subprocess.run(args, input=data, capture_output=True, check=True).stdout
+
+
+def decrypted(ciphertext, passphrase=KEY):
+    out, stream = bytearray(), io.BytesIO(ciphertext)
+    openpgp.decrypt(stream.read, passphrase, out.extend)
+    return bytes(out)
+
+
+STRATEGY = ["--s2k-mode", "3", "--s2k-digest-algo", "SHA512", "--s2k-count", "65011712", "--compress-algo", "none"]
+WAL = ["--s2k-mode", "1", "--s2k-digest-algo", "SHA512", "--compress-algo", "none"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 8384, P + 1, 3 * P + 5])
+@pytest.mark.parametrize("from_file", [False, True])
+@pytest.mark.parametrize("options", [STRATEGY, WAL], ids=["strategy-s2k", "wal-s2k"])
+def test_it_reads_what_gpg_writes(size, from_file, options, tmp_path):
+    data = os.urandom(size)
+    assert decrypted(gpg_encrypt(data, "pass phrase", tmp_path, *options, from_file=from_file), "pass phrase") == data
+
+
+def test_it_reads_what_it_writes():
+    data = os.urandom(2 * P + 3)
+    assert decrypted(sealed(data)) == data
+
+
+def test_what_gpg_compressed_is_left_to_gpg_with_what_was_read(tmp_path):
+    data = b"compressible " * 100_000
+    ciphertext = gpg_encrypt(data, "pass phrase", tmp_path, "--compress-algo", "zlib")
+    stream = io.BytesIO(ciphertext)
+    with pytest.raises(openpgp.Unsupported) as left:
+        openpgp.decrypt(stream.read, "pass phrase", lambda chunk: pytest.fail("no plaintext before Unsupported"))
+    assert left.value.replay + stream.read() == ciphertext
+
+
+def test_a_wrong_passphrase_an_altered_and_a_cut_file_are_refused(tmp_path):
+    ciphertext = gpg_encrypt(os.urandom(3 * P), "pass phrase", tmp_path, *STRATEGY)
+    with pytest.raises(openpgp.BadMessage, match="wrong passphrase"):
+        decrypted(ciphertext, "another")
+    altered = bytearray(ciphertext)
+    altered[len(altered) // 2] ^= 4
+    with pytest.raises(openpgp.BadMessage, match="altered"):
+        decrypted(bytes(altered), "pass phrase")
+    for cut in (10, len(ciphertext) // 2, len(ciphertext) - 1):
+        with pytest.raises(openpgp.BadMessage):
+            decrypted(ciphertext[:cut], "pass phrase")
+    with pytest.raises(openpgp.BadMessage, match="follows"):
+        decrypted(ciphertext + b"\x00", "pass phrase")

@@ -167,3 +167,29 @@ def test_the_wal_key_never_reaches_gpgs_argv(ingested, server):
     argv = Encryption().with_data_key(copy.key_id, secret).gpg.make_args(["--symmetric"], passphrase=True)
     assert secret not in " ".join(argv)
     assert subprocess.run(["pgrep", "-af", secret[:16]], capture_output=True).stdout == b""
+
+
+@pytest.mark.parametrize("damage", ["altered", "code", "cut"])
+def test_a_segment_altered_after_it_was_catalogued_fails_its_integrity_check(damage, ingested, tmp_path):
+    """The copy hashes as catalogued (the damage came before, say on the way into the location),
+    yet its OpenPGP integrity code or its length gives it away: nothing is written."""
+    copy = primary_copy(ingested[0])
+    path = path_of(copy)
+    data = bytearray(path.read_bytes())
+    if damage == "altered":
+        data[len(data) // 2] ^= 0x10
+    elif damage == "code":
+        data[-3] ^= 0x10  # the integrity code itself: the plaintext is whole, the check is not
+    else:
+        data = data[: len(data) - 40]
+    path.write_bytes(bytes(data))
+    copy.sha256, copy.size = hashlib.sha256(data).hexdigest(), len(data)
+    copy.save(update_fields=["sha256", "size"])
+    with pytest.raises(FetchFailed) as failed:
+        fetch(copy, tmp_path)
+    message = str(failed.value)
+    # altered: zstd, which reads the plaintext first, or else the integrity code, refuses it
+    said = {"altered": ("Data corruption detected", "the file was altered"), "code": ("the file was altered",)}
+    said = said.get(damage, ("cut short",))
+    assert any(why in message for why in said) and "does not decrypt" in message, message
+    assert not (tmp_path / copy.wal_segment.name).exists()
