@@ -107,7 +107,23 @@ class BadMessage(Exception):
     """The wrong key, or a file altered or cut: the message says which."""
 
 
-class Input:
+class Stream:
+    """Something with read(n) that gives fewer bytes only at its end; take() wants exactly n."""
+
+    def take(self, n):
+        data = b""
+        while len(data) < n:
+            more = self.read(n - len(data))
+            if not more:
+                raise BadMessage("the file ends inside an OpenPGP packet: it is cut short")
+            data += more
+        return data
+
+    def byte(self):
+        return self.take(1)[0]
+
+
+class Input(Stream):
     """The ciphertext, read in pieces; what was read is kept (`replay`) until the first plaintext
     is written, so that gpg can be handed the whole message after Unsupported."""
 
@@ -122,18 +138,6 @@ class Input:
         if self.replay is not None:
             self.replay += data
         return data
-
-    def take(self, n):
-        data = b""
-        while len(data) < n:
-            more = self.read(n - len(data))
-            if not more:
-                raise BadMessage("the file ends inside an OpenPGP packet header: it is cut short")
-            data += more
-        return data
-
-    def byte(self):
-        return self.take(1)[0]
 
 
 def new_format_length(source):
@@ -161,7 +165,7 @@ def packet_header(source):
     return (ctb >> 2) & 0xF, int.from_bytes(source.take((1, 2, 4)[kind]), "big"), False
 
 
-class Body:
+class Body(Stream):
     """A packet's body as a stream, across its partial body lengths."""
 
     def __init__(self, source, length, partial):
@@ -179,12 +183,6 @@ class Body:
             raise BadMessage("the file ends inside an OpenPGP packet: it is cut short")
         self.left -= len(data)
         return data
-
-    def take(self, n):
-        return Input.take(self, n)
-
-    def byte(self):
-        return self.take(1)[0]
 
     def skip(self):
         while self.read(PIECE):
@@ -232,7 +230,7 @@ def session_key(body: bytes, passphrase: bytes):
     return plain[0], plain[1:]
 
 
-class Plaintext:
+class Plaintext(Stream):
     """The plaintext of an integrity-protected data packet, as a stream; its last 22 bytes (the
     modification detection code) held back and checked by finish()."""
 
@@ -257,12 +255,6 @@ class Plaintext:
         del self.held[: len(out)]
         self.mdc.update(out)
         return out
-
-    def take(self, n):
-        return Input.take(self, n)
-
-    def byte(self):
-        return self.take(1)[0]
 
     def finish(self):
         while not self.ended:  # to the end of the packet: only the integrity code may be left
