@@ -37,6 +37,7 @@ class Tool:
     env: dict
     proc: subprocess.Popen = None
     stderr_tail: deque = field(default_factory=lambda: deque(maxlen=30))
+    drainer: threading.Thread = None
     stdin = subprocess.DEVNULL
     missing = "install the PostgreSQL client tools or set PG_BIN"
 
@@ -60,7 +61,8 @@ class Tool:
             )
         except FileNotFoundError:
             raise BackupFailed(f"{self.argv[0]} not found: {self.missing}") from None
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self.drainer = threading.Thread(target=self._drain_stderr, daemon=True)
+        self.drainer.start()
         return self
 
     def _drain_stderr(self):
@@ -73,6 +75,10 @@ class Tool:
 
     def error_line(self, server=None):
         name = os.path.basename(self.argv[0])
+        if self.drainer is not None:
+            # The tool has exited, but its last lines may still be on their way from the pipe: under
+            # load the error once read "pg_restore exited with code 1" for want of them.
+            self.drainer.join(timeout=10)
         if self.proc.returncode is not None and self.proc.returncode < 0:
             sig = signal.Signals(-self.proc.returncode).name
             return f"{name} was killed by {sig} before it finished: nothing of this run is kept"

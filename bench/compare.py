@@ -376,6 +376,7 @@ PORTAL_WAL = (
     " which the shell then acknowledges by their markers, no process)"
 )
 CP_WAL = "cp (the strategy's wal_archive.sh; no fsync: not durable)"
+CP_SYNC_WAL = "cp, then sync of the file and its directory (durable, as the portal's: the disk's rate)"
 BR_SYNC = "pgBackRest archive-push, synchronous (lz4, aes-256-cbc)"
 BR_ASYNC = "pgBackRest archive-push --archive-async, process-max 2 (counted until in the repo)"
 
@@ -461,11 +462,17 @@ def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, t
         f'#!/bin/bash\nWAL_ARCHIVE_DIR="{ws.root / "walcp"}"\nmkdir -p $WAL_ARCHIVE_DIR\ncp $1 $WAL_ARCHIVE_DIR/\n'
     )
     script.chmod(0o755)
+    durable = ws.root / "wal_archive_sync.sh"
+    durable.write_text(
+        f'#!/bin/bash\nD="{ws.root / "walcpsync"}"\nmkdir -p $D\ncp $1 $D/ && sync $D/$(basename $1) $D\n'
+    )
+    durable.chmod(0o755)
     methods = [
         # Counted as PostgreSQL's acknowledgements, not files in the spool: a segment the
         # look-ahead copied is in the spool before the directory's fsync makes it durable.
         (PORTAL_WAL, portal_command, lambda: acknowledged(cluster)),
         (CP_WAL, f"{script} %p", lambda: archived_files(ws.root / "walcp")),
+        (CP_SYNC_WAL, f"{durable} %p", lambda: archived_files(ws.root / "walcpsync")),
         (BR_SYNC, pgbr.archive_command(stanza), lambda: pgbr.archived_count(stanza)),
         (BR_ASYNC, pgbr.archive_command(stanza, asynchronous=True), lambda: pgbr.archived_count(stanza)),
     ]
@@ -490,8 +497,9 @@ def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, t
                     # What the worker's ingestwal schedule does next: catalogue, encrypt, copy.
                     ingest = run(portal.argv("ingestwal", server), env=portal.env)
                     lag.append({"segments": waiting, "seconds": ingest.seconds, "own_rss": ingest.own_hwm})
-                for f in (ws.root / "walcp").iterdir():
-                    f.unlink()
+                for folder in ("walcp", "walcpsync"):
+                    for f in (ws.root / folder).iterdir():
+                        f.unlink()
 
             attempt(rows, method, one, method, command, count)
     return rows.list(), lag

@@ -37,7 +37,7 @@ class Workspace:
     def __init__(self, parent=None):
         self.root = Path(tempfile.mkdtemp(prefix="bp-bench-", dir=parent or "/var/tmp"))
         self.root.chmod(0o755)  # the postgres user must reach the clusters, the spool and the repo
-        for name in ("pg", "pgbackrest", "walcp", "spool", "sandboxes"):
+        for name in ("pg", "pgbackrest", "walcp", "walcpsync", "spool", "sandboxes"):
             (self.root / name).mkdir()
             chown_to_db_user(self.root / name)
         for name in ("portal", "files", "gnupg"):

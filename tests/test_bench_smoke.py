@@ -74,6 +74,8 @@ def test_the_benchmark_writes_every_table_with_a_number_in_each_measured_row(tmp
         median_s = r"^\| [^|]+ \| \d+\.\d\d \|"  # backups and restores
         wal_median_s = r"^\| [^|]+ \| \d+ \| \d+ \| \d+\.\d\d \|"  # segments, segment MB, then the median
         assert re.match(median_s, line) or re.match(wal_median_s, line), line
+    # the disk's durable rate beside the archive command's, for the WAL target's reason
+    assert re.search(r"^\| cp, then sync [^|]+ \| \d+ \| \d+ \| \d+\.\d\d \|", text, re.M)
     targets = text.split("## Targets")[1].split("##")[0]
     assert len(re.findall(r"\*\*(PASS|MISS)\*\*", targets)) == 11
     assert "WAL ingest keeps up under sustained load (push / pull)" in targets
