@@ -126,7 +126,10 @@ def test_a_wrong_passphrase_an_altered_and_a_cut_file_are_refused(tmp_path):
     with pytest.raises(openpgp.BadMessage, match="wrong passphrase"):
         decrypted(ciphertext, "another")
     altered = bytearray(ciphertext)
-    altered[len(altered) // 2] ^= 4
+    # Inside the encrypted MDC, which the last body piece always holds: a byte in the middle can be
+    # one of gpg's partial-length octets (where it cuts its pieces varies), and the file then
+    # reads as cut short, also refused, but not by the integrity check this asserts.
+    altered[-10] ^= 4
     with pytest.raises(openpgp.BadMessage, match="altered"):
         decrypted(bytes(altered), "pass phrase")
     for cut in (10, len(ciphertext) // 2, len(ciphertext) - 1):
