@@ -25,7 +25,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal import conditions
-from backups import keyring, walchain, walhealth, walnames, walspool
+from backups import keyring, tarpipe, walchain, walhealth, walnames, walspool
 from backups.binaries import client_tool
 from backups.crypto import EncryptionError
 from backups.logical import primary_location
@@ -35,44 +35,26 @@ from backups.storage import store_for
 
 
 class TarSniffer:
-    """Reads a tar stream as it flows past, keeping backup_label and the whole backup_manifest
-    (in memory: about 150 bytes per file of the cluster), which an incremental backup on 17+
-    needs of its parent.
+    """Reads a tar stream's headers as it flows past (tarpipe.forward), keeping backup_label and
+    the whole backup_manifest (in memory: about 150 bytes per file of the cluster), which an
+    incremental backup on 17+ needs of its parent.
 
     pg_basebackup writes names shorter than 100 bytes and no extended headers, so a plain
     ustar reader suffices; anything else is skipped over by its size like any member.
     """
 
+    KEPT = ("backup_label", "backup_manifest")
+
     def __init__(self):
-        self.header = bytearray()
-        self.remaining = 0  # data bytes left in the current member, then its padding
-        self.padding = 0
         self.current = None
         self.members = {}
 
-    def feed(self, data: bytes):
-        pos, end = 0, len(data)
-        while pos < end:
-            if self.remaining:
-                n = min(self.remaining, end - pos)
-                if self.current is not None:
-                    self._keep(data[pos : pos + n])
-                pos, self.remaining = pos + n, self.remaining - n
-            elif self.padding:
-                n = min(self.padding, end - pos)
-                pos, self.padding = pos + n, self.padding - n
-            else:
-                n = min(512 - len(self.header), end - pos)
-                self.header += data[pos : pos + n]
-                pos += n
-                if len(self.header) == 512:
-                    self._start_member(bytes(self.header))
-                    self.header.clear()
-
-    def _start_member(self, h: bytes):
+    def start_member(self, h: bytes):
+        """A member's 512-byte header: (its data's size, its padding's). Its data is kept when it
+        is one of KEPT (self.current names it), else it may go past unseen."""
         self.current = None
         if not h.strip(b"\0"):
-            return  # the end-of-archive blocks
+            return 0, 0  # the end-of-archive blocks
         name = h[0:100].split(b"\0", 1)[0].decode(errors="replace")
         if h[257:262] == b"ustar" and h[345] != 0:
             name = h[345:500].split(b"\0", 1)[0].decode(errors="replace") + "/" + name
@@ -81,13 +63,14 @@ class TarSniffer:
             size = int.from_bytes(size_field[1:], "big")
         else:
             size = int(size_field.strip(b"\0 ") or b"0", 8)
-        self.remaining, self.padding = size, (-size) % 512
-        if name in ("backup_label", "backup_manifest"):
+        if name in self.KEPT:
             self.current = name
             self.members[name] = bytearray()
+        return size, (-size) % 512
 
-    def _keep(self, chunk):
-        self.members[self.current] += chunk
+    def feed_member(self, data):
+        """The data of the member start_member() began, when it keeps it."""
+        self.members[self.current] += data
 
     def manifest(self) -> bytes:
         return bytes(self.members.get("backup_manifest", b""))
@@ -111,24 +94,18 @@ class TarSniffer:
         return m.group(1) if m else ""
 
 
-class SniffedStdout:
-    def __init__(self, raw, sniffer):
-        self.raw, self.sniffer = raw, sniffer
-
-    def read(self, n=-1):
-        chunk = self.raw.read(n)
-        self.sniffer.feed(chunk)
-        return chunk
-
-
 class BaseBackupTool(Tool):
     """pg_basebackup, its tar stream read in passing for the backup's WAL positions."""
 
     def start(self):
         super().start()
         self.sniffer = TarSniffer()
-        self.proc.stdout = SniffedStdout(self.proc.stdout, self.sniffer)
         return self
+
+    def forward(self, sink):
+        """The tar into `sink` (zstd's stdin), sniffed on the way (tarpipe.forward): the files'
+        data moves from pipe to pipe in the kernel, never through Python."""
+        tarpipe.forward(self.proc.stdout.fileno(), sink.fileno(), self.sniffer)
 
 
 def key_for(run):

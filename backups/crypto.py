@@ -19,7 +19,7 @@ import zstandard
 from django.conf import settings
 
 from backupportal.lib.childenv import child_env
-from backups import openpgp
+from backups import openpgp, tarpipe
 
 
 def s2k_args():
@@ -230,6 +230,7 @@ class Encryption:
             if secret_fd is not None:
                 os.close(secret_fd)
             source.pipe.close()  # gpg's now: a gpg that dies must not leave the writer blocked on it
+        tarpipe.widen(gpg.stdout.fileno())
         while chunk := gpg.stdout.read(CHUNK):
             on_data(chunk)
         said = gpg.stderr.read().decode(errors="replace")

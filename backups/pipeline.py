@@ -19,8 +19,8 @@ from django.utils import timezone
 
 from backupportal.lib.childenv import child_env
 from backupportal.lib.pgerrors import explain
-from backups import tables
-from backups.crypto import Encryption, die_with_parent
+from backups import tables, tarpipe
+from backups.crypto import Encryption, PipeSource, die_with_parent
 from backups.storage import StorageError
 from backups.streams import CHUNK, EncryptFailed, Source, WriteFailed, encrypt_into
 
@@ -123,16 +123,22 @@ class ToolSource(Source):
             self.tool.kill()
             self.tool.proc.wait()
             raise
+        compressed = self.compressor.proc.stdout
+        tarpipe.widen(stdout.fileno(), self.compressor.proc.stdin.fileno(), compressed.fileno())
         self.feeder = threading.Thread(target=self._feed, args=(stdout,), daemon=True)
         self.feeder.start()
-        return self.compressor.proc.stdout
+        return PipeSource(compressed)  # gpg reads the compressor's output itself
 
     def _feed(self, stdout):
-        """The tool's stdout (read here, so a BaseBackupTool sniffs it) into the compressor."""
+        """The tool's stdout into the compressor: by the tool's own forward() when it has one
+        (a BaseBackupTool reads the tar's headers on the way), else copied here."""
         sink = self.compressor.proc.stdin
         try:
-            while chunk := stdout.read(CHUNK):
-                sink.write(chunk)
+            if hasattr(self.tool, "forward"):
+                self.tool.forward(sink)
+            else:
+                while chunk := stdout.read(CHUNK):
+                    sink.write(chunk)
         except OSError:
             # The compressor died: the tool must not wait forever on a pipe nobody reads.
             self.tool.kill()

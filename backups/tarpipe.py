@@ -1,0 +1,98 @@
+"""A tar stream from one pipe into another, its headers read on the way and its files' data
+moved by splice(2): from pg_basebackup's stdout into zstd's stdin without passing through
+Python, which before copied each byte of the cluster twice, on the two cores zstd needs
+(bench/RESULTS.md, section 2). Only the 512-byte headers, and the members a sniffer keeps
+(backup_label, backup_manifest: a few hundred KB), are read here.
+
+Pipes are also widened to 1 MiB (Linux's default limit for one pipe): with 64 KiB, each
+process in the chain wakes sixteen times as often for the same bytes.
+"""
+
+import errno
+import fcntl
+import os
+
+BLOCK = 512
+PIPE_SIZE = 1 << 20
+STEP = 1 << 20  # bytes asked of one splice: a full pipe
+
+
+def widen(*fds):
+    """Each pipe to PIPE_SIZE where the system allows it (a user over pipe-user-pages-soft
+    keeps 64 KiB pipes: slower, never wrong)."""
+    for fd in fds:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+
+
+def forward(src: int, dst: int, sniffer):
+    """Everything from `src` into `dst` until `src` ends, each member's header handed to
+    sniffer.start_member() and the data of the members it keeps to sniffer.feed().
+
+    A source that ends mid-member stops the forwarding there: the tool's exit status tells why.
+    OSError (the reader of `dst` died) is the caller's to handle."""
+    splicing = True
+    while True:
+        header = _read(src, BLOCK)
+        _write(dst, header)
+        if len(header) < BLOCK:
+            return
+        size, padding = sniffer.start_member(header)
+        if sniffer.current is not None:
+            data = _read(src, size + padding)
+            sniffer.feed_member(data[:size])
+            _write(dst, data)
+            if len(data) < size + padding:
+                return
+            continue
+        if splicing:
+            try:
+                if not _splice(src, dst, size + padding):
+                    return
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                splicing = False  # not pipes after all (a file, a socket): copy instead
+        if not _copy(src, dst, size + padding):
+            return
+
+
+def _read(fd, n):
+    """Up to `n` bytes, fewer only at the end of the stream."""
+    parts, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, STEP))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _write(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _splice(src, dst, n):
+    """`n` bytes moved in the kernel; False when the source ended first."""
+    while n:
+        moved = os.splice(src, dst, min(n, STEP))
+        if not moved:
+            return False
+        n -= moved
+    return True
+
+
+def _copy(src, dst, n):
+    while n:
+        chunk = os.read(src, min(n, STEP))
+        if not chunk:
+            return False
+        _write(dst, chunk)
+        n -= len(chunk)
+    return True
