@@ -25,12 +25,12 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal import conditions
-from backups import keyring, tarpipe, walchain, walhealth, walnames, walspool
+from backups import basestream, keyring, tarpipe, walchain, walhealth, walnames, walspool
 from backups.binaries import client_tool
 from backups.crypto import EncryptionError
 from backups.logical import primary_location
 from backups.models import BackupCopy, BackupRun, Server
-from backups.pipeline import BackupFailed, Tool, Zstd, encrypt_bytes, encrypt_to, heartbeat
+from backups.pipeline import BackupFailed, Tool, ToolSource, Zstd, encrypt_bytes, encrypt_source, heartbeat
 from backups.storage import store_for
 
 
@@ -80,17 +80,28 @@ class TarSniffer:
         return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
 
     def wal_range(self):
+        return Manifest(self.manifest()).wal_range()
+
+    def manifest_checksum(self):
+        return Manifest(self.manifest()).checksum()
+
+
+class Manifest:
+    """A backup_manifest, and what the catalog reads of it."""
+
+    def __init__(self, data: bytes):
+        self.data = bytes(data)
+
+    def wal_range(self):
         """(timeline, start LSN, end LSN) from the manifest's WAL-Ranges, or None."""
-        tail = bytes(self.members.get("backup_manifest", b"")).decode(errors="replace")
-        m = re.search(r'"WAL-Ranges"\s*:\s*\[\s*(\{.*?\})\s*\]', tail, re.S)
+        m = re.search(r'"WAL-Ranges"\s*:\s*\[\s*(\{.*?\})\s*\]', self.data.decode(errors="replace"), re.S)
         if not m:
             return None
         first = json.loads(m.group(1))
         return first["Timeline"], first["Start-LSN"], first["End-LSN"]
 
-    def manifest_checksum(self):
-        tail = bytes(self.members.get("backup_manifest", b"")).decode(errors="replace")
-        m = re.search(r'"Manifest-Checksum"\s*:\s*"([0-9a-f]+)"', tail)
+    def checksum(self):
+        m = re.search(r'"Manifest-Checksum"\s*:\s*"([0-9a-f]+)"', self.data.decode(errors="replace"))
         return m.group(1) if m else ""
 
 
@@ -139,8 +150,10 @@ def take(run):
 
 
 def take_tar(run, what, key, extra_args=()):
-    """pg_basebackup (with `extra_args`) → zstd → gpg under `key`, its manifest kept beside it,
-    and a wait until its WAL is archived: a base backup, or a block-level incremental."""
+    """The cluster compressed by zstd and encrypted by gpg under `key`, its manifest kept beside
+    it, and a wait until its WAL is archived: a base backup, or (with `extra_args` for
+    pg_basebackup) a block-level incremental. The server compresses when it can
+    (backups.basestream); else pg_basebackup's tar goes through zstd -T0 here."""
     server = run.server
     require_archiving(server, what)
     try:
@@ -165,42 +178,31 @@ def take_tar(run, what, key, extra_args=()):
     )
     run.save(update_fields=["key", "details"])
 
-    tool = BaseBackupTool(
-        [
-            str(client_tool(server, "pg_basebackup")),
-            "--pgdata=-",
-            "--format=tar",
-            "--wal-method=none",
-            "--checkpoint=fast",  # a spread checkpoint would hold the nightly backup for minutes
-            f"--label=backupportal run {run.pk}",
-            "--no-password",
-            *extra_args,
-        ],
-        server.libpq_env(),
-    )
-    size, sha256 = encrypt_to(
-        store,
-        key,
-        tool,
-        encryption,
-        on_tick=heartbeat(BackupRun, run.pk),
-        timeout=settings.BACKUP_TIMEOUT,
-        server=server,
-        compressor=Zstd(level),
-    )
+    label = f"backupportal run {run.pk}"
+    source = None if extra_args else compressed_by_server(run, label, level)
+    if source is None:
+        source = ToolSource(pg_basebackup(server, label, extra_args), server, Zstd(level))
+    try:
+        size, sha256 = encrypt_source(
+            store, key, source, encryption, on_tick=heartbeat(BackupRun, run.pk), timeout=settings.BACKUP_TIMEOUT
+        )
+    finally:
+        if isinstance(source, basestream.ServerCompressed):
+            source.close()  # also when the location failed before the stream began
     stop_time = timezone.now()
     BackupCopy.record_made(
         location, key, size, sha256, run=run, artifact="main", encryption_key_id=encryption.custody_key
     )
-    record_positions(run, tool.sniffer, size_of_segment)
-    keep_manifest(run, store, location, manifest_key(key), encryption, tool.sniffer)
+    manifest = backup_manifest(source)
+    record_positions(run, manifest, size_of_segment)
+    keep_manifest(run, store, location, manifest_key(key), encryption, manifest)
     run.size, run.sha256, run.bytes_done = size, sha256, size
     run.details.update(
         {
             "stop_time": stop_time.isoformat(),
             "wal_segment_size": size_of_segment,
-            "manifest_checksum": tool.sniffer.manifest_checksum(),
-            "label": tool.sniffer.label().get("LABEL", ""),
+            "manifest_checksum": manifest.checksum(),
+            "label": label,
         }
     )
     # The backup is only restorable once its WAL is archived: wait for it before saying so.
@@ -212,21 +214,63 @@ def take_tar(run, what, key, extra_args=()):
     )
 
 
-def keep_manifest(run, store, location, key, encryption, sniffer):
+def compressed_by_server(run, label, level):
+    """A started BASE_BACKUP that the server compresses, or None when it cannot (no zstd in
+    its build, or BASE_COMPRESSION=client): the run's details say which way it went."""
+    if settings.BASE_COMPRESSION != "server":
+        return None
+    source = basestream.ServerCompressed(run.server, label, level, settings.BASE_SERVER_WORKERS)
+    try:
+        source.start()
+    except basestream.ZstdUnavailable:
+        run.details["compressed_by"] = "pg_basebackup's client (the server has no zstd)"
+        return None
+    except basestream.BaseBackupRefused as e:
+        raise BackupFailed(str(e)) from None
+    # The server's tar holds no backup_manifest: restores put the "manifest" artifact beside it.
+    run.details.update({"compressed_by": "server", "manifest_in_tar": False})
+    return source
+
+
+def pg_basebackup(server, label, extra_args):
+    return BaseBackupTool(
+        [
+            str(client_tool(server, "pg_basebackup")),
+            "--pgdata=-",
+            "--format=tar",
+            "--wal-method=none",
+            "--checkpoint=fast",  # a spread checkpoint would hold the nightly backup for minutes
+            f"--label={label}",
+            "--no-password",
+            *extra_args,
+        ],
+        server.libpq_env(),
+    )
+
+
+def backup_manifest(source):
+    if isinstance(source, basestream.ServerCompressed):
+        return Manifest(source.manifest)
+    sniffer = source.tool.sniffer
+    if not sniffer.label():
+        raise BackupFailed("pg_basebackup's tar holds no backup_label: is this PostgreSQL 13 or newer?")
+    return Manifest(sniffer.manifest())
+
+
+def keep_manifest(run, store, location, key, encryption, manifest):
     """The whole backup_manifest, encrypted, as the run's "manifest" artifact: the next
-    incremental hands it to pg_basebackup --incremental (copied to every tier like the backup)."""
-    size, sha256 = encrypt_bytes(store, key, sniffer.manifest(), encryption)
+    incremental hands it to pg_basebackup --incremental, and a restore of a backup the server
+    compressed puts it beside the files (copied to every tier like the backup)."""
+    size, sha256 = encrypt_bytes(store, key, manifest.data, encryption)
     BackupCopy.record_made(
         location, key, size, sha256, run=run, artifact="manifest", encryption_key_id=encryption.custody_key
     )
 
 
-def record_positions(run, sniffer, size_of_segment):
-    wal_range = sniffer.wal_range()
-    if not sniffer.label() or wal_range is None:
-        raise BackupFailed(
-            "pg_basebackup's tar holds no backup_label or backup manifest: is this PostgreSQL 13 or newer?"
-        )
+def record_positions(run, manifest, size_of_segment):
+    wal_range = manifest.wal_range()
+    if wal_range is None:
+        raise BackupFailed("the backup came with no backup manifest (or one without its WAL range)")
     timeline, start_lsn, end_lsn = wal_range
     run.timeline, run.start_lsn, run.end_lsn = timeline, start_lsn, end_lsn
     run.start_wal = walnames.segment_name(timeline, walnames.segno_of_lsn(start_lsn, size_of_segment), size_of_segment)

@@ -181,16 +181,18 @@ def encrypt_to(
     """Stream `tool`'s stdout (through `compressor`, a Zstd, when given) through gpg into `store`
     under `key` (streams.encrypt_into); gpg compresses nothing.
     Returns (size, sha256); on any failure nothing is left under `key` and BackupFailed says why."""
-    return _encrypting(store, key, ToolSource(tool, server, compressor), encryption, on_tick, timeout)
+    return encrypt_source(store, key, ToolSource(tool, server, compressor), encryption, on_tick, timeout)
 
 
 def encrypt_bytes(store, key, data: bytes, encryption: Encryption):
     """Small plaintext held in memory (a backup's manifest) through gpg into `store` under `key`;
     (size, sha256), or BackupFailed with nothing left under `key`."""
-    return _encrypting(store, key, Source(io.BytesIO(data)), encryption)
+    return encrypt_source(store, key, Source(io.BytesIO(data)), encryption)
 
 
-def _encrypting(store, key, source, encryption, on_tick=None, timeout=None):
+def encrypt_source(store, key, source, encryption, on_tick=None, timeout=None):
+    """A streams.Source (a ToolSource, a BASE_BACKUP the server compresses) through gpg into
+    `store` under `key`: (size, sha256), or BackupFailed with nothing left under `key`."""
     try:
         return encrypt_into(store, key, source, encryption, None, on_tick, timeout)
     except WriteFailed as e:

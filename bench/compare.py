@@ -57,9 +57,9 @@ def pg_env():
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
 
-def portal_run(portal, *args):
-    """A portal command measured; its --json result in sample.extra['result']."""
-    sample = run(portal.argv(*args, "--json"), env=portal.env, cwd=portal.env["PYTHONPATH"])
+def portal_run(portal, *args, env=None):
+    """A portal command measured (`env`: settings of its own); its --json result in sample.extra['result']."""
+    sample = run(portal.argv(*args, "--json"), env=portal.env | (env or {}), cwd=portal.env["PYTHONPATH"])
     result = json.loads(sample.stdout.strip().splitlines()[-1])
     if result.get("status") not in ("succeeded", None):
         raise CommandFailed(f"portal {args[0]}: {result.get('status')} {result.get('error', '')}")
@@ -174,7 +174,12 @@ def django_boot(portal, rounds):
 # ---------------------------------------------------------------------------- 2. physical
 
 
-PORTAL_BASE = "**portal** backup --kind base (pg_basebackup tar -> zstd -T0 -> gpg encrypting only)"
+PORTAL_BASE = "**portal** backup --kind base (BASE_BACKUP, the server's zstd with 2 workers, read by the portal -> gpg encrypting only)"
+PORTAL_BASE_CLIENT = "portal, BASE_COMPRESSION=client (pg_basebackup tar -> zstd -T0 -> gpg encrypting only)"
+STAGE_SERVER_GPG = (
+    "stage: pg_basebackup --no-manifest -Ft -D - --compress=server-zstd:level=1,workers=2 | gpg encrypting only"
+    " (the portal's compression and encryption, no Python, no catalog)"
+)
 BB_GZIP = "pg_basebackup -Ft -z (client gzip, no encryption)"
 BB_ZSTD = "pg_basebackup -Ft --compress=server-zstd:workers=2 (no encryption)"
 BR_LZ4 = "pgBackRest full, process-max 2, lz4, aes-256-cbc"
@@ -204,6 +209,23 @@ def physical(ws, portal, cluster, pgbr, server, rounds):
             sample = run(pgbr.argv(server, "--type=full", f"--compress-type={kind}", "backup"), cwd="/")
             rows.add(method, sample, artifact=pgbr.last_backup_size(server))
 
+        def portal_client():
+            portal.manage("ingestwal", server)
+            sample, result = portal_run(portal, "backup", server, "--kind", "base", env={"BASE_COMPRESSION": "client"})
+            rows.add(PORTAL_BASE_CLIENT, sample, artifact=result["size"])
+
+        def server_gpg():
+            encrypted = ws.root / "files" / "server-zstd.tar.zst.gpg"
+            sample = shell(
+                f"{pg(cluster, 'pg_basebackup')} -D - -Ft -X none -c fast --no-manifest"
+                f" --compress=server-zstd:level=1,workers=2 | gpg --homedir {ws.root / 'gnupg'} --batch --yes"
+                f" --pinentry-mode loopback --passphrase-file {ws.passphrase} --symmetric --cipher-algo AES256"
+                f" --compress-algo none {S2K} --output {encrypted}",
+                env=pg_env(),
+            )
+            rows.add(STAGE_SERVER_GPG, sample, artifact=os.path.getsize(encrypted))
+            os.unlink(encrypted)
+
         def read_floor():
             sample = shell(f"{pg(cluster, 'pg_basebackup')} -D - -Ft -X none -c fast > /dev/null", env=pg_env())
             rows.add(STAGE_BB, sample)
@@ -214,6 +236,8 @@ def physical(ws, portal, cluster, pgbr, server, rounds):
         attempt(rows, BR_LZ4, lambda: pgbackrest(BR_LZ4, "lz4"))
         attempt(rows, BR_ZSTD, lambda: pgbackrest(BR_ZSTD, "zst"))
         attempt(rows, STAGE_BB, read_floor)
+        attempt(rows, PORTAL_BASE_CLIENT, portal_client)
+        attempt(rows, STAGE_SERVER_GPG, server_gpg)
     portal.manage("ingestwal", server)  # as before each timed run
     rows.set(PORTAL_BASE, "profile", profile(portal, "backup", server, "--kind", "base"))
     return rows.list()

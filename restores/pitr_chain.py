@@ -26,7 +26,7 @@ from backups.copies import decrypt_here, healthy_copies
 from backups.models import BackupRun
 from backups.storage import store_for
 from backups.streams import readable
-from restores.pitr_extract import TarSink
+from restores.pitr_extract import TarSink, place_manifest
 from restores.pitr_plan import RestoreFailed, encryption_of
 
 
@@ -141,6 +141,7 @@ def extract_link(plan, run, scratch):
     what = f"{'incremental' if run.kind == BackupRun.Kind.INCREMENTAL else 'base backup'} #{run.pk}"
     copies = readable(run.copies.filter(artifact="main").select_related("location"))
     plan.notes += decrypt_here(copies, TarSink(part, run.base_compression), encryption_of(plan), what)
+    place_manifest(plan, run, part)
     if not (part / "backup_manifest").exists():
         raise RestoreFailed(f"{what} holds no backup_manifest: pg_combinebackup cannot use it")
     return part

@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from backupportal.lib.childenv import child_env
-from backupportal.lib.osuser import as_db_user
+from backupportal.lib.osuser import as_db_user, chown_to_db_user
 from backups.binaries import backup_major, cluster_tool
 from backups.copies import decrypt_here, settled
-from backups.streams import decrypt_first_healthy, readable
+from backups.streams import FileSink, decrypt_first_healthy, readable
 from restores.pitr_plan import STAGING, RestoreFailed, encryption_of
 
 
@@ -137,8 +137,22 @@ def extract_base(plan, early=None):
             encryption_of(plan),
             f"base backup #{plan.base.pk}",
         )
+    place_manifest(plan, plan.base, plan.datadir)
     if not (plan.datadir / "backup_manifest").exists():
         raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
+
+
+def place_manifest(plan, run, directory):
+    """The backup_manifest of a backup the server compressed (its tar holds none: backups.basestream),
+    decrypted from the run's "manifest" artifact into `directory`, for pg_verifybackup and
+    pg_combinebackup. Any other tar carried its own."""
+    if run.details.get("manifest_in_tar", True):
+        return
+    copies = readable(run.copies.filter(artifact="manifest").select_related("location"))
+    path = directory / "backup_manifest"
+    what = f"the backup_manifest of base backup #{run.pk}"
+    plan.notes += decrypt_here(copies, FileSink(path), encryption_of(plan), what)
+    chown_to_db_user(path)
 
 
 def verify_base(plan):

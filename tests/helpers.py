@@ -208,15 +208,15 @@ def portal_env(settings, **extra):
     return env
 
 
-def manage(settings, *args, **popen):
-    """Start `manage.py ARGS` in a subprocess sharing this test's database."""
+def manage(settings, *args, env=None, **popen):
+    """Start `manage.py ARGS` in a subprocess sharing this test's database (`env`: more settings)."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parent.parent
     return subprocess.Popen(
         [sys.executable, str(root / "manage.py"), *args],
-        env=portal_env(settings),
+        env=portal_env(settings, **(env or {})),
         cwd=root,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

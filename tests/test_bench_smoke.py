@@ -203,3 +203,21 @@ def test_a_bound_below_pg_restore_alone_is_named_as_out_of_reach_with_the_runs_f
     assert "the bound, 0.80 × 16.68 s = 13.34 s, is below what pg_restore alone takes" in said
     assert "(15.06 s, the faster of one job and two)" in said
     assert restore_floor(rows(20.0, 12.0, 10.0), 0.8) == ""  # 16 s is within reach of a 10 s pg_restore
+
+
+def test_a_base_backup_bound_below_the_servers_zstd_into_gpg_alone_is_named_as_out_of_reach():
+    sys.path.insert(0, str(ROOT))
+    from bench import compare
+    from bench.report import base_floor
+
+    def rows(floor, read):
+        return [
+            {"method": compare.STAGE_SERVER_GPG, "times": [floor]},
+            {"method": compare.STAGE_BB, "times": [read]},
+        ]
+
+    said = base_floor(rows(3.62, 2.60), 0.6, 5.31)
+    assert "the bound, 0.60 × 5.31 s = 3.19 s, is below what the portal's own compression" in said
+    assert "no Python, no catalog, 3.62 s (reading the cluster alone, uncompressed, into /dev/null: 2.60 s)" in said
+    assert base_floor(rows(3.62, 2.60), 0.6, 7.55) == ""  # 4.53 s is within reach of 3.62 s
+    assert base_floor([], 0.6, 5.31) == ""  # not measured: nothing said

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
+from backupportal.lib.osuser import chown_to_db_user
 from backupportal.models import JournalEntry
 from backups import walchain, walingest, walnames
 from backups.models import BackupCopy, BackupRun, WalSegment
@@ -149,9 +150,13 @@ def archive_some(cluster, server, count=3):
 
 
 def start_backup(settings, kind, tool):
-    """`manage.py backup` in its own process, once `tool` streams into the primary location."""
-    proc = manage(settings, "backup", "maldives", "--kind", kind, "--json")
-    pid = wait_for(lambda: child_named(proc.pid, tool), timeout=60, what=f"{tool} to start")
+    """`manage.py backup` in its own process, once `tool` streams into the primary location.
+    A base backup through pg_basebackup and zstd is compressed on the client; BASE_BACKUP (no
+    process of its own: gpg is the one waited for) is the server's compression, the default."""
+    env = {"BASE_COMPRESSION": "client"} if tool in ("pg_basebackup", "zstd") else {}
+    proc = manage(settings, "backup", "maldives", "--kind", kind, "--json", env=env)
+    child = "gpg" if tool == "BASE_BACKUP" else tool
+    pid = wait_for(lambda: child_named(proc.pid, child), timeout=60, what=f"{child} to start")
     wait_for(lambda: streaming(settings.BACKUP_ROOT, kind), timeout=60, what="bytes to stream")
     return proc, pid
 
@@ -211,12 +216,50 @@ def test_sigkill_of_zstd_mid_stream_fails_the_run_and_leaves_no_artifact_and_no_
     assert_nothing_archived_is_lost(big_server, archived)
 
 
+def test_sigkill_of_gpg_mid_stream_of_a_backup_the_server_compresses_ends_it_on_the_server_too(
+    big_server, big_cluster, settings
+):
+    archived = archive_some(big_cluster, big_server)
+    proc, gpg = start_backup(settings, "base", "BASE_BACKUP")
+    assert not child_named(proc.pid, "pg_basebackup") and not child_named(proc.pid, "zstd")
+    tree = descendants(proc.pid)
+    os.kill(gpg, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == 1 and "gpg" in err
+    assert_failed_clearly(json_result(out)["id"], "gpg")
+    assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
+    assert_no_orphans(tree)
+    # The portal cancelled the BASE_BACKUP: the server is not left in backup mode.
+    wait_for(lambda: not big_cluster.execute("SELECT 1 FROM pg_stat_progress_basebackup"), what="the walsender to end")
+    assert_next_scheduled_run_succeeds("base")
+    assert_nothing_archived_is_lost(big_server, archived)
+
+
+def test_a_tablespace_outside_the_data_directory_is_refused_by_name_and_leaves_nothing(
+    big_server, big_cluster, settings
+):
+    place = Path(big_cluster.datadir).parent / "tablespace"  # where the postgres user can reach
+    place.mkdir()
+    chown_to_db_user(place)
+    big_cluster.execute(f"CREATE TABLESPACE elsewhere LOCATION '{place}'")
+    try:
+        proc = manage(settings, "backup", "maldives", "--kind", "base", "--json")
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1
+        assert_failed_clearly(json_result(out)["id"], "tablespaces outside its data directory")
+        assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
+    finally:
+        big_cluster.execute("DROP TABLESPACE elsewhere")
+        place.rmdir()
+
+
 # --- 2. The protected database stopped mid-backup. -------------------------------------------
 
 
 @pytest.mark.parametrize(
     "kind, tool",
-    [("logical", "pg_dump"), ("base", "pg_basebackup")],
+    [("logical", "pg_dump"), ("base", "pg_basebackup"), ("base", "BASE_BACKUP")],
 )
 def test_the_database_stopped_mid_backup_fails_the_run_and_the_next_one_succeeds(
     big_server, big_cluster, settings, kind, tool

@@ -43,6 +43,10 @@ def test_a_base_backup_and_its_wal_recover_to_a_moment_with_gpg_zstd_and_tar_alo
     verify_wal.mkdir()
     gpghome.mkdir(mode=0o700)
     stock(f"{GPG} --decrypt {artifact(run)} | zstd -d | tar -x -C {datadir}", tmp_path, passphrase_file)
+    # The server compressed this tar (BASE_COMPRESSION=server): its manifest is the file beside it.
+    assert run.details["compressed_by"] == "server" and not (datadir / "backup_manifest").exists()
+    manifest = artifact(run, "manifest")
+    stock(f"{GPG} --yes --decrypt --output {datadir / 'backup_manifest'} {manifest}", tmp_path, passphrase_file)
     line = restore_command(walkey, archive, gpghome)
     for name in WalSegment.objects.filter(server=server, name__gte=run.start_wal, name__lte=run.end_wal).values_list(
         "name", flat=True
