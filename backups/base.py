@@ -188,7 +188,7 @@ def take_tar(run, what, key, extra_args=()):
         )
     finally:
         if isinstance(source, basestream.ServerCompressed):
-            source.close()  # also when the location failed before the stream began
+            source.abandon()  # also when the location failed before the stream began
     stop_time = timezone.now()
     BackupCopy.record_made(
         location, key, size, sha256, run=run, artifact="main", encryption_key_id=encryption.custody_key
@@ -220,10 +220,13 @@ def compressed_by_server(run, label, level):
     if settings.BASE_COMPRESSION != "server":
         return None
     source = basestream.ServerCompressed(run.server, label, level, settings.BASE_SERVER_WORKERS)
+    beat = heartbeat(BackupRun, run.pk)
     try:
-        source.start()
-    except basestream.ZstdUnavailable:
-        run.details["compressed_by"] = "pg_basebackup's client (the server has no zstd)"
+        # The fast checkpoint comes first, and may take minutes: the run's heartbeat goes on meanwhile.
+        source.start(tick=lambda: beat(source), timeout=settings.BACKUP_TIMEOUT)
+    except basestream.ZstdUnavailable as e:
+        said = next((line for line in str(e).splitlines() if line.strip()), "refused").strip()
+        run.details["compressed_by"] = f"pg_basebackup's client (the server refused to compress: {said})"
         return None
     except basestream.BaseBackupRefused as e:
         raise BackupFailed(str(e)) from None

@@ -16,7 +16,9 @@ wheel) says so at once, and the backup goes through pg_basebackup instead (ZstdU
 """
 
 import os
+import select
 import threading
+import time
 
 import psycopg
 from psycopg import pq
@@ -26,13 +28,22 @@ from backups import tarpipe
 from backups.crypto import PipeSource
 from backups.streams import EncryptFailed, Source
 
+# libpq is only ever called here when it will not wait: psycopg's blocking calls keep Python's
+# interpreter lock while they wait on the socket, which would stop every other thread of the
+# worker (gpg's drain, the heartbeat, the timeout) for as long as the server is silent.
+POLL = 1.0  # seconds between looks at `stopped`, and heartbeats while the checkpoint runs
+
 
 class ZstdUnavailable(Exception):
-    """The server cannot compress with zstd: take the backup the other way."""
+    """The server refused the compressed BASE_BACKUP before it began: take the backup the other way."""
 
 
 class BaseBackupRefused(Exception):
     """The server refused or broke off the backup; the message is one line for the run."""
+
+
+class Stopped(Exception):
+    """stop() was called: the failure elsewhere is what the run reports."""
 
 
 def tablespaces_refused():
@@ -55,6 +66,7 @@ class ServerCompressed(Source):
         self.stopped = False
         self.manifest = bytearray()
         self.archives = 0
+        self.bytes = 0  # of the compressed archive received: the heartbeat's progress
         self.start_lsn = self.end_lsn = self.timeline = None
 
     def command(self):
@@ -71,22 +83,27 @@ class ServerCompressed(Source):
         ]
         return f"BASE_BACKUP ({', '.join(options)})"
 
-    def start(self):
-        """Connect for replication and start the backup: ZstdUnavailable, BaseBackupRefused, or the
-        start position read (the checkpoint is done)."""
+    def start(self, tick=None, timeout=None):
+        """Connect for replication and start the backup; return once the checkpoint is done and
+        the start position read, calling `tick()` every POLL seconds meanwhile (the run's heartbeat).
+
+        ZstdUnavailable when the server refuses the command itself, before any checkpoint (no zstd
+        in its build, no threads in its libzstd, an older grammar: in any language); BaseBackupRefused
+        for what pg_basebackup would meet too (no connection, the checkpoint failed, timed out)."""
         try:
             self.conn = psycopg.connect(**self.server.connection_settings(), replication="true", autocommit=True)
+            self.conn.pgconn.send_query(self.command().encode())
+            result = self._result(tick, timeout)
         except psycopg.Error as e:
-            raise BaseBackupRefused(explain(e, self.server)) from None
-        pgconn = self.conn.pgconn
-        pgconn.send_query(self.command().encode())
-        result = pgconn.get_result()
+            self.close()
+            raise BaseBackupRefused(f"BASE_BACKUP: {explain(e, self.server)}") from None
+        except BaseBackupRefused:
+            self.close()
+            raise
         if result is None or result.status != pq.ExecStatus.TUPLES_OK:
             message = self._message(result)
             self.close()
-            if "does not support compression" in message and "zstd" in message.lower():
-                raise ZstdUnavailable(message)
-            raise BaseBackupRefused(f"BASE_BACKUP: {explain(message, self.server)}")
+            raise ZstdUnavailable(message)
         self.start_lsn, self.timeline = (v.decode() for v in (result.get_value(0, 0), result.get_value(0, 1)))
         return self
 
@@ -103,34 +120,36 @@ class ServerCompressed(Source):
         try:
             self._copy_stream(out)
             self._end_position()
-        except BaseBackupRefused as e:
+        except (BaseBackupRefused, Stopped) as e:
             self.error = e
         except Exception as e:  # noqa: BLE001 - reported by check(), in encrypt_into's order
-            # libpq's own words ("receiving copy data failed: server closed the connection ..."), in one line
+            # libpq's own words ("server closed the connection unexpectedly ..."), in one line
             self.error = BaseBackupRefused(f"BASE_BACKUP: {explain(e, self.server)}")
         finally:
             os.close(out)
 
     def _copy_stream(self, out):
-        pgconn = self.conn.pgconn
-        while (result := pgconn.get_result()) is not None and result.status == pq.ExecStatus.TUPLES_OK:
+        while (result := self._result()) is not None and result.status == pq.ExecStatus.TUPLES_OK:
             if result.ntuples > 1:  # the tablespace list: pg_default, and any other
                 raise tablespaces_refused()
         if result is None or result.status != pq.ExecStatus.COPY_OUT:
             raise BaseBackupRefused(f"BASE_BACKUP: {explain(self._message(result), self.server)}")
+        pgconn = self.conn.pgconn
         in_manifest = False
         while True:
-            nbytes, data = pgconn.get_copy_data(0)
-            if nbytes == -1:
-                return
-            if nbytes == -2:
-                raise BaseBackupRefused(f"BASE_BACKUP: {explain(self._message(None), self.server)}")
+            nbytes, data = pgconn.get_copy_data(1)
+            if nbytes == 0:
+                self._wait()
+                continue
+            if nbytes < 0:
+                return  # the COPY ended: the results after it say how
             kind = data[0]
             if kind == 0x64:  # 'd': archive or manifest data
                 if in_manifest:
                     self.manifest += data[1:]
                 else:
                     _write(out, memoryview(data)[1:])
+                    self.bytes += nbytes - 1
             elif kind == 0x6E:  # 'n': a new archive, one per tablespace
                 self.archives += 1
                 if self.archives > 1:
@@ -140,8 +159,7 @@ class ServerCompressed(Source):
             # 'p' (progress) and anything newer carry nothing the backup needs
 
     def _end_position(self):
-        pgconn = self.conn.pgconn
-        while (result := pgconn.get_result()) is not None:
+        while (result := self._result()) is not None:
             if result.status == pq.ExecStatus.TUPLES_OK:
                 self.end_lsn = result.get_value(0, 0).decode()
             elif result.status != pq.ExecStatus.COMMAND_OK:
@@ -149,12 +167,34 @@ class ServerCompressed(Source):
         if self.end_lsn is None:
             raise BaseBackupRefused("BASE_BACKUP ended without its end position: the backup is incomplete")
 
+    def _result(self, tick=None, timeout=None):
+        """The next result, waited for without blocking in libpq."""
+        pgconn = self.conn.pgconn
+        deadline = time.monotonic() + timeout if timeout else None
+        while pgconn.is_busy():
+            self._wait()
+            if tick:
+                tick()
+            if deadline and time.monotonic() > deadline:
+                raise BaseBackupRefused(f"BASE_BACKUP's checkpoint did not end within {timeout} s: the run was stopped")
+        return pgconn.get_result()
+
+    def _wait(self):
+        if self.stopped:
+            raise Stopped("stopped")
+        readable, _, _ = select.select([self.conn.pgconn.socket], [], [], POLL)
+        if readable:
+            self.conn.pgconn.consume_input()  # raises when the connection is gone
+
     def _message(self, result):
         text = result.error_message if result is not None else self.conn.pgconn.error_message
         return (text or b"the connection was lost").decode(errors="replace").strip()
 
     def stop(self):
-        """The location or gpg failed, or the run timed out: the server stops sending."""
+        """The location or gpg failed, or the run timed out: the server stops sending, and the
+        receiving thread, which looks at `stopped` every POLL seconds at most, ends."""
+        if self.stopped:
+            return
         self.stopped = True
         if self.conn is not None and self.thread is not None and self.thread.is_alive():
             try:
@@ -166,6 +206,12 @@ class ServerCompressed(Source):
         if self.thread is not None:
             self.thread.join()
         self.close()
+
+    def abandon(self):
+        """Whatever happened in encrypt_into: no thread, no connection left behind."""
+        if self.thread is not None and self.thread.is_alive():
+            self.stop()
+        self.finish()
 
     def close(self):
         if self.conn is not None:

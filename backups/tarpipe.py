@@ -18,8 +18,8 @@ STEP = 1 << 20  # bytes asked of one splice: a full pipe
 
 
 def widen(*fds):
-    """Each pipe to PIPE_SIZE where the system allows it (a user over pipe-user-pages-soft
-    keeps 64 KiB pipes: slower, never wrong)."""
+    """Each pipe to PIPE_SIZE where the system allows it. An unprivileged user past
+    fs.pipe-user-pages-soft gets small pipes from the kernel: slower, never wrong."""
     for fd in fds:
         try:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -47,16 +47,15 @@ def forward(src: int, dst: int, sniffer):
             if len(data) < size + padding:
                 return
             continue
+        left = size + padding
         if splicing:
             try:
-                if not _splice(src, dst, size + padding):
+                left = _splice(src, dst, left)
+                if left is None:
                     return
-                continue
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.ENOSYS):
-                    raise
-                splicing = False  # not pipes after all (a file, a socket): copy instead
-        if not _copy(src, dst, size + padding):
+            except _NotSpliceable as e:
+                splicing, left = False, e.left  # not pipes after all (a file, a socket): copy the rest
+        if left and not _copy(src, dst, left):
             return
 
 
@@ -78,14 +77,25 @@ def _write(fd, data):
         view = view[os.write(fd, view) :]
 
 
+class _NotSpliceable(Exception):
+    def __init__(self, left):
+        self.left = left
+
+
 def _splice(src, dst, n):
-    """`n` bytes moved in the kernel; False when the source ended first."""
+    """`n` bytes moved in the kernel: 0 when all moved, None when the source ended first;
+    _NotSpliceable(bytes left) when the descriptors are no pipes."""
     while n:
-        moved = os.splice(src, dst, min(n, STEP))
+        try:
+            moved = os.splice(src, dst, min(n, STEP))
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOSYS):
+                raise _NotSpliceable(n) from None
+            raise
         if not moved:
-            return False
+            return None
         n -= moved
-    return True
+    return 0
 
 
 def _copy(src, dst, n):

@@ -218,12 +218,15 @@ def good_bases(server):
 
 
 def with_healthy_copy(bases):
-    """The pks of the base backups with a copy believed good in an enabled location."""
-    return set(
-        BackupCopy.objects.filter(
-            run__in=bases, artifact="main", status=BackupCopy.Status.OK, location__enabled=True
-        ).values_list("run_id", flat=True)
-    )
+    """The pks of the base backups with a copy believed good in an enabled location (and of their
+    manifest, for a tar the server compressed, which holds none: restores.pitr_extract.place_manifest)."""
+    healthy = BackupCopy.objects.filter(status=BackupCopy.Status.OK, location__enabled=True)
+    usable = set(healthy.filter(run__in=bases, artifact="main").values_list("run_id", flat=True))
+    apart = [b.pk for b in bases if b.details.get("manifest_in_tar", True) is False]
+    if apart:
+        manifests = set(healthy.filter(run__in=apart, artifact="manifest").values_list("run_id", flat=True))
+        usable -= set(apart) - manifests
+    return usable
 
 
 def fall_back(plan, fault, run=None, error=RestoreFailed):

@@ -15,7 +15,7 @@ from backupportal.lib.childenv import child_env
 from backupportal.lib.osuser import as_db_user, chown_to_db_user
 from backups.binaries import backup_major, cluster_tool
 from backups.copies import decrypt_here, settled
-from backups.streams import FileSink, decrypt_first_healthy, readable
+from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from restores.pitr_plan import STAGING, RestoreFailed, encryption_of
 
 
@@ -137,7 +137,11 @@ def extract_base(plan, early=None):
             encryption_of(plan),
             f"base backup #{plan.base.pk}",
         )
-    place_manifest(plan, plan.base, plan.datadir)
+    try:
+        place_manifest(plan, plan.base, plan.datadir)
+    except FetchFailed:
+        empty(plan.datadir, keep=(STAGING,))  # an older base, if any, is extracted into it next
+        raise
     if not (plan.datadir / "backup_manifest").exists():
         raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
 

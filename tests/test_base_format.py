@@ -43,7 +43,8 @@ def test_a_base_backup_restores_with_gpg_zstd_tar_and_pg_verifybackup_alone(
         assert run.details["compressed_by"] == "server" and run.details["manifest_in_tar"] is False
         assert not (datadir / "backup_manifest").exists()
     else:
-        assert run.details["compressed_by"] == "pg_basebackup's client (the server has no zstd)"
+        said = run.details["compressed_by"]
+        assert said.startswith("pg_basebackup's client (the server refused to compress: ") and "ZSTD" in said, said
         assert (datadir / "backup_manifest").is_file()
     manifest = artifact(run, "manifest")
     stock(f"{GPG} --yes --decrypt --output {datadir / 'backup_manifest'} {manifest}", tmp_path, passphrase_file)

@@ -81,8 +81,9 @@ def test_metrics_never_carry_a_secret(client, settings, sample_cluster, secret_p
 EXECVE = re.compile(r'^(\d+)\s+execve\("([^"]*)", \[(.*?)\], (\[.*?\]|0x[0-9a-f]+)')
 
 
-def traced(settings, trace, *args):
-    """manage.py ARGS --json under strace; returns (its --json result, its stdout+stderr, the execs).
+def traced(settings, trace, *args, env=None):
+    """manage.py ARGS --json under strace (`env`: settings of its own); returns (its --json result,
+    its stdout+stderr, the execs).
 
     A PITR leaves its restored server running, and strace -f would follow it for ever: once
     manage.py itself has exited, strace is stopped (its tracees are detached; the server runs on).
@@ -93,6 +94,7 @@ def traced(settings, trace, *args):
         S3_BUCKET=settings.S3_BUCKET,
         S3_ENDPOINT_URL=settings.S3_ENDPOINT_URL,
         S3_PREFIX=settings.S3_PREFIX,
+        **(env or {}),
     )
     argv = ["strace", "-f", "-v", "-q", "-e", "trace=execve", "-s", "4096", "-o", str(trace)]
     argv += [sys.executable, str(ROOT / "manage.py"), *args, "--json"]
@@ -203,7 +205,15 @@ def test_a_whole_pitr_job_passes_no_secret_on(
 
     lines = enable_push(sample_cluster)
     assert_no_secret("\n".join(lines), "the archive_command lines")  # the archiver's argv, run by postgres
+    # The server compresses (BASE_BACKUP in the portal's own connection: gpg is the only program),
+    # then the client's way, pg_basebackup into zstd: neither hands a secret on.
     base, output, found = traced(settings, tmp_path / "base.trace", "backup", "maldives", "--kind", "base")
+    assert base["status"] == "succeeded", output
+    assert "gpg" in programs(found) and not {"pg_basebackup", "zstd"} & programs(found)
+    assert_no_secret_passed_on(found)
+    assert_no_secret(output, "the base backup's output")
+    env = {"BASE_COMPRESSION": "client"}
+    base, output, found = traced(settings, tmp_path / "client.trace", "backup", "maldives", "--kind", "base", env=env)
     assert base["status"] == "succeeded", output
     assert {"pg_basebackup", "zstd", "gpg"} <= programs(found)
     assert_no_secret_passed_on(found)
