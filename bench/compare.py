@@ -177,7 +177,7 @@ def django_boot(portal, rounds):
 PORTAL_BASE = "**portal** backup --kind base (BASE_BACKUP, the server's zstd with 2 workers, read by the portal -> gpg encrypting only)"
 PORTAL_BASE_CLIENT = "portal, BASE_COMPRESSION=client (pg_basebackup tar -> zstd -T0 -> gpg encrypting only)"
 STAGE_SERVER_GPG = (
-    "stage: pg_basebackup --no-manifest -Ft -D - --compress=server-zstd:level=1,workers=2 | gpg encrypting only"
+    "stage: pg_basebackup --no-manifest -Ft -D - --compress=server-zstd:level=1,workers=2, piped into gpg encrypting only"
     " (the portal's compression and encryption, no Python, no catalog)"
 )
 BB_GZIP = "pg_basebackup -Ft -z (client gzip, no encryption)"

@@ -647,7 +647,9 @@ def wal_floor(rates, bound):
         f"Measured in this run: the bound, {bound:.1f} segments/s, is above what this disk takes of whole"
         f" segments made durable one by one (cp, then sync: {durable:.1f}/s)"
     )
-    if copied and copied < bound * 1.1:
+    if copied and copied < bound:
+        said += f", and above even cp with no durability at all ({copied:.1f}/s)"
+    elif copied and copied < bound * 1.1:
         said += f", and within 10% of cp with no durability at all ({copied:.1f}/s)"
     return said + (
         ": an archive command that keeps segments as PostgreSQL wrote them cannot meet it here; only one that"

@@ -221,3 +221,15 @@ def test_a_base_backup_bound_below_the_servers_zstd_into_gpg_alone_is_named_as_o
     assert "no Python, no catalog, 3.62 s (reading the cluster alone, uncompressed, into /dev/null: 2.60 s)" in said
     assert base_floor(rows(3.62, 2.60), 0.6, 7.55) == ""  # 4.53 s is within reach of 3.62 s
     assert base_floor([], 0.6, 5.31) == ""  # not measured: nothing said
+
+
+def test_a_wal_bound_above_the_disks_durable_rate_says_where_plain_cp_stands():
+    sys.path.insert(0, str(ROOT))
+    from bench import compare
+    from bench.report import wal_floor
+
+    said = wal_floor({compare.CP_SYNC_WAL: 21.1, compare.CP_WAL: 30.8}, 38.0)
+    assert "the bound, 38.0 segments/s, is above what this disk takes" in said
+    assert "(cp, then sync: 21.1/s), and above even cp with no durability at all (30.8/s)" in said
+    assert "within 10% of cp" in wal_floor({compare.CP_SYNC_WAL: 16.1, compare.CP_WAL: 34.1}, 32.9)
+    assert wal_floor({compare.CP_SYNC_WAL: 40.0, compare.CP_WAL: 50.0}, 38.0) == ""
