@@ -148,7 +148,7 @@ class ServerCompressed(Source):
                 if in_manifest:
                     self.manifest += data[1:]
                 else:
-                    _write(out, memoryview(data)[1:])
+                    tarpipe.write_all(out, memoryview(data)[1:])
                     self.bytes += nbytes - 1
             elif kind == 0x6E:  # 'n': a new archive, one per tablespace
                 self.archives += 1
@@ -224,8 +224,3 @@ class ServerCompressed(Source):
             raise EncryptFailed(str(self.error))
         if not self.manifest:
             raise EncryptFailed("BASE_BACKUP sent no backup manifest: the backup cannot be verified")
-
-
-def _write(fd, view):
-    while view:
-        view = view[os.write(fd, view) :]

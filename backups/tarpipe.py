@@ -36,14 +36,14 @@ def forward(src: int, dst: int, sniffer):
     splicing = True
     while True:
         header = _read(src, BLOCK)
-        _write(dst, header)
+        write_all(dst, header)
         if len(header) < BLOCK:
             return
         size, padding = sniffer.start_member(header)
         if sniffer.current is not None:
             data = _read(src, size + padding)
             sniffer.feed_member(data[:size])
-            _write(dst, data)
+            write_all(dst, data)
             if len(data) < size + padding:
                 return
             continue
@@ -71,7 +71,8 @@ def _read(fd, n):
     return b"".join(parts)
 
 
-def _write(fd, data):
+def write_all(fd, data):
+    """All of `data` into `fd` (os.write may take part of it)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -103,6 +104,6 @@ def _copy(src, dst, n):
         chunk = os.read(src, min(n, STEP))
         if not chunk:
             return False
-        _write(dst, chunk)
+        write_all(dst, chunk)
         n -= len(chunk)
     return True
