@@ -66,13 +66,13 @@ def switch_wal(cluster):
     return cluster.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
 
 
-def wait_for(predicate, timeout=20, what="condition"):
+def wait_for(predicate, timeout=20, what="condition", every=0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 

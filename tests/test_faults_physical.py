@@ -11,6 +11,7 @@ succeeds, and nothing already archived is lost.
 import json
 import os
 import signal
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -150,15 +151,44 @@ def archive_some(cluster, server, count=3):
 
 
 def start_backup(settings, kind, tool):
-    """`manage.py backup` in its own process, once `tool` streams into the primary location.
-    A base backup through pg_basebackup and zstd is compressed on the client; BASE_BACKUP (no
-    process of its own: gpg is the one waited for) is the server's compression, the default."""
+    """`manage.py backup` in its own process, with `tool` held by SIGSTOP once its bytes stream into
+    the primary location: a fault then always lands mid-stream, even where the server compresses a
+    small cluster faster than a poll. A base backup through pg_basebackup and zstd is compressed on
+    the client; BASE_BACKUP (no process of its own: gpg is the one held) is the server's, the
+    default. The caller sends the fault, then `resume(pid)`."""
     env = {"BASE_COMPRESSION": "client"} if tool in ("pg_basebackup", "zstd") else {}
     proc = manage(settings, "backup", "maldives", "--kind", kind, "--json", env=env)
     child = "gpg" if tool == "BASE_BACKUP" else tool
-    pid = wait_for(lambda: child_named(proc.pid, child), timeout=60, what=f"{child} to start")
-    wait_for(lambda: streaming(settings.BACKUP_ROOT, kind), timeout=60, what="bytes to stream")
+    pid = wait_for(lambda: tool_of(proc.pid, child), timeout=60, every=0.002, what=f"{child} to start")
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while not streaming(settings.BACKUP_ROOT, kind):  # let it run a few milliseconds at a time
+        assert time.monotonic() < deadline, "timed out waiting for bytes to stream"
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.003)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.02)
     return proc, pid
+
+
+def tool_of(pid, name):
+    """The process below pid that streams the backup: for gpg, the one encrypting, not the short
+    `gpg --list-config` python-gnupg runs first (holding that one held nothing)."""
+    found = child_named(pid, name)
+    if found and name == "gpg":
+        try:
+            argv = Path(f"/proc/{found}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        return found if b"--symmetric" in argv or b"--encrypt" in argv else None
+    return found
+
+
+def resume(pid):
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
 
 
 def json_result(out):
@@ -265,9 +295,10 @@ def test_the_database_stopped_mid_backup_fails_the_run_and_the_next_one_succeeds
     big_server, big_cluster, settings, kind, tool
 ):
     archived = archive_some(big_cluster, big_server)
-    proc, _ = start_backup(settings, kind, tool)
+    proc, held = start_backup(settings, kind, tool)
     tree = descendants(proc.pid)
     big_cluster.stop("fast")  # pg_ctl stop -m fast, as an operator (or a failover script) does
+    resume(held)
     out, err = proc.communicate(timeout=120)
 
     assert proc.returncode == 1, err
