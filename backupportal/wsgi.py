@@ -31,3 +31,7 @@ django.setup(set_prefix=False)
 if problem := static_files_missing():
     sys.exit(problem)
 application = get_wsgi_application()
+
+from backupportal.lib.serving import freeze_startup_objects  # noqa: E402 (needs django.setup)
+
+freeze_startup_objects()

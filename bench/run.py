@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--catalog-segments", type=int, default=1_000_000)
     p.add_argument("--catalog-runs", type=int, default=20_000)
     p.add_argument("--catalog-journal", type=int, default=1_000_000)
-    p.add_argument("--page-requests", type=int, default=20)
+    p.add_argument("--page-requests", type=int, default=50)
     p.add_argument(
         "--sustained-seconds", type=int, help="seconds of pgbench at full speed per archiving mode (push, pull)"
     )
