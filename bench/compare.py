@@ -99,11 +99,24 @@ def profile(portal, *args, top=10):
 
 
 def attempt(rows, method, fn, *args):
-    """One measured round of one method; a failure becomes a note on the row, never a number."""
+    """One measured round of one method; a failure becomes a note on the row, never a number.
+
+    Each starts with the disk flushed (sync): otherwise a method pays the write-back of the
+    gigabyte the one before it wrote or restored."""
+    os.sync()
     try:
         fn(*args)
     except (CommandFailed, RuntimeError, OSError, psycopg.Error) as e:
         rows.fail(method, e)
+
+
+def in_turn(rows, round_no, attempts):
+    """One round of every method, (method, fn, *args) each, starting one further along each round:
+    no method is always the first after the previous round (a checkpoint, the drop of a database
+    just restored, the page cache of another method's files)."""
+    shift = round_no % len(attempts)
+    for method, fn, *args in attempts[shift:] + attempts[:shift]:
+        attempt(rows, method, fn, *args)
 
 
 # ---------------------------------------------------------------------------- 1. logical
@@ -119,7 +132,7 @@ def logical(ws, portal, cluster, server, dbname, rounds, stages=True):
     rows = Rows()
     files = ws.root / "files"
     gpg_home = ws.root / "gnupg"
-    for _ in range(rounds):
+    for round_no in range(rounds):
 
         def portal_backup():
             sample, result = portal_run(portal, "backup", server, "--kind", "logical")
@@ -150,11 +163,8 @@ def logical(ws, portal, cluster, server, dbname, rounds, stages=True):
             rows.add(STAGE_DUMP, sample, artifact=f.stat().st_size)
             f.unlink()
 
-        attempt(rows, PORTAL_LOGICAL, portal_backup)
-        attempt(rows, STRATEGY, strategy)
-        attempt(rows, PLAIN, plain)
-        if stages:
-            attempt(rows, STAGE_DUMP, stage)
+        methods = [(PORTAL_LOGICAL, portal_backup), (STRATEGY, strategy), (PLAIN, plain)]
+        in_turn(rows, round_no, methods + ([(STAGE_DUMP, stage)] if stages else []))
     if stages:
         rows.set(PORTAL_LOGICAL, "profile", profile(portal, "backup", server, "--kind", "logical"))
     return rows.list()
@@ -190,7 +200,7 @@ STAGE_BB = "stage: pg_basebackup -Ft -X none to /dev/null (the portal's read alo
 def physical(ws, portal, cluster, pgbr, server, rounds):
     rows = Rows()
     out = ws.root / "files" / "basebackup"
-    for _ in range(rounds):
+    for round_no in range(rounds):
 
         def portal_base():
             # What the worker's every-minute ingestwal schedule keeps done: this bench runs no worker,
@@ -230,14 +240,20 @@ def physical(ws, portal, cluster, pgbr, server, rounds):
             sample = shell(f"{pg(cluster, 'pg_basebackup')} -D - -Ft -X none -c fast > /dev/null", env=pg_env())
             rows.add(STAGE_BB, sample)
 
-        attempt(rows, PORTAL_BASE, portal_base)
-        attempt(rows, BB_GZIP, lambda: basebackup(BB_GZIP, "-z"))
-        attempt(rows, BB_ZSTD, lambda: basebackup(BB_ZSTD, "--compress=server-zstd:workers=2"))
-        attempt(rows, BR_LZ4, lambda: pgbackrest(BR_LZ4, "lz4"))
-        attempt(rows, BR_ZSTD, lambda: pgbackrest(BR_ZSTD, "zst"))
-        attempt(rows, STAGE_BB, read_floor)
-        attempt(rows, PORTAL_BASE_CLIENT, portal_client)
-        attempt(rows, STAGE_SERVER_GPG, server_gpg)
+        in_turn(
+            rows,
+            round_no,
+            [
+                (PORTAL_BASE, portal_base),
+                (BB_GZIP, basebackup, BB_GZIP, "-z"),
+                (BB_ZSTD, basebackup, BB_ZSTD, "--compress=server-zstd:workers=2"),
+                (BR_LZ4, pgbackrest, BR_LZ4, "lz4"),
+                (BR_ZSTD, pgbackrest, BR_ZSTD, "zst"),
+                (STAGE_BB, read_floor),
+                (PORTAL_BASE_CLIENT, portal_client),
+                (STAGE_SERVER_GPG, server_gpg),
+            ],
+        )
     portal.manage("ingestwal", server)  # as before each timed run
     rows.set(PORTAL_BASE, "profile", profile(portal, "backup", server, "--kind", "base"))
     return rows.list()
@@ -298,11 +314,17 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
             rows.add(method, sample)
             drop(cluster, target)
 
-        attempt(rows, PORTAL_RESTORE, portal_restore, i)
-        attempt(rows, PG_RESTORE_1, pg_restore, PG_RESTORE_1, 1, i)
-        attempt(rows, PG_RESTORE_2, pg_restore, PG_RESTORE_2, 2, i)
-        attempt(rows, STRATEGY_RESTORE, strategy, i)
-        attempt(rows, DECRYPT_JOBS_2, strategy, i, DECRYPT_JOBS_2, 2)
+        in_turn(
+            rows,
+            i,
+            [
+                (PORTAL_RESTORE, portal_restore, i),
+                (PG_RESTORE_1, pg_restore, PG_RESTORE_1, 1, i),
+                (PG_RESTORE_2, pg_restore, PG_RESTORE_2, 2, i),
+                (STRATEGY_RESTORE, strategy, i),
+                (DECRYPT_JOBS_2, strategy, i, DECRYPT_JOBS_2, 2),
+            ],
+        )
     rows.set(PORTAL_RESTORE, "profile", profile(portal, "restore", str(run_id), "--into-database", "r_profile"))
     drop(cluster, "r_profile")
     plain.unlink()
@@ -381,8 +403,7 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
             finally:
                 stop_and_remove(datadir)
 
-        attempt(rows, PORTAL_PITR, portal_pitr, i)
-        attempt(rows, BR_RESTORE, pgbackrest_restore, i)
+        in_turn(rows, i, [(PORTAL_PITR, portal_pitr, i), (BR_RESTORE, pgbackrest_restore, i)])
     datadir = restored_dir(ws, "profile")
     try:
         args = ("restore", "--server", server, "--target", "latest", "--into-datadir", str(datadir))

@@ -233,3 +233,27 @@ def test_a_wal_bound_above_the_disks_durable_rate_says_where_plain_cp_stands():
     assert "(cp, then sync: 21.1/s), and above even cp with no durability at all (30.8/s)" in said
     assert "within 10% of cp" in wal_floor({compare.CP_SYNC_WAL: 16.1, compare.CP_WAL: 34.1}, 32.9)
     assert wal_floor({compare.CP_SYNC_WAL: 40.0, compare.CP_WAL: 50.0}, 38.0) == ""
+
+
+def test_each_round_starts_with_the_next_method_and_a_failure_is_a_note():
+    sys.path.insert(0, str(ROOT))
+    from bench.compare import in_turn
+
+    class Rows:
+        failed = []
+
+        def fail(self, method, error):
+            self.failed.append((method, str(error)))
+
+    order = []
+
+    def one(name):
+        order.append(name)
+        if name == "c":
+            raise RuntimeError("c broke")
+
+    rows = Rows()
+    for round_no in range(3):
+        in_turn(rows, round_no, [(name, one, name) for name in "abc"])
+    assert order == list("abcbcacab")
+    assert rows.failed == [("c", "c broke")] * 3
