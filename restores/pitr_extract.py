@@ -13,6 +13,7 @@ from pathlib import Path
 
 from backupportal.lib.childenv import child_env
 from backupportal.lib.osuser import as_db_user, chown_to_db_user
+from backupportal.lib.writeback import Writeback
 from backups.binaries import backup_major, cluster_tool
 from backups.copies import decrypt_here, settled
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
@@ -35,9 +36,10 @@ class TarSink:
 
     def __init__(self, datadir: Path, compression="gpg"):
         self.datadir, self.compression = datadir, compression
-        self.unzstd = None
+        self.unzstd = self.writeback = None
 
     def open(self):
+        self.writeback = Writeback(self.datadir)  # the disk writes as tar goes, not at start-up
         self.errors = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             as_db_user(["tar", "--extract", "--file=-", f"--directory={self.datadir}"]),
@@ -84,6 +86,7 @@ class TarSink:
             self.unzstd.wait()
         self.proc.stdin.close()
         self.proc.wait()
+        self.stop_writeback()
         if failure := self.failure():
             raise RestoreFailed(failure)
 
@@ -91,6 +94,11 @@ class TarSink:
         for proc in (self.unzstd, getattr(self, "proc", None)):
             if proc is not None:
                 proc.kill()
+        self.stop_writeback()
+
+    def stop_writeback(self):
+        if self.writeback is not None:
+            self.writeback.stop()
 
     def abort(self):
         self.kill()
