@@ -6,6 +6,7 @@ Every function returns rows for the report: {"method", "times", "tree_rss", "own
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -334,6 +335,88 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
 
 PORTAL_PITR = "**portal** restore --target latest --into-datadir (fetch, verify, extract, replay)"
 BR_RESTORE = "pgBackRest restore (type default: end of archive), then start and replay"
+STAGE_STOCK_PITR = (
+    "stage: the README's stock recovery of the portal's newest base backup, in the shell (gpg, zstd -d and tar;"
+    " the manifest; the base's own WAL by the documented restore_command line; pg_verifybackup; then start and"
+    " replay through that line): the portal's formats with no Python and no catalog"
+)
+
+
+def wal_names(start_lsn, end_lsn, timeline, segment_mb=16):
+    """The WAL segment names from the one holding start_lsn to the one holding end_lsn."""
+
+    def position(lsn):
+        high, low = (int(part, 16) for part in lsn.split("/"))
+        return ((high << 32) + low) // (segment_mb << 20)
+
+    per_id = 0x100000000 // (segment_mb << 20)
+    return [
+        f"{timeline:08X}{n // per_id:08X}{n % per_id:08X}" for n in range(position(start_lsn), position(end_lsn) + 1)
+    ]
+
+
+class StockRecovery:
+    """What the README's stock recovery starts from, made once and not timed: a copy of the
+    server's WAL folder readable by the postgres user (the README's ARCHIVE), its WAL key
+    unwrapped (WALKEY) and an empty gpg home (GPGHOME); the newest base backup's files."""
+
+    def __init__(self, ws, portal, server):
+        self.ws, self.gpg_home = ws, ws.root / "gnupg"
+        base = sorted((Path(portal.env["BACKUP_ROOT"]) / server / "base").glob("*.tar.zst.gpg"))[-1]
+        self.tar, self.manifest = base, base.with_name(base.name.replace(".tar.zst.gpg", ".backup_manifest.gpg"))
+        self.root = ws.root / "stock"
+        self.root.mkdir(mode=0o755)
+        self.archive, self.home, self.walkey = self.root / "archive", self.root / "gpghome", self.root / "walkey"
+        self.wal = Path(portal.env["WAL_ROOT"]) / server / "wal"
+        self.refresh()
+        self.home.mkdir(mode=0o700)
+        key = sorted((self.archive / "keys").glob("*.key.gpg"))[-1]
+        self.gpg("--output", str(self.walkey), "--decrypt", str(key))
+        for path in (self.home, self.walkey):
+            subprocess.run(["chown", "-R", "postgres", str(path)], check=True)
+        plain = json.loads(self.gpg("--decrypt", str(self.manifest)))
+        ranges = plain["WAL-Ranges"]
+        self.base_wal = wal_names(ranges[0]["Start-LSN"], ranges[-1]["End-LSN"], ranges[0]["Timeline"])
+
+    def refresh(self):
+        """ARCHIVE up to date with the WAL the portal archived since."""
+        shutil.copytree(self.wal, self.archive, dirs_exist_ok=True)
+        subprocess.run(["chown", "-R", "postgres", str(self.archive)], check=True)
+
+    def gpg(self, *args):
+        argv = ["gpg", "--homedir", str(self.gpg_home), "--batch", "--quiet", "--pinentry-mode", "loopback"]
+        argv += ["--passphrase-file", str(self.ws.passphrase), *args]
+        return subprocess.run(argv, check=True, capture_output=True).stdout
+
+    def restore_command(self):
+        """The README's line, word for word but for its placeholders."""
+        return (
+            f"gpg --homedir {self.home} --batch --quiet --pinentry-mode loopback --passphrase-file {self.walkey}"
+            f" --decrypt {self.archive}/*/%f.gpg | zstd -d -q -o %p"
+        )
+
+    def script(self, datadir, port):
+        gpg = f"gpg --homedir {self.gpg_home} --batch --quiet --pinentry-mode loopback --passphrase-file {self.ws.passphrase}"
+        waldir = datadir.parent / "basewal"
+        fetch = "\n".join(
+            "runuser -u postgres -- bash -c "
+            + shlex.quote(self.restore_command().replace("%f", name).replace("%p", str(waldir / name)))
+            for name in self.base_wal
+        )
+        conf = f"port = {port}\narchive_mode = 'off'\nrestore_command = '{self.restore_command()}'\n"
+        return (
+            f"install -d -o postgres -m 700 {datadir}\n"
+            f"{gpg} --decrypt {self.tar} | zstd -d -q | tar -x -C {datadir}\n"
+            f"{gpg} --yes --decrypt --output {datadir}/backup_manifest {self.manifest}\n"
+            f"chown -R postgres {datadir}\n"
+            f"install -d -o postgres -m 700 {waldir}\n"
+            f"{fetch}\n"
+            f"runuser -u postgres -- {pg_bin() / 'pg_verifybackup'} -q --wal-directory={waldir} {datadir}\n"
+            f"printf %s {shlex.quote(conf)} >> {datadir}/postgresql.auto.conf\n"
+            f"touch {datadir}/recovery.signal\n"
+            f"chown postgres {datadir}/postgresql.auto.conf {datadir}/recovery.signal\n"
+            f"runuser -u postgres -- {pg_bin() / 'pg_ctl'} start -w -t 600 -D {datadir} -l {datadir.parent}/postgres.log\n"
+        )
 
 
 def restored_dir(ws, name):
@@ -370,6 +453,8 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
         120,
         f"{name} to be archived",
     )
+    portal.manage("ingestwal", server)
+    stock = StockRecovery(ws, portal, server)
     for i in range(rounds):
 
         def portal_pitr(i):
@@ -403,7 +488,23 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
             finally:
                 stop_and_remove(datadir)
 
-        in_turn(rows, i, [(PORTAL_PITR, portal_pitr, i), (BR_RESTORE, pgbackrest_restore, i)])
+        def stock_pitr(i, stock=stock):
+            datadir, port = restored_dir(ws, f"stock{i}"), free_port()
+            portal.manage("ingestwal", server)  # as before the portal's: the archive is the same
+            stock.refresh()
+            try:
+                start = time.monotonic()
+                sample = shell(stock.script(datadir, port), cwd="/")
+                wait_promoted(port)
+                rows.add(STAGE_STOCK_PITR, Sample(time.monotonic() - start, sample.tree_rss, sample.own_hwm))
+            finally:
+                stop_and_remove(datadir)
+
+        in_turn(
+            rows,
+            i,
+            [(PORTAL_PITR, portal_pitr, i), (BR_RESTORE, pgbackrest_restore, i), (STAGE_STOCK_PITR, stock_pitr, i)],
+        )
     datadir = restored_dir(ws, "profile")
     try:
         args = ("restore", "--server", server, "--target", "latest", "--into-datadir", str(datadir))
