@@ -339,7 +339,11 @@ def _try_copy(copy, sink, encryption, plain_sha256):
         # S3 down, timing out or answering 500: the copy may be fine; it is skipped, never condemned.
         return f"unreachable ({e})", None
     errors = []
-    sink.open()
+    try:
+        sink.open()
+    except BaseException:
+        reader.close()
+        raise
     try:
         result, corrupt = _decrypt_verified(encryption, reader, sink, errors)
     except (StorageError, OSError) as e:  # the location went away mid-stream: try the next copy

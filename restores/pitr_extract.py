@@ -36,28 +36,36 @@ class TarSink:
 
     def __init__(self, datadir: Path, compression="gpg"):
         self.datadir, self.compression = datadir, compression
-        self.unzstd = self.writeback = None
+        self.proc = self.unzstd = self.writeback = None
+        self.stopped = False
 
     def open(self):
-        self.writeback = Writeback(self.datadir)  # the disk writes as tar goes, not at start-up
+        if self.stopped:  # Extraction.stop(): no next copy is tried
+            raise RestoreFailed("the extraction was stopped")
+        self.proc = self.unzstd = None  # the processes of a copy tried before are done
         self.errors = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            as_db_user(["tar", "--extract", "--file=-", f"--directory={self.datadir}"]),
-            stdin=subprocess.PIPE,
-            stderr=self.errors,
-            cwd=self.datadir,
-            env=child_env(),
-        )
-        if self.compression == "zstd":
-            self.unzstd_errors = tempfile.TemporaryFile()
-            self.unzstd = subprocess.Popen(
-                ["zstd", "--decompress", "-q", "-c"],
+        try:
+            self.proc = subprocess.Popen(
+                as_db_user(["tar", "--extract", "--file=-", f"--directory={self.datadir}"]),
                 stdin=subprocess.PIPE,
-                stdout=self.proc.stdin,
-                stderr=self.unzstd_errors,
+                stderr=self.errors,
+                cwd=self.datadir,
                 env=child_env(),
             )
-            self.proc.stdin.close()  # zstd alone writes into tar: tar sees the end when zstd ends
+            if self.compression == "zstd":
+                self.unzstd_errors = tempfile.TemporaryFile()
+                self.unzstd = subprocess.Popen(
+                    ["zstd", "--decompress", "-q", "-c"],
+                    stdin=subprocess.PIPE,
+                    stdout=self.proc.stdin,
+                    stderr=self.unzstd_errors,
+                    env=child_env(),
+                )
+                self.proc.stdin.close()  # zstd alone writes into tar: tar sees the end when zstd ends
+        except BaseException:
+            self.kill()  # tar started, zstd could not be: nothing left running
+            raise
+        self.writeback = Writeback(self.datadir)  # the disk writes as tar goes, not at start-up
 
     def fileno(self):
         return (self.unzstd or self.proc).stdin.fileno()
@@ -91,14 +99,14 @@ class TarSink:
             raise RestoreFailed(failure)
 
     def kill(self):
-        for proc in (self.unzstd, getattr(self, "proc", None)):
+        for proc in (self.unzstd, self.proc):
             if proc is not None:
                 proc.kill()
-        self.stop_writeback()
+        self.stop_writeback(wait=False)  # what it would flush is about to be removed
 
-    def stop_writeback(self):
+    def stop_writeback(self, wait=True):
         if self.writeback is not None:
-            self.writeback.stop()
+            self.writeback.stop(wait)
 
     def abort(self):
         self.kill()
@@ -124,9 +132,11 @@ class Extraction:
         return settled(self.future.result)
 
     def stop(self):
-        """Kill zstd and tar (gpg stops on the broken pipe) and wait, marking any bad copy it met.
+        """Kill zstd and tar (gpg stops on the broken pipe) and wait, marking any bad copy it met;
+        no further copy is opened.
 
         Called while another error propagates: that one is what the restore reports."""
+        self.sink.stopped = True
         self.sink.kill()
         try:
             self.notes()

@@ -37,3 +37,24 @@ def test_a_directory_removed_under_it_ends_the_thread_quietly(tmp_path):
     writeback.join(timeout=5)
     assert not writeback.is_alive()
     writeback.stop()  # stopping an ended one is harmless
+
+
+def test_an_extraction_that_cannot_start_zstd_leaves_no_process_and_no_writeback(tmp_path, monkeypatch):
+    import shutil
+    import threading
+
+    from restores.pitr_extract import TarSink
+
+    tools = tmp_path / "bin"  # tar and runuser are there, zstd is not
+    tools.mkdir()
+    for name in ("tar", "runuser"):
+        (tools / name).symlink_to(shutil.which(name))
+    monkeypatch.setenv("PATH", str(tools))
+    datadir = tmp_path / "data"
+    datadir.mkdir(mode=0o777)
+    sink = TarSink(datadir, "zstd")
+    with pytest.raises(FileNotFoundError):
+        sink.open()
+    assert sink.proc is not None and sink.proc.wait(timeout=10) is not None  # tar was started, and killed
+    assert sink.writeback is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("writeback")]

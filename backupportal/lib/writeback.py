@@ -1,6 +1,7 @@
 """Write a directory's new files to disk while they are still arriving."""
 
 import ctypes
+import errno
 import os
 import threading
 
@@ -8,12 +9,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def syncfs(path):
-    """syncfs(2): the filesystem holding `path` only, not every disk of the machine as sync(2)."""
+    """syncfs(2): the filesystem holding `path` only, not every disk of the machine as sync(2).
+    Where the C library has none, OSError (ENOSYS): the writeback then does nothing."""
+    if getattr(_libc, "syncfs", None) is None:
+        raise OSError(errno.ENOSYS, "no syncfs in this C library", str(path))
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if getattr(_libc, "syncfs", None) is None:
-            os.sync()
-        elif _libc.syncfs(fd) != 0:
+        if _libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), str(path))
     finally:
@@ -45,6 +47,9 @@ class Writeback(threading.Thread):
             except OSError:
                 return
 
-    def stop(self):
+    def stop(self, wait=True):
+        """`wait`: until a syncfs under way returns (a restore that succeeded); without, the thread
+        ends by itself after it (an aborted one, whose files are being removed)."""
         self._done.set()
-        self.join()
+        if wait:
+            self.join()
