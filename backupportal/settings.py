@@ -427,9 +427,5 @@ LOGGING = {
         "apprise": {"level": "WARNING"},
         # urllib3 logs each request line at DEBUG, a webhook's token in its path or query included.
         "urllib3": {"level": "INFO"},
-        # python-gnupg warns "gpg returned a non-zero error code" for each gpg the portal stops on
-        # purpose (a dump's table of contents read, its properties known) and for each failure the
-        # portal then says itself, in one line and with gpg's reason.
-        "gnupg": {"level": "ERROR"},
     },
 }

@@ -5,8 +5,10 @@ to GPG_RECIPIENTS (then the backup host cannot decrypt). The passphrase reaches 
 stdin (--passphrase-fd 0), never in argv. Files decrypt with a plain `gpg --decrypt`.
 """
 
+import contextvars
 import copy
 import ctypes
+import logging
 import os
 import signal
 import subprocess
@@ -36,6 +38,29 @@ WAL_S2K_ARGS = ["--s2k-cipher-algo", "AES256", "--s2k-digest-algo", "SHA512", "-
 # slow for no gain, and gpg compressing is the only other form `gpg --decrypt` undoes.
 NO_COMPRESSION = ["--compress-algo", "none", "-z", "0"]
 CHUNK = 1024 * 1024
+
+# A gpg the portal stops on purpose, once it has read what it needed (a dump's table of contents),
+# exits non-zero, and python-gnupg warns so on stderr, where a restore that succeeds prints
+# nothing else. Only that warning, and only inside stopping_on_purpose(): the same warning is
+# python-gnupg's only sign of a key listing that failed.
+_stopping = contextvars.ContextVar("gpg_stopped_on_purpose", default=False)
+
+
+class _StoppedOnPurpose(logging.Filter):
+    def filter(self, record):
+        return not (_stopping.get() and record.getMessage().startswith("gpg returned a non-zero error code"))
+
+
+logging.getLogger("gnupg").addFilter(_StoppedOnPurpose())
+
+
+@contextmanager
+def stopping_on_purpose():
+    token = _stopping.set(True)
+    try:
+        yield
+    finally:
+        _stopping.reset(token)
 
 
 class EncryptionError(Exception):

@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from backupportal.lib.childenv import child_env
-from backups.crypto import die_with_parent, gpg_failure
+from backups.crypto import die_with_parent, gpg_failure, stopping_on_purpose
 from restores.sqlscript import IDENT, LITERAL, literal_list, statements, unquote_ident, unquote_literal
 
 # The dump's own entries for the database (pg_restore --create -l lines).
@@ -117,7 +117,8 @@ def read_toc(reader, encryption, pg_restore):
         return False
 
     try:
-        result = encryption.decrypt_stream(_UntilStopped(reader, stop), on_data)
+        with stopping_on_purpose():
+            result = encryption.decrypt_stream(_UntilStopped(reader, stop), on_data)
     finally:
         try:
             lister.stdin.close()
