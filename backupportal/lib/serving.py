@@ -15,6 +15,8 @@ def freeze_startup_objects():
     """
     from django.urls import get_resolver
 
-    get_resolver().check()  # imports the URLconf, and with it every view module (lazy otherwise)
+    resolver = get_resolver()
+    resolver.check()  # imports the URLconf, and with it every view module (lazy otherwise)
+    resolver.reverse_dict  # noqa: B018 - builds the reverse lookup tables {% url %} reads
     gc.collect()
     gc.freeze()
