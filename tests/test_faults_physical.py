@@ -159,16 +159,32 @@ def start_backup(settings, kind, tool):
     env = {"BASE_COMPRESSION": "client"} if tool in ("pg_basebackup", "zstd") else {}
     proc = manage(settings, "backup", "maldives", "--kind", kind, "--json", env=env)
     child = "gpg" if tool == "BASE_BACKUP" else tool
-    pid = wait_for(lambda: tool_of(proc.pid, child), timeout=60, every=0.002, what=f"{child} to start")
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 60
-    while not streaming(settings.BACKUP_ROOT, kind):  # let it run a few milliseconds at a time
-        assert time.monotonic() < deadline, "timed out waiting for bytes to stream"
-        os.kill(pid, signal.SIGCONT)
-        time.sleep(0.003)
+    try:
+        pid = wait_for(lambda: tool_of(proc.pid, child), timeout=60, every=0.002, what=f"{child} to start")
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(0.02)
+        deadline = time.monotonic() + 60
+        while not streaming(settings.BACKUP_ROOT, kind):  # let it run a few milliseconds at a time
+            assert time.monotonic() < deadline, "timed out waiting for bytes to stream"
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.003)
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.02)
+    except BaseException:
+        end_backup(proc)
+        raise
     return proc, pid
+
+
+def end_backup(proc):
+    """The backup's processes, stopped or not, killed; for a test that fails half-way."""
+    for pid in descendants(proc.pid):
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    proc.kill()
+    proc.communicate()
 
 
 def tool_of(pid, name):
@@ -297,7 +313,11 @@ def test_the_database_stopped_mid_backup_fails_the_run_and_the_next_one_succeeds
     archived = archive_some(big_cluster, big_server)
     proc, held = start_backup(settings, kind, tool)
     tree = descendants(proc.pid)
-    big_cluster.stop("fast")  # pg_ctl stop -m fast, as an operator (or a failover script) does
+    try:
+        big_cluster.stop("fast")  # pg_ctl stop -m fast, as an operator (or a failover script) does
+    except BaseException:
+        end_backup(proc)
+        raise
     resume(held)
     out, err = proc.communicate(timeout=120)
 
