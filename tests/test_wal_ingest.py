@@ -166,8 +166,10 @@ def test_a_batch_mixes_new_names_with_one_retention_deleted_and_one_already_arch
 
 
 def test_new_segments_are_catalogued_in_bulk(server, passphrase_file, backup_root, wal_spool):
-    """One by one a segment took 13 statements; in bulk each more costs at most a couple (its
-    lookup and share of a batch), whatever the catalog's database."""
+    """One by one a segment took 13 statements; in bulk each more costs a couple (its lookup and
+    share of a batch), whatever the catalog's database. A batch is what the encryption threads
+    have finished: on a loaded machine a segment can be a batch of its own, three statements and
+    its lookup (a full suite measured 3.25 a segment), well under 13."""
     forget_keys()
     counts = []
     for first, count in ((1, 2), (3, 10)):
@@ -178,7 +180,7 @@ def test_new_segments_are_catalogued_in_bulk(server, passphrase_file, backup_roo
         with CaptureQueriesContext(connection) as queries:
             assert len(walingest.ingest(server).ingested) == count
         counts.append(len(queries))
-    assert (counts[1] - counts[0]) / 8 <= 3, counts
+    assert (counts[1] - counts[0]) / 8 <= 5, counts  # at most 5 a segment against 13 one by one
 
 
 def test_the_workers_ingest_waits_a_while_for_more_wal_and_takes_it_in_the_same_pass(
