@@ -345,14 +345,15 @@ STAGE_STOCK_PITR = (
 def wal_names(start_lsn, end_lsn, timeline, segment_mb=16):
     """The WAL segment names from the one holding start_lsn to the one holding end_lsn."""
 
-    def position(lsn):
+    def byte(lsn):
         high, low = (int(part, 16) for part in lsn.split("/"))
-        return ((high << 32) + low) // (segment_mb << 20)
+        return (high << 32) + low
 
-    per_id = 0x100000000 // (segment_mb << 20)
-    return [
-        f"{timeline:08X}{n // per_id:08X}{n % per_id:08X}" for n in range(position(start_lsn), position(end_lsn) + 1)
-    ]
+    size = segment_mb << 20
+    per_id = 0x100000000 // size
+    # The end is the byte after the last record: on a segment's first byte, the segment before.
+    first, last = byte(start_lsn) // size, (byte(end_lsn) - 1) // size
+    return [f"{timeline:08X}{n // per_id:08X}{n % per_id:08X}" for n in range(first, last + 1)]
 
 
 class StockRecovery:
@@ -360,7 +361,7 @@ class StockRecovery:
     server's WAL folder readable by the postgres user (the README's ARCHIVE), its WAL key
     unwrapped (WALKEY) and an empty gpg home (GPGHOME); the newest base backup's files."""
 
-    def __init__(self, ws, portal, server):
+    def __init__(self, ws, portal, server, segment_bytes):
         self.ws, self.gpg_home = ws, ws.root / "gnupg"
         base = sorted((Path(portal.env["BACKUP_ROOT"]) / server / "base").glob("*.tar.zst.gpg"))[-1]
         self.tar, self.manifest = base, base.with_name(base.name.replace(".tar.zst.gpg", ".backup_manifest.gpg"))
@@ -370,18 +371,31 @@ class StockRecovery:
         self.wal = Path(portal.env["WAL_ROOT"]) / server / "wal"
         self.refresh()
         self.home.mkdir(mode=0o700)
-        key = sorted((self.archive / "keys").glob("*.key.gpg"))[-1]
+        # The key of the newest base backup's WAL: the one written last (a passphrase changed
+        # since makes a new one).
+        key = max((self.archive / "keys").glob("*.key.gpg"), key=lambda k: k.stat().st_mtime)
         self.gpg("--output", str(self.walkey), "--decrypt", str(key))
         for path in (self.home, self.walkey):
             subprocess.run(["chown", "-R", "postgres", str(path)], check=True)
         plain = json.loads(self.gpg("--decrypt", str(self.manifest)))
         ranges = plain["WAL-Ranges"]
-        self.base_wal = wal_names(ranges[0]["Start-LSN"], ranges[-1]["End-LSN"], ranges[0]["Timeline"])
+        self.base_wal = wal_names(
+            ranges[0]["Start-LSN"], ranges[-1]["End-LSN"], ranges[0]["Timeline"], segment_bytes >> 20
+        )
 
     def refresh(self):
-        """ARCHIVE up to date with the WAL the portal archived since."""
-        shutil.copytree(self.wal, self.archive, dirs_exist_ok=True)
-        subprocess.run(["chown", "-R", "postgres", str(self.archive)], check=True)
+        """ARCHIVE up to date with the WAL the portal archived since (new files only), on disk
+        before the timed run starts."""
+
+        def copy_new(source, target):
+            if not os.path.exists(target):
+                shutil.copy2(source, target)
+                shutil.chown(target, "postgres")
+
+        shutil.copytree(self.wal, self.archive, dirs_exist_ok=True, copy_function=copy_new)
+        folders = [self.archive, *(d for d in self.archive.rglob("*") if d.is_dir())]
+        subprocess.run(["chown", "postgres", *map(str, folders)], check=True)
+        os.sync()
 
     def gpg(self, *args):
         argv = ["gpg", "--homedir", str(self.gpg_home), "--batch", "--quiet", "--pinentry-mode", "loopback"]
@@ -454,12 +468,18 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
         f"{name} to be archived",
     )
     portal.manage("ingestwal", server)
-    stock = StockRecovery(ws, portal, server)
+    segment = int(cluster.execute("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'")[0][0])
+    try:
+        stock = StockRecovery(ws, portal, server, segment)
+    except (OSError, IndexError, KeyError, ValueError, subprocess.CalledProcessError) as e:
+        stock = None
+        rows.fail(STAGE_STOCK_PITR, e)
     for i in range(rounds):
 
         def portal_pitr(i):
             datadir, port = restored_dir(ws, f"portal{i}"), free_port()
             portal.manage("ingestwal", server)  # as the worker's schedule would have (see portal_base)
+            os.sync()
             try:
                 args = ("restore", "--server", server, "--target", "latest", "--into-datadir", str(datadir))
                 sample, _ = portal_run(portal, *args, "--port", str(port))
@@ -500,11 +520,8 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
             finally:
                 stop_and_remove(datadir)
 
-        in_turn(
-            rows,
-            i,
-            [(PORTAL_PITR, portal_pitr, i), (BR_RESTORE, pgbackrest_restore, i), (STAGE_STOCK_PITR, stock_pitr, i)],
-        )
+        methods = [(PORTAL_PITR, portal_pitr, i), (BR_RESTORE, pgbackrest_restore, i)]
+        in_turn(rows, i, methods + ([(STAGE_STOCK_PITR, stock_pitr, i)] if stock else []))
     datadir = restored_dir(ws, "profile")
     try:
         args = ("restore", "--server", server, "--target", "latest", "--into-datadir", str(datadir))
