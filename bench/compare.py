@@ -17,6 +17,7 @@ import psycopg
 from backupportal.lib.osuser import as_db_user, chown_to_db_user, free_port
 from backupportal.lib.pgcluster import stop_left_running
 from backupportal.lib.pgdatadir import pg_bin
+from backups import walnames
 
 from .measure import CommandFailed, Sample, dir_size, run, shell
 from .setup import S2K, wait_until
@@ -344,16 +345,10 @@ STAGE_STOCK_PITR = (
 
 def wal_names(start_lsn, end_lsn, timeline, segment_mb=16):
     """The WAL segment names from the one holding start_lsn to the one holding end_lsn."""
-
-    def byte(lsn):
-        high, low = (int(part, 16) for part in lsn.split("/"))
-        return (high << 32) + low
-
     size = segment_mb << 20
-    per_id = 0x100000000 // size
     # The end is the byte after the last record: on a segment's first byte, the segment before.
-    first, last = byte(start_lsn) // size, (byte(end_lsn) - 1) // size
-    return [f"{timeline:08X}{n // per_id:08X}{n % per_id:08X}" for n in range(first, last + 1)]
+    first, last = walnames.segno_of_lsn(start_lsn, size), walnames.segno_of_lsn(walnames.lsn_to_int(end_lsn) - 1, size)
+    return [walnames.segment_name(timeline, n, size) for n in range(first, last + 1)]
 
 
 class StockRecovery:
@@ -397,20 +392,24 @@ class StockRecovery:
         subprocess.run(["chown", "postgres", *map(str, folders)], check=True)
         os.sync()
 
+    @staticmethod
+    def gpg_argv(home, passphrase_file):
+        return ["gpg", "--homedir", str(home), "--batch", "--quiet", "--pinentry-mode", "loopback"] + [
+            "--passphrase-file",
+            str(passphrase_file),
+        ]
+
     def gpg(self, *args):
-        argv = ["gpg", "--homedir", str(self.gpg_home), "--batch", "--quiet", "--pinentry-mode", "loopback"]
-        argv += ["--passphrase-file", str(self.ws.passphrase), *args]
+        argv = self.gpg_argv(self.gpg_home, self.ws.passphrase) + list(args)
         return subprocess.run(argv, check=True, capture_output=True).stdout
 
     def restore_command(self):
         """The README's line, word for word but for its placeholders."""
-        return (
-            f"gpg --homedir {self.home} --batch --quiet --pinentry-mode loopback --passphrase-file {self.walkey}"
-            f" --decrypt {self.archive}/*/%f.gpg | zstd -d -q -o %p"
-        )
+        gpg = " ".join(self.gpg_argv(self.home, self.walkey))
+        return f"{gpg} --decrypt {self.archive}/*/%f.gpg | zstd -d -q -o %p"
 
     def script(self, datadir, port):
-        gpg = f"gpg --homedir {self.gpg_home} --batch --quiet --pinentry-mode loopback --passphrase-file {self.ws.passphrase}"
+        gpg = " ".join(self.gpg_argv(self.gpg_home, self.ws.passphrase))
         waldir = datadir.parent / "basewal"
         fetch = "\n".join(
             "runuser -u postgres -- bash -c "
