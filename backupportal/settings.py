@@ -281,9 +281,10 @@ QUEUED_RUN_TIMEOUT = env.int("QUEUED_RUN_TIMEOUT", default=3600)
 # A base backup or an incremental run waits this long for its WAL to be archived and ingested.
 WAL_WAIT_SECONDS = env.int("WAL_WAIT_SECONDS", default=300)
 # Push archiving: once the spool is empty, the worker's every-minute ingest waits this many seconds
-# for more WAL before it ends (a pass lasts at most walingest.PASS_SECONDS). Under load a segment is
-# then catalogued and encrypted seconds after PostgreSQL archives it, not up to a minute later; an
-# idle server's pass ends at once. 0: never wait.
+# for more WAL before it ends; a pass still taking WAL ends only when the next minute's takes over
+# (walingest.HANDOVER). Under load a segment is then catalogued and encrypted seconds after
+# PostgreSQL archives it, not up to a minute later; an idle server's pass ends at once. 0: never
+# wait, and a pass lasts at most walingest.PASS_SECONDS.
 WAL_INGEST_LINGER = env.int("WAL_INGEST_LINGER", default=20)
 # A PITR starts the cluster once its base backup is in place and fetches the WAL while recovery
 # runs, at most this many segments and 256 MiB ahead of replay (restores/pitr_prefetch.py): the

@@ -45,6 +45,15 @@ COPY_EVERY = 30
 # rest to the next one: the pull receiver, which ingests between checks of pg_receivewal, waits no longer.
 PASS_SECONDS = 50
 LINGER_POLL = 0.5  # seconds between looks at a lingering pass's spool
+# The worker's scheduled push pass has no such bound while WAL keeps coming: it ends when the next
+# occurrence asks to take over (HANDOVER), so under sustained load one pass follows the other with
+# no gap; ending at PASS_SECONDS left the spool unread until the next minute's schedule fired, up
+# to 30 s late (bench/RESULTS.md: 43 s while a checkpoint burst filled it to 432 MiB). A pass
+# whose successor never comes (the scheduler stopped) still ends after HANDOVER_BOUND seconds.
+HANDOVER = ".ingest.next"
+HANDOVER_BOUND = 300
+# A successor waits this long for the running pass to see its request (it looks between batches).
+HANDOVER_WAIT = 30
 
 
 @dataclass
@@ -93,16 +102,19 @@ def ingest(server, actor="job:ingestwal", linger=0):
     source = "pull" if server.archiving == Server.Archiving.PULL else "push"
     lock_fd = os.open(spool / ".ingest.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        hand_over = linger > 0 and source == "push"
+        holds = locked(lock_fd)
+        took_over = not holds and hand_over and take_over(lock_fd, spool)
+        if not (holds or took_over):
             result.busy = True
             return result
         publish_segment_size(server)  # for a server whose size was learned before the file existed
         names = pending_names(spool, source)
-        if names:
+        # A pass that took over from a running one watches the spool even when it is empty now:
+        # the one before it has just drained it, and WAL is still coming.
+        if names or took_over:
             try:
-                _ingest_while_arriving(server, spool, names, source, result, linger if source == "push" else 0)
+                _ingest_while_arriving(server, spool, names, source, result, linger if hand_over else 0)
             except WalError as e:
                 ingest_failed(server, spool, result, e)
                 raise
@@ -126,6 +138,37 @@ def ingest(server, actor="job:ingestwal", linger=0):
     return result
 
 
+def locked(lock_fd):
+    """True when this process now holds the spool's lock, False when another pass does."""
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def take_over(lock_fd, spool):
+    """Ask the running pass to end (a new token in HANDOVER, which it reads between batches) and
+    wait up to HANDOVER_WAIT seconds for its lock: True once this process holds it."""
+    tmp = spool / f"{HANDOVER}.{os.getpid()}.tmp"
+    tmp.write_text(f"{os.getpid()} {time.time_ns()}")
+    tmp.replace(spool / HANDOVER)  # whole or absent for the reader
+    deadline = time.monotonic() + HANDOVER_WAIT
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        if locked(lock_fd):
+            return True
+    return False
+
+
+def handover_token(spool):
+    """What HANDOVER says now (None: no pass ever asked). A pass ends when it changes."""
+    try:
+        return (spool / HANDOVER).read_text()
+    except FileNotFoundError:
+        return None
+
+
 def keep_manifest(server, spool, names):
     """The signed manifest of this pass's segments (backups.manifests) on every tier; its key, or
     None. A failure leaves a marker for the monitor and never fails the ingest: the segments are
@@ -146,11 +189,12 @@ def keep_manifest(server, spool, names):
 def _ingest_while_arriving(server, spool, names, source, result, linger=0):
     """Ingest `names`, then what the archive program added meanwhile, for up to PASS_SECONDS:
     under sustained load the spool is drained by one pass instead of waiting for the next
-    schedule (a busy pass makes the worker's every-minute run return at once). With `linger`,
-    an empty spool is watched that many seconds for more before the pass ends."""
+    schedule. With `linger` (the worker's push pass), an empty spool is watched that many seconds
+    for more before the pass ends, and a pass taking WAL goes on until the next one takes over."""
     started = last_arrival = time.monotonic()
     seen = set()
-    while time.monotonic() - started <= PASS_SECONDS:
+    bound, token = (HANDOVER_BOUND, handover_token(spool)) if linger else (PASS_SECONDS, None)
+    while time.monotonic() - started <= bound and (not linger or handover_token(spool) == token):
         if names:
             seen.update(names)
             _ingest_names(server, spool, names, source, result)

@@ -331,9 +331,10 @@ def wal_section(parts):
             f"Ingest lag: the worker's `ingestwal` (catalogue, encrypt, copy into the WAL location) took a median of"
             f" {secs:.1f} s for {n} segments ({n / secs:.1f} segments/s, own peak RSS"
             f" {mib(max(i['own_rss'] for i in ing))} MiB). In production the worker runs it every minute and,"
-            " once the spool is empty, watches it for more WAL_INGEST_LINGER seconds (20) within a pass of at most"
-            f" 50 s: under load a segment is catalogued, encrypted and copied about {secs / n:.2f} s per waiting"
-            " segment after PostgreSQL closed it, and at most about a minute when the worker was between passes.",
+            " once the spool is empty, watches it for more WAL_INGEST_LINGER seconds (20); a pass taking WAL goes"
+            " on until the next minute's pass takes over, so under load the spool is never unwatched: a segment is"
+            f" catalogued, encrypted and copied about {secs / n:.2f} s per waiting segment after PostgreSQL closed"
+            " it, and at most about a minute after a quiet spool (no pass running) receives it.",
         ]
     return lines
 

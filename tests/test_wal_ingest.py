@@ -17,6 +17,7 @@ from backups.crypto import Encryption
 from backups.models import BackupCopy, StorageLocation, WalSegment
 from backups.walnames import WAL_FILE, WalError
 from backups.walspool import spool_dir
+from tests.helpers import wait_for
 from tests.stock import GPG, stock
 from tests.test_wal_keys import fetch, forget_keys, path_of, primary_copy, size_of, spool_segments
 
@@ -219,3 +220,74 @@ def test_a_foreground_ingest_and_an_idle_spool_do_not_wait(server, passphrase_fi
     assert walingest.ingest(server).as_dict()["ingested"] == 1  # manage.py ingestwal, a backup waiting for its WAL
     assert tasks.ingest_wal(server.name)["ingested"] == 0  # nothing in the spool: the schedule's pass ends at once
     assert time.monotonic() - started < 10
+
+
+def archive(spool, name, size, fill=b"\3"):
+    tmp = spool / f".{name}.tmp"
+    tmp.write_bytes(fill * size)
+    tmp.rename(spool / name)  # as the archive program puts a segment in place
+
+
+def ingest_in_thread(server_name, outcome):
+    def run():
+        try:
+            outcome["result"] = tasks.ingest_wal(server_name)
+        finally:
+            outcome["ended"] = time.monotonic()
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_next_scheduled_pass_takes_over_from_the_running_one_with_no_gap(
+    server, passphrase_file, backup_root, wal_spool, settings
+):
+    """Sustained push load: the running pass ends when the next occurrence asks, and the next one
+    watches the spool from then on, though its predecessor has just emptied it. Ending at a fixed
+    length instead left the spool unread until the next minute's schedule (bench: 43 s)."""
+    forget_keys()
+    settings.WAL_INGEST_LINGER = 4
+    first = spool_segments(server, 1)[0]
+    spool = spool_dir(server)
+    running, successor = {}, {}
+    a = ingest_in_thread(server.name, running)
+    wait_for(
+        lambda: not (spool / first).exists(), what="the first segment ingested", every=0.02
+    )  # A ingested it and lingers
+    asked = time.monotonic()
+    b = ingest_in_thread(server.name, successor)
+    a.join(timeout=10)
+    assert not a.is_alive() and running["ended"] - asked < 2, "the running pass did not hand over"
+    assert running["result"]["ingested"] == 1 and not running["result"]["busy"]
+    later = "000000010000000000000002"
+    archive(spool, later, size_of(server))  # after A ended: only B can take it
+    b.join(timeout=30)
+    assert successor["result"]["ingested"] == 1 and successor["result"]["last"] == later, successor
+    assert successor["ended"] - asked > settings.WAL_INGEST_LINGER  # it watched the empty spool it took over
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_scheduled_pass_goes_on_past_pass_seconds_while_wal_keeps_coming(
+    server, passphrase_file, backup_root, wal_spool, settings, monkeypatch
+):
+    forget_keys()
+    settings.WAL_INGEST_LINGER = 1
+    monkeypatch.setattr(walingest, "PASS_SECONDS", 0.5)
+    names = [f"0000000100000000000000{n:02X}" for n in range(1, 7)]
+    spool = spool_dir(server)
+    spool.mkdir(parents=True, exist_ok=True)
+    archive(spool, names[0], size_of(server))
+
+    def keep_archiving():
+        for name in names[1:]:
+            time.sleep(0.4)
+            archive(spool, name, size_of(server))
+
+    archiver = threading.Thread(target=keep_archiving)
+    archiver.start()
+    result = tasks.ingest_wal(server.name)
+    archiver.join()
+    assert result["ingested"] == len(names), result  # one pass, 2 s of arrivals, though PASS_SECONDS is 0.5
