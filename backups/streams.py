@@ -14,8 +14,10 @@ backups.copies.mark_faults().
 import hashlib
 import io
 import os
+import stat
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,10 +237,62 @@ class VerifiedReader(io.IOBase):
         )
         raise self.error
 
+    def local_file(self):
+        """The descriptor of a copy in a local or NAS directory, not read yet, else None: gpg may
+        read such a file itself while hashed_beside() checks it (crypto.Encryption.decrypt_to_fd)."""
+        if self.size or self.error is not None:
+            return None
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return None  # S3's body: through Python, as before
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+
+    @contextmanager
+    def hashed_beside(self):
+        """The whole file hashed on a thread of its own while the body runs gpg on the same
+        descriptor, then checked as at EOF: CopyCorrupt on a mismatch, an I/O error raised as the
+        location's. The thread reads (pread: gpg's offset stays its own) only what gpg has read
+        already, from the page cache, so that a copy larger than memory is not read twice from
+        its disk or NAS; once the body ends, the rest, so that corrupt() can tell a bad copy from
+        a wrong key even when gpg stopped early, as read() does."""
+        fd, failed, body_done = self.stream.fileno(), [], threading.Event()
+
+        def hash_all():
+            offset = 0
+            try:
+                while True:
+                    limit = None if body_done.is_set() else os.lseek(fd, 0, os.SEEK_CUR)
+                    if limit is not None and offset >= limit:
+                        body_done.wait(0.01)  # caught up with gpg
+                        continue
+                    chunk = os.pread(fd, CHUNK if limit is None else min(CHUNK, limit - offset), offset)
+                    if not chunk:
+                        break
+                    self.sha256.update(chunk)
+                    offset += len(chunk)
+            except OSError as e:
+                failed.append(e)
+            self.size = offset
+
+        thread = threading.Thread(target=hash_all, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            body_done.set()
+            thread.join()
+        if failed:
+            self.read_error = failed[0]
+            raise failed[0]
+        self._check()
+
     def corrupt(self):
         """After a failed read (gpg may stop first): the CopyCorrupt if the whole copy does not hash right, else None."""
         if self.error is not None:
             return self.error
+        if self.verified:
+            return None  # hashed whole already (hashed_beside)
         try:
             while self.read(CHUNK):  # hash what the consumer left unread
                 pass
