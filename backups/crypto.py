@@ -288,7 +288,7 @@ class Encryption:
         through Python either (python-gnupg's feed, with the sha256 taken on the way, put 0.6-0.8 s
         on a 530 MB base backup's PITR: bench/RESULTS.md). Good only with gpg's DECRYPTION_OKAY,
         as python-gnupg judges it: exit 0 alone also passes data that was never encrypted."""
-        cmd, secret_fd = self._gpg_argv()
+        cmd, secret_fd = self._gpg_argv(quiet=False)  # --quiet would hide NO_SECKEY
         try:
             gpg = subprocess.Popen(
                 [*cmd, "--status-fd", "2", "--decrypt"],
@@ -306,10 +306,11 @@ class Encryption:
         gpg.stderr.close()
         return DecryptedByPath(gpg.wait(), said)
 
-    def _gpg_argv(self):
+    def _gpg_argv(self, quiet=True):
         """gpg's command line with this key, and the read end of a pipe holding the passphrase
         (None with recipients: the private key is gpg's own). The passphrase never is in argv."""
-        cmd = [self.gpg.gpgbinary, "--homedir", self.gpg.gnupghome, "--batch", "--no-tty", "--quiet"]
+        cmd = [self.gpg.gpgbinary, "--homedir", self.gpg.gnupghome, "--batch", "--no-tty"]
+        cmd += ["--quiet"] if quiet else []
         if self.recipients:
             return cmd, None
         secret_fd, writer = os.pipe()
@@ -405,13 +406,24 @@ class PipeResult:
 
 
 class DecryptedByPath(PipeResult):
-    """The same of a gpg --decrypt run with --status-fd 2 (Encryption._decrypt_file)."""
+    """The same of a gpg --decrypt run with --status-fd 2 (Encryption._decrypt_file), judged as
+    python-gnupg judges it, and stricter: exit 0 as well, and no BADMDC or DECRYPTION_FAILED."""
+
+    # What `status` says when the decryption failed, first match first (python-gnupg's words).
+    FAILURES = (
+        ("NO_SECKEY", "no secret key"),
+        ("DECRYPTION_FAILED", "decryption failed"),
+        ("NODATA", "no data was provided"),
+    )
 
     def __init__(self, returncode, stderr):
         super().__init__(returncode, stderr)
-        self.ok = self.ok and "[GNUPG:] DECRYPTION_OKAY" in stderr
-        failed = "[GNUPG:] DECRYPTION_FAILED" in stderr
-        self.status = "decryption ok" if self.ok else "decryption failed" if failed else ""
+        said = {
+            line.split()[1] for line in stderr.splitlines() if line.startswith("[GNUPG:] ") and len(line.split()) > 1
+        }
+        self.ok = self.ok and "DECRYPTION_OKAY" in said and not said & {"BADMDC", "DECRYPTION_FAILED"}
+        failure = next((words for key, words in self.FAILURES if key in said), "")
+        self.status = "decryption ok" if self.ok else failure
 
 
 class ZstdDecrypting:

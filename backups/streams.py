@@ -256,12 +256,12 @@ class VerifiedReader(io.IOBase):
         already, from the page cache, so that a copy larger than memory is not read twice from
         its disk or NAS; once the body ends, the rest, so that corrupt() can tell a bad copy from
         a wrong key even when gpg stopped early, as read() does."""
-        fd, failed, body_done = self.stream.fileno(), [], threading.Event()
+        fd, failed, body_done, abandoned = self.stream.fileno(), [], threading.Event(), threading.Event()
 
         def hash_all():
             offset = 0
             try:
-                while True:
+                while not abandoned.is_set():
                     limit = None if body_done.is_set() else os.lseek(fd, 0, os.SEEK_CUR)
                     if limit is not None and offset >= limit:
                         body_done.wait(0.01)  # caught up with gpg
@@ -279,6 +279,9 @@ class VerifiedReader(io.IOBase):
         thread.start()
         try:
             yield
+        except BaseException:
+            abandoned.set()  # gpg did not run or the restore stops: no verdict is wanted
+            raise
         finally:
             body_done.set()
             thread.join()
@@ -291,8 +294,8 @@ class VerifiedReader(io.IOBase):
         """After a failed read (gpg may stop first): the CopyCorrupt if the whole copy does not hash right, else None."""
         if self.error is not None:
             return self.error
-        if self.verified:
-            return None  # hashed whole already (hashed_beside)
+        if self.verified or self.read_error is not None:
+            return None  # hashed whole already (hashed_beside), or unreachable, which is no proof of corruption
         try:
             while self.read(CHUNK):  # hash what the consumer left unread
                 pass

@@ -46,14 +46,17 @@ COPY_EVERY = 30
 PASS_SECONDS = 50
 LINGER_POLL = 0.5  # seconds between looks at a lingering pass's spool
 # The worker's scheduled push pass has no such bound while WAL keeps coming: it ends when the next
-# occurrence asks to take over (HANDOVER), so under sustained load one pass follows the other with
-# no gap; ending at PASS_SECONDS left the spool unread until the next minute's schedule fired, up
-# to 30 s late (bench/RESULTS.md: 43 s while a checkpoint burst filled it to 432 MiB). A pass
-# whose successor never comes (the scheduler stopped) still ends after HANDOVER_BOUND seconds.
+# occurrence waits to take over (it holds HANDOVER's lock), so under sustained load one pass follows
+# the other with no gap; ending at PASS_SECONDS left the spool unread until the next minute's
+# schedule fired, up to 30 s late (bench/RESULTS.md: 43 s while a checkpoint burst filled it to
+# 432 MiB). A pass whose successor does not come (every worker busy) ends after HANDOVER_BOUND
+# seconds: the minute's cadence, the scheduler's lateness and a margin, so that passes queued
+# behind a busy worker do not pile up, and the first free worker hands them over in turn.
 HANDOVER = ".ingest.next"
-HANDOVER_BOUND = 300
-# A successor waits this long for the running pass to see its request (it looks between batches).
-HANDOVER_WAIT = 30
+HANDOVER_BOUND = 100
+# A successor waits this long for the running pass to end: it looks between batches, then writes
+# its manifest (its offsite copies are made after it lets go of the spool).
+HANDOVER_WAIT = 60
 
 
 @dataclass
@@ -62,6 +65,7 @@ class IngestResult:
     duplicates: list = field(default_factory=list)
     conflicts: list = field(default_factory=list)
     busy: bool = False
+    copied_at: float = field(default_factory=time.monotonic)  # the pass's last offsite copies (COPY_EVERY)
 
     def as_dict(self):
         return {
@@ -96,13 +100,13 @@ def ingest(server, actor="job:ingestwal", linger=0):
     """Ingest everything in the server's spool. One ingest per spool at a time (flock). `linger`:
     the worker's schedule watches the spool that many seconds for more (WAL_INGEST_LINGER)."""
     spool = spool_dir(server)
-    result, manifest = IngestResult(), None
+    result, manifest, ran = IngestResult(), None, False
     if not spool.is_dir():
         return result
     source = "pull" if server.archiving == Server.Archiving.PULL else "push"
+    hand_over = linger > 0 and source == "push"
     lock_fd = os.open(spool / ".ingest.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        hand_over = linger > 0 and source == "push"
         holds = locked(lock_fd)
         took_over = not holds and hand_over and take_over(lock_fd, spool)
         if not (holds or took_over):
@@ -112,7 +116,8 @@ def ingest(server, actor="job:ingestwal", linger=0):
         names = pending_names(spool, source)
         # A pass that took over from a running one watches the spool even when it is empty now:
         # the one before it has just drained it, and WAL is still coming.
-        if names or took_over:
+        ran = bool(names or took_over)
+        if ran:
             try:
                 _ingest_while_arriving(server, spool, names, source, result, linger if hand_over else 0)
             except WalError as e:
@@ -120,11 +125,12 @@ def ingest(server, actor="job:ingestwal", linger=0):
                 raise
             finally:
                 manifest = keep_manifest(server, spool, result.ingested)
-            copy_pending(server)  # a failed copy stays pending for the copy worker; never fails the ingest
         clear_error_marker(spool, INGEST_MARKER)
         _remove_stale_tmp(spool)
     finally:
-        os.close(lock_fd)
+        os.close(lock_fd)  # before the offsite copies: a successor need not wait for NAS and S3
+    if ran:
+        copy_pending(server)  # a failed copy stays pending for the copy worker; never fails the ingest
     if result.ingested:
         journal.record(
             "wal_ingested",
@@ -148,25 +154,37 @@ def locked(lock_fd):
 
 
 def take_over(lock_fd, spool):
-    """Ask the running pass to end (a new token in HANDOVER, which it reads between batches) and
-    wait up to HANDOVER_WAIT seconds for its lock: True once this process holds it."""
-    tmp = spool / f"{HANDOVER}.{os.getpid()}.tmp"
-    tmp.write_text(f"{os.getpid()} {time.time_ns()}")
-    tmp.replace(spool / HANDOVER)  # whole or absent for the reader
-    deadline = time.monotonic() + HANDOVER_WAIT
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        if locked(lock_fd):
-            return True
-    return False
-
-
-def handover_token(spool):
-    """What HANDOVER says now (None: no pass ever asked). A pass ends when it changes."""
+    """Wait, holding HANDOVER's lock, up to HANDOVER_WAIT seconds for the running pass to let go
+    of the spool's: True once this process holds it. False at once when another successor waits
+    already (it takes over), or when HANDOVER cannot be opened (the running pass goes on)."""
     try:
-        return (spool / HANDOVER).read_text()
-    except FileNotFoundError:
-        return None
+        wait_fd = os.open(spool / HANDOVER, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        # A few tries: the running pass's look (successor_waits) holds it for an instant.
+        if not any(locked(wait_fd) or time.sleep(0.05) for _ in range(5)):
+            return False
+        deadline = time.monotonic() + HANDOVER_WAIT
+        while time.monotonic() < deadline:
+            if locked(lock_fd):
+                return True
+            time.sleep(0.05)
+        return False
+    finally:
+        os.close(wait_fd)  # lets go of HANDOVER's lock: a pass that goes on sees nobody waiting
+
+
+def successor_waits(spool):
+    """True while the next pass waits to take over (it holds HANDOVER's lock)."""
+    try:
+        fd = os.open(spool / HANDOVER, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        return not locked(fd)
+    finally:
+        os.close(fd)  # and with it the lock this look took
 
 
 def keep_manifest(server, spool, names):
@@ -193,8 +211,8 @@ def _ingest_while_arriving(server, spool, names, source, result, linger=0):
     for more before the pass ends, and a pass taking WAL goes on until the next one takes over."""
     started = last_arrival = time.monotonic()
     seen = set()
-    bound, token = (HANDOVER_BOUND, handover_token(spool)) if linger else (PASS_SECONDS, None)
-    while time.monotonic() - started <= bound and (not linger or handover_token(spool) == token):
+    bound = HANDOVER_BOUND if linger else PASS_SECONDS
+    while time.monotonic() - started <= bound and not (linger and successor_waits(spool)):
         if names:
             seen.update(names)
             _ingest_names(server, spool, names, source, result)
@@ -250,12 +268,11 @@ def _ingest_names(server, spool, names, source, result):
 
     with ThreadPoolExecutor(max_workers=INGEST_WORKERS) as pool:
         try:
-            copied_at = time.monotonic()
             for name in names:
-                if time.monotonic() - copied_at > COPY_EVERY:
+                if time.monotonic() - result.copied_at > COPY_EVERY:
                     catalogue_until(0)
                     copy_pending(server)  # a long pass (a backlog) must not hold back the offsite copies
-                    copied_at = time.monotonic()
+                    result.copied_at = time.monotonic()
                 try:
                     outcome = prepare(server, spool / name, store, catalogued)
                 except (WalError, StorageError) as e:

@@ -52,19 +52,18 @@ def decrypt(path, copy, into):
         reader.close()
 
 
-@pytest.fixture
-def through_python_fails(monkeypatch):
+@pytest.fixture(autouse=True)
+def through_python_fails(monkeypatch, request):
     """A byte fed to gpg through Python would go through VerifiedReader.read."""
 
     def refused(self, n=streams.CHUNK):
         raise AssertionError("the ciphertext went through Python")
 
-    monkeypatch.setattr(VerifiedReader, "read", refused)
+    if "through_python" not in request.node.name:
+        monkeypatch.setattr(VerifiedReader, "read", refused)
 
 
-def test_gpg_reads_a_local_copy_itself_and_the_hash_beside_it_checks_every_byte(
-    tmp_path, passphrase_file, through_python_fails
-):
+def test_gpg_reads_a_local_copy_itself_and_the_hash_beside_it_checks_every_byte(tmp_path, passphrase_file):
     plain = os.urandom(3 * streams.CHUNK + 12345)  # several of the hash thread's reads
     path = encrypted(tmp_path, passphrase_file, plain, "--symmetric", "--cipher-algo", "AES256")
     result, reader = decrypt(path, copy_of(path), tmp_path / "out")
@@ -115,3 +114,45 @@ def test_a_copy_read_already_or_not_a_regular_file_goes_through_python(tmp_path,
     assert piped.local_file() is None
     os.close(write_end)
     piped.close()
+
+
+def test_with_recipients_a_missing_secret_key_is_named(tmp_path, settings):
+    """The portal host holds the public key only (the restore worker holds the secret one)."""
+    owner = tmp_path / "owner"
+    owner.mkdir(mode=0o700)
+    gpg = ["gpg", "--batch", "--quiet", "--homedir", str(owner), "--pinentry-mode", "loopback", "--passphrase", ""]
+    subprocess.run([*gpg, "--quick-gen-key", "dba@example.mv", "ed25519", "cert", "never"], check=True)
+    fpr = subprocess.run([*gpg, "--list-keys", "--with-colons"], capture_output=True, text=True).stdout
+    fpr = fpr.split("fpr:::::::::")[1].split(":")[0]
+    subprocess.run([*gpg, "--quick-add-key", fpr, "cv25519", "encr", "never"], check=True)
+    (tmp_path / "plain").write_bytes(b"rows" * 1000)
+    path = tmp_path / "artifact.gpg"
+    subprocess.run(
+        [*gpg, "--trust-model", "always", "-r", fpr, "-o", str(path), "--encrypt", str(tmp_path / "plain")], check=True
+    )
+    portal = tmp_path / "portal"
+    portal.mkdir(mode=0o700)
+    public = subprocess.run([*gpg, "--export", fpr], capture_output=True, check=True).stdout
+    subprocess.run(["gpg", "--batch", "--quiet", "--homedir", str(portal), "--import"], input=public, check=True)
+    settings.GNUPGHOME, settings.GPG_RECIPIENTS, settings.BACKUP_PASSPHRASE_FILE = str(portal), [fpr], ""
+    result, reader = decrypt(path, copy_of(path), tmp_path / "out")
+    assert not result.ok and result.status == "no secret key", result.stderr
+    assert "no secret key" in gpg_failure(result).lower() and reader.corrupt() is None
+
+
+def test_gpg_that_cannot_start_leaves_no_hashing_behind(tmp_path, passphrase_file, monkeypatch):
+    """The body fails at once: the hash thread stops instead of reading the rest of the copy."""
+    path = encrypted(tmp_path, passphrase_file, os.urandom(4 * streams.CHUNK), "--symmetric", "--cipher-algo", "AES256")
+
+    def no_gpg(*args, **kwargs):
+        raise FileNotFoundError("gpg")
+
+    encryption = Encryption()
+    reader = VerifiedReader(copy_of(path), open(path, "rb"))
+    monkeypatch.setattr(subprocess, "Popen", no_gpg)
+    out = os.open(os.devnull, os.O_WRONLY)
+    with pytest.raises(FileNotFoundError):
+        encryption.decrypt_to_fd(reader, out)
+    os.close(out)
+    assert reader.size == 0 and not reader.verified  # gpg read nothing, so neither did the hash
+    reader.close()

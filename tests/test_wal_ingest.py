@@ -262,8 +262,9 @@ def test_the_next_scheduled_pass_takes_over_from_the_running_one_with_no_gap(
     a.join(timeout=10)
     assert not a.is_alive() and running["ended"] - asked < 2, "the running pass did not hand over"
     assert running["result"]["ingested"] == 1 and not running["result"]["busy"]
+    wait_for(lambda: spool_locked(spool), what="the successor holding the spool", every=0.02)
     later = "000000010000000000000002"
-    archive(spool, later, size_of(server))  # after A ended: only B can take it
+    archive(spool, later, size_of(server))  # after A ended, and B took a spool A left empty
     b.join(timeout=30)
     assert successor["result"]["ingested"] == 1 and successor["result"]["last"] == later, successor
     assert successor["ended"] - asked > settings.WAL_INGEST_LINGER  # it watched the empty spool it took over
@@ -291,3 +292,31 @@ def test_a_scheduled_pass_goes_on_past_pass_seconds_while_wal_keeps_coming(
     result = tasks.ingest_wal(server.name)
     archiver.join()
     assert result["ingested"] == len(names), result  # one pass, 2 s of arrivals, though PASS_SECONDS is 0.5
+
+
+def spool_locked(spool):
+    fd = os.open(spool / ".ingest.lock", os.O_RDWR)
+    try:
+        return not walingest.locked(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_second_successor_leaves_the_hand_over_to_the_first(
+    server, passphrase_file, backup_root, wal_spool, settings
+):
+    """One waits to take over; another occurrence arriving meanwhile (a worker freed late) ends at once."""
+    spool = spool_dir(server)
+    spool.mkdir(parents=True, exist_ok=True)
+    running = os.open(spool / ".ingest.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    assert walingest.locked(running)  # a pass that holds the spool: this test's own descriptor
+    waiting = os.open(spool / walingest.HANDOVER, os.O_RDWR | os.O_CREAT, 0o600)
+    assert walingest.locked(waiting) and walingest.successor_waits(spool)  # the first successor waits
+    settings.WAL_INGEST_LINGER = 5
+    started = time.monotonic()
+    assert tasks.ingest_wal(server.name)["busy"] is True
+    assert time.monotonic() - started < 2
+    os.close(waiting)
+    assert not walingest.successor_waits(spool)  # gave up: the running pass goes on
+    os.close(running)
