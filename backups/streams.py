@@ -209,6 +209,7 @@ class VerifiedReader(io.IOBase):
         self.verified = False
         self.error = None
         self.read_error = None  # the location failed mid-stream (I/O error, S3 timeout): not corruption
+        self.abandoned = False  # hashed_beside() stopped part-way: no verdict on the copy
 
     def read(self, n=CHUNK):
         if self.error is not None:
@@ -281,6 +282,7 @@ class VerifiedReader(io.IOBase):
             yield
         except BaseException:
             abandoned.set()  # gpg did not run or the restore stops: no verdict is wanted
+            self.abandoned = True
             raise
         finally:
             body_done.set()
@@ -294,8 +296,10 @@ class VerifiedReader(io.IOBase):
         """After a failed read (gpg may stop first): the CopyCorrupt if the whole copy does not hash right, else None."""
         if self.error is not None:
             return self.error
-        if self.verified or self.read_error is not None:
-            return None  # hashed whole already (hashed_beside), or unreachable, which is no proof of corruption
+        if self.verified or self.read_error is not None or self.abandoned:
+            # Hashed whole already (hashed_beside); unreachable, which is no proof of corruption;
+            # or a hash stopped part-way, which the rest read from gpg's offset would not complete.
+            return None
         try:
             while self.read(CHUNK):  # hash what the consumer left unread
                 pass

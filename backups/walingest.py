@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import conditions, journal
@@ -54,9 +55,10 @@ LINGER_POLL = 0.5  # seconds between looks at a lingering pass's spool
 # behind a busy worker do not pile up, and the first free worker hands them over in turn.
 HANDOVER = ".ingest.next"
 HANDOVER_BOUND = 100
-# A successor waits this long for the running pass to end: it looks between batches, then writes
-# its manifest (its offsite copies are made after it lets go of the spool).
-HANDOVER_WAIT = 60
+# A successor waits this long for the running pass to end: it looks between batches (a backlog's
+# batch can take most of a minute), then writes its manifest; its last offsite copies are made
+# after it lets go of the spool.
+HANDOVER_WAIT = 120
 
 
 @dataclass
@@ -112,6 +114,7 @@ def ingest(server, actor="job:ingestwal", linger=0):
         if not (holds or took_over):
             result.busy = True
             return result
+        result.copied_at = time.monotonic()  # the wait for a hand-over is not time spent copying
         publish_segment_size(server)  # for a server whose size was learned before the file existed
         names = pending_names(spool, source)
         # A pass that took over from a running one watches the spool even when it is empty now:
@@ -129,8 +132,6 @@ def ingest(server, actor="job:ingestwal", linger=0):
         _remove_stale_tmp(spool)
     finally:
         os.close(lock_fd)  # before the offsite copies: a successor need not wait for NAS and S3
-    if ran:
-        copy_pending(server)  # a failed copy stays pending for the copy worker; never fails the ingest
     if result.ingested:
         journal.record(
             "wal_ingested",
@@ -141,6 +142,8 @@ def ingest(server, actor="job:ingestwal", linger=0):
             last=result.ingested[-1],
             manifest=manifest,
         )
+    if ran:
+        copy_pending(server)  # a failed copy stays pending for the copy worker; never fails the ingest
     return result
 
 
@@ -220,6 +223,7 @@ def _ingest_while_arriving(server, spool, names, source, result, linger=0):
         elif time.monotonic() - last_arrival >= linger:
             return
         else:
+            copy_on_the_way(server, result)
             time.sleep(LINGER_POLL)
         names = [n for n in pending_names(spool, source) if n not in seen]  # a conflict is left, not retried
 
@@ -271,8 +275,7 @@ def _ingest_names(server, spool, names, source, result):
             for name in names:
                 if time.monotonic() - result.copied_at > COPY_EVERY:
                     catalogue_until(0)
-                    copy_pending(server)  # a long pass (a backlog) must not hold back the offsite copies
-                    result.copied_at = time.monotonic()
+                    copy_on_the_way(server, result)
                 try:
                     outcome = prepare(server, spool / name, store, catalogued)
                 except (WalError, StorageError) as e:
@@ -536,9 +539,20 @@ def plan_wal_copies(segment, key, encoded):
         )
 
 
-def copy_pending(server, limit=1000):
-    """Make the pending WAL copies of a server now (the foreground ingest calls this)."""
+def copy_on_the_way(server, result):
+    """In a pass longer than COPY_EVERY, the copies due: a long pass (a backlog, sustained load)
+    must not hold back the offsite copies, nor wait on a location that is down (it holds the spool)."""
+    if time.monotonic() - result.copied_at > COPY_EVERY:
+        copy_pending(server, due_only=True)
+        result.copied_at = time.monotonic()
+
+
+def copy_pending(server, limit=1000, due_only=False):
+    """Make the pending WAL copies of a server now (the foreground ingest calls this). `due_only`:
+    those whose next attempt is due, in enabled locations, as the copy worker picks them."""
     todo = BackupCopy.objects.filter(
         wal_segment__server=server, status__in=[BackupCopy.Status.PENDING, BackupCopy.Status.FAILED]
     ).select_related("location", "wal_segment")
+    if due_only:
+        todo = todo.filter(Q(next_attempt_at=None) | Q(next_attempt_at__lte=timezone.now()), location__enabled=True)
     return [copy_one(c, journal_it=False) for c in todo.order_by("wal_segment__name")[:limit]]

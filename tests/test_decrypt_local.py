@@ -155,4 +155,5 @@ def test_gpg_that_cannot_start_leaves_no_hashing_behind(tmp_path, passphrase_fil
         encryption.decrypt_to_fd(reader, out)
     os.close(out)
     assert reader.size == 0 and not reader.verified  # gpg read nothing, so neither did the hash
+    assert reader.corrupt() is None  # no verdict from a hash stopped part-way
     reader.close()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import connection
@@ -51,14 +52,34 @@ def test_a_long_ingest_pass_makes_the_offsite_copies_on_its_way(
     copied_during = []
     real = walingest.copy_pending
 
-    def watched(s, *args):
+    def watched(s, *args, **kwargs):
         copied_during.append(BackupCopy.objects.filter(location__kind="nas", status="ok").count())
-        return real(s, *args)
+        return real(s, *args, **kwargs)
 
     monkeypatch.setattr(walingest, "copy_pending", watched)
     assert walingest.ingest(server).ingested == names
     assert len(copied_during) > 2 and copied_during[-1] >= 2  # before the pass ended, NAS had copies
     assert BackupCopy.objects.filter(location__kind="nas", status="ok").count() == 4
+
+
+def test_copies_made_on_the_way_skip_a_location_that_failed_until_its_next_attempt(
+    server, passphrase_file, backup_root, nas_root, wal_spool
+):
+    """A pass holds the spool while it copies on its way: a NAS or S3 that is down must not hold
+    it at every look (the copy worker retries it when due); the pass's end still tries them all."""
+    StorageLocation.sync_from_settings()
+    forget_keys()
+    spool_segments(server, 2)
+    walingest.ingest(server)
+    nas = BackupCopy.objects.filter(location__kind="nas")
+    later = timezone.now() + timedelta(minutes=5)
+    nas.update(status="failed", next_attempt_at=later)
+    result = walingest.IngestResult(copied_at=time.monotonic() - walingest.COPY_EVERY - 1)
+    walingest.copy_on_the_way(server, result)
+    assert set(nas.values_list("status", flat=True)) == {"failed"}  # not due: not tried
+    assert time.monotonic() - result.copied_at < 1
+    walingest.copy_pending(server)
+    assert set(nas.values_list("status", flat=True)) == {"ok"}
 
 
 def test_wal_archived_while_an_ingest_runs_is_taken_by_the_same_pass(
