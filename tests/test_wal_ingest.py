@@ -291,6 +291,20 @@ def test_the_next_scheduled_pass_takes_over_from_the_running_one_with_no_gap(
     assert successor["ended"] - asked > settings.WAL_INGEST_LINGER  # it watched the empty spool it took over
 
 
+def archiving_every(spool, names, size, every=0.4):
+    """The first segment now, then one each `every` seconds, on a thread (joined by the caller)."""
+    archive(spool, names[0], size)
+
+    def keep_archiving():
+        for name in names[1:]:
+            time.sleep(every)
+            archive(spool, name, size)
+
+    archiver = threading.Thread(target=keep_archiving)
+    archiver.start()
+    return archiver
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_scheduled_pass_goes_on_past_pass_seconds_while_wal_keeps_coming(
     server, passphrase_file, backup_root, wal_spool, settings, monkeypatch
@@ -301,18 +315,31 @@ def test_a_scheduled_pass_goes_on_past_pass_seconds_while_wal_keeps_coming(
     names = [f"0000000100000000000000{n:02X}" for n in range(1, 7)]
     spool = spool_dir(server)
     spool.mkdir(parents=True, exist_ok=True)
-    archive(spool, names[0], size_of(server))
-
-    def keep_archiving():
-        for name in names[1:]:
-            time.sleep(0.4)
-            archive(spool, name, size_of(server))
-
-    archiver = threading.Thread(target=keep_archiving)
-    archiver.start()
+    archiver = archiving_every(spool, names, size_of(server))
     result = tasks.ingest_wal(server.name)
     archiver.join()
     assert result["ingested"] == len(names), result  # one pass, 2 s of arrivals, though PASS_SECONDS is 0.5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pass_whose_successor_never_comes_ends_at_the_hand_over_bound(
+    server, passphrase_file, backup_root, wal_spool, settings, monkeypatch
+):
+    """Every worker busy: no successor can start. The pass still ends, so that those queued behind
+    it do not pile up; what arrives after it waits in the spool for the next."""
+    forget_keys()
+    settings.WAL_INGEST_LINGER = 5
+    monkeypatch.setattr(walingest, "HANDOVER_BOUND", 1.0)
+    names = [f"0000000100000000000000{n:02X}" for n in range(1, 9)]
+    spool = spool_dir(server)
+    spool.mkdir(parents=True, exist_ok=True)
+    archiver = archiving_every(spool, names, size_of(server))
+    started = time.monotonic()
+    result = tasks.ingest_wal(server.name)
+    ended = time.monotonic() - started
+    archiver.join()
+    assert 1 <= result["ingested"] < len(names) and ended < 2.5, (result, ended)
+    assert walingest.pending_names(spool, "push") == names[result["ingested"] :]  # nothing lost
 
 
 def spool_locked(spool):
