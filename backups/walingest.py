@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import conditions, journal
@@ -541,18 +540,38 @@ def plan_wal_copies(segment, key, encoded):
 
 def copy_on_the_way(server, result):
     """In a pass longer than COPY_EVERY, the copies due: a long pass (a backlog, sustained load)
-    must not hold back the offsite copies, nor wait on a location that is down (it holds the spool)."""
+    must not hold back the offsite copies, nor wait long on a location that is down, as it holds
+    the spool (the pass's last copies, after it lets go, and the copy worker retry those)."""
     if time.monotonic() - result.copied_at > COPY_EVERY:
-        copy_pending(server, due_only=True)
+        copy_pending(server, on_the_way=True)
         result.copied_at = time.monotonic()
 
 
-def copy_pending(server, limit=1000, due_only=False):
-    """Make the pending WAL copies of a server now (the foreground ingest calls this). `due_only`:
-    those whose next attempt is due, in enabled locations, as the copy worker picks them."""
+# Seconds a pass spends at most on the copies it makes on its way, holding the spool.
+ON_THE_WAY_BUDGET = 10
+
+
+def copy_pending(server, limit=1000, on_the_way=False):
+    """Make the pending WAL copies of a server now (the foreground ingest calls this), in enabled
+    locations. `on_the_way`: only where no copy waits for its next attempt (a location that is
+    down), one failure stopping a location, for at most ON_THE_WAY_BUDGET seconds."""
     todo = BackupCopy.objects.filter(
-        wal_segment__server=server, status__in=[BackupCopy.Status.PENDING, BackupCopy.Status.FAILED]
+        wal_segment__server=server,
+        status__in=[BackupCopy.Status.PENDING, BackupCopy.Status.FAILED],
+        location__enabled=True,
     ).select_related("location", "wal_segment")
-    if due_only:
-        todo = todo.filter(Q(next_attempt_at=None) | Q(next_attempt_at__lte=timezone.now()), location__enabled=True)
-    return [copy_one(c, journal_it=False) for c in todo.order_by("wal_segment__name")[:limit]]
+    if not on_the_way:
+        return [copy_one(c, journal_it=False) for c in todo.order_by("wal_segment__name")[:limit]]
+    backing_off = BackupCopy.objects.filter(
+        wal_segment__server=server, status=BackupCopy.Status.FAILED, next_attempt_at__gt=timezone.now()
+    ).values("location")
+    made, failing, deadline = [], set(), time.monotonic() + ON_THE_WAY_BUDGET
+    for copy in todo.exclude(location__in=backing_off).order_by("wal_segment__name")[:limit]:
+        if time.monotonic() > deadline:
+            break
+        if copy.location_id in failing:
+            continue
+        made.append(copy_one(copy, journal_it=False))
+        if made[-1].status == BackupCopy.Status.FAILED:
+            failing.add(copy.location_id)
+    return made

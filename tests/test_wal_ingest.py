@@ -270,7 +270,7 @@ def test_the_next_scheduled_pass_takes_over_from_the_running_one_with_no_gap(
     watches the spool from then on, though its predecessor has just emptied it. Ending at a fixed
     length instead left the spool unread until the next minute's schedule (bench: 43 s)."""
     forget_keys()
-    settings.WAL_INGEST_LINGER = 4
+    settings.WAL_INGEST_LINGER = 8
     first = spool_segments(server, 1)[0]
     spool = spool_dir(server)
     running, successor = {}, {}
@@ -281,7 +281,7 @@ def test_the_next_scheduled_pass_takes_over_from_the_running_one_with_no_gap(
     asked = time.monotonic()
     b = ingest_in_thread(server.name, successor)
     a.join(timeout=10)
-    assert not a.is_alive() and running["ended"] - asked < 2, "the running pass did not hand over"
+    assert not a.is_alive() and running["ended"] - asked < 5, "the running pass did not hand over"
     assert running["result"]["ingested"] == 1 and not running["result"]["busy"]
     wait_for(lambda: spool_locked(spool), what="the successor holding the spool", every=0.02)
     later = "000000010000000000000002"
@@ -338,7 +338,7 @@ def test_a_pass_whose_successor_never_comes_ends_at_the_hand_over_bound(
     result = tasks.ingest_wal(server.name)
     ended = time.monotonic() - started
     archiver.join()
-    assert 1 <= result["ingested"] < len(names) and ended < 2.5, (result, ended)
+    assert 1 <= result["ingested"] < len(names) and ended < 5, (result, ended)  # not 2.8 s of arrivals + 5 s
     assert walingest.pending_names(spool, "push") == names[result["ingested"] :]  # nothing lost
 
 
