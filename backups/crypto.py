@@ -231,25 +231,14 @@ class Encryption:
     def _encrypt_pipe(self, source, on_data, compression):
         """gpg reading the pipe itself: no Python copy of the plaintext on its way (WAL ingest
         measured ~0.02 s of CPU a segment less). The passphrase goes on a pipe of its own."""
-        cmd, secret_fd = self._gpg_argv()
-        cmd += ["-o", "-"]
+        args = ["-o", "-"]
         if self.recipients:
-            cmd += ["--trust-model", "always", "--encrypt", *[arg for r in self.recipients for arg in ("-r", r)]]
+            args += ["--trust-model", "always", "--encrypt", *[arg for r in self.recipients for arg in ("-r", r)]]
         else:
-            cmd += ["--symmetric", "--cipher-algo", "AES256", *self.s2k_args]
+            args += ["--symmetric", "--cipher-algo", "AES256", *self.s2k_args]
         try:
-            gpg = subprocess.Popen(
-                cmd + compression,
-                stdin=source.pipe,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=child_env(),
-                preexec_fn=die_with_parent,
-                pass_fds=(secret_fd,) if secret_fd is not None else (),
-            )
+            gpg = self._gpg([*args, *compression], stdin=source.pipe, stdout=subprocess.PIPE)
         finally:
-            if secret_fd is not None:
-                os.close(secret_fd)
             source.pipe.close()  # gpg's now: a gpg that dies must not leave the writer blocked on it
         tarpipe.widen(gpg.stdout.fileno())
         while chunk := gpg.stdout.read(CHUNK):
@@ -288,35 +277,37 @@ class Encryption:
         through Python either (python-gnupg's feed, with the sha256 taken on the way, put 0.6-0.8 s
         on a 530 MB base backup's PITR: bench/RESULTS.md). Good only with gpg's DECRYPTION_OKAY,
         as python-gnupg judges it: exit 0 alone also passes data that was never encrypted."""
-        cmd, secret_fd = self._gpg_argv(quiet=False)  # --quiet would hide NO_SECKEY
+        gpg = self._gpg(
+            ["--status-fd", "2", "--decrypt"], stdin=fd_in, stdout=fd_out, quiet=False
+        )  # --quiet hides NO_SECKEY
+        said = gpg.stderr.read().decode(errors="replace")
+        gpg.stderr.close()
+        return DecryptedByPath(gpg.wait(), said)
+
+    def _gpg(self, args, stdin, stdout, quiet=True):
+        """gpg started with this key and `args`, its stderr a pipe. The passphrase goes on a pipe of
+        its own, never in argv; with recipients there is none (the private key is gpg's own)."""
+        cmd = [self.gpg.gpgbinary, "--homedir", self.gpg.gnupghome, "--batch", "--no-tty"]
+        cmd += ["--quiet"] if quiet else []
+        secret_fd = None
+        if not self.recipients:
+            secret_fd, writer = os.pipe()
+            os.write(writer, self.passphrase.encode() + b"\n")  # a pipe holds far more than a passphrase
+            os.close(writer)
+            cmd += ["--pinentry-mode", "loopback", "--passphrase-fd", str(secret_fd)]
         try:
-            gpg = subprocess.Popen(
-                [*cmd, "--status-fd", "2", "--decrypt"],
-                stdin=fd_in,
-                stdout=fd_out,
+            return subprocess.Popen(
+                [*cmd, *args],
+                stdin=stdin,
+                stdout=stdout,
                 stderr=subprocess.PIPE,
-                env=child_env(),
+                env=child_env(),  # never the portal's secrets (S3 keys ...)
                 preexec_fn=die_with_parent,
                 pass_fds=(secret_fd,) if secret_fd is not None else (),
             )
         finally:
             if secret_fd is not None:
                 os.close(secret_fd)
-        said = gpg.stderr.read().decode(errors="replace")
-        gpg.stderr.close()
-        return DecryptedByPath(gpg.wait(), said)
-
-    def _gpg_argv(self, quiet=True):
-        """gpg's command line with this key, and the read end of a pipe holding the passphrase
-        (None with recipients: the private key is gpg's own). The passphrase never is in argv."""
-        cmd = [self.gpg.gpgbinary, "--homedir", self.gpg.gnupghome, "--batch", "--no-tty"]
-        cmd += ["--quiet"] if quiet else []
-        if self.recipients:
-            return cmd, None
-        secret_fd, writer = os.pipe()
-        os.write(writer, self.passphrase.encode() + b"\n")  # a pipe holds far more than a passphrase
-        os.close(writer)
-        return [*cmd, "--pinentry-mode", "loopback", "--passphrase-fd", str(secret_fd)], secret_fd
 
     def _decrypt_here(self, source, write):
         """Under a WAL data key, decrypt in this thread (backups.openpgp): no gpg process for a

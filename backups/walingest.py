@@ -159,34 +159,41 @@ def take_over(lock_fd, spool):
     """Wait, holding HANDOVER's lock, up to HANDOVER_WAIT seconds for the running pass to let go
     of the spool's: True once this process holds it. False at once when another successor waits
     already (it takes over), or when HANDOVER cannot be opened (the running pass goes on)."""
-    try:
-        wait_fd = os.open(spool / HANDOVER, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
+    wait_fd = _open_handover(spool)
+    if wait_fd is None:
         return False
     try:
         # A few tries: the running pass's look (successor_waits) holds it for an instant.
-        if not any(locked(wait_fd) or time.sleep(0.05) for _ in range(5)):
-            return False
-        deadline = time.monotonic() + HANDOVER_WAIT
-        while time.monotonic() < deadline:
-            if locked(lock_fd):
-                return True
-            time.sleep(0.05)
-        return False
+        return _lock_within(wait_fd, 0.25) and _lock_within(lock_fd, HANDOVER_WAIT)
     finally:
         os.close(wait_fd)  # lets go of HANDOVER's lock: a pass that goes on sees nobody waiting
 
 
+def _lock_within(fd, seconds):
+    deadline = time.monotonic() + seconds
+    while not locked(fd):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def successor_waits(spool):
     """True while the next pass waits to take over (it holds HANDOVER's lock)."""
-    try:
-        fd = os.open(spool / HANDOVER, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
+    fd = _open_handover(spool)
+    if fd is None:
         return False
     try:
         return not locked(fd)
     finally:
         os.close(fd)  # and with it the lock this look took
+
+
+def _open_handover(spool):
+    try:
+        return os.open(spool / HANDOVER, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None  # a spool that refuses it: passes end as before, at their bound
 
 
 def keep_manifest(server, spool, names):

@@ -291,18 +291,22 @@ def test_the_next_scheduled_pass_takes_over_from_the_running_one_with_no_gap(
     assert successor["ended"] - asked > settings.WAL_INGEST_LINGER  # it watched the empty spool it took over
 
 
-def archiving_every(spool, names, size, every=0.4):
-    """The first segment now, then one each `every` seconds, on a thread (joined by the caller)."""
-    archive(spool, names[0], size)
+def archiving_every(server, count, every=0.4):
+    """`count` segments archived into the server's spool, the first now, then one each `every`
+    seconds, on a thread (joined by the caller): (spool, names, thread)."""
+    names = [f"0000000100000000000000{n:02X}" for n in range(1, count + 1)]
+    spool = spool_dir(server)
+    spool.mkdir(parents=True, exist_ok=True)
+    archive(spool, names[0], size_of(server))
 
     def keep_archiving():
         for name in names[1:]:
             time.sleep(every)
-            archive(spool, name, size)
+            archive(spool, name, size_of(server))
 
     archiver = threading.Thread(target=keep_archiving)
     archiver.start()
-    return archiver
+    return spool, names, archiver
 
 
 @pytest.mark.django_db(transaction=True)
@@ -312,10 +316,7 @@ def test_a_scheduled_pass_goes_on_past_pass_seconds_while_wal_keeps_coming(
     forget_keys()
     settings.WAL_INGEST_LINGER = 1
     monkeypatch.setattr(walingest, "PASS_SECONDS", 0.5)
-    names = [f"0000000100000000000000{n:02X}" for n in range(1, 7)]
-    spool = spool_dir(server)
-    spool.mkdir(parents=True, exist_ok=True)
-    archiver = archiving_every(spool, names, size_of(server))
+    _, names, archiver = archiving_every(server, 6)
     result = tasks.ingest_wal(server.name)
     archiver.join()
     assert result["ingested"] == len(names), result  # one pass, 2 s of arrivals, though PASS_SECONDS is 0.5
@@ -330,10 +331,7 @@ def test_a_pass_whose_successor_never_comes_ends_at_the_hand_over_bound(
     forget_keys()
     settings.WAL_INGEST_LINGER = 5
     monkeypatch.setattr(walingest, "HANDOVER_BOUND", 1.0)
-    names = [f"0000000100000000000000{n:02X}" for n in range(1, 9)]
-    spool = spool_dir(server)
-    spool.mkdir(parents=True, exist_ok=True)
-    archiver = archiving_every(spool, names, size_of(server))
+    spool, names, archiver = archiving_every(server, 8)
     started = time.monotonic()
     result = tasks.ingest_wal(server.name)
     ended = time.monotonic() - started
