@@ -28,6 +28,17 @@ class Sample:
     stdout: str = ""
     stderr: str = ""
     extra: dict = field(default_factory=dict)
+    cpu: float | None = None  # busy CPU seconds of the whole machine while it ran, every core summed
+
+
+def busy_cpu_seconds():
+    """CPU seconds the whole machine has spent busy since boot, every core summed (/proc/stat).
+
+    Machine-wide on purpose: the server's work for a command (its zstd for BASE_BACKUP, the
+    backends pg_restore loads through) counts, which no process tree of the command shows."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 class CommandFailed(RuntimeError):
@@ -107,18 +118,18 @@ class _Poller(threading.Thread):
 
 def run(argv, env=None, cwd=None, check=True) -> Sample:
     """Run argv to the end; its wall time, peak tree RSS and own peak RSS."""
-    start = time.monotonic()
+    start, cpu = time.monotonic(), busy_cpu_seconds()
     proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     poller = _Poller(proc.pid)
     poller.start()
     out, err = proc.communicate()
-    seconds = time.monotonic() - start
+    seconds, cpu = time.monotonic() - start, busy_cpu_seconds() - cpu
     poller.done.set()
     poller.join()
     if check and proc.returncode != 0:
         tail = (err or out).strip().splitlines()[-5:]
         raise CommandFailed(f"{' '.join(map(str, argv))[:300]} exited {proc.returncode}: {' | '.join(tail)}")
-    return Sample(seconds, poller.peak, poller.hwm, out, err)
+    return Sample(seconds, poller.peak, poller.hwm, out, err, cpu=cpu)
 
 
 def shell(script, env=None, cwd=None) -> Sample:
