@@ -36,7 +36,9 @@ INGEST_MARKER = "ingest"
 MANIFEST_MARKER = "manifest"
 # Temporary files a killed archive program left behind are removed after this long.
 STALE_TMP = timedelta(minutes=10)
-# Segments encrypted at once by an ingest: one zstd and one gpg each, so about one per core.
+# Segments compressed and encrypted at once by an ingest: a thread each (zstandard and
+# backups.openpgp leave the GIL for the work; with GPG_RECIPIENTS a zstd and a gpg process), so
+# about one per core.
 INGEST_WORKERS = max(2, min(4, os.cpu_count() or 2))
 # In a pass longer than this (seconds), the pending copies to NAS and S3 are made on the way, so a
 # backlog does not hold the offsite copy back: below archive_timeout (checkserver asks <= 60 s).
@@ -235,8 +237,8 @@ def _ingest_while_arriving(server, spool, names, source, result, linger=0):
 
 
 def _ingest_names(server, spool, names, source, result):
-    """Ingest `names` in order. zstd and gpg compress and encrypt up to INGEST_WORKERS of them at
-    once (processes of their own, one core each); this thread alone checks and catalogues them, in order."""
+    """Ingest `names` in order. Up to INGEST_WORKERS of them are compressed and encrypted at once
+    (backups.walseal); this thread alone checks and catalogues them, in order."""
     location = wal_location()
     store = store_for(location)
     try:

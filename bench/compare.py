@@ -276,8 +276,8 @@ PG_RESTORE_2 = "pg_restore -j 2 of the strategy's (decrypted) file"
 STRATEGY_RESTORE = "the strategy's restore (gpg --decrypt to a file, pg_restore, rm)"
 DECRYPT_JOBS_2 = "the strategy's file as stored: gpg --decrypt to a file, createdb, pg_restore -j 2, rm"
 STAGE_OVERLAP = (
-    "stage: the ideal overlap: pg_restore -j 2 of the decrypted file while the portal's decryption of its own"
-    " copy runs beside it (gpg -d into a scratch file, the copy's sha256), neither waiting for the other"
+    "stage: the ideal overlap: pg_restore -j 2 of the portal's dump, decrypted beforehand, while the portal's"
+    " decryption of its copy runs beside it (gpg -d into a scratch file, the copy's sha256), neither waiting"
 )
 # The portal takes the copy's sha256 with OpenSSL through hashlib, as this does (sha256sum is
 # several times slower here).
@@ -291,7 +291,7 @@ def drop(cluster, dbname):
 def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
     rows = Rows()
     files, gpg_home = ws.root / "files", ws.root / "gnupg"
-    copy = next(Path(portal.env["BACKUP_ROOT"]).glob(f"*/logical/*-{run_id}.dump.gpg"))
+    own = own_plain(ws, portal, run_id, files / "portal-restore.dump")
     plain = files / "strategy-restore.dump"
     subprocess.run([*pg(cluster, "pg_dump").split(), "-Fc", "-b", "-f", str(plain), dbname], check=True, env=pg_env())
     enc = Path(f"{plain}.gpg")
@@ -330,22 +330,27 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
             rows.add(method, sample)
             drop(cluster, target)
 
-        def ideal_overlap(i):
+        def ideal_overlap(i, copy=own[0] if own else None, dump=own[1] if own else None):
             """No restore that decrypts its copy can do better: here the load never waits for the
-            decryption, where a real one loads only what its decryption has written."""
+            decryption, where a real one loads only what its decryption has written. Both read the
+            portal's own dump (-Z1): the load its plaintext, decrypted beforehand; gpg its copy."""
+            if copy is None:
+                raise CommandFailed(f"no copy of run #{run_id} under BACKUP_ROOT to decrypt")
             target, scratch = f"r_overlap_{i}", files / "overlap.dump"
             cluster.create_database(target)
-            sample = shell(
-                f"gpg --homedir {gpg_home} --batch --yes --pinentry-mode loopback --passphrase-file {ws.passphrase}"
-                f" --decrypt {copy} > {scratch} 2>/dev/null & decrypting=$!\n"
-                f"{sys.executable} -c {shlex.quote(SHA256)} {copy} & hashing=$!\n"
-                f"{pg(cluster, 'pg_restore')} -j 2 -d {target} {plain}\n"
-                "wait $decrypting\nwait $hashing\n"
-                f"rm {scratch}\n",
-                env=pg_env(),
-            )
-            rows.add(STAGE_OVERLAP, sample)
-            drop(cluster, target)
+            try:
+                sample = shell(
+                    f"gpg --homedir {gpg_home} --batch --quiet --yes --pinentry-mode loopback"
+                    f" --passphrase-file {ws.passphrase} --decrypt {copy} > {scratch} & decrypting=$!\n"
+                    f"{sys.executable} -c {shlex.quote(SHA256)} {copy} & hashing=$!\n"
+                    f"trap 'kill $decrypting $hashing 2>/dev/null || true; rm -f {scratch}' EXIT\n"
+                    f"{pg(cluster, 'pg_restore')} -j 2 -d {target} {dump}\n"
+                    "wait $decrypting\nwait $hashing\n",
+                    env=pg_env(),
+                )
+                rows.add(STAGE_OVERLAP, sample)
+            finally:
+                drop(cluster, target)
 
         in_turn(
             rows,
@@ -363,7 +368,21 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
     drop(cluster, "r_profile")
     plain.unlink()
     enc.unlink()
+    if own:
+        own[1].unlink()
     return rows.list()
+
+
+def own_plain(ws, portal, run_id, plain):
+    """(the portal's copy of run_id, its plaintext decrypted into `plain`), untimed; None when the
+    copy is not where the portal writes it (the stage row then says so)."""
+    copy = next(Path(portal.env["BACKUP_ROOT"]).glob(f"*/logical/*-{run_id}.dump.gpg"), None)
+    if copy is None:
+        return None
+    gpg = ["gpg", "--homedir", str(ws.root / "gnupg"), "--batch", "--quiet", "--yes", "--pinentry-mode", "loopback"]
+    gpg += ["--passphrase-file", str(ws.passphrase), "--output", str(plain), "--decrypt", str(copy)]
+    subprocess.run(gpg, check=True)
+    return copy, plain
 
 
 PORTAL_PITR = "**portal** restore --target latest --into-datadir (fetch, verify, extract, replay)"

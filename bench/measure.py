@@ -37,7 +37,8 @@ def busy_cpu_seconds():
     Machine-wide on purpose: the server's work for a command (its zstd for BASE_BACKUP, the
     backends pg_restore loads through) counts, which no process tree of the command shows."""
     with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        ticks = [int(v) for v in f.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+    # Not steal (the hypervisor's, not this machine's work) nor guest (already inside user).
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
