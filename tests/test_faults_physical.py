@@ -150,13 +150,13 @@ def archive_some(cluster, server, count=3):
     return names
 
 
-def start_backup(settings, kind, tool):
+def start_backup(settings, kind, tool, env=None):
     """`manage.py backup` in its own process, with `tool` held by SIGSTOP once its bytes stream into
     the primary location: a fault then always lands mid-stream, even where the server compresses a
     small cluster faster than a poll. A base backup through pg_basebackup and zstd is compressed on
     the client; BASE_BACKUP (no process of its own: gpg is the one held) is the server's, the
     default. The caller sends the fault, then `resume(pid)`."""
-    env = {"BASE_COMPRESSION": "client"} if tool in ("pg_basebackup", "zstd") else {}
+    env = ({"BASE_COMPRESSION": "client"} if tool in ("pg_basebackup", "zstd") else {}) | (env or {})
     proc = manage(settings, "backup", "maldives", "--kind", kind, "--json", env=env)
     child = "gpg" if tool == "BASE_BACKUP" else tool
     try:
@@ -277,6 +277,34 @@ def test_sigkill_of_gpg_mid_stream_of_a_backup_the_server_compresses_ends_it_on_
     assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
     assert_no_orphans(tree)
     # The portal cancelled the BASE_BACKUP: the server is not left in backup mode.
+    wait_for(lambda: not big_cluster.execute("SELECT 1 FROM pg_stat_progress_basebackup"), what="the walsender to end")
+    assert_next_scheduled_run_succeeds("base")
+    assert_nothing_archived_is_lost(big_server, archived)
+
+
+def test_a_server_that_stalls_mid_base_backup_with_its_connection_open_is_ended_by_backup_timeout(
+    big_server, big_cluster, settings
+):
+    """The walsender held by SIGSTOP: the socket stays open and sends neither bytes nor an error.
+    BACKUP_TIMEOUT ends the run, which says so; nothing of it is kept, no process is left, and once
+    the server moves again it is not left in backup mode."""
+    archived = archive_some(big_cluster, big_server)
+    proc, gpg = start_backup(settings, "base", "BASE_BACKUP", env={"BACKUP_TIMEOUT": "12"})
+    tree = descendants(proc.pid)
+    (walsender,) = [
+        pid for (pid,) in big_cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'")
+    ]
+    os.kill(walsender, signal.SIGSTOP)
+    try:
+        resume(gpg)  # gpg takes what is on the way; then nothing more comes
+        out, err = proc.communicate(timeout=120)
+    finally:
+        resume(walsender)
+
+    assert proc.returncode == 1 and "timed out after 12 s" in err, err
+    assert_failed_clearly(json_result(out)["id"], "timed out after 12 s")
+    assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
+    assert_no_orphans(tree)
     wait_for(lambda: not big_cluster.execute("SELECT 1 FROM pg_stat_progress_basebackup"), what="the walsender to end")
     assert_next_scheduled_run_succeeds("base")
     assert_nothing_archived_is_lost(big_server, archived)
