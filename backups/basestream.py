@@ -98,6 +98,9 @@ class ServerCompressed(Source):
             self.close()
             raise BaseBackupRefused(f"BASE_BACKUP: {explain(e, self.server)}") from None
         except BaseBackupRefused:
+            # The checkpoint timed out: cancelled, the walsender leaves backup mode now, where a
+            # closed socket alone tells it only once the checkpoint ends and it has bytes to send.
+            self._cancel()
             self.close()
             raise
         if result is None or result.status != pq.ExecStatus.TUPLES_OK:
@@ -196,7 +199,11 @@ class ServerCompressed(Source):
         if self.stopped:
             return
         self.stopped = True
-        if self.conn is not None and self.thread is not None and self.thread.is_alive():
+        if self.thread is not None and self.thread.is_alive():
+            self._cancel()
+
+    def _cancel(self):
+        if self.conn is not None:
             try:
                 self.conn.cancel_safe(timeout=10)
             except psycopg.Error:

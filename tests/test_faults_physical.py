@@ -310,6 +310,47 @@ def test_a_server_that_stalls_mid_base_backup_with_its_connection_open_is_ended_
     assert_nothing_archived_is_lost(big_server, archived)
 
 
+def test_a_checkpoint_that_does_not_end_keeps_the_run_beating_until_backup_timeout_then_cancels_it(
+    big_server, big_cluster, settings
+):
+    """BASE_BACKUP's fast checkpoint held (the checkpointer stopped by SIGSTOP): the run's heartbeat
+    goes on while it waits, so it is not taken for a dead worker; BACKUP_TIMEOUT ends it with that
+    said, and the server is told, so its walsender ends while the checkpoint still hangs."""
+    archived = archive_some(big_cluster, big_server)
+    (checkpointer,) = [
+        pid for (pid,) in big_cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+    ]
+    os.kill(checkpointer, signal.SIGSTOP)
+    try:
+        proc = manage(settings, "backup", "maldives", "--kind", "base", "--json", env={"BACKUP_TIMEOUT": "10"})
+        try:
+            run = wait_for(lambda: BackupRun.objects.filter(kind="base", status="running").first(), timeout=30)
+            beats = set()
+
+            def beating():
+                beats.add(BackupRun.objects.get(pk=run.pk).heartbeat_at)
+                return len(beats - {None}) >= 3
+
+            wait_for(beating, timeout=9, every=0.2, what="three heartbeats while the checkpoint waits")
+            out, err = proc.communicate(timeout=60)
+        except BaseException:
+            end_backup(proc)
+            raise
+        assert proc.returncode == 1 and "BASE_BACKUP's checkpoint did not end within 10 s" in err, err
+        assert_failed_clearly(json_result(out)["id"], "checkpoint did not end within 10 s")
+        # Cancelled: no walsender waits on for the checkpoint, which has not ended yet.
+        wait_for(
+            lambda: not big_cluster.execute("SELECT 1 FROM pg_stat_activity WHERE backend_type = 'walsender'"),
+            timeout=10,
+            what="the walsender to end",
+        )
+    finally:
+        resume(checkpointer)
+    assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
+    assert_next_scheduled_run_succeeds("base")
+    assert_nothing_archived_is_lost(big_server, archived)
+
+
 def test_a_tablespace_outside_the_data_directory_is_refused_by_name_and_leaves_nothing(
     big_server, big_cluster, settings
 ):
