@@ -289,20 +289,24 @@ def test_a_server_that_stalls_mid_base_backup_with_its_connection_open_is_ended_
     BACKUP_TIMEOUT ends the run, which says so; nothing of it is kept, no process is left, and once
     the server moves again it is not left in backup mode."""
     archived = archive_some(big_cluster, big_server)
-    proc, gpg = start_backup(settings, "base", "BASE_BACKUP", env={"BACKUP_TIMEOUT": "12"})
+    # The timeout counts from gpg's start, and start_backup steps gpg along until bytes arrive.
+    proc, gpg = start_backup(settings, "base", "BASE_BACKUP", env={"BACKUP_TIMEOUT": "20"})
     tree = descendants(proc.pid)
-    (walsender,) = [
-        pid for (pid,) in big_cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'")
-    ]
-    os.kill(walsender, signal.SIGSTOP)
+    walsender = None
     try:
+        walsender = big_cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'")[0][0]
+        os.kill(walsender, signal.SIGSTOP)
         resume(gpg)  # gpg takes what is on the way; then nothing more comes
         out, err = proc.communicate(timeout=120)
+    except BaseException:
+        end_backup(proc)
+        raise
     finally:
-        resume(walsender)
+        if walsender is not None:
+            resume(walsender)
 
-    assert proc.returncode == 1 and "timed out after 12 s" in err, err
-    assert_failed_clearly(json_result(out)["id"], "timed out after 12 s")
+    assert proc.returncode == 1 and "timed out after 20 s" in err, err
+    assert_failed_clearly(json_result(out)["id"], "timed out after 20 s")
     assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
     assert_no_orphans(tree)
     wait_for(lambda: not big_cluster.execute("SELECT 1 FROM pg_stat_progress_basebackup"), what="the walsender to end")
