@@ -616,7 +616,7 @@ CLOSE = {
         " left is CPU per segment: on 16 MB, zstd 0.016 s, AES 0.01-0.02 s, the integrity code's SHA-1 and the"
         " two SHA-256 (the plaintext for the catalog, the ciphertext for the copy) about 0.02 s, the write and"
         " its fsync. tests/test_wal_ingest_speed.py (100 copies of a real 16 MB segment, nothing else running)"
-        " measured 0.064-0.070 s of CPU a segment on 2026-12-04 16:50, and 24.3-26.4 segments a second with"
+        " measured 0.064-0.070 s of CPU a segment on 2026-12-04 (this run's machine), and 24.3-26.4 segments a second with"
         " two workers, 25.5-28.2 with three and 26.4-27.5 with four (two runs each: no gain beyond the noise,"
         " so INGEST_WORKERS stays at one per core). At that cost two cores give at most about 30 segments a"
         " second before PostgreSQL and the archive command take their share: a backlog on a disk that takes"
