@@ -10,7 +10,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psycopg
@@ -20,7 +19,7 @@ from backupportal.lib.pgcluster import stop_left_running
 from backupportal.lib.pgdatadir import pg_bin
 from backups import walnames
 
-from .measure import CommandFailed, Sample, busy_cpu_seconds, dir_size, run, shell
+from .measure import CommandFailed, Sample, Stopwatch, dir_size, run, shell
 from .setup import S2K, wait_until
 
 
@@ -331,8 +330,8 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
             drop(cluster, target)
 
         def ideal_overlap(i, copy=own[0] if own else None, dump=own[1] if own else None):
-            """No restore that decrypts its copy can do better: here the load never waits for the
-            decryption, where a real one loads only what its decryption has written. Both read the
+            """The best a restore that decrypts its copy can hope for: here the load never waits for
+            the decryption, where a real one loads only what its decryption has written. Both read the
             portal's own dump (-Z1): the load its plaintext, decrypted beforehand; gpg its copy."""
             if copy is None:
                 raise CommandFailed(f"no copy of run #{run_id} under BACKUP_ROOT to decrypt")
@@ -340,8 +339,8 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
             cluster.create_database(target)
             try:
                 sample = shell(
-                    f"gpg --homedir {gpg_home} --batch --quiet --yes --pinentry-mode loopback"
-                    f" --passphrase-file {ws.passphrase} --decrypt {copy} > {scratch} & decrypting=$!\n"
+                    f"{' '.join(StockRecovery.gpg_argv(gpg_home, ws.passphrase))} --yes"
+                    f" --decrypt {copy} > {scratch} & decrypting=$!\n"
                     f"{sys.executable} -c {shlex.quote(SHA256)} {copy} & hashing=$!\n"
                     f"trap 'kill $decrypting $hashing 2>/dev/null || true; rm -f {scratch}' EXIT\n"
                     f"{pg(cluster, 'pg_restore')} -j 2 -d {target} {dump}\n"
@@ -379,9 +378,8 @@ def own_plain(ws, portal, run_id, plain):
     copy = next(Path(portal.env["BACKUP_ROOT"]).glob(f"*/logical/*-{run_id}.dump.gpg"), None)
     if copy is None:
         return None
-    gpg = ["gpg", "--homedir", str(ws.root / "gnupg"), "--batch", "--quiet", "--yes", "--pinentry-mode", "loopback"]
-    gpg += ["--passphrase-file", str(ws.passphrase), "--output", str(plain), "--decrypt", str(copy)]
-    subprocess.run(gpg, check=True)
+    gpg = StockRecovery.gpg_argv(ws.root / "gnupg", ws.passphrase)
+    subprocess.run([*gpg, "--yes", "--output", str(plain), "--decrypt", str(copy)], check=True)
     return copy, plain
 
 
@@ -541,7 +539,7 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
         def pgbackrest_restore(i):
             datadir, port = restored_dir(ws, f"pgbr{i}"), free_port()
             try:
-                start, cpu = time.monotonic(), busy_cpu_seconds()
+                watch = Stopwatch()
                 restore = run(pgbr.argv(server, f"--pg1-path={datadir}", "restore"), cwd="/")
                 with open(datadir / "postgresql.auto.conf", "a") as f:
                     f.write(f"\nport = {port}\narchive_mode = 'off'\n")
@@ -553,7 +551,7 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
                     cwd="/",
                 )
                 wait_promoted(port)
-                seconds, cpu = time.monotonic() - start, busy_cpu_seconds() - cpu
+                seconds, cpu = watch.read()
                 rss = max(restore.tree_rss, started.tree_rss)
                 rows.add(BR_RESTORE, Sample(seconds, rss, restore.own_hwm, cpu=cpu))
             finally:
@@ -564,10 +562,10 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
             portal.manage("ingestwal", server)  # as before the portal's: the archive is the same
             stock.refresh()
             try:
-                start, cpu = time.monotonic(), busy_cpu_seconds()
+                watch = Stopwatch()
                 sample = shell(stock.script(datadir, port), cwd="/")
                 wait_promoted(port)
-                seconds, cpu = time.monotonic() - start, busy_cpu_seconds() - cpu
+                seconds, cpu = watch.read()
                 rows.add(STAGE_STOCK_PITR, Sample(seconds, sample.tree_rss, sample.own_hwm, cpu=cpu))
             finally:
                 stop_and_remove(datadir)
@@ -700,10 +698,10 @@ def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, t
                 seg_size = make_backlog(cluster, segments)
                 waiting = ready_count(cluster)
                 before = count()
-                start, cpu = time.monotonic(), busy_cpu_seconds()
+                watch = Stopwatch()
                 set_archive_command(cluster, command)
                 wait_until(lambda: count() - before >= waiting, timeout, f"{waiting} segments archived by {method}")
-                seconds, cpu = time.monotonic() - start, busy_cpu_seconds() - cpu
+                seconds, cpu = watch.read()
                 set_archive_command(cluster, "")
                 sample = Sample(seconds, 0, 0, extra={"segments": waiting, "segment_size": seg_size}, cpu=cpu)
                 rows.add(method, sample)

@@ -42,6 +42,16 @@ def busy_cpu_seconds():
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
+class Stopwatch:
+    """Wall time and the machine's busy CPU seconds since it was made: read() gives both."""
+
+    def __init__(self):
+        self.start, self.cpu = time.monotonic(), busy_cpu_seconds()
+
+    def read(self):
+        return time.monotonic() - self.start, busy_cpu_seconds() - self.cpu
+
+
 class CommandFailed(RuntimeError):
     pass
 
@@ -119,12 +129,12 @@ class _Poller(threading.Thread):
 
 def run(argv, env=None, cwd=None, check=True) -> Sample:
     """Run argv to the end; its wall time, peak tree RSS and own peak RSS."""
-    start, cpu = time.monotonic(), busy_cpu_seconds()
+    watch = Stopwatch()
     proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     poller = _Poller(proc.pid)
     poller.start()
     out, err = proc.communicate()
-    seconds, cpu = time.monotonic() - start, busy_cpu_seconds() - cpu
+    seconds, cpu = watch.read()
     poller.done.set()
     poller.join()
     if check and proc.returncode != 0:

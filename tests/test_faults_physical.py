@@ -92,6 +92,25 @@ def alive(pid):
         return False
 
 
+def assert_base_backup_aborted(run_id, phrase, tree, cluster, server, archived, root):
+    """A base backup stopped by a fault: failed saying `phrase`, nothing of it kept, no process
+    left, the server out of backup mode, the next scheduled one good, nothing archived lost."""
+    assert_failed_clearly(run_id, phrase)
+    assert_nothing_good_looking_is_bad(root)
+    assert_no_orphans(tree)
+    wait_for(lambda: not cluster.execute("SELECT 1 FROM pg_stat_progress_basebackup"), what="the walsender to end")
+    assert_next_scheduled_run_succeeds("base")
+    assert_nothing_archived_is_lost(server, archived)
+
+
+def backend_pid(cluster, backend_type):
+    """The pid of the cluster's one process of `backend_type` (pg_stat_activity's words)."""
+    (pid,) = [
+        pid for (pid,) in cluster.execute(f"SELECT pid FROM pg_stat_activity WHERE backend_type = '{backend_type}'")
+    ]
+    return pid
+
+
 def assert_next_scheduled_run_succeeds(kind):
     """What the worker runs for the next occurrence of the schedule."""
     occurrence = (timezone.now() + timedelta(days=1)).replace(microsecond=0).isoformat()
@@ -273,13 +292,9 @@ def test_sigkill_of_gpg_mid_stream_of_a_backup_the_server_compresses_ends_it_on_
     out, err = proc.communicate(timeout=120)
 
     assert proc.returncode == 1 and "gpg" in err
-    assert_failed_clearly(json_result(out)["id"], "gpg")
-    assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
-    assert_no_orphans(tree)
     # The portal cancelled the BASE_BACKUP: the server is not left in backup mode.
-    wait_for(lambda: not big_cluster.execute("SELECT 1 FROM pg_stat_progress_basebackup"), what="the walsender to end")
-    assert_next_scheduled_run_succeeds("base")
-    assert_nothing_archived_is_lost(big_server, archived)
+    run_id = json_result(out)["id"]
+    assert_base_backup_aborted(run_id, "gpg", tree, big_cluster, big_server, archived, settings.BACKUP_ROOT)
 
 
 def test_a_server_that_stalls_mid_base_backup_with_its_connection_open_is_ended_by_backup_timeout(
@@ -294,7 +309,7 @@ def test_a_server_that_stalls_mid_base_backup_with_its_connection_open_is_ended_
     tree = descendants(proc.pid)
     walsender = None
     try:
-        walsender = big_cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'")[0][0]
+        walsender = backend_pid(big_cluster, "walsender")
         os.kill(walsender, signal.SIGSTOP)
         resume(gpg)  # gpg takes what is on the way; then nothing more comes
         out, err = proc.communicate(timeout=120)
@@ -306,12 +321,10 @@ def test_a_server_that_stalls_mid_base_backup_with_its_connection_open_is_ended_
             resume(walsender)
 
     assert proc.returncode == 1 and "timed out after 20 s" in err, err
-    assert_failed_clearly(json_result(out)["id"], "timed out after 20 s")
-    assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
-    assert_no_orphans(tree)
-    wait_for(lambda: not big_cluster.execute("SELECT 1 FROM pg_stat_progress_basebackup"), what="the walsender to end")
-    assert_next_scheduled_run_succeeds("base")
-    assert_nothing_archived_is_lost(big_server, archived)
+    run_id = json_result(out)["id"]
+    assert_base_backup_aborted(
+        run_id, "timed out after 20 s", tree, big_cluster, big_server, archived, settings.BACKUP_ROOT
+    )
 
 
 def test_a_checkpoint_that_does_not_end_keeps_the_run_beating_until_backup_timeout_then_cancels_it(
@@ -321,9 +334,7 @@ def test_a_checkpoint_that_does_not_end_keeps_the_run_beating_until_backup_timeo
     goes on while it waits, so it is not taken for a dead worker; BACKUP_TIMEOUT ends it with that
     said, and the server is told, so its walsender ends while the checkpoint still hangs."""
     archived = archive_some(big_cluster, big_server)
-    (checkpointer,) = [
-        pid for (pid,) in big_cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
-    ]
+    checkpointer = backend_pid(big_cluster, "checkpointer")
     os.kill(checkpointer, signal.SIGSTOP)
     try:
         proc = manage(settings, "backup", "maldives", "--kind", "base", "--json", env={"BACKUP_TIMEOUT": "10"})
