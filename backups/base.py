@@ -20,6 +20,8 @@ On 17+ it is a block-level incremental (backups.incremental).
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from django.conf import settings
 from django.utils import timezone
@@ -195,7 +197,6 @@ def take_tar(run, what, key, extra_args=()):
     )
     manifest = backup_manifest(source)
     record_positions(run, manifest, size_of_segment)
-    keep_manifest(run, store, location, manifest_key(key), encryption, manifest)
     run.size, run.sha256, run.bytes_done = size, sha256, size
     run.details.update(
         {
@@ -205,13 +206,15 @@ def take_tar(run, what, key, extra_args=()):
             "label": label,
         }
     )
-    # The backup is only restorable once its WAL is archived: wait for it before saying so.
-    walchain.wait_for_wal(
-        server,
-        walnames.segno_of(run.start_wal, size_of_segment),
-        walnames.segno_of(run.end_wal, size_of_segment),
-        settings.WAL_WAIT_SECONDS,
-    )
+    # The backup is only restorable once its WAL is archived: wait for it before saying so. The
+    # manifest is encrypted meanwhile (gpg's key derivation is half a second of one core).
+    with keeping_manifest(run, store, location, manifest_key(key), encryption, manifest):
+        walchain.wait_for_wal(
+            server,
+            walnames.segno_of(run.start_wal, size_of_segment),
+            walnames.segno_of(run.end_wal, size_of_segment),
+            settings.WAL_WAIT_SECONDS,
+        )
 
 
 def compressed_by_server(run, label, level):
@@ -260,11 +263,22 @@ def backup_manifest(source):
     return Manifest(sniffer.manifest())
 
 
-def keep_manifest(run, store, location, key, encryption, manifest):
+@contextmanager
+def keeping_manifest(run, store, location, key, encryption, manifest):
     """The whole backup_manifest, encrypted, as the run's "manifest" artifact: the next
     incremental hands it to pg_basebackup --incremental, and a restore of a backup the server
-    compressed puts it beside the files (copied to every tier like the backup)."""
-    size, sha256 = encrypt_bytes(store, key, manifest.data, encryption)
+    compressed puts it beside the files (copied to every tier like the backup).
+
+    gpg writes it on a thread while the block runs; the copy is recorded here once both are
+    done. When either fails, the thread has ended before the error goes on, so that nothing is
+    written after the failed run's files are removed (runner.finish_failed, by run.details' keys)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"manifest of run {run.pk}")
+    written = pool.submit(encrypt_bytes, store, key, manifest.data, encryption)  # no catalog on that thread
+    try:
+        yield
+    finally:
+        pool.shutdown(wait=True)
+    size, sha256 = written.result()
     BackupCopy.record_made(
         location, key, size, sha256, run=run, artifact="manifest", encryption_key_id=encryption.custody_key
     )

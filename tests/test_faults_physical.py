@@ -20,10 +20,11 @@ from django.utils import timezone
 
 from backupportal.lib.osuser import chown_to_db_user
 from backupportal.models import JournalEntry
-from backups import walchain, walingest, walnames
+from backups import walchain, walhealth, walingest, walnames
 from backups.models import BackupCopy, BackupRun, WalSegment
 from backups.tasks import scheduled_job
 from backups.verify import verify_all
+from backups.walspool import spool_dir
 from tests.helpers import (
     child_named,
     descendants,
@@ -364,6 +365,33 @@ def test_a_checkpoint_that_does_not_end_keeps_the_run_beating_until_backup_timeo
     assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
     assert_next_scheduled_run_succeeds("base")
     assert_nothing_archived_is_lost(big_server, archived)
+
+
+def test_archiving_that_fails_during_a_base_backup_fails_it_at_the_wal_wait_and_keeps_not_even_its_manifest(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
+):
+    """The manifest is encrypted while the run waits for the backup's WAL (backups.base,
+    keeping_manifest): when the wait fails, that file too is gone with the run."""
+    enable_push(sample_cluster)
+    archived = archive_some(sample_cluster, server)
+    # The spool turns read-only to PostgreSQL: the backup's own segment is never archived.
+    spool = spool_dir(server)
+    spool.chmod(0o555)
+    settings.WAL_WAIT_SECONDS = 3
+    try:
+        occurrence = timezone.now().replace(microsecond=0).isoformat()
+        assert scheduled_job("maldives", "base", scheduled_for=occurrence) == "failed"
+        run = BackupRun.objects.get(details__scheduled_for=occurrence)
+        assert_failed_clearly(run.pk, "was not archived within 3 s", "manage.py checkserver maldives")
+        assert run.details["keys"][1].endswith(".backup_manifest.gpg")
+        assert_nothing_good_looking_is_bad(settings.BACKUP_ROOT)
+        assert not list(Path(settings.BACKUP_ROOT).rglob("*.backup_manifest.gpg"))
+    finally:
+        spool.chmod(0o755)
+    settings.WAL_WAIT_SECONDS = 60
+    wait_for(lambda: not walhealth.archiver_failure(server), 90, "the archiver to catch up", every=0.5)
+    assert_next_scheduled_run_succeeds("base")
+    assert_nothing_archived_is_lost(server, archived)
 
 
 def test_a_tablespace_outside_the_data_directory_is_refused_by_name_and_leaves_nothing(
