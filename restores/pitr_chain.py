@@ -130,6 +130,7 @@ def combine(plan):
             os.rename(entry, plan.datadir / entry.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    plan.extracted = None  # pg_combinebackup wrote the files: pg_verifybackup checks them all
     ids = ", ".join(f"#{r.pk}" for r in chain_of(plan))
     plan.notes.append(f"combined the chain {ids} with pg_combinebackup; WAL replayed from #{plan.links[-1].pk}")
 
@@ -140,7 +141,9 @@ def extract_link(plan, run, scratch):
     chown_to_db_user(part)
     what = f"{'incremental' if run.kind == BackupRun.Kind.INCREMENTAL else 'base backup'} #{run.pk}"
     copies = readable(run.copies.filter(artifact="main").select_related("location"))
-    plan.notes += decrypt_here(copies, TarSink(part, run.base_compression), encryption_of(plan), what)
+    # Through the page cache: pg_combinebackup reads every file of it back at once.
+    sink = TarSink(part, run.base_compression, direct=False)
+    plan.notes += decrypt_here(copies, sink, encryption_of(plan), what)
     place_manifest(plan, run, part)
     if not (part / "backup_manifest").exists():
         raise RestoreFailed(f"{what} holds no backup_manifest: pg_combinebackup cannot use it")

@@ -1,19 +1,23 @@
 """A PITR's base backup into the new data directory: decrypted from the first healthy copy,
 decompressed by `zstd -d` when its run says zstd (older runs: gpg undid its own compression),
-straight into `tar -x` run as the database OS user (started early, on a thread of its own,
-while the WAL is staged), then checked against its manifest by pg_verifybackup before
+straight into the extraction of backupportal.lib.tarextract (started early, on a thread of its
+own, while the WAL is staged), then checked against its manifest by pg_verifybackup before
 recovery starts. Split from restores/pitr.py.
 """
 
+import json
+import os
 import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from backupportal.lib import tarextract
 from backupportal.lib.childenv import child_env
-from backupportal.lib.osuser import as_db_user, chown_to_db_user
+from backupportal.lib.osuser import as_db_user, chown_to_db_user, db_user_ids
 from backupportal.lib.writeback import Writeback
+from backups import tarpipe
 from backups.binaries import backup_major, cluster_tool
 from backups.copies import decrypt_here, settled
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
@@ -31,77 +35,82 @@ def empty(directory, keep=()):
 
 
 class TarSink:
-    """Plaintext into `tar -x`, run as the database OS user so that it owns every file; through
-    `zstd -d` first when the base backup's run recorded zstd (BackupRun.base_compression)."""
+    """Plaintext into the data directory, through `zstd -d` first when the base backup's run
+    recorded zstd (BackupRun.base_compression), extracted here by backupportal.lib.tarextract:
+    its files' data written with O_DIRECT, owned by the database OS user."""
 
-    def __init__(self, datadir: Path, compression="gpg"):
-        self.datadir, self.compression = datadir, compression
-        self.proc = self.unzstd = self.writeback = None
+    def __init__(self, datadir: Path, compression="gpg", direct=True):
+        self.datadir, self.compression, self.direct = datadir, compression, direct
+        self.unzstd = self.extraction = self.writeback = None
+        self.feed = None  # our end of the pipe gpg writes into, when nothing is between
         self.stopped = False
 
     def open(self):
         if self.stopped:  # Extraction.stop(): no next copy is tried
             raise RestoreFailed("the extraction was stopped")
-        self.proc = self.unzstd = None  # the processes of a copy tried before are done
-        self.errors = tempfile.TemporaryFile()
-        try:
-            self.proc = subprocess.Popen(
-                as_db_user(["tar", "--extract", "--file=-", f"--directory={self.datadir}"]),
+        self.unzstd = self.extraction = self.feed = None  # those of a copy tried before are done
+        if self.compression == "zstd":
+            self.unzstd_errors = tempfile.TemporaryFile()
+            self.unzstd = subprocess.Popen(
+                ["zstd", "--decompress", "-q", "-c"],
                 stdin=subprocess.PIPE,
-                stderr=self.errors,
-                cwd=self.datadir,
+                stdout=subprocess.PIPE,
+                stderr=self.unzstd_errors,
                 env=child_env(),
             )
-            if self.compression == "zstd":
-                self.unzstd_errors = tempfile.TemporaryFile()
-                self.unzstd = subprocess.Popen(
-                    ["zstd", "--decompress", "-q", "-c"],
-                    stdin=subprocess.PIPE,
-                    stdout=self.proc.stdin,
-                    stderr=self.unzstd_errors,
-                    env=child_env(),
-                )
-                self.proc.stdin.close()  # zstd alone writes into tar: tar sees the end when zstd ends
-        except BaseException:
-            self.kill()  # tar started, zstd could not be: nothing left running
-            raise
-        self.writeback = Writeback(self.datadir)  # the disk writes as tar goes, not at start-up
+            tarpipe.widen(self.unzstd.stdin.fileno(), self.unzstd.stdout.fileno())
+            source = os.dup(self.unzstd.stdout.fileno())
+            self.unzstd.stdout.close()  # the extraction's copy alone: zstd sees it go if it stops
+        else:
+            source, self.feed = os.pipe()
+            tarpipe.widen(self.feed)
+        self.extraction = tarextract.Extraction(source, self.datadir, owner=db_user_ids(), direct=self.direct)
+        self.extraction.start()
+        self.writeback = Writeback(self.datadir)  # metadata and the files' tails, as they come
 
     def fileno(self):
-        return (self.unzstd or self.proc).stdin.fileno()
+        return self.unzstd.stdin.fileno() if self.unzstd is not None else self.feed
 
     def failure(self):
-        """Why tar or zstd stopped early (a full disk ...), or None while they run or when they succeeded.
+        """Why the extraction or zstd stopped early (a full disk ...), or None while they run or
+        when they succeeded.
 
-        tar first: when it stops (a full disk), zstd's broken pipe is only the consequence."""
-        if self.proc.poll() not in (None, 0):
-            return f"tar could not extract the base backup: {self.stderr()}"
+        The extraction first: when it stops (a full disk), zstd's broken pipe is only the consequence."""
+        if self.extraction is not None and self.extraction.error is not None:
+            return f"could not extract the base backup: {describe(self.extraction.error)}"
         if self.unzstd is not None and self.unzstd.poll() not in (None, 0):
             return f"zstd could not decompress the base backup: {self.tail(self.unzstd_errors)}"
         return None
-
-    def stderr(self):
-        return self.tail(self.errors)
 
     @staticmethod
     def tail(errors):
         errors.seek(0)
         return errors.read().decode(errors="replace")[-300:]
 
-    def commit(self):
-        if self.unzstd is not None:
+    def _close_feed(self):
+        if self.unzstd is not None and not self.unzstd.stdin.closed:
             self.unzstd.stdin.close()
+        if self.feed is not None:
+            os.close(self.feed)
+            self.feed = None
+
+    def commit(self):
+        self._close_feed()  # the end of the stream: zstd ends, then the extraction
+        if self.unzstd is not None:
             self.unzstd.wait()
-        self.proc.stdin.close()
-        self.proc.wait()
+        self.extraction.join()
         self.stop_writeback()
         if failure := self.failure():
             raise RestoreFailed(failure)
+        if not self.extraction.finished:
+            raise RestoreFailed("could not extract the base backup: the stream ended before the tar did")
 
     def kill(self):
-        for proc in (self.unzstd, self.proc):
-            if proc is not None:
-                proc.kill()
+        if self.extraction is not None:
+            self.extraction.stop()
+        if self.unzstd is not None:
+            self.unzstd.kill()
+        self._close_feed()
         self.stop_writeback(wait=False)  # what it would flush is about to be removed
 
     def stop_writeback(self, wait=True):
@@ -110,10 +119,20 @@ class TarSink:
 
     def abort(self):
         self.kill()
-        for proc in (self.unzstd, self.proc):
-            if proc is not None:
-                proc.wait()
+        if self.unzstd is not None:
+            self.unzstd.wait()
+        if self.extraction is not None:
+            self.extraction.join()
         empty(self.datadir, keep=(STAGING,))
+
+
+def describe(error):
+    """An OSError as one line naming the file (No space left on device: base/5/16384), else the error."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}{f' ({error.filename})' if error.filename else ''}"
+    if isinstance(error, tarextract.TarRefused):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 class Extraction:
@@ -147,14 +166,12 @@ class Extraction:
 def extract_base(plan, early=None):
     if early is not None:
         plan.notes += early.notes()
+        sink = early.sink
     else:
         copies = readable(plan.base.copies.filter(artifact="main").select_related("location"))
-        plan.notes += decrypt_here(
-            copies,
-            TarSink(plan.datadir, plan.base.base_compression),
-            encryption_of(plan),
-            f"base backup #{plan.base.pk}",
-        )
+        sink = TarSink(plan.datadir, plan.base.base_compression)
+        plan.notes += decrypt_here(copies, sink, encryption_of(plan), f"base backup #{plan.base.pk}")
+    plan.extracted = sink.extraction.files
     try:
         place_manifest(plan, plan.base, plan.datadir)
     except FetchFailed:
@@ -178,13 +195,20 @@ def place_manifest(plan, run, directory):
 
 
 def verify_base(plan):
-    """pg_verifybackup: every file against the manifest, and the backup's own WAL, before recovery."""
+    """pg_verifybackup: every file against the manifest, and the backup's own WAL, before recovery.
+
+    The files' checksums are compared here when the extraction took them (CRC-32C, the
+    manifest's default) and pg_verifybackup skips them: the files went to disk with O_DIRECT, and
+    it would read every byte back from there. It still checks the manifest's own checksum, that
+    every file is there with its size and nothing else is, and the WAL."""
+    skip = ["--skip-checksums"] if checksums_checked(plan) else []
     proc = subprocess.run(
         as_db_user(
             [
                 str(cluster_tool(backup_major(plan.base), "pg_verifybackup", f"checking base backup #{plan.base.pk}")),
                 f"--wal-directory={plan.staging}",
                 f"--ignore={STAGING}",
+                *skip,
                 str(plan.datadir),
             ]
         ),
@@ -199,4 +223,41 @@ def verify_base(plan):
         raise RestoreFailed(
             f"base backup #{plan.base.pk} does not match its manifest: {lines[0] if lines else 'pg_verifybackup failed'}"
         )
-    plan.notes.append(f"pg_verifybackup: {proc.stdout.strip() or 'backup successfully verified'}")
+    said = proc.stdout.strip() or "backup successfully verified"
+    how = f"; the {len(plan.extracted)} files' CRC-32C compared with it as they were extracted" if skip else ""
+    plan.notes.append(f"pg_verifybackup: {said}{how}")
+
+
+def checksums_checked(plan):
+    """True when every file of the manifest with a checksum was compared here with the one the
+    extraction took (RestoreFailed on the first that differs); False when some other algorithm
+    (or no extraction of ours: a combined chain) leaves them to pg_verifybackup."""
+    if plan.extracted is None:
+        return False
+    try:
+        entries = json.loads((plan.datadir / "backup_manifest").read_bytes())["Files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # pg_verifybackup says what is wrong with it
+    wanted = []
+    for entry in entries:
+        algorithm = entry.get("Checksum-Algorithm", "NONE")
+        if algorithm not in ("CRC32C", "NONE"):
+            return False
+        if algorithm == "CRC32C":
+            wanted.append((manifest_path(entry), entry.get("Size"), entry.get("Checksum", "").lower()))
+    for path, size, checksum in wanted:
+        if (found := plan.extracted.get(path)) is None:
+            return False  # not extracted by us (or missing): pg_verifybackup names it
+        if found != (size, checksum):
+            what = "size" if found[0] != size else "checksum"
+            raise RestoreFailed(
+                f'base backup #{plan.base.pk} does not match its manifest: {what} mismatch for file "{path}"'
+            )
+    return True
+
+
+def manifest_path(entry):
+    """A manifest entry's path: "Encoded-Path" (hex) for a name that is not UTF-8."""
+    if "Encoded-Path" in entry:
+        return bytes.fromhex(entry["Encoded-Path"]).decode("utf-8", "surrogateescape")
+    return entry["Path"]

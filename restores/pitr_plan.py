@@ -60,6 +60,8 @@ class Plan:
     prefetch: object = None  # pitr_prefetch.Prefetch while the WAL is fetched ahead of replay
     # Block incrementals on top of `base`, oldest first, combined with it (pitr_chain); [] for none.
     links: list = field(default_factory=list)
+    # The base's files as its extraction wrote them, path: (size, CRC-32C) (pitr_extract.verify_base).
+    extracted: dict | None = None
 
     @property
     def newest(self):

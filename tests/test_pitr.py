@@ -62,6 +62,9 @@ def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
     )
     assert result["status"] == "succeeded", result
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",)]
+    # Every file was checked: by its CRC-32C as extracted, the rest by pg_verifybackup.
+    assert "pg_verifybackup: backup successfully verified; the " in result["notes"]
+    assert "files' CRC-32C compared with it as they were extracted" in result["notes"]
     assert result["recovered_to"] and result["recovered_to"] <= target.isoformat(sep=" ")
     assert RestoreRun.objects.get(pk=result["id"]).kind == "pitr"
     assert not (at_t / "recovery.signal").exists() and not (at_t / "recovery.conf").exists()

@@ -33,21 +33,29 @@ def as_db_user(argv: list[str]) -> list[str]:
     return list(argv)
 
 
+def db_user_ids() -> tuple[int, int] | None:
+    """(uid, gid) of the database OS user when we are root, whose files must be given to it;
+    None otherwise (what we write is ours, as the programs we start as that user)."""
+    if not is_root():
+        return None
+    pw = pwd.getpwnam(DB_OS_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
 def chown_to_db_user(path) -> None:
     """``chown -R`` ``path`` to the database OS user when root; no-op otherwise.
 
     Symlinks are changed themselves, never followed.
     """
-    if not is_root():
+    if (ids := db_user_ids()) is None:
         return
-    pw = pwd.getpwnam(DB_OS_USER)
     root = Path(path)
-    os.lchown(root, pw.pw_uid, pw.pw_gid)
+    os.lchown(root, *ids)
     if root.is_symlink() or not root.is_dir():
         return
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
-            os.lchown(os.path.join(dirpath, name), pw.pw_uid, pw.pw_gid)
+            os.lchown(os.path.join(dirpath, name), *ids)
 
 
 def unreachable_ancestor(path: Path) -> Path | None:
