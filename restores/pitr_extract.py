@@ -136,31 +136,64 @@ def describe(error):
 
 
 class Extraction:
-    """The planned base backup's extraction, started on a thread of its own."""
+    """The planned base backup's extraction, started on a thread of its own, and its manifest
+    when the server compressed it (no backup_manifest in its tar) on another: gpg's key
+    derivation for that small file then costs the restore nothing."""
+
+    EARLY_MANIFEST = ".backup_manifest.early"
 
     def __init__(self, plan):
         copies = readable(plan.base.copies.filter(artifact="main").select_related("location"))
         self.sink = TarSink(plan.datadir, plan.base.base_compression)
         args = (copies, self.sink, encryption_of(plan), f"base backup #{plan.base.pk}")
-        pool = ThreadPoolExecutor(max_workers=1)
+        pool = ThreadPoolExecutor(max_workers=2)
         self.future = pool.submit(decrypt_first_healthy, *args)
-        pool.shutdown(wait=False)  # the thread ends with the fetch
+        self.manifest = None
+        if not plan.base.details.get("manifest_in_tar", True):
+            # Beside the WAL staging, which an abort's emptying keeps; moved in once extracted.
+            self.manifest_path = plan.staging / self.EARLY_MANIFEST
+            copies = readable(plan.base.copies.filter(artifact="manifest").select_related("location"))
+            what = f"the backup_manifest of base backup #{plan.base.pk}"
+            self.manifest = pool.submit(
+                decrypt_first_healthy, copies, FileSink(self.manifest_path), encryption_of(plan), what
+            )
+        pool.shutdown(wait=False)  # the threads end with the fetches
 
     def notes(self):
         """Its notes, the bad copies it met marked here (the catalog stays on this thread)."""
-        return settled(self.future.result)
+        try:
+            return settled(self.future.result)
+        except BaseException:
+            self.drop_manifest()
+            raise
+
+    def place_manifest(self, plan, path):
+        """The manifest fetched meanwhile, moved to `path`; FetchFailed as place_manifest()."""
+        plan.notes += settled(self.manifest.result)
+        os.replace(self.manifest_path, path)
+
+    def drop_manifest(self):
+        """Once its fetch is over, the early manifest removed (its bad copies marked)."""
+        if self.manifest is None:
+            return
+        try:
+            settled(self.manifest.result)
+        except Exception:  # noqa: BLE001 - the restore reports what stopped it, not this
+            pass
+        self.manifest_path.unlink(missing_ok=True)
 
     def stop(self):
-        """Kill zstd and tar (gpg stops on the broken pipe) and wait, marking any bad copy it met;
-        no further copy is opened.
+        """Kill zstd and the extraction (gpg stops on the broken pipe) and wait, marking any bad
+        copy it met; no further copy is opened.
 
         Called while another error propagates: that one is what the restore reports."""
         self.sink.stopped = True
         self.sink.kill()
         try:
             self.notes()
-        except Exception:  # noqa: BLE001 - its own failure (tar killed, say) is a consequence
+        except Exception:  # noqa: BLE001 - its own failure (the extraction killed, say) is a consequence
             pass
+        self.drop_manifest()
 
 
 def extract_base(plan, early=None):
@@ -173,7 +206,7 @@ def extract_base(plan, early=None):
         plan.notes += decrypt_here(copies, sink, encryption_of(plan), f"base backup #{plan.base.pk}")
     plan.extracted = sink.extraction.files
     try:
-        place_manifest(plan, plan.base, plan.datadir)
+        place_manifest(plan, plan.base, plan.datadir, early)
     except FetchFailed:
         empty(plan.datadir, keep=(STAGING,))  # an older base, if any, is extracted into it next
         raise
@@ -181,16 +214,20 @@ def extract_base(plan, early=None):
         raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
 
 
-def place_manifest(plan, run, directory):
+def place_manifest(plan, run, directory, early=None):
     """The backup_manifest of a backup the server compressed (its tar holds none: backups.basestream),
     decrypted from the run's "manifest" artifact into `directory`, for pg_verifybackup and
-    pg_combinebackup. Any other tar carried its own."""
+    pg_combinebackup; the one an early Extraction fetched meanwhile, if any. Any other tar
+    carried its own."""
     if run.details.get("manifest_in_tar", True):
         return
-    copies = readable(run.copies.filter(artifact="manifest").select_related("location"))
     path = directory / "backup_manifest"
-    what = f"the backup_manifest of base backup #{run.pk}"
-    plan.notes += decrypt_here(copies, FileSink(path), encryption_of(plan), what)
+    if early is not None and early.manifest is not None:
+        early.place_manifest(plan, path)
+    else:
+        copies = readable(run.copies.filter(artifact="manifest").select_related("location"))
+        what = f"the backup_manifest of base backup #{run.pk}"
+        plan.notes += decrypt_here(copies, FileSink(path), encryption_of(plan), what)
     chown_to_db_user(path)
 
 

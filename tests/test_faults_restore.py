@@ -20,6 +20,7 @@ from tests.helpers import (
     child_named,
     enable_push,
     flip_byte_in,
+    pitr,
     pitr_to,
     register,
     rows,
@@ -141,6 +142,37 @@ def test_pitr_falls_back_to_an_older_base_backup_when_every_copy_of_the_newer_is
     assert result["status"] == "succeeded", result
     assert fallback in result["notes"] and result["base_backup"] == older.pk
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+
+
+def test_pitr_falls_back_to_an_older_base_backup_when_the_newers_manifest_is_bad_everywhere(
+    server, sample_cluster, passphrase_file, backup_root, nas_root, wal_spool, restored
+):
+    """The manifest of a backup the server compressed is fetched beside the extraction
+    (restores.pitr_extract.Extraction): its failure is the base backup's, as when fetched after."""
+    StorageLocation.sync_from_settings()
+    enable_push(sample_cluster)
+    older = base_backup()
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    walingest.ingest(server)
+    newer = base_backup()
+    assert newer.details["manifest_in_tar"] is False  # the server compressed it: its manifest is apart
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    walingest.ingest(server)
+    rotten = list(newer.copies.filter(artifact="manifest").select_related("location"))
+    assert len(rotten) == 2
+    for copy in rotten:
+        bad_sector(file_of(copy))
+
+    datadir, port = restored(), free_port()
+    result = pitr(datadir, port, "--target", "latest")
+    assert result["status"] == "succeeded", result
+    assert f"base backup #{newer.pk} unreadable on every location; using #{older.pk}" in result["notes"]
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+    assert {c.status for c in newer.copies.filter(artifact="manifest")} == {"bad"}
+    assert {c.status for c in newer.copies.filter(artifact="main")} == {"ok"}  # its tar was fine
+    assert not list(datadir.rglob("*backup_manifest.early*")) and no_helper_left()
 
 
 def test_a_restore_test_of_a_rotten_base_backup_fails_and_does_not_fall_back(
