@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,29 +44,40 @@ class TarSink:
         self.datadir, self.compression, self.direct = datadir, compression, direct
         self.unzstd = self.extraction = self.writeback = None
         self.feed = None  # our end of the pipe gpg writes into, when nothing is between
+        self.lock = threading.Lock()
         self.stopped = False
 
     def open(self):
         if self.stopped:  # Extraction.stop(): no next copy is tried
             raise RestoreFailed("the extraction was stopped")
         self.unzstd = self.extraction = self.feed = None  # those of a copy tried before are done
-        if self.compression == "zstd":
-            self.unzstd_errors = tempfile.TemporaryFile()
-            self.unzstd = subprocess.Popen(
-                ["zstd", "--decompress", "-q", "-c"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=self.unzstd_errors,
-                env=child_env(),
-            )
-            tarpipe.widen(self.unzstd.stdin.fileno(), self.unzstd.stdout.fileno())
-            source = os.dup(self.unzstd.stdout.fileno())
-            self.unzstd.stdout.close()  # the extraction's copy alone: zstd sees it go if it stops
-        else:
-            source, self.feed = os.pipe()
-            tarpipe.widen(self.feed)
-        self.extraction = tarextract.Extraction(source, self.datadir, owner=db_user_ids(), direct=self.direct)
-        self.extraction.start()
+        source = None
+        try:
+            if self.compression == "zstd":
+                self.unzstd_errors = tempfile.TemporaryFile()
+                self.unzstd = subprocess.Popen(
+                    ["zstd", "--decompress", "-q", "-c"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=self.unzstd_errors,
+                    env=child_env(),
+                )
+                tarpipe.widen(self.unzstd.stdin.fileno(), self.unzstd.stdout.fileno())
+                source = os.dup(self.unzstd.stdout.fileno())
+                self.unzstd.stdout.close()  # the extraction's copy alone: zstd sees it go if it stops
+            else:
+                source, self.feed = os.pipe()
+                tarpipe.widen(self.feed)
+            self.extraction = tarextract.Extraction(source, self.datadir, owner=db_user_ids(), direct=self.direct)
+            self.extraction.start()  # from here on, it closes `source`
+        except BaseException:
+            if self.extraction is None and source is not None:
+                os.close(source)
+            if self.unzstd is not None:
+                self.unzstd.kill()
+                self.unzstd.wait()
+            self._close_feed()
+            raise
         self.writeback = Writeback(self.datadir)  # metadata and the files' tails, as they come
 
     def fileno(self):
@@ -75,10 +87,13 @@ class TarSink:
         """Why the extraction or zstd stopped early (a full disk ...), or None while they run or
         when they succeeded.
 
-        The extraction first: when it stops (a full disk), zstd's broken pipe is only the consequence."""
-        if self.extraction is not None and self.extraction.error is not None:
-            return f"could not extract the base backup: {describe(self.extraction.error)}"
-        if self.unzstd is not None and self.unzstd.poll() not in (None, 0):
+        The extraction first: when it stops (a full disk), zstd's broken pipe is only the
+        consequence; but a tar cut short is the consequence of zstd's own failure."""
+        error = self.extraction.error if self.extraction is not None else None
+        unzstd = self.unzstd is not None and self.unzstd.poll() not in (None, 0)
+        if error is not None and not (unzstd and isinstance(error, tarextract.StreamCut)):
+            return f"could not extract the base backup: {describe(error)}"
+        if unzstd:
             return f"zstd could not decompress the base backup: {self.tail(self.unzstd_errors)}"
         return None
 
@@ -88,11 +103,14 @@ class TarSink:
         return errors.read().decode(errors="replace")[-300:]
 
     def _close_feed(self):
-        if self.unzstd is not None and not self.unzstd.stdin.closed:
-            self.unzstd.stdin.close()
-        if self.feed is not None:
-            os.close(self.feed)
-            self.feed = None
+        """The end of what gpg writes: zstd's stdin, or our end of the pipe into the extraction.
+        Only on the thread that runs gpg (commit, abort), once it is done with fileno()."""
+        with self.lock:
+            if self.unzstd is not None and not self.unzstd.stdin.closed:
+                self.unzstd.stdin.close()
+            if self.feed is not None:
+                os.close(self.feed)
+                self.feed = None
 
     def commit(self):
         self._close_feed()  # the end of the stream: zstd ends, then the extraction
@@ -106,11 +124,12 @@ class TarSink:
             raise RestoreFailed("could not extract the base backup: the stream ended before the tar did")
 
     def kill(self):
+        """From any thread: the extraction stops reading (closing its end of the pipe) and zstd
+        is killed, so gpg stops on a broken pipe. No descriptor gpg may still be given is closed."""
         if self.extraction is not None:
             self.extraction.stop()
         if self.unzstd is not None:
             self.unzstd.kill()
-        self._close_feed()
         self.stop_writeback(wait=False)  # what it would flush is about to be removed
 
     def stop_writeback(self, wait=True):
@@ -119,6 +138,7 @@ class TarSink:
 
     def abort(self):
         self.kill()
+        self._close_feed()
         if self.unzstd is not None:
             self.unzstd.wait()
         if self.extraction is not None:
@@ -183,7 +203,7 @@ class Extraction:
         self.manifest_path.unlink(missing_ok=True)
 
     def stop(self):
-        """Kill zstd and the extraction (gpg stops on the broken pipe) and wait, marking any bad
+        """Stop zstd and the extraction (gpg stops on the broken pipe) and wait, marking any bad
         copy it met; no further copy is opened.
 
         Called while another error propagates: that one is what the restore reports."""
@@ -272,16 +292,11 @@ def checksums_checked(plan):
     if plan.extracted is None:
         return False
     try:
-        entries = json.loads((plan.datadir / "backup_manifest").read_bytes())["Files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False  # pg_verifybackup says what is wrong with it
-    wanted = []
-    for entry in entries:
-        algorithm = entry.get("Checksum-Algorithm", "NONE")
-        if algorithm not in ("CRC32C", "NONE"):
-            return False
-        if algorithm == "CRC32C":
-            wanted.append((manifest_path(entry), entry.get("Size"), entry.get("Checksum", "").lower()))
+        wanted = crc32c_entries(json.loads((plan.datadir / "backup_manifest").read_bytes()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # a manifest that does not parse: pg_verifybackup says what is wrong with it
+    if wanted is None:
+        return False
     for path, size, checksum in wanted:
         if (found := plan.extracted.get(path)) is None:
             return False  # not extracted by us (or missing): pg_verifybackup names it
@@ -291,6 +306,19 @@ def checksums_checked(plan):
                 f'base backup #{plan.base.pk} does not match its manifest: {what} mismatch for file "{path}"'
             )
     return True
+
+
+def crc32c_entries(manifest):
+    """(path, size, checksum) of each file with a CRC-32C; None when some file has another
+    algorithm, which only pg_verifybackup checks."""
+    wanted = []
+    for entry in manifest["Files"]:
+        algorithm = entry.get("Checksum-Algorithm", "NONE")
+        if algorithm not in ("CRC32C", "NONE"):
+            return None
+        if algorithm == "CRC32C":
+            wanted.append((manifest_path(entry), entry["Size"], entry["Checksum"].lower()))
+    return wanted
 
 
 def manifest_path(entry):

@@ -135,6 +135,54 @@ def test_a_member_that_would_leave_the_directory_or_is_not_a_base_backups_is_ref
     assert not Path("/tmp/escaped").exists() and not Path("/tmp/absolute").exists()
 
 
+def test_a_symlink_put_into_the_directory_is_never_followed_and_nothing_lands_outside(tmp_path):
+    """As root the extraction gives each directory to the database user as it makes it: that
+    user could put a symlink where the next member goes. Names are resolved from directory
+    descriptors with O_NOFOLLOW and files created with O_EXCL, so it is refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"root's file")
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "base").symlink_to(outside)  # a directory of the archive, swapped for a link
+    (root / "PG_VERSION").symlink_to(outside / "victim")  # a file of the archive, likewise
+
+    for member in ("base/1/2", "PG_VERSION"):
+        (root / "again").mkdir(exist_ok=True)
+        extraction = extract(tar_of([(member, "file", b"written by root")]), root)
+        assert isinstance(extraction.error, (OSError, tarextract.TarRefused)), extraction.error
+        assert not extraction.finished
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]
+    assert (outside / "victim").read_bytes() == b"root's file"
+
+
+def test_a_member_twice_is_refused_by_name(tmp_path):
+    for i, members in enumerate(
+        (
+            [("f", "file", b"one"), ("f", "file", b"two")],
+            [("pg_tblspc/1", "symlink", "/srv/ts"), ("pg_tblspc/1", "symlink", "/srv/other")],
+        )
+    ):
+        root = tmp_path / str(i)
+        root.mkdir()
+        extraction = extract(tar_of(members), root)
+        assert isinstance(extraction.error, tarextract.TarRefused)
+        assert "twice" in str(extraction.error) and repr(members[0][0]) in str(extraction.error)
+
+
+def test_bytes_after_the_end_of_the_archive_or_a_bad_number_are_refused_naming_what(tmp_path):
+    data = bytearray(tar_of([("f", "file", b"x")]))
+    more = data + b"\1" * 512
+    (tmp_path / "a").mkdir()
+    assert "goes on after its end-of-archive" in str(extract(bytes(more), tmp_path / "a").error)
+    bad = bytearray(data)
+    bad[124:136] = b"notoctal\0\0\0\0"
+    checksum = tarextract.tar_checksum(bad[:512])
+    bad[148:156] = f"{checksum:06o}\0 ".encode()
+    (tmp_path / "b").mkdir()
+    assert "size of 'f' is not a number" in str(extract(bytes(bad), tmp_path / "b").error)
+
+
 def test_a_corrupted_header_or_a_stream_cut_short_is_an_error_not_a_short_directory(tmp_path):
     data = tar_of([("base", "dir", None), ("base/1", "file", payload(3 * (1 << 20), 1))])
     flipped = bytearray(data)

@@ -31,7 +31,7 @@ from pathlib import Path
 import crc32c
 
 BLOCK = 512
-ALIGN = 4096
+PAGE = max(4096, mmap.PAGESIZE)  # O_DIRECT and the page cache never share a page (64 KiB on some arm64)
 CHUNK = 1 << 20  # bytes per O_DIRECT write: 1 MiB took 1.07 s for the 1.18 GB, 4 MiB 1.03 s
 BUFFERS = 8  # memory is BUFFERS x CHUNK, whatever the database's size
 WRITERS = 2  # O_DIRECT writes wait for the disk: two keep a write in flight while one waits
@@ -44,6 +44,10 @@ class TarRefused(Exception):
     """The stream is not a tar this extracts: one line, naming the member."""
 
 
+class StreamCut(TarRefused):
+    """The stream ended before the tar did: what stopped its writer (zstd) says more."""
+
+
 class Stopped(Exception):
     """stop() was called: whatever made the caller stop is the error to report."""
 
@@ -52,7 +56,10 @@ class Extraction(threading.Thread):
     """Reads a tar from the pipe `fd` (closed when done) into `root` on a thread of its own.
 
     `owner`: (uid, gid) that every file, directory and symlink is given (the database OS user,
-    when the portal runs as root), or None to keep this process's. `direct`: False writes
+    when the portal runs as root), or None to keep this process's. Every name is resolved from
+    the descriptor of a directory this extraction opened (O_NOFOLLOW, O_DIRECTORY) and every
+    file created with O_EXCL: when root gives a directory to that user mid-way, a symlink or a
+    hard link it puts there cannot make root write anywhere else. `direct`: False writes
     through the page cache, for files a program reads again at once (pg_combinebackup).
     `error` is what stopped it (an OSError such as ENOSPC, TarRefused), None once it extracted
     the whole stream. `files` maps each regular file's path to (size, CRC-32C as the backup
@@ -68,7 +75,8 @@ class Extraction(threading.Thread):
         self._stopping = threading.Event()
         self._free = queue.Queue()
         self._writes = queue.Queue()
-        self._dirs = {}  # relative path: mtime, set once their files are in
+        self._dirs = {}  # relative path ("" for root): descriptor, kept open until the end
+        self._times = {}  # relative path: mtime, set once their files are in
         self._links = set()
 
     def stop(self):
@@ -76,28 +84,40 @@ class Extraction(threading.Thread):
         writer into it (gpg, zstd) stops on a broken pipe."""
         self._stopping.set()
 
+    def fail(self, error):
+        self.error = self.error or error
+
     def run(self):
-        writers = []
+        writers, read = [], False
         try:
+            self._dirs[""] = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             for _ in range(BUFFERS):
                 self._free.put(mmap.mmap(-1, CHUNK))  # anonymous maps are page-aligned, as O_DIRECT needs
             writers = [threading.Thread(target=self._writer, daemon=True) for _ in range(WRITERS)]
             for w in writers:
                 w.start()
             self._members()
-            self.finished = True
+            self._drain()
+            read = True
         except Stopped:
             pass
         except Exception as e:  # noqa: BLE001 - any failure is the extraction's, said by the restore
-            self.error = self.error or e
+            self.fail(e)
         finally:
             for _ in writers:
                 self._writes.put(None)
             for w in writers:
-                w.join()
-            os.close(self.fd)
-        if self.error is None and self.finished:
-            self._finish_dirs()
+                w.join()  # every write done (or failed) before the verdict
+            try:
+                if read and self.error is None:
+                    self._finish_dirs()
+                    self.finished = True
+            except OSError as e:
+                self.fail(e)
+            finally:
+                for fd in self._dirs.values():
+                    os.close(fd)
+                os.close(self.fd)
 
     # --- Reading the stream. ------------------------------------------------------------
 
@@ -106,8 +126,7 @@ class Extraction(threading.Thread):
         poller = select.poll()
         poller.register(self.fd, select.POLLIN | select.POLLHUP)
         while got < len(view):
-            if self._stopping.is_set() or self.error is not None:
-                raise Stopped()
+            self._check()
             if not poller.poll(POLL_MS):
                 continue
             n = os.readv(self.fd, [view[got:]])
@@ -116,17 +135,29 @@ class Extraction(threading.Thread):
             got += n
         return got
 
+    def _check(self):
+        if self._stopping.is_set() or self.error is not None:
+            raise Stopped()
+
     def _read_exactly(self, view, what):
         if self._read_into(view) < len(view):
-            raise TarRefused(f"the tar ends in the middle of {what}: the stream was cut short")
+            raise StreamCut(f"the tar ends in the middle of {what}: the stream was cut short")
+
+    def _drain(self):
+        """What follows the end-of-archive block (its second block, the record's padding), read
+        to the end, as tar does: the writer into the pipe is not cut off with a broken pipe."""
+        rest = bytearray(BLOCK * 20)
+        while n := self._read_into(memoryview(rest)):
+            if any(rest[:n]):
+                raise TarRefused("the tar goes on after its end-of-archive block: it is not one base backup")
 
     def _members(self):
         header = bytearray(BLOCK)
         while True:
             if self._read_into(memoryview(header)) < BLOCK:
-                raise TarRefused("the tar ends without its end-of-archive blocks: the stream was cut short")
+                raise StreamCut("the tar ends without its end-of-archive blocks: the stream was cut short")
             if not any(header):
-                return  # the end-of-archive block (a second one may follow; nothing is read past it)
+                return
             name, kind, size, mode, mtime = parse_header(header)
             path = self._inside(name)
             if not path and kind != DIRECTORY:
@@ -154,58 +185,68 @@ class Extraction(threading.Thread):
                 raise TarRefused(f"the tar puts {name!r} below one of its own symlinks: refused")
         return "/".join(parts)
 
-    # --- Writing. ------------------------------------------------------------------------
+    # --- Writing: every name resolved from a directory descriptor of ours. ---------------
 
-    def _parents(self, path):
-        parent = self.root
-        for part in path.split("/")[:-1]:
-            parent = parent / part
-            try:
-                os.mkdir(parent, 0o700)
-                self._own(parent)
-            except FileExistsError:
-                pass
+    def _dir(self, path, mode=0o700):
+        """The descriptor of the directory at `path`, made (with its parents) if missing; one
+        that is not a directory of its own (a symlink put there) is an error, never followed."""
+        if path in self._dirs:
+            return self._dirs[path]
+        parent, _, name = path.rpartition("/")
+        at = self._dir(parent)
+        try:
+            os.mkdir(name, mode, dir_fd=at)
+            made = True
+        except FileExistsError:
+            made = False
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=at)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
+        self._dirs[path] = fd
+        if made and self.owner is not None:
+            os.fchown(fd, *self.owner)
+        return fd
 
     def _mkdir(self, path, mode, mtime):
-        self._parents(path)
-        try:
-            os.mkdir(self.root / path, mode & 0o777)
-            self._own(self.root / path)
-        except FileExistsError:
-            if not (self.root / path).is_dir() or (self.root / path).is_symlink():
-                raise
-        self._dirs[path] = mtime
+        self._dir(path, mode & 0o777)
+        self._times[path] = mtime
 
     def _symlink(self, path, target):
-        self._parents(path)
-        os.symlink(target, self.root / path)
-        self._own(self.root / path)
+        parent, _, name = path.rpartition("/")
+        at = self._dir(parent)
+        try:
+            os.symlink(target, name, dir_fd=at)
+        except FileExistsError:
+            raise TarRefused(f"the tar holds {path!r} twice: refused") from None
+        if self.owner is not None:
+            os.chown(name, *self.owner, dir_fd=at, follow_symlinks=False)
         self._links.add(path)
 
-    def _own(self, path, fd=None):
-        if self.owner is None:
-            return
-        if fd is not None:
-            os.fchown(fd, *self.owner)
-        else:
-            os.lchown(path, *self.owner)
-
     def _file(self, path, size, mode, mtime):
-        self._parents(path)
-        target = self.root / path
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o777)
+        parent, _, name = path.rpartition("/")
+        at = self._dir(parent)
+        try:
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o777, dir_fd=at
+            )
+        except FileExistsError:
+            raise TarRefused(f"the tar holds {path!r} twice: refused") from None
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
         done = Written(fd, mtime, path)
         try:
-            self._own(target, fd)
-            # The whole file through the writers: with O_DIRECT all but its last size % 4096
-            # bytes, which then go through the page cache here.
+            if self.owner is not None:
+                os.fchown(fd, *self.owner)
+            # The whole file through the writers: with O_DIRECT all but its last partial page,
+            # which then goes through the page cache here once the writes below it are done.
             through, upto = fd, size
-            if self.direct and size >= ALIGN and (direct := self._open_direct(target)) is not None:
+            if self.direct and size >= PAGE and (direct := self._open_direct(fd)) is not None:
                 done.also(direct)
-                through, upto = direct, size - size % ALIGN
+                through, upto = direct, size - size % PAGE
             offset, crc = 0, 0
             while offset < upto:
-                buf = self._free.get()
+                buf = self._buffer()
                 n = min(CHUNK, upto - offset)
                 try:
                     self._read_exactly(memoryview(buf)[:n], path)
@@ -219,18 +260,28 @@ class Extraction(threading.Thread):
             if tail := bytearray(size - upto):
                 self._read_exactly(memoryview(tail), path)
                 crc = crc32c.crc32c(tail, crc)
-                write_all(fd, tail, upto, path)
+                done.tail(tail, upto)
             self.files[path] = (size, crc.to_bytes(4, "little").hex())  # the manifest's byte order
         finally:
-            done.release()  # the descriptors close once its last write is done
+            done.release()  # the tail written and the descriptors closed after its last write
 
-    def _open_direct(self, target):
+    def _buffer(self):
+        while True:
+            self._check()  # a writer that failed returns its buffers; one stopped does not wait
+            try:
+                return self._free.get(timeout=POLL_MS / 1000)
+            except queue.Empty:
+                continue
+
+    def _open_direct(self, fd):
+        """A second descriptor on the file just created, with O_DIRECT: opened through
+        /proc/self/fd, the same file whatever its name points to by now."""
         try:
-            return os.open(target, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as e:
-            if e.errno != errno.EINVAL:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise
-            self.direct = False  # this filesystem refuses O_DIRECT: the page cache, as tar
+            self.direct = False  # no O_DIRECT here (or no /proc): the page cache, as tar
             return None
 
     def _writer(self):
@@ -240,10 +291,13 @@ class Extraction(threading.Thread):
                 if self.error is None:
                     self._write(through, fd, memoryview(buf)[:n], offset, done.path)
             except Exception as e:  # noqa: BLE001 - stops the reader, which reports it
-                self.error = self.error or e
+                self.fail(e)
             finally:
                 self._free.put(buf)
-                done.release()
+                try:
+                    done.release()
+                except Exception as e:  # noqa: BLE001 - a close that fails (EIO, NFS's ENOSPC) is a failure too
+                    self.fail(e)
 
     def _write(self, through, fd, view, offset, path):
         try:
@@ -256,19 +310,19 @@ class Extraction(threading.Thread):
 
     def _finish_dirs(self):
         """Directories' times once their files are in (tar does the same)."""
-        for path in sorted(self._dirs, key=lambda p: -p.count("/")):
-            mtime = self._dirs[path]
-            os.utime(self.root / path, (mtime, mtime), follow_symlinks=False)
+        for path, mtime in self._times.items():
+            os.utime(self._dirs[path], (mtime, mtime))
 
 
 class Written:
-    """A file's descriptors, closed (its time set first) when the reader and every queued write
-    are done with them."""
+    """A file's descriptors and its last partial page: written, the file's time set and the
+    descriptors closed when the reader and every queued write are done with them."""
 
     def __init__(self, fd, mtime, path):
         self.fds, self.mtime, self.path = [fd], mtime, path
         self.users = 1
         self.lock = threading.Lock()
+        self.last = None
 
     def also(self, fd):
         self.fds.append(fd)
@@ -277,16 +331,28 @@ class Written:
         with self.lock:
             self.users += 1
 
+    def tail(self, data, offset):
+        self.last = (data, offset)
+
     def release(self):
         with self.lock:
             self.users -= 1
             if self.users:
                 return
+        failed = None
         try:
+            if self.last is not None:  # after the O_DIRECT writes: never the same page at once
+                write_all(self.fds[0], self.last[0], self.last[1], self.path)
             os.utime(self.fds[0], (self.mtime, self.mtime))
-        finally:
-            for fd in self.fds:
+        except OSError as e:
+            failed = e
+        for fd in self.fds:
+            try:
                 os.close(fd)
+            except OSError as e:
+                failed = failed or e
+        if failed is not None:
+            raise OSError(failed.errno, failed.strerror, self.path)
 
 
 def write_all(fd, view, offset, path):
@@ -315,8 +381,8 @@ def parse_header(header):
             f"the tar holds {name!r} of type {kind.decode(errors='replace')!r}, which a PostgreSQL base backup "
             "never has: refused"
         )
-    size = number(header[124:136], "size") if kind in (REGULAR, REGULAR_OLD) else 0
-    return name, kind, size, number(header[100:108], "mode"), number(header[136:148], "mtime")
+    size = number(header[124:136], f"size of {name!r}") if kind in (REGULAR, REGULAR_OLD) else 0
+    return name, kind, size, number(header[100:108], f"mode of {name!r}"), number(header[136:148], f"mtime of {name!r}")
 
 
 def number(field, what):
