@@ -44,41 +44,45 @@ class TarSink:
         self.datadir, self.compression, self.direct = datadir, compression, direct
         self.unzstd = self.extraction = self.writeback = None
         self.feed = None  # our end of the pipe gpg writes into, when nothing is between
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # open() and kill() from two threads; the feed closed once
         self.stopped = False
 
     def open(self):
-        if self.stopped:  # Extraction.stop(): no next copy is tried
-            raise RestoreFailed("the extraction was stopped")
-        self.unzstd = self.extraction = self.feed = None  # those of a copy tried before are done
-        source = None
-        try:
-            if self.compression == "zstd":
-                self.unzstd_errors = tempfile.TemporaryFile()
-                self.unzstd = subprocess.Popen(
-                    ["zstd", "--decompress", "-q", "-c"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=self.unzstd_errors,
-                    env=child_env(),
-                )
-                tarpipe.widen(self.unzstd.stdin.fileno(), self.unzstd.stdout.fileno())
-                source = os.dup(self.unzstd.stdout.fileno())
-                self.unzstd.stdout.close()  # the extraction's copy alone: zstd sees it go if it stops
-            else:
-                source, self.feed = os.pipe()
-                tarpipe.widen(self.feed)
-            self.extraction = tarextract.Extraction(source, self.datadir, owner=db_user_ids(), direct=self.direct)
-            self.extraction.start()  # from here on, it closes `source`
-        except BaseException:
-            if self.extraction is None and source is not None:
-                os.close(source)
-            if self.unzstd is not None:
-                self.unzstd.kill()
-                self.unzstd.wait()
-            self._close_feed()
-            raise
-        self.writeback = Writeback(self.datadir)  # metadata and the files' tails, as they come
+        with self.lock:  # kill() from another thread waits until what it must stop exists
+            if self.stopped:  # Extraction.stop(): no next copy is tried
+                raise RestoreFailed("the extraction was stopped")
+            self.unzstd = self.extraction = self.feed = self.writeback = None  # a copy tried before is done
+            source = None
+            try:
+                if self.compression == "zstd":
+                    self.unzstd_errors = tempfile.TemporaryFile()
+                    self.unzstd = subprocess.Popen(
+                        ["zstd", "--decompress", "-q", "-c"],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=self.unzstd_errors,
+                        env=child_env(),
+                    )
+                    tarpipe.widen(self.unzstd.stdin.fileno(), self.unzstd.stdout.fileno())
+                    source = os.dup(self.unzstd.stdout.fileno())
+                    self.unzstd.stdout.close()  # the extraction's copy alone: zstd sees it go if it stops
+                else:
+                    source, self.feed = os.pipe()
+                    tarpipe.widen(self.feed)
+                extraction = tarextract.Extraction(source, self.datadir, owner=db_user_ids(), direct=self.direct)
+                extraction.start()
+                self.extraction, source = extraction, None  # from here on, it closes `source`
+                self.writeback = Writeback(self.datadir)  # metadata and the files' tails, as they come
+            except BaseException:
+                if source is not None:
+                    os.close(source)
+                self.kill()
+                if self.unzstd is not None:
+                    self.unzstd.wait()
+                self._close_feed()
+                if self.extraction is not None:
+                    self.extraction.join()
+                raise
 
     def fileno(self):
         return self.unzstd.stdin.fileno() if self.unzstd is not None else self.feed
@@ -126,11 +130,12 @@ class TarSink:
     def kill(self):
         """From any thread: the extraction stops reading (closing its end of the pipe) and zstd
         is killed, so gpg stops on a broken pipe. No descriptor gpg may still be given is closed."""
-        if self.extraction is not None:
-            self.extraction.stop()
-        if self.unzstd is not None:
-            self.unzstd.kill()
-        self.stop_writeback(wait=False)  # what it would flush is about to be removed
+        with self.lock:
+            if self.extraction is not None:
+                self.extraction.stop()
+            if self.unzstd is not None:
+                self.unzstd.kill()
+            self.stop_writeback(wait=False)  # what it would flush is about to be removed
 
     def stop_writeback(self, wait=True):
         if self.writeback is not None:
@@ -207,7 +212,8 @@ class Extraction:
         copy it met; no further copy is opened.
 
         Called while another error propagates: that one is what the restore reports."""
-        self.sink.stopped = True
+        with self.sink.lock:  # an open() under way finishes first, then is stopped
+            self.sink.stopped = True
         self.sink.kill()
         try:
             self.notes()
@@ -317,7 +323,10 @@ def crc32c_entries(manifest):
         if algorithm not in ("CRC32C", "NONE"):
             return None
         if algorithm == "CRC32C":
-            wanted.append((manifest_path(entry), entry["Size"], entry["Checksum"].lower()))
+            path, size, checksum = manifest_path(entry), entry["Size"], entry["Checksum"]
+            if not (isinstance(path, str) and type(size) is int and isinstance(checksum, str)):
+                return None  # not what PostgreSQL writes: pg_verifybackup says what is wrong
+            wanted.append((path, size, checksum.lower()))
     return wanted
 
 

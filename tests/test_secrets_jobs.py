@@ -241,7 +241,7 @@ def test_a_whole_pitr_job_passes_no_secret_on(
     )
     assert restore["status"] == "succeeded", output
     assert rows(port, "SELECT x FROM probe") == [("after the base",)]
-    assert {"pg_ctl", "postgres", "zstd", "tar", "gpg"} <= programs(found)
+    assert {"pg_ctl", "postgres", "zstd", "gpg"} <= programs(found)
     assert_no_secret_passed_on(found)
     assert_no_secret(output, "the restore's output")
 

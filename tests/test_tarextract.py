@@ -156,6 +156,41 @@ def test_a_symlink_put_into_the_directory_is_never_followed_and_nothing_lands_ou
     assert (outside / "victim").read_bytes() == b"root's file"
 
 
+def test_a_data_directory_given_as_a_symlink_is_followed_and_made_directories_are_given_away_at_the_end(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    ids = db_user_ids()
+    if ids:
+        os.chown(real, *ids)  # as prepare_datadir leaves it
+
+    extraction = extract(
+        tar_of([("base", "dir", None), ("base/5/f", "file", b"x"), ("g/h", "file", b"y")]), tmp_path / "link"
+    )
+
+    assert extraction.error is None and extraction.finished
+    assert (real / "base/5/f").read_bytes() == b"x" and (real / "g/h").read_bytes() == b"y"
+    if ids:  # root's while it wrote, the database user's once done
+        for path in (real, real / "base", real / "base/5", real / "g"):
+            assert (path.stat().st_uid, path.stat().st_gid) == ids, path
+
+
+def test_thousands_of_directories_do_not_hold_a_descriptor_each(tmp_path):
+    import resource
+
+    members = [(f"base/{16384 + i}/PG_VERSION", "file", b"15\n") for i in range(600)]
+    data = tar_of(members)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 64, hard))  # far fewer than 600 directories
+    try:
+        extraction = extract(data, tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert extraction.error is None and extraction.finished
+    assert len(list((tmp_path / "base").iterdir())) == 600
+
+
 def test_a_member_twice_is_refused_by_name(tmp_path):
     for i, members in enumerate(
         (
@@ -286,3 +321,11 @@ def test_the_manifests_checksums_are_compared_with_the_extracted_files_and_a_dif
     assert checksums_checked(other) is False
     (other.datadir / "backup_manifest").write_text("{not json")
     assert checksums_checked(other) is False
+    for entry in (
+        {"Path": ["a"], "Size": 1, "Checksum-Algorithm": "CRC32C", "Checksum": "00"},
+        {"Path": "a", "Size": "1", "Checksum-Algorithm": "CRC32C", "Checksum": "00"},
+        {"Encoded-Path": 7, "Size": 1, "Checksum-Algorithm": "CRC32C", "Checksum": "00"},
+        {"Size": 1, "Checksum-Algorithm": "CRC32C", "Checksum": "00"},
+    ):
+        (other.datadir / "backup_manifest").write_text(__import__("json").dumps({"Files": [entry]}))
+        assert checksums_checked(other) is False, entry

@@ -75,9 +75,13 @@ class Extraction(threading.Thread):
         self._stopping = threading.Event()
         self._free = queue.Queue()
         self._writes = queue.Queue()
-        self._dirs = {}  # relative path ("" for root): descriptor, kept open until the end
+        # Relative path ("" for root): descriptor. Only the current member's ancestors stay open
+        # (a database is a directory: thousands of them must not run out of descriptors).
+        self._dirs = {}
         self._times = {}  # relative path: mtime, set once their files are in
+        self._made = set()  # directories made here: given to `owner` at the end
         self._links = set()
+        self._root_owner = None
 
     def stop(self):
         """Reading ends at the next block or within POLL_MS; the pipe is then closed, so the
@@ -90,7 +94,15 @@ class Extraction(threading.Thread):
     def run(self):
         writers, read = [], False
         try:
-            self._dirs[""] = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # A data directory given as a symlink is followed, as tar did; nothing below it is.
+            self._dirs[""] = root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if self.owner is not None:
+                # Closed to the database user while root writes in it: every directory made here
+                # stays root's until the end (_finish_dirs), so that user can put no symlink or
+                # hard link where the next member goes.
+                st = os.fstat(root)
+                self._root_owner = (st.st_uid, st.st_gid)
+                os.fchown(root, os.geteuid(), os.getegid())
             for _ in range(BUFFERS):
                 self._free.put(mmap.mmap(-1, CHUNK))  # anonymous maps are page-aligned, as O_DIRECT needs
             writers = [threading.Thread(target=self._writer, daemon=True) for _ in range(WRITERS)]
@@ -115,9 +127,22 @@ class Extraction(threading.Thread):
             except OSError as e:
                 self.fail(e)
             finally:
-                for fd in self._dirs.values():
-                    os.close(fd)
+                self._close_dirs()
                 os.close(self.fd)
+
+    def _close_dirs(self):
+        root = self._dirs.pop("", None)
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        if root is not None:
+            try:
+                if self._root_owner is not None:
+                    os.fchown(root, *self._root_owner)  # given back, whatever happened
+            except OSError as e:
+                self.fail(e)
+            finally:
+                os.close(root)
 
     # --- Reading the stream. ------------------------------------------------------------
 
@@ -192,20 +217,22 @@ class Extraction(threading.Thread):
         that is not a directory of its own (a symlink put there) is an error, never followed."""
         if path in self._dirs:
             return self._dirs[path]
+        for cached in [p for p in self._dirs if p and not path.startswith(p + "/")]:
+            os.close(self._dirs.pop(cached))
         parent, _, name = path.rpartition("/")
         at = self._dir(parent)
         try:
             os.mkdir(name, mode, dir_fd=at)
-            made = True
+            self._made.add(path)
         except FileExistsError:
-            made = False
+            pass
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
         try:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=at)
         except OSError as e:
             raise OSError(e.errno, e.strerror, path) from None
         self._dirs[path] = fd
-        if made and self.owner is not None:
-            os.fchown(fd, *self.owner)
         return fd
 
     def _mkdir(self, path, mode, mtime):
@@ -217,10 +244,12 @@ class Extraction(threading.Thread):
         at = self._dir(parent)
         try:
             os.symlink(target, name, dir_fd=at)
+            if self.owner is not None:  # its directory is still root's: nothing was swapped in
+                os.chown(name, *self.owner, dir_fd=at, follow_symlinks=False)
         except FileExistsError:
             raise TarRefused(f"the tar holds {path!r} twice: refused") from None
-        if self.owner is not None:
-            os.chown(name, *self.owner, dir_fd=at, follow_symlinks=False)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
         self._links.add(path)
 
     def _file(self, path, size, mode, mtime):
@@ -309,9 +338,14 @@ class Extraction(threading.Thread):
             write_all(fd, view, offset, path)
 
     def _finish_dirs(self):
-        """Directories' times once their files are in (tar does the same)."""
-        for path, mtime in self._times.items():
-            os.utime(self._dirs[path], (mtime, mtime))
+        """Directories' times once their files are in (tar does the same), and those made here
+        given to `owner`, the deepest first: each is still reached through directories of root's."""
+        for path in sorted(set(self._times) | self._made, key=lambda p: -p.count("/")):
+            fd = self._dir(path)
+            if path in self._times:
+                os.utime(fd, (self._times[path], self._times[path]))
+            if path in self._made and self.owner is not None:
+                os.fchown(fd, *self.owner)
 
 
 class Written:
