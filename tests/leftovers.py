@@ -71,6 +71,11 @@ def stop_gpg_agents():
     for pid, name in _marked_processes():
         if name == "gpg-agent":
             _kill(pid)
+    # Those gpg started with child_env carry no mark: the agents of the session's own homes
+    # (their command line names the home) are that teardown too, not something left running.
+    for pid, name in _leftover_processes():
+        if name == "gpg-agent":
+            _kill(pid)
 
 
 def _temp_entries():
