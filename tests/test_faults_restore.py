@@ -69,6 +69,15 @@ def bad_sector(path):
         f.write(os.urandom(4096))
 
 
+def rot_every_copy(run, artifact):
+    """A bad sector in each of the run's two copies (primary, NAS) of `artifact`; the copies."""
+    rotten = list(run.copies.filter(artifact=artifact).select_related("location"))
+    assert len(rotten) == 2
+    for copy in rotten:
+        bad_sector(file_of(copy))
+    return rotten
+
+
 def no_helper_left():
     extracting = [t for t in threading.enumerate() if t.name.startswith("extract into")]
     return not extracting and all(child_named(os.getpid(), name) is None for name in ("zstd", "gpg"))
@@ -94,10 +103,7 @@ def test_pitr_falls_back_to_an_older_base_backup_when_every_copy_of_the_newer_is
     write(sample_cluster, "INSERT INTO probe VALUES ('C')")
     wait_archived(sample_cluster, switch_wal(sample_cluster))
     walingest.ingest(server)
-    rotten = list(newer.copies.filter(artifact="main").select_related("location"))
-    assert len(rotten) == 2
-    for copy in rotten:
-        bad_sector(file_of(copy))  # unseen by verify: the restore finds out while streaming
+    rotten = rot_every_copy(newer, "main")  # unseen by verify: the restore finds out while streaming
 
     # 1. Every copy of the newer base backup fails its sha256: the older one, and more WAL, reach the target.
     datadir, port = restored(), free_port()
@@ -162,10 +168,7 @@ def test_pitr_falls_back_to_an_older_base_backup_when_the_newers_manifest_is_bad
     write(sample_cluster, "INSERT INTO probe VALUES ('B')")
     wait_archived(sample_cluster, switch_wal(sample_cluster))
     walingest.ingest(server)
-    rotten = list(newer.copies.filter(artifact="manifest").select_related("location"))
-    assert len(rotten) == 2
-    for copy in rotten:
-        bad_sector(file_of(copy))
+    rot_every_copy(newer, "manifest")
 
     datadir, port = restored(), free_port()
     result = pitr(datadir, port, "--target", "latest")
