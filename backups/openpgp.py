@@ -39,9 +39,13 @@ def definite_length(n):
     return b"\xff" + n.to_bytes(4, "big")
 
 
+PARTIAL = bytes([0xE0 | PIECE_BITS])  # the length octet of a partial body of PIECE bytes
+
+
 class Packet:
     """One packet whose length is not known when it starts: partial bodies of PIECE bytes, then
-    the rest with a definite length (which may be 0). `emit` takes the encoded bytes."""
+    the rest with a definite length (which may be 0). `emit` takes the encoded bytes, or a view
+    of them valid only during the call."""
 
     def __init__(self, emit, tag):
         self.emit, self.pending = emit, bytearray()
@@ -49,9 +53,16 @@ class Packet:
 
     def write(self, data):
         self.pending += data
-        while len(self.pending) >= PIECE:
-            self.emit(bytes([0xE0 | PIECE_BITS]) + self.pending[:PIECE])
-            del self.pending[:PIECE]
+        if len(self.pending) < PIECE:
+            return
+        # The whole pieces go out as views of `pending`, only the rest is copied: slicing and
+        # joining each piece copied every byte three more times, ~2 ms of a 16 MB segment's ~45.
+        whole = len(self.pending) - len(self.pending) % PIECE
+        with memoryview(self.pending) as pending:
+            for start in range(0, whole, PIECE):
+                self.emit(PARTIAL)
+                self.emit(pending[start : start + PIECE])
+            self.pending = bytearray(pending[whole:])
 
     def close(self):
         self.emit(definite_length(len(self.pending)) + self.pending)

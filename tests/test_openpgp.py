@@ -51,6 +51,15 @@ def test_gpg_decrypts_it(size, tmp_path):
     assert b"AES256" in done.stderr  # gpg -v would say more; this much it says anyway
 
 
+@pytest.mark.parametrize("write_size", [1, P - 1, 5 * P + 3])
+def test_writes_of_any_size_decrypt(write_size, tmp_path):
+    """One write may hold many partial bodies (sent as views of the writer's buffer) or none."""
+    data = os.urandom(2 * P + 11) if write_size > 1 else os.urandom(3000)
+    done = gpg_decrypt(sealed(data, write_size=write_size), KEY, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == data
+
+
 def test_each_file_has_its_own_salt_and_key(tmp_path):
     data = b"the same segment" * 1000
     one, two = sealed(data), sealed(data)

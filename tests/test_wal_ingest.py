@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -203,6 +204,30 @@ def test_new_segments_are_catalogued_in_bulk(server, passphrase_file, backup_roo
             assert len(walingest.ingest(server).ingested) == count
         counts.append(len(queries))
     assert (counts[1] - counts[0]) / 8 <= 5, counts  # at most 5 a segment against 13 one by one
+
+
+def test_a_backlog_is_catalogued_in_batches_up_to_a_bad_segment_and_nothing_after_it_is_left_encrypted(
+    server, passphrase_file, backup_root, wal_spool
+):
+    """Past 3 x INGEST_WORKERS in flight the ingest catalogues INGEST_WORKERS or more a
+    transaction while the rest encrypt: a bad segment deep in the backlog stops it with everything
+    before it catalogued and out of the spool, nothing after it catalogued, encrypted or removed."""
+    names = spool_segments(server, 30)
+    spool = spool_dir(server)
+    bad = names[23]
+    (spool / bad).write_bytes(b"cut" * 1000)  # far past the window, after several batches
+    transactions = []
+    with CaptureQueriesContext(connection) as queries:
+        with pytest.raises(WalError, match=f"WAL segment {bad} is 3000 bytes"):
+            walingest.ingest(server)
+        transactions = [q for q in queries if "INSERT" in q["sql"] and "walsegment" in q["sql"]]
+    catalogued = list(WalSegment.objects.filter(server=server).order_by("name").values_list("name", flat=True))
+    assert catalogued == names[:23]
+    assert len(transactions) < 23 / walingest.INGEST_WORKERS + 2, len(transactions)  # in batches
+    assert sorted(p.name for p in spool.iterdir() if WAL_FILE.match(p.name)) == names[23:]
+    stored = {p.name for p in Path(walingest.wal_location().path).rglob("0000*") if p.is_file()}
+    assert not [n for n in names[23:] if any(s.startswith(n) for s in stored)]  # nothing encrypted ahead is left
+    assert all(any(s.startswith(n) for s in stored) for n in names[:23])
 
 
 def test_the_workers_ingest_waits_a_while_for_more_wal_and_takes_it_in_the_same_pass(
