@@ -706,8 +706,9 @@ def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, t
                 sample = Sample(seconds, 0, 0, extra={"segments": waiting, "segment_size": seg_size}, cpu=cpu)
                 rows.add(method, sample)
                 rows.rows[method].setdefault("rates", []).append(waiting / seconds)
-                if method == PORTAL_WAL and not lag:
-                    # What the worker's ingestwal schedule does next: catalogue, encrypt, copy.
+                if method == PORTAL_WAL:
+                    # What the worker's ingestwal schedule does next: catalogue, encrypt, copy. Every
+                    # round's backlog, so that the verdict is a median as the archive rate's is.
                     ingest = run(portal.argv("ingestwal", server), env=portal.env)
                     lag.append(
                         {

@@ -349,11 +349,13 @@ def wal_section(parts):
     if parts.get("ingest"):
         ing = parts["ingest"]
         secs = median([i["seconds"] for i in ing])
-        n = ing[0]["segments"]
+        n = round(median([i["segments"] for i in ing]))
+        rate = median([i["segments"] / i["seconds"] for i in ing])
+        passes = f"{len(ing)} passes, " if len(ing) > 1 else ""
         lines += [
             "",
             f"Ingest lag: the worker's `ingestwal` (catalogue, encrypt, copy into the WAL location) took a median of"
-            f" {secs:.1f} s for {n} segments ({n / secs:.1f} segments/s, own peak RSS"
+            f" {secs:.1f} s for {n} segments ({passes}{rate:.1f} segments/s, own peak RSS"
             f" {mib(max(i['own_rss'] for i in ing))} MiB{ingest_cores(ing)}). In production the worker runs it every minute and,"
             " once the spool is empty, watches it for more WAL_INGEST_LINGER seconds (20); a pass taking WAL goes"
             " on until the next minute's pass takes over, so under load the spool is never unwatched: a segment is"
@@ -618,17 +620,20 @@ CLOSE = {
     ),
     "WAL ingest:": (
         "Each segment is compressed (zstd --fast=1, through zstandard) and encrypted (AES-256, backups.openpgp)"
-        " in the ingest's two threads, and the catalog takes a batch of segments in three statements: no"
-        " process per segment (before: a zstd and a gpg each, about 0.13 s of CPU, and 12 statements). What is"
-        " left is CPU per segment: on 16 MB, zstd 0.016 s, AES 0.01-0.02 s, the integrity code's SHA-1 and the"
-        " two SHA-256 (the plaintext for the catalog, the ciphertext for the copy) about 0.02 s, the write and"
-        " its fsync. tests/test_wal_ingest_speed.py (100 copies of a real 16 MB segment, nothing else running)"
-        " measured 0.064-0.070 s of CPU a segment on 2026-12-04 (this run's machine), and 24.3-26.4 segments a second with"
-        " two workers, 25.5-28.2 with three and 26.4-27.5 with four (two runs each: no gain beyond the noise,"
-        " so INGEST_WORKERS stays at one per core). At that cost two cores give at most about 30 segments a"
-        " second before PostgreSQL and the archive command take their share: a backlog on a disk that takes"
-        " more whole segments than that waits for the ingest, as here. What bounds the spool under load is"
-        " the ingest keeping up with what the server writes, which section 7 measures (push and pull)."
+        " by one thread more than the machine has cores (three here: each thread ends its segment waiting for"
+        " its fsync, and with one a core the cores idled meanwhile), and the catalog takes the segments three"
+        " or more a transaction: no process per segment (before: a zstd and a gpg each, about 0.13 s of CPU,"
+        " and 12 statements). What is left is CPU per segment, profiled with perf on a 16 MB segment of this"
+        " bench's WAL on 2026-12-04: the two SHA-256 (the plaintext for the catalog, the ciphertext for the"
+        " copy) and the integrity code's SHA-1 31% (about 0.017 s), zstd 22%, AES-256 in OpenPGP's CFB mode"
+        " 14% (serial by the standard: about 1 GB/s), the kernel 18% (reading the spool, writing the copy,"
+        " freeing the spool's file), copies and Python the rest. tests/test_wal_ingest_speed.py (150 copies of"
+        " that segment, nothing else running) measured 0.052-0.056 s of CPU a segment, 29-31 segments a second"
+        " with two threads and 31-34 with three (the same with four). The command also pays, once a pass,"
+        " Python's start, unwrapping the WAL key and the signed manifest (two key derivations of the"
+        " strategy's strength), which the worker's long passes under load pay once a minute or less. What"
+        " bounds the spool under load is the ingest keeping up with what the server writes, which section 7"
+        " measures (push and pull)."
     ),
     "WAL:": (
         "The portal's call copies the ready segments ahead in one batch and fsyncs them, so it beats cp-then-sync"
