@@ -41,7 +41,8 @@ STALE_TMP = timedelta(minutes=10)
 # more than the cores: each thread ends its segment waiting on the disk (the fsync), and with one
 # per core the cores idled meanwhile. tests/test_wal_ingest_speed.py on 2 cores, 150 copies of a
 # segment of the bench's WAL: 29.1-30.8 segments/s with two, 32.9-34.2 with three.
-INGEST_WORKERS = max(2, min(8, (os.cpu_count() or 2) + 1))
+# The cores this process may use (a container's or taskset's, not the host's).
+INGEST_WORKERS = max(2, min(8, len(os.sched_getaffinity(0)) + 1))
 # In a pass longer than this (seconds), the pending copies to NAS and S3 are made on the way, so a
 # backlog does not hold the offsite copy back: below archive_timeout (checkserver asks <= 60 s).
 COPY_EVERY = 30
@@ -255,28 +256,29 @@ def _ingest_names(server, spool, names, source, result):
         reader, size, sha256 = walseal.seal(store, key, path, encryption)
         return reader, size, sha256, {"key_id": encryption.key_id, "encryption_key_id": encryption.custody_key}
 
-    window = deque()  # (name, key, future) in name order
+    window = deque()  # (name, key, future) in name order: encrypting, or encrypted and not yet examined
     catalogued = catalogued_names(server, names)
 
     def catalogue_until(size):
         """Catalogue the oldest until `size` remain in flight, and those already encrypted besides,
         in one transaction: one commit (with SQLite, several fsyncs) for several segments."""
         ready, failure = [], None
-        while window and (len(window) > size or window[0][2].done()):
-            try:
-                ready.append(_checked_next(server, spool, window, store))
-            except WalError as e:
-                failure = e  # those before it are good: catalogued before it stops the ingest
-                break
-        ingested = []
-        with transaction.atomic() if ready else nullcontext():
-            for (name, _, reader, *_), outcome in zip(
-                ready, record_batch(server, spool, source, location, ready), strict=True
-            ):
-                getattr(result, outcome).append(name)
-                ingested += [(spool / name, reader.sha256.hexdigest())] if outcome == "ingested" else []
-        for path, sha256 in ingested:  # out of the spool only once the catalog has them for good
-            leave_spool(path, sha256)
+        try:
+            while window and (len(window) > size or window[0][2].done()):
+                try:
+                    ready.append(_checked_next(server, spool, window, store))
+                except WalError as e:
+                    failure = e  # those before it are good: catalogued before it stops the ingest
+                    break
+            with transaction.atomic() if ready else nullcontext():
+                outcomes = record_batch(server, spool, source, location, ready) if ready else []
+        except BaseException:
+            forget_encrypted(store, [key for _, key, *_ in ready])  # examined, never catalogued
+            raise
+        for (name, _, reader, *_), outcome in zip(ready, outcomes, strict=True):
+            getattr(result, outcome).append(name)
+            if outcome == "ingested":  # out of the spool only once the catalog has it for good
+                leave_spool(spool / name, reader.sha256.hexdigest())
         if failure is not None:
             raise failure
 
@@ -298,18 +300,44 @@ def _ingest_names(server, spool, names, source, result):
                     continue
                 key = wal_key(server, name)
                 window.append((name, key, pool.submit(encrypt, spool / name, key)))
-                if len(window) >= 3 * INGEST_WORKERS:
-                    # At least INGEST_WORKERS segments a transaction, and twice as many still in
-                    # flight, so the workers stay busy while this thread catalogues. Catalogued one
-                    # at a time (as they were when the window was kept just full), each segment cost
-                    # this thread ~6 ms of statements and SQLite's commit (cProfile, 100 segments).
+                if failed_ahead(window):
+                    catalogue_until(0)  # raises at it: a full disk stops the pass, not the encryption of a backlog
+                elif len(window) >= 3 * INGEST_WORKERS or encrypted_in_a_row(window) >= INGEST_WORKERS:
+                    # At least INGEST_WORKERS segments a transaction, and up to twice as many still
+                    # in flight, so the workers stay busy while this thread catalogues. Catalogued
+                    # one at a time (as they were when the window was kept just full), each segment
+                    # cost this thread ~6 ms of statements and SQLite's commit (cProfile, 100 segments).
                     catalogue_until(2 * INGEST_WORKERS)
             catalogue_until(0)
         except BaseException:
-            for _, key, future in window:  # encrypted ahead, never catalogued: nothing refers to them
-                if future.exception() is None:
-                    store.delete(key)
+            for _, key, future in window:  # never catalogued: nothing refers to what they wrote
+                if not future.cancel() and future.exception() is None:  # one not started wrote nothing
+                    forget_encrypted(store, [key])
             raise
+
+
+def encrypted_in_a_row(window):
+    """How many of the oldest in flight are encrypted already, with no gap."""
+    count = 0
+    for _, _, future in window:
+        if not future.done():
+            break
+        count += 1
+    return count
+
+
+def failed_ahead(window):
+    return any(future.done() and future.exception() is not None for _, _, future in window)
+
+
+def forget_encrypted(store, keys):
+    """Remove what was encrypted and never catalogued. Best effort: the next pass removes a file
+    left under a name it is about to encrypt (prepare), and nothing refers to it meanwhile."""
+    for key in keys:
+        try:
+            store.delete(key)
+        except (StorageError, OSError):
+            pass
 
 
 def ingest_failed(server, spool, result, error):
@@ -331,16 +359,17 @@ def stays_in_spool(error, name, spool):
 
 def _checked_next(server, spool, window, store):
     """The oldest segment in flight, encrypted and of the right size: (name, key, reader, size, sha256, keys)."""
-    name, key, future = window.popleft()
+    name, key, future = window[0]  # left in the window while waiting: an interrupt removes what it wrote
     path = spool / name
     try:
         reader, size, sha256, keys = future.result()
     except StorageError as e:
         raise stays_in_spool(e, name, spool) from None
+    window.popleft()
     try:
         check_segment_size(server, path, reader.size)  # what gpg got, whatever stat said
     except WalError:
-        store.delete(key)  # never catalogued: nothing may look archived
+        forget_encrypted(store, [key])  # never catalogued: nothing may look archived
         raise
     return name, key, reader, size, sha256, keys
 

@@ -582,9 +582,9 @@ CLOSE = {
         " post-data with pg_restore -j 2 once the copy is verified; its time beyond pg_restore's is that"
         " decryption and Python's start. The 1.0 bound asks for a restore, decryption included, at least as"
         " fast as pg_restore -j 2 of a file already decrypted; the 0.80 bound, 0.80 × (gpg -d, then pg_restore"
-        " -j 2). The ideal-overlap stage row"
-        " is the best any design could hope for on the portal's own dump: pg_restore -j 2 never waits for the"
-        " decryption beside it, where a real restore loads only what its decryption has written. Loading the"
+        " -j 2). The ideal-overlap stage row runs the same work with every part at once (pg_restore -j 2 never"
+        " waits for the decryption beside it); it is a floor only where the portal did not beat it, as the"
+        " sentence above says for this run. Loading the"
         " largest table through two sessions would not help: measured on 2026-12-04 (the dataset of (b),"
         " 975 MiB, pg_restore -j 2 -v, /proc/stat every 0.5 s), both cores were 1.76-1.92 busy for the 10 s"
         " in which audit_logs and financial_records loaded side by side, and one core only in the last second"
@@ -723,8 +723,18 @@ def overlap_floor(rows, boot):
     """When pg_restore -j 2 of the portal's dump with its decryption run beside it, neither waiting for
     the other, plus the start every command pays, is slower than the bound, the sentence that says so."""
     alone, overlap = row_median(rows, compare.PG_RESTORE_2), row_median(rows, compare.STAGE_OVERLAP)
+    portal = row_median(rows, compare.PORTAL_RESTORE)
     if not alone or not overlap or overlap + (boot or 0) < alone * MARGIN:
         return ""
+    if portal and portal < overlap + (boot or 0):
+        # The portal overlaps less (the schema beside gpg, the data after it) and shared the cores
+        # better than the stage row, which is then no floor: the miss is not shown out of reach.
+        return (
+            f"Measured in this run: the portal's restore ({portal:.2f} s) was faster than the ideal-overlap stage"
+            f" row with the start ({overlap + (boot or 0):.2f} s: pg_restore -j 2 of the portal's own dump with the"
+            " decryption of its copy run beside it, neither waiting), which therefore bounds nothing here: the miss"
+            f" of {portal - alone:.2f} s against pg_restore -j 2 alone ({alone:.2f} s) is not shown out of reach."
+        )
     said = (
         f"Measured in this run: pg_restore -j 2 of the decrypted file took {alone:.2f} s"
         f"{busy(rows, compare.PG_RESTORE_2)}. The ideal-overlap stage row, pg_restore -j 2 of the portal's own"

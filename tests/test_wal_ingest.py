@@ -206,24 +206,38 @@ def test_new_segments_are_catalogued_in_bulk(server, passphrase_file, backup_roo
     assert (counts[1] - counts[0]) / 8 <= 5, counts  # at most 5 a segment against 13 one by one
 
 
+@pytest.mark.parametrize("found", ["before encrypting", "after encrypting"])
 def test_a_backlog_is_catalogued_in_batches_up_to_a_bad_segment_and_nothing_after_it_is_left_encrypted(
-    server, passphrase_file, backup_root, wal_spool
+    found, server, passphrase_file, backup_root, wal_spool, monkeypatch
 ):
     """Past 3 x INGEST_WORKERS in flight the ingest catalogues INGEST_WORKERS or more a
     transaction while the rest encrypt: a bad segment deep in the backlog stops it with everything
-    before it catalogued and out of the spool, nothing after it catalogued, encrypted or removed."""
+    before it catalogued and out of the spool, nothing after it catalogued, encrypted or removed.
+    Found before encrypting (its size in the spool), or after (it was cut once the pass had looked
+    at it: what was encrypted is short, and the segments encrypted ahead of their turn are removed)."""
+    monkeypatch.setattr(walingest, "INGEST_WORKERS", 3)
     names = spool_segments(server, 30)
     spool = spool_dir(server)
-    bad = names[23]
-    (spool / bad).write_bytes(b"cut" * 1000)  # far past the window, after several batches
-    transactions = []
+    bad = names[23]  # far past the window, after several batches
+    if found == "before encrypting":
+        (spool / bad).write_bytes(b"cut" * 1000)
+    else:
+        looked_at = walingest.prepare
+
+        def then_cut(server, path, *args):
+            outcome = looked_at(server, path, *args)
+            if path.name == bad:
+                path.write_bytes(b"cut" * 1000)
+            return outcome
+
+        monkeypatch.setattr(walingest, "prepare", then_cut)
     with CaptureQueriesContext(connection) as queries:
         with pytest.raises(WalError, match=f"WAL segment {bad} is 3000 bytes"):
             walingest.ingest(server)
-        transactions = [q for q in queries if "INSERT" in q["sql"] and "walsegment" in q["sql"]]
+    batches = [q for q in queries if q["sql"].startswith("INSERT") and "walsegment" in q["sql"]]
     catalogued = list(WalSegment.objects.filter(server=server).order_by("name").values_list("name", flat=True))
     assert catalogued == names[:23]
-    assert len(transactions) < 23 / walingest.INGEST_WORKERS + 2, len(transactions)  # in batches
+    assert 1 < len(batches) <= 23 // 3 + 1, len(batches)  # in batches, and more than one
     assert sorted(p.name for p in spool.iterdir() if WAL_FILE.match(p.name)) == names[23:]
     stored = {p.name for p in Path(walingest.wal_location().path).rglob("0000*") if p.is_file()}
     assert not [n for n in names[23:] if any(s.startswith(n) for s in stored)]  # nothing encrypted ahead is left
