@@ -7,14 +7,13 @@ wrong is left as a marker in the spool (SPOOL/errors/) for the monitor.
 """
 
 import fcntl
-import json
 import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from django.db import IntegrityError, connection, transaction
@@ -28,14 +27,20 @@ from backups.crypto import EncryptionError
 from backups.models import WAL_LOCATION, BackupCopy, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
 from backups.walnames import SEGMENT, WAL_FILE, WalError, segno_of, timeline_of, wal_key
-from backups.walspool import publish_segment_size, spool_dir
+from backups.walspool import (
+    clear_error_marker,
+    leave_spool,
+    mark_ingested,
+    publish_segment_size,
+    remove_stale_tmp,
+    spool_dir,
+    write_error_marker,
+)
 
 # SPOOL/errors/ingest.json: the last ingest failed (the WAL location refused); removed by the next good one.
 INGEST_MARKER = "ingest"
 # SPOOL/errors/manifest.json: the last pass's signed manifest could not be written.
 MANIFEST_MARKER = "manifest"
-# Temporary files a killed archive program left behind are removed after this long.
-STALE_TMP = timedelta(minutes=10)
 # Segments compressed and encrypted at once by an ingest: a thread each (zstandard and
 # backups.openpgp leave the GIL for the work; with GPG_RECIPIENTS a zstd and a gpg process). One
 # more than the cores: each thread ends its segment waiting on the disk (the fsync), and with one
@@ -133,7 +138,7 @@ def ingest(server, actor="job:ingestwal", linger=0):
             finally:
                 manifest = keep_manifest(server, spool, result.ingested)
         clear_error_marker(spool, INGEST_MARKER)
-        _remove_stale_tmp(spool)
+        remove_stale_tmp(spool)
     finally:
         os.close(lock_fd)  # before the offsite copies: a successor need not wait for NAS and S3
     if result.ingested:
@@ -469,19 +474,6 @@ def record(server, path: Path, source, location, key, reader, size, sha256, keys
     return "ingested"  # the caller takes it out of the spool (leave_spool) once its transaction committed
 
 
-def leave_spool(path: Path, sha256):
-    mark_ingested(path.parent, path.name, sha256)
-    path.unlink()
-    # The archive program's marker (it copied this segment ahead), best effort: with the segment
-    # gone from the spool the shell's test fails anyway, and a re-archived file of this name goes
-    # through the program and its sha256 check. A portal user outside the spool's group may not
-    # remove it; nothing depends on that.
-    try:
-        (path.parent / "ahead" / path.name).unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
 def catalogue(server, name, reader, key, archived_at, source):
     fields = segment_fields(server, name, reader, key, archived_at, source, timezone.now())
     # A name retention deleted long ago can come back (re-archived): the row is reused.
@@ -540,34 +532,6 @@ def _already_archived(server, path, existing):
     write_error_marker(path.parent, path.name, "conflict", message)
     conditions.changed("archive_failing", server=server)
     return "conflicts"
-
-
-def mark_ingested(spool: Path, name, sha256):
-    """SPOOL/ingested/NAME holds the sha256: the archive program compares a re-archived file with it."""
-    folder = spool / "ingested"
-    folder.mkdir(exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    with os.fdopen(fd, "w") as f:
-        f.write(sha256 + "\n")
-    os.replace(tmp, folder / name)
-
-
-def write_error_marker(spool: Path, name, reason, message):
-    folder = spool / "errors"
-    folder.mkdir(exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps({"segment": name, "reason": reason, "message": message}))
-
-
-def clear_error_marker(spool: Path, name):
-    (spool / "errors" / f"{name}.json").unlink(missing_ok=True)
-
-
-def _remove_stale_tmp(spool: Path):
-    cutoff = time.time() - STALE_TMP.total_seconds()
-    for entry in os.scandir(spool):
-        if entry.name.endswith(".tmp") and entry.name.startswith(".") and entry.stat().st_mtime < cutoff:
-            os.unlink(entry.path)
 
 
 def secondary_locations():

@@ -8,11 +8,14 @@ spool for the program, which has no database.
 """
 
 import grp
+import json
 import os
 import pwd
 import shlex
 import shutil
 import stat
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
@@ -221,3 +224,50 @@ def archive_settings(server):
         ("archive_timeout", str(timeout), "reload"),
         ("max_wal_senders", "10", "restart"),
     ]
+
+
+# --- What the ingest leaves in a spool (backups.walingest) --------------------------------------
+
+# Temporary files a killed archive program left behind are removed after this long.
+STALE_TMP = timedelta(minutes=10)
+
+
+def leave_spool(path: Path, sha256):
+    mark_ingested(path.parent, path.name, sha256)
+    path.unlink()
+    # The archive program's marker (it copied this segment ahead), best effort: with the segment
+    # gone from the spool the shell's test fails anyway, and a re-archived file of this name goes
+    # through the program and its sha256 check. A portal user outside the spool's group may not
+    # remove it; nothing depends on that.
+    try:
+        (path.parent / "ahead" / path.name).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def mark_ingested(spool: Path, name, sha256):
+    """SPOOL/ingested/NAME holds the sha256: the archive program compares a re-archived file with it."""
+    folder = spool / "ingested"
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with os.fdopen(fd, "w") as f:
+        f.write(sha256 + "\n")
+    os.replace(tmp, folder / name)
+
+
+def write_error_marker(spool: Path, name, reason, message):
+    folder = spool / "errors"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({"segment": name, "reason": reason, "message": message}))
+
+
+def clear_error_marker(spool: Path, name):
+    (spool / "errors" / f"{name}.json").unlink(missing_ok=True)
+
+
+def remove_stale_tmp(spool: Path):
+    cutoff = time.time() - STALE_TMP.total_seconds()
+    for entry in os.scandir(spool):
+        if entry.name.endswith(".tmp") and entry.name.startswith(".") and entry.stat().st_mtime < cutoff:
+            os.unlink(entry.path)

@@ -216,6 +216,8 @@ def test_a_backlog_is_catalogued_in_batches_up_to_a_bad_segment_and_nothing_afte
     Found before encrypting (its size in the spool), or after (it was cut once the pass had looked
     at it: what was encrypted is short, and the segments encrypted ahead of their turn are removed)."""
     monkeypatch.setattr(walingest, "INGEST_WORKERS", 3)
+    server.wal_segment_size = 1 << 20  # known: the first batch is not catalogued one by one to learn it
+    server.save(update_fields=["wal_segment_size"])
     names = spool_segments(server, 30)
     spool = spool_dir(server)
     bad = names[23]  # far past the window, after several batches
