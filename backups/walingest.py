@@ -7,6 +7,7 @@ wrong is left as a marker in the spool (SPOOL/errors/) for the monitor.
 """
 
 import fcntl
+import logging
 import os
 import time
 from collections import deque
@@ -37,6 +38,8 @@ from backups.walspool import (
     write_error_marker,
 )
 
+logger = logging.getLogger(__name__)
+
 # SPOOL/errors/ingest.json: the last ingest failed (the WAL location refused); removed by the next good one.
 INGEST_MARKER = "ingest"
 # SPOOL/errors/manifest.json: the last pass's signed manifest could not be written.
@@ -46,8 +49,9 @@ MANIFEST_MARKER = "manifest"
 # more than the cores: each thread ends its segment waiting on the disk (the fsync), and with one
 # per core the cores idled meanwhile. tests/test_wal_ingest_speed.py on 2 cores, 150 copies of a
 # segment of the bench's WAL: 29.1-30.8 segments/s with two, 32.9-34.2 with three.
-# The cores this process may use (a container's or taskset's, not the host's).
-INGEST_WORKERS = max(2, min(8, len(os.sched_getaffinity(0)) + 1))
+# The cores this process may use (a cpuset's or taskset's, not the host's), where the system says.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+INGEST_WORKERS = max(2, min(8, CORES + 1))
 # In a pass longer than this (seconds), the pending copies to NAS and S3 are made on the way, so a
 # backlog does not hold the offsite copy back: below archive_timeout (checkserver asks <= 60 s).
 COPY_EVERY = 30
@@ -275,11 +279,14 @@ def _ingest_names(server, spool, names, source, result):
                 except WalError as e:
                     failure = e  # those before it are good: catalogued before it stops the ingest
                     break
-            with transaction.atomic() if ready else nullcontext():
-                outcomes = record_batch(server, spool, source, location, ready) if ready else []
         except BaseException:
             forget_encrypted(store, [key for _, key, *_ in ready])  # examined, never catalogued
             raise
+        # A failed transaction leaves their files: a commit that fails may still have gone through
+        # (the connection lost), and then the catalog refers to them. Not catalogued, the next pass
+        # removes a file left under a name before it encrypts it again (prepare).
+        with transaction.atomic() if ready else nullcontext():
+            outcomes = record_batch(server, spool, source, location, ready) if ready else []
         for (name, _, reader, *_), outcome in zip(ready, outcomes, strict=True):
             getattr(result, outcome).append(name)
             if outcome == "ingested":  # out of the spool only once the catalog has it for good
@@ -295,9 +302,9 @@ def _ingest_names(server, spool, names, source, result):
                     copy_on_the_way(server, result)
                 try:
                     outcome = prepare(server, spool / name, store, catalogued)
-                except (WalError, StorageError) as e:
+                except (WalError, StorageError, OSError) as e:
                     catalogue_until(0)  # those before it are good: catalogued before it stops the ingest
-                    if isinstance(e, StorageError):
+                    if not isinstance(e, WalError):
                         raise stays_in_spool(e, name, spool) from None
                     raise
                 if outcome:
@@ -316,7 +323,8 @@ def _ingest_names(server, spool, names, source, result):
             catalogue_until(0)
         except BaseException:
             for _, key, future in window:  # never catalogued: nothing refers to what they wrote
-                if not future.cancel() and future.exception() is None:  # one not started wrote nothing
+                if not future.cancel():  # one not started wrote nothing
+                    future.exception()  # until it ends: one that failed may have renamed its file
                     forget_encrypted(store, [key])
             raise
 
@@ -341,8 +349,8 @@ def forget_encrypted(store, keys):
     for key in keys:
         try:
             store.delete(key)
-        except (StorageError, OSError):
-            pass
+        except (StorageError, OSError) as e:
+            logger.warning("cannot remove %s, encrypted and never catalogued (the next pass will): %s", key, e)
 
 
 def ingest_failed(server, spool, result, error):
@@ -368,7 +376,9 @@ def _checked_next(server, spool, window, store):
     path = spool / name
     try:
         reader, size, sha256, keys = future.result()
-    except StorageError as e:
+    except WalError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a full disk's OSError, zstd's: those before it are catalogued
         raise stays_in_spool(e, name, spool) from None
     window.popleft()
     try:

@@ -106,7 +106,8 @@ def seal(store, key, path: Path, encryption):
     through a zstd and a gpg process, as gpg alone encrypts to public keys."""
     if encryption.recipients or not encryption.key_id:
         segment = CompressedSegment(path)
-        return segment.reader, *encrypt_into(store, key, segment, encryption)
+        size, sha256 = encrypt_into(store, key, segment, encryption)
+        return segment.reader, size, sha256  # the reader exists once encrypt_into opened the segment
     with store.writer(key) as writer:
         sealed = openpgp.SymmetricWriter(Written(writer, key), encryption.passphrase)
         compressor = zstandard.ZstdCompressor(level=WAL_ZSTD_LEVEL).compressobj()

@@ -142,6 +142,29 @@ def test_with_recipients_an_ingest_without_zstd_says_so_and_keeps_the_spool(
     assert not [p for p in (backup_root / "wal").rglob("*") if p.is_file() and "/keys/" not in str(p)]
 
 
+def test_with_recipients_an_ingest_encrypts_each_segment_to_them_for_stock_gpg_and_zstd(
+    server, settings, backup_root, wal_spool, tmp_path
+):
+    """Public-key mode: a zstd and a gpg process a segment, the plaintext hashed beside them; the
+    recipient's secret key and `gpg -d | zstd -d` give each segment back, as the catalog hashed it."""
+    home = recipient_home(tmp_path)
+    settings.GNUPGHOME, settings.GPG_RECIPIENTS, settings.BACKUP_PASSPHRASE_FILE = home, ["wal@example.mv"], ""
+    forget_keys()
+    names = spool_segments(server, 3)
+    plain = {name: (spool_dir(server) / name).read_bytes() for name in names}
+    assert walingest.ingest(server).ingested == names
+    for name, data in plain.items():
+        copy = primary_copy(name)
+        assert copy.key_id == "" and copy.compression == "zstd"
+        out = subprocess.run(
+            f"gpg --batch --homedir {home} --pinentry-mode loopback --passphrase '' -d {path_of(copy)} | zstd -d -q",
+            shell=True,
+            capture_output=True,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == data and copy.wal_segment.sha256 == hashlib.sha256(data).hexdigest(), name
+
+
 def recipient_home(tmp_path):
     """A GNUPGHOME holding a public key (with its secret, which the portal never uses here)."""
     home = tmp_path / "gnupg"
@@ -210,7 +233,7 @@ def test_new_segments_are_catalogued_in_bulk(server, passphrase_file, backup_roo
 def test_a_backlog_is_catalogued_in_batches_up_to_a_bad_segment_and_nothing_after_it_is_left_encrypted(
     found, server, passphrase_file, backup_root, wal_spool, monkeypatch
 ):
-    """Past 3 x INGEST_WORKERS in flight the ingest catalogues INGEST_WORKERS or more a
+    """A backlog is catalogued INGEST_WORKERS or more segments a
     transaction while the rest encrypt: a bad segment deep in the backlog stops it with everything
     before it catalogued and out of the spool, nothing after it catalogued, encrypted or removed.
     Found before encrypting (its size in the spool), or after (it was cut once the pass had looked
