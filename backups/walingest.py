@@ -44,13 +44,13 @@ logger = logging.getLogger(__name__)
 INGEST_MARKER = "ingest"
 # SPOOL/errors/manifest.json: the last pass's signed manifest could not be written.
 MANIFEST_MARKER = "manifest"
+# The cores this process may use (a cpuset's or taskset's, not the host's), where the system says.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
 # Segments compressed and encrypted at once by an ingest: a thread each (zstandard and
 # backups.openpgp leave the GIL for the work; with GPG_RECIPIENTS a zstd and a gpg process). One
 # more than the cores: each thread ends its segment waiting on the disk (the fsync), and with one
 # per core the cores idled meanwhile. tests/test_wal_ingest_speed.py on 2 cores, 150 copies of a
 # segment of the bench's WAL: 29.1-30.8 segments/s with two, 32.9-34.2 with three.
-# The cores this process may use (a cpuset's or taskset's, not the host's), where the system says.
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
 INGEST_WORKERS = max(2, min(8, CORES + 1))
 # In a pass longer than this (seconds), the pending copies to NAS and S3 are made on the way, so a
 # backlog does not hold the offsite copy back: below archive_timeout (checkserver asks <= 60 s).
@@ -280,7 +280,8 @@ def _ingest_names(server, spool, names, source, result):
                     failure = e  # those before it are good: catalogued before it stops the ingest
                     break
         except BaseException:
-            forget_encrypted(store, [key for _, key, *_ in ready])  # examined, never catalogued
+            for _, key, *_ in ready:  # examined, never catalogued
+                forget_encrypted(store, key)
             raise
         # A failed transaction leaves their files: a commit that fails may still have gone through
         # (the connection lost), and then the catalog refers to them. Not catalogued, the next pass
@@ -325,7 +326,7 @@ def _ingest_names(server, spool, names, source, result):
             for _, key, future in window:  # never catalogued: nothing refers to what they wrote
                 if not future.cancel():  # one not started wrote nothing
                     future.exception()  # until it ends: one that failed may have renamed its file
-                    forget_encrypted(store, [key])
+                    forget_encrypted(store, key)
             raise
 
 
@@ -343,14 +344,13 @@ def failed_ahead(window):
     return any(future.done() and future.exception() is not None for _, _, future in window)
 
 
-def forget_encrypted(store, keys):
+def forget_encrypted(store, key):
     """Remove what was encrypted and never catalogued. Best effort: the next pass removes a file
     left under a name it is about to encrypt (prepare), and nothing refers to it meanwhile."""
-    for key in keys:
-        try:
-            store.delete(key)
-        except (StorageError, OSError) as e:
-            logger.warning("cannot remove %s, encrypted and never catalogued (the next pass will): %s", key, e)
+    try:
+        store.delete(key)
+    except (StorageError, OSError) as e:
+        logger.warning("cannot remove %s, encrypted and never catalogued (the next pass will): %s", key, e)
 
 
 def ingest_failed(server, spool, result, error):
@@ -384,7 +384,7 @@ def _checked_next(server, spool, window, store):
     try:
         check_segment_size(server, path, reader.size)  # what gpg got, whatever stat said
     except WalError:
-        forget_encrypted(store, [key])  # never catalogued: nothing may look archived
+        forget_encrypted(store, key)  # never catalogued: nothing may look archived
         raise
     return name, key, reader, size, sha256, keys
 
