@@ -270,6 +270,10 @@ def physical(ws, portal, cluster, pgbr, server, rounds):
 
 
 PORTAL_RESTORE = "**portal** restore RUN --into-database (gpg -d to scratch, pg_restore -j 2)"
+PORTAL_RESTORE_WORKER = (
+    "**portal**, run by the worker already running (as an approved request's task: run_logical in a process"
+    " that is up; bench/resident.py), the queue's hand-over not counted"
+)
 PG_RESTORE_1 = "pg_restore, one job, of the strategy's (decrypted) file"
 PG_RESTORE_2 = "pg_restore -j 2 of the strategy's (decrypted) file"
 STRATEGY_RESTORE = "the strategy's restore (gpg --decrypt to a file, pg_restore, rm)"
@@ -306,6 +310,11 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
             target = f"r_portal_{i}"
             sample, _ = portal_run(portal, "restore", str(run_id), "--into-database", target)
             rows.add(PORTAL_RESTORE, sample)
+            drop(cluster, target)
+
+        def worker_restore(i):
+            target = f"r_worker_{i}"
+            rows.add(PORTAL_RESTORE_WORKER, portal.resident().call(call="restore", run=run_id, into=target))
             drop(cluster, target)
 
         def pg_restore(method, jobs, i):
@@ -356,6 +365,7 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
             i,
             [
                 (PORTAL_RESTORE, portal_restore, i),
+                (PORTAL_RESTORE_WORKER, worker_restore, i),
                 (PG_RESTORE_1, pg_restore, PG_RESTORE_1, 1, i),
                 (PG_RESTORE_2, pg_restore, PG_RESTORE_2, 2, i),
                 (STRATEGY_RESTORE, strategy, i),
@@ -689,7 +699,7 @@ def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, t
         (BR_SYNC, pgbr.archive_command(stanza), lambda: pgbr.archived_count(stanza)),
         (BR_ASYNC, pgbr.archive_command(stanza, asynchronous=True), lambda: pgbr.archived_count(stanza)),
     ]
-    lag = []
+    lag = {"worker": [], "command": []}
     for _ in range(rounds):
         for method, command, count in methods:
 
@@ -709,19 +719,29 @@ def wal_archiving(ws, portal, cluster, pgbr, server, stanza, segments, rounds, t
                 if method == PORTAL_WAL:
                     # What the worker's ingestwal schedule does next: catalogue, encrypt, copy. Every
                     # round's backlog, so that the verdict is a median as the archive rate's is.
-                    ingest = run(portal.argv("ingestwal", server), env=portal.env)
-                    lag.append(
-                        {
-                            "segments": waiting,
-                            "seconds": ingest.seconds,
-                            "own_rss": ingest.own_hwm,
-                            "cores": ingest.cpu / ingest.seconds,
-                            "machine_cores": os.cpu_count(),
-                        }
-                    )
+                    lag["worker"].append(ingest_sample(portal.resident().call(call="ingest", server=server), waiting))
+                    # The same from `manage.py ingestwal`, on a backlog of its own archived the same way.
+                    set_archive_command(cluster, "")
+                    make_backlog(cluster, segments)
+                    again, before = ready_count(cluster), count()
+                    set_archive_command(cluster, command)
+                    wait_until(lambda: count() - before >= again, timeout, f"{again} segments archived again")
+                    set_archive_command(cluster, "")
+                    lag["command"].append(ingest_sample(run(portal.argv("ingestwal", server), env=portal.env), again))
                 for folder in ("walcp", "walcpsync"):
                     for f in (ws.root / folder).iterdir():
                         f.unlink()
 
             attempt(rows, method, one, method, command, count)
     return rows.list(), lag
+
+
+def ingest_sample(sample, segments):
+    """One ingest pass of `segments` waiting ones, as the report reads it."""
+    return {
+        "segments": segments,
+        "seconds": sample.seconds,
+        "own_rss": sample.own_hwm,
+        "cores": sample.cpu / sample.seconds,
+        "machine_cores": os.cpu_count(),
+    }

@@ -54,6 +54,8 @@ class Workspace:
         return c
 
     def destroy(self):
+        if getattr(self, "portal", None) is not None:
+            self.portal.close()  # its resident process first: it holds the catalog open
         for c in self.clusters:
             try:
                 c.destroy()
@@ -138,6 +140,21 @@ class Portal:
         )
         self.env.pop("Q_BROKER_URL", None)  # the ORM broker on its own catalog: nothing shared
         self.manage("migrate", "-v", "0")
+        self._resident = None
+
+    def resident(self):
+        """The portal's process that stays up, as the worker does (bench/resident.py): started at
+        the first call, kept for the rest of the run."""
+        from .resident import Resident
+
+        if self._resident is None:
+            self._resident = Resident(self)
+        return self._resident
+
+    def close(self):
+        if self._resident is not None:
+            self._resident.close()
+            self._resident = None
 
     def argv(self, *args):
         return [sys.executable, str(ROOT / "manage.py"), *args]

@@ -82,7 +82,15 @@ def test_the_benchmark_writes_every_table_with_a_number_in_each_measured_row(tmp
     # The goals, not looser ones: each judged target names its bound.
     for bound in ("≤ 0.60 × pgBackRest", "≤ 0.80 × (gpg -d then pg_restore -j 2)", "≥ 1.5 × pgBackRest async"):
         assert bound in targets, bound
-    assert re.search(r"WAL ingest: [^|]+≥ the archive rate, segments/s \| [\d.]+ vs [\d.]+ /s \|", targets), targets
+    # Judged as production runs them, in the worker already up; the command's figures beside them.
+    worker_ingest = r"\(the worker's pass; manage.py ingestwal [\d.]+ /s\)"
+    assert re.search(
+        rf"WAL ingest: [^|]+≥ the archive rate, segments/s \| [\d.]+ vs [\d.]+ /s {worker_ingest} \|", targets
+    )
+    worker_restore = r"\(the worker's run; manage.py restore [\d.]+ s\)"
+    assert re.search(rf"logical restore: portal ≤ pg_restore -j 2 \| [\d.]+ s vs [\d.]+ s {worker_restore} \|", targets)
+    assert re.search(r"^\| \*\*portal\*\*, run by the worker already running [^|]+ \| \d+\.\d\d \|", text, re.M)
+    assert "`manage.py ingestwal` on a backlog of its own" in text
     # Memory: every kind of backup and restore measured at both sizes, each with a ratio and a verdict.
     memory = text.split("## 6. Memory of the worker")[1].split("\n## ")[0]
     kinds = re.findall(
@@ -252,6 +260,30 @@ def test_the_logical_restore_bound_is_out_of_reach_only_when_the_ideal_overlap_m
     assert "the portal's restore (14.11 s) was faster than the ideal-overlap stage row with the start (14.80 s" in said
     assert "the miss of 0.82 s against pg_restore -j 2 alone (13.29 s) is not shown out of reach" in said
     assert "took 14.29 s" not in said
+    # Judged in the worker, which pays no start: the stage row is compared as it is.
+    worker = [*rows(13.29, 14.29), {"method": compare.PORTAL_RESTORE_WORKER, "times": [14.5]}]
+    said = overlap_floor(worker, 0, compare.PORTAL_RESTORE_WORKER)
+    assert "took 14.29 s." in said and "start" not in said
+    said = overlap_floor(
+        [*worker[:2], {"method": compare.PORTAL_RESTORE_WORKER, "times": [13.6]}], 0, compare.PORTAL_RESTORE_WORKER
+    )
+    assert "(13.60 s) was faster than the ideal-overlap stage row (14.29 s" in said
+
+
+def test_the_ingest_is_judged_on_the_worker_pass_with_the_command_beside_it():
+    sys.path.insert(0, str(ROOT))
+    from bench.report import ingest_row
+
+    worker = [{"segments": 200, "seconds": 5.0}, {"segments": 200, "seconds": 6.0}, {"segments": 200, "seconds": 5.5}]
+    command = [{"segments": 200, "seconds": 8.0}]
+    assert ingest_row(worker, 35.0, command) == (
+        "WAL ingest: catalogued, encrypted, on every tier ≥ the archive rate, segments/s",
+        "36.4 vs 35.0 /s (the worker's pass; manage.py ingestwal 25.0 /s)",
+        "1.04",
+        "**PASS**",
+    )
+    assert ingest_row(command, 35.0)[1:] == ("25.0 vs 35.0 /s", "0.71", "**MISS**")
+    assert ingest_row([], 35.0)[1] == "not measured"
 
 
 def test_pitr_stock_figures_and_the_ingest_floor_need_their_own_figures():
