@@ -4,7 +4,7 @@
   dashboard, no server names or DSNs. Superusers keep the admin (django-q2's task admin and
   the users are theirs alone), but the portal's pages need a role for them too.
 - Auditors read everything and change nothing: every request that could change something is
-  refused for them.
+  refused for them, but for making an evidence pack (it only adds the pack and its journal entry).
 - Every response carries a Content-Security-Policy: scripts and styles from our own static
   files only, never inline.
 - A query string the database cannot take (a NUL character, a date in the year 1) is a 400.
@@ -32,6 +32,9 @@ TWO_FACTOR = TWO_FACTOR_ENROL | {"two-factor-verify", "two-factor-recovery"}
 # own second factor.
 ALLOWED = {"login", "logout", "admin:logout", "admin:password_change"}
 ALLOWED |= {"two-factor-start", "two-factor-confirm", "two-factor-recovery", "two-factor-verify"}
+# ...and making an evidence pack, the auditor's own work: a POST, so that it needs the page's CSRF
+# token and a link from another site cannot make one in their name (watching/evidence_views.py).
+ALLOWED |= {"evidence-make"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
 # What a user without a role may still reach: the way out, and the second factor (a superuser
 # without a role enrols before the admin opens).

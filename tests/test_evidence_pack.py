@@ -1,6 +1,7 @@
 """The evidence pack: a seeded quarter's pack opens, its PDF says the quarter's figures, it verifies
 with verifyevidence and with stock gpg and sha256sum, and one byte changed inside any member (or a
-key other than the portal's) fails the verification. Auditors and DBAs make it on a page."""
+key other than the portal's) fails the verification. Auditors and DBAs make it on a page, with a
+POST carrying the CSRF token: a link (another site's too) makes nothing; a pack covers at most a year."""
 
 import io
 import json
@@ -14,6 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import time_machine
 from django.core.management import call_command
+from django.test import Client
 from django.urls import reverse
 from PIL import Image
 from pypdf import PdfReader
@@ -23,9 +25,10 @@ from backupportal.lib import signing
 from backupportal.models import JournalEntry
 from backups.models import BackupRun, Server
 from restores.models import DrDrill, RestoreTest
-from watching.evidence import Period, last_quarter
+from tests.helpers import make_user
+from watching.evidence import MAX_DAYS, Period, last_quarter, period_problem
 from watching.evidence_pack import verify
-from watching.models import Alert, MaintenanceTask, RpoSample
+from watching.models import Alert, EvidencePack, MaintenanceTask, RpoSample
 
 MALDIVES = ZoneInfo("Indian/Maldives")
 Q3 = ["--from", "2026-07-01", "--to", "2026-09-30"]
@@ -289,6 +292,7 @@ def test_the_commands_refuse_wrong_input_with_one_line(quarter, tmp_path):
         (["--from", "2026-07-01", "--to", "2026-13-01"], "--to '2026-13-01' is not a date"),
         (["--from", "2026-09-30", "--to", "2026-07-01"], "is after the last"),
         (["--from", "0001-01-01", "--to", "2026-07-01"], "0001-01-01 is out of range"),
+        (["--from", "2024-01-01", "--to", "2026-07-01"], f"a pack covers at most {MAX_DAYS} days"),
         ([*Q3, "--output", str(tmp_path / "nowhere" / "p.zip")], "does not exist"),
     ]:
         output = [] if "--output" in args else ["--output", str(tmp_path / "p.zip")]
@@ -314,30 +318,122 @@ def test_the_default_period_is_the_last_complete_quarter():
     )
 
 
-def test_an_auditor_makes_the_pack_on_the_page_and_downloads_both_files(quarter, client, charlie, tmp_path, settings):
+def test_a_pack_covers_at_most_a_year_leap_day_included():
+    day = datetime(2024, 1, 1).date()
+    assert MAX_DAYS == 366
+    assert period_problem(day, datetime(2024, 12, 31).date()) == ""
+    problem = period_problem(day, datetime(2025, 1, 1).date())
+    assert (
+        problem == "The period is 367 days; a pack covers at most 366 days: make several packs, one per year or less."
+    )
+
+
+def on_the_page(user):
+    """A browser of `user`'s that checks CSRF tokens, and the token the evidence page gave it."""
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    page = browser.get(reverse("evidence"))
+    assert page.status_code == 200
+    return browser, page.context["csrf_token"]
+
+
+def made_nothing(packs_before):
+    return (
+        EvidencePack.objects.count() == packs_before
+        and not JournalEntry.objects.filter(action="evidence_pack_made").exists()
+    )
+
+
+def test_an_auditor_makes_the_pack_on_the_page_and_downloads_both_files(quarter, charlie, tmp_path, settings):
     settings.EVIDENCE_DIR = tmp_path / "evidence"
-    client.force_login(charlie)
-    page = client.get(reverse("evidence")).content.decode()
+    browser, token = on_the_page(charlie)
+    page = browser.get(reverse("evidence")).content.decode()
     assert 'value="2026-07-01"' in page or str(last_quarter().first) in page
-    response = client.get(reverse("evidence-make"), {"start": "2026-07-01", "end": "2026-09-30"})
+    assert 'method="post"' in page and 'name="csrfmiddlewaretoken"' in page
+    period = {"start": "2026-07-01", "end": "2026-09-30"}
+    response = browser.post(reverse("evidence-make"), {**period, "csrfmiddlewaretoken": token})
     assert response.status_code == 302
-    detail = client.get(response["Location"]).content.decode()
+    detail = browser.get(response["Location"]).content.decode()
     pack_id = int(response["Location"].rstrip("/").rsplit("/", 1)[-1])
-    data = b"".join(client.get(reverse("evidence-zip", args=[pack_id])).streaming_content)
-    sig = b"".join(client.get(reverse("evidence-sig", args=[pack_id])).streaming_content)
+    assert EvidencePack.objects.get(pk=pack_id).made_by == charlie
+    data = b"".join(browser.get(reverse("evidence-zip", args=[pack_id])).streaming_content)
+    sig = b"".join(browser.get(reverse("evidence-sig", args=[pack_id])).streaming_content)
     assert all(c.ok for c in verify(data, sig, signing.public_key()))
     assert signing.fingerprint() in detail
     assert JournalEntry.objects.filter(action="evidence_pack_made", actor="charlie").count() == 1
-    assert client.post(reverse("evidence-make"), {"start": "2026-07-01", "end": "2026-09-30"}).status_code == 403
-    bad = client.get(reverse("evidence-make"), {"start": "2026-09-30", "end": "2026-07-01"})
+    # Auditors still change nothing else.
+    refused = browser.post(
+        reverse("backup-now", args=[quarter.name]), {"kind": "logical", "csrfmiddlewaretoken": token}
+    )
+    assert refused.status_code == 403
+    bad = browser.post(
+        reverse("evidence-make"), {"start": "2026-09-30", "end": "2026-07-01", "csrfmiddlewaretoken": token}
+    )
     assert bad.status_code == 400 and "first day first" in bad.content.decode()
-    far = client.get(reverse("evidence-make"), {"start": "0001-01-01", "end": "9999-12-31"})
+    far = browser.post(
+        reverse("evidence-make"), {"start": "0001-01-01", "end": "9999-12-31", "csrfmiddlewaretoken": token}
+    )
     assert far.status_code == 400 and "out of range" in far.content.decode()
+    assert EvidencePack.objects.filter(made_by=charlie).count() == 1
 
 
-def test_a_dba_may_make_a_pack_and_a_sysadmin_may_not(quarter, client, alice, sam):
-    client.force_login(alice)
-    assert client.get(reverse("evidence")).status_code == 200
-    client.force_login(sam)
-    assert client.get(reverse("evidence")).status_code == 403
-    assert client.get(reverse("evidence-make"), {"start": "2026-07-01", "end": "2026-09-30"}).status_code == 403
+def test_opening_the_make_address_makes_no_pack_and_journals_nothing(quarter, client, charlie, alice, settings):
+    """A link, an image or a redirect from another site is a GET, and SameSite=Lax cookies go with it."""
+    before, files = EvidencePack.objects.count(), sorted(settings.EVIDENCE_DIR.iterdir())
+    for user in (charlie, alice):
+        client.force_login(user)
+        response = client.get(reverse("evidence-make"), {"start": "2026-07-01", "end": "2026-09-30"})
+        assert response.status_code == 302 and response["Location"] == reverse("evidence")
+        assert client.head(reverse("evidence-make"), {"start": "2026-07-01", "end": "2026-09-30"}).status_code == 302
+    assert made_nothing(before) and sorted(settings.EVIDENCE_DIR.iterdir()) == files
+
+
+def test_a_post_without_the_pages_csrf_token_is_refused(quarter, charlie, alice):
+    before = EvidencePack.objects.count()
+    period = {"start": "2026-07-01", "end": "2026-09-30"}
+    for user in (charlie, alice):
+        browser, token = on_the_page(user)
+        assert browser.post(reverse("evidence-make"), period).status_code == 403
+        assert browser.post(reverse("evidence-make"), {**period, "csrfmiddlewaretoken": "x" * 64}).status_code == 403
+        stranger = Client(enforce_csrf_checks=True)  # another site's form: the victim's session, not its token
+        stranger.cookies = browser.cookies
+        assert stranger.post(reverse("evidence-make"), period).status_code == 403
+    assert made_nothing(before)
+
+
+def test_a_period_longer_than_a_year_is_refused_with_one_line(quarter, alice):
+    before = EvidencePack.objects.count()
+    browser, token = on_the_page(alice)
+    response = browser.post(
+        reverse("evidence-make"), {"start": "1970-01-01", "end": "2026-09-30", "csrfmiddlewaretoken": token}
+    )
+    assert response.status_code == 400
+    assert response.context["form"].non_field_errors() == [
+        "The period is 20727 days; a pack covers at most 366 days: make several packs, one per year or less."
+    ]
+    assert "make several packs" in response.content.decode()
+    assert made_nothing(before)
+
+
+def test_a_dba_may_make_a_pack_and_a_sysadmin_or_a_user_without_a_role_may_not(
+    quarter, client, alice, sam, tmp_path, settings
+):
+    settings.EVIDENCE_DIR = tmp_path / "evidence"
+    period = {"start": "2026-07-01", "end": "2026-09-30"}
+    browser, token = on_the_page(alice)
+    assert browser.post(reverse("evidence-make"), {**period, "csrfmiddlewaretoken": token}).status_code == 302
+    assert EvidencePack.objects.filter(made_by=alice).count() == 1
+    before = EvidencePack.objects.count()
+    nobody = make_user("nobody")
+    for user in (sam, nobody):
+        browser = Client(enforce_csrf_checks=True)
+        browser.force_login(user)
+        assert browser.get(reverse("evidence")).status_code == 403
+        token = browser.get(reverse("dashboard")).context["csrf_token"] if user == sam else "x" * 64
+        assert browser.get(reverse("evidence-make"), period).status_code == 403
+        assert browser.post(reverse("evidence-make"), {**period, "csrfmiddlewaretoken": token}).status_code == 403
+    anonymous = Client()
+    response = anonymous.post(reverse("evidence-make"), period)
+    assert response.status_code == 302 and response["Location"].startswith(reverse("login"))
+    assert EvidencePack.objects.count() == before
+    assert JournalEntry.objects.filter(action="evidence_pack_made").count() == 1

@@ -20,6 +20,10 @@ APPROVALS = ["restore_approved", "restore_rejected", "change_approved", "change_
 # Written by the key rotation (`rotatekey`); counted whatever else that work journals.
 KEY_ROTATED = "key_rotated"
 KINDS = [BackupRun.Kind.LOGICAL, BackupRun.Kind.BASE, BackupRun.Kind.INCREMENTAL]
+# The longest period one pack covers: a year, leap day included. The page makes a pack within
+# its request, and a pack of every day since 1970 would hold a web worker (and its memory) for
+# as long as the whole journal takes to read.
+MAX_DAYS = 366
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ def period_problem(first, last):
             return f"{day.isoformat()} is out of range: give days from {earliest} to {latest}."
     if first > last:
         return f"The first day {first} is after the last {last}: give the first day first."
+    if (days := (last - first).days + 1) > MAX_DAYS:
+        return f"The period is {days} days; a pack covers at most {MAX_DAYS} days: make several packs, one per year or less."
     return ""
 
 

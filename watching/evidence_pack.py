@@ -10,6 +10,7 @@ ZIP, FILE.sig is a detached signature of the ZIP itself.
 pack) and every member against SHA256SUMS; so does stock gpg with sha256sum (README).
 """
 
+import functools
 import hashlib
 import io
 import json
@@ -59,38 +60,49 @@ def build(period, actor):
         "entries_in_period": extract.count(),
         "checked_at": timezone.now().isoformat(),
     }
-    members = {
-        "summary.pdf": evidence_pdf.render(evidence.figures(period), check, signer),
-        "journal.csv": "".join(_csv_lines(extract.values_list(*CSV_FIELDS).iterator(chunk_size=2000))).encode(),
-        "journal-check.json": (json.dumps(check, indent=2, sort_keys=True) + "\n").encode(),
-    }
-    sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in members.items()).encode()
-    members[SUMS] = sums
-    members[SUMS_SIG] = signing.sign(sums)
-    data = _zip(members)
+    pdf = evidence_pdf.render(evidence.figures(period), check, signer)
+    rows = extract.values_list(*CSV_FIELDS).iterator(chunk_size=2000)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        add = functools.partial(_add, archive, timezone.localtime().timetuple()[:6])
+        # The journal's extract, the biggest member, is compressed chunk by chunk, never held whole.
+        sums = {
+            "summary.pdf": add("summary.pdf", [pdf]),
+            "journal.csv": add("journal.csv", (text.encode() for text in _csv_lines(rows))),
+            "journal-check.json": add(
+                "journal-check.json", [(json.dumps(check, indent=2, sort_keys=True) + "\n").encode()]
+            ),
+        }
+        listing = "".join(f"{digest}  {name}\n" for name, digest in sums.items()).encode()
+        add(SUMS, [listing])
+        add(SUMS_SIG, [signing.sign(listing)])
+        members = sorted(archive.namelist())
+    data = buffer.getvalue()
+    del buffer
     pack = Pack(data, signing.sign(data), hashlib.sha256(data).hexdigest(), signer)
     journal.record(
         "evidence_pack_made",
         actor=actor,
         period=str(period),
         sha256=pack.sha256,
-        members=sorted(members),
+        members=members,
         signer=signer,
         journal_intact=verdict.ok,
     )
     return pack
 
 
-def _zip(members):
-    buffer = io.BytesIO()
-    stamp = timezone.localtime().timetuple()[:6]
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            info = zipfile.ZipInfo(name, date_time=stamp)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, data)
-    return buffer.getvalue()
+def _add(archive, stamp, name, chunks):
+    """Write the member `name` from its chunks of bytes; its sha256."""
+    info = zipfile.ZipInfo(name, date_time=stamp)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    digest = hashlib.sha256()
+    with archive.open(info, "w") as member:
+        for chunk in chunks:
+            digest.update(chunk)
+            member.write(chunk)
+    return digest.hexdigest()
 
 
 def write(pack, path):

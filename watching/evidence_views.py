@@ -1,7 +1,9 @@
 """The evidence page: an auditor (or a DBA) picks a period and gets its signed evidence pack.
 
-Making a pack is a GET with the period in the query string: auditors may not POST anything
-(backupportal/middleware.py), and a pack changes nothing but adds itself and a journal entry.
+Making a pack is a POST with the page's CSRF token: it writes the ZIP, a row and a journal entry in
+the user's name, which a link from another site must not do (SameSite=Lax cookies go with a GET
+that opens a page). It is the one POST an auditor may send that is not about their own account
+(backupportal/middleware.py): a pack changes nothing but adds itself and a journal entry.
 The ZIP and its signature are kept in EVIDENCE_DIR, so both downloads are of the same pack.
 """
 
@@ -12,7 +14,7 @@ from django import forms
 from django.conf import settings
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_safe
+from django.views.decorators.http import require_http_methods, require_safe
 
 from backupportal.lib import signing
 from backupportal.roles import require_perm
@@ -42,12 +44,12 @@ def evidence_page(request):
     return render(request, "evidence/page.html", _context(form))
 
 
-@require_safe
+@require_http_methods(["GET", "HEAD", "POST"])
 @require_perm(PERM)
 def evidence_make(request):
-    if "start" not in request.GET and "end" not in request.GET:
-        return redirect("evidence")  # no period given: the form, with the last quarter filled in
-    form = PeriodForm(request.GET)
+    if request.method != "POST":
+        return redirect("evidence")  # an address opened (or an old bookmark) makes nothing: the form
+    form = PeriodForm(request.POST)
     if not form.is_valid():
         return render(request, "evidence/page.html", _context(form), status=400)
     period = evidence.Period(form.cleaned_data["start"], form.cleaned_data["end"])
