@@ -19,6 +19,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from psycopg.conninfo import make_conninfo
 
 from backupportal.lib import osuser
 from backupportal.lib.childenv import child_env
@@ -128,12 +129,51 @@ def _chosen_dir(server, needed):
     return chosen
 
 
-def client_tool(server, name) -> Path:
-    """pg_dump, pg_restore, psql... for `server`, from client_dir()."""
+def client_tool(server, name, dump_major=None) -> Path:
+    """pg_dump, psql... for `server`, from client_dir(); pg_restore (into `server`, of a dump
+    made by pg_dump `dump_major` when known) from restore_dir()."""
     if name not in CLIENT_TOOLS:
         raise ValueError(f"{name} is not a client tool: cluster_tool() chooses it by exact major version")
-    directory = client_dir(server)
+    directory = restore_dir(server, dump_major) if name == "pg_restore" else client_dir(server)
     return _program(directory, name, f"install it beside the others in {directory}")
+
+
+def conninfo_dbname(name):
+    """A connection string naming only the database `name`, quoted as libpq reads it.
+
+    pg_dumpall (like every libpq tool) reads a database name holding '=' or starting with
+    postgresql:// as a connection string: a database named `x host=elsewhere` would take the
+    tool, and PGPASSWORD, to another server. A connection string's own dbname is never read
+    again as one, and the host and port still come from the environment."""
+    return make_conninfo(dbname=name)
+
+
+def restore_dir(server, dump_major=None) -> Path:
+    """Where pg_restore comes from to restore into `server` a dump made by pg_dump `dump_major`:
+    client_dir() when it reads the dump (or the dump's version is not known), else the oldest
+    listed that does. pg_restore reads archives of its own version and older only (15 refuses
+    16's: "unsupported version (1.15) in file header"); the oldest that reads it is the closest
+    to the server, for a newer pg_restore sends what older servers may not know (17 and later
+    send SET transaction_timeout, an error on 16 and before)."""
+    directory = client_dir(server)
+    if dump_major is None or dir_major(str(directory)) >= dump_major:
+        return directory
+    readers = [(d, m) for d, m in usable_dirs() if m >= dump_major]
+    if not readers:
+        raise MissingBinaries(
+            f"no PostgreSQL {dump_major} or newer pg_restore in PG_BIN_DIRS ({_listed_text()}): the backup was made "
+            f"by pg_dump {dump_major}; install PostgreSQL {dump_major} or newer client tools and list their bin directory"
+        )
+    directory, major = readers[0]
+    target = server_major(server)
+    if major >= 17 and target is not None and target < 17:
+        # Measured: pg_restore 18 into a 15 server fails at once on SET transaction_timeout.
+        raise MissingBinaries(
+            f"a backup made by pg_dump {dump_major} cannot be restored into PostgreSQL {target}: only pg_restore "
+            f"{major} or newer reads it, and it sets transaction_timeout, which {target} lacks; restore into a "
+            "server of PostgreSQL 17 or newer"
+        )
+    return directory
 
 
 def cluster_tool(major, name, purpose) -> Path:

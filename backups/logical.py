@@ -7,7 +7,7 @@ of every table: the recorded row counts are exactly what the dump holds.
 from django.utils import timezone
 
 from backups import keyring
-from backups.binaries import client_tool
+from backups.binaries import client_tool, conninfo_dbname, dir_major
 from backups.crypto import EncryptionError
 from backups.models import WAL_LOCATION, BackupCopy, BackupRun, StorageLocation
 from backups.pipeline import BackupFailed, Tool, dump_compression_level, encrypt_to, heartbeat, snapshot_and_counts
@@ -49,11 +49,14 @@ def take(run):
 
     dbname = run.database.name if run.database_id else server.dbname
     run.details["database"] = dbname
+    pg_dump = client_tool(server, "pg_dump")
+    # Only a pg_restore at least as new reads the dump: binaries.restore_dir(dump_major=...).
+    run.details["pg_dump_major"] = dir_major(str(pg_dump.parent))
     conn, snapshot, counts = snapshot_and_counts(server, dbname)
     try:
         dump = Tool(
             [
-                str(client_tool(server, "pg_dump")),
+                str(pg_dump),
                 "--format=custom",
                 f"--compress={dump_compression_level()}",
                 "--blobs",
@@ -102,7 +105,9 @@ def take_globals(server, store, key, encryption):
     A non-superuser cannot read role passwords; then the roles are dumped without them and
     the run says so, rather than failing the backup.
     """
-    argv = [str(client_tool(server, "pg_dumpall")), "--globals-only", "--no-password", f"--database={server.dbname}"]
+    argv = [str(client_tool(server, "pg_dumpall")), "--globals-only", "--no-password"]
+    # --database (-l), not --dbname (-d): pg_dumpall drops the dbname of its -d connection string.
+    argv.append(f"--database={conninfo_dbname(server.dbname)}")
     try:
         size, sha256 = encrypt_to(store, key, Tool(argv, server.libpq_env()), encryption, server=server)
         return size, sha256, ""

@@ -28,7 +28,7 @@ from django.utils import timezone
 from backupportal import journal, journal_loss
 from backupportal.lib.childenv import child_env
 from backupportal.models import JournalEntry
-from backups.binaries import client_tool
+from backups.binaries import client_tool, conninfo_dbname
 from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
 from backups.selfbackup import portal_db
 from backups.storage import private_dirs
@@ -209,7 +209,8 @@ def _into_postgres(path, encryption):
         )
     server, env = portal_db()
     argv = [str(client_tool(server, "pg_restore")), "--no-owner", "--no-privileges", "--exit-on-error"]
-    argv += ["--single-transaction", "--no-password", f"--dbname={env['PGDATABASE']}"]
+    # The name as a connection string of its own: pg_restore reads a bare name with '=' as one.
+    argv += ["--single-transaction", "--no-password", f"--dbname={conninfo_dbname(env['PGDATABASE'])}"]
     with tempfile.TemporaryFile() as said:
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=said, env=child_env(env),

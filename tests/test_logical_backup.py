@@ -8,7 +8,8 @@ from django.core.management import call_command
 
 from backupportal.lib import sampledata
 from backups.models import BackupCopy, BackupRun
-from tests.helpers import backup_json
+from tests.helpers import backup_json, register
+from tests.pg18 import PG15_BIN
 
 
 def gpg_decrypt(path, passphrase_file, out):
@@ -136,3 +137,43 @@ def test_unknown_server_is_refused(db):
 
     with pytest.raises(CommandError, match="unknown server 'nope'"):
         call_command("backup", "nope")
+
+
+@pytest.mark.parametrize(
+    "named",
+    [
+        "dbname=postgres port={port} application_name=it\\'s",  # the quote and backslash test the quoting
+        "postgresql://postgres@127.0.0.1:{port}/postgres",
+    ],
+)
+def test_a_database_named_like_a_connection_string_is_backed_up_from_its_own_cluster(
+    pg_cluster_of, db, passphrase_file, backup_root, tmp_path, named
+):
+    # Read as a connection string, such a name takes a libpq tool to the other cluster, with PGPASSWORD.
+    ours, elsewhere = pg_cluster_of(15), pg_cluster_of(15)
+    name = named.format(port=elsewhere.port)
+    ours.create_database(name)
+    ours.execute("CREATE TABLE only_ours_rows (id int)", dbname=name)
+    ours.create_role("only_ours")
+    elsewhere.create_role("only_elsewhere")
+    elsewhere.configure(log_connections=True)
+    elsewhere.reload()
+    register(ours, dbname=name)
+    seen_before = elsewhere.logfile.stat().st_size
+
+    result = backup_json()
+
+    assert result["status"] == "succeeded", result
+    run = BackupRun.objects.get(pk=result["id"])
+    assert run.details["database"] == name
+    (tmp_path / "gnupg").mkdir(mode=0o700)
+    globals_sql = tmp_path / "globals.sql"
+    gpg_decrypt(backup_root / run.copies.get(artifact="globals").key, passphrase_file, globals_sql)
+    assert "CREATE ROLE only_ours" in globals_sql.read_text()
+    assert "only_elsewhere" not in globals_sql.read_text()
+    # pg_dump, given the name as PGDATABASE (never read as a connection string), dumped ours too.
+    dump = tmp_path / "backup.dump"
+    gpg_decrypt(backup_root / run.key, passphrase_file, dump)
+    listing = subprocess.run([str(PG15_BIN / "pg_restore"), "--list", str(dump)], capture_output=True, text=True)
+    assert "TABLE public only_ours_rows" in listing.stdout
+    assert "connection received" not in elsewhere._log_since(seen_before)
