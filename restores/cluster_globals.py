@@ -10,8 +10,10 @@ rebuilt with psycopg.sql and applied:
   settings, comment, memberships), the connecting superuser least of all;
 - a missing role is created, but without SUPERUSER, CREATEROLE, REPLICATION or BYPASSRLS,
   and without its password unless the DBA asks (--with-role-passwords);
-- a membership is granted only to a role this restore created, and never in a pg_* role or
-  in a role that is powerful on the target (SET ROLE to it would hand over its powers);
+- a membership is granted only between two roles this restore created: a role the target
+  already had gets no new member (that would widen who holds it there), and no role is made
+  a member of a pg_* role; the grant keeps its ADMIN, INHERIT and SET options, and one the
+  target cannot limit as the backup does (INHERIT or SET FALSE before PostgreSQL 16) is left out;
 - tablespaces are never created (their directories belong to the source's host).
 
 Every omission is a warning that names it. The roles created are returned so that a restore
@@ -23,6 +25,7 @@ import re
 import psycopg
 from psycopg import sql
 
+from restores.dbprops import SETTING, setting_name
 from restores.sqlscript import IDENT, LITERAL, literal_list, statements, unquote_ident, unquote_literal
 
 POWERS = ("SUPERUSER", "CREATEROLE", "REPLICATION", "BYPASSRLS")
@@ -32,16 +35,16 @@ ROLE_OPTION = re.compile(
     rf"|PASSWORD (?P<password>{LITERAL}|NULL)|VALID UNTIL (?P<until>{LITERAL}))"
 )
 _ROLE = rf"(?P<role>{IDENT})"
+# pg_dumpall 16+ writes each membership's options: WITH ADMIN OPTION, INHERIT FALSE, SET FALSE.
+GRANT_OPTION = re.compile(r"(ADMIN|INHERIT|SET) (OPTION|TRUE|FALSE)")
+_GRANT_OPTIONS = rf"{GRANT_OPTION.pattern}(?:, {GRANT_OPTION.pattern})*"
 FORMS = {
     "create role": re.compile(rf"CREATE ROLE {_ROLE}"),
     "role options": re.compile(rf"ALTER ROLE {_ROLE} WITH(?P<options>.*)", re.S),
-    "role setting": re.compile(
-        rf"ALTER ROLE {_ROLE} SET (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?) TO (?P<value>.*)",
-        re.S,
-    ),
+    "role setting": re.compile(rf"ALTER ROLE {_ROLE} SET (?P<name>{SETTING}) TO (?P<value>.*)", re.S),
     "role comment": re.compile(rf"COMMENT ON ROLE {_ROLE} IS (?P<text>{LITERAL})", re.S),
     "membership": re.compile(
-        rf"GRANT (?P<granted>{IDENT}) TO (?P<member>{IDENT})(?: WITH (?P<with>[A-Z ,]+?))?(?: GRANTED BY {IDENT})?"
+        rf"GRANT (?P<granted>{IDENT}) TO (?P<member>{IDENT})(?: WITH (?P<with>{_GRANT_OPTIONS}))?(?: GRANTED BY {IDENT})?"
     ),
     "tablespace": re.compile(
         rf"(?:CREATE|ALTER|COMMENT ON|(?:GRANT|REVOKE) .+ ON) TABLESPACE (?P<name>{IDENT}).*", re.S
@@ -146,7 +149,7 @@ def _apply_one(conn, form, m, existing, created, target, with_passwords):
     if form == "tablespace":
         return []
     if form == "membership":
-        return _grant(conn, m, existing, created)
+        return _grant(conn, m, created, target)
     role = unquote_ident(m["role"])
     try:
         if role in existing:
@@ -174,15 +177,14 @@ def _apply_to_new(conn, form, m, role, created, with_passwords):
             left_out[left_out.index("PASSWORD")] = "its password (--with-role-passwords brings it)"
         return [f"role {role} created without {', '.join(left_out)}"] if left_out else []
     if form == "role setting":
-        name = sql.Identifier(*m["name"].split("."))
-        values = literal_list(m["value"])
+        name, values = setting_name(m["name"]), literal_list(m["value"])
         if values is None:
-            return [f"setting {m['name']} of role {role} not applied (not understood)"]
+            return [f"setting {name} of role {role} not applied (not understood)"]
         value = sql.SQL(", ").join(sql.Literal(v) for v in values)
         return _try(
             conn,
-            sql.SQL("ALTER ROLE {} SET {} TO {}").format(sql.Identifier(role), name, value),
-            f"setting {m['name']} of role {role}",
+            sql.SQL("ALTER ROLE {} SET {} TO {}").format(sql.Identifier(role), sql.Identifier(name), value),
+            f"setting {name} of role {role}",
         )
     comment = sql.Literal(unquote_literal(m["text"]))
     return _try(
@@ -212,34 +214,55 @@ def _left_unchanged(conn, form, m, role, target):
             return [f"role {role} already exists on {target}: left unchanged (the backup has {', '.join(diffs)})"]
         return []
     if form in ("role setting", "role comment"):
-        what = f"setting {m['name']}" if form == "role setting" else "comment"
+        what = f"setting {setting_name(m['name'])}" if form == "role setting" else "comment"
         return [f"{what} of role {role} not applied: the role already exists on {target} and is left unchanged"]
     return []
 
 
-def _grant(conn, m, existing, created):
+def _grant(conn, m, created, target):
     granted, member = unquote_ident(m["granted"]), unquote_ident(m["member"])
     what = f"membership of {member} in {granted}"
-    already = conn.execute(
-        "SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member"
-        " WHERE g.rolname = %s AND u.rolname = %s",
-        [granted, member],
-    ).fetchone()
-    if already:  # nothing to give: not an omission
+    if _is_member(conn, granted, member):  # nothing to give: not an omission
         return []
     if member not in created:
         return [f"{what} skipped: {member} already existed and is left unchanged"]
     if granted.startswith("pg_"):
         return [f"{what} skipped: no restored role is made a member of a pg_* role"]
-    powerful = conn.execute(
-        "SELECT 1 FROM pg_roles WHERE rolname = %s AND (rolsuper OR rolcreaterole OR rolreplication OR rolbypassrls)",
-        [granted],
-    ).fetchone()
-    if powerful:
-        return [f"{what} skipped: {granted} is a SUPERUSER, CREATEROLE, REPLICATION or BYPASSRLS role here"]
-    admin = sql.SQL(" WITH ADMIN OPTION" if "ADMIN" in (m["with"] or "") else "")
-    statement = sql.SQL("GRANT {} TO {}{}").format(sql.Identifier(granted), sql.Identifier(member), admin)
+    version = conn.info.server_version
+    options, unlimited = _grant_options(m["with"], version)
+    statement = sql.SQL("GRANT {} TO {}{}").format(sql.Identifier(granted), sql.Identifier(member), options)
+    if granted not in created:
+        # Created roles never get powers, so this also keeps every powerful role out of reach.
+        by_hand = statement.as_string(conn)
+        return [
+            f"{what} skipped: {granted} already existed on {target} and gets no new member from a restore"
+            f" ({by_hand} by hand if it should)"
+        ]
+    if unlimited:
+        return [
+            f"{what} skipped: the backup grants it WITH {', '.join(unlimited)}, which PostgreSQL"
+            f" {version // 10000} cannot express: granted plainly, {member} would get more than the backup gave"
+        ]
     return _try(conn, statement, what)
+
+
+def _is_member(conn, granted, member):
+    return conn.execute(
+        "SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member"
+        " WHERE g.rolname = %s AND u.rolname = %s",
+        [granted, member],
+    ).fetchone()
+
+
+def _grant_options(text, version):
+    """The WITH clause that gives the target the backup's options, and the limits (INHERIT
+    FALSE, SET FALSE) it cannot express: before 16 every membership allows SET ROLE."""
+    given = {name: value != "FALSE" for name, value in GRANT_OPTION.findall(text or "")}
+    if version >= 160000:
+        clause = ", ".join(f"{name} {'TRUE' if on else 'FALSE'}" for name, on in given.items())
+        return sql.SQL(" WITH " + clause if clause else ""), []
+    unlimited = [f"{name} FALSE" for name, on in given.items() if name != "ADMIN" and not on]
+    return sql.SQL(" WITH ADMIN OPTION" if given.get("ADMIN") else ""), unlimited
 
 
 def _try(conn, statement, what):

@@ -3,10 +3,10 @@
 `pg_restore -d NEW` restores what is inside a database but not the database itself: its
 encoding and locale, owner, ACL (a REVOKE CONNECT ... FROM PUBLIC), comment, ALTER DATABASE
 ... SET and ALTER ROLE ... IN DATABASE ... SET. Only `pg_restore --create` applies them, and
-only under the dump's own name. So the portal reads the dump's DATABASE, COMMENT, ACL and
-DATABASE PROPERTIES entries (`pg_restore --create -l`, then `-L` of those entries from the
-decrypted start of the dump), recognises each statement, and rebuilds it with psycopg.sql for
-the new name. A statement it does not recognise, or one the target refuses (an owner role
+only under the dump's own name. So the portal reads the dump's DATABASE, COMMENT, ACL,
+SECURITY LABEL and DATABASE PROPERTIES entries (`pg_restore --create -l`, then `-L` of those
+entries from the decrypted start of the dump), recognises each statement, and rebuilds it with
+psycopg.sql for the new name. A statement it does not recognise, or one the target refuses (an owner role
 that does not exist there), is a warning that names it: never silently left out.
 """
 
@@ -24,7 +24,9 @@ from backups.crypto import die_with_parent, gpg_failure, stopping_on_purpose
 from restores.sqlscript import IDENT, LITERAL, literal_list, statements, unquote_ident, unquote_literal
 
 # The dump's own entries for the database (pg_restore --create -l lines).
-DATABASE_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:DATABASE|DATABASE PROPERTIES|(?:COMMENT|ACL) - DATABASE) ")
+DATABASE_ENTRY = re.compile(
+    r"^\d+; \d+ \d+ (?:DATABASE|DATABASE PROPERTIES|(?:COMMENT|ACL|SECURITY LABEL) - DATABASE) "
+)
 DUMPED_NAME = re.compile(r"^;\s+dbname: (.*)$", re.M)
 
 # CREATE DATABASE options and how their values are written.
@@ -45,11 +47,18 @@ OPTION_KINDS = {
 DATABASE_PRIVILEGES = {"ALL", "CREATE", "CONNECT", "TEMPORARY", "TEMP"}
 
 _DB = rf"(?P<db>{IDENT})"
-_GUC = r"(?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)"
+# A setting's name: pg_dump quotes every name that is not a plain lower-case word ("TimeZone",
+# "app.tenant"); older dumps and hand-written SQL have bare dotted words (app.tenant).
+_SETTING_PART = r'(?:"(?:[^"]|"")*"|[A-Za-z_][A-Za-z0-9_$]*)'
+SETTING = rf"{_SETTING_PART}(?:\.{_SETTING_PART})*"
+_GUC = rf"(?P<name>{SETTING})"
 FORMS = {
     "create": re.compile(rf"CREATE DATABASE {_DB}(?: WITH)?(?P<options>.*)", re.S),
     "owner": re.compile(rf"ALTER DATABASE {_DB} OWNER TO (?P<role>{IDENT})"),
     "comment": re.compile(rf"COMMENT ON DATABASE {_DB} IS (?P<text>{LITERAL})", re.S),
+    "security label": re.compile(
+        rf"SECURITY LABEL FOR (?P<provider>{IDENT}) ON DATABASE {_DB} IS (?P<label>{LITERAL})", re.S
+    ),
     "setting": re.compile(rf"ALTER DATABASE {_DB} SET {_GUC} TO (?P<value>.*)", re.S),
     "role setting": re.compile(rf"ALTER ROLE (?P<role>{IDENT}) IN DATABASE {_DB} SET {_GUC} TO (?P<value>.*)", re.S),
     "connection limit": re.compile(rf"ALTER DATABASE {_DB} CONNECTION LIMIT = (?P<value>-?\d+)"),
@@ -244,6 +253,13 @@ def _recognise(text, source):
     return None, None
 
 
+def setting_name(token):
+    """The name a setting token stands for: quoted parts unquoted, bare ones folded to lower
+    case as the server folds them ("TimeZone" is TimeZone, app.Tenant is app.tenant)."""
+    parts = re.findall(_SETTING_PART, token)
+    return ".".join(unquote_ident(p) if p.startswith('"') else p.lower() for p in parts)
+
+
 def _option_value(kind, token):
     if kind == "literal" and token.startswith("'"):
         return sql.Literal(unquote_literal(token))
@@ -267,14 +283,13 @@ def _rebuild(form, m, new):
         ), f"owner {unquote_ident(m['role'])}"
     if form == "comment":
         return sql.SQL("COMMENT ON DATABASE {} IS {}").format(db, sql.Literal(unquote_literal(m["text"]))), "comment"
+    if form == "security label":
+        provider = unquote_ident(m["provider"])
+        label = sql.Literal(unquote_literal(m["label"]))
+        statement = sql.SQL("SECURITY LABEL FOR {} ON DATABASE {} IS {}").format(sql.Identifier(provider), db, label)
+        return statement, f"security label of provider {provider}"
     if form in ("setting", "role setting"):
-        name = sql.Identifier(*m["name"].split("."))
-        value = sql.SQL(", ").join(sql.Literal(v) for v in literal_list(m["value"]))
-        if form == "setting":
-            return sql.SQL("ALTER DATABASE {} SET {} TO {}").format(db, name, value), f"setting {m['name']}"
-        role = unquote_ident(m["role"])
-        statement = sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} TO {}").format(_role(m["role"]), db, name, value)
-        return statement, f"setting {m['name']} of role {role}"
+        return _setting(form, m, db)
     if form == "connection limit":
         limit = sql.Literal(int(m["value"]))
         return sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(db, limit), "connection limit"
@@ -296,3 +311,18 @@ def _rebuild(form, m, new):
             _role(m["role"])
         ), f"grantor {role} (grants made as the portal's role)"
     return sql.SQL("RESET SESSION AUTHORIZATION"), "grantor reset"
+
+
+def _setting(form, m, db):
+    # The whole name as one quoted identifier, as pg_dump writes it: "app.tenant" and
+    # app.tenant name the same setting, and a quoted part may itself hold a dot.
+    name = setting_name(m["name"])
+    value = sql.SQL(", ").join(sql.Literal(v) for v in literal_list(m["value"]))
+    if form == "setting":
+        statement = sql.SQL("ALTER DATABASE {} SET {} TO {}").format(db, sql.Identifier(name), value)
+        return statement, f"setting {name}"
+    role = unquote_ident(m["role"])
+    statement = sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} TO {}").format(
+        _role(m["role"]), db, sql.Identifier(name), value
+    )
+    return statement, f"setting {name} of role {role}"

@@ -3,8 +3,8 @@ from django import forms
 from backupportal.lib.inputs import validate_moment
 from backups.models import BackupRun, Server
 from restores import pitr, sandbox
-from restores.logical import RestoreFailed, check_database_name, database_exists
 from restores.models import RestoreRequest
+from restores.targetdb import RestoreFailed, check_database_name, database_exists
 
 SANDBOX = RestoreRequest.Destination.SANDBOX_CLUSTER
 

@@ -6,7 +6,6 @@ failure the new database is dropped: a failed restore changes nothing.
 """
 
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -22,29 +21,25 @@ from psycopg import sql
 from backupportal import journal
 from backupportal.lib.pgerrors import explain
 from backups import keyring
-from backups.binaries import client_tool
+from backups.binaries import client_tool, conninfo_dbname
 from backups.copies import healthy_copies, mark_faults, open_first_healthy
 from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
 from backups.models import BackupRun
 from backups.pipeline import BackupFailed, Tool
 from backups.storage import StorageError, store_for
 from backups.streams import CopyCorrupt
-from restores import cluster_globals, dbprops
+from restores import cluster_globals, dbprops, targetdb
 from restores.models import RestoreRun
 from restores.tablespaces import check_tablespaces, relocate
-
-IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
-class RestoreFailed(Exception):
-    """The restore failed; the message is one line a DBA can act on."""
-
-
-def check_database_name(name):
-    if not name or not IDENTIFIER.match(name):
-        raise RestoreFailed(
-            f"{name!r} is not a valid database name here: use lower-case letters, digits and _ (at most 63), starting with a letter"
-        )
+from restores.targetdb import (
+    RestoreFailed,
+    check_database_name,
+    create_database,
+    created,
+    database_exists,
+    drop_database,
+    dropped,
+)
 
 
 def restorable_run(run_id):
@@ -60,41 +55,14 @@ def restorable_run(run_id):
     return run
 
 
-def database_exists(server, name):
-    try:
-        with server.connect("postgres") as conn:
-            return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is not None
-    except psycopg.Error as e:
-        raise RestoreFailed(explain(e, server)) from None
-
-
-def create_database(server, name, statement=None):
-    """CREATE DATABASE name; `statement` says how (the dump's encoding, locale, template)."""
-    with server.connect("postgres") as conn:
-        conn.execute(statement or sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-
-def created(creation, server):
-    """Wait for the CREATE DATABASE started beside the decryption; its error as one line."""
-    try:
-        creation.result()
-    except psycopg.Error as e:
-        raise RestoreFailed(explain(e, server)) from None
-
-
-def drop_database(server, name):
-    with server.connect("postgres") as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def restore_into(run, target, dbname, restore=None, with_role_passwords=False, tablespace_map=None):
+def restore_into(run, target, dbname, restore=None, with_role_passwords=False, tablespace_map=None, advice=None):
     """Restore `run` into a new database `dbname` on `target`, as `pg_restore --create` would
     have made it under that name. Returns notes; what could not be applied goes to
     `restore.warnings`. Raises RestoreFailed, after dropping whatever it created.
+    `advice(quoted name, slot)`: the warning for a subscription the copy brings (targetdb.detach_all).
 
     Checks everything that can be checked before anything is created.
     """
-    check_database_name(dbname)
     try:
         encryption = Encryption()
         keyring.require_keys(healthy_copies(run), f"backup #{run.pk}")  # a missing key, named, before anything starts
@@ -116,7 +84,7 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     notes, warnings = [], []
     props = read_properties(run, target, encryption, warnings)
     elsewhere = target.pk != run.server_id
-    statement = _create_statement(props, dbname, elsewhere, tablespace_map, warnings)
+    statements = _create_statements(props, dbname, elsewhere, tablespace_map, warnings)
     # Onto another cluster its tablespaces do not exist: the objects go to the default one.
     extra = ["--no-tablespaces"] if elsewhere or tablespace_map else []
     roles = []
@@ -125,42 +93,50 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     made = False
     try:
         toc = (props.copy_id, props.head) if props is not None else None
-        notes += _create_and_restore(run, target, dbname, encryption, restore, statement, extra, toc)
+        notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc)
         made = True
+        try:
+            targetdb.detach_all(target, dbname, warnings, advice)
+        except psycopg.Error as e:
+            raise RestoreFailed(explain(e, target)) from None
         if props is not None:
             notes.append(_apply_properties(props, target, dbname, warnings))
         if tablespace_map:
             notes += relocate(props, target, dbname, tablespace_map, warnings)
-    except BaseException:
-        if made:  # a database that failed to be made was dropped where it failed
-            drop_database(target, dbname)
-        _drop_roles(target, roles)
+    except BaseException as e:
+        # A database that failed to be made was dropped where it failed.
+        left = "; ".join(filter(None, [dropped(target, dbname) if made else "", _dropped_roles(target, roles)]))
+        if left and isinstance(e, RestoreFailed):
+            raise RestoreFailed(f"{e}; {left}") from None
         raise
     if restore is not None:
         restore.warnings = warnings
     return notes
 
 
-def _create_and_restore(run, target, dbname, encryption, restore, statement, extra, toc=None):
+def _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc=None):
     # CREATE DATABASE copies template1 through the WAL (a quarter of a second on a small
     # server): it runs while gpg decrypts, and pg_restore waits for it.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        creation = pool.submit(create_database, target, dbname, statement)
+        creation = pool.submit(create_database, target, dbname, statements)
         try:
-            return _restore_dump(run, target, dbname, encryption, restore, creation, statement, extra, toc)
-        except BaseException:
-            if creation.exception() is None:  # waits for it: a database half made is dropped too
-                drop_database(target, dbname)
+            return _restore_dump(run, target, dbname, encryption, restore, creation, statements, extra, toc)
+        except BaseException as e:
+            # creation.exception() waits for it: a database half made is dropped too.
+            left = dropped(target, dbname) if creation.exception() is None else ""
+            if left and isinstance(e, RestoreFailed):
+                raise RestoreFailed(f"{e}; {left}") from None
             raise
 
 
-def _restore_dump(run, target, dbname, encryption, restore, creation, statement=None, extra=(), toc=None):
+def _restore_dump(run, target, dbname, encryption, restore, creation, statements=None, extra=(), toc=None):
     """Try the healthy copies in order; a corrupt one is marked bad and the next is tried, and so
     is one whose location fails mid-stream (kept good: the location may only be down).
 
     `toc` is (copy id, the decrypted start of that copy: its table of contents), as
     read_properties read it: the parallel restore starts the schema from it."""
     notes, failed, why = [], [], []
+    command = [pg_restore_for(target, run), *extra]  # the program, and what every call of it takes
     while True:
         try:
             reader = open_first_healthy(run, exclude=failed)
@@ -173,9 +149,9 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statement=
         try:
             if settings.RESTORE_JOBS > 1:
                 head = toc[1] if toc is not None and toc[0] == copy.pk else None
-                _restore_parallel(reader, target, dbname, encryption, restore, creation, extra, head)
+                _restore_parallel(reader, target, dbname, encryption, restore, creation, command, head)
             else:
-                _restore_piped(reader, target, dbname, encryption, restore, creation, extra)
+                _restore_piped(reader, target, dbname, encryption, restore, creation, command)
             notes.append(f"read from {copy.location.name} ({store_for(copy.location).uri(copy.key)}), sha256 verified")
             return notes
         except (StorageError, RestoreFailed) as e:
@@ -194,13 +170,20 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statement=
                 raise
             created(creation, target)
             drop_database(target, dbname)
-            create_database(target, dbname, statement)
+            create_database(target, dbname, statements)
         finally:
             reader.close()
 
 
-def _pg_restore(target, dbname, *args):
-    argv = [str(client_tool(target, "pg_restore")), "--exit-on-error", "--no-password", f"--dbname={dbname}", *args]
+def pg_restore_for(target, run):
+    """The pg_restore that reads `run`'s dump into `target` (binaries.restore_dir)."""
+    return client_tool(target, "pg_restore", dump_major=run.details.get("pg_dump_major"))
+
+
+def _pg_restore(target, dbname, program, *args):
+    """pg_restore `program` into `dbname`, which goes as a connection string of its own: a bare
+    name holding '=' would be read as one, and could take the tool and PGPASSWORD elsewhere."""
+    argv = [str(program), "--exit-on-error", "--no-password", f"--dbname={conninfo_dbname(dbname)}", *args]
     env = target.libpq_env(dbname)
     env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {restore_session()}".strip()  # after any of the environment's
     return Tool(argv, env)
@@ -213,9 +196,9 @@ def restore_session():
     return f"-c maintenance_work_mem={settings.RESTORE_MAINTENANCE_WORK_MEM} -c synchronous_commit=off"
 
 
-def _restore_piped(reader, target, dbname, encryption, restore, creation, extra=()):
+def _restore_piped(reader, target, dbname, encryption, restore, creation, command):
     created(creation, target)
-    tool = _pg_restore(target, dbname, *extra)
+    tool = _pg_restore(target, dbname, *command)
     tool.proc = subprocess.Popen(
         tool.argv,
         stdin=subprocess.PIPE,
@@ -252,7 +235,7 @@ def _restore_piped(reader, target, dbname, encryption, restore, creation, extra=
     _flush_wal(target, dbname)
 
 
-def _restore_parallel(reader, target, dbname, encryption, restore, creation, extra=(), head=None):
+def _restore_parallel(reader, target, dbname, encryption, restore, creation, command, head=None):
     """pg_restore -j needs a seekable file: gpg decrypts into a private scratch file (removed
     after; the plaintext does not pass through Python). Meanwhile the schema (pre-data) is
     restored from `head`, the table of contents read_properties decrypted a moment before:
@@ -264,7 +247,7 @@ def _restore_parallel(reader, target, dbname, encryption, restore, creation, ext
     scratch = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=_scratch_root()))
     pre_data = None
     try:
-        pre_data = _PreData(target, dbname, head, creation, extra) if head else None
+        pre_data = _PreData(target, dbname, head, creation, command) if head else None
         path = scratch / "dump"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -282,7 +265,7 @@ def _restore_parallel(reader, target, dbname, encryption, restore, creation, ext
         if pre_data is not None:
             pre_data.check(path)
             sections = ["--section=data", "--section=post-data"]
-        tool = _pg_restore(target, dbname, f"--jobs={settings.RESTORE_JOBS}", *sections, *extra, str(path))
+        tool = _pg_restore(target, dbname, *command, f"--jobs={settings.RESTORE_JOBS}", *sections, str(path))
         tool.start()
         if tool.proc.wait() != 0:
             raise RestoreFailed(tool.error_line(target))
@@ -296,10 +279,10 @@ def _restore_parallel(reader, target, dbname, encryption, restore, creation, ext
 class _PreData(threading.Thread):
     """pg_restore --section=pre-data fed the table of contents alone, beside the decryption."""
 
-    def __init__(self, target, dbname, head, creation, extra):
+    def __init__(self, target, dbname, head, creation, command):
         super().__init__(daemon=True)
         self.target, self.head, self.creation, self.error = target, head, creation, None
-        self.tool = _pg_restore(target, dbname, "--section=pre-data", *extra)
+        self.tool = _pg_restore(target, dbname, *command, "--section=pre-data")
         self.tool.stdin = subprocess.PIPE
         self.start()
 
@@ -398,10 +381,11 @@ def read_properties(run, target, encryption, warnings):
             warnings.append(f"the database's own properties could not be read from the dump: {'; '.join(why)}")
             return None
         try:
-            pg_restore = client_tool(target, "pg_restore")
+            pg_restore = pg_restore_for(target, run)
             listing, head = dbprops.read_toc(reader, encryption, pg_restore)
             props = dbprops.DatabaseProperties.parse(listing, dbprops.database_script(listing, head, pg_restore))
             props.head = head  # the table of contents, for --tablespace-map and the parallel restore
+            props.pg_restore = pg_restore  # the one that reads it (--tablespace-map lists it again)
             props.copy_id = reader.copy.pk
             return props
         except (dbprops.TocUnreadable, StorageError) as e:
@@ -413,16 +397,25 @@ def read_properties(run, target, encryption, warnings):
             reader.close()
 
 
-def _create_statement(props, dbname, elsewhere, tablespace_map, warnings):
+def _create_statements(props, dbname, elsewhere, tablespace_map, warnings):
     """CREATE DATABASE as the dump's DATABASE entry says (encoding, locale, template0), in the
-    dump's tablespace on its own server, a mapped one, or else the target's default."""
+    dump's tablespace on its own server, a mapped one, or else the target's default; then what
+    its ACL revokes from PUBLIC (a REVOKE CONNECT): from its first moment, not after the load,
+    the copy of production is closed to every login role that production is closed to. The
+    whole ACL is re-issued after the load, in the dump's order (_apply_properties): grants
+    there too, as they need the dump's owner (still the portal's role here) in place."""
     if props is None:
         return None
     old = props.tablespace
     tablespace = tablespace_map.get(old, None if elsewhere or tablespace_map else old) if old else None
     if old and tablespace is None:
         warnings.append(f"the database's tablespace {old} is not used here: it is in the default tablespace")
-    return props.create_statement(dbname, tablespace)
+    revokes = [
+        sql.SQL("REVOKE {} ON DATABASE {} FROM PUBLIC").format(sql.SQL(m["privs"]), sql.Identifier(dbname))
+        for form, m in props.actions  # privs: ones dbprops recognised as database privileges
+        if form == "privilege" and m["verb"] == "REVOKE" and m["grantee"] == "PUBLIC"
+    ]
+    return [props.create_statement(dbname, tablespace), *revokes]
 
 
 def _apply_properties(props, target, dbname, warnings):
@@ -471,10 +464,15 @@ def restore_globals(run, target, encryption, notes, warnings, with_role_password
     return created
 
 
-def _drop_roles(target, roles):
-    if roles:
-        with target.connect("postgres") as conn:
-            cluster_globals.drop_roles(conn, roles)
+def _dropped_roles(target, roles):
+    """Drop the roles a failed restore created; '' when done, else one line saying which are left."""
+    try:
+        if roles:
+            with target.connect("postgres") as conn:
+                cluster_globals.drop_roles(conn, roles)
+    except psycopg.Error as e:
+        return f"roles {', '.join(roles)} created on {target} could not be dropped: {explain(e, target)}"
+    return ""
 
 
 def run_logical(run, target, dbname, actor, request=None, restore_test=None, **options):
@@ -493,6 +491,7 @@ def run_logical(run, target, dbname, actor, request=None, restore_test=None, **o
         "restore_started", actor=actor, obj=restore, server=run.server.name, run=run.pk, into=f"{target}/{dbname}"
     )
     try:
+        check_database_name(dbname)  # typed by a DBA; the portal's own names are quoted everywhere
         notes = restore_into(run, target, dbname, restore, **options)
     except (RestoreFailed, StorageError, BackupFailed) as e:  # BackupFailed: the tools' libpq_env refused
         return finish(restore, actor, error=str(e))

@@ -6,14 +6,17 @@ in one transaction. If any step fails, production is exactly as it was; the prev
 database is kept under another name for the DBA to drop when satisfied.
 """
 
+import re
+
 from django.utils import timezone
 from psycopg import sql
 
 from backupportal import journal
 from backups.models import BackupRun
 from backups.runner import RunRefused, claim, execute
-from restores.logical import RestoreFailed, drop_database, finish, restore_into
+from restores.logical import RestoreFailed, finish, restore_into
 from restores.models import RestoreRequest, RestoreRun
+from restores.targetdb import dropped
 from restores.validation import run_checks
 
 
@@ -38,8 +41,7 @@ def approved_request(run, request_id):
 def replace_production(run, request, actor):
     server = run.server
     prod = run.database_name  # the database this run is of, on the server it came from
-    stamp = timezone.localtime().strftime("%Y%m%d%H%M%S")
-    new, old = f"{prod[:40]}_restore_{stamp}", f"{prod[:40]}_before_{stamp}"
+    new, old = working_names(prod, timezone.localtime().strftime("%Y%m%d%H%M%S"))
     restore = RestoreRun.begin(
         RestoreRun.Kind.REPLACE,
         actor,
@@ -54,14 +56,16 @@ def replace_production(run, request, actor):
     )
     notes = []
     try:
-        notes += restore_into(run, server, new, restore)
+        notes += restore_into(run, server, new, restore, advice=lambda sub, slot: _resume(sub, slot, prod, old))
         try:
             _validate(run, server, new)
             safety = _safety_backup(run, actor, restore)
             notes.append(f"safety backup of {prod}: run #{safety.pk}")
             _swap(server, prod, new, old)
-        except BaseException:
-            drop_database(server, new)
+        except BaseException as e:
+            left = dropped(server, new)
+            if left and isinstance(e, RestoreFailed):
+                raise RestoreFailed(f"{e}; {left}") from None
             raise
     except RestoreFailed as e:
         restore.notes = "; ".join(notes)
@@ -71,6 +75,27 @@ def replace_production(run, request, actor):
     restore.notes = "; ".join(notes)
     _close_request(request, failed=False)
     return finish(restore, actor)
+
+
+def working_names(prod, stamp):
+    """The restored copy's name and the one production is kept under. Production's name may be
+    anything ("Sales-Ä"); these keep of it only its lower-case ASCII letters, digits and _, so a
+    DBA can type them, and stay within 63 bytes. Quoted as identifiers wherever used."""
+    plain = re.sub(r"[^a-z0-9_]", "", prod.lower())[:40] or "db"
+    return f"{plain}_restore_{stamp}", f"{plain}_before_{stamp}"
+
+
+def _resume(sub, slot, prod, old):
+    """The warning for a subscription production gets back from the backup: detached from its
+    slot (restores.targetdb.detach_all), so production no longer replicates."""
+    return (
+        f"PRODUCTION {prod} DOES NOT REPLICATE: its subscription {sub} came back from the backup disabled and"
+        f" detached from slot {slot}, which was not touched on the publisher. To resume, in {prod}:"
+        f" ALTER SUBSCRIPTION {sub} SET (slot_name = '{slot}'); ALTER SUBSCRIPTION {sub} ENABLE."
+        f" The previous database {old} still names that slot: before dropping it, run there"
+        f" ALTER SUBSCRIPTION {sub} DISABLE; ALTER SUBSCRIPTION {sub} SET (slot_name = NONE),"
+        " else its DROP SUBSCRIPTION drops the slot"
+    )
 
 
 def _validate(run, server, dbname):

@@ -9,8 +9,9 @@ from backupportal.lib.osuser import free_port
 from backups.copies import healthy_copies
 from backups.models import BackupRun, Database, Server
 from restores import pitr, sandbox
-from restores.logical import drop_database, run_logical
+from restores.logical import run_logical
 from restores.models import RestoreRun, RestoreTest
+from restores.targetdb import dropped
 from restores.validation import check, dbname_of, run_checks
 
 CONDITION = "restore_test_failed"
@@ -116,7 +117,9 @@ def _test_logical(test, run, actor):
         duration = time.monotonic() - started
     finally:
         test.set_phase("cleaning up")
-        drop_database(target, dbname)
+        left = dropped(target, dbname)
+    if left:  # a copy of production stays on the server: the test fails, so that someone removes it
+        checks.append(check("clean up", False, left))
     return _finish(test, checks, duration, actor)
 
 

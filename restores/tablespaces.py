@@ -15,7 +15,6 @@ import psycopg
 from psycopg import sql
 
 from backupportal.lib.childenv import child_env
-from backups.binaries import client_tool
 
 # pg_restore's header above each object: names are printed raw (newlines made spaces).
 HEADER = re.compile(
@@ -72,7 +71,7 @@ def relocate(props, target, dbname, mapping, warnings):
     if props is None or props.head is None:
         warnings.append("the dump's table of contents could not be read: nothing was moved by --tablespace-map")
         return []
-    placed = objects_by_tablespace(props.head, client_tool(target, "pg_restore"))
+    placed = objects_by_tablespace(props.head, props.pg_restore)
     notes, moved = [], 0
     with target.connect(dbname) as conn:
         for old, objects in placed.items():

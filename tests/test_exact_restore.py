@@ -129,6 +129,36 @@ def test_a_restore_into_a_new_name_gives_the_database_as_pg_restore_create_would
             conn.execute("SELECT salary FROM customers")
 
 
+@pytest.mark.parametrize("jobs", [1, 2], ids=["piped", "overlapped"])
+def test_a_copy_of_a_closed_database_is_closed_from_its_creation_not_after_the_load(
+    source, passphrase_file, backup_root, settings, monkeypatch, jobs
+):
+    settings.RESTORE_JOBS = jobs
+    source.execute("CREATE DATABASE vault")
+    source.execute("REVOKE CONNECT ON DATABASE vault FROM PUBLIC")
+    source.execute(
+        "CREATE TABLE secrets AS SELECT g AS id, md5(g::text) AS token FROM generate_series(1, 500) g", dbname="vault"
+    )
+    register(source, "vault", "vault", "source")
+    run = backup("vault")
+    # Probed once every row is in, before the data is flushed and the properties re-issued.
+    from restores import logical
+
+    during, flush = [], logical._flush_wal
+
+    def probe_then_flush(target, dbname):
+        during.append(can_connect(source, dbname, "no_grant", awkward_schema.ROLE_PASSWORD))
+        flush(target, dbname)
+
+    monkeypatch.setattr(logical, "_flush_wal", probe_then_flush)
+    result = restore_json(str(run.pk), "--into-database", "vault_copy")
+    assert result["status"] == "succeeded", result
+    assert during == [False]
+    assert not can_connect(source, "vault_copy", "no_grant", awkward_schema.ROLE_PASSWORD)
+    acl = "SELECT array(SELECT unnest(datacl)::text ORDER BY 1) FROM pg_database WHERE datname = %s"
+    assert source.execute(acl, ["vault_copy"]) == source.execute(acl, ["vault"])
+
+
 def test_a_sql_ascii_database_with_bytes_in_no_encoding_is_backed_up_restored_and_tested(
     source, passphrase_file, backup_root
 ):
@@ -390,3 +420,53 @@ def test_globals_statements_not_understood_are_warnings_and_never_run():
     )
     assert [form for form, _ in recognised] == ["create role", "role options", "tablespace"]
     assert warnings == ["globals statement not applied (not understood): DROP DATABASE prod"]
+
+
+def db_role_settings(cluster, dbname):
+    """{role or '-': set of name=value} that pg_db_role_setting holds for database `dbname`."""
+    rows = cluster.execute(
+        "SELECT coalesce(r.rolname, '-'), s.setconfig FROM pg_db_role_setting s"
+        " JOIN pg_database d ON d.oid = s.setdatabase LEFT JOIN pg_roles r ON r.oid = s.setrole"
+        " WHERE d.datname = %s",
+        [dbname],
+    )
+    return {role: set(config) for role, config in rows}
+
+
+def test_settings_pg_dump_quotes_come_back_under_the_new_name(source, passphrase_file, backup_root):
+    # PostgreSQL stores these as TimeZone and DateStyle, and pg_dump quotes them and every
+    # dotted custom setting: ALTER DATABASE tuned SET "TimeZone" TO 'Indian/Maldives'.
+    source.execute("CREATE DATABASE tuned")
+    for statement in [
+        "ALTER DATABASE tuned SET timezone TO 'Indian/Maldives'",
+        "ALTER DATABASE tuned SET datestyle TO 'ISO, DMY'",
+        "ALTER DATABASE tuned SET \"app.tenant\" = 'x'",
+        "ALTER ROLE app_reader IN DATABASE tuned SET \"myapp.flag\" = 'on'",
+    ]:
+        source.execute(statement)
+    register(source, "tuned", "tuned", "source")
+    run = backup("tuned")
+    result = restore_json(str(run.pk), "--into-database", "tuned_copy")
+    assert result["warnings"] == []
+    assert result["status"] == "succeeded", result
+    assert db_role_settings(source, "tuned_copy") == {
+        "-": {"TimeZone=Indian/Maldives", "DateStyle=ISO, DMY", "app.tenant=x"},
+        "app_reader": {"myapp.flag=on"},
+    }
+
+
+def test_onto_another_server_a_new_role_is_never_made_a_member_of_a_role_that_was_there(
+    source, target, passphrase_file, backup_root
+):
+    # The target has its own `readers`: making the backup's app_reader a member of it would
+    # widen who holds the target's role everywhere.
+    target.execute("CREATE ROLE readers NOLOGIN")
+    original = awkward_schema.make_shop(source)
+    register(source, "shop", original, "source")
+    result = restore_json(str(backup("shop").pk), "--into-database", "shop_copy", "--into-server", "standby")
+    assert result["status"] == "succeeded with warnings", result
+    assert member_of(target, "app_reader") == set()
+    assert (
+        "membership of app_reader in readers skipped: readers already existed on standby and gets no new"
+        ' member from a restore (GRANT "readers" TO "app_reader" by hand if it should)'
+    ) in result["warnings"]

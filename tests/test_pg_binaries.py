@@ -19,7 +19,8 @@ from django.urls import reverse
 from backups import binaries
 from backups.models import BackupRun, Server
 from tests.adminform_helpers import admin_form_data
-from tests.helpers import portal_env
+from tests.helpers import portal_env, register, restore_json
+from tests.test_logical_backup import gpg_decrypt
 
 PG15 = Path("/usr/lib/postgresql/15/bin")
 
@@ -197,3 +198,55 @@ def test_pg_bin_alone_is_the_single_directory_form(settings, db):
         timeout=120,
     )
     assert proc.stdout.strip() == repr([str(PG15)]), proc.stderr
+
+
+def test_pg_restore_is_the_target_s_own_unless_it_cannot_read_the_dump(pg18_bin, settings):
+    older = Server(name="older", pg_version=150020)
+    settings.PG_BIN_DIRS = [str(PG15)]
+    assert binaries.client_tool(older, "pg_restore") == PG15 / "pg_restore"
+    with pytest.raises(binaries.MissingBinaries) as e:
+        binaries.client_tool(older, "pg_restore", dump_major=18)
+    assert str(e.value).startswith(f"no PostgreSQL 18 or newer pg_restore in PG_BIN_DIRS ({PG15}): ")
+    settings.PG_BIN_DIRS = [str(PG15), str(pg18_bin)]
+    # The exact version where it reads the dump (or the dump's version is not known), as before.
+    assert binaries.client_tool(older, "pg_restore") == PG15 / "pg_restore"
+    assert binaries.client_tool(older, "pg_restore", dump_major=15) == PG15 / "pg_restore"
+    assert binaries.client_tool(older, "pg_dump", dump_major=18) == PG15 / "pg_dump"
+    newer = Server(name="newer", pg_version=180006)
+    assert binaries.client_tool(newer, "pg_restore", dump_major=15) == pg18_bin / "pg_restore"
+
+
+def test_an_18_backup_is_refused_for_a_15_server_for_the_reasons_it_says(
+    pg_cluster_of, db, passphrase_file, backup_root, tmp_path, pg18_bin
+):
+    new, old = pg_cluster_of(18), pg_cluster_of(15)
+    new.create_database("shop")
+    new.execute("CREATE TABLE orders (id int PRIMARY KEY, item text NOT NULL)", dbname="shop")
+    register(new, "maldives", "shop")
+    older = register(old, "older", "postgres")
+    call_command("backup", "maldives", stdout=StringIO())
+    run = BackupRun.objects.get(server__name="maldives", status="succeeded", kind="logical")
+    assert run.details["pg_dump_major"] == 18
+
+    with pytest.raises(binaries.MissingBinaries) as e:
+        binaries.client_tool(older, "pg_restore", dump_major=run.details["pg_dump_major"])
+
+    assert str(e.value) == (
+        "a backup made by pg_dump 18 cannot be restored into PostgreSQL 15: only pg_restore 18 or newer reads it,"
+        " and it sets transaction_timeout, which 15 lacks; restore into a server of PostgreSQL 17 or newer"
+    )
+    # Both reasons, as stock tools give them.
+    (tmp_path / "gnupg").mkdir(mode=0o700)
+    dump = tmp_path / "shop.dump"
+    gpg_decrypt(backup_root / run.key, passphrase_file, dump)
+    refused = subprocess.run([str(PG15 / "pg_restore"), "--list", str(dump)], capture_output=True, text=True)
+    assert "unsupported version (1.16) in file header" in refused.stderr
+    old.create_database("shop")
+    into_15 = [str(pg18_bin / "pg_restore"), "--exit-on-error", "-h", old.host, "-p", str(old.port), "-U", "postgres"]
+    failed = subprocess.run([*into_15, "-d", "shop", str(dump)], capture_output=True, text=True)
+    assert failed.returncode != 0 and "transaction_timeout" in failed.stderr
+    assert binaries.client_tool(register(new, "newer", "postgres"), "pg_restore", dump_major=18).parent == pg18_bin
+    # The restore says so before it creates anything on the 15 server.
+    result = restore_json(str(run.pk), "--into-server", "older", "--into-database", "shop_copy")
+    assert result["status"] == "failed" and result["error"] == str(e.value)
+    assert not old.execute("SELECT 1 FROM pg_database WHERE datname = 'shop_copy'")

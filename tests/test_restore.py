@@ -99,7 +99,7 @@ def test_the_restore_sessions_sort_in_memory_and_commit_without_waiting(server, 
     from restores.logical import _pg_restore
 
     settings.RESTORE_MAINTENANCE_WORK_MEM = "300MB"
-    tool = _pg_restore(server, "somewhere")
+    tool = _pg_restore(server, "somewhere", "pg_restore")
     assert tool.env["PGOPTIONS"] == "-c maintenance_work_mem=300MB -c synchronous_commit=off"
 
 

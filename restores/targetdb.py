@@ -1,0 +1,157 @@
+"""The database a restore makes, and its removal.
+
+A restored copy is created as the dump says, and dropped when the restore fails or a restore
+test is done with it. What a dump brings can refuse the drop: a template (IS_TEMPLATE), and
+subscriptions. pg_restore recreates each subscription disabled but naming the production
+subscriber's slot: ENABLE in the copy would take that slot from production, DROP SUBSCRIPTION
+would drop it on the publisher, and DROP DATABASE refuses a database that holds one. The restore
+detaches each (slot_name = NONE) and says how to resume it; a drop detaches whatever is left.
+"""
+
+import re
+
+import psycopg
+from psycopg import sql
+
+from backupportal.lib.pgerrors import explain
+
+IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class RestoreFailed(Exception):
+    """The restore failed; the message is one line a DBA can act on."""
+
+
+def check_database_name(name):
+    if not name or not IDENTIFIER.match(name):
+        raise RestoreFailed(
+            f"{name!r} is not a valid database name here: use lower-case letters, digits and _ (at most 63), starting with a letter"
+        )
+
+
+def database_exists(server, name):
+    try:
+        with server.connect("postgres") as conn:
+            return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is not None
+    except psycopg.Error as e:
+        raise RestoreFailed(explain(e, server)) from None
+
+
+def create_database(server, name, statements=None):
+    """CREATE DATABASE name, as `statements` say (_create_statements: the dump's encoding,
+    locale, template, then its ACL's revokes from PUBLIC); dropped again when one after the
+    CREATE fails. RestoreFailed, one line."""
+    statements = statements or [sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))]
+    try:
+        with server.connect("postgres") as conn:
+            conn.execute(statements[0])
+            try:
+                for statement in statements[1:]:
+                    conn.execute(statement)
+            except psycopg.Error:
+                conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+                raise
+    except psycopg.Error as e:
+        raise RestoreFailed(explain(e, server)) from None
+
+
+def created(creation, server):
+    """Wait for the CREATE DATABASE started beside the decryption; its error as one line."""
+    try:
+        creation.result()
+    except psycopg.Error as e:
+        raise RestoreFailed(explain(e, server)) from None
+
+
+def drop_database(server, name):
+    """DROP DATABASE name, when it exists, and also when what came from the dump refuses it: a
+    template (IS_TEMPLATE) or a database holding subscriptions, each first detached from its
+    slot (a DROP SUBSCRIPTION that names one drops it on the publisher: production's slot).
+    RestoreFailed, one line."""
+    try:
+        with server.connect("postgres") as conn:
+            row = conn.execute(
+                "SELECT datistemplate, datallowconn, EXISTS (SELECT subdbid FROM pg_subscription WHERE subdbid = d.oid)"
+                " FROM pg_database d WHERE datname = %s",
+                [name],
+            ).fetchone()
+            if row is None:
+                return
+            template, connectable, subscribed = row
+            db = sql.Identifier(name)
+            if template:
+                conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(db))
+            if subscribed:
+                if not connectable:  # ALTER and DROP SUBSCRIPTION run inside the database
+                    conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(db))
+                with server.connect(name) as inside:
+                    for subscription, _ in in_database(inside):
+                        detach(inside, subscription)
+                        inside.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(subscription)))
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db))
+    except psycopg.Error as e:
+        raise RestoreFailed(f"database {name} on {server} could not be dropped: {explain(e, server)}") from None
+
+
+def dropped(server, name):
+    """drop_database for a cleanup, which never raises: '' when done, else one line saying
+    what is left behind."""
+    try:
+        drop_database(server, name)
+    except RestoreFailed as e:
+        return f"{e}: drop it by hand"
+    return ""
+
+
+def in_database(conn):
+    """(name, slot) of each subscription in the database `conn` is connected to."""
+    return conn.execute(
+        "SELECT subname, subslotname FROM pg_subscription"
+        " WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1"
+    ).fetchall()
+
+
+def detach(conn, subscription):
+    name = sql.Identifier(subscription)
+    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(name))
+    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(name))
+
+
+def detach_all(target, dbname, warnings, advice=None):
+    """pg_restore recreates each subscription disabled but naming the production subscriber's
+    slot: ENABLE in the copy would take that slot from production, DROP SUBSCRIPTION would drop
+    it on the publisher, and DROP DATABASE refuses the copy. Each is detached (slot_name = NONE)
+    and named in a warning that says how to resume it: `advice(quoted name, slot)`, by default
+    for a copy beside production. psycopg.Error when the database cannot be read."""
+    advice = advice or (lambda sub, slot: _how_to_resume(sub, slot, dbname))
+    with target.connect(dbname) as conn:
+        for subscription, slot in in_database(conn):
+            if slot is None:
+                continue
+            quoted = sql.Identifier(subscription).as_string(conn)
+            try:
+                detach(conn, subscription)
+            except psycopg.Error as e:
+                warnings.append(_still_attached(quoted, slot, dbname, e))
+                continue
+            warnings.append(advice(quoted, slot))
+
+
+def _how_to_resume(sub, slot, dbname):
+    return (
+        f"subscription {sub} in {dbname} was disabled and detached from slot {slot} (the production subscriber's;"
+        " the slot on the publisher was not touched). To make this copy replicate, give it a slot of its own:"
+        " on the publisher SELECT pg_create_logical_replication_slot('NEW_SLOT', 'pgoutput'); then in"
+        f" {dbname}: ALTER SUBSCRIPTION {sub} SET (slot_name = 'NEW_SLOT'); ALTER SUBSCRIPTION {sub} ENABLE."
+        f" Never point it at {slot} while production uses it"
+    )
+
+
+def _still_attached(sub, slot, dbname, error):
+    why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (
+        f"subscription {sub} in {dbname} still names slot {slot} of the production subscriber: the portal's role"
+        f" could not detach it ({why}). A superuser or its owner must run in {dbname}:"
+        f" ALTER SUBSCRIPTION {sub} DISABLE; ALTER SUBSCRIPTION {sub} SET (slot_name = NONE); before anyone"
+        " enables it, drops it (that would drop production's slot on the publisher) or drops the database"
+    )
