@@ -19,6 +19,7 @@ from backupportal.lib.cron import cron_problem, next_run
 from backupportal.lib.pagination import CappedPaginator
 from backupportal.lib.pgerrors import explain
 from backupportal.lib.sealed import SealError
+from backupportal.roles import role_may
 from backups import (
     admin_locations,  # noqa: F401 (registers the storage locations' admin)
     binaries,
@@ -26,7 +27,13 @@ from backups import (
     schedules,
 )
 from backups.admin_changes import check_request, open_request, reason_field
-from backups.changes import RETENTION_FIELDS, retention_shortened, schedule_turned_down
+from backups.changes import (
+    RETENTION_FIELDS,
+    destination_moved,
+    retention_shortened,
+    sandbox_changed,
+    schedule_turned_down,
+)
 from backups.models import (
     BackupCopy,
     BackupRun,
@@ -123,7 +130,10 @@ class ServerForm(forms.ModelForm):
         required=False,
         help_text="The directories the operator listed in PG_BIN_DIRS.",
     )
-    change_reason = reason_field("Shortening retention (lengthening applies at once) or disabling the server")
+    change_reason = reason_field(
+        "Shortening retention (lengthening applies at once), disabling the server, choosing its sandbox or "
+        "moving a server restore tests restore into (these two a DBA approves)"
+    )
 
     class Meta:
         model = Server
@@ -140,7 +150,7 @@ class ServerForm(forms.ModelForm):
             "rto_full_minutes",
             *RETENTION_FIELDS,  # lowering any of them waits for a second person
             "shrink_threshold_pct",
-            "sandbox",
+            "sandbox_server",  # waits for a DBA: restore tests decrypt production's backups there
         ]
 
     def clean(self):
@@ -153,11 +163,22 @@ class ServerForm(forms.ModelForm):
         self.disables = bool(self.instance.pk and self.instance.enabled and not cleaned.get("enabled"))
         if self.disables:
             check_request(self, ChangeRequest.Kind.DISABLE_SERVER, self.instance)
+        self._check_restore_destination(cleaned)
         return cleaned
+
+    def _check_restore_destination(self, cleaned):
+        """A new sandbox, or a server restore tests restore into moved: each waits for a DBA."""
+        self.sandbox_change = sandbox_changed(self.instance, cleaned.get("sandbox_server"))
+        if self.sandbox_change:
+            check_request(self, ChangeRequest.Kind.SET_SANDBOX, self.instance)
+        self.moves = destination_moved(self.instance, cleaned.get("dsn")) if "dsn" in cleaned else {}
+        if self.moves:
+            check_request(self, ChangeRequest.Kind.MOVE_SANDBOX, self.instance)
 
     def _post_clean(self):
         super()._post_clean()  # the model's clean(): the DSN's form
-        if self.errors:
+        # A missing reason alone still probes the server: the page says all that is wrong at once.
+        if set(self.errors) - {"change_reason"}:
             return
         # The new password, else the stored one: the instance (its DSN already the new one) gives
         # it only while the user, host and port are those it was entered for, so a changed port
@@ -190,7 +211,7 @@ class ServerAdmin(admin.ModelAdmin):
     list_display = ["name", "dsn", "version", "archiving", "enabled", "rpo_minutes", "last_logical"]
     list_filter = ["archiving", "enabled"]
     search_fields = ["name", "dsn"]
-    readonly_fields = ["pg_version", "created_at", "databases_seen"]
+    readonly_fields = ["pg_version", "created_at", "databases_seen", "sandbox_destination"]
     actions = ["back_up_now"]
 
     @admin.display(description="Databases (as last seen)")
@@ -221,7 +242,8 @@ class ServerAdmin(admin.ModelAdmin):
         return f"{timesince(obj.last_logical_at)} ago" if obj.last_logical_at else "never"
 
     def has_run_backup_permission(self, request):
-        return request.user.has_perm("backups.run_backup")
+        # The role's, not has_perm: that gives a superuser without a role every permission.
+        return role_may(request.user, "backups.run_backup")
 
     @admin.action(description="Back up now (logical)", permissions=["run_backup"])
     def back_up_now(self, request, queryset):
@@ -238,7 +260,9 @@ class ServerAdmin(admin.ModelAdmin):
             setattr(obj, field, values["from"])  # kept until another DBA or Sysadmin approves
         if disables:
             obj.enabled = True
+        held = self._hold_back_destination(obj, form)
         super().save_model(request, obj, form, change)
+        self._ask_a_dba(request, obj, form)
         reason = form.cleaned_data.get("change_reason")
         waiting_enabled = ["enabled"] if disables else []
         if shorter:
@@ -251,8 +275,10 @@ class ServerAdmin(admin.ModelAdmin):
             "server_changed" if change else "server_added",
             actor=request.user.get_username(),
             obj=obj,
-            fields=sorted(set(form.changed_data) - {"new_password", "change_reason", *shorter, *waiting_enabled}),
-            credentials_changed="new_password" in form.changed_data,
+            fields=sorted(
+                set(form.changed_data) - {"new_password", "change_reason", *shorter, *waiting_enabled, *held}
+            ),
+            credentials_changed="new_password" in set(form.changed_data) - set(held),
             credentials_forgotten=getattr(obj, "password_forgotten", False),
         )
         if "protect_databases" in form.changed_data or not change:
@@ -264,6 +290,45 @@ class ServerAdmin(admin.ModelAdmin):
                 "Type it again if the new one needs it.",
                 messages.WARNING,
             )
+
+    def _hold_back_destination(self, obj, form):
+        """Put back the sandbox and the DSN that wait for a DBA; returns the fields held back."""
+        stored = Server.objects.get(pk=obj.pk) if obj.pk else Server()
+        held = []
+        if getattr(form, "sandbox_change", None):
+            obj.sandbox_server = stored.sandbox_server
+            held.append("sandbox_server")
+        if getattr(form, "moves", None):
+            # The password typed was sealed for the new host: the stored one stays for the old.
+            obj.dsn = stored.dsn
+            obj.password_sealed, obj.password_target = stored.password_sealed, stored.password_target
+            held += ["dsn", "new_password"]
+        return held
+
+    def _ask_a_dba(self, request, server, form):
+        """Open the requests the form found waiting for a DBA, and say where they wait."""
+        kinds, reason = ChangeRequest.Kind, form.cleaned_data.get("change_reason")
+        asks = [
+            (kinds.SET_SANDBOX, form.sandbox_change, f"Choosing where the restore tests of {server} restore"),
+            (
+                kinds.MOVE_SANDBOX,
+                form.moves,
+                f"Moving {server} (restore tests restore into it; retype its password then)",
+            ),
+        ]
+        for kind, changes, what in asks:
+            if changes:
+                change = ChangeRequest.open(kind, server, request.user, reason, changes)
+                self.message_user(
+                    request,
+                    format_html(
+                        '{} waits for a DBA to approve <a href="{}">change request #{}</a>: nothing of it applies until then.',
+                        what,
+                        reverse("changes"),
+                        change.pk,
+                    ),
+                    messages.WARNING,
+                )
 
     def _look_at_databases(self, request, server):
         try:
@@ -393,7 +458,7 @@ class BackupRunAdmin(CatalogColumns, ReadOnlyHistoryAdmin):
     actions = ["verify_copies"]
 
     def has_run_backup_permission(self, request):
-        return request.user.has_perm("backups.run_backup")
+        return role_may(request.user, "backups.run_backup")  # as the Back up now action
 
     @admin.action(description="Verify copies now (re-read every tier)", permissions=["run_backup"])
     def verify_copies(self, request, queryset):

@@ -4,11 +4,16 @@ Every way in (the admin, the server page, the run page) asks here, so that none 
 shorten retention, turn a schedule down, delete a backup or a location without a second person:
 
 - retention shortened: any of RETENTION_FIELDS lowered (lengthening applies at once);
-- a schedule disabled, or changed so that it fires less often over the next 30 days (counted by
-  backupportal.lib.cron.firings; more often applies at once); a server disabled (no job of it runs);
+- a schedule disabled, or changed so that over the next year it fires less often or its longest
+  silence grows (backupportal.lib.cron.firings and longest_gap; a month's count would let "only in
+  December" through); a change worse by neither applies at once; a server disabled (no job runs);
 - a backup deleted by hand;
 - a storage location removed, or retired (disabled);
-- a legal hold released (backups.models.holds).
+- a legal hold released (backups.models.holds);
+- where a server's restore tests restore chosen (its sandbox, or none: itself), or a server they
+  restore into moved to another host or port: each test decrypts the newest production backup
+  there, so only a DBA approves (ChangeRequest.DBA_DECIDES), and tests go only to the HOST:PORT
+  approved (Server.sandbox).
 
 Such a change opens a ChangeRequest and nothing changes until it is approved; each kind is made
 by one small function below, registered with ChangeRequest.applies.
@@ -17,10 +22,11 @@ by one small function below, registered with ChangeRequest.applies.
 from django.core.exceptions import ValidationError
 
 from backupportal import journal
-from backupportal.lib.cron import cron_problem, firings
+from backupportal.lib.cron import cron_problem, duration_words, firings, longest_gap
 from backups import schedules
 from backups.copies import delete_run_artifacts
 from backups.models import BackupCopy, BackupRun, BackupSchedule, ChangeRequest, Server, StorageLocation
+from backups.models.servers import destination_of
 
 Kind = ChangeRequest.Kind
 
@@ -35,8 +41,8 @@ RETENTION_FIELDS = [
     "keep_yearly",
     "retention_floor",
 ]
-# A schedule is compared by how often it fires over this many days.
-FIRINGS_DAYS = 30
+# A schedule is compared over a whole year (a leap day included): a season without backups shows.
+YEAR_DAYS = 366
 
 
 def request_problem(kind, target, reason):
@@ -91,22 +97,35 @@ def apply_disable_server(server, change):
 
 def schedule_turned_down(stored, cron, enabled, now=None):
     """The change of a schedule to (`cron`, `enabled`) as {field: {"from", "to"}} when it is
-    destructive (disabled, or fewer firings over the next FIRINGS_DAYS days), else {}."""
+    destructive (disabled, or weakened over the next YEAR_DAYS days), else {}."""
     changes = {}
     if stored.enabled and not enabled:
         changes["enabled"] = {"from": True, "to": False}
     elif stored.enabled and enabled and cron != stored.cron and not cron_problem(cron):
-        before, after = firings(stored.cron, FIRINGS_DAYS, now), firings(cron, FIRINGS_DAYS, now)
-        if after < before:
-            changes[f"firings in {FIRINGS_DAYS} days"] = {"from": before, "to": after}
+        # A stored cron that never fires (saved before crons were checked) is weakened by nothing.
+        changes = {} if cron_problem(stored.cron) else weakened(stored.cron, cron, now)
     if changes and cron != stored.cron:
         changes["cron"] = {"from": stored.cron, "to": cron}
     return changes
 
 
+def weakened(old, new, now=None):
+    """The measures over YEAR_DAYS in which cron `new` is worse than `old`, as {measure: {"from",
+    "to"}}: fewer firings, or a longer longest gap. Either alone is worse: more firings bunched
+    into one month still leave the other eleven without a backup."""
+    changes = {}
+    before, after = firings(old, YEAR_DAYS, now), firings(new, YEAR_DAYS, now)
+    if after < before:
+        changes[f"firings in {YEAR_DAYS} days"] = {"from": before, "to": after}
+    before, after = longest_gap(old, YEAR_DAYS, now), longest_gap(new, YEAR_DAYS, now)
+    if after > before:
+        changes["longest gap"] = {"from": duration_words(before), "to": duration_words(after)}
+    return changes
+
+
 @ChangeRequest.applies(Kind.SCHEDULE_LESS_OFTEN, BackupSchedule)
 def apply_schedule(schedule, change):
-    # Only the schedule's own fields: "firings in 30 days" is what the approver was shown.
+    # Only the schedule's own fields: the measures are what the approver was shown.
     for field in ("cron", "enabled"):
         if field in change.changes:
             setattr(schedule, field, change.changes[field]["to"])
@@ -170,3 +189,77 @@ def apply_retire_location(location, change):
     location.enabled = False
     location.save(update_fields=["enabled"])
     journal.record("location_changed", actor=approved_actor(change), obj=location, fields=["enabled"], change=change.pk)
+
+
+# --- Where restore tests restore -------------------------------------------------------------
+
+# The sandbox of a server whose restore tests restore into itself (no server can be so named).
+NO_SANDBOX = "none (this server)"
+
+
+def sandbox_changed(stored, chosen):
+    """The change of `stored`'s sandbox to `chosen` (a Server, or None: itself) as {field: {"from",
+    "to"}}, or {} when its restore tests keep going where a DBA approved. A destination that moved
+    behind the form's back (a sandbox deleted, a DSN edited in a shell) is asked for again too."""
+    if stored.pk is None and chosen is None:
+        return {}  # a new server's own destination is approved with it (Server.save)
+    destination = (chosen or stored).destination
+    if getattr(chosen, "pk", None) == stored.sandbox_server_id and destination == stored.sandbox_destination:
+        return {}
+    return {
+        "sandbox": {"from": _sandbox_name(stored.sandbox_server), "to": _sandbox_name(chosen)},
+        "sandbox_destination": {"from": stored.sandbox_destination or "none", "to": destination},
+    }
+
+
+def _sandbox_name(server):
+    return server.name if server is not None else NO_SANDBOX
+
+
+def destination_moved(stored, dsn):
+    """{"dsn": {"from", "to"}} when `dsn` moves `stored`, a server restore tests restore into, to
+    another host or port; else {} (a new server, or one no restore test reaches, moves at once)."""
+    moved = stored.pk is not None and destination_of(dsn) not in (None, stored.destination)
+    if not moved or not stored.restore_tests_from().exists():
+        return {}
+    return {"dsn": {"from": stored.dsn, "to": dsn}}
+
+
+@ChangeRequest.applies(Kind.SET_SANDBOX, Server)
+def apply_sandbox(server, change):
+    name, approved = change.changes["sandbox"]["to"], change.changes["sandbox_destination"]["to"]
+    chosen = None if name == NO_SANDBOX else Server.objects.filter(name=name).first()
+    if name != NO_SANDBOX and chosen is None:
+        raise ValidationError(f"Server {name} no longer exists: reject change request #{change.pk} and ask again.")
+    # What the DBA approves is what runs: not a sandbox moved since it was asked for.
+    now = (chosen or server).destination
+    if now != approved:
+        raise ValidationError(
+            f"{chosen or server} now points at {now}, not {approved} as asked: reject change request "
+            f"#{change.pk} and ask again."
+        )
+    server.sandbox_server, server.sandbox_destination = chosen, approved
+    server.save(update_fields=["sandbox_server", "sandbox_destination"])
+    fields = ["sandbox_server", "sandbox_destination"]
+    journal.record("server_changed", actor=approved_actor(change), obj=server, fields=fields, change=change.pk)
+
+
+@ChangeRequest.applies(Kind.MOVE_SANDBOX, Server)
+def apply_move(server, change):
+    dsn = change.changes["dsn"]
+    if server.dsn != dsn["from"]:
+        raise ValidationError(
+            f"The DSN of {server} changed since change request #{change.pk} was asked for: reject it and ask again."
+        )
+    receiving = list(server.restore_tests_from().values_list("pk", flat=True))
+    server.dsn = dsn["to"]
+    server.save(update_fields=["dsn"])  # a password entered for the old host is forgotten (ServerConnection)
+    Server.objects.filter(pk__in=receiving).update(sandbox_destination=server.destination)
+    journal.record(
+        "server_changed",
+        actor=approved_actor(change),
+        obj=server,
+        fields=["dsn"],
+        change=change.pk,
+        credentials_forgotten=getattr(server, "password_forgotten", False),
+    )

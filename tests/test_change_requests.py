@@ -1,5 +1,6 @@
-"""Second approval for destructive changes: shorter retention, a schedule disabled or firing less
-often over the next 30 days, a backup deleted by hand, a storage location removed or retired. Each
+"""Second approval for destructive changes: shorter retention, a schedule disabled or, over the
+next year, firing less often or with a longer gap, a backup deleted by hand, a storage location
+removed or retired. Each
 waits as a ChangeRequest until another DBA or Sysadmin approves it (never its requester), from every
 way in (the admin, the server page, the run page); approval makes it, rejection leaves it.
 
@@ -15,7 +16,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.urls import reverse
 from django_q.models import Schedule
 
-from backupportal.lib.cron import firings, next_run
+from backupportal.lib.cron import firings, longest_gap, next_run
 from backupportal.models import JournalEntry
 from backups.changes import schedule_turned_down
 from backups.models import BackupCopy, BackupHold, BackupRun, BackupSchedule, ChangeRequest, Server, StorageLocation
@@ -24,6 +25,8 @@ from tests.helpers import make_user, register
 
 MALE = ZoneInfo("Indian/Maldives")
 NOW = datetime(2026, 12, 3, 12, tzinfo=MALE)  # a Thursday; the 30 days are 3 December .. 1 January
+# The year a change of schedule is judged over: 3 December 2026 .. 3 December 2027.
+YEAR_START, YEAR_END = datetime(2026, 12, 3, tzinfo=MALE), datetime(2027, 12, 4, tzinfo=MALE)
 
 
 def make_server(name="atoll", **policy):
@@ -73,14 +76,78 @@ def test_firings_agree_with_the_next_runs_django_q2_computes(cron):
         ("0 2 * * *", "0 2 * * *", False, True),  # disabled
         ("0 2 * * *", "0 3 * * *", True, False),  # another hour, as often: at once
         ("0 2 * * *", "0 */6 * * *", True, False),  # more often: at once
-        ("0 5 * * 3", "0 5 * * 1,3", True, False),  # 4 to 8
-        ("0 3 * * 0#1", "0 3 L * *", True, False),  # 1 and 1
+        ("0 5 * * 3", "0 5 * * 1,3", True, False),  # 53 to 104 a year; 7 to 5 days
+        ("0 3 * * 0#1", "0 3 L * *", True, False),  # 12 and 12 a year; 35 to 31 days
+        ("0 2 * * *", "0 2,14 * 12 *", True, True),  # December only: 58 in 30 days, 64 in a year
+        ("0 2 * * *", "* * * 12 *", True, True),  # 46,080 a year, all in December: 334 days silent
+        ("0 2 * * *", "0 2 * * 1-5", True, True),  # weekdays: 366 to 262, 1 to 3 days
+        ("0 2 * * *", "0 2,14 * * 1-5", True, True),  # 524 a year, yet 2.5 days over each weekend
+        ("0 5 * * 3", "0 5 * 12 3", True, True),  # the weekly restore test, in December only
     ],
 )
-def test_a_schedule_change_waits_when_it_disables_or_fires_less_often(old, new, enabled, waits):
+def test_a_schedule_change_waits_when_it_disables_fires_less_often_or_leaves_a_longer_gap(old, new, enabled, waits):
     stored = BackupSchedule(cron=old, enabled=True)
     assert bool(schedule_turned_down(stored, new, enabled, NOW)) is waits
     assert schedule_turned_down(BackupSchedule(cron=old, enabled=False), new, True, NOW) == {}  # enabling: at once
+
+
+@pytest.mark.parametrize(
+    "cron, expected",
+    [
+        ("0 2 * * *", timedelta(days=1)),
+        ("0 2,23 * * *", timedelta(hours=21)),  # 02:00 to 23:00 is the longer of the two
+        ("0 2 * * 1-5", timedelta(days=3)),  # Friday to Monday
+        ("0 2,14 * * 1-5", timedelta(days=2, hours=12)),  # Friday 14:00 to Monday 02:00
+        ("0 2,14 * 12 *", timedelta(days=334, hours=12)),  # 31 December 14:00 to 1 December 02:00
+        ("0 3 * * 0#1", timedelta(days=35)),  # 2 May to 6 June 2027
+        ("0 3 L * *", timedelta(days=31)),
+        ("0 0 29 2 *", datetime(2028, 2, 29, tzinfo=MALE) - YEAR_START),  # none this year: until the next
+    ],
+)
+def test_the_longest_gap_over_a_year_is_measured_exactly(cron, expected):
+    assert longest_gap(cron, 366, NOW) == expected
+
+
+@pytest.mark.parametrize("cron", ["0 2,14 * 12 *", "0 3 * * 0#1", "5 4 1 * 1", "0 2,14 * * 1-5", "0 2 L * *"])
+def test_the_longest_gap_agrees_with_the_next_runs_django_q2_computes(cron):
+    """The same gap, walked firing by firing with next_run over the year, the last to its next."""
+    moments, moment = [], YEAR_START - timedelta(seconds=1)
+    while (moment := next_run(cron, moment)) is not None and (not moments or moments[-1] < YEAR_END):
+        moments.append(moment)
+    assert longest_gap(cron, 366, NOW) == max(b - a for a, b in zip(moments, moments[1:], strict=False))
+
+
+def test_only_in_december_waits_though_it_fires_more_often_this_month(db):
+    """The reviewer's case: more firings over the next 30 days, none for eleven months after."""
+    stored = BackupSchedule(cron="0 2 * * *", enabled=True)
+    assert firings("0 2,14 * 12 *", 30, NOW) > firings("0 2 * * *", 30, NOW)
+    assert schedule_turned_down(stored, "0 2,14 * 12 *", True, NOW) == {
+        "firings in 366 days": {"from": 366, "to": 64},
+        "longest gap": {"from": "1 day", "to": "334 days 12 hours"},
+        "cron": {"from": "0 2 * * *", "to": "0 2,14 * 12 *"},
+    }
+    # Firing more often all year applies at once: neither measure is worse.
+    assert schedule_turned_down(stored, "0 */6 * * *", True, NOW) == {}
+
+
+def test_a_december_only_schedule_waits_in_the_admin_and_on_the_server_page(client, alice, bob, db):
+    server = make_server()
+    schedule = BackupSchedule.objects.get(server=server, job="logical")
+    url = reverse("admin:backups_backupschedule_change", args=[schedule.pk])
+    client.force_login(alice)
+    with time_machine.travel(NOW, tick=False):
+        response = client.post(url, admin_form_data(client, url, cron="0 2,14 * 12 *", change_reason="December"))
+        assert response.status_code == 302
+        # The restore test's schedule on the server page: Wednesdays of December only.
+        edit = reverse("schedule-edit", args=[server.name])
+        client.post(edit, {"job": "restoretest", "cron": "0 5 * 12 3", "enabled": "on", "change_reason": "busy"})
+    assert BackupSchedule.objects.get(pk=schedule.pk).cron == "0 2 * * *"
+    assert Schedule.objects.get(name="logical:atoll").cron == "0 2 * * *"
+    assert Schedule.objects.get(name="restoretest:atoll").cron == "0 5 * * 3"
+    changes = ChangeRequest.objects.order_by("pk")
+    assert [c.changes["longest gap"]["to"] for c in changes] == ["334 days 12 hours", "336 days"]
+    changes[0].approve(bob)
+    assert Schedule.objects.get(name="logical:atoll").cron == "0 2,14 * 12 *"
 
 
 # --- Schedules: the server page and the admin -------------------------------------------------
@@ -96,7 +163,9 @@ def test_turning_a_schedule_down_on_the_server_page_waits_for_another_person(cli
         assert not ChangeRequest.objects.exists()
         client.post(edit, {"job": "logical", "cron": "0 2 * * 0", "enabled": "on", "change_reason": "weekly is enough"})
     change = ChangeRequest.objects.get()
-    assert change.kind == "schedule_less_often" and change.changes["firings in 30 days"] == {"from": 30, "to": 4}
+    assert change.kind == "schedule_less_often"
+    assert change.changes["firings in 366 days"] == {"from": 366, "to": 52}
+    assert change.changes["longest gap"] == {"from": "1 day", "to": "7 days"}
     assert BackupSchedule.objects.get(server=server, job="logical").cron == "0 2 * * *"
     assert Schedule.objects.get(name="logical:atoll").cron == "0 2 * * *"  # django-q2 fires as before
 

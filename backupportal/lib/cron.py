@@ -6,7 +6,9 @@ on which it raises only when the next run is computed: after the row was saved.
 """
 
 import re
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
+from functools import lru_cache
+from itertools import pairwise
 
 from croniter import CroniterBadDateError, CroniterError, croniter
 from django.utils import timezone
@@ -81,32 +83,66 @@ def next_runs(cron, count=3, after=None):
 
 def firings(cron, days=30, after=None):
     """How many times `cron` fires in the `days` whole days (TIME_ZONE) from the day of `after`
-    (default today): what a change of schedule is measured by (fewer is a destructive change).
+    (default today): one of the measures a change of schedule is judged by (fewer is destructive).
 
     Counted day by day with croniter's own matching (its day-of-month OR day-of-week rule, L,
     #n), times the day's minutes: exact, and quick even for every minute (43,200 a month).
     """
+    return len(_firing_days(cron, days, after)) * len(_times_of_day(cron))
+
+
+def longest_gap(cron, days=366, after=None):
+    """The longest time `cron` stays silent between firings that fall in the `days` whole days from
+    the day of `after`, the last of them followed to its next firing however far: "only in
+    December" is silent for eleven months, which a count of firings over a month never shows.
+    The other measure a change of schedule is judged by (longer is destructive)."""
+    times, fired = _times_of_day(cron), _firing_days(cron, days, after)
+    if not fired:
+        return _until_next(cron, _at(timezone.localtime(after).date(), 0))
+    gaps = [timedelta(minutes=b - a) for a, b in pairwise(times)]
+    # Between two firing days: from the first day's last firing to the next day's first.
+    gaps += [(b - a) - timedelta(minutes=times[-1] - times[0]) for a, b in pairwise(fired)]
+    return max([*gaps, _until_next(cron, _at(fired[-1], times[-1]))])
+
+
+def _at(day, minute_of_day):
+    return timezone.make_aware(datetime.combine(day, time(*divmod(minute_of_day, 60))))
+
+
+def _until_next(cron, moment):
+    following = next_run(cron, moment)
+    return following - moment if following is not None else HORIZON
+
+
+def _times_of_day(cron):
+    """The minutes of the day (0..1439) at which `cron` fires on a day it fires on, in order."""
+    minutes, hours = croniter.expand(cron)[0][:2]
+    minutes = range(60) if minutes == ["*"] else sorted(set(minutes))
+    hours = range(24) if hours == ["*"] else sorted(set(hours))
+    return [h * 60 + m for h in hours for m in minutes]
+
+
+def _firing_days(cron, days, after):
+    """The dates, of the `days` whole days from the day of `after`, on which `cron` fires."""
+    return _matching_days(cron, days, timezone.localtime(after).date())
+
+
+# A change of schedule counts and measures both crons over a year: each is matched once.
+@lru_cache(maxsize=64)
+def _matching_days(cron, days, start):
     _, _, day, month, weekday = cron.split()
-    expanded = croniter.expand(cron)[0]
-    per_day = _count(expanded[0], 60) * _count(expanded[1], 24)
-    first_minute, first_hour = _first(expanded[0]), _first(expanded[1])
+    hour, minute = divmod(_times_of_day(cron)[0], 60)
     # The day's first firing stands for the day: it matches when the day does.
-    day_cron = f"{first_minute} {first_hour} {day} {month} {weekday}"
-    start = timezone.localtime(after).date()
-    total = 0
-    for n in range(days):
-        d = start + timedelta(days=n)
-        if croniter.match(day_cron, datetime(d.year, d.month, d.day, first_hour, first_minute)):
-            total += per_day
-    return total
+    day_cron = f"{minute} {hour} {day} {month} {weekday}"
+    dates = (start + timedelta(days=n) for n in range(days))
+    return tuple(d for d in dates if croniter.match(day_cron, datetime(d.year, d.month, d.day, hour, minute)))
 
 
-def _count(values, whole):
-    return whole if values == ["*"] else len(set(values))
-
-
-def _first(values):
-    return 0 if values == ["*"] else min(values)
+def duration_words(delta):
+    """A gap between firings as a DBA reads it: "7 days", "2 days 12 hours", "45 minutes"."""
+    minutes = int(delta.total_seconds() // 60)
+    parts = [(minutes // 1440, "day"), (minutes % 1440 // 60, "hour"), (minutes % 60, "minute")]
+    return " ".join(f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in parts if n) or "0 minutes"
 
 
 # --- In words: "at 02:00, every day", "every 15 minutes, on Monday to Friday". ---------------

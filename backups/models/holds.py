@@ -3,9 +3,11 @@
 A held backup is never deleted by retention (nor what it needs to restore). Releasing a hold is
 a destructive change: a ChangeRequest that another DBA or Sysadmin approves, never its author;
 until then the hold stays. ChangeRequest is generic (a kind, a target and the fields it sets):
-shorter retention, a schedule off or firing less often, deleting a backup by hand, removing or
-retiring a location wait the same way. Each kind is applied by one small function registered
-with ChangeRequest.applies (releasing a hold here, the others in backups.changes).
+shorter retention, a schedule off or weakened, deleting a backup by hand, removing or retiring a
+location wait the same way; so do choosing where a server's restore tests restore (its sandbox)
+and moving such a destination to another host or port, which only a DBA approves (DBA_DECIDES).
+Each kind is applied by one small function registered with ChangeRequest.applies (releasing a
+hold here, the others in backups.changes).
 """
 
 from django.conf import settings
@@ -14,7 +16,7 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.roles import role_may
+from backupportal.roles import is_dba, role_may
 from backups.models.runs import BackupRun
 
 
@@ -85,17 +87,26 @@ class ChangeRequest(models.Model):
     class Kind(models.TextChoices):
         RELEASE_HOLD = "release_hold", "Release a legal hold"
         SHORTEN_RETENTION = "shorten_retention", "Shorten retention"
-        SCHEDULE_LESS_OFTEN = "schedule_less_often", "Disable a schedule or make it fire less often"
+        SCHEDULE_LESS_OFTEN = (
+            "schedule_less_often",
+            "Disable a schedule, or make it fire less often or with longer gaps",
+        )
         DISABLE_SERVER = "disable_server", "Disable a server (every schedule of it)"
         DELETE_BACKUP = "delete_backup", "Delete a backup by hand"
         REMOVE_LOCATION = "remove_location", "Remove a storage location"
         RETIRE_LOCATION = "retire_location", "Retire (disable) a storage location"
         SHORTEN_LOCK = "shorten_lock", "Shorten a location's S3 Object Lock"  # target: models.lockchanges
+        SET_SANDBOX = "set_sandbox", "Choose where a server's restore tests restore (its sandbox)"
+        MOVE_SANDBOX = "move_sandbox", "Move a server restore tests restore into to another host or port"
 
     class State(models.TextChoices):
         PENDING = "pending", "Waiting for approval"
         APPROVED = "approved", "Approved and applied"
         REJECTED = "rejected", "Rejected"
+
+    # A restore test decrypts production's newest backup into its destination: choosing it is a
+    # restore elsewhere, which needs a DBA. A Sysadmin asks (servers are theirs), never approves.
+    DBA_DECIDES = {Kind.SET_SANDBOX, Kind.MOVE_SANDBOX}
 
     # Each kind: (the model of its target, the function applying an approved request to it, as
     # apply(target, change)). Filled by ChangeRequest.applies; a new kind is a Kind and a function.
@@ -154,6 +165,17 @@ class ChangeRequest(models.Model):
         """The fields it sets, as a DBA reads them: "keep weekly: 4 -> 0"."""
         return "; ".join(f"{f.replace('_', ' ')}: {c['from']} -> {c['to']}" for f, c in self.changes.items())
 
+    @property
+    def deciders(self):
+        """Who may decide on it, for pages: "another DBA" or "another DBA or Sysadmin"."""
+        return "another DBA" if self.kind in self.DBA_DECIDES else "another DBA or Sysadmin"
+
+    def may_decide(self, user):
+        """A DBA or Sysadmin (a DBA alone for DBA_DECIDES), whatever else they are."""
+        if self.kind in self.DBA_DECIDES:
+            return is_dba(user)
+        return role_may(user, "backups.approve_change")
+
     @classmethod
     def open(cls, kind, target, user, reason, changes=None):
         """Ask for a change of `target`; one of each kind per target waits at a time. Journaled."""
@@ -189,11 +211,7 @@ class ChangeRequest(models.Model):
 
     def awaits_decision_by(self, user):
         """Pending, and the user may decide on it: a DBA or Sysadmin who is not its author."""
-        return (
-            self.state == self.State.PENDING
-            and role_may(user, "backups.approve_change")
-            and user.pk != self.requested_by_id
-        )
+        return self.state == self.State.PENDING and self.may_decide(user) and user.pk != self.requested_by_id
 
     def approve(self, user):
         """Four eyes: apply the change, journaled. Never by its author, never by an Auditor."""
@@ -237,7 +255,9 @@ class ChangeRequest(models.Model):
         journal.record("change_rejected", actor=user.get_username(), obj=self, kind=self.kind, target=self.target_repr)
 
     def _check_decider(self, user):
-        if not role_may(user, "backups.approve_change"):
+        if not self.may_decide(user):
+            if self.kind in self.DBA_DECIDES:
+                raise PermissionDenied("Only a DBA decides where restore tests restore: ask another DBA.")
             raise PermissionDenied("Only a DBA or a Sysadmin decides on a destructive change.")
         if user.pk == self.requested_by_id:
             raise PermissionDenied("You cannot decide on your own change request: another DBA or Sysadmin must.")

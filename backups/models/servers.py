@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import psycopg
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
@@ -10,6 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backupportal.lib.cron import cron_problem, in_words, next_runs
+from backupportal.lib.libpq import DsnError, parse
 from backups import binaries
 from backups.connection import ServerConnection
 
@@ -50,6 +52,16 @@ def parse_protect_databases(value):
 
 def validate_protect_databases(value):
     parse_protect_databases(value)
+
+
+def destination_of(dsn):
+    """HOST:PORT, the cluster a DSN reaches (its user, database and parameters reach the same
+    one); None for a DSN that cannot be read (nothing connects with it)."""
+    try:
+        parts = parse(dsn)
+    except DsnError:
+        return None
+    return f"{parts.host}:{parts.port}"
 
 
 class Server(ServerConnection):
@@ -131,13 +143,23 @@ class Server(ServerConnection):
         default=20,
         help_text="A restore test fails when a critical table shrank more than this against the previous backup.",
     )
-    sandbox = models.ForeignKey(
+    # Read through `sandbox`, which holds it to sandbox_destination. Changed only by a change
+    # request a DBA approves (backups.changes): restore tests decrypt production's backups there.
+    sandbox_server = models.ForeignKey(
         "self",
         null=True,
         blank=True,
         on_delete=models.SET_NULL,
         related_name="+",
-        help_text="Where restore tests restore; empty: this server, as the strategy does.",
+        verbose_name="sandbox",
+        help_text="Where restore tests restore; empty: this server, as the strategy does. "
+        "A change waits for a DBA's approval.",
+    )
+    sandbox_destination = models.CharField(
+        max_length=300,
+        blank=True,
+        editable=False,
+        help_text="HOST:PORT restore tests restore into, as approved (the sandbox's, or this server's own)",
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
@@ -148,11 +170,46 @@ class Server(ServerConnection):
     def __str__(self):
         return self.name
 
+    def save(self, *args, **kwargs):
+        # A new server's own backups may go back where they come from; anywhere else is approved.
+        if self._state.adding and not self.sandbox_destination:
+            self.sandbox_destination = (self.sandbox_server or self).destination or ""
+        super().save(*args, **kwargs)
+
     def get_absolute_url(self):
         return reverse("server", args=[self.name])
 
     def clean(self):
         self.clean_dsn()
+
+    @property
+    def destination(self):
+        return destination_of(self.dsn)
+
+    @property
+    def sandbox(self):
+        """Where restore tests restore (this server when it has no sandbox), read afresh and held
+        to the destination a DBA approved: it refuses to connect anywhere else."""
+        if self.pk is None:
+            return None
+        target = Server.objects.get(pk=self.sandbox_server_id or self.pk)
+        target.approved_destination = self.sandbox_destination
+        return target
+
+    def restore_tests_from(self):
+        """The servers whose restore tests restore into this one: itself without a sandbox, and
+        those whose sandbox it is."""
+        return Server.objects.filter(models.Q(sandbox_server=self.pk) | models.Q(pk=self.pk, sandbox_server=None))
+
+    def connection_settings(self, dbname=None):
+        approved = getattr(self, "approved_destination", None)
+        if approved is not None and approved != self.destination:
+            # Raised as a failed connection is, so the restore test fails saying so.
+            raise psycopg.OperationalError(
+                f"restore tests may go to {approved or 'no approved destination'} only, not {self} at "
+                f"{self.destination}: ask for the sandbox again and have a DBA approve it"
+            )
+        return super().connection_settings(dbname)
 
     @property
     def version_display(self):
