@@ -1,13 +1,21 @@
 """The storage locations in the admin: a location is checked when saved (reachable, its S3
-Object Lock possible); retiring or removing one, and a shorter lock, wait for a second person."""
+Object Lock possible); retiring or removing one, and a shorter lock, wait for a second person.
+Where a location's data is (its address) cannot change once it holds copies or anchors."""
 
 from django import forms
 from django.contrib import admin, messages
 from django.template.defaultfilters import filesizeformat
 
 from backupportal import journal
+from backupportal.journal_anchors import PREFIX as ANCHORS
 from backups.admin_changes import RemovalAsRequestAdmin, check_request, open_request, reason_field
-from backups.models import ChangeRequest, LockChange, StorageLocation
+from backups.models import BackupCopy, ChangeRequest, LockChange, StorageLocation
+from backups.storage import StorageError, store_for
+
+# The fields that say where a location's data is: copies are catalogued by key relative to it,
+# so a new address leaves every one of them out of reach (the location is retired in effect)
+# and sends new copies and anchors wherever it now points.
+ADDRESS_FIELDS = ("kind", "path", "bucket", "prefix", "endpoint_url", "region")
 
 
 class StorageLocationForm(forms.ModelForm):
@@ -40,7 +48,21 @@ class StorageLocationForm(forms.ModelForm):
             if others:
                 self.add_error(None, f"Retire the location alone: save the change of {', '.join(others)} first.")
             check_request(self, ChangeRequest.Kind.RETIRE_LOCATION, stored)
+        self.refuse_repoint(stored)
         return cleaned
+
+    def refuse_repoint(self, stored):
+        """A location that holds anything is not re-pointed: moving is a new location, copies made
+        there by the worker, then this one retired through a change request (four eyes)."""
+        moved = [StorageLocation._meta.get_field(f).verbose_name for f in ADDRESS_FIELDS if f in self.changed_data]
+        held = stored.pk and moved and holdings(stored)
+        if held:
+            self.add_error(
+                None,
+                f"Location {stored} holds {held}: changing its {', '.join(moved)} would leave them out of reach. "
+                "To move it, add a new location, let the worker copy the backups there, then retire this one "
+                "(untick enabled) through a change request.",
+            )
 
     lock_change_reason = forms.CharField(
         required=False,
@@ -78,14 +100,28 @@ class StorageLocationForm(forms.ModelForm):
             )
         if self.errors or not self.instance.enabled:
             return
-        from backups.storage import StorageError, store_for
-
         # Reachable now, with the worker's credentials: a typo in the bucket is caught here,
         # not at two in the morning.
         try:
             store_for(self.instance).check()
         except StorageError as e:
             self.add_error(None, str(e))
+
+
+def holdings(location):
+    """What `location` holds at its stored address, as a DBA reads it ("" when nothing): its
+    catalogued copies (deleted ones aside; a locked one waiting for its date counts), else the
+    journal's anchors, which the catalog does not list."""
+    copies = BackupCopy.objects.filter(location=location).exclude(status=BackupCopy.Status.DELETED).count()
+    if copies:
+        return f"{copies} catalogued cop{'y' if copies == 1 else 'ies'}"
+    try:
+        anchored = next(iter(store_for(location).list(ANCHORS)), None)
+    except (StorageError, OSError):
+        # Nothing listed, nothing to lose by a correction: a location saved with a wrong address
+        # (a typo in a disabled one) is what this leaves correctable.
+        return ""
+    return "the journal's anchors" if anchored else ""
 
 
 @admin.register(StorageLocation)

@@ -173,6 +173,13 @@ class ServerConnection(models.Model):
             if "authentication method requirement" in str(e) or not _replication_connects(settings):
                 raise BackupFailed(explain(e, self)) from None
 
+    def system_identifier(self) -> str:
+        """The identifier initdb gave the cluster the DSN reaches now; psycopg's error when it
+        cannot be read. Schema-qualified: a function of that name in the search path is not it."""
+        with self.connect() as conn:
+            row = conn.execute("SELECT system_identifier FROM pg_catalog.pg_control_system()").fetchone()
+        return str(row[0])
+
     def probe(self) -> int:
         """Connect and return server_version_num; a ValidationError with one line if we cannot use it."""
         try:

@@ -4,16 +4,19 @@ The management command and the django-q2 tasks both come here, so a backup behav
 same in the foreground and on a worker.
 """
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import psycopg
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from backupportal import conditions, journal
+from backupportal.lib.pgerrors import explain
 from backups.anchors import anchor_after_backup
 from backups.models import BackupCopy, BackupRun, Database, Server, StorageLocation
 from backups.pipeline import BackupFailed
@@ -26,6 +29,8 @@ ORPHAN_AFTER = timedelta(minutes=2)
 SCHEDULED_WAIT = timedelta(hours=2)
 LOCKED_RETRY = timedelta(minutes=1)
 HOST = socket.gethostname()
+
+log = logging.getLogger(__name__)
 
 
 class RunRefused(Exception):
@@ -201,7 +206,10 @@ def execute(run):
         BackupRun.Kind.INCREMENTAL: incremental.take,
     }
     try:
+        unchecked = same_cluster(run)
         handlers[run.kind](run)
+        if unchecked:
+            run.notes = "; ".join(filter(None, [run.notes, unchecked]))
         manifests.write_for_run(run)  # last: it describes the run as it succeeded
     except BackupFailed as e:
         finish_failed(run, str(e))
@@ -213,6 +221,32 @@ def execute(run):
     run.refresh_from_db()
     anchor_after_backup()  # the journal's head, with this run's entries, in every location
     return run
+
+
+def same_cluster(run):
+    """BackupFailed when the server's DSN now reaches another cluster than its good backups are
+    of: a re-pointed DSN would fill the retention floor with another cluster's backups while the
+    real ones age out. The identifier read is the one the run's manifest records. Returns a
+    warning when it cannot be read (a role denied pg_control_system()): never a failure for that."""
+    from backups.manifests import known_system_identifier
+
+    server = run.server
+    try:
+        now = server.system_identifier()
+    except psycopg.Error as e:
+        warning = f"the cluster's system identifier was not compared with its earlier backups': {explain(e, server)}"
+        log.warning("server %s: %s", server, warning)
+        return warning  # a connection that fails fails the backup itself, saying why
+    run.details["system_identifier"] = now
+    before = known_system_identifier(server)
+    if before and before != now:
+        raise BackupFailed(
+            f"server {server}'s DSN ({server.host}:{server.port}) now reaches the cluster with system identifier "
+            f"{now}, but its good backups are of cluster {before}: point the DSN back at that cluster; if it really "
+            "was rebuilt or moved (a new initdb, pg_upgrade), register it as a new server (manage.py addserver) "
+            "and disable this one through a change request, so each keeps its own backups"
+        )
+    return ""
 
 
 def finish_succeeded(run):
