@@ -108,7 +108,7 @@ def schedule_edit(request, name):
         messages.error(request, problem)
         return redirect(server)
     turned_down = schedule_turned_down(schedule, cron, enabled)
-    if turned_down:  # disabled, or fewer firings in 30 days: another DBA or Sysadmin approves it
+    if turned_down:  # disabled, or weakened over a year (backups.changes): another DBA or Sysadmin approves it
         return _request_schedule_change(request, schedule, turned_down)
     schedule.cron, schedule.enabled = cron, enabled
     try:
