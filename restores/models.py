@@ -41,6 +41,14 @@ class RestoreRequest(models.Model):
     destination = models.CharField(max_length=16, choices=Destination.choices)
     target_database = models.CharField(max_length=63, blank=True)
     into_server = models.ForeignKey("backups.Server", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    # A Sysadmin may point a server's DSN elsewhere at any time: the approver approves this place,
+    # not a name, and the worker restores nowhere else (restores_into, Server.connection_settings).
+    into_destination = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text="HOST:PORT the restore goes into, as it was when requested; empty: a sandbox cluster, "
+        "or a request made before destinations were recorded",
+    )
     reason = models.TextField()
 
     status = models.CharField(max_length=9, choices=Status.choices, default=Status.PENDING)
@@ -68,8 +76,44 @@ class RestoreRequest(models.Model):
     def __str__(self):
         return f"Restore request #{self.pk} ({self.server}, {self.get_destination_display()})"
 
+    def save(self, *args, **kwargs):
+        # Recorded once, when it is asked for: what the approving DBA sees and the worker holds to.
+        if self._state.adding and not self.into_destination and (target := self.target_server) is not None:
+            self.into_destination = target.destination or ""
+        super().save(*args, **kwargs)
+
     def get_absolute_url(self):
         return reverse("restore-request", args=[self.pk])
+
+    @property
+    def target_server(self):
+        """The registered server this request restores into: another one, else its own (a new
+        database beside production, or production replaced). None for a sandbox cluster: a new
+        cluster on the portal's host."""
+        if self.destination == self.Destination.SANDBOX_CLUSTER or self.server_id is None:
+            return None
+        if self.destination == self.Destination.REPLACE:
+            return self.server
+        return self.into_server or self.server
+
+    def restores_into(self):
+        """target_server, held to into_destination: connecting to it anywhere else fails (a
+        request made before destinations were recorded is not held)."""
+        target = self.target_server
+        if target is not None and self.into_destination:
+            target.approved_destination = self.into_destination
+        return target
+
+    def destination_moved(self):
+        """One line when the target's DSN no longer reaches the destination recorded with the
+        request (the one its approver saw); "" when it does, or none was recorded."""
+        target = self.target_server
+        if target is None or not self.into_destination or target.destination == self.into_destination:
+            return ""
+        return (
+            f"{target} was at {self.into_destination} when restore request #{self.pk} was made; its DSN now "
+            f"reaches {target.destination or 'nothing that can be read'}"
+        )
 
     @property
     def production_database(self):

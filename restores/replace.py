@@ -33,8 +33,11 @@ def approved_request(run, request_id):
         raise NotApproved(f"there is no restore request #{request_id}")
     if request.destination != RestoreRequest.Destination.REPLACE or request.backup_run_id != run.pk:
         raise NotApproved(f"request #{request_id} does not approve replacing production from run #{run.pk}")
+    if moved := request.destination_moved():  # approved for another place than the DSN reaches now
+        raise NotApproved(f"{moved}: nothing was restored; ask for the restore again and have another DBA approve it")
     if not request.start():
         raise NotApproved(f"request #{request_id} is {request.status}: only an approved request runs, once")
+    run.server = request.restores_into()  # held there: a DSN moved from now on fails to connect
     return request
 
 

@@ -57,19 +57,45 @@ def run_request(request_id):
     from restores.replace import replace_production
     from restores.sandbox import restore_request
 
-    request = RestoreRequest.objects.select_related("server", "backup_run", "into_server").get(pk=request_id)
+    request = RestoreRequest.objects.select_related("server", "backup_run__server", "into_server").get(pk=request_id)
     if not request.start():
         return f"request #{request_id} is {request.status}: not run"
     actor = f"{request.requested_by.get_username()} (approved by {request.decided_by.get_username()})"
-    if request.destination == RestoreRequest.Destination.REPLACE:
+    # Held to the HOST:PORT its approver saw: a DSN moved since fails the run before anything is sent.
+    target = request.restores_into()
+    if moved := request.destination_moved():
+        restore = _refused(
+            request,
+            target,
+            actor,
+            f"{moved}: nothing was restored; ask for the restore again and have another DBA approve it there",
+        )
+    elif request.destination == RestoreRequest.Destination.REPLACE:
+        request.backup_run.server = target  # the server object replace_production restores into
         return replace_production(request.backup_run, request, actor).status
-    if request.destination == RestoreRequest.Destination.SANDBOX_CLUSTER:
+    elif request.destination == RestoreRequest.Destination.SANDBOX_CLUSTER:
         restore = restore_request(request, actor)
     else:
-        restore = run_logical(
-            request.backup_run, request.into_server or request.server, request.target_database, actor, request=request
-        )
+        restore = run_logical(request.backup_run, target, request.target_database, actor, request=request)
     # Succeeded with warnings is a restore done: the run names what was left out.
     request.status = RestoreRequest.Status.SUCCEEDED if restore.succeeded else RestoreRequest.Status.FAILED
     request.save(update_fields=["status"])
     return restore.status
+
+
+def _refused(request, target, actor, why):
+    """The failed run of a request that may not run: `why` on its page and in the journal."""
+    from restores.logical import finish
+    from restores.models import RestoreRequest, RestoreRun
+
+    replace = request.destination == RestoreRequest.Destination.REPLACE
+    restore = RestoreRun.begin(
+        RestoreRun.Kind.REPLACE if replace else RestoreRun.Kind.LOGICAL,
+        actor,
+        server=request.server,
+        backup_run=request.backup_run,
+        request=request,
+        into_server=target,
+        into_database=request.production_database if replace else request.target_database,
+    )
+    return finish(restore, actor, error=why)

@@ -15,7 +15,9 @@ from restores.tasks import enqueue
 
 
 def restore_requests(request):
-    qs = RestoreRequest.objects.select_related("server", "requested_by", "decided_by").order_by("-requested_at")
+    qs = RestoreRequest.objects.select_related("server", "into_server", "requested_by", "decided_by").order_by(
+        "-requested_at"
+    )
     page = Paginator(qs, 50).get_page(request.GET.get("page"))
     return render(request, "restores/requests.html", {"page": page})
 
@@ -33,6 +35,7 @@ def restore_request_new(request):
             obj=req,
             server=req.server.name,
             destination=req.destination,
+            into=req.into_destination,
             run=req.backup_run_id,
             reason=req.reason,
         )
@@ -43,7 +46,8 @@ def restore_request_new(request):
 
 def restore_request_detail(request, pk):
     req = get_object_or_404(
-        RestoreRequest.objects.select_related("server", "backup_run", "requested_by", "decided_by"), pk=pk
+        RestoreRequest.objects.select_related("server", "backup_run", "into_server", "requested_by", "decided_by"),
+        pk=pk,
     )
     runs = list(req.runs.order_by("-created_at"))
     for run in runs:
@@ -109,7 +113,12 @@ def restore_request_approve(request, pk):
         messages.error(request, e.messages[0])
         return redirect(req)
     journal.record(
-        "restore_approved", actor=request.user.get_username(), obj=req, server=req.server.name, note=req.decision_note
+        "restore_approved",
+        actor=request.user.get_username(),
+        obj=req,
+        server=req.server.name,
+        into=req.into_destination,
+        note=req.decision_note,
     )
     enqueue("restores.tasks.run_request", req.pk, task_name=f"restore request #{req.pk}")
     messages.success(request, f"Request #{req.pk} approved; the restore runs on a worker.")

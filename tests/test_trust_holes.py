@@ -140,7 +140,7 @@ def test_a_restore_test_never_goes_to_a_sandbox_moved_since_a_dba_approved_it(
     Server.objects.filter(pk=sandbox.pk).update(dsn=at_localhost(sandbox))
     test = run_restore_test(Server.objects.get(pk=server.pk))
     assert test.status == "failed"
-    assert f"restore tests may go to 127.0.0.1:{sample_cluster.port} only" in test.error
+    assert f"may be reached at 127.0.0.1:{sample_cluster.port} only, as a DBA approved, not at localhost:" in test.error
     assert not sample_cluster.execute("SELECT datname FROM pg_database WHERE datname LIKE 'restoretest%'")
 
 
@@ -168,14 +168,20 @@ def test_a_sandbox_moved_or_deleted_behind_the_forms_back_is_refused_and_asked_f
     assert prod.sandbox.connection_settings()["host"] == "10.0.0.2" and sandbox_changed(prod, sandbox) == {}
 
     Server.objects.filter(pk=sandbox.pk).update(dsn="postgresql://postgres@10.6.6.6:5432/postgres")
-    with pytest.raises(psycopg.OperationalError, match="may go to 10.0.0.2:5432 only, not sandbox at 10.6.6.6"):
+    with pytest.raises(
+        psycopg.OperationalError,
+        match="sandbox may be reached at 10.0.0.2:5432 only, as a DBA approved, not at 10.6.6.6",
+    ):
         prod.sandbox.connect()
     assert sandbox_changed(prod, Server.objects.get(pk=sandbox.pk))["sandbox_destination"]["to"] == "10.6.6.6:5432"
 
     # Deleted, its tests would restore into prod itself: not before a DBA approves that.
     sandbox.delete()
     prod.refresh_from_db()
-    with pytest.raises(psycopg.OperationalError, match="not prod at 10.0.0.1:5432"):
+    with pytest.raises(
+        psycopg.OperationalError,
+        match="prod may be reached at 10.0.0.2:5432 only, as a DBA approved, not at 10.0.0.1:5432",
+    ):
         prod.sandbox.connection_settings()
     assert sandbox_changed(prod, None)["sandbox"] == {"from": NO_SANDBOX, "to": NO_SANDBOX}
 

@@ -206,8 +206,8 @@ class Server(ServerConnection):
         if approved is not None and approved != self.destination:
             # Raised as a failed connection is, so the restore test fails saying so.
             raise psycopg.OperationalError(
-                f"restore tests may go to {approved or 'no approved destination'} only, not {self} at "
-                f"{self.destination}: ask for the sandbox again and have a DBA approve it"
+                f"{self} may be reached at {approved or 'no approved destination'} only, as a DBA approved, not at "
+                f"{self.destination}: its DSN changed since; ask again and have a DBA approve the new place"
             )
         return super().connection_settings(dbname)
 
