@@ -156,8 +156,29 @@ def restore_dir(server, dump_major=None) -> Path:
     to the server, for a newer pg_restore sends what older servers may not know (17 and later
     send SET transaction_timeout, an error on 16 and before)."""
     directory = client_dir(server)
-    if dump_major is None or dir_major(str(directory)) >= dump_major:
-        return directory
+    major = dir_major(str(directory))
+    if dump_major is not None and major < dump_major:
+        readers = [(d, m) for d, m in usable_dirs() if m >= dump_major]
+        if not readers:
+            raise MissingBinaries(
+                f"no PostgreSQL {dump_major} or newer pg_restore in PG_BIN_DIRS ({_listed_text()}): the backup was made "
+                f"by pg_dump {dump_major}; install PostgreSQL {dump_major} or newer client tools and list their bin directory"
+            )
+        directory, major = readers[0]
+    target = server_major(server)
+    if major >= 17 and target is not None and target < 17:
+        # Measured: pg_restore 18 into a 15 server fails at once on SET transaction_timeout.
+        if dump_major is not None and dump_major >= 17:
+            raise MissingBinaries(
+                f"a backup made by pg_dump {dump_major} cannot be restored into PostgreSQL {target}: only pg_restore "
+                f"{major} or newer reads it, and it sets transaction_timeout, which {target} lacks; restore into a "
+                "server of PostgreSQL 17 or newer"
+            )
+        raise MissingBinaries(
+            f"pg_restore {major} ({directory}) cannot restore into PostgreSQL {target}: it sets transaction_timeout, "
+            f"which {target} lacks; list PostgreSQL {target} client tools in PG_BIN_DIRS"
+        )
+    return directory
     readers = [(d, m) for d, m in usable_dirs() if m >= dump_major]
     if not readers:
         raise MissingBinaries(

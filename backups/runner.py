@@ -231,14 +231,20 @@ def same_cluster(run):
     from backups.manifests import known_system_identifier
 
     server = run.server
+    before = known_system_identifier(server)
     try:
         now = server.system_identifier()
     except psycopg.Error as e:
+        if before:  # a cluster that hides what its good backups' showed is not taken on trust
+            raise BackupFailed(
+                f"server {server}'s cluster does not say its system identifier ({explain(e, server)}), which its good"
+                f" backups recorded as {before}: grant the backup role EXECUTE on pg_control_system(), or point the"
+                " DSN back at that cluster"
+            ) from None
         warning = f"the cluster's system identifier was not compared with its earlier backups': {explain(e, server)}"
         log.warning("server %s: %s", server, warning)
         return warning  # a connection that fails fails the backup itself, saying why
     run.details["system_identifier"] = now
-    before = known_system_identifier(server)
     if before and before != now:
         raise BackupFailed(
             f"server {server}'s DSN ({server.host}:{server.port}) now reaches the cluster with system identifier "

@@ -13,7 +13,10 @@ from psycopg import sql
 
 from backupportal import journal
 from backups.models import BackupRun
+from backups.pipeline import BackupFailed
 from backups.runner import RunRefused, claim, execute
+from backups.storage import StorageError
+from restores import targetdb
 from restores.logical import RestoreFailed, finish, restore_into
 from restores.models import RestoreRequest, RestoreRun
 from restores.targetdb import dropped
@@ -70,7 +73,7 @@ def replace_production(run, request, actor):
             if left and isinstance(e, RestoreFailed):
                 raise RestoreFailed(f"{e}; {left}") from None
             raise
-    except RestoreFailed as e:
+    except (RestoreFailed, StorageError, BackupFailed) as e:  # BackupFailed: the tools' refusals, as run_logical
         restore.notes = "; ".join(notes)
         _close_request(request, failed=True)
         return finish(restore, actor, error=f"{e}; production {prod} is unchanged")
@@ -95,9 +98,8 @@ def _resume(sub, slot, prod, old):
         f"PRODUCTION {prod} DOES NOT REPLICATE: its subscription {sub} came back from the backup disabled and"
         f" detached from slot {slot}, which was not touched on the publisher. To resume, in {prod}:"
         f" ALTER SUBSCRIPTION {sub} SET (slot_name = '{slot}'); ALTER SUBSCRIPTION {sub} ENABLE."
-        f" The previous database {old} still names that slot: before dropping it, run there"
-        f" ALTER SUBSCRIPTION {sub} DISABLE; ALTER SUBSCRIPTION {sub} SET (slot_name = NONE),"
-        " else its DROP SUBSCRIPTION drops the slot"
+        f" The previous database {old} was detached from that slot at the swap: it can be dropped without"
+        " touching the publisher"
     )
 
 
@@ -132,6 +134,7 @@ def _swap(server, prod, new, old):
     """Rename production away and the restored copy in, in one transaction."""
     import psycopg
 
+    _detach_before_swap(server, prod)
     with server.connect("postgres") as conn:
         conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(prod)))
         try:
@@ -150,6 +153,24 @@ def _swap(server, prod, new, old):
         except psycopg.Error as e:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(prod)))
             raise RestoreFailed(f"swapping the databases failed: {str(e).splitlines()[0]}") from None
+
+
+def _detach_before_swap(server, prod):
+    """Production's subscriptions let go of their slots before it is renamed away: the kept
+    database, closed to connections from then on, could be neither detached later nor dropped
+    without dropping production's slot on the publisher. Production stays as it was if this fails."""
+    import psycopg
+
+    try:
+        with server.connect(prod) as conn:
+            for subscription, slot in targetdb.in_database(conn):
+                if slot is not None:
+                    targetdb.detach(conn, subscription)
+    except psycopg.Error as e:
+        raise RestoreFailed(
+            f"the subscriptions of {prod} could not be detached from their slots before the swap ({str(e).splitlines()[0]}):"
+            " the portal's role must own them or be a superuser"
+        ) from None
 
 
 def _close_request(request, failed):

@@ -214,6 +214,14 @@ def test_pg_restore_is_the_target_s_own_unless_it_cannot_read_the_dump(pg18_bin,
     assert binaries.client_tool(older, "pg_dump", dump_major=18) == PG15 / "pg_dump"
     newer = Server(name="newer", pg_version=180006)
     assert binaries.client_tool(newer, "pg_restore", dump_major=15) == pg18_bin / "pg_restore"
+    # Only tools of 17 or later listed: whatever the dump, they cannot restore into a 15 server.
+    settings.PG_BIN_DIRS = [str(pg18_bin)]
+    with pytest.raises(binaries.MissingBinaries) as e:
+        binaries.client_tool(older, "pg_restore", dump_major=15)
+    assert str(e.value) == (
+        f"pg_restore 18 ({pg18_bin}) cannot restore into PostgreSQL 15: it sets transaction_timeout, which 15 lacks;"
+        " list PostgreSQL 15 client tools in PG_BIN_DIRS"
+    )
 
 
 def test_an_18_backup_is_refused_for_a_15_server_for_the_reasons_it_says(

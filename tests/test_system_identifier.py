@@ -61,7 +61,9 @@ def test_a_backup_of_a_server_whose_dsn_reaches_another_cluster_fails_naming_bot
     assert backup_json()["status"] == "succeeded"
 
 
-def test_an_identifier_the_role_may_not_read_warns_and_never_fails_the_backup(sample_cluster, passphrase_file, tiers):
+def test_an_identifier_the_role_may_not_read_warns_until_a_good_backup_recorded_one(
+    sample_cluster, passphrase_file, tiers
+):
     sample_cluster.create_role("reader", password=READER_PASSWORD)
     sample_cluster.execute("GRANT pg_read_all_data TO reader")
     server = Server(name="maldives", dsn=sample_cluster.dsn("reliabilitymaldives", user="reader"))
@@ -77,3 +79,15 @@ def test_an_identifier_the_role_may_not_read_warns_and_never_fails_the_backup(sa
     notes = BackupRun.objects.get(pk=result["id"]).notes
     assert "the cluster's system identifier was not compared with its earlier backups'" in notes
     assert "permission denied" in notes
+
+    # Once a good backup recorded it, a cluster that hides it is not taken on trust.
+    sample_cluster.execute(revoke.replace("REVOKE", "GRANT").replace("FROM", "TO"), dbname="reliabilitymaldives")
+    assert backup_json()["status"] == "succeeded"
+    sample_cluster.execute(revoke, dbname="reliabilitymaldives")
+    refused = backup_json()
+    assert refused["status"] == "failed"
+    assert refused["error"].startswith("server maldives's cluster does not say its system identifier (")
+    assert refused["error"].endswith(
+        f"which its good backups recorded as {sysid(sample_cluster)}: grant the backup role EXECUTE on"
+        " pg_control_system(), or point the DSN back at that cluster"
+    )

@@ -13,9 +13,9 @@ def _destination(dsn):
     """HOST:PORT as backups.models.servers.destination_of reads it; frozen here, never live code."""
     try:
         parts = conninfo_to_dict(dsn)
-    except Exception:  # noqa: BLE001  psycopg's parser: a DSN nothing connects with either
+        return f"{parts.get('host') or ''}:{int(parts.get('port') or 5432)}"
+    except Exception:  # noqa: BLE001  psycopg's parser, or several ports (h1:5432,h2:5432): nothing connects with it
         return ""
-    return f"{parts.get('host') or ''}:{int(parts.get('port') or 5432)}"
 
 
 def approve_present_destinations(apps, schema_editor):
