@@ -44,11 +44,12 @@ class LoginView(auth_views.LoginView):
 
 @receiver(user_login_failed, dispatch_uid="backupportal.logins.count_failure")
 def count_failure(sender, credentials, request=None, **kwargs):
-    # A refused attempt checked no password: it does not make the wait longer.
+    # A refused attempt checked no password: it does not make the wait longer (the wait is of its
+    # user name at its address: polling it from elsewhere keeps nobody else waiting).
     if request is not None and not getattr(request, "login_refused", ""):
         LoginFailure.record(credentials.get("username", ""), client_address(request))
 
 
 @receiver(user_logged_in, dispatch_uid="backupportal.logins.forget_failures")
 def forget_failures(sender, request, user, **kwargs):
-    LoginFailure.forget(user.get_username())
+    LoginFailure.forget(user.get_username(), client_address(request))

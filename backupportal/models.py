@@ -57,10 +57,14 @@ class JournalEntry(models.Model):
 class LoginFailure(models.Model):
     """A failed login, kept for LOGIN_FAILURE_WINDOW seconds: what the login limits count.
 
-    Per user name, failures slow the next attempt down (a growing wait, capped): never a
-    lock-out, so an outsider cannot keep the approvers out during an incident. Per address,
-    too many failures refuse that address until the window passes: one password sprayed
-    against many user names comes from one address (behind a proxy: see TRUSTED_PROXIES).
+    Per user name and address, failures slow the next attempt from that address down (a growing
+    wait, capped): a guesser waits between guesses, while the owner at another address is not
+    slowed by them, so an outsider cannot keep the approvers out during an incident (a wait per
+    user name alone could be kept running by polling it from elsewhere). Per address, too many
+    failures refuse that address until the window passes: one password sprayed against many user
+    names comes from one address (behind a proxy: see TRUSTED_PROXIES). A guesser with many
+    addresses gets LOGIN_ADDRESS_LIMIT guesses per window from each: the second factor, not
+    this count, is what keeps a guessed password from opening an approver's account.
     """
 
     username = models.CharField(max_length=150)
@@ -92,9 +96,10 @@ class LoginFailure(models.Model):
             return f"Too many failed logins from your address ({address}): try again in {minutes} minutes."
         # No user name: single sign-on's callback, limited by address only (its failures carry
         # no name, and one person's would otherwise slow every other's down).
-        wait = cls.wait_for(recent.filter(username=cls.key(username)), now) if cls.key(username) else 0
+        name = cls.key(username)
+        wait = cls.wait_for(recent.filter(username=name, address=address), now) if name else 0
         if wait > 0:
-            return f"Too many failed logins for this user name: wait {wait} seconds, then try again."
+            return f"Too many failed logins for this user name from your address: wait {wait} seconds, then try again."
         return ""
 
     @staticmethod
@@ -114,9 +119,10 @@ class LoginFailure(models.Model):
         cls.objects.create(username=cls.key(username), address=address[:45], at=now)
 
     @classmethod
-    def forget(cls, username):
-        """A successful login ends the wait its user name was under."""
-        cls.objects.filter(username=cls.key(username)).delete()
+    def forget(cls, username, address):
+        """A successful login ends the wait its user name was under at that address, and only
+        there: someone else's failures from other addresses keep counting against them."""
+        cls.objects.filter(username=cls.key(username), address=address[:45]).delete()
 
 
 class SsoIdentity(models.Model):

@@ -1,10 +1,17 @@
 """One's own second factor: the account page, enrolment (the secret shown once), recovery codes
 (shown once) and the code asked after the password. Every account manages its own, auditors
-included; resetting another person's is the admin's (backupportal/admin.py)."""
+included; resetting another person's is the admin's (backupportal/admin.py).
+
+An account that has a second factor replaces it, or makes new recovery codes, only with a code of
+the last FRESH_SECONDS, as approvals do: a session verified at its login hours ago (a laptop left
+open, a stolen session cookie with the password) must not swap in its own authenticator."""
+
+from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST, require_safe
@@ -27,12 +34,27 @@ def account(request):
         "required": twofactor.required_of(user),
         "codes_left": twofactor.recovery_codes_left(user),
         "verified": user.is_verified(),
+        "fresh": twofactor.is_fresh(request),
+        "fresh_minutes": twofactor.FRESH_SECONDS // 60,
     }
     return render(request, "two_factor/account.html", context)
 
 
+def _stale(request, what, back):
+    """A redirect to the verify page (coming back to `back`) when the user has a second factor
+    and this session has not proved it in the last FRESH_SECONDS; else None."""
+    if twofactor.is_fresh(request) or not twofactor.has_device(request.user):
+        return None
+    minutes = twofactor.FRESH_SECONDS // 60
+    messages.info(request, f"{what} needs a code of the last {minutes} minutes: type the current one, then try again.")
+    return redirect(f"{reverse('two-factor-verify')}?{urlencode({'next': reverse(back)})}")
+
+
 @require_POST
 def start(request):
+    stale = _stale(request, "Replacing the authenticator", "two-factor")
+    if stale:
+        return stale
     device = twofactor.start_enrolment(request.user)
     request.session[PENDING_KEY], request.session[SHOWN_KEY] = device.pk, False
     return redirect("two-factor-enrol")
@@ -59,6 +81,9 @@ def confirm(request):
     if device is None:
         messages.error(request, "No authenticator is waiting for its first code: start again.")
         return redirect("two-factor")
+    stale = _stale(request, "Replacing the authenticator", "two-factor-enrol")
+    if stale:
+        return stale
     if not form.is_valid():
         messages.error(request, form.errors["otp_token"][0])
         return redirect("two-factor-enrol")
@@ -74,6 +99,9 @@ def confirm(request):
 
 @require_POST
 def recovery(request):
+    stale = _stale(request, "Making new recovery codes", "two-factor")
+    if stale:
+        return stale
     try:
         request.session[CODES_KEY] = twofactor.new_recovery_codes(request.user)
     except PermissionDenied as e:

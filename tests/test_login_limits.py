@@ -1,5 +1,6 @@
-"""Login limits: a growing wait per user name (never a lock-out), a limit per address, and the
-client's address read from X-Forwarded-For only when a trusted proxy sent it."""
+"""Login limits: a growing wait per user name and address (never a lock-out of the owner by
+someone elsewhere), a limit per address, and the client's address read from X-Forwarded-For
+only when a trusted proxy sent it."""
 
 import datetime
 
@@ -62,6 +63,50 @@ def test_an_outsider_cannot_lock_an_approver_out(client, db, clock, settings):
         waited += 1
         assert waited <= settings.LOGIN_MAX_DELAY
     assert settings.LOGIN_MAX_DELAY <= 60
+
+
+def test_an_outsider_hammering_a_user_name_from_other_addresses_never_keeps_its_owner_out(client, db, clock, settings):
+    """The security review's attack: two addresses (each under LOGIN_ADDRESS_LIMIT) poll bob's
+    name with wrong passwords twice a second for ten minutes, landing a counted failure each
+    time a wait runs out; bob, from his own address with his password, gets in at once."""
+    make_user("bob", "DBA")
+    attackers = ["203.0.113.9", "203.0.113.10"]
+    owner = "192.0.2.77"
+    counted = bob_in = 0
+    for second in range(600):
+        for n, attacker in enumerate(attackers):
+            if login(client, "bob", "guess", address=attacker).status_code == 200:
+                counted += 1  # checked (and wrong); otherwise refused with 429
+            clock.shift(0.25 + 0.25 * n)
+        if second >= 60 and second % 20 == 0:
+            response = login(client, "bob", DEMO_PASSWORD, address=owner)
+            assert logged_in(response), (second, response.status_code)
+            bob_in += 1
+            client.logout()
+    assert bob_in == 27
+    # The attacker was slowed all along: its failures were counted one wait apart, not twice a second.
+    per_address = [LoginFailure.objects.filter(username="bob", address=a).count() for a in attackers]
+    assert counted == sum(per_address) and all(3 < n < settings.LOGIN_ADDRESS_LIMIT for n in per_address)
+    for attacker in attackers:
+        # bob's logins did not wipe the attacker's count: it waits still, right password or not.
+        refused = login(client, "bob", DEMO_PASSWORD, address=attacker)
+        assert refused.status_code == 429 and "wait" in refused.content.decode()
+
+
+def test_brute_force_on_one_user_name_from_one_address_is_slowed_whatever_the_owner_does(client, db, clock, settings):
+    make_user("bob", "DBA")
+    guesser = "203.0.113.50"
+    for _ in range(settings.LOGIN_FREE_ATTEMPTS + 6):
+        while login(client, "bob", "guess", address=guesser).status_code == 429:
+            clock.shift(1)
+    # Nine failures: the next guess from that address waits 32 seconds after the last.
+    assert login(client, "bob", "guess", address=guesser).status_code == 429
+    assert logged_in(login(client, "bob", DEMO_PASSWORD, address="192.0.2.77"))  # the owner elsewhere: at once
+    client.logout()
+    clock.shift(31)
+    assert login(client, "bob", "guess", address=guesser).status_code == 429
+    clock.shift(1)
+    assert login(client, "bob", "guess", address=guesser).status_code == 200
 
 
 def test_refused_attempts_do_not_make_the_wait_longer(client, db, clock):

@@ -15,6 +15,7 @@ import re
 import struct
 import time
 from base64 import b32encode
+from urllib.parse import quote
 
 import pytest
 import time_machine
@@ -254,3 +255,68 @@ def test_a_code_is_checked_by_its_shape_before_the_database_sees_it(client, cata
     # Nothing was counted against the device: shapes are refused before any check.
     assert TOTPDevice.objects.get(user=bob).throttling_failure_count == 0
     assert client.get(reverse("dashboard")).status_code == 302
+
+
+def test_replacing_the_authenticator_or_the_recovery_codes_needs_a_fresh_code(client, catalog):
+    """A session verified long ago (someone else's hands on an open laptop, say) cannot enrol
+    another authenticator or mint recovery codes: a code of the last 5 minutes is asked first."""
+    bob = make_user("bob", "DBA")
+    client.force_login(bob)
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        secret, codes = enrol(client)  # the first enrolment asks nothing more
+        old = TOTPDevice.objects.get(user=bob, confirmed=True)
+        # Within the 5 minutes of that code: a new authenticator may be started (confirmed later).
+        assert client.post(reverse("two-factor-start"))["Location"] == reverse("two-factor-enrol")
+        page = client.get(reverse("two-factor-enrol")).content.decode()
+        new_secret = re.search(r'<code id="secret">([A-Z2-7 ]+)</code>', page).group(1)
+
+    with time_machine.travel(start + timezone.timedelta(minutes=6), tick=False):
+        verify_then = reverse("two-factor-verify") + "?next="
+        pending = TOTPDevice.objects.get(user=bob, confirmed=False).pk
+        for name, data, back in [
+            ("two-factor-start", {}, reverse("two-factor")),
+            ("two-factor-confirm", {"otp_token": totp(new_secret)}, reverse("two-factor-enrol")),
+            ("two-factor-recovery", {}, reverse("two-factor")),
+        ]:
+            response = client.post(reverse(name), data)
+            assert response.status_code == 302 and response["Location"] == verify_then + quote(back, safe=""), name
+            page = client.get(response["Location"]).content.decode()
+            assert "a code of the last 5 minutes" in page and 'name="otp_token"' in page
+        # Nothing changed: the old authenticator and codes, the new one still unconfirmed (and kept).
+        assert list(TOTPDevice.objects.filter(user=bob, confirmed=True)) == [old]
+        assert TOTPDevice.objects.filter(user=bob, confirmed=False, pk=pending).exists()
+        assert not JournalEntry.objects.filter(action="recovery_codes_made").exists()
+        assert JournalEntry.objects.filter(action="second_factor_enrolled").count() == 1
+        assert "No new recovery codes to show" in client.get(reverse("two-factor-codes")).content.decode()
+
+    with time_machine.travel(start + timezone.timedelta(minutes=6, seconds=40), tick=False):
+        # A code of now, and back where bob was: the new authenticator's first code confirms it.
+        back = reverse("two-factor-enrol")
+        response = client.post(reverse("two-factor-verify"), {"otp_token": totp(secret), "next": back})
+        assert response["Location"] == back
+        assert client.post(reverse("two-factor-confirm"), {"otp_token": totp(new_secret)})["Location"] == reverse(
+            "two-factor-codes"
+        )
+        assert TOTPDevice.objects.get(user=bob, confirmed=True).pk == pending
+        assert client.post(reverse("two-factor-recovery"))["Location"] == reverse("two-factor-codes")
+        assert JournalEntry.objects.filter(action="recovery_codes_made", actor="bob").count() == 1
+
+
+def test_a_session_verified_by_a_recovery_code_long_ago_cannot_enrol_its_own_authenticator(client, catalog):
+    bob = make_user("bob", "DBA")
+    client.force_login(bob)
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        secret, codes = enrol(client)
+    client.logout()
+    with time_machine.travel(start + timezone.timedelta(minutes=1), tick=False):
+        log_in(client, "bob")
+        client.post(reverse("two-factor-verify"), {"otp_token": codes[0]})
+        assert client.get(reverse("dashboard")).status_code == 200
+    with time_machine.travel(start + timezone.timedelta(hours=2), tick=False):
+        assert client.post(reverse("two-factor-start"))["Location"].startswith(reverse("two-factor-verify"))
+        assert client.post(reverse("two-factor-recovery"))["Location"].startswith(reverse("two-factor-verify"))
+        assert not TOTPDevice.objects.filter(user=bob, confirmed=False).exists()
+        # The account page says so beside the buttons.
+        assert "asks for a code first" in client.get(reverse("two-factor")).content.decode()
