@@ -132,7 +132,7 @@ class ServerForm(forms.ModelForm):
     )
     change_reason = reason_field(
         "Shortening retention (lengthening applies at once), disabling the server, choosing its sandbox or "
-        "moving a server restore tests restore into (these two a DBA approves)"
+        "sending restore tests to a server's new host or port (these two a DBA approves)"
     )
 
     class Meta:
@@ -168,7 +168,12 @@ class ServerForm(forms.ModelForm):
 
     def _check_restore_destination(self, cleaned):
         """A new sandbox, or a server restore tests restore into moved: each waits for a DBA."""
-        self.sandbox_change = sandbox_changed(self.instance, cleaned.get("sandbox_server"))
+        chosen = cleaned.get("sandbox_server")
+        self.sandbox_change = sandbox_changed(self.instance, chosen)
+        if self.sandbox_change and self.sandbox_change["sandbox_destination"]["to"] is None:
+            # Nothing connects with it: there is no HOST:PORT for a DBA to approve.
+            self.add_error("sandbox_server", f"The DSN of {chosen or self.instance} cannot be read: fix it first.")
+            self.sandbox_change = {}
         if self.sandbox_change:
             check_request(self, ChangeRequest.Kind.SET_SANDBOX, self.instance)
         self.moves = destination_moved(self.instance, cleaned.get("dsn")) if "dsn" in cleaned else {}
@@ -292,40 +297,41 @@ class ServerAdmin(admin.ModelAdmin):
             )
 
     def _hold_back_destination(self, obj, form):
-        """Put back the sandbox and the DSN that wait for a DBA; returns the fields held back."""
-        stored = Server.objects.get(pk=obj.pk) if obj.pk else Server()
-        held = []
-        if getattr(form, "sandbox_change", None):
-            obj.sandbox_server = stored.sandbox_server
-            held.append("sandbox_server")
-        if getattr(form, "moves", None):
-            # The password typed was sealed for the new host: the stored one stays for the old.
-            obj.dsn = stored.dsn
-            obj.password_sealed, obj.password_target = stored.password_sealed, stored.password_target
-            held += ["dsn", "new_password"]
-        return held
+        """Put back the sandbox that waits for a DBA; returns the fields held back. A move's DSN,
+        password and version apply at once: only its restore tests wait (sandbox_destination)."""
+        if not getattr(form, "sandbox_change", None):
+            return []
+        obj.sandbox_server = Server.objects.get(pk=obj.pk).sandbox_server if obj.pk else None
+        return ["sandbox_server"]
 
     def _ask_a_dba(self, request, server, form):
         """Open the requests the form found waiting for a DBA, and say where they wait."""
         kinds, reason = ChangeRequest.Kind, form.cleaned_data.get("change_reason")
         asks = [
-            (kinds.SET_SANDBOX, form.sandbox_change, f"Choosing where the restore tests of {server} restore"),
+            (
+                kinds.SET_SANDBOX,
+                form.sandbox_change,
+                f"Choosing where the restore tests of {server} restore",
+                "nothing of it applies until then",
+            ),
             (
                 kinds.MOVE_SANDBOX,
                 form.moves,
-                f"Moving {server} (restore tests restore into it; retype its password then)",
+                f"Sending restore tests to {server} at {form.moves.get('sandbox_destination', {}).get('to')}",
+                "its new DSN applies now (backups go there); restore tests into it fail until then",
             ),
         ]
-        for kind, changes, what in asks:
+        for kind, changes, what, meanwhile in asks:
             if changes:
                 change = ChangeRequest.open(kind, server, request.user, reason, changes)
                 self.message_user(
                     request,
                     format_html(
-                        '{} waits for a DBA to approve <a href="{}">change request #{}</a>: nothing of it applies until then.',
+                        '{} waits for a DBA to approve <a href="{}">change request #{}</a>: {}.',
                         what,
                         reverse("changes"),
                         change.pk,
+                        meanwhile,
                     ),
                     messages.WARNING,
                 )
@@ -342,7 +348,9 @@ class ServerAdmin(admin.ModelAdmin):
 
 
 class BackupScheduleForm(forms.ModelForm):
-    change_reason = reason_field("Disabling a schedule, or making it fire less often over the next 30 days,")
+    change_reason = reason_field(
+        "Disabling a schedule, or making it fire less often or leave a longer gap over the next year,"
+    )
 
     class Meta:
         model = BackupSchedule

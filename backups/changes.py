@@ -6,17 +6,20 @@ shorten retention, turn a schedule down, delete a backup or a location without a
 - retention shortened: any of RETENTION_FIELDS lowered (lengthening applies at once);
 - a schedule disabled, or changed so that over the next year it fires less often or its longest
   silence grows (backupportal.lib.cron.firings and longest_gap; a month's count would let "only in
-  December" through); a change worse by neither applies at once; a server disabled (no job runs);
+  December" through); a change worse by neither applies at once, nor one that only moves a firing
+  across the year's edge (weakened); a server disabled (no job runs);
 - a backup deleted by hand;
 - a storage location removed, or retired (disabled);
 - a legal hold released (backups.models.holds);
 - where a server's restore tests restore chosen (its sandbox, or none: itself), or a server they
   restore into moved to another host or port: each test decrypts the newest production backup
   there, so only a DBA approves (ChangeRequest.DBA_DECIDES), and tests go only to the HOST:PORT
-  approved (Server.sandbox).
+  approved (Server.sandbox). A move applies to the DSN at once (backups follow a failover; a
+  backup reaching another cluster is refused by its own check); only the new HOST:PORT as the
+  restore tests' destination waits, and until it is approved those tests fail saying so.
 
-Such a change opens a ChangeRequest and nothing changes until it is approved; each kind is made
-by one small function below, registered with ChangeRequest.applies.
+Such a change opens a ChangeRequest and nothing of it changes until it is approved; each kind is
+made by one small function below, registered with ChangeRequest.applies.
 """
 
 from django.core.exceptions import ValidationError
@@ -43,6 +46,11 @@ RETENTION_FIELDS = [
 ]
 # A schedule is compared over a whole year (a leap day included): a season without backups shows.
 YEAR_DAYS = 366
+# A schedule only shifted is not weakened by the window's edges: it loses a firing there ("the 5th"
+# fires 13 times from 5 December, "the 6th" 12: FIRINGS_SLACK), and a yearly firing's gap is 366
+# days across a 29 February (a gap is longer when it grows by more than GAP_SLACK_PCT percent).
+FIRINGS_SLACK = 1
+GAP_SLACK_PCT = 1
 
 
 def request_problem(kind, target, reason):
@@ -112,14 +120,18 @@ def schedule_turned_down(stored, cron, enabled, now=None):
 def weakened(old, new, now=None):
     """The measures over YEAR_DAYS in which cron `new` is worse than `old`, as {measure: {"from",
     "to"}}: fewer firings, or a longer longest gap. Either alone is worse: more firings bunched
-    into one month still leave the other eleven without a backup."""
+    into one month still leave the other eleven without a backup. Neither counts what the
+    window's edges make of a shifted schedule (FIRINGS_SLACK, GAP_SLACK_PCT): one firing fewer is
+    judged by the longest gap alone ("twice a year" to "once" waits by it), and a gap is longer
+    when it grows by more than GAP_SLACK_PCT (a day's from 1 day to 2 does)."""
+    fired = firings(old, YEAR_DAYS, now), firings(new, YEAR_DAYS, now)
+    gap = longest_gap(old, YEAR_DAYS, now), longest_gap(new, YEAR_DAYS, now)
+    longer = gap[1] * 100 > gap[0] * (100 + GAP_SLACK_PCT)
     changes = {}
-    before, after = firings(old, YEAR_DAYS, now), firings(new, YEAR_DAYS, now)
-    if after < before:
-        changes[f"firings in {YEAR_DAYS} days"] = {"from": before, "to": after}
-    before, after = longest_gap(old, YEAR_DAYS, now), longest_gap(new, YEAR_DAYS, now)
-    if after > before:
-        changes["longest gap"] = {"from": duration_words(before), "to": duration_words(after)}
+    if fired[1] < fired[0] - FIRINGS_SLACK or (longer and fired[1] < fired[0]):
+        changes[f"firings in {YEAR_DAYS} days"] = {"from": fired[0], "to": fired[1]}
+    if longer:
+        changes["longest gap"] = {"from": duration_words(gap[0]), "to": duration_words(gap[1])}
     return changes
 
 
@@ -200,11 +212,17 @@ NO_SANDBOX = "none (this server)"
 def sandbox_changed(stored, chosen):
     """The change of `stored`'s sandbox to `chosen` (a Server, or None: itself) as {field: {"from",
     "to"}}, or {} when its restore tests keep going where a DBA approved. A destination that moved
-    behind the form's back (a sandbox deleted, a DSN edited in a shell) is asked for again too."""
+    behind the form's back (a sandbox deleted, a DSN edited in a shell) is asked for again too;
+    one whose move already waits for a DBA (destination_moved) is not asked for twice."""
     if stored.pk is None and chosen is None:
         return {}  # a new server's own destination is approved with it (Server.save)
-    destination = (chosen or stored).destination
-    if getattr(chosen, "pk", None) == stored.sandbox_server_id and destination == stored.sandbox_destination:
+    receiving = chosen or stored
+    destination = receiving.destination
+    if chosen is None and stored.sandbox_server_id is None and destination is None:
+        return {}  # its own DSN cannot be read: nothing connects with it, nothing to approve
+    if getattr(chosen, "pk", None) == stored.sandbox_server_id and (
+        destination == stored.sandbox_destination or move_waiting(receiving, destination)
+    ):
         return {}
     return {
         "sandbox": {"from": _sandbox_name(stored.sandbox_server), "to": _sandbox_name(chosen)},
@@ -217,12 +235,22 @@ def _sandbox_name(server):
 
 
 def destination_moved(stored, dsn):
-    """{"dsn": {"from", "to"}} when `dsn` moves `stored`, a server restore tests restore into, to
-    another host or port; else {} (a new server, or one no restore test reaches, moves at once)."""
-    moved = stored.pk is not None and destination_of(dsn) not in (None, stored.destination)
-    if not moved or not stored.restore_tests_from().exists():
+    """{"sandbox_destination": {"from", "to"}} when `dsn` moves `stored`, a server restore tests
+    restore into, to another HOST:PORT; else {} (a new server, one no restore test reaches, or one
+    moved back where they were approved to go). The DSN itself applies at once: what waits for a
+    DBA is the restore tests going there."""
+    new = destination_of(dsn)
+    if stored.pk is None or new in (None, stored.destination):
         return {}
-    return {"dsn": {"from": stored.dsn, "to": dsn}}
+    if not stored.restore_tests_from().exclude(sandbox_destination=new).exists():
+        return {}
+    return {"sandbox_destination": {"from": stored.destination or "none", "to": new}}
+
+
+def move_waiting(server, destination):
+    """A move of `server` to `destination` waits for a DBA: its approval makes it the destination."""
+    pending = ChangeRequest.objects.pending().filter(kind=Kind.MOVE_SANDBOX, target_id=server.pk)
+    return pending.filter(changes__sandbox_destination__to=destination).exists()
 
 
 @ChangeRequest.applies(Kind.SET_SANDBOX, Server)
@@ -231,6 +259,8 @@ def apply_sandbox(server, change):
     chosen = None if name == NO_SANDBOX else Server.objects.filter(name=name).first()
     if name != NO_SANDBOX and chosen is None:
         raise ValidationError(f"Server {name} no longer exists: reject change request #{change.pk} and ask again.")
+    if approved is None:  # asked for before the form refused a DSN that cannot be read
+        raise ValidationError(f"The DSN of {chosen or server} cannot be read: reject change request #{change.pk}.")
     # What the DBA approves is what runs: not a sandbox moved since it was asked for.
     now = (chosen or server).destination
     if now != approved:
@@ -246,20 +276,20 @@ def apply_sandbox(server, change):
 
 @ChangeRequest.applies(Kind.MOVE_SANDBOX, Server)
 def apply_move(server, change):
-    dsn = change.changes["dsn"]
-    if server.dsn != dsn["from"]:
+    if "sandbox_destination" not in change.changes:
+        # Asked for when a move held its DSN back: that DSN never applied.
         raise ValidationError(
-            f"The DSN of {server} changed since change request #{change.pk} was asked for: reject it and ask again."
+            f"Change request #{change.pk} is from before a move's DSN applied at once: reject it and move {server} again."
         )
-    receiving = list(server.restore_tests_from().values_list("pk", flat=True))
-    server.dsn = dsn["to"]
-    server.save(update_fields=["dsn"])  # a password entered for the old host is forgotten (ServerConnection)
-    Server.objects.filter(pk__in=receiving).update(sandbox_destination=server.destination)
-    journal.record(
-        "server_changed",
-        actor=approved_actor(change),
-        obj=server,
-        fields=["dsn"],
-        change=change.pk,
-        credentials_forgotten=getattr(server, "password_forgotten", False),
-    )
+    approved = change.changes["sandbox_destination"]["to"]
+    if server.destination != approved:
+        raise ValidationError(
+            f"{server} now points at {server.destination}, not {approved} as asked: reject change request "
+            f"#{change.pk} and ask again."
+        )
+    receiving = list(server.restore_tests_from())
+    Server.objects.filter(pk__in=[r.pk for r in receiving]).update(sandbox_destination=approved)
+    for other in receiving:
+        journal.record(
+            "server_changed", actor=approved_actor(change), obj=other, fields=["sandbox_destination"], change=change.pk
+        )

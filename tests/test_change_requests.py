@@ -117,6 +117,52 @@ def test_the_longest_gap_agrees_with_the_next_runs_django_q2_computes(cron):
     assert longest_gap(cron, 366, NOW) == max(b - a for a, b in zip(moments, moments[1:], strict=False))
 
 
+# The day a review found these waiting: the window (5 December 2026 .. 5 December 2027) holds the
+# 5th of December twice and no 29 February, which a yearly firing in July meets in 2028.
+REVIEW_DAY = datetime(2026, 12, 5, 12, tzinfo=MALE)
+
+
+@pytest.mark.parametrize(
+    "old, new, waits",
+    [
+        ("0 2 5 * *", "0 2 6 * *", False),  # 13 to 12 firings at the window's edge; 31 and 31 days
+        ("0 3 * * 0#1", "0 3 1 * *", False),  # 13 to 12; 35 to 31 days
+        ("0 2 1 1 *", "0 2 1 7 *", False),  # 1 and 1; 365 to 366 days across 29 February 2028
+        ("0 2 1 1,7 *", "0 2 1 1 *", True),  # one firing fewer, judged by the gap: 184 to 365 days
+        ("0 2 * * *", "0 2,14 * 12 *", True),  # December only
+        ("0 2 * * *", "0 2 * * 1-5", True),  # weekdays: 366 to 260, 1 to 3 days
+        ("0 2 * * *", "0 2,14 * * 1-5", True),  # more firings, yet 2.5 days over each weekend
+        ("0 5 * * 3", "0 5 * 12 3", True),  # the weekly restore test, in December only
+        ("0 2 * * *", "0 2 */2 * *", True),  # every other day: 1 to 2 days is longer
+    ],
+)
+def test_a_schedule_shifted_across_the_years_edges_applies_at_once_a_weakened_one_waits(old, new, waits):
+    changes = schedule_turned_down(BackupSchedule(cron=old, enabled=True), new, True, REVIEW_DAY)
+    assert bool(changes) is waits, changes
+
+
+def test_one_firing_fewer_is_judged_by_the_longest_gap_and_both_are_shown():
+    assert (firings("0 2 5 * *", 366, REVIEW_DAY), firings("0 2 6 * *", 366, REVIEW_DAY)) == (13, 12)
+    assert longest_gap("0 2 1 7 *", 366, REVIEW_DAY) == timedelta(days=366)
+    assert schedule_turned_down(BackupSchedule(cron="0 2 1 1,7 *", enabled=True), "0 2 1 1 *", True, REVIEW_DAY) == {
+        "firings in 366 days": {"from": 2, "to": 1},
+        "longest gap": {"from": "184 days", "to": "365 days"},
+        "cron": {"from": "0 2 1 1,7 *", "to": "0 2 1 1 *"},
+    }
+
+
+def test_a_shifted_schedule_applies_at_once_in_the_admin(client, alice, db):
+    server = make_server()
+    schedule = BackupSchedule.objects.get(server=server, job="logical")
+    BackupSchedule.objects.filter(pk=schedule.pk).update(cron="0 2 5 * *")
+    url = reverse("admin:backups_backupschedule_change", args=[schedule.pk])
+    client.force_login(alice)
+    with time_machine.travel(REVIEW_DAY, tick=False):
+        assert client.post(url, admin_form_data(client, url, cron="0 2 6 * *")).status_code == 302
+    assert BackupSchedule.objects.get(pk=schedule.pk).cron == "0 2 6 * *" and not ChangeRequest.objects.exists()
+    assert Schedule.objects.get(name="logical:atoll").cron == "0 2 6 * *"
+
+
 def test_only_in_december_waits_though_it_fires_more_often_this_month(db):
     """The reviewer's case: more firings over the next 30 days, none for eleven months after."""
     stored = BackupSchedule(cron="0 2 * * *", enabled=True)

@@ -1,9 +1,10 @@
 """Holes a security review found in whom the portal trusts, closed.
 
 - Where a server's restore tests restore (its sandbox, or itself) decides who receives its newest
-  backup, decrypted. Choosing it, and moving a server restore tests restore into to another host
-  or port, wait for a DBA's approval: Sam, a Sysadmin, edits servers but may neither ask for a
-  restore nor approve one. A restore test goes only to the HOST:PORT a DBA approved.
+  backup, decrypted. Choosing it waits for a DBA's approval: Sam, a Sysadmin, edits servers but
+  may neither ask for a restore nor approve one. Moving a server restore tests restore into to
+  another host or port applies to its DSN at once (its backups follow a failover), and restore
+  tests going to the new HOST:PORT wait for a DBA. A restore test goes only where a DBA approved.
 - The admin's "Back up now" and "Verify copies now" go by the role: a superuser without one (or
   a Sysadmin who is a superuser) may not.
 
@@ -98,32 +99,96 @@ def test_a_server_added_with_a_sandbox_is_added_without_it_until_a_dba_approves(
     assert atoll.sandbox_server == server
 
 
-def test_moving_a_server_restore_tests_restore_into_waits_for_a_dba(client, sample_cluster, server, sam, alice):
-    evil = register(sample_cluster, name="evil", dbname="postgres")
+def test_a_move_applies_its_dsn_and_password_at_once_and_restore_tests_there_wait_for_a_dba(
+    client, sample_cluster, server, sam, alice
+):
+    """A server without a sandbox is its own: moved (a failover), its backups follow at once with the
+    password typed for the new host; only restore tests into it wait for a DBA, failing meanwhile."""
+    old, new_dsn, moved_to = server.destination, at_localhost(server), f"localhost:{sample_cluster.port}"
+    Server.objects.filter(pk=server.pk).update(pg_version=None)  # the new host's probe tells it
     client.force_login(sam)
-    # Without a sandbox, maldives's own tests restore into it: moving it is moving them.
-    response = change_server(client, server, dsn=at_localhost(server), change_reason="new host")
+    form = {"dsn": new_dsn, "new_password": "Typed-With-The-Move-1"}
+    assert change_server(client, server, **form).status_code == 200  # no reason given: nothing changes
+    assert Server.objects.get(pk=server.pk).dsn == server.dsn
+    response = change_server(client, server, **form, change_reason="failover")
     assert response.status_code == 302
+    assert "its new DSN applies now (backups go there)" in client.get(response.url).content.decode()
     server.refresh_from_db()
-    assert "@127.0.0.1:" in server.dsn
+    assert server.dsn == new_dsn and server.password == "Typed-With-The-Move-1" and server.pg_version
+    assert server.sandbox_destination == old
+    entry = last_entry("server_changed").details
+    assert "dsn" in entry["fields"] and entry["credentials_changed"] is True
     move = ChangeRequest.objects.get(kind=Kind.MOVE_SANDBOX)
-    assert move.changes == {"dsn": {"from": server.dsn, "to": at_localhost(server)}}
+    assert move.changes == {"sandbox_destination": {"from": old, "to": moved_to}}
+
+    # Meanwhile a restore test into it fails saying why; its own connections (backups) go on.
+    with pytest.raises(psycopg.OperationalError, match=f"may be reached at {old} only, as a DBA approved"):
+        server.sandbox.connection_settings()
+    assert server.connection_settings()["host"] == "localhost"
+    # Saved again meanwhile, nothing more is asked: the move's request approves that destination.
+    assert change_server(client, server, rpo_minutes=7).status_code == 302
+    assert ChangeRequest.objects.count() == 1
+
     with pytest.raises(PermissionDenied):
         move.approve(make_user("sandra", "Sysadmin"))
     move.approve(alice)
     server.refresh_from_db()
-    assert server.dsn == move.changes["dsn"]["to"] and server.sandbox_destination == f"localhost:{sample_cluster.port}"
+    assert server.sandbox_destination == moved_to and server.password == "Typed-With-The-Move-1"
+    assert server.sandbox.connection_settings()["host"] == "localhost"
+    assert last_entry("server_changed").details["fields"] == ["sandbox_destination"]
 
-    # With evil as its sandbox (set in a shell), maldives receives no restore test: it moves at once,
-    # and evil, which receives maldives's, waits.
-    Server.objects.filter(pk=server.pk).update(sandbox_server=evil, sandbox_destination=evil.destination)
-    assert change_server(client, server, dsn=sample_cluster.dsn("reliabilitymaldives")).status_code == 302
-    assert "@127.0.0.1:" in Server.objects.get(pk=server.pk).dsn
+
+def test_moving_a_sandbox_waits_for_a_dba_for_the_restore_tests_it_receives(client, sample_cluster, server, sam, alice):
+    evil = register(sample_cluster, name="evil", dbname="postgres")
+    approved, moved_to = evil.destination, f"localhost:{sample_cluster.port}"
+    Server.objects.filter(pk=server.pk).update(sandbox_server=evil, sandbox_destination=approved)
+    client.force_login(sam)
+    # maldives receives no restore test (evil is its sandbox): it moves with nothing to approve.
+    assert change_server(client, server, dsn=at_localhost(server)).status_code == 302
+    assert Server.objects.get(pk=server.pk).dsn == at_localhost(server)
+    assert not ChangeRequest.objects.exists()
+
     assert change_server(client, evil, dsn=at_localhost(evil)).status_code == 200  # no reason given
-    assert change_server(client, evil, dsn=at_localhost(evil), change_reason="x").status_code == 302
-    assert Server.objects.get(pk=evil.pk).dsn == evil.dsn
-    ChangeRequest.objects.get(kind=Kind.MOVE_SANDBOX, target_id=evil.pk).approve(alice)
-    assert Server.objects.get(pk=server.pk).sandbox_destination == f"localhost:{sample_cluster.port}"
+    assert change_server(client, evil, dsn=at_localhost(evil), change_reason="failover").status_code == 302
+    assert Server.objects.get(pk=evil.pk).dsn == at_localhost(evil)  # at once
+    assert Server.objects.get(pk=server.pk).sandbox_destination == approved  # not yet
+    # maldives edited meanwhile: its sandbox is not asked for again beside the move waiting.
+    assert change_server(client, Server.objects.get(pk=server.pk), rpo_minutes=9).status_code == 302
+    move = ChangeRequest.objects.get()
+    assert move.kind == Kind.MOVE_SANDBOX and move.target_id == evil.pk
+
+    # Failed back where restore tests were approved to go: nothing to ask, and the move left
+    # waiting is refused when approved.
+    assert change_server(client, Server.objects.get(pk=evil.pk), dsn=evil.dsn).status_code == 302
+    assert ChangeRequest.objects.count() == 1
+    with pytest.raises(ValidationError, match=f"evil now points at {approved}, not {moved_to} as asked"):
+        move.approve(alice)
+    move.reject(alice)
+
+    evil.refresh_from_db()
+    assert change_server(client, evil, dsn=at_localhost(evil), change_reason="failover").status_code == 302
+    ChangeRequest.objects.pending().get().approve(alice)
+    assert [s.sandbox_destination for s in Server.objects.order_by("name")] == [moved_to, moved_to]
+    assert Server.objects.get(pk=server.pk).sandbox.connection_settings()["host"] == "localhost"
+
+
+def test_a_sandbox_whose_dsn_cannot_be_read_is_refused_in_one_line(client, sample_cluster, server, sam, alice):
+    # Two hosts: registered before the rules got stricter; nothing connects with it.
+    bad = Server.objects.create(name="bad", dsn="postgresql://postgres@h1:5432,h2:5432/postgres")
+    client.force_login(sam)
+    response = change_server(client, server, sandbox_server=bad.pk, change_reason="tests off prod")
+    assert response.status_code == 200
+    assert "The DSN of bad cannot be read: fix it first." in response.content.decode()
+    assert not ChangeRequest.objects.exists() and Server.objects.get(pk=server.pk).sandbox_server is None
+    # Its own page is not held up by it: its DSN reaches nowhere, so there is nothing to approve.
+    assert sandbox_changed(bad, None) == {}
+
+    # A request asked for before the form refused: its approval refuses in one line, nothing changes.
+    to_nowhere = {"sandbox": {"from": NO_SANDBOX, "to": "bad"}, "sandbox_destination": {"from": "x", "to": None}}
+    change = ChangeRequest.open(Kind.SET_SANDBOX, server, sam, "tests off prod", to_nowhere)
+    with pytest.raises(ValidationError, match="The DSN of bad cannot be read: reject change request"):
+        change.approve(alice)
+    assert change.state == "pending" and Server.objects.get(pk=server.pk).sandbox_server is None
 
 
 def test_a_restore_test_never_goes_to_a_sandbox_moved_since_a_dba_approved_it(
@@ -154,10 +219,16 @@ def test_what_a_dba_approves_is_what_runs(sam, alice):
     prod.refresh_from_db()
     assert change.state == "pending" and prod.sandbox_server is None
 
-    # A move asked for a DSN that changed meanwhile is refused the same way.
-    move = ChangeRequest.open(Kind.MOVE_SANDBOX, prod, sam, "x", {"dsn": {"from": "postgresql://a@b/c", "to": "d"}})
-    with pytest.raises(ValidationError, match="changed since change request"):
+    # A move whose server has moved again since it was asked for is refused the same way.
+    to = {"sandbox_destination": {"from": "10.0.0.1:5432", "to": "10.0.0.9:5432"}}
+    move = ChangeRequest.open(Kind.MOVE_SANDBOX, prod, sam, "x", to)
+    with pytest.raises(ValidationError, match="prod now points at 10.0.0.1:5432, not 10.0.0.9:5432 as asked"):
         move.approve(alice)
+    # One asked for when a move held its DSN back (that DSN never applied): refused in one line.
+    move.reject(alice)
+    old = ChangeRequest.open(Kind.MOVE_SANDBOX, prod, sam, "x", {"dsn": {"from": prod.dsn, "to": "d"}})
+    with pytest.raises(ValidationError, match="from before a move's DSN applied at once: reject it"):
+        old.approve(alice)
 
 
 def test_a_sandbox_moved_or_deleted_behind_the_forms_back_is_refused_and_asked_for_again(sam, alice):
