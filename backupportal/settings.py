@@ -124,9 +124,11 @@ LOGIN_REDIRECT_URL = "dashboard"
 LOGOUT_REDIRECT_URL = "login"
 
 # Login limits (backupportal.models.LoginFailure), over failures of the last window: per user
-# name, after LOGIN_FREE_ATTEMPTS failures each attempt waits 1, 2, 4... up to LOGIN_MAX_DELAY
-# seconds after the last failure (a wait, never a lock-out); per address, LOGIN_ADDRESS_LIMIT
-# failures refuse the address until the window passes.
+# name and address, after LOGIN_FREE_ATTEMPTS failures each attempt waits 1, 2, 4... up to
+# LOGIN_MAX_DELAY seconds after the last failure (a wait, never a lock-out, and never one that
+# others' failures elsewhere impose on the owner); per address, LOGIN_ADDRESS_LIMIT failures
+# refuse the address until the window passes. Many addresses guessing one name are slowed each
+# on its own: the second factor is what stops a guessed password.
 LOGIN_FAILURE_WINDOW = env.int("LOGIN_FAILURE_WINDOW", default=15 * 60)
 LOGIN_FREE_ATTEMPTS = env.int("LOGIN_FREE_ATTEMPTS", default=3)
 LOGIN_MAX_DELAY = env.int("LOGIN_MAX_DELAY", default=60)
@@ -368,6 +370,12 @@ EVIDENCE_DIR = Path(env.str("EVIDENCE_DIR", default=str(VAR_DIR / "evidence")))
 EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
 vars().update(EMAIL_CONFIG)
 ALERT_EMAILS = env.list("ALERT_EMAILS", default=[])
+# Alert channels (watching/channels.py) refuse a JSON webhook or Teams host that resolves to a
+# loopback, link-local, private (RFC 1918, 100.64/10, fc00::/7), multicast or unspecified address,
+# unless listed here: names (mattermost.corp.mv), addresses (10.0.4.7) or networks (10.20.0.0/16).
+# Private ones too, so that whoever edits a channel cannot make the portal probe the database
+# servers and storage beside it. Cloud metadata addresses are refused even when listed.
+ALERT_CHANNEL_ALLOWED_HOSTS = env.list("ALERT_CHANNEL_ALLOWED_HOSTS", default=[])
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="backupportal@localhost")
 EMAIL_TIMEOUT = 10
 

@@ -2,10 +2,13 @@
 message when an alert opens and one when it resolves; a channel that fails (500, a closed port)
 is retried with backoff and shown, and never stops the mail or the other channels. Slack, Teams,
 Telegram and Discord cannot be reached from here: their settings are checked for their form, and
-their secrets are never shown again."""
+their secrets are never shown again. A channel may not make the portal reach inside its network:
+the suite lists the sink's 127.0.0.1 in ALERT_CHANNEL_ALLOWED_HOSTS (tests/settings.py), and the
+tests of that rule empty the list."""
 
 import json
 import logging
+import socket
 import threading
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +23,7 @@ from backupportal.models import JournalEntry
 from backups.models import Server
 from restores.models import RestoreTest
 from tests.helpers import mails
+from watching import channels
 from watching.models import Alert, AlertChannel, ChannelDelivery
 from watching.monitor import run_once
 
@@ -37,10 +41,11 @@ WEBHOOK_TOKEN = "tok-Secret-31337-abcdef"
 
 
 class Sink:
-    """A real HTTP server on 127.0.0.1 that keeps every JSON body POSTed to it, answering `status`."""
+    """A real HTTP server on 127.0.0.1 that keeps every JSON body POSTed to it, answering `status`
+    (and `location`, when set), and every path it is asked to GET."""
 
     def __init__(self, status=200):
-        self.status, self.received = status, []
+        self.status, self.location, self.received, self.gets = status, None, [], []
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,7 +53,16 @@ class Sink:
                 length = int(self.headers.get("Content-Length", 0))
                 sink.received.append({"path": self.path, "body": json.loads(self.rfile.read(length))})
                 self.send_response(sink.status)
+                if sink.location:
+                    self.send_header("Location", sink.location)
                 self.end_headers()
+
+            def do_GET(self):
+                sink.gets.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"type": "secret-internal-document"}')
 
             def log_message(self, *args):
                 pass
@@ -338,3 +352,185 @@ def test_a_sysadmin_sends_a_test_message_and_sees_how_it_went(client, sam, sink,
         ("broken (JSON webhook)", "failed"),
         ("ops webhook (JSON webhook)", "ok"),
     ]
+
+
+# --- Where a channel may send: not inside the portal's network --------------------------------
+
+
+def test_a_webhook_to_127_0_0_1_is_refused_unless_the_setting_lists_it(client, sam, sink, settings, catalog_server):
+    settings.ALERT_CHANNEL_ALLOWED_HOSTS = []
+    refusal = (
+        "refused: 127.0.0.1 resolves to 127.0.0.1, a loopback address; "
+        "list 127.0.0.1 in ALERT_CHANNEL_ALLOWED_HOSTS to allow it"
+    )
+    client.force_login(sam)
+    response = client.post(reverse("admin:watching_alertchannel_add"), form(new_secret=sink.url()))
+    assert response.status_code == 200
+    assert response.context["adminform"].form.non_field_errors() == [refusal]
+
+    # Saved while the setting listed it: refused at send time, nothing reaches the sink.
+    made = channel("ops webhook", sink.url())
+    fail_restore_test(catalog_server)
+    run_once()
+    assert sink.received == []
+    made.refresh_from_db()
+    assert made.status == "failing" and made.last_error == refusal
+    client.post(
+        reverse("admin:watching_alertchannel_changelist"), {"action": "send_test", "_selected_action": [made.pk]}
+    )
+    assert sink.received == [] and JournalEntry.objects.get(action="alert_channel_tested").details["error"] == refusal
+
+    for listed in (["127.0.0.1"], ["127.0.0.0/8"]):
+        settings.ALERT_CHANNEL_ALLOWED_HOSTS = listed
+        page = client.post(
+            reverse("admin:watching_alertchannel_changelist"),
+            {"action": "send_test", "_selected_action": [made.pk]},
+            follow=True,
+        )
+        assert "the test message was sent" in page.content.decode()
+    assert [b["event"] for b in bodies(sink)] == ["test", "test"]
+
+
+@pytest.mark.parametrize(
+    "url,address,what",
+    [
+        ("http://169.254.169.254/latest/meta-data/iam/", "169.254.169.254", "cloud metadata"),
+        ("http://[fd00:ec2::254]/latest/", "fd00:ec2::254", "cloud metadata"),
+        ("http://[::ffff:169.254.169.254]/latest/", "169.254.169.254", "cloud metadata"),
+        ("http://169.254.10.1:8080/", "169.254.10.1", "link-local"),
+        ("http://[fe80::1]:6379/", "fe80::1", "link-local"),
+        ("http://2130706433:6379/", "127.0.0.1", "loopback"),
+        ("http://[::ffff:127.0.0.1]/", "127.0.0.1", "loopback"),
+        ("http://[::1]:5432/", "::1", "loopback"),
+        ("http://0.0.0.0:6379/", "0.0.0.0", "unspecified"),
+        ("http://224.0.0.1/", "224.0.0.1", "multicast"),
+        ("http://10.20.0.5:8065/hooks/x", "10.20.0.5", "private"),
+        ("http://192.168.1.10/", "192.168.1.10", "private"),
+    ],
+)
+def test_addresses_inside_the_network_are_refused_with_one_line_naming_them(client, sam, settings, url, address, what):
+    settings.ALERT_CHANNEL_ALLOWED_HOSTS = []
+    client.force_login(sam)
+    response = client.post(reverse("admin:watching_alertchannel_add"), form(new_secret=url))
+    [error] = response.context["adminform"].form.non_field_errors()
+    assert error.startswith("refused: ") and f"resolves to {address}, a {what} address" in error and "\n" not in error
+    assert ("ALERT_CHANNEL_ALLOWED_HOSTS" in error) == (what != "cloud metadata")
+    assert not AlertChannel.objects.exists()
+
+
+def test_a_listed_private_network_is_allowed_and_the_metadata_address_never(client, sam, settings):
+    settings.ALERT_CHANNEL_ALLOWED_HOSTS = ["10.20.0.0/16", "169.254.169.254", "169.254.0.0/16"]
+    client.force_login(sam)
+    add = reverse("admin:watching_alertchannel_add")
+    assert client.post(add, form(name="mattermost", new_secret="http://10.20.0.5:8065/hooks/x")).status_code == 302
+    response = client.post(add, form(name="imds", new_secret="http://169.254.169.254/latest/meta-data/"))
+    assert response.context["adminform"].form.non_field_errors() == [
+        "refused: 169.254.169.254 resolves to 169.254.169.254, a cloud metadata address, which no channel may reach"
+    ]
+    made = channel("imds", "http://169.254.169.254/latest/meta-data/")  # stored some other way: never sent
+    assert channels.send_test(made, actor="sam").startswith("refused: 169.254.169.254")
+
+
+def test_a_name_that_resolves_inside_the_network_after_the_check_is_not_connected_to(db, sink, settings, monkeypatch):
+    """DNS rebinding: the check sees a public address, the connection a moment later would see 127.0.0.1."""
+    settings.ALERT_CHANNEL_ALLOWED_HOSTS = []
+    real, answers = socket.getaddrinfo, iter(["93.184.215.14"])
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "hooks.rebind.example":
+            return real(host, port, *args, **kwargs)
+        address = next(answers, "127.0.0.1")
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port or 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    made = channel("rebinding", f"http://hooks.rebind.example:{sink.port}/hook?token={WEBHOOK_TOKEN}")
+    error = channels.send_test(made, actor="sam")
+    assert sink.received == []
+    assert error == "could not reach hooks.rebind.example: no answer, connection refused or name not found"
+
+
+def test_a_redirect_from_the_receiver_is_not_followed_and_its_status_is_shown(client, sam, sink):
+    elsewhere = Sink()
+    try:
+        sink.status, sink.location = 302, f"http://127.0.0.1:{elsewhere.port}/internal?x=1"
+        made = channel("redirecting", sink.url())
+        client.force_login(sam)
+        page = client.post(
+            reverse("admin:watching_alertchannel_changelist"),
+            {"action": "send_test", "_selected_action": [made.pk]},
+            follow=True,
+        ).content.decode()
+        assert len(sink.received) == 1
+        assert elsewhere.gets == [] and elsewhere.received == []
+        assert "Redirecting: the test message failed: " in page and "error=302" in page
+    finally:
+        elsewhere.close()
+
+
+def test_closed_ports_and_other_connection_failures_read_alike(db, sink):
+    """A port scan through "Send a test message" learns nothing but whether an HTTP server answers."""
+    talker = socket.socket()
+    talker.bind(("127.0.0.1", 0))
+    talker.listen()
+
+    def talk():  # an open port that is no web server, as Redis would answer
+        while True:
+            try:
+                conn, _ = talker.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"-ERR unknown command\r\n")
+            conn.close()
+
+    threading.Thread(target=talk, daemon=True).start()
+    try:
+        closed = channel("closed", f"http://127.0.0.1:{free_port()}/hook")
+        not_http = channel("not http", f"http://127.0.0.1:{talker.getsockname()[1]}/hook")
+        tls_to_plain = channel("tls to plain http", f"https://127.0.0.1:{sink.port}/hook")
+        nowhere = channel("nowhere", "http://hooks.does-not-resolve.invalid/hook")
+        errors = {channels.send_test(c, actor="sam") for c in (closed, not_http, tls_to_plain)}
+        assert errors == {"could not reach 127.0.0.1: no answer, connection refused or name not found"}
+        assert channels.send_test(nowhere, actor="sam") == (
+            "could not reach hooks.does-not-resolve.invalid: no answer, connection refused or name not found"
+        )
+    finally:
+        talker.close()
+
+
+# --- Teams: the workflow URL's query never becomes Apprise's options ----------------------------
+
+
+def test_a_teams_url_is_sent_without_the_apprise_options_in_its_query(sink, client, sam):
+    template = f"http://127.0.0.1:{sink.port}/card.json"
+    evil = f"{TEAMS}&template={template}&verify=no&redirect=yes&wrap=no&image=no&pa=yes&route=1"
+    url = channels.apprise_url("teams", "", evil)
+    assert url == (
+        "workflows://prod-01.westus.logic.azure.com/643e69f83c8944438d68119179a10a64/"
+        "KODuebWbDGYFr0z0eu-6Rj8aUKz7108W3wrNJZxFE5A/?pa=no&ver=2016-06-01"
+    )
+    plugin = channels.plugin_for("teams", "", evil)
+    assert plugin.verify_certificate is True and plugin.redirects is False and len(plugin.template) == 0
+    assert plugin.include_image and plugin.wrap and not plugin.power_automate and plugin.routing_id is None
+
+    for extra in (f"&template={template}", "&template=file:///etc/passwd", "&verify=no"):
+        client.force_login(sam)
+        response = client.post(
+            reverse("admin:watching_alertchannel_add"),
+            form(name="teams" + extra, kind="teams", new_secret=TEAMS + extra),
+        )
+        assert response.status_code == 302
+    for made in AlertChannel.objects.all():
+        channels.send_test(made, actor="sam")  # Microsoft cannot be reached from here; nothing is fetched first
+    assert sink.gets == []
+
+
+def test_a_power_automate_url_keeps_its_route_and_version():
+    url = (
+        "https://default0a1b.2c.environment.api.powerplatform.com/powerautomate/automations/direct/cu/42/workflows/"
+        "abc123/triggers/manual/paths/invoke?api-version=2022-03-01-preview&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0"
+        "&sig=KODuebWbDGYFr0z0eu-6Rj8aUKz7108W3wrNJZxFE5A"
+    )
+    plugin = channels.plugin_for("teams", "", url)
+    assert plugin.power_automate and plugin.routing_id == "42" and plugin.api_version == "2022-03-01-preview"
+    assert plugin.workflow == "abc123" and plugin.signature == "KODuebWbDGYFr0z0eu-6Rj8aUKz7108W3wrNJZxFE5A"

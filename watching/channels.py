@@ -10,14 +10,26 @@ timeout and never holds up the others or the mail.
 Each kind's secret is checked for its form before it is stored (`check_settings`): the fixed
 hosts (Slack, Telegram, Discord, Microsoft) cannot be reached from every portal, so a typo must
 be caught when it is typed.
+
+Whoever edits a channel chooses where the portal's worker sends an HTTP request, so the Apprise
+URL is rebuilt from the checked parts only (never the user's own Apprise options), TLS is always
+verified, redirects are never followed, and a host the user names (a JSON webhook's, a Teams
+workflow's) may not be an address inside the portal's network unless ALERT_CHANNEL_ALLOWED_HOSTS
+lists it: checked when the channel is saved, before each message, and again on every connection
+(`_connect_guard`), so a name that resolves elsewhere a moment later gains nothing.
 """
 
+import ipaddress
 import logging
 import re
+import socket
+import threading
+from contextlib import contextmanager
 from datetime import timedelta
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import apprise
+import urllib3.util.connection
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.utils import timezone
@@ -39,9 +51,11 @@ SLACK_URL = re.compile(r"^https://hooks\.slack\.com/services/(T[A-Z0-9]{4,})/(B[
 SLACK_CHANNEL = re.compile(r"^#[a-z0-9][a-z0-9._-]{0,79}$")
 TEAMS_URL = re.compile(
     r"^https://(?P<host>[A-Za-z0-9.-]+\.(?:logic\.azure\.com|powerplatform\.com|powerautomate\.com))(?::443)?"
-    r"(?:/powerautomate/automations/direct(?:/cu/[0-9]+)?)?/workflows/[A-Za-z0-9_-]+"
-    r"/triggers/manual/paths/invoke/?\?(?=.*\bsig=[^&]{16,}).+$"
+    r"(?P<pa>/powerautomate/automations/direct(?:/cu/(?P<route>[0-9]+))?)?/workflows/(?P<workflow>[A-Za-z0-9_-]+)"
+    r"/triggers/manual/paths/invoke/?\?(?P<query>.+)$"
 )
+TEAMS_SIG = re.compile(r"^[A-Za-z0-9_-]{16,}$")
+TEAMS_API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}(?:-preview)?$")
 TELEGRAM_TOKEN = re.compile(r"^(\d{5,12}):([A-Za-z0-9_-]{30,})$")
 TELEGRAM_CHAT = re.compile(r"^(-?\d{5,20}|@[A-Za-z][A-Za-z0-9_]{4,31})$")
 DISCORD_URL = re.compile(r"^https://(?:discord\.com|discordapp\.com)/api/webhooks/(\d{15,25})/([A-Za-z0-9_-]{50,100})$")
@@ -59,8 +73,12 @@ def check_settings(kind, target, secret):
     """The hint to show for a channel's secret; ValidationError naming what to change otherwise."""
     kind = Kind(kind)
     hint = _HINTS[kind](secret, target)
-    if apprise.Apprise.instantiate(apprise_url(kind, target, secret)) is None:
+    if plugin_for(kind, target, secret) is None:
         raise ValidationError(f"Apprise does not accept these {kind.label} settings: check {SECRET_HELP[kind]}.")
+    # A name that does not resolve from here is let through: it is checked again before every message.
+    refusal = _host_refusal(user_host(kind, secret))
+    if refusal:
+        raise ValidationError(refusal)
     return hint
 
 
@@ -79,7 +97,7 @@ def _slack_hint(secret, target):
 
 def _teams_hint(secret, target):
     match = TEAMS_URL.match(secret)
-    if not match:
+    if not match or not _teams_query(match):
         raise _wrong(Kind.TEAMS, "This is not a Power Automate workflow URL with its sig")
     if target:
         raise ValidationError("A Teams channel takes no target: the workflow decides where the message goes.")
@@ -128,26 +146,179 @@ _HINTS = {
 
 
 def apprise_url(kind, target, secret, extras=None):
-    """The Apprise URL of a channel; `extras` become fields of a JSON webhook's payload."""
+    """The Apprise URL of a channel, built from the checked parts of its settings only: nothing the
+    user typed becomes an Apprise option. `extras` become fields of a JSON webhook's payload."""
     if kind == Kind.SLACK:
         tokens = SLACK_URL.match(secret)
         return "slack://{}/{}/{}".format(*tokens.groups()) + (f"/{quote(target)}" if target else "")
     if kind == Kind.TELEGRAM:
-        return f"tgram://{secret}/{target}"
+        return "tgram://{}:{}/{}".format(*TELEGRAM_TOKEN.match(secret).groups(), target)
     if kind == Kind.DISCORD:
         return "discord://{}/{}".format(*DISCORD_URL.match(secret).groups())
     if kind == Kind.TEAMS:
-        return secret  # Apprise reads the workflow URL as it is
+        return _teams_url(secret)
     return _json_url(secret, extras or {})
+
+
+def _teams_query(match):
+    """The sig and api-version of a workflow URL's query, checked; {} when its sig is missing or odd."""
+    query = dict(parse_qsl(match["query"]))
+    if not TEAMS_SIG.match(query.get("sig", "")):
+        return {}
+    version = query.get("api-version", "")
+    return {"sig": query["sig"], "ver": version if TEAMS_API_VERSION.match(version) else ""}
+
+
+def _teams_url(secret):
+    """workflows://host/workflow/sig: the rest of the workflow URL's query (template=, verify=, ...) would be
+    Apprise's own options, so it is dropped; Apprise adds the fixed sp and sv itself."""
+    match = TEAMS_URL.match(secret)
+    query = _teams_query(match)
+    options = {"pa": "yes" if match["pa"] else "no", "route": match["route"] or "", "ver": query["ver"]}
+    options = urlencode({k: v for k, v in options.items() if v})
+    return f"workflows://{match['host'].lower()}/{match['workflow']}/{query['sig']}/?{options}"
 
 
 def _json_url(url, extras):
     """json(s)://host/path: the URL's own query goes through as query (-name), extras into the payload (:name)."""
     parts = urlsplit(url)
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    if parts.username is not None:
+        login = quote(unquote(parts.username), safe="")
+        if parts.password is not None:
+            login += ":" + quote(unquote(parts.password), safe="")
+        netloc = f"{login}@{netloc}"
     query = [(f"-{k}", v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
     query += [(f":{k}", str(v)) for k, v in extras.items()]
     scheme = "jsons" if parts.scheme == "https" else "json"
-    return f"{scheme}://{parts.netloc}{parts.path or '/'}" + (f"?{urlencode(query)}" if query else "")
+    return f"{scheme}://{netloc}{parts.path or '/'}" + (f"?{urlencode(query)}" if query else "")
+
+
+def plugin_for(kind, target, secret, extras=None):
+    """The channel's Apprise plugin, or None: certificates verified and redirects never followed,
+    whatever the URL says (a redirect would take the request past the host check)."""
+    plugin = apprise.Apprise.instantiate(
+        apprise_url(kind, target, secret, extras), asset=apprise.AppriseAsset(http_redirects=False)
+    )
+    if plugin is not None:
+        plugin.verify_certificate, plugin.redirects = True, False
+        plugin.socket_connect_timeout, plugin.socket_read_timeout = CONNECT_TIMEOUT, READ_TIMEOUT
+    return plugin
+
+
+# --- Where a channel may send ------------------------------------------------------------------------
+
+# Never, even when listed: what answers there hands out the cloud host's credentials.
+METADATA_ADDRESSES = {
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
+}
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Private addresses (RFC 1918, 100.64/10, fc00::/7) are refused too unless listed: the portal sits
+# beside the database servers, the NAS and MinIO, and a channel must not make it a probe of them. A
+# team whose Mattermost runs on 10.x lists that host (or its network) in ALERT_CHANNEL_ALLOWED_HOSTS.
+NOT_PUBLIC = [
+    ("loopback", lambda ip: ip.is_loopback),
+    ("link-local", lambda ip: ip.is_link_local),
+    ("unspecified", lambda ip: ip.is_unspecified),
+    ("multicast", lambda ip: ip.is_multicast),
+    ("private", lambda ip: ip.is_private),
+    ("non-public", lambda ip: not ip.is_global),
+]
+_guard = threading.local()
+
+
+def user_host(kind, secret):
+    """The host a channel's user chose, or None for the services whose hosts are fixed."""
+    if kind == Kind.WEBHOOK:
+        return urlsplit(secret).hostname
+    if kind == Kind.TEAMS:
+        return TEAMS_URL.match(secret)["host"].lower()
+    return None
+
+
+def _resolve(host):
+    """Every address `host` resolves to, as getaddrinfo gives them; [] when it does not resolve."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)
+    except (OSError, ValueError):  # ValueError: a NUL, or a label too long for IDNA
+        return []
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def _host_refusal(host, addresses=None):
+    """'' when `host` may be sent to; else one line naming it, its address and what to do."""
+    if host is None:
+        return ""
+    for address in _resolve(host) if addresses is None else addresses:
+        ip = _as_itself(ipaddress.ip_address(address))
+        if ip in METADATA_ADDRESSES:
+            return f"refused: {host} resolves to {ip}, a cloud metadata address, which no channel may reach"
+        what = next((what for what, test in NOT_PUBLIC if test(ip)), "")
+        if what and not _allowed(host, ip):
+            return (
+                f"refused: {host} resolves to {ip}, a {what} address; "
+                f"list {host} in ALERT_CHANNEL_ALLOWED_HOSTS to allow it"
+            )
+    return ""
+
+
+def _as_itself(ip):
+    """An IPv4 address written as IPv6 (::ffff:127.0.0.1, 6to4, NAT64) is judged as the IPv4 address."""
+    if ip.version == 4:
+        return ip
+    ip = ipaddress.ip_address(str(ip).split("%")[0])  # fe80::1%eth0: the scope changes nothing
+    return ip.ipv4_mapped or ip.sixtofour or (ipaddress.ip_address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else ip)
+
+
+def _allowed(host, ip):
+    """Whether ALERT_CHANNEL_ALLOWED_HOSTS lists the host's name, its address or a network holding it."""
+    for entry in settings.ALERT_CHANNEL_ALLOWED_HOSTS:
+        entry = entry.strip().lower().rstrip(".")
+        try:
+            if ip in ipaddress.ip_network(entry.strip("[]"), strict=False):
+                return True
+        except ValueError:
+            if entry == host.lower().rstrip("."):
+                return True
+    return False
+
+
+def _connect_guard(create_connection):
+    """urllib3's create_connection, which, while a channel is sent to, connects only to addresses it
+    has checked: a name that resolved to a public address for the check cannot answer 127.0.0.1 now."""
+
+    def guarded(address, *args, **kwargs):
+        if not getattr(_guard, "on", False):
+            return create_connection(address, *args, **kwargs)
+        addresses = _resolve(address[0])
+        refusal = _host_refusal(address[0], addresses)
+        if refusal or not addresses:
+            raise OSError(refusal or f"{address[0]} does not resolve")
+        error = None
+        for checked in addresses:
+            try:
+                return create_connection((checked, address[1]), *args, **kwargs)
+            except OSError as e:
+                error = e
+        raise error
+
+    guarded.checks_channel_hosts = True
+    return guarded
+
+
+if not getattr(urllib3.util.connection.create_connection, "checks_channel_hosts", False):
+    urllib3.util.connection.create_connection = _connect_guard(urllib3.util.connection.create_connection)
+
+
+@contextmanager
+def _guarded(on):
+    _guard.on = on
+    try:
+        yield
+    finally:
+        _guard.on = False
 
 
 # --- What alerts owe -----------------------------------------------------------------------------
@@ -242,13 +413,22 @@ def notify(channel, subject, text, notify_type, extras):
     """Send one message through Apprise: '' when the channel took it, else what went wrong, without the secret."""
     try:
         secret = channel.secret
+        _HINTS[Kind(channel.kind)](secret, channel.target)  # stored before a rule was tightened: not sent
+        plugin = plugin_for(channel.kind, channel.target, secret, extras)
     except SealError as e:
         return str(e)
-    plugin = apprise.Apprise.instantiate(apprise_url(channel.kind, channel.target, secret, extras))
+    except ValidationError:
+        plugin = None
     if plugin is None:
         return f"the {channel.get_kind_display()} settings are not accepted any more: enter the secret again"
-    plugin.socket_connect_timeout, plugin.socket_read_timeout = CONNECT_TIMEOUT, READ_TIMEOUT
-    with apprise.LogCapture(level=logging.WARNING) as captured:
+    host = user_host(channel.kind, secret)
+    addresses = _resolve(host) if host else None
+    if addresses == []:
+        return _unreachable(host)
+    refusal = _host_refusal(host, addresses)
+    if refusal:
+        return refusal
+    with apprise.LogCapture(level=logging.WARNING) as captured, _guarded(host is not None):
         try:
             ok = plugin.notify(body=text, title=subject, notify_type=notify_type)
         except Exception as e:  # noqa: BLE001  a plugin's bug is this channel's failure, not the pass's
@@ -256,9 +436,17 @@ def notify(channel, subject, text, notify_type, extras):
         logged = captured.getvalue()
     if ok:
         return ""
-    # Apprise's lines read "2026-12-03 13:19:05,424 - WARNING - what happened": keep what happened.
+    # Apprise's lines read "2026-12-03 13:19:05,424 - WARNING - what happened": keep what happened,
+    # an HTTP status above all. Without one, a connection that failed is one line whatever the cause:
+    # refused, reset, timed out or not a web server must not tell a port scan which ports are open.
     lines = [re.sub(r"^.*? - [A-Z]+ - ", "", line).strip() for line in logged.splitlines() if line.strip()]
+    if "connection error" in logged.lower() and not re.search(r"\berror=\d{3}\b", logged):
+        return _unreachable(host or channel.get_kind_display())
     return _without_secret(" ".join(lines[-2:]) or "the service refused the message", secret)
+
+
+def _unreachable(host):
+    return f"could not reach {host}: no answer, connection refused or name not found"
 
 
 def _without_secret(text, secret):
