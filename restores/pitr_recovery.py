@@ -1,12 +1,19 @@
 """The restored cluster's recovery: its settings (recovery.signal and postgresql.auto.conf, the
 PostgreSQL 12+ way), pg_ctl as the database OS user, waiting until it promotes, and where
 recovery stopped, asked of the cluster and judged by pitr_verdict. Split from restores/pitr.py.
+
+The copy is production's data directory: whatever production was set to do, it would do too.
+Recovery is therefore told everything explicitly, after production's own settings: no archiving,
+no standby (standby.signal removed, no primary_conninfo), exactly one recovery target, and no
+logical replication worker, so that a subscription the copy brings never takes rows from the
+production subscriber's slot. After promotion each subscription is detached from that slot.
 """
 
 import os
 import re
 import time
 
+import psycopg
 from django.conf import settings
 from django.utils import timezone
 
@@ -14,7 +21,7 @@ from backupportal.lib.libpq import SAFE_AUTH
 from backupportal.lib.osuser import chown_to_db_user
 from backups import binaries, walspool
 from backups.binaries import backup_major
-from restores import pitr_verdict
+from restores import pitr_verdict, targetdb
 from restores.models import RestoreRun
 from restores.pitr_plan import RestoreFailed
 from restores.pitr_prefetch import restore_command
@@ -24,13 +31,44 @@ def heartbeat(run):
     RestoreRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
 
 
+# Each kind of target and its setting; the others are written empty (target_settings).
+TARGET_SETTINGS = {"time": "recovery_target_time", "lsn": "recovery_target_lsn", "name": "recovery_target_name"}
+ALL_TARGETS = (
+    "recovery_target",
+    "recovery_target_xid",
+    "recovery_target_time",
+    "recovery_target_lsn",
+    "recovery_target_name",
+)
+WORKERS_OFF_NOTE = (
+    "max_logical_replication_workers = 0 stays in the restored cluster's postgresql.auto.conf: no subscription"
+    " it holds can start an apply worker, now or after a restart"
+)
+SUBSCRIBED_DATABASES = (
+    "SELECT DISTINCT d.datname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid ORDER BY 1"
+)
+
+
 def recovery_settings(plan):
+    timeline = getattr(plan, "timeline", None)  # the plan's choice, when it makes one
     settings_ = {
         # Waits for the prefetcher's copy of each file (restores/restore_wal.py).
         "restore_command": restore_command(plan.staging),
-        "recovery_target_timeline": "latest",
+        "recovery_target_timeline": "latest" if timeline is None else str(timeline),
         # The restored cluster's new timeline must never reach the production archive.
         "archive_mode": "off",
+        # A base backup taken from a standby carries how it followed production (standby.signal
+        # is removed too): the copy replays the archive only, and never streams from production.
+        "primary_conninfo": "",
+        "primary_slot_name": "",
+        # A standby's leftovers that would act on production's files, or hold replay back.
+        "archive_cleanup_command": "",
+        "recovery_end_command": "",
+        "recovery_min_apply_delay": "0",
+        # A subscription in the copy names the production subscriber's slot: an apply worker
+        # would take production's rows from it, lost to the real subscriber. None can start, and
+        # this stays after the restore (WORKERS_OFF_NOTE); quieten() detaches each after promotion.
+        "max_logical_replication_workers": "0",
         "port": str(plan.port),
         "listen_addresses": "localhost",
         # A production with synchronous standbys would hang every commit of the copy.
@@ -44,16 +82,25 @@ def recovery_settings(plan):
         "log_destination": "stderr",
         "lc_messages": "C",
     }
-    target = plan.target
-    if target.kind == "time":
-        settings_["recovery_target_time"] = target.value.isoformat(sep=" ")
-    elif target.kind == "lsn":
-        settings_["recovery_target_lsn"] = target.value
-    elif target.kind == "name":
-        settings_["recovery_target_name"] = target.value
+    settings_.update(target_settings(plan.target))
     # Without a target, recovery replays all the WAL and promotes by itself.
     settings_["recovery_target_action"] = "promote"
     return settings_
+
+
+def target_settings(target):
+    """Every recovery_target* setting, written after production's: a leftover one (say
+    recovery_target_xid) would be a second target, which PostgreSQL refuses at start-up, and
+    recovery_target_inclusive = off would stop before a commit stamped at the target itself. The
+    empty ones come first: PostgreSQL refuses to empty another target once one is set."""
+    chosen = TARGET_SETTINGS.get(target.kind)
+    values = {name: "" for name in ALL_TARGETS if name != chosen}
+    if target.kind == "time":
+        values[chosen] = target.value.isoformat(sep=" ")
+    elif chosen:
+        values[chosen] = target.value
+    values["recovery_target_inclusive"] = "on"
+    return values
 
 
 def write_recovery_settings(plan):
@@ -69,6 +116,12 @@ def write_recovery_settings(plan):
             "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
         )
         plan.notes.append("the backup had no pg_hba.conf: one allowing local connections was written")
+    if (plan.datadir / "standby.signal").exists():
+        (plan.datadir / "standby.signal").unlink()
+        plan.notes.append(
+            "the backup held standby.signal (taken from a standby): removed, so that the copy recovers from the"
+            " archive and promotes instead of following production"
+        )
     lines = [f"\n# PITR restore by backupportal, {timezone.localtime():%Y-%m-%d %H:%M:%S%z}, target {plan.target.text}"]
     lines += [f"{name} = {walspool.conf_quote(value)}" for name, value in recovery_settings(plan).items()]
     with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
@@ -109,6 +162,7 @@ def start_and_wait(plan, run, watch=lambda: None):
         time.sleep(0.05)
     plan.recovered = recovered_position(plan, logfile)
     pitr_verdict.judge(plan, logfile)
+    quieten(plan, run)
 
 
 def postmaster_alive(plan):
@@ -120,25 +174,27 @@ def postmaster_alive(plan):
     return True
 
 
+def connect(plan, dbname):
+    """A connection to the restored cluster as the server's role: production's pg_hba.conf decides."""
+    server = plan.server
+    return psycopg.connect(
+        host=server.host if server.host.startswith("/") else "127.0.0.1",
+        port=plan.port,
+        user=server.user,
+        password=server.password or None,
+        require_auth=SAFE_AUTH,  # never the password in clear text, to whatever holds the port
+        dbname=dbname,
+        connect_timeout=3,
+        autocommit=True,
+    )
+
+
 def recovered_position(plan, logfile, wait=30):
     """Where recovery stopped: asked of the promoted cluster, else read from its log."""
-    import psycopg
-
-    server = plan.server
-    host = server.host if server.host.startswith("/") else "127.0.0.1"
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline and postmaster_alive(plan):
         try:
-            with psycopg.connect(
-                host=host,
-                port=plan.port,
-                user=server.user,
-                password=server.password or None,
-                require_auth=SAFE_AUTH,  # never the password in clear text, to whatever holds the port
-                dbname=server.dbname,
-                connect_timeout=3,
-                autocommit=True,
-            ) as conn:
+            with connect(plan, plan.server.dbname) as conn:
                 in_recovery, replayed_at, lsn, walfile = conn.execute(
                     "SELECT pg_is_in_recovery(), pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn(), "
                     "CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END"
@@ -157,6 +213,83 @@ def recovered_position(plan, logfile, wait=30):
             "timeline": int(walfile[:8], 16),
         }
     return {"recovered_to": logged_position(logfile)}
+
+
+class Restored:
+    """The restored cluster, as restores.targetdb's helpers connect to a server."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def connect(self, dbname):
+        return connect(self.plan, dbname)
+
+
+def quieten(plan, run):
+    """After promotion, while no apply worker can start: each subscription detached from the
+    production subscriber's slot, and pg_cron named. What the DBA must know goes into the result's
+    warnings and the run's (its status stays "succeeded": the copy reached its target)."""
+    warnings = []
+    try:
+        with connect(plan, plan.server.dbname) as conn:
+            databases = [row[0] for row in conn.execute(SUBSCRIBED_DATABASES)]
+            libraries = conn.execute(
+                "SELECT setting FROM pg_settings WHERE name = 'shared_preload_libraries'"
+            ).fetchone()
+            launchers = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type ~ '^pg_cron'").fetchone()
+    except psycopg.Error as e:
+        databases, libraries, launchers = [], None, (0,)
+        warnings.append(
+            f"the restored cluster's subscriptions could not be looked for ({first_line(e)}): none can start"
+            " (max_logical_replication_workers = 0), but each may still name the production subscriber's slot:"
+            " as a superuser, in each database, ALTER SUBSCRIPTION name DISABLE; ALTER SUBSCRIPTION name SET"
+            " (slot_name = NONE)"
+        )
+    for dbname in databases:
+        try:
+            targetdb.detach_all(
+                Restored(plan), dbname, warnings, lambda sub, slot, db=dbname: how_to_resume(sub, slot, db)
+            )
+        except psycopg.Error as e:
+            warnings.append(
+                f"the subscriptions in {dbname} could not be detached ({first_line(e)}): none can start"
+                " (max_logical_replication_workers = 0), but they still name the production subscriber's slots:"
+                f" as a superuser, in {dbname}, ALTER SUBSCRIPTION name DISABLE; ALTER SUBSCRIPTION name SET"
+                " (slot_name = NONE)"
+            )
+    if runs_pg_cron(libraries[0] if libraries else "") or launchers[0]:
+        warnings.append(PG_CRON_WARNING)
+    plan.notes.append(WORKERS_OFF_NOTE)
+    if warnings:
+        plan.recovered["warnings"] = warnings
+        RestoreRun.objects.filter(pk=run.pk).update(warnings=warnings)
+
+
+def how_to_resume(sub, slot, dbname):
+    return (
+        f"subscription {sub} in {dbname} was disabled and detached from slot {slot} (the production subscriber's;"
+        " the slot on the publisher was not touched). To make this copy replicate, give it a slot of its own:"
+        " on the publisher SELECT pg_create_logical_replication_slot('NEW_SLOT', 'pgoutput'); then in"
+        f" {dbname}: ALTER SUBSCRIPTION {sub} SET (slot_name = 'NEW_SLOT'); ALTER SUBSCRIPTION {sub} ENABLE;"
+        " and ALTER SYSTEM SET max_logical_replication_workers = 4 with a restart (the restore left it 0)."
+        f" Never point it at {slot} while production uses it"
+    )
+
+
+PG_CRON_WARNING = (
+    "shared_preload_libraries holds pg_cron: production's scheduled jobs run in this copy too, on their"
+    " schedule (against this copy, or wherever a job connects): UPDATE cron.job SET active = false in the"
+    " database pg_cron runs in (cron.database_name), or remove pg_cron from shared_preload_libraries and restart"
+)
+
+
+def runs_pg_cron(libraries):
+    """shared_preload_libraries (a comma-separated list, names maybe quoted) loads pg_cron."""
+    return any(name.strip().strip('"') == "pg_cron" for name in (libraries or "").split(","))
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def logged_position(logfile):

@@ -5,6 +5,10 @@ time T" (a time target), "... after WAL location (LSN) ..." (an LSN), "... at re
 ..." (a name). Recovery that finds no such record ends where its WAL ends, short of the
 target. A PITR succeeds only when the log says it stopped at the target, or (an LSN target)
 replay passed it; otherwise it fails, naming where recovery ended and what was missing.
+
+--target latest has no record to stop at: PostgreSQL takes a segment it cannot use (not served,
+unreadable, or another timeline's) for the end of the WAL and promotes. It succeeds only when
+replay went into the last segment the restore planned.
 """
 
 import re
@@ -18,6 +22,7 @@ TIME_STOP = re.compile(r"^before (?:commit|abort) of transaction (\d+), time (.+
 LSN_STOP = re.compile(r'^(?:after|before) WAL location \(LSN\) "([0-9A-F]+/[0-9A-F]+)"')
 NAME_STOP = re.compile(r'^at restore point "(.*)", time (.+)$')
 REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
+NEW_TIMELINE = re.compile(r"selected new timeline ID: (\d+)")
 LAST_XACT = re.compile(r"last completed transaction was at log time (.+)$", re.M | re.I)
 RESTORED = re.compile(r'restored log file "([0-9A-F]{24})" from archive')
 # What PostgreSQL says when the WAL it was given stops making sense (xlogreader.c).
@@ -39,7 +44,7 @@ def judge(plan, logfile):
     stops = STOPPING.findall(text)
     stop = stops[-1].strip() if stops else ""
     if target.kind == "latest":
-        reached = latest_moment(plan)
+        reached = latest_moment(plan, text)
     else:
         reached = proof(plan, stop)
     if reached is None:
@@ -71,19 +76,64 @@ def proof(plan, stop):
     return None
 
 
-def latest_moment(plan):
-    """--target latest replays all the archived WAL: which moment that was."""
-    last = plan.staged[max(plan.staged)] if plan.staged else "the base backup's own WAL"
+def latest_moment(plan, text):
+    """--target latest replays all the archived WAL: which moment that was; None when replay
+    ended before the last planned segment."""
+    segno, name = last_planned(plan)
+    end = replay_end(plan, text)
+    if not end or walnames.lsn_to_int(end) <= segno * plan.segment_size:
+        return None
     return (
-        f"--target latest: recovered to the end of the archived WAL ({last}); its last transaction "
-        f"committed at {plan.recovered.get('recovered_to') or 'an unknown time'}"
+        f"--target latest: recovered to the end of the archived WAL ({name}, replayed to LSN {end}); its last "
+        f"transaction committed at {plan.recovered.get('recovered_to') or 'an unknown time'}"
     )
+
+
+def last_planned(plan):
+    """The number and name of the last segment the restore provides (its plan, pitr_prefetch)."""
+    if plan.staged:
+        segno = max(plan.staged)
+        return segno, plan.staged[segno]
+    return plan.segno(plan.newest.end_wal), plan.newest.end_wal
+
+
+def replay_end(plan, text):
+    """Where replay ended: asked of the promoted cluster (pg_last_wal_replay_lsn), else where its
+    new timeline begins (its history file), else the log's "redo done at" (the last record's start)."""
+    if plan.recovered.get("recovered_lsn"):
+        return plan.recovered["recovered_lsn"]
+    done = REDO_DONE.findall(text)
+    return new_timeline_start(plan, text) or (done[-1] if done else "")
+
+
+def new_timeline_start(plan, text):
+    """The switch point in the history file of the timeline the promotion selected, or ''."""
+    selected = NEW_TIMELINE.findall(text)
+    if not selected:
+        return ""
+    try:
+        history = (plan.datadir / "pg_wal" / f"{int(selected[-1]):08X}.history").read_text()
+    except OSError:
+        return ""
+    entries = [line.split() for line in history.splitlines() if line.strip() and not line.startswith("#")]
+    return entries[-1][1] if entries and len(entries[-1]) > 1 else ""
+
+
+def lsn_text(position):
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
+def goal(plan):
+    """What recovery was to reach, for the messages."""
+    if plan.target.kind != "latest":
+        return f"the target {plan.target.text}"
+    segno, name = last_planned(plan)
+    return f"the end of the archived WAL (segment {name}, through LSN {lsn_text((segno + 1) * plan.segment_size)})"
 
 
 def shortfall(plan, text):
     """Where recovery really ended and what it missed: one line for the run's error."""
-    done = REDO_DONE.findall(text)
-    lsn = plan.recovered.get("recovered_lsn") or (done[-1] if done else "")
+    lsn = replay_end(plan, text)
     last = LAST_XACT.findall(text)
     ended = f"recovery ended at LSN {lsn}" if lsn else "recovery ended"
     if last:
@@ -92,7 +142,7 @@ def shortfall(plan, text):
     elif lsn:
         plan.recovered.setdefault("recovered_to", f"LSN {lsn}")
     plan.recovered["recovered_lsn"] = lsn
-    return f"{ended}, short of the target {plan.target.text}: {missing(plan, text)}"
+    return f"{ended}, short of {goal(plan)}: {missing(plan, text)}"
 
 
 def missing(plan, text):
@@ -102,6 +152,7 @@ def missing(plan, text):
         "time": f"no commit after {plan.target.text} was replayed",
         "lsn": f"LSN {plan.target.value} was not replayed",
         "name": f"restore point {plan.target.value!r} was not replayed",
+        "latest": f"replay never went into segment {last_planned(plan)[1]}",
     }.get(plan.target.kind, "the target was not replayed")
     if not restored:
         return f"{wanted}; no archived WAL segment could be replayed"

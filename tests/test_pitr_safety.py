@@ -1,0 +1,214 @@
+"""A PITR copy is production's data directory: it must never act like production. Against real
+clusters: --target latest that ends short fails; a subscriber's copy takes nothing from the
+publisher's slot; a base backup of a standby does not follow production; production's leftover
+recovery settings do not break a restore."""
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from django.utils import timezone
+
+from backupportal.lib.osuser import free_port
+from backups import walingest, walnames, walspool
+from restores import pitr as pitr_module
+from restores import pitr_recovery, pitr_verdict
+from restores.models import RestoreRun
+from restores.pitr_plan import Target
+from tests.helpers import (
+    DB,
+    a_second_later,
+    archive_some_wal,
+    enable_push,
+    pitr,
+    pitr_to,
+    push_with_base,
+    rows,
+    run_command,
+    switch_wal,
+    wait_archived,
+    wait_for,
+    write,
+)
+
+pytest_plugins = ["tests.walfixtures"]
+
+
+def a_plan(kind="time", value=None, timeline=None, **more):
+    """What recovery_settings and the verdict read of a plan, without a restore."""
+    value = value if value is not None else timezone.localtime().replace(microsecond=0)
+    plan = SimpleNamespace(staging=Path("/nonexistent/bp_restore_wal"), port=5999, recovered={}, **more)
+    plan.target = Target(kind, value, str(value))
+    if timeline is not None:
+        plan.timeline = timeline
+    return plan
+
+
+# ----------------------------------------------------------------------------- without a cluster
+
+
+def test_recovery_follows_the_plans_timeline_when_it_names_one_and_the_latest_otherwise():
+    assert pitr_recovery.recovery_settings(a_plan())["recovery_target_timeline"] == "latest"
+    assert pitr_recovery.recovery_settings(a_plan(timeline=3))["recovery_target_timeline"] == "3"
+
+
+def test_every_recovery_target_is_written_and_the_chosen_one_after_the_emptied_ones():
+    written = pitr_recovery.recovery_settings(a_plan("lsn", "0/3000028"))
+    targets = [
+        name
+        for name in written
+        if name.startswith("recovery_target") and name not in ("recovery_target_timeline", "recovery_target_action")
+    ]
+    assert targets[-2:] == ["recovery_target_lsn", "recovery_target_inclusive"]
+    assert {name: written[name] for name in targets} == {
+        "recovery_target": "",
+        "recovery_target_xid": "",
+        "recovery_target_time": "",
+        "recovery_target_name": "",
+        "recovery_target_lsn": "0/3000028",
+        "recovery_target_inclusive": "on",
+    }
+    latest = pitr_recovery.recovery_settings(a_plan("latest", ""))
+    assert all(latest[name] == "" for name in pitr_recovery.ALL_TARGETS)
+    assert latest["primary_conninfo"] == latest["primary_slot_name"] == ""
+    assert latest["max_logical_replication_workers"] == "0" and latest["archive_mode"] == "off"
+
+
+def test_pg_cron_is_seen_in_shared_preload_libraries_however_it_is_listed():
+    assert pitr_recovery.runs_pg_cron("pg_stat_statements, pg_cron")
+    assert pitr_recovery.runs_pg_cron('"pg_cron"')
+    assert not pitr_recovery.runs_pg_cron("pg_cronish,pg_stat_statements")
+    assert not pitr_recovery.runs_pg_cron("")
+
+
+def test_latest_is_reached_only_when_replay_went_into_the_last_planned_segment():
+    size = 1 << 20
+    plan = a_plan("latest", "", staged={14: "00000001000000000000000E", 15: "00000001000000000000000F"})
+    plan.segment_size, plan.datadir = size, Path("/nonexistent")
+    plan.recovered = {"recovered_lsn": "0/F00000"}  # the end of 0E: 0F never replayed
+    assert pitr_verdict.latest_moment(plan, "") is None
+    assert pitr_verdict.shortfall(plan, "").startswith(
+        "recovery ended at LSN 0/F00000, short of the end of the archived WAL"
+        " (segment 00000001000000000000000F, through LSN 0/1000000)"
+    )
+    plan.recovered = {"recovered_lsn": "0/1000000"}  # 0F ended by a WAL switch
+    assert "replayed to LSN 0/1000000" in pitr_verdict.latest_moment(plan, "")
+
+
+# ----------------------------------------------------------------------------- real clusters
+
+
+def test_latest_fails_when_the_last_archived_segment_cannot_be_replayed(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    last = archive_some_wal(sample_cluster)  # t2 is created in the last segment only
+    # Archived, but no WAL: PostgreSQL reads it as the end of the WAL and would promote there.
+    spooled = walspool.spool_dir(server) / last
+    spooled.write_bytes(bytes(spooled.stat().st_size))
+    walingest.ingest(server)
+
+    datadir = restored()
+    result = pitr(datadir, free_port(), "--target", "latest")
+
+    assert result["status"] == "failed", result
+    start = walnames.segno_of(last, server.wal_segment_size) * server.wal_segment_size
+    where = pitr_verdict.lsn_text(start)
+    assert result["error"].startswith(f"recovery ended at LSN {where}"), result["error"]
+    assert f"short of the end of the archived WAL (segment {last}, through LSN " in result["error"]
+    assert f"replay never went into segment {last}" in result["error"]
+    assert not datadir.exists() or not any(datadir.iterdir())
+
+
+def test_a_subscribers_copy_is_detached_from_the_publishers_slot_and_starts_no_apply_worker(
+    server, sample_cluster, pg_cluster_of, passphrase_file, backup_root, wal_spool, restored
+):
+    publisher = pg_cluster_of(15)
+    publisher.configure(wal_level="logical")
+    publisher.restart()
+    publisher.execute("CREATE TABLE feed(x int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE feed")
+    enable_push(sample_cluster)
+    write(sample_cluster, "CREATE TABLE feed(x int PRIMARY KEY)")
+    write(
+        sample_cluster,
+        f"CREATE SUBSCRIPTION prod_sub CONNECTION 'host=127.0.0.1 port={publisher.port} user=postgres"
+        " dbname=postgres' PUBLICATION pub",
+    )
+    publisher.execute("INSERT INTO feed VALUES (1)")
+    wait_for(lambda: sample_cluster.execute("SELECT count(*) FROM feed", dbname=DB)[0][0] == 1, what="replication")
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    target = a_second_later()  # production's subscription is enabled at the target ...
+    write(sample_cluster, "ALTER SUBSCRIPTION prod_sub DISABLE")  # ... and stops taking rows after it
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    walingest.ingest(server)
+    slot = "SELECT active, confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'prod_sub'"
+    wait_for(lambda: publisher.execute(slot)[0][0] is False, what="production's apply worker to stop")
+    publisher.execute("INSERT INTO feed VALUES (2)")  # waiting in the slot for the real subscriber
+    before = publisher.execute(slot)[0]
+
+    port = free_port()
+    result = pitr_to(restored(), port, target)
+
+    assert result["status"] == "succeeded", result
+    deadline = time.monotonic() + 4  # an apply worker would have taken the slot by now
+    while time.monotonic() < deadline:
+        assert publisher.execute(slot)[0] == before
+        time.sleep(0.2)
+    assert rows(port, "SELECT x FROM feed") == [(1,)]
+    assert rows(port, "SELECT subname, subenabled, subslotname FROM pg_subscription") == [("prod_sub", False, None)]
+    assert rows(port, "SELECT pid FROM pg_stat_subscription") == [(None,)]
+    assert rows(port, "SHOW max_logical_replication_workers") == [("0",)]
+    (warning,) = result["warnings"]
+    assert 'subscription "prod_sub" in reliabilitymaldives was disabled and detached from slot prod_sub' in warning
+    assert "ALTER SYSTEM SET max_logical_replication_workers" in warning
+    assert RestoreRun.objects.get(pk=result["id"]).warnings == [warning]
+    assert pitr_recovery.WORKERS_OFF_NOTE in result["notes"]
+
+
+def test_a_base_backup_of_a_standby_is_promoted_and_never_streams_from_production(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, monkeypatch, settings
+):
+    settings.BACKUP_TIMEOUT = 60  # a copy left in standby mode never promotes: fail within a minute
+
+    def as_from_a_standby(plan):
+        """What pg_basebackup of a standby (or -R) leaves in the data directory."""
+        (plan.datadir / "standby.signal").touch()
+        with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
+            conf.write(f"primary_conninfo = 'host=127.0.0.1 port={sample_cluster.port} user=postgres'\n")
+        pitr_recovery.write_recovery_settings(plan)
+
+    monkeypatch.setattr(pitr_module, "write_recovery_settings", as_from_a_standby)
+    push_with_base(sample_cluster, server)
+
+    datadir, port = restored(), free_port()
+    result = pitr(datadir, port, "--target", "latest")
+
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT pg_is_in_recovery(), (SELECT count(*) FROM pg_stat_wal_receiver)") == [(False, 0)]
+    assert sample_cluster.execute("SELECT count(*) FROM pg_stat_replication")[0][0] == 0
+    assert not (datadir / "standby.signal").exists()
+    assert "the backup held standby.signal (taken from a standby): removed" in result["notes"]
+    assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
+
+
+def test_leftover_recovery_targets_in_productions_postgresql_conf_do_not_break_a_time_target(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    # Left from an old recovery of production; a primary ignores them, its copy would not.
+    with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:
+        conf.write("recovery_target_inclusive = off\nrecovery_target_xid = '1234'\n")
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    write(sample_cluster, "CREATE TABLE probe(tx text)")
+    write(sample_cluster, "INSERT INTO probe VALUES ('A')")
+    target = a_second_later()
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+
+    port = free_port()
+    result = pitr_to(restored(), port, target)
+
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe") == [("A",)]
+    assert rows(port, "SHOW recovery_target_xid") == [("",)]
