@@ -27,14 +27,18 @@ from backups.copies import copy_one
 from backups.crypto import EncryptionError
 from backups.models import WAL_LOCATION, BackupCopy, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
-from backups.walnames import SEGMENT, WAL_FILE, WalError, segno_of, timeline_of, wal_key
+from backups.walnames import SEGMENT, WalError, segno_of, timeline_of, wal_key
 from backups.walspool import (
     clear_error_marker,
     leave_spool,
     mark_ingested,
+    open_lock,
+    pending_names,
     publish_segment_size,
     remove_stale_tmp,
+    sha256_of_wal_file,
     spool_dir,
+    wal_file_size,
     write_error_marker,
 )
 
@@ -101,16 +105,6 @@ def wal_location():
     return location
 
 
-def pending_names(spool: Path, source):
-    """WAL files ready to ingest, oldest first. The newest .partial of pg_receivewal is still
-    being written; an older one was left behind by a timeline switch and is final."""
-    names = sorted(n for n in os.listdir(spool) if WAL_FILE.match(n))
-    partials = [n for n in names if n.endswith(".partial")]
-    if source == "pull" and partials:
-        names.remove(partials[-1])
-    return names
-
-
 def ingest(server, actor="job:ingestwal", linger=0):
     """Ingest everything in the server's spool. One ingest per spool at a time (flock). `linger`:
     the worker's schedule watches the spool that many seconds for more (WAL_INGEST_LINGER)."""
@@ -120,7 +114,11 @@ def ingest(server, actor="job:ingestwal", linger=0):
         return result
     source = "pull" if server.archiving == Server.Archiving.PULL else "push"
     hand_over = linger > 0 and source == "push"
-    lock_fd = os.open(spool / ".ingest.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        lock_fd = open_lock(spool, ".ingest.lock")  # postgres can put anything in the spool: never followed
+    except WalError as e:
+        ingest_failed(server, spool, result, e)
+        raise
     try:
         holds = locked(lock_fd)
         took_over = not holds and hand_over and take_over(lock_fd, spool)
@@ -205,9 +203,9 @@ def successor_waits(spool):
 
 def _open_handover(spool):
     try:
-        return os.open(spool / HANDOVER, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return None  # a spool that refuses it: passes end as before, at their bound
+        return open_lock(spool, HANDOVER)
+    except (OSError, WalError):
+        return None  # a spool that refuses it (or a link, or postgres's file): passes end as before, at their bound
 
 
 def keep_manifest(server, spool, names):
@@ -262,7 +260,7 @@ def _ingest_names(server, spool, names, source, result):
         raise stays_in_spool(e, names[0], spool) from None
 
     def encrypt(path, key):
-        reader, size, sha256 = walseal.seal(store, key, path, encryption)
+        reader, size, sha256 = walseal.seal(store, key, path, encryption, server.wal_segment_size)
         return reader, size, sha256, {"key_id": encryption.key_id, "encryption_key_id": encryption.custody_key}
 
     window = deque()  # (name, key, future) in name order: encrypting, or encrypted and not yet examined
@@ -360,8 +358,8 @@ def ingest_failed(server, spool, result, error):
         message += f" (ingested up to {result.ingested[-1]} before it failed)"
     try:
         write_error_marker(spool, INGEST_MARKER, "ingest_failed", message)
-    except OSError:
-        pass  # the spool itself refuses: so does the archive command, which the server reports
+    except (OSError, WalError):
+        pass  # the spool itself refuses (or errors/ is not a directory): the error raised says why
     conditions.changed("archive_failing", server=server)
 
 
@@ -409,7 +407,7 @@ def prepare(server, path: Path, store, catalogued):
     key = wal_key(server, path.name)
     if store.exists(key):
         store.delete(key)  # left by an ingest killed before it catalogued the file: nothing refers to it
-    check_segment_size(server, path, path.stat().st_size)
+    check_segment_size(server, path, wal_file_size(path, server.wal_segment_size))  # a link, a FIFO: WalError
     return None
 
 
@@ -454,7 +452,7 @@ def _bulk_record(server, spool, source, location, fresh):
 
 
 def archived_time(path: Path):
-    return datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+    return datetime.fromtimestamp(path.lstat().st_mtime, tz=UTC)
 
 
 def copy_fields(keys):
@@ -530,7 +528,7 @@ def learn_segment_size(server, size):
 
 
 def _already_archived(server, path, existing):
-    sha256 = archive_wal.sha256_of(path)  # the archive program's own: the same rule on both sides
+    sha256 = sha256_of_wal_file(path, server.wal_segment_size)  # the archive program's rule, never through a link
     if sha256 == existing.sha256:
         mark_ingested(path.parent, path.name, sha256)
         path.unlink()
