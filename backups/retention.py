@@ -282,8 +282,7 @@ def wal_retention(server, now, dry_run, actor):
         return result
     gone = [s.pk for s in segments if delete_copies(s.copies.exclude(status=BackupCopy.Status.DELETED))]
     WalSegment.objects.filter(pk__in=gone).update(deleted_at=now)
-    for segment in segments:
-        (walspool.spool_dir(server) / "ingested" / segment.name).unlink(missing_ok=True)
+    walspool.forget_ingested(server, [segment.name for segment in segments])
     pruned = prune_wal_manifests(server)
     journal.record(
         "wal_deleted",

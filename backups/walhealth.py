@@ -12,19 +12,28 @@ from django.utils import timezone
 from backups.models import Server
 from backups.receiver import steady
 from backups.walchain import chain_gaps
-from backups.walspool import is_portal_command, spool_dir
+from backups.walspool import is_portal_command, read_small_file, spool_dir
 
 
 def error_markers(server):
+    """The spool's error markers. postgres may write in errors/ (the archive program's markers):
+    each is read never through a link, nor past a marker's size (a link to /dev/zero, or to a
+    file of the portal's, is an unreadable marker, never its contents in an alert)."""
     folder = spool_dir(server) / "errors"
     markers = []
-    if folder.is_dir():
+    if folder.is_dir() and not folder.is_symlink():
         for path in sorted(folder.glob("*.json")):
+            text = read_small_file(path, most=MARKER_BYTES)
             try:
-                markers.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                markers.append({"segment": path.stem, "reason": "failed", "message": f"unreadable marker {path}"})
+                markers.append(json.loads(text) if text is not None and len(text) <= MARKER_BYTES else None)
+            except ValueError:
+                markers.append(None)
+            if not isinstance(markers[-1], dict):
+                markers[-1] = {"segment": path.stem, "reason": "failed", "message": f"unreadable marker {path}"}
     return markers
+
+
+MARKER_BYTES = 64 * 1024  # a marker is a line of JSON
 
 
 # What archiver_failure(), push_problems() and receiver_problem() return, when asked to, for a

@@ -288,6 +288,20 @@ def leave_spool(path: Path, sha256):
             os.close(folder)
 
 
+def forget_ingested(server, names):
+    """Remove the ingested/ markers of `names` (WAL retention), through the directory opened
+    without following a link: a linked ingested/ must not cost another directory its files."""
+    folder = _open_quietly(spool_dir(server) / "ingested")
+    if folder is None:
+        return
+    try:
+        for name in names:
+            with suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
 def mark_ingested(spool: Path, name, sha256):
     """SPOOL/ingested/NAME holds the sha256: the archive program compares a re-archived file with it.
     ingested/ must be the portal's own directory (postgres could rename it away and put its own)."""

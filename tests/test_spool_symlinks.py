@@ -270,3 +270,24 @@ def test_a_former_push_spool_is_taken_back_for_pg_receivewal(server, push_spool,
     (push_spool / "000000010000000000000001.partial").unlink()
     assert walspool.prepare_pull_spool(server) == push_spool
     untouched(outside)
+
+
+def test_the_monitor_reads_no_marker_through_a_link_and_retention_unlinks_none_elsewhere(push_spool, server, outside):
+    from backups.walhealth import error_markers
+
+    (outside / "marker.json").write_text(json.dumps({"segment": "x", "message": "the portal's own file"}))
+    as_postgres("ln", "-s", "/dev/zero", push_spool / "errors" / "000000010000000000000001.json")
+    as_postgres("ln", "-s", outside / "marker.json", push_spool / "errors" / "000000010000000000000002.json")
+
+    markers = error_markers(server)  # would never end on /dev/zero, or show the file's contents
+
+    assert [m["message"] for m in markers] == [
+        f"unreadable marker {push_spool / 'errors' / f'00000001000000000000000{n}.json'}" for n in (1, 2)
+    ]
+    # ingested/ replaced by a link to another directory holding a file of a segment's name.
+    (outside / "000000010000000000000003").write_text("another server's marker")
+    shutil.rmtree(push_spool / "ingested", ignore_errors=True)
+    os.symlink(outside, push_spool / "ingested")
+    walspool.forget_ingested(server, ["000000010000000000000003"])
+    assert (outside / "000000010000000000000003").read_text() == "another server's marker"
+    untouched(outside, "marker.json", "000000010000000000000003")
