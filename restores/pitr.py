@@ -3,10 +3,12 @@
     restore --server NAME (--target-time T | --target latest | --target-lsn LSN | --target-name RP)
             --into-datadir DIR --port PORT
 
-Everything that can be refused is refused from the catalog before anything is written. Then:
-the base backup is streamed through gpg (and zstd) into `tar -x` while the WAL prefetcher
-(pitr_prefetch) fetches the first segments from their first healthy copy, checks their sha256
-and decrypts them into DIR/bp_restore_wal; pg_verifybackup checks the files (and the backup's
+Everything that can be refused is refused from the catalog before anything is written (the
+data directory's place, production's timeline: pitr_checks). Then: the base backup is streamed
+through gpg (and zstd) into `tar -x` while the WAL prefetcher (pitr_prefetch) fetches the first
+segments of production's timeline from their first healthy copy, checks their sha256, decrypts
+them and reads them for CREATE TABLESPACE (refused) before they appear in DIR/bp_restore_wal;
+pg_verifybackup checks the files (and the backup's
 WAL) against the manifest; recovery is set up the PostgreSQL 12+ way (recovery.signal,
 postgresql.auto.conf: restore_command, recovery_target_*, recovery_target_action = promote)
 with archive_mode = off, so the new timeline never reaches the production archive; the cluster
@@ -27,28 +29,28 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from operator import attrgetter
-from pathlib import Path
 
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.lib.osuser import DB_OS_USER, chown_to_db_user
-from backups import keyring, walchain, walingest, walnames, walspool
+from backupportal.lib.osuser import chown_to_db_user
+from backups import keyring, walchain, walingest, walnames
 from backups.binaries import backup_major, cluster_dir
 from backups.copies import decrypt_here, healthy_copies, mark_faults
 from backups.crypto import Encryption, EncryptionError
 from backups.models import BackupCopy, WalSegment
 from backups.storage import store_for
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
-from restores import pitr_chain, pitr_reach
+from restores import pitr_chain, pitr_checks, pitr_reach
 from restores.models import RestoreRun
+from restores.pitr_checks import check_datadir
 from restores.pitr_extract import Extraction, empty, extract_base, verify_base
 from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target, encryption_of
 from restores.pitr_prefetch import Prefetch, install
 from restores.pitr_reach import partial_for
 from restores.pitr_recovery import heartbeat, pg_ctl, start_and_wait, write_recovery_settings
 
-__all__ = ["STAGING", "Plan", "Refused", "RestoreFailed", "Target"]  # used through this module too
+__all__ = ["STAGING", "Plan", "Refused", "RestoreFailed", "Target", "check_datadir"]  # used through this module too
 
 RESTORE_POINT_LINE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.*)$")
 LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
@@ -187,6 +189,7 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
         pass  # what is catalogued already is all there is
     bases = good_bases(server)
     size = bases[-1].details.get("wal_segment_size") or server.wal_segment_size
+    lineage, bases, notes = pitr_checks.production_lineage(server, bases, size)  # never another's timeline
     base = choose_base(bases, target)
     healthy = with_healthy_copy(bases)
     # Bases already known unreadable are never planned on (find_restore_point walks plan.bases).
@@ -194,6 +197,7 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
     plan = Plan(
         server, target, datadir, port, base, readable, size, walnames.segno_of(base.end_wal, size), fallback=fallback
     )
+    plan.timeline, plan.lineage, plan.notes = lineage.timeline, lineage, notes
     plan.last = needed_through(plan)
     if target.kind == "time":
         pitr_reach.cover(plan)  # through the first archived commit after it, or the source will make one
@@ -260,28 +264,6 @@ def fall_back(plan, fault, run=None, error=RestoreFailed):
     raise error(f"{fault}; no base backup with a complete WAL chain to the target is readable ({why})")
 
 
-def check_datadir(into_datadir) -> Path:
-    if not into_datadir:
-        raise Refused("give --into-datadir: an empty or missing directory for the new cluster")
-    datadir = Path(into_datadir).absolute()
-    if datadir.exists():
-        if not datadir.is_dir():
-            raise Refused(f"{datadir} is a file: give an empty or missing directory")
-        if any(datadir.iterdir()):
-            raise Refused(f"{datadir} is not empty: give an empty or missing directory (a restore never overwrites)")
-    elif not datadir.parent.is_dir():
-        raise Refused(f"{datadir.parent} does not exist: create it, or choose another place")
-    if os.geteuid() == 0:
-        uid, gid = walspool.db_user_ids(DB_OS_USER)
-        existing = datadir if datadir.exists() else datadir.parent
-        blocked = walspool.unreachable_by(existing, uid, gid)
-        if blocked is not None:
-            raise Refused(
-                f"the {DB_OS_USER} user cannot reach {datadir} ({blocked} is closed to it): choose another place"
-            )
-    return datadir
-
-
 def check_port(port) -> int:
     if port is None:
         raise Refused("give --port: a free TCP port for the new cluster")
@@ -322,7 +304,7 @@ def choose_base(bases, target):
 
 def needed_through(plan):
     """The last segment number the catalog says the target surely needs."""
-    server, last = plan.server, walchain.last_segno(plan.server)
+    server, last = plan.server, walchain.last_segno(plan.server, plan.lineage)
     floor = plan.last  # the base backup's end segment: needed to be consistent at all
     if last is None or last < floor:
         return floor  # check_chain names the missing segment
@@ -339,7 +321,7 @@ def needed_through(plan):
     if plan.target.kind == "lsn":
         wanted = walnames.segno_of_lsn(plan.target.value, plan.segment_size)
         if wanted > last and not partial_for(plan, wanted):
-            name = walnames.segment_name(plan.base.timeline or 1, last, plan.segment_size)
+            name = walnames.segment_name(plan.lineage.timeline_of(last), last, plan.segment_size)
             raise Refused(f"LSN {plan.target.value} is beyond the archived WAL, which ends with segment {name}")
         return max(floor, min(wanted, last))
     return max(floor, last)
@@ -350,7 +332,7 @@ def check_chain(plan):
     link) to the target."""
     first = plan.segno(plan.newest.start_wal)
     try:
-        segments = walchain.chain_segments(plan.server, first, plan.last)
+        segments = walchain.chain_segments(plan.server, first, plan.last, plan.lineage)
     except walnames.WalError as e:
         window = timezone.now() - timedelta(days=plan.server.wal_retention_days)
         if plan.target.kind == "time" and plan.target.value < window:
@@ -432,6 +414,7 @@ def prepare_datadir(plan):
         plan.created_dir = True
     os.chmod(plan.datadir, 0o700)
     plan.staging.mkdir(mode=0o700)
+    plan.unchecked.mkdir(mode=0o700)  # closed to the database OS user: recovery reads only checked WAL
     chown_to_db_user(plan.datadir)
 
 
@@ -459,15 +442,16 @@ def stage_wal(plan, first, last):
     if last < first:
         return
     try:
-        segments = [s for s in walchain.chain_segments(plan.server, first, last) if s.segno not in plan.staged]
+        chain = walchain.chain_segments(plan.server, first, last, plan.lineage)
+        segments = [s for s in chain if s.segno not in plan.staged]
     except walnames.WalError as e:
         raise RestoreFailed(str(e)) from None
     copies = {}
     for copy in BackupCopy.objects.filter(wal_segment__in=segments).select_related("location"):
         copies.setdefault(copy.wal_segment_id, []).append(copy)
 
-    def one(segment):
-        sink = FileSink(plan.staging / segment.name)
+    def one(segment):  # into the unchecked directory: the prefetcher checks it before recovery may read it
+        sink = FileSink(plan.unchecked / segment.name)
         try:
             notes, faults = decrypt_first_healthy(
                 readable(copies.get(segment.pk, [])),
@@ -495,9 +479,11 @@ def stage_wal(plan, first, last):
 
 
 def stage_history_files(plan):
-    """Timeline history files: recovery reads them to follow the server's timelines. Their names."""
+    """Timeline history files: recovery reads them to follow production's timeline (those of its
+    lineage only: recovery never sees another timeline to follow). Their names."""
     names = []
-    for segment in WalSegment.objects.filter(server=plan.server, deleted_at=None, name__endswith=".history"):
+    wanted = pitr_checks.history_names(plan.lineage)
+    for segment in WalSegment.objects.filter(server=plan.server, deleted_at=None, name__in=wanted):
         names.append(segment.name)
         path = plan.staging / segment.name
         if not path.exists():
@@ -517,7 +503,7 @@ def stage_partial(plan):
     partial = partial_for(plan, last + 1)
     if partial is None:
         return False
-    shutil.copyfile(partial, plan.staging / partial.name[:24])
+    shutil.copyfile(partial, plan.unchecked / partial.name[:24])  # the prefetcher checks it, then stages it
     plan.staged[last + 1] = partial.name[:24]
     plan.notes.append(f"used {partial.name}, the segment pg_receivewal is still receiving")
     return True
@@ -526,7 +512,7 @@ def stage_partial(plan):
 def waldump(plan, first, last, rmgr):
     """pg_waldump's lines for staged segments first..last (times in UTC)."""
     bin_dir = cluster_dir(backup_major(plan.base), f"reading the WAL of {plan.server}")
-    return pitr_reach.waldump(bin_dir, plan.staging, plan.staged[first], plan.staged[last], rmgr)
+    return pitr_reach.waldump(bin_dir, plan.unchecked, plan.staged[first], plan.staged[last], rmgr)
 
 
 def find_restore_point(plan, run):
@@ -535,13 +521,14 @@ def find_restore_point(plan, run):
     Recovery stops at the first restore point of that name after the base backup is
     consistent: the newest base backup with one after its end is the one to use.
     """
-    upper, found = walchain.last_segno(plan.server), []
+    upper, found = walchain.last_segno(plan.server, plan.lineage), []
     for base in reversed(plan.bases):
         first = plan.segno(base.start_wal)
         stage_wal(plan, first, upper)
         found += restore_point_lsns(plan, first, upper)
-        if any(walnames.lsn_to_int(lsn) >= walnames.lsn_to_int(base.end_lsn) for lsn in found):
+        if any(walnames.lsn_to_int(lsn) >= walnames.lsn_to_int(base.end_lsn) for lsn, _ in found):
             plan.base = base
+            pitr_checks.duplicate_restore_points(plan, found)  # recovery would stop at the first
             RestoreRun.objects.filter(pk=run.pk).update(backup_run=base)
             return
         upper = first - 1
@@ -554,7 +541,7 @@ def restore_point_lsns(plan, first, last):
         for line in waldump(plan, segno, segno, "XLOG"):
             m = RESTORE_POINT_LINE.search(line)
             if m and m.group(2).strip() == plan.target.value:
-                found.append(m.group(1))
+                found.append((m.group(1), plan.unchecked / plan.staged[segno]))
     return found
 
 

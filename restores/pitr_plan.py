@@ -15,6 +15,10 @@ from backups.crypto import Encryption
 from backups.models import BackupRun, Server
 
 STAGING = "bp_restore_wal"
+# Inside STAGING, closed to the database OS user: segments decrypted and not yet checked
+# (pitr_checks.tablespace_creations) wait here; only a checked one is linked into STAGING, where
+# restore_wal.py hands it to recovery.
+UNCHECKED = "unchecked"
 
 
 class Refused(Exception):
@@ -62,6 +66,10 @@ class Plan:
     links: list = field(default_factory=list)
     # The base's files as its extraction wrote them, path: (size, CRC-32C) (pitr_extract.verify_base).
     extracted: dict | None = None
+    # The timeline production is on, whose history recovery follows (recovery_target_timeline),
+    # and its walchain.Lineage: which timeline's copy of each segment is production's.
+    timeline: int | None = None
+    lineage: object = None
 
     @property
     def newest(self):
@@ -71,6 +79,10 @@ class Plan:
     @property
     def staging(self):
         return self.datadir / STAGING
+
+    @property
+    def unchecked(self):
+        return self.staging / UNCHECKED
 
     def segno(self, name):
         return walnames.segno_of(name, self.segment_size)

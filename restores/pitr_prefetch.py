@@ -9,10 +9,15 @@ bounded whatever the amount of WAL. Recovery's restore_command is restores/resto
 Django, run by PostgreSQL as the database OS user), which waits for a planned file and copies it
 into place; the protocol between the two is described there.
 
-A segment that cannot be read intact gets a NAME.failed marker: restore_wal.py then stops
-recovery (fatal, never "not found", which would promote a cluster short of its target), and the
-restore reports the fetch error (check()). Bad copies met are marked on the restore's thread
-(finish()): the catalog is never written from the pool.
+Each segment is decrypted into STAGING/unchecked (closed to the database OS user) and read there
+by pg_waldump --rmgr=Tablespace, with the end of the segment before it (a record may begin
+there), before it is linked into STAGING under its name: recovery never reads a segment that
+would create a tablespace, whose directory is the source cluster's (pitr_checks).
+
+A segment that cannot be read intact, or that creates a tablespace, gets a NAME.failed marker:
+restore_wal.py then stops recovery (fatal, never "not found", which would promote a cluster short
+of its target), and the restore reports the error (check()). Bad copies met are marked on the
+restore's thread (finish()): the catalog is never written from the pool.
 """
 
 import os
@@ -22,16 +27,18 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
+from types import SimpleNamespace
 
 from django.conf import settings
 
 from backupportal.lib.osuser import chown_to_db_user
 from backups import walchain, walnames
+from backups.binaries import MissingBinaries, backup_major, cluster_tool
 from backups.copies import mark_faults
 from backups.models import BackupCopy
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from backups.walspool import SYSTEM_PYTHON
-from restores import restore_wal
+from restores import pitr_checks, restore_wal
 from restores.pitr_plan import RestoreFailed, encryption_of
 
 PROGRAM = "restore_wal.py"
@@ -44,14 +51,8 @@ PREFETCH_BYTES = 256 << 20
 KEEP_BEHIND = 2
 
 
-class StagedFile(FileSink):
-    """A FileSink whose file belongs to the database OS user before it appears under its name:
-    restore_wal.py, run by PostgreSQL, copies it the moment it exists."""
-
-    def commit(self):
-        self.f.close()
-        chown_to_db_user(self.tmp)
-        os.replace(self.tmp, self.path)
+class Abandoned(Exception):
+    """A fetch gave up waiting for the segment before it (the restore is ending or failed)."""
 
 
 def restore_command(staging: Path) -> str:
@@ -80,10 +81,11 @@ class Prefetch:
     """Segments first..last of the plan's chain, fetched ahead of replay on a thread of its own."""
 
     def __init__(self, plan, first, last):
-        self.plan, self.staging = plan, plan.staging
+        self.plan, self.staging, self.unchecked, self.last = plan, plan.staging, plan.unchecked, last
         try:
-            self.segments = walchain.chain_segments(plan.server, first, last) if last >= first else []
-        except walnames.WalError as e:
+            self.segments = walchain.chain_segments(plan.server, first, last, plan.lineage) if last >= first else []
+            self.waldump = cluster_tool(backup_major(plan.base), "pg_waldump", f"checking the WAL of {plan.server}")
+        except (walnames.WalError, MissingBinaries) as e:
             raise RestoreFailed(str(e)) from None
         self.copies = {}
         for copy in BackupCopy.objects.filter(wal_segment__in=self.segments).select_related("location"):
@@ -96,6 +98,8 @@ class Prefetch:
         self.by_segno = {s.segno: s for s in self.segments}
         self.present = set()  # segnos staged and not removed
         self.removed = set()
+        self.checked = set()  # segnos whose check passed (a segment fetched again is not read twice)
+        self.passed = set()  # segnos checked and linked into the staging directory, by this prefetcher
         self.notes, self.faults = [], []
         self.error = None
         self.owned = False  # the heartbeat file belongs to the database OS user
@@ -106,6 +110,12 @@ class Prefetch:
     # --------------------------------------------------------------------- the restore's thread
 
     def start(self):
+        # The segment pg_receivewal is still receiving, copied in by pitr.stage_partial: checked too.
+        for segno in sorted(s for s in self.plan.staged if s > self.last and s not in self.by_segno):
+            name = self.plan.staged[segno]
+            if (self.unchecked / name).exists():
+                self.segments.append(SimpleNamespace(segno=segno, name=name, pk=None, sha256=None))
+                self.by_segno[segno] = self.segments[-1]
         self.beat()
         self.thread.start()
         return self
@@ -182,22 +192,63 @@ class Prefetch:
                 self.settle(pending.pop(future), future)
 
     def fetch(self, segment):
-        path = self.staging / segment.name
-        if path.exists():  # staged by an earlier prefetcher of this restore (an older base)
-            return [], []
-        return decrypt_first_healthy(
-            readable(self.copies.get(segment.pk, [])),
-            StagedFile(path),
-            encryption_of(self.plan),
-            f"WAL segment {segment.name}",
-            plain_sha256=segment.sha256,
+        """Decrypt the segment into the unchecked directory, check it, and link it into the
+        staging directory, where restore_wal.py may hand it to recovery. On a pool thread."""
+        path, held = self.staging / segment.name, self.unchecked / segment.name
+        result = [], []
+        if path.exists():  # staged by an earlier prefetcher of this restore (an older base): checked
+            if not held.exists():
+                os.link(path, held)  # for the check of the segment after it
+            self.checked.add(segment.segno)
+        elif not held.exists():  # else decrypted already: pitr.stage_wal, stage_partial, or before a prune
+            result = decrypt_first_healthy(
+                readable(self.copies.get(segment.pk, [])),
+                FileSink(held),
+                encryption_of(self.plan),
+                f"WAL segment {segment.name}",
+                plain_sha256=segment.sha256,
+            )
+        if segment.segno not in self.checked:
+            self.check_tablespaces(segment)
+            self.checked.add(segment.segno)
+        if not path.exists():
+            chown_to_db_user(held)  # the same file as the staged one: it belongs to the database OS user
+            linking = self.staging / f".{segment.name}.linking"
+            linking.unlink(missing_ok=True)
+            os.link(held, linking)
+            os.replace(linking, path)  # appears whole, under its name
+        with self.changed:
+            self.passed.add(segment.segno)
+            self.changed.notify_all()
+        return result
+
+    def check_tablespaces(self, segment):
+        """No tablespace is created by a record ending in this segment (one may begin in the one
+        before, so that one is checked and linked first). TablespaceInWal otherwise."""
+        before = self.by_segno.get(segment.segno - 1)
+        if before is not None:
+            with self.changed:
+                while before.segno not in self.passed:
+                    if self.stopping.is_set() or self.error is not None:
+                        raise Abandoned()
+                    self.changed.wait(0.1)
+        previous = before.name if before is not None else None
+        found = pitr_checks.tablespace_creations(
+            self.waldump, self.unchecked, segment.name, previous, self.plan.segment_size
         )
+        if found:
+            raise pitr_checks.refusal(segment.name, found)
 
     def settle(self, segment, future):
         try:
             notes, faults = future.result()
+        except Abandoned:
+            return  # whatever stopped it is what the restore reports
         except FetchFailed as e:
             self.faults += e.faults
+            self.fail(segment, e)
+            return
+        except RestoreFailed as e:  # a tablespace created, or a segment pg_waldump cannot read
             self.fail(segment, e)
             return
         except Exception as e:  # noqa: BLE001 - an OSError (disk full), a bug: the restore reports it
@@ -235,6 +286,7 @@ class Prefetch:
         with self.changed:
             for segno in [s for s in self.present if s < wanted - KEEP_BEHIND]:
                 (self.staging / self.by_segno[segno].name).unlink(missing_ok=True)
+                (self.unchecked / self.by_segno[segno].name).unlink(missing_ok=True)
                 self.present.discard(segno)
                 self.removed.add(segno)
 

@@ -116,7 +116,7 @@ class Scratch:
 
 def chain(plan, first, last):
     try:
-        return walchain.chain_segments(plan.server, first, last)
+        return walchain.chain_segments(plan.server, first, last, plan.lineage)
     except walnames.WalError as e:
         raise Refused(f"{e}: the WAL chain to the target {plan.target.text} has a gap there") from None
 
@@ -192,13 +192,13 @@ def scan_start(plan):
         .values_list("segno", flat=True)
         .first()
     )
-    return first if first is not None else (walchain.last_segno(plan.server) or floor) + 1
+    return first if first is not None else (walchain.last_segno(plan.server, plan.lineage) or floor) + 1
 
 
 def cover(plan):
     """A time target: plan.last through the first archived commit after it; or, when the archive
     holds none, plan.switch (the restore asks the source for one). Refused when neither can be had."""
-    first, last = scan_start(plan), walchain.last_segno(plan.server)
+    first, last = scan_start(plan), walchain.last_segno(plan.server, plan.lineage)
     after, before = scan(plan, first, last)
     if after is None:
         partial = partial_for(plan, (last or 0) + 1)

@@ -99,8 +99,11 @@ def test_latest_is_reached_only_when_replay_went_into_the_last_planned_segment()
 
 
 def test_latest_fails_when_the_last_archived_segment_cannot_be_replayed(
-    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, monkeypatch
 ):
+    # The tablespace check reads each segment first and refuses this one already (pg_waldump finds
+    # no header: tests/test_pitr_checks.py); here it stands aside so that the verdict alone is seen.
+    monkeypatch.setattr("restores.pitr_checks.tablespace_creations", lambda *args: [])
     enable_push(sample_cluster)
     assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
     last = archive_some_wal(sample_cluster)  # t2 is created in the last segment only

@@ -1,0 +1,386 @@
+"""What a PITR checks so that the restored cluster is production's past and touches nothing else.
+
+- The data directory: never inside another cluster's data directory or a tablespace, nor in the
+  portal's own storage (BACKUP_ROOT, WAL_ROOT, WAL_SPOOL, NAS_ROOT, the locations, the var/
+  directory beside SANDBOX_ROOT): check_datadir.
+- The timeline: production's, asked of the server when it answers, else its newest base
+  backup's; WAL is chosen along that timeline's history only, never from a timeline some other
+  cluster archived into the same spool: production_lineage.
+- Tablespaces: replaying CREATE TABLESPACE ... LOCATION '/x' makes the restored cluster write
+  into /x, the source's own directory. Every segment is read by pg_waldump --rmgr=Tablespace
+  before recovery may have it (the prefetcher's threads call tablespace_creations); one that
+  creates a tablespace stops the restore and is never handed over.
+- A restore point name used more than once: recovery would stop at the first silently, so the
+  restore is refused, listing each: duplicate_restore_points.
+"""
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+from django.conf import settings
+from django.utils import timezone
+
+from backupportal.lib.osuser import DB_OS_USER
+from backupportal.lib.pgerrors import explain
+from backups import manifests, walchain, walnames, walspool
+from backups.copies import decrypt_here
+from backups.crypto import Encryption
+from backups.models import StorageLocation, WalSegment
+from backups.streams import FetchFailed, readable
+from restores.pitr_plan import Refused, RestoreFailed
+
+# ----------------------------------------------------------------------------- the data directory
+
+CLUSTER_FILES = ("PG_VERSION", "postmaster.pid")
+TABLESPACE_VERSION_DIR = re.compile(r"^PG_\d+_\d+$")  # what CREATE TABLESPACE makes in its location
+
+
+def check_datadir(into_datadir) -> Path:
+    if not into_datadir:
+        raise Refused("give --into-datadir: an empty or missing directory for the new cluster")
+    datadir = Path(into_datadir).absolute()
+    if datadir.exists():
+        if not datadir.is_dir():
+            raise Refused(f"{datadir} is a file: give an empty or missing directory")
+        if any(datadir.iterdir()):
+            raise Refused(f"{datadir} is not empty: give an empty or missing directory (a restore never overwrites)")
+    elif not datadir.parent.is_dir():
+        raise Refused(f"{datadir.parent} does not exist: create it, or choose another place")
+    refuse_portal_storage(datadir)
+    refuse_inside_a_cluster(datadir)
+    if os.geteuid() == 0:
+        uid, gid = walspool.db_user_ids(DB_OS_USER)
+        existing = datadir if datadir.exists() else datadir.parent
+        blocked = walspool.unreachable_by(existing, uid, gid)
+        if blocked is not None:
+            raise Refused(
+                f"the {DB_OS_USER} user cannot reach {datadir} ({blocked} is closed to it): choose another place"
+            )
+    return datadir
+
+
+def portal_storage():
+    """(directory, what it is) of everything the portal keeps on this host."""
+    places = [
+        (settings.BACKUP_ROOT, "BACKUP_ROOT"),
+        (settings.WAL_ROOT, "WAL_ROOT"),
+        (settings.WAL_SPOOL, "the WAL spool (WAL_SPOOL)"),
+        (settings.KEYRING_DIR, "the keyring (KEYRING_DIR)"),
+        (settings.SIGNING_KEY_DIR, "the signing key (SIGNING_KEY_DIR)"),
+    ]
+    if settings.NAS_ROOT:
+        places.append((settings.NAS_ROOT, "NAS_ROOT"))
+    for name, path in StorageLocation.objects.exclude(path="").values_list("name", "path"):
+        places.append((path, f"storage location {name}"))
+    return [(Path(p).resolve(), what) for p, what in places]
+
+
+def refuse_portal_storage(datadir):
+    real = datadir.resolve()
+    for place, what in portal_storage():
+        if real.is_relative_to(place):
+            raise Refused(f"{datadir} is inside {what} ({place}): choose a directory outside the portal's storage")
+    # SANDBOX_ROOT is where the portal's own clusters go; the rest of its var/ directory (the
+    # catalog's database, keys, spools) is not a place for one.
+    var, sandboxes = Path(settings.VAR_DIR).resolve(), Path(settings.SANDBOX_ROOT).resolve()
+    if real.is_relative_to(var) and not (real.is_relative_to(sandboxes) and real != sandboxes):
+        raise Refused(
+            f"{datadir} is inside the portal's var directory ({var}): choose a directory under SANDBOX_ROOT "
+            f"({sandboxes}) or outside the portal"
+        )
+
+
+def refuse_inside_a_cluster(datadir):
+    """No parent is a data directory (PG_VERSION, postmaster.pid) or a tablespace (PG_15_...)."""
+    real = datadir.resolve()
+    for parent in real.parents:
+        for name in CLUSTER_FILES:
+            try:
+                os.stat(parent / name)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue
+                raise Refused(f"cannot look into {parent} ({e.strerror}): choose another place") from None
+            raise Refused(
+                f"{datadir} is inside the data directory of another cluster ({parent} holds {name}): "
+                "choose a directory outside every cluster"
+            )
+        if TABLESPACE_VERSION_DIR.match(parent.name) or holds_tablespace(parent):
+            raise Refused(f"{datadir} is inside a tablespace's directory ({parent}): choose a directory outside it")
+
+
+def holds_tablespace(directory):
+    try:
+        with os.scandir(directory) as entries:
+            return any(TABLESPACE_VERSION_DIR.match(e.name) for e in entries)
+    except OSError:
+        return False  # not listable by us: a tablespace there would be no place we could write either
+
+
+# ----------------------------------------------------------------------------- the timeline
+
+
+class BytesSink:
+    """A small plaintext (a history file) kept in memory."""
+
+    def open(self):
+        self.data, self.sha256 = bytearray(), hashlib.sha256()
+
+    def write(self, chunk):
+        self.data += chunk
+        self.sha256.update(chunk)
+
+    def commit(self):
+        pass
+
+    def abort(self):
+        self.data = bytearray()
+
+
+def production_lineage(server, bases, segment_size):
+    """(walchain.Lineage of the timeline production is on, the base backups on it, notes).
+
+    Production's timeline is the one the server says it is on when it answers (as the cluster
+    whose system identifier its backups recorded), else its newest base backup's (BackupRun.
+    timeline, read from the backup manifest's WAL-Ranges). Another timeline in the archive (a
+    copy restored from a base backup and archiving into production's spool) is left aside
+    and named in a note; the archive keeps its files.
+    """
+    newest = bases[-1].timeline or 1
+    live, why = live_timeline(server)
+    timeline = live or newest
+    lineage = walchain.Lineage.of(timeline, history_text(server, timeline), segment_size)
+    notes = []
+    if live is None:
+        notes.append(
+            f"{server} could not be asked which timeline it is on ({why}): following timeline {timeline}, "
+            f"its newest base backup's"
+        )
+    on_it = [b for b in bases if on_lineage(lineage, b)]
+    left = [b for b in bases if b not in on_it]
+    if not on_it:
+        raise Refused(
+            f"no kept base backup of {server} is on the timeline it is on ({timeline}, history {lineage}): "
+            f"take one with backup {server.name} --kind base"
+        )
+    if left:
+        ids = ", ".join(f"#{b.pk} (timeline {b.timeline})" for b in left)
+        notes.append(f"base backups not on production's timeline history ({lineage}) are not used: {ids}")
+    timelines = WalSegment.objects.filter(server=server, deleted_at=None).order_by().values_list("timeline", flat=True)
+    foreign = sorted(set(timelines.distinct()) - set(lineage.timelines))
+    if foreign:
+        names = ", ".join(map(str, foreign))
+        notes.append(
+            f"WAL of timeline {names} in the archive is not on production's history ({lineage}): ignored. "
+            "A copy restored by hand that archives into production's spool makes such a timeline; its files "
+            "stay in the archive (nothing quarantines them)"
+            + ("" if live else f"; if {server} was promoted onto it, take a base backup and restore again")
+        )
+    return lineage, on_it, notes
+
+
+def live_timeline(server):
+    """(the timeline the source is on, "") or (None, why it could not be asked)."""
+    try:
+        with server.connect(connect_timeout=10) as conn:
+            checkpoint, sysid, walfile = conn.execute(
+                "SELECT c.timeline_id, s.system_identifier, CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL "
+                "ELSE pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()) END "
+                "FROM pg_catalog.pg_control_checkpoint() c, pg_catalog.pg_control_system() s"
+            ).fetchone()
+    except (psycopg.Error, OSError) as e:
+        return None, explain(e, server) if isinstance(e, psycopg.Error) else str(e)
+    known = manifests.known_system_identifier(server)
+    if known and str(sysid) != known:
+        return None, f"it answers as another cluster: system identifier {sysid}, its backups' {known}"
+    # The checkpoint's timeline lags a promotion until the next checkpoint; the WAL being written does not.
+    return max(int(checkpoint), walnames.timeline_of(walfile) if walfile else 0), ""
+
+
+def history_text(server, timeline):
+    """The .history file of `timeline` from the archive ("" for timeline 1); Refused without it."""
+    if timeline <= 1:
+        return ""
+    name = f"{timeline:08X}.history"
+    history = WalSegment.objects.filter(server=server, deleted_at=None, name=name).first()
+    if history is None:
+        raise Refused(
+            f"{server} is on timeline {timeline}, and its history file {name} is not in the archive: "
+            f"wait until it is archived and ingested (manage.py checkserver {server.name}), then restore again"
+        )
+    sink = BytesSink()
+    try:
+        decrypt_here(
+            readable(history.copies.select_related("location")), sink, Encryption(), f"history file {name}",
+            history.sha256,
+        )  # fmt: skip
+    except FetchFailed as e:
+        raise Refused(str(e)) from None
+    return bytes(sink.data).decode(errors="replace")
+
+
+def on_lineage(lineage, base):
+    if not base.timeline:
+        return True  # recorded before timelines were: assumed production's
+    if lineage.span(base.timeline) is None:
+        return False
+    if base.start_lsn and base.end_lsn:
+        return lineage.holds(base.timeline, base.start_lsn, base.end_lsn)
+    return True
+
+
+def history_names(lineage):
+    """The history files recovery needs to follow the lineage (none for timeline 1)."""
+    return [f"{tli:08X}.history" for tli in lineage.timelines if tli > 1]
+
+
+# ----------------------------------------------------------------------------- tablespaces
+
+# pg_waldump's line for XLOG_TBLSPC_CREATE (tblspcdesc.c): desc: CREATE <oid> "<location>"
+CREATE_LINE = re.compile(r'lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: CREATE (\d+) "(.*)"\s*$')
+# pg_waldump's ways of saying the WAL it was given ends before its last byte (the end of the
+# valid WAL, the zeros after a WAL switch, a segment that only continues a record): normal.
+WAL_ENDS = ("error in WAL record at", "could not find a valid record after")
+# A CREATE TABLESPACE record is at most about 1.1 kB (its path is at most MAXPGPATH): one that
+# ends in a segment began within this many bytes before it, and ends within as many after.
+TAIL = 64 << 10
+
+
+class TablespaceInWal(RestoreFailed):
+    """The WAL creates a tablespace: replaying it would write into the source's directory."""
+
+
+def tablespace_creations(waldump, directory, name, previous, segment_size):
+    """(LSN, oid, location) of each tablespace created by a record that ends in segment `name`:
+    those that begin in it, and one that begins at the end of `previous` (the segment before,
+    both plaintext in `directory`; None for the first one replayed). RestoreFailed when
+    pg_waldump cannot read them."""
+    segno = walnames.segno_of(name, segment_size)
+    scratch = Path(tempfile.mkdtemp(prefix=".check-", dir=directory))
+    try:
+        os.link(Path(directory) / name, scratch / name)
+        # Apart from the end of the one before: pg_waldump reading from there stops at the first
+        # record it cannot read (the zeros after a WAL switch) without looking at this one.
+        found = dump(waldump, scratch, [name, name], name)
+        if previous is not None:
+            # Under the timeline of `name`: pg_waldump reads one timeline's files, and at a switch
+            # the child's segment continues the parent's.
+            first = walnames.segment_name(walnames.timeline_of(name), segno - 1, segment_size)
+            os.link(Path(directory) / previous, scratch / first)
+            boundary, tail = segno * segment_size, min(TAIL, segment_size)
+            found += dump(waldump, scratch, [lsn_option("start", boundary - tail), lsn_option("end", boundary + tail),
+                                             first, name], name)  # fmt: skip
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return sorted(set(found), key=lambda f: walnames.lsn_to_int(f[0]))
+
+
+def lsn_option(name, position):
+    return f"--{name}={position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
+def dump(waldump, directory, args, name):
+    proc = subprocess.run(
+        [str(waldump), "--path", str(directory), "--rmgr=Tablespace", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        timeout=300,
+    )
+    if proc.returncode != 0 and not any(end in proc.stderr for end in WAL_ENDS):
+        error = (proc.stderr.strip().splitlines() or ["it failed"])[-1]
+        raise RestoreFailed(f"WAL segment {name} could not be checked for tablespaces: pg_waldump: {error}")
+    return [(m.group(1), m.group(2), m.group(3)) for m in map(CREATE_LINE.search, proc.stdout.splitlines()) if m]
+
+
+def refusal(name, creations):
+    lsn, oid, location = creations[0]
+    return TablespaceInWal(
+        f"WAL segment {name} creates a tablespace in {location} (oid {oid}, at LSN {lsn}): replaying it would "
+        f"write into that directory, which is the source cluster's; the portal does not restore clusters with "
+        f"tablespaces physically: restore their databases from a logical backup (restore RUN_ID --into-database "
+        f"NEWDB --tablespace-map OLD=NEW), or choose a target before the tablespace was created"
+    )
+
+
+# ----------------------------------------------------------------------------- restore points
+
+POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+XLOG_RESTORE_POINT = 0x70
+RECORD_HEADER = struct.Struct("<IIQBBxxI")  # XLogRecord: tot_len, xid, prev, info, rmid, crc
+
+
+def duplicate_restore_points(plan, found):
+    """Refused when the restore point's name occurs more than once in `found`, (LSN, file) of
+    each occurrence in the WAL searched: recovery would stop at the first, whichever was meant."""
+    seen = sorted(set(found), key=lambda f: walnames.lsn_to_int(f[0]))
+    if len(seen) < 2:
+        return
+    each = []
+    for lsn, path in seen:
+        at = restore_point_time(path, lsn, plan.segment_size)
+        when = timezone.localtime(at).isoformat(sep=" ", timespec="milliseconds") if at else "time unreadable"
+        each.append(f"{lsn} ({when})")
+    raise Refused(
+        f"restore point {plan.target.value!r} was created {len(seen)} times in the WAL archived since base backup "
+        f"#{plan.base.pk}: at {', '.join(each)}; recovery would stop at the first of them: restore to the one "
+        f"you mean with --target-lsn LSN instead"
+    )
+
+
+def restore_point_time(path, lsn, segment_size):
+    """rp_time of the XLOG_RESTORE_POINT record at `lsn` in the segment file `path`, or None
+    (a record that does not read as one, or that runs into the next segment)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    if len(data) < 40:
+        return None
+    block = struct.unpack_from("<I", data, 36)[0]  # the long page header's xlp_xlog_blcksz
+    offset = walnames.lsn_to_int(lsn) % segment_size
+    record = bytearray()
+    while len(record) < 128 and offset < len(data):
+        if offset % block == 0:
+            offset += 40 if offset == 0 else 24  # the page header (long at a segment's start)
+            continue
+        take = min(128 - len(record), block - offset % block, len(data) - offset)
+        record += data[offset : offset + take]
+        offset += take
+    return restore_point_in(bytes(record))
+
+
+def restore_point_in(record):
+    if len(record) < RECORD_HEADER.size + 2:
+        return None
+    _, _, _, info, rmid, _ = RECORD_HEADER.unpack_from(record)
+    if rmid != 0 or info & 0xF0 != XLOG_RESTORE_POINT:
+        return None
+    at = RECORD_HEADER.size
+    while at < len(record):
+        block_id = record[at]
+        if block_id == 253:  # XLR_BLOCK_ID_ORIGIN
+            at += 3
+        elif block_id == 252:  # XLR_BLOCK_ID_TOPLEVEL_XID
+            at += 5
+        elif block_id == 255:  # XLR_BLOCK_ID_DATA_SHORT: the main data follows
+            at += 2
+            break
+        elif block_id == 254:  # XLR_BLOCK_ID_DATA_LONG
+            at += 5
+            break
+        else:
+            return None
+    if at + 8 > len(record):
+        return None
+    micros = struct.unpack_from("<q", record, at)[0]
+    return POSTGRES_EPOCH + timedelta(microseconds=micros)
