@@ -179,22 +179,6 @@ def restore_dir(server, dump_major=None) -> Path:
             f"which {target} lacks; list PostgreSQL {target} client tools in PG_BIN_DIRS"
         )
     return directory
-    readers = [(d, m) for d, m in usable_dirs() if m >= dump_major]
-    if not readers:
-        raise MissingBinaries(
-            f"no PostgreSQL {dump_major} or newer pg_restore in PG_BIN_DIRS ({_listed_text()}): the backup was made "
-            f"by pg_dump {dump_major}; install PostgreSQL {dump_major} or newer client tools and list their bin directory"
-        )
-    directory, major = readers[0]
-    target = server_major(server)
-    if major >= 17 and target is not None and target < 17:
-        # Measured: pg_restore 18 into a 15 server fails at once on SET transaction_timeout.
-        raise MissingBinaries(
-            f"a backup made by pg_dump {dump_major} cannot be restored into PostgreSQL {target}: only pg_restore "
-            f"{major} or newer reads it, and it sets transaction_timeout, which {target} lacks; restore into a "
-            "server of PostgreSQL 17 or newer"
-        )
-    return directory
 
 
 def cluster_tool(major, name, purpose) -> Path:

@@ -146,14 +146,7 @@ def test_a_request_whose_server_did_not_move_restores_there(
 def test_replacing_production_after_its_dsn_moved_fails_and_touches_nothing(
     alice, bob, good_run, sample_cluster, elsewhere
 ):
-    request = RestoreRequest.objects.create(
-        server=good_run.server,
-        backup_run=good_run,
-        destination="replace",
-        target_database="reliabilitymaldives",
-        reason="drill",
-        requested_by=alice,
-    )
+    request = replace_request(good_run, alice)
     assert request.into_destination == good_run.server.destination
     request.approve(bob, confirm_database="reliabilitymaldives")
     before = what_is_on(sample_cluster), what_is_on(elsewhere)
@@ -169,14 +162,7 @@ def test_replacing_production_after_its_dsn_moved_fails_and_touches_nothing(
 
 
 def test_the_command_line_replace_of_a_moved_server_is_refused_too(alice, bob, good_run, sample_cluster, elsewhere):
-    request = RestoreRequest.objects.create(
-        server=good_run.server,
-        backup_run=good_run,
-        destination="replace",
-        target_database="reliabilitymaldives",
-        reason="drill",
-        requested_by=alice,
-    )
+    request = replace_request(good_run, alice)
     request.approve(bob, confirm_database="reliabilitymaldives")
     before = what_is_on(sample_cluster), what_is_on(elsewhere)
     move(good_run.server, elsewhere)
@@ -220,3 +206,15 @@ def test_a_request_from_before_destinations_were_recorded_runs_as_it_did(
     move(scratch, elsewhere)
     assert run_request(request.pk) in ("succeeded", "succeeded with warnings")
     assert "restored_by_request" in what_is_on(elsewhere)[0]
+
+
+def replace_request(good_run, alice):
+    """Alice's request to replace production from `good_run`, waiting for approval."""
+    return RestoreRequest.objects.create(
+        server=good_run.server,
+        backup_run=good_run,
+        destination="replace",
+        target_database="reliabilitymaldives",
+        reason="drill",
+        requested_by=alice,
+    )
