@@ -179,6 +179,8 @@ class DatabaseProperties:
         self.actions = actions  # [(form, match)] in the dump's order
         self.warnings = warnings
         self.head = None  # the decrypted start of the dump, when read from one
+        self.copy_id = None  # the copy it was read from (restores.logical.read_properties)
+        self.pg_restore = None  # the pg_restore that reads that dump (--tablespace-map lists it again)
 
     @classmethod
     def parse(cls, listing, script):

@@ -385,7 +385,7 @@ def read_properties(run, target, encryption, warnings):
             listing, head = dbprops.read_toc(reader, encryption, pg_restore)
             props = dbprops.DatabaseProperties.parse(listing, dbprops.database_script(listing, head, pg_restore))
             props.head = head  # the table of contents, for --tablespace-map and the parallel restore
-            props.pg_restore = pg_restore  # the one that reads it (--tablespace-map lists it again)
+            props.pg_restore = pg_restore
             props.copy_id = reader.copy.pk
             return props
         except (dbprops.TocUnreadable, StorageError) as e:

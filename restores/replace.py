@@ -8,6 +8,7 @@ database is kept under another name for the DBA to drop when satisfied.
 
 import re
 
+import psycopg
 from django.utils import timezone
 from psycopg import sql
 
@@ -132,8 +133,6 @@ def _safety_backup(restoring, actor, restore):
 
 def _swap(server, prod, new, old):
     """Rename production away and the restored copy in, in one transaction."""
-    import psycopg
-
     _detach_before_swap(server, prod)
     with server.connect("postgres") as conn:
         conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(prod)))
@@ -159,8 +158,6 @@ def _detach_before_swap(server, prod):
     """Production's subscriptions let go of their slots before it is renamed away: the kept
     database, closed to connections from then on, could be neither detached later nor dropped
     without dropping production's slot on the publisher. Production stays as it was if this fails."""
-    import psycopg
-
     try:
         with server.connect(prod) as conn:
             for subscription, slot in targetdb.in_database(conn):

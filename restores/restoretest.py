@@ -103,7 +103,7 @@ def databases_to_test(server):
 def _test_logical(test, run, actor):
     """Into a scratch database on the server itself, as the strategy does, or on its sandbox server."""
     server = test.server
-    target = server.sandbox or server
+    target = server.sandbox  # the server itself when it has none, held to the approved HOST:PORT
     dbname = f"restoretest_{test.pk}_{timezone.localtime():%Y%m%d%H%M%S}"
     started = time.monotonic()
     restore = run_logical(run, target, dbname, actor, restore_test=test)
