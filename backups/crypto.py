@@ -22,6 +22,7 @@ from django.conf import settings
 
 from backupportal.lib.childenv import child_env
 from backups import openpgp, tarpipe
+from backups.zstdframes import BoundedUnzstd
 
 
 def s2k_args():
@@ -454,12 +455,13 @@ class ZstdDecrypting:
         return result
 
     def _decompress_here(self, source, on_data):
-        """zstandard in this thread, after openpgp (or gpg) decrypted: no process per segment."""
-        unzstd = zstandard.ZstdDecompressor().decompressobj()
+        """zstandard in this thread, after openpgp (or gpg) decrypted: no process per segment, and
+        at most a block (128 KiB) of plaintext at a time, however well the segment compressed."""
+        unzstd = BoundedUnzstd(on_data)
 
         def write(chunk):
             try:
-                on_data(unzstd.decompress(chunk))
+                unzstd.write(chunk)
             except zstandard.ZstdError as e:
                 raise WriteStopped from e
 
