@@ -282,6 +282,10 @@ STAGE_OVERLAP = (
     "stage: the ideal overlap: pg_restore -j 2 of the portal's dump, decrypted beforehand, while the portal's"
     " decryption of its copy runs beside it (gpg -d into a scratch file, the copy's sha256), neither waiting"
 )
+STAGE_DECRYPT = (
+    "stage: the portal's decryption of its copy alone (gpg -d into a scratch file, the copy's sha256 beside it),"
+    " nothing else running: the CPU a restore that decrypts adds to pg_restore's"
+)
 # The portal takes the copy's sha256 with OpenSSL through hashlib, as this does (sha256sum is
 # several times slower here).
 SHA256 = "import hashlib, sys\nh = hashlib.sha256()\nwith open(sys.argv[1], 'rb') as f:\n    while b := f.read(1 << 20):\n        h.update(b)"
@@ -348,17 +352,29 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
             cluster.create_database(target)
             try:
                 sample = shell(
-                    f"{' '.join(StockRecovery.gpg_argv(gpg_home, ws.passphrase))} --yes"
-                    f" --decrypt {copy} > {scratch} & decrypting=$!\n"
-                    f"{sys.executable} -c {shlex.quote(SHA256)} {copy} & hashing=$!\n"
-                    f"trap 'kill $decrypting $hashing 2>/dev/null || true; rm -f {scratch}' EXIT\n"
-                    f"{pg(cluster, 'pg_restore')} -j 2 -d {target} {dump}\n"
+                    decrypt_script(gpg_home, ws.passphrase, copy, scratch)
+                    + f"{pg(cluster, 'pg_restore')} -j 2 -d {target} {dump}\n"
                     "wait $decrypting\nwait $hashing\n",
                     env=pg_env(),
                 )
                 rows.add(STAGE_OVERLAP, sample)
             finally:
                 drop(cluster, target)
+
+        def decrypt_alone(i, copy=own[0] if own else None):
+            """The decryption's own CPU (the whole machine's, as every row's): what the two cores
+            must find beside pg_restore's for a restore that decrypts to keep up with it."""
+            if copy is None:
+                raise CommandFailed(f"no copy of run #{run_id} under BACKUP_ROOT to decrypt")
+            scratch = files / "decrypt-alone.dump"
+            try:
+                rows.add(
+                    STAGE_DECRYPT,
+                    shell(decrypt_script(gpg_home, ws.passphrase, copy, scratch) + "wait $decrypting\nwait $hashing\n"),
+                )
+                rows.set(STAGE_DECRYPT, "machine_cores", os.cpu_count())
+            finally:
+                scratch.unlink(missing_ok=True)
 
         in_turn(
             rows,
@@ -371,6 +387,7 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
                 (STRATEGY_RESTORE, strategy, i),
                 (DECRYPT_JOBS_2, strategy, i, DECRYPT_JOBS_2, 2),
                 (STAGE_OVERLAP, ideal_overlap, i),
+                (STAGE_DECRYPT, decrypt_alone, i),
             ],
         )
     rows.set(PORTAL_RESTORE, "profile", profile(portal, "restore", str(run_id), "--into-database", "r_profile"))
@@ -380,6 +397,16 @@ def logical_restore(ws, portal, cluster, run_id, dbname, rounds):
     if own:
         own[1].unlink()
     return rows.list()
+
+
+def decrypt_script(gpg_home, passphrase, copy, scratch):
+    """Shell lines that start the portal's decryption of `copy` (gpg -d into `scratch`, the copy's
+    sha256 beside it) in the background, as $decrypting and $hashing, removed on exit."""
+    return (
+        f"{' '.join(StockRecovery.gpg_argv(gpg_home, passphrase))} --yes --decrypt {copy} > {scratch} & decrypting=$!\n"
+        f"{sys.executable} -c {shlex.quote(SHA256)} {copy} & hashing=$!\n"
+        f"trap 'kill $decrypting $hashing 2>/dev/null || true; rm -f {scratch}' EXIT\n"
+    )
 
 
 def own_plain(ws, portal, run_id, plain):

@@ -91,6 +91,9 @@ def test_the_benchmark_writes_every_table_with_a_number_in_each_measured_row(tmp
     assert re.search(rf"logical restore: portal ≤ pg_restore -j 2 \| [\d.]+ s vs [\d.]+ s {worker_restore} \|", targets)
     assert re.search(r"^\| \*\*portal\*\*, run by the worker already running [^|]+ \| \d+\.\d\d \|", text, re.M)
     assert "`manage.py ingestwal` on a backlog of its own" in text
+    # The decryption's own CPU, for the logical restore's CPU floor: a time and the cores it kept busy.
+    stage = r"^\| stage: the portal's decryption of its copy alone [^|]+ \| \d+\.\d\d \|( [^|]+ \|){4} \d\.\d\d \|"
+    assert re.search(stage, text, re.M)
     # Memory: every kind of backup and restore measured at both sizes, each with a ratio and a verdict.
     memory = text.split("## 6. Memory of the worker")[1].split("\n## ")[0]
     kinds = re.findall(
@@ -235,6 +238,38 @@ def test_a_base_backup_bound_below_the_servers_zstd_into_gpg_alone_is_named_as_o
     said = base_floor(rows(2.78, 1.83), 0.6, 4.82, boot=0.35)
     assert "took 2.78 s (1.90 cores busy), 3.13 s with Python and Django's start (0.35 s, the fixed-cost row)" in said
     assert base_floor(rows(2.78, 1.83), 0.6, 4.82, boot=0.05) == ""
+
+
+def test_the_logical_restore_bound_is_out_of_reach_when_its_cpu_cannot_fit_on_the_cores():
+    sys.path.insert(0, str(ROOT))
+    from bench import compare
+    from bench.report import overlap_floor
+
+    def rows(alone, busy, decrypt_seconds, decrypt_busy):
+        return [
+            {"method": compare.PG_RESTORE_2, "times": [alone], "cores": [busy]},
+            {
+                "method": compare.STAGE_DECRYPT,
+                "times": [decrypt_seconds],
+                "cores": [decrypt_busy],
+                "machine_cores": 2,
+            },
+        ]
+
+    # 12.95 s at 1.60 cores: 5.18 core-seconds idle, more than the decryption's 1.30: within reach.
+    said = overlap_floor(rows(12.95, 1.60, 1.0, 1.30), 0)
+    assert "kept the machine busy for 20.72 core-seconds in 12.95 s, leaving 5.18 of its 2 cores' time idle" in said
+    assert "(20.72 + 1.30) / 2 = 11.01 s on this machine" in said
+    assert "within the rounds' noise" in said and "not shown out of reach" in said
+    # 1.98 cores busy and 2.2 core-seconds of decryption: (25.64 + 2.20) / 2 = 13.92 s > 12.95 x 1.03.
+    said = overlap_floor(rows(12.95, 1.98, 1.1, 2.0), 0)
+    assert said.startswith("Measured in this run: Counted in CPU")
+    assert "= 13.92 s on this machine" in said and "above the bound (12.95 s" in said
+    # The command pays Python's start on top of the work.
+    said = overlap_floor(rows(12.95, 1.91, 1.0, 1.30), 0.55)
+    assert "= 13.02 s, 13.57 s with Python and Django's start" in said and "above the bound" in said
+    # Not measured: nothing from the CPU count.
+    assert overlap_floor(rows(12.95, 1.91, 1.0, 1.30)[:1], 0) == ""
 
 
 def test_the_logical_restore_bound_is_out_of_reach_only_when_the_ideal_overlap_misses_it():
