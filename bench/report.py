@@ -776,7 +776,7 @@ def cpu_floor(rows, boot):
         return None
     floor = (restore + decrypt) / machine + (boot or 0)
     said = (
-        f" Counted in CPU: pg_restore -j 2 alone kept the machine busy for {restore:.2f} core-seconds in"
+        f"Counted in CPU: pg_restore -j 2 alone kept the machine busy for {restore:.2f} core-seconds in"
         f" {alone:.2f} s, leaving {max(0.0, machine * alone - restore):.2f} of its {machine} cores' time idle;"
         f" the portal's decryption of its copy alone (gpg -d, the sha256) took {decrypt:.2f} core-seconds."
         f" A restore that does both can take no less than ({restore:.2f} + {decrypt:.2f}) / {machine}"
@@ -797,7 +797,7 @@ def overlap_floor(rows, boot, ours=compare.PORTAL_RESTORE):
     counted = cpu_floor(rows, boot)
     if counted and counted[0] >= alone * MARGIN:
         return (
-            f"Measured in this run:{counted[1]}: above the bound ({alone:.2f} s, pg_restore -j 2 of the file"
+            f"Measured in this run: {counted[1]}: above the bound ({alone:.2f} s, pg_restore -j 2 of the file"
             " already decrypted). No restore that must decrypt the portal's copy and check its sha256 can meet"
             " it on this machine; only less work could (no decryption, no hash)."
         )
@@ -812,7 +812,7 @@ def overlap_floor(rows, boot, ours=compare.PORTAL_RESTORE):
             " work (it waited on the disk, or on its own steps), so this count does not put the bound out of"
             " reach; closing the miss needs a restore that overlaps its decryption with that work more closely."
         )
-        said = f"{said or 'Measured in this run:'} {counted[1].strip()}: {where}"
+        said = f"{said or 'Measured in this run:'} {counted[1]}: {where}"
     return said
 
 
