@@ -7,15 +7,9 @@ from django.contrib import admin, messages
 from django.template.defaultfilters import filesizeformat
 
 from backupportal import journal
-from backupportal.journal_anchors import PREFIX as ANCHORS
 from backups.admin_changes import RemovalAsRequestAdmin, check_request, open_request, reason_field
-from backups.models import BackupCopy, ChangeRequest, LockChange, StorageLocation
+from backups.models import ChangeRequest, LockChange, StorageLocation
 from backups.storage import StorageError, store_for
-
-# The fields that say where a location's data is: copies are catalogued by key relative to it,
-# so a new address leaves every one of them out of reach (the location is retired in effect)
-# and sends new copies and anchors wherever it now points.
-ADDRESS_FIELDS = ("kind", "path", "bucket", "prefix", "endpoint_url", "region")
 
 
 class StorageLocationForm(forms.ModelForm):
@@ -54,8 +48,10 @@ class StorageLocationForm(forms.ModelForm):
     def refuse_repoint(self, stored):
         """A location that holds anything is not re-pointed: moving is a new location, copies made
         there by the worker, then this one retired through a change request (four eyes)."""
-        moved = [StorageLocation._meta.get_field(f).verbose_name for f in ADDRESS_FIELDS if f in self.changed_data]
-        held = stored.pk and moved and holdings(stored)
+        moved = [
+            StorageLocation._meta.get_field(f).verbose_name for f in StorageLocation.ADDRESS if f in self.changed_data
+        ]
+        held = stored.pk and moved and stored.holdings()
         if held:
             self.add_error(
                 None,
@@ -106,22 +102,6 @@ class StorageLocationForm(forms.ModelForm):
             store_for(self.instance).check()
         except StorageError as e:
             self.add_error(None, str(e))
-
-
-def holdings(location):
-    """What `location` holds at its stored address, as a DBA reads it ("" when nothing): its
-    catalogued copies (deleted ones aside; a locked one waiting for its date counts), else the
-    journal's anchors, which the catalog does not list."""
-    copies = BackupCopy.objects.filter(location=location).exclude(status=BackupCopy.Status.DELETED).count()
-    if copies:
-        return f"{copies} catalogued cop{'y' if copies == 1 else 'ies'}"
-    try:
-        anchored = next(iter(store_for(location).list(ANCHORS)), None)
-    except (StorageError, OSError):
-        # Nothing listed, nothing to lose by a correction: a location saved with a wrong address
-        # (a typo in a disabled one) is what this leaves correctable.
-        return ""
-    return "the journal's anchors" if anchored else ""
 
 
 @admin.register(StorageLocation)

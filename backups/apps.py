@@ -5,15 +5,23 @@ from backupportal.lib.sealed import create_key, key_path
 
 
 def sync_locations(sender, **kwargs):
-    from backups.models import StorageLocation
+    from django.core.management.base import CommandError
+
+    from backups.models import LocationMoved, StorageLocation
     from backups.schedules import mend_all
     from backups.tasks import ensure_global_schedules
 
-    StorageLocation.sync_from_settings()
+    try:
+        StorageLocation.sync_from_settings()
+        moved = None
+    except LocationMoved as e:
+        moved = e  # said once the rest is done: migrate then exits non-zero with it
     ensure_global_schedules()
     # Rows written before their arguments were plain strings never ran, and rows of a server
     # renamed before schedules followed it fail: an upgrade's migrate mends them.
     mend_all()
+    if moved is not None:
+        raise CommandError(f"Settings: {moved}.")
 
 
 def create_secrets_key_on_migrate(sender, verbosity=1, stdout=None, **kwargs):

@@ -25,7 +25,7 @@ from backupportal.lib.signing import SigningError
 from backups import archive_wal, keyring, manifests, walkeys, walseal
 from backups.copies import copy_one
 from backups.crypto import EncryptionError
-from backups.models import WAL_LOCATION, BackupCopy, Server, StorageLocation, WalSegment
+from backups.models import WAL_LOCATION, BackupCopy, LocationMoved, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
 from backups.walnames import SEGMENT, WalError, segno_of, timeline_of, wal_key
 from backups.walspool import (
@@ -100,7 +100,10 @@ class IngestResult:
 def wal_location():
     location = StorageLocation.objects.filter(name=WAL_LOCATION, enabled=True).first()
     if location is None:
-        StorageLocation.sync_from_settings()
+        try:
+            StorageLocation.sync_from_settings()
+        except LocationMoved:
+            pass  # another location's settings moved (migrate says so): the WAL location is made
         location = StorageLocation.objects.get(name=WAL_LOCATION)
     return location
 

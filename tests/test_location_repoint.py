@@ -3,6 +3,9 @@ not change once it holds copies or the journal's anchors: copies are catalogued 
 to that address, so re-pointing it would retire it without the change request retiring needs, and
 send new copies and anchors wherever it now points. Sam is a Sysadmin."""
 
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.urls import reverse
 
 from backupportal import journal
@@ -106,3 +109,46 @@ def test_a_location_holding_the_journals_anchors_is_not_repointed(client, sam, t
     assert response.status_code == 200
     assert "Location nas2 holds the journal&#x27;s anchors" in response.content.decode()
     assert address(nas2)["path"] == str(tiers.nas / "anchored")
+
+
+def test_settings_that_move_a_location_holding_copies_keep_its_address(settings, server, passphrase_file, tiers):
+    """An edited BACKUP_ROOT or S3_PREFIX (a mount moved, a typo) at the next migrate: the copies
+    stay where the catalog says, migrate exits non-zero saying which setting and what to do, and
+    what is not an address (the storage class) still follows the settings."""
+    assert backup_json()["status"] == "succeeded"
+    primary, s3 = StorageLocation.objects.get(name="primary"), StorageLocation.objects.get(name="s3")
+    before = address(primary), address(s3)
+    held = {
+        loc.name: BackupCopy.objects.filter(location=loc).exclude(status="deleted").count() for loc in (primary, s3)
+    }
+    assert all(held.values()), held
+    settings.BACKUP_ROOT = tiers.primary / "moved"
+    settings.S3_PREFIX = "elsewhere/"
+    settings.S3_STORAGE_CLASS = "STANDARD_IA"
+
+    with pytest.raises(CommandError) as raised:
+        call_command("migrate", verbosity=0)
+    said = str(raised.value)
+    assert "\n" not in said
+    assert (
+        f"location 'primary' holds {held['primary']} catalogued copies at {before[0]['path']}, "
+        "but BACKUP_ROOT now points elsewhere: its address is kept. Set BACKUP_ROOT back" in said
+    )
+    assert f"location 's3' holds {held['s3']} catalogued copies at s3://{tiers.bucket}/backupportal/" in said
+    assert "but S3_PREFIX now points elsewhere" in said and "add a new location in the admin" in said
+    assert (address(primary), address(s3)) == before
+    s3.refresh_from_db()
+    assert s3.storage_class == "STANDARD_IA"
+    for copy in BackupCopy.objects.filter(location__in=[primary, s3]).exclude(status="deleted"):
+        assert store_for(copy.location).exists(copy.key, copy.version_id), copy
+
+    settings.BACKUP_ROOT, settings.S3_PREFIX = before[0]["path"], before[1]["prefix"]
+    call_command("migrate", verbosity=0)  # set back: nothing to say
+
+
+def test_settings_move_a_location_that_holds_nothing(settings, backup_root, tmp_path):
+    primary = StorageLocation.objects.get(name="primary")
+    assert not primary.holdings()
+    settings.BACKUP_ROOT = tmp_path / "elsewhere"
+    StorageLocation.sync_from_settings()
+    assert address(primary)["path"] == str(tmp_path / "elsewhere")

@@ -9,7 +9,7 @@ from backups.models.copies import BackupCopy
 from backups.models.databases import Database
 from backups.models.holds import BackupHold, ChangeRequest
 from backups.models.keys import EncryptionKey
-from backups.models.locations import WAL_LOCATION, StorageLocation
+from backups.models.locations import WAL_LOCATION, LocationMoved, StorageLocation
 from backups.models.lockchanges import LockChange
 from backups.models.portal import PortalBackup
 from backups.models.runs import BackupRun
@@ -29,6 +29,7 @@ __all__ = [
     "LockChange",
     "EncryptionKey",
     "Server",
+    "LocationMoved",
     "StorageLocation",
     "Verification",
     "WalSegment",

@@ -73,6 +73,10 @@ class StorageLocation(models.Model):
     MAX_LOCK_DAYS = 3650
     # Shortening is a destructive change (models.holds.ChangeRequest): a weaker mode or fewer days.
     LOCK_STRENGTH = {LockMode.NONE: 0, LockMode.GOVERNANCE: 1, LockMode.COMPLIANCE: 2}
+    # The fields that say where a location's data is: copies are catalogued by key relative to it,
+    # so a new address leaves every one of them out of reach (the location is retired in effect)
+    # and sends new copies and anchors wherever it now points.
+    ADDRESS = ("kind", "path", "bucket", "prefix", "endpoint_url", "region")
 
     class Meta:
         ordering = ["name"]
@@ -171,22 +175,55 @@ class StorageLocation(models.Model):
             )
         return results
 
+    def holdings(self):
+        """What this location holds at its stored address, as a DBA reads it ("" when nothing): its
+        catalogued copies (deleted ones aside; a locked one waiting for its date counts), else the
+        journal's anchors, which the catalog does not list."""
+        from backupportal.journal_anchors import PREFIX as ANCHORS
+        from backups.storage import StorageError
+
+        copies = self.copies.exclude(status="deleted").count()
+        if copies:
+            return f"{copies} catalogued cop{'y' if copies == 1 else 'ies'}"
+        try:
+            anchored = next(iter(store_for(self).list(ANCHORS)), None)
+        except (StorageError, OSError):
+            # Nothing listed, nothing to lose by a correction: a location saved with a wrong address
+            # (a typo in a disabled one) is what this leaves correctable.
+            return ""
+        return "the journal's anchors" if anchored else ""
+
+    def address(self):
+        """Where its data is, as the settings would say it: s3://bucket/prefix or the path."""
+        if self.kind == self.Kind.S3:
+            where = f"s3://{self.bucket}/{self.prefix}"
+            return where + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+        return self.path
+
     @classmethod
     def sync_from_settings(cls):
-        """Create or update the locations that BACKUP_ROOT, NAS_ROOT and S3_BUCKET describe."""
-        cls.objects.update_or_create(
-            name="primary", defaults={"kind": cls.Kind.PRIMARY, "path": str(settings.BACKUP_ROOT)}
-        )
+        """Create or update the locations that BACKUP_ROOT, WAL_ROOT, NAS_ROOT and S3_BUCKET describe.
+
+        A location that holds copies or the journal's anchors keeps its address, as in the admin:
+        settings that point it elsewhere (a BACKUP_ROOT edited, a mount moved) would put every copy
+        out of reach and send new ones to the new place. Every other location is synced first; then
+        LocationMoved says which setting moved it and what to do."""
+        refused = [why for name, values in cls._described_by_settings() if (why := cls._sync_one(name, values))]
+        if refused:
+            raise LocationMoved("; ".join(refused))
+
+    @classmethod
+    def _described_by_settings(cls):
+        """(name, field values) of each location the settings describe."""
+        yield "primary", {"kind": cls.Kind.PRIMARY, "path": str(settings.BACKUP_ROOT)}
         # The WAL archive's own primary location (the strategy's separate partition).
-        cls.objects.update_or_create(
-            name=WAL_LOCATION, defaults={"kind": cls.Kind.PRIMARY, "path": str(settings.WAL_ROOT)}
-        )
+        yield WAL_LOCATION, {"kind": cls.Kind.PRIMARY, "path": str(settings.WAL_ROOT)}
         if settings.NAS_ROOT:
-            cls.objects.update_or_create(name="nas", defaults={"kind": cls.Kind.NAS, "path": settings.NAS_ROOT})
+            yield "nas", {"kind": cls.Kind.NAS, "path": str(settings.NAS_ROOT)}
         if settings.S3_BUCKET:
-            cls.objects.update_or_create(
-                name="s3",
-                defaults={
+            yield (
+                "s3",
+                {
                     "kind": cls.Kind.S3,
                     "bucket": settings.S3_BUCKET,
                     "prefix": settings.S3_PREFIX,
@@ -196,3 +233,46 @@ class StorageLocation(models.Model):
                     "storage_class": settings.S3_STORAGE_CLASS,
                 },
             )
+
+    @classmethod
+    def _sync_one(cls, name, values):
+        """Create or update one location; a refusal's sentence when its address is kept, else ""."""
+        location = cls.objects.filter(name=name).first()
+        if location is None:
+            cls.objects.create(name=name, **values)
+            return ""
+        moved = [f for f in cls.ADDRESS if f in values and getattr(location, f) != values[f]]
+        held = location.holdings() if moved else ""
+        refusal = ""
+        if held:
+            settings_named = sorted({SETTING_OF.get((name, f), SETTING_OF.get(f, f)) for f in moved})
+            refusal = (
+                f"location '{name}' holds {held} at {location.address()}, but {' and '.join(settings_named)} "
+                f"now point{'s' if len(settings_named) == 1 else ''} elsewhere: its address is kept. Set "
+                f"{' and '.join(settings_named)} back, or to move it add a new location in the admin, let "
+                "the worker copy the backups there and retire this one"
+            )
+            values = {f: v for f, v in values.items() if f not in cls.ADDRESS}
+        changed = [f for f, v in values.items() if getattr(location, f) != v]
+        for f in changed:
+            setattr(location, f, values[f])
+        if changed:
+            location.save(update_fields=changed)
+        return refusal
+
+
+class LocationMoved(Exception):
+    """The settings give a location that holds copies (or anchors) a new address: it was kept."""
+
+
+# Which setting gives each address field (the path's depends on the location).
+SETTING_OF = {
+    ("primary", "path"): "BACKUP_ROOT",
+    (WAL_LOCATION, "path"): "WAL_ROOT",
+    ("nas", "path"): "NAS_ROOT",
+    "bucket": "S3_BUCKET",
+    "prefix": "S3_PREFIX",
+    "endpoint_url": "S3_ENDPOINT_URL",
+    "region": "AWS_DEFAULT_REGION",
+    "kind": "the location's kind",
+}
