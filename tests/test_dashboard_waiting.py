@@ -26,14 +26,9 @@ def maldives(db):
     return Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/maldives")
 
 
-def request_restore(server, user):
-    return RestoreRequest.objects.create(
-        server=server,
-        destination="new_database",
-        target_database="copy",
-        reason="a table was dropped",
-        requested_by=user,
-    )
+def request_restore(server, user, **fields):
+    fields = {"destination": "new_database", "target_database": "copy"} | fields
+    return RestoreRequest.objects.create(server=server, reason="a table was dropped", requested_by=user, **fields)
 
 
 def panel(client, user):
@@ -63,6 +58,29 @@ def test_a_dba_sees_the_other_dbas_request_to_decide_and_his_own_as_waiting(clie
     html = panel(client, charlie)
     assert items(html, "to-decide") == items(html, "own-request") == []
     assert "Nothing waits for you." in html
+
+
+def test_each_request_says_where_it_restores_into_as_its_approver_approves_it(client, alice, bob, maldives):
+    """The HOST:PORT recorded with the request, the place the approver approves, is on the panel:
+    a replace of production, a new database on another server, a sandbox cluster (no place)."""
+    staging = Server.objects.create(name="staging", dsn="postgresql://postgres@10.0.0.7:6543/x")
+    replace = request_restore(maldives, bob, destination="replace", target_database="")
+    elsewhere = request_restore(maldives, bob, target_database="copy_0120", into_server=staging)
+    sandbox = request_restore(maldives, alice, destination="sandbox_cluster", target_database="")
+    html = panel(client, alice)
+    lines = dict(
+        re.findall(r'<li class="(?:to-decide|own-request)">.*?<a href="([^"]+)">.*?</a>(.*?)</li>', html, re.S)
+    )
+    assert (
+        "maldives, replace the production database on maldives at <code>127.0.0.1:1</code>,"
+        in lines[replace.get_absolute_url()]
+    )
+    assert (
+        "maldives, a new database (copy_0120) on staging at <code>10.0.0.7:6543</code>,"
+        in lines[elsewhere.get_absolute_url()]
+    )
+    assert "maldives, a new sandbox cluster (pitr)," in lines[sandbox.get_absolute_url()]
+    assert " at <code>" not in lines[sandbox.get_absolute_url()]
 
 
 def request_change(server, user, **changes):
@@ -144,11 +162,10 @@ def test_the_panel_costs_the_same_queries_for_one_item_of_each_kind_or_many(clie
     client.force_login(alice)
     one = count_queries(client)
     for n in range(2, 6):
-        request_restore(maldives, bob)
-        request_restore(maldives, alice)
-        request_change(
-            Server.objects.create(name=f"s{n}", dsn="postgresql://postgres@127.0.0.1:1/x"), bob, keep_yearly=0
-        )
+        other = Server.objects.create(name=f"s{n}", dsn="postgresql://postgres@127.0.0.1:1/x")
+        request_restore(maldives, bob, into_server=other)
+        request_restore(maldives, alice, into_server=other)
+        request_change(other, bob, keep_yearly=0)
         Alert.objects.create(condition="wal_gap", subject=f"server:s{n}", message="m")
     for kind in ("monthly_restore_test", "annual_dr_drill", "strategy_review"):
         MaintenanceTask.objects.create(kind=kind, due_on=TODAY - datetime.timedelta(days=1))

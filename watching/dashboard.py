@@ -29,7 +29,11 @@ def waiting_for(user):
     approve (the requester sees his own as waiting), open alerts to acknowledge, overdue
     maintenance: each only to a role that may act on it.
     """
-    pending = list(RestoreRequest.objects.pending().select_related("server", "requested_by").order_by("requested_at"))
+    pending = list(
+        RestoreRequest.objects.pending()
+        .select_related("server", "into_server", "requested_by")
+        .order_by("requested_at")
+    )
     changes = list(ChangeRequest.objects.pending().select_related("requested_by").order_by("requested_at"))
     may_acknowledge = role_may(user, "watching.acknowledge_alert")
     alerts = Alert.objects.in_state("open").select_related("server", "location").order_by("opened_at", "pk")
