@@ -29,6 +29,7 @@ from backups import (
 from backups.admin_changes import check_request, open_request, reason_field
 from backups.changes import (
     RETENTION_FIELDS,
+    backing_up_fewer,
     destination_moved,
     retention_shortened,
     sandbox_changed,
@@ -131,8 +132,9 @@ class ServerForm(forms.ModelForm):
         help_text="The directories the operator listed in PG_BIN_DIRS.",
     )
     change_reason = reason_field(
-        "Shortening retention (lengthening applies at once), disabling the server, choosing its sandbox or "
-        "sending restore tests to a server's new host or port (these two a DBA approves)"
+        "Shortening retention (lengthening applies at once), disabling the server, leaving out a database it "
+        "backs up, choosing its sandbox or sending restore tests to a server's new host or port (these two a "
+        "DBA approves)"
     )
 
     class Meta:
@@ -163,6 +165,12 @@ class ServerForm(forms.ModelForm):
         self.disables = bool(self.instance.pk and self.instance.enabled and not cleaned.get("enabled"))
         if self.disables:
             check_request(self, ChangeRequest.Kind.DISABLE_SERVER, self.instance)
+        # A database left out is no longer dumped: as destructive as disabling the server for it.
+        self.fewer = {}
+        if "protect_databases" in cleaned and "dsn" in cleaned:
+            self.fewer = backing_up_fewer(self.instance, cleaned["protect_databases"], cleaned["dsn"])
+        if self.fewer:
+            check_request(self, ChangeRequest.Kind.BACK_UP_FEWER, self.instance)
         self._check_restore_destination(cleaned)
         return cleaned
 
@@ -201,8 +209,9 @@ class ServerForm(forms.ModelForm):
         """Why a password the Sysadmin did not retype was not sent, when that is why it failed."""
         if not self.instance.password_sealed or probe.password_sealed:
             return ""
-        stored_for = self.instance.password_target
-        return f" (the stored password is only ever sent to {stored_for}: type it again for the new one)"
+        stored_for, tls = self.instance.password_target, self.instance.password_tls
+        surer = f" with sslmode={tls.replace(' ', ' and sslrootcert=', 1)} or surer" if tls else ""
+        return f" (the stored password is only ever sent to {stored_for}{surer}: type it again for the new one)"
 
     def save(self, commit=True):
         if self.cleaned_data.get("new_password"):
@@ -265,33 +274,41 @@ class ServerAdmin(admin.ModelAdmin):
             setattr(obj, field, values["from"])  # kept until another DBA or Sysadmin approves
         if disables:
             obj.enabled = True
+        fewer = getattr(form, "fewer", {})
+        if fewer:  # the old choice and the new together, until another DBA or Sysadmin approves
+            obj.protect_databases = fewer["protect_databases"]["from"]
         held = self._hold_back_destination(obj, form)
         super().save_model(request, obj, form, change)
         self._ask_a_dba(request, obj, form)
         reason = form.cleaned_data.get("change_reason")
-        waiting_enabled = ["enabled"] if disables else []
+        waiting = ["enabled"] if disables else []
+        if fewer and obj.protect_databases == form.initial.get("protect_databases"):
+            waiting.append("protect_databases")  # nothing of the choice changed yet
         if shorter:
             what = f"Shortening the retention of {obj}"
             open_request(self, request, ChangeRequest.Kind.SHORTEN_RETENTION, obj, reason, shorter, what)
         if disables:
             changes = {"enabled": {"from": True, "to": False}}
             open_request(self, request, ChangeRequest.Kind.DISABLE_SERVER, obj, reason, changes, f"Disabling {obj}")
+        if fewer:
+            left_out = fewer["left out"]["from"]
+            what = f"No longer backing up {left_out} on {obj}"
+            open_request(self, request, ChangeRequest.Kind.BACK_UP_FEWER, obj, reason, fewer, what)
         journal.record(
             "server_changed" if change else "server_added",
             actor=request.user.get_username(),
             obj=obj,
-            fields=sorted(
-                set(form.changed_data) - {"new_password", "change_reason", *shorter, *waiting_enabled, *held}
-            ),
+            fields=sorted(set(form.changed_data) - {"new_password", "change_reason", *shorter, *waiting, *held}),
             credentials_changed="new_password" in set(form.changed_data) - set(held),
             credentials_forgotten=getattr(obj, "password_forgotten", False),
         )
-        if "protect_databases" in form.changed_data or not change:
+        if "protect_databases" in form.changed_data or fewer or not change:
             self._look_at_databases(request, obj)
         if getattr(obj, "password_forgotten", False):
             self.message_user(
                 request,
-                f"The stored password of {obj} was forgotten: it was for another user, host or port. "
+                f"The stored password of {obj} was forgotten: it was for another user, host or port, or a "
+                "surer sslmode or another root certificate. "
                 "Type it again if the new one needs it.",
                 messages.WARNING,
             )

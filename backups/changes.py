@@ -8,6 +8,8 @@ shorten retention, turn a schedule down, delete a backup or a location without a
   silence grows (backupportal.lib.cron.firings and longest_gap; a month's count would let "only in
   December" through); a change worse by neither applies at once, nor one that only moves a firing
   across the year's edge (weakened); a server disabled (no job runs);
+- a database it backs up left out (its databases to back up, or the DSN's database when that is
+  the choice): the old choice and the new together are backed up until it is approved;
 - a backup deleted by hand;
 - a storage location removed, or retired (disabled);
 - a legal hold released (backups.models.holds);
@@ -22,14 +24,16 @@ Such a change opens a ChangeRequest and nothing of it changes until it is approv
 made by one small function below, registered with ChangeRequest.applies.
 """
 
+import psycopg
 from django.core.exceptions import ValidationError
 
 from backupportal import journal
 from backupportal.lib.cron import cron_problem, duration_words, firings, longest_gap
 from backups import schedules
 from backups.copies import delete_run_artifacts
-from backups.models import BackupCopy, BackupRun, BackupSchedule, ChangeRequest, Server, StorageLocation
-from backups.models.servers import destination_of
+from backups.databases import discover
+from backups.models import BackupCopy, BackupRun, BackupSchedule, ChangeRequest, Database, Server, StorageLocation
+from backups.models.servers import ALL_DATABASES, destination_of, parse_protect_databases
 
 Kind = ChangeRequest.Kind
 
@@ -98,6 +102,51 @@ def apply_disable_server(server, change):
     server.enabled = False
     server.save(update_fields=["enabled"])
     journal.record("server_changed", actor=approved_actor(change), obj=server, fields=["enabled"], change=change.pk)
+
+
+# --- Which databases are backed up -----------------------------------------------------------
+
+
+def backing_up_fewer(stored, protect_databases, dsn):
+    """The change of `stored`'s databases to back up to `protect_databases` (with `dsn`, whose
+    database "" means), when it leaves out a database backed up now, as {"protect_databases":
+    {"from": what is backed up until it is approved (the old choice and the new together), "to":
+    the new choice}, "left out": {"from": their names, "to": "no backups"}}; {} when it covers
+    every one (it applies at once)."""
+    new = parse_protect_databases(protect_databases)
+    if stored.pk is None or new == ALL_DATABASES:
+        return {}
+    names = new or [Server(dsn=dsn).dbname]
+    backed_up = stored.databases.filter(protected=True).exclude(state=Database.State.GONE)
+    left_out = sorted(set(backed_up.values_list("name", flat=True)) - set(names))
+    if not left_out:
+        return {}
+    old = parse_protect_databases(stored.protect_databases)
+    meanwhile = ALL_DATABASES if old == ALL_DATABASES else ",".join(dict.fromkeys([*(old or [stored.dbname]), *names]))
+    if len(meanwhile) > Server._meta.get_field("protect_databases").max_length:
+        meanwhile = stored.protect_databases  # too long a list together: the new names wait too
+    return {
+        "protect_databases": {"from": meanwhile, "to": protect_databases},
+        "left out": {"from": ", ".join(left_out), "to": "no backups"},
+    }
+
+
+@ChangeRequest.applies(Kind.BACK_UP_FEWER, Server)
+def apply_back_up_fewer(server, change):
+    server.protect_databases = change.changes["protect_databases"]["to"]
+    server.save(update_fields=["protect_databases"])
+    journal.record(
+        "server_changed",
+        actor=approved_actor(change),
+        obj=server,
+        fields=["protect_databases"],
+        change=change.pk,
+        left_out=change.changes["left out"]["from"],
+    )
+    try:
+        discover(server, actor=approved_actor(change))
+    except psycopg.Error:
+        pass  # the cluster does not answer now: the next logical pass looks again
 
 
 # --- Schedules -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from psycopg.types.string import TextLoader
 
-from backupportal.lib.libpq import SAFE_AUTH, Dsn, DsnError, parse
+from backupportal.lib.libpq import SAFE_AUTH, Dsn, DsnError, parse, tls_weakened
 from backupportal.lib.pgerrors import explain
 from backupportal.lib.sealed import SealError, seal, unseal
 from backups.pipeline import BackupFailed
@@ -46,18 +46,27 @@ class ServerConnection(models.Model):
     password_target = models.CharField(
         max_length=600, blank=True, editable=False, help_text="USER@HOST:PORT the stored password was entered for"
     )
+    # A Sysadmin who turns sslmode=verify-full down to require (or disable) would let a listener on
+    # the way stand in for the server: the password is not sent over a connection less sure of it.
+    password_tls = models.CharField(
+        max_length=600,
+        blank=True,
+        editable=False,
+        help_text="the DSN's sslmode (and root certificate, where it verifies) the stored password was entered with",
+    )
 
     class Meta:
         abstract = True
 
     def save(self, *args, **kwargs):
         # Whatever changed the DSN (the admin, a shell, a script), a password entered for another
-        # user, host or port is dropped here rather than sent to the new one.
-        if self.password_sealed and self.password_target != self._target():
-            self.password_sealed = self.password_target = ""
+        # user, host or port, or with a surer TLS, is dropped here rather than sent to the new one.
+        if self.password_sealed and not self._password_fits():
+            self.password_sealed = self.password_target = self.password_tls = ""
             self.password_forgotten = True
             if kwargs.get("update_fields") is not None:
-                kwargs["update_fields"] = {*kwargs["update_fields"], "password_sealed", "password_target"}
+                fields = {"password_sealed", "password_target", "password_tls"}
+                kwargs["update_fields"] = {*kwargs["update_fields"], *fields}
         super().save(*args, **kwargs)
 
     def clean_dsn(self):
@@ -81,6 +90,13 @@ class ServerConnection(models.Model):
         parts = self._parts()
         return "" if parts is UNREADABLE else parts.target
 
+    def _password_fits(self) -> bool:
+        """Is the stored password for this DSN: its user, host and port, and a TLS as sure?"""
+        target = self._target()
+        return (
+            bool(target) and self.password_target == target and not tls_weakened(self.password_tls, self._parts().tls)
+        )
+
     @property
     def host(self):
         return self._parts().host
@@ -101,19 +117,20 @@ class ServerConnection(models.Model):
 
     @property
     def password(self) -> str:
-        """The stored password, for this DSN's user, host and port only ('' for any other)."""
-        target = self._target()
-        if not self.password_sealed or not target or self.password_target != target:
+        """The stored password, for this DSN's user, host and port only, and a TLS as sure as when
+        it was entered ('' for any other)."""
+        if not self.password_sealed or not self._password_fits():
             return ""
-        return unseal(self.password_sealed, target)
+        return unseal(self.password_sealed, self.password_target)
 
     @password.setter
     def password(self, value):
         target = self._target()
         if value and target:
             self.password_sealed, self.password_target = seal(value, target), target
+            self.password_tls = self._parts().tls
         else:
-            self.password_sealed = self.password_target = ""
+            self.password_sealed = self.password_target = self.password_tls = ""
 
     # --- Connections.
 

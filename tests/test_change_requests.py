@@ -18,6 +18,7 @@ from django_q.models import Schedule
 
 from backupportal.lib.cron import firings, longest_gap, next_run
 from backupportal.models import JournalEntry
+from backups import databases
 from backups.changes import schedule_turned_down
 from backups.models import BackupCopy, BackupHold, BackupRun, BackupSchedule, ChangeRequest, Server, StorageLocation
 from tests.adminform_helpers import admin_form_data
@@ -318,6 +319,67 @@ def test_shortening_retention_or_disabling_in_the_admin_waits_lengthening_applie
     disable.approve(bob)
     server.refresh_from_db()
     assert not server.enabled and journal("server_changed")[-1].details["fields"] == ["enabled"]
+
+
+def protected(server):
+    return set(server.databases.filter(protected=True).values_list("name", flat=True))
+
+
+def test_leaving_out_a_database_it_backs_up_waits_adding_one_applies_at_once(client, pg_cluster, sam, alice):
+    """A Sysadmin alone cannot stop a database's backups: naming fewer databases, or pointing the
+    DSN at another database while "the DSN's" is the choice, keeps the old ones backed up (with
+    the new) until another DBA or Sysadmin approves."""
+    for name in ("shop", "ledger"):
+        pg_cluster.create_database(name)
+    server = register(pg_cluster, name="atoll", dbname="postgres")
+    url = reverse("admin:backups_server_change", args=[server.pk])
+    client.force_login(sam)
+    assert client.post(url, admin_form_data(client, url, protect_databases="all")).status_code == 302
+    assert protected(server) == {"ledger", "postgres", "shop"}
+
+    response = client.post(url, admin_form_data(client, url, protect_databases="shop"))
+    assert response.status_code == 200 and "give its reason" in response.content.decode()
+    response = client.post(url, admin_form_data(client, url, protect_databases="shop", change_reason="ledger moved"))
+    assert response.status_code == 302
+    server.refresh_from_db()
+    assert server.protect_databases == "all" and protected(server) == {"ledger", "postgres", "shop"}
+    change = ChangeRequest.objects.get(kind="back_up_fewer")
+    assert change.changes == {
+        "protect_databases": {"from": "all", "to": "shop"},
+        "left out": {"from": "ledger, postgres", "to": "no backups"},
+    }
+    client.force_login(alice)
+    assert "left out: ledger, postgres -&gt; no backups" in client.get(reverse("changes")).content.decode()
+    with pytest.raises(PermissionDenied):
+        change.approve(sam)
+    change.approve(alice)
+    server.refresh_from_db()
+    assert server.protect_databases == "shop" and protected(server) == {"shop"}
+    entry = journal("server_changed")[-1]
+    assert entry.actor == "sam (approved by alice)" and entry.details["left_out"] == "ledger, postgres"
+
+    # Adding a database covers every one backed up: at once, no reason asked.
+    client.force_login(sam)
+    response = client.post(url, admin_form_data(client, url, protect_databases="shop,ledger"))
+    assert response.status_code == 302
+    assert protected(server) == {"ledger", "shop"}
+
+    # "The DSN's database", then the DSN moved to another database: both until approved.
+    server.protect_databases = ""
+    server.dsn = pg_cluster.dsn("ledger")
+    server.save()
+    databases.discover(server)
+    assert protected(server) == {"ledger"}
+    response = client.post(url, admin_form_data(client, url, dsn=pg_cluster.dsn("shop"), change_reason="renamed"))
+    assert response.status_code == 302, response.content.decode()[:2000]
+    server.refresh_from_db()
+    assert server.dbname == "shop" and server.protect_databases == "ledger,shop"
+    assert protected(server) == {"ledger", "shop"}
+    change = ChangeRequest.objects.filter(kind="back_up_fewer").latest("pk")
+    assert change.changes["protect_databases"] == {"from": "ledger,shop", "to": ""}
+    change.reject(alice)
+    server.refresh_from_db()
+    assert server.protect_databases == "ledger,shop"
 
 
 def test_a_rejected_retention_change_leaves_the_server_as_it_was(alice, bob):

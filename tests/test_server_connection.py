@@ -150,6 +150,39 @@ def test_any_change_of_host_port_or_user_forgets_the_password_not_only_the_admin
     assert Server.objects.get(pk=secret_server.pk).password == DSN_PASSWORD
 
 
+VERIFIED = "sslmode=verify-full&sslrootcert=/etc/ssl/atoll-ca.pem"
+
+
+@pytest.mark.parametrize(
+    "entered_with, changed_to, kept",
+    [
+        (VERIFIED, "sslmode=require", False),  # a listener on the way may stand in for the server
+        (VERIFIED, "sslmode=verify-full&sslrootcert=/tmp/sams-ca.pem", False),  # a CA of his choosing
+        (VERIFIED, "sslmode=verify-ca&sslrootcert=/etc/ssl/atoll-ca.pem", False),  # any host it signed
+        ("sslmode=require", "sslmode=disable", False),
+        ("sslmode=require", "", False),  # libpq's default, prefer, falls back to no TLS
+        ("", "sslmode=allow", False),
+        ("", VERIFIED, True),  # surer: kept
+        ("sslmode=require", "sslmode=verify-ca&sslrootcert=/etc/ssl/atoll-ca.pem", True),
+        ("sslmode=verify-ca&sslrootcert=/etc/ssl/atoll-ca.pem", VERIFIED, True),
+        (VERIFIED, VERIFIED + "&connect_timeout=5", True),  # nothing about TLS changed
+    ],
+)
+def test_a_dsn_less_sure_of_its_server_forgets_the_password_a_surer_one_keeps_it(
+    secret_server, entered_with, changed_to, kept
+):
+    base = secret_server.dsn.split("?")[0]
+    server = Server.objects.get(pk=secret_server.pk)
+    server.dsn = f"{base}?{entered_with}".rstrip("?")
+    server.password = DSN_PASSWORD
+    server.save()
+    server.dsn = f"{base}?{changed_to}".rstrip("?")
+    assert (server.password == DSN_PASSWORD) is kept, "never handed out before saving either"
+    server.save()
+    server = Server.objects.get(pk=secret_server.pk)
+    assert (server.password == DSN_PASSWORD) is kept and bool(server.password_sealed) is kept
+
+
 def test_a_backup_against_a_listener_at_an_unchanged_host_and_port_never_sends_the_password(
     db, listener, passphrase_file, backup_root
 ):

@@ -57,6 +57,14 @@ class Dsn:
         """Whom a password is for: the user at the host and port. Bound to the stored password."""
         return f"{self.user}@{self.host}:{self.port}"
 
+    @property
+    def tls(self) -> str:
+        """How sure a connection is of the server it reaches, as the stored password is bound to
+        it: the sslmode (libpq's default, prefer, when none is named) and, where it verifies, the
+        root certificate it trusts."""
+        mode = self.params.get("sslmode", "prefer")
+        return f"{mode} {self.params.get('sslrootcert', '')}".rstrip() if mode.startswith("verify") else mode
+
     def settings(self) -> dict:
         """The connection parameters, defaults included (what psycopg takes as keywords)."""
         return DEFAULTS | self.params
@@ -64,6 +72,18 @@ class Dsn:
     def environment(self) -> dict:
         """The same parameters as PG* variables, for the client tools (whose libpq may be older)."""
         return {PARAMETERS[name]: value for name, value in self.settings().items()}
+
+
+def tls_weakened(then: str, now: str) -> bool:
+    """Is a connection with Dsn.tls `now` less sure of its server than one with `then`? A lower
+    sslmode, or another root certificate where `then` verified. Never when `then` is unknown ("")."""
+    if not then:
+        return False
+    order = CHOICES["sslmode"]
+    (mode_then, _, root_then), (mode_now, _, root_now) = then.partition(" "), now.partition(" ")
+    if order.index(mode_now) < order.index(mode_then):
+        return True
+    return mode_then.startswith("verify") and root_now != root_then
 
 
 def parse(dsn: str) -> Dsn:

@@ -92,6 +92,7 @@ class ChangeRequest(models.Model):
             "Disable a schedule, or make it fire less often or with longer gaps",
         )
         DISABLE_SERVER = "disable_server", "Disable a server (every schedule of it)"
+        BACK_UP_FEWER = "back_up_fewer", "Stop backing up some of a server's databases"
         DELETE_BACKUP = "delete_backup", "Delete a backup by hand"
         REMOVE_LOCATION = "remove_location", "Remove a storage location"
         RETIRE_LOCATION = "retire_location", "Retire (disable) a storage location"
