@@ -21,7 +21,16 @@ from psycopg import sql
 
 from backupportal.lib.childenv import child_env
 from backups.crypto import die_with_parent, gpg_failure, stopping_on_purpose
-from restores.sqlscript import IDENT, LITERAL, literal_list, statements, unquote_ident, unquote_literal
+from restores.sqlscript import (
+    IDENT,
+    LITERAL,
+    NotText,
+    literal_list,
+    script_text,
+    statements,
+    unquote_ident,
+    unquote_literal,
+)
 
 # The dump's own entries for the database (pg_restore --create -l lines).
 DATABASE_ENTRY = re.compile(
@@ -145,8 +154,9 @@ def read_toc(reader, encryption, pg_restore):
     return listing, b"".join(head)
 
 
-def database_script(listing, head, pg_restore):
-    """The SQL of the dump's database entries (pg_restore --create -L those entries, no connection)."""
+def database_script(listing, head, pg_restore, warnings):
+    """The SQL of the dump's database entries (pg_restore --create -L those entries, no connection),
+    as text in the encoding it declares (sqlscript.script_text)."""
     chosen = "".join(line + "\n" for line in listing.splitlines() if DATABASE_ENTRY.match(line))
     read_end, write_end = os.pipe()
     with os.fdopen(write_end, "w") as f:
@@ -164,7 +174,10 @@ def database_script(listing, head, pg_restore):
         os.close(read_end)
     if done.returncode != 0:
         raise TocUnreadable(done.stderr.decode(errors="replace").strip())
-    return done.stdout.decode()
+    try:
+        return script_text(done.stdout, warnings)
+    except NotText as e:
+        raise TocUnreadable(f"the database's entries cannot be read: {e}") from None
 
 
 # --- What the entries say, rebuilt for the new name -------------------------------------------

@@ -30,6 +30,7 @@ from backups.storage import StorageError, store_for
 from backups.streams import CopyCorrupt
 from restores import cluster_globals, dbprops, targetdb
 from restores.models import RestoreRun
+from restores.sqlscript import NotText, script_text
 from restores.tablespaces import check_tablespaces, relocate
 from restores.targetdb import (
     RestoreFailed,
@@ -383,7 +384,9 @@ def read_properties(run, target, encryption, warnings):
         try:
             pg_restore = pg_restore_for(target, run)
             listing, head = dbprops.read_toc(reader, encryption, pg_restore)
-            props = dbprops.DatabaseProperties.parse(listing, dbprops.database_script(listing, head, pg_restore))
+            props = dbprops.DatabaseProperties.parse(
+                listing, dbprops.database_script(listing, head, pg_restore, warnings)
+            )
             props.head = head  # the table of contents, for --tablespace-map and the parallel restore
             props.pg_restore = pg_restore
             props.copy_id = reader.copy.pk
@@ -419,8 +422,11 @@ def _create_statements(props, dbname, elsewhere, tablespace_map, warnings):
 
 
 def _apply_properties(props, target, dbname, warnings):
+    # From inside the new database, as pg_restore --create does: a comment or a setting lands in a
+    # shared catalog in the encoding of the session's database, so from a UTF8 one a LATIN1
+    # database's "Département" would be stored as UTF-8 bytes and read back as "DÃ©partement".
     try:
-        with target.connect("postgres") as conn:
+        with target.connect(dbname) as conn:
             applied, missed = props.apply(conn, dbname)
     except psycopg.Error as e:
         raise RestoreFailed(explain(e, target)) from None
@@ -451,7 +457,10 @@ def restore_globals(run, target, encryption, notes, warnings, with_role_password
         result = encryption.decrypt_stream(reader, lambda c: chunks.append(c) or False)
     if not result.ok:
         raise RestoreFailed(gpg_failure(result))
-    script = b"".join(chunks).decode()
+    try:
+        script = script_text(b"".join(chunks), warnings)
+    except NotText as e:
+        raise RestoreFailed(f"the globals of run #{run.pk} cannot be read: {e}") from None
     try:
         with target.connect("postgres") as conn:
             created, more_notes, more_warnings = cluster_globals.apply(conn, script, target, with_role_passwords)
@@ -495,8 +504,16 @@ def run_logical(run, target, dbname, actor, request=None, restore_test=None, **o
         notes = restore_into(run, target, dbname, restore, **options)
     except (RestoreFailed, StorageError, BackupFailed) as e:  # BackupFailed: the tools' libpq_env refused
         return finish(restore, actor, error=str(e))
+    except Exception as e:  # noqa: BLE001 - never a run left "running": it fails, saying what stopped it
+        return finish(restore, actor, error=unexpected(e))
     restore.notes = "; ".join(notes)
     return finish(restore, actor)
+
+
+def unexpected(error):
+    """One line for an error no step foresaw (what restore_into made is dropped as for any)."""
+    said = str(error).strip().splitlines()
+    return f"the restore stopped on an unexpected {type(error).__name__}" + (f": {said[0]}" if said else "")
 
 
 def finish(restore, actor, error=None):

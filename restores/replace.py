@@ -18,7 +18,7 @@ from backups.pipeline import BackupFailed
 from backups.runner import RunRefused, claim, execute
 from backups.storage import StorageError
 from restores import targetdb
-from restores.logical import RestoreFailed, finish, restore_into
+from restores.logical import RestoreFailed, finish, restore_into, unexpected
 from restores.models import RestoreRequest, RestoreRun
 from restores.targetdb import dropped
 from restores.validation import run_checks
@@ -63,6 +63,7 @@ def replace_production(run, request, actor):
     )
     notes = []
     try:
+        _refuse_slots(server, prod)  # before the hours of a restore, and again at the swap
         notes += restore_into(run, server, new, restore, advice=lambda sub, slot: _resume(sub, slot, prod, old))
         try:
             _validate(run, server, new)
@@ -77,7 +78,12 @@ def replace_production(run, request, actor):
     except (RestoreFailed, StorageError, BackupFailed) as e:  # BackupFailed: the tools' refusals, as run_logical
         restore.notes = "; ".join(notes)
         _close_request(request, failed=True)
-        return finish(restore, actor, error=f"{e}; production {prod} is unchanged")
+        unchanged = "" if getattr(e, "production_changed", False) else f"; production {prod} is unchanged"
+        return finish(restore, actor, error=f"{e}{unchanged}")
+    except Exception as e:  # noqa: BLE001 - never a run left "running"; where it stopped is not known here
+        restore.notes = "; ".join(notes)
+        _close_request(request, failed=True)
+        return finish(restore, actor, error=f"{unexpected(e)}: check production {prod} and its kept copies")
     notes.append(f"{prod} now holds run #{run.pk}; the previous database is kept as {old}")
     restore.notes = "; ".join(notes)
     _close_request(request, failed=False)
@@ -132,42 +138,112 @@ def _safety_backup(restoring, actor, restore):
 
 
 def _swap(server, prod, new, old):
-    """Rename production away and the restored copy in, in one transaction."""
-    _detach_before_swap(server, prod)
-    with server.connect("postgres") as conn:
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(prod)))
-        try:
-            for db in (prod, new):
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                    [db],
+    """Rename production away and the restored copy in, in one transaction. Should the renames
+    fail (a prepared transaction holds production, a session cannot be ended), production gets
+    back its connections and its subscriptions' slots: it is then as it was."""
+    _refuse_slots(server, prod)
+    detached = _detach_before_swap(server, prod)
+    try:
+        with server.connect("postgres") as conn:
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(prod)))
+            try:
+                for db in (prod, new):
+                    conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = %s AND pid <> pg_backend_pid()",
+                        [db],
+                    )
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(prod), sql.Identifier(old))
+                    )
+                    conn.execute(
+                        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(prod))
+                    )
+            except psycopg.Error:
+                conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(prod)))
+                raise
+    except psycopg.Error as e:
+        failure = RestoreFailed(f"swapping the databases failed: {str(e).splitlines()[0]}")
+        _reattach(server, prod, detached, failure)
+        raise failure from None
+
+
+def _refuse_slots(server, prod):
+    """A logical replication slot belongs to its database, not to its name: renamed away, production
+    would keep its slots in the kept copy, closed to connections, its subscribers cut off and its
+    WAL held on the cluster until the disk fills. Refused while production has one."""
+    try:
+        with server.connect("postgres") as conn:
+            slots = [
+                name
+                for (name,) in conn.execute(
+                    "SELECT slot_name FROM pg_catalog.pg_replication_slots WHERE database = %s ORDER BY 1", [prod]
                 )
-            with conn.transaction():
-                conn.execute(
-                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(prod), sql.Identifier(old))
-                )
-                conn.execute(
-                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(prod))
-                )
-        except psycopg.Error as e:
-            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(prod)))
-            raise RestoreFailed(f"swapping the databases failed: {str(e).splitlines()[0]}") from None
+            ]
+    except psycopg.Error as e:
+        raise RestoreFailed(
+            f"the replication slots of {server} could not be listed: {str(e).splitlines()[0]}"
+        ) from None
+    if slots:
+        raise RestoreFailed(
+            f"production {prod} has logical replication slots ({', '.join(slots)}): they belong to the database, "
+            "and would stay with the copy kept under another name, cutting off their subscribers and holding WAL. "
+            "Move the subscribers and drop the slots first, then ask for the restore again"
+        )
 
 
 def _detach_before_swap(server, prod):
     """Production's subscriptions let go of their slots before it is renamed away: the kept
     database, closed to connections from then on, could be neither detached later nor dropped
-    without dropping production's slot on the publisher. Production stays as it was if this fails."""
+    without dropping production's slot on the publisher. Returns (name, slot, enabled) of each
+    detached, for _reattach; production stays as it was if this fails."""
+    detached = []
     try:
         with server.connect(prod) as conn:
-            for subscription, slot in targetdb.in_database(conn):
-                if slot is not None:
-                    targetdb.detach(conn, subscription)
+            subscriptions = conn.execute(
+                "SELECT subname, subslotname, subenabled FROM pg_catalog.pg_subscription"
+                " WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())"
+                " AND subslotname IS NOT NULL ORDER BY 1"
+            ).fetchall()
+            for subscription in subscriptions:
+                targetdb.detach(conn, subscription[0])
+                detached.append(subscription)
     except psycopg.Error as e:
-        raise RestoreFailed(
+        failure = RestoreFailed(
             f"the subscriptions of {prod} could not be detached from their slots before the swap ({str(e).splitlines()[0]}):"
             " the portal's role must own them or be a superuser"
-        ) from None
+        )
+        _reattach(server, prod, detached, failure)
+        raise failure from None
+    return detached
+
+
+def _reattach(server, prod, detached, failure):
+    """Give production's subscriptions back their slots (and enable those that were) after a
+    swap that did not happen. When that fails too, `failure` says so, and what to run."""
+    if not detached:
+        return
+    try:
+        with server.connect(prod) as conn:
+            for name, slot, enabled in detached:
+                subscription = sql.Identifier(name)
+                conn.execute(
+                    sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = {})").format(subscription, sql.Literal(slot))
+                )
+                if enabled:
+                    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(subscription))
+    except psycopg.Error as e:
+        resume = " ".join(
+            f"ALTER SUBSCRIPTION {sql.Identifier(name).as_string(None)} SET (slot_name = '{slot}');"
+            + (f" ALTER SUBSCRIPTION {sql.Identifier(name).as_string(None)} ENABLE;" if enabled else "")
+            for name, slot, enabled in detached
+        )
+        failure.args = (
+            f"{failure}; PRODUCTION {prod} DOES NOT REPLICATE: its subscriptions were detached from their slots"
+            f" for the swap and could not be given them back ({str(e).splitlines()[0]}): in {prod}, {resume}",
+        )
+        failure.production_changed = True
 
 
 def _close_request(request, failed):

@@ -6,6 +6,58 @@ the few forms it re-issues, and rebuilds each one with psycopg.sql. This module 
 
 import re
 
+# The encodings a script may declare (SET client_encoding: the dumped database's), by their
+# PostgreSQL names, as Python's codecs. SQL_ASCII declares none (text); the rest have no codec.
+CODECS = {
+    "UTF8": "utf-8",
+    "SQL_ASCII": None,
+    **{f"LATIN{n}": f"iso8859-{p}" for n, p in zip(range(1, 11), (1, 2, 3, 4, 9, 10, 13, 14, 15, 16), strict=True)},
+    **{f"ISO_8859_{n}": f"iso8859-{n}" for n in (5, 6, 7, 8)},
+    **{f"WIN{n}": f"cp{n}" for n in (866, 874, 1250, 1251, 1252, 1253, 1254, 1255, 1256, 1257, 1258)},
+    "KOI8R": "koi8-r",
+    "KOI8U": "koi8-u",
+    "EUC_JP": "euc-jp",
+    "EUC_JIS_2004": "euc_jis_2004",
+    "EUC_KR": "euc-kr",
+    "EUC_CN": "gb2312",
+    "JOHAB": "johab",
+    "SJIS": "shift_jis",
+    "SHIFT_JIS_2004": "shift_jis_2004",
+    "BIG5": "big5",
+    "GBK": "gbk",
+    "GB18030": "gb18030",
+    "UHC": "cp949",
+}
+DECLARED = re.compile(rb"^SET client_encoding = '([A-Z0-9_]+)';$", re.M)
+
+
+class NotText(ValueError):
+    """A script that is not text in an encoding the portal reads: the message says why."""
+
+
+def script_text(data: bytes, warnings) -> str:
+    """A script pg_restore or pg_dumpall wrote, as text. It is in the encoding it declares (a LATIN1
+    database's dump is LATIN1: a comment "Département" is not UTF-8); the statements rebuilt from
+    this text reach the target through the portal's session, which converts them. SQL_ASCII
+    declares none: such a script is UTF-8 when it decodes so, else its bytes are read as LATIN1
+    and `warnings` says so. NotText for an encoding Python cannot read, or bytes not in the one
+    declared."""
+    declared = DECLARED.search(data[:4096])
+    name = declared.group(1).decode() if declared else "UTF8"
+    if name not in CODECS:
+        raise NotText(f"it is in {name}, an encoding the portal cannot read")
+    try:
+        return data.decode(CODECS[name] or "utf-8")
+    except UnicodeDecodeError as e:
+        if CODECS[name] is not None:
+            raise NotText(f"byte {data[e.start]:#04x} at offset {e.start} is not {name} text") from None
+    warnings.append(
+        "the dump is SQL_ASCII and the database's names, comments or settings hold bytes that are not UTF-8: "
+        "they were read as LATIN1, and may differ byte for byte in the restored database"
+    )
+    return data.decode("latin-1")
+
+
 # An identifier as pg_dump writes it (fmtId): bare lower-case, or double-quoted with "" inside.
 IDENT = r'(?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*)'
 # A string literal as pg_dump writes it with standard_conforming_strings on.

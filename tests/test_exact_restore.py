@@ -5,6 +5,7 @@ Every cluster here has a superuser with a password, and the portal connects as `
 password superuser over SCRAM (pg_hba trusts only `postgres` on 127.0.0.1), as in production.
 """
 
+import codecs
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from backupportal.lib.pgcluster import Cluster
 from backupportal.lib.pgdatadir import pg_bin
 from backups.models import BackupRun, Server
 from restores.models import RestoreRun
+from restores.sqlscript import CODECS, NotText, script_text
 from tests import awkward_schema
 from tests.helpers import manage, restore_json
 
@@ -185,6 +187,52 @@ def test_a_sql_ascii_database_with_bytes_in_no_encoding_is_backed_up_restored_an
     call_command("restoretest", "legacy", "--json", stdout=out)
     tested = json.loads(out.getvalue().splitlines()[-1])
     assert tested["status"] == "passed", tested
+
+
+def own_properties(cluster, dbname):
+    """The database's comment and settings as it reads them itself (its encoding, converted)."""
+    with awkward_schema._connect(cluster, dbname) as conn:
+        return conn.execute(
+            "SELECT shobj_description(d.oid, 'pg_database'), s.setconfig FROM pg_database d"
+            " LEFT JOIN pg_db_role_setting s ON s.setdatabase = d.oid AND s.setrole = 0"
+            " WHERE d.datname = current_database()"
+        ).fetchone()
+
+
+@pytest.mark.parametrize("encoding", ["LATIN1", "WIN1252"])
+def test_a_non_utf8_databases_comment_and_settings_come_back_in_its_own_encoding(
+    source, passphrase_file, backup_root, encoding
+):
+    """The dump writes them in the database's encoding, not UTF-8; they are re-issued from inside
+    the new database, whose encoding the shared catalog holds them in."""
+    source.execute(f"CREATE DATABASE atoll TEMPLATE template0 ENCODING '{encoding}' LOCALE 'C'")
+    with awkward_schema._connect(source, "atoll") as conn:
+        conn.execute("COMMENT ON DATABASE atoll IS 'Département de Malé, ½'")
+        conn.execute("ALTER DATABASE atoll SET app.region = 'Hulhumalé'")
+        conn.execute("CREATE TABLE notes AS SELECT 'Ré ' || g AS note FROM generate_series(1, 5) g")
+    register(source, "atoll", "atoll", "source")
+    run = backup("atoll")
+    result = restore_json(str(run.pk), "--into-database", "atoll_copy")
+    assert result["status"] == "succeeded", result
+    assert result["warnings"] == []
+    expected = ("Département de Malé, ½", ["app.region=Hulhumalé"])
+    assert own_properties(source, "atoll") == expected
+    assert own_properties(source, "atoll_copy") == expected
+
+
+def test_a_sql_ascii_databases_comment_in_no_encoding_is_restored_with_a_warning_not_a_crash(
+    source, passphrase_file, backup_root
+):
+    source.execute("CREATE DATABASE legacy TEMPLATE template0 ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'")
+    psql = [str(pg_bin() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", source.dsn("legacy")]
+    script = b"COMMENT ON DATABASE legacy IS 'caf\xe9'; CREATE TABLE plain AS SELECT generate_series(1, 7) AS id;"
+    subprocess.run(psql, input=script, check=True, capture_output=True)
+    register(source, "legacy", "legacy", "source")
+    result = restore_json(str(backup("legacy").pk), "--into-database", "legacy_copy")
+    assert result["status"] == "succeeded with warnings", result
+    [warning] = result["warnings"]
+    assert warning.startswith("the dump is SQL_ASCII and the database's names, comments or settings hold bytes")
+    assert source.execute("SELECT count(*) FROM plain", dbname="legacy_copy") == [(7,)]
 
 
 def test_onto_another_server_the_globals_never_change_an_existing_role_nor_hand_over_powers(
@@ -384,6 +432,21 @@ def test_a_failed_restore_says_so_in_one_line_on_stderr_and_exits_non_zero(
     proc = manage(settings, "restore", str(run.pk), "--into-database", "small_copy")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and err.strip() == "", err
+
+
+def test_a_script_is_read_in_the_encoding_it_declares():
+    assert all(codecs.lookup(codec) for codec in CODECS.values() if codec)  # each one Python has
+    warnings = []
+    latin1 = "SET client_encoding = 'LATIN1';\nCOMMENT ON DATABASE x IS 'Malé';\n".encode("latin-1")
+    assert script_text(latin1, warnings).endswith("'Malé';\n") and warnings == []
+    assert "€" in script_text("SET client_encoding = 'WIN1252';\n'€'".encode("cp1252"), warnings)
+    assert "é" in script_text("SET client_encoding = 'UTF8';\n'é'".encode(), warnings) and warnings == []
+    with pytest.raises(NotText, match="byte 0xff at offset 32 is not UTF8 text"):
+        script_text(b"SET client_encoding = 'UTF8';\n'x\xff'", warnings)
+    with pytest.raises(NotText, match="it is in MULE_INTERNAL, an encoding the portal cannot read"):
+        script_text(b"SET client_encoding = 'MULE_INTERNAL';\n", warnings)
+    assert script_text(b"SET client_encoding = 'SQL_ASCII';\n'caf\xe9'", warnings).endswith("'café'")
+    assert len(warnings) == 1 and "SQL_ASCII" in warnings[0]
 
 
 def test_scripts_are_split_on_statements_never_inside_quotes():

@@ -121,6 +121,8 @@ def test_a_restore_test_of_a_subscriber_passes_and_leaves_nothing_behind(
     assert test.status == RestoreTest.Status.PASSED, test.error
     assert databases(pg_cluster) == before
     assert 'subscription "orders_feed"' in " ".join(test.restores.get().warnings)
+    # and on the test's own page, with the restore's check
+    assert 'warning: subscription "orders_feed" in restoretest_' in test.checks[0]["detail"]
 
 
 def test_a_restore_test_of_a_template_database_passes_and_leaves_nothing_behind(
@@ -206,3 +208,56 @@ def test_production_replaced_from_a_subscriber_s_backup_says_first_that_it_no_lo
     [kept] = [name for name in databases(pg_cluster) if name.startswith("orders_before_")]
     assert f"The previous database {kept} was detached from that slot at the swap" in warning
     assert subscriptions_in(pg_cluster, kept) == [("orders_feed", None, False)]  # it can be dropped safely
+
+
+@pytest.fixture
+def logical_cluster(pg_cluster):
+    """A cluster that can hold logical replication slots and prepared transactions (a restart)."""
+    pg_cluster.configure(wal_level="logical", max_prepared_transactions=5)
+    pg_cluster.restart()
+    return pg_cluster
+
+
+def test_production_with_a_logical_replication_slot_is_not_replaced(
+    logical_cluster, db, alice, bob, passphrase_file, backup_root
+):
+    """The slot belongs to the database: renamed away, production would keep it in the kept copy,
+    closed to connections, its subscriber cut off and WAL held. Refused before the restore."""
+    pg = logical_cluster
+    pg.execute("CREATE DATABASE shop")
+    pg.execute("CREATE TABLE orders AS SELECT generate_series(1, 30) AS id", dbname="shop")
+    register(pg, "shop", "shop")
+    run = backup("shop")
+    pg.execute("SELECT pg_create_logical_replication_slot('downstream', 'pgoutput')", dbname="shop")
+    result = replace(run, alice, bob)
+    assert result["status"] == "failed", result
+    assert "production shop has logical replication slots (downstream): they belong to the database" in result["error"]
+    assert result["error"].endswith("production shop is unchanged") and "\n" not in result["error"]
+    assert not [name for name in databases(pg) if name.startswith(("shop_restore_", "shop_before_"))]
+    assert pg.execute("SELECT database FROM pg_replication_slots WHERE slot_name = 'downstream'") == [("shop",)]
+    pg.execute("SELECT pg_drop_replication_slot('downstream')")
+
+
+def test_a_swap_that_fails_gives_production_back_its_subscriptions(
+    subscriber, logical_cluster, alice, bob, passphrase_file, backup_root
+):
+    """A prepared transaction holds production: the renames fail after its subscriptions let go of
+    their slots for the swap. They get them back, enabled as they were, and production takes
+    connections again: "unchanged" is then true."""
+    pg = logical_cluster
+    pg.execute("ALTER SUBSCRIPTION orders_feed ENABLE", dbname="orders")
+    run = backup("orders")
+    with pg.connect("orders", autocommit=False) as conn:
+        conn.execute("INSERT INTO items VALUES (999, 'held')")
+        conn.execute("PREPARE TRANSACTION 'held'")
+    try:
+        result = replace(run, alice, bob)
+        assert result["status"] == "failed", result
+        assert result["error"].startswith("swapping the databases failed: "), result
+        assert result["error"].endswith("production orders is unchanged")
+        assert subscriptions_in(pg, "orders") == [("orders_feed", "s1", True)]
+        assert pg.execute("SELECT datallowconn FROM pg_database WHERE datname = 'orders'") == [(True,)]
+        assert not [name for name in databases(pg) if name.startswith(("orders_restore_", "orders_before_"))]
+    finally:
+        pg.execute("ROLLBACK PREPARED 'held'", dbname="orders")
+        pg.execute("ALTER SUBSCRIPTION orders_feed DISABLE", dbname="orders")
