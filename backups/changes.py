@@ -4,6 +4,7 @@ Every way in (the admin, the server page, the run page) asks here, so that none 
 shorten retention, turn a schedule down, delete a backup or a location without a second person:
 
 - retention shortened: any of RETENTION_FIELDS lowered (lengthening applies at once);
+- an objective loosened: any of OBJECTIVE_FIELDS raised (the RPO, the RTOs, the shrink threshold);
 - a schedule disabled, or changed so that over the next year it fires less often or its longest
   silence grows (backupportal.lib.cron.firings and longest_gap; a month's count would let "only in
   December" through); a change worse by neither applies at once, nor one that only moves a firing
@@ -48,6 +49,9 @@ RETENTION_FIELDS = [
     "keep_yearly",
     "retention_floor",
 ]
+# Raising any of these lets more go by unalerted: an RPO or RTO breached before its alert, a
+# critical table shrinking further before its restore test fails. It waits for approval.
+OBJECTIVE_FIELDS = ["rpo_minutes", "rto_critical_minutes", "rto_full_minutes", "shrink_threshold_pct"]
 # A schedule is compared over a whole year (a leap day included): a season without backups shows.
 YEAR_DAYS = 366
 # A schedule only shifted is not weakened by the window's edges: it loses a firing there ("the 5th"
@@ -78,17 +82,27 @@ def approved_actor(change):
 
 def retention_shortened(stored, values):
     """{field: {"from", "to"}} of the retention fields that `values` (a dict or a Server) lowers."""
+    return _worse(stored, values, RETENTION_FIELDS, lambda new, old: new < old)
+
+
+def objectives_loosened(stored, values):
+    """{field: {"from", "to"}} of the objectives and thresholds that `values` raises."""
+    return _worse(stored, values, OBJECTIVE_FIELDS, lambda new, old: new > old)
+
+
+def _worse(stored, values, fields, worse):
     get = values.get if isinstance(values, dict) else lambda f: getattr(values, f, None)
-    shorter = {}
-    for field in RETENTION_FIELDS:
+    changes = {}
+    for field in fields:
         new, old = get(field), getattr(stored, field)
-        if new is not None and new < old:
-            shorter[field] = {"from": old, "to": new}
-    return shorter
+        if new is not None and worse(new, old):
+            changes[field] = {"from": old, "to": new}
+    return changes
 
 
 @ChangeRequest.applies(Kind.SHORTEN_RETENTION, Server)
-def apply_retention(server, change):
+@ChangeRequest.applies(Kind.LOOSEN_OBJECTIVES, Server)
+def apply_server_fields(server, change):
     for field, values in change.changes.items():
         setattr(server, field, values["to"])
     server.save(update_fields=list(change.changes))
@@ -113,27 +127,57 @@ def backing_up_fewer(stored, protect_databases, dsn):
     {"from": what is backed up until it is approved (the old choice and the new together), "to":
     the new choice}, "left out": {"from": their names, "to": "no backups"}}; {} when it covers
     every one (it applies at once)."""
-    new = parse_protect_databases(protect_databases)
-    if stored.pk is None or new == ALL_DATABASES:
-        return {}
-    names = new or [Server(dsn=dsn).dbname]
-    backed_up = stored.databases.filter(protected=True).exclude(state=Database.State.GONE)
-    left_out = sorted(set(backed_up.values_list("name", flat=True)) - set(names))
+    left_out, names = _left_out(stored, protect_databases, dsn)
     if not left_out:
         return {}
     old = parse_protect_databases(stored.protect_databases)
-    meanwhile = ALL_DATABASES if old == ALL_DATABASES else ",".join(dict.fromkeys([*(old or [stored.dbname]), *names]))
-    if len(meanwhile) > Server._meta.get_field("protect_databases").max_length:
-        meanwhile = stored.protect_databases  # too long a list together: the new names wait too
+    meanwhile = ALL_DATABASES if old == ALL_DATABASES else _as_choice([*(old or [stored.dbname]), *names])
+    if meanwhile is None:
+        raise ValidationError(
+            f"This leaves out {', '.join(left_out)}, and what is backed up until another person approves (the "
+            "databases before and after together) cannot be written as a list: a name holding a comma or "
+            "reading 'all', or more than the field holds. Name the databases to back up explicitly first, alone."
+        )
     return {
         "protect_databases": {"from": meanwhile, "to": protect_databases},
         "left out": {"from": ", ".join(left_out), "to": "no backups"},
     }
 
 
+def _left_out(stored, protect_databases, dsn):
+    """(the databases `stored` backs up now that the choice would not, the names it covers)."""
+    new = parse_protect_databases(protect_databases)
+    if stored.pk is None or new == ALL_DATABASES:
+        return [], []
+    names = new or [Server(dsn=dsn).dbname]
+    backed_up = stored.databases.filter(protected=True).exclude(state=Database.State.GONE)
+    return sorted(set(backed_up.values_list("name", flat=True)) - set(names)), names
+
+
+def _as_choice(names):
+    """The value of protect_databases that names exactly `names` (once each), or None."""
+    names = list(dict.fromkeys(names))
+    text = ",".join(names)
+    if len(text) > Server._meta.get_field("protect_databases").max_length:
+        return None
+    try:
+        return text if parse_protect_databases(text) == names else None
+    except ValidationError:
+        return None
+
+
 @ChangeRequest.applies(Kind.BACK_UP_FEWER, Server)
 def apply_back_up_fewer(server, change):
-    server.protect_databases = change.changes["protect_databases"]["to"]
+    # What it leaves out is judged again: a database added, or the DSN moved, since the request
+    # was asked for would otherwise stop being backed up without anyone approving that.
+    to, asked = change.changes["protect_databases"]["to"], change.changes["left out"]["from"].split(", ")
+    more = sorted(set(_left_out(server, to, server.dsn)[0]) - set(asked))
+    if more:
+        raise ValidationError(
+            f"{server} would now also stop backing up {', '.join(more)}, which this request did not name (its "
+            "databases or DSN changed since): reject it, and ask again."
+        )
+    server.protect_databases = to
     server.save(update_fields=["protect_databases"])
     journal.record(
         "server_changed",

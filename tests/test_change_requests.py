@@ -321,6 +321,33 @@ def test_shortening_retention_or_disabling_in_the_admin_waits_lengthening_applie
     assert not server.enabled and journal("server_changed")[-1].details["fields"] == ["enabled"]
 
 
+def test_raising_an_objective_or_the_shrink_threshold_waits_lowering_applies_at_once(client, pg_cluster, sam, alice):
+    """A higher RPO or RTO objective, or a higher shrink threshold, mutes alerts and failed
+    restore tests: a Sysadmin alone cannot quiet them."""
+    server = register(pg_cluster, name="atoll", dbname="postgres")
+    url = reverse("admin:backups_server_change", args=[server.pk])
+    client.force_login(sam)
+    looser = {"rpo_minutes": 1440, "rto_full_minutes": 10000, "shrink_threshold_pct": 100}
+    response = client.post(url, admin_form_data(client, url, **looser, rto_critical_minutes=60))
+    assert response.status_code == 200 and "give its reason" in response.content.decode()
+    response = client.post(url, admin_form_data(client, url, **looser, rto_critical_minutes=60, change_reason="quiet"))
+    assert response.status_code == 302
+    server.refresh_from_db()
+    assert (server.rpo_minutes, server.rto_full_minutes, server.shrink_threshold_pct) == (15, 480, 20)
+    assert server.rto_critical_minutes == 60  # stricter: at once
+    change = ChangeRequest.objects.get(kind="loosen_objectives")
+    assert change.changes == {
+        "rpo_minutes": {"from": 15, "to": 1440},
+        "rto_full_minutes": {"from": 480, "to": 10000},
+        "shrink_threshold_pct": {"from": 20, "to": 100},
+    }
+    assert journal("server_changed")[-1].details["fields"] == ["rto_critical_minutes"]
+    change.approve(alice)
+    server.refresh_from_db()
+    assert (server.rpo_minutes, server.rto_full_minutes, server.shrink_threshold_pct) == (1440, 10000, 100)
+    assert journal("server_changed")[-1].actor == "sam (approved by alice)"
+
+
 def protected(server):
     return set(server.databases.filter(protected=True).values_list("name", flat=True))
 

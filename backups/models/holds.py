@@ -87,6 +87,7 @@ class ChangeRequest(models.Model):
     class Kind(models.TextChoices):
         RELEASE_HOLD = "release_hold", "Release a legal hold"
         SHORTEN_RETENTION = "shorten_retention", "Shorten retention"
+        LOOSEN_OBJECTIVES = "loosen_objectives", "Raise a server's RPO, RTO or shrink threshold"
         SCHEDULE_LESS_OFTEN = (
             "schedule_less_often",
             "Disable a schedule, or make it fire less often or with longer gaps",
