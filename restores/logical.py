@@ -106,12 +106,13 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
             notes += relocate(props, target, dbname, tablespace_map, warnings)
     except BaseException as e:
         # A database that failed to be made was dropped where it failed.
-        left = "; ".join(filter(None, [dropped(target, dbname) if made else "", _dropped_roles(target, roles)]))
+        left = "; ".join(filter(None, [dropped(target, dbname) if made else "", dropped_roles(target, roles)]))
         if left and isinstance(e, RestoreFailed):
             raise RestoreFailed(f"{e}; {left}") from None
         raise
     if restore is not None:
         restore.warnings = warnings
+        restore.created_roles = roles  # a restore test drops them with its database (dropped_roles)
     return notes
 
 
@@ -473,8 +474,9 @@ def restore_globals(run, target, encryption, notes, warnings, with_role_password
     return created
 
 
-def _dropped_roles(target, roles):
-    """Drop the roles a failed restore created; '' when done, else one line saying which are left."""
+def dropped_roles(target, roles):
+    """Drop the roles a failed restore (or a restore test, after its copy) created; "" when done, else one
+    line saying which are left."""
     try:
         if roles:
             with target.connect("postgres") as conn:

@@ -73,7 +73,9 @@ def replace_production(run, request, actor):
         except BaseException as e:
             left = dropped(server, new)
             if left and isinstance(e, RestoreFailed):
-                raise RestoreFailed(f"{e}; {left}") from None
+                more = RestoreFailed(f"{e}; {left}")
+                more.production_changed = getattr(e, "production_changed", False)
+                raise more from None
             raise
     except (RestoreFailed, StorageError, BackupFailed) as e:  # BackupFailed: the tools' refusals, as run_logical
         restore.notes = "; ".join(notes)
@@ -143,30 +145,44 @@ def _swap(server, prod, new, old):
     back its connections and its subscriptions' slots: it is then as it was."""
     _refuse_slots(server, prod)
     detached = _detach_before_swap(server, prod)
+    closed = False
     try:
         with server.connect("postgres") as conn:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(prod)))
-            try:
-                for db in (prod, new):
-                    conn.execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                        " WHERE datname = %s AND pid <> pg_backend_pid()",
-                        [db],
-                    )
-                with conn.transaction():
-                    conn.execute(
-                        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(prod), sql.Identifier(old))
-                    )
-                    conn.execute(
-                        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(prod))
-                    )
-            except psycopg.Error:
-                conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(prod)))
-                raise
+            closed = True
+            for db in (prod, new):
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                    [db],
+                )
+            with conn.transaction():
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(prod), sql.Identifier(old))
+                )
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(prod))
+                )
     except psycopg.Error as e:
         failure = RestoreFailed(f"swapping the databases failed: {str(e).splitlines()[0]}")
+        if closed:
+            _reopen(server, prod, failure)
         _reattach(server, prod, detached, failure)
         raise failure from None
+
+
+def _reopen(server, prod, failure):
+    """Production takes connections again after a swap that did not happen (on a new session: the
+    one that closed it may be the one that failed). When it cannot, `failure` says so."""
+    try:
+        with server.connect("postgres") as conn:
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(prod)))
+    except psycopg.Error as e:
+        quoted = sql.Identifier(prod).as_string(None)
+        failure.args = (
+            f"{failure}; PRODUCTION {prod} TAKES NO CONNECTIONS: it was closed for the swap and could not be"
+            f" opened again ({str(e).splitlines()[0]}): run ALTER DATABASE {quoted} ALLOW_CONNECTIONS true",
+        )
+        failure.production_changed = True
 
 
 def _refuse_slots(server, prod):

@@ -9,7 +9,7 @@ from backupportal.lib.osuser import free_port
 from backups.copies import healthy_copies
 from backups.models import BackupRun, Database, Server
 from restores import pitr, sandbox
-from restores.logical import run_logical
+from restores.logical import dropped_roles, run_logical
 from restores.models import RestoreRun, RestoreTest
 from restores.targetdb import dropped
 from restores.validation import check, dbname_of, run_checks
@@ -121,8 +121,13 @@ def _test_logical(test, run, actor):
     finally:
         test.set_phase("cleaning up")
         left = dropped(target, dbname)
+        # On a sandbox server the roles the restore created go with the copy (the next test
+        # creates them again). One another test's copy still uses is left, and said.
+        roles_left = dropped_roles(target, getattr(restore, "created_roles", []))
     if left:  # a copy of production stays on the server: the test fails, so that someone removes it
         checks.append(check("clean up", False, left))
+    if roles_left:
+        checks.append(check("roles", True, roles_left))
     return _finish(test, checks, duration, actor)
 
 

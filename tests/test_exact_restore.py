@@ -18,7 +18,8 @@ from django.core.management import call_command
 from backupportal.lib.pgcluster import Cluster
 from backupportal.lib.pgdatadir import pg_bin
 from backups.models import BackupRun, Server
-from restores.models import RestoreRun
+from restores.models import RestoreRun, RestoreTest
+from restores.restoretest import run_restore_test
 from restores.sqlscript import CODECS, NotText, script_text
 from tests import awkward_schema
 from tests.helpers import manage, restore_json
@@ -279,6 +280,25 @@ def test_onto_another_server_the_globals_never_change_an_existing_role_nor_hand_
     assert "membership of auditor in pg_read_all_data skipped: auditor already existed" in "\n".join(second["warnings"])
     assert awkward_schema.fingerprint(target, "awkward_copy") == awkward_schema.fingerprint(source, awkward)
     assert roles(target) == after  # nothing changed by the second restore either
+
+
+def test_a_restore_test_on_a_sandbox_server_leaves_none_of_the_roles_it_created(
+    source, target, passphrase_file, backup_root
+):
+    """Production's roles (LOGIN, in production's names) are not left on the sandbox cluster
+    after the test: they go with the copy, and the next test creates them again."""
+    server = register(source, "shop", awkward_schema.make_shop(source), "source")
+    sandbox = Server.objects.get(name="standby")
+    server.sandbox_server, server.sandbox_destination = sandbox, sandbox.destination  # as a DBA approved
+    server.save()
+    backup("shop")
+    before = roles(target)
+    for _ in range(2):
+        test = run_restore_test(server, database=server.databases.get(name="app_owner"))
+        assert test.status == RestoreTest.Status.PASSED, test.error
+        assert "roles" not in [c["name"] for c in test.checks]
+        assert roles(target) == before
+    assert "role boss created without SUPERUSER" in " ".join(test.restores.get().warnings)
 
 
 def test_with_role_passwords_the_created_roles_can_log_in(source, target, passphrase_file, backup_root):

@@ -3,6 +3,10 @@ not change once it holds copies or the journal's anchors: copies are catalogued 
 to that address, so re-pointing it would retire it without the change request retiring needs, and
 send new copies and anchors wherever it now points. Sam is a Sysadmin."""
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -132,10 +136,11 @@ def test_settings_that_move_a_location_holding_copies_keep_its_address(settings,
     assert "\n" not in said
     assert (
         f"location 'primary' holds {held['primary']} catalogued copies at {before[0]['path']}, "
-        "but BACKUP_ROOT now points elsewhere: its address is kept. Set BACKUP_ROOT back" in said
+        "but BACKUP_ROOT now says otherwise: its address is kept. Set BACKUP_ROOT back, or move every file "
+        "there first" in said
     )
     assert f"location 's3' holds {held['s3']} catalogued copies at s3://{tiers.bucket}/backupportal/" in said
-    assert "but S3_PREFIX now points elsewhere" in said and "add a new location in the admin" in said
+    assert "but S3_PREFIX now says otherwise: its address is kept. Set S3_PREFIX back; another bucket" in said
     assert (address(primary), address(s3)) == before
     s3.refresh_from_db()
     assert s3.storage_class == "STANDARD_IA"
@@ -144,6 +149,33 @@ def test_settings_that_move_a_location_holding_copies_keep_its_address(settings,
 
     settings.BACKUP_ROOT, settings.S3_PREFIX = before[0]["path"], before[1]["prefix"]
     call_command("migrate", verbosity=0)  # set back: nothing to say
+
+
+def test_a_directory_location_follows_its_setting_once_its_files_are_there(settings, server, passphrase_file, tiers):
+    """The DBA moved the backups to a bigger disk, every file under its name, then BACKUP_ROOT:
+    the location follows, and each copy reads from there. A file missing keeps it where it was."""
+    assert backup_json()["status"] == "succeeded"
+    primary = StorageLocation.objects.get(name="primary")
+    old = Path(primary.path)
+    new = Path(tempfile.mkdtemp(prefix="bp-bigger-disk-"))
+    try:
+        shutil.copytree(old, new, dirs_exist_ok=True)
+        kept = BackupCopy.objects.filter(location=primary, status="ok")
+        missing = kept.first()
+        (new / missing.key).unlink()
+        settings.BACKUP_ROOT = new
+        with pytest.raises(CommandError, match="location 'primary' holds .* Set BACKUP_ROOT back, or move every file"):
+            call_command("migrate", verbosity=0)
+        assert address(primary)["path"] == str(old)
+
+        shutil.copy2(old / missing.key, new / missing.key)
+        call_command("migrate", verbosity=0)
+        assert address(primary)["path"] == str(new)
+        for copy in kept:
+            assert store_for(copy.location).path(copy.key).is_relative_to(new)
+            assert store_for(copy.location).exists(copy.key), copy
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
 
 
 def test_settings_move_a_location_that_holds_nothing(settings, backup_root, tmp_path):

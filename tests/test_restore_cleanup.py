@@ -17,10 +17,12 @@ from django.core.management import call_command
 from django.utils import timezone
 from psycopg import sql
 
+from backupportal.lib.osuser import free_port
 from backups.models import BackupRun, Server
+from restores import replace as replace_module
 from restores.models import RestoreRequest, RestoreTest
 from restores.restoretest import run_restore_test
-from restores.targetdb import drop_database
+from restores.targetdb import RestoreFailed, drop_database
 from tests.helpers import register, restore_json, run_command
 
 
@@ -261,3 +263,20 @@ def test_a_swap_that_fails_gives_production_back_its_subscriptions(
     finally:
         pg.execute("ROLLBACK PREPARED 'held'", dbname="orders")
         pg.execute("ALTER SUBSCRIPTION orders_feed DISABLE", dbname="orders")
+
+
+def test_what_a_failed_swap_could_not_undo_is_said_never_unchanged(db):
+    """The cluster went away mid-swap: production left closed, or its subscriptions detached, is
+    said in capitals with what to run; the run then never adds "production ... is unchanged"."""
+    gone = Server(name="gone", dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/orders")
+    failure = RestoreFailed("swapping the databases failed: the connection was lost")
+    replace_module._reopen(gone, "orders", failure)
+    replace_module._reattach(gone, "orders", [("orders_feed", "s1", True)], failure)
+    said = str(failure)
+    assert failure.production_changed and "\n" not in said
+    assert said.startswith("swapping the databases failed: the connection was lost; PRODUCTION orders TAKES NO")
+    assert 'run ALTER DATABASE "orders" ALLOW_CONNECTIONS true' in said
+    assert """PRODUCTION orders DOES NOT REPLICATE: its subscriptions were detached""" in said
+    assert (
+        """ALTER SUBSCRIPTION "orders_feed" SET (slot_name = 's1'); ALTER SUBSCRIPTION "orders_feed" ENABLE;""" in said
+    )

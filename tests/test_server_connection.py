@@ -166,6 +166,14 @@ VERIFIED = "sslmode=verify-full&sslrootcert=/etc/ssl/atoll-ca.pem"
         ("sslmode=require", "sslmode=verify-ca&sslrootcert=/etc/ssl/atoll-ca.pem", True),
         ("sslmode=verify-ca&sslrootcert=/etc/ssl/atoll-ca.pem", VERIFIED, True),
         (VERIFIED, VERIFIED + "&connect_timeout=5", True),  # nothing about TLS changed
+        # require with a root certificate verifies it (libpq): dropping or swapping the file is weaker
+        ("sslmode=require&sslrootcert=/etc/ssl/atoll-ca.pem", "sslmode=require", False),
+        ("sslmode=require&sslrootcert=/etc/ssl/atoll-ca.pem", "sslmode=require&sslrootcert=/tmp/sams-ca.pem", False),
+        (
+            "sslmode=require&sslrootcert=/etc/ssl/atoll-ca.pem",
+            "sslmode=verify-ca&sslrootcert=/etc/ssl/atoll-ca.pem",
+            True,
+        ),
     ],
 )
 def test_a_dsn_less_sure_of_its_server_forgets_the_password_a_surer_one_keeps_it(

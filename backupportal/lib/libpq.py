@@ -62,8 +62,10 @@ class Dsn:
         """How sure a connection is of the server it reaches, as the stored password is bound to
         it: the sslmode (libpq's default, prefer, when none is named) and, where it verifies, the
         root certificate it trusts."""
-        mode = self.params.get("sslmode", "prefer")
-        return f"{mode} {self.params.get('sslrootcert', '')}".rstrip() if mode.startswith("verify") else mode
+        mode, root = self.params.get("sslmode", "prefer"), self.params.get("sslrootcert", "")
+        if mode == "require" and root:
+            mode = "verify-ca"  # libpq verifies the certificate when a root certificate is given
+        return f"{mode} {root}".rstrip() if mode.startswith("verify") else mode
 
     def settings(self) -> dict:
         """The connection parameters, defaults included (what psycopg takes as keywords)."""

@@ -193,6 +193,21 @@ class StorageLocation(models.Model):
             return ""
         return "the journal's anchors" if anchored else ""
 
+    def found_at(self, path):
+        """Does directory `path` hold what this location holds, as the catalog has it (each good copy
+        under its key, its size), or the journal's anchors when it holds no copy? The files were
+        moved there: the location may follow them."""
+        store = store_for(StorageLocation(kind=self.kind, path=path))
+        copies = self.copies.filter(status="ok").values_list("key", "size")
+        if not copies.exists():
+            from backupportal.journal_anchors import PREFIX as ANCHORS
+
+            return next(iter(store.list(ANCHORS)), None) is not None
+        try:
+            return all(store.path(key).stat().st_size == size for key, size in copies.iterator())
+        except OSError:
+            return False
+
     def address(self):
         """Where its data is, as the settings would say it: s3://bucket/prefix or the path."""
         if self.kind == self.Kind.S3:
@@ -244,14 +259,19 @@ class StorageLocation(models.Model):
         moved = [f for f in cls.ADDRESS if f in values and getattr(location, f) != values[f]]
         held = location.holdings() if moved else ""
         refusal = ""
-        if held:
-            settings_named = sorted({SETTING_OF.get((name, f), SETTING_OF.get(f, f)) for f in moved})
-            refusal = (
-                f"location '{name}' holds {held} at {location.address()}, but {' and '.join(settings_named)} "
-                f"now point{'s' if len(settings_named) == 1 else ''} elsewhere: its address is kept. Set "
-                f"{' and '.join(settings_named)} back, or to move it add a new location in the admin, let "
-                "the worker copy the backups there and retire this one"
-            )
+        if held and not (moved == ["path"] and location.found_at(values["path"])):
+            named = " and ".join(sorted({SETTING_OF.get((name, f), SETTING_OF.get(f, f)) for f in moved}))
+            refusal = f"location '{name}' holds {held} at {location.address()}, but {named} now says otherwise"
+            if moved == ["path"]:
+                refusal += (
+                    f": its address is kept. Set {named} back, or move every file there first (the same "
+                    "names under the new directory): the location then follows"
+                )
+            else:
+                refusal += (
+                    f": its address is kept. Set {named} back; another bucket, prefix or endpoint is a new "
+                    "location (add it in the admin)"
+                )
             values = {f: v for f, v in values.items() if f not in cls.ADDRESS}
         changed = [f for f, v in values.items() if getattr(location, f) != v]
         for f in changed:
