@@ -408,6 +408,20 @@ def test_leaving_out_a_database_it_backs_up_waits_adding_one_applies_at_once(cli
     server.refresh_from_db()
     assert server.protect_databases == "ledger,shop"
 
+    # Judged again at approval: a database added since would stop being backed up unapproved.
+    client.force_login(sam)
+    response = client.post(url, admin_form_data(client, url, protect_databases="shop", change_reason="one"))
+    assert response.status_code == 302
+    change = ChangeRequest.objects.filter(kind="back_up_fewer").latest("pk")
+    assert change.changes["left out"]["from"] == "ledger"
+    pg_cluster.create_database("extra")
+    response = client.post(url, admin_form_data(client, url, protect_databases="ledger,shop,extra"))
+    assert response.status_code == 302 and protected(server) == {"extra", "ledger", "shop"}
+    with pytest.raises(ValidationError, match="would now also stop backing up extra, which this request did not"):
+        change.approve(alice)
+    server.refresh_from_db()
+    assert server.protect_databases == "ledger,shop,extra"
+
 
 def test_a_rejected_retention_change_leaves_the_server_as_it_was(alice, bob):
     server = make_server(keep_weekly=4)
