@@ -145,13 +145,20 @@ def backing_up_fewer(stored, protect_databases, dsn):
 
 
 def _left_out(stored, protect_databases, dsn):
-    """(the databases `stored` backs up now that the choice would not, the names it covers)."""
+    """(the databases `stored` backs up now that the choice would not, the names it covers). Backed
+    up now: the rows discovery marked protected, and the names its stored choice gives (a name
+    chosen while the cluster could not be listed has no row yet)."""
     new = parse_protect_databases(protect_databases)
     if stored.pk is None or new == ALL_DATABASES:
         return [], []
     names = new or [Server(dsn=dsn).dbname]
-    backed_up = stored.databases.filter(protected=True).exclude(state=Database.State.GONE)
-    return sorted(set(backed_up.values_list("name", flat=True)) - set(names)), names
+    backed_up = set(
+        stored.databases.filter(protected=True).exclude(state=Database.State.GONE).values_list("name", flat=True)
+    )
+    chosen = parse_protect_databases(stored.protect_databases)
+    if chosen != ALL_DATABASES:
+        backed_up |= set(chosen or [stored.dbname])
+    return sorted(backed_up - set(names)), names
 
 
 def _as_choice(names):

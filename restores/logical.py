@@ -477,13 +477,20 @@ def restore_globals(run, target, encryption, notes, warnings, with_role_password
 def dropped_roles(target, roles):
     """Drop the roles a failed restore (or a restore test, after its copy) created; "" when done, else one
     line saying which are left."""
+    if not roles:
+        return ""
+    left, why = [], ""
     try:
-        if roles:
-            with target.connect("postgres") as conn:
-                cluster_globals.drop_roles(conn, roles)
+        with target.connect("postgres") as conn:
+            for role in reversed(roles):  # each on its own: one still in use stops none of the others
+                try:
+                    cluster_globals.drop_roles(conn, [role])
+                except psycopg.Error as e:
+                    left.append(role)
+                    why = why or explain(e, target)
     except psycopg.Error as e:
         return f"roles {', '.join(roles)} created on {target} could not be dropped: {explain(e, target)}"
-    return ""
+    return f"roles {', '.join(reversed(left))} created on {target} could not be dropped: {why}" if left else ""
 
 
 def run_logical(run, target, dbname, actor, request=None, restore_test=None, **options):

@@ -145,11 +145,9 @@ def _swap(server, prod, new, old):
     back its connections and its subscriptions' slots: it is then as it was."""
     _refuse_slots(server, prod)
     detached = _detach_before_swap(server, prod)
-    closed = False
     try:
         with server.connect("postgres") as conn:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(prod)))
-            closed = True
             for db in (prod, new):
                 conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
@@ -163,23 +161,35 @@ def _swap(server, prod, new, old):
                     sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(prod))
                 )
     except psycopg.Error as e:
+        # The session that failed may have done more than it heard back: the catalog says.
+        if _renamed(server, old):
+            return  # the renames committed: production is the restored copy, as asked
         failure = RestoreFailed(f"swapping the databases failed: {str(e).splitlines()[0]}")
-        if closed:
-            _reopen(server, prod, failure)
+        _reopen(server, prod, failure)
         _reattach(server, prod, detached, failure)
         raise failure from None
 
 
+def _renamed(server, old):
+    """Did production become `old` (the swap's renames committed)? False when it cannot be told."""
+    try:
+        with server.connect("postgres") as conn:
+            return conn.execute("SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", [old]).fetchone() is not None
+    except psycopg.Error:
+        return False
+
+
 def _reopen(server, prod, failure):
     """Production takes connections again after a swap that did not happen (on a new session: the
-    one that closed it may be the one that failed). When it cannot, `failure` says so."""
+    one that closed it may be the one that failed; whether it was closed is not known then, and
+    opening it again is harmless). When it cannot, `failure` says so."""
     try:
         with server.connect("postgres") as conn:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(prod)))
     except psycopg.Error as e:
         quoted = sql.Identifier(prod).as_string(None)
         failure.args = (
-            f"{failure}; PRODUCTION {prod} TAKES NO CONNECTIONS: it was closed for the swap and could not be"
+            f"{failure}; PRODUCTION {prod} MAY TAKE NO CONNECTIONS: it is closed for the swap, and could not be"
             f" opened again ({str(e).splitlines()[0]}): run ALTER DATABASE {quoted} ALLOW_CONNECTIONS true",
         )
         failure.production_changed = True

@@ -421,6 +421,10 @@ def test_leaving_out_a_database_it_backs_up_waits_adding_one_applies_at_once(cli
         change.approve(alice)
     server.refresh_from_db()
     assert server.protect_databases == "ledger,shop,extra"
+    # The same when the cluster could not be listed at that save: no row yet, the choice names it.
+    server.databases.filter(name="extra").delete()
+    with pytest.raises(ValidationError, match="would now also stop backing up extra"):
+        change.approve(alice)
 
 
 def test_a_rejected_retention_change_leaves_the_server_as_it_was(alice, bob):

@@ -157,6 +157,11 @@ def test_a_directory_location_follows_its_setting_once_its_files_are_there(setti
     assert backup_json()["status"] == "succeeded"
     primary = StorageLocation.objects.get(name="primary")
     old = Path(primary.path)
+    # The NAS mirror's directory holds the same keys with the same sizes: never two locations in one.
+    settings.BACKUP_ROOT = tiers.nas
+    with pytest.raises(CommandError, match="location 'primary' holds"):
+        call_command("migrate", verbosity=0)
+    assert address(primary)["path"] == str(old)
     new = Path(tempfile.mkdtemp(prefix="bp-bigger-disk-"))
     try:
         shutil.copytree(old, new, dirs_exist_ok=True)

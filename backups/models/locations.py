@@ -2,6 +2,7 @@
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -194,15 +195,21 @@ class StorageLocation(models.Model):
         return "the journal's anchors" if anchored else ""
 
     def found_at(self, path):
-        """Does directory `path` hold what this location holds, as the catalog has it (each good copy
-        under its key, its size), or the journal's anchors when it holds no copy? The files were
-        moved there: the location may follow them."""
-        store = store_for(StorageLocation(kind=self.kind, path=path))
+        """Were this location's files moved to directory `path`? Each good copy is there under its
+        key with its size, none is still being written, and `path` is no other location's (a NAS
+        mirror's copies have the same keys and sizes) nor inside or around one. Then the location
+        may follow them. A location holding anchors alone, or nothing good, never moves so."""
+        new = Path(path).resolve()
+        for other in StorageLocation.objects.exclude(pk=self.pk).exclude(kind=self.Kind.S3).exclude(path=""):
+            theirs = Path(other.path).resolve()
+            if new == theirs or new.is_relative_to(theirs) or theirs.is_relative_to(new):
+                return False
+        if self.copies.filter(status__in=("pending", "copying")).exists():
+            return False
         copies = self.copies.filter(status="ok").values_list("key", "size")
         if not copies.exists():
-            from backupportal.journal_anchors import PREFIX as ANCHORS
-
-            return next(iter(store.list(ANCHORS)), None) is not None
+            return False
+        store = store_for(StorageLocation(kind=self.kind, path=path))
         try:
             return all(store.path(key).stat().st_size == size for key, size in copies.iterator())
         except OSError:
