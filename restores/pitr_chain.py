@@ -167,3 +167,18 @@ def run_combinebackup(plan, parts, output):
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         raise RestoreFailed(f"pg_combinebackup refused the chain: {lines[0] if lines else 'it failed'}")
+    if problem := combine_problem(proc.stderr):
+        raise RestoreFailed(problem)
+
+
+def combine_problem(stderr):
+    """What pg_combinebackup only warns of but leaves the combined cluster unreadable ("" when
+    nothing): checksums enabled (pg_checksums --enable, offline) between the full and an
+    incremental leave the full's pages without them, each failing its check when read."""
+    mixed = [line for line in stderr.splitlines() if "only some backups have checksums enabled" in line]
+    if not mixed:
+        return ""
+    return (
+        f"pg_combinebackup: {mixed[0].split(':', 1)[-1].strip()}: the combined cluster's pages from the older"
+        " backups would fail their checksums; take a new full base backup"
+    )

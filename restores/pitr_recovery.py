@@ -11,6 +11,7 @@ production subscriber's slot. After promotion each subscription is detached from
 
 import os
 import re
+import subprocess
 import time
 
 import psycopg
@@ -106,10 +107,15 @@ def target_settings(target):
 def write_recovery_settings(plan):
     """recovery.signal and postgresql.auto.conf: recovery.conf no longer exists (PostgreSQL 12+)."""
     if not (plan.datadir / "postgresql.conf").exists():
-        # Debian keeps it in /etc: a copy of the data directory has none.
-        (plan.datadir / "postgresql.conf").write_text("# written by backupportal's PITR restore\n")
+        # Debian keeps it in /etc: a copy of the data directory has none. Recovery (hot standby,
+        # the default) refuses to run below production's values of the settings pg_control
+        # records ("insufficient parameter settings"): those are written, the rest is default.
+        recorded = control_parameters(plan)
+        lines = ["# written by backupportal's PITR restore", *(f"{k} = {v}" for k, v in recorded.items())]
+        (plan.datadir / "postgresql.conf").write_text("\n".join(lines) + "\n")
         plan.notes.append(
-            "the backup had no postgresql.conf (kept outside the data directory): an empty one was written"
+            "the backup had no postgresql.conf (kept outside the data directory): one was written with"
+            + (f" production's {', '.join(f'{k} = {v}' for k, v in recorded.items())}" if recorded else " defaults")
         )
     if not (plan.datadir / "pg_hba.conf").exists():
         (plan.datadir / "pg_hba.conf").write_text(
@@ -131,6 +137,38 @@ def write_recovery_settings(plan):
     # One by one: a chown -R of the data directory would race the WAL prefetcher's renames.
     for name in ("postgresql.conf", "pg_hba.conf", "postgresql.auto.conf", "recovery.signal", "log"):
         chown_to_db_user(plan.datadir / name)
+
+
+# pg_controldata's names of the settings recovery checks against production's, and theirs.
+CONTROL_PARAMETERS = {
+    "max_connections setting": "max_connections",
+    "max_worker_processes setting": "max_worker_processes",
+    "max_wal_senders setting": "max_wal_senders",
+    "max_prepared_xacts setting": "max_prepared_transactions",
+    "max_locks_per_xact setting": "max_locks_per_transaction",
+}
+
+
+def control_parameters(plan):
+    """{setting: value} of CONTROL_PARAMETERS as the restored pg_control holds them; {} when it
+    cannot be read (the start then says which setting is short)."""
+    try:
+        tool = binaries.cluster_tool(backup_major(plan.base), "pg_controldata", "reading the restored control file")
+        done = subprocess.run(
+            [str(tool), "-D", str(plan.datadir)],
+            capture_output=True,
+            text=True,
+            env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"},
+            timeout=60,
+        )
+    except (binaries.MissingBinaries, OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in CONTROL_PARAMETERS and value.strip().isdigit():
+            found[CONTROL_PARAMETERS[key.strip()]] = value.strip()
+    return found
 
 
 def pg_ctl(plan, *args):
@@ -161,8 +199,18 @@ def start_and_wait(plan, run, watch=lambda: None):
             beat = time.monotonic()
         time.sleep(0.05)
     plan.recovered = recovered_position(plan, logfile)
+    require_running(plan, logfile)
     pitr_verdict.judge(plan, logfile)
     quieten(plan, run)
+
+
+def require_running(plan, logfile):
+    """A cluster that stopped as it left recovery (the history file and the end-of-recovery record
+    come after recovery.signal is removed: a full disk) is no restore, whatever its log says."""
+    if not postmaster_alive(plan):
+        raise RestoreFailed(
+            f"the restored cluster stopped as recovery ended, nothing runs there: {startup_failure(plan, logfile)}"
+        )
 
 
 def postmaster_alive(plan):

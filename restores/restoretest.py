@@ -150,6 +150,17 @@ def _restore_and_check_base(test, run, actor, datadir):
         plan = pitr.make_plan(test.server, sandbox.target_for(run), str(datadir), free_port(), fallback=False)
     except pitr.Refused as e:
         return [check("restore", False, f"refused: {e}")]
+    if plan.base.pk != run.pk:  # passing on another backup would say nothing of this one
+        why = next((n for n in plan.notes if f"#{run.pk} " in n), "")
+        return [
+            check(
+                "restore",
+                False,
+                f"base backup #{run.pk} is not the one a restore to its end would use (#{plan.base.pk})"
+                + (f": {why}" if why else "")
+                + "; take a new base backup",
+            )
+        ]
     result = pitr.run_plan(plan, actor, restore_test=test)
     if result["status"] != RestoreRun.Status.SUCCEEDED:
         return [check("restore", False, result["error"])]

@@ -200,6 +200,56 @@ def test_a_restore_test_of_a_rotten_base_backup_fails_and_does_not_fall_back(
     shutil.rmtree(settings.SANDBOX_ROOT)
 
 
+def test_a_restore_test_of_a_base_backup_a_restore_would_not_use_fails_naming_it(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
+):
+    """The newest base backup is not on production's timeline history (here its catalog row says
+    timeline 2, as one taken on an old primary after a failover would): a restore to its end
+    would use the older one, and passing on that would say nothing of this one."""
+    from restores.restoretest import run_restore_test
+
+    settings.SANDBOX_ROOT = Path(tempfile.mkdtemp(prefix="bp-sandboxes-"))
+    settings.SANDBOX_ROOT.chmod(0o755)
+    enable_push(sample_cluster)
+    older = base_backup_primary()
+    newer = base_backup_primary()
+    BackupRun.objects.filter(pk=newer.pk).update(timeline=2)
+    test = run_restore_test(server, actor="alice", kind="base")
+    assert test.status == "failed", test.checks
+    assert f"base backup #{newer.pk} is not the one a restore to its end would use (#{older.pk})" in test.error
+    assert f"are not used: #{newer.pk} (timeline 2)" in test.error and "take a new base backup" in test.error
+    assert list(settings.SANDBOX_ROOT.iterdir()) == []
+    shutil.rmtree(settings.SANDBOX_ROOT)
+
+
+def test_a_cluster_whose_postgresql_conf_lives_elsewhere_recovers_with_its_recorded_settings(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """Debian keeps postgresql.conf in /etc: the backup has none, and a copy on defaults (100
+    connections) refuses to recover what a production of 150 wrote ("insufficient parameter
+    settings"). The written one holds pg_control's values of what recovery checks."""
+    sample_cluster.configure(max_connections=150, max_prepared_transactions=3)
+    sample_cluster.restart()
+    enable_push(sample_cluster)
+    conf = sample_cluster.datadir / "postgresql.conf"
+    kept = conf.read_bytes()
+    conf.unlink()  # as if in /etc: the running server has read it already
+    try:
+        base_backup_primary()
+    finally:
+        conf.write_bytes(kept)
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    walingest.ingest(server)
+
+    datadir, port = restored(), free_port()
+    result = pitr(datadir, port, "--target", "latest")
+    assert result["status"] == "succeeded", result
+    assert "one was written with production's max_connections = 150" in result["notes"]
+    assert "max_prepared_transactions = 3" in result["notes"]
+    assert rows(port, "SELECT tx FROM probe") == [("A",)]
+
+
 def base_backup_primary():
     result = run_command("backup", "maldives", "--kind", "base")
     assert result["status"] == "succeeded", result

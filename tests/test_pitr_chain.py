@@ -12,7 +12,7 @@ from django.utils import timezone
 from backupportal.lib.osuser import free_port
 from backups.models import BackupRun, Server
 from restores.models import RestoreRun
-from restores.pitr_chain import BrokenLink, newest_incremental_before, parent_of
+from restores.pitr_chain import BrokenLink, combine_problem, newest_incremental_before, parent_of
 from restores.pitr_plan import Target
 from tests.helpers import (
     a_second_later,
@@ -137,3 +137,15 @@ def test_a_link_whose_parent_failed_is_gone_or_deleted_is_refused_by_name_and_wa
     assert newest_incremental_before(plan) is None
     plan.target = Target("name", "before-upgrade", "")
     assert newest_incremental_before(plan) is None
+
+
+def test_a_chain_with_checksums_enabled_midway_is_refused_not_combined_silently():
+    """pg_combinebackup exits 0 with only a warning (the line as PostgreSQL 18's binary writes it)."""
+    said = (
+        "pg_combinebackup: warning: only some backups have checksums enabled\n"
+        "pg_combinebackup: hint: Disable, and optionally reenable, checksums on the output directory to avoid failures.\n"
+    )
+    problem = combine_problem(said)
+    assert problem.startswith("pg_combinebackup: warning: only some backups have checksums enabled: the combined")
+    assert problem.endswith("take a new full base backup") and "\n" not in problem
+    assert combine_problem("") == "" and combine_problem("pg_combinebackup: some other note\n") == ""

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
@@ -215,3 +216,20 @@ def test_leftover_recovery_targets_in_productions_postgresql_conf_do_not_break_a
     assert result["status"] == "succeeded", result
     assert rows(port, "SELECT tx FROM probe") == [("A",)]
     assert rows(port, "SHOW recovery_target_xid") == [("",)]
+
+
+def test_a_cluster_that_stopped_as_recovery_ended_is_no_restore(tmp_path):
+    """recovery.signal is gone (recovery reached its target) but the postmaster died before the
+    end-of-recovery record (a full disk): its log's "recovery stopping" line must not make it a
+    success. A data directory whose postmaster.pid names no live process stands for it."""
+    (tmp_path / "postmaster.pid").write_text("2147480000\n")  # no such process
+    log = tmp_path / "pitr-restore.log"
+    log.write_text(
+        "LOG:  recovery stopping before commit of transaction 740, time 2026-12-05 09:00:01+05\n"
+        'PANIC:  could not write to file "pg_wal/xlogtemp.77": No space left on device\n'
+    )
+    with pytest.raises(pitr_recovery.RestoreFailed) as stopped:
+        pitr_recovery.require_running(SimpleNamespace(datadir=tmp_path), log)
+    said = str(stopped.value)
+    assert said.startswith("the restored cluster stopped as recovery ended, nothing runs there: the restored")
+    assert "No space left on device" in said and "\n" not in said
