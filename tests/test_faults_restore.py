@@ -250,6 +250,29 @@ def test_a_cluster_whose_postgresql_conf_lives_elsewhere_recovers_with_its_recor
     assert rows(port, "SELECT tx FROM probe") == [("A",)]
 
 
+def test_an_unlogged_critical_table_emptied_by_recovery_passes_the_base_restore_test(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
+):
+    """Recovery empties UNLOGGED tables, as a crash does in production: a good physical restore of
+    one is empty, and the critical-table check says so instead of failing the test."""
+    from backups.models import Database
+    from restores.restoretest import run_restore_test
+
+    settings.SANDBOX_ROOT = Path(tempfile.mkdtemp(prefix="bp-sandboxes-"))
+    settings.SANDBOX_ROOT.chmod(0o755)
+    write(sample_cluster, "CREATE UNLOGGED TABLE sessions AS SELECT g AS id FROM generate_series(1, 50) g")
+    Database.of_dsn(server)
+    Database.objects.filter(server=server, name=server.dbname).update(critical_tables=["public.sessions", "users"])
+    enable_push(sample_cluster)
+    base_backup_primary()
+    test = run_restore_test(server, actor="alice", kind="base")
+    assert test.status == "passed", test.error
+    checks = {c["name"]: c for c in test.checks}
+    assert checks["rows in public.sessions"]["detail"].startswith("public.sessions is UNLOGGED: recovery empties")
+    assert checks["rows in public.users"]["ok"] and "200 rows" in checks["rows in public.users"]["detail"]
+    shutil.rmtree(settings.SANDBOX_ROOT)
+
+
 def base_backup_primary():
     result = run_command("backup", "maldives", "--kind", "base")
     assert result["status"] == "succeeded", result
