@@ -70,6 +70,7 @@ def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
     assert not (at_t / "recovery.signal").exists() and not (at_t / "recovery.conf").exists()
     auto_conf = (at_t / "postgresql.auto.conf").read_text()
     assert "recovery_target_time" in auto_conf and "archive_mode = 'off'" in auto_conf
+    assert "cron.launch_active_jobs = 'off'" in auto_conf  # started with it: a name without pg_cron
 
     latest = restored()
     port2 = free_port()
