@@ -72,7 +72,7 @@ def recovery_settings(plan):
         "max_logical_replication_workers": "0",
         # pg_cron's jobs keep the host and port they were scheduled for (cron.job.nodeport: often
         # production's, on the same host): from a copy they would run there a second time.
-        # pg_cron 1.5 and later launches none with this; without pg_cron it is an unused name.
+        # pg_cron 1.6 and later launches none with this; without pg_cron it is an unused name.
         "cron.launch_active_jobs": "off",
         "port": str(plan.port),
         "listen_addresses": "localhost",
@@ -329,7 +329,7 @@ def how_to_resume(sub, slot, dbname):
 
 
 PG_CRON_WARNING = (
-    "shared_preload_libraries holds pg_cron: the restore wrote cron.launch_active_jobs = off, so pg_cron 1.5"
+    "shared_preload_libraries holds pg_cron: the restore wrote cron.launch_active_jobs = off, so pg_cron 1.6"
     " and later launches none of production's jobs here; an older one runs them on their schedule, against"
     " the host and port each was scheduled for (often production's): check SHOW cron.launch_active_jobs, and"
     " if it is not off, UPDATE cron.job SET active = false in the database pg_cron runs in"
