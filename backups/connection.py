@@ -92,9 +92,11 @@ class ServerConnection(models.Model):
 
     def _password_fits(self) -> bool:
         """Is the stored password for this DSN: its user, host and port, and a TLS as sure?"""
-        target = self._target()
+        parts = self._parts()
         return (
-            bool(target) and self.password_target == target and not tls_weakened(self.password_tls, self._parts().tls)
+            parts is not UNREADABLE
+            and self.password_target == parts.target
+            and not tls_weakened(self.password_tls, parts.tls)
         )
 
     @property

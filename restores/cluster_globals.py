@@ -280,4 +280,8 @@ def _first_line(e):
 def drop_roles(conn, roles):
     """Drop the roles a failed restore created (after its database): the target is as it was."""
     for role in reversed(roles):
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        drop_role(conn, role)
+
+
+def drop_role(conn, role):
+    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -484,7 +484,7 @@ def dropped_roles(target, roles):
         with target.connect("postgres") as conn:
             for role in reversed(roles):  # each on its own: one still in use stops none of the others
                 try:
-                    cluster_globals.drop_roles(conn, [role])
+                    cluster_globals.drop_role(conn, role)
                 except psycopg.Error as e:
                     left.append(role)
                     why = why or explain(e, target)

@@ -188,11 +188,11 @@ def _reopen(server, prod, failure):
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(prod)))
     except psycopg.Error as e:
         quoted = sql.Identifier(prod).as_string(None)
-        failure.args = (
-            f"{failure}; PRODUCTION {prod} MAY TAKE NO CONNECTIONS: it is closed for the swap, and could not be"
-            f" opened again ({str(e).splitlines()[0]}): run ALTER DATABASE {quoted} ALLOW_CONNECTIONS true",
+        _production_changed(
+            failure,
+            f"PRODUCTION {prod} MAY TAKE NO CONNECTIONS: it is closed for the swap, and could not be opened again"
+            f" ({str(e).splitlines()[0]}): run ALTER DATABASE {quoted} ALLOW_CONNECTIONS true",
         )
-        failure.production_changed = True
 
 
 def _refuse_slots(server, prod):
@@ -227,12 +227,7 @@ def _detach_before_swap(server, prod):
     detached = []
     try:
         with server.connect(prod) as conn:
-            subscriptions = conn.execute(
-                "SELECT subname, subslotname, subenabled FROM pg_catalog.pg_subscription"
-                " WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())"
-                " AND subslotname IS NOT NULL ORDER BY 1"
-            ).fetchall()
-            for subscription in subscriptions:
+            for subscription in [row for row in targetdb.in_database(conn) if row[1] is not None]:
                 targetdb.detach(conn, subscription[0])
                 detached.append(subscription)
     except psycopg.Error as e:
@@ -265,11 +260,18 @@ def _reattach(server, prod, detached, failure):
             + (f" ALTER SUBSCRIPTION {sql.Identifier(name).as_string(None)} ENABLE;" if enabled else "")
             for name, slot, enabled in detached
         )
-        failure.args = (
-            f"{failure}; PRODUCTION {prod} DOES NOT REPLICATE: its subscriptions were detached from their slots"
-            f" for the swap and could not be given them back ({str(e).splitlines()[0]}): in {prod}, {resume}",
+        _production_changed(
+            failure,
+            f"PRODUCTION {prod} DOES NOT REPLICATE: its subscriptions were detached from their slots for the swap"
+            f" and could not be given them back ({str(e).splitlines()[0]}): in {prod}, {resume}",
         )
-        failure.production_changed = True
+
+
+def _production_changed(failure, said):
+    """`failure` goes on to say what was left changed in production; the run then never adds that
+    production is unchanged (replace_production)."""
+    failure.args = (f"{failure}; {said}",)
+    failure.production_changed = True
 
 
 def _close_request(request, failed):

@@ -85,7 +85,7 @@ def drop_database(server, name):
                 if not connectable:  # ALTER and DROP SUBSCRIPTION run inside the database
                     conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(db))
                 with server.connect(name) as inside:
-                    for subscription, _ in in_database(inside):
+                    for subscription, _, _ in in_database(inside):
                         detach(inside, subscription)
                         inside.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(subscription)))
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db))
@@ -104,10 +104,10 @@ def dropped(server, name):
 
 
 def in_database(conn):
-    """(name, slot) of each subscription in the database `conn` is connected to."""
+    """(name, slot, enabled) of each subscription in the database `conn` is connected to."""
     return conn.execute(
-        "SELECT subname, subslotname FROM pg_subscription"
-        " WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1"
+        "SELECT subname, subslotname, subenabled FROM pg_catalog.pg_subscription"
+        " WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) ORDER BY 1"
     ).fetchall()
 
 
@@ -125,7 +125,7 @@ def detach_all(target, dbname, warnings, advice=None):
     for a copy beside production. psycopg.Error when the database cannot be read."""
     advice = advice or (lambda sub, slot: _how_to_resume(sub, slot, dbname))
     with target.connect(dbname) as conn:
-        for subscription, slot in in_database(conn):
+        for subscription, slot, _ in in_database(conn):
             if slot is None:
                 continue
             quoted = sql.Identifier(subscription).as_string(conn)
