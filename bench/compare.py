@@ -4,12 +4,14 @@ Every function returns rows for the report: {"method", "times", "tree_rss", "own
 "artifact", "note"}; `Rows.add` collects a Sample per round.
 """
 
+import hashlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -622,7 +624,7 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
 
 
 PORTAL_WAL = (
-    "**portal** archive_command (archive_wal.py: copy, fsync, link into the spool; copies ready segments ahead,"
+    "**portal** archive_command (archive_wal.py: copy with O_DIRECT, fsync, link into the spool; copies ready segments ahead,"
     " which the shell then acknowledges by their markers, no process)"
 )
 CP_WAL = "cp (the strategy's wal_archive.sh; no fsync: not durable)"
@@ -675,7 +677,14 @@ WAL_STAGES = {
     "s2k": "stage: gpg --symmetric of one segment, the strategy's s2k (65,011,712 SHA-512 iterations)",
     "s2k-low": "stage: gpg --symmetric of one segment, --s2k-count 65536",
     "pubkey": "stage: gpg --encrypt of one segment to a public key (GPG_RECIPIENTS)",
+    "arithmetic": (
+        "stage: the ingest's arithmetic alone, CPU seconds per segment of this run's WAL in one thread: zstd"
+        " --fast=1 (the ingest's level, backups.walseal), the plaintext's SHA-256, AES-256 in OpenPGP's CFB"
+        " mode, the integrity code's SHA-1 and the copy's SHA-256; no reading, writing, catalog or Python"
+    ),
 }
+# backups.walseal.WAL_ZSTD_LEVEL: that module needs Django's set-up, which this process does not do.
+INGEST_ZSTD_LEVEL = -1
 
 
 def wal_stages(ws, segment_size, rounds):
@@ -701,6 +710,35 @@ def wal_stages(ws, segment_size, rounds):
         for key, script in scripts.items():
             attempt(rows, WAL_STAGES[key], lambda s=script, k=key: rows.add(WAL_STAGES[k], shell(s)))
     segment.unlink()
+    return rows.list()
+
+
+def ingest_arithmetic(cluster, rounds, count=4):
+    """What any ingest of this WAL must compute per segment, timed alone with the primitives the
+    portal's ingest uses (OpenSSL through hashlib and cryptography, zstandard): with the machine's
+    cores, the most segments a second an ingest could catalogue, whatever else it does. Made from
+    a backlog of `count` segments of its own (archive_command left empty, as wal_archiving leaves it)."""
+    import zstandard
+    from cryptography.hazmat.decrepit.ciphers.modes import CFB
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    rows, method = Rows(), WAL_STAGES["arithmetic"]
+    set_archive_command(cluster, "")
+    make_backlog(cluster, count)
+    status = cluster.datadir / "pg_wal" / "archive_status"
+    names = sorted(p.name.removesuffix(".ready") for p in status.iterdir() if p.name.endswith(".ready"))
+    segments = [(cluster.datadir / "pg_wal" / name).read_bytes() for name in names[-count:]]
+    key, iv = os.urandom(32), bytes(16)
+    for _ in range(rounds):
+        started = time.process_time()
+        for data in segments:
+            compressed = zstandard.ZstdCompressor(level=INGEST_ZSTD_LEVEL).compress(data)
+            hashlib.sha256(data).digest()
+            encryptor = Cipher(algorithms.AES(key), CFB(iv)).encryptor()
+            ciphertext = encryptor.update(compressed) + encryptor.finalize()
+            hashlib.sha1(compressed).digest()
+            hashlib.sha256(ciphertext).digest()
+        rows.add(method, Sample((time.process_time() - started) / len(segments), 0, 0))
     return rows.list()
 
 

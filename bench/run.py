@@ -281,6 +281,7 @@ def measure_all(ws, args, results):
         # The worker's pass is judged (it is what ingests WAL in production); the command's is shown.
         parts["ingest_worker"], parts["ingest"] = lag["worker"], lag["command"]
         parts["wal_stages"] = compare.wal_stages(ws, args.wal_segsize * 2**20, rounds)
+        parts["wal_stages"] += compare.ingest_arithmetic(ws.walc, rounds)
     if "sustained" not in args.skip:
         say(f"7. sustained load: pgbench for {args.sustained_seconds} s with push, then with pull")
         parts["sustained"] = sustained.run_modes(ws, p, ws.pgb, args.sustained_seconds, args.sample_interval, log=say)

@@ -340,18 +340,13 @@ def test_pitr_stock_figures_and_the_ingest_floor_need_their_own_figures():
     assert "2 cores give about 33 segments a second" in said
     assert ingest_floor([{"cores": 1.24, "machine_cores": 2, "seconds": 3, "segments": 200}]) == ""
     assert ingest_floor([{"seconds": 6.4, "segments": 201}]) == "" and ingest_floor(None) == ""
-
-
-def test_a_wal_bound_above_the_disks_durable_rate_says_where_plain_cp_stands():
-    sys.path.insert(0, str(ROOT))
-    from bench import compare
-    from bench.report import wal_floor
-
-    said = wal_floor({compare.CP_SYNC_WAL: 21.1, compare.CP_WAL: 30.8}, 38.0)
-    assert "the bound, 38.0 segments/s, is above what this disk takes" in said
-    assert "(cp, then sync: 21.1/s), and above even cp with no durability at all (30.8/s)" in said
-    assert "within 10% of cp" in wal_floor({compare.CP_SYNC_WAL: 16.1, compare.CP_WAL: 34.1}, 32.9)
-    assert wal_floor({compare.CP_SYNC_WAL: 40.0, compare.CP_WAL: 50.0}, 38.0) == ""
+    # With the arithmetic's stage row: out of reach only when even it leaves no room for the archive's rate.
+    stages = [{"method": compare.WAL_STAGES["arithmetic"], "times": [0.036, 0.034, 0.035]}]
+    said = ingest_floor(ingest, stages, 69.4)
+    assert "took 0.035 s of CPU per segment: 2 cores could ingest at most 57.1 segments a second" in said
+    assert "below the archive command's 69.4: no ingest" in said
+    said = ingest_floor(ingest, stages, 50.7)
+    assert "above the archive command's 50.7: the miss is not shown out of reach by it." in said
 
 
 def test_each_round_starts_with_the_next_method_and_a_failure_is_a_note():

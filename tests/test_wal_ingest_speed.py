@@ -27,10 +27,15 @@ def cpu_seconds():
 
 
 def fill_spool(server, log):
+    """As the archive program leaves them: on the disk, not in the page cache (it writes O_DIRECT)."""
     spool = spool_dir(server)
     spool.mkdir(parents=True, exist_ok=True)
     for i in range(N):
-        shutil.copy(SEGMENT, spool / f"00000001{log:08X}{i:08X}")
+        path = spool / f"00000001{log:08X}{i:08X}"
+        shutil.copy(SEGMENT, path)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 @pytest.mark.skipif(not SEGMENT, reason="a measurement: set WAL_INGEST_SEGMENT to a real WAL segment")
