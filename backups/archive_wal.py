@@ -52,8 +52,9 @@ AHEAD_DIR = "ahead"
 # enough that the call for the oldest segment returns within a second or two on a slow disk.
 LOOKAHEAD_SEGMENTS = 16
 LOOKAHEAD_BYTES = 128 << 20
-# O_DIRECT copies of segments: one buffer a process, written in pieces of this size, each a whole
-# number of the blocks every Linux file system takes (4 KiB; a segment is at least 1 MiB).
+# O_DIRECT copies of segments: one buffer for each thread that copies, written in pieces of this
+# size, each a whole number of the blocks every Linux file system takes (4 KiB; a segment is at
+# least 1 MiB).
 DIRECT_CHUNK = 1 << 20
 DIRECT_ALIGN = 4096
 # Look-ahead segments copied at once: one reads from the page cache while the other's write waits
@@ -183,7 +184,8 @@ def copy_batch(spool, files):
     first fsync's journal commit carries the others' data and a batch costs about one flush."""
     staged = []
     try:
-        staged = [(written, *file) for written, file in zip(write_temporaries(spool, files), files, strict=True)]
+        # Not zip(strict=True): the database host's /usr/bin/python3 may be older than 3.10.
+        staged = [(written, *file) for written, file in zip(write_temporaries(spool, files), files)]  # noqa: B905
         for (_, fd), _, _ in staged:
             os.fsync(fd)
         for (tmp, _), source, name in staged:
@@ -205,28 +207,32 @@ def write_temporaries(spool, files):
         return [write_temporary(spool, source, name, direct_buffer()) for source, name in files]
     import threading  # only for a look-ahead (see the imports above)
 
-    results = [None] * len(files)
+    results, errors = [None] * len(files), []
 
     def copier(first):
-        buffer = direct_buffer()
-        for i in range(first, len(files), COPIERS):
-            try:
+        try:
+            buffer = direct_buffer()
+            for i in range(first, len(files), COPIERS):
                 results[i] = write_temporary(spool, *files[i], buffer)
-            except BaseException as e:  # noqa: BLE001 - raised below, in the calling thread
-                results[i] = e
-                return
+        except BaseException as e:  # noqa: BLE001 - raised below, in the calling thread
+            errors.append(e)
 
-    threads = [threading.Thread(target=copier, args=(k,)) for k in range(COPIERS)]
-    for thread in threads:
-        thread.start()
+    threads = []
+    for k in range(COPIERS):
+        thread = threading.Thread(target=copier, args=(k,))
+        try:
+            thread.start()
+            threads.append(thread)
+        except RuntimeError:
+            copier(k)  # no thread to be had (a limit on processes): this one copies that share
     for thread in threads:
         thread.join()
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
-        for tmp, fd in (r for r in results if isinstance(r, tuple)):
+    written = [r for r in results if r is not None]
+    if errors or len(written) < len(files):
+        for tmp, fd in written:
             os.close(fd)
             os.unlink(tmp)
-        raise errors[0]
+        raise errors[0] if errors else OSError(5, "a copy ahead did not finish")
     return results
 
 
@@ -289,13 +295,15 @@ def copy_direct(src, path, fd, buffer):
     (2026-12-05), a backlog of 200 segments of 16 MB went at 50-58 a second that way, and at 18
     when the kernel had to find fresh memory for the pages (a segment's copy took 48 ms, not 7);
     with O_DIRECT from one reused buffer, 58-71 a second whatever the memory's state. Its writes
-    are on the disk when they return: the fsync then commits the file's size and blocks. From a
+    have reached the device when they return; the fsync after still flushes the device's cache
+    and commits the file's size and blocks, as it does for the page cache's. From a
     read that is not a whole number of blocks on (a file shrinking meanwhile, refused by its size
     after; a pipe), the rest goes through the page cache."""
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
-        direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        # The same open file, not the name again: nothing put at that name meanwhile is written.
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
     except OSError:
         return None  # tmpfs and some network file systems: the page cache, as before
     try:
@@ -321,6 +329,8 @@ def write_at(fd, view, offset):
     rest unaligned fails with EINVAL), never taken for the whole."""
     while view:
         written = os.pwrite(fd, view, offset)
+        if not written:
+            raise OSError(5, "the file system wrote nothing", str(fd))  # EIO, rather than a loop forever
         view, offset = view[written:], offset + written
 
 
@@ -341,7 +351,7 @@ def look_ahead(spool, source, name):
     batch = ahead_of(spool, source, name)
     try:
         copy_batch(spool, batch)
-    except (Conflict, WrongSize, OSError):
+    except Exception:  # noqa: BLE001 - a conflict, a wrong size, an OSError, no memory for a thread...
         return []  # only a head start: each segment's own call reports what is wrong with it
     return [extra for _, extra in batch]
 
