@@ -737,11 +737,12 @@ MARGIN = 1.03
 
 def base_floor(rows, share, theirs, boot=None):
     """When the bound on the base backup lies below what the portal's compression and encryption take
-    with nothing else (the server's zstd into gpg, in the shell), plus the start every command pays,
-    the sentence that says so."""
+    with nothing else (the server's zstd into gpg, in the shell), plus the start every command pays
+    and the wait for the backup's WAL that every backup pays, the sentence that says so."""
     floor, read = row_median(rows, compare.STAGE_SERVER_GPG), row_median(rows, compare.STAGE_BB)
+    wait = profiled(rows, compare.PORTAL_BASE, "walchain.py:wait_for_wal")
     bound = share * (theirs or 0)
-    if not floor or not theirs or (floor + (boot or 0)) < bound * MARGIN:
+    if not floor or not theirs or (floor + (boot or 0) + (wait or 0)) < bound * MARGIN:
         return ""
     said = f"Measured in this run: the bound is {share:.2f} × {theirs:.2f} s = {bound:.2f} s."
     said += (
@@ -752,10 +753,28 @@ def base_floor(rows, share, theirs, boot=None):
         said += f", {floor + boot:.2f} s with Python and Django's start ({boot:.2f} s, the fixed-cost row)"
     if read:
         said += f"; reading the cluster alone, uncompressed, into /dev/null took {read:.2f} s"
+    if wait:
+        said += (
+            f". A backup counts only once the WAL it ends in is archived, which took {wait:.2f} s after the"
+            f" stream in the profiled run of section 2 (walchain.wait_for_wal): {floor + wait:.2f} s without Python's"
+            " start"
+        )
+    if wait and floor + wait >= bound * MARGIN:
+        return said + (
+            ". No backup compressed at the portal's level and encrypted by gpg can meet the bound on this"
+            " machine, from a command started for it or in the worker, which pays no start, at that wait."
+        )
     return said + (
         ". No backup compressed at the portal's level and encrypted by gpg, from a command started for it,"
         " can meet the bound on this machine."
     )
+
+
+def profiled(rows, method, function):
+    """The cumulative seconds of `function` (its file:name, as the cProfile list shows it) in the
+    method's profiled run, or None."""
+    row = next((r for r in rows or [] if r["method"] == method), None)
+    return next((seconds for name, seconds in (row or {}).get("profile") or [] if name.endswith(function)), None)
 
 
 def cpu_seconds(rows, method):
@@ -890,7 +909,11 @@ def ingest_floor(ingest, stages=None, archive_rate=None):
     if most < archive_rate:
         return said + (
             f" below the archive command's {archive_rate:.1f}: no ingest that compresses, encrypts and hashes"
-            " each segment as the strategy asks can keep up with it on this machine."
+            " each segment as the catalog needs can keep up with it on this machine. Each hash has its use: the"
+            " plaintext's SHA-256 is what every PITR checks a segment against after decrypting it, and what the"
+            " archive program checks a segment archived twice against; the copy's SHA-256 lets verification"
+            " check copies without the key; SHA-1 is OpenPGP's integrity code. Without compression, AES and the"
+            " copy's hashes would cover every byte of the segment rather than the compressed ones."
         )
     return said + f" above the archive command's {archive_rate:.1f}: the miss is not shown out of reach by it."
 
