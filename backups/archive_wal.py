@@ -204,7 +204,11 @@ def write_temporaries(spool, files):
     """write_temporary() of each of `files` [(source, name)], COPIERS at a time when there are
     several; on any error, those written are removed and the first error raised."""
     if len(files) < 2:
-        return [write_temporary(spool, source, name, direct_buffer()) for source, name in files]
+        # The call's own file: a buffer only for a segment (.history and .backup files never use one).
+        return [
+            write_temporary(spool, source, name, direct_buffer() if is_segment(name) else None)
+            for source, name in files
+        ]
     import threading  # only for a look-ahead (see the imports above)
 
     results, errors = [None] * len(files), []
@@ -245,7 +249,7 @@ def direct_buffer():
 
 def write_temporary(spool, source, name, buffer):
     """Copy `source` to .NAME.PID.tmp in the spool; returns (path, open fd), not yet fsynced.
-    `buffer`: direct_buffer(), one for each thread that copies."""
+    `buffer`: direct_buffer(), one for each thread that copies; None for a file that is no segment."""
     tmp = os.path.join(spool, f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
@@ -253,7 +257,7 @@ def write_temporary(spool, source, name, buffer):
         # and a portal that is not root (a member of postgres's group) cannot read it.
         os.fchmod(fd, 0o640)
         with open(source, "rb") as src:
-            copied = copy_direct(src, tmp, fd, buffer) if is_segment(name) else None
+            copied = copy_direct(src, fd, buffer) if is_segment(name) else None
             if copied is None:
                 copied = copy_bytes(src, fd)
         check_size(spool, name, copied)  # what was read, whatever stat said (a file shrinking meanwhile)
@@ -286,8 +290,8 @@ def copy_bytes(src, fd):
     return copied
 
 
-def copy_direct(src, path, fd, buffer):
-    """Copy the open file `src` into `path` (open as `fd`) with O_DIRECT; returns the bytes
+def copy_direct(src, fd, buffer):
+    """Copy the open file `src` into the file open as `fd` with O_DIRECT; returns the bytes
     copied, or None when the file system refuses O_DIRECT before anything was written.
 
     Through the page cache a backlog costs the kernel a new page for every 4 KiB written, and
