@@ -36,6 +36,8 @@ from restores.sqlscript import (
 DATABASE_ENTRY = re.compile(
     r"^\d+; \d+ \d+ (?:DATABASE|DATABASE PROPERTIES|(?:COMMENT|ACL|SECURITY LABEL) - DATABASE) "
 )
+# Event triggers and what is said of them: held back until the portal is done in the copy (logical.EventTriggers).
+EVENT_TRIGGER_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:EVENT TRIGGER - |(?:COMMENT|SECURITY LABEL) - EVENT TRIGGER )")
 DUMPED_NAME = re.compile(r"^;\s+dbname: (.*)$", re.M)
 
 # CREATE DATABASE options and how their values are written.
@@ -194,6 +196,7 @@ class DatabaseProperties:
         self.head = None  # the decrypted start of the dump, when read from one
         self.copy_id = None  # the copy it was read from (restores.logical.read_properties)
         self.pg_restore = None  # the pg_restore that reads that dump (--tablespace-map lists it again)
+        self.listing = ""  # its pg_restore --create --list
 
     @classmethod
     def parse(cls, listing, script):

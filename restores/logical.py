@@ -29,6 +29,7 @@ from backups.pipeline import BackupFailed, Tool
 from backups.storage import StorageError, store_for
 from backups.streams import CopyCorrupt
 from restores import cluster_globals, dbprops, targetdb
+from restores.eventtriggers import EventTriggers
 from restores.models import RestoreRun
 from restores.sqlscript import NotText, script_text
 from restores.tablespaces import check_tablespaces, relocate
@@ -92,9 +93,10 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     if elsewhere:
         roles = restore_globals(run, target, encryption, notes, warnings, with_role_passwords)
     made = False
+    held = EventTriggers(props, _scratch_root)
     try:
         toc = (props.copy_id, props.head) if props is not None else None
-        notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc)
+        notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra + held.args(), toc)
         made = True
         try:
             targetdb.detach_all(target, dbname, warnings, advice)
@@ -104,12 +106,16 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
             notes.append(_apply_properties(props, target, dbname, warnings))
         if tablespace_map:
             notes += relocate(props, target, dbname, tablespace_map, warnings)
+        if held.entries:
+            notes += held.create(_pg_restore(target, dbname, pg_restore_for(target, run), *extra, *held.only()), target)
     except BaseException as e:
         # A database that failed to be made was dropped where it failed.
         left = "; ".join(filter(None, [dropped(target, dbname) if made else "", dropped_roles(target, roles)]))
         if left and isinstance(e, RestoreFailed):
             raise RestoreFailed(f"{e}; {left}") from None
         raise
+    finally:
+        held.remove()
     if restore is not None:
         restore.warnings = warnings
         restore.created_roles = roles  # a restore test drops them with its database (dropped_roles)
@@ -324,7 +330,7 @@ def _flush_wal(target, dbname):
     restore before it is durable when the restore is reported done. No CHECKPOINT: that needs a
     privilege the portal's role may lack, and durability needs only the flush."""
     try:
-        with target.connect(dbname) as conn:
+        with targetdb.connect_to_copy(target, dbname) as conn:
             conn.execute("SET synchronous_commit = on")
             conn.execute("SELECT pg_current_xact_id()")  # an xid: its commit record is flushed
     except psycopg.Error as e:
@@ -390,6 +396,7 @@ def read_properties(run, target, encryption, warnings):
             )
             props.head = head  # the table of contents, for --tablespace-map and the parallel restore
             props.pg_restore = pg_restore
+            props.listing = listing
             props.copy_id = reader.copy.pk
             return props
         except (dbprops.TocUnreadable, StorageError) as e:
@@ -427,7 +434,7 @@ def _apply_properties(props, target, dbname, warnings):
     # shared catalog in the encoding of the session's database, so from a UTF8 one a LATIN1
     # database's "Département" would be stored as UTF-8 bytes and read back as "DÃ©partement".
     try:
-        with target.connect(dbname) as conn:
+        with targetdb.connect_to_copy(target, dbname) as conn:
             applied, missed = props.apply(conn, dbname)
     except psycopg.Error as e:
         raise RestoreFailed(explain(e, target)) from None

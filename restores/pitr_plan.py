@@ -48,6 +48,7 @@ class Plan:
     last: int  # the last segment number known to be needed
     created_dir: bool = False
     notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # before start (pitr_libraries); quieten() adds its own
     staged: dict = field(default_factory=dict)  # segno -> segment name, staged or to be (prefetch)
     fallback: bool = True  # an unreadable base backup may be replaced by an older one
     recovered: dict = field(default_factory=dict)

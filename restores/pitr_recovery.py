@@ -22,7 +22,7 @@ from backupportal.lib.libpq import SAFE_AUTH
 from backupportal.lib.osuser import chown_to_db_user
 from backups import binaries, walspool
 from backups.binaries import backup_major
-from restores import pitr_verdict, targetdb
+from restores import pitr_libraries, pitr_verdict, targetdb
 from restores.models import RestoreRun
 from restores.pitr_plan import RestoreFailed
 from restores.pitr_prefetch import restore_command
@@ -70,6 +70,11 @@ def recovery_settings(plan):
         # would take production's rows from it, lost to the real subscriber. None can start, and
         # this stays after the restore (WORKERS_OFF_NOTE); quieten() detaches each after promotion.
         "max_logical_replication_workers": "0",
+        # Production's libraries start no background worker here (pitr_libraries: WORKERS_NOTE).
+        # Recovery refuses to run with fewer than production's while it takes connections
+        # ("insufficient parameter settings"): it takes none (start_and_wait waits for promotion).
+        "max_worker_processes": "0",
+        "hot_standby": "off",
         # pg_cron's jobs keep the host and port they were scheduled for (cron.job.nodeport: often
         # production's, on the same host): from a copy they would run there a second time.
         # pg_cron 1.6 and later launches none with this; without pg_cron it is an unused name.
@@ -141,6 +146,7 @@ def write_recovery_settings(plan):
     # One by one: a chown -R of the data directory would race the WAL prefetcher's renames.
     for name in ("postgresql.conf", "pg_hba.conf", "postgresql.auto.conf", "recovery.signal", "log"):
         chown_to_db_user(plan.datadir / name)
+    pitr_libraries.leave_out_missing(plan)
 
 
 # pg_controldata's names of the settings recovery checks against production's, and theirs.
@@ -227,18 +233,9 @@ def postmaster_alive(plan):
 
 
 def connect(plan, dbname):
-    """A connection to the restored cluster as the server's role: production's pg_hba.conf decides."""
-    server = plan.server
-    return psycopg.connect(
-        host=server.host if server.host.startswith("/") else "127.0.0.1",
-        port=plan.port,
-        user=server.user,
-        password=server.password or None,
-        require_auth=SAFE_AUTH,  # never the password in clear text, to whatever holds the port
-        dbname=dbname,
-        connect_timeout=3,
-        autocommit=True,
-    )
+    """A connection to the restored cluster as the server's role (production's pg_hba.conf
+    decides), with production's event triggers off where the role may (targetdb.quietly)."""
+    return targetdb.connect_to_copy(Restored(plan), dbname)
 
 
 def recovered_position(plan, logfile, wait=30):
@@ -272,16 +269,34 @@ class Restored:
 
     def __init__(self, plan):
         self.plan = plan
+        self.pg_version = plan.server.pg_version  # production's: the copy is of its version
 
-    def connect(self, dbname):
-        return connect(self.plan, dbname)
+    def connection_settings(self, dbname=None):
+        return {}
+
+    def connect(self, dbname, **more):
+        server = self.plan.server
+        return psycopg.connect(
+            host=server.host if server.host.startswith("/") else "127.0.0.1",
+            port=self.plan.port,
+            user=server.user,
+            password=server.password or None,
+            require_auth=SAFE_AUTH,  # never the password in clear text, to whatever holds the port
+            dbname=dbname,
+            connect_timeout=3,
+            autocommit=True,
+            **more,
+        )
+
+    def __str__(self):
+        return f"the restored cluster on port {self.plan.port}"
 
 
 def quieten(plan, run):
     """After promotion, while no apply worker can start: each subscription detached from the
     production subscriber's slot, and pg_cron named. What the DBA must know goes into the result's
     warnings and the run's (its status stays "succeeded": the copy reached its target)."""
-    warnings = []
+    warnings = list(plan.warnings)
     try:
         with connect(plan, plan.server.dbname) as conn:
             databases = [row[0] for row in conn.execute(SUBSCRIBED_DATABASES)]
@@ -311,7 +326,7 @@ def quieten(plan, run):
             )
     if runs_pg_cron(libraries[0] if libraries else "") or launchers[0]:
         warnings.append(PG_CRON_WARNING)
-    plan.notes.append(WORKERS_OFF_NOTE)
+    plan.notes += [WORKERS_OFF_NOTE, pitr_libraries.WORKERS_NOTE]
     if warnings:
         plan.recovered["warnings"] = warnings
         RestoreRun.objects.filter(pk=run.pk).update(warnings=warnings)
@@ -339,7 +354,7 @@ PG_CRON_WARNING = (
 
 def runs_pg_cron(libraries):
     """shared_preload_libraries (a comma-separated list, names maybe quoted) loads pg_cron."""
-    return any(name.strip().strip('"') == "pg_cron" for name in (libraries or "").split(","))
+    return "pg_cron" in pitr_libraries.split_list(libraries or "")
 
 
 def first_line(error):

@@ -178,6 +178,7 @@ def throwaway_server(server, port):
         name=f"{server.name} (restored)",
         dsn=f"postgresql://{server.user}@127.0.0.1:{port}/{server.dbname}",
         password=server.password,
+        pg_version=server.pg_version,  # the copy's: event triggers are turned off from 17 (targetdb)
     )
 
 

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from backupportal.lib.childenv import child_env
+from restores.targetdb import connect_to_copy
 
 # pg_restore's header above each object: names are printed raw (newlines made spaces).
 HEADER = re.compile(
@@ -73,7 +74,7 @@ def relocate(props, target, dbname, mapping, warnings):
         return []
     placed = objects_by_tablespace(props.head, props.pg_restore)
     notes, moved = [], 0
-    with target.connect(dbname) as conn:
+    with connect_to_copy(target, dbname) as conn:
         for old, objects in placed.items():
             new = mapping.get(old)
             if new is None:

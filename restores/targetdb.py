@@ -14,6 +14,14 @@ import psycopg
 from psycopg import sql
 
 from backupportal.lib.pgerrors import explain
+from backups.binaries import server_major
+
+# Production's event triggers come with its copy: from PostgreSQL 17 a login trigger fires on
+# every connection (one that records logins changes the counts a restore test compares; one that
+# refuses unknown roles shuts the portal out), and DDL triggers fire on the portal's own
+# statements there (detaching a subscription, moving to a tablespace). event_triggers = off (17+)
+# is a superuser's to set.
+EVENT_TRIGGERS_OFF = "-c event_triggers=off"
 
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -84,7 +92,7 @@ def drop_database(server, name):
             if subscribed:
                 if not connectable:  # ALTER and DROP SUBSCRIPTION run inside the database
                     conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(db))
-                with server.connect(name) as inside:
+                with connect_to_copy(server, name) as inside:
                     for subscription, _, _ in in_database(inside):
                         detach(inside, subscription)
                         inside.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(subscription)))
@@ -101,6 +109,25 @@ def dropped(server, name):
     except RestoreFailed as e:
         return f"{e}: drop it by hand"
     return ""
+
+
+def connect_to_copy(target, dbname):
+    """A connection into `dbname`, a restored copy on `target`, with production's event
+    triggers off where the portal's role may turn them off (a superuser, 17 or later)."""
+    options = target.connection_settings(dbname).get("options") or ""
+    return quietly(lambda **more: target.connect(dbname, **more), server_major(target), options)
+
+
+def quietly(connect, major, options=""):
+    """connect(options=...) with EVENT_TRIGGERS_OFF added to `options` on a major of 17 or
+    later; if that connection fails (a role that may not set it: refused whatever the server's
+    language), connected again as any session of the role is."""
+    if (major or 0) >= 17:
+        try:
+            return connect(options=f"{options} {EVENT_TRIGGERS_OFF}".strip())
+        except psycopg.OperationalError:
+            pass  # a second failure is the one reported
+    return connect(options=options) if options else connect()
 
 
 def in_database(conn):
@@ -124,7 +151,7 @@ def detach_all(target, dbname, warnings, advice=None):
     and named in a warning that says how to resume it: `advice(quoted name, slot)`, by default
     for a copy beside production. psycopg.Error when the database cannot be read."""
     advice = advice or (lambda sub, slot: _how_to_resume(sub, slot, dbname))
-    with target.connect(dbname) as conn:
+    with connect_to_copy(target, dbname) as conn:
         for subscription, slot, _ in in_database(conn):
             if slot is None:
                 continue

@@ -13,6 +13,7 @@ import psycopg
 
 from backups import tables
 from backups.models import BackupRun, Database
+from restores import targetdb
 
 SHOWN_AT_MOST = 10  # problems named in one check's detail; the rest are counted
 
@@ -66,7 +67,7 @@ def run_checks(run, target, dbname):
         prev_id, prev_counts = previous_counts(run)
     previous = Previous(prev_id, tables.normalized(prev_counts), server.shrink_threshold_pct)
     results = []
-    with target.connect(dbname) as conn:
+    with targetdb.connect_to_copy(target, dbname) as conn:
         errors = {}
         restored = tables.normalized(tables.count_all(conn, errors))
         unreadable = tables.normalized(errors)

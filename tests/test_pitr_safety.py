@@ -13,7 +13,7 @@ from django.utils import timezone
 from backupportal.lib.osuser import free_port
 from backups import walingest, walnames, walspool
 from restores import pitr as pitr_module
-from restores import pitr_recovery, pitr_verdict
+from restores import pitr_libraries, pitr_recovery, pitr_verdict
 from restores.models import RestoreRun
 from restores.pitr_plan import Target
 from tests.helpers import (
@@ -73,6 +73,27 @@ def test_every_recovery_target_is_written_and_the_chosen_one_after_the_emptied_o
     assert all(latest[name] == "" for name in pitr_recovery.ALL_TARGETS)
     assert latest["primary_conninfo"] == latest["primary_slot_name"] == ""
     assert latest["max_logical_replication_workers"] == "0" and latest["archive_mode"] == "off"
+    assert latest["max_worker_processes"] == "0" and latest["hot_standby"] == "off"
+
+
+def test_library_lists_are_split_and_written_as_postgresql_reads_them(tmp_path):
+    assert pitr_libraries.split_list(' pg_prewarm ,"odd, name", "say ""hi""",,') == [
+        "pg_prewarm",
+        "odd, name",
+        'say "hi"',
+    ]
+    assert pitr_libraries.split_list("") == []
+    for name in ("plain", "odd, name", 'say "hi"', "Mixed_Case"):
+        assert pitr_libraries.split_list(pitr_libraries.quote_name(name)) == [name]
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "here.so").write_text("")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "elsewhere.so").write_text("")
+    libdir, path = tmp_path / "lib", [tmp_path / "lib", tmp_path / "other"]
+    for name in ("here", "here.so", "$libdir/here", "elsewhere", f"{tmp_path}/other/elsewhere"):
+        assert pitr_libraries.installed(name, libdir, path), name
+    for name in ("gone", "$libdir/elsewhere", f"{tmp_path}/lib/elsewhere", "lib/here"):
+        assert not pitr_libraries.installed(name, libdir, path), name
 
 
 def test_pg_cron_is_seen_in_shared_preload_libraries_however_it_is_listed():
@@ -168,6 +189,57 @@ def test_a_subscribers_copy_is_detached_from_the_publishers_slot_and_starts_no_a
     assert "ALTER SYSTEM SET max_logical_replication_workers" in warning
     assert RestoreRun.objects.get(pk=result["id"]).warnings == [warning]
     assert pitr_recovery.WORKERS_OFF_NOTE in result["notes"]
+
+
+def children(datadir):
+    """The process titles of a running cluster's postmaster's children (a background worker that
+    connects to no database is not in pg_stat_activity)."""
+    postmaster = (Path(datadir) / "postmaster.pid").read_text().split("\n", 1)[0]
+    titles = ""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == postmaster:
+                titles += (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") + "\n"
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+    return titles
+
+
+def test_productions_libraries_start_no_worker_in_the_copy_and_one_this_host_lacks_is_left_out(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    enable_push(sample_cluster)
+    # Production runs pg_prewarm's autoprewarm worker, and has since been set to load libraries
+    # this host lacks (not yet restarted): the base backup carries that postgresql.auto.conf.
+    sample_cluster.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_prewarm'")
+    sample_cluster.restart()
+    sample_cluster.execute("ALTER SYSTEM SET shared_preload_libraries = pg_prewarm, no_such_library")
+    sample_cluster.execute("ALTER SYSTEM SET session_preload_libraries = auto_explain, '$libdir/gone_too'")
+    wait_for(lambda: "autoprewarm leader" in children(sample_cluster.datadir), what="production's autoprewarm worker")
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(sample_cluster)
+    walingest.ingest(server)
+
+    datadir, port = restored(), free_port()
+    result = pitr(datadir, port, "--target", "latest")
+
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SHOW shared_preload_libraries") == [("pg_prewarm",)]
+    assert rows(port, "SHOW session_preload_libraries") == [("auto_explain",)]
+    assert rows(port, "SHOW max_worker_processes") == [("0",)]
+    deadline = time.monotonic() + 3  # production's worker started within a second of start-up
+    while time.monotonic() < deadline:
+        assert "autoprewarm leader" not in children(datadir)
+        time.sleep(0.2)
+    assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
+    shared, session = result["warnings"]
+    assert shared.startswith(
+        "shared_preload_libraries named no_such_library, which this host's PostgreSQL does not have"
+    )
+    assert "so that it starts" in shared
+    assert session.startswith("session_preload_libraries named $libdir/gone_too,") and "takes connections" in session
+    assert RestoreRun.objects.get(pk=result["id"]).warnings == [shared, session]
+    assert pitr_libraries.WORKERS_NOTE in result["notes"]
 
 
 def test_a_base_backup_of_a_standby_is_promoted_and_never_streams_from_production(

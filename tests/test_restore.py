@@ -225,7 +225,7 @@ def test_restoretest_passes_on_a_good_backup(server, passphrase_file, backup_roo
     out = StringIO()
     call_command("restoretest", "maldives", "--json", stdout=out)
     result = json.loads(out.getvalue().splitlines()[-1])
-    assert result["status"] == "passed", result
+    assert result["status"] == "passed", result["checks"]
     assert {c["name"] for c in result["checks"]} >= {
         "restore",
         "rows in public.users",
@@ -318,3 +318,60 @@ def test_the_server_page_shows_the_last_test_its_rto_and_the_untested_backups(
     assert f"{floatformat(test.duration_s, 1)} s against 240 min (critical)" in page
     untested = page.split("Never restore-tested")[1].split("</tr>")[0]
     assert f"#{second.pk}<" in untested and f"#{first.pk}<" not in untested
+
+
+LOGIN_TRIGGER = """
+CREATE TABLE login_log(who text, at timestamptz DEFAULT now());
+CREATE FUNCTION log_login() RETURNS event_trigger LANGUAGE plpgsql AS
+  $$BEGIN INSERT INTO public.login_log(who) VALUES (session_user); END$$;
+CREATE EVENT TRIGGER log_logins ON login EXECUTE FUNCTION log_login();
+"""
+
+
+@pytest.mark.parametrize("pg_major", [18])  # login triggers and event_triggers = off are 17's
+@pytest.mark.parametrize("jobs", [1, 2])  # piped, and from the scratch file
+def test_productions_login_trigger_fires_on_none_of_the_portals_sessions_in_a_restored_copy(
+    server, sample_cluster, passphrase_file, backup_root, settings, jobs
+):
+    settings.RESTORE_JOBS = jobs
+    sample_cluster.execute(LOGIN_TRIGGER, dbname="reliabilitymaldives")
+    run = take_backup()
+    logged = run.details["row_counts"]["public.login_log"]
+    assert logged >= 1  # the backup's own sessions logged in
+
+    # The restore's own sessions (properties, the WAL flush) and the restore test's checks:
+    # one row more would fail "row counts of every table".
+    out = StringIO()
+    call_command("restoretest", "maldives", "--json", stdout=out)
+    result = json.loads(out.getvalue().splitlines()[-1])
+    assert result["status"] == "passed", result["checks"]
+
+    assert restore_json(str(run.pk), "--into-database", "restored_copy")["status"] == "succeeded"
+    with sample_cluster.connect("restored_copy", options="-c event_triggers=off") as copy:
+        assert copy.execute("SELECT count(*) FROM login_log").fetchone()[0] == logged
+        assert copy.execute("SELECT evtenabled FROM pg_event_trigger").fetchall() == [("O",)]  # kept as it was
+
+
+@pytest.mark.parametrize("pg_major", [18])
+def test_a_role_that_may_not_turn_event_triggers_off_still_connects_to_a_copy(sample_cluster, db):
+    from backups.models import Server
+    from restores import targetdb
+
+    sample_cluster.execute(LOGIN_TRIGGER, dbname="reliabilitymaldives")
+    sample_cluster.execute(
+        "CREATE ROLE plain LOGIN PASSWORD 'plain-pw'; GRANT INSERT ON login_log TO plain", dbname="reliabilitymaldives"
+    )
+    plain = Server(name="plain", dsn=sample_cluster.dsn("reliabilitymaldives", user="plain"), password="plain-pw")
+    plain.pg_version = plain.probe()
+    superuser = register(sample_cluster)
+
+    logins = "SELECT who, count(*) FROM login_log GROUP BY who ORDER BY who"
+    before = dict(sample_cluster.execute(logins, dbname="reliabilitymaldives"))
+    with targetdb.connect_to_copy(plain, "reliabilitymaldives") as conn:
+        assert conn.execute("SHOW event_triggers").fetchone() == ("on",)  # refused, so connected without it
+    with targetdb.connect_to_copy(superuser, "reliabilitymaldives") as conn:
+        assert conn.execute("SHOW event_triggers").fetchone() == ("off",)
+    after = dict(sample_cluster.execute(logins, dbname="reliabilitymaldives"))
+    # One login more of plain's (the refused attempt never logged in), none of the superuser's;
+    # the query itself is the test's own login.
+    assert after == {"plain": before["plain"] + 1, "postgres": before["postgres"] + 1}
