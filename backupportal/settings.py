@@ -376,6 +376,9 @@ ALERT_EMAILS = env.list("ALERT_EMAILS", default=[])
 # Private ones too, so that whoever edits a channel cannot make the portal probe the database
 # servers and storage beside it. Cloud metadata addresses are refused even when listed.
 ALERT_CHANNEL_ALLOWED_HOSTS = env.list("ALERT_CHANNEL_ALLOWED_HOSTS", default=[])
+# The same for a storage location's S3 endpoint (backups/s3.py), which receives requests signed
+# with the S3 credentials: a MinIO on 10.x is listed here. S3_ENDPOINT_URL needs no listing.
+STORAGE_ALLOWED_HOSTS = env.list("STORAGE_ALLOWED_HOSTS", default=[])
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="backupportal@localhost")
 EMAIL_TIMEOUT = 10
 

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import io
 from datetime import UTC
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -24,6 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from django.conf import settings
 from django.utils import timezone
 
+from backupportal.lib import addresses
 from backupportal.lib.redact import redact
 from backups.storage import MissingArtifact, ObjectLocked, StorageError, Store, safe_key
 
@@ -54,6 +56,41 @@ def _client(endpoint_url, region, addressing_style, connect_timeout, read_timeou
     )
 
 
+def endpoint_refusal(endpoint_url):
+    """'' when the worker may send a location's requests (signed with the S3 credentials) to
+    `endpoint_url`; else one line saying why not (backupportal.lib.addresses). AWS itself (no
+    endpoint) and the environment's S3_ENDPOINT_URL, set by whoever runs the portal, are
+    allowed; another endpoint inside the portal's network must be listed in STORAGE_ALLOWED_HOSTS."""
+    if not endpoint_url or _same_endpoint(endpoint_url, settings.S3_ENDPOINT_URL):
+        return ""
+    try:
+        host = urlsplit(endpoint_url).hostname
+    except ValueError:
+        return f"refused: {endpoint_url!r} is not a URL"
+    return addresses.refusal(host, settings.STORAGE_ALLOWED_HOSTS, "STORAGE_ALLOWED_HOSTS", "no storage location")
+
+
+def _same_endpoint(one, other):
+    def parts(url):
+        split = urlsplit(url)
+        return split.scheme.lower(), (split.hostname or "").rstrip("."), split.port
+
+    try:
+        return bool(other) and parts(one) == parts(other)
+    except ValueError:
+        return False
+
+
+class Refused:
+    """The client of a location whose endpoint is refused: every request is a StorageError."""
+
+    def __init__(self, why):
+        self.why = why
+
+    def __getattr__(self, name):
+        raise StorageError(self.why)
+
+
 def _version(version):
     return {"VersionId": version} if version else {}
 
@@ -67,6 +104,10 @@ class S3Store(Store):
         prefix = location.prefix.strip("/")
         self.prefix = f"{prefix}/" if prefix else ""
         self.endpoint = location.endpoint_url or "AWS S3"
+        refused = endpoint_refusal(location.endpoint_url)
+        if refused:  # saved before the rule, or its name resolves elsewhere now: nothing is sent
+            self.client = Refused(f"storage location {location.name}: {refused}")
+            return
         # MinIO and most S3-compatible services want path-style URLs; AWS prefers virtual hosts.
         self.client = _client(
             location.endpoint_url,
@@ -436,3 +477,7 @@ def check_options(location):
         raise ValidationError(
             {"endpoint_url": "The endpoint URL must start with https:// (or http:// for a local test)."}
         )
+    # A name that does not resolve from here is let through: it is checked again on every use.
+    refused = endpoint_refusal(location.endpoint_url)
+    if refused:
+        raise ValidationError({"endpoint_url": refused})

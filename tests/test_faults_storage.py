@@ -249,6 +249,7 @@ FAULTS = ["refuse", "hang", "500"]
 def faulty(tiers, settings):
     """The S3 location reached through a FaultyEndpoint; timeouts short enough for a test."""
     settings.S3_CONNECT_TIMEOUT, settings.S3_READ_TIMEOUT, settings.S3_MAX_ATTEMPTS = 1, 1, 2
+    settings.STORAGE_ALLOWED_HOSTS = ["127.0.0.1"]  # the proxy is another port there
     proxy = FaultyEndpoint(tiers.server.port)
     StorageLocation.objects.filter(kind="s3").update(endpoint_url=proxy.endpoint)
     tiers.locations["s3"].refresh_from_db()

@@ -67,7 +67,9 @@ def upload_in_child(tiers, mib):
     import subprocess
     import sys
 
+    # The child's settings come from the environment: moto's endpoint is its S3_ENDPOINT_URL.
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": os.getcwd()}
+    env["S3_ENDPOINT_URL"] = tiers.server.endpoint
     child = subprocess.run(
         [sys.executable, "-c", UPLOADER, tiers.bucket, tiers.server.endpoint, str(mib)],
         env=env,
@@ -143,6 +145,7 @@ def test_a_bucket_that_does_not_exist_is_refused_with_one_line(tiers):
 def test_a_dead_endpoint_fails_in_seconds_not_minutes(tiers, settings):
     # A host that accepts the connection and then never answers: the worst case for a worker.
     settings.S3_CONNECT_TIMEOUT, settings.S3_READ_TIMEOUT, settings.S3_MAX_ATTEMPTS = 2, 2, 2
+    settings.STORAGE_ALLOWED_HOSTS = ["127.0.0.1"]  # the silent host is another port there
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)

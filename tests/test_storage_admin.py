@@ -1,6 +1,7 @@
 """Storage locations in the admin (Sysadmins), verifying from the portal (DBAs), and the S3 secret kept out of sight."""
 
 import logging
+import socket
 from io import StringIO
 
 import pytest
@@ -152,3 +153,46 @@ def test_the_s3_secret_key_never_appears_anywhere(client, sam, server, passphras
     assert "Making request" in caplog.text, "boto3's debug log was captured"
     for text in texts:
         assert S3_SECRET not in text
+
+
+def test_an_s3_endpoint_inside_the_network_is_refused_unless_listed_and_a_metadata_address_always(
+    client, sam, tiers, settings
+):
+    """Whoever edits a location chooses where the worker sends requests signed with the S3 keys:
+    not a probe of the portal's network. The environment's own S3_ENDPOINT_URL needs no listing."""
+    client.force_login(sam)
+    port = tiers.server.endpoint.rsplit(":", 1)[1]
+    same_server = f"http://localhost:{port}"  # the same moto, by another name: not the environment's
+    response = add_location(client, name="probe", kind="s3", bucket=tiers.bucket, endpoint_url=same_server)
+    assert response.status_code == 200
+    [error] = response.context["adminform"].form.errors["endpoint_url"]
+    assert error.startswith("refused: localhost resolves to ") and "a loopback address" in error
+    assert error.endswith("list localhost in STORAGE_ALLOWED_HOSTS to allow it")
+    assert not StorageLocation.objects.filter(name="probe").exists()
+
+    settings.STORAGE_ALLOWED_HOSTS = ["localhost", "169.254.0.0/16"]
+    response = add_location(client, name="minio", kind="s3", bucket=tiers.bucket, endpoint_url=same_server)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    response = add_location(client, name="imds", kind="s3", bucket="b", endpoint_url="http://169.254.169.254/")
+    assert response.context["adminform"].form.errors["endpoint_url"] == [
+        "refused: 169.254.169.254 resolves to 169.254.169.254, a cloud metadata address, which no storage location"
+        " may reach"
+    ]
+
+
+def test_a_location_whose_endpoint_is_refused_now_sends_nothing(tiers, settings):
+    """Saved before the rule, by hand, or a name that now resolves inside: every use refuses it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        location = StorageLocation.objects.create(
+            name="inside", kind="s3", bucket=tiers.bucket, endpoint_url=f"http://127.0.0.1:{listener.getsockname()[1]}"
+        )
+        with pytest.raises(StorageError, match=r"^storage location inside: refused: 127\.0\.0\.1 resolves to"):
+            store_for(location).check()
+        listener.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing connected
+    finally:
+        listener.close()

@@ -19,10 +19,8 @@ lists it: checked when the channel is saved, before each message, and again on e
 (`_connect_guard`), so a name that resolves elsewhere a moment later gains nothing.
 """
 
-import ipaddress
 import logging
 import re
-import socket
 import threading
 from contextlib import contextmanager
 from datetime import timedelta
@@ -35,6 +33,7 @@ from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from backupportal import journal
+from backupportal.lib import addresses
 from backupportal.lib.redact import redact
 from backupportal.lib.sealed import SealError
 from watching.channel_models import AlertChannel, ChannelDelivery
@@ -209,23 +208,8 @@ def plugin_for(kind, target, secret, extras=None):
 
 # --- Where a channel may send ------------------------------------------------------------------------
 
-# Never, even when listed: what answers there hands out the cloud host's credentials.
-METADATA_ADDRESSES = {
-    ipaddress.ip_address(a)
-    for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
-}
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
-# Private addresses (RFC 1918, 100.64/10, fc00::/7) are refused too unless listed: the portal sits
-# beside the database servers, the NAS and MinIO, and a channel must not make it a probe of them. A
-# team whose Mattermost runs on 10.x lists that host (or its network) in ALERT_CHANNEL_ALLOWED_HOSTS.
-NOT_PUBLIC = [
-    ("loopback", lambda ip: ip.is_loopback),
-    ("link-local", lambda ip: ip.is_link_local),
-    ("unspecified", lambda ip: ip.is_unspecified),
-    ("multicast", lambda ip: ip.is_multicast),
-    ("private", lambda ip: ip.is_private),
-    ("non-public", lambda ip: not ip.is_global),
-]
+# A team whose Mattermost runs on 10.x lists that host (or its network) in ALERT_CHANNEL_ALLOWED_HOSTS
+# (backupportal.lib.addresses says what is refused and why).
 _guard = threading.local()
 
 
@@ -239,50 +223,13 @@ def user_host(kind, secret):
 
 
 def _resolve(host):
-    """Every address `host` resolves to, as getaddrinfo gives them; [] when it does not resolve."""
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)
-    except (OSError, ValueError):  # ValueError: a NUL, or a label too long for IDNA
-        return []
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return addresses.resolve(host)
 
 
-def _host_refusal(host, addresses=None):
+def _host_refusal(host, resolved=None):
     """'' when `host` may be sent to; else one line naming it, its address and what to do."""
-    if host is None:
-        return ""
-    for address in _resolve(host) if addresses is None else addresses:
-        ip = _as_itself(ipaddress.ip_address(address))
-        if ip in METADATA_ADDRESSES:
-            return f"refused: {host} resolves to {ip}, a cloud metadata address, which no channel may reach"
-        what = next((what for what, test in NOT_PUBLIC if test(ip)), "")
-        if what and not _allowed(host, ip):
-            return (
-                f"refused: {host} resolves to {ip}, a {what} address; "
-                f"list {host} in ALERT_CHANNEL_ALLOWED_HOSTS to allow it"
-            )
-    return ""
-
-
-def _as_itself(ip):
-    """An IPv4 address written as IPv6 (::ffff:127.0.0.1, 6to4, NAT64) is judged as the IPv4 address."""
-    if ip.version == 4:
-        return ip
-    ip = ipaddress.ip_address(str(ip).split("%")[0])  # fe80::1%eth0: the scope changes nothing
-    return ip.ipv4_mapped or ip.sixtofour or (ipaddress.ip_address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else ip)
-
-
-def _allowed(host, ip):
-    """Whether ALERT_CHANNEL_ALLOWED_HOSTS lists the host's name, its address or a network holding it."""
-    for entry in settings.ALERT_CHANNEL_ALLOWED_HOSTS:
-        entry = entry.strip().lower().rstrip(".")
-        try:
-            if ip in ipaddress.ip_network(entry.strip("[]"), strict=False):
-                return True
-        except ValueError:
-            if entry == host.lower().rstrip("."):
-                return True
-    return False
+    allowed = settings.ALERT_CHANNEL_ALLOWED_HOSTS
+    return addresses.refusal(host, allowed, "ALERT_CHANNEL_ALLOWED_HOSTS", "no channel", resolved)
 
 
 def _connect_guard(create_connection):
