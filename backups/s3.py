@@ -24,6 +24,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from django.conf import settings
 from django.utils import timezone
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from backupportal.lib import addresses
 from backupportal.lib.redact import redact
@@ -56,27 +58,52 @@ def _client(endpoint_url, region, addressing_style, connect_timeout, read_timeou
     )
 
 
+STORAGE_HOSTS = addresses.Policy("STORAGE_ALLOWED_HOSTS", "no storage location")
+# What a typed endpoint may not hold: where two URL parsers disagree on the host (urllib3 stops at
+# a backslash, urlsplit at the last @), a user:password, a query, a zone (%), blanks.
+_NOT_IN_ENDPOINT = set("\\@?#% \t\r\n") | {chr(c) for c in range(32)} | {chr(127)}
+
+
 def endpoint_refusal(endpoint_url):
     """'' when the worker may send a location's requests (signed with the S3 credentials) to
     `endpoint_url`; else one line saying why not (backupportal.lib.addresses). AWS itself (no
     endpoint) and the environment's S3_ENDPOINT_URL, set by whoever runs the portal, are
-    allowed; another endpoint inside the portal's network must be listed in STORAGE_ALLOWED_HOSTS."""
+    allowed; another endpoint inside the portal's network must be listed in STORAGE_ALLOWED_HOSTS.
+    The line never repeats the URL: it may hold what was typed as a password."""
     if not endpoint_url or _same_endpoint(endpoint_url, settings.S3_ENDPOINT_URL):
         return ""
+    host = endpoint_host(endpoint_url)
+    if host is None:
+        return (
+            "refused: the endpoint URL must be scheme://host[:port][/path], with no user, password, query,"
+            " backslash or blank: type it again"
+        )
+    return STORAGE_HOSTS.refusal(host)
+
+
+def endpoint_host(endpoint_url):
+    """The endpoint's host, when urlsplit and urllib3 (which botocore connects with) read the
+    same host and port from it and it holds nothing else; None otherwise."""
+    if any(char in _NOT_IN_ENDPOINT for char in endpoint_url):
+        return None
     try:
-        host = urlsplit(endpoint_url).hostname
-    except ValueError:
-        return f"refused: {endpoint_url!r} is not a URL"
-    return addresses.refusal(host, settings.STORAGE_ALLOWED_HOSTS, "STORAGE_ALLOWED_HOSTS", "no storage location")
+        split, parsed = urlsplit(endpoint_url), parse_url(endpoint_url)
+        port = split.port
+    except (ValueError, LocationParseError):
+        return None
+    host = (split.hostname or "").lower()
+    if split.scheme not in ("http", "https") or not host or (parsed.host or "").lower().strip("[]") != host:
+        return None
+    return host if parsed.port == port else None
 
 
 def _same_endpoint(one, other):
     def parts(url):
         split = urlsplit(url)
-        return split.scheme.lower(), (split.hostname or "").rstrip("."), split.port
+        return split.scheme.lower(), (split.hostname or "").rstrip("."), split.port, split.path.rstrip("/")
 
     try:
-        return bool(other) and parts(one) == parts(other)
+        return bool(other) and endpoint_host(one) is not None and parts(one) == parts(other)
     except ValueError:
         return False
 
@@ -108,6 +135,12 @@ class S3Store(Store):
         if refused:  # saved before the rule, or its name resolves elsewhere now: nothing is sent
             self.client = Refused(f"storage location {location.name}: {refused}")
             return
+        if location.endpoint_url and not _same_endpoint(location.endpoint_url, settings.S3_ENDPOINT_URL):
+            # Checked again on every connection, whichever thread makes it (a name that resolves
+            # inside the network later gains nothing).
+            split = urlsplit(location.endpoint_url)
+            port = split.port or (443 if split.scheme == "https" else 80)
+            addresses.guard_host(endpoint_host(location.endpoint_url), port, STORAGE_HOSTS)
         # MinIO and most S3-compatible services want path-style URLs; AWS prefers virtual hosts.
         self.client = _client(
             location.endpoint_url,

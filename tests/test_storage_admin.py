@@ -10,6 +10,7 @@ from django.urls import reverse
 
 from backupportal.models import JournalEntry
 from backups.models import BackupCopy, BackupRun, StorageLocation
+from backups.s3 import endpoint_refusal
 from backups.storage import StorageError, store_for
 from tests.helpers import S3_SECRET, backup_json
 from watching.models import Alert
@@ -178,6 +179,66 @@ def test_an_s3_endpoint_inside_the_network_is_refused_unless_listed_and_a_metada
         "refused: 169.254.169.254 resolves to 169.254.169.254, a cloud metadata address, which no storage location"
         " may reach"
     ]
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://127.0.0.1:9\\@example.com",  # urllib3 would connect to 127.0.0.1, urlsplit reads example.com
+        "http://169.254.169.254\\@s3.example.com",
+        "http://user:secret-pw@s3.example.com",
+        "http://[fe80::1%25lo]:9000",
+        "http://s3.example.com/?x=1",
+        "http://s3.example.com /",
+    ],
+)
+def test_an_endpoint_two_parsers_could_read_differently_is_refused_without_repeating_it(
+    client, sam, tiers, settings, endpoint
+):
+    client.force_login(sam)
+    response = add_location(client, name="odd", kind="s3", bucket=tiers.bucket, endpoint_url=endpoint)
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors["endpoint_url"] == [
+        "refused: the endpoint URL must be scheme://host[:port][/path], with no user, password, query, backslash"
+        " or blank: type it again"
+    ]
+    assert not StorageLocation.objects.filter(name="odd").exists()
+    # Nor through the environment's exemption: only the very same endpoint is exempt.
+    settings.S3_ENDPOINT_URL = "http://s3.example.com"
+    assert endpoint_refusal("http://169.254.169.254\\@s3.example.com").startswith("refused: the endpoint URL must")
+
+
+def test_a_name_that_resolves_inside_the_network_after_the_check_is_not_connected_to(tiers, settings, monkeypatch):
+    """DNS rebinding: the save and the store see a public address, the connection would see 127.0.0.1."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    real, asked = socket.getaddrinfo, []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "minio.rebind.example":
+            return real(host, port, *args, **kwargs)
+        asked.append(host)
+        address = "93.184.215.14" if len(asked) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port or 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    settings.S3_CONNECT_TIMEOUT, settings.S3_READ_TIMEOUT, settings.S3_MAX_ATTEMPTS = 1, 1, 1
+    try:
+        location = StorageLocation.objects.create(
+            name="rebinding",
+            kind="s3",
+            bucket=tiers.bucket,
+            endpoint_url=f"http://minio.rebind.example:{listener.getsockname()[1]}",
+        )
+        with pytest.raises(StorageError):
+            store_for(location).check()
+        assert len(asked) >= 2  # checked when the store was made, and again when connecting
+        listener.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing connected
+    finally:
+        listener.close()
 
 
 def test_a_location_whose_endpoint_is_refused_now_sends_nothing(tiers, settings):

@@ -16,18 +16,15 @@ URL is rebuilt from the checked parts only (never the user's own Apprise options
 verified, redirects are never followed, and a host the user names (a JSON webhook's, a Teams
 workflow's) may not be an address inside the portal's network unless ALERT_CHANNEL_ALLOWED_HOSTS
 lists it: checked when the channel is saved, before each message, and again on every connection
-(`_connect_guard`), so a name that resolves elsewhere a moment later gains nothing.
+(backupportal.lib.addresses), so a name that resolves elsewhere a moment later gains nothing.
 """
 
 import logging
 import re
-import threading
-from contextlib import contextmanager
 from datetime import timedelta
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import apprise
-import urllib3.util.connection
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.utils import timezone
@@ -209,8 +206,7 @@ def plugin_for(kind, target, secret, extras=None):
 # --- Where a channel may send ------------------------------------------------------------------------
 
 # A team whose Mattermost runs on 10.x lists that host (or its network) in ALERT_CHANNEL_ALLOWED_HOSTS
-# (backupportal.lib.addresses says what is refused and why).
-_guard = threading.local()
+# (backupportal.lib.addresses says what is refused and why, and checks every connection).
 
 
 def user_host(kind, secret):
@@ -222,50 +218,21 @@ def user_host(kind, secret):
     return None
 
 
+CHANNEL_HOSTS = addresses.Policy("ALERT_CHANNEL_ALLOWED_HOSTS", "no channel")
+
+
 def _resolve(host):
     return addresses.resolve(host)
 
 
 def _host_refusal(host, resolved=None):
     """'' when `host` may be sent to; else one line naming it, its address and what to do."""
-    allowed = settings.ALERT_CHANNEL_ALLOWED_HOSTS
-    return addresses.refusal(host, allowed, "ALERT_CHANNEL_ALLOWED_HOSTS", "no channel", resolved)
+    return CHANNEL_HOSTS.refusal(host, resolved)
 
 
-def _connect_guard(create_connection):
-    """urllib3's create_connection, which, while a channel is sent to, connects only to addresses it
-    has checked: a name that resolved to a public address for the check cannot answer 127.0.0.1 now."""
-
-    def guarded(address, *args, **kwargs):
-        if not getattr(_guard, "on", False):
-            return create_connection(address, *args, **kwargs)
-        addresses = _resolve(address[0])
-        refusal = _host_refusal(address[0], addresses)
-        if refusal or not addresses:
-            raise OSError(refusal or f"{address[0]} does not resolve")
-        error = None
-        for checked in addresses:
-            try:
-                return create_connection((checked, address[1]), *args, **kwargs)
-            except OSError as e:
-                error = e
-        raise error
-
-    guarded.checks_channel_hosts = True
-    return guarded
-
-
-if not getattr(urllib3.util.connection.create_connection, "checks_channel_hosts", False):
-    urllib3.util.connection.create_connection = _connect_guard(urllib3.util.connection.create_connection)
-
-
-@contextmanager
 def _guarded(on):
-    _guard.on = on
-    try:
-        yield
-    finally:
-        _guard.on = False
+    """While a channel is sent to, this thread connects only where the channel rules allow."""
+    return addresses.guarding(CHANNEL_HOSTS if on else None)
 
 
 # --- What alerts owe -----------------------------------------------------------------------------

@@ -6,10 +6,22 @@ service hands out credentials. Whoever edits an alert channel's URL or a storage
 endpoint chooses where the worker sends requests: neither must make it a probe of the network.
 Private addresses (RFC 1918, 100.64/10, fc00::/7), loopback and link-local ones are refused
 unless the setting lists the host, its address or its network; metadata addresses always.
+
+A check when the URL is saved is not enough: a name may resolve to a public address then and to
+10.x a moment later. So every connection urllib3 makes (requests' and botocore's alike) goes
+through `_connect_guard`, which, for a host under a policy, connects only to the addresses it
+has just checked: the hosts of alert channels while one is sent to (`guarding`, this thread),
+and the S3 endpoints (host and port) of storage locations whichever thread connects (`guard_host`).
 """
 
 import ipaddress
 import socket
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import urllib3.util.connection
+from django.conf import settings
 
 # Never, even when listed: what answers there hands out the cloud host's credentials.
 METADATA_ADDRESSES = {
@@ -71,3 +83,68 @@ def listed(allowed, host, ip):
             if entry == host.lower().rstrip("."):
                 return True
     return False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which setting lists the hosts allowed inside the network, and what may never reach a
+    metadata address, in the refusal's words."""
+
+    setting: str
+    reaching: str
+
+    def refusal(self, host, resolved=None):
+        return refusal(host, getattr(settings, self.setting), self.setting, self.reaching, resolved)
+
+
+_thread = threading.local()
+_hosts = {}  # (host: lower case, no brackets; port) -> Policy, for every thread's connections
+
+
+def _key(host, port):
+    return str(host).lower().strip("[]").rstrip("."), int(port)
+
+
+def guard_host(host, port, policy):
+    """Every connection to `host`:`port` from now on, in any thread, is checked under `policy`."""
+    _hosts[_key(host, port)] = policy
+
+
+@contextmanager
+def guarding(policy):
+    """Every connection this thread makes meanwhile is checked under `policy`."""
+    _thread.policy = policy
+    try:
+        yield
+    finally:
+        _thread.policy = None
+
+
+def _connect_guard(create_connection):
+    """urllib3's create_connection, which, for a host under a policy, connects only to addresses
+    it has checked: a name that resolved to a public address for the check cannot answer
+    127.0.0.1 now. A name that does not resolve is refused."""
+
+    def guarded(address, *args, **kwargs):
+        host = str(address[0])
+        policy = getattr(_thread, "policy", None) or _hosts.get(_key(host, address[1]))
+        if policy is None:
+            return create_connection(address, *args, **kwargs)
+        resolved = resolve(host)
+        refused = policy.refusal(host, resolved)
+        if refused or not resolved:
+            raise OSError(refused or f"{host} does not resolve")
+        error = None
+        for checked in resolved:
+            try:
+                return create_connection((checked, address[1]), *args, **kwargs)
+            except OSError as e:
+                error = e
+        raise error
+
+    guarded.checks_hosts = True
+    return guarded
+
+
+if not getattr(urllib3.util.connection.create_connection, "checks_hosts", False):
+    urllib3.util.connection.create_connection = _connect_guard(urllib3.util.connection.create_connection)
