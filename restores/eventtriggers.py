@@ -30,6 +30,7 @@ class EventTriggers:
         self.entries = [line for line in lines if dbprops.EVENT_TRIGGER_ENTRY.match(line)]
         self.head = props.head if props is not None else None
         self.directory = None
+        self.confirmed = False  # the head is what the restored, verified copy begins with
         if self.entries:  # beside the restore's scratch files, cleared with them if it is killed
             self.directory = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=scratch_root()))
             held = set(self.entries)
@@ -39,12 +40,27 @@ class EventTriggers:
     def args(self):
         return [f"--use-list={self.directory / 'without'}"] if self.entries else []
 
+    def wanted(self):
+        """How much of the restored copy's start verified() needs: the head, when anything is held."""
+        return len(self.head) if self.entries else 0
+
+    def verified(self, start):
+        """`start`: the first wanted() bytes of the copy the restore read and verified. The head,
+        read before (unverified, perhaps from another copy), is used only when it is the same."""
+        self.confirmed = bool(self.entries) and start == self.head
+
     def only(self):
         return [f"--use-list={self.directory / 'only'}"]
 
     def create(self, tool, target):
         """The held-back entries, by `tool` (a pg_restore given only()) fed the table of contents
         alone: an event trigger has no data."""
+        if not self.confirmed:
+            raise RestoreFailed(
+                "the table of contents read before the restore is not the start of the copy restored (its"
+                " location returned different data twice): the dump's event triggers were not created; check"
+                " the location and restore again"
+            )
         tool.stdin = subprocess.PIPE
         tool.start()
         try:

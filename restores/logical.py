@@ -96,7 +96,7 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     held = EventTriggers(props, _scratch_root)
     try:
         toc = (props.copy_id, props.head) if props is not None else None
-        notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra + held.args(), toc)
+        notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc, held)
         made = True
         try:
             targetdb.detach_all(target, dbname, warnings, advice)
@@ -108,6 +108,7 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
             notes += relocate(props, target, dbname, tablespace_map, warnings)
         if held.entries:
             notes += held.create(_pg_restore(target, dbname, pg_restore_for(target, run), *extra, *held.only()), target)
+            _flush_wal(target, dbname)
     except BaseException as e:
         # A database that failed to be made was dropped where it failed.
         left = "; ".join(filter(None, [dropped(target, dbname) if made else "", dropped_roles(target, roles)]))
@@ -122,13 +123,13 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     return notes
 
 
-def _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc=None):
+def _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc=None, held=None):
     # CREATE DATABASE copies template1 through the WAL (a quarter of a second on a small
     # server): it runs while gpg decrypts, and pg_restore waits for it.
     with ThreadPoolExecutor(max_workers=1) as pool:
         creation = pool.submit(create_database, target, dbname, statements)
         try:
-            return _restore_dump(run, target, dbname, encryption, restore, creation, statements, extra, toc)
+            return _restore_dump(run, target, dbname, encryption, restore, creation, statements, extra, toc, held)
         except BaseException as e:
             # creation.exception() waits for it: a database half made is dropped too.
             left = dropped(target, dbname) if creation.exception() is None else ""
@@ -137,14 +138,16 @@ def _create_and_restore(run, target, dbname, encryption, restore, statements, ex
             raise
 
 
-def _restore_dump(run, target, dbname, encryption, restore, creation, statements=None, extra=(), toc=None):
+def _restore_dump(run, target, dbname, encryption, restore, creation, statements=None, extra=(), toc=None, held=None):
     """Try the healthy copies in order; a corrupt one is marked bad and the next is tried, and so
     is one whose location fails mid-stream (kept good: the location may only be down).
 
     `toc` is (copy id, the decrypted start of that copy: its table of contents), as
-    read_properties read it: the parallel restore starts the schema from it."""
+    read_properties read it: the parallel restore starts the schema from it. `held`: the
+    EventTriggers held back, told what the verified copy begins with."""
     notes, failed, why = [], [], []
-    command = [pg_restore_for(target, run), *extra]  # the program, and what every call of it takes
+    held = held or EventTriggers(None, _scratch_root)
+    command = [pg_restore_for(target, run), *extra, *held.args()]  # the program, and what every call takes
     while True:
         try:
             reader = open_first_healthy(run, exclude=failed)
@@ -157,9 +160,9 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statements
         try:
             if settings.RESTORE_JOBS > 1:
                 head = toc[1] if toc is not None and toc[0] == copy.pk else None
-                _restore_parallel(reader, target, dbname, encryption, restore, creation, command, head)
+                _restore_parallel(reader, target, dbname, encryption, restore, creation, command, head, held)
             else:
-                _restore_piped(reader, target, dbname, encryption, restore, creation, command)
+                _restore_piped(reader, target, dbname, encryption, restore, creation, command, held)
             notes.append(f"read from {copy.location.name} ({store_for(copy.location).uri(copy.key)}), sha256 verified")
             return notes
         except (StorageError, RestoreFailed) as e:
@@ -204,7 +207,7 @@ def restore_session():
     return f"-c maintenance_work_mem={settings.RESTORE_MAINTENANCE_WORK_MEM} -c synchronous_commit=off"
 
 
-def _restore_piped(reader, target, dbname, encryption, restore, creation, command):
+def _restore_piped(reader, target, dbname, encryption, restore, creation, command, held):
     created(creation, target)
     tool = _pg_restore(target, dbname, *command)
     tool.proc = subprocess.Popen(
@@ -216,11 +219,13 @@ def _restore_piped(reader, target, dbname, encryption, restore, creation, comman
         preexec_fn=die_with_parent,
     )
     threading.Thread(target=tool._drain_stderr, daemon=True).start()
-    state = {"bytes": 0, "error": None}
+    state = {"bytes": 0, "error": None, "start": b""}
 
     def on_data(chunk):
         if not chunk or state["error"]:
             return False
+        if len(state["start"]) < held.wanted():
+            state["start"] += chunk[: held.wanted() - len(state["start"])]
         try:
             tool.proc.stdin.write(chunk)
             state["bytes"] += len(chunk)
@@ -240,10 +245,11 @@ def _restore_piped(reader, target, dbname, encryption, restore, creation, comman
         raise RestoreFailed(gpg_failure(result["result"]))
     if rc != 0:
         raise RestoreFailed(tool.error_line(target))
+    held.verified(state["start"])  # the stream's sha256 and gpg's check passed
     _flush_wal(target, dbname)
 
 
-def _restore_parallel(reader, target, dbname, encryption, restore, creation, command, head=None):
+def _restore_parallel(reader, target, dbname, encryption, restore, creation, command, head=None, held=None):
     """pg_restore -j needs a seekable file: gpg decrypts into a private scratch file (removed
     after; the plaintext does not pass through Python). Meanwhile the schema (pre-data) is
     restored from `head`, the table of contents read_properties decrypted a moment before:
@@ -269,6 +275,8 @@ def _restore_parallel(reader, target, dbname, encryption, restore, creation, com
         if not result["result"].ok:
             raise RestoreFailed(gpg_failure(result["result"]))
         created(creation, target)
+        with open(path, "rb") as f:  # verified: its sha256 and gpg's check passed
+            held.verified(f.read(held.wanted()))
         sections = []
         if pre_data is not None:
             pre_data.check(path)

@@ -24,8 +24,8 @@ PRELOAD_LISTS = ("shared_preload_libraries", "session_preload_libraries", "local
 WORKERS_NOTE = (
     "max_worker_processes = 0 stays in the restored cluster's postgresql.auto.conf: no background worker"
     " of production's libraries (pglogical, Citus, pg_cron, a scheduler) runs in the copy, and queries"
-    " run without parallel workers; once nothing there can reach production, ALTER SYSTEM RESET"
-    " max_worker_processes and restart"
+    " run without parallel workers (hot_standby = off stays too: recovery took no connections); once nothing"
+    " there can reach production, ALTER SYSTEM RESET max_worker_processes and restart"
 )
 # Every PostgreSQL's $libdir holds PL/pgSQL: how a candidate directory is recognised.
 SENTINEL = "plpgsql"
@@ -49,7 +49,10 @@ def leave_out_missing(plan):
     written = []
     for setting in PRELOAD_LISTS:
         names = split_list(configured(postgres, plan.datadir, setting) or "")
-        missing = [name for name in names if not installed(name, libdir, directories)]
+        if setting == "local_preload_libraries":
+            missing = [name for name in names if not installed_plugin(name, libdir)]
+        else:
+            missing = [name for name in names if not installed(name, libdir, directories)]
         if not missing:
             continue
         kept = [name for name in names if name not in missing]
@@ -93,6 +96,14 @@ def installed(name, libdir, directories):
         name = str(libdir) + name[len("$libdir") :]
     places = [Path(name)] if "/" in name else [directory / name for directory in directories]
     return any(Path(f"{place}{suffix}").is_file() for place in places for suffix in SUFFIXES)
+
+
+def installed_plugin(name, libdir):
+    """local_preload_libraries (any user may set it) loads from $libdir/plugins only: a bare name
+    is looked for there, and any other path is refused (dfmgr.c, restricted)."""
+    if name.startswith("$libdir/plugins/"):
+        name = name[len("$libdir/plugins/") :]
+    return "/" not in name and installed(name, libdir, [Path(libdir) / "plugins"])
 
 
 def split_list(value):

@@ -120,13 +120,14 @@ def connect_to_copy(target, dbname):
 
 def quietly(connect, major, options=""):
     """connect(options=...) with EVENT_TRIGGERS_OFF added to `options` on a major of 17 or
-    later; if that connection fails (a role that may not set it: refused whatever the server's
-    language), connected again as any session of the role is."""
+    later; when the server refuses that setting (a role that may not set it), connected again
+    as any session of the role is. Any other failure is the connection's."""
     if (major or 0) >= 17:
         try:
             return connect(options=f"{options} {EVENT_TRIGGERS_OFF}".strip())
-        except psycopg.OperationalError:
-            pass  # a second failure is the one reported
+        except psycopg.OperationalError as e:
+            if "event_triggers" not in str(e):  # the setting's name, in whatever language the server speaks
+                raise
     return connect(options=options) if options else connect()
 
 

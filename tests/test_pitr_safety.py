@@ -94,6 +94,13 @@ def test_library_lists_are_split_and_written_as_postgresql_reads_them(tmp_path):
         assert pitr_libraries.installed(name, libdir, path), name
     for name in ("gone", "$libdir/elsewhere", f"{tmp_path}/lib/elsewhere", "lib/here"):
         assert not pitr_libraries.installed(name, libdir, path), name
+    (tmp_path / "lib" / "plugins").mkdir()
+    (tmp_path / "lib" / "plugins" / "plug.so").write_text("")
+    assert pitr_libraries.installed_plugin("plug", libdir) and pitr_libraries.installed_plugin(
+        "$libdir/plugins/plug", libdir
+    )
+    for name in ("here", "$libdir/here", f"{tmp_path}/lib/plugins/plug"):  # not in plugins, or a path
+        assert not pitr_libraries.installed_plugin(name, libdir), name
 
 
 def test_pg_cron_is_seen_in_shared_preload_libraries_however_it_is_listed():

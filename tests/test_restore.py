@@ -375,3 +375,60 @@ def test_a_role_that_may_not_turn_event_triggers_off_still_connects_to_a_copy(sa
     # One login more of plain's (the refused attempt never logged in), none of the superuser's;
     # the query itself is the test's own login.
     assert after == {"plain": before["plain"] + 1, "postgres": before["postgres"] + 1}
+
+
+FROZEN_DDL = """
+CREATE SUBSCRIPTION feed CONNECTION 'host=127.0.0.1 port=1 dbname=nowhere' PUBLICATION pub WITH (connect = false);
+CREATE FUNCTION refuse_ddl() RETURNS event_trigger LANGUAGE plpgsql AS
+  $$BEGIN RAISE EXCEPTION 'DDL is frozen on this database'; END$$;
+CREATE EVENT TRIGGER frozen ON ddl_command_start EXECUTE FUNCTION refuse_ddl();
+"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_ddl_trigger_of_productions_does_not_stop_the_restores_own_statements(
+    server, sample_cluster, passphrase_file, backup_root, settings, jobs
+):
+    """A guard that refuses DDL would refuse detaching the copy's subscription from production's
+    slot: the trigger is created last, once the restore is done there."""
+    settings.RESTORE_JOBS = jobs
+    sample_cluster.execute(FROZEN_DDL, dbname="reliabilitymaldives")
+    run = take_backup()
+    result = restore_json(str(run.pk), "--into-database", "restored_copy")
+    assert result["status"] == "succeeded with warnings", result  # the subscription detached: said
+    assert any("was disabled and detached from slot feed" in w for w in result["warnings"]), result["warnings"]
+    assert "1 event trigger(s) created last, after the restore's own statements in the copy" in result["notes"]
+    with sample_cluster.connect("restored_copy") as copy:
+        mine = "SELECT subslotname, subenabled FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid"
+        assert copy.execute(mine + " WHERE d.datname = current_database()").fetchall() == [(None, False)]
+        assert copy.execute("SELECT evtname, evtevent, evtenabled FROM pg_event_trigger").fetchall() == [
+            ("frozen", "ddl_command_start", "O")
+        ]
+
+
+def test_event_triggers_are_not_created_from_a_table_of_contents_the_restored_copy_does_not_begin_with(
+    server, sample_cluster, passphrase_file, backup_root, settings, monkeypatch
+):
+    """Piped, nothing checks the start read first against the copy: the held-back triggers would
+    be created from bytes no sha256 covered. The restore fails and leaves nothing."""
+    from restores import dbprops
+
+    settings.RESTORE_JOBS = 1
+    sample_cluster.execute(LOGIN_TRIGGER.replace("ON login", "ON ddl_command_end"), dbname="reliabilitymaldives")
+    run = take_backup()
+    read_toc = dbprops.read_toc
+
+    def unstable(*args):
+        listing, head = read_toc(*args)
+        return listing, head[:-1] + bytes([head[-1] ^ 0xFF])
+
+    monkeypatch.setattr(dbprops, "read_toc", unstable)
+    before = databases(sample_cluster)
+    result = restore_json(str(run.pk), "--into-database", "restored_unstable")
+    assert result["status"] == "failed", result
+    assert (
+        "is not the start of the copy restored" in result["error"]
+        and "event triggers were not created" in result["error"]
+    )
+    assert databases(sample_cluster) == before
+    assert list((Path(settings.VAR_DIR) / "scratch").iterdir()) == []
