@@ -16,12 +16,14 @@ version; a delete refused by the lock is an ObjectLocked, never a credentials pr
 import functools
 import hashlib
 import io
+import re
 from datetime import UTC
 from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 from django.conf import settings
 from django.utils import timezone
 from urllib3.exceptions import LocationParseError
@@ -45,13 +47,16 @@ _BAD_CREDENTIALS = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesN
 
 
 @functools.lru_cache(maxsize=16)
-def _client(endpoint_url, region, addressing_style, connect_timeout, read_timeout, max_attempts):
+def _client(endpoint_url, region, addressing_style, connect_timeout, read_timeout, max_attempts, direct=False):
     # A session per client: boto3's default session is not thread-safe, clients are.
     config = Config(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         retries={"mode": "standard", "total_max_attempts": max_attempts},
         s3={"addressing_style": addressing_style},
+        # An endpoint typed in the admin is reached directly, never through HTTPS_PROXY: the proxy
+        # would resolve and connect where the connection guard cannot see.
+        proxies={} if direct else None,
     )
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
@@ -59,6 +64,10 @@ def _client(endpoint_url, region, addressing_style, connect_timeout, read_timeou
 
 
 STORAGE_HOSTS = addresses.Policy("STORAGE_ALLOWED_HOSTS", "no storage location")
+# A bucket name, not an ARN (an access point's ARN makes botocore connect to a host of its own,
+# <name>-<account>.<endpoint host>, which the guard of the endpoint does not cover). Older
+# buckets may hold capitals and underscores.
+BUCKET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 # What a typed endpoint may not hold: where two URL parsers disagree on the host (urllib3 stops at
 # a backslash, urlsplit at the last @), a user:password, a query, a zone (%), blanks.
 _NOT_IN_ENDPOINT = set("\\@?#% \t\r\n") | {chr(c) for c in range(32)} | {chr(127)}
@@ -94,7 +103,16 @@ def endpoint_host(endpoint_url):
     host = (split.hostname or "").lower()
     if split.scheme not in ("http", "https") or not host or (parsed.host or "").lower().strip("[]") != host:
         return None
+    if not (is_valid_endpoint_url(endpoint_url) or is_valid_ipv6_endpoint_url(endpoint_url)):
+        return None  # botocore would refuse it with a traceback at every use
     return host if parsed.port == port else None
+
+
+def bucket_refusal(bucket):
+    """'' for a bucket name; else one line (an ARN, a path)."""
+    if BUCKET_NAME.match(bucket or ""):
+        return ""
+    return "refused: the bucket must be a bucket's name (letters, digits, dots, hyphens), not an ARN or a path"
 
 
 def _same_endpoint(one, other):
@@ -131,24 +149,33 @@ class S3Store(Store):
         prefix = location.prefix.strip("/")
         self.prefix = f"{prefix}/" if prefix else ""
         self.endpoint = location.endpoint_url or "AWS S3"
-        refused = endpoint_refusal(location.endpoint_url)
+        refused = endpoint_refusal(location.endpoint_url) or bucket_refusal(location.bucket)
         if refused:  # saved before the rule, or its name resolves elsewhere now: nothing is sent
             self.client = Refused(f"storage location {location.name}: {refused}")
             return
-        if location.endpoint_url and not _same_endpoint(location.endpoint_url, settings.S3_ENDPOINT_URL):
+        typed = bool(location.endpoint_url) and not _same_endpoint(location.endpoint_url, settings.S3_ENDPOINT_URL)
+        if typed:
             # Checked again on every connection, whichever thread makes it (a name that resolves
             # inside the network later gains nothing).
             split = urlsplit(location.endpoint_url)
             port = split.port or (443 if split.scheme == "https" else 80)
             addresses.guard_host(endpoint_host(location.endpoint_url), port, STORAGE_HOSTS)
+        try:
+            self.client = self._make_client(location, typed)
+        except (ValueError, BotoCoreError) as e:  # a region botocore refuses, say
+            self.client = Refused(redact(f"storage location {location.name}: its S3 settings are refused ({e})"))
+
+    @staticmethod
+    def _make_client(location, typed):
         # MinIO and most S3-compatible services want path-style URLs; AWS prefers virtual hosts.
-        self.client = _client(
+        return _client(
             location.endpoint_url,
             location.region,
             "path" if location.endpoint_url else "auto",
             settings.S3_CONNECT_TIMEOUT,
             settings.S3_READ_TIMEOUT,
             settings.S3_MAX_ATTEMPTS,
+            typed,
         )
 
     def object_key(self, key) -> str:
@@ -179,6 +206,9 @@ class S3Store(Store):
                 f"no S3 credentials for location {self.location.name}: set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY in the worker's environment (or give it an instance role)"
             )
+        refused = addresses.refusal_in(e)
+        if refused is not None:  # the connection guard's: where it would have gone, and what to do
+            return StorageError(f"storage location {self.location.name}: {refused}")
         if not isinstance(e, ClientError):
             return StorageError(
                 redact(
@@ -514,3 +544,6 @@ def check_options(location):
     refused = endpoint_refusal(location.endpoint_url)
     if refused:
         raise ValidationError({"endpoint_url": refused})
+    refused = bucket_refusal(location.bucket)
+    if refused:
+        raise ValidationError({"bucket": refused})

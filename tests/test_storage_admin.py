@@ -190,6 +190,7 @@ def test_an_s3_endpoint_inside_the_network_is_refused_unless_listed_and_a_metada
         "http://[fe80::1%25lo]:9000",
         "http://s3.example.com/?x=1",
         "http://s3.example.com /",
+        "http://minio_1:9000",  # botocore would refuse it at every use
     ],
 )
 def test_an_endpoint_two_parsers_could_read_differently_is_refused_without_repeating_it(
@@ -231,8 +232,12 @@ def test_a_name_that_resolves_inside_the_network_after_the_check_is_not_connecte
             bucket=tiers.bucket,
             endpoint_url=f"http://minio.rebind.example:{listener.getsockname()[1]}",
         )
-        with pytest.raises(StorageError):
+        with pytest.raises(StorageError) as refused:
             store_for(location).check()
+        assert str(refused.value) == (
+            "storage location rebinding: refused: minio.rebind.example resolves to 127.0.0.1, a loopback address;"
+            " list minio.rebind.example in STORAGE_ALLOWED_HOSTS to allow it"
+        )
         assert len(asked) >= 2  # checked when the store was made, and again when connecting
         listener.settimeout(0.5)
         with pytest.raises(TimeoutError):
@@ -257,3 +262,42 @@ def test_a_location_whose_endpoint_is_refused_now_sends_nothing(tiers, settings)
             listener.accept()  # nothing connected
     finally:
         listener.close()
+
+
+def test_a_bucket_given_as_an_access_point_arn_is_refused(client, sam, tiers):
+    """botocore would send an ARN's requests to <name>-<account>.<endpoint host>, a host of the ARN's."""
+    client.force_login(sam)
+    arn = "arn:aws:s3:us-east-1:123456789012:accesspoint/x"
+    response = add_location(client, name="arn", kind="s3", bucket=arn, endpoint_url=tiers.server.endpoint)
+    assert response.context["adminform"].form.errors["bucket"] == [
+        "refused: the bucket must be a bucket's name (letters, digits, dots, hyphens), not an ARN or a path"
+    ]
+    made = StorageLocation.objects.create(name="arn", kind="s3", bucket=arn, endpoint_url=tiers.server.endpoint)
+    with pytest.raises(StorageError, match="^storage location arn: refused: the bucket must be"):
+        store_for(made).check()
+
+
+def test_an_endpoint_typed_in_the_admin_is_reached_directly_never_through_the_environments_proxy(
+    client, sam, tiers, settings, monkeypatch
+):
+    """A proxy would resolve and connect where the connection guard cannot look."""
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen()
+    try:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        settings.STORAGE_ALLOWED_HOSTS = ["localhost"]
+        client.force_login(sam)
+        port = tiers.server.endpoint.rsplit(":", 1)[1]
+        response = add_location(
+            client, name="direct", kind="s3", bucket=tiers.bucket, endpoint_url=f"http://localhost:{port}"
+        )
+        assert response.status_code == 302, response.content.decode()[:2000]  # reached moto, and checked
+        proxy.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            proxy.accept()
+    finally:
+        proxy.close()

@@ -85,6 +85,21 @@ def listed(allowed, host, ip):
     return False
 
 
+class Refused(OSError):
+    """A connection the guard did not make: its message is the one line to show."""
+
+
+def refusal_in(error):
+    """The guard's Refused behind `error` (a library wraps it in its own), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Refused):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__ or getattr(error, "kwargs", {}).get("error")
+    return None
+
+
 @dataclass(frozen=True)
 class Policy:
     """Which setting lists the hosts allowed inside the network, and what may never reach a
@@ -133,7 +148,7 @@ def _connect_guard(create_connection):
         resolved = resolve(host)
         refused = policy.refusal(host, resolved)
         if refused or not resolved:
-            raise OSError(refused or f"{host} does not resolve")
+            raise Refused(refused or f"refused: {host} does not resolve")
         error = None
         for checked in resolved:
             try:
