@@ -49,18 +49,22 @@ class EventTriggers:
         read before (unverified, perhaps from another copy), is used only when it is the same."""
         self.confirmed = bool(self.entries) and start == self.head
 
+    def check(self):
+        """RestoreFailed unless nothing is held or the head is the restored copy's start."""
+        if self.entries and not self.confirmed:
+            raise RestoreFailed(
+                "the table of contents read before the restore is not the start of the copy restored (its"
+                " location returned different data twice): the dump's event triggers were not created; check"
+                " the location and restore again"
+            )
+
     def only(self):
         return [f"--use-list={self.directory / 'only'}"]
 
     def create(self, tool, target):
         """The held-back entries, by `tool` (a pg_restore given only()) fed the table of contents
         alone: an event trigger has no data."""
-        if not self.confirmed:
-            raise RestoreFailed(
-                "the table of contents read before the restore is not the start of the copy restored (its"
-                " location returned different data twice): the dump's event triggers were not created; check"
-                " the location and restore again"
-            )
+        self.check()
         tool.stdin = subprocess.PIPE
         tool.start()
         try:

@@ -107,8 +107,11 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
         if tablespace_map:
             notes += relocate(props, target, dbname, tablespace_map, warnings)
         if held.entries:
-            notes += held.create(_pg_restore(target, dbname, pg_restore_for(target, run), *extra, *held.only()), target)
-            _flush_wal(target, dbname)
+            last = _pg_restore(target, dbname, pg_restore_for(target, run), *extra, *held.only())
+            # Its commits wait for their WAL flush: no session opens in the copy once its
+            # login triggers exist (_flush_wal's would run them).
+            last.env["PGOPTIONS"] += " -c synchronous_commit=on"
+            notes += held.create(last, target)
     except BaseException as e:
         # A database that failed to be made was dropped where it failed.
         left = "; ".join(filter(None, [dropped(target, dbname) if made else "", dropped_roles(target, roles)]))
@@ -246,10 +249,11 @@ def _restore_piped(reader, target, dbname, encryption, restore, creation, comman
     if rc != 0:
         raise RestoreFailed(tool.error_line(target))
     held.verified(state["start"])  # the stream's sha256 and gpg's check passed
+    held.check()
     _flush_wal(target, dbname)
 
 
-def _restore_parallel(reader, target, dbname, encryption, restore, creation, command, head=None, held=None):
+def _restore_parallel(reader, target, dbname, encryption, restore, creation, command, head, held):
     """pg_restore -j needs a seekable file: gpg decrypts into a private scratch file (removed
     after; the plaintext does not pass through Python). Meanwhile the schema (pre-data) is
     restored from `head`, the table of contents read_properties decrypted a moment before:
@@ -277,6 +281,7 @@ def _restore_parallel(reader, target, dbname, encryption, restore, creation, com
         created(creation, target)
         with open(path, "rb") as f:  # verified: its sha256 and gpg's check passed
             held.verified(f.read(held.wanted()))
+        held.check()  # before the data is loaded
         sections = []
         if pre_data is not None:
             pre_data.check(path)
