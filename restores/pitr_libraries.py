@@ -1,12 +1,15 @@
 """Production's libraries in a PITR copy: the copy must start here, and run nothing of them.
 
 A copy keeps production's postgresql.conf and postgresql.auto.conf, and with them the libraries
-production loads. Two things go wrong with that:
+production loads. Three things go wrong with that:
 
 - A library this host's PostgreSQL lacks (production had an extension installed that the
   restore host has not) stops the copy at start-up when shared_preload_libraries names it, and
-  refuses every connection when session_ or local_preload_libraries does. Such a library is
-  left out of the copy's list, with a warning naming it (`leave_out_missing`).
+  refuses every connection when session_ or local_preload_libraries does.
+- A library named by a path outside this host's $libdir ('./evil', a file a production
+  superuser wrote into the data directory) would run production's code on the portal's host.
+  Both kinds are left out of the copy's list, with a warning naming each (`leave_out_missing`);
+  recovery_settings sets dynamic_library_path to $libdir, so a bare name is found there only.
 - A library that is installed here starts production's background workers in the copy:
   pglogical's apply workers consume production's slots, Citus's maintenance daemon commits or
   aborts prepared transactions on production's worker nodes, a scheduler runs production's jobs
@@ -33,38 +36,39 @@ SUFFIXES = ("", ".so", ".dylib")
 
 
 def leave_out_missing(plan):
-    """Each library production's *_preload_libraries names that this host's PostgreSQL of the
-    backup's version does not have is left out of the copy's list, in postgresql.auto.conf
-    after production's settings; plan.warnings names each. Nothing is changed when the effective
-    settings or $libdir cannot be read: the copy then starts as production's files say."""
+    """Each library production's *_preload_libraries names that is not in this host's $libdir
+    for the backup's version is left out of the copy's list, in postgresql.auto.conf after
+    production's settings; plan.warnings names each. A missing one would stop the copy (or
+    refuse its connections); one named by a path elsewhere (./evil.so in the data directory,
+    which a production superuser can write) would run production's code on the portal's host.
+    When $libdir or a list cannot be read, that list is emptied."""
     try:
         postgres = binaries.cluster_tool(binaries.backup_major(plan.base), "postgres", "reading the copy's settings")
+        libdir = library_dir(postgres)
     except binaries.MissingBinaries:
-        return
-    libdir = library_dir(postgres)
-    search = configured(postgres, plan.datadir, "dynamic_library_path")
-    if libdir is None or search is None:
-        return
-    directories = [Path(entry.replace("$libdir", str(libdir))) for entry in search.split(":") if entry]
+        postgres = libdir = None
     written = []
     for setting in PRELOAD_LISTS:
-        names = split_list(configured(postgres, plan.datadir, setting) or "")
-        if setting == "local_preload_libraries":
-            missing = [name for name in names if not installed_plugin(name, libdir)]
+        listed = configured(postgres, plan.datadir, setting) if libdir is not None else None
+        if listed is None:
+            kept, missing = [], ["(the list could not be read)"]
         else:
-            missing = [name for name in names if not installed(name, libdir, directories)]
+            plugins = setting == "local_preload_libraries"  # loaded from $libdir/plugins only
+            names = split_list(listed)
+            kept = [name for name in names if in_libdir(name, libdir, plugins)]
+            missing = [name for name in names if name not in kept]
         if not missing:
             continue
-        kept = [name for name in names if name not in missing]
         written.append(f"{setting} = {walspool.conf_quote(', '.join(quote_name(name) for name in kept))}")
         plan.warnings.append(
-            f"{setting} named {', '.join(map(quote_name, missing))}, which this host's PostgreSQL does not have ({libdir}):"
-            f" left out of the copy's list, so that it {'starts' if setting == PRELOAD_LISTS[0] else 'takes connections'};"
+            f"{setting} named {', '.join(map(quote_name, missing))}, which this host's PostgreSQL does not have"
+            f" in {libdir or '$libdir'}: left out of the copy's list, so that it"
+            f" {'starts' if setting == PRELOAD_LISTS[0] else 'takes connections'} and runs no code from elsewhere;"
             " what needs it (its functions, types and hooks) fails there until it is installed and listed again"
         )
     if written:
         with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
-            conf.write("# libraries this host lacks, left out by backupportal's PITR restore\n")
+            conf.write("# libraries not in this host's $libdir, left out by backupportal's PITR restore\n")
             conf.write("\n".join(written) + "\n")
 
 
@@ -84,26 +88,35 @@ def library_dir(postgres):
     holds PL/pgSQL."""
     prefix = Path(postgres).resolve().parent.parent
     for candidate in (prefix / "lib" / "postgresql", prefix / "lib"):
-        if installed(SENTINEL, candidate, [candidate]):
+        if installed(SENTINEL, candidate):
             return candidate
     return None
 
 
-def installed(name, libdir, directories):
-    """Whether PostgreSQL would find library `name` (dfmgr.c: a bare name is looked for along
-    dynamic_library_path, with and without the platform's suffix; $libdir/ stands for libdir)."""
+def installed(name, libdir):
+    """Whether `name` is a library in `libdir`, as PostgreSQL names one: bare (with or without the
+    platform's suffix), "$libdir/name", or a path whose real place is inside `libdir`."""
     if name.startswith("$libdir/"):
         name = str(libdir) + name[len("$libdir") :]
-    places = [Path(name)] if "/" in name else [directory / name for directory in directories]
-    return any(Path(f"{place}{suffix}").is_file() for place in places for suffix in SUFFIXES)
+    place = Path(name) if "/" in name else Path(libdir) / name
+    if not place.is_absolute():
+        return False  # relative to the data directory: production's files, not this host's
+    home = Path(libdir).resolve()
+    for suffix in SUFFIXES:
+        found = Path(f"{place}{suffix}")
+        if found.is_file() and found.resolve().is_relative_to(home):
+            return True
+    return False
 
 
-def installed_plugin(name, libdir):
-    """local_preload_libraries (any user may set it) loads from $libdir/plugins only: a bare name
-    is looked for there, and any other path is refused (dfmgr.c, restricted)."""
+def in_libdir(name, libdir, plugins=False):
+    """installed(), for a list's entry; local_preload_libraries (any user may set it) loads
+    from $libdir/plugins only, and refuses any other path (dfmgr.c, restricted)."""
+    if not plugins:
+        return installed(name, libdir)
     if name.startswith("$libdir/plugins/"):
         name = name[len("$libdir/plugins/") :]
-    return "/" not in name and installed(name, libdir, [Path(libdir) / "plugins"])
+    return "/" not in name and installed(name, Path(libdir) / "plugins")
 
 
 def split_list(value):

@@ -11,6 +11,7 @@ production subscriber's slot. After promotion each subscription is detached from
 
 import os
 import re
+import shlex
 import subprocess
 import time
 
@@ -75,6 +76,17 @@ def recovery_settings(plan):
         # ("insufficient parameter settings"): it takes none (start_and_wait waits for promotion).
         "max_worker_processes": "0",
         "hot_standby": "off",
+        # Production's files may name programs and libraries that would run on this host, as the
+        # database OS user, when the copy starts: a production superuser can write them (ALTER
+        # SYSTEM, a file in the data directory). ssl_passphrase_command is a shell command;
+        # a library path relative to the data directory, or a JIT provider, loads code.
+        # (pitr_libraries: only libraries in this host's $libdir stay listed.)
+        "ssl": "off",
+        "ssl_passphrase_command": "",
+        "dynamic_library_path": "$libdir",
+        "jit": "off",
+        "jit_provider": "llvmjit",
+        "external_pid_file": "",  # a file written anywhere the database OS user may
         # pg_cron's jobs keep the host and port they were scheduled for (cron.job.nodeport: often
         # production's, on the same host): from a copy they would run there a second time.
         # pg_cron 1.6 and later launches none with this; without pg_cron it is an unused name.
@@ -131,6 +143,8 @@ def write_recovery_settings(plan):
             "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
         )
         plan.notes.append("the backup had no pg_hba.conf: one allowing local connections was written")
+    if not (plan.datadir / "pg_ident.conf").exists():
+        (plan.datadir / "pg_ident.conf").write_text("# written by backupportal's PITR restore: no user name maps\n")
     if (plan.datadir / "standby.signal").exists():
         (plan.datadir / "standby.signal").unlink()
         plan.notes.append(
@@ -144,7 +158,7 @@ def write_recovery_settings(plan):
     (plan.datadir / "recovery.signal").touch()
     (plan.datadir / "log").mkdir(exist_ok=True)
     # One by one: a chown -R of the data directory would race the WAL prefetcher's renames.
-    for name in ("postgresql.conf", "pg_hba.conf", "postgresql.auto.conf", "recovery.signal", "log"):
+    for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf", "recovery.signal", "log"):
         chown_to_db_user(plan.datadir / name)
     pitr_libraries.leave_out_missing(plan)
 
@@ -186,11 +200,23 @@ def pg_ctl(plan, *args):
     return binaries.pg_ctl(plan.datadir, *args, major=backup_major(plan.base))
 
 
+def own_files(plan):
+    """pg_ctl's -o (through a shell): the copy's data directory and authentication files are its
+    own, whatever production's postgresql.conf says (data_directory, hba_file and ident_file are
+    read from it before postgresql.auto.conf, and a setting on the command line wins)."""
+    files = {
+        "data_directory": plan.datadir,
+        "hba_file": plan.datadir / "pg_hba.conf",
+        "ident_file": plan.datadir / "pg_ident.conf",
+    }
+    return " ".join(f"-c {shlex.quote(f'{name}={path}')}" for name, path in files.items())
+
+
 def start_and_wait(plan, run, watch=lambda: None):
     """Start the cluster and wait until it promotes; `watch()` raises what went wrong meanwhile
     (the WAL prefetcher's failure), which is then the restore's error."""
     logfile = plan.datadir / "log" / "pitr-restore.log"
-    proc = pg_ctl(plan, "start", "-W", "-l", str(logfile))
+    proc = pg_ctl(plan, "start", "-W", "-l", str(logfile), "-o", own_files(plan))
     if proc.returncode != 0:
         raise RestoreFailed(f"pg_ctl could not start the restored cluster: {(proc.stderr or proc.stdout).strip()}")
     deadline = time.monotonic() + settings.BACKUP_TIMEOUT

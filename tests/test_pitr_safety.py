@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from django.utils import timezone
 
-from backupportal.lib.osuser import free_port
+from backupportal.lib.osuser import chown_to_db_user, free_port
 from backups import walingest, walnames, walspool
 from restores import pitr as pitr_module
 from restores import pitr_libraries, pitr_recovery, pitr_verdict
@@ -85,22 +85,20 @@ def test_library_lists_are_split_and_written_as_postgresql_reads_them(tmp_path):
     assert pitr_libraries.split_list("") == []
     for name in ("plain", "odd, name", 'say "hi"', "Mixed_Case"):
         assert pitr_libraries.split_list(pitr_libraries.quote_name(name)) == [name]
-    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "plugins").mkdir(parents=True)
     (tmp_path / "lib" / "here.so").write_text("")
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "elsewhere.so").write_text("")
-    libdir, path = tmp_path / "lib", [tmp_path / "lib", tmp_path / "other"]
-    for name in ("here", "here.so", "$libdir/here", "elsewhere", f"{tmp_path}/other/elsewhere"):
-        assert pitr_libraries.installed(name, libdir, path), name
-    for name in ("gone", "$libdir/elsewhere", f"{tmp_path}/lib/elsewhere", "lib/here"):
-        assert not pitr_libraries.installed(name, libdir, path), name
-    (tmp_path / "lib" / "plugins").mkdir()
     (tmp_path / "lib" / "plugins" / "plug.so").write_text("")
-    assert pitr_libraries.installed_plugin("plug", libdir) and pitr_libraries.installed_plugin(
-        "$libdir/plugins/plug", libdir
-    )
-    for name in ("here", "$libdir/here", f"{tmp_path}/lib/plugins/plug"):  # not in plugins, or a path
-        assert not pitr_libraries.installed_plugin(name, libdir), name
+    (tmp_path / "elsewhere.so").write_text("")
+    (tmp_path / "lib" / "link.so").symlink_to(tmp_path / "elsewhere.so")
+    libdir = tmp_path / "lib"
+    for name in ("here", "here.so", "$libdir/here", f"{libdir}/here", "$libdir/plugins/plug"):
+        assert pitr_libraries.in_libdir(name, libdir), name
+    for name in ("gone", "./here", "lib/here", f"{tmp_path}/elsewhere", "$libdir/../elsewhere", "link"):
+        assert not pitr_libraries.in_libdir(name, libdir), name  # not there, or not this host's $libdir
+    assert pitr_libraries.in_libdir("plug", libdir, plugins=True)
+    assert pitr_libraries.in_libdir("$libdir/plugins/plug", libdir, plugins=True)
+    for name in ("here", "$libdir/here", f"{libdir}/plugins/plug"):  # not in plugins, or a path
+        assert not pitr_libraries.in_libdir(name, libdir, plugins=True), name
 
 
 def test_pg_cron_is_seen_in_shared_preload_libraries_however_it_is_listed():
@@ -247,6 +245,83 @@ def test_productions_libraries_start_no_worker_in_the_copy_and_one_this_host_lac
     assert session.startswith("session_preload_libraries named $libdir/gone_too,") and "takes connections" in session
     assert RestoreRun.objects.get(pk=result["id"]).warnings == [shared, session]
     assert pitr_libraries.WORKERS_NOTE in result["notes"]
+
+
+def encrypted_key_and_certificate(directory):
+    """A self-signed certificate and its key, the key encrypted: PostgreSQL asks
+    ssl_passphrase_command for the passphrase when it starts."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "copy")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "evil.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (directory / "evil.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    for part in ("evil.crt", "evil.key"):
+        (directory / part).chmod(0o600)
+        chown_to_db_user(directory / part)
+
+
+def test_productions_files_run_no_program_and_load_no_library_of_theirs_when_the_copy_starts(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """A production superuser writes files into the data directory and settings that PostgreSQL
+    acts on when it starts (not reloaded: production is unaffected). The copy starts on the
+    portal's host: none of it may run there."""
+    marker = sample_cluster.datadir.parent / "ran"  # where the database OS user may write
+    enable_push(sample_cluster)
+    encrypted_key_and_certificate(sample_cluster.datadir)
+    (sample_cluster.datadir / "evil.so").write_bytes(b"not a library")
+    for setting in (
+        "ssl = on",
+        "ssl_cert_file = 'evil.crt'",
+        "ssl_key_file = 'evil.key'",
+        f"ssl_passphrase_command = 'touch {marker}; echo secret'",
+        "shared_preload_libraries = './evil'",
+        "jit_provider = './evil'",
+        "external_pid_file = 'pid-elsewhere'",
+    ):
+        sample_cluster.execute(f"ALTER SYSTEM SET {setting}")
+    with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:  # never allowed in ALTER SYSTEM
+        conf.write("hba_file = '/nonexistent/pg_hba.conf'\nident_file = '/nonexistent/pg_ident.conf'\n")
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(sample_cluster)
+    walingest.ingest(server)
+
+    datadir, port = restored(), free_port()
+    result = pitr(datadir, port, "--target", "latest")
+
+    assert result["status"] == "succeeded", result
+    assert not marker.exists()
+    assert rows(port, "SHOW ssl") == [("off",)]
+    assert rows(port, "SHOW shared_preload_libraries") == [("",)]
+    assert rows(port, "SHOW jit") == [("off",)]
+    assert rows(port, "SHOW hba_file") == [(str(datadir / "pg_hba.conf"),)]
+    assert rows(port, "SHOW data_directory") == [(str(datadir),)]
+    assert not (datadir / "pid-elsewhere").exists()
+    assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
+    assert any(w.startswith("shared_preload_libraries named ./evil, ") for w in result["warnings"]), result["warnings"]
 
 
 def test_a_base_backup_of_a_standby_is_promoted_and_never_streams_from_production(
