@@ -196,6 +196,16 @@ def test_a_subscribers_copy_is_detached_from_the_publishers_slot_and_starts_no_a
     assert pitr_recovery.WORKERS_OFF_NOTE in result["notes"]
 
 
+def base_then_latest(cluster, server, restored):
+    """A base backup of production as it is now, some archived WAL, then a PITR to the latest:
+    (data directory, port, the restore's result)."""
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(cluster)
+    walingest.ingest(server)
+    datadir, port = restored(), free_port()
+    return datadir, port, pitr(datadir, port, "--target", "latest")
+
+
 def children(datadir):
     """The process titles of a running cluster's postmaster's children (a background worker that
     connects to no database is not in pg_stat_activity)."""
@@ -221,12 +231,7 @@ def test_productions_libraries_start_no_worker_in_the_copy_and_one_this_host_lac
     sample_cluster.execute("ALTER SYSTEM SET shared_preload_libraries = pg_prewarm, no_such_library")
     sample_cluster.execute("ALTER SYSTEM SET session_preload_libraries = auto_explain, '$libdir/gone_too'")
     wait_for(lambda: "autoprewarm leader" in children(sample_cluster.datadir), what="production's autoprewarm worker")
-    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
-    archive_some_wal(sample_cluster)
-    walingest.ingest(server)
-
-    datadir, port = restored(), free_port()
-    result = pitr(datadir, port, "--target", "latest")
+    datadir, port, result = base_then_latest(sample_cluster, server, restored)
 
     assert result["status"] == "succeeded", result
     assert rows(port, "SHOW shared_preload_libraries") == [("pg_prewarm",)]
@@ -305,12 +310,7 @@ def test_productions_files_run_no_program_and_load_no_library_of_theirs_when_the
         sample_cluster.execute(f"ALTER SYSTEM SET {setting}")
     with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:  # never allowed in ALTER SYSTEM
         conf.write("hba_file = '/nonexistent/pg_hba.conf'\nident_file = '/nonexistent/pg_ident.conf'\n")
-    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
-    archive_some_wal(sample_cluster)
-    walingest.ingest(server)
-
-    datadir, port = restored(), free_port()
-    result = pitr(datadir, port, "--target", "latest")
+    datadir, port, result = base_then_latest(sample_cluster, server, restored)
 
     assert result["status"] == "succeeded", result
     assert not marker.exists()
