@@ -6,7 +6,7 @@ pg_restore's sections can overlap, and what the restore's session settings give.
 Each run restores the portal's kind of dump (pg_dump -Fc -Z1 piped into gpg: no data offsets
 in its table of contents) into a new database; the variants are interleaved (this machine is
 shared and noisy) and the medians printed as a Markdown table. Used to choose RESTORE_JOBS,
-how the portal's parallel restore overlaps (restores.logical._restore_parallel) and
+how the portal's parallel restore overlaps (restores.pgrestore.restore_parallel) and
 restore_session().
 
 Measured 2026-12-03, --rows-scale 1.25 (249 MiB), 9 interleaved runs on the shared 2-core
@@ -15,6 +15,11 @@ plain-j2-session 0.77 (plain-j2 0.95 of itself). Earlier 5-run passes, noisier s
 overlap-data-session 1.04 (one job loading the data costs more than hiding gpg saves),
 overlap-pre-session-j3 1.04 vs -j 2 0.91 (three jobs on two cores), offsets-j2 0.90 vs
 plain-j2 0.75 (no sign that a TOC without data offsets makes -j scan at a cost).
+
+Measured 2026-12-05, --rows-scale 0.75 (152 MiB), 5 interleaved runs beside a test suite (noisy):
+owner-split-session 2.71 s against overlap-pre-session 2.38 s (best runs 2.24 against 2.12):
+loading the rows as their owners, apart from post-data, costs the overlap of one table's index
+builds with another's rows, 5 to 14% here; the portal pays it (restores/pgrestore.py, AS_OWNER).
 """
 
 import argparse
@@ -31,7 +36,7 @@ from backupportal.lib.pgcluster import Cluster  # noqa: E402
 from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
 from bench.setup import S2K, Workspace, load_strategy  # noqa: E402
 
-# restores.logical.restore_session() with its default RESTORE_MAINTENANCE_WORK_MEM.
+# restores.pgrestore.restore_session() with its default RESTORE_MAINTENANCE_WORK_MEM.
 SESSION = "-c maintenance_work_mem=256MB -c synchronous_commit=off"
 VARIANTS = {
     "stock": "gpg -d to a file, then pg_restore -j 2 (the strategy's file as stored)",
@@ -43,6 +48,8 @@ VARIANTS = {
     "overlap-pre-session": "the same, session settings (the portal's RESTORE_JOBS=2 path)",
     "overlap-data-session": "pre-data and data (one job) from the stream, then post-data -j 2, session settings",
     "overlap-pre-session-j3": "overlap-pre-session with -j 3",
+    "owner-split-session": "overlap-pre-session, but data -j 2 loaded as each table's owner"
+    " (--use-set-session-authorization), then post-data -j 2: the portal's path since 2026-12-05",
     "offsets-j2": "pg_restore -j 2 of a dump written to a file (data offsets in its TOC)",
 }
 
@@ -117,6 +124,17 @@ class Bench:
         tee.stdout.close()
         assert restore.wait() == 0 and tee.wait() == 0 and gpg.wait() == 0
 
+    def pre_data_beside_decryption(self, db, session):
+        """pre-data from the TOC alone while gpg writes the scratch file."""
+        pre_data = self.pg_restore(db, "--section=pre-data", stdin=subprocess.PIPE, session=session)
+        decrypt = subprocess.Popen(self.gpg + ["-d", "-o", str(self.scratch), str(self.enc)], stderr=subprocess.DEVNULL)
+        try:
+            pre_data.stdin.write(self.head)
+            pre_data.stdin.close()
+        except BrokenPipeError:
+            pass
+        assert pre_data.wait() == 0 and decrypt.wait() == 0
+
     def restore(self, variant, i):
         db = f"r_{variant.replace('-', '_')}_{i}"
         self.cluster.create_database(db)
@@ -137,17 +155,13 @@ class Bench:
             gpg.stdout.close()
             assert restore.wait() == 0 and gpg.wait() == 0
         elif variant.startswith("overlap-pre"):
-            pre_data = self.pg_restore(db, "--section=pre-data", stdin=subprocess.PIPE, session=session)
-            decrypt = subprocess.Popen(
-                self.gpg + ["-d", "-o", str(self.scratch), str(self.enc)], stderr=subprocess.DEVNULL
-            )
-            try:
-                pre_data.stdin.write(self.head)
-                pre_data.stdin.close()
-            except BrokenPipeError:
-                pass
-            assert pre_data.wait() == 0 and decrypt.wait() == 0
+            self.pre_data_beside_decryption(db, session)
             self.run(db, "--section=data", "--section=post-data", "-j", jobs, str(self.scratch), session=session)
+        elif variant == "owner-split-session":
+            self.pre_data_beside_decryption(db, session)
+            owner = "--use-set-session-authorization"
+            self.run(db, "--section=data", owner, "-j", jobs, str(self.scratch), session=session)
+            self.run(db, "--section=post-data", "-j", jobs, str(self.scratch), session=session)
         elif variant.startswith("overlap-data"):
             self.streamed(db, ["pre-data", "data"], session)
             self.run(db, "--section=post-data", "-j", jobs, str(self.scratch), session=session)

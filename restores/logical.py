@@ -5,32 +5,26 @@ by gpg and piped into pg_restore (one job; see RESTORE_JOBS for the parallel var
 failure the new database is dropped: a failed restore changes nothing.
 """
 
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import psycopg
 from django.conf import settings
-from django.utils import timezone
 from psycopg import sql
 
 from backupportal import journal
 from backupportal.lib.pgerrors import explain
 from backups import keyring
-from backups.binaries import client_tool, conninfo_dbname
+from backups.binaries import client_tool
 from backups.copies import healthy_copies, mark_faults, open_first_healthy
-from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
+from backups.crypto import Encryption, EncryptionError, gpg_failure
 from backups.models import BackupRun
-from backups.pipeline import BackupFailed, Tool
+from backups.pipeline import BackupFailed
 from backups.storage import StorageError, store_for
 from backups.streams import CopyCorrupt
 from restores import cluster_globals, dbprops, targetdb
 from restores.eventtriggers import EventTriggers
 from restores.models import RestoreRun
+from restores.pgrestore import restore_parallel, restore_piped, scratch_root, tool_for
 from restores.sqlscript import NotText, script_text
 from restores.tablespaces import check_tablespaces, relocate
 from restores.targetdb import (
@@ -93,7 +87,7 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     if elsewhere:
         roles = restore_globals(run, target, encryption, notes, warnings, with_role_passwords)
     made = False
-    held = EventTriggers(props, _scratch_root)
+    held = EventTriggers(props, scratch_root)
     try:
         toc = (props.copy_id, props.head) if props is not None else None
         notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc, held)
@@ -107,9 +101,9 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
         if tablespace_map:
             notes += relocate(props, target, dbname, tablespace_map, warnings)
         if held.entries:
-            last = _pg_restore(target, dbname, pg_restore_for(target, run), *extra, *held.only())
+            last = tool_for(target, dbname, pg_restore_for(target, run), *extra, *held.only())
             # Its commits wait for their WAL flush: no session opens in the copy once its
-            # login triggers exist (_flush_wal's would run them).
+            # login triggers exist (flush_wal's would run them).
             last.env["PGOPTIONS"] += " -c synchronous_commit=on"
             notes += held.create(last, target)
     except BaseException as e:
@@ -149,7 +143,7 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statements
     read_properties read it: the parallel restore starts the schema from it. `held`: the
     EventTriggers held back, told what the verified copy begins with."""
     notes, failed, why = [], [], []
-    held = held or EventTriggers(None, _scratch_root)
+    held = held or EventTriggers(None, scratch_root)
     command = [pg_restore_for(target, run), *extra, *held.args()]  # the program, and what every call takes
     while True:
         try:
@@ -163,9 +157,9 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statements
         try:
             if settings.RESTORE_JOBS > 1:
                 head = toc[1] if toc is not None and toc[0] == copy.pk else None
-                _restore_parallel(reader, target, dbname, encryption, restore, creation, command, head, held)
+                restore_parallel(reader, target, dbname, encryption, restore, creation, command, head, held)
             else:
-                _restore_piped(reader, target, dbname, encryption, restore, creation, command, held)
+                restore_piped(reader, target, dbname, encryption, restore, creation, command, held)
             notes.append(f"read from {copy.location.name} ({store_for(copy.location).uri(copy.key)}), sha256 verified")
             return notes
         except (StorageError, RestoreFailed) as e:
@@ -192,196 +186,6 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statements
 def pg_restore_for(target, run):
     """The pg_restore that reads `run`'s dump into `target` (binaries.restore_dir)."""
     return client_tool(target, "pg_restore", dump_major=run.details.get("pg_dump_major"))
-
-
-def _pg_restore(target, dbname, program, *args):
-    """pg_restore `program` into `dbname`, which goes as a connection string of its own: a bare
-    name holding '=' would be read as one, and could take the tool and PGPASSWORD elsewhere."""
-    argv = [str(program), "--exit-on-error", "--no-password", f"--dbname={conninfo_dbname(dbname)}", *args]
-    env = target.libpq_env(dbname)
-    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {restore_session()}".strip()  # after any of the environment's
-    return Tool(argv, env)
-
-
-def restore_session():
-    """The restore's own sessions (PGOPTIONS): index builds sort in memory rather than in
-    temporary files, and a commit does not wait for its WAL flush (_flush_wal flushes them all
-    at the end). Both are per session: nothing changes for the server or the restored database."""
-    return f"-c maintenance_work_mem={settings.RESTORE_MAINTENANCE_WORK_MEM} -c synchronous_commit=off"
-
-
-def _restore_piped(reader, target, dbname, encryption, restore, creation, command, held):
-    created(creation, target)
-    tool = _pg_restore(target, dbname, *command)
-    tool.proc = subprocess.Popen(
-        tool.argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=tool.full_env(),  # not the portal's environment: no S3 keys for pg_restore
-        preexec_fn=die_with_parent,
-    )
-    threading.Thread(target=tool._drain_stderr, daemon=True).start()
-    state = {"bytes": 0, "error": None, "start": b""}
-
-    def on_data(chunk):
-        if not chunk or state["error"]:
-            return False
-        if len(state["start"]) < held.wanted():
-            state["start"] += chunk[: held.wanted() - len(state["start"])]
-        try:
-            tool.proc.stdin.write(chunk)
-            state["bytes"] += len(chunk)
-        except BrokenPipeError as e:  # pg_restore stopped reading: its stderr says why
-            state["error"] = e
-        return False
-
-    result = _decrypt_with_progress(lambda: encryption.decrypt_stream(reader, on_data), lambda: state["bytes"], restore)
-    try:
-        tool.proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    rc = tool.proc.wait()
-    if "exception" in result:
-        raise result["exception"]
-    if not result["result"].ok:
-        raise RestoreFailed(gpg_failure(result["result"]))
-    if rc != 0:
-        raise RestoreFailed(tool.error_line(target))
-    held.verified(state["start"])  # the stream's sha256 and gpg's check passed
-    held.check()
-    _flush_wal(target, dbname)
-
-
-def _restore_parallel(reader, target, dbname, encryption, restore, creation, command, head, held):
-    """pg_restore -j needs a seekable file: gpg decrypts into a private scratch file (removed
-    after; the plaintext does not pass through Python). Meanwhile the schema (pre-data) is
-    restored from `head`, the table of contents read_properties decrypted a moment before:
-    pre-data needs nothing else. Data and post-data (indexes, constraints: the bulk of the work)
-    then run with -j from the completed file, once its sha256 and gpg's check have passed.
-
-    bench/restore_jobs.py measured the alternatives (the data streamed into one pg_restore as gpg
-    writes the file, then post-data -j: slower, as one job loads the data)."""
-    scratch = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=_scratch_root()))
-    pre_data = None
-    try:
-        pre_data = _PreData(target, dbname, head, creation, command) if head else None
-        path = scratch / "dump"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            result = _decrypt_with_progress(
-                lambda: encryption.decrypt_to_fd(reader, fd), lambda: os.fstat(fd).st_size, restore
-            )
-        finally:
-            os.close(fd)
-        if "exception" in result:
-            raise result["exception"]
-        if not result["result"].ok:
-            raise RestoreFailed(gpg_failure(result["result"]))
-        created(creation, target)
-        with open(path, "rb") as f:  # verified: its sha256 and gpg's check passed
-            held.verified(f.read(held.wanted()))
-        held.check()  # before the data is loaded
-        sections = []
-        if pre_data is not None:
-            pre_data.check(path)
-            sections = ["--section=data", "--section=post-data"]
-        tool = _pg_restore(target, dbname, *command, f"--jobs={settings.RESTORE_JOBS}", *sections, str(path))
-        tool.start()
-        if tool.proc.wait() != 0:
-            raise RestoreFailed(tool.error_line(target))
-        _flush_wal(target, dbname)
-    finally:
-        if pre_data is not None:
-            pre_data.join()  # never a pg_restore left behind, whatever failed
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-class _PreData(threading.Thread):
-    """pg_restore --section=pre-data fed the table of contents alone, beside the decryption."""
-
-    def __init__(self, target, dbname, head, creation, command):
-        super().__init__(daemon=True)
-        self.target, self.head, self.creation, self.error = target, head, creation, None
-        self.tool = _pg_restore(target, dbname, *command, "--section=pre-data")
-        self.tool.stdin = subprocess.PIPE
-        self.start()
-
-    def run(self):
-        try:
-            created(self.creation, self.target)
-            self.tool.start()
-            try:
-                self.tool.proc.stdin.write(self.head)
-                self.tool.proc.stdin.close()
-            except BrokenPipeError:  # it read what it needed (or failed: its exit code says)
-                pass
-            if self.tool.proc.wait() != 0:
-                self.error = RestoreFailed(self.tool.error_line(self.target))
-        except (RestoreFailed, BackupFailed) as e:
-            self.error = e
-        except Exception as e:  # noqa: BLE001 - said by check(), never lost with the thread
-            self.error = RestoreFailed(f"pg_restore --section=pre-data could not run: {e}")
-
-    def check(self, path):
-        """Its error, once the copy proved good; and the schema must come from this very copy:
-        the start of the scratch file is what pg_restore was fed."""
-        self.join()
-        if self.error is not None:
-            raise self.error
-        with open(path, "rb") as f:
-            if f.read(len(self.head)) != self.head:
-                raise RestoreFailed(
-                    "the start of the copy read differently twice (table of contents, then restore): "
-                    "its location returns unstable data; check it and restore again"
-                )
-
-
-def _flush_wal(target, dbname):
-    """The restore's sessions commit without waiting for the WAL flush (restore_session): one
-    transaction that commits the normal way flushes the WAL up to itself, so every commit of the
-    restore before it is durable when the restore is reported done. No CHECKPOINT: that needs a
-    privilege the portal's role may lack, and durability needs only the flush."""
-    try:
-        with targetdb.connect_to_copy(target, dbname) as conn:
-            conn.execute("SET synchronous_commit = on")
-            conn.execute("SELECT pg_current_xact_id()")  # an xid: its commit record is flushed
-    except psycopg.Error as e:
-        raise RestoreFailed(explain(e, target)) from None
-
-
-def _scratch_root():
-    """The private scratch directory, cleared of what a killed restore left behind."""
-    root = Path(settings.VAR_DIR) / "scratch"
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for leftover in root.glob("restore-*"):
-        pid = leftover.name.split("-")[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(leftover, ignore_errors=True)
-    return root
-
-
-def _decrypt_with_progress(decrypt, bytes_done, restore):
-    """Run `decrypt()` (gpg) in a thread; the calling thread records bytes_done() on the RestoreRun."""
-    box = {}
-
-    def work():
-        try:
-            box["result"] = decrypt()
-        except StorageError as e:
-            box["exception"] = e
-        except Exception as e:
-            box["exception"] = RestoreFailed(f"gpg: {e}")
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(2.0)
-        if restore is not None:
-            RestoreRun.objects.filter(pk=restore.pk).update(bytes_done=bytes_done(), heartbeat_at=timezone.now())
-    # A sha256 mismatch is raised by the reader at EOF in python-gnupg's copy thread, which
-    # hands it back to decrypt_stream: it arrives here as box["exception"].
-    return box
 
 
 def read_properties(run, target, encryption, warnings):

@@ -145,15 +145,15 @@ def test_a_copy_of_a_closed_database_is_closed_from_its_creation_not_after_the_l
     register(source, "vault", "vault", "source")
     run = backup("vault")
     # Probed once every row is in, before the data is flushed and the properties re-issued.
-    from restores import logical
+    from restores import pgrestore
 
-    during, flush = [], logical._flush_wal
+    during, flush = [], pgrestore.flush_wal
 
     def probe_then_flush(target, dbname):
         during.append(can_connect(source, dbname, "no_grant", awkward_schema.ROLE_PASSWORD))
         flush(target, dbname)
 
-    monkeypatch.setattr(logical, "_flush_wal", probe_then_flush)
+    monkeypatch.setattr(pgrestore, "flush_wal", probe_then_flush)
     result = restore_json(str(run.pk), "--into-database", "vault_copy")
     assert result["status"] == "succeeded", result
     assert during == [False]

@@ -96,10 +96,10 @@ def test_a_table_of_contents_that_differs_from_the_restored_copy_fails_the_resto
 
 
 def test_the_restore_sessions_sort_in_memory_and_commit_without_waiting(server, settings):
-    from restores.logical import _pg_restore
+    from restores.pgrestore import tool_for
 
     settings.RESTORE_MAINTENANCE_WORK_MEM = "300MB"
-    tool = _pg_restore(server, "somewhere", "pg_restore")
+    tool = tool_for(server, "somewhere", "pg_restore")
     assert tool.env["PGOPTIONS"] == "-c maintenance_work_mem=300MB -c synchronous_commit=off"
 
 
@@ -432,3 +432,34 @@ def test_event_triggers_are_not_created_from_a_table_of_contents_the_restored_co
     )
     assert databases(sample_cluster) == before
     assert list((Path(settings.VAR_DIR) / "scratch").iterdir()) == []
+
+
+OWNER_ONLY = """
+CREATE ROLE app;
+CREATE FUNCTION public.loaded_by_owner() RETURNS boolean LANGUAGE sql STABLE AS $$ SELECT current_user = 'app' $$;
+CREATE TABLE owned(x int CHECK (public.loaded_by_owner()));
+ALTER TABLE owned OWNER TO app;
+SET ROLE app;
+INSERT INTO owned VALUES (1), (2);
+RESET ROLE;
+"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_tables_rows_are_loaded_as_its_owner_so_its_checks_run_none_of_its_code_as_the_portal(
+    server, sample_cluster, passphrase_file, backup_root, settings, jobs
+):
+    """A CHECK calls its owner's function on every row COPY loads: as the portal's role (a
+    superuser) that function could do anything. The rows are loaded as the owner, who made the
+    table in production only through a superuser (no CREATE on public): the objects are still
+    made by the restore's role."""
+    settings.RESTORE_JOBS = jobs
+    sample_cluster.execute(OWNER_ONLY, dbname="reliabilitymaldives")
+    run = take_backup()
+    result = restore_json(str(run.pk), "--into-database", "restored_copy")
+    assert result["status"] == "succeeded", result["error"]
+    with sample_cluster.connect("restored_copy") as copy:
+        assert copy.execute("SELECT x FROM owned ORDER BY x").fetchall() == [(1,), (2,)]
+        assert copy.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'owned'").fetchone() == ("app",)
+    with sample_cluster.connect("reliabilitymaldives") as a, sample_cluster.connect("restored_copy") as b:
+        assert sampledata.counts(a) == sampledata.counts(b)

@@ -1,0 +1,293 @@
+"""How a dump is fed to pg_restore: piped from the decryption (nothing on disk) or from a
+private scratch file with -j; the schema, each table's rows as its owner, then indexes and
+constraints; the restore's session settings, and one flush of its WAL at the end.
+restores/logical.py chooses the copy and the database; this module runs pg_restore on it.
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import psycopg
+from django.conf import settings
+from django.utils import timezone
+
+from backupportal.lib.pgerrors import explain
+from backups.binaries import conninfo_dbname
+from backups.crypto import gpg_failure
+from backups.pipeline import BackupFailed, Tool
+from backups.storage import StorageError
+from restores import targetdb
+from restores.models import RestoreRun
+from restores.targetdb import RestoreFailed, created
+
+
+def tool_for(target, dbname, program, *args):
+    """pg_restore `program` into `dbname`, which goes as a connection string of its own: a bare
+    name holding '=' would be read as one, and could take the tool and PGPASSWORD elsewhere."""
+    argv = [str(program), "--exit-on-error", "--no-password", f"--dbname={conninfo_dbname(dbname)}", *args]
+    env = target.libpq_env(dbname)
+    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {restore_session()}".strip()  # after any of the environment's
+    return Tool(argv, env)
+
+
+# Each table's rows are loaded as its owner: while COPY loads them PostgreSQL evaluates the
+# table's CHECK constraints, generated columns and domain checks, calling the owner's functions,
+# which would otherwise run as the restore's role (a superuser). Only the data section: objects
+# are still made by the restore's role and given to their owners (ALTER ... OWNER), as pg_restore
+# does, since an owner may lack CREATE where its objects are.
+AS_OWNER = "--use-set-session-authorization"
+
+
+def restore_session():
+    """The restore's own sessions (PGOPTIONS): index builds sort in memory rather than in
+    temporary files, and a commit does not wait for its WAL flush (flush_wal flushes them all
+    at the end). Both are per session: nothing changes for the server or the restored database."""
+    return f"-c maintenance_work_mem={settings.RESTORE_MAINTENANCE_WORK_MEM} -c synchronous_commit=off"
+
+
+def restore_piped(reader, target, dbname, encryption, restore, creation, command, held):
+    """One pass over the decrypted stream, no plaintext on disk. The schema (pre-data) is
+    restored from the stream's start, its table of contents, while the stream waits; the rows
+    (data) from the stream, each table's as its owner (AS_OWNER); indexes, constraints and the
+    rest (post-data) from the start again, kept in memory, once the whole stream proved good."""
+    created(creation, target)
+    pre_data = _Fed(tool_for(target, dbname, *command, "--section=pre-data"))
+    data = _Fed(tool_for(target, dbname, *command, "--section=data", AS_OWNER))
+    state = {"bytes": 0, "start": [], "stage": pre_data}
+
+    def on_data(chunk):
+        if not chunk:
+            return False
+        state["bytes"] += len(chunk)
+        if state["stage"] is pre_data:
+            state["start"].append(chunk)
+            if pre_data.feed(chunk):
+                return False
+            _on_to_data(state, pre_data, data)  # it has read the table of contents and made the schema
+            return False
+        data.feed(chunk)
+        return False
+
+    try:
+        result = decrypt_with_progress(
+            lambda: encryption.decrypt_stream(reader, on_data), lambda: state["bytes"], restore
+        )
+        if state["stage"] is pre_data:  # a dump no longer than its table of contents
+            _on_to_data(state, pre_data, data)
+        data.close()
+        if "exception" in result:
+            raise result["exception"]
+        if not result["result"].ok:
+            raise RestoreFailed(gpg_failure(result["result"]))
+        for stage in (pre_data, data):
+            stage.succeed(target)
+    finally:
+        pre_data.stop()
+        data.stop()
+    start = b"".join(state["start"])
+    held.verified(start[: held.wanted()])  # the stream's sha256 and gpg's check passed
+    held.check()
+    post_data = _Fed(tool_for(target, dbname, *command, "--section=post-data"))
+    post_data.feed(start)
+    post_data.close()
+    post_data.succeed(target)
+    flush_wal(target, dbname)
+
+
+def _on_to_data(state, pre_data, data):
+    """pre-data is done: data gets what the stream gave so far (the table of contents again,
+    and what followed), then the rest as it comes."""
+    pre_data.close()
+    state["stage"] = data
+    if pre_data.wait() != 0:
+        data.refuse()  # the schema failed: nothing is loaded; pre-data's error is the restore's
+        return
+    for chunk in state["start"]:
+        data.feed(chunk)
+
+
+class _Fed:
+    """A pg_restore reading from a pipe; `feed` says whether it still reads (a pg_restore that
+    has all it needs, or failed, stops). Started here, in the calling thread: the decryption's
+    thread, which feeds it, ends first, and a child dies with the thread that started it
+    (die_with_parent)."""
+
+    def __init__(self, tool):
+        self.tool, self.reading, self.refused = tool, True, False
+        tool.stdin = subprocess.PIPE
+        tool.start()
+
+    def feed(self, chunk):
+        if not self.reading or self.refused:
+            return False
+        try:
+            self.tool.proc.stdin.write(chunk)
+            return True
+        except BrokenPipeError:  # it read what it needed (or failed: its exit code says)
+            self.reading = False
+            return False
+
+    def close(self):
+        try:
+            self.tool.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def wait(self):
+        return self.tool.proc.wait()
+
+    def refuse(self):
+        """Fed nothing more, and its exit not judged: an earlier stage failed."""
+        self.refused = True
+        self.close()
+
+    def succeed(self, target):
+        if not self.refused and self.wait() != 0:
+            raise RestoreFailed(self.tool.error_line(target))
+
+    def stop(self):
+        """Never a pg_restore left behind, whatever failed."""
+        self.tool.kill()
+
+
+def restore_parallel(reader, target, dbname, encryption, restore, creation, command, head, held):
+    """pg_restore -j needs a seekable file: gpg decrypts into a private scratch file (removed
+    after; the plaintext does not pass through Python). Meanwhile the schema (pre-data) is
+    restored from `head`, the table of contents read_properties decrypted a moment before:
+    pre-data needs nothing else. Data (each table's rows as its owner, AS_OWNER) and then
+    post-data (indexes, constraints: the bulk of the work) run with -j from the completed file,
+    once its sha256 and gpg's check have passed.
+
+    bench/restore_jobs.py measured the alternatives (the data streamed into one pg_restore as gpg
+    writes the file, then post-data -j: slower, as one job loads the data)."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=scratch_root()))
+    pre_data = None
+    try:
+        pre_data = _PreData(target, dbname, head, creation, command) if head else None
+        path = scratch / "dump"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            result = decrypt_with_progress(
+                lambda: encryption.decrypt_to_fd(reader, fd), lambda: os.fstat(fd).st_size, restore
+            )
+        finally:
+            os.close(fd)
+        if "exception" in result:
+            raise result["exception"]
+        if not result["result"].ok:
+            raise RestoreFailed(gpg_failure(result["result"]))
+        created(creation, target)
+        with open(path, "rb") as f:  # verified: its sha256 and gpg's check passed
+            held.verified(f.read(held.wanted()))
+        held.check()  # before the data is loaded
+        if pre_data is not None:
+            pre_data.check(path)
+        else:
+            _run(tool_for(target, dbname, *command, "--section=pre-data", str(path)), target)
+        # The rows, each table's as its owner, then indexes and constraints: two passes, as the
+        # owner's rights must not make the objects (bench/restore_jobs.py: owner-split-session).
+        jobs = f"--jobs={settings.RESTORE_JOBS}"
+        _run(tool_for(target, dbname, *command, jobs, "--section=data", AS_OWNER, str(path)), target)
+        _run(tool_for(target, dbname, *command, jobs, "--section=post-data", str(path)), target)
+        flush_wal(target, dbname)
+    finally:
+        if pre_data is not None:
+            pre_data.join()  # never a pg_restore left behind, whatever failed
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(tool, target):
+    tool.start()
+    if tool.proc.wait() != 0:
+        raise RestoreFailed(tool.error_line(target))
+
+
+class _PreData(threading.Thread):
+    """pg_restore --section=pre-data fed the table of contents alone, beside the decryption."""
+
+    def __init__(self, target, dbname, head, creation, command):
+        super().__init__(daemon=True)
+        self.target, self.head, self.creation, self.error = target, head, creation, None
+        self.tool = tool_for(target, dbname, *command, "--section=pre-data")
+        self.tool.stdin = subprocess.PIPE
+        self.start()
+
+    def run(self):
+        try:
+            created(self.creation, self.target)
+            self.tool.start()
+            try:
+                self.tool.proc.stdin.write(self.head)
+                self.tool.proc.stdin.close()
+            except BrokenPipeError:  # it read what it needed (or failed: its exit code says)
+                pass
+            if self.tool.proc.wait() != 0:
+                self.error = RestoreFailed(self.tool.error_line(self.target))
+        except (RestoreFailed, BackupFailed) as e:
+            self.error = e
+        except Exception as e:  # noqa: BLE001 - said by check(), never lost with the thread
+            self.error = RestoreFailed(f"pg_restore --section=pre-data could not run: {e}")
+
+    def check(self, path):
+        """Its error, once the copy proved good; and the schema must come from this very copy:
+        the start of the scratch file is what pg_restore was fed."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        with open(path, "rb") as f:
+            if f.read(len(self.head)) != self.head:
+                raise RestoreFailed(
+                    "the start of the copy read differently twice (table of contents, then restore): "
+                    "its location returns unstable data; check it and restore again"
+                )
+
+
+def flush_wal(target, dbname):
+    """The restore's sessions commit without waiting for the WAL flush (restore_session): one
+    transaction that commits the normal way flushes the WAL up to itself, so every commit of the
+    restore before it is durable when the restore is reported done. No CHECKPOINT: that needs a
+    privilege the portal's role may lack, and durability needs only the flush."""
+    try:
+        with targetdb.connect_to_copy(target, dbname) as conn:
+            conn.execute("SET synchronous_commit = on")
+            conn.execute("SELECT pg_current_xact_id()")  # an xid: its commit record is flushed
+    except psycopg.Error as e:
+        raise RestoreFailed(explain(e, target)) from None
+
+
+def scratch_root():
+    """The private scratch directory, cleared of what a killed restore left behind."""
+    root = Path(settings.VAR_DIR) / "scratch"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for leftover in root.glob("restore-*"):
+        pid = leftover.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+    return root
+
+
+def decrypt_with_progress(decrypt, bytes_done, restore):
+    """Run `decrypt()` (gpg) in a thread; the calling thread records bytes_done() on the RestoreRun."""
+    box = {}
+
+    def work():
+        try:
+            box["result"] = decrypt()
+        except StorageError as e:
+            box["exception"] = e
+        except Exception as e:
+            box["exception"] = RestoreFailed(f"gpg: {e}")
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(2.0)
+        if restore is not None:
+            RestoreRun.objects.filter(pk=restore.pk).update(bytes_done=bytes_done(), heartbeat_at=timezone.now())
+    # A sha256 mismatch is raised by the reader at EOF in python-gnupg's copy thread, which
+    # hands it back to decrypt_stream: it arrives here as box["exception"].
+    return box
