@@ -19,7 +19,8 @@ plain-j2 0.75 (no sign that a TOC without data offsets makes -j scan at a cost).
 Measured 2026-12-05, --rows-scale 0.75 (152 MiB), 5 interleaved runs beside a test suite (noisy):
 owner-split-session 2.71 s against overlap-pre-session 2.38 s (best runs 2.24 against 2.12):
 loading the rows as their owners, apart from post-data, costs the overlap of one table's index
-builds with another's rows, 5 to 14% here; the portal pays it (restores/pgrestore.py, AS_OWNER).
+builds with another's rows, 5 to 14% here. Not adopted: the owner's code can RESET SESSION
+AUTHORIZATION to the superuser who logged in, so it protects nothing (README, production notes).
 """
 
 import argparse
@@ -49,7 +50,7 @@ VARIANTS = {
     "overlap-data-session": "pre-data and data (one job) from the stream, then post-data -j 2, session settings",
     "overlap-pre-session-j3": "overlap-pre-session with -j 3",
     "owner-split-session": "overlap-pre-session, but data -j 2 loaded as each table's owner"
-    " (--use-set-session-authorization), then post-data -j 2: the portal's path since 2026-12-05",
+    " (--use-set-session-authorization), then post-data -j 2 (tried, not adopted)",
     "offsets-j2": "pg_restore -j 2 of a dump written to a file (data offsets in its TOC)",
 }
 

@@ -1,6 +1,6 @@
 """How a dump is fed to pg_restore: piped from the decryption (nothing on disk) or from a
-private scratch file with -j; the schema, each table's rows as its owner, then indexes and
-constraints; the restore's session settings, and one flush of its WAL at the end.
+private scratch file with -j, the schema first from the table of contents; the restore's session
+settings, and one flush of its WAL at the end.
 restores/logical.py chooses the copy and the database; this module runs pg_restore on it.
 """
 
@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from backupportal.lib.pgerrors import explain
 from backups.binaries import conninfo_dbname
-from backups.crypto import gpg_failure
+from backups.crypto import die_with_parent, gpg_failure
 from backups.pipeline import BackupFailed, Tool
 from backups.storage import StorageError
 from restores import targetdb
@@ -34,14 +34,6 @@ def tool_for(target, dbname, program, *args):
     return Tool(argv, env)
 
 
-# Each table's rows are loaded as its owner: while COPY loads them PostgreSQL evaluates the
-# table's CHECK constraints, generated columns and domain checks, calling the owner's functions,
-# which would otherwise run as the restore's role (a superuser). Only the data section: objects
-# are still made by the restore's role and given to their owners (ALTER ... OWNER), as pg_restore
-# does, since an owner may lack CREATE where its objects are.
-AS_OWNER = "--use-set-session-authorization"
-
-
 def restore_session():
     """The restore's own sessions (PGOPTIONS): index builds sort in memory rather than in
     temporary files, and a commit does not wait for its WAL flush (flush_wal flushes them all
@@ -50,117 +42,54 @@ def restore_session():
 
 
 def restore_piped(reader, target, dbname, encryption, restore, creation, command, held):
-    """One pass over the decrypted stream, no plaintext on disk. The schema (pre-data) is
-    restored from the stream's start, its table of contents, while the stream waits; the rows
-    (data) from the stream, each table's as its owner (AS_OWNER); indexes, constraints and the
-    rest (post-data) from the start again, kept in memory, once the whole stream proved good."""
     created(creation, target)
-    pre_data = _Fed(tool_for(target, dbname, *command, "--section=pre-data"))
-    data = _Fed(tool_for(target, dbname, *command, "--section=data", AS_OWNER))
-    state = {"bytes": 0, "start": [], "stage": pre_data}
+    tool = tool_for(target, dbname, *command)
+    tool.proc = subprocess.Popen(
+        tool.argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=tool.full_env(),  # not the portal's environment: no S3 keys for pg_restore
+        preexec_fn=die_with_parent,
+    )
+    threading.Thread(target=tool._drain_stderr, daemon=True).start()
+    state = {"bytes": 0, "error": None, "start": b""}
 
     def on_data(chunk):
-        if not chunk:
+        if not chunk or state["error"]:
             return False
-        state["bytes"] += len(chunk)
-        if state["stage"] is pre_data:
-            state["start"].append(chunk)
-            if pre_data.feed(chunk):
-                return False
-            _on_to_data(state, pre_data, data)  # it has read the table of contents and made the schema
-            return False
-        data.feed(chunk)
+        if len(state["start"]) < held.wanted():
+            state["start"] += chunk[: held.wanted() - len(state["start"])]
+        try:
+            tool.proc.stdin.write(chunk)
+            state["bytes"] += len(chunk)
+        except BrokenPipeError as e:  # pg_restore stopped reading: its stderr says why
+            state["error"] = e
         return False
 
+    result = decrypt_with_progress(lambda: encryption.decrypt_stream(reader, on_data), lambda: state["bytes"], restore)
     try:
-        result = decrypt_with_progress(
-            lambda: encryption.decrypt_stream(reader, on_data), lambda: state["bytes"], restore
-        )
-        if state["stage"] is pre_data:  # a dump no longer than its table of contents
-            _on_to_data(state, pre_data, data)
-        data.close()
-        if "exception" in result:
-            raise result["exception"]
-        if not result["result"].ok:
-            raise RestoreFailed(gpg_failure(result["result"]))
-        for stage in (pre_data, data):
-            stage.succeed(target)
-    finally:
-        pre_data.stop()
-        data.stop()
-    start = b"".join(state["start"])
-    held.verified(start[: held.wanted()])  # the stream's sha256 and gpg's check passed
+        tool.proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    rc = tool.proc.wait()
+    if "exception" in result:
+        raise result["exception"]
+    if not result["result"].ok:
+        raise RestoreFailed(gpg_failure(result["result"]))
+    if rc != 0:
+        raise RestoreFailed(tool.error_line(target))
+    held.verified(state["start"])  # the stream's sha256 and gpg's check passed
     held.check()
-    post_data = _Fed(tool_for(target, dbname, *command, "--section=post-data"))
-    post_data.feed(start)
-    post_data.close()
-    post_data.succeed(target)
     flush_wal(target, dbname)
-
-
-def _on_to_data(state, pre_data, data):
-    """pre-data is done: data gets what the stream gave so far (the table of contents again,
-    and what followed), then the rest as it comes."""
-    pre_data.close()
-    state["stage"] = data
-    if pre_data.wait() != 0:
-        data.refuse()  # the schema failed: nothing is loaded; pre-data's error is the restore's
-        return
-    for chunk in state["start"]:
-        data.feed(chunk)
-
-
-class _Fed:
-    """A pg_restore reading from a pipe; `feed` says whether it still reads (a pg_restore that
-    has all it needs, or failed, stops). Started here, in the calling thread: the decryption's
-    thread, which feeds it, ends first, and a child dies with the thread that started it
-    (die_with_parent)."""
-
-    def __init__(self, tool):
-        self.tool, self.reading, self.refused = tool, True, False
-        tool.stdin = subprocess.PIPE
-        tool.start()
-
-    def feed(self, chunk):
-        if not self.reading or self.refused:
-            return False
-        try:
-            self.tool.proc.stdin.write(chunk)
-            return True
-        except BrokenPipeError:  # it read what it needed (or failed: its exit code says)
-            self.reading = False
-            return False
-
-    def close(self):
-        try:
-            self.tool.proc.stdin.close()
-        except BrokenPipeError:
-            pass
-
-    def wait(self):
-        return self.tool.proc.wait()
-
-    def refuse(self):
-        """Fed nothing more, and its exit not judged: an earlier stage failed."""
-        self.refused = True
-        self.close()
-
-    def succeed(self, target):
-        if not self.refused and self.wait() != 0:
-            raise RestoreFailed(self.tool.error_line(target))
-
-    def stop(self):
-        """Never a pg_restore left behind, whatever failed."""
-        self.tool.kill()
 
 
 def restore_parallel(reader, target, dbname, encryption, restore, creation, command, head, held):
     """pg_restore -j needs a seekable file: gpg decrypts into a private scratch file (removed
     after; the plaintext does not pass through Python). Meanwhile the schema (pre-data) is
     restored from `head`, the table of contents read_properties decrypted a moment before:
-    pre-data needs nothing else. Data (each table's rows as its owner, AS_OWNER) and then
-    post-data (indexes, constraints: the bulk of the work) run with -j from the completed file,
-    once its sha256 and gpg's check have passed.
+    pre-data needs nothing else. Data and post-data (indexes, constraints: the bulk of the work)
+    then run with -j from the completed file, once its sha256 and gpg's check have passed.
 
     bench/restore_jobs.py measured the alternatives (the data streamed into one pg_restore as gpg
     writes the file, then post-data -j: slower, as one job loads the data)."""
@@ -184,26 +113,19 @@ def restore_parallel(reader, target, dbname, encryption, restore, creation, comm
         with open(path, "rb") as f:  # verified: its sha256 and gpg's check passed
             held.verified(f.read(held.wanted()))
         held.check()  # before the data is loaded
+        sections = []
         if pre_data is not None:
             pre_data.check(path)
-        else:
-            _run(tool_for(target, dbname, *command, "--section=pre-data", str(path)), target)
-        # The rows, each table's as its owner, then indexes and constraints: two passes, as the
-        # owner's rights must not make the objects (bench/restore_jobs.py: owner-split-session).
-        jobs = f"--jobs={settings.RESTORE_JOBS}"
-        _run(tool_for(target, dbname, *command, jobs, "--section=data", AS_OWNER, str(path)), target)
-        _run(tool_for(target, dbname, *command, jobs, "--section=post-data", str(path)), target)
+            sections = ["--section=data", "--section=post-data"]
+        tool = tool_for(target, dbname, *command, f"--jobs={settings.RESTORE_JOBS}", *sections, str(path))
+        tool.start()
+        if tool.proc.wait() != 0:
+            raise RestoreFailed(tool.error_line(target))
         flush_wal(target, dbname)
     finally:
         if pre_data is not None:
             pre_data.join()  # never a pg_restore left behind, whatever failed
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _run(tool, target):
-    tool.start()
-    if tool.proc.wait() != 0:
-        raise RestoreFailed(tool.error_line(target))
 
 
 class _PreData(threading.Thread):

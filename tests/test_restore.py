@@ -432,34 +432,3 @@ def test_event_triggers_are_not_created_from_a_table_of_contents_the_restored_co
     )
     assert databases(sample_cluster) == before
     assert list((Path(settings.VAR_DIR) / "scratch").iterdir()) == []
-
-
-OWNER_ONLY = """
-CREATE ROLE app;
-CREATE FUNCTION public.loaded_by_owner() RETURNS boolean LANGUAGE sql STABLE AS $$ SELECT current_user = 'app' $$;
-CREATE TABLE owned(x int CHECK (public.loaded_by_owner()));
-ALTER TABLE owned OWNER TO app;
-SET ROLE app;
-INSERT INTO owned VALUES (1), (2);
-RESET ROLE;
-"""
-
-
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_a_tables_rows_are_loaded_as_its_owner_so_its_checks_run_none_of_its_code_as_the_portal(
-    server, sample_cluster, passphrase_file, backup_root, settings, jobs
-):
-    """A CHECK calls its owner's function on every row COPY loads: as the portal's role (a
-    superuser) that function could do anything. The rows are loaded as the owner, who made the
-    table in production only through a superuser (no CREATE on public): the objects are still
-    made by the restore's role."""
-    settings.RESTORE_JOBS = jobs
-    sample_cluster.execute(OWNER_ONLY, dbname="reliabilitymaldives")
-    run = take_backup()
-    result = restore_json(str(run.pk), "--into-database", "restored_copy")
-    assert result["status"] == "succeeded", result["error"]
-    with sample_cluster.connect("restored_copy") as copy:
-        assert copy.execute("SELECT x FROM owned ORDER BY x").fetchall() == [(1,), (2,)]
-        assert copy.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'owned'").fetchone() == ("app",)
-    with sample_cluster.connect("reliabilitymaldives") as a, sample_cluster.connect("restored_copy") as b:
-        assert sampledata.counts(a) == sampledata.counts(b)
