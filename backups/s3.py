@@ -126,7 +126,7 @@ def _same_endpoint(one, other):
         return False
 
 
-class Refused:
+class RefusedClient:
     """The client of a location whose endpoint is refused: every request is a StorageError."""
 
     def __init__(self, why):
@@ -151,7 +151,7 @@ class S3Store(Store):
         self.endpoint = location.endpoint_url or "AWS S3"
         refused = endpoint_refusal(location.endpoint_url) or bucket_refusal(location.bucket)
         if refused:  # saved before the rule, or its name resolves elsewhere now: nothing is sent
-            self.client = Refused(f"storage location {location.name}: {refused}")
+            self.client = RefusedClient(f"storage location {location.name}: {refused}")
             return
         typed = bool(location.endpoint_url) and not _same_endpoint(location.endpoint_url, settings.S3_ENDPOINT_URL)
         if typed:
@@ -163,7 +163,7 @@ class S3Store(Store):
         try:
             self.client = self._make_client(location, typed)
         except (ValueError, BotoCoreError) as e:  # a region botocore refuses, say
-            self.client = Refused(redact(f"storage location {location.name}: its S3 settings are refused ({e})"))
+            self.client = RefusedClient(redact(f"storage location {location.name}: its S3 settings are refused ({e})"))
 
     @staticmethod
     def _make_client(location, typed):

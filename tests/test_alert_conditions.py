@@ -376,7 +376,7 @@ def test_a_wal_file_a_restore_found_missing_is_corruption_until_it_is_back(
     tiers.s3.delete_object(Bucket=tiers.bucket, Key=s3_key)
     result = pitr(restored(), free_port(), "--target", "latest")
     assert f"WAL segment {segment.name} cannot be read intact from any location" in result["error"]
-    assert set(segment.copies.values_list("status", flat=True)) == {"bad"}
+    assert set(segment.copies.values_list("status", flat=True)) == {"bad"}, result["error"]
     assert not Alert.objects.filter(condition="corruption").exists()  # the restore raised none
 
     alert = opens_once(smtp_server, "corruption", "server:maldives", "maldives")
