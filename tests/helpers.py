@@ -10,6 +10,7 @@ import os
 import pwd
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -611,3 +612,50 @@ def stop_gpg_agent(home):
     with child_env, carries no session mark: stopped the way gpg documents."""
     if Path(home).is_dir():
         subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], capture_output=True, check=False)
+
+
+# --- Where a refused connection must not arrive. ---
+
+
+class Listener:
+    """A TCP port on 127.0.0.1 that listens and never answers."""
+
+    def __init__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen()
+        self.port = self.socket.getsockname()[1]
+
+    def reached(self, wait=0.5):
+        """Whether anything connected within `wait` seconds."""
+        self.socket.settimeout(wait)
+        try:
+            self.socket.accept()[0].close()
+        except TimeoutError:
+            return False
+        return True
+
+
+@contextmanager
+def listening():
+    listener = Listener()
+    try:
+        yield listener
+    finally:
+        listener.socket.close()
+
+
+def rebinding(monkeypatch, host, first="93.184.215.14", then="127.0.0.1"):
+    """DNS rebinding: `host` resolves to `first` once, to `then` afterwards. Returns the list of
+    times it was asked."""
+    real, asked = socket.getaddrinfo, []
+
+    def resolve(name, port, *args, **kwargs):
+        if name != host:
+            return real(name, port, *args, **kwargs)
+        asked.append(name)
+        address = first if len(asked) == 1 else then
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port or 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    return asked

@@ -22,7 +22,7 @@ from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
 from backups.models import Server
 from restores.models import RestoreTest
-from tests.helpers import mails
+from tests.helpers import mails, rebinding
 from watching import channels
 from watching.models import Alert, AlertChannel, ChannelDelivery
 from watching.monitor import run_once
@@ -434,15 +434,7 @@ def test_a_listed_private_network_is_allowed_and_the_metadata_address_never(clie
 def test_a_name_that_resolves_inside_the_network_after_the_check_is_not_connected_to(db, sink, settings, monkeypatch):
     """DNS rebinding: the check sees a public address, the connection a moment later would see 127.0.0.1."""
     settings.ALERT_CHANNEL_ALLOWED_HOSTS = []
-    real, answers = socket.getaddrinfo, iter(["93.184.215.14"])
-
-    def rebinding(host, port, *args, **kwargs):
-        if host != "hooks.rebind.example":
-            return real(host, port, *args, **kwargs)
-        address = next(answers, "127.0.0.1")
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port or 0))]
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    rebinding(monkeypatch, "hooks.rebind.example")
     made = channel("rebinding", f"http://hooks.rebind.example:{sink.port}/hook?token={WEBHOOK_TOKEN}")
     error = channels.send_test(made, actor="sam")
     assert sink.received == []

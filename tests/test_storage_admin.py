@@ -1,7 +1,6 @@
 """Storage locations in the admin (Sysadmins), verifying from the portal (DBAs), and the S3 secret kept out of sight."""
 
 import logging
-import socket
 from io import StringIO
 
 import pytest
@@ -12,7 +11,7 @@ from backupportal.models import JournalEntry
 from backups.models import BackupCopy, BackupRun, StorageLocation
 from backups.s3 import endpoint_refusal
 from backups.storage import StorageError, store_for
-from tests.helpers import S3_SECRET, backup_json
+from tests.helpers import S3_SECRET, backup_json, listening, rebinding
 from watching.models import Alert
 
 
@@ -211,26 +210,14 @@ def test_an_endpoint_two_parsers_could_read_differently_is_refused_without_repea
 
 def test_a_name_that_resolves_inside_the_network_after_the_check_is_not_connected_to(tiers, settings, monkeypatch):
     """DNS rebinding: the save and the store see a public address, the connection would see 127.0.0.1."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    real, asked = socket.getaddrinfo, []
-
-    def rebinding(host, port, *args, **kwargs):
-        if host != "minio.rebind.example":
-            return real(host, port, *args, **kwargs)
-        asked.append(host)
-        address = "93.184.215.14" if len(asked) == 1 else "127.0.0.1"
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port or 0))]
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    asked = rebinding(monkeypatch, "minio.rebind.example")
     settings.S3_CONNECT_TIMEOUT, settings.S3_READ_TIMEOUT, settings.S3_MAX_ATTEMPTS = 1, 1, 1
-    try:
+    with listening() as listener:
         location = StorageLocation.objects.create(
             name="rebinding",
             kind="s3",
             bucket=tiers.bucket,
-            endpoint_url=f"http://minio.rebind.example:{listener.getsockname()[1]}",
+            endpoint_url=f"http://minio.rebind.example:{listener.port}",
         )
         with pytest.raises(StorageError) as refused:
             store_for(location).check()
@@ -239,29 +226,18 @@ def test_a_name_that_resolves_inside_the_network_after_the_check_is_not_connecte
             " list minio.rebind.example in STORAGE_ALLOWED_HOSTS to allow it"
         )
         assert len(asked) >= 2  # checked when the store was made, and again when connecting
-        listener.settimeout(0.5)
-        with pytest.raises(TimeoutError):
-            listener.accept()  # nothing connected
-    finally:
-        listener.close()
+        assert not listener.reached()
 
 
 def test_a_location_whose_endpoint_is_refused_now_sends_nothing(tiers, settings):
     """Saved before the rule, by hand, or a name that now resolves inside: every use refuses it."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    try:
+    with listening() as listener:
         location = StorageLocation.objects.create(
-            name="inside", kind="s3", bucket=tiers.bucket, endpoint_url=f"http://127.0.0.1:{listener.getsockname()[1]}"
+            name="inside", kind="s3", bucket=tiers.bucket, endpoint_url=f"http://127.0.0.1:{listener.port}"
         )
         with pytest.raises(StorageError, match=r"^storage location inside: refused: 127\.0\.0\.1 resolves to"):
             store_for(location).check()
-        listener.settimeout(0.5)
-        with pytest.raises(TimeoutError):
-            listener.accept()  # nothing connected
-    finally:
-        listener.close()
+        assert not listener.reached()
 
 
 def test_a_bucket_given_as_an_access_point_arn_is_refused(client, sam, tiers):
@@ -281,12 +257,9 @@ def test_an_endpoint_typed_in_the_admin_is_reached_directly_never_through_the_en
     client, sam, tiers, settings, monkeypatch
 ):
     """A proxy would resolve and connect where the connection guard cannot look."""
-    proxy = socket.socket()
-    proxy.bind(("127.0.0.1", 0))
-    proxy.listen()
-    try:
+    with listening() as proxy:
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.getsockname()[1]}")
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
         settings.STORAGE_ALLOWED_HOSTS = ["localhost"]
@@ -296,8 +269,4 @@ def test_an_endpoint_typed_in_the_admin_is_reached_directly_never_through_the_en
             client, name="direct", kind="s3", bucket=tiers.bucket, endpoint_url=f"http://localhost:{port}"
         )
         assert response.status_code == 302, response.content.decode()[:2000]  # reached moto, and checked
-        proxy.settimeout(0.3)
-        with pytest.raises(TimeoutError):
-            proxy.accept()
-    finally:
-        proxy.close()
+        assert not proxy.reached(0.3)
