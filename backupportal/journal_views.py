@@ -6,7 +6,7 @@ import json
 import time
 
 from django.core.exceptions import ValidationError
-from django.http import Http404, StreamingHttpResponse
+from django.http import Http404, HttpResponseForbidden, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_safe
@@ -71,7 +71,11 @@ def journal_list(request):
 @require_safe
 @require_perm("backupportal.view_journalentry")
 def journal_export(request):
-    """CSV of the filtered journal, streamed: a million rows never sit in memory."""
+    """CSV of the filtered journal, streamed: a million rows never sit in memory. A GET that writes
+    (the export is journaled), so one that another site's page sent (an <img>, a link) is
+    refused: the browser says where it came from (Sec-Fetch-Site)."""
+    if request.headers.get("Sec-Fetch-Site", "none") not in ("same-origin", "none"):
+        return HttpResponseForbidden("Export the journal from its own page: a request from another site is refused.")
     form = JournalFilter(request.GET or None)
     qs = JournalEntry.objects.all()
     if form.is_bound:

@@ -1,12 +1,17 @@
 """Logins, failed logins and changes made in the admin go to the journal."""
 
+from datetime import timedelta
+
+from django.conf import settings
 from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.db.models.signals import post_save
 from django.dispatch import receiver
+from django.utils import timezone
 
 from backupportal import journal
 from backupportal.lib.clientaddr import client_address
+from backupportal.models import JournalEntry
 
 
 def _client(request):
@@ -27,9 +32,21 @@ def on_logout(sender, request, user, **kwargs):
 @receiver(user_login_failed)
 def on_login_failed(sender, credentials, request=None, **kwargs):
     # credentials holds the username and a masked password (Django cleanses it); keep the name only.
-    journal.record(
-        "login_failed", actor=str(credentials.get("username", ""))[:150], outcome="failed", address=_client(request)
-    )
+    address, refused = _client(request), bool(getattr(request, "login_refused", ""))
+    if refused and _refusal_journaled(address):
+        return  # the limits refused it unchecked: one line per address and window says they held
+    extra = {"refused": True} if refused else {}
+    name = str(credentials.get("username", ""))[:150]
+    journal.record("login_failed", actor=name, outcome="failed", address=address, **extra)
+
+
+def _refusal_journaled(address):
+    """Whether an attempt the login limits refused from `address` is already in the journal for
+    this window: a flood of refused attempts, each checking no password, would otherwise grow the
+    append-only journal without end."""
+    since = timezone.now() - timedelta(seconds=settings.LOGIN_FAILURE_WINDOW)
+    refused = JournalEntry.objects.filter(action="login_failed", at__gte=since, details__address=address)
+    return refused.filter(details__refused=True).exists()
 
 
 # Admin pages whose saves journal themselves, with their own action names (backups/admin.py).

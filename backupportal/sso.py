@@ -61,8 +61,16 @@ class SsoBackend(OIDCAuthenticationBackend):
         except (SuspiciousOperation, jwt.PyJWTError, ValueError, KeyError, TypeError) as e:
             return _refuse(request, f"the identity provider's answer was refused: {str(e)[:120] or type(e).__name__}")
 
+    def get_user(self, user_id):
+        # Asked on every request of a session this backend logged in: an account disabled since
+        # loses it at once, as ModelBackend does for password logins (the library does not check).
+        user = super().get_user(user_id)
+        return user if user is not None and user.is_active else None
+
     def verify_token(self, token, **kwargs):
         payload = super().verify_token(token, **kwargs)
+        if not isinstance(payload.get("exp"), (int, float)):  # PyJWT checks an exp only when there is one
+            raise Refused("the ID token has no expiry time (exp): the provider must set one")
         if payload.get("iss") != settings.OIDC_ISSUER:
             raise Refused(f"the ID token comes from {str(payload.get('iss'))[:100]!r}, not OIDC_ISSUER")
         audience = payload.get("aud")
@@ -182,9 +190,13 @@ class CallbackView(OIDCAuthenticationCallbackView):
             raise Http404("Single sign-on is not configured (OIDC_RP_CLIENT_ID).")
         if request.GET.get("error"):
             # Not the library's way (it logs out whoever is logged in): a link must not end a session.
-            request.session.get("oidc_states", {}).pop(request.GET.get("state", ""), None)
+            started = request.session.get("oidc_states", {}).pop(request.GET.get("state", ""), None)
             request.session.modified = True
-            _refuse(request, f"the identity provider answered {request.GET['error'][:60]!r}")
+            reason = f"the identity provider answered {request.GET['error'][:60]!r}"
+            if started is None:  # no login this browser began: anyone can send the link, the journal is not theirs
+                request.sso_refusal = reason
+            else:
+                _refuse(request, reason)
             return self.login_failure()
         return super().get(request)
 

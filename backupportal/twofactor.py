@@ -113,12 +113,19 @@ def verify(request, token, purpose):
 
 
 def _verified(request, device, purpose):
-    otp_login(request, device)
-    request.session[FRESH_KEY] = time.time()
-    request.session[ENROLLED_KEY] = True
+    _proved(request, device)
     kind = "recovery code" if isinstance(device, StaticDevice) else "authenticator"
     journal.record("second_factor_verified", actor=request.user.get_username(), purpose=purpose, kind=kind)
     return ""
+
+
+def _proved(request, device):
+    """The session now holds a second factor: it gets a new key, so that a copy of its cookie
+    taken after the password alone (an unlocked desktop, a proxy's log) does not gain it."""
+    otp_login(request, device)
+    request.session.cycle_key()
+    request.session[FRESH_KEY] = time.time()
+    request.session[ENROLLED_KEY] = True
 
 
 def _failed(user, purpose, problem):
@@ -192,9 +199,7 @@ def confirm_enrolment(request, device, token):
         device.confirmed = True
         device.save(update_fields=["confirmed"])
         codes = _new_recovery_codes(request.user)
-    otp_login(request, device)
-    request.session[FRESH_KEY] = time.time()
-    request.session[ENROLLED_KEY] = True
+    _proved(request, device)
     journal.record("second_factor_enrolled", actor=request.user.get_username(), replaced=bool(replaced))
     return codes, ""
 

@@ -1,6 +1,7 @@
 """The servers and their schedules in the admin. A change that would protect less (shorter
-retention, a looser objective, a database left out, a schedule turned down, the server disabled,
-a sandbox chosen or moved) waits as a change request for a second person (backups.changes)."""
+retention, a looser objective, a database left out, a schedule turned down, the server disabled
+or its WAL archiving turned off, a sandbox chosen or moved) waits as a change request for a
+second person (backups.changes)."""
 
 import psycopg
 from django import forms
@@ -13,6 +14,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince
 
 from backupportal import journal
+from backupportal.lib.admin import SealedFieldsAdmin
 from backupportal.lib.cron import cron_problem, next_run
 from backupportal.lib.pgerrors import explain
 from backupportal.lib.sealed import SealError
@@ -21,6 +23,7 @@ from backups import binaries, databases, schedules
 from backups.admin_changes import check_request, open_request, reason_field
 from backups.changes import (
     RETENTION_FIELDS,
+    archiving_stopped,
     backing_up_fewer,
     destination_moved,
     objectives_loosened,
@@ -52,7 +55,8 @@ class ServerForm(forms.ModelForm):
         help_text="The directories the operator listed in PG_BIN_DIRS.",
     )
     change_reason = reason_field(
-        "Shortening retention or raising an objective (the other way applies at once), disabling the server, "
+        "Shortening retention or raising an objective (the other way applies at once), disabling the server "
+        "or turning its WAL archiving off, "
         "leaving out a database it backs up, choosing its sandbox or sending restore tests to a server's new "
         "host or port (these two a DBA approves)"
     )
@@ -84,6 +88,9 @@ class ServerForm(forms.ModelForm):
         self.loosened = objectives_loosened(self.instance, cleaned) if self.instance.pk else {}
         if self.loosened:
             check_request(self, ChangeRequest.Kind.LOOSEN_OBJECTIVES, self.instance)
+        self.unarchived = archiving_stopped(self.instance, cleaned)
+        if self.unarchived:
+            check_request(self, ChangeRequest.Kind.STOP_ARCHIVING, self.instance)
         # Disabled, no job of the server runs: as destructive as disabling each schedule.
         self.disables = bool(self.instance.pk and self.instance.enabled and not cleaned.get("enabled"))
         if self.disables:
@@ -146,7 +153,7 @@ class ServerForm(forms.ModelForm):
 
 
 @admin.register(Server)
-class ServerAdmin(admin.ModelAdmin):
+class ServerAdmin(SealedFieldsAdmin):
     form = ServerForm
     list_display = ["name", "dsn", "version", "archiving", "enabled", "rpo_minutes", "last_logical"]
     list_filter = ["archiving", "enabled"]
@@ -196,8 +203,8 @@ class ServerAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         shorter, disables = getattr(form, "shortened", {}), getattr(form, "disables", False)
-        looser = getattr(form, "loosened", {})
-        for field, values in (shorter | looser).items():
+        looser, unarchived = getattr(form, "loosened", {}), getattr(form, "unarchived", {})
+        for field, values in (shorter | looser | unarchived).items():
             setattr(obj, field, values["from"])  # kept until another DBA or Sysadmin approves
         if disables:
             obj.enabled = True
@@ -217,6 +224,9 @@ class ServerAdmin(admin.ModelAdmin):
         if looser:
             what = f"Raising the objectives of {obj}"
             open_request(self, request, ChangeRequest.Kind.LOOSEN_OBJECTIVES, obj, reason, looser, what)
+        if unarchived:
+            what = f"Turning off the WAL archiving of {obj}"
+            open_request(self, request, ChangeRequest.Kind.STOP_ARCHIVING, obj, reason, unarchived, what)
         if disables:
             changes = {"enabled": {"from": True, "to": False}}
             open_request(self, request, ChangeRequest.Kind.DISABLE_SERVER, obj, reason, changes, f"Disabling {obj}")
@@ -229,7 +239,8 @@ class ServerAdmin(admin.ModelAdmin):
             actor=request.user.get_username(),
             obj=obj,
             fields=sorted(
-                set(form.changed_data) - {"new_password", "change_reason", *shorter, *looser, *waiting, *held}
+                set(form.changed_data)
+                - {"new_password", "change_reason", *shorter, *looser, *unarchived, *waiting, *held}
             ),
             credentials_changed="new_password" in set(form.changed_data) - set(held),
             credentials_forgotten=getattr(obj, "password_forgotten", False),

@@ -9,6 +9,8 @@ shorten retention, turn a schedule down, delete a backup or a location without a
   silence grows (backupportal.lib.cron.firings and longest_gap; a month's count would let "only in
   December" through); a change worse by neither applies at once, nor one that only moves a firing
   across the year's edge (weakened); a server disabled (no job runs);
+- a server's WAL archiving turned off (push or pull to none): no PITR after it, and the RPO
+  alert goes quiet as for a looser objective;
 - a database it backs up left out (its databases to back up, or the DSN's database when that is
   the choice): the old choice and the new together are backed up until it is approved;
 - a backup deleted by hand;
@@ -100,8 +102,17 @@ def _worse(stored, values, fields, worse):
     return changes
 
 
+def archiving_stopped(stored, values):
+    """{"archiving": {"from", "to"}} when `values` turns the stored server's WAL archiving off."""
+    new = values.get("archiving")
+    if stored.pk and new == Server.Archiving.NONE and stored.archiving != Server.Archiving.NONE:
+        return {"archiving": {"from": stored.archiving, "to": new}}
+    return {}
+
+
 @ChangeRequest.applies(Kind.SHORTEN_RETENTION, Server)
 @ChangeRequest.applies(Kind.LOOSEN_OBJECTIVES, Server)
+@ChangeRequest.applies(Kind.STOP_ARCHIVING, Server)
 def apply_server_fields(server, change):
     for field, values in change.changes.items():
         setattr(server, field, values["to"])

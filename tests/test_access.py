@@ -202,3 +202,28 @@ def test_failed_logins_are_journaled_and_locked_out(client, catalog):
     assert response.status_code in (403, 429)
     assert JournalEntry.objects.filter(action="login_failed", actor="eve").count() >= 5
     assert not JournalEntry.objects.filter(action="login", actor="eve").exists()
+
+
+def test_attempts_the_login_limits_refuse_add_one_journal_line_per_address(client, catalog, settings):
+    """Each refused attempt checks no password: a flood of them must not grow the journal for ever."""
+    settings.LOGIN_ADDRESS_LIMIT = 3
+    statuses = [
+        client.post(reverse("login"), {"username": f"x{n}", "password": "wrong"}, REMOTE_ADDR="10.0.0.7").status_code
+        for n in range(10)
+    ]
+    assert statuses[:3] == [200] * 3 and set(statuses[3:]) == {429}
+    failed = JournalEntry.objects.filter(action="login_failed", details__address="10.0.0.7")
+    assert failed.count() == 4 and failed.filter(details__refused=True).count() == 1
+    client.post(reverse("login"), {"username": "y", "password": "wrong"}, REMOTE_ADDR="10.0.0.8")
+    assert JournalEntry.objects.filter(action="login_failed", details__address="10.0.0.8").count() == 1
+
+
+def test_no_changelist_filters_on_a_sealed_secret(client, catalog):
+    """?password_sealed__startswith= would read a sealed secret out a character at a time."""
+    client.force_login(make_user("audrey", "Auditor"))
+    for url in (
+        reverse("admin:backups_server_changelist") + "?password_sealed__startswith=aesgcm1",
+        reverse("admin:watching_alertchannel_changelist") + "?secret_sealed__startswith=a",
+    ):
+        assert client.get(url).status_code == 400, url
+    assert client.get(reverse("admin:backups_server_changelist") + "?archiving__exact=none").status_code == 200

@@ -348,6 +348,30 @@ def test_raising_an_objective_or_the_shrink_threshold_waits_lowering_applies_at_
     assert journal("server_changed")[-1].actor == "sam (approved by alice)"
 
 
+def test_turning_wal_archiving_off_waits_switching_push_and_pull_applies_at_once(client, pg_cluster, sam, alice):
+    """No archiving, no PITR after it, and the RPO alert goes quiet: a Sysadmin alone cannot."""
+    server = register(pg_cluster, name="atoll", dbname="postgres")
+    Server.objects.filter(pk=server.pk).update(archiving="push")
+    url = reverse("admin:backups_server_change", args=[server.pk])
+    client.force_login(sam)
+    response = client.post(url, admin_form_data(client, url, archiving="none"))
+    assert response.status_code == 200 and "give its reason" in response.content.decode()
+    assert client.post(url, admin_form_data(client, url, archiving="none", change_reason="moving")).status_code == 302
+    server.refresh_from_db()
+    assert server.archiving == "push"  # until another person approves
+    change = ChangeRequest.objects.get(kind="stop_archiving")
+    assert change.changes == {"archiving": {"from": "push", "to": "none"}}
+    assert "archiving" not in journal("server_changed")[-1].details["fields"]
+    assert client.post(url, admin_form_data(client, url, archiving="pull")).status_code == 302  # still archived
+    server.refresh_from_db()
+    assert server.archiving == "pull"
+    with pytest.raises(PermissionDenied):
+        change.approve(sam)
+    change.approve(alice)
+    server.refresh_from_db()
+    assert server.archiving == "none" and journal("server_changed")[-1].actor == "sam (approved by alice)"
+
+
 def protected(server):
     return set(server.databases.filter(protected=True).values_list("name", flat=True))
 

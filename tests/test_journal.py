@@ -627,6 +627,12 @@ def test_csv_export_streams_the_filtered_view_and_defuses_formulas(client, charl
     assert "'=HYPERLINK" in text  # a spreadsheet shows it, never runs it
     exported = JournalEntry.objects.filter(action="journal_exported", actor="charlie")
     assert exported.count() == 2 and exported.order_by("id").first().details["filters"]["actor"] == "alice"
+    # Sent by another site's page (an <img src=...> the browser fetches with the session): refused,
+    # nothing journaled; from the journal's own page, or typed in (no site), it exports.
+    for site, status in (("cross-site", 403), ("same-site", 403), ("same-origin", 200), ("none", 200)):
+        response = client.get(reverse("journal-export"), {"actor": "x"}, headers={"Sec-Fetch-Site": site})
+        assert response.status_code == status, site
+    assert exported.count() == 4
 
 
 def test_an_auditor_cannot_change_the_journal_by_any_route(client, charlie, busy_journal):

@@ -360,6 +360,8 @@ def test_a_shorter_lock_waits_for_another_person(alice, bob, locked):
     location = StorageLocation.objects.get(name="s3")
     with pytest.raises(ValidationError, match="is not shorter: save it on the location itself"):
         LockChange.request(location, alice, "compliance", LOCK_DAYS, "stronger")
+    # A stronger mode for fewer days protects what is written from now on for less time.
+    assert location.shortens_lock("compliance", 1) and not location.shortens_lock("compliance", LOCK_DAYS + 1)
     change = LockChange.request(location, alice, "governance", 1, "the bucket costs too much")
     location.refresh_from_db()
     assert (location.lock_mode, location.lock_days) == ("governance", LOCK_DAYS)
@@ -388,6 +390,9 @@ def test_the_admin_sends_a_shorter_lock_to_approval(client, sam, alice, locked):
     assert (location.lock_days, location.capacity_bytes) == (LOCK_DAYS, 1000000000)  # the rest is saved
     change = ChangeRequest.objects.pending().get(kind="shorten_lock")
     assert change.requested_by == sam and change.reason == "cost"
+    # Compliance for one day, after governance for LOCK_DAYS, is shorter too.
+    response = client.post(url, admin_form_data(client, url, lock_mode="compliance", lock_days="1"))
+    assert response.status_code == 200 and "lock_change_reason" in response.context["adminform"].form.errors
     # A longer lock needs no one else.
     data = admin_form_data(client, url, lock_mode="compliance", lock_days="10")
     assert client.post(url, data).status_code == 302

@@ -239,6 +239,18 @@ def test_an_sso_login_lands_in_the_role_its_groups_give_and_loses_it_when_they_c
     assert browser.get(f"{portal}/journal/").status_code == 403
 
 
+def test_an_account_disabled_in_the_portal_loses_its_single_sign_on_session_at_once(portal, people):
+    browser, page = sso_login(portal, "dana")
+    assert page.status_code == 200 and page.url == f"{portal}/", page.url
+    dana = SsoIdentity.objects.get().user
+    User.objects.filter(pk=dana.pk).update(is_active=False)  # an admin disables her
+    page = browser.get(f"{portal}/", allow_redirects=False)
+    assert page.status_code == 302 and page.headers["Location"].startswith("/login/"), page.status_code
+    # and she cannot come back in through the provider either
+    browser, page = sso_login(portal, "dana")
+    assert page.url.startswith(f"{portal}/login/") and "is disabled in the portal" in page.text
+
+
 def test_claims_that_map_to_no_role_give_none(portal, people):
     browser, page = sso_login(portal, "ivan")
     assert page.status_code == 403 and "No role yet" in page.text
@@ -292,6 +304,16 @@ def test_an_id_token_from_another_issuer_is_refused(settings, idp, people):
     assert not SsoIdentity.objects.exists() and not User.objects.exists()
     entry = JournalEntry.objects.get(action="sso_login_refused")
     assert CLIENT_SECRET not in json.dumps(entry.details)
+
+
+def test_an_error_sent_to_the_callback_without_a_login_begun_is_not_journaled(client, db, settings):
+    """Anyone can send the callback link with an error of their choosing: only a login this
+    browser began (its state) is journaled as refused."""
+    settings.OIDC_RP_CLIENT_ID = CLIENT_ID
+    for _ in range(3):
+        page = client.get("/login/sso/callback/", {"error": "=HYPERLINK(1)", "state": "forged"}, follow=True)
+        assert "Single sign-on failed: the identity provider answered" in page.content.decode()
+    assert not JournalEntry.objects.filter(action="sso_login_refused").exists()
 
 
 def test_single_sign_on_is_off_until_configured(client, db):

@@ -183,9 +183,12 @@ def test_the_login_asks_for_the_code_after_the_password_and_recovery_codes_work_
         assert "Too many wrong codes" in response.content.decode()
         assert client.get(reverse("dashboard")).status_code == 302
     with time_machine.travel(start + timezone.timedelta(minutes=1, seconds=30), tick=False):
+        copied = Client()  # the cookie as it was after the password alone
+        copied.cookies["sessionid"] = client.cookies["sessionid"].value
         response = client.post(reverse("two-factor-verify") + "?next=/journal/", {"otp_token": totp(secret)})
         assert response["Location"] == "/journal/"
         assert client.get(reverse("dashboard")).status_code == 200
+        assert copied.get(reverse("dashboard")).status_code == 302  # the code renewed the session's key
     client.post(reverse("logout"))
 
     # A recovery code, in place of the phone: once.

@@ -6,7 +6,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.utils.html import format_html
 
-from backupportal.lib.admin import ReadOnlyAdmin
+from backupportal.lib.admin import ReadOnlyAdmin, SealedFieldsAdmin
 from backupportal.lib.inputs import ModelMultipleChoiceField
 from backupportal.lib.sealed import SealError
 from watching import channels
@@ -107,7 +107,7 @@ class AlertChannelForm(forms.ModelForm):
 
 
 @admin.register(AlertChannel)
-class AlertChannelAdmin(admin.ModelAdmin):
+class AlertChannelAdmin(SealedFieldsAdmin):
     form = AlertChannelForm
     list_display = ["name", "kind", "enabled", "secret_hint", "status", "last_sent_at", "last_failed_at", "error"]
     list_filter = ["kind", "enabled"]
