@@ -108,9 +108,10 @@ def wal_location():
     return location
 
 
-def ingest(server, actor="job:ingestwal", linger=0):
+def ingest(server, actor="job:ingestwal", linger=0, wait=False):
     """Ingest everything in the server's spool. One ingest per spool at a time (flock). `linger`:
-    the worker's schedule watches the spool that many seconds for more (WAL_INGEST_LINGER)."""
+    the worker's schedule watches the spool that many seconds for more (WAL_INGEST_LINGER).
+    `wait`: a running pass is asked to hand over and waited for (a restore about to plan)."""
     spool = spool_dir(server)
     result, manifest, ran = IngestResult(), None, False
     if not spool.is_dir():
@@ -124,7 +125,7 @@ def ingest(server, actor="job:ingestwal", linger=0):
         raise
     try:
         holds = locked(lock_fd)
-        took_over = not holds and hand_over and take_over(lock_fd, spool)
+        took_over = not holds and (hand_over or wait) and take_over(lock_fd, spool)
         if not (holds or took_over):
             result.busy = True
             return result

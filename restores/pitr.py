@@ -34,7 +34,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.lib.osuser import chown_to_db_user
-from backups import keyring, walchain, walingest, walnames
+from backups import keyring, walchain, walnames
 from backups.binaries import backup_major, cluster_dir
 from backups.copies import decrypt_here, healthy_copies, mark_faults
 from backups.crypto import Encryption, EncryptionError
@@ -183,10 +183,7 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
         Encryption()
     except EncryptionError as e:
         raise Refused(str(e)) from None
-    try:
-        walingest.ingest(server, actor="job:restore")  # the newest archived WAL first
-    except walnames.WalError:
-        pass  # what is catalogued already is all there is
+    warnings = pitr_checks.ingest_first(server)  # the newest archived WAL first
     bases = good_bases(server)
     size = bases[-1].details.get("wal_segment_size") or server.wal_segment_size
     lineage, bases, notes = pitr_checks.production_lineage(server, bases, size)  # never another's timeline
@@ -197,7 +194,7 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
     plan = Plan(
         server, target, datadir, port, base, readable, size, walnames.segno_of(base.end_wal, size), fallback=fallback
     )
-    plan.timeline, plan.lineage, plan.notes = lineage.timeline, lineage, notes
+    plan.timeline, plan.lineage, plan.notes, plan.warnings = lineage.timeline, lineage, notes, warnings
     plan.last = needed_through(plan)
     if target.kind == "time":
         pitr_reach.cover(plan)  # through the first archived commit after it, or the source will make one

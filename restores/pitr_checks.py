@@ -10,6 +10,9 @@
   into /x, the source's own directory. Every segment is read by pg_waldump --rmgr=Tablespace
   before recovery may have it (the prefetcher's threads call tablespace_creations); one that
   creates a tablespace stops the restore and is never handed over.
+- The WAL archived before the restore: catalogued first, waiting for an ingest pass already
+  running; a spool still holding WAL when the wait ends refuses it, as a restore planned on the
+  catalog alone would stop before that WAL and call it the end: ingest_first.
 - A restore point name used more than once: recovery would stop at the first silently, so the
   restore is refused, listing each: duplicate_restore_points.
 """
@@ -22,6 +25,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +35,7 @@ from django.utils import timezone
 
 from backupportal.lib.osuser import DB_OS_USER
 from backupportal.lib.pgerrors import explain
-from backups import manifests, walchain, walnames, walspool
+from backups import manifests, walchain, walingest, walnames, walspool
 from backups.copies import decrypt_here
 from backups.crypto import Encryption
 from backups.models import StorageLocation, WalSegment
@@ -384,3 +388,31 @@ def restore_point_in(record):
         return None
     micros = struct.unpack_from("<q", record, at)[0]
     return POSTGRES_EPOCH + timedelta(microseconds=micros)
+
+
+def ingest_first(server, wait=None):
+    """Catalogue what the server archived so far, before a restore plans on the catalog: a pass
+    already running (the worker's) is asked to hand over and waited for, up to `wait` seconds
+    (walingest.HANDOVER_WAIT). Returns warnings; raises Refused while WAL is still left in the
+    spool behind another pass."""
+    wait = walingest.HANDOVER_WAIT if wait is None else wait
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            result = walingest.ingest(server, actor="job:restore", wait=True)
+        except walnames.WalError as e:  # marked for the monitor by the ingest; the restore goes as far as catalogued
+            return [
+                f"WAL of {server} could not be ingested before the restore ({e}): the copy ends at the WAL catalogued"
+            ]
+        if not result.busy:
+            return []
+        source = "pull" if server.archiving == server.Archiving.PULL else "push"
+        left = walspool.pending_names(walspool.spool_dir(server), source)
+        if not left:
+            return []
+        if time.monotonic() >= deadline:
+            raise Refused(
+                f"{len(left)} archived WAL segments of {server} still wait in its spool behind another ingest pass, "
+                f"after {wait} s: the restore would stop before them; try again once it ends"
+            )
+        time.sleep(1)

@@ -5,10 +5,14 @@ transaction and switch WAL (or refuses, naming how far the archive reaches); rec
 short of the target fails, saying where it ended and what was missing.
 """
 
+import fcntl
+import os
 import re
 import shutil
 import socket
 import subprocess
+import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from django.utils import timezone
 from backupportal.lib.osuser import free_port
 from backupportal.lib.pgdatadir import pg_bin
 from backupportal.models import JournalEntry
-from backups import walchain, walingest, walnames
+from backups import walchain, walingest, walnames, walspool
 from backups.models import WalSegment
 from restores import pitr
 from restores.models import RestoreRun
@@ -209,3 +213,47 @@ def test_a_segment_lost_from_the_end_of_the_catalog_fails_the_restore_naming_it(
     assert result["status"] == "failed" and f"WAL segment {lost} is missing" in result["error"], result
     assert JournalEntry.objects.filter(action="pitr_wal_switched").count() == 1  # it asked for the WAL after
     assert not datadir.exists()
+
+
+def into(datadir, port):
+    return ["--into-datadir", str(datadir), "--port", str(port)]
+
+
+def hold_the_ingest_lock(server, seconds):
+    """An ingest pass of the worker's, running: the spool's lock held for `seconds`, in a thread."""
+    spool = walspool.spool_dir(server)
+    fd = os.open(spool / ".ingest.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def release():
+        time.sleep(seconds)
+        os.close(fd)
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    return thread
+
+
+def test_latest_waits_for_an_ingest_pass_already_running_and_refuses_if_it_never_ends(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, monkeypatch
+):
+    """A restore plans on the catalog: WAL archived but still in the spool behind a running pass
+    must be catalogued first, or 'latest' would stop before it and call that the end."""
+    with_a_base_and_row_a(sample_cluster, server)
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))  # B in the spool, not catalogued
+    monkeypatch.setattr(walingest, "HANDOVER_WAIT", 2)
+    holder = hold_the_ingest_lock(server, 8)  # a pass that does not end within the wait
+    try:
+        result = run_command("restore", "--server", "maldives", "--target", "latest", *into(restored(), free_port()))
+    finally:
+        holder.join()
+    assert result["_exit"] != 0 and "still wait in its spool behind another ingest pass" in result["_stderr"], result
+
+    monkeypatch.setattr(walingest, "HANDOVER_WAIT", 30)
+    holder = hold_the_ingest_lock(server, 3)  # one that ends: the restore waits for it, then ingests
+    port = free_port()
+    result = run_command("restore", "--server", "maldives", "--target", "latest", *into(restored(), port))
+    holder.join()
+    assert result.get("status") == "succeeded", result
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
