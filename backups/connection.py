@@ -20,6 +20,16 @@ from backups.pipeline import BackupFailed
 # got stricter); nothing connects with it: connect() and libpq_env() refuse such a DSN.
 UNREADABLE = Dsn(host="(unreadable DSN)", port=0, user="", dbname="")
 
+# Every session of the portal's own, in production and in restored copies, whatever the database
+# or the role was set to (ALTER DATABASE/ROLE ... SET; the startup options outrank both, and these
+# come last, after the DSN's own): names resolve in pg_catalog only, so an owner's count(*) or
+# format() in public, before pg_catalog in the database's search_path, never runs as the portal's
+# role; and no timeout of the database's cancels the portal's counting (pg_dump turns them off too).
+SESSION_GUARD = (
+    "-c search_path=pg_catalog,pg_temp -c statement_timeout=0 -c lock_timeout=0"
+    " -c idle_in_transaction_session_timeout=0"
+)
+
 
 class SqlAsciiText(TextLoader):
     """Text from a SQL_ASCII database is bytes in no known encoding: psycopg returns them as
@@ -155,7 +165,9 @@ class ServerConnection(models.Model):
 
     def connect(self, dbname=None, autocommit=True, **kwargs):
         """A psycopg connection (autocommit unless asked otherwise) to this server."""
-        conn = psycopg.connect(**(self.connection_settings(dbname) | kwargs), autocommit=autocommit)
+        settings = self.connection_settings(dbname) | kwargs
+        settings["options"] = f"{settings.get('options') or ''} {SESSION_GUARD}".strip()
+        conn = psycopg.connect(**settings, autocommit=autocommit)
         if conn.info.encoding == "ascii":  # a SQL_ASCII database
             for type_name in ("text", "name", "varchar", "bpchar"):
                 conn.adapters.register_loader(type_name, SqlAsciiText)
@@ -175,6 +187,9 @@ class ServerConnection(models.Model):
             raise BackupFailed(str(e)) from None
         env = {"PGHOST": settings["host"], "PGPORT": str(settings["port"]), "PGUSER": settings["user"]}
         env |= {"PGDATABASE": settings["dbname"], "PGREQUIREAUTH": SAFE_AUTH} | parse(self.dsn).environment()
+        # pg_dump sets its own search_path and timeouts; pg_dumpall, pg_restore and the others do
+        # not all do (a role's statement_timeout cancels pg_dumpall's catalog query).
+        env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {SESSION_GUARD}".strip()
         if settings["password"]:
             self.refuse_weak_authentication(settings)
             env["PGPASSWORD"] = settings["password"]

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -218,6 +219,10 @@ def snapshot_and_counts(server, dbname=None):
     connection open until pg_dump has finished, so the snapshot stays valid and the counts
     match the dump exactly. Counting reads every table once more: bench/ROWCOUNTS.md measures
     what that costs next to the dump itself.
+
+    A second session counts, in that snapshot, one transaction per batch of tables: counting in
+    the exporting transaction held a lock on every table and index until pg_dump ended, and ran
+    out of shared memory on a database of a few thousand tables that pg_dump alone dumps.
     """
     import psycopg
 
@@ -228,11 +233,23 @@ def snapshot_and_counts(server, dbname=None):
     try:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
-        counts = tables.count_all(conn)
+        with server.connect(dbname) as counter:
+            counts = tables.count_all(counter, transaction=lambda: _in_snapshot(counter, snapshot))
     except psycopg.Error as e:
         conn.close()
         raise BackupFailed(f"counting the rows of every table failed: {explain(e, server)}") from None
     return conn, snapshot, counts
+
+
+@contextmanager
+def _in_snapshot(conn, snapshot):
+    """A read-only transaction of `conn` (autocommit) that sees what `snapshot` saw."""
+    from psycopg import sql
+
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        yield
 
 
 def heartbeat(run_model, run_id):

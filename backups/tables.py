@@ -9,6 +9,7 @@ table was counted name only the critical tables, unqualified (`users`): such a n
 """
 
 import string
+from contextlib import nullcontext
 
 import psycopg
 from django.core.exceptions import ValidationError
@@ -152,23 +153,27 @@ def resolve(conn, names):
     return qualified
 
 
-def count_all(conn, errors=None):
+def count_all(conn, errors=None, transaction=nullcontext):
     """{qualified name: exact row count} of every user table, each table's own rows (ONLY).
 
     With an `errors` dict (on an autocommit connection), a table that cannot be read is noted
     there and the others are still counted; without one, the first error is raised.
+    `transaction()`: a context the listing and each batch of tables run in (a backup's: one
+    transaction each in its snapshot, so that no transaction holds a lock on every table).
 
     Row-level security off, as pg_dump has it: a policy's functions, a table owner's code, would
     otherwise run with the portal's role (and its reach) on every count. A role that the policy
     does not let by then cannot read the table: pg_dump could not dump it either.
     """
     conn.execute("SET row_security = off")
-    listed = [_text_row(row) for row in conn.execute(USER_TABLES).fetchall()]
+    with transaction():
+        listed = [_text_row(row) for row in conn.execute(USER_TABLES).fetchall()]
     counts = {}
     for start in range(0, len(listed), BATCH):
         batch = listed[start : start + BATCH]
         try:
-            counts.update(_count_batch(conn, batch))
+            with transaction():
+                counts.update(_count_batch(conn, batch))
         except psycopg.Error:
             if errors is None:
                 raise

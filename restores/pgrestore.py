@@ -37,8 +37,12 @@ def tool_for(target, dbname, program, *args):
 def restore_session():
     """The restore's own sessions (PGOPTIONS): index builds sort in memory rather than in
     temporary files, and a commit does not wait for its WAL flush (flush_wal flushes them all
-    at the end). Both are per session: nothing changes for the server or the restored database."""
-    return f"-c maintenance_work_mem={settings.RESTORE_MAINTENANCE_WORK_MEM} -c synchronous_commit=off"
+    at the end). Both are per session: nothing changes for the server or the restored database.
+    The copy's own default_transaction_read_only, once applied, is not the restore's: the last
+    pg_restore, of event triggers, runs after it (the timeouts: Server.libpq_env)."""
+    return (
+        f"-c maintenance_work_mem={settings.RESTORE_MAINTENANCE_WORK_MEM} -c synchronous_commit=off {targetdb.WRITABLE}"
+    )
 
 
 def restore_piped(reader, target, dbname, encryption, restore, creation, command, held):

@@ -15,6 +15,7 @@ from psycopg import sql
 
 from backupportal.lib.pgerrors import explain
 from backups.binaries import server_major
+from backups.connection import SESSION_GUARD
 
 # Production's event triggers come with its copy: from PostgreSQL 17 a login trigger fires on
 # every connection (one that records logins changes the counts a restore test compares; one that
@@ -22,6 +23,9 @@ from backups.binaries import server_major
 # statements there (detaching a subscription, moving to a tablespace). event_triggers = off (17+)
 # is a superuser's to set.
 EVENT_TRIGGERS_OFF = "-c event_triggers=off"
+# A copy of a database set read-only (ALTER DATABASE ... SET default_transaction_read_only) is
+# still the portal's to finish: detaching, moving to tablespaces, its event triggers.
+WRITABLE = "-c default_transaction_read_only=off"
 
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -114,7 +118,7 @@ def dropped(server, name):
 def connect_to_copy(target, dbname):
     """A connection into `dbname`, a restored copy on `target`, with production's event
     triggers off where the portal's role may turn them off (a superuser, 17 or later)."""
-    options = target.connection_settings(dbname).get("options") or ""
+    options = f"{target.connection_settings(dbname).get('options') or ''} {SESSION_GUARD} {WRITABLE}".strip()
     return quietly(lambda **more: target.connect(dbname, **more), server_major(target), options)
 
 

@@ -205,11 +205,33 @@ def _name(conn, key):
     return tables.qualified(conn, _quoted(key))
 
 
+# The search_path the database gives the role's sessions (ALTER ROLE ... IN DATABASE, then ALTER
+# ROLE, then ALTER DATABASE: PostgreSQL's order), else PostgreSQL's default (DEFAULT_PATH).
+OWN_SEARCH_PATH = """
+SELECT pg_catalog.substr(c, 13) FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c
+WHERE c LIKE 'search\\_path=%'
+  AND s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()))
+  AND s.setrole IN (0, (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user))
+ORDER BY s.setrole = 0, s.setdatabase = 0 LIMIT 1
+"""
+
+DEFAULT_PATH = '"$user", public'
+
+
+def _checks_path(conn):
+    """A DBA's check names tables as the database's own sessions do (`FROM users`): its
+    search_path, with pg_catalog first, so that no function of an owner's, in a schema listed
+    before pg_catalog, stands in for a built-in one (the portal's sessions search pg_catalog only)."""
+    row = conn.execute(OWN_SEARCH_PATH).fetchone()
+    return f"pg_catalog, {row[0] if row else DEFAULT_PATH}"
+
+
 def _custom_check(conn, custom):
     name = f"check: {custom.name}"
     try:
         with conn.transaction():
             conn.execute("SET TRANSACTION READ ONLY")
+            conn.execute("SELECT pg_catalog.set_config('search_path', %s, true)", [_checks_path(conn)])
             row = conn.execute(custom.sql).fetchone()
     except psycopg.Error as e:
         return check(name, False, f"query failed: {str(e).splitlines()[0]}")

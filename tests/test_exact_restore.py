@@ -18,7 +18,7 @@ from django.core.management import call_command
 from backupportal.lib.pgcluster import Cluster
 from backupportal.lib.pgdatadir import pg_bin
 from backups.models import BackupRun, Server
-from restores.models import RestoreRun, RestoreTest
+from restores.models import RestoreRun, RestoreTest, ValidationCheck
 from restores.restoretest import run_restore_test
 from restores.sqlscript import CODECS, NotText, script_text
 from tests import awkward_schema
@@ -553,3 +553,85 @@ def test_onto_another_server_a_new_role_is_never_made_a_member_of_a_role_that_wa
         "membership of app_reader in readers skipped: readers already existed on standby and gets no new"
         ' member from a restore (GRANT "readers" TO "app_reader" by hand if it should)'
     ) in result["warnings"]
+
+
+HIJACKED_COUNT = r"""
+CREATE TABLE public.t AS SELECT g FROM generate_series(1, 5) g;
+CREATE FUNCTION public.fake_count(bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN
+  BEGIN EXECUTE 'ALTER ROLE app_owner SUPERUSER'; EXCEPTION WHEN others THEN NULL; END;
+  RETURN 5000;
+END $$;
+CREATE AGGREGATE public.count(*) (sfunc = public.fake_count, stype = bigint, initcond = '0');
+ALTER DATABASE shady SET search_path = public, pg_catalog;
+"""
+
+
+def test_an_owners_search_path_never_runs_its_functions_in_the_portals_sessions(source, passphrase_file, backup_root):
+    """A database's owner puts public before pg_catalog and a count(*) of its own there: the
+    portal's counting, as a superuser, on production and in the copy, would run it."""
+    source.execute("CREATE DATABASE shady OWNER app_owner")
+    with source.connect("shady", user="app_owner", password=awkward_schema.ROLE_PASSWORD) as conn:
+        conn.execute(HIJACKED_COUNT)
+    server = register(source, "shady", "shady", "source")
+    run = backup("shady")
+    assert run.details["row_counts"] == {"public.t": 5}
+    # A DBA's check names the table as the database's sessions do; its count(*) is still pg_catalog's.
+    ValidationCheck.objects.create(server=server, name="five", sql="SELECT count(*) FROM t", expected="5")
+    test = run_restore_test(server)
+    assert test.status == RestoreTest.Status.PASSED, test.error
+    assert source.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'app_owner'") == [(False,)]
+
+
+def test_a_databases_timeouts_and_read_only_default_do_not_stop_its_backup_restore_or_test(
+    source, target, passphrase_file, backup_root
+):
+    """statement_timeout, lock_timeout and default_transaction_read_only set on the database
+    (and so on its copy, as they should be) are not the portal's: its sessions turn them off."""
+    source.execute("CREATE DATABASE busy")
+    source.execute("CREATE TABLE big AS SELECT g, md5(g::text) h FROM generate_series(1, 300000) g", dbname="busy")
+    source.execute(
+        "CREATE FUNCTION note_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN NULL; END $$; "
+        "CREATE EVENT TRIGGER noted ON ddl_command_end EXECUTE FUNCTION note_ddl()",
+        dbname="busy",
+    )
+    for setting in ("statement_timeout = '1ms'", "lock_timeout = '1ms'", "default_transaction_read_only = on"):
+        source.execute(f"ALTER DATABASE busy SET {setting}")
+    source.execute("ALTER ROLE portal SET statement_timeout = '1ms'")
+    try:
+        server = register(source, "busy", "busy", "source")
+        run = backup("busy")
+        assert run.details["row_counts"] == {"public.big": 300000}
+        sandbox = Server.objects.get(name="standby")
+        server.sandbox_server, server.sandbox_destination = sandbox, sandbox.destination  # as a DBA approved
+        server.save()
+        test = run_restore_test(server)
+        assert test.status == RestoreTest.Status.PASSED, test.error
+        result = restore_json(str(run.pk), "--into-database", "busy_copy")
+        assert result["status"] == "succeeded", result
+        assert source.execute("SELECT evtname FROM pg_event_trigger", dbname="busy_copy") == [("noted",)]
+        settings = source.execute(
+            "SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
+            " WHERE d.datname = 'busy_copy'"
+        )[0][0]
+        assert "default_transaction_read_only=on" in settings and "statement_timeout=1ms" in settings
+    finally:
+        source.execute("ALTER ROLE portal RESET statement_timeout")
+
+
+def test_a_database_of_thousands_of_tables_that_pg_dump_dumps_is_backed_up(source, passphrase_file, backup_root):
+    """Counting in pg_dump's snapshot held a lock on every table and index until the dump ended:
+    with the locks pg_dump takes itself, out of shared memory where stock pg_dump alone fits."""
+    source.execute("CREATE DATABASE tenants")
+    with source.connect("tenants") as conn:
+        for start in range(0, 2500, 250):
+            conn.execute(
+                "; ".join(
+                    f"CREATE TABLE t{i} (id int PRIMARY KEY, a int UNIQUE, b int UNIQUE)"
+                    for i in range(start, start + 250)
+                )
+            )
+        conn.execute("INSERT INTO t7 VALUES (1), (2)")
+    register(source, "tenants", "tenants", "source")
+    run = backup("tenants")
+    assert len(run.details["row_counts"]) == 2500 and run.details["row_counts"]["public.t7"] == 2

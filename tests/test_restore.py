@@ -100,7 +100,11 @@ def test_the_restore_sessions_sort_in_memory_and_commit_without_waiting(server, 
 
     settings.RESTORE_MAINTENANCE_WORK_MEM = "300MB"
     tool = tool_for(server, "somewhere", "pg_restore")
-    assert tool.env["PGOPTIONS"] == "-c maintenance_work_mem=300MB -c synchronous_commit=off"
+    assert tool.env["PGOPTIONS"] == (
+        "-c search_path=pg_catalog,pg_temp -c statement_timeout=0 -c lock_timeout=0"
+        " -c idle_in_transaction_session_timeout=0"  # every tool's (Server.libpq_env), then the restore's own
+        " -c maintenance_work_mem=300MB -c synchronous_commit=off -c default_transaction_read_only=off"
+    )
 
 
 def test_a_scratch_file_left_by_a_killed_restore_is_removed_by_the_next(server, passphrase_file, backup_root, settings):
