@@ -240,7 +240,10 @@ def is_portal_command(server, command):
 
 
 def conf_quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+    """A postgresql.conf string: PostgreSQL reads backslash escapes in it (\\n, \\\\), so a
+    backslash is doubled and a line break written as one, as ALTER SYSTEM writes them."""
+    escaped = value.replace("\\", "\\\\").replace("'", "''").replace("\n", "\\n").replace("\r", "\\r")
+    return f"'{escaped}'"
 
 
 def archive_settings(server):

@@ -155,8 +155,8 @@ def parse_target(target_time, target, target_lsn, target_name) -> Target:
             raise Refused(f"{target_lsn!r} is not an LSN: write it as 0/3000028")
         return Target("lsn", target_lsn.upper(), f"lsn {target_lsn.upper()}")
     if target_name:
-        if len(target_name) > 63:
-            raise Refused("a restore point name has at most 63 characters")
+        if len(target_name.encode()) > 63:  # PostgreSQL's MAXFNAMELEN - 1, in bytes
+            raise Refused("a restore point name has at most 63 bytes (fewer characters beyond ASCII)")
         return Target("name", target_name, f"restore point {target_name}")
     return Target("time", parse_time(target_time), target_time)
 
@@ -168,6 +168,8 @@ def parse_time(text):
         raise Refused(f"cannot read the target time {text!r}: write it as YYYY-MM-DD HH:MM:SS+05:00") from None
     if moment.tzinfo is None:
         raise Refused(f"the target time {text!r} has no timezone: write it with its offset, e.g. {text.strip()}+05:00")
+    if abs(moment.utcoffset()) >= timedelta(hours=16):  # Python reads up to 24 h; PostgreSQL up to 15:59
+        raise Refused(f"the target time {text!r} has an offset from UTC of 16 hours or more: no time zone has one")
     now = timezone.now()
     if moment > now:
         raise Refused(f"the target time {text} is in the future (now is {timezone.localtime(now):%Y-%m-%d %H:%M:%S%z})")
@@ -264,8 +266,8 @@ def fall_back(plan, fault, run=None, error=RestoreFailed):
 def check_port(port) -> int:
     if port is None:
         raise Refused("give --port: a free TCP port for the new cluster")
-    if not 1 <= int(port) <= 65535:
-        raise Refused(f"port {port} is not a TCP port (1-65535)")
+    if not 1024 <= int(port) <= 65535:  # below 1024 the portal (root) could bind it, postgres never
+        raise Refused(f"port {port} is not a port the new cluster can listen on: choose one in 1024-65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # As postgres binds: connections of a cluster that stopped on this port linger in
         # TIME_WAIT for a minute and do not keep it from starting; a listener does.
@@ -537,7 +539,7 @@ def restore_point_lsns(plan, first, last):
     for segno in range(first, last + 1):
         for line in waldump(plan, segno, segno, "XLOG"):
             m = RESTORE_POINT_LINE.search(line)
-            if m and m.group(2).strip() == plan.target.value:
+            if m and pitr_checks.restore_point_name(plan, m.group(1), segno, m.group(2)) == plan.target.value:
                 found.append((m.group(1), plan.unchecked / plan.staged[segno]))
     return found
 

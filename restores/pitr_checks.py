@@ -341,9 +341,22 @@ def duplicate_restore_points(plan, found):
     )
 
 
+def restore_point_name(plan, lsn, segno, printed):
+    """The name of the restore point at `lsn`, as recovery compares it (byte for byte), read from
+    the record: pg_waldump's line ends at a newline in it, and a trailing blank is easily lost.
+    `printed`, pg_waldump's, where the record runs into the next segment."""
+    record = restore_point_record(plan.unchecked / plan.staged[segno], lsn, plan.segment_size)
+    return record[1] if record else printed
+
+
 def restore_point_time(path, lsn, segment_size):
-    """rp_time of the XLOG_RESTORE_POINT record at `lsn` in the segment file `path`, or None
-    (a record that does not read as one, or that runs into the next segment)."""
+    record = restore_point_record(path, lsn, segment_size)
+    return record[0] if record else None
+
+
+def restore_point_record(path, lsn, segment_size):
+    """(rp_time, rp_name) of the XLOG_RESTORE_POINT record at `lsn` in the segment file `path`,
+    or None (a record that does not read as one, or that runs into the next segment)."""
     try:
         data = Path(path).read_bytes()
     except OSError:
@@ -384,10 +397,11 @@ def restore_point_in(record):
             break
         else:
             return None
-    if at + 8 > len(record):
+    end = record.find(b"\0", at + 8)  # rp_name: char[MAXFNAMELEN], NUL-terminated
+    if at + 8 > len(record) or end < 0:
         return None
     micros = struct.unpack_from("<q", record, at)[0]
-    return POSTGRES_EPOCH + timedelta(microseconds=micros)
+    return POSTGRES_EPOCH + timedelta(microseconds=micros), record[at + 8 : end].decode("utf-8", "replace")
 
 
 def ingest_first(server, wait=None):

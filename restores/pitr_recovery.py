@@ -103,6 +103,7 @@ def recovery_settings(plan):
         "logging_collector": "off",
         "log_destination": "stderr",
         "lc_messages": "C",
+        "log_min_messages": "warning",  # its LOG lines ("restored log file", "recovery stopping") at least
     }
     settings_.update(target_settings(plan.target))
     # Without a target, recovery replays all the WAL and promotes by itself.
@@ -151,7 +152,9 @@ def write_recovery_settings(plan):
             "the backup held standby.signal (taken from a standby): removed, so that the copy recovers from the"
             " archive and promotes instead of following production"
         )
-    lines = [f"\n# PITR restore by backupportal, {timezone.localtime():%Y-%m-%d %H:%M:%S%z}, target {plan.target.text}"]
+    lines = [
+        f"\n# PITR restore by backupportal, {timezone.localtime():%Y-%m-%d %H:%M:%S%z}, target {plan.target.text!r}"
+    ]  # a name may hold a line break
     lines += [f"{name} = {walspool.conf_quote(value)}" for name, value in recovery_settings(plan).items()]
     with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
         conf.write("\n".join(lines) + "\n")
@@ -394,12 +397,26 @@ def logged_position(logfile):
 
 
 def startup_failure(plan, logfile):
+    """One line of why the cluster stopped. A failed restore removes its directory, and the log
+    with it: the line quotes the log's last FATAL, and the cause logged just before it (an
+    invalid setting, a port it could not bind), rather than pointing at the file."""
     text = logfile.read_text(errors="replace") if logfile.exists() else ""
-    fatal = [line for line in text.splitlines() if "FATAL:" in line or "PANIC:" in line]
-    if any("recovery ended before configured recovery target was reached" in line for line in fatal):
+    lines = text.splitlines()
+    fatal = [n for n, line in enumerate(lines) if "FATAL:" in line or "PANIC:" in line]
+    if any("recovery ended before configured recovery target was reached" in lines[n] for n in fatal):
         return pitr_verdict.shortfall(plan, text)  # the log goes with the directory: the line says it all
-    if fatal:
-        return (
-            f"the restored cluster stopped: {fatal[-1].split('FATAL:')[-1].split('PANIC:')[-1].strip()} (see {logfile})"
-        )
-    return f"the restored cluster stopped during recovery: see {logfile}"
+    if not fatal:
+        return "the restored cluster stopped during recovery before it logged why"
+    said = _message(lines[fatal[-1]])
+    cause = next((_message(line) for line in reversed(lines[: fatal[-1]]) if CAUSE.search(line)), "")
+    return f"the restored cluster stopped: {said}" + (f" ({cause})" if cause and cause != said else "")
+
+
+# A line logged just before a FATAL that says what went wrong.
+CAUSE = re.compile(
+    r"(LOG|WARNING|ERROR):\s+(invalid|could not|cannot|unrecognized|parameter|permission|syntax error)", re.I
+)
+
+
+def _message(line):
+    return re.split(r"\b(?:FATAL|PANIC|LOG|WARNING|ERROR):\s+", line, maxsplit=1)[-1].strip()

@@ -20,7 +20,6 @@ from restores.pitr_plan import RestoreFailed
 STOPPING = re.compile(r"recovery stopping (.*)$", re.M)
 TIME_STOP = re.compile(r"^before (?:commit|abort) of transaction (\d+), time (.+)$")
 LSN_STOP = re.compile(r'^(?:after|before) WAL location \(LSN\) "([0-9A-F]+/[0-9A-F]+)"')
-NAME_STOP = re.compile(r'^at restore point "(.*)", time (.+)$')
 REDO_DONE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
 NEW_TIMELINE = re.compile(r"selected new timeline ID: (\d+)")
 LAST_XACT = re.compile(r"last completed transaction was at log time (.+)$", re.M | re.I)
@@ -46,15 +45,16 @@ def judge(plan, logfile):
     if target.kind == "latest":
         reached = latest_moment(plan, text)
     else:
-        reached = proof(plan, stop)
+        reached = proof(plan, stop, text)
     if reached is None:
         raise RestoreFailed(shortfall(plan, text))
     plan.recovered["reached"] = reached
     plan.notes.append(reached)
 
 
-def proof(plan, stop):
-    """The sentence that proves the target reached, or None."""
+def proof(plan, stop, text=""):
+    """The sentence that proves the target reached, or None. A restore point's name is looked for
+    whole in the log's `text`: it may hold a line break, which ends `stop`, the stopping line."""
     target = plan.target
     if target.kind == "time":
         m = TIME_STOP.match(stop)
@@ -63,9 +63,11 @@ def proof(plan, stop):
                 f"recovery stopped at {target.text}: right before transaction {m.group(1)}, committed at {m.group(2)}"
             )
     if target.kind == "name":
-        m = NAME_STOP.match(stop)
-        if m and m.group(1) == target.value:
-            return f"recovery stopped at restore point {target.value!r}, created at {m.group(2)}"
+        logged = target.value.replace("\n", "\n\t")  # the server's log indents a message's further lines
+        said = f'recovery stopping at restore point "{logged}", time '
+        if stop and said in text:
+            created = text[text.rindex(said) + len(said) :].split("\n", 1)[0].strip()
+            return f"recovery stopped at restore point {target.value!r}, created at {created}"
     if target.kind == "lsn":
         m = LSN_STOP.match(stop)
         replayed = plan.recovered.get("recovered_lsn", "")

@@ -99,19 +99,23 @@ def test_a_restore_is_refused_before_anything_is_written(
         (["--target-lsn", "0/1"], "before the end of the oldest kept base backup"),
         (["--target-lsn", "FF/0"], "beyond the archived WAL"),
         (["--target", "latest", "--target-name", "x"], "exactly one target"),
+        (["--target-time", (now - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S+16:00")], "16 hours or more"),
+        (["--target-name", "é" * 32], "at most 63 bytes"),
     ]
     for target, message in cases:
         result = pitr(datadir, port, *target)
         assert result["_exit"] == 1 and message in result["_stderr"], (target, result)
     result = pitr(datadir, sample_cluster.port, "--target", "latest")
     assert f"port {sample_cluster.port} is in use" in result["_stderr"]
+    result = pitr(datadir, 80, "--target", "latest")  # root binds it; postgres would fail after the extraction
+    assert "port 80 is not a port the new cluster can listen on" in result["_stderr"]
     datadir.mkdir()
     (datadir / "precious").write_text("do not touch")
     result = pitr(datadir, port, "--target", "latest")
     assert "is not empty" in result["_stderr"]
     assert [p.name for p in datadir.iterdir()] == ["precious"]
     assert not RestoreRun.objects.exists()
-    assert JournalEntry.objects.filter(action="pitr_refused").count() == len(cases) + 2
+    assert JournalEntry.objects.filter(action="pitr_refused").count() == len(cases) + 3
 
 
 def test_a_gap_in_the_wal_catalog_refuses_the_restore_naming_the_segment(
@@ -188,6 +192,30 @@ def test_pitr_to_a_restore_point_an_lsn_or_past_the_last_commit(
 
     result = pitr(restored(), free_port(), "--target-name", "never_created")
     assert result["status"] == "failed" and "restore point 'never_created' is not in the WAL" in result["error"]
+
+
+def test_restore_point_names_are_matched_and_passed_to_recovery_byte_for_byte(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """Recovery compares names with strcmp: a backslash, a trailing blank or a line break is
+    part of the name, in the WAL and in postgresql.auto.conf (which reads backslash escapes)."""
+    enable_push(sample_cluster)
+    sample_cluster.execute("ALTER SYSTEM SET log_min_messages = 'fatal'")  # production's logging is not ours
+    sample_cluster.execute("SELECT pg_reload_conf()")
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    sample_cluster.execute("SELECT pg_create_restore_point(%s)", ("before\\new",))
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    sample_cluster.execute("SELECT pg_create_restore_point(%s)", ("rp \nnext",))
+    write(sample_cluster, "INSERT INTO probe VALUES ('C')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    for name, expected in (("before\\new", [("A",)]), ("rp \nnext", [("A",), ("B",)])):
+        port = free_port()
+        result = pitr(restored(), port, "--target-name", name)
+        assert result["status"] == "succeeded", (name, result.get("error"))
+        assert rows(port, "SELECT tx FROM probe ORDER BY tx") == expected
+    result = pitr(restored(), free_port(), "--target-name", "rp ")  # a prefix of one: no restore point
+    assert result["status"] == "failed" and "restore point 'rp ' is not in the WAL" in result["error"]
 
 
 def test_a_restored_cluster_adds_nothing_to_the_production_archive(
