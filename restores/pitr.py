@@ -52,6 +52,7 @@ from restores.pitr_recovery import heartbeat, pg_ctl, start_and_wait, write_reco
 
 __all__ = ["STAGING", "Plan", "Refused", "RestoreFailed", "Target", "check_datadir"]  # used through this module too
 
+SEARCH_WINDOW = 16  # segments decrypted at a time while a restore point is searched for
 RESTORE_POINT_LINE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.*)$")
 LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 
@@ -322,7 +323,12 @@ def needed_through(plan):
         if wanted > last and not partial_for(plan, wanted):
             name = walnames.segment_name(plan.lineage.timeline_of(last), last, plan.segment_size)
             raise Refused(f"LSN {plan.target.value} is beyond the archived WAL, which ends with segment {name}")
-        return max(floor, min(wanted, last))
+        # Recovery stops at the first record at or after the LSN: at a segment's end (a switch's
+        # LSN, or a record crossing into the next), that record is in the next segment.
+        return max(floor, min(wanted + 1, last))
+    if plan.target.kind == "name":  # where the chain from the base ends: a later gap need not matter
+        missing = walchain.missing_segments(server, floor, last, plan.lineage)
+        return max(floor, plan.segno(missing[0]) - 1) if missing else last
     return max(floor, last)
 
 
@@ -518,30 +524,65 @@ def find_restore_point(plan, run):
     """Find the restore point in the WAL, going back base backup by base backup.
 
     Recovery stops at the first restore point of that name after the base backup is
-    consistent: the newest base backup with one after its end is the one to use.
+    consistent: the newest base backup with one after its end is the one to use. The WAL is
+    searched through plan.last, where the archive's chain from the newest base ends
+    (needed_through): a gap beyond it cannot hide the restore point recovery stops at, only a
+    later one of the same name, which the notes then say.
     """
-    upper, found = walchain.last_segno(plan.server, plan.lineage), []
+    stop_prefetch(plan)  # an older base's search removes what it read: nothing else may be reading
+    end = upper = plan.last
+    found = []
     for base in reversed(plan.bases):
         first = plan.segno(base.start_wal)
-        stage_wal(plan, first, upper)
-        found += restore_point_lsns(plan, first, upper)
-        if any(walnames.lsn_to_int(lsn) >= walnames.lsn_to_int(base.end_lsn) for lsn, _ in found):
+        found += restore_points_in(plan, first, upper)
+        after = sorted(walnames.lsn_to_int(lsn) for lsn, _ in found if lsn_at_or_after(lsn, base.end_lsn))
+        if after:
             plan.base = base
             pitr_checks.duplicate_restore_points(plan, found)  # recovery would stop at the first
             RestoreRun.objects.filter(pk=run.pk).update(backup_run=base)
+            # The record's segment, and the next: recovery reads on to the record after it.
+            plan.last = min(end, after[0] // plan.segment_size + 1)
+            if end < walchain.last_segno(plan.server, plan.lineage):
+                beyond = walnames.segment_name(plan.lineage.timeline_of(end + 1), end + 1, plan.segment_size)
+                plan.notes.append(
+                    f"the archive has a gap at segment {beyond}: the WAL beyond it was not searched for another "
+                    f"restore point named {plan.target.value!r} (recovery stops at the first, found before it)"
+                )
             return
         upper = first - 1
     raise RestoreFailed(f"restore point {plan.target.value!r} is not in the WAL archived since the oldest base backup")
 
 
-def restore_point_lsns(plan, first, last):
-    found = []
-    for segno in range(first, last + 1):
-        for line in waldump(plan, segno, segno, "XLOG"):
-            m = RESTORE_POINT_LINE.search(line)
-            if m and pitr_checks.restore_point_name(plan, m.group(1), segno, m.group(2)) == plan.target.value:
-                found.append((m.group(1), plan.unchecked / plan.staged[segno]))
-    return found
+def lsn_at_or_after(lsn, other):
+    return walnames.lsn_to_int(lsn) >= walnames.lsn_to_int(other)
+
+
+def restore_points_in(plan, first, last):
+    """(LSN, creation time) of each restore point of the target's name in segments first..last,
+    decrypted SEARCH_WINDOW at a time and removed once read: the disk a search needs is bounded
+    whatever the amount of WAL (the prefetcher fetches recovery's own later). Each segment is
+    read with the one before it: a record may start there and end in it."""
+    found = {}
+    for start in range(first, last + 1, SEARCH_WINDOW):
+        end = min(last, start + SEARCH_WINDOW - 1)
+        stage_wal(plan, max(first, start - 1), end)
+        for segno in range(start, end + 1):
+            for line in waldump(plan, max(first, segno - 1), segno, "XLOG"):
+                m = RESTORE_POINT_LINE.search(line)
+                if m and m.group(1) not in found:
+                    at, name = pitr_checks.restore_point(plan, m.group(1), m.group(2))
+                    if name == plan.target.value:
+                        found[m.group(1)] = at
+        unstage(plan, range(max(first, start - 1), end))  # `end`: the next window's segment before
+    unstage(plan, [last])
+    return list(found.items())
+
+
+def unstage(plan, segnos):
+    for segno in segnos:
+        name = plan.staged.pop(segno, None)
+        if name is not None:
+            (plan.unchecked / name).unlink(missing_ok=True)
 
 
 def extract_chain_or_base(plan, run, early):

@@ -324,14 +324,13 @@ RECORD_HEADER = struct.Struct("<IIQBBxxI")  # XLogRecord: tot_len, xid, prev, in
 
 
 def duplicate_restore_points(plan, found):
-    """Refused when the restore point's name occurs more than once in `found`, (LSN, file) of
-    each occurrence in the WAL searched: recovery would stop at the first, whichever was meant."""
+    """Refused when the restore point's name occurs more than once in `found`, (LSN, creation
+    time) of each occurrence in the WAL searched: recovery would stop at the first, whichever was meant."""
     seen = sorted(set(found), key=lambda f: walnames.lsn_to_int(f[0]))
     if len(seen) < 2:
         return
     each = []
-    for lsn, path in seen:
-        at = restore_point_time(path, lsn, plan.segment_size)
+    for lsn, at in seen:
         when = timezone.localtime(at).isoformat(sep=" ", timespec="milliseconds") if at else "time unreadable"
         each.append(f"{lsn} ({when})")
     raise Refused(
@@ -341,17 +340,14 @@ def duplicate_restore_points(plan, found):
     )
 
 
-def restore_point_name(plan, lsn, segno, printed):
-    """The name of the restore point at `lsn`, as recovery compares it (byte for byte), read from
-    the record: pg_waldump's line ends at a newline in it, and a trailing blank is easily lost.
-    `printed`, pg_waldump's, where the record runs into the next segment."""
+def restore_point(plan, lsn, printed):
+    """(creation time or None, name) of the restore point at `lsn`, the name as recovery compares
+    it (byte for byte), read from the record: pg_waldump's line ends at a line break in it, and
+    a trailing blank is easily lost. `printed`, pg_waldump's, where the record runs into the
+    next segment."""
+    segno = walnames.segno_of_lsn(lsn, plan.segment_size)
     record = restore_point_record(plan.unchecked / plan.staged[segno], lsn, plan.segment_size)
-    return record[1] if record else printed
-
-
-def restore_point_time(path, lsn, segment_size):
-    record = restore_point_record(path, lsn, segment_size)
-    return record[0] if record else None
+    return record if record else (None, printed)
 
 
 def restore_point_record(path, lsn, segment_size):

@@ -115,8 +115,22 @@ class Scratch:
 
 
 def chain(plan, first, last):
+    """The catalogued segments first..last up to the first missing one, and a Refused naming that
+    one (None without a gap): raised only if the search gets there, as a gap after the target
+    must not refuse a restore that never needs the WAL beyond it."""
+    missing = walchain.missing_segments(plan.server, first, last, plan.lineage)
+    if missing:
+        last = plan.segno(missing[0]) - 1
+    gap = (
+        Refused(
+            f"WAL segment {missing[0]} is missing from the archive: the WAL chain to the target "
+            f"{plan.target.text} has a gap there"
+        )
+        if missing
+        else None
+    )
     try:
-        return walchain.chain_segments(plan.server, first, last, plan.lineage)
+        return walchain.chain_segments(plan.server, first, last, plan.lineage), gap
     except walnames.WalError as e:
         raise Refused(f"{e}: the WAL chain to the target {plan.target.text} has a gap there") from None
 
@@ -126,8 +140,9 @@ def scan(plan, first, last):
     moment, before, previous, seen = plan.target.value, None, None, set()
     if last is None or last < first:
         return None, None
+    segments, gap = chain(plan, first, last)
     with Scratch(plan) as scratch:
-        for segment in chain(plan, first, last):
+        for segment in segments:
             scratch.fetch(segment)
             # From the segment before when there is one: a record may start there and end here.
             start = previous.name if previous and previous.timeline == segment.timeline else segment.name
@@ -146,6 +161,8 @@ def scan(plan, first, last):
             if previous is not None:
                 (scratch.path / previous.name).unlink(missing_ok=True)
             previous = segment
+    if gap is not None:
+        raise gap
     return None, before
 
 

@@ -194,6 +194,23 @@ def test_pitr_to_a_restore_point_an_lsn_or_past_the_last_commit(
     assert result["status"] == "failed" and "restore point 'never_created' is not in the WAL" in result["error"]
 
 
+def test_an_lsn_at_a_segments_end_recovers_through_the_next_segments_first_record(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """pg_switch_wal() returns the switch's end: the next record, where recovery stops, starts
+    the next segment."""
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    lsn = sample_cluster.execute("SELECT pg_switch_wal()")[0][0]
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    port = free_port()
+    result = pitr(restored(), port, "--target-lsn", str(lsn))
+    assert result["status"] == "succeeded", result.get("error")
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",)]
+
+
 def test_restore_point_names_are_matched_and_passed_to_recovery_byte_for_byte(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):

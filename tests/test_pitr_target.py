@@ -257,3 +257,44 @@ def test_latest_waits_for_an_ingest_pass_already_running_and_refuses_if_it_never
     holder.join()
     assert result.get("status") == "succeeded", result
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+
+
+def test_a_gap_after_the_target_refuses_neither_a_time_nor_a_restore_point(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, monkeypatch
+):
+    """Restore to just before the incident, while a later segment is lost: recovery never needs it.
+    And a restore point's search reads the WAL a window at a time, never all of it at once."""
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    sample_cluster.execute("SELECT pg_create_restore_point('rp1')")
+    target = a_second_later()
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    archived(sample_cluster, server)
+    for _ in range(6):
+        write(sample_cluster, "INSERT INTO probe VALUES ('C')")
+        lost = switch_wal(sample_cluster)
+        wait_archived(sample_cluster, lost)
+    write(sample_cluster, "INSERT INTO probe VALUES ('D')")
+    archived(sample_cluster, server)
+    WalSegment.objects.filter(server=server, name=lost).delete()  # lost from the archive, long after
+
+    port = free_port()
+    result = pitr_to(restored(), port, target)
+    assert result["status"] == "succeeded", result.get("error")
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",)]
+
+    monkeypatch.setattr(pitr, "SEARCH_WINDOW", 2)
+    staged_at_once, stage_wal = [], pitr.stage_wal
+
+    def counting(plan, first, last):
+        stage_wal(plan, first, last)
+        staged_at_once.append(len(list(plan.unchecked.iterdir())))
+
+    monkeypatch.setattr(pitr, "stage_wal", counting)
+    port = free_port()
+    result = run_command("restore", "--server", "maldives", "--target-name", "rp1", *into(restored(), port))
+    assert result["status"] == "succeeded", result.get("error")
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",)]
+    assert f"the archive has a gap at segment {lost}" in result["notes"]
+    assert len(staged_at_once) >= 3 and max(staged_at_once) <= 3  # a window, and the segment before it
