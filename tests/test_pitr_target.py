@@ -24,7 +24,7 @@ from backupportal.lib.pgdatadir import pg_bin
 from backupportal.models import JournalEntry
 from backups import walchain, walingest, walnames, walspool
 from backups.models import WalSegment
-from restores import pitr
+from restores import pitr, pitr_points
 from restores.models import RestoreRun
 from tests.helpers import a_second_later, enable_push, pitr_to, rows, run_command, switch_wal, wait_archived
 
@@ -284,14 +284,14 @@ def test_a_gap_after_the_target_refuses_neither_a_time_nor_a_restore_point(
     assert result["status"] == "succeeded", result.get("error")
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",)]
 
-    monkeypatch.setattr(pitr, "SEARCH_WINDOW", 2)
-    staged_at_once, stage_wal = [], pitr.stage_wal
+    monkeypatch.setattr(pitr_points, "SEARCH_WINDOW", 2)
+    staged_at_once, stage_wal = [], pitr_points.stage_wal
 
     def counting(plan, first, last):
         stage_wal(plan, first, last)
         staged_at_once.append(len(list(plan.unchecked.iterdir())))
 
-    monkeypatch.setattr(pitr, "stage_wal", counting)
+    monkeypatch.setattr(pitr_points, "stage_wal", counting)
     port = free_port()
     result = run_command("restore", "--server", "maldives", "--target-name", "rp1", *into(restored(), port))
     assert result["status"] == "succeeded", result.get("error")
