@@ -168,6 +168,11 @@ class ServerConnection(models.Model):
         settings = self.connection_settings(dbname) | kwargs
         settings["options"] = f"{settings.get('options') or ''} {SESSION_GUARD}".strip()
         conn = psycopg.connect(**settings, autocommit=autocommit)
+        try:
+            conn.info.encoding
+        except psycopg.NotSupportedError:  # EUC_TW, MULE_INTERNAL: no Python codec; the server converts
+            conn.close()
+            conn = psycopg.connect(**settings, client_encoding="UTF8", autocommit=autocommit)
         if conn.info.encoding == "ascii":  # a SQL_ASCII database
             for type_name in ("text", "name", "varchar", "bpchar"):
                 conn.adapters.register_loader(type_name, SqlAsciiText)

@@ -19,8 +19,13 @@ from backups.models import BackupRun, Database
 from backups.models.servers import ALL_DATABASES, parse_protect_databases
 from backups.runner import RunRefused, claim, claim_scheduled, execute, finish_failed
 
-# Templates are never dumped; datallowconn = false is a database nobody may connect to.
-LIST_SQL = "SELECT datname, datallowconn FROM pg_database WHERE NOT datistemplate ORDER BY datname"
+# template0 and template1 are the cluster's own (initdb's), never dumped; a template a DBA made
+# (IS_TEMPLATE) holds data like any database and is dumped as pg_dumpall would, restored as one
+# (restores.targetdb drops such a copy). datallowconn = false is a database nobody may connect to.
+LIST_SQL = (
+    "SELECT datname, datallowconn FROM pg_catalog.pg_database"
+    " WHERE datname NOT IN ('template0', 'template1') ORDER BY datname"
+)
 
 
 # The portal's own passing databases, never "all" of a cluster: restore tests' scratch databases

@@ -22,6 +22,7 @@ from psycopg import sql
 from backupportal.lib.childenv import child_env
 from backups.crypto import die_with_parent, gpg_failure, stopping_on_purpose
 from restores.sqlscript import (
+    CODECS,
     IDENT,
     LITERAL,
     NotText,
@@ -39,6 +40,7 @@ DATABASE_ENTRY = re.compile(
 # Event triggers and what is said of them: held back until the portal is done in the copy (logical.EventTriggers).
 EVENT_TRIGGER_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:EVENT TRIGGER - |(?:COMMENT|SECURITY LABEL) - EVENT TRIGGER )")
 DUMPED_NAME = re.compile(r"^;\s+dbname: (.*)$", re.M)
+DECLARED_TEXT = re.compile(r"^SET client_encoding = '([A-Z0-9_]+)';$", re.M)  # sqlscript.DECLARED, in text
 
 # CREATE DATABASE options and how their values are written.
 CREATE_OPTION = re.compile(rf"\s*([A-Z_]+)\s*=\s*({LITERAL}|{IDENT}|[A-Za-z0-9_]+)")
@@ -202,10 +204,12 @@ class DatabaseProperties:
     def parse(cls, listing, script):
         source = DUMPED_NAME.search(listing).group(1)
         options, actions, warnings = None, [], []
+        declared = DECLARED_TEXT.search(script)
+        codec = CODECS.get(declared.group(1)) if declared else None
         for text in statements(script):
             if SESSION_NOISE.match(text):
                 continue
-            form, match = _recognise(text, source)
+            form, match = _recognise(text, source, codec)
             if form is None:
                 warnings.append(f"not re-issued for the new database (not understood): {text[:120]}")
             elif form == "create":
@@ -256,12 +260,12 @@ class DatabaseProperties:
         return applied, warnings
 
 
-def _recognise(text, source):
+def _recognise(text, source, codec=None):
     for form, pattern in FORMS.items():
         match = pattern.fullmatch(text)
         if match is None:
             continue
-        if "db" in pattern.groupindex and unquote_ident(match.group("db")) != source:
+        if "db" in pattern.groupindex and not _same_name(unquote_ident(match.group("db")), source, codec):
             return None, None
         if form == "privilege" and not set(match.group("privs").split(",")) <= DATABASE_PRIVILEGES:
             return None, None
@@ -269,6 +273,19 @@ def _recognise(text, source):
             return None, None
         return form, match
     return None, None
+
+
+def _same_name(name, source, codec):
+    """Whether the script's `name` is the dumped database's. The listing gives that name as the
+    connection had it (UTF-8); the script gives pg_database's bytes in the dump's encoding, read
+    as that encoding: a name made from a UTF-8 session, in a LATIN1 database's dump, reads
+    "cafÃ©" there. The same bytes are the same name."""
+    if name == source:
+        return True
+    try:
+        return bool(codec) and name.encode(codec) == source.encode()
+    except UnicodeEncodeError:
+        return False
 
 
 def setting_name(token):

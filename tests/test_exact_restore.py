@@ -221,6 +221,60 @@ def test_a_non_utf8_databases_comment_and_settings_come_back_in_its_own_encoding
     assert own_properties(source, "atoll_copy") == expected
 
 
+def test_a_latin1_database_with_a_name_beyond_ascii_comes_back_with_its_encoding_settings_and_grants(
+    source, passphrase_file, backup_root
+):
+    """Its name was made from a UTF-8 session: pg_database holds UTF-8 bytes, which the LATIN1
+    dump writes as they are, so its script reads "cafÃ©" where the table of contents says "café"."""
+    source.execute("CREATE DATABASE \"café\" TEMPLATE template0 ENCODING 'LATIN1' LOCALE 'C'")
+    source.execute("ALTER DATABASE \"café\" SET work_mem = '7MB'")
+    source.execute('REVOKE CONNECT ON DATABASE "café" FROM PUBLIC')
+    source.execute("CREATE TABLE t AS SELECT 1 AS x", dbname="café")
+    server = register(source, "cafe", "postgres", "source")
+    server.protect_databases = "café"
+    server.save()
+    call_command("backup", "cafe", "--database", "café", stdout=StringIO())
+    run = BackupRun.objects.filter(server=server, status="succeeded").latest("created_at")
+    result = restore_json(str(run.pk), "--into-database", "cafe_copy")
+    assert result["status"] == "succeeded" and result["warnings"] == [], result
+    described = (
+        "SELECT pg_encoding_to_char(d.encoding), d.datacl IS NOT NULL AND NOT has_database_privilege('public', d.oid,"
+        " 'CONNECT'), s.setconfig FROM pg_database d LEFT JOIN pg_db_role_setting s ON s.setdatabase = d.oid"
+        " WHERE d.datname = %s"
+    )
+    assert source.execute(described, ["cafe_copy"]) == [("LATIN1", True, ["work_mem=7MB"])]
+
+
+def test_a_database_in_an_encoding_python_has_no_codec_for_is_backed_up(source, passphrase_file, backup_root):
+    """EUC_TW: the portal's own sessions there speak UTF-8 (the server converts), pg_dump its own."""
+    source.execute("CREATE DATABASE tw TEMPLATE template0 ENCODING 'EUC_TW' LOCALE 'C'")
+    with source.connect("tw", options="-c client_encoding=UTF8") as conn:
+        conn.execute("CREATE TABLE t AS SELECT '台灣' AS x")
+    register(source, "tw", "tw", "source")
+    assert backup("tw").details["row_counts"] == {"public.t": 1}
+
+
+def test_a_template_a_dba_made_is_backed_up_with_all_restored_as_a_template_and_tested(
+    source, passphrase_file, backup_root
+):
+    """IS_TEMPLATE databases hold data (a tenant template): "all" covers them, as pg_dumpall does."""
+    source.execute("CREATE DATABASE tenant_template")
+    source.execute("CREATE TABLE plans AS SELECT g AS id FROM generate_series(1, 3) g", dbname="tenant_template")
+    source.execute("ALTER DATABASE tenant_template IS_TEMPLATE true")
+    server = register(source, "tmpl", "postgres", "source")
+    server.protect_databases = "all"
+    server.save()
+    call_command("backup", "tmpl", stdout=StringIO())
+    run = BackupRun.objects.get(server=server, database__name="tenant_template", status="succeeded")
+    assert run.details["row_counts"] == {"public.plans": 3}
+    result = restore_json(str(run.pk), "--into-database", "tenant_copy")
+    assert result["status"] == "succeeded", result
+    assert source.execute("SELECT datistemplate FROM pg_database WHERE datname = 'tenant_copy'") == [(True,)]
+    test = run_restore_test(server, database=server.databases.get(name="tenant_template"))
+    assert test.status == RestoreTest.Status.PASSED, test.error
+    assert not [d for (d,) in source.execute("SELECT datname FROM pg_database") if d.startswith("restoretest_")]
+
+
 def test_a_sql_ascii_databases_comment_in_no_encoding_is_restored_with_a_warning_not_a_crash(
     source, passphrase_file, backup_root
 ):
