@@ -169,7 +169,7 @@ class ServerConnection(models.Model):
         settings["options"] = f"{settings.get('options') or ''} {SESSION_GUARD}".strip()
         conn = psycopg.connect(**settings, autocommit=autocommit)
         try:
-            conn.info.encoding
+            _ = conn.info.encoding  # asked of the server's encoding: raises for one Python lacks
         except psycopg.NotSupportedError:  # EUC_TW, MULE_INTERNAL: no Python codec; the server converts
             conn.close()
             conn = psycopg.connect(**settings, client_encoding="UTF8", autocommit=autocommit)
