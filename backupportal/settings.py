@@ -60,6 +60,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # X-Forwarded-Proto from TRUSTED_PROXIES only, before anything asks request.is_secure().
+    "backupportal.middleware.ForwardedProtoMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Scripts and styles from our static files only: no inline script runs, injected or not.
     "backupportal.middleware.ContentSecurityPolicyMiddleware",

@@ -227,3 +227,13 @@ def test_no_changelist_filters_on_a_sealed_secret(client, catalog):
     ):
         assert client.get(url).status_code == 400, url
     assert client.get(reverse("admin:backups_server_changelist") + "?archiving__exact=none").status_code == 200
+
+
+def test_x_forwarded_proto_counts_only_from_a_trusted_proxy(client, catalog, settings):
+    """Without a proxy in front, a client on plain http claiming https is still redirected."""
+    settings.SECURE_SSL_REDIRECT = True
+    settings.TRUSTED_PROXIES = ["10.0.0.5"]
+    claimed = {"HTTP_X_FORWARDED_PROTO": "https"}
+    response = client.get(reverse("login"), REMOTE_ADDR="10.0.0.9", **claimed)
+    assert response.status_code == 301 and response["Location"].startswith("https://")
+    assert client.get(reverse("login"), REMOTE_ADDR="10.0.0.5", **claimed).status_code == 200

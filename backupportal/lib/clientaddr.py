@@ -52,3 +52,8 @@ def client_address(request):
         if not _trusted(address, networks):
             return str(address)
     return str(_address(chain[0])) if chain else peer
+
+
+def from_trusted_proxy(request):
+    """Whether the request's peer is one of TRUSTED_PROXIES (its X-Forwarded-* headers count)."""
+    return _trusted(_address(request.META.get("REMOTE_ADDR", "")), parse_networks(settings.TRUSTED_PROXIES))
