@@ -9,6 +9,7 @@ shorten retention, turn a schedule down, delete a backup or a location without a
   silence grows (backupportal.lib.cron.firings and longest_gap; a month's count would let "only in
   December" through); a change worse by neither applies at once, nor one that only moves a firing
   across the year's edge (weakened); a server disabled (no job runs);
+- a table taken off a database's critical tables (added ones apply at once);
 - a server's WAL archiving turned off (push or pull to none): no PITR after it, and the RPO
   alert goes quiet as for a looser objective;
 - a database it backs up left out (its databases to back up, or the DSN's database when that is
@@ -34,6 +35,7 @@ from backupportal import journal
 from backupportal.lib.cron import cron_problem, duration_words, firings, longest_gap
 from backups import schedules
 from backups.copies import delete_run_artifacts
+from backups.critical import set_critical_tables
 from backups.databases import discover
 from backups.models import BackupCopy, BackupRun, BackupSchedule, ChangeRequest, Database, Server, StorageLocation
 from backups.models.servers import ALL_DATABASES, destination_of, parse_protect_databases
@@ -120,6 +122,11 @@ def apply_server_fields(server, change):
     journal.record(
         "server_changed", actor=approved_actor(change), obj=server, fields=sorted(change.changes), change=change.pk
     )
+
+
+@ChangeRequest.applies(Kind.FEWER_CRITICAL_TABLES, Database)
+def apply_fewer_critical_tables(database, change):
+    set_critical_tables(database, change.changes["critical_tables"]["to"], approved_actor(change))
 
 
 @ChangeRequest.applies(Kind.DISABLE_SERVER, Server)

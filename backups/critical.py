@@ -8,10 +8,12 @@ for the DSN's database.
 
 import psycopg
 from django import forms
+from django.db import transaction
 
 from backupportal import journal
 from backupportal.lib.pgerrors import explain
 from backups import tables
+from backups.models import ChangeRequest
 
 
 def check_tables(server, names, dbname=None):
@@ -24,6 +26,33 @@ def check_tables(server, names, dbname=None):
             return tables.resolve(conn, names)
     except psycopg.Error as e:
         raise ValueError(f"cannot reach {server.name} to check the tables: {explain(e, server)}") from None
+
+
+def dropped_tables(database, qualified):
+    """The critical tables of `database` that the choice `qualified` leaves out."""
+    return [name for name in database.critical_tables or [] if name not in qualified]
+
+
+def choose_critical_tables(database, qualified, user, reason=""):
+    """A DBA's choice: tables added apply at once; one taken off is held to its checks until another
+    DBA or Sysadmin approves (its empty or shrunk table would pass the restore test unnoticed, as a
+    higher shrink threshold would let it). Returns the change request opened, or None."""
+    dropped = dropped_tables(database, qualified)
+    if not dropped:
+        set_critical_tables(database, qualified, user.get_username())
+        return None
+    kept = list(database.critical_tables or []) + [name for name in qualified if name not in database.critical_tables]
+    with transaction.atomic():
+        change = ChangeRequest.open(
+            ChangeRequest.Kind.FEWER_CRITICAL_TABLES,
+            database,
+            user,
+            reason,
+            {"critical_tables": {"from": list(database.critical_tables or []), "to": qualified}},
+        )
+        if kept != list(database.critical_tables or []):
+            set_critical_tables(database, kept, user.get_username())
+    return change
 
 
 def set_critical_tables(database, qualified, actor):
@@ -55,6 +84,13 @@ class CriticalTablesForm(forms.Form):
         kwargs.setdefault("initial", {"tables": "\n".join(database.critical_tables or [])})
         kwargs.setdefault("prefix", f"db{database.pk}")
         super().__init__(*args, **kwargs)
+
+    reason = forms.CharField(
+        label="Reason",
+        required=False,
+        max_length=500,
+        help_text="Taking a table off waits for another DBA or Sysadmin: say why.",
+    )
 
     def clean_tables(self):
         names = tables.split_list(self.cleaned_data["tables"])

@@ -5,6 +5,7 @@ import hmac
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_not_required
+from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Case, IntegerField, Value, When
 from django.http import Http404, HttpResponse
@@ -17,7 +18,7 @@ from backupportal import journal
 from backupportal.models import JournalEntry
 from backupportal.roles import require_perm
 from backups import binaries, retention
-from backups.critical import CriticalTablesForm, set_critical_tables
+from backups.critical import CriticalTablesForm, choose_critical_tables, dropped_tables
 from backups.models import BackupSchedule, Database, Server, StorageLocation
 from watching import coverage
 from watching import dashboard as figures
@@ -145,9 +146,20 @@ def critical_tables_edit(request, name):
     form = CriticalTablesForm(database, request.POST)
     if not form.is_valid():
         return server_detail(request, name, critical_form=form)
-    set_critical_tables(database, form.cleaned_data["tables"], actor=request.user.get_username())
+    try:
+        change = choose_critical_tables(
+            database, form.cleaned_data["tables"], request.user, form.cleaned_data["reason"]
+        )
+    except ValidationError as e:
+        form.add_error("reason", e.messages[0])
+        return server_detail(request, name, critical_form=form)
     chosen = ", ".join(database.critical_tables) or "none"
     messages.success(request, f"Critical tables of {database}: {chosen}.")
+    if change is not None:
+        off = ", ".join(dropped_tables(database, form.cleaned_data["tables"]))
+        messages.warning(
+            request, f"Taking {off} off waits for {change.deciders} to approve change request #{change.pk}."
+        )
     return redirect(server)
 
 

@@ -94,6 +94,7 @@ class ChangeRequest(models.Model):
         )
         DISABLE_SERVER = "disable_server", "Disable a server (every schedule of it)"
         STOP_ARCHIVING = "stop_archiving", "Turn a server's WAL archiving off (no PITR from then on)"
+        FEWER_CRITICAL_TABLES = "fewer_critical", "Take tables off a database's critical tables"
         BACK_UP_FEWER = "back_up_fewer", "Stop backing up some of a server's databases"
         DELETE_BACKUP = "delete_backup", "Delete a backup by hand"
         REMOVE_LOCATION = "remove_location", "Remove a storage location"
