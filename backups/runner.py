@@ -7,12 +7,15 @@ same in the foreground and on a worker.
 import logging
 import os
 import socket
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import psycopg
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
+from django.db import connection as db_connection
 from django.utils import timezone
 
 from backupportal import conditions, journal
@@ -21,8 +24,10 @@ from backups.anchors import anchor_after_backup
 from backups.models import BackupCopy, BackupRun, Database, Server, StorageLocation
 from backups.pipeline import BackupFailed
 
-# A run whose heartbeat is older than this was left by a dead worker.
+# A run whose heartbeat is older than this was left by a dead worker: a live one beats every
+# HEARTBEAT_EVERY seconds whatever it waits for (beating).
 ORPHAN_AFTER = timedelta(minutes=2)
+HEARTBEAT_EVERY = 20
 # A scheduled run that finds the lock taken gives its worker back and is queued again after
 # LOCKED_RETRY, for up to SCHEDULED_WAIT. Waiting inside the worker let a few busy servers hold
 # every worker and delay every other server's schedule.
@@ -206,11 +211,12 @@ def execute(run):
         BackupRun.Kind.INCREMENTAL: incremental.take,
     }
     try:
-        unchecked = same_cluster(run)
-        handlers[run.kind](run)
-        if unchecked:
-            run.notes = "; ".join(filter(None, [run.notes, unchecked]))
-        manifests.write_for_run(run)  # last: it describes the run as it succeeded
+        with beating(run):
+            unchecked = same_cluster(run)
+            handlers[run.kind](run)
+            if unchecked:
+                run.notes = "; ".join(filter(None, [run.notes, unchecked]))
+            manifests.write_for_run(run)  # last: it describes the run as it succeeded
     except BackupFailed as e:
         finish_failed(run, str(e))
     except Exception as e:  # a bug must still fail the run visibly, not leave it running
@@ -255,26 +261,48 @@ def same_cluster(run):
     return ""
 
 
+@contextmanager
+def beating(run):
+    """The run's heartbeat every HEARTBEAT_EVERY seconds while this process works on it, whatever
+    it waits for (its WAL to be archived, the rows to be counted, pg_dumpall): only a run whose
+    process is gone goes without one for ORPHAN_AFTER, and is failed as orphaned."""
+    stop = threading.Event()
+
+    def beat():
+        try:
+            while not stop.wait(HEARTBEAT_EVERY):
+                try:
+                    running = BackupRun.objects.filter(pk=run.pk, status=BackupRun.Status.RUNNING)
+                    running.update(heartbeat_at=timezone.now())
+                except DatabaseError as e:  # a busy catalog: the next beat tries again
+                    log.warning("run %s: heartbeat not recorded: %s", run.pk, e)
+        finally:
+            db_connection.close()  # this thread's own
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat of run {run.pk}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def finish_succeeded(run):
+    """Succeeded, only while still running: a run the orphan sweep failed meanwhile (its files
+    removed, its lock given up) stays failed, never a success without its artifact."""
     # The manifest, written just before, already says when it finished.
-    run.status, run.finished_at = BackupRun.Status.SUCCEEDED, run.finished_at or timezone.now()
-    run.save(
-        update_fields=[
-            "status",
-            "finished_at",
-            "size",
-            "sha256",
-            "key",
-            "details",
-            "bytes_done",
-            "timeline",
-            "start_lsn",
-            "end_lsn",
-            "start_wal",
-            "end_wal",
-            "notes",
-        ]
+    run.finished_at = run.finished_at or timezone.now()
+    fields = ["finished_at", "size", "sha256", "key", "details", "bytes_done", "timeline"]
+    fields += ["start_lsn", "end_lsn", "start_wal", "end_wal", "notes"]
+    updated = BackupRun.objects.filter(pk=run.pk, status=BackupRun.Status.RUNNING).update(
+        status=BackupRun.Status.SUCCEEDED, **{f: getattr(run, f) for f in fields}
     )
+    if not updated:
+        run.refresh_from_db(fields=["status", "error"])
+        log.error("run %s ended its work after it was %s (%s): left as it is", run.pk, run.status, run.error)
+        return
+    run.status = BackupRun.Status.SUCCEEDED
     journal.record(
         "backup_succeeded", actor=run.requested_by or "job:backup", obj=run, size=run.size, sha256=run.sha256
     )

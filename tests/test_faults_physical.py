@@ -584,6 +584,29 @@ def test_a_run_on_another_host_is_judged_by_its_heartbeat_not_by_a_local_pid(ser
     assert elsewhere.status == "running"  # its worker, on the other host, is beating
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_live_run_beats_whatever_it_waits_for_and_one_failed_meanwhile_is_never_made_succeeded(server, monkeypatch):
+    """A base backup waits minutes for its WAL after its last byte: its process beats all along,
+    so the orphan sweep leaves it be; and a run failed meanwhile (its files removed) stays failed
+    when its worker comes back, never a success without its artifact."""
+    from backups import runner
+
+    monkeypatch.setattr(runner, "HEARTBEAT_EVERY", 0.1)
+    stale = timezone.now() - runner.ORPHAN_AFTER - timedelta(minutes=1)
+    waiting = BackupRun.objects.create(server=server, kind="base", status="running", heartbeat_at=stale, details={})
+    with runner.beating(waiting):
+        time.sleep(0.5)  # waiting for its WAL, say
+        assert runner.fail_orphans() == []
+    waiting.refresh_from_db()
+    assert waiting.status == "running" and waiting.heartbeat_at > stale
+
+    runner.finish_failed(waiting, "interrupted: no heartbeat; nothing it wrote is kept")
+    runner.finish_succeeded(waiting)  # its worker, back from the wait
+    waiting.refresh_from_db()
+    assert waiting.status == "failed" and not BackupRun.objects.good().filter(pk=waiting.pk).exists()
+    assert not JournalEntry.objects.filter(action="backup_succeeded").exists()
+
+
 # --- 4. The portal's own database unreachable while the archive command runs. -------------------
 
 
