@@ -222,7 +222,9 @@ def snapshot_and_counts(server, dbname=None):
 
     A second session counts, in that snapshot, one transaction per batch of tables: counting in
     the exporting transaction held a lock on every table and index until pg_dump ended, and ran
-    out of shared memory on a database of a few thousand tables that pg_dump alone dumps.
+    out of shared memory on a database of a few thousand tables that pg_dump alone dumps. The
+    exporting transaction holds a lock on each table only (tables.lock_all), which keeps a
+    TRUNCATE from landing between a table's count and the dump.
     """
     import psycopg
 
@@ -233,6 +235,7 @@ def snapshot_and_counts(server, dbname=None):
     try:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        tables.lock_all(conn)
         with server.connect(dbname) as counter:
             counts = tables.count_all(counter, transaction=lambda: _in_snapshot(counter, snapshot))
     except psycopg.Error as e:

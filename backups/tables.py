@@ -153,6 +153,17 @@ def resolve(conn, names):
     return qualified
 
 
+def lock_all(conn):
+    """ACCESS SHARE on every user table (its indexes untouched), in `conn`'s transaction: while
+    pg_dump's exporting transaction holds them, no TRUNCATE or rewrite lands between a table's
+    count and pg_dump's own lock on it (a count of 100 rows, a dump of none). One lock a table,
+    as pg_dump takes; the counting's index locks go with each batch's transaction."""
+    listed = [row[1] for row in conn.execute(USER_TABLES).fetchall()]  # b"FROM ONLY schema.table"
+    for start in range(0, len(listed), BATCH * 5):
+        names = [b"ONLY " + clause[len(b"FROM ONLY ") :] for clause in listed[start : start + BATCH * 5]]
+        conn.execute(b"LOCK TABLE " + b", ".join(names) + b" IN ACCESS SHARE MODE")
+
+
 def count_all(conn, errors=None, transaction=nullcontext):
     """{qualified name: exact row count} of every user table, each table's own rows (ONLY).
 

@@ -3,10 +3,12 @@
 import os
 import subprocess
 
+import psycopg
 import pytest
 from django.core.management import call_command
 
 from backupportal.lib import sampledata
+from backups import tables
 from backups.models import BackupCopy, BackupRun
 from tests.helpers import backup_json, register
 from tests.pg18 import PG15_BIN
@@ -177,3 +179,33 @@ def test_a_database_named_like_a_connection_string_is_backed_up_from_its_own_clu
     listing = subprocess.run([str(PG15_BIN / "pg_restore"), "--list", str(dump)], capture_output=True, text=True)
     assert "TABLE public only_ours_rows" in listing.stdout
     assert "connection received" not in elsewhere._log_since(seen_before)
+
+
+def test_a_truncate_after_a_table_is_counted_waits_for_the_dump(
+    server, sample_cluster, passphrase_file, backup_root, monkeypatch
+):
+    """The counts and the dump are of one snapshot, and TRUNCATE is not MVCC-safe: one landing
+    between a table's count and pg_dump's own lock would give a dump of no rows against a count
+    of 100, and a restore test that fails for nothing. The exporting transaction locks every table."""
+    from restores.models import RestoreTest
+    from restores.restoretest import run_restore_test
+
+    sample_cluster.execute("CREATE TABLE staging AS SELECT g FROM generate_series(1, 100) g", dbname=server.dbname)
+    counted, outcome = tables.count_all, {}
+
+    def count_then_truncate(conn, *args, **kwargs):
+        counts = counted(conn, *args, **kwargs)
+        with sample_cluster.connect(server.dbname) as other:  # an ETL job empties its staging table
+            other.execute("SET lock_timeout = '1s'")
+            try:
+                other.execute("TRUNCATE staging")
+                outcome["truncate"] = "committed"
+            except psycopg.errors.LockNotAvailable:
+                outcome["truncate"] = "waited"
+        return counts
+
+    monkeypatch.setattr(tables, "count_all", count_then_truncate)
+    assert backup_json()["status"] == "succeeded" and outcome == {"truncate": "waited"}
+    monkeypatch.setattr(tables, "count_all", counted)
+    test = run_restore_test(server)
+    assert test.status == RestoreTest.Status.PASSED, test.error
