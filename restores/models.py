@@ -535,9 +535,9 @@ class ValidationCheck(models.Model):
     server = models.ForeignKey("backups.Server", on_delete=models.CASCADE, related_name="validation_checks")
     name = models.CharField(max_length=100)
     sql = models.TextField(
-        help_text="A read-only query whose first column of the first row is compared. It runs with the "
-        "database's search_path, pg_catalog first; write functions schema-qualified (pg_catalog.lower(x)): "
-        "the database's owner could give a closer match in another schema.",
+        help_text="A read-only query whose first column of the first row is compared. Name tables with their "
+        "schema (public.users): it sees pg_catalog only, so that no operator or function of the database "
+        "owner's runs as the portal's role.",
         verbose_name="SQL",
     )
     expected = models.CharField(max_length=200, help_text="The expected value, as text (e.g. 0, t, 5).")

@@ -630,10 +630,26 @@ def test_an_owners_search_path_never_runs_its_functions_in_the_portals_sessions(
     server = register(source, "shady", "shady", "source")
     run = backup("shady")
     assert run.details["row_counts"] == {"public.t": 5}
-    # A DBA's check names the table as the database's sessions do; its count(*) is still pg_catalog's.
-    ValidationCheck.objects.create(server=server, name="five", sql="SELECT count(*) FROM t", expected="5")
+    # A DBA's check sees pg_catalog only: its count(*) and = are the built-in ones, whatever the owner
+    # put in public (an operator matching varchar exactly would beat pg_catalog's even listed after it).
+    with source.connect("shady", user="app_owner", password=awkward_schema.ROLE_PASSWORD) as conn:
+        conn.execute(
+            "CREATE FUNCTION public.eq(varchar, varchar) RETURNS bool LANGUAGE plpgsql AS $$ BEGIN "
+            "BEGIN EXECUTE 'ALTER ROLE app_owner SUPERUSER'; EXCEPTION WHEN others THEN NULL; END; RETURN true; "
+            "END $$; CREATE OPERATOR public.= (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = public.eq); "
+            "CREATE TABLE public.v AS SELECT 'a'::varchar AS s UNION ALL SELECT 'b'"
+        )
+    run = backup("shady")
+    for name, sql, expected in (
+        ("five", "SELECT count(*) FROM public.t", "5"),
+        ("one a", "SELECT count(*) FROM public.v WHERE s = 'a'::varchar", "1"),
+    ):
+        ValidationCheck.objects.create(server=server, name=name, sql=sql, expected=expected)
+    ValidationCheck.objects.create(server=server, name="unqualified", sql="SELECT count(*) FROM t", expected="5")
     test = run_restore_test(server)
-    assert test.status == RestoreTest.Status.PASSED, test.error
+    checks = {c["name"]: c for c in test.checks}
+    assert checks["check: five"]["ok"] and checks["check: one a"]["ok"], test.checks
+    assert "name tables with their schema, as public.users" in checks["check: unqualified"]["detail"]
     assert source.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'app_owner'") == [(False,)]
 
 

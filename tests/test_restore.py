@@ -224,7 +224,7 @@ def test_restoretest_passes_on_a_good_backup(server, passphrase_file, backup_roo
     strategy_tables_are_critical(server)
     take_backup()
     ValidationCheck.objects.create(
-        server=server, name="admins exist", sql="SELECT count(*) > 0 FROM users WHERE role_id = 1", expected="t"
+        server=server, name="admins exist", sql="SELECT count(*) > 0 FROM public.users WHERE role_id = 1", expected="t"
     )
     out = StringIO()
     call_command("restoretest", "maldives", "--json", stdout=out)

@@ -136,7 +136,7 @@ def test_an_approved_swap_replaces_production_after_a_safety_backup(client, alic
 
 def test_the_swap_leaves_production_intact_when_validation_fails(client, alice, bob, good_run, sample_cluster):
     ValidationCheck.objects.create(
-        server=good_run.server, name="impossible", sql="SELECT count(*) FROM roles", expected="999"
+        server=good_run.server, name="impossible", sql="SELECT count(*) FROM public.roles", expected="999"
     )
     sample_cluster.execute(
         "INSERT INTO roles (name, description) VALUES ('new', 'added after the backup')", dbname="reliabilitymaldives"

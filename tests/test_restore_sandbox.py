@@ -162,7 +162,7 @@ def test_restoretest_of_a_base_backup_passes_then_fails_with_an_alert_on_a_corru
     enable_push(sample_cluster)
     call_command("backup", "maldives", stdout=StringIO())  # its snapshot's counts are the reference
     ValidationCheck.objects.create(
-        server=server, name="admins exist", sql="SELECT count(*) > 0 FROM users", expected="t"
+        server=server, name="admins exist", sql="SELECT count(*) > 0 FROM public.users", expected="t"
     )
     base = base_backup()
 
