@@ -320,6 +320,12 @@ SANDBOX_ROOT = Path(env.str("SANDBOX_ROOT", default=str(VAR_DIR / "sandboxes")))
 # production data are given back.
 SANDBOX_MAX_AGE = env.int("SANDBOX_MAX_AGE", default=72 * 3600)
 NAS_ROOT = env.str("NAS_ROOT", default="")
+if NAS_ROOT and any(
+    a == b or a in b.parents or b in a.parents
+    for a, b in ((Path(NAS_ROOT).resolve(), Path(root).resolve()) for root in (BACKUP_ROOT, WAL_ROOT))
+):
+    # Its copies would be the primary's own files under the same keys (StorageLocation.check_apart).
+    raise ImproperlyConfigured(f"NAS_ROOT {NAS_ROOT} overlaps BACKUP_ROOT or WAL_ROOT: give the NAS its own directory.")
 S3_BUCKET = env.str("S3_BUCKET", default="")
 S3_ENDPOINT_URL = env.str("S3_ENDPOINT_URL", default="")
 S3_PREFIX = env.str("S3_PREFIX", default="backupportal/")

@@ -1,7 +1,10 @@
 """Storage locations in the admin (Sysadmins), verifying from the portal (DBAs), and the S3 secret kept out of sight."""
 
 import logging
+import subprocess
+import sys
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -11,7 +14,7 @@ from backupportal.models import JournalEntry
 from backups.models import BackupCopy, BackupRun, StorageLocation
 from backups.s3 import endpoint_refusal
 from backups.storage import StorageError, store_for
-from tests.helpers import S3_SECRET, backup_json, listening, rebinding
+from tests.helpers import S3_SECRET, backup_json, listening, portal_env, rebinding
 from watching.models import Alert
 
 
@@ -63,6 +66,23 @@ def test_a_storage_path_outside_the_roots_is_refused(client, sam, tiers, path, m
     response = add_location(client, name="bad", path=path.format(nas=tiers.nas))
     assert response.status_code == 200 and message in response.content.decode()
     assert not StorageLocation.objects.filter(name="bad").exists()
+
+
+def test_a_nas_location_at_or_inside_another_locations_directory_is_refused(client, sam, tiers):
+    """At the primary's path a copy "to the NAS" is the primary's own file under the same key: the
+    copy took it for a leftover, removed it, and the only copy was gone."""
+    client.force_login(sam)
+    for path in (tiers.primary, tiers.primary / "nas", tiers.nas):
+        response = add_location(client, name="nas2", path=str(path))
+        assert response.status_code == 200 and "give the NAS a directory of its own" in response.content.decode()
+    assert not StorageLocation.objects.filter(name="nas2").exists()
+
+
+def test_nas_root_overlapping_backup_root_stops_the_start(settings, db):
+    env = portal_env(settings, NAS_ROOT=str(settings.BACKUP_ROOT))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "manage.py", "check"], env=env, capture_output=True, text=True, cwd=root)
+    assert done.returncode != 0 and "NAS_ROOT" in done.stderr and "give the NAS its own directory" in done.stderr
 
 
 def test_a_location_left_outside_the_roots_by_a_settings_change_refuses_writes(tiers, settings):

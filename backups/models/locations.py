@@ -97,6 +97,26 @@ class StorageLocation(models.Model):
         if not self.path:
             raise ValidationError({"path": "A filesystem location needs a directory path."})
         check_storage_path(self.path)
+        if self.kind == self.Kind.NAS:
+            self.check_apart()
+
+    def check_apart(self):
+        """A NAS location in a directory of its own: at another location's path, a copy made there
+        is the other's file under the same key (the copy found it "already there", removed it as a
+        leftover, and the only copy was gone); inside a primary location (or around it) its keys
+        and the primary's share one tree. NAS locations side by side under NAS_ROOT are apart."""
+        mine = Path(self.path).resolve()
+        others = StorageLocation.objects.exclude(pk=self.pk).exclude(kind=self.Kind.S3).exclude(path="")
+        for other in others:
+            theirs = Path(other.path).resolve()
+            nested = theirs in mine.parents or mine in theirs.parents
+            if mine == theirs or (nested and other.kind == self.Kind.PRIMARY):
+                raise ValidationError(
+                    {
+                        "path": f"{self.path} overlaps location {other.name} ({other.path}): a copy in one would be "
+                        "taken for the other's; give the NAS a directory of its own, outside the primary locations"
+                    }
+                )
 
     def clean_lock(self):
         if self.lock_mode == self.LockMode.NONE:
