@@ -70,17 +70,23 @@ def plan(server, now=None):
     now = now or timezone.now()
     good = server.runs.good().exclude(finished_at=None).values_list(*PlanRun.COLUMNS)
     runs = [r for r in (PlanRun(*row) for row in good) if r.kind != BackupRun.Kind.INCREMENTAL or r.method == "block"]
+    # The floor and the tiers count only backups that can still be restored: three whose every
+    # copy the verify found corrupt (or missing, or deleted) must not push out the last one that
+    # restores. Those keep their days only.
+    lost = _without_a_healthy_copy(server)
     kept = {}
     for kind, series in _series(runs):
+        usable = [r for r in series if r.pk not in lost]
+        kept.update(gfs.keep([r for r in series if r.pk in lost], now, _days(server, kind), floor=0))
         if kind == BackupRun.Kind.INCREMENTAL:
             # Incrementals keep their days and their newest (and chains, below), as before: the
             # floor and the long-term tiers are the fulls', which a long-term restore starts from.
-            kept.update(gfs.keep(series, now, _days(server, kind), floor=1))
+            kept.update(gfs.keep(usable, now, _days(server, kind), floor=1))
         else:
             tiers = (server.keep_weekly, server.keep_monthly, server.keep_yearly)
             # At least one, whatever the row says: the newest good backup is never deleted.
             floor = max(1, server.retention_floor)
-            kept.update(gfs.keep(series, now, _days(server, kind), *tiers, floor=floor))
+            kept.update(gfs.keep(usable, now, _days(server, kind), *tiers, floor=floor))
     by_pk = {r.pk: r for r in runs}
     held = set(BackupHold.objects.active().filter(run__server=server).values_list("run_id", flat=True))
     reading = set(server.runs.filter(_being_read()).values_list("pk", flat=True))
@@ -99,6 +105,14 @@ def plan(server, now=None):
     if anchor is not None:
         kept.setdefault(anchor, "start of the WAL window")
     return {r: kept.get(r) for r in sorted(runs, key=lambda r: r.finished_at, reverse=True)}
+
+
+def _without_a_healthy_copy(server):
+    """Pks of the server's runs whose artifact has copies, none of them ok: corrupt, missing or
+    deleted (one in a location retired for a while still counts: it is there when it returns)."""
+    main = BackupCopy.objects.filter(run__server=server, artifact="main")
+    healthy = main.filter(status=BackupCopy.Status.OK).values_list("run_id", flat=True)
+    return set(main.values_list("run_id", flat=True)) - set(healthy)
 
 
 def _locked_until(server, now):
@@ -240,14 +254,16 @@ def window_anchor(bases, window_start):
     return max(before, key=attrgetter("stop_time")) if before else None
 
 
-def doomed_segments(server, kept_bases, now):
-    """Segments older than the window that no kept base backup needs."""
+def doomed_segments(server, kept_bases, now, kept_links=()):
+    """Segments older than the window that no kept base backup needs, nor a kept block
+    incremental (`kept_links`: the WAL from its start to its end makes it consistent)."""
     size = server.wal_segment_size
     window_start = now - timedelta(days=server.wal_retention_days)
     with_wal = [b for b in kept_bases if b.start_wal and size]
     anchor = window_anchor(with_wal, window_start) or (min(with_wal, key=attrgetter("stop_time")) if with_wal else None)
     keep_from = walnames.segno_of(anchor.start_wal, size) if anchor else None
-    ranges = [(walnames.segno_of(b.start_wal, size), walnames.segno_of(b.end_wal, size)) for b in with_wal]
+    needing = with_wal + [link for link in kept_links if link.start_wal and link.end_wal and size]
+    ranges = [(walnames.segno_of(b.start_wal, size), walnames.segno_of(b.end_wal, size)) for b in needing]
     doomed = []
     old = WalSegment.objects.filter(server=server, deleted_at=None, archived_at__lt=window_start).order_by("name")
     # A segment with a copy under S3 Object Lock goes once the lock expires (a later pass).
@@ -269,9 +285,10 @@ def doomed_segments(server, kept_bases, now):
 
 
 def wal_retention(server, now, dry_run, actor):
-    expired = set(expired_runs(server, BackupRun.Kind.BASE, now).values_list("pk", flat=True))
-    kept = [b for b in server.runs.good().filter(kind=BackupRun.Kind.BASE) if b.pk not in expired]
-    segments, anchor = doomed_segments(server, kept, now)
+    kept_pks = {r.pk for r, rule in plan(server, now).items() if rule is not None}
+    good = server.runs.good().filter(pk__in=kept_pks)
+    kept = list(good.filter(kind=BackupRun.Kind.BASE))
+    segments, anchor = doomed_segments(server, kept, now, list(good.filter(kind=BackupRun.Kind.INCREMENTAL)))
     result = {
         "deleted": len(segments),
         "first_deleted": segments[0].name if segments else None,

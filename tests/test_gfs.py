@@ -320,3 +320,22 @@ def test_a_held_backups_files_stay_on_their_location_until_the_release_is_approv
     with time_machine.travel(at, tick=False):
         call_command("retention", stdout=StringIO())
     assert not dump.exists() and old.copies.get().status == "deleted"
+
+
+def test_the_floor_counts_only_backups_that_still_restore(db, backup_root):
+    """Three newer backups whose every copy the verify found corrupt do not fill the floor: the
+    last one that restores stays."""
+    from backups.models import BackupCopy, StorageLocation
+
+    StorageLocation.sync_from_settings()
+    primary = StorageLocation.objects.get(name="primary")
+    server = make_server(logical_retention_days=7)  # a floor of 3
+    now = datetime(2026, 12, 3, 3, tzinfo=MALE)
+    restorable = backup(server, now - timedelta(days=20))
+    BackupCopy.objects.create(run=restorable, location=primary, key="k0", size=1, sha256="a" * 64, status="ok")
+    for n, days in enumerate((12, 11, 10), 1):
+        corrupt = backup(server, now - timedelta(days=days))
+        BackupCopy.objects.create(run=corrupt, location=primary, key=f"k{n}", size=1, sha256="b" * 64, status="bad")
+    kept = {r.pk: rule for r, rule in retention.plan(server, now).items()}
+    assert kept[restorable.pk] == "floor"
+    assert [rule for pk, rule in kept.items() if pk != restorable.pk] == [None] * 3  # past their days

@@ -101,3 +101,41 @@ def test_retention_keeps_every_segment_a_kept_base_backup_or_the_window_needs(
     )
     assert result["status"] == "succeeded", result
     assert rows(port, "SELECT count(*) FROM b2") == [(0,)]
+
+
+def test_a_kept_block_incremental_keeps_the_wal_it_needs_to_become_consistent(db):
+    """Its WAL, from its start to its end, as for a kept base backup: an incremental kept 14 days
+    while WAL is kept 7 would otherwise restore to nothing."""
+    from backups.models import Server
+
+    size = 16 * 1024 * 1024
+    server = Server.objects.create(
+        name="maldives", dsn="postgresql://postgres@127.0.0.1:1/postgres", pg_version=180006,
+        wal_segment_size=size, incremental_retention_days=14,
+    )  # fmt: skip
+    now = timezone.now()
+
+    def backup(kind, days_ago, start, end, parent=None):
+        when = now - timedelta(days=days_ago)
+        details = {"stop_time": when.isoformat(), "wal_segment_size": size}
+        if parent is not None:
+            details |= {"method": "block", "parent": parent.pk}
+        start_wal, end_wal = (walnames.segment_name(1, n, size) for n in (start, end))
+        return BackupRun.objects.create(
+            server=server, kind=kind, status="succeeded", finished_at=when, start_wal=start_wal, end_wal=end_wal,
+            details=details,
+        )  # fmt: skip
+
+    full = backup("base", 20, 10, 11)
+    link = backup("incremental", 10, 30, 31, parent=full)  # kept 14 days, its full as its chain
+    backup("base", 9, 40, 41)
+    for n in range(10, 60):
+        WalSegment.objects.create(
+            server=server, timeline=1, name=walnames.segment_name(1, n, size), segno=n, size=size, sha256="c" * 64,
+            archived_at=now - timedelta(days=20 - (n - 10) * 0.3), key=f"k{n}",
+        )  # fmt: skip
+    kept = retention.plan(server, now)
+    assert kept[next(r for r in kept if r.pk == link.pk)] and kept[next(r for r in kept if r.pk == full.pk)]
+    retention.wal_retention(server, now, dry_run=False, actor="test")
+    gone = set(WalSegment.objects.filter(server=server).exclude(deleted_at=None).values_list("segno", flat=True))
+    assert gone and not {10, 11, 30, 31} & gone
