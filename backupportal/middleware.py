@@ -21,7 +21,7 @@ from django.shortcuts import render
 from django.urls import reverse
 
 from backupportal import twofactor
-from backupportal.lib.clientaddr import from_trusted_proxy
+from backupportal.lib.clientaddr import from_trusted_proxy, on_this_host
 from backupportal.roles import AUDITOR, has_role, role_of
 
 logger = logging.getLogger(__name__)
@@ -57,14 +57,16 @@ CONTENT_SECURITY_POLICY = "; ".join(
 
 class ForwardedProtoMiddleware:
     """X-Forwarded-Proto says https (SECURE_PROXY_SSL_HEADER) only from a proxy in
-    TRUSTED_PROXIES: from anyone else, a client on plain http could claim https, and the
-    portal would neither redirect it nor hold it to the referer checks https gets."""
+    TRUSTED_PROXIES, or one on this host (a loopback address, or a Unix socket: no address), as
+    the README's TLS proxy in front of gunicorn on 127.0.0.1 is: from anyone else, a client on
+    plain http could claim https, and the portal would neither redirect it nor hold it to the
+    referer checks https gets."""
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
-        if "HTTP_X_FORWARDED_PROTO" in request.META and not from_trusted_proxy(request):
+        if "HTTP_X_FORWARDED_PROTO" in request.META and not (on_this_host(request) or from_trusted_proxy(request)):
             del request.META["HTTP_X_FORWARDED_PROTO"]
         return self.get_response(request)
 

@@ -21,8 +21,7 @@ from backups.pipeline import BackupFailed
 UNREADABLE = Dsn(host="(unreadable DSN)", port=0, user="", dbname="")
 
 # Every session of the portal's own, in production and in restored copies, whatever the database
-# or the role was set to (ALTER DATABASE/ROLE ... SET; the startup options outrank both, and these
-# come last, after the DSN's own): names resolve in pg_catalog only, so an owner's count(*) or
+# or the role was set to (ALTER DATABASE/ROLE ... SET; the startup options outrank both): names resolve in pg_catalog only, so an owner's count(*) or
 # format() in public, before pg_catalog in the database's search_path, never runs as the portal's
 # role; and no timeout of the database's cancels the portal's counting (pg_dump turns them off too).
 SESSION_GUARD = (
@@ -166,7 +165,9 @@ class ServerConnection(models.Model):
     def connect(self, dbname=None, autocommit=True, **kwargs):
         """A psycopg connection (autocommit unless asked otherwise) to this server."""
         settings = self.connection_settings(dbname) | kwargs
-        settings["options"] = f"{settings.get('options') or ''} {SESSION_GUARD}".strip()
+        # The caller's own options after the guard: a query that sets its own statement_timeout
+        # (watching.rpo's) keeps it; the DSN cannot carry options (backupportal.lib.libpq).
+        settings["options"] = f"{SESSION_GUARD} {settings.get('options') or ''}".strip()
         conn = psycopg.connect(**settings, autocommit=autocommit)
         try:
             _ = conn.info.encoding  # asked of the server's encoding: raises for one Python lacks

@@ -183,7 +183,7 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
         Encryption()
     except EncryptionError as e:
         raise Refused(str(e)) from None
-    warnings = pitr_checks.ingest_first(server)  # the newest archived WAL first
+    warnings = pitr_checks.ingest_first(server, latest=target.kind == "latest")  # the newest archived WAL first
     bases = good_bases(server)
     size = bases[-1].details.get("wal_segment_size") or server.wal_segment_size
     lineage, bases, notes = pitr_checks.production_lineage(server, bases, size)  # never another's timeline

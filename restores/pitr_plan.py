@@ -46,6 +46,7 @@ class Plan:
     bases: list
     segment_size: int
     last: int  # the last segment number known to be needed
+    search_end: int | None = None  # a restore point's search: where the chain from the newest base ends
     created_dir: bool = False
     notes: list = field(default_factory=list)
     warnings: list = field(default_factory=list)  # before start (pitr_libraries); quieten() adds its own

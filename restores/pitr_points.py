@@ -19,6 +19,7 @@ from restores.pitr_plan import RestoreFailed, encryption_of
 
 SEARCH_WINDOW = 16  # segments decrypted at a time while a restore point is searched for
 RESTORE_POINT_LINE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.*)$")
+LSN_OF_LINE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),")
 
 
 def waldump(plan, first, last, rmgr):
@@ -36,7 +37,11 @@ def find_restore_point(plan, run):
     (needed_through): a gap beyond it cannot hide the restore point recovery stops at, only a
     later one of the same name, which the notes then say.
     """
-    end = upper = plan.last
+    if plan.search_end is None:  # the first search; one after a fallback to an older base reads as far
+        plan.search_end = plan.last
+    end = upper = plan.search_end
+    gap = end < (walchain.last_segno(plan.server, plan.lineage) or end)
+    beyond = walnames.segment_name(plan.lineage.timeline_of(end + 1), end + 1, plan.segment_size) if gap else ""
     found = []
     for base in reversed(plan.bases):
         first = plan.segno(base.start_wal)
@@ -48,15 +53,17 @@ def find_restore_point(plan, run):
             RestoreRun.objects.filter(pk=run.pk).update(backup_run=base)
             # The record's segment, and the next: recovery reads on to the record after it.
             plan.last = min(end, after[0] // plan.segment_size + 1)
-            if end < walchain.last_segno(plan.server, plan.lineage):
-                beyond = walnames.segment_name(plan.lineage.timeline_of(end + 1), end + 1, plan.segment_size)
+            if gap:
                 plan.notes.append(
                     f"the archive has a gap at segment {beyond}: the WAL beyond it was not searched for another "
                     f"restore point named {plan.target.value!r} (recovery stops at the first, found before it)"
                 )
             return
         upper = first - 1
-    raise RestoreFailed(f"restore point {plan.target.value!r} is not in the WAL archived since the oldest base backup")
+    missing = f" up to segment {beyond}, missing from the archive: the WAL after it cannot be searched" if gap else ""
+    raise RestoreFailed(
+        f"restore point {plan.target.value!r} is not in the WAL archived since the oldest base backup{missing}"
+    )
 
 
 def lsn_at_or_after(lsn, other):
@@ -73,7 +80,7 @@ def restore_points_in(plan, first, last):
         end = min(last, start + SEARCH_WINDOW - 1)
         stage_wal(plan, max(first, start - 1), end)
         for segno in range(start, end + 1):
-            for line in waldump(plan, max(first, segno - 1), segno, "XLOG"):
+            for line in segment_lines(plan, first, segno):
                 m = RESTORE_POINT_LINE.search(line)
                 if m and m.group(1) not in found:
                     at, name = pitr_checks.restore_point(plan, m.group(1), m.group(2))
@@ -82,6 +89,23 @@ def restore_points_in(plan, first, last):
         unstage(plan, range(max(first, start - 1), end))  # `end`: the next window's segment before
     unstage(plan, [last])
     return list(found.items())
+
+
+def segment_lines(plan, first, segno):
+    """pg_waldump's XLOG lines of segment `segno`, read from the segment before when that one is on
+    the same timeline (pg_waldump takes the timeline from the last file named, and after a
+    promotion finds none of the earlier one's); alone as well when the pair showed nothing of it,
+    as a bad record in the one before stops pg_waldump before this one (pitr_reach.scan too)."""
+    before = segno - 1
+    if before < first or plan.staged[before][:8] != plan.staged[segno][:8]:
+        return waldump(plan, segno, segno, "XLOG")
+    lines = waldump(plan, before, segno, "XLOG")
+    ours = [line for line in lines if (m := LSN_OF_LINE.search(line)) and _in(plan, m.group(1), segno)]
+    return lines if ours else lines + waldump(plan, segno, segno, "XLOG")
+
+
+def _in(plan, lsn, segno):
+    return walnames.segno_of_lsn(lsn, plan.segment_size) == segno
 
 
 def unstage(plan, segnos):

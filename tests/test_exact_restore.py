@@ -705,3 +705,16 @@ def test_a_database_of_thousands_of_tables_that_pg_dump_dumps_is_backed_up(sourc
     register(source, "tenants", "tenants", "source")
     run = backup("tenants")
     assert len(run.details["row_counts"]) == 2500 and run.details["row_counts"]["public.t7"] == 2
+
+
+def test_the_portals_sessions_search_pg_catalog_and_keep_a_callers_own_timeout(source, db):
+    source.execute("ALTER DATABASE postgres SET statement_timeout = '1ms'")
+    try:
+        server = register(source, "guarded", "postgres", "source")
+        with server.connect() as conn:
+            assert conn.execute("SHOW search_path").fetchone()[0] == "pg_catalog,pg_temp"
+            assert conn.execute("SHOW statement_timeout").fetchone()[0] == "0"
+        with server.connect(options="-c statement_timeout=10000") as conn:  # watching.rpo's own bound
+            assert conn.execute("SHOW statement_timeout").fetchone()[0] == "10s"
+    finally:
+        source.execute("ALTER DATABASE postgres RESET statement_timeout")

@@ -290,14 +290,21 @@ def test_production_promoted_onto_a_new_timeline_is_followed_across_the_switch(
     sample_cluster.start()
     sample_cluster.execute("SELECT pg_promote()")
     write(sample_cluster, "CREATE TABLE after_switch(x int); INSERT INTO after_switch VALUES (2)")
+    sample_cluster.execute("SELECT pg_create_restore_point('after_promote')")  # in timeline 2's first segment
+    write(sample_cluster, "CREATE TABLE later(x int)")
     archived(sample_cluster, server)
     assert WalSegment.objects.filter(server=server, name="00000002.history").exists()
 
     port = free_port()
     result = restore(restored(), port, "--target", "latest")
     assert result["status"] == "succeeded", result
-    assert tables(port, "before_switch", "after_switch") == {"before_switch", "after_switch"}
+    assert tables(port, "before_switch", "after_switch", "later") == {"before_switch", "after_switch", "later"}
     assert "timeline" not in result["notes"]  # nothing foreign, nothing to say
+    # pg_waldump reads timeline 2's first segment alone: with timeline 1's before it, it found none.
+    port = free_port()
+    result = restore(restored(), port, "--target-name", "after_promote")
+    assert result["status"] == "succeeded", result.get("error")
+    assert tables(port, "before_switch", "after_switch", "later") == {"before_switch", "after_switch"}
 
 
 def test_a_lineage_takes_each_segment_from_its_own_timeline_and_none_from_a_foreign_one(db):

@@ -240,15 +240,23 @@ def test_latest_waits_for_an_ingest_pass_already_running_and_refuses_if_it_never
     """A restore plans on the catalog: WAL archived but still in the spool behind a running pass
     must be catalogued first, or 'latest' would stop before it and call that the end."""
     with_a_base_and_row_a(sample_cluster, server)
+    before_b = a_second_later()
     write(sample_cluster, "INSERT INTO probe VALUES ('B')")
     wait_archived(sample_cluster, switch_wal(sample_cluster))  # B in the spool, not catalogued
     monkeypatch.setattr(walingest, "HANDOVER_WAIT", 2)
-    holder = hold_the_ingest_lock(server, 8)  # a pass that does not end within the wait
+    holder = hold_the_ingest_lock(server, 12)  # a pass that does not end within the wait
     try:
         result = run_command("restore", "--server", "maldives", "--target", "latest", *into(restored(), free_port()))
+        assert result["_exit"] != 0 and "still wait in its spool behind another ingest pass" in result["_stderr"]
+        # An earlier target need not wait for them: it goes on, and says what it could not see.
+        port = free_port()
+        result = run_command("restore", "--server", "maldives", "--target-time", before_b.isoformat(sep=" "),
+                             *into(restored(), port))  # fmt: skip
+        assert result.get("status") == "succeeded", result
+        assert any("still wait in its spool" in w for w in result["warnings"])
+        assert rows(port, "SELECT tx FROM probe") == [("A",)]
     finally:
         holder.join()
-    assert result["_exit"] != 0 and "still wait in its spool behind another ingest pass" in result["_stderr"], result
 
     monkeypatch.setattr(walingest, "HANDOVER_WAIT", 30)
     holder = hold_the_ingest_lock(server, 3)  # one that ends: the restore waits for it, then ingests
@@ -298,3 +306,5 @@ def test_a_gap_after_the_target_refuses_neither_a_time_nor_a_restore_point(
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",)]
     assert f"the archive has a gap at segment {lost}" in result["notes"]
     assert len(staged_at_once) >= 3 and max(staged_at_once) <= 3  # a window, and the segment before it
+    result = run_command("restore", "--server", "maldives", "--target-name", "never", *into(restored(), free_port()))
+    assert result["status"] == "failed" and f"up to segment {lost}, missing from the archive" in result["error"]

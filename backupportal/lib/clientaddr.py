@@ -57,3 +57,10 @@ def client_address(request):
 def from_trusted_proxy(request):
     """Whether the request's peer is one of TRUSTED_PROXIES (its X-Forwarded-* headers count)."""
     return _trusted(_address(request.META.get("REMOTE_ADDR", "")), parse_networks(settings.TRUSTED_PROXIES))
+
+
+def on_this_host(request):
+    """Whether the request's peer is this host: a loopback address, or none (a Unix socket)."""
+    peer = request.META.get("REMOTE_ADDR", "")
+    address = _address(peer)
+    return not peer or (address is not None and address.is_loopback)
