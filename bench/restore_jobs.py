@@ -21,6 +21,13 @@ owner-split-session 2.71 s against overlap-pre-session 2.38 s (best runs 2.24 ag
 loading the rows as their owners, apart from post-data, costs the overlap of one table's index
 builds with another's rows, 5 to 14% here. Not adopted: the owner's code can RESET SESSION
 AUTHORIZATION to the superuser who logged in, so it protects nothing (README, production notes).
+
+Measured 2026-12-05 17:30, --rows-scale 2.5 (490 MiB), 5 interleaved runs beside review helpers'
+tests (noisy): stream-first-session 7.20 s against overlap-pre-session 7.37 s (runs 5.84-7.95 against
+6.44-7.39; a first 3-run pass, 6.28 against 6.10): loading the first table's rows while gpg still
+writes the file shows no gain above the noise. On two cores pg_restore -j 2 keeps both busy, so
+decryption overlapped with the load still costs its CPU (bench/RESULTS.md, the ideal-overlap row).
+Not adopted.
 """
 
 import argparse
@@ -28,6 +35,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +60,8 @@ VARIANTS = {
     "owner-split-session": "overlap-pre-session, but data -j 2 loaded as each table's owner"
     " (--use-set-session-authorization), then post-data -j 2 (tried, not adopted)",
     "offsets-j2": "pg_restore -j 2 of a dump written to a file (data offsets in its TOC)",
+    "stream-first-session": "overlap-pre-session, and the first table's rows loaded from the scratch file as gpg"
+    " writes it (a follower pipes the growing file into a one-item pg_restore), the rest -j 2 once decrypted",
 }
 
 
@@ -127,6 +137,11 @@ class Bench:
 
     def pre_data_beside_decryption(self, db, session):
         """pre-data from the TOC alone while gpg writes the scratch file."""
+        decrypt = self.start_pre_data(db, session)
+        assert decrypt.wait() == 0
+
+    def start_pre_data(self, db, session):
+        """gpg started on the scratch file, and pre-data restored from the TOC meanwhile; returns gpg."""
         pre_data = self.pg_restore(db, "--section=pre-data", stdin=subprocess.PIPE, session=session)
         decrypt = subprocess.Popen(self.gpg + ["-d", "-o", str(self.scratch), str(self.enc)], stderr=subprocess.DEVNULL)
         try:
@@ -134,7 +149,29 @@ class Bench:
             pre_data.stdin.close()
         except BrokenPipeError:
             pass
-        assert pre_data.wait() == 0 and decrypt.wait() == 0
+        assert pre_data.wait() == 0
+        return decrypt
+
+    def stream_first(self, db, jobs):
+        """pre-data from the TOC while gpg writes the scratch file; then the first table's rows from
+        the growing file; the rest -j 2 once the file is whole."""
+        listing = subprocess.run(self.tool("pg_restore", "-l"), input=self.head, capture_output=True).stdout
+        lines = listing.decode().splitlines()
+        first = next(i for i, line in enumerate(lines) if " TABLE DATA " in line)
+        only, rest = self.ws.root / "files" / "only.list", self.ws.root / "files" / "rest.list"
+        only.write_text(lines[first] + "\n")
+        rest.write_text("\n".join(lines[:first] + lines[first + 1 :]) + "\n")
+        decrypt = self.start_pre_data(db, session=True)
+        loader = self.pg_restore(db, "-L", str(only), stdin=subprocess.PIPE, session=True)
+        feeder = threading.Thread(target=follow, args=(self.scratch, loader.stdin.fileno(), decrypt))
+        feeder.start()
+        assert decrypt.wait() == 0
+        self.run(
+            db, "--section=data", "--section=post-data", "-L", str(rest), "-j", jobs, str(self.scratch), session=True
+        )
+        feeder.join()
+        loader.stdin.close()
+        assert loader.wait() == 0
 
     def restore(self, variant, i):
         db = f"r_{variant.replace('-', '_')}_{i}"
@@ -163,6 +200,8 @@ class Bench:
             owner = "--use-set-session-authorization"
             self.run(db, "--section=data", owner, "-j", jobs, str(self.scratch), session=session)
             self.run(db, "--section=post-data", "-j", jobs, str(self.scratch), session=session)
+        elif variant == "stream-first-session":
+            self.stream_first(db, jobs)
         elif variant.startswith("overlap-data"):
             self.streamed(db, ["pre-data", "data"], session)
             self.run(db, "--section=post-data", "-j", jobs, str(self.scratch), session=session)
@@ -170,6 +209,27 @@ class Bench:
         self.scratch.unlink(missing_ok=True)
         self.cluster.execute(f"DROP DATABASE {db}")
         return elapsed
+
+
+def follow(path, out, writer):
+    """Pipe the file at `path` into `out` as `writer` (a process) appends to it, until the writer has
+    exited and everything is sent; stops quietly when the reader has read all it wants."""
+    while not path.exists():
+        time.sleep(0.002)
+    fd, sent = os.open(path, os.O_RDONLY), 0
+    try:
+        while True:
+            done = writer.poll() is not None  # before the size: nothing is appended after it
+            size = os.fstat(fd).st_size
+            while sent < size:
+                sent += os.sendfile(out, fd, sent, size - sent)
+            if done:
+                return
+            time.sleep(0.005)
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":
