@@ -60,7 +60,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # X-Forwarded-Proto from TRUSTED_PROXIES only, before anything asks request.is_secure().
+    # X-Forwarded-Proto from TRUSTED_PROXIES or this host only, before anything asks request.is_secure().
     "backupportal.middleware.ForwardedProtoMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Scripts and styles from our static files only: no inline script runs, injected or not.
@@ -279,6 +279,11 @@ if not 0 <= BASE_SERVER_WORKERS <= 64:
     raise ImproperlyConfigured(f"BASE_SERVER_WORKERS={BASE_SERVER_WORKERS}: say 0 to 64 zstd threads")
 # A backup still running after this many seconds is stopped and failed.
 BACKUP_TIMEOUT = env.int("BACKUP_TIMEOUT", default=6 * 3600)
+# A logical backup waits this long for each table's lock (its counting, and pg_dump's
+# --lock-wait-timeout), then fails and lets go: production's ALTER TABLE or TRUNCATE queued behind
+# the backup's lock would otherwise queue the backup's next lock behind itself, a wait no
+# deadlock detector sees, with every query on that table stuck behind both.
+BACKUP_LOCK_WAIT = env.int("BACKUP_LOCK_WAIT", default=120)
 # A run still queued after this many seconds was lost by the broker or no worker is running:
 # it is failed, which frees the lock. Above the longest wait for a free worker.
 QUEUED_RUN_TIMEOUT = env.int("QUEUED_RUN_TIMEOUT", default=3600)

@@ -35,7 +35,7 @@ from backupportal import journal
 from backupportal.lib.cron import cron_problem, duration_words, firings, longest_gap
 from backups import schedules
 from backups.copies import delete_run_artifacts
-from backups.critical import set_critical_tables
+from backups.critical import take_off
 from backups.databases import discover
 from backups.models import BackupCopy, BackupRun, BackupSchedule, ChangeRequest, Database, Server, StorageLocation
 from backups.models.servers import ALL_DATABASES, destination_of, parse_protect_databases
@@ -126,7 +126,7 @@ def apply_server_fields(server, change):
 
 @ChangeRequest.applies(Kind.FEWER_CRITICAL_TABLES, Database)
 def apply_fewer_critical_tables(database, change):
-    set_critical_tables(database, change.changes["critical_tables"]["to"], approved_actor(change))
+    take_off(database, change.changes["critical_tables_taken_off"]["to"], approved_actor(change))
 
 
 @ChangeRequest.applies(Kind.DISABLE_SERVER, Server)

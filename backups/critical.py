@@ -29,8 +29,10 @@ def check_tables(server, names, dbname=None):
 
 
 def dropped_tables(database, qualified):
-    """The critical tables of `database` that the choice `qualified` leaves out."""
-    return [name for name in database.critical_tables or [] if name not in qualified]
+    """The critical tables of `database` that the choice `qualified` leaves out, compared as the
+    tables they name (`users`, recorded by older versions, is `public.users`)."""
+    chosen = {tables.key_of(name) for name in qualified}
+    return [name for name in database.critical_tables or [] if tables.key_of(name) not in chosen]
 
 
 def choose_critical_tables(database, qualified, user, reason=""):
@@ -41,18 +43,25 @@ def choose_critical_tables(database, qualified, user, reason=""):
     if not dropped:
         set_critical_tables(database, qualified, user.get_username())
         return None
-    kept = list(database.critical_tables or []) + [name for name in qualified if name not in database.critical_tables]
     with transaction.atomic():
         change = ChangeRequest.open(
             ChangeRequest.Kind.FEWER_CRITICAL_TABLES,
             database,
             user,
             reason,
-            {"critical_tables": {"from": list(database.critical_tables or []), "to": qualified}},
+            {"critical_tables_taken_off": {"from": [], "to": dropped}},  # the rest stays as it is then
         )
-        if kept != list(database.critical_tables or []):
-            set_critical_tables(database, kept, user.get_username())
+        kept = [name for name in qualified if tables.key_of(name) not in {tables.key_of(d) for d in dropped}]
+        if set(kept + dropped) != set(database.critical_tables or []):
+            set_critical_tables(database, kept + dropped, user.get_username())
     return change
+
+
+def take_off(database, names, actor):
+    """An approved request: `names` come off the critical tables as they are now (tables added
+    since stay)."""
+    off = {tables.key_of(name) for name in names}
+    set_critical_tables(database, [n for n in database.critical_tables or [] if tables.key_of(n) not in off], actor)
 
 
 def set_critical_tables(database, qualified, actor):

@@ -4,6 +4,7 @@ The dump is taken from a snapshot exported by our own connection, which also cou
 of every table: the recorded row counts are exactly what the dump holds.
 """
 
+from django.conf import settings
 from django.utils import timezone
 
 from backups import keyring
@@ -61,6 +62,7 @@ def take(run):
                 f"--compress={dump_compression_level()}",
                 "--blobs",
                 f"--snapshot={snapshot}",
+                f"--lock-wait-timeout={settings.BACKUP_LOCK_WAIT * 1000}",  # see BACKUP_LOCK_WAIT
                 "--no-password",
             ],
             server.libpq_env(dbname),

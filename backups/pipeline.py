@@ -235,9 +235,18 @@ def snapshot_and_counts(server, dbname=None):
     try:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        bounded = f"-c lock_timeout={settings.BACKUP_LOCK_WAIT * 1000}"  # after the session guard's 0
+        conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, true)", [f"{settings.BACKUP_LOCK_WAIT}s"])
         tables.lock_all(conn)
-        with server.connect(dbname) as counter:
+        with server.connect(dbname, options=bounded) as counter:
             counts = tables.count_all(counter, transaction=lambda: _in_snapshot(counter, snapshot))
+    except psycopg.errors.LockNotAvailable:
+        conn.close()
+        raise BackupFailed(
+            f"a table's lock was not granted within {settings.BACKUP_LOCK_WAIT} s (BACKUP_LOCK_WAIT): another session "
+            "holds or waits for an exclusive lock (ALTER TABLE, TRUNCATE, VACUUM FULL); the backup let go so that "
+            "it can finish; it runs again at its next schedule"
+        ) from None
     except psycopg.Error as e:
         conn.close()
         raise BackupFailed(f"counting the rows of every table failed: {explain(e, server)}") from None

@@ -77,16 +77,18 @@ def plan(server, now=None):
     kept = {}
     for kind, series in _series(runs):
         usable = [r for r in series if r.pk not in lost]
-        kept.update(gfs.keep([r for r in series if r.pk in lost], now, _days(server, kind), floor=0))
         if kind == BackupRun.Kind.INCREMENTAL:
             # Incrementals keep their days and their newest (and chains, below), as before: the
             # floor and the long-term tiers are the fulls', which a long-term restore starts from.
-            kept.update(gfs.keep(usable, now, _days(server, kind), floor=1))
+            floor, tiers = 1, ()
         else:
-            tiers = (server.keep_weekly, server.keep_monthly, server.keep_yearly)
             # At least one, whatever the row says: the newest good backup is never deleted.
-            floor = max(1, server.retention_floor)
-            kept.update(gfs.keep(usable, now, _days(server, kind), *tiers, floor=floor))
+            floor, tiers = max(1, server.retention_floor), (server.keep_weekly, server.keep_monthly, server.keep_yearly)
+        kept.update(gfs.keep(usable, now, _days(server, kind), *tiers, floor=floor))
+        # Short of restorable ones, the newest of the others still fill the floor: a copy marked
+        # missing while its mount was away is ok again once the verify finds it back.
+        lost_floor = max(0, floor - len(usable))
+        kept.update(gfs.keep([r for r in series if r.pk in lost], now, _days(server, kind), floor=lost_floor))
     by_pk = {r.pk: r for r in runs}
     held = set(BackupHold.objects.active().filter(run__server=server).values_list("run_id", flat=True))
     reading = set(server.runs.filter(_being_read()).values_list("pk", flat=True))

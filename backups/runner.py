@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, InterfaceError, transaction
 from django.db import connection as db_connection
 from django.utils import timezone
 
@@ -274,8 +274,9 @@ def beating(run):
                 try:
                     running = BackupRun.objects.filter(pk=run.pk, status=BackupRun.Status.RUNNING)
                     running.update(heartbeat_at=timezone.now())
-                except DatabaseError as e:  # a busy catalog: the next beat tries again
+                except (DatabaseError, InterfaceError) as e:  # a busy or restarted catalog: the next beat
                     log.warning("run %s: heartbeat not recorded: %s", run.pk, e)
+                    db_connection.close()  # tries again on a new connection
         finally:
             db_connection.close()  # this thread's own
 

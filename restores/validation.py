@@ -208,7 +208,7 @@ def _name(conn, key):
 # A DBA's check runs, as every session of the portal's, with pg_catalog alone on its search_path
 # (backups.connection.SESSION_GUARD): a database owner's operator or function in public, matching
 # the check's types better than the built-in one, would otherwise run as the portal's role.
-UNQUALIFIED = " (checks see pg_catalog only: name tables with their schema, as public.users)"
+UNQUALIFIED = " (checks see pg_catalog only: name tables and functions with their schema, as public.users)"
 
 
 def _custom_check(conn, custom):
@@ -218,7 +218,7 @@ def _custom_check(conn, custom):
             conn.execute("SET TRANSACTION READ ONLY")
             row = conn.execute(custom.sql).fetchone()
     except psycopg.Error as e:
-        hint = UNQUALIFIED if isinstance(e, psycopg.errors.UndefinedTable) else ""
+        hint = UNQUALIFIED if isinstance(e, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction)) else ""
         return check(name, False, f"query failed: {str(e).splitlines()[0]}{hint}")
     value = "" if row is None or row[0] is None else str(row[0])
     if isinstance(row[0] if row else None, bool):

@@ -236,13 +236,17 @@ def test_a_dba_chooses_critical_tables_on_the_server_page_and_it_is_journaled(cl
     reason = f"db{database.pk}-reason"
     response = client.post(url, {"database": database.pk, field: "customers, events", reason: "archived"})
     assert response.status_code == 302
-    assert critical(shop) == ["public.customers", 'sales."Order.Items"', "public.measurements", "public.events"]
+    assert critical(shop) == ["public.customers", "public.events", 'sales."Order.Items"', "public.measurements"]
     change = ChangeRequest.objects.get(kind="fewer_critical")
-    assert change.changes["critical_tables"]["to"] == ["public.customers", "public.events"]
+    assert change.changes_text == """critical tables taken off: [] -> ['sales."Order.Items"', 'public.measurements']"""
     with pytest.raises(PermissionDenied):
         change.approve(alice)
+    # A table added meanwhile stays: the approval takes off what the request named, nothing else.
+    client.post(
+        url, {"database": database.pk, field: 'customers, events, sales."Order.Items", measurements, events_archived'}
+    )
     change.approve(make_user("bob", "DBA"))
-    assert critical(shop) == ["public.customers", "public.events"]
+    assert critical(shop) == ["public.customers", "public.events", "public.events_archived"]
     assert JournalEntry.objects.filter(action="critical_tables_changed").latest("pk").actor == "alice (approved by bob)"
     client.post(url, {"database": database.pk, field: "", reason: "none are critical now"})
     ChangeRequest.objects.pending().get(kind="fewer_critical").approve(User.objects.get(username="bob"))
@@ -336,3 +340,17 @@ def test_counting_runs_no_row_level_security_policy_of_a_table_owners(pg_cluster
         assert errors == {"public.secrets": 'query would be affected by row-level security policy for table "secrets"'}
     with pg_cluster.connect("guarded", user="bypasser", password="bypasser-pass", autocommit=True) as conn:
         assert tables.count_all(conn) == {"public.secrets": 2}
+
+
+def test_critical_tables_named_the_old_way_are_the_same_tables(client, alice, shop):
+    """Older versions recorded `customers` for public.customers: saving the list again, or adding
+    one, takes nothing off."""
+    client.force_login(alice)
+    database = Database.of_dsn(shop)
+    database.critical_tables = ["customers"]
+    database.save(update_fields=["critical_tables"])
+    field = f"db{database.pk}-tables"
+    url = reverse("critical-tables-edit", args=["shop"])
+    assert client.post(url, {"database": database.pk, field: "customers, events"}).status_code == 302
+    assert critical(shop) == ["public.customers", "public.events"]
+    assert not ChangeRequest.objects.exists()

@@ -338,4 +338,21 @@ def test_the_floor_counts_only_backups_that_still_restore(db, backup_root):
         BackupCopy.objects.create(run=corrupt, location=primary, key=f"k{n}", size=1, sha256="b" * 64, status="bad")
     kept = {r.pk: rule for r, rule in retention.plan(server, now).items()}
     assert kept[restorable.pk] == "floor"
-    assert [rule for pk, rule in kept.items() if pk != restorable.pk] == [None] * 3  # past their days
+    # The floor's two other places go to the newest of the others (the verify may find them back).
+    assert [rule for pk, rule in kept.items() if pk != restorable.pk] == ["floor", "floor", None]
+
+
+def test_with_no_backup_that_restores_the_newest_others_still_fill_the_floor(db, backup_root):
+    """Every copy marked missing while its mount was away: nothing is proven gone for good, and
+    retention keeps the floor's newest as before, for the verify to find them again."""
+    from backups.models import BackupCopy, StorageLocation
+
+    StorageLocation.sync_from_settings()
+    primary = StorageLocation.objects.get(name="primary")
+    server = make_server(logical_retention_days=7)
+    now = datetime(2026, 12, 3, 3, tzinfo=MALE)
+    runs = [backup(server, now - timedelta(days=days)) for days in (20, 12, 11, 10)]
+    for n, run in enumerate(runs):
+        BackupCopy.objects.create(run=run, location=primary, key=f"k{n}", size=1, sha256="a" * 64, status="bad")
+    kept = {r.pk: rule for r, rule in retention.plan(server, now).items()}
+    assert [kept[r.pk] for r in runs] == [None, "floor", "floor", "floor"]

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 
 import psycopg
 import pytest
@@ -209,3 +210,34 @@ def test_a_truncate_after_a_table_is_counted_waits_for_the_dump(
     monkeypatch.setattr(tables, "count_all", counted)
     test = run_restore_test(server)
     assert test.status == RestoreTest.Status.PASSED, test.error
+
+
+def test_a_backup_meeting_an_exclusive_lock_queued_behind_its_own_fails_within_its_wait(
+    server, sample_cluster, passphrase_file, backup_root, monkeypatch, settings
+):
+    """Production's TRUNCATE, queued behind the exporting transaction's lock, queues the counting's
+    and pg_dump's own locks behind itself: a wait no deadlock detector sees. The backup gives way
+    within BACKUP_LOCK_WAIT, saying why, and the TRUNCATE then goes through."""
+    import threading
+
+    settings.BACKUP_LOCK_WAIT = 2
+    sample_cluster.execute("CREATE TABLE staging AS SELECT g FROM generate_series(1, 100) g", dbname=server.dbname)
+    locked, truncated = tables.lock_all, {}
+
+    def lock_then_truncate_elsewhere(conn):
+        locked(conn)
+        etl = threading.Thread(
+            target=lambda: truncated.setdefault(
+                "rows", sample_cluster.execute("TRUNCATE staging", dbname=server.dbname)
+            )
+        )
+        etl.start()  # an ETL job without a lock_timeout: it waits behind the backup's lock
+        truncated["thread"] = etl
+        time.sleep(0.5)
+
+    monkeypatch.setattr(tables, "lock_all", lock_then_truncate_elsewhere)
+    started = time.monotonic()
+    result = backup_json()
+    truncated["thread"].join(timeout=30)
+    assert result["status"] == "failed" and "was not granted within 2 s (BACKUP_LOCK_WAIT)" in result["error"]
+    assert time.monotonic() - started < 30 and truncated["rows"] == []  # the backup let go, the TRUNCATE ran

@@ -63,4 +63,5 @@ def on_this_host(request):
     """Whether the request's peer is this host: a loopback address, or none (a Unix socket)."""
     peer = request.META.get("REMOTE_ADDR", "")
     address = _address(peer)
+    address = getattr(address, "ipv4_mapped", None) or address  # ::ffff:127.0.0.1, a dual-stack bind's
     return not peer or (address is not None and address.is_loopback)
