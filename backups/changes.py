@@ -280,6 +280,13 @@ def delete_problem(run):
         return (
             f"Backup #{run.pk} holds the globals file that kept backups of the same day pair with: delete those first."
         )
+    same = BackupRun.objects.good().filter(server=run.server_id, kind=run.kind, database=run.database_id)
+    if same.order_by("-finished_at", "-pk").values_list("pk", flat=True).first() == run.pk:
+        return (
+            f"Backup #{run.pk} is the newest good {run.kind} backup of {run.server}"
+            + (f" ({run.database.name})" if run.database_id else "")
+            + ": nothing deletes the last good backup; take a newer one first."
+        )
     return None
 
 

@@ -526,6 +526,22 @@ def test_a_held_backup_cannot_be_deleted_by_hand_even_when_the_hold_came_after_t
     assert ChangeRequest.objects.count() == 1
 
 
+def test_the_newest_good_backup_cannot_be_deleted_by_hand(client, kept_backup, alice, bob):
+    """Nothing deletes the last good backup: not retention, not two people agreeing."""
+    run, _ = kept_backup
+    newest = BackupRun.objects.exclude(pk=run.pk).get()
+    client.force_login(alice)
+    response = client.post(reverse("run-delete", args=[newest.pk]), {"reason": "space"}, follow=True)
+    page = response.content.decode()
+    assert "is the newest good logical backup of atoll" in page and "nothing deletes the last good backup" in page
+    assert not ChangeRequest.objects.exists()
+    change = ChangeRequest.open(ChangeRequest.Kind.DELETE_BACKUP, run, alice, "old")  # the older one may go
+    newest.status = "failed"  # and if the newer one fails meanwhile, the old one is the last good one
+    newest.save()
+    with pytest.raises(ValidationError, match="nothing deletes the last good backup"):
+        change.approve(bob)
+
+
 # --- Storage locations in the admin ------------------------------------------------------------
 
 
