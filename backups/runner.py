@@ -311,7 +311,7 @@ def finish_succeeded(run):
 
 def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.RUNNING)):
     """Mark failed (only a run still in one of the `only` states), remove what it left, journal; the monitor alerts."""
-    from backups.storage import store_for
+    from backups.storage import partials_of, store_for
 
     updated = BackupRun.objects.filter(pk=run.pk, status__in=list(only)).update(
         status=BackupRun.Status.FAILED, finished_at=timezone.now(), error=message[:2000]
@@ -324,7 +324,8 @@ def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.
         store = store_for(location)
         for key in run.details.get("keys", []):
             store.delete(key)
-            (store.path(key).with_name(f".{store.path(key).name}.partial")).unlink(missing_ok=True)
+            for partial in partials_of(store.path(key)):
+                partial.unlink(missing_ok=True)
     run.copies.exclude(status=BackupCopy.Status.DELETED).update(status=BackupCopy.Status.DELETED)
     journal.record("backup_failed", actor=run.requested_by or "job:backup", obj=run, outcome="failed", error=message)
     conditions.changed("backup_failed", server=run.server)  # the monitor reads the failed run

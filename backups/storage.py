@@ -1,6 +1,6 @@
 """Reading and writing artifacts in a storage location.
 
-A file is written under a temporary name (`.name.partial`, never mistaken for an artifact),
+A file is written under a temporary name (`.name.PID-RANDOM.partial`, never mistaken for an artifact),
 hashed as bytes pass, fsynced, then renamed into place: a reader sees a whole file or none.
 """
 
@@ -8,6 +8,7 @@ import errno
 import hashlib
 import os
 import pwd
+import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -80,7 +81,9 @@ class AtomicWriter:
 
     def __init__(self, final: Path, capacity_left=None):
         self.final = final
-        self.tmp = final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
+        # A name of its own: two writers of one key (a copy's lease expired while its NAS write hung,
+        # and another worker took it over) never write into one file; the first to commit wins.
+        self.tmp = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.capacity_left = capacity_left
@@ -120,6 +123,14 @@ class AtomicWriter:
         if exc_type is not None or not self.file.closed:
             self.abort()
         return False
+
+
+def partials_of(final: Path):
+    """The temporary files AtomicWriter left for `final` (a killed writer's), of any writer."""
+    if not final.parent.is_dir():
+        return []
+    prefix = f".{final.name}."
+    return [p for p in final.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(PARTIAL_SUFFIX)]
 
 
 def _os_user():

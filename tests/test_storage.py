@@ -407,3 +407,23 @@ def test_wal_segments_use_the_same_copies_verify_and_retention(server, tiers):
     assert "Contents" not in tiers.s3.list_objects_v2(Bucket=tiers.bucket)
     segment.refresh_from_db()
     assert segment.deleted_at is not None
+
+
+def test_two_writers_of_one_key_never_write_into_one_file(tmp_path):
+    """A copy's lease expired while its NAS write hung and another worker took it over: each
+    writer has a temporary file of its own; the first to commit wins, whole, and the other is
+    refused, never a file of both writers' bytes under the first one's sha256."""
+    from backups.storage import AtomicWriter, StorageError, partials_of
+
+    final = tmp_path / "maldives" / "logical" / "run.dump.gpg"
+    hung, taker = AtomicWriter(final), AtomicWriter(final)
+    assert hung.tmp != taker.tmp and len(partials_of(final)) == 2
+    hung.write(b"a" * 1000)
+    taker.write(b"b" * 600)
+    hung.write(b"a" * 1000)
+    size, digest = taker.commit()
+    assert final.read_bytes() == b"b" * 600 and digest == hashlib.sha256(b"b" * 600).hexdigest()
+    with pytest.raises(StorageError, match="already exists"):
+        hung.commit()
+    hung.abort()
+    assert final.read_bytes() == b"b" * 600 and partials_of(final) == []
