@@ -148,9 +148,17 @@ class RestoreRequest(models.Model):
         self._decide(user, self.Status.REJECTED, note)
 
     def _decide(self, user, status, note, confirm_database=""):
-        self.status, self.decided_by, self.decided_at = status, user, timezone.now()
+        """One decision only: two DBAs deciding at once (one approving, one rejecting) meet here, and
+        the second is told the first's, never written over it after the worker started the first."""
+        now = timezone.now()
+        decided = RestoreRequest.objects.filter(pk=self.pk, status=self.Status.PENDING).update(
+            status=status, decided_by=user, decided_at=now, decision_note=note, confirm_database=confirm_database
+        )
+        if not decided:
+            self.refresh_from_db(fields=["status"])
+            raise ValidationError(f"Request #{self.pk} is {self.status} already: it was decided meanwhile.")
+        self.status, self.decided_by, self.decided_at = status, user, now
         self.decision_note, self.confirm_database = note, confirm_database
-        self.save(update_fields=["status", "decided_by", "decided_at", "decision_note", "confirm_database"])
 
     def start(self):
         """Claim an approved request for running, once: returns False if it is not (or no longer) approved."""

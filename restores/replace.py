@@ -20,7 +20,7 @@ from backups.storage import StorageError
 from restores import targetdb
 from restores.logical import RestoreFailed, finish, restore_into, unexpected
 from restores.models import RestoreRequest, RestoreRun
-from restores.targetdb import dropped
+from restores.targetdb import database_exists, dropped
 from restores.validation import run_checks
 
 
@@ -64,6 +64,8 @@ def replace_production(run, request, actor):
     notes = []
     try:
         _refuse_slots(server, prod)  # before the hours of a restore, and again at the swap
+        if database_exists(server, old):  # production's name once swapped: taken, the swap would fail
+            raise RestoreFailed(f"a database {old} exists already on {server}: rename or drop it, and ask again")
         notes += restore_into(run, server, new, restore, advice=lambda sub, slot: _resume(sub, slot, prod, old))
         try:
             _validate(run, server, new)
@@ -162,7 +164,7 @@ def _swap(server, prod, new, old):
                 )
     except psycopg.Error as e:
         # The session that failed may have done more than it heard back: the catalog says.
-        if _renamed(server, old):
+        if _renamed(server, old, new):
             return  # the renames committed: production is the restored copy, as asked
         failure = RestoreFailed(f"swapping the databases failed: {str(e).splitlines()[0]}")
         _reopen(server, prod, failure)
@@ -170,11 +172,16 @@ def _swap(server, prod, new, old):
         raise failure from None
 
 
-def _renamed(server, old):
-    """Did production become `old` (the swap's renames committed)? False when it cannot be told."""
+def _renamed(server, old, new):
+    """Did the swap's renames commit: production kept as `old`, and the restored copy `new` gone
+    (renamed to production's name)? A database already called `old` alone proves nothing. False
+    when it cannot be told."""
     try:
         with server.connect("postgres") as conn:
-            return conn.execute("SELECT 1 FROM pg_catalog.pg_database WHERE datname = %s", [old]).fetchone() is not None
+            names = {row[0] for row in conn.execute(
+                "SELECT datname FROM pg_catalog.pg_database WHERE datname IN (%s, %s)", [old, new]
+            )}  # fmt: skip
+            return names == {old}
     except psycopg.Error:
         return False
 

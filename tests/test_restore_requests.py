@@ -156,6 +156,44 @@ def test_the_swap_leaves_production_intact_when_validation_fails(client, alice, 
     assert request.status == "failed"
 
 
+def test_a_swap_whose_kept_name_is_taken_is_refused_before_it_starts_and_never_called_done(
+    client, alice, bob, good_run, sample_cluster, monkeypatch
+):
+    """Production is kept as NAME_before_STAMP: a database of that name already there (planted, the
+    stamp is to the second) made the failed rename look done, production closed and the run succeeded."""
+    from restores import replace
+
+    monkeypatch.setattr(replace, "working_names", lambda prod, stamp: ("rm_restore_1", "rm_before_1"))
+    sample_cluster.execute("CREATE DATABASE rm_before_1")
+    ask(client, alice, good_run, destination="replace", database="")
+    request = RestoreRequest.objects.get()
+    client.force_login(bob)
+    client.post(reverse("restore-request-approve", args=[request.pk]), {"confirm_database": "reliabilitymaldives"})
+    restore = RestoreRun.objects.get(request=request)
+    assert restore.status == "failed" and "a database rm_before_1 exists already" in restore.error
+    assert "unchanged" in restore.error
+    databases = {r[0] for r in sample_cluster.execute("SELECT datname FROM pg_database")}
+    assert "reliabilitymaldives" in databases and "rm_restore_1" not in databases
+    assert replace._renamed(good_run.server, "rm_before_1", "reliabilitymaldives") is False  # both there: not done
+
+
+def test_two_decisions_on_one_request_cannot_both_stand(alice, bob, good_run, db):
+    from django.core.exceptions import ValidationError
+
+    from tests.helpers import make_user
+
+    request = RestoreRequest.objects.create(
+        server=good_run.server, backup_run=good_run, requested_by=alice, destination="new_database",
+        target_database="restored", reason="x",
+    )  # fmt: skip
+    seen_by_carol = RestoreRequest.objects.get(pk=request.pk)  # her page, loaded before bob decided
+    RestoreRequest.objects.get(pk=request.pk).approve(bob)
+    with pytest.raises(ValidationError, match="decided meanwhile"):
+        seen_by_carol.reject(make_user("carol", "DBA"))
+    request.refresh_from_db()
+    assert request.status == "approved" and request.decided_by == bob
+
+
 def test_the_command_line_swap_needs_an_approved_request(alice, bob, good_run, sample_cluster):
     with pytest.raises(CommandError, match="needs an approved request"):
         call_command("restore", str(good_run.pk), "--replace")
