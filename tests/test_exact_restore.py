@@ -649,7 +649,7 @@ def test_an_owners_search_path_never_runs_its_functions_in_the_portals_sessions(
     test = run_restore_test(server)
     checks = {c["name"]: c for c in test.checks}
     assert checks["check: five"]["ok"] and checks["check: one a"]["ok"], test.checks
-    assert "name tables with their schema, as public.users" in checks["check: unqualified"]["detail"]
+    assert "name tables and functions with their schema" in checks["check: unqualified"]["detail"]
     assert source.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'app_owner'") == [(False,)]
 
 
