@@ -21,9 +21,10 @@ from backups.pipeline import BackupFailed
 UNREADABLE = Dsn(host="(unreadable DSN)", port=0, user="", dbname="")
 
 # Every session of the portal's own, in production and in restored copies, whatever the database
-# or the role was set to (ALTER DATABASE/ROLE ... SET; the startup options outrank both): names resolve in pg_catalog only, so an owner's count(*) or
-# format() in public, before pg_catalog in the database's search_path, never runs as the portal's
-# role; and no timeout of the database's cancels the portal's counting (pg_dump turns them off too).
+# or the role was set to (ALTER DATABASE/ROLE ... SET; the startup options outrank both): names
+# resolve in pg_catalog only, so an owner's count(*) or operator in public, before pg_catalog in
+# the database's search_path, never runs as the portal's role; and no timeout of the database's
+# cancels the portal's counting (pg_dump turns them off too). Restored PITR copies: Restored.connect.
 SESSION_GUARD = (
     "-c search_path=pg_catalog,pg_temp -c statement_timeout=0 -c lock_timeout=0"
     " -c idle_in_transaction_session_timeout=0"

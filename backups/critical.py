@@ -28,11 +28,16 @@ def check_tables(server, names, dbname=None):
         raise ValueError(f"cannot reach {server.name} to check the tables: {explain(e, server)}") from None
 
 
+def _without(names, off):
+    """`names` but those naming a table of `off`, compared as the tables they name (`users`,
+    recorded by older versions, is `public.users`)."""
+    gone = {tables.key_of(name) for name in off}
+    return [name for name in names or [] if tables.key_of(name) not in gone]
+
+
 def dropped_tables(database, qualified):
-    """The critical tables of `database` that the choice `qualified` leaves out, compared as the
-    tables they name (`users`, recorded by older versions, is `public.users`)."""
-    chosen = {tables.key_of(name) for name in qualified}
-    return [name for name in database.critical_tables or [] if tables.key_of(name) not in chosen]
+    """The critical tables of `database` that the choice `qualified` leaves out."""
+    return _without(database.critical_tables, qualified)
 
 
 def choose_critical_tables(database, qualified, user, reason=""):
@@ -51,7 +56,7 @@ def choose_critical_tables(database, qualified, user, reason=""):
             reason,
             {"critical_tables_taken_off": {"from": [], "to": dropped}},  # the rest stays as it is then
         )
-        kept = [name for name in qualified if tables.key_of(name) not in {tables.key_of(d) for d in dropped}]
+        kept = _without(qualified, dropped)
         if set(kept + dropped) != set(database.critical_tables or []):
             set_critical_tables(database, kept + dropped, user.get_username())
     return change
@@ -60,8 +65,7 @@ def choose_critical_tables(database, qualified, user, reason=""):
 def take_off(database, names, actor):
     """An approved request: `names` come off the critical tables as they are now (tables added
     since stay)."""
-    off = {tables.key_of(name) for name in names}
-    set_critical_tables(database, [n for n in database.critical_tables or [] if tables.key_of(n) not in off], actor)
+    set_critical_tables(database, _without(database.critical_tables, names), actor)
 
 
 def set_critical_tables(database, qualified, actor):

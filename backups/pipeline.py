@@ -14,6 +14,7 @@ import threading
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 from django.conf import settings
 from django.utils import timezone
@@ -228,18 +229,18 @@ def snapshot_and_counts(server, dbname=None):
     """
     import psycopg
 
+    bounded = f"-c lock_timeout={settings.BACKUP_LOCK_WAIT * 1000}"  # after the session guard's 0
     try:
-        conn = server.connect(dbname, autocommit=False)
+        conn = server.connect(dbname, autocommit=False, options=bounded)
     except psycopg.Error as e:
         raise BackupFailed(explain(e, server)) from None
     try:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
-        bounded = f"-c lock_timeout={settings.BACKUP_LOCK_WAIT * 1000}"  # after the session guard's 0
-        conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, true)", [f"{settings.BACKUP_LOCK_WAIT}s"])
-        tables.lock_all(conn)
+        listed = tables.user_tables(conn)  # in the snapshot, as the counting sees it
+        tables.lock_all(conn, listed)
         with server.connect(dbname, options=bounded) as counter:
-            counts = tables.count_all(counter, transaction=lambda: _in_snapshot(counter, snapshot))
+            counts = tables.count_all(counter, transaction=partial(_in_snapshot, counter, snapshot), listed=listed)
     except psycopg.errors.LockNotAvailable:
         conn.close()
         raise BackupFailed(

@@ -153,32 +153,39 @@ def resolve(conn, names):
     return qualified
 
 
-def lock_all(conn):
-    """ACCESS SHARE on every user table (its indexes untouched), in `conn`'s transaction: while
-    pg_dump's exporting transaction holds them, no TRUNCATE or rewrite lands between a table's
-    count and pg_dump's own lock on it (a count of 100 rows, a dump of none). One lock a table,
-    as pg_dump takes; the counting's index locks go with each batch's transaction."""
-    listed = [row[1] for row in conn.execute(USER_TABLES).fetchall()]  # b"FROM ONLY schema.table"
-    for start in range(0, len(listed), BATCH * 5):
-        names = [b"ONLY " + clause[len(b"FROM ONLY ") :] for clause in listed[start : start + BATCH * 5]]
+def user_tables(conn):
+    """(qualified name, its FROM clause as bytes) of every user table (USER_TABLES)."""
+    return [_text_row(row) for row in conn.execute(USER_TABLES).fetchall()]
+
+
+def lock_all(conn, listed):
+    """ACCESS SHARE on every table `listed` (user_tables; their indexes untouched), in `conn`'s
+    transaction: while pg_dump's exporting transaction holds them, no TRUNCATE or rewrite lands
+    between a table's count and pg_dump's own lock on it (a count of 100 rows, a dump of none).
+    One lock a table, as pg_dump takes; the counting's index locks go with each batch's transaction."""
+    clauses = [from_clause for _, from_clause in listed]  # b"FROM ONLY schema.table"
+    for start in range(0, len(clauses), BATCH * 5):
+        names = [b"ONLY " + clause[len(b"FROM ONLY ") :] for clause in clauses[start : start + BATCH * 5]]
         conn.execute(b"LOCK TABLE " + b", ".join(names) + b" IN ACCESS SHARE MODE")
 
 
-def count_all(conn, errors=None, transaction=nullcontext):
+def count_all(conn, errors=None, transaction=nullcontext, listed=None):
     """{qualified name: exact row count} of every user table, each table's own rows (ONLY).
 
     With an `errors` dict (on an autocommit connection), a table that cannot be read is noted
     there and the others are still counted; without one, the first error is raised.
     `transaction()`: a context the listing and each batch of tables run in (a backup's: one
-    transaction each in its snapshot, so that no transaction holds a lock on every table).
+    transaction each in its snapshot, so that no transaction holds a lock on every table);
+    `listed`: user_tables() already read in that snapshot.
 
     Row-level security off, as pg_dump has it: a policy's functions, a table owner's code, would
     otherwise run with the portal's role (and its reach) on every count. A role that the policy
     does not let by then cannot read the table: pg_dump could not dump it either.
     """
     conn.execute("SET row_security = off")
-    with transaction():
-        listed = [_text_row(row) for row in conn.execute(USER_TABLES).fetchall()]
+    if listed is None:
+        with transaction():
+            listed = user_tables(conn)
     counts = {}
     for start in range(0, len(listed), BATCH):
         batch = listed[start : start + BATCH]

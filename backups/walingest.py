@@ -37,6 +37,7 @@ from backups.walspool import (
     publish_segment_size,
     remove_stale_tmp,
     sha256_of_wal_file,
+    source_of,
     spool_dir,
     wal_file_size,
     write_error_marker,
@@ -116,7 +117,7 @@ def ingest(server, actor="job:ingestwal", linger=0, wait=False):
     result, manifest, ran = IngestResult(), None, False
     if not spool.is_dir():
         return result
-    source = "pull" if server.archiving == Server.Archiving.PULL else "push"
+    source = source_of(server)
     hand_over = linger > 0 and source == "push"
     try:
         lock_fd = open_lock(spool, ".ingest.lock")  # postgres can put anything in the spool: never followed

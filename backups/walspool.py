@@ -264,6 +264,11 @@ def archive_settings(server):
 STALE_TMP = timedelta(minutes=10)
 
 
+def source_of(server):
+    """How the server's spool is filled, as pending_names reads it: "pull" (pg_receivewal) or "push"."""
+    return "pull" if server.archiving == server.Archiving.PULL else "push"
+
+
 def pending_names(spool: Path, source):
     """WAL files ready to ingest, oldest first. The newest .partial of pg_receivewal is still
     being written; an older one was left behind by a timeline switch and is final."""

@@ -417,8 +417,7 @@ def ingest_first(server, latest=True, wait=None):
             ]
         if not result.busy:
             return []
-        source = "pull" if server.archiving == server.Archiving.PULL else "push"
-        left = walspool.pending_names(walspool.spool_dir(server), source)
+        left = walspool.pending_names(walspool.spool_dir(server), walspool.source_of(server))
         if not left:
             return []
         if time.monotonic() >= deadline:

@@ -118,21 +118,14 @@ def chain(plan, first, last):
     """The catalogued segments first..last up to the first missing one, and a Refused naming that
     one (None without a gap): raised only if the search gets there, as a gap after the target
     must not refuse a restore that never needs the WAL beyond it."""
-    missing = walchain.missing_segments(plan.server, first, last, plan.lineage)
+    gap, missing = None, walchain.missing_segments(plan.server, first, last, plan.lineage)
     if missing:
         last = plan.segno(missing[0]) - 1
-    gap = (
-        Refused(
+        gap = Refused(
             f"WAL segment {missing[0]} is missing from the archive: the WAL chain to the target "
             f"{plan.target.text} has a gap there"
         )
-        if missing
-        else None
-    )
-    try:
-        return walchain.chain_segments(plan.server, first, last, plan.lineage), gap
-    except walnames.WalError as e:
-        raise Refused(f"{e}: the WAL chain to the target {plan.target.text} has a gap there") from None
+    return walchain.chain_segments(plan.server, first, last, plan.lineage), gap
 
 
 def scan(plan, first, last):

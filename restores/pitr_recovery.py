@@ -23,6 +23,7 @@ from backupportal.lib.libpq import SAFE_AUTH
 from backupportal.lib.osuser import chown_to_db_user
 from backups import binaries, walspool
 from backups.binaries import backup_major
+from backups.connection import SESSION_GUARD
 from restores import pitr_libraries, pitr_verdict, targetdb
 from restores.models import RestoreRun
 from restores.pitr_plan import RestoreFailed
@@ -304,7 +305,9 @@ class Restored:
         return {}
 
     def connect(self, dbname, **more):
+        """As Server.connect: the session guard first, the caller's options after it."""
         server = self.plan.server
+        more["options"] = f"{SESSION_GUARD} {more.get('options') or ''}".strip()
         return psycopg.connect(
             host=server.host if server.host.startswith("/") else "127.0.0.1",
             port=self.plan.port,

@@ -15,7 +15,6 @@ from psycopg import sql
 
 from backupportal.lib.pgerrors import explain
 from backups.binaries import server_major
-from backups.connection import SESSION_GUARD
 
 # Production's event triggers come with its copy: from PostgreSQL 17 a login trigger fires on
 # every connection (one that records logins changes the counts a restore test compares; one that
@@ -118,7 +117,7 @@ def dropped(server, name):
 def connect_to_copy(target, dbname):
     """A connection into `dbname`, a restored copy on `target`, with production's event
     triggers off where the portal's role may turn them off (a superuser, 17 or later)."""
-    options = f"{target.connection_settings(dbname).get('options') or ''} {SESSION_GUARD} {WRITABLE}".strip()
+    options = f"{target.connection_settings(dbname).get('options') or ''} {WRITABLE}".strip()
     return quietly(lambda **more: target.connect(dbname, **more), server_major(target), options)
 
 

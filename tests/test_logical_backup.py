@@ -224,8 +224,8 @@ def test_a_backup_meeting_an_exclusive_lock_queued_behind_its_own_fails_within_i
     sample_cluster.execute("CREATE TABLE staging AS SELECT g FROM generate_series(1, 100) g", dbname=server.dbname)
     locked, truncated = tables.lock_all, {}
 
-    def lock_then_truncate_elsewhere(conn):
-        locked(conn)
+    def lock_then_truncate_elsewhere(conn, *args):
+        locked(conn, *args)
         etl = threading.Thread(
             target=lambda: truncated.setdefault(
                 "rows", sample_cluster.execute("TRUNCATE staging", dbname=server.dbname)
