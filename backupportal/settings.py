@@ -284,6 +284,10 @@ BACKUP_TIMEOUT = env.int("BACKUP_TIMEOUT", default=6 * 3600)
 # the backup's lock would otherwise queue the backup's next lock behind itself, a wait no
 # deadlock detector sees, with every query on that table stuck behind both.
 BACKUP_LOCK_WAIT = env.int("BACKUP_LOCK_WAIT", default=120)
+if BACKUP_LOCK_WAIT < 1:  # 0 would mean no bound at all to PostgreSQL
+    raise ImproperlyConfigured(
+        f"BACKUP_LOCK_WAIT={BACKUP_LOCK_WAIT}: say how many seconds (1 or more) to wait for a lock"
+    )
 # A run still queued after this many seconds was lost by the broker or no worker is running:
 # it is failed, which frees the lock. Above the longest wait for a free worker.
 QUEUED_RUN_TIMEOUT = env.int("QUEUED_RUN_TIMEOUT", default=3600)

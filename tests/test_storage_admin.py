@@ -290,3 +290,10 @@ def test_an_endpoint_typed_in_the_admin_is_reached_directly_never_through_the_en
         )
         assert response.status_code == 302, response.content.decode()[:2000]  # reached moto, and checked
         assert not proxy.reached(0.3)
+
+
+def test_a_lock_wait_of_no_seconds_stops_the_start(settings, db):
+    env = portal_env(settings, BACKUP_LOCK_WAIT="0")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "manage.py", "check"], env=env, capture_output=True, text=True, cwd=root)
+    assert done.returncode != 0 and "BACKUP_LOCK_WAIT=0: say how many seconds" in done.stderr
