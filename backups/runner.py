@@ -272,7 +272,8 @@ def beating(run):
         try:
             while not stop.wait(HEARTBEAT_EVERY):
                 try:
-                    running = BackupRun.objects.filter(pk=run.pk, status=BackupRun.Status.RUNNING)
+                    # Any run with a status and a heartbeat: a backup run, a restore run.
+                    running = type(run).objects.filter(pk=run.pk, status=type(run).Status.RUNNING)
                     running.update(heartbeat_at=timezone.now())
                 except (DatabaseError, InterfaceError) as e:  # a busy or restarted catalog: the next beat
                     log.warning("run %s: heartbeat not recorded: %s", run.pk, e)

@@ -19,6 +19,7 @@ from backups.copies import healthy_copies, mark_faults, open_first_healthy
 from backups.crypto import Encryption, EncryptionError, gpg_failure
 from backups.models import BackupRun
 from backups.pipeline import BackupFailed
+from backups.runner import beating
 from backups.storage import StorageError, store_for
 from backups.streams import CopyCorrupt
 from restores import cluster_globals, dbprops, targetdb
@@ -88,6 +89,8 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
         roles = restore_globals(run, target, encryption, notes, warnings, with_role_passwords)
     made = False
     held = EventTriggers(props, scratch_root)
+    if restore is not None:  # dropped by restores.orphans if this process dies before it ends
+        restore.leaves(**{**restore.left, "database": dbname})
     try:
         toc = (props.copy_id, props.head) if props is not None else None
         notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc, held)
@@ -334,7 +337,8 @@ def run_logical(run, target, dbname, actor, request=None, restore_test=None, **o
     )
     try:
         check_database_name(dbname)  # typed by a DBA; the portal's own names are quoted everywhere
-        notes = restore_into(run, target, dbname, restore, **options)
+        with beating(restore):
+            notes = restore_into(run, target, dbname, restore, **options)
     except (RestoreFailed, StorageError, BackupFailed) as e:  # BackupFailed: the tools' libpq_env refused
         return finish(restore, actor, error=str(e))
     except Exception as e:  # noqa: BLE001 - never a run left "running": it fails, saying what stopped it

@@ -1,5 +1,7 @@
 """Restores (requested by one DBA, approved by another), restore tests and DR drills."""
 
+import os
+import socket
 from datetime import timedelta
 
 from django.conf import settings
@@ -206,6 +208,13 @@ class RestoreRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Where it runs (restores.orphans): a pid means something only on its own host.
+    pid = models.IntegerField(null=True, blank=True)
+    host = models.CharField(max_length=255, blank=True)
+    # What it has made so far that is not yet a restore: {"database": name} or {"datadir":
+    # path, "created": bool}. Emptied when it finishes; a run that died with it set has it
+    # removed by restores.orphans on its host, so a half-restored copy is never taken for one.
+    left = models.JSONField(default=dict, blank=True)
     bytes_done = models.BigIntegerField(default=0, verbose_name="bytes restored")
     error = models.TextField(blank=True)
     notes = models.TextField(blank=True, help_text="e.g. which copy was read, fallbacks")
@@ -238,18 +247,36 @@ class RestoreRun(models.Model):
         """A restore running from now on; the caller journals what it restores."""
         now = timezone.now()
         return cls.objects.create(
-            kind=kind, status=cls.Status.RUNNING, requested_by=actor, started_at=now, heartbeat_at=now, **fields
+            kind=kind,
+            status=cls.Status.RUNNING,
+            requested_by=actor,
+            started_at=now,
+            heartbeat_at=now,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            **fields,
         )
+
+    def leaves(self, **made):
+        """Record what this run has made (see `left`) before it makes it."""
+        self.left = made
+        RestoreRun.objects.filter(pk=self.pk).update(left=made)
 
     def finish(self, error=None, fields=()):
         """Failed with `error` (a string), or, when None, succeeded (with warnings when it has
-        any: never a plain success that hides them); saved with the `fields` the caller has set."""
+        any: never a plain success that hides them); saved with the `fields` the caller has set.
+        Only while still running: a run the orphan sweep failed meanwhile (what it made removed)
+        stays failed, never a success without its copy."""
         if error is not None:
-            self.status = self.Status.FAILED
+            status = self.Status.FAILED
         else:
-            self.status = self.Status.SUCCEEDED_WITH_WARNINGS if self.warnings else self.Status.SUCCEEDED
-        self.error, self.finished_at = (error or "")[:2000], timezone.now()
-        self.save(update_fields=["status", "error", "finished_at", *fields])
+            status = self.Status.SUCCEEDED_WITH_WARNINGS if self.warnings else self.Status.SUCCEEDED
+        self.error, self.finished_at, self.left = (error or "")[:2000], timezone.now(), {}
+        saved = {f: getattr(self, f) for f in ("error", "finished_at", "left", *fields)}
+        if not RestoreRun.objects.filter(pk=self.pk, status=self.Status.RUNNING).update(status=status, **saved):
+            self.refresh_from_db(fields=["status", "error", "finished_at"])
+            return
+        self.status = status
 
 
 class RestoreTestQuerySet(models.QuerySet):
@@ -297,6 +324,10 @@ class RestoreTest(models.Model):
     monthly = models.BooleanField(default=False, help_text="the strategy's monthly full restore test")
     started_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Set once a worker takes it, then beaten while it runs (restores.orphans), as a restore's.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    pid = models.IntegerField(null=True, blank=True)
+    host = models.CharField(max_length=255, blank=True)
     duration_s = models.FloatField(null=True, blank=True, help_text="the measured RTO", verbose_name="duration (s)")
     checks = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
@@ -346,6 +377,11 @@ class RestoreTest(models.Model):
             "error": self.error,
             "done": self.done,
         }
+
+    def take(self):
+        """A worker runs it from now on: where, for restores.orphans, which also reads its heartbeat."""
+        self.pid, self.host, self.heartbeat_at = os.getpid(), socket.gethostname(), timezone.now()
+        self.save(update_fields=["pid", "host", "heartbeat_at"])
 
     def set_phase(self, phase):
         RestoreTest.objects.filter(pk=self.pk).update(phase=phase)

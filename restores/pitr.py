@@ -38,9 +38,10 @@ from backups import keyring, walchain, walnames
 from backups.copies import decrypt_here, healthy_copies
 from backups.crypto import Encryption, EncryptionError
 from backups.models import BackupCopy, WalSegment
+from backups.runner import beating
 from backups.storage import store_for
 from backups.streams import FetchFailed, FileSink, readable
-from restores import pitr_chain, pitr_checks, pitr_points, pitr_reach
+from restores import orphans, pitr_chain, pitr_checks, pitr_points, pitr_reach
 from restores.models import RestoreRun
 from restores.pitr_checks import check_datadir
 from restores.pitr_extract import Extraction, empty, extract_base, verify_base
@@ -78,6 +79,7 @@ def plan_for(server, actor, into_datadir=None, port=None, **targets):
 
 def run_plan(plan, actor, request=None, restore_test=None):
     """Restore as planned, leaving the new cluster running; the result dict (failed: exit_code 1)."""
+    orphans.remove_leftovers()  # the clusters of dead restores on this host: their ports and disk back
     run = RestoreRun.begin(
         RestoreRun.Kind.PITR,
         actor,
@@ -93,7 +95,8 @@ def run_plan(plan, actor, request=None, restore_test=None):
         "pitr_started", actor=actor, obj=run, server=plan.server.name, base_run=plan.base.pk, target=run.target
     )
     try:
-        execute(plan, run)
+        with beating(run):
+            execute(plan, run)
     except (RestoreFailed, Refused, FetchFailed, OSError) as e:
         discard(plan)
         return finish(run, plan, actor, error=str(e))
@@ -364,6 +367,7 @@ def execute(plan, run):
         pitr_reach.archive_past_target(plan, run)
         check_chain(plan)
     prepare_datadir(plan)
+    run.leaves(datadir=str(plan.datadir), created=plan.created_dir)  # removed if this process dies
     # The base is extracted (gpg, zstd, tar) while the first WAL is fetched; the cluster starts
     # as soon as the base is in place and verified, and the rest of the WAL is fetched ahead of
     # replay (pitr_prefetch). A restore point's name decides the base only once its WAL is

@@ -15,7 +15,7 @@ from psycopg import sql
 from backupportal import journal
 from backups.models import BackupRun
 from backups.pipeline import BackupFailed
-from backups.runner import RunRefused, claim, execute
+from backups.runner import RunRefused, beating, claim, execute
 from backups.storage import StorageError
 from restores import targetdb
 from restores.logical import RestoreFailed, finish, restore_into, unexpected
@@ -62,23 +62,26 @@ def replace_production(run, request, actor):
         "restore_started", actor=actor, obj=restore, server=server.name, run=run.pk, replace=prod, request=request.pk
     )
     notes = []
+    # What restores.orphans settles if this process dies: the copy before the swap, production after.
+    restore.leaves(database=new, kept_as=old)
     try:
-        _refuse_slots(server, prod)  # before the hours of a restore, and again at the swap
-        if database_exists(server, old):  # production's name once swapped: taken, the swap would fail
-            raise RestoreFailed(f"a database {old} exists already on {server}: rename or drop it, and ask again")
-        notes += restore_into(run, server, new, restore, advice=lambda sub, slot: _resume(sub, slot, prod, old))
-        try:
-            _validate(run, server, new)
-            safety = _safety_backup(run, actor, restore)
-            notes.append(f"safety backup of {prod}: run #{safety.pk}")
-            _swap(server, prod, new, old)
-        except BaseException as e:
-            left = dropped(server, new)
-            if left and isinstance(e, RestoreFailed):
-                more = RestoreFailed(f"{e}; {left}")
-                more.production_changed = getattr(e, "production_changed", False)
-                raise more from None
-            raise
+        with beating(restore):
+            _refuse_slots(server, prod)  # before the hours of a restore, and again at the swap
+            if database_exists(server, old):  # production's name once swapped: taken, the swap would fail
+                raise RestoreFailed(f"a database {old} exists already on {server}: rename or drop it, and ask again")
+            notes += restore_into(run, server, new, restore, advice=lambda sub, slot: _resume(sub, slot, prod, old))
+            try:
+                _validate(run, server, new)
+                safety = _safety_backup(run, actor, restore)
+                notes.append(f"safety backup of {prod}: run #{safety.pk}")
+                _swap(server, prod, new, old)
+            except BaseException as e:
+                left = dropped(server, new)
+                if left and isinstance(e, RestoreFailed):
+                    more = RestoreFailed(f"{e}; {left}")
+                    more.production_changed = getattr(e, "production_changed", False)
+                    raise more from None
+                raise
     except (RestoreFailed, StorageError, BackupFailed) as e:  # BackupFailed: the tools' refusals, as run_logical
         restore.notes = "; ".join(notes)
         _close_request(request, failed=True)

@@ -8,6 +8,7 @@ from backupportal import conditions, journal
 from backupportal.lib.osuser import free_port
 from backups.copies import healthy_copies
 from backups.models import BackupRun, Database, Server
+from backups.runner import beating
 from restores import pitr, sandbox
 from restores.logical import dropped_roles, run_logical
 from restores.models import RestoreRun, RestoreTest
@@ -41,9 +42,15 @@ def run_restore_test(
     if run is not None:
         test.encryption_key = key_of(run)
         test.save(update_fields=["encryption_key"])
+    test.take()
+    with beating(test):  # a worker that dies mid-test leaves it to restores.orphans
+        return _run(test, run, kind, database, actor)
+
+
+def _run(test, run, kind, database, actor):
     test.set_phase("restoring")
     journal.record(
-        "restore_test_started", actor=actor, obj=test, server=server.name, kind=kind, run=run.pk if run else None
+        "restore_test_started", actor=actor, obj=test, server=test.server.name, kind=kind, run=run.pk if run else None
     )
     if run is None:
         of = f" of database {database.name}" if database is not None else ""
@@ -187,7 +194,11 @@ def _finish(test, checks, duration, actor):
     test.status = RestoreTest.Status.PASSED if passed else RestoreTest.Status.FAILED
     test.checks, test.duration_s, test.finished_at, test.phase = checks, duration, timezone.now(), ""
     test.error = "" if passed else "; ".join(f"{c['name']}: {c['detail']}" for c in checks if not c["ok"])[:2000]
-    test.save(update_fields=["status", "checks", "duration_s", "finished_at", "error", "phase"])
+    fields = {f: getattr(test, f) for f in ("status", "checks", "duration_s", "finished_at", "error", "phase")}
+    # Only while still running: one restores.orphans failed meanwhile (its copy dropped) stays failed.
+    if not RestoreTest.objects.filter(pk=test.pk, status=RestoreTest.Status.RUNNING).update(**fields):
+        test.refresh_from_db()
+        return test
     journal.record(
         "restore_test_passed" if passed else "restore_test_failed",
         actor=actor,

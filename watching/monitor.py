@@ -29,6 +29,7 @@ from backups.copies import owner_of
 from backups.models import BackupCopy, BackupRun, BackupSchedule, Database, PortalBackup, Server, StorageLocation
 from backups.runner import fail_orphans
 from backups.verify import bad_copies
+from restores import orphans
 from restores.models import RestoreTest
 from watching import alerts, channels, coverage, maintenance, rpo
 from watching.alerts import raise_alert, resolve_alert
@@ -59,6 +60,8 @@ def checks():
         Check("databases", check_databases, per_server=True),
         Check("coverage", check_coverage, per_server=True),
         Check("backup failures", check_backup_failures, per_server=True),
+        # Restores and restore tests whose worker died: failed, what they made removed.
+        Check("interrupted restores", orphans.fail_orphans),
         Check("restore tests", check_restore_tests, per_server=True),
         Check("RPO", check_rpo, per_server=True),
         # WAL gap, archiving failing, pg_receivewal or its slot down.

@@ -1,0 +1,221 @@
+"""Restores and restore tests whose worker died mid-run (SIGKILL, django-q2's timeout): failed
+where everyone sees them, and what they had made removed (restores.orphans), never a copy of
+production left half restored, nor a row "running" for ever."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from backupportal.lib.osuser import free_port
+from backupportal.models import JournalEntry
+from backups import walingest
+from backups.models import BackupRun
+from restores import orphans
+from restores.models import RestoreRequest, RestoreRun, RestoreTest
+from restores.restoretest import run_restore_test
+from tests.helpers import (
+    archive_some_wal,
+    child_named,
+    enable_push,
+    manage,
+    postgres_running_in,
+    register,
+    restore_dir,
+    run_command,
+    stop_restored,
+    wait_for,
+)
+
+pytest_plugins = ["tests.walfixtures"]
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def dead_pid():
+    """The pid of a process that has just exited (reaped): no such process now."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def databases(cluster):
+    return {name for (name,) in cluster.execute("SELECT datname FROM pg_database")}
+
+
+@pytest.fixture
+def big_server(big_cluster, passphrase_file, backup_root, wal_spool):
+    server = register(big_cluster)
+    yield server
+
+
+def test_a_logical_restore_whose_worker_is_killed_is_failed_and_its_half_restored_database_dropped(
+    big_server, big_cluster, settings
+):
+    assert run_command("backup", "maldives")["status"] == "succeeded"
+    backup = BackupRun.objects.get(kind="logical", status="succeeded")
+    proc = manage(settings, "restore", str(backup.pk), "--into-database", "half_copy", "--json")
+    wait_for(lambda: child_named(proc.pid, "pg_restore"), timeout=60, what="pg_restore to start")
+    restore = RestoreRun.objects.get(status="running")
+    assert restore.left == {"database": "half_copy"} and restore.pid == proc.pid
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert "half_copy" in databases(big_cluster)  # what the killed worker leaves: a database half loaded
+
+    assert orphans.fail_orphans() == [restore]
+    restore.refresh_from_db()
+    assert restore.status == "failed" and restore.left == {}
+    assert restore.error.startswith(f"interrupted: the process running it (pid {proc.pid}) died")
+    assert restore.error.endswith("the database half_copy it was restoring into was dropped")
+    assert "half_copy" not in databases(big_cluster)
+    said = JournalEntry.objects.filter(action="restore_failed", object_id=str(restore.pk)).get()
+    assert said.actor == "job:orphans" and "half_copy" in said.details["error"]
+    assert orphans.fail_orphans() == []  # settled once
+
+
+def test_a_pitr_whose_worker_is_killed_has_its_cluster_stopped_and_removed(big_server, big_cluster, settings):
+    enable_push(big_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    archive_some_wal(big_cluster)
+    walingest.ingest(big_server)
+    datadir, port = restore_dir(), free_port()
+    try:
+        proc = manage(
+            settings, "restore", "--server", "maldives", "--target", "latest", "--into-datadir", str(datadir),
+            "--port", str(port), "--json",
+        )  # fmt: skip
+        wait_for(lambda: RestoreRun.objects.filter(status="running").exclude(left={}).exists(), timeout=60, what="left")
+        restore = RestoreRun.objects.get(status="running")
+        assert restore.left == {"datadir": str(datadir), "created": True}
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert datadir.exists()
+
+        assert orphans.fail_orphans() == [restore]
+        restore.refresh_from_db()
+        assert restore.status == "failed" and restore.left == {}
+        assert restore.error.endswith(f"its cluster in {datadir} was stopped and removed"), restore.error
+        assert not datadir.exists() and postgres_running_in(datadir.parent) == []
+    finally:
+        stop_restored(datadir)
+
+
+def test_a_live_restore_beats_and_is_left_be_and_one_failed_meanwhile_never_succeeds(server, monkeypatch):
+    from backups import runner
+
+    monkeypatch.setattr(runner, "HEARTBEAT_EVERY", 0.1)
+    restore = RestoreRun.begin(RestoreRun.Kind.LOGICAL, "alice", server=server, into_server=server)
+    stale = timezone.now() - runner.ORPHAN_AFTER - timedelta(minutes=1)
+    RestoreRun.objects.filter(pk=restore.pk).update(heartbeat_at=stale)
+    with runner.beating(restore):
+        wait_for(lambda: RestoreRun.objects.get(pk=restore.pk).heartbeat_at > stale, timeout=5, what="a beat")
+        assert orphans.fail_orphans() == []  # this process lives and beats
+    # Its heartbeat stops (the catalog was out of reach, say): failed; its process then ends well.
+    RestoreRun.objects.filter(pk=restore.pk).update(heartbeat_at=stale)
+    assert orphans.fail_orphans() == [restore]
+    restore.finish(None)
+    restore.refresh_from_db()
+    assert restore.status == "failed" and restore.error.startswith("interrupted: no heartbeat since")
+
+
+def test_a_run_on_another_host_is_failed_by_its_heartbeat_and_its_cluster_left_to_that_host(server, tmp_path):
+    datadir = tmp_path / "theirs"
+    datadir.mkdir()
+    restore = RestoreRun.begin(RestoreRun.Kind.PITR, "alice", server=server, into_datadir=str(datadir))
+    RestoreRun.objects.filter(pk=restore.pk).update(
+        host="restore-host", pid=dead_pid(), left={"datadir": str(datadir), "created": True}
+    )
+    assert orphans.fail_orphans() == []  # its pid is of another host, and it beat a moment ago
+    RestoreRun.objects.filter(pk=restore.pk).update(heartbeat_at=timezone.now() - timedelta(minutes=5))
+    assert orphans.fail_orphans() == [restore]
+    restore.refresh_from_db()
+    assert restore.error.endswith(
+        f"its cluster in {datadir} is stopped and removed on restore-host by the next PITR there"
+    )
+    assert datadir.exists() and restore.left  # not this host's disk: its own host removes it
+
+
+def test_a_replace_killed_before_its_swap_drops_its_copy_and_one_after_says_production_was_replaced(
+    server, sample_cluster, alice, bob
+):
+    request = RestoreRequest.objects.create(
+        server=server, requested_by=alice, decided_by=bob, destination="replace", status="running", reason="x"
+    )
+    before = RestoreRun.begin(RestoreRun.Kind.REPLACE, "alice", server=server, into_server=server,
+                              into_database="reliabilitymaldives", request=request)  # fmt: skip
+    sample_cluster.execute("CREATE DATABASE reliabilitymaldives_restore_1")
+    RestoreRun.objects.filter(pk=before.pk).update(
+        pid=dead_pid(), left={"database": "reliabilitymaldives_restore_1", "kept_as": "reliabilitymaldives_before_1"}
+    )
+    assert orphans.fail_orphans() == [before]
+    before.refresh_from_db()
+    assert before.error.endswith(
+        "production reliabilitymaldives is unchanged; the copy reliabilitymaldives_restore_1 was dropped"
+    )
+    assert "reliabilitymaldives_restore_1" not in databases(sample_cluster)
+    request.refresh_from_db()
+    assert request.status == "failed"
+
+    after = RestoreRun.begin(RestoreRun.Kind.REPLACE, "alice", server=server, into_server=server,
+                             into_database="reliabilitymaldives")  # fmt: skip
+    sample_cluster.execute("CREATE DATABASE reliabilitymaldives_before_2")  # the swap happened
+    RestoreRun.objects.filter(pk=after.pk).update(
+        pid=dead_pid(), left={"database": "reliabilitymaldives_restore_2", "kept_as": "reliabilitymaldives_before_2"}
+    )
+    assert orphans.fail_orphans() == [after]
+    after.refresh_from_db()
+    assert after.error.endswith(
+        "it stopped after its swap: production reliabilitymaldives holds the backup, "
+        "the previous database is kept as reliabilitymaldives_before_2"
+    )
+    assert {"reliabilitymaldives", "reliabilitymaldives_before_2"} <= databases(sample_cluster)
+
+
+def test_a_restore_test_whose_worker_died_fails_and_its_scratch_copy_is_dropped(server, sample_cluster, settings):
+    test = RestoreTest.objects.create(server=server, phase="checking", pid=dead_pid(), host=orphans.HOST)
+    sample_cluster.execute("CREATE DATABASE restoretest_9_20261205")
+    RestoreRun.objects.create(
+        kind="logical", status="succeeded", server=server, into_server=server,
+        into_database="restoretest_9_20261205", restore_test=test,
+    )  # fmt: skip
+    assert orphans.fail_orphans() == [test]
+    test.refresh_from_db()
+    assert test.status == "failed" and test.error.startswith("interrupted: the process running it")
+    assert test.checks == [{"name": "restore", "ok": False, "detail": test.error}]
+    assert "restoretest_9_20261205" not in databases(sample_cluster)
+    assert RestoreTest.objects.failing(server) == [test]  # the monitor alerts it as any failed test
+
+    # One a DBA asked for that no worker took in QUEUED_RUN_TIMEOUT.
+    queued = RestoreTest.objects.create(server=server, phase="queued")
+    assert orphans.fail_orphans() == []
+    RestoreTest.objects.filter(pk=queued.pk).update(
+        started_at=timezone.now() - timedelta(seconds=settings.QUEUED_RUN_TIMEOUT + 60)
+    )
+    assert orphans.fail_orphans() == [queued]
+    queued.refresh_from_db()
+    assert "never started: is the restore worker (manage.py qcluster) running?" in queued.error
+
+
+def test_a_restore_test_records_its_worker_and_a_finished_one_is_never_swept(server, passphrase_file, backup_root):
+    assert run_command("backup", "maldives")["status"] == "succeeded"
+    test = run_restore_test(server)
+    assert test.status == "passed" and test.pid == os.getpid() and test.host == orphans.HOST
+    restore = test.restores.get()
+    assert restore.pid == os.getpid() and restore.left == {}
+    RestoreTest.objects.filter(pk=test.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    assert orphans.fail_orphans() == []
+
+
+def test_the_monitor_pass_runs_the_sweep(server):
+    from watching.monitor import evaluate
+
+    restore = RestoreRun.begin(RestoreRun.Kind.LOGICAL, "alice", server=server, into_server=server)
+    RestoreRun.objects.filter(pk=restore.pk).update(pid=dead_pid())
+    errors, ran = evaluate()
+    assert "interrupted restores" in ran and errors == []
+    restore.refresh_from_db()
+    assert restore.status == "failed" and restore.error.endswith("it had made nothing yet")
+    assert json.dumps(restore.left) == "{}"
