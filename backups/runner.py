@@ -302,7 +302,8 @@ def finish_succeeded(run):
     )
     if not updated:
         run.refresh_from_db(fields=["status", "error"])
-        log.error("run %s ended its work after it was %s (%s): left as it is", run.pk, run.status, run.error)
+        log.error("run %s ended its work after it was %s (%s): its files removed", run.pk, run.status, run.error)
+        remove_files(run)  # the sweep removed what it knew of: the manifest came after
         return
     run.status = BackupRun.Status.SUCCEEDED
     journal.record(
@@ -312,15 +313,23 @@ def finish_succeeded(run):
 
 def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.RUNNING)):
     """Mark failed (only a run still in one of the `only` states), remove what it left, journal; the monitor alerts."""
-    from backups.storage import partials_of, store_for
-
     updated = BackupRun.objects.filter(pk=run.pk, status__in=list(only)).update(
         status=BackupRun.Status.FAILED, finished_at=timezone.now(), error=message[:2000]
     )
     if not updated:
         return False
     run.refresh_from_db()
-    # Nothing of a failed run may look like an artifact: drop its partial and any committed file.
+    remove_files(run)
+    journal.record("backup_failed", actor=run.requested_by or "job:backup", obj=run, outcome="failed", error=message)
+    conditions.changed("backup_failed", server=run.server)  # the monitor reads the failed run
+    return True
+
+
+def remove_files(run):
+    """Nothing of a failed run may look like an artifact: its partials and committed files in the
+    primary location (those `run.details` lists) removed, its copies marked deleted."""
+    from backups.storage import partials_of, store_for
+
     for location in StorageLocation.objects.filter(kind=StorageLocation.Kind.PRIMARY, enabled=True):
         store = store_for(location)
         for key in run.details.get("keys", []):
@@ -328,6 +337,3 @@ def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.
             for partial in partials_of(store.path(key)):
                 partial.unlink(missing_ok=True)
     run.copies.exclude(status=BackupCopy.Status.DELETED).update(status=BackupCopy.Status.DELETED)
-    journal.record("backup_failed", actor=run.requested_by or "job:backup", obj=run, outcome="failed", error=message)
-    conditions.changed("backup_failed", server=run.server)  # the monitor reads the failed run
-    return True

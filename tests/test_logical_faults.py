@@ -230,3 +230,26 @@ def test_a_location_whose_capacity_is_reached_fails_the_run_cleanly(big_server, 
     run = BackupRun.objects.get()
     assert run.status == "failed" and "configured capacity" in run.error
     assert files_under(backup_root) == []
+
+
+def test_a_run_failed_by_the_sweep_while_it_wrote_its_manifest_keeps_no_file(
+    server, passphrase_file, backup_root, monkeypatch
+):
+    """The sweep failed the run (its heartbeat late, say) and removed the files it knew of; the
+    run's process then wrote its manifest and came to finish: that manifest goes too, never a
+    signed manifest in the primary of a run the catalog says failed."""
+    from backups import manifests, runner
+    from backups.models import BackupCopy
+
+    write = manifests.write_for_run
+
+    def swept_meanwhile(run):
+        key = write(run)
+        runner.finish_failed(BackupRun.objects.get(pk=run.pk), "interrupted: no heartbeat since 20:00:00")
+        return key
+
+    monkeypatch.setattr(manifests, "write_for_run", swept_meanwhile)
+    run = runner.execute(runner.claim(server, "logical", trigger="manual", actor="alice"))
+    assert run.status == "failed" and run.error.startswith("interrupted")
+    assert files_under(backup_root) == []
+    assert not BackupCopy.objects.filter(run=run).exclude(status="deleted").exists()
