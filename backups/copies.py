@@ -372,20 +372,26 @@ def delete_artifacts(owner, actor):
     The owner is marked deleted first, so nothing restores from it or copies it again; a copy
     whose location is unreachable stays catalogued and is deleted by the retry schedule.
     """
-    if owner.deleted_at is None:
-        owner.deleted_at = timezone.now()
-        owner.save(update_fields=["deleted_at"])
-        if isinstance(owner, WalSegment):
-            journal.record("wal_deleted", actor=actor, obj=owner, server=owner.server.name)
-        else:
-            age = (owner.deleted_at - (owner.finished_at or owner.created_at)).days
-            journal.record("backup_deleted", actor=actor, obj=owner, kind=owner.kind, age_days=age)
+    retire(owner, actor)
     copies = BackupCopy.objects.filter(**owner_filter(owner)).exclude(status=BackupCopy.Status.DELETED)
     results = {c.location.name + ":" + c.artifact: delete_copy(c, actor) for c in copies.select_related("location")}
     return {
         "deleted": sorted(k for k, ok in results.items() if ok),
         "failed": sorted(k for k, ok in results.items() if not ok),
     }
+
+
+def retire(owner, actor):
+    """Mark `owner` deleted (journaled), once: nothing restores from it or copies it from now on."""
+    if owner.deleted_at is not None:
+        return
+    owner.deleted_at = timezone.now()
+    owner.save(update_fields=["deleted_at"])
+    if isinstance(owner, WalSegment):
+        journal.record("wal_deleted", actor=actor, obj=owner, server=owner.server.name)
+    else:
+        age = (owner.deleted_at - (owner.finished_at or owner.created_at)).days
+        journal.record("backup_deleted", actor=actor, obj=owner, kind=owner.kind, age_days=age)
 
 
 def delete_run_artifacts(run, actor):

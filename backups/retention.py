@@ -24,12 +24,13 @@ from collections import Counter
 from datetime import timedelta
 from operator import attrgetter
 
+from django.db import transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
 from backupportal import journal
 from backups import gfs, keyring, manifests, walnames, walspool
-from backups.copies import delete_run_artifacts
+from backups.copies import delete_run_artifacts, retire
 from backups.models import WAL_LOCATION, BackupCopy, BackupHold, BackupRun, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
 
@@ -226,12 +227,26 @@ def apply(now=None, dry_run=False, actor="job:retention"):
         for run, rule in reversed(plan(server, now).items()):
             if rule is not None:
                 continue
+            if not dry_run:
+                if (expired := _retired_unless_kept(run.pk, actor)) is None:
+                    continue  # held, or taken by a restore, since the plan
+                delete_run_artifacts(expired, actor)
             deleted.append(
                 {"id": run.pk, "server": server.name, "kind": run.kind, "finished_at": run.finished_at.isoformat()}
             )
-            if not dry_run:
-                delete_run_artifacts(BackupRun.objects.get(pk=run.pk), actor)
     return deleted
+
+
+def _retired_unless_kept(pk, actor):
+    """Retire run `pk` unless a legal hold or a restore took it since the plan (None then). Asked
+    with its row locked, as BackupHold.place locks it: a hold comes before (and is seen here) or
+    after (and finds the backup deleted), never in between."""
+    with transaction.atomic():
+        run = BackupRun.objects.select_for_update().get(pk=pk)
+        if run.holds.active().exists() or BackupRun.objects.filter(_being_read(), pk=pk).exists():
+            return None
+        retire(run, actor)
+    return run
 
 
 def apply_wal(now=None, dry_run=False, actor="job:retention"):

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import time_machine
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.management import call_command
 
 from backupportal.models import JournalEntry
@@ -160,6 +160,30 @@ def test_a_held_backup_survives_retention_and_its_release_needs_a_second_person(
         JournalEntry.objects.exclude(action="journal_started").order_by("pk").values_list("action", flat=True)
     )
     assert actions == ["backup_held", "change_requested", "change_approved", "backup_deleted"]
+
+
+def test_a_hold_placed_between_retentions_plan_and_its_deletion_keeps_the_backup(db, alice, monkeypatch):
+    """Retention plans every backup of a server, then deletes one by one (minutes, on S3): a hold
+    placed meanwhile on a backup the plan let go is seen before that one is deleted."""
+    server = make_server(retention_floor=1)
+    old = backup(server, datetime(2026, 6, 1, 2, tzinfo=MALE))
+    older = backup(server, datetime(2026, 5, 1, 2, tzinfo=MALE))
+    backup(server, datetime(2026, 12, 2, 2, tzinfo=MALE))
+    planned = retention.plan
+
+    def hold_after_the_plan(server, now=None):
+        rules = planned(server, now)
+        assert {r.pk for r, rule in rules.items() if rule is None} == {old.pk, older.pk}
+        BackupHold.place(old, alice, "case 2026-131: subpoena arrived during the pass")
+        return rules
+
+    monkeypatch.setattr(retention, "plan", hold_after_the_plan)
+    with time_machine.travel(datetime(2026, 12, 3, 3, tzinfo=MALE), tick=False):
+        assert [d["id"] for d in retention.apply()] == [older.pk]
+    old.refresh_from_db()
+    assert old.deleted_at is None and old.holds.active().exists()
+    with pytest.raises(ValidationError, match="deleted: only a kept good backup can be held"):
+        BackupHold.place(BackupRun.objects.get(pk=older.pk), alice, "too late")
 
 
 def test_a_rejected_release_keeps_the_hold(db, alice, bob):

@@ -51,6 +51,13 @@ class BackupHold(models.Model):
         reason = (reason or "").strip()
         if not reason:
             raise ValidationError("Give the reason for the hold (a case, a ticket): auditors read it.")
+        with transaction.atomic():
+            # Locked as retention locks it before deleting (retention._retired_unless_kept).
+            run = BackupRun.objects.select_for_update().get(pk=run.pk)
+            return cls._place(run, user, reason)
+
+    @classmethod
+    def _place(cls, run, user, reason):
         if not run.is_good:
             raise ValidationError(
                 f"Backup #{run.pk} is {run.status if run.deleted_at is None else 'deleted'}: only a kept good backup can be held."
