@@ -64,7 +64,13 @@ class RestoreRequestForm(forms.ModelForm):
             self.add_error("backup_run", "Choose the logical backup to restore.")
         elif run.kind != BackupRun.Kind.LOGICAL:
             self.add_error("backup_run", f"Run #{run.pk} is a base backup: it restores into a sandbox cluster only.")
-        if data.get("destination") == RestoreRequest.Destination.NEW_DATABASE:
+        replace = data.get("destination") == RestoreRequest.Destination.REPLACE
+        target = server if replace else data.get("into_server") or server
+        if target is not None and target.destination is None:  # the request is held to HOST:PORT
+            self.add_error(
+                None, f"{target}'s DSN cannot be read: fix it (manage.py checkserver {target.name}) and ask again."
+            )
+        elif data.get("destination") == RestoreRequest.Destination.NEW_DATABASE:
             self._clean_new_database(data)
         elif data.get("destination") == RestoreRequest.Destination.REPLACE and server:
             data["target_database"] = run.database_name if run else server.dbname

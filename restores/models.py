@@ -138,6 +138,12 @@ class RestoreRequest(models.Model):
             raise ValidationError(
                 f"Type the production database name ({self.production_database}) to confirm replacing it."
             )
+        if self.target_server is not None and not self.into_destination:
+            # Approved, it would run wherever the DSN reaches then: nothing holds it to a place.
+            raise ValidationError(
+                f"Request #{self.pk} names no HOST:PORT to restore into ({self.target_server}'s DSN could not be "
+                "read when it was made): reject it, and ask again once the DSN is fixed."
+            )
         self._decide(user, self.Status.APPROVED, note, confirm_database)
 
     def reject(self, user, note=""):

@@ -9,6 +9,7 @@ since fails the run with one line naming both places, and nothing is made on eit
 from io import StringIO
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 
@@ -196,13 +197,12 @@ def test_a_held_server_refuses_to_connect_elsewhere_in_one_line(
     assert (what_is_on(elsewhere), what_is_on(scratch_cluster)) == before
 
 
-def test_a_request_from_before_destinations_were_recorded_runs_as_it_did(
+def test_a_request_approved_before_destinations_were_recorded_runs_as_it_did(
     client, alice, bob, good_run, scratch, elsewhere
 ):
     request = ask(client, alice, good_run, into_server=scratch)
-    RestoreRequest.objects.filter(pk=request.pk).update(into_destination="")
-    request.refresh_from_db()
     request.approve(bob)
+    RestoreRequest.objects.filter(pk=request.pk).update(into_destination="")
     move(scratch, elsewhere)
     assert run_request(request.pk) in ("succeeded", "succeeded with warnings")
     assert "restored_by_request" in what_is_on(elsewhere)[0]
@@ -218,3 +218,35 @@ def replace_request(good_run, alice):
         reason="drill",
         requested_by=alice,
     )
+
+
+def test_no_request_goes_unheld_when_its_targets_dsn_cannot_be_read(client, alice, bob, good_run, scratch):
+    """The request records HOST:PORT when it is made: one made while the DSN could not be read
+    would run wherever the DSN reaches once fixed, unseen by its approver."""
+    Server.objects.filter(pk=scratch.pk).update(dsn="host=")  # what no libpq reads
+    client.force_login(alice)
+    response = client.post(
+        reverse("restore-request-new"),
+        {
+            "server": good_run.server_id,
+            "backup_run": good_run.pk,
+            "destination": "new_database",
+            "target_database": "restored_by_request",
+            "into_server": scratch.pk,
+            "reason": "a copy for the auditors",
+        },
+    )
+    assert response.status_code == 200 and not RestoreRequest.objects.exists()
+    assert response.context["form"].non_field_errors() == [
+        "scratch's DSN cannot be read: fix it (manage.py checkserver scratch) and ask again."
+    ]
+    # One that got in unheld all the same (a pending one from before destinations were recorded).
+    unheld = RestoreRequest.objects.create(
+        server=good_run.server, backup_run=good_run, destination="new_database", target_database="x",
+        into_server=Server.objects.get(pk=scratch.pk), reason="r", requested_by=alice,
+    )  # fmt: skip
+    assert unheld.into_destination == ""
+    with pytest.raises(ValidationError, match=f"Request #{unheld.pk} names no HOST:PORT to restore into"):
+        unheld.approve(bob)
+    unheld.refresh_from_db()
+    assert unheld.status == "pending"
