@@ -148,6 +148,13 @@ GLOBAL_SCHEDULES = {
 }
 
 
+# Jobs that work on the restore host's own disk (request sandboxes live in its SANDBOX_ROOT) or
+# need its private key (the monthly restore test of each key): with RESTORE_CLUSTER, only the
+# restore worker's cluster fires them (django-q2 gives a schedule with a cluster to that
+# cluster alone), as backups.schedules does for restore tests.
+ON_RESTORE_HOST = {"sandboxes-expire", "key-restore-tests"}
+
+
 def ensure_global_schedules():
     """Create the portal-wide schedules once; superusers may retune them in django-q2's admin."""
     for name, (func, cron) in GLOBAL_SCHEDULES.items():
@@ -155,6 +162,9 @@ def ensure_global_schedules():
             Schedule.objects.create(
                 name=name, func=func, schedule_type=Schedule.CRON, cron=cron, repeats=-1, next_run=next_run(cron)
             )
+        if name in ON_RESTORE_HOST:
+            # Every migrate: a schedule made before RESTORE_CLUSTER was set (or unset) follows it.
+            Schedule.objects.filter(name=name).update(cluster=settings.RESTORE_CLUSTER or None)
 
 
 def selfbackup():

@@ -1,28 +1,36 @@
-"""Clusters restored on the portal's host: sandboxes of approved PITR requests, throwaway
-clusters of base-backup restore tests.
+"""Clusters restored on the host that runs restores (the portal's, or the restore worker's with
+RESTORE_CLUSTER): sandboxes of approved PITR requests, throwaway clusters of base-backup
+restore tests.
 
 Both live under SANDBOX_ROOT, each in its own directory owned by the database OS user with
 mode 0700 (the root is only traversable, not listable). A sandbox of a request is left
 running for the DBA who asked for it; a restore test's cluster is stopped and removed
-whatever happens, and one left by a killed worker is removed by the next test.
+whatever happens, and one left by a killed worker is removed by the next test. Only a process
+on the sandbox's host may say what state it is in, stop or remove it (on_this_host).
 """
 
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.utils import timezone
+from django_q.conf import Conf
 
 from backupportal import journal
 from backupportal.lib.osuser import chown_to_db_user, free_port
+from backupportal.models import JournalEntry
 from backups.binaries import pg_ctl, server_major
 from restores import pitr
 from restores.models import RestoreRun
 
 THROWAWAY_PREFIX = "restoretest-"
+
+log = logging.getLogger(__name__)
 
 
 def sandbox_root() -> Path:
@@ -109,9 +117,9 @@ def request_sandboxes():
 
 
 def existing():
-    """(restore, state) of every request sandbox still on disk, the oldest first."""
+    """(restore, state) of every request sandbox still on this host's disk, the oldest first."""
     runs = request_sandboxes().select_related("server").order_by("finished_at")
-    return [(run, s) for run in runs if is_sandbox(run) and (s := state(run)) != "removed"]
+    return [(run, s) for run in runs if is_sandbox(run) and on_this_host(run) and (s := state(run)) != "removed"]
 
 
 def is_sandbox(run) -> bool:
@@ -126,14 +134,66 @@ def is_sandbox(run) -> bool:
     )
 
 
-def state(run) -> str:
-    """ "running", "stopped" (its directory is still there) or "removed"."""
+def on_this_host(run) -> bool:
+    """Whether this process can look at the sandbox. With a restore worker (RESTORE_CLUSTER) the
+    sandbox is made on its host, whose SANDBOX_ROOT the web host cannot see: there a missing
+    directory says nothing. The restore worker itself always looks (its hostname may change
+    with its container); so does anything else on the host the restore ran on."""
+    if not settings.RESTORE_CLUSTER:
+        return True  # one host: the portal's
+    return Conf.CLUSTER_NAME == settings.RESTORE_CLUSTER or run.host == socket.gethostname()
+
+
+def where(run) -> str:
+    """The host a sandbox is on, for pages and errors (restores before hosts were recorded: none)."""
+    return run.host or "the restore host"
+
+
+# pg_ctl status exits 0 when the postmaster runs and 3 when none does; anything else (4: no
+# accessible data directory, 1: an unreadable postmaster.pid) means pg_ctl could not tell.
+PG_CTL_STATUS = {0: "running", 3: "stopped"}
+
+
+def look(run) -> tuple[str, str]:
+    """(state, what pg_ctl or the journal said). state is "running", "stopped" (its directory is
+    still there), "removed", "unknown" (pg_ctl could not tell) or "elsewhere" (on another host)."""
     datadir = Path(run.into_datadir)
+    if not on_this_host(run):
+        # The journal is shared: a removal done on the sandbox's host is known here too.
+        if journal_says_removed(run):
+            return "removed", "the journal records its removal"
+        return "elsewhere", f"on {where(run)}: its state is seen there only"
     # The directory itself can be stat'ed (SANDBOX_ROOT is traversable); inside it is the
     # postgres OS user's, so pg_ctl (run as that user) answers whether the postmaster lives.
-    if not datadir.exists():
-        return "removed"
-    return "running" if pg_ctl(datadir, "status", major=server_major(run.server)).returncode == 0 else "stopped"
+    try:
+        if not datadir.exists():
+            return "removed", f"{datadir} does not exist"
+        status = pg_ctl(datadir, "status", major=server_major(run.server))
+    except OSError as e:  # SANDBOX_ROOT unreadable, no pg_ctl of its version
+        return "unknown", str(e)
+    said = (status.stderr.strip() or status.stdout.strip()).splitlines()
+    return PG_CTL_STATUS.get(status.returncode, "unknown"), f"exit {status.returncode}: {' '.join(said)}"
+
+
+def state(run) -> str:
+    """Asked of the filesystem and pg_ctl, not recorded: a sandbox stopped by hand shows stopped."""
+    return look(run)[0]
+
+
+def journal_says_removed(run) -> bool:
+    return JournalEntry.objects.filter(
+        action="sandbox_removed", object_type=RestoreRun._meta.label, object_id=str(run.pk)
+    ).exists()
+
+
+def may_remove(run, user) -> bool:
+    """Only the DBA who asked for the sandbox and the one who approved it remove it from its page:
+    they know whether anyone still works in it. Expiry removes it regardless."""
+    return user.pk in (run.request.requested_by_id, run.request.decided_by_id)
+
+
+class NotRemoved(OSError):
+    """The sandbox was left as it is; the message says why."""
 
 
 def stop_and_remove(run, actor, reason):
@@ -141,14 +201,19 @@ def stop_and_remove(run, actor, reason):
     directory; journaled. Returns False when there was nothing left to remove."""
     if not is_sandbox(run):
         raise ValueError(f"restore #{run.pk} did not leave a sandbox under SANDBOX_ROOT: nothing of it is removed")
+    if not on_this_host(run):
+        raise NotRemoved(f"the sandbox of restore #{run.pk} is on {where(run)}, not here: remove it there")
     datadir = Path(run.into_datadir)
-    if not datadir.exists():
+    was, said = look(run)
+    if was == "removed":
         return False
-    was = state(run)
+    if was == "unknown":
+        # Never rmtree what might be a live cluster: pg_ctl must say running or stopped first.
+        raise NotRemoved(f"pg_ctl cannot tell whether the sandbox in {datadir} runs ({said}): nothing was removed")
     if was == "running":
         stopped = pg_ctl(datadir, "stop", "-m", "fast", "-w", major=server_major(run.server))
-        if stopped.returncode != 0 and state(run) == "running":
-            raise OSError(f"pg_ctl could not stop the sandbox in {datadir}: {stopped.stderr.strip()}")
+        if stopped.returncode != 0 and state(run) != "stopped":
+            raise NotRemoved(f"pg_ctl could not stop the sandbox in {datadir}: {stopped.stderr.strip()}")
     shutil.rmtree(datadir)
     journal.record(
         "sandbox_removed",
@@ -175,6 +240,12 @@ def expire(actor="job:sandboxes", now=None):
     cutoff = (now or timezone.now()) - timedelta(seconds=max_age)
     removed = []
     for run in request_sandboxes().filter(finished_at__lt=cutoff).select_related("server").order_by("finished_at"):
-        if is_sandbox(run) and stop_and_remove(run, actor, f"older than SANDBOX_MAX_AGE ({max_age // 3600} h)"):
-            removed.append(run)
+        if not (is_sandbox(run) and on_this_host(run)):
+            continue
+        try:
+            if stop_and_remove(run, actor, f"older than SANDBOX_MAX_AGE ({max_age // 3600} h)"):
+                removed.append(run)
+        except NotRemoved as e:
+            # One sandbox pg_ctl cannot judge must not keep the others running: tried again next hour.
+            log.warning("sandbox of restore #%s not expired: %s", run.pk, e)
     return removed

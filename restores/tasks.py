@@ -50,6 +50,20 @@ def expire_sandboxes():
     return [run.into_datadir for run in expire(actor="job:sandboxes")]
 
 
+def remove_sandbox(restore_id, actor, reason):
+    """A DBA's "Stop and remove sandbox", queued (enqueue) for the restore worker: the sandbox is
+    on its host. The result says what became of it; the journal records a removal."""
+    from restores.models import RestoreRun
+    from restores.sandbox import NotRemoved, stop_and_remove
+
+    restore = RestoreRun.objects.select_related("server").get(pk=restore_id)
+    try:
+        removed = stop_and_remove(restore, actor, reason)
+    except NotRemoved as e:
+        return f"not removed: {e}"
+    return "stopped and removed" if removed else "already gone"
+
+
 def run_request(request_id):
     """Run an approved request once (the approval enqueued it)."""
     from restores.logical import run_logical

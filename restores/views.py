@@ -11,7 +11,10 @@ from backups.models import BackupRun, Server
 from restores import sandbox
 from restores.forms import DecisionForm, RestoreRequestForm
 from restores.models import RestoreRequest, RestoreRun, RestoreTest
-from restores.tasks import enqueue
+from restores.tasks import enqueue, restore_cluster
+
+# The journal's reason for a sandbox removed from its request's page (expiry gives its own).
+SANDBOX_REMOVAL_REASON = "asked for on the request's page"
 
 
 def restore_requests(request):
@@ -51,9 +54,14 @@ def restore_request_detail(request, pk):
     )
     runs = list(req.runs.order_by("-created_at"))
     for run in runs:
-        # Asked of the filesystem and pg_ctl, not recorded: a sandbox stopped by hand shows stopped.
-        run.sandbox_state = sandbox.state(run) if sandbox.is_sandbox(run) else None
-        run.sandbox_expires_at = sandbox.expires_at(run)
+        run.sandbox_state = None
+        if sandbox.is_sandbox(run):
+            run.request = req  # its requester and approver, already fetched
+            # Asked of the filesystem and pg_ctl, not recorded: a sandbox stopped by hand shows stopped.
+            run.sandbox_state, run.sandbox_said = sandbox.look(run)
+            run.sandbox_where = sandbox.where(run)
+            run.sandbox_expires_at = sandbox.expires_at(run)
+            run.sandbox_may_remove = sandbox.may_remove(run, request.user)
     can_decide = req.awaits_decision_by(request.user)  # the dashboard's "waiting for you" asks the same
     asks_code = can_decide and twofactor.asks_code(request)
     return render(
@@ -66,22 +74,51 @@ def restore_request_detail(request, pk):
 @require_POST
 @require_perm("restores.request_restore")
 def sandbox_remove(request, pk):
-    """A DBA is done with a request's sandbox: its postmaster stopped, its directory removed."""
-    restore = get_object_or_404(RestoreRun.objects.select_related("server", "request"), pk=pk)
+    """The DBA who asked for a request's sandbox, or the one who approved it, is done with it: its
+    postmaster stopped, its directory removed, here or on the restore worker's host."""
+    restore = get_object_or_404(
+        RestoreRun.objects.select_related("server", "request__requested_by", "request__decided_by"), pk=pk
+    )
     back = restore.request or restore.server
     if not sandbox.is_sandbox(restore):
         messages.error(request, f"Restore #{restore.pk} left no sandbox cluster: there is nothing to remove.")
+    elif not sandbox.may_remove(restore, request.user):
+        req = restore.request
+        messages.error(
+            request,
+            f"Only {req.requested_by.get_username()} (who asked for request #{req.pk}) or "
+            f"{req.decided_by.get_username()} (who approved it) may stop and remove its sandbox.",
+        )
     elif request.POST.get("confirm") != "remove":
         messages.error(request, "Tick the box to confirm: the sandbox and everything done in it are deleted.")
+    elif restore_cluster():
+        _queue_sandbox_removal(request, restore)
     else:
         try:
-            removed = sandbox.stop_and_remove(restore, request.user.get_username(), "asked for on the request's page")
+            removed = sandbox.stop_and_remove(restore, request.user.get_username(), SANDBOX_REMOVAL_REASON)
         except OSError as e:
             messages.error(request, str(e))
         else:
             done = "stopped and removed" if removed else "already gone"
             messages.success(request, f"The sandbox of restore #{restore.pk} ({restore.into_datadir}) is {done}.")
     return redirect(back)
+
+
+def _queue_sandbox_removal(request, restore):
+    """With a restore worker the sandbox is on its host, which this web process cannot reach:
+    the removal runs there, and the page says it is queued, not done."""
+    enqueue(
+        "restores.tasks.remove_sandbox",
+        restore.pk,
+        request.user.get_username(),
+        SANDBOX_REMOVAL_REASON,
+        task_name=f"remove sandbox of restore #{restore.pk}",
+    )
+    messages.success(
+        request,
+        f"Removal of the sandbox of restore #{restore.pk} ({restore.into_datadir}) queued for the restore "
+        f"worker on {sandbox.where(restore)}: the journal records it once done.",
+    )
 
 
 @require_POST
