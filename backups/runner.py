@@ -68,7 +68,7 @@ def _fail_dead(server):
     for run in qs:
         beat = run.heartbeat_at or run.started_at or run.created_at
         # A pid means something only on the host that started the run: workers run on many hosts.
-        dead_pid = run.pid and run.details.get("host", HOST) == HOST and not _alive(run.pid)
+        dead_pid = run.pid and run.details.get("host", HOST) == HOST and not alive(run.pid)
         if dead_pid or now - beat > ORPHAN_AFTER:
             why = (
                 f"the process running it (pid {run.pid}) died"
@@ -101,7 +101,8 @@ def _minutes(delta):
     return f"{seconds // 60} minutes" if seconds >= 120 else f"{seconds} s"
 
 
-def _alive(pid):
+def alive(pid):
+    """Whether process `pid` lives here (a zombie does not; one of another user that /proc hides does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

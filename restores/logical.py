@@ -90,7 +90,7 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     made = False
     held = EventTriggers(props, scratch_root)
     if restore is not None:  # dropped by restores.orphans if this process dies before it ends
-        restore.leaves(**{**restore.left, "database": dbname})
+        restore.leaves(**{**restore.left, "database": dbname, "at": target.destination})
     try:
         toc = (props.copy_id, props.head) if props is not None else None
         notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc, held)
@@ -357,6 +357,8 @@ def finish(restore, actor, error=None):
     """Record the outcome of a logical restore (or a replacement), failed when `error` is a
     string, and journal it."""
     restore.finish(error, fields=("notes", "warnings"))
+    if not (restore.succeeded or error):
+        return restore  # failed meanwhile by restores.orphans, which journaled it
     journal.record(
         "restore_succeeded" if restore.succeeded else "restore_failed",
         actor=actor,

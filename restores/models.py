@@ -175,6 +175,10 @@ class RestoreRequest(models.Model):
         )
 
 
+class Interrupted(Exception):
+    """A restore found it was failed meanwhile by restores.orphans: it stops."""
+
+
 class RestoreRun(models.Model):
     """One execution of a restore: logical into a new database, PITR into a new cluster, or a swap."""
 
@@ -264,9 +268,12 @@ class RestoreRun(models.Model):
         )
 
     def leaves(self, **made):
-        """Record what this run has made (see `left`) before it makes it."""
+        """Record what this run is about to make (see `left`) before it makes it. Interrupted
+        when the orphan sweep failed it meanwhile: it makes nothing more, and its own failure
+        path removes what it made."""
+        if not RestoreRun.objects.filter(pk=self.pk, status=self.Status.RUNNING).update(left=made):
+            raise Interrupted(f"restore #{self.pk} was failed meanwhile (taken for one whose worker died)")
         self.left = made
-        RestoreRun.objects.filter(pk=self.pk).update(left=made)
 
     def finish(self, error=None, fields=()):
         """Failed with `error` (a string), or, when None, succeeded (with warnings when it has
@@ -385,9 +392,15 @@ class RestoreTest(models.Model):
         }
 
     def take(self):
-        """A worker runs it from now on: where, for restores.orphans, which also reads its heartbeat."""
+        """A worker runs it from now on: where, for restores.orphans, which also reads its
+        heartbeat. False when it may not: failed meanwhile (queued past QUEUED_RUN_TIMEOUT), or
+        taken by another worker."""
         self.pid, self.host, self.heartbeat_at = os.getpid(), socket.gethostname(), timezone.now()
-        self.save(update_fields=["pid", "host", "heartbeat_at"])
+        return bool(
+            RestoreTest.objects.filter(pk=self.pk, status=self.Status.RUNNING, pid__isnull=True).update(
+                pid=self.pid, host=self.host, heartbeat_at=self.heartbeat_at
+            )
+        )
 
     def set_phase(self, phase):
         RestoreTest.objects.filter(pk=self.pk).update(phase=phase)

@@ -12,6 +12,7 @@ of its host (remove_leftovers), and so does the monitor's pass on its own.
 """
 
 import logging
+import os
 import shutil
 import socket
 from datetime import timedelta
@@ -21,12 +22,11 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal import conditions, journal
-from backupportal.lib.pgdatadir import process_alive
 from backups.binaries import pg_ctl
-from backups.runner import ORPHAN_AFTER
+from backups.runner import ORPHAN_AFTER, alive
 from restores.models import RestoreRequest, RestoreRun, RestoreTest
 from restores.pitr_extract import empty
-from restores.targetdb import RestoreFailed, database_exists, dropped
+from restores.targetdb import RestoreFailed, dropped
 
 HOST = socket.gethostname()
 ACTOR = "job:orphans"
@@ -44,13 +44,29 @@ def fail_orphans():
 
 
 def why_dead(row, now=None):
-    """Why `row` (a running restore or test) is taken for dead; "" while it lives."""
-    beat = row.heartbeat_at or row.started_at
-    if row.pid and (row.host or HOST) == HOST and not process_alive(row.pid):
+    """Why `row` (a running restore or test) is taken for dead; "" while it lives. On its own
+    host its process decides: alive (and no newer than the row), it lives whatever its heartbeat
+    (a paused machine, a beat thread gone); elsewhere only the heartbeat tells."""
+    if row.pid and (row.host or HOST) == HOST:
+        if alive(row.pid) and started_by(row.pid, row.started_at):
+            return ""
         return f"the process running it (pid {row.pid}) died"
+    beat = row.heartbeat_at or row.started_at
     if (now or timezone.now()) - beat > ORPHAN_AFTER:
         return f"no heartbeat since {timezone.localtime(beat):%Y-%m-%d %H:%M:%S}"
     return ""
+
+
+def started_by(pid, moment):
+    """Was process `pid` started by `moment` (not a later one given the same pid)? True when it
+    cannot be told (a /proc this user may not read)."""
+    try:
+        since_boot = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True
+    started = boot + since_boot / os.sysconf("SC_CLK_TCK")
+    return started <= moment.timestamp() + 2  # /proc's boot time is to the second
 
 
 def _dead_restores():
@@ -58,20 +74,28 @@ def _dead_restores():
     for restore in RestoreRun.objects.filter(status=RestoreRun.Status.RUNNING).select_related("server", "into_server"):
         if not (why := why_dead(restore)):
             continue
-        # Claimed by the update: a process that finishes meanwhile keeps its own outcome.
+        # Claimed by the update: a process that finishes meanwhile keeps its own outcome, and
+        # one still alive can record nothing more (RestoreRun.leaves refuses: it stops).
         if RestoreRun.objects.filter(pk=restore.pk, status=RestoreRun.Status.RUNNING).update(
             status=RestoreRun.Status.FAILED, finished_at=timezone.now(), error=f"interrupted: {why}"[:2000]
         ):
+            restore.refresh_from_db(fields=["left"])  # what it recorded up to the claim
             _settle_restore(restore, why)
             failed.append(restore)
     return failed
 
 
 def _settle_restore(restore, why):
-    """The failed run's line says what became of what it made; journaled as any failed restore."""
-    error = f"interrupted: {why}; {_remove_made(restore)}"
-    RestoreRun.objects.filter(pk=restore.pk).update(error=error[:2000], left=restore.left)
-    restore.error, restore.status = error, RestoreRun.Status.FAILED
+    """The failed run's line says what became of what it made; journaled as any failed restore.
+    A replace that died after its swap did replace production: it says so, with a warning."""
+    said = _remove_made(restore)
+    error = f"interrupted: {why}; {said}"
+    if restore.kind == RestoreRun.Kind.REPLACE and said.startswith(SWAPPED):
+        restore.status, restore.error, restore.warnings = RestoreRun.Status.SUCCEEDED_WITH_WARNINGS, "", [error]
+    else:
+        restore.status, restore.error = RestoreRun.Status.FAILED, error[:2000]
+    fields = {f: getattr(restore, f) for f in ("status", "error", "warnings", "left")}
+    RestoreRun.objects.filter(pk=restore.pk).update(**fields)
     journal.record(
         "pitr_failed" if restore.kind == RestoreRun.Kind.PITR else "restore_failed",
         actor=ACTOR,
@@ -86,10 +110,13 @@ def _settle_restore(restore, why):
 def _remove_made(restore):
     """Remove what `restore` had made (its `left`, emptied when done); one clause saying what became of it."""
     made = restore.left or {}
-    if restore.kind == RestoreRun.Kind.REPLACE and made.get("database"):
-        return _settle_replace(restore, made)
     if made.get("database"):
-        left = dropped(restore.into_server, made["database"])
+        target = restore.into_server
+        # Held where the run was (as the run itself was): a DSN moved since drops nothing elsewhere.
+        target.approved_destination = made.get("at") or target.destination
+        if restore.kind == RestoreRun.Kind.REPLACE:
+            return _settle_replace(restore, target, made)
+        left = dropped(target, made["database"])
         restore.left = made if left else {}
         return left or f"the database {made['database']} it was restoring into was dropped"
     if made.get("datadir"):
@@ -99,25 +126,34 @@ def _remove_made(restore):
     return "it had made nothing yet"
 
 
-def _settle_replace(restore, made):
-    """Before its swap, production was never touched: the copy goes. After it (one transaction),
-    production holds the backup and the previous database is kept: both are said."""
-    server, prod, kept = restore.into_server, restore.into_database, made.get("kept_as", "")
-    try:
-        swapped = bool(kept) and database_exists(server, kept)
-    except RestoreFailed as e:
-        return f"whether production {prod} was replaced could not be checked ({e}): check {prod} and {kept} by hand"
-    if swapped:
+SWAPPED = "it stopped after its swap"
+
+
+def _settle_replace(restore, server, made):
+    """Before its swap production was not renamed: the copy goes, and production, if the swap
+    had begun to close it, is opened and given back its subscriptions' slots. After the swap
+    (one transaction) production holds the backup, the previous database kept: said."""
+    from restores.replace import _reattach, _renamed, _reopen
+
+    prod, new, kept = restore.into_database, made["database"], made.get("kept_as", "")
+    if kept and _renamed(server, kept, new):
         restore.left = {}
-        return f"it stopped after its swap: production {prod} holds the backup, the previous database is kept as {kept}"
-    left = dropped(server, made["database"])
+        return f"{SWAPPED}: production {prod} holds the backup, the previous database is kept as {kept}"
+    reopened = RestoreFailed(f"production {prod} is unchanged")
+    if made.get("closing"):
+        _reopen(server, prod, reopened)
+        _reattach(server, prod, made.get("detached") or [], reopened)
+        if not getattr(reopened, "production_changed", False):
+            reopened.args = (f"production {prod} was closed for the swap and is open again, as it was",)
+    left = dropped(server, new)
     restore.left = made if left else {}
-    return f"production {prod} is unchanged; " + (left or f"the copy {made['database']} was dropped")
+    return f"{reopened}; " + (left or f"the copy {new} was dropped")
 
 
 def remove_leftovers():
-    """On this host: stop and remove the clusters of restores failed as interrupted (their `left`)."""
-    for restore in RestoreRun.objects.filter(status=RestoreRun.Status.FAILED, host=HOST).exclude(left={}):
+    """On this host: stop and remove the clusters of restores that died (their `left`), and of
+    restore tests that died after their restore (restores.orphans._fail_test gives them one)."""
+    for restore in RestoreRun.objects.filter(host=HOST).exclude(status=RestoreRun.Status.RUNNING).exclude(left={}):
         if restore.left.get("datadir"):
             said = remove_datadir(restore)
             log.info("restore #%s: %s", restore.pk, said)
@@ -125,20 +161,40 @@ def remove_leftovers():
 
 def remove_datadir(restore):
     """Stop the cluster a dead restore started (if it did) and remove its directory (empty it, a
-    directory the DBA gave); the clause saying so, or what is left."""
+    directory the DBA gave); the clause saying so, or what is left (tried again next time). Only
+    the directory the run made: one removed and made again since (its inode) is another's."""
     datadir = Path(restore.left["datadir"])
+    if not datadir.exists():
+        return _removed(restore, f"its cluster in {datadir} is gone")
+    if _not_the_runs(restore, datadir):
+        return _removed(restore, f"{datadir} holds another restore's cluster now: left as it is")
     try:
         if (datadir / "postmaster.pid").exists():
-            pg_ctl(datadir, "stop", "-m", "immediate", "-w")  # its PG_VERSION says which pg_ctl
+            stopped = pg_ctl(datadir, "stop", "-m", "immediate", "-w")  # its PG_VERSION says which pg_ctl
+            if stopped.returncode != 0 and (datadir / "postmaster.pid").exists():
+                raise OSError(f"pg_ctl stop: {stopped.stderr.strip() or stopped.returncode}")
         if restore.left.get("created"):
-            shutil.rmtree(datadir, ignore_errors=True)
-        elif datadir.exists():
+            shutil.rmtree(datadir)
+        else:
             empty(datadir)
     except Exception as e:  # noqa: BLE001 - said on the run; the next sweep tries again
-        return f"its cluster in {datadir} could not be removed ({type(e).__name__}: {e}): remove it by hand"
+        return f"its cluster in {datadir} could not be removed ({type(e).__name__}: {e}): the next sweep tries again"
+    return _removed(restore, f"its cluster in {datadir} was stopped and removed")
+
+
+def _not_the_runs(restore, datadir):
+    """The directory was made again since (another inode), or a later restore names it."""
+    inode = restore.left.get("inode")
+    if inode is not None and datadir.stat().st_ino != inode:
+        return True
+    later = RestoreRun.objects.filter(into_datadir=restore.left["datadir"], created_at__gt=restore.created_at)
+    return later.exists()
+
+
+def _removed(restore, said):
     RestoreRun.objects.filter(pk=restore.pk).update(left={})
     restore.left = {}
-    return f"its cluster in {datadir} was stopped and removed"
+    return said
 
 
 def _dead_tests():
@@ -163,19 +219,14 @@ def _tests_never_started():
 
 
 def _fail_test(test, why):
-    """Failed, only while still running; its scratch databases dropped (a test drops its copy
+    """Failed, only while still running; what its restores left removed (a test drops its copy
     when it ends: one there now was left by the dead one)."""
     now = timezone.now()
     if not RestoreTest.objects.filter(pk=test.pk, status=RestoreTest.Status.RUNNING).update(
         status=RestoreTest.Status.FAILED, finished_at=now, phase="", error=why[:2000]
     ):
         return False
-    left = []
-    for restore in (
-        test.restores.filter(kind=RestoreRun.Kind.LOGICAL).exclude(into_database="").select_related("into_server")
-    ):
-        left += [said] if (said := dropped(restore.into_server, restore.into_database)) else []
-    test.error = "; ".join([why, *left])[:2000]
+    test.error = "; ".join([why, *_remove_copies(test)])[:2000]
     checks = [{"name": "restore", "ok": False, "detail": test.error}]
     RestoreTest.objects.filter(pk=test.pk).update(error=test.error, checks=checks)
     journal.record(
@@ -192,13 +243,54 @@ def _fail_test(test, why):
     return True
 
 
+def _remove_copies(test):
+    """Drop a dead logical test's scratch database (on its server's sandbox, held where approved);
+    a dead base test's throwaway cluster goes the way of a dead restore's (remove_leftovers, on
+    its host). What could not be removed, one line each."""
+    left = []
+    target = test.server.sandbox
+    for restore in test.restores.exclude(status=RestoreRun.Status.RUNNING):
+        if restore.kind == RestoreRun.Kind.LOGICAL and restore.into_database and restore.into_server_id == target.pk:
+            left += [said] if (said := dropped(target, restore.into_database)) else []
+        elif restore.kind == RestoreRun.Kind.PITR and restore.into_datadir and restore.succeeded:
+            RestoreRun.objects.filter(pk=restore.pk).update(left={"datadir": restore.into_datadir, "created": True})
+    remove_leftovers()
+    return left
+
+
 def _settle_requests():
-    """A request left running by a dead restore takes its run's outcome (its run was failed above)."""
-    for request in RestoreRequest.objects.filter(status=RestoreRequest.Status.RUNNING):
+    """A request left running by a dead restore takes its run's outcome (its run was failed
+    above). One approved that no worker started within QUEUED_RUN_TIMEOUT fails: run weeks
+    later, it would restore a backup nobody chose for that day."""
+    Status = RestoreRequest.Status
+    limit = timezone.now() - timedelta(seconds=settings.QUEUED_RUN_TIMEOUT)
+    for request in RestoreRequest.objects.filter(status__in=[Status.APPROVED, Status.RUNNING]):
         newest = request.runs.order_by("-created_at").first()
-        if newest is None or not newest.done:
-            continue
-        ok = newest.succeeded
-        RestoreRequest.objects.filter(pk=request.pk, status=RestoreRequest.Status.RUNNING).update(
-            status=RestoreRequest.Status.SUCCEEDED if ok else RestoreRequest.Status.FAILED
-        )
+        if newest is not None and newest.done:
+            outcome = Status.SUCCEEDED if newest.succeeded else Status.FAILED
+            RestoreRequest.objects.filter(pk=request.pk, status=Status.RUNNING).update(status=outcome)
+        elif request.status == Status.APPROVED and request.decided_at and request.decided_at < limit:
+            _expire(request)
+
+
+def _expire(request):
+    """Failed, with a failed run that says why on its page; only while no worker has started it
+    (RestoreRequest.start then finds it failed, and runs nothing)."""
+    Status = RestoreRequest.Status
+    if not RestoreRequest.objects.filter(pk=request.pk, status=Status.APPROVED).update(status=Status.FAILED):
+        return
+    waited = int((timezone.now() - request.decided_at).total_seconds() // 60)
+    kind = {
+        RestoreRequest.Destination.SANDBOX_CLUSTER: RestoreRun.Kind.PITR,
+        RestoreRequest.Destination.REPLACE: RestoreRun.Kind.REPLACE,
+    }.get(request.destination, RestoreRun.Kind.LOGICAL)
+    why = (
+        f"approved {waited} minutes ago and never run (QUEUED_RUN_TIMEOUT): nothing was restored; "
+        "is the restore worker (manage.py qcluster) running? Ask for the restore again"
+    )
+    now = timezone.now()
+    restore = RestoreRun.objects.create(
+        kind=kind, status=RestoreRun.Status.FAILED, server=request.server, backup_run=request.backup_run,
+        request=request, requested_by=ACTOR, started_at=now, finished_at=now, error=why,
+    )  # fmt: skip
+    journal.record("restore_failed", actor=ACTOR, obj=restore, server=request.server.name, outcome="failed", error=why)

@@ -42,7 +42,7 @@ from backups.runner import beating
 from backups.storage import store_for
 from backups.streams import FetchFailed, FileSink, readable
 from restores import orphans, pitr_chain, pitr_checks, pitr_points, pitr_reach
-from restores.models import RestoreRun
+from restores.models import Interrupted, RestoreRun
 from restores.pitr_checks import check_datadir
 from restores.pitr_extract import Extraction, empty, extract_base, verify_base
 from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target, encryption_of
@@ -97,7 +97,7 @@ def run_plan(plan, actor, request=None, restore_test=None):
     try:
         with beating(run):
             execute(plan, run)
-    except (RestoreFailed, Refused, FetchFailed, OSError) as e:
+    except (RestoreFailed, Refused, FetchFailed, OSError, Interrupted) as e:
         discard(plan)
         return finish(run, plan, actor, error=str(e))
     except Exception as e:  # a bug must still fail the run visibly and leave nothing behind
@@ -112,15 +112,16 @@ def finish(run, plan, actor, error=""):
     run.backup_run = plan.base
     run.notes = "\n".join(plan.notes)[:5000]
     run.finish(error or None, fields=("backup_run", "notes", "recovered_to"))
-    journal.record(
-        "pitr_failed" if error else "pitr_succeeded",
-        actor=actor,
-        obj=run,
-        server=plan.server.name,
-        outcome="failed" if error else "ok",
-        recovered_to=run.recovered_to,
-        error=error,
-    )
+    if run.succeeded or error:  # else failed meanwhile by restores.orphans, which journaled it
+        journal.record(
+            "pitr_succeeded" if run.succeeded else "pitr_failed",
+            actor=actor,
+            obj=run,
+            server=plan.server.name,
+            outcome="ok" if run.succeeded else "failed",
+            recovered_to=run.recovered_to,
+            error=error,
+        )
     result = {
         "id": run.pk,
         "status": run.status,
@@ -367,7 +368,9 @@ def execute(plan, run):
         pitr_reach.archive_past_target(plan, run)
         check_chain(plan)
     prepare_datadir(plan)
-    run.leaves(datadir=str(plan.datadir), created=plan.created_dir)  # removed if this process dies
+    # Removed by restores.orphans if this process dies: this directory only (its inode), not
+    # one a DBA made again at that path.
+    run.leaves(datadir=str(plan.datadir), created=plan.created_dir, inode=plan.datadir.stat().st_ino)
     # The base is extracted (gpg, zstd, tar) while the first WAL is fetched; the cluster starts
     # as soon as the base is in place and verified, and the rest of the WAL is fetched ahead of
     # replay (pitr_prefetch). A restore point's name decides the base only once its WAL is

@@ -19,7 +19,7 @@ from backups.runner import RunRefused, beating, claim, execute
 from backups.storage import StorageError
 from restores import targetdb
 from restores.logical import RestoreFailed, finish, restore_into, unexpected
-from restores.models import RestoreRequest, RestoreRun
+from restores.models import Interrupted, RestoreRequest, RestoreRun
 from restores.targetdb import database_exists, dropped
 from restores.validation import run_checks
 
@@ -62,19 +62,19 @@ def replace_production(run, request, actor):
         "restore_started", actor=actor, obj=restore, server=server.name, run=run.pk, replace=prod, request=request.pk
     )
     notes = []
-    # What restores.orphans settles if this process dies: the copy before the swap, production after.
-    restore.leaves(database=new, kept_as=old)
     try:
         with beating(restore):
             _refuse_slots(server, prod)  # before the hours of a restore, and again at the swap
             if database_exists(server, old):  # production's name once swapped: taken, the swap would fail
                 raise RestoreFailed(f"a database {old} exists already on {server}: rename or drop it, and ask again")
+            # What restores.orphans settles if this process dies: the copy before the swap, production after.
+            restore.leaves(database=new, kept_as=old, at=server.destination)
             notes += restore_into(run, server, new, restore, advice=lambda sub, slot: _resume(sub, slot, prod, old))
             try:
                 _validate(run, server, new)
                 safety = _safety_backup(run, actor, restore)
                 notes.append(f"safety backup of {prod}: run #{safety.pk}")
-                _swap(server, prod, new, old)
+                _swap(server, prod, new, old, restore)
             except BaseException as e:
                 left = dropped(server, new)
                 if left and isinstance(e, RestoreFailed):
@@ -144,12 +144,17 @@ def _safety_backup(restoring, actor, restore):
     return run
 
 
-def _swap(server, prod, new, old):
+def _swap(server, prod, new, old, restore):
     """Rename production away and the restored copy in, in one transaction. Should the renames
     fail (a prepared transaction holds production, a session cannot be ended), production gets
     back its connections and its subscriptions' slots: it is then as it was."""
     _refuse_slots(server, prod)
     detached = _detach_before_swap(server, prod)
+    try:  # should this process die from here, restores.orphans opens production and reattaches them
+        restore.leaves(**restore.left, closing=True, detached=detached)
+    except Interrupted:
+        _reattach(server, prod, detached, RestoreFailed(""))
+        raise
     try:
         with server.connect("postgres") as conn:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(prod)))

@@ -39,10 +39,12 @@ def run_restore_test(
     else:
         test.kind, test.backup_run, test.monthly, test.database = kind, run, monthly, database
         test.save(update_fields=["kind", "backup_run", "monthly", "database"])
+    if not test.take():
+        test.refresh_from_db()
+        return test  # failed as never started, or another worker's: its row says
     if run is not None:
         test.encryption_key = key_of(run)
         test.save(update_fields=["encryption_key"])
-    test.take()
     with beating(test):  # a worker that dies mid-test leaves it to restores.orphans
         return _run(test, run, kind, database, actor)
 

@@ -17,7 +17,7 @@ from backupportal.models import JournalEntry
 from backups import walingest
 from backups.models import BackupRun
 from restores import orphans
-from restores.models import RestoreRequest, RestoreRun, RestoreTest
+from restores.models import Interrupted, RestoreRequest, RestoreRun, RestoreTest
 from restores.restoretest import run_restore_test
 from tests.helpers import (
     archive_some_wal,
@@ -60,7 +60,7 @@ def test_a_logical_restore_whose_worker_is_killed_is_failed_and_its_half_restore
     proc = manage(settings, "restore", str(backup.pk), "--into-database", "half_copy", "--json")
     wait_for(lambda: child_named(proc.pid, "pg_restore"), timeout=60, what="pg_restore to start")
     restore = RestoreRun.objects.get(status="running")
-    assert restore.left == {"database": "half_copy"} and restore.pid == proc.pid
+    assert restore.left == {"database": "half_copy", "at": big_server.destination} and restore.pid == proc.pid
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
     assert "half_copy" in databases(big_cluster)  # what the killed worker leaves: a database half loaded
@@ -89,7 +89,7 @@ def test_a_pitr_whose_worker_is_killed_has_its_cluster_stopped_and_removed(big_s
         )  # fmt: skip
         wait_for(lambda: RestoreRun.objects.filter(status="running").exclude(left={}).exists(), timeout=60, what="left")
         restore = RestoreRun.objects.get(status="running")
-        assert restore.left == {"datadir": str(datadir), "created": True}
+        assert restore.left == {"datadir": str(datadir), "created": True, "inode": datadir.stat().st_ino}
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=30)
         assert datadir.exists()
@@ -103,22 +103,39 @@ def test_a_pitr_whose_worker_is_killed_has_its_cluster_stopped_and_removed(big_s
         stop_restored(datadir)
 
 
-def test_a_live_restore_beats_and_is_left_be_and_one_failed_meanwhile_never_succeeds(server, monkeypatch):
+def test_a_live_restore_is_left_be_and_one_failed_meanwhile_stops_and_never_succeeds(server, monkeypatch):
     from backups import runner
 
     monkeypatch.setattr(runner, "HEARTBEAT_EVERY", 0.1)
     restore = RestoreRun.begin(RestoreRun.Kind.LOGICAL, "alice", server=server, into_server=server)
     stale = timezone.now() - runner.ORPHAN_AFTER - timedelta(minutes=1)
     RestoreRun.objects.filter(pk=restore.pk).update(heartbeat_at=stale)
+    # Its process lives on this host: alive, whatever its heartbeat (a paused machine, say).
+    assert orphans.fail_orphans() == []
+    # On another host only the heartbeat tells: it beats, so it lives.
+    RestoreRun.objects.filter(pk=restore.pk).update(host="restore-host")
     with runner.beating(restore):
         wait_for(lambda: RestoreRun.objects.get(pk=restore.pk).heartbeat_at > stale, timeout=5, what="a beat")
-        assert orphans.fail_orphans() == []  # this process lives and beats
-    # Its heartbeat stops (the catalog was out of reach, say): failed; its process then ends well.
+        assert orphans.fail_orphans() == []
+    # Its heartbeat stops (the catalog out of its reach, say): failed. The process, still at work,
+    # may record nothing more (it stops there), and its end changes nothing.
     RestoreRun.objects.filter(pk=restore.pk).update(heartbeat_at=stale)
     assert orphans.fail_orphans() == [restore]
+    with pytest.raises(Interrupted, match=f"restore #{restore.pk} was failed meanwhile"):
+        restore.leaves(database="late_copy")
     restore.finish(None)
     restore.refresh_from_db()
     assert restore.status == "failed" and restore.error.startswith("interrupted: no heartbeat since")
+    assert restore.left == {}
+
+
+def test_a_pid_reused_by_a_later_process_is_no_proof_of_life(server):
+    restore = RestoreRun.begin(RestoreRun.Kind.LOGICAL, "alice", server=server, into_server=server)
+    # This test's own process was started before the run began: a reused pid is newer than it.
+    RestoreRun.objects.filter(pk=restore.pk).update(started_at=timezone.now() - timedelta(days=3650))
+    assert orphans.fail_orphans() == [restore]
+    restore.refresh_from_db()
+    assert restore.error.startswith(f"interrupted: the process running it (pid {os.getpid()}) died")
 
 
 def test_a_run_on_another_host_is_failed_by_its_heartbeat_and_its_cluster_left_to_that_host(server, tmp_path):
@@ -138,40 +155,103 @@ def test_a_run_on_another_host_is_failed_by_its_heartbeat_and_its_cluster_left_t
     assert datadir.exists() and restore.left  # not this host's disk: its own host removes it
 
 
-def test_a_replace_killed_before_its_swap_drops_its_copy_and_one_after_says_production_was_replaced(
+def replace_run(server, request=None):
+    return RestoreRun.begin(
+        RestoreRun.Kind.REPLACE, "alice", server=server, into_server=server, into_database="reliabilitymaldives",
+        request=request,
+    )  # fmt: skip
+
+
+def died(restore, **left):
+    RestoreRun.objects.filter(pk=restore.pk).update(pid=dead_pid(), left=left)
+
+
+def test_a_replace_killed_before_its_swap_drops_its_copy_and_production_stays_as_it_was(
     server, sample_cluster, alice, bob
 ):
     request = RestoreRequest.objects.create(
         server=server, requested_by=alice, decided_by=bob, destination="replace", status="running", reason="x"
     )
-    before = RestoreRun.begin(RestoreRun.Kind.REPLACE, "alice", server=server, into_server=server,
-                              into_database="reliabilitymaldives", request=request)  # fmt: skip
+    before = replace_run(server, request)
     sample_cluster.execute("CREATE DATABASE reliabilitymaldives_restore_1")
-    RestoreRun.objects.filter(pk=before.pk).update(
-        pid=dead_pid(), left={"database": "reliabilitymaldives_restore_1", "kept_as": "reliabilitymaldives_before_1"}
-    )
+    died(before, database="reliabilitymaldives_restore_1", kept_as="reliabilitymaldives_before_1")
     assert orphans.fail_orphans() == [before]
     before.refresh_from_db()
-    assert before.error.endswith(
+    assert before.status == "failed" and before.error.endswith(
         "production reliabilitymaldives is unchanged; the copy reliabilitymaldives_restore_1 was dropped"
     )
     assert "reliabilitymaldives_restore_1" not in databases(sample_cluster)
     request.refresh_from_db()
     assert request.status == "failed"
 
-    after = RestoreRun.begin(RestoreRun.Kind.REPLACE, "alice", server=server, into_server=server,
-                             into_database="reliabilitymaldives")  # fmt: skip
-    sample_cluster.execute("CREATE DATABASE reliabilitymaldives_before_2")  # the swap happened
-    RestoreRun.objects.filter(pk=after.pk).update(
-        pid=dead_pid(), left={"database": "reliabilitymaldives_restore_2", "kept_as": "reliabilitymaldives_before_2"}
+    # Died inside the swap, production closed to connections and the renames not done: opened again.
+    closing = replace_run(server)
+    sample_cluster.execute("CREATE DATABASE reliabilitymaldives_restore_3")
+    sample_cluster.execute("ALTER DATABASE reliabilitymaldives ALLOW_CONNECTIONS false")
+    died(closing, database="reliabilitymaldives_restore_3", kept_as="reliabilitymaldives_before_3", closing=True)
+    assert orphans.fail_orphans() == [closing]
+    closing.refresh_from_db()
+    assert closing.error.endswith(
+        "production reliabilitymaldives was closed for the swap and is open again, as it was; "
+        "the copy reliabilitymaldives_restore_3 was dropped"
     )
+    allowed = "SELECT datallowconn FROM pg_database WHERE datname = 'reliabilitymaldives'"
+    assert sample_cluster.execute(allowed) == [(True,)]
+
+
+def test_a_replace_killed_after_its_swap_says_production_was_replaced(server, sample_cluster, alice, bob):
+    request = RestoreRequest.objects.create(
+        server=server, requested_by=alice, decided_by=bob, destination="replace", status="running", reason="x"
+    )
+    after = replace_run(server, request)
+    sample_cluster.execute("CREATE DATABASE reliabilitymaldives_before_2")  # the swap's renames committed
+    died(after, database="reliabilitymaldives_restore_2", kept_as="reliabilitymaldives_before_2", closing=True)
     assert orphans.fail_orphans() == [after]
     after.refresh_from_db()
-    assert after.error.endswith(
+    assert after.status == "succeeded with warnings" and after.error == ""
+    assert after.warnings[0].endswith(
         "it stopped after its swap: production reliabilitymaldives holds the backup, "
         "the previous database is kept as reliabilitymaldives_before_2"
     )
     assert {"reliabilitymaldives", "reliabilitymaldives_before_2"} <= databases(sample_cluster)
+    request.refresh_from_db()
+    assert request.status == "succeeded"  # never to be run again
+
+
+def test_an_approved_request_no_worker_ran_expires_and_never_runs_later(server, alice, bob, settings):
+    from restores.tasks import run_request
+
+    request = RestoreRequest.objects.create(
+        server=server, requested_by=alice, decided_by=bob, destination="new_database", target_database="late",
+        status="approved", reason="x", decided_at=timezone.now(),
+    )  # fmt: skip
+    assert orphans.fail_orphans() == [] and RestoreRequest.objects.get(pk=request.pk).status == "approved"
+    RestoreRequest.objects.filter(pk=request.pk).update(
+        decided_at=timezone.now() - timedelta(seconds=settings.QUEUED_RUN_TIMEOUT + 60)
+    )
+    orphans.fail_orphans()
+    request.refresh_from_db()
+    assert request.status == "failed"
+    assert request.runs.get().error.startswith("approved 61 minutes ago and never run (QUEUED_RUN_TIMEOUT)")
+    assert run_request(request.pk) == f"request #{request.pk} is failed: not run"
+
+
+def test_a_dead_pitrs_directory_made_again_by_a_dba_is_left_as_it_is(server, tmp_path):
+    datadir = tmp_path / "again"
+    datadir.mkdir()
+    dead = RestoreRun.begin(RestoreRun.Kind.PITR, "alice", server=server, into_datadir=str(datadir))
+    left = {"datadir": str(datadir), "created": True, "inode": datadir.stat().st_ino}
+    RestoreRun.objects.filter(pk=dead.pk).update(left=left, heartbeat_at=timezone.now() - timedelta(minutes=5),
+                                                 host="restore-host")  # fmt: skip
+    assert orphans.fail_orphans() == [dead]  # judged from here: its directory is the other host's
+    datadir.rmdir()
+    (tmp_path / "elsewhere").mkdir()  # so that the inode of the directory made again differs
+    datadir.mkdir()
+    (datadir / "PG_VERSION").write_text("15\n")  # the DBA's next restore there
+    RestoreRun.objects.filter(pk=dead.pk).update(host=orphans.HOST)  # the sweep on its own host
+    orphans.remove_leftovers()
+    dead.refresh_from_db()
+    assert (datadir / "PG_VERSION").exists() and dead.left == {}
 
 
 def test_a_restore_test_whose_worker_died_fails_and_its_scratch_copy_is_dropped(server, sample_cluster, settings):
@@ -197,6 +277,22 @@ def test_a_restore_test_whose_worker_died_fails_and_its_scratch_copy_is_dropped(
     assert orphans.fail_orphans() == [queued]
     queued.refresh_from_db()
     assert "never started: is the restore worker (manage.py qcluster) running?" in queued.error
+    # Its task, taken by a worker at last, runs nothing: its row is failed already.
+    assert run_restore_test(server, test=queued).status == "failed"
+    assert not queued.restores.exists()
+
+
+def test_a_base_restore_test_that_died_after_its_restore_has_its_cluster_removed(server, tmp_path):
+    throwaway = tmp_path / "restoretest-1-x" / "data"
+    throwaway.mkdir(parents=True)
+    (throwaway / "PG_VERSION").write_text("15\n")
+    test = RestoreTest.objects.create(server=server, kind="base", phase="checking", pid=dead_pid(), host=orphans.HOST)
+    RestoreRun.objects.create(
+        kind="pitr", status="succeeded", server=server, into_datadir=str(throwaway), restore_test=test,
+        host=orphans.HOST,
+    )  # fmt: skip
+    assert orphans.fail_orphans() == [test]
+    assert not throwaway.exists()
 
 
 def test_a_restore_test_records_its_worker_and_a_finished_one_is_never_swept(server, passphrase_file, backup_root):
