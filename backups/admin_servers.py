@@ -16,6 +16,7 @@ from django.utils.timesince import timesince
 from backupportal import journal
 from backupportal.lib.admin import SealedFieldsAdmin
 from backupportal.lib.cron import cron_problem, next_run
+from backupportal.lib.libpq import DsnError, parse
 from backupportal.lib.pgerrors import explain
 from backupportal.lib.sealed import SealError
 from backupportal.roles import role_may
@@ -37,6 +38,14 @@ from backups.models import (
     ChangeRequest,
     Server,
 )
+
+
+def _may_hold_password(dsn):
+    """A password in it, or a DSN that cannot be read (its '@' forgotten, a password reads as a port)."""
+    try:
+        return bool(parse(dsn).password)
+    except DsnError:
+        return True
 
 
 class ServerForm(forms.ModelForm):
@@ -78,6 +87,15 @@ class ServerForm(forms.ModelForm):
             "shrink_threshold_pct",
             "sandbox_server",  # waits for a DBA: restore tests decrypt production's backups there
         ]
+
+    def clean_dsn(self):
+        """A DSN that holds a password, or may (one that cannot be read), is refused (Server.clean_dsn
+        says why) and never rendered back into the page: the Sysadmin types it again."""
+        dsn = self.cleaned_data.get("dsn", "")
+        if _may_hold_password(dsn):
+            self.data = self.data.copy()
+            self.data[self.add_prefix("dsn")] = ""
+        return dsn
 
     def clean(self):
         # Before _post_clean puts the new values on the instance: it holds the stored ones here.

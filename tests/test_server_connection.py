@@ -305,8 +305,8 @@ def test_a_backup_with_sslmode_require_fails_clearly_against_a_server_without_ss
 
 BAD_DSNS = [
     ("postgresql://u@[::1/db", "no closing ']'"),
-    ("postgresql://u@127.0.0.1:99999/db", "'99999' is not a port number"),
-    ("postgresql://u@127.0.0.1:five/db", "'five' is not a port number"),
+    ("postgresql://u@127.0.0.1:99999/db", "port is not a number from 1 to 65535"),
+    ("postgresql://u@127.0.0.1:five/db", "port is not a number from 1 to 65535"),
     ("postgresql:///db", "names no host"),
     ("postgresql://u@/db", "names no host"),
     ("postgresql://u@h1:5432,h2:5432/db", "several hosts"),
@@ -332,6 +332,31 @@ def test_a_bad_dsn_is_refused_with_one_line_by_addserver_and_the_admin(client, s
     response = client.post(url, admin_form_data(client, url, name="x", dsn=dsn))
     assert response.status_code == 200
     assert problem.replace("'", "&#x27;") in response.content.decode()
+    assert not Server.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "dsn,problem",
+    [
+        # libpq reads up to the first '@' before any '/': "?" and ":" belong to the password.
+        ("postgresql://pwuser:Dsn-Secret-7f3a9?x@127.0.0.1:5432/db", "the DSN holds a password"),
+        ("postgresql://pwuser:ab:Dsn-Secret-7f3a9@127.0.0.1:5432/db", "the DSN holds a password"),
+        # Its '@' forgotten, the password reads as a port: said, never quoted.
+        ("postgresql://pwuser:Dsn-Secret-7f3a9/db", "port is not a number from 1 to 65535"),
+        ("postgresql://pwuser:Dsn-Secret-7f3a9?sslmode=require", "port is not a number from 1 to 65535"),
+        ("postgresql://[::1]Dsn-Secret-7f3a9@x/db", "the DSN holds a password"),
+        ("postgresql://[::1Dsn-Secret-7f3a9/db", "no closing ']'"),
+    ],
+)
+def test_a_password_in_a_dsn_is_never_echoed_whatever_is_wrong_with_it(client, sam, dsn, problem):
+    with pytest.raises(CommandError) as e:
+        call_command("addserver", "x", "--dsn", dsn)
+    assert problem in str(e.value) and "Dsn-Secret" not in str(e.value)
+    client.force_login(sam)
+    url = reverse("admin:backups_server_add")
+    page = client.post(url, admin_form_data(client, url, name="x", dsn=dsn)).content.decode()
+    assert problem.lower() in page.replace("&#x27;", "'").lower()
+    assert "Dsn-Secret" not in page  # not even in the field it was typed in
     assert not Server.objects.exists()
 
 

@@ -94,11 +94,9 @@ def parse(dsn: str) -> Dsn:
     scheme = next((s for s in SCHEMES if dsn.startswith(s)), None)
     if scheme is None:
         raise DsnError(f"the DSN must start with postgresql://: write it as {SHAPE}")
-    rest, _, query = dsn[len(scheme) :].partition("?")
-    netloc, _, path = rest.partition("/")
-    userinfo, at, hostport = netloc.rpartition("@")
-    if not at:
-        userinfo, hostport = "", netloc
+    userinfo, rest = _credentials(dsn[len(scheme) :])
+    rest, _, query = rest.partition("?")
+    hostport, _, path = rest.partition("/")
     user, colon, password = userinfo.partition(":")
     host, port = _host_and_port(hostport)
     return Dsn(
@@ -111,15 +109,24 @@ def parse(dsn: str) -> Dsn:
     )
 
 
+def _credentials(body):
+    """(USER[:PASSWORD], the rest), split as libpq does: at the first '@' met before any '/'
+    (a '?' or ':' in a password is its own, an '@' in one must be written %40)."""
+    stop = next((i for i, c in enumerate(body) if c in "@/"), len(body))
+    if body[stop : stop + 1] == "@":
+        return body[:stop], body[stop + 1 :]
+    return "", body
+
+
 def _host_and_port(hostport):
     if "," in hostport:
         raise DsnError("the DSN names several hosts: register each server on its own, with one host")
     if hostport.startswith("["):
         host, bracket, after = hostport[1:].partition("]")
         if not bracket:
-            raise DsnError(f"the DSN's IPv6 address has no closing ']': write it as postgresql://USER@[{host}]:PORT/DB")
+            raise DsnError("the DSN's IPv6 address has no closing ']': write it as postgresql://USER@[ADDRESS]:PORT/DB")
         if after and not after.startswith(":"):
-            raise DsnError(f"unexpected {after!r} after the DSN's IPv6 address: write it as {SHAPE}")
+            raise DsnError(f"the DSN has more after its IPv6 address than a port: write it as {SHAPE}")
         port = after[1:]
     else:
         host, _, port = hostport.partition(":")
@@ -131,7 +138,8 @@ def _host_and_port(hostport):
     if not port:
         return host, 5432
     if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise DsnError(f"the DSN's port {port!r} is not a port number: use a number from 1 to 65535")
+        # Not quoted: a password missing its '@' ("USER:PASSWORD/DB") is read as host and port.
+        raise DsnError(f"the DSN's port is not a number from 1 to 65535: write it as {SHAPE}")
     return host, int(port)
 
 
