@@ -149,6 +149,17 @@ def test_restore_onto_another_server_brings_the_globals_first(
         (["{run}", "--into-database", "Bad-Name"], "not a valid database name"),
         (["{run}"], "say where to restore"),
         (["{run}", "--into-database", "x", "--into-server", "nope"], "unknown server 'nope'"),
+        # Options of the other kind of restore were ignored: a logical restore done, exit 0.
+        (
+            ["{run}", "--into-database", "x", "--target-time", "2000-01-01 00:00:00+00:00"],
+            "--target-time: for a PITR (--server NAME), not a logical restore (RUN_ID): leave them out",
+        ),
+        (["{run}", "--into-database", "x", "--target", "latest", "--port", "1"], "--target, --port: for a PITR"),
+        (["--server", "maldives", "--replace", "--target", "latest"], "--replace: for a logical restore"),
+        (["--server", "maldives", "--into-database", "x", "--target", "latest"], "--into-database: for a logical"),
+        (["{run}", "--replace", "--request", "1", "--into-database", "x"], "--into-database: --replace restores"),
+        (["{run}", "--into-database", "x", "--into-server", ""], "--into-server is empty"),
+        (["--server", " ", "--target", "latest"], "--server is empty"),
     ],
 )
 def test_bad_restore_requests_are_refused_and_change_nothing(
@@ -284,9 +295,11 @@ def test_restoretest_fails_on_a_corrupted_artifact_and_resolves_when_fixed(serve
 
 
 def test_restoretest_with_no_backup_fails_clearly(server):
+    err = StringIO()
     with pytest.raises(SystemExit):
-        call_command("restoretest", "maldives", stdout=StringIO())
+        call_command("restoretest", "maldives", stdout=StringIO(), stderr=err)
     assert "no good logical backup" in RestoreTest.objects.get().error
+    assert err.getvalue() == "restore test failed: backup: no good logical backup to test: take one first\n"
 
 
 def test_the_monthly_test_runs_on_the_first_sunday_of_each_month_and_only_then():

@@ -9,6 +9,30 @@ restore --server NAME (--target-time T | --target latest | --target-lsn LSN | --
 from backupportal.lib.commands import PortalCommand, fail
 from backupportal.lib.osuser import os_actor
 
+# Each kind's own options: one given to the other kind would be ignored, and the restore done
+# would not be the one asked for.
+PITR_OPTIONS = ("target_time", "target", "target_lsn", "target_name", "into_datadir", "port")
+LOGICAL_OPTIONS = ("into_database", "into_server", "tablespace_map", "with_role_passwords", "replace", "request")
+INTO_NEW_DATABASE = ("into_database", "into_server", "tablespace_map", "with_role_passwords")
+
+
+def given(options, names):
+    """The options of `names` on the command line (an empty string is given: never "no option")."""
+    return [f"--{name.replace('_', '-')}" for name in names if options.get(name) not in (None, False)]
+
+
+def refuse_contradictions(server, options):
+    if server is not None and (extra := given(options, LOGICAL_OPTIONS)):
+        fail(f"{', '.join(extra)}: for a logical restore (RUN_ID), not a PITR (--server): leave them out")
+    if server is None and (extra := given(options, PITR_OPTIONS)):
+        fail(f"{', '.join(extra)}: for a PITR (--server NAME), not a logical restore (RUN_ID): leave them out")
+    if options.get("replace") and (extra := given(options, INTO_NEW_DATABASE)):
+        fail(f"{', '.join(extra)}: --replace restores into production itself: leave them out")
+    named = {"server": server, **{n: options.get(n) for n in ("into_server", "into_database", "into_datadir")}}
+    for name, value in named.items():
+        if value is not None and not str(value).strip():
+            fail(f"--{name.replace('_', '-')} is empty: give a value, or leave the option out")
+
 
 class Command(PortalCommand):
     help = "Restore a backup into a new database or cluster (or replace production with an approved request)."
@@ -42,8 +66,9 @@ class Command(PortalCommand):
 
     def run(self, run_id=None, server=None, **options):
         actor = os_actor()
-        if server and run_id:
+        if server is not None and run_id is not None:
             fail("give either RUN_ID (logical restore) or --server (PITR), not both")
+        refuse_contradictions(server, options)
         if server:
             result = self.pitr(server, actor, **options)
         elif run_id is None:

@@ -29,6 +29,9 @@ class Command(PortalCommand):
         result = summary(test)
         if test.status != "passed":
             result["exit_code"] = 1
+            failed = next((c for c in test.checks if not c["ok"]), None)
+            why = f"{failed['name']}: {failed['detail']}" if failed else test.error
+            self.stderr.write(f"restore test failed: {why}".splitlines()[0])  # the contract: one line on stderr
         return result
 
     def describe(self, result):
