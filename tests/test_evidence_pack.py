@@ -10,11 +10,12 @@ import subprocess
 import zipfile
 from datetime import datetime
 from io import StringIO
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 import time_machine
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.test import Client
 from django.urls import reverse
 from PIL import Image
@@ -307,6 +308,21 @@ def test_the_commands_refuse_wrong_input_with_one_line(quarter, tmp_path):
     with pytest.raises(Exception, match="signature .* cannot be read"):
         call_command("verifyevidence", str(tmp_path / "lone.zip"), "--key", str(public_key_file(tmp_path)))
     assert not (tmp_path / "p.zip").exists()
+
+
+def test_a_pack_that_cannot_be_written_is_one_line_and_never_journaled_as_made(quarter, tmp_path):
+    made = JournalEntry.objects.filter(action="evidence_pack_made")
+    before = made.count()
+    for output, says in [
+        ("", "--output is empty: name the ZIP to write"),
+        ("  ", "--output is empty"),
+        ("/proc/evidence.zip", "--output /proc/evidence.zip: cannot be written"),
+    ]:
+        with pytest.raises(CommandError, match=says) as refused:
+            call_command("evidencepack", *Q3, "--output", output, stdout=StringIO())
+        assert "\n" not in str(refused.value)
+    assert made.count() == before
+    assert not list(Path("/proc").glob(".evidence.zip*"))
 
 
 def test_the_default_period_is_the_last_complete_quarter():

@@ -37,6 +37,9 @@ class Pack:
     signature: bytes  # of the ZIP, detached and armored
     sha256: str
     signer: str
+    period: object = None  # an evidence.Period
+    members: tuple = ()
+    journal_intact: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,8 @@ class Check:
     detail: str
 
 
-def build(period, actor):
-    """Make the pack of `period` (an evidence.Period) and journal that `actor` made it."""
+def build(period):
+    """Make the pack of `period` (an evidence.Period), in memory: write() puts it on disk."""
     signer = signing.ensure_key()
     verdict = journal.check()
     extract = JournalEntry.objects.filter(evidence.in_period("at", period)).order_by("at", "id")
@@ -79,17 +82,7 @@ def build(period, actor):
         members = sorted(archive.namelist())
     data = buffer.getvalue()
     del buffer
-    pack = Pack(data, signing.sign(data), hashlib.sha256(data).hexdigest(), signer)
-    journal.record(
-        "evidence_pack_made",
-        actor=actor,
-        period=str(period),
-        sha256=pack.sha256,
-        members=members,
-        signer=signer,
-        journal_intact=verdict.ok,
-    )
-    return pack
+    return Pack(data, signing.sign(data), hashlib.sha256(data).hexdigest(), signer, period, tuple(members), verdict.ok)
 
 
 def _add(archive, stamp, name, chunks):
@@ -105,16 +98,37 @@ def _add(archive, stamp, name, chunks):
     return digest.hexdigest()
 
 
-def write(pack, path):
-    """The ZIP at `path` and its signature at `path`.sig, each complete or not there at all."""
+def write(pack, path, actor):
+    """The ZIP at `path` and its signature at `path`.sig, both complete or neither there; then
+    journaled that `actor` made it (a pack that was not written is never journaled as made).
+    OSError when either cannot be written."""
     path = Path(path)
-    for target, data in ((path, pack.data), (signature_path(path), pack.signature)):
-        temporary = target.with_name(f".{target.name}.tmp")
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        temporary.replace(target)
+    written = []
+    try:
+        for target, data in ((path, pack.data), (signature_path(path), pack.signature)):
+            temporary = target.with_name(f".{target.name}.tmp")
+            try:
+                with open(temporary, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                temporary.replace(target)
+            finally:
+                temporary.unlink(missing_ok=True)
+            written.append(target)
+    except OSError:
+        for target in written:  # a ZIP without its signature is not a pack
+            target.unlink(missing_ok=True)
+        raise
+    journal.record(
+        "evidence_pack_made",
+        actor=actor,
+        period=str(pack.period),
+        sha256=pack.sha256,
+        members=list(pack.members),
+        signer=pack.signer,
+        journal_intact=pack.journal_intact,
+    )
 
 
 def signature_path(path):

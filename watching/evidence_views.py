@@ -54,14 +54,18 @@ def evidence_make(request):
         return render(request, "evidence/page.html", _context(form), status=400)
     period = evidence.Period(form.cleaned_data["start"], form.cleaned_data["end"])
     try:
-        pack = evidence_pack.build(period, actor=request.user.get_username())
+        pack = evidence_pack.build(period)
     except signing.SigningError as e:
         form.add_error(None, f"The pack cannot be signed: {e}")
         return render(request, "evidence/page.html", _context(form), status=500)
     name = f"evidence-{period.first:%Y%m%d}-{period.last:%Y%m%d}-{date.today():%Y%m%d}-{secrets.token_hex(4)}.zip"
     directory = settings.EVIDENCE_DIR
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    evidence_pack.write(pack, directory / name)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        evidence_pack.write(pack, directory / name, actor=request.user.get_username())
+    except OSError as e:
+        form.add_error(None, f"The pack cannot be written to EVIDENCE_DIR ({e.strerror or e}): tell the operator.")
+        return render(request, "evidence/page.html", _context(form), status=500)
     made = EvidencePack.objects.create(
         period_start=period.first,
         period_end=period.last,

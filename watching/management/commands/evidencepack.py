@@ -23,6 +23,8 @@ class Command(PortalCommand):
 
     def run(self, first="", last="", output="", **options):
         period = period_from(first, last)
+        if not output.strip():
+            fail("--output is empty: name the ZIP to write, e.g. --output evidence-2026q3.zip")
         path = Path(output)
         for target in (path, evidence_pack.signature_path(path)):
             if target.exists():
@@ -30,10 +32,13 @@ class Command(PortalCommand):
         if not path.parent.is_dir():
             fail(f"--output {output}: the directory {path.parent} does not exist: create it or choose another")
         try:
-            pack = evidence_pack.build(period, actor=f"os:{getpass.getuser()}")
+            pack = evidence_pack.build(period)
         except SigningError as e:
             fail(f"the pack cannot be signed: {e}")
-        evidence_pack.write(pack, path)
+        try:
+            evidence_pack.write(pack, path, actor=f"os:{getpass.getuser()}")
+        except OSError as e:
+            fail(f"--output {output}: cannot be written ({e.strerror or e}): choose a directory you may write to")
         return {
             "output": str(path),
             "signature": str(evidence_pack.signature_path(path)),
