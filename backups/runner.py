@@ -241,6 +241,8 @@ def same_cluster(run):
     before = known_system_identifier(server)
     try:
         now = server.system_identifier()
+    except psycopg.OperationalError as e:  # not reached (down, refused, wrong password): only that is said
+        raise BackupFailed(explain(e, server)) from None
     except psycopg.Error as e:
         if before:  # a cluster that hides what its good backups' showed is not taken on trust
             raise BackupFailed(

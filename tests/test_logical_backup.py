@@ -135,6 +135,21 @@ def test_a_failed_backup_leaves_nothing_and_says_why(server, sample_cluster, pas
     assert run.status == "failed" and not run.copies.filter(status=BackupCopy.Status.OK).exists()
 
 
+def test_a_server_that_is_down_after_good_backups_is_said_to_be_down_and_nothing_else(
+    server, sample_cluster, passphrase_file, backup_root
+):
+    """Its good backups recorded its system identifier: a cluster that cannot be reached is down
+    (start it), not one that hides its identifier (grant a right, point the DSN back)."""
+    assert backup_json()["status"] == "succeeded"
+    sample_cluster.stop()
+    try:
+        error = backup_json()["error"]
+    finally:
+        sample_cluster.start()
+    assert "connection refused" in error and "pg_control_system" not in error and "point the DSN" not in error
+    assert "\n" not in error
+
+
 def test_unknown_server_is_refused(db):
     from django.core.management.base import CommandError
 
