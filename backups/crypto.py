@@ -119,6 +119,8 @@ def gnupg_home() -> Path:
 def read_passphrase(path=None) -> str:
     """The passphrase file must exist, be private (no group/other bits) and not be empty."""
     path = Path(path or settings.BACKUP_PASSPHRASE_FILE)
+    if path.is_dir():
+        raise EncryptionError(f"passphrase file {path} is a directory: give the file that holds the passphrase")
     if not path.is_file():
         raise EncryptionError(f"passphrase file {path} does not exist: create it with mode 0600, or set GPG_RECIPIENTS")
     mode = path.stat().st_mode

@@ -26,7 +26,7 @@ from backupportal.lib.childenv import child_env
 from backups import archive_wal
 from backups.binaries import MissingBinaries, client_tool
 from backups.copies import copy_run_foreground
-from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure
+from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure, stopping_on_purpose
 from backups.logical import primary_location
 from backups.models import BackupCopy, BackupRun, Database, Server
 from backups.pipeline import BackupFailed
@@ -125,7 +125,8 @@ def _table_of_contents(path, server, encryption=None):
         if encryption is not None:
             feed = _Feed(proc.stdin)
             try:
-                with open(path, "rb") as source:
+                # A failure is said below in one line: python-gnupg's own warning would be a second.
+                with open(path, "rb") as source, stopping_on_purpose():
                     result = encryption.decrypt_stream(source, feed)
             finally:
                 try:

@@ -161,3 +161,16 @@ def test_an_imported_dump_restores_onto_another_server_with_a_warning_for_its_mi
     assert result["status"] == "succeeded with warnings", result
     assert any("imported without its globals" in w for w in result["warnings"])
     assert table_digests(other, "from_elsewhere") == table_digests(sample_cluster, "reliabilitymaldives")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_file_that_is_no_dump_gets_one_line_on_stderr_from_manage_py(passphrase_file, server, settings, tmp_path):
+    """python-gnupg warns of the failed probe on its logger: the command's own line is the only one."""
+    from tests.helpers import manage
+
+    bad = tmp_path / "plain.sql"
+    bad.write_text("-- a plain SQL script\nSELECT 1;\n")
+    out, err = manage(settings, "importbackup", str(bad), "--server", "maldives").communicate(timeout=120)
+    assert err.strip().splitlines() == [
+        "CommandError: plain.sql: it is neither a pg_dump custom-format archive nor a gpg file: nothing was imported"
+    ]

@@ -166,6 +166,10 @@ def test_a_missing_passphrase_file_fails_the_run(server, settings, backup_root):
     with pytest.raises(SystemExit):
         call_command("backup", "maldives")
     assert "does not exist" in BackupRun.objects.get().error
+    settings.BACKUP_PASSPHRASE_FILE = str(backup_root)  # a directory, not "missing"
+    with pytest.raises(SystemExit):
+        call_command("backup", "maldives")
+    assert f"passphrase file {backup_root} is a directory" in BackupRun.objects.latest("pk").error
 
 
 def test_public_key_recipients_the_backup_host_cannot_decrypt(server, settings, backup_root, tmp_path):

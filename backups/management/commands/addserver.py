@@ -124,6 +124,8 @@ class Command(PortalCommand):
     def _password(self, password_file):
         if password_file:
             path = Path(password_file)
+            if path.is_dir():
+                fail(f"password file {path} is a directory: give the file that holds the password")
             if not path.is_file():
                 fail(f"password file {path} does not exist: create it with mode 0600")
             if path.stat().st_mode & 0o077:
