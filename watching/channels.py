@@ -17,8 +17,12 @@ verified, redirects are never followed, and a host the user names (a JSON webhoo
 workflow's) may not be an address inside the portal's network unless ALERT_CHANNEL_ALLOWED_HOSTS
 lists it: checked when the channel is saved, before each message, and again on every connection
 (backupportal.lib.addresses), so a name that resolves elsewhere a moment later gains nothing.
+
+A database's name in a message shows as typed in every kind's markup, never as a link or a
+mention (`literal`, `FORMATS`).
 """
 
+import html
 import logging
 import re
 from datetime import timedelta
@@ -306,16 +310,23 @@ def _claim(delivery, now):
 
 def _send(delivery):
     """'' when the channel took the message; else what went wrong, without the secret."""
-    alert, event = delivery.alert, delivery.event
-    return notify(delivery.channel, title(alert, event), body(alert, event), _type(event), payload_fields(alert, event))
+    alert, event, kind = delivery.alert, delivery.event, delivery.channel.kind
+    return notify(
+        delivery.channel,
+        title(alert, event, kind),
+        body(alert, event, kind),
+        _type(event),
+        payload_fields(alert, event),
+    )
 
 
 def send_test(channel, actor):
     """A test message, from the admin: '' when the channel took it, else the error. Journaled."""
+    name, kind = channel.name, channel.kind
     error = notify(
         channel,
-        f"[backupportal] test message to {channel.name}",
-        f"A test of the alert channel {channel.name}, sent by {actor} from {settings.SITE_URL}.",
+        f"[backupportal] test message to {literal(kind, name)}",
+        f"A test of the alert channel {literal(kind, name)}, sent by {literal(kind, actor)} from {settings.SITE_URL}.",
         apprise.NotifyType.INFO,
         {"event": "test"},
     )
@@ -324,7 +335,8 @@ def send_test(channel, actor):
 
 
 def notify(channel, subject, text, notify_type, extras):
-    """Send one message through Apprise: '' when the channel took it, else what went wrong, without the secret."""
+    """Send one message through Apprise: '' when the channel took it, else what went wrong, without the secret.
+    `subject` and `text` are as the channel's kind shows them: what came from outside went through `literal`."""
     try:
         secret = channel.secret
         _HINTS[Kind(channel.kind)](secret, channel.target)  # stored before a rule was tightened: not sent
@@ -344,7 +356,7 @@ def notify(channel, subject, text, notify_type, extras):
         return refusal
     with apprise.LogCapture(level=logging.WARNING) as captured, _guarded(host is not None):
         try:
-            ok = plugin.notify(body=text, title=subject, notify_type=notify_type)
+            ok = plugin.notify(body=text, title=subject, notify_type=notify_type, body_format=FORMATS[channel.kind])
         except Exception as e:  # noqa: BLE001  a plugin's bug is this channel's failure, not the pass's
             return _without_secret(f"{type(e).__name__}: {e}", secret)
         logged = captured.getvalue()
@@ -415,18 +427,50 @@ def _failed(delivery, error):
 
 # --- The message ---------------------------------------------------------------------------------
 
+# A database's name reaches an alert's message from the monitored cluster, where anyone who may
+# CREATE DATABASE chooses it; a channel's name and a user's come from the portal's users. Each
+# kind renders markup of its own, and such text must show as typed, never as a link, a mention
+# or formatting. Slack is handed plain text, which Apprise escapes for it (&, < and >; passed
+# through instead, "&lt;!here&gt;" would be made a mention again). Teams' Adaptive Cards and
+# Discord render Markdown that Apprise passes on unescaped (a Teams title untouched,
+# "<at>name</at>" made a mention), and Apprise 2.2 skips its text-to-HTML step for Telegram when
+# a plugin is called directly, as here: for those `literal` escapes. A JSON webhook receives data.
+FORMATS = {
+    Kind.SLACK: apprise.NotifyFormat.TEXT,
+    Kind.WEBHOOK: apprise.NotifyFormat.TEXT,
+    Kind.TELEGRAM: apprise.NotifyFormat.HTML,
+    Kind.TEAMS: apprise.NotifyFormat.MARKDOWN,
+    Kind.DISCORD: apprise.NotifyFormat.MARKDOWN,
+}
+# Every character that opens or closes markup in CommonMark, Adaptive Cards or Discord; a
+# backslash before it shows it as typed. "<" and ">" too: Teams' mentions and Discord's are tags.
+MARKDOWN_MARKUP = re.compile(r"([\\`*_~|\[\](){}<>#+\-=.!&])")
 
-def title(alert, event):
+
+def literal(kind, text):
+    """`text` as the channel's kind shows it as typed, whatever markup it holds."""
+    if kind == Kind.TELEGRAM:
+        return html.escape(text, quote=False)
+    if kind == Kind.TEAMS:
+        return MARKDOWN_MARKUP.sub(r"\\\1", text)
+    if kind == Kind.DISCORD:
+        # Discord reads @everyone and @here as mentions wherever they stand: a zero-width space after the @ stops it.
+        return MARKDOWN_MARKUP.sub(r"\\\1", text).replace("@", "@\u200b")
+    return text
+
+
+def title(alert, event, kind):
     prefix = "RESOLVED " if event == ChannelDelivery.Event.RESOLVED else ""
-    return f"[backupportal] {prefix}{alert.subject_label}: {alert.get_condition_display()}"
+    return f"[backupportal] {prefix}{literal(kind, alert.subject_label)}: {alert.get_condition_display()}"
 
 
-def body(alert, event):
+def body(alert, event, kind):
     link = settings.SITE_URL + alert.get_absolute_url()
+    message = literal(kind, alert.message)
     if event == ChannelDelivery.Event.RESOLVED:
         lasted = alert.resolved_at - alert.opened_at
-        return f"Resolved at {_local(alert.resolved_at)} after {_duration(lasted)}. {alert.message}\n{link}"
-    return f"{alert.message}\nOpened at {_local(alert.opened_at)} ({settings.TIME_ZONE}).\n{link}"
+        return f"Resolved at {_local(alert.resolved_at)} after {_duration(lasted)}. {message}\n{link}"
+    return f"{message}\nOpened at {_local(alert.opened_at)} ({settings.TIME_ZONE}).\n{link}"
 
 
 def payload_fields(alert, event):
