@@ -67,3 +67,12 @@ class DrillAdminForm(SaneInputsMixin, forms.ModelForm):
 
 class StepAdminForm(SaneInputsMixin, forms.ModelForm):
     pass
+
+
+class LessonsForm(forms.ModelForm):
+    """A complete drill's only field still open: what was learned, written once it is over."""
+
+    class Meta:
+        model = DrDrill
+        fields = ["lessons_learned"]
+        widgets = {"lessons_learned": forms.Textarea(attrs={"rows": 5})}

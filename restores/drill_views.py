@@ -7,7 +7,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from backupportal import journal
 from backupportal.lib.links import url_for
 from backupportal.roles import require_perm
-from restores.drill_forms import DrillForm, StepForm
+from restores.drill_forms import DrillForm, LessonsForm, StepForm
 from restores.models import DrDrill
 
 
@@ -22,9 +22,20 @@ def drill_list(request):
     return render(request, "drills/list.html", {"drills": drills})
 
 
+def _read_only(request, drill):
+    """A redirect to the drill, saying why, when it is complete: its record is evidence now."""
+    if not drill.is_complete:
+        return None
+    messages.error(request, drill.read_only_message())
+    return redirect(drill)
+
+
 @require_perm("restores.view_drdrill")
 def drill_detail(request, drill_id):
-    return render(request, "drills/detail.html", _report_context(_drill(drill_id)))
+    drill = _drill(drill_id)
+    context = _report_context(drill)
+    context["editable"] = request.user.has_perm("restores.log_drill")
+    return render(request, "drills/detail.html", context)
 
 
 @require_perm("restores.view_drdrill")
@@ -55,7 +66,9 @@ def drill_new(request):
 @require_perm("restores.log_drill")
 def drill_edit(request, drill_id):
     drill = _drill(drill_id)
-    form = DrillForm(request.POST if request.method == "POST" else None, instance=drill)
+    # Complete, a drill is evidence: only its lessons learned may still be written.
+    editing = LessonsForm if drill.is_complete else DrillForm
+    form = editing(request.POST if request.method == "POST" else None, instance=drill)
     if request.method == "POST" and form.is_valid():
         with transaction.atomic():
             form.save()
@@ -74,6 +87,8 @@ def drill_edit(request, drill_id):
 @require_perm("restores.log_drill")
 def drill_step(request, drill_id, step):
     drill = _drill(drill_id)
+    if refused := _read_only(request, drill):
+        return refused
     instance = drill.step(step)
     if instance is None:
         messages.error(request, f"A drill has no step {step!r}: choose one of its eight steps.")
