@@ -58,8 +58,14 @@ def test_a_logical_restore_whose_worker_is_killed_is_failed_and_its_half_restore
     assert run_command("backup", "maldives")["status"] == "succeeded"
     backup = BackupRun.objects.get(kind="logical", status="succeeded")
     proc = manage(settings, "restore", str(backup.pk), "--into-database", "half_copy", "--json")
-    wait_for(lambda: child_named(proc.pid, "pg_restore"), timeout=60, what="pg_restore to start")
-    restore = RestoreRun.objects.get(status="running")
+    # Loading: its database made and recorded (a first pg_restore only lists the dump's contents).
+    loading = RestoreRun.objects.filter(status="running").exclude(left={})
+    wait_for(
+        lambda: loading.exists() and "half_copy" in databases(big_cluster) and child_named(proc.pid, "pg_restore"),
+        timeout=60,
+        what="the load to start",
+    )
+    restore = loading.get()
     assert restore.left == {"database": "half_copy", "at": big_server.destination} and restore.pid == proc.pid
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
