@@ -317,6 +317,9 @@ BAD_DSNS = [
     ("postgresql://u@h/db?host=other", "parameter 'host' is not accepted"),
     ("postgresql://u@h/db?password=x", "holds a password"),
     ("postgresql://u@h/db?connect_timeout=soon", "not a number of seconds"),
+    # Read before as user "me@corp" on db.example.com, by libpq as user "me" on "corp@db...": refused.
+    ("postgresql://me@corp@db.example.com:5432/app", "an '@' that is not the one before its host"),
+    ("postgresql://db1?sslmode=verify-full&application_name=ops@corp", "an '@' that is not the one before its host"),
 ]
 
 

@@ -98,6 +98,7 @@ def parse(dsn: str) -> Dsn:
     rest, _, query = rest.partition("?")
     hostport, _, path = rest.partition("/")
     user, colon, password = userinfo.partition(":")
+    _refuse_ambiguous(user, hostport)
     host, port = _host_and_port(hostport)
     return Dsn(
         host=_decode(host, "host"),
@@ -116,6 +117,16 @@ def _credentials(body):
     if body[stop : stop + 1] == "@":
         return body[:stop], body[stop + 1 :]
     return "", body
+
+
+def _refuse_ambiguous(user, hostport):
+    """Read as libpq reads them, an unencoded '@' in a user name ("me@corp@host") or in a parameter
+    before any path ("host?application_name=ops@corp") would move the host: what an earlier reading
+    of this DSN took for the host is not it. Refused, never guessed: '@' is written %40."""
+    if "@" in hostport or any(c in user for c in "?&="):
+        raise DsnError(
+            "the DSN has an '@' that is not the one before its host: write '@' in a name or a parameter as %40"
+        )
 
 
 def _host_and_port(hostport):
