@@ -241,9 +241,9 @@ def same_cluster(run):
     before = known_system_identifier(server)
     try:
         now = server.system_identifier()
-    except psycopg.OperationalError as e:  # not reached (down, refused, wrong password): only that is said
-        raise BackupFailed(explain(e, server)) from None
     except psycopg.Error as e:
+        if before and isinstance(e, psycopg.OperationalError):  # not reached (down, refused): only that is said
+            raise BackupFailed(explain(e, server)) from None
         if before:  # a cluster that hides what its good backups' showed is not taken on trust
             raise BackupFailed(
                 f"server {server}'s cluster does not say its system identifier ({explain(e, server)}), which its good"
