@@ -180,9 +180,30 @@ def test_a_recovery_time_that_is_negative_or_missing_never_meets_its_objective(c
 
     client.force_login(charlie)
     page = client.get(reverse("drill-report", args=[drill.pk])).content.decode()
-    assert "ends before the disaster was declared: correct the times" in page and "met," not in page
+    assert "ends before the disaster was declared: correct the times" in page and "met," not in page  # in progress
 
     # Go-live given an outcome but no end: nothing measured, nothing met.
     DrDrillStep.objects.filter(drill=drill, step="go_live").update(started_at=None, finished_at=None)
     times = {t["label"]: t for t in fresh(drill).recovery_times()}
     assert times["Full system"]["measured"] is None and times["Full system"]["met"] is None
+
+
+def test_lessons_learned_are_written_after_the_drill_on_its_page_and_in_the_admin(client, alice, sam, atoll):
+    """Even for a closed drill whose times were recorded wrong before these checks: its recorded
+    times are not judged again when only its lessons change (it was a 500)."""
+    client.force_login(alice)
+    drill = log_drill(client, atoll)
+    complete(client, drill)
+    # Recorded before the checks: the declaration after the go-live.
+    DrDrill.objects.filter(pk=drill.pk).update(started_at=drill.started_at + timedelta(hours=4, minutes=30))
+    response = client.post(reverse("drill-edit", args=[drill.pk]), {"lessons_learned": "Fetch from the NAS first."})
+    assert response.status_code == 302
+    assert DrDrill.objects.get(pk=drill.pk).lessons_learned == "Fetch from the NAS first."
+    page = client.get(reverse("drill", args=[drill.pk])).content.decode()
+    assert "the times were recorded wrong; log a new drill" in page
+
+    client.force_login(sam)
+    drill = fresh(drill)
+    url = reverse("admin:restores_drdrill_change", args=[drill.pk])
+    assert client.post(url, admin_form(drill, lessons_learned="And test the S3 path too.")).status_code == 302
+    assert DrDrill.objects.get(pk=drill.pk).lessons_learned == "And test the S3 path too."

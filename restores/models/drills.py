@@ -84,6 +84,8 @@ class DrDrill(models.Model):
 
     def clean(self):
         self.check_editable()
+        if not self._times_changed():
+            return  # lessons learned written on a closed drill: its recorded times are not re-judged
         if self.critical_restored_at and self.critical_restored_at < self.started_at:
             raise ValidationError(
                 {"critical_restored_at": "Critical functions cannot be back before the disaster was declared."}
@@ -104,15 +106,20 @@ class DrDrill(models.Model):
     # written once it is over, may still be added.
     FROZEN = ("title", "server_id", "scenario", "started_at", "critical_restored_at")
 
-    def check_editable(self, steps=False):
+    def check_editable(self, step=None):
         """ValidationError when the drill is complete as the database records it (not as a form
-        has just changed a step in memory) and this changes its steps (`steps`) or what it
-        recorded: a finished drill is audit evidence."""
+        has just changed a step in memory) and this changes a `step` (a DrDrillStep that differs
+        from its row) or what the drill recorded: a finished drill is audit evidence."""
         if not _all_done(self._recorded_steps()):
             return
         before = DrDrill.objects.filter(pk=self.pk).values(*self.FROZEN).first() or {}
-        if steps or any(before.get(f) != getattr(self, f) for f in self.FROZEN):
+        if step is not None or any(before.get(f) != getattr(self, f) for f in self.FROZEN):
             raise ValidationError(self.read_only_message())
+
+    def _times_changed(self):
+        times = ("started_at", "critical_restored_at")
+        before = DrDrill.objects.filter(pk=self.pk).values(*times).first() if self.pk else None
+        return before is None or any(before[f] != getattr(self, f) for f in times)
 
     def read_only_message(self):
         return (
@@ -215,8 +222,17 @@ class DrDrillStep(models.Model):
     def __str__(self):
         return f"{self.drill}: {self.get_step_display()}"
 
+    RECORDED = ("who", "started_at", "finished_at", "outcome", "notes")
+
+    def changed(self):
+        """Does this step differ from its recorded row?"""
+        before = DrDrillStep.objects.filter(pk=self.pk).values(*self.RECORDED).first() if self.pk else None
+        return before is None or any(before[f] != getattr(self, f) for f in self.RECORDED)
+
     def clean(self):
-        self.drill.check_editable(steps=True)
+        if not self.changed():
+            return  # the admin validates every row of the drill, changed or not: what was recorded stands
+        self.drill.check_editable(step=self)
         name = self.get_step_display()
         if self.finished_at and not self.started_at:
             raise ValidationError({"started_at": f"{name} has a finish but no start: give the start too."})
