@@ -128,6 +128,7 @@ def is_sandbox(run) -> bool:
     datadir = Path(run.into_datadir) if run.into_datadir else None
     return (
         run.kind == RestoreRun.Kind.PITR
+        and run.succeeded  # a failed one removed what it wrote: it left none
         and run.request_id is not None
         and datadir is not None
         and datadir.parent == Path(settings.SANDBOX_ROOT)
@@ -136,12 +137,14 @@ def is_sandbox(run) -> bool:
 
 def on_this_host(run) -> bool:
     """Whether this process can look at the sandbox. With a restore worker (RESTORE_CLUSTER) the
-    sandbox is made on its host, whose SANDBOX_ROOT the web host cannot see: there a missing
-    directory says nothing. The restore worker itself always looks (its hostname may change
-    with its container); so does anything else on the host the restore ran on."""
+    sandbox is made on its host, whose SANDBOX_ROOT another host cannot see: there a missing
+    directory says nothing. Its host is the one the restore recorded; a restore from before
+    hosts were recorded ran on the restore worker."""
     if not settings.RESTORE_CLUSTER:
         return True  # one host: the portal's
-    return Conf.CLUSTER_NAME == settings.RESTORE_CLUSTER or run.host == socket.gethostname()
+    if run.host:
+        return run.host == socket.gethostname()
+    return Conf.CLUSTER_NAME == settings.RESTORE_CLUSTER
 
 
 def where(run) -> str:
@@ -206,6 +209,8 @@ def stop_and_remove(run, actor, reason):
     datadir = Path(run.into_datadir)
     was, said = look(run)
     if was == "removed":
+        if not journal_says_removed(run):  # gone by hand, or with its container: the pages elsewhere learn it
+            _journal_removed(run, actor, reason, datadir, was="missing")
         return False
     if was == "unknown":
         # Never rmtree what might be a live cluster: pg_ctl must say running or stopped first.
@@ -215,6 +220,11 @@ def stop_and_remove(run, actor, reason):
         if stopped.returncode != 0 and state(run) != "stopped":
             raise NotRemoved(f"pg_ctl could not stop the sandbox in {datadir}: {stopped.stderr.strip()}")
     shutil.rmtree(datadir)
+    _journal_removed(run, actor, reason, datadir, was)
+    return True
+
+
+def _journal_removed(run, actor, reason, datadir, was):
     journal.record(
         "sandbox_removed",
         actor=actor,
@@ -226,7 +236,6 @@ def stop_and_remove(run, actor, reason):
         was=was,
         reason=reason,
     )
-    return True
 
 
 def expires_at(run):

@@ -11,7 +11,7 @@ from backups.models import BackupRun, Server
 from restores import sandbox
 from restores.forms import DecisionForm, RestoreRequestForm
 from restores.models import RestoreRequest, RestoreRun, RestoreTest
-from restores.tasks import enqueue, restore_cluster
+from restores.tasks import enqueue
 
 # The journal's reason for a sandbox removed from its request's page (expiry gives its own).
 SANDBOX_REMOVAL_REASON = "asked for on the request's page"
@@ -91,8 +91,13 @@ def sandbox_remove(request, pk):
         )
     elif request.POST.get("confirm") != "remove":
         messages.error(request, "Tick the box to confirm: the sandbox and everything done in it are deleted.")
-    elif restore_cluster():
-        _queue_sandbox_removal(request, restore)
+    elif not sandbox.on_this_host(restore):
+        if sandbox.journal_says_removed(restore):
+            messages.success(
+                request, f"The sandbox of restore #{restore.pk} was removed already (the journal says by whom)."
+            )
+        else:
+            _queue_sandbox_removal(request, restore)
     else:
         try:
             removed = sandbox.stop_and_remove(restore, request.user.get_username(), SANDBOX_REMOVAL_REASON)

@@ -4,6 +4,7 @@ fires there and the page's removal is queued there, and the web page does not pr
 them; only the DBA who asked for a sandbox or the one who approved it removes it from its page;
 and a sandbox pg_ctl cannot judge is neither called stopped nor removed."""
 
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def test_with_a_restore_worker_the_page_says_where_the_sandbox_is_and_queues_its
     # The restore worker takes it from its queue and removes the sandbox on its host.
     with monkeypatch.context() as worker:
         worker.setattr(Conf, "CLUSTER_NAME", "restore")
+        worker.setattr(sandbox.socket, "gethostname", lambda: RESTORE_HOST)  # the host the restore ran on
         (task,) = [SignedPackage.loads(payload) for _, payload in get_broker("restore").dequeue()]
         assert import_string(task["func"])(*task["args"], **task["kwargs"]) == "stopped and removed"
     assert not postgres_running_in(datadir) and not datadir.exists()
@@ -197,3 +199,24 @@ def test_a_sandbox_pg_ctl_cannot_judge_is_unknown_and_neither_removed_nor_expire
     ]
     assert datadir.exists()
     assert not JournalEntry.objects.filter(action="sandbox_removed").exists()
+
+
+def test_a_sandbox_gone_from_its_own_host_is_journaled_once_and_a_failed_restore_is_no_sandbox(
+    client, alice, bob, server, sample_cluster, passphrase_file, backup_root, wal_spool, sandbox_root, settings
+):
+    enable_push(sample_cluster)
+    restore = approved_sandbox(client, alice, bob, server)
+    datadir = Path(restore.into_datadir)
+    settings.RESTORE_CLUSTER = "restore"  # a restore worker, on this very host (the run's host)
+    assert sandbox.pg_ctl(datadir, "stop", "-m", "fast", "-w").returncode == 0
+    shutil.rmtree(datadir)  # removed by hand, or with its container
+    page = remove(client, restore)  # on its own host: done here, not queued
+    assert f"The sandbox of restore #{restore.pk} ({datadir}) is already gone." in page
+    entry = JournalEntry.objects.get(action="sandbox_removed")
+    assert entry.details["was"] == "missing" and entry.actor == "bob"  # its approver
+    remove(client, restore)
+    assert JournalEntry.objects.filter(action="sandbox_removed").count() == 1  # once
+
+    # A sandbox restore that failed wrote nothing that stays: no sandbox to show or remove.
+    RestoreRun.objects.filter(pk=restore.pk).update(status="failed")
+    assert f'id="sandbox-{restore.pk}"' not in request_page(client, RestoreRun.objects.get(pk=restore.pk))
