@@ -43,7 +43,7 @@ SERVICE_HOSTS = {"hooks.slack.com", TEAMS_HOST, "api.telegram.org", "discord.com
 # 57 characters: PostgreSQL allows 63.
 EVIL = "[x](http://evil.example) **b** <at>bob</at> <!here> @here"
 # Each character of Markdown's markup after a backslash: shown as typed, read as no markup.
-EVIL_IN_MARKDOWN = r"\[x\]\(http://evil\.example\) \*\*b\*\* \<at\>bob\</at\> \<\!here\> @here"
+EVIL_IN_MARKDOWN = r"\[x\](http://evil.example) \*\*b\*\* \<at\>bob\</at\> \<!here\> @here"
 EVIL_IN_DISCORD = EVIL_IN_MARKDOWN.replace("@", "@\u200b")
 
 
@@ -200,7 +200,7 @@ CHANNEL_NAME = "**ops** <at>bob</at> [x](http://evil.example)"
         (
             "teams",
             lambda posted: _teams_text(posted, "title"),
-            r"[backupportal] test message to \*\*ops\*\* \<at\>bob\</at\> \[x\]\(http://evil\.example\)",
+            r"[backupportal] test message to \*\*ops\*\* \<at\>bob\</at\> \[x\](http://evil.example)",
         ),
         (
             "telegram",
@@ -210,7 +210,7 @@ CHANNEL_NAME = "**ops** <at>bob</at> [x](http://evil.example)"
         (
             "discord",
             lambda posted: posted["content"].split("\r\n")[0],
-            r"[backupportal] test message to \*\*ops\*\* \<at\>bob\</at\> \[x\]\(http://evil\.example\)",
+            r"[backupportal] test message to \*\*ops\*\* \<at\>bob\</at\> \[x\](http://evil.example)",
         ),
     ],
 )
@@ -220,3 +220,12 @@ def test_a_channel_named_as_markup_is_named_literally_in_its_test_message(servic
     made = make_channel(kind, secret, target, name=CHANNEL_NAME)
     assert channels.send_test(made, actor="sam") == ""
     assert title_of(services.only(service)) == title
+
+
+def test_a_name_on_lines_of_its_own_cannot_start_a_heading_a_quote_or_a_list():
+    """A database name may hold line breaks: what would start a block on its own line is escaped."""
+    from watching.channels import Kind, literal
+
+    name = "ok\n# Heading\n> quote\n- item\n12. item\n  + item"
+    assert literal(Kind.TEAMS, name) == "ok\n\\# Heading\n\\> quote\n\\- item\n12\\. item\n  \\+ item"
+    assert literal(Kind.TEAMS, "v1.2 (main) - ok!") == "v1.2 (main) - ok!"  # nothing that escapes nothing

@@ -442,9 +442,14 @@ FORMATS = {
     Kind.TEAMS: apprise.NotifyFormat.MARKDOWN,
     Kind.DISCORD: apprise.NotifyFormat.MARKDOWN,
 }
-# Every character that opens or closes markup in CommonMark, Adaptive Cards or Discord; a
-# backslash before it shows it as typed. "<" and ">" too: Teams' mentions and Discord's are tags.
-MARKDOWN_MARKUP = re.compile(r"([\\`*_~|\[\](){}<>#+\-=.!&])")
+# The characters that open markup anywhere in a line in CommonMark, Adaptive Cards or Discord
+# (emphasis, code, links and images, which need their "[", tags such as Teams' "<at>", entities,
+# Discord's spoilers), and those that do only at a line's start (headings, quotes, lists): a
+# backslash before each shows it as typed. No more: some Teams clients show a backslash that
+# escapes nothing.
+INLINE_MARKUP = re.compile(r"([\\`*_~\[\]<>&|])")
+LINE_START_MARKUP = re.compile(r"^([ \t]*)([#>+=-])", re.MULTILINE)
+LINE_START_NUMBER = re.compile(r"^([ \t]*\d+)([.)])", re.MULTILINE)
 
 
 def literal(kind, text):
@@ -452,11 +457,17 @@ def literal(kind, text):
     if kind == Kind.TELEGRAM:
         return html.escape(text, quote=False)
     if kind == Kind.TEAMS:
-        return MARKDOWN_MARKUP.sub(r"\\\1", text)
+        return _markdown_literal(text)
     if kind == Kind.DISCORD:
         # Discord reads @everyone and @here as mentions wherever they stand: a zero-width space after the @ stops it.
-        return MARKDOWN_MARKUP.sub(r"\\\1", text).replace("@", "@\u200b")
+        return _markdown_literal(text).replace("@", "@\u200b")
     return text
+
+
+def _markdown_literal(text):
+    text = INLINE_MARKUP.sub(r"\\\1", text)
+    text = LINE_START_MARKUP.sub(r"\1\\\2", text)
+    return LINE_START_NUMBER.sub(r"\1\\\2", text)
 
 
 def title(alert, event, kind):
