@@ -12,10 +12,11 @@ PYTHON ?= $(shell for p in /usr/bin/python3 python3; do $$p -c 'import sys; sys.
 VENV ?= .venv
 PORT ?= 8000
 PYTEST_ARGS ?= -q
-# The suite mostly waits on PostgreSQL, gpg and subprocesses: one worker per core (at most 4)
-# halves its time on CI's two cores. A file's tests stay on one worker (module fixtures).
-# PARALLEL= runs it in one process.
-PARALLEL ?= --numprocesses=auto --maxprocesses=4 --dist=loadfile
+# The suite mostly waits on PostgreSQL, gpg and subprocesses: one worker more than the cores
+# (at most 4) keeps CI's two cores busy while a worker waits. A file's tests stay on one worker
+# (module fixtures). PARALLEL= runs it in one process.
+WORKERS ?= $(shell $(PYTHON) -c 'import os; print(min(4, (os.cpu_count() or 1) + 1))')
+PARALLEL ?= --numprocesses=$(WORKERS) --dist=loadfile
 # A copy of the requirements the venv was built from: a changed requirements.txt reinstalls.
 STAMP := $(VENV)/.requirements.txt
 
