@@ -88,7 +88,7 @@ def _fail_never_started(server):
         qs = qs.filter(server=server)
     failed = []
     for run in qs:
-        waited = _minutes(timezone.now() - run.created_at)
+        waited = minutes(timezone.now() - run.created_at)
         message = f"queued for {waited} and never started: is the worker (manage.py qcluster) running?"
         # Only while still queued: a worker that takes it meanwhile runs it to its end.
         if finish_failed(run, message, only=[BackupRun.Status.QUEUED]):
@@ -96,7 +96,7 @@ def _fail_never_started(server):
     return failed
 
 
-def _minutes(delta):
+def minutes(delta):
     seconds = int(delta.total_seconds())
     return f"{seconds // 60} minutes" if seconds >= 120 else f"{seconds} s"
 
@@ -175,9 +175,7 @@ def claim_scheduled(server, kind, *, actor, scheduled_for=None, waiting_since=No
         if scheduled_for is not None and e.run.details.get("scheduled_for") == scheduled_for:
             raise  # this occurrence ran already (handed to two workers): nothing to retry
         if now - since >= SCHEDULED_WAIT:
-            raise RunRefused(
-                f"{e} (waited {_minutes(now - since)} for it; this occurrence is skipped)", e.run
-            ) from None
+            raise RunRefused(f"{e} (waited {minutes(now - since)} for it; this occurrence is skipped)", e.run) from None
         schedule(
             "backups.tasks.scheduled_job",
             server.name,

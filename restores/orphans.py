@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from backupportal import conditions, journal
 from backups.binaries import pg_ctl
-from backups.runner import ORPHAN_AFTER, alive
+from backups.runner import ORPHAN_AFTER, alive, minutes
 from restores.models import RestoreRequest, RestoreRun, RestoreTest
 from restores.pitr_extract import empty
 from restores.targetdb import RestoreFailed, dropped
@@ -211,8 +211,8 @@ def _tests_never_started():
     limit = timezone.now() - timedelta(seconds=settings.QUEUED_RUN_TIMEOUT)
     failed = []
     for test in RestoreTest.objects.filter(status=RestoreTest.Status.RUNNING, pid__isnull=True, started_at__lt=limit):
-        waited = int((timezone.now() - test.started_at).total_seconds() // 60)
-        why = f"queued for {waited} minutes and never started: is the restore worker (manage.py qcluster) running?"
+        waited = minutes(timezone.now() - test.started_at)
+        why = f"queued for {waited} and never started: is the restore worker (manage.py qcluster) running?"
         if _fail_test(test, why):
             failed.append(test)
     return failed
@@ -279,13 +279,13 @@ def _expire(request):
     Status = RestoreRequest.Status
     if not RestoreRequest.objects.filter(pk=request.pk, status=Status.APPROVED).update(status=Status.FAILED):
         return
-    waited = int((timezone.now() - request.decided_at).total_seconds() // 60)
+    waited = minutes(timezone.now() - request.decided_at)
     kind = {
         RestoreRequest.Destination.SANDBOX_CLUSTER: RestoreRun.Kind.PITR,
         RestoreRequest.Destination.REPLACE: RestoreRun.Kind.REPLACE,
     }.get(request.destination, RestoreRun.Kind.LOGICAL)
     why = (
-        f"approved {waited} minutes ago and never run (QUEUED_RUN_TIMEOUT): nothing was restored; "
+        f"approved {waited} ago and never run (QUEUED_RUN_TIMEOUT): nothing was restored; "
         "is the restore worker (manage.py qcluster) running? Ask for the restore again"
     )
     now = timezone.now()

@@ -12,19 +12,8 @@ from django.utils import timezone
 from backupportal.models import JournalEntry
 from backups.models import Server
 from restores.models import DrDrill, DrDrillStep
+from tests.test_drills import DAY, TIMELINE
 
-DAY = "2026-03-01"
-# Local times (Indian/Maldives) of the eight steps: start, end.
-TIMELINE = {
-    "assessment": ("09:00", "09:20"),
-    "communication": ("09:10", "09:30"),
-    "recovery_environment": ("09:30", "10:15"),
-    "database_restore": ("10:15", "11:05"),
-    "application_deployment": ("11:05", "11:40"),
-    "validation": ("11:40", "12:10"),
-    "go_live": ("12:10", "12:30"),
-    "post_recovery": ("12:30", "15:00"),
-}
 READ_ONLY = "is complete: its record is the evidence of the drill and read-only"
 
 

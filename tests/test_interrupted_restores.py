@@ -250,8 +250,7 @@ def test_a_dead_pitrs_directory_made_again_by_a_dba_is_left_as_it_is(server, tmp
     RestoreRun.objects.filter(pk=dead.pk).update(left=left, heartbeat_at=timezone.now() - timedelta(minutes=5),
                                                  host="restore-host")  # fmt: skip
     assert orphans.fail_orphans() == [dead]  # judged from here: its directory is the other host's
-    datadir.rmdir()
-    (tmp_path / "elsewhere").mkdir()  # so that the inode of the directory made again differs
+    datadir.rename(tmp_path / "moved")  # kept, so the directory made again cannot reuse its inode
     datadir.mkdir()
     (datadir / "PG_VERSION").write_text("15\n")  # the DBA's next restore there
     RestoreRun.objects.filter(pk=dead.pk).update(host=orphans.HOST)  # the sweep on its own host

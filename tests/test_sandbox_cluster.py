@@ -22,8 +22,9 @@ from backupportal.models import JournalEntry
 from backups.binaries import pg_ctl
 from backups.tasks import GLOBAL_SCHEDULES, ensure_global_schedules
 from restores import sandbox
-from restores.models import RestoreRequest, RestoreRun
-from tests.helpers import ask_sandbox, base_backup, enable_push, make_user, postgres_running_in, run_command
+from restores.models import RestoreRun
+from tests import test_sandbox_expiry as expiry
+from tests.helpers import base_backup, enable_push, make_user, postgres_running_in, run_command
 
 pytest_plugins = ["tests.walfixtures"]
 
@@ -40,13 +41,7 @@ def broker(monkeypatch, db):
 
 def approved_sandbox(client, alice, bob, server):
     """Alice asks for a sandbox of a fresh base backup, Bob approves, the worker (inline) restores it."""
-    assert ask_sandbox(client, alice, server, run=base_backup()).status_code == 302
-    request = RestoreRequest.objects.filter(status="pending").get()
-    client.force_login(bob)
-    client.post(reverse("restore-request-approve", args=[request.pk]))
-    restore = RestoreRun.objects.get(request=request)
-    assert restore.status == "succeeded", restore.error
-    return restore
+    return expiry.approved_sandbox(client, alice, bob, server, base_backup())
 
 
 def request_page(client, restore):
