@@ -249,8 +249,15 @@ def history_names(lineage):
 
 # ----------------------------------------------------------------------------- tablespaces
 
-# pg_waldump's line for XLOG_TBLSPC_CREATE (tblspcdesc.c): desc: CREATE <oid> "<location>"
-CREATE_LINE = re.compile(r'lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: CREATE (\d+) "(.*)"\s*$')
+# pg_waldump's record for XLOG_TBLSPC_CREATE (tblspcdesc.c): desc: CREATE <oid> "<location>".
+# The location is printed as it is: it may hold line breaks (and a Python line end such as \r or
+# \x1c), so a record is found by its start, at a line's start before its location is printed, and
+# its location runs to the quote that ends the record. A location that fakes another record can
+# only add one: nothing in it can hide the record it is printed in.
+CREATE_RECORD = re.compile(
+    r'^rmgr: Tablespace [^\n]*?lsn: ([0-9A-F]+/[0-9A-F]+),[^\n]*?desc: CREATE (\d+) "(.*?)" *(?=\nrmgr: |\n?\Z)',
+    re.M | re.S,
+)
 # pg_waldump's ways of saying the WAL it was given ends before its last byte (the end of the
 # valid WAL, the zeros after a WAL switch, a segment that only continues a record): normal.
 WAL_ENDS = ("error in WAL record at", "could not find a valid record after")
@@ -295,25 +302,31 @@ def lsn_option(name, position):
 def dump(waldump, directory, args, name):
     proc = subprocess.run(
         [str(waldump), "--path", str(directory), "--rmgr=Tablespace", *args],
-        capture_output=True,
-        text=True,
+        capture_output=True,  # bytes: text mode would read a location's \r as a line break
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
         timeout=300,
     )
-    if proc.returncode != 0 and not any(end in proc.stderr for end in WAL_ENDS):
-        error = (proc.stderr.strip().splitlines() or ["it failed"])[-1]
+    stderr = proc.stderr.decode(errors="replace")
+    if proc.returncode != 0 and not any(end in stderr for end in WAL_ENDS):
+        error = (stderr.strip().splitlines() or ["it failed"])[-1]
         raise RestoreFailed(f"WAL segment {name} could not be checked for tablespaces: pg_waldump: {error}")
-    return [(m.group(1), m.group(2), m.group(3)) for m in map(CREATE_LINE.search, proc.stdout.splitlines()) if m]
+    # A location need not be UTF-8 (a SQL_ASCII server's).
+    return [m.groups() for m in CREATE_RECORD.finditer(proc.stdout.decode(errors="replace"))]
 
 
 def refusal(name, creations):
     lsn, oid, location = creations[0]
     return TablespaceInWal(
-        f"WAL segment {name} creates a tablespace in {location} (oid {oid}, at LSN {lsn}): replaying it would "
+        f"WAL segment {name} creates a tablespace in {printable(location)} (oid {oid}, at LSN {lsn}): replaying it would "
         f"write into that directory, which is the source cluster's; the portal does not restore clusters with "
         f"tablespaces physically: restore their databases from a logical backup (restore RUN_ID --into-database "
         f"NEWDB --tablespace-map OLD=NEW), or choose a target before the tablespace was created"
     )
+
+
+def printable(location):
+    """The location on one line: as it is, or quoted with its control characters escaped."""
+    return location if location.isprintable() else repr(location)
 
 
 # ----------------------------------------------------------------------------- restore points

@@ -218,6 +218,33 @@ def test_a_tablespace_record_that_begins_in_the_segment_before_is_found(pg_clust
     assert sorted(p.name for p in wal.iterdir()) == [first, second]  # its scratch links are gone
 
 
+def test_a_tablespace_location_holding_line_breaks_or_quotes_is_found_whole(pg_cluster, postgres_dir):
+    """pg_waldump prints a location as it is: one holding a line break (or \\r, \\x1c, a quote,
+    what looks like another record) was read line by line, matched nothing, and the copy then
+    wrote into production's tablespace."""
+    odd = ["a\nb", "c\rd", "e\x1cf", 'g"\nrmgr: Tablespace h', "plain"]
+    locations = []
+    for i, part in enumerate(odd):
+        location = postgres_dir / f"ts{i}-{part}"
+        location.mkdir()
+        chown_to_db_user(location)
+        locations.append(str(location))
+    with pg_cluster.connect() as conn:
+        name = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
+        for i, location in enumerate(locations):
+            conn.execute(f"CREATE TABLESPACE odd{i} LOCATION {psycopg.sql.quote(location)}")
+            conn.execute(f"DROP TABLESPACE odd{i}")
+        assert conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0] == name
+    wal = postgres_dir / "wal"
+    wal.mkdir()
+    shutil.copyfile(pg_cluster.datadir / "pg_wal" / name, wal / name)
+    found = pitr_checks.tablespace_creations(pg_cluster.bin_dir / "pg_waldump", wal, name, None, MB)
+    # Each found; a location that fakes the start of another record is cut where the fake begins.
+    assert [location for _, _, location in found] == [*locations[:3], locations[3].split('"')[0], locations[4]]
+    error = str(pitr_checks.refusal(name, found))
+    assert "\n" not in error and "\r" not in error and repr(locations[0]) in error
+
+
 # --- 2. Timelines ------------------------------------------------------------------------------
 
 
