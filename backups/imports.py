@@ -3,9 +3,10 @@
 A stock `pg_dump -Fc` file, plain or encrypted by gpg with the portal's passphrase (or to its
 recipients), becomes a logical BackupRun that restores, restore-tests and copies like the
 portal's own. Everything is checked before anything is stored: the server is known, the file
-decrypts with the portal's key, and what it holds is a pg_dump custom archive (`pg_restore
---list` reads its table of contents; a gpg file is decrypted to its end, so gpg's integrity
-check runs too). A plaintext file is encrypted with the current key on its way into the
+decrypts with the portal's key, and what it holds is a whole pg_dump custom archive (`pg_restore
+--list` reads its table of contents, then pg_restore reads every data block to /dev/null: a dump
+cut short by a job that died mid-write has a whole table of contents; a gpg file is decrypted to
+its end each time, so gpg's integrity check runs too). A plaintext file is encrypted with the current key on its way into the
 primary location: never a plaintext copy on a tier. An encrypted one is stored as it came
 (it opens with the portal's key, which is what a restore needs). Then copied to every tier.
 """
@@ -87,12 +88,13 @@ def _first(pattern, text):
     return found.group(1).strip() if found else ""
 
 
-# --- Checking: pg_restore --list reads the archive (decrypted on its way for a gpg file). ----
+# --- Checking: pg_restore reads the archive (decrypted on its way for a gpg file). ----
 
 
 class _Feed:
-    """gpg's plaintext into pg_restore's stdin; once pg_restore has its table of contents and
-    closes the pipe, the rest is drained, so gpg still reads (and checks) the file to its end."""
+    """gpg's plaintext into pg_restore's stdin; once pg_restore has what it reads (--list: the
+    table of contents) and closes the pipe, the rest is drained, so gpg still reads (and checks)
+    the file to its end."""
 
     def __init__(self, pipe):
         self.pipe, self.closed = pipe, False
@@ -107,9 +109,29 @@ class _Feed:
 
 
 def _table_of_contents(path, server, encryption=None):
-    """`pg_restore --list` of the archive: its text, or ImportRefused saying what the file is not."""
+    """`pg_restore --list` of the archive, once pg_restore has read all of it: its text, or
+    ImportRefused saying what the file is not."""
+    toc, said, code = _pg_restore(path, server, encryption, "--list")
+    if code != 0 or "Format: CUSTOM" not in toc:
+        last = said.splitlines()[-1] if said else f"pg_restore --list exited {code}"
+        raise ImportRefused(
+            f"{path.name} is not a pg_dump custom-format archive ({last}): make it with pg_dump -Fc; nothing was imported"
+        )
+    _, said, code = _pg_restore(path, server, encryption, "--file=/dev/null")
+    if code != 0:
+        last = said.splitlines()[-1] if said else f"pg_restore exited {code}"
+        raise ImportRefused(
+            f"{path.name} is not a whole pg_dump archive: pg_restore could not read it to its end ({last}); "
+            f"import a complete dump (was it still being written?): nothing was imported"
+        )
+    return toc
+
+
+def _pg_restore(path, server, encryption, *args):
+    """(stdout, stderr, exit code) of pg_restore over the archive, decrypted on its way for a gpg
+    file; ImportRefused when gpg cannot decrypt it."""
     try:
-        argv = [str(client_tool(server, "pg_restore")), "--list"]
+        argv = [str(client_tool(server, "pg_restore")), *args]
     except MissingBinaries as e:
         raise ImportRefused(str(e)) from None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -135,18 +157,13 @@ def _table_of_contents(path, server, encryption=None):
                     pass
         proc.wait()
         out.seek(0), err.seek(0)
-        toc, said = out.read().decode(errors="replace"), err.read().decode(errors="replace").strip()
+        text, said = out.read().decode(errors="replace"), err.read().decode(errors="replace").strip()
     if result is not None and not result.ok:
         why = gpg_failure(result)
         if "no valid OpenPGP data" in (result.stderr or ""):
             why = "it is neither a pg_dump custom-format archive nor a gpg file"
         raise ImportRefused(f"{path.name}: {why}: nothing was imported")
-    if proc.returncode != 0 or "Format: CUSTOM" not in toc:
-        last = said.splitlines()[-1] if said else f"pg_restore --list exited {proc.returncode}"
-        raise ImportRefused(
-            f"{path.name} is not a pg_dump custom-format archive ({last}): make it with pg_dump -Fc; nothing was imported"
-        )
-    return toc
+    return text, said, proc.returncode
 
 
 # --- Storing: the run, its file in the primary location, before the copies. -----------------

@@ -114,6 +114,9 @@ def test_an_imported_dump_passes_a_restore_test(tiers, passphrase_file, server, 
         ("gpg of a text file", "is not a pg_dump custom-format archive"),
         ("unknown server", "unknown server 'nowhere'"),
         ("missing file", "is not a file"),
+        # Cut short where its data ends (a job that died mid-write): its table of contents is whole.
+        ("truncated dump", "is not a whole pg_dump archive: pg_restore could not read it to its end"),
+        ("truncated dump, encrypted", "is not a whole pg_dump archive: pg_restore could not read it to its end"),
     ],
 )
 def test_wrong_input_is_refused_in_one_line_and_nothing_is_stored(
@@ -136,6 +139,14 @@ def test_wrong_input_is_refused_in_one_line_and_nothing_is_stored(
         text = tmp_path / "notes.txt"
         text.write_text("not a dump at all\n")
         stock(f"{GPG} --symmetric -o {bad} {text}", tmp_path, passphrase_file)
+    elif what.startswith("truncated dump"):
+        dump = stock_dump(sample_cluster, tmp_path / "nightly.dump")
+        cut = tmp_path / "cut.dump"
+        cut.write_bytes(dump.read_bytes()[:-2000])
+        if what.endswith("encrypted"):
+            stock(f"{GPG} --symmetric -o {bad} {cut}", tmp_path, passphrase_file)
+        else:
+            cut.rename(bad)
     elif what == "unknown server":
         stock_dump(sample_cluster, bad)
         server_name = "nowhere"
