@@ -2,6 +2,8 @@
 backup per database, and nothing left uncovered (a new database, one the portal cannot reach,
 a dropped one). Real clusters throughout."""
 
+import re
+
 import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
@@ -34,9 +36,13 @@ def add(cluster, *extra, user="postgres"):
 
 
 def uncovered_alerts():
+    """{"database NAME": what is said of it} from the server's one open "Database not backed up" alert."""
     return {
-        a.message.split(" on ")[0]: a.message
-        for a in Alert.objects.filter(condition="database_uncovered").exclude(state="resolved")
+        said.split(" on ")[0]: said
+        for a in Alert.objects.filter(condition="database_uncovered", subject="server:maldives").exclude(
+            state="resolved"
+        )
+        for said in re.split(r"; (?=database )", a.message)
     }
 
 
@@ -113,6 +119,34 @@ def test_a_database_the_portal_cannot_connect_to_is_a_gap_not_skipped(cluster_of
     assert run_command("backup", "maldives", "--database", "secret")["status"] == "succeeded"
     monitor.check_databases(Server.objects.get())
     assert uncovered_alerts() == {}
+
+
+def test_two_databases_the_portal_cannot_connect_to_are_one_alert_until_both_are_backed_up(
+    cluster_of_three, monkeypatch
+):
+    cluster_of_three.create_role("portal", password=DSN_PASSWORD)  # not a superuser: CONNECT applies
+    monkeypatch.setenv("PGPASSWORD", DSN_PASSWORD)
+    cluster_of_three.execute("GRANT pg_read_all_data TO portal")
+    for name in ("later", "secret"):
+        cluster_of_three.create_database(name)
+        cluster_of_three.execute(f"REVOKE CONNECT ON DATABASE {name} FROM PUBLIC")
+    add(cluster_of_three, "--databases", "all", user="portal")
+    run_command("backup", "maldives")  # the others are backed up; these two fail
+    server = Server.objects.get()
+    monitor.check_databases(server)
+    alert = Alert.objects.get(condition="database_uncovered")
+    assert alert.subject == "server:maldives" and sorted(uncovered_alerts()) == ["database later", "database secret"]
+
+    cluster_of_three.execute("GRANT CONNECT ON DATABASE secret TO portal")
+    assert run_command("backup", "maldives", "--database", "secret")["status"] == "succeeded"
+    monitor.check_databases(server)
+    assert list(uncovered_alerts()) == ["database later"]  # the same alert, saying less
+    assert Alert.objects.get(condition="database_uncovered").pk == alert.pk
+
+    cluster_of_three.execute("GRANT CONNECT ON DATABASE later TO portal")
+    assert run_command("backup", "maldives", "--database", "later")["status"] == "succeeded"
+    monitor.check_databases(server)
+    assert uncovered_alerts() == {} and Alert.objects.get(condition="database_uncovered").state == "resolved"
 
 
 def test_a_dropped_database_keeps_its_backups_and_shows_as_dropped(cluster_of_three, settings):

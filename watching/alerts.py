@@ -13,6 +13,10 @@ from backupportal.lib.redact import redact
 from watching import channels
 from watching.models import MAIL_PENDING, Alert
 
+# A message names at most this many things (databases, failed runs, gaps), then how many more:
+# whoever may create databases on a cluster must not make one mail the length of a catalog.
+LISTED = 10
+
 
 def subject_of(server=None, location=None, subject=None):
     if subject:
@@ -22,6 +26,14 @@ def subject_of(server=None, location=None, subject=None):
     if location is not None:
         return f"location:{location.name}"
     return "portal"
+
+
+def listed(items, more):
+    """The first LISTED of `items` joined by "; ", then "; and K more <more>" for the rest."""
+    items = list(items)
+    shown = "; ".join(items[:LISTED])
+    rest = len(items) - LISTED
+    return f"{shown}; and {rest} more {more}" if rest > 0 else shown
 
 
 def raise_alert(condition, *, message, server=None, location=None, subject=None):

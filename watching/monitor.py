@@ -221,12 +221,15 @@ def check_daily_backup(server):
     raise_alert(
         Alert.Condition.BACKUP_MISSING,
         server=server,
-        message="; ".join(
-            f"No good logical backup of {what} since its scheduled time {_local(due)} "
-            f"(checked at {_local(now)}, {settings.TIME_ZONE}): "
-            + (f"the newest good one finished {_local(newest.finished_at)}" if newest else "there is none yet")
-            + "."
-            for what, newest in missing
+        message=alerts.listed(
+            (
+                f"No good logical backup of {what} since its scheduled time {_local(due)} "
+                f"(checked at {_local(now)}, {settings.TIME_ZONE}): "
+                + (f"the newest good one finished {_local(newest.finished_at)}" if newest else "there is none yet")
+                + "."
+                for what, newest in missing
+            ),
+            f"databases of {server} have none since then ({len(missing)} in all).",
         ),
     )
 
@@ -253,27 +256,35 @@ def _missing_since(server, due):
 
 def check_databases(server):
     """Every database the server should back up has a good backup: one found by the daily pass
-    (or at registration) alerts until its first succeeds, one that cannot be backed up (no
-    CONNECT, datallowconn off, a wrong name) until it can. Dropped ones keep their backups."""
+    (or at registration) is alerted until its first succeeds, one that cannot be backed up (no
+    CONNECT, datallowconn off, a wrong name) until it can. Dropped ones keep their backups.
+
+    One alert per server names them all (the first LISTED): whoever may create databases could
+    otherwise open, mail and post one alert per database. A database joining or leaving the set
+    updates the open alert's message; it resolves once none is left."""
     condition = Alert.Condition.DATABASE_UNCOVERED
+    _resolve_per_database_alerts(server)
     has_good = Exists(BackupRun.objects.good().filter(database=OuterRef("pk")))
-    open_subjects = set(
-        Alert.objects.filter(condition=condition, server=server)
-        .exclude(state=Alert.State.RESOLVED)
-        .values_list("subject", flat=True)
-    )
-    uncovered = {}
-    databases = list(server.databases.filter(protected=True).annotate(has_good=has_good))
+    databases = list(server.databases.filter(protected=True).annotate(has_good=has_good).order_by("name"))
     # A database without a backup while its siblings have theirs: the server's own "daily
     # backup missing" and "backup failed" alerts say the rest, once.
     siblings_backed_up = any(database.has_good for database in databases)
-    for database in databases:
-        if message := _uncovered(database, server, siblings_backed_up):
-            uncovered[f"database:{database.pk}"] = message
-    for subject, message in uncovered.items():
-        raise_alert(condition, server=server, subject=subject, message=message)
-    for subject in open_subjects - uncovered.keys():  # backed up now, no longer chosen, or dropped
-        resolve_alert(condition, server=server, subject=subject)
+    uncovered = [message for database in databases if (message := _uncovered(database, server, siblings_backed_up))]
+    if not uncovered:
+        resolve_alert(condition, server=server)
+        return
+    more = f"databases of {server} are not backed up ({len(uncovered)} in all, listed on the Coverage page)"
+    raise_alert(condition, server=server, message=alerts.listed(uncovered, more))
+
+
+def _resolve_per_database_alerts(server):
+    """Until this version the alert was per database ("database:<pk>"): those still open end
+    here, once, as the server's one alert takes their place."""
+    legacy = Alert.objects.filter(
+        condition=Alert.Condition.DATABASE_UNCOVERED, server=server, subject__startswith="database:"
+    ).exclude(state=Alert.State.RESOLVED)
+    for subject in legacy.values_list("subject", flat=True):
+        resolve_alert(Alert.Condition.DATABASE_UNCOVERED, server=server, subject=subject)
 
 
 def check_coverage(server):
@@ -289,9 +300,8 @@ def check_coverage(server):
         if _alerted_as_coverage(row, gap, now, offsite)
     ]
     if short:
-        raise_alert(
-            Alert.Condition.COVERAGE_GAP, server=server, message=f"{server} is short of its policy: " + "; ".join(short)
-        )
+        message = f"{server} is short of its policy: " + alerts.listed(short, f"gaps ({len(short)} in all)")
+        raise_alert(Alert.Condition.COVERAGE_GAP, server=server, message=message)
     else:
         resolve_alert(Alert.Condition.COVERAGE_GAP, server=server)
 
@@ -326,7 +336,10 @@ def alert_backup_failures(server):
     if not failed:
         resolve_alert(Alert.Condition.BACKUP_FAILED, server=server)
         return
-    message = "; ".join(f"{r.get_kind_display()} backup #{r.pk} of {_of(r, server)} failed: {r.error}" for r in failed)
+    message = alerts.listed(
+        (f"{r.get_kind_display()} backup #{r.pk} of {_of(r, server)} failed: {r.error}" for r in failed),
+        f"failed backups of {server} ({len(failed)} in all)",
+    )
     raise_alert(Alert.Condition.BACKUP_FAILED, server=server, message=message)
 
 
