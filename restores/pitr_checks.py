@@ -261,6 +261,9 @@ CREATE_RECORD = re.compile(
 # pg_waldump's ways of saying the WAL it was given ends before its last byte (the end of the
 # valid WAL, the zeros after a WAL switch, a segment that only continues a record): normal.
 WAL_ENDS = ("error in WAL record at", "could not find a valid record after")
+# Where the valid WAL of one segment read alone ends, and why: a whole archived segment reads to
+# its end or to a WAL switch (zeros after it); one that stops before is damaged from there.
+UNREADABLE = re.compile(r"error in WAL record at ([0-9A-F]+/[0-9A-F]+): (.*)")
 # A CREATE TABLESPACE record is at most about 1.1 kB (its path is at most MAXPGPATH): one that
 # ends in a segment began within this many bytes before it, and ends within as many after.
 TAIL = 64 << 10
@@ -270,18 +273,19 @@ class TablespaceInWal(RestoreFailed):
     """The WAL creates a tablespace: replaying it would write into the source's directory."""
 
 
-def tablespace_creations(waldump, directory, name, previous, segment_size):
+def tablespace_creations(waldump, directory, name, previous, segment_size, unreadable=None):
     """(LSN, oid, location) of each tablespace created by a record that ends in segment `name`:
     those that begin in it, and one that begins at the end of `previous` (the segment before,
     both plaintext in `directory`; None for the first one replayed). RestoreFailed when
-    pg_waldump cannot read them."""
+    pg_waldump cannot read them. Where pg_waldump stopped reading `name` before its end goes into
+    the dict `unreadable`, as name: (LSN, why)."""
     segno = walnames.segno_of(name, segment_size)
     scratch = Path(tempfile.mkdtemp(prefix=".check-", dir=directory))
     try:
         os.link(Path(directory) / name, scratch / name)
         # Apart from the end of the one before: pg_waldump reading from there stops at the first
         # record it cannot read (the zeros after a WAL switch) without looking at this one.
-        found = dump(waldump, scratch, [name, name], name)
+        found = dump(waldump, scratch, [name, name], name, unreadable)
         if previous is not None:
             # Under the timeline of `name`: pg_waldump reads one timeline's files, and at a switch
             # the child's segment continues the parent's.
@@ -299,7 +303,7 @@ def lsn_option(name, position):
     return f"--{name}={position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
-def dump(waldump, directory, args, name):
+def dump(waldump, directory, args, name, unreadable=None):
     proc = subprocess.run(
         [str(waldump), "--path", str(directory), "--rmgr=Tablespace", *args],
         capture_output=True,  # bytes: text mode would read a location's \r as a line break
@@ -310,6 +314,9 @@ def dump(waldump, directory, args, name):
     if proc.returncode != 0 and not any(end in stderr for end in WAL_ENDS):
         error = (stderr.strip().splitlines() or ["it failed"])[-1]
         raise RestoreFailed(f"WAL segment {name} could not be checked for tablespaces: pg_waldump: {error}")
+    stopped = UNREADABLE.search(stderr) if proc.returncode != 0 else None
+    if stopped and unreadable is not None:
+        unreadable[name] = stopped.groups()
     # A location need not be UTF-8 (a SQL_ASCII server's).
     return [m.groups() for m in CREATE_RECORD.finditer(proc.stdout.decode(errors="replace"))]
 

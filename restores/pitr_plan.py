@@ -64,6 +64,8 @@ class Plan:
     switch: bool = False
     reach: str = ""  # how far the archived WAL reaches, for the messages when that is too short
     prefetch: object = None  # pitr_prefetch.Prefetch while the WAL is fetched ahead of replay
+    # segno: (name, LSN, why) of each archived segment whose WAL cannot be read to its end.
+    damaged: dict = field(default_factory=dict)
     # Block incrementals on top of `base`, oldest first, combined with it (pitr_chain); [] for none.
     links: list = field(default_factory=list)
     # The base's files as its extraction wrote them, path: (size, CRC-32C) (pitr_extract.verify_base).

@@ -233,11 +233,16 @@ class Prefetch:
                         raise Abandoned()
                     self.changed.wait(0.1)
         previous = before.name if before is not None else None
+        stopped = {}
         found = pitr_checks.tablespace_creations(
-            self.waldump, self.unchecked, segment.name, previous, self.plan.segment_size
+            self.waldump, self.unchecked, segment.name, previous, self.plan.segment_size, stopped
         )
         if found:
             raise pitr_checks.refusal(segment.name, found)
+        if stopped and segment.pk is not None:  # not pg_receivewal's segment: its end is zeros
+            # Archived whole, it was damaged after its checksum was taken, or before (in the
+            # spool): recovery will stop there. Only --target latest could take that for the end.
+            self.plan.damaged.setdefault(segment.segno, (segment.name, *stopped[segment.name]))
 
     def settle(self, segment, future):
         try:

@@ -7,8 +7,9 @@ target. A PITR succeeds only when the log says it stopped at the target, or (an 
 replay passed it; otherwise it fails, naming where recovery ended and what was missing.
 
 --target latest has no record to stop at: PostgreSQL takes a segment it cannot use (not served,
-unreadable, or another timeline's) for the end of the WAL and promotes. It succeeds only when
-replay went into the last segment the restore planned.
+unreadable, or another timeline's) or a damaged record for the end of the WAL and promotes. It
+succeeds only when replay went into the last segment the restore planned and no planned segment
+was damaged (the prefetcher reads each to its end).
 """
 
 import re
@@ -83,7 +84,7 @@ def latest_moment(plan, text):
     ended before the last planned segment."""
     segno, name = last_planned(plan)
     end = replay_end(plan, text)
-    if not end or walnames.lsn_to_int(end) <= segno * plan.segment_size:
+    if not end or walnames.lsn_to_int(end) <= segno * plan.segment_size or plan.damaged:
         return None
     return (
         f"--target latest: recovered to the end of the archived WAL ({name}, replayed to LSN {end}); its last "
@@ -148,6 +149,13 @@ def shortfall(plan, text):
 
 
 def missing(plan, text):
+    if plan.damaged:
+        name, lsn, why = plan.damaged[min(plan.damaged)]
+        return (
+            f"WAL segment {name} is damaged from LSN {lsn} ({why}): replay cannot go past it, and the "
+            f"WAL after it is lost from this archive; restore to a target before it "
+            f"(--target-lsn, --target-time) and take a new base backup now"
+        )
     restored = RESTORED.findall(text)
     invalid = INVALID.findall(text)
     wanted = {

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from django.core.management import call_command
 
+from backupportal.lib.osuser import free_port
 from backups import archive_wal, walchain, walingest, walnames, walspool
 from backups.models import BackupCopy, WalSegment
-from tests.helpers import archive_as_postgres, enable_push, run_command, switch_wal, wait_archived
+from tests.helpers import archive_as_postgres, enable_push, pitr, rows, run_command, switch_wal, wait_archived
 from watching.models import Alert
 from watching.monitor import check_wal
 
@@ -119,3 +120,35 @@ def test_verify_finds_a_stored_segment_truncated_after_archiving(
     copy.refresh_from_db()
     assert copy.status == "bad"
     assert Alert.objects.get(condition="corruption", server=server).state == "open"
+
+
+def test_latest_fails_naming_a_segment_damaged_before_its_end_and_a_target_before_it_restores(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """A segment damaged in the spool before ingest is catalogued with the damaged file's checksum;
+    recovery stops at the damage and promotes: --target latest read that as the end of the WAL and
+    succeeded without the 2000 rows after it."""
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    sample_cluster.execute("CREATE TABLE p(tx text); INSERT INTO p VALUES ('X1')", dbname=DB)
+    kept = sample_cluster.execute("SELECT pg_current_wal_lsn()::text")[0][0]
+    sample_cluster.execute("INSERT INTO p SELECT 'X2-' || g FROM generate_series(1, 2000) g", dbname=DB)
+    name = switch_wal(sample_cluster)
+    wait_archived(sample_cluster, name)
+    server.refresh_from_db()
+    path = walspool.spool_dir(server) / name
+    data = bytearray(path.read_bytes())
+    data[walnames.lsn_to_int(kept) % server.wal_segment_size + 200] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert name in walingest.ingest(server).ingested
+
+    datadir = restored()
+    result = pitr(datadir, free_port(), "--target", "latest")
+    assert result["status"] == "failed" and result["_exit"] == 1, result
+    assert f"WAL segment {name} is damaged from LSN " in result["error"], result
+    assert "short of the end of the archived WAL" in result["error"]
+
+    port = free_port()
+    result = pitr(restored(), port, "--target-lsn", kept)
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SELECT tx FROM p") == [("X1",)]

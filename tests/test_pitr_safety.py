@@ -38,7 +38,7 @@ pytest_plugins = ["tests.walfixtures"]
 def a_plan(kind="time", value=None, timeline=None, **more):
     """What recovery_settings and the verdict read of a plan, without a restore."""
     value = value if value is not None else timezone.localtime().replace(microsecond=0)
-    plan = SimpleNamespace(staging=Path("/nonexistent/bp_restore_wal"), port=5999, recovered={}, **more)
+    plan = SimpleNamespace(staging=Path("/nonexistent/bp_restore_wal"), port=5999, recovered={}, damaged={}, **more)
     plan.target = Target(kind, value, str(value))
     if timeline is not None:
         plan.timeline = timeline
@@ -120,6 +120,14 @@ def test_latest_is_reached_only_when_replay_went_into_the_last_planned_segment()
     )
     plan.recovered = {"recovered_lsn": "0/1000000"}  # 0F ended by a WAL switch
     assert "replayed to LSN 0/1000000" in pitr_verdict.latest_moment(plan, "")
+    # ... unless a planned segment's WAL could not be read to its end: recovery stopped there.
+    plan.damaged = {15: ("00000001000000000000000F", "0/F00150", "invalid magic number 0000")}
+    assert pitr_verdict.latest_moment(plan, "") is None
+    assert pitr_verdict.shortfall(plan, "").endswith(
+        "WAL segment 00000001000000000000000F is damaged from LSN 0/F00150 (invalid magic number 0000): replay"
+        " cannot go past it, and the WAL after it is lost from this archive; restore to a target before it"
+        " (--target-lsn, --target-time) and take a new base backup now"
+    )
 
 
 # ----------------------------------------------------------------------------- real clusters
