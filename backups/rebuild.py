@@ -10,6 +10,13 @@ read once and its sha256 compared with the manifest's before it is catalogued; a
 already in the catalog is left alone, so running it again changes nothing. A file re-encrypted
 since its manifest was written is found through the signed note beside its new object
 (backups.manifests), and checked against the note's sha256.
+
+On a versioned S3 bucket (as Object Lock makes it) every version of each object is a candidate:
+someone with the portal's S3 keys may have put a new version over a locked original, or a
+delete marker in front of it. The versions are tried locked ones first, then newest first
+(backups.s3versions): a manifest's first version that decrypts and verifies, an artifact's that
+has the manifest's size and sha256, is the one read and catalogued (by its version id, which
+restores read); each version passed over is reported as tampered.
 """
 
 import hashlib
@@ -42,6 +49,9 @@ class Report:
     wal_created: int = 0
     wal_known: int = 0
     skipped: list = field(default_factory=list)  # {"what", "why"}
+    tampered: list = field(default_factory=list)  # versions passed over: {"key", "version", "why"}
+    # When nothing was catalogued: how many manifests S3 Object Lock holds a version of.
+    locked_manifests: int = 0
     unlisted: list = field(default_factory=list)  # artifacts no manifest names
     checked: int = 0  # artifacts whose sha256 was compared
     chains: dict = field(default_factory=dict)
@@ -60,20 +70,27 @@ class Report:
             "wal_already_catalogued": self.wal_known,
             "sha256_checked": self.checked,
             "skipped": self.skipped,
+            "tampered": self.tampered,
+            "locked_manifests": self.locked_manifests,
             "unlisted": {"count": len(self.unlisted), "first": self.unlisted[:20]},
             "chains": self.chains,
         }
 
 
-class Pinned:
-    """A versioned location's store whose reads by key go to the version the rebuild listed: the
-    newest object, past any delete marker in front of it."""
+class Mismatch(Exception):
+    """A version of an artifact that is not what its manifest (or note) says."""
 
-    def __init__(self, store, versions):
-        self.store, self.versions = store, versions
+
+class Pinned:
+    """A versioned location's store whose reads by key go to the version of each key the rebuild
+    reads (`reading`): the one being checked, then the one that checked out."""
+
+    def __init__(self, store, reading):
+        self.store, self.reading = store, reading
 
     def open(self, key, version=""):
-        return self.store.open(key, version or self.versions.get(key, ""))
+        pinned = self.reading.get(key)
+        return self.store.open(key, version or (pinned.id if pinned else ""))
 
     def __getattr__(self, name):
         return getattr(self.store, name)
@@ -89,18 +106,20 @@ class Rebuild:
         self.moved = {}  # a key a manifest names -> the verified note of the object that replaced it
         self.note_at = {}  # a re-encrypted object's key -> its verified note
         self.seen = set()  # (server, segment) already met in this rebuild
-        self.versions = {}  # on a versioned S3 bucket: key -> the version id to read (S3Store.surviving)
+        self.versions = {}  # on a versioned S3 bucket: key -> its Versions in reading order (S3Store.surviving)
+        self.reading = {}  # key -> the Version read: being checked, then the one that checked out
 
     # --- Reading the location.
 
     def manifests(self):
         """Every manifest of the location that verifies, runs first (oldest id first), then WAL."""
         # StorageError: the location cannot be listed, said by the caller. A versioned bucket (as
-        # Object Lock makes it) is read by version: a delete marker put by key alone hides an
-        # object still locked there. The fresh portal's location may not say it locks yet.
+        # Object Lock makes it) is read by version: a delete marker put by key alone, or a newer
+        # version put over it, hides an object still locked there (first_good). The fresh portal's
+        # location may not say it locks yet.
         if self.store.versioned():
             self.versions = self.store.surviving()
-            self.store = Pinned(self.store, self.versions)
+            self.store = Pinned(self.store, self.reading)
         keys = list(self.versions) if self.versions else list(self.store.list())
         self.keys_present = set(keys)
         self.moved = self.notes(keys)
@@ -113,7 +132,7 @@ class Rebuild:
                 continue  # re-encrypted, and the new object is gone too: nothing to read
             self.report.manifests += 1
             try:
-                manifest, size, sha256 = manifests.read(self.store, key, self.encryption, self.public_key, signed_for)
+                manifest, size, sha256 = self.read_manifest(key, signed_for)
             except ManifestRefused as e:
                 self.report.refused.append({"manifest": key, "why": str(e)})
                 continue
@@ -127,12 +146,64 @@ class Rebuild:
         moved = {}
         for where in (k for k in keys if k.endswith(NOTE_SUFFIX)):
             try:
-                note = manifests.read_note(self.store, where, self.public_key)
+                note = self.read_note(where)
             except ManifestRefused as e:
                 self.report.refused.append({"manifest": where, "why": str(e)})
                 continue
             moved[note["replaces"]] = note
         return moved
+
+    def read_manifest(self, key, signed_for):
+        """(manifest, size, sha256) of the first version of the manifest at `key` that decrypts and
+        verifies; ManifestRefused when none does."""
+        return self.first_good(
+            key, lambda _version: manifests.read(self.store, key, self.encryption, self.public_key, signed_for)
+        )
+
+    def read_note(self, where):
+        """The first version of the re-encryption note at `where` that verifies; ManifestRefused when none does."""
+        return self.first_good(where, lambda _version: manifests.read_note(self.store, where, self.public_key))
+
+    def first_good(self, key, check):
+        """What `check(version)` returns for the first version of `key` that checks out, trying
+        them in S3Store.surviving's order (locked ones first, then newest first); that version is
+        read from then on, and those passed over are reported (passed_over). Where the location is
+        read by key, one try. When none checks out, the first one's refusal, saying how many failed."""
+        failed = {}
+        for version in self.versions.get(key) or [None]:
+            self.pin(key, version)
+            try:
+                found = check(version)
+            except (ManifestRefused, Mismatch) as e:
+                failed[version] = e
+                continue
+            self.passed_over(key, version, failed, check)
+            return found
+        first = next(iter(failed.values()))
+        if len(failed) > 1:
+            raise type(first)(f"{first} (and {len(failed) - 1} other version(s) of it, none checking out)")
+        raise first
+
+    def passed_over(self, key, chosen, failed, check):
+        """Report as tampered each version of `key` that failed before `chosen` checked out, and each
+        newer one (what a read by key alone would get) that does not check out either: put there
+        by someone with the bucket's keys. A newer one that checks out too holds the same thing."""
+        for version in self.versions.get(key, []):
+            if version.rank < chosen.rank and version not in failed:
+                self.pin(key, version)
+                try:
+                    check(version)
+                except (ManifestRefused, Mismatch) as e:
+                    failed[version] = e
+        self.pin(key, chosen)
+        for version, why in failed.items():
+            self.report.tampered.append({"key": key, "version": version.id, "why": str(why)})
+
+    def pin(self, key, version):
+        if version is None:
+            self.reading.pop(key, None)
+        else:
+            self.reading[key] = version
 
     def now_at(self, key):
         """Where the file a manifest names as `key` is now: the newest object here that the notes
@@ -160,9 +231,20 @@ class Rebuild:
         return note["key_id"] if note is not None else key_id
 
     def hashed(self, key, size, sha256):
-        """Why the file at `key` does not match the manifest, or "" when it does."""
+        """Why no version of the file at `key` matches the manifest, or "" when one does (that one
+        is read, and catalogued, from then on)."""
         if key not in self.keys_present:
             return f"{key} is missing from location {self.location.name}"
+        try:
+            self.first_good(key, lambda version: self.matches(key, version, size, sha256))
+        except Mismatch as e:
+            return str(e)
+        return ""
+
+    def matches(self, key, version, size, sha256):
+        """Mismatch unless `key` as read now (`version`, when the bucket keeps them) has `size` and `sha256`."""
+        if version is not None and version.size != size:  # listed: no need to read it
+            raise Mismatch(f"{key} version {version.id} is {version.size} bytes, its manifest says {size}")
         digest, length = hashlib.sha256(), 0
         try:
             with self.store.open(key) as f:
@@ -170,22 +252,23 @@ class Rebuild:
                     digest.update(chunk)
                     length += len(chunk)
         except (StorageError, OSError) as e:
-            return f"{key} cannot be read: {e}"
+            raise Mismatch(f"{key} cannot be read: {e}") from None
         self.report.checked += 1
         if (length, digest.hexdigest()) != (size, sha256):
-            return f"{key} does not match its manifest (sha256 {digest.hexdigest()[:12]}, manifest {sha256[:12]})"
-        return ""
+            raise Mismatch(
+                f"{key} does not match its manifest (sha256 {digest.hexdigest()[:12]}, manifest {sha256[:12]})"
+            )
 
     def lock_of(self, key):
         """The copy's S3 version and lock on a versioned bucket (reads and deletes go by version,
         and retention never asks S3 to delete an object it still locks), else nothing."""
-        version = self.versions.get(key, "")
-        if not version or version == "null":
+        version = self.reading.get(key)
+        if version is None or version.id == "null":
             return {}
         try:
-            return {"version_id": version, "retain_until": self.store.lock_of(key, version)["retain_until"]}
+            return {"version_id": version.id, "retain_until": self.store.lock_of(key, version.id)["retain_until"]}
         except StorageError:
-            return {"version_id": version}  # retention learns the lock when S3 refuses the delete
+            return {"version_id": version.id}  # retention learns the lock when S3 refuses the delete
 
     # --- Servers.
 
@@ -341,6 +424,15 @@ class Rebuild:
 
     # --- The whole of it.
 
+    def locked_manifests(self):
+        """How many manifests S3 holds a version of under Object Lock (any, expired too): asked when
+        nothing was catalogued, which must then not pass for a location with nothing to rebuild."""
+        return sum(
+            any(v.locked or self.store.lock_of(key, v.id)["retain_until"] for v in versions)
+            for key, versions in self.versions.items()
+            if key.endswith(SUFFIX)
+        )
+
     def unlisted(self, named):
         """Artifacts in the location that no verified manifest names (keys, anchors and manifests aside)."""
         for key in sorted(self.keys_present - named):
@@ -360,6 +452,9 @@ class Rebuild:
                 named |= {key} | {k for e in manifest["segments"] for k in (e["key"], self.now_at(e["key"]))}
             self.unlisted(named)
             self.report.chains = chains_summary({m["server"]["name"] for _, m, *_ in runs + wal})
+            report = self.report
+            if not (report.runs_created or report.runs_known or report.wal_created or report.wal_known):
+                report.locked_manifests = self.locked_manifests()
             if self.report.dry_run:
                 transaction.set_rollback(True)
         return self.report
@@ -383,13 +478,17 @@ def rebuild(location, encryption, public_key, dry_run=False, actor="system"):
         journal.record(
             "catalog_rebuilt",
             actor=actor,
-            outcome="failed" if report.refused else "ok",
+            outcome="failed" if report.refused or report.locked_manifests else "ok",
             location=location.name,
             manifests=report.manifests,
             runs=len(report.runs_created),
             wal=report.wal_created,
             servers=report.servers_created,
             skipped=len(report.skipped),
+            # Versions put over (or hidden behind) what the manifests vouch for: by whom has the S3 keys.
+            tampered=len(report.tampered),
+            tampered_first=report.tampered[:20],
+            locked_manifests=report.locked_manifests,
         )
         for refused in report.refused:
             journal.record("manifest_refused", actor=actor, outcome="failed", location=location.name, **refused)

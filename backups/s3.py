@@ -10,7 +10,8 @@ a copy in seconds; the copy is then retried later by the worker.
 On a location with Object Lock every object is put with its lock (mode and retain-until), and
 the lock is read back from S3 before the write counts: the writer's `version_id` and
 `retain_until` are what the catalog records. Reads and deletes of a catalogued copy name its
-version; a delete refused by the lock is an ObjectLocked, never a credentials problem.
+version; a delete refused by the lock is an ObjectLocked, never a credentials problem. Which
+version a read by key alone gets, on a versioned bucket, is backups.s3versions'.
 """
 
 import functools
@@ -31,6 +32,7 @@ from urllib3.util import parse_url
 
 from backupportal.lib import addresses
 from backupportal.lib.redact import redact
+from backups import s3versions
 from backups.storage import MissingArtifact, ObjectLocked, StorageError, Store, safe_key
 
 # S3 refuses parts under 5 MiB (all but the last) and more than 10,000 parts per object.
@@ -281,26 +283,36 @@ class S3Store(Store):
     def open(self, key, version=""):
         """A streaming GET (of one version, when given): a file-like object read in chunks.
 
-        Read by key alone (a WAL key file, an anchor: no catalogued version) from a locked
-        location or a versioned bucket, an object hidden by a delete marker is read from its newest
-        surviving version.
+        Read by key alone (a WAL key file: no catalogued version) from a versioned bucket, the
+        version read is backups.s3versions': past a delete marker, and past a newer version without
+        a lock put over a locked one.
         """
+        if version:
+            return self._get(key, version)
         try:
-            response = self.call("get_object", Key=self.object_key(key), **_version(version))
+            response = self.call("get_object", Key=self.object_key(key))
         except MissingArtifact:
             # A fresh portal's location may not say it locks yet: the bucket's versioning does.
-            survivor = self.surviving_version(key) if not version and (self.location.locked or self.versioned()) else ""
+            survivor = self.surviving_version(key) if self.location.locked or self.versioned() else ""
             if not survivor:
                 raise
-            response = self.call("get_object", Key=self.object_key(key), VersionId=survivor)
+            return self._get(key, survivor)
+        newest = response.get("VersionId") or "null"
+        if newest == "null" or response.get("ObjectLockMode"):
+            return S3Body(self, response["Body"], self.object_key(key))  # no versions, or a locked one
+        chosen = self.surviving_version(key)
+        if chosen in ("", newest):
+            return S3Body(self, response["Body"], self.object_key(key))
+        response["Body"].close()
+        return self._get(key, chosen)
+
+    def _get(self, key, version):
+        response = self.call("get_object", Key=self.object_key(key), VersionId=version)
         return S3Body(self, response["Body"], self.object_key(key))
 
     def surviving_version(self, key) -> str:
-        """The newest version of `key` that is an object, not a delete marker; "" when none is."""
-        object_key = self.object_key(key)
-        listed = self.call("list_object_versions", Prefix=object_key).get("Versions", [])
-        versions = [v for v in listed if v["Key"] == object_key]
-        return max(versions, key=lambda v: v["LastModified"])["VersionId"] if versions else ""
+        """The version of `key` to read by key alone (backups.s3versions); "" when none is an object."""
+        return s3versions.to_read(self, key)
 
     def exists(self, key, version="") -> bool:
         try:
@@ -328,32 +340,10 @@ class S3Store(Store):
             return False
 
     def surviving(self, prefix="", page_size=1000):
-        """{key: version id} of what a rebuilt catalog may read under `prefix`: every object list()
-        shows, and each one hidden by a delete marker whose newest version S3 still locks. The
-        portal deletes a locked copy by version, so a locked object behind a marker was removed
-        by key alone by someone else; an unlocked one behind a marker was deleted, by the portal
-        (retention, pruning) or anyone, and stays deleted."""
-        newest, hidden, page_at = {}, set(), {}
-        while True:
-            page = self.call("list_object_versions", Prefix=self.prefix + prefix, MaxKeys=page_size, **page_at)
-            for version in page.get("Versions", []):
-                key = version["Key"].removeprefix(self.prefix)
-                if key not in newest or version["LastModified"] > newest[key]["LastModified"]:
-                    newest[key] = version
-            hidden |= {m["Key"].removeprefix(self.prefix) for m in page.get("DeleteMarkers", []) if m["IsLatest"]}
-            if not page.get("IsTruncated"):
-                break
-            page_at = {"KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
-        now = timezone.now()
-        return {
-            key: version["VersionId"]
-            for key, version in newest.items()
-            if key not in hidden or self._locked_at(key, version["VersionId"], now)
-        }
-
-    def _locked_at(self, key, version, now):
-        until = self.lock_of(key, version)["retain_until"]
-        return until is not None and until > now
+        """{key: [Version, in the order to read them]} of what a rebuilt catalog may read under
+        `prefix` (backups.s3versions): every version of each object list() shows, and of each one
+        hidden by a delete marker whose versions S3 still locks."""
+        return s3versions.surviving(self, prefix, page_size)
 
     def delete(self, key, version=""):
         """Delete an object, or one version of it. By key alone, a versioned bucket only puts a

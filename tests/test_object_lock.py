@@ -239,6 +239,7 @@ def test_a_catalog_rebuilt_from_a_locked_bucket_sees_past_delete_markers_and_kee
     assert store_for(location).surviving(page_size=1) == listed and len(listed) > 5  # page by page, the same
     rebuilt = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
     assert rebuilt["_exit"] == 0 and rebuilt["refused"] == [] and rebuilt["skipped"] == [], rebuilt
+    assert rebuilt["tampered"] == [] and rebuilt["_stderr"] == ""  # a marker hides; it writes nothing over
     assert rebuilt["wal_created"] == 2
     [new_run] = BackupRun.objects.all()
     assert {c.artifact: (c.version_id, c.retain_until) for c in s3_copies(new_run)} == made

@@ -153,7 +153,7 @@ def test_a_fresh_portal_rebuilds_from_s3_alone_and_restores_pitr_and_logical(
     assert not Server.objects.exists() and not (settings.VAR_DIR / "walkeys").exists()
     rebuilt = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
     assert rebuilt["_exit"] == 0, rebuilt
-    assert rebuilt["refused"] == [] and rebuilt["skipped"] == [], rebuilt
+    assert rebuilt["refused"] == [] and rebuilt["skipped"] == [] and rebuilt["tampered"] == [], rebuilt
     assert rebuilt["servers_created"] == ["maldives"] and rebuilt["passwords_to_set"] == ["maldives"]
     assert sorted(r["kind"] for r in rebuilt["runs_created"]) == ["base", "logical"]
     assert rebuilt["wal_created"] == segments

@@ -46,10 +46,23 @@ class Command(PortalCommand):
         except StorageError as e:
             fail(f"cannot list location {location}: {e}")
         result = report.as_dict()
+        if report.tampered:
+            # Not a failure: the genuine versions were catalogued. But whoever put these holds the S3 keys.
+            names = ", ".join(f"{t['key']} (version {t['version']})" for t in report.tampered[:5])
+            self.stderr.write(
+                f"rebuildcatalog: {len(report.tampered)} object version(s) in location {location} passed over as "
+                f"tampered, e.g. {names}: someone with the portal's S3 keys wrote them; replace those keys"
+            )
         if report.refused:
             names = ", ".join(r["manifest"] for r in report.refused)
             self.stderr.write(
                 f"rebuildcatalog: {len(report.refused)} manifest(s) refused, nothing of them catalogued: {names}"
+            )
+            result["exit_code"] = 1
+        elif report.locked_manifests:
+            self.stderr.write(
+                f"rebuildcatalog: nothing catalogued, although S3 Object Lock holds a version of "
+                f"{report.locked_manifests} manifest(s) in location {location}: see what was skipped"
             )
             result["exit_code"] = 1
         return result
@@ -81,6 +94,9 @@ class Command(PortalCommand):
         lines += [f"  run #{r['id']} ({r['server']} {r['kind']}, was #{r['was']})" for r in result["runs_created"]]
         lines += [f"  refused: {r['why']}" for r in result["refused"]]
         lines += [f"  skipped {s['what']}: {s['why']}" for s in result["skipped"]]
+        lines += [
+            f"  passed over as tampered: {t['key']} version {t['version']}: {t['why']}" for t in result["tampered"]
+        ]
         if result["unlisted"]["count"]:
             lines.append(
                 f"  {result['unlisted']['count']} file(s) no manifest names were left out, e.g. {result['unlisted']['first'][0]}"
