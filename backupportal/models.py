@@ -3,7 +3,7 @@
 import math
 
 from django.conf import settings
-from django.db import models
+from django.db import connection, models, transaction
 from django.urls import reverse
 from django.utils import timezone
 
@@ -52,6 +52,10 @@ class JournalEntry(models.Model):
     def get_object_url(self):
         """Where the link to the entry's object goes; it is resolved when followed."""
         return reverse("journal-object", args=[self.pk]) if self.object_type else ""
+
+
+# The first key of the login limits' advisory locks on PostgreSQL (the second is the address's hash).
+LOGIN_LOCK_CLASS = 0x6C6F67  # "log"
 
 
 class LoginFailure(models.Model):
@@ -113,10 +117,33 @@ class LoginFailure(models.Model):
         return max(0, math.ceil((stats["last"] + timezone.timedelta(seconds=delay) - now).total_seconds()))
 
     @classmethod
+    def admit(cls, username, address):
+        """(refusal, None) when the limits refuse this attempt; else ('', a failure already counted).
+
+        Checking the limits and counting the attempt are one step, serialised per address: fifty
+        attempts sent at once would otherwise all pass the check before the first was counted.
+        The attempt is counted as failed before its password is checked; the caller deletes the
+        row when the password was right.
+        """
+        with transaction.atomic():
+            cls._serialise(address)
+            refusal = cls.refusal(username, address)
+            return refusal, (None if refusal else cls.record(username, address))
+
+    @staticmethod
+    def _serialise(address):
+        # On SQLite the transaction already holds the write lock from BEGIN (settings.py's
+        # transaction_mode IMMEDIATE). Per address, not per user name: the address limit counts
+        # the attempts of every user name from it.
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s::integer, hashtext(%s))", [LOGIN_LOCK_CLASS, address])
+
+    @classmethod
     def record(cls, username, address):
         now = timezone.now()
         cls.objects.filter(at__lt=now - timezone.timedelta(seconds=settings.LOGIN_FAILURE_WINDOW)).delete()
-        cls.objects.create(username=cls.key(username), address=address[:45], at=now)
+        return cls.objects.create(username=cls.key(username), address=address[:45], at=now)
 
     @classmethod
     def forget(cls, username, address):

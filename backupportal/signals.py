@@ -1,9 +1,12 @@
 """Logins, failed logins and changes made in the admin go to the journal."""
 
+import hashlib
+import hmac
 from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
+from django.contrib.auth.models import User
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.db.models.signals import post_save
 from django.dispatch import receiver
@@ -36,8 +39,27 @@ def on_login_failed(sender, credentials, request=None, **kwargs):
     if refused and _refusal_journaled(address):
         return  # the limits refused it unchecked: one line per address and window says they held
     extra = {"refused": True} if refused else {}
-    name = str(credentials.get("username", ""))[:150]
-    journal.record("login_failed", actor=name, outcome="failed", address=address, **extra)
+    name, unknown = _journaled_name(credentials.get("username"))
+    journal.record("login_failed", actor=name, outcome="failed", address=address, **unknown, **extra)
+
+
+# What a failed login journals for a user name that no account has.
+UNKNOWN_NAME = "(unknown user name)"
+
+
+def _journaled_name(typed):
+    """(actor, details) for a failed login: the account's name when `typed` names one (in any
+    case), else UNKNOWN_NAME and a keyed hash of what was typed. A password typed into the
+    user-name box must never reach the append-only journal, which every role reads; the hash
+    lets an auditor see one unknown name tried again and again, and gives nobody the text."""
+    typed = str(typed or "").strip()[:150]
+    if not typed:
+        return "", {}  # single sign-on's failures carry no name
+    names = list(User.objects.filter(username__iexact=typed).values_list("username", flat=True))
+    if names:
+        return (typed if typed in names else names[0]), {}
+    digest = hmac.new(journal._read_key(), b"failed login user name\0" + typed.lower().encode(), hashlib.sha256)
+    return UNKNOWN_NAME, {"name_hmac": digest.hexdigest()[:16]}
 
 
 def _refusal_journaled(address):

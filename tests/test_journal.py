@@ -65,6 +65,30 @@ def test_logins_failed_logins_and_logouts_are_journaled(client, db):
     assert "nope" not in json.dumps([e.details for e in entries])  # the password tried is never kept
 
 
+def test_a_failed_login_journals_the_user_name_only_when_an_account_has_it(client, db):
+    """A password typed into the user-name box must not stay in the append-only journal, which
+    every role reads and every evidence pack exports: a name no account has is journaled as
+    unknown, with a keyed hash so that one name tried again and again shows as such."""
+    make_user("dora", "DBA")
+    charlie = make_user("charlie", "Auditor")
+    typed = "S3cret-Pass!word"
+    for username in (typed, typed, "somebody-else", "DORA"):
+        client.post(reverse("login"), {"username": username, "password": "dora"}, REMOTE_ADDR="10.1.2.3")
+
+    failed = list(JournalEntry.objects.filter(action="login_failed").order_by("id"))
+    assert [e.actor for e in failed] == ["(unknown user name)"] * 3 + ["dora"]  # an account's: in any case
+    hashes = [e.details.get("name_hmac") for e in failed]
+    assert hashes[0] == hashes[1] != hashes[2] and hashes[3] is None
+    assert all(e.details["address"] == "10.1.2.3" for e in failed)
+    everything = json.dumps(list(JournalEntry.objects.values("actor", "object_repr", "details")))
+    assert typed not in everything and "somebody-else" not in everything
+    client.force_login(charlie)
+    assert typed not in client.get(reverse("journal")).content.decode()
+    export = client.get(reverse("journal-export"), {"action": "login_failed"})
+    exported = b"".join(export.streaming_content).decode()
+    assert "(unknown user name)" in exported and typed not in exported
+
+
 def test_admin_changes_to_servers_locations_and_schedules_are_journaled(client, pg_cluster, sam, alice, settings):
     client.force_login(sam)
     dsn = pg_cluster.dsn("postgres")

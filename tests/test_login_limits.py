@@ -3,8 +3,11 @@ someone elsewhere), a limit per address, and the client's address read from X-Fo
 only when a trusted proxy sent it."""
 
 import datetime
+import re
+import threading
 
 import pytest
+import requests
 import time_machine
 from django.core.exceptions import ImproperlyConfigured
 from django.test import RequestFactory
@@ -166,6 +169,59 @@ def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(client, db, clock, se
         login(client, f"user{n}", "Summer2026!", address=sprayer, x_forwarded_for=f"192.0.2.{n}")
     assert login(client, "x", "y", address=sprayer, x_forwarded_for="192.0.2.200").status_code == 429
     assert set(LoginFailure.objects.values_list("address", flat=True)) == {sprayer}
+
+
+def at_once(live_server, attempts):
+    """POST every (username, password) to the running portal's login page at the same moment,
+    each from a session of its own; the status codes, in order."""
+    url = live_server.url + reverse("login")
+    ready = []
+    for _ in attempts:
+        session = requests.Session()
+        ready.append((session, re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', session.get(url).text)[1]))
+    codes, start = [None] * len(attempts), threading.Barrier(len(attempts))
+
+    def attempt(n):
+        (session, token), (username, password) = ready[n], attempts[n]
+        start.wait()
+        form = {"username": username, "password": password, "csrfmiddlewaretoken": token}
+        codes[n] = session.post(url, data=form, allow_redirects=False, timeout=120).status_code
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(len(attempts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return codes
+
+
+@pytest.fixture
+def production_hasher(settings):
+    # Production's hasher: a password check as slow as on the real portal, where attempts sent
+    # together overlap (the suite's MD5 checks in microseconds).
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.PBKDF2PasswordHasher"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_wrong_passwords_sent_at_once_are_refused_beyond_the_free_attempts(
+    live_server, production_hasher, clock, settings
+):
+    make_user("alice", "DBA")
+    codes = at_once(live_server, [("alice", f"wrong-{n}") for n in range(30)])
+    # Counted one after another: the free attempts, then the one that starts the wait; the rest wait.
+    assert codes.count(200) == settings.LOGIN_FREE_ATTEMPTS + 1 and codes.count(429) == 30 - codes.count(200)
+    assert LoginFailure.objects.filter(username="alice").count() == settings.LOGIN_FREE_ATTEMPTS + 1
+    assert at_once(live_server, [("alice", DEMO_PASSWORD)]) == [429]  # the right password, too, waits
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_spray_sent_at_once_is_refused_beyond_the_address_limit(live_server, production_hasher, clock, settings):
+    settings.LOGIN_ADDRESS_LIMIT = 5
+    make_user("bob", "DBA")
+    codes = at_once(live_server, [(f"user{n}", "Summer2026!") for n in range(20)])
+    assert codes.count(200) == 5 and codes.count(429) == 15
+    assert LoginFailure.objects.count() == 5
+    assert at_once(live_server, [("bob", DEMO_PASSWORD)]) == [429]
 
 
 @pytest.mark.parametrize(
