@@ -2,15 +2,19 @@
 
 The anchors in the storage locations outlive the host: written after the selfbackup, they name
 entries (and counts) the restored journal never held. `manage.py restoreportal` journals where
-the restored journal ends (a "portal_restored" entry: restored_up_to #N). From then on the
-check sets aside the head file and the anchors of this journal that name an entry past #N which
-the journal does not hold with that HMAC, and reports them as one thing, not as tampering:
+the restored journal ends (a "portal_restored" entry: restored_up_to #N) and which anchors the
+old host left behind naming entries past #N that the restored journal does not hold (old_anchors).
+From then on the check sets aside those anchors, and only those, and reports them as one thing,
+not as tampering:
 "intact up to #N; entries after #N were lost with the host". Everything up to #N is still held
 to every anchor. The verdict stays failed until a person acknowledges the loss
 (verifyjournal --acknowledge-loss --reason "..."), which journals each lost mark by entry and
 HMAC; those marks are then no longer this journal's to meet, and it verifies again.
 
 Without a portal_restored entry nothing is set aside: entries cut off the end are tampering.
+Nor is anything written after the restore: the head file (restoreportal moves the old host's
+aside, so the one in place is this host's) and the anchors this host writes name entries of the
+restored journal, and entries cut off after the restore are tampering like any other.
 """
 
 import hashlib
@@ -22,6 +26,8 @@ from backupportal import journal_anchors
 
 # restoreportal: the journal now in the database was restored from a selfbackup, up to an entry.
 RESTORED = "portal_restored"
+# The source of the head file's Mark (journal.read_head).
+HEAD = "the head file"
 # A person said the entries the anchors name past the restored end were lost with the host.
 LOSS_ACKNOWLEDGED = "journal_loss_acknowledged"
 
@@ -42,12 +48,38 @@ class NothingLost(CommandError):
     """--acknowledge-loss found no lost entry to acknowledge."""
 
 
-def restore_points():
-    """The restored_up_to entry id of every portal_restored entry, oldest first."""
+def _restores():
+    """The details of every portal_restored entry, oldest first."""
     from backupportal.models import JournalEntry
 
-    rows = JournalEntry.objects.filter(action=RESTORED).order_by("id").values_list("details", flat=True)
-    return [d["restored_up_to"] for d in rows if isinstance(d.get("restored_up_to"), int)]
+    return list(JournalEntry.objects.filter(action=RESTORED).order_by("id").values_list("details", flat=True))
+
+
+def restore_points():
+    """The restored_up_to entry id of every portal_restored entry, oldest first."""
+    return [d["restored_up_to"] for d in _restores() if isinstance(d.get("restored_up_to"), int)]
+
+
+def old_anchors(restored_up_to):
+    """For the portal_restored entry: the anchors of this journal that name an entry past
+    `restored_up_to` which the restored journal does not hold, read before this host writes any."""
+    from backupportal import journal
+
+    anchors, _ = journal_anchors.read()
+    ours = [m for m in anchors if m.journal == journal.journal_id() and m.entry > restored_up_to]
+    return [{"entry": entry, "hmac": mark_hmac} for entry, mark_hmac in sorted(_not_held(ours))]
+
+
+def _old_anchors():
+    """(entry, HMAC) of every mark a restore found left behind by the old host."""
+    return {(m["entry"], m["hmac"]) for details in _restores() for m in details.get("old_anchors", [])}
+
+
+def _not_held(marks):
+    from backupportal.models import JournalEntry
+
+    held = set(JournalEntry.objects.filter(pk__in={m.entry for m in marks}).values_list("id", "hmac"))
+    return {(m.entry, m.hmac) for m in marks} - held
 
 
 def _acknowledged():
@@ -59,16 +91,13 @@ def _acknowledged():
 
 def set_aside(journal, marks):
     """(marks still to check, lost marks not yet acknowledged); both empty-handed without a restore."""
-    from backupportal.models import JournalEntry
-
-    points = restore_points()
-    if not points:
+    left = _old_anchors()
+    # Never the head file: restoreportal moved the old host's aside, the one in place is ours.
+    candidates = [m for m in marks if m.source != HEAD and m.journal == journal and (m.entry, m.hmac) in left]
+    if not candidates:
         return marks, []
-    after = [m for m in marks if m.journal in (journal, None) and m.entry > points[0]]
-    if not after:
-        return marks, []
-    held = set(JournalEntry.objects.filter(pk__in={m.entry for m in after}).values_list("id", "hmac"))
-    away = [m for m in after if (m.entry, m.hmac) not in held]
+    not_held = _not_held(candidates)
+    away = [m for m in candidates if (m.entry, m.hmac) in not_held]
     acknowledged = _acknowledged()
     return [m for m in marks if m not in away], [m for m in away if (m.entry, m.hmac) not in acknowledged]
 

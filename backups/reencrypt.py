@@ -12,6 +12,12 @@ the copy as before. WAL copies get the current key's WAL data key (backups.walke
 
 Resumable: a copy is done once its catalog row names the current key; running again continues
 with the rest, and removes old objects an interrupted run left behind.
+
+The portal's own backups (selfbackups) are not re-encrypted: their signed `.json` names the
+file's sha256, which a new ciphertext changes. A fresh selfbackup is taken with the current key
+instead (the catalog as it is now, which is what a restore wants), then the files of those made
+with the old key are removed from every location (by version on S3): a leaked key then opens
+none. One an Object Lock holds stays, with its key in the keyring, until the lock expires.
 """
 
 import hashlib
@@ -26,9 +32,9 @@ from django.utils import timezone
 
 from backupportal import journal
 from backupportal.lib import signing
-from backups import keyring, manifests, walkeys
+from backups import keyring, manifests, selfbackup, walkeys
 from backups.crypto import Encryption, EncryptionError, PipeSource, gpg_failure
-from backups.models import BackupCopy, BackupRun, EncryptionKey, Server, StorageLocation
+from backups.models import BackupCopy, BackupRun, EncryptionKey, PortalBackup, Server, StorageLocation
 from backups.pipeline import BackupFailed, encrypt_bytes
 from backups.s3 import S3Store
 from backups.storage import StorageError, store_for
@@ -52,6 +58,9 @@ class Outcome:
     waiting: list = field(default_factory=list)  # copy ids whose old object could not be removed yet
     failed: list = field(default_factory=list)  # {"copy", "error"}
     skipped_bad: list = field(default_factory=list)  # copies found bad before: nothing to read
+    selfbackup: int | None = None  # the fresh selfbackup taken with the new key
+    selfbackups_removed: list = field(default_factory=list)  # PortalBackup ids made with the old key
+    selfbackups_locked: list = field(default_factory=list)  # ... whose files an Object Lock still holds
 
     @property
     def left(self):
@@ -68,6 +77,9 @@ class Outcome:
             "old_waiting": len(self.waiting),
             "failed": self.failed,
             "skipped_bad": self.skipped_bad,
+            "selfbackup": self.selfbackup,
+            "selfbackups_removed": self.selfbackups_removed,
+            "selfbackups_locked": self.selfbackups_locked,
             "status": "failed" if self.left else "succeeded",
         }
 
@@ -115,10 +127,33 @@ def reencrypt(from_key_id, actor):
         else:
             outcome.waiting.append(copy.pk)
     move_wal_manifests(old, new, outcome, actor)
+    renew_selfbackups(key, outcome, actor)
     journal.record(
         "reencrypt_run", actor=actor, obj=key, outcome="failed" if outcome.left else "ok", **outcome.as_dict()
     )
     return outcome
+
+
+def renew_selfbackups(key, outcome, actor):
+    """A fresh selfbackup with the current key, then the files of those made with `key` removed
+    (see the module's docstring). Run again, it only retries what is left."""
+    if not PortalBackup.objects.with_files().filter(encryption_key=key).exists():
+        return
+    fresh = selfbackup.take(actor)
+    if fresh.status != PortalBackup.Status.SUCCEEDED:
+        outcome.failed.append({"copy": None, "error": f"a fresh selfbackup could not be taken: {fresh.error}"})
+        return
+    outcome.selfbackup = fresh.pk
+    for old in PortalBackup.objects.with_files().filter(encryption_key=key).order_by("pk"):
+        if old.locked_until and old.locked_until > timezone.now():
+            outcome.selfbackups_locked.append(old.pk)  # S3 would refuse: tried once the lock expires
+        elif not selfbackup.remove(old, actor, why=f"reencrypt from key {key.pk}"):
+            error = f"the files of portal backup #{old.pk} could not all be removed: run reencrypt again"
+            outcome.failed.append({"copy": None, "error": error})
+        elif old.locked_until:
+            outcome.selfbackups_locked.append(old.pk)
+        else:
+            outcome.selfbackups_removed.append(old.pk)
 
 
 def move_wal_manifests(old, new, outcome, actor):

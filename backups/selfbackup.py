@@ -10,10 +10,15 @@ or a JSON number on its way back. So:
 - PostgreSQL: `pg_dump -Fc` of the portal's database, streamed through gpg.
 
 Both read one consistent state, whose newest journal entry the row records: the restored journal
-ends there. The files go to every enabled location (the WAL archive aside), each with a
-`.sha256` beside it for a host that has no catalog yet. Never in the file: JOURNAL_KEY_FILE,
-SECRETS_KEY_FILE, SIGNING_KEY_DIR and the passphrase, which live outside the database; the
-README says where a restored portal gets them.
+ends there. Encrypted with the keyring's current key (backups.keyring), like every artifact, so
+that key custody counts it and reencrypt moves it. The files go to every enabled location (the
+WAL archive aside), each with a `.sha256` and a signed `.json` beside it for a host that has no
+catalog yet: the `.json` is an envelope {"format", "selfbackup": "<JSON text>", "signature"}
+signed with the portal's signing key as the manifests are (backups.manifests), naming the file's
+sha256 and the journal's newest entry, count and HMAC. restoreportal restores nothing else: the
+recipients' public key can encrypt a forged portal database, never sign for it. Never in the
+file: JOURNAL_KEY_FILE, SECRETS_KEY_FILE, SIGNING_KEY_DIR and the passphrase, which live outside
+the database; the README says where a restored portal gets them.
 """
 
 import hashlib
@@ -30,16 +35,21 @@ from django.db import connection
 from django.utils import timezone
 
 from backupportal import journal, journal_loss
-from backups import anchors
+from backupportal.lib import signing
+from backups import anchors, keyring
 from backups.binaries import client_tool
-from backups.crypto import Encryption, EncryptionError
+from backups.crypto import EncryptionError
 from backups.models import WAL_LOCATION, PortalBackup, StorageLocation
 from backups.pipeline import BackupFailed, Tool, encrypt_to
-from backups.storage import MissingArtifact, StorageError, store_for
+from backups.s3 import S3Store
+from backups.storage import MissingArtifact, ObjectLocked, StorageError, store_for
 from backups.streams import CHUNK, EncryptFailed, Source, WriteFailed, encrypt_into
 
 PREFIX = "portal/"
 JOURNAL_TABLE = "backupportal_journalentry"
+# The journal's newest entry, its HMAC and the count, read in the same state as the dump.
+JOURNAL_MARK = f"SELECT id, hmac, (SELECT count(*) FROM {JOURNAL_TABLE}) FROM {JOURNAL_TABLE} ORDER BY id DESC LIMIT 1"
+SIGNED_FORMAT = 1
 
 
 def take(actor="job:selfbackup"):
@@ -47,7 +57,7 @@ def take(actor="job:selfbackup"):
     started = timezone.now()
     row = PortalBackup(started_at=started, requested_by=actor, engine=engine(), status=PortalBackup.Status.FAILED)
     try:
-        _take(row, started)
+        _take(row, started, actor)
         row.status = PortalBackup.Status.SUCCEEDED
     except BackupFailed as e:
         row.error = str(e)
@@ -85,9 +95,11 @@ def locations():
     return sorted(found, key=lambda loc: (StorageLocation.READ_ORDER.get(loc.kind, 9), loc.name))
 
 
-def _take(row, started):
+def _take(row, started, actor):
     try:
-        encryption = Encryption()
+        # The keyring's current key: a passphrase file changed by hand is refused here as for
+        # any backup, and the row names the key, so that custody and reencrypt count it.
+        encryption = keyring.current(actor)
     except EncryptionError as e:
         raise BackupFailed(str(e)) from None
     targets = locations()
@@ -95,16 +107,18 @@ def _take(row, started):
         raise BackupFailed("no enabled primary storage location: set BACKUP_ROOT and run migrate")
     primary = store_for(targets[0])
     row.key, row.encryption = free_key(primary, started, row.engine), encryption.method
+    row.encryption_key_id = encryption.custody_key
     dump = _sqlite_into if row.engine == "sqlite" else _postgres_into
-    (row.size, row.sha256), (row.journal_entry, row.journal_count) = dump(primary, row.key, encryption)
+    (row.size, row.sha256), (row.journal_entry, journal_hmac, row.journal_count) = dump(primary, row.key, encryption)
     try:
-        _write_sidecars(primary, row)
-    except (OSError, StorageError) as e:
+        sidecars = _sidecars(row, journal_hmac)
+        _write_sidecars(primary, row, sidecars)
+    except (OSError, StorageError, signing.SigningError) as e:
         primary.delete(row.key)  # a file no new host could check is no backup
-        raise BackupFailed(f"the .sha256 and .json beside the backup could not be written: {e}") from None
+        raise BackupFailed(f"the .sha256 and signed .json beside the backup could not be written: {e}") from None
     row.copies = [_copy_result(targets[0], primary, row, "ok", row.sha256)]
     for location in targets[1:]:
-        row.copies.append(_copy_to(location, primary, row))
+        row.copies.append(_copy_to(location, primary, row, sidecars))
 
 
 # --- The dump: one consistent state of the database, through gpg into the primary. ----------
@@ -130,7 +144,7 @@ def _sqlite_snapshot():
         source, target = sqlite3.connect(database), sqlite3.connect(copy)
         try:
             source.backup(target)
-            mark = target.execute(f"SELECT max(id), count(*) FROM {JOURNAL_TABLE}").fetchone()
+            mark = target.execute(JOURNAL_MARK).fetchone() or (None, "", 0)
         finally:
             source.close(), target.close()
         yield copy, mark
@@ -164,7 +178,7 @@ def _postgres_into(store, key, encryption):
     try:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
-        mark = conn.execute(f"SELECT max(id), count(*) FROM {JOURNAL_TABLE}").fetchone()
+        mark = conn.execute(JOURNAL_MARK).fetchone() or (None, "", 0)
         argv = [str(client_tool(server, "pg_dump")), "--format=custom", f"--snapshot={snapshot}", "--no-password"]
         return encrypt_to(store, key, Tool(argv, env), encryption, timeout=settings.BACKUP_TIMEOUT), tuple(mark)
     finally:
@@ -178,7 +192,7 @@ def _copy_result(location, store, row, status, sha256="", error=""):
     return {"location": location.name, "uri": store.uri(row.key), "sha256": sha256, "status": status, "error": error}
 
 
-def _copy_to(location, primary, row):
+def _copy_to(location, primary, row, sidecars):
     """One copy; a location that fails is reported on the row and never fails the backup."""
     store = store_for(location)
     try:
@@ -189,7 +203,7 @@ def _copy_to(location, primary, row):
         if sha256 != row.sha256:
             store.delete(row.key)
             raise StorageError(f"the copy's sha256 {sha256} is not the primary's {row.sha256}: removed")
-        _write_sidecars(store, row)
+        _write_sidecars(store, row, sidecars)
     except (OSError, StorageError) as e:
         return _copy_result(location, store, row, "failed", error=str(e))
     return _copy_result(location, store, row, "ok", sha256)
@@ -198,20 +212,30 @@ def _copy_to(location, primary, row):
 SIDECARS = (".sha256", ".json")
 
 
-def _write_sidecars(store, row):
-    """Beside the file, for a new host that has no catalog yet: `.sha256` (`sha256sum -c` reads it)
-    and `.json` (what it holds, and the journal key's check: restoreportal refuses a wrong key
-    before it restores anything). Neither holds a secret."""
+def _sidecars(row, journal_hmac):
+    """{suffix: text} of what goes beside the file, for a new host that has no catalog yet:
+    `.sha256` (`sha256sum -c` reads it) and `.json`, the signed envelope restoreportal requires
+    (what the file is, and the journal key's check: a wrong key is refused before anything is
+    restored). Neither holds a secret. Signed once, written to every location."""
     about = {
+        "format": SIGNED_FORMAT,
         "file": Path(row.key).name,
+        "size": row.size,
         "sha256": row.sha256,
         "engine": row.engine,
         "taken_at": row.started_at.isoformat(timespec="seconds"),
+        "encryption_key": row.encryption_key_id or "",
         "journal_entry": row.journal_entry,
         "journal_count": row.journal_count,
+        "journal_hmac": journal_hmac,
         "journal_key_check": journal_loss.key_check(),
     }
-    texts = {".sha256": f"{row.sha256}  {Path(row.key).name}\n", ".json": json.dumps(about, indent=1) + "\n"}
+    text = json.dumps(about, sort_keys=True, indent=1)
+    envelope = {"format": SIGNED_FORMAT, "selfbackup": text, "signature": signing.sign(text.encode()).decode()}
+    return {".sha256": f"{row.sha256}  {Path(row.key).name}\n", ".json": json.dumps(envelope, indent=1) + "\n"}
+
+
+def _write_sidecars(store, row, texts):
     for suffix in SIDECARS:
         with store.writer(row.key + suffix) as out:
             out.write(texts[suffix].encode())
@@ -231,6 +255,7 @@ def _journal(row, actor):
         key=row.key,
         size=row.size,
         sha256=row.sha256,
+        encryption_key=row.encryption_key_id or "",
         journal_entry=row.journal_entry,
         copies=[{k: c[k] for k in ("location", "status", "error")} for c in row.copies],
         error=row.error,
@@ -240,21 +265,50 @@ def _journal(row, actor):
 def remove_old(actor):
     """The good selfbackups older than the newest SELFBACKUP_KEEP that can still be read: their
     files removed from every location. One whose every copy the weekly verify found bad does not
-    count towards the kept ones, so the last readable backups are never the ones removed."""
-    removed, stores = [], {loc.name: store_for(loc) for loc in StorageLocation.objects.all()}
-    for old in _past_the_kept():
-        try:
-            for copy in old.copies:
-                if copy["location"] in stores and copy["status"] in KEPT_FILES:
-                    for key in [old.key] + [old.key + suffix for suffix in SIDECARS]:
-                        stores[copy["location"]].delete(key)
-        except (OSError, StorageError):
-            continue  # kept in the catalog: the next selfbackup tries again
-        old.deleted_at = timezone.now()
-        old.save(update_fields=["deleted_at"])
-        journal.record("selfbackup_deleted", actor=actor, obj=old, key=old.key)
-        removed.append(old.pk)
+    count towards the kept ones, so the last readable backups are never the ones removed. Files
+    an S3 Object Lock held at an earlier removal are tried again once the lock has expired."""
+    removed = []
+    expired = PortalBackup.objects.exclude(deleted_at=None).filter(locked_until__lte=timezone.now())
+    for old in [*_past_the_kept(), *expired]:
+        if remove(old, actor):
+            removed.append(old.pk)
     return removed
+
+
+def remove(row, actor, why="more than SELFBACKUP_KEEP"):
+    """Remove a selfbackup's files from every location; True once the row is marked removed.
+
+    A version S3 Object Lock still holds stays, and the row says until when (locked_until): its
+    key stays in the keyring (EncryptionKey.artifacts) until a later removal takes it."""
+    try:
+        held = remove_files(row)
+    except (OSError, StorageError):
+        return False  # kept in the catalog: the next selfbackup tries again
+    first = row.deleted_at is None
+    row.deleted_at, row.locked_until = row.deleted_at or timezone.now(), held
+    row.save(update_fields=["deleted_at", "locked_until"])
+    if first or held is None:
+        journal.record("selfbackup_deleted", actor=actor, obj=row, key=row.key, why=why, locked_until=held)
+    return True
+
+
+def remove_files(row):
+    """Delete the file and its sidecars wherever a copy was written; on S3 by version, so that no
+    version is left behind a delete marker. Returns the latest retain-until of the versions an
+    Object Lock refused to delete, or None when everything is gone."""
+    held = None
+    stores = {loc.name: store_for(loc) for loc in StorageLocation.objects.all()}
+    for copy in row.copies:
+        if copy["location"] not in stores or copy["status"] not in KEPT_FILES:
+            continue
+        store = stores[copy["location"]]
+        for key in [row.key] + [row.key + suffix for suffix in SIDECARS]:
+            version = store.surviving_version(key) if isinstance(store, S3Store) else ""
+            try:
+                store.delete(key, "" if version == "null" else version)
+            except ObjectLocked as e:
+                held = max(held or e.retain_until, e.retain_until)
+    return held
 
 
 def _past_the_kept():
@@ -339,6 +393,7 @@ def as_dict(row):
         "size": row.size,
         "sha256": row.sha256,
         "encryption": row.encryption,
+        "encryption_key": row.encryption_key_id or "",
         "journal_entry": row.journal_entry,
         "journal_count": row.journal_count,
         "copies": row.copies,

@@ -64,7 +64,8 @@ def portal(env, *args, check=True):
 @pytest.fixture
 def new_host(settings, tiers, passphrase_file):
     """A second host: its own VAR_DIR and an empty database of the same engine; the old host's
-    keys copied in by hand, as the README says (they are never in the selfbackup)."""
+    keys copied in by hand, as the README says (they are never in the selfbackup): the signing
+    key's directory is the old host's own."""
     var = Path(tempfile.mkdtemp(prefix="bp-newhost-"))
     keys = var / "keys"
     keys.mkdir(mode=0o700)
@@ -87,6 +88,7 @@ def new_host(settings, tiers, passphrase_file):
         JOURNAL_KEY_FILE=keys / "journal.key",
         JOURNAL_HEAD_FILE=var / "journal.head",
         BACKUP_PASSPHRASE_FILE=keys / "passphrase",
+        SIGNING_KEY_DIR=settings.SIGNING_KEY_DIR,
         SECRETS_KEY_FILE=var / "secrets.key",
         WAL_SPOOL=var / "walspool",
         NAS_ROOT=settings.NAS_ROOT,
@@ -129,6 +131,7 @@ def test_a_restored_selfbackup_gives_the_same_catalog_and_a_journal_intact_up_to
     stock(f"cd {var} && sha256sum -c --quiet {backup.name}.sha256", tmp_path, passphrase_file)
     restored = json.loads(portal(env, "restoreportal", str(backup), "--json").stdout.splitlines()[-1])
     assert restored["restored_up_to"] == result["journal_entry"] and restored["sha256_checked"] is True
+    assert restored["signature_verified"] is True
     assert catalog_json(env) == before
 
     # The journal verifies up to the backup's end, and names what the anchors hold beyond it.
@@ -318,8 +321,8 @@ def test_restoreportal_refuses_a_journal_key_that_does_not_open_the_journal(
             "from django.db import connection; print('Tables:' + str(connection.introspection.table_names()))",
         ).stdout
     )
-    # Without the .json, the restored journal itself is checked: refused all the same.
+    # Without the signed .json nothing is restored at all.
     alone = var / Path(result["key"]).name
     shutil.copy(Path(tiers.primary) / result["key"], alone)
     refused = portal(env, "restoreportal", str(alone), check=False)
-    assert refused.returncode == 1 and "does not open with" in refused.stderr
+    assert refused.returncode == 1 and "fetch it from the same location" in refused.stderr

@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from backups.models.copies import BackupCopy
+from backups.models.portal import PortalBackup
 
 
 class EncryptionKeyQuerySet(models.QuerySet):
@@ -50,7 +51,27 @@ class EncryptionKey(models.Model):
         return self.recipients.split()
 
     def artifacts(self):
-        """The copies that need this key: made or still to be made with it, or an old object a
-        re-encryption left in place (an Object Lock may keep it) that is still catalogued."""
+        """What needs this key: the copies made or still to be made with it, or an old object a
+        re-encryption left in place (an Object Lock may keep it) that is still catalogued; and the
+        portal's own backups (selfbackups) encrypted with it whose files are still somewhere."""
         live = BackupCopy.objects.exclude(status=BackupCopy.Status.DELETED)
-        return live.filter(Q(encryption_key=self) | Q(old_encryption_key=self, old_key__gt=""))
+        copies = live.filter(Q(encryption_key=self) | Q(old_encryption_key=self, old_key__gt=""))
+        return KeyArtifacts(copies, PortalBackup.objects.with_files().filter(encryption_key=self))
+
+
+class KeyArtifacts:
+    """A key's artifacts, of two models: the copies (a BackupCopy queryset, which the custody
+    page counts per artifact through values()) and the selfbackups. exists() and count() cover
+    both, so that the keyring never drops a key a kept selfbackup still needs."""
+
+    def __init__(self, copies, selfbackups):
+        self.copies, self.selfbackups = copies, selfbackups
+
+    def exists(self):
+        return self.copies.exists() or self.selfbackups.exists()
+
+    def count(self):
+        return self.copies.count() + self.selfbackups.count()
+
+    def values(self, *fields):
+        return self.copies.values(*fields)

@@ -17,6 +17,11 @@ class PortalBackupQuerySet(models.QuerySet):
     def good(self):
         return self.filter(status=PortalBackup.Status.SUCCEEDED, deleted_at=None)
 
+    def with_files(self):
+        """Succeeded selfbackups whose files are still somewhere: kept, or removed but locked."""
+        kept = models.Q(deleted_at=None) | models.Q(locked_until__isnull=False)
+        return self.filter(kept, status=PortalBackup.Status.SUCCEEDED)
+
     def newest_good(self):
         """The newest succeeded selfbackup with a copy left that the weekly verify has not found
         bad: one whose every copy is corrupt or missing is nothing to restore from."""
@@ -40,12 +45,19 @@ class PortalBackup(models.Model):
     size = models.BigIntegerField(null=True, blank=True)
     sha256 = models.CharField(max_length=64, blank=True, verbose_name="SHA-256")
     encryption = models.CharField(max_length=16, blank=True)
+    # Key custody: the keyring's key that encrypted it (what reencrypt and drop_unneeded count).
+    encryption_key = models.ForeignKey(
+        "backups.EncryptionKey", null=True, blank=True, on_delete=models.PROTECT, related_name="portal_backups"
+    )
     # The journal as the backup holds it: a restored portal's journal ends at this entry.
     journal_entry = models.BigIntegerField(null=True, blank=True)
     journal_count = models.BigIntegerField(null=True, blank=True)
     copies = models.JSONField(default=list, blank=True, help_text="[{location, uri, sha256, status, error}]")
     error = models.TextField(blank=True)
     deleted_at = models.DateTimeField(null=True, blank=True, help_text="set when the files were removed (kept count)")
+    # Removed, but S3 Object Lock still holds a copy's files until then: its key stays in the
+    # keyring, and the removal is tried again once the lock has expired (selfbackup.remove_old).
+    locked_until = models.DateTimeField(null=True, blank=True)
 
     objects = PortalBackupQuerySet.as_manager()
 

@@ -29,6 +29,16 @@ class Command(PortalCommand):
             f"Re-encrypted {result['reencrypted']} copy(ies) from key {result['from_key']} to {result['to_key']}; "
             f"{result['old_removed']} old object(s) removed."
         ]
+        if result["selfbackup"]:
+            lines.append(
+                f"Took portal backup #{result['selfbackup']} with key {result['to_key']}; removed the files of "
+                f"{len(result['selfbackups_removed'])} portal backup(s) made with key {result['from_key']}."
+            )
+        if result["selfbackups_locked"]:
+            lines.append(
+                f"Portal backup(s) {result['selfbackups_locked']} are held by S3 Object Lock: they keep key "
+                f"{result['from_key']} until the lock expires (the daily selfbackup removes them then)."
+            )
         if result["old_waiting"]:
             lines.append(f"{result['old_waiting']} old object(s) could not be removed yet: run reencrypt again later.")
         lines += [f"  copy #{f['copy']}: {f['error']}" for f in result["failed"]]
