@@ -25,7 +25,7 @@ from backupportal import conditions, journal
 from backups.binaries import pg_ctl
 from backups.runner import ORPHAN_AFTER, alive, minutes
 from restores.models import RestoreRequest, RestoreRun, RestoreTest
-from restores.pitr_extract import empty
+from restores.pitr_extract import empty, give_back
 from restores.targetdb import RestoreFailed, dropped
 
 HOST = socket.gethostname()
@@ -177,6 +177,7 @@ def remove_datadir(restore):
             shutil.rmtree(datadir)
         else:
             empty(datadir)
+            give_back(datadir, {k: restore.left[k] for k in ("mode", "uid", "gid") if k in restore.left})
     except Exception as e:  # noqa: BLE001 - said on the run; the next sweep tries again
         return f"its cluster in {datadir} could not be removed ({type(e).__name__}: {e}): the next sweep tries again"
     return _removed(restore, f"its cluster in {datadir} was stopped and removed")

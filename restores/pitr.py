@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 from datetime import datetime, timedelta
 from operator import attrgetter
 
@@ -44,7 +45,7 @@ from backups.streams import FetchFailed, FileSink, readable
 from restores import orphans, pitr_chain, pitr_checks, pitr_points, pitr_reach
 from restores.models import Interrupted, RestoreRun
 from restores.pitr_checks import check_datadir
-from restores.pitr_extract import Extraction, empty, extract_base, verify_base
+from restores.pitr_extract import Extraction, empty, extract_base, give_back, verify_base
 from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target, encryption_of
 from restores.pitr_prefetch import Prefetch, install
 from restores.pitr_reach import partial_for
@@ -370,7 +371,7 @@ def execute(plan, run):
     prepare_datadir(plan)
     # Removed by restores.orphans if this process dies: this directory only (its inode), not
     # one a DBA made again at that path.
-    run.leaves(datadir=str(plan.datadir), created=plan.created_dir, inode=plan.datadir.stat().st_ino)
+    run.leaves(datadir=str(plan.datadir), created=plan.created_dir, inode=plan.datadir.stat().st_ino, **plan.owner)
     # The base is extracted (gpg, zstd, tar) while the first WAL is fetched; the cluster starts
     # as soon as the base is in place and verified, and the rest of the WAL is fetched ahead of
     # replay (pitr_prefetch). A restore point's name decides the base only once its WAL is
@@ -421,6 +422,9 @@ def prepare_datadir(plan):
     if not plan.datadir.exists():
         plan.datadir.mkdir(mode=0o700)
         plan.created_dir = True
+    else:  # given back as it was if the restore fails (remove): a DBA's empty directory, say /srv/pg
+        was = plan.datadir.lstat()
+        plan.owner = {"mode": stat.S_IMODE(was.st_mode), "uid": was.st_uid, "gid": was.st_gid}
     os.chmod(plan.datadir, 0o700)
     plan.staging.mkdir(mode=0o700)
     plan.unchecked.mkdir(mode=0o700)  # closed to the database OS user: recovery reads only checked WAL
@@ -444,6 +448,7 @@ def remove(plan):
         shutil.rmtree(plan.datadir, ignore_errors=True)
     else:
         empty(plan.datadir)
+        give_back(plan.datadir, plan.owner)
 
 
 def stage_history_files(plan):

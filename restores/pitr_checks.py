@@ -52,6 +52,8 @@ def check_datadir(into_datadir) -> Path:
     if not into_datadir:
         raise Refused("give --into-datadir: an empty or missing directory for the new cluster")
     datadir = Path(into_datadir).absolute()
+    if datadir.is_symlink():  # its owner and mode change: those of whatever it points at
+        raise Refused(f"{datadir} is a symbolic link: give the directory it points to")
     if datadir.exists():
         if not datadir.is_dir():
             raise Refused(f"{datadir} is a file: give an empty or missing directory")
@@ -104,9 +106,12 @@ def refuse_portal_storage(datadir):
 
 
 def refuse_inside_a_cluster(datadir):
-    """No parent is a data directory (PG_VERSION, postmaster.pid) or a tablespace (PG_15_...)."""
-    real = datadir.resolve()
-    for parent in real.parents:
+    """No parent is a data directory (PG_VERSION, postmaster.pid), a tablespace (PG_15_...) or a
+    WAL directory (pg_wal, or one initdb --waldir made: archive_status, segments), as the path is
+    written or with its links followed: a/data/pg_wal/x resolves into another cluster's WAL
+    directory, outside its data directory."""
+    parents = dict.fromkeys([*Path(os.path.abspath(datadir)).parents, *datadir.resolve().parents])
+    for parent in parents:
         for name in CLUSTER_FILES:
             try:
                 os.stat(parent / name)
@@ -120,6 +125,16 @@ def refuse_inside_a_cluster(datadir):
             )
         if TABLESPACE_VERSION_DIR.match(parent.name) or holds_tablespace(parent):
             raise Refused(f"{datadir} is inside a tablespace's directory ({parent}): choose a directory outside it")
+        if parent.name == "pg_wal" or holds_wal(parent):
+            raise Refused(f"{datadir} is inside a cluster's WAL directory ({parent}): choose a directory outside it")
+
+
+def holds_wal(directory):
+    try:
+        with os.scandir(directory) as entries:
+            return any(e.name == "archive_status" or walnames.WAL_FILE.match(e.name) for e in entries)
+    except OSError:
+        return False
 
 
 def holds_tablespace(directory):

@@ -25,6 +25,14 @@ from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readab
 from restores.pitr_plan import STAGING, RestoreFailed, encryption_of
 
 
+def give_back(directory, owner):
+    """An emptied directory the restore did not make, back to the mode and owner it had
+    (pitr.prepare_datadir made it the database OS user's, 0700). `owner`: {} for none kept."""
+    if owner:
+        os.chown(directory, owner["uid"], owner["gid"], follow_symlinks=False)
+        os.chmod(directory, owner["mode"])
+
+
 def empty(directory, keep=()):
     for child in directory.iterdir():
         if child.name in keep:

@@ -48,6 +48,7 @@ class Plan:
     last: int  # the last segment number known to be needed
     search_end: int | None = None  # a restore point's search: where the chain from the newest base ends
     created_dir: bool = False
+    owner: dict = field(default_factory=dict)  # mode, uid, gid of a directory it did not make
     notes: list = field(default_factory=list)
     warnings: list = field(default_factory=list)  # before start (pitr_libraries); quieten() adds its own
     staged: dict = field(default_factory=dict)  # segno -> segment name, staged or to be (prefetch)

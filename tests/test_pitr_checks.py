@@ -22,7 +22,7 @@ from django.utils import timezone
 from backupportal.lib.osuser import chown_to_db_user, free_port
 from backupportal.models import JournalEntry
 from backups import binaries, walchain, walingest, walnames, walspool
-from backups.models import Server, WalSegment
+from backups.models import BackupCopy, Server, WalSegment
 from restores import pitr, pitr_checks, sandbox
 from restores.models import RestoreRun
 from tests.helpers import (
@@ -31,6 +31,7 @@ from tests.helpers import (
     archive_as_postgres,
     archive_some_wal,
     enable_push,
+    flip_byte_in,
     pitr_to,
     postgres_running_in,
     pull,
@@ -439,6 +440,47 @@ def test_a_data_directory_inside_another_cluster_or_a_tablespace_is_refused(plac
     link.symlink_to(cluster / "base")
     refused(link / "x", "inside the data directory of another cluster")
     assert pitr.check_datadir(str(places() / "data")).name == "data"
+
+
+def test_a_data_directory_in_another_clusters_wal_directory_or_behind_a_link_is_refused(places):
+    """initdb --waldir puts pg_wal elsewhere, behind a link: x/data/pg_wal/archive_status resolves
+    out of the data directory, into a WAL directory whose archive_status was empty."""
+    other = places()
+    (other / "data").mkdir()
+    (other / "data" / "PG_VERSION").write_text("15\n")
+    (other / "wal" / "archive_status").mkdir(parents=True)
+    (other / "data" / "pg_wal").symlink_to(other / "wal")
+    refused(other / "data" / "pg_wal" / "archive_status", r"inside a cluster.s WAL directory \(.*/data/pg_wal\)")
+    refused(other / "wal" / "archive_status", rf"inside a cluster's WAL directory \({other / 'wal'}\)")
+    refused(other / "wal" / "archive_status" / "new", "inside a cluster's WAL directory")
+    kept = places()
+    (kept / "000000010000000000000003").write_bytes(b"")
+    refused(kept / "x", "inside a cluster's WAL directory")
+    empty_dir = places() / "empty"
+    empty_dir.mkdir()
+    (empty_dir.parent / "link").symlink_to(empty_dir)
+    refused(empty_dir.parent / "link", "is a symbolic link: give the directory it points to")
+
+
+def test_a_failed_restore_gives_an_existing_directory_back_its_owner_and_mode(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, places
+):
+    enable_push(sample_cluster)
+    assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
+    for copy in BackupCopy.objects.filter(run__kind="base", artifact="main"):
+        flip_byte_in(Path(copy.location.path) / copy.key)  # fails after the directory is prepared
+    target = places() / "srv"
+    target.mkdir(mode=0o751)  # a DBA's empty directory: root's, not the database user's
+    target.chmod(0o751)
+    before = target.stat()
+    result = run_command(
+        "restore", "--server", "maldives", "--target", "latest", "--into-datadir", str(target), "--port",
+        str(free_port()),
+    )  # fmt: skip
+    assert result["status"] == "failed" and "cannot be read intact" in result["error"], result
+    after = target.stat()
+    assert list(target.iterdir()) == []
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
 
 
 def test_a_data_directory_in_the_portals_storage_is_refused_and_one_under_sandbox_root_is_not(settings, places):
