@@ -70,8 +70,10 @@ class RestoreRequestForm(forms.ModelForm):
             self.add_error(
                 None, f"{target}'s DSN cannot be read: fix it (manage.py checkserver {target.name}) and ask again."
             )
-        elif data.get("destination") == RestoreRequest.Destination.NEW_DATABASE:
-            self._clean_new_database(data)
+        elif (
+            data.get("destination") == RestoreRequest.Destination.NEW_DATABASE and "target_database" not in self.errors
+        ):
+            self._clean_new_database(data)  # not again for a name the field refused (too long, say)
         elif data.get("destination") == RestoreRequest.Destination.REPLACE and server:
             data["target_database"] = run.database_name if run else server.dbname
             data["into_server"] = None

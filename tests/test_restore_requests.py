@@ -227,6 +227,11 @@ def test_a_new_database_that_exists_or_is_production_is_refused_when_asked_not_a
         response = ask(client, alice, good_run, database=name)
         assert response.status_code == 200, name
         assert says in response.context["form"].errors["target_database"][0]
+    # Too long: the field's own line, and no second one about an empty name.
+    response = ask(client, alice, good_run, database="x" * 64)
+    assert response.context["form"].errors["target_database"] == [
+        "Ensure this value has at most 63 characters (it has 64)."
+    ]
     assert not RestoreRequest.objects.exists()
 
 
@@ -237,3 +242,31 @@ def test_a_new_database_on_a_server_that_cannot_be_reached_is_refused_with_why(c
     error = response.context["form"].errors["target_database"][0]
     assert "127.0.0.1" in error and "\n" not in error
     assert not RestoreRequest.objects.exists()
+
+
+def test_a_request_whose_backup_retention_retired_is_neither_approved_nor_run(
+    client, alice, bob, good_run, sample_cluster
+):
+    """Retention retires a run first and deletes its files after (later still where a location
+    refuses): a request approved in between restored from a backup that nothing may restore from."""
+    from backups.copies import retire
+    from restores.tasks import run_request
+
+    ask(client, alice, good_run, database="after_retention")
+    request = RestoreRequest.objects.get()
+    retire(good_run, "job:retention")
+    good_run.refresh_from_db()
+    client.force_login(bob)
+    page = client.post(reverse("restore-request-approve", args=[request.pk]), {"note": "ok"}, follow=True)
+    request.refresh_from_db()
+    assert request.status == "pending" and not RestoreRun.objects.exists()
+    assert f"Backup #{good_run.pk} was deleted by retention on" in page.content.decode()
+
+    # Approved before it was retired: the run fails saying why, and nothing is made.
+    RestoreRequest.objects.filter(pk=request.pk).update(status="approved", decided_by=bob)
+    assert run_request(request.pk) == "failed"
+    restore = RestoreRun.objects.get(request=request)
+    assert "was deleted by retention on" in restore.error and "nothing restores from it" in restore.error
+    request.refresh_from_db()
+    assert request.status == "failed"
+    assert sample_cluster.execute("SELECT 1 FROM pg_database WHERE datname = 'after_retention'") == []

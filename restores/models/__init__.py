@@ -137,6 +137,8 @@ class RestoreRequest(models.Model):
             raise ValidationError(
                 f"Type the production database name ({self.production_database}) to confirm replacing it."
             )
+        if self.backup_run_id and self.backup_run.deleted_at:
+            raise ValidationError(self.retired())
         if self.target_server is not None and not self.into_destination:
             # Approved, it would run wherever the DSN reaches then: nothing holds it to a place.
             raise ValidationError(
@@ -144,6 +146,14 @@ class RestoreRequest(models.Model):
                 "read when it was made): reject it, and ask again once the DSN is fixed."
             )
         self._decide(user, self.Status.APPROVED, note, confirm_database)
+
+    def retired(self):
+        """Why a request whose backup retention deleted since it was asked for may not run: a
+        retired backup's files may be gone, or go while it is read (nothing restores from it)."""
+        return (
+            f"Backup #{self.backup_run_id} was deleted by retention on {self.backup_run.deleted_at:%Y-%m-%d}: "
+            "nothing restores from it; reject this request and ask for a restore of a newer backup."
+        )
 
     def reject(self, user, note=""):
         if not is_dba(user):
