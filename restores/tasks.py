@@ -84,9 +84,8 @@ def run_request(request_id):
             actor,
             f"{moved}: nothing was restored; ask for the restore again and have another DBA approve it there",
         )
-    elif (
-        request.backup_run_id and request.backup_run.deleted_at
-    ):  # retired after its approval (approve refuses one before)
+    elif request.backup_run_id and request.backup_run.deleted_at:
+        # Retired after its approval (approve refuses one before): its files may be going.
         restore = _refused(request, target, actor, request.retired())
     elif request.destination == RestoreRequest.Destination.REPLACE:
         request.backup_run.server = target  # the server object replace_production restores into
