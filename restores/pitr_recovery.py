@@ -358,10 +358,42 @@ def quieten(plan, run):
             )
     if runs_pg_cron(libraries[0] if libraries else "") or launchers[0]:
         warnings.append(PG_CRON_WARNING)
-    plan.notes += [WORKERS_OFF_NOTE, pitr_libraries.WORKERS_NOTE]
+    plan.notes += [WORKERS_OFF_NOTE, pitr_libraries.WORKERS_NOTE, *unlogged_notes(plan)]
     if warnings:
         plan.recovered["warnings"] = warnings
         RestoreRun.objects.filter(pk=run.pk).update(warnings=warnings)
+
+
+CONNECTABLE_DATABASES = "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
+UNLOGGED_TABLES = (
+    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.relpersistence = 'u' AND c.relkind IN ('r', 'p') ORDER BY 1 LIMIT 11"
+)
+
+
+def unlogged_notes(plan):
+    """A note per database holding unlogged tables: recovery leaves them empty (their rows are
+    never in the WAL), which a DBA comparing the copy with production should not take for a loss.
+    A database the server's role cannot enter is passed over: this is a note, not a check."""
+    notes = []
+    try:
+        with connect(plan, plan.server.dbname) as conn:
+            databases = [row[0] for row in conn.execute(CONNECTABLE_DATABASES)]
+    except psycopg.Error:
+        return notes
+    for dbname in databases:
+        try:
+            with connect(plan, dbname) as conn:
+                tables = [row[0] for row in conn.execute(UNLOGGED_TABLES)]
+        except psycopg.Error:
+            continue
+        if tables:
+            shown = ", ".join(tables[:10]) + (" and more" if len(tables) > 10 else "")
+            notes.append(
+                f"unlogged tables in {dbname} are empty in the copy, as after any crash or recovery (their rows"
+                f" are never in the WAL): {shown}"
+            )
+    return notes
 
 
 def how_to_resume(sub, slot, dbname):

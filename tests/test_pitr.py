@@ -41,6 +41,7 @@ def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
 
     write(sample_cluster, "CREATE TABLE probe(tx text, at timestamptz DEFAULT now())")
     write(sample_cluster, "INSERT INTO probe(tx) VALUES ('A')")
+    write(sample_cluster, 'CREATE UNLOGGED TABLE "scratch ""x"""(n int); INSERT INTO "scratch ""x""" VALUES (1)')
     time.sleep(1.05)
     target = timezone.localtime().replace(microsecond=0)
     time.sleep(0.05)
@@ -82,6 +83,10 @@ def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
     # latest keeps its meaning (all the archived WAL) and says which moment that was.
     assert result["reached"].startswith("--target latest: recovered to the end of the archived WAL (0000")
     assert f"its last transaction committed at {result['recovered_to']}" in result["reached"]
+    # An unlogged table comes back empty, as PostgreSQL recovery leaves it: said, not hidden.
+    assert rows(port2, 'SELECT count(*) FROM "scratch ""x"""') == [(0,)]
+    assert "unlogged tables in reliabilitymaldives are empty in the copy" in result["notes"]
+    assert 'public."scratch ""x"""' in result["notes"]
 
 
 def test_a_restore_is_refused_before_anything_is_written(
