@@ -8,12 +8,15 @@ import pytest
 import time_machine
 from django.utils import timezone
 
+from backups import walingest, walspool
 from backups.models import Server
-from tests.helpers import mails, ours, register, wait_for
+from tests.helpers import enable_push, mails, ours, register, wait_for
 from watching.dashboard import server_health
 from watching.models import Alert, RpoStatus
 from watching.monitor import run_once
 from watching.rpo import segment_end_lsn
+
+pytest_plugins = ["tests.walfixtures"]
 
 
 def rpo_alerts():
@@ -52,7 +55,7 @@ def failing_archive(pg_cluster, db):
 
 
 def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_it_resolves(
-    failing_archive, pg_cluster, smtp_server, postgres_dir
+    failing_archive, pg_cluster, smtp_server, wal_spool, passphrase_file, backup_root
 ):
     server = failing_archive
     write_wal(pg_cluster)
@@ -87,12 +90,7 @@ def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_
     assert Alert.objects.get(condition="rpo_breached").state == "open"
     pg_cluster.start()
 
-    archive = postgres_dir
-    pg_cluster.configure(archive_command=f"cp %p {archive}/%f")
-    pg_cluster.reload()
-    pg_cluster.execute("CHECKPOINT")
-    pg_cluster.execute("SELECT pg_switch_wal()")
-    wait_for(lambda: all_archived(pg_cluster), timeout=30, what="the archive to catch up")
+    catch_up(pg_cluster, server)
     with time_machine.travel(start + timedelta(seconds=180), tick=False):
         run_once()
     status.refresh_from_db()
@@ -109,6 +107,95 @@ def test_unarchived_wal_older_than_the_objective_breaches_the_rpo_and_archiving_
         status.refresh_from_db()
         assert status.seconds == 0
     assert rpo_alerts().filter(state="open").count() == 0 and len(rpo_mails(smtp_server)) == 2
+
+
+def catch_up(cluster, server):
+    """The portal's archive command in place: every segment archived to the spool, then ingested."""
+    enable_push(cluster)
+    cluster.execute("CHECKPOINT")
+    cluster.execute("SELECT pg_switch_wal()")
+    wait_for(lambda: all_archived(cluster), timeout=30, what="the archive to catch up")
+    walingest.ingest(server)
+
+
+def test_an_archive_that_catches_up_part_of_the_way_leaves_the_rest_as_old_as_it_was(
+    failing_archive, pg_cluster, smtp_server, wal_spool, passphrase_file, backup_root
+):
+    """The WAL past the archive's end was dated by the first pass that saw it; an archive that
+    then got through its first segments only was taken for all archived: RPO 0, and RESOLVED mailed
+    while WAL written an hour before was still unarchived."""
+    server = failing_archive
+    server.rpo_minutes = 15
+    server.save()
+    write_wal(pg_cluster)
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        run_once()
+    for _ in range(3):
+        write_wal(pg_cluster)
+    with time_machine.travel(start + timedelta(minutes=60), tick=False):
+        run_once()
+    assert Alert.objects.get(condition="rpo_breached").state == "open"
+
+    # The spool gets every segment, the ingest only the first two of those the first pass saw.
+    enable_push(pg_cluster)
+    pg_cluster.execute("SELECT pg_switch_wal()")
+    wait_for(lambda: all_archived(pg_cluster), timeout=30, what="the archive to reach the spool")
+    spool = walspool.spool_dir(server)
+    spooled = sorted(p.name for p in spool.iterdir() if len(p.name) == 24)
+    aside = spool.parent / "aside"
+    aside.mkdir()
+    for name in spooled[2:]:
+        (spool / name).rename(aside / name)
+    walingest.ingest(server)
+    with time_machine.travel(start + timedelta(minutes=120), tick=False):
+        run_once()
+    status = RpoStatus.objects.get(server=server)
+    assert status.seconds >= 60 * 60, status.seconds  # written before the pass at 60 min, still unarchived
+    alert = Alert.objects.get(condition="rpo_breached")
+    assert alert.state == "open" and "is still not archived" in alert.message
+    assert "The spool holds WAL through" in alert.message
+    assert not [m for m in rpo_mails(smtp_server) if "RESOLVED" in m["Subject"]]
+
+    for name in spooled[2:]:  # the ingest gets through the rest
+        (aside / name).rename(spool / name)
+    walingest.ingest(server)
+    with time_machine.travel(start + timedelta(minutes=121), tick=False):
+        run_once()
+    status.refresh_from_db()
+    assert status.seconds == 0 and status.points == []
+    assert Alert.objects.get(condition="rpo_breached").state == "resolved"
+
+
+def test_wal_in_the_spool_that_no_ingest_takes_is_not_archived(
+    pg_cluster, db, smtp_server, wal_spool, passphrase_file, backup_root
+):
+    """Push: pg_stat_archiver says archived once the segment is in the spool; until the ingest has
+    encrypted and catalogued it, it is on no tier and no restore uses it."""
+    pg_cluster.configure(autovacuum="off")
+    server = register(pg_cluster, dbname="postgres")
+    server.archiving, server.rpo_minutes = "push", 5
+    server.save()
+    enable_push(pg_cluster)
+    write_wal(pg_cluster)  # and switched
+    wait_for(lambda: all_archived(pg_cluster), timeout=30, what="the spool")
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        run_once()
+    with time_machine.travel(start + timedelta(hours=6), tick=False):
+        run_once()
+    status = RpoStatus.objects.get(server=server)
+    assert status.seconds == 6 * 3600
+    alert = Alert.objects.get(condition="rpo_breached")
+    assert "The spool holds WAL through" in alert.message and "is the worker running" in alert.message
+    assert server_health(Server.objects.get(pk=server.pk))["rpo"]["colour"] == "red"
+
+    walingest.ingest(server)
+    with time_machine.travel(start + timedelta(hours=6, minutes=1), tick=False):
+        run_once()
+    status.refresh_from_db()
+    assert status.seconds == 0
+    assert Alert.objects.get(condition="rpo_breached").state == "resolved"
 
 
 def test_a_server_without_wal_archiving_is_not_measured(db, smtp_server):

@@ -161,9 +161,9 @@ class RpoStatus(models.Model):
 
     Achieved RPO is the age of the oldest WAL written but not yet archived (0 when all is
     archived). PostgreSQL does not date WAL, so the monitor dates it itself: the first pass
-    that sees WAL beyond the archive's end notes the write position and the time
-    (`pending_lsn`, `pending_since`); while the archive has not reached that position, the
-    unarchived WAL is at least that old. Pages and /metrics read this row and never connect
+    that sees WAL beyond the archive's end notes the write position and the time, and so does
+    each later pass that sees it move (`points`); the first point past the archive's end dates
+    the oldest unarchived WAL (`pending_lsn`, `pending_since`): it is at least that old. Pages and /metrics read this row and never connect
     to a production server themselves.
     """
 
@@ -175,6 +175,10 @@ class RpoStatus(models.Model):
     archived_wal = models.CharField(max_length=40, blank=True, help_text="the newest WAL file archived")
     pending_lsn = models.BigIntegerField(null=True, blank=True)
     pending_since = models.DateTimeField(null=True, blank=True)
+    # [write position, first seen (ISO)] of each pass that saw the write position move while
+    # WAL was unarchived, oldest first: when the archive catches up part of the way, the oldest
+    # WAL still unarchived is dated by the first point past the archive's end, never "now".
+    points = models.JSONField(default=list, blank=True)
 
     class Meta:
         db_table = "backupportal_rpostatus"  # its table from before the move: no row moved

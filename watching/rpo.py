@@ -1,22 +1,29 @@
 """Achieved RPO: the age of the oldest WAL written but not yet archived (0 when all is archived).
 
-Push (archive_command): the archive's end is the end of pg_stat_archiver.last_archived_wal;
-PostgreSQL archives segments in order, so everything before it is archived too.
+Push (archive_command): the archive's end is the end of pg_stat_archiver.last_archived_wal
+(PostgreSQL archives segments in order, so everything before it is archived too), or the end of
+the newest segment the ingest has catalogued, whichever is lower: a segment in the spool only is
+plaintext in one place, on no tier, and no restore uses it.
 Pull (pg_receivewal): the archive's end is what the receiver has flushed (its walsender's
 flush_lsn) or, while it is away, what its replication slot says it had confirmed.
 
 PostgreSQL does not say when a WAL record was written, so the monitor dates unarchived WAL
-itself (RpoStatus.pending_lsn / pending_since): see RpoStatus. An idle server whose last
+itself (RpoStatus.points, pending_lsn / pending_since): see RpoStatus. An idle server whose last
 segment was switched and archived has nothing unarchived, so it is never in breach.
 """
 
 import re
+from datetime import datetime
 
 import psycopg
 from django.utils import timezone
 
 from backupportal.lib.pgerrors import explain
+from backups.models import WalSegment
 from watching.models import RpoSample, RpoStatus
+
+# Points kept to date unarchived WAL (about two hours of passes a minute apart); beyond, pairs merge.
+MAX_POINTS = 120
 
 # pg_receivewal names itself so unless told otherwise; the portal's libpq clients say "backupportal".
 RECEIVER_NAMES = ("pg_receivewal", "backupportal")
@@ -73,7 +80,25 @@ def read_positions(server):
         "failed_wal": failed_wal,
         "failed_at": failed_at,
     }
+    if server.archiving != server.Archiving.PULL and archived_lsn is not None:
+        archived_lsn = catalogued_through(server, segment_size, archived_lsn, facts)
     return current_lsn, archived_lsn, facts
+
+
+def catalogued_through(server, segment_size, spooled_lsn, facts):
+    """The archive's end for push: where the spool ends, or the newest catalogued segment's end
+    when that is lower (None when none is catalogued); facts then name both."""
+    newest = (
+        WalSegment.objects.filter(server=server, deleted_at=None, segno__isnull=False)
+        .order_by("-segno")
+        .values_list("name", "segno")
+        .first()
+    )
+    catalogued = (newest[1] + 1) * segment_size if newest else None
+    if catalogued is not None and catalogued >= spooled_lsn:
+        return spooled_lsn
+    facts["spooled_wal"], facts["archived_wal"] = facts["archived_wal"], newest[0] if newest else ""
+    return catalogued
 
 
 def measure(server):
@@ -89,16 +114,33 @@ def measure(server):
     status.measured_at, status.error = now, ""
     status.current_wal, status.archived_wal = facts["current_wal"], facts["archived_wal"]
     if archived_lsn is not None and current_lsn <= archived_lsn:
-        status.pending_lsn, status.pending_since, status.seconds = None, None, 0.0
-    elif status.pending_lsn is not None and (archived_lsn is None or archived_lsn < status.pending_lsn):
-        # WAL that was already written when we first saw it is still not archived.
-        status.seconds = (now - status.pending_since).total_seconds()
+        status.points, status.pending_lsn, status.pending_since, status.seconds = [], None, None, 0.0
     else:
-        status.pending_lsn, status.pending_since, status.seconds = current_lsn, now, 0.0
+        status.points = unarchived_points(status, current_lsn, archived_lsn, now)
+        status.pending_lsn, since = status.points[0]
+        status.pending_since = datetime.fromisoformat(since)
+        status.seconds = (now - status.pending_since).total_seconds()
     status.facts = facts
     status.save()
     RpoSample.record(server, now, status.seconds)
     return status
+
+
+def unarchived_points(status, current_lsn, archived_lsn, now):
+    """The status's points past the archive's end, with the write position now if it moved. The
+    first is when WAL past the archive's end was first seen: an archive that caught up only part of
+    the way leaves the WAL after it as old as that, not new."""
+    points = status.points or (
+        [[status.pending_lsn, status.pending_since.isoformat()]] if status.pending_lsn is not None else []
+    )
+    points = [p for p in points if archived_lsn is None or p[0] > archived_lsn]
+    if not points or current_lsn > points[-1][0]:
+        points.append([current_lsn, now.isoformat()])
+    while len(points) > MAX_POINTS:
+        # Two points become one: the later position, the earlier time (older, never younger).
+        merged = [[b[0], a[1]] for a, b in zip(points[0::2], points[1::2], strict=False)]
+        points = merged + (points[-1:] if len(points) % 2 else [])
+    return points
 
 
 def _unknown(status, now, error):
@@ -117,6 +159,11 @@ def describe(status):
         f"achieved RPO {round(status.seconds / 60, 1)} min against an objective of {server.rpo_minutes} min "
         f"(writing {facts.get('current_wal') or '?'}, archived through {facts.get('archived_wal') or 'nothing yet'})."
     )
+    if facts.get("spooled_wal"):
+        text += (
+            f" The spool holds WAL through {facts['spooled_wal']} that the ingest has not encrypted and catalogued:"
+            " is the worker running (manage.py ingestwal, qcluster)?"
+        )
     if facts.get("archive_mode") == "off":
         text += " archive_mode is off on the server."
     elif facts.get("failed"):
