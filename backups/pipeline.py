@@ -84,11 +84,16 @@ class Tool:
         if self.proc.returncode is not None and self.proc.returncode < 0:
             sig = signal.Signals(-self.proc.returncode).name
             return f"{name} was killed by {sig} before it finished: nothing of this run is kept"
-        lines = [line for line in self.stderr_tail if line]
+        lines = [line for line in self.stderr_tail if line and not any(g in line for g in ECHOES)]
         errors = [line for line in lines if "error" in line.lower() or "fatal" in line.lower()] or lines
         if not errors:
             return f"{name} exited with code {self.proc.returncode}"
         return f"{name}: {explain(errors[-1], server)}" if server else f"{name}: {errors[-1]}"
+
+
+# What a tool's leader says after one of its workers said why it failed (pg_restore -j,
+# pg_dump -j): never the cause, which the line before it gives.
+ECHOES = ("a worker process died unexpectedly", "worker process failed: exit code")
 
 
 class Zstd(Tool):

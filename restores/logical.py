@@ -104,11 +104,7 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
         if tablespace_map:
             notes += relocate(props, target, dbname, tablespace_map, warnings)
         if held.entries:
-            last = tool_for(target, dbname, pg_restore_for(target, run), *extra, *held.only())
-            # Its commits wait for their WAL flush: no session opens in the copy once its
-            # login triggers exist (flush_wal's would run them).
-            last.env["PGOPTIONS"] += " -c synchronous_commit=on"
-            notes += held.create(last, target)
+            notes += _create_event_triggers(run, target, dbname, extra, held, warnings)
     except BaseException as e:
         # A database that failed to be made was dropped where it failed.
         left = "; ".join(filter(None, [dropped(target, dbname) if made else "", dropped_roles(target, roles)]))
@@ -121,6 +117,33 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
         restore.warnings = warnings
         restore.created_roles = roles  # a restore test drops them with its database (dropped_roles)
     return notes
+
+
+def _create_event_triggers(run, target, dbname, extra, held, warnings):
+    """The held-back event triggers, in one transaction. Only a superuser may own one: an owner
+    that is none on `target` (production's superusers are created on another cluster without
+    SUPERUSER) fails it whole, and they are created again owned by the restoring role, said."""
+
+    def last(*more):
+        tool = tool_for(
+            target, dbname, pg_restore_for(target, run), *extra, "--single-transaction", *more, *held.only()
+        )
+        # Its commits wait for their WAL flush: no session opens in the copy once its login
+        # triggers exist (flush_wal's would run them).
+        tool.env["PGOPTIONS"] += " -c synchronous_commit=on"
+        return tool
+
+    try:
+        return held.create(last(), target)
+    except RestoreFailed as e:
+        if "permission denied to change owner of event trigger" not in str(e):
+            raise
+    warnings.append(
+        f"the dump's event triggers are owned by a role that is not a superuser on {target} (a superuser is"
+        f" created there without SUPERUSER): they were created owned by {target.user} instead; once that role"
+        " is a superuser there, give each back with ALTER EVENT TRIGGER name OWNER TO role"
+    )
+    return held.create(last("--no-owner"), target)
 
 
 def _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc=None, held=None):

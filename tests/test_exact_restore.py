@@ -718,3 +718,54 @@ def test_the_portals_sessions_search_pg_catalog_and_keep_a_callers_own_timeout(s
             assert conn.execute("SHOW statement_timeout").fetchone()[0] == "10s"
     finally:
         source.execute("ALTER DATABASE postgres RESET statement_timeout")
+
+
+def test_onto_another_server_an_event_trigger_of_a_demoted_superuser_is_restored_owned_by_the_portal(
+    source, target, passphrase_file, backup_root
+):
+    """Only a superuser owns an event trigger, and production's superusers are created elsewhere
+    without SUPERUSER: the copy's last step failed and the whole restore with it."""
+    source.execute("CREATE DATABASE audited")
+    with source.connect("audited") as conn:
+        conn.execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 100) g")
+        conn.execute("SET ROLE boss")
+        conn.execute("CREATE FUNCTION public.log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN NULL; END $$")
+        conn.execute("CREATE EVENT TRIGGER log_ddl ON ddl_command_end EXECUTE FUNCTION public.log_ddl()")
+        conn.execute("CREATE EVENT TRIGGER log_drop ON sql_drop EXECUTE FUNCTION public.log_ddl()")
+    register(source, "audited", "audited", "source")
+    run = backup("audited")
+    result = restore_json(str(run.pk), "--into-database", "audited_copy", "--into-server", "standby")
+    assert result["status"] == "succeeded with warnings", result
+    portal = Server.objects.get(name="standby").user
+    assert target.execute(
+        "SELECT evtname, pg_get_userbyid(evtowner) FROM pg_event_trigger ORDER BY 1", dbname="audited_copy"
+    ) == [("log_ddl", portal), ("log_drop", portal)]
+    assert any(
+        "event triggers are owned by a role that is not a superuser on standby" in w
+        and f"created owned by {portal} instead" in w
+        for w in result["warnings"]
+    ), result["warnings"]
+    assert target.execute("SELECT count(*) FROM t", dbname="audited_copy") == [(100,)]
+
+
+def test_a_parallel_restore_that_fails_names_the_cause_not_the_dead_worker(
+    source, target, passphrase_file, backup_root, settings
+):
+    """pg_restore -j's leader says "a worker process died unexpectedly" after the worker said why:
+    that line was the run's whole error."""
+    settings.RESTORE_JOBS = 2
+    source.execute("CREATE DATABASE subbed")
+    with source.connect("subbed") as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO items SELECT generate_series(1, 50)")
+        conn.execute(
+            "CREATE SUBSCRIPTION feed CONNECTION 'host=127.0.0.1 dbname=nowhere' PUBLICATION p"
+            " WITH (connect = false, slot_name = 's1', enabled = false)"
+        )
+        conn.execute("ALTER SUBSCRIPTION feed OWNER TO boss")  # not a superuser on standby: refused there
+    register(source, "subbed", "subbed", "source")
+    run = backup("subbed")
+    result = restore_json(str(run.pk), "--into-database", "subbed_copy", "--into-server", "standby")
+    assert result["status"] == "failed", result
+    assert 'permission denied to change owner of subscription "feed"' in result["error"], result["error"]
+    assert "worker process died" not in result["error"]
