@@ -291,6 +291,8 @@ if BACKUP_LOCK_WAIT < 1:  # 0 would mean no bound at all to PostgreSQL
 # A run still queued after this many seconds was lost by the broker or no worker is running:
 # it is failed, which frees the lock; so are a queued restore test and an approved restore
 # request no worker started (restores.orphans). Above the longest wait for a free worker.
+# A server the monitor finds not answering for this long is an alert (one pass is a blip: a restart).
+UNREACHABLE_AFTER_MINUTES = env.int("UNREACHABLE_AFTER_MINUTES", default=5)
 QUEUED_RUN_TIMEOUT = env.int("QUEUED_RUN_TIMEOUT", default=3600)
 # A base backup or an incremental run waits this long for its WAL to be archived and ingested.
 WAL_WAIT_SECONDS = env.int("WAL_WAIT_SECONDS", default=300)

@@ -19,7 +19,7 @@ from backups.models import BackupRun, Server, StorageLocation
 from backups.schedules import ensure_for
 from restores.models import RestoreTest
 from tests.helpers import mails, manage, ours
-from watching.models import Alert
+from watching.models import Alert, Reachability
 from watching.monitor import last_due_occurrence, run_once
 
 MALDIVES = ZoneInfo("Indian/Maldives")
@@ -500,3 +500,39 @@ def test_a_check_that_breaks_on_a_recorded_condition_never_fails_its_writer(cata
     catalog_server.enabled = False
     conditions.changed("backup_failed", server=catalog_server)
     assert called == [catalog_server]  # a disabled server is no longer watched
+
+
+def test_a_server_that_stops_answering_is_an_alert_after_a_few_minutes_not_at_the_next_backup(
+    pg_cluster, db, smtp_server, settings
+):
+    """Nothing said so before the next day's backup failed, hours later; one failed pass (a
+    restart) is not an alert."""
+    from tests.helpers import register
+
+    settings.UNREACHABLE_AFTER_MINUTES = 5
+    server = register(pg_cluster, dbname="postgres")
+    run_once()
+    assert not Alert.objects.filter(condition="server_unreachable").exists()
+    pg_cluster.stop()
+    try:
+        start = timezone.now()
+        with time_machine.travel(start, tick=False):
+            run_once()
+        assert Reachability.objects.get(server=server).unreachable_since == start
+        with time_machine.travel(start + timedelta(minutes=4), tick=False):
+            run_once()
+        assert not Alert.objects.filter(condition="server_unreachable").exists()
+        with time_machine.travel(start + timedelta(minutes=6), tick=False):
+            run_once()
+        alert = Alert.objects.get(condition="server_unreachable")
+        assert alert.state == "open" and alert.server == server
+        assert "maldives has not answered since" in alert.message and "connect" in alert.message
+        assert [m["Subject"] for m in smtp_server.messages if "does not answer" in m["Subject"]] == [
+            "[backupportal] maldives: Server does not answer"
+        ]
+    finally:
+        pg_cluster.start()
+    with time_machine.travel(start + timedelta(minutes=7), tick=False):
+        run_once()
+    assert Alert.objects.get(condition="server_unreachable").state == "resolved"
+    assert Reachability.objects.get(server=server).unreachable_since is None

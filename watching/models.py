@@ -59,6 +59,7 @@ class Alert(models.Model):
         DATABASE_UNCOVERED = "database_uncovered", "Database not backed up"
         COVERAGE_GAP = "coverage_gap", "Short of the protection policy"
         PORTAL_BACKUP_STALE = "portal_backup_stale", "The portal's own backup is missing or old"
+        SERVER_UNREACHABLE = "server_unreachable", "Server does not answer"
 
     class State(models.TextChoices):
         OPEN = "open", "Open"
@@ -187,6 +188,20 @@ class RpoStatus(models.Model):
 
     def __str__(self):
         return f"{self.server} RPO {self.seconds}"
+
+
+class Reachability(models.Model):
+    """Since when the monitor has found a server not answering (None: it answered last time). A
+    pass that fails once is a blip (a restart); one unanswered for UNREACHABLE_AFTER_MINUTES is
+    an alert, where before nothing said so until the next day's backup failed."""
+
+    server = models.OneToOneField("backups.Server", on_delete=models.CASCADE, related_name="reachability")
+    unreachable_since = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self):
+        return (
+            f"{self.server} unreachable since {self.unreachable_since}" if self.unreachable_since else str(self.server)
+        )
 
 
 class MaintenanceTaskQuerySet(models.QuerySet):

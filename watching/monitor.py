@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import psycopg
 from croniter import croniter
 from django.conf import settings
 from django.db import connection
@@ -24,6 +25,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from backupportal import conditions
+from backupportal.lib.pgerrors import explain
 from backups import selfbackup, walhealth
 from backups.copies import owner_of
 from backups.models import BackupCopy, BackupRun, BackupSchedule, Database, PortalBackup, Server, StorageLocation
@@ -33,7 +35,7 @@ from restores import orphans
 from restores.models import RestoreTest
 from watching import alerts, channels, coverage, maintenance, rpo
 from watching.alerts import raise_alert, resolve_alert
-from watching.models import Alert
+from watching.models import Alert, Reachability
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ def checks():
         # Restores and restore tests whose worker died: failed, what they made removed.
         Check("interrupted restores", orphans.fail_orphans),
         Check("restore tests", check_restore_tests, per_server=True),
+        Check("reachable", check_reachable, per_server=True),
         Check("RPO", check_rpo, per_server=True),
         # WAL gap, archiving failing, pg_receivewal or its slot down.
         Check("WAL", check_wal, per_server=True),
@@ -368,6 +371,31 @@ def check_restore_tests(server):
             f"Restore test #{t.pk} of {server} ({_local(t.started_at)}) failed: {t.error}" for t in failing
         ),
     )
+
+
+def check_reachable(server):
+    """The server answers a query. Not answering for UNREACHABLE_AFTER_MINUTES is an alert: its
+    backups, RPO and restore tests cannot be told meanwhile, and its next backup is hours away."""
+    state, _ = Reachability.objects.get_or_create(server=server)
+    try:
+        with server.connect(connect_timeout=10, options="-c statement_timeout=10000") as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as e:
+        now = timezone.now()
+        if state.unreachable_since is None:
+            state.unreachable_since = now
+            state.save(update_fields=["unreachable_since"])
+        if now - state.unreachable_since >= timedelta(minutes=settings.UNREACHABLE_AFTER_MINUTES):
+            raise_alert(
+                Alert.Condition.SERVER_UNREACHABLE,
+                server=server,
+                message=f"{server} has not answered since {_local(state.unreachable_since)}: {explain(e, server)}",
+            )
+        return
+    if state.unreachable_since is not None:
+        state.unreachable_since = None
+        state.save(update_fields=["unreachable_since"])
+    resolve_alert(Alert.Condition.SERVER_UNREACHABLE, server=server)
 
 
 def check_rpo(server):
