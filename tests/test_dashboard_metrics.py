@@ -4,6 +4,7 @@ import re
 from datetime import timedelta
 
 import pytest
+import time_machine
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -72,6 +73,32 @@ def test_each_figure_has_its_colour_against_its_objective(client, charlie, backu
     assert "13 min 20 s" in client.get(maldives.get_absolute_url()).content.decode()
 
 
+def test_an_rto_measured_by_a_restore_test_older_than_five_weeks_is_amber_however_fast(client, charlie, backup_root):
+    maldives = furnish("maldives")
+    assert server_health(maldives)["rto"]["colour"] == "green"
+    with time_machine.travel(timezone.now() + timedelta(days=90)):
+        health = server_health(Server.objects.get(pk=maldives.pk))
+        assert (health["rto"]["seconds"], health["rto"]["colour"], health["rto"]["stale"]) == (5000, "amber", True)
+        client.force_login(charlie)
+        html = client.get(reverse("dashboard")).content.decode()
+    assert row_colour(html, "maldives", "rto") == "amber"
+    assert "none passed since, too old to vouch for today" in html
+
+
+def test_a_backup_whose_offsite_copy_failed_is_amber_on_its_card(client, charlie, backup_root):
+    """The upload alert is the location's: the server's card said nothing of its newest backup
+    having no offsite copy."""
+    maldives = furnish("maldives", alert=False)
+    newest = maldives.runs.filter(kind="logical").order_by("-finished_at").first()
+    offsite = StorageLocation.objects.create(name="s3", kind="s3", path="", bucket="b")
+    BackupCopy.objects.create(run=newest, location=offsite, key="k", status="failed", last_error="no route")
+    health = server_health(maldives)
+    assert [(b["kind"], b["colour"], b["failing"]) for b in health["backups"]][0] == ("logical", "amber", ["s3"])
+    client.force_login(charlie)
+    html = client.get(reverse("dashboard")).content.decode()
+    assert "its copy to s3 failed" in html
+
+
 def test_an_acknowledged_alert_is_amber_and_an_old_rpo_measurement_is_not_trusted(charlie, backup_root):
     server = furnish("maldives", rpo_s=10)
     Alert.objects.filter(server=server).update(state="acknowledged")
@@ -138,8 +165,8 @@ def test_the_dashboard_and_metrics_cost_the_same_queries_for_one_server_or_five(
     five = count_queries(client, reverse("dashboard")), count_queries(client, reverse("metrics"), **auth)
     assert one == five
     # The dashboard: 12, 4 for the coverage count, 1 for the portal's own backup (selfbackup),
-    # 1 for the change requests waiting for a second person.
-    assert one[0] <= 18 and one[1] <= 10
+    # 1 for the change requests waiting for a second person, 1 for the newest backups' copies.
+    assert one[0] <= 19 and one[1] <= 11
 
 
 # --- /metrics ------------------------------------------------------------------------------

@@ -9,17 +9,14 @@ them on the coverage page. Computed in a fixed number of queries, whatever the n
 """
 
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from backups.models import BackupCopy, BackupRun, BackupSchedule, Database, Server, StorageLocation
 from restores.models import RestoreTest
-from watching.dashboard import rpo_health
+from watching.dashboard import RESTORE_TEST_MAX_AGE, rpo_health
 
-# The strategy tests restores weekly and monthly: five weeks without a passed test is a gap.
-RESTORE_TEST_MAX_AGE = timedelta(days=35)
 # Without WAL archiving the recovery point is the newest daily dump.
 DAILY_MINUTES = 24 * 60
 

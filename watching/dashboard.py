@@ -12,7 +12,7 @@ from django.db.models import OuterRef, Prefetch, Q, Subquery
 from django.utils import timezone
 
 from backupportal.roles import role_may
-from backups.models import BackupRun, ChangeRequest, PortalBackup, Server, StorageLocation
+from backups.models import BackupCopy, BackupRun, ChangeRequest, PortalBackup, Server, StorageLocation
 from restores.models import RestoreRequest, RestoreTest
 from watching.models import Alert, MaintenanceTask
 
@@ -61,7 +61,13 @@ def servers(queryset=None):
             last_rto_at=Subquery(passed.values("finished_at")[:1]),
         )
         .prefetch_related(
-            Prefetch("runs", queryset=runs.good().newest_per_kind(), to_attr="newest_good_runs"),
+            Prefetch(
+                "runs",
+                queryset=runs.good()
+                .newest_per_kind()
+                .prefetch_related(Prefetch("copies", queryset=BackupCopy.objects.select_related("location"))),
+                to_attr="newest_good_runs",
+            ),
             Prefetch("runs", queryset=runs.finished().newest_per_kind(), to_attr="newest_finished_runs"),
             Prefetch("runs", queryset=runs.active().order_by("created_at"), to_attr="active_runs"),
             Prefetch(
@@ -118,16 +124,23 @@ def rpo_health(server, now):
     return figure | {"colour": colour_against(status.seconds, objective)}
 
 
-def rto_health(server):
-    """The last measured RTO (the newest passed restore test) against the critical objective."""
+FAILING = (BackupCopy.Status.FAILED, BackupCopy.Status.BAD)
+# The strategy tests restores weekly and monthly: five weeks without a passed test is a gap
+# (coverage), and the RTO it measured too old to vouch for today (the tile turns amber).
+RESTORE_TEST_MAX_AGE = timedelta(days=35)
+
+
+def rto_health(server, now=None):
+    """The last measured RTO (the newest passed restore test) against the critical objective:
+    amber once that test is older than RESTORE_TEST_MAX_AGE, however
+    fast it was: a restore measured months ago says little about one today."""
     objective = server.rto_critical_minutes * 60
-    seconds = getattr(server, "last_rto_s", None)
-    return {
-        "seconds": seconds,
-        "objective_s": objective,
-        "at": getattr(server, "last_rto_at", None),
-        "colour": colour_against(seconds, objective),
-    }
+    seconds, at = getattr(server, "last_rto_s", None), getattr(server, "last_rto_at", None)
+    colour = colour_against(seconds, objective)
+    stale = at is not None and at < (now or timezone.now()) - RESTORE_TEST_MAX_AGE
+    if stale and colour == "green":
+        colour = "amber"
+    return {"seconds": seconds, "objective_s": objective, "at": at, "colour": colour, "stale": stale}
 
 
 def colour_against(value, objective):
@@ -140,13 +153,19 @@ def colour_against(value, objective):
 
 
 def backup_health(kind, run, now):
-    """A daily job: green within a day (and a bit), amber within two, red after."""
+    """A daily job: green within a day (and a bit), amber within two, red after; amber too while a
+    copy of it failed or went bad (an offsite copy that did not upload: the upload alert is the
+    location's, not the server's, and the card said nothing)."""
     age = (now - run.finished_at) if run else None
     if age is None:
         colour = "red" if kind == BackupRun.Kind.LOGICAL else "grey"
     else:
         colour = "green" if age < timedelta(hours=26) else "amber" if age < timedelta(hours=50) else "red"
-    return {"kind": kind, "label": BackupRun.Kind(kind).label, "run": run, "age": age, "colour": colour}
+    failing = [c.location.name for c in run.copies.all() if c.status in FAILING] if run else []
+    if failing and colour == "green":
+        colour = "amber"
+    label = BackupRun.Kind(kind).label
+    return {"kind": kind, "label": label, "run": run, "age": age, "colour": colour, "failing": failing}
 
 
 def storage_legend():
