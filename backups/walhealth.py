@@ -5,6 +5,7 @@ The monitor (watching) turns health() into the wal_gap, archive_failing and rece
 """
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from django.utils import timezone
@@ -12,7 +13,7 @@ from django.utils import timezone
 from backups.models import Server
 from backups.receiver import steady
 from backups.walchain import chain_gaps
-from backups.walspool import is_portal_command, read_small_file, spool_dir
+from backups.walspool import is_portal_command, pending_names, read_small_file, spool_dir
 
 
 def error_markers(server):
@@ -34,6 +35,30 @@ def error_markers(server):
 
 
 MARKER_BYTES = 64 * 1024  # a marker is a line of JSON
+
+# A segment in the spool longer than this was taken by no ingest (it runs every minute): the
+# worker is down, and the WAL sits in plaintext in one place, on no tier.
+SPOOL_STALE = timedelta(minutes=10)
+
+
+def waiting_in_spool(server, now=None):
+    """A sentence when the oldest WAL file ready to ingest has waited longer than SPOOL_STALE."""
+    spool = spool_dir(server)
+    try:
+        names = pending_names(spool, server.archiving)
+        oldest = min(((spool / n).lstat().st_mtime, n) for n in names) if names else None
+    except OSError:
+        return ""  # no spool yet, or a file ingested meanwhile: the next pass looks again
+    if oldest is None:
+        return ""
+    since = datetime.fromtimestamp(oldest[0], tz=UTC)
+    if (now or timezone.now()) - since < SPOOL_STALE:
+        return ""
+    return (
+        f"WAL segment {oldest[1]} has waited in the spool since {timezone.localtime(since):%Y-%m-%d %H:%M} and"
+        f" {len(names)} file(s) with it: no ingest took them (is the worker, manage.py qcluster, running?);"
+        " until then they are on no tier and no restore uses them"
+    )
 
 
 # What archiver_failure(), push_problems() and receiver_problem() return, when asked to, for a
@@ -156,6 +181,8 @@ def health(server):
     else:
         problems = []
     problems += [m.get("message") or f"{m.get('segment')}: {m.get('reason')}" for m in error_markers(server)]
+    if waiting := waiting_in_spool(server):
+        problems.append(waiting)
     if problems:
         findings["archive_failing"] = "; ".join(problems)[:2000]
     if server.archiving == Server.Archiving.PULL:

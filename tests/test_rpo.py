@@ -189,6 +189,9 @@ def test_wal_in_the_spool_that_no_ingest_takes_is_not_archived(
     alert = Alert.objects.get(condition="rpo_breached")
     assert "The spool holds WAL through" in alert.message and "is the worker running" in alert.message
     assert server_health(Server.objects.get(pk=server.pk))["rpo"]["colour"] == "red"
+    # Whatever the objective, the spool's own age says so within minutes: archiving is failing.
+    failing = Alert.objects.get(condition="archive_failing")
+    assert "has waited in the spool since" in failing.message and "manage.py qcluster" in failing.message
 
     walingest.ingest(server)
     with time_machine.travel(start + timedelta(hours=6, minutes=1), tick=False):
@@ -196,6 +199,7 @@ def test_wal_in_the_spool_that_no_ingest_takes_is_not_archived(
     status.refresh_from_db()
     assert status.seconds == 0
     assert Alert.objects.get(condition="rpo_breached").state == "resolved"
+    assert Alert.objects.get(condition="archive_failing").state == "resolved"
 
 
 def test_a_server_without_wal_archiving_is_not_measured(db, smtp_server):
