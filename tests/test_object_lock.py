@@ -49,6 +49,18 @@ def locked(tiers, s3_client):
     return tiers
 
 
+def backup_and_wal_on_s3(server):
+    """A good backup and two ingested WAL segments, copied to S3: (run, segment names, the run's
+    S3 copies' (version, retain-until) by artifact, the WAL copies' versions by key)."""
+    _, run = good_backup()
+    forget_keys()
+    names = spool_segments(server, 2)
+    assert walingest.ingest(server).ingested == names
+    made = {c.artifact: (c.version_id, c.retain_until) for c in s3_copies(run)}
+    wal_made = {c.key: c.version_id for c in BackupCopy.objects.filter(wal_segment__isnull=False, location__kind="s3")}
+    return run, names, made, wal_made
+
+
 def s3_copies(run):
     return run.copies.filter(location__kind=StorageLocation.Kind.S3).select_related("location").order_by("artifact")
 
@@ -219,12 +231,7 @@ def test_a_catalog_rebuilt_from_a_locked_bucket_sees_past_delete_markers_and_kee
     """The host burns, and whoever burnt it deleted every object of the bucket by key (S3 put a
     delete marker in front of each). The fresh portal's location does not even say it locks yet."""
     settings.S3_BUCKET = locked.bucket  # the fresh portal's environment names the locked bucket
-    _, run = good_backup()
-    forget_keys()
-    names = spool_segments(server, 2)
-    assert walingest.ingest(server).ingested == names
-    made = {c.artifact: (c.version_id, c.retain_until) for c in s3_copies(run)}
-    wal_made = {c.key: c.version_id for c in BackupCopy.objects.filter(wal_segment__isnull=False, location__kind="s3")}
+    run, names, made, wal_made = backup_and_wal_on_s3(server)
     # An object nobody locked, deleted by key too (as the portal prunes): it stays deleted.
     locked.s3.put_object(Bucket=locked.bucket, Key=f"{PREFIX}maldives/logical/gone{manifests.SUFFIX}", Body=b"x")
     public = keep_public_key(tmp_path)

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 
 from backupportal.models import JournalEntry
-from backups import walingest
 from backups.models import BackupCopy, BackupRun, StorageLocation
 from backups.storage import store_for
 from tests.helpers import good_backup, restore_json, run_command, verify_json
-from tests.test_object_lock import PREFIX, every_version, locked, s3_copies  # noqa: F401 (fixtures)
+from tests.test_object_lock import PREFIX, backup_and_wal_on_s3, every_version, locked, s3_copies  # noqa: F401 (fixtures)
 from tests.test_rebuild_catalog import burn_the_host, keep_public_key, signing_dir  # noqa: F401 (fixtures)
-from tests.test_wal_keys import fetch, forget_keys, spool_segments
+from tests.test_wal_keys import fetch, forget_keys
 
 pytest_plugins = ["tests.walfixtures"]
 
@@ -67,12 +66,7 @@ def test_a_catalog_rebuilt_after_objects_were_written_over_reads_the_locked_orig
     server, passphrase_file, bucket, wal_spool, settings, tmp_path, request, then_delete
 ):
     settings.S3_BUCKET = bucket.bucket  # the fresh portal's environment names the locked bucket
-    _, run = good_backup()
-    forget_keys()
-    names = spool_segments(server, 2)
-    assert walingest.ingest(server).ingested == names
-    made = {c.artifact: (c.version_id, c.retain_until) for c in s3_copies(run)}
-    wal_made = {c.key: c.version_id for c in BackupCopy.objects.filter(wal_segment__isnull=False, location__kind="s3")}
+    run, names, made, wal_made = backup_and_wal_on_s3(server)
     public = keep_public_key(tmp_path)
     keys = put_over_everything(bucket, then_delete)
     assert any("/wal/keys/" in key for key in keys)  # the WAL key file is written over too
