@@ -9,6 +9,7 @@ test's checks) turn them off where the role may (targetdb.connect_to_copy).
 """
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -17,53 +18,69 @@ from pathlib import Path
 from restores import dbprops
 from restores.targetdb import RestoreFailed
 
+# Up to PostgreSQL 15 only a superuser owns a subscription: one owned by production's superuser
+# fails onto a cluster where that role was created without SUPERUSER (restores.cluster_globals).
+SUBSCRIPTION_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:SUBSCRIPTION - |(?:COMMENT|SECURITY LABEL) - SUBSCRIPTION )")
+ANY_SUBSCRIPTION_OWNER = 160000  # from PostgreSQL 16, pg_create_subscription is enough
+
 
 class EventTriggers:
     """Production's event triggers, held back from the restore (a use-list without them) and
     created by a last pg_restore once the portal's own statements in the copy are done (the WAL
     flush, detaching subscriptions, the database's properties, tablespace moves): no DDL trigger
     fires on those, and from PostgreSQL 17 no login trigger on the restore's sessions. Nothing
-    changes for a dump without any, or whose table of contents could not be read."""
+    changes for a dump without any, or whose table of contents could not be read.
 
-    def __init__(self, props, scratch_root):
+    With `subscriptions` (a target before PostgreSQL 16) its subscriptions are held back too, and
+    created (restores.logical) before they are detached: each may then fall back to the
+    restoring role as its owner, where the whole restore failed."""
+
+    def __init__(self, props, scratch_root, subscriptions=False):
         lines = props.listing.splitlines() if props is not None else []
         self.entries = [line for line in lines if dbprops.EVENT_TRIGGER_ENTRY.match(line)]
+        self.subscriptions = [line for line in lines if subscriptions and SUBSCRIPTION_ENTRY.match(line)]
         self.head = props.head if props is not None else None
         self.directory = None
         self.confirmed = False  # the head is what the restored, verified copy begins with
-        if self.entries:  # beside the restore's scratch files, cleared with them if it is killed
+        if self.held:  # beside the restore's scratch files, cleared with them if it is killed
             self.directory = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=scratch_root()))
-            held = set(self.entries)
+            held = set(self.entries) | set(self.subscriptions)
             (self.directory / "without").write_text("".join(f"{';' * (line in held)}{line}\n" for line in lines))
             (self.directory / "only").write_text("".join(f"{line}\n" for line in self.entries))
+            (self.directory / "subscriptions").write_text("".join(f"{line}\n" for line in self.subscriptions))
+
+    @property
+    def held(self):
+        return bool(self.entries or self.subscriptions)
 
     def args(self):
-        return [f"--use-list={self.directory / 'without'}"] if self.entries else []
+        return [f"--use-list={self.directory / 'without'}"] if self.held else []
 
     def wanted(self):
         """How much of the restored copy's start verified() needs: the head, when anything is held."""
-        return len(self.head) if self.entries else 0
+        return len(self.head) if self.held else 0
 
     def verified(self, start):
         """`start`: the first wanted() bytes of the copy the restore read and verified. The head,
         read before (unverified, perhaps from another copy), is used only when it is the same."""
-        self.confirmed = bool(self.entries) and start == self.head
+        self.confirmed = self.held and start == self.head
 
     def check(self):
         """RestoreFailed unless nothing is held or the head is the restored copy's start."""
-        if self.entries and not self.confirmed:
+        if self.held and not self.confirmed:
             raise RestoreFailed(
                 "the table of contents read before the restore is not the start of the copy restored (its"
                 " location returned different data twice): the dump's event triggers were not created; check"
                 " the location and restore again"
             )
 
-    def only(self):
-        return [f"--use-list={self.directory / 'only'}"]
+    def only(self, which="only"):
+        """The use-list of the event triggers ("only") or of the subscriptions ("subscriptions")."""
+        return [f"--use-list={self.directory / which}"]
 
-    def create(self, tool, target):
+    def create(self, tool, target, what="event trigger"):
         """The held-back entries, by `tool` (a pg_restore given only()) fed the table of contents
-        alone: an event trigger has no data."""
+        alone: neither an event trigger nor a subscription has data."""
         self.check()
         tool.stdin = subprocess.PIPE
         tool.start()
@@ -73,7 +90,9 @@ class EventTriggers:
         except BrokenPipeError:  # it read what it needed (or failed: its exit code says)
             pass
         if tool.proc.wait() != 0:
-            raise RestoreFailed(f"the dump's event triggers could not be created: {tool.error_line(target)}")
+            raise RestoreFailed(f"the dump's {what}s could not be created: {tool.error_line(target)}")
+        if what == "subscription":
+            return []  # said by their detaching (targetdb.detach_all)
         count = sum(" EVENT TRIGGER - " in line for line in self.entries)
         return [f"{count} event trigger(s) created last, after the restore's own statements in the copy"]
 

@@ -23,7 +23,7 @@ from backups.runner import beating
 from backups.storage import StorageError, store_for
 from backups.streams import CopyCorrupt
 from restores import cluster_globals, dbprops, targetdb
-from restores.eventtriggers import EventTriggers
+from restores.eventtriggers import ANY_SUBSCRIPTION_OWNER, EventTriggers
 from restores.models import RestoreRun
 from restores.pgrestore import restore_parallel, restore_piped, scratch_root, tool_for
 from restores.sqlscript import NotText, script_text
@@ -88,13 +88,15 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     if elsewhere:
         roles = restore_globals(run, target, encryption, notes, warnings, with_role_passwords)
     made = False
-    held = EventTriggers(props, scratch_root)
+    held = EventTriggers(props, scratch_root, subscriptions=(target.pg_version or 0) < ANY_SUBSCRIPTION_OWNER)
     if restore is not None:  # dropped by restores.orphans if this process dies before it ends
         restore.leaves(**{**restore.left, "database": dbname, "at": target.destination})
     try:
         toc = (props.copy_id, props.head) if props is not None else None
         notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc, held)
         made = True
+        if held.subscriptions:  # before they are detached
+            notes += _create_held(run, target, dbname, extra, held, "subscription", warnings)
         try:
             targetdb.detach_all(target, dbname, warnings, advice)
         except psycopg.Error as e:
@@ -104,7 +106,7 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
         if tablespace_map:
             notes += relocate(props, target, dbname, tablespace_map, warnings)
         if held.entries:
-            notes += _create_event_triggers(run, target, dbname, extra, held, warnings)
+            notes += _create_held(run, target, dbname, extra, held, "event trigger", warnings)
     except BaseException as e:
         # A database that failed to be made was dropped where it failed.
         left = "; ".join(filter(None, [dropped(target, dbname) if made else "", dropped_roles(target, roles)]))
@@ -119,14 +121,16 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     return notes
 
 
-def _create_event_triggers(run, target, dbname, extra, held, warnings):
-    """The held-back event triggers, in one transaction. Only a superuser may own one: an owner
-    that is none on `target` (production's superusers are created on another cluster without
-    SUPERUSER) fails it whole, and they are created again owned by the restoring role, said."""
+def _create_held(run, target, dbname, extra, held, what, warnings):
+    """The held-back event triggers (or subscriptions), in one transaction. Only a superuser may
+    own one (a subscription: up to PostgreSQL 15): an owner that is none on `target` (production's
+    superusers are created on another cluster without SUPERUSER) fails it whole, and they are
+    created again owned by the restoring role, said."""
+    which = "subscriptions" if what == "subscription" else "only"
 
     def last(*more):
         tool = tool_for(
-            target, dbname, pg_restore_for(target, run), *extra, "--single-transaction", *more, *held.only()
+            target, dbname, pg_restore_for(target, run), *extra, "--single-transaction", *more, *held.only(which)
         )
         # Its commits wait for their WAL flush: no session opens in the copy once its login
         # triggers exist (flush_wal's would run them).
@@ -134,16 +138,16 @@ def _create_event_triggers(run, target, dbname, extra, held, warnings):
         return tool
 
     try:
-        return held.create(last(), target)
+        return held.create(last(), target, what)
     except RestoreFailed as e:
-        if "permission denied to change owner of event trigger" not in str(e):
+        if f"permission denied to change owner of {what}" not in str(e):
             raise
     warnings.append(
-        f"the dump's event triggers are owned by a role that is not a superuser on {target} (a superuser is"
+        f"the dump's {what}s are owned by a role that is not a superuser on {target} (a superuser is"
         f" created there without SUPERUSER): they were created owned by {target.user} instead; once that role"
-        " is a superuser there, give each back with ALTER EVENT TRIGGER name OWNER TO role"
+        f" is a superuser there, give each back with ALTER {what.upper()} name OWNER TO role"
     )
-    return held.create(last("--no-owner"), target)
+    return held.create(last("--no-owner"), target, what)
 
 
 def _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc=None, held=None):

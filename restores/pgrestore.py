@@ -114,7 +114,7 @@ def restore_parallel(reader, target, dbname, encryption, restore, creation, comm
         if not result["result"].ok:
             raise RestoreFailed(gpg_failure(result["result"]))
         created(creation, target)
-        if held.entries:  # event triggers held back: the verified file's start must be their TOC
+        if held.held:  # event triggers (or subscriptions) held back: the verified file's start must be their TOC
             with open(path, "rb") as f:
                 held.verified(f.read(held.wanted()))
             held.check()  # before the data is loaded
