@@ -42,10 +42,12 @@ SPOOL_STALE = timedelta(minutes=10)
 
 
 def waiting_in_spool(server, now=None):
-    """A sentence when the oldest WAL file ready to ingest has waited longer than SPOOL_STALE."""
+    """A sentence when the oldest WAL file ready to ingest has waited longer than SPOOL_STALE.
+    A file the ingest left on purpose (a conflict, a refusal) has its error marker, which says why:
+    not counted here, as the worker that left it is running."""
     spool = spool_dir(server)
     try:
-        names = pending_names(spool, server.archiving)
+        names = [n for n in pending_names(spool, server.archiving) if not (spool / "errors" / f"{n}.json").exists()]
         oldest = min(((spool / n).lstat().st_mtime, n) for n in names) if names else None
     except OSError:
         return ""  # no spool yet, or a file ingested meanwhile: the next pass looks again
@@ -54,10 +56,11 @@ def waiting_in_spool(server, now=None):
     since = datetime.fromtimestamp(oldest[0], tz=UTC)
     if (now or timezone.now()) - since < SPOOL_STALE:
         return ""
+    more = f" ({len(names) - 1} more after it)" if len(names) > 1 else ""
     return (
-        f"WAL segment {oldest[1]} has waited in the spool since {timezone.localtime(since):%Y-%m-%d %H:%M} and"
-        f" {len(names)} file(s) with it: no ingest took them (is the worker, manage.py qcluster, running?);"
-        " until then they are on no tier and no restore uses them"
+        f"WAL segment {oldest[1]} has waited in the spool since {timezone.localtime(since):%Y-%m-%d %H:%M}{more}:"
+        " no ingest took it (is the worker, manage.py qcluster, running?); until then it is on no tier and no"
+        " restore uses it"
     )
 
 

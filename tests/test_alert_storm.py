@@ -11,7 +11,7 @@ from backupportal.models import JournalEntry
 from backups.models import BackupRun, Database, Server
 from tests.test_alert_channels import Sink, bodies, channel
 from watching.alerts import LISTED
-from watching.models import Alert
+from watching.models import MAIL_PENDING, Alert
 from watching.monitor import alert_backup_failures, check_databases, run_once
 
 UNCOVERED = "database_uncovered"
@@ -94,17 +94,25 @@ def test_a_few_uncovered_databases_are_all_named_without_a_count(catalog_server)
     )
 
 
-def test_an_alert_per_database_left_open_by_an_older_version_is_resolved_once(catalog_server):
-    junk(catalog_server, count=1)
-    database = Database.objects.get()
-    old = Alert.objects.create(
-        condition=UNCOVERED, subject=f"database:{database.pk}", server=catalog_server, message="database junk000"
-    )
+def test_alerts_per_database_left_open_by_an_older_version_end_quietly_and_once(catalog_server):
+    """Resolved one by one, as usual, they would mail and post the storm this replaced once more."""
+    junk(catalog_server, count=50)
+    now = timezone.now()
+    for database in Database.objects.all():
+        Alert.objects.create(
+            condition=UNCOVERED,
+            subject=f"database:{database.pk}",
+            server=catalog_server,
+            message=f"database {database.name}",
+            opened_mail_sent_at=now,
+        )
     check_databases(catalog_server)
     check_databases(catalog_server)
-    old.refresh_from_db()
-    assert old.state == "resolved"
+    old = Alert.objects.filter(subject__startswith="database:")
+    assert old.count() == 50 and not old.exclude(state="resolved").exists()
+    assert not old.filter(MAIL_PENDING).exists()  # no mail owed for them
     assert Alert.objects.exclude(state="resolved").get().subject == "server:maldives"
+    assert Alert.objects.filter(MAIL_PENDING).count() == 1  # the server's one alert, opened
     assert journaled("alert_resolved") == 1
 
 

@@ -536,3 +536,15 @@ def test_a_server_that_stops_answering_is_an_alert_after_a_few_minutes_not_at_th
         run_once()
     assert Alert.objects.get(condition="server_unreachable").state == "resolved"
     assert Reachability.objects.get(server=server).unreachable_since is None
+
+    # Nobody looked for three days (the monitor stopped, or the server disabled): one failed pass
+    # after that is a blip again, not "has not answered" for days.
+    pg_cluster.stop()
+    try:
+        later = start + timedelta(days=3)
+        with time_machine.travel(later, tick=False):
+            run_once()
+        assert Reachability.objects.get(server=server).unreachable_since == later
+        assert not Alert.objects.filter(condition="server_unreachable", state="open").exists()
+    finally:
+        pg_cluster.start()

@@ -254,3 +254,26 @@ def test_a_segment_name_gives_the_lsn_just_past_it():
     assert segment_end_lsn("000000020000000100000003", 16 * one_mb) == (256 + 4) * 16 * one_mb
     assert segment_end_lsn("00000002.history", one_mb) is None
     assert segment_end_lsn("000000010000000000000006.partial", one_mb) is None
+
+
+def test_a_file_the_ingest_left_with_its_marker_does_not_say_the_worker_is_down(db, wal_spool):
+    """A segment that came again with other contents is left in the spool on purpose, with a
+    marker saying so: the worker that left it runs."""
+    import os
+
+    from backups import walhealth
+
+    server = Server.objects.create(
+        name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives", archiving="push"
+    )
+    spool = walspool.spool_dir(server)
+    (spool / "errors").mkdir(parents=True)
+    an_hour_ago = timezone.now().timestamp() - 3600
+    for name in ("000000010000000000000003", "000000010000000000000004"):
+        (spool / name).write_bytes(b"\0" * 16)
+        os.utime(spool / name, (an_hour_ago, an_hour_ago))
+    walspool.write_error_marker(spool, "000000010000000000000003", "conflict", "came again with other contents")
+    said = walhealth.waiting_in_spool(server)
+    assert said.startswith("WAL segment 000000010000000000000004 has waited in the spool since") and "more" not in said
+    walspool.write_error_marker(spool, "000000010000000000000004", "conflict", "came again with other contents")
+    assert walhealth.waiting_in_spool(server) == ""

@@ -197,6 +197,9 @@ class Reachability(models.Model):
 
     server = models.OneToOneField("backups.Server", on_delete=models.CASCADE, related_name="reachability")
     unreachable_since = models.DateTimeField(null=True, blank=True)
+    # The pass before: after a long gap (the server disabled, the monitor stopped) nobody was
+    # looking, and a failure starts the count again rather than reading as hours of silence.
+    checked_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self):
         return (

@@ -21,10 +21,11 @@ import psycopg
 from croniter import croniter
 from django.conf import settings
 from django.db import connection
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, OuterRef, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from backupportal import conditions
+from backupportal import conditions, journal
 from backupportal.lib.pgerrors import explain
 from backups import selfbackup, walhealth
 from backups.copies import owner_of
@@ -282,12 +283,30 @@ def check_databases(server):
 
 def _resolve_per_database_alerts(server):
     """Until this version the alert was per database ("database:<pk>"): those still open end
-    here, once, as the server's one alert takes their place."""
+    here, once, quietly (their mails and channel messages marked as owing nothing, one journal
+    entry for all), as the server's one alert takes their place: resolving each as usual would
+    send the storm this replaced, once more."""
     legacy = Alert.objects.filter(
         condition=Alert.Condition.DATABASE_UNCOVERED, server=server, subject__startswith="database:"
     ).exclude(state=Alert.State.RESOLVED)
-    for subject in legacy.values_list("subject", flat=True):
-        resolve_alert(Alert.Condition.DATABASE_UNCOVERED, server=server, subject=subject)
+    ids = list(legacy.values_list("pk", flat=True))
+    if not ids:
+        return
+    now = timezone.now()
+    Alert.objects.filter(pk__in=ids).update(
+        state=Alert.State.RESOLVED,
+        resolved_at=now,
+        opened_mail_sent_at=Coalesce("opened_mail_sent_at", Value(now)),
+        resolved_mail_sent_at=now,
+    )
+    journal.record(
+        "alert_resolved",
+        actor="job:monitor",
+        server=server,
+        condition=Alert.Condition.DATABASE_UNCOVERED,
+        alerts=ids,
+        why="replaced by the server's one alert naming its databases",
+    )
 
 
 def check_coverage(server):
@@ -377,24 +396,25 @@ def check_reachable(server):
     """The server answers a query. Not answering for UNREACHABLE_AFTER_MINUTES is an alert: its
     backups, RPO and restore tests cannot be told meanwhile, and its next backup is hours away."""
     state, _ = Reachability.objects.get_or_create(server=server)
+    now, after = timezone.now(), timedelta(minutes=settings.UNREACHABLE_AFTER_MINUTES)
+    gap = state.checked_at is None or now - state.checked_at > after
+    state.checked_at = now
     try:
         with server.connect(connect_timeout=10, options="-c statement_timeout=10000") as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as e:
-        now = timezone.now()
-        if state.unreachable_since is None:
+        if state.unreachable_since is None or gap:
             state.unreachable_since = now
-            state.save(update_fields=["unreachable_since"])
-        if now - state.unreachable_since >= timedelta(minutes=settings.UNREACHABLE_AFTER_MINUTES):
+        state.save(update_fields=["unreachable_since", "checked_at"])
+        if now - state.unreachable_since >= after:
             raise_alert(
                 Alert.Condition.SERVER_UNREACHABLE,
                 server=server,
                 message=f"{server} has not answered since {_local(state.unreachable_since)}: {explain(e, server)}",
             )
         return
-    if state.unreachable_since is not None:
-        state.unreachable_since = None
-        state.save(update_fields=["unreachable_since"])
+    state.unreachable_since = None
+    state.save(update_fields=["unreachable_since", "checked_at"])
     resolve_alert(Alert.Condition.SERVER_UNREACHABLE, server=server)
 
 

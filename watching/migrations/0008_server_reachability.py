@@ -22,6 +22,7 @@ class Migration(migrations.Migration):
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('unreachable_since', models.DateTimeField(blank=True, null=True)),
+                ('checked_at', models.DateTimeField(blank=True, null=True)),
                 ('server', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='reachability', to='backups.server')),
             ],
         ),
