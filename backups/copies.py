@@ -54,6 +54,22 @@ def secondary_locations():
     return StorageLocation.objects.filter(enabled=True).exclude(kind=StorageLocation.Kind.PRIMARY)
 
 
+def restorable(runs):
+    """The pks of `runs` that can be restored from copies believed good in enabled locations: their
+    main artifact, and for a base backup whose tar holds no manifest (compressed by the server) its
+    manifest too. One definition for PITR (which base to start from) and for retention (which
+    backups fill the floor and may start the WAL window): where they differed, retention kept three
+    that PITR refuses and deleted the one it would use."""
+    runs = list(runs)
+    healthy = BackupCopy.objects.filter(status=BackupCopy.Status.OK, location__enabled=True)
+    usable = set(healthy.filter(run__in=runs, artifact="main").values_list("run_id", flat=True))
+    apart = [r.pk for r in runs if (r.details or {}).get("manifest_in_tar", True) is False]
+    if apart:
+        manifests = set(healthy.filter(run__in=apart, artifact="manifest").values_list("run_id", flat=True))
+        usable -= set(apart) - manifests
+    return usable
+
+
 def healthy_copies(owner, artifact="main"):
     qs = BackupCopy.objects.filter(artifact=artifact, status=BackupCopy.Status.OK, location__enabled=True)
     return in_read_order(qs.filter(**owner_filter(owner)).select_related("location"))

@@ -30,7 +30,7 @@ from django.utils import timezone
 
 from backupportal import journal
 from backups import gfs, keyring, manifests, walnames, walspool
-from backups.copies import delete_run_artifacts, retire
+from backups.copies import delete_run_artifacts, restorable, retire
 from backups.models import WAL_LOCATION, BackupCopy, BackupHold, BackupRun, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
 
@@ -102,20 +102,22 @@ def plan(server, now=None):
             kept.setdefault(by_pk[pk], f"locked until {timezone.localtime(until).date().isoformat()}")
     _keep_chains(kept, by_pk)
     _keep_globals(kept, by_pk)
-    anchor = window_anchor(
-        [r for r in runs if r.kind == BackupRun.Kind.BASE], now - timedelta(days=server.wal_retention_days)
-    )
+    bases = [r for r in runs if r.kind == BackupRun.Kind.BASE]
+    # The window starts from a base a PITR can start from: WAL only a lost one needed is not kept.
+    startable = [r for r in bases if r.pk not in lost] or bases
+    anchor = window_anchor(startable, now - timedelta(days=server.wal_retention_days))
     if anchor is not None:
         kept.setdefault(anchor, "start of the WAL window")
     return {r: kept.get(r) for r in sorted(runs, key=lambda r: r.finished_at, reverse=True)}
 
 
 def _without_a_healthy_copy(server):
-    """Pks of the server's runs whose artifact has copies, none of them ok: corrupt, missing or
-    deleted (one in a location retired for a while still counts: it is there when it returns)."""
-    main = BackupCopy.objects.filter(run__server=server, artifact="main")
-    healthy = main.filter(status=BackupCopy.Status.OK).values_list("run_id", flat=True)
-    return set(main.values_list("run_id", flat=True)) - set(healthy)
+    """Pks of the server's runs that have copies but cannot be restored from them (copies.restorable:
+    corrupt, missing or deleted; only in a disabled location; a base backup's separate manifest
+    lost), as a restore would find them now. They keep their days, and fill the floor only when
+    too few others can (plan)."""
+    with_copies = server.runs.filter(copies__artifact="main").distinct().only("id", "details")
+    return {run.pk for run in with_copies} - restorable(with_copies)
 
 
 def _locked_until(server, now):
@@ -271,13 +273,16 @@ def window_anchor(bases, window_start):
     return max(before, key=attrgetter("stop_time")) if before else None
 
 
-def doomed_segments(server, kept_bases, now, kept_links=()):
+def doomed_segments(server, kept_bases, now, kept_links=(), lost=()):
     """Segments older than the window that no kept base backup needs, nor a kept block
-    incremental (`kept_links`: the WAL from its start to its end makes it consistent)."""
+    incremental (`kept_links`: the WAL from its start to its end makes it consistent). The WAL
+    kept from the window's start begins at a base a PITR can start from: not one in `lost` (pks
+    of bases without a restorable copy), while any other is kept."""
     size = server.wal_segment_size
     window_start = now - timedelta(days=server.wal_retention_days)
     with_wal = [b for b in kept_bases if b.start_wal and size]
-    anchor = window_anchor(with_wal, window_start) or (min(with_wal, key=attrgetter("stop_time")) if with_wal else None)
+    usable = [b for b in with_wal if b.pk not in lost] or with_wal
+    anchor = window_anchor(usable, window_start) or (min(usable, key=attrgetter("stop_time")) if usable else None)
     keep_from = walnames.segno_of(anchor.start_wal, size) if anchor else None
     needing = with_wal + [link for link in kept_links if link.start_wal and link.end_wal and size]
     ranges = [(walnames.segno_of(b.start_wal, size), walnames.segno_of(b.end_wal, size)) for b in needing]
@@ -305,7 +310,8 @@ def wal_retention(server, now, dry_run, actor):
     kept_pks = {r.pk for r, rule in plan(server, now).items() if rule is not None}
     good = server.runs.good().filter(pk__in=kept_pks)
     kept = list(good.filter(kind=BackupRun.Kind.BASE))
-    segments, anchor = doomed_segments(server, kept, now, list(good.filter(kind=BackupRun.Kind.INCREMENTAL)))
+    links = list(good.filter(kind=BackupRun.Kind.INCREMENTAL))
+    segments, anchor = doomed_segments(server, kept, now, links, lost=_without_a_healthy_copy(server))
     result = {
         "deleted": len(segments),
         "first_deleted": segments[0].name if segments else None,

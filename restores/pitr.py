@@ -36,7 +36,7 @@ from django.utils import timezone
 from backupportal import journal
 from backupportal.lib.osuser import chown_to_db_user
 from backups import keyring, walchain, walnames
-from backups.copies import decrypt_here, healthy_copies
+from backups.copies import decrypt_here, healthy_copies, restorable
 from backups.crypto import Encryption, EncryptionError
 from backups.models import BackupCopy, WalSegment
 from backups.runner import beating
@@ -193,7 +193,7 @@ def make_plan(server, target, into_datadir, port, fallback=True) -> Plan:
     size = bases[-1].details.get("wal_segment_size") or server.wal_segment_size
     lineage, bases, notes = pitr_checks.production_lineage(server, bases, size)  # never another's timeline
     base = choose_base(bases, target)
-    healthy = with_healthy_copy(bases)
+    healthy = restorable(bases)
     # Bases already known unreadable are never planned on (pitr_points.find_restore_point walks plan.bases).
     readable = [b for b in bases if b.pk in healthy] if fallback else bases
     plan = Plan(
@@ -221,18 +221,6 @@ def good_bases(server):
     if not bases:
         raise Refused(f"{server} has no base backup to recover from: take one with backup {server.name} --kind base")
     return bases
-
-
-def with_healthy_copy(bases):
-    """The pks of the base backups with a copy believed good in an enabled location (and of their
-    manifest, for a tar the server compressed, which holds none: restores.pitr_extract.place_manifest)."""
-    healthy = BackupCopy.objects.filter(status=BackupCopy.Status.OK, location__enabled=True)
-    usable = set(healthy.filter(run__in=bases, artifact="main").values_list("run_id", flat=True))
-    apart = [b.pk for b in bases if b.details.get("manifest_in_tar", True) is False]
-    if apart:
-        manifests = set(healthy.filter(run__in=apart, artifact="manifest").values_list("run_id", flat=True))
-        usable -= set(apart) - manifests
-    return usable
 
 
 def fall_back(plan, fault, run=None, error=RestoreFailed):

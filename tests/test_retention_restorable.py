@@ -1,0 +1,99 @@
+"""Retention and PITR agree on which base backups can be restored (backups.copies.restorable):
+the floor is filled, and the WAL window started, only by base backups a PITR would start from.
+Real clusters, push archiving, gpg, and the verify finding a flipped byte; PITR to latest before
+and after retention."""
+
+from datetime import timedelta
+from pathlib import Path
+
+from django.utils import timezone
+
+from backupportal.lib.osuser import free_port
+from backups import retention, walingest, walnames
+from backups.models import BackupRun, WalSegment
+from tests.helpers import enable_push, flip_byte_in, run_command, switch_wal, verify_json, wait_archived
+
+pytest_plugins = ["tests.walfixtures"]
+DB = "reliabilitymaldives"
+
+
+def base(cluster, *tables):
+    """A base backup, then a table and an archived segment for each of `tables`."""
+    run = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "base")["id"])
+    for name in tables:
+        cluster.execute(f"CREATE TABLE {name}(x int)", dbname=DB)
+        wait_archived(cluster, switch_wal(cluster))
+    return run
+
+
+def aged(run, days, now):
+    when = now - timedelta(days=days)
+    run.finished_at = when
+    run.details["stop_time"] = when.isoformat()
+    run.save(update_fields=["finished_at", "details"])
+
+
+def damaged(run, artifact):
+    """A flipped byte in the run's copy of `artifact`, found by the verify."""
+    copy = run.copies.get(artifact=artifact)
+    flip_byte_in(Path(copy.location.path) / copy.key)
+    verify_json(str(run.pk))
+    assert run.copies.get(artifact=artifact).status == "bad"
+
+
+def pitr_latest(restored):
+    return run_command(
+        "restore", "--server", "maldives", "--target", "latest", "--into-datadir", str(restored()),
+        "--port", str(free_port()),
+    )  # fmt: skip
+
+
+def test_the_wal_window_starts_at_a_base_pitr_can_use_not_at_a_corrupt_one(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """The window began at the newest base before it, corrupt or not: the WAL between the older
+    good base and the corrupt one was deleted, and no PITR could reach the window any more."""
+    enable_push(sample_cluster)
+    good = base(sample_cluster, "a1", "a2", "a3")
+    corrupt = base(sample_cluster, "b1", "b2")
+    walingest.ingest(server)
+    server.refresh_from_db()
+    damaged(corrupt, "main")
+    assert pitr_latest(restored)["status"] == "succeeded"  # from the good one
+
+    now = timezone.now()
+    aged(good, 20, now)
+    aged(corrupt, 9, now)  # both before the 7-day window: the corrupt one is the newest before it
+    start = walnames.segno_of(corrupt.start_wal, server.wal_segment_size)
+    WalSegment.objects.filter(segno__lt=start).update(archived_at=now - timedelta(days=15))
+    done = retention.apply_wal_and_base_retention(now=now)
+    assert done["wal"]["maldives"]["kept_from"] == good.start_wal
+    result = pitr_latest(restored)
+    assert result["status"] == "succeeded", result
+
+
+def test_the_floor_is_not_filled_by_base_backups_whose_separate_manifest_is_lost(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """A tar the server compressed holds no manifest: without a good copy of it PITR refuses the
+    base, but retention counted it restorable, kept three such and deleted the one PITR uses."""
+    enable_push(sample_cluster)
+    first = base(sample_cluster, "t0")
+    others = [base(sample_cluster, f"t{n}") for n in (1, 2, 3)]
+    walingest.ingest(server)
+    server.refresh_from_db()
+    assert [r.details.get("manifest_in_tar") for r in others] == [False] * 3
+    for run in others:
+        damaged(run, "manifest")
+    assert pitr_latest(restored)["status"] == "succeeded"
+
+    now = timezone.now()
+    for run, days in zip([first, *others], (40, 35, 34, 33), strict=True):
+        aged(run, days, now)
+    WalSegment.objects.update(archived_at=now - timedelta(days=33))
+    kept = {run.pk: rule for run, rule in retention.plan(server, now).items()}
+    assert kept[first.pk] == "floor"
+    done = retention.apply_wal_and_base_retention(now=now)
+    assert first.pk not in [d["id"] for d in done["deleted"]]
+    result = pitr_latest(restored)
+    assert result["status"] == "succeeded", result
