@@ -54,14 +54,17 @@ def secondary_locations():
     return StorageLocation.objects.filter(enabled=True).exclude(kind=StorageLocation.Kind.PRIMARY)
 
 
-def restorable(runs):
+def restorable(runs, enabled_only=True):
     """The pks of `runs` that can be restored from copies believed good in enabled locations: their
     main artifact, and for a base backup whose tar holds no manifest (compressed by the server) its
     manifest too. One definition for PITR (which base to start from) and for retention (which
     backups fill the floor and may start the WAL window): where they differed, retention kept three
-    that PITR refuses and deleted the one it would use."""
+    that PITR refuses and deleted the one it would use. `enabled_only=False`: a copy in a location
+    disabled for a while counts too (retention's floor and tiers: it is there when it returns)."""
     runs = list(runs)
-    healthy = BackupCopy.objects.filter(status=BackupCopy.Status.OK, location__enabled=True)
+    healthy = BackupCopy.objects.filter(status=BackupCopy.Status.OK)
+    if enabled_only:
+        healthy = healthy.filter(location__enabled=True)
     usable = set(healthy.filter(run__in=runs, artifact="main").values_list("run_id", flat=True))
     apart = [r.pk for r in runs if (r.details or {}).get("manifest_in_tar", True) is False]
     if apart:

@@ -84,7 +84,8 @@ class Tool:
         if self.proc.returncode is not None and self.proc.returncode < 0:
             sig = signal.Signals(-self.proc.returncode).name
             return f"{name} was killed by {sig} before it finished: nothing of this run is kept"
-        lines = [line for line in self.stderr_tail if line and not any(g in line for g in ECHOES)]
+        said = [line for line in self.stderr_tail if line]
+        lines = [line for line in said if not any(g in line for g in ECHOES)] or said  # a worker killed says nothing
         errors = [line for line in lines if "error" in line.lower() or "fatal" in line.lower()] or lines
         if not errors:
             return f"{name} exited with code {self.proc.returncode}"

@@ -103,21 +103,24 @@ def plan(server, now=None):
     _keep_chains(kept, by_pk)
     _keep_globals(kept, by_pk)
     bases = [r for r in runs if r.kind == BackupRun.Kind.BASE]
-    # The window starts from a base a PITR can start from: WAL only a lost one needed is not kept.
-    startable = [r for r in bases if r.pk not in lost] or bases
+    # The window starts from a base a PITR can start from now: WAL only a lost one needed is not kept.
+    unstartable = _without_a_healthy_copy(server, enabled_only=True)
+    startable = [r for r in bases if r.pk not in unstartable] or bases
     anchor = window_anchor(startable, now - timedelta(days=server.wal_retention_days))
     if anchor is not None:
         kept.setdefault(anchor, "start of the WAL window")
     return {r: kept.get(r) for r in sorted(runs, key=lambda r: r.finished_at, reverse=True)}
 
 
-def _without_a_healthy_copy(server):
+def _without_a_healthy_copy(server, enabled_only=False):
     """Pks of the server's runs that have copies but cannot be restored from them (copies.restorable:
-    corrupt, missing or deleted; only in a disabled location; a base backup's separate manifest
-    lost), as a restore would find them now. They keep their days, and fill the floor only when
-    too few others can (plan)."""
-    with_copies = server.runs.filter(copies__artifact="main").distinct().only("id", "details")
-    return {run.pk for run in with_copies} - restorable(with_copies)
+    corrupt, missing or deleted; a base backup's separate manifest lost). They keep their days, and
+    fill the floor only when too few others can (plan). A copy in a location disabled for a while
+    still counts (it is there when it returns: its monthly backups are not deleted meanwhile),
+    unless `enabled_only`: where a PITR could start now (the WAL window's first base)."""
+    with_copies = BackupRun.objects.filter(server=server, copies__artifact="main").distinct()
+    with_copies = with_copies.only("id", "server_id", "details")
+    return {run.pk for run in with_copies} - restorable(with_copies, enabled_only)
 
 
 def _locked_until(server, now):
@@ -311,7 +314,8 @@ def wal_retention(server, now, dry_run, actor):
     good = server.runs.good().filter(pk__in=kept_pks)
     kept = list(good.filter(kind=BackupRun.Kind.BASE))
     links = list(good.filter(kind=BackupRun.Kind.INCREMENTAL))
-    segments, anchor = doomed_segments(server, kept, now, links, lost=_without_a_healthy_copy(server))
+    lost = _without_a_healthy_copy(server, enabled_only=True)
+    segments, anchor = doomed_segments(server, kept, now, links, lost=lost)
     result = {
         "deleted": len(segments),
         "first_deleted": segments[0].name if segments else None,

@@ -11,6 +11,7 @@ from backupportal.models import JournalEntry
 from backups.models import BackupRun, Database, Server
 from tests.test_alert_channels import Sink, bodies, channel
 from watching.alerts import LISTED
+from watching.channel_models import ChannelDelivery
 from watching.models import MAIL_PENDING, Alert
 from watching.monitor import alert_backup_failures, check_databases, run_once
 
@@ -94,19 +95,23 @@ def test_a_few_uncovered_databases_are_all_named_without_a_count(catalog_server)
     )
 
 
-def test_alerts_per_database_left_open_by_an_older_version_end_quietly_and_once(catalog_server):
-    """Resolved one by one, as usual, they would mail and post the storm this replaced once more."""
+def test_alerts_per_database_left_open_by_an_older_version_end_quietly_and_once(catalog_server, sink):
+    """Resolved one by one, as usual, they would mail and post the storm this replaced once more;
+    an opening a channel was still owed (it was down) would be posted with no end following."""
     junk(catalog_server, count=50)
     now = timezone.now()
+    ops = channel("ops webhook", sink.url(), conditions=[UNCOVERED])
     for database in Database.objects.all():
-        Alert.objects.create(
+        old = Alert.objects.create(
             condition=UNCOVERED,
             subject=f"database:{database.pk}",
             server=catalog_server,
             message=f"database {database.name}",
             opened_mail_sent_at=now,
         )
+        ChannelDelivery.objects.create(alert=old, channel=ops, event="opened")  # not sent yet
     check_databases(catalog_server)
+    assert not ChannelDelivery.objects.filter(alert__subject__startswith="database:").exists()
     check_databases(catalog_server)
     old = Alert.objects.filter(subject__startswith="database:")
     assert old.count() == 50 and not old.exclude(state="resolved").exists()

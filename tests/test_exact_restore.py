@@ -796,3 +796,12 @@ def test_a_parallel_pg_restore_that_fails_names_the_cause_not_the_dead_worker(pg
     assert any("worker process died unexpectedly" in line for line in tool.stderr_tail)  # what pg_restore says
     error = tool.error_line()
     assert 'relation "items_note" already exists' in error and "worker process died" not in error
+
+
+def test_when_the_leaders_line_is_all_there_is_it_is_the_error():
+    """A worker killed (the OOM killer) says nothing: the leader's line is then the only clue."""
+    from backups.pipeline import Tool
+
+    tool = Tool(["sh", "-c", "echo 'pg_restore: error: a worker process died unexpectedly' >&2; exit 1"], {}).start()
+    assert tool.proc.wait() == 1
+    assert tool.error_line() == "sh: pg_restore: error: a worker process died unexpectedly"

@@ -537,6 +537,20 @@ def test_a_server_that_stops_answering_is_an_alert_after_a_few_minutes_not_at_th
     assert Alert.objects.get(condition="server_unreachable").state == "resolved"
     assert Reachability.objects.get(server=server).unreachable_since is None
 
+    # Passes minutes apart (a long --interval, slow passes in a partition) are still watching.
+    pg_cluster.stop()
+    try:
+        apart = start + timedelta(hours=1)
+        for step in range(3):
+            with time_machine.travel(apart + step * timedelta(minutes=5, seconds=20), tick=False):
+                run_once()
+        assert Alert.objects.filter(condition="server_unreachable", state="open").exists()
+    finally:
+        pg_cluster.start()
+    with time_machine.travel(apart + timedelta(minutes=17), tick=False):
+        run_once()
+    assert not Alert.objects.filter(condition="server_unreachable", state="open").exists()
+
     # Nobody looked for three days (the monitor stopped, or the server disabled): one failed pass
     # after that is a blip again, not "has not answered" for days.
     pg_cluster.stop()

@@ -97,3 +97,35 @@ def test_the_floor_is_not_filled_by_base_backups_whose_separate_manifest_is_lost
     assert first.pk not in [d["id"] for d in done["deleted"]]
     result = pitr_latest(restored)
     assert result["status"] == "succeeded", result
+
+
+def test_backups_kept_only_in_a_location_disabled_for_a_while_keep_their_tiers(db, backup_root, tmp_path):
+    """A monthly or yearly backup whose only copy is on a NAS disabled for maintenance is there
+    when the NAS returns: retention must not delete it meanwhile (PITR's "restorable now" is not
+    retention's)."""
+    from datetime import datetime
+
+    import time_machine
+
+    from backups.models import BackupCopy, StorageLocation
+    from tests.test_gfs import MALE, backup, make_server
+
+    StorageLocation.sync_from_settings()
+    primary = StorageLocation.objects.get(name="primary")
+    nas = StorageLocation.objects.create(name="nas1", kind="nas", path=str(tmp_path), enabled=True)
+    server = make_server(logical_retention_days=7, keep_monthly=6, keep_yearly=2, retention_floor=1)
+    now = datetime(2026, 12, 3, 3, tzinfo=MALE)
+    yearly = backup(server, datetime(2025, 12, 20, 2, tzinfo=MALE))
+    monthly = backup(server, datetime(2026, 10, 20, 2, tzinfo=MALE))
+    newest = backup(server, now - timedelta(days=1))
+    for n, run in enumerate((yearly, monthly)):
+        (tmp_path / f"n{n}").write_bytes(b"dump")
+        BackupCopy.objects.create(run=run, location=nas, key=f"n{n}", size=1, sha256="a" * 64, status="ok")
+    BackupCopy.objects.create(run=newest, location=primary, key="p", size=1, sha256="a" * 64, status="ok")
+    StorageLocation.objects.filter(pk=nas.pk).update(enabled=False)
+    kept = {run.pk: rule for run, rule in retention.plan(server, now).items()}
+    assert kept[yearly.pk] == "monthly 2025-12" and kept[monthly.pk] == "monthly 2026-10", kept
+    with time_machine.travel(now, tick=False):
+        retention.apply()
+    assert not BackupRun.objects.filter(pk__in=[yearly.pk, monthly.pk], deleted_at__isnull=False).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n0", "n1"]

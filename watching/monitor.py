@@ -36,6 +36,7 @@ from restores import orphans
 from restores.models import RestoreTest
 from watching import alerts, channels, coverage, maintenance, rpo
 from watching.alerts import raise_alert, resolve_alert
+from watching.channel_models import ChannelDelivery
 from watching.models import Alert, Reachability
 
 log = logging.getLogger(__name__)
@@ -283,8 +284,8 @@ def check_databases(server):
 
 def _resolve_per_database_alerts(server):
     """Until this version the alert was per database ("database:<pk>"): those still open end
-    here, once, quietly (their mails and channel messages marked as owing nothing, one journal
-    entry for all), as the server's one alert takes their place: resolving each as usual would
+    here, once, quietly (their mails marked as sent, their unsent channel messages dropped, one
+    journal entry for all), as the server's one alert takes their place: resolving each as usual would
     send the storm this replaced, once more."""
     legacy = Alert.objects.filter(
         condition=Alert.Condition.DATABASE_UNCOVERED, server=server, subject__startswith="database:"
@@ -299,6 +300,8 @@ def _resolve_per_database_alerts(server):
         opened_mail_sent_at=Coalesce("opened_mail_sent_at", Value(now)),
         resolved_mail_sent_at=now,
     )
+    # An opening not posted yet (a channel down) would be posted with no end ever following.
+    ChannelDelivery.objects.filter(alert_id__in=ids, sent_at=None).delete()
     journal.record(
         "alert_resolved",
         actor="job:monitor",
@@ -397,7 +400,9 @@ def check_reachable(server):
     backups, RPO and restore tests cannot be told meanwhile, and its next backup is hours away."""
     state, _ = Reachability.objects.get_or_create(server=server)
     now, after = timezone.now(), timedelta(minutes=settings.UNREACHABLE_AFTER_MINUTES)
-    gap = state.checked_at is None or now - state.checked_at > after
+    # Passes minutes apart (a long --interval, slow passes while many servers time out) are
+    # watching; only a gap of hours (disabled, the monitor stopped) is nobody looking.
+    gap = state.checked_at is None or now - state.checked_at > max(timedelta(hours=1), 4 * after)
     state.checked_at = now
     try:
         with server.connect(connect_timeout=10, options="-c statement_timeout=10000") as conn:
