@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from backupportal.lib.pgerrors import explain
 from backups import base
-from backups.copies import decrypt_here, healthy_copies
+from backups.copies import decrypt_here, healthy_copies, restorable
 from backups.crypto import Encryption, EncryptionError
 from backups.models import BackupRun
 from backups.pipeline import BackupFailed
@@ -36,12 +36,32 @@ def take(run):
     (take_block if block else base.wal_chain)(run)
 
 
+# How far back a parent is looked for: a day of six-hourly links on each of a week's fulls.
+PARENTS_LOOKED_AT = 40
+
+
 def parent_of(server):
-    """The newest good backup of the server's chain: a full base backup or a block incremental."""
+    """The newest good backup of the server's chain that a restore could use: a full base backup
+    or a block incremental, restorable (copies.restorable) down to its full. One whose copy the
+    verify found bad (or whose ancestor's) made an incremental that said "succeeded" and could
+    never be restored; None when there is none to build on."""
     chain = server.runs.good().filter(kind=BackupRun.Kind.BASE) | server.runs.good().filter(
         kind=BackupRun.Kind.INCREMENTAL, details__method="block"
     )
-    return chain.order_by("-finished_at", "-pk").first()
+    candidates = list(chain.order_by("-finished_at", "-pk")[:PARENTS_LOOKED_AT])
+    usable, by_pk = restorable(candidates), {run.pk: run for run in candidates}
+    return next((run for run in candidates if sound(run, by_pk, usable)), None)
+
+
+def sound(run, by_pk, usable):
+    """`run` and each of its parents down to its full base backup are in `usable`."""
+    seen = set()
+    while run is not None and run.pk in usable and run.pk not in seen:
+        if run.kind == BackupRun.Kind.BASE:
+            return True
+        seen.add(run.pk)
+        run = by_pk.get(run.parent_run_id)
+    return False
 
 
 def key_for(run):
@@ -56,8 +76,8 @@ def take_block(run):
     parent = parent_of(server)
     if parent is None:
         raise BackupFailed(
-            f"{server} has no full base backup for an incremental to build on: "
-            f"take one with manage.py backup {server.name} --kind base"
+            f"{server} has no base backup for an incremental to build on (none, or none whose copies are good"
+            f" down to its full): take one with manage.py backup {server.name} --kind base"
         )
     run.details["parent"] = parent.pk
     scratch = Path(tempfile.mkdtemp(prefix="manifest-", dir=scratch_root()))
@@ -110,7 +130,13 @@ def fetch_manifest(parent, scratch):
 
 
 def summaries_gone(error, server, parent):
-    """pg_basebackup's refusal when the WAL summaries since the parent are missing, said as what to do."""
+    """pg_basebackup's refusal when the WAL summaries since the parent are missing, or when the
+    parent is on a timeline the server left (a failover), said as what to do."""
+    if "manifest requires WAL from final timeline" in str(error):
+        return (
+            f"backup #{parent.pk} was taken on a timeline {server} has left (a failover or a promotion since):"
+            f" an incremental cannot build on it; take a full base backup (manage.py backup {server.name} --kind base)"
+        )
     if "WAL summaries are required" not in str(error):
         return str(error)
     return (

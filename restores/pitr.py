@@ -471,12 +471,13 @@ def stage_partial(plan):
 
 
 def extract_chain_or_base(plan, run, early):
-    """The chain combined (pitr_chain); when a link reads intact from no copy, the full base
+    """The chain combined (pitr_chain); when a link reads intact from no copy, or
+    pg_combinebackup refuses the chain (checksums enabled between its links, say), the full base
     backup alone, with the WAL from its start, if that reaches the target."""
     if plan.links:
         try:
             return pitr_chain.combine(plan)
-        except FetchFailed as e:  # the bad copies are marked already
+        except (FetchFailed, RestoreFailed) as e:  # the bad copies are marked already
             note = f"incremental chain refused: {e}; recovering from full base backup #{plan.base.pk} and WAL instead"
             plan.notes.append(note)
             plan.report(note)

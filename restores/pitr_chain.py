@@ -26,6 +26,7 @@ from backups.copies import decrypt_here, healthy_copies
 from backups.models import BackupRun
 from backups.storage import store_for
 from backups.streams import readable
+from restores import pitr_checks
 from restores.pitr_extract import TarSink, place_manifest
 from restores.pitr_plan import RestoreFailed, encryption_of
 
@@ -41,7 +42,7 @@ def choose_links(plan):
     if newest is None:
         return
     try:
-        plan.links = links_down_to(newest, plan.base)
+        plan.links = links_down_to(newest, plan.base, plan.lineage)
     except BrokenLink as e:
         note = (
             f"incremental chain ending with #{newest.pk} refused: {e}; "
@@ -71,13 +72,18 @@ def ends_before(run, target):
     return True
 
 
-def links_down_to(newest, full):
-    """newest and its ancestors down to (not including) `full`, oldest first; BrokenLink otherwise."""
+def links_down_to(newest, full, lineage=None):
+    """newest and its ancestors down to (not including) `full`, oldest first; BrokenLink otherwise,
+    as for a link taken on a timeline production has left (`lineage`: production's, as the full
+    base backups are chosen by): after a failover to a standby that lagged, its blocks hold
+    changes production never had."""
     links, run, seen = [], newest, set()
     while run.kind == BackupRun.Kind.INCREMENTAL:
         if run.pk in seen:
             raise BrokenLink(f"incremental #{run.pk} is its own ancestor in the catalog")
         seen.add(run.pk)
+        if lineage is not None and not pitr_checks.on_lineage(lineage, run):
+            raise BrokenLink(f"incremental #{run.pk} was taken on timeline {run.timeline}, which production left")
         check_link(run)
         links.append(run)
         run = parent_of(run)

@@ -148,3 +148,141 @@ def test_retention_keeps_whole_chains_and_deletes_a_chain_once_its_newest_link_h
     now += timedelta(days=35)
     assert doomed() == {old_full.pk, old_1.pk, old_2.pk, old_3.pk}
     assert newest.pk not in doomed() and full.pk not in doomed()
+
+
+# --- Chains a restore could not use (a review on PostgreSQL 18) ------------------------------
+
+
+def _marked_bad(run):
+    from pathlib import Path
+
+    from tests.helpers import flip_byte_in, verify_json
+
+    for copy in run.copies.filter(artifact="main"):
+        flip_byte_in(Path(copy.location.path) / copy.key)
+    verify_json(str(run.pk))
+    assert run.copies.filter(artifact="main", status="bad").exists()
+
+
+def _latest(restored):
+    from tests.helpers import pitr
+
+    port = free_port()
+    return pitr(restored(), port, "--target", "latest"), port
+
+
+@on_18
+def test_an_incremental_never_builds_on_a_link_the_verify_found_bad(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, pg_major
+):
+    """It said "succeeded" on a parent no restore can read, and could never be used itself."""
+    from tests.helpers import switch_wal, wait_archived
+
+    sample_cluster.configure(summarize_wal=True)
+    enable_push(sample_cluster)
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    full = base_backup()
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    _, first = incremental()
+    _marked_bad(first)
+    write(sample_cluster, "INSERT INTO probe VALUES ('C')")
+    _, second = incremental()
+    assert second.parent_run_id == full.pk  # past the bad link, on the full
+    write(sample_cluster, "INSERT INTO probe VALUES ('D')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    result, port = _latest(restored)
+    assert result["status"] == "succeeded", result
+    assert result["chain"] == [full.pk, second.pk]
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",), ("C",), ("D",)]
+
+    _marked_bad(full)  # nothing sound left to build on: said, with what to do
+    refused = run_command("backup", "maldives", "--kind", "incremental")
+    assert refused["status"] == "failed"
+    assert "no base backup for an incremental to build on" in refused["error"]
+    assert "--kind base" in refused["error"]
+
+
+@on_18
+def test_a_chain_pg_combinebackup_refuses_falls_back_to_the_full_and_wal(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, pg_major
+):
+    """Checksums enabled (offline) between the full and an incremental: pg_combinebackup refuses
+    the chain; the full and the WAL reach the target, as for a link no copy of which reads."""
+    from tests.helpers import switch_wal, wait_archived
+
+    sample_cluster.configure(summarize_wal=True)
+    enable_push(sample_cluster)
+    checksums = ["runuser", "-u", "postgres", "--", str(sample_cluster.bin_dir / "pg_checksums")]
+    sample_cluster.stop()
+    subprocess.run([*checksums, "--disable", "-D", str(sample_cluster.datadir)], capture_output=True, check=False)
+    sample_cluster.start()
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    full = base_backup()
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    sample_cluster.stop()
+    subprocess.run([*checksums, "--enable", "-D", str(sample_cluster.datadir)], capture_output=True, check=True)
+    sample_cluster.start()
+    write(sample_cluster, "INSERT INTO probe VALUES ('C')")
+    incremental()
+    write(sample_cluster, "INSERT INTO probe VALUES ('D')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    result, port = _latest(restored)
+    assert result["status"] == "succeeded", result
+    assert "incremental chain refused: pg_combinebackup" in result["notes"]
+    assert f"recovering from full base backup #{full.pk} and WAL instead" in result["notes"]
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",), ("C",), ("D",)]
+
+
+@on_18
+def test_an_incremental_on_a_timeline_production_left_is_refused_and_the_full_and_wal_restore(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, pg_major
+):
+    """A failover to a standby that lagged: an incremental taken on the old timeline after the
+    fork holds changes production never had. PITR combined it anyway and failed; now the link is
+    refused by name and the full and WAL restore production's rows; the next incremental, on it,
+    fails saying to take a full."""
+    import shutil
+    import time
+
+    from tests.helpers import switch_wal, wait_archived
+
+    c = sample_cluster
+    c.configure(summarize_wal=True)
+    enable_push(c)
+    write(c, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    full = base_backup()
+    write(c, "INSERT INTO probe VALUES ('B')")
+    wait_archived(c, switch_wal(c))
+    c.stop()
+    standby = c.datadir.with_name("standby")
+    subprocess.run(["cp", "-a", str(c.datadir), str(standby)], check=True)
+    c.start()
+    write(c, "INSERT INTO probe VALUES ('lost')")
+    _, lost = incremental()
+    write(c, "INSERT INTO probe VALUES ('lost too')")
+    wait_archived(c, switch_wal(c))
+    c.stop()
+    c.datadir.rename(c.datadir.with_name("old-primary"))
+    standby.rename(c.datadir)
+    (c.datadir / "standby.signal").touch()
+    chown_to_db_user(c.datadir / "standby.signal")
+    c.start()
+    c.execute("SELECT pg_promote(true, 60)")
+    for _ in range(100):
+        if not c.execute("SELECT pg_is_in_recovery()")[0][0]:
+            break
+        time.sleep(0.1)
+    write(c, "INSERT INTO probe VALUES ('C')")
+    refused = run_command("backup", "maldives", "--kind", "incremental")
+    assert (
+        refused["status"] == "failed"
+        and f"backup #{lost.pk} was taken on a timeline maldives has left" in (refused["error"])
+    )
+    write(c, "INSERT INTO probe VALUES ('D')")
+    wait_archived(c, switch_wal(c))
+    result, port = _latest(restored)
+    assert result["status"] == "succeeded", result
+    assert f"incremental #{lost.pk} was taken on timeline 1, which production left" in result["notes"]
+    assert f"recovering from full base backup #{full.pk} and WAL instead" in result["notes"]
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",), ("C",), ("D",)]
+    shutil.rmtree(c.datadir.with_name("old-primary"), ignore_errors=True)
