@@ -95,12 +95,14 @@ class Manifest:
         self.data = bytes(data)
 
     def wal_range(self):
-        """(timeline, start LSN, end LSN) from the manifest's WAL-Ranges, or None."""
-        m = re.search(r'"WAL-Ranges"\s*:\s*\[\s*(\{.*?\})\s*\]', self.data.decode(errors="replace"), re.S)
-        if not m:
+        """(timeline, start LSN, end LSN) from the manifest's WAL-Ranges, or None. A backup that
+        spans a timeline switch (a standby following a promotion) has one range per timeline, the
+        final one first: its timeline and end are the first range's, its start the last's."""
+        m = re.search(r'"WAL-Ranges"\s*:\s*(\[.*?\])', self.data.decode(errors="replace"), re.S)
+        ranges = json.loads(m.group(1)) if m else []
+        if not ranges:
             return None
-        first = json.loads(m.group(1))
-        return first["Timeline"], first["Start-LSN"], first["End-LSN"]
+        return ranges[0]["Timeline"], ranges[-1]["Start-LSN"], ranges[0]["End-LSN"]
 
     def checksum(self):
         m = re.search(r'"Manifest-Checksum"\s*:\s*"([0-9a-f]+)"', self.data.decode(errors="replace"))

@@ -54,13 +54,19 @@ def parent_of(server):
 
 
 def sound(run, by_pk, usable):
-    """`run` and each of its parents down to its full base backup are in `usable`."""
+    """`run` and each of its parents down to its full base backup are restorable (`usable`); an
+    ancestor older than the runs looked at is read from the catalog (a long chain)."""
     seen = set()
     while run is not None and run.pk in usable and run.pk not in seen:
         if run.kind == BackupRun.Kind.BASE:
             return True
         seen.add(run.pk)
-        run = by_pk.get(run.parent_run_id)
+        parent = run.parent_run_id
+        if parent not in by_pk:
+            older = BackupRun.objects.good().filter(pk=parent).first()
+            by_pk[parent] = older
+            usable |= restorable([older]) if older is not None else set()
+        run = by_pk[parent]
     return False
 
 

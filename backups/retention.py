@@ -103,24 +103,23 @@ def plan(server, now=None):
     _keep_chains(kept, by_pk)
     _keep_globals(kept, by_pk)
     bases = [r for r in runs if r.kind == BackupRun.Kind.BASE]
-    # The window starts from a base a PITR can start from now: WAL only a lost one needed is not kept.
-    unstartable = _without_a_healthy_copy(server, enabled_only=True)
-    startable = [r for r in bases if r.pk not in unstartable] or bases
+    # The window starts from a base a PITR can start from: WAL only a lost one needed is not kept.
+    startable = [r for r in bases if r.pk not in lost] or bases
     anchor = window_anchor(startable, now - timedelta(days=server.wal_retention_days))
     if anchor is not None:
         kept.setdefault(anchor, "start of the WAL window")
     return {r: kept.get(r) for r in sorted(runs, key=lambda r: r.finished_at, reverse=True)}
 
 
-def _without_a_healthy_copy(server, enabled_only=False):
+def _without_a_healthy_copy(server):
     """Pks of the server's runs that have copies but cannot be restored from them (copies.restorable:
-    corrupt, missing or deleted; a base backup's separate manifest lost). They keep their days, and
-    fill the floor only when too few others can (plan). A copy in a location disabled for a while
-    still counts (it is there when it returns: its monthly backups are not deleted meanwhile),
-    unless `enabled_only`: where a PITR could start now (the WAL window's first base)."""
+    corrupt, missing or deleted; a base backup's separate manifest lost). They keep their days, fill
+    the floor only when too few others can, and never start the WAL window (plan). A copy in a
+    location disabled for a while still counts: it is there when it returns, and neither its
+    monthly backups nor the WAL from it are deleted meanwhile."""
     with_copies = BackupRun.objects.filter(server=server, copies__artifact="main").distinct()
     with_copies = with_copies.only("id", "server_id", "details")
-    return {run.pk for run in with_copies} - restorable(with_copies, enabled_only)
+    return {run.pk for run in with_copies} - restorable(with_copies, enabled_only=False)
 
 
 def _locked_until(server, now):
@@ -314,8 +313,7 @@ def wal_retention(server, now, dry_run, actor):
     good = server.runs.good().filter(pk__in=kept_pks)
     kept = list(good.filter(kind=BackupRun.Kind.BASE))
     links = list(good.filter(kind=BackupRun.Kind.INCREMENTAL))
-    lost = _without_a_healthy_copy(server, enabled_only=True)
-    segments, anchor = doomed_segments(server, kept, now, links, lost=lost)
+    segments, anchor = doomed_segments(server, kept, now, links, lost=_without_a_healthy_copy(server))
     result = {
         "deleted": len(segments),
         "first_deleted": segments[0].name if segments else None,

@@ -64,9 +64,10 @@ class Lineage:
         return None
 
     def holds(self, timeline, start_lsn, end_lsn):
-        """Whether WAL from start_lsn to end_lsn written on `timeline` is on this lineage."""
+        """Whether WAL from start_lsn to end_lsn, ending on `timeline`, is on this lineage: a range
+        that began before `timeline` did (a backup spanning the switch) began on its ancestor."""
         span = self.span(timeline)
-        return span is not None and span[0] <= lsn_to_int(start_lsn) and lsn_to_int(end_lsn) <= span[1]
+        return span is not None and self.begins[0][1] <= lsn_to_int(start_lsn) and lsn_to_int(end_lsn) <= span[1]
 
     def __str__(self):
         return " -> ".join(str(tli) for tli in self.timelines)

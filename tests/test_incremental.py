@@ -286,3 +286,27 @@ def test_an_incremental_on_a_timeline_production_left_is_refused_and_the_full_an
     assert f"recovering from full base backup #{full.pk} and WAL instead" in result["notes"]
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",), ("C",), ("D",)]
     shutil.rmtree(c.datadir.with_name("old-primary"), ignore_errors=True)
+
+
+def test_a_chain_longer_than_the_runs_looked_at_still_finds_its_parent(db, backup_root):
+    """Hourly links on a weekly full: the full is older than the newest runs parent_of reads."""
+    from backups import incremental as incremental_module
+    from backups.models import BackupCopy, StorageLocation
+
+    StorageLocation.sync_from_settings()
+    primary = StorageLocation.objects.get(name="primary")
+    server = Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/postgres", pg_version=180006)
+    now = timezone.now()
+
+    def made(kind, hours_ago, parent=None):
+        details = {"method": "block", "parent": parent.pk} if parent else {}
+        run = BackupRun.objects.create(
+            server=server, kind=kind, status="succeeded", finished_at=now - timedelta(hours=hours_ago), details=details
+        )
+        BackupCopy.objects.create(run=run, location=primary, key=f"k{run.pk}", size=1, sha256="a" * 64, status="ok")
+        return run
+
+    link = made("base", 200)
+    for n in range(1, incremental_module.PARENTS_LOOKED_AT + 5):
+        link = made("incremental", 200 - n, link)
+    assert incremental_module.parent_of(server) == link

@@ -361,6 +361,9 @@ def test_a_lineage_takes_each_segment_from_its_own_timeline_and_none_from_a_fore
     assert walchain.missing_segments(server, 1, 9, lineage) == ["000000030000000000000007"]
     assert walchain.missing_segments(server, 1, 9) == []  # the copy's segment 7 filled the gap
     assert lineage.holds(1, "0/100028", "0/200000") and not lineage.holds(1, "0/500028", "0/600000")
+    # A backup spanning the promotion (a standby following it) ends on 3 and began on 1: on it.
+    assert lineage.holds(3, "0/480028", "0/520000")
+    assert not lineage.holds(4, "0/400028", "0/420000")  # the copy's timeline is not production's
 
 
 # --- 3. A restore point name used twice --------------------------------------------------------

@@ -129,3 +129,48 @@ def test_backups_kept_only_in_a_location_disabled_for_a_while_keep_their_tiers(d
         retention.apply()
     assert not BackupRun.objects.filter(pk__in=[yearly.pk, monthly.pk], deleted_at__isnull=False).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n0", "n1"]
+
+
+def test_the_wal_a_base_on_a_location_disabled_for_a_while_needs_is_kept(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """Its base is kept (it is there when the NAS returns), and so must be the WAL from it: the
+    window's start and every moment between the two bases stay reachable."""
+    import shutil
+
+    from backups import walchain
+    from backups.models import StorageLocation
+
+    enable_push(sample_cluster)
+    old = base(sample_cluster, "b1", "b2")
+    between = sample_cluster.execute("SELECT pg_current_wal_lsn()::text")[0][0]
+    new = base(sample_cluster, "c1")
+    walingest.ingest(server)
+    server.refresh_from_db()
+    nasdir = backup_root.parent / f"{backup_root.name}-nas"
+    nasdir.mkdir(mode=0o755)
+    nas = StorageLocation.objects.create(name="nas1", kind="nas", path=str(nasdir))
+    for copy in old.copies.all():  # its only copies on the NAS now
+        (nasdir / copy.key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(Path(copy.location.path) / copy.key, nasdir / copy.key)
+        copy.location = nas
+        copy.save(update_fields=["location"])
+    now = timezone.now()
+    aged(old, 9, now)
+    aged(new, 3, now)
+    size = server.wal_segment_size
+    WalSegment.objects.filter(segno__lt=walnames.segno_of(new.start_wal, size)).update(
+        archived_at=now - timedelta(days=15)
+    )
+    StorageLocation.objects.filter(pk=nas.pk).update(enabled=False)  # maintenance
+    done = retention.apply_wal_and_base_retention(now=now)
+    assert done["wal"]["maldives"]["kept_from"] == old.start_wal
+    StorageLocation.objects.filter(pk=nas.pk).update(enabled=True)  # back
+    first, last = walnames.segno_of(old.start_wal, size), walnames.segno_of(new.start_wal, size)
+    assert walchain.missing_segments(server, first, last) == []
+    result = run_command(
+        "restore", "--server", "maldives", "--target-lsn", between, "--into-datadir", str(restored()),
+        "--port", str(free_port()),
+    )  # fmt: skip
+    assert result["status"] == "succeeded", result
+    shutil.rmtree(nasdir, ignore_errors=True)

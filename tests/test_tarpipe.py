@@ -93,3 +93,17 @@ def test_a_tar_cut_anywhere_is_forwarded_as_far_as_it_goes():
         received, sniffer = through(data[:cut])
         assert received == data[:cut], cut
         assert sniffer.wal_range() is None, cut
+
+
+def test_a_manifest_spanning_a_timeline_switch_gives_the_final_timeline_the_first_start_and_the_end():
+    """A standby following a promotion writes one WAL range per timeline, the final one first:
+    read as one object, it raised and the backup's catalogue entry failed."""
+    from backups.base import Manifest
+
+    text = b"""{ "PostgreSQL-Backup-Manifest-Version": 2, "Files": [],
+"WAL-Ranges": [
+{ "Timeline": 2, "Start-LSN": "0/5000000", "End-LSN": "0/6000100" },
+{ "Timeline": 1, "Start-LSN": "0/4000028", "End-LSN": "0/5000000" }
+],
+"Manifest-Checksum": "00"}"""
+    assert Manifest(text).wal_range() == (2, "0/4000028", "0/6000100")
