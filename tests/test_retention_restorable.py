@@ -12,6 +12,7 @@ from backupportal.lib.osuser import free_port
 from backups import retention, walingest, walnames
 from backups.models import BackupRun, WalSegment
 from tests.helpers import enable_push, flip_byte_in, run_command, switch_wal, verify_json, wait_archived
+from tests.test_wal_retention import age
 
 pytest_plugins = ["tests.walfixtures"]
 DB = "reliabilitymaldives"
@@ -26,14 +27,7 @@ def base(cluster, *tables):
     return run
 
 
-def aged(run, days, now):
-    when = now - timedelta(days=days)
-    run.finished_at = when
-    run.details["stop_time"] = when.isoformat()
-    run.save(update_fields=["finished_at", "details"])
-
-
-def damaged(run, artifact):
+def damage(run, artifact):
     """A flipped byte in the run's copy of `artifact`, found by the verify."""
     copy = run.copies.get(artifact=artifact)
     flip_byte_in(Path(copy.location.path) / copy.key)
@@ -58,12 +52,12 @@ def test_the_wal_window_starts_at_a_base_pitr_can_use_not_at_a_corrupt_one(
     corrupt = base(sample_cluster, "b1", "b2")
     walingest.ingest(server)
     server.refresh_from_db()
-    damaged(corrupt, "main")
+    damage(corrupt, "main")
     assert pitr_latest(restored)["status"] == "succeeded"  # from the good one
 
     now = timezone.now()
-    aged(good, 20, now)
-    aged(corrupt, 9, now)  # both before the 7-day window: the corrupt one is the newest before it
+    age(good, 20, now)
+    age(corrupt, 9, now)  # both before the 7-day window: the corrupt one is the newest before it
     start = walnames.segno_of(corrupt.start_wal, server.wal_segment_size)
     WalSegment.objects.filter(segno__lt=start).update(archived_at=now - timedelta(days=15))
     done = retention.apply_wal_and_base_retention(now=now)
@@ -84,12 +78,12 @@ def test_the_floor_is_not_filled_by_base_backups_whose_separate_manifest_is_lost
     server.refresh_from_db()
     assert [r.details.get("manifest_in_tar") for r in others] == [False] * 3
     for run in others:
-        damaged(run, "manifest")
+        damage(run, "manifest")
     assert pitr_latest(restored)["status"] == "succeeded"
 
     now = timezone.now()
     for run, days in zip([first, *others], (40, 35, 34, 33), strict=True):
-        aged(run, days, now)
+        age(run, days, now)
     WalSegment.objects.update(archived_at=now - timedelta(days=33))
     kept = {run.pk: rule for run, rule in retention.plan(server, now).items()}
     assert kept[first.pk] == "floor"
@@ -156,8 +150,8 @@ def test_the_wal_a_base_on_a_location_disabled_for_a_while_needs_is_kept(
         copy.location = nas
         copy.save(update_fields=["location"])
     now = timezone.now()
-    aged(old, 9, now)
-    aged(new, 3, now)
+    age(old, 9, now)
+    age(new, 3, now)
     size = server.wal_segment_size
     WalSegment.objects.filter(segno__lt=walnames.segno_of(new.start_wal, size)).update(
         archived_at=now - timedelta(days=15)
