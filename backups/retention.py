@@ -103,9 +103,7 @@ def plan(server, now=None):
     _keep_chains(kept, by_pk)
     _keep_globals(kept, by_pk)
     bases = [r for r in runs if r.kind == BackupRun.Kind.BASE]
-    # The window starts from a base a PITR can start from: WAL only a lost one needed is not kept.
-    startable = [r for r in bases if r.pk not in lost] or bases
-    anchor = window_anchor(startable, now - timedelta(days=server.wal_retention_days))
+    anchor = window_anchor(bases, now - timedelta(days=server.wal_retention_days), lost)
     if anchor is not None:
         kept.setdefault(anchor, "start of the WAL window")
     return {r: kept.get(r) for r in sorted(runs, key=lambda r: r.finished_at, reverse=True)}
@@ -269,8 +267,11 @@ def apply_wal_and_base_retention(now=None, dry_run=False, actor="job:retention")
     return result
 
 
-def window_anchor(bases, window_start):
-    """The newest base backup consistent before the window starts: PITR to that moment starts there."""
+def window_anchor(bases, window_start, lost=()):
+    """The newest base backup consistent before the window starts: PITR to that moment starts
+    there. Not one in `lost` (pks of bases without a restorable copy) while any other will do: the
+    WAL only a lost one needed is not kept."""
+    bases = [b for b in bases if b.pk not in lost] or bases
     before = [b for b in bases if b.start_wal and b.stop_time <= window_start]
     return max(before, key=attrgetter("stop_time")) if before else None
 
@@ -284,7 +285,7 @@ def doomed_segments(server, kept_bases, now, kept_links=(), lost=()):
     window_start = now - timedelta(days=server.wal_retention_days)
     with_wal = [b for b in kept_bases if b.start_wal and size]
     usable = [b for b in with_wal if b.pk not in lost] or with_wal
-    anchor = window_anchor(usable, window_start) or (min(usable, key=attrgetter("stop_time")) if usable else None)
+    anchor = window_anchor(usable, window_start) or min(usable, key=attrgetter("stop_time"), default=None)
     keep_from = walnames.segno_of(anchor.start_wal, size) if anchor else None
     needing = with_wal + [link for link in kept_links if link.start_wal and link.end_wal and size]
     ranges = [(walnames.segno_of(b.start_wal, size), walnames.segno_of(b.end_wal, size)) for b in needing]

@@ -123,26 +123,21 @@ def refuse_inside_a_cluster(datadir):
                 f"{datadir} is inside the data directory of another cluster ({parent} holds {name}): "
                 "choose a directory outside every cluster"
             )
-        if TABLESPACE_VERSION_DIR.match(parent.name) or holds_tablespace(parent):
+        names = names_in(parent)
+        if TABLESPACE_VERSION_DIR.match(parent.name) or any(TABLESPACE_VERSION_DIR.match(n) for n in names):
             raise Refused(f"{datadir} is inside a tablespace's directory ({parent}): choose a directory outside it")
-        if parent.name == "pg_wal" or holds_wal(parent):
+        if parent.name == "pg_wal" or any(n == "archive_status" or walnames.WAL_FILE.match(n) for n in names):
             raise Refused(f"{datadir} is inside a cluster's WAL directory ({parent}): choose a directory outside it")
 
 
-def holds_wal(directory):
+def names_in(directory):
+    """The names in `directory`; none when it is not listable by us (a tablespace or WAL there
+    would be no place we could write either)."""
     try:
         with os.scandir(directory) as entries:
-            return any(e.name == "archive_status" or walnames.WAL_FILE.match(e.name) for e in entries)
+            return [entry.name for entry in entries]
     except OSError:
-        return False
-
-
-def holds_tablespace(directory):
-    try:
-        with os.scandir(directory) as entries:
-            return any(TABLESPACE_VERSION_DIR.match(e.name) for e in entries)
-    except OSError:
-        return False  # not listable by us: a tablespace there would be no place we could write either
+        return []
 
 
 # ----------------------------------------------------------------------------- the timeline

@@ -204,6 +204,14 @@ def sam(db):
 
 
 @pytest.fixture
+def catalog_server(db):
+    """A server in the catalog only (nothing listens there): for conditions that need no cluster."""
+    from backups.models import Server
+
+    return Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives")
+
+
+@pytest.fixture
 def passphrase_file(settings, tmp_path):
     path = tmp_path / "passphrase"
     path.write_text("s3cret-Passphrase-for-tests\n")

@@ -94,11 +94,6 @@ def broken_sink():
     s.close()
 
 
-@pytest.fixture
-def catalog_server(db):
-    return Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives")
-
-
 def channel(name, url, **fields):
     """A JSON webhook channel; of the restore test alerts unless told (the calendar's overdue tasks
     of a new portal alert too)."""

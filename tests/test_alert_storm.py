@@ -8,7 +8,7 @@ import pytest
 from django.utils import timezone
 
 from backupportal.models import JournalEntry
-from backups.models import BackupRun, Database, Server
+from backups.models import BackupRun, Database
 from tests.test_alert_channels import Sink, bodies, channel
 from watching.alerts import LISTED
 from watching.channel_models import ChannelDelivery
@@ -24,11 +24,6 @@ def sink():
     s = Sink()
     yield s
     s.close()
-
-
-@pytest.fixture
-def catalog_server(db):
-    return Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives")
 
 
 def junk(server, count=N):

@@ -720,6 +720,16 @@ def test_the_portals_sessions_search_pg_catalog_and_keep_a_callers_own_timeout(s
         source.execute("ALTER DATABASE postgres RESET statement_timeout")
 
 
+def onto_standby(source, dbname):
+    """`dbname` of the source backed up and restored onto the standby as DBNAME_copy, with the
+    warnings of a copy made elsewhere: (the restore's result, the standby's role)."""
+    register(source, dbname, dbname, "source")
+    run = backup(dbname)
+    result = restore_json(str(run.pk), "--into-database", f"{dbname}_copy", "--into-server", "standby")
+    assert result["status"] == "succeeded with warnings", result
+    return result, Server.objects.get(name="standby").user
+
+
 def test_onto_another_server_an_event_trigger_of_a_demoted_superuser_is_restored_owned_by_the_portal(
     source, target, passphrase_file, backup_root
 ):
@@ -732,11 +742,7 @@ def test_onto_another_server_an_event_trigger_of_a_demoted_superuser_is_restored
         conn.execute("CREATE FUNCTION public.log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN NULL; END $$")
         conn.execute("CREATE EVENT TRIGGER log_ddl ON ddl_command_end EXECUTE FUNCTION public.log_ddl()")
         conn.execute("CREATE EVENT TRIGGER log_drop ON sql_drop EXECUTE FUNCTION public.log_ddl()")
-    register(source, "audited", "audited", "source")
-    run = backup("audited")
-    result = restore_json(str(run.pk), "--into-database", "audited_copy", "--into-server", "standby")
-    assert result["status"] == "succeeded with warnings", result
-    portal = Server.objects.get(name="standby").user
+    result, portal = onto_standby(source, "audited")
     assert target.execute(
         "SELECT evtname, pg_get_userbyid(evtowner) FROM pg_event_trigger ORDER BY 1", dbname="audited_copy"
     ) == [("log_ddl", portal), ("log_drop", portal)]
@@ -761,11 +767,7 @@ def test_onto_an_older_server_a_subscription_of_a_demoted_superuser_is_restored_
             " WITH (connect = false, slot_name = 's1', enabled = false)"
         )
         conn.execute("ALTER SUBSCRIPTION feed OWNER TO boss")
-    register(source, "subbed", "subbed", "source")
-    run = backup("subbed")
-    result = restore_json(str(run.pk), "--into-database", "subbed_copy", "--into-server", "standby")
-    assert result["status"] == "succeeded with warnings", result
-    portal = Server.objects.get(name="standby").user
+    result, portal = onto_standby(source, "subbed")
     # Created, owned by the restoring role, and detached from production's slot as every copy's is.
     assert target.execute(
         "SELECT subname, pg_get_userbyid(subowner), subenabled, subslotname FROM pg_subscription"

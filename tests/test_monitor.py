@@ -29,12 +29,6 @@ def maldives(day, hour, minute):
     return datetime(2026, 3, day, hour, minute, tzinfo=MALDIVES)
 
 
-@pytest.fixture
-def catalog_server(db):
-    """A server in the catalog only (nothing listens there): for conditions that need no cluster."""
-    return Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/reliabilitymaldives")
-
-
 def take_backup():
     try:
         call_command("backup", "maldives", stdout=StringIO(), stderr=StringIO())
