@@ -201,11 +201,12 @@ def parse_time(text):
 # --- Sealing and opening. ------------------------------------------------------------------
 
 
-def seal(manifest: dict) -> bytes:
-    """The envelope: the manifest's JSON text and the portal's signature of exactly that text."""
+def seal(manifest: dict, field="manifest") -> bytes:
+    """The envelope: the manifest's JSON text (under `field`: "selfbackup" for the portal's own
+    backup, backups.selfbackup) and the portal's signature of exactly that text."""
     text = json.dumps(manifest, sort_keys=True, indent=1, default=str)
     signature = signing.sign(text.encode())
-    envelope = {"format": FORMAT, "manifest": text, "signature": signature.decode()}
+    envelope = {"format": FORMAT, field: text, "signature": signature.decode()}
     return json.dumps(envelope).encode()
 
 

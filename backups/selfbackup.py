@@ -22,7 +22,6 @@ the database; the README says where a restored portal gets them.
 """
 
 import hashlib
-import json
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from django.utils import timezone
 
 from backupportal import journal, journal_loss
 from backupportal.lib import signing
-from backups import anchors, keyring
+from backups import anchors, keyring, manifests
 from backups.binaries import client_tool
 from backups.crypto import EncryptionError
 from backups.models import WAL_LOCATION, PortalBackup, StorageLocation
@@ -49,7 +48,6 @@ PREFIX = "portal/"
 JOURNAL_TABLE = "backupportal_journalentry"
 # The journal's newest entry, its HMAC and the count, read in the same state as the dump.
 JOURNAL_MARK = f"SELECT id, hmac, (SELECT count(*) FROM {JOURNAL_TABLE}) FROM {JOURNAL_TABLE} ORDER BY id DESC LIMIT 1"
-SIGNED_FORMAT = 1
 
 
 def take(actor="job:selfbackup"):
@@ -218,7 +216,7 @@ def _sidecars(row, journal_hmac):
     (what the file is, and the journal key's check: a wrong key is refused before anything is
     restored). Neither holds a secret. Signed once, written to every location."""
     about = {
-        "format": SIGNED_FORMAT,
+        "format": manifests.FORMAT,
         "file": Path(row.key).name,
         "size": row.size,
         "sha256": row.sha256,
@@ -230,9 +228,8 @@ def _sidecars(row, journal_hmac):
         "journal_hmac": journal_hmac,
         "journal_key_check": journal_loss.key_check(),
     }
-    text = json.dumps(about, sort_keys=True, indent=1)
-    envelope = {"format": SIGNED_FORMAT, "selfbackup": text, "signature": signing.sign(text.encode()).decode()}
-    return {".sha256": f"{row.sha256}  {Path(row.key).name}\n", ".json": json.dumps(envelope, indent=1) + "\n"}
+    envelope = manifests.seal(about, field="selfbackup").decode()
+    return {".sha256": f"{row.sha256}  {Path(row.key).name}\n", ".json": envelope + "\n"}
 
 
 def _write_sidecars(store, row, texts):
