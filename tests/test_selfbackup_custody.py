@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import sqlite3
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -95,11 +96,15 @@ def test_restoreportal_refuses_a_selfbackup_forged_without_the_signing_key(
     # whether from SIGNING_KEY_DIR or given with --public-key.
     about = {"file": FORGED, "sha256": sha256, "journal_entry": 1, "journal_count": 1, "journal_key_check": ""}
     text = json.dumps(about)
-    settings.SIGNING_KEY_DIR = tmp_path / "forger-signing"
+    # A short path: gpg-agent's sockets go under it, and a long pytest tmp_path (xdist's popen-gwN,
+    # pytest-NNN on a machine that ran many sessions) went past the 107 bytes a socket path may have.
+    forger = Path(tempfile.mkdtemp(prefix="bp-forger-"))
+    settings.SIGNING_KEY_DIR = forger
     try:
         envelope = {"format": 1, "selfbackup": text, "signature": signing.sign(text.encode()).decode()}
     finally:
-        stop_gpg_agent(tmp_path / "forger-signing")
+        stop_gpg_agent(forger)
+        shutil.rmtree(forger, ignore_errors=True)
     sidecar(forged, ".json", json.dumps(envelope))
     assert "does not verify with the given public key" in refused()
     public = Path(env["SIGNING_KEY_DIR"]) / signing.PUBLIC_KEY_NAME
