@@ -94,15 +94,24 @@ class Manifest:
     def __init__(self, data: bytes):
         self.data = bytes(data)
 
+    def wal_ranges(self):
+        m = re.search(r'"WAL-Ranges"\s*:\s*(\[.*?\])', self.data.decode(errors="replace"), re.S)
+        return json.loads(m.group(1)) if m else []
+
     def wal_range(self):
         """(timeline, start LSN, end LSN) from the manifest's WAL-Ranges, or None. A backup that
         spans a timeline switch (a standby following a promotion) has one range per timeline, the
         final one first: its timeline and end are the first range's, its start the last's."""
-        m = re.search(r'"WAL-Ranges"\s*:\s*(\[.*?\])', self.data.decode(errors="replace"), re.S)
-        ranges = json.loads(m.group(1)) if m else []
+        ranges = self.wal_ranges()
         if not ranges:
             return None
         return ranges[0]["Timeline"], ranges[-1]["Start-LSN"], ranges[0]["End-LSN"]
+
+    def lineage(self, segment_size):
+        """The backup's WAL as a walchain.Lineage: each range's timeline from its start on."""
+        ranges = sorted(self.wal_ranges(), key=lambda r: walnames.lsn_to_int(r["Start-LSN"]))
+        begins = tuple((r["Timeline"], walnames.lsn_to_int(r["Start-LSN"])) for r in ranges)
+        return walchain.Lineage(begins[-1][0], begins, segment_size)
 
     def checksum(self):
         m = re.search(r'"Manifest-Checksum"\s*:\s*"([0-9a-f]+)"', self.data.decode(errors="replace"))
@@ -216,6 +225,7 @@ def take_tar(run, what, key, extra_args=()):
             walnames.segno_of(run.start_wal, size_of_segment),
             walnames.segno_of(run.end_wal, size_of_segment),
             settings.WAL_WAIT_SECONDS,
+            manifest.lineage(size_of_segment),
         )
 
 
@@ -323,8 +333,14 @@ def wal_chain(run):
             f"take one with manage.py backup {server.name} --kind base"
         )
     first = walnames.segno_of(base.start_wal, size_of_segment)
-    walchain.wait_for_wal(server, end, end, settings.WAL_WAIT_SECONDS)
-    gaps = walchain.missing_segments(server, first, end)
+    timeline = walnames.timeline_of(name)
+    alone = walchain.Lineage(timeline, ((timeline, 0),), size_of_segment)
+    walchain.wait_for_wal(server, end, end, settings.WAL_WAIT_SECONDS, alone)
+    try:  # the chain is production's WAL: its timeline's history, not another timeline's segments
+        lineage = walchain.Lineage.of(timeline, walchain.history_text(server, timeline), size_of_segment)
+    except walnames.WalError as e:
+        raise BackupFailed(str(e)) from None
+    gaps = walchain.missing_segments(server, first, end, lineage)
     if gaps:
         message = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
         conditions.changed("wal_gap", server=server)  # the failed run is recorded too (backup_failed)
@@ -336,8 +352,8 @@ def wal_chain(run):
     start = first
     if previous is not None and walnames.segno_of(previous.end_wal, size_of_segment) < end:
         start = max(first, walnames.segno_of(previous.end_wal, size_of_segment) + 1)
-    segments = walchain.chain_segments(server, start, end)
-    run.timeline = int(name[:8], 16)
+    segments = walchain.chain_segments(server, start, end, lineage)
+    run.timeline = timeline
     run.start_wal, run.end_wal, run.end_lsn = segments[0].name, name, str(lsn)
     run.size = sum(s.size for s in segments)
     run.details.update(

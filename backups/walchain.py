@@ -10,13 +10,17 @@ the parent's segments, from it on the child's; segments of any other timeline ar
 Without a lineage, the newest timeline that has a segment number wins (the gap checks).
 """
 
+import hashlib
 import math
 import re
 import time
 from dataclasses import dataclass
 
+from backups.copies import decrypt_here
+from backups.crypto import Encryption
 from backups.models import WalSegment
 from backups.pipeline import BackupFailed
+from backups.streams import FetchFailed, readable
 from backups.walingest import ingest
 from backups.walnames import WalError, lsn_to_int, segment_name, segno_of
 
@@ -71,6 +75,45 @@ class Lineage:
 
     def __str__(self):
         return " -> ".join(str(tli) for tli in self.timelines)
+
+
+def history_text(server, timeline):
+    """The .history file of `timeline` from the archive ("" for timeline 1); WalError without it."""
+    if timeline <= 1:
+        return ""
+    name = f"{timeline:08X}.history"
+    history = WalSegment.objects.filter(server=server, deleted_at=None, name=name).first()
+    if history is None:
+        raise WalError(
+            f"{server} is on timeline {timeline}, and its history file {name} is not in the archive: "
+            f"wait until it is archived and ingested (manage.py checkserver {server.name}), then try again"
+        )
+    sink = _BytesSink()
+    try:
+        decrypt_here(
+            readable(history.copies.select_related("location")), sink, Encryption(), f"history file {name}",
+            history.sha256,
+        )  # fmt: skip
+    except FetchFailed as e:
+        raise WalError(str(e)) from None
+    return bytes(sink.data).decode(errors="replace")
+
+
+class _BytesSink:
+    """A small plaintext (a history file) kept in memory."""
+
+    def open(self):
+        self.data, self.sha256 = bytearray(), hashlib.sha256()
+
+    def write(self, chunk):
+        self.data += chunk
+        self.sha256.update(chunk)
+
+    def commit(self):
+        pass
+
+    def abort(self):
+        self.data = bytearray()
 
 
 def _rows(server, first, last):
@@ -155,12 +198,14 @@ def chain_gaps(server):
     return missing_segments(server, segno_of(base.start_wal, server.wal_segment_size), last)
 
 
-def wait_for_wal(server, first, last, timeout):
-    """Until every segment from first to last is catalogued (ingesting the spool meanwhile)."""
+def wait_for_wal(server, first, last, timeout, lineage):
+    """Until every segment from first to last is catalogued on `lineage` (ingesting the spool
+    meanwhile): another timeline's segment of the same number is not this WAL (a copy archiving
+    into production's spool, an old primary after a failover)."""
     deadline = time.monotonic() + timeout
     while True:
         ingest(server)
-        missing = missing_segments(server, first, last)
+        missing = missing_segments(server, first, last, lineage)
         if not missing:
             return
         if time.monotonic() > deadline:

@@ -18,7 +18,6 @@
 """
 
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -36,10 +35,8 @@ from django.utils import timezone
 from backupportal.lib.osuser import DB_OS_USER
 from backupportal.lib.pgerrors import explain
 from backups import manifests, walchain, walingest, walnames, walspool
-from backups.copies import decrypt_here
-from backups.crypto import Encryption
 from backups.models import StorageLocation, WalSegment
-from backups.streams import FetchFailed, readable
+from backups.walnames import WalError
 from restores.pitr_plan import Refused, RestoreFailed
 
 # ----------------------------------------------------------------------------- the data directory
@@ -143,23 +140,6 @@ def names_in(directory):
 # ----------------------------------------------------------------------------- the timeline
 
 
-class BytesSink:
-    """A small plaintext (a history file) kept in memory."""
-
-    def open(self):
-        self.data, self.sha256 = bytearray(), hashlib.sha256()
-
-    def write(self, chunk):
-        self.data += chunk
-        self.sha256.update(chunk)
-
-    def commit(self):
-        pass
-
-    def abort(self):
-        self.data = bytearray()
-
-
 def production_lineage(server, bases, segment_size):
     """(walchain.Lineage of the timeline production is on, the base backups on it, notes).
 
@@ -222,24 +202,10 @@ def live_timeline(server):
 
 def history_text(server, timeline):
     """The .history file of `timeline` from the archive ("" for timeline 1); Refused without it."""
-    if timeline <= 1:
-        return ""
-    name = f"{timeline:08X}.history"
-    history = WalSegment.objects.filter(server=server, deleted_at=None, name=name).first()
-    if history is None:
-        raise Refused(
-            f"{server} is on timeline {timeline}, and its history file {name} is not in the archive: "
-            f"wait until it is archived and ingested (manage.py checkserver {server.name}), then restore again"
-        )
-    sink = BytesSink()
     try:
-        decrypt_here(
-            readable(history.copies.select_related("location")), sink, Encryption(), f"history file {name}",
-            history.sha256,
-        )  # fmt: skip
-    except FetchFailed as e:
+        return walchain.history_text(server, timeline)
+    except WalError as e:
         raise Refused(str(e)) from None
-    return bytes(sink.data).decode(errors="replace")
 
 
 def on_lineage(lineage, base):
