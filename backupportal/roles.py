@@ -103,6 +103,17 @@ def is_dba(user):
     return DBA in role_names(user)
 
 
+def same_person(user, author):
+    """Four eyes needs two people: one account, or two accounts with one e-mail address (a local
+    account and the one single sign-on made for the same person, who logs in with either), are one."""
+    if author is None:
+        return False
+    if user.pk == author.pk:
+        return True
+    mail = (user.email or "").strip().lower()
+    return bool(mail) and mail == (author.email or "").strip().lower()
+
+
 def role_may(user, perm):
     """`perm` ("app.codename") as given by the user's roles only. Django's has_perm gives a
     superuser every permission; in the portal a superuser may do what their role may."""

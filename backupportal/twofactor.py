@@ -27,7 +27,7 @@ from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from backupportal import journal
-from backupportal.roles import DBA, SYSADMIN, role_names
+from backupportal.roles import DBA, SYSADMIN, role_names, same_person
 
 # "a fresh second factor within the last 5 minutes" (DESIGN.md's role table: approvals).
 FRESH_SECONDS = 300
@@ -229,8 +229,10 @@ def reset(user, by):
     """An administrator removes another person's authenticator and recovery codes (a lost phone):
     that person enrols again at the next login. Nobody resets their own: it would let a stolen
     password remove the factor that protects it."""
-    if user.pk == by.pk:
-        raise PermissionDenied("You cannot reset your own second factor: ask another administrator.")
+    if same_person(user, by):
+        raise PermissionDenied(
+            "You cannot reset your own second factor (nor your other account's): ask another administrator."
+        )
     removed = 0
     for device in list(devices_for_user(user, confirmed=None)):
         device.delete()

@@ -271,27 +271,4 @@ def _settle_requests():
             outcome = Status.SUCCEEDED if newest.succeeded else Status.FAILED
             RestoreRequest.objects.filter(pk=request.pk, status=Status.RUNNING).update(status=outcome)
         elif request.status == Status.APPROVED and request.decided_at and request.decided_at < limit:
-            _expire(request)
-
-
-def _expire(request):
-    """Failed, with a failed run that says why on its page; only while no worker has started it
-    (RestoreRequest.start then finds it failed, and runs nothing)."""
-    Status = RestoreRequest.Status
-    if not RestoreRequest.objects.filter(pk=request.pk, status=Status.APPROVED).update(status=Status.FAILED):
-        return
-    waited = minutes(timezone.now() - request.decided_at)
-    kind = {
-        RestoreRequest.Destination.SANDBOX_CLUSTER: RestoreRun.Kind.PITR,
-        RestoreRequest.Destination.REPLACE: RestoreRun.Kind.REPLACE,
-    }.get(request.destination, RestoreRun.Kind.LOGICAL)
-    why = (
-        f"approved {waited} ago and never run (QUEUED_RUN_TIMEOUT): nothing was restored; "
-        "is the restore worker (manage.py qcluster) running? Ask for the restore again"
-    )
-    now = timezone.now()
-    restore = RestoreRun.objects.create(
-        kind=kind, status=RestoreRun.Status.FAILED, server=request.server, backup_run=request.backup_run,
-        request=request, requested_by=ACTOR, started_at=now, finished_at=now, error=why,
-    )  # fmt: skip
-    journal.record("restore_failed", actor=ACTOR, obj=restore, server=request.server.name, outcome="failed", error=why)
+            request.expire(ACTOR)

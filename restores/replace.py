@@ -40,7 +40,9 @@ def approved_request(run, request_id):
     if moved := request.destination_moved():  # approved for another place than the DSN reaches now
         raise NotApproved(f"{moved}: nothing was restored; ask for the restore again and have another DBA approve it")
     if not request.start():
-        raise NotApproved(f"request #{request_id} is {request.status}: only an approved request runs, once")
+        raise NotApproved(
+            request.expired_because or f"request #{request_id} is {request.status}: only an approved request runs, once"
+        )
     run.server = request.restores_into()  # held there: a DSN moved from now on fails to connect
     return request
 

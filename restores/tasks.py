@@ -73,7 +73,7 @@ def run_request(request_id):
 
     request = RestoreRequest.objects.select_related("server", "backup_run__server", "into_server").get(pk=request_id)
     if not request.start():
-        return f"request #{request_id} is {request.status}: not run"
+        return request.expired_because or f"request #{request_id} is {request.status}: not run"
     actor = f"{request.requested_by.get_username()} (approved by {request.decided_by.get_username()})"
     # Held to the HOST:PORT its approver saw: a DSN moved since fails the run before anything is sent.
     target = request.restores_into()

@@ -16,7 +16,7 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.roles import is_dba, role_may
+from backupportal.roles import is_dba, role_may, same_person
 from backups.models.runs import BackupRun
 
 
@@ -222,7 +222,7 @@ class ChangeRequest(models.Model):
 
     def awaits_decision_by(self, user):
         """Pending, and the user may decide on it: a DBA or Sysadmin who is not its author."""
-        return self.state == self.State.PENDING and self.may_decide(user) and user.pk != self.requested_by_id
+        return self.state == self.State.PENDING and self.may_decide(user) and not same_person(user, self.requested_by)
 
     def approve(self, user):
         """Four eyes: apply the change, journaled. Never by its author, never by an Auditor."""
@@ -270,8 +270,11 @@ class ChangeRequest(models.Model):
             if self.kind in self.DBA_DECIDES:
                 raise PermissionDenied("Only a DBA decides where restore tests restore: ask another DBA.")
             raise PermissionDenied("Only a DBA or a Sysadmin decides on a destructive change.")
-        if user.pk == self.requested_by_id:
-            raise PermissionDenied("You cannot decide on your own change request: another DBA or Sysadmin must.")
+        if same_person(user, self.requested_by):
+            raise PermissionDenied(
+                "You cannot decide on your own change request (nor from another account with your e-mail address): "
+                "another DBA or Sysadmin must."
+            )
         if self.state != self.State.PENDING:
             raise ValidationError(f"Change request #{self.pk} is {self.state}, not waiting for a decision.")
 

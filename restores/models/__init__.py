@@ -2,6 +2,7 @@
 
 import os
 import socket
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -9,7 +10,8 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
-from backupportal.roles import is_dba
+from backupportal import journal
+from backupportal.roles import is_dba, same_person
 from backups.models import EncryptionKey
 
 
@@ -123,14 +125,16 @@ class RestoreRequest(models.Model):
 
     def awaits_decision_by(self, user):
         """Pending, and the user may decide on it: a DBA who is not its author (four eyes)."""
-        return self.status == self.Status.PENDING and is_dba(user) and user.pk != self.requested_by_id
+        return self.status == self.Status.PENDING and is_dba(user) and not same_person(user, self.requested_by)
 
     def approve(self, user, confirm_database="", note=""):
         """Four eyes: never one's own request; replacing production needs the name typed."""
         if not is_dba(user):
             raise PermissionDenied("Only a DBA approves a restore request (being a superuser is not enough).")
-        if user.pk == self.requested_by_id:
-            raise PermissionDenied("You cannot approve your own restore request: another DBA must.")
+        if same_person(user, self.requested_by):
+            raise PermissionDenied(
+                f"You cannot approve your own restore request{self._other_account(user)}: another DBA must."
+            )
         if self.status != self.Status.PENDING:
             raise ValidationError(f"Request #{self.pk} is {self.status}, not waiting for approval.")
         if self.destination == self.Destination.REPLACE and confirm_database != self.production_database:
@@ -147,6 +151,9 @@ class RestoreRequest(models.Model):
             )
         self._decide(user, self.Status.APPROVED, note, confirm_database)
 
+    def _other_account(self, user):
+        return "" if user.pk == self.requested_by_id else " (asked from your other account, same e-mail address)"
+
     def retired(self):
         """Why a request whose backup retention deleted since it was asked for may not run: a
         retired backup's files may be gone, or go while it is read (nothing restores from it)."""
@@ -158,8 +165,10 @@ class RestoreRequest(models.Model):
     def reject(self, user, note=""):
         if not is_dba(user):
             raise PermissionDenied("Only a DBA decides on a restore request (being a superuser is not enough).")
-        if user.pk == self.requested_by_id:
-            raise PermissionDenied("You cannot decide on your own restore request: another DBA must.")
+        if same_person(user, self.requested_by):
+            raise PermissionDenied(
+                f"You cannot decide on your own restore request{self._other_account(user)}: another DBA must."
+            )
         if self.status != self.Status.PENDING:
             raise ValidationError(f"Request #{self.pk} is {self.status}, not waiting for a decision.")
         self._decide(user, self.Status.REJECTED, note)
@@ -177,11 +186,42 @@ class RestoreRequest(models.Model):
         self.status, self.decided_by, self.decided_at = status, user, now
         self.decision_note, self.confirm_database = note, confirm_database
 
+    expired_because = ""  # set by expire(): what start() refused
+
     def start(self):
-        """Claim an approved request for running, once: returns False if it is not (or no longer) approved."""
-        return bool(
-            RestoreRequest.objects.filter(pk=self.pk, status=self.Status.APPROVED).update(status=self.Status.RUNNING)
+        """Claim an approved request for running, once: returns False if it is not (or no longer)
+        approved. One approved longer than QUEUED_RUN_TIMEOUT ago never starts, from the worker
+        come back or from the command line: it fails here (expire), as the orphan sweep fails it."""
+        fresh = timezone.now() - timedelta(seconds=settings.QUEUED_RUN_TIMEOUT)
+        approved = RestoreRequest.objects.filter(pk=self.pk, status=self.Status.APPROVED)
+        if approved.filter(decided_at__gte=fresh).update(status=self.Status.RUNNING):
+            return True
+        self.refresh_from_db(fields=["status", "decided_at"])
+        if self.status == self.Status.APPROVED:
+            self.expire("job:restore")
+        return False
+
+    def expire(self, actor):
+        """Failed, with a failed run that says why on its page, while no worker has started it:
+        run that late, it would restore a backup nobody chose for that day."""
+        if not RestoreRequest.objects.filter(pk=self.pk, status=self.Status.APPROVED).update(status=self.Status.FAILED):
+            return
+        waited = int((timezone.now() - self.decided_at).total_seconds()) // 60
+        kind = {
+            self.Destination.SANDBOX_CLUSTER: RestoreRun.Kind.PITR,
+            self.Destination.REPLACE: RestoreRun.Kind.REPLACE,
+        }.get(self.destination, RestoreRun.Kind.LOGICAL)
+        why = (
+            f"approved {waited} minutes ago and never run (QUEUED_RUN_TIMEOUT): nothing was restored; "
+            "is the restore worker (manage.py qcluster) running? Ask for the restore again"
         )
+        now = timezone.now()
+        restore = RestoreRun.objects.create(
+            kind=kind, status=RestoreRun.Status.FAILED, server=self.server, backup_run=self.backup_run,
+            request=self, requested_by=actor, started_at=now, finished_at=now, error=why,
+        )  # fmt: skip
+        journal.record("restore_failed", actor=actor, obj=restore, server=self.server.name, outcome="failed", error=why)
+        self.status, self.expired_because = self.Status.FAILED, why
 
 
 class Interrupted(Exception):
