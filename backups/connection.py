@@ -29,6 +29,14 @@ SESSION_GUARD = (
     "-c search_path=pg_catalog,pg_temp -c statement_timeout=0 -c lock_timeout=0"
     " -c idle_in_transaction_session_timeout=0"
 )
+TRANSACTION_TIMEOUT_FROM = 170000  # before 17 the setting is unknown, and a startup option naming it is fatal
+
+
+def session_guard(pg_version):
+    """SESSION_GUARD for a server of `pg_version` (0: not probed yet): from 17 also without
+    transaction_timeout, which would end pg_dump's snapshot (and a restore's long COPY) midway."""
+    more = " -c transaction_timeout=0" if (pg_version or 0) >= TRANSACTION_TIMEOUT_FROM else ""
+    return SESSION_GUARD + more
 
 
 class SqlAsciiText(TextLoader):
@@ -168,7 +176,7 @@ class ServerConnection(models.Model):
         settings = self.connection_settings(dbname) | kwargs
         # The caller's own options after the guard: a query that sets its own statement_timeout
         # (watching.rpo's) keeps it; the DSN cannot carry options (backupportal.lib.libpq).
-        settings["options"] = f"{SESSION_GUARD} {settings.get('options') or ''}".strip()
+        settings["options"] = f"{session_guard(getattr(self, 'pg_version', 0))} {settings.get('options') or ''}".strip()
         conn = psycopg.connect(**settings, autocommit=autocommit)
         try:
             _ = conn.info.encoding  # asked of the server's encoding: raises for one Python lacks
@@ -196,7 +204,7 @@ class ServerConnection(models.Model):
         env |= {"PGDATABASE": settings["dbname"], "PGREQUIREAUTH": SAFE_AUTH} | parse(self.dsn).environment()
         # pg_dump sets its own search_path and timeouts; pg_dumpall, pg_restore and the others do
         # not all do (a role's statement_timeout cancels pg_dumpall's catalog query).
-        env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {SESSION_GUARD}".strip()
+        env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {session_guard(getattr(self, 'pg_version', 0))}".strip()
         if settings["password"]:
             self.refuse_weak_authentication(settings)
             env["PGPASSWORD"] = settings["password"]
