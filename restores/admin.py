@@ -34,6 +34,7 @@ class DrDrillStepInline(admin.TabularInline):
     form = StepAdminForm
     extra = 0
     can_delete = False
+    readonly_fields = ["step"]
 
     def has_add_permission(self, request, obj=None):
         return False

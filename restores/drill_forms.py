@@ -64,6 +64,12 @@ class DrillAdminForm(SaneInputsMixin, forms.ModelForm):
     class Meta:
         field_classes = {"restore_runs": ModelMultipleChoiceField}
 
+    def clean(self):
+        cleaned = super().clean()
+        if self.instance.pk and "restore_runs" in cleaned:  # the model's clean cannot see a many-to-many
+            self.instance.check_editable(restore_runs=[run.pk for run in cleaned["restore_runs"]])
+        return cleaned
+
 
 class StepAdminForm(SaneInputsMixin, forms.ModelForm):
     pass

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from backupportal.models import JournalEntry
 from backups.models import Server
-from restores.models import DrDrill, DrDrillStep
+from restores.models import DrDrill, DrDrillStep, RestoreRun
 from tests.test_drills import DAY, TIMELINE
 
 READ_ONLY = "is complete: its record is the evidence of the drill and read-only"
@@ -123,6 +123,24 @@ def test_the_admin_cannot_change_a_complete_drill_either(client, alice, sam, ato
     assert response.status_code == 200 and READ_ONLY in response.content.decode()
     drill = fresh(drill)
     assert drill.scenario == "Primary data centre lost" and drill.step("validation").outcome == "ok"
+
+
+def test_the_admin_cannot_relink_a_complete_drills_restore_runs_nor_rename_its_steps(client, alice, sam, atoll):
+    """Found by review: the admin re-linked a complete drill's restore runs (a many-to-many the
+    model's clean cannot see) and could swap its steps' names."""
+    client.force_login(alice)
+    drill = log_drill(client, atoll)
+    complete(client, drill)
+    other = RestoreRun.objects.create(kind="logical", server=atoll)
+    client.force_login(sam)
+    url = reverse("admin:restores_drdrill_change", args=[drill.pk])
+    response = client.post(url, admin_form(fresh(drill), restore_runs=[other.pk]))
+    assert response.status_code == 200 and READ_ONLY in response.content.decode()
+    assert list(fresh(drill).restore_runs.all()) == []
+    names = [step.step for step in fresh(drill).steps.all()]
+    swapped = admin_form(fresh(drill), **{"steps-0-step": names[1], "steps-1-step": names[0]})
+    assert client.post(url, swapped).status_code in (200, 302)
+    assert [step.step for step in fresh(drill).steps.all()] == names
 
 
 def test_an_end_before_the_start_is_refused_naming_the_step(client, alice, atoll):

@@ -106,14 +106,18 @@ class DrDrill(models.Model):
     # written once it is over, may still be added.
     FROZEN = ("title", "server_id", "scenario", "started_at", "critical_restored_at")
 
-    def check_editable(self, step=None):
+    def check_editable(self, step=None, restore_runs=None):
         """ValidationError when the drill is complete as the database records it (not as a form
         has just changed a step in memory) and this changes a `step` (a DrDrillStep that differs
-        from its row) or what the drill recorded: a finished drill is audit evidence."""
+        from its row), what the drill recorded, or the restore runs it names (`restore_runs`, their
+        ids): a finished drill is audit evidence."""
         if not _all_done(self._recorded_steps()):
             return
         before = DrDrill.objects.filter(pk=self.pk).values(*self.FROZEN).first() or {}
-        if step is not None or any(before.get(f) != getattr(self, f) for f in self.FROZEN):
+        runs_changed = restore_runs is not None and set(restore_runs) != set(
+            self.restore_runs.values_list("pk", flat=True)
+        )
+        if step is not None or runs_changed or any(before.get(f) != getattr(self, f) for f in self.FROZEN):
             raise ValidationError(self.read_only_message())
 
     def _times_changed(self):
@@ -222,7 +226,7 @@ class DrDrillStep(models.Model):
     def __str__(self):
         return f"{self.drill}: {self.get_step_display()}"
 
-    RECORDED = ("who", "started_at", "finished_at", "outcome", "notes")
+    RECORDED = ("step", "position", "who", "started_at", "finished_at", "outcome", "notes")
 
     def changed(self):
         """Does this step differ from its recorded row?"""
