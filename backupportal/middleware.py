@@ -92,6 +92,21 @@ class RoleRequiredMiddleware:
         return render(request, "no_role.html", status=403)
 
 
+class PrivatePagesMiddleware:
+    """A page shown to a logged-in user (DSNs, restore reasons, the journal) is never stored by
+    the browser or a proxy between: after logout, Back or a shared cache would show it again."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated and not response.has_header("Cache-Control"):
+            response["Cache-Control"] = "no-store, private"
+        return response
+
+
 class SecondFactorMiddleware:
     """After the roles: an account with a second factor proves it once per login (the verify
     page) before anything else opens; one that REQUIRE_2FA requires it of enrols first."""

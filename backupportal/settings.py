@@ -72,6 +72,8 @@ MIDDLEWARE = [
     "backupportal.middleware.BadQueryMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Pages of a logged-in user: Cache-Control no-store, unless the view said otherwise.
+    "backupportal.middleware.PrivatePagesMiddleware",
     # request.user.is_verified(): the second factor of this session (django-otp).
     "django_otp.middleware.OTPMiddleware",
     # Every page needs a login; the few public views say so with @login_not_required.

@@ -146,3 +146,12 @@ def test_artifacts_and_their_directories_are_private(server, passphrase_file, ba
     artifact = backup_root / run.key
     assert artifact.stat().st_mode & 0o077 == 0
     assert artifact.parent.stat().st_mode & 0o077 == 0
+
+
+def test_no_page_of_a_logged_in_user_is_kept_by_the_browser_or_a_proxy(client, catalog, alice):
+    """Found by review: the dashboard, the journal and the servers' pages (DSNs, restore reasons)
+    came without Cache-Control: Back after logout, or a shared cache, showed them again."""
+    client.force_login(alice)
+    for url in (reverse("dashboard"), reverse("journal"), reverse("alerts"), reverse("server", args=["maldives"])):
+        response = client.get(url)
+        assert response.status_code == 200 and response["Cache-Control"] == "no-store, private", url
