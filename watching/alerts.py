@@ -95,8 +95,9 @@ def send_pending_mail():
     owed = list(Alert.objects.filter(MAIL_PENDING).select_related("server", "location").order_by("opened_at", "pk"))
     if not owed:
         return result
-    if not settings.ALERT_EMAILS:
-        result["error"] = "ALERT_EMAILS is empty: no one to mail"
+    if not settings.ALERT_EMAILS:  # said on each alert and journaled: not a mail merely delayed
+        result["error"] = "ALERT_EMAILS is empty: no one to mail; set it in the portal's environment"
+        result["failed"] = sum(_mail_failed(a, result["error"]) for a in owed)
         return result
     connection = mail.get_connection(fail_silently=False)
     try:
