@@ -40,7 +40,8 @@ def furnish(name, *, rpo_s=800.0, rto_s=5000.0, alert=True):
         RestoreTest.objects.create(
             server=server, status="passed", duration_s=rto_s, started_at=now - timedelta(days=1), finished_at=now
         )
-        RestoreTest.objects.create(server=server, status="failed", started_at=now - timedelta(hours=1))
+        # A failed test before the passed one: the RTO is the passed test's.
+        RestoreTest.objects.create(server=server, status="failed", started_at=now - timedelta(days=2))
     if alert:
         Alert.objects.create(condition="rpo_breached", subject=f"server:{name}", server=server, message="m")
     return server
@@ -83,6 +84,26 @@ def test_an_rto_measured_by_a_restore_test_older_than_five_weeks_is_amber_howeve
         html = client.get(reverse("dashboard")).content.decode()
     assert row_colour(html, "maldives", "rto") == "amber"
     assert "none passed since, too old to vouch for today" in html
+
+
+def test_the_rto_is_red_and_names_the_test_while_the_newest_restore_test_failed(client, charlie, backup_root):
+    """Found by review: the card said "restore test 5 minutes ago" in green, of an older test
+    that passed, while the newest had just failed."""
+    maldives = furnish("maldives")
+    now = timezone.now()
+    failed = RestoreTest.objects.create(server=maldives, status="failed", started_at=now, finished_at=now)
+    health = server_health(Server.objects.get(pk=maldives.pk))
+    assert (health["rto"]["seconds"], health["rto"]["colour"], health["rto"]["failed"]["id"]) == (
+        5000,
+        "red",
+        failed.pk,
+    )
+    client.force_login(charlie)
+    html = client.get(reverse("dashboard")).content.decode()
+    assert row_colour(html, "maldives", "rto") == "red"
+    assert f'the newest restore test, <a href="{reverse("restore-test", args=[failed.pk])}">#{failed.pk}</a>' in html
+    RestoreTest.objects.create(server=maldives, status="passed", duration_s=60, started_at=now, finished_at=now)
+    assert server_health(Server.objects.get(pk=maldives.pk))["rto"]["colour"] == "green"
 
 
 def test_a_backup_whose_offsite_copy_failed_is_amber_on_its_card(client, charlie, backup_root):

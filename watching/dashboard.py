@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db.models import OuterRef, Prefetch, Q, Subquery
+from django.urls import reverse
 from django.utils import timezone
 
 from backupportal.roles import role_may
@@ -52,6 +53,9 @@ def servers(queryset=None):
     passed = RestoreTest.objects.filter(server=OuterRef("pk"), status="passed", duration_s__isnull=False).order_by(
         "-started_at"
     )
+    finished = (
+        RestoreTest.objects.filter(server=OuterRef("pk")).exclude(status="running").order_by("-started_at", "-pk")
+    )
     runs = BackupRun.objects.order_by()
     return (
         (Server.objects.all() if queryset is None else queryset)
@@ -59,6 +63,9 @@ def servers(queryset=None):
         .annotate(
             last_rto_s=Subquery(passed.values("duration_s")[:1]),
             last_rto_at=Subquery(passed.values("finished_at")[:1]),
+            newest_test_id=Subquery(finished.values("pk")[:1]),
+            newest_test_status=Subquery(finished.values("status")[:1]),
+            newest_test_at=Subquery(finished.values("finished_at")[:1]),
         )
         .prefetch_related(
             Prefetch(
@@ -140,7 +147,16 @@ def rto_health(server, now=None):
     stale = at is not None and at < (now or timezone.now()) - RESTORE_TEST_MAX_AGE
     if stale and colour == "green":
         colour = "amber"
-    return {"seconds": seconds, "objective_s": objective, "at": at, "colour": colour, "stale": stale}
+    figure = {"seconds": seconds, "objective_s": objective, "at": at, "colour": colour, "stale": stale, "failed": None}
+    if getattr(server, "newest_test_status", None) == "failed":
+        # The RTO measured before says nothing while the newest test says the backup does not restore.
+        failed = {
+            "id": server.newest_test_id,
+            "at": server.newest_test_at,
+            "url": reverse("restore-test", args=[server.newest_test_id]),
+        }
+        figure |= {"colour": "red", "failed": failed}
+    return figure
 
 
 def colour_against(value, objective):
