@@ -126,9 +126,27 @@ def read_passphrase(path=None) -> str:
     mode = path.stat().st_mode
     if mode & 0o077:
         raise EncryptionError(f"passphrase file {path} can be read by others (mode {mode & 0o777:o}): chmod 600 {path}")
-    passphrase = path.read_text().strip("\r\n")
-    if not passphrase:
+    # What stock `gpg --passphrase-file` takes, exactly: the first line, without its newline. The
+    # README's restore without the portal gives gpg this very file.
+    try:
+        text = path.read_bytes().decode()
+    except UnicodeDecodeError:
+        raise EncryptionError(
+            f"passphrase file {path} is not text (UTF-8): write the passphrase in it, one line"
+        ) from None
+    if "\r" in text:
+        raise EncryptionError(
+            f"passphrase file {path} has Windows line endings: stock gpg would take the CR as part of the "
+            f"passphrase; convert it (dos2unix {path}) and try again"
+        )
+    passphrase, _, rest = text.partition("\n")
+    if not passphrase and not rest.strip("\n"):
         raise EncryptionError(f"passphrase file {path} is empty: write the passphrase in it")
+    if not passphrase or rest.strip("\n"):
+        raise EncryptionError(
+            f"passphrase file {path} holds more than its first line: stock gpg reads only that line; "
+            "keep the passphrase alone on the first line"
+        )
     return passphrase
 
 

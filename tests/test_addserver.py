@@ -83,6 +83,14 @@ def test_it_refuses_a_world_readable_password_file(pg_cluster, db, tmp_path):
     assert "can be read by others" in refused("x", "--dsn", pg_cluster.dsn(), "--password-file", str(secret))
 
 
+def test_it_refuses_a_password_file_that_is_not_text_in_one_line(pg_cluster, db, tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_bytes(b"\xff\xfe\x00p")
+    secret.chmod(0o600)
+    said = refused("x", "--dsn", pg_cluster.dsn(), "--password-file", str(secret))
+    assert said == f"password file {secret} is not text (UTF-8): write the password in it, one line"
+
+
 def test_it_refuses_a_password_in_the_dsn(pg_cluster, db):
     message = refused("x", "--dsn", f"postgresql://postgres:hunter2@127.0.0.1:{pg_cluster.port}/postgres")
     assert "process list" in message and "hunter2" not in message

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,45 @@ def test_a_run_failed_by_the_sweep_while_it_wrote_its_manifest_keeps_no_file(
     assert run.status == "failed" and run.error.startswith("interrupted")
     assert files_under(backup_root) == []
     assert not BackupCopy.objects.filter(run=run).exclude(status="deleted").exists()
+
+
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        (b"pass\r\n", "has Windows line endings: stock gpg would take the CR as part of the passphrase"),
+        (b"pass\nsecond line\n", "holds more than its first line: stock gpg reads only that line"),
+        (b"\npass\n", "holds more than its first line"),
+        (b"\xff\xfe\x00p\x00a", "is not text (UTF-8)"),
+        (b"\n\n", "is empty: write the passphrase in it"),
+    ],
+    ids=["crlf", "two-lines", "blank-first", "binary", "empty"],
+)
+def test_a_passphrase_file_stock_gpg_reads_otherwise_fails_the_run_in_one_line(
+    server, passphrase_file, backup_root, content, said
+):
+    """Found by review: a file with CRLF endings made backups that the README's `gpg
+    --passphrase-file` could not open (the portal stripped the CR, gpg keeps it)."""
+    from django.core.management import call_command
+
+    passphrase_file.write_bytes(content)
+    with pytest.raises(SystemExit):
+        call_command("backup", "maldives")
+    run = BackupRun.objects.get()
+    assert run.status == "failed" and said in run.error and "\n" not in run.error
+    assert not list(backup_root.rglob("*.gpg"))
+
+
+def test_a_passphrase_on_its_line_with_a_newline_opens_with_stock_gpg(server, passphrase_file, backup_root, tmp_path):
+    from django.core.management import call_command
+
+    passphrase_file.write_bytes(b"  spaces kept  \n")
+    call_command("backup", "maldives", stdout=StringIO())
+    artifact = next(backup_root.rglob("*.dump.gpg"))
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    decrypted = subprocess.run(
+        ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback", "--passphrase-file",
+         str(passphrase_file), "--decrypt", str(artifact)],
+        capture_output=True,
+    )  # fmt: skip
+    assert decrypted.returncode == 0, decrypted.stderr.decode()[-500:]

@@ -130,7 +130,10 @@ class Command(PortalCommand):
                 fail(f"password file {path} does not exist: create it with mode 0600")
             if path.stat().st_mode & 0o077:
                 fail(f"password file {path} can be read by others: chmod 600 {path}")
-            return path.read_text().strip()
+            try:
+                return path.read_bytes().decode().strip()
+            except UnicodeDecodeError:
+                fail(f"password file {path} is not text (UTF-8): write the password in it, one line")
         return os.environ.get("PGPASSWORD", "")
 
 
