@@ -120,16 +120,18 @@ def parse(script):
     return recognised, warnings
 
 
-def apply(conn, script, target, with_passwords=False):
+def apply(conn, script, target, with_passwords=False, about_to_make=None):
     """Apply the safe part of the globals on `conn` (the target, as its superuser).
 
-    Returns (roles created, notes, warnings). On GlobalsRefused the roles made are dropped."""
+    Returns (roles created, notes, warnings). On GlobalsRefused the roles made are dropped.
+    `about_to_make(roles)`, when given, is told the roles created so far and the next one
+    before that one is made (a restore records them for the orphan sweep)."""
     recognised, warnings = parse(script)
     existing = {name for (name,) in conn.execute("SELECT rolname FROM pg_roles")}
     created, notes = [], []
     try:
         for form, m in recognised:
-            warnings += _apply_one(conn, form, m, existing, created, target, with_passwords)
+            warnings += _apply_one(conn, form, m, existing, created, target, with_passwords, about_to_make)
     except BaseException:
         drop_roles(conn, created)
         raise
@@ -144,7 +146,7 @@ def apply(conn, script, target, with_passwords=False):
     return created, notes, warnings
 
 
-def _apply_one(conn, form, m, existing, created, target, with_passwords):
+def _apply_one(conn, form, m, existing, created, target, with_passwords, about_to_make=None):
     """Apply one recognised statement, or say why not; returns its warnings."""
     if form == "tablespace":
         return []
@@ -154,14 +156,16 @@ def _apply_one(conn, form, m, existing, created, target, with_passwords):
     try:
         if role in existing:
             return _left_unchanged(conn, form, m, role, target)
-        return _apply_to_new(conn, form, m, role, created, with_passwords)
+        return _apply_to_new(conn, form, m, role, created, with_passwords, about_to_make)
     except ValueError as e:  # role options this portal does not know: never guessed at
         return [f"options of role {role} not applied: {e}"]
 
 
-def _apply_to_new(conn, form, m, role, created, with_passwords):
+def _apply_to_new(conn, form, m, role, created, with_passwords, about_to_make=None):
     """A role missing on the target: created, with only what is safe."""
     if form == "create role":
+        if about_to_make is not None:
+            about_to_make([*created, role])
         _create(conn, role)
         created.append(role)
         return []

@@ -36,6 +36,7 @@ from restores.targetdb import (
     database_exists,
     drop_database,
     dropped,
+    dropped_roles,
 )
 
 
@@ -85,12 +86,14 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     # Onto another cluster its tablespaces do not exist: the objects go to the default one.
     extra = ["--no-tablespaces"] if elsewhere or tablespace_map else []
     roles = []
-    if elsewhere:
-        roles = restore_globals(run, target, encryption, notes, warnings, with_role_passwords)
-    made = False
-    held = EventTriggers(props, scratch_root, subscriptions=(target.pg_version or 0) < ANY_SUBSCRIPTION_OWNER)
     if restore is not None:  # dropped by restores.orphans if this process dies before it ends
         restore.leaves(**{**restore.left, "database": dbname, "at": target.destination})
+    if elsewhere:
+        # Each role recorded before it is made: a restore killed meanwhile leaves none behind.
+        about_to_make = (lambda made: restore.leaves(**{**restore.left, "roles": made})) if restore else None
+        roles = restore_globals(run, target, encryption, notes, warnings, with_role_passwords, about_to_make)
+    made = False
+    held = EventTriggers(props, scratch_root, subscriptions=(target.pg_version or 0) < ANY_SUBSCRIPTION_OWNER)
     try:
         toc = (props.copy_id, props.head) if props is not None else None
         notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc, held)
@@ -289,7 +292,7 @@ def _apply_properties(props, target, dbname, warnings):
     return f"database properties of {props.source} re-issued for {dbname} ({applied} statements)"
 
 
-def restore_globals(run, target, encryption, notes, warnings, with_role_passwords=False):
+def restore_globals(run, target, encryption, notes, warnings, with_role_passwords=False, about_to_make=None):
     """The roles of the source, brought safely (cluster_globals) so that the dump's owners and
     grants exist on another server. Returns the roles created, for a failed restore to drop."""
     if "imported" in run.details and "globals" not in run.details:
@@ -318,7 +321,9 @@ def restore_globals(run, target, encryption, notes, warnings, with_role_password
         raise RestoreFailed(f"the globals of run #{run.pk} cannot be read: {e}") from None
     try:
         with target.connect("postgres") as conn:
-            created, more_notes, more_warnings = cluster_globals.apply(conn, script, target, with_role_passwords)
+            created, more_notes, more_warnings = cluster_globals.apply(
+                conn, script, target, with_role_passwords, about_to_make
+            )
     except cluster_globals.GlobalsRefused as e:
         raise RestoreFailed(f"restoring the globals on {target} failed: {e}") from None
     except psycopg.Error as e:
@@ -326,25 +331,6 @@ def restore_globals(run, target, encryption, notes, warnings, with_role_password
     notes += more_notes
     warnings += more_warnings
     return created
-
-
-def dropped_roles(target, roles):
-    """Drop the roles a failed restore (or a restore test, after its copy) created; "" when done, else one
-    line saying which are left."""
-    if not roles:
-        return ""
-    left, why = [], ""
-    try:
-        with target.connect("postgres") as conn:
-            for role in reversed(roles):  # each on its own: one still in use stops none of the others
-                try:
-                    cluster_globals.drop_role(conn, role)
-                except psycopg.Error as e:
-                    left.append(role)
-                    why = why or explain(e, target)
-    except psycopg.Error as e:
-        return f"roles {', '.join(roles)} created on {target} could not be dropped: {explain(e, target)}"
-    return f"roles {', '.join(reversed(left))} created on {target} could not be dropped: {why}" if left else ""
 
 
 def run_logical(run, target, dbname, actor, request=None, restore_test=None, **options):

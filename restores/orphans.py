@@ -26,7 +26,7 @@ from backups.binaries import pg_ctl
 from backups.runner import ORPHAN_AFTER, alive, minutes
 from restores.models import RestoreRequest, RestoreRun, RestoreTest
 from restores.pitr_extract import empty, give_back
-from restores.targetdb import RestoreFailed, dropped
+from restores.targetdb import RestoreFailed, dropped, dropped_roles
 
 HOST = socket.gethostname()
 ACTOR = "job:orphans"
@@ -117,8 +117,12 @@ def _remove_made(restore):
         if restore.kind == RestoreRun.Kind.REPLACE:
             return _settle_replace(restore, target, made)
         left = dropped(target, made["database"])
-        restore.left = made if left else {}
-        return left or f"the database {made['database']} it was restoring into was dropped"
+        roles = made.get("roles") or []
+        roles_left = dropped_roles(target, roles)  # after the database: it held their objects
+        restore.left = made if left or roles_left else {}
+        said = [left or f"the database {made['database']} it was restoring into was dropped"]
+        said += [roles_left or f"the roles it created ({', '.join(roles)}) were dropped"] if roles else []
+        return "; ".join(said)
     if made.get("datadir"):
         if (restore.host or HOST) != HOST:
             return f"its cluster in {made['datadir']} is stopped and removed on {restore.host} by the next PITR there"

@@ -10,9 +10,9 @@ from backups.copies import healthy_copies
 from backups.models import BackupRun, Database, Server
 from backups.runner import beating
 from restores import pitr, sandbox
-from restores.logical import dropped_roles, run_logical
+from restores.logical import run_logical
 from restores.models import RestoreRun, RestoreTest
-from restores.targetdb import dropped
+from restores.targetdb import dropped, dropped_roles
 from restores.validation import check, dbname_of, run_checks
 
 CONDITION = "restore_test_failed"

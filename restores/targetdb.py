@@ -15,6 +15,7 @@ from psycopg import sql
 
 from backupportal.lib.pgerrors import explain
 from backups.binaries import server_major
+from restores import cluster_globals
 
 # Production's event triggers come with its copy: from PostgreSQL 17 a login trigger fires on
 # every connection (one that records logins changes the counts a restore test compares; one that
@@ -186,3 +187,22 @@ def _still_attached(sub, slot, dbname, error):
         f" ALTER SUBSCRIPTION {sub} DISABLE; ALTER SUBSCRIPTION {sub} SET (slot_name = NONE); before anyone"
         " enables it, drops it (that would drop production's slot on the publisher) or drops the database"
     )
+
+
+def dropped_roles(target, roles):
+    """Drop the roles a failed restore (or a restore test, after its copy) created; "" when done, else one
+    line saying which are left."""
+    if not roles:
+        return ""
+    left, why = [], ""
+    try:
+        with target.connect("postgres") as conn:
+            for role in reversed(roles):  # each on its own: one still in use stops none of the others
+                try:
+                    cluster_globals.drop_role(conn, role)
+                except psycopg.Error as e:
+                    left.append(role)
+                    why = why or explain(e, target)
+    except psycopg.Error as e:
+        return f"roles {', '.join(roles)} created on {target} could not be dropped: {explain(e, target)}"
+    return f"roles {', '.join(reversed(left))} created on {target} could not be dropped: {why}" if left else ""

@@ -224,6 +224,37 @@ def test_a_replace_killed_after_its_swap_says_production_was_replaced(server, sa
     assert request.status == "succeeded"  # never to be run again
 
 
+def test_a_killed_restore_onto_another_server_leaves_none_of_the_roles_it_created(
+    big_server, big_cluster, pg_cluster_of, settings
+):
+    """Found by review: the database was dropped, but a LOGIN role the globals created (with
+    production's password, --with-role-passwords) stayed on the other server for good."""
+    big_cluster.execute("CREATE ROLE ghost LOGIN PASSWORD 'from-prod'")
+    big_cluster.execute("ALTER TABLE scans OWNER TO ghost", dbname="reliabilitymaldives")
+    assert run_command("backup", "maldives")["status"] == "succeeded"
+    backup = BackupRun.objects.get(kind="logical", status="succeeded")
+    other = pg_cluster_of(15)
+    register(other, name="standby", dbname="postgres")
+    proc = manage(
+        settings, "restore", str(backup.pk), "--into-database", "half_copy", "--into-server", "standby",
+        "--with-role-passwords", "--json",
+    )  # fmt: skip
+    loading = RestoreRun.objects.filter(status="running", left__has_key="roles")
+    wait_for(lambda: loading.exists() and child_named(proc.pid, "pg_restore"), timeout=90, what="the load")
+    restore = loading.get()
+    assert "ghost" in restore.left["roles"] and restore.left["database"] == "half_copy"
+    assert other.execute("SELECT rolname FROM pg_roles WHERE rolname = 'ghost'") == [("ghost",)]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+    assert orphans.fail_orphans() == [restore]
+    restore.refresh_from_db()
+    assert restore.status == "failed" and restore.left == {}
+    assert "the database half_copy it was restoring into was dropped; the roles it created (" in restore.error
+    assert other.execute("SELECT datname FROM pg_database WHERE datname = 'half_copy'") == []
+    assert other.execute("SELECT rolname FROM pg_roles WHERE rolname = 'ghost'") == []
+
+
 def test_an_approved_request_no_worker_ran_expires_and_never_runs_later(server, alice, bob, settings):
     from restores.tasks import run_request
 
