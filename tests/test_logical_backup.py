@@ -1,5 +1,6 @@
 """Logical backups end to end against a real cluster: pg_dump → gpg → the primary location."""
 
+import json
 import os
 import subprocess
 import time
@@ -11,7 +12,7 @@ from django.core.management import call_command
 from backupportal.lib import sampledata
 from backups import tables
 from backups.models import BackupCopy, BackupRun
-from tests.helpers import backup_json, register
+from tests.helpers import backup_json, manage, register
 from tests.pg18 import PG15_BIN
 
 
@@ -155,6 +156,15 @@ def test_unknown_server_is_refused(db):
 
     with pytest.raises(CommandError, match="unknown server 'nope'"):
         call_command("backup", "nope")
+
+
+def test_a_refusal_with_json_ends_stdout_with_its_json_object_too(db, settings):
+    """Found by review: stdout was empty on a refused input, so `| tail -1 | jq` broke exactly there."""
+    proc = manage(settings, "backup", "nope", "--kind", "logical", "--json")
+    out, err = proc.communicate(timeout=120)
+    said = json.loads(out.strip().splitlines()[-1])
+    assert proc.returncode == 1 and err.strip().endswith(said["error"])
+    assert said["status"] == "refused" and said["exit_code"] == 1 and "unknown server 'nope'" in said["error"]
 
 
 @pytest.mark.parametrize(

@@ -30,14 +30,11 @@ class PortalCommand(BaseCommand):
 
     def handle(self, *args, **options):
         try:
-            result = self.run(**options)
-        except (OperationalError, InterfaceError) as e:
-            # The portal's own catalog is down (not a protected server: those raise psycopg's errors).
-            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            fail(
-                f"the portal's own database cannot be used ({redact(first)}): "
-                "check that it is running and that DATABASE_URL points at it, then try again"
-            )
+            result = self._run(**options)
+        except CommandError as e:
+            if options.get("json"):  # a refusal too ends stdout with its JSON object (`| tail -1 | jq`)
+                self.stdout.write(json.dumps({"status": "refused", "error": str(e), "exit_code": 1}))
+            raise
         if options.get("json"):
             self.stdout.write(json.dumps(result, default=str))
         else:
@@ -45,6 +42,17 @@ class PortalCommand(BaseCommand):
                 self.stdout.write(line)
         if result.get("exit_code"):
             raise SystemExit(result["exit_code"])
+
+    def _run(self, **options):
+        try:
+            return self.run(**options)
+        except (OperationalError, InterfaceError) as e:
+            # The portal's own catalog is down (not a protected server: those raise psycopg's errors).
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            fail(
+                f"the portal's own database cannot be used ({redact(first)}): "
+                "check that it is running and that DATABASE_URL points at it, then try again"
+            )
 
     def run(self, **options):
         raise NotImplementedError
