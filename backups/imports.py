@@ -62,6 +62,11 @@ def import_file(path, server_name, database=None, actor="os:unknown"):
     dbname = database or _first(DBNAME, toc)
     if not dbname:
         raise ImportRefused(f"{path.name}: its table of contents names no database: give --database DB")
+    if len(dbname.encode()) > 63 or any(ord(c) < 32 for c in dbname):
+        raise ImportRefused(
+            f"{dbname[:70]!r} cannot be a PostgreSQL database name (at most 63 bytes, no control characters): "
+            "give --database the name of the database the dump is of"
+        )
     run = _store(path, server, dbname, toc, encryption, encrypted, actor)
     copies = copy_run_foreground(run)
     journal.record(

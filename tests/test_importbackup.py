@@ -117,13 +117,14 @@ def test_an_imported_dump_passes_a_restore_test(tiers, passphrase_file, server, 
         # Cut short where its data ends (a job that died mid-write): its table of contents is whole.
         ("truncated dump", "is not a whole pg_dump archive: pg_restore could not read it to its end"),
         ("truncated dump, encrypted", "is not a whole pg_dump archive: pg_restore could not read it to its end"),
+        ("database name too long", "cannot be a PostgreSQL database name (at most 63 bytes, no control characters)"),
     ],
 )
 def test_wrong_input_is_refused_in_one_line_and_nothing_is_stored(
     what, said, tiers, passphrase_file, server, sample_cluster, tmp_path
 ):
     bad = tmp_path / "input"
-    server_name = "maldives"
+    server_name, more = "maldives", []
     if what == "not a dump":
         bad.write_text("-- a plain SQL script\nSELECT 1;\n")
     elif what == "wrong passphrase":
@@ -150,8 +151,11 @@ def test_wrong_input_is_refused_in_one_line_and_nothing_is_stored(
     elif what == "unknown server":
         stock_dump(sample_cluster, bad)
         server_name = "nowhere"
+    elif what == "database name too long":
+        stock_dump(sample_cluster, bad)
+        more = ["--database", "é" + "x" * 62]  # 64 bytes: PostgreSQL would cut it to another name
     before = files_in(tiers.primary, tiers.nas)
-    result = run_command("importbackup", str(bad), "--server", server_name)
+    result = run_command("importbackup", str(bad), "--server", server_name, *more)
     assert result["_exit"] == 1 and said in result["_stderr"]
     assert "\n" not in result["_stderr"].strip()
     assert not BackupRun.objects.exists() and files_in(tiers.primary, tiers.nas) == before
