@@ -121,6 +121,10 @@ class Rebuild:
             self.versions = self.store.surviving()
             self.store = Pinned(self.store, self.reading)
         keys = list(self.versions) if self.versions else list(self.store.list())
+        for prefix, other in self.location.nested().items():  # signed for their own keys, not these
+            keys = [key for key in keys if not key.startswith(prefix)]
+            why = f"the files of location {other.name}, inside this one: rebuild them with --location {other.name}"
+            self.report.skipped.append({"what": prefix, "why": why})
         self.keys_present = set(keys)
         self.moved = self.notes(keys)
         self.note_at = {note["key"]: note for note in self.moved.values()}

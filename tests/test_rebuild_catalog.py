@@ -38,6 +38,7 @@ from tests.helpers import (
     enable_push,
     pitr,
     pitr_to,
+    push_with_base,
     rows,
     run_command,
     stop_gpg_agent,
@@ -450,3 +451,21 @@ def test_runs_and_wal_from_before_manifests_get_them_from_writemanifests_and_are
     assert rebuilt["_exit"] == 0 and rebuilt["refused"] == [] and rebuilt["skipped"] == [], rebuilt
     assert sorted(r["kind"] for r in rebuilt["runs_created"]) == ["base", "logical"]
     assert rebuilt["wal_created"] == segments
+
+
+def test_a_rebuild_of_the_primary_leaves_the_wal_location_inside_it_to_its_own_rebuild(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
+):
+    """Found by review: WAL_ROOT is BACKUP_ROOT/wal by default, and rebuilding from the primary
+    refused every WAL manifest there ("signed for maldives/wal/...", the WAL location's own key)
+    and exited 1, which reads as tampering after a host loss."""
+    assert Path(settings.WAL_ROOT).parent == Path(settings.BACKUP_ROOT)
+    push_with_base(sample_cluster, server)
+    rebuilt = run_command("rebuildcatalog", "--location", "primary", "--dry-run")
+    assert rebuilt["_exit"] == 0 and rebuilt["refused"] == [], rebuilt
+    assert rebuilt["skipped"] == [
+        {"what": "wal/", "why": "the files of location wal, inside this one: rebuild them with --location wal"}
+    ]
+    assert rebuilt["unlisted"]["count"] == 0
+    wal = run_command("rebuildcatalog", "--location", "wal", "--dry-run")
+    assert wal["_exit"] == 0 and wal["refused"] == [] and wal["wal_already_catalogued"] > 0, wal

@@ -100,6 +100,19 @@ class StorageLocation(models.Model):
         if self.kind == self.Kind.NAS:
             self.check_apart()
 
+    def nested(self):
+        """{key prefix: location} of the other locations whose directories lie inside this one
+        (WAL_ROOT under BACKUP_ROOT by default): their keys in this tree are theirs."""
+        if self.kind == self.Kind.S3 or not self.path:
+            return {}
+        mine = Path(self.path).resolve()
+        inside = {}
+        for other in StorageLocation.objects.exclude(pk=self.pk).exclude(kind=self.Kind.S3).exclude(path=""):
+            theirs = Path(other.path).resolve()
+            if mine in theirs.parents:
+                inside[theirs.relative_to(mine).as_posix() + "/"] = other
+        return inside
+
     def check_apart(self):
         """A NAS location in a directory of its own: at another location's path, a copy made there
         is the other's file under the same key (the copy found it "already there", removed it as a
