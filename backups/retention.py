@@ -187,7 +187,7 @@ def describe(server, now=None):
                 "server": server.name,
                 "kind": run.kind,
                 "database": (run.database_name if run.database_id else dsn_database) if logical else "",
-                "finished_at": run.finished_at.isoformat(),
+                "finished_at": timezone.localtime(run.finished_at).isoformat(),  # as every page shows times
                 "kept_by": rule,
                 "goes": None if rule else timezone.localtime(now).date().isoformat(),
                 "daily_until": gfs.goes_on(run, _days(server, run.kind)).isoformat()

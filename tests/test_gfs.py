@@ -69,20 +69,20 @@ def test_gfs_keeps_exactly_the_expected_backups_over_a_year_of_daily_backups(db)
     with time_machine.travel(datetime(2026, 12, 3, 12, tzinfo=MALE), tick=False):
         rules = {row["finished_at"][:10]: row["kept_by"] for row in retention.describe(server)}
     assert rules == {
-        "2025-12-30": "yearly 2025",  # finished_at is UTC: 02:00 Maldives is 21:00 the day before
-        "2026-07-30": "monthly 2026-07",
-        "2026-08-30": "monthly 2026-08",
-        "2026-09-29": "monthly 2026-09",
-        "2026-10-30": "monthly 2026-10",
-        "2026-11-14": "weekly 2026-W46",
-        "2026-11-21": "weekly 2026-W47",
-        "2026-11-26": "daily 2026-11-27",
-        "2026-11-27": "daily 2026-11-28",
-        "2026-11-28": "daily 2026-11-29",
-        "2026-11-29": "daily 2026-11-30",
-        "2026-11-30": "daily 2026-12-01",
-        "2026-12-01": "daily 2026-12-02",
-        "2026-12-02": "daily 2026-12-03",
+        "2025-12-31": "yearly 2025",  # finished_at in the portal's time zone, as the pages show it
+        "2026-07-31": "monthly 2026-07",
+        "2026-08-31": "monthly 2026-08",
+        "2026-09-30": "monthly 2026-09",
+        "2026-10-31": "monthly 2026-10",
+        "2026-11-15": "weekly 2026-W46",
+        "2026-11-22": "weekly 2026-W47",
+        "2026-11-27": "daily 2026-11-27",
+        "2026-11-28": "daily 2026-11-28",
+        "2026-11-29": "daily 2026-11-29",
+        "2026-11-30": "daily 2026-11-30",
+        "2026-12-01": "daily 2026-12-01",
+        "2026-12-02": "daily 2026-12-02",
+        "2026-12-03": "daily 2026-12-03",
     }
 
 
