@@ -411,6 +411,7 @@ def serve(paths, cluster, port):
                 stop_group(children[name].pid)
         cluster.stop()
         stop_sandboxes(paths)
+        stop_gpg_agents(paths)
         paths.state.unlink(missing_ok=True)
         say("stopped")
 
@@ -552,6 +553,7 @@ def stop_background(paths):
         Cluster(datadir).stop()
         stopped.append(f"sample cluster ({datadir})")
     stopped += [f"sandbox ({datadir})" for datadir in stop_sandboxes(paths)]
+    stopped += [f"gpg-agent ({home})" for home in stop_gpg_agents(paths)]
     paths.state.unlink(missing_ok=True)
     say(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     return 0
@@ -566,6 +568,20 @@ def stop_sandboxes(paths):
         if sandbox.is_running():
             sandbox.stop()
             stopped.append(datadir)
+    return stopped
+
+
+def stop_gpg_agents(paths):
+    """gpg starts an agent of its own for each key directory the demo's portal used (signing,
+    the WAL keys): a daemon outside the demo's process groups. Returns the directories whose
+    agent was asked to stop."""
+    homes = {p.parent for pattern in ("*/pubring.kbx", "*/*/pubring.kbx") for p in paths.var.glob(pattern)}
+    stopped = []
+    for home in sorted(homes):
+        running = ["gpg-connect-agent", "--homedir", str(home), "--no-autostart", "/bye"]
+        if subprocess.run(running, capture_output=True).returncode == 0:
+            subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], capture_output=True)
+            stopped.append(home)
     return stopped
 
 
