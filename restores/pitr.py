@@ -386,6 +386,9 @@ def execute(plan, run):
         raise
     stop_prefetch(plan)
     shutil.rmtree(plan.staging, ignore_errors=True)
+    # What the restore read: the base (and the incrementals combined with it) and the WAL fetched.
+    run.bytes_done = sum(backup.size or 0 for backup in (plan.base, *plan.links)) + plan.wal_read
+    RestoreRun.objects.filter(pk=run.pk).update(bytes_done=run.bytes_done)
 
 
 def prefetch_wal(plan):

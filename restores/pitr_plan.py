@@ -75,6 +75,7 @@ class Plan:
     # and its walchain.Lineage: which timeline's copy of each segment is production's.
     timeline: int | None = None
     lineage: object = None
+    wal_read: int = 0  # bytes of WAL the prefetcher decrypted (pitr_prefetch), for the run's bytes restored
 
     @property
     def newest(self):

@@ -208,6 +208,8 @@ class Prefetch:
                 f"WAL segment {segment.name}",
                 plain_sha256=segment.sha256,
             )
+            with self.changed:
+                self.plan.wal_read += getattr(segment, "size", 0) or self.plan.segment_size
         if segment.segno not in self.checked:
             self.check_tablespaces(segment)
             self.checked.add(segment.segno)

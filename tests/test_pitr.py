@@ -67,7 +67,10 @@ def test_pitr_to_a_time_has_a_and_not_b_and_latest_has_both(
     assert "pg_verifybackup: backup successfully verified; the " in result["notes"]
     assert "files' CRC-32C compared with it as they were extracted" in result["notes"]
     assert result["recovered_to"] and result["recovered_to"] <= target.isoformat(sep=" ")
-    assert RestoreRun.objects.get(pk=result["id"]).kind == "pitr"
+    restore = RestoreRun.objects.get(pk=result["id"])
+    assert restore.kind == "pitr"
+    # What it read (found by review: "0 bytes"): the base backup and at least one WAL segment.
+    assert restore.bytes_done >= restore.backup_run.size + restore.server.wal_segment_size
     assert not (at_t / "recovery.signal").exists() and not (at_t / "recovery.conf").exists()
     auto_conf = (at_t / "postgresql.auto.conf").read_text()
     assert "recovery_target_time" in auto_conf and "archive_mode = 'off'" in auto_conf
