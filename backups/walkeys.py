@@ -27,7 +27,7 @@ from django.conf import settings
 
 from backupportal import journal
 from backupportal.lib.privatefile import write_private
-from backups.crypto import ZstdDecrypting, gpg_failure
+from backups.crypto import ZstdDecrypting, expecting_bad_passphrase, gpg_failure
 from backups.storage import StorageError, store_for
 
 CURRENT = "current"  # VAR_DIR/walkeys/current: the id of the key new segments use
@@ -86,7 +86,8 @@ def current_key(encryption):
         pointer = keyring() / CURRENT
         key_id = pointer.read_text().strip() if pointer.is_file() else ""
         try:
-            found = (key_id, _unwrap_bytes(key_id, (keyring() / f"{key_id}.key.gpg").read_bytes(), encryption))
+            with expecting_bad_passphrase():  # after a rotation the old key does not open: expected
+                found = (key_id, _unwrap_bytes(key_id, (keyring() / f"{key_id}.key.gpg").read_bytes(), encryption))
         except (OSError, WalKeyError):
             found = _new_key(encryption)
         _current[encryption.passphrase] = found

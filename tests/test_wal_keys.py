@@ -144,7 +144,7 @@ def test_a_key_file_missing_or_corrupt_everywhere_fails_naming_the_key(damage, i
 
 
 def test_a_new_passphrase_gets_a_new_key_and_the_old_segments_keep_theirs(
-    ingested, server, passphrase_file, settings, tmp_path
+    ingested, server, passphrase_file, settings, tmp_path, caplog
 ):
     old_key = primary_copy(ingested[0]).key_id
     secret = walkeys.unwrap(old_key, Encryption())
@@ -154,7 +154,12 @@ def test_a_new_passphrase_gets_a_new_key_and_the_old_segments_keep_theirs(
     keyring.rotate(passphrase_file=str(rotated), actor="test")
     spool = spool_dir(server)
     (spool / "000000010000000000000003").write_bytes(b"\1" * size_of(server))
+    walkeys._current.clear()  # as a new process: the pointer names the old key
+    caplog.clear()
     assert walingest.ingest(server).ingested == ["000000010000000000000003"]
+    # Trying the old key with the new passphrase is expected to fail: not gpg's ERROR in the log
+    # of an ingest that succeeds (found by review: BAD_PASSPHRASE on a worker's stderr).
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("gnupg")]
     new_key = primary_copy("000000010000000000000003").key_id
     assert new_key and new_key != old_key
     assert walkeys.unwrap(old_key, Encryption()) == secret  # this process still holds it
