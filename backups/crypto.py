@@ -158,6 +158,10 @@ def read_passphrase(path=None) -> str:
         raise EncryptionError(
             f"passphrase file {path} is not text (UTF-8): write the passphrase in it, one line"
         ) from None
+    if "\0" in text:
+        raise EncryptionError(
+            f"passphrase file {path} holds a NUL byte: gpg would stop reading there; write the passphrase alone"
+        )
     if "\r" in text:
         raise EncryptionError(
             f"passphrase file {path} has Windows line endings: stock gpg would take the CR as part of the "
@@ -268,7 +272,7 @@ class Encryption:
                 source,
                 None,
                 symmetric="AES256",
-                passphrase=self.passphrase,
+                passphrase=self.gnupg_passphrase,
                 armor=False,
                 extra_args=self.s2k_args + compression,
             )
@@ -292,6 +296,12 @@ class Encryption:
         gpg.stdout.close(), gpg.stderr.close()
         return PipeResult(gpg.wait(), said)
 
+    @property
+    def gnupg_passphrase(self):
+        """The passphrase as python-gnupg must be given it: it encodes with latin-1, so the file's
+        UTF-8 bytes (what `gpg --passphrase-file` and _gpg() give gpg) go as latin-1 characters."""
+        return self.passphrase.encode().decode("latin-1") if self.passphrase else self.passphrase
+
     def decrypt_stream(self, source, on_data):
         """Decrypt `source`, handing plaintext chunks to `on_data`. Result has `.ok`, `.status`.
         A copy's reader (backups.streams.VerifiedReader) is decrypted with its copy's key."""
@@ -302,7 +312,7 @@ class Encryption:
         if result is not None:
             return result
         with self._borrowed(on_data) as gpg:
-            return gpg.decrypt_file(source, passphrase=self.passphrase)
+            return gpg.decrypt_file(source, passphrase=self.gnupg_passphrase)
 
     def decrypt_to_fd(self, source, fd):
         """Decrypt `source` straight into the open descriptor `fd` (a pipe into tar): gpg writes
@@ -315,7 +325,7 @@ class Encryption:
             with source.hashed_beside():
                 return self._decrypt_file(local, fd)
         with self._borrowed(None, pass_fds=(fd,)) as gpg:
-            return gpg.decrypt_file(source, passphrase=self.passphrase, output=f"/dev/fd/{fd}")
+            return gpg.decrypt_file(source, passphrase=self.gnupg_passphrase, output=f"/dev/fd/{fd}")
 
     def _decrypt_file(self, fd_in, fd_out):
         """gpg reading a local copy itself, straight into `fd_out`: the ciphertext does not pass

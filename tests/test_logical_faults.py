@@ -268,8 +268,9 @@ def test_a_run_failed_by_the_sweep_while_it_wrote_its_manifest_keeps_no_file(
         (b"\npass\n", "holds more than its first line"),
         (b"\xff\xfe\x00p\x00a", "is not text (UTF-8)"),
         (b"\n\n", "is empty: write the passphrase in it"),
+        (b"ab\0the-long-secret\n", "holds a NUL byte: gpg would stop reading there"),
     ],
-    ids=["crlf", "two-lines", "blank-first", "binary", "empty"],
+    ids=["crlf", "two-lines", "blank-first", "binary", "empty", "nul"],
 )
 def test_a_passphrase_file_stock_gpg_reads_otherwise_fails_the_run_in_one_line(
     server, passphrase_file, backup_root, content, said
@@ -300,3 +301,37 @@ def test_a_passphrase_on_its_line_with_a_newline_opens_with_stock_gpg(server, pa
         capture_output=True,
     )  # fmt: skip
     assert decrypted.returncode == 0, decrypted.stderr.decode()[-500:]
+
+
+@pytest.mark.parametrize("phrase", ["pässwörd-long-enough", "passwort-€-long-enough"])
+def test_a_passphrase_beyond_ascii_is_the_same_bytes_for_the_portal_and_stock_gpg(db, settings, tmp_path, phrase):
+    """Found by review: python-gnupg sent the passphrase in latin-1 (or failed on a euro sign),
+    stock gpg --passphrase-file reads the file's UTF-8 bytes: backups the README's command could
+    not open."""
+    import io
+
+    from backups.crypto import Encryption, gnupg_home
+
+    passfile = tmp_path / "passphrase"
+    passfile.write_bytes(phrase.encode() + b"\n")
+    passfile.chmod(0o600)
+    settings.BACKUP_PASSPHRASE_FILE = str(passfile)
+    encryption, out = Encryption(), []
+    assert encryption.encrypt_stream(io.BytesIO(b"hello\n"), lambda c: out.append(c or b"") and False).ok
+    sealed = tmp_path / "c.gpg"
+    sealed.write_bytes(b"".join(out))
+    stock_gpg = ["gpg", "--homedir", str(gnupg_home()), "--batch", "--quiet", "--pinentry-mode", "loopback"]
+    opened = subprocess.run(
+        [*stock_gpg, "--passphrase-file", str(passfile), "--decrypt", str(sealed)], capture_output=True
+    )
+    assert opened.returncode == 0 and opened.stdout == b"hello\n", opened.stderr.decode(errors="replace")
+    by_stock = tmp_path / "s.gpg"
+    subprocess.run(
+        [*stock_gpg, "--passphrase-file", str(passfile), "--symmetric", "-o", str(by_stock)],
+        input=b"back\n",
+        check=True,
+    )
+    back = []
+    with open(by_stock, "rb") as f:
+        assert encryption.decrypt_stream(f, lambda c: back.append(c or b"") and False).ok
+    assert b"".join(back) == b"back\n"
