@@ -120,7 +120,7 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
         held.remove()
     if restore is not None:
         restore.warnings = warnings
-        restore.created_roles = roles  # a restore test drops them with its database (dropped_roles)
+        restore.created_roles = roles  # a restore test drops them with its database (dropped_roles), saved by finish
     return notes
 
 
@@ -369,7 +369,7 @@ def unexpected(error):
 def finish(restore, actor, error=None):
     """Record the outcome of a logical restore (or a replacement), failed when `error` is a
     string, and journal it."""
-    restore.finish(error, fields=("notes", "warnings"))
+    restore.finish(error, fields=("notes", "warnings", "created_roles"))
     if not (restore.succeeded or error):
         return restore  # failed meanwhile by restores.orphans, which journaled it
     journal.record(

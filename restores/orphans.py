@@ -257,6 +257,7 @@ def _remove_copies(test):
     for restore in test.restores.exclude(status=RestoreRun.Status.RUNNING):
         if restore.kind == RestoreRun.Kind.LOGICAL and restore.into_database and restore.into_server_id == target.pk:
             left += [said] if (said := dropped(target, restore.into_database)) else []
+            left += [said] if (said := dropped_roles(target, restore.created_roles)) else []
         elif restore.kind == RestoreRun.Kind.PITR and restore.into_datadir and restore.succeeded:
             RestoreRun.objects.filter(pk=restore.pk).update(left={"datadir": restore.into_datadir, "created": True})
     remove_leftovers()

@@ -132,7 +132,7 @@ def _test_logical(test, run, actor):
         left = dropped(target, dbname)
         # On a sandbox server the roles the restore created go with the copy (the next test
         # creates them again). One another test's copy still uses is left, and said.
-        roles_left = dropped_roles(target, getattr(restore, "created_roles", []))
+        roles_left = dropped_roles(target, restore.created_roles)
     if left:  # a copy of production stays on the server: the test fails, so that someone removes it
         checks.append(check("clean up", False, left))
     if roles_left:

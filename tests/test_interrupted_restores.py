@@ -5,6 +5,7 @@ production left half restored, nor a row "running" for ever."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -15,8 +16,9 @@ from django.utils import timezone
 from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
 from backups import walingest
-from backups.models import BackupRun
+from backups.models import BackupRun, Server
 from restores import orphans
+from restores.logical import run_logical
 from restores.models import Interrupted, RestoreRequest, RestoreRun, RestoreTest
 from restores.restoretest import run_restore_test
 from tests.helpers import (
@@ -252,6 +254,28 @@ def test_a_killed_restore_onto_another_server_leaves_none_of_the_roles_it_create
     assert restore.status == "failed" and restore.left == {}
     assert "the database half_copy it was restoring into was dropped; the roles it created (" in restore.error
     assert other.execute("SELECT datname FROM pg_database WHERE datname = 'half_copy'") == []
+    assert other.execute("SELECT rolname FROM pg_roles WHERE rolname = 'ghost'") == []
+
+
+def test_a_restore_test_killed_during_its_checks_leaves_none_of_the_roles_its_restore_created(
+    server, sample_cluster, pg_cluster_of, passphrase_file, backup_root
+):
+    """Found by review of the fix above: a test's restore had finished (its `left` emptied), so
+    the sweep dropped the scratch copy but not the LOGIN role the globals created on the sandbox."""
+    sample_cluster.execute("CREATE ROLE ghost LOGIN PASSWORD 'from-prod'")
+    sample_cluster.execute("ALTER TABLE users OWNER TO ghost", dbname="reliabilitymaldives")
+    assert run_command("backup", "maldives")["status"] == "succeeded"
+    run = BackupRun.objects.get(kind="logical", status="succeeded")
+    other = pg_cluster_of(15)
+    sandbox = register(other, name="sandboxsrv", dbname="postgres")
+    Server.objects.filter(pk=server.pk).update(sandbox_server=sandbox, sandbox_destination=sandbox.destination)
+    server.refresh_from_db()
+    test = RestoreTest.objects.create(server=server, backup_run=run, pid=dead_pid(), host=socket.gethostname())
+    restore = run_logical(run, server.sandbox, f"restoretest_{test.pk}", "job:restoretest", restore_test=test)
+    assert restore.succeeded and restore.created_roles == ["ghost"], restore.error
+    # ... and the worker dies while the checks run.
+    assert orphans.fail_orphans() == [test]
+    assert other.execute("SELECT datname FROM pg_database WHERE datname = %s", (f"restoretest_{test.pk}",)) == []
     assert other.execute("SELECT rolname FROM pg_roles WHERE rolname = 'ghost'") == []
 
 

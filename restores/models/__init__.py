@@ -188,7 +188,7 @@ class RestoreRequest(models.Model):
 
     expired_because = ""  # set by expire(): what start() refused
 
-    def start(self):
+    def start(self, actor="job:restore"):
         """Claim an approved request for running, once: returns False if it is not (or no longer)
         approved. One approved longer than QUEUED_RUN_TIMEOUT ago never starts, from the worker
         come back or from the command line: it fails here (expire), as the orphan sweep fails it."""
@@ -198,7 +198,7 @@ class RestoreRequest(models.Model):
             return True
         self.refresh_from_db(fields=["status", "decided_at"])
         if self.status == self.Status.APPROVED:
-            self.expire("job:restore")
+            self.expire(actor)  # who tried to start it: the worker, or the OS user of the command line
         return False
 
     def expire(self, actor):
@@ -278,6 +278,9 @@ class RestoreRun(models.Model):
     error = models.TextField(blank=True)
     notes = models.TextField(blank=True, help_text="e.g. which copy was read, fallbacks")
     warnings = models.JSONField(default=list, blank=True, help_text="what of the backup could not be applied")
+    # Onto another server: the roles its globals created. A restore test drops them with its copy,
+    # and the orphan sweep when the test's worker died after the restore (restores.orphans).
+    created_roles = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
