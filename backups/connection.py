@@ -186,7 +186,22 @@ class ServerConnection(models.Model):
         if conn.info.encoding == "ascii":  # a SQL_ASCII database
             for type_name in ("text", "name", "varchar", "bpchar"):
                 conn.adapters.register_loader(type_name, SqlAsciiText)
+        self._note_version(conn)
         return conn
+
+    def _note_version(self, conn):
+        """The server says its version at every connection: one upgraded in place since it was
+        registered is recorded anew (the client tools' session guard and binaries follow it), and
+        this session, opened with the older guard, gets the newer one's part now."""
+        known, now = getattr(self, "pg_version", None), conn.info.server_version
+        if known is None or not self.pk or known // 10000 == now // 10000:
+            return
+        if now >= TRANSACTION_TIMEOUT_FROM > (known or 0):
+            conn.execute("SET transaction_timeout = 0")
+            if not conn.autocommit:
+                conn.commit()
+        type(self).objects.filter(pk=self.pk).update(pg_version=now)
+        self.pg_version = now
 
     def libpq_env(self, dbname=None) -> dict:
         """Environment for the client tools: the DSN's settings as PG* variables, the password via PGPASSWORD.

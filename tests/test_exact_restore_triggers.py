@@ -5,6 +5,7 @@ role ended a backup's snapshot midway."""
 
 import pytest
 
+from backups.models import Server
 from restores.models import RestoreTest
 from restores.restoretest import run_restore_test
 from tests.helpers import restore_json
@@ -73,3 +74,21 @@ def test_transaction_timeout_does_not_stop_a_backup_restore_or_test_on_18(
     assert result["status"] == "succeeded", result
     test = run_restore_test(server)
     assert test.status == RestoreTest.Status.PASSED, (test.error, test.checks)
+
+
+def test_a_server_upgraded_in_place_since_registration_gets_the_newer_session_guard(
+    pg_cluster_of, db, passphrase_file, backup_root
+):
+    """Found by review of the fix above: the guard followed the version recorded at registration;
+    a server registered on 16 and upgraded since kept it, and its transaction_timeout still ended
+    the backup's snapshot. Every connection records the version the server says."""
+    newer = pg_cluster_of(18)
+    protect(newer, "source")
+    newer.execute("CREATE DATABASE busy")
+    newer.execute("CREATE TABLE big AS SELECT g, md5(g::text) h FROM generate_series(1, 300000) g", dbname="busy")
+    newer.execute("ALTER ROLE portal SET transaction_timeout = '20ms'")
+    server = register(newer, "busy", "busy", "source")
+    Server.objects.filter(pk=server.pk).update(pg_version=160004)  # registered before its upgrade
+    run = backup("busy")
+    assert run.status == "succeeded", run.error
+    assert Server.objects.get(pk=server.pk).pg_version // 10000 == 18
