@@ -91,6 +91,13 @@ def test_it_refuses_a_password_file_that_is_not_text_in_one_line(pg_cluster, db,
     assert said == f"password file {secret} is not text (UTF-8): write the password in it, one line"
 
 
+def test_it_refuses_the_name_of_the_wal_locations_directory_inside_the_primary(pg_cluster, backup_root):
+    """Found by review: WAL_ROOT is BACKUP_ROOT/wal by default; a server named wal kept its files in
+    the WAL location's tree, and a rebuild of the primary skipped them as that location's."""
+    said = refused("wal", "--dsn", pg_cluster.dsn())
+    assert said == "name: 'wal' is where location wal keeps its files: choose another name"
+
+
 def test_it_refuses_a_password_in_the_dsn(pg_cluster, db):
     message = refused("x", "--dsn", f"postgresql://postgres:hunter2@127.0.0.1:{pg_cluster.port}/postgres")
     assert "process list" in message and "hunter2" not in message

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import psycopg
+from django.apps import apps
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
@@ -181,6 +182,18 @@ class Server(ServerConnection):
 
     def clean(self):
         self.clean_dsn()
+        self.clean_name()
+
+    def clean_name(self):
+        """A server's files lie under its name in every location: not where another location's
+        directory is inside a primary one (WAL_ROOT under BACKUP_ROOT: a server named wal)."""
+        locations = apps.get_model("backups", "StorageLocation").objects.filter(kind="primary")
+        for location in locations:
+            for prefix, other in location.nested().items():
+                if self.name == prefix.split("/")[0]:
+                    raise ValidationError(
+                        {"name": f"{self.name!r} is where location {other.name} keeps its files: choose another name"}
+                    )
 
     @property
     def destination(self):
