@@ -28,7 +28,7 @@ class NotApproved(Exception):
     """No approved request lets this replacement run: nothing was touched; the message says why."""
 
 
-def approved_request(run, request_id):
+def approved_request(run, request_id, actor="job:restore"):
     """The approved request to replace production from `run`, started (it runs once); NotApproved else."""
     if not request_id:
         raise NotApproved("replacing production needs an approved request: --request ID (request it in the portal)")
@@ -39,7 +39,7 @@ def approved_request(run, request_id):
         raise NotApproved(f"request #{request_id} does not approve replacing production from run #{run.pk}")
     if moved := request.destination_moved():  # approved for another place than the DSN reaches now
         raise NotApproved(f"{moved}: nothing was restored; ask for the restore again and have another DBA approve it")
-    if not request.start():
+    if not request.start(actor):
         raise NotApproved(
             request.expired_because or f"request #{request_id} is {request.status}: only an approved request runs, once"
         )

@@ -12,6 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
+from backupportal.models import JournalEntry
 from backups.models import BackupRun, ChangeRequest
 from restores.models import RestoreRequest
 from tests.helpers import make_user, rows
@@ -45,6 +46,8 @@ def test_the_command_line_refuses_an_approval_nobody_ran_in_time(alice, bob, goo
     assert audit_rows(sample_cluster) == 100  # production as it is today
     request.refresh_from_db()
     assert request.status == "failed" and "never run" in request.runs.get().error
+    failed = JournalEntry.objects.get(action="restore_failed")
+    assert failed.actor.startswith("os:")  # who ran the command, not the worker
 
 
 def test_a_worker_come_back_refuses_an_approval_nobody_ran_in_time(alice, bob, good_run, sample_cluster, settings):

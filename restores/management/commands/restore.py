@@ -88,7 +88,7 @@ class Command(PortalCommand):
             run = logical.restorable_run(run_id)
             mapping = parse_tablespace_map(options["tablespace_map"] or ())
             if replace:
-                restore = replacing.replace_production(run, replacing.approved_request(run, request), actor)
+                restore = replacing.replace_production(run, replacing.approved_request(run, request, actor), actor)
         except (logical.RestoreFailed, replacing.NotApproved, ValueError) as e:
             fail(str(e))
         if not replace:
