@@ -1,6 +1,7 @@
 """What every management command shares: --json output and one-line errors."""
 
 import json
+import sys
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import InterfaceError, OperationalError
@@ -26,6 +27,14 @@ class PortalCommand(BaseCommand):
         parser = super().create_parser(prog_name, subcommand, **kwargs)
         if self.json_option:
             parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+            usage_error = parser.error
+
+            def error(message):  # a wrong option or argument: argparse exits 2 before handle() runs
+                if "--json" in sys.argv[2:]:
+                    self.stdout.write(json.dumps({"status": "refused", "error": message, "exit_code": 2}))
+                usage_error(message)
+
+            parser.error = error
         return parser
 
     def handle(self, *args, **options):
