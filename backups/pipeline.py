@@ -93,8 +93,13 @@ class Tool:
 
 
 # What a tool's leader says after one of its workers said why it failed (pg_restore -j,
-# pg_dump -j): never the cause, which the line before it gives.
-ECHOES = ("a worker process died unexpectedly", "worker process failed: exit code")
+# pg_dump -j), and pg_receivewal's last word after the server's ERROR: never the cause, which
+# a line before it gives.
+ECHOES = (
+    "a worker process died unexpectedly",
+    "worker process failed: exit code",
+    "pg_receivewal: error: disconnected",
+)
 
 
 class Zstd(Tool):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 
+import psycopg
 from django.conf import settings
 
 from backupportal import conditions, journal
@@ -31,6 +32,27 @@ def steady(streaming_seconds):
     the server how long the slot's walsender has been connected (backups.walhealth.receiver_problem).
     """
     return streaming_seconds >= settings.RECEIVER_STEADY_SECONDS
+
+
+# A slot's row as JSON (its columns differ by version: invalidation_reason from 17).
+SLOT_ROW = (
+    "SELECT s.active, extract(epoch FROM now() - a.backend_start)::float8, to_jsonb(s) "
+    "FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = %s"
+)
+
+
+def slot_invalidated(server, columns):
+    """(what is wrong, what to do) when the server invalidated the slot (max_slot_wal_keep_size,
+    18's idle_replication_slot_timeout), else None. Restarting pg_receivewal never mends it."""
+    if (columns or {}).get("wal_status") != "lost" and not (columns or {}).get("invalidation_reason"):
+        return None
+    why = columns.get("invalidation_reason") or "wal_status lost"
+    slot = server.replication_slot
+    return (
+        f"replication slot {slot} was invalidated by the server ({why}): it keeps no WAL and nothing can stream from it",
+        f"drop it (SELECT pg_drop_replication_slot('{slot}')), and `manage.py receivewal {server.name}` makes it "
+        "again; the WAL in between is not in the archive: take a base backup",
+    )
 
 
 class Receiver:
@@ -74,14 +96,25 @@ class Receiver:
     def child_died(self):
         rc = self.child.proc.poll()
         error = self.child.error_line(self.server)
+        # A slot the server invalidated: no restart mends it; say so, and alert now.
+        invalidated = self.slot_invalidated()
+        error = "; ".join(invalidated) if invalidated else error
         self.child, self.failures, self.restarts = None, self.failures + 1, self.restarts + 1
         self.log(f"pg_receivewal exited with code {rc}: {error}")
         journal.record(
             "receiver_restarted", actor="job:receivewal", obj=self.server, outcome="failed", code=rc, error=error
         )
-        if self.failures >= ALERT_AFTER_FAILURES:
+        if self.failures >= ALERT_AFTER_FAILURES or invalidated:
             # Journaled above; the monitor finds the slot idle and opens receiver_down.
             conditions.changed("receiver_down", server=self.server)
+
+    def slot_invalidated(self):
+        try:
+            with self.server.connect(connect_timeout=10) as conn:
+                row = conn.execute(SLOT_ROW, [self.server.replication_slot]).fetchone()
+        except psycopg.Error:
+            return None
+        return slot_invalidated(self.server, row[2]) if row else None
 
     def run(self, should_stop):
         """Supervise until should_stop() is true; then stop pg_receivewal cleanly and ingest."""

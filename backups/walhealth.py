@@ -11,7 +11,7 @@ import psycopg
 from django.utils import timezone
 
 from backups.models import Server
-from backups.receiver import steady
+from backups.receiver import SLOT_ROW, slot_invalidated, steady
 from backups.walchain import chain_gaps
 from backups.walspool import is_portal_command, pending_names, read_small_file, spool_dir
 
@@ -143,18 +143,15 @@ def receiver_problem(server, unknown=None):
     """
     try:
         with server.connect() as conn:
-            row = conn.execute(
-                # How long the walsender now holding the slot has been connected, by the server's clock.
-                "SELECT s.active, extract(epoch FROM now() - a.backend_start)::float8 "
-                "FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid "
-                "WHERE s.slot_name = %s",
-                [server.replication_slot],
-            ).fetchone()
+            # How long the walsender now holding the slot has been connected, by the server's clock.
+            row = conn.execute(SLOT_ROW, [server.replication_slot]).fetchone()
     except psycopg.Error:
         return unknown
     if row is None:
         return f"replication slot {server.replication_slot} does not exist: start `manage.py receivewal {server.name}`"
-    active, streaming_for = row
+    active, streaming_for, columns = row
+    if invalidated := slot_invalidated(server, columns):
+        return "; ".join(invalidated)
     if not active:
         return (
             f"nothing streams from slot {server.replication_slot}: `manage.py receivewal {server.name}` is not running"

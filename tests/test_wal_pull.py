@@ -7,9 +7,11 @@ import time
 
 import pytest
 
+from backupportal.models import JournalEntry
 from backups import walchain, walnames, walspool
 from backups.models import WalSegment
 from tests.helpers import manage, pull, rows, run_command, slot_active, switch_wal, wait_for
+from watching.models import Alert
 from watching.monitor import check_wal
 
 pytest_plugins = ["tests.walfixtures"]
@@ -138,3 +140,52 @@ def test_receivewal_runs_until_sigterm_and_leaves_no_pg_receivewal_behind(
     receiver.kill()
     receiver.wait()
     wait_for(lambda: sample_cluster.execute(streaming)[0][0] == 0, what="pg_receivewal to die with its supervisor")
+
+
+def invalidate_slot(cluster, server, pg_major):
+    """The server ends the slot while pg_receivewal is away: 18's idle_replication_slot_timeout, or
+    on any version max_slot_wal_keep_size passed by the WAL written meanwhile."""
+    if pg_major >= 18:
+        cluster.execute("ALTER SYSTEM SET idle_replication_slot_timeout = '1s'")
+        cluster.execute("SELECT pg_reload_conf()")
+        time.sleep(2.5)
+    else:
+        cluster.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        cluster.execute("SELECT pg_reload_conf()")
+        for n in range(4):  # segments past the limit, each checkpoint removes what it may
+            cluster.execute(f"CREATE TABLE filler_{n} AS SELECT g FROM generate_series(1, 50000) g")
+            switch_wal(cluster)
+            cluster.execute("CHECKPOINT")
+    cluster.execute("CHECKPOINT")
+    slot = cluster.execute(
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", [server.replication_slot]
+    )
+    assert slot == [("lost",)]
+
+
+@pytest.mark.parametrize("pg_major", [15, 18])
+def test_a_slot_the_server_invalidated_is_named_so_by_the_receiver_checkserver_and_the_monitor(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, pg_major
+):
+    """Found by review: the receiver restarted pg_receivewal on the dead slot for ever, journaling
+    "error: disconnected"; checkserver said the slot kept WAL and the monitor that receivewal was
+    not running. No restart mends it: drop the slot, and a base backup after the gap."""
+    receiver = pull(server)
+    receiver.start_child()
+    wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
+    receiver.stop_child()
+    wait_for(lambda: not slot_active(sample_cluster, server), what="the slot released")
+    invalidate_slot(sample_cluster, server, pg_major)
+
+    receiver.start_child()
+    wait_for(lambda: receiver.child.proc.poll() is not None, what="pg_receivewal to die on the dead slot")
+    receiver.child_died()
+    said = JournalEntry.objects.filter(action="receiver_restarted").latest("pk").details["error"]
+    assert said.startswith(f"replication slot {server.replication_slot} was invalidated by the server (")
+    assert "SELECT pg_drop_replication_slot" in said and "take a base backup" in said
+    checked = {c["check"]: c for c in run_command("checkserver", "maldives")["checks"]}["replication slot"]
+    assert checked["verdict"] == "fail" and "was invalidated by the server" in checked["detail"]
+    assert "keeps WAL for it" not in checked["detail"]
+    check_wal(server)
+    alert = Alert.objects.get(condition="receiver_down")
+    assert "was invalidated by the server" in alert.message

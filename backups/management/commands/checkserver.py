@@ -9,7 +9,7 @@ from backupportal import journal
 from backupportal.lib.commands import PortalCommand
 from backupportal.lib.osuser import os_actor
 from backupportal.lib.pgerrors import explain
-from backups import binaries, walhealth, walspool
+from backups import binaries, receiver, walhealth, walspool
 from backups.crypto import Encryption, EncryptionError
 from backups.management.commands._server import server_named
 from backups.models import Server, StorageLocation
@@ -72,9 +72,7 @@ def server_checks(server):
         may_replicate = conn.execute(
             "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"
         ).fetchone()[0]
-        slot = conn.execute(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = %s", [server.replication_slot]
-        ).fetchone()
+        slot = conn.execute(receiver.SLOT_ROW, [server.replication_slot]).fetchone()
         size = walspool.segment_size(server, conn)
         version = conn.info.server_version
     checks = [
@@ -202,6 +200,8 @@ def slot_check(server, slot):
             f"{server.replication_slot} does not exist yet",
             f"manage.py receivewal {server.name} creates it",
         )
+    if invalidated := receiver.slot_invalidated(server, slot[2]):
+        return check("replication slot", "fail", *invalidated)
     if not slot[0]:
         return check(
             "replication slot",
