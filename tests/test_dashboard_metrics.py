@@ -143,6 +143,19 @@ def test_storage_free_is_red_under_twenty_percent(backup_root):
     assert primary.health()["colour"] == "green"
 
 
+def test_free_space_is_shown_rounded_down_as_the_dots_judge_it():
+    """Found by review: 29.7% free showed "(30%)" beside an amber dot "under 30% free"."""
+    from backupportal.templatetags.portal import percent
+
+    assert (percent(0.297), percent(0.3), percent(0.07), percent(1.0), percent(None)) == (
+        "29%",
+        "30%",
+        "7%",
+        "100%",
+        "",
+    )
+
+
 def test_the_storage_legend_names_the_thresholds_the_dots_are_drawn_with(client, charlie, backup_root):
     primary = StorageLocation.objects.get(name="primary")
     copy = BackupCopy.objects.create(run=furnish("maldives").runs.first(), location=primary, key="k", status="ok")

@@ -1,5 +1,6 @@
 """Small filters for the portal's pages."""
 
+import math
 from datetime import timedelta
 
 from django import template
@@ -27,7 +28,8 @@ def duration(value):
 
 @register.filter
 def percent(ratio):
-    return "" if ratio is None else f"{ratio:.0%}"
+    """Whole percent, rounded down: 29.7% free is "29%", beside a dot amber "under 30% free"."""
+    return "" if ratio is None else f"{math.floor(ratio * 100 + 1e-9)}%"
 
 
 @register.filter
