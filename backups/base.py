@@ -202,7 +202,7 @@ def take_tar(run, what, key, extra_args=()):
     finally:
         if isinstance(source, basestream.ServerCompressed):
             source.abandon()  # also when the location failed before the stream began
-    stop_time = timezone.now()
+    stop_time = server_clock(server)
     BackupCopy.record_made(
         location, key, size, sha256, run=run, artifact="main", encryption_key_id=encryption.custody_key
     )
@@ -227,6 +227,20 @@ def take_tar(run, what, key, extra_args=()):
             settings.WAL_WAIT_SECONDS,
             manifest.lineage(size_of_segment),
         )
+
+
+def server_clock(server):
+    """Now, by the server's clock: a PITR compares its target with the server's commit times, so
+    the moment a base backup is consistent by (stop_time) is read there, not on the portal's
+    clock (minutes apart, it chose a base consistent only after the target). Read after the
+    stream ended: never before the backup's end. The portal's clock when the server cannot say."""
+    import psycopg
+
+    try:
+        with server.connect(connect_timeout=10) as conn:
+            return conn.execute("SELECT pg_catalog.now()").fetchone()[0]
+    except psycopg.Error:
+        return timezone.now()
 
 
 def compressed_by_server(run, label, level):

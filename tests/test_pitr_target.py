@@ -308,3 +308,22 @@ def test_a_gap_after_the_target_refuses_neither_a_time_nor_a_restore_point(
     assert len(staged_at_once) >= 3 and max(staged_at_once) <= 3  # a window, and the segment before it
     result = run_command("restore", "--server", "maldives", "--target-name", "never", *into(restored(), free_port()))
     assert result["status"] == "failed" and f"up to segment {lost}, missing from the archive" in result["error"]
+
+
+def test_a_base_backups_end_is_read_on_the_servers_clock_not_the_portals(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    """Found by review: stop_time was the portal's clock, and a PITR compares its target with the
+    server's commit times; with the clocks minutes apart it chose a base consistent only after the
+    target (or refused good targets)."""
+    import time_machine
+
+    from backups.models import BackupRun
+
+    enable_push(sample_cluster)
+    with time_machine.travel(timezone.now() - timedelta(hours=2), tick=True):  # the portal's clock is behind
+        result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "succeeded", result
+    stop_time = BackupRun.objects.get(pk=result["id"]).stop_time
+    server_now = sample_cluster.execute("SELECT now()")[0][0]
+    assert timedelta(0) <= server_now - stop_time < timedelta(minutes=5)
