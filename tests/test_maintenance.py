@@ -225,3 +225,14 @@ def test_the_maintenance_command_checks_and_lists_the_calendar(calendar):
     with time_machine.travel(at(datetime.date(2026, 1, 13)), tick=False):
         call_command("maintenance", stdout=text)
     assert "OVERDUE Weekly: verify backup completion and integrity" in text.getvalue()
+
+
+def test_logins_are_not_offered_as_evidence_of_a_review(client, sam, calendar):
+    """Found by review: the strategy review's list of journal entries was every login."""
+    journal.record("login", actor="sam")
+    review = journal.record("retention_reviewed", actor="sam")
+    client.force_login(sam)
+    page = client.get(reverse("maintenance-complete", args=[calendar[Kind.STRATEGY_REVIEW].pk])).content.decode()
+    assert f'value="entry:{review.pk}"' in page
+    for entry in JournalEntry.objects.filter(action__in=("login", "logout")):
+        assert f'value="entry:{entry.pk}"' not in page

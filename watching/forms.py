@@ -7,6 +7,8 @@ from backupportal.models import JournalEntry
 from restores.models import DrDrill, RestoreTest
 from watching import maintenance
 
+SESSION_ACTIONS = ("login", "logout", "login_failed", "second_factor_verified", "second_factor_failed")
+
 
 class CompleteTask(forms.Form):
     """Completing a maintenance task: the evidence, chosen from what the portal recorded."""
@@ -40,7 +42,8 @@ class CompleteTask(forms.Form):
             drills = DrDrill.objects.select_related("server")[:50]
             groups.append(("DR drills", [(f"drill:{d.pk}", f"{d} ({d.started_at:%Y-%m-%d})") for d in drills]))
         if "entry" in allowed:
-            entries = JournalEntry.objects.order_by("-at", "-id")
+            # Sessions are nobody's evidence of work done: they would fill the list.
+            entries = JournalEntry.objects.exclude(action__in=SESSION_ACTIONS).order_by("-at", "-id")
             if self.task.kind == maintenance.Kind.WEEKLY_VERIFY:
                 entries = entries.filter(action__startswith=maintenance.VERIFY_ACTION_PREFIX)
             groups.append(("Journal entries", [(f"entry:{e.pk}", f"#{e.pk} {e}") for e in entries[:50]]))
