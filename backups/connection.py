@@ -33,10 +33,22 @@ TRANSACTION_TIMEOUT_FROM = 170000  # before 17 the setting is unknown, and a sta
 
 
 def session_guard(pg_version):
-    """SESSION_GUARD for a server of `pg_version` (0: not probed yet): from 17 also without
-    transaction_timeout, which would end pg_dump's snapshot (and a restore's long COPY) midway."""
+    """SESSION_GUARD for the client tools of a server of `pg_version` (0: not probed yet): from 17
+    also without transaction_timeout, which would end pg_dump's snapshot (and a restore's long
+    COPY) midway. The version is the one its last connection said (ServerConnection._note_version)."""
     more = " -c transaction_timeout=0" if (pg_version or 0) >= TRANSACTION_TIMEOUT_FROM else ""
     return SESSION_GUARD + more
+
+
+def guard_newer(conn):
+    """The guard's part a startup option cannot carry to every version: from 17, transaction_timeout
+    off, set on the connection once it says which version answered (a version recorded earlier may
+    be another cluster's: naming the setting at startup to a 15 is fatal)."""
+    if conn.info.server_version >= TRANSACTION_TIMEOUT_FROM:
+        conn.execute("SET transaction_timeout = 0")
+        if not conn.autocommit:
+            conn.commit()
+    return conn
 
 
 class SqlAsciiText(TextLoader):
@@ -176,7 +188,7 @@ class ServerConnection(models.Model):
         settings = self.connection_settings(dbname) | kwargs
         # The caller's own options after the guard: a query that sets its own statement_timeout
         # (watching.rpo's) keeps it; the DSN cannot carry options (backupportal.lib.libpq).
-        settings["options"] = f"{session_guard(getattr(self, 'pg_version', 0))} {settings.get('options') or ''}".strip()
+        settings["options"] = f"{SESSION_GUARD} {settings.get('options') or ''}".strip()
         conn = psycopg.connect(**settings, autocommit=autocommit)
         try:
             _ = conn.info.encoding  # asked of the server's encoding: raises for one Python lacks
@@ -186,20 +198,16 @@ class ServerConnection(models.Model):
         if conn.info.encoding == "ascii":  # a SQL_ASCII database
             for type_name in ("text", "name", "varchar", "bpchar"):
                 conn.adapters.register_loader(type_name, SqlAsciiText)
+        guard_newer(conn)
         self._note_version(conn)
         return conn
 
     def _note_version(self, conn):
         """The server says its version at every connection: one upgraded in place since it was
-        registered is recorded anew (the client tools' session guard and binaries follow it), and
-        this session, opened with the older guard, gets the newer one's part now."""
+        registered is recorded anew, and the client tools' session guard follows it."""
         known, now = getattr(self, "pg_version", None), conn.info.server_version
         if known is None or not self.pk or known // 10000 == now // 10000:
             return
-        if now >= TRANSACTION_TIMEOUT_FROM > (known or 0):
-            conn.execute("SET transaction_timeout = 0")
-            if not conn.autocommit:
-                conn.commit()
         type(self).objects.filter(pk=self.pk).update(pg_version=now)
         self.pg_version = now
 

@@ -23,7 +23,7 @@ from backupportal.lib.libpq import SAFE_AUTH
 from backupportal.lib.osuser import chown_to_db_user
 from backups import binaries, walspool
 from backups.binaries import backup_major
-from backups.connection import session_guard
+from backups.connection import SESSION_GUARD, guard_newer
 from restores import pitr_libraries, pitr_verdict, targetdb
 from restores.models import RestoreRun
 from restores.pitr_plan import RestoreFailed
@@ -307,8 +307,8 @@ class Restored:
     def connect(self, dbname, **more):
         """As Server.connect: the session guard first, the caller's options after it."""
         server = self.plan.server
-        more["options"] = f"{session_guard(self.pg_version)} {more.get('options') or ''}".strip()
-        return psycopg.connect(
+        more["options"] = f"{SESSION_GUARD} {more.get('options') or ''}".strip()
+        conn = psycopg.connect(
             host=server.host if server.host.startswith("/") else "127.0.0.1",
             port=self.plan.port,
             user=server.user,
@@ -319,6 +319,7 @@ class Restored:
             autocommit=True,
             **more,
         )
+        return guard_newer(conn)
 
     def __str__(self):
         return f"the restored cluster on port {self.plan.port}"

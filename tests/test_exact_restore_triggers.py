@@ -92,3 +92,30 @@ def test_a_server_upgraded_in_place_since_registration_gets_the_newer_session_gu
     run = backup("busy")
     assert run.status == "succeeded", run.error
     assert Server.objects.get(pk=server.pk).pg_version // 10000 == 18
+
+
+def test_a_dsn_that_once_reached_a_newer_cluster_still_connects_to_its_older_one(pg_cluster_of, db):
+    """Found by review of the fix above: the guard chosen from the recorded version named
+    transaction_timeout at startup to a 15 once an 18 had answered at the DSN: FATAL, for good."""
+    older, newer = pg_cluster_of(15), pg_cluster_of(18)
+    protect(older, "source")
+    protect(newer, "source")
+    server = register(older, "x", "postgres", "source")
+    Server.objects.filter(pk=server.pk).update(dsn=newer.dsn("postgres"))  # a failover, a VIP, a typo
+    Server.objects.get(pk=server.pk).connect().close()
+    assert Server.objects.get(pk=server.pk).pg_version // 10000 == 18
+    Server.objects.filter(pk=server.pk).update(dsn=older.dsn("postgres"))  # back at its own cluster
+    with Server.objects.get(pk=server.pk).connect() as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)
+    assert Server.objects.get(pk=server.pk).pg_version // 10000 == 15  # and its tools' guard follows
+
+
+def test_a_copy_of_a_base_backup_from_before_an_upgrade_is_reached_with_its_own_versions_guard(pg_cluster_of, db):
+    from restores.restoretest import throwaway_server
+
+    copy_of_15 = pg_cluster_of(15)
+    protect(copy_of_15, "source")
+    production = register(copy_of_15, "x", "postgres", "source")
+    Server.objects.filter(pk=production.pk).update(pg_version=180000)  # production upgraded since
+    production.refresh_from_db()
+    throwaway_server(production, copy_of_15.port).connect().close()
