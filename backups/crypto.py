@@ -272,7 +272,7 @@ class Encryption:
                 source,
                 None,
                 symmetric="AES256",
-                passphrase=self.gnupg_passphrase,
+                passphrase=self.passphrase,
                 armor=False,
                 extra_args=self.s2k_args + compression,
             )
@@ -296,12 +296,6 @@ class Encryption:
         gpg.stdout.close(), gpg.stderr.close()
         return PipeResult(gpg.wait(), said)
 
-    @property
-    def gnupg_passphrase(self):
-        """The passphrase as python-gnupg must be given it: it encodes with latin-1, so the file's
-        UTF-8 bytes (what `gpg --passphrase-file` and _gpg() give gpg) go as latin-1 characters."""
-        return self.passphrase.encode().decode("latin-1") if self.passphrase else self.passphrase
-
     def decrypt_stream(self, source, on_data):
         """Decrypt `source`, handing plaintext chunks to `on_data`. Result has `.ok`, `.status`.
         A copy's reader (backups.streams.VerifiedReader) is decrypted with its copy's key."""
@@ -312,7 +306,7 @@ class Encryption:
         if result is not None:
             return result
         with self._borrowed(on_data) as gpg:
-            return gpg.decrypt_file(source, passphrase=self.gnupg_passphrase)
+            return gpg.decrypt_file(source, passphrase=self.passphrase)
 
     def decrypt_to_fd(self, source, fd):
         """Decrypt `source` straight into the open descriptor `fd` (a pipe into tar): gpg writes
@@ -325,7 +319,7 @@ class Encryption:
             with source.hashed_beside():
                 return self._decrypt_file(local, fd)
         with self._borrowed(None, pass_fds=(fd,)) as gpg:
-            return gpg.decrypt_file(source, passphrase=self.gnupg_passphrase, output=f"/dev/fd/{fd}")
+            return gpg.decrypt_file(source, passphrase=self.passphrase, output=f"/dev/fd/{fd}")
 
     def _decrypt_file(self, fd_in, fd_out):
         """gpg reading a local copy itself, straight into `fd_out`: the ciphertext does not pass

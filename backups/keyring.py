@@ -61,6 +61,13 @@ def _new_key(encryption, actor):
         )
         write_private(keyring_dir() / f"{key_id}.recipients", (key.recipients + "\n").encode())
     else:
+        if not encryption.passphrase.isascii():
+            # python-gnupg gives gpg a passphrase in Latin-1, stock gpg --passphrase-file the file's
+            # UTF-8: the two would derive different keys. Keys made before stay as they were.
+            raise EncryptionError(
+                "the passphrase holds characters beyond ASCII, which gpg's tools do not read alike: "
+                "choose a passphrase of ASCII characters (a long random one: openssl rand -base64 32)"
+            )
         key = EncryptionKey(key_id=key_id, kind=EncryptionKey.Kind.PASSPHRASE)
         write_private(keyring_dir() / f"{key_id}.passphrase", (encryption.passphrase + "\n").encode())
     key.created_by = actor
