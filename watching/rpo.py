@@ -25,9 +25,6 @@ from watching.models import RpoSample, RpoStatus
 # Points kept to date unarchived WAL (about two hours of passes a minute apart); beyond, pairs merge.
 MAX_POINTS = 120
 
-# pg_receivewal names itself so unless told otherwise; the portal's libpq clients say "backupportal".
-RECEIVER_NAMES = ("pg_receivewal", "backupportal")
-
 ARCHIVER_SQL = """
 SELECT pg_is_in_recovery(), current_setting('archive_mode'),
        (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),
@@ -35,11 +32,13 @@ SELECT pg_is_in_recovery(), current_setting('archive_mode'),
 FROM pg_stat_archiver
 """
 CURRENT_SQL = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint, pg_walfile_name(pg_current_wal_lsn())"
+# The portal's own slot only: a standby's slot (or another tool's) says nothing of the archive.
 RECEIVED_SQL = """
 SELECT max(lsn) FROM (
-    SELECT (flush_lsn - '0/0'::pg_lsn)::bigint AS lsn FROM pg_stat_replication WHERE application_name = ANY(%s)
+    SELECT (r.flush_lsn - '0/0'::pg_lsn)::bigint AS lsn
+    FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = %(slot)s
     UNION ALL
-    SELECT (restart_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_type = 'physical'
+    SELECT (restart_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots WHERE slot_name = %(slot)s
 ) positions
 """
 SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
@@ -68,7 +67,7 @@ def read_positions(server):
             raise Unmeasurable("it is a standby (in recovery): its RPO is measured on its primary")
         current_lsn, current_wal = conn.execute(CURRENT_SQL).fetchone()
         if server.archiving == server.Archiving.PULL:
-            archived_lsn = conn.execute(RECEIVED_SQL, [list(RECEIVER_NAMES)]).fetchone()[0]
+            archived_lsn = conn.execute(RECEIVED_SQL, {"slot": server.replication_slot}).fetchone()[0]
             archived_wal = ""
         else:
             archived_lsn = segment_end_lsn(archived_wal, segment_size) if archive_mode != "off" else None
@@ -80,14 +79,17 @@ def read_positions(server):
         "failed_wal": failed_wal,
         "failed_at": failed_at,
     }
-    if server.archiving != server.Archiving.PULL and archived_lsn is not None:
-        archived_lsn = catalogued_through(server, segment_size, archived_lsn, facts)
+    if archived_lsn is not None:
+        pulled = server.archiving == server.Archiving.PULL
+        archived_lsn = catalogued_through(server, segment_size, archived_lsn, facts, partial_too=pulled)
     return current_lsn, archived_lsn, facts
 
 
-def catalogued_through(server, segment_size, spooled_lsn, facts):
-    """The archive's end for push: where the spool ends, or the newest catalogued segment's end
-    when that is lower (None when none is catalogued); facts then name both."""
+def catalogued_through(server, segment_size, spooled_lsn, facts, partial_too=False):
+    """The archive's end: where the spool ends, or the newest catalogued segment's end when that
+    is lower (None when none is catalogued); facts then name both. Pull (`partial_too`): the
+    segment pg_receivewal is still receiving counts once every one before it is catalogued (a
+    PITR reads the partial file), not completed segments the ingest has not caught."""
     newest = (
         WalSegment.objects.filter(server=server, deleted_at=None, segno__isnull=False)
         .order_by("-segno")
@@ -95,8 +97,9 @@ def catalogued_through(server, segment_size, spooled_lsn, facts):
         .first()
     )
     catalogued = (newest[1] + 1) * segment_size if newest else None
-    if catalogued is not None and catalogued >= spooled_lsn:
-        return spooled_lsn
+    needed = spooled_lsn - spooled_lsn % segment_size if partial_too else spooled_lsn
+    if catalogued is not None and catalogued >= needed or (catalogued is None and partial_too):
+        return spooled_lsn  # (pull, nothing catalogued yet: the archive begins in the partial)
     facts["spooled_wal"], facts["archived_wal"] = facts["archived_wal"], newest[0] if newest else ""
     return catalogued
 
