@@ -16,6 +16,7 @@ import psycopg
 from django.conf import settings
 from django.utils import timezone
 
+from backupportal.lib.childenv import child_env
 from backupportal.lib.pgerrors import explain
 from backups.binaries import conninfo_dbname
 from backups.crypto import die_with_parent, gpg_failure
@@ -153,7 +154,7 @@ def triggers_last(command, path, scratch, held):
     if held.held:  # the list already without the event triggers
         listing = (held.directory / "without").read_text()
     else:
-        listed = subprocess.run([command[0], "--list", str(path)], capture_output=True, timeout=600)
+        listed = subprocess.run([command[0], "--list", str(path)], capture_output=True, timeout=600, env=child_env())
         if listed.returncode != 0:
             said = listed.stderr.decode(errors="replace").strip().splitlines()
             raise RestoreFailed(f"pg_restore --list failed: {said[-1] if said else listed.returncode}")
