@@ -250,7 +250,7 @@ def test_without_alert_emails_the_mail_waits_and_says_why(catalog_server, smtp_s
     # On the alert's row and page, and journaled once (found by review: it read as a mail delayed).
     assert alert.mail_error == said
     journaled = JournalEntry.objects.filter(action="alert_mail_failed").count()
-    assert journaled == result["mail"]["failed"] >= 1
+    assert journaled >= 1 and result["mail"]["failed"] == 0  # a setting, not a send that failed
     run_once()
     assert JournalEntry.objects.filter(action="alert_mail_failed").count() == journaled
     settings.ALERT_EMAILS = ["dba@reliabilitymaldives.com"]
