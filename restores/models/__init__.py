@@ -194,7 +194,9 @@ class RestoreRequest(models.Model):
         come back or from the command line: it fails here (expire), as the orphan sweep fails it."""
         fresh = timezone.now() - timedelta(seconds=settings.QUEUED_RUN_TIMEOUT)
         approved = RestoreRequest.objects.filter(pk=self.pk, status=self.Status.APPROVED)
-        if approved.filter(decided_at__gte=fresh).update(status=self.Status.RUNNING):
+        if approved.filter(models.Q(decided_at__gte=fresh) | models.Q(decided_at=None)).update(
+            status=self.Status.RUNNING
+        ):
             return True
         self.refresh_from_db(fields=["status", "decided_at"])
         if self.status == self.Status.APPROVED:
