@@ -202,7 +202,7 @@ def take_tar(run, what, key, extra_args=()):
     finally:
         if isinstance(source, basestream.ServerCompressed):
             source.abandon()  # also when the location failed before the stream began
-    stop_time = server_clock(server)
+    stop_time, ended_here = server_clock(server), timezone.now()
     BackupCopy.record_made(
         location, key, size, sha256, run=run, artifact="main", encryption_key_id=encryption.custody_key
     )
@@ -212,6 +212,7 @@ def take_tar(run, what, key, extra_args=()):
     run.details.update(
         {
             "stop_time": stop_time.isoformat(),
+            "stop_time_portal": ended_here.isoformat(),  # the same moment on the portal's clock
             "wal_segment_size": size_of_segment,
             "manifest_checksum": manifest.checksum(),
             "label": label,

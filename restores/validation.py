@@ -42,7 +42,8 @@ def logical_counts_before(run):
     restored base backup is held to what the strategy cares about: no critical table empty,
     none shrunk past the server's threshold.
     """
-    stop = run.details.get("stop_time")
+    # Compared with the logical backups' finish, on the portal's clock (stop_time is the server's).
+    stop = run.details.get("stop_time_portal") or run.details.get("stop_time")
     # Of the database the restored cluster is checked in: the DSN's.
     logical = BackupRun.objects.good().filter(
         server=run.server_id, kind=BackupRun.Kind.LOGICAL, database__name=run.server.dbname

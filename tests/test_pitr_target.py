@@ -327,3 +327,27 @@ def test_a_base_backups_end_is_read_on_the_servers_clock_not_the_portals(
     stop_time = BackupRun.objects.get(pk=result["id"]).stop_time
     server_now = sample_cluster.execute("SELECT now()")[0][0]
     assert timedelta(0) <= server_now - stop_time < timedelta(minutes=5)
+
+
+def test_a_base_tests_reference_logical_backup_is_chosen_on_the_portals_clock(server, db):
+    """Found by review of the fix above: with stop_time on the server's clock, a server 2 h ahead
+    made a logical backup taken after the base its reference (a table doubled since: "shrank 50%")."""
+    from backups.models import BackupRun, Database
+    from restores.validation import logical_counts_before
+
+    database = Database.of_dsn(server)
+    now = timezone.now()
+
+    def logical(minutes, rows):
+        return BackupRun.objects.create(
+            server=server, database=database, kind="logical", status="succeeded", size=1,
+            finished_at=now + timedelta(minutes=minutes), details={"row_counts": {"public.users": rows}},
+        )  # fmt: skip
+
+    before = logical(-10, 200)
+    logical(+10, 400)  # after the base, on the portal's clock
+    base = BackupRun.objects.create(
+        server=server, kind="base", status="succeeded", size=1, finished_at=now,
+        details={"stop_time": (now + timedelta(hours=2)).isoformat(), "stop_time_portal": now.isoformat()},
+    )  # fmt: skip
+    assert logical_counts_before(base) == (before.pk, {"public.users": 200})
