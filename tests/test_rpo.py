@@ -12,7 +12,7 @@ from backups import walingest, walspool
 from backups.models import Server
 from tests.helpers import enable_push, mails, ours, register, wait_for
 from watching.dashboard import server_health
-from watching.models import Alert, RpoStatus
+from watching.models import Alert, RpoSample, RpoStatus
 from watching.monitor import run_once
 from watching.rpo import segment_end_lsn
 
@@ -298,3 +298,38 @@ def test_a_file_the_ingest_left_with_its_marker_does_not_say_the_worker_is_down(
     assert said.startswith("WAL segment 000000010000000000000004 has waited in the spool since") and "more" not in said
     walspool.write_error_marker(spool, "000000010000000000000004", "conflict", "came again with other contents")
     assert walhealth.waiting_in_spool(server) == ""
+
+
+def test_wal_left_unarchived_while_the_monitor_was_stopped_is_as_old_as_the_gap(
+    pg_cluster, db, smtp_server, wal_spool, passphrase_file, backup_root
+):
+    """Found by review: WAL written while nobody looked was dated at the pass that first saw it:
+    three hours of failed archiving read as 0 s, green, and the hour's sample 0."""
+    pg_cluster.configure(autovacuum="off")
+    server = register(pg_cluster, dbname="postgres")
+    server.archiving, server.rpo_minutes = "push", 15
+    server.save()
+    enable_push(pg_cluster)
+    pg_cluster.execute("CREATE TABLE bookings AS SELECT g AS id FROM generate_series(1, 1000) g")
+    pg_cluster.execute("SELECT pg_switch_wal()")
+    wait_for(lambda: all_archived(pg_cluster), timeout=30, what="the spool")
+    walingest.ingest(server)
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        run_once()
+    assert RpoStatus.objects.get(server=server).seconds == 0  # all archived
+
+    # The monitor stops. Meanwhile archiving breaks and WAL is written (and switched).
+    pg_cluster.execute("ALTER SYSTEM SET archive_command = 'false'")
+    pg_cluster.execute("SELECT pg_reload_conf()")
+    pg_cluster.execute("INSERT INTO bookings SELECT g FROM generate_series(1, 5000) g")
+    pg_cluster.execute("SELECT pg_switch_wal()")
+
+    # Three hours later the monitor runs again.
+    with time_machine.travel(start + timedelta(hours=3), tick=False):
+        run_once()
+        figure = server_health(Server.objects.get(pk=server.pk))["rpo"]
+    status = RpoStatus.objects.get(server=server)
+    worst = max(RpoSample.objects.filter(server=server).values_list("worst_seconds", flat=True))
+    # Not "0 s, green": the WAL may be as old as the pass before (the worst case).
+    assert status.seconds >= 3 * 3600 and figure["colour"] == "red" and worst >= 3 * 3600

@@ -13,7 +13,7 @@ segment was switched and archived has nothing unarchived, so it is never in brea
 """
 
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import psycopg
 from django.utils import timezone
@@ -22,6 +22,8 @@ from backupportal.lib.pgerrors import explain
 from backups.models import WalSegment
 from watching.models import RpoSample, RpoStatus
 
+# Passes further apart than this (the monitor runs every minute) date new WAL at the pass before.
+MONITOR_GAP = timedelta(minutes=5)
 # Points kept to date unarchived WAL (about two hours of passes a minute apart); beyond, pairs merge.
 MAX_POINTS = 120
 
@@ -114,12 +116,16 @@ def measure(server):
         return _unknown(status, now, explain(e, server))
     except Unmeasurable as e:
         return _unknown(status, now, str(e))
+    # WAL first seen now was written since the pass before: when that pass is long ago (the monitor
+    # was stopped), it may be as old as it, and is dated so (the worst case), never as new.
+    previous = status.measured_at
+    seen = previous if previous is not None and now - previous > MONITOR_GAP else now
     status.measured_at, status.error = now, ""
     status.current_wal, status.archived_wal = facts["current_wal"], facts["archived_wal"]
     if archived_lsn is not None and current_lsn <= archived_lsn:
         status.points, status.pending_lsn, status.pending_since, status.seconds = [], None, None, 0.0
     else:
-        status.points = unarchived_points(status, current_lsn, archived_lsn, now)
+        status.points = unarchived_points(status, current_lsn, archived_lsn, seen)
         status.pending_lsn, since = status.points[0]
         status.pending_since = datetime.fromisoformat(since)
         status.seconds = (now - status.pending_since).total_seconds()
