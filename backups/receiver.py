@@ -50,8 +50,9 @@ def slot_invalidated(server, columns):
     slot = server.replication_slot
     return (
         f"replication slot {slot} was invalidated by the server ({why}): it keeps no WAL and nothing can stream from it",
-        f"drop it (SELECT pg_drop_replication_slot('{slot}')), and `manage.py receivewal {server.name}` makes it "
-        "again; the WAL in between is not in the archive: take a base backup",
+        f"drop it (SELECT pg_drop_replication_slot('{slot}')): `manage.py receivewal {server.name}` makes it again "
+        "and goes on from there, setting aside the segment it was receiving; the WAL in between is not in the "
+        "archive: take a base backup",
     )
 
 
@@ -99,6 +100,8 @@ class Receiver:
         # A slot the server invalidated: no restart mends it; say so, and alert now.
         invalidated = self.slot_invalidated()
         error = "; ".join(invalidated) if invalidated else error
+        if not invalidated and "has already been removed" in error:
+            error = f"{error}; {self.set_partial_aside()}"
         self.child, self.failures, self.restarts = None, self.failures + 1, self.restarts + 1
         self.log(f"pg_receivewal exited with code {rc}: {error}")
         journal.record(
@@ -107,6 +110,22 @@ class Receiver:
         if self.failures >= ALERT_AFTER_FAILURES or invalidated:
             # Journaled above; the monitor finds the slot idle and opens receiver_down.
             conditions.changed("receiver_down", server=self.server)
+
+    def set_partial_aside(self):
+        """The server no longer has the WAL the spool's partial segment goes on with: its slot was
+        dropped and made again (what an invalidated one needs). pg_receivewal would ask for it
+        for ever; without the partial it starts where the new slot does. The file is kept beside,
+        renamed; the WAL in between is in no archive (the gap check names it)."""
+        kept = []
+        for partial in sorted(self.directory.glob("*.partial")):
+            partial.rename(partial.with_name(partial.name + ".superseded"))
+            kept.append(partial.name)
+        if not kept:
+            return "nothing in the spool to set aside: check the spool's segments"
+        return (
+            f"set aside {', '.join(kept)} (renamed .superseded): the receiver goes on from the slot's position; "
+            f"the WAL in between is not in the archive: take a base backup of {self.server}"
+        )
 
     def slot_invalidated(self):
         try:

@@ -189,3 +189,29 @@ def test_a_slot_the_server_invalidated_is_named_so_by_the_receiver_checkserver_a
     check_wal(server)
     alert = Alert.objects.get(condition="receiver_down")
     assert "was invalidated by the server" in alert.message
+
+
+def test_after_the_invalidated_slot_is_dropped_as_told_the_receiver_streams_again(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    """Found by review of the fix above: after the slot was dropped as the message said,
+    pg_receivewal asked the new slot for the spool's partial segment, gone from the server, for ever."""
+    receiver = pull(server)
+    receiver.start_child()
+    wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
+    receiver.stop_child()
+    wait_for(lambda: not slot_active(sample_cluster, server), what="the slot released")
+    invalidate_slot(sample_cluster, server, 15)
+    sample_cluster.execute("SELECT pg_drop_replication_slot(%s)", [server.replication_slot])  # as the message says
+    receiver.start_child()
+    wait_for(lambda: receiver.child.proc.poll() is not None, what="pg_receivewal to ask for removed WAL")
+    receiver.child_died()
+    said = JournalEntry.objects.filter(action="receiver_restarted").latest("pk").details["error"]
+    assert "has already been removed" in said and "(renamed .superseded): the receiver goes on" in said
+    receiver.start_child()
+    try:
+        wait_for(lambda: slot_active(sample_cluster, server), timeout=30, what="pg_receivewal streaming again")
+        name = switch_wal(sample_cluster)
+        wait_for(lambda: (receiver.directory / name).exists(), timeout=30, what="a new segment received")
+    finally:
+        receiver.stop_child()
