@@ -162,6 +162,10 @@ def test_free_space_is_shown_rounded_down_as_the_dots_judge_it():
         "100%",
         "",
     )
+    from watching.copy_checks import _storage_message
+
+    said = _storage_message(StorageLocation(name="primary"), {"ratio": 0.197, "free": 197, "total": 1000})
+    assert said.startswith("Location primary has 19% free (197 of 1000 bytes): under 20%.")  # not "20% free"
 
 
 def test_the_storage_legend_names_the_thresholds_the_dots_are_drawn_with(client, charlie, backup_root):

@@ -180,7 +180,7 @@ def test_storage_under_twenty_percent_free_alerts_for_the_location(server, passp
     run_once()
     alert = only_alert("storage_low")
     assert alert.location == primary and alert.subject == "location:primary"
-    assert "has 15% free" in alert.message
+    assert "has 14% free" in alert.message
     assert subjects(smtp_server) == ["[backupportal] location primary: Insufficient storage space"]
 
     primary.capacity_bytes = used * 10
