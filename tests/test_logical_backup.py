@@ -165,7 +165,7 @@ def test_a_refusal_with_json_ends_stdout_with_its_json_object_too(db, settings):
     said = json.loads(out.strip().splitlines()[-1])
     assert proc.returncode == 1 and err.strip().endswith(said["error"])
     assert said["status"] == "refused" and said["exit_code"] == 1 and "unknown server 'nope'" in said["error"]
-    proc = manage(settings, "backup", "maldives", "--kind", "bogus", "--json")  # argparse's refusal
+    proc = manage(settings, "backup", "maldives", "--kind", "bogus", "--js")  # argparse's refusal, --json abbreviated
     out, err = proc.communicate(timeout=120)
     said = json.loads(out.strip().splitlines()[-1])
     assert proc.returncode == 2 == said["exit_code"] and "invalid choice: 'bogus'" in said["error"] in err

@@ -30,7 +30,7 @@ class PortalCommand(BaseCommand):
             usage_error = parser.error
 
             def error(message):  # a wrong option or argument: argparse exits 2 before handle() runs
-                if "--json" in sys.argv[2:]:
+                if getattr(self, "_called_from_command_line", False) and _asks_json(sys.argv[2:]):
                     self.stdout.write(json.dumps({"status": "refused", "error": message, "exit_code": 2}))
                 usage_error(message)
 
@@ -68,6 +68,11 @@ class PortalCommand(BaseCommand):
 
     def describe(self, result):
         return [json.dumps(result, default=str, indent=2)]
+
+
+def _asks_json(argv):
+    """Whether the command line gives --json, as argparse reads it: abbreviated too (--js)."""
+    return any(len(arg) > 3 and "--json".startswith(arg) for arg in argv if arg.startswith("--"))
 
 
 def fail(message):
