@@ -187,6 +187,8 @@ class Server(ServerConnection):
     def clean_name(self):
         """A server's files lie under its name in every location: not where another location's
         directory is inside a primary one (WAL_ROOT under BACKUP_ROOT: a server named wal)."""
+        if self.pk and Server.objects.filter(pk=self.pk, name=self.name).exists():
+            return  # its files are where they are: a name it has is never refused on its next edit
         locations = apps.get_model("backups", "StorageLocation").objects.filter(kind="primary")
         for location in locations:
             for prefix, other in location.nested().items():
