@@ -53,7 +53,8 @@ def take(run):
     pg_dump = client_tool(server, "pg_dump")
     # Only a pg_restore at least as new reads the dump: binaries.restore_dir(dump_major=...).
     run.details["pg_dump_major"] = dir_major(str(pg_dump.parent))
-    conn, snapshot, counts = snapshot_and_counts(server, dbname)
+    critical = run.database.critical_tables if run.database_id else []
+    conn, snapshot, counts, digests = snapshot_and_counts(server, dbname, digested=critical)
     try:
         dump = Tool(
             [
@@ -74,6 +75,8 @@ def take(run):
         conn.close()
     run.size, run.sha256, run.bytes_done = size, sha256, size
     run.details["row_counts"] = counts
+    if digests:  # the critical tables' rows, for the restore test to compare the copy's with
+        run.details["content_digests"] = digests
     run.details["pg_dump_compress"] = dump_compression_level()
     made_with = {"encryption_key_id": encryption.custody_key}
     BackupCopy.record_made(location, dump_key, size, sha256, run=run, artifact="main", **made_with)

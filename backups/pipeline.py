@@ -224,10 +224,11 @@ def _storage_message(error):
     return str(error)
 
 
-def snapshot_and_counts(server, dbname=None):
-    """Export a snapshot and count the rows of every user table in it.
+def snapshot_and_counts(server, dbname=None, digested=()):
+    """Export a snapshot and count the rows of every user table in it, and digest the rows of the
+    tables `digested` (the critical ones: tables.content_digest) in it.
 
-    Returns (connection, snapshot id, counts keyed by schema.table). The caller keeps the
+    Returns (connection, snapshot id, counts keyed by schema.table, digests by name). The caller keeps the
     connection open until pg_dump has finished, so the snapshot stays valid and the counts
     match the dump exactly. Counting reads every table once more: bench/ROWCOUNTS.md measures
     what that costs next to the dump itself.
@@ -252,6 +253,8 @@ def snapshot_and_counts(server, dbname=None):
         tables.lock_all(conn, listed)
         with server.connect(dbname, options=bounded) as counter:
             counts = tables.count_all(counter, transaction=partial(_in_snapshot, counter, snapshot), listed=listed)
+            with _in_snapshot(counter, snapshot):
+                digests = {name: tables.content_digest(counter, name) for name in digested}
     except psycopg.errors.LockNotAvailable:
         conn.close()
         raise BackupFailed(
@@ -262,7 +265,7 @@ def snapshot_and_counts(server, dbname=None):
     except psycopg.Error as e:
         conn.close()
         raise BackupFailed(f"counting the rows of every table failed: {explain(e, server)}") from None
-    return conn, snapshot, counts
+    return conn, snapshot, counts, digests
 
 
 @contextmanager

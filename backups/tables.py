@@ -217,6 +217,33 @@ def _count_batch(conn, batch):
     return {batch[i][0]: n for i, n in rows}
 
 
+# Each row's text, hashed and summed: the same rows give the same digest in any order, any other
+# row changes it. The text is the same on the copy only in the same settings: these, every time.
+DIGEST_SETTINGS = (
+    ("DateStyle", "ISO, YMD"), ("IntervalStyle", "postgres"), ("TimeZone", "UTC"),
+    ("extra_float_digits", "3"), ("bytea_output", "hex"), ("lc_monetary", "C"), ("row_security", "off"),
+)  # fmt: skip
+
+
+def content_digest(conn, name):
+    """A digest of the rows of table `name` (a partitioned table's: its leaves'), order aside, or
+    None when it cannot be read. In the caller's transaction (a backup's snapshot) when it has one."""
+    from psycopg import sql
+
+    schema, table = key_of(name)
+    query = sql.SQL(
+        "SELECT pg_catalog.count(*)::text || ':' || "
+        "coalesce(pg_catalog.sum(pg_catalog.hashtextextended(t::text, 0)), 0)::text FROM {}.{} AS t"
+    ).format(sql.Identifier(schema), sql.Identifier(table))
+    try:
+        with conn.transaction():  # a savepoint inside the snapshot's: a failure leaves it usable
+            for setting, value in DIGEST_SETTINGS:
+                conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", [setting, value])
+            return conn.execute(query).fetchone()[0]
+    except psycopg.Error:
+        return None
+
+
 def normalized(counts):
     """Recorded counts keyed by (schema, table), whichever way they were named."""
     return {key_of(name): n for name, n in (counts or {}).items()}

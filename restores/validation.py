@@ -74,8 +74,11 @@ def run_checks(run, target, dbname):
         unreadable = tables.normalized(errors)
         # Critical tables are the database's own; custom checks were written for the DSN's.
         own = dbname_of(run) == server.dbname
+        digests = (run.details.get("content_digests") or {}) if run.kind == BackupRun.Kind.LOGICAL else {}
         for name in critical_tables_of(run):
             results.append(_critical_check(conn, name, recorded, restored, unreadable, previous))
+            if digests.get(name):
+                results.append(_content_check(conn, name, digests[name]))
         if recorded is None:
             results.append(_every_table_read(conn, restored, unreadable))
         else:
@@ -83,6 +86,24 @@ def run_checks(run, target, dbname):
         for custom in server.validation_checks.filter(enabled=True).order_by("name") if own else []:
             results.append(_custom_check(conn, custom))
     return results
+
+
+def _content_check(conn, name, recorded):
+    """The critical table's rows as digested in the backup's snapshot, the same in the copy: a
+    copy whose rows differ (a column recomputed on the way, a value changed) with the same count
+    restores no better than one with rows missing."""
+    shown = tables.qualified(conn, name)
+    restored = tables.content_digest(conn, name)
+    if restored == recorded:
+        return check(f"content of {shown}", True, "its rows, digested, are the ones the backup read")
+    if restored is None:
+        return check(f"content of {shown}", False, f"cannot read {shown} in the restored copy to compare its rows")
+    return check(
+        f"content of {shown}",
+        False,
+        f"the rows of {shown} in the restored copy differ from those the backup read (row count and digest "
+        f"{restored}, the backup's {recorded}): a value changed on the way (a generated column recomputed, say)",
+    )
 
 
 def critical_tables_of(run):
