@@ -218,7 +218,9 @@ def _count_batch(conn, batch):
 
 
 # Each row's text, hashed and summed: the same rows give the same digest in any order, any other
-# row changes it. The text is the same on the copy only in the same settings: these, every time.
+# row changes it. The row as jsonb, its columns by name: pg_dump may give a restored table its
+# columns in another order (an inheritance child's). The text is the same on the copy only in
+# the same settings: these, every time.
 DIGEST_SETTINGS = (
     ("DateStyle", "ISO, YMD"), ("IntervalStyle", "postgres"), ("TimeZone", "UTC"),
     ("extra_float_digits", "3"), ("bytea_output", "hex"), ("lc_monetary", "C"), ("row_security", "off"),
@@ -233,7 +235,7 @@ def content_digest(conn, name):
     schema, table = key_of(name)
     query = sql.SQL(
         "SELECT pg_catalog.count(*)::text || ':' || "
-        "coalesce(pg_catalog.sum(pg_catalog.hashtextextended(t::text, 0)), 0)::text FROM {}.{} AS t"
+        "coalesce(pg_catalog.sum(pg_catalog.hashtextextended(pg_catalog.to_jsonb(t)::text, 0)), 0)::text FROM {}.{} AS t"
     ).format(sql.Identifier(schema), sql.Identifier(table))
     try:
         with conn.transaction():  # a savepoint inside the snapshot's: a failure leaves it usable
