@@ -333,3 +333,26 @@ def test_wal_left_unarchived_while_the_monitor_was_stopped_is_as_old_as_the_gap(
     worst = max(RpoSample.objects.filter(server=server).values_list("worst_seconds", flat=True))
     # Not "0 s, green": the WAL may be as old as the pass before (the worst case).
     assert status.seconds >= 3 * 3600 and figure["colour"] == "red" and worst >= 3 * 3600
+
+
+def test_a_healthy_server_after_a_gap_in_the_monitors_passes_is_not_given_the_gap_as_its_rpo(
+    pg_cluster, db, smtp_server, wal_spool, passphrase_file, backup_root
+):
+    """Found by review of the fix above: with the archive current (its end moved a moment ago),
+    the WAL written into the current segment was dated at the pass 20 minutes before: RPO 1200 s,
+    an alert, on a healthy server."""
+    server = register(pg_cluster, dbname="postgres")
+    server.archiving, server.rpo_minutes = "push", 15
+    server.save()
+    enable_push(pg_cluster)
+    with time_machine.travel(timezone.now() - timedelta(minutes=20), tick=False):
+        run_once()  # the pass before the monitor's restart
+    pg_cluster.execute("CREATE TABLE bookings AS SELECT g AS id FROM generate_series(1, 1000) g")
+    pg_cluster.execute("SELECT pg_switch_wal()")
+    wait_for(lambda: all_archived(pg_cluster), timeout=30, what="the spool")
+    walingest.ingest(server)  # the archive's end moves now
+    pg_cluster.execute("INSERT INTO bookings SELECT g FROM generate_series(1, 100) g")  # the current segment
+    run_once()
+    status = RpoStatus.objects.get(server=server)
+    assert status.seconds is not None and status.seconds < 120, status.seconds
+    assert not Alert.objects.filter(condition="rpo_breached").exists()

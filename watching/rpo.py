@@ -118,8 +118,7 @@ def measure(server):
         return _unknown(status, now, str(e))
     # WAL first seen now was written since the pass before: when that pass is long ago (the monitor
     # was stopped), it may be as old as it, and is dated so (the worst case), never as new.
-    previous = status.measured_at
-    seen = previous if previous is not None and now - previous > MONITOR_GAP else now
+    seen = _first_possible(server, status.measured_at, now)
     status.measured_at, status.error = now, ""
     status.current_wal, status.archived_wal = facts["current_wal"], facts["archived_wal"]
     if archived_lsn is not None and current_lsn <= archived_lsn:
@@ -133,6 +132,21 @@ def measure(server):
     status.save()
     RpoSample.record(server, now, status.seconds)
     return status
+
+
+def _first_possible(server, previous, now):
+    """When WAL first seen unarchived now may have been written: now, as passes go a minute apart;
+    after a longer gap (the monitor stopped) the pass before, the worst case, or later, when the
+    archive's end moved since (the newest segment handed over then: none before it waits)."""
+    if previous is None or now - previous <= MONITOR_GAP:
+        return now
+    moved = (
+        WalSegment.objects.filter(server=server, deleted_at=None, segno__isnull=False)
+        .order_by("-segno")
+        .values_list("archived_at", flat=True)
+        .first()
+    )
+    return min(now, max(previous, moved)) if moved else previous
 
 
 def unarchived_points(status, current_lsn, archived_lsn, now):
