@@ -100,8 +100,8 @@ class Receiver:
         # A slot the server invalidated: no restart mends it; say so, and alert now.
         invalidated = self.slot_invalidated()
         error = "; ".join(invalidated) if invalidated else error
-        if not invalidated and "has already been removed" in error:
-            error = f"{error}; {self.set_partial_aside()}"
+        if not invalidated and (aside := self.set_partial_aside(error)):
+            error = f"{error}; {aside}"
         self.child, self.failures, self.restarts = None, self.failures + 1, self.restarts + 1
         self.log(f"pg_receivewal exited with code {rc}: {error}")
         journal.record(
@@ -111,19 +111,34 @@ class Receiver:
             # Journaled above; the monitor finds the slot idle and opens receiver_down.
             conditions.changed("receiver_down", server=self.server)
 
-    def set_partial_aside(self):
-        """The server no longer has the WAL the spool's partial segment goes on with: its slot was
-        dropped and made again (what an invalidated one needs). pg_receivewal would ask for it
-        for ever; without the partial it starts where the new slot does. The file is kept beside,
-        renamed; the WAL in between is in no archive (the gap check names it)."""
-        kept = []
-        for partial in sorted(self.directory.glob("*.partial")):
+    def set_partial_aside(self, error):
+        """A partial segment in the spool from before the slot's position (its slot was dropped and
+        made again, as an invalidated one needs; a new primary's slot after a failover): the server
+        keeps none of its WAL for the slot, and pg_receivewal, which goes on from it, would ask for it
+        for ever. It is set aside (renamed .superseded, kept for a DBA) and the receiver goes on from
+        the slot. '' when there is none such: the slot has what the spool goes on from."""
+        try:
+            with self.server.connect(connect_timeout=10) as conn:
+                row = conn.execute(
+                    "SELECT pg_walfile_name(restart_lsn) FROM pg_replication_slots WHERE slot_name = %s",
+                    [self.server.replication_slot],
+                ).fetchone()
+        except psycopg.Error:
+            return ""
+        if not row:
+            return ""
+        size, partials = walspool.segment_size(self.server), sorted(self.directory.glob("*.partial"))
+        if row[0]:
+            behind = [p for p in partials if walnames.segno_of(p.name[:24], size) < walnames.segno_of(row[0], size)]
+        else:  # a slot made again reserves nothing until it streams: the server's own word then
+            behind = partials if "has already been removed" in error else []
+        for partial in behind:
             partial.rename(partial.with_name(partial.name + ".superseded"))
-            kept.append(partial.name)
-        if not kept:
-            return "nothing in the spool to set aside: check the spool's segments"
+        if not behind:
+            return ""
         return (
-            f"set aside {', '.join(kept)} (renamed .superseded): the receiver goes on from the slot's position; "
+            f"set aside {', '.join(p.name for p in behind)} (renamed .superseded, in {self.directory}): the server "
+            f"keeps its WAL no more for slot {self.server.replication_slot}, so the receiver goes on from the slot; "
             f"the WAL in between is not in the archive: take a base backup of {self.server}"
         )
 

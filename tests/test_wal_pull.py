@@ -207,7 +207,7 @@ def test_after_the_invalidated_slot_is_dropped_as_told_the_receiver_streams_agai
     wait_for(lambda: receiver.child.proc.poll() is not None, what="pg_receivewal to ask for removed WAL")
     receiver.child_died()
     said = JournalEntry.objects.filter(action="receiver_restarted").latest("pk").details["error"]
-    assert "has already been removed" in said and "(renamed .superseded): the receiver goes on" in said
+    assert "(renamed .superseded, in " in said and "so the receiver goes on from the slot" in said
     receiver.start_child()
     try:
         wait_for(lambda: slot_active(sample_cluster, server), timeout=30, what="pg_receivewal streaming again")
