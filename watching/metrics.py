@@ -42,7 +42,9 @@ class CatalogCollector:
         )
         rpo_objective = GaugeMetricFamily("backupportal_rpo_objective_seconds", "RPO objective.", labels=["server"])
         rto = GaugeMetricFamily(
-            "backupportal_rto_seconds", "Last measured RTO: the newest passed restore test.", labels=["server"]
+            "backupportal_rto_seconds",
+            "Measured RTO: the slowest restore test passed in the last five weeks (else the newest passed).",
+            labels=["server"],
         )
         rto_objective = GaugeMetricFamily(
             "backupportal_rto_objective_seconds", "RTO objectives.", labels=["server", "scope"]
