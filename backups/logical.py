@@ -7,7 +7,7 @@ of every table: the recorded row counts are exactly what the dump holds.
 from django.conf import settings
 from django.utils import timezone
 
-from backups import keyring
+from backups import keyring, tables
 from backups.binaries import client_tool, conninfo_dbname, dir_major
 from backups.crypto import EncryptionError
 from backups.models import WAL_LOCATION, BackupCopy, BackupRun, StorageLocation
@@ -71,8 +71,11 @@ def take(run):
         size, sha256 = encrypt_to(
             store, dump_key, dump, encryption, on_tick=heartbeat(BackupRun, run.pk), timeout=_timeout(), server=server
         )
+        shrunk = critical_shrunk(conn, run, critical, counts)
     finally:
         conn.close()
+    if shrunk:  # the backup is faithful: production lost the rows (the monitor's data_shrank alert)
+        run.details["shrank"] = shrunk
     run.size, run.sha256, run.bytes_done = size, sha256, size
     run.details["row_counts"] = counts
     if digests:  # the critical tables' rows, for the restore test to compare the copy's with
@@ -123,6 +126,31 @@ def take_globals(server, store, key, encryption):
         store, key, Tool(argv + ["--no-role-passwords"], server.libpq_env()), encryption, server=server
     )
     return size, sha256, "globals dumped without role passwords: the backup user is not a superuser"
+
+
+def critical_shrunk(conn, run, critical, counts):
+    """The critical tables empty, or shrunk past the server's threshold against the database's
+    previous good backup, as one line each: said at backup time, not only by the next restore test."""
+    previous = (
+        BackupRun.objects.good()
+        .filter(server=run.server_id, kind=BackupRun.Kind.LOGICAL, database=run.database_id)
+        .exclude(pk=run.pk)
+        .order_by("-finished_at")
+        .first()
+    )
+    now, before = tables.normalized(counts), tables.normalized(previous.details.get("row_counts") if previous else {})
+    said = []
+    for name in critical:
+        actual = tables.total(conn, name, now)
+        if actual is None:
+            continue  # gone from the database: the restore test names it
+        complaint = (
+            "empty"
+            if actual == 0
+            else previous and tables.shrank(conn, name, actual, before, previous.pk, run.server.shrink_threshold_pct)
+        )
+        said += [f"{tables.qualified(conn, name)}: {complaint}"] if complaint else []
+    return said
 
 
 def _timeout():

@@ -263,6 +263,16 @@ def total(conn, name, counts):
     return sum(counted) if counted else None
 
 
+def shrank(conn, name, actual, previous, previous_id, threshold_pct):
+    """One line when `actual` rows of table `name` are down past `threshold_pct` against the
+    `previous` counts (keyed by (schema, table)) of backup #`previous_id`, else ''."""
+    prev = total(conn, name, previous)
+    if not prev or actual >= prev * (100 - threshold_pct) / 100:
+        return ""
+    shrink = 100 - actual * 100 // prev
+    return f"{actual} rows, down {shrink}% from {prev} in backup #{previous_id} (threshold {threshold_pct}%)"
+
+
 def qualified(conn, name):
     """schema.table as PostgreSQL quotes it: the name checks and pages show, old names included."""
     return conn.execute("SELECT format('%%I.%%I', %s::text, %s::text)", list(key_of(name))).fetchone()[0]

@@ -128,11 +128,7 @@ class Previous:
 
     def shrank(self, conn, name, actual):
         """A one-line complaint when `actual` is down past the threshold, else ''."""
-        prev = tables.total(conn, name, self.counts)
-        if not prev or actual >= prev * (100 - self.threshold_pct) / 100:
-            return ""
-        shrink = 100 - actual * 100 // prev
-        return f"{actual} rows, down {shrink}% from {prev} in backup #{self.run_id} (threshold {self.threshold_pct}%)"
+        return tables.shrank(conn, name, actual, self.counts, self.run_id, self.threshold_pct)
 
     def against(self, conn, name):
         prev = tables.total(conn, name, self.counts)

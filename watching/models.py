@@ -60,6 +60,7 @@ class Alert(models.Model):
         COVERAGE_GAP = "coverage_gap", "Short of the protection policy"
         PORTAL_BACKUP_STALE = "portal_backup_stale", "The portal's own backup is missing or old"
         SERVER_UNREACHABLE = "server_unreachable", "Server does not answer"
+        DATA_SHRANK = "data_shrank", "Critical table emptied or shrunk"
 
     class State(models.TextChoices):
         OPEN = "open", "Open"

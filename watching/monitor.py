@@ -66,6 +66,7 @@ def checks():
         # Restores and restore tests whose worker died: failed, what they made removed.
         Check("interrupted restores", orphans.fail_orphans),
         Check("restore tests", check_restore_tests, per_server=True),
+        Check("critical tables", check_shrinkage, per_server=True),
         Check("reachable", check_reachable, per_server=True),
         Check("RPO", check_rpo, per_server=True),
         # WAL gap, archiving failing, pg_receivewal or its slot down.
@@ -377,6 +378,23 @@ def _of(run, server):
     if run.database is None or run.database.name == server.dbname:
         return str(server)
     return str(run.database)
+
+
+def check_shrinkage(server):
+    """The newest good logical backup of a database found a critical table empty or shrunk past
+    the threshold (backups.logical.critical_shrunk): production lost the rows, the backup holds
+    what is left. Resolved by the database's next backup that finds none (its previous is then
+    the shrunk one), or by the tables being taken off the critical ones."""
+    latest = BackupRun.objects.filter(server=server, kind=BackupRun.Kind.LOGICAL).good().newest_per_target()
+    shrunk = [r for r in latest.select_related("database") if r.details.get("shrank") and _still_backed_up(r)]
+    if not shrunk:
+        resolve_alert(Alert.Condition.DATA_SHRANK, server=server)
+        return
+    message = alerts.listed(
+        (f"backup #{r.pk} of {_of(r, server)}: {'; '.join(r.details['shrank'])}" for r in shrunk),
+        "databases",
+    )
+    raise_alert(Alert.Condition.DATA_SHRANK, server=server, message=message)
 
 
 def check_restore_tests(server):
