@@ -98,9 +98,10 @@ class Receiver:
         rc = self.child.proc.poll()
         error = self.child.error_line(self.server)
         # A slot the server invalidated: no restart mends it; say so, and alert now.
-        invalidated = self.slot_invalidated()
+        slot = self.slot_columns()
+        invalidated = slot_invalidated(self.server, slot) if slot else None
         error = "; ".join(invalidated) if invalidated else error
-        if not invalidated and (aside := self.set_partial_aside(error)):
+        if slot and not invalidated and (aside := self.set_partial_aside(slot, error)):
             error = f"{error}; {aside}"
         self.child, self.failures, self.restarts = None, self.failures + 1, self.restarts + 1
         self.log(f"pg_receivewal exited with code {rc}: {error}")
@@ -111,25 +112,16 @@ class Receiver:
             # Journaled above; the monitor finds the slot idle and opens receiver_down.
             conditions.changed("receiver_down", server=self.server)
 
-    def set_partial_aside(self, error):
+    def set_partial_aside(self, slot, error):
         """A partial segment in the spool from before the slot's position (its slot was dropped and
         made again, as an invalidated one needs; a new primary's slot after a failover): the server
         keeps none of its WAL for the slot, and pg_receivewal, which goes on from it, would ask for it
         for ever. It is set aside (renamed .superseded, kept for a DBA) and the receiver goes on from
         the slot. '' when there is none such: the slot has what the spool goes on from."""
-        try:
-            with self.server.connect(connect_timeout=10) as conn:
-                row = conn.execute(
-                    "SELECT pg_walfile_name(restart_lsn) FROM pg_replication_slots WHERE slot_name = %s",
-                    [self.server.replication_slot],
-                ).fetchone()
-        except psycopg.Error:
-            return ""
-        if not row:
-            return ""
         size, partials = walspool.segment_size(self.server), sorted(self.directory.glob("*.partial"))
-        if row[0]:
-            behind = [p for p in partials if walnames.segno_of(p.name[:24], size) < walnames.segno_of(row[0], size)]
+        if slot.get("restart_lsn"):
+            keeps_from = walnames.segno_of_lsn(slot["restart_lsn"], size)
+            behind = [p for p in partials if walnames.segno_of(p.name[:24], size) < keeps_from]
         else:  # a slot made again reserves nothing until it streams: the server's own word then
             behind = partials if "has already been removed" in error else []
         for partial in behind:
@@ -142,13 +134,14 @@ class Receiver:
             f"the WAL in between is not in the archive: take a base backup of {self.server}"
         )
 
-    def slot_invalidated(self):
+    def slot_columns(self):
+        """The slot's row (pg_replication_slots, as JSON), or None: gone, or the server not answering."""
         try:
             with self.server.connect(connect_timeout=10) as conn:
                 row = conn.execute(SLOT_ROW, [self.server.replication_slot]).fetchone()
         except psycopg.Error:
             return None
-        return slot_invalidated(self.server, row[2]) if row else None
+        return row[2] if row else None
 
     def run(self, should_stop):
         """Supervise until should_stop() is true; then stop pg_receivewal cleanly and ingest."""

@@ -36,7 +36,8 @@ class EventTriggers:
     restoring role as its owner, where the whole restore failed."""
 
     def __init__(self, props, scratch_root, subscriptions=False):
-        lines = props.listing.splitlines() if props is not None else []
+        self.listing = props.listing if props is not None else None  # the dump's table of contents, listed
+        lines = self.listing.splitlines() if self.listing is not None else []
         self.entries = [line for line in lines if dbprops.EVENT_TRIGGER_ENTRY.match(line)]
         self.subscriptions = [line for line in lines if subscriptions and SUBSCRIPTION_ENTRY.match(line)]
         self.head = props.head if props is not None else None

@@ -124,7 +124,9 @@ def restore_parallel(reader, target, dbname, encryption, restore, creation, comm
         if pre_data is not None:
             pre_data.check(path)
             sections = ["--section=data", "--section=post-data"]
-        command, triggers = triggers_last(command, path, scratch, held)
+        # The listing read_properties made is this file's once pre_data checked its start is the head.
+        listed = held.listing if pre_data is not None else None
+        command, triggers = triggers_last(command, path, scratch, held, listed)
         for args in ([*command, f"--jobs={settings.RESTORE_JOBS}", *sections], triggers):
             if args is None:
                 continue
@@ -144,7 +146,7 @@ def restore_parallel(reader, target, dbname, encryption, restore, creation, comm
 TABLE_TRIGGER_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:TRIGGER |(?:COMMENT|SECURITY LABEL) .* TRIGGER )")
 
 
-def triggers_last(command, path, scratch, held):
+def triggers_last(command, path, scratch, held, listed=None):
     """(command, the command that creates the dump's table triggers after it, or None).
 
     pg_restore -j creates a table's triggers once that table's rows are loaded, but a partitioned
@@ -153,6 +155,8 @@ def triggers_last(command, path, scratch, held):
     One job restores in the dump's order, all data before any trigger: the same, here by a use-list."""
     if held.held:  # the list already without the event triggers
         listing = (held.directory / "without").read_text()
+    elif listed is not None:
+        listing = listed
     else:
         listed = subprocess.run([command[0], "--list", str(path)], capture_output=True, timeout=600, env=child_env())
         if listed.returncode != 0:

@@ -133,17 +133,22 @@ def base_backup():
     return BackupRun.objects.get(pk=result["id"])
 
 
-def postgres_running_in(root):
-    """Postmasters whose data directory is under root."""
+def running_in(program, root):
+    """The pids of `program` (its argv[0]'s end) whose arguments name a path under root."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"postgres") and any(str(root).encode() in a for a in argv):
+        if entry.name.isdigit() and argv and argv[0].endswith(program) and any(str(root).encode() in a for a in argv):
             found.append(int(entry.name))
     return found
+
+
+def postgres_running_in(root):
+    """Postmasters whose data directory is under root."""
+    return running_in(b"postgres", root)
 
 
 # --- users, servers, commands as a subprocess, the processes they leave ---

@@ -30,6 +30,7 @@ from backupportal.lib.osuser import free_port
 from backupportal.lib.pgcluster import Cluster
 from backupportal.lib.pgdatadir import pg_bin
 from tests.chromium import chromium
+from tests.helpers import running_in
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DEMO = [sys.executable, str(BASE_DIR / "scripts" / "demo.py")]
@@ -380,22 +381,4 @@ def test_the_demo_serves_the_portal_and_ctrl_c_stops_everything(demo_var):
     assert not Cluster(sandbox).is_running()  # stopped, kept: the portal removes it when it expires
     assert not (demo_var / "demo" / "running.json").exists()
     assert not answers(base + "login/")
-    assert gpg_agents_of(demo_var) == []  # found by review: the signing key's agent outlived the demo
-
-
-def gpg_agents_of(directory):
-    """The gpg-agent daemons started for a key directory under `directory`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            proc.name.isdigit()
-            and argv
-            and argv[0].endswith(b"gpg-agent")
-            and str(directory).encode() in b" ".join(argv)
-        ):
-            found.append(int(proc.name))
-    return found
+    assert running_in(b"gpg-agent", demo_var) == []  # found by review: the signing key's agent outlived the demo
