@@ -318,6 +318,9 @@ RECEIVER_STEADY_SECONDS = env.int("RECEIVER_STEADY_SECONDS", default=10)
 # while the schema is restored from the table of contents; data and indexes then run with -j.
 # Measured 21% faster with 2 jobs on 2 cores (bench/RESULTS.md), hence the default.
 RESTORE_JOBS = env.int("RESTORE_JOBS", default=2)
+# With more than one job, the tables' rows are loaded by COPY as gpg decrypts the file, rather
+# than by pg_restore once it is whole (restores.dumpstream): False leaves them to pg_restore.
+RESTORE_STREAM_DATA = env.bool("RESTORE_STREAM_DATA", default=True)
 # maintenance_work_mem of the restore's own sessions (index builds), on the target server: up
 # to RESTORE_JOBS of them build at once.
 RESTORE_MAINTENANCE_WORK_MEM = env.str("RESTORE_MAINTENANCE_WORK_MEM", default="256MB")

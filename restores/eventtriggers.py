@@ -11,11 +11,10 @@ test's checks) turn them off where the role may (targetdb.connect_to_copy).
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
-from restores import dbprops
+from restores import dbprops, dumpstream
 from restores.targetdb import RestoreFailed
 
 # Up to PostgreSQL 15 only a superuser owns a subscription: one owned by production's superuser
@@ -83,14 +82,7 @@ class EventTriggers:
         """The held-back entries, by `tool` (a pg_restore given only()) fed the table of contents
         alone: neither an event trigger nor a subscription has data."""
         self.check()
-        tool.stdin = subprocess.PIPE
-        tool.start()
-        try:
-            tool.proc.stdin.write(self.head)
-            tool.proc.stdin.close()
-        except BrokenPipeError:  # it read what it needed (or failed: its exit code says)
-            pass
-        if tool.proc.wait() != 0:
+        if dumpstream.fed_toc(tool, self.head) != 0:
             raise RestoreFailed(f"the dump's {what}s could not be created: {tool.error_line(target)}")
         if what == "subscription":
             return []  # said by their detaching (targetdb.detach_all)

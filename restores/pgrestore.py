@@ -22,7 +22,7 @@ from backups.binaries import conninfo_dbname
 from backups.crypto import die_with_parent, gpg_failure
 from backups.pipeline import BackupFailed, Tool
 from backups.storage import StorageError
-from restores import targetdb
+from restores import dumpstream, targetdb
 from restores.models import RestoreRun
 from restores.targetdb import RestoreFailed, created
 
@@ -94,39 +94,47 @@ def restore_parallel(reader, target, dbname, encryption, restore, creation, comm
     """pg_restore -j needs a seekable file: gpg decrypts into a private scratch file (removed
     after; the plaintext does not pass through Python). Meanwhile the schema (pre-data) is
     restored from `head`, the table of contents read_properties decrypted a moment before:
-    pre-data needs nothing else. Data and post-data (indexes, constraints: the bulk of the work)
+    pre-data needs nothing else; and then the tables' rows are loaded from the file as gpg
+    writes it (restores.dumpstream). The rest of the data and post-data (indexes, constraints)
     then run with -j from the completed file, once its sha256 and gpg's check have passed.
 
     bench/restore_jobs.py measured the alternatives (the data streamed into one pg_restore as gpg
     writes the file, then post-data -j: slower, as one job loads the data)."""
     scratch = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=scratch_root()))
-    pre_data = None
+    pre_data = loading = None
     try:
         pre_data = _PreData(target, dbname, head, creation, command) if head else None
         path = scratch / "dump"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        decrypted = threading.Event()
+        if pre_data is not None and settings.RESTORE_STREAM_DATA:
+            loading = _Loading(path, decrypted, target, dbname, command, head, pre_data, scratch)
         try:
             result = decrypt_with_progress(
                 lambda: encryption.decrypt_to_fd(reader, fd), lambda: os.fstat(fd).st_size, restore
             )
         finally:
             os.close(fd)
-        if "exception" in result:
-            raise result["exception"]
-        if not result["result"].ok:
+            decrypted.set()
+        if "exception" in result or not result["result"].ok:
+            if loading is not None:
+                loading.abandon()
+            if "exception" in result:
+                raise result["exception"]
             raise RestoreFailed(gpg_failure(result["result"]))
         created(creation, target)
         if held.held:  # event triggers (or subscriptions) held back: the verified file's start must be their TOC
             with open(path, "rb") as f:
                 held.verified(f.read(held.wanted()))
-            held.check()  # before the data is loaded
+            held.check()  # before the rest is restored
         sections = []
         if pre_data is not None:
             pre_data.check(path)
             sections = ["--section=data", "--section=post-data"]
+        done = loading.finish() if loading is not None else set()
         # The listing read_properties made is this file's once pre_data checked its start is the head.
         listed = held.listing if pre_data is not None else None
-        command, triggers = triggers_last(command, path, scratch, held, listed)
+        command, triggers = triggers_last(command, path, scratch, held, listed, done)
         for args in ([*command, f"--jobs={settings.RESTORE_JOBS}", *sections], triggers):
             if args is None:
                 continue
@@ -136,9 +144,65 @@ def restore_parallel(reader, target, dbname, encryption, restore, creation, comm
                 raise RestoreFailed(tool.error_line(target))
         flush_wal(target, dbname)
     finally:
+        if loading is not None:
+            loading.abandon()  # never a COPY or a pg_restore of it left behind, whatever failed
         if pre_data is not None:
             pre_data.join()  # never a pg_restore left behind, whatever failed
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _Loading(threading.Thread):
+    """restores.dumpstream's Loader, once the schema is in and the file begins with the table of
+    contents it came from; nothing is loaded when either is not so (the restore then fails on
+    it, or pg_restore loads everything as before for an archive the Loader does not read)."""
+
+    def __init__(self, path, decrypted, target, dbname, command, head, pre_data, scratch):
+        super().__init__(daemon=True)
+        self.pre_data, self.head, self.target, self.scratch = pre_data, head, target, scratch
+        options = f"{target.connection_settings(dbname).get('options') or ''} {restore_session()}".strip()
+        plain = [arg for arg in command if not str(arg).startswith("--use-list=")]
+
+        def post_data_tool(dump_id):
+            use = scratch / f"early-{dump_id}"
+            use.write_text(f"{dump_id};\n")
+            return tool_for(target, dbname, *plain, f"--use-list={use}")
+
+        self.loader = dumpstream.Loader(
+            path,
+            decrypted,
+            lambda: target.connect(dbname, options=options),
+            post_data_tool,
+            head,
+            settings.RESTORE_JOBS,
+            target,
+        )
+        self.start()
+
+    def run(self):
+        self.pre_data.join()
+        if self.pre_data.error is not None:
+            return
+        try:
+            if self.loader.file.pread(len(self.head), 0) != self.head:
+                return  # pre_data.check says so once the copy is verified
+            self.loader.run()
+        except dumpstream.Unsupported:
+            self.loader.done.clear()  # nothing was loaded: the archive is read by pg_restore alone
+        except Exception as e:  # noqa: BLE001 - said by finish(), never lost with the thread
+            self.loader.error = self.loader.error or e
+        finally:
+            self.loader.file.close()
+
+    def finish(self):
+        """The dump ids loaded here; RestoreFailed when the loading failed."""
+        self.join()
+        if self.loader.error is not None:
+            raise RestoreFailed(dumpstream.failure(self.loader.error, self.target))
+        return set(self.loader.done)
+
+    def abandon(self):
+        self.loader.stop_now()
+        self.join()
 
 
 # A table's trigger in pg_restore -l's listing, or a comment or security label that may be on one
@@ -146,13 +210,14 @@ def restore_parallel(reader, target, dbname, encryption, restore, creation, comm
 TABLE_TRIGGER_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:TRIGGER |(?:COMMENT|SECURITY LABEL) .* TRIGGER )")
 
 
-def triggers_last(command, path, scratch, held, listed=None):
+def triggers_last(command, path, scratch, held, listed=None, done=frozenset()):
     """(command, the command that creates the dump's table triggers after it, or None).
 
     pg_restore -j creates a table's triggers once that table's rows are loaded, but a partitioned
     table has no rows of its own: its triggers came before its partitions' rows, and a BEFORE ROW
     trigger rewrote every restored row (an AFTER one added audit rows, a guard refused the load).
-    One job restores in the dump's order, all data before any trigger: the same, here by a use-list."""
+    One job restores in the dump's order, all data before any trigger: the same, here by a use-list.
+    `done`: the dump ids restores.dumpstream loaded, left out of both."""
     if held.held:  # the list already without the event triggers
         listing = (held.directory / "without").read_text()
     elif listed is not None:
@@ -163,14 +228,15 @@ def triggers_last(command, path, scratch, held, listed=None):
             said = listed.stderr.decode(errors="replace").strip().splitlines()
             raise RestoreFailed(f"pg_restore --list failed: {said[-1] if said else listed.returncode}")
         listing = listed.stdout.decode(errors="replace")
-    lines = listing.splitlines()
+    lines = dumpstream.without(listing, done).splitlines()
     later = {line for line in lines if TABLE_TRIGGER_ENTRY.match(line)}
-    if not later:
+    if not later and not done:
         return command, None
     (scratch / "without-triggers").write_text("".join(f"{';' * (line in later)}{line}\n" for line in lines))
     (scratch / "triggers").write_text("".join(f"{line}\n" for line in lines if line in later))
     plain = [arg for arg in command if not str(arg).startswith("--use-list=")]
-    return [*plain, f"--use-list={scratch / 'without-triggers'}"], [*plain, f"--use-list={scratch / 'triggers'}"]
+    triggers = [*plain, f"--use-list={scratch / 'triggers'}"] if later else None
+    return [*plain, f"--use-list={scratch / 'without-triggers'}"], triggers
 
 
 class _PreData(threading.Thread):
@@ -180,19 +246,12 @@ class _PreData(threading.Thread):
         super().__init__(daemon=True)
         self.target, self.head, self.creation, self.error = target, head, creation, None
         self.tool = tool_for(target, dbname, *command, "--section=pre-data")
-        self.tool.stdin = subprocess.PIPE
         self.start()
 
     def run(self):
         try:
             created(self.creation, self.target)
-            self.tool.start()
-            try:
-                self.tool.proc.stdin.write(self.head)
-                self.tool.proc.stdin.close()
-            except BrokenPipeError:  # it read what it needed (or failed: its exit code says)
-                pass
-            if self.tool.proc.wait() != 0:
+            if dumpstream.fed_toc(self.tool, self.head) != 0:
                 self.error = RestoreFailed(self.tool.error_line(self.target))
         except (RestoreFailed, BackupFailed) as e:
             self.error = e

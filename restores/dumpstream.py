@@ -1,0 +1,404 @@
+"""A parallel logical restore's table data, loaded while gpg still decrypts the dump.
+
+pg_restore -j reads a finished file: the data waited for the whole decryption, then pg_restore
+inflated every table's rows itself (zlib, about 6 core-seconds a gigabyte of rows: a quarter of
+the restore's CPU on two cores, bench/RESULTS.md). Here the custom-format archive is read as gpg
+writes it into the scratch file: each table's COPY block is inflated (by ISA-L when installed,
+2.3 times zlib's speed) and sent by COPY on RESTORE_JOBS connections of the portal's own, and a
+big table's own indexes and primary or unique constraints are built by pg_restore (fed the table
+of contents alone) as soon as its rows are in, beside the other tables' loading, as pg_restore -j
+would. Everything else (sequences' values, large objects, data as INSERTs, the remaining
+post-data) is left to the pg_restore -j run on the verified file, by a use-list without `done`.
+
+Nothing here is trusted before the copy is: a copy that fails its sha256 or gpg's check fails the
+restore, and the new database is dropped, as with RESTORE_JOBS=1 (gpg piped into pg_restore).
+The archive's layout is pg_dump's (pg_backup_archiver.c: ReadHead, ReadToc; pg_backup_custom.c):
+an archive this does not know (a version, a compression) is restored by pg_restore alone.
+"""
+
+import os
+import re
+import subprocess
+import threading
+import time
+import zlib
+
+import psycopg
+
+try:  # ISA-L's inflate (python-isal): 2.6 core-seconds against 6.1 for zlib on the bench's dump
+    from isal import isal_zlib as inflating
+except ImportError:  # pragma: no cover - the stdlib's, slower, same streams
+    inflating = zlib
+
+from backupportal.lib.pgerrors import explain
+from restores.targetdb import RestoreFailed
+
+KNOWN_VERSIONS = ((1, 12), (1, 13), (1, 14), (1, 15), (1, 16))
+CUSTOM_FORMAT = 1
+BLOCK_DATA, BLOCK_BLOBS = 1, 3
+POST_DATA = 4  # teSection
+# A table's own post-data built early, beside the loading: one pg_restore each, so only for
+# tables big enough that their index builds weigh (compressed bytes of their block).
+EARLY_BYTES = 8 << 20
+OUTPUT = 256 << 10  # rows sent by COPY in pieces of about this size
+# The session pg_restore's own connections set (pg_backup_archiver.c: _doSetFixedOutputState);
+# the dump's encoding, standard_conforming_strings and search_path come from its own entries.
+FIXED_STATE = (
+    "SET statement_timeout = 0",
+    "SET lock_timeout = 0",
+    "SET idle_in_transaction_session_timeout = 0",
+    "SET check_function_bodies = false",
+    "SET xmloption = content",
+    "SET client_min_messages = warning",
+    "SET row_security = off",
+)
+SESSION_ENTRIES = (b"ENCODING", b"STDSTRINGS", b"SEARCHPATH")
+
+
+class Unsupported(Exception):
+    """An archive this module does not read: pg_restore restores it alone."""
+
+
+class Ended(Exception):
+    """The file ended (its decryption over) before what the archive said was there."""
+
+
+class GrowingFile:
+    """The scratch file gpg is still writing: a read waits for its bytes until the decryption ends."""
+
+    def __init__(self, path, decrypted, stop):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.decrypted, self.stop = decrypted, stop
+
+    def pread(self, n, offset):
+        parts, have = [], 0
+        while have < n:
+            if self.stop.is_set():
+                raise Ended("stopped")
+            finished = self.decrypted.is_set()  # before the read: what it wrote by then is all there is
+            got = os.pread(self.fd, n - have, offset + have)
+            if got:
+                parts.append(got)
+                have += len(got)
+            elif finished:
+                raise Ended(f"the decrypted dump ends at byte {offset + have}")
+            else:
+                time.sleep(0.002)
+        return b"".join(parts)
+
+    def close(self):
+        os.close(self.fd)
+
+
+class Cursor:
+    """Sequential reads of the archive from `offset`, in pieces of a mebibyte: its integers,
+    strings and chunks (pg_backup_archiver.c: ReadInt, ReadStr)."""
+
+    def __init__(self, source, offset, int_size=4):
+        self.source, self.base, self.buf, self.at = source, offset, b"", 0
+        self.int_size = int_size
+
+    @property
+    def offset(self):
+        return self.base + self.at
+
+    def take(self, n):
+        if self.at + n > len(self.buf):
+            rest = self.buf[self.at :]
+            self.base += self.at
+            start = self.base + len(rest)
+            # What the piece needs, waited for, then whatever more is there already.
+            more = self.source.pread(n - len(rest), start)
+            ahead = os.pread(self.source.fd, 1 << 20, start + len(more))
+            self.buf, self.at = rest + more + ahead, 0
+        piece = self.buf[self.at : self.at + n]
+        self.at += n
+        return piece
+
+    def byte(self):
+        return self.take(1)[0]
+
+    def int(self):
+        raw = self.take(1 + self.int_size)
+        value = int.from_bytes(raw[1:], "little")
+        return -value if raw[0] else value
+
+    def string(self):
+        n = self.int()
+        if n < 0:
+            return None
+        if n > 1 << 30:
+            raise Unsupported(f"a string of {n} bytes")
+        return self.take(n)  # bytes: a name is in the dump's encoding, which may be none (SQL_ASCII)
+
+
+class Entry:
+    __slots__ = ("id", "desc", "section", "defn", "copy_stmt", "deps", "had_dumper")
+
+    def __init__(self, **fields):
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+class Archive:
+    """The header and table of contents of a custom-format archive, read from `cursor`."""
+
+    def __init__(self, cursor):
+        if cursor.take(5) != b"PGDMP":
+            raise Unsupported("not a custom-format dump")
+        major, minor, _rev = cursor.take(3)
+        self.version = (major, minor)
+        if self.version not in KNOWN_VERSIONS:
+            raise Unsupported(f"archive version {major}.{minor}")
+        cursor.int_size = self.int_size = cursor.byte()
+        self.offset_size = cursor.byte()
+        if cursor.byte() != CUSTOM_FORMAT:
+            raise Unsupported("not the custom format")
+        if self.version >= (1, 15):
+            algorithm = cursor.byte()  # 0 none, 1 gzip, 2 lz4, 3 zstd
+        else:
+            algorithm = 1 if cursor.int() != 0 else 0
+        if algorithm not in (0, 1):
+            raise Unsupported(f"compression algorithm {algorithm}")
+        self.compressed = algorithm == 1
+        for _ in range(7):  # the creation time
+            cursor.int()
+        for _ in range(3):  # the database's name, the server's and pg_dump's versions
+            cursor.string()
+        self.entries = [self._entry(cursor) for _ in range(cursor.int())]
+        self.data_start = cursor.offset
+
+    def _entry(self, cursor):
+        dump_id, had_dumper = cursor.int(), cursor.int()
+        cursor.string(), cursor.string()  # the catalog's table oid and oid
+        _tag, desc = cursor.string(), cursor.string()
+        section = cursor.int()
+        defn, _drop, copy_stmt = cursor.string(), cursor.string(), cursor.string()
+        cursor.string(), cursor.string()  # namespace, tablespace
+        if self.version >= (1, 14):
+            cursor.string()  # table access method
+        if self.version >= (1, 16):
+            cursor.int()  # relkind
+        cursor.string(), cursor.string()  # owner, "false" (WITH OIDS)
+        deps = []
+        while (dep := cursor.string()) is not None:
+            deps.append(int(dep))
+        cursor.take(1 + self.offset_size)  # where its data is: not set when pg_dump wrote a pipe
+        return Entry(
+            id=dump_id,
+            desc=desc,
+            section=section,
+            defn=defn,
+            copy_stmt=copy_stmt,
+            deps=deps,
+            had_dumper=had_dumper,
+        )
+
+    def streamable(self):
+        """{dump id: COPY statement} of the table data this module loads: rows as COPY, not INSERTs."""
+        return {
+            e.id: e.copy_stmt.strip().rstrip(b";")
+            for e in self.entries
+            if e.desc == b"TABLE DATA" and e.had_dumper and (e.copy_stmt or b"").startswith(b"COPY ")
+        }
+
+    def own_post_data(self):
+        """{table data id: [ids]}: the indexes and constraints that depend on that table alone."""
+        data_of = {e.deps[0]: e.id for e in self.entries if e.desc == b"TABLE DATA" and len(e.deps) == 1}
+        own = {}
+        for e in self.entries:
+            if e.section == POST_DATA and e.desc in (b"INDEX", b"CONSTRAINT") and len(e.deps) == 1:
+                if e.deps[0] in data_of:
+                    own.setdefault(data_of[e.deps[0]], []).append(e.id)
+        return own
+
+    def session(self):
+        """The statements of the dump's ENCODING, STDSTRINGS and SEARCHPATH entries, as pg_restore runs them."""
+        return [e.defn for e in self.entries if e.desc in SESSION_ENTRIES and e.defn]
+
+
+class Loader:
+    """Loads the archive's table data from the growing scratch file: one thread finds each data
+    block, `jobs` threads each with a connection load them in the order found, and build a big
+    table's own indexes once its rows are in. `done`: the dump ids loaded or built here."""
+
+    def __init__(self, path, decrypted, connect, post_data_tool, head, jobs, target):
+        self.stop = threading.Event()
+        self.file = GrowingFile(path, decrypted, self.stop)
+        self.connect, self.post_data_tool, self.head, self.jobs = connect, post_data_tool, head, jobs
+        self.target = target
+        self.lock = threading.Condition()
+        self.found, self.taken, self.loading, self.tasks = [], set(), set(), []
+        self.starts, self.scanned = {}, False
+        self.done, self.error = set(), None
+        self.archive = None
+
+    def run(self):
+        """Read the table of contents, then load. Raises Unsupported before anything is loaded."""
+        self.archive = Archive(Cursor(self.file, 0))
+        self.rows = self.archive.streamable()
+        self.own = self.archive.own_post_data()
+        threads = [threading.Thread(target=self._guarded, args=(self._scan,), daemon=True)]
+        threads += [threading.Thread(target=self._guarded, args=(self._work,), daemon=True) for _ in range(self.jobs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _guarded(self, work):
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - the first error stops every thread, and is said
+            with self.lock:
+                self.error = self.error or e  # the first: the others only saw the stop
+                self.stop.set()
+                self.lock.notify_all()
+
+    def _scan(self):
+        """Walk the data blocks' framing (chunk lengths) as the file grows, noting where each starts."""
+        cursor = Cursor(self.file, self.archive.data_start, self.archive.int_size)
+        try:
+            while True:
+                try:
+                    kind = cursor.byte()
+                except Ended:
+                    if self.stop.is_set():
+                        raise
+                    return  # the end of the archive: pg_dump writes no end marker
+                dump_id = cursor.int()
+                with self.lock:
+                    if kind == BLOCK_DATA and dump_id in self.rows:
+                        self.starts[dump_id] = cursor.offset
+                        self.found.append(dump_id)
+                        self.lock.notify_all()
+                if kind == BLOCK_BLOBS:
+                    while cursor.int() != 0:  # each large object: its oid, then its chunks
+                        _skip_chunks(cursor)
+                elif kind == BLOCK_DATA:
+                    _skip_chunks(cursor)
+                else:
+                    raise Unsupported(f"a data block of type {kind}")
+        finally:
+            with self.lock:
+                self.scanned = True
+                self.lock.notify_all()
+
+    def _next(self):
+        """('rows', id), ('post', id), or None when there is nothing left to do."""
+        with self.lock:
+            while True:
+                if self.stop.is_set():
+                    return None
+                waiting = [i for i in self.found if i not in self.taken]
+                if waiting:
+                    self.taken.add(waiting[0])
+                    self.loading.add(waiting[0])
+                    return "rows", waiting[0]
+                if self.tasks:
+                    return "post", self.tasks.pop(0)
+                if self.scanned and not self.loading:
+                    return None
+                self.lock.wait(0.5)
+
+    def _work(self):
+        conn = None
+        try:
+            while (task := self._next()) is not None:
+                kind, dump_id = task
+                if kind == "post":
+                    self._build(dump_id)
+                    continue
+                if conn is None:
+                    conn = self._session()
+                size = self._load(conn, dump_id)
+                with self.lock:
+                    self.loading.discard(dump_id)
+                    self.done.add(dump_id)
+                    if size >= EARLY_BYTES:
+                        self.tasks += self.own.get(dump_id, [])
+                    self.lock.notify_all()
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _session(self):
+        conn = self.connect()
+        for statement in (*FIXED_STATE, *self.archive.session()):
+            conn.execute(statement)
+        return conn
+
+    def _load(self, conn, dump_id):
+        """COPY one table's rows; the compressed bytes read, for the early post-data's threshold."""
+        cursor = Cursor(self.file, self.starts[dump_id], self.archive.int_size)
+        inflater = inflating.decompressobj() if self.archive.compressed else None
+        start, pending, size = cursor.offset, [], 0
+        with conn.cursor().copy(self.rows[dump_id]) as copy:
+            while (n := cursor.int()) != 0:
+                if n < 0 or self.stop.is_set():
+                    raise Ended(f"table data {dump_id}: stopped" if n >= 0 else "a chunk of negative length")
+                piece = cursor.take(n)
+                piece = inflater.decompress(piece) if inflater is not None else piece
+                pending.append(piece)
+                size += len(piece)
+                if size >= OUTPUT:
+                    copy.write(b"".join(pending))
+                    pending, size = [], 0
+            if inflater is not None:
+                pending.append(inflater.flush())
+                if not inflater.eof or inflater.unused_data:
+                    raise Ended(f"the compressed rows of dump entry {dump_id} do not end where their block does")
+            copy.write(b"".join(pending))
+        return cursor.offset - start
+
+    def _build(self, dump_id):
+        tool = self.post_data_tool(dump_id)
+        if fed_toc(tool, self.head) != 0:
+            raise RestoreFailed(tool.error_line(self.target))
+        with self.lock:
+            self.done.add(dump_id)
+
+    def stop_now(self):
+        self.stop.set()
+        with self.lock:
+            self.lock.notify_all()
+
+
+def fed_toc(tool, head):
+    """Run `tool` (a pg_restore) fed the table of contents alone: enough for any entry without
+    data. Its exit code."""
+    tool.stdin = subprocess.PIPE
+    tool.start()
+    try:
+        tool.proc.stdin.write(head)
+        tool.proc.stdin.close()
+    except BrokenPipeError:  # it read what it needed (or failed: its exit code says)
+        pass
+    return tool.proc.wait()
+
+
+def _skip_chunks(cursor):
+    while (n := cursor.int()) != 0:
+        if n < 0:
+            raise Ended("a chunk of negative length")
+        cursor.take(n)
+
+
+LISTED_ID = re.compile(r"^(\d+);")
+
+
+def without(listing, ids):
+    """`listing` (pg_restore -l) with the entries of `ids` commented out."""
+    lines = []
+    for line in listing.splitlines():
+        m = LISTED_ID.match(line)
+        lines.append(f";{line}" if m and int(m.group(1)) in ids else line)
+    return "".join(f"{line}\n" for line in lines)
+
+
+def failure(error, target):
+    """One line for what stopped the loading."""
+    if isinstance(error, RestoreFailed):
+        return str(error)
+    if isinstance(error, psycopg.Error):
+        return f"loading the table data failed: {explain(error, target)}"
+    return f"loading the table data failed: {error}"
