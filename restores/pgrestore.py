@@ -158,7 +158,7 @@ class _Loading(threading.Thread):
 
     def __init__(self, path, decrypted, target, dbname, command, head, pre_data, scratch):
         super().__init__(daemon=True)
-        self.pre_data, self.head, self.target, self.scratch = pre_data, head, target, scratch
+        self.pre_data, self.head, self.target = pre_data, head, target
         options = f"{target.connection_settings(dbname).get('options') or ''} {restore_session()}".strip()
         plain = [arg for arg in command if not str(arg).startswith("--use-list=")]
 
@@ -179,10 +179,10 @@ class _Loading(threading.Thread):
         self.start()
 
     def run(self):
-        self.pre_data.join()
-        if self.pre_data.error is not None:
-            return
         try:
+            self.pre_data.join()
+            if self.pre_data.error is not None:
+                return  # said by pre_data.check once the copy is verified
             if self.loader.file.pread(len(self.head), 0) != self.head:
                 return  # pre_data.check says so once the copy is verified
             self.loader.run()

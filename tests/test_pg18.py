@@ -12,6 +12,8 @@ lz4, ICU and SSL). These tests of other files also run on 18, parametrized by `p
 - logical backup: test_logical_backup.py::test_backup_decrypts_with_gpg_and_restores_with_pg_restore
 - logical restore: test_restore.py::test_restore_into_a_new_database_has_every_row
 - logical restore test: test_restore.py::test_restoretest_passes_on_a_good_backup
+- rows loaded as the dump is decrypted (empty tables, large objects, partitions):
+  test_restore_streamed.py::test_rows_streamed_while_decrypting_make_the_same_copy
 - base backup, zstd and pg_verifybackup:
   test_base_format.py::test_a_base_backup_restores_with_gpg_zstd_tar_and_pg_verifybackup_alone
 - push archiving and ingest: test_wal_archive.py::test_archived_segments_are_ingested_encrypted_and_catalogued

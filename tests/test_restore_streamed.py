@@ -74,7 +74,7 @@ def loaders(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("encoding", ["UTF8", "LATIN1"])
+@pytest.mark.parametrize(("pg_major", "encoding"), [(15, "UTF8"), (15, "LATIN1"), (18, "UTF8")])
 def test_rows_streamed_while_decrypting_make_the_same_copy(pg_cluster, passphrase_file, backup_root, loaders, encoding):
     run = dumped(pg_cluster, "streamed", f"ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
 
@@ -118,3 +118,16 @@ def test_a_corrupt_copy_fails_the_streamed_restore_and_leaves_no_database(
     assert result["status"] == "failed", result
     assert "sha256" in result["error"] or "corrupt" in result["error"], result["error"]
     assert pg_cluster.execute("SELECT count(*) FROM pg_database WHERE datname = 'flipped_copy'") == [(0,)]
+
+
+def test_an_uncompressed_dump_is_left_to_pg_restore(pg_cluster, passphrase_file, backup_root, loaders, settings):
+    """pg_dump -Z0 writes a chunk a row: read here chunk by chunk they would cost more than they save."""
+    settings.PG_DUMP_COMPRESS = 0
+    run = dumped(pg_cluster, "raw")
+
+    result = restore_json(str(run.pk), "--into-database", "raw_copy")
+
+    assert result["status"] == "succeeded", result
+    assert content(pg_cluster, "raw_copy") == content(pg_cluster, "raw")
+    (loader,) = loaders
+    assert loader.done == set() and loader.error is None
