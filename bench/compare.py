@@ -271,7 +271,7 @@ def physical(ws, portal, cluster, pgbr, server, rounds):
 # ---------------------------------------------------------------------------- 3. restore
 
 
-PORTAL_RESTORE = "**portal** restore RUN --into-database (gpg -d to scratch, pg_restore -j 2)"
+PORTAL_RESTORE = "**portal** restore RUN --into-database (rows by COPY as gpg decrypts, then pg_restore -j 2)"
 PORTAL_RESTORE_WORKER = (
     "**portal**, run by the worker already running (as an approved request's task: run_logical in a process"
     " that is up; bench/resident.py), the queue's hand-over not counted"

@@ -198,24 +198,6 @@ def test_a_mode_judged_behind_says_when_its_peak_came_and_what_each_ingest_pass_
     assert note.endswith("What each ingest pass left in the spool: 0 MiB at 34 s, 0 MiB at 92 s.")
 
 
-def test_a_bound_below_pg_restore_alone_is_named_as_out_of_reach_with_the_runs_figures():
-    sys.path.insert(0, str(ROOT))
-    from bench import compare
-    from bench.report import restore_floor
-
-    def rows(stored, one, two):
-        return [
-            {"method": compare.DECRYPT_JOBS_2, "times": [stored]},
-            {"method": compare.PG_RESTORE_1, "times": [one]},
-            {"method": compare.PG_RESTORE_2, "times": [two]},
-        ]
-
-    said = restore_floor(rows(16.68, 15.06, 15.22), 0.8)
-    assert "the bound, 0.80 × 16.68 s = 13.34 s, is below what pg_restore alone takes" in said
-    assert "(15.06 s, the faster of one job and two)" in said
-    assert restore_floor(rows(20.0, 12.0, 10.0), 0.8) == ""  # 16 s is within reach of a 10 s pg_restore
-
-
 def test_a_base_backup_bound_below_the_servers_zstd_into_gpg_alone_is_named_as_out_of_reach():
     sys.path.insert(0, str(ROOT))
     from bench import compare
@@ -247,75 +229,6 @@ def test_a_base_backup_bound_below_the_servers_zstd_into_gpg_alone_is_named_as_o
     said = base_floor(waited, 0.6, 6.70, boot=0.55)  # bound 4.02 s: 4.08 s is within the noise in the worker
     assert "4.08 s without Python's start. No backup compressed at the portal's level and encrypted by gpg," in said
     assert "from a command started for it, can meet" in said and "in the worker" not in said
-
-
-def test_the_logical_restore_bound_is_out_of_reach_when_its_cpu_cannot_fit_on_the_cores():
-    sys.path.insert(0, str(ROOT))
-    from bench import compare
-    from bench.report import overlap_floor
-
-    def rows(alone, busy, decrypt_seconds, decrypt_busy):
-        return [
-            {"method": compare.PG_RESTORE_2, "times": [alone], "cores": [busy]},
-            {
-                "method": compare.STAGE_DECRYPT,
-                "times": [decrypt_seconds],
-                "cores": [decrypt_busy],
-                "machine_cores": 2,
-            },
-        ]
-
-    # 12.95 s at 1.60 cores: 5.18 core-seconds idle, more than the decryption's 1.30: within reach.
-    said = overlap_floor(rows(12.95, 1.60, 1.0, 1.30), 0)
-    assert "kept the machine busy for 20.72 core-seconds in 12.95 s, leaving 5.18 of its 2 cores' time idle" in said
-    assert "(20.72 + 1.30) / 2 = 11.01 s on this machine" in said
-    assert "below the bound (12.95 s): the cores had room" in said and "does not put the bound out of reach" in said
-    assert "Measured in this run: Counted" in said and "  " not in said
-    # 12.95 s at 1.91 cores and 1.30 of decryption: 13.02 s, within 3% of the bound either way.
-    said = overlap_floor(rows(12.95, 1.91, 1.0, 1.30), 0)
-    assert "= 13.02 s on this machine" in said and "within the rounds' noise of the bound (12.95 s)" in said
-    # 1.98 cores busy and 2.2 core-seconds of decryption: (25.64 + 2.20) / 2 = 13.92 s > 12.95 x 1.03.
-    said = overlap_floor(rows(12.95, 1.98, 1.1, 2.0), 0)
-    assert said.startswith("Measured in this run: Counted in CPU")
-    assert "= 13.92 s on this machine" in said and "above the bound (12.95 s" in said
-    # The command pays Python's start on top of the work.
-    said = overlap_floor(rows(12.95, 1.91, 1.0, 1.30), 0.55)
-    assert "= 13.02 s, 13.57 s with Python and Django's start" in said and "above the bound" in said
-    # Not measured: nothing from the CPU count.
-    assert overlap_floor(rows(12.95, 1.91, 1.0, 1.30)[:1], 0) == ""
-
-
-def test_the_logical_restore_bound_is_out_of_reach_only_when_the_ideal_overlap_misses_it():
-    sys.path.insert(0, str(ROOT))
-    from bench import compare
-    from bench.report import overlap_floor
-
-    def rows(alone, overlap):
-        return [
-            {"method": compare.PG_RESTORE_2, "times": [alone], "cores": [1.76]},
-            {"method": compare.STAGE_OVERLAP, "times": [overlap]},
-        ]
-
-    said = overlap_floor(rows(9.17, 9.60), 0.35)
-    assert "pg_restore -j 2 of the decrypted file took 9.17 s (1.76 cores busy)." in said
-    assert "neither waiting for the other, took 9.60 s, 9.95 s with Python and Django's start (0.35 s)." in said
-    assert overlap_floor(rows(9.17, 8.70), 0.35) == ""  # 9.05 s: a design could still reach it
-    assert overlap_floor(rows(9.17, 9.00), 0.35) == ""  # 9.35 s: within the rounds' noise
-    assert overlap_floor(rows(9.17, 9.20), 0.35).startswith("Measured in this run")
-    assert overlap_floor([], 0.35) == ""
-    beaten = [*rows(13.29, 14.29), {"method": compare.PORTAL_RESTORE, "times": [14.11]}]
-    said = overlap_floor(beaten, 0.51)  # the portal beat the stage row: no floor
-    assert "the portal's restore (14.11 s) was faster than the ideal-overlap stage row with the start (14.80 s" in said
-    assert "the miss of 0.82 s against pg_restore -j 2 alone (13.29 s) is not shown out of reach" in said
-    assert "took 14.29 s" not in said
-    # Judged in the worker, which pays no start: the stage row is compared as it is.
-    worker = [*rows(13.29, 14.29), {"method": compare.PORTAL_RESTORE_WORKER, "times": [14.5]}]
-    said = overlap_floor(worker, 0, compare.PORTAL_RESTORE_WORKER)
-    assert "took 14.29 s." in said and "start" not in said
-    said = overlap_floor(
-        [*worker[:2], {"method": compare.PORTAL_RESTORE_WORKER, "times": [13.6]}], 0, compare.PORTAL_RESTORE_WORKER
-    )
-    assert "(13.60 s) was faster than the ideal-overlap stage row (14.29 s" in said
 
 
 def test_the_ingest_is_judged_on_the_worker_pass_with_the_command_beside_it():
@@ -393,3 +306,18 @@ def test_the_stock_recovery_fetches_every_segment_between_the_bases_start_and_en
     assert wal_names("0/3000000", "0/3FFFFFF", 1, segment_mb=1) == [
         f"0000000100000000000000{n:02X}" for n in range(48, 64)
     ]
+
+
+def test_the_logical_restores_cpu_is_counted_and_no_bound_called_out_of_reach():
+    sys.path.insert(0, str(ROOT))
+    from bench import compare
+    from bench.report import restore_cpu
+
+    rows = [
+        {"method": compare.PORTAL_RESTORE_WORKER, "times": [15.58], "cores": [1.86]},
+        {"method": compare.PG_RESTORE_2, "times": [15.13], "cores": [1.94]},
+    ]
+    said = restore_cpu(rows, compare.PORTAL_RESTORE_WORKER)
+    assert "busy for 28.98 core-seconds in 15.58 s, decryption included; pg_restore -j 2" in said
+    assert "for 29.35 in 15.13 s." in said and "no bound on the logical restore is shown out of reach" in said
+    assert restore_cpu(rows[:1], compare.PORTAL_RESTORE_WORKER) == ""  # not measured: nothing said
