@@ -48,6 +48,15 @@ def databases(cluster):
     return {name for (name,) in cluster.execute("SELECT datname FROM pg_database")}
 
 
+def loading_into(proc, cluster, dbname):
+    """The restore `proc` is loading `dbname`: a pg_restore below it, or its own COPY there
+    (restores.dumpstream loads the rows as the dump is decrypted)."""
+    copying = cluster.execute(
+        f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{dbname}' AND query LIKE 'COPY %'"
+    )
+    return child_named(proc.pid, "pg_restore") or copying[0][0]
+
+
 @pytest.fixture
 def big_server(big_cluster, passphrase_file, backup_root, wal_spool):
     server = register(big_cluster)
@@ -63,7 +72,9 @@ def test_a_logical_restore_whose_worker_is_killed_is_failed_and_its_half_restore
     # Loading: its database made and recorded (a first pg_restore only lists the dump's contents).
     loading = RestoreRun.objects.filter(status="running").exclude(left={})
     wait_for(
-        lambda: loading.exists() and "half_copy" in databases(big_cluster) and child_named(proc.pid, "pg_restore"),
+        lambda: (
+            loading.exists() and "half_copy" in databases(big_cluster) and loading_into(proc, big_cluster, "half_copy")
+        ),
         timeout=60,
         what="the load to start",
     )
@@ -242,7 +253,7 @@ def test_a_killed_restore_onto_another_server_leaves_none_of_the_roles_it_create
         "--with-role-passwords", "--json",
     )  # fmt: skip
     loading = RestoreRun.objects.filter(status="running", left__has_key="roles")
-    wait_for(lambda: loading.exists() and child_named(proc.pid, "pg_restore"), timeout=90, what="the load")
+    wait_for(lambda: loading.exists() and loading_into(proc, other, "half_copy"), timeout=90, what="the load")
     restore = loading.get()
     assert "ghost" in restore.left["roles"] and restore.left["database"] == "half_copy"
     assert other.execute("SELECT rolname FROM pg_roles WHERE rolname = 'ghost'") == [("ghost",)]
