@@ -2,6 +2,10 @@
 (restores.dumpstream), and builds a big table's own indexes as soon as its rows are in: the copy
 must be the same as pg_restore alone makes it, rows, indexes, sequences, large objects and all."""
 
+import threading
+import time
+
+import psycopg
 import pytest
 
 from restores import dumpstream
@@ -80,7 +84,7 @@ def test_rows_streamed_while_decrypting_make_the_same_copy(pg_cluster, passphras
 
     result = restore_json(str(run.pk), "--into-database", "streamed_copy")
 
-    assert result["status"] == "succeeded", result
+    assert result["status"] == "succeeded", result["error"]
     assert content(pg_cluster, "streamed_copy") == content(pg_cluster, "streamed")
     (loader,) = loaders
     assert loader.error is None
@@ -99,7 +103,7 @@ def test_without_streaming_pg_restore_loads_everything(pg_cluster, passphrase_fi
 
     result = restore_json(str(run.pk), "--into-database", "plain_copy")
 
-    assert result["status"] == "succeeded", result
+    assert result["status"] == "succeeded", result["error"]
     assert content(pg_cluster, "plain_copy") == content(pg_cluster, "plain")
     assert loaders == []
 
@@ -127,7 +131,79 @@ def test_an_uncompressed_dump_is_left_to_pg_restore(pg_cluster, passphrase_file,
 
     result = restore_json(str(run.pk), "--into-database", "raw_copy")
 
-    assert result["status"] == "succeeded", result
+    assert result["status"] == "succeeded", result["error"]
     assert content(pg_cluster, "raw_copy") == content(pg_cluster, "raw")
     (loader,) = loaders
     assert loader.done == set() and loader.error is None
+
+
+REFUSED = r"""
+CREATE FUNCTION public.guard(x int) RETURNS bool LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  IF x = 90000 AND current_database() <> 'refused' THEN RAISE EXCEPTION 'row % refused', x; END IF;
+  RETURN true;
+END $$;
+CREATE TABLE public.a_slow (id int);
+INSERT INTO public.a_slow SELECT generate_series(1, 60000);
+CREATE INDEX a_slow_idx ON public.a_slow (id);
+CREATE TABLE public.b_guarded (id int CHECK (public.guard(id)), v text);
+INSERT INTO public.b_guarded SELECT g, md5(g::text) FROM generate_series(1, 100000) g;
+"""
+
+
+def test_rows_the_target_refuses_fail_the_restore_at_once_naming_the_table(
+    pg_cluster, passphrase_file, backup_root, loaders
+):
+    """Found by review: the first error waited for every early index build already running (a
+    big table's, minutes). Here a session holds a lock the early build of a_slow's index waits on,
+    and b_guarded's rows are refused: the restore fails while that lock is still held."""
+    protect(pg_cluster, "source")
+    pg_cluster.execute("CREATE DATABASE refused")
+    pg_cluster.execute(REFUSED, dbname="refused")
+    register(pg_cluster, "refused", "refused", "source")
+    run = backup("refused")
+    release = threading.Event()
+
+    def hold():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not release.is_set():
+            try:
+                with psycopg.connect(pg_cluster.dsn("refused_copy"), autocommit=False) as conn:
+                    if conn.execute("SELECT to_regclass('public.a_slow')").fetchone()[0]:
+                        conn.execute("LOCK TABLE public.a_slow IN ROW EXCLUSIVE MODE")
+                        release.wait(60)
+                        return
+            except psycopg.Error:
+                pass
+            time.sleep(0.01)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        result = restore_json(str(run.pk), "--into-database", "refused_copy")
+        still_held = not release.is_set() and holder.is_alive()
+    finally:
+        release.set()
+        holder.join()
+
+    assert result["status"] == "failed", result
+    assert result["error"].startswith("loading the rows of public.b_guarded failed:"), result["error"]
+    assert "row 90000 refused" in result["error"]
+    assert still_held  # it did not wait for a_slow's index build
+    assert pg_cluster.execute("SELECT count(*) FROM pg_database WHERE datname = 'refused_copy'") == [(0,)]
+
+
+def test_an_archive_before_1_13_or_a_corrupt_chunk_length_is_not_read_on(tmp_path):
+    """Found by review: before 1.13 pg_restore set the search_path for each entry (names were not
+    schema-qualified): left to it. A flipped byte in a chunk's length is said at once, not read
+    into memory until the sha256 fails."""
+    path = tmp_path / "dump"
+    decrypted = threading.Event()
+    decrypted.set()
+    path.write_bytes(b"PGDMP" + bytes([1, 12, 0, 4, 8, 1]) + b"\0" * 64)
+    with pytest.raises(dumpstream.Unsupported, match="archive version 1.12"):
+        dumpstream.Archive(dumpstream.Cursor(dumpstream.GrowingFile(path, decrypted, threading.Event()), 0))
+    path.write_bytes(b"\x00" + (0x7F000000).to_bytes(4, "little") + b"x" * 1000)
+    cursor = dumpstream.Cursor(dumpstream.GrowingFile(path, decrypted, threading.Event()), 0)
+    with pytest.raises(dumpstream.Ended, match="a data chunk of 2130706432 bytes: the copy is corrupt"):
+        cursor.chunk_length()
