@@ -299,7 +299,7 @@ class Loader:
         except BaseException as e:  # noqa: BLE001 - the first error stops every thread, and is said
             with self.lock:
                 self.error = self.error or e  # the first: the others only saw the stop
-            self.stop_now()
+                self.stop_now()
 
     def _scan(self):
         """Walk the data blocks' framing (chunk lengths) as the file grows, noting where each starts."""
@@ -404,12 +404,14 @@ class Loader:
 
     def _build(self, dump_id):
         tool = self.post_data_tool(dump_id)
-        with self.lock:
+        tool.stdin = subprocess.PIPE
+        with self.lock:  # started and noted at once: stop_now never misses one starting
             if self.stop.is_set():
                 return
+            tool.start()
             self.building.append(tool)  # stop_now ends it: a failed restore does not wait for an index build
         try:
-            code = fed_toc(tool, self.head)
+            code = _feed(tool, self.head)
         finally:
             with self.lock:
                 self.building.remove(tool)
@@ -434,6 +436,10 @@ def fed_toc(tool, head):
     data. Its exit code."""
     tool.stdin = subprocess.PIPE
     tool.start()
+    return _feed(tool, head)
+
+
+def _feed(tool, head):
     try:
         tool.proc.stdin.write(head)
         tool.proc.stdin.close()

@@ -8,8 +8,9 @@ import time
 import psycopg
 import pytest
 
+from backups.pipeline import Tool
 from restores import dumpstream
-from tests.helpers import restore_json
+from tests.helpers import restore_json, wait_for
 from tests.stock import artifact
 from tests.test_exact_restore import backup, protect, register  # noqa: F401
 
@@ -207,3 +208,35 @@ def test_an_archive_before_1_13_or_a_corrupt_chunk_length_is_not_read_on(tmp_pat
     cursor = dumpstream.Cursor(dumpstream.GrowingFile(path, decrypted, threading.Event()), 0)
     with pytest.raises(dumpstream.Ended, match="a data chunk of 2130706432 bytes: the copy is corrupt"):
         cursor.chunk_length()
+
+
+class SlowStart(Tool):
+    """A long program standing in for an early index build, slow to start (the start is where
+    stop_now could miss it)."""
+
+    starting = None
+
+    def start(self):
+        self.starting.set()
+        time.sleep(0.5)
+        return super().start()
+
+
+@pytest.mark.parametrize("tool", [Tool, SlowStart])
+def test_stop_now_ends_an_early_build_even_one_starting(tmp_path, tool):
+    """Found by review: a build noted before its program started was skipped by stop_now, and a
+    failed restore waited for the whole build."""
+    (tmp_path / "dump").write_bytes(b"")
+    build = tool(["sleep", "60"], {})
+    build.starting = threading.Event()
+    loader = dumpstream.Loader(tmp_path / "dump", threading.Event(), None, lambda dump_id: build, b"", 1, None)
+    raised = []
+    building = threading.Thread(target=lambda: raised.append(pytest.raises(dumpstream.Ended, loader._build, 7)))
+    building.start()
+    if tool is SlowStart:
+        wait_for(build.starting.is_set, what="the build to be starting")
+    else:
+        wait_for(lambda: build in loader.building, what="the build to be running")
+    loader.stop_now()
+    building.join(30)
+    assert not building.is_alive() and raised and build.proc.returncode == -9  # killed, not waited for
