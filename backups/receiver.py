@@ -15,6 +15,7 @@ import psycopg
 from django.conf import settings
 
 from backupportal import conditions, journal
+from backupportal.lib.pgerrors import explain
 from backups import walingest, walnames, walspool
 from backups.binaries import client_tool
 from backups.crypto import die_with_parent
@@ -64,12 +65,20 @@ class Receiver:
         self.started_at = None
         self.failures = 0
         self.restarts = 0
+        self.made_slot = False
 
     def argv(self, *extra):
         return [str(client_tool(self.server, "pg_receivewal")), "--slot", self.server.replication_slot, *extra]
 
     def create_slot(self):
-        """The slot, created once: from then on the server keeps WAL for us."""
+        """The slot, created once: from then on the server keeps WAL for us. Remembers whether
+        this start made it (a slot that existed may have been invalidated; one just made was not)."""
+        try:
+            self.made_slot = not self.slot_exists()
+        except psycopg.Error as e:
+            raise BackupFailed(
+                f"cannot create replication slot {self.server.replication_slot}: {explain(e, server=self.server)}"
+            ) from None
         proc = subprocess.run(
             self.argv("--create-slot", "--if-not-exists", "--no-password"),
             env=Tool([], self.server.libpq_env()).full_env(),
@@ -99,9 +108,13 @@ class Receiver:
         error = self.child.error_line(self.server)
         # A slot the server invalidated: no restart mends it; say so, and alert now.
         slot = self.slot_columns()
-        invalidated = slot_invalidated(self.server, slot) if slot else None
+        # A slot this start made, whose pg_receivewal died before streaming steadily, was not
+        # invalidated by the server (no slot falls max_slot_wal_keep_size behind in seconds).
+        fresh = self.made_slot and not steady(time.monotonic() - self.started_at)
+        asked_for_removed = bool(slot and fresh and self.asked_for_removed_wal(slot))
+        invalidated = slot_invalidated(self.server, slot) if slot and not asked_for_removed else None
         error = "; ".join(invalidated) if invalidated else error
-        if slot and not invalidated and (aside := self.set_partial_aside(slot, error)):
+        if slot and not invalidated and (aside := self.set_partial_aside(slot, error, asked_for_removed)):
             error = f"{error}; {aside}"
         self.child, self.failures, self.restarts = None, self.failures + 1, self.restarts + 1
         self.log(f"pg_receivewal exited with code {rc}: {error}")
@@ -112,14 +125,26 @@ class Receiver:
             # Journaled above; the monitor finds the slot idle and opens receiver_down.
             conditions.changed("receiver_down", server=self.server)
 
-    def set_partial_aside(self, slot, error):
+    @staticmethod
+    def asked_for_removed_wal(slot):
+        """A fresh slot that reads "lost" took, as its restart position, the one pg_receivewal asked
+        for (the spool's, from before the slot was made), whose WAL the server had removed; or it
+        reads no restart position yet, depending on which the walsender read first. 17+ name a real
+        invalidation; on 15 and 16 an invalidated slot that pg_receivewal asked again reads the same."""
+        return slot.get("wal_status") == "lost" and not slot.get("invalidation_reason")
+
+    def set_partial_aside(self, slot, error, asked_for_removed=False):
         """A partial segment in the spool from before the slot's position (its slot was dropped and
         made again, as an invalidated one needs; a new primary's slot after a failover): the server
         keeps none of its WAL for the slot, and pg_receivewal, which goes on from it, would ask for it
         for ever. It is set aside (renamed .superseded, kept for a DBA) and the receiver goes on from
         the slot. '' when there is none such: the slot has what the spool goes on from."""
         size, partials = walspool.segment_size(self.server), sorted(self.directory.glob("*.partial"))
-        if slot.get("restart_lsn"):
+        remade = ""
+        if asked_for_removed:  # its restart position is the partial's own, already removed
+            behind = partials
+            remade = self.drop_slot()
+        elif slot.get("restart_lsn"):
             keeps_from = walnames.segno_of_lsn(slot["restart_lsn"], size)
             behind = [p for p in partials if walnames.segno_of(p.name[:24], size) < keeps_from]
         else:  # a slot made again reserves nothing until it streams: the server's own word then
@@ -127,12 +152,40 @@ class Receiver:
         for partial in behind:
             partial.rename(partial.with_name(partial.name + ".superseded"))
         if not behind:
-            return ""
+            return remade
         return (
             f"set aside {', '.join(p.name for p in behind)} (renamed .superseded, in {self.directory}): the server "
-            f"keeps its WAL no more for slot {self.server.replication_slot}, so the receiver goes on from the slot; "
-            f"the WAL in between is not in the archive: take a base backup of {self.server}"
+            f"keeps its WAL no more for slot {self.server.replication_slot}, so the receiver goes on from the slot"
+            f"{f' ({remade})' if remade else ''}; the WAL in between is not in the archive: take a base backup of {self.server}"
         )
+
+    def drop_slot(self, timeout=10):
+        """Drop the fresh slot once its walsender has gone (pg_receivewal has just exited): kept,
+        pg_receivewal would ask it for the lost position again; it holds nothing. Says what became of it."""
+        slot, deadline = self.server.replication_slot, time.monotonic() + timeout
+        while True:
+            try:
+                with self.server.connect(connect_timeout=10) as conn:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+                return f"slot {slot}, made for it and holding nothing, was dropped to be made again"
+            except psycopg.errors.UndefinedObject:
+                return f"slot {slot} is gone: it is made again"
+            except psycopg.errors.ObjectInUse:
+                if time.monotonic() < deadline:
+                    time.sleep(self.poll)
+                    continue
+                problem = "still in use"
+            except psycopg.Error as e:
+                problem = explain(e, server=self.server)
+            return f"slot {slot} could not be dropped ({problem}): drop it (SELECT pg_drop_replication_slot('{slot}'))"
+
+    def slot_exists(self):
+        """Whether the slot is there; the server's error if it does not answer."""
+        with self.server.connect(connect_timeout=10) as conn:
+            row = conn.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", [self.server.replication_slot]
+            ).fetchone()
+        return row is not None
 
     def slot_columns(self):
         """The slot's row (pg_replication_slots, as JSON), or None: gone, or the server not answering."""
