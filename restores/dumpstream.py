@@ -5,10 +5,11 @@ inflated every table's rows itself (zlib, about 6 core-seconds a gigabyte of row
 the restore's CPU on two cores, bench/RESULTS.md). Here the custom-format archive is read as gpg
 writes it into the scratch file: each table's COPY block is inflated (by ISA-L when installed,
 2.3 times zlib's speed) and sent by COPY on RESTORE_JOBS connections of the portal's own, and a
-big table's own indexes and primary or unique constraints are built by pg_restore (fed the table
-of contents alone) as soon as its rows are in, beside the other tables' loading, as pg_restore -j
-would. Everything else (sequences' values, large objects, data as INSERTs, the remaining
-post-data) is left to the pg_restore -j run on the verified file, by a use-list without `done`.
+big table's indexes, primary or unique constraints and foreign keys (with the keys they reference)
+are built by pg_restore (fed the table of contents alone) as soon as what they need is in, beside
+the other tables' loading, never two on one table that pg_restore -j would keep apart. Everything
+else (sequences' values, large objects, data as INSERTs, the remaining post-data) is left to the
+pg_restore -j run on the verified file, by a use-list without `done`.
 
 Nothing here is trusted before the copy is: a copy that fails its sha256 or gpg's check fails the
 restore, and the new database is dropped, as with RESTORE_JOBS=1 (gpg piped into pg_restore).
@@ -39,7 +40,7 @@ from restores.targetdb import RestoreFailed
 KNOWN_VERSIONS = ((1, 13), (1, 14), (1, 15), (1, 16))
 CUSTOM_FORMAT = 1
 BLOCK_DATA, BLOCK_BLOBS = 1, 3
-POST_DATA = 4  # teSection
+PRE_DATA, POST_DATA = 2, 4  # teSection
 # A table's own post-data built early, beside the loading: one pg_restore each, so only for
 # tables big enough that their index builds weigh (compressed bytes of their block).
 EARLY_BYTES = 8 << 20
@@ -52,6 +53,10 @@ LONGEST_CHUNK = 16 << 20
 # (3000 tables of 5 rows: 8.1 and 10.7 s streamed against 7.6 and 7.9 s, 2026-12-06).
 MANY_TABLES = 200
 READ_AHEAD = 1 << 20
+# What is built beside the loading, and what of it holds its tables exclusively meanwhile
+# (pg_backup_archiver.c: identify_locking_dependencies, has_lock_conflicts).
+EARLY_KINDS = (b"INDEX", b"CONSTRAINT", b"FK CONSTRAINT")
+EXCLUSIVE = (b"CONSTRAINT", b"FK CONSTRAINT")
 # The session pg_restore's own connections set (pg_backup_archiver.c: _doSetFixedOutputState);
 # the dump's encoding, standard_conforming_strings and search_path come from its own entries.
 FIXED_STATE = (
@@ -177,6 +182,20 @@ class Entry:
             setattr(self, name, value)
 
 
+class Early:
+    """A post-data entry built beside the loading: the tables' data it waits for (`data`), the
+    entries built before it (`after`: a foreign key's referenced key), the tables it is on, and
+    whether it takes them exclusively (pg_restore -j's rule: constraints do, an index does not)."""
+
+    __slots__ = ("data", "after", "tables", "exclusive")
+
+    def __init__(self, data, after, tables, exclusive):
+        self.data, self.after, self.tables, self.exclusive = data, after, tables, exclusive
+
+    def conflicts(self, other):
+        return (self.exclusive or other.exclusive) and not self.tables.isdisjoint(other.tables)
+
+
 class Archive:
     """The header and table of contents of a custom-format archive, read from `cursor`."""
 
@@ -242,21 +261,34 @@ class Archive:
             if e.desc == b"TABLE DATA" and e.had_dumper and (e.copy_stmt or b"").startswith(b"COPY ")
         }
 
-    def own_post_data(self):
-        """{table data id: [ids]}: the indexes and constraints that depend on that table alone."""
-        data_of = {e.deps[0]: e.id for e in self.entries if e.desc == b"TABLE DATA" and len(e.deps) == 1}
-        own = {}
-        for e in self.entries:
-            deps = set(e.deps)  # an expression index names its table once for each use
-            if e.section == POST_DATA and e.desc in (b"INDEX", b"CONSTRAINT") and len(deps) == 1:
-                if (table := deps.pop()) in data_of:
-                    own.setdefault(data_of[table], []).append(e.id)
-        return own
+    def early_post_data(self, streamed):
+        """{post-data id: Early} for the indexes, constraints and foreign keys that can be built
+        beside the loading: every dependency of theirs is in the schema restored before it, a
+        table whose rows `streamed` loads here, or another such entry."""
+        data_of = {e.deps[0]: e.id for e in self.entries if e.id in streamed and len(e.deps) == 1}
+        by_id = {e.id: e for e in self.entries}
+        early = {}
+        for e in self.entries:  # in the dump's order: a foreign key after the key it references
+            if e.section != POST_DATA or e.desc not in EARLY_KINDS:
+                continue
+            tables, after = set(), set()
+            for dep in set(e.deps):  # an expression index names its table once for each use
+                if dep in data_of:
+                    tables.add(dep)
+                elif dep in early:
+                    after.add(dep)
+                elif dep not in by_id or by_id[dep].section > PRE_DATA or by_id[dep].desc == b"TABLE":
+                    break  # a table whose rows pg_restore loads (or none: partitioned), a later entry
+            else:
+                if tables:
+                    data = frozenset(data_of[t] for t in tables)
+                    early[e.id] = Early(data, frozenset(after), frozenset(tables), e.desc in EXCLUSIVE)
+        return early
 
     def name(self, dump_id):
         """The table of a data entry, as a DBA reads it."""
         entry = next(e for e in self.entries if e.id == dump_id)
-        return b".".join(filter(None, (entry.namespace, entry.tag))).decode(errors="replace")
+        return ".".join(quoted(part.decode(errors="replace")) for part in (entry.namespace, entry.tag) if part)
 
     def session(self):
         """The statements of the dump's ENCODING, STDSTRINGS and SEARCHPATH entries, as pg_restore runs them."""
@@ -275,6 +307,7 @@ class Loader:
         self.target = target
         self.lock = threading.Condition()
         self.waiting, self.loading, self.tasks, self.building = collections.deque(), set(), [], []
+        self.wanted, self.running, self.waiters = set(), {}, collections.defaultdict(list)
         self.starts, self.scanned = {}, False
         self.done, self.error = set(), None
         self.archive = None
@@ -285,7 +318,10 @@ class Loader:
         self.rows = self.archive.streamable()
         if self.file.decrypted.is_set() and len(self.rows) > MANY_TABLES:
             raise Unsupported("nothing left to overlap with the decryption, and many tables")
-        self.own = self.archive.own_post_data()
+        self.early = self.archive.early_post_data(self.rows)
+        for dump_id, entry in self.early.items():
+            for before in (*entry.data, *entry.after):
+                self.waiters[before].append(dump_id)
         threads = [threading.Thread(target=self._guarded, args=(self._scan,), daemon=True)]
         threads += [threading.Thread(target=self._guarded, args=(self._work,), daemon=True) for _ in range(self.jobs)]
         for thread in threads:
@@ -340,10 +376,14 @@ class Loader:
                     dump_id = self.waiting.popleft()
                     self.loading.add(dump_id)
                     return "rows", dump_id
-                if self.tasks:
-                    return "post", self.tasks.pop(0)
-                if self.scanned and not self.loading:
-                    return None
+                for i, dump_id in enumerate(self.tasks):
+                    entry = self.early[dump_id]
+                    if not any(entry.conflicts(self.early[other]) for other in self.running):
+                        del self.tasks[i]
+                        self.running[dump_id] = entry
+                        return "post", dump_id
+                if self.scanned and not self.loading and not self.running:
+                    return None  # a build running may still make another ready
                 self.lock.wait(0.5)
 
     def _work(self):
@@ -365,10 +405,9 @@ class Loader:
                     raise TableFailed(self.archive.name(dump_id), e) from None
                 with self.lock:
                     self.loading.discard(dump_id)
-                    self.done.add(dump_id)
                     if size >= EARLY_BYTES:
-                        self.tasks += self.own.get(dump_id, [])
-                    self.lock.notify_all()
+                        self._want(dump_id)
+                    self._done(dump_id)
         finally:
             if conn is not None:
                 conn.close()
@@ -420,7 +459,34 @@ class Loader:
         if code != 0:
             raise RestoreFailed(tool.error_line(self.target))
         with self.lock:
-            self.done.add(dump_id)
+            del self.running[dump_id]
+            self._done(dump_id)
+
+    def _want(self, data_id):
+        """A big table's rows are in: its indexes and constraints, and the foreign keys from or to
+        it with the keys they reference, are built beside the loading (others wait for the final
+        pg_restore, where one process builds many). Called with the lock held."""
+        wanting = [dump_id for dump_id in self.waiters[data_id] if data_id in self.early[dump_id].data]
+        while wanting:
+            dump_id = wanting.pop()
+            if dump_id not in self.wanted:
+                self.wanted.add(dump_id)
+                wanting += self.early[dump_id].after
+                self._offer(dump_id)
+
+    def _done(self, dump_id):
+        """Loaded or built: what waited for it and is wanted now may start. Called with the lock held."""
+        self.done.add(dump_id)
+        for waiting in self.waiters[dump_id]:
+            if waiting in self.wanted:
+                self._offer(waiting)
+        self.lock.notify_all()
+
+    def _offer(self, dump_id):
+        entry = self.early[dump_id]
+        ready = entry.data <= self.done and entry.after <= self.done
+        if ready and dump_id not in self.done and dump_id not in self.running and dump_id not in self.tasks:
+            self.tasks.append(dump_id)
 
     def stop_now(self):
         self.stop.set()
@@ -463,6 +529,14 @@ def without(listing, ids):
         m = LISTED_ID.match(line)
         lines.append(f";{line}" if m and int(m.group(1)) in ids else line)
     return "".join(f"{line}\n" for line in lines)
+
+
+def quoted(name):
+    """A name as SQL reads it: in double quotes unless plain (a dot, a capital, a space are in it)."""
+    return name if PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"'
+
+
+PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
 
 
 def failure(error, target):

@@ -91,8 +91,15 @@ def test_rows_streamed_while_decrypting_make_the_same_copy(pg_cluster, passphras
     assert loader.error is None
     streamed = set(loader.rows)  # every table's rows were COPY, none left to pg_restore
     assert len(streamed) == 6 and streamed <= loader.done  # big, Odd, empty, child, parted_a, parted_b
-    early = {i for ids in loader.own.values() for i in ids}
-    assert early and early <= loader.done  # big's, Odd's and empty's primary keys and indexes
+    # Every table counts as big here: all their keys and indexes, and child's foreign key to big
+    # (with the key it references), were built beside the loading, none left to pg_restore.
+    built = {e.desc for e in loader.archive.entries if e.id in loader.wanted}
+    assert loader.wanted == set(loader.early) and loader.wanted <= loader.done
+    assert built == {b"CONSTRAINT", b"INDEX", b"FK CONSTRAINT"}, built
+    entries = {e.tag: e for e in loader.archive.entries}
+    fk, pkey = loader.early[entries[b"child child_id_fkey"].id], entries[b"big big_pkey"].id
+    assert fk.after == {pkey} and fk.exclusive and not loader.early[entries[b"big_body"].id].exclusive
+    assert entries[b"parted_id"].id not in loader.early  # on a partitioned table: pg_restore's, after the rows
     assert pg_cluster.execute(
         "SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = 'streamed_copy'"
     ) == [(encoding,)]
@@ -107,6 +114,29 @@ def test_without_streaming_pg_restore_loads_everything(pg_cluster, passphrase_fi
     assert result["status"] == "succeeded", result["error"]
     assert content(pg_cluster, "plain_copy") == content(pg_cluster, "plain")
     assert loaders == []
+
+
+def test_many_tables_whose_schema_outlasted_the_decryption_are_left_to_pg_restore(
+    pg_cluster, passphrase_file, backup_root, loaders, monkeypatch
+):
+    """Nothing is left to overlap then, and pg_restore -j loads many small tables faster (the
+    MANY_TABLES rule): here six tables count as many, and the loading starts after the decryption."""
+    monkeypatch.setattr(dumpstream, "MANY_TABLES", 5)
+    ran = dumpstream.Loader.run  # the fixture's, which notes each Loader
+
+    def after_the_decryption(self):
+        wait_for(self.file.decrypted.is_set, what="the decryption to end")
+        return ran(self)
+
+    monkeypatch.setattr(dumpstream.Loader, "run", after_the_decryption)
+    run = dumped(pg_cluster, "many")
+
+    result = restore_json(str(run.pk), "--into-database", "many_copy")
+
+    assert result["status"] == "succeeded", result["error"]
+    assert content(pg_cluster, "many_copy") == content(pg_cluster, "many")
+    (loader,) = loaders
+    assert len(loader.rows) == 6 and loader.done == set() and loader.error is None
 
 
 def test_a_corrupt_copy_fails_the_streamed_restore_and_leaves_no_database(
@@ -147,8 +177,8 @@ END $$;
 CREATE TABLE public.a_slow (id int);
 INSERT INTO public.a_slow SELECT generate_series(1, 60000);
 CREATE INDEX a_slow_idx ON public.a_slow (id);
-CREATE TABLE public.b_guarded (id int CHECK (public.guard(id)), v text);
-INSERT INTO public.b_guarded SELECT g, md5(g::text) FROM generate_series(1, 100000) g;
+CREATE TABLE public."b.Guarded" (id int CHECK (public.guard(id)), v text);
+INSERT INTO public."b.Guarded" SELECT g, md5(g::text) FROM generate_series(1, 100000) g;
 """
 
 
@@ -157,7 +187,7 @@ def test_rows_the_target_refuses_fail_the_restore_at_once_naming_the_table(
 ):
     """Found by review: the first error waited for every early index build already running (a
     big table's, minutes). Here a session holds a lock the early build of a_slow's index waits on,
-    and b_guarded's rows are refused: the restore fails while that lock is still held."""
+    and "b.Guarded"'s rows are refused (named as SQL reads it: the dot is in the name): the restore fails while that lock is still held."""
     protect(pg_cluster, "source")
     pg_cluster.execute("CREATE DATABASE refused")
     pg_cluster.execute(REFUSED, dbname="refused")
@@ -188,7 +218,7 @@ def test_rows_the_target_refuses_fail_the_restore_at_once_naming_the_table(
         holder.join()
 
     assert result["status"] == "failed", result
-    assert result["error"].startswith("loading the rows of public.b_guarded failed:"), result["error"]
+    assert result["error"].startswith('loading the rows of public."b.Guarded" failed:'), result["error"]
     assert "row 90000 refused" in result["error"]
     assert still_held  # it did not wait for a_slow's index build
     assert pg_cluster.execute("SELECT count(*) FROM pg_database WHERE datname = 'refused_copy'") == [(0,)]
