@@ -75,10 +75,11 @@ class Receiver:
         this start made it (a slot that existed may have been invalidated; one just made was not)."""
         try:
             self.made_slot = not self.slot_exists()
-        except psycopg.Error as e:
-            raise BackupFailed(
-                f"cannot create replication slot {self.server.replication_slot}: {explain(e, server=self.server)}"
-            ) from None
+        except psycopg.Error:
+            # A role that may replicate but not connect to the database, a server at max_connections
+            # (walsenders have slots of their own): pg_receivewal may still start; "lost" then
+            # reads as the server's invalidation, as before this was told.
+            self.made_slot = False
         proc = subprocess.run(
             self.argv("--create-slot", "--if-not-exists", "--no-password"),
             env=Tool([], self.server.libpq_env()).full_env(),
@@ -108,10 +109,10 @@ class Receiver:
         error = self.child.error_line(self.server)
         # A slot the server invalidated: no restart mends it; say so, and alert now.
         slot = self.slot_columns()
-        # A slot this start made, whose pg_receivewal died before streaming steadily, was not
-        # invalidated by the server (no slot falls max_slot_wal_keep_size behind in seconds).
-        fresh = self.made_slot and not steady(time.monotonic() - self.started_at)
-        asked_for_removed = bool(slot and fresh and self.asked_for_removed_wal(slot))
+        # A slot this start made, whose pg_receivewal died before it was seen streaming steadily
+        # (still_new), was not invalidated by the server (no slot falls max_slot_wal_keep_size
+        # behind in seconds; on 17+ the server says which it was).
+        asked_for_removed = bool(slot and self.made_slot and self.asked_for_removed_wal(slot))
         invalidated = slot_invalidated(self.server, slot) if slot and not asked_for_removed else None
         error = "; ".join(invalidated) if invalidated else error
         if slot and not invalidated and (aside := self.set_partial_aside(slot, error, asked_for_removed)):
@@ -124,6 +125,14 @@ class Receiver:
         if self.failures >= ALERT_AFTER_FAILURES or invalidated:
             # Journaled above; the monitor finds the slot idle and opens receiver_down.
             conditions.changed("receiver_down", server=self.server)
+
+    def still_new(self):
+        """Called while pg_receivewal runs: once it has streamed steadily, the slot this start made
+        is no longer new, and "lost" from then on is the server's invalidation. Measured while it
+        is seen alive, not when its death is noticed (an ingest pass may come between)."""
+        if self.made_slot and steady(time.monotonic() - self.started_at):
+            self.made_slot = False
+        return self.made_slot
 
     @staticmethod
     def asked_for_removed_wal(slot):
@@ -206,6 +215,7 @@ class Receiver:
                     self.child_died()
                 if self.child is None and not self._pause_then_start(should_stop):
                     continue
+                self.still_new()  # pg_receivewal was alive at the poll above
                 if self.failures and steady(time.monotonic() - self.started_at):
                     self.failures = 0
                     conditions.changed("receiver_down", server=self.server)  # steady again: may resolve

@@ -255,14 +255,16 @@ def test_a_slot_made_again_that_took_the_removed_position_is_dropped_and_made_ag
 def test_a_slot_invalidated_under_a_receiver_that_made_it_long_ago_is_still_named_invalidated(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
 ):
-    """The rule above holds for a slot whose pg_receivewal died before streaming steadily: one
-    made by the same start but streamed for longer is invalidated by the server if it reads lost."""
+    """The rule above holds for a slot whose pg_receivewal died before it was seen streaming
+    steadily: one made by the same start that streamed for longer is invalidated by the server if
+    it reads lost."""
     settings.RECEIVER_STEADY_SECONDS = 0
     receiver = pull(server)
     streamed_then_invalidated(receiver, sample_cluster, server)
     receiver.start_child()
     wait_for(lambda: receiver.child.proc.poll() is not None, what="pg_receivewal to die on the dead slot")
     receiver.made_slot = True
+    assert not receiver.still_new()  # as the supervisor's loop finds it while it streams
     receiver.child_died()
     said = JournalEntry.objects.filter(action="receiver_restarted").latest("pk").details["error"]
     assert said.startswith(f"replication slot {server.replication_slot} was invalidated by the server ("), said
