@@ -616,7 +616,7 @@ CLOSE = {
         "The portal restores the schema from the table of contents while gpg writes its private scratch"
         " file (gpg reads a local copy itself while a thread takes the copy's sha256 beside); as the file"
         " grows, each table's rows are inflated (ISA-L) and loaded by COPY on two connections, and a big"
-        " table's own indexes are built as soon as its rows are in (restores.dumpstream); what is left"
+        " table's indexes, keys and foreign keys are built as soon as what they need is in (restores.dumpstream); what is left"
         " (sequences, large objects, the other post-data) runs with pg_restore -j 2 once the copy is"
         " verified. Before 2026-12-06 the data waited for the whole decryption and pg_restore inflated the"
         " rows with zlib (about 6 core-seconds a gigabyte of rows, a quarter of the restore's CPU). The 1.0 bound asks for a restore, decryption included, at least as"

@@ -1,6 +1,7 @@
 """A parallel logical restore loads the tables' rows by COPY while gpg still decrypts the dump
-(restores.dumpstream), and builds a big table's own indexes as soon as its rows are in: the copy
-must be the same as pg_restore alone makes it, rows, indexes, sequences, large objects and all."""
+(restores.dumpstream), and builds a big table's indexes, keys and foreign keys as soon as what
+they need is in: the copy must be the same as pg_restore alone makes it, rows, indexes, sequences,
+large objects and all."""
 
 import threading
 import time
