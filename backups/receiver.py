@@ -74,7 +74,7 @@ class Receiver:
         """The slot, created once: from then on the server keeps WAL for us. Remembers whether
         this start made it (a slot that existed may have been invalidated; one just made was not)."""
         try:
-            self.made_slot = not self.slot_exists()
+            self.made_slot = self.slot_row() is None
         except psycopg.Error:
             # A role that may replicate but not connect to the database, a server at max_connections
             # (walsenders have slots of their own): pg_receivewal may still start; "lost" then
@@ -188,22 +188,19 @@ class Receiver:
                 problem = explain(e, server=self.server)
             return f"slot {slot} could not be dropped ({problem}): drop it (SELECT pg_drop_replication_slot('{slot}'))"
 
-    def slot_exists(self):
-        """Whether the slot is there; the server's error if it does not answer."""
+    def slot_row(self):
+        """The slot's row (pg_replication_slots, as JSON), None when there is none; the server's
+        error when it does not answer."""
         with self.server.connect(connect_timeout=10) as conn:
-            row = conn.execute(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", [self.server.replication_slot]
-            ).fetchone()
-        return row is not None
+            row = conn.execute(SLOT_ROW, [self.server.replication_slot]).fetchone()
+        return row[2] if row else None
 
     def slot_columns(self):
-        """The slot's row (pg_replication_slots, as JSON), or None: gone, or the server not answering."""
+        """The slot's row, or None: gone, or the server not answering."""
         try:
-            with self.server.connect(connect_timeout=10) as conn:
-                row = conn.execute(SLOT_ROW, [self.server.replication_slot]).fetchone()
+            return self.slot_row()
         except psycopg.Error:
             return None
-        return row[2] if row else None
 
     def run(self, should_stop):
         """Supervise until should_stop() is true; then stop pg_receivewal cleanly and ingest."""

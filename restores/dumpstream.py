@@ -183,17 +183,17 @@ class Entry:
 
 
 class Early:
-    """A post-data entry built beside the loading: the tables' data it waits for (`data`), the
-    entries built before it (`after`: a foreign key's referenced key), the tables it is on, and
-    whether it takes them exclusively (pg_restore -j's rule: constraints do, an index does not)."""
+    """A post-data entry built beside the loading: the data of the tables it is on, which it waits
+    for (`data`), the entries built before it (`after`: a foreign key's referenced key), and
+    whether it takes its tables exclusively (pg_restore -j's rule: constraints do, an index does not)."""
 
-    __slots__ = ("data", "after", "tables", "exclusive")
+    __slots__ = ("data", "after", "exclusive")
 
-    def __init__(self, data, after, tables, exclusive):
-        self.data, self.after, self.tables, self.exclusive = data, after, tables, exclusive
+    def __init__(self, data, after, exclusive):
+        self.data, self.after, self.exclusive = data, after, exclusive
 
     def conflicts(self, other):
-        return (self.exclusive or other.exclusive) and not self.tables.isdisjoint(other.tables)
+        return (self.exclusive or other.exclusive) and not self.data.isdisjoint(other.data)
 
 
 class Archive:
@@ -271,18 +271,17 @@ class Archive:
         for e in self.entries:  # in the dump's order: a foreign key after the key it references
             if e.section != POST_DATA or e.desc not in EARLY_KINDS:
                 continue
-            tables, after = set(), set()
+            data, after = set(), set()
             for dep in set(e.deps):  # an expression index names its table once for each use
                 if dep in data_of:
-                    tables.add(dep)
+                    data.add(data_of[dep])
                 elif dep in early:
                     after.add(dep)
                 elif dep not in by_id or by_id[dep].section > PRE_DATA or by_id[dep].desc == b"TABLE":
                     break  # a table whose rows pg_restore loads (or none: partitioned), a later entry
             else:
-                if tables:
-                    data = frozenset(data_of[t] for t in tables)
-                    early[e.id] = Early(data, frozenset(after), frozenset(tables), e.desc in EXCLUSIVE)
+                if data:
+                    early[e.id] = Early(frozenset(data), frozenset(after), e.desc in EXCLUSIVE)
         return early
 
     def name(self, dump_id):
@@ -466,7 +465,7 @@ class Loader:
         """A big table's rows are in: its indexes and constraints, and the foreign keys from or to
         it with the keys they reference, are built beside the loading (others wait for the final
         pg_restore, where one process builds many). Called with the lock held."""
-        wanting = [dump_id for dump_id in self.waiters[data_id] if data_id in self.early[dump_id].data]
+        wanting = list(self.waiters[data_id])  # a table's data id is only ever in entries' `data`
         while wanting:
             dump_id = wanting.pop()
             if dump_id not in self.wanted:
@@ -531,12 +530,12 @@ def without(listing, ids):
     return "".join(f"{line}\n" for line in lines)
 
 
+PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
 def quoted(name):
     """A name as SQL reads it: in double quotes unless plain (a dot, a capital, a space are in it)."""
     return name if PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"'
-
-
-PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
 
 
 def failure(error, target):
