@@ -24,7 +24,7 @@ from backupportal.lib.osuser import chown_to_db_user
 from backups import binaries, walspool
 from backups.binaries import backup_major
 from backups.connection import SESSION_GUARD, guard_newer
-from restores import pitr_libraries, pitr_verdict, targetdb
+from restores import pitr_host, pitr_libraries, pitr_verdict, targetdb
 from restores.models import RestoreRun
 from restores.pitr_plan import RestoreFailed
 from restores.pitr_prefetch import restore_command
@@ -164,6 +164,7 @@ def write_recovery_settings(plan):
     # One by one: a chown -R of the data directory would race the WAL prefetcher's renames.
     for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf", "recovery.signal", "log"):
         chown_to_db_user(plan.datadir / name)
+    pitr_host.fit(plan)  # first: an io_method this host lacks hides every other setting
     pitr_libraries.leave_out_missing(plan)
 
 

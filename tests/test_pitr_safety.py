@@ -13,7 +13,7 @@ from django.utils import timezone
 from backupportal.lib.osuser import chown_to_db_user, free_port
 from backups import walingest, walnames, walspool
 from restores import pitr as pitr_module
-from restores import pitr_libraries, pitr_recovery, pitr_verdict
+from restores import pitr_host, pitr_libraries, pitr_recovery, pitr_verdict
 from restores.models import RestoreRun
 from restores.pitr_plan import Target
 from tests.helpers import (
@@ -330,6 +330,56 @@ def test_productions_files_run_no_program_and_load_no_library_of_theirs_when_the
     assert not (datadir / "pid-elsewhere").exists()
     assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
     assert any(w.startswith("shared_preload_libraries named ./evil, ") for w in result["warnings"]), result["warnings"]
+
+
+def test_a_copy_of_a_production_tuned_for_a_bigger_host_starts_on_this_one(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """Production was tuned for its own host (ALTER SYSTEM, taken at its next restart): shared
+    buffers four times this host's memory, huge pages required, dynamic shared memory reserved.
+    Each would stop the copy at start-up here ("could not map anonymous shared memory")."""
+    enable_push(sample_cluster)
+    memory = pitr_host.host_memory()
+    sample_cluster.execute(f"ALTER SYSTEM SET shared_buffers = '{4 * memory // 2**20}MB'")
+    sample_cluster.execute("ALTER SYSTEM SET huge_pages = on")
+    sample_cluster.execute("ALTER SYSTEM SET min_dynamic_shared_memory = '64MB'")
+    datadir, port, result = base_then_latest(sample_cluster, server, restored)
+
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SHOW huge_pages") == [("try",)]
+    assert rows(port, "SHOW min_dynamic_shared_memory") == [("0",)]
+    (shared,) = rows(port, "SELECT setting::bigint * 8192 FROM pg_settings WHERE name = 'shared_buffers'")[0]
+    (segment,) = rows(port, "SELECT setting::bigint FROM pg_settings WHERE name = 'shared_memory_size'")[0]
+    assert pitr_host.SMALLEST_BUFFERS <= shared and segment * 2**20 <= memory // pitr_host.COPY_SHARE + 2**20
+    assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
+    (warning,) = result["warnings"]
+    assert warning.startswith("production's shared memory (") and "min_dynamic_shared_memory = 0" in warning
+    assert f"shared_buffers = {shared // 2**20}MB" in warning
+    assert "production's huge_pages = on would stop the copy where this host reserved none" in result["notes"]
+
+
+@pytest.mark.parametrize("pg_major", [18])
+def test_a_copy_of_a_production_with_io_uring_starts_where_postgresql_has_no_liburing(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """The wheel's PostgreSQL 18 offers sync and worker only: a production host built with
+    liburing may run io_uring (here written into its postgresql.conf, not yet restarted). Until
+    the copy's io_method is set, postgres cannot read any of the copy's settings: the libraries
+    production loads must not be emptied for it either."""
+    enable_push(sample_cluster)
+    sample_cluster.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_prewarm'")
+    with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:
+        conf.write("io_method = io_uring\n")
+    datadir, port, result = base_then_latest(sample_cluster, server, restored)
+
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SHOW io_method") == [("worker",)]
+    assert rows(port, "SHOW shared_preload_libraries") == [("pg_prewarm",)]
+    assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
+    assert result["warnings"] == [
+        "production's io_method is one this host's PostgreSQL does not offer (io_uring needs a build with"
+        " liburing): the copy uses worker, PostgreSQL's default"
+    ]
 
 
 def test_a_base_backup_of_a_standby_is_promoted_and_never_streams_from_production(
