@@ -10,21 +10,28 @@ tools use). Three kinds of setting stop it at start-up where the host differs (s
 - huge_pages = on, where this host reserved none: the same failure. The copy tries them.
 - io_method = io_uring (18), where this host's PostgreSQL was built without liburing: "invalid
   value", and no other setting can be read either. The copy uses worker, PostgreSQL's default.
+- Unix-domain sockets in directories this host lacks (a layout of production's own), or for a
+  group it does not have: "could not create any Unix-domain sockets". The copy's go where this
+  host's PostgreSQL puts them by default, for the database OS user's group; the portal reaches
+  the copy on 127.0.0.1 either way.
 
 Each change is written after production's settings in postgresql.auto.conf, and said: a warning
 where the copy runs otherwise than production would, a note for huge pages (try uses them when
 there are). ALTER SYSTEM RESET gives production's value back where it fits.
 """
 
+import grp
 import os
 from pathlib import Path
 
+from backupportal.lib.osuser import run_as_db_user
 from backups import binaries, walspool
-from restores.pitr_libraries import configured
+from restores.pitr_libraries import configured, split_list
 
 COPY_SHARE = 4  # a copy's shared memory: at most this fraction (1/n) of the host's memory
 MIB = 1 << 20
-SMALLEST_BUFFERS = 128 * MIB  # initdb's default: never less, whatever the rest of the segment takes
+SMALLEST_BUFFERS = 128 * MIB
+SOCKET_PATH_MAX = 108  # sockaddr_un's sun_path on Linux, its terminating zero included  # initdb's default: never less, whatever the rest of the segment takes
 
 
 def fit(plan):
@@ -51,6 +58,7 @@ def fit(plan):
             " the copy uses huge pages if there are (try)"
         )
     _fit_shared_memory(plan, postgres)
+    _fit_sockets(plan, postgres)
 
 
 def _fit_shared_memory(plan, postgres):
@@ -82,6 +90,56 @@ def _fit_shared_memory(plan, postgres):
         + " and ".join(f"{name} = {value}" for name, value in changes.items())
         + "; ALTER SYSTEM RESET each where production's fits"
     )
+
+
+def _fit_sockets(plan, postgres):
+    changes = {}
+    group = configured(postgres, plan.datadir, "unix_socket_group")
+    if group and not _is_group(group):
+        changes["unix_socket_group"] = ""
+    directories = configured(postgres, plan.datadir, "unix_socket_directories")
+    if directories and not any(map(_writable, split_list(directories))):
+        default = _default(postgres, "unix_socket_directories")
+        changes["unix_socket_directories"] = default if default and _writable(default) else ""
+    if not changes:
+        return
+    _write(plan, changes)
+    production = {"unix_socket_group": group, "unix_socket_directories": directories}
+    plan.notes.append(
+        "production's Unix-domain sockets cannot be made on this host ("
+        + ", ".join(f"{name} = {walspool.conf_quote(production[name])}" for name in changes)
+        + "): the copy's are made with "
+        + ", ".join(f"{name} = {walspool.conf_quote(value)}" for name, value in changes.items())
+    )
+
+
+def _is_group(name):
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return name.isdigit()  # PostgreSQL takes a group id too
+    return True
+
+
+def _writable(directory):
+    """Whether the database OS user can make a socket in `directory`: an abstract one (@name,
+    Linux) needs none; a relative one is in the data directory (production's files, not used
+    here); a path too long for a socket's name fails as a missing one does."""
+    if directory.startswith("@"):
+        return True
+    if not directory.startswith("/") or len(directory) + len("/.s.PGSQL.65535") >= SOCKET_PATH_MAX:
+        return False
+    return run_as_db_user(["test", "-d", directory, "-a", "-w", directory], timeout=30).returncode == 0
+
+
+def _default(postgres, name):
+    """The built-in default of a setting, as this host's PostgreSQL was built (postgres --describe-config)."""
+    done = run_as_db_user([postgres, "--describe-config"], timeout=60)
+    for line in done.stdout.splitlines():
+        fields = line.split("\t")
+        if fields[0] == name and len(fields) > 4:
+            return fields[4]
+    return None
 
 
 def host_memory():

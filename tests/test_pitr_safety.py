@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psycopg
 import pytest
 from django.utils import timezone
 
@@ -356,6 +357,31 @@ def test_a_copy_of_a_production_tuned_for_a_bigger_host_starts_on_this_one(
     assert warning.startswith("production's shared memory (") and "min_dynamic_shared_memory = 0" in warning
     assert f"shared_buffers = {shared // 2**20}MB" in warning
     assert "production's huge_pages = on would stop the copy where this host reserved none" in result["notes"]
+
+
+def test_a_copy_makes_its_sockets_where_this_host_can_when_productions_cannot_be_made_here(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """Production's own layout: socket directories this host lacks (or one relative to the data
+    directory), for a group it does not have. Any of them stopped the copy ("could not create any
+    Unix-domain sockets"); the portal reaches the copy on 127.0.0.1, a DBA by its socket too."""
+    enable_push(sample_cluster)
+    sample_cluster.execute("ALTER SYSTEM SET unix_socket_directories = '/nonexistent/bp-sockets', 'relative'")
+    sample_cluster.execute("ALTER SYSTEM SET unix_socket_group = 'no_such_group_bp'")
+    datadir, port, result = base_then_latest(sample_cluster, server, restored)
+
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SHOW unix_socket_group") == [("",)]
+    ((directories,),) = rows(port, "SHOW unix_socket_directories")
+    if directories:  # this host's PostgreSQL's default, where the database OS user may write
+        with psycopg.connect(host=directories, port=port, user="postgres", dbname=DB) as conn:
+            assert conn.execute("SELECT count(*) FROM t2").fetchone() == (1,)
+    assert (
+        "production's Unix-domain sockets cannot be made on this host (unix_socket_group = 'no_such_group_bp',"
+        " unix_socket_directories = '\"/nonexistent/bp-sockets\", relative'): the copy's are made with"
+        f" unix_socket_group = '', unix_socket_directories = '{directories}'"
+    ) in result["notes"]
+    assert not result.get("warnings")
 
 
 @pytest.mark.parametrize("pg_major", [18])
