@@ -15,6 +15,11 @@ tools use). Three kinds of setting stop it at start-up where the host differs (s
   host's PostgreSQL puts them by default, for the database OS user's group; the portal reaches
   the copy on 127.0.0.1 either way.
 
+- include directives naming files outside the data directory: production's host had them, the
+  backup does not, and this host's file of that name (if any) is not production's: a missing one
+  stops the copy ("could not open configuration file"), another feeds it unrelated settings.
+  They are commented out of the copy's postgresql.conf, each named in a warning.
+
 Each change is written after production's settings in postgresql.auto.conf, and said: a warning
 where the copy runs otherwise than production would, a note for huge pages (try uses them when
 there are). ALTER SYSTEM RESET gives production's value back where it fits.
@@ -22,6 +27,7 @@ there are). ALTER SYSTEM RESET gives production's value back where it fits.
 
 import grp
 import os
+import re
 from pathlib import Path
 
 from backupportal.lib.osuser import run_as_db_user
@@ -37,6 +43,7 @@ SOCKET_PATH_MAX = 108  # sockaddr_un's sun_path on Linux, its terminating zero i
 def fit(plan):
     """Write what the copy needs to start on this host into postgresql.auto.conf; before
     pitr_libraries reads the copy's settings, which an io_method this host lacks hides too."""
+    leave_out_includes(plan)
     major = binaries.backup_major(plan.base)
     try:
         postgres = binaries.cluster_tool(major, "postgres", "reading the copy's settings")
@@ -90,6 +97,41 @@ def _fit_shared_memory(plan, postgres):
         + " and ".join(f"{name} = {value}" for name, value in changes.items())
         + "; ALTER SYSTEM RESET each where production's fits"
     )
+
+
+# An include line of postgresql.conf (guc-file.l: the '=' is optional, a simple value unquoted).
+INCLUDE = re.compile(
+    r"^\s*(include_dir|include_if_exists|include)\b\s*=?\s*('(?:[^'\\]|''|\\.)*'|[^\s#']+)", re.IGNORECASE
+)
+
+
+def leave_out_includes(plan):
+    """Comment out of the copy's postgresql.conf every include of a file or directory outside
+    its data directory (production's files of its own host)."""
+    conf = plan.datadir / "postgresql.conf"
+    try:
+        lines = conf.read_text(errors="surrogateescape").splitlines(keepends=True)
+    except OSError:
+        return
+    home, left_out = plan.datadir.resolve(), []
+    for i, line in enumerate(lines):
+        m = INCLUDE.match(line)
+        if m is None:
+            continue
+        value = m.group(2)
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1].replace("''", "'"))
+        if (plan.datadir / value).resolve().is_relative_to(home):  # an absolute value replaces the datadir
+            continue
+        lines[i] = f"# left out by backupportal's PITR restore, a file of production's host: {line}"
+        left_out.append(f"{m.group(1).lower()} {walspool.conf_quote(value)}")
+    if left_out:
+        conf.write_text("".join(lines), errors="surrogateescape")
+        plan.warnings.append(
+            f"production's postgresql.conf names {', '.join(left_out)}, outside its data directory: not in the"
+            " backup, and this host's file of that name is not production's; left out of the copy, whose"
+            " settings there are PostgreSQL's defaults or production's postgresql.auto.conf"
+        )
 
 
 def _fit_sockets(plan, postgres):

@@ -384,6 +384,37 @@ def test_a_copy_makes_its_sockets_where_this_host_can_when_productions_cannot_be
     assert not result.get("warnings")
 
 
+def test_a_copy_reads_no_configuration_file_of_this_host_that_productions_postgresql_conf_names(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, tmp_path
+):
+    """production's postgresql.conf includes files of its own host: a missing one stopped the copy
+    ("could not open configuration file"); one that exists here under that name is this host's,
+    and fed the copy its settings. Includes inside the data directory are production's: kept."""
+    elsewhere = tmp_path / "tuning.conf"
+    elsewhere.write_text("work_mem = '77MB'\n")
+    elsewhere.chmod(0o644)
+    tmp_path.chmod(0o755)
+    (sample_cluster.datadir / "conf.d").mkdir()
+    (sample_cluster.datadir / "conf.d" / "ours.conf").write_text("maintenance_work_mem = '99MB'\n")
+    chown_to_db_user(sample_cluster.datadir / "conf.d")
+    chown_to_db_user(sample_cluster.datadir / "conf.d" / "ours.conf")
+    enable_push(sample_cluster)
+    with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:  # not reloaded: production is unaffected
+        conf.write(f"include '/nonexistent/bp-tuning.conf'\nInclude_If_Exists = '{elsewhere}'\ninclude_dir 'conf.d'\n")
+    datadir, port, result = base_then_latest(sample_cluster, server, restored)
+
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SHOW work_mem") == [("4MB",)]
+    assert rows(port, "SHOW maintenance_work_mem") == [("99MB",)]
+    assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
+    assert result["warnings"] == [
+        "production's postgresql.conf names include '/nonexistent/bp-tuning.conf',"
+        f" include_if_exists '{elsewhere}', outside its data directory: not in the backup, and this host's file of"
+        " that name is not production's; left out of the copy, whose settings there are PostgreSQL's defaults"
+        " or production's postgresql.auto.conf"
+    ]
+
+
 @pytest.mark.parametrize("pg_major", [18])
 def test_a_copy_of_a_production_with_io_uring_starts_where_postgresql_has_no_liburing(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
