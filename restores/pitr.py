@@ -23,6 +23,7 @@ target (pitr_verdict); the cluster's start and recovery are in pitr_recovery, th
 extraction and its check against the manifest in pitr_extract.
 """
 
+import logging
 import os
 import re
 import shutil
@@ -47,9 +48,11 @@ from restores.models import Interrupted, RestoreRun
 from restores.pitr_checks import check_datadir
 from restores.pitr_extract import Extraction, empty, extract_base, give_back, verify_base
 from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target, encryption_of
-from restores.pitr_prefetch import Prefetch, install
+from restores.pitr_prefetch import Prefetch, give_staging, install
 from restores.pitr_reach import partial_for
 from restores.pitr_recovery import heartbeat, pg_ctl, start_and_wait, write_recovery_settings
+
+log = logging.getLogger(__name__)
 
 __all__ = ["STAGING", "Plan", "Refused", "RestoreFailed", "Target", "check_datadir"]  # used through this module too
 
@@ -99,6 +102,8 @@ def run_plan(plan, actor, request=None, restore_test=None):
         with beating(run):
             execute(plan, run)
     except (RestoreFailed, Refused, FetchFailed, OSError, Interrupted) as e:
+        if isinstance(e, OSError):  # one line for the DBA; where it came from, for LOG_LEVEL=DEBUG
+            log.debug("PITR run #%s failed", run.pk, exc_info=e)
         discard(plan)
         return finish(run, plan, actor, error=str(e))
     except Exception as e:  # a bug must still fail the run visibly and leave nothing behind
@@ -370,11 +375,11 @@ def execute(plan, run):
             if plan.target.kind == "name":
                 pitr_points.find_restore_point(plan, run)
             prefetch_wal(plan)
+            heartbeat(run)  # a catalog that fails it (SQLite locked) must stop the extraction too
         except BaseException:
             if early is not None:
                 early.stop()  # before discard() removes what it writes
             raise
-        heartbeat(run)
         extract_chain_or_base(plan, run, early)
         heartbeat(run)
         plan.prefetch.wait_for(plan.segno(plan.newest.end_wal))  # pg_verifybackup reads the base's own WAL
@@ -418,8 +423,9 @@ def prepare_datadir(plan):
         plan.owner = {"mode": stat.S_IMODE(was.st_mode), "uid": was.st_uid, "gid": was.st_gid}
     os.chmod(plan.datadir, 0o700)
     plan.staging.mkdir(mode=0o700)
-    plan.unchecked.mkdir(mode=0o700)  # closed to the database OS user: recovery reads only checked WAL
+    plan.unchecked.mkdir(mode=0o700)
     chown_to_db_user(plan.datadir)
+    give_staging(plan.staging)  # all but the unchecked WAL
 
 
 def discard(plan):

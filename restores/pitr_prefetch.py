@@ -39,7 +39,7 @@ from backups.models import BackupCopy
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from backups.walspool import SYSTEM_PYTHON
 from restores import pitr_checks, restore_wal
-from restores.pitr_plan import RestoreFailed, encryption_of
+from restores.pitr_plan import UNCHECKED, RestoreFailed, encryption_of
 
 PROGRAM = "restore_wal.py"
 BEAT_EVERY_S = 1.0
@@ -70,7 +70,17 @@ def install(staging: Path, names):
     tmp.write_text("".join(f"{name}\n" for name in names))
     os.chmod(tmp, 0o644)
     os.replace(tmp, staging / restore_wal.PLAN)
+    give_staging(staging)
+
+
+def give_staging(staging: Path):
+    """The staging directory to the database OS user, all but its unchecked directory: what is
+    there has not passed its checks, and recovery reads only what the prefetcher linked out of it."""
     chown_to_db_user(staging)
+    unchecked = staging / UNCHECKED
+    if os.geteuid() == 0 and unchecked.is_dir():
+        os.chown(unchecked, 0, 0)
+        os.chmod(unchecked, 0o700)
 
 
 def window(plan):

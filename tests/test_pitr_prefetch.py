@@ -4,6 +4,7 @@ area stays a window, and a segment that turns out corrupt mid-recovery fails the
 naming it, leaving nothing behind (no cluster, no directory, no thread, no helper process)."""
 
 import os
+import stat
 import subprocess
 import threading
 import time
@@ -11,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from backupportal.lib.osuser import free_port
+from backupportal.lib.osuser import db_user_ids, free_port, run_as_db_user
 from backups import walingest
 from backups.models import BackupCopy, WalSegment
 from restores import pitr_prefetch, restore_wal
+from restores.pitr_plan import UNCHECKED
 from tests.helpers import (
     archive_some_wal,
     child_named,
@@ -180,3 +182,43 @@ def test_restore_wal_answers_not_found_fast_copies_staged_files_and_stops_on_a_f
     # Planned, not staged, and no prefetcher beating: fatal (never "not found", which would promote).
     code, err, _ = run_program(staging, late, str(pg_wal / "RECOVERYXLOG"))
     assert code == restore_wal.FATAL and "prefetcher stopped" in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives the WAL staging to the database OS user")
+def test_installing_restore_wal_while_the_early_manifest_is_committed_beside_it_does_not_fail(tmp_path, monkeypatch):
+    """The early manifest (restores.pitr_extract.Extraction) is fetched into the WAL staging on a
+    thread of its own while the restore installs restore_wal.py there and gives the directory to
+    the database OS user: its temporary file, listed by that chown, may be renamed before the
+    chown reaches it. A CI run under load failed so: [Errno 2] on ..backup_manifest.early.fetching."""
+    staging = tmp_path / "bp_restore_wal"
+    staging.mkdir()
+    fetching = staging / "..backup_manifest.early.fetching"
+    fetching.write_bytes(b"{}")
+    lchown = os.lchown
+
+    def committed_meanwhile(path, *ids):
+        if os.fspath(path) == str(fetching) and fetching.exists():  # listed, then renamed by the fetch
+            os.replace(fetching, staging / ".backup_manifest.early")
+        return lchown(path, *ids)
+
+    monkeypatch.setattr(os, "lchown", committed_meanwhile)
+    pitr_prefetch.install(staging, ["000000010000000000000003"])
+    uid, _ = db_user_ids()
+    assert {os.stat(p).st_uid for p in (staging, staging / pitr_prefetch.PROGRAM, staging / restore_wal.PLAN)} == {uid}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives the WAL staging to the database OS user")
+def test_the_unchecked_wal_stays_closed_to_the_database_os_user_when_the_staging_is_given_to_it(tmp_path):
+    """Recovery (restore_wal.py, as the database OS user) reads only segments the prefetcher
+    checked and linked out of staging/unchecked: the staging's chown (every install, when the
+    plan changes) must not open that directory to it."""
+    staging = tmp_path / "bp_restore_wal"
+    (staging / UNCHECKED).mkdir(parents=True)
+    (staging / UNCHECKED / "000000010000000000000003").write_bytes(b"not checked yet")
+    pitr_prefetch.install(staging, ["000000010000000000000003"])
+    uid, _ = db_user_ids()
+    assert os.stat(staging).st_uid == uid and os.stat(staging / pitr_prefetch.PROGRAM).st_uid == uid
+    closed = os.stat(staging / UNCHECKED)
+    assert (closed.st_uid, stat.S_IMODE(closed.st_mode)) == (0, 0o700)
+    denied = run_as_db_user(["cat", staging / UNCHECKED / "000000010000000000000003"])
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr

@@ -45,7 +45,10 @@ def db_user_ids() -> tuple[int, int] | None:
 def chown_to_db_user(path) -> None:
     """``chown -R`` ``path`` to the database OS user when root; no-op otherwise.
 
-    Symlinks are changed themselves, never followed.
+    Symlinks are changed themselves, never followed. An entry gone between the listing and its
+    chown was renamed or removed by the thread writing it (a PITR's WAL staging directory, where
+    the early manifest's fetch commits its file while the restore installs restore_wal.py): there
+    is nothing left to give, and whoever renamed it gives its new name away itself.
     """
     if (ids := db_user_ids()) is None:
         return
@@ -55,7 +58,10 @@ def chown_to_db_user(path) -> None:
         return
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
-            os.lchown(os.path.join(dirpath, name), *ids)
+            try:
+                os.lchown(os.path.join(dirpath, name), *ids)
+            except FileNotFoundError:
+                continue
 
 
 def unreachable_ancestor(path: Path) -> Path | None:
