@@ -1,28 +1,29 @@
-"""Production's memory and I/O settings in a PITR copy: sized or built for production's host,
-they can stop the copy starting on the portal's.
+"""Production's settings in a PITR copy that only production's host can honour: sized or built
+for it, they stop the copy starting on the portal's (each seen on 15 and 18).
 
 A copy keeps production's postgresql.conf and postgresql.auto.conf (ALTER SYSTEM, which tuning
-tools use). Three kinds of setting stop it at start-up where the host differs (seen on 15 and 18):
+tools use), with what they include:
 
+- include directives naming files outside the data directory, in any of those files: production's
+  host had them, the backup does not, and this host's file of that name (if any) is not
+  production's. A missing one stops the copy ("could not open configuration file"), another feeds
+  it unrelated settings. They are commented out of the copy's files, each named in a warning.
+- values this host refuses ("invalid value for parameter"): a locale or time zone it lacks, a
+  stack deeper than its limit, a compression its build lacks (REFUSED), and io_method = io_uring
+  on 18 built without liburing. No other setting can be read while one is there: they come first.
 - shared memory sized for production's memory (shared_buffers, min_dynamic_shared_memory): more
   than this host can map fails ("could not map anonymous shared memory"). A copy recovers and
-  answers a DBA's queries: it gets at most a quarter of this host's memory (COPY_SHARE).
+  answers a DBA's queries: it gets at most a quarter of this host's memory (COPY_SHARE). Read
+  once pitr_libraries left only this host's libraries: postgres -C loads them for it.
 - huge_pages = on, where this host reserved none: the same failure. The copy tries them.
-- io_method = io_uring (18), where this host's PostgreSQL was built without liburing: "invalid
-  value", and no other setting can be read either. The copy uses worker, PostgreSQL's default.
 - Unix-domain sockets in directories this host lacks (a layout of production's own), or for a
   group it does not have: "could not create any Unix-domain sockets". The copy's go where this
   host's PostgreSQL puts them by default, for the database OS user's group; the portal reaches
   the copy on 127.0.0.1 either way.
 
-- include directives naming files outside the data directory: production's host had them, the
-  backup does not, and this host's file of that name (if any) is not production's: a missing one
-  stops the copy ("could not open configuration file"), another feeds it unrelated settings.
-  They are commented out of the copy's postgresql.conf, each named in a warning.
-
 Each change is written after production's settings in postgresql.auto.conf, and said: a warning
-where the copy runs otherwise than production would, a note for huge pages (try uses them when
-there are). ALTER SYSTEM RESET gives production's value back where it fits.
+where the copy runs otherwise than production would, a note where it makes no difference to it.
+ALTER SYSTEM RESET gives production's value back where it fits.
 """
 
 import grp
@@ -36,46 +37,88 @@ from restores.pitr_libraries import configured, split_list
 
 COPY_SHARE = 4  # a copy's shared memory: at most this fraction (1/n) of the host's memory
 MIB = 1 << 20
-SMALLEST_BUFFERS = 128 * MIB
-SOCKET_PATH_MAX = 108  # sockaddr_un's sun_path on Linux, its terminating zero included  # initdb's default: never less, whatever the rest of the segment takes
+SMALLEST_BUFFERS = 128 * MIB  # initdb's default: never less, whatever the rest of the segment takes
+SOCKET_PATH_MAX = 108  # sockaddr_un's sun_path on Linux, its terminating zero included
+
+
+def _postgres(plan):
+    try:
+        return binaries.cluster_tool(binaries.backup_major(plan.base), "postgres", "reading the copy's settings")
+    except binaries.MissingBinaries:
+        return None  # the start says what is missing
 
 
 def fit(plan):
-    """Write what the copy needs to start on this host into postgresql.auto.conf; before
-    pitr_libraries reads the copy's settings, which an io_method this host lacks hides too."""
+    """Write what the copy needs to start on this host into its configuration; before
+    pitr_libraries reads the copy's settings, which a refused value hides too. Shared memory is
+    fitted after pitr_libraries (fit_shared_memory)."""
     leave_out_includes(plan)
-    major = binaries.backup_major(plan.base)
-    try:
-        postgres = binaries.cluster_tool(major, "postgres", "reading the copy's settings")
-    except binaries.MissingBinaries:
-        return  # the start says what is missing
-    huge_pages = configured(postgres, plan.datadir, "huge_pages")
-    if huge_pages is None and major >= 18:
-        if not _write_if_it_reads(plan, postgres, "io_method", "worker"):
-            return  # another error in production's files: the start says which
-        plan.warnings.append(
-            "production's io_method is one this host's PostgreSQL does not offer (io_uring needs a build with"
-            " liburing): the copy uses worker, PostgreSQL's default"
-        )
-        huge_pages = configured(postgres, plan.datadir, "huge_pages")
-    if huge_pages == "on":
+    if (postgres := _postgres(plan)) is None:
+        return
+    _fit_refused(plan, postgres)
+    if configured(postgres, plan.datadir, "huge_pages") == "on":
         _write(plan, {"huge_pages": "try"})
         plan.notes.append(
             "production's huge_pages = on would stop the copy where this host reserved none:"
             " the copy uses huge pages if there are (try)"
         )
-    _fit_shared_memory(plan, postgres)
     _fit_sockets(plan, postgres)
+
+
+def fit_shared_memory(plan):
+    """After pitr_libraries.leave_out_missing: shared_memory_size is computed at run time, and
+    postgres -C loads shared_preload_libraries for it (their code runs): only this host's are left."""
+    if (postgres := _postgres(plan)) is not None:
+        _fit_shared_memory(plan, postgres)
+
+
+# Settings whose value on production's host this one may refuse ("invalid value for parameter"),
+# and the value the copy takes: each changes how the copy formats, logs, compresses or reads its
+# files, never which data it holds. io_uring needs a build with liburing (18).
+REFUSED = {
+    "io_method": "worker",
+    "lc_monetary": "C",
+    "lc_numeric": "C",
+    "lc_time": "C",
+    "timezone": "UTC",
+    "log_timezone": "UTC",
+    "max_stack_depth": "2MB",
+    "wal_compression": "off",
+    "default_toast_compression": "pglz",
+}
+
+
+def _fit_refused(plan, postgres):
+    done = run_as_db_user(
+        [postgres, "-D", plan.datadir, "-c", f"data_directory={plan.datadir}", "-c", "lc_messages=C", "-C", "port"],
+        timeout=60,
+    )
+    if done.returncode == 0:
+        return
+    refused = {}
+    for m in re.finditer(r'invalid value for parameter "(\w+)": (.*)', done.stderr):
+        if m.group(1).lower() in REFUSED:
+            refused[m.group(1)] = m.group(2).strip()
+    if not refused:
+        return
+    _write(plan, {name: REFUSED[name.lower()] for name in refused})
+    plan.warnings.append(
+        "production's "
+        + ", ".join(f"{name} = {value}" for name, value in refused.items())
+        + f" {'is' if len(refused) == 1 else 'are'} refused by this host's PostgreSQL (a locale, time zone,"
+        " stack limit, I/O method or compression it lacks): the copy runs with "
+        + ", ".join(f"{name} = {REFUSED[name.lower()]}" for name in refused)
+    )
 
 
 def _fit_shared_memory(plan, postgres):
     segment = _number(configured(postgres, plan.datadir, "shared_memory_size"))  # MB, all of it
-    dynamic = _number(configured(postgres, plan.datadir, "min_dynamic_shared_memory"))  # MB
+    dynamic = _number(configured(postgres, plan.datadir, "min_dynamic_shared_memory"))  # MB, inside segment
     if segment is None or dynamic is None:
         return
     memory = host_memory()
     share = memory // COPY_SHARE
-    wanted = (segment + dynamic) * MIB
+    wanted = segment * MIB
     if wanted <= share:
         return
     blocks = _number(configured(postgres, plan.datadir, "shared_buffers"))
@@ -83,7 +126,7 @@ def _fit_shared_memory(plan, postgres):
     if blocks is None or block_size is None:
         return
     buffers = blocks * block_size
-    rest = segment * MIB - buffers  # locks, connections, WAL buffers: sized by settings recovery needs
+    rest = wanted - buffers - dynamic * MIB  # locks, connections, WAL buffers; dynamic is made 0 below
     fitted = max(SMALLEST_BUFFERS, (share - rest) // MIB * MIB)
     changes = {"shared_buffers": f"{fitted // MIB}MB"} if fitted < buffers else {}
     if dynamic:
@@ -99,38 +142,79 @@ def _fit_shared_memory(plan, postgres):
     )
 
 
-# An include line of postgresql.conf (guc-file.l: the '=' is optional, a simple value unquoted).
+# An include line of a configuration file (guc-file.l: the '=' is optional, a simple value unquoted).
 INCLUDE = re.compile(
-    r"^\s*(include_dir|include_if_exists|include)\b\s*=?\s*('(?:[^'\\]|''|\\.)*'|[^\s#']+)", re.IGNORECASE
+    rb"^[ \t\r]*(include_dir|include_if_exists|include)\b[ \t\r]*=?[ \t\r]*('(?:[^'\\\n]|''|\\.)*'|[^\s#']+)",
+    re.IGNORECASE,
 )
+LEFT_OUT = b"# left out by backupportal's PITR restore, a file of production's host: "
+
+
+def deescape(quoted):
+    """A quoted value as PostgreSQL reads it (DeescapeQuotedString): \b \f \n \r \t, up to
+    three octal digits, any other escaped character itself, '' a quote."""
+    out, i, body = bytearray(), 0, quoted[1:-1]
+    while i < len(body):
+        c = body[i : i + 1]
+        if c == b"\\" and i + 1 < len(body):
+            i += 1
+            c = body[i : i + 1]
+            if c in b"01234567" and c:
+                digits = re.match(rb"[0-7]{1,3}", body[i : i + 3]).group()
+                out.append(int(digits, 8) & 0xFF)
+                i += len(digits)
+                continue
+            out += {b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r", b"t": b"\t"}.get(c, c)
+        elif c == b"'" and body[i + 1 : i + 2] == b"'":
+            out += b"'"
+            i += 1
+        else:
+            out += c
+        i += 1
+    return bytes(out)
 
 
 def leave_out_includes(plan):
-    """Comment out of the copy's postgresql.conf every include of a file or directory outside
-    its data directory (production's files of its own host)."""
-    conf = plan.datadir / "postgresql.conf"
-    try:
-        lines = conf.read_text(errors="surrogateescape").splitlines(keepends=True)
-    except OSError:
-        return
-    home, left_out = plan.datadir.resolve(), []
-    for i, line in enumerate(lines):
-        m = INCLUDE.match(line)
-        if m is None:
+    """Comment out of the copy's configuration files (postgresql.conf, postgresql.auto.conf and
+    every file they include from the data directory, as deep as they go) every include of a file
+    or directory outside the data directory (production's files of its own host). A relative
+    name is relative to the including file's directory, as PostgreSQL reads it."""
+    home, left_out, seen = plan.datadir.resolve(), [], set()
+    todo = [plan.datadir / "postgresql.conf", plan.datadir / "postgresql.auto.conf"]
+    while todo:
+        conf = todo.pop(0)
+        real = conf.resolve()
+        if real in seen or not real.is_relative_to(home) or not real.is_file():
             continue
-        value = m.group(2)
-        if value.startswith("'"):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1].replace("''", "'"))
-        if (plan.datadir / value).resolve().is_relative_to(home):  # an absolute value replaces the datadir
+        seen.add(real)
+        try:
+            lines = conf.read_bytes().split(b"\n")  # PostgreSQL's only line break
+        except OSError:
             continue
-        lines[i] = f"# left out by backupportal's PITR restore, a file of production's host: {line}"
-        left_out.append(f"{m.group(1).lower()} {walspool.conf_quote(value)}")
+        changed = False
+        for i, line in enumerate(lines):
+            m = INCLUDE.match(line)
+            if m is None:
+                continue
+            raw = m.group(2)
+            value = os.fsdecode(deescape(raw) if raw.startswith(b"'") else raw)
+            place = conf.parent / value  # an absolute value replaces the directory
+            if place.resolve().is_relative_to(home):
+                if m.group(1).lower() == b"include_dir":
+                    if place.is_dir():
+                        todo += sorted(p for p in place.iterdir() if p.name.endswith(".conf") and p.name[0] != ".")
+                else:
+                    todo.append(place)
+                continue
+            lines[i], changed = LEFT_OUT + line, True
+            left_out.append(f"{m.group(1).decode().lower()} {walspool.conf_quote(value)}")
+        if changed:
+            conf.write_bytes(b"\n".join(lines))
     if left_out:
-        conf.write_text("".join(lines), errors="surrogateescape")
         plan.warnings.append(
-            f"production's postgresql.conf names {', '.join(left_out)}, outside its data directory: not in the"
+            f"production's configuration names {', '.join(left_out)}, outside its data directory: not in the"
             " backup, and this host's file of that name is not production's; left out of the copy, whose"
-            " settings there are PostgreSQL's defaults or production's postgresql.auto.conf"
+            " settings there are PostgreSQL's defaults or those of production's other files"
         )
 
 
@@ -192,17 +276,6 @@ def host_memory():
     except OSError:
         return memory
     return min(memory, int(limit)) if limit.isdigit() else memory
-
-
-def _write_if_it_reads(plan, postgres, name, value):
-    """Write `name = value`; kept only if the copy's settings can be read with it."""
-    conf = plan.datadir / "postgresql.auto.conf"
-    before = conf.read_bytes()
-    _write(plan, {name: value})
-    if configured(postgres, plan.datadir, name) == value:
-        return True
-    conf.write_bytes(before)
-    return False
 
 
 def _write(plan, changes):

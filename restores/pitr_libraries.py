@@ -74,9 +74,12 @@ def leave_out_missing(plan):
 
 def configured(postgres, datadir, name):
     """The setting as the copy would start with it (postgres -C reads every configuration file,
-    includes too, and loads no library); None when postgres cannot tell."""
+    includes too); None when postgres cannot tell. Its own data directory whatever production's
+    postgresql.conf says (data_directory: postgresql.auto.conf is read from there), as at the start
+    (pitr_recovery.own_files). A runtime-computed setting (shared_memory_size) loads
+    shared_preload_libraries first: read it only once pitr_libraries left this host's alone."""
     try:
-        done = run_as_db_user([postgres, "-D", datadir, "-C", name], timeout=60)
+        done = run_as_db_user([postgres, "-D", datadir, "-c", f"data_directory={datadir}", "-C", name], timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None

@@ -166,6 +166,7 @@ def write_recovery_settings(plan):
         chown_to_db_user(plan.datadir / name)
     pitr_host.fit(plan)  # first: an io_method this host lacks hides every other setting
     pitr_libraries.leave_out_missing(plan)
+    pitr_host.fit_shared_memory(plan)  # postgres -C shared_memory_size loads the libraries left
 
 
 # pg_controldata's names of the settings recovery checks against production's, and theirs.

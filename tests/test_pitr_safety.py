@@ -3,6 +3,8 @@ clusters: --target latest that ends short fails; a subscriber's copy takes nothi
 publisher's slot; a base backup of a standby does not follow production; production's leftover
 recovery settings do not break a restore."""
 
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -384,58 +386,158 @@ def test_a_copy_makes_its_sockets_where_this_host_can_when_productions_cannot_be
     assert not result.get("warnings")
 
 
-def test_a_copy_reads_no_configuration_file_of_this_host_that_productions_postgresql_conf_names(
+def test_a_copy_reads_no_configuration_file_of_this_host_that_productions_configuration_names(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, tmp_path
 ):
-    """production's postgresql.conf includes files of its own host: a missing one stopped the copy
+    """production's configuration includes files of its own host: a missing one stopped the copy
     ("could not open configuration file"); one that exists here under that name is this host's,
-    and fed the copy its settings. Includes inside the data directory are production's: kept."""
+    and fed the copy its settings. Wherever the include is (postgresql.conf, a file it includes
+    from the data directory, postgresql.auto.conf) and however it is spelled (octal escapes), as
+    PostgreSQL reads it. Includes inside the data directory are production's: kept."""
     elsewhere = tmp_path / "tuning.conf"
     elsewhere.write_text("work_mem = '77MB'\n")
     elsewhere.chmod(0o644)
     tmp_path.chmod(0o755)
-    (sample_cluster.datadir / "conf.d").mkdir()
-    (sample_cluster.datadir / "conf.d" / "ours.conf").write_text("maintenance_work_mem = '99MB'\n")
-    chown_to_db_user(sample_cluster.datadir / "conf.d")
-    chown_to_db_user(sample_cluster.datadir / "conf.d" / "ours.conf")
+    confd = sample_cluster.datadir / "conf.d"
+    confd.mkdir()
+    (confd / "ours.conf").write_text("maintenance_work_mem = '99MB'\ninclude '/nonexistent/bp-nested.conf'\n")
+    chown_to_db_user(confd)
+    chown_to_db_user(confd / "ours.conf")
     enable_push(sample_cluster)
     with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:  # not reloaded: production is unaffected
-        conf.write(f"include '/nonexistent/bp-tuning.conf'\nInclude_If_Exists = '{elsewhere}'\ninclude_dir 'conf.d'\n")
+        conf.write(
+            f"include '/nonexistent/bp-tuning.conf'\nInclude_If_Exists = '{elsewhere}'\ninclude_dir 'conf.d'\n"
+            "include '\\057nonexistent\\057bp-octal.conf'\nbp.note = 'a\rinclude /y'\n"  # \r: no line break
+        )
+    with open(sample_cluster.datadir / "postgresql.auto.conf", "a") as conf:  # a superuser may write it
+        conf.write("include_if_exists '/nonexistent/bp-auto.conf'\n")
     datadir, port, result = base_then_latest(sample_cluster, server, restored)
 
     assert result["status"] == "succeeded", result
     assert rows(port, "SHOW work_mem") == [("4MB",)]
     assert rows(port, "SHOW maintenance_work_mem") == [("99MB",)]
+    assert rows(port, "SHOW bp.note") == [("a\rinclude /y",)]
     assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
     assert result["warnings"] == [
-        "production's postgresql.conf names include '/nonexistent/bp-tuning.conf',"
-        f" include_if_exists '{elsewhere}', outside its data directory: not in the backup, and this host's file of"
-        " that name is not production's; left out of the copy, whose settings there are PostgreSQL's defaults"
-        " or production's postgresql.auto.conf"
+        "production's configuration names include '/nonexistent/bp-tuning.conf',"
+        f" include_if_exists '{elsewhere}', include '/nonexistent/bp-octal.conf',"
+        " include_if_exists '/nonexistent/bp-auto.conf', include '/nonexistent/bp-nested.conf', outside its data"
+        " directory: not in the backup, and this host's file of that name is not production's; left out of the"
+        " copy, whose settings there are PostgreSQL's defaults or those of production's other files"
     ]
+
+
+def test_a_copy_starts_with_what_this_host_offers_where_it_refuses_productions_values(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """Values valid on production's host that this one refuses ("invalid value for parameter"):
+    a locale and a time zone it lacks (initdb writes production's locale into postgresql.conf), a
+    stack deeper than its limit. Any of them stopped the copy, and hid every other setting."""
+    enable_push(sample_cluster)
+    with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:  # not reloaded
+        conf.write("lc_monetary = 'dv_MV.UTF-8'\nlc_time = 'dv_MV.UTF-8'\nTimeZone = 'Mars/Olympus'\n")
+        conf.write("max_stack_depth = '100MB'\n")
+    datadir, port, result = base_then_latest(sample_cluster, server, restored)
+
+    assert result["status"] == "succeeded", result
+    assert rows(port, "SHOW lc_monetary") == rows(port, "SHOW lc_time") == [("C",)]
+    assert rows(port, "SHOW TimeZone") == [("UTC",)]
+    assert rows(port, "SHOW max_stack_depth") == [("2MB",)]
+    assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
+    (warning,) = result["warnings"]
+    assert warning.startswith('production\'s lc_monetary = "dv_MV.UTF-8", lc_time = "dv_MV.UTF-8", TimeZone =')
+    assert warning.endswith(
+        "are refused by this host's PostgreSQL (a locale, time zone, stack limit, I/O method or compression it"
+        " lacks): the copy runs with lc_monetary = C, lc_time = C, TimeZone = UTC, max_stack_depth = 2MB"
+    )
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="builds a library with gcc")
+def test_no_library_of_productions_runs_while_the_copys_shared_memory_is_sized(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """postgres -C shared_memory_size (computed at run time) loads shared_preload_libraries: read
+    before pitr_libraries left out production's own, it ran a library of the data directory's on
+    the portal's host. The copy must not run it, at any step."""
+    marker = sample_cluster.datadir.parent / "ran"
+    (sample_cluster.datadir / "x").mkdir()
+    source = sample_cluster.datadir.parent / "evil.c"
+    source.write_text(
+        "#include <stdio.h>\n__attribute__((constructor)) static void evil(void) {\n"
+        f'  FILE *f = fopen("{marker}", "a"); if (f) {{ fputs("ran", f); fclose(f); }}\n}}\n'
+    )
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", sample_cluster.datadir / "x" / "evil.so", source], check=True)
+    chown_to_db_user(sample_cluster.datadir / "x")
+    enable_push(sample_cluster)
+    sample_cluster.execute("ALTER SYSTEM SET shared_preload_libraries = 'x/evil'")  # taken at the next restart
+    datadir, port, result = base_then_latest(sample_cluster, server, restored)
+
+    assert result["status"] == "succeeded", result
+    assert not marker.exists()
+    assert rows(port, "SHOW shared_preload_libraries") == [("",)]
+
+
+def test_a_copy_of_a_bigger_host_is_sized_from_its_own_files_whatever_production_lists(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """A library this host lacks made postgres -C fail, and production's data_directory made it read
+    another directory's postgresql.auto.conf: either way the shared memory was not read, and the
+    copy did not start ("could not map anonymous shared memory")."""
+    enable_push(sample_cluster)
+    memory = pitr_host.host_memory()
+    sample_cluster.execute(f"ALTER SYSTEM SET shared_buffers = '{4 * memory // 2**20}MB'")
+    sample_cluster.execute("ALTER SYSTEM SET shared_preload_libraries = 'no_such_library_bp'")
+    with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:  # not reloaded
+        conf.write("data_directory = '/nonexistent/bp-pgdata'\n")
+    datadir, port, result = base_then_latest(sample_cluster, server, restored)
+
+    assert result["status"] == "succeeded", result
+    (segment,) = rows(port, "SELECT setting::bigint FROM pg_settings WHERE name = 'shared_memory_size'")[0]
+    assert segment * 2**20 <= memory // pitr_host.COPY_SHARE + 2**20
+    assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
+    library, memory_warning = result["warnings"]
+    assert library.startswith("shared_preload_libraries named no_such_library_bp,")
+    assert memory_warning.startswith("production's shared memory (")
+
+
+def test_min_dynamic_shared_memory_is_counted_once_in_the_copys_shared_memory(monkeypatch, tmp_path):
+    """shared_memory_size holds min_dynamic_shared_memory already (15 and 18): 4 GiB of buffers and
+    4 GiB of dynamic shared memory fit a 6 GiB share once the dynamic part is 0."""
+    gib = 1 << 30
+    monkeypatch.setattr(pitr_host, "host_memory", lambda: 24 * gib)
+    said = {"shared_memory_size": str(8 * 1024 + 200), "min_dynamic_shared_memory": str(4 * 1024)}
+    said |= {"shared_buffers": str(4 * gib // 8192), "block_size": "8192"}
+    monkeypatch.setattr(pitr_host, "configured", lambda postgres, datadir, name: said[name])
+    (tmp_path / "postgresql.auto.conf").write_text("")
+    plan = SimpleNamespace(datadir=tmp_path, warnings=[])
+    pitr_host._fit_shared_memory(plan, "postgres")
+    written = (tmp_path / "postgresql.auto.conf").read_text()
+    assert "min_dynamic_shared_memory = '0'" in written and "shared_buffers" not in written
 
 
 @pytest.mark.parametrize("pg_major", [18])
 def test_a_copy_of_a_production_with_io_uring_starts_where_postgresql_has_no_liburing(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):
-    """The wheel's PostgreSQL 18 offers sync and worker only: a production host built with
-    liburing may run io_uring (here written into its postgresql.conf, not yet restarted). Until
-    the copy's io_method is set, postgres cannot read any of the copy's settings: the libraries
-    production loads must not be emptied for it either."""
+    """The wheel's PostgreSQL 18 offers sync and worker only, and neither lz4 nor a de_DE locale: a
+    production host built with liburing and lz4 may run them (here written into its
+    postgresql.conf, not yet restarted). Until the copy's values are set, postgres cannot read
+    any of the copy's settings: the libraries production loads must not be emptied for it."""
     enable_push(sample_cluster)
     sample_cluster.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_prewarm'")
     with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:
-        conf.write("io_method = io_uring\n")
+        conf.write("io_method = io_uring\nwal_compression = lz4\nlc_numeric = 'de_DE.UTF-8'\n")
     datadir, port, result = base_then_latest(sample_cluster, server, restored)
 
     assert result["status"] == "succeeded", result
     assert rows(port, "SHOW io_method") == [("worker",)]
+    assert rows(port, "SHOW wal_compression") == [("off",)]
     assert rows(port, "SHOW shared_preload_libraries") == [("pg_prewarm",)]
     assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
     assert result["warnings"] == [
-        "production's io_method is one this host's PostgreSQL does not offer (io_uring needs a build with"
-        " liburing): the copy uses worker, PostgreSQL's default"
+        'production\'s io_method = "io_uring", wal_compression = "lz4", lc_numeric = "de_DE.UTF-8" are refused'
+        " by this host's PostgreSQL (a locale, time zone, stack limit, I/O method or compression it lacks): the"
+        " copy runs with io_method = worker, wal_compression = off, lc_numeric = C"
     ]
 
 
