@@ -268,14 +268,38 @@ def _default(postgres, name):
     return None
 
 
-def host_memory():
-    """Bytes of memory on this host, or the container's limit (cgroup v2) when lower."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def host_memory(cgroups=Path("/proc/self/cgroup"), mounts=Path("/sys/fs/cgroup")):
+    """Bytes of memory on this host, or less where this process's control group (v1 or v2, its own
+    or a parent's, as a container or systemd's MemoryMax= sets it) is limited to less: the copy
+    runs in the portal's."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        lines = cgroups.read_text().splitlines()
     except OSError:
-        return memory
-    return min(memory, int(limit)) if limit.isdigit() else memory
+        lines = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":  # v2, mounted alone or beside v1 (unified)
+            places, name = [mounts, mounts / "unified"], "memory.max"
+        elif "memory" in controllers.split(","):
+            places, name = [mounts / "memory"], "memory.limit_in_bytes"
+        else:
+            continue
+        for place in places:
+            directory = place / path.lstrip("/")
+            for level in (directory, *directory.parents):
+                limits.append(_limit(level / name))
+                if level == place:
+                    break
+    return min(limit for limit in limits if limit is not None)
+
+
+def _limit(path):
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        return None
+    return int(value) if value.isdigit() else None  # "max": none
 
 
 def _write(plan, changes):

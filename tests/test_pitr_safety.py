@@ -3,6 +3,7 @@ clusters: --target latest that ends short fails; a subscriber's copy takes nothi
 publisher's slot; a base backup of a standby does not follow production; production's leftover
 recovery settings do not break a restore."""
 
+import os
 import shutil
 import subprocess
 import time
@@ -604,3 +605,24 @@ def test_a_cluster_that_stopped_as_recovery_ended_is_no_restore(tmp_path):
     said = str(stopped.value)
     assert said.startswith("the restored cluster stopped as recovery ended, nothing runs there: the restored")
     assert "No space left on device" in said and "\n" not in said
+
+
+def test_the_hosts_memory_is_its_control_groups_where_one_of_them_is_limited(tmp_path):
+    """A container's limit (cgroup v1, as on this machine) or systemd's MemoryMax= on a parent
+    group (v2): the copy gets a quarter of that, not of the host's memory."""
+    gib, mounts = 1 << 30, tmp_path / "cgroup"
+    v1 = mounts / "memory" / "process_api" / "abc"
+    v1.mkdir(parents=True)
+    (mounts / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # unlimited
+    (v1 / "memory.limit_in_bytes").write_text(f"{3 * gib}\n")
+    v2 = mounts / "system.slice" / "backupportal.service"
+    v2.mkdir(parents=True)
+    (mounts / "system.slice" / "memory.max").write_text(f"{2 * gib}\n")
+    (v2 / "memory.max").write_text("max\n")
+    groups = tmp_path / "groups"
+    groups.write_text("4:memory:/process_api/abc\n1:cpu:/\n")
+    assert pitr_host.host_memory(groups, mounts) == 3 * gib
+    groups.write_text("0::/system.slice/backupportal.service\n")
+    assert pitr_host.host_memory(groups, mounts) == 2 * gib
+    groups.write_text("0::/\n")
+    assert pitr_host.host_memory(groups, mounts) == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
