@@ -28,10 +28,12 @@ ALTER SYSTEM RESET gives production's value back where it fits.
 
 import grp
 import os
+import pwd
 import re
+import subprocess
 from pathlib import Path
 
-from backupportal.lib.osuser import run_as_db_user
+from backupportal.lib.osuser import DB_OS_USER, run_as_db_user
 from backups import binaries, walspool
 from restores.pitr_libraries import configured, split_list
 
@@ -89,25 +91,26 @@ REFUSED = {
 
 
 def _fit_refused(plan, postgres):
-    done = run_as_db_user(
-        [postgres, "-D", plan.datadir, "-c", f"data_directory={plan.datadir}", "-c", "lc_messages=C", "-C", "port"],
-        timeout=60,
+    done = _as_db_user(
+        [postgres, "-D", plan.datadir, "-c", f"data_directory={plan.datadir}", "-c", "lc_messages=C", "-C", "port"]
     )
-    if done.returncode == 0:
+    if done is None or done.returncode == 0:
         return
     refused = {}
-    for m in re.finditer(r'invalid value for parameter "(\w+)": (.*)', done.stderr):
-        if m.group(1).lower() in REFUSED:
-            refused[m.group(1)] = m.group(2).strip()
+    for m in re.finditer(r'invalid value for parameter "(\w+)": "?([^"\n]*)"?', done.stderr):
+        name = m.group(1)
+        if name.lower() in REFUSED:
+            refused[name] = m.group(2) + ("kB" if name.lower() == "max_stack_depth" else "")
     if not refused:
-        return
+        return  # the start says what else is wrong
     _write(plan, {name: REFUSED[name.lower()] for name in refused})
     plan.warnings.append(
         "production's "
-        + ", ".join(f"{name} = {value}" for name, value in refused.items())
+        + ", ".join(f"{name} = {walspool.conf_quote(value)}" for name, value in refused.items())
         + f" {'is' if len(refused) == 1 else 'are'} refused by this host's PostgreSQL (a locale, time zone,"
         " stack limit, I/O method or compression it lacks): the copy runs with "
         + ", ".join(f"{name} = {REFUSED[name.lower()]}" for name in refused)
+        + "; where it needs production's, give this host what it lacks and ALTER SYSTEM RESET it there"
     )
 
 
@@ -183,8 +186,8 @@ def leave_out_includes(plan):
     todo = [plan.datadir / "postgresql.conf", plan.datadir / "postgresql.auto.conf"]
     while todo:
         conf = todo.pop(0)
-        real = conf.resolve()
-        if real in seen or not real.is_relative_to(home) or not real.is_file():
+        real = conf.resolve() if _inside(conf, home) else None
+        if real is None or real in seen or not real.is_file():
             continue
         seen.add(real)
         try:
@@ -197,9 +200,9 @@ def leave_out_includes(plan):
             if m is None:
                 continue
             raw = m.group(2)
-            value = os.fsdecode(deescape(raw) if raw.startswith(b"'") else raw)
+            value = os.fsdecode(deescape(raw) if raw.startswith(b"'") else raw).split("\0", 1)[0]  # C's end
             place = conf.parent / value  # an absolute value replaces the directory
-            if place.resolve().is_relative_to(home):
+            if _inside(place, home):
                 if m.group(1).lower() == b"include_dir":
                     if place.is_dir():
                         todo += sorted(p for p in place.iterdir() if p.name.endswith(".conf") and p.name[0] != ".")
@@ -207,15 +210,26 @@ def leave_out_includes(plan):
                     todo.append(place)
                 continue
             lines[i], changed = LEFT_OUT + line, True
-            left_out.append(f"{m.group(1).decode().lower()} {walspool.conf_quote(value)}")
+            where = conf.relative_to(plan.datadir) if conf.is_relative_to(plan.datadir) else conf
+            left_out.append(f"{m.group(1).decode().lower()} {walspool.conf_quote(value)} (in {where})")
         if changed:
             conf.write_bytes(b"\n".join(lines))
     if left_out:
         plan.warnings.append(
             f"production's configuration names {', '.join(left_out)}, outside its data directory: not in the"
             " backup, and this host's file of that name is not production's; left out of the copy, whose"
-            " settings there are PostgreSQL's defaults or those of production's other files"
+            " settings there are PostgreSQL's defaults or those of production's other files (where the copy"
+            " needs them, copy the file into its data directory and include it from there)"
         )
+
+
+def _inside(place, home):
+    """Whether `place` is inside the data directory `home`; a name that cannot be resolved (a
+    symbolic link loop) is not."""
+    try:
+        return place.resolve().is_relative_to(home)
+    except (ValueError, RuntimeError, OSError):
+        return False
 
 
 def _fit_sockets(plan, postgres):
@@ -231,20 +245,27 @@ def _fit_sockets(plan, postgres):
         return
     _write(plan, changes)
     production = {"unix_socket_group": group, "unix_socket_directories": directories}
+    made = ", ".join(f"{name} = {walspool.conf_quote(value)}" for name, value in changes.items())
     plan.notes.append(
         "production's Unix-domain sockets cannot be made on this host ("
         + ", ".join(f"{name} = {walspool.conf_quote(production[name])}" for name in changes)
-        + "): the copy's are made with "
-        + ", ".join(f"{name} = {walspool.conf_quote(value)}" for name, value in changes.items())
+        + (
+            f"): the copy's are made with {made}"
+            if changes.get("unix_socket_directories", True)
+            else f"): the copy has none ({made}); connect to it on 127.0.0.1 port {plan.port}"
+        )
     )
 
 
 def _is_group(name):
+    """Whether the database OS user is in group `name` (or group id): the server gives its
+    sockets to it, which only a member may."""
     try:
-        grp.getgrnam(name)
-    except KeyError:
-        return name.isdigit()  # PostgreSQL takes a group id too
-    return True
+        gid = int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+        user = pwd.getpwnam(DB_OS_USER)
+    except (KeyError, ValueError):
+        return False
+    return gid in os.getgrouplist(DB_OS_USER, user.pw_gid)
 
 
 def _writable(directory):
@@ -255,13 +276,14 @@ def _writable(directory):
         return True
     if not directory.startswith("/") or len(directory) + len("/.s.PGSQL.65535") >= SOCKET_PATH_MAX:
         return False
-    return run_as_db_user(["test", "-d", directory, "-a", "-w", directory], timeout=30).returncode == 0
+    done = _as_db_user(["test", "-d", directory, "-a", "-w", directory])
+    return done is not None and done.returncode == 0
 
 
 def _default(postgres, name):
     """The built-in default of a setting, as this host's PostgreSQL was built (postgres --describe-config)."""
-    done = run_as_db_user([postgres, "--describe-config"], timeout=60)
-    for line in done.stdout.splitlines():
+    done = _as_db_user([postgres, "--describe-config"])
+    for line in done.stdout.splitlines() if done is not None else []:
         fields = line.split("\t")
         if fields[0] == name and len(fields) > 4:
             return fields[4]
@@ -306,6 +328,13 @@ def _write(plan, changes):
     with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
         conf.write("# production's value does not fit this host: written by backupportal's PITR restore\n")
         conf.write("".join(f"{name} = {walspool.conf_quote(value)}\n" for name, value in changes.items()))
+
+
+def _as_db_user(argv):
+    try:
+        return run_as_db_user(argv, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _number(value):

@@ -77,10 +77,24 @@ def give_staging(staging: Path):
     """The staging directory to the database OS user, all but its unchecked directory: what is
     there has not passed its checks, and recovery reads only what the prefetcher linked out of it."""
     chown_to_db_user(staging)
-    unchecked = staging / UNCHECKED
-    if os.geteuid() == 0 and unchecked.is_dir():
-        os.chown(unchecked, 0, 0)
-        os.chmod(unchecked, 0o700)
+    if os.geteuid() != 0:
+        return
+    # By its descriptor, never through a symbolic link: the staging directory is the database OS
+    # user's, and a link put there in its place must not make root own or close another directory.
+    try:
+        fd = os.open(staging / UNCHECKED, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise RestoreFailed(
+            f"{staging / UNCHECKED} is not the directory this restore made ({e.strerror}): something running as"
+            " the database OS user changed the restore's staging directory; restore again"
+        ) from None
+    try:
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 def window(plan):

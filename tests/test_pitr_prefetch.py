@@ -4,6 +4,7 @@ area stays a window, and a segment that turns out corrupt mid-recovery fails the
 naming it, leaving nothing behind (no cluster, no directory, no thread, no helper process)."""
 
 import os
+import shutil
 import stat
 import subprocess
 import threading
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from backupportal.lib.osuser import db_user_ids, free_port, run_as_db_user
+from backupportal.lib.osuser import chown_to_db_user, db_user_ids, free_port, run_as_db_user
+from backupportal.lib.pgdatadir import make_base_dir
 from backups import walingest
 from backups.models import BackupCopy, WalSegment
 from restores import pitr_prefetch, restore_wal
-from restores.pitr_plan import UNCHECKED
+from restores.pitr_plan import UNCHECKED, RestoreFailed
 from tests.helpers import (
     archive_some_wal,
     child_named,
@@ -208,17 +210,42 @@ def test_installing_restore_wal_while_the_early_manifest_is_committed_beside_it_
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root gives the WAL staging to the database OS user")
-def test_the_unchecked_wal_stays_closed_to_the_database_os_user_when_the_staging_is_given_to_it(tmp_path):
+def test_the_unchecked_wal_stays_closed_to_the_database_os_user_when_the_staging_is_given_to_it():
     """Recovery (restore_wal.py, as the database OS user) reads only segments the prefetcher
     checked and linked out of staging/unchecked: the staging's chown (every install, when the
     plan changes) must not open that directory to it."""
-    staging = tmp_path / "bp_restore_wal"
-    (staging / UNCHECKED).mkdir(parents=True)
-    (staging / UNCHECKED / "000000010000000000000003").write_bytes(b"not checked yet")
-    pitr_prefetch.install(staging, ["000000010000000000000003"])
-    uid, _ = db_user_ids()
-    assert os.stat(staging).st_uid == uid and os.stat(staging / pitr_prefetch.PROGRAM).st_uid == uid
-    closed = os.stat(staging / UNCHECKED)
-    assert (closed.st_uid, stat.S_IMODE(closed.st_mode)) == (0, 0o700)
-    denied = run_as_db_user(["cat", staging / UNCHECKED / "000000010000000000000003"])
-    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    base = make_base_dir(None, "bp-unchecked-")  # where the database OS user can reach
+    try:
+        staging = base / "bp_restore_wal"
+        (staging / UNCHECKED).mkdir(parents=True)
+        (staging / UNCHECKED / "000000010000000000000003").write_bytes(b"not checked yet")
+        pitr_prefetch.install(staging, ["000000010000000000000003"])
+        uid, _ = db_user_ids()
+        assert os.stat(staging).st_uid == uid and os.stat(staging / pitr_prefetch.PROGRAM).st_uid == uid
+        closed = os.stat(staging / UNCHECKED)
+        assert (closed.st_uid, stat.S_IMODE(closed.st_mode)) == (0, 0o700)
+        assert run_as_db_user(["cat", staging / restore_wal.PLAN]).stdout == "000000010000000000000003\n"
+        denied = run_as_db_user(["cat", staging / UNCHECKED / "000000010000000000000003"])
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives the WAL staging to the database OS user")
+def test_a_link_put_in_place_of_the_unchecked_directory_makes_root_own_or_close_nothing_else():
+    """The staging directory is the database OS user's: anything running as that user (another
+    cluster on this host) could put a symbolic link where staging/unchecked was. Closing it by
+    name would have made root own that link's target and closed it (0700)."""
+    base = make_base_dir(None, "bp-unchecked-")
+    try:
+        staging, elsewhere = base / "bp_restore_wal", base / "elsewhere"
+        staging.mkdir()
+        elsewhere.mkdir(mode=0o755)
+        chown_to_db_user(elsewhere)
+        (staging / UNCHECKED).symlink_to(elsewhere)
+        with pytest.raises(RestoreFailed, match="is not the directory this restore made"):
+            pitr_prefetch.install(staging, ["000000010000000000000003"])
+        after = os.stat(elsewhere)
+        assert (after.st_uid, stat.S_IMODE(after.st_mode)) == (db_user_ids()[0], 0o755)
+    finally:
+        shutil.rmtree(base)

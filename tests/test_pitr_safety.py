@@ -4,6 +4,7 @@ publisher's slot; a base backup of a standby does not follow production; product
 recovery settings do not break a restore."""
 
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -15,6 +16,7 @@ import pytest
 from django.utils import timezone
 
 from backupportal.lib.osuser import chown_to_db_user, free_port
+from backupportal.lib.pgdatadir import make_base_dir
 from backups import walingest, walnames, walspool
 from restores import pitr as pitr_module
 from restores import pitr_host, pitr_libraries, pitr_recovery, pitr_verdict
@@ -362,15 +364,16 @@ def test_a_copy_of_a_production_tuned_for_a_bigger_host_starts_on_this_one(
     assert "production's huge_pages = on would stop the copy where this host reserved none" in result["notes"]
 
 
+@pytest.mark.parametrize("group", ["no_such_group_bp", "root"])  # none here; one the database OS user is not in
 def test_a_copy_makes_its_sockets_where_this_host_can_when_productions_cannot_be_made_here(
-    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, group
 ):
     """Production's own layout: socket directories this host lacks (or one relative to the data
     directory), for a group it does not have. Any of them stopped the copy ("could not create any
     Unix-domain sockets"); the portal reaches the copy on 127.0.0.1, a DBA by its socket too."""
     enable_push(sample_cluster)
     sample_cluster.execute("ALTER SYSTEM SET unix_socket_directories = '/nonexistent/bp-sockets', 'relative'")
-    sample_cluster.execute("ALTER SYSTEM SET unix_socket_group = 'no_such_group_bp'")
+    sample_cluster.execute(f"ALTER SYSTEM SET unix_socket_group = '{group}'")
     datadir, port, result = base_then_latest(sample_cluster, server, restored)
 
     assert result["status"] == "succeeded", result
@@ -380,7 +383,7 @@ def test_a_copy_makes_its_sockets_where_this_host_can_when_productions_cannot_be
         with psycopg.connect(host=directories, port=port, user="postgres", dbname=DB) as conn:
             assert conn.execute("SELECT count(*) FROM t2").fetchone() == (1,)
     assert (
-        "production's Unix-domain sockets cannot be made on this host (unix_socket_group = 'no_such_group_bp',"
+        f"production's Unix-domain sockets cannot be made on this host (unix_socket_group = '{group}',"
         " unix_socket_directories = '\"/nonexistent/bp-sockets\", relative'): the copy's are made with"
         f" unix_socket_group = '', unix_socket_directories = '{directories}'"
     ) in result["notes"]
@@ -388,17 +391,18 @@ def test_a_copy_makes_its_sockets_where_this_host_can_when_productions_cannot_be
 
 
 def test_a_copy_reads_no_configuration_file_of_this_host_that_productions_configuration_names(
-    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, tmp_path
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, request
 ):
     """production's configuration includes files of its own host: a missing one stopped the copy
     ("could not open configuration file"); one that exists here under that name is this host's,
     and fed the copy its settings. Wherever the include is (postgresql.conf, a file it includes
     from the data directory, postgresql.auto.conf) and however it is spelled (octal escapes), as
     PostgreSQL reads it. Includes inside the data directory are production's: kept."""
-    elsewhere = tmp_path / "tuning.conf"
+    reachable = make_base_dir(None, "bp-elsewhere-")  # this host's file, where the database OS user can read it
+    request.addfinalizer(lambda: shutil.rmtree(reachable))
+    elsewhere = reachable / "tuning.conf"
     elsewhere.write_text("work_mem = '77MB'\n")
     elsewhere.chmod(0o644)
-    tmp_path.chmod(0o755)
     confd = sample_cluster.datadir / "conf.d"
     confd.mkdir()
     (confd / "ours.conf").write_text("maintenance_work_mem = '99MB'\ninclude '/nonexistent/bp-nested.conf'\n")
@@ -420,11 +424,13 @@ def test_a_copy_reads_no_configuration_file_of_this_host_that_productions_config
     assert rows(port, "SHOW bp.note") == [("a\rinclude /y",)]
     assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
     assert result["warnings"] == [
-        "production's configuration names include '/nonexistent/bp-tuning.conf',"
-        f" include_if_exists '{elsewhere}', include '/nonexistent/bp-octal.conf',"
-        " include_if_exists '/nonexistent/bp-auto.conf', include '/nonexistent/bp-nested.conf', outside its data"
-        " directory: not in the backup, and this host's file of that name is not production's; left out of the"
-        " copy, whose settings there are PostgreSQL's defaults or those of production's other files"
+        "production's configuration names include '/nonexistent/bp-tuning.conf' (in postgresql.conf),"
+        f" include_if_exists '{elsewhere}' (in postgresql.conf), include '/nonexistent/bp-octal.conf' (in"
+        " postgresql.conf), include_if_exists '/nonexistent/bp-auto.conf' (in postgresql.auto.conf), include"
+        " '/nonexistent/bp-nested.conf' (in conf.d/ours.conf), outside its data directory: not in the backup, and"
+        " this host's file of that name is not production's; left out of the copy, whose settings there are"
+        " PostgreSQL's defaults or those of production's other files (where the copy needs them, copy the file"
+        " into its data directory and include it from there)"
     ]
 
 
@@ -434,23 +440,26 @@ def test_a_copy_starts_with_what_this_host_offers_where_it_refuses_productions_v
     """Values valid on production's host that this one refuses ("invalid value for parameter"):
     a locale and a time zone it lacks (initdb writes production's locale into postgresql.conf), a
     stack deeper than its limit. Any of them stopped the copy, and hid every other setting."""
+    limited = resource.getrlimit(resource.RLIMIT_STACK)[0] != resource.RLIM_INFINITY  # else any depth is valid
     enable_push(sample_cluster)
     with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:  # not reloaded
-        conf.write("lc_monetary = 'dv_MV.UTF-8'\nlc_time = 'dv_MV.UTF-8'\nTimeZone = 'Mars/Olympus'\n")
-        conf.write("max_stack_depth = '100MB'\n")
+        conf.write("lc_monetary = 'xx_BP.UTF-8'\nlc_time = 'xx_BP.UTF-8'\nTimeZone = 'Mars/Olympus'\n")
+        conf.write("max_stack_depth = '100GB'\n" if limited else "")
     datadir, port, result = base_then_latest(sample_cluster, server, restored)
 
     assert result["status"] == "succeeded", result
     assert rows(port, "SHOW lc_monetary") == rows(port, "SHOW lc_time") == [("C",)]
     assert rows(port, "SHOW TimeZone") == [("UTC",)]
-    assert rows(port, "SHOW max_stack_depth") == [("2MB",)]
     assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
-    (warning,) = result["warnings"]
-    assert warning.startswith('production\'s lc_monetary = "dv_MV.UTF-8", lc_time = "dv_MV.UTF-8", TimeZone =')
-    assert warning.endswith(
-        "are refused by this host's PostgreSQL (a locale, time zone, stack limit, I/O method or compression it"
-        " lacks): the copy runs with lc_monetary = C, lc_time = C, TimeZone = UTC, max_stack_depth = 2MB"
-    )
+    stack = (", max_stack_depth = '104857600kB'", ", max_stack_depth = 2MB") if limited else ("", "")
+    assert result["warnings"] == [
+        f"production's lc_monetary = 'xx_BP.UTF-8', lc_time = 'xx_BP.UTF-8', TimeZone = 'Mars/Olympus'{stack[0]}"
+        " are refused by this host's PostgreSQL (a locale, time zone, stack limit, I/O method or compression it"
+        f" lacks): the copy runs with lc_monetary = C, lc_time = C, TimeZone = UTC{stack[1]}; where it needs"
+        " production's, give this host what it lacks and ALTER SYSTEM RESET it there"
+    ]
+    if limited:
+        assert rows(port, "SHOW max_stack_depth") == [("2MB",)]
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="builds a library with gcc")
@@ -520,14 +529,14 @@ def test_min_dynamic_shared_memory_is_counted_once_in_the_copys_shared_memory(mo
 def test_a_copy_of_a_production_with_io_uring_starts_where_postgresql_has_no_liburing(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
 ):
-    """The wheel's PostgreSQL 18 offers sync and worker only, and neither lz4 nor a de_DE locale: a
+    """The wheel's PostgreSQL 18 offers sync and worker only, and no lz4 (nor this host an xx_BP locale): a
     production host built with liburing and lz4 may run them (here written into its
     postgresql.conf, not yet restarted). Until the copy's values are set, postgres cannot read
     any of the copy's settings: the libraries production loads must not be emptied for it."""
     enable_push(sample_cluster)
     sample_cluster.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_prewarm'")
     with open(sample_cluster.datadir / "postgresql.conf", "a") as conf:
-        conf.write("io_method = io_uring\nwal_compression = lz4\nlc_numeric = 'de_DE.UTF-8'\n")
+        conf.write("io_method = io_uring\nwal_compression = lz4\nlc_numeric = 'xx_BP.UTF-8'\n")
     datadir, port, result = base_then_latest(sample_cluster, server, restored)
 
     assert result["status"] == "succeeded", result
@@ -536,9 +545,10 @@ def test_a_copy_of_a_production_with_io_uring_starts_where_postgresql_has_no_lib
     assert rows(port, "SHOW shared_preload_libraries") == [("pg_prewarm",)]
     assert rows(port, "SELECT count(*) FROM t2") == [(1,)]
     assert result["warnings"] == [
-        'production\'s io_method = "io_uring", wal_compression = "lz4", lc_numeric = "de_DE.UTF-8" are refused'
+        "production's io_method = 'io_uring', wal_compression = 'lz4', lc_numeric = 'xx_BP.UTF-8' are refused"
         " by this host's PostgreSQL (a locale, time zone, stack limit, I/O method or compression it lacks): the"
-        " copy runs with io_method = worker, wal_compression = off, lc_numeric = C"
+        " copy runs with io_method = worker, wal_compression = off, lc_numeric = C; where it needs production's,"
+        " give this host what it lacks and ALTER SYSTEM RESET it there"
     ]
 
 
@@ -610,19 +620,34 @@ def test_a_cluster_that_stopped_as_recovery_ended_is_no_restore(tmp_path):
 def test_the_hosts_memory_is_its_control_groups_where_one_of_them_is_limited(tmp_path):
     """A container's limit (cgroup v1, as on this machine) or systemd's MemoryMax= on a parent
     group (v2): the copy gets a quarter of that, not of the host's memory."""
-    gib, mounts = 1 << 30, tmp_path / "cgroup"
+    mib, mounts = 1 << 20, tmp_path / "cgroup"  # limits below any host's memory
     v1 = mounts / "memory" / "process_api" / "abc"
     v1.mkdir(parents=True)
     (mounts / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # unlimited
-    (v1 / "memory.limit_in_bytes").write_text(f"{3 * gib}\n")
+    (v1 / "memory.limit_in_bytes").write_text(f"{3 * mib}\n")
     v2 = mounts / "system.slice" / "backupportal.service"
     v2.mkdir(parents=True)
-    (mounts / "system.slice" / "memory.max").write_text(f"{2 * gib}\n")
+    (mounts / "system.slice" / "memory.max").write_text(f"{2 * mib}\n")
     (v2 / "memory.max").write_text("max\n")
     groups = tmp_path / "groups"
     groups.write_text("4:memory:/process_api/abc\n1:cpu:/\n")
-    assert pitr_host.host_memory(groups, mounts) == 3 * gib
+    assert pitr_host.host_memory(groups, mounts) == 3 * mib
     groups.write_text("0::/system.slice/backupportal.service\n")
-    assert pitr_host.host_memory(groups, mounts) == 2 * gib
+    assert pitr_host.host_memory(groups, mounts) == 2 * mib
     groups.write_text("0::/\n")
     assert pitr_host.host_memory(groups, mounts) == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_include_names_that_cannot_be_resolved_are_left_out_without_failing_the_restore(tmp_path):
+    """A NUL (octal escape) ends a name where PostgreSQL's C strings end it; a symbolic link loop
+    cannot be resolved: neither may fail the restore as an internal error."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "postgresql.conf").write_bytes(b"include '/nonexistent/a\\000b.conf'\ninclude 'loop'\nport = 5\n")
+    plan = SimpleNamespace(datadir=tmp_path, warnings=[])
+    pitr_host.leave_out_includes(plan)
+    lines = (tmp_path / "postgresql.conf").read_bytes().split(b"\n")
+    assert [line.startswith(pitr_host.LEFT_OUT) for line in lines] == [True, True, False, False]
+    (warning,) = plan.warnings
+    assert warning.startswith(
+        "production's configuration names include '/nonexistent/a' (in postgresql.conf), include 'loop' (in"
+    )
