@@ -65,6 +65,9 @@ def take(run):
                 f"--snapshot={snapshot}",
                 f"--lock-wait-timeout={settings.BACKUP_LOCK_WAIT * 1000}",  # see BACKUP_LOCK_WAIT
                 "--no-password",
+                # 18's pg_dump leaves the planner's statistics out unless asked, and pg_restore puts
+                # them back: without them a restored copy plans blind until an ANALYZE (hours, large).
+                *(["--statistics"] if (run.details["pg_dump_major"] or 0) >= 18 else []),
             ],
             server.libpq_env(dbname),
         )

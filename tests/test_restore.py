@@ -39,6 +39,27 @@ def test_restore_into_a_new_database_has_every_row(server, sample_cluster, passp
     assert not scratch.exists() or not list(scratch.iterdir())
 
 
+@pytest.mark.parametrize("pg_major", [18])  # pg_dump 18 dumps the planner's statistics when asked
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_restored_copy_has_productions_planner_statistics(
+    server, sample_cluster, passphrase_file, backup_root, settings, jobs
+):
+    """Without them the copy plans blind until an ANALYZE (autovacuum's, hours on a large database)."""
+    settings.RESTORE_JOBS = jobs
+    sample_cluster.execute("ANALYZE", dbname="reliabilitymaldives")
+    run = take_backup()
+    assert restore_json(str(run.pk), "--into-database", "restored_stats")["status"] == "succeeded"
+    statistics = (
+        "SELECT c.relname, c.reltuples, count(s.attname), round(sum(s.n_distinct)::numeric, 2) FROM pg_class c"
+        " LEFT JOIN pg_stats s ON s.schemaname = 'public' AND s.tablename = c.relname"
+        " WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' GROUP BY 1, 2 ORDER BY 1"
+    )
+    with sample_cluster.connect("reliabilitymaldives") as a, sample_cluster.connect("restored_stats") as b:
+        source = a.execute(statistics).fetchall()
+        assert source and all(columns for _, _, columns, _ in source)
+        assert b.execute(statistics).fetchall() == source
+
+
 def test_parallel_restore_uses_a_private_scratch_file_and_removes_it(
     server, sample_cluster, passphrase_file, backup_root, settings
 ):
