@@ -14,7 +14,7 @@ from psycopg import sql
 from backupportal import journal
 from backupportal.lib.pgerrors import explain
 from backups import keyring
-from backups.binaries import client_tool
+from backups.binaries import client_tool, server_major
 from backups.copies import healthy_copies, mark_faults, open_first_healthy
 from backups.crypto import Encryption, EncryptionError, gpg_failure
 from backups.models import BackupRun
@@ -177,7 +177,8 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statements
     EventTriggers held back, told what the verified copy begins with."""
     notes, failed, why = [], [], []
     held = held or EventTriggers(None, scratch_root)
-    command = [pg_restore_for(target, run), *extra, *held.args()]  # the program, and what every call takes
+    # The program, and what every call takes.
+    command = [pg_restore_for(target, run), *extra, *statistics_left_out(target, run), *held.args()]
     while True:
         try:
             reader = open_first_healthy(run, exclude=failed)
@@ -214,6 +215,13 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statements
             create_database(target, dbname, statements)
         finally:
             reader.close()
+
+
+def statistics_left_out(target, run):
+    """pg_dump 18's planner statistics go back only into 18 or newer (pg_restore_relation_stats);
+    into an older server (17: 16 and older refuse 18's dumps, binaries.restore_dir) they stay out."""
+    major = server_major(target)
+    return ["--no-statistics"] if (run.details.get("pg_dump_major") or 0) >= 18 and major and major < 18 else []
 
 
 def pg_restore_for(target, run):

@@ -3,6 +3,7 @@
 import json
 from io import StringIO
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -12,6 +13,7 @@ from django.urls import reverse
 
 from backupportal.lib import sampledata
 from backups.models import BackupCopy, BackupRun, Database
+from restores import logical
 from restores.models import RestoreTest, ValidationCheck
 from tests.helpers import register, restore_json
 from watching.models import Alert
@@ -58,6 +60,15 @@ def test_a_restored_copy_has_productions_planner_statistics(
         source = a.execute(statistics).fetchall()
         assert source and all(columns for _, _, columns, _ in source)
         assert b.execute(statistics).fetchall() == source
+
+
+def test_planner_statistics_stay_out_of_a_server_older_than_18_only():
+    """No PostgreSQL 17 here to restore into: the choice itself. 18's pg_restore_relation_stats is
+    what the statistics are restored with; 17 has none, and the restore failed on it."""
+    run = SimpleNamespace(details={"pg_dump_major": 18})
+    assert logical.statistics_left_out(SimpleNamespace(pg_version=170006), run) == ["--no-statistics"]
+    assert logical.statistics_left_out(SimpleNamespace(pg_version=180001), run) == []
+    assert logical.statistics_left_out(SimpleNamespace(pg_version=170006), SimpleNamespace(details={})) == []
 
 
 def test_parallel_restore_uses_a_private_scratch_file_and_removes_it(
