@@ -166,6 +166,9 @@ def test_readme_quick_start_is_two_make_targets_and_works_marks_only_real_comman
 
 def demo_env(var):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "VAR_DIR": str(var), "LANG": "C.UTF-8"}
+    # The demo collects the static files: into its own var/, not the checkout's staticfiles/, which
+    # every other test's WhiteNoise reads (a file replaced under it failed a page test in CI).
+    env["STATIC_ROOT"] = str(var / "static")
     if os.environ.get("PG_BIN"):
         env["PG_BIN"] = os.environ["PG_BIN"]
     return env
