@@ -48,7 +48,7 @@ from restores.models import Interrupted, RestoreRun
 from restores.pitr_checks import check_datadir
 from restores.pitr_extract import Extraction, empty, extract_base, give_back, verify_base
 from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target, encryption_of
-from restores.pitr_prefetch import Prefetch, give_staging, install
+from restores.pitr_prefetch import Prefetch, install, keep_unchecked
 from restores.pitr_reach import partial_for
 from restores.pitr_recovery import heartbeat, pg_ctl, start_and_wait, write_recovery_settings
 
@@ -425,7 +425,7 @@ def prepare_datadir(plan):
     plan.staging.mkdir(mode=0o700)
     plan.unchecked.mkdir(mode=0o700)
     chown_to_db_user(plan.datadir)
-    give_staging(plan.staging)  # all but the unchecked WAL
+    keep_unchecked(plan.staging)
 
 
 def discard(plan):

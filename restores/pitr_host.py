@@ -33,9 +33,11 @@ import re
 import subprocess
 from pathlib import Path
 
+from django.template.defaultfilters import filesizeformat
+
 from backupportal.lib.osuser import DB_OS_USER, run_as_db_user
 from backups import binaries, walspool
-from restores.pitr_libraries import configured, split_list
+from restores.pitr_libraries import asked, configured, split_list
 
 COPY_SHARE = 4  # a copy's shared memory: at most this fraction (1/n) of the host's memory
 MIB = 1 << 20
@@ -91,9 +93,7 @@ REFUSED = {
 
 
 def _fit_refused(plan, postgres):
-    done = _as_db_user(
-        [postgres, "-D", plan.datadir, "-c", f"data_directory={plan.datadir}", "-c", "lc_messages=C", "-C", "port"]
-    )
+    done = asked(postgres, plan.datadir, "port", "-c", "lc_messages=C")  # C: the messages read below
     if done is None or done.returncode == 0:
         return
     refused = {}
@@ -138,8 +138,8 @@ def _fit_shared_memory(plan, postgres):
         return
     _write(plan, changes)
     plan.warnings.append(
-        f"production's shared memory ({_size(wanted)}) is more than a copy may take of this host's"
-        f" {_size(memory)} (a {'quarter' if COPY_SHARE == 4 else f'1/{COPY_SHARE}'}): the copy runs with "
+        f"production's shared memory ({filesizeformat(wanted)}) is more than a copy may take of this host's"
+        f" {filesizeformat(memory)} (a {'quarter' if COPY_SHARE == 4 else f'1/{COPY_SHARE}'}): the copy runs with "
         + " and ".join(f"{name} = {value}" for name, value in changes.items())
         + "; ALTER SYSTEM RESET each where production's fits"
     )
@@ -162,7 +162,7 @@ def deescape(quoted):
         if c == b"\\" and i + 1 < len(body):
             i += 1
             c = body[i : i + 1]
-            if c in b"01234567" and c:
+            if c in b"01234567":  # never empty: a backslash is followed by one more byte here
                 digits = re.match(rb"[0-7]{1,3}", body[i : i + 3]).group()
                 out.append(int(digits, 8) & 0xFF)
                 i += len(digits)
@@ -339,10 +339,3 @@ def _as_db_user(argv):
 
 def _number(value):
     return int(value) if value is not None and value.isdigit() else None
-
-
-def _size(nbytes):
-    for unit, size in (("TB", 1 << 40), ("GB", 1 << 30)):
-        if nbytes >= size:
-            return f"{nbytes / size:.1f} {unit}"
-    return f"{nbytes / MIB:.0f} MB"

@@ -74,15 +74,22 @@ def leave_out_missing(plan):
 
 def configured(postgres, datadir, name):
     """The setting as the copy would start with it (postgres -C reads every configuration file,
-    includes too); None when postgres cannot tell. Its own data directory whatever production's
-    postgresql.conf says (data_directory: postgresql.auto.conf is read from there), as at the start
-    (pitr_recovery.own_files). A runtime-computed setting (shared_memory_size) loads
-    shared_preload_libraries first: read it only once pitr_libraries left this host's alone."""
+    includes too); None when postgres cannot tell."""
+    done = asked(postgres, datadir, name)
+    return done.stdout.strip() if done is not None and done.returncode == 0 else None
+
+
+def asked(postgres, datadir, name, *options):
+    """postgres -C `name` of the copy (`options`: more -c), its run; None when it could not run.
+    Its own data directory whatever production's postgresql.conf says (data_directory:
+    postgresql.auto.conf is read from there), as at the start (pitr_recovery.own_files). A
+    runtime-computed setting (shared_memory_size) loads shared_preload_libraries first: read it
+    only once leave_out_missing left this host's alone."""
+    argv = [postgres, "-D", datadir, "-c", f"data_directory={datadir}", *options, "-C", name]
     try:
-        done = run_as_db_user([postgres, "-D", datadir, "-c", f"data_directory={datadir}", "-C", name], timeout=60)
+        return run_as_db_user(argv, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def library_dir(postgres):

@@ -70,13 +70,14 @@ def install(staging: Path, names):
     tmp.write_text("".join(f"{name}\n" for name in names))
     os.chmod(tmp, 0o644)
     os.replace(tmp, staging / restore_wal.PLAN)
-    give_staging(staging)
-
-
-def give_staging(staging: Path):
-    """The staging directory to the database OS user, all but its unchecked directory: what is
-    there has not passed its checks, and recovery reads only what the prefetcher linked out of it."""
     chown_to_db_user(staging)
+    keep_unchecked(staging)
+
+
+def keep_unchecked(staging: Path):
+    """The unchecked directory back to root once the staging was given to the database OS user:
+    what is there has not passed its checks, and recovery reads only what the prefetcher linked
+    out of it."""
     if os.geteuid() != 0:
         return
     # By its descriptor, never through a symbolic link: the staging directory is the database OS
