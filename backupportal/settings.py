@@ -332,6 +332,11 @@ WAL_SPOOL = Path(env.str("WAL_SPOOL", default=str(VAR_DIR / "walspool")))
 # Sandbox clusters of approved PITR requests, and the throwaway clusters of base-backup restore
 # tests, on the portal's host: the postgres OS user must be able to traverse it.
 SANDBOX_ROOT = Path(env.str("SANDBOX_ROOT", default=str(VAR_DIR / "sandboxes")))
+# A PITR's WAL staging directory (restores/pitr_staging.py), root's and outside the new cluster's
+# data directory: every directory on its path must be root's and writable by no one else, and
+# traversable by the postgres OS user (as SANDBOX_ROOT is; VAR_DIR, with the keys, need not be).
+# It holds a window of decrypted WAL (about 256 MB) a PITR.
+PITR_STAGING_ROOT = Path(env.str("PITR_STAGING_ROOT", default=str(SANDBOX_ROOT / "pitr-staging")))
 # A request's sandbox is stopped and removed this many seconds after it was restored (the hourly
 # "sandboxes-expire" schedule): three days to look around, then its disk, port and copy of
 # production data are given back.

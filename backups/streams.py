@@ -352,8 +352,11 @@ class FileSink:
         self.sha256 = hashlib.sha256()
 
     def open(self):
-        self.f = open(self.tmp, "wb")
-        os.chmod(self.tmp, 0o600)
+        # A new file, never one already there nor through a link: the directory may be another
+        # user's (a data directory, the database OS user's, receives a backup_manifest).
+        self.tmp.unlink(missing_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.f = os.fdopen(os.open(self.tmp, flags, 0o600), "wb")
 
     def write(self, chunk):
         self.f.write(chunk)

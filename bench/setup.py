@@ -37,9 +37,12 @@ class Workspace:
     def __init__(self, parent=None):
         self.root = Path(tempfile.mkdtemp(prefix="bp-bench-", dir=parent or "/var/tmp"))
         self.root.chmod(0o755)  # the postgres user must reach the clusters, the spool and the repo
-        for name in ("pg", "pgbackrest", "walcp", "walcpsync", "spool", "sandboxes"):
+        for name in ("pg", "pgbackrest", "walcp", "walcpsync", "spool"):
             (self.root / name).mkdir()
             chown_to_db_user(self.root / name)
+        # Root's, as the portal makes it: the clusters under it are postgres's, their parents not
+        # (a PITR refuses a place whose parents postgres could change, and stages its WAL there).
+        (self.root / "sandboxes").mkdir(mode=0o711)
         for name in ("portal", "files", "gnupg"):
             (self.root / name).mkdir(mode=0o700)
         self.passphrase = self.root / "portal" / "passphrase"

@@ -24,6 +24,7 @@ from django.utils import timezone
 from backupportal import conditions, journal
 from backups.binaries import pg_ctl
 from backups.runner import ORPHAN_AFTER, alive, minutes
+from restores import pitr_staging
 from restores.models import RestoreRequest, RestoreRun, RestoreTest
 from restores.pitr_extract import empty, give_back
 from restores.targetdb import RestoreFailed, dropped, dropped_roles
@@ -168,6 +169,7 @@ def remove_datadir(restore):
     directory the DBA gave); the clause saying so, or what is left (tried again next time). Only
     the directory the run made: one removed and made again since (its inode) is another's."""
     datadir = Path(restore.left["datadir"])
+    pitr_staging.remove(Path(restore.left["staging"]) if restore.left.get("staging") else None)
     if not datadir.exists():
         return _removed(restore, f"its cluster in {datadir} is gone")
     if _not_the_runs(restore, datadir):

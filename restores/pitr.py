@@ -7,7 +7,8 @@ Everything that can be refused is refused from the catalog before anything is wr
 data directory's place, production's timeline: pitr_checks). Then: the base backup is streamed
 through gpg (and zstd) into `tar -x` while the WAL prefetcher (pitr_prefetch) fetches the first
 segments of production's timeline from their first healthy copy, checks their sha256, decrypts
-them and reads them for CREATE TABLESPACE (refused) before they appear in DIR/bp_restore_wal;
+them and reads them for CREATE TABLESPACE (refused) before they appear in the WAL staging
+directory (pitr_staging: the portal's, outside DIR);
 pg_verifybackup checks the files (and the backup's
 WAL) against the manifest; recovery is set up the PostgreSQL 12+ way (recovery.signal,
 postgresql.auto.conf: restore_command, recovery_target_*, recovery_target_action = promote)
@@ -43,18 +44,18 @@ from backups.models import BackupCopy, WalSegment
 from backups.runner import beating
 from backups.storage import store_for
 from backups.streams import FetchFailed, FileSink, readable
-from restores import orphans, pitr_chain, pitr_checks, pitr_points, pitr_reach
+from restores import orphans, pitr_chain, pitr_checks, pitr_points, pitr_reach, pitr_staging
 from restores.models import Interrupted, RestoreRun
 from restores.pitr_checks import check_datadir
 from restores.pitr_extract import Extraction, empty, extract_base, give_back, verify_base
-from restores.pitr_plan import STAGING, Plan, Refused, RestoreFailed, Target, encryption_of
-from restores.pitr_prefetch import Prefetch, install, keep_unchecked
+from restores.pitr_plan import Plan, Refused, RestoreFailed, Target, encryption_of
+from restores.pitr_prefetch import Prefetch, install
 from restores.pitr_reach import partial_for
 from restores.pitr_recovery import heartbeat, pg_ctl, start_and_wait, write_recovery_settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STAGING", "Plan", "Refused", "RestoreFailed", "Target", "check_datadir"]  # used through this module too
+__all__ = ["Plan", "Refused", "RestoreFailed", "Target", "check_datadir"]  # used through this module too
 
 LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 
@@ -361,10 +362,15 @@ def execute(plan, run):
     if plan.switch:  # before anything is written: the source may still refuse
         pitr_reach.archive_past_target(plan, run)
         check_chain(plan)
+    plan.staging = pitr_staging.staging_for(run.pk)
     prepare_datadir(plan)
     # Removed by restores.orphans if this process dies: this directory only (its inode), not
-    # one a DBA made again at that path.
-    run.leaves(datadir=str(plan.datadir), created=plan.created_dir, inode=plan.datadir.stat().st_ino, **plan.owner)
+    # one a DBA made again at that path; and the WAL staging directory.
+    inode = plan.datadir.stat().st_ino
+    run.leaves(
+        datadir=str(plan.datadir), created=plan.created_dir, inode=inode, staging=str(plan.staging), **plan.owner
+    )
+    pitr_staging.make(plan.staging)
     # The base is extracted (gpg, zstd, tar) while the first WAL is fetched; the cluster starts
     # as soon as the base is in place and verified, and the rest of the WAL is fetched ahead of
     # replay (pitr_prefetch). A restore point's name decides the base only once its WAL is
@@ -390,7 +396,7 @@ def execute(plan, run):
         stop_prefetch(plan)  # no thread left behind, whatever stopped the restore
         raise
     stop_prefetch(plan)
-    shutil.rmtree(plan.staging, ignore_errors=True)
+    pitr_staging.remove(plan.staging)
     # What the restore read: the base (and the incrementals combined with it) and the WAL fetched.
     run.bytes_done = sum(backup.size or 0 for backup in (plan.base, *plan.links)) + plan.wal_read
     RestoreRun.objects.filter(pk=run.pk).update(bytes_done=run.bytes_done)
@@ -422,10 +428,7 @@ def prepare_datadir(plan):
         was = plan.datadir.lstat()
         plan.owner = {"mode": stat.S_IMODE(was.st_mode), "uid": was.st_uid, "gid": was.st_gid}
     os.chmod(plan.datadir, 0o700)
-    plan.staging.mkdir(mode=0o700)
-    plan.unchecked.mkdir(mode=0o700)
     chown_to_db_user(plan.datadir)
-    keep_unchecked(plan.staging)
 
 
 def discard(plan):
@@ -437,6 +440,7 @@ def discard(plan):
 
 
 def remove(plan):
+    pitr_staging.remove(plan.staging)
     if not plan.datadir.exists():
         return
     if (plan.datadir / "postmaster.pid").exists():
@@ -464,6 +468,7 @@ def stage_history_files(plan):
                 f"history file {segment.name}",
                 segment.sha256,
             )
+            pitr_staging.readable(path)  # recovery's restore_wal.py reads it
     return names
 
 

@@ -126,11 +126,16 @@ def chain_of(plan):
 def combine(plan):
     """The chain rebuilt into plan.datadir (beside the WAL staging directory): FetchFailed when a
     link reads intact from no copy, RestoreFailed when pg_combinebackup refuses."""
-    scratch = Path(tempfile.mkdtemp(prefix=f".{plan.datadir.name}.chain-", dir=plan.datadir.parent))  # 0700
+    scratch = Path(tempfile.mkdtemp(prefix=f".{plan.datadir.name}.chain-", dir=plan.datadir.parent))
     try:
-        chown_to_db_user(scratch)
+        # Root's, traversed by the database OS user (pg_combinebackup reads the links, each its
+        # own directory): that user cannot swap a link's directory for a symbolic link while
+        # the portal writes into it. pg_combinebackup writes into an empty directory of its own.
+        os.chmod(scratch, 0o711)
         parts = [extract_link(plan, run, scratch) for run in chain_of(plan)]
         combined = scratch / "combined"
+        combined.mkdir(mode=0o700)
+        chown_to_db_user(combined)
         run_combinebackup(plan, parts, combined)
         for entry in combined.iterdir():  # the same file system: renames
             os.rename(entry, plan.datadir / entry.name)

@@ -5,6 +5,7 @@ own, while the WAL is staged), then checked against its manifest by pg_verifybac
 recovery starts. Split from restores/pitr.py.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -22,7 +23,29 @@ from backups import tarpipe
 from backups.binaries import backup_major, cluster_tool
 from backups.copies import decrypt_here, settled
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
-from restores.pitr_plan import STAGING, RestoreFailed, encryption_of
+from restores.pitr_plan import RestoreFailed, encryption_of
+
+
+def move_file(source: Path, target: Path):
+    """`source` renamed to `target`, or copied there when they are on two filesystems (the WAL
+    staging directory and the data directory): under a temporary name, never through a link."""
+    try:
+        os.replace(source, target)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    sink = FileSink(target)
+    sink.open()
+    try:
+        with open(source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                sink.write(chunk)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.commit()
+    source.unlink()
 
 
 def give_back(directory, owner):
@@ -33,10 +56,8 @@ def give_back(directory, owner):
         os.chmod(directory, owner["mode"])
 
 
-def empty(directory, keep=()):
+def empty(directory):
     for child in directory.iterdir():
-        if child.name in keep:
-            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -156,7 +177,7 @@ class TarSink:
             self.unzstd.wait()
         if self.extraction is not None:
             self.extraction.join()
-        empty(self.datadir, keep=(STAGING,))
+        empty(self.datadir)
 
 
 def describe(error):
@@ -183,7 +204,8 @@ class Extraction:
         self.future = pool.submit(decrypt_first_healthy, *args)
         self.manifest = None
         if not plan.base.details.get("manifest_in_tar", True):
-            # Beside the WAL staging, which an abort's emptying keeps; moved in once extracted.
+            # In the WAL staging directory (not the data directory, which an abort empties);
+            # moved in once extracted.
             self.manifest_path = plan.staging / self.EARLY_MANIFEST
             copies = readable(plan.base.copies.filter(artifact="manifest").select_related("location"))
             what = f"the backup_manifest of base backup #{plan.base.pk}"
@@ -203,7 +225,7 @@ class Extraction:
     def place_manifest(self, plan, path):
         """The manifest fetched meanwhile, moved to `path`; FetchFailed as place_manifest()."""
         plan.notes += settled(self.manifest.result)
-        os.replace(self.manifest_path, path)
+        move_file(self.manifest_path, path)
 
     def drop_manifest(self):
         """Once its fetch is over, the early manifest removed (its bad copies marked)."""
@@ -242,7 +264,7 @@ def extract_base(plan, early=None):
     try:
         place_manifest(plan, plan.base, plan.datadir, early)
     except FetchFailed:
-        empty(plan.datadir, keep=(STAGING,))  # an older base, if any, is extracted into it next
+        empty(plan.datadir)  # an older base, if any, is extracted into it next
         raise
     if not (plan.datadir / "backup_manifest").exists():
         raise RestoreFailed(f"base backup #{plan.base.pk} holds no backup_manifest: it cannot be verified")
@@ -278,7 +300,6 @@ def verify_base(plan):
             [
                 str(cluster_tool(backup_major(plan.base), "pg_verifybackup", f"checking base backup #{plan.base.pk}")),
                 f"--wal-directory={plan.staging}",
-                f"--ignore={STAGING}",
                 *skip,
                 str(plan.datadir),
             ]

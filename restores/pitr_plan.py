@@ -14,10 +14,9 @@ from backups import walnames
 from backups.crypto import Encryption
 from backups.models import BackupRun, Server
 
-STAGING = "bp_restore_wal"
-# Inside STAGING, closed to the database OS user: segments decrypted and not yet checked
-# (pitr_checks.tablespace_creations) wait here; only a checked one is linked into STAGING, where
-# restore_wal.py hands it to recovery.
+# Inside the WAL staging directory (pitr_staging), closed to the database OS user: segments
+# decrypted and not yet checked (pitr_checks.tablespace_creations) wait here; only a checked one
+# is linked into the staging directory, where restore_wal.py hands it to recovery.
 UNCHECKED = "unchecked"
 
 
@@ -75,16 +74,14 @@ class Plan:
     # and its walchain.Lineage: which timeline's copy of each segment is production's.
     timeline: int | None = None
     lineage: object = None
+    # The WAL staging directory, outside the data directory (pitr_staging.staging_for the run).
+    staging: Path | None = None
     wal_read: int = 0  # bytes of WAL the prefetcher decrypted (pitr_prefetch), for the run's bytes restored
 
     @property
     def newest(self):
         """The backup WAL is replayed from: the chain's newest link, or the base backup."""
         return self.links[-1] if self.links else self.base
-
-    @property
-    def staging(self):
-        return self.datadir / STAGING
 
     @property
     def unchecked(self):

@@ -31,15 +31,14 @@ from types import SimpleNamespace
 
 from django.conf import settings
 
-from backupportal.lib.osuser import chown_to_db_user
 from backups import walchain, walnames
 from backups.binaries import MissingBinaries, backup_major, cluster_tool
 from backups.copies import mark_faults
 from backups.models import BackupCopy
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from backups.walspool import SYSTEM_PYTHON
-from restores import pitr_checks, restore_wal
-from restores.pitr_plan import UNCHECKED, RestoreFailed, encryption_of
+from restores import pitr_checks, pitr_staging, restore_wal
+from restores.pitr_plan import RestoreFailed, encryption_of
 
 PROGRAM = "restore_wal.py"
 BEAT_EVERY_S = 1.0
@@ -65,37 +64,11 @@ def install(staging: Path, names):
     """The program and the plan (every file this restore provides) into the staging directory,
     readable by the database OS user. Written again when the plan changes (an older base)."""
     shutil.copyfile(Path(restore_wal.__file__), staging / PROGRAM)
-    os.chmod(staging / PROGRAM, 0o644)
+    pitr_staging.readable(staging / PROGRAM)
     tmp = staging / f".{restore_wal.PLAN}.tmp"
     tmp.write_text("".join(f"{name}\n" for name in names))
-    os.chmod(tmp, 0o644)
+    pitr_staging.readable(tmp)
     os.replace(tmp, staging / restore_wal.PLAN)
-    chown_to_db_user(staging)
-    keep_unchecked(staging)
-
-
-def keep_unchecked(staging: Path):
-    """The unchecked directory back to root once the staging was given to the database OS user:
-    what is there has not passed its checks, and recovery reads only what the prefetcher linked
-    out of it."""
-    if os.geteuid() != 0:
-        return
-    # By its descriptor, never through a symbolic link: the staging directory is the database OS
-    # user's, and a link put there in its place must not make root own or close another directory.
-    try:
-        fd = os.open(staging / UNCHECKED, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise RestoreFailed(
-            f"{staging / UNCHECKED} is not the directory this restore made ({e.strerror}): something running as"
-            " the database OS user changed the restore's staging directory; restore again"
-        ) from None
-    try:
-        os.fchown(fd, 0, 0)
-        os.fchmod(fd, 0o700)
-    finally:
-        os.close(fd)
 
 
 def window(plan):
@@ -127,7 +100,6 @@ class Prefetch:
         self.passed = set()  # segnos checked and linked into the staging directory, by this prefetcher
         self.notes, self.faults = [], []
         self.error = None
-        self.owned = False  # the heartbeat file belongs to the database OS user
         self.stopping = threading.Event()
         self.changed = threading.Condition()
         self.thread = threading.Thread(target=self.run, name="pitr-prefetch", daemon=True)
@@ -239,7 +211,7 @@ class Prefetch:
             self.check_tablespaces(segment)
             self.checked.add(segment.segno)
         if not path.exists():
-            chown_to_db_user(held)  # the same file as the staged one: it belongs to the database OS user
+            pitr_staging.readable(held)  # the same file as the staged one, which recovery reads
             linking = self.staging / f".{segment.name}.linking"
             linking.unlink(missing_ok=True)
             os.link(held, linking)
@@ -299,7 +271,7 @@ class Prefetch:
         marker = self.staging / f"{segment.name}.failed"
         try:
             marker.write_text(str(error).splitlines()[0] + "\n")
-            chown_to_db_user(marker)
+            pitr_staging.readable(marker)
         except OSError:
             pass  # the restore fails on self.error anyway; without the marker recovery waits, then stops
         with self.changed:
@@ -307,10 +279,10 @@ class Prefetch:
 
     def requested(self):
         """The number of the segment recovery asked for last; -1 before it asks."""
+        name = pitr_staging.requested(self.staging)
         try:
-            name = (self.staging / restore_wal.REQUESTED).read_text().strip()
             return self.plan.segno(name) if len(name) == 24 else -1
-        except (OSError, ValueError):
+        except ValueError:
             return -1
 
     def prune(self, wanted):
@@ -323,11 +295,7 @@ class Prefetch:
                 self.removed.add(segno)
 
     def beat(self):
-        alive = self.staging / restore_wal.ALIVE
         try:
-            alive.touch()
-            if not self.owned:
-                chown_to_db_user(alive)
-                self.owned = True
+            (self.staging / restore_wal.ALIVE).touch()  # root's: restore_wal.py only looks at its time
         except OSError:
             pass  # the directory is being removed: the restore is ending

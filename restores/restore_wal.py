@@ -13,8 +13,11 @@ runs. This program only waits for the file and copies it into %p. What it finds 
     NAME             a staged file, complete (renamed into place)
     NAME.failed      the prefetcher could not provide NAME: one line saying why
     prefetcher.alive touched by the prefetcher every second while it runs
-    requested        written here: the newest planned file recovery asked for (the prefetcher
+    asked/requested  written here: the newest planned file recovery asked for (the prefetcher
                      keeps its window ahead of it, and fetches again a file it had removed)
+
+All of STAGING is root's and only readable by the database OS user, except asked/, the one
+place it writes (restores/pitr_staging.py says why).
 
 Exit 0: %p holds the file. Exit 1: not in the plan (a future timeline's history file, the
 segment after the last one): recovery ends there or looks for another timeline, as PostgreSQL
@@ -31,6 +34,7 @@ NOT_FOUND = 1
 FATAL = 126
 PLAN = "plan"
 ALIVE = "prefetcher.alive"
+ASKED = "asked"
 REQUESTED = "requested"
 # A prefetcher that has not touched its heartbeat for this long has stopped (the portal died).
 SILENT_S = 60
@@ -47,11 +51,11 @@ def planned(staging):
 
 def note_request(staging, name):
     """Tell the prefetcher where replay is (atomically: it may read while this writes)."""
-    tmp = os.path.join(staging, f".{REQUESTED}.{os.getpid()}")
+    tmp = os.path.join(staging, ASKED, f".{REQUESTED}.{os.getpid()}")
     try:
         with open(tmp, "w") as f:
             f.write(name + "\n")
-        os.replace(tmp, os.path.join(staging, REQUESTED))
+        os.replace(tmp, os.path.join(staging, ASKED, REQUESTED))
     except OSError:
         pass  # only an optimisation: the window then moves on its own
 

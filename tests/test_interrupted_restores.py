@@ -17,7 +17,7 @@ from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
 from backups import walingest
 from backups.models import BackupRun, Server
-from restores import orphans
+from restores import orphans, pitr_staging
 from restores.logical import run_logical
 from restores.models import Interrupted, RestoreRequest, RestoreRun, RestoreTest
 from restores.restoretest import run_restore_test
@@ -108,7 +108,10 @@ def test_a_pitr_whose_worker_is_killed_has_its_cluster_stopped_and_removed(big_s
         )  # fmt: skip
         wait_for(lambda: RestoreRun.objects.filter(status="running").exclude(left={}).exists(), timeout=60, what="left")
         restore = RestoreRun.objects.get(status="running")
-        assert restore.left == {"datadir": str(datadir), "created": True, "inode": datadir.stat().st_ino}
+        staging = pitr_staging.staging_for(restore.pk)  # the portal's, outside the data directory
+        made = {"datadir": str(datadir), "created": True, "inode": datadir.stat().st_ino, "staging": str(staging)}
+        assert restore.left == made
+        wait_for(lambda: (staging / "unchecked").exists(), timeout=30, what="the staging directory")
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=30)
         assert datadir.exists()
@@ -118,6 +121,7 @@ def test_a_pitr_whose_worker_is_killed_has_its_cluster_stopped_and_removed(big_s
         assert restore.status == "failed" and restore.left == {}
         assert restore.error.endswith(f"its cluster in {datadir} was stopped and removed"), restore.error
         assert not datadir.exists() and postgres_running_in(datadir.parent) == []
+        assert not staging.exists()
     finally:
         stop_restored(datadir)
 

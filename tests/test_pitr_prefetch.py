@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -14,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from backupportal.lib.osuser import chown_to_db_user, db_user_ids, free_port, run_as_db_user
-from backupportal.lib.pgdatadir import make_base_dir
 from backups import walingest
 from backups.models import BackupCopy, WalSegment
-from restores import pitr_prefetch, restore_wal
+from restores import pitr_prefetch, pitr_staging, restore_wal
 from restores.pitr_plan import UNCHECKED, RestoreFailed
 from tests.helpers import (
     archive_some_wal,
@@ -108,9 +108,11 @@ def test_recovery_replays_wal_fetched_while_it_runs_through_a_small_window(
     assert watched["most"] <= WINDOW + pitr_prefetch.KEEP_BEHIND + 3 < result["wal_segments"]
     log = (datadir / "log" / "pitr-restore.log").read_text()
     assert log.count("restored log file") >= SEGMENTS
-    assert not (datadir / "bp_restore_wal").exists()
+    # The staging was the portal's, outside the data directory, and is gone.
+    conf = (datadir / "postgresql.auto.conf").read_text()
+    assert f"{pitr_staging.staging_for(result['id'])}/restore_wal.py" in conf
+    assert not list(Path(settings.PITR_STAGING_ROOT).iterdir())
     assert no_prefetch_thread()
-    assert "restore_wal.py" in (datadir / "postgresql.auto.conf").read_text()
 
 
 def test_a_segment_found_corrupt_mid_recovery_fails_the_pitr_naming_it_and_leaves_nothing(
@@ -161,7 +163,7 @@ def run_program(staging, name, target):
 
 def test_restore_wal_answers_not_found_fast_copies_staged_files_and_stops_on_a_failure(tmp_path):
     staging, pg_wal = tmp_path / "staging", tmp_path / "pg_wal"
-    staging.mkdir()
+    (staging / restore_wal.ASKED).mkdir(parents=True)
     pg_wal.mkdir()
     here, failed, late = "000000010000000000000003", "000000010000000000000004", "000000010000000000000005"
     pitr_prefetch.install(staging, [here, failed, late, "00000001.history"])
@@ -175,7 +177,8 @@ def test_restore_wal_answers_not_found_fast_copies_staged_files_and_stops_on_a_f
 
     code, err, _ = run_program(staging, here, str(pg_wal / "RECOVERYXLOG"))
     assert code == 0 and (pg_wal / "RECOVERYXLOG").read_bytes() == b"wal" * 1000
-    assert (staging / "requested").read_text().strip() == here
+    assert (staging / restore_wal.ASKED / restore_wal.REQUESTED).read_text().strip() == here
+    assert pitr_staging.requested(staging) == here
     assert not list(pg_wal.glob("*.restoring"))
 
     code, err, _ = run_program(staging, failed, str(pg_wal / "RECOVERYXLOG"))
@@ -186,66 +189,162 @@ def test_restore_wal_answers_not_found_fast_copies_staged_files_and_stops_on_a_f
     assert code == restore_wal.FATAL and "prefetcher stopped" in err
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives the WAL staging to the database OS user")
-def test_installing_restore_wal_while_the_early_manifest_is_committed_beside_it_does_not_fail(tmp_path, monkeypatch):
-    """The early manifest (restores.pitr_extract.Extraction) is fetched into the WAL staging on a
-    thread of its own while the restore installs restore_wal.py there and gives the directory to
-    the database OS user: its temporary file, listed by that chown, may be renamed before the
-    chown reaches it. A CI run under load failed so: [Errno 2] on ..backup_manifest.early.fetching."""
-    staging = tmp_path / "bp_restore_wal"
-    staging.mkdir()
-    fetching = staging / "..backup_manifest.early.fetching"
+# --- the staging directory is the portal's: nothing on its path is the database OS user's ------
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="only root keeps the WAL staging from the database OS user")
+SEGMENT = "000000010000000000000003"
+
+
+@pytest.fixture
+def staging_base():
+    base = Path(tempfile.mkdtemp(prefix="bp-staging-"))  # root's, in the session's directory (not pytest's 0700)
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@ROOT_ONLY
+def test_recovery_reads_the_staged_wal_and_writes_only_its_request_and_can_move_nothing(staging_base):
+    """A PITR's staging was inside the data directory, which PostgreSQL gives to the database OS
+    user: anything running as that user (another cluster here, a restored copy's superuser by
+    COPY ... PROGRAM) could swap it, or staging/unchecked, for a link while root wrote and removed
+    WAL-named files there. Now it is root's, outside: that user reads what recovery needs, writes
+    its request, and can rename, replace or remove nothing."""
+    staging = pitr_staging.make(staging_base / "pitr-staging" / "restore-7")
+    (staging / UNCHECKED / SEGMENT).write_bytes(b"not checked yet")
+    pitr_prefetch.install(staging, [SEGMENT])
+    os.link(staging / UNCHECKED / SEGMENT, staging / SEGMENT)
+    pitr_staging.readable(staging / SEGMENT)  # as the prefetcher does once the segment passed its checks
+
+    modes = {p.name: (os.stat(p).st_uid, stat.S_IMODE(os.stat(p).st_mode)) for p in (staging.parent, staging)}
+    assert modes == {"pitr-staging": (0, 0o711), "restore-7": (0, 0o750)}
+    assert os.stat(staging / restore_wal.ASKED).st_uid == db_user_ids()[0]
+    assert run_as_db_user(["cat", staging / restore_wal.PLAN]).stdout == f"{SEGMENT}\n"
+    assert run_as_db_user(["cat", staging / SEGMENT]).stdout == "not checked yet"
+    assert run_as_db_user(["ls", staging.parent]).returncode != 0  # traversed, not listed
+    for argv in (
+        ["mv", staging / UNCHECKED, staging / "away"],
+        ["ln", "-s", "/etc", staging / "elsewhere"],
+        ["rm", "-f", staging / SEGMENT],
+        ["mv", staging, staging.parent / "away"],
+        ["sh", "-c", f"echo x >> {staging / SEGMENT}"],
+        ["cat", staging / UNCHECKED / SEGMENT],
+    ):
+        denied = run_as_db_user(argv)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, argv
+    # restore_wal.py as PostgreSQL runs it, as that user: the segment copied, the request noted.
+    target = staging_base / "pg_wal"
+    target.mkdir()
+    chown_to_db_user(target)
+    program = [
+        "/usr/bin/env", "-i", "/usr/bin/python3", "-I", "-S", staging / pitr_prefetch.PROGRAM, staging, SEGMENT,
+        target / "RECOVERYXLOG",
+    ]  # fmt: skip
+    assert run_as_db_user(program).returncode == 0
+    assert (target / "RECOVERYXLOG").read_bytes() == b"not checked yet"
+    assert pitr_staging.requested(staging) == SEGMENT
+    pitr_staging.remove(staging)
+    assert not staging.exists()
+
+
+@ROOT_ONLY
+def test_the_request_is_read_without_following_a_link_or_waiting_on_a_fifo(staging_base):
+    staging = pitr_staging.make(staging_base / "pitr-staging" / "restore-8")
+    secret = staging_base / "secret"
+    secret.write_text(SEGMENT)
+    asked = staging / restore_wal.ASKED / restore_wal.REQUESTED
+    run_as_db_user(["ln", "-s", secret, asked])
+    assert asked.is_symlink() and pitr_staging.requested(staging) == ""
+    asked.unlink()
+    assert run_as_db_user(["mkfifo", asked]).returncode == 0
+    assert pitr_staging.requested(staging) == ""  # at once: a FIFO is not opened for a wait
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize(
+    "how, said",
+    [
+        ("writable", "can be changed by another user than root"),
+        ("owned", "can be changed by another user than root"),
+        ("closed", "cannot be traversed by the postgres OS user"),
+        ("sticky root", "can be changed by another user than root"),
+        ("their link", "can be changed by another user than root"),
+    ],
+)
+def test_a_staging_root_the_database_os_user_could_change_or_cannot_reach_is_refused(staging_base, how, said):
+    above = staging_base / "above"
+    above.mkdir()
+    root = above / "pitr-staging"
+    if how == "writable":
+        above.chmod(0o777)  # not sticky: anyone may rename what is in it
+    elif how == "owned":
+        chown_to_db_user(above)
+    elif how == "closed":
+        above.chmod(0o700)
+    elif how == "sticky root":  # PITR_STAGING_ROOT=/tmp, say: made 0711 it would have lost its sticky bit
+        root.mkdir()
+        root.chmod(0o1777)
+    else:  # a link the database OS user made in a sticky directory: it could point it elsewhere later
+        above.chmod(0o1777)
+        (staging_base / "real").mkdir()
+        assert run_as_db_user(["ln", "-s", staging_base / "real", root]).returncode == 0
+    with pytest.raises(RestoreFailed, match=said) as refused:
+        pitr_staging.make(root / "restore-9")
+    assert "set PITR_STAGING_ROOT elsewhere" in str(refused.value)
+    assert not (root / "restore-9").exists()
+    if how == "sticky root":
+        assert stat.S_IMODE(root.stat().st_mode) == 0o1777
+    if how == "their link":
+        assert stat.S_IMODE((staging_base / "real").stat().st_mode) == 0o755
+
+
+@ROOT_ONLY
+def test_a_staging_root_made_under_a_strict_umask_can_be_traversed(staging_base):
+    """The worker runs under umask 077: PITR_STAGING_ROOT and its missing parents are made
+    traversable whatever it is (0700 had refused the first PITR, and for good)."""
+    was = os.umask(0o077)
+    try:
+        staging = pitr_staging.make(staging_base / "var" / "deeper" / "pitr-staging" / "restore-10")
+    finally:
+        os.umask(was)
+    modes = [stat.S_IMODE(os.stat(d).st_mode) for d in (staging.parents[2], staging.parents[1], staging.parent)]
+    assert modes == [0o755, 0o755, 0o711]
+    assert run_as_db_user(["test", "-x", staging / restore_wal.ASKED]).returncode == 0
+
+
+def test_a_decrypted_file_is_never_written_through_a_link_at_its_temporary_name(tmp_path):
+    """FileSink writes a backup_manifest into a data directory, the database OS user's: a link
+    put at its temporary name must not have the portal write (as root) where it points."""
+    from backups.streams import FileSink
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    sink = FileSink(tmp_path / "backup_manifest")
+    sink.tmp.symlink_to(victim)
+    sink.open()
+    sink.write(b"{}")
+    sink.commit()
+    assert victim.read_text() == "precious"
+    assert (tmp_path / "backup_manifest").read_bytes() == b"{}" and not sink.tmp.exists()
+
+
+def test_chown_to_the_database_user_skips_an_entry_renamed_between_the_listing_and_its_chown(tmp_path, monkeypatch):
+    """chown_to_db_user lists, then changes each name: what another thread renamed meanwhile
+    (the early manifest's fetch committing its file) is skipped, not an error. A CI run under
+    load once failed so: [Errno 2] on ..backup_manifest.early.fetching."""
+    if db_user_ids() is None:
+        pytest.skip("only root gives files to the database OS user")
+    directory = tmp_path / "given"
+    directory.mkdir()
+    fetching = directory / "..backup_manifest.early.fetching"
     fetching.write_bytes(b"{}")
     lchown = os.lchown
 
     def committed_meanwhile(path, *ids):
         if os.fspath(path) == str(fetching) and fetching.exists():  # listed, then renamed by the fetch
-            os.replace(fetching, staging / ".backup_manifest.early")
+            os.replace(fetching, directory / ".backup_manifest.early")
         return lchown(path, *ids)
 
     monkeypatch.setattr(os, "lchown", committed_meanwhile)
-    pitr_prefetch.install(staging, ["000000010000000000000003"])
-    uid, _ = db_user_ids()
-    assert {os.stat(p).st_uid for p in (staging, staging / pitr_prefetch.PROGRAM, staging / restore_wal.PLAN)} == {uid}
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives the WAL staging to the database OS user")
-def test_the_unchecked_wal_stays_closed_to_the_database_os_user_when_the_staging_is_given_to_it():
-    """Recovery (restore_wal.py, as the database OS user) reads only segments the prefetcher
-    checked and linked out of staging/unchecked: the staging's chown (every install, when the
-    plan changes) must not open that directory to it."""
-    base = make_base_dir(None, "bp-unchecked-")  # where the database OS user can reach
-    try:
-        staging = base / "bp_restore_wal"
-        (staging / UNCHECKED).mkdir(parents=True)
-        (staging / UNCHECKED / "000000010000000000000003").write_bytes(b"not checked yet")
-        pitr_prefetch.install(staging, ["000000010000000000000003"])
-        uid, _ = db_user_ids()
-        assert os.stat(staging).st_uid == uid and os.stat(staging / pitr_prefetch.PROGRAM).st_uid == uid
-        closed = os.stat(staging / UNCHECKED)
-        assert (closed.st_uid, stat.S_IMODE(closed.st_mode)) == (0, 0o700)
-        assert run_as_db_user(["cat", staging / restore_wal.PLAN]).stdout == "000000010000000000000003\n"
-        denied = run_as_db_user(["cat", staging / UNCHECKED / "000000010000000000000003"])
-        assert denied.returncode != 0 and "Permission denied" in denied.stderr
-    finally:
-        shutil.rmtree(base)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives the WAL staging to the database OS user")
-def test_a_link_put_in_place_of_the_unchecked_directory_makes_root_own_or_close_nothing_else():
-    """The staging directory is the database OS user's: anything running as that user (another
-    cluster on this host) could put a symbolic link where staging/unchecked was. Closing it by
-    name would have made root own that link's target and closed it (0700)."""
-    base = make_base_dir(None, "bp-unchecked-")
-    try:
-        staging, elsewhere = base / "bp_restore_wal", base / "elsewhere"
-        staging.mkdir()
-        elsewhere.mkdir(mode=0o755)
-        chown_to_db_user(elsewhere)
-        (staging / UNCHECKED).symlink_to(elsewhere)
-        with pytest.raises(RestoreFailed, match="is not the directory this restore made"):
-            pitr_prefetch.install(staging, ["000000010000000000000003"])
-        after = os.stat(elsewhere)
-        assert (after.st_uid, stat.S_IMODE(after.st_mode)) == (db_user_ids()[0], 0o755)
-    finally:
-        shutil.rmtree(base)
+    chown_to_db_user(directory)
+    assert os.stat(directory).st_uid == db_user_ids()[0]
