@@ -520,10 +520,13 @@ class StockRecovery:
         )
 
 
-def restored_dir(ws, name):
+def restored_dir(ws, name, portal=False):
+    """The data directory of a restored copy. The portal's parent stays root's (a PITR refuses a
+    place whose parents postgres could change); pgBackRest and the shell write logs beside it."""
     parent = ws.root / "restored" / name
     parent.mkdir(parents=True)
-    chown_to_db_user(parent)
+    if not portal:
+        chown_to_db_user(parent)
     return parent / "data"
 
 
@@ -564,7 +567,7 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
     for i in range(rounds):
 
         def portal_pitr(i):
-            datadir, port = restored_dir(ws, f"portal{i}"), free_port()
+            datadir, port = restored_dir(ws, f"portal{i}", portal=True), free_port()
             portal.manage("ingestwal", server)  # as the worker's schedule would have (see portal_base)
             os.sync()
             try:
@@ -611,7 +614,7 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
 
         methods = [(PORTAL_PITR, portal_pitr, i), (BR_RESTORE, pgbackrest_restore, i)]
         in_turn(rows, i, methods + ([(STAGE_STOCK_PITR, stock_pitr, i)] if stock else []))
-    datadir = restored_dir(ws, "profile")
+    datadir = restored_dir(ws, "profile", portal=True)
     try:
         args = ("restore", "--server", server, "--target", "latest", "--into-datadir", str(datadir))
         rows.set(PORTAL_PITR, "profile", profile(portal, *args, "--port", str(free_port())))

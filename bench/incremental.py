@@ -145,7 +145,7 @@ def stock_recover(ws, portal, cluster, results, name, expected):
 
 
 def portal_pitr(ws, portal, name, expected):
-    datadir, port = restored_dir(ws, name), free_port()
+    datadir, port = restored_dir(ws, name, portal=True), free_port()
     try:
         args = ("restore", "--server", SERVER, "--target", "latest", "--into-datadir", str(datadir))
         sample, result = portal_run(portal, *args, "--port", str(port))

@@ -125,7 +125,7 @@ def pitr(ws, portal):
         f"{name} to be archived",
     )
     portal.manage("ingestwal", SMALL_CLUSTER)
-    datadir, port = compare.restored_dir(ws, "memory-small"), free_port()
+    datadir, port = compare.restored_dir(ws, "memory-small", portal=True), free_port()
     try:
         args = ("restore", "--server", SMALL_CLUSTER, "--target", "latest", "--into-datadir", str(datadir))
         sample, _ = compare.portal_run(portal, *args, "--port", str(port))

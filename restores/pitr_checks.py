@@ -21,6 +21,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import tempfile
@@ -68,7 +69,25 @@ def check_datadir(into_datadir) -> Path:
             raise Refused(
                 f"the {DB_OS_USER} user cannot reach {datadir} ({blocked} is closed to it): choose another place"
             )
+        refuse_parents_it_could_change(datadir, uid, gid)
     return datadir
+
+
+def refuse_parents_it_could_change(datadir, uid, gid):
+    """The new cluster's directory is the database OS user's (PostgreSQL requires it), and the
+    portal, as root, writes into it, empties it on failure and gives it back: a parent that user
+    could change (its own, or writable by it and not sticky) would let it rename the directory
+    and put a link to any other in its place, for root to write into, empty or chmod."""
+    groups = set(os.getgrouplist(DB_OS_USER, gid))
+    for parent in dict.fromkeys([*datadir.parents, *datadir.resolve().parents]):
+        st = os.lstat(parent)
+        writable = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid in groups)
+        if st.st_uid == uid or (writable and not st.st_mode & stat.S_ISVTX and not stat.S_ISLNK(st.st_mode)):
+            raise Refused(
+                f"{parent} can be changed by the {DB_OS_USER} OS user, who will own {datadir}: it could swap that"
+                " directory for a link while the portal (root) writes into it; choose a place whose parent"
+                f" directories only root can change (say /srv/restores/{datadir.name}, or under SANDBOX_ROOT)"
+            )
 
 
 def portal_storage():
@@ -79,6 +98,7 @@ def portal_storage():
         (settings.WAL_SPOOL, "the WAL spool (WAL_SPOOL)"),
         (settings.KEYRING_DIR, "the keyring (KEYRING_DIR)"),
         (settings.SIGNING_KEY_DIR, "the signing key (SIGNING_KEY_DIR)"),
+        (settings.PITR_STAGING_ROOT, "the WAL staging of PITRs (PITR_STAGING_ROOT)"),
     ]
     if settings.NAS_ROOT:
         places.append((settings.NAS_ROOT, "NAS_ROOT"))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from django.template.defaultfilters import filesizeformat
 
-from backupportal.lib.osuser import DB_OS_USER, run_as_db_user
+from backupportal.lib.osuser import DB_OS_USER, run_as_db_user, write_as_db_user
 from backups import binaries, walspool
 from restores.pitr_libraries import asked, configured, split_list
 
@@ -213,7 +213,7 @@ def leave_out_includes(plan):
             where = conf.relative_to(plan.datadir) if conf.is_relative_to(plan.datadir) else conf
             left_out.append(f"{m.group(1).decode().lower()} {walspool.conf_quote(value)} (in {where})")
         if changed:
-            conf.write_bytes(b"\n".join(lines))
+            write_as_db_user(conf, b"\n".join(lines))  # the data directory's files: as its owner
     if left_out:
         plan.warnings.append(
             f"production's configuration names {', '.join(left_out)}, outside its data directory: not in the"
@@ -325,9 +325,9 @@ def _limit(path):
 
 
 def _write(plan, changes):
-    with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
-        conf.write("# production's value does not fit this host: written by backupportal's PITR restore\n")
-        conf.write("".join(f"{name} = {walspool.conf_quote(value)}\n" for name, value in changes.items()))
+    lines = ["# production's value does not fit this host: written by backupportal's PITR restore\n"]
+    lines += [f"{name} = {walspool.conf_quote(value)}\n" for name, value in changes.items()]
+    write_as_db_user(plan.datadir / "postgresql.auto.conf", "".join(lines).encode(), append=True)
 
 
 def _as_db_user(argv):

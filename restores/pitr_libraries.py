@@ -20,7 +20,7 @@ production loads. Three things go wrong with that:
 import subprocess
 from pathlib import Path
 
-from backupportal.lib.osuser import run_as_db_user
+from backupportal.lib.osuser import run_as_db_user, write_as_db_user
 from backups import binaries, walspool
 
 PRELOAD_LISTS = ("shared_preload_libraries", "session_preload_libraries", "local_preload_libraries")
@@ -67,9 +67,10 @@ def leave_out_missing(plan):
             " what needs it (its functions, types and hooks) fails there until it is installed and listed again"
         )
     if written:
-        with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
-            conf.write("# libraries not in this host's $libdir, left out by backupportal's PITR restore\n")
-            conf.write("\n".join(written) + "\n")
+        note = "# libraries not in this host's $libdir, left out by backupportal's PITR restore\n"
+        write_as_db_user(
+            plan.datadir / "postgresql.auto.conf", (note + "\n".join(written) + "\n").encode(), append=True
+        )
 
 
 def configured(postgres, datadir, name):

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal.lib.libpq import SAFE_AUTH
-from backupportal.lib.osuser import chown_to_db_user
+from backupportal.lib.osuser import chown_to_db_user, write_as_db_user
 from backups import binaries, walspool
 from backups.binaries import backup_major
 from backups.connection import SESSION_GUARD, guard_newer
@@ -135,18 +135,21 @@ def write_recovery_settings(plan):
         # records ("insufficient parameter settings"): those are written, the rest is default.
         recorded = control_parameters(plan)
         lines = ["# written by backupportal's PITR restore", *(f"{k} = {v}" for k, v in recorded.items())]
-        (plan.datadir / "postgresql.conf").write_text("\n".join(lines) + "\n")
+        write_as_db_user(plan.datadir / "postgresql.conf", ("\n".join(lines) + "\n").encode())
         plan.notes.append(
             "the backup had no postgresql.conf (kept outside the data directory): one was written with"
             + (f" production's {', '.join(f'{k} = {v}' for k, v in recorded.items())}" if recorded else " defaults")
         )
     if not (plan.datadir / "pg_hba.conf").exists():
-        (plan.datadir / "pg_hba.conf").write_text(
-            "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
+        write_as_db_user(
+            plan.datadir / "pg_hba.conf",
+            b"local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n",
         )
         plan.notes.append("the backup had no pg_hba.conf: one allowing local connections was written")
     if not (plan.datadir / "pg_ident.conf").exists():
-        (plan.datadir / "pg_ident.conf").write_text("# written by backupportal's PITR restore: no user name maps\n")
+        write_as_db_user(
+            plan.datadir / "pg_ident.conf", b"# written by backupportal's PITR restore: no user name maps\n"
+        )
     if (plan.datadir / "standby.signal").exists():
         (plan.datadir / "standby.signal").unlink()
         plan.notes.append(
@@ -157,13 +160,12 @@ def write_recovery_settings(plan):
         f"\n# PITR restore by backupportal, {timezone.localtime():%Y-%m-%d %H:%M:%S%z}, target {plan.target.text!r}"
     ]  # a name may hold a line break
     lines += [f"{name} = {walspool.conf_quote(value)}" for name, value in recovery_settings(plan).items()]
-    with open(plan.datadir / "postgresql.auto.conf", "a") as conf:
-        conf.write("\n".join(lines) + "\n")
-    (plan.datadir / "recovery.signal").touch()
-    (plan.datadir / "log").mkdir(exist_ok=True)
-    # One by one: a chown -R of the data directory would race the WAL prefetcher's renames.
-    for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf", "recovery.signal", "log"):
-        chown_to_db_user(plan.datadir / name)
+    # As the database OS user, whose data directory this is: anything running as that user could
+    # have put a link at these names since the extraction, and a write as root would follow it.
+    write_as_db_user(plan.datadir / "postgresql.auto.conf", ("\n".join(lines) + "\n").encode(), append=True)
+    write_as_db_user(plan.datadir / "recovery.signal", b"")
+    (plan.datadir / "log").mkdir(exist_ok=True)  # a link there is given away itself, never followed
+    chown_to_db_user(plan.datadir / "log")
     pitr_host.fit(plan)  # first: an io_method this host lacks hides every other setting
     pitr_libraries.leave_out_missing(plan)
     pitr_host.fit_shared_memory(plan)  # postgres -C shared_memory_size loads the libraries left

@@ -22,7 +22,7 @@ from django.utils import timezone
 from django_q.conf import Conf
 
 from backupportal import journal
-from backupportal.lib.osuser import chown_to_db_user, free_port
+from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry
 from backups.binaries import pg_ctl, server_major
 from restores import pitr
@@ -85,7 +85,9 @@ def throwaway_datadir(test) -> Path:
     """A private directory for a restore test's cluster; the name carries our pid for clear_leftovers."""
     clear_leftovers()
     scratch = Path(tempfile.mkdtemp(prefix=f"{THROWAWAY_PREFIX}{os.getpid()}-{test.pk}-", dir=sandbox_root()))
-    chown_to_db_user(scratch)
+    # Root's and traversable: only the cluster's own directory (made by the restore) is the
+    # database OS user's, which could otherwise rename it and put a link in its place.
+    os.chmod(scratch, 0o711)
     return scratch / "data"
 
 

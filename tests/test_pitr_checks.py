@@ -7,6 +7,8 @@ listing each; a data directory inside another cluster, a tablespace or the porta
 is refused before anything is written.
 """
 
+import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -513,3 +515,51 @@ def test_a_refused_data_directory_is_journaled_and_nothing_is_written(
     assert not inside.exists() and not RestoreRun.objects.exists()
     refusal = JournalEntry.objects.get(action="pitr_refused")
     assert "inside the data directory of another cluster" in refusal.details["reason"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root portal has the database OS user to keep out")
+def test_a_data_directory_whose_parent_the_database_os_user_could_change_is_refused(places):
+    """The new cluster's directory is the database OS user's; where that user could also change a
+    parent (its own, say /var/lib/postgresql/15, or one it may write, not sticky), it could rename
+    the directory and put a link in its place while the portal, as root, writes into it."""
+    theirs = places() / "theirs"
+    theirs.mkdir()
+    chown_to_db_user(theirs)
+    refused(theirs / "data", rf"{theirs} can be changed by the postgres OS user, who will own {theirs / 'data'}")
+    open_to_all = places() / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    refused(open_to_all / "data", "can be changed by the postgres OS user")
+    sticky = places() / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # as /tmp: no one renames what is not theirs
+    assert pitr.check_datadir(str(sticky / "data")) == sticky / "data"
+    given = places() / "data"
+    given.mkdir()
+    chown_to_db_user(given)  # the directory itself may be theirs already: only its parents count
+    assert pitr.check_datadir(str(given)) == given
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root writes as the database OS user")
+def test_the_copys_settings_are_written_as_the_database_os_user_never_through_a_link(places):
+    """After the extraction the copy's directory is the database OS user's: a link it put at
+    postgresql.auto.conf (never checked by pg_verifybackup) would have had root append the
+    portal's settings to any file, and a dangling one create any file."""
+    from backupportal.lib.osuser import write_as_db_user
+
+    victim = places() / "victim"
+    victim.write_text("root's only\n")
+    victim.chmod(0o600)
+    home = places() / "copy"
+    home.mkdir()
+    chown_to_db_user(home)
+    subprocess.run(["runuser", "-u", "postgres", "--", "ln", "-s", victim, home / "postgresql.auto.conf"], check=True)
+    subprocess.run(["runuser", "-u", "postgres", "--", "ln", "-s", home.parent / "made", home / "recovery.signal"])
+    with pytest.raises(OSError, match=r"could not write .*postgresql.auto.conf as the postgres OS user: .*denied"):
+        write_as_db_user(home / "postgresql.auto.conf", b"port = 1\n", append=True)
+    assert victim.read_text() == "root's only\n"
+    with pytest.raises(OSError, match="recovery.signal"):
+        write_as_db_user(home / "recovery.signal", b"")
+    assert not (home.parent / "made").exists()
+    write_as_db_user(home / "pg_hba.conf", b"local all all peer\n")
+    assert (home / "pg_hba.conf").stat().st_uid == pwd.getpwnam("postgres").pw_uid

@@ -510,7 +510,16 @@ def test_a_copy_of_a_bigger_host_is_sized_from_its_own_files_whatever_production
     assert memory_warning.startswith("production's shared memory (")
 
 
-def test_min_dynamic_shared_memory_is_counted_once_in_the_copys_shared_memory(monkeypatch, tmp_path):
+@pytest.fixture
+def db_owned_dir():
+    """A directory the database OS user owns and reaches, as a copy's data directory is: the
+    portal writes its configuration files as that user."""
+    home = make_base_dir(None, "bp-conf-")
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_min_dynamic_shared_memory_is_counted_once_in_the_copys_shared_memory(monkeypatch, db_owned_dir):
     """shared_memory_size holds min_dynamic_shared_memory already (15 and 18): 4 GiB of buffers and
     4 GiB of dynamic shared memory fit a 6 GiB share once the dynamic part is 0."""
     gib = 1 << 30
@@ -518,10 +527,11 @@ def test_min_dynamic_shared_memory_is_counted_once_in_the_copys_shared_memory(mo
     said = {"shared_memory_size": str(8 * 1024 + 200), "min_dynamic_shared_memory": str(4 * 1024)}
     said |= {"shared_buffers": str(4 * gib // 8192), "block_size": "8192"}
     monkeypatch.setattr(pitr_host, "configured", lambda postgres, datadir, name: said[name])
-    (tmp_path / "postgresql.auto.conf").write_text("")
-    plan = SimpleNamespace(datadir=tmp_path, warnings=[])
+    (db_owned_dir / "postgresql.auto.conf").write_text("")
+    chown_to_db_user(db_owned_dir)  # the copy's files are the database OS user's
+    plan = SimpleNamespace(datadir=db_owned_dir, warnings=[])
     pitr_host._fit_shared_memory(plan, "postgres")
-    written = (tmp_path / "postgresql.auto.conf").read_text()
+    written = (db_owned_dir / "postgresql.auto.conf").read_text()
     assert "min_dynamic_shared_memory = '0'" in written and "shared_buffers" not in written
 
 
@@ -638,14 +648,15 @@ def test_the_hosts_memory_is_its_control_groups_where_one_of_them_is_limited(tmp
     assert pitr_host.host_memory(groups, mounts) == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def test_include_names_that_cannot_be_resolved_are_left_out_without_failing_the_restore(tmp_path):
+def test_include_names_that_cannot_be_resolved_are_left_out_without_failing_the_restore(db_owned_dir):
     """A NUL (octal escape) ends a name where PostgreSQL's C strings end it; a symbolic link loop
     cannot be resolved: neither may fail the restore as an internal error."""
-    (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    (tmp_path / "postgresql.conf").write_bytes(b"include '/nonexistent/a\\000b.conf'\ninclude 'loop'\nport = 5\n")
-    plan = SimpleNamespace(datadir=tmp_path, warnings=[])
+    (db_owned_dir / "loop").symlink_to(db_owned_dir / "loop")
+    (db_owned_dir / "postgresql.conf").write_bytes(b"include '/nonexistent/a\\000b.conf'\ninclude 'loop'\nport = 5\n")
+    chown_to_db_user(db_owned_dir)  # the copy's files are the database OS user's
+    plan = SimpleNamespace(datadir=db_owned_dir, warnings=[])
     pitr_host.leave_out_includes(plan)
-    lines = (tmp_path / "postgresql.conf").read_bytes().split(b"\n")
+    lines = (db_owned_dir / "postgresql.conf").read_bytes().split(b"\n")
     assert [line.startswith(pitr_host.LEFT_OUT) for line in lines] == [True, True, False, False]
     (warning,) = plan.warnings
     assert warning.startswith(

@@ -45,10 +45,12 @@ def db_user_ids() -> tuple[int, int] | None:
 def chown_to_db_user(path) -> None:
     """``chown -R`` ``path`` to the database OS user when root; no-op otherwise.
 
-    Symlinks are changed themselves, never followed. An entry gone between the listing and its
-    chown was renamed or removed by the thread writing it (a PITR's WAL staging directory, where
-    the early manifest's fetch commits its file while the restore installs restore_wal.py): there
-    is nothing left to give, and whoever renamed it gives its new name away itself.
+    Symlinks are changed themselves, never followed. Each directory is walked from its parent's
+    descriptor (os.fwalk): one that the database OS user swaps for a link while the walk is in it
+    (a data directory is that user's) leads the chown nowhere else. An entry gone between the
+    listing and its chown was renamed or removed meanwhile (the early manifest's fetch commits its
+    file while the restore gives files away): there is nothing left to give, and whoever renamed
+    it gives its new name away itself.
     """
     if (ids := db_user_ids()) is None:
         return
@@ -56,12 +58,36 @@ def chown_to_db_user(path) -> None:
     os.lchown(root, *ids)
     if root.is_symlink() or not root.is_dir():
         return
-    for dirpath, dirnames, filenames in os.walk(root):
+    for _dirpath, dirnames, filenames, dirfd in os.fwalk(root):
         for name in dirnames + filenames:
             try:
-                os.lchown(os.path.join(dirpath, name), *ids)
+                os.chown(name, *ids, dir_fd=dirfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
+
+
+def write_as_db_user(path, data: bytes, append=False) -> None:
+    """``data`` into the file ``path`` of a directory that is the database OS user's (a restored
+    data directory), written as that user when we are root (tee): a link put there, or a
+    directory swapped for one, then leads the write nowhere that user could not write itself. A
+    file it makes is that user's. OSError, in one line, when the write fails."""
+    if not is_root():
+        with open(path, "ab" if append else "wb") as f:
+            f.write(data)
+        return
+    proc = subprocess.run(
+        as_db_user(["tee", *(["-a"] if append else []), "--", str(path)]),
+        input=data,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd="/",
+        env=child_env(),
+        timeout=120,
+        check=False,
+    )
+    if proc.returncode != 0:
+        said = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise OSError(f"could not write {path} as the {DB_OS_USER} OS user: {said[-1] if said else proc.returncode}")
 
 
 def unreachable_ancestor(path: Path) -> Path | None:
