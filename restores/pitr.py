@@ -36,7 +36,7 @@ from operator import attrgetter
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.lib.osuser import chown_to_db_user
+from backupportal.lib.osuser import db_user_ids
 from backups import keyring, walchain, walnames
 from backups.copies import decrypt_here, healthy_copies, restorable
 from backups.crypto import Encryption, EncryptionError
@@ -428,7 +428,8 @@ def prepare_datadir(plan):
         was = plan.datadir.lstat()
         plan.owner = {"mode": stat.S_IMODE(was.st_mode), "uid": was.st_uid, "gid": was.st_gid}
     os.chmod(plan.datadir, 0o700)
-    chown_to_db_user(plan.datadir)
+    if (ids := db_user_ids()) is not None:  # the directory only: it is empty (check_datadir)
+        os.chown(plan.datadir, *ids, follow_symlinks=False)
 
 
 def discard(plan):

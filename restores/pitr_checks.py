@@ -21,7 +21,6 @@ import errno
 import os
 import re
 import shutil
-import stat
 import struct
 import subprocess
 import tempfile
@@ -33,7 +32,7 @@ import psycopg
 from django.conf import settings
 from django.utils import timezone
 
-from backupportal.lib.osuser import DB_OS_USER
+from backupportal.lib.osuser import DB_OS_USER, only_root_can_change
 from backupportal.lib.pgerrors import explain
 from backups import manifests, walchain, walingest, walnames, walspool
 from backups.models import StorageLocation, WalSegment
@@ -69,22 +68,20 @@ def check_datadir(into_datadir) -> Path:
             raise Refused(
                 f"the {DB_OS_USER} user cannot reach {datadir} ({blocked} is closed to it): choose another place"
             )
-        refuse_parents_it_could_change(datadir, uid, gid)
+        refuse_parents_it_could_change(datadir)
     return datadir
 
 
-def refuse_parents_it_could_change(datadir, uid, gid):
+def refuse_parents_it_could_change(datadir):
     """The new cluster's directory is the database OS user's (PostgreSQL requires it), and the
-    portal, as root, writes into it, empties it on failure and gives it back: a parent that user
-    could change (its own, or writable by it and not sticky) would let it rename the directory
-    and put a link to any other in its place, for root to write into, empty or chmod."""
-    groups = set(os.getgrouplist(DB_OS_USER, gid))
-    for parent in dict.fromkeys([*datadir.parents, *datadir.resolve().parents]):
-        st = os.lstat(parent)
-        writable = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid in groups)
-        if st.st_uid == uid or (writable and not st.st_mode & stat.S_ISVTX and not stat.S_ISLNK(st.st_mode)):
+    portal, as root, writes into it, empties it on failure and gives it back: from a parent
+    another user could change (its own, one it may write, even a sticky one when it is the
+    direct parent, whose entry would be that user's), that user could rename the directory and
+    put a link to any other in its place, for root to write into, empty or chmod."""
+    for parent in datadir.parents:
+        if why := only_root_can_change(parent, direct=datadir.parent):
             raise Refused(
-                f"{parent} can be changed by the {DB_OS_USER} OS user, who will own {datadir}: it could swap that"
+                f"{parent} {why}, and {datadir} will be the {DB_OS_USER} OS user's: from there it could swap that"
                 " directory for a link while the portal (root) writes into it; choose a place whose parent"
                 f" directories only root can change (say /srv/restores/{datadir.name}, or under SANDBOX_ROOT)"
             )

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from django.template.defaultfilters import filesizeformat
 
-from backupportal.lib.osuser import DB_OS_USER, run_as_db_user, write_as_db_user
+from backupportal.lib.osuser import DB_OS_USER, read_as_db_user, run_as_db_user, write_as_db_user
 from backups import binaries, walspool
 from restores.pitr_libraries import asked, configured, split_list
 
@@ -191,7 +191,7 @@ def leave_out_includes(plan):
             continue
         seen.add(real)
         try:
-            lines = conf.read_bytes().split(b"\n")  # PostgreSQL's only line break
+            lines = read_as_db_user(conf).split(b"\n")  # PostgreSQL's only line break; as the files' owner
         except OSError:
             continue
         changed = False

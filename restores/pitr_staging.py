@@ -26,7 +26,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from backupportal.lib.osuser import DB_OS_USER, db_user_ids, unreachable_ancestor
+from backupportal.lib.osuser import DB_OS_USER, db_user_ids, only_root_can_change, unreachable_ancestor
 from restores.pitr_plan import UNCHECKED, RestoreFailed
 from restores.restore_wal import ASKED, REQUESTED
 
@@ -59,30 +59,25 @@ def make(staging: Path) -> Path:
 def make_root(root: Path):
     """PITR_STAGING_ROOT, made if missing (its missing parents 0755, whatever the umask), 0711.
 
-    Every directory from / to it, and every link on the way, must be root's and writable by no
-    one else (a sticky directory such as /tmp excepted, above it only): else a process of the
-    database OS user could move the staging directory away and put a link in its place."""
+    Every directory from / to it must be root's, no link, and writable by no one else (a sticky
+    directory such as /tmp excepted, above it only): else a process of the database OS user
+    could move the staging directory away and put a link in its place."""
     where = f"PITR_STAGING_ROOT ({root})"
     for directory in reversed([d for d in (root, *root.parents) if not os.path.lexists(d)]):
         os.mkdir(directory, 0o700)
         os.chmod(directory, 0o755)
-    real = root.resolve()
-    for directory in dict.fromkeys([root, *root.parents, real, *real.parents]):
-        st = os.lstat(directory)
-        others_write = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0)
-        shared = others_write and not (st.st_mode & stat.S_ISVTX and directory not in (root, real))
-        if st.st_uid != 0 or (shared and not stat.S_ISLNK(st.st_mode)):
+    for directory in (root, *root.parents):
+        if why := only_root_can_change(directory, direct=root):
             raise RestoreFailed(
-                f"{where}: {directory} can be changed by another user than root: the WAL a PITR stages there could"
-                " be swapped; make it a directory of root's that no one else can write, or set PITR_STAGING_ROOT"
-                " elsewhere"
+                f"{where}: {directory} {why}: the WAL a PITR stages there could be swapped; make it a directory"
+                " of root's that no one else can write, or set PITR_STAGING_ROOT elsewhere"
             )
-    fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         os.fchmod(fd, 0o711)  # traversed, never listed, by the database OS user
     finally:
         os.close(fd)
-    if (unreachable := unreachable_ancestor(real)) is not None:
+    if (unreachable := unreachable_ancestor(root)) is not None:
         raise RestoreFailed(
             f"{where}: {unreachable} cannot be traversed by the {DB_OS_USER} OS user, whose recovery reads"
             " the WAL staged there: chmod o+x it, or set PITR_STAGING_ROOT elsewhere"

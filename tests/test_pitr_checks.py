@@ -11,6 +11,7 @@ import os
 import pwd
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -519,21 +520,45 @@ def test_a_refused_data_directory_is_journaled_and_nothing_is_written(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root portal has the database OS user to keep out")
 def test_a_data_directory_whose_parent_the_database_os_user_could_change_is_refused(places):
-    """The new cluster's directory is the database OS user's; where that user could also change a
-    parent (its own, say /var/lib/postgresql/15, or one it may write, not sticky), it could rename
-    the directory and put a link in its place while the portal, as root, writes into it."""
+    """The new cluster's directory is the database OS user's; where that user (or any other) could
+    also change a parent (its own, say /var/lib/postgresql/15; one it may write, by mode or ACL;
+    a sticky one that holds the data directory itself; a link it could point elsewhere), it could
+    rename the directory and put a link in its place while the portal, as root, writes into it."""
     theirs = places() / "theirs"
     theirs.mkdir()
     chown_to_db_user(theirs)
-    refused(theirs / "data", rf"{theirs} can be changed by the postgres OS user, who will own {theirs / 'data'}")
+    refused(theirs / "data", rf"{theirs} belongs to postgres, and {theirs / 'data'} will be the postgres OS user's")
     open_to_all = places() / "open"
     open_to_all.mkdir()
     open_to_all.chmod(0o777)
-    refused(open_to_all / "data", "can be changed by the postgres OS user")
+    refused(open_to_all / "data", "can be written by a user other than root")
     sticky = places() / "sticky"
     sticky.mkdir()
-    sticky.chmod(0o1777)  # as /tmp: no one renames what is not theirs
-    assert pitr.check_datadir(str(sticky / "data")) == sticky / "data"
+    sticky.chmod(0o1777)  # as /tmp: its entries are renamed only by their owners, and data will be postgres's
+    refused(sticky / "data", f"{sticky} can be written by a user other than root")
+    (sticky / "root's").mkdir(mode=0o755)  # below a sticky directory, in one of root's: no one else renames it
+    assert pitr.check_datadir(str(sticky / "root's" / "data")) == sticky / "root's" / "data"
+    by_acl = places() / "acl"
+    by_acl.mkdir()
+    uid = pwd.getpwnam("postgres").pw_uid
+    entries = [
+        (0x01, 7, 0xFFFFFFFF),
+        (0x02, 7, uid),
+        (0x04, 5, 0xFFFFFFFF),
+        (0x10, 7, 0xFFFFFFFF),
+        (0x20, 5, 0xFFFFFFFF),
+    ]
+    os.setxattr(
+        by_acl, "system.posix_acl_access", struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    )
+    assert subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", by_acl]).returncode == 0  # the ACL works
+    refused(by_acl / "data", f"{by_acl} can be written by a user other than root")
+    middle, real = places(), places()
+    (middle / "theirs").mkdir()
+    chown_to_db_user(middle / "theirs")
+    subprocess.run(["runuser", "-u", "postgres", "--", "ln", "-s", real, middle / "theirs" / "l"], check=True)
+    (middle / "a").symlink_to(middle / "theirs" / "l")  # root's link, through one postgres may repoint
+    refused(middle / "a" / "data", f"{middle / 'a'} is a symbolic link")
     given = places() / "data"
     given.mkdir()
     chown_to_db_user(given)  # the directory itself may be theirs already: only its parents count
@@ -545,7 +570,7 @@ def test_the_copys_settings_are_written_as_the_database_os_user_never_through_a_
     """After the extraction the copy's directory is the database OS user's: a link it put at
     postgresql.auto.conf (never checked by pg_verifybackup) would have had root append the
     portal's settings to any file, and a dangling one create any file."""
-    from backupportal.lib.osuser import write_as_db_user
+    from backupportal.lib.osuser import read_as_db_user, write_as_db_user
 
     victim = places() / "victim"
     victim.write_text("root's only\n")
@@ -563,3 +588,11 @@ def test_the_copys_settings_are_written_as_the_database_os_user_never_through_a_
     assert not (home.parent / "made").exists()
     write_as_db_user(home / "pg_hba.conf", b"local all all peer\n")
     assert (home / "pg_hba.conf").stat().st_uid == pwd.getpwnam("postgres").pw_uid
+    conf = home / "postgresql.conf"  # production's, read-only under configuration management
+    write_as_db_user(conf, b"include '/etc/x.conf'\n")
+    conf.chmod(0o440)
+    write_as_db_user(conf, b"#include '/etc/x.conf'\n")
+    assert conf.read_bytes() == b"#include '/etc/x.conf'\n"
+    assert read_as_db_user(conf) == conf.read_bytes()
+    with pytest.raises(OSError, match="could not read .*victim as the postgres OS user"):
+        read_as_db_user(victim)  # root's only: what a link there leads to stays unread

@@ -264,11 +264,11 @@ def test_the_request_is_read_without_following_a_link_or_waiting_on_a_fifo(stagi
 @pytest.mark.parametrize(
     "how, said",
     [
-        ("writable", "can be changed by another user than root"),
-        ("owned", "can be changed by another user than root"),
+        ("writable", "above can be written by a user other than root"),
+        ("owned", "above belongs to postgres"),
         ("closed", "cannot be traversed by the postgres OS user"),
-        ("sticky root", "can be changed by another user than root"),
-        ("their link", "can be changed by another user than root"),
+        ("sticky root", "pitr-staging can be written by a user other than root"),
+        ("their link", "pitr-staging is a symbolic link"),
     ],
 )
 def test_a_staging_root_the_database_os_user_could_change_or_cannot_reach_is_refused(staging_base, how, said):

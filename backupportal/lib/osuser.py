@@ -13,6 +13,7 @@ import os
 import pwd
 import socket
 import stat
+import struct
 import subprocess
 from pathlib import Path
 
@@ -66,6 +67,56 @@ def chown_to_db_user(path) -> None:
                 continue
 
 
+def read_as_db_user(path) -> bytes:
+    """The file ``path`` of a directory that is the database OS user's, read as that user when we
+    are root (cat): a link put there leads the read nowhere that user could not read itself.
+    OSError, in one line, when it cannot be read."""
+    if not is_root():
+        return Path(path).read_bytes()
+    proc = subprocess.run(
+        as_db_user(["cat", "--", str(path)]), capture_output=True, cwd="/", env=child_env(), timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        said = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise OSError(f"could not read {path} as the {DB_OS_USER} OS user: {said[-1] if said else proc.returncode}")
+    return proc.stdout
+
+
+def only_root_can_change(path, direct=None) -> str:
+    """'' when only root can rename or replace what is in the directory ``path``: root's, not a
+    link, writable by no other user or group, by mode or by ACL (a sticky directory, such as
+    /tmp, excepted unless it is ``direct``, whose entry is another user's). Else why, briefly."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link (give the path it leads to)"
+    if st.st_uid != 0:
+        return f"belongs to {_user_name(st.st_uid)}"
+    writable = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0)
+    if (writable or _acl_grants_write(path, st.st_gid)) and not (st.st_mode & stat.S_ISVTX and path != direct):
+        return "can be written by a user other than root"
+    return ""
+
+
+def _user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _acl_grants_write(path, gid) -> bool:
+    """Whether the directory's POSIX ACL lets a named user or group (not root's), or its owning
+    group (not root's), write: the mode bits show only the mask then."""
+    try:
+        raw = os.getxattr(path, "system.posix_acl_access", follow_symlinks=False)
+    except OSError:
+        return False  # no ACL beyond the mode, or a filesystem without them
+    entries = [struct.unpack_from("<HHI", raw, 4 + 8 * i) for i in range((len(raw) - 4) // 8)]
+    mask = next((perm for tag, perm, _ in entries if tag == 0x10), 7)
+    named = [perm for tag, perm, who in entries if (tag in (0x02, 0x08) and who != 0) or (tag == 0x04 and gid != 0)]
+    return any(perm & mask & 2 for perm in named)
+
+
 def write_as_db_user(path, data: bytes, append=False) -> None:
     """``data`` into the file ``path`` of a directory that is the database OS user's (a restored
     data directory), written as that user when we are root (tee): a link put there, or a
@@ -75,8 +126,11 @@ def write_as_db_user(path, data: bytes, append=False) -> None:
         with open(path, "ab" if append else "wb") as f:
             f.write(data)
         return
+    # A read-only file of production's (0440 under configuration management) is its owner's to
+    # make writable: the copy's, as the owner, not root overwriting it.
+    tee = f'exec tee {"-a " if append else ""}-- "$1" >/dev/null'
     proc = subprocess.run(
-        as_db_user(["tee", *(["-a"] if append else []), "--", str(path)]),
+        as_db_user(["sh", "-c", f'test ! -e "$1" -o -w "$1" || chmod u+w -- "$1"; {tee}', "sh", str(path)]),
         input=data,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
