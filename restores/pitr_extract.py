@@ -17,7 +17,7 @@ from pathlib import Path
 
 from backupportal.lib import tarextract
 from backupportal.lib.childenv import child_env
-from backupportal.lib.osuser import as_db_user, chown_to_db_user, db_user_ids
+from backupportal.lib.osuser import as_db_user, chown_to_db_user, db_user_ids, read_regular
 from backupportal.lib.writeback import Writeback
 from backups import tarpipe
 from backups.binaries import backup_major, cluster_tool
@@ -320,6 +320,10 @@ def verify_base(plan):
     plan.notes.append(f"pg_verifybackup: {said}{how}")
 
 
+# A manifest beyond this (a cluster of millions of files) is left to pg_verifybackup to read.
+MANIFEST_READ = 512 << 20
+
+
 def checksums_checked(plan):
     """True when every file of the manifest with a checksum was compared here with the one the
     extraction took (RestoreFailed on the first that differs); False when some other algorithm
@@ -327,7 +331,7 @@ def checksums_checked(plan):
     if plan.extracted is None:
         return False
     try:
-        wanted = crc32c_entries(json.loads((plan.datadir / "backup_manifest").read_bytes()))
+        wanted = crc32c_entries(json.loads(read_regular(plan.datadir / "backup_manifest", MANIFEST_READ)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False  # a manifest that does not parse: pg_verifybackup says what is wrong with it
     if wanted is None:

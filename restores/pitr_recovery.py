@@ -20,7 +20,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal.lib.libpq import SAFE_AUTH
-from backupportal.lib.osuser import chown_to_db_user, write_as_db_user
+from backupportal.lib.osuser import chown_to_db_user, read_regular, write_as_db_user
 from backups import binaries, walspool
 from backups.binaries import backup_major
 from backups.connection import SESSION_GUARD, guard_newer
@@ -259,7 +259,7 @@ def require_running(plan, logfile):
 
 def postmaster_alive(plan):
     try:
-        pid = int((plan.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+        pid = int(read_regular(plan.datadir / "postmaster.pid", 4096).split(b"\n", 1)[0])
         os.kill(pid, 0)
     except (ValueError, OSError):
         return False
@@ -431,7 +431,7 @@ def first_line(error):
 
 
 def logged_position(logfile):
-    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    text = pitr_verdict.log_text(logfile)
     m = re.findall(r"last completed transaction was at log time (.+)$", text, re.M)
     return m[-1].strip() if m else f"see {logfile}"
 
@@ -440,7 +440,7 @@ def startup_failure(plan, logfile):
     """One line of why the cluster stopped. A failed restore removes its directory, and the log
     with it: the line quotes the log's last FATAL, and the cause logged just before it (an
     invalid setting, a port it could not bind), rather than pointing at the file."""
-    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    text = pitr_verdict.log_text(logfile)
     lines = text.splitlines()
     fatal = [n for n, line in enumerate(lines) if "FATAL:" in line or "PANIC:" in line]
     if any("recovery ended before configured recovery target was reached" in lines[n] for n in fatal):

@@ -15,6 +15,7 @@ was damaged (the prefetcher reads each to its end).
 import re
 from datetime import datetime
 
+from backupportal.lib.osuser import read_regular
 from backups import walnames
 from restores.pitr_plan import RestoreFailed
 
@@ -33,8 +34,16 @@ INVALID = re.compile(
 )
 
 
+LOG_READ = 16 << 20  # the end of the log is what tells how recovery went
+
+
 def log_text(logfile):
-    return logfile.read_text(errors="replace") if logfile.exists() else ""
+    """The restored copy's log (its last LOG_READ bytes): '' when there is none, or something
+    else than a file is there (the copy's directory is the database OS user's)."""
+    try:
+        return read_regular(logfile, LOG_READ, tail=True).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def judge(plan, logfile):
@@ -115,8 +124,8 @@ def new_timeline_start(plan, text):
     if not selected:
         return ""
     try:
-        history = (plan.datadir / "pg_wal" / f"{int(selected[-1]):08X}.history").read_text()
-    except OSError:
+        history = read_regular(plan.datadir / "pg_wal" / f"{int(selected[-1]):08X}.history", 1 << 20).decode()
+    except (OSError, UnicodeDecodeError):
         return ""
     entries = [line.split() for line in history.splitlines() if line.strip() and not line.startswith("#")]
     return entries[-1][1] if entries and len(entries[-1]) > 1 else ""

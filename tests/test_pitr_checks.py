@@ -596,3 +596,28 @@ def test_the_copys_settings_are_written_as_the_database_os_user_never_through_a_
     assert read_as_db_user(conf) == conf.read_bytes()
     with pytest.raises(OSError, match="could not read .*victim as the postgres OS user"):
         read_as_db_user(victim)  # root's only: what a link there leads to stays unread
+
+
+def test_the_copys_log_and_files_are_read_without_following_a_link_waiting_on_a_fifo_or_reading_without_end(
+    tmp_path,
+):
+    """The restored copy's log, postmaster.pid, manifest and history files are in its directory,
+    the database OS user's: a FIFO put there would have hung the restoring worker, /dev/zero
+    behind a link (or a huge sparse file) would have run it out of memory."""
+    from backupportal.lib.osuser import read_regular
+    from restores import pitr_verdict
+
+    log = tmp_path / "pitr-restore.log"
+    os.mkfifo(log)
+    assert pitr_verdict.log_text(log) == ""  # at once
+    log.unlink()
+    log.symlink_to("/dev/zero")
+    assert pitr_verdict.log_text(log) == ""
+    log.unlink()
+    with open(log, "wb") as f:
+        f.truncate(64 << 30)  # 64 GiB of nothing, no disk
+        f.seek(0, os.SEEK_END)
+        f.write(b"LOG:  last completed transaction was at log time 2026-12-06 17:00:00+00\n")
+    text = pitr_verdict.log_text(log)
+    assert len(text) == pitr_verdict.LOG_READ and text.endswith("17:00:00+00\n")
+    assert read_regular(log, 10) == b"\0" * 10

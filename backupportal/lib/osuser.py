@@ -82,6 +82,27 @@ def read_as_db_user(path) -> bytes:
     return proc.stdout
 
 
+def read_regular(path, limit: int, tail=False) -> bytes:
+    """A regular file of a directory that is the database OS user's (a restored copy's log, its
+    postmaster.pid, its backup_manifest), read by root without following a link, waiting on a
+    FIFO or reading without end: OSError for anything else; at most `limit` bytes (the last
+    ones when `tail`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if tail and st.st_size > limit:
+            os.lseek(fd, st.st_size - limit, os.SEEK_SET)
+        chunks, left = [], limit
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def only_root_can_change(path, direct=None) -> str:
     """'' when only root can rename or replace what is in the directory ``path``: root's, not a
     link, writable by no other user or group, by mode or by ACL (a sticky directory, such as
