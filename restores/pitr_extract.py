@@ -17,7 +17,7 @@ from pathlib import Path
 
 from backupportal.lib import tarextract
 from backupportal.lib.childenv import child_env
-from backupportal.lib.osuser import as_db_user, chown_to_db_user, db_user_ids, read_regular
+from backupportal.lib.osuser import as_db_user, db_user_ids, give_to_db_user, read_regular
 from backupportal.lib.writeback import Writeback
 from backups import tarpipe
 from backups.binaries import backup_major, cluster_tool
@@ -284,7 +284,7 @@ def place_manifest(plan, run, directory, early=None):
         copies = readable(run.copies.filter(artifact="manifest").select_related("location"))
         what = f"the backup_manifest of base backup #{run.pk}"
         plan.notes += decrypt_here(copies, FileSink(path), encryption_of(plan), what)
-    chown_to_db_user(path)
+    give_to_db_user(path)
 
 
 def verify_base(plan):

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal.lib.libpq import SAFE_AUTH
-from backupportal.lib.osuser import chown_to_db_user, read_regular, write_as_db_user
+from backupportal.lib.osuser import give_to_db_user, read_regular, write_as_db_user
 from backups import binaries, walspool
 from backups.binaries import backup_major
 from backups.connection import SESSION_GUARD, guard_newer
@@ -165,7 +165,7 @@ def write_recovery_settings(plan):
     write_as_db_user(plan.datadir / "postgresql.auto.conf", ("\n".join(lines) + "\n").encode(), append=True)
     write_as_db_user(plan.datadir / "recovery.signal", b"")
     (plan.datadir / "log").mkdir(exist_ok=True)  # a link there is given away itself, never followed
-    chown_to_db_user(plan.datadir / "log")
+    give_to_db_user(plan.datadir / "log")  # what is in it (from the backup) is the user's already
     pitr_host.fit(plan)  # first: an io_method this host lacks hides every other setting
     pitr_libraries.leave_out_missing(plan)
     pitr_host.fit_shared_memory(plan)  # postgres -C shared_memory_size loads the libraries left

@@ -67,6 +67,14 @@ def chown_to_db_user(path) -> None:
                 continue
 
 
+def give_to_db_user(path) -> None:
+    """The one entry ``path`` (never what a link leads to, nor what a directory holds) to the
+    database OS user when root: in a directory that user owns, a walk could meet a FIFO it put
+    there in place of a subdirectory and wait on it for ever."""
+    if (ids := db_user_ids()) is not None:
+        os.chown(path, *ids, follow_symlinks=False)
+
+
 def read_as_db_user(path) -> bytes:
     """The file ``path`` of a directory that is the database OS user's, read as that user when we
     are root (cat): a link put there leads the read nowhere that user could not read itself.
