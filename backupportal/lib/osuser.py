@@ -81,13 +81,7 @@ def read_as_db_user(path) -> bytes:
     OSError, in one line, when it cannot be read."""
     if not is_root():
         return Path(path).read_bytes()
-    proc = subprocess.run(
-        as_db_user(["cat", "--", str(path)]), capture_output=True, cwd="/", env=child_env(), timeout=120, check=False
-    )
-    if proc.returncode != 0:
-        said = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise OSError(f"could not read {path} as the {DB_OS_USER} OS user: {said[-1] if said else proc.returncode}")
-    return proc.stdout
+    return _file_as_db_user(["cat", "--", str(path)], "read", path)
 
 
 def read_regular(path, limit: int, tail=False) -> bytes:
@@ -158,19 +152,21 @@ def write_as_db_user(path, data: bytes, append=False) -> None:
     # A read-only file of production's (0440 under configuration management) is its owner's to
     # make writable: the copy's, as the owner, not root overwriting it.
     tee = f'exec tee {"-a " if append else ""}-- "$1" >/dev/null'
+    _file_as_db_user(
+        ["sh", "-c", f'test ! -e "$1" -o -w "$1" || chmod u+w -- "$1"; {tee}', "sh", str(path)], "write", path, data
+    )
+
+
+def _file_as_db_user(argv, doing, path, data=None) -> bytes:
+    """``argv`` (cat, tee) run as the database OS user on ``path``: its output, or OSError in one
+    line naming the file and the program's last word."""
     proc = subprocess.run(
-        as_db_user(["sh", "-c", f'test ! -e "$1" -o -w "$1" || chmod u+w -- "$1"; {tee}', "sh", str(path)]),
-        input=data,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd="/",
-        env=child_env(),
-        timeout=120,
-        check=False,
+        as_db_user(argv), input=data, capture_output=True, cwd="/", env=child_env(), timeout=120, check=False
     )
     if proc.returncode != 0:
         said = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise OSError(f"could not write {path} as the {DB_OS_USER} OS user: {said[-1] if said else proc.returncode}")
+        raise OSError(f"could not {doing} {path} as the {DB_OS_USER} OS user: {said[-1] if said else proc.returncode}")
+    return proc.stdout
 
 
 def unreachable_ancestor(path: Path) -> Path | None:
