@@ -285,7 +285,9 @@ def recovered_position(plan, logfile, wait=30):
         except psycopg.OperationalError as e:
             if "authentication" in str(e) or "pg_hba.conf" in str(e):
                 break  # the restored cluster lets us in no more than production's rules say
-            time.sleep(0.3)
+            # Most often "not accepting connections": recovery.signal is gone, the end-of-recovery
+            # checkpoint is not done. It ends within a second; waiting 0.3 s here cost 0.3 s a PITR.
+            time.sleep(0.05)
             continue
         if in_recovery:  # promoting: recovery.signal is gone, the end-of-recovery checkpoint is not
             time.sleep(0.05)
