@@ -36,7 +36,6 @@ from backups import keyring, manifests, selfbackup, walkeys
 from backups.crypto import Encryption, EncryptionError, PipeSource, gpg_failure
 from backups.models import BackupCopy, BackupRun, EncryptionKey, PortalBackup, Server, StorageLocation
 from backups.pipeline import BackupFailed, encrypt_bytes
-from backups.s3 import S3Store
 from backups.storage import StorageError, store_for
 from backups.streams import CopyCorrupt, EncryptFailed, Source, encrypt_into, open_copy
 
@@ -290,8 +289,6 @@ def remove_replaced(copy):
 def newest_version(store, key):
     """(version id, retain-until) of the newest version of `key` on an S3 location; ("", None)
     on a directory, or where the bucket keeps no versions."""
-    if not isinstance(store, S3Store):
-        return "", None
     version = store.surviving_version(key)
     if not version or version == "null":
         return "", None

@@ -40,7 +40,6 @@ from backups.binaries import client_tool
 from backups.crypto import EncryptionError
 from backups.models import WAL_LOCATION, PortalBackup, StorageLocation
 from backups.pipeline import BackupFailed, Tool, encrypt_to
-from backups.s3 import S3Store
 from backups.storage import MissingArtifact, ObjectLocked, StorageError, store_for
 from backups.streams import CHUNK, EncryptFailed, Source, WriteFailed, encrypt_into
 
@@ -300,7 +299,7 @@ def remove_files(row):
             continue
         store = stores[copy["location"]]
         for key in [row.key] + [row.key + suffix for suffix in SIDECARS]:
-            version = store.surviving_version(key) if isinstance(store, S3Store) else ""
+            version = store.surviving_version(key)
             try:
                 store.delete(key, "" if version == "null" else version)
             except ObjectLocked as e:

@@ -167,6 +167,11 @@ class Store:
         versioning on): only then can an object outlive its deletion by key."""
         return False
 
+    def surviving_version(self, key) -> str:
+        """The version of `key` that reading by key alone reads (S3Store); "" where the location
+        keeps no versions (a directory): its key is all there is."""
+        return ""
+
 
 class FileStore(Store):
     """A primary or NAS location: a directory under the configured roots."""
