@@ -423,6 +423,10 @@ def own_plain(ws, portal, run_id, plain):
 
 
 PORTAL_PITR = "**portal** restore --target latest --into-datadir (fetch, verify, extract, replay)"
+PORTAL_PITR_WORKER = (
+    "**portal**, run by the worker already running (as an approved sandbox request's task: make_plan and run_plan"
+    " in a process that is up; bench/resident.py), the queue's hand-over not counted"
+)
 BR_RESTORE = "pgBackRest restore (type default: end of archive), then start and replay"
 STAGE_STOCK_PITR = (
     "stage: the README's stock recovery of the portal's newest base backup, in the shell (gpg, zstd -d and tar;"
@@ -578,6 +582,17 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
             finally:
                 stop_and_remove(datadir)
 
+        def worker_pitr(i):
+            datadir, port = restored_dir(ws, f"worker{i}", portal=True), free_port()
+            portal.manage("ingestwal", server)  # as portal_pitr
+            os.sync()
+            try:
+                sample = portal.resident().call(call="pitr", server=server, into=str(datadir), port=port)
+                wait_promoted(port, 10)  # already so when the call returns; not timed
+                rows.add(PORTAL_PITR_WORKER, sample)
+            finally:
+                stop_and_remove(datadir)
+
         def pgbackrest_restore(i):
             datadir, port = restored_dir(ws, f"pgbr{i}"), free_port()
             try:
@@ -612,7 +627,11 @@ def pitr(ws, portal, cluster, pgbr, server, rounds):
             finally:
                 stop_and_remove(datadir)
 
-        methods = [(PORTAL_PITR, portal_pitr, i), (BR_RESTORE, pgbackrest_restore, i)]
+        methods = [
+            (PORTAL_PITR, portal_pitr, i),
+            (PORTAL_PITR_WORKER, worker_pitr, i),
+            (BR_RESTORE, pgbackrest_restore, i),
+        ]
         in_turn(rows, i, methods + ([(STAGE_STOCK_PITR, stock_pitr, i)] if stock else []))
     datadir = restored_dir(ws, "profile", portal=True)
     try:

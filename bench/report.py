@@ -66,6 +66,16 @@ def verdict(ok):
     return "**PASS**" if ok else "**MISS**"
 
 
+def worker_judged(rows, worker, command):
+    """(the row judged, what the target's figures say of it). A restore asked for in the portal (a
+    logical one, or a PITR into a sandbox) runs in the worker, which is already up (the issue asks
+    for that of the logical restore): its row is judged when measured, `manage.py restore` beside it."""
+    if row_median(rows, worker) is None:
+        return command, ""
+    took = row_median(rows, command)
+    return worker, " (the worker's run" + (f"; manage.py restore {took:.2f} s)" if took else ")")
+
+
 def targets(parts):
     """(target, measured, ratio, verdict) for each of the issue's targets that was measured; a MISS
     whose bound this run's own stage rows show out of reach says so with their figures."""
@@ -102,13 +112,7 @@ def targets(parts):
         if floor := base_floor(parts["physical"], 0.6, row_median(parts["physical"], faster), boot):
             found[-1] += (floor,)
     if "restore" in parts:
-        # A restore that comes from the portal runs in the worker, which is already up (the issue
-        # asks for that): its row is judged when measured; `manage.py restore` is shown beside it.
-        ours, said = compare.PORTAL_RESTORE, ""
-        if row_median(parts["restore"], compare.PORTAL_RESTORE_WORKER) is not None:
-            command = row_median(parts["restore"], compare.PORTAL_RESTORE)
-            ours = compare.PORTAL_RESTORE_WORKER
-            said = " (the worker's run" + (f"; manage.py restore {command:.2f} s)" if command else ")")
+        ours, said = worker_judged(parts["restore"], compare.PORTAL_RESTORE_WORKER, compare.PORTAL_RESTORE)
         ratio_row("logical restore: portal ≤ pg_restore -j 2", "restore", ours, compare.PG_RESTORE_2, 1.0, said=said)
         if counted := restore_cpu(parts["restore"], ours):
             found[-1] += (counted,)
@@ -125,7 +129,8 @@ def targets(parts):
         if counted:
             found[-1] += (counted,)
     if "pitr" in parts:
-        ratio_row("PITR: portal ≤ pgBackRest restore", "pitr", compare.PORTAL_PITR, compare.BR_RESTORE, 1.0)
+        ours, said = worker_judged(parts["pitr"], compare.PORTAL_PITR_WORKER, compare.PORTAL_PITR)
+        ratio_row("PITR: portal ≤ pgBackRest restore", "pitr", ours, compare.BR_RESTORE, 1.0, said=said)
         if floor := pitr_stock(parts["pitr"], boot):
             found[-1] += (floor,)
     if "wal" in parts:

@@ -1,7 +1,8 @@
 """The portal's work timed inside a process that is already running, as the worker runs it.
 
 A django-q2 worker (`manage.py qcluster`) imports Django once and then runs tasks: an approved
-restore request (restores.tasks.run_request, which calls restores.logical.run_logical) or the
+restore request (restores.tasks.run_request, which calls restores.logical.run_logical, or
+restores.sandbox.restore_request and restores.pitr.run_plan for a PITR into a sandbox) or the
 every-minute WAL ingest (backups.tasks.ingest_wal, which calls backups.walingest.ingest). A
 `manage.py` command pays the interpreter's start, Django's set-up and, for the ingest, the
 unwrapping of the WAL key (cached by the worker) on every call. This program is such a process:
@@ -11,6 +12,8 @@ function the task runs and answers one JSON line. What it leaves out is the queu
 
     {"call": "restore", "run": 12, "into": "r_worker_0"}   -> run_logical, as run_request does
     {"call": "ingest", "server": "walc"}                    -> walingest.ingest, linger 0
+    {"call": "pitr", "server": "b", "into": "/x/data", "port": 5999}
+                                                            -> pitr.make_plan and run_plan, as a sandbox request's
 """
 
 import json
@@ -59,7 +62,17 @@ def ingest(call):
     return walingest.ingest(Server.objects.get(name=call["server"])).as_dict()  # the task's actor
 
 
-CALLS = {"restore": restore, "ingest": ingest}
+def pitr(call):
+    """A PITR to the end of the archive, as restores.sandbox.restore_request runs an approved one."""
+    from backups.models import Server
+    from restores import pitr as pitrs
+
+    target = pitrs.parse_target(target_time=None, target="latest", target_lsn=None, target_name=None)
+    plan = pitrs.make_plan(Server.objects.get(name=call["server"]), target, call["into"], call["port"])
+    return pitrs.run_plan(plan, "bench:worker")
+
+
+CALLS = {"restore": restore, "ingest": ingest, "pitr": pitr}
 
 
 class Resident:

@@ -89,7 +89,10 @@ def test_the_benchmark_writes_every_table_with_a_number_in_each_measured_row(tmp
     )
     worker_restore = r"\(the worker's run; manage.py restore [\d.]+ s\)"
     assert re.search(rf"logical restore: portal ≤ pg_restore -j 2 \| [\d.]+ s vs [\d.]+ s {worker_restore} \|", targets)
-    assert re.search(r"^\| \*\*portal\*\*, run by the worker already running [^|]+ \| \d+\.\d\d \|", text, re.M)
+    assert re.search(rf"PITR: portal ≤ pgBackRest restore \| [\d.]+ s vs [\d.]+ s {worker_restore} \|", targets)
+    pitr = text.split("## 3. PITR restore")[1].split("\n## ")[0]
+    for section in (text, pitr):
+        assert re.search(r"^\| \*\*portal\*\*, run by the worker already running [^|]+ \| \d+\.\d\d \|", section, re.M)
     assert "`manage.py ingestwal` on a backlog of its own" in text
     # The decryption's own CPU, for the logical restore's CPU floor: a time and the cores it kept busy.
     stage = r"^\| stage: the portal's decryption of its copy alone [^|]+ \| \d+\.\d\d \|( [^|]+ \|){4} \d\.\d\d \|"
@@ -245,6 +248,23 @@ def test_the_ingest_is_judged_on_the_worker_pass_with_the_command_beside_it():
     )
     assert ingest_row(command, 35.0)[1:] == ("25.0 vs 35.0 /s", "0.71", "**MISS**")
     assert ingest_row([], 35.0)[1] == "not measured"
+
+
+def test_a_pitr_is_judged_on_the_workers_run_with_the_command_beside_it():
+    sys.path.insert(0, str(ROOT))
+    from bench import compare
+    from bench.report import targets
+
+    pitr = [
+        {"method": compare.PORTAL_PITR, "times": [4.4, 4.5, 4.6]},
+        {"method": compare.PORTAL_PITR_WORKER, "times": [3.9, 3.7, 3.8]},
+        {"method": compare.BR_RESTORE, "times": [4.2, 4.3, 4.25]},
+    ]
+    row = next(t for t in targets({"pitr": pitr}) if t[0].startswith("PITR"))
+    assert row[1:4] == ("3.80 s vs 4.25 s (the worker's run; manage.py restore 4.50 s)", "0.89", "**PASS**")
+    # Without the worker's row (a run that failed it), the command's is judged, and says so by saying nothing.
+    row = next(t for t in targets({"pitr": [pitr[0], pitr[2]]}) if t[0].startswith("PITR"))
+    assert row[1:4] == ("4.50 s vs 4.25 s", "1.06", "**MISS**")
 
 
 def test_pitr_stock_figures_and_the_ingest_floor_need_their_own_figures():
