@@ -170,6 +170,8 @@ def remove_datadir(restore):
     the directory the run made: one removed and made again since (its inode) is another's."""
     datadir = Path(restore.left["datadir"])
     pitr_staging.remove(Path(restore.left["staging"]) if restore.left.get("staging") else None)
+    if restore.left.get("chain"):  # an incremental chain's scratch (rmtree removes no link's target)
+        shutil.rmtree(restore.left["chain"], ignore_errors=True)
     if not datadir.exists():
         return _removed(restore, f"its cluster in {datadir} is gone")
     if _not_the_runs(restore, datadir):

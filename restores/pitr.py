@@ -365,10 +365,17 @@ def execute(plan, run):
     plan.staging = pitr_staging.staging_for(run.pk)
     prepare_datadir(plan)
     # Removed by restores.orphans if this process dies: this directory only (its inode), not
-    # one a DBA made again at that path; and the WAL staging directory.
+    # one a DBA made again at that path; the WAL staging directory; an incremental chain's scratch.
     inode = plan.datadir.stat().st_ino
+    plan.chain = pitr_chain.scratch_for(plan.datadir) if plan.links else None
+    made = {"chain": str(plan.chain)} if plan.chain else {}
     run.leaves(
-        datadir=str(plan.datadir), created=plan.created_dir, inode=inode, staging=str(plan.staging), **plan.owner
+        datadir=str(plan.datadir),
+        created=plan.created_dir,
+        inode=inode,
+        staging=str(plan.staging),
+        **made,
+        **plan.owner,
     )
     pitr_staging.make(plan.staging)
     # The base is extracted (gpg, zstd, tar) while the first WAL is fetched; the cluster starts

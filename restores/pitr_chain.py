@@ -3,7 +3,7 @@ plan chose, then the newest incremental that ended before the target with every 
 between. Each link is decrypted (gpg, zstd) into `tar -x` in a private scratch directory beside
 the new data directory, `pg_combinebackup` (the backup's major) rebuilds one data directory
 from them, and WAL is replayed from the newest link's start only. The scratch goes whatever
-happens.
+happens; a killed worker's is removed by the orphan sweep (it is in the run's `left`).
 
 A chain with a broken link (a parent gone, failed or deleted, a link or its manifest with no
 readable copy) is refused by name at planning: the restore then recovers from the full and
@@ -12,9 +12,9 @@ WAL (the plan's check_chain says whether that reaches the target). WAL-chain che
 """
 
 import os
+import secrets
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from backupportal import journal
@@ -126,7 +126,8 @@ def chain_of(plan):
 def combine(plan):
     """The chain rebuilt into plan.datadir (beside the WAL staging directory): FetchFailed when a
     link reads intact from no copy, RestoreFailed when pg_combinebackup refuses."""
-    scratch = Path(tempfile.mkdtemp(prefix=f".{plan.datadir.name}.chain-", dir=plan.datadir.parent))
+    scratch = plan.chain
+    scratch.mkdir(mode=0o700)  # never one already there
     try:
         # Root's, traversed by the database OS user (pg_combinebackup reads the links, each its
         # own directory): that user cannot swap a link's directory for a symbolic link while
@@ -144,6 +145,12 @@ def combine(plan):
     plan.extracted = None  # pg_combinebackup wrote the files: pg_verifybackup checks them all
     ids = ", ".join(f"#{r.pk}" for r in chain_of(plan))
     plan.notes.append(f"combined the chain {ids} with pg_combinebackup; WAL replayed from #{plan.links[-1].pk}")
+
+
+def scratch_for(datadir: Path) -> Path:
+    """The name of a chain's scratch directory beside `datadir` (the same file system: the
+    combined cluster is renamed into it), not made yet."""
+    return datadir.parent / f".{datadir.name}.chain-{secrets.token_hex(6)}"
 
 
 def extract_link(plan, run, scratch):

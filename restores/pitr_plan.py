@@ -68,6 +68,9 @@ class Plan:
     damaged: dict = field(default_factory=dict)
     # Block incrementals on top of `base`, oldest first, combined with it (pitr_chain); [] for none.
     links: list = field(default_factory=list)
+    # Where the chain is extracted and combined, beside the data directory (pitr_chain.combine):
+    # named, and recorded in the run's `left`, before it is made.
+    chain: Path | None = None
     # The base's files as its extraction wrote them, path: (size, CRC-32C) (pitr_extract.verify_base).
     extracted: dict | None = None
     # The timeline production is on, whose history recovery follows (recovery_target_timeline),

@@ -329,6 +329,24 @@ def test_a_dead_pitrs_directory_made_again_by_a_dba_is_left_as_it_is(server, tmp
     assert (datadir / "PG_VERSION").exists() and dead.left == {}
 
 
+def test_a_dead_pitrs_incremental_chain_scratch_is_removed_and_nothing_a_link_in_it_names(server, tmp_path):
+    datadir, outside = tmp_path / "copy", tmp_path / "keep"
+    outside.mkdir()
+    (outside / "file").write_text("not the restore's")
+    chain = tmp_path / ".copy.chain-0a1b2c"  # as pitr_chain.scratch_for names it
+    (chain / "run-7" / "base").mkdir(parents=True)
+    (chain / "run-7" / "base" / "1").write_bytes(b"x" * 8192)
+    (chain / "run-7" / "elsewhere").symlink_to(outside)
+    dead = RestoreRun.begin(RestoreRun.Kind.PITR, "alice", server=server, into_datadir=str(datadir))
+    RestoreRun.objects.filter(pk=dead.pk).update(
+        status="failed", host=orphans.HOST, left={"datadir": str(datadir), "created": True, "chain": str(chain)}
+    )  # killed while the chain was extracted: no data directory yet
+    orphans.remove_leftovers()
+    dead.refresh_from_db()
+    assert not chain.exists() and dead.left == {}
+    assert (outside / "file").read_text() == "not the restore's"
+
+
 def test_a_restore_test_whose_worker_died_fails_and_its_scratch_copy_is_dropped(server, sample_cluster, settings):
     test = RestoreTest.objects.create(server=server, phase="checking", pid=dead_pid(), host=orphans.HOST)
     sample_cluster.execute("CREATE DATABASE restoretest_9_20261205")

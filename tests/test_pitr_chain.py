@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
 from backups.models import BackupRun, Server
+from restores import pitr_chain
 from restores.models import RestoreRun
 from restores.pitr_chain import BrokenLink, combine_problem, newest_incremental_before, parent_of
 from restores.pitr_plan import Target
@@ -47,7 +48,7 @@ def restore_to(restored, moment):
 
 @pytest.mark.parametrize("pg_major", [18])
 def test_pitr_combines_the_full_and_two_incrementals_and_falls_back_to_the_full_when_a_link_is_broken(
-    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, pg_major
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, pg_major, monkeypatch
 ):
     sample_cluster.configure(summarize_wal=True)
     enable_push(sample_cluster)  # restarts: summarize_wal is on from here
@@ -61,7 +62,17 @@ def test_pitr_combines_the_full_and_two_incrementals_and_falls_back_to_the_full_
     write(sample_cluster, "INSERT INTO probe VALUES ('D')")
     wait_archived(sample_cluster, switch_wal(sample_cluster))
 
+    # The scratch each link is extracted into is in the run's `left` before it is made: the
+    # orphan sweep removes it when the worker dies.
+    seen, extract_link = [], pitr_chain.extract_link
+
+    def extracting(plan, run, scratch):
+        seen.append((RestoreRun.objects.get(status="running").left.get("chain"), str(scratch)))
+        return extract_link(plan, run, scratch)
+
+    monkeypatch.setattr(pitr_chain, "extract_link", extracting)
     result, port = restore_to(restored, target)
+    assert len(seen) == 3 and all(chain == scratch for chain, scratch in seen), seen
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",), ("C",)]
     assert result["chain"] == [full.pk, first.pk, second.pk]
     assert f"combined the chain #{full.pk}, #{first.pk}, #{second.pk} with pg_combinebackup" in result["notes"]
