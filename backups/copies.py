@@ -61,11 +61,11 @@ def restorable(runs, enabled_only=True):
     backups fill the floor and may start the WAL window): where they differed, retention kept three
     that PITR refuses and deleted the one it would use. `enabled_only=False`: a copy in a location
     disabled for a while counts too (retention's floor and tiers: it is there when it returns)."""
-    runs = list(runs)
+    runs = list(runs)  # model instances, or anything with .pk and .details (retention.PlanRun)
     healthy = BackupCopy.objects.filter(status=BackupCopy.Status.OK)
     if enabled_only:
         healthy = healthy.filter(location__enabled=True)
-    usable = set(healthy.filter(run__in=runs, artifact="main").values_list("run_id", flat=True))
+    usable = set(healthy.filter(run__in=[r.pk for r in runs], artifact="main").values_list("run_id", flat=True))
     apart = [r.pk for r in runs if (r.details or {}).get("manifest_in_tar", True) is False]
     if apart:
         manifests = set(healthy.filter(run__in=apart, artifact="manifest").values_list("run_id", flat=True))

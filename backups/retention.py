@@ -74,7 +74,7 @@ def plan(server, now=None):
     # The floor and the tiers count only backups that can still be restored: three whose every
     # copy the verify found corrupt (or missing, or deleted) must not push out the last one that
     # restores. Those keep their days only.
-    lost = _without_a_healthy_copy(server)
+    lost = _without_a_healthy_copy(runs)
     kept = {}
     for kind, series in _series(runs):
         usable = [r for r in series if r.pk not in lost]
@@ -109,15 +109,16 @@ def plan(server, now=None):
     return {r: kept.get(r) for r in sorted(runs, key=lambda r: r.finished_at, reverse=True)}
 
 
-def _without_a_healthy_copy(server):
-    """Pks of the server's runs that have copies but cannot be restored from them (copies.restorable:
+def _without_a_healthy_copy(runs):
+    """Pks of `runs` (the plan's) that have copies but cannot be restored from them (copies.restorable:
     corrupt, missing or deleted; a base backup's separate manifest lost). They keep their days, fill
     the floor only when too few others can, and never start the WAL window (plan). A copy in a
     location disabled for a while still counts: it is there when it returns, and neither its
-    monthly backups nor the WAL from it are deleted meanwhile."""
-    with_copies = BackupRun.objects.filter(server=server, copies__artifact="main").distinct()
-    with_copies = with_copies.only("id", "server_id", "details")
-    return {run.pk for run in with_copies} - restorable(with_copies, enabled_only=False)
+    monthly backups nor the WAL from it are deleted meanwhile. The plan's runs, not model
+    instances read again: the server page plans every backup of the server."""
+    copied = BackupCopy.objects.filter(run__in=[run.pk for run in runs], artifact="main")
+    with_copies = set(copied.values_list("run_id", flat=True))
+    return with_copies - restorable([run for run in runs if run.pk in with_copies], enabled_only=False)
 
 
 def _locked_until(server, now):
@@ -314,7 +315,7 @@ def wal_retention(server, now, dry_run, actor):
     good = server.runs.good().filter(pk__in=kept_pks)
     kept = list(good.filter(kind=BackupRun.Kind.BASE))
     links = list(good.filter(kind=BackupRun.Kind.INCREMENTAL))
-    segments, anchor = doomed_segments(server, kept, now, links, lost=_without_a_healthy_copy(server))
+    segments, anchor = doomed_segments(server, kept, now, links, lost=_without_a_healthy_copy(kept))
     result = {
         "deleted": len(segments),
         "first_deleted": segments[0].name if segments else None,
