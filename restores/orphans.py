@@ -13,7 +13,6 @@ of its host (remove_leftovers), and so does the monitor's pass on its own.
 
 import logging
 import os
-import shutil
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +21,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal import conditions, journal
+from backupportal.lib.osuser import remove_tree
 from backups.binaries import pg_ctl
 from backups.runner import ORPHAN_AFTER, alive, minutes
 from restores import pitr_staging
@@ -170,8 +170,11 @@ def remove_datadir(restore):
     the directory the run made: one removed and made again since (its inode) is another's."""
     datadir = Path(restore.left["datadir"])
     pitr_staging.remove(Path(restore.left["staging"]) if restore.left.get("staging") else None)
-    if restore.left.get("chain"):  # an incremental chain's scratch (rmtree removes no link's target)
-        shutil.rmtree(restore.left["chain"], ignore_errors=True)
+    if chain := restore.left.get("chain"):  # an incremental chain's scratch
+        try:
+            remove_tree(chain)
+        except OSError as e:
+            return f"its chain's scratch {chain} could not be removed ({e}): the next sweep tries again"
     if not datadir.exists():
         return _removed(restore, f"its cluster in {datadir} is gone")
     if _not_the_runs(restore, datadir):
@@ -182,7 +185,7 @@ def remove_datadir(restore):
             if stopped.returncode != 0 and (datadir / "postmaster.pid").exists():
                 raise OSError(f"pg_ctl stop: {stopped.stderr.strip() or stopped.returncode}")
         if restore.left.get("created"):
-            shutil.rmtree(datadir)
+            remove_tree(datadir)
         else:
             empty(datadir)
             give_back(datadir, {k: restore.left[k] for k in ("mode", "uid", "gid") if k in restore.left})

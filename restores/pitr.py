@@ -36,7 +36,7 @@ from operator import attrgetter
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.lib.osuser import db_user_ids
+from backupportal.lib.osuser import db_user_ids, remove_tree
 from backups import keyring, walchain, walnames
 from backups.copies import decrypt_here, healthy_copies, restorable
 from backups.crypto import Encryption, EncryptionError
@@ -454,7 +454,7 @@ def remove(plan):
     if (plan.datadir / "postmaster.pid").exists():
         pg_ctl(plan, "stop", "-m", "immediate", "-w")
     if plan.created_dir:
-        shutil.rmtree(plan.datadir, ignore_errors=True)
+        remove_tree(plan.datadir, ignore_errors=True)
     else:
         empty(plan.datadir)
         give_back(plan.datadir, plan.owner)

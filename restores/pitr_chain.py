@@ -13,13 +13,12 @@ WAL (the plan's check_chain says whether that reaches the target). WAL-chain che
 
 import os
 import secrets
-import shutil
 import subprocess
 from pathlib import Path
 
 from backupportal import journal
 from backupportal.lib.childenv import child_env
-from backupportal.lib.osuser import as_db_user, chown_to_db_user
+from backupportal.lib.osuser import as_db_user, chown_to_db_user, remove_tree
 from backups import walnames
 from backups.binaries import backup_major, cluster_tool
 from backups.copies import decrypt_here, healthy_copies
@@ -141,7 +140,7 @@ def combine(plan):
         for entry in combined.iterdir():  # the same file system: renames
             os.rename(entry, plan.datadir / entry.name)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch, ignore_errors=True)
     plan.extracted = None  # pg_combinebackup wrote the files: pg_verifybackup checks them all
     ids = ", ".join(f"#{r.pk}" for r in chain_of(plan))
     plan.notes.append(f"combined the chain {ids} with pg_combinebackup; WAL replayed from #{plan.links[-1].pk}")

@@ -8,7 +8,6 @@ recovery starts. Split from restores/pitr.py.
 import errno
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from backupportal.lib import tarextract
 from backupportal.lib.childenv import child_env
-from backupportal.lib.osuser import as_db_user, db_user_ids, give_to_db_user, read_regular
+from backupportal.lib.osuser import as_db_user, db_user_ids, give_to_db_user, read_regular, remove_tree
 from backupportal.lib.writeback import Writeback
 from backups import tarpipe
 from backups.binaries import backup_major, cluster_tool
@@ -58,10 +57,7 @@ def give_back(directory, owner):
 
 def empty(directory):
     for child in directory.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+        remove_tree(child)
 
 
 class TarSink:

@@ -20,13 +20,12 @@ through --wal-directory) is root's and readable by that user's group, never writ
 """
 
 import os
-import shutil
 import stat
 from pathlib import Path
 
 from django.conf import settings
 
-from backupportal.lib.osuser import DB_OS_USER, db_user_ids, only_root_can_change, unreachable_ancestor
+from backupportal.lib.osuser import DB_OS_USER, db_user_ids, only_root_can_change, remove_tree, unreachable_ancestor
 from restores.pitr_plan import UNCHECKED, RestoreFailed
 from restores.restore_wal import ASKED, REQUESTED
 
@@ -110,10 +109,7 @@ def requested(staging: Path) -> str:
 
 
 def remove(staging: Path | None):
-    """The staging directory and all in it (rmtree never follows a link); nothing when gone."""
-    if staging is None:
-        return
-    if staging.is_symlink():
-        staging.unlink(missing_ok=True)
-        return
-    shutil.rmtree(staging, ignore_errors=True)
+    """The staging directory and all in it (its asked/ is the database OS user's: osuser.remove_tree,
+    which follows no link and waits on no FIFO); nothing when gone."""
+    if staging is not None:
+        remove_tree(staging, ignore_errors=True)

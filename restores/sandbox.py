@@ -11,7 +11,6 @@ on the sandbox's host may say what state it is in, stop or remove it (on_this_ho
 
 import logging
 import os
-import shutil
 import socket
 import tempfile
 from datetime import timedelta
@@ -22,7 +21,7 @@ from django.utils import timezone
 from django_q.conf import Conf
 
 from backupportal import journal
-from backupportal.lib.osuser import free_port
+from backupportal.lib.osuser import free_port, remove_tree
 from backupportal.models import JournalEntry
 from backups.binaries import pg_ctl, server_major
 from restores import pitr
@@ -103,7 +102,7 @@ def remove_throwaway(datadir: Path):
     """Stop the cluster (if it runs) and remove its directory."""
     if (datadir / "postmaster.pid").exists():
         pg_ctl(datadir, "stop", "-m", "immediate", "-w")
-    shutil.rmtree(datadir.parent, ignore_errors=True)
+    remove_tree(datadir.parent, ignore_errors=True)
 
 
 # --- Sandboxes of requests: their state, stopping and removing them, expiry. ----------------
@@ -221,7 +220,7 @@ def stop_and_remove(run, actor, reason):
         stopped = pg_ctl(datadir, "stop", "-m", "fast", "-w", major=server_major(run.server))
         if stopped.returncode != 0 and state(run) != "stopped":
             raise NotRemoved(f"pg_ctl could not stop the sandbox in {datadir}: {stopped.stderr.strip()}")
-    shutil.rmtree(datadir)
+    remove_tree(datadir)
     _journal_removed(run, actor, reason, datadir, was)
     return True
 

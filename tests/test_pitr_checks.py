@@ -621,3 +621,64 @@ def test_the_copys_log_and_files_are_read_without_following_a_link_waiting_on_a_
     text = pitr_verdict.log_text(log)
     assert len(text) == pitr_verdict.LOG_READ and text.endswith("17:00:00+00\n")
     assert read_regular(log, 10) == b"\0" * 10
+
+
+def test_a_tree_the_database_user_can_change_is_removed_without_following_a_link_or_waiting_on_a_fifo(
+    tmp_path, monkeypatch
+):
+    """shutil.rmtree (Python 3.11) opened a listed subdirectory with a plain open(): one swapped
+    for a FIFO after the listing hung the restoring worker, the orphan sweep and the sandbox
+    removal (second review of 2026-12-06). osuser.remove_tree unlinks what it finds instead."""
+    from backupportal.lib.osuser import remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("not the copy's")
+    copy = tmp_path / "copy"
+    (copy / "base" / "1").mkdir(parents=True)
+    (copy / "base" / "1" / "16384").write_bytes(b"\0" * 8192)
+    os.mkfifo(copy / "fifo")
+    (copy / "link").symlink_to(outside)
+    (copy / "base" / "link").symlink_to(outside / "keep")
+    remove_tree(copy)
+    assert not copy.exists() and (outside / "keep").read_text() == "not the copy's"
+    remove_tree(copy)  # gone: nothing to do
+
+    # pg_wal, listed and looked at as a directory, is a FIFO by the time root opens it: what
+    # that user's renameat2(RENAME_EXCHANGE) loop made shutil.rmtree wait on once in 200 tries.
+    (copy / "pg_wal").mkdir(parents=True)
+    opening, swapped = os.open, []
+
+    def swapped_first(path, flags, *args, **kwargs):
+        if path == "pg_wal" and not swapped:
+            swapped.append(True)
+            (copy / "pg_wal").rmdir()
+            os.mkfifo(copy / "pg_wal")
+        return opening(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", swapped_first)
+    removing = threading.Thread(target=remove_tree, args=(copy,), daemon=True)
+    removing.start()
+    removing.join(10)
+    assert swapped and not removing.is_alive() and not copy.exists()
+
+
+def test_the_orphan_sweep_tries_again_when_a_dead_pitrs_chain_scratch_could_not_be_removed(server, tmp_path):
+    """Found by review: a scratch that stayed (pg_combinebackup still writing into it, say) was
+    forgotten, its `left` emptied all the same."""
+    from backupportal.lib.osuser import DEEPEST
+    from restores import orphans
+
+    chain = tmp_path / ".copy.chain-0a1b2c"
+    deep = chain.joinpath(*["d"] * (DEEPEST + 1))
+    deep.mkdir(parents=True)  # deeper than remove_tree goes: it cannot be removed
+    left = {"datadir": str(tmp_path / "copy"), "created": True, "chain": str(chain)}
+    dead = RestoreRun.begin(RestoreRun.Kind.PITR, "alice", server=server, into_datadir=left["datadir"])
+    RestoreRun.objects.filter(pk=dead.pk).update(status="failed", host=orphans.HOST, left=left)
+    orphans.remove_leftovers()
+    dead.refresh_from_db()
+    assert dead.left == left and chain.exists()
+    shutil.rmtree(chain / "d")
+    orphans.remove_leftovers()
+    dead.refresh_from_db()
+    assert dead.left == {} and not chain.exists()

@@ -8,6 +8,7 @@ without Django. backups.binaries.pg_ctl chooses the binaries of a cluster's own 
 backupportal.lib.pgcluster (the throwaway clusters of tests, demo and benchmarks) passes its own.
 """
 
+import errno
 import getpass
 import os
 import pwd
@@ -103,6 +104,60 @@ def read_regular(path, limit: int, tail=False) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+# How a directory being removed is opened: never through a link, never waiting on a FIFO put
+# in its place (O_DIRECTORY fails on one before it is opened), relative to its parent.
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+DEEPEST = 100  # a data directory is a few levels deep; a tree deeper than this is refused
+
+
+def remove_tree(path, ignore_errors=False) -> None:
+    """``path`` and all in it, as root may remove a tree the database OS user can change (a
+    restored copy's data directory, a chain's extracted links). shutil.rmtree (Python 3.11) opens
+    each subdirectory with neither O_NONBLOCK nor O_DIRECTORY: a FIFO swapped in for one after
+    the listing made it wait for ever. Here an entry swapped for a FIFO or a link is unlinked
+    itself. OSError when something could not be removed (that user adding files meanwhile): the
+    caller says so and tries again later. Nothing when ``path`` is gone."""
+    try:
+        parent = os.open(Path(path).parent, _DIRECTORY & ~os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        _remove_entry(parent, Path(path).name, 0)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if not ignore_errors:
+            raise
+    finally:
+        os.close(parent)
+
+
+def _remove_entry(dir_fd, name, depth):
+    try:
+        fd = os.open(name, _DIRECTORY, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        os.unlink(name, dir_fd=dir_fd)  # a file, a FIFO or a link: itself, never what it leads to
+        return
+    try:
+        if depth >= DEEPEST:
+            raise OSError(errno.ELOOP, f"more than {DEEPEST} directories deep: not removed", name)
+        for entry in list(os.scandir(fd)):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    _remove_entry(fd, entry.name, depth + 1)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+            except IsADirectoryError:  # a file swapped for a directory since the listing
+                _remove_entry(fd, entry.name, depth + 1)
+            except FileNotFoundError:
+                continue
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
 
 
 def only_root_can_change(path, direct=None) -> str:
