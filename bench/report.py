@@ -789,7 +789,9 @@ def pitr_stock(rows, boot):
         f" {stock:.2f} s against pgBackRest's {theirs:.2f} s"
     )
     if boot:
-        said += f"; Python and Django's start, which the portal's command pays, is {boot:.2f} s"
+        said += (
+            f"; Python and Django's start, which manage.py restore pays and the worker's run does not, is {boot:.2f} s"
+        )
     return said + "."
 
 

@@ -2,7 +2,7 @@
 
 A django-q2 worker (`manage.py qcluster`) imports Django once and then runs tasks: an approved
 restore request (restores.tasks.run_request, which calls restores.logical.run_logical, or
-restores.sandbox.restore_request and restores.pitr.run_plan for a PITR into a sandbox) or the
+the same planning and run_plan of restores.pitr as restores.sandbox.restore_request for a PITR) or the
 every-minute WAL ingest (backups.tasks.ingest_wal, which calls backups.walingest.ingest). A
 `manage.py` command pays the interpreter's start, Django's set-up and, for the ingest, the
 unwrapping of the WAL key (cached by the worker) on every call. This program is such a process:
@@ -13,7 +13,7 @@ function the task runs and answers one JSON line. What it leaves out is the queu
     {"call": "restore", "run": 12, "into": "r_worker_0"}   -> run_logical, as run_request does
     {"call": "ingest", "server": "walc"}                    -> walingest.ingest, linger 0
     {"call": "pitr", "server": "b", "into": "/x/data", "port": 5999}
-                                                            -> pitr.make_plan and run_plan, as a sandbox request's
+                                                            -> pitr.make_plan and run_plan, to the archive's end
 """
 
 import json
@@ -63,7 +63,10 @@ def ingest(call):
 
 
 def pitr(call):
-    """A PITR to the end of the archive, as restores.sandbox.restore_request runs an approved one."""
+    """A PITR through make_plan and run_plan, the functions restores.sandbox.restore_request calls
+    for an approved request; with the command's target (the end of the archive, where an approved
+    request names a time or a backup's end) and place, so that the two rows differ in the process
+    alone."""
     from backups.models import Server
     from restores import pitr as pitrs
 
