@@ -159,7 +159,7 @@ def remove_leftovers():
     """On this host: stop and remove the clusters of restores that died (their `left`), and of
     restore tests that died after their restore (restores.orphans._fail_test gives them one)."""
     for restore in RestoreRun.objects.filter(host=HOST).exclude(status=RestoreRun.Status.RUNNING).exclude(left={}):
-        if restore.left.get("datadir"):
+        if restore.left.get("datadir") or restore.left.get("chain"):
             said = remove_datadir(restore)
             log.info("restore #%s: %s", restore.pk, said)
 
@@ -167,18 +167,18 @@ def remove_leftovers():
 def remove_datadir(restore):
     """Stop the cluster a dead restore started (if it did) and remove its directory (empty it, a
     directory the DBA gave); the clause saying so, or what is left (tried again next time). Only
-    the directory the run made: one removed and made again since (its inode) is another's."""
-    datadir = Path(restore.left["datadir"])
+    the directory the run made: one removed and made again since (its inode) is another's. An
+    incremental chain's scratch that could not be removed stays in `left` alone: the data
+    directory is never passed over for it, nor looked at again once done."""
     pitr_staging.remove(Path(restore.left["staging"]) if restore.left.get("staging") else None)
-    if chain := restore.left.get("chain"):  # an incremental chain's scratch
-        try:
-            remove_tree(chain)
-        except OSError as e:
-            return f"its chain's scratch {chain} could not be removed ({e}): the next sweep tries again"
+    chain = _remove_chain(restore.left.get("chain"))
+    if not restore.left.get("datadir"):
+        return _removed(restore, "its chain's scratch was removed", chain)
+    datadir = Path(restore.left["datadir"])
     if not datadir.exists():
-        return _removed(restore, f"its cluster in {datadir} is gone")
+        return _removed(restore, f"its cluster in {datadir} is gone", chain)
     if _not_the_runs(restore, datadir):
-        return _removed(restore, f"{datadir} holds another restore's cluster now: left as it is")
+        return _removed(restore, f"{datadir} holds another restore's cluster now: left as it is", chain)
     try:
         if (datadir / "postmaster.pid").exists():
             stopped = pg_ctl(datadir, "stop", "-m", "immediate", "-w")  # its PG_VERSION says which pg_ctl
@@ -191,7 +191,18 @@ def remove_datadir(restore):
             give_back(datadir, {k: restore.left[k] for k in ("mode", "uid", "gid") if k in restore.left})
     except Exception as e:  # noqa: BLE001 - said on the run; the next sweep tries again
         return f"its cluster in {datadir} could not be removed ({type(e).__name__}: {e}): the next sweep tries again"
-    return _removed(restore, f"its cluster in {datadir} was stopped and removed")
+    return _removed(restore, f"its cluster in {datadir} was stopped and removed", chain)
+
+
+def _remove_chain(chain):
+    """None when a dead PITR's chain scratch is gone (or it had none), else (its path, why not)."""
+    if not chain:
+        return None
+    try:
+        remove_tree(chain)
+    except OSError as e:
+        return chain, str(e)
+    return None
 
 
 def _not_the_runs(restore, datadir):
@@ -203,9 +214,12 @@ def _not_the_runs(restore, datadir):
     return later.exists()
 
 
-def _removed(restore, said):
-    RestoreRun.objects.filter(pk=restore.pk).update(left={})
-    restore.left = {}
+def _removed(restore, said, chain=None):
+    """`said`, and `left` emptied but for a chain's scratch still there (_remove_chain)."""
+    restore.left = {"chain": chain[0]} if chain else {}
+    RestoreRun.objects.filter(pk=restore.pk).update(left=restore.left)
+    if chain:
+        said += f"; its chain's scratch {chain[0]} could not be removed ({chain[1]}): the next sweep tries again"
     return said
 
 

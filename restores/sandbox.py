@@ -220,7 +220,10 @@ def stop_and_remove(run, actor, reason):
         stopped = pg_ctl(datadir, "stop", "-m", "fast", "-w", major=server_major(run.server))
         if stopped.returncode != 0 and state(run) != "stopped":
             raise NotRemoved(f"pg_ctl could not stop the sandbox in {datadir}: {stopped.stderr.strip()}")
-    remove_tree(datadir)
+    try:
+        remove_tree(datadir)
+    except OSError as e:  # the copy's superuser adding files as it goes, say: expire() goes on to the next
+        raise NotRemoved(f"the sandbox in {datadir} was stopped but could not be removed ({e}): try again") from None
     _journal_removed(run, actor, reason, datadir, was)
     return True
 

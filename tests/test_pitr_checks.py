@@ -663,22 +663,65 @@ def test_a_tree_the_database_user_can_change_is_removed_without_following_a_link
     assert swapped and not removing.is_alive() and not copy.exists()
 
 
-def test_the_orphan_sweep_tries_again_when_a_dead_pitrs_chain_scratch_could_not_be_removed(server, tmp_path):
+@pytest.fixture
+def immutable():
+    """chattr +i on the files given (root alone may, on ext4): what no one can remove."""
+    made = []
+
+    def make(path):
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("this file system has no immutable flag (chattr +i)")
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def test_what_can_be_removed_is_removed_at_any_depth_and_what_cannot_is_said(tmp_path, immutable):
+    """Found by review: the first version stopped at its first error (the rest of the tree left,
+    ignore_errors hiding it) and refused a tree more than 100 levels deep, which the database OS
+    user could make to keep any of its directories for ever."""
+    from backupportal.lib.osuser import DEEPEST, remove_tree
+
+    tree = tmp_path / "copy"
+    deep = tree.joinpath(*["d"] * (3 * DEEPEST + 5))
+    deep.mkdir(parents=True)
+    (deep / "f").write_bytes(b"x")
+    remove_tree(tree)
+    assert not tree.exists()
+
+    for name in ("a", "held", "z"):
+        (tree / name / "sub").mkdir(parents=True)
+        (tree / name / "sub" / "f").write_bytes(b"x")
+    immutable(tree / "held" / "sub" / "f")
+    with pytest.raises(PermissionError):
+        remove_tree(tree)
+    assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*")) == ["held", "held/sub", "held/sub/f"]
+    remove_tree(tree, ignore_errors=True)  # the same, unsaid
+
+
+def test_the_orphan_sweep_removes_the_data_directory_and_tries_again_for_a_chain_scratch_it_could_not_remove(
+    server, tmp_path, immutable
+):
     """Found by review: a scratch that stayed (pg_combinebackup still writing into it, say) was
-    forgotten, its `left` emptied all the same."""
-    from backupportal.lib.osuser import DEEPEST
+    forgotten, its `left` emptied all the same; and one that cannot be removed must not keep the
+    dead PITR's data directory, a copy of production's data, for ever."""
     from restores import orphans
 
-    chain = tmp_path / ".copy.chain-0a1b2c"
-    deep = chain.joinpath(*["d"] * (DEEPEST + 1))
-    deep.mkdir(parents=True)  # deeper than remove_tree goes: it cannot be removed
-    left = {"datadir": str(tmp_path / "copy"), "created": True, "chain": str(chain)}
+    datadir, chain = tmp_path / "copy", tmp_path / ".copy.chain-0a1b2c"
+    (datadir / "base").mkdir(parents=True)
+    (chain / "run-7").mkdir(parents=True)
+    held = immutable(chain / "run-7")
+    left = {"datadir": str(datadir), "created": True, "inode": datadir.stat().st_ino, "chain": str(chain)}
     dead = RestoreRun.begin(RestoreRun.Kind.PITR, "alice", server=server, into_datadir=left["datadir"])
     RestoreRun.objects.filter(pk=dead.pk).update(status="failed", host=orphans.HOST, left=left)
     orphans.remove_leftovers()
     dead.refresh_from_db()
-    assert dead.left == left and chain.exists()
-    shutil.rmtree(chain / "d")
+    assert not datadir.exists() and chain.exists()
+    assert dead.left == {"chain": str(chain)}  # the data directory done: never looked at again
+    subprocess.run(["chattr", "-i", str(held)], check=True)
     orphans.remove_leftovers()
     dead.refresh_from_db()
     assert dead.left == {} and not chain.exists()

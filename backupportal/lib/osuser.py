@@ -12,6 +12,7 @@ import errno
 import getpass
 import os
 import pwd
+import secrets
 import socket
 import stat
 import struct
@@ -109,55 +110,120 @@ def read_regular(path, limit: int, tail=False) -> bytes:
 # How a directory being removed is opened: never through a link, never waiting on a FIFO put
 # in its place (O_DIRECTORY fails on one before it is opened), relative to its parent.
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-DEEPEST = 100  # a data directory is a few levels deep; a tree deeper than this is refused
+# Descriptors held at once: a directory deeper below the top is moved up into it and removed on a
+# later pass, so that no depth the database OS user makes can stop the removal. A tree still not
+# gone after PASSES passes (that user adding to it all along) is an error: tried again later.
+DEEPEST, PASSES = 64, 64
 
 
 def remove_tree(path, ignore_errors=False) -> None:
     """``path`` and all in it, as root may remove a tree the database OS user can change (a
     restored copy's data directory, a chain's extracted links). shutil.rmtree (Python 3.11) opens
     each subdirectory with neither O_NONBLOCK nor O_DIRECTORY: a FIFO swapped in for one after
-    the listing made it wait for ever. Here an entry swapped for a FIFO or a link is unlinked
-    itself. OSError when something could not be removed (that user adding files meanwhile): the
-    caller says so and tries again later. Nothing when ``path`` is gone."""
+    its lstat made it wait for ever. Here an entry swapped for a FIFO or a link is unlinked
+    itself. As rmtree, it removes all it can: the first error is raised at the end (that user
+    adding files meanwhile), unless ``ignore_errors``. Nothing when ``path`` is gone."""
     try:
         parent = os.open(Path(path).parent, _DIRECTORY & ~os.O_NOFOLLOW)
     except FileNotFoundError:
         return
+    errors = []
     try:
-        _remove_entry(parent, Path(path).name, 0)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        if not ignore_errors:
-            raise
+        _remove(parent, Path(path).name, errors)
     finally:
         os.close(parent)
+    errors = [e for e in errors if not isinstance(e, FileNotFoundError)]
+    if errors and not ignore_errors:
+        raise errors[0]
 
 
-def _remove_entry(dir_fd, name, depth):
-    try:
-        fd = os.open(name, _DIRECTORY, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
-            raise
-        os.unlink(name, dir_fd=dir_fd)  # a file, a FIFO or a link: itself, never what it leads to
+def _remove(dir_fd, name, errors):
+    """The entry `name` of the directory `dir_fd`: a directory with all in it, else itself."""
+    top, again = _open_or_unlink(dir_fd, name, errors)
+    if top is None:
+        if again:
+            errors.append(OSError(errno.EISDIR, "a directory took the place of a file", name))
         return
     try:
-        if depth >= DEEPEST:
-            raise OSError(errno.ELOOP, f"more than {DEEPEST} directories deep: not removed", name)
-        for entry in list(os.scandir(fd)):
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    _remove_entry(fd, entry.name, depth + 1)
-                else:
-                    os.unlink(entry.name, dir_fd=fd)
-            except IsADirectoryError:  # a file swapped for a directory since the listing
-                _remove_entry(fd, entry.name, depth + 1)
-            except FileNotFoundError:
-                continue
+        for _ in range(PASSES):
+            said = []  # what the last pass could not remove is what is left
+            if not _empty(top, top, 1, said):
+                break
+        else:
+            said.append(OSError(errno.EBUSY, f"still not empty after {PASSES} passes", name))
+        errors += said
     finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
+        os.close(top)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError as e:
+        errors.append(e)
+
+
+def _empty(fd, top, depth, errors) -> bool:
+    """Remove what the directory `fd` holds; a directory DEEPEST levels below `top` is moved up
+    into it instead (by root's descriptor of `top`: no path), for the next pass. True when a next
+    pass is needed (that, or a directory put in a file's place meanwhile)."""
+    moved = False
+    try:
+        entries = list(os.scandir(fd))
+    except OSError as e:
+        errors.append(e)
+        return False
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            moved |= _unlink(fd, entry.name, errors)
+        elif depth >= DEEPEST:
+            try:
+                os.rename(entry.name, f".removing-{secrets.token_hex(8)}", src_dir_fd=fd, dst_dir_fd=top)
+                moved = True
+            except OSError as e:
+                errors.append(e)
+        else:
+            moved |= _remove_below(fd, entry.name, top, depth, errors)
+    return moved
+
+
+def _open_or_unlink(fd, name, errors):
+    """(the descriptor of the directory `name` in `fd`, or None; whether a next pass is needed).
+    A file, a FIFO or a link found there (swapped in since the listing) is unlinked itself."""
+    try:
+        return os.open(name, _DIRECTORY, dir_fd=fd), False
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            return None, _unlink(fd, name, errors)
+        errors.append(e)
+        return None, False
+
+
+def _remove_below(fd, name, top, depth, errors) -> bool:
+    child, again = _open_or_unlink(fd, name, errors)
+    if child is None:
+        return again
+    try:
+        moved = _empty(child, top, depth + 1, errors)
+    finally:
+        os.close(child)
+    try:
+        os.rmdir(name, dir_fd=fd)
+    except OSError as e:
+        errors.append(e)
+    return moved
+
+
+def _unlink(fd, name, errors) -> bool:
+    """True when a directory took the file's place since the listing: the next pass removes it."""
+    try:
+        os.unlink(name, dir_fd=fd)
+    except IsADirectoryError:
+        return True
+    except OSError as e:
+        errors.append(e)
+    return False
 
 
 def only_root_can_change(path, direct=None) -> str:
