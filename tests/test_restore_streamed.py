@@ -197,18 +197,26 @@ def test_rows_the_target_refuses_fail_the_restore_at_once_naming_the_table(
     run = backup("refused")
     release = threading.Event()
 
+    # Locked once a_slow's rows are loading (or in): the schema is in then. Locked as soon as the
+    # table existed, the lock could come before pre-data's ALTER TABLE ... OWNER, which then
+    # waited on it for the whole minute (seen once in CI, under load).
+    loading = (
+        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE datname = 'refused_copy' AND query LIKE 'COPY public.a_slow %')"
+        " OR (to_regclass('public.a_slow') IS NOT NULL AND EXISTS (SELECT FROM public.a_slow))"
+    )
+
     def hold():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not release.is_set():
             try:
                 with psycopg.connect(pg_cluster.dsn("refused_copy"), autocommit=False) as conn:
-                    if conn.execute("SELECT to_regclass('public.a_slow')").fetchone()[0]:
+                    if conn.execute(loading).fetchone()[0]:
                         conn.execute("LOCK TABLE public.a_slow IN ROW EXCLUSIVE MODE")
                         release.wait(60)
                         return
             except psycopg.Error:
                 pass
-            time.sleep(0.01)
+            time.sleep(0.005)
 
     holder = threading.Thread(target=hold)
     holder.start()
