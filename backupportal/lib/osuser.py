@@ -154,10 +154,7 @@ def _remove(dir_fd, name, errors):
         errors += said
     finally:
         os.close(top)
-    try:
-        os.rmdir(name, dir_fd=dir_fd)
-    except OSError as e:
-        errors.append(e)
+    _rmdir(dir_fd, name, errors)
 
 
 def _empty(fd, top, depth, errors) -> bool:
@@ -208,11 +205,15 @@ def _remove_below(fd, name, top, depth, errors) -> bool:
         moved = _empty(child, top, depth + 1, errors)
     finally:
         os.close(child)
+    _rmdir(fd, name, errors)
+    return moved
+
+
+def _rmdir(fd, name, errors):
     try:
         os.rmdir(name, dir_fd=fd)
     except OSError as e:
         errors.append(e)
-    return moved
 
 
 def _unlink(fd, name, errors) -> bool:
