@@ -4,7 +4,9 @@ pg_restore -j reads a finished file: the data waited for the whole decryption, t
 inflated every table's rows itself (zlib, about 6 core-seconds a gigabyte of rows: a quarter of
 the restore's CPU on two cores, bench/RESULTS.md). Here the custom-format archive is read as gpg
 writes it into the scratch file: each table's COPY block is inflated (by ISA-L when installed,
-2.3 times zlib's speed) and sent by COPY on RESTORE_JOBS connections of the portal's own, and a
+2.3 times zlib's speed) and sent by COPY on RESTORE_JOBS connections of the portal's own; a job
+with nothing else to do helps load a table another job reads, by a COPY of its own fed whole rows
+(Share: one big table, which pg_restore -j loads on one job, is loaded on all of them), and a
 big table's indexes, primary or unique constraints and foreign keys (with the keys they reference)
 are built by pg_restore (fed the table of contents alone) as soon as what they need is in, beside
 the other tables' loading, never two on one table that pg_restore -j would keep apart. Everything
@@ -13,16 +15,13 @@ pg_restore -j run on the verified file, by a use-list without `done`.
 
 Nothing here is trusted before the copy is: a copy that fails its sha256 or gpg's check fails the
 restore, and the new database is dropped, as with RESTORE_JOBS=1 (gpg piped into pg_restore).
-The archive's layout is pg_dump's (pg_backup_archiver.c: ReadHead, ReadToc; pg_backup_custom.c):
-an archive this does not know (a version, a compression) is restored by pg_restore alone.
+The archive is read by restores.dumparchive: one it does not know (a version, a compression) is
+restored by pg_restore alone.
 """
 
 import collections
-import os
-import re
 import subprocess
 import threading
-import time
 import zlib
 
 import psycopg
@@ -33,32 +32,22 @@ except ImportError:  # pragma: no cover - the stdlib's, slower, same streams
     inflating = zlib
 
 from backupportal.lib.pgerrors import explain
+from restores.dumparchive import BLOCK_BLOBS, BLOCK_DATA, Archive, Cursor, Ended, GrowingFile, Unsupported, skip_chunks
 from restores.targetdb import RestoreFailed
 
-# From 1.13 (pg_dump 11, 10.3 and 9.6.8) every name is schema-qualified and the search_path an
-# entry of its own; before, pg_restore set the search_path before each entry: left to it.
-KNOWN_VERSIONS = ((1, 13), (1, 14), (1, 15), (1, 16))
-CUSTOM_FORMAT = 1
-BLOCK_DATA, BLOCK_BLOBS = 1, 3
-PRE_DATA, POST_DATA = 2, 4  # teSection
 # A table's own post-data built early, beside the loading: one pg_restore each, so only for
 # tables big enough that their index builds weigh (compressed bytes of their block).
 EARLY_BYTES = 8 << 20
-OUTPUT = 256 << 10  # rows sent by COPY in pieces of about this size
-# pg_dump's compressed chunks are its compressor's output buffer (4 KiB to 64 KiB): a longer one
-# is a corrupt copy, said at once rather than read into memory before the sha256 says it.
-LONGEST_CHUNK = 16 << 20
+OUTPUT = 256 << 10  # rows sent by COPY in pieces of about this size, each ending at a row's end
+# Pieces of a table's rows waiting for the jobs that help load it (Share): a few, memory stays flat.
+SHARED_PIECES = 2
 # When the schema took longer than the whole decryption (thousands of tables), nothing is left to
 # overlap, and pg_restore -j loads many small tables with less per table than a COPY from here
 # (3000 tables of 5 rows: 8.1 and 10.7 s streamed against 7.6 and 7.9 s, 2026-12-06).
 MANY_TABLES = 200
-READ_AHEAD = 1 << 20
-# What is built beside the loading, and what of it holds its tables exclusively meanwhile
-# (pg_backup_archiver.c: identify_locking_dependencies, has_lock_conflicts).
-EARLY_KINDS = (b"INDEX", b"CONSTRAINT", b"FK CONSTRAINT")
-EXCLUSIVE = (b"CONSTRAINT", b"FK CONSTRAINT")
 # The session pg_restore's own connections set (pg_backup_archiver.c: _doSetFixedOutputState);
-# the dump's encoding, standard_conforming_strings and search_path come from its own entries.
+# the dump's encoding, standard_conforming_strings and search_path come from its own entries
+# (Archive.session).
 FIXED_STATE = (
     "SET statement_timeout = 0",
     "SET lock_timeout = 0",
@@ -68,15 +57,6 @@ FIXED_STATE = (
     "SET client_min_messages = warning",
     "SET row_security = off",
 )
-SESSION_ENTRIES = (b"ENCODING", b"STDSTRINGS", b"SEARCHPATH")
-
-
-class Unsupported(Exception):
-    """An archive this module does not read: pg_restore restores it alone."""
-
-
-class Ended(Exception):
-    """The file ended (its decryption over) before what the archive said was there."""
 
 
 class TableFailed(Exception):
@@ -87,211 +67,17 @@ class TableFailed(Exception):
         self.table, self.error = table, error
 
 
-class GrowingFile:
-    """The scratch file gpg is still writing: a read waits for its bytes until the decryption ends."""
+class Share:
+    """A table's rows as they are read: the job reading them (its producer) hands whole rows, a
+    piece at a time, to jobs with nothing else to do, each loading them by a COPY of its own into
+    the same table. Guarded by the Loader's lock."""
 
-    def __init__(self, path, decrypted, stop):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.decrypted, self.stop = decrypted, stop
-
-    def pread(self, n, offset):
-        parts, have = [], 0
-        while have < n:
-            if self.stop.is_set():
-                raise Ended("stopped")
-            finished = self.decrypted.is_set()  # before the read: what it wrote by then is all there is
-            got = os.pread(self.fd, n - have, offset + have)
-            if got:
-                parts.append(got)
-                have += len(got)
-            elif finished:
-                raise Ended(f"the decrypted dump ends at byte {offset + have}")
-            else:
-                time.sleep(0.002)
-        return b"".join(parts)
-
-    def close(self):
-        os.close(self.fd)
-
-
-class Cursor:
-    """Sequential reads of the archive from `offset`, in pieces of a mebibyte: its integers,
-    strings and chunks (pg_backup_archiver.c: ReadInt, ReadStr)."""
-
-    def __init__(self, source, offset, int_size=4):
-        self.source, self.base, self.buf, self.at = source, offset, b"", 0
-        self.int_size = int_size
-        self.ahead = 64 << 10  # doubled on each refill up to READ_AHEAD: a small table reads little
-
-    @property
-    def offset(self):
-        return self.base + self.at
-
-    def take(self, n):
-        if self.at + n > len(self.buf):
-            rest = self.buf[self.at :]
-            self.base += self.at
-            start = self.base + len(rest)
-            # What the piece needs, waited for, then whatever more is there already.
-            more = self.source.pread(n - len(rest), start)
-            ahead = os.pread(self.source.fd, self.ahead, start + len(more))
-            self.ahead = min(self.ahead * 2, READ_AHEAD)
-            self.buf, self.at = rest + more + ahead, 0
-        piece = self.buf[self.at : self.at + n]
-        self.at += n
-        return piece
-
-    def skip(self, n):
-        """Past `n` bytes, once they are there, without holding them."""
-        if self.at + n <= len(self.buf):
-            self.at += n
-            return
-        target = self.offset + n
-        if target > 0:
-            self.source.pread(1, target - 1)  # waits for the file to reach it
-        self.base, self.buf, self.at = target, b"", 0
-
-    def chunk_length(self):
-        n = self.int()
-        if n < 0 or n > LONGEST_CHUNK:
-            raise Ended(f"a data chunk of {n} bytes: the copy is corrupt")
-        return n
-
-    def byte(self):
-        return self.take(1)[0]
-
-    def int(self):
-        raw = self.take(1 + self.int_size)
-        value = int.from_bytes(raw[1:], "little")
-        return -value if raw[0] else value
-
-    def string(self):
-        n = self.int()
-        if n < 0:
-            return None
-        if n > 1 << 30:
-            raise Unsupported(f"a string of {n} bytes")
-        return self.take(n)  # bytes: a name is in the dump's encoding, which may be none (SQL_ASCII)
-
-
-class Entry:
-    __slots__ = ("id", "desc", "tag", "namespace", "section", "defn", "copy_stmt", "deps", "had_dumper")
-
-    def __init__(self, **fields):
-        for name, value in fields.items():
-            setattr(self, name, value)
-
-
-class Early:
-    """A post-data entry built beside the loading: the data of the tables it is on, which it waits
-    for (`data`), the entries built before it (`after`: a foreign key's referenced key), and
-    whether it takes its tables exclusively (pg_restore -j's rule: constraints do, an index does not)."""
-
-    __slots__ = ("data", "after", "exclusive")
-
-    def __init__(self, data, after, exclusive):
-        self.data, self.after, self.exclusive = data, after, exclusive
-
-    def conflicts(self, other):
-        return (self.exclusive or other.exclusive) and not self.data.isdisjoint(other.data)
-
-
-class Archive:
-    """The header and table of contents of a custom-format archive, read from `cursor`."""
-
-    def __init__(self, cursor):
-        if cursor.take(5) != b"PGDMP":
-            raise Unsupported("not a custom-format dump")
-        major, minor, _rev = cursor.take(3)
-        self.version = (major, minor)
-        if self.version not in KNOWN_VERSIONS:
-            raise Unsupported(f"archive version {major}.{minor}")
-        cursor.int_size = self.int_size = cursor.byte()
-        self.offset_size = cursor.byte()
-        if cursor.byte() != CUSTOM_FORMAT:
-            raise Unsupported("not the custom format")
-        if self.version >= (1, 15):
-            algorithm = cursor.byte()  # 0 none, 1 gzip, 2 lz4, 3 zstd
-        else:
-            algorithm = 1 if cursor.int() != 0 else 0
-        if algorithm != 1:
-            # Uncompressed rows come a row a chunk (pg_dump -Z0): read here chunk by chunk they
-            # would cost Python more than pg_restore's inflate they do not need. lz4, zstd: gzip only.
-            raise Unsupported(f"compression algorithm {algorithm}")
-        for _ in range(7):  # the creation time
-            cursor.int()
-        for _ in range(3):  # the database's name, the server's and pg_dump's versions
-            cursor.string()
-        self.entries = [self._entry(cursor) for _ in range(cursor.int())]
-        self.data_start = cursor.offset
-
-    def _entry(self, cursor):
-        dump_id, had_dumper = cursor.int(), cursor.int()
-        cursor.string(), cursor.string()  # the catalog's table oid and oid
-        tag, desc = cursor.string(), cursor.string()
-        section = cursor.int()
-        defn, _drop, copy_stmt = cursor.string(), cursor.string(), cursor.string()
-        namespace, _tablespace = cursor.string(), cursor.string()
-        if self.version >= (1, 14):
-            cursor.string()  # table access method
-        if self.version >= (1, 16):
-            cursor.int()  # relkind
-        cursor.string(), cursor.string()  # owner, "false" (WITH OIDS)
-        deps = []
-        while (dep := cursor.string()) is not None:
-            deps.append(int(dep))
-        cursor.take(1 + self.offset_size)  # where its data is: not set when pg_dump wrote a pipe
-        return Entry(
-            id=dump_id,
-            desc=desc,
-            tag=tag,
-            namespace=namespace,
-            section=section,
-            defn=defn,
-            copy_stmt=copy_stmt,
-            deps=deps,
-            had_dumper=had_dumper,
-        )
-
-    def streamable(self):
-        """{dump id: COPY statement} of the table data this module loads: rows as COPY, not INSERTs."""
-        return {
-            e.id: e.copy_stmt.strip().rstrip(b";")
-            for e in self.entries
-            if e.desc == b"TABLE DATA" and e.had_dumper and (e.copy_stmt or b"").startswith(b"COPY ")
-        }
-
-    def early_post_data(self, streamed):
-        """{post-data id: Early} for the indexes, constraints and foreign keys that can be built
-        beside the loading: every dependency of theirs is in the schema restored before it, a
-        table whose rows `streamed` loads here, or another such entry."""
-        data_of = {e.deps[0]: e.id for e in self.entries if e.id in streamed and len(e.deps) == 1}
-        by_id = {e.id: e for e in self.entries}
-        early = {}
-        for e in self.entries:  # in the dump's order: a foreign key after the key it references
-            if e.section != POST_DATA or e.desc not in EARLY_KINDS:
-                continue
-            data, after = set(), set()
-            for dep in set(e.deps):  # an expression index names its table once for each use
-                if dep in data_of:
-                    data.add(data_of[dep])
-                elif dep in early:
-                    after.add(dep)
-                elif dep not in by_id or by_id[dep].section > PRE_DATA or by_id[dep].desc == b"TABLE":
-                    break  # a table whose rows pg_restore loads (or none: partitioned), a later entry
-            else:
-                if data:
-                    early[e.id] = Early(frozenset(data), frozenset(after), e.desc in EXCLUSIVE)
-        return early
-
-    def name(self, dump_id):
-        """The table of a data entry, as a DBA reads it."""
-        entry = next(e for e in self.entries if e.id == dump_id)
-        return ".".join(quoted(part.decode(errors="replace")) for part in (entry.namespace, entry.tag) if part)
-
-    def session(self):
-        """The statements of the dump's ENCODING, STDSTRINGS and SEARCHPATH entries, as pg_restore runs them."""
-        return [e.defn for e in self.entries if e.desc in SESSION_ENTRIES and e.defn]
+    def __init__(self):
+        self.pieces = collections.deque()
+        self.helpers = 0  # jobs taking pieces now
+        self.copying = 0  # helpers' COPYs not yet ended (committed, or failed)
+        self.read = False  # the producer has handed out its last piece
+        self.handed = 0  # pieces loaded by helpers
 
 
 class Loader:
@@ -307,7 +93,7 @@ class Loader:
         self.lock = threading.Condition()
         self.waiting, self.loading, self.tasks, self.building = collections.deque(), set(), [], []
         self.wanted, self.running, self.waiters = set(), {}, collections.defaultdict(list)
-        self.starts, self.scanned = {}, False
+        self.starts, self.scanned, self.shares, self.handed = {}, False, {}, {}
         self.done, self.error = set(), None
         self.archive = None
 
@@ -355,9 +141,9 @@ class Loader:
                         self.lock.notify_all()
                 if kind == BLOCK_BLOBS:
                     while cursor.int() != 0:  # each large object: its oid, then its chunks
-                        _skip_chunks(cursor)
+                        skip_chunks(cursor)
                 elif kind == BLOCK_DATA:
-                    _skip_chunks(cursor)
+                    skip_chunks(cursor)
                 else:
                     raise Unsupported(f"a data block of type {kind}")
         finally:
@@ -366,7 +152,7 @@ class Loader:
                 self.lock.notify_all()
 
     def _next(self):
-        """('rows', id), ('post', id), or None when there is nothing left to do."""
+        """('rows', id), ('post', id), ('help', id), or None when there is nothing left to do."""
         with self.lock:
             while True:
                 if self.stop.is_set():
@@ -375,15 +161,26 @@ class Loader:
                     dump_id = self.waiting.popleft()
                     self.loading.add(dump_id)
                     return "rows", dump_id
-                for i, dump_id in enumerate(self.tasks):
-                    entry = self.early[dump_id]
-                    if not any(entry.conflicts(self.early[other]) for other in self.running):
-                        del self.tasks[i]
-                        self.running[dump_id] = entry
-                        return "post", dump_id
+                if (dump_id := self._ready_build()) is not None:
+                    self.tasks.remove(dump_id)
+                    self.running[dump_id] = self.early[dump_id]
+                    return "post", dump_id
+                for dump_id, share in self.shares.items():
+                    if not share.read:
+                        share.helpers += 1
+                        share.copying += 1
+                        return "help", (dump_id, share)
                 if self.scanned and not self.loading and not self.running:
                     return None  # a build running may still make another ready
                 self.lock.wait(0.5)
+
+    def _ready_build(self):
+        """A wanted build whose tables no running build holds, else None. Called with the lock held."""
+        for dump_id in self.tasks:
+            entry = self.early[dump_id]
+            if not any(entry.conflicts(self.early[other]) for other in self.running):
+                return dump_id
+        return None
 
     def _work(self):
         conn = None
@@ -399,6 +196,9 @@ class Loader:
                 if conn is None:
                     conn = self._session()
                 try:
+                    if kind == "help":
+                        self._help(conn, *dump_id)
+                        continue
                     size = self._load(conn, dump_id)
                 except psycopg.Error as e:
                     raise TableFailed(self.archive.name(dump_id), e) from None
@@ -418,27 +218,120 @@ class Loader:
         return conn
 
     def _load(self, conn, dump_id):
-        """COPY one table's rows; the compressed bytes read, for the early post-data's threshold."""
+        """COPY one table's rows, handing whole rows to the jobs that help (Share) while they do;
+        the compressed bytes read, for the early post-data's threshold. Returns once every COPY of
+        the table's rows has ended."""
         cursor = Cursor(self.file, self.starts[dump_id], self.archive.int_size)
         inflater = inflating.decompressobj()
         start, pending, size = cursor.offset, [], 0
-        with conn.cursor().copy(self.rows[dump_id]) as copy:
-            while (n := cursor.chunk_length()) != 0:
-                if self.stop.is_set():
-                    raise Ended("stopped")
-                piece = cursor.take(n)
-                piece = inflater.decompress(piece)
-                pending.append(piece)
-                size += len(piece)
-                if size >= OUTPUT:
-                    copy.write(b"".join(pending))
-                    pending, size = [], 0
-            pending.append(inflater.flush())
-            # A table without rows may have no stream at all (pg_dump 16 and later start it at the first row).
-            if cursor.offset - start > 1 + self.archive.int_size and (not inflater.eof or inflater.unused_data):
-                raise Ended(f"the compressed rows of dump entry {dump_id} do not end where their block does")
-            copy.write(b"".join(pending))
+        # Our own COPY holds the start of a row longer than a piece: the rest of it goes there too.
+        within_row = False
+        with self.lock:
+            share = self.shares[dump_id] = Share()
+            self.lock.notify_all()  # an idle job may help from the first piece
+        try:
+            with conn.cursor().copy(self.rows[dump_id]) as copy:
+                while (n := cursor.chunk_length()) != 0:
+                    if self.stop.is_set():
+                        raise Ended("stopped")
+                    piece = cursor.take(n)
+                    piece = inflater.decompress(piece)
+                    if within_row:
+                        # A raw newline ends a row, escaped or not: the server's COPY FROM splits its
+                        # input into lines byte by byte (after conversion), as it does pg_restore's.
+                        end = piece.find(b"\n") + 1
+                        if not end:
+                            copy.write(piece)
+                            continue
+                        copy.write(memoryview(piece)[:end])
+                        piece, within_row = piece[end:], False
+                    pending.append(piece)
+                    size += len(piece)
+                    if size >= OUTPUT:
+                        rows = b"".join(pending)
+                        end = rows.rfind(b"\n") + 1
+                        if end:
+                            self._hand(share, copy, memoryview(rows)[:end])  # not copied again
+                            pending, size = [rows[end:]], len(rows) - end
+                        else:  # each piece is searched once, whatever the row's length
+                            copy.write(rows)
+                            pending, size, within_row = [], 0, True
+                pending.append(inflater.flush())
+                # A table without rows may have no stream at all (pg_dump 16 and later start it at the first row).
+                if cursor.offset - start > 1 + self.archive.int_size and (not inflater.eof or inflater.unused_data):
+                    raise Ended(f"the compressed rows of dump entry {dump_id} do not end where their block does")
+                with self.lock:
+                    share.read = True
+                    self.lock.notify_all()
+                copy.write(b"".join(pending))
+        finally:
+            with self.lock:
+                share.read = True  # no job joins a table whose producer stopped
+                self.lock.notify_all()
+        with self.lock:
+            while share.copying and not self.stop.is_set():
+                self.lock.wait(0.5)
+            del self.shares[dump_id]
+            if share.handed:
+                self.handed[dump_id] = share.handed
+        if self.stop.is_set():
+            raise Ended("stopped")
         return cursor.offset - start
+
+    def _hand(self, share, copy, rows):
+        """`rows` (whole ones) to a helping job when one has room for them, else to our own COPY."""
+        with self.lock:
+            if share.helpers and len(share.pieces) < SHARED_PIECES:
+                share.pieces.append(rows)
+                share.handed += 1
+                self.lock.notify_all()
+                return
+        copy.write(rows)
+
+    def _help(self, conn, dump_id, share):
+        """Load pieces of a table another job reads, by a COPY of our own, until its rows are all
+        handed out or other work is waiting (a table's rows, a build): the COPY then ends with the
+        rows it has, and this job goes to that work."""
+        leaving = False
+        try:
+            with conn.cursor().copy(self.rows[dump_id]) as copy:
+                while True:
+                    with self.lock:
+                        while not share.pieces and not share.read and not self._elsewhere():
+                            if self.stop.is_set():
+                                raise Ended("stopped")
+                            self.lock.wait(0.5)
+                        if self.stop.is_set():
+                            raise Ended("stopped")
+                        if not share.pieces or self._elsewhere():
+                            # Leaving: nothing more is handed to us; what was is loaded here first.
+                            share.helpers -= 1
+                            leaving = True
+                            rest, share.pieces = list(share.pieces), collections.deque()
+                        else:
+                            rest = [share.pieces.popleft()]
+                    for rows in rest:
+                        copy.write(rows)
+                    if leaving:
+                        break
+        except BaseException as e:
+            failure = TableFailed(self.archive.name(dump_id), e) if isinstance(e, psycopg.Error) else e
+            with self.lock:  # before `copying` drops: the producer must not count the table done
+                self.error = self.error or failure
+                self.stop_now()
+            if failure is e:
+                raise
+            raise failure from None
+        finally:
+            with self.lock:
+                if not leaving:
+                    share.helpers -= 1
+                share.copying -= 1
+                self.lock.notify_all()
+
+    def _elsewhere(self):
+        """Other work for a helping job: a table's rows waiting, or a build that may start."""
+        return bool(self.waiting) or self._ready_build() is not None
 
     def _build(self, dump_id):
         tool = self.post_data_tool(dump_id)
@@ -511,31 +404,6 @@ def _feed(tool, head):
     except BrokenPipeError:  # it read what it needed (or failed: its exit code says)
         pass
     return tool.proc.wait()
-
-
-def _skip_chunks(cursor):
-    while (n := cursor.chunk_length()) != 0:
-        cursor.skip(n)
-
-
-LISTED_ID = re.compile(r"^(\d+);")
-
-
-def without(listing, ids):
-    """`listing` (pg_restore -l) with the entries of `ids` commented out."""
-    lines = []
-    for line in listing.splitlines():
-        m = LISTED_ID.match(line)
-        lines.append(f";{line}" if m and int(m.group(1)) in ids else line)
-    return "".join(f"{line}\n" for line in lines)
-
-
-PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
-
-
-def quoted(name):
-    """A name as SQL reads it: in double quotes unless plain (a dot, a capital, a space are in it)."""
-    return name if PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"'
 
 
 def failure(error, target):

@@ -22,7 +22,7 @@ from backups.binaries import conninfo_dbname
 from backups.crypto import die_with_parent, gpg_failure
 from backups.pipeline import BackupFailed, Tool
 from backups.storage import StorageError
-from restores import dumpstream, targetdb
+from restores import dumparchive, dumpstream, targetdb
 from restores.models import RestoreRun
 from restores.targetdb import RestoreFailed, created
 
@@ -186,7 +186,7 @@ class _Loading(threading.Thread):
             if self.loader.file.pread(len(self.head), 0) != self.head:
                 return  # pre_data.check says so once the copy is verified
             self.loader.run()
-        except dumpstream.Unsupported:
+        except dumparchive.Unsupported:
             self.loader.done.clear()  # nothing was loaded: the archive is read by pg_restore alone
         except Exception as e:  # noqa: BLE001 - said by finish(), never lost with the thread
             self.loader.error = self.loader.error or e
@@ -228,7 +228,7 @@ def triggers_last(command, path, scratch, held, listed=None, done=frozenset()):
             said = listed.stderr.decode(errors="replace").strip().splitlines()
             raise RestoreFailed(f"pg_restore --list failed: {said[-1] if said else listed.returncode}")
         listing = listed.stdout.decode(errors="replace")
-    lines = dumpstream.without(listing, done).splitlines()
+    lines = dumparchive.without(listing, done).splitlines()
     later = {line for line in lines if TABLE_TRIGGER_ENTRY.match(line)}
     if not later and not done:
         return command, None
