@@ -118,9 +118,13 @@ class Loader:
         try:
             work()
         except BaseException as e:  # noqa: BLE001 - the first error stops every thread, and is said
-            with self.lock:
-                self.error = self.error or e  # the first: the others only saw the stop
-                self.stop_now()
+            self._failed(e)
+
+    def _failed(self, error):
+        """Record the first error and stop every thread: the others only see the stop."""
+        with self.lock:
+            self.error = self.error or error
+            self.stop_now()
 
     def _scan(self):
         """Walk the data blocks' framing (chunk lengths) as the file grows, noting where each starts."""
@@ -195,10 +199,10 @@ class Loader:
                     continue
                 if conn is None:
                     conn = self._session()
+                if kind == "help":
+                    self._help(conn, *dump_id)  # (table, its Share)
+                    continue
                 try:
-                    if kind == "help":
-                        self._help(conn, *dump_id)
-                        continue
                     size = self._load(conn, dump_id)
                 except psycopg.Error as e:
                     raise TableFailed(self.archive.name(dump_id), e) from None
@@ -260,9 +264,6 @@ class Loader:
                 # A table without rows may have no stream at all (pg_dump 16 and later start it at the first row).
                 if cursor.offset - start > 1 + self.archive.int_size and (not inflater.eof or inflater.unused_data):
                     raise Ended(f"the compressed rows of dump entry {dump_id} do not end where their block does")
-                with self.lock:
-                    share.read = True
-                    self.lock.notify_all()
                 copy.write(b"".join(pending))
         finally:
             with self.lock:
@@ -295,30 +296,23 @@ class Loader:
         leaving = False
         try:
             with conn.cursor().copy(self.rows[dump_id]) as copy:
-                while True:
+                while not leaving:
                     with self.lock:
-                        while not share.pieces and not share.read and not self._elsewhere():
-                            if self.stop.is_set():
-                                raise Ended("stopped")
+                        while not (share.pieces or share.read or self.stop.is_set() or self._elsewhere()):
                             self.lock.wait(0.5)
                         if self.stop.is_set():
                             raise Ended("stopped")
-                        if not share.pieces or self._elsewhere():
-                            # Leaving: nothing more is handed to us; what was is loaded here first.
+                        leaving = not share.pieces or self._elsewhere()
+                        if leaving:  # nothing more is handed to us; what was is loaded here first
                             share.helpers -= 1
-                            leaving = True
                             rest, share.pieces = list(share.pieces), collections.deque()
                         else:
                             rest = [share.pieces.popleft()]
                     for rows in rest:
                         copy.write(rows)
-                    if leaving:
-                        break
         except BaseException as e:
             failure = TableFailed(self.archive.name(dump_id), e) if isinstance(e, psycopg.Error) else e
-            with self.lock:  # before `copying` drops: the producer must not count the table done
-                self.error = self.error or failure
-                self.stop_now()
+            self._failed(failure)  # before `copying` drops: the producer must not count the table done
             if failure is e:
                 raise
             raise failure from None
