@@ -130,12 +130,13 @@ class Entry:
 class Early:
     """A post-data entry built beside the loading: the data of the tables it is on, which it waits
     for (`data`), the entries built before it (`after`: a foreign key's referenced key), and
-    whether it takes its tables exclusively (pg_restore -j's rule: constraints do, an index does not)."""
+    whether it takes its tables exclusively (pg_restore -j's rule: constraints do, an index does not),
+    and whether it is a foreign key (its check runs on one core, where an index build has parallel workers)."""
 
-    __slots__ = ("data", "after", "exclusive")
+    __slots__ = ("data", "after", "exclusive", "foreign")
 
-    def __init__(self, data, after, exclusive):
-        self.data, self.after, self.exclusive = data, after, exclusive
+    def __init__(self, data, after, exclusive, foreign=False):
+        self.data, self.after, self.exclusive, self.foreign = data, after, exclusive, foreign
 
     def conflicts(self, other):
         return (self.exclusive or other.exclusive) and not self.data.isdisjoint(other.data)
@@ -226,7 +227,9 @@ class Archive:
                     break  # a table whose rows pg_restore loads (or none: partitioned), a later entry
             else:
                 if data:
-                    early[e.id] = Early(frozenset(data), frozenset(after), e.desc in EXCLUSIVE)
+                    early[e.id] = Early(
+                        frozenset(data), frozenset(after), e.desc in EXCLUSIVE, e.desc == b"FK CONSTRAINT"
+                    )
         return early
 
     def name(self, dump_id):

@@ -6,7 +6,9 @@ the restore's CPU on two cores, bench/RESULTS.md). Here the custom-format archiv
 writes it into the scratch file: each table's COPY block is inflated (by ISA-L when installed,
 2.3 times zlib's speed) and sent by COPY on RESTORE_JOBS connections of the portal's own; a job
 with nothing else to do helps load a table another job reads, by a COPY of its own fed whole rows
-(Share: one big table, which pg_restore -j loads on one job, is loaded on all of them), and a
+(Share: one big table, which pg_restore -j loads on one job, is loaded on all of them); a small
+table whose key foreign keys reference is loaded between two pieces of a big one (_key_waiting);
+autovacuum is held off the tables until they are whole (_hold_autovacuum); and a
 big table's indexes, primary or unique constraints and foreign keys (with the keys they reference)
 are built by pg_restore (fed the table of contents alone) as soon as what they need is in, beside
 the other tables' loading, never two on one table that pg_restore -j would keep apart. Everything
@@ -59,6 +61,17 @@ FIXED_STATE = (
 )
 
 
+# The plain tables among the loaded ones, by the names the archive has for them (bytes in the
+# dump's encoding, the session's client_encoding): their oids and options.
+HOLDABLE = """
+SELECT c.oid, c.reloptions FROM unnest(%s::bytea[], %s::bytea[]) t(namespace, tag)
+ JOIN pg_namespace n ON convert_to(n.nspname::text, current_setting('client_encoding')) = t.namespace
+ JOIN pg_class c ON c.relnamespace = n.oid AND convert_to(c.relname::text, current_setting('client_encoding')) = t.tag
+WHERE c.relkind = 'r'
+"""
+AUTOVACUUM = "DO $$BEGIN EXECUTE format('ALTER TABLE %s {change}', {oid}::oid::regclass); END$$"
+
+
 class TableFailed(Exception):
     """The server refused a table's rows."""
 
@@ -80,6 +93,50 @@ class Share:
         self.handed = 0  # pieces loaded by helpers
 
 
+class Rows:
+    """A table's inflated rows on their way to COPY: whole rows come out in pieces of about
+    OUTPUT bytes, each ending at a row's end; the start of the next row waits for its rest."""
+
+    def __init__(self, inflater):
+        self.inflater, self.pending, self.size = inflater, [], 0
+        # Our own COPY holds the start of a row longer than a piece: the rest of it goes there too.
+        self.within_row = False
+
+    def add(self, copy, compressed):
+        """Inflate `compressed`: whole rows to hand out (a memoryview), or None while a piece fills
+        (what cannot be cut at a row's end goes to `copy` itself)."""
+        piece = self.inflater.decompress(compressed)
+        if self.within_row:
+            # A raw newline ends a row, escaped or not: the server's COPY FROM splits its input
+            # into lines byte by byte (after conversion), as it does pg_restore's.
+            end = piece.find(b"\n") + 1
+            if not end:
+                copy.write(piece)
+                return None
+            copy.write(memoryview(piece)[:end])
+            piece, self.within_row = piece[end:], False
+        self.pending.append(piece)
+        self.size += len(piece)
+        if self.size < OUTPUT:
+            return None
+        rows = b"".join(self.pending)
+        end = rows.rfind(b"\n") + 1
+        if not end:  # each piece is searched once, whatever the row's length
+            copy.write(rows)
+            self.pending, self.size, self.within_row = [], 0, True
+            return None
+        self.pending, self.size = [rows[end:]], len(rows) - end
+        return memoryview(rows)[:end]  # not copied again
+
+    def end(self, copy, streamed, dump_id):
+        """The last rows, once the block has ended. `streamed`: the block holds a compressed stream
+        (pg_dump 16 and later start none for a table without rows)."""
+        self.pending.append(self.inflater.flush())
+        if streamed and (not self.inflater.eof or self.inflater.unused_data):
+            raise Ended(f"the compressed rows of dump entry {dump_id} do not end where their block does")
+        copy.write(b"".join(self.pending))
+
+
 class Loader:
     """Loads the archive's table data from the growing scratch file: one thread finds each data
     block, `jobs` threads each with a connection load them in the order found, and build a big
@@ -93,7 +150,9 @@ class Loader:
         self.lock = threading.Condition()
         self.waiting, self.loading, self.tasks, self.building = collections.deque(), set(), [], []
         self.wanted, self.running, self.waiters = set(), {}, collections.defaultdict(list)
-        self.starts, self.scanned, self.shares, self.handed = {}, False, {}, {}
+        self.awaited = set()  # keys that wanted foreign keys reference
+        self.starts, self.ends, self.scanned, self.shares, self.handed = {}, {}, False, {}, {}
+        self.keys, self.ahead = set(), []  # tables whose keys foreign keys reference; those loaded ahead
         self.done, self.error = set(), None
         self.archive = None
 
@@ -104,15 +163,48 @@ class Loader:
         if self.file.decrypted.is_set() and len(self.rows) > MANY_TABLES:
             raise Unsupported("nothing left to overlap with the decryption, and many tables")
         self.early = self.archive.early_post_data(self.rows)
+        for entry in self.early.values():
+            for key in entry.after:
+                self.keys |= self.early[key].data
         for dump_id, entry in self.early.items():
             for before in (*entry.data, *entry.after):
                 self.waiters[before].append(dump_id)
         threads = [threading.Thread(target=self._guarded, args=(self._scan,), daemon=True)]
         threads += [threading.Thread(target=self._guarded, args=(self._work,), daemon=True) for _ in range(self.jobs)]
+        held = self.held = self._hold_autovacuum()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        if self.error is None and not self.stop.is_set():
+            self._release_autovacuum(held)
+
+    def _hold_autovacuum(self):
+        """Autovacuum kept off the tables loaded here until their rows and builds are in: a table
+        loaded by several COPYs (helping, a small table loaded in between) has rows committed
+        before it is whole, and autovacuum then vacuums and analyses it beside the loading (on
+        the bench's dump, a worker for seconds of the restore's two cores); pg_restore's one COPY
+        a table commits once, at the end. Only where the table sets no autovacuum_enabled of its
+        own and the restore's role may: the oids of those held, for _release_autovacuum."""
+        held = []
+        with self._session() as conn:
+            tables = [e for e in self.archive.entries if e.id in self.rows]
+            names = ([e.namespace for e in tables], [e.tag for e in tables])
+            for oid, options in conn.execute(HOLDABLE, names).fetchall():
+                if any(option.startswith("autovacuum_enabled=") for option in options or ()):
+                    continue
+                try:
+                    conn.execute(AUTOVACUUM.format(oid=int(oid), change="SET (autovacuum_enabled = false)"))
+                except psycopg.errors.InsufficientPrivilege:
+                    continue
+                held.append(oid)
+        return held
+
+    def _release_autovacuum(self, held):
+        """The tables' options as the dump made them (RESET leaves no trace in reloptions)."""
+        with self._session() as conn:
+            for oid in held:
+                conn.execute(AUTOVACUUM.format(oid=int(oid), change="RESET (autovacuum_enabled)"))
 
     def _guarded(self, work):
         try:
@@ -148,6 +240,8 @@ class Loader:
                         skip_chunks(cursor)
                 elif kind == BLOCK_DATA:
                     skip_chunks(cursor)
+                    with self.lock:
+                        self.ends[dump_id] = cursor.offset
                 else:
                     raise Unsupported(f"a data block of type {kind}")
         finally:
@@ -179,12 +273,18 @@ class Loader:
                 self.lock.wait(0.5)
 
     def _ready_build(self):
-        """A wanted build whose tables no running build holds, else None. Called with the lock held."""
-        for dump_id in self.tasks:
+        """A wanted build whose tables no running build holds, else None: a foreign key's check
+        first, then a key one waits for, since the check runs on one core beside what is left to
+        load or build (an index build has parallel workers). Called with the lock held."""
+        for dump_id in sorted(self.tasks, key=self._precedence):
             entry = self.early[dump_id]
             if not any(entry.conflicts(self.early[other]) for other in self.running):
                 return dump_id
         return None
+
+    def _precedence(self, dump_id):
+        entry = self.early[dump_id]
+        return 0 if entry.foreign else 1 if dump_id in self.awaited else 2
 
     def _work(self):
         conn = None
@@ -202,15 +302,7 @@ class Loader:
                 if kind == "help":
                     self._help(conn, *dump_id)  # (table, its Share)
                     continue
-                try:
-                    size = self._load(conn, dump_id)
-                except psycopg.Error as e:
-                    raise TableFailed(self.archive.name(dump_id), e) from None
-                with self.lock:
-                    self.loading.discard(dump_id)
-                    if size >= EARLY_BYTES:
-                        self._want(dump_id)
-                    self._done(dump_id)
+                self._load_table(conn, dump_id)
         finally:
             if conn is not None:
                 conn.close()
@@ -221,50 +313,51 @@ class Loader:
             conn.execute(statement)
         return conn
 
+    def _load_table(self, conn, dump_id):
+        try:
+            size = self._load(conn, dump_id)
+        except psycopg.Error as e:
+            raise TableFailed(self.archive.name(dump_id), e) from None
+        with self.lock:
+            self.loading.discard(dump_id)
+            if size >= EARLY_BYTES:
+                self._want(dump_id)
+            self._done(dump_id)
+
+    def _key_waiting(self):
+        """A small table waiting whose key a foreign key references, taken for loading, else None.
+        Its rows come late when bigger tables hold every job (pg_dump writes tables by name), and
+        the foreign keys that reference it wait for them; loaded ahead, their one-core checks can
+        run beside the big tables' loading instead of after it."""
+        with self.lock:
+            for dump_id in self.waiting:
+                end = self.ends.get(dump_id)
+                if dump_id in self.keys and end is not None and end - self.starts[dump_id] < EARLY_BYTES:
+                    self.waiting.remove(dump_id)
+                    self.loading.add(dump_id)
+                    self.ahead.append(dump_id)
+                    return dump_id
+        return None
+
     def _load(self, conn, dump_id):
         """COPY one table's rows, handing whole rows to the jobs that help (Share) while they do;
         the compressed bytes read, for the early post-data's threshold. Returns once every COPY of
-        the table's rows has ended."""
+        the table's rows has ended. A small table whose key foreign keys wait for is loaded in
+        between (_key_waiting): this COPY ends at a row's end, and another takes the rest."""
         cursor = Cursor(self.file, self.starts[dump_id], self.archive.int_size)
-        inflater = inflating.decompressobj()
-        start, pending, size = cursor.offset, [], 0
-        # Our own COPY holds the start of a row longer than a piece: the rest of it goes there too.
-        within_row = False
+        rows = Rows(inflating.decompressobj())
+        start = cursor.offset
         with self.lock:
             share = self.shares[dump_id] = Share()
             self.lock.notify_all()  # an idle job may help from the first piece
         try:
-            with conn.cursor().copy(self.rows[dump_id]) as copy:
-                while (n := cursor.chunk_length()) != 0:
-                    if self.stop.is_set():
-                        raise Ended("stopped")
-                    piece = cursor.take(n)
-                    piece = inflater.decompress(piece)
-                    if within_row:
-                        # A raw newline ends a row, escaped or not: the server's COPY FROM splits its
-                        # input into lines byte by byte (after conversion), as it does pg_restore's.
-                        end = piece.find(b"\n") + 1
-                        if not end:
-                            copy.write(piece)
-                            continue
-                        copy.write(memoryview(piece)[:end])
-                        piece, within_row = piece[end:], False
-                    pending.append(piece)
-                    size += len(piece)
-                    if size >= OUTPUT:
-                        rows = b"".join(pending)
-                        end = rows.rfind(b"\n") + 1
-                        if end:
-                            self._hand(share, copy, memoryview(rows)[:end])  # not copied again
-                            pending, size = [rows[end:]], len(rows) - end
-                        else:  # each piece is searched once, whatever the row's length
-                            copy.write(rows)
-                            pending, size, within_row = [], 0, True
-                pending.append(inflater.flush())
-                # A table without rows may have no stream at all (pg_dump 16 and later start it at the first row).
-                if cursor.offset - start > 1 + self.archive.int_size and (not inflater.eof or inflater.unused_data):
-                    raise Ended(f"the compressed rows of dump entry {dump_id} do not end where their block does")
-                copy.write(b"".join(pending))
+            while True:
+                with conn.cursor().copy(self.rows[dump_id]) as copy:
+                    key = self._copy(copy, cursor, rows, share)
+                    if key is None:
+                        rows.end(copy, cursor.offset - start > 1 + self.archive.int_size, dump_id)
+                        break
+                self._load_table(conn, key)
         finally:
             with self.lock:
                 share.read = True  # no job joins a table whose producer stopped
@@ -278,6 +371,19 @@ class Loader:
         if self.stop.is_set():
             raise Ended("stopped")
         return cursor.offset - start
+
+    def _copy(self, copy, cursor, rows, share):
+        """Send the rows read from `cursor` to `copy` or to helpers, up to the block's end (None)
+        or, at a row's end, to a small table to load first (its data id, taken)."""
+        while (n := cursor.chunk_length()) != 0:
+            if self.stop.is_set():
+                raise Ended("stopped")
+            whole = rows.add(copy, cursor.take(n))
+            if whole is not None:
+                self._hand(share, copy, whole)
+                if (key := self._key_waiting()) is not None:
+                    return key
+        return None
 
     def _hand(self, share, copy, rows):
         """`rows` (whole ones) to a helping job when one has room for them, else to our own COPY."""
@@ -358,6 +464,7 @@ class Loader:
             if dump_id not in self.wanted:
                 self.wanted.add(dump_id)
                 wanting += self.early[dump_id].after
+                self.awaited |= self.early[dump_id].after
                 self._offer(dump_id)
 
     def _done(self, dump_id):

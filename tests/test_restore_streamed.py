@@ -173,6 +173,87 @@ def test_helpers_that_leave_for_other_work_and_rows_longer_than_a_piece_lose_no_
         assert pg_cluster.execute(same, dbname="several_copy") == pg_cluster.execute(same, dbname="several"), table
 
 
+KEYS = r"""
+CREATE TABLE public.z_keys (id int PRIMARY KEY, label text);
+INSERT INTO public.z_keys SELECT g, 'key ' || g FROM generate_series(1, 100) g;
+CREATE TABLE public.a_big (id bigint, key int REFERENCES public.z_keys, body text) WITH (fillfactor = 90);
+INSERT INTO public.a_big SELECT g, g % 100 + 1, md5(g::text) FROM generate_series(1, 300000) g;
+CREATE INDEX a_big_id ON public.a_big (id);
+CREATE TABLE public.b_big (id bigint, key int REFERENCES public.z_keys, body text) WITH (autovacuum_enabled = true);
+INSERT INTO public.b_big SELECT g, g % 100 + 1, md5(g::text) FROM generate_series(1, 300000) g;
+"""
+
+
+def test_a_small_table_whose_key_foreign_keys_reference_is_loaded_ahead_of_the_big_ones(
+    pg_cluster, passphrase_file, backup_root, loaders, monkeypatch
+):
+    """pg_dump writes the tables by name: here the keys the big tables' foreign keys reference
+    come last, when both jobs are loading a big table, and the one-core checks of those foreign
+    keys would wait for both to end. A job reading a big table ends its COPY at a row's end, loads
+    the small table, and goes on with a COPY of the rest: every row once, the checks made.
+    Autovacuum is held off the tables loaded in several COPYs until they are whole (where the
+    table does not set it itself), and their options are then as the dump made them."""
+    monkeypatch.setattr(dumpstream, "OUTPUT", 4096)
+    options = "SELECT relname, reloptions FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' ORDER BY 1"
+    while_loading, release = [], dumpstream.Loader._release_autovacuum
+
+    def released(self, held):
+        while_loading.extend(pg_cluster.execute(options, dbname="keyed_copy"))
+        return release(self, held)
+
+    monkeypatch.setattr(dumpstream.Loader, "_release_autovacuum", released)
+    monkeypatch.setattr(dumpstream, "EARLY_BYTES", 64 << 10)  # the big tables have their own builds
+    run = dumped(pg_cluster, "keyed", schema=KEYS)
+
+    result = restore_json(str(run.pk), "--into-database", "keyed_copy")
+
+    assert result["status"] == "succeeded", result["error"]
+    (loader,) = loaders
+    names = {loader.archive.name(dump_id): dump_id for dump_id in loader.rows}
+    assert loader.ahead == [names["public.z_keys"]], loader.ahead
+    assert {e.tag for e in loader.archive.entries if e.id in loader.wanted} >= {
+        b"a_big a_big_key_fkey",
+        b"b_big b_big_key_fkey",
+        b"z_keys z_keys_pkey",
+    }
+    for table in ("a_big", "b_big", "z_keys"):
+        same = f"SELECT count(*), count(DISTINCT id), md5(string_agg(x::text, '|' ORDER BY id)) FROM public.{table} x"
+        assert pg_cluster.execute(same, dbname="keyed_copy") == pg_cluster.execute(same, dbname="keyed"), table
+    assert while_loading == [
+        ("a_big", ["fillfactor=90", "autovacuum_enabled=false"]),
+        ("b_big", ["autovacuum_enabled=true"]),  # its own: left alone
+        ("z_keys", ["autovacuum_enabled=false"]),
+    ]
+    assert len(loader.held) == 2
+    assert pg_cluster.execute(options, dbname="keyed_copy") == pg_cluster.execute(options, dbname="keyed")
+    checks = "SELECT conname, convalidated FROM pg_constraint WHERE contype = 'f' ORDER BY 1"
+    assert pg_cluster.execute(checks, dbname="keyed_copy") == [("a_big_key_fkey", True), ("b_big_key_fkey", True)]
+
+
+def test_a_foreign_keys_check_starts_first_then_the_key_one_waits_for(tmp_path):
+    """Among the builds ready to start: a foreign key's check (one core, beside what is left),
+    then a key a wanted foreign key references, then indexes and other keys, each only when no
+    running build holds its table."""
+    scratch = tmp_path / "dump"
+    scratch.write_bytes(b"")
+    loader = dumpstream.Loader(scratch, threading.Event(), None, None, b"", 2, None)
+    index, key, foreign, other_key = 1, 2, 3, 4
+    loader.early = {
+        index: dumparchive.Early(frozenset({10}), frozenset(), False),
+        key: dumparchive.Early(frozenset({11}), frozenset(), True),
+        foreign: dumparchive.Early(frozenset({10, 11}), frozenset({key}), True, foreign=True),
+        other_key: dumparchive.Early(frozenset({12}), frozenset(), True),
+    }
+    loader.awaited = {key}
+    loader.tasks = [index, other_key, key]
+    assert loader._ready_build() == key
+    loader.tasks = [index, other_key, key, foreign]
+    assert loader._ready_build() == foreign
+    loader.running = {foreign: loader.early[foreign]}  # holds tables 10 and 11
+    loader.tasks = [index, key, other_key]
+    assert loader._ready_build() == other_key
+
+
 GUARDED = r"""
 -- The first session to check a row holds the lock: a second COPY's rows (a helper's) are refused.
 CREATE FUNCTION public.first_session_only(x int) RETURNS bool LANGUAGE plpgsql AS $$
