@@ -152,7 +152,8 @@ class Loader:
         self.wanted, self.running, self.waiters = set(), {}, collections.defaultdict(list)
         self.awaited = set()  # keys that wanted foreign keys reference
         self.starts, self.ends, self.scanned, self.shares, self.handed = {}, {}, False, {}, {}
-        self.keys, self.ahead = set(), []  # tables whose keys foreign keys reference; those loaded ahead
+        # Tables whose keys foreign keys reference: {its data id: the referencing tables' data ids}.
+        self.keys, self.ahead = collections.defaultdict(set), []  # and those loaded ahead
         self.done, self.error = set(), None
         self.archive = None
 
@@ -165,7 +166,8 @@ class Loader:
         self.early = self.archive.early_post_data(self.rows)
         for entry in self.early.values():
             for key in entry.after:
-                self.keys |= self.early[key].data
+                for table in self.early[key].data:
+                    self.keys[table] |= entry.data - self.early[key].data
         for dump_id, entry in self.early.items():
             for before in (*entry.data, *entry.after):
                 self.waiters[before].append(dump_id)
@@ -190,12 +192,16 @@ class Loader:
         with self._session() as conn:
             tables = [e for e in self.archive.entries if e.id in self.rows]
             names = ([e.namespace for e in tables], [e.tag for e in tables])
-            for oid, options in conn.execute(HOLDABLE, names).fetchall():
+            try:
+                holdable = conn.execute(HOLDABLE, names).fetchall()
+            except psycopg.Error:  # a speed-up only: the rows load all the same
+                return held
+            for oid, options in holdable:
                 if any(option.startswith("autovacuum_enabled=") for option in options or ()):
                     continue
                 try:
                     conn.execute(AUTOVACUUM.format(oid=int(oid), change="SET (autovacuum_enabled = false)"))
-                except psycopg.errors.InsufficientPrivilege:
+                except psycopg.Error:  # not the role's to alter (42501), or refused: left as it is
                     continue
                 held.append(oid)
         return held
@@ -204,7 +210,13 @@ class Loader:
         """The tables' options as the dump made them (RESET leaves no trace in reloptions)."""
         with self._session() as conn:
             for oid in held:
-                conn.execute(AUTOVACUUM.format(oid=int(oid), change="RESET (autovacuum_enabled)"))
+                try:
+                    conn.execute(AUTOVACUUM.format(oid=int(oid), change="RESET (autovacuum_enabled)"))
+                except psycopg.Error as e:  # the copy would differ from the dump: the restore fails
+                    raise RestoreFailed(
+                        "giving a restored table its autovacuum setting back (ALTER TABLE ... RESET"
+                        f" (autovacuum_enabled)) failed: {explain(e, self.target)}"
+                    ) from None
 
     def _guarded(self, work):
         try:
@@ -331,13 +343,18 @@ class Loader:
         run beside the big tables' loading instead of after it."""
         with self.lock:
             for dump_id in self.waiting:
-                end = self.ends.get(dump_id)
-                if dump_id in self.keys and end is not None and end - self.starts[dump_id] < EARLY_BYTES:
+                if dump_id in self.keys and not self._big(dump_id) and any(map(self._big, self.keys[dump_id])):
                     self.waiting.remove(dump_id)
                     self.loading.add(dump_id)
                     self.ahead.append(dump_id)
                     return dump_id
         return None
+
+    def _big(self, dump_id):
+        """Whether a table's block is whole in the file and big enough for its own early builds
+        (those of a foreign key from it among them: a small table's wait for the final pg_restore)."""
+        end = self.ends.get(dump_id)
+        return end is not None and end - self.starts[dump_id] >= EARLY_BYTES
 
     def _load(self, conn, dump_id):
         """COPY one table's rows, handing whole rows to the jobs that help (Share) while they do;

@@ -230,6 +230,47 @@ def test_a_small_table_whose_key_foreign_keys_reference_is_loaded_ahead_of_the_b
     assert pg_cluster.execute(checks, dbname="keyed_copy") == [("a_big_key_fkey", True), ("b_big_key_fkey", True)]
 
 
+SMALL_REFERENCES = r"""
+CREATE TABLE public.z_keys (id int PRIMARY KEY);
+INSERT INTO public.z_keys SELECT generate_series(1, 10);
+CREATE TABLE public.a_big (id bigint, body text);
+INSERT INTO public.a_big SELECT g, md5(g::text) FROM generate_series(1, 200000) g;
+CREATE TABLE public.b_big (id bigint, body text);
+INSERT INTO public.b_big SELECT g, md5(g::text) FROM generate_series(1, 200000) g;
+CREATE TABLE public.small (key int REFERENCES public.z_keys);
+INSERT INTO public.small SELECT generate_series(1, 10);
+"""
+
+
+def test_a_key_only_small_tables_reference_is_not_loaded_ahead_and_autovacuum_given_back_or_the_restore_fails(
+    pg_cluster, passphrase_file, backup_root, loaders, monkeypatch
+):
+    """Found by review: a big table's COPY was split for a key whose only foreign key is from a
+    small table, which waits for the final pg_restore anyway. And when autovacuum_enabled cannot be
+    given back (here the table is gone), the restore fails and says so, rather than leaving a copy
+    whose options differ from the dump's."""
+    monkeypatch.setattr(dumpstream, "OUTPUT", 4096)
+    monkeypatch.setattr(dumpstream, "EARLY_BYTES", 64 << 10)
+    run = dumped(pg_cluster, "small_refs", schema=SMALL_REFERENCES)
+
+    result = restore_json(str(run.pk), "--into-database", "small_refs_copy")
+
+    assert result["status"] == "succeeded", result["error"]
+    assert loaders[0].ahead == [] and len(loaders[0].held) == 4
+    release = dumpstream.Loader._release_autovacuum
+
+    def dropped_first(self, held):
+        pg_cluster.execute("DROP TABLE public.b_big", dbname="small_refs_again")
+        return release(self, held)
+
+    monkeypatch.setattr(dumpstream.Loader, "_release_autovacuum", dropped_first)
+    result = restore_json(str(run.pk), "--into-database", "small_refs_again")
+
+    assert result["status"] == "failed"
+    assert "giving a restored table its autovacuum setting back" in result["error"], result["error"]
+    assert pg_cluster.execute("SELECT count(*) FROM pg_database WHERE datname = 'small_refs_again'") == [(0,)]
+
+
 def test_a_foreign_keys_check_starts_first_then_the_key_one_waits_for(tmp_path):
     """Among the builds ready to start: a foreign key's check (one core, beside what is left),
     then a key a wanted foreign key references, then indexes and other keys, each only when no
