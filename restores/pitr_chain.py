@@ -18,10 +18,11 @@ from pathlib import Path
 
 from backupportal import journal
 from backupportal.lib.childenv import child_env
-from backupportal.lib.osuser import as_db_user, chown_to_db_user, remove_tree
+from backupportal.lib.osuser import as_db_user_tied, chown_to_db_user, remove_tree
 from backups import walnames
 from backups.binaries import backup_major, cluster_tool
 from backups.copies import decrypt_here, healthy_copies
+from backups.crypto import die_with_parent
 from backups.models import BackupRun
 from backups.storage import store_for
 from backups.streams import readable
@@ -174,12 +175,13 @@ def run_combinebackup(plan, parts, output):
     # no second copy of the cluster on disk; the scratch's removal then only drops their names.
     link = ["--link"] if (major or 0) >= 18 else []
     proc = subprocess.run(
-        as_db_user([str(tool), *link, *map(str, parts), "-o", str(output)]),
+        as_db_user_tied([str(tool), *link, *map(str, parts), "-o", str(output)]),
         capture_output=True,
         text=True,
         cwd=output.parent,
         env=child_env(),
         timeout=3600,
+        preexec_fn=die_with_parent,  # with as_db_user_tied: never left running on its own
     )
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from backupportal.lib import tarextract
 from backupportal.lib.childenv import child_env
-from backupportal.lib.osuser import as_db_user, db_user_ids, give_to_db_user, read_regular, remove_tree
+from backupportal.lib.osuser import as_db_user_tied, db_user_ids, give_to_db_user, read_regular, remove_tree
 from backupportal.lib.writeback import Writeback
 from backups import tarpipe
 from backups.binaries import backup_major, cluster_tool
 from backups.copies import decrypt_here, settled
+from backups.crypto import die_with_parent
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from restores.pitr_plan import RestoreFailed, encryption_of
 
@@ -292,7 +293,7 @@ def verify_base(plan):
     every file is there with its size and nothing else is, and the WAL."""
     skip = ["--skip-checksums"] if checksums_checked(plan) else []
     proc = subprocess.run(
-        as_db_user(
+        as_db_user_tied(
             [
                 str(cluster_tool(backup_major(plan.base), "pg_verifybackup", f"checking base backup #{plan.base.pk}")),
                 f"--wal-directory={plan.staging}",
@@ -305,6 +306,7 @@ def verify_base(plan):
         cwd=plan.datadir,
         env=child_env(),
         timeout=3600,
+        preexec_fn=die_with_parent,  # with as_db_user_tied: never left running on its own
     )
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]

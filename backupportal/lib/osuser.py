@@ -36,6 +36,19 @@ def as_db_user(argv: list[str]) -> list[str]:
     return list(argv)
 
 
+def as_db_user_tied(argv: list[str]) -> list[str]:
+    """``argv`` to run as the database OS user for a long run that must end with the process
+    that started it (a worker killed, or subprocess's timeout, kills only its own child). When
+    root: setpriv changes user and then runs the program itself, with a parent-death signal set
+    after the change (a change of user clears one set before); runuser would fork it and leave it
+    running on as an orphan. Otherwise the caller's preexec_fn (backups.crypto.die_with_parent)
+    sets it on the program itself."""
+    if is_root():
+        ids = [f"--reuid={DB_OS_USER}", f"--regid={DB_OS_USER}", "--init-groups"]
+        return ["setpriv", *ids, "--pdeathsig=KILL", "--", *argv]
+    return list(argv)
+
+
 def db_user_ids() -> tuple[int, int] | None:
     """(uid, gid) of the database OS user when we are root, whose files must be given to it;
     None otherwise (what we write is ours, as the programs we start as that user)."""
