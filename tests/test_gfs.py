@@ -321,6 +321,10 @@ def test_the_retention_card_stays_small_with_thousands_of_backups(db, client, al
     with time_machine.travel(datetime(2026, 12, 3, 3, tzinfo=MALE), tick=False):
         page = client.get(reverse("server", args=[server.name])).content.decode()
         second = client.get(reverse("server-retention", args=[server.name]), {"page": 2}).content.decode()
+        shown, rows = retention.card(server), retention.describe(server)
+    # The card makes rows for the backups it shows alone: the same rows as the whole list's.
+    gone = [row for row in rows if not row["kept_by"]]
+    assert shown["newest"] == rows[:10] and shown["going"] == gone[:20] and shown["total"] == 700
     card = page.split('id="retention">')[1].split("</section>")[0]
     assert "700 good backups: 699 goes on the next pass, 1 floor." in card
     assert card.count("goes 2026-12-03") == 20 + 9 and "and 679 more" in card
