@@ -164,9 +164,13 @@ def invalidate_slot(cluster, server, pg_major):
 
 
 def streamed_then_invalidated(receiver, cluster, server, pg_major=15):
-    """The receiver streams, stops, and the server invalidates its slot meanwhile."""
+    """The receiver streams, stops, and the server invalidates its slot meanwhile. It stops once
+    it has written WAL: with none in its directory, pg_receivewal starts again from the slot's
+    position, and from the server's own (streaming on) where the slot has none, as an invalidated
+    slot on 15 (a CI run under load stopped it before its first write, about once)."""
     receiver.start_child()
     wait_for(lambda: slot_active(cluster, server), what="pg_receivewal streaming")
+    wait_for(lambda: any(receiver.directory.glob("*.partial")), what="pg_receivewal's first WAL written")
     receiver.stop_child()
     wait_for(lambda: not slot_active(cluster, server), what="the slot released")
     invalidate_slot(cluster, server, pg_major)
