@@ -2,6 +2,7 @@ from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from backupportal.lib.cron import cron_problem
@@ -128,8 +129,9 @@ def server_retention(request, name):
     """Every good backup of a server with the rule that keeps it or the day it goes, 100 a page
     (the dry run of `retention`, in the browser)."""
     server = get_object_or_404(Server, name=name)
-    rows = retention.describe(server)
-    page = Paginator(rows, 100).get_page(request.GET.get("page"))
+    now = timezone.now()
+    page = Paginator(list(retention.plan(server, now).items()), 100).get_page(request.GET.get("page"))
+    page.object_list = retention.rows(server, page.object_list, now)  # this page's rows alone
     return render(request, "backups/retention.html", {"server": server, "page": page})
 
 
