@@ -39,6 +39,7 @@ ACTIONS = {
     "wal_ingested": "WAL segments were catalogued into the archive",
     "receiver_started": "pg_receivewal's supervisor started",
     "receiver_restarted": "pg_receivewal died and was restarted",
+    "receiver_refused": "pg_receivewal was not started: its replication slot was invalidated",
     "receiver_stopped": "pg_receivewal's supervisor stopped",
     "verify": "a run's copies were verified",
     "verify_all": "every copy was verified",

@@ -5,6 +5,7 @@ receiver is down, and writes into the server's spool; completed segments are ing
 pushed ones. It is restarted whenever it dies (with a growing pause while it keeps dying);
 after a few failures in a row (journaled) the monitor is told to look, finds the slot idle and
 opens receiver_down; it resolves once the stream has held for a while. It dies with the supervisor (no orphan streaming on).
+A slot the server invalidated is never streamed from: no restart mends it, and a DBA is told to drop it.
 """
 
 import signal
@@ -57,6 +58,10 @@ def slot_invalidated(server, columns):
     )
 
 
+class SlotInvalidated(BackupFailed):
+    """The slot was invalidated before pg_receivewal was started on it (Receiver.refuse_invalidated_slot)."""
+
+
 class Receiver:
     def __init__(self, server, log=print, poll=0.2):
         self.server, self.log, self.poll = server, log, poll
@@ -96,6 +101,10 @@ class Receiver:
 
     def start_child(self):
         self.create_slot()
+        self.refuse_invalidated_slot()
+        self.spawn()
+
+    def spawn(self):
         walspool.segment_size(self.server)
         self.child = Tool(
             self.argv("--directory", str(self.directory), "--no-loop", "--synchronous", "--no-password", "--verbose"),
@@ -103,6 +112,15 @@ class Receiver:
         ).start()
         self.started_at = time.monotonic()
         self.log(f"pg_receivewal started (pid {self.child.proc.pid}) into {self.directory}")
+
+    def refuse_invalidated_slot(self):
+        """A slot this start did not make, found invalidated: pg_receivewal is not started on it.
+        With a partial segment in the spool it would ask for WAL the server removed and die; with
+        none it asks the slot where to begin, finds no position and begins at the server's own,
+        which 15 allows on a dead physical slot: the WAL in between would be missing from the
+        archive without a word (the slot then reads 'reserved' again)."""
+        if not self.made_slot and (invalidated := slot_invalidated(self.server, self.slot_columns())):
+            raise SlotInvalidated("; ".join(invalidated))
 
     def child_died(self):
         rc = self.child.proc.poll()
@@ -236,6 +254,12 @@ class Receiver:
         try:
             self.start_child()
             return True
+        except SlotInvalidated as e:
+            self.failures += 1
+            self.log(f"pg_receivewal not started: {e}")
+            journal.record("receiver_refused", actor="job:receivewal", obj=self.server, outcome="failed", error=str(e))
+            conditions.changed("receiver_down", server=self.server)  # no restart mends it: alert now
+            return False
         except (BackupFailed, walnames.WalError) as e:
             self.failures += 1
             self.log(f"cannot start pg_receivewal: {e}")
