@@ -11,7 +11,16 @@ from backups import keyring, tables
 from backups.binaries import client_tool, conninfo_dbname, dir_major
 from backups.crypto import EncryptionError
 from backups.models import WAL_LOCATION, BackupCopy, BackupRun, StorageLocation
-from backups.pipeline import BackupFailed, Tool, dump_compression_level, encrypt_to, heartbeat, snapshot_and_counts
+from backups.pipeline import (
+    BackupFailed,
+    SnapshotCounts,
+    Tool,
+    dump_compression_level,
+    encrypt_to,
+    exported_snapshot,
+    heartbeat,
+    lock_not_granted,
+)
 from backups.storage import store_for
 
 
@@ -54,7 +63,8 @@ def take(run):
     # Only a pg_restore at least as new reads the dump: binaries.restore_dir(dump_major=...).
     run.details["pg_dump_major"] = dir_major(str(pg_dump.parent))
     critical = run.database.critical_tables if run.database_id else []
-    conn, snapshot, counts, digests = snapshot_and_counts(server, dbname, digested=critical)
+    conn, snapshot, listed = exported_snapshot(server, dbname)
+    counting = SnapshotCounts(server, dbname, snapshot, listed, digested=critical)  # beside pg_dump
     try:
         dump = Tool(
             [
@@ -71,11 +81,26 @@ def take(run):
             ],
             server.libpq_env(dbname),
         )
-        size, sha256 = encrypt_to(
-            store, dump_key, dump, encryption, on_tick=heartbeat(BackupRun, run.pk), timeout=_timeout(), server=server
-        )
+        try:
+            size, sha256 = encrypt_to(
+                store,
+                dump_key,
+                dump,
+                encryption,
+                on_tick=counting.ticks(heartbeat(BackupRun, run.pk)),
+                timeout=_timeout(),
+                server=server,
+            )
+        except BackupFailed as e:
+            counting.stop()
+            # Production's ALTER TABLE or TRUNCATE queued behind the backup's locks stops pg_dump's
+            # lock and the counting's alike: said one way, whichever gave up first. pg_dump's
+            # --lock-wait-timeout is a statement_timeout around its LOCK TABLE (it sets none else).
+            raise lock_not_granted() if "due to statement timeout" in str(e) else e from None
+        counts, digests = counting.result()
         shrunk = critical_shrunk(conn, run, critical, counts)
     finally:
+        counting.stop()  # no-op once read
         conn.close()
     if shrunk:  # the backup is faithful: production lost the rows (the monitor's data_shrank alert)
         run.details["shrank"] = shrunk

@@ -14,7 +14,6 @@ import threading
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 from django.conf import settings
 from django.utils import timezone
@@ -224,26 +223,21 @@ def _storage_message(error):
     return str(error)
 
 
-def snapshot_and_counts(server, dbname=None, digested=()):
-    """Export a snapshot and count the rows of every user table in it, and digest the rows of the
-    tables `digested` (the critical ones: tables.content_digest) in it.
+def exported_snapshot(server, dbname=None):
+    """Export a snapshot for pg_dump --snapshot and lock every user table in it.
 
-    Returns (connection, snapshot id, counts keyed by schema.table, digests by name). The caller keeps the
-    connection open until pg_dump has finished, so the snapshot stays valid and the counts
-    match the dump exactly. Counting reads every table once more: bench/ROWCOUNTS.md measures
-    what that costs next to the dump itself.
-
-    A second session counts, in that snapshot, one transaction per batch of tables: counting in
-    the exporting transaction held a lock on every table and index until pg_dump ended, and ran
-    out of shared memory on a database of a few thousand tables that pg_dump alone dumps. The
-    exporting transaction holds a lock on each table only (tables.lock_all), which keeps a
-    TRUNCATE from landing between a table's count and the dump.
+    Returns (connection, snapshot id, the user tables as the snapshot sees them). The caller keeps
+    the connection open until pg_dump has finished, so the snapshot stays valid. The exporting
+    transaction holds a lock on each table only (tables.lock_all), which keeps a TRUNCATE from
+    landing between a table's count and the dump; the counting (SnapshotCounts) runs on a
+    session of its own, one transaction per batch of tables: counting in the exporting
+    transaction held a lock on every table and index until pg_dump ended, and ran out of shared
+    memory on a database of a few thousand tables that pg_dump alone dumps.
     """
     import psycopg
 
-    bounded = f"-c lock_timeout={settings.BACKUP_LOCK_WAIT * 1000}"  # after the session guard's 0
     try:
-        conn = server.connect(dbname, autocommit=False, options=bounded)
+        conn = server.connect(dbname, autocommit=False, options=_lock_wait())
     except psycopg.Error as e:
         raise BackupFailed(explain(e, server)) from None
     try:
@@ -251,21 +245,104 @@ def snapshot_and_counts(server, dbname=None, digested=()):
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
         listed = tables.user_tables(conn)  # in the snapshot, as the counting sees it
         tables.lock_all(conn, listed)
-        with server.connect(dbname, options=bounded) as counter:
-            counts = tables.count_all(counter, transaction=partial(_in_snapshot, counter, snapshot), listed=listed)
-            with _in_snapshot(counter, snapshot):
-                digests = {name: tables.content_digest(counter, name) for name in digested}
-    except psycopg.errors.LockNotAvailable:
-        conn.close()
-        raise BackupFailed(
-            f"a table's lock was not granted within {settings.BACKUP_LOCK_WAIT} s (BACKUP_LOCK_WAIT): another session "
-            "holds or waits for an exclusive lock (ALTER TABLE, TRUNCATE, VACUUM FULL); the backup let go so that "
-            "it can finish; it runs again at its next schedule"
-        ) from None
     except psycopg.Error as e:
         conn.close()
-        raise BackupFailed(f"counting the rows of every table failed: {explain(e, server)}") from None
-    return conn, snapshot, counts, digests
+        raise _counting_failed(e, server) from None
+    return conn, snapshot, listed
+
+
+def _lock_wait():
+    return f"-c lock_timeout={settings.BACKUP_LOCK_WAIT * 1000}"  # after the session guard's 0
+
+
+def _counting_failed(error, server):
+    import psycopg
+
+    if isinstance(error, psycopg.errors.LockNotAvailable):
+        return lock_not_granted()
+    why = explain(error, server) if isinstance(error, psycopg.Error) else str(error)
+    return BackupFailed(f"counting the rows of every table failed: {why}")
+
+
+def lock_not_granted():
+    return BackupFailed(
+        f"a table's lock was not granted within {settings.BACKUP_LOCK_WAIT} s (BACKUP_LOCK_WAIT): another session "
+        "holds or waits for an exclusive lock (ALTER TABLE, TRUNCATE, VACUUM FULL); the backup let go so that "
+        "it can finish; it runs again at its next schedule"
+    )
+
+
+class SnapshotCounts:
+    """The exact row count of every user table in the snapshot, and a digest of the rows of the
+    tables `digested` (the critical ones: tables.content_digest), read on a session of their own
+    while pg_dump dumps the same snapshot.
+
+    Read before pg_dump started, they lengthened the time production's DDL waits behind the
+    backup's locks by a whole read of every table (and of a large critical table's rows, hashed);
+    beside it, the locks are held for the longer of the two. Counting reads every table once more:
+    bench/ROWCOUNTS.md measures what that costs next to the dump itself.
+    """
+
+    def __init__(self, server, dbname, snapshot, listed, digested=()):
+        self.server, self.dbname, self.snapshot, self.listed, self.digested = server, dbname, snapshot, listed, digested
+        self.counts, self.digests, self.error = None, None, None
+        self.session, self.stopped = None, threading.Event()
+        self.thread = threading.Thread(target=self._read, name="snapshot-counts", daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            with self.server.connect(self.dbname, options=_lock_wait()) as counter:
+                self.session = counter
+                self.counts = tables.count_all(counter, transaction=self._batch, listed=self.listed)
+                self.digests = {}
+                for name in self.digested:
+                    with self._batch():
+                        self.digests[name] = tables.content_digest(counter, name)
+        except Exception as e:  # noqa: BLE001 - kept for result() to say: a thread's error is lost otherwise
+            self.error = e
+        finally:
+            self.session = None
+
+    @contextmanager
+    def _batch(self):
+        if self.stopped.is_set():
+            raise Stopped
+        with _in_snapshot(self.session, self.snapshot):
+            yield
+
+    def result(self):
+        """(counts, digests) once read; BackupFailed saying why they could not be."""
+        self.thread.join()
+        if self.error is not None:
+            raise _counting_failed(self.error, self.server)
+        return self.counts, self.digests
+
+    def ticks(self, on_tick):
+        """`on_tick`, and the dump stopped as soon as the counting has failed: a run that fails
+        anyway need not read the rest of production first."""
+
+        def tick(out):
+            on_tick(out)
+            if self.error is not None and not self.stopped.is_set():
+                out.fail(_counting_failed(self.error, self.server))
+
+        return tick
+
+    def stop(self):
+        """The dump failed: the reading stops with it (at once, its query cancelled)."""
+        self.stopped.set()
+        session = self.session
+        if session is not None:
+            try:
+                session.cancel_safe()
+            except Exception:  # noqa: BLE001 - ended meanwhile: nothing left to cancel
+                pass
+        self.thread.join()
+
+
+class Stopped(Exception):
+    """SnapshotCounts.stop() came between two batches."""
 
 
 @contextmanager

@@ -270,3 +270,97 @@ def test_a_backup_meeting_an_exclusive_lock_queued_behind_its_own_fails_within_i
     truncated["thread"].join(timeout=30)
     assert result["status"] == "failed" and "was not granted within 2 s (BACKUP_LOCK_WAIT)" in result["error"]
     assert time.monotonic() - started < 30 and truncated["rows"] == []  # the backup let go, the TRUNCATE ran
+
+
+def dump_started(monkeypatch):
+    """An event set once pg_dump has been started (the backup's own, by Tool.start)."""
+    import threading
+
+    from backups.pipeline import Tool
+
+    started, start = threading.Event(), Tool.start
+
+    def start_and_say(tool):
+        running = start(tool)
+        if "pg_dump" in tool.argv[0]:
+            started.set()
+        return running
+
+    monkeypatch.setattr(Tool, "start", start_and_say)
+    return started
+
+
+def test_the_rows_are_counted_while_pg_dump_dumps_the_same_snapshot(
+    server, sample_cluster, passphrase_file, backup_root, monkeypatch
+):
+    """Counted before pg_dump started, the rows (and a critical table's, hashed) lengthened the
+    time production's DDL waits behind the backup's locks by a whole read of every table: now the
+    counting runs beside the dump, in its snapshot, and still counts what the dump holds."""
+    pg_dump_running, count_all, seen = dump_started(monkeypatch), tables.count_all, {}
+
+    def count_once_pg_dump_runs(conn, *args, **kwargs):
+        seen["pg_dump"] = pg_dump_running.wait(timeout=20)
+        sample_cluster.execute("INSERT INTO roles (name, description) VALUES ('late', 'after')", dbname=server.dbname)
+        return count_all(conn, *args, **kwargs)
+
+    monkeypatch.setattr(tables, "count_all", count_once_pg_dump_runs)
+    result = backup_json()
+    assert seen["pg_dump"], "the counting waited for pg_dump, which had not started"
+    assert result["status"] == "succeeded", result
+    run = BackupRun.objects.get(pk=result["id"])
+    roles = sample_cluster.execute("SELECT count(*) FROM roles", dbname=server.dbname)[0][0]
+    assert run.details["row_counts"]["public.roles"] == roles - 1  # the snapshot's, as dumped
+
+
+def test_a_dump_that_fails_stops_the_counting_beside_it(
+    server, sample_cluster, passphrase_file, backup_root, monkeypatch
+):
+    """pg_dump dies while the counting is still reading: the backup fails at once with pg_dump's
+    reason, and the counting's query is cancelled, not left reading production."""
+    pg_dump_running, count_all = dump_started(monkeypatch), tables.count_all
+
+    def slow_count(conn, *args, **kwargs):
+        pg_dump_running.wait(timeout=20)
+        conn.execute("SELECT pg_sleep(60) /* slow count */")
+        return count_all(conn, *args, **kwargs)
+
+    from backups.pipeline import Tool
+
+    start = Tool.start
+
+    def start_then_kill(tool):
+        running = start(tool)
+        if "pg_dump" in tool.argv[0]:
+            time.sleep(0.2)
+            tool.proc.kill()
+        return running
+
+    monkeypatch.setattr(tables, "count_all", slow_count)
+    monkeypatch.setattr(Tool, "start", start_then_kill)
+    started = time.monotonic()
+    result = backup_json()
+    assert result["status"] == "failed" and "pg_dump" in result["error"], result
+    assert time.monotonic() - started < 30
+    sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%slow count%%' AND pid <> pg_backend_pid()"
+    assert sample_cluster.execute(sleeping)[0][0] == 0
+
+
+def test_counting_that_fails_beside_the_dump_fails_the_backup_and_keeps_nothing(
+    server, sample_cluster, passphrase_file, backup_root, monkeypatch
+):
+    """A backup is good only with its counts: the counting's failure, met while pg_dump runs,
+    fails the run with the counting's reason and leaves no copy behind."""
+
+    def count_fails(conn, *args, **kwargs):
+        conn.execute("SELECT 1 / 0")
+
+    monkeypatch.setattr(tables, "count_all", count_fails)
+    result = backup_json()
+    assert result["status"] == "failed", result
+    assert (
+        result["error"].startswith("counting the rows of every table failed: ")
+        and "division by zero" in result["error"]
+    )
+    run = BackupRun.objects.get(pk=result["id"])
+    assert not BackupCopy.objects.filter(run=run).exists()
+    assert not [p for p in backup_root.rglob("*") if p.is_file() and run.key and p.name in run.key]
