@@ -20,8 +20,10 @@ On 17+ it is a block-level incremental (backups.incremental).
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import timedelta
 
 from django.conf import settings
 from django.utils import timezone
@@ -192,6 +194,7 @@ def take_tar(run, what, key, extra_args=()):
     run.save(update_fields=["key", "details"])
 
     label = f"backupportal run {run.pk}"
+    clock = ServerClock(server)
     source = None if extra_args else compressed_by_server(run, label, level)
     if source is None:
         source = ToolSource(pg_basebackup(server, label, extra_args), server, Zstd(level))
@@ -202,7 +205,9 @@ def take_tar(run, what, key, extra_args=()):
     finally:
         if isinstance(source, basestream.ServerCompressed):
             source.abandon()  # also when the location failed before the stream began
-    stop_time, ended_here = server_clock(server), timezone.now()
+    (stop_time, unsure), ended_here = clock.now(), timezone.now()
+    if unsure:
+        run.notes = f"{run.notes}\n{unsure}".strip()
     BackupCopy.record_made(
         location, key, size, sha256, run=run, artifact="main", encryption_key_id=encryption.custody_key
     )
@@ -230,18 +235,43 @@ def take_tar(run, what, key, extra_args=()):
         )
 
 
-def server_clock(server):
+class ServerClock:
     """Now, by the server's clock: a PITR compares its target with the server's commit times, so
     the moment a base backup is consistent by (stop_time) is read there, not on the portal's
     clock (minutes apart, it chose a base consistent only after the target). Read after the
-    stream ended: never before the backup's end. The portal's clock when the server cannot say."""
-    import psycopg
+    stream ended: never before the backup's end.
 
-    try:
-        with server.connect(connect_timeout=10) as conn:
-            return conn.execute("SELECT pg_catalog.now()").fetchone()[0]
-    except psycopg.Error:
-        return timezone.now()
+    Read at the start as well: when the server does not answer at the end, the start's reading
+    plus the time elapsed here stands in for it (off by the clocks' drift over the backup, not by
+    their difference), and the run says so; the portal's own clock only when neither was read."""
+
+    def __init__(self, server):
+        self.server = server
+        self.at_start, self.started = self._ask(), time.monotonic()
+
+    def _ask(self):
+        import psycopg
+
+        try:
+            with self.server.connect(connect_timeout=10) as conn:
+                return conn.execute("SELECT pg_catalog.now()").fetchone()[0]
+        except psycopg.Error:
+            return None
+
+    def now(self):
+        """(now on the server's clock, '' or a note saying how it was had without asking it)."""
+        if (asked := self._ask()) is not None:
+            return asked, ""
+        if self.at_start is not None:
+            reckoned = self.at_start + timedelta(seconds=time.monotonic() - self.started)
+            return reckoned, (
+                f"{self.server} did not answer at the backup's end: its stop time is the server's clock at the "
+                "backup's start plus the time the backup took"
+            )
+        return timezone.now(), (
+            f"{self.server} did not answer at the backup's start or end: its stop time is the portal's clock, "
+            "which may differ from the server's: a PITR to a target near it may choose another base backup"
+        )
 
 
 def compressed_by_server(run, label, level):

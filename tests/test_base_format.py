@@ -109,3 +109,33 @@ def test_a_base_run_from_before_zstd_still_restores_by_pitr(
 
 def test_a_negative_level_is_zstds_fast_mode():
     assert "--fast=3" in Zstd(-3).argv and "-1" in Zstd(1).argv and "-19" in Zstd(19).argv
+
+
+def test_a_base_backups_stop_time_is_the_servers_clock_even_when_it_stops_answering(server, sample_cluster):
+    """Found in review: a server that did not answer at the backup's end had its stop time read
+    from the portal's clock, silently; a PITR compares targets with the server's commit times.
+    The server's clock at the start plus the elapsed time stands in, and the run says so."""
+    import time
+    from datetime import timedelta
+
+    from backups.base import ServerClock
+
+    answered = ServerClock(server)
+    stop_time, unsure = answered.now()
+    asked = sample_cluster.execute("SELECT now()")[0][0]
+    assert unsure == "" and abs(asked - stop_time) < timedelta(seconds=5)
+
+    # The server's clock is that of the same machine here: shift the start's reading to stand
+    # for a server whose clock is an hour off the portal's.
+    hour_off = ServerClock(server)
+    hour_off.at_start -= timedelta(hours=1)
+    time.sleep(0.5)
+    sample_cluster.stop()
+    reckoned, unsure = hour_off.now()
+    assert "did not answer at the backup's end" in unsure and "plus the time the backup took" in unsure
+    assert timedelta(seconds=0.4) < reckoned - hour_off.at_start < timedelta(seconds=30)
+
+    never = ServerClock(server)
+    assert never.at_start is None
+    portal, unsure = never.now()
+    assert "did not answer at the backup's start or end" in unsure and "portal's clock" in unsure
