@@ -416,15 +416,21 @@ def restore_point_in(record):
 def ingest_first(server, latest=True, wait=None):
     """Catalogue what the server archived so far, before a restore plans on the catalog: a pass
     already running (the worker's) is asked to hand over and waited for, up to `wait` seconds
-    (walingest.HANDOVER_WAIT). Returns warnings. WAL still left in the spool behind another pass
-    refuses a restore to the `latest` WAL, which would stop before it; one to an earlier target
-    (a time, a name, a base backup's own end in a restore test) is only warned."""
+    (walingest.HANDOVER_WAIT). Returns warnings. WAL still left in the spool behind another pass,
+    or that cannot be ingested, refuses a restore to the `latest` WAL, which would stop before it;
+    one to an earlier target (a time, a name, a base backup's own end in a restore test) is only warned."""
     wait = walingest.HANDOVER_WAIT if wait is None else wait
     deadline = time.monotonic() + wait
     while True:
         try:
             result = walingest.ingest(server, actor="job:restore", wait=True)
-        except walnames.WalError as e:  # marked for the monitor by the ingest; the restore goes as far as catalogued
+        except walnames.WalError as e:  # marked for the monitor by the ingest
+            if latest:  # "the end of the archived WAL" would be short of what production archived
+                raise Refused(
+                    f"WAL of {server} could not be ingested before the restore ({e}): --target latest would stop "
+                    "before it, short of what the server archived; restore to a time or LSN before it, or once it is ingested"
+                ) from None
+            # An earlier target goes as far as catalogued: past it, the plan finds the chain short.
             return [
                 f"WAL of {server} could not be ingested before the restore ({e}): the copy ends at the WAL catalogued"
             ]

@@ -288,7 +288,7 @@ def archive_past_target(plan, run):
         segment=name, target=plan.target.text,
     )  # fmt: skip
     end = walnames.segno_of(name, plan.segment_size)
-    wait_catalogued(plan, run, name, end)
+    wait_catalogued(plan, run, name)
     after, _ = scan(plan, min(scan_start(plan), end), end)
     if after is None:
         raise RestoreFailed(
@@ -321,12 +321,15 @@ def commit_and_switch(plan):
     return str(xid), str(lsn), name
 
 
-def wait_catalogued(plan, run, name, segno):
-    """Ingest the spool (or let a worker do it) until segment `segno` is catalogued, bounded."""
+def wait_catalogued(plan, run, name):
+    """Ingest the spool (or let a worker do it) until segment `name` is catalogued, bounded. By its
+    name, timeline and all: another timeline's segment of the same number (a copy restored by hand
+    that archives into production's spool) ended the wait early, and the restore then failed on a
+    gap that one more ingest pass would have filled."""
     server, limit = plan.server, settings.WAL_WAIT_SECONDS
     started = time.monotonic()
     shown = started - PROGRESS_EVERY_S
-    while not WalSegment.objects.filter(server=server, deleted_at=None, segno=segno).exists():
+    while not WalSegment.objects.filter(server=server, deleted_at=None, name=name).exists():
         waited = time.monotonic() - started
         if waited > limit:
             raise RestoreFailed(

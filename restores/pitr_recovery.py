@@ -115,7 +115,7 @@ def recovery_settings(plan):
 def target_settings(target):
     """Every recovery_target* setting, written after production's: a leftover one (say
     recovery_target_xid) would be a second target, which PostgreSQL refuses at start-up, and
-    recovery_target_inclusive = off would stop before a commit stamped at the target itself. The
+    recovery_target_inclusive = off would stop before a commit stamped at the target time itself. The
     empty ones come first: PostgreSQL refuses to empty another target once one is set."""
     chosen = TARGET_SETTINGS.get(target.kind)
     values = {name: "" for name in ALL_TARGETS if name != chosen}
@@ -123,7 +123,11 @@ def target_settings(target):
         values[chosen] = target.value.isoformat(sep=" ")
     elif chosen:
         values[chosen] = target.value
-    values["recovery_target_inclusive"] = "on"
+    # An LSN is a place, not a moment: the copy holds every record that begins before it and
+    # nothing after. "on" stopped after the first record beginning at or past the LSN, which could
+    # be another transaction's commit (an LSN inside its insert, or read while it was open): the
+    # copy held a transaction committed after the target.
+    values["recovery_target_inclusive"] = "off" if target.kind == "lsn" else "on"
     return values
 
 

@@ -82,7 +82,7 @@ def proof(plan, stop, text=""):
         m = LSN_STOP.match(stop)
         replayed = plan.recovered.get("recovered_lsn", "")
         if m and walnames.lsn_to_int(m.group(1)) >= walnames.lsn_to_int(target.value):
-            return f"recovery stopped at LSN {m.group(1)}, at or past the target {target.value}"
+            return f"recovery stopped at LSN {target.value}: right before the record at {m.group(1)}, the first at or past it"
         if replayed and walnames.lsn_to_int(replayed) >= walnames.lsn_to_int(target.value):
             return f"replay passed the target LSN {target.value}: it reached {replayed}"
     return None

@@ -73,8 +73,9 @@ def test_every_recovery_target_is_written_and_the_chosen_one_after_the_emptied_o
         "recovery_target_time": "",
         "recovery_target_name": "",
         "recovery_target_lsn": "0/3000028",
-        "recovery_target_inclusive": "on",
+        "recovery_target_inclusive": "off",  # every record beginning before the LSN, nothing after
     }
+    assert pitr_recovery.recovery_settings(a_plan("time"))["recovery_target_inclusive"] == "on"  # a commit at T is in
     latest = pitr_recovery.recovery_settings(a_plan("latest", ""))
     assert all(latest[name] == "" for name in pitr_recovery.ALL_TARGETS)
     assert latest["primary_conninfo"] == latest["primary_slot_name"] == ""

@@ -27,6 +27,7 @@ from backups.models import WalSegment
 from restores import pitr, pitr_points
 from restores.models import RestoreRun
 from tests.helpers import a_second_later, enable_push, pitr_to, rows, run_command, switch_wal, wait_archived
+from tests.helpers import pitr as pitr_into
 
 pytest_plugins = ["tests.walfixtures"]
 
@@ -267,6 +268,51 @@ def test_latest_waits_for_an_ingest_pass_already_running_and_refuses_if_it_never
     assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
 
 
+def test_latest_is_refused_while_archived_wal_cannot_be_ingested(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """Found by a probe: B's segment, archived and then damaged in the spool, could not be
+    ingested; --target latest succeeded as "the end of the archived WAL" with A alone, B and C (both
+    archived by the server) left out but for a warning. It is refused, naming the segment."""
+    with_a_base_and_row_a(sample_cluster, server)
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    damaged = switch_wal(sample_cluster)
+    wait_archived(sample_cluster, damaged)
+    write(sample_cluster, "INSERT INTO probe VALUES ('C')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    os.truncate(walspool.spool_dir(server) / damaged, server.wal_segment_size // 2)
+
+    datadir = restored()
+    result = run_command("restore", "--server", "maldives", "--target", "latest", *into(datadir, free_port()))
+    assert result["_exit"] != 0 and "--target latest would stop before it" in result["_stderr"], result
+    assert damaged in result["_stderr"] and not datadir.exists()
+
+
+def test_a_switch_for_a_time_target_waits_for_productions_segment_not_another_timelines(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """Found by a probe: with timeline 2's segments of the next numbers catalogued (a copy's own
+    WAL archived into production's spool), the wait for the segment the source switched ended at
+    once on timeline 2's, and the restore failed on a gap one ingest pass later filled."""
+    with_a_base_and_row_a(sample_cluster, server)
+    server.refresh_from_db()
+    size = server.wal_segment_size
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")  # committed, not archived
+    current = sample_cluster.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
+    spool = walspool.spool_dir(server)
+    for segno in range(walnames.segno_of(current, size), walnames.segno_of(current, size) + 4):
+        foreign = spool / walnames.segment_name(2, segno, size)
+        foreign.write_bytes(b"\0" * size)
+        foreign.chmod(0o640)
+    walingest.ingest(server)
+    assert WalSegment.objects.filter(server=server, timeline=2).count() == 4
+    target = a_second_later()
+    port = free_port()
+    result = pitr_to(restored(), port, target)
+    assert result.get("status") == "succeeded", result.get("error") or result.get("_stderr")
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)]
+
+
 def test_a_gap_after_the_target_refuses_neither_a_time_nor_a_restore_point(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, monkeypatch
 ):
@@ -351,3 +397,55 @@ def test_a_base_tests_reference_logical_backup_is_chosen_on_the_portals_clock(se
         details={"stop_time": (now + timedelta(hours=2)).isoformat(), "stop_time_portal": now.isoformat()},
     )  # fmt: skip
     assert logical_counts_before(base) == (before.pk, {"public.users": 200})
+
+
+def lsn_text(position):
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
+def test_an_lsn_target_holds_what_began_before_it_and_no_commit_after_it(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    """Found by a probe: with recovery_target_inclusive on, recovery stopped after the first record
+    beginning at or past the LSN. An LSN inside C's insert record let C's commit, after it, in, and
+    the restore said it had stopped "at or past the target". Every record that begins before the
+    LSN, nothing after: the LSN of C's insert itself, or one inside it, leaves C out."""
+    import psycopg
+
+    with_a_base_and_row_a(sample_cluster, server)
+    dsn = {"host": "127.0.0.1", "port": sample_cluster.port, "user": "postgres", "dbname": DB, "autocommit": True}
+    with psycopg.connect(**dsn) as conn:
+        conn.execute("INSERT INTO probe VALUES ('B')")
+        before_c = walnames.lsn_to_int(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+        conn.execute("INSERT INTO probe VALUES ('C')")
+    archived(sample_cluster, server)
+
+    for target in (before_c, before_c + 1, before_c + 8):
+        port = free_port()
+        result = pitr_into(restored(), port, "--target-lsn", lsn_text(target))
+        assert result["status"] == "succeeded", result
+        assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("B",)], lsn_text(target)
+        assert result["reached"].startswith(f"recovery stopped at LSN {lsn_text(target)}: right before the record")
+
+
+def test_an_lsn_read_while_a_transaction_was_open_leaves_its_later_commit_out(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored
+):
+    import psycopg
+
+    with_a_base_and_row_a(sample_cluster, server)
+    dsn = {"host": "127.0.0.1", "port": sample_cluster.port, "user": "postgres", "dbname": DB}
+    with psycopg.connect(**dsn) as late:
+        late.execute("INSERT INTO probe VALUES ('L')")
+        target = sample_cluster.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0]
+        late.commit()
+    after_l = sample_cluster.execute("SELECT pg_current_wal_lsn()::text")[0][0]  # read after L's commit
+    write(sample_cluster, "INSERT INTO probe VALUES ('M')")
+    archived(sample_cluster, server)
+
+    port = free_port()
+    assert pitr_into(restored(), port, "--target-lsn", target)["status"] == "succeeded"
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",)]
+    port = free_port()
+    assert pitr_into(restored(), port, "--target-lsn", after_l)["status"] == "succeeded"
+    assert rows(port, "SELECT tx FROM probe ORDER BY tx") == [("A",), ("L",)]

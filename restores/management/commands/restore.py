@@ -59,7 +59,7 @@ class Command(PortalCommand):
         pitr.add_argument("--server", help="the protected server whose base backups and WAL to use")
         pitr.add_argument("--target-time", help='"YYYY-MM-DD HH:MM:SS+05:00" (a timezone is required)')
         pitr.add_argument("--target", choices=["latest"], help="recover to the end of the archived WAL")
-        pitr.add_argument("--target-lsn", help="recover up to this LSN")
+        pitr.add_argument("--target-lsn", help="recover every record that begins before this LSN, nothing after it")
         pitr.add_argument("--target-name", help="recover to this restore point (pg_create_restore_point)")
         pitr.add_argument("--into-datadir", help="an empty or missing directory for the new cluster")
         pitr.add_argument("--port", type=int, help="a free port for the new cluster")
