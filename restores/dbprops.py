@@ -83,6 +83,13 @@ FORMS = {
     "grantor": re.compile(rf"SET SESSION AUTHORIZATION (?P<role>{IDENT})"),
     "grantor reset": re.compile(r"RESET SESSION AUTHORIZATION"),
 }
+# What pg_restore --create gives the new database before its data, as this restore does: what the
+# loading's own sessions see (a materialized view refreshed under the database's
+# default_text_search_config or TimeZone, a value stored with its default_toast_compression, a
+# table read through pg_database_owner). The rest (privileges, which the revokes from PUBLIC at
+# creation already close; the connection limit and flags, which could keep the restore out) after.
+BEFORE_LOAD = frozenset({"owner", "comment", "security label", "setting", "role setting"})
+AFTER_LOAD = frozenset(FORMS) - BEFORE_LOAD
 # What pg_restore prints around the entries: session settings for its own connection.
 SESSION_NOISE = re.compile(r"^(SET \w+ = |SELECT pg_catalog\.set_config\()", re.S)
 
@@ -158,9 +165,9 @@ def read_toc(reader, encryption, pg_restore):
     return listing, b"".join(head)
 
 
-def database_script(listing, head, pg_restore, warnings):
+def database_script(listing, head, pg_restore, warnings, convert=None):
     """The SQL of the dump's database entries (pg_restore --create -L those entries, no connection),
-    as text in the encoding it declares (sqlscript.script_text)."""
+    as text in the encoding it declares (sqlscript.script_text; `convert`: its fallback)."""
     chosen = "".join(line + "\n" for line in listing.splitlines() if DATABASE_ENTRY.match(line))
     read_end, write_end = os.pipe()
     with os.fdopen(write_end, "w") as f:
@@ -179,7 +186,7 @@ def database_script(listing, head, pg_restore, warnings):
     if done.returncode != 0:
         raise TocUnreadable(done.stderr.decode(errors="replace").strip())
     try:
-        return script_text(done.stdout, warnings)
+        return script_text(done.stdout, warnings, convert)
     except NotText as e:
         raise TocUnreadable(f"the database's entries cannot be read: {e}") from None
 
@@ -243,11 +250,14 @@ class DatabaseProperties:
             parts.append(sql.SQL("TABLESPACE = {}").format(sql.Identifier(tablespace)))
         return sql.SQL(" ").join(parts)
 
-    def apply(self, conn, new):
-        """Re-issue every statement for database `new`; returns (applied count, warnings)."""
-        applied, warnings = 0, list(self.warnings)
+    def apply(self, conn, new, phase=None):
+        """Re-issue the statements for database `new` (those of `phase`, BEFORE_LOAD or AFTER_LOAD;
+        every one when None); returns (applied count, warnings)."""
+        applied, warnings = 0, list(self.warnings) if phase is not BEFORE_LOAD else []
         try:
             for form, match in self.actions:
+                if phase is not None and (form in BEFORE_LOAD) != (phase is BEFORE_LOAD):
+                    continue
                 statement, what = _rebuild(form, match, new)
                 try:
                     conn.execute(statement)

@@ -237,6 +237,13 @@ class Archive:
         entry = next(e for e in self.entries if e.id == dump_id)
         return ".".join(quoted(part.decode(errors="replace")) for part in (entry.namespace, entry.tag) if part)
 
+    def encoding(self):
+        """The dump's encoding, as its ENCODING entry names it (UTF8 when it has none)."""
+        for entry in self.entries:
+            if entry.desc == b"ENCODING" and (m := DECLARED_ENCODING.search(entry.defn or b"")):
+                return m.group(1).decode()
+        return "UTF8"
+
     def session(self):
         """The statements of the dump's ENCODING, STDSTRINGS and SEARCHPATH entries, as pg_restore runs them."""
         return [e.defn for e in self.entries if e.desc in SESSION_ENTRIES and e.defn]
@@ -248,6 +255,7 @@ def skip_chunks(cursor):
 
 
 LISTED_ID = re.compile(r"^(\d+);")
+DECLARED_ENCODING = re.compile(rb"SET client_encoding = '([A-Z0-9_]+)'")
 
 
 def without(listing, ids):

@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - the stdlib's, slower, same streams
 
 from backupportal.lib.pgerrors import explain
 from restores.dumparchive import BLOCK_BLOBS, BLOCK_DATA, Archive, Cursor, Ended, GrowingFile, Unsupported, skip_chunks
+from restores.sqlscript import CODECS
 from restores.targetdb import RestoreFailed
 
 # A table's own post-data built early, beside the loading: one pg_restore each, so only for
@@ -160,6 +161,9 @@ class Loader:
     def run(self):
         """Read the table of contents, then load. Raises Unsupported before anything is loaded."""
         self.archive = Archive(Cursor(self.file, 0))
+        encoding = self.archive.encoding()
+        if encoding not in CODECS:  # psycopg cannot hold a session in it (EUC_TW): pg_restore's own
+            raise Unsupported(f"the dump's encoding {encoding}, which Python has no codec for")
         self.rows = self.archive.streamable()
         if self.file.decrypted.is_set() and len(self.rows) > MANY_TABLES:
             raise Unsupported("nothing left to overlap with the decryption, and many tables")

@@ -6,6 +6,7 @@ failure the new database is dropped: a failed restore changes nothing.
 """
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import psycopg
 from django.conf import settings
@@ -31,7 +32,6 @@ from restores.tablespaces import check_tablespaces, relocate
 from restores.targetdb import (
     RestoreFailed,
     check_database_name,
-    create_database,
     created,
     database_exists,
     drop_database,
@@ -96,7 +96,8 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
     held = EventTriggers(props, scratch_root, subscriptions=(target.pg_version or 0) < ANY_SUBSCRIPTION_OWNER)
     try:
         toc = (props.copy_id, props.head) if props is not None else None
-        notes += _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc, held)
+        make = partial(_create, target, dbname, statements, props, notes, warnings)
+        notes += _create_and_restore(run, target, dbname, encryption, restore, make, extra, toc, held)
         made = True
         if held.subscriptions:  # before they are detached
             notes += _create_held(run, target, dbname, extra, held, "subscription", warnings)
@@ -153,13 +154,13 @@ def _create_held(run, target, dbname, extra, held, what, warnings):
     return held.create(last("--no-owner"), target, what)
 
 
-def _create_and_restore(run, target, dbname, encryption, restore, statements, extra, toc=None, held=None):
+def _create_and_restore(run, target, dbname, encryption, restore, make, extra, toc=None, held=None):
     # CREATE DATABASE copies template1 through the WAL (a quarter of a second on a small
-    # server): it runs while gpg decrypts, and pg_restore waits for it.
+    # server): it runs while gpg decrypts, and pg_restore waits for it. make(): _create's.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        creation = pool.submit(create_database, target, dbname, statements)
+        creation = pool.submit(make)
         try:
-            return _restore_dump(run, target, dbname, encryption, restore, creation, statements, extra, toc, held)
+            return _restore_dump(run, target, dbname, encryption, restore, creation, make, extra, toc, held)
         except BaseException as e:
             # creation.exception() waits for it: a database half made is dropped too.
             left = dropped(target, dbname) if creation.exception() is None else ""
@@ -168,7 +169,7 @@ def _create_and_restore(run, target, dbname, encryption, restore, statements, ex
             raise
 
 
-def _restore_dump(run, target, dbname, encryption, restore, creation, statements=None, extra=(), toc=None, held=None):
+def _restore_dump(run, target, dbname, encryption, restore, creation, make, extra=(), toc=None, held=None):
     """Try the healthy copies in order; a corrupt one is marked bad and the next is tried, and so
     is one whose location fails mid-stream (kept good: the location may only be down).
 
@@ -212,7 +213,7 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, statements
                 raise
             created(creation, target)
             drop_database(target, dbname)
-            create_database(target, dbname, statements)
+            make()
         finally:
             reader.close()
 
@@ -250,7 +251,7 @@ def read_properties(run, target, encryption, warnings):
             pg_restore = pg_restore_for(target, run)
             listing, head = dbprops.read_toc(reader, encryption, pg_restore)
             props = dbprops.DatabaseProperties.parse(
-                listing, dbprops.database_script(listing, head, pg_restore, warnings)
+                listing, dbprops.database_script(listing, head, pg_restore, warnings, converted_by(target))
             )
             props.head = head  # the table of contents, for --tablespace-map and the parallel restore
             props.pg_restore = pg_restore
@@ -264,6 +265,24 @@ def read_properties(run, target, encryption, warnings):
             why.append(f"{reader.copy.location.name}: {e}")
         finally:
             reader.close()
+
+
+def converted_by(server):
+    """Text in an encoding Python has no codec for (EUC_TW, MULE_INTERNAL), read by `server`'s own
+    conversion to UTF-8 (sqlscript.script_text): the dump's database entries of such a database
+    were not read, and its copy was made UTF8 with the target's locale, owner and no comment."""
+
+    def convert(data, encoding):
+        try:
+            with server.connect("postgres") as conn:
+                utf8 = conn.execute("SELECT pg_catalog.convert(%s, %s, 'UTF8')", [data, encoding]).fetchone()[0]
+        except psycopg.Error as e:
+            raise NotText(
+                f"it is in {encoding}, which {server} could not convert to UTF-8 ({explain(e, server)})"
+            ) from None
+        return bytes(utf8).decode()
+
+    return convert
 
 
 def _create_statements(props, dbname, elsewhere, tablespace_map, warnings):
@@ -287,17 +306,34 @@ def _create_statements(props, dbname, elsewhere, tablespace_map, warnings):
     return [props.create_statement(dbname, tablespace), *revokes]
 
 
-def _apply_properties(props, target, dbname, warnings):
+def _apply_properties(props, target, dbname, warnings, phase=dbprops.AFTER_LOAD):
     # From inside the new database, as pg_restore --create does: a comment or a setting lands in a
     # shared catalog in the encoding of the session's database, so from a UTF8 one a LATIN1
     # database's "Département" would be stored as UTF-8 bytes and read back as "DÃ©partement".
     try:
         with targetdb.connect_to_copy(target, dbname) as conn:
-            applied, missed = props.apply(conn, dbname)
+            applied, missed = props.apply(conn, dbname, phase)
     except psycopg.Error as e:
         raise RestoreFailed(explain(e, target)) from None
     warnings += missed
-    return f"database properties of {props.source} re-issued for {dbname} ({applied} statements)"
+    if phase is dbprops.BEFORE_LOAD:
+        return f"owner, settings and comment of {props.source} given to {dbname} before its data ({applied} statements)"
+    return f"privileges, connection limit and flags of {props.source} re-issued for {dbname} ({applied} statements)"
+
+
+def _create(target, dbname, statements, props, notes, warnings):
+    """CREATE DATABASE, then what the loading must see of the dump's database (dbprops.BEFORE_LOAD):
+    its settings applied after the load left a materialized view refreshed, and values stored,
+    under the target's defaults. Dropped again when that fails."""
+    targetdb.create_database(target, dbname, statements)
+    if props is None:
+        return
+    try:
+        said = _apply_properties(props, target, dbname, warnings, dbprops.BEFORE_LOAD)
+        notes += [said] if said not in notes else []  # made again for the next copy: said once
+    except RestoreFailed as e:
+        left = dropped(target, dbname)
+        raise RestoreFailed(f"{e}; {left}" if left else str(e)) from None
 
 
 def restore_globals(run, target, encryption, notes, warnings, with_role_passwords=False, about_to_make=None):

@@ -35,15 +35,18 @@ class NotText(ValueError):
     """A script that is not text in an encoding the portal reads: the message says why."""
 
 
-def script_text(data: bytes, warnings) -> str:
+def script_text(data: bytes, warnings, convert=None) -> str:
     """A script pg_restore or pg_dumpall wrote, as text. It is in the encoding it declares (a LATIN1
     database's dump is LATIN1: a comment "Département" is not UTF-8); the statements rebuilt from
     this text reach the target through the portal's session, which converts them. SQL_ASCII
     declares none: such a script is UTF-8 when it decodes so, else its bytes are read as LATIN1
-    and `warnings` says so. NotText for an encoding Python cannot read, or bytes not in the one
-    declared."""
+    and `warnings` says so. An encoding Python has no codec for (EUC_TW, MULE_INTERNAL) is read by
+    `convert(data, name)`, a server's conversion to UTF-8, when given. NotText for an encoding
+    neither can read, or bytes not in the one declared."""
     declared = DECLARED.search(data[:4096])
     name = declared.group(1).decode() if declared else "UTF8"
+    if name not in CODECS and convert is not None:
+        return convert(data, name)
     if name not in CODECS:
         raise NotText(f"it is in {name}, an encoding the portal cannot read")
     try:

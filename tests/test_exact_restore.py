@@ -245,13 +245,30 @@ def test_a_latin1_database_with_a_name_beyond_ascii_comes_back_with_its_encoding
     assert source.execute(described, ["cafe_copy"]) == [("LATIN1", True, ["work_mem=7MB"])]
 
 
-def test_a_database_in_an_encoding_python_has_no_codec_for_is_backed_up(source, passphrase_file, backup_root):
+def test_a_database_in_an_encoding_python_has_no_codec_for_is_backed_up_and_restored_exactly(
+    source, passphrase_file, backup_root
+):
     """EUC_TW: the portal's own sessions there speak UTF-8 (the server converts), pg_dump its own."""
     source.execute("CREATE DATABASE tw TEMPLATE template0 ENCODING 'EUC_TW' LOCALE 'C'")
     with source.connect("tw", options="-c client_encoding=UTF8") as conn:
         conn.execute("CREATE TABLE t AS SELECT '台灣' AS x")
+        conn.execute("COMMENT ON DATABASE tw IS '台灣的資料'")  # from inside: stored in EUC_TW
+    source.execute("ALTER DATABASE tw OWNER TO app_owner")
     register(source, "tw", "tw", "source")
-    assert backup("tw").details["row_counts"] == {"public.t": 1}
+    run = backup("tw")
+    assert run.details["row_counts"] == {"public.t": 1}
+
+    # Found by a probe: its copy was UTF8, with the target's locale and owner and no comment, the
+    # dump's database entries unread. The server reads them (convert to UTF-8).
+    result = restore_json(str(run.pk), "--into-database", "tw_copy")
+    assert result["status"] == "succeeded" and not result["warnings"], (result["error"], result["warnings"])
+    described = (
+        "SELECT pg_encoding_to_char(encoding), datcollate, pg_get_userbyid(datdba), shobj_description(oid, 'pg_database')"
+        " FROM pg_database WHERE datname = current_database()"
+    )
+    with source.connect("tw_copy", options="-c client_encoding=UTF8") as conn:
+        assert conn.execute(described).fetchall() == [("EUC_TW", "C", "app_owner", "台灣的資料")]
+        assert conn.execute("SELECT x FROM t").fetchall() == [("台灣",)]
 
 
 def test_a_template_a_dba_made_is_backed_up_with_all_restored_as_a_template_and_tested(
@@ -810,3 +827,60 @@ def test_when_the_leaders_line_is_all_there_is_it_is_the_error():
     tool = Tool(["sh", "-c", "echo 'pg_restore: error: a worker process died unexpectedly' >&2; exit 1"], {}).start()
     assert tool.proc.wait() == 1
     assert tool.error_line() == "sh: pg_restore: error: a worker process died unexpectedly"
+
+
+# What the loading's own sessions must see of the source database (found by a probe): each
+# materialized view below is refreshed by pg_restore, and a value is stored, in the copy's sessions.
+SEEN_BY_THE_LOAD = """
+CREATE TABLE docs (id int PRIMARY KEY, body text, at timestamptz);
+INSERT INTO docs SELECT g, 'the running dogs were running ' || g, '2026-12-06 23:30+00'::timestamptz + g * interval '1 min'
+  FROM generate_series(1, 300) g;
+CREATE TABLE blobs (id int, body text);
+INSERT INTO blobs SELECT g, repeat('compressible ' || g, 2000) FROM generate_series(1, 50) g;
+CREATE TABLE owned_elsewhere (id int);
+INSERT INTO owned_elsewhere SELECT generate_series(1, 100);
+ALTER TABLE owned_elsewhere OWNER TO no_grant;
+GRANT SELECT ON owned_elsewhere TO pg_database_owner;
+CREATE MATERIALIZED VIEW words AS SELECT id, to_tsvector(body) AS v FROM docs;
+CREATE MATERIALIZED VIEW days AS SELECT at::date AS day, count(*) AS n FROM docs GROUP BY 1;
+CREATE MATERIALIZED VIEW mine AS SELECT id FROM docs WHERE current_setting('app.tenant') = 'north' AND id < 10;
+CREATE MATERIALIZED VIEW through_owner AS SELECT count(*) AS n FROM owned_elsewhere;
+ALTER MATERIALIZED VIEW through_owner OWNER TO app_owner;
+"""
+SEEN = {
+    "words": "SELECT md5(string_agg(v::text, '|' ORDER BY id)) FROM words",
+    "days": "SELECT string_agg(day || ':' || n, ',' ORDER BY day) FROM days",
+    "mine": "SELECT count(*) FROM mine",
+    "through_owner": "SELECT n FROM through_owner",
+    "toast": "SELECT string_agg(DISTINCT pg_column_compression(body), ',') FROM blobs",
+}
+
+
+@pytest.mark.parametrize("jobs", [1, 2], ids=["piped", "overlapped"])
+def test_the_databases_owner_and_settings_are_in_force_while_its_data_loads(
+    source, passphrase_file, backup_root, settings, jobs
+):
+    """The database's settings and owner were given to the copy after its data: materialized
+    views were refreshed under the target's text search configuration and time zone, values stored
+    pglz where production stores lz4, and a view read through pg_database_owner, or a setting of
+    the database's own, failed the restore. pg_restore --create gives them before the data."""
+    settings.RESTORE_JOBS = jobs
+    source.execute("CREATE DATABASE shaped OWNER app_owner")
+    for setting in (
+        "default_text_search_config = 'pg_catalog.simple'",
+        "timezone = 'Pacific/Kiritimati'",
+        "default_toast_compression = 'lz4'",
+        "app.tenant = 'north'",
+    ):
+        source.execute(f"ALTER DATABASE shaped SET {setting}")
+    source.execute(SEEN_BY_THE_LOAD, dbname="shaped")
+    register(source, "shaped", "shaped", "source")
+    expected = {what: source.execute(query, dbname="shaped") for what, query in SEEN.items()}
+    assert expected["toast"] == [("lz4",)] and expected["mine"] == [(9,)] and expected["through_owner"] == [(100,)]
+
+    result = restore_json(str(backup("shaped").pk), "--into-database", "shaped_copy")
+    assert result["status"] == "succeeded", result
+    assert {what: source.execute(query, dbname="shaped_copy") for what, query in SEEN.items()} == expected
+    assert (
+        "owner, settings and comment of shaped given to shaped_copy before its data (5 statements)" in result["notes"]
+    )

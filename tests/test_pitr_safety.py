@@ -8,6 +8,8 @@ import resource
 import shutil
 import subprocess
 import time
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,6 +78,14 @@ def test_every_recovery_target_is_written_and_the_chosen_one_after_the_emptied_o
         "recovery_target_inclusive": "off",  # every record beginning before the LSN, nothing after
     }
     assert pitr_recovery.recovery_settings(a_plan("time"))["recovery_target_inclusive"] == "on"  # a commit at T is in
+    # Python reads an offset to the microsecond, PostgreSQL to the second: written in UTC.
+    odd = datetime(
+        2026, 12, 7, 10, 0, 0, 250000, tzinfo=dt_timezone(timedelta(hours=5, seconds=15, microseconds=500000))
+    )
+    assert (
+        pitr_recovery.recovery_settings(a_plan("time", odd))["recovery_target_time"]
+        == "2026-12-07 04:59:44.750000+00:00"
+    )
     latest = pitr_recovery.recovery_settings(a_plan("latest", ""))
     assert all(latest[name] == "" for name in pitr_recovery.ALL_TARGETS)
     assert latest["primary_conninfo"] == latest["primary_slot_name"] == ""
