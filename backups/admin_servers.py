@@ -20,7 +20,7 @@ from backupportal.lib.libpq import DsnError, parse
 from backupportal.lib.pgerrors import explain
 from backupportal.lib.sealed import SealError
 from backupportal.roles import role_may
-from backups import binaries, databases, schedules
+from backups import binaries, databases, schedules, walspool
 from backups.admin_changes import check_request, open_request, reason_field
 from backups.changes import (
     RETENTION_FIELDS,
@@ -123,7 +123,23 @@ class ServerForm(forms.ModelForm):
         if self.fewer:
             check_request(self, ChangeRequest.Kind.BACK_UP_FEWER, self.instance)
         self._check_restore_destination(cleaned)
+        self._check_rename(cleaned)
         return cleaned
+
+    def _check_rename(self, cleaned):
+        """A server that archives WAL does so under its name: production's archive_command writes
+        into the spool named after it, pg_receivewal streams from the slot named after it. Renamed,
+        the ingest read another spool (and PostgreSQL's segments piled up unread in the old one), the
+        old slot pinned production's WAL with no alert, and two swapped names catalogued one
+        cluster's WAL as the other's. Renaming waits until archiving is off (which a DBA approves)."""
+        new, stored = cleaned.get("name"), self.instance
+        if stored.pk and new and new != stored.name and stored.archiving != Server.Archiving.NONE:
+            self.add_error(
+                "name",
+                f"{stored.name} archives WAL under its name (its spool {walspool.spool_dir(stored)}, slot "
+                f"{stored.replication_slot}): a new name would cut production off from its archive. Turn its "
+                "archiving off first (a DBA approves), rename it, then set archiving up again under the new name",
+            )
 
     def _check_restore_destination(self, cleaned):
         """A new sandbox, or a server restore tests restore into moved: each waits for a DBA."""

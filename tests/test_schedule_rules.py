@@ -249,3 +249,23 @@ def test_a_refused_cron_names_the_field_that_is_wrong():
     assert "hour 25 is out of range 0-23" in cron_problem("0 25 * * *")
     assert "minute 60 is out of range 0-59" in cron_problem("60 1 * * *")
     assert "day-of-week 8 is out of range 0-7" in cron_problem("0 1 * * 8")
+
+
+@pytest.mark.parametrize("archiving", ["push", "pull"])
+def test_a_server_that_archives_wal_is_not_renamed(client, sam, server, archiving):
+    """Found by a probe: a Sysadmin's rename of an archiving server, saved at once, cut production off
+    from its archive: archive_command wrote into the old name's spool, which the ingest no longer
+    read; a pull server's old slot pinned production's WAL. Refused, saying what to do."""
+    server.archiving = archiving
+    server.save(update_fields=["archiving"])
+    client.force_login(sam)
+    url = reverse("admin:backups_server_change", args=[server.pk])
+    response = client.post(url, admin_form_data(client, url, name="male"))
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors["name"]
+    assert (
+        errors[0].startswith("maldives archives WAL under its name (its spool ")
+        and "Turn its archiving off" in errors[0]
+    )
+    server.refresh_from_db()
+    assert server.name == "maldives" and set(q_rows("maldives")) and not q_rows("male")
