@@ -61,6 +61,15 @@ def find_restore_point(plan, run):
             return
         upper = first - 1
     missing = f" up to segment {beyond}, missing from the archive: the WAL after it cannot be searched" if gap else ""
+    if found:  # in the WAL, before every kept base backup is consistent (a probe found it "not in the WAL")
+        lsn, at = max(found, key=lambda point: walnames.lsn_to_int(point[0]))
+        oldest = plan.bases[0]
+        when = "before" if not lsn_at_or_after(lsn, oldest.start_lsn) else "while"
+        raise RestoreFailed(
+            f"restore point {plan.target.value!r} (LSN {lsn}, created at {at}) was made {when} the oldest kept base "
+            f"backup (#{oldest.pk}, consistent from LSN {oldest.end_lsn}) {'began' if when == 'before' else 'ran'}: "
+            "no kept base backup is consistent before it, so recovery cannot stop there; choose a later target"
+        )
     raise RestoreFailed(
         f"restore point {plan.target.value!r} is not in the WAL archived since the oldest base backup{missing}"
     )

@@ -406,6 +406,42 @@ def test_a_restore_point_name_used_twice_is_refused_listing_each_and_an_lsn_rest
     assert tables(port, "first_", "second_", "third_") == {"first_", "second_"}
 
 
+def test_a_restore_point_made_while_the_only_base_backup_ran_is_named_so(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, monkeypatch
+):
+    """Found by a probe: the restore point is in the archived WAL, but before the base backup is
+    consistent; the refusal said it was "not in the WAL archived since the oldest base backup"."""
+    from backups import basestream
+    from backups.models import BackupRun
+
+    enable_push(sample_cluster)
+    start, made = basestream.ServerCompressed.start, []
+
+    def start_then_make_a_restore_point(self, *args, **kwargs):
+        started = start(self, *args, **kwargs)
+        made.append(str(sample_cluster.execute("SELECT pg_create_restore_point('during_base')")[0][0]))
+        return started
+
+    monkeypatch.setattr(basestream.ServerCompressed, "start", start_then_make_a_restore_point)
+    base = run_command("backup", "maldives", "--kind", "base")
+    monkeypatch.undo()
+    assert base["status"] == "succeeded", base
+    run = BackupRun.objects.get(pk=base["id"])
+    assert walnames.lsn_to_int(run.start_lsn) < walnames.lsn_to_int(made[0]) < walnames.lsn_to_int(run.end_lsn)
+    write(sample_cluster, "CREATE TABLE after_(x int)")
+    archived(sample_cluster, server)
+
+    datadir = restored()
+    result = restore(datadir, free_port(), "--target-name", "during_base")
+    assert result["status"] == "failed", result
+    assert result["error"].startswith("restore point 'during_base' (LSN "), result["error"]
+    assert (
+        f"was made while the oldest kept base backup (#{run.pk}, consistent from LSN {run.end_lsn}) ran"
+        in result["error"]
+    )
+    nothing_left(datadir)
+
+
 # --- 4. Where a restored cluster may be put ----------------------------------------------------
 
 
