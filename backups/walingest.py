@@ -9,6 +9,7 @@ wrong is left as a marker in the spool (SPOOL/errors/) for the monitor.
 import fcntl
 import logging
 import os
+import struct
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from backups.walspool import (
     leave_spool,
     mark_ingested,
     open_lock,
+    open_wal_file,
     pending_names,
     publish_segment_size,
     remove_stale_tmp,
@@ -270,6 +272,7 @@ def _ingest_names(server, spool, names, source, result):
 
     window = deque()  # (name, key, future) in name order: encrypting, or encrypted and not yet examined
     catalogued = catalogued_names(server, names)
+    sysid = manifests.known_system_identifier(server)  # the cluster its backups are of, asked once a pass
 
     def catalogue_until(size):
         """Catalogue the oldest until `size` remain in flight, and those already encrypted besides,
@@ -305,7 +308,7 @@ def _ingest_names(server, spool, names, source, result):
                     catalogue_until(0)
                     copy_on_the_way(server, result)
                 try:
-                    outcome = prepare(server, spool / name, store, catalogued)
+                    outcome = prepare(server, spool / name, store, catalogued, sysid)
                 except (WalError, StorageError, OSError) as e:
                     catalogue_until(0)  # those before it are good: catalogued before it stops the ingest
                     if not isinstance(e, WalError):
@@ -401,9 +404,10 @@ def catalogued_names(server, names, batch=500):
     return found
 
 
-def prepare(server, path: Path, store, catalogued):
+def prepare(server, path: Path, store, catalogued, sysid=""):
     """Before encrypting: "duplicates" or "conflicts" when the name is catalogued, else None.
-    Raises WalError for a segment of the wrong size. `catalogued`: catalogued_names() of the pass."""
+    Raises WalError for a segment of the wrong size, or written by another cluster than `sysid`
+    (its backups'). `catalogued`: catalogued_names() of the pass."""
     existing = None
     if path.name in catalogued:
         existing = WalSegment.objects.filter(server=server, name=path.name, deleted_at=None).first()
@@ -413,7 +417,47 @@ def prepare(server, path: Path, store, catalogued):
     if store.exists(key):
         store.delete(key)  # left by an ingest killed before it catalogued the file: nothing refers to it
     check_segment_size(server, path, wal_file_size(path, server.wal_segment_size))  # a link, a FIFO: WalError
+    check_segment_header(server, path, sysid)
     return None
+
+
+# The long header a segment begins with (access/xlog_internal.h: XLogLongPageHeaderData, in the
+# host's byte order): xlp_magic, xlp_info, xlp_tli, xlp_pageaddr, xlp_rem_len, padding,
+# xlp_sysid, xlp_seg_size, xlp_xlog_blcksz. XLP_LONG_HEADER marks it.
+LONG_HEADER = struct.Struct("=HHIQI4xQII")
+XLP_LONG_HEADER = 0x0002
+
+
+def check_segment_header(server, path: Path, sysid):
+    """A segment whose header names another cluster (another server's archive_command pointed at
+    this spool) or another place in the WAL (a file under the wrong name): catalogued, a PITR would
+    replay it as this server's. It stays in the spool, with the WAL after it, and the ingest says
+    whose it is. A first page that is no long header is not judged here (a restore replays it)."""
+    if not SEGMENT.match(path.name):
+        return
+    fd, _ = open_wal_file(path, server.wal_segment_size)
+    try:
+        head = os.pread(fd, LONG_HEADER.size, 0)
+    finally:
+        os.close(fd)
+    if len(head) < LONG_HEADER.size:
+        return
+    _, info, _, pageaddr, _, written_by, seg_size, _ = LONG_HEADER.unpack(head)
+    if not info & XLP_LONG_HEADER or seg_size != server.wal_segment_size:
+        return
+    where = f"{path.name} and the WAL after it wait in {path.parent}: nothing after it is ingested until then"
+    if sysid and str(written_by) != sysid:
+        raise WalError(
+            f"WAL segment {path.name} was written by the cluster with system identifier {written_by}, not by "
+            f"{server}'s ({sysid}, as its backups recorded): another cluster's archive_command writes into "
+            f"{server}'s spool; point it elsewhere and remove {path}. {where}"
+        )
+    if pageaddr != segno_of(path.name, seg_size) * seg_size:
+        raise WalError(
+            f"WAL segment {path.name} holds the WAL of segment {pageaddr // seg_size:X} (its header's address "
+            f"{pageaddr >> 32:X}/{pageaddr & 0xFFFFFFFF:X}): it was copied under another name; replace {path} "
+            f"with the segment of its own name from pg_wal on {server}. {where}"
+        )
 
 
 def record_batch(server, spool, source, location, ready):

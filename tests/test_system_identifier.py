@@ -8,6 +8,7 @@ from backupportal.lib.pgcluster import Cluster
 from backups.models import BackupCopy, BackupRun, Server
 from tests.helpers import backup_json, load_sample
 
+pytest_plugins = ["tests.walfixtures"]
 READER_PASSWORD = "Reader-Pa55word-xyz"
 
 
@@ -91,3 +92,44 @@ def test_an_identifier_the_role_may_not_read_warns_until_a_good_backup_recorded_
         f"which its good backups recorded as {sysid(sample_cluster)}: grant the backup role EXECUTE on"
         " pg_control_system(), or point the DSN back at that cluster"
     )
+
+
+def test_wal_written_by_another_cluster_or_filed_under_another_name_is_not_catalogued(
+    server, sample_cluster, other_cluster, passphrase_file, backup_root, wal_spool
+):
+    """Another cluster's archive_command pointed at this server's spool (a copied configuration,
+    two servers' names swapped): its segments were catalogued as this server's, for a PITR to
+    replay. The segment's own header says which cluster wrote it and where it belongs."""
+    from backups import walingest, walnames, walspool
+    from backups.models import WalSegment
+    from tests.helpers import enable_push, switch_wal, wait_archived
+
+    enable_push(sample_cluster)
+    assert backup_json()["status"] == "succeeded"  # records the cluster's identifier
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    walingest.ingest(server)
+    server.refresh_from_db()
+    size, spool = server.wal_segment_size, walspool.spool_dir(server)
+    newest = WalSegment.objects.filter(server=server, segno__isnull=False).order_by("-segno").first()
+
+    # One of theirs, under the name of the next segment of ours.
+    theirs = switch_wal(other_cluster)
+    foreign = spool / walnames.segment_name(1, newest.segno + 1, size)
+    foreign.write_bytes((other_cluster.datadir / "pg_wal" / theirs).read_bytes()[:size])
+    foreign.chmod(0o640)
+    with pytest.raises(walnames.WalError) as refused:
+        walingest.ingest(server)
+    said = str(refused.value)
+    assert f"was written by the cluster with system identifier {sysid(other_cluster)}" in said, said
+    assert f"({sysid(sample_cluster)}, as its backups recorded)" in said and foreign.exists()
+    assert not WalSegment.objects.filter(server=server, name=foreign.name).exists()
+
+    # One of ours (the segment being written), under another of our names.
+    foreign.unlink()
+    current = sample_cluster.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0]
+    misfiled = spool / walnames.segment_name(1, walnames.segno_of(current, size) + 5, size)
+    misfiled.write_bytes((sample_cluster.datadir / "pg_wal" / current).read_bytes())
+    misfiled.chmod(0o640)
+    with pytest.raises(walnames.WalError, match=f"WAL segment {misfiled.name} holds the WAL of segment"):
+        walingest.ingest(server)
+    assert not WalSegment.objects.filter(server=server, name=misfiled.name).exists()
