@@ -9,7 +9,6 @@ wrong is left as a marker in the spool (SPOOL/errors/) for the monitor.
 import fcntl
 import logging
 import os
-import struct
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +27,13 @@ from backups.copies import copy_one
 from backups.crypto import EncryptionError
 from backups.models import WAL_LOCATION, BackupCopy, LocationMoved, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
+from backups.walcheck import check_segment_header, check_segment_size
 from backups.walnames import SEGMENT, WalError, segno_of, timeline_of, wal_key
 from backups.walspool import (
     clear_error_marker,
     leave_spool,
     mark_ingested,
     open_lock,
-    open_wal_file,
     pending_names,
     publish_segment_size,
     remove_stale_tmp,
@@ -421,45 +420,6 @@ def prepare(server, path: Path, store, catalogued, sysid=""):
     return None
 
 
-# The long header a segment begins with (access/xlog_internal.h: XLogLongPageHeaderData, in the
-# host's byte order): xlp_magic, xlp_info, xlp_tli, xlp_pageaddr, xlp_rem_len, padding,
-# xlp_sysid, xlp_seg_size, xlp_xlog_blcksz. XLP_LONG_HEADER marks it.
-LONG_HEADER = struct.Struct("=HHIQI4xQII")
-XLP_LONG_HEADER = 0x0002
-
-
-def check_segment_header(server, path: Path, sysid):
-    """A segment whose header names another cluster (another server's archive_command pointed at
-    this spool) or another place in the WAL (a file under the wrong name): catalogued, a PITR would
-    replay it as this server's. It stays in the spool, with the WAL after it, and the ingest says
-    whose it is. A first page that is no long header is not judged here (a restore replays it)."""
-    if not SEGMENT.match(path.name):
-        return
-    fd, _ = open_wal_file(path, server.wal_segment_size)
-    try:
-        head = os.pread(fd, LONG_HEADER.size, 0)
-    finally:
-        os.close(fd)
-    if len(head) < LONG_HEADER.size:
-        return
-    _, info, _, pageaddr, _, written_by, seg_size, _ = LONG_HEADER.unpack(head)
-    if not info & XLP_LONG_HEADER or seg_size != server.wal_segment_size:
-        return
-    where = f"{path.name} and the WAL after it wait in {path.parent}: nothing after it is ingested until then"
-    if sysid and str(written_by) != sysid:
-        raise WalError(
-            f"WAL segment {path.name} was written by the cluster with system identifier {written_by}, not by "
-            f"{server}'s ({sysid}, as its backups recorded): another cluster's archive_command writes into "
-            f"{server}'s spool; point it elsewhere and remove {path}. {where}"
-        )
-    if pageaddr != segno_of(path.name, seg_size) * seg_size:
-        raise WalError(
-            f"WAL segment {path.name} holds the WAL of segment {pageaddr // seg_size:X} (its header's address "
-            f"{pageaddr >> 32:X}/{pageaddr & 0xFFFFFFFF:X}): it was copied under another name; replace {path} "
-            f"with the segment of its own name from pg_wal on {server}. {where}"
-        )
-
-
 def record_batch(server, spool, source, location, ready):
     """Catalogue the encrypted files `ready` [(name, key, reader, size, sha256, keys)]: their outcomes
     ("ingested" ...), in order. New names take three statements for the whole batch (one catalog
@@ -551,22 +511,6 @@ def segment_fields(server, name, reader, key, archived_at, source, now):
         "source": source,
         "deleted_at": None,
     }
-
-
-def check_segment_size(server, path: Path, size):
-    """A full segment must be wal_segment_size long: a shorter one is truncated, and catalogued
-    it would look good until a PITR needed it. It stays in the spool (and the WAL after it)."""
-    if not SEGMENT.match(path.name):
-        return
-    expected = server.wal_segment_size
-    if expected == size or (not expected and archive_wal.plausible_segment_size(size)):
-        return  # an unknown size is learned from the first plausible segment (learn_segment_size)
-    what = f"the {expected} bytes of {server}'s segments" if expected else "a power of two from 1 MiB to 1 GiB"
-    raise WalError(
-        f"WAL segment {path.name} is {size} bytes, not {what}: it is truncated or not a segment; "
-        f"replace {path} with the whole segment from pg_wal on {server} (if it is gone, remove it and take a "
-        "base backup: PITR cannot cross it); nothing after it is ingested until then"
-    )
 
 
 def learn_segment_size(server, size):

@@ -520,7 +520,7 @@ def check_length(path: Path, size, limit):
 def open_wal_file(path: Path, segment_size=None):
     """A spool file opened to read, and the most bytes to read of it: (fd, limit). Never through a
     symbolic link, nor a FIFO; a regular file, no longer than its kind can be (a full segment's
-    exact size is the ingest's check_segment_size). Anything else is a WalError saying what was
+    exact size is backups.walcheck.check_segment_size). Anything else is a WalError saying what was
     found, left where it is. OSError when it cannot be opened at all (gone, unreadable)."""
     limit = wal_file_limit(path.name, segment_size)
     try:
