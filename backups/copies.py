@@ -355,7 +355,7 @@ def delete_copy(copy, actor):
         return _delete_waits(copy, actor, copy.retain_until)
     if copy.attempts or copy.status in (BackupCopy.Status.OK, BackupCopy.Status.BAD):
         try:
-            store_for(copy.location).delete(copy.key, copy.version_id)
+            store_for(copy.location).remove_copy(copy.key, copy.version_id)
             if copy.old_key:  # the object a re-encryption replaced, not removed yet (backups.reencrypt)
                 store_for(copy.location).delete(copy.old_key)
         except ObjectLocked as e:

@@ -370,7 +370,7 @@ def delete_copies(copies):
     all_gone = True
     for copy in copies.select_related("location"):
         try:
-            store_for(copy.location).delete(copy.key, copy.version_id)
+            store_for(copy.location).remove_copy(copy.key, copy.version_id)
         except (OSError, StorageError) as e:
             BackupCopy.objects.filter(pk=copy.pk).update(last_error=f"retention could not delete it: {e}"[:2000])
             all_gone = False

@@ -172,6 +172,11 @@ class Store:
         keeps no versions (a directory): its key is all there is."""
         return ""
 
+    def remove_copy(self, key, version=""):
+        """Delete a catalogued copy's file or object (retention, a deleted backup): the catalog
+        then calls it deleted. Where it cannot be told gone, StorageError, and it is retried."""
+        self.delete(key, version)
+
 
 class FileStore(Store):
     """A primary or NAS location: a directory under the configured roots."""
@@ -226,6 +231,17 @@ class FileStore(Store):
     def delete(self, key, version=""):
         with self.writable():
             self.path(key).unlink(missing_ok=True)
+
+    def remove_copy(self, key, version=""):
+        """A catalogued file already gone counts as deleted, unless the location itself is away: a
+        NAS unmounted for maintenance leaves its mount point empty (or no directory at all), and
+        its files come back with it; claimed deleted, one would outlive its catalog row for ever."""
+        if not self.path(key).exists() and (not self.root.is_dir() or not any(self.root.iterdir())):
+            raise StorageError(
+                f"location {self.location.name} ({self.root}) is empty or missing (an unmounted NAS?): {key} "
+                "cannot be told deleted; mount it again, and the deletion is retried"
+            )
+        self.delete(key, version)
 
     def list(self, prefix=""):
         """The keys of every whole file under `prefix` (a rebuilt catalog reads a location this way)."""

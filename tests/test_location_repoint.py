@@ -78,7 +78,9 @@ def test_other_fields_of_a_location_with_copies_still_save(client, sam, server, 
 
 def test_a_location_without_copies_is_corrected_freely_and_still_checked(client, sam, tiers):
     client.force_login(sam)
-    response = add(client, name="offsite2", kind="s3", bucket=tiers.bucket, endpoint_url=tiers.server.endpoint)
+    response = add(
+        client, name="offsite2", kind="s3", bucket=tiers.bucket, prefix="offsite2/", endpoint_url=tiers.server.endpoint
+    )  # beside the tiers' own "backupportal/": a location shares no keys with another
     assert response.status_code == 302, response.content.decode()[:3000]
     offsite = StorageLocation.objects.get(name="offsite2")
 

@@ -158,3 +158,22 @@ def test_a_dead_endpoint_fails_in_seconds_not_minutes(tiers, settings):
     finally:
         silent.close()
     assert time.monotonic() - started < 10
+
+
+def test_a_second_s3_location_sharing_anothers_keys_is_refused(tiers):
+    """Found by a probe: a second location on the same bucket and prefix was accepted; its copy
+    found the first's object "already there", removed it as a leftover and failed its own write,
+    and the first's copy stayed catalogued good over nothing. Refused as a NAS at another's path is."""
+    first = tiers.locations["s3"]
+
+    def second(prefix):
+        return StorageLocation(
+            name="offsite-dr", kind="s3", bucket=first.bucket, prefix=prefix, endpoint_url=first.endpoint_url
+        )
+
+    nested = first.prefix.strip("/") + "/dr/"
+    for prefix in (first.prefix, "/" + first.prefix, nested, ""):
+        with pytest.raises(ValidationError) as refused:
+            second(prefix).full_clean()
+        assert f"overlaps location {first.name} (s3://{first.bucket}/" in str(refused.value), prefix
+    second(first.prefix.strip("/") + "-dr/").full_clean()  # beside it: apart

@@ -100,7 +100,9 @@ def test_an_s3_bucket_that_does_not_exist_is_refused_when_the_location_is_saved(
     assert response.status_code == 200
     assert "S3 bucket &#x27;no-such-bucket&#x27; does not exist at" in response.content.decode()
     assert not StorageLocation.objects.filter(name="offsite2").exists()
-    response = add_location(client, name="offsite2", kind="s3", bucket=tiers.bucket, endpoint_url=tiers.server.endpoint)
+    response = add_location(
+        client, name="offsite2", kind="s3", bucket=tiers.bucket, prefix="offsite2/", endpoint_url=tiers.server.endpoint
+    )  # beside the tiers' own "backupportal/": a location shares no keys with another
     assert response.status_code == 302
     assert StorageLocation.objects.filter(name="offsite2", kind="s3").exists()
 

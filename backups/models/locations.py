@@ -93,6 +93,7 @@ class StorageLocation(models.Model):
             from backups.s3 import check_options  # boto3 is loaded only where an S3 location is used
 
             check_options(self)
+            self.check_apart_in_s3()
             return
         if not self.path:
             raise ValidationError({"path": "A filesystem location needs a directory path."})
@@ -128,6 +129,32 @@ class StorageLocation(models.Model):
                     {
                         "path": f"{self.path} overlaps location {other.name} ({other.path}): a copy in one would be "
                         "taken for the other's; give the NAS a directory of its own, outside the primary locations"
+                    }
+                )
+
+    def check_apart_in_s3(self):
+        """An S3 location in a place of its own: another location on the same bucket and endpoint
+        whose prefix is this one's, or holds it, shares its keys. Found by a probe: the second one's
+        copy found the first's object "already there", removed it as a leftover, then failed its own
+        write, and the first's copy stayed catalogued good over nothing (check_apart, for S3)."""
+
+        def place(location):
+            return location.endpoint_url.strip().rstrip("/").lower(), location.prefix.strip("/")
+
+        endpoint, prefix = place(self)
+        for other in StorageLocation.objects.exclude(pk=self.pk).filter(kind=self.Kind.S3, bucket=self.bucket):
+            their_endpoint, theirs = place(other)
+            nested = (
+                not prefix
+                or not theirs
+                or f"{prefix}/".startswith(f"{theirs}/")
+                or f"{theirs}/".startswith(f"{prefix}/")
+            )
+            if their_endpoint == endpoint and nested:
+                raise ValidationError(
+                    {
+                        "prefix": f"s3://{self.bucket}/{self.prefix} overlaps location {other.name} ({other.address()}): "
+                        "a copy in one would be taken for the other's; give it a prefix of its own, beside the other's"
                     }
                 )
 

@@ -1,0 +1,58 @@
+"""Retention against the locations themselves: what it deletes is gone, what it cannot delete is
+retried, never claimed deleted (catalog rows and real files; no cluster)."""
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+from django.utils import timezone
+
+from backups import copies, retention
+from backups.models import BackupCopy, BackupRun, Server, StorageLocation
+
+
+def make_server(**fields):
+    return Server.objects.create(name="maldives", dsn="postgresql://postgres@127.0.0.1:1/postgres", **fields)
+
+
+def logical(server, when):
+    return BackupRun.objects.create(
+        server=server, kind="logical", status="succeeded", started_at=when, finished_at=when
+    )
+
+
+def with_copy(run, location, key):
+    path = Path(location.path) / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"dump")
+    return BackupCopy.objects.create(run=run, location=location, key=key, size=4, sha256="a" * 64, status="ok")
+
+
+def test_a_copy_on_a_nas_unmounted_for_maintenance_is_retried_not_claimed_deleted(db, backup_root, nas_root):
+    """Found by a probe: the NAS's mount point was there, empty; its copy's file was not, so the
+    deletion 'succeeded' and the copy was marked deleted; the file came back with the mount and
+    nothing would ever delete it. The deletion waits for the NAS, then happens."""
+    primary = StorageLocation.objects.get(name="primary")
+    mount = nas_root / "nas1"
+    mount.mkdir()
+    nas = StorageLocation.objects.create(name="nas1", kind="nas", path=str(mount))
+    server = make_server(retention_floor=1)
+    now = timezone.now()
+    old = logical(server, now - timedelta(days=40))
+    logical(server, now - timedelta(days=1))
+    on_primary, on_nas = with_copy(old, primary, "maldives/old.dump"), with_copy(old, nas, "maldives/old.dump")
+
+    away = nas_root / "nas1.away"
+    mount.rename(away)  # unmounted: the empty mount point stays
+    mount.mkdir()
+    retention.apply(now)
+    on_primary.refresh_from_db(), on_nas.refresh_from_db()
+    assert on_primary.status == BackupCopy.Status.DELETED and not (backup_root / "maldives/old.dump").exists()
+    assert on_nas.status != BackupCopy.Status.DELETED, "claimed deleted while the NAS was away"
+    assert "is empty or missing (an unmounted NAS?)" in on_nas.last_error
+
+    shutil.rmtree(mount)
+    away.rename(mount)  # mounted again: the retry deletes it
+    copies.retry_deletions(on_nas.next_attempt_at)
+    on_nas.refresh_from_db()
+    assert on_nas.status == BackupCopy.Status.DELETED and not (mount / "maldives/old.dump").exists()
