@@ -8,6 +8,7 @@ stdin (--passphrase-fd 0), never in argv. Files decrypt with a plain `gpg --decr
 import contextvars
 import copy
 import ctypes
+import getpass
 import logging
 import os
 import signal
@@ -154,6 +155,11 @@ def read_passphrase(path=None) -> str:
     # README's restore without the portal gives gpg this very file.
     try:
         text = path.read_bytes().decode()
+    except OSError as e:  # owned by another user (root's, for a worker that runs as another)
+        raise EncryptionError(
+            f"passphrase file {path} cannot be read by the OS user {getpass.getuser()} that runs the backups "
+            f"({e.strerror}): make that user its owner (mode 0600)"
+        ) from None
     except UnicodeDecodeError:
         raise EncryptionError(
             f"passphrase file {path} is not text (UTF-8): write the passphrase in it, one line"
@@ -190,7 +196,10 @@ class Encryption:
         if not self.recipients and not self.passphrase_file:
             raise EncryptionError("no encryption configured: set BACKUP_PASSPHRASE_FILE (mode 0600) or GPG_RECIPIENTS")
         self.s2k_args = s2k_args()
-        self.gpg = PortalGPG(gnupghome=str(gnupg_home()))
+        try:
+            self.gpg = PortalGPG(gnupghome=str(gnupg_home()))
+        except OSError as e:  # python-gnupg runs gpg --version first: no gpg, or one that cannot run
+            raise EncryptionError(f"gpg cannot be run ({e}): install gnupg, or put gpg on the worker's PATH") from None
         self._idle, self._lock = [self.gpg], threading.Lock()
         self._data_keyed = {}  # key id -> Encryption (with_data_key)
         self._keyed = {}  # keyring key id -> Encryption (for_copy)

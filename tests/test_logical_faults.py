@@ -321,3 +321,20 @@ def test_a_new_key_with_a_passphrase_beyond_ascii_is_refused_in_one_line(
     run = BackupRun.objects.get()
     assert run.status == "failed" and "the passphrase holds characters beyond ASCII" in run.error
     assert not list(backup_root.rglob("*.gpg"))
+
+
+def test_a_worker_without_gpg_fails_the_backup_in_one_line(server, passphrase_file, backup_root, tmp_path, monkeypatch):
+    """Found by a probe: gpg missing from the worker's PATH gave "internal error: OSError: Unable to
+    run gpg", a traceback and no JSON. The run fails saying what to do."""
+    from backups import keyring
+    from tests.helpers import backup_json
+
+    bare = tmp_path / "bin"  # the PostgreSQL tools are found by their own directory, not PATH
+    bare.mkdir()
+    monkeypatch.setattr(keyring, "_of_key", {})  # no Encryption set up before in this process
+    with monkeypatch.context() as only:  # the clusters' teardown needs the real PATH back
+        only.setenv("PATH", str(bare))
+        result = backup_json()
+    assert result["status"] == "failed", result
+    assert result["error"].startswith("gpg cannot be run (") and "install gnupg" in result["error"], result["error"]
+    assert "\n" not in result["error"] and "internal error" not in result["error"]
