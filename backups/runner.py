@@ -320,21 +320,35 @@ def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.
     if not updated:
         return False
     run.refresh_from_db()
-    remove_files(run)
+    # Journaled and alerted first: a location that refuses the removal below must not hide the failure.
     journal.record("backup_failed", actor=run.requested_by or "job:backup", obj=run, outcome="failed", error=message)
     conditions.changed("backup_failed", server=run.server)  # the monitor reads the failed run
+    if left := remove_files(run):
+        BackupRun.objects.filter(pk=run.pk).update(error=f"{message}; {left}"[:2000])
     return True
 
 
 def remove_files(run):
     """Nothing of a failed run may look like an artifact: its partials and committed files in the
-    primary location (those `run.details` lists) removed, its copies marked deleted."""
-    from backups.storage import partials_of, store_for
+    primary location (those `run.details` lists) removed, its copies marked deleted. A file the
+    location will not let go (read-only since) stays, its copy marked bad, and the sentence
+    returned says where; '' when all went."""
+    from backups.storage import StorageError, partials_of, store_for
 
+    left = []
     for location in StorageLocation.objects.filter(kind=StorageLocation.Kind.PRIMARY, enabled=True):
         store = store_for(location)
         for key in run.details.get("keys", []):
-            store.delete(key)
-            for partial in partials_of(store.path(key)):
-                partial.unlink(missing_ok=True)
-    run.copies.exclude(status=BackupCopy.Status.DELETED).update(status=BackupCopy.Status.DELETED)
+            try:
+                store.delete(key)
+                for partial in partials_of(store.path(key)):
+                    partial.unlink(missing_ok=True)
+            except (OSError, StorageError) as e:
+                left.append(f"{store.uri(key)} ({e})")
+    copies = run.copies.exclude(status=BackupCopy.Status.DELETED)
+    if not left:
+        copies.update(status=BackupCopy.Status.DELETED)
+        return ""
+    said = f"what it wrote could not all be removed, and its copies are marked bad: {'; '.join(left)}"
+    copies.update(status=BackupCopy.Status.BAD, last_error=said[:2000])
+    return said

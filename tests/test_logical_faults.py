@@ -338,3 +338,31 @@ def test_a_worker_without_gpg_fails_the_backup_in_one_line(server, passphrase_fi
     assert result["status"] == "failed", result
     assert result["error"].startswith("gpg cannot be run (") and "install gnupg" in result["error"], result["error"]
     assert "\n" not in result["error"] and "internal error" not in result["error"]
+
+
+def test_a_failed_run_whose_file_cannot_be_removed_is_still_failed_journaled_and_its_copy_bad(
+    server, passphrase_file, backup_root
+):
+    """Found by a probe (a location read-only by then): removing a failed run's file raised, so the
+    command printed a traceback, nothing journaled the failure, and its copy stayed catalogued ok
+    over the file left behind. The failure is journaled first; what stays is named, its copy bad."""
+    from django.utils import timezone
+
+    from backupportal.models import JournalEntry
+    from backups.models import BackupCopy, StorageLocation
+    from backups.runner import finish_failed
+
+    key = "maldives/logical/20261207T000000+0500-1.dump.gpg"
+    run = BackupRun.objects.create(
+        server=server, kind="logical", status="running", started_at=timezone.now(), key=key, details={"keys": [key]}
+    )
+    stuck = backup_root / key  # something the location will not unlink as a file
+    (stuck / "inside").mkdir(parents=True)
+    copy = BackupCopy.objects.create(
+        run=run, location=StorageLocation.objects.get(name="primary"), key=key, size=1, sha256="a" * 64, status="ok"
+    )
+    assert finish_failed(run, "pg_dump: error: the server went away")
+    run.refresh_from_db(), copy.refresh_from_db()
+    assert run.status == "failed" and run.error.startswith("pg_dump: error: the server went away; what it wrote")
+    assert key in run.error and copy.status == BackupCopy.Status.BAD and key in copy.last_error
+    assert JournalEntry.objects.filter(action="backup_failed", object_id=str(run.pk)).exists()
