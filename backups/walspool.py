@@ -184,8 +184,23 @@ def prepare_push_spool(server, db_user="postgres") -> Path:
     _make_dir(spool / "errors", 0o2770, uid, gid)
     _make_dir(spool / "ahead", 0o2770, uid, gid)
     _make_dir(spool / "ingested", 0o2750, None, gid)
+    _give_markers(spool / "ingested", gid)
     publish_segment_size(server)
     return spool
+
+
+def _give_markers(path: Path, gid):
+    """The ingested/ markers a pull spool left (the portal's, group root) given to the database
+    server's group: the archive program compares a segment PostgreSQL still has ready with its
+    marker, and one it could not read failed with "Permission denied" for ever after a switch from
+    pull to push (a probe's finding). Never through a link: a link there is left, unread."""
+    folder = open_dir(path, own=True)
+    try:
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_gid != gid:
+                os.chown(entry.name, -1, gid, dir_fd=folder, follow_symlinks=False)
+    finally:
+        os.close(folder)
 
 
 def install_program() -> Path:

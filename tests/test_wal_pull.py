@@ -289,3 +289,29 @@ def test_a_slot_invalidated_under_a_receiver_that_made_it_long_ago_is_still_name
     said = JournalEntry.objects.filter(action="receiver_restarted").latest("pk").details["error"]
     assert said.startswith(f"replication slot {server.replication_slot} was invalidated by the server ("), said
     assert sample_cluster.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", [server.replication_slot])
+
+
+def test_a_server_switched_from_pull_back_to_push_archives_what_it_had_pulled(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    """Found by a probe: the ingested/ markers of a pull spool were root's, group root; switched back
+    to push, the archive program (as postgres) could not read the marker of a segment PostgreSQL
+    still had ready and failed with "Permission denied" on it for ever."""
+    from backups.models import Server
+    from tests.helpers import archive_as_postgres
+
+    receiver = pull(server)
+    receiver.start_child()
+    try:
+        wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
+        sample_cluster.execute("CREATE TABLE pulled(x int)", dbname=DB)
+        pulled = switch_wal(sample_cluster)
+        wait_for(lambda: receiver.ingest() and WalSegment.objects.filter(name=pulled).exists(), what="it ingested")
+    finally:
+        receiver.stop_child()
+
+    Server.objects.filter(pk=server.pk).update(archiving="push")
+    server.refresh_from_db()
+    assert run_command("archivecommand", "maldives")["_exit"] == 0
+    again = archive_as_postgres(server, sample_cluster.datadir / "pg_wal" / pulled, pulled)
+    assert again.returncode == 0, again.stderr  # the same segment, known by its marker
