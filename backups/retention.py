@@ -170,8 +170,14 @@ def expired_runs(server, kind, now=None):
 
 
 def _being_read():
-    """Runs a restore or restore test is reading now (see restores.models)."""
-    return Q(restores__status__in=["queued", "running"]) | Q(restore_tests__status="running")
+    """Runs a restore or restore test is reading now, or a restore request waits to read (pending
+    or approved, not yet run: a probe saw an approved request's backup deleted before the worker
+    ran it, the request failing on it). See restores.models."""
+    return (
+        Q(restores__status__in=["queued", "running"])
+        | Q(restore_tests__status="running")
+        | Q(requests__status__in=["pending", "approved", "running"])
+    )
 
 
 def describe(server, now=None):

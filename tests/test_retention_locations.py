@@ -56,3 +56,26 @@ def test_a_copy_on_a_nas_unmounted_for_maintenance_is_retried_not_claimed_delete
     copies.retry_deletions(on_nas.next_attempt_at)
     on_nas.refresh_from_db()
     assert on_nas.status == BackupCopy.Status.DELETED and not (mount / "maldives/old.dump").exists()
+
+
+def test_the_backup_of_a_restore_request_not_yet_run_is_kept(db, backup_root, alice, bob):
+    """Found by a probe: an approved request's backup, past its retention, was deleted before the
+    worker ran the request, which then failed on it. Kept while a request waits to read it."""
+    from restores.models import RestoreRequest
+
+    server = make_server(retention_floor=1, logical_retention_days=30)
+    now = timezone.now()
+    old = logical(server, now - timedelta(days=31))
+    logical(server, now - timedelta(days=1))
+    request = RestoreRequest.objects.create(
+        server=server, backup_run=old, destination="new_database", target_database="copy_of_31_days_ago",
+        into_destination="127.0.0.1:1", reason="audit", requested_by=alice,
+        status="approved", decided_by=bob, decided_at=now - timedelta(minutes=1),
+    )  # fmt: skip
+    assert retention.apply(now) == []
+    old.refresh_from_db()
+    assert old.deleted_at is None
+
+    request.status = RestoreRequest.Status.SUCCEEDED  # once it has run, retention goes on
+    request.save(update_fields=["status"])
+    assert [gone["id"] for gone in retention.apply(now)] == [old.pk]

@@ -38,7 +38,7 @@ class RestoreRequest(models.Model):
 
     server = models.ForeignKey("backups.Server", on_delete=models.PROTECT, related_name="restore_requests")
     backup_run = models.ForeignKey(
-        "backups.BackupRun", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+        "backups.BackupRun", null=True, blank=True, on_delete=models.PROTECT, related_name="requests"
     )
     target_time = models.DateTimeField(null=True, blank=True, help_text="PITR: the moment to recover to")
     destination = models.CharField(max_length=16, choices=Destination.choices)
