@@ -323,7 +323,22 @@ def doomed_segments(server, kept_bases, now, kept_links=(), lost=()):
     return doomed, anchor
 
 
+def replay_waits(server):
+    """Why the server's WAL must all stay this pass, or "": a PITR of it queued or running reads
+    segments as recovery asks for them (restores.pitr_prefetch), from its base to its target, and
+    a request not yet run will; the window moving past them deleted that WAL under a running
+    restore (a probe's finding). The next pass after them deletes it."""
+    if server.restore_runs.filter(kind="pitr", status__in=["queued", "running"]).exists():
+        return "a point-in-time restore of it is running"
+    waiting = server.restore_requests.filter(status__in=["pending", "approved", "running"])
+    if waiting.filter(Q(target_time__isnull=False) | Q(backup_run__kind=BackupRun.Kind.BASE)).exists():
+        return "a point-in-time restore request of it waits to run"
+    return ""
+
+
 def wal_retention(server, now, dry_run, actor):
+    if waits := replay_waits(server):
+        return {"deleted": 0, "first_deleted": None, "last_deleted": None, "kept_from": None, "waits": waits}
     kept_pks = {r.pk for r, rule in plan(server, now).items() if rule is not None}
     good = server.runs.good().filter(pk__in=kept_pks)
     kept = list(good.filter(kind=BackupRun.Kind.BASE))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from django.utils import timezone
 
-from backups import copies, retention
-from backups.models import BackupCopy, BackupRun, Server, StorageLocation
+from backups import copies, retention, walnames
+from backups.models import BackupCopy, BackupRun, Server, StorageLocation, WalSegment
 
 
 def make_server(**fields):
@@ -79,3 +79,44 @@ def test_the_backup_of_a_restore_request_not_yet_run_is_kept(db, backup_root, al
     request.status = RestoreRequest.Status.SUCCEEDED  # once it has run, retention goes on
     request.save(update_fields=["status"])
     assert [gone["id"] for gone in retention.apply(now)] == [old.pk]
+
+
+SIZE = 16 << 20
+
+
+def base(server, when, start, end):
+    first, last = (walnames.segment_name(1, n, SIZE) for n in (start, end))
+    return BackupRun.objects.create(
+        server=server, kind="base", status="succeeded", started_at=when, finished_at=when, start_wal=first,
+        end_wal=last, details={"stop_time": when.isoformat(), "wal_segment_size": SIZE}, timeline=1,
+    )  # fmt: skip
+
+
+def test_wal_a_point_in_time_restore_replays_is_not_deleted_under_it(db, backup_root):
+    """Found by a probe: a PITR from base B1 to a moment inside the window when it started; the
+    window then moved past base B2, and retention deleted the WAL between them that the restore
+    was still fetching as recovery asked for it. WAL retention waits for the restore."""
+    from restores.models import RestoreRun
+
+    server = make_server(wal_segment_size=SIZE, retention_floor=1)
+    now = timezone.now()
+    b1 = base(server, now - timedelta(days=9), 10, 11)
+    b2_at = now - timedelta(days=7, minutes=30)
+    base(server, b2_at, 40, 41)
+    span = (b2_at - b1.finished_at) / 30
+    for n in range(10, 60):
+        WalSegment.objects.create(
+            server=server, timeline=1, name=walnames.segment_name(1, n, SIZE), segno=n, size=SIZE, sha256="c" * 64,
+            archived_at=b1.finished_at + span * (n - 10), key=f"wal-{n}",
+        )  # fmt: skip
+    restore = RestoreRun.objects.create(
+        kind="pitr", status="running", server=server, backup_run=b1, target=(now - timedelta(days=7, minutes=45)).isoformat(),
+        started_at=now - timedelta(hours=1), heartbeat_at=now,
+    )  # fmt: skip
+    result = retention.wal_retention(server, now, dry_run=False, actor="test")
+    assert result["deleted"] == 0 and result["waits"] == "a point-in-time restore of it is running"
+    assert not WalSegment.objects.filter(server=server).exclude(deleted_at=None).exists()
+
+    restore.status = "succeeded"  # done: the window's start moves on, past B1's WAL
+    restore.save(update_fields=["status"])
+    assert retention.wal_retention(server, now, dry_run=False, actor="test")["deleted"] > 0

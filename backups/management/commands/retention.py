@@ -33,6 +33,8 @@ class Command(PortalCommand):
                 )
             if w["kept_from"]:
                 lines.append(f"  {name}: WAL kept from {w['kept_from']} (the window's base backup)")
+            if w.get("waits"):
+                lines.append(f"  {name}: all its WAL kept this pass: {w['waits']}")
         if result.get("keys_dropped"):
             verb_keys = "Would remove" if result["dry_run"] else "Removed"
             lines.append(
