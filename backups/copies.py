@@ -19,7 +19,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from backupportal import conditions, journal
-from backups import streams
+from backups import streams, walkeys
 from backups.models import BackupCopy, BackupRun, StorageLocation, WalSegment
 from backups.storage import ObjectLocked, StorageError, store_for
 from backups.streams import CHUNK, CopyCorrupt, in_read_order
@@ -212,6 +212,10 @@ def copy_one(copy, actor="job:copy", now=None, journal_it=True):
     owner = owner_of(copy)
     store = store_for(copy.location)
     try:
+        if copy.key_id and isinstance(owner, WalSegment):
+            # The segment's data key beside it first: a tier that was down while the ingest put the
+            # key out got segments nothing there could decrypt (a probe's finding).
+            walkeys.publish(owner.server.name, copy.key_id, copy.location)
         if store.exists(copy.key):
             # Left by an attempt that wrote the file but died before recording it: not an artifact yet.
             store.delete(copy.key)

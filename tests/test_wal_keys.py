@@ -11,7 +11,7 @@ import pytest
 
 from backups import keyring, walingest, walkeys
 from backups.crypto import Encryption
-from backups.models import BackupCopy, WalSegment
+from backups.models import BackupCopy, StorageLocation, WalSegment
 from backups.streams import FetchFailed, FileSink, decrypt_first_healthy, readable
 from backups.walspool import spool_dir
 from tests.stock import GPG, stock
@@ -198,3 +198,26 @@ def test_a_segment_altered_after_it_was_catalogued_fails_its_integrity_check(dam
     said = said.get(damage, ("cut short",))
     assert any(why in message for why in said) and "does not decrypt" in message, message
     assert not (tmp_path / copy.wal_segment.name).exists()
+
+
+def test_a_tier_down_while_the_key_was_put_out_gets_it_with_its_segments(
+    server, passphrase_file, tiers, wal_spool, tmp_path
+):
+    """Found by a probe: S3 was down during the ingest, which puts the WAL data key beside the WAL
+    on every tier; once back, the copy worker copied the segments there and not the key, so S3 alone
+    (the primary site lost, with the passphrase) could not decrypt them."""
+    forget_keys()
+    walkeys._failed.clear()
+    tiers.server.stop()
+    try:
+        names = spool_segments(server, 2)
+        assert walingest.ingest(server).ingested == names
+    finally:
+        tiers.server.start()
+    on_s3 = BackupCopy.objects.filter(location__kind=StorageLocation.Kind.S3, wal_segment__name__in=names)
+    walingest.copy_pending(server)
+    assert set(on_s3.values_list("status", flat=True)) == {"ok"}
+    copy = on_s3.select_related("location", "wal_segment").first()
+    (walkeys.keyring() / f"{copy.key_id}.key.gpg").unlink()  # a fresh portal with S3 and the passphrase
+    forget_keys()
+    assert fetch(copy, tmp_path) == copy.wal_segment.sha256
