@@ -356,3 +356,33 @@ def test_a_healthy_server_after_a_gap_in_the_monitors_passes_is_not_given_the_ga
     status = RpoStatus.objects.get(server=server)
     assert status.seconds is not None and status.seconds < 120, status.seconds
     assert not Alert.objects.filter(condition="rpo_breached").exists()
+
+
+def test_an_idle_server_after_a_base_backup_is_not_in_rpo_breach(
+    pg_cluster, db, smtp_server, wal_spool, passphrase_file, backup_root
+):
+    """Found by a probe: a backup leaves a .backup file as PostgreSQL's last archived one; it named
+    no segment, so "nothing archived" was read, and an idle server's RPO grew with the hours since
+    (rpo_breached opened) though every byte it wrote was archived and catalogued."""
+    pg_cluster.configure(autovacuum="off")
+    pg_cluster.restart()
+    server = register(pg_cluster, dbname="postgres")
+    server.archiving, server.rpo_minutes = "push", 5
+    server.save()
+    enable_push(pg_cluster)
+    pg_cluster.execute("CREATE TABLE t(x int); INSERT INTO t VALUES (1)")
+    with pg_cluster.connect("postgres") as conn:  # a backup, as pg_basebackup or any tool takes one
+        conn.execute("SELECT pg_backup_start('a backup', true)")
+        conn.execute("SELECT * FROM pg_backup_stop(true)")
+    archived = "SELECT last_archived_wal FROM pg_stat_archiver"
+    wait_for(lambda: (pg_cluster.execute(archived)[0][0] or "").endswith(".backup"), what="the .backup archived")
+    walingest.ingest(server)
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        run_once()
+    with time_machine.travel(start + timedelta(hours=2), tick=False):
+        run_once()
+    assert pg_cluster.execute(archived)[0][0].endswith(".backup")  # nothing written since
+    status = RpoStatus.objects.get(server=server)
+    assert status.seconds == 0, (status.seconds, status.archived_wal, status.current_wal, status.error)
+    assert not Alert.objects.filter(condition="rpo_breached", state="open").exists()

@@ -73,6 +73,11 @@ def read_positions(server):
             archived_wal = ""
         else:
             archived_lsn = segment_end_lsn(archived_wal, segment_size) if archive_mode != "off" else None
+            if archived_lsn is None and archive_mode != "off" and archived_wal:
+                # A .backup (or .history) file, archived after the segments before it: every base
+                # backup left the server so, and an idle one read "nothing archived", its RPO the
+                # hours since and rpo_breached open (a probe's finding). The catalog says how far.
+                archived_lsn = catalogued_end(server, segment_size)
     facts = {
         "current_wal": current_wal,
         "archived_wal": archived_wal or "",
@@ -85,6 +90,17 @@ def read_positions(server):
         pulled = server.archiving == server.Archiving.PULL
         archived_lsn = catalogued_through(server, segment_size, archived_lsn, facts, partial_too=pulled)
     return current_lsn, archived_lsn, facts
+
+
+def catalogued_end(server, segment_size):
+    """The LSN just past the newest catalogued segment, None when none is."""
+    segno = (
+        WalSegment.objects.filter(server=server, deleted_at=None, segno__isnull=False)
+        .order_by("-segno")
+        .values_list("segno", flat=True)
+        .first()
+    )
+    return None if segno is None else (segno + 1) * segment_size
 
 
 def catalogued_through(server, segment_size, spooled_lsn, facts, partial_too=False):
