@@ -39,7 +39,8 @@ def check_segment_header(server, path: Path, sysid):
     """A segment whose header names another cluster (another server's archive_command pointed at
     this spool) or another place in the WAL (a file under the wrong name): catalogued, a PITR would
     replay it as this server's. It stays in the spool, with the WAL after it, and the ingest says
-    whose it is. A first page that is no long header is not judged here (a restore replays it)."""
+    whose it is. A zeroed first page is refused too; another that is no long header is not judged
+    here (a restore replays it)."""
     if not SEGMENT.match(path.name):
         return
     fd, _ = open_wal_file(path, server.wal_segment_size)
@@ -47,12 +48,18 @@ def check_segment_header(server, path: Path, sysid):
         head = os.pread(fd, LONG_HEADER.size, 0)
     finally:
         os.close(fd)
+    where = f"{path.name} and the WAL after it wait in {path.parent}: nothing after it is ingested until then"
+    if head == bytes(LONG_HEADER.size):  # PostgreSQL begins every segment it archives with a header
+        raise WalError(
+            f"WAL segment {path.name} begins with zeros where its header should be: it is damaged (zeroed); "
+            f"replace {path} with the segment from pg_wal on {server} (if it is gone, remove it and take a base "
+            f"backup: PITR cannot cross it). {where}"
+        )
     if len(head) < LONG_HEADER.size:
         return
     _, info, _, pageaddr, _, written_by, seg_size, _ = LONG_HEADER.unpack(head)
     if not info & XLP_LONG_HEADER or seg_size != server.wal_segment_size:
         return
-    where = f"{path.name} and the WAL after it wait in {path.parent}: nothing after it is ingested until then"
     if sysid and str(written_by) != sysid:
         raise WalError(
             f"WAL segment {path.name} was written by the cluster with system identifier {written_by}, not by "

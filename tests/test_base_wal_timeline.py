@@ -32,7 +32,7 @@ def foreign_timeline(server, sample_cluster, passphrase_file, backup_root, wal_s
     spool = Path(settings.WAL_SPOOL) / "maldives"
     for n in range(segno, segno + 4):
         foreign = spool / walnames.segment_name(2, n, size)
-        foreign.write_bytes(b"\0" * size)
+        foreign.write_bytes(b"\1" * size)  # not a header of this server's (nor zeros, refused as damaged)
         os.chmod(foreign, 0o640)
     walingest.ingest(server)
     assert WalSegment.objects.filter(server=server, timeline=2).count() == 4

@@ -159,9 +159,11 @@ def test_latest_fails_when_the_last_archived_segment_cannot_be_replayed(
     enable_push(sample_cluster)
     assert run_command("backup", "maldives", "--kind", "base")["status"] == "succeeded"
     last = archive_some_wal(sample_cluster)  # t2 is created in the last segment only
-    # Archived, but no WAL: PostgreSQL reads it as the end of the WAL and would promote there.
+    # Archived, but no WAL past its header: PostgreSQL reads it as the end of the WAL and would
+    # promote there. (A segment zeroed whole is refused by the ingest: backups.walcheck.)
     spooled = walspool.spool_dir(server) / last
-    spooled.write_bytes(bytes(spooled.stat().st_size))
+    header = spooled.read_bytes()[:40]
+    spooled.write_bytes(header + bytes(spooled.stat().st_size - len(header)))
     walingest.ingest(server)
 
     datadir = restored()

@@ -302,7 +302,7 @@ def test_a_switch_for_a_time_target_waits_for_productions_segment_not_another_ti
     spool = walspool.spool_dir(server)
     for segno in range(walnames.segno_of(current, size), walnames.segno_of(current, size) + 4):
         foreign = spool / walnames.segment_name(2, segno, size)
-        foreign.write_bytes(b"\0" * size)
+        foreign.write_bytes(b"\1" * size)  # not a header of this server's (nor zeros, refused as damaged)
         foreign.chmod(0o640)
     walingest.ingest(server)
     assert WalSegment.objects.filter(server=server, timeline=2).count() == 4

@@ -133,3 +133,9 @@ def test_wal_written_by_another_cluster_or_filed_under_another_name_is_not_catal
     with pytest.raises(walnames.WalError, match=f"WAL segment {misfiled.name} holds the WAL of segment"):
         walingest.ingest(server)
     assert not WalSegment.objects.filter(server=server, name=misfiled.name).exists()
+
+    # One whose first page was zeroed (a probe's: catalogued good, its damage met only at restore).
+    misfiled.write_bytes(bytes(size))
+    with pytest.raises(walnames.WalError, match=f"WAL segment {misfiled.name} begins with zeros where its header"):
+        walingest.ingest(server)
+    assert not WalSegment.objects.filter(server=server, name=misfiled.name).exists()
