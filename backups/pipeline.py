@@ -6,6 +6,7 @@ password in its environment (never argv), dying with its parent, and its errors 
 into one line a DBA understands.
 """
 
+import errno
 import io
 import os
 import signal
@@ -216,6 +217,8 @@ def encrypt_source(store, key, source, encryption, on_tick=None, timeout=None):
 
 
 def _storage_message(error):
+    if isinstance(error, OSError) and error.errno == errno.EFBIG:  # a file-size limit (ulimit -f, the file system's)
+        return f"the backup file grew past the largest file the location takes ({error.strerror}): raise the limit, or use a location that takes larger files"
     if isinstance(error, OSError) and error.errno == 28:
         return f"no space left on the backup location ({error.filename or settings.BACKUP_ROOT}): free space or add capacity"
     if isinstance(error, OSError):

@@ -112,3 +112,24 @@ def test_an_auditor_may_watch_but_not_verify(client, charlie, server, passphrase
     assert client.post(reverse("verify-run", args=[run.pk])).status_code == 403
     assert not Verification.objects.exists()
     assert not JournalEntry.objects.filter(action="verify_requested").exists()
+
+
+def test_verify_of_a_run_whose_copies_went_with_its_failure_is_refused(server, passphrase_file, backup_root):
+    """Found by a probe: 'verify RUN' of a failed run said '0 ok of 0' and exited 0, its journal
+    entry ok; its copies, removed with the failure, are catalogued deleted."""
+    from django.utils import timezone
+
+    from backups.models import BackupCopy, BackupRun, StorageLocation
+    from tests.helpers import run_command
+
+    run = BackupRun.objects.create(server=server, kind="logical", status="failed", started_at=timezone.now())
+    BackupCopy.objects.create(
+        run=run,
+        location=StorageLocation.objects.get(name="primary"),
+        key="k",
+        size=1,
+        sha256="a" * 64,
+        status="deleted",
+    )
+    result = run_command("verify", str(run.pk))
+    assert result["_exit"] != 0 and f"run #{run.pk} is failed and has no copies to verify" in result["_stderr"]

@@ -430,3 +430,21 @@ def test_a_second_successor_leaves_the_hand_over_to_the_first(
     os.close(waiting)
     assert not walingest.successor_waits(spool)  # gave up: the running pass goes on
     os.close(running)
+
+
+def test_ingestwal_of_a_server_that_does_not_archive_is_refused(server, wal_spool):
+    """Found by a probe: 'ingestwal maldives' of a server without archiving said '0 ingested', exit 0."""
+    from tests.helpers import run_command
+
+    assert server.archiving == "none"
+    result = run_command("ingestwal", "maldives")
+    assert result["_exit"] != 0 and "maldives does not archive WAL: there is no spool to ingest" in result["_stderr"]
+
+
+def test_a_file_size_limit_met_while_writing_is_named():
+    import errno
+
+    from backups.pipeline import _storage_message
+
+    said = _storage_message(OSError(errno.EFBIG, "File too large"))
+    assert said.startswith("the backup file grew past the largest file the location takes (File too large)")

@@ -21,6 +21,11 @@ class Command(PortalCommand):
             unknown = set(names) - {s.name for s in servers}
             if unknown:
                 fail(f"unknown server {sorted(unknown)[0]!r}: register it with addserver first")
+            if idle := [s.name for s in servers if s.archiving == Server.Archiving.NONE]:
+                fail(
+                    f"{idle[0]} does not archive WAL: there is no spool to ingest; set up push archiving "
+                    f"(manage.py archivecommand {idle[0]}) or pull (manage.py receivewal {idle[0]})"
+                )
         results = {}
         for server in servers:
             try:

@@ -21,7 +21,7 @@ class Command(PortalCommand):
                 fail(f"unknown run #{run_id}: see the runs list for the ids")
             if run.deleted_at is not None:
                 fail(f"run #{run_id} was deleted by retention on {run.deleted_at:%Y-%m-%d}: nothing is left to verify")
-            if not run.copies.exists():
+            if not run.copies.exclude(status="deleted").exists():  # a failed run's were removed with it
                 fail(f"run #{run_id} is {run.status} and has no copies to verify")
         # Catalogued like the portal's and the weekly check's: its page shows it afterwards.
         result = execute(Verification.objects.create(run=run, requested_by=actor))
