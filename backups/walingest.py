@@ -493,8 +493,11 @@ def record(server, path: Path, source, location, key, reader, size, sha256, keys
 
 def catalogue(server, name, reader, key, archived_at, source):
     fields = segment_fields(server, name, reader, key, archived_at, source, timezone.now())
-    # A name retention deleted long ago can come back (re-archived): the row is reused.
+    # A name retention deleted long ago can come back (re-archived): the row is reused, and the
+    # tombstones of its deleted copies give way to the new ones (one copy a location: a probe saw
+    # the new one collide with the old, the segment then taken for a duplicate and left deleted).
     segment, _ = WalSegment.objects.update_or_create(server=server, name=name, defaults=fields)
+    segment.copies.filter(status=BackupCopy.Status.DELETED).delete()
     return segment
 
 

@@ -221,3 +221,28 @@ def test_a_tier_down_while_the_key_was_put_out_gets_it_with_its_segments(
     (walkeys.keyring() / f"{copy.key_id}.key.gpg").unlink()  # a fresh portal with S3 and the passphrase
     forget_keys()
     assert fetch(copy, tmp_path) == copy.wal_segment.sha256
+
+
+def test_a_segment_retention_deleted_and_archived_again_is_catalogued_again(
+    server, passphrase_file, backup_root, wal_spool
+):
+    """Found by a probe: the revived row's new copy collided with its deleted copy (one a location),
+    and the ingest took the segment for a duplicate: out of the spool, still deleted in the catalog."""
+    from django.utils import timezone
+
+    from backups import walspool
+    from backups.retention import delete_copies
+
+    forget_keys()
+    names = spool_segments(server, 2)
+    assert walingest.ingest(server).ingested == names
+    segment = WalSegment.objects.get(server=server, name=names[0])  # as wal_retention deletes it
+    assert delete_copies(segment.copies.exclude(status=BackupCopy.Status.DELETED))
+    WalSegment.objects.filter(pk=segment.pk).update(deleted_at=timezone.now())
+    walspool.forget_ingested(server, [names[0]])
+
+    again = spool_segments(server, 1)
+    assert walingest.ingest(server).ingested == again
+    segment.refresh_from_db()
+    assert segment.deleted_at is None
+    assert list(segment.copies.values_list("location__name", "status")) == [("wal", "ok")]
