@@ -386,3 +386,25 @@ def test_an_idle_server_after_a_base_backup_is_not_in_rpo_breach(
     status = RpoStatus.objects.get(server=server)
     assert status.seconds == 0, (status.seconds, status.archived_wal, status.current_wal, status.error)
     assert not Alert.objects.filter(condition="rpo_breached", state="open").exists()
+
+
+def test_a_clock_stepped_back_does_not_resolve_a_breach_while_wal_stays_unarchived(
+    failing_archive, pg_cluster, smtp_server, wal_spool, passphrase_file, backup_root
+):
+    """Found by a probe: NTP stepped the portal's clock back an hour while archive_command still
+    failed; the RPO read -1800 s and rpo_breached resolved. It stays open: not measured until the
+    clock has caught up."""
+    server = failing_archive
+    write_wal(pg_cluster)
+    failed = "SELECT failed_count FROM pg_stat_archiver"
+    wait_for(lambda: pg_cluster.execute(failed)[0][0] > 0, timeout=30, what="a failure")
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        run_once()
+    with time_machine.travel(start + timedelta(minutes=30), tick=False):
+        run_once()
+    assert Alert.objects.get(condition="rpo_breached").state == "open"
+    with time_machine.travel(start - timedelta(minutes=30), tick=False):
+        run_once()
+    assert Alert.objects.get(condition="rpo_breached").state == "open"
+    assert "the portal's clock reads" in RpoStatus.objects.get(server=server).error

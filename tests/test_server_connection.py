@@ -486,3 +486,16 @@ def test_the_key_is_made_by_a_new_portals_migrate_and_never_at_use(secret_server
     Server.objects.all().delete()
     create_secrets_key_on_migrate(apps.get_app_config("backups"), apps=apps)
     assert settings.SECRETS_KEY_FILE.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_first_backup_of_a_server_it_cannot_reach_says_so_once(db, passphrase_file, backup_root, caplog):
+    """Found by a probe: before the right line, stderr said "the cluster's system identifier was not
+    compared with its earlier backups': connection refused", of a server that has no backups."""
+    from backupportal.lib.osuser import free_port
+    from backups.models import Server
+    from tests.helpers import backup_json
+
+    Server.objects.create(name="maldives", dsn=f"postgresql://portal@127.0.0.1:{free_port()}/reliabilitymaldives")
+    result = backup_json()
+    assert result["status"] == "failed" and "127.0.0.1" in result["error"], result
+    assert not [r for r in caplog.records if "system identifier" in r.getMessage()]

@@ -144,6 +144,13 @@ def measure(server):
         status.pending_lsn, since = status.points[0]
         status.pending_since = datetime.fromisoformat(since)
         status.seconds = (now - status.pending_since).total_seconds()
+        if status.seconds < 0:  # the clock stepped back (NTP): a negative age resolved an open breach
+            return _unknown(
+                status,
+                now,
+                f"the portal's clock reads {now:%Y-%m-%d %H:%M:%S %Z}, before the WAL pending since "
+                f"{status.pending_since:%Y-%m-%d %H:%M:%S %Z} was first seen: measured again once it has caught up",
+            )
     status.facts = facts
     status.save()
     RpoSample.record(server, now, status.seconds)
