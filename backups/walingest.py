@@ -31,6 +31,7 @@ from backups.walcheck import check_segment_header, check_segment_size
 from backups.walnames import SEGMENT, WalError, segno_of, timeline_of, wal_key
 from backups.walspool import (
     clear_error_marker,
+    clear_settled_conflicts,
     leave_spool,
     mark_ingested,
     open_lock,
@@ -146,6 +147,7 @@ def ingest(server, actor="job:ingestwal", linger=0, wait=False):
             finally:
                 manifest = keep_manifest(server, spool, result.ingested)
         clear_error_marker(spool, INGEST_MARKER)
+        clear_settled_conflicts(spool)
         remove_stale_tmp(spool)
     finally:
         os.close(lock_fd)  # before the offsite copies: a successor need not wait for NAS and S3

@@ -363,6 +363,16 @@ def clear_error_marker(spool: Path, name):
         os.close(folder)
 
 
+def clear_settled_conflicts(spool: Path):
+    """A conflict's marker (a file come again with other content) goes once a DBA removed the file:
+    it kept archive_failing open for ever (a probe's finding). Read never through a link."""
+    errors = spool / "errors"
+    for marker in errors.glob("*.json") if errors.is_dir() and not errors.is_symlink() else ():
+        said = read_small_file(marker, 4096) or ""
+        if '"reason": "conflict"' in said and not os.path.lexists(spool / marker.name.removesuffix(".json")):
+            marker.unlink(missing_ok=True)
+
+
 def remove_stale_tmp(spool: Path):
     cutoff = time.time() - STALE_TMP.total_seconds()
     for entry in os.scandir(spool):

@@ -246,3 +246,24 @@ def test_a_segment_retention_deleted_and_archived_again_is_catalogued_again(
     segment.refresh_from_db()
     assert segment.deleted_at is None
     assert list(segment.copies.values_list("location__name", "status")) == [("wal", "ok")]
+
+
+def test_an_ingest_conflict_resolves_once_the_other_file_is_gone(server, passphrase_file, backup_root, wal_spool):
+    """Found by a probe: after a DBA removed the file that arrived again with other content, its
+    error marker stayed, and archive_failing with it, for ever."""
+    from watching.models import Alert
+    from watching.monitor import check_wal
+
+    forget_keys()
+    names = spool_segments(server, 1)
+    assert walingest.ingest(server).ingested == names
+    spool = spool_dir(server)
+    (spool / "ingested" / names[0]).unlink()  # as a pull spool leaves it, or retention
+    (spool / names[0]).write_bytes(b"\7" * size_of(server))
+    assert walingest.ingest(server).conflicts == names
+    check_wal(server)
+    assert Alert.objects.get(condition="archive_failing").state == "open"
+    (spool / names[0]).unlink()  # looked at and removed: the catalog keeps the first
+    walingest.ingest(server)
+    check_wal(server)
+    assert Alert.objects.get(condition="archive_failing").state == "resolved"
