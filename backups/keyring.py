@@ -78,6 +78,12 @@ def _check_configured(configured, key):
     """The configuration must name a key of the keyring, or nothing changes silently."""
     if any(_same(configured, known) for known in EncryptionKey.objects.in_keyring().order_by("-created_at")):
         return
+    held = keyring_dir() / f"{key.pk}.{'recipients' if key.kind == key.Kind.RECIPIENTS else 'passphrase'}"
+    if not held.is_file():  # not a changed configuration: the keyring lost its file (a probe's finding)
+        raise EncryptionError(
+            f"the current encryption key {key.pk} is not in the keyring {keyring_dir()}: put {held.name} back there "
+            "(mode 0600) from your key escrow; rotating instead would leave its backups with no key to read them"
+        )
     setting = "GPG_RECIPIENTS" if configured.recipients else "BACKUP_PASSPHRASE_FILE"
     raise EncryptionError(
         f"{setting} names a key the keyring does not hold (current key {key.pk}): "

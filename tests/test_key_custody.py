@@ -18,7 +18,7 @@ from backups.crypto import EncryptionError
 from backups.models import BackupCopy, BackupRun, EncryptionKey, WalSegment
 from restores.keys import monthly_key_tests
 from restores.models import RestoreTest
-from tests.helpers import enable_push, pitr, rows, run_command, switch_wal, wait_archived, write
+from tests.helpers import backup_json, enable_push, pitr, rows, run_command, switch_wal, wait_archived, write
 from tests.test_object_lock import LOCK_DAYS, every_version, locked  # noqa: F401 (a fixture)
 
 pytest_plugins = ["tests.walfixtures"]
@@ -339,3 +339,20 @@ def test_reencrypt_on_a_locked_location_keeps_the_old_version_until_its_lock_exp
     old_keys = {v["Key"] for v in every_version(locked) if old not in v["Key"] and ".k" not in v["Key"]}
     assert not {f"backupportal/{c.key}" for c in before.copies.filter(location__kind="s3")} & old_keys
     assert not before.copies.exclude(old_key="").exists()
+
+
+def test_the_current_keys_file_missing_from_the_keyring_is_named_as_such(server, passphrase_file, backup_root):
+    """Found by a probe: with the current key's passphrase file gone from the keyring (the
+    configuration unchanged), the backup advised 'switch to it with manage.py rotatekey': a new
+    key, and the old backups still naming the lost one. It says to put the file back from escrow."""
+    from backups.keyring import keyring_dir
+
+    assert backup_json()["status"] == "succeeded"  # the keyring is set up with the configured key
+    current = EncryptionKey.objects.get(current=True)
+    (keyring_dir() / f"{current.pk}.passphrase").unlink()
+    result = backup_json()
+    assert result["status"] == "failed", result
+    assert result["error"].startswith(f"the current encryption key {current.pk} is not in the keyring "), result[
+        "error"
+    ]
+    assert f"put {current.pk}.passphrase back there" in result["error"] and "rotatekey" not in result["error"]
