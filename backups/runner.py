@@ -221,6 +221,9 @@ def execute(run):
     except Exception as e:  # a bug must still fail the run visibly, not leave it running
         finish_failed(run, f"internal error: {type(e).__name__}: {e}")
         raise
+    except KeyboardInterrupt:  # Ctrl-C on a foreground backup: failed now, not "running" until the sweep
+        finish_failed(run, "interrupted (Ctrl-C): nothing it wrote is kept; run the backup again")
+        raise
     else:
         finish_succeeded(run)
     run.refresh_from_db()
