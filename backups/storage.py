@@ -224,6 +224,10 @@ class FileStore(Store):
             return open(self.path(key), "rb")
         except FileNotFoundError:
             raise MissingArtifact(f"{self.path(key)} is missing from location {self.location.name}") from None
+        except IsADirectoryError:  # the file replaced by a directory: no copy there (it read "unreachable" for ever)
+            raise MissingArtifact(
+                f"{self.path(key)} is a directory, not the copy, in location {self.location.name}"
+            ) from None
 
     def exists(self, key, version="") -> bool:
         return self.path(key).is_file()

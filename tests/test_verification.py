@@ -133,3 +133,15 @@ def test_verify_of_a_run_whose_copies_went_with_its_failure_is_refused(server, p
     )
     result = run_command("verify", str(run.pk))
     assert result["_exit"] != 0 and f"run #{run.pk} is failed and has no copies to verify" in result["_stderr"]
+
+
+def test_a_copy_replaced_by_a_directory_is_found_bad(server, passphrase_file, backup_root):
+    """Found by a probe: a directory where the copy's file was read 'unreachable', check after check,
+    and the copy stayed ok (restorable, as far as the catalog knew)."""
+    _, run = good_backup()
+    path = backup_root / run.key
+    path.unlink()
+    (path / "junk").mkdir(parents=True)
+    verify_json(str(run.pk))
+    copy = run.copies.get(artifact="main", location__name="primary")
+    assert copy.status == "bad" and "is a directory, not the copy" in copy.last_error, (copy.status, copy.last_error)
