@@ -11,6 +11,7 @@ On 15 and 16 there is nothing of the kind: the run switches WAL and proves the a
 (backups.base.wal_chain), and says so ("method": "wal-chain").
 """
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -86,7 +87,7 @@ def take_block(run):
             f" down to its full): take one with manage.py backup {server.name} --kind base"
         )
     run.details["parent"] = parent.pk
-    scratch = Path(tempfile.mkdtemp(prefix="manifest-", dir=scratch_root()))
+    scratch = Path(tempfile.mkdtemp(prefix=f"manifest-{os.getpid()}-", dir=scratch_root()))
     try:
         manifest = fetch_manifest(parent, scratch)
         try:
@@ -98,9 +99,14 @@ def take_block(run):
 
 
 def scratch_root():
-    """A private directory for the parent's decrypted manifest (removed after the run)."""
+    """A private directory for the parent's decrypted manifest (removed after the run), cleared of
+    what a killed run left there (its pid gone): a probe found one kept for ever."""
     root = Path(settings.VAR_DIR) / "scratch"
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for leftover in root.glob("manifest-*"):
+        pid = leftover.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(leftover, ignore_errors=True)
     return root
 
 

@@ -310,3 +310,23 @@ def test_a_chain_longer_than_the_runs_looked_at_still_finds_its_parent(db, backu
     for n in range(1, incremental_module.PARENTS_LOOKED_AT + 5):
         link = made("incremental", 200 - n, link)
     assert incremental_module.parent_of(server) == link
+
+
+def test_a_killed_incrementals_decrypted_manifest_is_removed_by_the_next(settings, tmp_path):
+    """Found by a probe: an incremental killed mid-run left its parent's decrypted backup_manifest in
+    VAR_DIR/scratch for ever. The next incremental removes what a dead process left; a live one's stays."""
+    import os
+    import subprocess
+
+    from backups import incremental
+
+    settings.VAR_DIR = str(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    scratch = tmp_path / "scratch"
+    left, running = scratch / f"manifest-{dead.pid}-abc", scratch / f"manifest-{os.getpid()}-def"
+    for directory in (left, running):
+        directory.mkdir(parents=True)
+        (directory / "backup_manifest").write_text("{}")
+    assert incremental.scratch_root() == scratch
+    assert not left.exists() and (running / "backup_manifest").exists()
