@@ -47,7 +47,7 @@ from backups.crypto import Encryption, EncryptionError, gpg_failure, keyring_dir
 from backups.logical import primary_location
 from backups.models import BackupCopy, BackupRun, StorageLocation, WalSegment
 from backups.pipeline import BackupFailed, encrypt_bytes
-from backups.storage import StorageError, store_for
+from backups.storage import MissingArtifact, StorageError, store_for
 
 FORMAT = 1
 SUFFIX = ".manifest.json.gpg"
@@ -413,7 +413,12 @@ def publish_pending(source, secondaries):
                 if store_for(location).exists(key):  # put there by an earlier pass that died before this
                     marker.unlink()
                     continue
-                with store_for(source).open(key) as f, store_for(location).writer(key) as out:
+                try:
+                    original = store_for(source).open(key)
+                except MissingArtifact:  # pruned by retention while the tier was down: nothing to copy
+                    marker.unlink()  # (kept, it stopped every later manifest reaching that tier)
+                    continue
+                with original as f, store_for(location).writer(key) as out:
                     out.write(f.read())
                     out.commit()
             except (StorageError, OSError):

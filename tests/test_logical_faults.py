@@ -372,8 +372,7 @@ def test_ctrl_c_on_a_foreground_backup_fails_its_run_at_once(big_server, passphr
     """Found by a probe: SIGINT left the run 'running' (and a traceback) until the orphan sweep."""
     proc = manage(settings, "backup", "maldives", "--json")
     wait_for(lambda: child_named(proc.pid, "pg_dump"), what="pg_dump to start")
-    wait_for(streaming_run, what="bytes to stream")
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGINT)  # at once: a CI under load saw the dump end before a later one
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     [run] = BackupRun.objects.all()

@@ -469,3 +469,19 @@ def test_a_rebuild_of_the_primary_leaves_the_wal_location_inside_it_to_its_own_r
     assert rebuilt["unlisted"]["count"] == 0
     wal = run_command("rebuildcatalog", "--location", "wal", "--dry-run")
     assert wal["_exit"] == 0 and wal["refused"] == [] and wal["wal_already_catalogued"] > 0, wal
+
+
+def test_a_pending_manifest_pruned_from_the_wal_location_does_not_stop_the_others(settings, tiers):
+    """Found by the suite: a tier's pending marker for a WAL manifest no longer in the WAL location
+    (pruned by retention while the tier was down) stopped every later manifest reaching that tier,
+    the publishing breaking off at the first failure."""
+    wal, s3 = StorageLocation.objects.get(name="wal"), StorageLocation.objects.get(name="s3")
+    for key in ("maldives/wal/manifests/20260101T000000-000000010000000000000001.manifest.json.gpg",
+                "maldives/wal/manifests/20261207T000000-000000010000000000000009.manifest.json.gpg"):  # fmt: skip
+        manifests._pending(s3, key).touch()
+    kept = "maldives/wal/manifests/20261207T000000-000000010000000000000009.manifest.json.gpg"
+    with store_for(wal).writer(kept) as out:  # only the newer one is still in the WAL location
+        out.write(b"sealed")
+        out.commit()
+    assert manifests.publish_pending(wal, [s3]) == []
+    assert store_for(s3).exists(kept) and not list(manifests.pending_dir(s3).iterdir())
