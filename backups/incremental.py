@@ -11,16 +11,13 @@ On 15 and 16 there is nothing of the kind: the run switches WAL and proves the a
 (backups.base.wal_chain), and says so ("method": "wal-chain").
 """
 
-import os
 import shutil
-import tempfile
-from pathlib import Path
 
 import psycopg
-from django.conf import settings
 from django.utils import timezone
 
 from backupportal.lib.pgerrors import explain
+from backupportal.lib.scratch import scratch_dir
 from backups import base
 from backups.copies import decrypt_here, healthy_copies, restorable
 from backups.crypto import Encryption, EncryptionError
@@ -87,7 +84,7 @@ def take_block(run):
             f" down to its full): take one with manage.py backup {server.name} --kind base"
         )
     run.details["parent"] = parent.pk
-    scratch = Path(tempfile.mkdtemp(prefix=f"manifest-{os.getpid()}-", dir=scratch_root()))
+    scratch = scratch_dir("manifest")  # the parent's decrypted manifest, removed after the run
     try:
         manifest = fetch_manifest(parent, scratch)
         try:
@@ -96,18 +93,6 @@ def take_block(run):
             raise BackupFailed(summaries_gone(e, server, parent)) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def scratch_root():
-    """A private directory for the parent's decrypted manifest (removed after the run), cleared of
-    what a killed run left there (its pid gone): a probe found one kept for ever."""
-    root = Path(settings.VAR_DIR) / "scratch"
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for leftover in root.glob("manifest-*"):
-        pid = leftover.name.split("-")[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(leftover, ignore_errors=True)
-    return root
 
 
 def require_summaries(server):

@@ -8,12 +8,10 @@ created by one last pg_restore when the portal is done there. Connections afterw
 test's checks) turn them off where the role may (targetdb.connect_to_copy).
 """
 
-import os
 import re
 import shutil
-import tempfile
-from pathlib import Path
 
+from backupportal.lib.scratch import scratch_dir
 from restores import dbprops, dumpstream
 from restores.targetdb import RestoreFailed
 
@@ -34,7 +32,7 @@ class EventTriggers:
     created (restores.logical) before they are detached: each may then fall back to the
     restoring role as its owner, where the whole restore failed."""
 
-    def __init__(self, props, scratch_root, subscriptions=False):
+    def __init__(self, props, subscriptions=False):
         self.listing = props.listing if props is not None else None  # the dump's table of contents, listed
         lines = self.listing.splitlines() if self.listing is not None else []
         self.entries = [line for line in lines if dbprops.EVENT_TRIGGER_ENTRY.match(line)]
@@ -43,7 +41,7 @@ class EventTriggers:
         self.directory = None
         self.confirmed = False  # the head is what the restored, verified copy begins with
         if self.held:  # beside the restore's scratch files, cleared with them if it is killed
-            self.directory = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=scratch_root()))
+            self.directory = scratch_dir("restore")
             held = set(self.entries) | set(self.subscriptions)
             (self.directory / "without").write_text("".join(f"{';' * (line in held)}{line}\n" for line in lines))
             (self.directory / "only").write_text("".join(f"{line}\n" for line in self.entries))

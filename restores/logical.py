@@ -26,7 +26,7 @@ from backups.streams import CopyCorrupt
 from restores import cluster_globals, dbprops, targetdb
 from restores.eventtriggers import ANY_SUBSCRIPTION_OWNER, EventTriggers
 from restores.models import RestoreRun
-from restores.pgrestore import restore_parallel, restore_piped, scratch_root, tool_for
+from restores.pgrestore import restore_parallel, restore_piped, tool_for
 from restores.sqlscript import NotText, script_text
 from restores.tablespaces import check_tablespaces, relocate
 from restores.targetdb import (
@@ -93,7 +93,7 @@ def restore_into(run, target, dbname, restore=None, with_role_passwords=False, t
         about_to_make = (lambda made: restore.leaves(**{**restore.left, "roles": made})) if restore else None
         roles = restore_globals(run, target, encryption, notes, warnings, with_role_passwords, about_to_make)
     made = False
-    held = EventTriggers(props, scratch_root, subscriptions=(target.pg_version or 0) < ANY_SUBSCRIPTION_OWNER)
+    held = EventTriggers(props, subscriptions=(target.pg_version or 0) < ANY_SUBSCRIPTION_OWNER)
     try:
         toc = (props.copy_id, props.head) if props is not None else None
         make = partial(_create, target, dbname, statements, props, notes, warnings)
@@ -177,7 +177,7 @@ def _restore_dump(run, target, dbname, encryption, restore, creation, make, extr
     read_properties read it: the parallel restore starts the schema from it. `held`: the
     EventTriggers held back, told what the verified copy begins with."""
     notes, failed, why = [], [], []
-    held = held or EventTriggers(None, scratch_root)
+    held = held or EventTriggers(None)
     # The program, and what every call takes.
     command = [pg_restore_for(target, run), *extra, *statistics_left_out(target, run), *held.args()]
     while True:

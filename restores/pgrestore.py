@@ -8,9 +8,7 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import psycopg
 from django.conf import settings
@@ -18,6 +16,7 @@ from django.utils import timezone
 
 from backupportal.lib.childenv import child_env
 from backupportal.lib.pgerrors import explain
+from backupportal.lib.scratch import scratch_dir
 from backups.binaries import conninfo_dbname
 from backups.crypto import die_with_parent, gpg_failure
 from backups.pipeline import BackupFailed, Tool
@@ -100,7 +99,7 @@ def restore_parallel(reader, target, dbname, encryption, restore, creation, comm
 
     bench/restore_jobs.py measured the alternatives (the data streamed into one pg_restore as gpg
     writes the file, then post-data -j: slower, as one job loads the data)."""
-    scratch = Path(tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=scratch_root()))
+    scratch = scratch_dir("restore")
     pre_data = loading = None
     try:
         pre_data = _PreData(target, dbname, head, creation, command) if head else None
@@ -283,17 +282,6 @@ def flush_wal(target, dbname):
             conn.execute("SELECT pg_current_xact_id()")  # an xid: its commit record is flushed
     except psycopg.Error as e:
         raise RestoreFailed(explain(e, target)) from None
-
-
-def scratch_root():
-    """The private scratch directory, cleared of what a killed restore left behind."""
-    root = Path(settings.VAR_DIR) / "scratch"
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for leftover in root.glob("restore-*"):
-        pid = leftover.name.split("-")[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(leftover, ignore_errors=True)
-    return root
 
 
 def decrypt_with_progress(decrypt, bytes_done, restore):

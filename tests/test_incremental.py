@@ -318,15 +318,20 @@ def test_a_killed_incrementals_decrypted_manifest_is_removed_by_the_next(setting
     import os
     import subprocess
 
-    from backups import incremental
+    from backupportal.lib.scratch import scratch_dir
 
     settings.VAR_DIR = str(tmp_path)
     dead = subprocess.Popen(["true"])
     dead.wait()
     scratch = tmp_path / "scratch"
     left, running = scratch / f"manifest-{dead.pid}-abc", scratch / f"manifest-{os.getpid()}-def"
-    for directory in (left, running):
+    restores_left = scratch / f"restore-{dead.pid}-ghi"  # another kind: its own runs clear it
+    for directory in (left, running, restores_left):
         directory.mkdir(parents=True)
         (directory / "backup_manifest").write_text("{}")
-    assert incremental.scratch_root() == scratch
-    assert not left.exists() and (running / "backup_manifest").exists()
+    made = scratch_dir("manifest")
+    assert made.parent == scratch and made.name.startswith(f"manifest-{os.getpid()}-")
+    assert oct(made.stat().st_mode & 0o777) == "0o700"
+    assert not left.exists() and (running / "backup_manifest").exists() and restores_left.exists()
+    scratch_dir("restore")
+    assert not restores_left.exists()
