@@ -366,3 +366,21 @@ def test_a_failed_run_whose_file_cannot_be_removed_is_still_failed_journaled_and
     assert run.status == "failed" and run.error.startswith("pg_dump: error: the server went away; what it wrote")
     assert key in run.error and copy.status == BackupCopy.Status.BAD and key in copy.last_error
     assert JournalEntry.objects.filter(action="backup_failed", object_id=str(run.pk)).exists()
+
+
+def test_ctrl_c_on_a_foreground_backup_fails_its_run_at_once(big_server, passphrase_file, backup_root, settings):
+    """Found by a probe: SIGINT left the run 'running' (and a traceback) until the orphan sweep.
+    The command gets SIGINT's default back: a CI started in the background of a shell without job
+    control runs everything with SIGINT ignored, and Python then installs no Ctrl-C handler."""
+    proc = manage(settings, "backup", "maldives", "--json", preexec_fn=ctrl_c_default)
+    wait_for(lambda: child_named(proc.pid, "pg_dump"), what="pg_dump to start")
+    os.kill(proc.pid, signal.SIGINT)  # at once: a CI under load saw the dump end before a later one
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    [run] = BackupRun.objects.all()
+    assert run.status == "failed" and run.error.startswith("interrupted (Ctrl-C)"), (run.status, run.error)
+    assert files_under(backup_root) == []
+
+
+def ctrl_c_default():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
