@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from io import StringIO
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from backups.models import BackupRun
 from backups.runner import fail_orphans
 from tests.helpers import child_named, descendants, manage, register
+from tests.tracing import traced
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -109,43 +109,16 @@ def test_no_secret_in_any_argv_during_a_whole_backup(sample_cluster, passphrase_
     )
     server.pg_version = server.probe()
     server.save()
-    trace = tmp_path / "execve.trace"
-    root = Path(__file__).resolve().parent.parent
-    from tests.helpers import portal_env
-
-    done = subprocess.run(
-        [
-            "strace",
-            "-f",
-            "-qq",
-            "-e",
-            "trace=execve",
-            "-s",
-            "100000",
-            "-o",
-            str(trace),
-            sys.executable,
-            str(root / "manage.py"),
-            "backup",
-            "maldives",
-            "--json",
-        ],
-        env=portal_env(settings),
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    text = trace.read_text()
-    execs = [line for line in text.splitlines() if "execve(" in line]
+    result, output, found = traced(settings, tmp_path / "execve.trace", "backup", "maldives")
+    assert result.get("status") == "succeeded", output
+    programs = [Path(program).name for _, program, _, _ in found]
     # The trace saw the whole pipeline...
-    assert any("pg_dump" in line for line in execs) and any("gpg" in line for line in execs)
-    assert any("pg_dumpall" in line for line in execs)
-    # ...and neither the passphrase nor the DSN password was ever in an argv.
+    assert {"pg_dump", "pg_dumpall", "gpg"} <= set(programs), programs
+    # ...and neither the passphrase nor the DSN password was ever in an argv (environments are
+    # tests/test_secrets_jobs.py's: the DSN password is in PGPASSWORD of the libpq tools).
     passphrase = passphrase_file.read_text().strip()
-    assert passphrase not in text
-    assert "Dsn-Pa55word-xyz" not in text
+    for _, program, argv, _ in found:
+        assert passphrase not in argv and "Dsn-Pa55word-xyz" not in argv, program
 
 
 def test_a_world_readable_passphrase_file_fails_the_run_and_writes_nothing(server, passphrase_file, backup_root):

@@ -11,9 +11,6 @@ import json
 import os
 import re
 import stat
-import subprocess
-import sys
-import time
 from io import StringIO
 from pathlib import Path
 
@@ -23,7 +20,8 @@ from django.urls import reverse
 
 from backups.models import BackupRun, WalSegment
 from restores.models import RestoreRun
-from tests.helpers import DSN_PASSWORD, S3_SECRET, enable_push, portal_env, rows, switch_wal, wait_archived
+from tests import tracing
+from tests.helpers import DSN_PASSWORD, S3_SECRET, enable_push, rows, switch_wal, wait_archived
 
 pytest_plugins = ["tests.walfixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -78,60 +76,11 @@ def test_metrics_never_carry_a_secret(client, settings, sample_cluster, secret_p
 
 # --- strace over whole jobs --------------------------------------------------------------------
 
-EXECVE = re.compile(r'^(\d+)\s+execve\("([^"]*)", \[(.*?)\], (\[.*?\]|0x[0-9a-f]+)')
-
 
 def traced(settings, trace, *args, env=None):
-    """manage.py ARGS --json under strace (`env`: settings of its own); returns (its --json result,
-    its stdout+stderr, the execs).
-
-    A PITR leaves its restored server running, and strace -f would follow it for ever: once
-    manage.py itself has exited, strace is stopped (its tracees are detached; the server runs on).
-    """
-    env = portal_env(
-        settings,
-        NAS_ROOT=settings.NAS_ROOT,
-        S3_BUCKET=settings.S3_BUCKET,
-        S3_ENDPOINT_URL=settings.S3_ENDPOINT_URL,
-        S3_PREFIX=settings.S3_PREFIX,
-        **(env or {}),
-    )
-    argv = ["strace", "-f", "-v", "-q", "-e", "trace=execve", "-s", "4096", "-o", str(trace)]
-    argv += [sys.executable, str(ROOT / "manage.py"), *args, "--json"]
-    out, err = trace.with_suffix(".out"), trace.with_suffix(".err")
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        strace = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=stdout, stderr=stderr)
-    deadline = time.monotonic() + 300
-    try:
-        while strace.poll() is None and not manage_exited(trace):
-            assert time.monotonic() < deadline, f"{args} did not finish in 300 s"
-            time.sleep(0.2)
-    finally:
-        if strace.poll() is None:
-            # strace acts on SIGTERM only at its tracees' next event: an idle server may never have one.
-            # Killed, it leaves them detached and running (no PTRACE_O_EXITKILL).
-            strace.kill()
-        strace.wait(timeout=30)
-    output = out.read_text() + err.read_text()
-    result = json.loads(out.read_text().strip().splitlines()[-1]) if out.read_text().strip() else {}
-    return result, output, execs(trace.read_text())
-
-
-def manage_exited(trace):
-    text = trace.read_text() if trace.exists() else ""
-    first = EXECVE.search(text)
-    return first is not None and re.search(rf"^{first.group(1)}\s+\+\+\+ exited with", text, re.M) is not None
-
-
-def execs(text):
-    """(pid, program, argv text, envp text) of every execve in a trace, the traced manage.py first."""
-    found = []
-    for line in text.splitlines():
-        match = EXECVE.match(line)
-        if match:
-            found.append(match.groups())
-    assert found, "the trace holds no execve"
-    return found
+    """manage.py ARGS --json under strace, with the S3 location's settings (tests.tracing.traced)."""
+    s3 = dict(NAS_ROOT=settings.NAS_ROOT, S3_BUCKET=settings.S3_BUCKET, S3_ENDPOINT_URL=settings.S3_ENDPOINT_URL)
+    return tracing.traced(settings, trace, *args, env={**s3, "S3_PREFIX": settings.S3_PREFIX, **(env or {})})
 
 
 def assert_no_secret_passed_on(found):
