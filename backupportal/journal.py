@@ -105,6 +105,22 @@ class JournalKeyMissing(CommandError):
     """The HMAC key is not where JOURNAL_KEY_FILE says: one line saying what to do."""
 
 
+class JournalUnwritable(CommandError):
+    """The head file cannot be written (a read-only mount, a full disk): one line saying what to do.
+
+    Raised after the entry's transaction committed (the head is written on commit): the entry is
+    in the database, the head file still names an older one, which verify() accepts.
+    """
+
+
+def _unwritable(error):
+    return JournalUnwritable(
+        f"the journal's head file {settings.JOURNAL_HEAD_FILE} (JOURNAL_HEAD_FILE) cannot be written "
+        f"({error.strerror or error}): free space on it or make its directory writable (remount read-write, "
+        "chattr -i), then run the backup again"
+    )
+
+
 def _read_key() -> bytes:
     path = Path(settings.JOURNAL_KEY_FILE)
     try:
@@ -300,6 +316,21 @@ def _write_head(mark, entry_hmac=None, force=False):
     """
     if not isinstance(mark, Mark):
         mark = Mark("the head file", None, mark, entry_hmac, None)
+    try:
+        _replace_head(mark, force)
+    except OSError as e:
+        raise _unwritable(e) from None
+
+
+def check_head_writable():
+    """JournalUnwritable unless the head file can be written now: it is written again as it is
+    (the newest entry's mark when there is none yet). A backup run asks before it is recorded as
+    succeeded: a success the journal cannot record is no success (backups.runner)."""
+    head = read_head()
+    _write_head(head or newest_mark()._replace(source="the head file"))
+
+
+def _replace_head(mark, force):
     path = Path(settings.JOURNAL_HEAD_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_fd = os.open(path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT, 0o600)

@@ -203,20 +203,23 @@ def execute(run):
     run.refresh_from_db()
     if not started:
         return run  # another worker took it, or it was failed meanwhile
-    journal.record("backup_started", actor=run.requested_by or "job:backup", obj=run, kind=run.kind)
     handlers = {
         BackupRun.Kind.LOGICAL: logical.take,
         BackupRun.Kind.BASE: base.take,
         BackupRun.Kind.INCREMENTAL: incremental.take,
     }
     try:
+        journal.record("backup_started", actor=run.requested_by or "job:backup", obj=run, kind=run.kind)
         with beating(run):
             unchecked = same_cluster(run)
             handlers[run.kind](run)
             if unchecked:
                 run.notes = "; ".join(filter(None, [run.notes, unchecked]))
+            # Before the success is recorded anywhere: the journal is what auditors trust, and a
+            # success it cannot record must not be shown good (finish_succeeded has the race's end).
+            journal.check_head_writable()
             manifests.write_for_run(run)  # last: it describes the run as it succeeded
-    except BackupFailed as e:
+    except (BackupFailed, journal.JournalUnwritable) as e:
         finish_failed(run, str(e))
     except Exception as e:  # a bug must still fail the run visibly, not leave it running
         finish_failed(run, f"internal error: {type(e).__name__}: {e}")
@@ -312,9 +315,14 @@ def finish_succeeded(run):
         remove_files(run)  # the sweep removed what it knew of: the manifest came after
         return
     run.status = BackupRun.Status.SUCCEEDED
-    journal.record(
-        "backup_succeeded", actor=run.requested_by or "job:backup", obj=run, size=run.size, sha256=run.sha256
-    )
+    try:
+        journal.record(
+            "backup_succeeded", actor=run.requested_by or "job:backup", obj=run, size=run.size, sha256=run.sha256
+        )
+    except journal.JournalUnwritable as e:
+        # The head turned unwritable since execute() checked it: its entry is in the database,
+        # but the head file, which proves the journal whole, does not name it. Failed after all.
+        finish_failed(run, str(e), only=[BackupRun.Status.SUCCEEDED])
 
 
 def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.RUNNING)):
@@ -326,8 +334,18 @@ def finish_failed(run, message, only=(BackupRun.Status.QUEUED, BackupRun.Status.
         return False
     run.refresh_from_db()
     # Journaled and alerted first: a location that refuses the removal below must not hide the failure.
-    journal.record("backup_failed", actor=run.requested_by or "job:backup", obj=run, outcome="failed", error=message)
-    conditions.changed("backup_failed", server=run.server)  # the monitor reads the failed run
+    try:
+        journal.record(
+            "backup_failed", actor=run.requested_by or "job:backup", obj=run, outcome="failed", error=message
+        )
+        conditions.changed("backup_failed", server=run.server)  # the monitor reads the failed run
+    except journal.JournalUnwritable as e:
+        # Failed in the catalog all the same (the monitor alerts from it within a minute); the
+        # error says why the journal's head file lacks it.
+        log.error("run %s failed, and the journal could not record it: %s", run.pk, e)
+        if str(e) not in message:
+            message = f"{message}; {e}"
+            BackupRun.objects.filter(pk=run.pk).update(error=message[:2000])
     if left := remove_files(run):
         BackupRun.objects.filter(pk=run.pk).update(error=f"{message}; {left}"[:2000])
     return True
