@@ -35,6 +35,7 @@ ACTIONS = {
     "copy_deleted": "retention deleted a copy",
     "copy_delete_failed": "a location refused to delete a copy (retried)",
     "copy_delete_waits": "a copy's S3 Object Lock holds it: deleted once the lock expires",
+    "leftovers_removed": "retention removed what killed copies left in a location (partial files, unfinished S3 uploads)",
     "wal_deleted": "retention deleted a WAL segment",
     "wal_ingested": "WAL segments were catalogued into the archive",
     "receiver_started": "pg_receivewal's supervisor started",

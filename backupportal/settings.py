@@ -358,6 +358,9 @@ S3_STORAGE_CLASS = env.str("S3_STORAGE_CLASS", default="")
 # Objects past the threshold go up by multipart upload, one part in memory at a time.
 S3_MULTIPART_THRESHOLD = env.int("S3_MULTIPART_THRESHOLD", default=8 * 1024 * 1024)
 S3_PART_SIZE = env.int("S3_PART_SIZE", default=8 * 1024 * 1024)
+# A multipart upload started this many seconds ago, with no part sent for as long, was left by a
+# killed copy: retention aborts it (backups.s3uploads), as S3 bills its parts until then.
+S3_STALE_UPLOAD_AGE = env.int("S3_STALE_UPLOAD_AGE", default=24 * 3600)
 # A dead endpoint must fail a copy in seconds (the worker retries it later), not hang a worker:
 # refused at once; no answer to connect, 3 x 5 s; connected but silent, 3 x 10 s.
 S3_CONNECT_TIMEOUT = env.int("S3_CONNECT_TIMEOUT", default=5)

@@ -20,6 +20,7 @@ become consistent, nor one on the way from the base backup that reaches the star
 window to now: any moment of the window stays recoverable. History files are tiny and kept.
 """
 
+import logging
 from collections import Counter
 from datetime import timedelta
 from operator import attrgetter
@@ -33,6 +34,8 @@ from backups import gfs, keyring, manifests, walnames, walspool
 from backups.copies import delete_run_artifacts, restorable, retire
 from backups.models import WAL_LOCATION, BackupCopy, BackupHold, BackupRun, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
+
+log = logging.getLogger(__name__)
 
 DAYS_FIELD = {
     BackupRun.Kind.LOGICAL: "logical_retention_days",
@@ -278,7 +281,25 @@ def apply_wal_and_base_retention(now=None, dry_run=False, actor="job:retention")
     now = now or timezone.now()
     result = {"dry_run": dry_run, "deleted": apply(now, dry_run, actor), "wal": apply_wal(now, dry_run, actor)}
     result["keys_dropped"] = keyring.drop_unneeded(dry_run, actor)
+    result["leftovers"] = {} if dry_run else remove_leftovers(actor)
     return result
+
+
+def remove_leftovers(actor="job:retention"):
+    """What killed writers left in each location (a NAS's stale partial files, S3's unfinished
+    multipart uploads): removed, journaled per location. {location: how many}; a location that
+    cannot be reached now is tried again at the next pass."""
+    removed = {}
+    for location in StorageLocation.objects.filter(enabled=True):
+        try:
+            count = store_for(location).remove_leftovers()
+        except (OSError, StorageError) as e:
+            log.warning("location %s: leftovers of killed copies not removed this pass: %s", location.name, e)
+            continue
+        if count:
+            removed[location.name] = count
+            journal.record("leftovers_removed", actor=actor, obj=location, count=count)
+    return removed
 
 
 def window_anchor(bases, window_start, lost=()):

@@ -32,7 +32,7 @@ from urllib3.util import parse_url
 
 from backupportal.lib import addresses
 from backupportal.lib.redact import redact
-from backups import s3versions
+from backups import s3uploads, s3versions
 from backups.storage import MissingArtifact, ObjectLocked, StorageError, Store, safe_key
 
 # S3 refuses parts under 5 MiB (all but the last) and more than 10,000 parts per object.
@@ -362,6 +362,10 @@ class S3Store(Store):
                 ) from None
             raise
 
+    def remove_leftovers(self) -> int:
+        """Abort the stale multipart uploads of killed copies under the prefix (backups.s3uploads)."""
+        return s3uploads.abort_stale(self)
+
     def usage(self):
         """(free, total) against the configured capacity; None when the bucket is unbounded."""
         if not self.location.capacity_bytes:
@@ -432,6 +436,7 @@ class S3Writer:
                 "create_multipart_upload", Key=self.object_key, **self.store.object_options(), **self.lock
             )
             self.upload_id = response["UploadId"]
+            s3uploads.in_progress.add(self.upload_id)  # retention leaves it alone while this process writes
         while len(self.buffer) >= self.part_size or (final and self.buffer):
             with memoryview(self.buffer) as view:
                 body = bytes(view[: self.part_size])  # one copy, not a slice and then a copy
@@ -461,6 +466,7 @@ class S3Writer:
                 MultipartUpload={"Parts": self.parts},
             )
         self.done = True
+        s3uploads.in_progress.discard(self.upload_id)
         self.buffer = bytearray()
         self.version_id = response.get("VersionId", "")
         if self.lock:
@@ -500,6 +506,7 @@ class S3Writer:
                 # The endpoint is gone too: the parts stay invisible (never an object) until the
                 # bucket's lifecycle rule for incomplete uploads removes them.
                 pass
+        s3uploads.in_progress.discard(self.upload_id)
         self.done = True
 
     def __enter__(self):

@@ -1,16 +1,21 @@
 """Reading and writing artifacts in a storage location.
 
 A file is written under a temporary name (`.name.PID-RANDOM.partial`, never mistaken for an artifact),
-hashed as bytes pass, fsynced, then renamed into place: a reader sees a whole file or none.
+hashed as bytes pass, fsynced, then renamed into place: a reader sees a whole file or none. The
+temporary file of a writer that was killed is removed by the next write of its key and by
+retention's pass over the location (remove_leftovers), once it is stale (stale_partial).
 """
 
 import errno
 import hashlib
 import os
 import pwd
+import re
 import secrets
 import shutil
+import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
@@ -18,6 +23,11 @@ from django.core.exceptions import ValidationError
 from django.utils.module_loading import import_string
 
 PARTIAL_SUFFIX = ".partial"
+# AtomicWriter's temporary names; PostgreSQL's own `.partial` WAL segments start with no dot.
+_PARTIAL_NAME = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.partial$")
+# A temporary file untouched this long was left by a dead writer: a live one writes every chunk,
+# and a copy that moves no bytes for its lease (10 minutes) is taken over by another worker.
+STALE_PARTIAL_AGE = timedelta(hours=1)
 
 
 class StorageError(Exception):
@@ -133,6 +143,33 @@ def partials_of(final: Path):
     return [p for p in final.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(PARTIAL_SUFFIX)]
 
 
+def stale_partial(path: Path) -> bool:
+    """Whether `path` is a temporary file a dead writer left: named as AtomicWriter names them,
+    untouched for STALE_PARTIAL_AGE, and not of a process alive here (a pid names a process on
+    one host only, and a NAS is shared by the workers of several: there its age decides)."""
+    from backups.runner import alive  # the runner's test of a run's pid
+
+    match = _PARTIAL_NAME.match(path.name)
+    if not match:
+        return False
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    old = time.time() - info.st_mtime > STALE_PARTIAL_AGE.total_seconds()
+    return path.is_file() and not path.is_symlink() and old and not alive(int(match[1]))
+
+
+def remove_stale_partials(paths) -> int:
+    """Remove the stale ones (stale_partial) of `paths`; how many."""
+    removed = 0
+    for path in paths:
+        if stale_partial(path):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def _os_user():
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
@@ -177,6 +214,10 @@ class Store:
         then calls it deleted. Where it cannot be told gone, StorageError, and it is retried."""
         self.delete(key, version)
 
+    def remove_leftovers(self) -> int:
+        """Remove what killed writers left in the location (never an artifact); how many."""
+        return 0
+
 
 class FileStore(Store):
     """A primary or NAS location: a directory under the configured roots."""
@@ -216,7 +257,15 @@ class FileStore(Store):
         self.check()
         with self.writable():
             private_dirs(self.root)
+            remove_stale_partials(partials_of(self.path(key)))  # an earlier attempt's, killed mid-write
             return AtomicWriter(self.path(key), capacity_left=self.capacity_left())
+
+    def remove_leftovers(self) -> int:
+        """The stale temporary files of killed writers anywhere in the location (retention's pass)."""
+        if not self.root.is_dir():
+            return 0
+        with self.writable():
+            return remove_stale_partials(self.root.rglob(f".*{PARTIAL_SUFFIX}"))
 
     # `version` is S3's (backups.s3): a directory keeps one version of a file, and ignores it.
     def open(self, key, version=""):

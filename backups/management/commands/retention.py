@@ -40,6 +40,10 @@ class Command(PortalCommand):
             lines.append(
                 f"{verb_keys} retired key(s) no kept backup needs from the keyring: {', '.join(result['keys_dropped'])}"
             )
+        for name, count in result.get("leftovers", {}).items():
+            lines.append(
+                f"Removed {count} leftover(s) of killed copies from {name} (partial files, unfinished uploads)"
+            )
         if "plan" in result:
             lines.append("Each backup, newest first:")
             lines += [f"  {_plan_line(row)}" for row in result["plan"]]
