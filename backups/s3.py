@@ -339,6 +339,14 @@ class S3Store(Store):
         except StorageError:
             return False
 
+    def _keeps_versions(self) -> bool:
+        """Versioning on, or suspended (which keeps the versions made before); read as off where
+        the credentials may not ask (s3:GetBucketVersioning), as versioned() reads it."""
+        try:
+            return self.call("get_bucket_versioning").get("Status") in ("Enabled", "Suspended")
+        except StorageError:
+            return False
+
     def surviving(self, prefix="", page_size=1000):
         """{key: [Version, in the order to read them]} of what a rebuilt catalog may read under
         `prefix` (backups.s3versions): every version of each object list() shows, and of each one
@@ -361,6 +369,26 @@ class S3Store(Store):
                     lock["retain_until"],
                 ) from None
             raise
+
+    def remove_copy(self, key, version=""):
+        """Delete a catalogued copy. On a bucket that keeps versions (versioning on, or suspended),
+        every version of its key goes, then the delete markers in front of them: the catalogued
+        version alone left the "null" one of a copy put before versioning was on, for ever. A
+        version S3 still locks is never forced (no governance bypass): ObjectLocked once the
+        others went, its delete markers left in place, and the deletion waits for the lock."""
+        if not self._keeps_versions():
+            return self.delete(key, version)
+        versions, markers = s3versions.every_version(self, key)
+        locked = []
+        for version_id in versions:
+            try:
+                self.delete(key, version_id)
+            except ObjectLocked as e:
+                locked.append(e)
+        if locked:
+            raise max(locked, key=lambda e: e.retain_until)
+        for marker in markers:
+            self.delete(key, marker)
 
     def remove_leftovers(self) -> int:
         """Abort the stale multipart uploads of killed copies under the prefix (backups.s3uploads)."""

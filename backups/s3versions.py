@@ -77,3 +77,16 @@ def to_read(store, key) -> str:
     marker too; "" when the key has no version that is an object."""
     versions = listed(store, key)[0].get(key, [])
     return reading_order(store, key, versions)[0].id if versions else ""
+
+
+def every_version(store, key, page_size=1000):
+    """(version ids, delete marker ids) of exactly `key`, "null" included: the object put before
+    the bucket's versioning was turned on, which outlives every deletion but one that names it."""
+    object_key, versions, markers, page_at = store.object_key(key), [], [], {}
+    while True:
+        page = store.call("list_object_versions", Prefix=object_key, MaxKeys=page_size, **page_at)
+        versions += [v["VersionId"] for v in page.get("Versions", []) if v["Key"] == object_key]
+        markers += [m["VersionId"] for m in page.get("DeleteMarkers", []) if m["Key"] == object_key]
+        if not page.get("IsTruncated"):
+            return versions, markers
+        page_at = {"KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
