@@ -312,6 +312,10 @@ PITR_PREFETCH_SEGMENTS = env.int("PITR_PREFETCH_SEGMENTS", default=256)
 # pg_receivewal must stream this long before it counts as recovered (receiver_down resolves):
 # a receiver that keeps dying mails no "resolved" between its deaths.
 RECEIVER_STEADY_SECONDS = env.int("RECEIVER_STEADY_SECONDS", default=10)
+# Pull: the server's own archiver (an archive_command left from push, or the DBA's own) failing
+# with nothing archived for this long is archive_failing: pg_wal keeps every segment it has not
+# archived. PostgreSQL retries a failure at once and then each minute; a passing one is not mailed.
+PULL_ARCHIVER_GRACE_SECONDS = env.int("PULL_ARCHIVER_GRACE_SECONDS", default=300)
 
 # pg_restore jobs for logical restores: 1 pipes the decrypted stream (no plaintext on disk);
 # more decrypts into a private scratch file (0600, removed afterwards), as pg_restore -j needs,

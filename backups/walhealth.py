@@ -1,5 +1,6 @@
 """What keeps a server's WAL from the archive: a gap, a failing archiver or archive_command,
-an error marker in the spool, an idle replication slot.
+an error marker in the spool, an idle replication slot; and what makes the server keep WAL in
+pg_wal for nothing: a pull server's own archiver failing.
 
 The monitor (watching) turns health() into the wal_gap, archive_failing and receiver_down alerts.
 """
@@ -8,6 +9,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+from django.conf import settings
 from django.utils import timezone
 
 from backups.models import Server
@@ -162,6 +164,50 @@ def receiver_problem(server, unknown=None):
     return None
 
 
+# A pull server's own archiver (archive_mode on, an archive_command left from push or the DBA's
+# own) that fails keeps every segment in pg_wal until it succeeds: the disk fills. With nothing
+# archived for PULL_ARCHIVER_GRACE_SECONDS (the server's clock) it is no passing failure.
+# The last success, or where the statistics begin when nothing was archived since.
+ARCHIVER_QUIET_SQL = (
+    "SELECT last_failed_wal, last_failed_time, last_archived_time, "
+    "now() - coalesce(last_archived_time, stats_reset, pg_postmaster_start_time()) FROM pg_stat_archiver"
+)
+TURN_OFF = "turn archive_mode off (ALTER SYSTEM SET archive_mode = off, then restart PostgreSQL)"
+
+
+def pull_archiver_problems(server, unknown=None):
+    """Pull: the server's own archiver, which the portal does not use, keeping WAL in pg_wal, as a list."""
+    try:
+        with server.connect() as conn:
+            running = {name: value for name, value, _ in conn.execute(ARCHIVING_SETTINGS_SQL)}
+            if running["archive_mode"] not in ("on", "always"):
+                return []  # nothing kept for an archiver (also when stats still show old failures)
+            quiet = conn.execute(ARCHIVER_QUIET_SQL).fetchone()
+    except psycopg.Error:
+        return unknown
+    pulled = f"the portal pulls the WAL of {server} with pg_receivewal and needs no archiving there"
+    if not running.get("archive_library") and not running["archive_command"]:
+        # PostgreSQL records no failure then: it keeps the WAL "until a command is provided".
+        return [
+            f"archive_mode is {running['archive_mode']} on {server} with no archive_command: pg_wal keeps every "
+            f"segment for it and grows until the disk is full; {pulled}: {TURN_OFF}"
+        ]
+    failed_wal, failed_at, archived_at, quiet_for = quiet
+    grace = timedelta(seconds=settings.PULL_ARCHIVER_GRACE_SECONDS)
+    if not failed_at or (archived_at is not None and archived_at >= failed_at) or quiet_for < grace:
+        return []
+    since = f"since {_at(archived_at)}" if archived_at else "since its statistics began"
+    return [
+        f"PostgreSQL's own archiver on {server} fails on {failed_wal} (last failure {_at(failed_at)}, nothing "
+        f"archived {since}): pg_wal keeps every segment until archive_command succeeds and grows until the disk is "
+        f"full; {pulled}: fix the archive_command, or {TURN_OFF}"
+    ]
+
+
+def _at(moment):
+    return f"{timezone.localtime(moment):%Y-%m-%d %H:%M:%S}"
+
+
 def health(server):
     """What keeps the server's WAL from the archive: ({condition: message}, {conditions unknown}).
 
@@ -175,10 +221,12 @@ def health(server):
         findings["wal_gap"] = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
     if server.archiving == Server.Archiving.PUSH:
         problems = push_problems(server, unknown=UNKNOWN)
-        if problems is UNKNOWN:
-            unknown.add("archive_failing")
-            problems = []
+    elif server.archiving == Server.Archiving.PULL:
+        problems = pull_archiver_problems(server, unknown=UNKNOWN)
     else:
+        problems = []
+    if problems is UNKNOWN:
+        unknown.add("archive_failing")
         problems = []
     problems += [m.get("message") or f"{m.get('segment')}: {m.get('reason')}" for m in error_markers(server)]
     if waiting := waiting_in_spool(server):

@@ -284,6 +284,78 @@ def kill_receiver(receiver, cluster, server):
     wait_for(lambda: not slot_active(cluster, server), what="the slot to be released")
 
 
+def test_a_pull_servers_own_archiver_failing_is_wal_archiving_failing_until_it_archives_or_is_turned_off(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, smtp_server, postgres_dir, settings
+):
+    """Found by a probe: a pull server's own archive_command (left from push, or the DBA's) failing
+    for ever raised nothing, while pg_wal kept every segment it had not archived."""
+    receiver = pull(server)
+    receiver.start_child()
+    try:
+        wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
+        sample_cluster.execute("ALTER SYSTEM SET archive_mode = on")
+        sample_cluster.execute(f"ALTER SYSTEM SET archive_command = 'cp %p {postgres_dir}/gone/%f'")
+        sample_cluster.restart()
+        failing = fails_to_archive(sample_cluster)
+        monitor()  # failing for less than the grace: PostgreSQL retries it
+        assert not alerts_of("archive_failing", "server:maldives").exists()
+
+        settings.PULL_ARCHIVER_GRACE_SECONDS = 1  # rather than wait 5 minutes
+        time.sleep(1)
+        alert = opens_once(smtp_server, "archive_failing", "server:maldives", "maldives")
+        assert alert.message.startswith(f"PostgreSQL's own archiver on maldives fails on {failing} (last failure ")
+        assert alert.message.endswith(
+            "nothing archived since its statistics began): pg_wal keeps every segment until archive_command "
+            "succeeds and grows until the disk is full; the portal pulls the WAL of maldives with pg_receivewal "
+            "and needs no archiving there: fix the archive_command, or turn archive_mode off (ALTER SYSTEM SET "
+            "archive_mode = off, then restart PostgreSQL)"
+        )
+        ready = sample_cluster.datadir / "pg_wal" / "archive_status" / f"{failing}.ready"
+        assert ready.exists()  # kept in pg_wal for the archiver
+
+        # The DBA fixes the command: the archiver catches up, and the alert resolves.
+        sample_cluster.execute(f"ALTER SYSTEM SET archive_command = 'cp %p {postgres_dir}/%f'")
+        sample_cluster.reload()
+        wait_archived(sample_cluster, failing)
+        resolves_once(smtp_server, alert, "maldives")
+
+        # Failing again; this time archiving is turned off. PostgreSQL's statistics still show the
+        # failure newer than the last success (they outlive a restart), but nothing is kept for it.
+        sample_cluster.execute(f"ALTER SYSTEM SET archive_command = 'cp %p {postgres_dir}/gone/%f'")
+        sample_cluster.reload()
+        again = fails_to_archive(sample_cluster)
+        time.sleep(1)
+        assert f"fails on {again}" in walhealth.health(server)[0]["archive_failing"]
+        sample_cluster.execute("ALTER SYSTEM SET archive_mode = off")
+        sample_cluster.restart()
+        assert sample_cluster.execute("SELECT last_failed_wal FROM pg_stat_archiver")[0][0] == again
+        assert "archive_failing" not in walhealth.health(server)[0]
+
+        # archive_mode on with no archive_command: PostgreSQL records no failure, and keeps every segment.
+        sample_cluster.execute("ALTER SYSTEM SET archive_mode = on")
+        sample_cluster.execute("ALTER SYSTEM SET archive_command = ''")
+        sample_cluster.restart()
+        kept = write_and_switch(sample_cluster, "kept")
+        wait_for(lambda: (ready.parent / f"{kept}.ready").exists(), what=f"{kept} to wait for archiving")
+        assert walhealth.health(server)[0]["archive_failing"] == (
+            "archive_mode is on on maldives with no archive_command: pg_wal keeps every segment for it and grows "
+            "until the disk is full; the portal pulls the WAL of maldives with pg_receivewal and needs no archiving "
+            "there: turn archive_mode off (ALTER SYSTEM SET archive_mode = off, then restart PostgreSQL)"
+        )
+    finally:
+        receiver.stop_child()
+
+
+def fails_to_archive(cluster):
+    """A new segment the archiver fails on (its archive_command fails); returns its name."""
+    failing = write_and_switch(cluster, f"t{time.monotonic_ns()}")
+    wait_for(
+        lambda: cluster.execute("SELECT last_failed_wal FROM pg_stat_archiver")[0][0] == failing,
+        what=f"the archiver to fail on {failing}",
+    )
+    return failing
+
+
 # --- Storage tiers ----------------------------------------------------------------------------
 
 
