@@ -1,8 +1,9 @@
 """What keeps a server's WAL from the archive: a gap, a failing archiver or archive_command,
 an error marker in the spool, an idle replication slot; and what makes the server keep WAL in
-pg_wal for nothing: a pull server's own archiver failing.
+pg_wal for nothing: a pull server's own archiver failing, the portal's slot left after pull.
 
-The monitor (watching) turns health() into the wal_gap, archive_failing and receiver_down alerts.
+The monitor (watching) turns health() into the wal_gap, archive_failing, receiver_down and
+slot_left_over alerts.
 """
 
 import json
@@ -208,11 +209,49 @@ def _at(moment):
     return f"{timezone.localtime(moment):%Y-%m-%d %H:%M:%S}"
 
 
+# The portal's slot as the server sees it: who streams, and how much WAL it keeps from recycling.
+LEFT_SLOT_SQL = (
+    "SELECT active_pid, (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() "
+    "END - restart_lsn)::float8 FROM pg_replication_slots WHERE slot_name = %s"
+)
+
+
+def slot_left_over(server, unknown=None):
+    """Push or no archiving: the portal's replication slot, left from pull, still on the server.
+
+    Nothing advances an idle slot: the server keeps every segment after its restart_lsn for ever
+    (the classic disk-full outage). It is not dropped for the DBA: until push archives without a
+    gap, it may hold the only copy of WAL the receiver had not yet taken.
+    """
+    slot = server.replication_slot
+    try:
+        with server.connect() as conn:
+            row = conn.execute(LEFT_SLOT_SQL, [slot]).fetchone()
+    except psycopg.Error:
+        return unknown
+    if row is None:
+        return None
+    pid, held = row
+    doing = "pushes its WAL with archive_command" if server.archiving == Server.Archiving.PUSH else "archives no WAL"
+    left = f"replication slot {slot} is left on {server} from pull archiving ({server} now {doing})"
+    holds = f"holds back {held / 2**20:.1f} MB of WAL in pg_wal" if held is not None else "holds no WAL now"
+    drop = f"SELECT pg_drop_replication_slot('{slot}')"
+    if pid:
+        return (
+            f"{left} and pg_receivewal still streams from it (pid {pid}); it {holds}: "
+            f"stop `manage.py receivewal {server.name}`, then drop the slot on the server ({drop})"
+        )
+    return (
+        f"{left}: nothing streams from it and it {holds}, more with every write, until the disk is full; "
+        f"once the archive has no gap, drop it on the server ({drop})"
+    )
+
+
 def health(server):
     """What keeps the server's WAL from the archive: ({condition: message}, {conditions unknown}).
 
     The monitor (watching) calls it every minute and opens or resolves wal_gap,
-    archive_failing and receiver_down from it; a condition that cannot be told now (the server
+    archive_failing, receiver_down and slot_left_over from it; a condition that cannot be told now (the server
     does not answer) is unknown, neither found nor cleared.
     """
     findings, unknown = {}, set()
@@ -239,4 +278,10 @@ def health(server):
             unknown.add("receiver_down")
         elif problem:
             findings["receiver_down"] = problem
+    else:
+        left = slot_left_over(server, unknown=UNKNOWN)
+        if left is UNKNOWN:
+            unknown.add("slot_left_over")
+        elif left:
+            findings["slot_left_over"] = left
     return findings, unknown

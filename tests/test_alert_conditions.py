@@ -8,6 +8,7 @@ the next pass resolves the alert with one mail. A server that cannot be asked re
 """
 
 import os
+import re
 import signal
 import time
 from datetime import timedelta
@@ -354,6 +355,52 @@ def fails_to_archive(cluster):
         what=f"the archiver to fail on {failing}",
     )
     return failing
+
+
+def test_the_portals_slot_left_after_switching_from_pull_to_push_is_alerted_until_dropped(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, smtp_server
+):
+    """Found by a probe: switched back to push, the pull slot stayed and held WAL in pg_wal for
+    ever (the disk-full outage) with no alert."""
+    slot = server.replication_slot
+    receiver = pull(server)
+    receiver.start_child()
+    try:
+        wait_for(lambda: slot_active(sample_cluster, server), what="pg_receivewal streaming")
+        assert "slot_left_over" not in walhealth.health(server)[0]  # pulling: the slot is in use
+        server.archiving = "push"
+        server.save(update_fields=["archiving"])
+        # Switched while pg_receivewal still streams: stop it first.
+        pid = sample_cluster.execute("SELECT active_pid FROM pg_replication_slots")[0][0]
+        assert (
+            f"and pg_receivewal still streams from it (pid {pid}); it holds back "
+            in (walhealth.health(server)[0]["slot_left_over"])
+        )
+    finally:
+        receiver.stop_child()
+    enable_push(sample_cluster)
+    names = [write_and_switch(sample_cluster, f"t{i}") for i in range(3)]
+    wait_archived(sample_cluster, names[-1])
+
+    alert = opens_once(smtp_server, "slot_left_over", "server:maldives", "maldives")
+    said = re.fullmatch(
+        rf"replication slot {slot} is left on maldives from pull archiving \(maldives now pushes its WAL with "
+        r"archive_command\): nothing streams from it and it holds back ([0-9.]+) MB of WAL in pg_wal, more with "
+        r"every write, until the disk is full; once the archive has no gap, drop it on the server "
+        rf"\(SELECT pg_drop_replication_slot\('{slot}'\)\)",
+        alert.message,
+    )
+    assert said, alert.message
+    held = sample_cluster.execute(
+        "SELECT (pg_current_wal_lsn() - restart_lsn)::float8 / 1048576 FROM pg_replication_slots WHERE slot_name = %s",
+        [slot],
+    )[0][0]
+    # pg_current_wal_lsn() - restart_lsn: the three segments switched since (1 MB, the first part-written)
+    assert 2 < float(said[1]) <= held
+    assert not alerts_of("archive_failing", "server:maldives").exists()  # push itself works
+
+    sample_cluster.execute(f"SELECT pg_drop_replication_slot('{slot}')")  # as the alert says
+    resolves_once(smtp_server, alert, "maldives")
 
 
 # --- Storage tiers ----------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class Alert(models.Model):
         PORTAL_BACKUP_STALE = "portal_backup_stale", "The portal's own backup is missing or old"
         SERVER_UNREACHABLE = "server_unreachable", "Server does not answer"
         DATA_SHRANK = "data_shrank", "Critical table emptied or shrunk"
+        SLOT_LEFT_OVER = "slot_left_over", "Replication slot left over, holding WAL"
 
     class State(models.TextChoices):
         OPEN = "open", "Open"

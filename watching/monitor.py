@@ -69,7 +69,7 @@ def checks():
         Check("critical tables", check_shrinkage, per_server=True),
         Check("reachable", check_reachable, per_server=True),
         Check("RPO", check_rpo, per_server=True),
-        # WAL gap, archiving failing, pg_receivewal or its slot down.
+        # WAL gap, archiving failing, pg_receivewal or its slot down, its slot left after pull.
         Check("WAL", check_wal, per_server=True),
         Check("storage", check_storage),
         Check("copies", check_copies),
@@ -455,9 +455,11 @@ def check_rpo(server):
 
 
 def check_wal(server):
-    """WAL gap, archiving failing, receiver down: what backups.walhealth.health finds. Returns the findings."""
+    """WAL gap, archiving failing, receiver down, slot left over: what backups.walhealth.health finds.
+    Returns the findings."""
     findings, unknown = walhealth.health(server)
-    for condition in (Alert.Condition.WAL_GAP, Alert.Condition.ARCHIVE_FAILING, Alert.Condition.RECEIVER_DOWN):
+    C = Alert.Condition
+    for condition in (C.WAL_GAP, C.ARCHIVE_FAILING, C.RECEIVER_DOWN, C.SLOT_LEFT_OVER):
         if condition in findings:
             raise_alert(condition, server=server, message=findings[condition])
         elif condition not in unknown:
