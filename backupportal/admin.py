@@ -114,6 +114,6 @@ admin.site.register(User, PortalUserAdmin)
 class SsoIdentityAdmin(ReadOnlyAdmin):
     """Who logged in through single sign-on, linked by issuer and subject (backupportal/sso.py)."""
 
-    list_display = ["user", "issuer", "subject", "last_groups", "created_at", "last_login_at"]
+    list_display = ["user", "issuer", "subject", "email_verified", "last_groups", "created_at", "last_login_at"]
     list_select_related = ["user"]
     search_fields = ["user__username", "=subject"]

@@ -167,6 +167,10 @@ class SsoIdentity(models.Model):
     last_login_at = models.DateTimeField(null=True, blank=True)
     # The IdP groups of the last login, for the admin's page: the roles were computed from them.
     last_groups = models.JSONField(default=list, blank=True)
+    # Whether, at the last login, the provider marked verified the e-mail address the account
+    # has (the one of its first login): four eyes tells it from a local account only then
+    # (backupportal.roles.same_person).
+    email_verified = models.BooleanField(default=False)
 
     class Meta:
         verbose_name = "single sign-on identity"

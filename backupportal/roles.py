@@ -11,7 +11,17 @@ from functools import wraps
 from django.contrib.auth.models import Permission
 from django.core.exceptions import PermissionDenied
 
+from backupportal.models import SsoIdentity
+
 DBA, SYSADMIN, AUDITOR = "DBA", "Sysadmin", "Auditor"
+
+# Why four eyes counts two accounts as one person (why_same_person), for the refusal's message.
+OWN_ACCOUNT = "your own"
+SAME_ADDRESS = "asked from your other account, same e-mail address"
+UNTOLD_APART = (
+    "or so the portal must assume: it cannot tell a local account from a single sign-on one whose "
+    "e-mail address the identity provider did not verify"
+)
 ROLES = (DBA, SYSADMIN, AUDITOR)
 
 # Apps whose models every role may view.
@@ -104,14 +114,54 @@ def is_dba(user):
 
 
 def same_person(user, author):
-    """Four eyes needs two people: one account, or two accounts with one e-mail address (a local
-    account and the one single sign-on made for the same person, who logs in with either), are one."""
+    """Four eyes needs two people: whether these two accounts may be one (why_same_person)."""
+    return bool(why_same_person(user, author))
+
+
+def why_same_person(user, author):
+    """Why four eyes counts `user` and `author` as one person, in a few words, or "" when they are
+    two people. When in doubt they are one: that only asks for another approver, while two accounts
+    of one person taken for two people would let that person approve their own request."""
+    if author is None:
+        return ""
+    if user.pk == author.pk:
+        return OWN_ACCOUNT
+    if same_address(user, author):
+        return SAME_ADDRESS
+    if _sso_address_unverified(user, author):
+        # The address is the only tie between a local account and a single sign-on one. One the
+        # provider did not verify was typed by its holder, who could have typed any other.
+        return UNTOLD_APART
+    return ""
+
+
+def same_address(user, author):
+    """One account, or two with one e-mail address (a local account and the one single sign-on
+    made for the same person), whoever vouched for the address."""
     if author is None:
         return False
     if user.pk == author.pk:
         return True
     mail = (user.email or "").strip().lower()
     return bool(mail) and mail == (author.email or "").strip().lower()
+
+
+def _sso_address_unverified(user, author):
+    """One of the two is a local account, the other came from single sign-on with an address the
+    provider did not mark verified at its last login. Two single sign-on accounts are two
+    identities the provider tells apart; two local accounts carry addresses an administrator set."""
+    verified = _sso_accounts(user)
+    if (user.pk in verified) == (author.pk in verified):
+        return False
+    return not verified.get(user.pk, verified.get(author.pk))
+
+
+def _sso_accounts(user):
+    """{account id: whether its address is verified} of every single sign-on account, read once
+    per request (kept on the deciding user): the dashboard asks it of every pending request."""
+    if not hasattr(user, "_sso_accounts"):
+        user._sso_accounts = dict(SsoIdentity.objects.values_list("user_id", "email_verified"))
+    return user._sso_accounts
 
 
 def role_may(user, perm):

@@ -1,9 +1,13 @@
 """Single sign-on with OpenID Connect (mozilla-django-oidc), on when OIDC_RP_CLIENT_ID is set.
 
 What the library leaves to us, and why:
-- Accounts are linked by (issuer, subject) in SsoIdentity, never looked up by email: a person
-  at the identity provider who gives themselves a local DBA's address must not become that
-  DBA. The first login makes an account of its own (no password: it logs in only through SSO).
+- Accounts are linked by (issuer, subject) in SsoIdentity, never looked up by email (verified
+  or not): a person at the identity provider who gives themselves a local DBA's address must
+  not become that DBA. The first login makes an account of its own (no password: it logs in
+  only through SSO), with the address of that login.
+- Whether the provider verified that address (email_verified) is kept at every login: four
+  eyes tells a local account from a single sign-on one only by a verified address
+  (backupportal.roles.same_person).
 - The ID token's issuer and audience are checked (the library checks the signature, expiry
   and nonce only), and the userinfo's subject must be the ID token's.
 - The roles come from the groups claim through OIDC_ROLE_MAP, at every login: someone removed
@@ -92,7 +96,8 @@ class SsoBackend(OIDCAuthenticationBackend):
             groups = _groups(claims, payload)
             sync_roles(user, roles_from(groups), identity)
             identity.last_login_at, identity.last_groups = timezone.now(), groups[:50]
-            identity.save(update_fields=["last_login_at", "last_groups"])
+            identity.email_verified = _address_verified(user, claims)
+            identity.save(update_fields=["last_login_at", "last_groups", "email_verified"])
         return user
 
 
@@ -113,6 +118,17 @@ def _identity(issuer, subject, claims):
         subject=subject,
     )
     return identity
+
+
+def _address_verified(user, claims):
+    """Did the provider vouch for the account's address at this login? Only its email_verified
+    claim says so (absent, as from Entra ID, is not), and only for the address the account has:
+    it is kept from the first login, never replaced by a later claim."""
+    verified = claims.get("email_verified")
+    # True, or the string "true" that some providers (AWS Cognito) send.
+    verified = verified is True or (isinstance(verified, str) and verified.lower() == "true")
+    mail = str(claims.get("email") or "").strip().lower()
+    return verified and bool(mail) and mail == user.email.strip().lower()
 
 
 def _free_username(claims, issuer):

@@ -27,7 +27,7 @@ from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from backupportal import journal
-from backupportal.roles import DBA, SYSADMIN, role_names, same_person
+from backupportal.roles import DBA, SYSADMIN, role_names, same_address
 
 # "a fresh second factor within the last 5 minutes" (DESIGN.md's role table: approvals).
 FRESH_SECONDS = 300
@@ -228,8 +228,11 @@ def recovery_codes_left(user):
 def reset(user, by):
     """An administrator removes another person's authenticator and recovery codes (a lost phone):
     that person enrols again at the next login. Nobody resets their own: it would let a stolen
-    password remove the factor that protects it."""
-    if same_person(user, by):
+    password remove the factor that protects it. Their other account is known by its address only
+    (same_address): four eyes' doubt about an unverified single sign-on address (same_person)
+    would leave a local administrator unable to reset any such account's factor, and a stolen
+    local password still does not open the other account, whose login is at the provider."""
+    if same_address(user, by):
         raise PermissionDenied(
             "You cannot reset your own second factor (nor your other account's): ask another administrator."
         )

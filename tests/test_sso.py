@@ -7,7 +7,8 @@ variables of .env.example. A requests session plays the browser: the login page'
 the provider's login form and its consent page, the redirects back to the portal.
 
 At the provider: Dana is in the pg-dbas group, Ivan only in interns, and Mallory gave herself
-Alice's email address; Alice is a DBA with a local account.
+Alice's email address; Alice is a DBA with a local account. None of them has an address the
+provider marked verified (no email_verified claim) unless a test seeds one.
 """
 
 import json
@@ -27,9 +28,14 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied
 
+from backupportal import twofactor
 from backupportal.lib.osuser import free_port
 from backupportal.models import JournalEntry, SsoIdentity
+from backupportal.roles import same_person
+from backups.models import ChangeRequest
+from restores.models import RestoreRequest
 from tests.helpers import DEMO_PASSWORD, make_user, portal_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -259,6 +265,9 @@ def test_claims_that_map_to_no_role_give_none(portal, people):
     for url in ("/", "/journal/", "/coverage/", "/admin/"):
         assert browser.get(f"{portal}{url}", allow_redirects=False).status_code in (302, 403), url
     assert "No role yet" in browser.get(f"{portal}/").text
+    # His address is not verified, yet a local administrator may reset his second factor: only an
+    # account with his address may not (twofactor.reset goes by the address, not four eyes' doubt).
+    assert twofactor.reset(ivan, make_user("sam", superuser=True)) == 0
 
 
 def test_an_idp_user_with_a_local_dbas_email_does_not_become_that_dba(portal, people):
@@ -274,6 +283,83 @@ def test_an_idp_user_with_a_local_dbas_email_does_not_become_that_dba(portal, pe
     token = browser.cookies.get("csrftoken")
     refused = browser.post(f"{portal}/servers/maldives/backup/", data={"csrfmiddlewaretoken": token, "kind": "logical"})
     assert refused.status_code in (403, 404)
+
+
+def test_an_address_the_provider_verified_does_not_link_to_a_local_account_either(portal, idp, people):
+    alice = make_user("alice", "DBA")
+    idp.seed(mallory={**PEOPLE["mallory"], "email_verified": True})
+    browser, page = sso_login(portal, "mallory")
+    mallory = SsoIdentity.objects.get().user
+    assert mallory.pk != alice.pk and header_user(page) == f"{mallory.username} · Auditor"
+    assert not alice.sso_identities.exists()
+
+
+def fresh(user):
+    """The account as the next request loads it (what four eyes read is kept for one request)."""
+    return User.objects.get(pk=user.pk)
+
+
+def four_eyes_pair(requester, approver):
+    """Whether `approver` may decide on a restore `requester` asked for (the approval's own check)."""
+    request = RestoreRequest(status=RestoreRequest.Status.PENDING, requested_by=requester)
+    if request.awaits_decision_by(approver):
+        return True
+    with pytest.raises(PermissionDenied) as refused:
+        request.approve(approver)
+    return str(refused.value)
+
+
+def test_an_address_the_provider_did_not_verify_cannot_make_ones_two_accounts_two_people(
+    portal, idp, people, catalog_server
+):
+    """Bob, a DBA with a local account, types another address of his at the provider: unverified,
+    it is the only thing that could tell his single sign-on account from his local one."""
+    bob = make_user("bob", "DBA")
+    for verified in ({}, {"email_verified": False}):
+        SsoIdentity.objects.all().delete()
+        idp.seed(bob={"email": "robert@elsewhere.mv", "groups": ["pg-dbas"], **verified})
+        browser, page = sso_login(portal, "bob")
+        bob, bob_sso = fresh(bob), SsoIdentity.objects.get().user
+        assert header_user(page) == f"{bob_sso.username} · DBA"
+        assert same_person(bob, bob_sso) and same_person(bob_sso, bob)
+        for requester, approver in ((bob, bob_sso), (bob_sso, bob)):
+            refusal = four_eyes_pair(requester, approver)
+            assert "the identity provider did not verify" in refusal, refusal
+    change = ChangeRequest.open(
+        ChangeRequest.Kind.SHORTEN_RETENTION, catalog_server, bob, "disk full", {"base_retention_days": {"to": 7}}
+    )
+    assert not change.awaits_decision_by(bob_sso)
+    with pytest.raises(PermissionDenied, match="the identity provider did not verify"):
+        change.approve(bob_sso)
+
+
+def test_a_verified_address_tells_a_single_sign_on_account_from_a_local_one(portal, idp, people):
+    alice = make_user("alice", "DBA")
+    idp.seed(dana={**PEOPLE["dana"], "email_verified": True})
+    sso_login(portal, "dana")
+    identity = SsoIdentity.objects.select_related("user").get()
+    dana = identity.user
+    assert identity.email_verified and not same_person(alice, dana)
+    assert four_eyes_pair(alice, dana) is True and four_eyes_pair(dana, alice) is True
+
+    # Her address changes at the provider: the account keeps the one it was made with, which
+    # the provider no longer vouches for, so she and Alice are again not told apart.
+    idp.seed(dana={**PEOPLE["dana"], "email": "dana.new@idp.example.mv", "email_verified": True})
+    sso_login(portal, "dana")
+    identity.refresh_from_db()
+    assert not identity.email_verified and identity.user.email == PEOPLE["dana"]["email"]
+    alice = fresh(alice)
+    assert same_person(alice, dana) and four_eyes_pair(fresh(dana), alice) is not True
+
+
+def test_an_unverified_address_equal_to_a_local_accounts_still_makes_one_person(portal, people):
+    """The conservative side: Mallory may have typed Alice's address, or it may be Alice's own second
+    account; the portal cannot know, so neither decides on the other's requests."""
+    alice = make_user("alice", "DBA")
+    sso_login(portal, "mallory")
+    mallory = SsoIdentity.objects.get().user
+    assert same_person(alice, mallory)
+    assert "same e-mail address" in four_eyes_pair(mallory, alice)
 
 
 def test_local_accounts_still_log_in_and_the_login_page_offers_sso(portal, people):

@@ -16,7 +16,7 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.roles import is_dba, role_may, same_person
+from backupportal.roles import UNTOLD_APART, is_dba, role_may, same_person, why_same_person
 from backups.models.runs import BackupRun
 
 
@@ -270,10 +270,11 @@ class ChangeRequest(models.Model):
             if self.kind in self.DBA_DECIDES:
                 raise PermissionDenied("Only a DBA decides where restore tests restore: ask another DBA.")
             raise PermissionDenied("Only a DBA or a Sysadmin decides on a destructive change.")
-        if same_person(user, self.requested_by):
+        reason = why_same_person(user, self.requested_by)
+        if reason:
+            note = reason if reason == UNTOLD_APART else "nor from another account with your e-mail address"
             raise PermissionDenied(
-                "You cannot decide on your own change request (nor from another account with your e-mail address): "
-                "another DBA or Sysadmin must."
+                f"You cannot decide on your own change request ({note}): another DBA or Sysadmin must."
             )
         if self.state != self.State.PENDING:
             raise ValidationError(f"Change request #{self.pk} is {self.state}, not waiting for a decision.")

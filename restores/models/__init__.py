@@ -11,7 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.roles import is_dba, same_person
+from backupportal.roles import OWN_ACCOUNT, is_dba, same_person, why_same_person
 from backups.models import EncryptionKey
 
 
@@ -152,7 +152,8 @@ class RestoreRequest(models.Model):
         self._decide(user, self.Status.APPROVED, note, confirm_database)
 
     def _other_account(self, user):
-        return "" if user.pk == self.requested_by_id else " (asked from your other account, same e-mail address)"
+        reason = why_same_person(user, self.requested_by)
+        return "" if reason == OWN_ACCOUNT else f" ({reason})"
 
     def retired(self):
         """Why a request whose backup retention deleted since it was asked for may not run: a

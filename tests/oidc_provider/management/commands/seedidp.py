@@ -1,6 +1,7 @@
 """Make (or update) the portal's client and the people of the test IdP, from JSON on stdin:
 {"client_id", "client_secret", "redirect_uri", "users": [{"username", "password", "email",
-"groups": [...]}]}. On stdin, so that no secret is in argv."""
+"email_verified" (true, false, or absent: no such claim), "groups": [...]}]}. On stdin, so that
+no secret is in argv."""
 
 import json
 import sys
@@ -8,6 +9,8 @@ import sys
 from django.contrib.auth.models import Group, User
 from django.core.management.base import BaseCommand
 from oauth2_provider.models import Application
+
+from tests.oidc_provider.validator import VERIFIED
 
 
 class Command(BaseCommand):
@@ -33,5 +36,8 @@ class Command(BaseCommand):
             user.email = person.get("email", "")
             user.set_password(person["password"])
             user.save()
-            user.groups.set([Group.objects.get_or_create(name=g)[0] for g in person.get("groups", [])])
+            groups = list(person.get("groups", []))
+            if "email_verified" in person:  # a marker the validator turns into the claim
+                groups.append(f"{VERIFIED}{str(bool(person['email_verified'])).lower()}")
+            user.groups.set([Group.objects.get_or_create(name=g)[0] for g in groups])
         self.stdout.write("seeded")
