@@ -50,6 +50,26 @@ WHERE pn.nspname = %s AND p.relname = %s AND t.isleaf AND c.relkind = 'r'
 
 BATCH = 200  # tables counted per query
 
+# The planner inlines an owner's SQL function (in an expression index, a partial index's WHERE,
+# expression statistics) by parsing its body with the session's search_path: with the portal's
+# pg_catalog alone, a body calling its own helper() unqualified failed every count of the table
+# (pg_dump's COPY plans nothing). So a count or digest reads with the database's own search_path
+# (ALTER ROLE/DATABASE ... SET, the most specific first, else PostgreSQL's default) behind
+# pg_catalog: nothing of a writable schema shadows a built-in, and our own queries name the
+# functions and operators they use with their schema (or with types a built-in matches exactly:
+# a closer match in a later schema would beat it). Transaction-local: a DBA's check on the
+# same session still sees pg_catalog only (restores.validation.UNQUALIFIED).
+OWNERS_PATH = """
+SELECT pg_catalog.set_config('search_path', pg_catalog.concat_ws(', ', 'pg_catalog', coalesce((
+    SELECT pg_catalog.substr(c, 13)
+    FROM pg_catalog.pg_db_role_setting s CROSS JOIN LATERAL pg_catalog.unnest(s.setconfig) c
+    WHERE s.setdatabase IN (0::pg_catalog.oid, (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()))
+      AND s.setrole IN (0::pg_catalog.oid, (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user))
+      AND pg_catalog.starts_with(c, 'search_path=')
+    ORDER BY s.setrole DESC, s.setdatabase DESC LIMIT 1
+  ), (SELECT boot_val FROM pg_catalog.pg_settings WHERE name = 'search_path')), 'pg_temp'), true)
+"""
+
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
@@ -212,8 +232,10 @@ def _text_row(row):
 def _count_batch(conn, batch):
     # One query for many tables: with thousands of small tables the round trips, not the
     # scans, are the cost (bench/ROWCOUNTS.md).
-    parts = [b"SELECT %d::int, count(*) %s" % (i, from_clause) for i, (_, from_clause) in enumerate(batch)]
-    rows = conn.execute(b" UNION ALL ".join(parts)).fetchall()
+    parts = [b"SELECT %d::int, pg_catalog.count(*) %s" % (i, from_clause) for i, (_, from_clause) in enumerate(batch)]
+    with conn.transaction():  # OWNERS_PATH lasts as long as the transaction (a backup's: one per batch)
+        conn.execute(OWNERS_PATH)
+        rows = conn.execute(b" UNION ALL ".join(parts)).fetchall()
     return {batch[i][0]: n for i, n in rows}
 
 
@@ -234,13 +256,15 @@ def content_digest(conn, name):
 
     schema, table = key_of(name)
     query = sql.SQL(
-        "SELECT pg_catalog.count(*)::text || ':' || "
-        "coalesce(pg_catalog.sum(pg_catalog.hashtextextended(pg_catalog.to_jsonb(t)::text, 0)), 0)::text FROM {}.{} AS t"
+        "SELECT pg_catalog.count(*)::pg_catalog.text OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) "
+        "coalesce(pg_catalog.sum(pg_catalog.hashtextextended(pg_catalog.to_jsonb(t)::pg_catalog.text, 0)), 0)"
+        "::pg_catalog.text FROM {}.{} AS t"
     ).format(sql.Identifier(schema), sql.Identifier(table))
     try:
         with conn.transaction():  # a savepoint inside the snapshot's: a failure leaves it usable
             for setting, value in DIGEST_SETTINGS:
                 conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", [setting, value])
+            conn.execute(OWNERS_PATH)
             return conn.execute(query).fetchone()[0]
     except psycopg.Error:
         return None

@@ -364,3 +364,45 @@ def test_counting_that_fails_beside_the_dump_fails_the_backup_and_keeps_nothing(
     run = BackupRun.objects.get(pk=result["id"])
     assert not BackupCopy.objects.filter(run=run).exists()
     assert not [p for p in backup_root.rglob("*") if p.is_file() and run.key and p.name in run.key]
+
+
+# An owner's SQL function calling its own helper unqualified, in an expression index, a partial
+# index's WHERE and expression statistics: the planner inlines it, parsing its body with the
+# session's search_path, for any query on the table (pg_dump's COPY plans nothing). The database
+# puts public before pg_catalog, and a count(*) of the owner's there would say 5000.
+INLINED = r"""
+CREATE FUNCTION public.helper(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'select $1 + 1';
+CREATE FUNCTION public.f(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'select helper($1)';
+CREATE FUNCTION public.positive(int) RETURNS bool LANGUAGE sql IMMUTABLE AS 'select helper($1) > 0';
+CREATE TABLE public.readings AS SELECT g AS a FROM generate_series(1, 10) g;
+CREATE INDEX ON public.readings (public.f(a));
+CREATE INDEX ON public.readings (a) WHERE public.positive(a);
+CREATE STATISTICS readings_f ON (public.f(a)) FROM public.readings;
+CREATE FUNCTION public.fake_count(bigint) RETURNS bigint LANGUAGE sql AS 'select 5000::bigint';
+CREATE AGGREGATE public.count(*) (sfunc = public.fake_count, stype = bigint, initcond = '0');
+ALTER DATABASE reliabilitymaldives SET search_path = public, pg_catalog;
+"""
+
+
+def test_a_table_whose_index_calls_an_owners_function_unqualified_is_counted_and_digested(
+    server, sample_cluster, passphrase_file, backup_root
+):
+    """Found by a probe: every count of such a table failed ("function helper(integer) does not
+    exist"), and the backup with it, where pg_dump dumps the database."""
+    from backups.models import Database
+
+    sample_cluster.execute(INLINED, dbname=server.dbname)
+    Database.of_dsn(server)
+    Database.objects.filter(server=server, name=server.dbname).update(critical_tables=["public.readings"])
+    result = backup_json()
+    assert result["status"] == "succeeded", result
+    run = BackupRun.objects.get(pk=result["id"])
+    assert run.details["row_counts"]["public.readings"] == 10  # pg_catalog's count(*), not the owner's
+    assert run.details["content_digests"]["public.readings"].startswith("10:")
+    # As a restore test reads a copy (a base backup's keeps the indexes): on one session, whose
+    # DBA's checks then still see pg_catalog only.
+    with server.connect() as conn:
+        errors = {}
+        assert tables.count_all(conn, errors)["public.readings"] == 10 and errors == {}
+        assert tables.content_digest(conn, "public.readings") == run.details["content_digests"]["public.readings"]
+        assert conn.execute("SHOW search_path").fetchone()[0] == "pg_catalog,pg_temp"
