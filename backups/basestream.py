@@ -58,6 +58,7 @@ class ServerCompressed(Source):
     position; open() hands gpg a pipe that a thread fills with the archive as it arrives."""
 
     name = "BASE_BACKUP"
+    what = "the base backup the server sends"
 
     def __init__(self, server, label, level, workers):
         super().__init__()

@@ -133,6 +133,16 @@ class PortalGPG(gnupg.GPG):
             pass_fds=self.pass_fds,
         )
 
+    def _handle_io(self, args, fileobj_or_path, result, passphrase=None, binary=False):
+        try:
+            return super()._handle_io(args, fileobj_or_path, result, passphrase, binary)
+        except OSError:
+            # gpg died first (killed, say): python-gnupg has its exit in `result`, then raises the
+            # broken pipe its writer met, which says nothing of why ("[Errno 32] Broken pipe").
+            if result.returncode:
+                return result
+            raise
+
 
 def gnupg_home() -> Path:
     home = Path(settings.GNUPGHOME or settings.VAR_DIR / "gnupg")
@@ -550,6 +560,8 @@ def _pump(pipe, on_data):
 
 def gpg_failure(result) -> str:
     """One line from gpg's status for an error message."""
+    if (result.returncode or 0) < 0:
+        return f"gpg was killed by {signal_named(-result.returncode)}"
     status = getattr(result, "status", "") or ""
     if isinstance(result, DecryptedHere) and not status.startswith("decryption failed"):
         return f"cannot decrypt: {status}"
@@ -557,3 +569,11 @@ def gpg_failure(result) -> str:
         return "gpg could not decrypt: wrong passphrase or key"
     lines = [line for line in (result.stderr or "").splitlines() if line.startswith("gpg:")]
     return f"gpg failed ({status or 'exit ' + str(result.returncode)}){': ' + lines[-1] if lines else ''}"
+
+
+def signal_named(number) -> str:
+    """The signal as "signal 9 (SIGKILL)": the number kill sends and the name dmesg gives."""
+    try:
+        return f"signal {number} ({signal.Signals(number).name})"
+    except ValueError:
+        return f"signal {number}"

@@ -24,7 +24,7 @@ from backupportal.lib.pgerrors import explain
 from backups import tables, tarpipe
 from backups.crypto import Encryption, PipeSource, die_with_parent
 from backups.storage import StorageError
-from backups.streams import CHUNK, EncryptFailed, Source, WriteFailed, encrypt_into
+from backups.streams import CHUNK, EncryptFailed, GpgKilled, Source, WriteFailed, encrypt_into
 
 
 class BackupFailed(Exception):
@@ -123,6 +123,7 @@ class ToolSource(Source):
         super().__init__()
         self.tool, self.server, self.compressor = tool, server, compressor
         self.name = os.path.basename(tool.argv[0])
+        self.what = f"the output of {self.name}"
         self.stopped = False
         self.feeder = self.feed_error = None
 
@@ -210,10 +211,18 @@ def encrypt_source(store, key, source, encryption, on_tick=None, timeout=None):
         return encrypt_into(store, key, source, encryption, None, on_tick, timeout)
     except WriteFailed as e:
         raise BackupFailed(_storage_message(e.error)) from None
+    except GpgKilled as e:
+        raise BackupFailed(f"{e}: nothing was kept; {_after_a_kill(e)}") from None
     except EncryptFailed as e:
         raise BackupFailed(str(e)) from None
     except (OSError, StorageError) as e:  # opening or committing the file: one line
         raise BackupFailed(_storage_message(e)) from None
+
+
+def _after_a_kill(error):
+    if "SIGKILL" in str(error):  # what the OOM killer sends
+        return "run the backup again, and check the machine's memory (the OOM killer, in dmesg) if it recurs"
+    return "run the backup again, and find what stopped gpg if it recurs"
 
 
 def _storage_message(error):

@@ -44,11 +44,16 @@ class EncryptFailed(Exception):
     """The source or gpg failed; the message is one line a DBA can act on."""
 
 
+class GpgKilled(EncryptFailed):
+    """gpg ended by a signal (the OOM killer's SIGKILL, an operator's kill) while it encrypted."""
+
+
 class Source:
     """What encrypt_into() reads: a readable stream. A running tool (backups.pipeline) also
     stops when the location fails and says, once gpg is done, whether it failed itself."""
 
     name = "the source"
+    what = "the data"  # what gpg was encrypting, in a message
 
     def __init__(self, stream=None):
         self.stream = stream
@@ -112,6 +117,8 @@ def encrypt_into(store, key, source, encryption, compress_level=None, on_tick=No
         source.check()
         if isinstance(result, Exception):
             raise EncryptFailed(f"gpg: {result}")
+        if (result.returncode or 0) < 0:
+            raise GpgKilled(f"{gpg_failure(result)} while encrypting {source.what}")
         if result.returncode != 0 or getattr(result, "on_data_failure", None):
             raise EncryptFailed(gpg_failure(result))
         if writer.size == 0:

@@ -62,6 +62,38 @@ def test_sigkill_of_pg_dump_mid_stream_fails_the_run_and_leaves_nothing(
     assert [p for p in tree if Path(f"/proc/{p}").exists() and _not_zombie(p)] == []
 
 
+def encrypting_gpg(pid):
+    """The gpg below pid that encrypts, not a short one python-gnupg runs to ask its version."""
+    found = child_named(pid, "gpg")
+    try:
+        return found if found and b"--symmetric" in Path(f"/proc/{found}/cmdline").read_bytes() else None
+    except OSError:
+        return None
+
+
+def test_sigkill_of_gpg_mid_stream_fails_the_run_in_one_line_that_says_what_to_do(
+    big_server, passphrase_file, backup_root, settings
+):
+    """Found by a probe: gpg killed under the dump (the OOM killer, say) failed the run with a
+    vague "gpg: [Errno 32] Broken pipe"."""
+    proc = manage(settings, "backup", "maldives", "--json")
+    wait_for(streaming_run, what="bytes to stream")
+    gpg = wait_for(lambda: encrypting_gpg(proc.pid), what="gpg to encrypt")
+    os.kill(gpg, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    result = json.loads(out.strip().splitlines()[-1])
+    run = BackupRun.objects.get(pk=result["id"])
+    assert run.status == "failed" and "\n" not in run.error
+    assert run.error == (
+        "gpg was killed by signal 9 (SIGKILL) while encrypting the output of pg_dump: nothing was kept; "
+        "run the backup again, and check the machine's memory (the OOM killer, in dmesg) if it recurs"
+    )
+    assert run.error in err
+    assert not run.copies.filter(status="ok").exists()
+    assert files_under(backup_root) == []  # neither an artifact nor a partial file
+
+
 def test_sigkill_of_the_worker_mid_stream_leaves_no_orphan_and_no_good_looking_file(
     big_server, passphrase_file, backup_root, settings
 ):
