@@ -387,7 +387,9 @@ def wal_chain(run):
         raise BackupFailed(str(e)) from None
     gaps = walchain.missing_segments(server, first, end, lineage)
     if gaps:
-        message = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
+        message = (
+            f"WAL gap in the archive of {server}: {walhealth.missing_file(gaps[0])} is missing; PITR cannot cross it"
+        )
         conditions.changed("wal_gap", server=server)  # the failed run is recorded too (backup_failed)
         raise BackupFailed(message)
     conditions.changed("wal_gap", server=server)

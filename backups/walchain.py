@@ -22,7 +22,7 @@ from backups.models import WalSegment
 from backups.pipeline import BackupFailed
 from backups.streams import FetchFailed, readable
 from backups.walingest import ingest
-from backups.walnames import WalError, lsn_to_int, segment_name, segno_of
+from backups.walnames import WalError, lsn_to_int, segment_name
 
 HISTORY_LINE = re.compile(r"^\s*(\d+)\s+([0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8})")
 
@@ -187,15 +187,6 @@ def last_segno(server, lineage=None):
 
 def oldest_kept_base(server):
     return server.runs.restorable_bases().order_by("start_wal", "finished_at").first()
-
-
-def chain_gaps(server):
-    """Missing segments since the oldest kept base backup (the window PITR can reach)."""
-    base = oldest_kept_base(server)
-    last = last_segno(server)
-    if base is None or last is None or not server.wal_segment_size:
-        return []
-    return missing_segments(server, segno_of(base.start_wal, server.wal_segment_size), last)
 
 
 def wait_for_wal(server, first, last, timeout, lineage):

@@ -13,9 +13,10 @@ import psycopg
 from django.conf import settings
 from django.utils import timezone
 
+from backups import walnames
 from backups.models import Server
 from backups.receiver import SLOT_ROW, slot_invalidated, steady
-from backups.walchain import chain_gaps
+from backups.timelines import chain_gaps
 from backups.walspool import is_portal_command, pending_names, read_small_file, spool_dir
 
 
@@ -247,6 +248,13 @@ def slot_left_over(server, unknown=None):
     )
 
 
+def missing_file(name):
+    """A missing WAL file with its timeline: after a failover two timelines hold the same numbers."""
+    if name.endswith(".history"):
+        return f"history file {name} (timeline {walnames.timeline_of(name)})"
+    return f"segment {name} (timeline {walnames.timeline_of(name)})"
+
+
 def health(server):
     """What keeps the server's WAL from the archive: ({condition: message}, {conditions unknown}).
 
@@ -257,7 +265,9 @@ def health(server):
     findings, unknown = {}, set()
     gaps = chain_gaps(server)
     if gaps:
-        findings["wal_gap"] = f"WAL gap in the archive of {server}: segment {gaps[0]} is missing; PITR cannot cross it"
+        findings["wal_gap"] = (
+            f"WAL gap in the archive of {server}: {missing_file(gaps[0])} is missing; PITR cannot cross it"
+        )
     if server.archiving == Server.Archiving.PUSH:
         problems = push_problems(server, unknown=UNKNOWN)
     elif server.archiving == Server.Archiving.PULL:

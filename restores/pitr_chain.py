@@ -19,14 +19,13 @@ from pathlib import Path
 from backupportal import journal
 from backupportal.lib.childenv import child_env
 from backupportal.lib.osuser import as_db_user_tied, chown_to_db_user, remove_tree
-from backups import walnames
+from backups import timelines, walnames
 from backups.binaries import backup_major, cluster_tool
 from backups.copies import decrypt_here, healthy_copies
 from backups.crypto import die_with_parent
 from backups.models import BackupRun
 from backups.storage import store_for
 from backups.streams import readable
-from restores import pitr_checks
 from restores.pitr_extract import TarSink, place_manifest
 from restores.pitr_plan import RestoreFailed, encryption_of
 
@@ -82,7 +81,7 @@ def links_down_to(newest, full, lineage=None):
         if run.pk in seen:
             raise BrokenLink(f"incremental #{run.pk} is its own ancestor in the catalog")
         seen.add(run.pk)
-        if lineage is not None and not pitr_checks.on_lineage(lineage, run):
+        if lineage is not None and not timelines.on_lineage(lineage, run):
             raise BrokenLink(f"incremental #{run.pk} was taken on timeline {run.timeline}, which production left")
         check_link(run)
         links.append(run)

@@ -28,13 +28,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 from django.conf import settings
 from django.utils import timezone
 
 from backupportal.lib.osuser import DB_OS_USER, only_root_can_change
-from backupportal.lib.pgerrors import explain
-from backups import manifests, walchain, walingest, walnames, walspool
+from backups import timelines, walingest, walnames, walspool
 from backups.models import StorageLocation, WalSegment
 from backups.walnames import WalError
 from restores.pitr_plan import Refused, RestoreFailed
@@ -166,17 +164,18 @@ def production_lineage(server, bases, segment_size):
     copy restored from a base backup and archiving into production's spool) is left aside
     and named in a note; the archive keeps its files.
     """
-    newest = bases[-1].timeline or 1
-    live, why = live_timeline(server)
-    timeline = live or newest
-    lineage = walchain.Lineage.of(timeline, history_text(server, timeline), segment_size)
+    try:
+        lineage, why = timelines.production_lineage(server, bases, segment_size)
+    except WalError as e:
+        raise Refused(str(e)) from None
+    timeline, live = lineage.timeline, not why
     notes = []
-    if live is None:
+    if why:
         notes.append(
             f"{server} could not be asked which timeline it is on ({why}): following timeline {timeline}, "
             f"its newest base backup's"
         )
-    on_it = [b for b in bases if on_lineage(lineage, b)]
+    on_it = [b for b in bases if timelines.on_lineage(lineage, b)]
     left = [b for b in bases if b not in on_it]
     if not on_it:
         raise Refused(
@@ -186,8 +185,8 @@ def production_lineage(server, bases, segment_size):
     if left:
         ids = ", ".join(f"#{b.pk} (timeline {b.timeline})" for b in left)
         notes.append(f"base backups not on production's timeline history ({lineage}) are not used: {ids}")
-    timelines = WalSegment.objects.filter(server=server, deleted_at=None).order_by().values_list("timeline", flat=True)
-    foreign = sorted(set(timelines.distinct()) - set(lineage.timelines))
+    archived = WalSegment.objects.filter(server=server, deleted_at=None).order_by().values_list("timeline", flat=True)
+    foreign = sorted(set(archived.distinct()) - set(lineage.timelines))
     if foreign:
         names = ", ".join(map(str, foreign))
         notes.append(
@@ -197,42 +196,6 @@ def production_lineage(server, bases, segment_size):
             + ("" if live else f"; if {server} was promoted onto it, take a base backup and restore again")
         )
     return lineage, on_it, notes
-
-
-def live_timeline(server):
-    """(the timeline the source is on, "") or (None, why it could not be asked)."""
-    try:
-        with server.connect(connect_timeout=10) as conn:
-            checkpoint, sysid, walfile = conn.execute(
-                "SELECT c.timeline_id, s.system_identifier, CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL "
-                "ELSE pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()) END "
-                "FROM pg_catalog.pg_control_checkpoint() c, pg_catalog.pg_control_system() s"
-            ).fetchone()
-    except (psycopg.Error, OSError) as e:
-        return None, explain(e, server) if isinstance(e, psycopg.Error) else str(e)
-    known = manifests.known_system_identifier(server)
-    if known and str(sysid) != known:
-        return None, f"it answers as another cluster: system identifier {sysid}, its backups' {known}"
-    # The checkpoint's timeline lags a promotion until the next checkpoint; the WAL being written does not.
-    return max(int(checkpoint), walnames.timeline_of(walfile) if walfile else 0), ""
-
-
-def history_text(server, timeline):
-    """The .history file of `timeline` from the archive ("" for timeline 1); Refused without it."""
-    try:
-        return walchain.history_text(server, timeline)
-    except WalError as e:
-        raise Refused(str(e)) from None
-
-
-def on_lineage(lineage, base):
-    if not base.timeline:
-        return True  # recorded before timelines were: assumed production's
-    if lineage.span(base.timeline) is None:
-        return False
-    if base.start_lsn and base.end_lsn:
-        return lineage.holds(base.timeline, base.start_lsn, base.end_lsn)
-    return True
 
 
 def history_names(lineage):

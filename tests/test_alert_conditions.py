@@ -117,7 +117,10 @@ def test_a_segment_lost_from_the_archive_is_a_wal_gap_until_it_is_archived_again
     walingest.ingest(server)
 
     alert = opens_once(smtp_server, "wal_gap", "server:maldives", "maldives")
-    assert alert.message == f"WAL gap in the archive of maldives: segment {lost} is missing; PITR cannot cross it"
+    assert (
+        alert.message
+        == f"WAL gap in the archive of maldives: segment {lost} (timeline 1) is missing; PITR cannot cross it"
+    )
 
     # The DBA archives it again from pg_wal (no checkpoint has recycled it yet), with the
     # archive_command PostgreSQL runs; the next ingest fills the gap.
