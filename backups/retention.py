@@ -18,6 +18,8 @@ goes only when its newest link has expired.
 WAL is kept `wal_retention_days` (7), but never a segment that a kept base backup needs to
 become consistent, nor one on the way from the base backup that reaches the start of the
 window to now: any moment of the window stays recoverable. History files are tiny and kept.
+After a failover that base is one on the timeline history a PITR to latest follows (backups.
+timelines), never one the old primary took on the branch it left.
 """
 
 import logging
@@ -30,7 +32,7 @@ from django.db.models import Max, Q
 from django.utils import timezone
 
 from backupportal import journal
-from backups import gfs, keyring, manifests, walnames, walspool
+from backups import gfs, keyring, manifests, timelines, walnames, walspool
 from backups.copies import delete_run_artifacts, restorable, retire
 from backups.models import WAL_LOCATION, BackupCopy, BackupHold, BackupRun, Server, StorageLocation, WalSegment
 from backups.storage import StorageError, store_for
@@ -52,23 +54,26 @@ class PlanRun:
 
     Kind = BackupRun.Kind
     COLUMNS = ["pk", "kind", "database_id", "database__name", "finished_at", "details", "start_wal"]
+    COLUMNS += ["timeline", "start_lsn", "end_lsn"]  # whether a base is on production's timeline history
     method = BackupRun.method
     parent_run_id = BackupRun.parent_run_id
     stop_time = BackupRun.stop_time
 
-    def __init__(self, pk, kind, database_id, database_name, finished_at, details, start_wal):
+    def __init__(self, pk, kind, database_id, database_name, finished_at, details, start_wal, *wal):
         self.pk, self.kind, self.database_id, self.database_name = pk, kind, database_id, database_name
         self.finished_at, self.details, self.start_wal = finished_at, details, start_wal
+        self.timeline, self.start_lsn, self.end_lsn = wal
 
 
 def _days(server, kind):
     return getattr(server, DAYS_FIELD[kind])
 
 
-def plan(server, now=None):
+def plan(server, now=None, lineage=False):
     """{run: rule} for every good backup of the server (WAL-chain checks aside, which have no
     artifact): why it is kept ("daily 2026-12-01", "weekly 2026-W48", "floor", "legal hold",
-    "chain of #N", ...), or None when retention deletes it on its next pass.
+    "chain of #N", ...), or None when retention deletes it on its next pass. `lineage`: what
+    current_lineage() says, when the caller has it already.
 
     A handful of queries per server, whatever the number of backups."""
     now = now or timezone.now()
@@ -106,7 +111,8 @@ def plan(server, now=None):
     _keep_chains(kept, by_pk)
     _keep_globals(kept, by_pk)
     bases = [r for r in runs if r.kind == BackupRun.Kind.BASE]
-    anchor = window_anchor(bases, now - timedelta(days=server.wal_retention_days), lost)
+    lineage = current_lineage(server, bases) if lineage is False else lineage
+    anchor = window_anchor(bases, now - timedelta(days=server.wal_retention_days), lost, lineage)
     if anchor is not None:
         kept.setdefault(anchor, "start of the WAL window")
     return {r: kept.get(r) for r in sorted(runs, key=lambda r: r.finished_at, reverse=True)}
@@ -302,24 +308,50 @@ def remove_leftovers(actor="job:retention"):
     return removed
 
 
-def window_anchor(bases, window_start, lost=()):
+def current_lineage(server, bases):
+    """The walchain.Lineage a PITR to latest follows (backups.timelines), or None when every base
+    backup counts: the archive holds one timeline (nothing to choose, and no server to ask when a
+    page plans), or the history file of production's timeline is not catalogued yet (the wal_gap
+    alert names it)."""
+    size = server.wal_segment_size
+    one = all((b.timeline or 1) == 1 for b in bases) and not server.wal_segments.filter(timeline__gt=1).exists()
+    if not size or not bases or one:
+        return None
+    try:
+        return timelines.production_lineage(server, sorted(bases, key=attrgetter("stop_time")), size)[0]
+    except walnames.WalError:
+        return None
+
+
+def on_lineage(bases, lineage):
+    """The bases a PITR along `lineage` can start from; all of them without one, or when none is
+    on it (the oldest then anchors: the most WAL is kept)."""
+    if lineage is None:
+        return bases
+    return [b for b in bases if timelines.on_lineage(lineage, b)] or bases
+
+
+def window_anchor(bases, window_start, lost=(), lineage=None):
     """The newest base backup consistent before the window starts: PITR to that moment starts
     there. Not one in `lost` (pks of bases without a restorable copy) while any other will do: the
-    WAL only a lost one needed is not kept."""
-    bases = [b for b in bases if b.pk not in lost] or bases
+    WAL only a lost one needed is not kept. After a failover, one on the timeline history a PITR
+    follows (`lineage`): a base the old primary took on the branch it left is never a PITR's start,
+    and anchoring on it deleted the WAL from the base before the switch that PITR starts from."""
+    bases = on_lineage([b for b in bases if b.pk not in lost] or bases, lineage)
     before = [b for b in bases if b.start_wal and b.stop_time <= window_start]
     return max(before, key=attrgetter("stop_time")) if before else None
 
 
-def doomed_segments(server, kept_bases, now, kept_links=(), lost=()):
+def doomed_segments(server, kept_bases, now, kept_links=(), lost=(), lineage=None):
     """Segments older than the window that no kept base backup needs, nor a kept block
     incremental (`kept_links`: the WAL from its start to its end makes it consistent). The WAL
     kept from the window's start begins at a base a PITR can start from: not one in `lost` (pks
-    of bases without a restorable copy), while any other is kept."""
+    of bases without a restorable copy), while any other is kept, and one on `lineage`. Each
+    kept base keeps its own WAL, whatever its timeline: it restores to its end from it alone."""
     size = server.wal_segment_size
     window_start = now - timedelta(days=server.wal_retention_days)
     with_wal = [b for b in kept_bases if b.start_wal and size]
-    usable = [b for b in with_wal if b.pk not in lost] or with_wal
+    usable = on_lineage([b for b in with_wal if b.pk not in lost] or with_wal, lineage)
     anchor = window_anchor(usable, window_start) or min(usable, key=attrgetter("stop_time"), default=None)
     keep_from = walnames.segno_of(anchor.start_wal, size) if anchor else None
     needing = with_wal + [link for link in kept_links if link.start_wal and link.end_wal and size]
@@ -360,11 +392,12 @@ def replay_waits(server):
 def wal_retention(server, now, dry_run, actor):
     if waits := replay_waits(server):
         return {"deleted": 0, "first_deleted": None, "last_deleted": None, "kept_from": None, "waits": waits}
-    kept_pks = {r.pk for r, rule in plan(server, now).items() if rule is not None}
+    lineage = current_lineage(server, list(server.runs.restorable_bases()))
+    kept_pks = {r.pk for r, rule in plan(server, now, lineage).items() if rule is not None}
     good = server.runs.good().filter(pk__in=kept_pks)
     kept = list(good.filter(kind=BackupRun.Kind.BASE))
     links = list(good.filter(kind=BackupRun.Kind.INCREMENTAL))
-    segments, anchor = doomed_segments(server, kept, now, links, lost=_without_a_healthy_copy(kept))
+    segments, anchor = doomed_segments(server, kept, now, links, _without_a_healthy_copy(kept), lineage)
     result = {
         "deleted": len(segments),
         "first_deleted": segments[0].name if segments else None,

@@ -7,18 +7,21 @@ that becomes the primary, the old primary going on writing on timeline 1 for a w
 brain); both archive into production's spool.
 """
 
+from datetime import timedelta
+
 import psycopg
 import pytest
 from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
-from backups import binaries, walhealth, walingest, walnames, walspool
+from backups import binaries, retention, walchain, walhealth, walingest, walnames, walspool
 from backups.models import BackupRun, WalSegment
 from tests.helpers import (
     DB,
     archive_as_postgres,
     archive_some_wal,
     enable_push,
+    rows,
     run_command,
     wait_archived,
     wait_for,
@@ -98,3 +101,39 @@ def test_a_segment_missing_on_the_new_timeline_is_a_gap_though_the_old_timeline_
     result = restore(restored(), free_port(), "--target", "latest")
     assert result["status"] == "refused", result
     assert f"WAL segment {lost.name} is missing" in result["error"], result
+
+
+def age(run, days, now):
+    """Make a run look `days` old in the catalog, on both clocks."""
+    when = now - timedelta(days=days)
+    run.finished_at = when
+    run.details.update(stop_time=when.isoformat(), stop_time_portal=when.isoformat())
+    run.save(update_fields=["finished_at", "details"])
+
+
+def test_wal_retention_anchors_on_a_base_of_the_current_timeline_not_the_old_primarys_branch(failover, restored):
+    server, before, after, port = failover
+    server.retention_floor, server.base_retention_days = 1, 15  # the older base goes unless it anchors
+    server.save(update_fields=["retention_floor", "base_retention_days"])
+    size, now = server.wal_segment_size, timezone.now()
+    # 20 and 9 days old; the WAL before the old primary's base archived 15 days ago: the window
+    # (7 days) starts after both bases.
+    age(before, 20, now)
+    age(after, 9, now)
+    start = walnames.segno_of(after.start_wal, size)
+    WalSegment.objects.filter(server=server, segno__lt=start).update(archived_at=now - timedelta(days=15))
+
+    plan = retention.plan(server, now)
+    assert plan[next(r for r in plan if r.pk == before.pk)] == "start of the WAL window"
+    result = retention.wal_retention(server, now, dry_run=False, actor="test")
+    assert result["kept_from"] == before.start_wal, result
+
+    lineage = walchain.Lineage.of(2, walchain.history_text(server, 2), size)
+    assert str(lineage) == "1 -> 2"
+    first = walnames.segno_of(before.start_wal, size)
+    assert walchain.missing_segments(server, first, walchain.last_segno(server, lineage), lineage) == []
+    # PITR to latest on timeline 2 starts from the base before the switch and replays through it.
+    into = free_port()
+    result = restore(restored(), into, "--target", "latest")
+    assert result["status"] == "succeeded", result
+    assert rows(into, "SELECT count(*) FROM new_5") == [(1,)]
