@@ -24,8 +24,7 @@ timelines), never one the old primary took on the branch it left.
 
 import logging
 from collections import Counter
-from datetime import timedelta
-from operator import attrgetter
+from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.db.models import Max, Q
@@ -318,7 +317,7 @@ def current_lineage(server, bases):
     if not size or not bases or one:
         return None
     try:
-        return timelines.production_lineage(server, sorted(bases, key=attrgetter("stop_time")), size)[0]
+        return timelines.production_lineage(server, sorted(bases, key=consistent_here), size)[0]
     except walnames.WalError:
         return None
 
@@ -331,6 +330,16 @@ def on_lineage(bases, lineage):
     return [b for b in bases if timelines.on_lineage(lineage, b)] or bases
 
 
+def consistent_here(base):
+    """When a base backup became consistent, on the portal's clock: what the WAL window's start
+    (the portal's now, less the days) is compared with. Its stop_time is the server's clock: a
+    server behind the portal made a base taken inside the window look older than its start, and
+    the WAL from the base before it, which PITR to the window's first moments needs, was deleted.
+    Runs from before the portal's reading was recorded: their finish, a little after it."""
+    stamp = base.details.get("stop_time_portal")
+    return datetime.fromisoformat(stamp) if stamp else base.finished_at
+
+
 def window_anchor(bases, window_start, lost=(), lineage=None):
     """The newest base backup consistent before the window starts: PITR to that moment starts
     there. Not one in `lost` (pks of bases without a restorable copy) while any other will do: the
@@ -338,8 +347,8 @@ def window_anchor(bases, window_start, lost=(), lineage=None):
     follows (`lineage`): a base the old primary took on the branch it left is never a PITR's start,
     and anchoring on it deleted the WAL from the base before the switch that PITR starts from."""
     bases = on_lineage([b for b in bases if b.pk not in lost] or bases, lineage)
-    before = [b for b in bases if b.start_wal and b.stop_time <= window_start]
-    return max(before, key=attrgetter("stop_time")) if before else None
+    before = [b for b in bases if b.start_wal and consistent_here(b) <= window_start]
+    return max(before, key=consistent_here) if before else None
 
 
 def doomed_segments(server, kept_bases, now, kept_links=(), lost=(), lineage=None):
@@ -352,7 +361,7 @@ def doomed_segments(server, kept_bases, now, kept_links=(), lost=(), lineage=Non
     window_start = now - timedelta(days=server.wal_retention_days)
     with_wal = [b for b in kept_bases if b.start_wal and size]
     usable = on_lineage([b for b in with_wal if b.pk not in lost] or with_wal, lineage)
-    anchor = window_anchor(usable, window_start) or min(usable, key=attrgetter("stop_time"), default=None)
+    anchor = window_anchor(usable, window_start) or min(usable, key=consistent_here, default=None)
     keep_from = walnames.segno_of(anchor.start_wal, size) if anchor else None
     needing = with_wal + [link for link in kept_links if link.start_wal and link.end_wal and size]
     ranges = [(walnames.segno_of(b.start_wal, size), walnames.segno_of(b.end_wal, size)) for b in needing]

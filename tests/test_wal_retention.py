@@ -32,7 +32,7 @@ def age(run, days, now):
     """Make a run look `days` old in the catalog (and the WAL it needs with it)."""
     when = now - timedelta(days=days)
     run.finished_at = when
-    run.details["stop_time"] = when.isoformat()
+    run.details.update(stop_time=when.isoformat(), stop_time_portal=when.isoformat())
     run.save(update_fields=["finished_at", "details"])
 
 
@@ -139,3 +139,36 @@ def test_a_kept_block_incremental_keeps_the_wal_it_needs_to_become_consistent(db
     retention.wal_retention(server, now, dry_run=False, actor="test")
     gone = set(WalSegment.objects.filter(server=server).exclude(deleted_at=None).values_list("segno", flat=True))
     assert gone and not {10, 11, 30, 31} & gone
+
+
+def test_a_server_clock_behind_the_portals_never_makes_a_base_inside_the_window_its_anchor(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool
+):
+    """A base backup's stop_time is the server's clock; the window's start is the portal's. A base
+    taken 6 days ago by a server 2 days behind reads 8 days old: compared with the window's start (7
+    days ago) it anchored the window, the older base went and the WAL from it with it, and the
+    window's first day could be restored from no base."""
+    server.retention_floor, server.base_retention_days = 1, 15
+    server.save(update_fields=["retention_floor", "base_retention_days"])
+    enable_push(sample_cluster)
+    old = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "base")["id"])
+    archive_tables(sample_cluster, "a1", "a2", "a3")
+    new = BackupRun.objects.get(pk=run_command("backup", "maldives", "--kind", "base")["id"])
+    archive_tables(sample_cluster, "b1", "b2")
+    walingest.ingest(server)
+    server.refresh_from_db()
+    size, now = server.wal_segment_size, timezone.now()
+    age(old, 20, now)
+    age(new, 6, now)
+    new.details["stop_time"] = (now - timedelta(days=8)).isoformat()  # the server's clock, 2 days behind
+    new.save(update_fields=["details"])
+    new_start = walnames.segno_of(new.start_wal, size)
+    WalSegment.objects.filter(segno__lt=new_start).update(archived_at=now - timedelta(days=10))
+    WalSegment.objects.filter(name__endswith=".backup").update(archived_at=now - timedelta(days=10))
+
+    kept = {run.pk: rule for run, rule in retention.plan(server, now).items()}
+    assert kept[old.pk] == "start of the WAL window", kept
+    done = retention.apply_wal_and_base_retention(now=now)
+    assert done["deleted"] == [] and done["wal"]["maldives"]["kept_from"] == old.start_wal, done
+    first = walnames.segno_of(old.start_wal, size)
+    assert walchain.missing_segments(server, first, walchain.last_segno(server)) == []
