@@ -7,7 +7,8 @@ The archive may hold more than one timeline: production's own, after a promotion
 that reached its spool (a copy restored by hand with production's archive_command). A PITR
 follows one timeline's history (a Lineage, read from its .history file): below each switch point
 the parent's segments, from it on the child's; segments of any other timeline are not its WAL.
-Without a lineage, the newest timeline that has a segment number wins (the gap checks).
+Without a lineage, the newest timeline that has a segment number wins; the gap check (backups.
+timelines.chain_gaps) follows production's lineage, as a PITR to latest does.
 """
 
 import hashlib
