@@ -21,7 +21,7 @@ from django.utils import timezone
 from backupportal import journal
 from backupportal.lib.privatefile import write_private
 from backups.crypto import Encryption, EncryptionError, KeyMissing, keyring_dir
-from backups.models import BackupCopy, EncryptionKey
+from backups.models import BackupCopy, BackupRun, EncryptionKey
 
 _of_key = {}  # key id -> Encryption, for this process: a key id's file never changes
 
@@ -139,11 +139,19 @@ def require_keys(copies, what):
         raise KeyMissing(f"{what}: {missing}")
 
 
+def _written_with(key):
+    """Whether a backup still under way encrypts with `key`: it took the key before a rotation,
+    and its copies are catalogued only at its end. Dropped now, the key would leave that backup
+    with nothing to decrypt it (a probe's finding). A run records its key id before any byte."""
+    unfinished = [BackupRun.Status.QUEUED, BackupRun.Status.RUNNING]
+    return BackupRun.objects.filter(status__in=unfinished, details__key_id=key.pk).exists()
+
+
 def drop_unneeded(dry_run=False, actor="job:retention"):
     """Retired keys that no kept artifact needs any more leave the keyring. Returns their ids."""
     dropped = []
     for key in EncryptionKey.objects.in_keyring().filter(current=False).order_by("created_at"):
-        if key.artifacts().exists():
+        if key.artifacts().exists() or _written_with(key):
             continue
         dropped.append(key.pk)
         if dry_run:

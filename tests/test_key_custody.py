@@ -356,3 +356,33 @@ def test_the_current_keys_file_missing_from_the_keyring_is_named_as_such(server,
         "error"
     ]
     assert f"put {current.pk}.passphrase back there" in result["error"] and "rotatekey" not in result["error"]
+
+
+def test_a_key_a_running_backup_encrypts_with_stays_in_the_keyring(
+    server, sample_cluster, passphrase_file, backup_root, tmp_path, settings, monkeypatch
+):
+    """Found by a probe: a backup takes the current key at its start and catalogues its copies at
+    its end. rotatekey and retention's key drop in between took the key out of the keyring, and the
+    backup then "succeeded" with a dump no restore could decrypt ("not in the keyring")."""
+    from backups import logical
+
+    dump_then = logical.encrypt_to
+    midway = {}
+
+    def rotate_and_drop_while_it_dumps(*args, **kwargs):
+        if not midway:  # the operator rotates, and the nightly retention runs, while pg_dump streams
+            midway["rotated"] = run_command("rotatekey", "--passphrase-file", str(new_passphrase_file(tmp_path)))
+            settings.BACKUP_PASSPHRASE_FILE = str(new_passphrase_file(tmp_path))
+            midway["dropped"] = keyring.drop_unneeded(actor="job:retention")
+        return dump_then(*args, **kwargs)
+
+    monkeypatch.setattr(logical, "encrypt_to", rotate_and_drop_while_it_dumps)
+    run = logical_backup()
+    assert midway["rotated"]["_exit"] == 0 and midway["dropped"] == []
+    old = run.details["key_id"]
+    assert old in keys_of(run) and EncryptionKey.objects.get(pk=old).dropped_at is None
+    restored = restore(run, "restored_after_midway_rotation")
+    assert restored["status"] == "succeeded", restored
+    # Once the backup is done, its copies are what keep the key; re-encrypted, it may go.
+    assert run_command("reencrypt", "--from-key", old)["_exit"] == 0
+    assert keyring.drop_unneeded(actor="test") == [old]
