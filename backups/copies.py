@@ -143,8 +143,14 @@ def record(action, copy, actor, outcome="ok", **details):
 
 
 def record_bad(copy, why, actor="job:verify"):
-    """A copy that is missing or corrupt: bad in the catalog and journaled. Returns its owner."""
-    BackupCopy.objects.filter(pk=copy.pk).update(status=BackupCopy.Status.BAD, last_error=why[:2000])
+    """A copy that is missing or corrupt: bad in the catalog and journaled. Returns its owner;
+    None when the catalog no longer names the object that was read: reencrypt replaced it (and
+    removed the old one) since the verify or restore read its row, and the new one was not read."""
+    marked = BackupCopy.objects.filter(pk=copy.pk, key=copy.key).update(
+        status=BackupCopy.Status.BAD, last_error=why[:2000]
+    )
+    if not marked:
+        return None
     copy.status, copy.last_error = BackupCopy.Status.BAD, why[:2000]
     record("copy_bad", copy, actor, outcome="failed", error=why)
     return owner_of(copy)
@@ -153,7 +159,8 @@ def record_bad(copy, why, actor="job:verify"):
 def mark_bad(copy, why, actor="job:verify"):
     """record_bad(); the monitor alerts "corruption"."""
     owner = record_bad(copy, why, actor)
-    conditions.changed("corruption", server=owner.server)
+    if owner is not None:
+        conditions.changed("corruption", server=owner.server)
 
 
 # --- Copying: plan a row per artifact and location, then make it, retrying with backoff. ----

@@ -29,11 +29,13 @@ def verify_copy(copy, actor="job:verify", progress=None):
             while chunk := reader.read(CHUNK):
                 if progress:
                     progress.read(len(chunk))
-    except MissingArtifact as e:
-        mark_bad(copy, str(e), actor=actor)
-        return "bad", str(e)
-    except CopyCorrupt as e:
-        mark_faults([e], actor)
+    except (MissingArtifact, CopyCorrupt) as e:
+        if (replaced := _replaced_since(copy)) is not None:
+            return verify_copy(replaced, actor, progress)  # the object the catalog names now
+        if isinstance(e, CopyCorrupt):
+            mark_faults([e], actor)
+        else:
+            mark_bad(copy, str(e), actor=actor)
         return "bad", str(e)
     except (OSError, StorageError) as e:
         return "unreachable", str(e)
@@ -41,6 +43,13 @@ def verify_copy(copy, actor="job:verify", progress=None):
     if copy.status == BackupCopy.Status.BAD:
         record("copy_good_again", copy, actor)
     return "ok", ""
+
+
+def _replaced_since(copy):
+    """The copy as the catalog has it now when reencrypt gave it a new object (and removed the
+    one read) since the verify listed it, hours ago on a weekly run; else None."""
+    now = BackupCopy.objects.filter(pk=copy.pk).exclude(key=copy.key)
+    return now.select_related("location", "run__server", "wal_segment__server").first()
 
 
 def read_lock(copy):

@@ -386,3 +386,23 @@ def test_a_key_a_running_backup_encrypts_with_stays_in_the_keyring(
     # Once the backup is done, its copies are what keep the key; re-encrypted, it may go.
     assert run_command("reencrypt", "--from-key", old)["_exit"] == 0
     assert keyring.drop_unneeded(actor="test") == [old]
+
+
+def test_a_verify_or_restore_that_read_the_catalog_before_a_reencrypt_condemns_no_copy(two_keys, backup_root):
+    """Found by a probe: a weekly verify lists the copies, then reads them for hours. A copy that
+    reencrypt moved in between was read by its old object, gone, and marked bad: every copy of a
+    good backup "missing", the corruption alert raised, restores and later reencrypts skipping
+    them. The verify reads the object the catalog names now; a restore's stale read marks nothing."""
+    from backups import copies, streams, verify
+
+    before, _after, old, new = two_keys
+    listed = list(before.copies.select_related("location", "run__server").order_by("pk"))
+    assert run_command("reencrypt", "--from-key", old)["_exit"] == 0
+    assert [verify.verify_copy(copy) for copy in listed] == [("ok", "")] * len(listed)
+    with pytest.raises(streams.NoReadableCopy) as read:  # what a restore that listed them first meets
+        streams.open_first(listed)
+    copies.mark_faults(read.value.faults)
+    assert set(before.copies.values_list("status", flat=True)) == {"ok"}
+    assert not JournalEntry.objects.filter(action="copy_bad").exists()
+    assert keys_of(before) == {new}
+    assert run_command("verify", str(before.pk))["bad"] == 0
