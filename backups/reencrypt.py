@@ -99,7 +99,8 @@ def reencrypt(from_key_id, actor):
         raise ReencryptError(f"key {key.pk} is the current key: rotate first (manage.py rotatekey), then re-encrypt")
     outcome = Outcome(key.pk, new.custody_key)
     for copy in _replaced(key):  # left by an earlier, interrupted run
-        outcome.removed += remove_replaced(copy)
+        if _removed(copy, outcome, actor):
+            outcome.removed += 1
     for copy in _to_move(key):
         if copy.status == BackupCopy.Status.BAD:
             outcome.skipped_bad.append(copy.pk)
@@ -108,9 +109,8 @@ def reencrypt(from_key_id, actor):
             error = f"location {copy.location.name} is disabled: enable it, then run reencrypt again"
             outcome.failed.append({"copy": copy.pk, "error": error})
             continue
-        if copy.old_key and not remove_replaced(copy):
-            outcome.waiting.append(copy.pk)  # an object already replaced once must go before the next
-            continue
+        if copy.old_key and not _removed(copy, outcome, actor):
+            continue  # an object already replaced once must go before the next
         try:
             reencrypt_copy(copy, old, new)
         except (StorageError, OSError, EncryptFailed, EncryptionError, walkeys.WalKeyError) as e:
@@ -121,10 +121,8 @@ def reencrypt(from_key_id, actor):
             continue
         outcome.reencrypted.append(copy.pk)
         copy.refresh_from_db()
-        if remove_replaced(copy):
+        if _removed(copy, outcome, actor):
             outcome.removed += 1
-        else:
-            outcome.waiting.append(copy.pk)
     move_wal_manifests(old, new, outcome, actor)
     renew_selfbackups(key, outcome, actor)
     journal.record(
@@ -270,6 +268,19 @@ def _rename_in_run(run, old, new):
     run.save(update_fields=["key", "details"])
 
 
+def _removed(copy, outcome, actor):
+    """remove_replaced(); a copy whose old object stays (a lock, a location away) is waiting."""
+    try:
+        if remove_replaced(copy):
+            return True
+    except (StorageError, OSError) as e:
+        error = f"the old object {copy.old_key} is kept for now: {e}"
+        journal.record("reencrypt_failed", actor=actor, obj=copy, outcome="failed", error=error[:500])
+    if copy.pk not in outcome.waiting:
+        outcome.waiting.append(copy.pk)
+    return False
+
+
 def remove_replaced(copy):
     """Remove the object a re-encryption replaced (copy.old_key); True when it is gone.
 
@@ -280,7 +291,9 @@ def remove_replaced(copy):
     version, until = newest_version(store, copy.old_key)
     if until is not None and until > timezone.now():
         return False
-    store.delete(copy.old_key, version)
+    # As retention removes a copy: a NAS unmounted now must not have its old object (still
+    # readable with the old key when the NAS is back) forgotten, and the key dropped.
+    store.remove_copy(copy.old_key, version)
     BackupCopy.objects.filter(pk=copy.pk, old_key=copy.old_key).update(old_key="", old_encryption_key=None)
     copy.old_key, copy.old_encryption_key = "", None
     return True

@@ -406,3 +406,47 @@ def test_a_verify_or_restore_that_read_the_catalog_before_a_reencrypt_condemns_n
     assert not JournalEntry.objects.filter(action="copy_bad").exists()
     assert keys_of(before) == {new}
     assert run_command("verify", str(before.pk))["bad"] == 0
+
+
+class Killed(BaseException):
+    """reencrypt killed (SIGKILL) after the catalog moved to the new object, before the old went."""
+
+
+def test_an_old_object_on_a_nas_unmounted_at_its_removal_keeps_its_key(
+    tiers, server, sample_cluster, passphrase_file, tmp_path, monkeypatch
+):
+    """Found by a probe: reencrypt killed before removing a NAS copy's old object; the next run
+    found the NAS unmounted, "removed" the object (a file already gone), forgot it, and the old key
+    then left the keyring, while the object, readable with that key, came back with the NAS."""
+    from backups import reencrypt
+
+    before = logical_backup()
+    old = before.details["key_id"]
+    assert run_command("rotatekey", "--passphrase-file", str(new_passphrase_file(tmp_path)))["_exit"] == 0
+    remove = reencrypt.remove_replaced
+
+    def killed_at_the_nas(copy):
+        if copy.location.name == "nas":
+            raise Killed()
+        return remove(copy)
+
+    monkeypatch.setattr(reencrypt, "remove_replaced", killed_at_the_nas)
+    with pytest.raises(Killed):
+        run_command("reencrypt", "--from-key", old)
+    monkeypatch.setattr(reencrypt, "remove_replaced", remove)
+    (copy,) = before.copies.exclude(old_key="")
+    assert copy.location.name == "nas"
+    nas, away = Path(tiers.nas), Path(f"{tiers.nas}.away")
+    nas.rename(away)
+    nas.mkdir()  # the mount point, the NAS not mounted on it
+    try:
+        waiting = run_command("reencrypt", "--from-key", old)
+    finally:
+        nas.rmdir()
+        away.rename(nas)
+    assert copy.pk in {c for c in before.copies.exclude(old_key="").values_list("pk", flat=True)}, waiting
+    assert waiting["old_waiting"] >= 1 and keyring.drop_unneeded(actor="test") == []
+    finished = run_command("reencrypt", "--from-key", old)
+    assert finished["_exit"] == 0 and not before.copies.exclude(old_key="").exists(), finished
+    assert not (nas / copy.old_key).exists() and keys_of(before) == {finished["to_key"]}
+    assert keyring.drop_unneeded(actor="test") == [old]
