@@ -139,19 +139,19 @@ def require_keys(copies, what):
         raise KeyMissing(f"{what}: {missing}")
 
 
-def _written_with(key):
-    """Whether a backup still under way encrypts with `key`: it took the key before a rotation,
-    and its copies are catalogued only at its end. Dropped now, the key would leave that backup
-    with nothing to decrypt it (a probe's finding). A run records its key id before any byte."""
+def runs_writing_with(key):
+    """The backups still under way that encrypt with `key`: they took it before a rotation, and
+    catalogue their copies only at their end. Dropped now, the key would leave them with nothing
+    to decrypt them (a probe's finding). A run records its key id before any byte."""
     unfinished = [BackupRun.Status.QUEUED, BackupRun.Status.RUNNING]
-    return BackupRun.objects.filter(status__in=unfinished, details__key_id=key.pk).exists()
+    return BackupRun.objects.filter(status__in=unfinished, details__key_id=key.pk)
 
 
 def drop_unneeded(dry_run=False, actor="job:retention"):
     """Retired keys that no kept artifact needs any more leave the keyring. Returns their ids."""
     dropped = []
     for key in EncryptionKey.objects.in_keyring().filter(current=False).order_by("created_at"):
-        if key.artifacts().exists() or _written_with(key):
+        if key.artifacts().exists() or runs_writing_with(key).exists():
             continue
         dropped.append(key.pk)
         if dry_run:

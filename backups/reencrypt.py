@@ -57,6 +57,7 @@ class Outcome:
     waiting: list = field(default_factory=list)  # copy ids whose old object could not be removed yet
     failed: list = field(default_factory=list)  # {"copy", "error"}
     skipped_bad: list = field(default_factory=list)  # copies found bad before: nothing to read
+    under_way: list = field(default_factory=list)  # runs still writing with the old key: not moved
     selfbackup: int | None = None  # the fresh selfbackup taken with the new key
     selfbackups_removed: list = field(default_factory=list)  # PortalBackup ids made with the old key
     selfbackups_locked: list = field(default_factory=list)  # ... whose files an Object Lock still holds
@@ -64,7 +65,7 @@ class Outcome:
     @property
     def left(self):
         """Copies still encrypted with the old key that this run could not move."""
-        return len(self.failed) + len(self.skipped_bad)
+        return len(self.failed) + len(self.skipped_bad) + len(self.under_way)
 
     def as_dict(self):
         return {
@@ -76,6 +77,7 @@ class Outcome:
             "old_waiting": len(self.waiting),
             "failed": self.failed,
             "skipped_bad": self.skipped_bad,
+            "under_way": self.under_way,
             "selfbackup": self.selfbackup,
             "selfbackups_removed": self.selfbackups_removed,
             "selfbackups_locked": self.selfbackups_locked,
@@ -124,6 +126,9 @@ def reencrypt(from_key_id, actor):
         if _removed(copy, outcome, actor):
             outcome.removed += 1
     move_wal_manifests(old, new, outcome, actor)
+    # A backup that took the old key before the rotation catalogues its copies at its end: this
+    # run could not move them, and must not say the key is done with (a probe's finding).
+    outcome.under_way = list(keyring.runs_writing_with(key).values_list("pk", flat=True))
     renew_selfbackups(key, outcome, actor)
     journal.record(
         "reencrypt_run", actor=actor, obj=key, outcome="failed" if outcome.left else "ok", **outcome.as_dict()

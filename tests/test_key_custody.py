@@ -450,3 +450,31 @@ def test_an_old_object_on_a_nas_unmounted_at_its_removal_keeps_its_key(
     assert finished["_exit"] == 0 and not before.copies.exclude(old_key="").exists(), finished
     assert not (nas / copy.old_key).exists() and keys_of(before) == {finished["to_key"]}
     assert keyring.drop_unneeded(actor="test") == [old]
+
+
+def test_reencrypt_while_a_backup_writes_with_the_old_key_does_not_say_it_is_done(
+    server, sample_cluster, passphrase_file, backup_root, tmp_path, settings, monkeypatch
+):
+    """Found by a probe: reencrypt run while a backup that took the old key was still dumping said
+    "succeeded" (exit 0), and the backup then catalogued its copies on the old key."""
+    from backups import logical
+
+    first = logical_backup()
+    old = first.details["key_id"]
+    dump_then = logical.encrypt_to
+    midway = {}
+
+    def rotate_and_reencrypt_while_it_dumps(*args, **kwargs):
+        if not midway:
+            run_command("rotatekey", "--passphrase-file", str(new_passphrase_file(tmp_path)))
+            settings.BACKUP_PASSPHRASE_FILE = str(new_passphrase_file(tmp_path))
+            midway["reencrypt"] = run_command("reencrypt", "--from-key", old)
+        return dump_then(*args, **kwargs)
+
+    monkeypatch.setattr(logical, "encrypt_to", rotate_and_reencrypt_while_it_dumps)
+    run = logical_backup()
+    said = midway["reencrypt"]
+    assert said["_exit"] == 1 and said["status"] == "failed" and said["under_way"] == [run.pk], said
+    assert old in keys_of(run) and old not in keys_of(first)
+    again = run_command("reencrypt", "--from-key", old)
+    assert again["_exit"] == 0 and again["under_way"] == [] and old not in keys_of(run), again

@@ -46,6 +46,11 @@ class Command(PortalCommand):
             lines.append(
                 f"Skipped copies found bad: {result['skipped_bad']} (manage.py verify; retention removes them)."
             )
+        if result["under_way"]:
+            lines.append(
+                f"Backup run(s) {result['under_way']} still under way encrypt with key {result['from_key']}: "
+                "run reencrypt again once they have finished."
+            )
         if result["exit_code"]:
             lines.append(f"Some copies are still on key {result['from_key']}: fix the above and run reencrypt again.")
         return lines
