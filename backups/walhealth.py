@@ -169,10 +169,12 @@ def receiver_problem(server, unknown=None):
 # A pull server's own archiver (archive_mode on, an archive_command left from push or the DBA's
 # own) that fails keeps every segment in pg_wal until it succeeds: the disk fills. With nothing
 # archived for PULL_ARCHIVER_GRACE_SECONDS (the server's clock) it is no passing failure.
-# The last success, or where the statistics begin when nothing was archived since.
+# Quiet since the last success, the statistics' reset or PostgreSQL's start, whichever is latest:
+# archive_mode takes a restart, so an archiver cannot have failed since before the server started
+# (a server up for days, never archived, turned on with a failing command is no alert at once).
 ARCHIVER_QUIET_SQL = (
     "SELECT last_failed_wal, last_failed_time, last_archived_time, "
-    "now() - coalesce(last_archived_time, stats_reset, pg_postmaster_start_time()) FROM pg_stat_archiver"
+    "now() - greatest(last_archived_time, stats_reset, pg_postmaster_start_time()) FROM pg_stat_archiver"
 )
 TURN_OFF = "turn archive_mode off (ALTER SYSTEM SET archive_mode = off, then restart PostgreSQL)"
 
