@@ -304,13 +304,18 @@ class SnapshotCounts:
 
     def _read(self):
         try:
-            with self.server.connect(self.dbname, options=_lock_wait()) as counter:
+            # `catalog` sees the latest catalog, which the planner reads, where the snapshot's
+            # sessions see the old one (backups.unplanned.planned_safely).
+            with (
+                self.server.connect(self.dbname, options=_lock_wait()) as counter,
+                self.server.connect(self.dbname, options=_lock_wait()) as catalog,
+            ):
                 self.session = counter
-                self.counts = tables.count_all(counter, transaction=self._batch, listed=self.listed)
+                self.counts = tables.count_all(counter, transaction=self._batch, listed=self.listed, catalog=catalog)
                 self.digests = {}
                 for name in self.digested:
                     with self._batch():
-                        self.digests[name] = tables.content_digest(counter, name)
+                        self.digests[name] = tables.content_digest(counter, name, catalog)
         except Exception as e:  # noqa: BLE001 - kept for result() to say: a thread's error is lost otherwise
             self.error = e
         finally:

@@ -14,6 +14,8 @@ from contextlib import nullcontext
 import psycopg
 from django.core.exceptions import ValidationError
 
+from backups import unplanned
+
 # What pg_dump puts data of: ordinary tables and leaf partitions (relkind 'r'); partitioned
 # parents hold no rows of their own, so each row is counted once, in its leaf. Temporary
 # tables, extension members (their rows come back with CREATE EXTENSION) and the system
@@ -22,7 +24,7 @@ from django.core.exceptions import ValidationError
 # names in a SQL_ASCII database need not be valid in any encoding Python knows.
 USER_TABLES = """
 SELECT format('%I.%I', n.nspname, c.relname),
-       convert_to(format('FROM ONLY %I.%I', n.nspname, c.relname), pg_client_encoding())
+       convert_to(format('FROM ONLY %I.%I', n.nspname, c.relname), pg_client_encoding()), c.oid
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND c.relpersistence <> 't'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%'
@@ -174,7 +176,7 @@ def resolve(conn, names):
 
 
 def user_tables(conn):
-    """(qualified name, its FROM clause as bytes) of every user table (USER_TABLES)."""
+    """(qualified name, its FROM clause as bytes, its oid) of every user table (USER_TABLES)."""
     return [_text_row(row) for row in conn.execute(USER_TABLES).fetchall()]
 
 
@@ -183,26 +185,28 @@ def lock_all(conn, listed):
     transaction: while pg_dump's exporting transaction holds them, no TRUNCATE or rewrite lands
     between a table's count and pg_dump's own lock on it (a count of 100 rows, a dump of none).
     One lock a table, as pg_dump takes; the counting's index locks go with each batch's transaction."""
-    clauses = [from_clause for _, from_clause in listed]  # b"FROM ONLY schema.table"
+    clauses = [from_clause for _, from_clause, _ in listed]  # b"FROM ONLY schema.table"
     for start in range(0, len(clauses), BATCH * 5):
         names = [b"ONLY " + clause[len(b"FROM ONLY ") :] for clause in clauses[start : start + BATCH * 5]]
         conn.execute(b"LOCK TABLE " + b", ".join(names) + b" IN ACCESS SHARE MODE")
 
 
-def count_all(conn, errors=None, transaction=nullcontext, listed=None):
+def count_all(conn, errors=None, transaction=nullcontext, listed=None, catalog=None):
     """{qualified name: exact row count} of every user table, each table's own rows (ONLY).
 
     With an `errors` dict (on an autocommit connection), a table that cannot be read is noted
     there and the others are still counted; without one, the first error is raised.
     `transaction()`: a context the listing and each batch of tables run in (a backup's: one
     transaction each in its snapshot, so that no transaction holds a lock on every table);
-    `listed`: user_tables() already read in that snapshot.
+    `listed`: user_tables() already read in that snapshot; `catalog`: a session that sees the
+    latest catalog, when `transaction()` is a snapshot's (backups.unplanned.planned_safely).
 
     Row-level security off, as pg_dump has it: a policy's functions, a table owner's code, would
     otherwise run with the portal's role (and its reach) on every count. A role that the policy
     does not let by then cannot read the table: pg_dump could not dump it either.
     """
     conn.execute("SET row_security = off")
+    to_file = unplanned.may_write_server_files(conn)
     if listed is None:
         with transaction():
             listed = user_tables(conn)
@@ -211,13 +215,13 @@ def count_all(conn, errors=None, transaction=nullcontext, listed=None):
         batch = listed[start : start + BATCH]
         try:
             with transaction():
-                counts.update(_count_batch(conn, batch))
+                counts.update(_count_batch(conn, batch, catalog or conn, to_file))
         except psycopg.Error:
             if errors is None:
                 raise
             for one in batch:  # find the tables that cannot be read, count the rest
                 try:
-                    counts.update(_count_batch(conn, [one]))
+                    counts.update(_count_batch(conn, [one], catalog or conn, to_file))
                 except psycopg.Error as e:
                     errors[one[0]] = str(e).splitlines()[0]
     return counts
@@ -225,18 +229,28 @@ def count_all(conn, errors=None, transaction=nullcontext, listed=None):
 
 def _text_row(row):
     """A SQL_ASCII database hands names over as bytes: name them as text, undecodable bytes escaped."""
-    name, from_clause = row
-    return (name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name), from_clause
+    name, from_clause, oid = row
+    return (name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name), from_clause, oid
 
 
-def _count_batch(conn, batch):
+def _count_batch(conn, batch, catalog, to_file):
     # One query for many tables: with thousands of small tables the round trips, not the
-    # scans, are the cost (bench/ROWCOUNTS.md).
-    parts = [b"SELECT %d::int, pg_catalog.count(*) %s" % (i, from_clause) for i, (_, from_clause) in enumerate(batch)]
-    with conn.transaction():  # OWNERS_PATH lasts as long as the transaction (a backup's: one per batch)
-        conn.execute(OWNERS_PATH)
-        rows = conn.execute(b" UNION ALL ".join(parts)).fetchall()
-    return {batch[i][0]: n for i, n in rows}
+    # scans, are the cost (bench/ROWCOUNTS.md). A table whose planning would run its owner's
+    # code is counted by COPY, which plans nothing (backups.unplanned).
+    counts = {}
+    with conn.transaction():  # the locks and OWNERS_PATH last as long as it (a backup's: one per batch)
+        clauses = [from_clause[len(b"FROM ONLY ") :] for _, from_clause, _ in batch]
+        safe = unplanned.planned_safely(conn, catalog, [oid for _, _, oid in batch], clauses)
+        for name, from_clause, oid in batch:
+            if oid not in safe:
+                counts[name] = unplanned.count_by_copy(conn, oid, from_clause[len(b"FROM ONLY ") :], to_file)
+        parts = [
+            b"SELECT %d::int, pg_catalog.count(*) %s" % (i, row[1]) for i, row in enumerate(batch) if row[2] in safe
+        ]
+        if parts:
+            conn.execute(OWNERS_PATH)
+            counts.update({batch[i][0]: n for i, n in conn.execute(b" UNION ALL ".join(parts)).fetchall()})
+    return counts
 
 
 # Each row's text, hashed and summed: the same rows give the same digest in any order, any other
@@ -249,9 +263,15 @@ DIGEST_SETTINGS = (
 )  # fmt: skip
 
 
-def content_digest(conn, name):
+def content_digest(conn, name, catalog=None, recorded=None):
     """A digest of the rows of table `name` (a partitioned table's: its leaves'), order aside, or
-    None when it cannot be read. In the caller's transaction (a backup's snapshot) when it has one."""
+    None when it cannot be read. In the caller's transaction (a backup's snapshot) when it has one.
+
+    A table whose planning would run its owner's code (backups.unplanned) is digested by COPY, a
+    "v2:" digest that leaves generated columns out; the others by a planned query, which also
+    catches a generated column computed otherwise on the way. With the `recorded` digest of a
+    backup, the same method as it (a restore test's copy). `catalog`: as for count_all.
+    """
     from psycopg import sql
 
     schema, table = key_of(name)
@@ -264,10 +284,30 @@ def content_digest(conn, name):
         with conn.transaction():  # a savepoint inside the snapshot's: a failure leaves it usable
             for setting, value in DIGEST_SETTINGS:
                 conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", [setting, value])
+            oid = conn.execute(REGCLASS, [schema, table]).fetchone()[0]
+            if oid is None:
+                return None
+            if _by_copy(conn, catalog or conn, oid, recorded):
+                return unplanned.digest_by_copy(conn, oid)
             conn.execute(OWNERS_PATH)
             return conn.execute(query).fetchone()[0]
     except psycopg.Error:
         return None
+
+
+REGCLASS = "SELECT pg_catalog.to_regclass(pg_catalog.format('%%I.%%I', %s::text, %s::text))::pg_catalog.oid"
+
+
+def _by_copy(conn, catalog, oid, recorded):
+    if recorded is not None:  # the backup's method, whichever the copy's catalog would choose
+        return recorded.startswith(unplanned.V2)
+    clause = conn.execute(
+        "SELECT pg_catalog.convert_to(pg_catalog.format('%%I.%%I', n.nspname, c.relname), pg_catalog.pg_client_encoding()) "
+        "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+        "WHERE c.oid OPERATOR(pg_catalog.=) %s",
+        [oid],
+    ).fetchone()[0]
+    return oid not in unplanned.planned_safely(conn, catalog, [oid], [clause], descendants=True)
 
 
 def normalized(counts):

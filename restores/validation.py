@@ -95,7 +95,7 @@ def _content_check(conn, name, recorded):
     shown = tables.qualified(conn, name)
     if recorded is None:  # said, not silently skipped: the counts were still compared
         return check(f"content of {shown}", True, "not compared: the backup could not read its rows to digest them")
-    restored = tables.content_digest(conn, name)
+    restored = tables.content_digest(conn, name, recorded=recorded)  # by the backup's own method
     if restored == recorded:
         return check(f"content of {shown}", True, "its rows, digested, are the ones the backup read")
     if restored is None:
