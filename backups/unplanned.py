@@ -25,19 +25,25 @@ WITH RECURSIVE rel(root, oid) AS (
   SELECT r, r FROM pg_catalog.unnest(%(oids)s::pg_catalog.oid[]) r
   UNION SELECT rel.root, i.inhrelid FROM rel JOIN pg_catalog.pg_inherits i ON i.inhparent OPERATOR(pg_catalog.=) rel.oid
   WHERE %(descendants)s
+), obj(root, classid, objid, own) AS (
+  SELECT root, 'pg_catalog.pg_class'::pg_catalog.regclass, oid, true FROM rel
+  UNION ALL SELECT rel.root, 'pg_catalog.pg_class'::pg_catalog.regclass, i.indexrelid, false
+  FROM rel JOIN pg_catalog.pg_index i ON i.indrelid OPERATOR(pg_catalog.=) rel.oid
+  UNION ALL SELECT rel.root, 'pg_catalog.pg_statistic_ext'::pg_catalog.regclass, s.oid, false
+  FROM rel JOIN pg_catalog.pg_statistic_ext s ON s.stxrelid OPERATOR(pg_catalog.=) rel.oid
 )
-SELECT DISTINCT rel.root FROM rel JOIN pg_catalog.pg_depend d ON (
-    d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass AND (d.objid OPERATOR(pg_catalog.=) rel.oid
-      OR d.objid IN (SELECT indexrelid FROM pg_catalog.pg_index WHERE indrelid OPERATOR(pg_catalog.=) rel.oid))
-    OR d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_statistic_ext'::pg_catalog.regclass
-      AND d.objid IN (SELECT oid FROM pg_catalog.pg_statistic_ext WHERE stxrelid OPERATOR(pg_catalog.=) rel.oid))
-WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_proc p
-        WHERE p.oid OPERATOR(pg_catalog.=) d.refobjid AND p.pronamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace)
-   OR d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_operator'::pg_catalog.regclass AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o
-        WHERE o.oid OPERATOR(pg_catalog.=) d.refobjid AND o.oprnamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace)
-   OR d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass AND d.objid OPERATOR(pg_catalog.<>) rel.oid
-      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type t
-        WHERE t.oid OPERATOR(pg_catalog.=) d.refobjid AND t.typnamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace)
+SELECT DISTINCT obj.root FROM obj
+JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) obj.classid AND d.objid OPERATOR(pg_catalog.=) obj.objid
+LEFT JOIN pg_catalog.pg_proc p
+  ON d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass AND p.oid OPERATOR(pg_catalog.=) d.refobjid
+LEFT JOIN pg_catalog.pg_operator o
+  ON d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_operator'::pg_catalog.regclass AND o.oid OPERATOR(pg_catalog.=) d.refobjid
+LEFT JOIN pg_catalog.pg_type t  -- a table's own columns' types run nothing when it is read
+  ON d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass AND t.oid OPERATOR(pg_catalog.=) d.refobjid
+  AND NOT obj.own
+WHERE p.pronamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace
+   OR o.oprnamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace
+   OR t.typnamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace
 """
 
 # The column COPY writes least of (fixed-width, the narrowest first): counting needs the rows,

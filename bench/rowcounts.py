@@ -24,8 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from psycopg import sql  # noqa: E402
-
 from backupportal.lib import sampledata  # noqa: E402
 from backupportal.lib.pgcluster import Cluster  # noqa: E402
 from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
@@ -54,8 +52,8 @@ def counts_one_query_per_table(cluster, dbname):
     """The first version: a round trip per table, kept here to show what batching saves."""
     with cluster.connect(dbname, autocommit=False) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        for _, schema, table in conn.execute(tables.USER_TABLES).fetchall():
-            conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(sql.Identifier(schema, table))).fetchone()
+        for row in tables.user_tables(conn):  # (name, b"FROM ONLY schema.table", ...)
+            conn.execute(b"SELECT pg_catalog.count(*) " + row[1]).fetchone()
 
 
 def counts_then_dump(cluster, dbname):
