@@ -224,7 +224,9 @@ def test_the_pack_verifies_with_verifyevidence_and_with_stock_gpg(quarter, tmp_p
         "member summary.pdf",
         "member journal.csv",
         "member journal-check.json",
+        "journal chain when the pack was made",
     ]
+    assert result["checks"][-1]["detail"].startswith("intact: ")
 
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
@@ -238,6 +240,8 @@ def test_the_pack_verifies_with_verifyevidence_and_with_stock_gpg(quarter, tmp_p
     sums_check = subprocess.run([*gpg, "--verify", "SHA256SUMS.sig", "SHA256SUMS"], cwd=unpacked, capture_output=True)
     assert sums_check.returncode == 0
     assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=unpacked, capture_output=True).returncode == 0
+    intact = subprocess.run(["grep", '"ok": true', "journal-check.json"], cwd=unpacked, capture_output=True)
+    assert intact.returncode == 0  # the README's last line
 
 
 @pytest.mark.parametrize("member", ["journal.csv", "summary.pdf", "journal-check.json"])
@@ -453,3 +457,20 @@ def test_a_dba_may_make_a_pack_and_a_sysadmin_or_a_user_without_a_role_may_not(
     assert response.status_code == 302 and response["Location"].startswith(reverse("login"))
     assert EvidencePack.objects.count() == before
     assert JournalEntry.objects.filter(action="evidence_pack_made").count() == 1
+
+
+def test_verifyevidence_says_when_the_journal_was_not_intact_as_the_pack_was_made(quarter, tmp_path, settings):
+    """The pack is authentic, but what it holds comes from a journal whose newest entries are gone:
+    "verified" alone would tell the auditor the evidence stands."""
+    head = journal.read_head()
+    gone = {"journal": head.journal, "entry": head.entry + 5, "hmac": "0" * 64, "count": (head.count or 0) + 5}
+    Path(settings.JOURNAL_HEAD_FILE).write_text(json.dumps(gone) + "\n")
+    assert not journal.check().ok
+    path, _ = make_pack(tmp_path)
+    code, result, err = verifyevidence(path, public_key_file(tmp_path))
+    assert code == 1 and result["ok"] is False
+    failed = {c["check"]: c["detail"] for c in result["checks"] if not c["ok"]}
+    assert list(failed) == ["journal chain when the pack was made"]
+    assert failed["journal chain when the pack was made"].startswith("NOT intact: ")
+    assert "FAILED journal chain when the pack was made: NOT intact" in err
+    assert len(err.strip().splitlines()) == 1

@@ -7,7 +7,8 @@ journal-check.json (the chain check of the whole journal when the pack was made)
 ZIP, FILE.sig is a detached signature of the ZIP itself.
 
 `verify()` checks both signatures with a public key the auditor brings (never one from the
-pack) and every member against SHA256SUMS; so does stock gpg with sha256sum (README).
+pack) and every member against SHA256SUMS; so does stock gpg with sha256sum (README). Once those
+hold, it reads journal-check.json: a pack of a journal that was not intact fails its verification.
 """
 
 import functools
@@ -28,6 +29,7 @@ from backupportal.models import JournalEntry
 from watching import evidence, evidence_pdf
 
 SUMS, SUMS_SIG = "SHA256SUMS", "SHA256SUMS.sig"
+JOURNAL_CHECK = "journal-check.json"
 SIGNATURE_SUFFIX = ".sig"
 
 
@@ -72,9 +74,7 @@ def build(period):
         sums = {
             "summary.pdf": add("summary.pdf", [pdf]),
             "journal.csv": add("journal.csv", (text.encode() for text in _csv_lines(rows))),
-            "journal-check.json": add(
-                "journal-check.json", [(json.dumps(check, indent=2, sort_keys=True) + "\n").encode()]
-            ),
+            JOURNAL_CHECK: add(JOURNAL_CHECK, [(json.dumps(check, indent=2, sort_keys=True) + "\n").encode()]),
         }
         listing = "".join(f"{digest}  {name}\n" for name, digest in sums.items()).encode()
         add(SUMS, [listing])
@@ -157,7 +157,22 @@ def verify(data, signature, public_key):
         checks.append(_member_check(name, digest, members.get(name)))
     for name in sorted(set(members) - set(listed) - {SUMS, SUMS_SIG}):
         checks.append(Check(f"member {name}", False, f"{name} is in the ZIP but not in {SUMS}"))
+    if all(check.ok for check in checks) and JOURNAL_CHECK in listed:
+        checks.append(_journal_check(members[JOURNAL_CHECK]))
     return checks
+
+
+def _journal_check(data):
+    """What the pack's own journal check said: an authentic pack of a journal that was not intact
+    is no evidence that stands, and "verified" alone would say it is. Read only once every
+    signature and sum holds, so the words are the portal's."""
+    what = "journal chain when the pack was made"
+    try:
+        check = json.loads(data)
+        ok, message = check["ok"] is True, str(check["message"])
+    except (ValueError, KeyError, TypeError):
+        return Check(what, False, f"{JOURNAL_CHECK} does not say whether the journal was intact")
+    return Check(what, ok, f"{'intact' if ok else 'NOT intact'}: {message}")
 
 
 def _signature_check(what, data, signature, public_key):

@@ -1,7 +1,8 @@
 """manage.py verifyevidence FILE --key PUBLIC_KEY [--signature FILE.sig]: check an evidence pack.
 
 The ZIP's detached signature, SHA256SUMS's signature inside it, and every member against
-SHA256SUMS, all with the public key the auditor was given (never one from inside the pack).
+SHA256SUMS, all with the public key the auditor was given (never one from inside the pack); then
+whether the journal was intact when the pack was made (journal-check.json).
 Exit 0 when every check passes, 1 naming each that failed.
 """
 
