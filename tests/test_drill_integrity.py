@@ -214,3 +214,47 @@ def test_lessons_learned_are_written_after_the_drill_on_its_page_and_in_the_admi
     url = reverse("admin:restores_drdrill_change", args=[drill.pk])
     assert client.post(url, admin_form(drill, lessons_learned="And test the S3 path too.")).status_code == 302
     assert DrDrill.objects.get(pk=drill.pk).lessons_learned == "And test the S3 path too."
+
+
+def test_a_step_or_a_recovery_recorded_in_the_future_is_refused(client, alice, atoll):
+    """A drill complete with go-live "tomorrow" is a record of what has not happened, read-only at once."""
+    client.force_login(alice)
+    today = timezone.localtime().replace(second=0, microsecond=0) - timedelta(minutes=5)
+    drill = DrDrill.objects.create(title="Annual DR drill", server=atoll, logged_by=alice, started_at=today)
+    tomorrow = today + timedelta(days=1)
+    response = client.post(
+        reverse("drill-step", args=[drill.pk, "go_live"]),
+        {
+            "who": "alice",
+            "started_at": f"{today:%Y-%m-%dT%H:%M}",
+            "finished_at": f"{tomorrow:%Y-%m-%dT%H:%M}",
+            "outcome": "ok",
+        },
+    )
+    assert response.status_code == 200
+    [error] = response.context["form"].errors["finished_at"]
+    assert error.startswith("Go-live cannot finish in the future (") and error.endswith("): give the time it finished.")
+    assert not drill.steps.exclude(finished_at=None).exists()
+
+    response = client.post(
+        reverse("drill-edit", args=[drill.pk]),
+        {
+            "title": drill.title,
+            "server": atoll.pk,
+            "started_at": f"{today:%Y-%m-%dT%H:%M}",
+            "critical_restored_at": f"{tomorrow:%Y-%m-%dT%H:%M}",
+        },
+    )
+    assert response.status_code == 200
+    [error] = response.context["form"].errors["critical_restored_at"]
+    assert error.startswith("Critical functions cannot be back in the future (")
+    assert DrDrill.objects.get(pk=drill.pk).critical_restored_at is None
+
+    # Declared for tomorrow: a planned drill, whose steps have no outcome before it begins.
+    planned = DrDrill.objects.create(title="Next drill", server=atoll, logged_by=alice, started_at=tomorrow)
+    response = client.post(reverse("drill-step", args=[planned.pk, "assessment"]), {"who": "alice", "outcome": "ok"})
+    assert response.status_code == 200
+    assert response.context["form"].errors["outcome"] == [
+        f"The disaster is declared for {tomorrow:%Y-%m-%d %H:%M}: record Assessment once it has happened."
+    ]
+    assert fresh(planned).status == "planned"

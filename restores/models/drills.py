@@ -8,6 +8,10 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
+# A time typed up to this far ahead of the portal's clock is a clock's drift or a rounded minute;
+# beyond it, a record of what has not happened yet (and, once complete, frozen as evidence).
+CLOCK_SLACK = timedelta(minutes=5)
+
 # The strategy's objectives, for a drill that names no server.
 DEFAULT_RTO_CRITICAL_MINUTES = 240
 DEFAULT_RTO_FULL_MINUTES = 480
@@ -89,6 +93,13 @@ class DrDrill(models.Model):
         if self.critical_restored_at and self.critical_restored_at < self.started_at:
             raise ValidationError(
                 {"critical_restored_at": "Critical functions cannot be back before the disaster was declared."}
+            )
+        if _future(self.critical_restored_at):
+            raise ValidationError(
+                {
+                    "critical_restored_at": f"Critical functions cannot be back in the future "
+                    f"({_at(self.critical_restored_at)}): give the time they were back."
+                }
             )
         # Moved after a step's start, the declaration would make that step, and the recovery
         # time measured from it, end before the disaster began.
@@ -203,6 +214,10 @@ def _at(when):
     return f"{timezone.localtime(when):%Y-%m-%d %H:%M}"
 
 
+def _future(when):
+    return when is not None and when > timezone.now() + CLOCK_SLACK
+
+
 class DrDrillStep(models.Model):
     class Outcome(models.TextChoices):
         OK = "ok", "OK"
@@ -245,6 +260,16 @@ class DrDrillStep(models.Model):
                 {
                     "finished_at": f"{name} cannot finish before it started ({_at(self.started_at)}): "
                     "give a finish at or after the start, or correct the start."
+                }
+            )
+        for field, verb in (("started_at", "start"), ("finished_at", "finish")):
+            if _future(getattr(self, field)):
+                at = _at(getattr(self, field))
+                raise ValidationError({field: f"{name} cannot {verb} in the future ({at}): give the time it {verb}ed."})
+        if self.outcome and _future(self.drill.started_at):
+            raise ValidationError(
+                {
+                    "outcome": f"The disaster is declared for {_at(self.drill.started_at)}: record {name} once it has happened."
                 }
             )
         if self.started_at and self.started_at < self.drill.started_at:
