@@ -7,6 +7,7 @@ from django.utils import timezone
 
 from backupportal.lib.inputs import ModelMultipleChoiceField, SaneInputsMixin
 from restores.models import DrDrill, DrDrillStep, RestoreRun
+from restores.models.drills import restore_run_problem
 
 
 class LocalDateTimeInput(forms.DateTimeInput):
@@ -46,6 +47,26 @@ class DrillForm(SaneInputsMixin, forms.ModelForm):
         self.fields["restore_runs"].queryset = runs.select_related("server").distinct().order_by("-created_at")
         self.fields["restore_runs"].required = False
 
+    def clean(self):
+        cleaned = super().clean()
+        check_restore_runs(self, cleaned)
+        return cleaned
+
+
+def check_restore_runs(form, cleaned):
+    """A form error on restore_runs for each run newly linked (every run, when the declaration
+    moves) that was not run during the drill. Runs linked before this check stand."""
+    runs, declared = cleaned.get("restore_runs"), cleaned.get("started_at")
+    if runs is None or declared is None:
+        return
+    drill = form.instance
+    linked = set(drill.restore_runs.values_list("pk", flat=True)) if drill.pk else set()
+    moved = drill.pk is not None and declared != DrDrill.objects.get(pk=drill.pk).started_at
+    for run in runs:
+        if moved or run.pk not in linked:
+            if problem := restore_run_problem(run, declared):
+                form.add_error("restore_runs", problem)
+
 
 class StepForm(SaneInputsMixin, forms.ModelForm):
     class Meta:
@@ -68,6 +89,7 @@ class DrillAdminForm(SaneInputsMixin, forms.ModelForm):
         cleaned = super().clean()
         if self.instance.pk and "restore_runs" in cleaned:  # the model's clean cannot see a many-to-many
             self.instance.check_editable(restore_runs=[run.pk for run in cleaned["restore_runs"]])
+        check_restore_runs(self, cleaned)
         return cleaned
 
 

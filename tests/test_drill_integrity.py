@@ -258,3 +258,41 @@ def test_a_step_or_a_recovery_recorded_in_the_future_is_refused(client, alice, a
         f"The disaster is declared for {tomorrow:%Y-%m-%d %H:%M}: record Assessment once it has happened."
     ]
     assert fresh(planned).status == "planned"
+
+
+def test_a_drill_links_only_restores_run_since_its_declaration(client, alice, sam, atoll):
+    """A restore queued and never run, or one run months before the disaster was declared, is no
+    restore of this drill: listed under "Restore runs used", it made a drill of a restore that
+    never happened."""
+    client.force_login(alice)
+    drill = log_drill(client, atoll)  # declared 2026-03-01 09:00
+    declared = drill.started_at
+    never_ran = RestoreRun.objects.create(kind="logical", server=atoll)
+    months_before = RestoreRun.objects.create(
+        kind="logical", server=atoll, status="succeeded", started_at=declared - timedelta(days=60)
+    )
+    during = RestoreRun.objects.create(
+        kind="logical", server=atoll, status="succeeded", started_at=declared + timedelta(hours=1)
+    )
+    edit = {"title": drill.title, "server": atoll.pk, "started_at": f"{DAY}T09:00"}
+    for run, says in [
+        (never_ran, f"Restore run #{never_ran.pk} never started: link the restores run during the drill."),
+        (
+            months_before,
+            f"Restore run #{months_before.pk} started at 2025-12-31 09:00, before the disaster was declared "
+            "(2026-03-01 09:00): link the restores run during the drill.",
+        ),
+    ]:
+        response = client.post(reverse("drill-edit", args=[drill.pk]), edit | {"restore_runs": [run.pk, during.pk]})
+        assert response.status_code == 200
+        assert response.context["form"].errors["restore_runs"] == [says]
+        assert not fresh(drill).restore_runs.exists()
+        client.force_login(sam)  # the admin says the same
+        response = client.post(
+            reverse("admin:restores_drdrill_change", args=[drill.pk]), admin_form(fresh(drill), restore_runs=[run.pk])
+        )
+        assert response.status_code == 200 and says in response.content.decode()
+        assert not fresh(drill).restore_runs.exists()
+        client.force_login(alice)
+    response = client.post(reverse("drill-edit", args=[drill.pk]), edit | {"restore_runs": [during.pk]})
+    assert response.status_code == 302 and list(fresh(drill).restore_runs.all()) == [during]

@@ -189,6 +189,20 @@ class DrDrill(models.Model):
         ]
 
 
+def restore_run_problem(run, declared):
+    """Why the RestoreRun `run` is no restore of a drill declared at `declared`, in one line, or ''.
+    A run queued and never started, or one run before the disaster, would make the drill's
+    "Restore runs used" a restore that did not happen in it."""
+    if run.started_at is None:
+        return f"Restore run #{run.pk} never started: link the restores run during the drill."
+    if run.started_at < declared:
+        return (
+            f"Restore run #{run.pk} started at {_at(run.started_at)}, before the disaster was declared "
+            f"({_at(declared)}): link the restores run during the drill."
+        )
+    return ""
+
+
 def _measure(label, objective_minutes, start, end):
     objective = timedelta(minutes=objective_minutes)
     measured = end - start if end else None
