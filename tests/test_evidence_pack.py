@@ -178,6 +178,8 @@ def test_the_quarters_pack_opens_and_its_pdf_says_the_quarters_figures(quarter, 
         f"days without a good logical backup {missed} of {Q3_DAYS}."
     ) in text
     assert "missed: 2026-07-11, 2026-07-12, 2026-07-13" in text
+    # 82 days missed, 60 named: the line says the rest are not (it named 60 and stopped).
+    assert f"2026-09-08; and {missed - 60} more (not listed here)" in text and "2026-09-09" not in text
     over = sum(1 for s in RPO_SAMPLES if s > 15 * 60)
     assert (
         f"maldives: RPO worst {max(RPO_SAMPLES) // 60} min against an objective of 15 min; "

@@ -12,6 +12,7 @@ from fpdf import FPDF
 
 FONT = "Helvetica"
 LISTED = 200  # rows of a table; the journal extract holds every entry
+MISSED_LISTED = 60  # days without a good logical backup named per server; past it, how many more
 
 
 def latin(text):
@@ -102,7 +103,9 @@ def _backups(pdf, servers):
             f"days without a good logical backup {len(s['missed_days'])} of {s['days_watched']}."
         )
         if s["missed_days"]:
-            pdf.line("  missed: " + ", ".join(f"{d:%Y-%m-%d}" for d in s["missed_days"][:60]))
+            shown, rest = s["missed_days"][:MISSED_LISTED], len(s["missed_days"]) - MISSED_LISTED
+            more = f"; and {rest} more (not listed here)" if rest > 0 else ""
+            pdf.line("  missed: " + ", ".join(f"{d:%Y-%m-%d}" for d in shown) + more)
     if not servers:
         pdf.line("No server is registered.")
 
