@@ -288,8 +288,19 @@ def _into_sqlite(path, keys, about):
 
 
 def _sqlite_tables(path):
-    with sqlite3.connect(path) as db:
-        return db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+    """How many tables the target holds; refused when it cannot be read as SQLite (junk bytes,
+    another program's file, unreadable): never replaced, it may be something else's."""
+    try:
+        db = sqlite3.connect(path)
+        try:
+            return db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise RestoreRefused(
+            f"the portal's database {path} is not an SQLite database it can read ({e}): move it away, or point "
+            "DATABASE_URL at a new file, and run restoreportal again"
+        ) from None
 
 
 @contextmanager

@@ -326,3 +326,20 @@ def test_restoreportal_refuses_a_journal_key_that_does_not_open_the_journal(
     shutil.copy(Path(tiers.primary) / result["key"], alone)
     refused = portal(env, "restoreportal", str(alone), check=False)
     assert refused.returncode == 1 and "fetch it from the same location" in refused.stderr
+
+
+def test_restoreportal_refuses_in_one_line_a_target_file_that_is_not_an_sqlite_database(
+    tiers, passphrase_file, new_host
+):
+    if connection.vendor != "sqlite":
+        pytest.skip("the target is an SQLite file")
+    env, var = new_host
+    taken = run_command("selfbackup")
+    junk = b"not a database, whatever it is\n" * 200
+    (var / "portal.sqlite3").write_bytes(junk)
+    refused = portal(env, "restoreportal", str(Path(tiers.primary) / taken["key"]), check=False)
+    assert refused.returncode == 1
+    assert "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    said = refused.stderr.strip().splitlines()
+    assert len(said) == 1 and "is not an SQLite database" in said[0], refused.stderr
+    assert (var / "portal.sqlite3").read_bytes() == junk  # never overwritten: it may be something else's
