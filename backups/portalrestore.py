@@ -264,6 +264,7 @@ def _into_sqlite(path, keys, about):
             f"the portal's database {target} already holds tables: restore into a new portal (move {target} "
             "away, or point DATABASE_URL at a new file), never over one in use"
         )
+    _refuse_leftover_journal(target)
     private_dirs(target.parent)
     fd, scratch = tempfile.mkstemp(prefix=".restoreportal-", suffix=".sqlite3", dir=target.parent)
     try:
@@ -301,6 +302,19 @@ def _sqlite_tables(path):
             f"the portal's database {path} is not an SQLite database it can read ({e}): move it away, or point "
             "DATABASE_URL at a new file, and run restoreportal again"
         ) from None
+
+
+def _refuse_leftover_journal(target):
+    """A rollback journal or WAL left beside the target by the database that was there (a crash
+    mid-transaction, then the file moved away without it) would be rolled back into the restored
+    file at its first open, corrupting it: it goes with its own database, never with ours."""
+    for leftover in (target.with_name(f"{target.name}-journal"), target.with_name(f"{target.name}-wal")):
+        if leftover.exists():
+            raise RestoreRefused(
+                f"{leftover} lies beside the portal's database: it belongs to the database that was there and "
+                "SQLite would replay it into the restored one; move it away with that database, then run "
+                "restoreportal again"
+            )
 
 
 @contextmanager

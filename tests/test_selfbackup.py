@@ -343,3 +343,40 @@ def test_restoreportal_refuses_in_one_line_a_target_file_that_is_not_an_sqlite_d
     said = refused.stderr.strip().splitlines()
     assert len(said) == 1 and "is not an SQLite database" in said[0], refused.stderr
     assert (var / "portal.sqlite3").read_bytes() == junk  # never overwritten: it may be something else's
+
+
+CRASH_MID_TRANSACTION = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("CREATE TABLE t (x)")
+db.execute("INSERT INTO t SELECT randomblob(500) FROM (WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 3000) SELECT n FROM c)")
+db.execute("PRAGMA cache_size = 2")  # the update spills into the file: its journal is hot
+db.execute("BEGIN")
+db.execute("UPDATE t SET x = randomblob(500)")
+os._exit(0)
+"""
+
+
+def test_restoreportal_refuses_while_the_old_databases_hot_journal_lies_beside_the_target(
+    tiers, passphrase_file, new_host
+):
+    if connection.vendor != "sqlite":
+        pytest.skip("the target is an SQLite file")
+    env, var = new_host
+    taken = run_command("selfbackup")
+    # The old portal died mid-transaction; its database was moved away, as the refusal says, and
+    # its hot journal stayed: SQLite would roll it back into whatever file takes that name.
+    target = var / "portal.sqlite3"
+    subprocess.run([sys.executable, "-c", CRASH_MID_TRANSACTION, str(target)], check=True)
+    target.rename(var / "portal.sqlite3.broken")
+    hot = var / "portal.sqlite3-journal"
+    assert hot.stat().st_size > 0
+    refused = portal(env, "restoreportal", str(Path(tiers.primary) / taken["key"]), check=False)
+    said = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(said) == 1, refused.stdout + refused.stderr[-2000:]
+    assert "portal.sqlite3-journal" in said[0] and "move it away" in said[0]
+    assert not target.exists() and hot.stat().st_size > 0
+    # Moved away with its database, the restore goes ahead and the database is whole.
+    hot.rename(var / "portal.sqlite3.broken-journal")
+    portal(env, "restoreportal", str(Path(tiers.primary) / taken["key"]))
+    assert "ok" in portal(env, "dbshell", "--", "PRAGMA integrity_check;").stdout
