@@ -43,7 +43,14 @@ from backupportal.lib.childenv import child_env
 from backupportal.models import JournalEntry
 from backups import manifests
 from backups.binaries import client_tool, conninfo_dbname
-from backups.crypto import Encryption, EncryptionError, die_with_parent, gpg_failure, keyring_dir
+from backups.crypto import (
+    Encryption,
+    EncryptionError,
+    die_with_parent,
+    expecting_bad_passphrase,
+    gpg_failure,
+    keyring_dir,
+)
 from backups.selfbackup import portal_db
 from backups.storage import private_dirs
 
@@ -247,7 +254,9 @@ def _decrypt(path, keys, out):
     failures = []
     for encryption in keys:
         sink = _Sink(out)
-        with open(path, "rb") as source:
+        # A key that does not open it is expected here: gpg's warning stays off stderr, where the
+        # refusal (or the summary) is the one line the operator reads; the result still says so.
+        with open(path, "rb") as source, expecting_bad_passphrase():
             result = encryption.decrypt_stream(source, sink)
         if result.ok or sink.broken:
             return sink

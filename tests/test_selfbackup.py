@@ -380,3 +380,17 @@ def test_restoreportal_refuses_while_the_old_databases_hot_journal_lies_beside_t
     hot.rename(var / "portal.sqlite3.broken-journal")
     portal(env, "restoreportal", str(Path(tiers.primary) / taken["key"]))
     assert "ok" in portal(env, "dbshell", "--", "PRAGMA integrity_check;").stdout
+
+
+def test_restoreportal_with_the_wrong_passphrase_says_so_in_one_line_and_restores_nothing(
+    tiers, passphrase_file, new_host
+):
+    env, var = new_host
+    taken = run_command("selfbackup")
+    Path(env["BACKUP_PASSPHRASE_FILE"]).write_text("not the passphrase that encrypted it\n")
+    refused = portal(env, "restoreportal", str(Path(tiers.primary) / taken["key"]), check=False)
+    said = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(said) == 1, refused.stderr
+    assert "opens with none of the 1 key(s) tried" in said[0] and "wrong passphrase or key" in said[0]
+    shown = "from django.db import connection; print('Tables:' + str(connection.introspection.table_names()))"
+    assert "Tables:[]" in portal(env, "shell", "-c", shown).stdout
