@@ -432,7 +432,8 @@ def check(batch=5000):
     anchors, summaries = journal_anchors.read()
     head = read_head()
     # An acknowledged journal's anchors stay in the locations: they are no longer this journal's to meet.
-    marks = [m for m in ([head] if head else []) + anchors if m.journal is None or m.journal not in moved_from]
+    marks = ([head] if head else []) + anchors + journal_loss.old_heads()
+    marks = [m for m in marks if m.journal is None or m.journal not in moved_from]
     marks, lost = journal_loss.set_aside(journal, marks)  # restored from a selfbackup: see journal_loss
     foreign = [m for m in marks if m.journal not in (None, journal)]
     wanted = {}

@@ -14,7 +14,10 @@ HMAC; those marks are then no longer this journal's to meet, and it verifies aga
 Without a portal_restored entry nothing is set aside: entries cut off the end are tampering.
 Nor is anything written after the restore: the head file (restoreportal moves the old host's
 aside, so the one in place is this host's) and the anchors this host writes name entries of the
-restored journal, and entries cut off after the restore are tampering like any other.
+restored journal, and entries cut off after the restore are tampering like any other. The old
+host's head file, when a restore on the same host found it naming entries past #N (written since
+the last anchor), is recorded in the portal_restored entry (old_head) and counts as one more
+lost mark: the loss is named up to the newest entry the old host is known to have written.
 """
 
 import hashlib
@@ -28,6 +31,8 @@ from backupportal import journal_anchors
 RESTORED = "portal_restored"
 # The source of the head file's Mark (journal.read_head).
 HEAD = "the head file"
+# The old host's head file, as a restore recorded it before moving it aside.
+OLD_HEAD = "the old host's head file"
 # A person said the entries the anchors name past the restored end were lost with the host.
 LOSS_ACKNOWLEDGED = "journal_loss_acknowledged"
 
@@ -70,9 +75,33 @@ def old_anchors(restored_up_to):
     return [{"entry": entry, "hmac": mark_hmac} for entry, mark_hmac in sorted(_not_held(ours))]
 
 
+def lost_head(head, restored_up_to):
+    """For the portal_restored entry: the old host's head file (restoreportal moves it aside) when
+    it names an entry of this journal past `restored_up_to` that the restored journal does not
+    hold. It knows the entries written since the last anchor, lost too: without it they go unnamed."""
+    from backupportal import journal
+
+    if head is None or head.journal != journal.journal_id() or head.entry <= restored_up_to:
+        return None
+    if not _not_held([head]):
+        return None
+    return {"journal": head.journal, "entry": head.entry, "hmac": head.hmac, "count": head.count}
+
+
+def old_heads():
+    """The old host's head files the restores set aside, as marks: verify() and acknowledge()
+    hold the journal to them with the anchors (set_aside takes out those past the restored end)."""
+    from backupportal.journal_anchors import Mark
+
+    kept = [d["old_head"] for d in _restores() if isinstance(d.get("old_head"), dict)]
+    return [Mark(OLD_HEAD, h["journal"], h["entry"], h["hmac"], h.get("count")) for h in kept]
+
+
 def _old_anchors():
-    """(entry, HMAC) of every mark a restore found left behind by the old host."""
-    return {(m["entry"], m["hmac"]) for details in _restores() for m in details.get("old_anchors", [])}
+    """(entry, HMAC) of every mark a restore found left behind by the old host (its head file too)."""
+    restores = _restores()
+    marks = {(m["entry"], m["hmac"]) for details in restores for m in details.get("old_anchors", [])}
+    return marks | {(d["old_head"]["entry"], d["old_head"]["hmac"]) for d in restores if d.get("old_head")}
 
 
 def _not_held(marks):
@@ -128,7 +157,7 @@ def acknowledge(reason, actor):
 
     head = journal.read_head()
     anchors, _ = journal_anchors.read()
-    _, lost = set_aside(journal.journal_id(), ([head] if head else []) + anchors)
+    _, lost = set_aside(journal.journal_id(), ([head] if head else []) + anchors + old_heads())
     if not lost:
         raise NothingLost(
             "nothing to acknowledge: no anchor names an entry past the restored end of this journal "

@@ -77,6 +77,7 @@ def restore(path, actor, public_keys=None):
     else:
         _into_postgres(path, keys, about)
     connection.close()  # the next query opens the restored database
+    old_head = journal_loss.lost_head(journal.read_head(), about["journal_entry"])
     moved = _set_old_head_aside()
     count = JournalEntry.objects.count()
     entry = journal.record(
@@ -91,6 +92,7 @@ def restore(path, actor, public_keys=None):
         signature_verified=True,
         taken_at=about.get("taken_at", ""),
         old_head_moved_to=moved,
+        old_head=old_head,  # verifyjournal names what it knew past the end with the anchors
         old_anchors=journal_loss.old_anchors(about["journal_entry"]),  # only these are set aside later
     )
     call_command("migrate", interactive=False, verbosity=0)

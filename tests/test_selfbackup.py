@@ -394,3 +394,24 @@ def test_restoreportal_with_the_wrong_passphrase_says_so_in_one_line_and_restore
     assert "opens with none of the 1 key(s) tried" in said[0] and "wrong passphrase or key" in said[0]
     shown = "from django.db import connection; print('Tables:' + str(connection.introspection.table_names()))"
     assert "Tables:[]" in portal(env, "shell", "-c", shown).stdout
+
+
+def test_after_a_restore_on_the_same_host_verifyjournal_names_the_entries_only_the_old_head_file_knew(
+    settings, tiers, passphrase_file, anchors_on, new_host
+):
+    env, var = new_host
+    journal.record("admin_changed", actor="alice", outcome="info")
+    taken = run_command("selfbackup")  # the anchors name the selfbackup's own entry, past its end
+    anchored = json.loads(Path(settings.JOURNAL_HEAD_FILE).read_text())["entry"]
+    for n in range(3):  # written before the next hourly anchor: only the head file names them
+        newest = journal.record("admin_changed", actor="alice", outcome="info", note=f"unanchored {n}")
+    # The database is lost; VAR_DIR and its head file survive, and the portal is restored there.
+    shutil.copy(settings.JOURNAL_HEAD_FILE, env["JOURNAL_HEAD_FILE"])
+    portal(env, "restoreportal", str(Path(tiers.primary) / taken["key"]))
+    refused = portal(env, "verifyjournal", check=False)
+    said = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 1 and newest.pk > anchored
+    assert f"intact up to #{taken['journal_entry']}" in said and f"name entries up to #{newest.pk}," in said, said
+    assert "the old host's head file" in said
+    portal(env, "verifyjournal", "--acknowledge-loss", "--reason", "restored on the same host")
+    assert portal(env, "verifyjournal").returncode == 0
