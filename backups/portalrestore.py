@@ -72,6 +72,7 @@ def restore(path, actor, public_keys=None):
     sha256, checked = check_sha256(path)
     about = signed_about(path, sha256, public_key_text(public_keys))
     keys = candidate_keys(about)
+    check_head_writable()
     if connection.vendor == "sqlite":
         _into_sqlite(path, keys, about)
     else:
@@ -397,6 +398,24 @@ def _empty_postgres():
         for table in connection.introspection.table_names(cur):
             cur.execute(f"DROP TABLE IF EXISTS {connection.ops.quote_name(table)} CASCADE")
         cur.execute("DROP FUNCTION IF EXISTS backupportal_journal_append_only()")
+
+
+def check_head_writable():
+    """The journal's head file must be writable before anything is restored: the portal_restored
+    entry writes it, and a database put in place without that entry cannot be restored again
+    (it holds tables) nor verified."""
+    head = Path(settings.JOURNAL_HEAD_FILE)
+    try:
+        head.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=head.parent, prefix=".restoreportal-"):
+            pass
+        if head.exists():
+            head.read_bytes()
+    except OSError as e:
+        raise RestoreRefused(
+            f"the journal's head file {head} (JOURNAL_HEAD_FILE) cannot be written ({e.strerror or e}): make its "
+            "directory writable (or set JOURNAL_HEAD_FILE to one that is), then run restoreportal again"
+        ) from None
 
 
 def _set_old_head_aside():

@@ -415,3 +415,20 @@ def test_after_a_restore_on_the_same_host_verifyjournal_names_the_entries_only_t
     assert "the old host's head file" in said
     portal(env, "verifyjournal", "--acknowledge-loss", "--reason", "restored on the same host")
     assert portal(env, "verifyjournal").returncode == 0
+
+
+def test_restoreportal_refuses_before_restoring_when_the_journal_head_file_cannot_be_written(
+    tiers, passphrase_file, new_host
+):
+    env, var = new_host
+    taken = run_command("selfbackup")
+    (var / "not-a-directory").write_text("")
+    env["JOURNAL_HEAD_FILE"] = str(var / "not-a-directory" / "journal.head")
+    refused = portal(env, "restoreportal", str(Path(tiers.primary) / taken["key"]), check=False)
+    said = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(said) == 1, refused.stderr[-2000:]
+    assert "JOURNAL_HEAD_FILE" in said[0] and "run restoreportal again" in said[0]
+    shown = "from django.db import connection; print('Tables:' + str(connection.introspection.table_names()))"
+    assert "Tables:[]" in portal(env, "shell", "-c", shown).stdout  # nothing restored: it can be run again
+    env["JOURNAL_HEAD_FILE"] = str(var / "journal.head")
+    portal(env, "restoreportal", str(Path(tiers.primary) / taken["key"]))
