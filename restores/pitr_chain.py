@@ -26,7 +26,7 @@ from backups.crypto import die_with_parent
 from backups.models import BackupRun
 from backups.storage import store_for
 from backups.streams import readable
-from restores.pitr_extract import TarSink, place_manifest
+from restores.pitr_extract import TarSink, empty, place_manifest
 from restores.pitr_plan import RestoreFailed, encryption_of
 
 
@@ -130,15 +130,15 @@ def combine(plan):
     try:
         # Root's, traversed by the database OS user (pg_combinebackup reads the links, each its
         # own directory): that user cannot swap a link's directory for a symbolic link while
-        # the portal writes into it. pg_combinebackup writes into an empty directory of its own.
+        # the portal writes into it.
         os.chmod(scratch, 0o711)
         parts = [extract_link(plan, run, scratch) for run in chain_of(plan)]
-        combined = scratch / "combined"
-        combined.mkdir(mode=0o700)
-        chown_to_db_user(combined)
-        run_combinebackup(plan, parts, combined)
-        for entry in combined.iterdir():  # the same file system: renames
-            os.rename(entry, plan.datadir / entry.name)
+        # Straight into the data directory (empty, the database OS user's): it is often a mount
+        # of its own (/srv/pgdata), which nothing in the scratch beside it could be renamed into.
+        run_combinebackup(plan, parts, plan.datadir, link=same_file_system(scratch, plan.datadir))
+    except BaseException:
+        empty(plan.datadir)  # the full alone is extracted into it next (extract_chain_or_base)
+        raise
     finally:
         remove_tree(scratch, ignore_errors=True)
     plan.extracted = None  # pg_combinebackup wrote the files: pg_verifybackup checks them all
@@ -147,8 +147,8 @@ def combine(plan):
 
 
 def scratch_for(datadir: Path) -> Path:
-    """The name of a chain's scratch directory beside `datadir` (the same file system: the
-    combined cluster is renamed into it), not made yet."""
+    """The name of a chain's scratch directory beside `datadir` (the same file system, unless
+    `datadir` is a mount of its own: pg_combinebackup then copies), not made yet."""
     return datadir.parent / f".{datadir.name}.chain-{secrets.token_hex(6)}"
 
 
@@ -167,17 +167,22 @@ def extract_link(plan, run, scratch):
     return part
 
 
-def run_combinebackup(plan, parts, output):
+def same_file_system(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
+
+
+def run_combinebackup(plan, parts, output, link=True):
     major = backup_major(plan.base)
     tool = cluster_tool(major, "pg_combinebackup", f"combining the chain of #{plan.base.pk}")
-    # 18+: files hard-linked from the unpacked links (the same file system) instead of copied:
-    # no second copy of the cluster on disk; the scratch's removal then only drops their names.
-    link = ["--link"] if (major or 0) >= 18 else []
+    # 18+: files hard-linked from the unpacked links (`link`: on the output's file system) instead
+    # of copied: no second copy of the cluster on disk; the scratch's removal then only drops
+    # their names. Across file systems a hard link fails: copied then.
+    link = ["--link"] if link and (major or 0) >= 18 else []
     proc = subprocess.run(
         as_db_user_tied([str(tool), *link, *map(str, parts), "-o", str(output)]),
         capture_output=True,
         text=True,
-        cwd=output.parent,
+        cwd=parts[0].parent,
         env=child_env(),
         timeout=3600,
         preexec_fn=die_with_parent,  # with as_db_user_tied: never left running on its own

@@ -2,6 +2,7 @@
 the full and its incrementals combined with pg_combinebackup, WAL replayed from the newest
 link; a chain with a broken link refused by name, the full and WAL used instead."""
 
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ import pytest
 from django.utils import timezone
 
 from backupportal.lib.osuser import free_port
+from backupportal.lib.pgcluster import stop_left_running
 from backups.models import BackupRun, Server
 from restores import pitr_chain
 from restores.models import RestoreRun
@@ -106,6 +108,35 @@ def test_pitr_combines_the_full_and_two_incrementals_and_falls_back_to_the_full_
     assert result["chain"] == [full.pk]
     assert "incremental chain refused: " in result["notes"]
     assert f"recovering from full base backup #{full.pk} and WAL instead" in result["notes"]
+
+
+@pytest.mark.parametrize("pg_major", [18])
+def test_a_chain_restores_into_a_data_directory_that_is_a_mount_of_its_own(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, restored, pg_major
+):
+    """The usual place of a cluster, /srv/pgdata on a volume of its own: the combined chain
+    was renamed in from the scratch beside it, which failed with "Invalid cross-device link"."""
+    sample_cluster.configure(summarize_wal=True)
+    enable_push(sample_cluster)
+    full = base_backup()
+    write(sample_cluster, "CREATE TABLE probe(tx text); INSERT INTO probe VALUES ('A')")
+    first = incremental()
+    target = a_second_later()
+    write(sample_cluster, "INSERT INTO probe VALUES ('B')")
+    wait_archived(sample_cluster, switch_wal(sample_cluster))
+    datadir = restored()
+    datadir.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(datadir)]).returncode != 0:
+        pytest.skip("this test mounts a tmpfs: it needs root and CAP_SYS_ADMIN")
+    try:
+        port = free_port()
+        result = pitr_to(datadir, port, target)
+        assert result["status"] == "succeeded", result
+        assert result["chain"] == [full.pk, first.pk]
+        assert rows(port, "SELECT tx FROM probe") == [("A",)]
+    finally:
+        stop_left_running(datadir)
+        subprocess.run(["umount", "--lazy", str(datadir)], check=True)
 
 
 def test_a_link_whose_parent_failed_is_gone_or_deleted_is_refused_by_name_and_wal_chain_checks_are_no_links(db):
