@@ -124,9 +124,21 @@ class BaseBackupTool(Tool):
     """pg_basebackup, its tar stream read in passing for the backup's WAL positions."""
 
     def start(self):
+        self.warnings = []  # the server's, as libpq prints them: "WARNING:  skipping special file ..."
         super().start()
         self.sniffer = TarSniffer()
         return self
+
+    def _drain_stderr(self):
+        for line in iter(self.proc.stderr.readline, b""):
+            text = line.decode(errors="replace").rstrip()
+            self.stderr_tail.append(text)
+            if text.startswith("WARNING:"):  # in English: a server of another lc_messages goes unheard here
+                self.warnings.append(text.removeprefix("WARNING:").strip())
+
+    def incomplete(self):
+        self.drainer.join(timeout=10)  # pg_basebackup has exited: its last lines are on their way
+        return basestream.skipped_files(self.warnings)
 
     def forward(self, sink):
         """The tar into `sink` (zstd's stdin), sniffed on the way (tarpipe.forward): the files'

@@ -69,6 +69,7 @@ class ServerCompressed(Source):
         self.archives = 0
         self.bytes = 0  # of the compressed archive received: the heartbeat's progress
         self.start_lsn = self.end_lsn = self.timeline = None
+        self.warnings = []  # the server's WARNINGs while it sent the backup (skipped_files)
 
     def command(self):
         label = self.label.replace("'", "''")
@@ -93,6 +94,7 @@ class ServerCompressed(Source):
         for what pg_basebackup would meet too (no connection, the checkpoint failed, timed out)."""
         try:
             self.conn = psycopg.connect(**self.server.connection_settings(), replication="true", autocommit=True)
+            self.conn.add_notice_handler(self._notice)
             self.conn.pgconn.send_query(self.command().encode())
             result = self._result(tick, timeout)
         except psycopg.Error as e:
@@ -190,6 +192,10 @@ class ServerCompressed(Source):
         if readable:
             self.conn.pgconn.consume_input()  # raises when the connection is gone
 
+    def _notice(self, diagnostic):
+        if diagnostic.severity_nonlocalized == "WARNING":
+            self.warnings.append(diagnostic.message_primary or "")
+
     def _message(self, result):
         text = result.error_message if result is not None else self.conn.pgconn.error_message
         return (text or b"the connection was lost").decode(errors="replace").strip()
@@ -232,3 +238,20 @@ class ServerCompressed(Source):
             raise EncryptFailed(str(self.error))
         if not self.manifest:
             raise EncryptFailed("BASE_BACKUP sent no backup manifest: the backup cannot be verified")
+        if said := skipped_files(self.warnings):
+            raise EncryptFailed(said)
+
+
+def skipped_files(warnings):
+    """One line for the server's WARNINGs while it sent a base backup ("" when none): it warns of
+    what it leaves out, such as a symbolic link other than pg_wal and a tablespace's ("skipping
+    special file ./base/16384": a whole database moved to another disk by hand). Neither the
+    manifest nor pg_verifybackup know of it, and every restore would say "succeeded" without it."""
+    warnings = list(dict.fromkeys(warnings))  # pg_basebackup's server says each twice (its size estimate first)
+    if not warnings:
+        return ""
+    more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
+    return (
+        f"the server warned while sending the base backup: {warnings[0]}{more}: what it skipped would be missing"
+        " from every restore; move it back into the data directory (or into a tablespace) and take the backup again"
+    )

@@ -75,6 +75,10 @@ class Tool:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
 
+    def incomplete(self):
+        """Why the output of a tool that exited 0 is still not whole ("" when it is)."""
+        return ""
+
     def error_line(self, server=None):
         name = os.path.basename(self.argv[0])
         if self.drainer is not None:
@@ -187,6 +191,8 @@ class ToolSource(Source):
             raise EncryptFailed(f"reading the output of {self.name} failed: {self.feed_error}")
         if self.tool.proc.returncode != 0:
             raise EncryptFailed(self.tool.error_line(self.server))
+        if said := self.tool.incomplete():
+            raise EncryptFailed(said)
 
 
 def encrypt_to(

@@ -2,7 +2,10 @@
 runs from before zstd (tars that gpg compressed itself) still restored, by what their run
 recorded, never by guessing from the bytes."""
 
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +142,38 @@ def test_a_base_backups_stop_time_is_the_servers_clock_even_when_it_stops_answer
     assert never.at_start is None
     portal, unsure = never.now()
     assert "did not answer at the backup's start or end" in unsure and "portal's clock" in unsure
+
+
+@pytest.mark.parametrize("compression", ["server", "client"])  # BASE_BACKUP read here; pg_basebackup
+def test_a_database_directory_moved_away_behind_a_symbolic_link_fails_the_base_backup_by_name(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, compression
+):
+    """PostgreSQL skips any symbolic link but pg_wal's and tablespaces', with a WARNING only: a
+    database moved to another disk by hand (base/OID -> elsewhere) was missing from the backup,
+    from its manifest and from the restored copy, and the backup and the restore both said
+    "succeeded"."""
+    settings.BASE_COMPRESSION = compression
+    cluster = sample_cluster
+    enable_push(cluster)
+    cluster.execute("CREATE DATABASE moved")
+    cluster.execute("CREATE TABLE m AS SELECT 1 AS x", dbname="moved")
+    (oid,) = cluster.execute("SELECT oid FROM pg_database WHERE datname = 'moved'")[0]
+    home = cluster.datadir / "base" / str(oid)
+    elsewhere = Path(tempfile.mkdtemp(prefix="bp-otherdisk-")) / str(oid)
+    elsewhere.parent.chmod(0o755)
+    cluster.stop()
+    shutil.move(home, elsewhere)
+    home.symlink_to(elsewhere)
+    cluster.start()
+    try:
+        result = run_command("backup", "maldives", "--kind", "base")
+        assert result["status"] == "failed", result
+        assert f'skipping special file "./base/{oid}": what it skipped would be missing' in result["error"]
+        assert "(and " not in result["error"]  # said once, though the server sends it twice to pg_basebackup
+        assert result["copies"] == [] and not BackupRun.objects.get(pk=result["id"]).copies.exists()
+    finally:
+        cluster.stop()
+        home.unlink()
+        shutil.move(elsewhere, home)
+        shutil.rmtree(elsewhere.parent)
+        cluster.start()
