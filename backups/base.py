@@ -220,6 +220,9 @@ def take_tar(run, what, key, extra_args=()):
     (stop_time, unsure), ended_here = clock.now(), timezone.now()
     if unsure:
         run.notes = f"{run.notes}\n{unsure}".strip()
+    server_said = source.warnings if isinstance(source, basestream.ServerCompressed) else source.tool.warnings
+    if left_out := basestream.left_out(server_said):
+        run.notes = f"{run.notes}\n{left_out}".strip()
     BackupCopy.record_made(
         location, key, size, sha256, run=run, artifact="main", encryption_key_id=encryption.custody_key
     )

@@ -16,6 +16,7 @@ wheel) says so at once, and the backup goes through pg_basebackup instead (ZstdU
 """
 
 import os
+import re
 import select
 import threading
 import time
@@ -242,16 +243,37 @@ class ServerCompressed(Source):
             raise EncryptFailed(said)
 
 
+# What the server skips that a restore cannot do without: a database's files, the cluster's
+# own. pg_stat, pg_replslot and the like are left out of every backup anyway (and pg_log is a log).
+DATA = re.compile(r'"\./(base|global|pg_xact|pg_multixact|pg_commit_ts|pg_twophase|pg_logical|PG_VERSION)(/[^"]*)?"')
+
+
 def skipped_files(warnings):
-    """One line for the server's WARNINGs while it sent a base backup ("" when none): it warns of
-    what it leaves out, such as a symbolic link other than pg_wal and a tablespace's ("skipping
+    """One line for the server's WARNINGs while it sent a base backup of what a restore needs
+    ("" when none): it leaves out any symbolic link but pg_wal's and a tablespace's ("skipping
     special file ./base/16384": a whole database moved to another disk by hand). Neither the
-    manifest nor pg_verifybackup know of it, and every restore would say "succeeded" without it."""
-    warnings = list(dict.fromkeys(warnings))  # pg_basebackup's server says each twice (its size estimate first)
-    if not warnings:
+    manifest nor pg_verifybackup know of it, and every restore would say "succeeded" without it.
+    A warning that names no such file (a log directory or a configuration file linked from
+    elsewhere) is only said (left_out)."""
+    needed = [w for w in dict.fromkeys(warnings) if not harmless(w)]  # pg_basebackup's server says each twice
+    if not needed:
         return ""
-    more = f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else ""
+    more = f" (and {len(needed) - 1} more)" if len(needed) > 1 else ""
     return (
-        f"the server warned while sending the base backup: {warnings[0]}{more}: what it skipped would be missing"
+        f"the server warned while sending the base backup: {needed[0]}{more}: what it skipped would be missing"
         " from every restore; move it back into the data directory (or into a tablespace) and take the backup again"
     )
+
+
+def harmless(warning):
+    """A skipped file a restore does without: one quoted path, outside the cluster's data."""
+    paths = re.findall(r'"\./[^"]*"', warning)
+    return len(paths) == 1 and not DATA.fullmatch(paths[0])
+
+
+def left_out(warnings):
+    """The run's note for the harmless skipped files ("" for none)."""
+    skipped = [w for w in dict.fromkeys(warnings) if harmless(w)]
+    if not skipped:
+        return ""
+    return f"the server left out of the backup (symbolic links; no restore needs them): {'; '.join(skipped)}"

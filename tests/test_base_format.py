@@ -177,3 +177,27 @@ def test_a_database_directory_moved_away_behind_a_symbolic_link_fails_the_base_b
         shutil.move(elsewhere, home)
         shutil.rmtree(elsewhere.parent)
         cluster.start()
+
+
+@pytest.mark.parametrize("compression", ["server", "client"])
+def test_a_log_directory_linked_from_elsewhere_is_left_out_and_said_and_the_base_backup_succeeds(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, compression
+):
+    """What no restore needs (a log directory on another disk, as many hosts keep pg_log) does not
+    fail the backup: the run's notes say the server left it out."""
+    settings.BASE_COMPRESSION = compression
+    enable_push(sample_cluster)
+    logs = Path(tempfile.mkdtemp(prefix="bp-logs-"))
+    link = sample_cluster.datadir / "pg_log"
+    link.symlink_to(logs)
+    try:
+        result = run_command("backup", "maldives", "--kind", "base")
+        assert result["status"] == "succeeded", result
+        notes = BackupRun.objects.get(pk=result["id"]).notes
+        assert (
+            'the server left out of the backup (symbolic links; no restore needs them): skipping special file "./pg_log"'
+            in notes
+        )
+    finally:
+        link.unlink()
+        logs.rmdir()
