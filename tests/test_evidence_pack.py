@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import time_machine
 from django.core.management import CommandError, call_command
-from django.test import Client
+from django.test import Client, TestCase
 from django.urls import reverse
 from PIL import Image
 from pypdf import PdfReader
@@ -25,7 +25,7 @@ from backupportal import journal
 from backupportal.lib import signing
 from backupportal.models import JournalEntry
 from backups.models import BackupRun, Server
-from restores.models import DrDrill, RestoreTest
+from restores.models import DrDrill, DrDrillStep, RestoreTest
 from tests.helpers import make_user
 from watching.evidence import MAX_DAYS, Period, last_quarter, period_problem
 from watching.evidence_pack import verify
@@ -56,20 +56,24 @@ def quarter(catalog, signing_dir, django_capture_on_commit_callbacks):
     server = catalog["server"]
     Server.objects.filter(pk=server.pk).update(created_at=q3(6, 1))
     for day in range(1, GOOD_LOGICAL_DAYS + 1):
-        BackupRun.objects.create(server=server, kind="logical", status="succeeded", finished_at=q3(7, day))
+        _run(server, "logical", "succeeded", q3(7, day))
     for day in range(11, 11 + FAILED_LOGICAL):
-        BackupRun.objects.create(server=server, kind="logical", status="failed", finished_at=q3(7, day), error="x")
+        _run(server, "logical", "failed", q3(7, day), error="x")
     for day in range(GOOD_BASE):
-        BackupRun.objects.create(server=server, kind="base", status="succeeded", finished_at=q3(8, 1 + day))
-    BackupRun.objects.create(server=server, kind="base", status="failed", finished_at=q3(8, 20))
-    BackupRun.objects.create(server=server, kind="logical", status="succeeded", finished_at=q3(10, 1))  # after Q3
+        _run(server, "base", "succeeded", q3(8, 1 + day))
+    _run(server, "base", "failed", q3(8, 20))
+    _run(server, "logical", "succeeded", q3(10, 1))  # after Q3
     for hour, seconds in enumerate(RPO_SAMPLES):
         RpoSample.objects.create(server=server, hour=q3(8, 5, hour, 0), worst_seconds=seconds)
     for day, seconds in enumerate(RESTORE_TESTS):
-        RestoreTest.objects.create(
+        test = RestoreTest.objects.create(
             server=server, status="passed", started_at=q3(9, 1 + day), finished_at=q3(9, 1 + day), duration_s=seconds
         )
-    RestoreTest.objects.create(server=server, status="failed", started_at=q3(9, 10), error="critical table empty")
+        _journaled("restore_test_passed", test, q3(9, 1 + day), duration_s=seconds)
+    test = RestoreTest.objects.create(
+        server=server, status="failed", started_at=q3(9, 10), error="critical table empty"
+    )
+    _journaled("restore_test_failed", test, q3(9, 10), outcome="failed", error=test.error)
     DrDrill.objects.create(title="Q3 failover drill", server=server, logged_by=_owner(), started_at=q3(9, 15, 9, 0))
     Alert.objects.create(
         condition="rpo_breached",
@@ -92,6 +96,22 @@ def quarter(catalog, signing_dir, django_capture_on_commit_callbacks):
             with time_machine.travel(when, tick=False):
                 journal.record(action, actor="bob", obj=server)
     return server
+
+
+def _journaled(action, obj, when, **details):
+    """Journaled at `when`, as the portal journals the row it wrote then (the head file too)."""
+    with time_machine.travel(when, tick=False), TestCase.captureOnCommitCallbacks(execute=True):
+        return journal.record(action, actor="job:backup", obj=obj, **details)
+
+
+def _run(server, kind, status, finished_at, **fields):
+    """A backup run that finished at `finished_at`, journaled as the runner journals it."""
+    run = BackupRun.objects.create(server=server, kind=kind, status=status, finished_at=finished_at, **fields)
+    if status == "succeeded":
+        _journaled("backup_succeeded", run, finished_at, size=run.size, sha256=run.sha256)
+    else:
+        _journaled("backup_failed", run, finished_at, outcome="failed", error=run.error)
+    return run
 
 
 def _owner():
@@ -198,6 +218,10 @@ def test_the_quarters_pack_opens_and_its_pdf_says_the_quarters_figures(quarter, 
     assert "restore_approved" in text and "change_approved" in text
     assert f"Signed with the portal's signing key {signing.fingerprint()}" in text
     assert "Journal chain check: intact" in text
+    assert (
+        "Rows against the journal: as the journal recorded them (16 backup runs, 3 restore tests, 0 drill steps)"
+        in text
+    )
     # poppler reads the same sentences (the tables' columns it lays out by position).
     for sentence in (
         "logical backups taken 10, failed 2;",
@@ -209,8 +233,9 @@ def test_the_quarters_pack_opens_and_its_pdf_says_the_quarters_figures(quarter, 
     # The CSV holds the quarter's entries and no other; the check covers the whole journal.
     in_q3 = JournalEntry.objects.filter(at__gte=q3(7, 1, 0, 0), at__lt=q3(10, 1, 0, 0))
     lines = csv.strip().splitlines()
-    assert lines[0].startswith("id,at,actor,action") and len(lines) == 1 + in_q3.count() == 4
-    assert check["ok"] is True and check["entries_in_period"] == 3
+    journaled_rows = GOOD_LOGICAL_DAYS + FAILED_LOGICAL + GOOD_BASE + FAILED_BASE + len(RESTORE_TESTS) + 1
+    assert lines[0].startswith("id,at,actor,action") and len(lines) == 1 + in_q3.count() == 4 + journaled_rows
+    assert check["ok"] is True and check["entries_in_period"] == 3 + journaled_rows
     made = JournalEntry.objects.get(action="evidence_pack_made")
     assert made.details["sha256"] == result["sha256"] and made.details["period"] == "2026-07-01 to 2026-09-30"
 
@@ -227,8 +252,12 @@ def test_the_pack_verifies_with_verifyevidence_and_with_stock_gpg(quarter, tmp_p
         "member journal.csv",
         "member journal-check.json",
         "journal chain when the pack was made",
+        "rows against the journal when the pack was made",
     ]
-    assert result["checks"][-1]["detail"].startswith("intact: ")
+    assert result["checks"][-2]["detail"].startswith("intact: ")
+    assert (
+        result["checks"][-1]["detail"] == "as the journal recorded them: 16 backup runs, 3 restore tests, 0 drill steps"
+    )
 
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
@@ -476,3 +505,64 @@ def test_verifyevidence_says_when_the_journal_was_not_intact_as_the_pack_was_mad
     assert failed["journal chain when the pack was made"].startswith("NOT intact: ")
     assert "FAILED journal chain when the pack was made: NOT intact" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def _drill_with_go_live(server, client, dba):
+    """Q3's drill with its go-live recorded on the drill's page, as a DBA records it (journaled)."""
+    drill = DrDrill.objects.get(title="Q3 failover drill")
+    client.force_login(dba)
+    form = {"who": "alice", "started_at": "2026-09-15 11:00", "finished_at": "2026-09-15 12:00", "outcome": "ok"}
+    with time_machine.travel(q3(9, 15, 13, 0), tick=False), TestCase.captureOnCommitCallbacks(execute=True):
+        response = client.post(reverse("drill-step", args=[drill.pk, "go_live"]), form)
+    assert response.status_code == 302, response.content[:500]
+    return drill
+
+
+@pytest.mark.parametrize("change", ["go_live", "backup", "restore_test"])
+def test_a_row_changed_in_the_database_after_it_was_journaled_fails_the_pack(quarter, tmp_path, alice, change):
+    """Found by a probe: the rows the PDF prints are not signed; one changed with an UPDATE (a
+    drill's go-live moved, a failed backup or restore test turned good) read as the pack's truth
+    while its journal check said "intact" and verifyevidence said "verified"."""
+    drill = _drill_with_go_live(quarter, Client(), alice)
+    if change == "go_live":
+        DrDrillStep.objects.filter(drill=drill, step="go_live").update(finished_at=q3(9, 15, 10, 30))
+        row = f"drill #{drill.pk} (Q3 failover drill) step go_live"
+    elif change == "backup":
+        run = BackupRun.objects.filter(status="failed", kind="base").get()
+        BackupRun.objects.filter(pk=run.pk).update(status="succeeded")
+        row = f"backup run #{run.pk} (maldives, base, succeeded)"
+    else:
+        test = RestoreTest.objects.get(status="failed")
+        RestoreTest.objects.filter(pk=test.pk).update(status="passed", error="", duration_s=300)
+        row = f"restore test #{test.pk} (maldives, passed)"
+    assert journal.check().ok  # the journal itself is untouched
+    path, _ = make_pack(tmp_path)
+    code, result, err = verifyevidence(path, public_key_file(tmp_path))
+    assert code == 1 and result["ok"] is False
+    failed = {c["check"]: c["detail"] for c in result["checks"] if not c["ok"]}
+    assert list(failed) == ["rows against the journal when the pack was made"]
+    assert failed["rows against the journal when the pack was made"].startswith(f"{row}: ")
+    assert "differs from the journal" in err and row in err and len(err.strip().splitlines()) == 1
+    with zipfile.ZipFile(path) as pack:
+        check = json.loads(pack.read("journal-check.json"))
+        first_page = PdfReader(io.BytesIO(pack.read("summary.pdf"))).pages[0].extract_text()
+    assert check["ok"] is True and [d["row"] for d in check["rows"]["differ"]] == [row], check["rows"]
+    assert f"{row} differs from the journal" in " ".join(first_page.split())
+
+
+def test_a_period_whose_rows_are_as_journaled_verifies_with_its_drill_steps(quarter, tmp_path, alice):
+    _drill_with_go_live(quarter, Client(), alice)
+    path, _ = make_pack(tmp_path)
+    code, result, _ = verifyevidence(path, public_key_file(tmp_path))
+    assert code == 0 and result["ok"] is True
+    detail = result["checks"][-1]["detail"]
+    assert detail == "as the journal recorded them: 16 backup runs, 3 restore tests, 1 drill steps"
+
+
+def test_a_row_with_no_journal_entry_fails_the_pack(quarter, tmp_path):
+    """A run inserted straight into the catalog: the runner journals every run it ends."""
+    run = BackupRun.objects.create(server=quarter, kind="logical", status="succeeded", finished_at=q3(7, 20))
+    path, _ = make_pack(tmp_path)
+    code, result, err = verifyevidence(path, public_key_file(tmp_path))
+    assert code == 1
+    assert f"backup run #{run.pk} (maldives, logical, succeeded): no backup_succeeded or backup_imported" in err

@@ -8,7 +8,9 @@ ZIP, FILE.sig is a detached signature of the ZIP itself.
 
 `verify()` checks both signatures with a public key the auditor brings (never one from the
 pack) and every member against SHA256SUMS; so does stock gpg with sha256sum (README). Once those
-hold, it reads journal-check.json: a pack of a journal that was not intact fails its verification.
+hold, it reads journal-check.json: a pack of a journal that was not intact fails its verification,
+and so does one whose rows (backup runs, restore tests, drill steps) differed from the journal
+entries that recorded them (watching/evidence_rows.py).
 """
 
 import functools
@@ -26,7 +28,7 @@ from backupportal import journal
 from backupportal.journal_views import CSV_FIELDS, _csv_lines
 from backupportal.lib import signing
 from backupportal.models import JournalEntry
-from watching import evidence, evidence_pdf
+from watching import evidence, evidence_pdf, evidence_rows
 
 SUMS, SUMS_SIG = "SHA256SUMS", "SHA256SUMS.sig"
 JOURNAL_CHECK = "journal-check.json"
@@ -64,6 +66,8 @@ def build(period):
         "period": str(period),
         "entries_in_period": extract.count(),
         "checked_at": timezone.now().isoformat(),
+        # The catalog's rows are not signed: each one the pack reports on, against its journal entries.
+        "rows": evidence_rows.check(period),
     }
     pdf = evidence_pdf.render(evidence.figures(period), check, signer)
     rows = extract.values_list(*CSV_FIELDS).iterator(chunk_size=2000)
@@ -159,6 +163,7 @@ def verify(data, signature, public_key):
         checks.append(Check(f"member {name}", False, f"{name} is in the ZIP but not in {SUMS}"))
     if all(check.ok for check in checks) and JOURNAL_CHECK in listed:
         checks.append(_journal_check(members[JOURNAL_CHECK]))
+        checks.append(_rows_check(members[JOURNAL_CHECK]))
     return checks
 
 
@@ -173,6 +178,25 @@ def _journal_check(data):
     except (ValueError, KeyError, TypeError):
         return Check(what, False, f"{JOURNAL_CHECK} does not say whether the journal was intact")
     return Check(what, ok, f"{'intact' if ok else 'NOT intact'}: {message}")
+
+
+def _rows_check(data):
+    """What the pack's own cross-check said: a row that differs from the journal entry that
+    recorded it was changed in the database after the fact, and the PDF printed the change."""
+    what = "rows against the journal when the pack was made"
+    try:
+        rows = json.loads(data).get("rows")
+        if rows is None:
+            return Check(what, True, "not checked: the pack was made before rows were checked against the journal")
+        checked, differ = rows["checked"], rows["differ"]
+        counted = evidence_rows.counted(checked)
+        first = differ and f"{differ[0]['row']}: {differ[0]['problem']}"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return Check(what, False, f"{JOURNAL_CHECK} does not say whether its rows agree with the journal")
+    if differ:
+        more = f" (and {len(differ) - 1} more rows, listed in {JOURNAL_CHECK})" if len(differ) > 1 else ""
+        return Check(what, False, f"{first} differs from the journal{more}")
+    return Check(what, True, f"as the journal recorded them: {counted}")
 
 
 def _signature_check(what, data, signature, public_key):

@@ -10,8 +10,11 @@ from django.conf import settings
 from django.utils import timezone
 from fpdf import FPDF
 
+from watching import evidence_rows
+
 FONT = "Helvetica"
 LISTED = 200  # rows of a table; the journal extract holds every entry
+DIFFER_LISTED = 20  # rows that differ from the journal named on the first page; the JSON holds all
 MISSED_LISTED = 60  # days without a good logical backup named per server; past it, how many more
 
 
@@ -83,6 +86,7 @@ def render(figures, journal_check, signer):
     pdf.line(f"Portal: {settings.SITE_URL}. Made {when(timezone.now())} ({settings.TIME_ZONE}).")
     pdf.line(f"Signed with the portal's signing key {signer}.")
     pdf.line(f"Journal chain check: {'intact' if journal_check['ok'] else 'NOT INTACT'}: {journal_check['message']}")
+    _rows(pdf, journal_check["rows"])
     _backups(pdf, figures["servers"])
     _objectives(pdf, figures["servers"])
     _tests(pdf, figures["restore_tests"], figures["drills"])
@@ -90,6 +94,19 @@ def render(figures, journal_check, signer):
     _maintenance(pdf, figures["maintenance"])
     _journal_facts(pdf, figures["key_rotations"], figures["approvals"])
     return bytes(pdf.output())
+
+
+def _rows(pdf, rows):
+    """First page: the rows below that the journal contradicts, else that all agree."""
+    counted = evidence_rows.counted(rows["checked"])
+    if not rows["differ"]:
+        pdf.line(f"Rows against the journal: as the journal recorded them ({counted}).")
+        return
+    pdf.line(f"Rows against the journal: {len(rows['differ'])} differ from the journal ({counted} checked):")
+    for row in rows["differ"][:DIFFER_LISTED]:
+        pdf.line(f"- {row['row']} differs from the journal: {row['problem']}")
+    if len(rows["differ"]) > DIFFER_LISTED:
+        pdf.line(f"- and {len(rows['differ']) - DIFFER_LISTED} more (listed in journal-check.json)")
 
 
 def _backups(pdf, servers):
