@@ -1,5 +1,6 @@
 from django.contrib import admin
 
+from backupportal import journal
 from backups.admin import ReadOnlyHistoryAdmin
 from restores.drill_forms import DrillAdminForm, StepAdminForm
 from restores.models import DrDrill, DrDrillStep, RestoreRequest, RestoreRun, RestoreTest
@@ -55,3 +56,19 @@ class DrDrillAdmin(admin.ModelAdmin):
         if not change:
             obj.logged_by = request.user
         super().save_model(request, obj, form, change)
+
+    def save_formset(self, request, form, formset, change):
+        # A step filled in here is journaled as on the drill's page: the evidence pack checks
+        # each step's row against its newest drill_step_recorded entry.
+        super().save_formset(request, form, formset, change)
+        for step, _ in formset.changed_objects:
+            journal.record(
+                "drill_step_recorded",
+                actor=request.user.get_username(),
+                obj=step.drill,
+                step=step.step,
+                who=step.who,
+                started_at=step.started_at,
+                finished_at=step.finished_at,
+                outcome=step.outcome,
+            )

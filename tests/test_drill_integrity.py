@@ -296,3 +296,27 @@ def test_a_drill_links_only_restores_run_since_its_declaration(client, alice, sa
         client.force_login(alice)
     response = client.post(reverse("drill-edit", args=[drill.pk]), edit | {"restore_runs": [during.pk]})
     assert response.status_code == 302 and list(fresh(drill).restore_runs.all()) == [during]
+
+
+def test_a_step_filled_in_in_the_admin_is_journaled_and_agrees_with_the_evidence_pack(client, alice, sam, atoll):
+    """The evidence pack checks each step's row against its drill_step_recorded entry: a step the
+    admin filled in was journaled only as "admin_changed", without its times, and read as a row
+    changed behind the journal's back."""
+    from watching.evidence import Period
+    from watching.evidence_rows import check
+
+    client.force_login(alice)
+    drill = log_drill(client, atoll)
+    client.force_login(sam)
+    changes = {"steps-0-who": "sam", "steps-0-outcome": "issues"}
+    changes |= {"steps-0-started_at_0": DAY, "steps-0-started_at_1": "09:05:00"}
+    changes |= {"steps-0-finished_at_0": DAY, "steps-0-finished_at_1": "09:20:00"}
+    response = client.post(reverse("admin:restores_drdrill_change", args=[drill.pk]), admin_form(drill, **changes))
+    assert response.status_code == 302, response.content.decode()[-1500:]
+    entry = JournalEntry.objects.filter(action="drill_step_recorded").get()
+    assert entry.actor == "sam" and entry.details["step"] == "assessment" and entry.outcome == "issues"
+    day = timezone.localdate(drill.started_at)
+    assert check(Period(day, day)) == {
+        "checked": {"backup runs": 0, "restore tests": 0, "drill steps": 1},
+        "differ": [],
+    }
