@@ -486,6 +486,9 @@ def rebuild(location, encryption, public_key, dry_run=False, actor="system"):
             location=location.name,
             manifests=report.manifests,
             runs=len(report.runs_created),
+            # Each run it made, by id: they have no backup_succeeded entry of their own, and the
+            # evidence pack's cross-check (watching.evidence_rows) vouches for them by this one.
+            run_ids=[made["id"] for made in report.runs_created],
             wal=report.wal_created,
             servers=report.servers_created,
             skipped=len(report.skipped),

@@ -566,3 +566,36 @@ def test_a_row_with_no_journal_entry_fails_the_pack(quarter, tmp_path):
     code, result, err = verifyevidence(path, public_key_file(tmp_path))
     assert code == 1
     assert f"backup run #{run.pk} (maldives, logical, succeeded): no backup_succeeded or backup_imported" in err
+
+
+def test_runs_a_catalog_rebuild_recreated_are_vouched_for_by_its_entry(quarter, tmp_path):
+    """A rebuild recreates good runs from their signed manifests, with no backup_succeeded entry
+    each: its catalog_rebuilt entry lists them. A run it did not list, or one turned failed since,
+    still fails the pack."""
+    rebuilt = {"location": "s3", "manifest": "m", "was": 7, "at": "2026-07-21T00:00:00+00:00"}
+    made = [
+        BackupRun.objects.create(
+            server=quarter, kind="logical", status="succeeded", finished_at=q3(7, 20), details={"rebuilt": rebuilt}
+        )
+        for _ in range(2)
+    ]
+    journal.record("catalog_rebuilt", actor="alice", location="s3", runs=2, run_ids=[run.pk for run in made])
+    path, _ = make_pack(tmp_path)
+    key = public_key_file(tmp_path)
+    code, result, err = verifyevidence(path, key)
+    assert code == 0 and result["ok"] is True, err
+
+    BackupRun.objects.filter(pk=made[1].pk).update(status="failed")
+    forged = BackupRun.objects.create(
+        server=quarter, kind="logical", status="succeeded", finished_at=q3(7, 21), details={"rebuilt": rebuilt}
+    )
+    (tmp_path / "again").mkdir()
+    path, _ = make_pack(tmp_path / "again")
+    code, result, err = verifyevidence(path, key)
+    assert code == 1
+    with zipfile.ZipFile(path) as pack:
+        differ = {d["row"]: d["problem"] for d in json.loads(pack.read("journal-check.json"))["rows"]["differ"]}
+    assert differ[f"backup run #{made[1].pk} (maldives, logical, failed)"].endswith(
+        "(catalog_rebuilt) recreated it succeeded"
+    )
+    assert differ[f"backup run #{forged.pk} (maldives, logical, succeeded)"].startswith("no backup_succeeded")

@@ -167,6 +167,8 @@ def test_a_fresh_portal_rebuilds_from_s3_alone_and_restores_pitr_and_logical(
     assert rebuilt["chains"] == {"maldives": [{"full": new_base.pk, "incrementals": []}]}
     assert set(BackupCopy.objects.values_list("location__name", flat=True)) == {"s3"}
     assert JournalEntry.objects.filter(action="catalog_rebuilt").count() == 1
+    made = JournalEntry.objects.get(action="catalog_rebuilt").details["run_ids"]  # the evidence pack vouches by it
+    assert sorted(made) == sorted(BackupRun.objects.values_list("pk", flat=True)) and new_base.pk in made
 
     again = run_command("rebuildcatalog", "--location", "s3", "--public-key", str(public))
     assert again["_exit"] == 0 and again["runs_created"] == [] and again["wal_created"] == 0, again

@@ -8,7 +8,9 @@ row that disagrees, or has no entry where the portal always writes one, is named
 Only what the journal carries can be checked (README, "Evidence pack"):
 - backup runs (finished in the period, succeeded or failed): the outcome (backup_succeeded,
   backup_imported or backup_failed, the newest of them), size and sha256 of a good one, and a
-  finish no later than that entry and no earlier than its backup_started entry;
+  finish no later than that entry and no earlier than its backup_started entry; a run a catalog
+  rebuild recreated from its signed manifest (no entry of its own) by the catalog_rebuilt entry
+  that lists it, and only as succeeded;
 - restore tests (started in the period, passed or failed): the outcome (restore_test_passed or
   restore_test_failed), the duration when the entry says it, and a start and a finish no later
   than that entry;
@@ -30,6 +32,7 @@ RUN_OUTCOMES = {
     "backup_failed": BackupRun.Status.FAILED,
 }
 RUN_STARTED = "backup_started"
+REBUILT = "catalog_rebuilt"  # a run it recreated from a signed manifest has no entry of its own
 TEST_OUTCOMES = {"restore_test_passed": RestoreTest.Status.PASSED, "restore_test_failed": RestoreTest.Status.FAILED}
 STEP_RECORDED = "drill_step_recorded"
 STEP_FIELDS = ("who", "started_at", "finished_at", "outcome")
@@ -79,14 +82,30 @@ def _entries(model, rows, actions):
 
 def _runs(runs):
     entries = _entries(BackupRun, runs, [*RUN_OUTCOMES, RUN_STARTED])
+    rebuilt = _rebuilt(runs)
     for run in runs:
         row = f"backup run #{run.pk} ({run.server.name}, {run.kind}, {run.status})"
-        if problem := _run_problem(run, entries.get(str(run.pk), [])):
+        if problem := _run_problem(run, entries.get(str(run.pk), []), rebuilt.get(run.pk)):
             yield {"row": row, "problem": problem}
 
 
-def _run_problem(run, entries):
+def _rebuilt(runs):
+    """{run pk: the catalog_rebuilt entry that recreated it}, of `runs` (from the entry's run_ids)."""
+    pks = {run.pk for run in runs if (run.details or {}).get("rebuilt")}
+    made = {}
+    if pks:
+        for entry in JournalEntry.objects.filter(action=REBUILT).order_by("id"):
+            made.update({pk: entry for pk in entry.details.get("run_ids") or () if pk in pks})
+    return made
+
+
+def _run_problem(run, entries, rebuilt=None):
     outcomes = [e for e in entries if e.action in RUN_OUTCOMES]
+    if not outcomes and rebuilt is not None:
+        # Recreated from its signed manifest: a rebuild makes good runs only, after the rebuild.
+        if run.status != BackupRun.Status.SUCCEEDED:
+            return f"status {run.status}, journal entry #{rebuilt.pk} ({REBUILT}) recreated it succeeded"
+        return ""
     if not outcomes:
         return f"no {' or '.join(RUN_OUTCOMES)} entry in the journal"
     entry = outcomes[-1]
