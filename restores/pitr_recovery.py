@@ -25,7 +25,7 @@ from backupportal.lib.osuser import give_to_db_user, read_regular, write_as_db_u
 from backups import binaries, walspool
 from backups.binaries import backup_major
 from backups.connection import SESSION_GUARD, guard_newer
-from restores import pitr_host, pitr_libraries, pitr_verdict, targetdb
+from restores import pitr_databases, pitr_host, pitr_libraries, pitr_verdict, targetdb
 from restores.models import RestoreRun
 from restores.pitr_plan import RestoreFailed
 from restores.pitr_prefetch import restore_command
@@ -252,6 +252,8 @@ def start_and_wait(plan, run, watch=lambda: None):
     plan.recovered = recovered_position(plan, logfile)
     require_running(plan, logfile)
     pitr_verdict.judge(plan, logfile)
+    # An old base backup may lack a database's directory (a symbolic link the server skipped).
+    pitr_databases.check_all_present(plan, connect)
     quieten(plan, run)
 
 
