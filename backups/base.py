@@ -120,8 +120,17 @@ class Manifest:
         return m.group(1) if m else ""
 
 
+# libpq prints a server's notice as "SEVERITY:  message" (two spaces): pg_basebackup's own lines
+# begin "pg_basebackup: ".
+SERVER_SAYS = re.compile(r"^(\w+):  (.*)$")
+
+
 class BaseBackupTool(Tool):
     """pg_basebackup, its tar stream read in passing for the backup's WAL positions."""
+
+    # How the server says WARNING on pg_basebackup's connection: in English when it may be asked
+    # (basestream.IN_ENGLISH); None when its own word could not be learnt.
+    warning_word = "WARNING"
 
     def start(self):
         self.warnings = []  # the server's, as libpq prints them: "WARNING:  skipping special file ..."
@@ -133,8 +142,11 @@ class BaseBackupTool(Tool):
         for line in iter(self.proc.stderr.readline, b""):
             text = line.decode(errors="replace").rstrip()
             self.stderr_tail.append(text)
-            if text.startswith("WARNING:"):  # in English: a server of another lc_messages goes unheard here
-                self.warnings.append(text.removeprefix("WARNING:").strip())
+            said = SERVER_SAYS.match(text)
+            # Not knowing the server's word for it, any of its messages counts (its NOTICE that
+            # the WAL is archived too): one not understood fails the backup (skipped_files).
+            if said and self.warning_word in (said[1], None):
+                self.warnings.append(said[2].strip())
 
     def incomplete(self):
         self.drainer.join(timeout=10)  # pg_basebackup has exited: its last lines are on their way
@@ -311,7 +323,11 @@ def compressed_by_server(run, label, level):
 
 
 def pg_basebackup(server, label, extra_args):
-    return BaseBackupTool(
+    env = server.libpq_env()
+    english = basestream.speaks_english(server)
+    if english:
+        env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {basestream.IN_ENGLISH}".strip()
+    tool = BaseBackupTool(
         [
             str(client_tool(server, "pg_basebackup")),
             "--pgdata=-",
@@ -322,8 +338,10 @@ def pg_basebackup(server, label, extra_args):
             "--no-password",
             *extra_args,
         ],
-        server.libpq_env(),
+        env,
     )
+    tool.warning_word = "WARNING" if english else basestream.word_for_warning(server)
+    return tool
 
 
 def backup_manifest(source):

@@ -54,6 +54,50 @@ def tablespaces_refused():
     )
 
 
+# The server's messages on the backup's connection in English, whatever its lc_messages: what it
+# skipped is recognised by its words ("skipping special file") and named to the DBA in them.
+IN_ENGLISH = "-c lc_messages=C"
+
+
+def replication_connection(server):
+    """(a replication connection, whether its messages are in English). lc_messages is a
+    superuser's setting (or a role's that GRANT SET ON PARAMETER gave it): the server refuses
+    anyone else's connection that sets it, in its own language, so any failure with it is tried
+    once more without it; a warning then read in the server's language fails the backup
+    (skipped_files), as one not understood must."""
+    settings = server.connection_settings() | {"replication": "true", "autocommit": True}
+    try:
+        return psycopg.connect(**settings, options=IN_ENGLISH), True
+    except psycopg.OperationalError:
+        return psycopg.connect(**settings), False
+
+
+def speaks_english(server):
+    """Whether pg_basebackup may ask for IN_ENGLISH (PGOPTIONS): asked of a replication
+    connection as it will open one; False when none opens (pg_basebackup then says why)."""
+    try:
+        conn, english = replication_connection(server)
+    except psycopg.Error:
+        return False
+    conn.close()
+    return english
+
+
+def word_for_warning(server):
+    """The server's own word for WARNING ("WARNUNG" in German), as libpq prints its notices for a
+    role that may not ask for English: learnt from a warning raised on an ordinary connection.
+    None when it cannot be (no such connection allowed, warnings not sent): then every message
+    of the server counts as a warning, and fails the backup."""
+    said = []
+    try:
+        with server.connect() as conn:
+            conn.add_notice_handler(lambda diagnostic: said.append(diagnostic.severity))
+            conn.execute("DO $$BEGIN RAISE WARNING 'backupportal asks how its server says WARNING'; END$$")
+    except psycopg.Error:
+        return None
+    return said[0] if said else None
+
+
 class ServerCompressed(Source):
     """BASE_BACKUP with COMPRESSION 'zstd': start() waits for the checkpoint and the start
     position; open() hands gpg a pipe that a thread fills with the archive as it arrives."""
@@ -94,7 +138,7 @@ class ServerCompressed(Source):
         in its build, no threads in its libzstd, an older grammar: in any language); BaseBackupRefused
         for what pg_basebackup would meet too (no connection, the checkpoint failed, timed out)."""
         try:
-            self.conn = psycopg.connect(**self.server.connection_settings(), replication="true", autocommit=True)
+            self.conn, _ = replication_connection(self.server)
             self.conn.add_notice_handler(self._notice)
             self.conn.pgconn.send_query(self.command().encode())
             result = self._result(tick, timeout)

@@ -1,0 +1,97 @@
+"""A base backup hears what the server skipped whatever language the server speaks (lc_messages).
+
+The portal recognises a skipped database directory by the server's words ("skipping special
+file"), and pg_basebackup's stderr by "WARNING:". A server set to another lc_messages said
+"WARNUNG:  überspringe besondere Datei »./base/16384«": pg_basebackup's backup said "succeeded"
+without the database. The backup's connection now asks for lc_messages C; a role that may not
+set it gets the server's language, and any message then heard fails the backup."""
+
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from backups import basestream
+from backups.models import BackupRun, Server
+from tests.helpers import enable_push, run_command
+
+pytest_plugins = ["tests.walfixtures"]
+
+GERMAN = "de_DE.UTF-8"
+
+needs_german = pytest.mark.skipif(
+    "de_DE.utf8" not in subprocess.run(["locale", "-a"], capture_output=True, text=True).stdout,
+    reason="no de_DE.UTF-8 locale on this host (localedef -i de_DE -f UTF-8 de_DE.UTF-8 makes one)",
+)
+
+
+@contextmanager
+def database_moved_away(cluster, name="moved"):
+    """A database whose directory base/OID is a symbolic link to another disk; its oid."""
+    cluster.execute(f"CREATE DATABASE {name}")
+    (oid,) = cluster.execute(f"SELECT oid FROM pg_database WHERE datname = '{name}'")[0]
+    home = cluster.datadir / "base" / str(oid)
+    elsewhere = Path(tempfile.mkdtemp(prefix="bp-otherdisk-")) / str(oid)
+    elsewhere.parent.chmod(0o755)
+    cluster.stop()
+    shutil.move(home, elsewhere)
+    home.symlink_to(elsewhere)
+    cluster.start()
+    try:
+        yield oid
+    finally:
+        cluster.stop()
+        home.unlink()
+        shutil.move(elsewhere, home)
+        shutil.rmtree(elsewhere.parent)
+        cluster.start()
+
+
+def speak_german(cluster):
+    cluster.execute(f"ALTER SYSTEM SET lc_messages = '{GERMAN}'")
+    cluster.execute("SELECT pg_reload_conf()")
+    assert cluster.execute("SHOW lc_messages")[0][0] == GERMAN
+
+
+@needs_german
+@pytest.mark.parametrize("compression", ["server", "client"])  # BASE_BACKUP read here; pg_basebackup
+def test_a_server_speaking_german_still_fails_the_base_backup_naming_the_skipped_directory_in_english(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, compression
+):
+    settings.BASE_COMPRESSION = compression
+    enable_push(sample_cluster)
+    speak_german(sample_cluster)
+    with database_moved_away(sample_cluster) as oid:
+        result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "failed", result
+    assert f'skipping special file "./base/{oid}": what it skipped would be missing' in result["error"]
+
+
+@needs_german
+@pytest.mark.parametrize("compression", ["server", "client"])
+def test_a_replication_role_that_may_not_set_lc_messages_backs_up_and_a_german_warning_still_fails_it(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, compression
+):
+    """lc_messages is a superuser's setting: the server refuses a connection of another role that
+    sets it. Such a role's backups go on in the server's language, and a warning they cannot read
+    fails the backup rather than pass it."""
+    settings.BASE_COMPRESSION = compression
+    enable_push(sample_cluster)
+    sample_cluster.execute("CREATE ROLE backup_only LOGIN REPLICATION PASSWORD 'not-a-superuser'")
+    sample_cluster.execute("GRANT pg_read_all_settings, pg_read_all_stats, pg_monitor TO backup_only")
+    server = Server.objects.get(pk=server.pk)
+    server.dsn = sample_cluster.dsn("reliabilitymaldives", user="backup_only")
+    server.password = "not-a-superuser"
+    server.save()
+    speak_german(sample_cluster)
+    assert not basestream.speaks_english(server)  # "keine Berechtigung, um Parameter lc_messages zu setzen"
+    plain = run_command("backup", "maldives", "--kind", "base")
+    assert plain["status"] == "succeeded", plain["error"]  # the refused lc_messages did not stop it
+    with database_moved_away(sample_cluster) as oid:
+        result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "failed", result
+    assert f"./base/{oid}" in result["error"] and "what it skipped would be missing" in result["error"]
+    assert not BackupRun.objects.get(pk=result["id"]).copies.exists()
