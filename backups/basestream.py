@@ -292,6 +292,12 @@ class ServerCompressed(Source):
 DATA = re.compile(r'"\./(base|global|pg_xact|pg_multixact|pg_commit_ts|pg_twophase|pg_logical|PG_VERSION)(/[^"]*)?"')
 
 
+# pg_basebackup's path (--wal-method=none) has the server wait until the backup's WAL is archived,
+# warning each minute it waits: the backup is whole all the same (the portal then waits for that
+# WAL in its catalog, walchain.wait_for_wal), so a lagging archiver fails no backup for it.
+ARCHIVE_WAIT = re.compile(r"still waiting for all required WAL segments to be archived \(\d+ seconds elapsed\)")
+
+
 def skipped_files(warnings):
     """One line for the server's WARNINGs while it sent a base backup of what a restore needs
     ("" when none): it leaves out any symbolic link but pg_wal's and a tablespace's ("skipping
@@ -299,7 +305,8 @@ def skipped_files(warnings):
     manifest nor pg_verifybackup know of it, and every restore would say "succeeded" without it.
     A warning that names no such file (a log directory or a configuration file linked from
     elsewhere) is only said (left_out)."""
-    needed = [w for w in dict.fromkeys(warnings) if not harmless(w)]  # pg_basebackup's server says each twice
+    # pg_basebackup's server says each twice; its wait for the archiver is no loss.
+    needed = [w for w in dict.fromkeys(warnings) if not harmless(w) and not ARCHIVE_WAIT.fullmatch(w)]
     if not needed:
         return ""
     more = f" (and {len(needed) - 1} more)" if len(needed) > 1 else ""

@@ -201,3 +201,20 @@ def test_a_log_directory_linked_from_elsewhere_is_left_out_and_said_and_the_base
     finally:
         link.unlink()
         logs.rmdir()
+
+
+def test_the_servers_wait_for_the_archiver_fails_no_base_backup_a_skipped_database_still_does():
+    """pg_basebackup's path (--wal-method=none) has the server wait for its WAL to be archived,
+    warning each minute it lags: the backup is whole. The words are PostgreSQL's (xlog.c)."""
+    from backups.basestream import skipped_files
+
+    waiting = "still waiting for all required WAL segments to be archived (60 seconds elapsed)"
+    assert (
+        skipped_files(
+            [waiting, waiting, "still waiting for all required WAL segments to be archived (120 seconds elapsed)"]
+        )
+        == ""
+    )
+    said = skipped_files([waiting, 'skipping special file "./base/16384"'])
+    assert said.startswith('the server warned while sending the base backup: skipping special file "./base/16384":')
+    assert skipped_files(["still waiting for something else"]) != ""  # any other warning still fails it
