@@ -670,3 +670,26 @@ def rebinding(monkeypatch, host, first="93.184.215.14", then="127.0.0.1"):
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
     return asked
+
+
+@contextmanager
+def database_moved_away(cluster, name="moved"):
+    """A database whose directory base/OID is a symbolic link to another disk; its oid."""
+    cluster.execute(f"CREATE DATABASE {name}")
+    cluster.execute("CREATE TABLE m AS SELECT 1 AS x", dbname=name)
+    (oid,) = cluster.execute(f"SELECT oid FROM pg_database WHERE datname = '{name}'")[0]
+    home = cluster.datadir / "base" / str(oid)
+    elsewhere = Path(tempfile.mkdtemp(prefix="bp-otherdisk-")) / str(oid)
+    elsewhere.parent.chmod(0o755)
+    cluster.stop()
+    shutil.move(home, elsewhere)
+    home.symlink_to(elsewhere)
+    cluster.start()
+    try:
+        yield oid
+    finally:
+        cluster.stop()
+        home.unlink()
+        shutil.move(elsewhere, home)
+        shutil.rmtree(elsewhere.parent)
+        cluster.start()

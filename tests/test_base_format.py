@@ -2,7 +2,6 @@
 runs from before zstd (tars that gpg compressed itself) still restored, by what their run
 recorded, never by guessing from the bytes."""
 
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,7 +12,7 @@ from backupportal.lib.osuser import free_port
 from backups import walingest
 from backups.models import BackupRun, WalSegment
 from backups.pipeline import Zstd
-from tests.helpers import archive_some_wal, enable_push, pitr, rows, run_command
+from tests.helpers import archive_some_wal, database_moved_away, enable_push, pitr, rows, run_command
 from tests.stock import GPG, artifact, restore_command, stock
 
 pytest_plugins = ["tests.walfixtures"]
@@ -155,28 +154,12 @@ def test_a_database_directory_moved_away_behind_a_symbolic_link_fails_the_base_b
     settings.BASE_COMPRESSION = compression
     cluster = sample_cluster
     enable_push(cluster)
-    cluster.execute("CREATE DATABASE moved")
-    cluster.execute("CREATE TABLE m AS SELECT 1 AS x", dbname="moved")
-    (oid,) = cluster.execute("SELECT oid FROM pg_database WHERE datname = 'moved'")[0]
-    home = cluster.datadir / "base" / str(oid)
-    elsewhere = Path(tempfile.mkdtemp(prefix="bp-otherdisk-")) / str(oid)
-    elsewhere.parent.chmod(0o755)
-    cluster.stop()
-    shutil.move(home, elsewhere)
-    home.symlink_to(elsewhere)
-    cluster.start()
-    try:
+    with database_moved_away(cluster) as oid:
         result = run_command("backup", "maldives", "--kind", "base")
         assert result["status"] == "failed", result
         assert f'skipping special file "./base/{oid}": what it skipped would be missing' in result["error"]
         assert "(and " not in result["error"]  # said once, though the server sends it twice to pg_basebackup
         assert result["copies"] == [] and not BackupRun.objects.get(pk=result["id"]).copies.exists()
-    finally:
-        cluster.stop()
-        home.unlink()
-        shutil.move(elsewhere, home)
-        shutil.rmtree(elsewhere.parent)
-        cluster.start()
 
 
 @pytest.mark.parametrize("compression", ["server", "client"])

@@ -6,17 +6,13 @@ file"), and pg_basebackup's stderr by "WARNING:". A server set to another lc_mes
 without the database. The backup's connection now asks for lc_messages C; a role that may not
 set it gets the server's language, and any message then heard fails the backup."""
 
-import shutil
 import subprocess
-import tempfile
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
 from backups import basestream
 from backups.models import BackupRun, Server
-from tests.helpers import enable_push, run_command
+from tests.helpers import database_moved_away, enable_push, run_command
 
 pytest_plugins = ["tests.walfixtures"]
 
@@ -26,28 +22,6 @@ needs_german = pytest.mark.skipif(
     "de_DE.utf8" not in subprocess.run(["locale", "-a"], capture_output=True, text=True).stdout,
     reason="no de_DE.UTF-8 locale on this host (localedef -i de_DE -f UTF-8 de_DE.UTF-8 makes one)",
 )
-
-
-@contextmanager
-def database_moved_away(cluster, name="moved"):
-    """A database whose directory base/OID is a symbolic link to another disk; its oid."""
-    cluster.execute(f"CREATE DATABASE {name}")
-    (oid,) = cluster.execute(f"SELECT oid FROM pg_database WHERE datname = '{name}'")[0]
-    home = cluster.datadir / "base" / str(oid)
-    elsewhere = Path(tempfile.mkdtemp(prefix="bp-otherdisk-")) / str(oid)
-    elsewhere.parent.chmod(0o755)
-    cluster.stop()
-    shutil.move(home, elsewhere)
-    home.symlink_to(elsewhere)
-    cluster.start()
-    try:
-        yield oid
-    finally:
-        cluster.stop()
-        home.unlink()
-        shutil.move(elsewhere, home)
-        shutil.rmtree(elsewhere.parent)
-        cluster.start()
 
 
 def speak_german(cluster):

@@ -5,13 +5,9 @@ file" WARNING, a database moved to another disk by hand (base/OID a symbolic lin
 of it, of its manifest and of pg_verifybackup's view, and a PITR from it said "succeeded" while
 the database could not be entered ("database does not exist")."""
 
-import shutil
-import tempfile
-from pathlib import Path
-
 from backupportal.lib.osuser import free_port
 from backups import basestream
-from tests.helpers import enable_push, pitr, run_command
+from tests.helpers import database_moved_away, enable_push, pitr, run_command
 
 pytest_plugins = ["tests.walfixtures"]
 
@@ -22,17 +18,7 @@ def test_a_pitr_from_an_old_base_backup_without_a_databases_directory_fails_nami
     settings.BASE_COMPRESSION = "server"
     cluster = sample_cluster
     enable_push(cluster)
-    cluster.execute("CREATE DATABASE moved")
-    cluster.execute("CREATE TABLE m AS SELECT 1 AS x", dbname="moved")
-    (oid,) = cluster.execute("SELECT oid FROM pg_database WHERE datname = 'moved'")[0]
-    home = cluster.datadir / "base" / str(oid)
-    elsewhere = Path(tempfile.mkdtemp(prefix="bp-otherdisk-")) / str(oid)
-    elsewhere.parent.chmod(0o755)
-    cluster.stop()
-    shutil.move(home, elsewhere)
-    home.symlink_to(elsewhere)
-    cluster.start()
-    try:
+    with database_moved_away(cluster) as oid:
         # The backup as the portal took it before it listened to the server's warnings: the
         # server really skips the directory; only the portal's check of what it said is left out.
         monkeypatch.setattr(basestream, "skipped_files", lambda warnings: "")
@@ -40,12 +26,6 @@ def test_a_pitr_from_an_old_base_backup_without_a_databases_directory_fails_nami
         assert base["status"] == "succeeded", base
         monkeypatch.undo()
         result = pitr(restored(), free_port(), "--target", "latest")
-    finally:
-        cluster.stop()
-        home.unlink()
-        shutil.move(elsewhere, home)
-        shutil.rmtree(elsewhere.parent)
-        cluster.start()
     assert result["status"] == "failed", result
     assert (
         f"database moved is missing from the restored cluster (its directory is not in the restored data directory):"
