@@ -12,8 +12,11 @@ name a key the keyring knows (the first, or any rotated in): a passphrase file c
 the portal's back is refused by name instead of being used, or silently ignored.
 """
 
+import fcntl
 import hmac
+import os
 import secrets
+from contextlib import contextmanager
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -147,17 +150,69 @@ def runs_writing_with(key):
     return BackupRun.objects.filter(status__in=unfinished, details__key_id=key.pk)
 
 
+@contextmanager
+def writing(actor):
+    """The current key (as current()), which stays in the keyring until the block ends. For a
+    writer that catalogues what it wrote only later, and is no BackupRun (runs_writing_with): a
+    WAL ingest's batch, which may last minutes on a backlog. A rotation, a re-encryption and
+    the key drop in that time took the key its segments were written with out of the keyring,
+    leaving WAL no PITR could read (a probe's finding). The writer holds the key's lock file
+    shared; drop_unneeded must hold it exclusively."""
+    for _ in range(3):
+        encryption = current(actor)
+        fd = _key_lock(encryption.custody_key)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            # Dropped between current() and the lock: the key was retired meanwhile, and the
+            # current one is another; a key still in the keyring now stays while this holds it.
+            if EncryptionKey.objects.in_keyring().filter(pk=encryption.custody_key).exists():
+                yield encryption
+                return
+        finally:
+            os.close(fd)
+    raise EncryptionError("the current key changed three times while a writer took it: run again")
+
+
+def held_by_a_writer(key_id):
+    """Whether a writer (writing) holds `key_id` now: what it writes will still be on that key."""
+    fd = _key_lock(key_id)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _key_lock(key_id):
+    return os.open(keyring_dir() / f"{key_id}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
 def drop_unneeded(dry_run=False, actor="job:retention"):
-    """Retired keys that no kept artifact needs any more leave the keyring. Returns their ids."""
+    """Retired keys that no kept artifact needs any more leave the keyring. Returns their ids.
+    A key a writer holds (writing) stays, and is dropped by a later run."""
     dropped = []
     for key in EncryptionKey.objects.in_keyring().filter(current=False).order_by("created_at"):
-        if key.artifacts().exists() or runs_writing_with(key).exists():
-            continue
-        dropped.append(key.pk)
-        if dry_run:
-            continue
-        for suffix in ("passphrase", "recipients"):
-            (keyring_dir() / f"{key.pk}.{suffix}").unlink(missing_ok=True)
-        EncryptionKey.objects.filter(pk=key.pk).update(dropped_at=timezone.now())
-        journal.record("key_dropped", actor=actor, obj=key, key_id=key.pk, kind=key.kind)
+        fd = _key_lock(key.pk)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a writer uses it now: what it writes will name the key
+            # Under the lock: a writer that held it has catalogued what it wrote.
+            if key.artifacts().exists() or runs_writing_with(key).exists():
+                continue
+            dropped.append(key.pk)
+            if not dry_run:
+                _drop(key, actor)
+        finally:
+            os.close(fd)
     return dropped
+
+
+def _drop(key, actor):
+    for suffix in ("passphrase", "recipients", "lock"):
+        (keyring_dir() / f"{key.pk}.{suffix}").unlink(missing_ok=True)
+    EncryptionKey.objects.filter(pk=key.pk).update(dropped_at=timezone.now())
+    journal.record("key_dropped", actor=actor, obj=key, key_id=key.pk, kind=key.kind)

@@ -58,6 +58,7 @@ class Outcome:
     failed: list = field(default_factory=list)  # {"copy", "error"}
     skipped_bad: list = field(default_factory=list)  # copies found bad before: nothing to read
     under_way: list = field(default_factory=list)  # runs still writing with the old key: not moved
+    wal_writing: bool = False  # a WAL ingest still writes segments with the old key (keyring.writing)
     selfbackup: int | None = None  # the fresh selfbackup taken with the new key
     selfbackups_removed: list = field(default_factory=list)  # PortalBackup ids made with the old key
     selfbackups_locked: list = field(default_factory=list)  # ... whose files an Object Lock still holds
@@ -65,7 +66,7 @@ class Outcome:
     @property
     def left(self):
         """Copies still encrypted with the old key that this run could not move."""
-        return len(self.failed) + len(self.skipped_bad) + len(self.under_way)
+        return len(self.failed) + len(self.skipped_bad) + len(self.under_way) + self.wal_writing
 
     def as_dict(self):
         return {
@@ -78,6 +79,7 @@ class Outcome:
             "failed": self.failed,
             "skipped_bad": self.skipped_bad,
             "under_way": self.under_way,
+            "wal_writing": self.wal_writing,
             "selfbackup": self.selfbackup,
             "selfbackups_removed": self.selfbackups_removed,
             "selfbackups_locked": self.selfbackups_locked,
@@ -129,6 +131,7 @@ def reencrypt(from_key_id, actor):
     # A backup that took the old key before the rotation catalogues its copies at its end: this
     # run could not move them, and must not say the key is done with (a probe's finding).
     outcome.under_way = list(keyring.runs_writing_with(key).values_list("pk", flat=True))
+    outcome.wal_writing = keyring.held_by_a_writer(key.pk)  # its batch is catalogued on the old key
     renew_selfbackups(key, outcome, actor)
     journal.record(
         "reencrypt_run", actor=actor, obj=key, outcome="failed" if outcome.left else "ok", **outcome.as_dict()

@@ -257,13 +257,18 @@ def _ingest_while_arriving(server, spool, names, source, result, linger=0):
 def _ingest_names(server, spool, names, source, result):
     """Ingest `names` in order. Up to INGEST_WORKERS of them are compressed and encrypted at once
     (backups.walseal); this thread alone checks and catalogues them, in order."""
+    try:  # the key stays in the keyring until the batch is catalogued (keyring.writing)
+        with keyring.writing("job:ingestwal") as custody:
+            _ingest_with(custody, server, spool, names, source, result)
+    except EncryptionError as e:  # a misconfiguration (only the key raises it): one message
+        raise WalError(str(e)) from None
+
+
+def _ingest_with(custody, server, spool, names, source, result):
     location = wal_location()
     store = store_for(location)
     try:
-        # A misconfiguration is one message, before any file is touched.
-        encryption = walkeys.writing(keyring.current("job:ingestwal"), server, [location, *secondary_locations()])
-    except EncryptionError as e:
-        raise WalError(str(e)) from None
+        encryption = walkeys.writing(custody, server, [location, *secondary_locations()])
     except walkeys.WalKeyError as e:  # the WAL location refused the key file: as it would the segments
         raise stays_in_spool(e, names[0], spool) from None
 

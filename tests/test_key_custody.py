@@ -478,3 +478,46 @@ def test_reencrypt_while_a_backup_writes_with_the_old_key_does_not_say_it_is_don
     assert old in keys_of(run) and old not in keys_of(first)
     again = run_command("reencrypt", "--from-key", old)
     assert again["_exit"] == 0 and again["under_way"] == [] and old not in keys_of(run), again
+
+
+def test_a_key_a_wal_ingest_writes_with_stays_in_the_keyring_until_its_segments_are_catalogued(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, tmp_path, settings, monkeypatch
+):
+    """Found by a probe: a WAL ingest takes the current key once for its batch (minutes, on a
+    backlog) and catalogues each segment after encrypting it. rotatekey, reencrypt and the key
+    drop in between took the key out of the keyring while segments were still being written with
+    it: WAL no PITR could read, and reencrypt said "succeeded"."""
+    from backups import walingest
+    from backups.crypto import keyring_dir
+
+    enable_push(sample_cluster)
+    write(sample_cluster, "CREATE TABLE probe(tx text)")
+    for n in range(3):
+        write(sample_cluster, f"INSERT INTO probe VALUES ('{n}')")
+        wait_archived(sample_cluster, switch_wal(sample_cluster))
+    old = keyring.current().custody_key
+    naming = walingest.wal_key
+    midway = {}
+
+    def rotate_reencrypt_and_drop_midway(server, name):
+        midway["names"] = midway.get("names", 0) + 1
+        if midway["names"] == 2:  # the first segment is being encrypted with the old key
+            run_command("rotatekey", "--passphrase-file", str(new_passphrase_file(tmp_path)))
+            settings.BACKUP_PASSPHRASE_FILE = str(new_passphrase_file(tmp_path))
+            midway["reencrypt"] = run_command("reencrypt", "--from-key", old)
+            midway["dropped"] = keyring.drop_unneeded(actor="job:retention")
+        return naming(server, name)
+
+    monkeypatch.setattr(walingest, "wal_key", rotate_reencrypt_and_drop_midway)
+    assert run_command("ingestwal", "maldives")["_exit"] == 0
+    assert midway["names"] >= 3
+    assert midway["dropped"] == [] and (keyring_dir() / f"{old}.passphrase").is_file()
+    said = midway["reencrypt"]
+    assert said["_exit"] == 1 and said.get("wal_writing") is True, said
+    wal = BackupCopy.objects.filter(artifact="wal")
+    assert old in set(wal.values_list("encryption_key_id", flat=True))
+    # Once the batch is catalogued, reencrypt moves it and the key may go.
+    again = run_command("reencrypt", "--from-key", old)
+    assert again["_exit"] == 0 and again["wal_writing"] is False, again
+    assert set(wal.values_list("encryption_key_id", flat=True)) == {keyring.current().custody_key}
+    assert keyring.drop_unneeded(actor="test") == [old]

@@ -51,6 +51,11 @@ class Command(PortalCommand):
                 f"Backup run(s) {result['under_way']} still under way encrypt with key {result['from_key']}: "
                 "run reencrypt again once they have finished."
             )
+        if result["wal_writing"]:
+            lines.append(
+                f"A WAL ingest still under way encrypts segments with key {result['from_key']}: "
+                "run reencrypt again once it has finished."
+            )
         if result["exit_code"]:
             lines.append(f"Some copies are still on key {result['from_key']}: fix the above and run reencrypt again.")
         return lines
