@@ -702,12 +702,9 @@ CLOSE = {
         " when the load stopped: pull, which ingests each segment as it completes, has no such wait."
     ),
     "portal at scale: p95": (
-        "No page's code changed since the run of 2026-12-04 16:16 (worst p95 98 ms; this report's last"
-        " sections). Run alone right after this run, on the same machine and code, section 5 gave every"
-        " page a p95 under 200 ms (worst 172 ms); in this session the SQL and the Python of every page took"
-        " 1.2-1.5 times as long as at 16:16 (the profile rows), and the p95 of the admin lists swings with"
-        " the machine: within noise of the bound here, not a regression of the pages. "
-        "The profile table shows, per page, how much of its time is SQL and which query costs most; where SQL"
+        "The profile table shows, per page, how much of its time is SQL and which query costs most: a query"
+        " that costs tens of milliseconds at the large size and little at the small one reads rows that grow"
+        " with the catalog (an index missing, or a count), and is the first thing to mend; where SQL"
         " is a small share the rest is Python and templates, and p95 follows the machine's load (the request"
         " shares two cores with the catalog's own PostgreSQL). Each web server process freezes Django's"
         " start-up objects (backupportal/lib/serving.py, as the bench does): a full garbage collection that"
