@@ -29,7 +29,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from backupportal import conditions
-from backups import basestream, keyring, tarpipe, walchain, walhealth, walnames, walspool
+from backups import basestream, keyring, tarpipe, timelines, walchain, walhealth, walnames, walspool
 from backups.binaries import client_tool
 from backups.crypto import EncryptionError
 from backups.logical import primary_location
@@ -404,13 +404,11 @@ def wal_chain(run):
     except psycopg.Error as e:
         raise BackupFailed(f"cannot switch WAL: {explain(e, server)}") from None
     end = walnames.segno_of(name, size_of_segment)
-    base = walchain.oldest_kept_base(server)
-    if base is None:
+    if not server.runs.restorable_bases().exists():
         raise BackupFailed(
             f"{server} has no base backup yet, so archived WAL cannot be replayed: "
             f"take one with manage.py backup {server.name} --kind base"
         )
-    first = walnames.segno_of(base.start_wal, size_of_segment)
     timeline = walnames.timeline_of(name)
     alone = walchain.Lineage(timeline, ((timeline, 0),), size_of_segment)
     walchain.wait_for_wal(server, end, end, settings.WAL_WAIT_SECONDS, alone)
@@ -418,6 +416,13 @@ def wal_chain(run):
         lineage = walchain.Lineage.of(timeline, walchain.history_text(server, timeline), size_of_segment)
     except walnames.WalError as e:
         raise BackupFailed(str(e)) from None
+    base = oldest_base_on(server, lineage, size_of_segment)
+    if base is None:
+        raise BackupFailed(
+            f"{server} has no base backup on the timelines it is on ({lineage}), so PITR to now has nowhere "
+            f"to start: take one with manage.py backup {server.name} --kind base"
+        )
+    first = walnames.segno_of(base.start_wal, size_of_segment)
     gaps = walchain.missing_segments(server, first, end, lineage)
     if gaps:
         message = (
@@ -444,3 +449,11 @@ def wal_chain(run):
             "chain_segments": end - first + 1,
         }
     )
+
+
+def oldest_base_on(server, lineage, size_of_segment):
+    """The kept base backup a PITR along `lineage` can start from with the most WAL after it.
+    By segment number, not by name: after a failover a name's timeline comes first, and the old
+    primary's base on the branch it left, past the switch point, sorted before the new timeline's."""
+    bases = [b for b in server.runs.restorable_bases() if timelines.on_lineage(lineage, b)]
+    return min(bases, key=lambda b: walnames.segno_of(b.start_wal, size_of_segment), default=None)

@@ -186,10 +186,6 @@ def last_segno(server, lineage=None):
     return max((s for s in found if s is not None), default=None)
 
 
-def oldest_kept_base(server):
-    return server.runs.restorable_bases().order_by("start_wal", "finished_at").first()
-
-
 def wait_for_wal(server, first, last, timeout, lineage):
     """Until every segment from first to last is catalogued on `lineage` (ingesting the spool
     meanwhile): another timeline's segment of the same number is not this WAL (a copy archiving

@@ -137,3 +137,27 @@ def test_wal_retention_anchors_on_a_base_of_the_current_timeline_not_the_old_pri
     result = restore(restored(), into, "--target", "latest")
     assert result["status"] == "succeeded", result
     assert rows(into, "SELECT count(*) FROM new_5") == [(1,)]
+
+
+def test_the_wal_chain_starts_from_a_base_on_productions_timelines_not_the_old_primarys_branch(failover):
+    """Found by reading the code: the WAL chain run took the oldest kept base by name, and after a
+    failover a name's timeline comes first: the old primary's base on the branch it left sorted
+    before every base of timeline 2. Once the base before the switch had gone, the chain was
+    checked from that branch's base, across WAL that retention had rightly let go (no PITR to
+    latest starts before timeline 2's base), and the run failed on a gap that PITR never crosses."""
+    server, before, after, _ = failover
+    new = run_command("backup", "maldives", "--kind", "base")
+    assert new["status"] == "succeeded", new
+    new = BackupRun.objects.get(pk=new["id"])
+    assert new.timeline == 2
+    now, size = timezone.now(), server.wal_segment_size
+    BackupRun.objects.filter(pk=before.pk).update(deleted_at=now)  # expired: timeline 2's base is the oldest PITR uses
+    start = walnames.segno_of(new.start_wal, size)
+    between = WalSegment.objects.filter(server=server, timeline=2, segno__lt=start, segno__gt=0)
+    assert between.exists() and walnames.segno_of(after.start_wal, size) < start
+    between.update(deleted_at=now)  # what retention lets go: no PITR to latest starts before `new`
+
+    chain = run_command("backup", "maldives", "--kind", "incremental")
+    assert chain["status"] == "succeeded", chain.get("error")
+    run = BackupRun.objects.get(pk=chain["id"])
+    assert run.details["chain_base_run"] == new.pk and run.details["chain_from"] == new.start_wal
