@@ -220,6 +220,17 @@ class ChangeRequest(models.Model):
         )
         return change
 
+    def renamed_to(self):
+        """What the target is called now, when that is not what it was called when the change was
+        asked for (a server or a location renamed since, at once): else "". The approver reads the
+        old name, and a request asked for as "scratch" must not disable the server since named back
+        to production."""
+        try:
+            now = str(self.target)[:200]
+        except ValidationError:
+            return ""  # gone: approval says so
+        return now if now != self.target_repr else ""
+
     def awaits_decision_by(self, user):
         """Pending, and the user may decide on it: a DBA or Sysadmin who is not its author."""
         return self.state == self.State.PENDING and self.may_decide(user) and not same_person(user, self.requested_by)
@@ -227,6 +238,11 @@ class ChangeRequest(models.Model):
     def approve(self, user):
         """Four eyes: apply the change, journaled. Never by its author, never by an Auditor."""
         self._check_decider(user)
+        if now := self.renamed_to():
+            raise ValidationError(
+                f"{self.target_repr} is now {now}: change request #{self.pk} was asked for under the name it had "
+                "then, which is what its approver reads. Reject it, and ask again."
+            )
         try:
             self._apply(user)
         except ValidationError:
