@@ -22,6 +22,10 @@ UNTOLD_APART = (
     "or so the portal must assume: it cannot tell a local account from a single sign-on one whose "
     "e-mail address the identity provider did not verify"
 )
+NO_ADDRESS = (
+    "or so the portal must assume: a local account without an e-mail address cannot be told from a single "
+    "sign-on one (an administrator gives it its holder's address)"
+)
 ROLES = (DBA, SYSADMIN, AUDITOR)
 
 # Apps whose models every role may view.
@@ -132,6 +136,8 @@ def why_same_person(user, author):
         # The address is the only tie between a local account and a single sign-on one. One the
         # provider did not verify was typed by its holder, who could have typed any other.
         return UNTOLD_APART
+    if _local_without_address(user, author):
+        return NO_ADDRESS
     return ""
 
 
@@ -154,6 +160,16 @@ def _sso_address_unverified(user, author):
     if (user.pk in verified) == (author.pk in verified):
         return False
     return not verified.get(user.pk, verified.get(author.pk))
+
+
+def _local_without_address(user, author):
+    """One of the two came from single sign-on, the other is a local account with no address:
+    the only tie between the two is missing, so whoever holds both could approve their own."""
+    sso = _sso_accounts(user)
+    if (user.pk in sso) == (author.pk in sso):
+        return False
+    local = author if user.pk in sso else user
+    return not (local.email or "").strip()
 
 
 def _sso_accounts(user):

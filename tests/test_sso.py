@@ -352,6 +352,28 @@ def test_a_verified_address_tells_a_single_sign_on_account_from_a_local_one(port
     assert same_person(alice, dana) and four_eyes_pair(fresh(dana), alice) is not True
 
 
+def test_a_local_account_without_an_address_is_not_told_from_a_single_sign_on_one(portal, idp, people, catalog_server):
+    """Bob's local DBA account was made without an e-mail address; his single sign-on account has
+    one the provider verified. Nothing ties the two together, and nothing tells them apart."""
+    bob = make_user("bob", "DBA")
+    User.objects.filter(pk=bob.pk).update(email="")
+    idp.seed(bob={"email": "bob@idp.example.mv", "email_verified": True, "groups": ["pg-dbas"]})
+    sso_login(portal, "bob")
+    identity = SsoIdentity.objects.select_related("user").get()
+    bob, bob_sso = fresh(bob), identity.user
+    assert identity.email_verified
+    assert same_person(bob, bob_sso) and same_person(bob_sso, bob)
+    for requester, approver in ((bob, bob_sso), (bob_sso, bob)):
+        refusal = four_eyes_pair(fresh(requester), fresh(approver))
+        assert "without an e-mail address" in refusal, refusal
+    change = ChangeRequest.open(
+        ChangeRequest.Kind.SHORTEN_RETENTION, catalog_server, bob, "disk full", {"base_retention_days": {"to": 7}}
+    )
+    assert not change.awaits_decision_by(fresh(bob_sso))
+    with pytest.raises(PermissionDenied, match="without an e-mail address"):
+        change.approve(fresh(bob_sso))
+
+
 def test_an_unverified_address_equal_to_a_local_accounts_still_makes_one_person(portal, people):
     """The conservative side: Mallory may have typed Alice's address, or it may be Alice's own second
     account; the portal cannot know, so neither decides on the other's requests."""

@@ -16,7 +16,7 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from backupportal import journal
-from backupportal.roles import UNTOLD_APART, is_dba, role_may, same_person, why_same_person
+from backupportal.roles import NO_ADDRESS, UNTOLD_APART, is_dba, role_may, same_person, why_same_person
 from backups.models.runs import BackupRun
 
 
@@ -288,7 +288,9 @@ class ChangeRequest(models.Model):
             raise PermissionDenied("Only a DBA or a Sysadmin decides on a destructive change.")
         reason = why_same_person(user, self.requested_by)
         if reason:
-            note = reason if reason == UNTOLD_APART else "nor from another account with your e-mail address"
+            note = (
+                reason if reason in (UNTOLD_APART, NO_ADDRESS) else "nor from another account with your e-mail address"
+            )
             raise PermissionDenied(
                 f"You cannot decide on your own change request ({note}): another DBA or Sysadmin must."
             )
