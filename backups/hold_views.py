@@ -71,6 +71,7 @@ def change_requests(request):
     for change in pending:
         change.can_decide = change.awaits_decision_by(request.user)
         change.now_named = change.renamed_to()  # a few pending rows: one query each
+        change.address = change.target_address()
     asks_code = any(c.can_decide for c in pending) and twofactor.asks_code(request)
     return render(request, "backups/changes.html", {"pending": pending, "decided": decided, "asks_code": asks_code})
 

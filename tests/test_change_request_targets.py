@@ -67,3 +67,26 @@ def test_a_location_renamed_after_its_retirement_was_asked_for_is_not_retired(cl
     nas.refresh_from_db()
     change.refresh_from_db()
     assert nas.enabled and change.state == ChangeRequest.State.PENDING
+
+
+def test_a_name_swapped_between_two_servers_still_shows_where_the_change_applies(client, pg_cluster, sam, alice):
+    """Left by the fix above: Sam renames production 'scratch' and the real scratch server
+    'old-scratch', asks to disable 'scratch' and leaves the names so. The names match at approval;
+    what Alice can still read is the address the change applies to: production's, not scratch's."""
+    production = register(pg_cluster, name="maldives", dbname="postgres")
+    scratch = register(pg_cluster, name="scratch", dbname="postgres")
+    scratch.dsn = "postgresql://postgres@scratch.example:6543/postgres"
+    scratch.save(update_fields=["dsn"])
+    type(scratch).objects.filter(pk=scratch.pk).update(name="old-scratch")  # as the admin renames it
+    client.force_login(sam)
+    rename(client, production, "scratch")
+    url = reverse("admin:backups_server_change", args=[production.pk])
+    data = admin_form_data(client, url, enabled=None, change_reason="scratch box is retired")
+    assert client.post(url, data).status_code == 302
+    change = ChangeRequest.objects.get(kind=ChangeRequest.Kind.DISABLE_SERVER)
+
+    client.force_login(alice)
+    page = client.get(reverse("changes")).content.decode()
+    row = page[page.index(f'id="change-{change.pk}"') :]
+    row = row[: row.index("</tr>")]
+    assert f"at {production.destination}" in row and "scratch.example" not in row, row

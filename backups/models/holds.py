@@ -231,6 +231,20 @@ class ChangeRequest(models.Model):
             return ""  # gone: approval says so
         return now if now != self.target_repr else ""
 
+    def target_address(self):
+        """Where the target is (a server's HOST:PORT, a location's bucket or path), shown beside its
+        name: names can be swapped (production renamed "scratch", the real scratch renamed away,
+        and left so until the approval), an address cannot without moving the data. "" when the
+        target is gone or has none."""
+        try:
+            target = self.target
+        except ValidationError:
+            return ""
+        if hasattr(target, "address"):
+            return target.address()
+        server = getattr(target, "server", target)
+        return getattr(server, "destination", None) or ""
+
     def awaits_decision_by(self, user):
         """Pending, and the user may decide on it: a DBA or Sysadmin who is not its author."""
         return self.state == self.State.PENDING and self.may_decide(user) and not same_person(user, self.requested_by)
