@@ -148,6 +148,11 @@ class BaseBackupTool(Tool):
             if said and self.warning_word in (said[1], None):
                 self.warnings.append(said[2].strip())
 
+    def error_line(self, server=None):
+        if self.drainer is not None:
+            self.drainer.join(timeout=10)  # the server's warnings come before pg_basebackup's last line
+        return basestream.corrupt_pages(self.warnings) or super().error_line(server)
+
     def incomplete(self):
         self.drainer.join(timeout=10)  # pg_basebackup has exited: its last lines are on their way
         return basestream.skipped_files(self.warnings)

