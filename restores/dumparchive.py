@@ -22,6 +22,8 @@ READ_AHEAD = 1 << 20
 EARLY_KINDS = (b"INDEX", b"CONSTRAINT", b"FK CONSTRAINT")
 EXCLUSIVE = (b"CONSTRAINT", b"FK CONSTRAINT")
 SESSION_ENTRIES = (b"ENCODING", b"STDSTRINGS", b"SEARCHPATH")
+# What is said of an entry in entries of its own, which depend on it alone: built with it.
+ATTACHED = (b"COMMENT", b"SECURITY LABEL")
 
 
 class Unsupported(Exception):
@@ -231,6 +233,18 @@ class Archive:
                         frozenset(data), frozenset(after), e.desc in EXCLUSIVE, e.desc == b"FK CONSTRAINT"
                     )
         return early
+
+    def attached(self, early):
+        """{id in `early`: the ids of its comments and security labels}. They go with the build: the
+        final pg_restore's use-list leaves the entry out, and pg_restore -L moves what a list leaves
+        out to the front of its table of contents; a comment after it then follows a pre-data entry,
+        takes that section (pg_backup_archiver.c: ProcessArchiveRestoreOptions), and
+        --section=data --section=post-data skipped it (pg_restore 15: the copy lost them)."""
+        found = {}
+        for e in self.entries:
+            if e.desc in ATTACHED and len(e.deps) == 1 and e.deps[0] in early:
+                found.setdefault(e.deps[0], []).append(e.id)
+        return found
 
     def name(self, dump_id):
         """The table of a data entry, as a DBA reads it."""

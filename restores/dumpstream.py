@@ -156,7 +156,7 @@ class Loader:
         # Tables whose keys foreign keys reference: {its data id: the referencing tables' data ids}.
         self.keys, self.ahead = collections.defaultdict(set), []  # and those loaded ahead
         self.done, self.error = set(), None
-        self.archive = None
+        self.archive, self.attached = None, {}
 
     def run(self):
         """Read the table of contents, then load. Raises Unsupported before anything is loaded."""
@@ -168,6 +168,7 @@ class Loader:
         if self.file.decrypted.is_set() and len(self.rows) > MANY_TABLES:
             raise Unsupported("nothing left to overlap with the decryption, and many tables")
         self.early = self.archive.early_post_data(self.rows)
+        self.attached = self.archive.attached(self.early)
         for entry in self.early.values():
             for key in entry.after:
                 for table in self.early[key].data:
@@ -455,7 +456,8 @@ class Loader:
         return bool(self.waiting) or self._ready_build() is not None
 
     def _build(self, dump_id):
-        tool = self.post_data_tool(dump_id)
+        attached = self.attached.get(dump_id, [])  # its comments: built with it (Archive.attached)
+        tool = self.post_data_tool([dump_id, *attached])
         tool.stdin = subprocess.PIPE
         with self.lock:  # started and noted at once: stop_now never misses one starting
             if self.stop.is_set():
@@ -473,6 +475,7 @@ class Loader:
             raise RestoreFailed(tool.error_line(self.target))
         with self.lock:
             del self.running[dump_id]
+            self.done.update(attached)
             self._done(dump_id)
 
     def _want(self, data_id):

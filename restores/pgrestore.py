@@ -161,9 +161,10 @@ class _Loading(threading.Thread):
         options = f"{target.connection_settings(dbname).get('options') or ''} {restore_session()}".strip()
         plain = [arg for arg in command if not str(arg).startswith("--use-list=")]
 
-        def post_data_tool(dump_id):
-            use = scratch / f"early-{dump_id}"
-            use.write_text(f"{dump_id};\n")
+        def post_data_tool(dump_ids):
+            """pg_restore of an early build: `dump_ids`, the entry, then its comments."""
+            use = scratch / f"early-{dump_ids[0]}"
+            use.write_text("".join(f"{dump_id};\n" for dump_id in dump_ids))
             return tool_for(target, dbname, *plain, f"--use-list={use}")
 
         self.loader = dumpstream.Loader(

@@ -11,6 +11,7 @@ import pytest
 
 from backups.pipeline import Tool
 from restores import dumparchive, dumpstream
+from tests import awkward_schema
 from tests.helpers import restore_json, wait_for
 from tests.stock import artifact
 from tests.test_exact_restore import backup, protect, register  # noqa: F401
@@ -510,3 +511,32 @@ def test_stop_now_ends_an_early_build_even_one_starting(tmp_path, tool):
     loader.stop_now()
     building.join(30)
     assert not building.is_alive() and raised and build.proc.returncode == -9  # killed, not waited for
+
+
+COMMENTED = r"""
+CREATE TABLE public.a (id int PRIMARY KEY, body text);
+INSERT INTO public.a SELECT g, md5(g::text) FROM generate_series(1, 1000) g;
+CREATE INDEX a_body ON public.a (body);
+CREATE TABLE public.b (id int REFERENCES public.a, note text);
+INSERT INTO public.b SELECT g, 'n' FROM generate_series(1, 1000) g;
+COMMENT ON INDEX public.a_body IS 'the index''s own comment';
+COMMENT ON CONSTRAINT a_pkey ON public.a IS 'the key''s';
+COMMENT ON CONSTRAINT b_id_fkey ON public.b IS 'the foreign key''s';
+"""
+
+
+@pytest.mark.parametrize("pg_major", [15, 18])
+def test_the_comments_on_indexes_and_keys_built_early_are_restored(pg_cluster, passphrase_file, backup_root, loaders):
+    """Found by probing: the final pg_restore's use-list left out what was built early, and
+    pg_restore -L moves what a list leaves out to the front of its table of contents: a comment
+    on such an index or key then followed a pre-data entry, counted as pre-data, and was skipped
+    by --section=data --section=post-data. The copy lost every such comment."""
+    run = dumped(pg_cluster, "commented", schema=COMMENTED)
+
+    result = restore_json(str(run.pk), "--into-database", "commented_copy")
+
+    assert result["status"] == "succeeded", result["error"]
+    (loader,) = loaders
+    built = {e.tag for e in loader.archive.entries if e.id in loader.wanted and e.desc != b"STATISTICS DATA"}
+    assert built == {b"a_body", b"a a_pkey", b"b b_id_fkey"}, built
+    assert awkward_schema.schema(pg_cluster, "commented_copy") == awkward_schema.schema(pg_cluster, "commented")
