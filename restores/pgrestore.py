@@ -245,14 +245,17 @@ class _PreData(threading.Thread):
     def __init__(self, target, dbname, head, creation, command):
         super().__init__(daemon=True)
         self.target, self.head, self.creation, self.error = target, head, creation, None
-        self.tool = tool_for(target, dbname, *command, "--section=pre-data")
+        self.dbname, self.command = dbname, command
         self.start()
 
     def run(self):
         try:
             created(self.creation, self.target)
-            if dumpstream.fed_toc(self.tool, self.head) != 0:
-                self.error = RestoreFailed(self.tool.error_line(self.target))
+            # Only now: the tool's environment checks the password by a connection to the new
+            # database, which a role that may not connect for replication could not make before.
+            tool = tool_for(self.target, self.dbname, *self.command, "--section=pre-data")
+            if dumpstream.fed_toc(tool, self.head) != 0:
+                self.error = RestoreFailed(tool.error_line(self.target))
         except (RestoreFailed, BackupFailed) as e:
             self.error = e
         except Exception as e:  # noqa: BLE001 - said by check(), never lost with the thread

@@ -9,8 +9,9 @@ import time
 import psycopg
 import pytest
 
+from backups.models import Server
 from backups.pipeline import Tool
-from restores import dumparchive, dumpstream
+from restores import dumparchive, dumpstream, targetdb
 from tests import awkward_schema
 from tests.helpers import restore_json, wait_for
 from tests.stock import artifact
@@ -540,3 +541,31 @@ def test_the_comments_on_indexes_and_keys_built_early_are_restored(pg_cluster, p
     built = {e.tag for e in loader.archive.entries if e.id in loader.wanted and e.desc != b"STATISTICS DATA"}
     assert built == {b"a_body", b"a a_pkey", b"b b_id_fkey"}, built
     assert awkward_schema.schema(pg_cluster, "commented_copy") == awkward_schema.schema(pg_cluster, "commented")
+
+
+def test_a_parallel_restore_by_a_role_without_superuser_or_replication_waits_for_its_database(
+    pg_cluster, passphrase_file, backup_root, loaders, monkeypatch
+):
+    """Found by probing: the schema's pg_restore was made ready (its password checked by a
+    connection to the new database) while CREATE DATABASE still ran beside the decryption. Only a
+    role that may connect for replication got past the "does not exist"; any other restoring role
+    failed every parallel restore, naming a database that was about to be there."""
+    run = dumped(pg_cluster, "by_role", schema=COMMENTED)
+    # Not a superuser; a member of the role owning the dump's objects, to give them back to it.
+    pg_cluster.execute("CREATE ROLE restorer LOGIN CREATEDB PASSWORD 'restorer-Pw-5' IN ROLE postgres")
+    register_as = Server(name="as_restorer", dsn=pg_cluster.dsn("postgres", user="restorer"), password="restorer-Pw-5")
+    register_as.save()
+    slow, create = [], targetdb.create_database
+
+    def slow_create(*args, **kwargs):  # as on a busy server: the copy of template1 takes a moment
+        slow.append(time.sleep(1))
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(targetdb, "create_database", slow_create)
+
+    result = restore_json(str(run.pk), "--into-database", "by_role_copy", "--into-server", "as_restorer")
+
+    assert result["status"] == "succeeded", result["error"]
+    assert slow and loaders[0].done
+    same = "SELECT count(*), sum(id) FROM public.a"
+    assert pg_cluster.execute(same, dbname="by_role_copy") == pg_cluster.execute(same, dbname="by_role")
