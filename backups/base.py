@@ -143,8 +143,8 @@ class BaseBackupTool(Tool):
             text = line.decode(errors="replace").rstrip()
             self.stderr_tail.append(text)
             said = SERVER_SAYS.match(text)
-            # Not knowing the server's word for it, any of its messages counts (its NOTICE that
-            # the WAL is archived too): one not understood fails the backup (skipped_files).
+            # Not knowing the server's word for it, any of its lines counts: only warnings are sent
+            # (basestream.WARNINGS_ONLY), and one not understood fails the backup (skipped_files).
             if said and self.warning_word in (said[1], None):
                 self.warnings.append(said[2].strip())
 
@@ -330,8 +330,9 @@ def compressed_by_server(run, label, level):
 def pg_basebackup(server, label, extra_args):
     env = server.libpq_env()
     english = basestream.speaks_english(server)
-    if english:
-        env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {basestream.IN_ENGLISH}".strip()
+    # Warnings sent whatever the server's client_min_messages, and no NOTICE read as one.
+    asked = f"{basestream.IN_ENGLISH} {basestream.WARNINGS_ONLY}" if english else basestream.WARNINGS_ONLY
+    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {asked}".strip()
     tool = BaseBackupTool(
         [
             str(client_tool(server, "pg_basebackup")),

@@ -58,6 +58,13 @@ def tablespaces_refused():
 # skipped is recognised by its words ("skipping special file") and named to the DBA in them.
 IN_ENGLISH = "-c lc_messages=C"
 
+# WARNINGs and above to the client, neither less nor more (any role may ask: client_min_messages
+# is a user's setting). A server set to "error" sent the backup none: a database skipped went
+# unseen. And pg_basebackup's stderr holds no NOTICE of the server ("all required WAL segments
+# have been archived", in its language) while an ERROR fails pg_basebackup itself: a server line
+# on the stderr of a pg_basebackup that succeeded is a warning (or its DETAIL or HINT), read or not.
+WARNINGS_ONLY = "-c client_min_messages=warning"
+
 
 def replication_connection(server):
     """(a replication connection, whether its messages are in English). lc_messages is a
@@ -86,11 +93,11 @@ def speaks_english(server):
 def word_for_warning(server):
     """The server's own word for WARNING ("WARNUNG" in German), as libpq prints its notices for a
     role that may not ask for English: learnt from a warning raised on an ordinary connection.
-    None when it cannot be (no such connection allowed, warnings not sent): then every message
-    of the server counts as a warning, and fails the backup."""
+    None when it cannot be (pg_hba.conf lets the role in for replication only): then every line of the server counts as a warning (pg_basebackup asks for nothing
+    less, WARNINGS_ONLY), and a backup it warned of fails."""
     said = []
     try:
-        with server.connect() as conn:
+        with server.connect(options=WARNINGS_ONLY) as conn:
             conn.add_notice_handler(lambda diagnostic: said.append(diagnostic.severity))
             conn.execute("DO $$BEGIN RAISE WARNING 'backupportal asks how its server says WARNING'; END$$")
     except psycopg.Error:

@@ -4,13 +4,14 @@ The portal recognises a skipped database directory by the server's words ("skipp
 file"), and pg_basebackup's stderr by "WARNING:". A server set to another lc_messages said
 "WARNUNG:  überspringe besondere Datei »./base/16384«": pg_basebackup's backup said "succeeded"
 without the database. The backup's connection now asks for lc_messages C; a role that may not
-set it gets the server's language, and any message then heard fails the backup."""
+set it gets the server's language, and any warning then heard fails the backup; the server
+sends the backup's connections its warnings, and nothing less, whatever its client_min_messages."""
 
 import subprocess
 
 import pytest
 
-from backups import basestream
+from backups import basestream, walspool
 from backups.models import BackupRun, Server
 from tests.helpers import database_moved_away, enable_push, run_command
 
@@ -69,3 +70,60 @@ def test_a_replication_role_that_may_not_set_lc_messages_backs_up_and_a_german_w
     assert result["status"] == "failed", result
     assert f"./base/{oid}" in result["error"] and "what it skipped would be missing" in result["error"]
     assert not BackupRun.objects.get(pk=result["id"]).copies.exists()
+
+
+def replication_only(sample_cluster, server, role="replicates_only"):
+    """The portal's server row as a role that is no superuser and that pg_hba.conf lets in for
+    replication only: an ordinary connection of it is refused."""
+    walspool.segment_size(server)  # learnt as a superuser's checkserver (or the WAL ingest) does
+    sample_cluster.execute(f"CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'not-a-superuser'")
+    hba = sample_cluster.datadir / "pg_hba.conf"
+    hba.write_text(
+        f"host replication {role} 127.0.0.1/32 scram-sha-256\nhost all {role} 127.0.0.1/32 reject\n" + hba.read_text()
+    )
+    sample_cluster.reload()
+    server = Server.objects.get(pk=server.pk)
+    server.dsn = sample_cluster.dsn("reliabilitymaldives", user=role)
+    server.password = "not-a-superuser"
+    server.save()
+    return server
+
+
+@needs_german
+@pytest.mark.parametrize("german", [True, False])
+def test_a_role_allowed_only_replication_backs_up_through_pg_basebackup(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, german
+):
+    """Such a role can neither ask for English nor learn the server's word for WARNING on an
+    ordinary connection: every message of the server counted as a warning, the NOTICE that the
+    backup's WAL is archived too ("alle benötigten WAL-Segmente wurden archiviert"), and every
+    backup failed (on an English server too: "all required WAL segments have been archived")."""
+    settings.BASE_COMPRESSION = "client"
+    enable_push(sample_cluster)
+    if german:
+        speak_german(sample_cluster)
+    server = replication_only(sample_cluster, server)
+    assert basestream.word_for_warning(server) is None  # no ordinary connection
+    plain = run_command("backup", "maldives", "--kind", "base")
+    assert plain["status"] == "succeeded", plain["error"]
+    with database_moved_away(sample_cluster) as oid:
+        result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "failed", result
+    assert f"./base/{oid}" in result["error"] and "what it skipped would be missing" in result["error"]
+    assert not BackupRun.objects.get(pk=result["id"]).copies.exists()
+
+
+@pytest.mark.parametrize("compression", ["client"])
+def test_a_server_that_sends_its_clients_no_warnings_still_fails_the_backup_naming_the_skipped_directory(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, compression
+):
+    """client_min_messages = error in postgresql.conf: the server sent the backup's connection
+    no WARNING, and the backup said "succeeded" without the database moved away."""
+    settings.BASE_COMPRESSION = compression
+    enable_push(sample_cluster)
+    sample_cluster.execute("ALTER SYSTEM SET client_min_messages = 'error'")
+    sample_cluster.execute("SELECT pg_reload_conf()")
+    with database_moved_away(sample_cluster) as oid:
+        result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "failed", result
+    assert f'skipping special file "./base/{oid}": what it skipped would be missing' in result["error"]
