@@ -71,12 +71,13 @@ def replication_connection(server):
     superuser's setting (or a role's that GRANT SET ON PARAMETER gave it): the server refuses
     anyone else's connection that sets it, in its own language, so any failure with it is tried
     once more without it; a warning then read in the server's language fails the backup
-    (skipped_files), as one not understood must."""
+    (skipped_files), as one not understood must. Either way it hears the server's warnings
+    (WARNINGS_ONLY), whatever the server's client_min_messages."""
     settings = server.connection_settings() | {"replication": "true", "autocommit": True}
     try:
-        return psycopg.connect(**settings, options=IN_ENGLISH), True
+        return psycopg.connect(**settings, options=f"{IN_ENGLISH} {WARNINGS_ONLY}"), True
     except psycopg.OperationalError:
-        return psycopg.connect(**settings), False
+        return psycopg.connect(**settings, options=WARNINGS_ONLY), False
 
 
 def speaks_english(server):

@@ -113,7 +113,7 @@ def test_a_role_allowed_only_replication_backs_up_through_pg_basebackup(
     assert not BackupRun.objects.get(pk=result["id"]).copies.exists()
 
 
-@pytest.mark.parametrize("compression", ["client"])
+@pytest.mark.parametrize("compression", ["server", "client"])
 def test_a_server_that_sends_its_clients_no_warnings_still_fails_the_backup_naming_the_skipped_directory(
     server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, compression
 ):
