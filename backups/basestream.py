@@ -101,9 +101,26 @@ def word_for_warning(server):
         with server.connect(options=WARNINGS_ONLY) as conn:
             conn.add_notice_handler(lambda diagnostic: said.append(diagnostic.severity))
             conn.execute("DO $$BEGIN RAISE WARNING 'backupportal asks how its server says WARNING'; END$$")
+            spoken = conn.execute("SHOW lc_messages").fetchone()[0]
+        # ALTER ROLE (or DATABASE) ... SET lc_messages reaches ordinary connections only: a
+        # physical walsender applies no such setting. A word learnt in another language than
+        # pg_basebackup's connection is heard in would pass its warnings by ("WARNING", "WARNUNG").
+        if spoken != replication_lc_messages(server):
+            return None
     except psycopg.Error:
         return None
     return said[0] if said else None
+
+
+def replication_lc_messages(server):
+    """The lc_messages of a replication connection that does not ask for one (the server's own),
+    or None. SHOW is the one query such a connection takes, in the simple protocol only."""
+    settings = server.connection_settings() | {"replication": "true", "autocommit": True}
+    with psycopg.connect(**settings, options=WARNINGS_ONLY) as conn:
+        result = conn.pgconn.exec_(b"SHOW lc_messages")
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            return None
+        return result.get_value(0, 0).decode()
 
 
 class ServerCompressed(Source):

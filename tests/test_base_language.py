@@ -63,6 +63,7 @@ def test_a_replication_role_that_may_not_set_lc_messages_backs_up_and_a_german_w
     server.save()
     speak_german(sample_cluster)
     assert not basestream.speaks_english(server)  # "keine Berechtigung, um Parameter lc_messages zu setzen"
+    assert basestream.word_for_warning(server) == "WARNUNG"
     plain = run_command("backup", "maldives", "--kind", "base")
     assert plain["status"] == "succeeded", plain["error"]  # the refused lc_messages did not stop it
     with database_moved_away(sample_cluster) as oid:
@@ -127,3 +128,33 @@ def test_a_server_that_sends_its_clients_no_warnings_still_fails_the_backup_nami
         result = run_command("backup", "maldives", "--kind", "base")
     assert result["status"] == "failed", result
     assert f'skipping special file "./base/{oid}": what it skipped would be missing' in result["error"]
+
+
+@needs_german
+@pytest.mark.parametrize("where", ["ROLE backup_only", "DATABASE reliabilitymaldives"])
+def test_a_role_that_speaks_english_only_outside_replication_still_fails_a_german_warning(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, where
+):
+    """ALTER ROLE (or DATABASE) ... SET lc_messages = 'C', as a DBA would for a backup role that may
+    not ask for English itself: its ordinary connections speak English, its replication
+    connections do not (a physical walsender applies no role or database settings). The word
+    learnt there was "WARNING", pg_basebackup's line said "WARNUNG", and the backup without the
+    database moved away said "succeeded"."""
+    settings.BASE_COMPRESSION = "client"
+    enable_push(sample_cluster)
+    sample_cluster.execute("CREATE ROLE backup_only LOGIN REPLICATION PASSWORD 'not-a-superuser'")
+    sample_cluster.execute("GRANT pg_read_all_settings, pg_read_all_stats, pg_monitor TO backup_only")
+    sample_cluster.execute(f"ALTER {where} SET lc_messages = 'C'")
+    server = Server.objects.get(pk=server.pk)
+    server.dsn = sample_cluster.dsn("reliabilitymaldives", user="backup_only")
+    server.password = "not-a-superuser"
+    server.save()
+    speak_german(sample_cluster)
+    assert not basestream.speaks_english(server)
+    assert basestream.word_for_warning(server) is None  # not the "WARNING" of its English connections
+    plain = run_command("backup", "maldives", "--kind", "base")
+    assert plain["status"] == "succeeded", plain["error"]
+    with database_moved_away(sample_cluster) as oid:
+        result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "failed", result
+    assert f"./base/{oid}" in result["error"] and "what it skipped would be missing" in result["error"]
