@@ -72,8 +72,12 @@ def replication_connection(server):
     anyone else's connection that sets it, in its own language, so any failure with it is tried
     once more without it; a warning then read in the server's language fails the backup
     (skipped_files), as one not understood must. Either way it hears the server's warnings
-    (WARNINGS_ONLY), whatever the server's client_min_messages."""
-    settings = server.connection_settings() | {"replication": "true", "autocommit": True}
+    (WARNINGS_ONLY), whatever the server's client_min_messages.
+
+    Its messages are read as UTF-8: a replication connection has no database, so the server
+    reports SQL_ASCII and sends its translations in its locale's bytes (those of a UTF-8 locale
+    were read as ASCII: "��berspringe besondere Datei ��./base/16384��")."""
+    settings = server.connection_settings() | {"replication": "true", "autocommit": True, "client_encoding": "UTF8"}
     try:
         return psycopg.connect(**settings, options=f"{IN_ENGLISH} {WARNINGS_ONLY}"), True
     except psycopg.OperationalError:

@@ -70,6 +70,7 @@ def test_a_replication_role_that_may_not_set_lc_messages_backs_up_and_a_german_w
         result = run_command("backup", "maldives", "--kind", "base")
     assert result["status"] == "failed", result
     assert f"./base/{oid}" in result["error"] and "what it skipped would be missing" in result["error"]
+    assert f"überspringe besondere Datei »./base/{oid}«" in result["error"]  # not "��berspringe"
     assert not BackupRun.objects.get(pk=result["id"]).copies.exists()
 
 
