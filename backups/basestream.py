@@ -318,7 +318,11 @@ class ServerCompressed(Source):
 
 # What the server skips that a restore cannot do without: a database's files, the cluster's
 # own. pg_stat, pg_replslot and the like are left out of every backup anyway (and pg_log is a log).
-DATA = re.compile(r'"\./(base|global|pg_xact|pg_multixact|pg_commit_ts|pg_twophase|pg_logical|PG_VERSION)(/[^"]*)?"')
+DATA = re.compile(r"\./(base|global|pg_xact|pg_multixact|pg_commit_ts|pg_twophase|pg_logical|PG_VERSION)(/.*)?")
+
+# A path the server names, in its language's quotes: "./pg_log" (English, and most), »./pg_log«
+# (German), « ./pg_log » (French), «./pg_log» (Spanish).
+QUOTED_PATH = re.compile(r'(?:"|»|«\s?)(\./[^"»«]*?)(?:"|«|\s?»)')
 
 
 # pg_basebackup's path (--wal-method=none) has the server wait until the backup's WAL is archived,
@@ -379,7 +383,7 @@ def corrupt_pages(warnings):
 
 def harmless(warning):
     """A skipped file a restore does without: one quoted path, outside the cluster's data."""
-    paths = re.findall(r'"\./[^"]*"', warning)
+    paths = QUOTED_PATH.findall(warning)
     return len(paths) == 1 and not DATA.fullmatch(paths[0])
 
 

@@ -8,6 +8,8 @@ set it gets the server's language, and any warning then heard fails the backup; 
 sends the backup's connections its warnings, and nothing less, whatever its client_min_messages."""
 
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +161,34 @@ def test_a_role_that_speaks_english_only_outside_replication_still_fails_a_germa
         result = run_command("backup", "maldives", "--kind", "base")
     assert result["status"] == "failed", result
     assert f"./base/{oid}" in result["error"] and "what it skipped would be missing" in result["error"]
+
+
+@needs_german
+@pytest.mark.parametrize("compression", ["server", "client"])
+def test_a_log_directory_linked_from_elsewhere_is_left_out_in_german_too_and_the_backup_succeeds(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings, compression
+):
+    """The server quotes the path it skipped in its language's quotes ("überspringe besondere Datei
+    »./pg_log«"): read for ASCII quotes only, a linked log directory failed every backup of a role
+    that may not ask for English."""
+    settings.BASE_COMPRESSION = compression
+    enable_push(sample_cluster)
+    sample_cluster.execute("CREATE ROLE backup_only LOGIN REPLICATION PASSWORD 'not-a-superuser'")
+    sample_cluster.execute("GRANT pg_read_all_settings, pg_read_all_stats, pg_monitor TO backup_only")
+    server = Server.objects.get(pk=server.pk)
+    server.dsn = sample_cluster.dsn("reliabilitymaldives", user="backup_only")
+    server.password = "not-a-superuser"
+    server.save()
+    speak_german(sample_cluster)
+    logs = Path(tempfile.mkdtemp(prefix="bp-logs-"))
+    link = sample_cluster.datadir / "pg_log"
+    link.symlink_to(logs)
+    try:
+        result = run_command("backup", "maldives", "--kind", "base")
+        assert result["status"] == "succeeded", result["error"]
+        notes = BackupRun.objects.get(pk=result["id"]).notes
+        assert "the server left out of the backup (symbolic links; no restore needs them): " in notes
+        assert "»./pg_log«" in notes
+    finally:
+        link.unlink()
+        logs.rmdir()
