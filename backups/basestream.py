@@ -95,13 +95,22 @@ def speaks_english(server):
     return english
 
 
+# An lc_messages PostgreSQL speaks English in: it has no English translation to choose.
+ENGLISH_LOCALE = re.compile(r"(C|POSIX|en)([_.@].*)?")
+
+
 def word_for_warning(server):
     """The server's own word for WARNING ("WARNUNG" in German), as libpq prints its notices for a
-    role that may not ask for English: learnt from a warning raised on an ordinary connection.
-    None when it cannot be (pg_hba.conf lets the role in for replication only): then every line of the server counts as a warning (pg_basebackup asks for nothing
-    less, WARNINGS_ONLY), and a backup it warned of fails."""
+    role that may not ask for English: "WARNING" when the replication connection's lc_messages
+    is an English one, else learnt from a warning raised on an ordinary connection. None when
+    it cannot be (pg_hba.conf lets the role in for replication only): then every line of the
+    server counts as a warning (pg_basebackup asks for nothing less, WARNINGS_ONLY), its HINT
+    too, and a backup it warned of fails."""
     said = []
     try:
+        heard = replication_lc_messages(server)
+        if heard is not None and ENGLISH_LOCALE.fullmatch(heard):
+            return "WARNING"
         with server.connect(options=WARNINGS_ONLY) as conn:
             conn.add_notice_handler(lambda diagnostic: said.append(diagnostic.severity))
             conn.execute("DO $$BEGIN RAISE WARNING 'backupportal asks how its server says WARNING'; END$$")
@@ -109,7 +118,7 @@ def word_for_warning(server):
         # ALTER ROLE (or DATABASE) ... SET lc_messages reaches ordinary connections only: a
         # physical walsender applies no such setting. A word learnt in another language than
         # pg_basebackup's connection is heard in would pass its warnings by ("WARNING", "WARNUNG").
-        if spoken != replication_lc_messages(server):
+        if spoken != heard:
             return None
     except psycopg.Error:
         return None

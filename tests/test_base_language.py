@@ -15,7 +15,7 @@ import pytest
 
 from backups import basestream, walspool
 from backups.models import BackupRun, Server
-from tests.helpers import database_moved_away, enable_push, run_command
+from tests.helpers import database_moved_away, enable_push, run_command, wait_for
 
 pytest_plugins = ["tests.walfixtures"]
 
@@ -107,7 +107,8 @@ def test_a_role_allowed_only_replication_backs_up_through_pg_basebackup(
     if german:
         speak_german(sample_cluster)
     server = replication_only(sample_cluster, server)
-    assert basestream.word_for_warning(server) is None  # no ordinary connection
+    # No ordinary connection to learn it on; an English lc_messages is seen on its replication one.
+    assert basestream.word_for_warning(server) == (None if german else "WARNING")
     plain = run_command("backup", "maldives", "--kind", "base")
     assert plain["status"] == "succeeded", plain["error"]
     with database_moved_away(sample_cluster) as oid:
@@ -192,3 +193,22 @@ def test_a_log_directory_linked_from_elsewhere_is_left_out_in_german_too_and_the
     finally:
         link.unlink()
         logs.rmdir()
+
+
+def test_a_role_allowed_only_replication_on_an_english_server_is_not_failed_by_the_wait_for_the_archiver(
+    server, sample_cluster, passphrase_file, backup_root, wal_spool, settings
+):
+    """pg_basebackup's server warns each minute it waits for the backup's WAL to be archived, with a
+    HINT: a role that could not learn the server's word for WARNING counted the HINT as a warning
+    too ("Check that your archive_command is executing properly"), and the backup failed."""
+    settings.BASE_COMPRESSION = "client"
+    enable_push(sample_cluster)
+    archiving = walspool.archive_command(server).replace("'", "''")
+    server = replication_only(sample_cluster, server)
+    assert basestream.word_for_warning(server) == "WARNING"  # lc_messages C, said on its replication connection
+    sample_cluster.execute("SELECT pg_switch_wal()")
+    wait_for(lambda: not sample_cluster.execute("SELECT 1 FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'"))
+    sample_cluster.execute(f"ALTER SYSTEM SET archive_command = 'sleep 62; {archiving}'")  # a minute behind
+    sample_cluster.execute("SELECT pg_reload_conf()")
+    result = run_command("backup", "maldives", "--kind", "base")
+    assert result["status"] == "succeeded", result["error"]
