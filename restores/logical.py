@@ -274,7 +274,7 @@ def converted_by(server):
 
     def convert(data, encoding):
         try:
-            with server.connect("postgres") as conn:
+            with targetdb.writable(server) as conn:
                 utf8 = conn.execute("SELECT pg_catalog.convert(%s, %s, 'UTF8')", [data, encoding]).fetchone()[0]
         except psycopg.Error as e:
             raise NotText(
@@ -364,7 +364,7 @@ def restore_globals(run, target, encryption, notes, warnings, with_role_password
     except NotText as e:
         raise RestoreFailed(f"the globals of run #{run.pk} cannot be read: {e}") from None
     try:
-        with target.connect("postgres") as conn:
+        with targetdb.writable(target) as conn:
             created, more_notes, more_warnings = cluster_globals.apply(
                 conn, script, target, with_role_passwords, about_to_make
             )

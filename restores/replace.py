@@ -158,7 +158,7 @@ def _swap(server, prod, new, old, restore):
         _reattach(server, prod, detached, RestoreFailed(""))
         raise
     try:
-        with server.connect("postgres") as conn:
+        with targetdb.writable(server) as conn:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(prod)))
             for db in (prod, new):
                 conn.execute(
@@ -187,7 +187,7 @@ def _renamed(server, old, new):
     (renamed to production's name)? A database already called `old` alone proves nothing. False
     when it cannot be told."""
     try:
-        with server.connect("postgres") as conn:
+        with targetdb.writable(server) as conn:
             names = {row[0] for row in conn.execute(
                 "SELECT datname FROM pg_catalog.pg_database WHERE datname IN (%s, %s)", [old, new]
             )}  # fmt: skip
@@ -201,7 +201,7 @@ def _reopen(server, prod, failure):
     one that closed it may be the one that failed; whether it was closed is not known then, and
     opening it again is harmless). When it cannot, `failure` says so."""
     try:
-        with server.connect("postgres") as conn:
+        with targetdb.writable(server) as conn:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(prod)))
     except psycopg.Error as e:
         quoted = sql.Identifier(prod).as_string(None)
@@ -217,7 +217,7 @@ def _refuse_slots(server, prod):
     would keep its slots in the kept copy, closed to connections, its subscribers cut off and its
     WAL held on the cluster until the disk fills. Refused while production has one."""
     try:
-        with server.connect("postgres") as conn:
+        with targetdb.writable(server) as conn:
             slots = [
                 name
                 for (name,) in conn.execute(

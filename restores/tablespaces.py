@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 
 from backupportal.lib.childenv import child_env
-from restores.targetdb import connect_to_copy
+from restores.targetdb import connect_to_copy, writable
 
 # pg_restore's header above each object: names are printed raw (newlines made spaces).
 HEADER = re.compile(
@@ -43,7 +43,7 @@ def check_tablespaces(target, mapping):
     """ValueError for a map whose NEW tablespace does not exist on the target, before anything is made."""
     if not mapping:
         return
-    with target.connect("postgres") as conn:
+    with writable(target) as conn:
         there = {name for (name,) in conn.execute("SELECT spcname FROM pg_tablespace")}
     missing = sorted(set(mapping.values()) - there)
     if missing:

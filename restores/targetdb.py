@@ -43,7 +43,7 @@ def check_database_name(name):
 
 def database_exists(server, name):
     try:
-        with server.connect("postgres") as conn:
+        with writable(server) as conn:
             return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is not None
     except psycopg.Error as e:
         raise RestoreFailed(explain(e, server)) from None
@@ -55,7 +55,7 @@ def create_database(server, name, statements=None):
     CREATE fails. RestoreFailed, one line."""
     statements = statements or [sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))]
     try:
-        with server.connect("postgres") as conn:
+        with writable(server) as conn:
             conn.execute(statements[0])
             try:
                 for statement in statements[1:]:
@@ -81,7 +81,7 @@ def drop_database(server, name):
     slot (a DROP SUBSCRIPTION that names one drops it on the publisher: production's slot).
     RestoreFailed, one line."""
     try:
-        with server.connect("postgres") as conn:
+        with writable(server) as conn:
             row = conn.execute(
                 "SELECT datistemplate, datallowconn, EXISTS (SELECT subdbid FROM pg_subscription WHERE subdbid = d.oid)"
                 " FROM pg_database d WHERE datname = %s",
@@ -113,6 +113,15 @@ def dropped(server, name):
     except RestoreFailed as e:
         return f"{e}: drop it by hand"
     return ""
+
+
+def writable(server, dbname="postgres"):
+    """server.connect(dbname) for a restore's own statements (CREATE and DROP DATABASE, what is
+    asked of the copy's server), writable whatever default_transaction_read_only the role or the
+    database sets: a restore writes by definition, and a DBA's read-only default for the portal's
+    role failed every restore at its CREATE DATABASE (a probe's finding)."""
+    options = f"{server.connection_settings(dbname).get('options') or ''} {WRITABLE}".strip()
+    return server.connect(dbname, options=options)
 
 
 def connect_to_copy(target, dbname):
@@ -196,7 +205,7 @@ def dropped_roles(target, roles):
         return ""
     left, why = [], ""
     try:
-        with target.connect("postgres") as conn:
+        with writable(target) as conn:
             for role in reversed(roles):  # each on its own: one still in use stops none of the others
                 try:
                     cluster_globals.drop_role(conn, role)

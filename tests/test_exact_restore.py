@@ -884,3 +884,21 @@ def test_the_databases_owner_and_settings_are_in_force_while_its_data_loads(
     assert (
         "owner, settings and comment of shaped given to shaped_copy before its data (5 statements)" in result["notes"]
     )
+
+
+def test_a_read_only_default_of_the_portals_role_does_not_stop_a_restore(source, passphrase_file, backup_root):
+    """Found by a probe: with ALTER ROLE ... SET default_transaction_read_only = on for the portal's
+    role (a DBA's guard on production), every restore failed at its CREATE DATABASE ("cannot execute
+    CREATE DATABASE in a read-only transaction"). A restore writes by definition: its own sessions
+    are writable, as its copy's already were."""
+    source.execute("CREATE DATABASE guarded")
+    source.execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g", dbname="guarded")
+    register(source, "guarded", "guarded", "source")
+    run = backup("guarded")
+    source.execute("ALTER ROLE portal SET default_transaction_read_only = on")
+    try:
+        result = restore_json(str(run.pk), "--into-database", "guarded_copy")
+        assert result["status"] == "succeeded", result.get("error")
+        assert source.execute("SELECT count(*) FROM t", dbname="guarded_copy") == [(1000,)]
+    finally:
+        source.execute("ALTER ROLE portal RESET default_transaction_read_only")
