@@ -7,6 +7,7 @@ without the database. The backup's connection now asks for lc_messages C; a role
 set it gets the server's language, and any warning then heard fails the backup; the server
 sends the backup's connections its warnings, and nothing less, whatever its client_min_messages."""
 
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -208,7 +209,18 @@ def test_a_role_allowed_only_replication_on_an_english_server_is_not_failed_by_t
     assert basestream.word_for_warning(server) == "WARNING"  # lc_messages C, said on its replication connection
     sample_cluster.execute("SELECT pg_switch_wal()")
     wait_for(lambda: not sample_cluster.execute("SELECT 1 FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'"))
-    sample_cluster.execute(f"ALTER SYSTEM SET archive_command = 'sleep 62; {archiving}'")  # a minute behind
+    # A minute behind, once: the backup's start switches to a new segment, whose archiving sleeps
+    # past pg_backup_stop's first warning (60 s of waiting); later segments, and the cluster's
+    # shutdown, do not wait again.
+    slowed = Path(tempfile.mkdtemp(prefix="bp-slowed-"))
+    slowed.chmod(0o777)
+    once = f"test -e {slowed}/done || {{ touch {slowed}/done; sleep 66; }}"
+    sample_cluster.execute(f"ALTER SYSTEM SET archive_command = '{once}; {archiving}'")
     sample_cluster.execute("SELECT pg_reload_conf()")
-    result = run_command("backup", "maldives", "--kind", "base")
-    assert result["status"] == "succeeded", result["error"]
+    try:
+        result = run_command("backup", "maldives", "--kind", "base")
+        assert result["status"] == "succeeded", result["error"]
+        run = BackupRun.objects.get(pk=result["id"])
+        assert (run.finished_at - run.started_at).total_seconds() > 60  # the server did wait and warn
+    finally:
+        shutil.rmtree(slowed, ignore_errors=True)
