@@ -104,12 +104,30 @@ def profile(portal, *args, top=10):
     return sorted(ours, key=lambda x: -x[1])[:top]
 
 
-def attempt(rows, method, fn, *args):
-    """One measured round of one method; a failure becomes a note on the row, never a number.
+# The clusters that archive their WAL (the portal's command, then pgBackRest's archive-push, one
+# segment at a time): a restore into one writes a gigabyte of WAL, whose archiving goes on for
+# seconds after it ends. run.py names them.
+ARCHIVING = []
 
-    Each starts with the disk flushed (sync): otherwise a method pays the write-back of the
-    gigabyte the one before it wrote or restored."""
+
+def settle(timeout=300):
+    """Before each measured method: the WAL the method before it wrote archived, its dirty buffers
+    written (CHECKPOINT) and the disk flushed (sync). Otherwise a method shares the cores with the
+    archiving, and pays the write-back, of the gigabyte the one before it restored."""
+    deadline = time.monotonic() + timeout
+    for cluster in ARCHIVING:
+        if not cluster.is_running():
+            continue
+        while ready_count(cluster) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cluster.execute("CHECKPOINT")
     os.sync()
+
+
+def attempt(rows, method, fn, *args):
+    """One measured round of one method, on a settled machine; a failure becomes a note on the
+    row, never a number."""
+    settle()
     try:
         fn(*args)
     except (CommandFailed, RuntimeError, OSError, psycopg.Error) as e:

@@ -237,7 +237,7 @@ def render(results):
         "# Benchmark results",
         "",
         f"Written by `{info['command']}` on {info['date']} in {info.get('seconds', 0) / 60:.1f} min"
-        f" (rounds per comparison: {info['args']['runs']}, medians quoted; each round runs every method once, starting one method further along than the round before, each after a sync of the disk).",
+        f" (rounds per comparison: {info['args']['runs']}, medians quoted; each round runs every method once, starting one method further along than the round before, each on a settled machine: the archiving of the WAL the method before it wrote finished, a CHECKPOINT, a sync of the disk).",
         "Regenerate with `make bench-quick` (under 15 minutes) or `make bench` (full size); see the README.",
         "",
     ]

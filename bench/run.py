@@ -220,6 +220,7 @@ def build(ws, args, results):
         ws.portal.enable_push(memory.SMALL_CLUSTER, ws.smallc)
     ws.pgbr = PgBackRest(ws, {"maldives": ws.db, "walc": ws.walc})
     ws.portal.enable_push("maldives", ws.db, extra_command=ws.pgbr.archive_command("maldives"))
+    compare.ARCHIVING.append(ws.db)
     ws.portal.manage("archivecommand", "walc")
     ws.walc.configure(archive_mode="on", archive_command="", wal_level="replica")
     ws.walc.restart()
