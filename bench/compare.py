@@ -108,17 +108,23 @@ def profile(portal, *args, top=10):
 # segment at a time): a restore into one writes a gigabyte of WAL, whose archiving goes on for
 # seconds after it ends. run.py names them.
 ARCHIVING = []
+SETTLE_SECONDS = 300  # at most, for the archiving to catch up; then the method fails, untimed
 
 
-def settle(timeout=300):
+def settle():
     """Before each measured method: the WAL the method before it wrote archived, its dirty buffers
     written (CHECKPOINT) and the disk flushed (sync). Otherwise a method shares the cores with the
     archiving, and pays the write-back, of the gigabyte the one before it restored."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + SETTLE_SECONDS
     for cluster in ARCHIVING:
         if not cluster.is_running():
             continue
-        while ready_count(cluster) and time.monotonic() < deadline:
+        while ready_count(cluster):
+            if time.monotonic() > deadline:
+                raise CommandFailed(
+                    f"{cluster}'s archiver still had {ready_count(cluster)} segments to archive after"
+                    f" {SETTLE_SECONDS} s: the method was not timed on a settled machine"
+                )
             time.sleep(0.2)
         cluster.execute("CHECKPOINT")
     os.sync()
@@ -127,8 +133,8 @@ def settle(timeout=300):
 def attempt(rows, method, fn, *args):
     """One measured round of one method, on a settled machine; a failure becomes a note on the
     row, never a number."""
-    settle()
     try:
+        settle()
         fn(*args)
     except (CommandFailed, RuntimeError, OSError, psycopg.Error) as e:
         rows.fail(method, e)
