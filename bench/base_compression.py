@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backupportal.lib.pgcluster import Cluster  # noqa: E402
-from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
+from bench.compare import pg  # noqa: E402
 from bench.measure import shell  # noqa: E402
-from bench.setup import S2K, Workspace, load_strategy  # noqa: E402
+from bench.setup import DB, S2K, SMALL_DB, TUNED, Workspace, load_strategy  # noqa: E402
 
 VARIANTS = {
     "server zstd, level 1, 2 workers (the portal's)": "--compress=server-zstd:level=1,workers=2",
@@ -39,8 +39,8 @@ def main():
     ws = Workspace()
     try:
         template = Cluster.template(base_dir=ws.root / "pg", wal_segsize_mb=16)
-        db = ws.cluster(template, shared_buffers="256MB", max_wal_size="2GB", checkpoint_timeout="15min")
-        for name, scale in (("reliabilitymaldives", args.scale), ("small", args.scale / 8)):
+        db = ws.cluster(template, **TUNED)
+        for name, scale in ((DB, args.scale), (SMALL_DB, args.scale / 8)):
             load_strategy(db, name, scale)
             db.execute("VACUUM ANALYZE", dbname=name)  # no autovacuum in the middle of a round
         out = ws.root / "files" / "base.tar.gpg"
@@ -48,7 +48,7 @@ def main():
             f"gpg --homedir {ws.root / 'gnupg'} --batch --yes --pinentry-mode loopback"
             f" --passphrase-file {ws.passphrase} --cipher-algo AES256 --compress-algo none {S2K} --symmetric"
         )
-        read = f"{pg_bin()}/pg_basebackup -h {db.host} -p {db.port} -U postgres --no-manifest -Ft -D - -X none -c fast"
+        read = f"{pg(db, 'pg_basebackup')} --no-manifest -Ft -D - -X none -c fast"
         seconds, sizes = {name: [] for name in VARIANTS}, {}
         for round_no in range(args.runs):
             for name, option in VARIANTS.items():

@@ -35,6 +35,7 @@ from bench.setup import (  # noqa: E402  # noqa: E402
     DB,
     PGBENCH_DB,
     SMALL_DB,
+    TUNED,
     PgBackRest,
     Portal,
     Workspace,
@@ -184,10 +185,9 @@ def build(ws, args, results):
     say(f"building in {ws.root}")
     t16 = Cluster.template(base_dir=ws.root / "pg", wal_segsize_mb=16)
     twal = t16 if args.wal_segsize == 16 else Cluster.template(base_dir=ws.root / "pg", wal_segsize_mb=args.wal_segsize)
-    tuned = {"shared_buffers": "256MB", "max_wal_size": "2GB", "checkpoint_timeout": "15min"}
-    ws.db = ws.cluster(t16, **tuned)
-    ws.pgb = ws.cluster(t16, **tuned)
-    ws.walc = ws.cluster(twal, **tuned)
+    ws.db = ws.cluster(t16, **TUNED)
+    ws.pgb = ws.cluster(t16, **TUNED)
+    ws.walc = ws.cluster(twal, **TUNED)
     datasets = []
     t0 = time.monotonic()
     size = load_strategy(ws.db, DB, args.scale)
@@ -200,7 +200,7 @@ def build(ws, args, results):
     datasets.append(dataset(f"pgbench -i -s {args.pgbench_scale} (a)", ws.pgb, PGBENCH_DB, size, time.monotonic() - t0))
     if "memory" not in args.skip:
         # Base backups and PITR copy a whole cluster: the memory check's small side needs its own.
-        ws.smallc = ws.cluster(t16, **tuned)
+        ws.smallc = ws.cluster(t16, **TUNED)
         t0 = time.monotonic()
         size = load_strategy(ws.smallc, DB, args.scale / 8)
         name = "strategy-shaped, 1/8, a cluster of its own (memory check of base backups and PITR)"

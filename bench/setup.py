@@ -26,6 +26,8 @@ from backupportal.lib.pgdatadir import pg_bin  # noqa: E402
 
 DB = "reliabilitymaldives"
 SMALL_DB = "reliabilitymaldives_small"
+# Every bench cluster's settings: a gigabyte loads and restores without a checkpoint every few seconds.
+TUNED = {"shared_buffers": "256MB", "max_wal_size": "2GB", "checkpoint_timeout": "15min"}
 PGBENCH_DB = "pgbench"
 # The strategy's gpg settings (key derivation kept by the portal too).
 S2K = "--s2k-cipher-algo AES256 --s2k-digest-algo SHA512 --s2k-mode 3 --s2k-count 65011712"
