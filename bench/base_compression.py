@@ -31,10 +31,25 @@ VARIANTS = {
 }
 
 
+def positive(kind):
+    """An argparse type: a number above zero, or a one-line refusal that says so."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number above zero")
+        return value
+
+    return parse
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scale", type=float, default=5.0, help="strategy-shaped scale (1 = about 200 MiB)")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--scale", type=positive(float), default=5.0, help="strategy-shaped scale (1 = about 200 MiB)")
+    p.add_argument("--runs", type=positive(int), default=3)
     args = p.parse_args()
     ws = Workspace()
     try:
