@@ -2,6 +2,7 @@
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,21 @@ def wal_spool(settings):
     settings.WAL_SPOOL = root
     settings.WAL_WAIT_SECONDS = 30
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    remove_spool(root)
+
+
+def remove_spool(root, seconds=10):
+    """The spool, gone. A cluster the test started before asking for the spool is stopped after
+    it, and its archive command may still be writing into the spool meanwhile: a segment written
+    while rmtree walked the tree left a directory behind (seen once on a slow machine). Once the
+    spool's own directory is gone, nothing makes it again: the archive command writes into it, never
+    makes it (backups.archive_wal)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        shutil.rmtree(root, ignore_errors=True)
+        if not root.exists() or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 @pytest.fixture
