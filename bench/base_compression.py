@@ -22,28 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backupportal.lib.pgcluster import Cluster  # noqa: E402
 from bench.compare import pg  # noqa: E402
 from bench.measure import shell  # noqa: E402
-from bench.setup import DB, S2K, SMALL_DB, TUNED, Workspace, load_strategy  # noqa: E402
+from bench.setup import DB, S2K, SMALL_DB, TUNED, Workspace, load_strategy, positive  # noqa: E402
 
 VARIANTS = {
     "server zstd, level 1, 2 workers (the portal's)": "--compress=server-zstd:level=1,workers=2",
     "server lz4, level 1": "--compress=server-lz4:1",
     "none (gpg encrypts the plain tar)": "",
 }
-
-
-def positive(kind):
-    """An argparse type: a number above zero, or a one-line refusal that says so."""
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number above zero")
-        return value
-
-    return parse
 
 
 def main():

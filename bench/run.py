@@ -43,6 +43,8 @@ from bench.setup import (  # noqa: E402  # noqa: E402
     compressibility,
     load_pgbench,
     load_strategy,
+    output_file,
+    positive,
 )
 
 PRESETS = {
@@ -54,31 +56,40 @@ PRESETS = {
 }
 
 
+PARTS = ("logical", "physical", "restore", "pitr", "wal", "sustained", "memory", "scale", "incremental")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the quick preset (under 15 minutes)")
-    p.add_argument("--scale", type=float, help="strategy-shaped dataset scale (1 = about 200 MiB on disk)")
-    p.add_argument("--pgbench-scale", type=int, help="pgbench -i scale (1 = about 15 MiB)")
-    p.add_argument("--runs", type=int, default=3, help="rounds of each comparison (medians are quoted)")
-    p.add_argument("--wal-segments", type=int, default=200)
-    p.add_argument("--wal-segsize", type=int, help="WAL segment size in MB of the archiving cluster")
-    p.add_argument("--catalog-segments", type=int, default=1_000_000)
-    p.add_argument("--catalog-runs", type=int, default=20_000)
-    p.add_argument("--catalog-journal", type=int, default=1_000_000)
-    p.add_argument("--page-requests", type=int, default=50)
+    p.add_argument("--scale", type=positive(float), help="strategy-shaped dataset scale (1 = about 200 MiB on disk)")
+    p.add_argument("--pgbench-scale", type=positive(int), help="pgbench -i scale (1 = about 15 MiB)")
+    p.add_argument("--runs", type=positive(int), default=3, help="rounds of each comparison (medians are quoted)")
+    p.add_argument("--wal-segments", type=positive(int), default=200)
+    p.add_argument("--wal-segsize", type=positive(int), help="WAL segment size in MB of the archiving cluster")
+    p.add_argument("--catalog-segments", type=positive(int), default=1_000_000)
+    p.add_argument("--catalog-runs", type=positive(int), default=20_000)
+    p.add_argument("--catalog-journal", type=positive(int), default=1_000_000)
+    p.add_argument("--page-requests", type=positive(int), default=50)
     p.add_argument(
-        "--sustained-seconds", type=int, help="seconds of pgbench at full speed per archiving mode (push, pull)"
+        "--sustained-seconds",
+        type=positive(int),
+        help="seconds of pgbench at full speed per archiving mode (push, pull)",
     )
     p.add_argument(
-        "--incremental-scale", type=float, help="strategy-shaped scale of the PostgreSQL 18 cluster (incrementals)"
+        "--incremental-scale",
+        type=positive(float),
+        help="strategy-shaped scale of the PostgreSQL 18 cluster (incrementals)",
     )
-    p.add_argument("--sample-interval", type=float, default=2.0, help="seconds between samples under sustained load")
+    p.add_argument(
+        "--sample-interval", type=positive(float), default=2.0, help="seconds between samples under sustained load"
+    )
     p.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: logical,physical,restore,pitr,wal,sustained,memory,scale,incremental",
+        help=f"comma-separated parts to skip: {','.join(PARTS)}",
     )
-    p.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"))
+    p.add_argument("--output", type=output_file, default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--workdir", default="/var/tmp", help="where the work directory is made")
     p.add_argument("--shared", action="store_true", help="say in RESULTS.md that the machine was shared")
     p.add_argument(
@@ -94,6 +105,8 @@ def parse_args(argv=None):
     if args.incremental_scale is None:
         args.incremental_scale = args.scale  # full size as the other physical benches; quick keeps it small
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if unknown := sorted(args.skip - set(PARTS)):
+        p.error(f"--skip {','.join(unknown)}: no such part; the parts are {','.join(PARTS)}")
     args.mode = "quick" if args.quick else "custom" if any(a.startswith("--scale") for a in sys.argv) else "full"
     return args
 

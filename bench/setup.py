@@ -5,6 +5,7 @@ backupportal.lib.pgcluster, a portal with its own SQLite catalog and settings, a
 pgBackRest repository with encryption on. Nothing touches the machine's own PostgreSQL.
 """
 
+import argparse
 import json
 import os
 import secrets
@@ -70,6 +71,30 @@ class Workspace:
 
 
 # ---------------------------------------------------------------------------- datasets
+
+
+def positive(kind):
+    """An argparse type: a number above zero, or a one-line refusal that says so."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number above zero")
+        return value
+
+    return parse
+
+
+def output_file(text):
+    """An argparse type: a file in a directory that exists, refused before anything is built (the
+    report is written at the end, after the whole run)."""
+    folder = Path(text).resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{folder} is not a directory this user can write into: make it first")
+    return text
 
 
 def load_strategy(cluster, dbname, scale):

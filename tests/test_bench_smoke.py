@@ -151,6 +151,24 @@ def test_it_refuses_to_start_when_the_disk_budget_does_not_fit():
     assert proc.stderr.count("\n") == 1
 
 
+def test_wrong_arguments_are_refused_in_one_line_before_anything_is_built(tmp_path):
+    """Each refused at once, where a missing directory for the report failed after the whole run
+    (a traceback), a --runs 0 on an empty median, and a misspelt --skip part skipped nothing."""
+    refusals = [
+        (("--output", str(tmp_path / "absent" / "RESULTS.md")), "is not a directory this user can write into"),
+        (("--runs", "0"), "argument --runs: '0' is not a number above zero"),
+        (("--scale", "-1"), "argument --scale: '-1' is not a number above zero"),
+        (("--sample-interval", "often"), "argument --sample-interval: 'often' is not a number above zero"),
+        (("--skip", "logical,phisical"), "--skip phisical: no such part; the parts are logical,physical,"),
+    ]
+    before = work_dirs()
+    for args, said in refusals:
+        proc = bench(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert said in proc.stderr.splitlines()[-1], (args, proc.stderr)
+    assert work_dirs() == before
+
+
 def synthetic(seconds, wal_per_s, ingest_every, ingest_rate, seg=16 * 2**20):
     """Samples of a run where WAL arrives steadily and an ingest every `ingest_every` s catalogues
     at most `ingest_rate` bytes per second of the period (the rest waits in the spool)."""
