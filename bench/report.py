@@ -615,9 +615,10 @@ CLOSE = {
         " Lower zstd levels do not help: on a 2 GB cluster on"
         " 2026-12-04, levels 1, -1 and -3 into gpg took 6.6, 6.8 and 6.5-6.7 s (the read and gpg are the same"
         " work at every level, and a larger artifact gives gpg more to encrypt). A base backup that the"
-        " worker's schedule takes pays no start; it is not what this row times. The lz4 stage row asks whether"
-        " any compression the server offers could meet the bound: lz4 is its fastest (bench/base_compression.py"
-        " times zstd, lz4 and none alone), for an artifact about a fifth larger than zstd's."
+        " worker's schedule takes pays no start; it is not what this row times. Since 2026-12-07 22:25 a stage"
+        " row times the server's lz4 into gpg too (runs before have none): whether any compression the server"
+        " offers could meet the bound, lz4 being its fastest (bench/base_compression.py times zstd, lz4 and"
+        " none alone), for an artifact about a fifth larger than zstd's."
     ),
     "logical restore": (
         "The portal restores the schema from the table of contents while gpg writes its private scratch"
